@@ -1,0 +1,137 @@
+"""The training loss as a pure function of the selected weights, and the probe plumbing shared by
+the stochastic estimators (:mod:`.hutchinson`, :mod:`.finite_difference`).
+
+Nothing here changes the model: the loss is evaluated with :func:`torch.func.functional_call` on
+detached copies of the parameters and on *clones* of the buffers, so train-mode BatchNorm updates
+the clones' running statistics, never the model's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = ["functional_loss", "probe_chunks", "default_chunk_size", "draw_probes", "accumulation_dtype", "first_line", "rms"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+# Default bound on ``chunk_size * (number of selected weights)``: the probes of one chunk and their
+# Hessian-vector products are a few tensors of this many entries (plus the activations' tangents).
+_CHUNK_ELEMENTS = 1 << 22
+# Beyond this many probes per chunk, vmap gains nothing measurable on CPU (see the tests' timings).
+_MAX_CHUNK = 64
+
+
+def functional_loss(
+    model: nn.Module, loss_fn: LossFn, inputs: Tensor, target: Tensor, params: dict[str, Tensor]
+) -> tuple[Callable[[dict[str, Tensor]], Tensor], dict[str, Tensor]]:
+    """``theta -> loss_fn(model(inputs), target)`` as a function of the selected weights only.
+
+    Non-selected parameters enter as detached constants; buffers are cloned at every call, so
+    train-mode BatchNorm keeps using batch statistics but its running statistics (in the clones)
+    are thrown away. The returned function is pure enough for :mod:`torch.func` transforms, except
+    that train-mode BatchNorm's in-place update of the clones cannot be batched by ``vmap``
+    (callers fall back to a loop).
+
+    Args:
+        model: the network, in whatever train/eval mode the caller left it.
+        loss_fn: ``(logits, target) -> scalar`` mean loss.
+        inputs: ``(N, ...)``; detached here.
+        target: ``(N, ...)``; detached here.
+        params: ``{name: parameter}`` as returned by ``select_parameters`` (names from
+            ``model.named_parameters()``).
+
+    Returns:
+        ``(loss_of, primals)``: ``loss_of(theta)`` with ``theta`` a dict with ``params``' keys, and
+        ``primals`` the detached current values of the selected parameters.
+
+    Raises:
+        ValueError: a key of ``params`` is not a parameter of ``model`` or names another tensor.
+    """
+    named = dict(model.named_parameters())
+    for name, p in params.items():
+        if named.get(name) is not p:
+            raise ValueError(f"`params` key {name!r} is not the parameter of that name in "
+                             f"{type(model).__name__}; build `params` with select_parameters(model).")
+    fixed = {n: p.detach() for n, p in named.items() if n not in params}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+    x = inputs.detach()
+    y = target.detach()
+
+    def loss_of(theta: dict[str, Tensor]) -> Tensor:
+        state = {**fixed, **theta, **{n: b.clone() for n, b in buffers.items()}}
+        loss = loss_fn(functional_call(model, state, (x,)), y)
+        if loss.ndim != 0:
+            raise ValueError(f"`loss_fn` must return the mean loss over the batch (a scalar), got shape "
+                             f"{tuple(loss.shape)}; use reduction='mean'.")
+        return loss
+
+    primals = {n: p.detach() for n, p in params.items()}
+    return loss_of, primals
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32 for summing probe estimates (half-precision sums lose the small terms)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def default_chunk_size(params: dict[str, Tensor], num_probes: int) -> int:
+    """Probes per ``vmap`` call: ``chunk * numel`` stays below ``2**22`` entries, at most 64."""
+    numel = max(1, sum(p.numel() for p in params.values()))
+    return max(1, min(num_probes, _MAX_CHUNK, _CHUNK_ELEMENTS // numel))
+
+
+def probe_chunks(num_probes: int, chunk_size: Optional[int], params: dict[str, Tensor]) -> Iterator[int]:
+    """Sizes of consecutive chunks that add up to ``num_probes``."""
+    if not isinstance(num_probes, int) or num_probes < 1:
+        raise ValueError(f"`num_probes` must be a positive int, got {num_probes!r}.")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(params, num_probes)
+    elif not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
+    for start in range(0, num_probes, chunk_size):
+        yield min(chunk_size, num_probes - start)
+
+
+def draw_probes(
+    primals: dict[str, Tensor], count: int, distribution: str, generator: Optional[torch.Generator]
+) -> dict[str, Tensor]:
+    """``count`` random probe vectors over the selected weights, ``{name: (count, *shape)}``.
+
+    Drawn tensor by tensor in ``primals``' order, so a given ``generator`` state and chunking
+    always give the same probes. The numbers come from ``generator`` (on its own device, then
+    moved to the weights' device) or, when it is None, from the global RNG of the weights' device.
+
+    Args:
+        primals: the selected weights (for shapes, dtypes and device).
+        count: number of probes.
+        distribution: ``"rademacher"`` (entries +-1) or ``"gaussian"`` (standard normal).
+        generator: the random source, or None.
+    """
+    probes = {}
+    for name, p in primals.items():
+        shape = (count, *p.shape)
+        device = generator.device if generator is not None else p.device
+        if distribution == "rademacher":
+            v = torch.randint(0, 2, shape, generator=generator, device=device, dtype=p.dtype).mul_(2).sub_(1)
+        elif distribution == "gaussian":
+            v = torch.randn(shape, generator=generator, device=device, dtype=p.dtype)
+        else:  # pragma: no cover - internal misuse
+            raise ValueError(f"unknown probe distribution {distribution!r}.")
+        probes[name] = v.to(p.device)
+    return probes
+
+
+def first_line(err: BaseException) -> str:
+    """``"Type: first line of the message"``, for warnings that quote an exception."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def rms(t: Tensor) -> float:
+    """Root-mean-square entry ``||t||_F / sqrt(numel)`` as a Python float."""
+    return float(t.detach().double().norm()) / math.sqrt(max(1, t.numel()))

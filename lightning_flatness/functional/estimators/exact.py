@@ -1,0 +1,719 @@
+r"""Exact Hessian diagonal for networks that are piecewise linear in each individual weight.
+
+The diagonal :math:`\mathrm{diag}(H)` of the Hessian of the mean loss is what Algorithm 1 of the
+paper estimates by finite differences (eq. 61) and what eq. 13 and eq. 17 consume. For the networks
+the paper studies it can be computed exactly, with zero variance, from the generalized Gauss-Newton
+(GGN) identity. With logits :math:`f_n = f(x_n; w) \in \mathbb{R}^D`, per-sample losses
+:math:`\ell_n` and the mean loss :math:`L = \frac1N \sum_n \ell_n(f_n)`,
+
+.. math::
+
+    \frac{\partial^2 L}{\partial w_i^2}
+    = \frac1N \sum_n \Big( J_{n,i}^\top \Lambda_n J_{n,i}
+      + \nabla_{f}\ell_n^\top \frac{\partial^2 f_n}{\partial w_i^2} \Big),
+    \qquad J_{n,i} = \frac{\partial f_n}{\partial w_i},\;
+    \Lambda_n = \nabla^2_{f} \ell_n .
+
+If :math:`f` is piecewise linear in every *single* weight :math:`w_i` (ReLU / LeakyReLU, max and
+average pooling, eval-mode BatchNorm, residual sums, flatten, eval-mode dropout between Linear /
+Conv layers, each weight used once), then :math:`\partial^2 f_n / \partial w_i^2 = 0` almost
+everywhere: the weight enters one affine map, and everything downstream is a composition of
+piecewise-linear maps. The second term vanishes and ``diag(H) = diag(J^T Lambda J) / N`` exactly.
+``Lambda_n`` need not be positive semi-definite (it is indefinite for the normalized
+softmax-cross-entropy, eq. 20); the identity holds regardless.
+
+Algorithm (BackPACK's ``DiagGGNExact`` [1] with a signed symmetric factorisation of ``Lambda``):
+
+1. one forward pass; every ``linear`` / ``conv{1,2,3}d`` call whose weight or bias is selected is
+   recorded (its input ``a`` and output ``z``);
+2. ``Lambda_n`` from ``D`` double-backward passes through the loss only (batched; the Hessian of a
+   mean of per-sample losses in the logits is block-diagonal) and its eigendecomposition
+   ``Lambda_n = sum_k s_nk u_nk u_nk^T``;
+3. for each eigen-index ``k`` (at most ``D``; directions with ``|s| ~ 0`` for every sample, such as
+   the constant shift of cross-entropy, are dropped), one backward pass of
+   ``v_n = sqrt(|s_nk| / N) u_nk`` from the logits of all samples at once gives ``g_n = dz_n``;
+4. per layer, the per-sample gradient of ``v_n^T f_n`` is ``g_n a_n^T`` (Linear; summed over extra
+   leading positions) or ``g_n unfold(a_n)^T`` (Conv, per group); its square, weighted by
+   ``sign(s_nk)``, is summed over samples and ``k``. For a plain Linear layer the square factorises:
+   ``sum_n sign_n (g_n^2)(a_n^2)^T``, one matrix product.
+
+**Cost.** One forward pass, ``K <= D`` backward passes over the batch (``D`` = outputs per sample),
+one extra backward pass for the batch-independence check (below), and per layer and ``k`` a
+contraction costing about one weight-gradient computation (``O(N * out * in)`` for Linear,
+``O(N * C_out * C_in * k * L)`` for Conv). Memory: the graph of one forward pass, the stored inputs
+(Conv inputs unfolded: ``prod(kernel_size)`` times larger) and per-sample gradients of at most
+``2**24`` elements at a time.
+
+**Checks: the result is never silently wrong.** During the forward a
+:class:`torch.overrides.TorchFunctionMode` sees every torch function applied to a tensor that
+depends on the selected weights and compares it with an allowlist (:data:`PIECEWISE_LINEAR_OPS`,
+:data:`MULTILINEAR_OPS`; see there for the reasoning). Anything else (``tanh``, ``sigmoid``,
+``gelu``, ``softmax`` inside the model, ``layer_norm``, ``batch_norm`` with batch statistics,
+attention, products or quotients of two weight-dependent tensors, train-mode dropout, a weight used
+twice, a tensor produced by an operation the mode could not see) makes the GGN differ from the
+Hessian: with ``strict=True`` a :class:`ValueError` names the operation and the module, with
+``strict=False`` a :class:`UserWarning` does and the **GGN diagonal** is returned. Operations before
+the first selected weight are not restricted (a frozen tanh feature extractor is fine). The loss
+must be the mean of per-sample losses (checked on values: the batch loss against its two halves).
+The per-layer contractions further need samples not to interact after the first selected layer; one
+backward pass from sample 0 checks that no other sample's layer outputs receive gradient. When that
+fails (train-mode BatchNorm, a batch mean inside the model, sequence-first layouts) or a weight is
+used outside ``linear`` / ``conv``, the per-(sample, k) path is taken instead: ``N * K`` vectorised
+backward passes (with a warning about the cost), still exact for the GGN.
+
+**Limitations.** ``D x D`` eigendecompositions per sample: meant for classification-sized outputs.
+The per-layer path covers ``linear`` (any leading dims) and ``conv1d/2d/3d`` with any stride,
+padding (including ``"same"`` and non-zero padding modes), dilation and groups; the allowlist is
+conservative (``x * y`` of two weight-dependent tensors is flagged even when they depend on
+different weights, where the diagonal would still be exact).
+
+References:
+    [1] F. Dangel, F. Kunstner, P. Hennig. BackPACK: Packing more into backprop. ICLR 2020
+    (``backpack.extensions.DiagGGNExact``).
+    [2] N. N. Schraudolph. Fast curvature matrix-vector products for second-order gradient
+    descent. Neural Computation 14(7), 2002 (the generalized Gauss-Newton matrix).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["exact_hessian_diagonal", "PIECEWISE_LINEAR_OPS", "MULTILINEAR_OPS"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+#: Operations that are piecewise linear jointly in all their tensor arguments, so any number of
+#: arguments may depend on the weights. Selections, reshapes, concatenations and copies move
+#: entries around (linear); sums, means, average pooling, linear interpolation and padding form
+#: fixed linear combinations; ReLU, LeakyReLU, hardtanh, clamp, abs, max / min (elementwise or
+#: reductions, max pooling), sorting and top-k are linear between kinks; floor / round / sign are
+#: piecewise constant. Dropout and batch_norm are listed in :data:`_MODE_DEPENDENT_OPS` instead.
+PIECEWISE_LINEAR_OPS = frozenset({
+    # additive and sign
+    "add", "sub", "rsub", "neg", "negative", "positive", "abs", "absolute",
+    # piecewise-linear activations
+    "relu", "relu6", "leaky_relu", "hardtanh", "hardsigmoid", "threshold",
+    "clamp", "clip", "clamp_min", "clamp_max", "maximum", "minimum", "fmax", "fmin",
+    "floor", "ceil", "round", "trunc", "fix", "sign", "sgn", "nan_to_num",
+    # reductions and selections
+    "max", "min", "amax", "amin", "sum", "mean", "nansum", "cumsum", "diff", "trace",
+    "sort", "msort", "topk", "kthvalue",
+    # pooling and resampling (fixed linear combinations or maxima of the inputs)
+    "max_pool1d", "max_pool2d", "max_pool3d",
+    "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices",
+    "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+    "adaptive_max_pool1d_with_indices", "adaptive_max_pool2d_with_indices",
+    "adaptive_max_pool3d_with_indices",
+    "avg_pool1d", "avg_pool2d", "avg_pool3d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+    "interpolate", "upsample", "upsample_nearest", "upsample_bilinear",
+    "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "unfold", "fold", "pad",
+    # shape, copy and indexing
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "ravel", "permute",
+    "transpose", "swapaxes", "swapdims", "t", "T", "mT", "movedim", "moveaxis",
+    "squeeze", "unsqueeze", "contiguous", "expand", "expand_as", "broadcast_to",
+    "repeat", "repeat_interleave", "tile", "narrow", "select", "getitem", "setitem",
+    "split", "split_with_sizes", "chunk", "unbind", "tensor_split",
+    "cat", "concat", "concatenate", "stack", "hstack", "vstack",
+    "flip", "fliplr", "flipud", "roll", "rot90", "diagonal", "diag_embed", "tril", "triu",
+    "clone", "to", "type", "type_as", "float", "double", "detach",
+    "index_select", "gather", "take_along_dim", "masked_fill", "masked_select", "where",
+    "scatter", "scatter_add", "index_add", "index_copy", "index_put", "masked_scatter",
+})
+
+#: Operations linear in each tensor argument separately (products): exact only when at most one
+#: of their multiplicative arguments depends on the weights (``x * mask`` is linear in ``x``;
+#: ``x * x`` is quadratic). A selected weight passed as the ``weight`` of ``linear`` / ``conv`` does
+#: not count: it is the one variable of that layer and is checked to be used only once. Additive
+#: arguments (``bias`` of linear / conv, ``input`` of ``addmm``-like ops) are not counted either.
+MULTILINEAR_OPS = frozenset({
+    "mul", "multiply", "matmul", "mm", "bmm", "mv", "dot", "vdot", "inner", "outer", "ger",
+    "einsum", "tensordot", "kron", "linear", "bilinear", "prelu",
+    "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+    "addmm", "addmv", "baddbmm", "addbmm", "addcmul",
+})
+
+# ops with an additive tensor argument: (position, keyword) excluded from the product count
+_ADDITIVE_ARGUMENT = {
+    **{op: (2, "bias") for op in ("linear", "conv1d", "conv2d", "conv3d", "bilinear")},
+    **{op: (2, "bias") for op in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")},
+    **{op: (0, "input") for op in ("addmm", "addmv", "baddbmm", "addbmm", "addcmul")},
+}
+
+# Exact only in evaluation mode: (position, keywords) of the `training` flag. batch_norm with
+# training=True normalises by batch statistics, a nonlinear function of the weights that also
+# couples the samples; dropout with training=True multiplies by a fresh random mask on every call.
+_MODE_DEPENDENT_OPS = {
+    "batch_norm": (5, ("training",)),
+    "dropout": (2, ("training", "train")),
+    "dropout1d": (2, ("training",)),
+    "dropout2d": (2, ("training",)),
+    "dropout3d": (2, ("training",)),
+    "alpha_dropout": (2, ("training", "train")),
+    "feature_alpha_dropout": (2, ("training", "train")),
+}
+_MODE_DEFAULT = {"batch_norm": False}  # F.dropout defaults to training=True
+
+# quotients: linear in the numerator only
+_DIVISIONS = {"div": 1, "divide": 1, "true_divide": 1, "rdiv": 0}  # position of the denominator
+
+_DUNDER_ALIASES = {
+    "__add__": "add", "__radd__": "add", "__iadd__": "add",
+    "__sub__": "sub", "__isub__": "sub", "__rsub__": "rsub",
+    "__mul__": "mul", "__rmul__": "mul", "__imul__": "mul",
+    "__truediv__": "div", "__itruediv__": "div", "__div__": "div", "__idiv__": "div",
+    "__rtruediv__": "rdiv", "__rdiv__": "rdiv",
+    "__matmul__": "matmul", "__rmatmul__": "matmul",
+    "__neg__": "neg", "__pos__": "positive", "__abs__": "abs",
+    "__getitem__": "getitem", "__setitem__": "setitem",
+    "__pow__": "pow", "__rpow__": "pow", "__ipow__": "pow",
+}
+
+_LAYER_OPS = {"linear": 0, "conv1d": 1, "conv2d": 2, "conv3d": 3}  # value: number of spatial dims
+_CHUNK_ELEMENTS = 2 ** 24  # bound on per-sample-gradient elements materialised at once
+_HUTCHINSON_HINT = ('use method="hutchinson" (any twice-differentiable model), or pass strict=False to '
+                    'get the generalized Gauss-Newton diagonal with a warning')
+
+
+def _op_name(func: Any) -> str:
+    """Canonical name of a torch function: ``Tensor.__iadd__`` -> ``add``, ``relu_`` -> ``relu``."""
+    name = getattr(func, "__name__", None) or repr(func)
+    if name == "__get__":  # property getter such as Tensor.T: the name is the descriptor's
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    name = name.split(".")[0]  # OpOverload names: "tanh.default"
+    if name in _DUNDER_ALIASES:
+        return _DUNDER_ALIASES[name]
+    if name.endswith("_") and not name.endswith("__"):
+        name = name[:-1]  # in-place variant
+    return name
+
+
+def _tensors(obj: Any) -> Iterator[Tensor]:
+    """Every tensor in a nest of tuples, lists and dicts."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
+
+
+def _argument(args: tuple, kwargs: dict, position: int, names: tuple[str, ...], default: Any = None) -> Any:
+    for name in names:
+        if name in kwargs:
+            return kwargs[name]
+    return args[position] if len(args) > position else default
+
+
+@dataclass
+class _LayerCall:
+    """One call of ``linear`` / ``convNd`` whose weight or bias is a selected parameter."""
+
+    op: str
+    module: str
+    inputs: Tensor  # detached layer input a
+    output: Tensor  # layer output z, in the graph (the model continues on a clone of it)
+    weight: Optional[str]
+    bias: Optional[str]
+    stride: tuple[int, ...] = ()
+    padding: tuple[tuple[int, int], ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    cache: dict[str, Tensor] = field(default_factory=dict)
+
+
+class _ForwardRecorder(TorchFunctionMode):
+    """Records the selected layers' calls and every operation on weight-dependent tensors.
+
+    A tensor depends on the selected weights iff it requires grad: the forward runs with every
+    other parameter and the inputs detached.
+    """
+
+    def __init__(self, leaves: dict[str, Tensor]):
+        super().__init__()
+        self.leaves = leaves
+        self.names_by_id = {id(t): n for n, t in leaves.items()}
+        self.module_stack: list[str] = []
+        self.calls: list[_LayerCall] = []
+        self.uses: dict[str, list[str]] = {n: [] for n in leaves}  # parameter -> ops using it
+        self.other_uses: dict[str, list[str]] = {n: [] for n in leaves}
+        self.issues: list[str] = []
+        self._seen_nodes: dict[int, Any] = {}  # grad_fn nodes of outputs of observed operations
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def where(self) -> str:
+        return self.module_stack[-1] if self.module_stack else "the model's forward"
+
+    def mark_seen(self, tensors: Iterator[Tensor]) -> None:
+        for t in tensors:
+            if t.grad_fn is not None:
+                self._seen_nodes[id(t.grad_fn)] = t.grad_fn
+
+    def produced_by_seen_op(self, t: Tensor) -> bool:
+        return t.grad_fn is None or id(t.grad_fn) in self._seen_nodes
+
+    def flag(self, message: str) -> None:
+        entry = f"{message} in {self.where()}"
+        if entry not in self.issues:
+            self.issues.append(entry)
+
+    # -- the mode --------------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        dependent = [t for t in (*_tensors(args), *_tensors(kwargs)) if t.requires_grad]
+        # producers are checked before the call: an in-place op replaces its input's grad_fn
+        unseen = [t.grad_fn for t in dependent if not self.produced_by_seen_op(t)]
+        out = func(*args, **kwargs)
+        name = _op_name(func)
+        out_tensors = list(_tensors(out)) if out is not None else list(_tensors(args[:1]))
+        if not any(t.requires_grad for t in out_tensors):
+            return out  # constant w.r.t. the selected weights: nothing to check
+        for node in unseen:
+            self.flag(f"a tensor produced by an operation invisible to torch function modes "
+                      f"({type(node).__name__}, e.g. a custom autograd.Function) reaches {name!r}")
+        call = self._record_layer_call(name, args, kwargs, out) if name in _LAYER_OPS else None
+        for t in dependent:
+            param = self.names_by_id.get(id(t))
+            if param is not None and (call is None or t is not self._leaf(call.weight)
+                                      and t is not self._leaf(call.bias)):
+                self.other_uses[param].append(f"{name!r} in {self.where()}")
+        self._check_exactness(name, args, kwargs, dependent)
+        if call is not None:
+            out = out.clone()  # in-place ops downstream (ReLU(inplace=True)) must not change z
+        self.mark_seen(_tensors(out) if out is not None else iter(out_tensors))
+        return out
+
+    def _leaf(self, name: Optional[str]) -> Optional[Tensor]:
+        return self.leaves.get(name) if name is not None else None
+
+    def _record_layer_call(self, name, args, kwargs, out) -> Optional[_LayerCall]:
+        weight = _argument(args, kwargs, 1, ("weight",))
+        bias = _argument(args, kwargs, 2, ("bias",))
+        weight_name = self.names_by_id.get(id(weight)) if isinstance(weight, Tensor) else None
+        bias_name = self.names_by_id.get(id(bias)) if isinstance(bias, Tensor) else None
+        if weight_name is None and bias_name is None:
+            return None
+        inputs = _argument(args, kwargs, 0, ("input",))
+        call = _LayerCall(name, self.where(), inputs.detach(), out, weight_name, bias_name)
+        nd = _LAYER_OPS[name]
+        if nd:
+            kernel = tuple(weight.shape[2:])
+            call.stride = _expand(_argument(args, kwargs, 3, ("stride",), 1), nd)
+            call.dilation = _expand(_argument(args, kwargs, 5, ("dilation",), 1), nd)
+            call.padding = _conv_padding(_argument(args, kwargs, 4, ("padding",), 0), kernel, call.dilation)
+            call.groups = int(_argument(args, kwargs, 6, ("groups",), 1))
+        for param in (weight_name, bias_name):
+            if param is not None:
+                self.uses[param].append(f"{name!r} in {self.where()}")
+        self.calls.append(call)
+        return call
+
+    def _check_exactness(self, name: str, args: tuple, kwargs: dict, dependent: list[Tensor]) -> None:
+        if name in PIECEWISE_LINEAR_OPS:
+            return
+        if name in _MODE_DEPENDENT_OPS:
+            position, keys = _MODE_DEPENDENT_OPS[name]
+            training = _argument(args, kwargs, position, keys, _MODE_DEFAULT.get(name, True))
+            if training:
+                what = ("batch_norm with batch statistics (BatchNorm in training mode or without running "
+                        "stats: a nonlinear function of the weights that couples the samples)"
+                        if name == "batch_norm" else f"{name} in training mode (a random mask)")
+                self.flag(f"{what}; call model.eval() first")
+            extra = [t for t in dependent if t is not _argument(args, kwargs, 0, ("input",))]
+            if extra:
+                self.flag(f"{name!r} with weight-dependent affine parameters or statistics")
+            return
+        if name in _DIVISIONS:
+            denominator = _argument(args, kwargs, _DIVISIONS[name], ("other",))
+            if isinstance(denominator, Tensor) and denominator.requires_grad:
+                self.flag(f"division by a weight-dependent tensor ({name!r})")
+            return
+        if name in MULTILINEAR_OPS:
+            additive = _ADDITIVE_ARGUMENT.get(name)
+            skip = _argument(args, kwargs, additive[0], (additive[1],)) if additive else None
+            factors = [t for t in dependent if t is not skip and id(t) not in self.names_by_id]
+            if len(factors) > 1:
+                self.flag(f"{name!r} multiplies {len(factors)} weight-dependent tensors (not linear in "
+                          f"each weight)")
+            return
+        self.flag(f"{name!r} is not piecewise linear (not on the allowlist PIECEWISE_LINEAR_OPS / "
+                  f"MULTILINEAR_OPS)")
+
+
+def _expand(value: Any, nd: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * nd
+    value = tuple(int(v) for v in value)
+    return value * nd if len(value) == 1 else value
+
+
+def _conv_padding(padding: Any, kernel: tuple[int, ...],
+                  dilation: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """(left, right) zero padding per spatial dim; ``"same"`` puts the odd element on the right."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return tuple((0, 0) for _ in kernel)
+        if padding == "same":
+            total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+            return tuple((t // 2, t - t // 2) for t in total)
+        raise ValueError(f"unknown conv padding {padding!r}; expected an int, a tuple, 'same' or 'valid'.")
+    return tuple((p, p) for p in _expand(padding, len(kernel)))
+
+
+def _unfold(x: Tensor, call: _LayerCall, kernel: tuple[int, ...]) -> Tensor:
+    """im2col for 1, 2 or 3 spatial dims: ``(N, C, *S) -> (N, groups, C/groups * prod(k), L)``."""
+    nd = len(kernel)
+    pads = [p for pair in reversed(call.padding) for p in pair]
+    if any(pads):
+        x = F.pad(x, pads)
+    for d in range(nd):
+        span = call.dilation[d] * (kernel[d] - 1) + 1
+        x = x.unfold(2 + d, span, call.stride[d])
+        if call.dilation[d] > 1:
+            x = x[..., :: call.dilation[d]]
+    n, c = x.shape[:2]
+    positions = math.prod(x.shape[2: 2 + nd])
+    x = x.permute(0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
+    return x.reshape(n, call.groups, (c // call.groups) * math.prod(kernel), positions)
+
+
+def _layer_factors(call: _LayerCall, grad: Tensor, kernel: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Inputs and output gradients as ``(N, G, I, P)`` and ``(N, G, O, P)`` (P positions)."""
+    n = grad.shape[0]
+    if call.op == "linear":
+        if "a" not in call.cache:
+            call.cache["a"] = call.inputs.reshape(n, 1, -1, call.inputs.shape[-1]).transpose(2, 3)
+        return call.cache["a"], grad.reshape(n, 1, -1, grad.shape[-1]).transpose(2, 3)
+    if "a" not in call.cache:
+        call.cache["a"] = _unfold(call.inputs, call, kernel)
+    return call.cache["a"], grad.reshape(n, call.groups, grad.shape[1] // call.groups, -1)
+
+
+def _accumulate_layer(call: _LayerCall, grad: Tensor, sign: Tensor, diag: dict[str, Tensor],
+                      leaves: dict[str, Tensor]) -> None:
+    """Add ``sum_n sign_n * (per-sample gradient of v_n^T f_n)^2`` for one layer call and pass."""
+    if call.op == "linear" and call.inputs.ndim == 2:
+        # one position per sample: (g_n a_n^T)^2 = g_n^2 (a_n^2)^T, so the passes are summed first,
+        # S_n = sum_k sign_nk g_nk^2, and contracted once in _finish_layer
+        s = sign[:, None] * grad * grad
+        call.cache["s"] = s if "s" not in call.cache else call.cache["s"] + s
+        return
+    if call.bias is not None:
+        positions = tuple(range(2, grad.ndim)) if call.op != "linear" else tuple(range(1, grad.ndim - 1))
+        gb = grad.sum(dim=positions)  # (N, out) per-sample bias gradients
+        diag[call.bias] += sign @ (gb * gb)
+    if call.weight is None:
+        return
+    weight = leaves[call.weight]
+    a, g = _layer_factors(call, grad, tuple(weight.shape[2:]))  # (N, G, I, P), (N, G, O, P)
+    chunk = max(1, _CHUNK_ELEMENTS // (g.shape[1] * g.shape[2] * a.shape[2]))
+    acc = torch.zeros(g.shape[1], g.shape[2], a.shape[2], dtype=grad.dtype, device=grad.device)
+    for start in range(0, grad.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        gw = torch.matmul(g[sl], a[sl].transpose(-1, -2))  # (n, G, O, I) per-sample gradients
+        acc += torch.einsum("n,ngoi->goi", sign[sl], gw * gw)
+    diag[call.weight] += acc.reshape(weight.shape)
+
+
+def _finish_layer(call: _LayerCall, diag: dict[str, Tensor]) -> None:
+    """Contract the summed squares of a single-position Linear call: ``S^T a^2`` and ``sum_n S_n``."""
+    s = call.cache.pop("s", None)
+    if s is None:
+        return
+    if call.weight is not None:
+        diag[call.weight] += s.T @ (call.inputs * call.inputs)
+    if call.bias is not None:
+        diag[call.bias] += s.sum(dim=0)
+
+
+def _per_sample_loss_hessians(loss_fn: LossFn, logits: Tensor, target: Tensor) -> tuple[Tensor, list[str]]:
+    """``Lambda_n`` as ``(N, D, D)`` and issues with the per-sample-mean assumption.
+
+    For ``L = (1/N) sum_n l_n(f_n)`` the Hessian of ``L`` in all logits is block-diagonal with blocks
+    ``Lambda_n / N``, so one double-backward pass per output coordinate ``j`` (all ``D`` batched with
+    ``is_grads_batched``) gives row ``j`` of every block: ``d/df (sum_n dL/df_nj)``. The assumption
+    is checked on values: the batch loss must equal the size-weighted mean of its two halves' losses
+    (a sum-reduced loss fails this).
+    """
+    n = logits.shape[0]
+    dim = logits[0].numel()
+    f = logits.detach().requires_grad_(True)
+    total = loss_fn(f, target)
+    if not isinstance(total, Tensor) or total.numel() != 1:
+        raise ValueError(f"`loss_fn` must return a scalar tensor (the mean loss over the batch), got "
+                         f"{getattr(total, 'shape', type(total).__name__)}; use reduction='mean'.")
+    issues = []
+    if n >= 2:
+        half = n // 2
+        with torch.no_grad():
+            parts = (half * loss_fn(logits[:half], target[:half])
+                     + (n - half) * loss_fn(logits[half:], target[half:])) / n
+        value = float(total.detach())
+        scale = max(abs(value), float(parts.abs()), torch.finfo(logits.dtype).tiny)
+        if abs(value - float(parts)) > 1e3 * torch.finfo(logits.dtype).eps * scale:
+            issues.append(f"`loss_fn` is not the mean of per-sample losses (batch value {value:.6g}, "
+                          f"size-weighted mean over its two halves {float(parts):.6g}); use reduction='mean' "
+                          f"and no terms that couple samples")
+    (grad,) = torch.autograd.grad(total.reshape(()), f, create_graph=True)
+    if not grad.requires_grad:  # loss linear in the logits
+        return torch.zeros(n, dim, dim, dtype=logits.dtype, device=logits.device), issues
+    basis = torch.eye(dim, dtype=logits.dtype, device=logits.device).reshape(dim, 1, *logits.shape[1:])
+    basis = basis.expand(dim, *logits.shape)
+    try:
+        (rows,) = torch.autograd.grad(grad, f, basis, retain_graph=True, is_grads_batched=True,
+                                      allow_unused=True, materialize_grads=True)
+    except (RuntimeError, NotImplementedError):  # a backward without a vmap rule: loop over j
+        rows = torch.stack([torch.autograd.grad(grad, f, e, retain_graph=True, allow_unused=True,
+                                                materialize_grads=True)[0] for e in basis])
+    hessians = n * rows.reshape(dim, n, dim).transpose(0, 1)  # [n, j, :] = d^2 l_n / df_nj df_n
+    return 0.5 * (hessians + hessians.transpose(1, 2)), issues
+
+
+def _signed_factors(hessians: Tensor) -> tuple[Tensor, Tensor]:
+    """``Lambda_n = sum_k sign_nk c_nk c_nk^T``: factors ``(N, D, K)`` and signs ``(N, K)``.
+
+    Eigendecomposition in float64, eigenpairs sorted by ``|s|`` per sample; eigen-indices whose
+    ``|s|`` is below ``D * eps * max|s|`` for every sample (null directions) are dropped.
+    """
+    s, u = torch.linalg.eigh(hessians.to(torch.float64))
+    order = s.abs().argsort(dim=1, descending=True)
+    s = s.gather(1, order)
+    u = u.gather(2, order.unsqueeze(1).expand_as(u))
+    tol = hessians.shape[1] * torch.finfo(hessians.dtype).eps * float(s.abs().max().clamp_min(0))
+    keep = int((s.abs() > tol).any(dim=0).sum())  # columns sorted by |s|: a prefix survives
+    s, u = s[:, :keep], u[:, :, :keep]
+    return (u * s.abs().sqrt().unsqueeze(1)).to(hessians.dtype), torch.sign(s).to(hessians.dtype)
+
+
+def _fast_path_blockers(recorder: _ForwardRecorder, leaves: dict[str, Tensor], n: int) -> list[str]:
+    """Reasons the per-layer contractions do not apply (they need one Linear/Conv use per weight)."""
+    reasons = []
+    for name in leaves:
+        if recorder.other_uses[name]:
+            reasons.append(f"{name!r} is used by {recorder.other_uses[name][0]}")
+        elif len(recorder.uses[name]) > 1:
+            reasons.append(f"{name!r} is used {len(recorder.uses[name])} times")
+    for call in recorder.calls:
+        nd = _LAYER_OPS[call.op]
+        batched = call.inputs.ndim == nd + 2 if nd else call.inputs.ndim >= 2
+        if not batched or call.inputs.shape[0] != n or call.output.shape[0] != n:
+            reasons.append(f"{call.op} in {call.module} does not have the batch (size {n}) along dim 0 "
+                           f"(input shape {tuple(call.inputs.shape)})")
+    return reasons
+
+
+def _mixing_layers(recorder: _ForwardRecorder, logits: Tensor) -> list[str]:
+    """Layers whose outputs of samples 1..N-1 receive gradient from sample 0's logits."""
+    if logits.shape[0] < 2 or not recorder.calls:
+        return []
+    generator = torch.Generator(device=logits.device).manual_seed(0)
+    probe = torch.zeros_like(logits)
+    probe[0] = torch.randn(logits.shape[1:], generator=generator, dtype=logits.dtype, device=logits.device)
+    grads = torch.autograd.grad(logits, [c.output for c in recorder.calls], probe, retain_graph=True,
+                                allow_unused=True)
+    return [f"{c.op} in {c.module}" for c, g in zip(recorder.calls, grads)
+            if g is not None and bool((g[1:] != 0).any())]
+
+
+def _diagonal_by_layers(recorder: _ForwardRecorder, logits: Tensor, factors: Tensor, signs: Tensor,
+                        leaves: dict[str, Tensor]) -> dict[str, Tensor]:
+    """K backward passes over the batch, per-layer contractions (the fast path)."""
+    diag = {n: torch.zeros_like(t) for n, t in leaves.items()}
+    calls = recorder.calls
+    for k in range(factors.shape[2]):
+        v = factors[:, :, k].reshape(logits.shape)
+        grads = torch.autograd.grad(logits, [c.output for c in calls], v, retain_graph=True,
+                                    allow_unused=True)
+        for call, g in zip(calls, grads):
+            if g is not None:
+                _accumulate_layer(call, g, signs[:, k], diag, leaves)
+    for call in calls:
+        _finish_layer(call, diag)
+    return diag
+
+
+def _diagonal_per_sample(logits: Tensor, factors: Tensor, signs: Tensor,
+                         leaves: dict[str, Tensor]) -> dict[str, Tensor]:
+    """One vectorised backward per (sample, k) pair: the GGN diagonal for any graph."""
+    n, dim, k = factors.shape
+    tol_mask = factors.abs().sum(dim=1) > 0  # (N, K) pairs with a nonzero factor
+    pairs = tol_mask.nonzero()
+    names = list(leaves)
+    diag = {name: torch.zeros_like(t) for name, t in leaves.items()}
+    numel = sum(t.numel() for t in leaves.values()) + logits.numel()
+    chunk = max(1, _CHUNK_ELEMENTS // numel)
+    for start in range(0, pairs.shape[0], chunk):
+        idx = pairs[start: start + chunk]
+        vectors = torch.zeros(idx.shape[0], n, dim, dtype=logits.dtype, device=logits.device)
+        vectors[torch.arange(idx.shape[0]), idx[:, 0]] = factors[idx[:, 0], :, idx[:, 1]]
+        vectors = vectors.reshape(idx.shape[0], *logits.shape)
+        sign = signs[idx[:, 0], idx[:, 1]]
+        try:
+            grads = torch.autograd.grad(logits, [leaves[m] for m in names], vectors, retain_graph=True,
+                                        allow_unused=True, is_grads_batched=True)
+        except (RuntimeError, NotImplementedError):  # some backward lacks a vmap rule: loop
+            per_vector = [torch.autograd.grad(logits, [leaves[m] for m in names], v, retain_graph=True,
+                                              allow_unused=True) for v in vectors]
+            grads = [None if per_vector[0][j] is None else torch.stack([p[j] for p in per_vector])
+                     for j in range(len(names))]
+        for name, g in zip(names, grads):
+            if g is not None:
+                diag[name] += torch.tensordot(sign, g * g, dims=1)
+    return diag
+
+
+class _ModuleNames:
+    """Forward pre/post hooks that keep the path of the module being run (for messages)."""
+
+    def __init__(self, model: nn.Module, stack: list[str]):
+        self.handles = []
+        for path, module in model.named_modules():
+            kind = type(module).__name__
+            label = f"module {path!r} ({kind})" if path else f"{kind}.forward"
+            self.handles.append(module.register_forward_pre_hook(self._enter(stack, label)))
+            self.handles.append(module.register_forward_hook(self._leave(stack, label), always_call=True))
+
+    @staticmethod
+    def _enter(stack: list[str], label: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            stack.append(label)
+        return hook
+
+    @staticmethod
+    def _leave(stack: list[str], label: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:  # returns None: the module's output is left as it is
+            if stack and stack[-1] == label:
+                stack.pop()
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def exact_hessian_diagonal(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    target: Tensor,
+    params: dict[str, nn.Parameter],
+    *,
+    strict: bool = True,
+) -> dict[str, Tensor]:
+    r"""Exact diagonal of the Hessian of ``loss_fn(model(inputs), target)`` in ``params``.
+
+    ``diag(H) = diag(J^T Lambda J) / N`` (GGN identity, module docstring), exact when the network
+    is piecewise linear in each individual weight; this is the ``diag(H)`` of Algorithm 1 / eq. 61
+    of the paper without its finite-difference and sampling error.
+
+    Cost: one forward, ``K <= D`` backward passes (``D`` outputs per sample) plus one for the
+    batch-independence check, and per layer a weight-gradient-sized contraction per pass. Zero
+    variance. When samples interact inside the model or a weight is used outside Linear / Conv:
+    ``N * K`` vectorised backward passes instead (warned).
+
+    Assumptions: ``loss_fn`` is the mean of per-sample losses (checked on values); the model
+    returns a ``(N, ...)`` tensor; each selected weight is the weight or bias of one
+    ``linear`` / ``conv{1,2,3}d`` call and everything downstream of the selected weights is on the
+    allowlist (:data:`PIECEWISE_LINEAR_OPS`, :data:`MULTILINEAR_OPS`, eval-mode batch_norm and
+    dropout), checked during the forward.
+
+    Args:
+        model: the network, used in its current train/eval mode and never modified (parameters,
+            buffers and ``.grad`` untouched; temporary hooks are removed).
+        loss_fn: ``(logits, target) -> scalar``, the mean of per-sample losses.
+        inputs: ``(N, ...)`` inputs.
+        target: ``(N, ...)`` targets.
+        params: ``{name: parameter}`` of ``model`` (see :func:`select_parameters`).
+        strict: when the Hessian differs from the GGN (an operation off the allowlist, a weight used
+            twice, train-mode BatchNorm or dropout, a loss that is not a per-sample mean): raise
+            ``ValueError`` (``True``) or warn and return the GGN diagonal (``False``).
+
+    Returns:
+        ``{name: diag}`` with each parameter's shape and dtype; entries may be negative.
+
+    Raises:
+        ValueError: with ``strict=True``, when the result would not be the Hessian diagonal; also
+            when the model output is not a finite ``(N, ...)`` tensor.
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+        >>> model = model.double()
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+        >>> diag = exact_hessian_diagonal(model, F.cross_entropy, x, y, {"0.weight": model[0].weight})
+        >>> loss = lambda w: F.cross_entropy(torch.func.functional_call(model, {"0.weight": w}, (x,)), y)
+        >>> brute = torch.func.hessian(loss)(model[0].weight).reshape(15, 15).diagonal()
+        >>> torch.allclose(diag["0.weight"].flatten(), brute, rtol=1e-12, atol=1e-14)
+        True
+    """
+    if not params:
+        raise ValueError("exact_hessian_diagonal got no parameters; pass the weights to differentiate.")
+    with torch.inference_mode(False), torch.enable_grad():
+        x = inputs.clone() if inputs.is_inference() else inputs.detach()
+        y = target.clone() if target.is_inference() else target
+        leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
+        state = {name: p.detach() for name, p in model.named_parameters()}
+        state.update({name: b.clone() for name, b in model.named_buffers()})
+        state.update(leaves)
+        recorder = _ForwardRecorder(leaves)
+        module_names = _ModuleNames(model, recorder.module_stack)
+        try:
+            with recorder:
+                logits = torch.func.functional_call(model, state, (x,))
+        finally:
+            module_names.remove()
+        if not isinstance(logits, Tensor):
+            raise ValueError(f"exact_hessian_diagonal needs the model to return a logits tensor, got "
+                             f"{type(logits).__name__}; wrap the model so that it returns one tensor.")
+        if logits.ndim == 0 or logits.shape[0] != x.shape[0]:
+            raise ValueError(f"the model output has shape {tuple(logits.shape)} for {x.shape[0]} samples; "
+                             f"exact_hessian_diagonal needs the samples along dim 0.")
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError("the model output contains NaN or inf; the Hessian diagonal is undefined there.")
+        issues = list(recorder.issues)
+        if logits.requires_grad and not recorder.produced_by_seen_op(logits):
+            issues.append(f"the model output comes from an operation invisible to torch function modes "
+                          f"({type(logits.grad_fn).__name__})")
+        for name in leaves:
+            uses = recorder.uses[name] + recorder.other_uses[name]
+            if len(uses) > 1:
+                issues.append(f"weight {name!r} is used {len(uses)} times in one forward "
+                              f"({'; '.join(uses[:3])}): the output is not linear in each of its entries")
+        hessians, loss_issues = _per_sample_loss_hessians(loss_fn, logits.detach(), y)
+        issues += loss_issues
+        if issues:
+            message = (f"exact_hessian_diagonal: the Hessian diagonal of this model is not the Gauss-Newton "
+                       f"diagonal, because: " + "; ".join(issues[:8])
+                       + (f"; and {len(issues) - 8} more" if len(issues) > 8 else "") + ".")
+            if strict:
+                raise ValueError(f"{message} To estimate it, {_HUTCHINSON_HINT}.")
+            warnings.warn(f"{message} Returning the generalized Gauss-Newton diagonal instead.",
+                          UserWarning, stacklevel=2)
+        factors, signs = _signed_factors(hessians)
+        factors = factors / math.sqrt(logits.shape[0])  # the loss is a mean over samples
+        blockers = _fast_path_blockers(recorder, leaves, logits.shape[0])
+        if any("invisible" in issue for issue in issues):  # it may hide a weight use: the safe path
+            blockers.append("an operation invisible to the checks")
+        if not blockers:
+            blockers = [f"samples interact after {layer}" for layer in _mixing_layers(recorder, logits)]
+        if blockers:
+            warnings.warn(f"exact_hessian_diagonal: per-layer contractions do not apply "
+                          f"({'; '.join(blockers[:3])}); computing the diagonal with up to "
+                          f"{logits.shape[0]} x {factors.shape[2]} backward passes.", UserWarning,
+                          stacklevel=2)
+            diag = _diagonal_per_sample(logits, factors, signs, leaves)
+        else:
+            diag = _diagonal_by_layers(recorder, logits, factors, signs, leaves)
+    return {name: d.detach().to(params[name].dtype) for name, d in diag.items()}
