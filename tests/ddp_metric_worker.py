@@ -1,0 +1,100 @@
+"""One process of the 2-process gloo check of ``NormalizedSharpness`` (run by ``tests/test_metric.py``).
+
+Usage: ``python tests/ddp_metric_worker.py RANK WORLD_SIZE INIT_FILE OUT_FILE``. No Lightning: plain
+``torch.distributed`` with a file store. The all-gather collectives are replaced by functions that
+raise, so the check proves that the metric synchronises with ``all_reduce`` only.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+SHAPES = {"0.weight": (5, 3), "2.weight": (2, 5)}
+NUM_REPLICATES = 4
+LAM = 0.5
+# per rank: the group sizes of each update (ranks see different data and different group counts)
+UPDATE_SIZES = {0: [[7], [3, 5]], 1: [[4, 4, 9]]}
+
+
+def weights() -> dict[str, torch.Tensor]:
+    """The weights, identical on every rank (as DDP keeps them)."""
+    gen = torch.Generator().manual_seed(1234)
+    return {n: torch.randn(s, generator=gen, dtype=torch.float64) for n, s in SHAPES.items()}
+
+
+def rank_updates(rank: int) -> list[tuple[dict[str, torch.Tensor], list[int]]]:
+    """``[(diagonals {name: (G, *shape)}, group sizes)]`` seen by ``rank``; different on every rank."""
+    gen = torch.Generator().manual_seed(100 + rank)
+    updates = []
+    for sizes in UPDATE_SIZES[rank]:
+        diagonals = {n: torch.rand((len(sizes), *s), generator=gen, dtype=torch.float64) - 0.1
+                     for n, s in SHAPES.items()}
+        updates.append((diagonals, sizes))
+    return updates
+
+
+def _forbid(name: str):
+    def raise_(*args, **kwargs):
+        raise AssertionError(f"NormalizedSharpness must not call torch.distributed.{name}")
+
+    return raise_
+
+
+def main(rank: int, world_size: int, init_file: str, out_file: str) -> None:
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from lightning_flatness.metric import NormalizedSharpness
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    for name in ("all_gather", "all_gather_into_tensor", "all_gather_object", "gather", "gather_object"):
+        setattr(dist, name, _forbid(name))
+    calls = {"all_reduce": 0}
+    real_all_reduce = dist.all_reduce
+
+    def counting_all_reduce(*args, **kwargs):
+        calls["all_reduce"] += 1
+        return real_all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
+
+    out: dict = {}
+    metric = NormalizedSharpness(lam=LAM, num_replicates=NUM_REPLICATES)
+    for diagonals, sizes in rank_updates(rank):
+        metric.update(diagonals, weights(), sizes)
+    local_count = metric.count.clone()
+    out["result"] = metric.compute()
+    out["count_after_compute"] = metric.count.clone()
+    out["local_count"] = local_count
+    out["all_reduce_calls"] = calls["all_reduce"]
+
+    # a process that never updated (no layout) must make every process raise, not hang
+    lonely = NormalizedSharpness(lam=LAM, num_replicates=NUM_REPLICATES)
+    if rank == 0:
+        diagonals, sizes = rank_updates(0)[0]
+        lonely.update(diagonals, weights(), sizes)
+    try:
+        lonely.compute()
+        out["layout_error"] = None
+    except RuntimeError as err:
+        out["layout_error"] = str(err)
+
+    # with parameter_shapes the layouts agree: rank 0 gets the value of its own data
+    fixed = NormalizedSharpness(lam=LAM, num_replicates=NUM_REPLICATES, parameter_shapes=SHAPES)
+    if rank == 0:
+        diagonals, sizes = rank_updates(0)[0]
+        fixed.update(diagonals, weights(), sizes)
+    try:
+        out["fixed_result"] = fixed.compute()
+    except RuntimeError as err:
+        out["fixed_result"] = str(err)
+
+    torch.save(out, out_file)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

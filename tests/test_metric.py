@@ -1,0 +1,548 @@
+"""Tests of ``NormalizedSharpness``: pooling, jackknife error bars, state handling, DDP reduction."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_flatness.functional.estimators.api import HessianDiagonalEstimate
+from lightning_flatness.functional.measures import sharpness_measures
+from lightning_flatness.metric import NormalizedSharpness
+
+torch.set_num_threads(1)
+
+SHAPES = {"fc1.weight": (6, 4), "fc2.weight": (3, 6)}
+
+
+def _weights(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(s, generator=gen, dtype=torch.float64) for n, s in SHAPES.items()}
+
+
+def _diagonals(num_groups: int | None, seed: int) -> dict[str, torch.Tensor]:
+    """Random Hessian diagonals (some entries negative), ``(G, *shape)`` or ``(*shape)``."""
+    gen = torch.Generator().manual_seed(seed)
+    lead = () if num_groups is None else (num_groups,)
+    return {n: torch.rand((*lead, *s), generator=gen, dtype=torch.float64) * 2 - 0.3
+            for n, s in SHAPES.items()}
+
+
+def _measure_keys(out: dict) -> list[str]:
+    return [k for k in out if "_stderr" not in k and k != "num_samples"]
+
+
+def _assert_dicts_close(actual: dict, expected: dict, rtol: float = 1e-12) -> None:
+    assert set(actual) == set(expected)
+    for key in expected:
+        torch.testing.assert_close(actual[key].to(torch.float64), expected[key].to(torch.float64), rtol=rtol,
+                                   atol=0.0, equal_nan=True, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def _hand_jackknife(weights, groups, num_replicates, lam=0.5):
+    """Independent evaluation from ``groups = [(slot, n, {name: diag})]``: (values, stderrs) as floats."""
+    names = list(weights)
+    sums = {r: {n: np.zeros(weights[n].shape) for n in names} for r in range(num_replicates)}
+    counts = np.zeros(num_replicates)
+    for slot, n_samples, diag in groups:
+        counts[slot] += n_samples
+        for n in names:
+            sums[slot][n] += n_samples * diag[n].numpy()
+    total = {n: sum(sums[r][n] for r in range(num_replicates)) for n in names}
+    pooled = {n: torch.from_numpy(total[n] / counts.sum()) for n in names}
+    values = {k: v.item() for k, v in sharpness_measures(weights, pooled, lam).items()}
+    used = [r for r in range(num_replicates) if counts[r] > 0]
+    loo = []
+    for r in used:
+        mean = {n: torch.from_numpy((total[n] - sums[r][n]) / (counts.sum() - counts[r])) for n in names}
+        loo.append({k: v.item() for k, v in sharpness_measures(weights, mean, lam).items()})
+    stderr = {}
+    for key in values:
+        x = np.array([rep[key] for rep in loo])
+        m = len(x)
+        stderr[key] = math.sqrt((m - 1) / m * np.sum((x - x.mean()) ** 2)) if m >= 2 else float("nan")
+    return values, stderr
+
+
+def _stderr_key(key: str) -> str:
+    measure, sep, rest = key.partition("/")
+    return f"{measure}_stderr{sep}{rest}"
+
+
+# ---------------------------------------------------------------------------------------------
+# pooling
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pooled_result_is_sharpness_of_sample_weighted_mean_diagonal():
+    w = _weights()
+    d1, d2 = _diagonals(None, 1), _diagonals(None, 2)
+    metric = NormalizedSharpness(lam=0.7, num_replicates=4)
+    metric.update(d1, w, num_samples=3)
+    metric.update(d2, w, num_samples=13)
+    out = metric.compute()
+    expected = sharpness_measures(w, {n: (3 * d1[n] + 13 * d2[n]) / 16 for n in SHAPES}, lam=0.7)
+    _assert_dicts_close({k: out[k] for k in _measure_keys(out)}, expected)
+    assert out["num_samples"].item() == 16
+    assert all(v.dtype == torch.float64 and v.ndim == 0 for k, v in out.items() if k != "num_samples")
+    assert {k for k in out if "_stderr" in k} == {_stderr_key(k) for k in expected}
+
+
+def test_two_single_batches_equal_one_update_with_stacked_groups():
+    w = _weights()
+    d1, d2 = _diagonals(None, 1), _diagonals(None, 2)
+    separate = NormalizedSharpness(num_replicates=4)
+    separate.update(d1, w, 3)
+    separate.update(d2, w, torch.tensor(13))
+    stacked = NormalizedSharpness(num_replicates=4)
+    stacked.update({n: torch.stack([d1[n], d2[n]]) for n in SHAPES}, w, [3, 13])
+    _assert_dicts_close(separate.compute(), stacked.compute())
+
+
+def test_update_from_estimate_equals_update_with_groups_and_sizes():
+    w = _weights()
+    groups = _diagonals(3, 5)
+    sizes = torch.tensor([5, 6, 7])
+    estimate = HessianDiagonalEstimate(groups=groups, group_sizes=sizes, method="hutchinson", num_probes=24)
+    a, b, c = (NormalizedSharpness(num_replicates=4) for _ in range(3))
+    a.update_from_estimate(estimate, w)
+    b.update(estimate, w)
+    c.update(groups, w, sizes)
+    _assert_dicts_close(a.compute(), c.compute())
+    _assert_dicts_close(b.compute(), c.compute())
+
+
+def test_groups_fill_replicate_slots_round_robin():
+    w = _weights()
+    metric = NormalizedSharpness(num_replicates=4)
+    for k in range(5):  # single groups: slots 0, 1, 2, 3, 0
+        metric.update(_diagonals(None, k), w, num_samples=10 + k)
+    metric.update(_diagonals(3, 9), w, num_samples=[1, 2, 3])  # slots 1, 2, 3
+    assert metric.count.tolist() == [10 + 14, 11 + 1, 12 + 2, 13 + 3]
+    metric.update(_diagonals(6, 10), w, num_samples=[1] * 6)  # slots 0, 1, 2, 3, 0, 1
+    assert metric.count.tolist() == [24 + 2, 12 + 2, 14 + 1, 16 + 1]
+
+
+def test_pooled_exact_group_diagonals_equal_full_batch_exact_diagonal():
+    """With exact estimates of a ReLU MLP, the sample-weighted pool of unequal groups is the
+    Hessian diagonal of the mean loss over the whole batch."""
+    from lightning_flatness.functional import hessian_diagonal, hessian_diagonal_groups, select_parameters
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3)).double()
+    x, y = torch.randn(22, 5, dtype=torch.float64), torch.randint(0, 3, (22,))
+    estimate = hessian_diagonal_groups(model, F.cross_entropy, x, y, method="exact", num_groups=4)
+    assert estimate.group_sizes.tolist() == [6, 6, 5, 5]
+    params = select_parameters(model)
+    metric = NormalizedSharpness(num_replicates=4)
+    metric.update_from_estimate(estimate, params)
+    out = metric.compute()
+    full = hessian_diagonal(model, F.cross_entropy, x, y, method="exact")
+    expected = sharpness_measures({n: p.detach() for n, p in params.items()}, full)
+    _assert_dicts_close({k: out[k] for k in _measure_keys(out)}, expected, rtol=1e-9)
+    assert out["num_samples"].item() == 22
+    assert all(math.isfinite(out[_stderr_key(k)].item()) and out[_stderr_key(k)].item() > 0 for k in expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# jackknife
+# ---------------------------------------------------------------------------------------------
+
+
+def test_stderr_equals_hand_computed_delete_one_jackknife():
+    w = _weights(3)
+    metric = NormalizedSharpness(lam=0.5, num_replicates=3)
+    groups = []
+    # update A: 2 groups -> slots 0, 1; B: 1 group -> slot 2; C: 2 groups -> slots 0, 1; D: 1 -> slot 2
+    plan = [([4, 9], 0), ([6], 2), ([5, 3], 0), ([8], 2)]
+    for seed, (sizes, first_slot) in enumerate(plan):
+        d = _diagonals(len(sizes), 20 + seed)
+        metric.update(d, w, sizes)
+        groups += [((first_slot + g) % 3, n, {k: v[g] for k, v in d.items()}) for g, n in enumerate(sizes)]
+    out = metric.compute()
+    values, stderr = _hand_jackknife(w, groups, 3)
+    for key in values:
+        assert out[key].item() == pytest.approx(values[key], rel=1e-12)
+        assert out[_stderr_key(key)].item() == pytest.approx(stderr[key], rel=1e-10)
+        assert stderr[key] > 0
+
+
+def test_jackknife_uses_only_replicate_slots_that_hold_samples():
+    w = _weights(4)
+    metric = NormalizedSharpness(num_replicates=8)
+    d = _diagonals(3, 30)
+    metric.update(d, w, [2, 5, 4])  # slots 0, 1, 2 of 8
+    out = metric.compute()
+    groups = [(g, n, {k: v[g] for k, v in d.items()}) for g, n in enumerate([2, 5, 4])]
+    values, stderr = _hand_jackknife(w, groups, 8)
+    for key in values:
+        assert out[_stderr_key(key)].item() == pytest.approx(stderr[key], rel=1e-10)
+
+
+def test_stderr_is_nan_with_one_warning_when_a_single_slot_holds_samples():
+    w = _weights()
+    metric = NormalizedSharpness(num_replicates=1)
+    metric.update(_diagonals(None, 1), w, 8)
+    with pytest.warns(UserWarning, match="standard errors are NaN"):
+        out = metric.compute()
+    assert all(math.isnan(v.item()) for k, v in out.items() if "_stderr" in k)
+    assert all(math.isfinite(out[k].item()) for k in _measure_keys(out))
+    metric.update(_diagonals(None, 2), w, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = metric.compute()
+    assert math.isnan(again["normalized_stderr"].item())
+
+
+@pytest.fixture(scope="module")
+def noisy_trials():
+    """Repeated experiments: 8 single-group updates of a known diagonal plus iid Gaussian noise."""
+    gen = torch.Generator().manual_seed(7)
+    shape, noise, num_trials, num_batches = (6, 5), 0.15, 120, 8
+    true_diag = torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5
+    weight = torch.randn(shape, generator=gen, dtype=torch.float64)
+    rows = []
+    for _ in range(num_trials):
+        metric = NormalizedSharpness(num_replicates=num_batches)
+        for _ in range(num_batches):
+            estimate = true_diag + noise * torch.randn(shape, generator=gen, dtype=torch.float64)
+            metric.update({"w": estimate}, {"w": weight}, num_samples=16)
+        out = metric.compute()
+        rows.append([out[k].item() for k in ("hessian_trace", "hessian_trace_stderr", "normalized",
+                                             "normalized_stderr")])
+    trials = np.array(rows)
+    true_trace_std = math.sqrt(shape[0] * shape[1] * noise**2 / num_batches)
+    return trials, true_trace_std, true_diag.sum().item()
+
+
+def test_trace_stderr_matches_true_standard_deviation_of_the_estimator(noisy_trials):
+    trials, true_std, true_trace = noisy_trials
+    # the trace is linear: the jackknife is the classic standard error, whose square is unbiased
+    rms_stderr = math.sqrt(np.mean(trials[:, 1] ** 2))
+    assert rms_stderr == pytest.approx(true_std, rel=0.10)
+    assert np.std(trials[:, 0], ddof=1) == pytest.approx(true_std, rel=0.2)
+    assert np.mean(trials[:, 0]) == pytest.approx(true_trace, abs=4 * true_std / math.sqrt(len(trials)))
+
+
+def test_normalized_stderr_matches_spread_of_normalized_sharpness_over_trials(noisy_trials):
+    trials, _, _ = noisy_trials
+    empirical = np.std(trials[:, 2], ddof=1)
+    assert empirical > 0
+    assert math.sqrt(np.mean(trials[:, 3] ** 2)) == pytest.approx(empirical, rel=0.25)
+
+
+# ---------------------------------------------------------------------------------------------
+# state handling
+# ---------------------------------------------------------------------------------------------
+
+
+def test_compute_without_samples_raises_and_reset_clears_samples():
+    w = _weights()
+    metric = NormalizedSharpness(num_replicates=4)
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="no samples to pool"):
+        metric.compute()
+    metric.update(_diagonals(2, 1), w, [3, 4])
+    first = metric.compute()
+    metric.reset()
+    assert metric.count.sum().item() == 0
+    assert all(getattr(metric, f"hessian_sum_{i}").abs().sum().item() == 0 for i in range(len(SHAPES)))
+    assert metric.parameter_shapes == {n: torch.Size(s) for n, s in SHAPES.items()}
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="no samples to pool"):
+        metric.compute()
+    metric.update(_diagonals(2, 1), w, [3, 4])
+    _assert_dicts_close(metric.compute(), first)
+
+
+def test_reset_default_is_not_a_full_size_copy_of_the_sums():
+    metric = NormalizedSharpness(num_replicates=8, parameter_shapes={"w": (100, 50)})
+    assert metric.hessian_sum_0.shape == (8, 5000)
+    assert metric._defaults["hessian_sum_0"].untyped_storage().nbytes() == 8
+
+
+def test_state_dict_round_trip_restores_result_and_accumulation():
+    w = _weights()
+    metric = NormalizedSharpness(lam=0.3, num_replicates=4)
+    metric.persistent(True)
+    metric.update(_diagonals(3, 1), w, [3, 4, 5])
+    state = metric.state_dict()
+    assert {"count", "hessian_sum_0", "hessian_sum_1", "_extra_state"} == set(state)
+    restored = NormalizedSharpness(lam=0.3, num_replicates=4)
+    restored.load_state_dict(state)
+    _assert_dicts_close(restored.compute(), metric.compute())
+    state["count"].zero_()  # the restored metric does not alias the dict's tensors
+    more = _diagonals(None, 2)
+    metric.update(more, w, 6)
+    restored.update(more, w, 6)
+    _assert_dicts_close(restored.compute(), metric.compute())
+    assert restored.count.tolist() == metric.count.tolist()
+    stale = NormalizedSharpness(lam=0.3, num_replicates=4)
+    stale.update(_diagonals(2, 3), w, [2, 2])
+    stale.compute()  # cached
+    stale.load_state_dict(metric.state_dict())
+    _assert_dicts_close(stale.compute(), metric.compute())
+
+
+def test_non_persistent_state_dict_keeps_only_the_layout():
+    metric = NormalizedSharpness(num_replicates=4)
+    metric.update(_diagonals(None, 1), _weights(), 5)
+    state = metric.state_dict()
+    assert set(state) == {"_extra_state"}
+    restored = NormalizedSharpness(num_replicates=4)
+    restored.load_state_dict(state)
+    assert restored.parameter_shapes == metric.parameter_shapes
+    assert restored.count.sum().item() == 0
+
+
+def test_load_state_dict_rejects_other_num_replicates_or_layout():
+    metric = NormalizedSharpness(num_replicates=4)
+    metric.persistent(True)
+    metric.update(_diagonals(None, 1), _weights(), 5)
+    with pytest.raises(ValueError, match="num_replicates"):
+        NormalizedSharpness(num_replicates=3).load_state_dict(metric.state_dict())
+    other = NormalizedSharpness(num_replicates=4,
+                                parameter_shapes={"fc1.weight": (6, 4), "fc2.weight": (3, 7)})
+    with pytest.raises(ValueError, match="shape"):
+        other.load_state_dict(metric.state_dict())
+
+
+def test_forward_returns_batch_value_and_accumulates_globally():
+    w = _weights()
+    d1, d2 = _diagonals(2, 1), _diagonals(2, 2)
+    metric = NormalizedSharpness(num_replicates=4)
+    batch1 = metric(d1, w, [3, 4])
+    batch2 = metric(d2, w, [5, 6])
+    only1, only2, both = (NormalizedSharpness(num_replicates=4) for _ in range(3))
+    only1.update(d1, w, [3, 4])
+    only2.update(d2, w, [5, 6])
+    both.update(d1, w, [3, 4])
+    both.update(d2, w, [5, 6])
+    _assert_dicts_close(batch1, only1.compute())
+    _assert_dicts_close(batch2, only2.compute())  # slots 2, 3 instead of 0, 1: the jackknife is symmetric
+    _assert_dicts_close(metric.compute(), both.compute())
+
+
+@pytest.mark.parametrize("dist_sync_on_step", [False, True])
+def test_forward_fills_replicate_slots_round_robin(dist_sync_on_step):
+    w = _weights()
+    metric = NormalizedSharpness(num_replicates=4, dist_sync_on_step=dist_sync_on_step)
+    for k in range(6):  # slots 0, 1, 2, 3, 0, 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # single-group batch values have no stderr
+            metric(_diagonals(None, k), w, num_samples=1 + k)
+    assert metric.count.tolist() == [1 + 5, 2 + 6, 3, 4]
+
+
+def test_merge_state_equals_one_metric_over_all_updates():
+    w = _weights()
+    a, b, both = (NormalizedSharpness(num_replicates=4) for _ in range(3))
+    a.update(_diagonals(2, 1), w, [3, 4])
+    b.update(_diagonals(2, 2), w, [5, 6])
+    a.merge_state(b)
+    both.update(_diagonals(2, 1), w, [3, 4])
+    both.update(_diagonals(2, 2), w, [5, 6])
+    # both put the second update into slots 2, 3; b (fresh) into slots 0, 1: the pooled values agree
+    out, ref = a.compute(), both.compute()
+    _assert_dicts_close({k: out[k] for k in _measure_keys(out)}, {k: ref[k] for k in _measure_keys(ref)})
+    assert out["num_samples"].item() == 18
+
+
+def test_metric_keeps_a_detached_copy_of_the_weights_and_no_submodule():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    from lightning_flatness.functional import select_parameters
+
+    params = select_parameters(model)
+    metric = NormalizedSharpness(num_replicates=2)
+    metric.update({n: torch.rand(2, *p.shape) for n, p in params.items()}, params, [4, 4])
+    assert list(metric.children()) == []
+    assert list(metric.parameters()) == []
+    assert all(not k.startswith(("0.", "2.")) for k in metric.state_dict())
+    before = {n: w.clone() for n, w in metric.weights.items()}
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)
+    assert all(torch.equal(metric.weights[n], before[n]) for n in before)
+    assert all(not w.requires_grad and w.dtype == torch.float64 for w in metric.weights.values())
+
+
+def test_dtype_casts_keep_float64_states_and_device_moves_carry_the_weights():
+    w = _weights()
+    metric = NormalizedSharpness(num_replicates=4)
+    metric.update(_diagonals(2, 1), w, [3, 4])
+    expected = metric.compute()
+    metric.to(torch.float32)
+    metric.set_dtype(torch.float16)
+    assert metric.hessian_sum_0.dtype == torch.float64 and metric.count.dtype == torch.int64
+    metric.update(_diagonals(2, 2), w, [5, 6])
+    metric.reset()
+    metric.update(_diagonals(2, 1), w, [3, 4])
+    _assert_dicts_close(metric.compute(), expected)
+    metric.to("meta")
+    assert metric.count.device.type == "meta" and metric.hessian_sum_1.device.type == "meta"
+    assert all(v.device.type == "meta" for v in metric.weights.values())
+    assert metric._defaults["hessian_sum_1"].device.type == "meta"
+
+
+def test_states_made_under_inference_mode_accept_updates_outside_it():
+    """Lightning validates under torch.inference_mode; the states must stay updatable afterwards."""
+    w = _weights()
+    metric, reference = NormalizedSharpness(num_replicates=4), NormalizedSharpness(num_replicates=4)
+    with torch.inference_mode():
+        metric.update(_diagonals(2, 1), w, [3, 4])  # creates the sum states
+        metric.compute()
+        metric(_diagonals(2, 2), w, [5, 6])  # forward: reset + reduce
+    metric.update(_diagonals(None, 3), w, 7)
+    for seed, sizes in [(1, [3, 4]), (2, [5, 6])]:
+        reference.update(_diagonals(2, seed), w, sizes)
+    reference.update(_diagonals(None, 3), w, 7)
+    _assert_dicts_close(metric.compute(), reference.compute())
+    with torch.inference_mode():
+        metric.reset()
+    metric.update(_diagonals(2, 1), w, [3, 4])
+    assert metric.count.sum().item() == 7
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"lam": 0.0}, "lam"), ({"lam": -1.0}, "lam"), ({"lam": float("inf")}, "lam"),
+    ({"lam": float("nan")}, "lam"),
+    ({"lam": True}, "lam"), ({"lam": "0.5"}, "lam"),
+    ({"num_replicates": 0}, "num_replicates"), ({"num_replicates": 2.0}, "num_replicates"),
+    ({"num_replicates": True}, "num_replicates"),
+    ({"parameter_shapes": {"b": (5,)}}, "ndim >= 2"), ({"parameter_shapes": {}}, "non-empty"),
+    ({"dist_sync_fn": lambda x, group=None: [x]}, "all_reduce"),
+])
+def test_constructor_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NormalizedSharpness(**kwargs)
+
+
+@pytest.mark.parametrize(("num_samples", "error", "match"), [
+    (0, ValueError, "at least one sample"), (-3, ValueError, "at least one sample"),
+    ([4, 0], ValueError, "at least one sample"), ([], ValueError, "empty"),
+    (2.5, TypeError, "int"), (True, TypeError, "bool"), (torch.tensor([1.0, 2.0]), TypeError, "integers"),
+    (torch.ones(2, 1, dtype=torch.int64), ValueError, "1-D"), ([1, 2, 3], ValueError, "expected"),
+    ([3], ValueError, "expected"), (None, TypeError, "required"),
+])
+def test_update_rejects_bad_num_samples(num_samples, error, match):
+    metric = NormalizedSharpness()
+    with pytest.raises(error, match=match):
+        metric.update(_diagonals(2, 1), _weights(), num_samples)
+
+
+def test_update_rejects_mismatched_names_shapes_and_bad_values():
+    w = _weights()
+    metric = NormalizedSharpness()
+    with pytest.raises(ValueError, match="same tensors"):
+        metric.update(_diagonals(None, 1), {"fc1.weight": w["fc1.weight"]}, 4)
+    with pytest.raises(ValueError, match="shape"):
+        metric.update({**_diagonals(None, 1), "fc1.weight": torch.rand(4, 6, dtype=torch.float64)}, w, 4)
+    with pytest.raises(ValueError, match="ndim >= 2"):
+        metric.update({"b": torch.rand(3)}, {"b": torch.rand(3)}, 4)
+    bad = _diagonals(None, 1)
+    bad["fc2.weight"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        metric.update(bad, w, 4)
+    assert metric.parameter_shapes is None and metric.count.sum().item() == 0  # failed updates change nothing
+
+    metric.update(_diagonals(None, 1), w, 4)
+    other = {"fc1.weight": torch.rand(6, 4), "fc3.weight": torch.rand(3, 6)}
+    with pytest.raises(ValueError, match="not seen before"):
+        metric.update(other, other, 4)
+    resized = {"fc1.weight": torch.rand(6, 5), "fc2.weight": torch.rand(3, 6)}
+    with pytest.raises(ValueError, match="changes tensor shapes"):
+        metric.update(resized, resized, 4)
+    estimate = HessianDiagonalEstimate(groups=_diagonals(1, 2), group_sizes=torch.tensor([4]), method="exact",
+                                       num_probes=0)
+    with pytest.raises(ValueError, match="only with a mapping"):
+        metric.update(estimate, w, 4)
+    with pytest.raises(TypeError, match="HessianDiagonalEstimate"):
+        metric.update_from_estimate(_diagonals(None, 1), w)
+    reordered = dict(reversed(list(_diagonals(None, 3).items())))
+    metric.update(reordered, w, 4)  # same names and shapes in another order are matched by name
+    assert metric.count.sum().item() == 8
+
+
+def test_parameter_shapes_fix_the_layout_before_any_update():
+    metric = NormalizedSharpness(num_replicates=2, parameter_shapes=SHAPES)
+    assert metric.parameter_shapes == {n: torch.Size(s) for n, s in SHAPES.items()}
+    with pytest.raises(ValueError, match="changes tensor shapes"):
+        bad = {"fc1.weight": torch.rand(6, 5), "fc2.weight": torch.rand(3, 6)}
+        metric.update(bad, bad, 4)
+    metric.update(_diagonals(None, 1), _weights(), 4)
+    assert metric.count.tolist() == [4, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_agree_with_one_process_over_all_data_using_all_reduce(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        import ddp_metric_worker as worker
+    finally:
+        sys.path.pop(0)
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    init_file = tmp_path / "store"
+    outs = [tmp_path / f"rank{r}.pt" for r in range(2)]
+    script = str(Path(worker.__file__))
+    procs = [subprocess.Popen([sys.executable, script, str(r), "2", str(init_file), str(outs[r])],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=180)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("DDP worker timed out (deadlock?)")
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    res = [torch.load(o) for o in outs]
+
+    # reference: one process over all data; rank r starts at slot r, groups then go round-robin
+    w = worker.weights()
+    groups = []
+    single = NormalizedSharpness(lam=worker.LAM, num_replicates=worker.NUM_REPLICATES)
+    for rank in range(2):
+        slot = rank
+        for diagonals, sizes in worker.rank_updates(rank):
+            single.update(diagonals, w, sizes)
+            for g, n in enumerate(sizes):
+                groups.append((slot % worker.NUM_REPLICATES, n, {k: v[g] for k, v in diagonals.items()}))
+                slot += 1
+    expected = single.compute()
+    values, stderr = _hand_jackknife(w, groups, worker.NUM_REPLICATES, worker.LAM)
+    for r in range(2):
+        out = res[r]["result"]
+        assert set(out) == set(expected)
+        _assert_dicts_close(out, res[0]["result"], rtol=0.0)  # identical on both ranks
+        _assert_dicts_close({k: out[k] for k in _measure_keys(out)},
+                            {k: expected[k] for k in _measure_keys(expected)})
+        for key in values:
+            assert out[_stderr_key(key)].item() == pytest.approx(stderr[key], rel=1e-10)
+        assert out["num_samples"].item() == sum(sum(s) for u in worker.UPDATE_SIZES.values() for s in u)
+        assert torch.equal(res[r]["count_after_compute"], res[r]["local_count"])  # local state restored
+        assert res[r]["all_reduce_calls"] == 1 + 1 + len(worker.SHAPES)  # layout check + count + sums
+        assert "different parameter layouts" in res[r]["layout_error"]
+    only0 = NormalizedSharpness(lam=worker.LAM, num_replicates=worker.NUM_REPLICATES)
+    only0.update(worker.rank_updates(0)[0][0], w, worker.rank_updates(0)[0][1])
+    with pytest.warns(UserWarning, match="standard errors are NaN"):  # a single group
+        _assert_dicts_close(res[0]["fixed_result"], only0.compute())
+    assert "no weights on this process" in res[1]["fixed_result"]
