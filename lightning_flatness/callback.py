@@ -1,0 +1,731 @@
+"""``SharpnessMonitor``: normalized sharpness (Tsuzuku et al. 2020, eq. 17) of the training loss,
+measured at the end of every validation and logged for TensorBoard, early stopping and checkpointing.
+
+The callback only orchestrates: the curvature comes from
+:func:`lightning_flatness.functional.hessian_diagonal_groups`, the measures and their error bars from
+:class:`lightning_flatness.metric.NormalizedSharpness`. The namespace-independent logic lives in
+:class:`SharpnessMonitorBase`; :class:`SharpnessMonitor` binds it to ``pytorch_lightning`` and
+:mod:`lightning_flatness.lightning_namespace` to ``lightning.pytorch``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+import warnings
+from collections.abc import Iterable
+from typing import Any, Callable, Iterator, Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import pytorch_lightning as pl
+from lightning_flatness.batch_split import split_batch as _default_split_batch
+from lightning_flatness.callback_logging import bar_chart_image, custom_scalars_layout, tensorboard_writers
+from lightning_flatness.functional import METHODS, hessian_diagonal_groups, select_parameters
+from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
+from lightning_flatness.functional.measures import MEASURES
+from lightning_flatness.isolation import (
+    autograd_tensor,
+    float_copy,
+    gradient_enabled,
+    preserved_rng_states,
+    resolve_dtype,
+)
+from lightning_flatness.metric import NormalizedSharpness
+from lightning_flatness.progress import progress_reporter
+from lightning_flatness.training_subset import (
+    TrainingSubset,
+    choose_indices,
+    chunk_sizes,
+    training_dataloader,
+)
+
+__all__ = ["SharpnessMonitor", "SharpnessMonitorBase"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+ParameterSelection = Union[None, list[str], Callable[[str, Tensor], bool]]
+
+_AUTO = "auto"
+_DEFAULT_BATCH_SIZE = 128
+_DRY_RUN_SAMPLES = 4
+_RELATIVE_ERROR_ADVICE = 0.05
+
+
+def _is_nonnegative_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0
+
+
+def _is_positive_int(value: Any) -> bool:
+    return _is_nonnegative_int(value) and value >= 1
+
+
+class SharpnessMonitorBase:
+    r"""The logic of :class:`SharpnessMonitor`, independent of the Lightning namespace.
+
+    Subclassed together with a Lightning ``Callback`` class; see :class:`SharpnessMonitor` for the
+    documentation of the arguments.
+    """
+
+    #: Python logger for one-line reports (a child of the namespace's logger, so Lightning prints it).
+    _logger_name = "pytorch_lightning.callbacks.sharpness_monitor"
+
+    def __init__(
+        self,
+        *,
+        method: str = _AUTO,
+        num_samples: int = 512,
+        batch_size: Optional[int] = None,
+        num_probes: int = 64,
+        dataloader: Optional[Iterable] = None,
+        loss_fn: Optional[LossFn] = None,
+        parameters: ParameterSelection = None,
+        lam: float = 0.5,
+        num_replicates: int = 8,
+        every_n_epochs: int = 1,
+        dtype: Union[str, torch.dtype] = "float32",
+        seed: Optional[int] = 0,
+        prefix: str = "sharpness",
+        log_per_layer: bool = True,
+        log_images: bool = True,
+        prog_bar: bool = True,
+        relative_step: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        if method != _AUTO and method not in METHODS:
+            raise ValueError(f"SharpnessMonitor got method={method!r}; choose 'auto' (exact where the model "
+                             f"qualifies, Hutchinson otherwise) or one of {list(METHODS)}.")
+        if not _is_positive_int(num_samples):
+            raise ValueError(f"SharpnessMonitor got num_samples={num_samples!r}; pass a positive number of "
+                             "training samples to measure on (default 512).")
+        if batch_size is not None and not _is_positive_int(batch_size):
+            raise ValueError(f"SharpnessMonitor got batch_size={batch_size!r}; pass a positive int (samples "
+                             f"per curvature batch) or None for {_DEFAULT_BATCH_SIZE}.")
+        if not _is_positive_int(num_replicates):
+            raise ValueError(f"SharpnessMonitor got num_replicates={num_replicates!r}; pass a positive int "
+                             "(>= 2 for standard errors, default 8).")
+        if not _is_positive_int(num_probes):
+            raise ValueError(f"SharpnessMonitor got num_probes={num_probes!r}; pass a positive number of "
+                             "Rademacher probes per sample group for the stochastic methods (default 64).")
+        if dataloader is not None and (isinstance(dataloader, (str, bytes))
+                                       or not hasattr(dataloader, "__iter__")):
+            raise TypeError(f"SharpnessMonitor got dataloader of type {type(dataloader).__name__}; pass an "
+                            "iterable of batches (e.g. a torch DataLoader) or None to draw a subset of the "
+                            "training set.")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"SharpnessMonitor got loss_fn of type {type(loss_fn).__name__}; pass a callable "
+                            f"(logits, target) -> mean loss, or None for normalized_softmax_cross_entropy.")
+        selectable = callable(parameters) or isinstance(parameters, Iterable)
+        if parameters is not None and (isinstance(parameters, str) or not selectable):
+            raise TypeError(f"SharpnessMonitor got parameters={parameters!r}; pass None (every weight with "
+                            "ndim >= 2), a list of parameter names, or a predicate (name, parameter) -> "
+                            "bool.")
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
+            raise ValueError(f"SharpnessMonitor got lam={lam!r}; the lambda of eq. 17 must be a positive "
+                             "finite number (default 0.5).")
+        if not _is_positive_int(every_n_epochs):
+            raise ValueError(f"SharpnessMonitor got every_n_epochs={every_n_epochs!r}; pass a positive int.")
+        if seed is not None and not _is_nonnegative_int(seed):
+            raise ValueError(f"SharpnessMonitor got seed={seed!r}; pass a non-negative int, or None for a "
+                             "random seed (kept in the callback's state).")
+        if not isinstance(prefix, str) or not prefix.strip("/") or prefix != prefix.strip("/"):
+            raise ValueError(f"SharpnessMonitor got prefix={prefix!r}; pass a non-empty name without leading "
+                             "or trailing '/', e.g. 'sharpness'.")
+        if isinstance(relative_step, bool) or not isinstance(relative_step, (int, float)) \
+                or not relative_step > 0:
+            raise ValueError(f"SharpnessMonitor got relative_step={relative_step!r}; pass a positive float.")
+        self.method = method
+        self.num_samples = int(num_samples)
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self.num_probes = int(num_probes)
+        self.dataloader = dataloader
+        self.loss_fn: LossFn = normalized_softmax_cross_entropy if loss_fn is None else loss_fn
+        if parameters is not None and not callable(parameters):
+            parameters = list(parameters)
+        self.parameters = parameters
+        self.lam = float(lam)
+        self.num_replicates = int(num_replicates)
+        self.every_n_epochs = int(every_n_epochs)
+        self.dtype = resolve_dtype(dtype)
+        self.seed = None if seed is None else int(seed)
+        self.prefix = prefix
+        self.log_per_layer = bool(log_per_layer)
+        self.log_images = bool(log_images)
+        self.prog_bar = bool(prog_bar)
+        self.relative_step = float(relative_step)
+        #: One dict per evaluation: ``epoch``, ``global_step``, ``method``, ``seconds`` and every value
+        #: of :meth:`NormalizedSharpness.compute` (``normalized``, ``normalized/<name>``, ...).
+        self.history: list[dict[str, Any]] = []
+        # state (saved in checkpoints)
+        self._seed: Optional[int] = self.seed
+        self._indices: Optional[Tensor] = None
+        self._dataset_size: Optional[int] = None
+        self._resolved_method: Optional[str] = None if method == _AUTO else method
+        self._evaluations = 0
+        # per run
+        self._subset: Optional[TrainingSubset] = None
+        self._prepared = False
+        self._warned: set[str] = set()
+        self._layouts_written: set[int] = set()
+        self._generator: Optional[torch.Generator] = None  # this evaluation's probes
+
+    # -- public hooks for subclasses ----------------------------------------------------------------
+
+    def split_batch(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """Split one batch into ``(inputs, target)`` with ``pl_module(inputs)`` the logits.
+
+        The default (:func:`lightning_flatness.batch_split.split_batch`) takes the first two entries
+        of a tuple/list, and for a dict the first present of the keys ``"inputs"``, ``"input"``,
+        ``"x"``, ``"features"``, ``"image"``, ``"images"``, ``"data"`` (inputs) and ``"target"``,
+        ``"targets"``, ``"y"``, ``"label"``, ``"labels"`` (target). Override it for other batches.
+        """
+        return _default_split_batch(batch)
+
+    def copy_network(self, pl_module: nn.Module, dtype: torch.dtype) -> nn.Module:
+        """The network whose curvature is measured: by default a deep copy of ``pl_module`` cast to
+        ``dtype``, in eval mode (see :func:`lightning_flatness.isolation.float_copy`). It is called as
+        ``network(inputs)`` and must return the logits. Override it to measure a submodule, e.g.
+        ``return float_copy(pl_module.net, dtype)``; never return the live module."""
+        return float_copy(pl_module, dtype)
+
+    # -- state ------------------------------------------------------------------------------------
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(  # type: ignore[attr-defined]
+            prefix=self.prefix, method=self.method, num_samples=self.num_samples, num_probes=self.num_probes,
+            lam=self.lam, seed=self.seed, dtype=str(self.dtype).removeprefix("torch."),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "seed": self._seed,
+            "indices": None if self._indices is None else self._indices.clone(),
+            "dataset_size": self._dataset_size,
+            "method": self._resolved_method,
+            "evaluations": self._evaluations,
+            "history": [dict(entry) for entry in self.history],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._seed = state_dict["seed"]
+        indices = state_dict["indices"]
+        self._indices = None if indices is None else torch.as_tensor(indices, dtype=torch.int64).clone()
+        self._dataset_size = state_dict["dataset_size"]
+        if self.method == _AUTO or state_dict["method"] == self.method:
+            self._resolved_method = state_dict["method"]
+        self._evaluations = int(state_dict["evaluations"])
+        self.history = [dict(entry) for entry in state_dict["history"]]
+
+    # -- Lightning hooks ----------------------------------------------------------------------------
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage not in ("fit", "validate"):
+            return
+        self._subset, self._prepared, self._layouts_written = None, False, set()
+        clash = [cb for cb in trainer.callbacks
+                 if isinstance(cb, SharpnessMonitorBase) and cb is not self and cb.prefix == self.prefix]
+        if clash:
+            raise ValueError(f"{len(clash) + 1} SharpnessMonitor callbacks log under the same prefix "
+                             f"{self.prefix!r}; give each its own `prefix=` (e.g. "
+                             "prefix='sharpness_hutchinson').")
+        if not trainer.loggers:
+            self._warn_once(trainer, "no_logger",
+                            "SharpnessMonitor: the Trainer has no logger, so the values go only to "
+                            f"trainer.callback_metrics['{self.prefix}/normalized'] (and monitor.history); "
+                            "pass e.g. logger=TensorBoardLogger('logs') to the Trainer to record the curves.")
+        if stage == "fit" and not self._validation_runs(trainer):
+            self._warn_once(trainer, "no_validation",
+                            "SharpnessMonitor measures at the end of validation, but this fit has no "
+                            "validation loop (no val_dataloader, or limit_val_batches=0), so it will never "
+                            "run; add a validation set (a single batch is enough: limit_val_batches=1).")
+        if any(True for _ in pl_module.parameters()):  # else built later (configure_model): check in _prepare
+            self._check_parameters(pl_module)
+        if self._seed is None:
+            self._seed = int(trainer.strategy.broadcast(secrets.randbits(62), src=0))
+        with preserved_rng_states():  # a train_dataloader() hook may draw random numbers
+            self._resolve_data(trainer, final=False)
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._prepare(trainer, pl_module)
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        if not self._prepared and trainer.state.fn == "validate":
+            self._prepare(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if not self._should_run(trainer):
+            return
+        if not self._prepared:
+            self._prepare(trainer, pl_module)
+        values, seconds = self._measure(trainer, pl_module)
+        self._record(trainer, values, seconds)
+        self._log(trainer, pl_module, values, seconds)
+
+    # -- preparation --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _validation_runs(trainer: Any) -> bool:
+        if trainer.limit_val_batches == 0:
+            return False
+        val_loop = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "val_loop", None)
+        source = getattr(val_loop, "_data_source", None)
+        return source is None or getattr(source, "instance", None) is None or source.is_defined()
+
+    def _check_parameters(self, pl_module: nn.Module) -> None:
+        try:
+            select_parameters(pl_module, self.parameters)
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"SharpnessMonitor cannot measure {type(pl_module).__name__}: {err}") from err
+
+    def _resolve_data(self, trainer: Any, final: bool) -> None:
+        "Find the samples to measure on; ``final=False`` (at ``setup``) defers hook errors to ``_prepare``."
+        world = trainer.world_size
+        if self.dataloader is not None:
+            size = len(self.dataloader) if hasattr(self.dataloader, "__len__") else None
+            if size == 0:
+                raise ValueError("SharpnessMonitor got an empty `dataloader` (no batches); pass a loader "
+                                 "with at least one batch of training samples.")
+            if size is not None and size < world:
+                raise ValueError(f"SharpnessMonitor's `dataloader` has {size} batches for {world} processes; "
+                                 "each process measures its share of the batches (batch i on rank i % "
+                                 f"{world}): pass at least {world} batches.")
+            return
+        if self._subset is not None:
+            return
+        try:
+            loader = training_dataloader(trainer)
+        except Exception as err:
+            if not final:  # e.g. the LightningModule builds its dataset in its own setup(), which runs later
+                return
+            raise RuntimeError("SharpnessMonitor could not get the training dataloader to draw its subset "
+                               f"from ({type(err).__name__}: {err}); pass the samples explicitly with "
+                               f"`SharpnessMonitor(dataloader=...)`.") from err
+        if loader is None:
+            raise ValueError("SharpnessMonitor needs training samples, but the Trainer has no training data "
+                             f"during trainer.{trainer.state.fn}(); define train_dataloader() in the "
+                             "LightningModule or datamodule, or pass `SharpnessMonitor(dataloader=...)`.")
+        self._subset = TrainingSubset(loader)
+        if self._indices is None:
+            self._choose_subset()
+        if min(len(self._indices), self.num_samples) < world:
+            raise ValueError(f"SharpnessMonitor has {len(self._indices)} samples for {world} processes; each "
+                             "process needs at least one: raise num_samples or use a larger training set.")
+
+    def _choose_subset(self) -> None:
+        assert self._subset is not None and self._seed is not None
+        self._dataset_size = len(self._subset)
+        self._indices = choose_indices(self._dataset_size, self.num_samples, self._seed)
+
+    def _prepare(self, trainer: Any, pl_module: Any) -> None:
+        """Checks before the first measurement: data, parameters, batch splitting, and the method."""
+        with preserved_rng_states():
+            self._resolve_data(trainer, final=True)
+        self._check_parameters(pl_module)
+        if self._subset is not None and self._dataset_size != len(self._subset):
+            self._warn_once(trainer, "resized",
+                            f"SharpnessMonitor: the training set has {len(self._subset)} samples but the "
+                            f"subset in the checkpoint was drawn from {self._dataset_size}; drawing a new "
+                            "subset (the curve's next points are not comparable with the previous ones).")
+            self._choose_subset()
+        device = pl_module.device
+        with preserved_rng_states(), gradient_enabled(device):
+            batch = next(self._rank_batches(trainer, dry_run=True)[0], None)
+            if batch is None:
+                raise ValueError("SharpnessMonitor's `dataloader` yielded no batch on rank "
+                                 f"{trainer.global_rank}; pass a loader with at least one batch per process.")
+            network = self.copy_network(pl_module, self.dtype)
+            inputs, target = self._split(batch)
+            inputs = autograd_tensor(inputs[:_DRY_RUN_SAMPLES], device, self.dtype)
+            target = autograd_tensor(target[:_DRY_RUN_SAMPLES], device, self.dtype)
+            self._estimate(trainer, pl_module, network, inputs, target, dry_run=True)
+        self._prepared = True
+
+    @staticmethod
+    def _is_exact_ineligible(err: Exception) -> bool:
+        """Whether ``err`` is the exact method's refusal: "this model's Hessian diagonal is not its
+        Gauss-Newton diagonal" (an operation that is not piecewise linear in each weight)."""
+        return isinstance(err, ValueError) and (type(err).__name__ == "ExactMethodNotApplicable"
+                                                or "is not the Gauss-Newton diagonal" in str(err))
+
+    def _loss_is_finite(self, network: nn.Module, inputs: Tensor, target: Tensor) -> bool:
+        with torch.no_grad():
+            logits = network(inputs)
+            loss = self.loss_fn(logits, target)
+            return bool(torch.isfinite(logits).all()) and bool(torch.isfinite(loss).all())
+
+    def _estimate(self, trainer: Any, pl_module: Any, network: nn.Module, inputs: Tensor, target: Tensor,
+                  dry_run: bool = False) -> Any:
+        """``hessian_diagonal_groups`` on one batch (one sample group); resolves ``method="auto"``.
+
+        Returns ``None`` when the loss is NaN or infinite (the estimators may raise then). Under
+        ``"auto"`` the exact method is tried first; if it refuses the model, Hutchinson takes over
+        for the rest of the run, with a warning. Probes come from this evaluation's private
+        generator (a throwaway one in the dry run).
+        """
+        method = self._resolved_method or "exact"
+        probes, generator = self.num_probes, None
+        if method != "exact":
+            if dry_run:
+                probes, generator = 1, torch.Generator(device=inputs.device).manual_seed(0)
+            else:
+                if self._generator is None:
+                    self._generator = self._probe_generator(inputs.device, trainer.global_rank)
+                generator = self._generator
+        try:
+            estimate = hessian_diagonal_groups(
+                network, self.loss_fn, inputs, target, method=method, num_probes=probes, num_groups=1,
+                generator=generator, parameters=self.parameters, strict=True,
+                relative_step=self.relative_step,
+            )
+        except (ValueError, RuntimeError) as err:
+            try:
+                finite = self._loss_is_finite(network, inputs, target)
+            except Exception:  # the forward itself fails: report the original error
+                finite = True
+            if not finite:
+                return None
+            if self._resolved_method is not None or not self._is_exact_ineligible(err):
+                raise
+            self._resolved_method = "hutchinson"
+            self._warn_once(trainer, "fallback", self._fallback_message(pl_module, err))
+            return self._estimate(trainer, pl_module, network, inputs, target, dry_run)
+        self._resolved_method = method
+        return estimate
+
+    def _fallback_message(self, pl_module: Any, err: Exception) -> str:
+        p = self.num_probes
+        return ("SharpnessMonitor(method='auto'): the exact Hessian diagonal does not apply to "
+                f"{type(pl_module).__name__} ({err}) Falling back to Hutchinson's estimator with "
+                f"num_probes={p} Rademacher probes per sample (about {2 * p} gradient evaluations per "
+                f"sample). Its Hessian diagonal is unbiased, and so is '{self.prefix}/hessian_trace'; but "
+                "normalized and matrix-normalized sharpness are nonlinear in the diagonal, and probe noise "
+                "biases them upwards: on the paper's MNIST-1D MLP (512 samples) by about +65% at 16 probes, "
+                "+35% at 64 and +15% at 256, shrinking like 1/sqrt(num_probes). The logged standard errors "
+                f"('{self.prefix}/normalized_stderr') cover only the random part: compare values measured "
+                "with the same settings, or raise num_probes.")
+
+    # -- measurement --------------------------------------------------------------------------------
+
+    def _should_run(self, trainer: Any) -> bool:
+        if trainer.sanity_checking:
+            return False
+        if trainer.fast_dev_run or trainer.state.fn != "fit":
+            return True
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def _batch_size(self) -> int:
+        return self.batch_size or _DEFAULT_BATCH_SIZE
+
+    def _rank_batches(self, trainer: Any, dry_run: bool = False) -> tuple[Iterator[Any], Optional[int]]:
+        """This process's batches and their number: its share of the subset (``indices[rank::world]``)
+        or of the user's loader (batch ``i`` on rank ``i % world``); one batch under ``fast_dev_run``."""
+        rank, world = trainer.global_rank, trainer.world_size
+        one = dry_run or bool(trainer.fast_dev_run)
+        if self.dataloader is not None:
+            loader = self.dataloader
+
+            def own_batches() -> Iterator[Any]:
+                for i, batch in enumerate(loader):
+                    if i % world == rank:
+                        yield batch
+                        if one:
+                            return
+
+            total = None
+            if hasattr(loader, "__len__"):
+                total = 1 if one else len(range(rank, len(loader), world))
+            return own_batches(), total
+        assert self._subset is not None and self._indices is not None
+        share = self._indices[rank::world]
+        size = self._batch_size()
+        if one:
+            share = share[: _DRY_RUN_SAMPLES if dry_run else size]
+        sizes = [len(share)] if dry_run else chunk_sizes(len(share), size, self.num_replicates)
+        return self._subset.batches(share, sizes), len(sizes)
+
+    def _split(self, batch: Any) -> tuple[Tensor, Tensor]:
+        inputs, target = self.split_batch(batch)
+        if not isinstance(inputs, Tensor) or not isinstance(target, Tensor) or inputs.ndim == 0 \
+                or target.ndim == 0 or inputs.shape[0] != target.shape[0]:
+            raise TypeError(f"{type(self).__name__}.split_batch returned {type(inputs).__name__} "
+                            f"{tuple(getattr(inputs, 'shape', ()))} and {type(target).__name__} "
+                            f"{tuple(getattr(target, 'shape', ()))}; it must return (inputs, target), two "
+                            "tensors with the same number of samples along dim 0.")
+        return inputs, target
+
+    def _probe_generator(self, device: torch.device, rank: int) -> torch.Generator:
+        """A private generator for this evaluation's probes, determined by (seed, evaluation, rank): a
+        resumed run draws the same probes as an uninterrupted one, and ranks draw different ones."""
+        sequence = np.random.SeedSequence([int(self._seed), self._evaluations, rank])
+        seed = sequence.generate_state(1, np.uint64)[0]
+        return torch.Generator(device=device).manual_seed(int(seed) & (2**63 - 1))
+
+    def _measure(self, trainer: Any, pl_module: Any) -> tuple[dict[str, float], float]:
+        """Every measure over this evaluation's samples, identical on all processes, and the seconds spent."""
+        start = time.perf_counter()
+        device = pl_module.device
+        batches, total = self._rank_batches(trainer)
+        self._generator = None
+        nonfinite = False
+        with preserved_rng_states(), gradient_enabled(device):
+            network = self.copy_network(pl_module, self.dtype)
+            params = select_parameters(network, self.parameters)
+            weights = {n: p.detach() for n, p in params.items()}
+            nonfinite = not all(bool(torch.isfinite(w).all()) for w in weights.values())
+            metric = NormalizedSharpness(lam=self.lam, num_replicates=self.num_replicates,
+                                         parameter_shapes={n: w.shape for n, w in weights.items()}).to(device)
+            description = f"Sharpness ({self._resolved_method or 'exact'})"
+            with progress_reporter(trainer, total, description) as advance:
+                for batch in [] if nonfinite else batches:  # non-finite weights: nothing to measure
+                    inputs, target = self._split(batch)
+                    inputs = autograd_tensor(inputs, device, self.dtype)
+                    target = autograd_tensor(target, device, self.dtype)
+                    estimate = self._estimate(trainer, pl_module, network, inputs, target)
+                    if estimate is not None and all(bool(torch.isfinite(g).all())
+                                                    for g in estimate.groups.values()):
+                        metric.update(estimate, weights)
+                    else:
+                        nonfinite = True
+                    advance(1)
+            # one collective, so every process takes the same branch below
+            any_nonfinite = trainer.strategy.reduce_boolean_decision(nonfinite, all=False)
+            values = None if any_nonfinite else {k: float(v) for k, v in metric.compute().items()}
+        self._evaluations += 1
+        if values is None:
+            self._warn_once(trainer, "nonfinite",
+                            "SharpnessMonitor: the loss or its curvature is NaN or infinite at epoch "
+                            f"{trainer.current_epoch} (weights, inputs or loss_fn produce non-finite "
+                            f"values); logging NaN for '{self.prefix}/*' and continuing. Check the learning "
+                            "rate and the data.")
+            names = list(weights)
+            keys = [*MEASURES, *(f"{m}_stderr" for m in MEASURES),
+                    *(f"{m}/{n}" for m in MEASURES for n in names),
+                    *(f"{m}_stderr/{n}" for m in MEASURES for n in names)]
+            values = {k: float("nan") for k in keys}
+            values["num_samples"] = 0.0
+        return values, time.perf_counter() - start
+
+    # -- reporting ----------------------------------------------------------------------------------
+
+    def _record(self, trainer: Any, values: dict[str, float], seconds: float) -> None:
+        entry = {"epoch": int(trainer.current_epoch), "global_step": int(trainer.global_step),
+                 "method": self._resolved_method, "seconds": float(seconds), **values}
+        self.history.append(entry)
+        value, stderr = values.get("normalized", math.nan), values.get("normalized_stderr", math.nan)
+        stochastic = self._resolved_method != "exact"
+        if stochastic and "relative_error" not in self._warned and math.isfinite(stderr) and value > 0:
+            self._warned.add("relative_error")
+            relative = stderr / value
+            advice = ""
+            if relative > _RELATIVE_ERROR_ADVICE:
+                advice = " Raise num_probes (or num_samples) for a smaller error."
+            self._info(trainer, f"SharpnessMonitor: first {self._resolved_method} measurement normalized = "
+                                f"{value:.4g} +- {stderr:.2g} (relative standard error "
+                                f"{100 * relative:.1f}%, random part only: probe noise also biases it "
+                                "upwards) over "
+                                f"{int(values.get('num_samples', 0))} samples in {seconds:.2f} s.{advice}")
+
+    def _log(self, trainer: Any, pl_module: Any, values: dict[str, float], seconds: float) -> None:
+        p = self.prefix
+        dtype = torch.float32 if pl_module.device.type == "mps" else torch.float64
+
+        def tensor(x: float) -> Tensor:
+            return torch.tensor(x, dtype=dtype, device=pl_module.device)
+
+        scalars = {f"{p}/{m}": values[m] for m in MEASURES if m != "normalized"}
+        if self.num_replicates >= 2:
+            scalars.update({f"{p}/{m}_stderr": values[f"{m}_stderr"] for m in MEASURES})
+        scalars[f"{p}/seconds"] = seconds
+        per_layer = {}
+        if self.log_per_layer:
+            per_layer = {f"{p}/{k}": v for k, v in values.items()
+                         if "/" in k and k.split("/", 1)[0] in MEASURES}
+        # The values are identical on every process (the metric all-reduces its sums); reduce_fx="max" with
+        # sync_dist keeps them bit-exact (a mean would divide a sum); `seconds` becomes the slowest rank's.
+        common = dict(on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
+        pl_module.log(f"{p}/normalized", tensor(values["normalized"]), prog_bar=self.prog_bar, **common)
+        pl_module.log_dict({k: tensor(v) for k, v in {**scalars, **per_layer}.items()}, **common)
+        self._log_tensorboard(trainer, values)
+
+    def _log_tensorboard(self, trainer: Any, values: dict[str, float]) -> None:
+        writers = tensorboard_writers(trainer)
+        if not writers or not self.log_per_layer:
+            return
+        for writer in writers:
+            if id(writer) not in self._layouts_written:
+                writer.add_custom_scalars(custom_scalars_layout(self.prefix, MEASURES, MEASURES))
+                self._layouts_written.add(id(writer))
+        if not self.log_images:
+            return
+        per_layer = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("normalized/")}
+        errors = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("normalized_stderr/")}
+        image = bar_chart_image(per_layer, f"normalized sharpness per layer, epoch {trainer.current_epoch}",
+                                "normalized sharpness", errors)
+        if image is None:
+            self._info_once(trainer, "no_matplotlib", "SharpnessMonitor: matplotlib is not installed, so the "
+                                                      "per-layer bar chart image is skipped (pip install "
+                                                      "matplotlib).")
+            return
+        for writer in writers:
+            writer.add_image(f"{self.prefix}/normalized_per_layer", image, global_step=trainer.global_step,
+                             dataformats="HWC")
+
+    def _warn_once(self, trainer: Any, key: str, message: str) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        if trainer.is_global_zero:
+            warnings.warn(message, UserWarning, stacklevel=3)
+
+    def _info(self, trainer: Any, message: str) -> None:
+        if trainer.is_global_zero:
+            logging.getLogger(self._logger_name).info(message)
+
+    def _info_once(self, trainer: Any, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self._info(trainer, message)
+
+
+class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
+    r"""Measure normalized sharpness (Tsuzuku et al. 2020, eq. 17) of the training loss at the end of
+    each validation, and log it with its per-layer values for TensorBoard, early stopping and
+    checkpointing.
+
+    Three lines::
+
+        from lightning_flatness import SharpnessMonitor
+        trainer = Trainer(callbacks=[SharpnessMonitor()], logger=TensorBoardLogger("runs"))
+        trainer.fit(model, datamodule)  # then: tensorboard --logdir runs
+
+    Normalized sharpness usually grows while a network fits its training set, so to stop a run
+    that has become too sharp use ``EarlyStopping(monitor="sharpness/normalized", mode="min",
+    divergence_threshold=budget, patience=max_epochs)``; ``ModelCheckpoint(monitor=...,
+    mode="min")`` keeps the flattest model. With ``every_n_epochs > 1`` the other epochs log nothing:
+    give such callbacks a matching frequency or ``strict=False``. A NaN measurement is logged as NaN
+    (``EarlyStopping(check_finite=True)`` then stops the run).
+
+    **When**: in ``on_validation_epoch_end``, so ``EarlyStopping`` / ``ModelCheckpoint`` see the value
+    in the same epoch; every ``every_n_epochs`` epochs (and at every ``trainer.validate()``); never
+    during the sanity check; on one batch under ``fast_dev_run``.
+
+    **On what**: the Hessian of the training loss ``L_S`` (``loss_fn``, by default the
+    normalized-softmax-cross-entropy of eq. 20-22) of ``pl_module(inputs)``, on ``num_samples``
+    training samples drawn once with the callback's own seeded generator (their indices are kept in
+    the callback's state, so every point of the curve uses the same samples), fetched by index from
+    the training ``DataLoader``'s dataset with its ``collate_fn`` (the training loader itself is
+    never iterated). Or on every batch of ``dataloader`` when given. Under DDP each process takes its
+    share (``indices[rank::world_size]``, or batch ``i`` of ``dataloader`` on rank
+    ``i % world_size``) and the metric sums the estimates over processes: every process gets the
+    same value, equal to the single-process value over the same samples.
+
+    **How**: on a private deep copy of the network in ``dtype`` (float32 or float64, whatever the
+    training precision), in eval mode (dropout off, BatchNorm with running statistics), with
+    gradients enabled locally (also inside ``trainer.validate()``'s inference mode). The Hessian
+    diagonal comes from :func:`~lightning_flatness.functional.hessian_diagonal_groups` (``method``;
+    ``"auto"``: the zero-variance ``"exact"`` method when the network is linear in each weight, e.g.
+    ReLU/max-pool/eval-BatchNorm networks, else ``"hutchinson"``, with a warning), one call per
+    batch; each process cuts its share into at least ``num_replicates`` batches of at most
+    ``batch_size`` samples. :class:`NormalizedSharpness` pools the batches (one replicate group each)
+    and gives each measure a jackknife standard error (sample noise, and probe noise for the
+    stochastic methods).
+
+    **Invisible to training**: the live model (weights, buffers, ``.grad``, modes, hooks), the
+    optimizer and every global RNG stream (torch CPU/CUDA/MPS, NumPy, Python) are exactly as before;
+    probes come from a private generator determined by ``(seed, evaluation, rank)``.
+
+    **Logged keys** (``pl_module.log`` with ``sync_dist``; ``<p>`` is ``prefix``):
+
+    - ``<p>/normalized``: normalized sharpness, eq. 17 (the key to monitor; lower is flatter);
+    - ``<p>/matrix_normalized``: matrix-normalized sharpness, eq. 13;
+    - ``<p>/hessian_trace``: trace of the Hessian over the measured weights, eq. 5 (not invariant to
+      rescaling; for comparison);
+    - ``<p>/<measure>_stderr``: jackknife standard errors;
+    - ``<p>/seconds``: wall time of the measurement (slowest process);
+    - ``<p>/<measure>/<parameter name>``: per weight tensor, named after its module path (e.g.
+      ``sharpness/normalized/net.0.weight``).
+
+    TensorBoard also gets a custom-scalars layout (per-layer curves of each measure on one chart) and
+    a per-layer bar-chart image (with matplotlib). Without a logger the values still reach
+    ``trainer.callback_metrics`` and :attr:`history`.
+
+    **Cost** (``num_samples`` training samples per measurement): ``"exact"``: one forward and about
+    ``K`` backward passes per sample for ``K`` classes; ``"hutchinson"``: ``num_probes``
+    Hessian-vector products per sample (about ``2 * num_probes`` gradient evaluations). Measured on
+    the paper's MLP on MNIST-1D (one CPU thread, 512 samples): exact 0.18-0.25 s, about 60 training
+    steps of batch 128 (two epochs of MNIST-1D); Hutchinson with 64 probes 0.9 s. Trade accuracy for
+    time with ``num_samples`` (the sampling error falls like ``1 / sqrt(num_samples)``; it is the
+    logged standard error for the exact method), ``num_probes`` and ``every_n_epochs``.
+
+    **Accuracy**: the exact method has no probe noise; its standard error is the sampling error of
+    the subset. Hutchinson's Hessian diagonal (and ``<p>/hessian_trace``) is unbiased, but the
+    normalized measures are nonlinear in the diagonal (clipping, square roots, the minimum of eq.
+    17), so probe noise biases them upwards: by about +65%, +35% and +15% at 16, 64 and 256 probes
+    on the MLP above, shrinking like ``1 / sqrt(num_probes)``. The jackknife standard error does not
+    include this bias: compare Hutchinson values only at equal settings.
+
+    Args:
+        method: ``"auto"`` (default), ``"exact"``, ``"hutchinson"`` or ``"finite_difference"``
+            (the paper's Algorithm 1).
+        num_samples: training samples in the fixed subset (default 512; all if the set is smaller).
+        batch_size: at most this many samples per curvature batch (memory; default 128); each
+            process cuts its share into at least ``num_replicates`` batches, one replicate group each.
+        num_probes: Rademacher probes per sample for the stochastic methods (default 64).
+        dataloader: measure on all batches of this iterable instead of a training subset (it is
+            iterated at every evaluation; pass an unsharded loader under DDP).
+        loss_fn: ``(logits, target) -> mean loss``; default
+            :func:`~lightning_flatness.functional.normalized_softmax_cross_entropy`.
+        parameters: which weights count: ``None`` (every tensor with ``ndim >= 2`` that requires grad;
+            frozen ones are skipped, shared ones counted once), a list of names as in
+            ``pl_module.named_parameters()``, or a predicate ``(name, parameter) -> bool``.
+        lam: the ``lambda`` of eq. 17 (default 0.5).
+        num_replicates: replicate groups for the jackknife standard error (default 8; 1 disables it).
+        every_n_epochs: measure at the end of every ``n``-th epoch's validation.
+        dtype: ``"float32"`` (default) or ``"float64"``: precision of the curvature computation.
+        seed: seed of the subset and the probes; ``None`` draws one (kept in the state).
+        prefix: prefix of the logged keys (two monitors need two prefixes).
+        log_per_layer: log the per-layer values (and the TensorBoard layout).
+        log_images: log the per-layer bar chart to TensorBoard.
+        prog_bar: show ``<p>/normalized`` in the progress bar.
+        relative_step: step of ``"finite_difference"`` relative to each tensor's RMS entry.
+
+    Attributes:
+        history: one dict per measurement (``epoch``, ``global_step``, ``method``, ``seconds`` and all
+            values), saved in checkpoints.
+
+    Raises:
+        ValueError, TypeError: invalid arguments (at construction); no measurable weights, no or empty
+            training data, or a batch :meth:`split_batch` cannot split (before training starts).
+
+    Example:
+        >>> import torch, pytorch_lightning as pl
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> class Lit(pl.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         layers = [torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)]
+        ...         self.net = torch.nn.Sequential(*layers)
+        ...     def forward(self, x):
+        ...         return self.net(x)
+        ...     def training_step(self, batch, _):
+        ...         return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+        ...     def validation_step(self, batch, _):
+        ...         pass
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x, y = torch.randn(64, 4, generator=g), torch.randint(0, 3, (64,), generator=g)
+        >>> data = DataLoader(TensorDataset(x, y), batch_size=16)
+        >>> monitor = SharpnessMonitor(num_samples=32)
+        >>> trainer = pl.Trainer(max_epochs=2, callbacks=[monitor], logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(Lit(), data, data)
+        >>> len(monitor.history), monitor.history[-1]["method"], monitor.history[-1]["num_samples"]
+        (2, 'exact', 32.0)
+        >>> "sharpness/normalized" in trainer.callback_metrics
+        True
+    """

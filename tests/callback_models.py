@@ -1,0 +1,142 @@
+"""Tiny LightningModules, data and a brute-force reference for the SharpnessMonitor tests (a module of
+its own so that DDP worker processes can import what they unpickle)."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_flatness.functional import (
+    normalized_softmax_cross_entropy,
+    select_parameters,
+    sharpness_measures,
+)
+
+IN_FEATURES, NUM_CLASSES = 10, 3
+
+
+def make_dataset(num_samples: int = 256, seed: int = 0) -> TensorDataset:
+    """Inputs ``(N, 10)`` and labels of a random linear teacher, from a private generator."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_samples, IN_FEATURES, generator=g)
+    teacher = torch.randn(IN_FEATURES, NUM_CLASSES, generator=g)
+    y = (x @ teacher + 0.5 * torch.randn(num_samples, NUM_CLASSES, generator=g)).argmax(1)
+    return TensorDataset(x, y)
+
+
+def brute_force_measures(module: nn.Module, inputs: torch.Tensor, target: torch.Tensor,
+                          loss_fn=normalized_softmax_cross_entropy) -> dict[str, float]:
+    """All measures from the exact Hessian diagonal of the float64 loss, by torch.func.hessian per tensor."""
+    net = copy.deepcopy(module).double().eval()
+    x = inputs.double()
+    weights = {n: p.detach() for n, p in select_parameters(net).items()}
+    diagonals = {}
+    for name, w in weights.items():
+        def loss_of(v, name=name):
+            return loss_fn(torch.func.functional_call(net, {name: v}, (x,), tie_weights=False), target)
+        hessian = torch.func.hessian(loss_of)(w).reshape(w.numel(), w.numel())
+        diagonals[name] = hessian.diagonal().reshape(w.shape)
+    return {k: float(v) for k, v in sharpness_measures(weights, diagonals).items()}
+
+
+class AugmentedDataset(Dataset):
+    """Adds noise drawn from torch's, NumPy's and Python's global generators at every access."""
+
+    def __init__(self, base: TensorDataset) -> None:
+        self.base, self.tensors = base, base.tensors
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        noise = 0.01 * torch.randn(x.shape) + 0.01 * float(np.random.rand()) + 0.01 * random.random()
+        return x + noise, y
+
+
+class DataModule(pl.LightningDataModule):
+    def __init__(self, num_samples: int = 256, batch_size: int = 32, shuffle: bool = True,
+                 augment: bool = False) -> None:
+        super().__init__()
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.shuffle, self.augment = shuffle, augment
+
+    def setup(self, stage: str) -> None:
+        self.train_set = make_dataset(self.num_samples, seed=0)
+        if self.augment:
+            self.train_set = AugmentedDataset(self.train_set)
+        self.val_set = make_dataset(64, seed=1)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=self.shuffle)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=32)
+
+
+class MLP(pl.LightningModule):
+    """``10 -> hidden -> hidden -> 3`` ReLU MLP, optionally with BatchNorm and dropout; SGD with momentum."""
+
+    def __init__(self, hidden: int = 16, batchnorm: bool = False, dropout: float = 0.0, lr: float = 0.1,
+                 activation: str = "relu") -> None:
+        super().__init__()
+        act = {"relu": nn.ReLU, "tanh": nn.Tanh}[activation]
+        layers: list[nn.Module] = [nn.Linear(IN_FEATURES, hidden)]
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(hidden))
+        layers.append(act())
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        layers += [nn.Linear(hidden, hidden), act(), nn.Linear(hidden, NUM_CLASSES)]
+        self.net = nn.Sequential(*layers)
+        self.lr = lr
+        self.training_steps = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        self.training_steps += 1
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+class RecordPerRank(pl.Callback):
+    """Writes, on every process, what the SharpnessMonitor logged (after Lightning's epoch-end sync)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_validation_end(self, trainer, pl_module):
+        import json
+
+        monitor = next(cb for cb in trainer.callbacks if hasattr(cb, "history"))
+        record = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "logged": {k: float(v) for k, v in trainer.callback_metrics.items()
+                       if k.startswith("sharpness/")},
+            "history": monitor.history,
+            "indices": monitor.state_dict()["indices"].tolist(),
+            "seen": list(getattr(monitor, "seen", [])),
+        }
+        with open(f"{self.directory}/rank{trainer.global_rank}.json", "w") as f:
+            json.dump(record, f)
+        if trainer.global_rank == 0:
+            torch.save(pl_module.state_dict(), f"{self.directory}/weights.pt")

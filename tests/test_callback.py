@@ -1,0 +1,516 @@
+"""SharpnessMonitor inside real (tiny) Lightning runs: values, logging, early stopping, checkpointing,
+invisibility to training, resume, validate/inference mode, half precision and bad inputs.
+
+Reference values are computed independently: the full Hessian of the float64 loss in each weight
+tensor by ``torch.func.hessian`` (brute force), its diagonal fed to ``sharpness_measures``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from callback_models import MLP, DataModule, brute_force_measures, make_dataset
+from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_flatness.callback import SharpnessMonitor
+from lightning_flatness.functional import select_parameters
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine: intra-op threads only add contention (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _trainer(tmp_path=None, **kwargs) -> pl.Trainer:
+    defaults = dict(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu", devices=1,
+                    default_root_dir=tmp_path)
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+def _subset(monitor: SharpnessMonitor, dataset: TensorDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = monitor.state_dict()["indices"]
+    return dataset.tensors[0][idx], dataset.tensors[1][idx]
+
+
+def _fit(monitor=None, model=None, dm=None, seed=0, **trainer_kwargs):
+    pl.seed_everything(seed, verbose=False)
+    model = model or MLP()
+    dm = dm or DataModule()
+    trainer = _trainer(callbacks=[] if monitor is None else [monitor], **trainer_kwargs)
+    trainer.fit(model, dm)
+    return trainer, model, dm
+
+
+# ---------------------------------------------------------------------------------------------------
+# values and logging
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_logged_values_equal_brute_force_hessian_measures_on_the_fixed_training_subset():
+    monitor = SharpnessMonitor(num_samples=96, dtype="float64", batch_size=40)
+    trainer, model, dm = _fit(monitor, max_epochs=2)
+    assert [h["epoch"] for h in monitor.history] == [0, 1]
+    assert monitor.history[-1]["method"] == "exact" and monitor.history[-1]["num_samples"] == 96
+    ref = brute_force_measures(model, *_subset(monitor, dm.train_set))
+    for key in ("normalized", "matrix_normalized", "hessian_trace", "normalized/net.0.weight",
+                "normalized/net.4.weight"):
+        assert monitor.history[-1][key] == pytest.approx(ref[key], rel=1e-9)
+        assert float(trainer.callback_metrics[f"sharpness/{key}"]) == pytest.approx(ref[key], rel=1e-9)
+    # the subset is fixed: 96 distinct training indices, kept across epochs
+    idx = monitor.state_dict()["indices"]
+    assert len(set(idx.tolist())) == 96 and int(idx.max()) < len(dm.train_set)
+    assert monitor.history[0]["normalized"] != monitor.history[1]["normalized"]
+
+
+def test_tensorboard_event_files_hold_sharpness_once_per_epoch_per_layer_curves_layout_and_image(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    monitor = SharpnessMonitor(num_samples=64)
+    trainer, model, _ = _fit(monitor, max_epochs=3, logger=logger)
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    values = events.Scalars("sharpness/normalized")
+    assert len(values) == 3
+    assert [e.value for e in values] == pytest.approx([h["normalized"] for h in monitor.history], rel=1e-6)
+    steps = [e.step for e in values]
+    assert steps == sorted(set(steps))  # one point per epoch, in order
+    layers = [n for n, _ in select_parameters(model).items()]
+    for name in layers:
+        for measure in ("normalized", "matrix_normalized", "hessian_trace"):
+            assert len(events.Scalars(f"sharpness/{measure}/{name}")) == 3
+    for key in ("sharpness/matrix_normalized", "sharpness/hessian_trace", "sharpness/normalized_stderr",
+                "sharpness/seconds"):
+        assert key in scalars
+    assert len(events.Images("sharpness/normalized_per_layer")) == 3
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    (config,) = [t for t in events.Tags()["tensors"] if "custom_scalars" in t]
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(events.Tensors(config)[0].tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for cat in layout.category for chart in cat.chart}
+    assert charts["normalized per layer"] == [r"^sharpness/normalized/.+"]
+
+
+def test_csv_logger_gets_the_scalars(tmp_path):
+    import csv
+
+    logger = CSVLogger(tmp_path, name="csv")
+    monitor = SharpnessMonitor(num_samples=48)
+    _fit(monitor, max_epochs=2, logger=logger)
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("sharpness/normalized")]
+    assert [float(r["sharpness/normalized"]) for r in rows] == pytest.approx(
+        [h["normalized"] for h in monitor.history], rel=1e-6)
+    assert all(r["sharpness/normalized/net.2.weight"] for r in rows)
+
+
+def test_without_logger_fills_callback_metrics_and_warns_once():
+    monitor = SharpnessMonitor(num_samples=48)
+    with pytest.warns(UserWarning, match="has no logger") as record:
+        trainer, _, _ = _fit(monitor, max_epochs=2)
+    assert sum("has no logger" in str(w.message) for w in record) == 1
+    assert float(trainer.callback_metrics["sharpness/normalized"]) == monitor.history[-1]["normalized"]
+
+
+def test_every_n_epochs_and_fast_dev_run_with_progress_bar(capsys):
+    monitor = SharpnessMonitor(num_samples=64, every_n_epochs=2)
+    _fit(monitor, max_epochs=4)
+    assert [h["epoch"] for h in monitor.history] == [1, 3]
+    monitor = SharpnessMonitor(num_samples=200, batch_size=24, every_n_epochs=5)
+    _fit(monitor, fast_dev_run=True, enable_progress_bar=True)
+    assert len(monitor.history) == 1 and monitor.history[0]["num_samples"] == 24  # one batch
+
+
+def test_user_dataloader_replaces_the_training_subset():
+    data = make_dataset(50, seed=7)
+    monitor = SharpnessMonitor(dataloader=DataLoader(data, batch_size=20), dtype="float64")
+    _, model, _ = _fit(monitor, max_epochs=1)
+    ref = brute_force_measures(model, *data.tensors)
+    assert monitor.history[-1]["num_samples"] == 50
+    assert monitor.history[-1]["normalized"] == pytest.approx(ref["normalized"], rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------
+# early stopping and checkpointing
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_early_stopping_on_sharpness_stops_the_run_in_the_same_epoch():
+    monitor = SharpnessMonitor(num_samples=48)
+    stopper = EarlyStopping(monitor="sharpness/normalized", mode="min", stopping_threshold=1e9)
+    pl.seed_everything(0, verbose=False)
+    model = MLP()
+    trainer = _trainer(max_epochs=5, callbacks=[monitor, stopper])
+    trainer.fit(model, DataModule())
+    assert len(monitor.history) == 1 and trainer.current_epoch == 1  # stopped after epoch 0 of 5
+    assert stopper.stopped_epoch == 0
+    assert float(trainer.callback_metrics["sharpness/normalized"]) == monitor.history[0]["normalized"] < 1e9
+
+
+def test_model_checkpoint_saves_the_least_sharp_epoch(tmp_path):
+    monitor = SharpnessMonitor(num_samples=48)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="sharpness/normalized", mode="min", save_top_k=1,
+                                 filename="epoch{epoch}", auto_insert_metric_name=False)
+    pl.seed_everything(0, verbose=False)
+    trainer = _trainer(tmp_path, max_epochs=3, callbacks=[monitor, checkpoint], enable_checkpointing=True)
+    trainer.fit(MLP(lr=0.3), DataModule())
+    values = [h["normalized"] for h in monitor.history]
+    best = int(np.argmin(values))
+    assert float(checkpoint.best_model_score) == min(values)
+    assert checkpoint.best_model_path.endswith(f"epoch{best}.ckpt")
+
+
+# ---------------------------------------------------------------------------------------------------
+# invisible to training
+# ---------------------------------------------------------------------------------------------------
+
+
+class _ConsumeRandomNumbers(Callback):
+    """A careless callback: draws from the global RNG at every validation end (negative control)."""
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        torch.rand(1)
+
+
+def _train_state(trainer: pl.Trainer, model: nn.Module) -> dict[str, torch.Tensor]:
+    state = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
+    for i, opt_state in enumerate(trainer.optimizers[0].state_dict()["state"].values()):
+        for k, v in opt_state.items():
+            state[f"opt.{i}.{k}"] = torch.as_tensor(v).clone()
+    return state
+
+
+@pytest.mark.parametrize("model_kwargs, trainer_kwargs, data_kwargs", [
+    (dict(), dict(), dict()),
+    (dict(batchnorm=True, dropout=0.3), dict(), dict()),
+    (dict(dropout=0.2), dict(accumulate_grad_batches=2, val_check_interval=3), dict()),  # mid-accumulation
+    (dict(batchnorm=True, dropout=0.3), dict(), dict(augment=True)),  # fetching samples draws random numbers
+], ids=["mlp", "batchnorm_dropout", "mid_accumulation", "augmenting_dataset"])
+def test_training_is_bit_identical_with_and_without_the_monitor(model_kwargs, trainer_kwargs, data_kwargs):
+    runs = {}
+    for name, callbacks in [("without", []), ("with", [SharpnessMonitor(num_samples=64)])]:
+        pl.seed_everything(0, verbose=False)
+        model = MLP(**model_kwargs)
+        trainer = _trainer(max_epochs=3, callbacks=callbacks, **trainer_kwargs)
+        trainer.fit(model, DataModule(**data_kwargs))
+        runs[name] = _train_state(trainer, model)
+        if callbacks:
+            assert len(callbacks[0].history) >= 3
+    assert runs["with"].keys() == runs["without"].keys()
+    for key in runs["without"]:
+        assert torch.equal(runs["with"][key], runs["without"][key]), key
+    if model_kwargs.get("dropout") and not trainer_kwargs and not data_kwargs:
+        # the comparison is sensitive: one random number drawn per validation changes the dropout masks
+        pl.seed_everything(0, verbose=False)
+        model = MLP(**model_kwargs)
+        trainer = _trainer(max_epochs=3, callbacks=[_ConsumeRandomNumbers()])
+        trainer.fit(model, DataModule())
+        careless = _train_state(trainer, model)
+        assert not all(torch.equal(careless[k], runs["without"][k]) for k in careless)
+
+
+class _Snapshot(Callback):
+    """Records (before) or compares (after) everything the monitor must leave alone."""
+
+    def __init__(self, store: dict, compare: bool) -> None:
+        self.store, self.compare = store, compare
+
+    @staticmethod
+    def _take(pl_module):
+        return {
+            "tensors": {k: v.clone() for k, v in pl_module.state_dict(keep_vars=False).items()},
+            "grads": {n: None if p.grad is None else p.grad.clone() for n, p in pl_module.named_parameters()},
+            "modes": [m.training for m in pl_module.modules()],
+            "requires_grad": [p.requires_grad for p in pl_module.parameters()],
+            "torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].copy(),
+            "python": random.getstate(),
+            "grad_enabled": torch.is_grad_enabled(), "inference": torch.is_inference_mode_enabled(),
+        }
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not self.compare:
+            for p in pl_module.parameters():  # non-trivial .grad values to protect
+                p.grad = torch.full_like(p, 0.25)
+            pl_module.net[0].train()  # an unusual mode to protect
+            self.store["before"] = self._take(pl_module)
+            return
+        before, after = self.store["before"], self._take(pl_module)
+        for key in ("tensors", "grads"):
+            for name, value in before[key].items():
+                assert torch.equal(value, after[key][name]), (key, name)
+        assert before["modes"] == after["modes"] and before["requires_grad"] == after["requires_grad"]
+        assert torch.equal(before["torch"], after["torch"])
+        assert np.array_equal(before["numpy"], after["numpy"])
+        assert before["python"] == after["python"]
+        assert (before["grad_enabled"], before["inference"]) == (after["grad_enabled"], after["inference"])
+        self.store["checked"] = self.store.get("checked", 0) + 1
+
+
+@pytest.mark.parametrize("method", ["exact", "hutchinson"])
+def test_monitor_leaves_weights_buffers_grads_modes_and_rng_streams_untouched(method):
+    store: dict = {}
+    monitor = SharpnessMonitor(num_samples=64, method=method, num_probes=4)
+    callbacks = [_Snapshot(store, compare=False), monitor, _Snapshot(store, compare=True)]
+    pl.seed_everything(0, verbose=False)
+    trainer = _trainer(max_epochs=1, callbacks=callbacks, inference_mode=True)
+    model = MLP(batchnorm=True, dropout=0.1)
+    trainer.validate(model, DataModule(augment=True))  # fetching the monitor's samples draws random numbers
+    assert store["checked"] == 1 and monitor.history[-1]["method"] == method
+
+
+# ---------------------------------------------------------------------------------------------------
+# resume
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_resume_from_mid_training_checkpoint_gives_the_same_values_as_an_uninterrupted_run(tmp_path):
+    def run(max_epochs, ckpt_path=None, prefix="sharpness"):
+        monitor = SharpnessMonitor(num_samples=64, method="hutchinson", num_probes=4, seed=None,
+                                   prefix=prefix)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
+        pl.seed_everything(0, verbose=False)
+        trainer = _trainer(tmp_path, max_epochs=max_epochs, callbacks=[monitor, checkpoint],
+                           enable_checkpointing=True)
+        trainer.fit(MLP(), DataModule(shuffle=False), ckpt_path=ckpt_path)
+        return monitor
+
+    full = run(4)
+    resumed = run(4, ckpt_path=str(tmp_path / "epoch=1.ckpt"))
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
+    for before, after in zip(full.history, resumed.history):
+        for key in ("normalized", "matrix_normalized", "hessian_trace", "normalized_stderr"):
+            assert before[key] == after[key], (before["epoch"], key)
+    # negative control: a monitor whose state is not in the checkpoint (other state key) draws other
+    # samples and probes, so the same weights give other values
+    fresh = run(4, ckpt_path=str(tmp_path / "epoch=1.ckpt"), prefix="other")
+    assert [h["epoch"] for h in fresh.history] == [2, 3]
+    assert fresh.history[0]["normalized"] != full.history[2]["normalized"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# validate, inference mode, precision
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_validate_under_inference_mode_matches_brute_force():
+    monitor = SharpnessMonitor(num_samples=80, dtype="float64")
+    pl.seed_everything(0, verbose=False)
+    model, dm = MLP(batchnorm=True, dropout=0.2), DataModule()
+    trainer = _trainer(inference_mode=True, callbacks=[monitor])
+    (results,) = trainer.validate(model, dm)
+    ref = brute_force_measures(model, *_subset(monitor, dm.train_set))
+    assert results["sharpness/normalized"] == pytest.approx(ref["normalized"], rel=1e-9)
+    assert results["sharpness/hessian_trace"] == pytest.approx(ref["hessian_trace"], rel=1e-9)
+
+
+@pytest.mark.parametrize("precision", ["16-true", "bf16-true", "bf16-mixed"])
+def test_half_precision_training_is_measured_in_full_precision(precision):
+    monitor = SharpnessMonitor(num_samples=64, dtype="float64")
+    trainer, model, dm = _fit(monitor, max_epochs=1, precision=precision)
+    if precision.endswith("true"):
+        assert next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+    ref = brute_force_measures(model, *_subset(monitor, dm.train_set))  # the 16-bit weights, in float64
+    assert math.isfinite(monitor.history[-1]["normalized"])
+    assert monitor.history[-1]["normalized"] == pytest.approx(ref["normalized"], rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------
+# methods and models
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Tied(MLP):
+    """One hidden Linear applied twice (its weight is shared) between input and output layers."""
+
+    def __init__(self) -> None:
+        super().__init__(hidden=6)
+        hidden = nn.Linear(6, 6)
+        self.net = nn.Sequential(nn.Linear(10, 6), nn.ReLU(), hidden, nn.ReLU(), hidden, nn.ReLU(),
+                                 nn.Linear(6, 3))
+
+
+@pytest.mark.parametrize("model_cls", [lambda: MLP(hidden=6, activation="tanh"), _Tied], ids=["tanh", "tied"])
+def test_auto_falls_back_to_hutchinson_with_a_warning_and_its_trace_is_within_error_bars(model_cls):
+    monitor = SharpnessMonitor(num_samples=128, num_probes=64, dtype="float64")
+    with pytest.warns(UserWarning, match="Falling back to Hutchinson"):
+        _, model, dm = _fit(monitor, model=model_cls(), max_epochs=1)
+    last = monitor.history[-1]
+    assert last["method"] == "hutchinson"
+    names = list(select_parameters(model))
+    assert sorted(k.split("/", 1)[1] for k in last if k.startswith("normalized/")) == sorted(names)
+    if isinstance(model, _Tied):
+        assert names == ["net.0.weight", "net.2.weight", "net.6.weight"]  # the shared weight counted once
+    ref = brute_force_measures(model, *_subset(monitor, dm.train_set))
+    # the trace is linear in the diagonal, so Hutchinson is unbiased for it: within 4 standard errors
+    assert abs(last["hessian_trace"] - ref["hessian_trace"]) < 4 * last["hessian_trace_stderr"]
+    assert 0 < last["hessian_trace_stderr"] < abs(ref["hessian_trace"])  # an informative error bar
+
+
+def test_frozen_weights_are_skipped():
+    model = MLP()
+    model.net[0].weight.requires_grad_(False)
+    monitor = SharpnessMonitor(num_samples=64, dtype="float64")
+    _, model, dm = _fit(monitor, model=model, max_epochs=1)
+    layers = {k.split("/", 1)[1] for k in monitor.history[-1] if k.startswith("normalized/")}
+    assert layers == {"net.2.weight", "net.4.weight"}
+    ref = brute_force_measures(model, *_subset(monitor, dm.train_set))
+    assert monitor.history[-1]["normalized"] == pytest.approx(ref["normalized"], rel=1e-9)
+
+
+def test_two_monitors_with_different_settings_coexist_and_checkpoint_separately(tmp_path):
+    a = SharpnessMonitor(num_samples=48)
+    b = SharpnessMonitor(num_samples=32, method="hutchinson", num_probes=8, prefix="sharpness_hutchinson")
+    assert a.state_key != b.state_key
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    pl.seed_everything(0, verbose=False)
+    trainer = _trainer(tmp_path, max_epochs=1, callbacks=[a, b, checkpoint], enable_checkpointing=True)
+    trainer.fit(MLP(), DataModule())
+    assert {"sharpness/normalized", "sharpness_hutchinson/normalized"} <= set(trainer.callback_metrics)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"]
+    assert saved[a.state_key]["history"][0]["method"] == "exact"
+    assert saved[b.state_key]["history"][0]["method"] == "hutchinson"
+    with pytest.raises(ValueError, match="same prefix"):
+        trainer = _trainer(max_epochs=1, callbacks=[SharpnessMonitor(), SharpnessMonitor(num_samples=8)])
+        trainer.fit(MLP(), DataModule())
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(method="newton"), ValueError, "choose 'auto'"),
+    (dict(num_samples=0), ValueError, "num_samples"),
+    (dict(num_samples=True), ValueError, "num_samples"),
+    (dict(batch_size=-1), ValueError, "batch_size"),
+    (dict(num_probes=0), ValueError, "num_probes"),
+    (dict(num_replicates=0), ValueError, "num_replicates"),
+    (dict(lam=0.0), ValueError, "lam"),
+    (dict(lam=float("nan")), ValueError, "lam"),
+    (dict(every_n_epochs=0), ValueError, "every_n_epochs"),
+    (dict(dtype="float16"), ValueError, "float32"),
+    (dict(seed=-1), ValueError, "seed"),
+    (dict(prefix="sharpness/"), ValueError, "prefix"),
+    (dict(prefix=""), ValueError, "prefix"),
+    (dict(loss_fn="cross_entropy"), TypeError, "callable"),
+    (dict(dataloader=3), TypeError, "iterable"),
+    (dict(parameters="net.0.weight"), TypeError, "list of parameter names"),
+    (dict(relative_step=0), ValueError, "relative_step"),
+])
+def test_invalid_arguments_are_rejected_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SharpnessMonitor(**kwargs)
+
+
+def test_model_without_weight_matrices_requiring_grad_fails_at_setup_before_training():
+    model = MLP()
+    for layer in (model.net[0], model.net[2], model.net[4]):
+        layer.weight.requires_grad_(False)  # only the biases train
+    with pytest.raises(ValueError, match="SharpnessMonitor cannot measure MLP.*ndim >= 2.*parameters="):
+        _fit(SharpnessMonitor(), model=model)
+    assert model.training_steps == 0
+
+
+class _TensorOnlyData(DataModule):
+    def train_dataloader(self):
+        return DataLoader(self.train_set.tensors[0], batch_size=32)  # batches without targets
+
+
+class _DictData(DataModule):
+    def __init__(self, keys=("x", "y")) -> None:
+        super().__init__()
+        self.keys = keys
+
+    def train_dataloader(self):
+        x, y = self.train_set.tensors
+        rows = [{self.keys[0]: a, self.keys[1]: b} for a, b in zip(x, y)]
+        return DataLoader(rows, batch_size=32, shuffle=True)
+
+
+class _DictMLP(MLP):
+    def training_step(self, batch, batch_idx):
+        batch = tuple(batch.values()) if isinstance(batch, dict) else batch
+        return super().training_step(batch, batch_idx)
+
+
+class _SignalMonitor(SharpnessMonitor):
+    def split_batch(self, batch):
+        return batch["signal"], batch["cls"]
+
+
+def test_unsplittable_batches_fail_before_training_naming_the_hook_and_dict_batches_work():
+    model = MLP()
+    with pytest.raises(TypeError, match="override `SharpnessMonitor.split_batch"):
+        _fit(SharpnessMonitor(), model=model, dm=_TensorOnlyData())
+    assert model.training_steps == 0
+    with pytest.raises(ValueError, match=r"looks for one of \['inputs'"):
+        _fit(SharpnessMonitor(), model=_DictMLP(), dm=_DictData(("signal", "cls")))
+    monitor = SharpnessMonitor(num_samples=32, dtype="float64")
+    _, model, dm = _fit(monitor, model=_DictMLP(), dm=_DictData(("x", "y")), max_epochs=1)
+    custom = _SignalMonitor(num_samples=32, dtype="float64")
+    _fit(custom, model=_DictMLP(), dm=_DictData(("signal", "cls")), max_epochs=1)
+    ref = brute_force_measures(model, *_subset(monitor, dm.train_set))
+    assert monitor.history[-1]["normalized"] == pytest.approx(ref["normalized"], rel=1e-9)
+    assert custom.history[-1]["num_samples"] == 32
+
+
+def test_nan_loss_logs_nan_warns_and_training_continues():
+    def nan_loss(logits, target):
+        return F.cross_entropy(logits, target) * float("nan")
+
+    monitor = SharpnessMonitor(num_samples=32, loss_fn=nan_loss)
+    with pytest.warns(UserWarning, match="NaN or infinite"):
+        trainer, model, _ = _fit(monitor, max_epochs=2)
+    assert trainer.current_epoch == 2 and model.training_steps == 16  # both epochs trained
+    assert len(monitor.history) == 2 and all(math.isnan(h["normalized"]) for h in monitor.history)
+    assert math.isnan(float(trainer.callback_metrics["sharpness/normalized"]))
+
+
+def test_empty_training_set_or_dataloader_fails_at_setup():
+    model = MLP()
+    with pytest.raises(ValueError, match="empty"):
+        _fit(SharpnessMonitor(), model=model, dm=DataModule(num_samples=0, shuffle=False))
+    empty = DataLoader(TensorDataset(torch.zeros(0, 10), torch.zeros(0, dtype=torch.long)), batch_size=4)
+    with pytest.raises(ValueError, match="empty"):
+        _fit(SharpnessMonitor(dataloader=empty), model=model)
+    assert model.training_steps == 0
+
+
+def test_validate_without_training_data_asks_for_a_dataloader():
+    model = MLP()
+    with pytest.raises(ValueError, match="dataloader="):
+        _trainer(callbacks=[SharpnessMonitor()]).validate(model, datamodule=_ValOnlyData())
+
+
+class _ValOnlyData(pl.LightningDataModule):
+    def setup(self, stage):
+        self.val_set = make_dataset(32, seed=1)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=16)
+
+
+def test_fit_without_validation_warns_that_the_monitor_never_runs():
+    monitor = SharpnessMonitor(num_samples=32)
+    with pytest.warns(UserWarning, match="no validation loop"):
+        _fit(monitor, max_epochs=1, limit_val_batches=0)
+    assert monitor.history == []
