@@ -76,7 +76,8 @@ def main(argv=None) -> dict[str, torch.Tensor]:
         generator=torch.Generator().manual_seed(args.seed),
     )
     metric = NormalizedSharpness(num_replicates=args.num_groups)
-    metric.update_from_estimate(estimate, dict(model.named_parameters()))
+    weights = {name: p for name, p in model.named_parameters() if name in estimate.groups}
+    metric.update_from_estimate(estimate, weights)
     result = metric.compute()
     seconds = time.perf_counter() - start
 
