@@ -395,3 +395,40 @@ def test_works_under_inference_mode():
         diag = exact_hessian_diagonal(model, F.cross_entropy, xi, yi, params)
     for name in params:
         assert torch.allclose(diag[name], ref[name], rtol=1e-12, atol=0)
+
+
+# ----------------------------------------------------------------------------- the refusal's type
+@pytest.mark.parametrize("make, loss_fn, ggn_applies, hint", [
+    (TanhMLP, F.cross_entropy, True, 'method="ggn_hutchinson"'),
+    (lambda: nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Dropout(0.3), nn.Linear(6, 3)).train(), F.cross_entropy,
+     False, 'method="hutchinson"'),
+    (lambda: nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)),
+     lambda f, t: F.cross_entropy(f, t, reduction="sum"), False, 'method="hutchinson"'),
+], ids=["tanh", "train_dropout", "sum_loss"])
+def test_refusal_is_an_exact_method_not_applicable_value_error_that_says_what_can_take_over(
+        make, loss_fn, ggn_applies, hint):
+    from lightning_flatness.functional.estimators import ExactMethodNotApplicable
+
+    torch.manual_seed(0)
+    model = make().double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    with pytest.raises(ExactMethodNotApplicable) as info:
+        exact_hessian_diagonal(model, loss_fn, x, y, select_parameters(model))
+    assert isinstance(info.value, ValueError)
+    assert info.value.gauss_newton_applicable is ggn_applies
+    assert info.value.issues and all(issue in str(info.value) for issue in info.value.issues)
+    assert hint in str(info.value) and ('method="ggn_hutchinson"' in str(info.value)) is ggn_applies
+
+
+def test_submodule_registered_under_two_paths_keeps_its_parameter_objects():
+    """torch.func.functional_call alone would leave the detached copies in the shared module's slots
+    (pytorch/pytorch#164759)."""
+    torch.manual_seed(0)
+    shared = nn.Linear(5, 5)
+    model = nn.Sequential(nn.Linear(5, 5), nn.ReLU(), shared, nn.ReLU(), shared, nn.Linear(5, 3)).double()
+    weight, bias = shared.weight, shared.bias
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match="'2.weight' is used 2 times"):
+        exact_hessian_diagonal(model, F.cross_entropy, x, y, select_parameters(model))
+    assert shared.weight is weight and shared.bias is bias
+    assert model[2].weight is model[4].weight is weight

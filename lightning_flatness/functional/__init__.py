@@ -5,6 +5,7 @@ Nothing here imports Lightning; everything works from a plain PyTorch training l
 
 from lightning_flatness.functional.estimators import (
     METHODS,
+    ExactMethodNotApplicable,
     HessianDiagonalEstimate,
     hessian_diagonal,
     hessian_diagonal_groups,
@@ -20,6 +21,7 @@ from lightning_flatness.functional.solvers import (
 
 __all__ = [
     "METHODS",
+    "ExactMethodNotApplicable",
     "HessianDiagonalEstimate",
     "hessian_diagonal",
     "hessian_diagonal_groups",

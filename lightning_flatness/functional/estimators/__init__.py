@@ -1,8 +1,11 @@
 """Estimators of the Hessian diagonal of a training loss, keyed by parameter name.
 
-Three methods, one contract (see :func:`hessian_diagonal`):
+Four methods, one contract (see :func:`hessian_diagonal`):
 
-- ``"exact"`` (:mod:`.exact`): zero-variance, for networks linear in each individual weight.
+- ``"exact"`` (:mod:`.exact`): zero-variance, for networks linear in each individual weight; raises
+  :class:`ExactMethodNotApplicable` for others.
+- ``"ggn_hutchinson"`` (:mod:`.ggn_hutchinson`): any network; the exact Gauss-Newton diagonal plus
+  unbiased Rademacher probes of the residual ``H - GGN`` (low variance near a minimum).
 - ``"hutchinson"`` (:mod:`.hutchinson`): unbiased Rademacher probes with exact Hessian-vector products.
 - ``"finite_difference"`` (:mod:`.finite_difference`): the paper's Algorithm 1 / eq. 61.
 """
@@ -13,5 +16,7 @@ from lightning_flatness.functional.estimators.api import (
     hessian_diagonal,
     hessian_diagonal_groups,
 )
+from lightning_flatness.functional.estimators.exact import ExactMethodNotApplicable
 
-__all__ = ["METHODS", "HessianDiagonalEstimate", "hessian_diagonal", "hessian_diagonal_groups"]
+__all__ = ["METHODS", "ExactMethodNotApplicable", "HessianDiagonalEstimate", "hessian_diagonal",
+           "hessian_diagonal_groups"]

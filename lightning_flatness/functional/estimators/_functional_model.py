@@ -9,6 +9,7 @@ the clones' running statistics, never the model's.
 from __future__ import annotations
 
 import math
+import contextlib
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -64,7 +65,8 @@ def functional_loss(
 
     def loss_of(theta: dict[str, Tensor]) -> Tensor:
         state = {**fixed, **theta, **{n: b.clone() for n, b in buffers.items()}}
-        loss = loss_fn(functional_call(model, state, (x,)), y)
+        with restore_module_tensors(model):
+            loss = loss_fn(functional_call(model, state, (x,)), y)
         if loss.ndim != 0:
             raise ValueError(f"`loss_fn` must return the mean loss over the batch (a scalar), got shape "
                              f"{tuple(loss.shape)}; use reduction='mean'.")
@@ -135,3 +137,22 @@ def first_line(err: BaseException) -> str:
 def rms(t: Tensor) -> float:
     """Root-mean-square entry ``||t||_F / sqrt(numel)`` as a Python float."""
     return float(t.detach().double().norm()) / math.sqrt(max(1, t.numel()))
+
+
+@contextlib.contextmanager
+def restore_module_tensors(model: nn.Module) -> Iterator[None]:
+    """Put every module's parameter and buffer objects back in place when the block ends.
+
+    Works around pytorch/pytorch#164759: ``torch.func.functional_call`` on a model in which one
+    submodule is registered under two paths (``nn.Sequential(a, relu, a)``) leaves the values it was
+    given in that submodule's slots instead of the original parameters.
+    """
+    slots = [(module, kind, name, tensor) for module in model.modules()
+             for kind in ("_parameters", "_buffers") for name, tensor in getattr(module, kind).items()]
+    try:
+        yield
+    finally:
+        for module, kind, name, tensor in slots:
+            entries = getattr(module, kind)
+            if entries.get(name) is not tensor:
+                entries[name] = tensor

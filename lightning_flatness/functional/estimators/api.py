@@ -13,7 +13,7 @@ from lightning_flatness.functional.parameters import ParameterSelection, select_
 __all__ = ["METHODS", "HessianDiagonalEstimate", "hessian_diagonal", "hessian_diagonal_groups"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-METHODS = ("exact", "hutchinson", "finite_difference")
+METHODS = ("exact", "hutchinson", "ggn_hutchinson", "finite_difference")
 
 
 @dataclass
@@ -101,6 +101,11 @@ def hessian_diagonal_groups(
 
             est = hutchinson_hessian_diagonal(model, loss_fn, x, y, params, num_probes=probes_per_group,
                                               generator=generator)
+        elif method == "ggn_hutchinson":
+            from lightning_flatness.functional.estimators.ggn_hutchinson import ggn_hutchinson_hessian_diagonal
+
+            est = ggn_hutchinson_hessian_diagonal(model, loss_fn, x, y, params, num_probes=probes_per_group,
+                                                  generator=generator)
         else:
             from lightning_flatness.functional.estimators.finite_difference import (
                 finite_difference_hessian_diagonal,
@@ -138,17 +143,26 @@ def hessian_diagonal(
         inputs: ``(N, ...)`` tensor.
         target: ``(N, ...)`` tensor.
         method: ``"exact"`` (zero variance; cost about ``K`` backward passes for ``K`` outputs;
-            networks linear in each individual weight only, see :mod:`.exact`), ``"hutchinson"``
-            (unbiased; cost ``num_probes`` Hessian-vector products, each about 2 gradient
+            networks linear in each individual weight only, see :mod:`.exact`; raises
+            :class:`ExactMethodNotApplicable` elsewhere), ``"ggn_hutchinson"`` (any model with a
+            mean-of-per-sample-losses loss: the exact Gauss-Newton diagonal plus Hutchinson probes of
+            the residual ``H - GGN``; unbiased, per-entry variance ``sum_{j != i} R_ij^2 /
+            num_probes`` with ``R = H - GGN``, small near a minimum, and zero where ``"exact"``
+            applies; cost that of ``"exact"`` plus ``num_probes`` Hessian-vector products, see
+            :mod:`.ggn_hutchinson`), ``"hutchinson"`` (unbiased, variance ``sum_{j != i} H_ij^2 /
+            num_probes``; cost ``num_probes`` Hessian-vector products, each about 2 gradient
             evaluations) or ``"finite_difference"`` (Algorithm 1, eq. 61; cost ``2 * num_probes``
-            gradient evaluations; biased by O(r^2) and by kinks of ReLU networks).
-        num_probes: probes for the stochastic methods.
+            gradient evaluations; biased by O(r^2) and by kinks of ReLU networks). The measures of
+            eq. 13 and 17 are nonlinear in the diagonal, so probe noise biases them upwards: prefer
+            ``"exact"``, then ``"ggn_hutchinson"``.
+        num_probes: probes for the stochastic methods (``"ggn_hutchinson"``: probes of the residual).
         generator: source of the probes (stochastic methods); the global RNG is never used when
             one is given.
         parameters: which tensors to differentiate (see :func:`select_parameters`); default every
             weight with ``ndim >= 2`` that requires grad.
-        strict: ``"exact"`` only: raise (``True``) or warn (``False``) when the model contains an
-            operation for which the result would not be the exact diagonal.
+        strict: ``"exact"`` only: raise :class:`ExactMethodNotApplicable` (``True``) or warn
+            (``False``, returning the Gauss-Newton diagonal) when the model contains an operation for
+            which the result would not be the exact diagonal.
         relative_step: ``"finite_difference"`` only: the step ``r`` of each weight tensor relative
             to its root-mean-square entry (Appendix C).
 

@@ -51,8 +51,11 @@ depends on the selected weights and compares it with an allowlist (:data:`PIECEW
 ``gelu``, ``softmax`` inside the model, ``layer_norm``, ``batch_norm`` with batch statistics,
 attention, products or quotients of two weight-dependent tensors, train-mode dropout, a weight used
 twice, a tensor produced by an operation the mode could not see) makes the GGN differ from the
-Hessian: with ``strict=True`` a :class:`ValueError` names the operation and the module, with
-``strict=False`` a :class:`UserWarning` does and the **GGN diagonal** is returned. Operations before
+Hessian: with ``strict=True`` an :class:`ExactMethodNotApplicable` (a :class:`ValueError`) names the
+operation and the module, with ``strict=False`` a :class:`UserWarning` does and the **GGN diagonal**
+is returned. :func:`gauss_newton_diagonal` returns the GGN diagonal of any model without the check,
+with the reasons, per weight tensor, for ``method="ggn_hutchinson"`` (:mod:`.ggn_hutchinson`), which
+adds an unbiased estimate of the difference. Operations before
 the first selected weight are not restricted (a frozen tanh feature extractor is fine). The loss
 must be the mean of per-sample losses (checked on values: the batch loss against its two halves).
 The per-layer contractions further need samples not to interact after the first selected layer; one
@@ -76,6 +79,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -86,9 +90,32 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["exact_hessian_diagonal", "PIECEWISE_LINEAR_OPS", "MULTILINEAR_OPS"]
+from lightning_flatness.functional.estimators._functional_model import restore_module_tensors
+
+__all__ = ["exact_hessian_diagonal", "ExactMethodNotApplicable", "gauss_newton_diagonal", "GaussNewtonDiagonal",
+           "PIECEWISE_LINEAR_OPS", "MULTILINEAR_OPS"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class ExactMethodNotApplicable(ValueError):
+    """The Hessian diagonal of this model and loss is not its Gauss-Newton diagonal.
+
+    Raised by :func:`exact_hessian_diagonal` with ``strict=True`` (a :class:`ValueError`, so
+    ``except ValueError`` still catches it). The message names every reason and the alternatives.
+
+    Attributes:
+        issues: the reasons, one string each (an operation off the allowlist and its module, a
+            weight used twice, a loss that is not a mean of per-sample losses, ...).
+        gauss_newton_applicable: whether ``method="ggn_hutchinson"`` can take over: False when the
+            loss is not a mean of per-sample losses or the model draws random numbers (train-mode
+            dropout), where its exact Gauss-Newton part does not apply either.
+    """
+
+    def __init__(self, message: str, issues: tuple[str, ...] = (), gauss_newton_applicable: bool = True):
+        super().__init__(message)
+        self.issues = tuple(issues)
+        self.gauss_newton_applicable = bool(gauss_newton_applicable)
 
 #: Operations that are piecewise linear jointly in all their tensor arguments, so any number of
 #: arguments may depend on the weights. Selections, reshapes, concatenations and copies move
@@ -179,8 +206,18 @@ _DUNDER_ALIASES = {
 
 _LAYER_OPS = {"linear": 0, "conv1d": 1, "conv2d": 2, "conv3d": 3}  # value: number of spatial dims
 _CHUNK_ELEMENTS = 2 ** 24  # bound on per-sample-gradient elements materialised at once
-_HUTCHINSON_HINT = ('use method="hutchinson" (any twice-differentiable model), or pass strict=False to '
-                    'get the generalized Gauss-Newton diagonal with a warning')
+_HUTCHINSON_HINT = ('use method="ggn_hutchinson" (the exact Gauss-Newton diagonal plus Hutchinson probes of '
+                    'the remainder: unbiased, low variance) or method="hutchinson" (any twice-differentiable '
+                    'model), or pass strict=False to get the generalized Gauss-Newton diagonal with a warning')
+_HUTCHINSON_ONLY_HINT = ('use method="hutchinson" (any twice-differentiable model; the Gauss-Newton part of '
+                         '"ggn_hutchinson" does not apply here either), or pass strict=False to get the '
+                         'generalized Gauss-Newton diagonal with a warning')
+# functions that draw random numbers: the model is then not a fixed function of its weights
+_RANDOM_FUNCTIONS = frozenset({
+    "rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm", "bernoulli",
+    "normal", "uniform", "multinomial", "poisson", "exponential", "geometric", "log_normal", "cauchy",
+    "random", "rrelu",
+})
 
 
 def _op_name(func: Any) -> str:
@@ -248,6 +285,7 @@ class _ForwardRecorder(TorchFunctionMode):
         self.uses: dict[str, list[str]] = {n: [] for n in leaves}  # parameter -> ops using it
         self.other_uses: dict[str, list[str]] = {n: [] for n in leaves}
         self.issues: list[str] = []
+        self.random_ops: list[str] = []  # calls that draw random numbers (train-mode dropout, rand, ...)
         self._seen_nodes: dict[int, Any] = {}  # grad_fn nodes of outputs of observed operations
 
     # -- bookkeeping -----------------------------------------------------------------------
@@ -275,6 +313,10 @@ class _ForwardRecorder(TorchFunctionMode):
         unseen = [t.grad_fn for t in dependent if not self.produced_by_seen_op(t)]
         out = func(*args, **kwargs)
         name = _op_name(func)
+        if self._draws_random_numbers(name, args, kwargs):
+            entry = f"{name!r} in {self.where()}"
+            if entry not in self.random_ops:
+                self.random_ops.append(entry)
         out_tensors = list(_tensors(out)) if out is not None else list(_tensors(args[:1]))
         if not any(t.requires_grad for t in out_tensors):
             return out  # constant w.r.t. the selected weights: nothing to check
@@ -292,6 +334,15 @@ class _ForwardRecorder(TorchFunctionMode):
             out = out.clone()  # in-place ops downstream (ReLU(inplace=True)) must not change z
         self.mark_seen(_tensors(out) if out is not None else iter(out_tensors))
         return out
+
+    @staticmethod
+    def _draws_random_numbers(name: str, args: tuple, kwargs: dict) -> bool:
+        if name in _MODE_DEPENDENT_OPS and name != "batch_norm":
+            position, keys = _MODE_DEPENDENT_OPS[name]
+            return bool(_argument(args, kwargs, position, keys, True))
+        if name == "rrelu":  # random slopes in training mode only
+            return bool(_argument(args, kwargs, 3, ("training",), False))
+        return name in _RANDOM_FUNCTIONS
 
     def _leaf(self, name: Optional[str]) -> Optional[Tensor]:
         return self.leaves.get(name) if name is not None else None
@@ -436,8 +487,10 @@ def _finish_layer(call: _LayerCall, diag: dict[str, Tensor]) -> None:
         diag[call.bias] += s.sum(dim=0)
 
 
-def _per_sample_loss_hessians(loss_fn: LossFn, logits: Tensor, target: Tensor) -> tuple[Tensor, list[str]]:
-    """``Lambda_n`` as ``(N, D, D)`` and issues with the per-sample-mean assumption.
+def _per_sample_loss_hessians(loss_fn: LossFn, logits: Tensor,
+                              target: Tensor) -> tuple[Tensor, Tensor, list[str]]:
+    """``Lambda_n`` as ``(N, D, D)``, the gradient ``dL/df`` (logits' shape, detached) and issues with
+    the per-sample-mean assumption.
 
     For ``L = (1/N) sum_n l_n(f_n)`` the Hessian of ``L`` in all logits is block-diagonal with blocks
     ``Lambda_n / N``, so one double-backward pass per output coordinate ``j`` (all ``D`` batched with
@@ -466,7 +519,7 @@ def _per_sample_loss_hessians(loss_fn: LossFn, logits: Tensor, target: Tensor) -
                           f"and no terms that couple samples")
     (grad,) = torch.autograd.grad(total.reshape(()), f, create_graph=True)
     if not grad.requires_grad:  # loss linear in the logits
-        return torch.zeros(n, dim, dim, dtype=logits.dtype, device=logits.device), issues
+        return torch.zeros(n, dim, dim, dtype=logits.dtype, device=logits.device), grad.detach(), issues
     basis = torch.eye(dim, dtype=logits.dtype, device=logits.device).reshape(dim, 1, *logits.shape[1:])
     basis = basis.expand(dim, *logits.shape)
     try:
@@ -476,7 +529,7 @@ def _per_sample_loss_hessians(loss_fn: LossFn, logits: Tensor, target: Tensor) -
         rows = torch.stack([torch.autograd.grad(grad, f, e, retain_graph=True, allow_unused=True,
                                                 materialize_grads=True)[0] for e in basis])
     hessians = n * rows.reshape(dim, n, dim).transpose(0, 1)  # [n, j, :] = d^2 l_n / df_nj df_n
-    return 0.5 * (hessians + hessians.transpose(1, 2)), issues
+    return 0.5 * (hessians + hessians.transpose(1, 2)), grad.detach(), issues
 
 
 def _signed_factors(hessians: Tensor) -> tuple[Tensor, Tensor]:
@@ -636,14 +689,17 @@ def exact_hessian_diagonal(
         params: ``{name: parameter}`` of ``model`` (see :func:`select_parameters`).
         strict: when the Hessian differs from the GGN (an operation off the allowlist, a weight used
             twice, train-mode BatchNorm or dropout, a loss that is not a per-sample mean): raise
-            ``ValueError`` (``True``) or warn and return the GGN diagonal (``False``).
+            :class:`ExactMethodNotApplicable` (``True``) or warn and return the GGN diagonal
+            (``False``).
 
     Returns:
         ``{name: diag}`` with each parameter's shape and dtype; entries may be negative.
 
     Raises:
-        ValueError: with ``strict=True``, when the result would not be the Hessian diagonal; also
-            when the model output is not a finite ``(N, ...)`` tensor.
+        ExactMethodNotApplicable: with ``strict=True``, when the result would not be the Hessian
+            diagonal (a :class:`ValueError`; its ``gauss_newton_applicable`` says whether
+            ``method="ggn_hutchinson"`` can take over).
+        ValueError: when the model output is not a finite ``(N, ...)`` tensor.
 
     Example:
         >>> import torch
@@ -661,59 +717,182 @@ def exact_hessian_diagonal(
     if not params:
         raise ValueError("exact_hessian_diagonal got no parameters; pass the weights to differentiate.")
     with torch.inference_mode(False), torch.enable_grad():
-        x = inputs.clone() if inputs.is_inference() else inputs.detach()
-        y = target.clone() if target.is_inference() else target
-        leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
-        state = {name: p.detach() for name, p in model.named_parameters()}
-        state.update({name: b.clone() for name, b in model.named_buffers()})
-        state.update(leaves)
-        recorder = _ForwardRecorder(leaves)
-        module_names = _ModuleNames(model, recorder.module_stack)
-        try:
-            with recorder:
-                logits = torch.func.functional_call(model, state, (x,))
-        finally:
-            module_names.remove()
-        if not isinstance(logits, Tensor):
-            raise ValueError(f"exact_hessian_diagonal needs the model to return a logits tensor, got "
-                             f"{type(logits).__name__}; wrap the model so that it returns one tensor.")
-        if logits.ndim == 0 or logits.shape[0] != x.shape[0]:
-            raise ValueError(f"the model output has shape {tuple(logits.shape)} for {x.shape[0]} samples; "
-                             f"exact_hessian_diagonal needs the samples along dim 0.")
-        if not bool(torch.isfinite(logits).all()):
-            raise ValueError("the model output contains NaN or inf; the Hessian diagonal is undefined there.")
-        issues = list(recorder.issues)
-        if logits.requires_grad and not recorder.produced_by_seen_op(logits):
-            issues.append(f"the model output comes from an operation invisible to torch function modes "
-                          f"({type(logits.grad_fn).__name__})")
-        for name in leaves:
-            uses = recorder.uses[name] + recorder.other_uses[name]
-            if len(uses) > 1:
-                issues.append(f"weight {name!r} is used {len(uses)} times in one forward "
-                              f"({'; '.join(uses[:3])}): the output is not linear in each of its entries")
-        hessians, loss_issues = _per_sample_loss_hessians(loss_fn, logits.detach(), y)
-        issues += loss_issues
+        x, y = _autograd_inputs(inputs, target)
+        forward = _record_forward(model, x, params, "exact_hessian_diagonal")
+        hessians, _, loss_issues = _per_sample_loss_hessians(loss_fn, forward.logits.detach(), y)
+        issues = forward.issues + loss_issues
         if issues:
             message = (f"exact_hessian_diagonal: the Hessian diagonal of this model is not the Gauss-Newton "
                        f"diagonal, because: " + "; ".join(issues[:8])
                        + (f"; and {len(issues) - 8} more" if len(issues) > 8 else "") + ".")
+            ggn_applies = not loss_issues and not forward.recorder.random_ops
             if strict:
-                raise ValueError(f"{message} To estimate it, {_HUTCHINSON_HINT}.")
+                hint = _HUTCHINSON_HINT if ggn_applies else _HUTCHINSON_ONLY_HINT
+                raise ExactMethodNotApplicable(f"{message} To estimate it, {hint}.", tuple(issues), ggn_applies)
             warnings.warn(f"{message} Returning the generalized Gauss-Newton diagonal instead.",
                           UserWarning, stacklevel=2)
-        factors, signs = _signed_factors(hessians)
-        factors = factors / math.sqrt(logits.shape[0])  # the loss is a mean over samples
-        blockers = _fast_path_blockers(recorder, leaves, logits.shape[0])
-        if any("invisible" in issue for issue in issues):  # it may hide a weight use: the safe path
-            blockers.append("an operation invisible to the checks")
-        if not blockers:
-            blockers = [f"samples interact after {layer}" for layer in _mixing_layers(recorder, logits)]
-        if blockers:
-            warnings.warn(f"exact_hessian_diagonal: per-layer contractions do not apply "
-                          f"({'; '.join(blockers[:3])}); computing the diagonal with up to "
-                          f"{logits.shape[0]} x {factors.shape[2]} backward passes.", UserWarning,
-                          stacklevel=2)
-            diag = _diagonal_per_sample(logits, factors, signs, leaves)
-        else:
-            diag = _diagonal_by_layers(recorder, logits, factors, signs, leaves)
+        diag = _ggn_diagonal(forward, hessians, issues, "exact_hessian_diagonal", stacklevel=3)
     return {name: d.detach().to(params[name].dtype) for name, d in diag.items()}
+
+
+# ----------------------------------------------------------------------------- shared stages
+@dataclass
+class _RecordedForward:
+    """One forward pass under :class:`_ForwardRecorder` and what it found."""
+
+    recorder: _ForwardRecorder
+    logits: Tensor  # in the graph of `leaves`
+    leaves: dict[str, Tensor]
+    issues: list[str]  # reasons the model is not piecewise linear in each selected weight
+
+
+def _autograd_inputs(inputs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Inputs and targets usable under autograd (inference tensors are cloned)."""
+    x = inputs.clone() if inputs.is_inference() else inputs.detach()
+    y = target.clone() if target.is_inference() else target
+    return x, y
+
+
+def _record_forward(model: nn.Module, x: Tensor, params: dict[str, nn.Parameter], caller: str) -> _RecordedForward:
+    """Run ``model(x)`` with fresh leaves for ``params`` (everything else detached, buffers cloned),
+    recording the selected layers' calls and every operation on weight-dependent tensors."""
+    leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
+    state = {name: p.detach() for name, p in model.named_parameters()}
+    state.update({name: b.clone() for name, b in model.named_buffers()})
+    state.update(leaves)
+    recorder = _ForwardRecorder(leaves)
+    module_names = _ModuleNames(model, recorder.module_stack)
+    try:
+        with restore_module_tensors(model), recorder:
+            logits = torch.func.functional_call(model, state, (x,))
+    finally:
+        module_names.remove()
+    if not isinstance(logits, Tensor):
+        raise ValueError(f"{caller} needs the model to return a logits tensor, got "
+                         f"{type(logits).__name__}; wrap the model so that it returns one tensor.")
+    if logits.ndim == 0 or logits.shape[0] != x.shape[0]:
+        raise ValueError(f"the model output has shape {tuple(logits.shape)} for {x.shape[0]} samples; "
+                         f"{caller} needs the samples along dim 0.")
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("the model output contains NaN or inf; the Hessian diagonal is undefined there.")
+    issues = list(recorder.issues)
+    if logits.requires_grad and not recorder.produced_by_seen_op(logits):
+        issues.append(f"the model output comes from an operation invisible to torch function modes "
+                      f"({type(logits.grad_fn).__name__})")
+    for name in leaves:
+        uses = recorder.uses[name] + recorder.other_uses[name]
+        if len(uses) > 1:
+            issues.append(f"weight {name!r} is used {len(uses)} times in one forward "
+                          f"({'; '.join(uses[:3])}): the output is not linear in each of its entries")
+    return _RecordedForward(recorder, logits, leaves, issues)
+
+
+def _ggn_diagonal(forward: _RecordedForward, hessians: Tensor, issues: list[str], caller: str,
+                  stacklevel: int) -> dict[str, Tensor]:
+    """``diag(J^T Lambda J) / N`` from a recorded forward and the per-sample loss Hessians: the
+    per-layer contractions where they apply, else the per-(sample, k) path (warned: its cost)."""
+    recorder, logits, leaves = forward.recorder, forward.logits, forward.leaves
+    factors, signs = _signed_factors(hessians)
+    factors = factors / math.sqrt(logits.shape[0])  # the loss is a mean over samples
+    blockers = _fast_path_blockers(recorder, leaves, logits.shape[0])
+    if any("invisible" in issue for issue in issues):  # it may hide a weight use: the safe path
+        blockers.append("an operation invisible to the checks")
+    if not blockers:
+        blockers = [f"samples interact after {layer}" for layer in _mixing_layers(recorder, logits)]
+    if blockers:
+        warnings.warn(f"{caller}: per-layer contractions do not apply "
+                      f"({'; '.join(blockers[:3])}); computing the diagonal with up to "
+                      f"{logits.shape[0]} x {factors.shape[2]} backward passes.", UserWarning,
+                      stacklevel=stacklevel)
+        return _diagonal_per_sample(logits, factors, signs, leaves)
+    return _diagonal_by_layers(recorder, logits, factors, signs, leaves)
+
+
+@dataclass
+class GaussNewtonDiagonal:
+    r"""The Gauss-Newton diagonal of a model and loss, and what separates it from the Hessian's.
+
+    With logits :math:`f`, the mean loss :math:`L` and :math:`g = \nabla_f L`,
+    :math:`H = J^\top \Lambda J + R` with the residual :math:`R = \sum_{n,c} g_{nc} \nabla^2_w f_{nc}`
+    (module docstring). :func:`~.ggn_hutchinson.ggn_hutchinson_hessian_diagonal` adds an unbiased
+    estimate of ``diag(R)`` to ``diagonal``.
+
+    Attributes:
+        diagonal: ``{name: diag(J^T Lambda J) / N}``, each with the parameter's shape and dtype.
+        issues: why ``diag(H)`` may differ from ``diagonal`` (empty: it does not, ``diag(R) = 0``).
+        loss_issues: the loss is not a mean of per-sample losses (then ``diagonal`` uses the wrong
+            ``Lambda`` and ``H != GGN + R`` on the diagonal).
+        random_ops: calls in the forward that draw random numbers (train-mode dropout, ``rand``):
+            the model is then a different function at every call.
+        tensor_issues: ``{name: reasons}``: why ``diag(R)`` may be nonzero on that tensor, from one
+            recorded forward per tensor with only that tensor variable. Empty for a tensor in which
+            the network is piecewise linear (e.g. the last layer of a tanh MLP): ``diag(R) = 0`` there.
+        logits_grad: ``g = dL/df`` with the logits' shape, detached: the coefficients of ``R``.
+    """
+
+    diagonal: dict[str, Tensor]
+    issues: list[str]
+    loss_issues: list[str]
+    random_ops: list[str]
+    tensor_issues: dict[str, list[str]]
+    logits_grad: Tensor
+
+
+def gauss_newton_diagonal(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    target: Tensor,
+    params: dict[str, nn.Parameter],
+    *,
+    caller: str = "gauss_newton_diagonal",
+) -> GaussNewtonDiagonal:
+    """Diagonal of the generalized Gauss-Newton matrix ``J^T Lambda J / N`` of any model, with the
+    reasons it may differ from the Hessian diagonal, overall and per tensor (never refused).
+
+    The same computation as :func:`exact_hessian_diagonal` (one forward, ``K <= D`` backward passes,
+    per-layer contractions or the per-(sample, k) path, which is warned about: its cost) without
+    the eligibility check. When the model is not piecewise linear in each weight, one extra
+    recorded forward per selected tensor (no backward) finds the tensors in which it is.
+
+    Args:
+        model, loss_fn, inputs, target, params: as for :func:`exact_hessian_diagonal`.
+        caller: the name used in messages.
+
+    Returns:
+        :class:`GaussNewtonDiagonal`.
+
+    Raises:
+        ValueError: no parameters, or the model output is not a finite ``(N, ...)`` tensor.
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+        >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> params = {"0.weight": model[0].weight, "2.weight": model[2].weight}
+        >>> ggn = gauss_newton_diagonal(model, F.cross_entropy, x, y, params)
+        >>> ggn.diagonal["0.weight"].shape, ggn.logits_grad.shape
+        (torch.Size([5, 3]), torch.Size([8, 2]))
+        >>> {name: bool(reasons) for name, reasons in ggn.tensor_issues.items()}  # diag(R) != 0 possible?
+        {'0.weight': True, '2.weight': False}
+    """
+    if not params:
+        raise ValueError(f"{caller} got no parameters; pass the weights to differentiate.")
+    with torch.inference_mode(False), torch.enable_grad():
+        x, y = _autograd_inputs(inputs, target)
+        forward = _record_forward(model, x, params, caller)
+        hessians, logits_grad, loss_issues = _per_sample_loss_hessians(loss_fn, forward.logits.detach(), y)
+        issues = forward.issues + loss_issues
+        random_ops = list(forward.recorder.random_ops)
+        diag = _ggn_diagonal(forward, hessians, issues, caller, stacklevel=3)
+        diag = {name: d.detach().to(params[name].dtype) for name, d in diag.items()}
+        model_issues = forward.issues
+        del forward  # free the graph before the per-tensor forwards
+        if not model_issues:  # piecewise linear in each weight: diag(R) = 0 everywhere
+            tensor_issues = {name: [] for name in params}
+        else:
+            tensor_issues = {name: _record_forward(model, x, {name: p}, caller).issues
+                             for name, p in params.items()}
+    return GaussNewtonDiagonal(diag, issues, loss_issues, random_ops, tensor_issues, logits_grad)
