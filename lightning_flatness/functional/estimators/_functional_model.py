@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import contextlib
+import warnings
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -156,3 +157,47 @@ def restore_module_tensors(model: nn.Module) -> Iterator[None]:
             entries = getattr(module, kind)
             if entries.get(name) is not tensor:
                 entries[name] = tensor
+
+
+ChunkFn = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+
+
+def mean_over_probes(
+    primals: dict[str, Tensor],
+    num_probes: int,
+    chunk_size: Optional[int],
+    distribution: str,
+    generator: Optional[torch.Generator],
+    vectorized_chunk: Optional[ChunkFn],
+    looped_chunk: Callable[[], ChunkFn],
+    caller: str,
+    model: nn.Module,
+    loop_description: str = "a loop over the probes",
+) -> dict[str, Tensor]:
+    """Mean over ``num_probes`` probes of a per-probe estimate, chunk by chunk.
+
+    ``vectorized_chunk(probes)`` (``None`` to skip it) and ``looped_chunk()(probes)`` map a chunk of
+    probes ``{name: (C, *shape)}`` to the *sum* of their estimates. When ``vmap`` cannot batch the
+    model (``RuntimeError`` / ``NotImplementedError``), the rest of the run uses the loop, with a
+    warning; an error of the loop itself propagates. Sums accumulate in at least float32.
+    """
+    sums = {n: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype)) for n, p in primals.items()}
+    chunk_fn = vectorized_chunk if vectorized_chunk is not None else looped_chunk()
+    vectorised = vectorized_chunk is not None
+    for count in probe_chunks(num_probes, chunk_size, primals):
+        probes = draw_probes(primals, count, distribution, generator)
+        try:
+            estimates = chunk_fn(probes)
+        except (RuntimeError, NotImplementedError) as err:
+            if not vectorised:  # the loop itself failed: a genuine error, not a vmap limitation
+                raise
+            warnings.warn(
+                f"{caller}: torch.func.vmap could not batch the probes through {type(model).__name__} "
+                f"({first_line(err)}); falling back to {loop_description} (same estimate, slower; pass "
+                f"vectorize=False to skip the attempt).", UserWarning, stacklevel=3,
+            )
+            chunk_fn, vectorised = looped_chunk(), False
+            estimates = chunk_fn(probes)
+        for n in sums:
+            sums[n] += estimates[n]
+    return {n: (s / num_probes).to(primals[n].dtype) for n, s in sums.items()}

@@ -79,7 +79,6 @@ References:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -722,8 +721,8 @@ def exact_hessian_diagonal(
         hessians, _, loss_issues = _per_sample_loss_hessians(loss_fn, forward.logits.detach(), y)
         issues = forward.issues + loss_issues
         if issues:
-            message = (f"exact_hessian_diagonal: the Hessian diagonal of this model is not the Gauss-Newton "
-                       f"diagonal, because: " + "; ".join(issues[:8])
+            message = ("exact_hessian_diagonal: the Hessian diagonal of this model is not the Gauss-Newton "
+                       "diagonal, because: " + "; ".join(issues[:8])
                        + (f"; and {len(issues) - 8} more" if len(issues) > 8 else "") + ".")
             ggn_applies = not loss_issues and not forward.recorder.random_ops
             if strict:

@@ -40,10 +40,8 @@ from torch.func import grad, vmap
 
 from lightning_flatness.functional.estimators._functional_model import (
     accumulation_dtype,
-    draw_probes,
-    first_line,
     functional_loss,
-    probe_chunks,
+    mean_over_probes,
     rms,
 )
 
@@ -158,26 +156,12 @@ def finite_difference_hessian_diagonal(
                       f"difference; call model.eval() first.", UserWarning, stacklevel=2)
     with torch.enable_grad():
         loss_of, primals = functional_loss(model, loss_fn, inputs, target, params)
-        sums = {n: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype)) for n, p in primals.items()}
-        vectorised = bool(vectorize)
-        chunk_fn = _vmapped_chunk(loss_of, primals, steps) if vectorised else _looped_chunk(loss_of, primals, steps)
-        for count in probe_chunks(num_probes, chunk_size, primals):
-            probes = draw_probes(primals, count, "gaussian", generator)
-            try:
-                estimates = chunk_fn(probes)
-            except (RuntimeError, NotImplementedError) as err:
-                if not vectorised:  # the loop itself failed: a genuine error, not a vmap limitation
-                    raise
-                warnings.warn(
-                    f"finite_difference_hessian_diagonal: torch.func.vmap could not batch the probes through "
-                    f"{type(model).__name__} ({first_line(err)}); falling back to a loop of gradient "
-                    f"evaluations (same estimate, slower; pass vectorize=False to skip the attempt).", UserWarning, stacklevel=2,
-                )
-                chunk_fn, vectorised = _looped_chunk(loss_of, primals, steps), False
-                estimates = chunk_fn(probes)
-            for n in sums:
-                sums[n] += estimates[n]
-    return {n: (s / num_probes).to(primals[n].dtype) for n, s in sums.items()}
+        return mean_over_probes(
+            primals, num_probes, chunk_size, "gaussian", generator,
+            _vmapped_chunk(loss_of, primals, steps) if vectorize else None,
+            lambda: _looped_chunk(loss_of, primals, steps), "finite_difference_hessian_diagonal", model,
+            "a loop of gradient evaluations",
+        )
 
 
 def _one_probe_estimate(eps: Tensor, g_plus: Tensor, g_minus: Tensor, step: float) -> Tensor:

@@ -26,7 +26,6 @@ Hessian by back-propagating curvature", ICML 2012; the same estimator in curvlin
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable, Optional
 
 import torch
@@ -35,10 +34,9 @@ from torch.func import grad, jvp, vmap
 
 from lightning_flatness.functional.estimators._functional_model import (
     accumulation_dtype,
-    draw_probes,
     first_line,
     functional_loss,
-    probe_chunks,
+    mean_over_probes,
 )
 
 __all__ = ["hutchinson_hessian_diagonal"]
@@ -130,27 +128,12 @@ def hutchinson_hessian_diagonal(
     """
     with torch.enable_grad():
         loss_of, primals = functional_loss(model, loss_fn, inputs, target, params)
-        sums = {n: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype)) for n, p in primals.items()}
-        vectorised = bool(vectorize)
-        chunk_fn = _vmapped_chunk(loss_of, primals) if vectorised else _looped_chunk(loss_of, primals, model)
-        for count in probe_chunks(num_probes, chunk_size, primals):
-            probes = draw_probes(primals, count, "rademacher", generator)
-            try:
-                estimates = chunk_fn(probes)
-            except (RuntimeError, NotImplementedError) as err:
-                if not vectorised:  # the loop itself failed: a genuine error, not a vmap limitation
-                    raise
-                warnings.warn(
-                    f"hutchinson_hessian_diagonal: torch.func.vmap could not batch the probes through "
-                    f"{type(model).__name__} ({first_line(err)}); falling back to a loop of double-backward "
-                    f"Hessian-vector products (same estimate, slower; pass vectorize=False to skip the "
-                    f"attempt).", UserWarning, stacklevel=2,
-                )
-                chunk_fn, vectorised = _looped_chunk(loss_of, primals, model), False
-                estimates = chunk_fn(probes)
-            for n in sums:
-                sums[n] += estimates[n]
-    return {n: (s / num_probes).to(primals[n].dtype) for n, s in sums.items()}
+        return mean_over_probes(
+            primals, num_probes, chunk_size, "rademacher", generator,
+            _vmapped_chunk(loss_of, primals) if vectorize else None,
+            lambda: _looped_chunk(loss_of, primals, model), "hutchinson_hessian_diagonal", model,
+            "a loop of double-backward Hessian-vector products",
+        )
 
 
 def _vmapped_chunk(
