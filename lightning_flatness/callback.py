@@ -519,7 +519,7 @@ class SharpnessMonitorBase:
                             f"values); logging NaN for '{self.prefix}/*' and continuing. Check the learning "
                             "rate and the data.")
             names = list(weights)
-            keys = [*MEASURES, *(f"{m}_stderr" for m in MEASURES),
+            keys = [*MEASURES, *(f"{m}_stderr" for m in MEASURES), *(f"{m}_half_shift" for m in MEASURES),
                     *(f"{m}/{n}" for m in MEASURES for n in names),
                     *(f"{m}_stderr/{n}" for m in MEASURES for n in names)]
             values = {k: float("nan") for k in keys}
@@ -546,6 +546,16 @@ class SharpnessMonitorBase:
                                 "upwards) over "
                                 f"{int(values.get('num_samples', 0))} samples in {seconds:.2f} s.{advice}")
 
+        shift = values.get("normalized_half_shift", math.nan)
+        if stochastic and math.isfinite(shift) and math.isfinite(stderr) and shift > 2 * stderr:
+            self._warn_once(trainer, "not_converged",
+                            f"SharpnessMonitor: the {self._resolved_method} estimate of normalized sharpness "
+                            f"has not converged: halving the probes and samples raises it by {shift:.3g} "
+                            f"({100 * shift / value:.0f}% of {value:.4g}), more than twice its standard error "
+                            f"{stderr:.2g}, so probe noise biases it upwards by at least that much (logged as "
+                            f"'{self.prefix}/normalized_half_shift'). Raise num_probes, or use an exact "
+                            "method ('exact' for ReLU-type networks, else 'ggn_hutchinson').")
+
     def _log(self, trainer: Any, pl_module: Any, values: dict[str, float], seconds: float) -> None:
         p = self.prefix
         dtype = torch.float32 if pl_module.device.type == "mps" else torch.float64
@@ -556,6 +566,7 @@ class SharpnessMonitorBase:
         scalars = {f"{p}/{m}": values[m] for m in MEASURES if m != "normalized"}
         if self.num_replicates >= 2:
             scalars.update({f"{p}/{m}_stderr": values[f"{m}_stderr"] for m in MEASURES})
+            scalars[f"{p}/normalized_half_shift"] = values["normalized_half_shift"]
         scalars[f"{p}/seconds"] = seconds
         per_layer = {}
         if self.log_per_layer:
@@ -663,6 +674,10 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
     - ``<p>/hessian_trace``: trace of the Hessian over the measured weights, eq. 5 (not invariant to
       rescaling; for comparison);
     - ``<p>/<measure>_stderr``: jackknife standard errors;
+    - ``<p>/normalized_half_shift``: how much the value rises when half of the samples and probes
+      are used (a convergence diagnostic: for the stochastic methods a lower bound on the upward
+      bias that probe noise causes, which the standard error does not include; a warning is given
+      once when it exceeds twice the standard error);
     - ``<p>/seconds``: wall time of the measurement (slowest process);
     - ``<p>/<measure>/<parameter name>``: per weight tensor, named after its module path (e.g.
       ``sharpness/normalized/net.0.weight``).

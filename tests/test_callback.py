@@ -368,6 +368,19 @@ def test_auto_falls_back_to_ggn_hutchinson_with_a_warning_and_its_trace_is_withi
     assert last["normalized_stderr"] > 0
 
 
+def test_unconverged_hutchinson_is_flagged_by_the_half_shift_which_the_stderr_misses():
+    """Few probes: normalized sharpness is biased upwards by the probe noise. The logged half shift
+    shows it and a warning says so; the exact value lies below the estimate by more than 2 stderr."""
+    monitor = SharpnessMonitor(num_samples=128, method="hutchinson", num_probes=1, dtype="float64")
+    with pytest.warns(UserWarning, match="has not converged"):
+        trainer, model, dm = _fit(monitor, max_epochs=1)
+    last = monitor.history[-1]
+    ref = brute_force_measures(model, *_subset(monitor, dm.train_set))
+    assert last["normalized"] - ref["normalized"] > 2 * last["normalized_stderr"]
+    assert 0 < last["normalized_half_shift"] <= last["normalized"] - ref["normalized"]
+    assert "sharpness/normalized_half_shift" in trainer.callback_metrics
+
+
 def test_frozen_weights_are_skipped():
     model = MLP()
     model.net[0].weight.requires_grad_(False)

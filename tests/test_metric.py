@@ -37,7 +37,7 @@ def _diagonals(num_groups: int | None, seed: int) -> dict[str, torch.Tensor]:
 
 
 def _measure_keys(out: dict) -> list[str]:
-    return [k for k in out if "_stderr" not in k and k != "num_samples"]
+    return [k for k in out if "_stderr" not in k and "_half_shift" not in k and k != "num_samples"]
 
 
 def _assert_dicts_close(actual: dict, expected: dict, rtol: float = 1e-12) -> None:
@@ -175,6 +175,47 @@ def test_stderr_equals_hand_computed_delete_one_jackknife():
         assert stderr[key] > 0
 
 
+def test_half_shift_is_mean_of_measures_on_even_and_odd_slots_minus_pooled_value():
+    w = _weights(4)
+    metric = NormalizedSharpness(num_replicates=5)
+    sizes = [3, 6, 4, 5, 7]
+    d = _diagonals(len(sizes), 40)
+    metric.update(d, w, sizes)  # slots 0..4
+    out = metric.compute()
+
+    def pooled(slots):
+        total = sum(sizes[i] for i in slots)
+        mean = {k: sum(sizes[i] * v[i] for i in slots) / total for k, v in d.items()}
+        return sharpness_measures({k: v.double() for k, v in w.items()}, {k: v.double() for k, v in mean.items()})
+
+    full, even, odd = pooled(range(5)), pooled([0, 2, 4]), pooled([1, 3])
+    for key in full:
+        measure, sep, rest = key.partition("/")
+        shift = out[f"{measure}_half_shift{sep}{rest}"].item()
+        assert shift == pytest.approx(((even[key] + odd[key]) / 2 - full[key]).item(), rel=1e-9, abs=1e-12)
+
+
+def test_half_shift_reveals_the_upward_bias_that_probe_noise_gives_normalized_sharpness():
+    """Unbiased but noisy diagonals bias normalized sharpness upwards; the jackknife misses it, the
+    half shift sees at least part of it (0 < shift <= bias on average)."""
+    g = torch.Generator().manual_seed(5)
+    w = {"fc.weight": torch.randn(30, 20, generator=g, dtype=torch.float64)}
+    true_h = torch.rand(30, 20, generator=g, dtype=torch.float64) * 0.2
+    truth = sharpness_measures(w, {"fc.weight": true_h})["normalized"].item()
+    biases, shifts, stderrs = [], [], []
+    for _ in range(20):
+        noisy = true_h + torch.randn(8, 30, 20, generator=g, dtype=torch.float64)  # 8 groups, noise >> h
+        metric = NormalizedSharpness(num_replicates=8)
+        metric.update({"fc.weight": noisy}, w, [10] * 8)
+        out = metric.compute()
+        biases.append(out["normalized"].item() - truth)
+        shifts.append(out["normalized_half_shift"].item())
+        stderrs.append(out["normalized_stderr"].item())
+    bias, shift = np.mean(biases), np.mean(shifts)
+    assert bias > 3 * np.mean(stderrs)  # the error bar alone would be dishonest here
+    assert 0.3 * bias < shift <= bias  # measured: 0.43-0.50 of the bias (alpha = 1/2 predicts 0.41)
+
+
 def test_jackknife_uses_only_replicate_slots_that_hold_samples():
     w = _weights(4)
     metric = NormalizedSharpness(num_replicates=8)
@@ -193,7 +234,7 @@ def test_stderr_is_nan_with_one_warning_when_a_single_slot_holds_samples():
     metric.update(_diagonals(None, 1), w, 8)
     with pytest.warns(UserWarning, match="standard errors are NaN"):
         out = metric.compute()
-    assert all(math.isnan(v.item()) for k, v in out.items() if "_stderr" in k)
+    assert all(math.isnan(v.item()) for k, v in out.items() if "_stderr" in k or "_half_shift" in k)
     assert all(math.isfinite(out[k].item()) for k in _measure_keys(out))
     metric.update(_diagonals(None, 2), w, 8)
     with warnings.catch_warnings():
