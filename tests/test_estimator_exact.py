@@ -264,7 +264,7 @@ def test_fallbacks_without_batched_backward_give_the_same_diagonal(monkeypatch):
     monkeypatch.setattr(torch.autograd, "grad", unbatched_grad)
     with pytest.warns(UserWarning):
         diag = exact_hessian_diagonal(model, F.cross_entropy, x, y, params, strict=False)
-    assert len(batched_calls) == 2  # loss Hessian and per-sample path both fell back
+    assert len(batched_calls) == 2  # the per-layer pass and the per-sample path both fell back
     assert_relative_close(diag, ref, tol=1e-13)
 
 
@@ -432,3 +432,51 @@ def test_submodule_registered_under_two_paths_keeps_its_parameter_objects():
         exact_hessian_diagonal(model, F.cross_entropy, x, y, select_parameters(model))
     assert shared.weight is weight and shared.bias is bias
     assert model[2].weight is model[4].weight is weight
+
+
+# ----------------------------------------------------------------------------- fast paths agree
+@pytest.mark.parametrize("kind", ["mlp", "cnn1d", "residual"])
+def test_analytic_cross_entropy_factorisation_equals_generic_loss_hessian_path(kind):
+    """F.cross_entropy itself takes the analytic S S^T factorisation; a wrapper of it (not detected by
+    identity) takes the double-backward + eigh path: same diagonal, and the GGN's logits gradient
+    equals autograd's."""
+    from lightning_flatness.functional.estimators.exact import gauss_newton_diagonal
+
+    model, x, y = make_case(kind)
+    params = select_parameters(model)
+    analytic = exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
+    generic = exact_hessian_diagonal(model, lambda f, t: F.cross_entropy(f, t), x, y, params)
+    assert_relative_close(analytic, generic, tol=1e-12)
+    logits = model(x).detach().requires_grad_(True)
+    (expected,) = torch.autograd.grad(F.cross_entropy(logits, y), logits)
+    got = gauss_newton_diagonal(model, F.cross_entropy, x, y, params).logits_grad
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_ignored_targets_are_not_taken_for_the_analytic_cross_entropy_path():
+    """Targets equal to ignore_index (-100) drop samples from F.cross_entropy's mean: the generic path
+    must handle them, and the result is still the brute-force Hessian diagonal."""
+    model, x, y = make_case("mlp")
+    y = y.clone()
+    y[:3] = -100
+    params = select_parameters(model)
+    diag = exact_hessian_diagonal(model, F.cross_entropy, x, y, params, strict=False)
+    assert_relative_close(diag, brute_hessian_diagonal(model, F.cross_entropy, x, y, params))
+
+
+def test_layer_path_without_batched_backward_loops_over_columns_and_gives_the_same_diagonal(monkeypatch):
+    model, x, y = make_case("cnn1d")
+    params = select_parameters(model)
+    ref = exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
+    grad = torch.autograd.grad
+
+    def unbatched_grad(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("no batching rule")
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", unbatched_grad)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="exact_hessian_diagonal")  # still the layer path
+        diag = exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
+    assert_relative_close(diag, ref, tol=1e-13)

@@ -28,21 +28,25 @@ Algorithm (BackPACK's ``DiagGGNExact`` [1] with a signed symmetric factorisation
    recorded (its input ``a`` and output ``z``);
 2. ``Lambda_n`` from ``D`` double-backward passes through the loss only (batched; the Hessian of a
    mean of per-sample losses in the logits is block-diagonal) and its eigendecomposition
-   ``Lambda_n = sum_k s_nk u_nk u_nk^T``;
-3. for each eigen-index ``k`` (at most ``D``; directions with ``|s| ~ 0`` for every sample, such as
-   the constant shift of cross-entropy, are dropped), one backward pass of
-   ``v_n = sqrt(|s_nk| / N) u_nk`` from the logits of all samples at once gives ``g_n = dz_n``;
+   ``Lambda_n = sum_k s_nk u_nk u_nk^T``; for ``F.cross_entropy`` with its defaults the analytic
+   factorisation ``Lambda_n = S_n S_n^T``, ``S_n = diag(sqrt(p_n)) - p_n sqrt(p_n)^T`` (BackPACK's),
+   with no double backward and no eigendecomposition;
+3. the columns ``v_n = sqrt(|s_nk| / N) u_nk`` for every eigen-index ``k`` (at most ``D``; directions
+   with ``|s| ~ 0`` for every sample, such as the constant shift of cross-entropy, are dropped) are
+   propagated from the logits of all samples in one batched backward pass (``is_grads_batched``),
+   giving ``g_nk = dz_n`` for every recorded layer output ``z``;
 4. per layer, the per-sample gradient of ``v_n^T f_n`` is ``g_n a_n^T`` (Linear; summed over extra
    leading positions) or ``g_n unfold(a_n)^T`` (Conv, per group); its square, weighted by
    ``sign(s_nk)``, is summed over samples and ``k``. For a plain Linear layer the square factorises:
    ``sum_n sign_n (g_n^2)(a_n^2)^T``, one matrix product.
 
-**Cost.** One forward pass, ``K <= D`` backward passes over the batch (``D`` = outputs per sample),
-one extra backward pass for the batch-independence check (below), and per layer and ``k`` a
+**Cost.** One forward pass, one batched backward pass of ``K + 1 <= D + 1`` columns over the batch
+(``D`` = outputs per sample; the extra column is the batch-independence check, below), and per layer
+and ``k`` a
 contraction costing about one weight-gradient computation (``O(N * out * in)`` for Linear,
 ``O(N * C_out * C_in * k * L)`` for Conv). Memory: the graph of one forward pass, the stored inputs
-(Conv inputs unfolded: ``prod(kernel_size)`` times larger) and per-sample gradients of at most
-``2**24`` elements at a time.
+(Conv inputs unfolded: ``prod(kernel_size)`` times larger), the layer-output gradients of all ``K``
+columns at once and per-sample gradients of at most ``2**18`` elements at a time.
 
 **Checks: the result is never silently wrong.** During the forward a
 :class:`torch.overrides.TorchFunctionMode` sees every torch function applied to a tensor that
@@ -59,7 +63,7 @@ adds an unbiased estimate of the difference. Operations before
 the first selected weight are not restricted (a frozen tanh feature extractor is fine). The loss
 must be the mean of per-sample losses (checked on values: the batch loss against its two halves).
 The per-layer contractions further need samples not to interact after the first selected layer; one
-backward pass from sample 0 checks that no other sample's layer outputs receive gradient. When that
+backward column from sample 0 checks that no other sample's layer outputs receive gradient. When that
 fails (train-mode BatchNorm, a batch mean inside the model, sequence-first layouts) or a weight is
 used outside ``linear`` / ``conv``, the per-(sample, k) path is taken instead: ``N * K`` vectorised
 backward passes (with a warning about the cost), still exact for the GGN.
@@ -81,7 +85,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -204,7 +208,8 @@ _DUNDER_ALIASES = {
 }
 
 _LAYER_OPS = {"linear": 0, "conv1d": 1, "conv2d": 2, "conv3d": 3}  # value: number of spatial dims
-_CHUNK_ELEMENTS = 2 ** 24  # bound on per-sample-gradient elements materialised at once
+_CHUNK_ELEMENTS = 2 ** 18  # bound on per-sample-gradient elements materialised at once (cache-sized)
+_BATCHED_BACKWARD_ELEMENTS = 2 ** 24  # bound on gradient elements of one batched backward (per-sample path)
 _HUTCHINSON_HINT = ('use method="ggn_hutchinson" (the exact Gauss-Newton diagonal plus Hutchinson probes of '
                     'the remainder: unbiased, low variance) or method="hutchinson" (any twice-differentiable '
                     'model), or pass strict=False to get the generalized Gauss-Newton diagonal with a warning')
@@ -265,7 +270,6 @@ class _LayerCall:
     padding: tuple[tuple[int, int], ...] = ()
     dilation: tuple[int, ...] = ()
     groups: int = 1
-    cache: dict[str, Tensor] = field(default_factory=dict)
 
 
 class _ForwardRecorder(TorchFunctionMode):
@@ -438,52 +442,51 @@ def _unfold(x: Tensor, call: _LayerCall, kernel: tuple[int, ...]) -> Tensor:
 
 
 def _layer_factors(call: _LayerCall, grad: Tensor, kernel: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """Inputs and output gradients as ``(N, G, I, P)`` and ``(N, G, O, P)`` (P positions)."""
-    n = grad.shape[0]
+    """Inputs as ``(N, G, I, P)`` and output gradients of ``K`` columns as ``(N, G, K * O, P)``."""
+    k, n = grad.shape[:2]
     if call.op == "linear":
-        if "a" not in call.cache:
-            call.cache["a"] = call.inputs.reshape(n, 1, -1, call.inputs.shape[-1]).transpose(2, 3)
-        return call.cache["a"], grad.reshape(n, 1, -1, grad.shape[-1]).transpose(2, 3)
-    if "a" not in call.cache:
-        call.cache["a"] = _unfold(call.inputs, call, kernel)
-    return call.cache["a"], grad.reshape(n, call.groups, grad.shape[1] // call.groups, -1)
+        a = call.inputs.reshape(n, 1, -1, call.inputs.shape[-1]).transpose(2, 3)
+        g = grad.reshape(k, n, 1, -1, grad.shape[-1]).permute(1, 2, 0, 4, 3)  # (N, 1, K, O, P)
+    else:
+        a = _unfold(call.inputs, call, kernel)
+        g = grad.reshape(k, n, call.groups, grad.shape[2] // call.groups, -1).permute(1, 2, 0, 3, 4)
+    return a, g.reshape(n, g.shape[1], -1, g.shape[-1])
 
 
-def _accumulate_layer(call: _LayerCall, grad: Tensor, sign: Tensor, diag: dict[str, Tensor],
+def _accumulate_layer(call: _LayerCall, grad: Tensor, signs: Tensor, diag: dict[str, Tensor],
                       leaves: dict[str, Tensor]) -> None:
-    """Add ``sum_n sign_n * (per-sample gradient of v_n^T f_n)^2`` for one layer call and pass."""
+    """Add ``sum_{n,k} sign_nk * (per-sample gradient of v_nk^T f_n)^2`` for one layer call, from the
+    output gradients ``grad`` ``(K, N, *out)`` of all ``K`` columns and the signs ``(N, K)``."""
     if call.op == "linear" and call.inputs.ndim == 2:
-        # one position per sample: (g_n a_n^T)^2 = g_n^2 (a_n^2)^T, so the passes are summed first,
-        # S_n = sum_k sign_nk g_nk^2, and contracted once in _finish_layer
-        s = sign[:, None] * grad * grad
-        call.cache["s"] = s if "s" not in call.cache else call.cache["s"] + s
+        # one position per sample: (g_n a_n^T)^2 = g_n^2 (a_n^2)^T, so the columns are summed first,
+        # S_n = sum_k sign_nk g_nk^2, and contracted once
+        s = torch.einsum("nk,kno->no", signs, grad * grad)
+        if call.weight is not None:
+            diag[call.weight] += s.T @ (call.inputs * call.inputs)
+        if call.bias is not None:
+            diag[call.bias] += s.sum(dim=0)
         return
     if call.bias is not None:
-        positions = tuple(range(2, grad.ndim)) if call.op != "linear" else tuple(range(1, grad.ndim - 1))
-        gb = grad.sum(dim=positions)  # (N, out) per-sample bias gradients
-        diag[call.bias] += sign @ (gb * gb)
+        positions = tuple(range(3, grad.ndim)) if call.op != "linear" else tuple(range(2, grad.ndim - 1))
+        gb = grad.sum(dim=positions)  # (K, N, out) per-sample bias gradients
+        diag[call.bias] += torch.einsum("nk,kno->o", signs, gb * gb)
     if call.weight is None:
         return
     weight = leaves[call.weight]
-    a, g = _layer_factors(call, grad, tuple(weight.shape[2:]))  # (N, G, I, P), (N, G, O, P)
+    k = grad.shape[0]
+    a, g = _layer_factors(call, grad, tuple(weight.shape[2:]))  # (N, G, I, P), (N, G, K * O, P)
     chunk = max(1, _CHUNK_ELEMENTS // (g.shape[1] * g.shape[2] * a.shape[2]))
-    acc = torch.zeros(g.shape[1], g.shape[2], a.shape[2], dtype=grad.dtype, device=grad.device)
-    for start in range(0, grad.shape[0], chunk):
+    acc = torch.zeros(g.shape[1], g.shape[2] // k, a.shape[2], dtype=grad.dtype, device=grad.device)
+    for start in range(0, a.shape[0], chunk):
         sl = slice(start, start + chunk)
-        gw = torch.matmul(g[sl], a[sl].transpose(-1, -2))  # (n, G, O, I) per-sample gradients
-        acc += torch.einsum("n,ngoi->goi", sign[sl], gw * gw)
+        gw = torch.matmul(g[sl], a[sl].transpose(-1, -2))  # (n, G, K * O, I) per-sample gradients
+        m, groups = gw.shape[:2]
+        gw = gw.square_().reshape(m, groups, k, -1)  # squares, (n, G, K, O * I)
+        if groups == 1:  # sum over (n, k) weighted by the signs: one matrix-vector product
+            acc += (signs[sl].reshape(1, -1) @ gw.reshape(m * k, -1)).reshape(acc.shape)
+        else:
+            acc += gw.mul_(signs[sl].reshape(m, 1, k, 1)).sum(dim=(0, 2)).reshape(acc.shape)
     diag[call.weight] += acc.reshape(weight.shape)
-
-
-def _finish_layer(call: _LayerCall, diag: dict[str, Tensor]) -> None:
-    """Contract the summed squares of a single-position Linear call: ``S^T a^2`` and ``sum_n S_n``."""
-    s = call.cache.pop("s", None)
-    if s is None:
-        return
-    if call.weight is not None:
-        diag[call.weight] += s.T @ (call.inputs * call.inputs)
-    if call.bias is not None:
-        diag[call.bias] += s.sum(dim=0)
 
 
 def _per_sample_loss_hessians(loss_fn: LossFn, logits: Tensor,
@@ -531,6 +534,40 @@ def _per_sample_loss_hessians(loss_fn: LossFn, logits: Tensor,
     return 0.5 * (hessians + hessians.transpose(1, 2)), grad.detach(), issues
 
 
+def _loss_factors(loss_fn: LossFn, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor, list[str]]:
+    """``Lambda_n = sum_k sign_nk c_nk c_nk^T`` as factors ``(N, D, K)`` and signs ``(N, K)``, with the
+    gradient ``dL/df`` (logits' shape, detached) and issues with the per-sample-mean assumption.
+
+    For ``loss_fn is F.cross_entropy`` (called with its defaults: mean reduction, no weights, no label
+    smoothing) on ``(N, C)`` logits and integer class targets in ``[0, C)``, the factorisation is
+    analytic (BackPACK's [1]): ``Lambda_n = diag(p_n) - p_n p_n^T = S_n S_n^T`` with
+    ``S_n = diag(sqrt(p_n)) - p_n sqrt(p_n)^T`` (``K = C`` columns, all signs ``+1``; ``S S^T`` expands to
+    ``diag(p) - 2 p p^T + p (sum_c p_c) p^T``), and ``dL/df_n = (p_n - e_{y_n}) / N``, computed in float64.
+    Any other loss: :func:`_per_sample_loss_hessians` and :func:`_signed_factors`.
+    """
+    if loss_fn is F.cross_entropy and _plain_class_targets(logits, target):
+        p = torch.softmax(logits.detach().to(torch.float64), dim=1)
+        root = p.sqrt()
+        factors = torch.diag_embed(root) - p.unsqueeze(2) * root.unsqueeze(1)  # (N, C, C)
+        onehot = F.one_hot(target.long(), logits.shape[1]).to(torch.float64)
+        grad = ((p - onehot) / logits.shape[0]).to(logits.dtype)
+        signs = torch.ones(logits.shape[0], logits.shape[1], dtype=logits.dtype, device=logits.device)
+        return factors.to(logits.dtype), signs, grad, []
+    hessians, grad, issues = _per_sample_loss_hessians(loss_fn, logits, target)
+    factors, signs = _signed_factors(hessians)
+    return factors, signs, grad, issues
+
+
+def _plain_class_targets(logits: Tensor, target: Tensor) -> bool:
+    """``(N, C)`` floating logits, ``(N,)`` integer targets all in ``[0, C)`` (none ignored)."""
+    if logits.ndim != 2 or not logits.is_floating_point() or not isinstance(target, Tensor):
+        return False
+    if target.ndim != 1 or target.shape[0] != logits.shape[0] or target.is_floating_point() \
+            or target.is_complex() or target.dtype == torch.bool or target.numel() == 0:
+        return False
+    return bool(((target >= 0) & (target < logits.shape[1])).all())
+
+
 def _signed_factors(hessians: Tensor) -> tuple[Tensor, Tensor]:
     """``Lambda_n = sum_k sign_nk c_nk c_nk^T``: factors ``(N, D, K)`` and signs ``(N, K)``.
 
@@ -564,34 +601,47 @@ def _fast_path_blockers(recorder: _ForwardRecorder, leaves: dict[str, Tensor], n
     return reasons
 
 
-def _mixing_layers(recorder: _ForwardRecorder, logits: Tensor) -> list[str]:
-    """Layers whose outputs of samples 1..N-1 receive gradient from sample 0's logits."""
-    if logits.shape[0] < 2 or not recorder.calls:
-        return []
+def _interaction_probe(logits: Tensor) -> Tensor:
+    """A random output gradient on sample 0 only (zero elsewhere), for the batch-independence check."""
     generator = torch.Generator(device=logits.device).manual_seed(0)
     probe = torch.zeros_like(logits)
     probe[0] = torch.randn(logits.shape[1:], generator=generator, dtype=logits.dtype, device=logits.device)
-    grads = torch.autograd.grad(logits, [c.output for c in recorder.calls], probe, retain_graph=True,
-                                allow_unused=True)
-    return [f"{c.op} in {c.module}" for c, g in zip(recorder.calls, grads)
-            if g is not None and bool((g[1:] != 0).any())]
+    return probe
 
 
 def _diagonal_by_layers(recorder: _ForwardRecorder, logits: Tensor, factors: Tensor, signs: Tensor,
-                        leaves: dict[str, Tensor]) -> dict[str, Tensor]:
-    """K backward passes over the batch, per-layer contractions (the fast path)."""
-    diag = {n: torch.zeros_like(t) for n, t in leaves.items()}
+                        leaves: dict[str, Tensor]) -> tuple[Optional[dict[str, Tensor]], list[str]]:
+    """The fast path: one backward pass of all ``K`` columns at once (``is_grads_batched``; a loop
+    over them if some backward has no vmap rule), then per-layer contractions.
+
+    The batch-independence probe (:func:`_interaction_probe`) is one more column of the same pass:
+    returns ``(None, layers)`` with the layers whose outputs of samples ``1..N-1`` receive gradient
+    from sample 0's logits (the contractions do not apply), else ``(diag, [])``.
+    """
     calls = recorder.calls
-    for k in range(factors.shape[2]):
-        v = factors[:, :, k].reshape(logits.shape)
-        grads = torch.autograd.grad(logits, [c.output for c in calls], v, retain_graph=True,
-                                    allow_unused=True)
-        for call, g in zip(calls, grads):
-            if g is not None:
-                _accumulate_layer(call, g, signs[:, k], diag, leaves)
-    for call in calls:
-        _finish_layer(call, diag)
-    return diag
+    n, k = logits.shape[0], factors.shape[2]
+    outputs = [c.output for c in calls]
+    columns = factors.permute(2, 0, 1).reshape(k, *logits.shape)
+    if n >= 2 and calls:
+        columns = torch.cat([columns, _interaction_probe(logits).unsqueeze(0)])
+    try:
+        grads = torch.autograd.grad(logits, outputs, columns, retain_graph=True, allow_unused=True,
+                                    is_grads_batched=True)
+    except (RuntimeError, NotImplementedError):  # some backward lacks a vmap rule: loop
+        per_column = [torch.autograd.grad(logits, outputs, v, retain_graph=True, allow_unused=True)
+                      for v in columns]
+        grads = [None if per_column[0][j] is None else torch.stack([p[j] for p in per_column])
+                 for j in range(len(calls))]
+    if columns.shape[0] > k:
+        mixing = [f"{c.op} in {c.module}" for c, g in zip(calls, grads)
+                  if g is not None and bool((g[k, 1:] != 0).any())]
+        if mixing:
+            return None, mixing
+    diag = {name: torch.zeros_like(t) for name, t in leaves.items()}
+    for call, g in zip(calls, grads):
+        if g is not None:
+            _accumulate_layer(call, g[:k], signs, diag, leaves)
+    return diag, []
 
 
 def _diagonal_per_sample(logits: Tensor, factors: Tensor, signs: Tensor,
@@ -603,7 +653,7 @@ def _diagonal_per_sample(logits: Tensor, factors: Tensor, signs: Tensor,
     names = list(leaves)
     diag = {name: torch.zeros_like(t) for name, t in leaves.items()}
     numel = sum(t.numel() for t in leaves.values()) + logits.numel()
-    chunk = max(1, _CHUNK_ELEMENTS // numel)
+    chunk = max(1, _BATCHED_BACKWARD_ELEMENTS // numel)
     for start in range(0, pairs.shape[0], chunk):
         idx = pairs[start: start + chunk]
         vectors = torch.zeros(idx.shape[0], n, dim, dtype=logits.dtype, device=logits.device)
@@ -668,8 +718,9 @@ def exact_hessian_diagonal(
     is piecewise linear in each individual weight; this is the ``diag(H)`` of Algorithm 1 / eq. 61
     of the paper without its finite-difference and sampling error.
 
-    Cost: one forward, ``K <= D`` backward passes (``D`` outputs per sample) plus one for the
-    batch-independence check, and per layer a weight-gradient-sized contraction per pass. Zero
+    Cost: one forward, one batched backward of ``K <= D`` columns (``D`` outputs per sample) plus
+    one for the batch-independence check, and per layer a weight-gradient-sized contraction per
+    column. Zero
     variance. When samples interact inside the model or a weight is used outside Linear / Conv:
     ``N * K`` vectorised backward passes instead (warned).
 
@@ -718,7 +769,7 @@ def exact_hessian_diagonal(
     with torch.inference_mode(False), torch.enable_grad():
         x, y = _autograd_inputs(inputs, target)
         forward = _record_forward(model, x, params, "exact_hessian_diagonal")
-        hessians, _, loss_issues = _per_sample_loss_hessians(loss_fn, forward.logits.detach(), y)
+        factors, signs, _, loss_issues = _loss_factors(loss_fn, forward.logits.detach(), y)
         issues = forward.issues + loss_issues
         if issues:
             message = ("exact_hessian_diagonal: the Hessian diagonal of this model is not the Gauss-Newton "
@@ -730,7 +781,7 @@ def exact_hessian_diagonal(
                 raise ExactMethodNotApplicable(f"{message} To estimate it, {hint}.", tuple(issues), ggn_applies)
             warnings.warn(f"{message} Returning the generalized Gauss-Newton diagonal instead.",
                           UserWarning, stacklevel=2)
-        diag = _ggn_diagonal(forward, hessians, issues, "exact_hessian_diagonal", stacklevel=3)
+        diag = _ggn_diagonal(forward, factors, signs, issues, "exact_hessian_diagonal", stacklevel=3)
     return {name: d.detach().to(params[name].dtype) for name, d in diag.items()}
 
 
@@ -786,25 +837,27 @@ def _record_forward(model: nn.Module, x: Tensor, params: dict[str, nn.Parameter]
     return _RecordedForward(recorder, logits, leaves, issues)
 
 
-def _ggn_diagonal(forward: _RecordedForward, hessians: Tensor, issues: list[str], caller: str,
+def _ggn_diagonal(forward: _RecordedForward, factors: Tensor, signs: Tensor, issues: list[str], caller: str,
                   stacklevel: int) -> dict[str, Tensor]:
-    """``diag(J^T Lambda J) / N`` from a recorded forward and the per-sample loss Hessians: the
-    per-layer contractions where they apply, else the per-(sample, k) path (warned: its cost)."""
+    """``diag(J^T Lambda J) / N`` from a recorded forward and the signed factors of the per-sample loss
+    Hessians: the per-layer contractions where they apply, else the per-(sample, k) path (warned:
+    its cost). The batch-independence probe rides along the per-layer backward pass."""
     recorder, logits, leaves = forward.recorder, forward.logits, forward.leaves
-    factors, signs = _signed_factors(hessians)
     factors = factors / math.sqrt(logits.shape[0])  # the loss is a mean over samples
     blockers = _fast_path_blockers(recorder, leaves, logits.shape[0])
     if any("invisible" in issue for issue in issues):  # it may hide a weight use: the safe path
         blockers.append("an operation invisible to the checks")
+    diag = None
     if not blockers:
-        blockers = [f"samples interact after {layer}" for layer in _mixing_layers(recorder, logits)]
+        diag, mixing = _diagonal_by_layers(recorder, logits, factors, signs, leaves)
+        blockers = [f"samples interact after {layer}" for layer in mixing]
     if blockers:
         warnings.warn(f"{caller}: per-layer contractions do not apply "
                       f"({'; '.join(blockers[:3])}); computing the diagonal with up to "
                       f"{logits.shape[0]} x {factors.shape[2]} backward passes.", UserWarning,
                       stacklevel=stacklevel)
         return _diagonal_per_sample(logits, factors, signs, leaves)
-    return _diagonal_by_layers(recorder, logits, factors, signs, leaves)
+    return diag
 
 
 @dataclass
@@ -849,7 +902,8 @@ def gauss_newton_diagonal(
     """Diagonal of the generalized Gauss-Newton matrix ``J^T Lambda J / N`` of any model, with the
     reasons it may differ from the Hessian diagonal, overall and per tensor (never refused).
 
-    The same computation as :func:`exact_hessian_diagonal` (one forward, ``K <= D`` backward passes,
+    The same computation as :func:`exact_hessian_diagonal` (one forward, one batched backward of
+    ``K <= D`` columns,
     per-layer contractions or the per-(sample, k) path, which is warned about: its cost) without
     the eligibility check. When the model is not piecewise linear in each weight, one extra
     recorded forward per selected tensor (no backward) finds the tensors in which it is.
@@ -882,10 +936,10 @@ def gauss_newton_diagonal(
     with torch.inference_mode(False), torch.enable_grad():
         x, y = _autograd_inputs(inputs, target)
         forward = _record_forward(model, x, params, caller)
-        hessians, logits_grad, loss_issues = _per_sample_loss_hessians(loss_fn, forward.logits.detach(), y)
+        factors, signs, logits_grad, loss_issues = _loss_factors(loss_fn, forward.logits.detach(), y)
         issues = forward.issues + loss_issues
         random_ops = list(forward.recorder.random_ops)
-        diag = _ggn_diagonal(forward, hessians, issues, caller, stacklevel=3)
+        diag = _ggn_diagonal(forward, factors, signs, issues, caller, stacklevel=3)
         diag = {name: d.detach().to(params[name].dtype) for name, d in diag.items()}
         model_issues = forward.issues
         del forward  # free the graph before the per-tensor forwards
