@@ -1,0 +1,1 @@
+"""Benchmarks of lightning_flatness (see RESULTS.md)."""

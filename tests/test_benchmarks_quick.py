@@ -1,0 +1,149 @@
+"""CI smoke tests of the benchmarks: each script's ``--quick`` mode runs end to end and its outputs
+are finite and consistent. No timing assertions (the timings of a shared CI machine are noise);
+the values checked are properties of the computations, not of the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+
+def _finite(*values) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+def test_accuracy_reference_groups_pool_to_the_full_set_exact_measures():
+    """The accuracy benchmark's shortcut (exact diagonals of 32-sample groups, subsets as means of
+    groups) gives the same normalized sharpness as the exact method run on the samples directly."""
+    from benchmarks.bench_accuracy import Reference
+    from benchmarks.common import trained_model, weight_parameters
+    from lightning_flatness.functional import (
+        hessian_diagonal,
+        normalized_softmax_cross_entropy,
+        sharpness_measures,
+    )
+
+    torch.set_num_threads(1)
+    model, x, y, _ = trained_model("mlp", epochs=1)
+    ref = Reference(model, x, y, lam=0.5, seed=0, num_samples=128)
+    weights = {n: p.detach() for n, p in weight_parameters(model).items()}
+    direct = sharpness_measures(
+        weights, hessian_diagonal(model, normalized_softmax_cross_entropy, ref.x, ref.y), 0.5
+    )
+    assert ref.measures["normalized"] == pytest.approx(float(direct["normalized"]), rel=1e-4)
+    groups = torch.tensor([1, 3])  # a subset: samples 32..63 and 96..127
+    xs, ys = ref.samples(groups)
+    subset = sharpness_measures(
+        weights, hessian_diagonal(model, normalized_softmax_cross_entropy, xs, ys), 0.5
+    )
+    assert ref.exact_measures(groups)["normalized"] == pytest.approx(float(subset["normalized"]), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_accuracy_quick_reports_finite_errors_nested_probe_costs_and_valid_coverage(tmp_path):
+    from benchmarks import bench_accuracy
+
+    out = tmp_path / "accuracy.json"
+    results = bench_accuracy.main(["--quick", "--json", str(out), "--plot", str(tmp_path / "acc.png")])
+    assert json.loads(out.read_text())["models"]["mlp"]["reference"]["normalized"] > 0
+    assert (tmp_path / "acc.png").stat().st_size > 0
+    res = results["models"]["mlp"]
+    assert res["reference"]["normalized"] > 0 and _finite(res["reference"]["normalized"])
+    assert [r["samples"] for r in res["data_part"]] == [64, 128]
+    assert all(_finite(r["rms_total"], r["rms_largest"]) and r["rms_total"] >= 0 for r in res["data_part"])
+    for method in ("hutchinson", "finite_difference"):
+        rows = [r for r in res["probe_part"] if r["method"] == method]
+        assert [r["probes"] for r in rows] == [4, 8]
+        # cumulative cost of nested probes never decreases
+        assert rows[0]["seconds"] <= rows[1]["seconds"]
+        assert all(_finite(r["rms_probe_total"], r["rms_total_vs_full"]) for r in rows)
+    cov = {r["method"]: r for r in res["coverage"]}
+    assert set(cov) == {"exact", "hutchinson", "finite_difference"}
+    for row in cov.values():
+        assert 0.0 <= row["cover_1se_total"] <= row["cover_2se_total"] <= 1.0
+        assert row["median_rel_stderr"] > 0 and _finite(row["median_rel_stderr"], row["rms_error"])
+
+
+def test_accuracy_fd_study_quick_compares_both_precisions_against_exact():
+    from benchmarks import bench_accuracy
+
+    rows = bench_accuracy.main(["--fd-study", "--quick"])["rows"]
+    assert {r["dtype"] for r in rows} == {"float32", "float64"}
+    assert {(r["method"], r["relative_step"]) for r in rows} == {
+        ("hutchinson", None),
+        ("finite_difference", 1e-2),
+        ("finite_difference", 1e-3),
+    }
+    assert all(_finite(r["error_total"], r["error_trace"]) and r["error_total"] >= 0 for r in rows)
+    # same probes, same model: Hutchinson's error hardly depends on the precision
+    hutch = {r["dtype"]: r["error_trace"] for r in rows if r["method"] == "hutchinson"}
+    assert hutch["float32"] == pytest.approx(hutch["float64"], rel=1e-3, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_backpack_quick_exact_matches_float64_and_skips_missing_backpack(tmp_path):
+    from benchmarks import bench_backpack
+
+    results = bench_backpack.main(["--quick", "--json", str(tmp_path / "bp.json")])
+    res = results["models"]["mlp"]
+    assert res["values"]["ours_exact_float32_vs_float64"] < 1e-5
+    if results["backpack_skipped"] is None:  # BackPACK importable: the values must agree with it
+        assert res["values"]["ours_exact"] < 1e-5
+    else:
+        assert not any(k.startswith("backpack") for k in res["times"])
+    for method in ("gradient", "ours_exact", "ours_hutchinson", "pyhessian_probe", "ours_finite_difference"):
+        assert res["times"][method]["median"] > 0
+    assert res["memory"]["ours_exact"]["peak_mib"] >= 0  # the subprocess measurement ran
+
+
+@pytest.mark.slow
+def test_callback_quick_measures_every_epoch_with_the_exact_method():
+    from benchmarks import bench_callback
+
+    results = bench_callback.main(["--quick"])
+    qs = results["quickstart"]
+    assert qs["evaluations"] == qs["epochs"] == 2
+    assert qs["method"] == "exact"
+    assert _finite(qs["overhead"], qs["eval_in_steps"], qs["rel_stderr_last"]) and qs["rel_stderr_last"] > 0
+    row = results["cifar_epoch"][0]
+    assert row["steps"] == 40 and row["evaluations"] == 1
+    assert row["num_samples_for_5pct"] >= 512
+
+
+@pytest.mark.slow
+def test_scaling_quick_counts_allreduce_bytes_once_and_allgather_bytes_per_process(tmp_path):
+    from benchmarks import bench_scaling
+
+    results = bench_scaling.main(["--quick", "--plot", str(tmp_path / "scaling.png")])
+    assert all(r["ms"] > 0 and _finite(r["ms"]) for r in results["widths"] + results["samples"])
+    assert any(r.get("peak_mib") is not None for r in results["widths"])
+    ddp = {r["sync"]: r for r in results["ddp"]}
+    ours, gather = ddp["ours"], ddp["torchmetrics_all_gather"]
+    assert ours["processes"] == gather["processes"] == 2
+    # all_reduce moves each state once (plus a few bytes of layout check); no all-gather
+    assert ours["all_reduce_mib"] == pytest.approx(ours["state_mib"], rel=1e-3)
+    assert ours["all_gather_out_mib"] == 0
+    # torchmetrics' default gathers one copy of every state per process
+    assert gather["all_gather_out_mib"] == pytest.approx(2 * gather["state_mib"], rel=1e-3)
+    assert (tmp_path / "scaling.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_solver_quick_prints_a_result_row_per_scenario(capsys):
+    from benchmarks import bench_solver
+
+    bench_solver.main(["--quick"])
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and " ms " in ln]
+    assert len(rows) >= 1
