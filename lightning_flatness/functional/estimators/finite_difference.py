@@ -124,7 +124,7 @@ def finite_difference_hessian_diagonal(
         relative_step: ``r_W`` relative to the root-mean-square entry of each tensor (see
             :func:`finite_difference_steps`).
         chunk_size: probes per ``vmap`` call; default keeps ``chunk_size * numel`` below
-            ``2**22`` (at most 64 probes).
+            ``2**22`` (at most 16 probes).
         vectorize: ``False`` skips ``vmap`` and loops over the probes from the start (for models
             ``vmap`` cannot batch; avoids the warning).
 

@@ -102,7 +102,7 @@ def hutchinson_hessian_diagonal(
             state, ``num_probes`` and ``chunk_size`` give identical results (the probes are drawn
             chunk by chunk, so another ``chunk_size`` draws other probes).
         chunk_size: probes per ``vmap`` call; default keeps ``chunk_size * numel`` below
-            ``2**22`` (at most 64 probes).
+            ``2**22`` (at most 16 probes).
         vectorize: ``False`` skips ``vmap`` and uses the double-backward loop from the start
             (for models ``vmap`` cannot batch; avoids the warning).
 
