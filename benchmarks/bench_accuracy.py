@@ -41,7 +41,7 @@ from benchmarks.common import (
     time_call,
     trained_model,
     weight_parameters,
-    write_json,
+    run_timed,
 )
 
 GROUP = 32  # samples per reference group
@@ -627,20 +627,9 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--fd-probes", type=int, default=2048)
     args = parser.parse_args(argv)
     setup(args)
-    start = time.perf_counter()
     if args.fd_study:
-        results = fd_study(args)
-        results["seconds"] = time.perf_counter() - start
-        print(f"\ntotal time {results['seconds']:.1f} s")
-        write_json(args.json, results)
-        return results
-    results = run(args)
-    results["seconds"] = time.perf_counter() - start
-    print(f"\ntotal time {results['seconds']:.1f} s")
-    write_json(args.json, results)
-    if args.plot:
-        plot(results, args.plot)
-    return results
+        return run_timed(fd_study, args)
+    return run_timed(run, args, plot)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from benchmarks.common import (
     mnist1d,
     model_inputs,
     setup,
-    write_json,
+    run_timed,
 )
 
 CIFAR_STEPS = 390
@@ -343,12 +343,7 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--quickstart-epochs", type=int, default=20)
     args = parser.parse_args(argv)
     setup(args)
-    start = time.perf_counter()
-    results = run(args)
-    results["seconds"] = time.perf_counter() - start
-    print(f"\ntotal time {results['seconds']:.1f} s")
-    write_json(args.json, results)
-    return results
+    return run_timed(run, args)
 
 
 if __name__ == "__main__":

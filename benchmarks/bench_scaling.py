@@ -25,7 +25,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Any, Callable
 
 import torch
@@ -42,7 +41,7 @@ from benchmarks.common import (
     run_memory_worker,
     setup,
     weight_parameters,
-    write_json,
+    run_timed,
 )
 
 METHODS = ("gradient", "exact", "hutchinson", "finite_difference")
@@ -467,14 +466,7 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--plot", default=None, help="write the scaling figure (PNG) here")
     args = parser.parse_args(argv)
     setup(args)
-    start = time.perf_counter()
-    results = run(args)
-    results["seconds"] = time.perf_counter() - start
-    print(f"\ntotal time {results['seconds']:.1f} s")
-    write_json(args.json, results)
-    if args.plot:
-        plot(results, args.plot)
-    return results
+    return run_timed(run, args, plot)
 
 
 if __name__ == "__main__":

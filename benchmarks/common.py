@@ -93,6 +93,20 @@ def environment() -> dict[str, Any]:
     return info
 
 
+def run_timed(run: Callable[[argparse.Namespace], dict[str, Any]], args: argparse.Namespace,
+              plot: Optional[Callable[[dict[str, Any], str], None]] = None) -> dict[str, Any]:
+    """``run(args)``, its wall time as ``results["seconds"]``, then the JSON (``--json``) and the plot
+    (``--plot``, when the script has one): the common tail of every benchmark's ``main``."""
+    start = time.perf_counter()
+    results = run(args)
+    results["seconds"] = time.perf_counter() - start
+    print(f"\ntotal time {results['seconds']:.1f} s")
+    write_json(args.json, results)
+    if plot is not None and getattr(args, "plot", None):
+        plot(results, args.plot)
+    return results
+
+
 def write_json(path: Optional[Path], payload: dict[str, Any]) -> None:
     """Write ``payload`` (plus :func:`environment`) as JSON when ``path`` is given."""
     if path is None:
