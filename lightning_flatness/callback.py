@@ -25,7 +25,12 @@ from torch import Tensor, nn
 import pytorch_lightning as pl
 from lightning_flatness.batch_split import split_batch as _default_split_batch
 from lightning_flatness.callback_logging import bar_chart_image, custom_scalars_layout, tensorboard_writers
-from lightning_flatness.functional import METHODS, hessian_diagonal_groups, select_parameters
+from lightning_flatness.functional import (
+    METHODS,
+    ExactMethodNotApplicable,
+    hessian_diagonal_groups,
+    select_parameters,
+)
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.measures import MEASURES
 from lightning_flatness.isolation import (
@@ -344,13 +349,6 @@ class SharpnessMonitorBase:
             self._estimate(trainer, pl_module, network, inputs, target, dry_run=True)
         self._prepared = True
 
-    @staticmethod
-    def _is_exact_ineligible(err: Exception) -> bool:
-        """Whether ``err`` is the exact method's refusal: "this model's Hessian diagonal is not its
-        Gauss-Newton diagonal" (an operation that is not piecewise linear in each weight)."""
-        return isinstance(err, ValueError) and (type(err).__name__ == "ExactMethodNotApplicable"
-                                                or "is not the Gauss-Newton diagonal" in str(err))
-
     def _loss_is_finite(self, network: nn.Module, inputs: Tensor, target: Tensor) -> bool:
         with torch.no_grad():
             logits = network(inputs)
@@ -389,12 +387,11 @@ class SharpnessMonitorBase:
                 finite = True
             if not finite:
                 return None
-            if self._resolved_method is not None or not self._is_exact_ineligible(err):
+            if self._resolved_method is not None or not isinstance(err, ExactMethodNotApplicable):
                 raise
             # ExactMethodNotApplicable says whether the Gauss-Newton control variate applies (it needs
             # a mean of per-sample losses and a deterministic model)
-            self._resolved_method = ("ggn_hutchinson" if getattr(err, "gauss_newton_applicable", True)
-                                     else "hutchinson")
+            self._resolved_method = "ggn_hutchinson" if err.gauss_newton_applicable else "hutchinson"
             self._warn_once(trainer, "fallback", self._fallback_message(pl_module, err))
             return self._estimate(trainer, pl_module, network, inputs, target, dry_run)
         self._resolved_method = method
