@@ -687,7 +687,7 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
     ``K`` backward passes per sample for ``K`` classes; ``"hutchinson"``: ``num_probes``
     Hessian-vector products per sample (about ``2 * num_probes`` gradient evaluations);
     ``"ggn_hutchinson"``: both. Measured on the paper's MLP on MNIST-1D (one CPU thread, 512
-    samples): exact 0.18-0.25 s, about 60 training steps of batch 128 (two epochs of MNIST-1D);
+    samples): exact 0.11 s, about 55-65 training steps of batch 128 (two epochs of MNIST-1D);
     Hutchinson with 64 probes 0.9 s; with tanh units, Hutchinson and ggn_hutchinson with 64 probes
     0.5 s each (8 batches of 64 samples, float64). Trade accuracy for
     time with ``num_samples`` (the sampling error falls like ``1 / sqrt(num_samples)``; it is the
@@ -701,8 +701,10 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
     difference between the Hessian and its Gauss-Newton part (computed exactly), which has far less
     noise: on the MLP with tanh units fitted to its training set, +3%, +0.4% and +0.1% at 16, 64 and
     256 probes against Hutchinson's +12%, +3% and +0.4% (+8%, +2%, +0.4% against +16%, +5%, +1.2%
-    at 67% training accuracy). The jackknife standard error does not include this bias: compare
-    stochastic values only at equal settings.
+    at 67% training accuracy). The jackknife standard error does not include this bias; the logged
+    ``<p>/normalized_half_shift`` bounds it from below (see :class:`NormalizedSharpness`) and a
+    warning says when it exceeds twice the standard error. Compare stochastic values only at equal
+    settings.
 
     Args:
         method: ``"auto"`` (default), ``"exact"``, ``"ggn_hutchinson"``, ``"hutchinson"`` or
