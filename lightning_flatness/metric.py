@@ -267,8 +267,8 @@ class NormalizedSharpness(Metric):
     the device of your backend (``metric.to(device)``; NCCL needs CUDA tensors). Under DDP, rank
     ``k`` starts filling slot ``k mod R`` so that single-group updates of different ranks land in
     different slots. ``update`` costs ``O(G * numel)``; ``compute`` evaluates
-    ``sharpness_measures`` ``R' + 1`` times. All arithmetic is float64 (not available on Apple
-    MPS); ``.to(dtype)`` / ``set_dtype`` leave the states' dtypes alone. States are not in
+    ``sharpness_measures`` ``R' + 3`` times (pooled, leave-one-out, two halves). All arithmetic is
+    float64 (not available on Apple MPS); ``.to(dtype)`` / ``set_dtype`` leave the states' dtypes alone. States are not in
     ``state_dict`` unless ``persistent(True)`` (torchmetrics' default); the layout always is (as
     extra state), and with persistent states the weight copy too, so a loaded metric can compute.
 
