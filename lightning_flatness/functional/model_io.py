@@ -1,0 +1,172 @@
+"""Models as users have them: inputs that are tensors, tuples or dicts; outputs that are tensors,
+tuples, dicts or Hugging Face ``ModelOutput``; and token-level losses for sequence outputs.
+
+Every estimator calls the network through :func:`call_model`, so a torchvision, timm or Hugging Face
+model needs no wrapper:
+
+- ``inputs`` a ``Tensor``: ``model(inputs)``; a tuple or list: ``model(*inputs)``; a dict (any
+  ``Mapping``, e.g. ``{"input_ids": ..., "attention_mask": ...}``): ``model(**inputs)``.
+- the output a ``Tensor``: the logits; a ``Mapping`` (``dict``, ``ModelOutput``) with a ``"logits"``
+  entry: that entry; a tuple or list: its first entry (recursively).
+
+A *sample* is index ``i`` along dim 0 of every tensor in ``inputs`` that has the batch size there
+(other entries, e.g. a shared mask, are passed whole). Shapes: logits ``(N, K)`` for classifiers,
+``(N, T, V)`` for sequence models (see :class:`TokenLoss`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ModelInputs",
+    "TokenLoss",
+    "call_model",
+    "extract_logits",
+    "inputs_batch_size",
+    "map_inputs",
+    "select_samples",
+    "split_samples",
+]
+
+#: What a model is called with: a tensor, a tuple/list of positional arguments or a dict of keyword arguments.
+ModelInputs = Union[Tensor, Sequence[Any], Mapping[str, Any]]
+
+
+def map_inputs(inputs: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """Apply ``fn`` to every tensor in ``inputs`` (tensor, tuple/list or dict), keeping the structure."""
+    if isinstance(inputs, Tensor):
+        return fn(inputs)
+    if isinstance(inputs, Mapping):
+        return {k: map_inputs(v, fn) for k, v in inputs.items()}  # BatchEncoding etc. become plain dicts
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(map_inputs(v, fn) for v in inputs)
+    return inputs
+
+
+def _tensors(inputs: Any) -> list[Tensor]:
+    found: list[Tensor] = []
+    map_inputs(inputs, lambda t: found.append(t) or t)
+    return found
+
+
+def inputs_batch_size(inputs: Any) -> int:
+    """The number of samples: dim 0 of the first tensor in ``inputs`` (dict order, then position)."""
+    for t in _tensors(inputs):
+        if t.ndim > 0:
+            return int(t.shape[0])
+    raise TypeError(f"the model inputs contain no tensor with a batch dimension (got {type(inputs).__name__}); "
+                    "pass a tensor, a tuple of tensors or a dict of tensors with samples along dim 0.")
+
+
+def select_samples(inputs: Any, index: Union[slice, Tensor], batch_size: Optional[int] = None) -> Any:
+    """The samples ``index`` of every tensor whose dim 0 is the batch; other entries pass whole."""
+    n = inputs_batch_size(inputs) if batch_size is None else batch_size
+    return map_inputs(inputs, lambda t: t[index] if t.ndim > 0 and t.shape[0] == n else t)
+
+
+def split_samples(inputs: Any, sections: int) -> list[Any]:
+    """``inputs`` cut into ``sections`` contiguous groups of samples (as ``torch.tensor_split``)."""
+    n = inputs_batch_size(inputs)
+    bounds = [len(c) for c in torch.tensor_split(torch.arange(n), sections)]
+    out, start = [], 0
+    for size in bounds:
+        out.append(select_samples(inputs, slice(start, start + size), n))
+        start += size
+    return out
+
+
+def extract_logits(output: Any) -> Tensor:
+    """The logits in a model's output: a tensor, ``output["logits"]`` of a dict/``ModelOutput``, or
+    the first entry of a tuple/list."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):
+        if "logits" in output:
+            return extract_logits(output["logits"])
+        raise TypeError(f"the model returned a {type(output).__name__} with keys {sorted(map(str, output))} and "
+                        "no 'logits'; return the logits (a tensor), or a dict/ModelOutput with a 'logits' entry.")
+    if isinstance(output, (tuple, list)) and output:
+        return extract_logits(output[0])
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}; return a tensor, a "
+                    "tuple whose first entry is the logits, or a dict/ModelOutput with a 'logits' entry.")
+
+
+def call_model(model: Callable[..., Any], inputs: Any) -> Tensor:
+    """``model`` called on ``inputs`` (tensor: positional; tuple/list: ``*args``; dict: ``**kwargs``),
+    returning the logits (see :func:`extract_logits`)."""
+    if isinstance(inputs, Mapping):
+        out = model(**inputs)
+    elif isinstance(inputs, (tuple, list)):
+        out = model(*inputs)
+    else:
+        out = model(inputs)
+    return extract_logits(out)
+
+
+class TokenLoss(nn.Module):
+    r"""A classification loss applied per token of sequence outputs, averaged over valid tokens.
+
+    For logits ``(N, T, V)`` and targets ``(N, T)`` (class indices, ``ignore_index`` marks padding),
+    the loss is ``base(logits[valid], target[valid])`` over the ``M`` valid tokens, i.e. the mean
+    per-token loss, as Hugging Face computes it. With ``shift=True`` (causal language models,
+    ``labels = input_ids``) position ``t`` predicts token ``t + 1``: logits ``[:, :-1]`` are paired
+    with targets ``[:, 1:]``. For ``(N, K)`` logits it is ``base`` on the non-ignored rows.
+
+    ``base`` must be a mean of per-row losses on ``(M, K)`` logits, e.g. ``F.cross_entropy`` or
+    :func:`normalized_softmax_cross_entropy`, so the total is ``(1/M) sum_tokens loss_t``: its
+    Hessian is the token-weighted mean of per-token Hessians, and a sequence is one sample for the
+    error bars.
+
+    Cost: that of ``base`` on ``M`` rows.
+    """
+
+    def __init__(self, base: Callable[[Tensor, Tensor], Tensor], shift: bool = False, ignore_index: int = -100):
+        super().__init__()
+        self.base = base
+        self.shift = bool(shift)
+        self.ignore_index = int(ignore_index)
+
+    def rows(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Valid ``(M, K)`` logit rows, their ``(M,)`` targets and ``(M,)`` sample (sequence) indices."""
+        if logits.ndim == 3:
+            if target.ndim != 2 or target.shape[0] != logits.shape[0]:
+                raise ValueError(f"TokenLoss needs targets (N, T) for logits (N, T, V), got {tuple(target.shape)} "
+                                 f"and {tuple(logits.shape)}.")
+            if self.shift:
+                logits, target = logits[:, :-1], target[:, 1:]
+            if target.shape[1] != logits.shape[1]:
+                raise ValueError(f"TokenLoss: {logits.shape[1]} positions of logits but {target.shape[1]} of "
+                                 "targets; pass labels aligned with the logits (shift=True shifts by one).")
+            n, t = target.shape
+            sample = torch.arange(n, device=logits.device).repeat_interleave(t)
+            logits, target = logits.reshape(n * t, -1), target.reshape(n * t)
+        elif logits.ndim == 2:
+            sample = torch.arange(logits.shape[0], device=logits.device)
+        else:
+            raise ValueError(f"TokenLoss expects logits (N, K) or (N, T, V), got {tuple(logits.shape)}.")
+        valid = target != self.ignore_index
+        return logits[valid], target[valid], sample[valid]
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        rows, labels, _ = self.rows(logits, target)
+        if rows.shape[0] == 0:
+            raise ValueError("TokenLoss: every target is ignore_index; the batch has no token to score.")
+        return self.base(rows, labels)
+
+    def num_tokens(self, logits_shape: torch.Size, target: Tensor) -> Tensor:
+        """``(N,)`` number of valid tokens of each sample (the weight of a sequence in the mean)."""
+        if target.ndim == 2 and self.shift:
+            target = target[:, 1:]
+        valid = target != self.ignore_index
+        return valid.reshape(valid.shape[0], -1).sum(dim=1)
+
+    def extra_repr(self) -> str:
+        name = getattr(self.base, "__name__", type(self.base).__name__)
+        return f"base={name}, shift={self.shift}, ignore_index={self.ignore_index}"
+
