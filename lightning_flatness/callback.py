@@ -25,14 +25,12 @@ from torch import Tensor, nn
 import pytorch_lightning as pl
 from lightning_flatness.batch_split import split_batch as _default_split_batch
 from lightning_flatness.callback_logging import bar_chart_image, custom_scalars_layout, tensorboard_writers
-from lightning_flatness.functional import (
-    METHODS,
-    ExactMethodNotApplicable,
-    hessian_diagonal_groups,
-    select_parameters,
-)
+from lightning_flatness.functional import ExactMethodNotApplicable, select_parameters
+from lightning_flatness.functional.estimators.method_choice import MethodChoice
+from lightning_flatness.functional.estimators.registry import ESTIMATORS
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.measures import MEASURES
+from lightning_flatness.functional.model_io import call_model, inputs_batch_size, map_inputs, select_samples
 from lightning_flatness.isolation import (
     autograd_tensor,
     float_copy,
@@ -40,7 +38,7 @@ from lightning_flatness.isolation import (
     preserved_rng_states,
     resolve_dtype,
 )
-from lightning_flatness.metric import NormalizedSharpness
+from lightning_flatness.measure import SharpnessMeasurement, resolve_loss
 from lightning_flatness.progress import progress_reporter
 from lightning_flatness.training_subset import (
     TrainingSubset,
@@ -100,9 +98,10 @@ class SharpnessMonitorBase:
         relative_step: float = 1e-3,
     ) -> None:
         super().__init__()
-        if method != _AUTO and method not in METHODS:
-            raise ValueError(f"SharpnessMonitor got method={method!r}; choose 'auto' (exact where the model "
-                             f"qualifies, 'ggn_hutchinson' otherwise) or one of {list(METHODS)}.")
+        if method != _AUTO and method not in ESTIMATORS:
+            raise ValueError(f"SharpnessMonitor got method={method!r}; choose 'auto' (chosen per model by "
+                             "lightning_flatness.functional.estimators.method_choice.choose_method) or one of "
+                             f"{list(ESTIMATORS)}.")
         if not _is_positive_int(num_samples):
             raise ValueError(f"SharpnessMonitor got num_samples={num_samples!r}; pass a positive number of "
                              "training samples to measure on (default 512).")
@@ -176,6 +175,8 @@ class SharpnessMonitorBase:
         self._warned: set[str] = set()
         self._layouts_written: set[int] = set()
         self._generator: Optional[torch.Generator] = None  # this evaluation's probes
+        self._choice: Optional[MethodChoice] = None if method == _AUTO else MethodChoice.named(method)
+        self._loss: LossFn = self.loss_fn  # resolved at the dry run (TokenLoss for sequence outputs)
 
     # -- public hooks for subclasses ----------------------------------------------------------------
 
@@ -222,6 +223,9 @@ class SharpnessMonitorBase:
         self._dataset_size = state_dict["dataset_size"]
         if self.method == _AUTO or state_dict["method"] == self.method:
             self._resolved_method = state_dict["method"]
+            if self._resolved_method is not None and self._resolved_method in ESTIMATORS:
+                self._choice = MethodChoice(self._resolved_method, ESTIMATORS[self._resolved_method].quantity,
+                                            "restored from a checkpoint")
         self._evaluations = int(state_dict["evaluations"])
         self.history = [dict(entry) for entry in state_dict["history"]]
 
@@ -344,42 +348,68 @@ class SharpnessMonitorBase:
                                  f"{trainer.global_rank}; pass a loader with at least one batch per process.")
             network = self.copy_network(pl_module, self.dtype)
             inputs, target = self._split(batch)
-            inputs = autograd_tensor(inputs[:_DRY_RUN_SAMPLES], device, self.dtype)
+            n = inputs_batch_size(inputs)
+            inputs = self._to_device(select_samples(inputs, slice(0, _DRY_RUN_SAMPLES), n), device)
             target = autograd_tensor(target[:_DRY_RUN_SAMPLES], device, self.dtype)
-            self._estimate(trainer, pl_module, network, inputs, target, dry_run=True)
+            try:
+                with torch.no_grad():
+                    logits = call_model(network, inputs)
+                self._loss = resolve_loss(self.loss_fn, network, logits, target)
+                self._estimate(trainer, pl_module, network, inputs, target, dry_run=True)
+            except Exception as err:
+                raise RuntimeError(
+                    f"SharpnessMonitor cannot measure {type(pl_module).__name__} (dry run on "
+                    f"{min(n, _DRY_RUN_SAMPLES)} samples before training): {type(err).__name__}: {err} "
+                    "Pass another `method=`, `loss_fn=` or `parameters=`, or override `split_batch` / "
+                    "`copy_network`; training has not started.") from err
+        if self._choice is not None and self.method == _AUTO and "fallback" not in self._warned:
+            message = (f"SharpnessMonitor(method='auto') measures with {self._choice.label}: "
+                       f"{self._choice.reason}.")
+            if ESTIMATORS[self._choice.method].stochastic:  # random error and a bias: say it loudly
+                self._warn_once(trainer, "choice", f"{message} It is stochastic: the normalized measures are "
+                                f"biased upwards by its noise, which '{self.prefix}/normalized_half_shift' "
+                                "bounds from below (benchmarks/RESULTS.md has the measured biases).")
+            else:
+                self._info_once(trainer, "choice", message)
         self._prepared = True
 
-    def _loss_is_finite(self, network: nn.Module, inputs: Tensor, target: Tensor) -> bool:
+    def _to_device(self, inputs: Any, device: torch.device) -> Any:
+        return map_inputs(inputs, lambda t: autograd_tensor(t, device, self.dtype))
+
+    def _loss_is_finite(self, network: nn.Module, inputs: Any, target: Tensor) -> bool:
         with torch.no_grad():
-            logits = network(inputs)
-            loss = self.loss_fn(logits, target)
+            logits = call_model(network, inputs)
+            loss = self._loss(logits, target)
             return bool(torch.isfinite(logits).all()) and bool(torch.isfinite(loss).all())
 
-    def _estimate(self, trainer: Any, pl_module: Any, network: nn.Module, inputs: Tensor, target: Tensor,
-                  dry_run: bool = False) -> Any:
-        """``hessian_diagonal_groups`` on one batch (one sample group); resolves ``method="auto"``.
+    def _measurement(self, network: nn.Module, generator: Optional[torch.Generator], num_probes: int) -> Any:
+        return SharpnessMeasurement(network, loss_fn=self._loss, method=self.method, parameters=self.parameters,
+                                    lam=self.lam, num_replicates=self.num_replicates, num_probes=num_probes,
+                                    generator=generator, relative_step=self.relative_step, choice=self._choice)
 
-        Returns ``None`` when the loss is NaN or infinite (the estimators may raise then). Under
-        ``"auto"`` the exact method is tried first; if it refuses the model, ``"ggn_hutchinson"``
-        (plain ``"hutchinson"`` when the refusal says the Gauss-Newton part does not apply either)
-        takes over for the rest of the run, with a warning. Probes come from this evaluation's private
-        generator (a throwaway one in the dry run).
+    def _estimate(self, trainer: Any, pl_module: Any, network: nn.Module, inputs: Any, target: Tensor,
+                  dry_run: bool = False, measurement: Any = None) -> Optional[bool]:
+        """Estimate on one batch (one sample group) and pool it into ``measurement``; resolves
+        ``method="auto"`` on the dry run (:func:`choose_method`).
+
+        Returns ``None`` when the loss is NaN or infinite (the estimators may raise then), else
+        whether the estimate was finite. If the exact method refuses the model after all (a loss
+        that is not a mean of per-sample losses is found only by the estimator), ``"ggn_hutchinson"``
+        (plain ``"hutchinson"`` when the Gauss-Newton part does not apply either) takes over for the
+        rest of the run, with a warning. Probes come from this evaluation's private generator (a
+        throwaway one in the dry run).
         """
-        method = self._resolved_method or "exact"
         probes, generator = self.num_probes, None
-        if method != "exact":
-            if dry_run:
-                probes, generator = 1, torch.Generator(device=inputs.device).manual_seed(0)
-            else:
-                if self._generator is None:
-                    self._generator = self._probe_generator(inputs.device, trainer.global_rank)
-                generator = self._generator
+        if dry_run:
+            probes, generator = 1, torch.Generator(device=target.device).manual_seed(0)
+        else:
+            if self._generator is None:
+                self._generator = self._probe_generator(target.device, trainer.global_rank)
+            generator = self._generator
+        if measurement is None:
+            measurement = self._measurement(network, generator, probes)
         try:
-            estimate = hessian_diagonal_groups(
-                network, self.loss_fn, inputs, target, method=method, num_probes=probes, num_groups=1,
-                generator=generator, parameters=self.parameters, strict=True,
-                relative_step=self.relative_step,
-            )
+            ok = measurement.add(inputs, target)
         except (ValueError, RuntimeError) as err:
             try:
                 finite = self._loss_is_finite(network, inputs, target)
@@ -387,40 +417,26 @@ class SharpnessMonitorBase:
                 finite = True
             if not finite:
                 return None
-            if self._resolved_method is not None or not isinstance(err, ExactMethodNotApplicable):
+            if not dry_run or self.method != _AUTO or not isinstance(err, ExactMethodNotApplicable):
                 raise
-            # ExactMethodNotApplicable says whether the Gauss-Newton control variate applies (it needs
-            # a mean of per-sample losses and a deterministic model)
-            self._resolved_method = "ggn_hutchinson" if err.gauss_newton_applicable else "hutchinson"
+            method = "ggn_hutchinson" if err.gauss_newton_applicable else "hutchinson"
+            self._choice = MethodChoice(method, ESTIMATORS[method].quantity, f"the exact method refused: {err}")
+            self._resolved_method = method
             self._warn_once(trainer, "fallback", self._fallback_message(pl_module, err))
             return self._estimate(trainer, pl_module, network, inputs, target, dry_run)
-        self._resolved_method = method
-        return estimate
+        self._choice = measurement.choice
+        self._resolved_method = measurement.choice.method
+        return ok
 
     def _fallback_message(self, pl_module: Any, err: Exception) -> str:
-        p = self.num_probes
-        if self._resolved_method == "ggn_hutchinson":
-            return ("SharpnessMonitor(method='auto'): the exact Hessian diagonal does not apply to "
-                    f"{type(pl_module).__name__} ({err}) Falling back to Hutchinson's estimator with the exact "
-                    "Gauss-Newton diagonal as control variate (method='ggn_hutchinson'): the Gauss-Newton part "
-                    f"as the exact method computes it, plus num_probes={p} Rademacher probes per sample of the "
-                    f"remainder (about {2 * p} more gradient evaluations per sample). Its Hessian diagonal is "
-                    f"unbiased, and so is '{self.prefix}/hessian_trace'; but normalized and matrix-normalized "
-                    "sharpness are nonlinear in the diagonal, and the remaining probe noise biases them "
-                    "upwards: on the paper's MNIST-1D MLP with tanh units (512 samples) by about +3% at 16 "
-                    "probes, +0.4% at 64 and +0.1% at 256 once it fits its training set (+8%, +2%, +0.4% at "
-                    "67% training accuracy), against +12%, +3%, +0.4% (+16%, +5%, +1.2%) for plain Hutchinson. "
-                    f"The logged standard errors ('{self.prefix}/normalized_stderr') cover only the random "
-                    "part: compare values measured with the same settings, or raise num_probes.")
-        return ("SharpnessMonitor(method='auto'): the exact Hessian diagonal does not apply to "
-                f"{type(pl_module).__name__} ({err}) Falling back to Hutchinson's estimator with "
-                f"num_probes={p} Rademacher probes per sample (about {2 * p} gradient evaluations per "
-                f"sample). Its Hessian diagonal is unbiased, and so is '{self.prefix}/hessian_trace'; but "
-                "normalized and matrix-normalized sharpness are nonlinear in the diagonal, and probe noise "
-                "biases them upwards: on the paper's MNIST-1D MLP (512 samples) by about +65% at 16 probes, "
-                "+35% at 64 and +15% at 256, shrinking like 1/sqrt(num_probes). The logged standard errors "
-                f"('{self.prefix}/normalized_stderr') cover only the random part: compare values measured "
-                "with the same settings, or raise num_probes.")
+        assert self._choice is not None
+        return (f"SharpnessMonitor(method='auto'): the exact Hessian diagonal does not apply to "
+                f"{type(pl_module).__name__} ({err}) Falling back to {self._choice.label} with "
+                f"num_probes={self.num_probes}. Its Hessian diagonal is unbiased, but normalized and "
+                "matrix-normalized sharpness are nonlinear in it, so probe noise biases them upwards; the "
+                f"logged standard errors ('{self.prefix}/normalized_stderr') cover only the random part, and "
+                f"'{self.prefix}/normalized_half_shift' bounds the bias from below. Measured biases per "
+                "method and probe count: benchmarks/RESULTS.md.")
 
     # -- measurement --------------------------------------------------------------------------------
 
@@ -461,14 +477,17 @@ class SharpnessMonitorBase:
         sizes = [len(share)] if dry_run else chunk_sizes(len(share), size, self.num_replicates)
         return self._subset.batches(share, sizes), len(sizes)
 
-    def _split(self, batch: Any) -> tuple[Tensor, Tensor]:
+    def _split(self, batch: Any) -> tuple[Any, Tensor]:
         inputs, target = self.split_batch(batch)
-        if not isinstance(inputs, Tensor) or not isinstance(target, Tensor) or inputs.ndim == 0 \
-                or target.ndim == 0 or inputs.shape[0] != target.shape[0]:
-            raise TypeError(f"{type(self).__name__}.split_batch returned {type(inputs).__name__} "
-                            f"{tuple(getattr(inputs, 'shape', ()))} and {type(target).__name__} "
-                            f"{tuple(getattr(target, 'shape', ()))}; it must return (inputs, target), two "
-                            "tensors with the same number of samples along dim 0.")
+        try:
+            n = inputs_batch_size(inputs)
+        except TypeError:
+            n = -1
+        if not isinstance(target, Tensor) or target.ndim == 0 or target.shape[0] != n:
+            raise TypeError(f"{type(self).__name__}.split_batch returned {type(inputs).__name__} and "
+                            f"{type(target).__name__} {tuple(getattr(target, 'shape', ()))}; it must return "
+                            "(inputs, target): inputs a tensor, tuple or dict of tensors and target a tensor, "
+                            "with the same number of samples along dim 0.")
         return inputs, target
 
     def _probe_generator(self, device: torch.device, rank: int) -> torch.Generator:
@@ -485,36 +504,49 @@ class SharpnessMonitorBase:
         batches, total = self._rank_batches(trainer)
         self._generator = None
         nonfinite = False
+        failure: Optional[BaseException] = None
         with preserved_rng_states(), gradient_enabled(device):
             network = self.copy_network(pl_module, self.dtype)
             params = select_parameters(network, self.parameters)
             weights = {n: p.detach() for n, p in params.items()}
             nonfinite = not all(bool(torch.isfinite(w).all()) for w in weights.values())
-            metric = NormalizedSharpness(lam=self.lam, num_replicates=self.num_replicates,
-                                         parameter_shapes={n: w.shape for n, w in weights.items()}).to(device)
+            self._generator = self._probe_generator(device, trainer.global_rank)
+            measurement = self._measurement(network, self._generator, self.num_probes)
             description = f"Sharpness ({self._resolved_method or 'exact'})"
             with progress_reporter(trainer, total, description) as advance:
                 for batch in [] if nonfinite else batches:  # non-finite weights: nothing to measure
-                    inputs, target = self._split(batch)
-                    inputs = autograd_tensor(inputs, device, self.dtype)
-                    target = autograd_tensor(target, device, self.dtype)
-                    estimate = self._estimate(trainer, pl_module, network, inputs, target)
-                    if estimate is not None and all(bool(torch.isfinite(g).all())
-                                                    for g in estimate.groups.values()):
-                        metric.update(estimate, weights)
-                    else:
+                    try:
+                        inputs, target = self._split(batch)
+                        inputs = self._to_device(inputs, device)
+                        target = autograd_tensor(target, device, self.dtype)
+                        ok = self._estimate(trainer, pl_module, network, inputs, target, measurement=measurement)
+                    except Exception as err:  # a measurement never stops training: warn and log NaN
+                        failure, ok = err, False
+                    if not ok:
                         nonfinite = True
+                        break
                     advance(1)
             # one collective, so every process takes the same branch below
             any_nonfinite = trainer.strategy.reduce_boolean_decision(nonfinite, all=False)
-            values = None if any_nonfinite else {k: float(v) for k, v in metric.compute().items()}
+            values = None
+            if not any_nonfinite:
+                try:
+                    values = {k: float(v) for k, v in measurement.compute().items()}
+                except Exception as err:  # e.g. the solver: identical on every rank, so no rank hangs
+                    failure = err
         self._evaluations += 1
         if values is None:
-            self._warn_once(trainer, "nonfinite",
-                            "SharpnessMonitor: the loss or its curvature is NaN or infinite at epoch "
-                            f"{trainer.current_epoch} (weights, inputs or loss_fn produce non-finite "
-                            f"values); logging NaN for '{self.prefix}/*' and continuing. Check the learning "
-                            "rate and the data.")
+            if failure is not None:
+                self._warn_once(trainer, "failure",
+                                f"SharpnessMonitor: the measurement failed at epoch {trainer.current_epoch} "
+                                f"({type(failure).__name__}: {failure}); logging NaN for '{self.prefix}/*' and "
+                                "continuing training. Please report it with the model, or pass another `method=`.")
+            else:
+                self._warn_once(trainer, "nonfinite",
+                                "SharpnessMonitor: the loss or its curvature is NaN or infinite at epoch "
+                                f"{trainer.current_epoch} (weights, inputs or loss_fn produce non-finite "
+                                f"values); logging NaN for '{self.prefix}/*' and continuing. Check the learning "
+                                "rate and the data.")
             names = list(weights)
             keys = [*MEASURES, *(f"{m}_stderr" for m in MEASURES), *(f"{m}_half_shift" for m in MEASURES),
                     *(f"{m}/{n}" for m in MEASURES for n in names),
