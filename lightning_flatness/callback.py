@@ -376,24 +376,17 @@ class SharpnessMonitorBase:
     def _to_device(self, inputs: Any, device: torch.device) -> Any:
         return map_inputs(inputs, lambda t: autograd_tensor(t, device, self.dtype))
 
-    def _loss_is_finite(self, network: nn.Module, inputs: Any, target: Tensor) -> bool:
-        with torch.no_grad():
-            logits = call_model(network, inputs)
-            loss = self._loss(logits, target)
-            return bool(torch.isfinite(logits).all()) and bool(torch.isfinite(loss).all())
-
     def _measurement(self, network: nn.Module, generator: Optional[torch.Generator], num_probes: int) -> Any:
         return SharpnessMeasurement(network, loss_fn=self._loss, method=self.method, parameters=self.parameters,
                                     lam=self.lam, num_replicates=self.num_replicates, num_probes=num_probes,
                                     generator=generator, relative_step=self.relative_step, choice=self._choice)
 
     def _estimate(self, trainer: Any, pl_module: Any, network: nn.Module, inputs: Any, target: Tensor,
-                  dry_run: bool = False, measurement: Any = None) -> Optional[bool]:
+                  dry_run: bool = False, measurement: Any = None) -> bool:
         """Estimate on one batch (one sample group) and pool it into ``measurement``; resolves
         ``method="auto"`` on the dry run (:func:`choose_method`).
 
-        Returns ``None`` when the loss is NaN or infinite (the estimators may raise then), else
-        whether the estimate was finite. If the exact method refuses the model after all (a loss
+        Returns whether the loss and the estimate were finite. If the exact method refuses the model after all (a loss
         that is not a mean of per-sample losses is found only by the estimator), ``"ggn_hutchinson"``
         (plain ``"hutchinson"`` when the Gauss-Newton part does not apply either) takes over for the
         rest of the run, with a warning. Probes come from this evaluation's private generator (a
@@ -411,12 +404,6 @@ class SharpnessMonitorBase:
         try:
             ok = measurement.add(inputs, target)
         except (ValueError, RuntimeError) as err:
-            try:
-                finite = self._loss_is_finite(network, inputs, target)
-            except Exception:  # the forward itself fails: report the original error
-                finite = True
-            if not finite:
-                return None
             if not dry_run or self.method != _AUTO or not isinstance(err, ExactMethodNotApplicable):
                 raise
             method = "ggn_hutchinson" if err.gauss_newton_applicable else "hutchinson"

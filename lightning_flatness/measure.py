@@ -154,9 +154,25 @@ class SharpnessMeasurement:
             relative_step=self.relative_step, num_mc_samples=self.num_mc_samples,
         )
 
+    def loss_is_finite(self, inputs: Any, target: Tensor) -> bool:
+        """Whether the logits and the loss of this batch are finite (one forward pass, no gradient)."""
+        with torch.no_grad():
+            logits = call_model(self.model, inputs)
+            return bool(torch.isfinite(logits).all()) and bool(torch.isfinite(self.loss_fn(logits, target)).all())
+
     def add(self, inputs: Any, target: Tensor) -> bool:
-        """Estimate on one batch and pool it; ``False`` (nothing pooled) when it is NaN or infinite."""
-        estimate = self.estimate(inputs, target)
+        """Estimate on one batch and pool it; ``False`` (nothing pooled) when the loss or the estimate is
+        NaN or infinite. Other errors of the estimator are raised."""
+        try:
+            estimate = self.estimate(inputs, target)
+        except (ValueError, RuntimeError):
+            try:
+                finite = self.loss_is_finite(inputs, target)
+            except Exception:  # the forward itself fails: report the estimator's error
+                finite = True
+            if not finite:
+                return False
+            raise
         if not all(bool(torch.isfinite(g).all()) for g in estimate.groups.values()):
             return False
         self.metric.update(estimate, self.weights)
