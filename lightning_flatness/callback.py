@@ -180,20 +180,24 @@ class SharpnessMonitorBase:
 
     # -- public hooks for subclasses ----------------------------------------------------------------
 
-    def split_batch(self, batch: Any) -> tuple[Tensor, Tensor]:
-        """Split one batch into ``(inputs, target)`` with ``pl_module(inputs)`` the logits.
+    def split_batch(self, batch: Any) -> tuple[Any, Tensor]:
+        """Split one batch into ``(inputs, target)``; the network is called on ``inputs`` as
+        :func:`~lightning_flatness.functional.model_io.call_model` does (a tensor, ``*tuple`` or
+        ``**dict``) and must return the logits (or a tuple/dict/``ModelOutput`` holding them).
 
         The default (:func:`lightning_flatness.batch_split.split_batch`) takes the first two entries
-        of a tuple/list, and for a dict the first present of the keys ``"inputs"``, ``"input"``,
-        ``"x"``, ``"features"``, ``"image"``, ``"images"``, ``"data"`` (inputs) and ``"target"``,
+        of a tuple/list; for a Hugging Face dict (with ``"input_ids"``, ``"pixel_values"``, ...) the
+        target under ``"labels"`` (or another target key) and every other entry as keyword inputs;
+        for any other dict the first present of the keys ``"inputs"``, ``"input"``, ``"x"``,
+        ``"features"``, ``"image"``, ``"images"``, ``"data"`` (inputs) and ``"target"``,
         ``"targets"``, ``"y"``, ``"label"``, ``"labels"`` (target). Override it for other batches.
         """
         return _default_split_batch(batch)
 
     def copy_network(self, pl_module: nn.Module, dtype: torch.dtype) -> nn.Module:
         """The network whose curvature is measured: by default a deep copy of ``pl_module`` cast to
-        ``dtype``, in eval mode (see :func:`lightning_flatness.isolation.float_copy`). It is called as
-        ``network(inputs)`` and must return the logits. Override it to measure a submodule, e.g.
+        ``dtype``, in eval mode (see :func:`lightning_flatness.isolation.float_copy`). It is called on
+        the inputs of :meth:`split_batch` and must return the logits. Override it to measure a submodule, e.g.
         ``return float_copy(pl_module.net, dtype)``; never return the live module."""
         return float_copy(pl_module, dtype)
 
@@ -669,15 +673,27 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
 
     **How**: on a private deep copy of the network in ``dtype`` (float32 or float64, whatever the
     training precision), in eval mode (dropout off, BatchNorm with running statistics), with
-    gradients enabled locally (also inside ``trainer.validate()``'s inference mode). The Hessian
-    diagonal comes from :func:`~lightning_flatness.functional.hessian_diagonal_groups` (``method``;
-    ``"auto"``: the zero-variance ``"exact"`` method when the network is linear in each weight, e.g.
-    ReLU/max-pool/eval-BatchNorm networks, else ``"ggn_hutchinson"``, with a warning; plain
-    ``"hutchinson"`` if the loss is not a mean of per-sample losses), one call per
-    batch; each process cuts its share into at least ``num_replicates`` batches of at most
-    ``batch_size`` samples. :class:`NormalizedSharpness` pools the batches (one replicate group each)
-    and gives each measure a jackknife standard error (sample noise, and probe noise for the
+    gradients enabled locally (also inside ``trainer.validate()``'s inference mode), through
+    :class:`~lightning_flatness.measure.SharpnessMeasurement` (the front door that plain training
+    loops use too). Batches may be tensors, tuples or dicts (Hugging Face keyword batches included,
+    :meth:`split_batch`); outputs may be tensors, tuples, dicts or ``ModelOutput`` with ``logits``;
+    ``(N, T, V)`` sequence outputs are scored per token (``-100`` ignored, shifted by one for causal
+    LMs; :func:`~lightning_flatness.measure.resolve_loss`). ``method="auto"`` is decided once, in a
+    dry run on a few samples at fit start, by
+    :func:`~lightning_flatness.functional.estimators.method_choice.choose_method`: the zero-variance
+    ``"exact"`` method when the network is linear in each weight (ReLU/max-pool/eval-BatchNorm
+    networks) with few outputs, a sampled Gauss-Newton part when the outputs are many, and
+    Hutchinson probes of the residual ``H - GGN`` for other networks; the choice, what it estimates
+    (Hessian or Gauss-Newton diagonal) and why are reported once and kept in :attr:`history`
+    (``"method"``). Each process cuts its share into at least ``num_replicates`` batches of at most
+    ``batch_size`` samples; :class:`NormalizedSharpness` pools the batches (one replicate group
+    each) and gives each measure a jackknife standard error (sample noise, and probe noise for the
     stochastic methods).
+
+    **Failures**: anything that keeps the model from being measured (a batch that cannot be split,
+    a loss that cannot be differentiated, an output without logits) raises in the dry run at fit
+    start, before the first training step. A failure later (an estimator error at some epoch) is
+    reported once as a warning and logged as NaN; training goes on.
 
     **Invisible to training**: the live model (weights, buffers, ``.grad``, modes, hooks), the
     optimizer and every global RNG stream (torch CPU/CUDA/MPS, NumPy, Python) are exactly as before;
@@ -703,31 +719,28 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
     ``trainer.callback_metrics`` and :attr:`history`.
 
     **Cost** (``num_samples`` training samples per measurement): ``"exact"``: one forward and about
-    ``K`` backward passes per sample for ``K`` classes; ``"hutchinson"``: ``num_probes``
-    Hessian-vector products per sample (about ``2 * num_probes`` gradient evaluations);
-    ``"ggn_hutchinson"``: both. Measured on the paper's MLP on MNIST-1D (one CPU thread, 512
-    samples): exact 0.11 s, about 55-65 training steps of batch 128 (two epochs of MNIST-1D);
-    Hutchinson with 64 probes 0.9 s; with tanh units, Hutchinson and ggn_hutchinson with 64 probes
-    0.5 s each (8 batches of 64 samples, float64). Trade accuracy for
-    time with ``num_samples`` (the sampling error falls like ``1 / sqrt(num_samples)``; it is the
-    logged standard error for the exact method), ``num_probes`` and ``every_n_epochs``.
+    ``K`` backward columns per sample for ``K`` outputs; ``"hutchinson"``: ``num_probes``
+    Hessian-vector products per sample group (about ``2 * num_probes`` gradient evaluations);
+    ``"ggn_hutchinson"``: both. Measured costs, in seconds and in training steps, per model and
+    method: ``benchmarks/RESULTS.md``. Trade accuracy for time with ``num_samples`` (the sampling
+    error falls like ``1 / sqrt(num_samples)``; it is the logged standard error for the exact
+    method), ``num_probes`` and ``every_n_epochs``.
 
     **Accuracy**: the exact method has no probe noise; its standard error is the sampling error of
     the subset. Hutchinson's Hessian diagonal (and ``<p>/hessian_trace``) is unbiased, but the
     normalized measures are nonlinear in the diagonal (clipping, square roots, the minimum of eq.
-    17), so probe noise biases them upwards: by about +65%, +35% and +15% at 16, 64 and 256 probes
-    on the MLP above, shrinking like ``1 / sqrt(num_probes)``. ``"ggn_hutchinson"`` probes only the
-    difference between the Hessian and its Gauss-Newton part (computed exactly), which has far less
-    noise: on the MLP with tanh units fitted to its training set, +3%, +0.4% and +0.1% at 16, 64 and
-    256 probes against Hutchinson's +12%, +3% and +0.4% (+8%, +2%, +0.4% against +16%, +5%, +1.2%
-    at 67% training accuracy). The jackknife standard error does not include this bias; the logged
-    ``<p>/normalized_half_shift`` bounds it from below (see :class:`NormalizedSharpness`) and a
-    warning says when it exceeds twice the standard error. Compare stochastic values only at equal
-    settings.
+    17), so probe noise biases them upwards, shrinking like ``1 / sqrt(num_probes)``.
+    ``"ggn_hutchinson"`` probes only the difference between the Hessian and its Gauss-Newton part
+    (computed exactly), which has far less noise near a minimum. The jackknife standard error does
+    not include this bias; the logged ``<p>/normalized_half_shift`` bounds it from below (see
+    :class:`NormalizedSharpness`) and a warning says when it exceeds twice the standard error.
+    Measured biases per method and probe count: ``benchmarks/RESULTS.md``. Compare stochastic
+    values only at equal settings.
 
     Args:
-        method: ``"auto"`` (default), ``"exact"``, ``"ggn_hutchinson"``, ``"hutchinson"`` or
-            ``"finite_difference"`` (the paper's Algorithm 1).
+        method: ``"auto"`` (default, see **How**) or a registered estimator
+            (:data:`~lightning_flatness.functional.estimators.registry.ESTIMATORS`): ``"exact"``,
+            ``"ggn_hutchinson"``, ``"hutchinson"``, ``"finite_difference"`` (the paper's Algorithm 1), ...
         num_samples: training samples in the fixed subset (default 512; all if the set is smaller).
         batch_size: at most this many samples per curvature batch (memory; default 128); each
             process cuts its share into at least ``num_replicates`` batches, one replicate group each.
