@@ -39,6 +39,7 @@ from lightning_flatness.isolation import (
     resolve_dtype,
 )
 from lightning_flatness.measure import SharpnessMeasurement, resolve_loss
+from lightning_flatness.memory import PeakMemory
 from lightning_flatness.progress import progress_reporter
 from lightning_flatness.training_subset import (
     TrainingSubset,
@@ -489,8 +490,17 @@ class SharpnessMonitorBase:
         return torch.Generator(device=device).manual_seed(int(seed) & (2**63 - 1))
 
     def _measure(self, trainer: Any, pl_module: Any) -> tuple[dict[str, float], float]:
-        """Every measure over this evaluation's samples, identical on all processes, and the seconds spent."""
+        """Every measure over this evaluation's samples, identical on all processes, and the seconds
+        spent; ``values["peak_memory_mb"]`` is this process's peak memory during the measurement
+        (resident set size on CPU, CUDA allocation on a GPU; sampled, see :class:`PeakMemory`)."""
         start = time.perf_counter()
+        with PeakMemory(pl_module.device) as peak:
+            values = self._measure_values(trainer, pl_module)
+        memory = peak.cuda_mb if peak.cuda_mb is not None else peak.rss_mb
+        values["peak_memory_mb"] = math.nan if memory is None else float(memory)
+        return values, time.perf_counter() - start
+
+    def _measure_values(self, trainer: Any, pl_module: Any) -> dict[str, float]:
         device = pl_module.device
         batches, total = self._rank_batches(trainer)
         self._generator = None
@@ -544,7 +554,7 @@ class SharpnessMonitorBase:
                     *(f"{m}_stderr/{n}" for m in MEASURES for n in names)]
             values = {k: float("nan") for k in keys}
             values["num_samples"] = 0.0
-        return values, time.perf_counter() - start
+        return values
 
     # -- reporting ----------------------------------------------------------------------------------
 
@@ -588,6 +598,7 @@ class SharpnessMonitorBase:
             scalars.update({f"{p}/{m}_stderr": values[f"{m}_stderr"] for m in MEASURES})
             scalars[f"{p}/normalized_half_shift"] = values["normalized_half_shift"]
         scalars[f"{p}/seconds"] = seconds
+        scalars[f"{p}/peak_memory_mb"] = values["peak_memory_mb"]
         per_layer = {}
         if self.log_per_layer:
             per_layer = {f"{p}/{k}": v for k, v in values.items()
@@ -711,6 +722,9 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
       bias that probe noise causes, which the standard error does not include; a warning is given
       once when it exceeds twice the standard error);
     - ``<p>/seconds``: wall time of the measurement (slowest process);
+    - ``<p>/peak_memory_mb``: peak memory during the measurement (largest over processes): resident
+      set size on CPU, CUDA allocation on a GPU, sampled every 5 ms
+      (:class:`~lightning_flatness.memory.PeakMemory`);
     - ``<p>/<measure>/<parameter name>``: per weight tensor, named after its module path (e.g.
       ``sharpness/normalized/net.0.weight``).
 
