@@ -18,19 +18,20 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lightning_flatness import NormalizedSharpness
 from lightning_flatness.datasets import make_mnist1d
-from lightning_flatness.functional import hessian_diagonal_groups, normalized_softmax_cross_entropy
+from lightning_flatness.measure import measure_sharpness
 from lightning_flatness.reference_models import mlp
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--method", choices=["exact", "hutchinson", "finite_difference"], default="exact")
+    parser.add_argument("--method", default="auto",
+                        help="'auto' (chosen per model), or a registered estimator such as 'exact', "
+                             "'ggn_hutchinson', 'hutchinson', 'finite_difference'")
     parser.add_argument("--num-probes", type=int, default=256, help="stochastic methods only")
     parser.add_argument("--num-samples", type=int, default=1024, help="training samples the Hessian is taken over")
-    parser.add_argument("--num-groups", type=int, default=8, help="independent groups for the error bar")
+    parser.add_argument("--num-groups", type=int, default=8, help="independent batches for the error bar")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -69,21 +70,16 @@ def main(argv=None) -> dict[str, torch.Tensor]:
 
     # Hessian of the *training* loss (the paper's L_S) on a fixed subset of the training set.
     subset = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(args.seed))[: args.num_samples]
-    start = time.perf_counter()
-    estimate = hessian_diagonal_groups(
-        model, normalized_softmax_cross_entropy, data.x_train[subset], data.y_train[subset],
-        method=args.method, num_probes=args.num_probes, num_groups=args.num_groups,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    metric = NormalizedSharpness(num_replicates=args.num_groups)
-    weights = {name: p for name, p in model.named_parameters() if name in estimate.groups}
-    metric.update_from_estimate(estimate, weights)
-    result = metric.compute()
-    seconds = time.perf_counter() - start
+    # measure_sharpness takes any iterable of (inputs, target) batches; each batch is one replicate group.
+    batches = list(zip(data.x_train[subset].tensor_split(args.num_groups),
+                       data.y_train[subset].tensor_split(args.num_groups)))
+    measured = measure_sharpness(model, batches, method=args.method, num_probes=args.num_probes,
+                                 num_replicates=args.num_groups, generator=torch.Generator().manual_seed(args.seed))
+    result = measured.values
 
-    probes = f", {estimate.num_probes} probes" if args.method != "exact" else ""
-    print(f"\nsharpness over {int(result['num_samples'])} training samples, method {args.method!r}{probes}, "
-          f"{seconds:.2f} s (error bars: jackknife over {args.num_groups} groups of samples)")
+    print(f"\nsharpness over {int(result['num_samples'])} training samples with {measured.choice.label} "
+          f"({measured.choice.reason}), {measured.seconds:.2f} s (error bars: jackknife over {args.num_groups} "
+          "groups of samples)")
     print(f"{'':24s}{'normalized (17)':>22s}{'matrix-norm. (13)':>20s}{'Hessian trace (5)':>20s}")
     names = [k.split("/", 1)[1] for k in result if k.startswith("normalized/")]
     for name in names:

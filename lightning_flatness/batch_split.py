@@ -7,12 +7,17 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["INPUT_KEYS", "TARGET_KEYS", "split_batch"]
+from lightning_flatness.functional.model_io import inputs_batch_size
+
+__all__ = ["INPUT_KEYS", "KEYWORD_INPUT_KEYS", "TARGET_KEYS", "split_batch"]
 
 #: Keys looked up, in this order, for the inputs of a dict batch.
 INPUT_KEYS = ("inputs", "input", "x", "features", "image", "images", "data")
 #: Keys looked up, in this order, for the target of a dict batch.
 TARGET_KEYS = ("target", "targets", "y", "label", "labels")
+#: Keys that mark a dict batch of keyword arguments (Hugging Face): the model is called as
+#: ``model(**inputs)`` with every entry but the target.
+KEYWORD_INPUT_KEYS = ("input_ids", "pixel_values", "inputs_embeds", "input_values", "input_features")
 
 _FIX = ("override `SharpnessMonitor.split_batch(self, batch)` in a subclass so that it returns "
         "`(inputs, target)` with `model(inputs)` the logits and `target` what `loss_fn` expects")
@@ -27,14 +32,19 @@ def _first_key(batch: Mapping, keys: tuple[str, ...], what: str) -> Any:
                      f"{_FIX}.")
 
 
-def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
+def split_batch(batch: Any) -> tuple[Any, Tensor]:
     """Split a batch as yielded by a DataLoader into ``(inputs, target)``.
 
     Understood out of the box:
 
     - a tuple or list ``(inputs, target, *rest)``: the first two entries (extra entries such as
       sample indices are ignored);
-    - a dict (any ``Mapping``): the inputs under the first of :data:`INPUT_KEYS` present
+    - a dict (any ``Mapping``, e.g. a Hugging Face ``BatchEncoding``) with one of
+      :data:`KEYWORD_INPUT_KEYS` (``"input_ids"``, ``"pixel_values"``, ...): keyword arguments.
+      The target is the first of :data:`TARGET_KEYS` present (``"labels"`` in Hugging Face) and the
+      inputs are every other entry, so the model is called as ``model(**inputs)`` (its
+      ``attention_mask``, ``token_type_ids``, ... included);
+    - any other dict: the inputs under the first of :data:`INPUT_KEYS` present
       (``"inputs"``, ``"input"``, ``"x"``, ``"features"``, ``"image"``, ``"images"``, ``"data"``) and
       the target under the first of :data:`TARGET_KEYS` present (``"target"``, ``"targets"``,
       ``"y"``, ``"label"``, ``"labels"``).
@@ -43,7 +53,8 @@ def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
         batch: one collated batch.
 
     Returns:
-        ``(inputs, target)``, two tensors with the same size along dim 0.
+        ``(inputs, target)``: ``inputs`` a tensor, or a dict of keyword arguments; ``target`` a tensor
+        with the same number of samples along dim 0.
 
     Raises:
         TypeError, ValueError: the batch has another structure; the message names the hook to
@@ -54,7 +65,21 @@ def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
         >>> x, y = split_batch({"image": torch.zeros(4, 3), "label": torch.arange(4)})
         >>> x.shape, y.tolist()
         (torch.Size([4, 3]), [0, 1, 2, 3])
+        >>> kwargs, y = split_batch({"input_ids": torch.zeros(2, 5, dtype=torch.long),
+        ...                          "attention_mask": torch.ones(2, 5), "labels": torch.tensor([1, 0])})
+        >>> sorted(kwargs), y.tolist()
+        (['attention_mask', 'input_ids'], [1, 0])
     """
+    if isinstance(batch, Mapping) and any(k in batch for k in KEYWORD_INPUT_KEYS):
+        key = next((k for k in TARGET_KEYS if k in batch), None)
+        if key is None:
+            raise ValueError(f"SharpnessMonitor cannot find the target in a dict batch with keys "
+                             f"{sorted(map(str, batch))}: it looks for one of {list(TARGET_KEYS)}; add the "
+                             f"labels to the batch or {_FIX}.")
+        target = batch[key]
+        inputs = {k: v for k, v in batch.items() if k != key}
+        _check(inputs, target)
+        return inputs, target
     if isinstance(batch, Mapping):
         inputs = _first_key(batch, INPUT_KEYS, "inputs")
         target = _first_key(batch, TARGET_KEYS, "target")
@@ -66,10 +91,21 @@ def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
     else:
         raise TypeError(f"SharpnessMonitor does not know how to split a batch of type {type(batch).__name__} "
                         f"into (inputs, target); {_FIX}.")
-    if not isinstance(inputs, Tensor) or not isinstance(target, Tensor):
-        raise TypeError(f"SharpnessMonitor expected the inputs and target of a batch to be tensors, got "
-                        f"{type(inputs).__name__} and {type(target).__name__}; {_FIX}.")
-    if inputs.ndim == 0 or target.ndim == 0 or inputs.shape[0] != target.shape[0]:
-        raise ValueError("SharpnessMonitor expected inputs and target with the same number of samples along "
-                         f"dim 0, got shapes {tuple(inputs.shape)} and {tuple(target.shape)}; {_FIX}.")
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"SharpnessMonitor expected the inputs of a batch to be a tensor, got "
+                        f"{type(inputs).__name__}; {_FIX}.")
+    _check(inputs, target)
     return inputs, target
+
+
+def _check(inputs: Any, target: Any) -> None:
+    if not isinstance(target, Tensor):
+        raise TypeError(f"SharpnessMonitor expected the target of a batch to be a tensor, got "
+                        f"{type(target).__name__}; {_FIX}.")
+    try:
+        n = inputs_batch_size(inputs)
+    except TypeError as err:
+        raise TypeError(f"SharpnessMonitor: {err} ({_FIX})") from None
+    if target.ndim == 0 or target.shape[0] != n:
+        raise ValueError("SharpnessMonitor expected inputs and target with the same number of samples along "
+                         f"dim 0, got {n} inputs and a target of shape {tuple(target.shape)}; {_FIX}.")

@@ -25,14 +25,12 @@ from torch import Tensor, nn
 import pytorch_lightning as pl
 from lightning_flatness.batch_split import split_batch as _default_split_batch
 from lightning_flatness.callback_logging import bar_chart_figure, figure_to_image
-from lightning_flatness.functional import (
-    METHODS,
-    ExactMethodNotApplicable,
-    hessian_diagonal_groups,
-    select_parameters,
-)
+from lightning_flatness.functional import ExactMethodNotApplicable, select_parameters
+from lightning_flatness.functional.estimators.method_choice import MethodChoice
+from lightning_flatness.functional.estimators.registry import ESTIMATORS
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.measures import MEASURES
+from lightning_flatness.functional.model_io import call_model, inputs_batch_size, map_inputs, select_samples
 from lightning_flatness.isolation import (
     autograd_tensor,
     float_copy,
@@ -41,7 +39,7 @@ from lightning_flatness.isolation import (
     resolve_dtype,
 )
 from lightning_flatness.logger_media import MediaContext, log_per_layer_media, per_layer_table
-from lightning_flatness.metric import NormalizedSharpness
+from lightning_flatness.measure import SharpnessMeasurement, resolve_loss
 from lightning_flatness.progress import progress_reporter
 from lightning_flatness.training_subset import (
     TrainingSubset,
@@ -101,9 +99,10 @@ class SharpnessMonitorBase:
         relative_step: float = 1e-3,
     ) -> None:
         super().__init__()
-        if method != _AUTO and method not in METHODS:
-            raise ValueError(f"SharpnessMonitor got method={method!r}; choose 'auto' (exact where the model "
-                             f"qualifies, 'ggn_hutchinson' otherwise) or one of {list(METHODS)}.")
+        if method != _AUTO and method not in ESTIMATORS:
+            raise ValueError(f"SharpnessMonitor got method={method!r}; choose 'auto' (chosen per model by "
+                             "lightning_flatness.functional.estimators.method_choice.choose_method) or one of "
+                             f"{list(ESTIMATORS)}.")
         if not _is_positive_int(num_samples):
             raise ValueError(f"SharpnessMonitor got num_samples={num_samples!r}; pass a positive number of "
                              "training samples to measure on (default 512).")
@@ -177,23 +176,29 @@ class SharpnessMonitorBase:
         self._warned: set[str] = set()
         self._layouts_written: set[int] = set()
         self._generator: Optional[torch.Generator] = None  # this evaluation's probes
+        self._choice: Optional[MethodChoice] = None if method == _AUTO else MethodChoice.named(method)
+        self._loss: LossFn = self.loss_fn  # resolved at the dry run (TokenLoss for sequence outputs)
 
     # -- public hooks for subclasses ----------------------------------------------------------------
 
-    def split_batch(self, batch: Any) -> tuple[Tensor, Tensor]:
-        """Split one batch into ``(inputs, target)`` with ``pl_module(inputs)`` the logits.
+    def split_batch(self, batch: Any) -> tuple[Any, Tensor]:
+        """Split one batch into ``(inputs, target)``; the network is called on ``inputs`` as
+        :func:`~lightning_flatness.functional.model_io.call_model` does (a tensor, ``*tuple`` or
+        ``**dict``) and must return the logits (or a tuple/dict/``ModelOutput`` holding them).
 
         The default (:func:`lightning_flatness.batch_split.split_batch`) takes the first two entries
-        of a tuple/list, and for a dict the first present of the keys ``"inputs"``, ``"input"``,
-        ``"x"``, ``"features"``, ``"image"``, ``"images"``, ``"data"`` (inputs) and ``"target"``,
+        of a tuple/list; for a Hugging Face dict (with ``"input_ids"``, ``"pixel_values"``, ...) the
+        target under ``"labels"`` (or another target key) and every other entry as keyword inputs;
+        for any other dict the first present of the keys ``"inputs"``, ``"input"``, ``"x"``,
+        ``"features"``, ``"image"``, ``"images"``, ``"data"`` (inputs) and ``"target"``,
         ``"targets"``, ``"y"``, ``"label"``, ``"labels"`` (target). Override it for other batches.
         """
         return _default_split_batch(batch)
 
     def copy_network(self, pl_module: nn.Module, dtype: torch.dtype) -> nn.Module:
         """The network whose curvature is measured: by default a deep copy of ``pl_module`` cast to
-        ``dtype``, in eval mode (see :func:`lightning_flatness.isolation.float_copy`). It is called as
-        ``network(inputs)`` and must return the logits. Override it to measure a submodule, e.g.
+        ``dtype``, in eval mode (see :func:`lightning_flatness.isolation.float_copy`). It is called on
+        the inputs of :meth:`split_batch` and must return the logits. Override it to measure a submodule, e.g.
         ``return float_copy(pl_module.net, dtype)``; never return the live module."""
         return float_copy(pl_module, dtype)
 
@@ -223,6 +228,9 @@ class SharpnessMonitorBase:
         self._dataset_size = state_dict["dataset_size"]
         if self.method == _AUTO or state_dict["method"] == self.method:
             self._resolved_method = state_dict["method"]
+            if self._resolved_method is not None and self._resolved_method in ESTIMATORS:
+                self._choice = MethodChoice(self._resolved_method, ESTIMATORS[self._resolved_method].quantity,
+                                            "restored from a checkpoint")
         self._evaluations = int(state_dict["evaluations"])
         self.history = [dict(entry) for entry in state_dict["history"]]
 
@@ -345,83 +353,82 @@ class SharpnessMonitorBase:
                                  f"{trainer.global_rank}; pass a loader with at least one batch per process.")
             network = self.copy_network(pl_module, self.dtype)
             inputs, target = self._split(batch)
-            inputs = autograd_tensor(inputs[:_DRY_RUN_SAMPLES], device, self.dtype)
+            n = inputs_batch_size(inputs)
+            inputs = self._to_device(select_samples(inputs, slice(0, _DRY_RUN_SAMPLES), n), device)
             target = autograd_tensor(target[:_DRY_RUN_SAMPLES], device, self.dtype)
-            self._estimate(trainer, pl_module, network, inputs, target, dry_run=True)
+            try:
+                with torch.no_grad():
+                    logits = call_model(network, inputs)
+                self._loss = resolve_loss(self.loss_fn, network, logits, target)
+                self._estimate(trainer, pl_module, network, inputs, target, dry_run=True)
+            except Exception as err:
+                raise RuntimeError(
+                    f"SharpnessMonitor cannot measure {type(pl_module).__name__} (dry run on "
+                    f"{min(n, _DRY_RUN_SAMPLES)} samples before training): {type(err).__name__}: {err} "
+                    "Pass another `method=`, `loss_fn=` or `parameters=`, or override `split_batch` / "
+                    "`copy_network`; training has not started.") from err
+        if self._choice is not None and self.method == _AUTO and "fallback" not in self._warned:
+            message = (f"SharpnessMonitor(method='auto') measures with {self._choice.label}: "
+                       f"{self._choice.reason}.")
+            if ESTIMATORS[self._choice.method].stochastic:  # random error and a bias: say it loudly
+                self._warn_once(trainer, "choice", f"{message} It is stochastic: the normalized measures are "
+                                f"biased upwards by its noise, which '{self.prefix}/normalized_half_shift' "
+                                "bounds from below (benchmarks/RESULTS.md has the measured biases).")
+            else:
+                self._info_once(trainer, "choice", message)
         self._prepared = True
 
-    def _loss_is_finite(self, network: nn.Module, inputs: Tensor, target: Tensor) -> bool:
-        with torch.no_grad():
-            logits = network(inputs)
-            loss = self.loss_fn(logits, target)
-            return bool(torch.isfinite(logits).all()) and bool(torch.isfinite(loss).all())
+    def _to_device(self, inputs: Any, device: torch.device) -> Any:
+        return map_inputs(inputs, lambda t: autograd_tensor(t, device, self.dtype))
 
-    def _estimate(self, trainer: Any, pl_module: Any, network: nn.Module, inputs: Tensor, target: Tensor,
-                  dry_run: bool = False) -> Any:
-        """``hessian_diagonal_groups`` on one batch (one sample group); resolves ``method="auto"``.
+    def _measurement(self, network: nn.Module, generator: Optional[torch.Generator], num_probes: int) -> Any:
+        return SharpnessMeasurement(network, loss_fn=self._loss, method=self.method, parameters=self.parameters,
+                                    lam=self.lam, num_replicates=self.num_replicates, num_probes=num_probes,
+                                    generator=generator, relative_step=self.relative_step, choice=self._choice)
 
-        Returns ``None`` when the loss is NaN or infinite (the estimators may raise then). Under
-        ``"auto"`` the exact method is tried first; if it refuses the model, ``"ggn_hutchinson"``
-        (plain ``"hutchinson"`` when the refusal says the Gauss-Newton part does not apply either)
-        takes over for the rest of the run, with a warning. Probes come from this evaluation's private
-        generator (a throwaway one in the dry run).
+    def _estimate(self, trainer: Any, pl_module: Any, network: nn.Module, inputs: Any, target: Tensor,
+                  dry_run: bool = False, measurement: Any = None) -> bool:
+        """Estimate on one batch (one sample group) and pool it into ``measurement``; resolves
+        ``method="auto"`` on the dry run (:func:`choose_method`).
+
+        Returns whether the loss and the estimate were finite. If the exact method refuses the model after all (a loss
+        that is not a mean of per-sample losses is found only by the estimator), ``"ggn_hutchinson"``
+        (plain ``"hutchinson"`` when the Gauss-Newton part does not apply either) takes over for the
+        rest of the run, with a warning. Probes come from this evaluation's private generator (a
+        throwaway one in the dry run).
         """
-        method = self._resolved_method or "exact"
         probes, generator = self.num_probes, None
-        if method != "exact":
-            if dry_run:
-                probes, generator = 1, torch.Generator(device=inputs.device).manual_seed(0)
-            else:
-                if self._generator is None:
-                    self._generator = self._probe_generator(inputs.device, trainer.global_rank)
-                generator = self._generator
+        if dry_run:
+            probes, generator = 1, torch.Generator(device=target.device).manual_seed(0)
+        else:
+            if self._generator is None:
+                self._generator = self._probe_generator(target.device, trainer.global_rank)
+            generator = self._generator
+        if measurement is None:
+            measurement = self._measurement(network, generator, probes)
         try:
-            estimate = hessian_diagonal_groups(
-                network, self.loss_fn, inputs, target, method=method, num_probes=probes, num_groups=1,
-                generator=generator, parameters=self.parameters, strict=True,
-                relative_step=self.relative_step,
-            )
+            ok = measurement.add(inputs, target)
         except (ValueError, RuntimeError) as err:
-            try:
-                finite = self._loss_is_finite(network, inputs, target)
-            except Exception:  # the forward itself fails: report the original error
-                finite = True
-            if not finite:
-                return None
-            if self._resolved_method is not None or not isinstance(err, ExactMethodNotApplicable):
+            if not dry_run or self.method != _AUTO or not isinstance(err, ExactMethodNotApplicable):
                 raise
-            # ExactMethodNotApplicable says whether the Gauss-Newton control variate applies (it needs
-            # a mean of per-sample losses and a deterministic model)
-            self._resolved_method = "ggn_hutchinson" if err.gauss_newton_applicable else "hutchinson"
+            method = "ggn_hutchinson" if err.gauss_newton_applicable else "hutchinson"
+            self._choice = MethodChoice(method, ESTIMATORS[method].quantity, f"the exact method refused: {err}")
+            self._resolved_method = method
             self._warn_once(trainer, "fallback", self._fallback_message(pl_module, err))
             return self._estimate(trainer, pl_module, network, inputs, target, dry_run)
-        self._resolved_method = method
-        return estimate
+        self._choice = measurement.choice
+        self._resolved_method = measurement.choice.method
+        return ok
 
     def _fallback_message(self, pl_module: Any, err: Exception) -> str:
-        p = self.num_probes
-        if self._resolved_method == "ggn_hutchinson":
-            return ("SharpnessMonitor(method='auto'): the exact Hessian diagonal does not apply to "
-                    f"{type(pl_module).__name__} ({err}) Falling back to Hutchinson's estimator with the exact "
-                    "Gauss-Newton diagonal as control variate (method='ggn_hutchinson'): the Gauss-Newton part "
-                    f"as the exact method computes it, plus num_probes={p} Rademacher probes per sample of the "
-                    f"remainder (about {2 * p} more gradient evaluations per sample). Its Hessian diagonal is "
-                    f"unbiased, and so is '{self.prefix}/hessian_trace'; but normalized and matrix-normalized "
-                    "sharpness are nonlinear in the diagonal, and the remaining probe noise biases them "
-                    "upwards: on the paper's MNIST-1D MLP with tanh units (512 samples) by about +3% at 16 "
-                    "probes, +0.4% at 64 and +0.1% at 256 once it fits its training set (+8%, +2%, +0.4% at "
-                    "67% training accuracy), against +12%, +3%, +0.4% (+16%, +5%, +1.2%) for plain Hutchinson. "
-                    f"The logged standard errors ('{self.prefix}/normalized_stderr') cover only the random "
-                    "part: compare values measured with the same settings, or raise num_probes.")
-        return ("SharpnessMonitor(method='auto'): the exact Hessian diagonal does not apply to "
-                f"{type(pl_module).__name__} ({err}) Falling back to Hutchinson's estimator with "
-                f"num_probes={p} Rademacher probes per sample (about {2 * p} gradient evaluations per "
-                f"sample). Its Hessian diagonal is unbiased, and so is '{self.prefix}/hessian_trace'; but "
-                "normalized and matrix-normalized sharpness are nonlinear in the diagonal, and probe noise "
-                "biases them upwards: on the paper's MNIST-1D MLP (512 samples) by about +65% at 16 probes, "
-                "+35% at 64 and +15% at 256, shrinking like 1/sqrt(num_probes). The logged standard errors "
-                f"('{self.prefix}/normalized_stderr') cover only the random part: compare values measured "
-                "with the same settings, or raise num_probes.")
+        assert self._choice is not None
+        return (f"SharpnessMonitor(method='auto'): the exact Hessian diagonal does not apply to "
+                f"{type(pl_module).__name__} ({err}) Falling back to {self._choice.label} with "
+                f"num_probes={self.num_probes}. Its Hessian diagonal is unbiased, but normalized and "
+                "matrix-normalized sharpness are nonlinear in it, so probe noise biases them upwards; the "
+                f"logged standard errors ('{self.prefix}/normalized_stderr') cover only the random part, and "
+                f"'{self.prefix}/normalized_half_shift' bounds the bias from below. Measured biases per "
+                "method and probe count: benchmarks/RESULTS.md.")
 
     # -- measurement --------------------------------------------------------------------------------
 
@@ -462,14 +469,17 @@ class SharpnessMonitorBase:
         sizes = [len(share)] if dry_run else chunk_sizes(len(share), size, self.num_replicates)
         return self._subset.batches(share, sizes), len(sizes)
 
-    def _split(self, batch: Any) -> tuple[Tensor, Tensor]:
+    def _split(self, batch: Any) -> tuple[Any, Tensor]:
         inputs, target = self.split_batch(batch)
-        if not isinstance(inputs, Tensor) or not isinstance(target, Tensor) or inputs.ndim == 0 \
-                or target.ndim == 0 or inputs.shape[0] != target.shape[0]:
-            raise TypeError(f"{type(self).__name__}.split_batch returned {type(inputs).__name__} "
-                            f"{tuple(getattr(inputs, 'shape', ()))} and {type(target).__name__} "
-                            f"{tuple(getattr(target, 'shape', ()))}; it must return (inputs, target), two "
-                            "tensors with the same number of samples along dim 0.")
+        try:
+            n = inputs_batch_size(inputs)
+        except TypeError:
+            n = -1
+        if not isinstance(target, Tensor) or target.ndim == 0 or target.shape[0] != n:
+            raise TypeError(f"{type(self).__name__}.split_batch returned {type(inputs).__name__} and "
+                            f"{type(target).__name__} {tuple(getattr(target, 'shape', ()))}; it must return "
+                            "(inputs, target): inputs a tensor, tuple or dict of tensors and target a tensor, "
+                            "with the same number of samples along dim 0.")
         return inputs, target
 
     def _probe_generator(self, device: torch.device, rank: int) -> torch.Generator:
@@ -486,36 +496,49 @@ class SharpnessMonitorBase:
         batches, total = self._rank_batches(trainer)
         self._generator = None
         nonfinite = False
+        failure: Optional[BaseException] = None
         with preserved_rng_states(), gradient_enabled(device):
             network = self.copy_network(pl_module, self.dtype)
             params = select_parameters(network, self.parameters)
             weights = {n: p.detach() for n, p in params.items()}
             nonfinite = not all(bool(torch.isfinite(w).all()) for w in weights.values())
-            metric = NormalizedSharpness(lam=self.lam, num_replicates=self.num_replicates,
-                                         parameter_shapes={n: w.shape for n, w in weights.items()}).to(device)
+            self._generator = self._probe_generator(device, trainer.global_rank)
+            measurement = self._measurement(network, self._generator, self.num_probes)
             description = f"Sharpness ({self._resolved_method or 'exact'})"
             with progress_reporter(trainer, total, description) as advance:
                 for batch in [] if nonfinite else batches:  # non-finite weights: nothing to measure
-                    inputs, target = self._split(batch)
-                    inputs = autograd_tensor(inputs, device, self.dtype)
-                    target = autograd_tensor(target, device, self.dtype)
-                    estimate = self._estimate(trainer, pl_module, network, inputs, target)
-                    if estimate is not None and all(bool(torch.isfinite(g).all())
-                                                    for g in estimate.groups.values()):
-                        metric.update(estimate, weights)
-                    else:
+                    try:
+                        inputs, target = self._split(batch)
+                        inputs = self._to_device(inputs, device)
+                        target = autograd_tensor(target, device, self.dtype)
+                        ok = self._estimate(trainer, pl_module, network, inputs, target, measurement=measurement)
+                    except Exception as err:  # a measurement never stops training: warn and log NaN
+                        failure, ok = err, False
+                    if not ok:
                         nonfinite = True
+                        break
                     advance(1)
             # one collective, so every process takes the same branch below
             any_nonfinite = trainer.strategy.reduce_boolean_decision(nonfinite, all=False)
-            values = None if any_nonfinite else {k: float(v) for k, v in metric.compute().items()}
+            values = None
+            if not any_nonfinite:
+                try:
+                    values = {k: float(v) for k, v in measurement.compute().items()}
+                except Exception as err:  # e.g. the solver: identical on every rank, so no rank hangs
+                    failure = err
         self._evaluations += 1
         if values is None:
-            self._warn_once(trainer, "nonfinite",
-                            "SharpnessMonitor: the loss or its curvature is NaN or infinite at epoch "
-                            f"{trainer.current_epoch} (weights, inputs or loss_fn produce non-finite "
-                            f"values); logging NaN for '{self.prefix}/*' and continuing. Check the learning "
-                            "rate and the data.")
+            if failure is not None:
+                self._warn_once(trainer, "failure",
+                                f"SharpnessMonitor: the measurement failed at epoch {trainer.current_epoch} "
+                                f"({type(failure).__name__}: {failure}); logging NaN for '{self.prefix}/*' and "
+                                "continuing training. Please report it with the model, or pass another `method=`.")
+            else:
+                self._warn_once(trainer, "nonfinite",
+                                "SharpnessMonitor: the loss or its curvature is NaN or infinite at epoch "
+                                f"{trainer.current_epoch} (weights, inputs or loss_fn produce non-finite "
+                                f"values); logging NaN for '{self.prefix}/*' and continuing. Check the learning "
+                                "rate and the data.")
             names = list(weights)
             keys = [*MEASURES, *(f"{m}_stderr" for m in MEASURES), *(f"{m}_half_shift" for m in MEASURES),
                     *(f"{m}/{n}" for m in MEASURES for n in names),
@@ -575,9 +598,9 @@ class SharpnessMonitorBase:
         common = dict(on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
         pl_module.log(f"{p}/normalized", tensor(values["normalized"]), prog_bar=self.prog_bar, **common)
         pl_module.log_dict({k: tensor(v) for k, v in {**scalars, **per_layer}.items()}, **common)
-        self._log_tensorboard(trainer, values)
+        self._log_media(trainer, values)
 
-    def _log_tensorboard(self, trainer: Any, values: dict[str, float]) -> None:
+    def _log_media(self, trainer: Any, values: dict[str, float]) -> None:
         """The per-layer table and bar chart, through each logger's own API (lightning_flatness.logger_media)."""
         if not self.log_per_layer or not trainer.is_global_zero or not trainer.loggers:
             return
@@ -649,15 +672,27 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
 
     **How**: on a private deep copy of the network in ``dtype`` (float32 or float64, whatever the
     training precision), in eval mode (dropout off, BatchNorm with running statistics), with
-    gradients enabled locally (also inside ``trainer.validate()``'s inference mode). The Hessian
-    diagonal comes from :func:`~lightning_flatness.functional.hessian_diagonal_groups` (``method``;
-    ``"auto"``: the zero-variance ``"exact"`` method when the network is linear in each weight, e.g.
-    ReLU/max-pool/eval-BatchNorm networks, else ``"ggn_hutchinson"``, with a warning; plain
-    ``"hutchinson"`` if the loss is not a mean of per-sample losses), one call per
-    batch; each process cuts its share into at least ``num_replicates`` batches of at most
-    ``batch_size`` samples. :class:`NormalizedSharpness` pools the batches (one replicate group each)
-    and gives each measure a jackknife standard error (sample noise, and probe noise for the
+    gradients enabled locally (also inside ``trainer.validate()``'s inference mode), through
+    :class:`~lightning_flatness.measure.SharpnessMeasurement` (the front door that plain training
+    loops use too). Batches may be tensors, tuples or dicts (Hugging Face keyword batches included,
+    :meth:`split_batch`); outputs may be tensors, tuples, dicts or ``ModelOutput`` with ``logits``;
+    ``(N, T, V)`` sequence outputs are scored per token (``-100`` ignored, shifted by one for causal
+    LMs; :func:`~lightning_flatness.measure.resolve_loss`). ``method="auto"`` is decided once, in a
+    dry run on a few samples at fit start, by
+    :func:`~lightning_flatness.functional.estimators.method_choice.choose_method`: the zero-variance
+    ``"exact"`` method when the network is linear in each weight (ReLU/max-pool/eval-BatchNorm
+    networks) with few outputs, a sampled Gauss-Newton part when the outputs are many, and
+    Hutchinson probes of the residual ``H - GGN`` for other networks; the choice, what it estimates
+    (Hessian or Gauss-Newton diagonal) and why are reported once and kept in :attr:`history`
+    (``"method"``). Each process cuts its share into at least ``num_replicates`` batches of at most
+    ``batch_size`` samples; :class:`NormalizedSharpness` pools the batches (one replicate group
+    each) and gives each measure a jackknife standard error (sample noise, and probe noise for the
     stochastic methods).
+
+    **Failures**: anything that keeps the model from being measured (a batch that cannot be split,
+    a loss that cannot be differentiated, an output without logits) raises in the dry run at fit
+    start, before the first training step. A failure later (an estimator error at some epoch) is
+    reported once as a warning and logged as NaN; training goes on.
 
     **Invisible to training**: the live model (weights, buffers, ``.grad``, modes, hooks), the
     optimizer and every global RNG stream (torch CPU/CUDA/MPS, NumPy, Python) are exactly as before;
@@ -685,31 +720,28 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
     ``trainer.callback_metrics`` and :attr:`history`.
 
     **Cost** (``num_samples`` training samples per measurement): ``"exact"``: one forward and about
-    ``K`` backward passes per sample for ``K`` classes; ``"hutchinson"``: ``num_probes``
-    Hessian-vector products per sample (about ``2 * num_probes`` gradient evaluations);
-    ``"ggn_hutchinson"``: both. Measured on the paper's MLP on MNIST-1D (one CPU thread, 512
-    samples): exact 0.11 s, about 55-65 training steps of batch 128 (two epochs of MNIST-1D);
-    Hutchinson with 64 probes 0.9 s; with tanh units, Hutchinson and ggn_hutchinson with 64 probes
-    0.5 s each (8 batches of 64 samples, float64). Trade accuracy for
-    time with ``num_samples`` (the sampling error falls like ``1 / sqrt(num_samples)``; it is the
-    logged standard error for the exact method), ``num_probes`` and ``every_n_epochs``.
+    ``K`` backward columns per sample for ``K`` outputs; ``"hutchinson"``: ``num_probes``
+    Hessian-vector products per sample group (about ``2 * num_probes`` gradient evaluations);
+    ``"ggn_hutchinson"``: both. Measured costs, in seconds and in training steps, per model and
+    method: ``benchmarks/RESULTS.md``. Trade accuracy for time with ``num_samples`` (the sampling
+    error falls like ``1 / sqrt(num_samples)``; it is the logged standard error for the exact
+    method), ``num_probes`` and ``every_n_epochs``.
 
     **Accuracy**: the exact method has no probe noise; its standard error is the sampling error of
     the subset. Hutchinson's Hessian diagonal (and ``<p>/hessian_trace``) is unbiased, but the
     normalized measures are nonlinear in the diagonal (clipping, square roots, the minimum of eq.
-    17), so probe noise biases them upwards: by about +65%, +35% and +15% at 16, 64 and 256 probes
-    on the MLP above, shrinking like ``1 / sqrt(num_probes)``. ``"ggn_hutchinson"`` probes only the
-    difference between the Hessian and its Gauss-Newton part (computed exactly), which has far less
-    noise: on the MLP with tanh units fitted to its training set, +3%, +0.4% and +0.1% at 16, 64 and
-    256 probes against Hutchinson's +12%, +3% and +0.4% (+8%, +2%, +0.4% against +16%, +5%, +1.2%
-    at 67% training accuracy). The jackknife standard error does not include this bias; the logged
-    ``<p>/normalized_half_shift`` bounds it from below (see :class:`NormalizedSharpness`) and a
-    warning says when it exceeds twice the standard error. Compare stochastic values only at equal
-    settings.
+    17), so probe noise biases them upwards, shrinking like ``1 / sqrt(num_probes)``.
+    ``"ggn_hutchinson"`` probes only the difference between the Hessian and its Gauss-Newton part
+    (computed exactly), which has far less noise near a minimum. The jackknife standard error does
+    not include this bias; the logged ``<p>/normalized_half_shift`` bounds it from below (see
+    :class:`NormalizedSharpness`) and a warning says when it exceeds twice the standard error.
+    Measured biases per method and probe count: ``benchmarks/RESULTS.md``. Compare stochastic
+    values only at equal settings.
 
     Args:
-        method: ``"auto"`` (default), ``"exact"``, ``"ggn_hutchinson"``, ``"hutchinson"`` or
-            ``"finite_difference"`` (the paper's Algorithm 1).
+        method: ``"auto"`` (default, see **How**) or a registered estimator
+            (:data:`~lightning_flatness.functional.estimators.registry.ESTIMATORS`): ``"exact"``,
+            ``"ggn_hutchinson"``, ``"hutchinson"``, ``"finite_difference"`` (the paper's Algorithm 1), ...
         num_samples: training samples in the fixed subset (default 512; all if the set is smaller).
         batch_size: at most this many samples per curvature batch (memory; default 128); each
             process cuts its share into at least ``num_replicates`` batches, one replicate group each.

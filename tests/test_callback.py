@@ -352,7 +352,7 @@ class _Tied(MLP):
 def test_auto_falls_back_to_ggn_hutchinson_with_a_warning_and_its_trace_is_within_error_bars(model_cls):
     monitor = SharpnessMonitor(num_samples=128, num_probes=64, dtype="float64")
     pl.seed_everything(0, verbose=False)  # the model's initialisation too, so the check is deterministic
-    with pytest.warns(UserWarning, match="Falling back to Hutchinson"):
+    with pytest.warns(UserWarning, match=r"method='auto'\) measures with ggn_hutchinson \(hessian\)"):
         _, model, dm = _fit(monitor, model=model_cls(), max_epochs=1)
     last = monitor.history[-1]
     assert last["method"] == "ggn_hutchinson"

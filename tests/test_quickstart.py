@@ -12,7 +12,7 @@ import quickstart  # noqa: E402
 def test_quickstart_totals_are_sums_of_finite_per_layer_values(capsys):
     result = quickstart.main(["--epochs", "1", "--num-samples", "64", "--num-groups", "4"])
     out = capsys.readouterr().out
-    assert "method 'exact'" in out and "total" in out
+    assert "exact (hessian)" in out and "total" in out
     for measure in ("normalized", "matrix_normalized", "hessian_trace"):
         layers = [v for k, v in result.items() if k.startswith(measure + "/")]
         assert len(layers) == 4

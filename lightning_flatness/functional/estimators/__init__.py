@@ -13,10 +13,12 @@ Four methods, one contract (see :func:`hessian_diagonal`):
 from lightning_flatness.functional.estimators.api import (
     METHODS,
     HessianDiagonalEstimate,
+    estimator_spec,
     hessian_diagonal,
     hessian_diagonal_groups,
 )
 from lightning_flatness.functional.estimators.exact import ExactMethodNotApplicable
+from lightning_flatness.functional.estimators.registry import ESTIMATORS, EstimatorSpec, register_estimator
 
-__all__ = ["METHODS", "ExactMethodNotApplicable", "HessianDiagonalEstimate", "hessian_diagonal",
-           "hessian_diagonal_groups"]
+__all__ = ["ESTIMATORS", "METHODS", "EstimatorSpec", "ExactMethodNotApplicable", "HessianDiagonalEstimate",
+           "estimator_spec", "hessian_diagonal", "hessian_diagonal_groups", "register_estimator"]

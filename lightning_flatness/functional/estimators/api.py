@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
+from lightning_flatness.functional.estimators.registry import ESTIMATORS, EstimatorSpec
+from lightning_flatness.functional.model_io import TokenLoss, inputs_batch_size, split_samples
 from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
 
-__all__ = ["METHODS", "HessianDiagonalEstimate", "hessian_diagonal", "hessian_diagonal_groups"]
+__all__ = ["METHODS", "HessianDiagonalEstimate", "estimator_spec", "hessian_diagonal", "hessian_diagonal_groups"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-METHODS = ("exact", "hutchinson", "ggn_hutchinson", "finite_difference")
+#: The built-in methods (see :data:`~.registry.ESTIMATORS` for every registered one).
+METHODS = tuple(ESTIMATORS)
 
 
 @dataclass
@@ -23,7 +26,8 @@ class HessianDiagonalEstimate:
     Attributes:
         groups: ``{name: (G, *param.shape)}``; entry ``g`` is an unbiased estimate of the diagonal
             of the Hessian of the mean loss over group ``g``'s samples (exact for ``"exact"``).
-        group_sizes: ``(G,)`` int64, the number of samples in each group.
+        group_sizes: ``(G,)`` int64, the weight of each group in the mean: its number of samples, or
+            of valid tokens when the loss is a :class:`~lightning_flatness.functional.model_io.TokenLoss`.
         method: the method that produced it.
         num_probes: probes used in total over all groups (0 for ``"exact"``).
     """
@@ -40,24 +44,41 @@ class HessianDiagonalEstimate:
         return {n: torch.tensordot(w.to(g.dtype), g, dims=1) for n, g in self.groups.items()}
 
 
-def _check_inputs(inputs: Tensor, target: Tensor, num_groups: int) -> None:
+def _check_inputs(inputs: Any, target: Tensor, num_groups: int) -> int:
     if not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"`num_groups` must be a positive int, got {num_groups!r}.")
-    if not isinstance(inputs, Tensor) or not isinstance(target, Tensor):
-        raise TypeError(f"`inputs` and `target` must be tensors, got {type(inputs).__name__} and "
-                        f"{type(target).__name__}; split your batch into (inputs, target) first.")
-    if inputs.shape[0] != target.shape[0]:
-        raise ValueError(f"`inputs` has {inputs.shape[0]} samples but `target` has {target.shape[0]}; "
-                         f"they must match along dim 0.")
-    if inputs.shape[0] < num_groups:
-        raise ValueError(f"cannot split {inputs.shape[0]} samples into num_groups={num_groups} groups; "
+    if not isinstance(target, Tensor):
+        raise TypeError(f"`target` must be a tensor, got {type(target).__name__}; split your batch into "
+                        "(inputs, target) first.")
+    n = inputs_batch_size(inputs)
+    if target.ndim == 0 or target.shape[0] != n:
+        raise ValueError(f"`inputs` has {n} samples but `target` has shape {tuple(target.shape)}; they must "
+                         "match along dim 0.")
+    if n < num_groups:
+        raise ValueError(f"cannot split {n} samples into num_groups={num_groups} groups; "
                          f"pass more samples or fewer groups.")
+    return n
+
+
+def _group_weight(loss_fn: LossFn, target: Tensor) -> int:
+    """The weight of a group in the pooled mean: its samples, or its valid tokens for a :class:`TokenLoss`."""
+    if isinstance(loss_fn, TokenLoss):
+        return int(loss_fn.num_tokens(target.shape, target).sum())
+    return int(target.shape[0])
+
+
+def estimator_spec(method: str) -> EstimatorSpec:
+    """The registered :class:`EstimatorSpec` of ``method`` (a clear error for unknown names)."""
+    try:
+        return ESTIMATORS[method]
+    except KeyError:
+        raise ValueError(f"unknown method {method!r}; choose one of {tuple(ESTIMATORS)}.") from None
 
 
 def hessian_diagonal_groups(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Tensor,
+    inputs: Any,
     target: Tensor,
     *,
     method: str = "exact",
@@ -67,62 +88,46 @@ def hessian_diagonal_groups(
     parameters: ParameterSelection = None,
     strict: bool = True,
     relative_step: float = 1e-3,
+    num_mc_samples: int = 1,
 ) -> HessianDiagonalEstimate:
     """Hessian diagonal per group of samples, for error bars that cover probes and data.
 
-    The batch is cut into ``num_groups`` contiguous groups (``torch.tensor_split`` along dim 0);
-    each group gets its own estimate from ``num_probes // num_groups`` probes of its own
-    (stochastic methods) or exactly. The groups are independent, so their spread measures the
-    error of the mean from both the probes and the finite sample (see :class:`NormalizedSharpness`).
+    The batch is cut into ``num_groups`` contiguous groups (``torch.tensor_split`` along dim 0 of
+    every input tensor); each group gets its own estimate from ``num_probes // num_groups`` probes of
+    its own (probe-based methods), ``num_mc_samples`` Monte-Carlo draws per sample (Monte-Carlo
+    Gauss-Newton) or exactly. The groups are independent, so their spread measures the error of
+    the mean from both the probes and the finite sample (see :class:`NormalizedSharpness`).
+
+    The method is looked up in :data:`~.registry.ESTIMATORS`.
 
     Args and cost: as :func:`hessian_diagonal`; ``num_probes`` must be divisible by ``num_groups``
-    for the stochastic methods. The cost of a stochastic method is that of ``num_probes /
-    num_groups`` probes over the whole batch, since each probe only visits its group's samples.
+    for the probe-based methods. Their cost is that of ``num_probes / num_groups`` probes over the
+    whole batch, since each probe only visits its group's samples.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
+    spec = estimator_spec(method)
     _check_inputs(inputs, target, num_groups)
     params = select_parameters(model, parameters)
-    stochastic = method != "exact"
-    if stochastic:
-        if not isinstance(num_probes, int) or num_probes < 1 or num_probes % num_groups:
-            raise ValueError(f"`num_probes` must be a positive multiple of num_groups={num_groups} for "
-                             f"method {method!r}, got {num_probes!r}.")
-    probes_per_group = num_probes // num_groups if stochastic else 0
-    chunks = list(zip(torch.tensor_split(inputs, num_groups), torch.tensor_split(target, num_groups)))
-    estimates: list[dict[str, Tensor]] = []
-    for x, y in chunks:
-        if method == "exact":
-            from lightning_flatness.functional.estimators.exact import exact_hessian_diagonal
-
-            est = exact_hessian_diagonal(model, loss_fn, x, y, params, strict=strict)
-        elif method == "hutchinson":
-            from lightning_flatness.functional.estimators.hutchinson import hutchinson_hessian_diagonal
-
-            est = hutchinson_hessian_diagonal(model, loss_fn, x, y, params, num_probes=probes_per_group,
-                                              generator=generator)
-        elif method == "ggn_hutchinson":
-            from lightning_flatness.functional.estimators.ggn_hutchinson import ggn_hutchinson_hessian_diagonal
-
-            est = ggn_hutchinson_hessian_diagonal(model, loss_fn, x, y, params, num_probes=probes_per_group,
-                                                  generator=generator)
-        else:
-            from lightning_flatness.functional.estimators.finite_difference import (
-                finite_difference_hessian_diagonal,
-            )
-
-            est = finite_difference_hessian_diagonal(model, loss_fn, x, y, params, num_probes=probes_per_group,
-                                                     generator=generator, relative_step=relative_step)
-        estimates.append(est)
+    if spec.splits_probes and (not isinstance(num_probes, int) or num_probes < 1 or num_probes % num_groups):
+        raise ValueError(f"`num_probes` must be a positive multiple of num_groups={num_groups} for "
+                         f"method {method!r}, got {num_probes!r}.")
+    if "num_mc_samples" in spec.options and (not isinstance(num_mc_samples, int) or num_mc_samples < 1):
+        raise ValueError(f"`num_mc_samples` must be a positive int for method {method!r}, got {num_mc_samples!r}.")
+    probes_per_group = num_probes // num_groups if spec.splits_probes else 0
+    available = {"num_probes": probes_per_group, "generator": generator, "strict": strict,
+                 "relative_step": relative_step, "num_mc_samples": num_mc_samples}
+    options = {k: available[k] for k in spec.options}
+    function = spec.load()
+    chunks = list(zip(split_samples(inputs, num_groups), torch.tensor_split(target, num_groups)))
+    estimates = [function(model, loss_fn, x, y, params, **options) for x, y in chunks]
     groups = {n: torch.stack([e[n] for e in estimates]) for n in params}
-    sizes = torch.tensor([x.shape[0] for x, _ in chunks], dtype=torch.int64)
+    sizes = torch.tensor([_group_weight(loss_fn, y) for _, y in chunks], dtype=torch.int64)
     return HessianDiagonalEstimate(groups, sizes, method, probes_per_group * num_groups)
 
 
 def hessian_diagonal(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Tensor,
+    inputs: Any,
     target: Tensor,
     *,
     method: str = "exact",
@@ -131,16 +136,20 @@ def hessian_diagonal(
     parameters: ParameterSelection = None,
     strict: bool = True,
     relative_step: float = 1e-3,
+    num_mc_samples: int = 1,
 ) -> dict[str, Tensor]:
     """Diagonal of the Hessian of ``loss_fn(model(inputs), target)`` (a batch mean) in the weights.
 
     Args:
-        model: called as ``model(inputs)``; used as it is (its train/eval mode is respected) and
+        model: called on ``inputs`` by :func:`~lightning_flatness.functional.model_io.call_model`
+            (``model(x)``, ``model(*inputs)`` or ``model(**inputs)``; the logits are the output, its
+            ``"logits"`` entry or its first entry); used as it is (its train/eval mode is respected) and
             never modified: parameters, buffers (BatchNorm running statistics) and ``.grad`` are
             left untouched.
         loss_fn: ``(logits, target) -> scalar``, the *mean* of per-sample losses over the batch
-            (e.g. ``F.cross_entropy`` or :func:`normalized_softmax_cross_entropy`).
-        inputs: ``(N, ...)`` tensor.
+            (e.g. ``F.cross_entropy`` or :func:`normalized_softmax_cross_entropy`), or a
+            :class:`~lightning_flatness.functional.model_io.TokenLoss` for ``(N, T, V)`` outputs.
+        inputs: a ``(N, ...)`` tensor, or a tuple or dict of tensors with samples along dim 0.
         target: ``(N, ...)`` tensor.
         method: ``"exact"`` (zero variance; cost about ``K`` backward passes for ``K`` outputs;
             networks linear in each individual weight only, see :mod:`.exact`; raises
@@ -165,6 +174,7 @@ def hessian_diagonal(
             which the result would not be the exact diagonal.
         relative_step: ``"finite_difference"`` only: the step ``r`` of each weight tensor relative
             to its root-mean-square entry (Appendix C).
+        num_mc_samples: Monte-Carlo Gauss-Newton only: sampled output directions per sample.
 
     Returns:
         ``{name: diag}`` keyed as in ``model.named_parameters()``, each with the parameter's shape
@@ -184,4 +194,5 @@ def hessian_diagonal(
     return hessian_diagonal_groups(
         model, loss_fn, inputs, target, method=method, num_probes=num_probes, num_groups=1,
         generator=generator, parameters=parameters, strict=strict, relative_step=relative_step,
+        num_mc_samples=num_mc_samples,
     ).mean()

@@ -1,0 +1,247 @@
+"""The front door: measure the sharpness of any model from any training loop, no Lightning needed.
+
+:func:`measure_sharpness` runs the whole measurement (choose the curvature estimator, estimate the
+Hessian diagonal batch by batch, pool the estimates with error bars, solve eq. 13 and 17);
+:class:`SharpnessMeasurement` is the same one batch at a time, for callers that own the loop (the
+Lightning callback, which partitions the batches across processes and reports progress).
+
+``method="auto"`` is resolved once, on the first batch, by :func:`choose_method`; the choice and its
+reason are stated in :attr:`SharpnessMeasurement.choice`. Imports point one way: this module uses
+the metric and the functional core, and the callback uses this module.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_flatness.batch_split import split_batch as default_split_batch
+from lightning_flatness.functional.estimators import hessian_diagonal_groups
+from lightning_flatness.functional.estimators.method_choice import MethodChoice, choose_method
+from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
+from lightning_flatness.functional.model_io import TokenLoss, call_model, inputs_batch_size, select_samples
+from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
+from lightning_flatness.metric import NormalizedSharpness
+
+__all__ = ["SharpnessMeasurement", "SharpnessResult", "is_causal_lm", "measure_sharpness", "resolve_loss"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+#: Class-name endings of causal language models (Hugging Face), whose labels are the inputs shifted by one.
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is or contains a causal language model (a Hugging Face ``*ForCausalLM`` or
+    ``*LMHeadModel``), whose loss pairs position ``t`` with label ``t + 1``."""
+    return any(type(m).__name__.endswith(CAUSAL_LM_SUFFIXES) for m in model.modules())
+
+
+def resolve_loss(loss_fn: LossFn, model: nn.Module, logits: Tensor, target: Tensor) -> LossFn:
+    """``loss_fn`` as it applies to this model's outputs: wrapped in a
+    :class:`~lightning_flatness.functional.model_io.TokenLoss` (mean over non-ignored tokens, ``-100``
+    ignored, shifted by one for causal LMs) when the logits are ``(N, T, V)`` and the target ``(N, T)``
+    class indices; unchanged otherwise (or when it already is a ``TokenLoss``)."""
+    if isinstance(loss_fn, TokenLoss) or logits.ndim != 3:
+        return loss_fn
+    if target.ndim == 2 and target.shape[0] == logits.shape[0] and not target.is_floating_point():
+        return TokenLoss(loss_fn, shift=is_causal_lm(model))
+    return loss_fn
+
+
+@dataclass
+class SharpnessResult:
+    """What :func:`measure_sharpness` returns.
+
+    Attributes:
+        values: the flat dict of :meth:`NormalizedSharpness.compute` (``"normalized"``,
+            ``"normalized_stderr"``, ``"normalized/<name>"``, ..., ``"num_samples"``).
+        choice: the estimator used, what its expectation is (``"hessian"`` or ``"gauss_newton"``)
+            and why it was chosen.
+        seconds: wall time of the whole measurement.
+    """
+
+    values: dict[str, Tensor]
+    choice: MethodChoice
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self.values[key]
+
+
+class SharpnessMeasurement:
+    """One measurement, fed one batch at a time: ``add(inputs, target)`` per batch, then ``compute()``.
+
+    Each batch is one independent estimate and goes into the next replicate slot of a
+    :class:`NormalizedSharpness` (round-robin), so ``num_replicates`` batches or more give the
+    jackknife standard error over samples (and probes). The model is never modified; see the
+    estimator contract in ``docs/design.md``.
+
+    Args:
+        model: the network, called on ``inputs`` as
+            :func:`~lightning_flatness.functional.model_io.call_model` does.
+        loss_fn: ``(logits, target) -> mean loss``; default the normalized-softmax-cross-entropy of
+            eq. 20-22. For ``(N, T, V)`` outputs it is applied per token (:func:`resolve_loss`).
+        method: ``"auto"`` (see :func:`choose_method`) or a registered estimator name.
+        parameters: which weight tensors count (:func:`select_parameters`).
+        lam: lambda of eq. 17.
+        num_replicates: replicate slots of the jackknife.
+        num_probes: probes per batch for probe-based estimators.
+        num_mc_samples: Monte-Carlo draws per sample for the Monte-Carlo Gauss-Newton estimator.
+        generator: source of probes and Monte-Carlo draws (never the global RNG when given).
+        relative_step: finite differences only (Appendix C).
+        choice: a choice made earlier (e.g. in a dry run); skips ``choose_method``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        loss_fn: Optional[LossFn] = None,
+        method: str = "auto",
+        parameters: ParameterSelection = None,
+        lam: float = 0.5,
+        num_replicates: int = 8,
+        num_probes: int = 64,
+        num_mc_samples: int = 1,
+        generator: Optional[torch.Generator] = None,
+        relative_step: float = 1e-3,
+        choice: Optional[MethodChoice] = None,
+    ) -> None:
+        self.model = model
+        self.loss_fn: LossFn = normalized_softmax_cross_entropy if loss_fn is None else loss_fn
+        self.method = method
+        self.parameters = parameters
+        self.num_probes = num_probes
+        self.num_mc_samples = num_mc_samples
+        self.generator = generator
+        self.relative_step = relative_step
+        self.choice: Optional[MethodChoice] = choice
+        if choice is None and method != "auto":
+            self.choice = MethodChoice.named(method)
+        params = select_parameters(model, parameters)
+        self.weights = {n: p.detach() for n, p in params.items()}
+        device = next(iter(self.weights.values())).device
+        self.metric = NormalizedSharpness(lam=lam, num_replicates=num_replicates,
+                                          parameter_shapes={n: w.shape for n, w in self.weights.items()}).to(device)
+        self.num_batches = 0
+        self._loss_resolved = False
+
+    def resolve(self, inputs: Any, target: Tensor) -> MethodChoice:
+        """The estimator for this model and loss (``method="auto"``: decided on this batch, once)."""
+        if not self._loss_resolved:
+            n = inputs_batch_size(inputs)
+            with torch.no_grad():
+                logits = call_model(self.model, select_samples(inputs, slice(0, min(n, 2)), n))
+            self.loss_fn = resolve_loss(self.loss_fn, self.model, logits, target[: min(n, 2)])
+            self._loss_resolved = True
+        if self.choice is None:
+            self.choice = choose_method(self.model, self.loss_fn, inputs, target, parameters=self.parameters)
+        return self.choice
+
+    def estimate(self, inputs: Any, target: Tensor):
+        """The Hessian-diagonal estimate of one batch (one group), without adding it."""
+        choice = self.resolve(inputs, target)
+        return hessian_diagonal_groups(
+            self.model, self.loss_fn, inputs, target, method=choice.method, num_probes=self.num_probes,
+            num_groups=1, generator=self.generator, parameters=self.parameters, strict=True,
+            relative_step=self.relative_step, num_mc_samples=self.num_mc_samples,
+        )
+
+    def loss_is_finite(self, inputs: Any, target: Tensor) -> bool:
+        """Whether the logits and the loss of this batch are finite (one forward pass, no gradient)."""
+        with torch.no_grad():
+            logits = call_model(self.model, inputs)
+            return bool(torch.isfinite(logits).all()) and bool(torch.isfinite(self.loss_fn(logits, target)).all())
+
+    def add(self, inputs: Any, target: Tensor) -> bool:
+        """Estimate on one batch and pool it; ``False`` (nothing pooled) when the loss or the estimate is
+        NaN or infinite. Other errors of the estimator are raised."""
+        try:
+            estimate = self.estimate(inputs, target)
+        except (ValueError, RuntimeError):
+            try:
+                finite = self.loss_is_finite(inputs, target)
+            except Exception:  # the forward itself fails: report the estimator's error
+                finite = True
+            if not finite:
+                return False
+            raise
+        if not all(bool(torch.isfinite(g).all()) for g in estimate.groups.values()):
+            return False
+        self.metric.update(estimate, self.weights)
+        self.num_batches += 1
+        return True
+
+    def compute(self) -> dict[str, Tensor]:
+        """Every measure, its standard error and half-shift, per tensor and in total (see the metric)."""
+        return self.metric.compute()
+
+
+def measure_sharpness(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    loss_fn: Optional[LossFn] = None,
+    method: str = "auto",
+    parameters: ParameterSelection = None,
+    lam: float = 0.5,
+    num_replicates: int = 8,
+    num_probes: int = 64,
+    num_mc_samples: int = 1,
+    generator: Optional[torch.Generator] = None,
+    split_batch: Callable[[Any], tuple[Any, Tensor]] = default_split_batch,
+    relative_step: float = 1e-3,
+) -> SharpnessResult:
+    """Normalized sharpness (eq. 17), matrix-normalized sharpness (eq. 13) and Hessian trace (eq. 5)
+    of ``model`` on the training samples in ``batches``, with jackknife error bars.
+
+    Args:
+        model: the network, in the mode to be measured (``model.eval()`` for a deterministic
+            function; BatchNorm then uses its running statistics). Never modified.
+        batches: an iterable of batches (a DataLoader, a list of ``(inputs, target)``); each batch is
+            one replicate group, so pass at least ``num_replicates`` batches for standard errors.
+        split_batch: turns a batch into ``(inputs, target)``; the default understands tuples, dicts
+            with ``x``/``y``-like keys and Hugging Face dicts (``input_ids``, ..., ``labels``).
+        Others: as :class:`SharpnessMeasurement`.
+
+    Returns:
+        :class:`SharpnessResult`: ``values`` (the metric's dict), ``choice`` (method, what it
+        estimates and why), ``seconds``.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <...>
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        >>> data = [(torch.randn(16, 4), torch.randint(0, 3, (16,))) for _ in range(4)]
+        >>> result = measure_sharpness(model, data, num_replicates=4)
+        >>> result.choice.method, result.choice.quantity
+        ('exact', 'hessian')
+        >>> float(result["normalized"]) > 0, int(result["num_samples"])
+        (True, 64)
+    """
+    start = time.perf_counter()
+    measurement = SharpnessMeasurement(
+        model, loss_fn=loss_fn, method=method, parameters=parameters, lam=lam, num_replicates=num_replicates,
+        num_probes=num_probes, num_mc_samples=num_mc_samples, generator=generator, relative_step=relative_step,
+    )
+    skipped = 0
+    for batch in batches:
+        inputs, target = split_batch(batch)
+        if inputs_batch_size(inputs) == 0:
+            continue
+        if not measurement.add(inputs, target):
+            skipped += 1
+    if measurement.num_batches == 0:
+        raise ValueError("measure_sharpness got no batch with a finite curvature estimate "
+                         f"({skipped} non-finite); pass training batches on which the loss is finite.")
+    values = measurement.compute()
+    assert measurement.choice is not None
+    return SharpnessResult(values, measurement.choice, time.perf_counter() - start, {"skipped_batches": skipped})

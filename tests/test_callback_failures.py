@@ -1,0 +1,79 @@
+"""A measurement never stops a training run: failures surface in the dry run at fit start, or are
+logged as NaN with a warning later while training goes on."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from callback_models import MLP, DataModule
+from lightning_flatness import SharpnessMonitor
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _fit(monitor, model=None, max_epochs=3):
+    pl.seed_everything(0, verbose=False)
+    model = model or MLP()
+    trainer = pl.Trainer(max_epochs=max_epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu", devices=1,
+                         callbacks=[monitor])
+    trainer.fit(model, DataModule())
+    return trainer, model
+
+
+class _BreaksAfter:
+    """A loss that works for the first ``calls`` calls, then raises (an estimator failure mid-run)."""
+
+    def __init__(self, calls: int) -> None:
+        self.calls, self.count = calls, 0
+
+    def __call__(self, logits, target):
+        self.count += 1
+        if self.count > self.calls:
+            raise RuntimeError("simulated estimator failure")
+        return F.cross_entropy(logits, target)
+
+
+def test_estimator_failure_mid_training_logs_nan_warns_once_and_training_goes_on():
+    loss = _BreaksAfter(calls=10**9)  # the dry run and the first measurement work
+    monitor = SharpnessMonitor(num_samples=32, method="exact", loss_fn=loss)
+
+    class _Break(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                loss.calls = loss.count  # from epoch 1 on every call raises
+
+    pl.seed_everything(0, verbose=False)
+    model = MLP()
+    trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu", devices=1,
+                         callbacks=[monitor, _Break()])
+    with pytest.warns(UserWarning, match="measurement failed at epoch 1 .*simulated estimator failure"):
+        trainer.fit(model, DataModule())
+    assert trainer.current_epoch == 3 and model.training_steps == 24  # every epoch trained
+    assert math.isfinite(monitor.history[0]["normalized"])
+    assert all(math.isnan(h["normalized"]) for h in monitor.history[1:])
+    assert math.isnan(float(trainer.callback_metrics["sharpness/normalized"]))
+
+
+def test_a_model_that_cannot_be_measured_fails_at_fit_start_before_any_training_step():
+    def broken(logits, target):
+        raise RuntimeError("this loss cannot be differentiated")
+
+    model = MLP()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match=r"cannot measure MLP \(dry run .*this loss cannot be differentiated"):
+        _fit(SharpnessMonitor(num_samples=32, loss_fn=broken), model=model)
+    assert model.training_steps == 0
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())

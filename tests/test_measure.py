@@ -1,0 +1,143 @@
+"""The Lightning-free front door: measure_sharpness / SharpnessMeasurement, choose_method, and models
+as users have them (dict inputs, ModelOutput-like outputs, sequence outputs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracles import brute_force_measures
+from torch import nn
+
+from lightning_flatness import NormalizedSharpness
+from lightning_flatness.functional import hessian_diagonal_groups, normalized_softmax_cross_entropy
+from lightning_flatness.functional.estimators.method_choice import MethodChoice, choose_method
+from lightning_flatness.functional.model_io import TokenLoss, call_model, extract_logits
+from lightning_flatness.measure import SharpnessMeasurement, is_causal_lm, measure_sharpness, resolve_loss
+
+
+def _mlp(activation=nn.ReLU, classes=3, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), activation(), nn.Linear(7, 6), activation(),
+                         nn.Linear(6, classes)).double()
+
+
+def _data(num_batches=4, size=12, classes=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 5, generator=g, dtype=torch.float64), torch.randint(0, classes, (size,), generator=g))
+            for _ in range(num_batches)]
+
+
+def test_measure_sharpness_equals_the_metric_fed_by_hand_and_the_brute_force_hessian():
+    model, batches = _mlp(), _data()
+    result = measure_sharpness(model, batches, num_replicates=4)
+    assert result.choice == MethodChoice("exact", "hessian", result.choice.reason)
+    metric = NormalizedSharpness(num_replicates=4, parameter_shapes={n: p.shape for n, p in model.named_parameters()
+                                                                     if p.ndim >= 2})
+    weights = {n: p for n, p in model.named_parameters() if p.ndim >= 2}
+    for x, y in batches:
+        metric.update_from_estimate(hessian_diagonal_groups(model, normalized_softmax_cross_entropy, x, y), weights)
+    by_hand = metric.compute()
+    assert set(result.values) == set(by_hand)
+    for key in by_hand:
+        torch.testing.assert_close(result[key], by_hand[key], rtol=0, atol=0)
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    ref = brute_force_measures(model, x, y)
+    for measure in ("normalized", "matrix_normalized", "hessian_trace"):
+        assert float(result[measure]) == pytest.approx(ref[measure], rel=1e-10)
+    assert result.seconds > 0 and int(result["num_samples"]) == 48
+
+
+def test_choose_method_exact_for_piecewise_linear_and_residual_probes_otherwise():
+    x, y = _data(1)[0]
+    relu = choose_method(_mlp(), normalized_softmax_cross_entropy, x, y)
+    assert (relu.method, relu.quantity) == ("exact", "hessian")
+    assert "piecewise linear" in relu.reason and "3 outputs" in relu.reason
+    tanh = choose_method(_mlp(nn.Tanh), normalized_softmax_cross_entropy, x, y)
+    assert (tanh.method, tanh.quantity) == ("ggn_hutchinson", "hessian")
+    assert "tanh" in tanh.reason
+    assert MethodChoice.named("hutchinson").label == "hutchinson (hessian)"
+    with pytest.raises(ValueError, match="unknown method 'newton'"):
+        MethodChoice.named("newton")
+
+
+class _KeywordNet(nn.Module):
+    """Called with keyword arguments; returns a dict with ``logits`` (like a Hugging Face model)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, features, scale=None):
+        logits = self.net(features * scale)
+        return {"logits": logits, "hidden": features}
+
+
+def test_dict_inputs_and_dict_outputs_give_the_same_values_as_plain_tensors():
+    net = _mlp()
+    batches = _data()
+    plain = measure_sharpness(net, batches, num_replicates=4)
+    keyword = _KeywordNet(net)
+    dict_batches = [{"features": x, "scale": torch.ones(len(x), 1, dtype=x.dtype), "labels": y} for x, y in batches]
+
+    def split(batch):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return inputs, batch["labels"]
+
+    result = measure_sharpness(keyword, dict_batches, num_replicates=4, split_batch=split)
+    for key in plain.values:
+        name = key.replace("/", "/net.", 1) if "/" in key and key.split("/", 1)[1][0].isdigit() else key
+        torch.testing.assert_close(result[name], plain[key], rtol=1e-12, atol=1e-14)
+
+
+def test_extract_logits_reads_tensors_tuples_dicts_and_names_the_fix():
+    t = torch.zeros(2, 3)
+    assert extract_logits(t) is t and extract_logits((t, 1)) is t and extract_logits({"logits": t}) is t
+    with pytest.raises(TypeError, match="'logits' entry"):
+        extract_logits({"scores": t})
+    assert call_model(lambda a, b: a + b, (t, t)).shape == (2, 3)
+
+
+class _TinyForCausalLM(nn.Module):
+    """Embedding -> Linear over the vocabulary: logits (N, T, V)."""
+
+    def __init__(self, vocab=7, width=5):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, width).double()
+        self.head = nn.Linear(width, vocab).double()
+
+    def forward(self, input_ids, attention_mask=None):
+        return (self.head(torch.relu(self.embed(input_ids))),)
+
+
+def test_sequence_outputs_use_a_shifted_token_loss_for_causal_lms_with_padding_ignored():
+    model = _TinyForCausalLM()
+    ids = torch.randint(0, 7, (3, 6), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, 4:] = -100
+    logits = call_model(model, {"input_ids": ids})
+    loss = resolve_loss(normalized_softmax_cross_entropy, model, logits, labels)
+    assert isinstance(loss, TokenLoss) and loss.shift and is_causal_lm(model)
+    valid = labels[:, 1:] != -100
+    expected = normalized_softmax_cross_entropy(logits[:, :-1][valid], labels[:, 1:][valid])
+    torch.testing.assert_close(loss(logits, labels), expected, rtol=1e-14, atol=0)
+    assert loss.num_tokens(logits.shape, labels).tolist() == [3, 5, 5]
+    not_causal = nn.Sequential(nn.Identity())
+    assert not resolve_loss(F.cross_entropy, not_causal, logits, labels).shift
+    assert resolve_loss(F.cross_entropy, not_causal, logits[:, 0], labels[:, 0]) is F.cross_entropy
+
+
+def test_measurement_skips_non_finite_batches_and_reports_them():
+    model = _mlp()
+    good = _data(4)
+    bad = (torch.full((12, 5), float("nan"), dtype=torch.float64), torch.zeros(12, dtype=torch.long))
+    measurement = SharpnessMeasurement(model, method="exact", num_replicates=4)
+    assert not measurement.add(*bad)
+    for x, y in good:
+        assert measurement.add(x, y)
+    assert int(measurement.compute()["num_samples"]) == 48
+    with pytest.raises(ValueError, match="no batch with a finite curvature"):
+        measure_sharpness(model, [(torch.randn(4, 5, dtype=torch.float64), torch.zeros(4, dtype=torch.long))],
+                          loss_fn=lambda logits, target: F.cross_entropy(logits, target) * float("inf"))
