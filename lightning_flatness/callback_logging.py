@@ -12,7 +12,13 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["tensorboard_writers", "custom_scalars_layout", "bar_chart_figure", "bar_chart_image", "figure_to_image"]
+__all__ = [
+    "tensorboard_writers",
+    "custom_scalars_layout",
+    "bar_chart_figure",
+    "bar_chart_image",
+    "figure_to_image",
+]
 
 
 def tensorboard_writers(trainer: Any) -> list[Any]:
@@ -33,8 +39,9 @@ def tensorboard_writers(trainer: Any) -> list[Any]:
     return writers
 
 
-def custom_scalars_layout(prefix: str, measures: Sequence[str],
-                          totals: Sequence[str]) -> dict[str, dict[str, list]]:
+def custom_scalars_layout(
+    prefix: str, measures: Sequence[str], totals: Sequence[str]
+) -> dict[str, dict[str, list]]:
     """A TensorBoard custom-scalars layout: per measure, one chart with a curve per layer.
 
     Args:
@@ -57,8 +64,9 @@ def custom_scalars_layout(prefix: str, measures: Sequence[str],
     return {prefix: charts}
 
 
-def bar_chart_figure(values: Mapping[str, float], title: str, ylabel: str,
-                     errors: Optional[Mapping[str, float]] = None) -> Optional[Any]:
+def bar_chart_figure(
+    values: Mapping[str, float], title: str, ylabel: str, errors: Optional[Mapping[str, float]] = None
+) -> Optional[Any]:
     """A bar chart of ``values`` (one bar per layer, with ``errors`` as error bars when given and
     finite) as a matplotlib ``Figure`` on an Agg canvas.
 
@@ -95,8 +103,9 @@ def figure_to_image(fig: Any) -> np.ndarray:
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
-def bar_chart_image(values: Mapping[str, float], title: str, ylabel: str,
-                    errors: Optional[Mapping[str, float]] = None) -> Optional[np.ndarray]:
+def bar_chart_image(
+    values: Mapping[str, float], title: str, ylabel: str, errors: Optional[Mapping[str, float]] = None
+) -> Optional[np.ndarray]:
     """:func:`bar_chart_figure` rendered to an ``(H, W, 3)`` uint8 array (``None`` without matplotlib)."""
     fig = bar_chart_figure(values, title, ylabel, errors)
     return None if fig is None else figure_to_image(fig)

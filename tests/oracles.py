@@ -22,8 +22,16 @@ from lightning_flatness.functional import (
     sharpness_measures,
 )
 
-__all__ = ["flat", "flat_logits", "brute_force_hessian", "brute_force_ggn", "brute_force_hessian_diagonal",
-           "brute_force_ggn_diagonal", "brute_force_measures", "assert_relative_close"]
+__all__ = [
+    "flat",
+    "flat_logits",
+    "brute_force_hessian",
+    "brute_force_ggn",
+    "brute_force_hessian_diagonal",
+    "brute_force_ggn_diagonal",
+    "brute_force_measures",
+    "assert_relative_close",
+]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -33,7 +41,9 @@ def flat(diag: dict[str, Tensor], names: Sequence[str]) -> Tensor:
     return torch.cat([diag[n].reshape(-1) for n in names])
 
 
-def flat_logits(model: nn.Module, x: Tensor, names: Sequence[str]) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+def flat_logits(
+    model: nn.Module, x: Tensor, names: Sequence[str]
+) -> tuple[Callable[[Tensor], Tensor], Tensor]:
     """``(logits_of, w0)``: the model's output as a pure function of the concatenated, flattened tensors
     ``names`` (every other parameter fixed, buffers cloned at each call so train-mode BatchNorm cannot
     change the model) and the current value ``w0`` of that vector.
@@ -54,7 +64,9 @@ def flat_logits(model: nn.Module, x: Tensor, names: Sequence[str]) -> tuple[Call
     return logits_of, torch.cat([named[n].detach().reshape(-1) for n in names])
 
 
-def brute_force_hessian(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, names: Sequence[str]) -> Tensor:
+def brute_force_hessian(
+    model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, names: Sequence[str]
+) -> Tensor:
     """Full Hessian ``(P, P)`` of ``loss_fn(model(x), y)`` in the concatenated tensors ``names``."""
     logits_of, w0 = flat_logits(model, x, names)
     return torch.autograd.functional.hessian(lambda w: loss_fn(logits_of(w), y), w0, vectorize=True)
@@ -62,12 +74,14 @@ def brute_force_hessian(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor,
 
 def brute_force_ggn(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, names: Sequence[str]) -> Tensor:
     """Full generalized Gauss-Newton matrix ``J^T Lambda J`` ``(P, P)``: ``J`` the Jacobian of all logits in
-    the tensors ``names``, ``Lambda`` the full Hessian of the loss in all logits (no per-sample assumption)."""
+    the tensors ``names``, ``Lambda`` the full Hessian of the loss in all logits (no per-sample
+    assumption)."""
     logits_of, w0 = flat_logits(model, x, names)
     f0 = logits_of(w0).detach()
     jac = torch.autograd.functional.jacobian(logits_of, w0, vectorize=True).reshape(f0.numel(), -1)
-    lam = torch.autograd.functional.hessian(lambda z: loss_fn(z.reshape(f0.shape), y), f0.reshape(-1),
-                                            vectorize=True)
+    lam = torch.autograd.functional.hessian(
+        lambda z: loss_fn(z.reshape(f0.shape), y), f0.reshape(-1), vectorize=True
+    )
     return jac.T @ lam @ jac
 
 
@@ -77,20 +91,25 @@ def _split(vector: Tensor, model: nn.Module, names: Sequence[str]) -> dict[str, 
     return {n: part.reshape(named[n].shape) for n, part in zip(names, parts)}
 
 
-def brute_force_hessian_diagonal(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor,
-                                 names: Sequence[str]) -> dict[str, Tensor]:
+def brute_force_hessian_diagonal(
+    model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, names: Sequence[str]
+) -> dict[str, Tensor]:
     """``{name: diag of the Hessian}`` in each tensor's shape; one Hessian per tensor (its diagonal block)."""
-    return {n: _split(brute_force_hessian(model, loss_fn, x, y, [n]).diagonal(), model, [n])[n] for n in names}
+    return {
+        n: _split(brute_force_hessian(model, loss_fn, x, y, [n]).diagonal(), model, [n])[n] for n in names
+    }
 
 
-def brute_force_ggn_diagonal(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor,
-                             names: Sequence[str]) -> dict[str, Tensor]:
+def brute_force_ggn_diagonal(
+    model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, names: Sequence[str]
+) -> dict[str, Tensor]:
     """``{name: diag of J^T Lambda J}`` in each tensor's shape (see :func:`brute_force_ggn`)."""
     return {n: _split(brute_force_ggn(model, loss_fn, x, y, [n]).diagonal(), model, [n])[n] for n in names}
 
 
-def brute_force_measures(module: nn.Module, inputs: Tensor, target: Tensor,
-                         loss_fn: LossFn = normalized_softmax_cross_entropy) -> dict[str, float]:
+def brute_force_measures(
+    module: nn.Module, inputs: Tensor, target: Tensor, loss_fn: LossFn = normalized_softmax_cross_entropy
+) -> dict[str, float]:
     """All measures (``sharpness_measures``) from the brute-force Hessian diagonal of the float64 loss of
     ``module`` in eval mode, in its selected weights (``select_parameters``)."""
     net = copy.deepcopy(module).double().eval()
@@ -100,7 +119,9 @@ def brute_force_measures(module: nn.Module, inputs: Tensor, target: Tensor,
     return {k: float(v) for k, v in sharpness_measures(weights, diagonals).items()}
 
 
-def assert_relative_close(estimate: dict[str, Tensor], reference: dict[str, Tensor], tol: float = 1e-10) -> None:
+def assert_relative_close(
+    estimate: dict[str, Tensor], reference: dict[str, Tensor], tol: float = 1e-10
+) -> None:
     """Same keys, shapes and dtypes, and ``||estimate - reference|| <= tol ||reference||`` per tensor
     (with a nonzero reference, so that the check cannot pass vacuously)."""
     assert estimate.keys() == reference.keys()

@@ -29,10 +29,19 @@ def test_package_registers_no_callback_factory_so_trainers_stay_untouched():
 def test_pytorch_lightning_cli_resolves_the_bare_class_name_on_the_command_line(tmp_path):
     from pytorch_lightning.cli import LightningCLI
 
-    cli = LightningCLI(MLP, DataModule, run=False, args=[
-        "--trainer.logger=false", "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.callbacks+=SharpnessMonitor", "--trainer.callbacks.num_samples=40",
-        "--trainer.callbacks.method=hutchinson"])
+    cli = LightningCLI(
+        MLP,
+        DataModule,
+        run=False,
+        args=[
+            "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.callbacks+=SharpnessMonitor",
+            "--trainer.callbacks.num_samples=40",
+            "--trainer.callbacks.method=hutchinson",
+        ],
+    )
     (monitor,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, SharpnessMonitor)]
     assert type(monitor) is SharpnessMonitor and monitor.num_samples == 40 and monitor.method == "hutchinson"
 
@@ -40,8 +49,14 @@ def test_pytorch_lightning_cli_resolves_the_bare_class_name_on_the_command_line(
 def test_lightning_pytorch_cli_resolves_the_bare_class_name_in_a_config_to_its_namespace_class(tmp_path):
     from lightning.pytorch.cli import LightningCLI
 
-    config = {"trainer": {"logger": False, "enable_checkpointing": False, "default_root_dir": str(tmp_path),
-                          "callbacks": [{"class_path": "SharpnessMonitor", "init_args": {"num_samples": 24}}]}}
+    config = {
+        "trainer": {
+            "logger": False,
+            "enable_checkpointing": False,
+            "default_root_dir": str(tmp_path),
+            "callbacks": [{"class_path": "SharpnessMonitor", "init_args": {"num_samples": 24}}],
+        }
+    }
     cli = LightningCLI(LitMLP, Data, run=False, args=config)
     (monitor,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, LightningSharpnessMonitor)]
     assert type(monitor) is LightningSharpnessMonitor and monitor.num_samples == 24

@@ -27,8 +27,15 @@ from lightning_flatness.functional import select_parameters
 from lightning_flatness.logger_media import logger_kind, per_layer_table
 
 MEASURES = ("normalized", "matrix_normalized", "hessian_trace")
-COLUMNS = ["layer", "normalized", "normalized_stderr", "matrix_normalized", "matrix_normalized_stderr",
-           "hessian_trace", "hessian_trace_stderr"]
+COLUMNS = [
+    "layer",
+    "normalized",
+    "normalized_stderr",
+    "matrix_normalized",
+    "matrix_normalized_stderr",
+    "hessian_trace",
+    "hessian_trace_stderr",
+]
 
 
 def _png(data: bytes | str) -> np.ndarray:
@@ -54,8 +61,8 @@ def _wandb_history(path: str) -> list[dict]:
         if 32768 - pos % 32768 < 7:
             pos += 32768 - pos % 32768
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 0:
             continue
         pending = chunk if kind in (1, 2) else pending + chunk
@@ -75,29 +82,55 @@ def _wandb_history(path: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_tensorboard_csv_wandb_and_mlflow_each_get_scalars_per_layer_table_and_bar_chart(tmp_path, monkeypatch):
+def test_tensorboard_csv_wandb_and_mlflow_each_get_scalars_per_layer_table_and_bar_chart(
+    tmp_path, monkeypatch
+):
     import wandb
     from mlflow.tracking import MlflowClient
     from pytorch_lightning.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    for name, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config"),
-                      ("WANDB_DATA_DIR", "data")):
+    for name, sub in (
+        ("WANDB_DIR", ""),
+        ("WANDB_CACHE_DIR", "cache"),
+        ("WANDB_CONFIG_DIR", "config"),
+        ("WANDB_DATA_DIR", "data"),
+    ):
         monkeypatch.setenv(name, str(tmp_path / "wandb_home" / sub))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    loggers = [TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv"),
-               WandbLogger(save_dir=str(tmp_path), project="flatness", offline=True),
-               MLFlowLogger(experiment_name="flatness", tracking_uri=tracking_uri,
-                            artifact_location=str(tmp_path / "mlartifacts"))]
-    assert [logger_kind(lg) for lg in loggers] == ["TensorBoardLogger", "CSVLogger", "WandbLogger", "MLFlowLogger"]
+    loggers = [
+        TensorBoardLogger(tmp_path, name="tb"),
+        CSVLogger(tmp_path, name="csv"),
+        WandbLogger(save_dir=str(tmp_path), project="flatness", offline=True),
+        MLFlowLogger(
+            experiment_name="flatness",
+            tracking_uri=tracking_uri,
+            artifact_location=str(tmp_path / "mlartifacts"),
+        ),
+    ]
+    assert [logger_kind(lg) for lg in loggers] == [
+        "TensorBoardLogger",
+        "CSVLogger",
+        "WandbLogger",
+        "MLFlowLogger",
+    ]
     monitor = SharpnessMonitor(num_samples=48, dtype="float64", batch_size=24)
     pl.seed_everything(0, verbose=False)
     model, dm = MLP(), DataModule()
-    trainer = pl.Trainer(max_epochs=2, logger=loggers, callbacks=[monitor], enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         accelerator="cpu", devices=1, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        logger=loggers,
+        callbacks=[monitor],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, dm)
     wandb.finish()
 
@@ -157,7 +190,9 @@ def test_tensorboard_csv_wandb_and_mlflow_each_get_scalars_per_layer_table_and_b
         with open(os.path.join(files_dir, entry["path"])) as f:
             content = json.load(f)
         assert content["columns"] == COLUMNS and content["data"] == rows
-    wandb_images = [h["sharpness/normalized_per_layer"] for h in wandb_history if "sharpness/normalized_per_layer" in h]
+    wandb_images = [
+        h["sharpness/normalized_per_layer"] for h in wandb_history if "sharpness/normalized_per_layer" in h
+    ]
     assert len(wandb_images) == 2
     images["wandb"] = _png(os.path.join(files_dir, wandb_images[-1]["filenames"][0]))
 
@@ -185,9 +220,15 @@ def test_tensorboard_csv_wandb_and_mlflow_each_get_scalars_per_layer_table_and_b
 
 
 def test_per_layer_table_columns_rows_and_csv_round_trip():
-    values = {"normalized": 5.0, "normalized/a.weight": 2.0, "normalized/b.weight": 3.0,
-              "normalized_stderr/a.weight": 0.1, "normalized_stderr/b.weight": 1 / 3,
-              "hessian_trace/a.weight": -1e-300, "hessian_trace/b.weight": 7.0}
+    values = {
+        "normalized": 5.0,
+        "normalized/a.weight": 2.0,
+        "normalized/b.weight": 3.0,
+        "normalized_stderr/a.weight": 0.1,
+        "normalized_stderr/b.weight": 1 / 3,
+        "hessian_trace/a.weight": -1e-300,
+        "hessian_trace/b.weight": 7.0,
+    }
     table = per_layer_table(values, MEASURES)
     assert table.columns == ["layer", "normalized", "normalized_stderr", "hessian_trace"]
     assert table.rows == [["a.weight", 2.0, 0.1, -1e-300], ["b.weight", 3.0, 1 / 3, 7.0]]

@@ -33,9 +33,17 @@ def _fit(bar, num_samples: int = 60, batch_size: int = 20) -> tuple[SharpnessMon
     monitor = SharpnessMonitor(num_samples=num_samples, batch_size=batch_size, dtype="float64", seed=7)
     pl.seed_everything(0, verbose=False)
     callbacks = [monitor] if bar is None else [monitor, bar]
-    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_model_summary=False,
-                         enable_progress_bar=bar is not None, num_sanity_val_steps=0, accelerator="cpu",
-                         devices=1, callbacks=callbacks)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=bar is not None,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        callbacks=callbacks,
+    )
     trainer.fit(MLP(), DataModule())
     return monitor, trainer
 
@@ -47,8 +55,9 @@ def test_rich_and_tqdm_bars_show_the_measurement_and_leave_training_unchanged(ca
     capsys.readouterr()
 
     console = io.StringIO()
-    rich_bar = RichProgressBar(console_kwargs={"file": console, "force_terminal": True, "width": 160,
-                                               "color_system": None})
+    rich_bar = RichProgressBar(
+        console_kwargs={"file": console, "force_terminal": True, "width": 160, "color_system": None}
+    )
     with_rich, trainer = _fit(rich_bar)
     assert trainer.progress_bar_callback is rich_bar
     total = _assert_advances_to_completion(console.getvalue())

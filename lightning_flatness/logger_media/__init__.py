@@ -20,4 +20,11 @@ from __future__ import annotations
 from lightning_flatness.logger_media.dispatch import WRITERS, MediaContext, log_per_layer_media, logger_kind
 from lightning_flatness.logger_media.table import PerLayerTable, per_layer_table
 
-__all__ = ["WRITERS", "MediaContext", "PerLayerTable", "log_per_layer_media", "logger_kind", "per_layer_table"]
+__all__ = [
+    "WRITERS",
+    "MediaContext",
+    "PerLayerTable",
+    "log_per_layer_media",
+    "logger_kind",
+    "per_layer_table",
+]

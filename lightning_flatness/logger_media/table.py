@@ -32,7 +32,9 @@ class PerLayerTable:
         """The table in markdown (values to 6 significant digits), as TensorBoard's TEXT tab renders it."""
         lines = ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
         for row in self.rows:
-            lines.append("| " + " | ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row) + " |")
+            lines.append(
+                "| " + " | ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row) + " |"
+            )
         return "\n".join(lines)
 
 
@@ -47,8 +49,9 @@ def per_layer_table(values: Mapping[str, float], measures: Sequence[str]) -> Per
         A :class:`PerLayerTable`; a ``<measure>_stderr`` column appears only when every layer has one.
 
     Example:
-        >>> t = per_layer_table({"normalized/a.weight": 2.0, "normalized_stderr/a.weight": 0.5,
-        ...                      "normalized/b.weight": 3.0, "normalized_stderr/b.weight": 0.25}, ["normalized"])
+        >>> values = {"normalized/a.weight": 2.0, "normalized_stderr/a.weight": 0.5,
+        ...           "normalized/b.weight": 3.0, "normalized_stderr/b.weight": 0.25}
+        >>> t = per_layer_table(values, ["normalized"])
         >>> t.columns, t.rows
         (['layer', 'normalized', 'normalized_stderr'], [['a.weight', 2.0, 0.5], ['b.weight', 3.0, 0.25]])
     """

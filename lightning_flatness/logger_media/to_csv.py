@@ -14,8 +14,10 @@ __all__ = ["log_media", "output_paths"]
 
 def output_paths(log_dir: str, context: MediaContext) -> tuple[str, str]:
     """``(table, chart)`` paths under ``log_dir``."""
-    return (os.path.join(log_dir, f"{context.file_stem}_per_layer.csv"),
-            os.path.join(log_dir, f"{context.file_stem}_per_layer", f"normalized_step={context.step:06d}.png"))
+    return (
+        os.path.join(log_dir, f"{context.file_stem}_per_layer.csv"),
+        os.path.join(log_dir, f"{context.file_stem}_per_layer", f"normalized_step={context.step:06d}.png"),
+    )
 
 
 def log_media(logger: Any, context: MediaContext) -> None:

@@ -21,10 +21,12 @@ def artifact_paths(context: MediaContext) -> tuple[str, str]:
 
 
 def log_media(logger: Any, context: MediaContext) -> None:
-    """Log the table (CSV with epoch and step columns) and the chart (PNG) as artifacts of ``logger.run_id``."""
+    """Log the table (CSV with epoch and step columns) and the chart (PNG) as artifacts of the run."""
     client, run_id = logger.experiment, logger.run_id
     table_path, chart_path = artifact_paths(context)
     if context.table.rows:
-        client.log_text(run_id, context.table.to_csv({"epoch": context.epoch, "step": context.step}), table_path)
+        client.log_text(
+            run_id, context.table.to_csv({"epoch": context.epoch, "step": context.step}), table_path
+        )
     if context.figure is not None:
         client.log_figure(run_id, context.figure, chart_path)

@@ -22,5 +22,9 @@ def log_media(logger: Any, context: MediaContext) -> None:
     if context.table.rows:
         writer.add_text(f"{context.prefix}/per_layer", context.table.to_markdown(), global_step=context.step)
     if context.image is not None:
-        writer.add_image(f"{context.prefix}/normalized_per_layer", context.image, global_step=context.step,
-                         dataformats="HWC")
+        writer.add_image(
+            f"{context.prefix}/normalized_per_layer",
+            context.image,
+            global_step=context.step,
+            dataformats="HWC",
+        )

@@ -13,8 +13,16 @@ __all__ = ["log_media"]
 def log_media(logger: Any, context: MediaContext) -> None:
     """Log the table as ``"<prefix>/per_layer"`` and the chart as ``"<prefix>/normalized_per_layer"``."""
     if context.table.rows:
-        logger.log_table(key=f"{context.prefix}/per_layer", columns=context.table.columns,
-                         data=context.table.rows, step=context.step)
+        logger.log_table(
+            key=f"{context.prefix}/per_layer",
+            columns=context.table.columns,
+            data=context.table.rows,
+            step=context.step,
+        )
     if context.image is not None:
-        logger.log_image(key=f"{context.prefix}/normalized_per_layer", images=[context.image], step=context.step,
-                         caption=[f"epoch {context.epoch}"])
+        logger.log_image(
+            key=f"{context.prefix}/normalized_per_layer",
+            images=[context.image],
+            step=context.step,
+            caption=[f"epoch {context.epoch}"],
+        )
