@@ -5,14 +5,14 @@ them); this package adds what a scalar cannot carry: the per-layer values as a t
 per-layer bar chart as an image. One small module per logger kind, one registry
 (:data:`WRITERS`), one loop (:func:`log_per_layer_media`), as in Lightning's ``LearningRateMonitor``.
 
-========================  ================================================  ==============================
-logger                    table                                             bar chart
-========================  ================================================  ==============================
-``TensorBoardLogger``     ``add_text`` (markdown) + custom-scalars layout   ``add_image``
-``WandbLogger``           ``log_table``                                     ``log_image``
-``MLFlowLogger``          ``MlflowClient.log_text`` (a CSV artifact)        ``MlflowClient.log_figure``
-``CSVLogger``             ``<prefix>_per_layer.csv`` beside ``metrics.csv``  PNG files beside ``metrics.csv``
-========================  ================================================  ==============================
+=====================  ==================================================  ===============================
+logger                 table                                               bar chart
+=====================  ==================================================  ===============================
+``TensorBoardLogger``  ``add_text`` (markdown) + custom-scalars layout     ``add_image``
+``WandbLogger``        ``log_table``                                       ``log_image``
+``MLFlowLogger``       ``MlflowClient.log_text`` (a CSV artifact)          ``MlflowClient.log_figure``
+``CSVLogger``          ``<prefix>_per_layer.csv`` beside ``metrics.csv``   PNG files beside ``metrics.csv``
+=====================  ==================================================  ===============================
 """
 
 from __future__ import annotations
