@@ -48,7 +48,6 @@ def _fit(bar, num_samples: int = 60, batch_size: int = 20) -> tuple[SharpnessMon
     return monitor, trainer
 
 
-@pytest.mark.slow
 def test_rich_and_tqdm_bars_show_the_measurement_and_leave_training_unchanged(capsys):
     pytest.importorskip("rich", reason="rich is in the `test` extra")  # RichProgressBar raises without it
     plain, _ = _fit(None)
