@@ -99,6 +99,7 @@ def test_tensorboard_csv_wandb_and_mlflow_each_get_scalars_per_layer_table_and_b
         monkeypatch.setenv(name, str(tmp_path / "wandb_home" / sub))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")  # no network: nothing leaves the machine
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     loggers = [
         TensorBoardLogger(tmp_path, name="tb"),
