@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 import pytorch_lightning as pl
 from lightning_flatness.batch_split import split_batch as _default_split_batch
-from lightning_flatness.callback_logging import bar_chart_image, custom_scalars_layout, tensorboard_writers
+from lightning_flatness.callback_logging import bar_chart_figure, figure_to_image
 from lightning_flatness.functional import ExactMethodNotApplicable, select_parameters
 from lightning_flatness.functional.estimators.method_choice import MethodChoice
 from lightning_flatness.functional.estimators.registry import ESTIMATORS
@@ -38,6 +38,7 @@ from lightning_flatness.isolation import (
     preserved_rng_states,
     resolve_dtype,
 )
+from lightning_flatness.logger_media import MediaContext, log_per_layer_media, per_layer_table
 from lightning_flatness.measure import SharpnessMeasurement, resolve_loss
 from lightning_flatness.memory import PeakMemory
 from lightning_flatness.progress import progress_reporter
@@ -608,30 +609,28 @@ class SharpnessMonitorBase:
         common = dict(on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
         pl_module.log(f"{p}/normalized", tensor(values["normalized"]), prog_bar=self.prog_bar, **common)
         pl_module.log_dict({k: tensor(v) for k, v in {**scalars, **per_layer}.items()}, **common)
-        self._log_tensorboard(trainer, values)
+        self._log_media(trainer, values)
 
-    def _log_tensorboard(self, trainer: Any, values: dict[str, float]) -> None:
-        writers = tensorboard_writers(trainer)
-        if not writers or not self.log_per_layer:
+    def _log_media(self, trainer: Any, values: dict[str, float]) -> None:
+        """The per-layer table and bar chart, through each logger's own API (lightning_flatness.logger_media)."""
+        if not self.log_per_layer or not trainer.is_global_zero or not trainer.loggers:
             return
-        for writer in writers:
-            if id(writer) not in self._layouts_written:
-                writer.add_custom_scalars(custom_scalars_layout(self.prefix, MEASURES, MEASURES))
-                self._layouts_written.add(id(writer))
-        if not self.log_images:
-            return
-        per_layer = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("normalized/")}
-        errors = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("normalized_stderr/")}
-        image = bar_chart_image(per_layer, f"normalized sharpness per layer, epoch {trainer.current_epoch}",
-                                "normalized sharpness", errors)
-        if image is None:
-            self._info_once(trainer, "no_matplotlib", "SharpnessMonitor: matplotlib is not installed, so the "
-                                                      "per-layer bar chart image is skipped (pip install "
-                                                      "matplotlib).")
-            return
-        for writer in writers:
-            writer.add_image(f"{self.prefix}/normalized_per_layer", image, global_step=trainer.global_step,
-                             dataformats="HWC")
+        figure = image = None
+        if self.log_images:
+            per_layer = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("normalized/")}
+            errors = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("normalized_stderr/")}
+            figure = bar_chart_figure(per_layer, f"normalized sharpness per layer, epoch {trainer.current_epoch}",
+                                      "normalized sharpness", errors)
+            if figure is None:
+                self._info_once(trainer, "no_matplotlib", "SharpnessMonitor: matplotlib is not installed, so the "
+                                                          "per-layer bar chart image is skipped (pip install "
+                                                          "matplotlib).")
+            else:
+                image = figure_to_image(figure)
+        log_per_layer_media(trainer, MediaContext(
+            prefix=self.prefix, measures=tuple(MEASURES), step=trainer.global_step, epoch=trainer.current_epoch,
+            table=per_layer_table(values, MEASURES), figure=figure, image=image,
+            layouts_written=self._layouts_written))
 
     def _warn_once(self, trainer: Any, key: str, message: str) -> None:
         if key in self._warned:
@@ -728,8 +727,10 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
     - ``<p>/<measure>/<parameter name>``: per weight tensor, named after its module path (e.g.
       ``sharpness/normalized/net.0.weight``).
 
-    TensorBoard also gets a custom-scalars layout (per-layer curves of each measure on one chart) and
-    a per-layer bar-chart image (with matplotlib). Without a logger the values still reach
+    Each logger also gets the per-layer values as a table and a per-layer bar chart (with
+    matplotlib) through its own API (:mod:`lightning_flatness.logger_media`): TensorBoard (plus a
+    custom-scalars layout with the per-layer curves of each measure on one chart), W&B, MLflow and
+    CSVLogger (files beside ``metrics.csv``). Without a logger the values still reach
     ``trainer.callback_metrics`` and :attr:`history`.
 
     **Cost** (``num_samples`` training samples per measurement): ``"exact"``: one forward and about
@@ -772,8 +773,8 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
         dtype: ``"float32"`` (default) or ``"float64"``: precision of the curvature computation.
         seed: seed of the subset and the probes; ``None`` draws one (kept in the state).
         prefix: prefix of the logged keys (two monitors need two prefixes).
-        log_per_layer: log the per-layer values (and the TensorBoard layout).
-        log_images: log the per-layer bar chart to TensorBoard.
+        log_per_layer: log the per-layer values (scalars, the per-layer table, the TensorBoard layout).
+        log_images: log the per-layer bar chart to every logger.
         prog_bar: show ``<p>/normalized`` in the progress bar.
         relative_step: step of ``"finite_difference"`` relative to each tensor's RMS entry.
 

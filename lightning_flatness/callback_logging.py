@@ -1,9 +1,7 @@
-"""TensorBoard extras of ``SharpnessMonitor``: a custom-scalars layout and per-layer bar charts.
+"""Pictures of ``SharpnessMonitor``: the TensorBoard custom-scalars layout and the per-layer bar chart.
 
-Scalars go through ``pl_module.log`` (every logger gets them); this module only adds what
-TensorBoard can show beyond scalars. It duck-types the logger's ``experiment``: anything with
-``add_custom_scalars`` and ``add_image`` (``torch.utils.tensorboard.SummaryWriter``,
-``tensorboardX.SummaryWriter``) qualifies.
+Scalars go through ``pl_module.log`` (every logger gets them). The chart is drawn here once per
+measurement and sent to every logger by :mod:`lightning_flatness.logger_media`.
 """
 
 from __future__ import annotations
@@ -14,11 +12,21 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["tensorboard_writers", "custom_scalars_layout", "bar_chart_image"]
+__all__ = [
+    "tensorboard_writers",
+    "custom_scalars_layout",
+    "bar_chart_figure",
+    "bar_chart_image",
+    "figure_to_image",
+]
 
 
 def tensorboard_writers(trainer: Any) -> list[Any]:
-    """The TensorBoard writers of ``trainer``'s loggers (empty except on global rank 0)."""
+    """The TensorBoard writers of ``trainer``'s loggers (empty except on global rank 0).
+
+    Any logger whose ``experiment`` has ``add_custom_scalars`` and ``add_image``
+    (``torch.utils.tensorboard.SummaryWriter``, ``tensorboardX.SummaryWriter``) qualifies.
+    """
     if not trainer.is_global_zero:
         return []
     writers = []
@@ -31,8 +39,9 @@ def tensorboard_writers(trainer: Any) -> list[Any]:
     return writers
 
 
-def custom_scalars_layout(prefix: str, measures: Sequence[str],
-                          totals: Sequence[str]) -> dict[str, dict[str, list]]:
+def custom_scalars_layout(
+    prefix: str, measures: Sequence[str], totals: Sequence[str]
+) -> dict[str, dict[str, list]]:
     """A TensorBoard custom-scalars layout: per measure, one chart with a curve per layer.
 
     Args:
@@ -55,15 +64,17 @@ def custom_scalars_layout(prefix: str, measures: Sequence[str],
     return {prefix: charts}
 
 
-def bar_chart_image(values: Mapping[str, float], title: str, ylabel: str,
-                    errors: Optional[Mapping[str, float]] = None) -> Optional[np.ndarray]:
+def bar_chart_figure(
+    values: Mapping[str, float], title: str, ylabel: str, errors: Optional[Mapping[str, float]] = None
+) -> Optional[Any]:
     """A bar chart of ``values`` (one bar per layer, with ``errors`` as error bars when given and
-    finite) rendered to an ``(H, W, 3)`` uint8 array.
+    finite) as a matplotlib ``Figure`` on an Agg canvas.
 
-    Uses matplotlib's object-oriented API with the Agg canvas (no pyplot, no global figure state).
+    Uses matplotlib's object-oriented API (no pyplot, no global figure state), so it is safe in
+    any thread and leaves no figure open.
 
     Returns:
-        The image, or ``None`` when matplotlib is not installed.
+        The figure, or ``None`` when matplotlib is not installed.
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -72,7 +83,7 @@ def bar_chart_image(values: Mapping[str, float], title: str, ylabel: str,
         return None
     names = list(values)
     fig = Figure(figsize=(max(4.0, 0.5 * len(names) + 2.0), 3.5), dpi=80)
-    canvas = FigureCanvasAgg(fig)
+    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     yerr = None
     if errors is not None and all(math.isfinite(float(errors.get(n, math.nan))) for n in names):
@@ -83,5 +94,18 @@ def bar_chart_image(values: Mapping[str, float], title: str, ylabel: str,
     ax.set_title(title, fontsize=10)
     longest = max((len(n) for n in names), default=1)
     fig.subplots_adjust(left=0.15, right=0.97, top=0.9, bottom=min(0.6, 0.12 + 0.018 * longest))
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    return fig
+
+
+def figure_to_image(fig: Any) -> np.ndarray:
+    """Render a figure of :func:`bar_chart_figure` to an ``(H, W, 3)`` uint8 array."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def bar_chart_image(
+    values: Mapping[str, float], title: str, ylabel: str, errors: Optional[Mapping[str, float]] = None
+) -> Optional[np.ndarray]:
+    """:func:`bar_chart_figure` rendered to an ``(H, W, 3)`` uint8 array (``None`` without matplotlib)."""
+    fig = bar_chart_figure(values, title, ylabel, errors)
+    return None if fig is None else figure_to_image(fig)

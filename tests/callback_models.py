@@ -3,7 +3,6 @@ its own so that DDP worker processes can import what they unpickle)."""
 
 from __future__ import annotations
 
-import copy
 import random
 
 import numpy as np
@@ -12,12 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
-
-from lightning_flatness.functional import (
-    normalized_softmax_cross_entropy,
-    select_parameters,
-    sharpness_measures,
-)
 
 IN_FEATURES, NUM_CLASSES = 10, 3
 
@@ -29,21 +22,6 @@ def make_dataset(num_samples: int = 256, seed: int = 0) -> TensorDataset:
     teacher = torch.randn(IN_FEATURES, NUM_CLASSES, generator=g)
     y = (x @ teacher + 0.5 * torch.randn(num_samples, NUM_CLASSES, generator=g)).argmax(1)
     return TensorDataset(x, y)
-
-
-def brute_force_measures(module: nn.Module, inputs: torch.Tensor, target: torch.Tensor,
-                          loss_fn=normalized_softmax_cross_entropy) -> dict[str, float]:
-    """All measures from the exact Hessian diagonal of the float64 loss, by torch.func.hessian per tensor."""
-    net = copy.deepcopy(module).double().eval()
-    x = inputs.double()
-    weights = {n: p.detach() for n, p in select_parameters(net).items()}
-    diagonals = {}
-    for name, w in weights.items():
-        def loss_of(v, name=name):
-            return loss_fn(torch.func.functional_call(net, {name: v}, (x,), tie_weights=False), target)
-        hessian = torch.func.hessian(loss_of)(w).reshape(w.numel(), w.numel())
-        diagonals[name] = hessian.diagonal().reshape(w.shape)
-    return {k: float(v) for k, v in sharpness_measures(weights, diagonals).items()}
 
 
 class AugmentedDataset(Dataset):

@@ -15,7 +15,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from callback_models import MLP, DataModule, brute_force_measures, make_dataset
+from callback_models import MLP, DataModule, make_dataset
+from oracles import brute_force_measures
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch import nn

@@ -12,7 +12,8 @@ import json
 import pytest
 import pytorch_lightning as pl
 import torch
-from callback_models import MLP, DataModule, RecordPerRank, brute_force_measures
+from callback_models import MLP, DataModule, RecordPerRank
+from oracles import brute_force_measures
 
 from lightning_flatness.callback import SharpnessMonitor
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as lp  # the unified package: in the `test` extra
 import pytest
 import torch
 import torch.nn.functional as F
-from callback_models import brute_force_measures, make_dataset
+from callback_models import make_dataset
+from oracles import brute_force_measures
 from torch import nn
 from torch.utils.data import DataLoader
 
-import lightning.pytorch as lp  # the unified package: in the `test` extra
 from lightning_flatness.lightning_namespace import SharpnessMonitor as LightningSharpnessMonitor
 
 

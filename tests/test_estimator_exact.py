@@ -8,8 +8,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.func import functional_call
+from oracles import assert_relative_close
+from oracles import brute_force_ggn_diagonal as brute_ggn_diagonal
+from oracles import brute_force_hessian_diagonal as brute_hessian_diagonal
+from torch import nn
 
 from lightning_flatness.functional.estimators.exact import exact_hessian_diagonal
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
@@ -18,54 +20,6 @@ from lightning_flatness.functional.parameters import select_parameters
 torch.set_num_threads(1)
 LOSSES = [F.cross_entropy, normalized_softmax_cross_entropy]
 LOSS_IDS = ["cross_entropy", "normalized_softmax_ce"]
-
-
-# ----------------------------------------------------------------------------- brute force
-def _state(model: nn.Module) -> dict[str, Tensor]:
-    """Detached parameters and cloned buffers (train-mode BatchNorm must not touch the model)."""
-    state = {n: p.detach() for n, p in model.named_parameters()}
-    state.update({n: b.clone() for n, b in model.named_buffers()})
-    return state
-
-
-def _logits_of(model: nn.Module, name: str, x: Tensor):
-    def logits(w: Tensor) -> Tensor:
-        return functional_call(model, {**_state(model), name: w}, (x,))
-    return logits
-
-
-def brute_hessian_diagonal(model, loss_fn, x, y, names) -> dict[str, Tensor]:
-    """diag of torch.func.hessian of the loss w.r.t. each weight tensor, all else fixed."""
-    out = {}
-    for name in names:
-        w = dict(model.named_parameters())[name].detach()
-        logits = _logits_of(model, name, x)
-        hess = torch.func.hessian(lambda v: loss_fn(logits(v), y))(w)
-        out[name] = hess.reshape(w.numel(), w.numel()).diagonal().reshape(w.shape)
-    return out
-
-
-def brute_ggn_diagonal(model, loss_fn, x, y, names) -> dict[str, Tensor]:
-    """diag(J^T H_f J) with J the full Jacobian of all logits and H_f the full Hessian of the
-    mean loss in all logits (no per-sample assumption)."""
-    out = {}
-    for name in names:
-        w = dict(model.named_parameters())[name].detach()
-        logits = _logits_of(model, name, x)
-        f = logits(w)
-        jac = torch.func.jacrev(logits)(w).reshape(f.numel(), w.numel())
-        h_f = torch.func.hessian(lambda z: loss_fn(z.reshape(f.shape), y))(f.reshape(-1))
-        out[name] = torch.einsum("ai,ab,bi->i", jac, h_f, jac).reshape(w.shape)
-    return out
-
-
-def assert_relative_close(estimate: dict[str, Tensor], reference: dict[str, Tensor], tol: float = 1e-10):
-    assert estimate.keys() == reference.keys()
-    for name, ref in reference.items():
-        est = estimate[name]
-        assert est.shape == ref.shape and est.dtype == ref.dtype, name
-        err = float((est - ref).norm() / ref.norm())
-        assert ref.norm() > 0 and err <= tol, f"{name}: relative error {err:.3e}"
 
 
 # ----------------------------------------------------------------------------- models

@@ -9,15 +9,14 @@ logits and the Hessian of the mean loss in all logits (no per-sample assumption)
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from oracles import brute_force_ggn, brute_force_hessian, flat
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from lightning_flatness.functional import METHODS, hessian_diagonal_groups
 from lightning_flatness.functional.estimators import ExactMethodNotApplicable
@@ -37,26 +36,11 @@ class Problem:
         self.model, self.x, self.y, self.loss_fn = model, x, y, loss_fn
         self.params = select_parameters(model)
         self.names = list(self.params)
-        model = copy.deepcopy(model)  # functional_call may leave tensors in shared submodules (#164759)
-        named = dict(model.named_parameters())
-        fixed = {n: p.detach() for n, p in named.items() if n not in self.names}
-        buffers = {n: b.detach() for n, b in model.named_buffers()}
-        shapes = [named[n].shape for n in self.names]
-        sizes = [named[n].numel() for n in self.names]
-
-        def logits_of(flat_w: Tensor) -> Tensor:
-            chosen = {n: part.view(s) for n, part, s in zip(self.names, torch.split(flat_w, sizes), shapes)}
-            return functional_call(model, {**fixed, **chosen, **{n: b.clone() for n, b in buffers.items()}}, (x,))
-
-        flat0 = torch.cat([named[n].detach().reshape(-1) for n in self.names])
-        self.hessian = torch.autograd.functional.hessian(lambda w: loss_fn(logits_of(w), y), flat0, vectorize=True)
-        f0 = logits_of(flat0).detach()
-        jac = torch.autograd.functional.jacobian(logits_of, flat0, vectorize=True).reshape(f0.numel(), -1)
-        lam = torch.autograd.functional.hessian(lambda z: loss_fn(z.reshape(f0.shape), y), f0.reshape(-1),
-                                                vectorize=True)
-        self.ggn = jac.T @ lam @ jac
+        self.hessian = brute_force_hessian(model, loss_fn, x, y, self.names)
+        self.ggn = brute_force_ggn(model, loss_fn, x, y, self.names)
         self.residual = self.hessian - self.ggn
         self.diag = self.hessian.diagonal()
+        sizes = [self.params[n].numel() for n in self.names]
         self.offsets = dict(zip(self.names, torch.tensor([0, *sizes]).cumsum(0).tolist()))
         self.sizes = dict(zip(self.names, sizes))
 
@@ -78,10 +62,6 @@ class Problem:
             mask[self.block(name)] = True
         m = matrix * mask[:, None] * mask[None, :]
         return m.pow(2).sum(1) - m.diagonal().pow(2)
-
-
-def flat(diag: dict[str, Tensor], names: list[str]) -> Tensor:
-    return torch.cat([diag[n].reshape(-1) for n in names])
 
 
 def mlp(activation: type[nn.Module], seed: int = 0, width: int = 12) -> nn.Sequential:

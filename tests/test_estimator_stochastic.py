@@ -13,8 +13,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from oracles import brute_force_hessian, flat
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from lightning_flatness.functional.estimators.finite_difference import (
     finite_difference_hessian_diagonal,
@@ -29,27 +29,6 @@ ESTIMATORS = {"hutchinson": hutchinson_hessian_diagonal, "finite_difference": fi
 
 
 # --------------------------------------------------------------------------- reference and models
-def brute_force_hessian(model: nn.Module, loss_fn, x: Tensor, y: Tensor, names: list[str]) -> Tensor:
-    """Full Hessian of the mean loss in the concatenated, flattened tensors ``names`` (float64)."""
-    named = dict(model.named_parameters())
-    fixed = {n: p.detach() for n, p in named.items() if n not in names}
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
-    shapes = [named[n].shape for n in names]
-    sizes = [named[n].numel() for n in names]
-
-    def loss(flat: Tensor) -> Tensor:
-        chosen = {n: part.view(s) for n, part, s in zip(names, torch.split(flat, sizes), shapes)}
-        state = {**fixed, **chosen, **{n: b.clone() for n, b in buffers.items()}}
-        return loss_fn(functional_call(model, state, (x,)), y)
-
-    flat0 = torch.cat([named[n].detach().reshape(-1) for n in names])
-    return torch.autograd.functional.hessian(loss, flat0)
-
-
-def flat(diag: dict[str, Tensor], names: list[str]) -> Tensor:
-    return torch.cat([diag[n].reshape(-1) for n in names])
-
-
 def mlp(activation: type[nn.Module], seed: int = 0, width: int = 12) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(6, width), activation(), nn.Linear(width, width), activation(),

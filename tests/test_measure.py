@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from oracles import brute_force_measures
 from torch import nn
 
-from callback_models import brute_force_measures
 from lightning_flatness import NormalizedSharpness
 from lightning_flatness.functional import hessian_diagonal_groups, normalized_softmax_cross_entropy
 from lightning_flatness.functional.estimators.method_choice import MethodChoice, choose_method
