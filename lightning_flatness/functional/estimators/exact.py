@@ -86,6 +86,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -94,6 +95,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_flatness.functional.estimators._functional_model import restore_module_tensors
+from lightning_flatness.functional.model_io import (ModelInputs, TokenLoss, extract_logits, inputs_batch_size,
+                                                    map_inputs)
 
 __all__ = ["exact_hessian_diagonal", "ExactMethodNotApplicable", "gauss_newton_diagonal", "GaussNewtonDiagonal",
            "PIECEWISE_LINEAR_OPS", "MULTILINEAR_OPS"]
@@ -545,6 +548,8 @@ def _loss_factors(loss_fn: LossFn, logits: Tensor, target: Tensor) -> tuple[Tens
     ``diag(p) - 2 p p^T + p (sum_c p_c) p^T``), and ``dL/df_n = (p_n - e_{y_n}) / N``, computed in float64.
     Any other loss: :func:`_per_sample_loss_hessians` and :func:`_signed_factors`.
     """
+    if isinstance(loss_fn, TokenLoss):
+        return _token_loss_factors(loss_fn, logits, target)
     if loss_fn is F.cross_entropy and _plain_class_targets(logits, target):
         p = torch.softmax(logits.detach().to(torch.float64), dim=1)
         root = p.sqrt()
@@ -556,6 +561,40 @@ def _loss_factors(loss_fn: LossFn, logits: Tensor, target: Tensor) -> tuple[Tens
     hessians, grad, issues = _per_sample_loss_hessians(loss_fn, logits, target)
     factors, signs = _signed_factors(hessians)
     return factors, signs, grad, issues
+
+
+def _token_loss_factors(loss_fn: TokenLoss, logits: Tensor,
+                        target: Tensor) -> tuple[Tensor, Tensor, Tensor, list[str]]:
+    """Exact factors for :class:`TokenLoss`: block-diagonal per sequence.
+
+    The loss is ``(1/M) sum_t l_t`` over the ``M`` valid tokens, so sequence ``n`` contributes
+    ``Lambda_n = (N/M) sum_{t in n} E_t Lambda_t E_t^T`` in the ``1/N`` convention of
+    :func:`_ggn_diagonal` (``E_t`` places token ``t``'s ``V`` logits among the sequence's ``T V``).
+    The base loss's factors ``(M, V, K)`` of every valid token go to the columns ``t K .. (t + 1) K``
+    of their sequence: ``T K`` columns per sequence (ignored positions: zero columns). Cost: that of
+    the base loss on ``M`` rows, and ``T K`` backward columns.
+    """
+    from lightning_flatness.functional.loss_hessian_factors import _token_positions
+
+    n = logits.shape[0]
+    rows, labels, _ = loss_fn.rows(logits.detach(), target)
+    if rows.shape[0] == 0:
+        raise ValueError("TokenLoss: every target is ignore_index; the batch has no token to score.")
+    row_factors, row_signs, _, issues = _loss_factors(loss_fn.base, rows, labels)  # (M, V, K), (M, K)
+    flat = _token_positions(loss_fn, logits, target)
+    positions = logits.shape[1] if logits.ndim == 3 else 1
+    v, k = row_factors.shape[1], row_factors.shape[2]
+    factors = torch.zeros(n * positions, v, positions, k, dtype=logits.dtype, device=logits.device)
+    signs = torch.zeros(n * positions, positions, k, dtype=logits.dtype, device=logits.device)
+    slot = flat % positions
+    factors[flat, :, slot] = row_factors * math.sqrt(n / rows.shape[0])  # indexed shape (M, V, K)
+    signs[flat, slot] = row_signs
+    factors = factors.reshape(n, positions, v, positions * k).reshape(n, positions * v, positions * k)
+    signs = signs.reshape(n, positions, positions * k).sum(dim=1)
+    f = logits.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(loss_fn(f, target), f)
+    return factors, signs, grad.detach(), issues
 
 
 def _plain_class_targets(logits: Tensor, target: Tensor) -> bool:
@@ -796,14 +835,25 @@ class _RecordedForward:
     issues: list[str]  # reasons the model is not piecewise linear in each selected weight
 
 
-def _autograd_inputs(inputs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """Inputs and targets usable under autograd (inference tensors are cloned)."""
-    x = inputs.clone() if inputs.is_inference() else inputs.detach()
+def _autograd_inputs(inputs: ModelInputs, target: Tensor) -> tuple[ModelInputs, Tensor]:
+    """Inputs (a tensor, tuple or dict of them) and targets usable under autograd (inference tensors
+    are cloned, the rest detached)."""
+    x = map_inputs(inputs, lambda t: t.clone() if t.is_inference() else t.detach())
     y = target.clone() if target.is_inference() else target
     return x, y
 
 
-def _record_forward(model: nn.Module, x: Tensor, params: dict[str, nn.Parameter], caller: str) -> _RecordedForward:
+def _functional_forward(model: nn.Module, state: dict[str, Tensor], x: ModelInputs) -> Any:
+    """``model`` called with ``state`` on ``x`` as :func:`call_model` would call it (raw output)."""
+    if isinstance(x, Mapping):
+        return torch.func.functional_call(model, state, (), dict(x))
+    if isinstance(x, (tuple, list)):
+        return torch.func.functional_call(model, state, tuple(x))
+    return torch.func.functional_call(model, state, (x,))
+
+
+def _record_forward(model: nn.Module, x: ModelInputs, params: dict[str, nn.Parameter],
+                    caller: str) -> _RecordedForward:
     """Run ``model(x)`` with fresh leaves for ``params`` (everything else detached, buffers cloned),
     recording the selected layers' calls and every operation on weight-dependent tensors."""
     leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
@@ -814,14 +864,16 @@ def _record_forward(model: nn.Module, x: Tensor, params: dict[str, nn.Parameter]
     module_names = _ModuleNames(model, recorder.module_stack)
     try:
         with restore_module_tensors(model), recorder:
-            logits = torch.func.functional_call(model, state, (x,))
+            output = _functional_forward(model, state, x)
     finally:
         module_names.remove()
-    if not isinstance(logits, Tensor):
-        raise ValueError(f"{caller} needs the model to return a logits tensor, got "
-                         f"{type(logits).__name__}; wrap the model so that it returns one tensor.")
-    if logits.ndim == 0 or logits.shape[0] != x.shape[0]:
-        raise ValueError(f"the model output has shape {tuple(logits.shape)} for {x.shape[0]} samples; "
+    try:
+        logits = extract_logits(output)
+    except TypeError as err:
+        raise ValueError(f"{caller}: {err}") from None
+    n = inputs_batch_size(x)
+    if logits.ndim == 0 or logits.shape[0] != n:
+        raise ValueError(f"the model output has shape {tuple(logits.shape)} for {n} samples; "
                          f"{caller} needs the samples along dim 0.")
     if not bool(torch.isfinite(logits).all()):
         raise ValueError("the model output contains NaN or inf; the Hessian diagonal is undefined there.")
