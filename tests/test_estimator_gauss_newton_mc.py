@@ -275,3 +275,20 @@ def test_causal_lm_with_token_loss_and_padding_matches_the_brute_force_gauss_new
         torch.testing.assert_close(exact[name], brute[name], rtol=1e-6, atol=1e-7 * float(brute[name].abs().max()))
     runs = _repeated_estimates(model, loss_fn, {"input_ids": ids}, labels, params, 150, 2)
     assert_unbiased(runs, brute)
+
+
+@pytest.mark.parametrize("loss_fn", [F.cross_entropy, normalized_softmax_cross_entropy])
+def test_exact_classes_keep_the_estimate_unbiased(loss_fn):
+    model = _tanh_mlp(k=6)
+    torch.manual_seed(5)
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 6, (6,))
+    params = select_parameters(model)
+    brute = brute_ggn_diagonal(model, loss_fn, x, y, params)
+    gen = torch.Generator().manual_seed(1)
+    runs = [gauss_newton_mc_diagonal(model, loss_fn, x, y, params, num_mc_samples=1, generator=gen, exact_classes=2)
+            for _ in range(300)]
+    assert_unbiased({n: torch.stack([r[n] for r in runs]) for n in params}, brute)
+    if loss_fn is F.cross_entropy:  # every class exact: no noise at all
+        full = gauss_newton_mc_diagonal(model, loss_fn, x, y, params, generator=gen, exact_classes=6)
+        for name in params:
+            torch.testing.assert_close(full[name], brute[name], rtol=1e-10, atol=1e-14)

@@ -286,7 +286,7 @@ def autograd_columns(loss_fn: LossFn, logits: Tensor, target: Tensor, num_mc_sam
 
 
 def token_loss_columns(loss_fn: TokenLoss, logits: Tensor, target: Tensor, num_mc_samples: int = 1,
-                       generator: Optional[torch.Generator] = None) -> Columns:
+                       generator: Optional[torch.Generator] = None, *, exact_classes: int = 0) -> Columns:
     r"""Columns for :class:`TokenLoss` on ``(N, T, V)`` logits: one sequence is one sample.
 
     The loss is ``(1/M) sum_{valid tokens t} l_t`` (``M`` valid tokens in the batch), so the Hessian
@@ -309,7 +309,8 @@ def token_loss_columns(loss_fn: TokenLoss, logits: Tensor, target: Tensor, num_m
     if rows.shape[0] == 0:
         raise ValueError("TokenLoss: every target is ignore_index; the batch has no token to score.")
     flat_index = _token_positions(loss_fn, logits, target)  # (M,) index into the (N * T) rows
-    cols, signs = sample_loss_hessian_columns(loss_fn.base, rows, labels, num_mc_samples, generator)
+    cols, signs = sample_loss_hessian_columns(loss_fn.base, rows, labels, num_mc_samples, generator,
+                                              exact_classes=exact_classes)
     eps = _rademacher((rows.shape[0], 1, cols.shape[2]), cols, generator)
     cols = cols * eps * math.sqrt(n / rows.shape[0])
     v = logits.shape[-1]
@@ -330,7 +331,7 @@ def _token_positions(loss_fn: TokenLoss, logits: Tensor, target: Tensor) -> Tens
 
 
 #: Closed-form column samplers, keyed by the loss function: ``fn(logits, target, num_mc_samples,
-#: generator) -> (columns (N, D, C), signs (C,))``. Losses not listed use :func:`autograd_columns`.
+#: generator, *, exact_classes) -> (columns (N, D, C), signs (C,))``. Losses not listed use :func:`autograd_columns`.
 MC_LOSS_COLUMNS: dict[Callable[..., Tensor], Callable[..., Columns]] = {
     F.cross_entropy: cross_entropy_columns,
     normalized_softmax_cross_entropy: normalized_cross_entropy_columns,
@@ -338,7 +339,7 @@ MC_LOSS_COLUMNS: dict[Callable[..., Tensor], Callable[..., Columns]] = {
 
 
 def sample_loss_hessian_columns(loss_fn: LossFn, logits: Tensor, target: Tensor, num_mc_samples: int = 1,
-                                generator: Optional[torch.Generator] = None) -> Columns:
+                                generator: Optional[torch.Generator] = None, *, exact_classes: int = 0) -> Columns:
     """Signed columns with ``E[sum_k s_k c_nk c_nk^T] = Lambda_n`` for ``loss_fn`` (registry lookup:
     :class:`TokenLoss`, then :data:`MC_LOSS_COLUMNS`, then :func:`autograd_columns`).
 
@@ -348,14 +349,24 @@ def sample_loss_hessian_columns(loss_fn: LossFn, logits: Tensor, target: Tensor,
         target: targets.
         num_mc_samples: Monte-Carlo draws per sample.
         generator: ``torch.Generator`` on the logits' device, or None for the global RNG.
+        exact_classes: for the softmax losses (and :class:`TokenLoss` of them), the most probable
+            classes taken exactly (variance reduction, one more column each); 0 for other losses.
 
     Returns:
         ``(columns (N, D, C), signs (C,))``, float64, ``D = logits[0].numel()``.
+
+    Raises:
+        ValueError: ``exact_classes`` for a loss without a registered closed form.
     """
     _check_draws(num_mc_samples)
+    if not isinstance(exact_classes, int) or exact_classes < 0:
+        raise ValueError(f"`exact_classes` must be a non-negative int, got {exact_classes!r}.")
     if isinstance(loss_fn, TokenLoss):
-        return token_loss_columns(loss_fn, logits, target, num_mc_samples, generator)
+        return token_loss_columns(loss_fn, logits, target, num_mc_samples, generator, exact_classes=exact_classes)
     sampler = MC_LOSS_COLUMNS.get(loss_fn)
     if sampler is not None and logits.ndim == 2:
-        return sampler(logits, target, num_mc_samples, generator)
+        return sampler(logits, target, num_mc_samples, generator, exact_classes=exact_classes)
+    if exact_classes:
+        raise ValueError(f"`exact_classes` applies to the softmax losses of MC_LOSS_COLUMNS only, not to "
+                         f"{getattr(loss_fn, '__name__', type(loss_fn).__name__)}; pass exact_classes=0.")
     return autograd_columns(loss_fn, logits, target, num_mc_samples, generator)

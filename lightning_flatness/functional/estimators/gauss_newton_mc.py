@@ -73,6 +73,7 @@ def gauss_newton_mc_diagonal(
     *,
     num_mc_samples: int = 1,
     generator: Optional[torch.Generator] = None,
+    exact_classes: int = 0,
 ) -> dict[str, Tensor]:
     r"""Unbiased Monte-Carlo estimate of the Gauss-Newton diagonal ``diag(J^T Lambda J) / N``.
 
@@ -94,6 +95,9 @@ def gauss_newton_mc_diagonal(
         num_mc_samples: Monte-Carlo draws per sample (the variance falls as ``1/num_mc_samples``).
         generator: a ``torch.Generator`` on the model's device for the draws, or None for the global
             RNG (with a generator the global RNG is untouched).
+        exact_classes: softmax losses only: the ``m`` most probable classes of each sample enter
+            exactly, only the tail is sampled (``m`` more backward columns; variance reduction, see
+            :func:`~lightning_flatness.functional.loss_hessian_factors.cross_entropy_columns`).
 
     Returns:
         ``{name: diag}`` with each parameter's shape and dtype; entries may be negative for the
@@ -122,7 +126,8 @@ def gauss_newton_mc_diagonal(
         x, y = _autograd_inputs(inputs, target)
         forward = _record_forward(model, x, params, caller)
         logits = forward.logits.detach()
-        columns, signs = sample_loss_hessian_columns(loss_fn, logits, y, num_mc_samples, generator)
+        columns, signs = sample_loss_hessian_columns(loss_fn, logits, y, num_mc_samples, generator,
+                                                     exact_classes=exact_classes)
         columns = columns.to(logits.dtype)
         signs = signs.to(logits.dtype).unsqueeze(0).expand(logits.shape[0], -1)
         diag = _ggn_diagonal(forward, columns, signs, forward.issues, caller, stacklevel=3)
