@@ -212,6 +212,7 @@ _DUNDER_ALIASES = {
 
 _LAYER_OPS = {"linear": 0, "conv1d": 1, "conv2d": 2, "conv3d": 3}  # value: number of spatial dims
 _CHUNK_ELEMENTS = 2 ** 18  # bound on per-sample-gradient elements materialised at once (cache-sized)
+_SQUARE_COST = 8  # flops-equivalent of squaring and summing one per-sample-gradient entry (memory-bound)
 _BATCHED_BACKWARD_ELEMENTS = 2 ** 24  # bound on gradient elements of one batched backward (per-sample path)
 _HUTCHINSON_HINT = ('use method="ggn_hutchinson" (the exact Gauss-Newton diagonal plus Hutchinson probes of '
                     'the remainder: unbiased, low variance) or method="hutchinson" (any twice-differentiable '
@@ -478,6 +479,10 @@ def _accumulate_layer(call: _LayerCall, grad: Tensor, signs: Tensor, diag: dict[
     weight = leaves[call.weight]
     k = grad.shape[0]
     a, g = _layer_factors(call, grad, tuple(weight.shape[2:]))  # (N, G, I, P), (N, G, K * O, P)
+    positions = a.shape[3]
+    if positions * (positions + 1) // 2 <= k * (positions + _SQUARE_COST):
+        diag[call.weight] += _position_pair_contraction(a, g, signs, k).reshape(weight.shape)
+        return
     chunk = max(1, _CHUNK_ELEMENTS // (g.shape[1] * g.shape[2] * a.shape[2]))
     acc = torch.zeros(g.shape[1], g.shape[2] // k, a.shape[2], dtype=grad.dtype, device=grad.device)
     for start in range(0, a.shape[0], chunk):
@@ -490,6 +495,33 @@ def _accumulate_layer(call: _LayerCall, grad: Tensor, signs: Tensor, diag: dict[
         else:
             acc += gw.mul_(signs[sl].reshape(m, 1, k, 1)).sum(dim=(0, 2)).reshape(acc.shape)
     diag[call.weight] += acc.reshape(weight.shape)
+
+
+def _position_pair_contraction(a: Tensor, g: Tensor, signs: Tensor, k: int) -> Tensor:
+    r"""``sum_{n,k} sign_nk (sum_p g_nkp a_np^T)^2`` as ``(G, O, I)`` without per-sample gradients.
+
+    Squaring the sum over the ``P`` positions, ``(sum_p g_p a_p^T)^2 = sum_{p,q} (g_p g_q)(a_p a_q)^T``
+    (entrywise products), so with the ``Z = P (P + 1) / 2`` position pairs ``p <= q`` (off-diagonal ones
+    counted twice) the whole sum is one matrix product over ``(n, pair)``:
+    ``sum_{n,z} [sum_k sign_nk g_nkz] a_nz^T``, ``O(N Z O I)`` flops in BLAS, independent of ``K``.
+    Chosen over per-sample gradients (``O(N K P O I)`` flops plus ``N K O I`` squares, memory-bound)
+    when ``Z <= K (P + _SQUARE_COST)``: small feature maps (late ResNet stages, ``P = 1`` for
+    1x1 maps) and many columns. Samples in chunks of about ``_CHUNK_ELEMENTS`` pair products.
+    """
+    n, groups, _, p = a.shape
+    o = g.shape[2] // k
+    first, second = torch.triu_indices(p, p, device=a.device)
+    weight = torch.where(first == second, 1.0, 2.0).to(a.dtype)
+    gk = g.reshape(n, groups, k, o, p)
+    acc = torch.zeros(groups, o, a.shape[2], dtype=g.dtype, device=g.device)
+    chunk = max(1, _CHUNK_ELEMENTS * 16 // (groups * (a.shape[2] + k * o) * first.numel()))
+    for start in range(0, n, chunk):
+        sl = slice(start, start + chunk)
+        aa = a[sl][..., first] * a[sl][..., second]  # (n, G, I, Z)
+        gg = gk[sl][..., first] * gk[sl][..., second] * weight  # (n, G, K, O, Z)
+        w = torch.einsum("nk,ngkoz->gonz", signs[sl], gg).reshape(groups, o, -1)
+        acc += torch.bmm(w, aa.permute(1, 0, 3, 2).reshape(groups, -1, a.shape[2]))
+    return acc
 
 
 def _per_sample_loss_hessians(loss_fn: LossFn, logits: Tensor,
