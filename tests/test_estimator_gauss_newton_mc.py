@@ -292,3 +292,36 @@ def test_exact_classes_keep_the_estimate_unbiased(loss_fn):
         full = gauss_newton_mc_diagonal(model, loss_fn, x, y, params, generator=gen, exact_classes=6)
         for name in params:
             torch.testing.assert_close(full[name], brute[name], rtol=1e-10, atol=1e-14)
+
+
+class _TokenMLP(nn.Module):
+    """Keyword inputs ``features`` ``(N, T, F)``, output a dict with ``logits`` ``(N, T, V)``; ReLU, so the
+    exact method applies (the GGN diagonal is the Hessian diagonal)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.head = nn.Linear(3, 6), nn.Linear(6, 4)
+
+    def forward(self, features):
+        return {"logits": self.head(torch.relu(self.hidden(features)))}
+
+
+def test_exact_method_takes_dict_inputs_and_token_losses_with_padding():
+    from lightning_flatness.functional.estimators.exact import exact_hessian_diagonal
+
+    torch.manual_seed(7)
+    model = _TokenMLP().double()
+    inputs = {"features": torch.randn(3, 5, 3, dtype=torch.float64)}
+    labels = torch.randint(0, 4, (3, 5))
+    labels[1, 2:] = -100
+    loss_fn = TokenLoss(F.cross_entropy, shift=True)
+    params = select_parameters(model)
+    diag = exact_hessian_diagonal(model, loss_fn, inputs, labels, params)
+    state = {n: p.detach() for n, p in model.named_parameters()}
+    for name, w in params.items():
+        def loss_of(v, name=name):
+            return loss_fn(functional_call(model, {**state, name: v}, (), inputs)["logits"], labels)
+        brute = torch.func.hessian(loss_of)(w.detach()).reshape(w.numel(), w.numel()).diagonal().reshape(w.shape)
+        torch.testing.assert_close(diag[name], brute, rtol=1e-10, atol=1e-14)
+    runs = _repeated_estimates(model, loss_fn, inputs, labels, params, 300, 1)
+    assert_unbiased(runs, diag)

@@ -38,7 +38,9 @@ Algorithm (BackPACK's ``DiagGGNExact`` [1] with a signed symmetric factorisation
 4. per layer, the per-sample gradient of ``v_n^T f_n`` is ``g_n a_n^T`` (Linear; summed over extra
    leading positions) or ``g_n unfold(a_n)^T`` (Conv, per group); its square, weighted by
    ``sign(s_nk)``, is summed over samples and ``k``. For a plain Linear layer the square factorises:
-   ``sum_n sign_n (g_n^2)(a_n^2)^T``, one matrix product.
+   ``sum_n sign_n (g_n^2)(a_n^2)^T``, one matrix product. With few positions ``P`` per sample (small
+   feature maps) the square of the sum over positions is expanded into position pairs, again one
+   matrix product and no per-sample gradients (:func:`_position_pair_contraction`).
 
 **Cost.** One forward pass, one batched backward pass of ``K + 1 <= D + 1`` columns over the batch
 (``D`` = outputs per sample; the extra column is the batch-independence check, below), and per layer
@@ -68,7 +70,15 @@ fails (train-mode BatchNorm, a batch mean inside the model, sequence-first layou
 used outside ``linear`` / ``conv``, the per-(sample, k) path is taken instead: ``N * K`` vectorised
 backward passes (with a warning about the cost), still exact for the GGN.
 
-**Limitations.** ``D x D`` eigendecompositions per sample: meant for classification-sized outputs.
+**Models and losses as users have them.** ``inputs`` may be a tensor, a tuple (positional
+arguments) or a dict (keyword arguments, e.g. Hugging Face batches), and the output a tensor, a tuple
+or a dict / ``ModelOutput`` with ``"logits"`` (:mod:`~lightning_flatness.functional.model_io`). With
+:class:`~lightning_flatness.functional.model_io.TokenLoss` on ``(N, T, V)`` logits a sequence is one
+sample: its loss Hessian is block-diagonal over its tokens, factorised with ``T * K`` columns
+(:func:`_token_loss_factors`), weighted by the token-mean of the loss.
+
+**Limitations.** ``D x D`` eigendecompositions per sample: meant for classification-sized outputs
+(for a ``K``-independent estimate see :mod:`.gauss_newton_mc`).
 The per-layer path covers ``linear`` (any leading dims) and ``conv1d/2d/3d`` with any stride,
 padding (including ``"same"`` and non-zero padding modes), dilation and groups; the allowlist is
 conservative (``x * y`` of two weight-dependent tensors is flagged even when they depend on
@@ -777,7 +787,7 @@ class _ModuleNames:
 def exact_hessian_diagonal(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Tensor,
+    inputs: ModelInputs,
     target: Tensor,
     params: dict[str, nn.Parameter],
     *,
@@ -795,8 +805,9 @@ def exact_hessian_diagonal(
     variance. When samples interact inside the model or a weight is used outside Linear / Conv:
     ``N * K`` vectorised backward passes instead (warned).
 
-    Assumptions: ``loss_fn`` is the mean of per-sample losses (checked on values); the model
-    returns a ``(N, ...)`` tensor; each selected weight is the weight or bias of one
+    Assumptions: ``loss_fn`` is the mean of per-sample losses (checked on values) or a
+    :class:`TokenLoss` (a mean over valid tokens); the model returns ``(N, ...)`` logits (a tensor, or
+    in a tuple / dict / ``ModelOutput``); each selected weight is the weight or bias of one
     ``linear`` / ``conv{1,2,3}d`` call and everything downstream of the selected weights is on the
     allowlist (:data:`PIECEWISE_LINEAR_OPS`, :data:`MULTILINEAR_OPS`, eval-mode batch_norm and
     dropout), checked during the forward.
@@ -805,8 +816,9 @@ def exact_hessian_diagonal(
         model: the network, used in its current train/eval mode and never modified (parameters,
             buffers and ``.grad`` untouched; temporary hooks are removed).
         loss_fn: ``(logits, target) -> scalar``, the mean of per-sample losses.
-        inputs: ``(N, ...)`` inputs.
-        target: ``(N, ...)`` targets.
+        inputs: ``(N, ...)`` inputs: a tensor, a tuple of positional arguments or a dict of keyword
+            arguments (samples along dim 0; see :func:`~lightning_flatness.functional.model_io.call_model`).
+        target: ``(N, ...)`` targets (``(N, T)`` token labels for :class:`TokenLoss`).
         params: ``{name: parameter}`` of ``model`` (see :func:`select_parameters`).
         strict: when the Hessian differs from the GGN (an operation off the allowlist, a weight used
             twice, train-mode BatchNorm or dropout, a loss that is not a per-sample mean): raise
@@ -977,7 +989,7 @@ class GaussNewtonDiagonal:
 def gauss_newton_diagonal(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Tensor,
+    inputs: ModelInputs,
     target: Tensor,
     params: dict[str, nn.Parameter],
     *,
