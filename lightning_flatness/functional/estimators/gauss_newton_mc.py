@@ -28,7 +28,9 @@ samples falls as ``1/N`` (and as ``1/num_mc_samples``); the jackknife over sampl
 
 **Cost.** One forward pass and one batched backward pass of ``C`` columns over the batch, with the
 per-layer contractions of :mod:`.exact` (Linear: ``sum_n s (g_n^2)(a_n^2)^T``; Conv: unfolded
-per-sample gradients). ``C`` does not depend on ``K``: ``num_mc_samples`` for ``F.cross_entropy``,
+per-sample gradients). ``C`` does not depend on ``K``: ``num_mc_samples + 2`` for ``F.cross_entropy``
+(by default its two most probable classes are exact, the tail sampled; ``exact_classes=0``:
+``num_mc_samples``),
 ``2 num_mc_samples`` for eq. 20 (:func:`normalized_softmax_cross_entropy`) and for the autograd
 fallback (any other loss; that fallback's own cost grows with ``K``: see
 :func:`~lightning_flatness.functional.loss_hessian_factors.autograd_columns`). When samples interact
@@ -56,7 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_flatness.functional.estimators.exact import _autograd_inputs, _ggn_diagonal, _record_forward
-from lightning_flatness.functional.loss_hessian_factors import sample_loss_hessian_columns
+from lightning_flatness.functional.loss_hessian_factors import default_exact_classes, sample_loss_hessian_columns
 from lightning_flatness.functional.model_io import ModelInputs
 
 __all__ = ["gauss_newton_mc_diagonal"]
@@ -73,7 +75,7 @@ def gauss_newton_mc_diagonal(
     *,
     num_mc_samples: int = 1,
     generator: Optional[torch.Generator] = None,
-    exact_classes: int = 0,
+    exact_classes: Optional[int] = None,
 ) -> dict[str, Tensor]:
     r"""Unbiased Monte-Carlo estimate of the Gauss-Newton diagonal ``diag(J^T Lambda J) / N``.
 
@@ -97,7 +99,11 @@ def gauss_newton_mc_diagonal(
             RNG (with a generator the global RNG is untouched).
         exact_classes: softmax losses only: the ``m`` most probable classes of each sample enter
             exactly, only the tail is sampled (``m`` more backward columns; variance reduction, see
-            :func:`~lightning_flatness.functional.loss_hessian_factors.cross_entropy_columns`).
+            :func:`~lightning_flatness.functional.loss_hessian_factors.cross_entropy_columns`). None:
+            the measured default of the loss
+            (:data:`~lightning_flatness.functional.loss_hessian_factors.DEFAULT_EXACT_CLASSES`: 2 for
+            ``F.cross_entropy``, 0 otherwise); 0 gives BackPACK's ``DiagGGNMC`` estimator for
+            cross-entropy.
 
     Returns:
         ``{name: diag}`` with each parameter's shape and dtype; entries may be negative for the
@@ -126,6 +132,8 @@ def gauss_newton_mc_diagonal(
         x, y = _autograd_inputs(inputs, target)
         forward = _record_forward(model, x, params, caller)
         logits = forward.logits.detach()
+        if exact_classes is None:
+            exact_classes = default_exact_classes(loss_fn)
         columns, signs = sample_loss_hessian_columns(loss_fn, logits, y, num_mc_samples, generator,
                                                      exact_classes=exact_classes)
         columns = columns.to(logits.dtype)
