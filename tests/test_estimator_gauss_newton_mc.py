@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_flatness.functional.estimators import gauss_newton_mc as mc_module
 from lightning_flatness.functional.estimators.exact import gauss_newton_diagonal
-from lightning_flatness.functional.estimators.gauss_newton_mc import gauss_newton_mc_diagonal
+from lightning_flatness.functional.estimators.gauss_newton_mc import (
+    gauss_newton_mc_diagonal,
+)
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.model_io import TokenLoss, call_model
 from lightning_flatness.functional.parameters import select_parameters
@@ -37,7 +38,9 @@ def brute_ggn_diagonal(model, loss_fn, inputs, target, names) -> dict[str, Tenso
 
         f = logits_of(w)
         jac = torch.func.jacrev(logits_of)(w).reshape(f.numel(), w.numel())
-        h_f = torch.autograd.functional.hessian(lambda z: loss_fn(z.reshape(f.shape), target), f.reshape(-1))
+        h_f = torch.autograd.functional.hessian(
+            lambda z, shape=f.shape: loss_fn(z.reshape(shape), target), f.reshape(-1)
+        )
         out[name] = torch.einsum("ai,ab,bi->i", jac, h_f, jac).reshape(w.shape)
     return out
 
@@ -46,8 +49,12 @@ def _repeated_estimates(model, loss_fn, inputs, target, params, repeats, draws, 
     gen = torch.Generator().manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the per-sample path's cost warning
-        runs = [gauss_newton_mc_diagonal(model, loss_fn, inputs, target, params, num_mc_samples=draws,
-                                         generator=gen, **kwargs) for _ in range(repeats)]
+        runs = [
+            gauss_newton_mc_diagonal(
+                model, loss_fn, inputs, target, params, num_mc_samples=draws, generator=gen, **kwargs
+            )
+            for _ in range(repeats)
+        ]
     return {n: torch.stack([r[n] for r in runs]) for n in params}
 
 
@@ -75,13 +82,22 @@ def _tanh_mlp(k: int = 4) -> nn.Module:
 
 def _small_cnn() -> nn.Module:
     torch.manual_seed(1)
-    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 4, 3, stride=2, groups=1),
-                         nn.ReLU(), nn.Flatten(), nn.Linear(4 * 2 * 2, 3)).double()
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(3, 4, 3, stride=2, groups=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 2, 3),
+    ).double()
 
 
 # ----------------------------------------------------------------------------- unbiasedness
-@pytest.mark.parametrize("loss_fn", [F.cross_entropy, normalized_softmax_cross_entropy, F.mse_loss],
-                         ids=["cross_entropy", "normalized_softmax_ce", "mse_fallback"])
+@pytest.mark.parametrize(
+    "loss_fn",
+    [F.cross_entropy, normalized_softmax_cross_entropy, F.mse_loss],
+    ids=["cross_entropy", "normalized_softmax_ce", "mse_fallback"],
+)
 def test_mean_of_estimates_is_the_exact_gauss_newton_diagonal_on_a_tanh_mlp(loss_fn):
     model = _tanh_mlp()
     torch.manual_seed(2)
@@ -101,8 +117,10 @@ def test_mean_of_estimates_is_the_exact_gauss_newton_diagonal_on_a_cnn():
     x, y = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
     params = dict(model.named_parameters())
     brute = brute_ggn_diagonal(model, F.cross_entropy, x, y, params)
-    assert_unbiased(_repeated_estimates(model, F.cross_entropy, x, y, params, repeats=300, draws=1,
-                                        exact_classes=0), brute)
+    assert_unbiased(
+        _repeated_estimates(model, F.cross_entropy, x, y, params, repeats=300, draws=1, exact_classes=0),
+        brute,
+    )
 
 
 def test_a_biased_reference_is_detected():
@@ -154,8 +172,15 @@ def test_backward_columns_do_not_grow_with_the_number_of_classes(monkeypatch, lo
         model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, k))
         x, y = torch.randn(16, 8), torch.randint(0, k, (16,))
         counter = _BackwardColumnCounter(monkeypatch)
-        gauss_newton_mc_diagonal(model, loss_fn, x, y, select_parameters(model), num_mc_samples=2,
-                                 generator=torch.Generator().manual_seed(0))
+        gauss_newton_mc_diagonal(
+            model,
+            loss_fn,
+            x,
+            y,
+            select_parameters(model),
+            num_mc_samples=2,
+            generator=torch.Generator().manual_seed(0),
+        )
         counts[k] = counter.columns
         monkeypatch.undo()
     per_draw, exact = (1, 2) if loss_fn is F.cross_entropy else (2, 0)  # default exact classes of CE: 2
@@ -174,9 +199,13 @@ def test_model_is_untouched_works_under_inference_mode_and_leaves_the_global_rng
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     with torch.inference_mode():
-        a = gauss_newton_mc_diagonal(model, F.cross_entropy, x, y, params, generator=torch.Generator().manual_seed(5))
+        a = gauss_newton_mc_diagonal(
+            model, F.cross_entropy, x, y, params, generator=torch.Generator().manual_seed(5)
+        )
     with torch.no_grad():
-        b = gauss_newton_mc_diagonal(model, F.cross_entropy, x, y, params, generator=torch.Generator().manual_seed(5))
+        b = gauss_newton_mc_diagonal(
+            model, F.cross_entropy, x, y, params, generator=torch.Generator().manual_seed(5)
+        )
     assert torch.equal(torch.get_rng_state(), rng)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
@@ -193,8 +222,9 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="no parameters"):
         gauss_newton_mc_diagonal(model, F.cross_entropy, x, y, {})
     with pytest.raises(ValueError, match="per-sample"):
-        gauss_newton_mc_diagonal(model, lambda z, t: F.cross_entropy(z, t, reduction="sum"), x, y,
-                                 {"weight": model.weight})
+        gauss_newton_mc_diagonal(
+            model, lambda z, t: F.cross_entropy(z, t, reduction="sum"), x, y, {"weight": model.weight}
+        )
 
 
 # ----------------------------------------------------------------------------- model zoo
@@ -213,14 +243,21 @@ def _first_derivatives_only():
 def test_timm_vit_with_fused_attention_is_unbiased_without_double_backward(monkeypatch):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    model = timm.models.vision_transformer.VisionTransformer(
-        img_size=8, patch_size=4, in_chans=3, embed_dim=16, depth=1, num_heads=2, num_classes=5).eval().double()
+    model = (
+        timm.models.vision_transformer.VisionTransformer(
+            img_size=8, patch_size=4, in_chans=3, embed_dim=16, depth=1, num_heads=2, num_classes=5
+        )
+        .eval()
+        .double()
+    )
     assert model.blocks[0].attn.fused_attn  # F.scaled_dot_product_attention: no double backward on CPU
     x, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (3,))
     params = select_parameters(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        exact = gauss_newton_diagonal(model, F.cross_entropy, x, y, params).diagonal  # CE: analytic, 1st order
+        exact = gauss_newton_diagonal(
+            model, F.cross_entropy, x, y, params
+        ).diagonal  # CE: analytic, 1st order
     monkeypatch.setattr(torch.autograd, "grad", _first_derivatives_only())
     runs = _repeated_estimates(model, F.cross_entropy, x, y, params, repeats=48, draws=2)
     assert_unbiased(runs, exact)
@@ -233,7 +270,9 @@ def test_mobilenet_v3_with_hardswish_and_se_runs_without_double_backward(monkeyp
     with torch.no_grad():  # non-trivial logits (the default head init is tiny)
         model.classifier[-1].weight.mul_(100.0)
     x, y = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.randint(0, 4, (2,))
-    params = {n: p for n, p in select_parameters(model).items() if n.startswith(("features.12", "classifier"))}
+    params = {
+        n: p for n, p in select_parameters(model).items() if n.startswith(("features.12", "classifier"))
+    }
     exact = gauss_newton_diagonal(model, F.cross_entropy, x, y, params).diagonal
     monkeypatch.setattr(torch.autograd, "grad", _first_derivatives_only())
     runs = _repeated_estimates(model, F.cross_entropy, x, y, params, repeats=40, draws=2)
@@ -243,8 +282,15 @@ def test_mobilenet_v3_with_hardswish_and_se_runs_without_double_backward(monkeyp
 def test_bert_dict_inputs_and_model_output_with_eq20_match_the_brute_force_gauss_newton():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    config = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
     model = transformers.BertForSequenceClassification(config).eval().double()
     ids = torch.randint(0, 50, (3, 5))
     mask = torch.ones(3, 5, dtype=torch.long)
@@ -255,16 +301,27 @@ def test_bert_dict_inputs_and_model_output_with_eq20_match_the_brute_force_gauss
     brute = brute_ggn_diagonal(model, normalized_softmax_cross_entropy, inputs, y, params)
     exact = gauss_newton_diagonal(model, normalized_softmax_cross_entropy, inputs, y, params).diagonal
     for name in params:
-        torch.testing.assert_close(exact[name], brute[name], rtol=1e-8, atol=1e-10 * float(brute[name].abs().max()))
-    assert_unbiased(_repeated_estimates(model, normalized_softmax_cross_entropy, inputs, y, params, 150, 2), brute)
+        torch.testing.assert_close(
+            exact[name], brute[name], rtol=1e-8, atol=1e-10 * float(brute[name].abs().max())
+        )
+    assert_unbiased(
+        _repeated_estimates(model, normalized_softmax_cross_entropy, inputs, y, params, 150, 2), brute
+    )
 
 
 @pytest.mark.parametrize("base", [F.cross_entropy, normalized_softmax_cross_entropy])
 def test_causal_lm_with_token_loss_and_padding_matches_the_brute_force_gauss_newton(base):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=12, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+    config = transformers.LlamaConfig(
+        vocab_size=12,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+    )
     model = transformers.LlamaForCausalLM(config).eval().double()
     ids = torch.randint(0, 12, (3, 5))
     labels = ids.clone()
@@ -274,7 +331,9 @@ def test_causal_lm_with_token_loss_and_padding_matches_the_brute_force_gauss_new
     brute = brute_ggn_diagonal(model, loss_fn, {"input_ids": ids}, labels, params)
     exact = gauss_newton_diagonal(model, loss_fn, {"input_ids": ids}, labels, params).diagonal
     for name in params:  # LlamaRMSNorm computes its variance in float32 whatever the model dtype
-        torch.testing.assert_close(exact[name], brute[name], rtol=1e-6, atol=1e-7 * float(brute[name].abs().max()))
+        torch.testing.assert_close(
+            exact[name], brute[name], rtol=1e-6, atol=1e-7 * float(brute[name].abs().max())
+        )
     runs = _repeated_estimates(model, loss_fn, {"input_ids": ids}, labels, params, 150, 2)
     assert_unbiased(runs, brute)
 
@@ -287,8 +346,12 @@ def test_exact_classes_keep_the_estimate_unbiased(loss_fn):
     params = select_parameters(model)
     brute = brute_ggn_diagonal(model, loss_fn, x, y, params)
     gen = torch.Generator().manual_seed(1)
-    runs = [gauss_newton_mc_diagonal(model, loss_fn, x, y, params, num_mc_samples=1, generator=gen, exact_classes=2)
-            for _ in range(300)]
+    runs = [
+        gauss_newton_mc_diagonal(
+            model, loss_fn, x, y, params, num_mc_samples=1, generator=gen, exact_classes=2
+        )
+        for _ in range(300)
+    ]
     assert_unbiased({n: torch.stack([r[n] for r in runs]) for n in params}, brute)
     if loss_fn is F.cross_entropy:  # every class exact: no noise at all
         full = gauss_newton_mc_diagonal(model, loss_fn, x, y, params, generator=gen, exact_classes=6)
@@ -321,9 +384,13 @@ def test_exact_method_takes_dict_inputs_and_token_losses_with_padding():
     diag = exact_hessian_diagonal(model, loss_fn, inputs, labels, params)
     state = {n: p.detach() for n, p in model.named_parameters()}
     for name, w in params.items():
+
         def loss_of(v, name=name):
             return loss_fn(functional_call(model, {**state, name: v}, (), inputs)["logits"], labels)
-        brute = torch.func.hessian(loss_of)(w.detach()).reshape(w.numel(), w.numel()).diagonal().reshape(w.shape)
+
+        brute = (
+            torch.func.hessian(loss_of)(w.detach()).reshape(w.numel(), w.numel()).diagonal().reshape(w.shape)
+        )
         torch.testing.assert_close(diag[name], brute, rtol=1e-10, atol=1e-14)
     runs = _repeated_estimates(model, loss_fn, inputs, labels, params, 300, 1)
     assert_unbiased(runs, diag)

@@ -25,7 +25,9 @@ def _autograd_per_sample_hessians(loss_fn, logits, target):
     """``(N, D, D)``: Hessian of the loss of each sample alone, by torch.autograd.functional.hessian."""
     out = []
     for i in range(logits.shape[0]):
-        h = torch.autograd.functional.hessian(lambda z: loss_fn(z.unsqueeze(0), target[i:i + 1]), logits[i])
+        h = torch.autograd.functional.hessian(
+            lambda z, y=target[i : i + 1]: loss_fn(z.unsqueeze(0), y), logits[i]
+        )
         out.append(h.reshape(logits[i].numel(), logits[i].numel()))
     return torch.stack(out)
 
@@ -34,8 +36,8 @@ def _draw_estimates(cols, signs, draws):
     """Per-draw estimates ``draws * sum_{k in draw} s_k c_k c_k^T``, ``(S, N, D, D)``; the columns of a
     draw are consecutive (the last ``per * draws`` columns)."""
     per = (cols.shape[2]) // draws
-    c = cols[:, :, -per * draws:].reshape(cols.shape[0], cols.shape[1], draws, per)
-    s = signs[-per * draws:].reshape(draws, per)
+    c = cols[:, :, -per * draws :].reshape(cols.shape[0], cols.shape[1], draws, per)
+    s = signs[-per * draws :].reshape(draws, per)
     return draws * torch.einsum("ndsk,sk,nesk->snde", c, s, c)
 
 
@@ -88,8 +90,9 @@ def test_cross_entropy_exact_classes_sample_only_the_tail(exact_classes):
     p = torch.softmax(logits, 1)
     expected = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
     draws = 4000
-    cols, signs = cross_entropy_columns(logits, target, draws, torch.Generator().manual_seed(2),
-                                        exact_classes=exact_classes)
+    cols, signs = cross_entropy_columns(
+        logits, target, draws, torch.Generator().manual_seed(2), exact_classes=exact_classes
+    )
     assert cols.shape[2] == exact_classes + draws
     top = cols[:, :, :exact_classes]
     fixed = torch.einsum("ndk,nek->nde", top, top)
@@ -101,8 +104,12 @@ def test_cross_entropy_with_every_class_exact_has_no_noise():
     logits, target = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 5, (4,))
     p = torch.softmax(logits, 1)
     cols, signs = cross_entropy_columns(logits, target, 1, torch.Generator().manual_seed(0), exact_classes=5)
-    torch.testing.assert_close(torch.einsum("ndk,k,nek->nde", cols, signs, cols),
-                               torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1), rtol=0, atol=1e-15)
+    torch.testing.assert_close(
+        torch.einsum("ndk,k,nek->nde", cols, signs, cols),
+        torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1),
+        rtol=0,
+        atol=1e-15,
+    )
 
 
 @pytest.mark.parametrize("k", [3, 8])
@@ -122,8 +129,9 @@ def test_normalized_cross_entropy_columns_with_exact_classes_are_unbiased():
     logits, target = 2 * torch.randn(3, 6, dtype=torch.float64), torch.randint(0, 6, (3,))
     expected = _autograd_per_sample_hessians(normalized_softmax_cross_entropy, logits, target)
     draws = 4000
-    cols, signs = normalized_cross_entropy_columns(logits, target, draws, torch.Generator().manual_seed(5),
-                                                   exact_classes=2)
+    cols, signs = normalized_cross_entropy_columns(
+        logits, target, draws, torch.Generator().manual_seed(5), exact_classes=2
+    )
     fixed = torch.einsum("ndk,nek->nde", cols[:, :, :2], cols[:, :, :2])
     _assert_unbiased(_draw_estimates(cols, signs, draws), expected, fixed)
 
@@ -132,8 +140,10 @@ def test_autograd_columns_are_unbiased_for_mse_and_indefinite_losses():
     torch.manual_seed(5)
     logits = torch.randn(3, 4, dtype=torch.float64)
     draws = 4000
-    for loss_fn, target in [(F.mse_loss, torch.randn(3, 4, dtype=torch.float64)),
-                            (normalized_softmax_cross_entropy, torch.randint(0, 4, (3,)))]:
+    for loss_fn, target in [
+        (F.mse_loss, torch.randn(3, 4, dtype=torch.float64)),
+        (normalized_softmax_cross_entropy, torch.randint(0, 4, (3,))),
+    ]:
         expected = _autograd_per_sample_hessians(loss_fn, logits, target)
         cols, signs = autograd_columns(loss_fn, logits, target, draws, torch.Generator().manual_seed(6))
         _assert_unbiased(_draw_estimates(cols, signs, draws), expected)
@@ -157,12 +167,16 @@ def test_token_loss_columns_are_unbiased_for_the_sequence_hessian(base):
     target = torch.randint(0, v, (n, t))
     target[0, 2:] = -100
     loss_fn = TokenLoss(base, shift=True)
-    full = torch.autograd.functional.hessian(lambda z: loss_fn(z.reshape(n, t, v), target), logits.reshape(-1))
+    full = torch.autograd.functional.hessian(
+        lambda z: loss_fn(z.reshape(n, t, v), target), logits.reshape(-1)
+    )
     full = full.reshape(n, t * v, n, t * v)
     blocks = torch.stack([full[i, :, i] for i in range(n)]) * n
     assert float(full[0, :, 1].abs().max()) == 0.0  # sequences do not interact
     draws = 3000
-    cols, signs = sample_loss_hessian_columns(loss_fn, logits, target, draws, torch.Generator().manual_seed(7))
+    cols, signs = sample_loss_hessian_columns(
+        loss_fn, logits, target, draws, torch.Generator().manual_seed(7)
+    )
     assert cols.shape[:2] == (n, t * v)
     _assert_unbiased(_draw_estimates(cols, signs, draws), blocks)
 

@@ -29,7 +29,7 @@ autograd fallback :func:`autograd_columns` for any other per-sample-mean loss:
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +41,9 @@ from lightning_flatness.functional.model_io import TokenLoss
 __all__ = [
     "DEFAULT_EXACT_CLASSES",
     "MC_LOSS_COLUMNS",
-    "default_exact_classes",
     "autograd_columns",
     "cross_entropy_columns",
+    "default_exact_classes",
     "normalized_cross_entropy_columns",
     "normalized_cross_entropy_logit_hessian",
     "sample_loss_hessian_columns",
@@ -54,7 +54,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 Columns = tuple[Tensor, Tensor]  # (N, D, C) columns and (C,) signs
 
 
-def _rademacher(shape: tuple[int, ...], like: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+def _rademacher(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randint(0, 2, shape, generator=generator, device=like.device).to(like.dtype).mul_(2).sub_(1)
 
 
@@ -64,16 +64,26 @@ def _check_draws(num_mc_samples: int) -> None:
 
 
 def _check_class_targets(logits: Tensor, target: Tensor, caller: str) -> None:
-    if logits.ndim != 2 or target.ndim != 1 or target.shape[0] != logits.shape[0] or target.is_floating_point():
-        raise ValueError(f"{caller} needs (N, K) logits and (N,) integer class targets, got {tuple(logits.shape)} "
-                         f"and {tuple(target.shape)} ({target.dtype}); wrap sequence losses in TokenLoss.")
+    if (
+        logits.ndim != 2
+        or target.ndim != 1
+        or target.shape[0] != logits.shape[0]
+        or target.is_floating_point()
+    ):
+        raise ValueError(
+            f"{caller} needs (N, K) logits and (N,) integer class targets, got {tuple(logits.shape)} "
+            f"and {tuple(target.shape)} ({target.dtype}); wrap sequence losses in TokenLoss."
+        )
     if target.numel() and bool(((target < 0) | (target >= logits.shape[1])).any()):
-        raise ValueError(f"{caller}: class targets must lie in [0, {logits.shape[1]}); ignored entries (-100) "
-                         "need TokenLoss(F.cross_entropy), which drops them.")
+        raise ValueError(
+            f"{caller}: class targets must lie in [0, {logits.shape[1]}); ignored entries (-100) "
+            "need TokenLoss(F.cross_entropy), which drops them."
+        )
 
 
-def _softmax_hessian_columns(p: Tensor, num_mc_samples: int, exact_classes: int,
-                             generator: Optional[torch.Generator]) -> Tensor:
+def _softmax_hessian_columns(
+    p: Tensor, num_mc_samples: int, exact_classes: int, generator: torch.Generator | None
+) -> Tensor:
     r"""Columns ``(N, K, m + num_mc_samples)``, all of sign ``+``, with
     ``E[sum_k c_k c_k^T] = diag(p) - p p^T`` (float64 ``p``).
 
@@ -82,7 +92,7 @@ def _softmax_hessian_columns(p: Tensor, num_mc_samples: int, exact_classes: int,
     ``num_mc_samples`` draws ``c ~ p`` restricted to the tail gives ``sqrt(q / num_mc_samples)(e_c - p)``
     (unbiased: ``E = sum_{c in tail} p_c (e_c - p)(e_c - p)^T``). ``m = 0``: plain ``y ~ p``.
     """
-    n, k = p.shape
+    k = p.shape[1]
     m = min(int(exact_classes), k)
     cols = []
     tail = p
@@ -99,8 +109,14 @@ def _softmax_hessian_columns(p: Tensor, num_mc_samples: int, exact_classes: int,
     return torch.cat(cols, dim=1).transpose(1, 2)  # (N, K, C)
 
 
-def cross_entropy_columns(logits: Tensor, target: Tensor, num_mc_samples: int = 1,
-                          generator: Optional[torch.Generator] = None, *, exact_classes: int = 0) -> Columns:
+def cross_entropy_columns(
+    logits: Tensor,
+    target: Tensor,
+    num_mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+    *,
+    exact_classes: int = 0,
+) -> Columns:
     r"""Monte-Carlo columns for ``F.cross_entropy`` (defaults: mean reduction, no weights, no smoothing).
 
     ``Lambda_n = diag(p_n) - p_n p_n^T = Cov_{y ~ p_n}[p_n - e_y]`` (the Fisher of the softmax), so
@@ -183,15 +199,23 @@ def normalized_cross_entropy_logit_hessian(logits: Tensor, target: Tensor) -> Te
     jg = (proj - u.unsqueeze(2) * u.unsqueeze(1) / k) / s.unsqueeze(2)
     lam_u = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
     ru = (r * u).sum(dim=1).reshape(n, 1, 1)
-    m = (-(r.unsqueeze(2) * u.unsqueeze(1) + u.unsqueeze(2) * r.unsqueeze(1)) - ru * proj
-         + 3 * ru * u.unsqueeze(2) * u.unsqueeze(1) / k) / (s.unsqueeze(2) ** 2 * k)
+    m = (
+        -(r.unsqueeze(2) * u.unsqueeze(1) + u.unsqueeze(2) * r.unsqueeze(1))
+        - ru * proj
+        + 3 * ru * u.unsqueeze(2) * u.unsqueeze(1) / k
+    ) / (s.unsqueeze(2) ** 2 * k)
     hess = jg @ lam_u @ jg + m
     return torch.where(ok.reshape(n, 1, 1), hess, torch.zeros_like(hess))
 
 
-def normalized_cross_entropy_columns(logits: Tensor, target: Tensor, num_mc_samples: int = 1,
-                                     generator: Optional[torch.Generator] = None, *,
-                                     exact_classes: int = 0) -> Columns:
+def normalized_cross_entropy_columns(
+    logits: Tensor,
+    target: Tensor,
+    num_mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+    *,
+    exact_classes: int = 0,
+) -> Columns:
     r"""Monte-Carlo columns for eq. 20 (:func:`normalized_softmax_cross_entropy`): two per draw.
 
     Uses the decomposition of :func:`normalized_cross_entropy_logit_hessian`,
@@ -224,7 +248,9 @@ def normalized_cross_entropy_columns(logits: Tensor, target: Tensor, num_mc_samp
     n, k = u.shape
     p = torch.softmax(u, dim=1)
     r = p - F.one_hot(target.long(), k).to(p.dtype)
-    ce = _normalization_jacobian_apply(u, s, _softmax_hessian_columns(p, num_mc_samples, exact_classes, generator))
+    ce = _normalization_jacobian_apply(
+        u, s, _softmax_hessian_columns(p, num_mc_samples, exact_classes, generator)
+    )
     m = ce.shape[2] - num_mc_samples
     ru = (r * u).sum(dim=1)
     inv = 1.0 / (s.squeeze(1) ** 2 * k)  # 1 / (s^2 K)
@@ -240,21 +266,32 @@ def normalized_cross_entropy_columns(logits: Tensor, target: Tensor, num_mc_samp
     xi = _rademacher((n, k, 2 * num_mc_samples), p, generator)
     pxi = xi - xi.mean(dim=1, keepdim=True)
     eps = _rademacher((n, 1, 2 * num_mc_samples), p, generator)
-    pos = (ce[:, :, m:] + alpha.clamp_min(0).sqrt().reshape(n, 1, 1) * pxi[:, :, :num_mc_samples] * scale
-           + eps[:, :, :num_mc_samples] * (lam[:, 1].clamp_min(0).sqrt().reshape(n, 1) * vec[:, :, 1]).unsqueeze(2)
-           * scale)
-    neg = ((-alpha).clamp_min(0).sqrt().reshape(n, 1, 1) * pxi[:, :, num_mc_samples:] * scale
-           + eps[:, :, num_mc_samples:] * ((-lam[:, 0]).clamp_min(0).sqrt().reshape(n, 1) * vec[:, :, 0]).unsqueeze(2)
-           * scale)
+    pos = (
+        ce[:, :, m:]
+        + alpha.clamp_min(0).sqrt().reshape(n, 1, 1) * pxi[:, :, :num_mc_samples] * scale
+        + eps[:, :, :num_mc_samples]
+        * (lam[:, 1].clamp_min(0).sqrt().reshape(n, 1) * vec[:, :, 1]).unsqueeze(2)
+        * scale
+    )
+    neg = (-alpha).clamp_min(0).sqrt().reshape(n, 1, 1) * pxi[:, :, num_mc_samples:] * scale + eps[
+        :, :, num_mc_samples:
+    ] * ((-lam[:, 0]).clamp_min(0).sqrt().reshape(n, 1) * vec[:, :, 0]).unsqueeze(2) * scale
     draws = torch.stack([pos, neg], dim=3).reshape(n, k, 2 * num_mc_samples)  # interleaved +, -
     cols = torch.cat([ce[:, :, :m], draws], dim=2)
     cols = torch.where(ok.reshape(n, 1, 1), cols, torch.zeros_like(cols))
-    signs = torch.cat([torch.ones(m, dtype=p.dtype), torch.tensor([1.0, -1.0], dtype=p.dtype).repeat(num_mc_samples)])
+    signs = torch.cat(
+        [torch.ones(m, dtype=p.dtype), torch.tensor([1.0, -1.0], dtype=p.dtype).repeat(num_mc_samples)]
+    )
     return cols, signs.to(p.device)
 
 
-def autograd_columns(loss_fn: LossFn, logits: Tensor, target: Tensor, num_mc_samples: int = 1,
-                     generator: Optional[torch.Generator] = None) -> Columns:
+def autograd_columns(
+    loss_fn: LossFn,
+    logits: Tensor,
+    target: Tensor,
+    num_mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> Columns:
     r"""Fallback for any loss that is a mean of per-sample losses: two columns per draw.
 
     ``Lambda_n`` ``(D, D)`` by double backward (``D`` outputs per sample), ``Lambda_n = sum_k s_k u_k
@@ -287,8 +324,15 @@ def autograd_columns(loss_fn: LossFn, logits: Tensor, target: Tensor, num_mc_sam
     return cols, signs
 
 
-def token_loss_columns(loss_fn: TokenLoss, logits: Tensor, target: Tensor, num_mc_samples: int = 1,
-                       generator: Optional[torch.Generator] = None, *, exact_classes: int = 0) -> Columns:
+def token_loss_columns(
+    loss_fn: TokenLoss,
+    logits: Tensor,
+    target: Tensor,
+    num_mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+    *,
+    exact_classes: int = 0,
+) -> Columns:
     r"""Columns for :class:`TokenLoss` on ``(N, T, V)`` logits: one sequence is one sample.
 
     The loss is ``(1/M) sum_{valid tokens t} l_t`` (``M`` valid tokens in the batch), so the Hessian
@@ -311,8 +355,9 @@ def token_loss_columns(loss_fn: TokenLoss, logits: Tensor, target: Tensor, num_m
     if rows.shape[0] == 0:
         raise ValueError("TokenLoss: every target is ignore_index; the batch has no token to score.")
     flat_index = _token_positions(loss_fn, logits, target)  # (M,) index into the (N * T) rows
-    cols, signs = sample_loss_hessian_columns(loss_fn.base, rows, labels, num_mc_samples, generator,
-                                              exact_classes=exact_classes)
+    cols, signs = sample_loss_hessian_columns(
+        loss_fn.base, rows, labels, num_mc_samples, generator, exact_classes=exact_classes
+    )
     eps = _rademacher((rows.shape[0], 1, cols.shape[2]), cols, generator)
     cols = cols * eps * math.sqrt(n / rows.shape[0])
     v = logits.shape[-1]
@@ -333,7 +378,8 @@ def _token_positions(loss_fn: TokenLoss, logits: Tensor, target: Tensor) -> Tens
 
 
 #: Closed-form column samplers, keyed by the loss function: ``fn(logits, target, num_mc_samples,
-#: generator, *, exact_classes) -> (columns (N, D, C), signs (C,))``. Losses not listed use :func:`autograd_columns`.
+#: generator, *, exact_classes) -> (columns (N, D, C), signs (C,))``. Losses not listed use
+#: :func:`autograd_columns`.
 MC_LOSS_COLUMNS: dict[Callable[..., Tensor], Callable[..., Columns]] = {
     F.cross_entropy: cross_entropy_columns,
     normalized_softmax_cross_entropy: normalized_cross_entropy_columns,
@@ -355,8 +401,15 @@ def default_exact_classes(loss_fn: LossFn) -> int:
     return DEFAULT_EXACT_CLASSES.get(base, 0)
 
 
-def sample_loss_hessian_columns(loss_fn: LossFn, logits: Tensor, target: Tensor, num_mc_samples: int = 1,
-                                generator: Optional[torch.Generator] = None, *, exact_classes: int = 0) -> Columns:
+def sample_loss_hessian_columns(
+    loss_fn: LossFn,
+    logits: Tensor,
+    target: Tensor,
+    num_mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+    *,
+    exact_classes: int = 0,
+) -> Columns:
     """Signed columns with ``E[sum_k s_k c_nk c_nk^T] = Lambda_n`` for ``loss_fn`` (registry lookup:
     :class:`TokenLoss`, then :data:`MC_LOSS_COLUMNS`, then :func:`autograd_columns`).
 
@@ -379,11 +432,15 @@ def sample_loss_hessian_columns(loss_fn: LossFn, logits: Tensor, target: Tensor,
     if not isinstance(exact_classes, int) or exact_classes < 0:
         raise ValueError(f"`exact_classes` must be a non-negative int, got {exact_classes!r}.")
     if isinstance(loss_fn, TokenLoss):
-        return token_loss_columns(loss_fn, logits, target, num_mc_samples, generator, exact_classes=exact_classes)
+        return token_loss_columns(
+            loss_fn, logits, target, num_mc_samples, generator, exact_classes=exact_classes
+        )
     sampler = MC_LOSS_COLUMNS.get(loss_fn)
     if sampler is not None and logits.ndim == 2:
         return sampler(logits, target, num_mc_samples, generator, exact_classes=exact_classes)
     if exact_classes:
-        raise ValueError(f"`exact_classes` applies to the softmax losses of MC_LOSS_COLUMNS only, not to "
-                         f"{getattr(loss_fn, '__name__', type(loss_fn).__name__)}; pass exact_classes=0.")
+        raise ValueError(
+            f"`exact_classes` applies to the softmax losses of MC_LOSS_COLUMNS only, not to "
+            f"{getattr(loss_fn, '__name__', type(loss_fn).__name__)}; pass exact_classes=0."
+        )
     return autograd_columns(loss_fn, logits, target, num_mc_samples, generator)

@@ -52,13 +52,20 @@ References:
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from lightning_flatness.functional.estimators.exact import _autograd_inputs, _ggn_diagonal, _record_forward
-from lightning_flatness.functional.loss_hessian_factors import default_exact_classes, sample_loss_hessian_columns
+from lightning_flatness.functional.estimators.exact import (
+    _autograd_inputs,
+    _ggn_diagonal,
+    _record_forward,
+)
+from lightning_flatness.functional.loss_hessian_factors import (
+    default_exact_classes,
+    sample_loss_hessian_columns,
+)
 from lightning_flatness.functional.model_io import ModelInputs
 
 __all__ = ["gauss_newton_mc_diagonal"]
@@ -74,8 +81,8 @@ def gauss_newton_mc_diagonal(
     params: dict[str, nn.Parameter],
     *,
     num_mc_samples: int = 1,
-    generator: Optional[torch.Generator] = None,
-    exact_classes: Optional[int] = None,
+    generator: torch.Generator | None = None,
+    exact_classes: int | None = None,
 ) -> dict[str, Tensor]:
     r"""Unbiased Monte-Carlo estimate of the Gauss-Newton diagonal ``diag(J^T Lambda J) / N``.
 
@@ -121,8 +128,8 @@ def gauss_newton_mc_diagonal(
         >>> x, y = torch.randn(16, 3), torch.randint(0, 1000, (16,))
         >>> params = {"0.weight": model[0].weight}
         >>> gen = torch.Generator().manual_seed(0)
-        >>> est = gauss_newton_mc_diagonal(model, F.cross_entropy, x, y, params, num_mc_samples=2, generator=gen)
-        >>> est["0.weight"].shape  # 2 backward columns for 1,000 classes
+        >>> est = gauss_newton_mc_diagonal(model, F.cross_entropy, x, y, params, generator=gen)
+        >>> est["0.weight"].shape  # 3 backward columns (1 draw, 2 exact classes) for 1,000 classes
         torch.Size([5, 3])
     """
     if not params:
@@ -134,8 +141,9 @@ def gauss_newton_mc_diagonal(
         logits = forward.logits.detach()
         if exact_classes is None:
             exact_classes = default_exact_classes(loss_fn)
-        columns, signs = sample_loss_hessian_columns(loss_fn, logits, y, num_mc_samples, generator,
-                                                     exact_classes=exact_classes)
+        columns, signs = sample_loss_hessian_columns(
+            loss_fn, logits, y, num_mc_samples, generator, exact_classes=exact_classes
+        )
         columns = columns.to(logits.dtype)
         signs = signs.to(logits.dtype).unsqueeze(0).expand(logits.shape[0], -1)
         diag = _ggn_diagonal(forward, columns, signs, forward.issues, caller, stacklevel=3)
