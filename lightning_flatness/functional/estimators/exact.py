@@ -38,7 +38,9 @@ Algorithm (BackPACK's ``DiagGGNExact`` [1] with a signed symmetric factorisation
 4. per layer, the per-sample gradient of ``v_n^T f_n`` is ``g_n a_n^T`` (Linear; summed over extra
    leading positions) or ``g_n unfold(a_n)^T`` (Conv, per group); its square, weighted by
    ``sign(s_nk)``, is summed over samples and ``k``. For a plain Linear layer the square factorises:
-   ``sum_n sign_n (g_n^2)(a_n^2)^T``, one matrix product.
+   ``sum_n sign_n (g_n^2)(a_n^2)^T``, one matrix product. With few positions ``P`` per sample (small
+   feature maps) the square of the sum over positions is expanded into position pairs, again one
+   matrix product and no per-sample gradients (:func:`_position_pair_contraction`).
 
 **Cost.** One forward pass, one batched backward pass of ``K + 1 <= D + 1`` columns over the batch
 (``D`` = outputs per sample; the extra column is the batch-independence check, below), and per layer
@@ -68,7 +70,15 @@ fails (train-mode BatchNorm, a batch mean inside the model, sequence-first layou
 used outside ``linear`` / ``conv``, the per-(sample, k) path is taken instead: ``N * K`` vectorised
 backward passes (with a warning about the cost), still exact for the GGN.
 
-**Limitations.** ``D x D`` eigendecompositions per sample: meant for classification-sized outputs.
+**Models and losses as users have them.** ``inputs`` may be a tensor, a tuple (positional
+arguments) or a dict (keyword arguments, e.g. Hugging Face batches), and the output a tensor, a tuple
+or a dict / ``ModelOutput`` with ``"logits"`` (:mod:`~lightning_flatness.functional.model_io`). With
+:class:`~lightning_flatness.functional.model_io.TokenLoss` on ``(N, T, V)`` logits a sequence is one
+sample: its loss Hessian is block-diagonal over its tokens, factorised with ``T * K`` columns
+(:func:`_token_loss_factors`), weighted by the token-mean of the loss.
+
+**Limitations.** ``D x D`` eigendecompositions per sample: meant for classification-sized outputs
+(for a ``K``-independent estimate see :mod:`.gauss_newton_mc`).
 The per-layer path covers ``linear`` (any leading dims) and ``conv1d/2d/3d`` with any stride,
 padding (including ``"same"`` and non-zero padding modes), dilation and groups; the allowlist is
 conservative (``x * y`` of two weight-dependent tensors is flagged even when they depend on
@@ -86,6 +96,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -94,6 +105,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_flatness.functional.estimators._functional_model import restore_module_tensors
+from lightning_flatness.functional.model_io import (ModelInputs, TokenLoss, extract_logits, inputs_batch_size,
+                                                    map_inputs)
 
 __all__ = ["exact_hessian_diagonal", "ExactMethodNotApplicable", "gauss_newton_diagonal", "GaussNewtonDiagonal",
            "PIECEWISE_LINEAR_OPS", "MULTILINEAR_OPS"]
@@ -209,6 +222,7 @@ _DUNDER_ALIASES = {
 
 _LAYER_OPS = {"linear": 0, "conv1d": 1, "conv2d": 2, "conv3d": 3}  # value: number of spatial dims
 _CHUNK_ELEMENTS = 2 ** 18  # bound on per-sample-gradient elements materialised at once (cache-sized)
+_SQUARE_COST = 8  # flops-equivalent of squaring and summing one per-sample-gradient entry (memory-bound)
 _BATCHED_BACKWARD_ELEMENTS = 2 ** 24  # bound on gradient elements of one batched backward (per-sample path)
 _HUTCHINSON_HINT = ('use method="ggn_hutchinson" (the exact Gauss-Newton diagonal plus Hutchinson probes of '
                     'the remainder: unbiased, low variance) or method="hutchinson" (any twice-differentiable '
@@ -475,6 +489,10 @@ def _accumulate_layer(call: _LayerCall, grad: Tensor, signs: Tensor, diag: dict[
     weight = leaves[call.weight]
     k = grad.shape[0]
     a, g = _layer_factors(call, grad, tuple(weight.shape[2:]))  # (N, G, I, P), (N, G, K * O, P)
+    positions = a.shape[3]
+    if positions * (positions + 1) // 2 <= k * (positions + _SQUARE_COST):
+        diag[call.weight] += _position_pair_contraction(a, g, signs, k).reshape(weight.shape)
+        return
     chunk = max(1, _CHUNK_ELEMENTS // (g.shape[1] * g.shape[2] * a.shape[2]))
     acc = torch.zeros(g.shape[1], g.shape[2] // k, a.shape[2], dtype=grad.dtype, device=grad.device)
     for start in range(0, a.shape[0], chunk):
@@ -487,6 +505,33 @@ def _accumulate_layer(call: _LayerCall, grad: Tensor, signs: Tensor, diag: dict[
         else:
             acc += gw.mul_(signs[sl].reshape(m, 1, k, 1)).sum(dim=(0, 2)).reshape(acc.shape)
     diag[call.weight] += acc.reshape(weight.shape)
+
+
+def _position_pair_contraction(a: Tensor, g: Tensor, signs: Tensor, k: int) -> Tensor:
+    r"""``sum_{n,k} sign_nk (sum_p g_nkp a_np^T)^2`` as ``(G, O, I)`` without per-sample gradients.
+
+    Squaring the sum over the ``P`` positions, ``(sum_p g_p a_p^T)^2 = sum_{p,q} (g_p g_q)(a_p a_q)^T``
+    (entrywise products), so with the ``Z = P (P + 1) / 2`` position pairs ``p <= q`` (off-diagonal ones
+    counted twice) the whole sum is one matrix product over ``(n, pair)``:
+    ``sum_{n,z} [sum_k sign_nk g_nkz] a_nz^T``, ``O(N Z O I)`` flops in BLAS, independent of ``K``.
+    Chosen over per-sample gradients (``O(N K P O I)`` flops plus ``N K O I`` squares, memory-bound)
+    when ``Z <= K (P + _SQUARE_COST)``: small feature maps (late ResNet stages, ``P = 1`` for
+    1x1 maps) and many columns. Samples in chunks of about ``_CHUNK_ELEMENTS`` pair products.
+    """
+    n, groups, _, p = a.shape
+    o = g.shape[2] // k
+    first, second = torch.triu_indices(p, p, device=a.device)
+    weight = torch.where(first == second, 1.0, 2.0).to(a.dtype)
+    gk = g.reshape(n, groups, k, o, p)
+    acc = torch.zeros(groups, o, a.shape[2], dtype=g.dtype, device=g.device)
+    chunk = max(1, _CHUNK_ELEMENTS * 16 // (groups * (a.shape[2] + k * o) * first.numel()))
+    for start in range(0, n, chunk):
+        sl = slice(start, start + chunk)
+        aa = a[sl][..., first] * a[sl][..., second]  # (n, G, I, Z)
+        gg = gk[sl][..., first] * gk[sl][..., second] * weight  # (n, G, K, O, Z)
+        w = torch.einsum("nk,ngkoz->gonz", signs[sl], gg).reshape(groups, o, -1)
+        acc += torch.bmm(w, aa.permute(1, 0, 3, 2).reshape(groups, -1, a.shape[2]))
+    return acc
 
 
 def _per_sample_loss_hessians(loss_fn: LossFn, logits: Tensor,
@@ -545,6 +590,8 @@ def _loss_factors(loss_fn: LossFn, logits: Tensor, target: Tensor) -> tuple[Tens
     ``diag(p) - 2 p p^T + p (sum_c p_c) p^T``), and ``dL/df_n = (p_n - e_{y_n}) / N``, computed in float64.
     Any other loss: :func:`_per_sample_loss_hessians` and :func:`_signed_factors`.
     """
+    if isinstance(loss_fn, TokenLoss):
+        return _token_loss_factors(loss_fn, logits, target)
     if loss_fn is F.cross_entropy and _plain_class_targets(logits, target):
         p = torch.softmax(logits.detach().to(torch.float64), dim=1)
         root = p.sqrt()
@@ -556,6 +603,40 @@ def _loss_factors(loss_fn: LossFn, logits: Tensor, target: Tensor) -> tuple[Tens
     hessians, grad, issues = _per_sample_loss_hessians(loss_fn, logits, target)
     factors, signs = _signed_factors(hessians)
     return factors, signs, grad, issues
+
+
+def _token_loss_factors(loss_fn: TokenLoss, logits: Tensor,
+                        target: Tensor) -> tuple[Tensor, Tensor, Tensor, list[str]]:
+    """Exact factors for :class:`TokenLoss`: block-diagonal per sequence.
+
+    The loss is ``(1/M) sum_t l_t`` over the ``M`` valid tokens, so sequence ``n`` contributes
+    ``Lambda_n = (N/M) sum_{t in n} E_t Lambda_t E_t^T`` in the ``1/N`` convention of
+    :func:`_ggn_diagonal` (``E_t`` places token ``t``'s ``V`` logits among the sequence's ``T V``).
+    The base loss's factors ``(M, V, K)`` of every valid token go to the columns ``t K .. (t + 1) K``
+    of their sequence: ``T K`` columns per sequence (ignored positions: zero columns). Cost: that of
+    the base loss on ``M`` rows, and ``T K`` backward columns.
+    """
+    from lightning_flatness.functional.loss_hessian_factors import _token_positions
+
+    n = logits.shape[0]
+    rows, labels, _ = loss_fn.rows(logits.detach(), target)
+    if rows.shape[0] == 0:
+        raise ValueError("TokenLoss: every target is ignore_index; the batch has no token to score.")
+    row_factors, row_signs, _, issues = _loss_factors(loss_fn.base, rows, labels)  # (M, V, K), (M, K)
+    flat = _token_positions(loss_fn, logits, target)
+    positions = logits.shape[1] if logits.ndim == 3 else 1
+    v, k = row_factors.shape[1], row_factors.shape[2]
+    factors = torch.zeros(n * positions, v, positions, k, dtype=logits.dtype, device=logits.device)
+    signs = torch.zeros(n * positions, positions, k, dtype=logits.dtype, device=logits.device)
+    slot = flat % positions
+    factors[flat, :, slot] = row_factors * math.sqrt(n / rows.shape[0])  # indexed shape (M, V, K)
+    signs[flat, slot] = row_signs
+    factors = factors.reshape(n, positions, v, positions * k).reshape(n, positions * v, positions * k)
+    signs = signs.reshape(n, positions, positions * k).sum(dim=1)
+    f = logits.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(loss_fn(f, target), f)
+    return factors, signs, grad.detach(), issues
 
 
 def _plain_class_targets(logits: Tensor, target: Tensor) -> bool:
@@ -706,7 +787,7 @@ class _ModuleNames:
 def exact_hessian_diagonal(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Tensor,
+    inputs: ModelInputs,
     target: Tensor,
     params: dict[str, nn.Parameter],
     *,
@@ -724,8 +805,9 @@ def exact_hessian_diagonal(
     variance. When samples interact inside the model or a weight is used outside Linear / Conv:
     ``N * K`` vectorised backward passes instead (warned).
 
-    Assumptions: ``loss_fn`` is the mean of per-sample losses (checked on values); the model
-    returns a ``(N, ...)`` tensor; each selected weight is the weight or bias of one
+    Assumptions: ``loss_fn`` is the mean of per-sample losses (checked on values) or a
+    :class:`TokenLoss` (a mean over valid tokens); the model returns ``(N, ...)`` logits (a tensor, or
+    in a tuple / dict / ``ModelOutput``); each selected weight is the weight or bias of one
     ``linear`` / ``conv{1,2,3}d`` call and everything downstream of the selected weights is on the
     allowlist (:data:`PIECEWISE_LINEAR_OPS`, :data:`MULTILINEAR_OPS`, eval-mode batch_norm and
     dropout), checked during the forward.
@@ -734,8 +816,9 @@ def exact_hessian_diagonal(
         model: the network, used in its current train/eval mode and never modified (parameters,
             buffers and ``.grad`` untouched; temporary hooks are removed).
         loss_fn: ``(logits, target) -> scalar``, the mean of per-sample losses.
-        inputs: ``(N, ...)`` inputs.
-        target: ``(N, ...)`` targets.
+        inputs: ``(N, ...)`` inputs: a tensor, a tuple of positional arguments or a dict of keyword
+            arguments (samples along dim 0; see :func:`~lightning_flatness.functional.model_io.call_model`).
+        target: ``(N, ...)`` targets (``(N, T)`` token labels for :class:`TokenLoss`).
         params: ``{name: parameter}`` of ``model`` (see :func:`select_parameters`).
         strict: when the Hessian differs from the GGN (an operation off the allowlist, a weight used
             twice, train-mode BatchNorm or dropout, a loss that is not a per-sample mean): raise
@@ -796,14 +879,25 @@ class _RecordedForward:
     issues: list[str]  # reasons the model is not piecewise linear in each selected weight
 
 
-def _autograd_inputs(inputs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """Inputs and targets usable under autograd (inference tensors are cloned)."""
-    x = inputs.clone() if inputs.is_inference() else inputs.detach()
+def _autograd_inputs(inputs: ModelInputs, target: Tensor) -> tuple[ModelInputs, Tensor]:
+    """Inputs (a tensor, tuple or dict of them) and targets usable under autograd (inference tensors
+    are cloned, the rest detached)."""
+    x = map_inputs(inputs, lambda t: t.clone() if t.is_inference() else t.detach())
     y = target.clone() if target.is_inference() else target
     return x, y
 
 
-def _record_forward(model: nn.Module, x: Tensor, params: dict[str, nn.Parameter], caller: str) -> _RecordedForward:
+def _functional_forward(model: nn.Module, state: dict[str, Tensor], x: ModelInputs) -> Any:
+    """``model`` called with ``state`` on ``x`` as :func:`call_model` would call it (raw output)."""
+    if isinstance(x, Mapping):
+        return torch.func.functional_call(model, state, (), dict(x))
+    if isinstance(x, (tuple, list)):
+        return torch.func.functional_call(model, state, tuple(x))
+    return torch.func.functional_call(model, state, (x,))
+
+
+def _record_forward(model: nn.Module, x: ModelInputs, params: dict[str, nn.Parameter],
+                    caller: str) -> _RecordedForward:
     """Run ``model(x)`` with fresh leaves for ``params`` (everything else detached, buffers cloned),
     recording the selected layers' calls and every operation on weight-dependent tensors."""
     leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
@@ -814,14 +908,16 @@ def _record_forward(model: nn.Module, x: Tensor, params: dict[str, nn.Parameter]
     module_names = _ModuleNames(model, recorder.module_stack)
     try:
         with restore_module_tensors(model), recorder:
-            logits = torch.func.functional_call(model, state, (x,))
+            output = _functional_forward(model, state, x)
     finally:
         module_names.remove()
-    if not isinstance(logits, Tensor):
-        raise ValueError(f"{caller} needs the model to return a logits tensor, got "
-                         f"{type(logits).__name__}; wrap the model so that it returns one tensor.")
-    if logits.ndim == 0 or logits.shape[0] != x.shape[0]:
-        raise ValueError(f"the model output has shape {tuple(logits.shape)} for {x.shape[0]} samples; "
+    try:
+        logits = extract_logits(output)
+    except TypeError as err:
+        raise ValueError(f"{caller}: {err}") from None
+    n = inputs_batch_size(x)
+    if logits.ndim == 0 or logits.shape[0] != n:
+        raise ValueError(f"the model output has shape {tuple(logits.shape)} for {n} samples; "
                          f"{caller} needs the samples along dim 0.")
     if not bool(torch.isfinite(logits).all()):
         raise ValueError("the model output contains NaN or inf; the Hessian diagonal is undefined there.")
@@ -893,7 +989,7 @@ class GaussNewtonDiagonal:
 def gauss_newton_diagonal(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Tensor,
+    inputs: ModelInputs,
     target: Tensor,
     params: dict[str, nn.Parameter],
     *,

@@ -1,0 +1,207 @@
+"""Loss-Hessian columns: the eq. 20 Hessian decomposition against autograd, and E[sum_k s_k c_k c_k^T]
+equal to the per-sample Hessian of the loss in the logits (statistically, from the draws' own spread)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_flatness.functional.loss_hessian_factors import (
+    MC_LOSS_COLUMNS,
+    autograd_columns,
+    cross_entropy_columns,
+    normalized_cross_entropy_columns,
+    normalized_cross_entropy_logit_hessian,
+    sample_loss_hessian_columns,
+)
+from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
+from lightning_flatness.functional.model_io import TokenLoss
+
+torch.set_num_threads(1)
+
+
+def _autograd_per_sample_hessians(loss_fn, logits, target):
+    """``(N, D, D)``: Hessian of the loss of each sample alone, by torch.autograd.functional.hessian."""
+    out = []
+    for i in range(logits.shape[0]):
+        h = torch.autograd.functional.hessian(
+            lambda z, y=target[i : i + 1]: loss_fn(z.unsqueeze(0), y), logits[i]
+        )
+        out.append(h.reshape(logits[i].numel(), logits[i].numel()))
+    return torch.stack(out)
+
+
+def _draw_estimates(cols, signs, draws):
+    """Per-draw estimates ``draws * sum_{k in draw} s_k c_k c_k^T``, ``(S, N, D, D)``; the columns of a
+    draw are consecutive (the last ``per * draws`` columns)."""
+    per = (cols.shape[2]) // draws
+    c = cols[:, :, -per * draws :].reshape(cols.shape[0], cols.shape[1], draws, per)
+    s = signs[-per * draws :].reshape(draws, per)
+    return draws * torch.einsum("ndsk,sk,nesk->snde", c, s, c)
+
+
+def _assert_unbiased(per_draw, expected, fixed=None):
+    """z-scores of the mean of the draws against ``expected`` (plus a deterministic ``fixed`` part)."""
+    mean = per_draw.mean(dim=0) + (0 if fixed is None else fixed)
+    se = per_draw.std(dim=0) / per_draw.shape[0] ** 0.5
+    random = se > 1e-12 * expected.abs().max()
+    torch.testing.assert_close(mean[~random], expected[~random], rtol=1e-10, atol=1e-12)
+    z = (mean - expected)[random] / se[random]
+    if z.numel() == 0:  # every entry deterministic (e.g. a one-class tail)
+        return
+    assert float(z.abs().max()) < 6.0, float(z.abs().max())
+    assert float(z.pow(2).mean()) < 2.0, float(z.pow(2).mean())
+
+
+@pytest.mark.parametrize("k,scale", [(2, 1.0), (5, 3.0), (13, 0.2), (7, 30.0)])
+def test_normalized_cross_entropy_hessian_decomposition_matches_autograd(k, scale):
+    torch.manual_seed(k)
+    logits = scale * torch.randn(6, k, dtype=torch.float64) + 5.0
+    target = torch.randint(0, k, (6,))
+    closed = normalized_cross_entropy_logit_hessian(logits, target)
+    brute = _autograd_per_sample_hessians(normalized_softmax_cross_entropy, logits, target)
+    torch.testing.assert_close(closed, brute, rtol=0, atol=1e-12 * max(1.0, float(brute.abs().max())))
+
+
+def test_normalized_cross_entropy_hessian_is_zero_on_degenerate_rows():
+    logits = torch.tensor([[2.0, 2.0, 2.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
+    target = torch.tensor([0, 1])
+    closed = normalized_cross_entropy_logit_hessian(logits, target)
+    assert bool((closed[0] == 0).all()) and float(closed[1].abs().max()) > 0
+    cols, _ = normalized_cross_entropy_columns(logits, target, 3, torch.Generator().manual_seed(0))
+    assert bool((cols[0] == 0).all())
+
+
+def test_cross_entropy_columns_are_unbiased_for_the_softmax_hessian():
+    torch.manual_seed(0)
+    logits, target = torch.randn(3, 6, dtype=torch.float64), torch.randint(0, 6, (3,))
+    p = torch.softmax(logits, 1)
+    expected = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+    cols, signs = cross_entropy_columns(logits, target, 4000, torch.Generator().manual_seed(1))
+    assert cols.shape == (3, 6, 4000) and bool((signs == 1).all())
+    _assert_unbiased(_draw_estimates(cols, signs, 4000), expected)
+
+
+@pytest.mark.parametrize("exact_classes", [2, 5])
+def test_cross_entropy_exact_classes_sample_only_the_tail(exact_classes):
+    torch.manual_seed(1)
+    logits, target = 2 * torch.randn(3, 6, dtype=torch.float64), torch.randint(0, 6, (3,))
+    p = torch.softmax(logits, 1)
+    expected = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+    draws = 4000
+    cols, signs = cross_entropy_columns(
+        logits, target, draws, torch.Generator().manual_seed(2), exact_classes=exact_classes
+    )
+    assert cols.shape[2] == exact_classes + draws
+    top = cols[:, :, :exact_classes]
+    fixed = torch.einsum("ndk,nek->nde", top, top)
+    _assert_unbiased(_draw_estimates(cols, signs, draws), expected, fixed)
+
+
+def test_cross_entropy_with_every_class_exact_has_no_noise():
+    torch.manual_seed(2)
+    logits, target = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 5, (4,))
+    p = torch.softmax(logits, 1)
+    cols, signs = cross_entropy_columns(logits, target, 1, torch.Generator().manual_seed(0), exact_classes=5)
+    torch.testing.assert_close(
+        torch.einsum("ndk,k,nek->nde", cols, signs, cols),
+        torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1),
+        rtol=0,
+        atol=1e-15,
+    )
+
+
+@pytest.mark.parametrize("k", [3, 8])
+def test_normalized_cross_entropy_columns_are_unbiased_for_the_autograd_hessian(k):
+    torch.manual_seed(k)
+    logits, target = 2 * torch.randn(3, k, dtype=torch.float64), torch.randint(0, k, (3,))
+    expected = _autograd_per_sample_hessians(normalized_softmax_cross_entropy, logits, target)
+    draws = 4000
+    cols, signs = normalized_cross_entropy_columns(logits, target, draws, torch.Generator().manual_seed(3))
+    assert cols.shape == (3, k, 2 * draws)
+    assert signs.tolist()[:4] == [1.0, -1.0, 1.0, -1.0]
+    _assert_unbiased(_draw_estimates(cols, signs, draws), expected)
+
+
+def test_normalized_cross_entropy_columns_with_exact_classes_are_unbiased():
+    torch.manual_seed(4)
+    logits, target = 2 * torch.randn(3, 6, dtype=torch.float64), torch.randint(0, 6, (3,))
+    expected = _autograd_per_sample_hessians(normalized_softmax_cross_entropy, logits, target)
+    draws = 4000
+    cols, signs = normalized_cross_entropy_columns(
+        logits, target, draws, torch.Generator().manual_seed(5), exact_classes=2
+    )
+    fixed = torch.einsum("ndk,nek->nde", cols[:, :, :2], cols[:, :, :2])
+    _assert_unbiased(_draw_estimates(cols, signs, draws), expected, fixed)
+
+
+def test_autograd_columns_are_unbiased_for_mse_and_indefinite_losses():
+    torch.manual_seed(5)
+    logits = torch.randn(3, 4, dtype=torch.float64)
+    draws = 4000
+    for loss_fn, target in [
+        (F.mse_loss, torch.randn(3, 4, dtype=torch.float64)),
+        (normalized_softmax_cross_entropy, torch.randint(0, 4, (3,))),
+    ]:
+        expected = _autograd_per_sample_hessians(loss_fn, logits, target)
+        cols, signs = autograd_columns(loss_fn, logits, target, draws, torch.Generator().manual_seed(6))
+        _assert_unbiased(_draw_estimates(cols, signs, draws), expected)
+
+
+def test_autograd_columns_refuse_a_sum_reduced_loss():
+    logits, target = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 3, (4,))
+    with pytest.raises(ValueError, match="per-sample"):
+        autograd_columns(lambda z, y: F.cross_entropy(z, y, reduction="sum"), logits, target, 1)
+
+
+@pytest.mark.parametrize("base", [F.cross_entropy, normalized_softmax_cross_entropy])
+def test_token_loss_columns_are_unbiased_for_the_sequence_hessian(base):
+    """Stacked token columns: E[sum_k s_k C C^T] = N * (block of sequence n of the full Hessian of the
+    token-mean loss in all logits), ignored and shifted-out positions included."""
+    torch.manual_seed(6)
+    n, t, v = 3, 4, 5
+    # moderate logits: a class of tiny probability may never be drawn, and then the spread of the draws
+    # underestimates the standard error (unbiased, but too heavy-tailed for a z-score)
+    logits = torch.randn(n, t, v, dtype=torch.float64)
+    target = torch.randint(0, v, (n, t))
+    target[0, 2:] = -100
+    loss_fn = TokenLoss(base, shift=True)
+    full = torch.autograd.functional.hessian(
+        lambda z: loss_fn(z.reshape(n, t, v), target), logits.reshape(-1)
+    )
+    full = full.reshape(n, t * v, n, t * v)
+    blocks = torch.stack([full[i, :, i] for i in range(n)]) * n
+    assert float(full[0, :, 1].abs().max()) == 0.0  # sequences do not interact
+    draws = 3000
+    cols, signs = sample_loss_hessian_columns(
+        loss_fn, logits, target, draws, torch.Generator().manual_seed(7)
+    )
+    assert cols.shape[:2] == (n, t * v)
+    _assert_unbiased(_draw_estimates(cols, signs, draws), blocks)
+
+
+def test_registry_is_keyed_by_the_loss_function():
+    assert MC_LOSS_COLUMNS[F.cross_entropy] is cross_entropy_columns
+    assert MC_LOSS_COLUMNS[normalized_softmax_cross_entropy] is normalized_cross_entropy_columns
+
+
+def test_columns_are_reproducible_and_leave_the_global_rng_alone():
+    logits, target = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 6, (4,))
+    regression_target = torch.randn(4, 6, dtype=torch.float64)
+    state = torch.get_rng_state()
+    for loss_fn in (F.cross_entropy, normalized_softmax_cross_entropy, F.mse_loss):
+        y = regression_target if loss_fn is F.mse_loss else target
+        a = sample_loss_hessian_columns(loss_fn, logits, y, 3, torch.Generator().manual_seed(11))[0]
+        b = sample_loss_hessian_columns(loss_fn, logits, y, 3, torch.Generator().manual_seed(11))[0]
+        c = sample_loss_hessian_columns(loss_fn, logits, y, 3, torch.Generator().manual_seed(12))[0]
+        assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_bad_arguments_are_named():
+    logits, target = torch.randn(2, 3), torch.tensor([0, 5])
+    with pytest.raises(ValueError, match="num_mc_samples"):
+        cross_entropy_columns(logits, torch.tensor([0, 1]), 0)
+    with pytest.raises(ValueError, match="TokenLoss"):
+        cross_entropy_columns(logits, target, 1)
