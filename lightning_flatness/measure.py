@@ -93,7 +93,8 @@ class SharpnessMeasurement:
         lam: lambda of eq. 17.
         num_replicates: replicate slots of the jackknife.
         num_probes: probes per batch for probe-based estimators.
-        num_mc_samples: Monte-Carlo draws per sample for the Monte-Carlo Gauss-Newton estimator.
+        num_mc_samples: Monte-Carlo draws per sample for the Monte-Carlo Gauss-Newton estimator
+            (``None``: the loss's default).
         generator: source of probes and Monte-Carlo draws (never the global RNG when given).
         relative_step: finite differences only (Appendix C).
         choice: a choice made earlier (e.g. in a dry run); skips ``choose_method``.
@@ -109,7 +110,7 @@ class SharpnessMeasurement:
         lam: float = 0.5,
         num_replicates: int = 8,
         num_probes: int = 64,
-        num_mc_samples: int = 1,
+        num_mc_samples: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
         relative_step: float = 1e-3,
         choice: Optional[MethodChoice] = None,
@@ -194,7 +195,7 @@ def measure_sharpness(
     lam: float = 0.5,
     num_replicates: int = 8,
     num_probes: int = 64,
-    num_mc_samples: int = 1,
+    num_mc_samples: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     split_batch: Callable[[Any], tuple[Any, Tensor]] = default_split_batch,
     relative_step: float = 1e-3,

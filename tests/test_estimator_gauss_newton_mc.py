@@ -183,7 +183,8 @@ def test_backward_columns_do_not_grow_with_the_number_of_classes(monkeypatch, lo
         )
         counts[k] = counter.columns
         monkeypatch.undo()
-    per_draw, exact = (1, 2) if loss_fn is F.cross_entropy else (2, 0)  # default exact classes of CE: 2
+    # fixed columns: CE's 2 most probable classes; eq. 20's rank-2 part (one + and one - column)
+    per_draw, exact = (1, 2) if loss_fn is F.cross_entropy else (2, 2)
     assert counts[10] == counts[1000] == 2 * per_draw + exact + 1  # + the batch-independence probe
     counter = _BackwardColumnCounter(monkeypatch)  # the counter sees the exact method's K columns
     gauss_newton_diagonal(model, F.cross_entropy, x, y, select_parameters(model))

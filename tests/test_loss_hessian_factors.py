@@ -15,6 +15,7 @@ from lightning_flatness.functional.loss_hessian_factors import (
     normalized_cross_entropy_logit_hessian,
     sample_loss_hessian_columns,
 )
+from lightning_flatness.functional import loss_hessian_factors
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.model_io import TokenLoss
 
@@ -113,15 +114,24 @@ def test_cross_entropy_with_every_class_exact_has_no_noise():
 
 
 @pytest.mark.parametrize("k", [3, 8])
-def test_normalized_cross_entropy_columns_are_unbiased_for_the_autograd_hessian(k):
+@pytest.mark.parametrize("exact_low_rank", [True, False])
+def test_normalized_cross_entropy_columns_are_unbiased_for_the_autograd_hessian(k, exact_low_rank):
     torch.manual_seed(k)
     logits, target = 2 * torch.randn(3, k, dtype=torch.float64), torch.randint(0, k, (3,))
     expected = _autograd_per_sample_hessians(normalized_softmax_cross_entropy, logits, target)
     draws = 4000
-    cols, signs = normalized_cross_entropy_columns(logits, target, draws, torch.Generator().manual_seed(3))
-    assert cols.shape == (3, k, 2 * draws)
+    cols, signs = normalized_cross_entropy_columns(logits, target, draws, torch.Generator().manual_seed(3),
+                                                   exact_low_rank=exact_low_rank)
+    lead = 2 if exact_low_rank else 0  # the rank-2 part B as two fixed columns, + then -
+    assert cols.shape == (3, k, 2 * draws + lead)
     assert signs.tolist()[:4] == [1.0, -1.0, 1.0, -1.0]
-    _assert_unbiased(_draw_estimates(cols, signs, draws), expected)
+    fixed = _fixed_part(cols, signs, lead) if lead else None
+    _assert_unbiased(_draw_estimates(cols, signs, draws), expected, fixed)
+
+
+def _fixed_part(cols, signs, lead):
+    """``sum_k s_k c_k c_k^T`` over the ``lead`` deterministic leading columns, ``(N, D, D)``."""
+    return torch.einsum("ndk,k,nek->nde", cols[:, :, :lead], signs[:lead], cols[:, :, :lead])
 
 
 def test_normalized_cross_entropy_columns_with_exact_classes_are_unbiased():
@@ -132,8 +142,28 @@ def test_normalized_cross_entropy_columns_with_exact_classes_are_unbiased():
     cols, signs = normalized_cross_entropy_columns(
         logits, target, draws, torch.Generator().manual_seed(5), exact_classes=2
     )
-    fixed = torch.einsum("ndk,nek->nde", cols[:, :, :2], cols[:, :, :2])
-    _assert_unbiased(_draw_estimates(cols, signs, draws), expected, fixed)
+    _assert_unbiased(_draw_estimates(cols, signs, draws), expected, _fixed_part(cols, signs, 4))
+
+
+def test_exact_low_rank_columns_carry_the_rank_two_part_without_noise():
+    """The two fixed columns reproduce B = Lambda - J_g Cov[p - e_y] J_g - alpha P exactly."""
+    torch.manual_seed(9)
+    k = 7
+    logits, target = 3 * torch.randn(4, k, dtype=torch.float64), torch.randint(0, k, (4,))
+    cols, signs = normalized_cross_entropy_columns(logits, target, 1, torch.Generator().manual_seed(0))
+    lam = normalized_cross_entropy_logit_hessian(logits, target)
+    u = (logits - logits.mean(1, keepdim=True))
+    s = u.pow(2).mean(1, keepdim=True).sqrt()
+    u = u / s
+    p = torch.softmax(u, 1)
+    eye = torch.eye(k, dtype=torch.float64)
+    centre = eye - 1.0 / k
+    jg = (centre - u.unsqueeze(2) * u.unsqueeze(1) / k) / s.unsqueeze(2)
+    cov = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+    r = p - F.one_hot(target, k).to(p.dtype)
+    alpha = -(r * u).sum(1) / (s.squeeze(1) ** 2 * k)
+    rank_two = lam - jg @ cov @ jg - alpha.reshape(4, 1, 1) * centre
+    torch.testing.assert_close(_fixed_part(cols, signs, 2), rank_two, rtol=1e-10, atol=1e-12)
 
 
 def test_autograd_columns_are_unbiased_for_mse_and_indefinite_losses():
@@ -156,7 +186,7 @@ def test_autograd_columns_refuse_a_sum_reduced_loss():
 
 
 @pytest.mark.parametrize("base", [F.cross_entropy, normalized_softmax_cross_entropy])
-def test_token_loss_columns_are_unbiased_for_the_sequence_hessian(base):
+def test_token_loss_columns_are_unbiased_for_the_sequence_hessian(base, monkeypatch):
     """Stacked token columns: E[sum_k s_k C C^T] = N * (block of sequence n of the full Hessian of the
     token-mean loss in all logits), ignored and shifted-out positions included."""
     torch.manual_seed(6)
@@ -167,6 +197,9 @@ def test_token_loss_columns_are_unbiased_for_the_sequence_hessian(base):
     target = torch.randint(0, v, (n, t))
     target[0, 2:] = -100
     loss_fn = TokenLoss(base, shift=True)
+    # every column of a draw carries random signs per token: sample eq. 20's rank-2 part too, so that all
+    # columns belong to draws (the fixed-column mode is tested on plain rows above)
+    monkeypatch.setattr(loss_hessian_factors, "EXACT_LOW_RANK", False)
     full = torch.autograd.functional.hessian(
         lambda z: loss_fn(z.reshape(n, t, v), target), logits.reshape(-1)
     )

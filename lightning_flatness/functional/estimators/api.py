@@ -88,7 +88,7 @@ def hessian_diagonal_groups(
     parameters: ParameterSelection = None,
     strict: bool = True,
     relative_step: float = 1e-3,
-    num_mc_samples: int = 1,
+    num_mc_samples: Optional[int] = None,
 ) -> HessianDiagonalEstimate:
     """Hessian diagonal per group of samples, for error bars that cover probes and data.
 
@@ -110,7 +110,8 @@ def hessian_diagonal_groups(
     if spec.splits_probes and (not isinstance(num_probes, int) or num_probes < 1 or num_probes % num_groups):
         raise ValueError(f"`num_probes` must be a positive multiple of num_groups={num_groups} for "
                          f"method {method!r}, got {num_probes!r}.")
-    if "num_mc_samples" in spec.options and (not isinstance(num_mc_samples, int) or num_mc_samples < 1):
+    if "num_mc_samples" in spec.options and num_mc_samples is not None and (
+            not isinstance(num_mc_samples, int) or num_mc_samples < 1):
         raise ValueError(f"`num_mc_samples` must be a positive int for method {method!r}, got {num_mc_samples!r}.")
     probes_per_group = num_probes // num_groups if spec.splits_probes else 0
     available = {"num_probes": probes_per_group, "generator": generator, "strict": strict,
@@ -136,7 +137,7 @@ def hessian_diagonal(
     parameters: ParameterSelection = None,
     strict: bool = True,
     relative_step: float = 1e-3,
-    num_mc_samples: int = 1,
+    num_mc_samples: Optional[int] = None,
 ) -> dict[str, Tensor]:
     """Diagonal of the Hessian of ``loss_fn(model(inputs), target)`` (a batch mean) in the weights.
 
@@ -174,7 +175,8 @@ def hessian_diagonal(
             which the result would not be the exact diagonal.
         relative_step: ``"finite_difference"`` only: the step ``r`` of each weight tensor relative
             to its root-mean-square entry (Appendix C).
-        num_mc_samples: Monte-Carlo Gauss-Newton only: sampled output directions per sample.
+        num_mc_samples: Monte-Carlo Gauss-Newton only: draws per sample (``None``: the loss's
+            default, see :mod:`.gauss_newton_mc`).
 
     Returns:
         ``{name: diag}`` keyed as in ``model.named_parameters()``, each with the parameter's shape

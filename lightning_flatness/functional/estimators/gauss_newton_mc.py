@@ -64,6 +64,7 @@ from lightning_flatness.functional.estimators.exact import (
 )
 from lightning_flatness.functional.loss_hessian_factors import (
     default_exact_classes,
+    default_mc_samples,
     sample_loss_hessian_columns,
 )
 from lightning_flatness.functional.model_io import ModelInputs
@@ -80,7 +81,7 @@ def gauss_newton_mc_diagonal(
     target: Tensor,
     params: dict[str, nn.Parameter],
     *,
-    num_mc_samples: int = 1,
+    num_mc_samples: int | None = None,
     generator: torch.Generator | None = None,
     exact_classes: int | None = None,
 ) -> dict[str, Tensor]:
@@ -101,7 +102,9 @@ def gauss_newton_mc_diagonal(
         target: ``(N,)`` class indices, ``(N, T)`` token labels for :class:`TokenLoss`, or whatever
             ``loss_fn`` takes.
         params: ``{name: parameter}`` of ``model`` (see :func:`select_parameters`).
-        num_mc_samples: Monte-Carlo draws per sample (the variance falls as ``1/num_mc_samples``).
+        num_mc_samples: Monte-Carlo draws per sample (the variance falls as ``1/num_mc_samples``);
+            ``None``: the loss's default (:data:`~lightning_flatness.functional.loss_hessian_factors.DEFAULT_MC_SAMPLES`:
+            8 for eq. 20, whose indefinite Hessian makes single draws cancel between samples, else 1).
         generator: a ``torch.Generator`` on the model's device for the draws, or None for the global
             RNG (with a generator the global RNG is untouched).
         exact_classes: softmax losses only: the ``m`` most probable classes of each sample enter
@@ -141,6 +144,8 @@ def gauss_newton_mc_diagonal(
         logits = forward.logits.detach()
         if exact_classes is None:
             exact_classes = default_exact_classes(loss_fn)
+        if num_mc_samples is None:
+            num_mc_samples = default_mc_samples(loss_fn)
         columns, signs = sample_loss_hessian_columns(
             loss_fn, logits, y, num_mc_samples, generator, exact_classes=exact_classes
         )

@@ -90,3 +90,6 @@ register_estimator(EstimatorSpec(
 register_estimator(EstimatorSpec(
     "finite_difference", f"{_PKG}.finite_difference:finite_difference_hessian_diagonal", "hessian",
     stochastic=True, options=("num_probes", "generator", "relative_step"), splits_probes=True))
+register_estimator(EstimatorSpec(
+    "gauss_newton_mc", f"{_PKG}.gauss_newton_mc:gauss_newton_mc_diagonal", "gauss_newton", stochastic=True,
+    options=("num_mc_samples", "generator")))
