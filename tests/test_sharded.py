@@ -1,0 +1,84 @@
+"""FSDP2 (``fully_shard``) models measured shard by shard (:mod:`lightning_flatness.sharded`), with 2
+and 4 gloo processes (forked: about a second each) on the CPU: the values equal the unsharded model's (exact method, one
+process, same samples), the jackknife equals the metric's on the gathered sums, every rank holds
+``1/P`` of the sums and at most one whole tensor at a time, and the model is left unchanged."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_flatness.functional.measures import MEASURES
+from lightning_flatness.measure import measure_sharpness
+from lightning_flatness.metric import _normalized_sharpness_compute
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+import sharded_worker as worker  # noqa: E402
+
+sys.path.pop(0)
+
+
+def run_workers(tmp_path: Path, world_size: int, dtype: str) -> list[dict]:
+    """Fork ``world_size`` workers (the test process has torch and the library imported already: a
+    fresh interpreter per rank would spend most of the test importing them)."""
+    context = multiprocessing.get_context("fork")
+    outs = [tmp_path / f"rank{r}.pt" for r in range(world_size)]
+    procs = [context.Process(target=worker.main, args=(r, world_size, str(tmp_path / "store"), str(outs[r]), dtype))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    if any(p.is_alive() for p in procs):
+        for p in procs:
+            p.kill()
+        pytest.fail("sharded worker timed out (deadlock?)")
+    assert [p.exitcode for p in procs] == [0] * world_size, "a worker failed; its traceback is above"
+    return [torch.load(o, weights_only=False) for o in outs]
+
+
+def check(records: list[dict], world_size: int, dtype: str, rel: float) -> None:
+    torch.set_num_threads(1)
+    dt = getattr(torch, dtype)
+    model = worker.build_model(dt)
+    x, y = worker.data(dt)
+    # the unsharded reference: the library's exact method on one process, over all samples
+    reference = measure_sharpness(model, [(x[i::4], y[i::4]) for i in range(4)], method="exact",
+                                  num_replicates=4).values
+    assert all(r["sharded"] and r["unchanged"] for r in records)
+    first = records[0]["values"]
+    assert all(r["values"] == first for r in records)  # bit-identical on every rank
+    keys = [k for k in reference if k.split("/")[0] in MEASURES]
+    assert len(keys) == 3 + 3 * 3
+    for key in keys:
+        assert first[key] == pytest.approx(float(reference[key]), rel=rel), key
+    assert first["num_samples"] == worker.NUM_SAMPLES
+    # the decomposed jackknife and half-shift equal the metric's on the gathered sums
+    weights = {n: p.detach().double() for n, p in model.named_parameters() if p.ndim >= 2}
+    expected, _ = _normalized_sharpness_compute(weights, records[0]["sums"], records[0]["count"], 0.5)
+    assert set(expected) == set(first)
+    for key, value in expected.items():
+        assert first[key] == pytest.approx(float(value), rel=1e-12, abs=1e-300), key
+    # memory: each rank holds its rows of the R float64 sums (1/P of the unsharded metric's state, up to
+    # the uneven split of rows) and never more than one whole tensor of the largest weight's size
+    unsharded = sum(w.numel() for w in weights.values()) * worker.NUM_REPLICATES * 8
+    for r in records:
+        local = sum(r["local_numel"].values()) * worker.NUM_REPLICATES * 8 + worker.NUM_REPLICATES * 8
+        assert r["state_bytes"] == local
+        assert r["state_bytes"] <= 1.5 * unsharded / world_size + worker.NUM_REPLICATES * 8
+        assert r["largest_whole_tensor"] == max(w.numel() for w in weights.values())
+    assert sum(sum(r["local_numel"].values()) for r in records) == sum(w.numel() for w in weights.values())
+
+
+@pytest.mark.parametrize("dtype, rel", [("float64", 1e-9), ("float32", 1e-6)])
+def test_two_process_fully_shard_measurement_equals_the_unsharded_model(tmp_path, dtype, rel):
+    check(run_workers(tmp_path, 2, dtype), 2, dtype, rel)
+
+
+def test_four_process_fully_shard_measurement_equals_the_unsharded_model(tmp_path):
+    check(run_workers(tmp_path, 4, "float64"), 4, "float64", 1e-9)
