@@ -49,7 +49,8 @@ all-reduce of each measured weight's size; per measurement ``R + 3`` gathers of 
 and ``2 R + 3`` eq. 17 solves per weight tensor on every rank.
 
 **Assumptions**: every rank calls :meth:`~ShardedSharpnessMeasurement.add` the same number of times
-(each call runs collectives, as FSDP's own forward does); the measured weights are ``nn.Linear``
+(each call runs collectives, as FSDP's own forward does; a rank with fewer samples passes empty
+batches, and the ranks agree on the number ``K`` of backward columns before running them); the measured weights are ``nn.Linear``
 weights (and biases) sharded ``Shard(0)`` over a 1-D mesh, each used once per forward; samples do
 not interact (eval mode); ``loss_fn`` is a mean of per-sample losses. Anything else raises a
 ``ValueError`` that names it.
@@ -125,8 +126,9 @@ def _weight_contribution(a: Tensor, g: Tensor, signs: Tensor) -> Tensor:
     if a.ndim == 2:  # one position per sample: the square factorises
         s = torch.einsum("nk,kno->no", signs, g * g)
         return s.T @ (a * a)
-    a = a.reshape(n, -1, a.shape[-1])  # (N, P, I)
-    g = g.reshape(k, n, -1, g.shape[-1]).transpose(0, 1)  # (N, K, P, O)
+    positions = math.prod(a.shape[1:-1])
+    a = a.reshape(n, positions, a.shape[-1])  # (N, P, I)
+    g = g.reshape(k, n, positions, g.shape[-1]).transpose(0, 1)  # (N, K, P, O)
     out = torch.zeros(g.shape[-1], a.shape[-1], dtype=a.dtype, device=a.device)
     chunk = max(1, _CHUNK_ELEMENTS // (k * out.numel()))
     for start in range(0, n, chunk):
@@ -138,7 +140,7 @@ def _weight_contribution(a: Tensor, g: Tensor, signs: Tensor) -> Tensor:
 
 def _bias_contribution(g: Tensor, signs: Tensor) -> Tensor:
     k, n = g.shape[:2]
-    gb = g.reshape(k, n, -1, g.shape[-1]).sum(dim=2)  # (K, N, O) per-sample bias gradients
+    gb = g.reshape(k, n, math.prod(g.shape[2:-1]), g.shape[-1]).sum(dim=2)  # (K, N, O) per-sample bias gradients
     return torch.einsum("nk,kno->o", signs, gb * gb)
 
 
@@ -240,15 +242,27 @@ class ShardedSharpnessMeasurement:
         missing = sorted(set(self.modules) - set(capture.records))
         if missing:
             raise ValueError(f"the forward pass did not call {missing}; measure only the weights the model uses.")
-        factors, signs, _, issues = _loss_factors(self.loss_fn, logits, target)
-        if issues:
-            raise ValueError("; ".join(issues) + ".")
+        if n > 0:
+            factors, signs, _, issues = _loss_factors(self.loss_fn, logits, target)
+            if issues:
+                raise ValueError("; ".join(issues) + ".")
+        else:  # an empty share still takes part in FSDP's collectives
+            factors = logits.new_zeros(0, math.prod(logits.shape[1:]), 0)
+            signs = logits.new_zeros(0, 0)
+        # every rank must run the same number of backward passes (FSDP gathers weights in each): pad
+        # this rank's K columns with zero columns up to the largest K of any rank
+        k = torch.tensor([factors.shape[2]], dtype=torch.int64, device=self.device)
+        dist.all_reduce(k, op=dist.ReduceOp.MAX, group=self.group)
+        k = int(k[0])
+        pad = k - factors.shape[2]
+        factors = torch.cat([factors, factors.new_zeros(*factors.shape[:2], pad)], dim=2)
+        signs = torch.cat([signs, signs.new_zeros(signs.shape[0], pad)], dim=1)
         names = list(self.modules)
         outputs = [capture.records[m][1] for m in names]
-        k = factors.shape[2]
         columns = factors.permute(2, 0, 1).reshape(k, *logits.shape)
         per_column = [torch.autograd.grad(logits, outputs, columns[j], retain_graph=j < k - 1) for j in range(k)]
-        grads = {m: torch.stack([c[i] for c in per_column]).to(torch.float64) for i, m in enumerate(names)}
+        grads = {m: (torch.stack([c[i] for c in per_column]) if per_column else z.new_zeros(0, *z.shape)).to(
+            torch.float64) for i, (m, z) in enumerate(zip(names, outputs))}
         del per_column, logits, outputs
         signs = signs.to(torch.float64)
         slot = self.num_batches % self.num_replicates

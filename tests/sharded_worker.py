@@ -1,9 +1,10 @@
 """One process of the FSDP2 (``fully_shard``) sharded-measurement check, run by ``tests/test_sharded.py``.
 
-Usage: ``python tests/sharded_worker.py RANK WORLD_SIZE INIT_FILE OUT_FILE DTYPE``. Plain
+Usage: ``python tests/sharded_worker.py RANK WORLD_SIZE INIT_FILE OUT_FILE DTYPE [UNEVEN]``. Plain
 ``torch.distributed`` (gloo) with a file store. Every rank builds the same model and data; rank
 ``r`` measures samples ``r::P`` in 4 batches through :mod:`lightning_flatness.sharded` and saves
-its values, the byte counts, the gathered replicate sums and whether the model was left unchanged.
+its values (with ``UNEVEN``, the last rank keeps only 2 of its samples, so its last two batches are
+empty: the ranks must still agree on the collectives), the byte counts, the gathered replicate sums and whether the model was left unchanged.
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ def data(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(NUM_SAMPLES, 2, 3, generator=g).to(dtype), torch.randint(0, 3, (NUM_SAMPLES,), generator=g)
 
 
-def main(rank: int, world_size: int, init_file: str, out_file: str, dtype_name: str) -> None:
+def own_samples(rank: int, world_size: int, uneven: bool = False) -> torch.Tensor:
+    """Rank ``rank``'s samples: ``r::P``, or only 2 of them on the last rank when ``uneven``."""
+    own = torch.arange(rank, NUM_SAMPLES, world_size)
+    return own[:2] if uneven and rank == world_size - 1 else own
+
+
+def main(rank: int, world_size: int, init_file: str, out_file: str, dtype_name: str, uneven: bool = False) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -47,7 +54,7 @@ def main(rank: int, world_size: int, init_file: str, out_file: str, dtype_name: 
     fully_shard(model, mesh=mesh)
     before = {n: p.to_local().clone() for n, p in model.named_parameters()}
     x, y = data(dtype)
-    own = torch.arange(rank, NUM_SAMPLES, world_size)
+    own = own_samples(rank, world_size, uneven)
     measurement = ShardedSharpnessMeasurement(model, num_replicates=NUM_REPLICATES)
     for chunk in own.tensor_split(NUM_BATCHES):
         measurement.add(x[chunk], y[chunk])
@@ -68,4 +75,4 @@ def main(rank: int, world_size: int, init_file: str, out_file: str, dtype_name: 
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], len(sys.argv) > 6)

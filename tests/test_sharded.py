@@ -23,12 +23,13 @@ import sharded_worker as worker  # noqa: E402
 sys.path.pop(0)
 
 
-def run_workers(tmp_path: Path, world_size: int, dtype: str) -> list[dict]:
+def run_workers(tmp_path: Path, world_size: int, dtype: str, uneven: bool = False) -> list[dict]:
     """Fork ``world_size`` workers (the test process has torch and the library imported already: a
     fresh interpreter per rank would spend most of the test importing them)."""
     context = multiprocessing.get_context("fork")
     outs = [tmp_path / f"rank{r}.pt" for r in range(world_size)]
-    procs = [context.Process(target=worker.main, args=(r, world_size, str(tmp_path / "store"), str(outs[r]), dtype))
+    procs = [context.Process(target=worker.main, args=(r, world_size, str(tmp_path / "store"), str(outs[r]), dtype,
+                                                              uneven))
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -42,12 +43,14 @@ def run_workers(tmp_path: Path, world_size: int, dtype: str) -> list[dict]:
     return [torch.load(o, weights_only=False) for o in outs]
 
 
-def check(records: list[dict], world_size: int, dtype: str, rel: float) -> None:
+def check(records: list[dict], world_size: int, dtype: str, rel: float, uneven: bool = False) -> None:
     torch.set_num_threads(1)
     dt = getattr(torch, dtype)
     model = worker.build_model(dt)
     x, y = worker.data(dt)
-    # the unsharded reference: the library's exact method on one process, over all samples
+    # the unsharded reference: the library's exact method on one process, over the same samples
+    measured = torch.cat([worker.own_samples(r, world_size, uneven) for r in range(world_size)])
+    x, y = x[measured], y[measured]
     reference = measure_sharpness(model, [(x[i::4], y[i::4]) for i in range(4)], method="exact",
                                   num_replicates=4).values
     assert all(r["sharded"] and r["unchanged"] for r in records)
@@ -55,9 +58,13 @@ def check(records: list[dict], world_size: int, dtype: str, rel: float) -> None:
     assert all(r["values"] == first for r in records)  # bit-identical on every rank
     keys = [k for k in reference if k.split("/")[0] in MEASURES]
     assert len(keys) == 3 + 3 * 3
+    errors = {key: abs(first[key] - float(reference[key])) / abs(float(reference[key])) for key in keys}
+    for measure in MEASURES:
+        print(f"{measure}: largest relative difference from the unsharded {dtype} values",
+              max((e, k) for k, e in errors.items() if k.split("/")[0] == measure))
     for key in keys:
-        assert first[key] == pytest.approx(float(reference[key]), rel=rel), key
-    assert first["num_samples"] == worker.NUM_SAMPLES
+        assert errors[key] <= rel, (key, errors[key])
+    assert first["num_samples"] == len(measured)
     # the decomposed jackknife and half-shift equal the metric's on the gathered sums
     weights = {n: p.detach().double() for n, p in model.named_parameters() if p.ndim >= 2}
     expected, _ = _normalized_sharpness_compute(weights, records[0]["sums"], records[0]["count"], 0.5)
@@ -75,10 +82,17 @@ def check(records: list[dict], world_size: int, dtype: str, rel: float) -> None:
     assert sum(sum(r["local_numel"].values()) for r in records) == sum(w.numel() for w in weights.values())
 
 
-@pytest.mark.parametrize("dtype, rel", [("float64", 1e-9), ("float32", 1e-6)])
+# float32: the traces of the last layer cancel (entries of both signs), which turns the 1e-7 rounding of
+# float32 forward/backward passes into 1.5e-6 relative on `hessian_trace/5.weight`; the normalized values
+# agree to 1e-6 (see the test output)
+@pytest.mark.parametrize("dtype, rel", [("float64", 1e-9), ("float32", 5e-6)])
 def test_two_process_fully_shard_measurement_equals_the_unsharded_model(tmp_path, dtype, rel):
     check(run_workers(tmp_path, 2, dtype), 2, dtype, rel)
 
 
 def test_four_process_fully_shard_measurement_equals_the_unsharded_model(tmp_path):
     check(run_workers(tmp_path, 4, "float64"), 4, "float64", 1e-9)
+
+
+def test_ranks_with_fewer_samples_and_empty_batches_still_agree_on_the_collectives(tmp_path):
+    check(run_workers(tmp_path, 2, "float64", uneven=True), 2, "float64", 1e-9, uneven=True)
