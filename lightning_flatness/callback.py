@@ -40,6 +40,8 @@ from lightning_flatness.isolation import (
 )
 from lightning_flatness.measure import SharpnessMeasurement, resolve_loss
 from lightning_flatness.progress import progress_reporter
+from lightning_flatness import sharded
+from lightning_flatness.sharded import is_sharded
 from lightning_flatness.training_subset import (
     TrainingSubset,
     choose_indices,
@@ -340,6 +342,10 @@ class SharpnessMonitorBase:
                             f"subset in the checkpoint was drawn from {self._dataset_size}; drawing a new "
                             "subset (the curve's next points are not comparable with the previous ones).")
             self._choose_subset()
+        if is_sharded(pl_module):  # FSDP2: measured shard by shard (lightning_flatness.sharded), no dry run
+            sharded.prepare_in_callback(self, trainer, pl_module)
+            self._prepared = True
+            return
         device = pl_module.device
         with preserved_rng_states(), gradient_enabled(device):
             batch = next(self._rank_batches(trainer, dry_run=True)[0], None)
@@ -486,6 +492,8 @@ class SharpnessMonitorBase:
 
     def _measure(self, trainer: Any, pl_module: Any) -> tuple[dict[str, float], float]:
         """Every measure over this evaluation's samples, identical on all processes, and the seconds spent."""
+        if is_sharded(pl_module):  # FSDP2: measured shard by shard (lightning_flatness.sharded)
+            return sharded.measure_in_callback(self, trainer, pl_module)
         start = time.perf_counter()
         device = pl_module.device
         batches, total = self._rank_batches(trainer)

@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -344,3 +344,86 @@ def measure_sharpness_sharded(model: nn.Module, batches: Iterable[Any], *, loss_
         inputs, target = split_batch(batch)
         measurement.add(inputs, target)
     return measurement.compute()
+
+
+# -- SharpnessMonitor under FSDP2 (Lightning's ModelParallelStrategy, or fully_shard in configure_model) ------
+
+
+def prepare_in_callback(monitor: Any, trainer: Any, pl_module: nn.Module) -> None:
+    """``SharpnessMonitor._prepare`` for a sharded module: checks the method and the weights (no dry run:
+    the library's estimators cannot differentiate through ``DTensor`` parameters)."""
+    if monitor.method not in ("auto", "exact"):
+        raise ValueError(f"SharpnessMonitor(method={monitor.method!r}) cannot measure the sharded (FSDP2) "
+                         f"{type(pl_module).__name__}: sharded models are measured by the exact Gauss-Newton "
+                         "diagonal of lightning_flatness.sharded only; pass method='auto' or 'exact'.")
+    ShardedSharpnessMeasurement(pl_module, loss_fn=monitor.loss_fn, parameters=monitor.parameters, lam=monitor.lam,
+                                num_replicates=monitor.num_replicates)  # raises, naming what it cannot measure
+    from lightning_flatness.functional.estimators.method_choice import MethodChoice
+
+    monitor._choice = MethodChoice("exact", "gauss_newton", "the model is sharded (FSDP2): the Gauss-Newton "
+                                   "diagonal, shard by shard (lightning_flatness.sharded)")
+    monitor._resolved_method = "exact"
+    monitor._loss = monitor.loss_fn
+
+
+def _rank_batches(monitor: Any, trainer: Any) -> Iterator[tuple[Any, Tensor]]:
+    """This rank's share of the subset (``indices[global_rank::world_size]``) as ``(inputs, target)``, in as
+    many batches as every other rank (so some may be empty)."""
+    from lightning_flatness.functional.model_io import select_samples
+    from lightning_flatness.training_subset import chunk_sizes
+
+    rank, world = trainer.global_rank, trainer.world_size
+    indices = monitor._indices
+    share = indices[rank::world]
+    size = monitor._batch_size()
+    largest = len(indices[0::world])
+    if trainer.fast_dev_run:
+        share, largest = share[:size], min(largest, size)
+    count = len(chunk_sizes(largest, size, monitor.num_replicates))
+    for chunk in share.tensor_split(count):
+        if len(chunk):
+            yield monitor._split(next(monitor._subset.batches(chunk, [len(chunk)])))
+        else:  # an empty batch of the same structure: this rank still joins the collectives
+            inputs, target = monitor._split(next(monitor._subset.batches(indices[:1], [1])))
+            yield select_samples(inputs, slice(0, 0), 1), target[:0]
+
+
+def measure_in_callback(monitor: Any, trainer: Any, pl_module: nn.Module) -> tuple[dict[str, float], float]:
+    """``SharpnessMonitor._measure`` for a sharded module: the same values (identical on every rank) and
+    seconds, measured on the live module in eval mode (modes restored) and in its own parameter dtype
+    (the contractions are float64), with :class:`ShardedSharpnessMeasurement`."""
+    import time
+    import warnings
+
+    from lightning_flatness.isolation import autograd_tensor, gradient_enabled, preserved_rng_states
+
+    start = time.perf_counter()
+    if monitor.dataloader is not None:
+        raise ValueError("SharpnessMonitor(dataloader=...) is not supported for sharded (FSDP2) models, whose "
+                         "ranks must measure the same number of batches; let it draw its subset of the training set.")
+    device = next(iter(pl_module.parameters())).device
+    modes = {m: m.training for m in pl_module.modules()}
+    measurement = ShardedSharpnessMeasurement(pl_module, loss_fn=monitor._loss, parameters=monitor.parameters,
+                                              lam=monitor.lam, num_replicates=monitor.num_replicates)
+    dtype = next(iter(measurement.params.values())).dtype
+    try:
+        with preserved_rng_states(), gradient_enabled(device):
+            pl_module.eval()
+            for inputs, target in _rank_batches(monitor, trainer):
+                measurement.add(_to_device(inputs, device, dtype), autograd_tensor(target, device, dtype))
+            values = {k: float(v) for k, v in measurement.compute().items()}
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+        monitor._evaluations += 1
+    if not all(math.isfinite(v) for k, v in values.items() if "/" not in k and "stderr" not in k):
+        warnings.warn("SharpnessMonitor: the sharded measurement is not finite (check the learning rate and data).",
+                      UserWarning, stacklevel=2)
+    return values, time.perf_counter() - start
+
+
+def _to_device(inputs: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    from lightning_flatness.functional.model_io import map_inputs
+    from lightning_flatness.isolation import autograd_tensor
+
+    return map_inputs(inputs, lambda t: autograd_tensor(t, device, dtype))

@@ -143,3 +143,65 @@ def test_refuses_convolutions_unsharded_weights_and_weights_used_twice_naming_th
     assert "0.weight belongs to a Conv1d" in messages["conv"] and "nn.Linear" in messages["conv"]
     assert "0.weight is not sharded" in messages["plain"] and "fully_shard" in messages["plain"]
     assert "ran twice" in messages["twice"]
+
+
+def _callback_rank(rank: int, world_size: int, init_file: str, out_file: str) -> None:
+    """One gloo rank: ``SharpnessMonitor`` measuring a LightningModule whose network is ``fully_shard``-ed,
+    driven by a stand-in trainer (Lightning's FSDP strategies refuse a CPU accelerator)."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from callback_models import MLP, make_dataset
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.utils.data import DataLoader
+
+    from lightning_flatness.callback import SharpnessMonitor
+    from lightning_flatness.training_subset import TrainingSubset, choose_indices
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    mesh = init_device_mesh("cpu", (world_size,))
+    torch.manual_seed(0)
+    module = MLP(hidden=9).train()
+    for layer in module.net:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(module.net, mesh=mesh)
+    dataset = make_dataset(64)
+    monitor = SharpnessMonitor(num_samples=30, batch_size=4, num_replicates=4, seed=5, log_images=False)
+    monitor._subset = TrainingSubset(DataLoader(dataset, batch_size=8))
+    monitor._indices = choose_indices(len(dataset), 30, seed=5)
+    trainer = SimpleNamespace(global_rank=rank, world_size=world_size, fast_dev_run=False, is_global_zero=rank == 0)
+    from lightning_flatness import sharded
+
+    sharded.prepare_in_callback(monitor, trainer, module)
+    values, _ = monitor._measure(trainer, module)
+    torch.save({"values": values, "training": module.training, "indices": monitor._indices,
+                "method": monitor._resolved_method}, out_file)
+    dist.destroy_process_group()
+
+
+def test_sharpness_monitor_routes_a_fully_shard_module_to_the_sharded_measurement(tmp_path):
+    from callback_models import MLP, brute_force_measures, make_dataset
+
+    context = multiprocessing.get_context("fork")
+    procs = [context.Process(target=_callback_rank, args=(r, 4, str(tmp_path / "store"), str(tmp_path / f"{r}.pt")))
+             for r in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * 4
+    records = [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(4)]
+    assert all(r["values"] == records[0]["values"] for r in records)
+    assert all(r["training"] for r in records)  # train mode restored after the eval-mode measurement
+    assert records[0]["method"] == "exact"
+    torch.manual_seed(0)
+    model = MLP(hidden=9)
+    dataset = make_dataset(64)
+    idx = records[0]["indices"]  # 30 samples over 4 ranks: shares of 8, 8, 7 and 7, in 4 batches each
+    reference = brute_force_measures(model, dataset.tensors[0][idx], dataset.tensors[1][idx])
+    for key in ("normalized", "matrix_normalized", "hessian_trace", "normalized/net.2.weight"):
+        assert records[0]["values"][key] == pytest.approx(reference[key], rel=1e-5), key
+    assert records[0]["values"]["num_samples"] == 30
