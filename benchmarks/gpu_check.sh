@@ -12,7 +12,9 @@
 #                            identical on every rank and equal to one process (float64, 1e-9 relative).
 #   3. fsdp_lightning        benchmarks/gpu/fsdp_lightning.py: Lightning FSDPStrategy with the callback; the
 #                            failure, if any, is recorded (exception and traceback) in fsdp/fsdp.json.
-#   4. cost                  benchmarks/gpu/bench_cost.py: one default measurement on a CIFAR-size ResNet-18
+#   4. fsdp2_sharded         benchmarks/gpu/fsdp2_sharded.py: lightning_flatness.sharded on fully_shard
+#                            (FSDP2) modules with NCCL on all visible GPUs against the unsharded value.
+#   5. cost                  benchmarks/gpu/bench_cost.py: one default measurement on a CIFAR-size ResNet-18
 #                            and a small ViT, float32 vs float64, in units of one training step.
 #
 # Environment: PY (interpreter, default .venv/bin/python, else python3), GPU_CHECK_OUT (output folder,
@@ -23,7 +25,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=$(command -v python3)
 OUT=${GPU_CHECK_OUT:-benchmarks/results/gpu}
-STAGES=${GPU_CHECK_STAGES:-"pytest_cuda ddp_nccl fsdp_lightning cost"}
+STAGES=${GPU_CHECK_STAGES:-"pytest_cuda ddp_nccl fsdp_lightning fsdp2_sharded cost"}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONWARNINGS=ignore
 
 if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
@@ -72,6 +74,7 @@ stage() {  # name, timeout in seconds, command...
 stage pytest_cuda 150 "$PY" -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider
 stage ddp_nccl 90 "$PY" benchmarks/gpu/ddp_nccl.py --out "$OUT/ddp"
 stage fsdp_lightning 90 "$PY" benchmarks/gpu/fsdp_lightning.py --out "$OUT/fsdp"
+stage fsdp2_sharded 60 "$PY" benchmarks/gpu/fsdp2_sharded.py --out "$OUT/fsdp2"
 stage cost 200 "$PY" benchmarks/gpu/bench_cost.py --json "$OUT/cost.json"
 [ -f "$OUT/cost.log" ] && grep -A20 '^# Cost' "$OUT/cost.log" > "$OUT/cost.md"
 

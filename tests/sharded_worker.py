@@ -36,7 +36,9 @@ def own_samples(rank: int, world_size: int, uneven: bool = False) -> torch.Tenso
     return own[:2] if uneven and rank == world_size - 1 else own
 
 
-def main(rank: int, world_size: int, init_file: str, out_file: str, dtype_name: str, uneven: bool = False) -> None:
+def main(rank: int, world_size: int, init_file: str, out_file: str, dtype_name: str, uneven: bool = False,
+         device: str = "cpu") -> None:
+    """Shard, measure, save (``device="cuda"``: NCCL, one GPU per rank, as ``benchmarks/gpu/fsdp2_sharded.py``)."""
     torch.set_num_threads(1)
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -45,15 +47,19 @@ def main(rank: int, world_size: int, init_file: str, out_file: str, dtype_name: 
     from lightning_flatness.sharded import ShardedSharpnessMeasurement, is_sharded
 
     dtype = getattr(torch, dtype_name)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    mesh = init_device_mesh("cpu", (world_size,))
-    model = build_model(dtype)
+    backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    mesh = init_device_mesh(device, (world_size,))
+    model = build_model(dtype).to(device)
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     before = {n: p.to_local().clone() for n, p in model.named_parameters()}
-    x, y = data(dtype)
+    x, y = (t.to(device) for t in data(dtype))
     own = own_samples(rank, world_size, uneven)
     measurement = ShardedSharpnessMeasurement(model, num_replicates=NUM_REPLICATES)
     for chunk in own.tensor_split(NUM_BATCHES):
@@ -65,8 +71,9 @@ def main(rank: int, world_size: int, init_file: str, out_file: str, dtype_name: 
         "state_bytes": measurement.state_bytes(),
         "largest_whole_tensor": measurement.largest_whole_tensor,
         "local_numel": {n: p.to_local().numel() for n, p in measurement.params.items()},
-        "sums": {n: measurement._whole(n, s.transpose(0, 1)).transpose(0, 1) for n, s in measurement.sums.items()},
-        "count": measurement.count.clone(),
+        "sums": {n: torch.stack([measurement._whole(n, slot) for slot in s]).flatten(1).cpu()
+                 for n, s in measurement.sums.items()},
+        "count": measurement.count.cpu(),
         "unchanged": all(torch.equal(before[n], p.to_local()) and p.grad is None for n, p in model.named_parameters()),
     }
     torch.save(out, out_file)

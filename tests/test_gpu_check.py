@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-STAGES = ("ddp_nccl", "fsdp_lightning", "bench_cost")
+STAGES = ("ddp_nccl", "fsdp_lightning", "fsdp2_sharded", "bench_cost")
 
 
 def _load(name: str):
