@@ -12,8 +12,9 @@ This module measures through the FSDP module itself:
    capturing each layer's input ``a_n`` and output ``z_n``. The per-sample loss Hessians in the
    logits are factored, ``Lambda_n = sum_k s_nk c_nk c_nk^T`` (signs ``s``, as
    :mod:`~lightning_flatness.functional.estimators.exact`), and the ``K`` columns ``c_k`` are
-   propagated back to every ``z`` (``K`` backward passes through the FSDP module, which re-gathers
-   one module's weights at a time). Per layer, the Gauss-Newton diagonal of the summed per-sample
+   propagated back to every ``z`` in one batched backward pass through the FSDP module
+   (``is_grads_batched``; FSDP re-gathers one module's weights at a time; a loop of ``K`` passes if
+   some backward has no vmap rule). Per layer, the Gauss-Newton diagonal of the summed per-sample
    losses is the contraction
 
    .. math:: D = \sum_n \sum_k s_{nk} \big(g_{nk}^\top a_n\big)^{\odot 2}
@@ -43,9 +44,9 @@ This module measures through the FSDP module itself:
 float32, 1e-9 in float64, with 2 and 4 gloo processes). **Memory per rank**: the FSDP shard, the
 ``R x (its rows)`` float64 sums (``1/P`` of the unsharded metric's), one batch's activations and
 layer-output gradients, and at most two whole tensors at a time (a weight and one diagonal, or a
-layer's contribution ``D``). **Cost per batch**: one forward and ``K`` backward passes through the
-FSDP module (each re-gathers the weights module by module: ``K + 1`` all-gathers of the model), one
-all-reduce of each measured weight's size; per measurement ``R + 3`` gathers of each weight's size
+layer's contribution ``D``). **Cost per batch**: one forward and one ``K``-column batched backward pass
+through the FSDP module (two all-gathers of the model, module by module), one all-reduce of each
+measured weight's size; per measurement ``R + 3`` gathers of each weight's size
 and ``2 R + 3`` eq. 17 solves per weight tensor on every rank.
 
 **Assumptions**: every rank calls :meth:`~ShardedSharpnessMeasurement.add` the same number of times
@@ -260,10 +261,16 @@ class ShardedSharpnessMeasurement:
         names = list(self.modules)
         outputs = [capture.records[m][1] for m in names]
         columns = factors.permute(2, 0, 1).reshape(k, *logits.shape)
-        per_column = [torch.autograd.grad(logits, outputs, columns[j], retain_graph=j < k - 1) for j in range(k)]
-        grads = {m: (torch.stack([c[i] for c in per_column]) if per_column else z.new_zeros(0, *z.shape)).to(
-            torch.float64) for i, (m, z) in enumerate(zip(names, outputs))}
-        del per_column, logits, outputs
+        if k == 0:
+            stacked = [z.new_zeros(0, *z.shape) for z in outputs]
+        else:
+            try:  # all K columns in one backward pass: FSDP gathers each module's weights once
+                stacked = list(torch.autograd.grad(logits, outputs, columns, retain_graph=True, is_grads_batched=True))
+            except (RuntimeError, NotImplementedError):  # a backward without a vmap rule (the same on every rank)
+                per_column = [torch.autograd.grad(logits, outputs, c, retain_graph=True) for c in columns]
+                stacked = [torch.stack([c[i] for c in per_column]) for i in range(len(outputs))]
+        grads = {m: g.to(torch.float64) for m, g in zip(names, stacked)}
+        del stacked, logits, outputs
         signs = signs.to(torch.float64)
         slot = self.num_batches % self.num_replicates
         for name, (module_name, role) in self.roles.items():
