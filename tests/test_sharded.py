@@ -162,12 +162,16 @@ def _callback_rank(rank: int, world_size: int, init_file: str, out_file: str) ->
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     mesh = init_device_mesh("cpu", (world_size,))
-    torch.manual_seed(0)
-    module = MLP(hidden=9).train()
-    for layer in module.net:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(module.net, mesh=mesh)
+    def sharded_mlp():
+        torch.manual_seed(0)
+        module = MLP(hidden=9).train()
+        for layer in module.net:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(module.net, mesh=mesh)
+        return module
+
+    module, untouched = sharded_mlp(), sharded_mlp()
     dataset = make_dataset(64)
     monitor = SharpnessMonitor(num_samples=30, batch_size=4, num_replicates=4, seed=5, log_images=False)
     monitor._subset = TrainingSubset(DataLoader(dataset, batch_size=8))
@@ -177,7 +181,13 @@ def _callback_rank(rank: int, world_size: int, init_file: str, out_file: str) ->
 
     sharded.prepare_in_callback(monitor, trainer, module)
     values, _ = monitor._measure(trainer, module)
-    torch.save({"values": values, "training": module.training, "indices": monitor._indices,
+    # training goes on as if nothing had happened: the same gradients as a model that was never measured
+    x, y = dataset.tensors[0][rank::world_size][:8], dataset.tensors[1][rank::world_size][:8]
+    for net in (module, untouched):
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+    same_gradients = all(torch.equal(a.grad.to_local(), b.grad.to_local())
+                         for a, b in zip(module.parameters(), untouched.parameters()))
+    torch.save({"values": values, "training": module.training, "same_gradients": same_gradients, "indices": monitor._indices,
                 "method": monitor._resolved_method}, out_file)
     dist.destroy_process_group()
 
@@ -196,6 +206,7 @@ def test_sharpness_monitor_routes_a_fully_shard_module_to_the_sharded_measuremen
     records = [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(4)]
     assert all(r["values"] == records[0]["values"] for r in records)
     assert all(r["training"] for r in records)  # train mode restored after the eval-mode measurement
+    assert all(r["same_gradients"] for r in records)
     assert records[0]["method"] == "exact"
     torch.manual_seed(0)
     model = MLP(hidden=9)
