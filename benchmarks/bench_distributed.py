@@ -40,17 +40,25 @@ def main(argv=None) -> dict:
     for p in args.processes:
         with tempfile.TemporaryDirectory() as tmp:
             records = run_processes(Path(tmp), p, args.num_samples, args.num_probes)
-        rows[p] = {"exact_samples_per_rank": [work_per_rank(r, "exact") for r in records],
-                   "hutchinson_sample_probes_per_rank": [work_per_rank(r, "hutchinson") for r in records],
-                   "estimator_calls_per_rank": [len(r["calls"]) // 2 for r in records],
-                   "identical_on_all_ranks": all(r["logged"] == records[0]["logged"] for r in records)}
-    lines = [f"Command: `python benchmarks/bench_distributed.py --num-samples {args.num_samples} "
-             f"--num-probes {args.num_probes}` (gloo, CPU, one thread per process)", "",
-             "| processes | exact: samples per rank | Hutchinson: samples x probes per rank | batches per rank "
-             "| identical on all ranks |", "|---|---|---|---|---|"]
+        rows[p] = {
+            "exact_samples_per_rank": [work_per_rank(r, "exact") for r in records],
+            "hutchinson_sample_probes_per_rank": [work_per_rank(r, "hutchinson") for r in records],
+            "estimator_calls_per_rank": [len(r["calls"]) // 2 for r in records],
+            "identical_on_all_ranks": all(r["logged"] == records[0]["logged"] for r in records),
+        }
+    lines = [
+        f"Command: `python benchmarks/bench_distributed.py --num-samples {args.num_samples} "
+        f"--num-probes {args.num_probes}` (gloo, CPU, one thread per process)",
+        "",
+        "| processes | exact: samples per rank | Hutchinson: samples x probes per rank | batches per rank "
+        "| identical on all ranks |",
+        "|---|---|---|---|---|",
+    ]
     for p, row in rows.items():
-        lines.append(f"| {p} | {row['exact_samples_per_rank']} | {row['hutchinson_sample_probes_per_rank']} | "
-                     f"{row['estimator_calls_per_rank']} | {row['identical_on_all_ranks']} |")
+        lines.append(
+            f"| {p} | {row['exact_samples_per_rank']} | {row['hutchinson_sample_probes_per_rank']} | "
+            f"{row['estimator_calls_per_rank']} | {row['identical_on_all_ranks']} |"
+        )
     print("\n".join(lines))
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1))

@@ -103,8 +103,10 @@ def _solve_process(out_file: str) -> None:
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
-    w, h = torch.randn(WIDTH, WIDTH, generator=g, dtype=torch.float64), torch.rand(WIDTH, WIDTH, generator=g,
-                                                                                   dtype=torch.float64)
+    w, h = (
+        torch.randn(WIDTH, WIDTH, generator=g, dtype=torch.float64),
+        torch.rand(WIDTH, WIDTH, generator=g, dtype=torch.float64),
+    )
     sharpness_measures({"w": w[:4, :4]}, {"w": h[:4, :4]})  # warm-up (lazy imports)
     with PeakRSS() as peak:
         sharpness_measures({"w": w}, {"w": h})
@@ -142,9 +144,16 @@ def _rank(rank: int, world: int, init_file: str, out_file: str) -> None:
             measurement.add(x[chunk], y[chunk])
         estimate_bytes = peak.peak - peak.base
         values = measurement.compute()
-    torch.save({"peak_bytes": peak.bytes, "estimate_peak_bytes": estimate_bytes, "normalized": float(values["normalized"]),
-                "state_bytes": measurement.state_bytes(),
-                "largest_whole_tensor_bytes": 8 * measurement.largest_whole_tensor}, out_file)
+    torch.save(
+        {
+            "peak_bytes": peak.bytes,
+            "estimate_peak_bytes": estimate_bytes,
+            "normalized": float(values["normalized"]),
+            "state_bytes": measurement.state_bytes(),
+            "largest_whole_tensor_bytes": 8 * measurement.largest_whole_tensor,
+        },
+        out_file,
+    )
     dist.destroy_process_group()
 
 
@@ -152,7 +161,9 @@ def sharded(world: int) -> list[dict]:
     context = multiprocessing.get_context("fork")
     with tempfile.TemporaryDirectory() as tmp:
         outs = [f"{tmp}/rank{r}.pt" for r in range(world)]
-        procs = [context.Process(target=_rank, args=(r, world, f"{tmp}/store", outs[r])) for r in range(world)]
+        procs = [
+            context.Process(target=_rank, args=(r, world, f"{tmp}/store", outs[r])) for r in range(world)
+        ]
         for p in procs:
             p.start()
         for p in procs:
@@ -171,13 +182,16 @@ def main(argv=None) -> dict:
     solve = _in_fresh_process(_solve_process)
     mib = 2**20
     largest = 8 * WIDTH * WIDTH
-    lines = ["Command: `python benchmarks/bench_sharded_memory.py` (CPU, gloo, one thread per process; "
-             f"MLP {WIDTH}x{DEPTH}+10, {SAMPLES} samples, {BATCHES} batches, num_replicates={REPLICATES})", "",
-             "| processes | peak RSS above start, per process (MiB) | peak while estimating (before the solves) "
-             "(MiB) | 1.5 x unsharded / P + one whole float64 tensor (MiB) | replicate sums per process (MiB) "
-             "| normalized |",
-             "|---|---|---|---|---|---|",
-             f"| 1 (unsharded) | {one['peak_bytes'] / mib:.1f} | | | | {one['normalized']:.10g} |"]
+    lines = [
+        "Command: `python benchmarks/bench_sharded_memory.py` (CPU, gloo, one thread per process; "
+        f"MLP {WIDTH}x{DEPTH}+10, {SAMPLES} samples, {BATCHES} batches, num_replicates={REPLICATES})",
+        "",
+        "| processes | peak RSS above start, per process (MiB) | peak while estimating (before the solves) "
+        "(MiB) | 1.5 x unsharded / P + one whole float64 tensor (MiB) | replicate sums per process (MiB) "
+        "| normalized |",
+        "|---|---|---|---|---|---|",
+        f"| 1 (unsharded) | {one['peak_bytes'] / mib:.1f} | | | | {one['normalized']:.10g} |",
+    ]
     results = {"unsharded": one}
     for world in args.processes:
         records = sharded(world)
@@ -186,12 +200,17 @@ def main(argv=None) -> dict:
         peaks = ", ".join(f"{r['peak_bytes'] / mib:.1f}" for r in records)
         states = ", ".join(f"{r['state_bytes'] / mib:.1f}" for r in records)
         estimating = ", ".join(f"{r['estimate_peak_bytes'] / mib:.1f}" for r in records)
-        lines.append(f"| {world} (sharded) | {peaks} | {estimating} | {target / mib:.1f} | {states} | "
-                     f"{records[0]['normalized']:.10g} |")
+        lines.append(
+            f"| {world} (sharded) | {peaks} | {estimating} | {target / mib:.1f} | {states} | "
+            f"{records[0]['normalized']:.10g} |"
+        )
 
-    lines += ["", f"The eq. 13/17 solves of one whole {WIDTH}x{WIDTH} float64 tensor, alone in a fresh process: "
-              f"{solve['peak_bytes'] / mib:.1f} MiB ({solve['peak_bytes'] / largest:.0f} whole tensors) of workspace, "
-              "on every process, sharded or not."]
+    lines += [
+        "",
+        f"The eq. 13/17 solves of one whole {WIDTH}x{WIDTH} float64 tensor, alone in a fresh process: "
+        f"{solve['peak_bytes'] / mib:.1f} MiB ({solve['peak_bytes'] / largest:.0f} whole tensors) of workspace, "
+        "on every process, sharded or not.",
+    ]
     print("\n".join(lines))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1))

@@ -91,13 +91,17 @@ def _row_sharded(name: str, param: Tensor) -> None:
     from torch.distributed.tensor import DTensor, Shard
 
     if not isinstance(param, DTensor):
-        raise ValueError(f"{name} is not sharded (a plain {type(param).__name__}); the sharded measurement "
-                         "needs every measured weight under fully_shard: apply fully_shard to its module (or "
-                         "the root), or measure an unsharded model with lightning_flatness.measure_sharpness.")
+        raise ValueError(
+            f"{name} is not sharded (a plain {type(param).__name__}); the sharded measurement "
+            "needs every measured weight under fully_shard: apply fully_shard to its module (or "
+            "the root), or measure an unsharded model with lightning_flatness.measure_sharpness."
+        )
     if param.device_mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
-        raise ValueError(f"{name} is placed as {tuple(param.placements)} on a {param.device_mesh.ndim}-D mesh; "
-                         "the sharded measurement supports FSDP2's default row sharding (Shard(0)) over a 1-D "
-                         "mesh only (no HSDP, no tensor parallelism).")
+        raise ValueError(
+            f"{name} is placed as {tuple(param.placements)} on a {param.device_mesh.ndim}-D mesh; "
+            "the sharded measurement supports FSDP2's default row sharding (Shard(0)) over a 1-D "
+            "mesh only (no HSDP, no tensor parallelism)."
+        )
 
 
 class _Capture:
@@ -110,8 +114,10 @@ class _Capture:
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             if name in self.records:
-                raise ValueError(f"module {name!r} ran twice in one forward pass; the sharded measurement "
-                                 "needs each measured weight used once (shared weights are not supported).")
+                raise ValueError(
+                    f"module {name!r} ran twice in one forward pass; the sharded measurement "
+                    "needs each measured weight used once (shared weights are not supported)."
+                )
             self.records[name] = (args[0].detach(), output)
 
         return hook
@@ -141,7 +147,9 @@ def _weight_contribution(a: Tensor, g: Tensor, signs: Tensor) -> Tensor:
 
 def _bias_contribution(g: Tensor, signs: Tensor) -> Tensor:
     k, n = g.shape[:2]
-    gb = g.reshape(k, n, math.prod(g.shape[2:-1]), g.shape[-1]).sum(dim=2)  # (K, N, O) per-sample bias gradients
+    gb = g.reshape(k, n, math.prod(g.shape[2:-1]), g.shape[-1]).sum(
+        dim=2
+    )  # (K, N, O) per-sample bias gradients
     return torch.einsum("nk,kno->o", signs, gb * gb)
 
 
@@ -170,12 +178,21 @@ class ShardedSharpnessMeasurement:
         values = measurement.compute()          # identical on every rank
     """
 
-    def __init__(self, model: nn.Module, *, loss_fn: Optional[LossFn] = None, parameters: ParameterSelection = None,
-                 lam: float = 0.5, num_replicates: int = 8) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        loss_fn: Optional[LossFn] = None,
+        parameters: ParameterSelection = None,
+        lam: float = 0.5,
+        num_replicates: int = 8,
+    ) -> None:
         if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("ShardedSharpnessMeasurement needs an initialised torch.distributed process group "
-                               "(the one the model was sharded over); call torch.distributed.init_process_group "
-                               "first, or use lightning_flatness.measure_sharpness for an unsharded model.")
+            raise RuntimeError(
+                "ShardedSharpnessMeasurement needs an initialised torch.distributed process group "
+                "(the one the model was sharded over); call torch.distributed.init_process_group "
+                "first, or use lightning_flatness.measure_sharpness for an unsharded model."
+            )
         if not isinstance(num_replicates, int) or num_replicates < 1:
             raise ValueError(f"num_replicates must be a positive int, got {num_replicates!r}.")
         self.model = model
@@ -183,8 +200,11 @@ class ShardedSharpnessMeasurement:
         self.lam = float(lam)
         self.num_replicates = num_replicates
         self.params = select_parameters(model, parameters)
-        owners = {f"{prefix}.{pname}" if prefix else pname: (prefix, module, pname)
-                  for prefix, module in model.named_modules() for pname, _ in module.named_parameters(recurse=False)}
+        owners = {
+            f"{prefix}.{pname}" if prefix else pname: (prefix, module, pname)
+            for prefix, module in model.named_modules()
+            for pname, _ in module.named_parameters(recurse=False)
+        }
         self.modules: dict[str, nn.Module] = {}
         self.roles: dict[str, tuple[str, str]] = {}  # parameter name -> (module name, "weight" | "bias")
         for name, param in self.params.items():
@@ -192,9 +212,11 @@ class ShardedSharpnessMeasurement:
             # fully_shard swaps the class to a subclass (FSDPLinear) that keeps Linear's forward
             linear = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
             if not linear or pname not in ("weight", "bias"):
-                raise ValueError(f"{name} belongs to a {type(module).__name__}; the sharded measurement supports "
-                                 "nn.Linear weights and biases only (convolutions: measure an unsharded copy, or "
-                                 "pass `parameters=` to leave them out).")
+                raise ValueError(
+                    f"{name} belongs to a {type(module).__name__}; the sharded measurement supports "
+                    "nn.Linear weights and biases only (convolutions: measure an unsharded copy, or "
+                    "pass `parameters=` to leave them out)."
+                )
             _row_sharded(name, param)
             self.modules[prefix] = module
             self.roles[name] = (prefix, pname)
@@ -202,8 +224,10 @@ class ShardedSharpnessMeasurement:
         self.mesh = first.device_mesh
         self.group = self.mesh.get_group()
         self.device = first.device
-        self.sums = {name: torch.zeros((num_replicates, *p.to_local().shape), dtype=torch.float64,
-                                       device=self.device) for name, p in self.params.items()}
+        self.sums = {
+            name: torch.zeros((num_replicates, *p.to_local().shape), dtype=torch.float64, device=self.device)
+            for name, p in self.params.items()
+        }
         self.count = torch.zeros(num_replicates, dtype=torch.int64, device=self.device)
         self.num_batches = 0
         #: the largest number of elements held in one whole (unsharded) tensor by this module
@@ -225,8 +249,13 @@ class ShardedSharpnessMeasurement:
         from torch.distributed.tensor import DTensor
 
         param = self.params[name]
-        whole = DTensor.from_local(local.contiguous(), self.mesh, param.placements, shape=param.shape,
-                                   stride=torch.empty(param.shape, device="meta").stride()).full_tensor()
+        whole = DTensor.from_local(
+            local.contiguous(),
+            self.mesh,
+            param.placements,
+            shape=param.shape,
+            stride=torch.empty(param.shape, device="meta").stride(),
+        ).full_tensor()
         self.largest_whole_tensor = max(self.largest_whole_tensor, whole.numel())
         return whole
 
@@ -242,7 +271,9 @@ class ShardedSharpnessMeasurement:
             capture.remove()
         missing = sorted(set(self.modules) - set(capture.records))
         if missing:
-            raise ValueError(f"the forward pass did not call {missing}; measure only the weights the model uses.")
+            raise ValueError(
+                f"the forward pass did not call {missing}; measure only the weights the model uses."
+            )
         if n > 0:
             factors, signs, _, issues = _loss_factors(self.loss_fn, logits, target)
             if issues:
@@ -265,8 +296,13 @@ class ShardedSharpnessMeasurement:
             stacked = [z.new_zeros(0, *z.shape) for z in outputs]
         else:
             try:  # all K columns in one backward pass: FSDP gathers each module's weights once
-                stacked = list(torch.autograd.grad(logits, outputs, columns, retain_graph=True, is_grads_batched=True))
-            except (RuntimeError, NotImplementedError):  # a backward without a vmap rule (the same on every rank)
+                stacked = list(
+                    torch.autograd.grad(logits, outputs, columns, retain_graph=True, is_grads_batched=True)
+                )
+            except (
+                RuntimeError,
+                NotImplementedError,
+            ):  # a backward without a vmap rule (the same on every rank)
                 per_column = [torch.autograd.grad(logits, outputs, c, retain_graph=True) for c in columns]
                 stacked = [torch.stack([c[i] for c in per_column]) for i in range(len(outputs))]
         grads = {m: g.to(torch.float64) for m, g in zip(names, stacked)}
@@ -302,19 +338,16 @@ class ShardedSharpnessMeasurement:
         for name, sums in self.sums.items():
             weight = self._whole(name, self.params[name].to_local().detach().to(torch.float64))
             totals = sums.sum(dim=0)
-
-            def measures(local_mean: Tensor) -> dict[str, Tensor]:
-                h = self._whole(name, local_mean)
-                return sharpness_measures({name: weight}, {name: h}, self.lam)
-
-            out.update({k: v for k, v in measures(totals / total).items() if "/" in k})
+            out.update(self._tensor_measures(name, weight, totals / total))
             if len(used) >= 2:
                 for i, r in enumerate(used):
-                    loo_values[i].update({k: v for k, v in measures((totals - sums[r]) / (total - counts[r])).items()
-                                          if "/" in k})
+                    loo_values[i].update(
+                        self._tensor_measures(name, weight, (totals - sums[r]) / (total - counts[r]))
+                    )
                 for i, slots in enumerate(halves):
-                    half_values[i].update({k: v for k, v in measures(sums[slots].sum(dim=0) / counts[slots].sum()).items()
-                                           if "/" in k})
+                    half_values[i].update(
+                        self._tensor_measures(name, weight, sums[slots].sum(dim=0) / counts[slots].sum())
+                    )
             del weight
         for values in [out, *loo_values, *half_values]:
             for measure in MEASURES:
@@ -334,19 +367,32 @@ class ShardedSharpnessMeasurement:
         out["num_samples"] = self.count.sum()
         return out
 
+    def _tensor_measures(self, name: str, weight: Tensor, local_mean: Tensor) -> dict[str, Tensor]:
+        """The per-tensor measures of ``name`` for the diagonal whose local rows are ``local_mean``
+        (gathered whole here, freed on return)."""
+        values = sharpness_measures({name: weight}, {name: self._whole(name, local_mean)}, self.lam)
+        return {k: v for k, v in values.items() if "/" in k}
+
     def state_bytes(self) -> int:
         """Bytes of this rank's persistent state (the sharded replicate sums and the counts)."""
         return sum(s.numel() * s.element_size() for s in self.sums.values()) + self.count.numel() * 8
 
 
-def measure_sharpness_sharded(model: nn.Module, batches: Iterable[Any], *, loss_fn: Optional[LossFn] = None,
-                              parameters: ParameterSelection = None, lam: float = 0.5, num_replicates: int = 8,
-                              split_batch: Callable[[Any], tuple[Any, Tensor]] = default_split_batch
-                              ) -> dict[str, Tensor]:
+def measure_sharpness_sharded(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    loss_fn: Optional[LossFn] = None,
+    parameters: ParameterSelection = None,
+    lam: float = 0.5,
+    num_replicates: int = 8,
+    split_batch: Callable[[Any], tuple[Any, Tensor]] = default_split_batch,
+) -> dict[str, Tensor]:
     """:class:`ShardedSharpnessMeasurement` over this rank's ``batches`` (the same number on every
     rank); returns the values of :meth:`~ShardedSharpnessMeasurement.compute`, identical on every rank."""
-    measurement = ShardedSharpnessMeasurement(model, loss_fn=loss_fn, parameters=parameters, lam=lam,
-                                              num_replicates=num_replicates)
+    measurement = ShardedSharpnessMeasurement(
+        model, loss_fn=loss_fn, parameters=parameters, lam=lam, num_replicates=num_replicates
+    )
     for batch in batches:
         inputs, target = split_batch(batch)
         measurement.add(inputs, target)
@@ -360,15 +406,26 @@ def prepare_in_callback(monitor: Any, trainer: Any, pl_module: nn.Module) -> Non
     """``SharpnessMonitor._prepare`` for a sharded module: checks the method and the weights (no dry run:
     the library's estimators cannot differentiate through ``DTensor`` parameters)."""
     if monitor.method not in ("auto", "exact"):
-        raise ValueError(f"SharpnessMonitor(method={monitor.method!r}) cannot measure the sharded (FSDP2) "
-                         f"{type(pl_module).__name__}: sharded models are measured by the exact Gauss-Newton "
-                         "diagonal of lightning_flatness.sharded only; pass method='auto' or 'exact'.")
-    ShardedSharpnessMeasurement(pl_module, loss_fn=monitor.loss_fn, parameters=monitor.parameters, lam=monitor.lam,
-                                num_replicates=monitor.num_replicates)  # raises, naming what it cannot measure
+        raise ValueError(
+            f"SharpnessMonitor(method={monitor.method!r}) cannot measure the sharded (FSDP2) "
+            f"{type(pl_module).__name__}: sharded models are measured by the exact Gauss-Newton "
+            "diagonal of lightning_flatness.sharded only; pass method='auto' or 'exact'."
+        )
+    ShardedSharpnessMeasurement(
+        pl_module,
+        loss_fn=monitor.loss_fn,
+        parameters=monitor.parameters,
+        lam=monitor.lam,
+        num_replicates=monitor.num_replicates,
+    )  # raises, naming what it cannot measure
     from lightning_flatness.functional.estimators.method_choice import MethodChoice
 
-    monitor._choice = MethodChoice("exact", "gauss_newton", "the model is sharded (FSDP2): the Gauss-Newton "
-                                   "diagonal, shard by shard (lightning_flatness.sharded)")
+    monitor._choice = MethodChoice(
+        "exact",
+        "gauss_newton",
+        "the model is sharded (FSDP2): the Gauss-Newton "
+        "diagonal, shard by shard (lightning_flatness.sharded)",
+    )
     monitor._resolved_method = "exact"
     monitor._loss = monitor.loss_fn
 
@@ -406,12 +463,19 @@ def measure_in_callback(monitor: Any, trainer: Any, pl_module: nn.Module) -> tup
 
     start = time.perf_counter()
     if monitor.dataloader is not None:
-        raise ValueError("SharpnessMonitor(dataloader=...) is not supported for sharded (FSDP2) models, whose "
-                         "ranks must measure the same number of batches; let it draw its subset of the training set.")
+        raise ValueError(
+            "SharpnessMonitor(dataloader=...) is not supported for sharded (FSDP2) models, whose "
+            "ranks must measure the same number of batches; let it draw its subset of the training set."
+        )
     device = next(iter(pl_module.parameters())).device
     modes = {m: m.training for m in pl_module.modules()}
-    measurement = ShardedSharpnessMeasurement(pl_module, loss_fn=monitor._loss, parameters=monitor.parameters,
-                                              lam=monitor.lam, num_replicates=monitor.num_replicates)
+    measurement = ShardedSharpnessMeasurement(
+        pl_module,
+        loss_fn=monitor._loss,
+        parameters=monitor.parameters,
+        lam=monitor.lam,
+        num_replicates=monitor.num_replicates,
+    )
     dtype = next(iter(measurement.params.values())).dtype
     try:
         with preserved_rng_states(), gradient_enabled(device):
@@ -424,8 +488,11 @@ def measure_in_callback(monitor: Any, trainer: Any, pl_module: nn.Module) -> tup
             module.train(training)
         monitor._evaluations += 1
     if not all(math.isfinite(v) for k, v in values.items() if "/" not in k and "stderr" not in k):
-        warnings.warn("SharpnessMonitor: the sharded measurement is not finite (check the learning rate and data).",
-                      UserWarning, stacklevel=2)
+        warnings.warn(
+            "SharpnessMonitor: the sharded measurement is not finite (check the learning rate and data).",
+            UserWarning,
+            stacklevel=2,
+        )
     return values, time.perf_counter() - start
 
 

@@ -21,13 +21,18 @@ def build_model(dtype: torch.dtype) -> nn.Module:
     """A ReLU network with a Linear applied per position (inputs ``(N, 2, 3)``) and row counts 8, 7, 3
     that do not divide evenly over 2 or 4 ranks (with 4, one rank holds no row of the last layer)."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Flatten(), nn.Linear(16, 7), nn.ReLU(),
-                         nn.Linear(7, 3)).to(dtype).eval()
+    return (
+        nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Flatten(), nn.Linear(16, 7), nn.ReLU(), nn.Linear(7, 3))
+        .to(dtype)
+        .eval()
+    )
 
 
 def data(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return torch.randn(NUM_SAMPLES, 2, 3, generator=g).to(dtype), torch.randint(0, 3, (NUM_SAMPLES,), generator=g)
+    return torch.randn(NUM_SAMPLES, 2, 3, generator=g).to(dtype), torch.randint(
+        0, 3, (NUM_SAMPLES,), generator=g
+    )
 
 
 def own_samples(rank: int, world_size: int, uneven: bool = False) -> torch.Tensor:
@@ -36,8 +41,15 @@ def own_samples(rank: int, world_size: int, uneven: bool = False) -> torch.Tenso
     return own[:2] if uneven and rank == world_size - 1 else own
 
 
-def main(rank: int, world_size: int, init_file: str, out_file: str, dtype_name: str, uneven: bool = False,
-         device: str = "cpu") -> None:
+def main(
+    rank: int,
+    world_size: int,
+    init_file: str,
+    out_file: str,
+    dtype_name: str,
+    uneven: bool = False,
+    device: str = "cpu",
+) -> None:
     """Shard, measure, save (``device="cuda"``: NCCL, one GPU per rank, as ``benchmarks/gpu/fsdp2_sharded.py``)."""
     torch.set_num_threads(1)
     import torch.distributed as dist
@@ -71,10 +83,14 @@ def main(rank: int, world_size: int, init_file: str, out_file: str, dtype_name: 
         "state_bytes": measurement.state_bytes(),
         "largest_whole_tensor": measurement.largest_whole_tensor,
         "local_numel": {n: p.to_local().numel() for n, p in measurement.params.items()},
-        "sums": {n: torch.stack([measurement._whole(n, slot) for slot in s]).flatten(1).cpu()
-                 for n, s in measurement.sums.items()},
+        "sums": {
+            n: torch.stack([measurement._whole(n, slot) for slot in s]).flatten(1).cpu()
+            for n, s in measurement.sums.items()
+        },
         "count": measurement.count.cpu(),
-        "unchanged": all(torch.equal(before[n], p.to_local()) and p.grad is None for n, p in model.named_parameters()),
+        "unchanged": all(
+            torch.equal(before[n], p.to_local()) and p.grad is None for n, p in model.named_parameters()
+        ),
     }
     torch.save(out, out_file)
     dist.barrier()

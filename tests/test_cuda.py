@@ -16,7 +16,11 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_flatness.functional import hessian_diagonal, normalized_softmax_cross_entropy, select_parameters
+from lightning_flatness.functional import (
+    hessian_diagonal,
+    normalized_softmax_cross_entropy,
+    select_parameters,
+)
 from lightning_flatness.isolation import preserved_rng_states
 from lightning_flatness.measure import measure_sharpness
 from lightning_flatness.metric import NormalizedSharpness
@@ -42,8 +46,15 @@ def _mlp(activation: type = nn.ReLU) -> nn.Module:
 
 def _convnet() -> nn.Module:
     torch.manual_seed(1)
-    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(4, 3, 3, stride=2), nn.Flatten(), nn.Linear(3, 3)).eval()
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 3, 3, stride=2),
+        nn.Flatten(),
+        nn.Linear(3, 3),
+    ).eval()
 
 
 def _data(shape: tuple, n: int = 12, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,10 +67,14 @@ def _brute_force_diagonal(model: nn.Module, x: torch.Tensor, y: torch.Tensor) ->
     net = copy.deepcopy(model).cpu().double()
     out = {}
     for name, w in select_parameters(net).items():
+
         def loss_of(v, name=name):
             logits = torch.func.functional_call(net, {name: v}, (x.cpu().double(),), tie_weights=False)
             return normalized_softmax_cross_entropy(logits, y.cpu())
-        out[name] = torch.func.hessian(loss_of)(w.detach()).reshape(w.numel(), w.numel()).diagonal().reshape(w.shape)
+
+        out[name] = (
+            torch.func.hessian(loss_of)(w.detach()).reshape(w.numel(), w.numel()).diagonal().reshape(w.shape)
+        )
     return out
 
 
@@ -69,7 +84,9 @@ def test_exact_estimator_on_cuda_equals_cpu_float64_brute_force(build, shape, dt
     model, (x, y) = build(), _data(shape)
     reference = _brute_force_diagonal(model, x, y)
     gpu = copy.deepcopy(model).to("cuda", dtype)
-    estimate = hessian_diagonal(gpu, normalized_softmax_cross_entropy, x.to("cuda", dtype), y.cuda(), method="exact")
+    estimate = hessian_diagonal(
+        gpu, normalized_softmax_cross_entropy, x.to("cuda", dtype), y.cuda(), method="exact"
+    )
     for name, ref in reference.items():
         assert estimate[name].device.type == "cuda" and estimate[name].dtype == dtype
         scale = ref.abs().max()
@@ -82,14 +99,23 @@ def test_ggn_hutchinson_on_cuda_is_exact_for_relu_networks_with_a_cuda_generator
     reference = _brute_force_diagonal(model, x, y)
     gpu = copy.deepcopy(model).to("cuda", torch.float64)
     generator = torch.Generator(device="cuda").manual_seed(0)
-    estimate = hessian_diagonal(gpu, normalized_softmax_cross_entropy, x.cuda().double(), y.cuda(),
-                                method="ggn_hutchinson", num_probes=8, generator=generator)
+    estimate = hessian_diagonal(
+        gpu,
+        normalized_softmax_cross_entropy,
+        x.cuda().double(),
+        y.cuda(),
+        method="ggn_hutchinson",
+        num_probes=8,
+        generator=generator,
+    )
     for name, ref in reference.items():
         assert estimate[name].device.type == "cuda"
         assert torch.allclose(estimate[name].cpu(), ref, rtol=0, atol=1e-9 * float(ref.abs().max())), name
 
 
-def _joint_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, slice]]:
+def _joint_hessian(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, slice]]:
     """CPU float64 Hessian over all selected weights at once (Hutchinson probes all of them jointly)."""
     net = copy.deepcopy(model).cpu().double()
     weights = {n: w.detach() for n, w in select_parameters(net).items()}
@@ -114,8 +140,15 @@ def test_hutchinson_on_cuda_draws_probes_from_the_cuda_generator_and_converges_t
 
     def run(seed: int) -> dict[str, torch.Tensor]:
         generator = torch.Generator(device="cuda").manual_seed(seed)
-        return hessian_diagonal(gpu, normalized_softmax_cross_entropy, x.cuda().double(), y.cuda(),
-                                method="hutchinson", num_probes=probes, generator=generator)
+        return hessian_diagonal(
+            gpu,
+            normalized_softmax_cross_entropy,
+            x.cuda().double(),
+            y.cuda(),
+            method="hutchinson",
+            num_probes=probes,
+            generator=generator,
+        )
 
     cuda_rng = torch.cuda.get_rng_state()
     first, again = run(0), run(0)
@@ -149,7 +182,7 @@ def test_metric_states_and_solve_on_cuda_equal_the_cpu_metric():
 
 def test_measure_sharpness_keeps_its_states_on_the_models_cuda_device():
     model, (x, y) = _mlp(), _data((6,), n=32)
-    batches = [(x[i:i + 8].cuda().double(), y[i:i + 8].cuda()) for i in range(0, 32, 8)]
+    batches = [(x[i : i + 8].cuda().double(), y[i : i + 8].cuda()) for i in range(0, 32, 8)]
     result = measure_sharpness(copy.deepcopy(model).to("cuda", torch.float64), batches, num_replicates=4)
     from lightning_flatness.functional import sharpness_measures
 
@@ -170,8 +203,9 @@ def test_preserved_rng_states_restores_the_cuda_generator():
 
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 @pytest.mark.parametrize("dtype, rel", [("float64", 1e-9), ("float32", 1e-4)])
-def test_callback_under_mixed_precision_on_one_gpu_measures_the_full_precision_value(tmp_path, precision, dtype,
-                                                                                     rel):
+def test_callback_under_mixed_precision_on_one_gpu_measures_the_full_precision_value(
+    tmp_path, precision, dtype, rel
+):
     pl = pytest.importorskip("pytorch_lightning")
     from callback_models import MLP, DataModule, RecordPerRank, brute_force_measures
 
@@ -179,13 +213,24 @@ def test_callback_under_mixed_precision_on_one_gpu_measures_the_full_precision_v
 
     pl.seed_everything(0, verbose=False)
     monitor = SharpnessMonitor(num_samples=64, batch_size=16, dtype=dtype)
-    trainer = pl.Trainer(accelerator="gpu", devices=1, precision=precision, max_epochs=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, callbacks=[monitor, RecordPerRank(str(tmp_path))])
+    trainer = pl.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision=precision,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[monitor, RecordPerRank(str(tmp_path))],
+    )
     trainer.fit(MLP(), DataModule())
     record = json.loads((tmp_path / "rank0.json").read_text())
     model = MLP()
-    model.load_state_dict({k: v.cpu() for k, v in torch.load(tmp_path / "weights.pt", weights_only=True).items()})
+    model.load_state_dict(
+        {k: v.cpu() for k, v in torch.load(tmp_path / "weights.pt", weights_only=True).items()}
+    )
     data = DataModule()
     data.setup("fit")
     idx = torch.tensor(record["indices"])

@@ -48,8 +48,13 @@ def test_shares_partition_the_subset_by_global_rank_and_probe_seeds_follow_the_g
     shares = []
     for node in range(2):
         for local in range(2):  # Lightning's numbering with num_nodes=2, devices=2
-            trainer = SimpleNamespace(global_rank=node * 2 + local, local_rank=local, node_rank=node,
-                                      world_size=4, fast_dev_run=False)
+            trainer = SimpleNamespace(
+                global_rank=node * 2 + local,
+                local_rank=local,
+                node_rank=node,
+                world_size=4,
+                fast_dev_run=False,
+            )
             batches, total = monitor._rank_batches(trainer)
             rows = torch.cat([x for x, _ in batches])
             assert total == 3  # 10 samples in at least num_replicates=2 batches of at most 4
@@ -76,9 +81,14 @@ class _Work:
 
     def __call__(self, model, loss_fn, inputs, target, **kwargs):
         generator = kwargs.get("generator")
-        _Work.calls.append({"method": kwargs["method"], "samples": int(target.shape[0]),
-                            "probes": int(kwargs["num_probes"]) if kwargs["method"] != "exact" else 1,
-                            "seed": None if generator is None else generator.initial_seed()})
+        _Work.calls.append(
+            {
+                "method": kwargs["method"],
+                "samples": int(target.shape[0]),
+                "probes": int(kwargs["num_probes"]) if kwargs["method"] != "exact" else 1,
+                "seed": None if generator is None else generator.initial_seed(),
+            }
+        )
         return self.real(model, loss_fn, inputs, target, **kwargs)
 
 
@@ -93,9 +103,13 @@ class _Record(pl.Callback):
 
     def on_validation_end(self, trainer, pl_module):
         monitors = [cb for cb in trainer.callbacks if isinstance(cb, SharpnessMonitor)]
-        record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "calls": list(_Work.calls),
-                  "logged": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("sharp")},
-                  "indices": monitors[0].state_dict()["indices"].tolist()}
+        record = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "calls": list(_Work.calls),
+            "logged": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("sharp")},
+            "indices": monitors[0].state_dict()["indices"].tolist(),
+        }
         with open(f"{self.directory}/rank{trainer.global_rank}.json", "w") as f:
             json.dump(record, f)
         if trainer.global_rank == 0:
@@ -105,16 +119,43 @@ class _Record(pl.Callback):
 def run_processes(directory, processes: int, num_samples: int = 64, num_probes: int = 4) -> list[dict]:
     """Fit one epoch on ``processes`` gloo processes with an exact and a Hutchinson monitor; the records."""
     pl.seed_everything(0, verbose=False)
-    monitors = [SharpnessMonitor(num_samples=num_samples, batch_size=8, dtype="float64", seed=3, method="exact",
-                                 num_replicates=2, log_images=False),
-                SharpnessMonitor(num_samples=num_samples, batch_size=8, dtype="float64", seed=3,
-                                 method="hutchinson", num_probes=num_probes, num_replicates=2,
-                                 prefix="sharpness_hutchinson", log_images=False)]
+    monitors = [
+        SharpnessMonitor(
+            num_samples=num_samples,
+            batch_size=8,
+            dtype="float64",
+            seed=3,
+            method="exact",
+            num_replicates=2,
+            log_images=False,
+        ),
+        SharpnessMonitor(
+            num_samples=num_samples,
+            batch_size=8,
+            dtype="float64",
+            seed=3,
+            method="hutchinson",
+            num_probes=num_probes,
+            num_replicates=2,
+            prefix="sharpness_hutchinson",
+            log_images=False,
+        ),
+    ]
     strategy = "ddp_fork" if processes > 1 else "auto"
-    trainer = pl.Trainer(accelerator="cpu", devices=processes, strategy=strategy, max_epochs=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, limit_train_batches=2, limit_val_batches=1,
-                         callbacks=[*monitors, _Record(str(directory))])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=processes,
+        strategy=strategy,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        callbacks=[*monitors, _Record(str(directory))],
+    )
     real = measure_module.hessian_diagonal_groups
     measure_module.hessian_diagonal_groups = _Work(real)
     try:

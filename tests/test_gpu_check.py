@@ -19,7 +19,9 @@ STAGES = ("ddp_nccl", "fsdp_lightning", "fsdp2_sharded", "bench_cost")
 def _load(name: str):
     sys.path.insert(0, str(SCRIPT.parent / "gpu"))
     try:
-        spec = importlib.util.spec_from_file_location(f"gpu_check_{name}", SCRIPT.parent / "gpu" / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(
+            f"gpu_check_{name}", SCRIPT.parent / "gpu" / f"{name}.py"
+        )
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
@@ -59,15 +61,32 @@ def test_ddp_stage_comparison_flags_rank_disagreement_and_one_process_mismatch()
     result = compare([{"logged": logged}, {"logged": other}], reference)
     assert not result["ok"] and not result["identical_on_all_ranks"]
     result = compare([{"logged": logged}], {**reference, "hessian_trace": 4.0 * (1 + 1e-6)})
-    assert not result["ok"] and result["relative_error_vs_one_process"]["hessian_trace"] == pytest.approx(1e-6, rel=1e-3)
+    assert not result["ok"] and result["relative_error_vs_one_process"]["hessian_trace"] == pytest.approx(
+        1e-6, rel=1e-3
+    )
 
 
 def test_cost_stage_table_reports_train_step_units_and_failures():
     table = _load("bench_cost").table
-    results = {"device": "X", "torch": "t", "cuda": "c", "models": {"m": {
-        "parameters": 10, "train_step_seconds": 0.5,
-        "float32": {"method": "exact", "seconds": 2.0, "train_steps": 4.0, "normalized": 1.5, "normalized_stderr": 0.1},
-        "float64": {"error": "RuntimeError: out of memory"}}}}
+    results = {
+        "device": "X",
+        "torch": "t",
+        "cuda": "c",
+        "models": {
+            "m": {
+                "parameters": 10,
+                "train_step_seconds": 0.5,
+                "float32": {
+                    "method": "exact",
+                    "seconds": 2.0,
+                    "train_steps": 4.0,
+                    "normalized": 1.5,
+                    "normalized_stderr": 0.1,
+                },
+                "float64": {"error": "RuntimeError: out of memory"},
+            }
+        },
+    }
     text = table(results)
     assert "| m | 10 | 0.5000 | float32 | exact | 2.000 | 4.0 |" in text
     assert "failed: RuntimeError: out of memory" in text
@@ -80,13 +99,26 @@ def test_cost_stage_runs_on_the_cpu_in_quick_mode(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        results = _load("bench_cost").main(["--device", "cpu", "--quick", "--repeats", "1", "--models", "vit_small",
-                                            "--json", str(tmp_path / "cost.json")])
+        results = _load("bench_cost").main(
+            [
+                "--device",
+                "cpu",
+                "--quick",
+                "--repeats",
+                "1",
+                "--models",
+                "vit_small",
+                "--json",
+                str(tmp_path / "cost.json"),
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     entry = results["models"]["vit_small"]
     assert entry["float32"]["method"] == "ggn_hutchinson"  # GELU, softmax, layer norm: not exact
-    assert entry["float32"]["train_steps"] == pytest.approx(entry["float32"]["seconds"] / entry["train_step_seconds"])
+    assert entry["float32"]["train_steps"] == pytest.approx(
+        entry["float32"]["seconds"] / entry["train_step_seconds"]
+    )
     # same probes (same generator seed) in both precisions: the values agree to float32 accuracy
     assert entry["float32_relative_difference"] < 1e-4
     assert (tmp_path / "cost.json").is_file()

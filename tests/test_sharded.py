@@ -29,9 +29,12 @@ def run_workers(tmp_path: Path, world_size: int, dtype: str, uneven: bool = Fals
     fresh interpreter per rank would spend most of the test importing them)."""
     context = multiprocessing.get_context("fork")
     outs = [tmp_path / f"rank{r}.pt" for r in range(world_size)]
-    procs = [context.Process(target=worker.main, args=(r, world_size, str(tmp_path / "store"), str(outs[r]), dtype,
-                                                              uneven))
-             for r in range(world_size)]
+    procs = [
+        context.Process(
+            target=worker.main, args=(r, world_size, str(tmp_path / "store"), str(outs[r]), dtype, uneven)
+        )
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -52,8 +55,9 @@ def check(records: list[dict], world_size: int, dtype: str, rel: float, uneven: 
     # the unsharded reference: the library's exact method on one process, over the same samples
     measured = torch.cat([worker.own_samples(r, world_size, uneven) for r in range(world_size)])
     x, y = x[measured], y[measured]
-    reference = measure_sharpness(model, [(x[i::4], y[i::4]) for i in range(4)], method="exact",
-                                  num_replicates=4).values
+    reference = measure_sharpness(
+        model, [(x[i::4], y[i::4]) for i in range(4)], method="exact", num_replicates=4
+    ).values
     assert all(r["sharded"] and r["unchanged"] for r in records)
     first = records[0]["values"]
     assert all(r["values"] == first for r in records)  # bit-identical on every rank
@@ -61,8 +65,10 @@ def check(records: list[dict], world_size: int, dtype: str, rel: float, uneven: 
     assert len(keys) == 3 + 3 * 3
     errors = {key: abs(first[key] - float(reference[key])) / abs(float(reference[key])) for key in keys}
     for measure in MEASURES:
-        print(f"{measure}: largest relative difference from the unsharded {dtype} values",
-              max((e, k) for k, e in errors.items() if k.split("/")[0] == measure))
+        print(
+            f"{measure}: largest relative difference from the unsharded {dtype} values",
+            max((e, k) for k, e in errors.items() if k.split("/")[0] == measure),
+        )
     for key in keys:
         assert errors[key] <= rel, (key, errors[key])
     assert first["num_samples"] == len(measured)
@@ -114,14 +120,18 @@ def _refusals(init_file: str, out_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
     mesh = init_device_mesh("cpu", (1,))
     messages = {}
-    conv = fully_shard(torch.nn.Sequential(torch.nn.Conv1d(2, 3, 3), torch.nn.Flatten(), torch.nn.Linear(3, 2)),
-                       mesh=mesh)
+    conv = fully_shard(
+        torch.nn.Sequential(torch.nn.Conv1d(2, 3, 3), torch.nn.Flatten(), torch.nn.Linear(3, 2)), mesh=mesh
+    )
     plain = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     fully_shard(plain[2], mesh=mesh)  # the first layer stays a plain tensor
     twice = torch.nn.Linear(3, 3)
     shared = fully_shard(torch.nn.Sequential(twice, twice), mesh=mesh)
-    for name, model, call in [("conv", conv, None), ("plain", plain, None),
-                              ("twice", shared, (torch.randn(4, 3), torch.randint(0, 3, (4,))))]:
+    for name, model, call in [
+        ("conv", conv, None),
+        ("plain", plain, None),
+        ("twice", shared, (torch.randn(4, 3), torch.randint(0, 3, (4,)))),
+    ]:
         try:
             measurement = ShardedSharpnessMeasurement(model)
             if call is not None:
@@ -135,7 +145,8 @@ def _refusals(init_file: str, out_file: str) -> None:
 
 def test_refuses_convolutions_unsharded_weights_and_weights_used_twice_naming_them(tmp_path):
     process = multiprocessing.get_context("fork").Process(
-        target=_refusals, args=(str(tmp_path / "store"), str(tmp_path / "out.pt")))
+        target=_refusals, args=(str(tmp_path / "store"), str(tmp_path / "out.pt"))
+    )
     process.start()
     process.join(timeout=60)
     assert process.exitcode == 0
@@ -162,6 +173,7 @@ def _callback_rank(rank: int, world_size: int, init_file: str, out_file: str) ->
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     mesh = init_device_mesh("cpu", (world_size,))
+
     def sharded_mlp():
         torch.manual_seed(0)
         module = MLP(hidden=9).train()
@@ -176,7 +188,9 @@ def _callback_rank(rank: int, world_size: int, init_file: str, out_file: str) ->
     monitor = SharpnessMonitor(num_samples=30, batch_size=4, num_replicates=4, seed=5, log_images=False)
     monitor._subset = TrainingSubset(DataLoader(dataset, batch_size=8))
     monitor._indices = choose_indices(len(dataset), 30, seed=5)
-    trainer = SimpleNamespace(global_rank=rank, world_size=world_size, fast_dev_run=False, is_global_zero=rank == 0)
+    trainer = SimpleNamespace(
+        global_rank=rank, world_size=world_size, fast_dev_run=False, is_global_zero=rank == 0
+    )
     from lightning_flatness import sharded
 
     sharded.prepare_in_callback(monitor, trainer, module)
@@ -185,10 +199,20 @@ def _callback_rank(rank: int, world_size: int, init_file: str, out_file: str) ->
     x, y = dataset.tensors[0][rank::world_size][:8], dataset.tensors[1][rank::world_size][:8]
     for net in (module, untouched):
         torch.nn.functional.cross_entropy(net(x), y).backward()
-    same_gradients = all(torch.equal(a.grad.to_local(), b.grad.to_local())
-                         for a, b in zip(module.parameters(), untouched.parameters()))
-    torch.save({"values": values, "training": module.training, "same_gradients": same_gradients, "indices": monitor._indices,
-                "method": monitor._resolved_method}, out_file)
+    same_gradients = all(
+        torch.equal(a.grad.to_local(), b.grad.to_local())
+        for a, b in zip(module.parameters(), untouched.parameters())
+    )
+    torch.save(
+        {
+            "values": values,
+            "training": module.training,
+            "same_gradients": same_gradients,
+            "indices": monitor._indices,
+            "method": monitor._resolved_method,
+        },
+        out_file,
+    )
     dist.destroy_process_group()
 
 
@@ -196,8 +220,12 @@ def test_sharpness_monitor_routes_a_fully_shard_module_to_the_sharded_measuremen
     from callback_models import MLP, brute_force_measures, make_dataset
 
     context = multiprocessing.get_context("fork")
-    procs = [context.Process(target=_callback_rank, args=(r, 4, str(tmp_path / "store"), str(tmp_path / f"{r}.pt")))
-             for r in range(4)]
+    procs = [
+        context.Process(
+            target=_callback_rank, args=(r, 4, str(tmp_path / "store"), str(tmp_path / f"{r}.pt"))
+        )
+        for r in range(4)
+    ]
     for p in procs:
         p.start()
     for p in procs:

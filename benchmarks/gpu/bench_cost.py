@@ -53,8 +53,9 @@ def vit_small(quick: bool) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
     width, depth = (48, 1) if quick else (192, 6)
-    return VisionTransformer(img_size=32, patch_size=4, num_classes=10, embed_dim=width, depth=depth,
-                             num_heads=3, mlp_ratio=4.0)
+    return VisionTransformer(
+        img_size=32, patch_size=4, num_classes=10, embed_dim=width, depth=depth, num_heads=3, mlp_ratio=4.0
+    )
 
 
 MODELS: dict[str, Callable[[bool], nn.Module]] = {"resnet18": resnet18, "vit_small": vit_small}
@@ -93,8 +94,15 @@ def training_step_seconds(model: nn.Module, batch: int, device: torch.device, re
     return _median_seconds(step, repeats, device)
 
 
-def measurement(model: nn.Module, dtype: torch.dtype, device: torch.device, num_samples: int,
-                num_batches: int, repeats: int, num_probes: int = 64) -> dict[str, Any]:
+def measurement(
+    model: nn.Module,
+    dtype: torch.dtype,
+    device: torch.device,
+    num_samples: int,
+    num_batches: int,
+    repeats: int,
+    num_probes: int = 64,
+) -> dict[str, Any]:
     """Median seconds of one default measurement, the method chosen and the values."""
     net = copy.deepcopy(model).to(device, dtype).eval()
     g = torch.Generator().manual_seed(1)
@@ -108,8 +116,9 @@ def measurement(model: nn.Module, dtype: torch.dtype, device: torch.device, num_
         # the fused attention kernels (flash, memory-efficient) have no double backward / forward AD;
         # the math kernel is plain differentiable torch
         with sdpa_kernel(SDPBackend.MATH):
-            result = measure_sharpness(net, batches, num_replicates=num_batches, generator=generator,
-                                       num_probes=num_probes)
+            result = measure_sharpness(
+                net, batches, num_replicates=num_batches, generator=generator, num_probes=num_probes
+            )
         out["method"] = result.choice.method
         out["normalized"] = float(result["normalized"])
         out["normalized_stderr"] = float(result["normalized_stderr"])
@@ -123,14 +132,20 @@ def measurement(model: nn.Module, dtype: torch.dtype, device: torch.device, num_
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    results: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                               "torch": torch.__version__, "cuda": torch.version.cuda, "models": {}}
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "models": {},
+    }
     samples, batches, probes = (8, 2, 8) if args.quick else (512, 8, 64)
     for name in args.models:
         torch.manual_seed(0)
         model = MODELS[name](args.quick)
         entry: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters())}
-        entry["train_step_seconds"] = training_step_seconds(model, 16 if args.quick else 128, device, args.repeats)
+        entry["train_step_seconds"] = training_step_seconds(
+            model, 16 if args.quick else 128, device, args.repeats
+        )
         for dtype in (torch.float32, torch.float64):
             label = str(dtype).removeprefix("torch.")
             try:
@@ -143,29 +158,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             entry[label] = m
         f32, f64 = entry["float32"], entry["float64"]
         if "normalized" in f32 and "normalized" in f64:
-            entry["float32_relative_difference"] = abs(f32["normalized"] - f64["normalized"]) / abs(f64["normalized"])
+            entry["float32_relative_difference"] = abs(f32["normalized"] - f64["normalized"]) / abs(
+                f64["normalized"]
+            )
         results["models"][name] = entry
         print(f"{name}: {json.dumps(entry)}", file=sys.stderr, flush=True)
     return results
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = [f"# Cost of one measurement on {results['device']} (torch {results['torch']}, CUDA {results['cuda']})",
-             "", "| model | params | train step (s) | dtype | method | measurement (s) | in train steps | "
-             "normalized | peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Cost of one measurement on {results['device']} (torch {results['torch']}, CUDA {results['cuda']})",
+        "",
+        "| model | params | train step (s) | dtype | method | measurement (s) | in train steps | "
+        "normalized | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, e in results["models"].items():
         for dtype in ("float32", "float64"):
             m = e[dtype]
             if "error" in m:
-                lines.append(f"| {name} | {e['parameters']} | {e['train_step_seconds']:.4f} | {dtype} | "
-                             f"failed: {m['error'][:80]} | | | | |")
+                lines.append(
+                    f"| {name} | {e['parameters']} | {e['train_step_seconds']:.4f} | {dtype} | "
+                    f"failed: {m['error'][:80]} | | | | |"
+                )
                 continue
-            lines.append(f"| {name} | {e['parameters']} | {e['train_step_seconds']:.4f} | {dtype} | {m['method']} | "
-                         f"{m['seconds']:.3f} | {m['train_steps']:.1f} | {m['normalized']:.6g} "
-                         f"+- {m['normalized_stderr']:.2g} | {m.get('peak_memory_gib', float('nan')):.2f} |")
+            lines.append(
+                f"| {name} | {e['parameters']} | {e['train_step_seconds']:.4f} | {dtype} | {m['method']} | "
+                f"{m['seconds']:.3f} | {m['train_steps']:.1f} | {m['normalized']:.6g} "
+                f"+- {m['normalized_stderr']:.2g} | {m.get('peak_memory_gib', float('nan')):.2f} |"
+            )
         if "float32_relative_difference" in e:
-            lines.append(f"| {name} | | | | float32 vs float64 | | | relative difference "
-                         f"{e['float32_relative_difference']:.2e} | |")
+            lines.append(
+                f"| {name} | | | | float32 vs float64 | | | relative difference "
+                f"{e['float32_relative_difference']:.2e} | |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -35,7 +35,7 @@ def single_process_values(weights_file: Path, indices: list[int]) -> dict[str, f
     data.setup("fit")
     idx = torch.tensor(indices)
     x, y = data.train_set.tensors[0][idx].cuda().double(), data.train_set.tensors[1][idx].cuda()
-    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, len(idx), 16)]
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, len(idx), 16)]
     result = measure_sharpness(net, batches, method="exact", num_replicates=4)
     return {k: float(v) for k, v in result.values.items() if k in KEYS}
 
@@ -45,8 +45,13 @@ def compare(records: list[dict], reference: dict[str, float]) -> dict:
     logged = [{k: r["logged"][f"sharpness/{k}"] for k in KEYS} for r in records]
     identical = all(entry == logged[0] for entry in logged)
     errors = {k: abs(logged[0][k] - reference[k]) / max(abs(reference[k]), 1e-300) for k in KEYS}
-    return {"ok": identical and max(errors.values()) <= REL_TOL, "identical_on_all_ranks": identical,
-            "relative_error_vs_one_process": errors, "per_rank": logged, "one_process": reference}
+    return {
+        "ok": identical and max(errors.values()) <= REL_TOL,
+        "identical_on_all_ranks": identical,
+        "relative_error_vs_one_process": errors,
+        "per_rank": logged,
+        "one_process": reference,
+    }
 
 
 def main() -> int:
@@ -64,19 +69,32 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(0, verbose=False)
     devices = torch.cuda.device_count()
-    trainer = pl.Trainer(accelerator="gpu", devices=devices, strategy="ddp", max_epochs=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0,
-                         callbacks=[SharpnessMonitor(num_samples=128, batch_size=16, dtype="float64"),
-                                    RecordPerRank(str(args.out))])
+    trainer = pl.Trainer(
+        accelerator="gpu",
+        devices=devices,
+        strategy="ddp",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[
+            SharpnessMonitor(num_samples=128, batch_size=16, dtype="float64"),
+            RecordPerRank(str(args.out)),
+        ],
+    )
     trainer.fit(MLP(), DataModule())
     trainer.strategy.barrier()
     if not trainer.is_global_zero:
         return 0
     records = [json.loads((args.out / f"rank{r}.json").read_text()) for r in range(trainer.world_size)]
     reference = single_process_values(args.out / "weights.pt", records[0]["indices"])
-    summary = {"world_size": trainer.world_size, "backend": str(torch.distributed.get_backend()),
-               **compare(records, reference)}
+    summary = {
+        "world_size": trainer.world_size,
+        "backend": str(torch.distributed.get_backend()),
+        **compare(records, reference),
+    }
     (args.out / "ddp.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return 0 if summary["ok"] else 1

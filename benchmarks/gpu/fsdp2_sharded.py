@@ -41,7 +41,10 @@ def raw_fully_shard(out: Path) -> dict:
             mp.spawn(_worker, args=(world, str(Path(tmp) / "store"), files, dtype), nprocs=world, join=True)
             records = [torch.load(f, weights_only=False, map_location="cpu") for f in files]
         check(records, world, dtype, rel)  # raises AssertionError on any mismatch
-        results[dtype] = {"values": records[0]["values"], "state_bytes_per_rank": [r["state_bytes"] for r in records]}
+        results[dtype] = {
+            "values": records[0]["values"],
+            "state_bytes_per_rank": [r["state_bytes"] for r in records],
+        }
     return results
 
 
@@ -73,10 +76,14 @@ def lightning_model_parallel(out: Path) -> dict:
     class Record(pl.Callback):
         def on_validation_end(self, trainer, pl_module):
             monitor = next(cb for cb in trainer.callbacks if isinstance(cb, SharpnessMonitor))
-            full = {k: v.full_tensor().cpu() if hasattr(v, "full_tensor") else v.cpu()
-                    for k, v in pl_module.state_dict().items()}
-            record = {"logged": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("sharp")},
-                      "indices": monitor.state_dict()["indices"].tolist()}
+            full = {
+                k: v.full_tensor().cpu() if hasattr(v, "full_tensor") else v.cpu()
+                for k, v in pl_module.state_dict().items()
+            }
+            record = {
+                "logged": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("sharp")},
+                "indices": monitor.state_dict()["indices"].tolist(),
+            }
             (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
             if trainer.global_rank == 0:
                 torch.save(full, out / "weights.pt")
@@ -85,10 +92,18 @@ def lightning_model_parallel(out: Path) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     pl.seed_everything(0, verbose=False)
     world = torch.cuda.device_count()
-    trainer = pl.Trainer(accelerator="gpu", devices=world, max_epochs=1, logger=False, enable_checkpointing=False,
-                         strategy=ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1),
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         callbacks=[SharpnessMonitor(num_samples=128, batch_size=16), Record()])
+    trainer = pl.Trainer(
+        accelerator="gpu",
+        devices=world,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        strategy=ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[SharpnessMonitor(num_samples=128, batch_size=16), Record()],
+    )
     trainer.fit(ShardedMLP(), DataModule())
     trainer.strategy.barrier()
     if not trainer.is_global_zero:
@@ -100,11 +115,17 @@ def lightning_model_parallel(out: Path) -> dict:
     data.setup("fit")
     idx = torch.tensor(records[0]["indices"])
     reference = brute_force_measures(model, data.train_set.tensors[0][idx], data.train_set.tensors[1][idx])
-    errors = {k: abs(records[0]["logged"][f"sharpness/{k}"] - reference[k]) / abs(reference[k])
-              for k in ("normalized", "matrix_normalized", "hessian_trace")}
+    errors = {
+        k: abs(records[0]["logged"][f"sharpness/{k}"] - reference[k]) / abs(reference[k])
+        for k in ("normalized", "matrix_normalized", "hessian_trace")
+    }
     identical = all(r["logged"] == records[0]["logged"] for r in records)
-    return {"ok": identical and max(errors.values()) < 1e-5, "world_size": world, "identical_on_all_ranks": identical,
-            "relative_error_vs_float64_brute_force": errors}
+    return {
+        "ok": identical and max(errors.values()) < 1e-5,
+        "world_size": world,
+        "identical_on_all_ranks": identical,
+        "relative_error_vs_float64_brute_force": errors,
+    }
 
 
 def main(argv=None) -> int:
@@ -121,8 +142,11 @@ def main(argv=None) -> int:
         try:
             summary[name] = part(args.out / name)
         except Exception as err:  # record the failure, run the other part
-            summary[name] = {"ok": False, "error": f"{type(err).__name__}: {err}",
-                             "traceback": traceback.format_exc().splitlines()[-25:]}
+            summary[name] = {
+                "ok": False,
+                "error": f"{type(err).__name__}: {err}",
+                "traceback": traceback.format_exc().splitlines()[-25:],
+            }
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_rank() != 0:

@@ -36,16 +36,30 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     args.out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(accelerator="gpu", devices=torch.cuda.device_count(), strategy=FSDPStrategy(),
-                         max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0,
-                         callbacks=[SharpnessMonitor(num_samples=128, batch_size=16, dtype="float64"),
-                                    RecordPerRank(str(args.out))])
+    trainer = pl.Trainer(
+        accelerator="gpu",
+        devices=torch.cuda.device_count(),
+        strategy=FSDPStrategy(),
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[
+            SharpnessMonitor(num_samples=128, batch_size=16, dtype="float64"),
+            RecordPerRank(str(args.out)),
+        ],
+    )
     try:
         trainer.fit(MLP(), DataModule())
     except Exception as err:  # the point of this stage is to record whether and how it fails
-        summary = {"ok": False, "stage": "fit", "error": f"{type(err).__name__}: {err}",
-                   "traceback": traceback.format_exc().splitlines()[-25:]}
+        summary = {
+            "ok": False,
+            "stage": "fit",
+            "error": f"{type(err).__name__}: {err}",
+            "traceback": traceback.format_exc().splitlines()[-25:],
+        }
         if trainer.is_global_zero:
             (args.out / "fsdp.json").write_text(json.dumps(summary, indent=1))
         print(json.dumps(summary, indent=1))
@@ -58,8 +72,12 @@ def main() -> int:
         reference = single_process_values(args.out / "weights.pt", records[0]["indices"])
         summary = {"world_size": trainer.world_size, **compare(records, reference)}
     except Exception as err:
-        summary = {"ok": False, "stage": "compare", "error": f"{type(err).__name__}: {err}",
-                   "records": records}
+        summary = {
+            "ok": False,
+            "stage": "compare",
+            "error": f"{type(err).__name__}: {err}",
+            "records": records,
+        }
     (args.out / "fsdp.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return 0 if summary["ok"] else 1
