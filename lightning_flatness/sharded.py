@@ -167,7 +167,7 @@ class ShardedSharpnessMeasurement:
         num_replicates: replicate slots of the jackknife (batch ``b`` of every rank goes to slot
             ``b mod num_replicates``).
 
-    Example (one process; the tests run 2 and 4)::
+    Example (run on every rank of the process group; the tests use 2 and 4 gloo processes)::
 
         mesh = init_device_mesh("cpu", (world_size,))
         for layer in model: fully_shard(layer, mesh=mesh) if isinstance(layer, nn.Linear) else None
