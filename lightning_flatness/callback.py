@@ -42,6 +42,8 @@ from lightning_flatness.logger_media import MediaContext, log_per_layer_media, p
 from lightning_flatness.measure import SharpnessMeasurement, resolve_loss
 from lightning_flatness.memory import PeakMemory
 from lightning_flatness.progress import progress_reporter
+from lightning_flatness import sharded
+from lightning_flatness.sharded import is_sharded
 from lightning_flatness.training_subset import (
     TrainingSubset,
     choose_indices,
@@ -346,6 +348,10 @@ class SharpnessMonitorBase:
                             f"subset in the checkpoint was drawn from {self._dataset_size}; drawing a new "
                             "subset (the curve's next points are not comparable with the previous ones).")
             self._choose_subset()
+        if is_sharded(pl_module):  # FSDP2: measured shard by shard (lightning_flatness.sharded), no dry run
+            sharded.prepare_in_callback(self, trainer, pl_module)
+            self._prepared = True
+            return
         device = pl_module.device
         with preserved_rng_states(), gradient_enabled(device):
             batch = next(self._rank_batches(trainer, dry_run=True)[0], None)
@@ -496,7 +502,10 @@ class SharpnessMonitorBase:
         (resident set size on CPU, CUDA allocation on a GPU; sampled, see :class:`PeakMemory`)."""
         start = time.perf_counter()
         with PeakMemory(pl_module.device) as peak:
-            values = self._measure_values(trainer, pl_module)
+            if is_sharded(pl_module):  # FSDP2: measured shard by shard (lightning_flatness.sharded)
+                values = sharded.measure_in_callback(self, trainer, pl_module)[0]
+            else:
+                values = self._measure_values(trainer, pl_module)
         memory = peak.cuda_mb if peak.cuda_mb is not None else peak.rss_mb
         values["peak_memory_mb"] = math.nan if memory is None else float(memory)
         return values, time.perf_counter() - start

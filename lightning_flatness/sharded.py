@@ -1,0 +1,503 @@
+r"""Normalized sharpness of a model sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``),
+without gathering the whole model.
+
+Under ``fully_shard`` every parameter is a ``DTensor`` sharded by rows (``Shard(0)``) over a 1-D
+device mesh: rank ``r`` holds rows ``chunk(r)`` of every weight, and the forward pass gathers one
+module's weights at a time. ``torch.autograd.grad`` with respect to those sharded parameters fails
+(the forward uses the gathered copies), and the library's estimators and metric want whole tensors.
+This module measures through the FSDP module itself:
+
+1. **Estimate** (per batch, :meth:`ShardedSharpnessMeasurement.add`). One forward pass through the
+   FSDP module, with forward hooks on the ``nn.Linear`` modules whose weights are measured,
+   capturing each layer's input ``a_n`` and output ``z_n``. The per-sample loss Hessians in the
+   logits are factored, ``Lambda_n = sum_k s_nk c_nk c_nk^T`` (signs ``s``, as
+   :mod:`~lightning_flatness.functional.estimators.exact`), and the ``K`` columns ``c_k`` are
+   propagated back to every ``z`` in one batched backward pass through the FSDP module
+   (``is_grads_batched``; FSDP re-gathers one module's weights at a time; a loop of ``K`` passes if
+   some backward has no vmap rule). Per layer, the Gauss-Newton diagonal of the summed per-sample
+   losses is the contraction
+
+   .. math:: D = \sum_n \sum_k s_{nk} \big(g_{nk}^\top a_n\big)^{\odot 2}
+             \;\overset{\text{2-D inputs}}{=}\; \sum_n \big(\textstyle\sum_k s_{nk} g_{nk}^{\odot 2}\big)
+             \big(a_n^{\odot 2}\big)^\top,
+
+   with ``g_nk = dz_n`` of column ``k`` (for inputs with extra positions, ``g^T a`` sums over them
+   first). ``D`` of this rank's samples is one whole tensor; it is summed over ranks
+   (``all_reduce``), this rank keeps only its own rows, and the whole tensor is freed before the
+   next layer. For networks linear in each weight (ReLU, max-pool, eval-mode BatchNorm, residual
+   sums) the Gauss-Newton diagonal *is* the Hessian diagonal of Algorithm 1 (see
+   :mod:`~lightning_flatness.functional.estimators.exact`, which checks this; this module does not
+   re-check it: measure an unsharded copy of a small version of the model with ``method="auto"``
+   once to confirm that ``"exact"`` applies).
+2. **Pool** (as :class:`~lightning_flatness.metric.NormalizedSharpness`): batch ``b`` of every rank
+   goes to replicate slot ``b mod R``; each rank keeps ``(R, its rows, ...)`` float64 sums and the
+   ``(R,)`` sample counts (identical on every rank after the all-reduce).
+3. **Solve** (:meth:`ShardedSharpnessMeasurement.compute`), one weight tensor at a time: the pooled
+   diagonal, the ``R`` leave-one-out diagonals and the two half-pools are each gathered whole
+   (``DTensor.full_tensor``) next to the whole weight, solved (eq. 13, 17 and 5 by
+   :func:`~lightning_flatness.functional.sharpness_measures`) and freed. The totals are sums over
+   tensors, so the jackknife of the total (delete-one over slots) and the half-shift are assembled
+   from the per-tensor values; the result has the keys of ``NormalizedSharpness.compute()`` and is
+   identical on every rank.
+
+**Values** equal those of the unsharded model over the same samples (the tests: 1e-6 relative in
+float32, 1e-9 in float64, with 2 and 4 gloo processes). **Memory per rank**: the FSDP shard, the
+``R x (its rows)`` float64 sums (``1/P`` of the unsharded metric's), one batch's activations and
+layer-output gradients, and at most two whole tensors at a time (a weight and one diagonal, or a
+layer's contribution ``D``). **Cost per batch**: one forward and one ``K``-column batched backward pass
+through the FSDP module (two all-gathers of the model, module by module), one all-reduce of each
+measured weight's size; per measurement ``R + 3`` gathers of each weight's size
+and ``2 R + 3`` eq. 17 solves per weight tensor on every rank.
+
+**Assumptions**: every rank calls :meth:`~ShardedSharpnessMeasurement.add` the same number of times
+(each call runs collectives, as FSDP's own forward does; a rank with fewer samples passes empty
+batches, and the ranks agree on the number ``K`` of backward columns before running them); the measured weights are ``nn.Linear``
+weights (and biases) sharded ``Shard(0)`` over a 1-D mesh, each used once per forward; samples do
+not interact (eval mode); ``loss_fn`` is a mean of per-sample losses. Anything else raises a
+``ValueError`` that names it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_flatness.batch_split import split_batch as default_split_batch
+from lightning_flatness.functional.estimators.exact import _loss_factors
+from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
+from lightning_flatness.functional.measures import MEASURES, sharpness_measures
+from lightning_flatness.functional.model_io import call_model, inputs_batch_size
+from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
+
+__all__ = ["ShardedSharpnessMeasurement", "is_sharded", "measure_sharpness_sharded"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+_CHUNK_ELEMENTS = 2**22  # per-sample gradients materialised at a time (inputs with extra positions)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is a ``DTensor`` (FSDP2 ``fully_shard``, tensor parallel)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _row_sharded(name: str, param: Tensor) -> None:
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(param, DTensor):
+        raise ValueError(
+            f"{name} is not sharded (a plain {type(param).__name__}); the sharded measurement "
+            "needs every measured weight under fully_shard: apply fully_shard to its module (or "
+            "the root), or measure an unsharded model with lightning_flatness.measure_sharpness."
+        )
+    if param.device_mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
+        raise ValueError(
+            f"{name} is placed as {tuple(param.placements)} on a {param.device_mesh.ndim}-D mesh; "
+            "the sharded measurement supports FSDP2's default row sharding (Shard(0)) over a 1-D "
+            "mesh only (no HSDP, no tensor parallelism)."
+        )
+
+
+class _Capture:
+    """Forward hooks on the measured Linear modules: each call's input (detached) and output."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.records: dict[str, tuple[Tensor, Tensor]] = {}
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            if name in self.records:
+                raise ValueError(
+                    f"module {name!r} ran twice in one forward pass; the sharded measurement "
+                    "needs each measured weight used once (shared weights are not supported)."
+                )
+            self.records[name] = (args[0].detach(), output)
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _weight_contribution(a: Tensor, g: Tensor, signs: Tensor) -> Tensor:
+    """``sum_n sum_k s_nk (g_nk^T a_n)^2``: ``a`` ``(N, *pos, I)``, ``g`` ``(K, N, *pos, O)``, ``signs`` ``(N, K)``."""
+    k, n = g.shape[:2]
+    if a.ndim == 2:  # one position per sample: the square factorises
+        s = torch.einsum("nk,kno->no", signs, g * g)
+        return s.T @ (a * a)
+    positions = math.prod(a.shape[1:-1])
+    a = a.reshape(n, positions, a.shape[-1])  # (N, P, I)
+    g = g.reshape(k, n, positions, g.shape[-1]).transpose(0, 1)  # (N, K, P, O)
+    out = torch.zeros(g.shape[-1], a.shape[-1], dtype=a.dtype, device=a.device)
+    chunk = max(1, _CHUNK_ELEMENTS // (k * out.numel()))
+    for start in range(0, n, chunk):
+        sl = slice(start, start + chunk)
+        per_sample = torch.einsum("nkpo,npi->nkoi", g[sl], a[sl])  # per-sample gradients of each column
+        out += torch.einsum("nk,nkoi->oi", signs[sl], per_sample * per_sample)
+    return out
+
+
+def _bias_contribution(g: Tensor, signs: Tensor) -> Tensor:
+    k, n = g.shape[:2]
+    gb = g.reshape(k, n, math.prod(g.shape[2:-1]), g.shape[-1]).sum(
+        dim=2
+    )  # (K, N, O) per-sample bias gradients
+    return torch.einsum("nk,kno->o", signs, gb * gb)
+
+
+class ShardedSharpnessMeasurement:
+    """One measurement of a ``fully_shard`` model, fed one batch at a time on every rank.
+
+    Args:
+        model: the FSDP2 module (its measured weights ``DTensor`` s sharded ``Shard(0)``), in the mode
+            to measure (``model.eval()``). Never modified: no parameter, buffer or ``.grad`` changes.
+        loss_fn: ``(logits, target) -> mean loss``; default the normalized softmax cross-entropy of
+            eq. 20-22.
+        parameters: which weight tensors count (:func:`select_parameters`); they must belong to
+            ``nn.Linear`` modules.
+        lam: the ``lambda`` of eq. 17.
+        num_replicates: replicate slots of the jackknife (batch ``b`` of every rank goes to slot
+            ``b mod num_replicates``).
+
+    Example (run on every rank of the process group; the tests use 2 and 4 gloo processes)::
+
+        mesh = init_device_mesh("cpu", (world_size,))
+        for layer in model: fully_shard(layer, mesh=mesh) if isinstance(layer, nn.Linear) else None
+        fully_shard(model, mesh=mesh)
+        measurement = ShardedSharpnessMeasurement(model.eval())
+        for x, y in my_share_of_the_batches:   # the same number of batches on every rank
+            measurement.add(x, y)
+        values = measurement.compute()          # identical on every rank
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        loss_fn: Optional[LossFn] = None,
+        parameters: ParameterSelection = None,
+        lam: float = 0.5,
+        num_replicates: int = 8,
+    ) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "ShardedSharpnessMeasurement needs an initialised torch.distributed process group "
+                "(the one the model was sharded over); call torch.distributed.init_process_group "
+                "first, or use lightning_flatness.measure_sharpness for an unsharded model."
+            )
+        if not isinstance(num_replicates, int) or num_replicates < 1:
+            raise ValueError(f"num_replicates must be a positive int, got {num_replicates!r}.")
+        self.model = model
+        self.loss_fn: LossFn = normalized_softmax_cross_entropy if loss_fn is None else loss_fn
+        self.lam = float(lam)
+        self.num_replicates = num_replicates
+        self.params = select_parameters(model, parameters)
+        owners = {
+            f"{prefix}.{pname}" if prefix else pname: (prefix, module, pname)
+            for prefix, module in model.named_modules()
+            for pname, _ in module.named_parameters(recurse=False)
+        }
+        self.modules: dict[str, nn.Module] = {}
+        self.roles: dict[str, tuple[str, str]] = {}  # parameter name -> (module name, "weight" | "bias")
+        for name, param in self.params.items():
+            prefix, module, pname = owners[name]
+            # fully_shard swaps the class to a subclass (FSDPLinear) that keeps Linear's forward
+            linear = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+            if not linear or pname not in ("weight", "bias"):
+                raise ValueError(
+                    f"{name} belongs to a {type(module).__name__}; the sharded measurement supports "
+                    "nn.Linear weights and biases only (convolutions: measure an unsharded copy, or "
+                    "pass `parameters=` to leave them out)."
+                )
+            _row_sharded(name, param)
+            self.modules[prefix] = module
+            self.roles[name] = (prefix, pname)
+        first = next(iter(self.params.values()))
+        self.mesh = first.device_mesh
+        self.group = self.mesh.get_group()
+        self.device = first.device
+        self.sums = {
+            name: torch.zeros((num_replicates, *p.to_local().shape), dtype=torch.float64, device=self.device)
+            for name, p in self.params.items()
+        }
+        self.count = torch.zeros(num_replicates, dtype=torch.int64, device=self.device)
+        self.num_batches = 0
+        #: the largest number of elements held in one whole (unsharded) tensor by this module
+        self.largest_whole_tensor = 0
+
+    # -- estimate -----------------------------------------------------------------------------------
+
+    def _local_rows(self, name: str, whole: Tensor) -> Tensor:
+        """This rank's rows of a whole tensor shaped like parameter ``name`` (FSDP2's chunking)."""
+        from torch.distributed.tensor import distribute_tensor
+
+        param = self.params[name]
+        local = distribute_tensor(whole, self.mesh, param.placements, src_data_rank=None).to_local()
+        assert local.shape == param.to_local().shape, (name, local.shape, param.to_local().shape)
+        return local
+
+    def _whole(self, name: str, local: Tensor) -> Tensor:
+        """All ranks' rows of a tensor shaped like parameter ``name``, gathered whole on every rank."""
+        from torch.distributed.tensor import DTensor
+
+        param = self.params[name]
+        whole = DTensor.from_local(
+            local.contiguous(),
+            self.mesh,
+            param.placements,
+            shape=param.shape,
+            stride=torch.empty(param.shape, device="meta").stride(),
+        ).full_tensor()
+        self.largest_whole_tensor = max(self.largest_whole_tensor, whole.numel())
+        return whole
+
+    def add(self, inputs: Any, target: Tensor) -> None:
+        """Estimate the Gauss-Newton diagonal of this rank's batch, sum it over ranks into the rows of
+        each rank, slot ``num_batches mod R``. A collective: every rank calls it the same number of times."""
+        n = inputs_batch_size(inputs)
+        capture = _Capture(self.modules)
+        try:
+            with torch.enable_grad():
+                logits = call_model(self.model, inputs)
+        finally:
+            capture.remove()
+        missing = sorted(set(self.modules) - set(capture.records))
+        if missing:
+            raise ValueError(
+                f"the forward pass did not call {missing}; measure only the weights the model uses."
+            )
+        if n > 0:
+            factors, signs, _, issues = _loss_factors(self.loss_fn, logits, target)
+            if issues:
+                raise ValueError("; ".join(issues) + ".")
+        else:  # an empty share still takes part in FSDP's collectives
+            factors = logits.new_zeros(0, math.prod(logits.shape[1:]), 0)
+            signs = logits.new_zeros(0, 0)
+        # every rank must run the same number of backward passes (FSDP gathers weights in each): pad
+        # this rank's K columns with zero columns up to the largest K of any rank
+        k = torch.tensor([factors.shape[2]], dtype=torch.int64, device=self.device)
+        dist.all_reduce(k, op=dist.ReduceOp.MAX, group=self.group)
+        k = int(k[0])
+        pad = k - factors.shape[2]
+        factors = torch.cat([factors, factors.new_zeros(*factors.shape[:2], pad)], dim=2)
+        signs = torch.cat([signs, signs.new_zeros(signs.shape[0], pad)], dim=1)
+        names = list(self.modules)
+        outputs = [capture.records[m][1] for m in names]
+        columns = factors.permute(2, 0, 1).reshape(k, *logits.shape)
+        if k == 0:
+            stacked = [z.new_zeros(0, *z.shape) for z in outputs]
+        else:
+            try:  # all K columns in one backward pass: FSDP gathers each module's weights once
+                stacked = list(
+                    torch.autograd.grad(logits, outputs, columns, retain_graph=True, is_grads_batched=True)
+                )
+            except (
+                RuntimeError,
+                NotImplementedError,
+            ):  # a backward without a vmap rule (the same on every rank)
+                per_column = [torch.autograd.grad(logits, outputs, c, retain_graph=True) for c in columns]
+                stacked = [torch.stack([c[i] for c in per_column]) for i in range(len(outputs))]
+        grads = {m: g.to(torch.float64) for m, g in zip(names, stacked)}
+        del stacked, logits, outputs
+        signs = signs.to(torch.float64)
+        slot = self.num_batches % self.num_replicates
+        for name, (module_name, role) in self.roles.items():
+            a, g = capture.records[module_name][0].to(torch.float64), grads[module_name]
+            whole = _weight_contribution(a, g, signs) if role == "weight" else _bias_contribution(g, signs)
+            self.largest_whole_tensor = max(self.largest_whole_tensor, whole.numel())
+            dist.all_reduce(whole, group=self.group)  # sum over ranks' samples
+            self.sums[name][slot] += self._local_rows(name, whole)
+            del whole
+        count = torch.tensor([n], dtype=torch.int64, device=self.device)
+        dist.all_reduce(count, group=self.group)
+        self.count[slot] += count[0]
+        self.num_batches += 1
+
+    # -- solve --------------------------------------------------------------------------------------
+
+    def compute(self) -> dict[str, Tensor]:
+        """Every measure on the pooled diagonal, with jackknife standard errors and half-shifts: the
+        keys and meaning of :meth:`NormalizedSharpness.compute`, identical on every rank."""
+        if int(self.count.sum()) == 0:
+            raise RuntimeError("ShardedSharpnessMeasurement.compute() has no samples: call add() first.")
+        counts = self.count.to(torch.float64)
+        total = counts.sum()
+        used = [int(r) for r in torch.nonzero(self.count > 0).flatten().tolist()]
+        halves = [used[0::2], used[1::2]]
+        out: dict[str, Tensor] = {}
+        loo_values: list[dict[str, Tensor]] = [{} for _ in used]
+        half_values: list[dict[str, Tensor]] = [{}, {}]
+        for name, sums in self.sums.items():
+            weight = self._whole(name, self.params[name].to_local().detach().to(torch.float64))
+            totals = sums.sum(dim=0)
+            out.update(self._tensor_measures(name, weight, totals / total))
+            if len(used) >= 2:
+                for i, r in enumerate(used):
+                    loo_values[i].update(
+                        self._tensor_measures(name, weight, (totals - sums[r]) / (total - counts[r]))
+                    )
+                for i, slots in enumerate(halves):
+                    half_values[i].update(
+                        self._tensor_measures(name, weight, sums[slots].sum(dim=0) / counts[slots].sum())
+                    )
+            del weight
+        for values in [out, *loo_values, *half_values]:
+            for measure in MEASURES:
+                values[measure] = torch.stack([values[f"{measure}/{n}"] for n in self.sums]).sum()
+        keys = list(out)
+        nan = torch.tensor(math.nan, dtype=torch.float64, device=self.device)
+        for key in keys:
+            stderr_key = key.replace("/", "_stderr/", 1) if "/" in key else f"{key}_stderr"
+            shift_key = key.replace("/", "_half_shift/", 1) if "/" in key else f"{key}_half_shift"
+            if len(used) >= 2:
+                loo = torch.stack([v[key] for v in loo_values])
+                r = loo.shape[0]
+                out[stderr_key] = torch.sqrt((r - 1) / r * (loo - loo.mean()).pow(2).sum())
+                out[shift_key] = (half_values[0][key] + half_values[1][key]) / 2 - out[key]
+            else:
+                out[stderr_key], out[shift_key] = nan.clone(), nan.clone()
+        out["num_samples"] = self.count.sum()
+        return out
+
+    def _tensor_measures(self, name: str, weight: Tensor, local_mean: Tensor) -> dict[str, Tensor]:
+        """The per-tensor measures of ``name`` for the diagonal whose local rows are ``local_mean``
+        (gathered whole here, freed on return)."""
+        values = sharpness_measures({name: weight}, {name: self._whole(name, local_mean)}, self.lam)
+        return {k: v for k, v in values.items() if "/" in k}
+
+    def state_bytes(self) -> int:
+        """Bytes of this rank's persistent state (the sharded replicate sums and the counts)."""
+        return sum(s.numel() * s.element_size() for s in self.sums.values()) + self.count.numel() * 8
+
+
+def measure_sharpness_sharded(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    loss_fn: Optional[LossFn] = None,
+    parameters: ParameterSelection = None,
+    lam: float = 0.5,
+    num_replicates: int = 8,
+    split_batch: Callable[[Any], tuple[Any, Tensor]] = default_split_batch,
+) -> dict[str, Tensor]:
+    """:class:`ShardedSharpnessMeasurement` over this rank's ``batches`` (the same number on every
+    rank); returns the values of :meth:`~ShardedSharpnessMeasurement.compute`, identical on every rank."""
+    measurement = ShardedSharpnessMeasurement(
+        model, loss_fn=loss_fn, parameters=parameters, lam=lam, num_replicates=num_replicates
+    )
+    for batch in batches:
+        inputs, target = split_batch(batch)
+        measurement.add(inputs, target)
+    return measurement.compute()
+
+
+# -- SharpnessMonitor under FSDP2 (Lightning's ModelParallelStrategy, or fully_shard in configure_model) ------
+
+
+def prepare_in_callback(monitor: Any, trainer: Any, pl_module: nn.Module) -> None:
+    """``SharpnessMonitor._prepare`` for a sharded module: checks the method and the weights (no dry run:
+    the library's estimators cannot differentiate through ``DTensor`` parameters)."""
+    if monitor.method not in ("auto", "exact"):
+        raise ValueError(
+            f"SharpnessMonitor(method={monitor.method!r}) cannot measure the sharded (FSDP2) "
+            f"{type(pl_module).__name__}: sharded models are measured by the exact Gauss-Newton "
+            "diagonal of lightning_flatness.sharded only; pass method='auto' or 'exact'."
+        )
+    ShardedSharpnessMeasurement(
+        pl_module,
+        loss_fn=monitor.loss_fn,
+        parameters=monitor.parameters,
+        lam=monitor.lam,
+        num_replicates=monitor.num_replicates,
+    )  # raises, naming what it cannot measure
+    from lightning_flatness.functional.estimators.method_choice import MethodChoice
+
+    monitor._choice = MethodChoice(
+        "exact",
+        "gauss_newton",
+        "the model is sharded (FSDP2): the Gauss-Newton "
+        "diagonal, shard by shard (lightning_flatness.sharded)",
+    )
+    monitor._resolved_method = "exact"
+    monitor._loss = monitor.loss_fn
+
+
+def _rank_batches(monitor: Any, trainer: Any) -> Iterator[tuple[Any, Tensor]]:
+    """This rank's share of the subset (``indices[global_rank::world_size]``) as ``(inputs, target)``, in as
+    many batches as every other rank (so some may be empty)."""
+    from lightning_flatness.functional.model_io import select_samples
+    from lightning_flatness.training_subset import chunk_sizes
+
+    rank, world = trainer.global_rank, trainer.world_size
+    indices = monitor._indices
+    share = indices[rank::world]
+    size = monitor._batch_size()
+    largest = len(indices[0::world])
+    if trainer.fast_dev_run:
+        share, largest = share[:size], min(largest, size)
+    count = len(chunk_sizes(largest, size, monitor.num_replicates))
+    for chunk in share.tensor_split(count):
+        if len(chunk):
+            yield monitor._split(next(monitor._subset.batches(chunk, [len(chunk)])))
+        else:  # an empty batch of the same structure: this rank still joins the collectives
+            inputs, target = monitor._split(next(monitor._subset.batches(indices[:1], [1])))
+            yield select_samples(inputs, slice(0, 0), 1), target[:0]
+
+
+def measure_in_callback(monitor: Any, trainer: Any, pl_module: nn.Module) -> tuple[dict[str, float], float]:
+    """``SharpnessMonitor._measure`` for a sharded module: the same values (identical on every rank) and
+    seconds, measured on the live module in eval mode (modes restored) and in its own parameter dtype
+    (the contractions are float64), with :class:`ShardedSharpnessMeasurement`."""
+    import time
+    import warnings
+
+    from lightning_flatness.isolation import autograd_tensor, gradient_enabled, preserved_rng_states
+
+    start = time.perf_counter()
+    if monitor.dataloader is not None:
+        raise ValueError(
+            "SharpnessMonitor(dataloader=...) is not supported for sharded (FSDP2) models, whose "
+            "ranks must measure the same number of batches; let it draw its subset of the training set."
+        )
+    device = next(iter(pl_module.parameters())).device
+    modes = {m: m.training for m in pl_module.modules()}
+    measurement = ShardedSharpnessMeasurement(
+        pl_module,
+        loss_fn=monitor._loss,
+        parameters=monitor.parameters,
+        lam=monitor.lam,
+        num_replicates=monitor.num_replicates,
+    )
+    dtype = next(iter(measurement.params.values())).dtype
+    try:
+        with preserved_rng_states(), gradient_enabled(device):
+            pl_module.eval()
+            for inputs, target in _rank_batches(monitor, trainer):
+                measurement.add(_to_device(inputs, device, dtype), autograd_tensor(target, device, dtype))
+            values = {k: float(v) for k, v in measurement.compute().items()}
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+        monitor._evaluations += 1
+    if not all(math.isfinite(v) for k, v in values.items() if "/" not in k and "stderr" not in k):
+        warnings.warn(
+            "SharpnessMonitor: the sharded measurement is not finite (check the learning rate and data).",
+            UserWarning,
+            stacklevel=2,
+        )
+    return values, time.perf_counter() - start
+
+
+def _to_device(inputs: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    from lightning_flatness.functional.model_io import map_inputs
+    from lightning_flatness.isolation import autograd_tensor
+
+    return map_inputs(inputs, lambda t: autograd_tensor(t, device, dtype))

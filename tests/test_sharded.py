@@ -1,0 +1,246 @@
+"""FSDP2 (``fully_shard``) models measured shard by shard (:mod:`lightning_flatness.sharded`), with 2
+and 4 gloo processes (forked: about a second each) on the CPU: the values equal the unsharded model's (exact method, one
+process, same samples), the jackknife equals the metric's on the gathered sums, every rank holds
+``1/P`` of the sums and at most one whole tensor at a time, and the model is left unchanged."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_flatness.functional.measures import MEASURES
+from lightning_flatness.measure import measure_sharpness
+from lightning_flatness.metric import _normalized_sharpness_compute
+from lightning_flatness.sharded import ShardedSharpnessMeasurement
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+import sharded_worker as worker  # noqa: E402
+
+sys.path.pop(0)
+
+
+def run_workers(tmp_path: Path, world_size: int, dtype: str, uneven: bool = False) -> list[dict]:
+    """Fork ``world_size`` workers (the test process has torch and the library imported already: a
+    fresh interpreter per rank would spend most of the test importing them)."""
+    context = multiprocessing.get_context("fork")
+    outs = [tmp_path / f"rank{r}.pt" for r in range(world_size)]
+    procs = [
+        context.Process(
+            target=worker.main, args=(r, world_size, str(tmp_path / "store"), str(outs[r]), dtype, uneven)
+        )
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    if any(p.is_alive() for p in procs):
+        for p in procs:
+            p.kill()
+        pytest.fail("sharded worker timed out (deadlock?)")
+    assert [p.exitcode for p in procs] == [0] * world_size, "a worker failed; its traceback is above"
+    return [torch.load(o, weights_only=False) for o in outs]
+
+
+def check(records: list[dict], world_size: int, dtype: str, rel: float, uneven: bool = False) -> None:
+    torch.set_num_threads(1)
+    dt = getattr(torch, dtype)
+    model = worker.build_model(dt)
+    x, y = worker.data(dt)
+    # the unsharded reference: the library's exact method on one process, over the same samples
+    measured = torch.cat([worker.own_samples(r, world_size, uneven) for r in range(world_size)])
+    x, y = x[measured], y[measured]
+    reference = measure_sharpness(
+        model, [(x[i::4], y[i::4]) for i in range(4)], method="exact", num_replicates=4
+    ).values
+    assert all(r["sharded"] and r["unchanged"] for r in records)
+    first = records[0]["values"]
+    assert all(r["values"] == first for r in records)  # bit-identical on every rank
+    keys = [k for k in reference if k.split("/")[0] in MEASURES]
+    assert len(keys) == 3 + 3 * 3
+    errors = {key: abs(first[key] - float(reference[key])) / abs(float(reference[key])) for key in keys}
+    for measure in MEASURES:
+        print(
+            f"{measure}: largest relative difference from the unsharded {dtype} values",
+            max((e, k) for k, e in errors.items() if k.split("/")[0] == measure),
+        )
+    for key in keys:
+        assert errors[key] <= rel, (key, errors[key])
+    assert first["num_samples"] == len(measured)
+    # the decomposed jackknife and half-shift equal the metric's on the gathered sums
+    weights = {n: p.detach().double() for n, p in model.named_parameters() if p.ndim >= 2}
+    expected, _ = _normalized_sharpness_compute(weights, records[0]["sums"], records[0]["count"], 0.5)
+    assert set(expected) == set(first)
+    for key, value in expected.items():
+        assert first[key] == pytest.approx(float(value), rel=1e-12, abs=1e-300), key
+    # memory: each rank holds its rows of the R float64 sums (1/P of the unsharded metric's state, up to
+    # the uneven split of rows) and never more than one whole tensor of the largest weight's size
+    unsharded = sum(w.numel() for w in weights.values()) * worker.NUM_REPLICATES * 8
+    for r in records:
+        local = sum(r["local_numel"].values()) * worker.NUM_REPLICATES * 8 + worker.NUM_REPLICATES * 8
+        assert r["state_bytes"] == local
+        assert r["state_bytes"] <= 1.5 * unsharded / world_size + worker.NUM_REPLICATES * 8
+        assert r["largest_whole_tensor"] == max(w.numel() for w in weights.values())
+    assert sum(sum(r["local_numel"].values()) for r in records) == sum(w.numel() for w in weights.values())
+
+
+# float32: the traces of the last layer cancel (entries of both signs), which turns the 1e-7 rounding of
+# float32 forward/backward passes into 1.5e-6 relative on `hessian_trace/5.weight`; the normalized values
+# agree to 4e-8 (printed by the test)
+@pytest.mark.parametrize("dtype, rel", [("float64", 1e-9), ("float32", 5e-6)])
+def test_two_process_fully_shard_measurement_equals_the_unsharded_model(tmp_path, dtype, rel):
+    check(run_workers(tmp_path, 2, dtype), 2, dtype, rel)
+
+
+def test_four_process_fully_shard_measurement_equals_the_unsharded_model(tmp_path):
+    check(run_workers(tmp_path, 4, "float64"), 4, "float64", 1e-9)
+
+
+def test_ranks_with_fewer_samples_and_empty_batches_still_agree_on_the_collectives(tmp_path):
+    check(run_workers(tmp_path, 2, "float64", uneven=True), 2, "float64", 1e-9, uneven=True)
+
+
+def test_without_a_process_group_it_says_to_initialise_one():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ShardedSharpnessMeasurement(torch.nn.Linear(3, 2))
+
+
+def _refusals(init_file: str, out_file: str) -> None:
+    """One gloo rank: what the sharded measurement refuses, with the messages."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    mesh = init_device_mesh("cpu", (1,))
+    messages = {}
+    conv = fully_shard(
+        torch.nn.Sequential(torch.nn.Conv1d(2, 3, 3), torch.nn.Flatten(), torch.nn.Linear(3, 2)), mesh=mesh
+    )
+    plain = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    fully_shard(plain[2], mesh=mesh)  # the first layer stays a plain tensor
+    twice = torch.nn.Linear(3, 3)
+    shared = fully_shard(torch.nn.Sequential(twice, twice), mesh=mesh)
+    for name, model, call in [
+        ("conv", conv, None),
+        ("plain", plain, None),
+        ("twice", shared, (torch.randn(4, 3), torch.randint(0, 3, (4,)))),
+    ]:
+        try:
+            measurement = ShardedSharpnessMeasurement(model)
+            if call is not None:
+                measurement.add(*call)
+            messages[name] = None
+        except ValueError as err:
+            messages[name] = str(err)
+    torch.save(messages, out_file)
+    dist.destroy_process_group()
+
+
+def test_refuses_convolutions_unsharded_weights_and_weights_used_twice_naming_them(tmp_path):
+    process = multiprocessing.get_context("fork").Process(
+        target=_refusals, args=(str(tmp_path / "store"), str(tmp_path / "out.pt"))
+    )
+    process.start()
+    process.join(timeout=60)
+    assert process.exitcode == 0
+    messages = torch.load(tmp_path / "out.pt")
+    assert "0.weight belongs to a Conv1d" in messages["conv"] and "nn.Linear" in messages["conv"]
+    assert "0.weight is not sharded" in messages["plain"] and "fully_shard" in messages["plain"]
+    assert "ran twice" in messages["twice"]
+
+
+def _callback_rank(rank: int, world_size: int, init_file: str, out_file: str) -> None:
+    """One gloo rank: ``SharpnessMonitor`` measuring a LightningModule whose network is ``fully_shard``-ed,
+    driven by a stand-in trainer (Lightning's FSDP strategies refuse a CPU accelerator)."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from callback_models import MLP, make_dataset
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.utils.data import DataLoader
+
+    from lightning_flatness.callback import SharpnessMonitor
+    from lightning_flatness.training_subset import TrainingSubset, choose_indices
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    mesh = init_device_mesh("cpu", (world_size,))
+
+    def sharded_mlp():
+        torch.manual_seed(0)
+        module = MLP(hidden=9).train()
+        for layer in module.net:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(module.net, mesh=mesh)
+        return module
+
+    module, untouched = sharded_mlp(), sharded_mlp()
+    dataset = make_dataset(64)
+    monitor = SharpnessMonitor(num_samples=30, batch_size=4, num_replicates=4, seed=5, log_images=False)
+    monitor._subset = TrainingSubset(DataLoader(dataset, batch_size=8))
+    monitor._indices = choose_indices(len(dataset), 30, seed=5)
+    trainer = SimpleNamespace(
+        global_rank=rank, world_size=world_size, fast_dev_run=False, is_global_zero=rank == 0
+    )
+    from lightning_flatness import sharded
+
+    sharded.prepare_in_callback(monitor, trainer, module)
+    values, _ = monitor._measure(trainer, module)
+    # training goes on as if nothing had happened: the same gradients as a model that was never measured
+    x, y = dataset.tensors[0][rank::world_size][:8], dataset.tensors[1][rank::world_size][:8]
+    for net in (module, untouched):
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+    same_gradients = all(
+        torch.equal(a.grad.to_local(), b.grad.to_local())
+        for a, b in zip(module.parameters(), untouched.parameters())
+    )
+    torch.save(
+        {
+            "values": values,
+            "training": module.training,
+            "same_gradients": same_gradients,
+            "indices": monitor._indices,
+            "method": monitor._resolved_method,
+        },
+        out_file,
+    )
+    dist.destroy_process_group()
+
+
+def test_sharpness_monitor_routes_a_fully_shard_module_to_the_sharded_measurement(tmp_path):
+    from callback_models import MLP, brute_force_measures, make_dataset
+
+    context = multiprocessing.get_context("fork")
+    procs = [
+        context.Process(
+            target=_callback_rank, args=(r, 4, str(tmp_path / "store"), str(tmp_path / f"{r}.pt"))
+        )
+        for r in range(4)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * 4
+    records = [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(4)]
+    assert all(r["values"] == records[0]["values"] for r in records)
+    assert all(r["training"] for r in records)  # train mode restored after the eval-mode measurement
+    assert all(r["same_gradients"] for r in records)
+    assert records[0]["method"] == "exact"
+    torch.manual_seed(0)
+    model = MLP(hidden=9)
+    dataset = make_dataset(64)
+    idx = records[0]["indices"]  # 30 samples over 4 ranks: shares of 8, 8, 7 and 7, in 4 batches each
+    reference = brute_force_measures(model, dataset.tensors[0][idx], dataset.tensors[1][idx])
+    for key in ("normalized", "matrix_normalized", "hessian_trace", "normalized/net.2.weight"):
+        assert records[0]["values"][key] == pytest.approx(reference[key], rel=1e-5), key
+    assert records[0]["values"]["num_samples"] == 30
