@@ -207,7 +207,8 @@ def test_callback_under_mixed_precision_on_one_gpu_measures_the_full_precision_v
     tmp_path, precision, dtype, rel
 ):
     pl = pytest.importorskip("pytorch_lightning")
-    from callback_models import MLP, DataModule, RecordPerRank, brute_force_measures
+    from callback_models import MLP, DataModule, RecordPerRank
+    from oracles import brute_force_measures
 
     from lightning_flatness.callback import SharpnessMonitor
 

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from callback_models import MLP, DataModule, brute_force_measures, make_dataset
+from callback_models import MLP, DataModule, make_dataset
+from oracles import brute_force_measures
 from torch.utils.data import DataLoader
 
 import lightning_flatness.measure as measure_module

@@ -195,6 +195,7 @@ def _callback_rank(rank: int, world_size: int, init_file: str, out_file: str) ->
 
     sharded.prepare_in_callback(monitor, trainer, module)
     values, _ = monitor._measure(trainer, module)
+    assert values.pop("peak_memory_mb") > 0  # this process's own peak: the one value that differs per rank
     # training goes on as if nothing had happened: the same gradients as a model that was never measured
     x, y = dataset.tensors[0][rank::world_size][:8], dataset.tensors[1][rank::world_size][:8]
     for net in (module, untouched):
@@ -217,7 +218,8 @@ def _callback_rank(rank: int, world_size: int, init_file: str, out_file: str) ->
 
 
 def test_sharpness_monitor_routes_a_fully_shard_module_to_the_sharded_measurement(tmp_path):
-    from callback_models import MLP, brute_force_measures, make_dataset
+    from callback_models import MLP, make_dataset
+    from oracles import brute_force_measures
 
     context = multiprocessing.get_context("fork")
     procs = [
