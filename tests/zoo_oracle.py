@@ -119,3 +119,18 @@ def brute_force_full_hessian(model: nn.Module, loss_fn: LossFn, inputs: Any, tar
 
     with twice_differentiable(model):
         return hessian(loss_flat)(flat0)
+
+
+def brute_force_full_ggn(model: nn.Module, loss_fn: LossFn, inputs: Any, target: Tensor,
+                         names: list[str]) -> Tensor:
+    """The ``(P, P)`` float64 Gauss-Newton matrix ``J^T Lambda J`` in the concatenated parameters ``names``."""
+    model = _float64_model(model)
+    named = dict(model.named_parameters())
+    primals = {n: named[n].detach() for n in names}
+    logits_of = _logits_fn(model, inputs, names)
+    with twice_differentiable(model):
+        z = logits_of(primals).detach()
+        lam = hessian(lambda zz: loss_fn(zz, target))(z).reshape(z.numel(), z.numel())
+        jac = jacrev(lambda th: logits_of(th).reshape(-1))(primals)
+    j = torch.cat([jac[n].reshape(z.numel(), -1) for n in names], dim=1)
+    return j.T @ lam @ j
