@@ -93,6 +93,8 @@ def test_default_leaves_out_additive_offsets_but_keeps_multiplying_weights():
 
 
 def test_default_selection_on_timm_and_hugging_face_models():
+    pytest.importorskip("timm")
+    pytest.importorskip("transformers")
     from tests.zoo_models import tiny_bert, tiny_gpt2, tiny_vit
 
     vit = select_parameters(tiny_vit()[0])

@@ -3,6 +3,7 @@ kernels have none, and the model and global state restored exactly (also on exce
 
 import pytest
 import torch
+
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp
@@ -17,6 +18,8 @@ from lightning_flatness.functional.twice_differentiable import (
 from tests.zoo_models import SMALL, TINY, zoo_loss
 
 torch.set_num_threads(1)
+for _module in ("torchvision", "timm", "transformers"):  # the `zoo` extra
+    pytest.importorskip(_module)
 
 ALL = {**TINY, **{f"small_{k}": v for k, v in SMALL.items()}}
 

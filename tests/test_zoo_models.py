@@ -4,6 +4,7 @@ float64 brute-force Hessian diagonal (tests/zoo_oracle.py), which is itself chec
 
 import pytest
 import torch
+
 import torch.nn.functional as F
 
 from lightning_flatness.functional.estimators.finite_difference import finite_difference_hessian_diagonal
@@ -20,6 +21,8 @@ from tests.zoo_oracle import (
 )
 
 torch.set_num_threads(1)
+for _module in ("torchvision", "timm", "transformers"):  # the `zoo` extra
+    pytest.importorskip(_module)
 
 ALL = {**TINY, **{f"small_{k}": v for k, v in SMALL.items()}}
 DICT_INPUTS = {"bert", "gpt2"}
