@@ -170,6 +170,8 @@ def run(args) -> dict[str, Any]:
         trained, final_loss = train(model, x, y, name, args.steps, args.lr)
         out["models"][name] = {}
         for state, m in (("untrained", model), ("trained", trained)):
+            if state not in args.states:
+                continue
             res = study(name, m, x, y, args, generator)
             res["train_loss_ce"] = final_loss if state == "trained" else None
             out["models"][name][state] = res
@@ -248,6 +250,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--replicates", type=int, default=16)
     parser.add_argument("--probes", type=int, nargs="*", default=[4, 16])
+    parser.add_argument("--states", nargs="*", default=["untrained", "trained"], choices=["untrained", "trained"])
     args = parser.parse_args()
     if args.quick:
         args.models, args.samples, args.steps, args.replicates, args.probes = ["vit"], 4, 5, 3, [2]
