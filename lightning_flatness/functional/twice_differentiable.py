@@ -60,14 +60,11 @@ def composite_hardswish(x: torch.Tensor) -> torch.Tensor:
     return x * composite_hardsigmoid(x)
 
 
-_COMPOSITES = {
-    F.hardsigmoid: composite_hardsigmoid,
-    F.hardswish: composite_hardswish,
-    torch._C._nn.hardsigmoid: composite_hardsigmoid,
-    torch._C._nn.hardswish: composite_hardswish,
-    torch._C._nn.hardsigmoid_: composite_hardsigmoid,
-    torch._C._nn.hardswish_: composite_hardswish,
-}
+_COMPOSITES = {F.hardsigmoid: composite_hardsigmoid, F.hardswish: composite_hardswish}
+for _name, _fn in (("hardsigmoid", composite_hardsigmoid), ("hardswish", composite_hardswish)):
+    for _variant in (_name, _name + "_"):  # the kernels behind F.* and nn.*(inplace=True)
+        if hasattr(torch._C._nn, _variant):
+            _COMPOSITES[getattr(torch._C._nn, _variant)] = _fn
 
 
 class CompositeActivations(TorchFunctionMode):
