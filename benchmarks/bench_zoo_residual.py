@@ -114,7 +114,8 @@ def study(name, model, x, y, args, generator) -> dict[str, Any]:
     offsets = [n for n in every if is_additive_offset(model, n)]
     weights = {n: p.detach() for n, p in model.named_parameters() if n in every}
     t0 = time.perf_counter()
-    h = brute_force_hessian_diagonal(model, loss_fn, x, y, every)
+    # chunk of unit vectors per vmapped call: bounds memory to about 1024 sample-HVPs at once
+    h = brute_force_hessian_diagonal(model, loss_fn, x, y, every, chunk=max(4, 1024 // args.samples))
     t_brute = time.perf_counter() - t0
     g = brute_force_ggn_diagonal(model, loss_fn, x, y, every)
     mh, mg = measures(weights, h, every), measures(weights, g, every)
