@@ -50,8 +50,8 @@ __all__ = ["select_parameters", "ParameterSelection", "ADDITIVE_OFFSET_MARKERS",
 ParameterSelection = Union[None, str, Iterable[str], Callable[[str, Tensor], bool]]
 
 #: Substrings of a name component that mark an additive offset (position embeddings, class tokens).
-ADDITIVE_OFFSET_MARKERS = ("pos_embed", "position", "wpe", "cls_token", "dist_token", "reg_token", "mask_token",
-                           "relative_attention_bias")
+ADDITIVE_OFFSET_MARKERS = ("pos_embed", "position", "wpe", "cls_token", "dist_token", "reg_token",
+                           "mask_token", "relative_attention_bias")
 
 _MULTIPLYING = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
 _PRESETS = ("weights", "all")
@@ -110,8 +110,8 @@ def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -
                   if p.requires_grad and p.ndim >= 2 and not is_additive_offset(model, n)}
     elif isinstance(parameters, str):
         if parameters not in _PRESETS:
-            raise ValueError(f"`parameters` got the string {parameters!r}; the presets are {_PRESETS} (or None for "
-                             f"the default). To choose one tensor by name wrap it in a list: "
+            raise ValueError(f"`parameters` got the string {parameters!r}; the presets are {_PRESETS} (or None "
+                             f"for the default). To choose one tensor by name wrap it in a list: "
                              f"parameters=[{parameters!r}].")
         chosen = {n: p for n, p in named.items() if p.requires_grad and (parameters == "all" or p.ndim >= 2)}
     elif callable(parameters):
@@ -127,7 +127,7 @@ def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -
                                  f"unfreeze it or leave it out of `parameters`.")
             chosen[name] = named[name]
     if not chosen:
-        raise ValueError(f"found no parameters to measure in {type(model).__name__} (the default takes weight "
-                         f"tensors with ndim >= 2 that require grad and are not position embeddings or class "
+        raise ValueError(f"found no parameters to measure in {type(model).__name__} (the default takes "
+                         f"weight tensors with ndim >= 2 that require grad and are not position embeddings or class "
                          f"tokens); pass `parameters=` to choose them.")
     return chosen

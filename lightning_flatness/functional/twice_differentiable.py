@@ -84,7 +84,7 @@ def _hf_configs(model: nn.Module) -> list[Any]:
     found: dict[int, Any] = {}
     for module in model.modules():
         config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation") and not isinstance(config, nn.Module):
+        if hasattr(config, "_attn_implementation") and not isinstance(config, nn.Module):
             found.setdefault(id(config), config)
             for key in getattr(config, "sub_configs", {}) or {}:
                 sub = getattr(config, key, None)

@@ -19,7 +19,8 @@ from torch.func import functional_call
 
 from lightning_flatness.functional.model_io import ModelInputs, call_model, map_inputs
 
-__all__ = ["functional_loss", "detached_inputs", "probe_chunks", "default_chunk_size", "draw_probes", "accumulation_dtype", "first_line", "rms"]
+__all__ = ["functional_loss", "detached_inputs", "probe_chunks", "default_chunk_size", "draw_probes",
+           "accumulation_dtype", "first_line", "rms"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
