@@ -95,7 +95,7 @@ def brute_force_ggn_diagonal(model: nn.Module, loss_fn: LossFn, inputs: Any, tar
     with twice_differentiable(model):
         z = logits_of(primals).detach()
         lam = hessian(lambda zz: loss_fn(zz, target))(z).reshape(z.numel(), z.numel())
-        jac = jacrev(lambda th: logits_of(th).reshape(-1))(primals)
+        jac = jacrev(lambda th: logits_of(th).reshape(-1), chunk_size=16)(primals)  # bounded memory
     out = {}
     for n in names:
         j = jac[n].reshape(z.numel(), -1)  # (NK, P_n)
@@ -131,6 +131,6 @@ def brute_force_full_ggn(model: nn.Module, loss_fn: LossFn, inputs: Any, target:
     with twice_differentiable(model):
         z = logits_of(primals).detach()
         lam = hessian(lambda zz: loss_fn(zz, target))(z).reshape(z.numel(), z.numel())
-        jac = jacrev(lambda th: logits_of(th).reshape(-1))(primals)
+        jac = jacrev(lambda th: logits_of(th).reshape(-1), chunk_size=16)(primals)  # bounded memory
     j = torch.cat([jac[n].reshape(z.numel(), -1) for n in names], dim=1)
     return j.T @ lam @ j
