@@ -1,4 +1,5 @@
-"""Which parameters count (footnote 5): weights with ndim >= 2, frozen skipped, shared once."""
+"""Which parameters count (footnote 5): weights with ndim >= 2 that multiply their input (not position
+embeddings or class tokens), frozen skipped, shared once; presets "weights" and "all"."""
 
 import pytest
 import torch
@@ -41,7 +42,7 @@ def test_names_and_predicate_choose_parameters():
 
 @pytest.mark.parametrize(
     "parameters, message",
-    [(["nope"], "not a parameter"), (["0.bias"], "1-D"), ("0.weight", "wrap it in a list")],
+    [(["nope"], "not a parameter"), ("0.weight", "wrap it in a list"), ("everything", "presets")],
 )
 def test_bad_choices_name_the_problem(parameters, message):
     model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
@@ -52,3 +53,59 @@ def test_bad_choices_name_the_problem(parameters, message):
 def test_model_without_weight_matrices_is_an_error_with_the_fix():
     with pytest.raises(ValueError, match="pass `parameters=`"):
         select_parameters(nn.BatchNorm1d(3))
+
+
+def test_one_dimensional_parameters_are_selectable_but_the_measures_reject_them():
+    from lightning_flatness.functional.measures import sharpness_measures
+
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
+    chosen = select_parameters(model, ["0.weight", "0.bias"])
+    assert list(chosen) == ["0.weight", "0.bias"]
+    with pytest.raises(ValueError, match=r"\['0.bias'\] are 1-D"):
+        sharpness_measures(chosen, {n: torch.ones_like(p) for n, p in chosen.items()})
+
+
+def test_presets_weights_and_all():
+    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.BatchNorm1d(2), nn.Flatten(), nn.Linear(4, 3))
+    model[1].weight.requires_grad_(False)
+    assert list(select_parameters(model, "weights")) == ["0.weight", "3.weight"]
+    assert list(select_parameters(model, "all")) == ["0.weight", "0.bias", "1.bias", "3.weight", "3.bias"]
+
+
+class Offsets(nn.Module):
+    """A Linear whose name contains a marker still counts; bare added tensors with markers do not."""
+
+    def __init__(self):
+        super().__init__()
+        self.position_proj = nn.Linear(3, 3)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 4, 3))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 3))
+        self.table = nn.Parameter(torch.zeros(3, 3))
+
+    def forward(self, x):
+        return self.position_proj(x + self.pos_embed) @ self.table
+
+
+def test_default_leaves_out_additive_offsets_but_keeps_multiplying_weights():
+    model = Offsets()
+    assert list(select_parameters(model)) == ["table", "position_proj.weight"]
+    assert list(select_parameters(model, "weights")) == ["pos_embed", "cls_token", "table", "position_proj.weight"]
+
+
+def test_default_selection_on_timm_and_hugging_face_models():
+    pytest.importorskip("timm")
+    pytest.importorskip("transformers")
+    from tests.zoo_models import tiny_bert, tiny_gpt2, tiny_vit
+
+    vit = select_parameters(tiny_vit()[0])
+    assert "pos_embed" not in vit and "cls_token" not in vit and "patch_embed.proj.weight" in vit
+    assert "blocks.0.attn.qkv.weight" in vit and "head.weight" in vit
+    bert = select_parameters(tiny_bert()[0])
+    assert "bert.embeddings.word_embeddings.weight" in bert
+    assert "bert.embeddings.token_type_embeddings.weight" in bert
+    assert "bert.embeddings.position_embeddings.weight" not in bert
+    gpt2_model = tiny_gpt2()[0]
+    gpt2 = select_parameters(gpt2_model)
+    assert gpt2_model.lm_head.weight is gpt2_model.transformer.wte.weight  # tied: counted once
+    assert "transformer.wte.weight" in gpt2 and "lm_head.weight" not in gpt2
+    assert "transformer.wpe.weight" not in gpt2 and "transformer.h.0.attn.c_attn.weight" in gpt2

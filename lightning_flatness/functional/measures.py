@@ -21,7 +21,7 @@ def sharpness_measures(
     (eq. 5), in total and per weight tensor.
 
     Args:
-        weights: ``{name: W}`` weight tensors (``ndim >= 2``).
+        weights: ``{name: W}`` weight tensors (``ndim >= 2``; 1-D tensors raise ``ValueError``).
         diagonals: ``{name: diag H}`` with the same names and shapes (unclipped; the normalized
             measures clip negative entries to 0 as Algorithm 1 does, the trace does not).
         lam: the PAC-Bayes ``lambda`` of eq. 17 (the value scales as ``lam ** -0.5``).
@@ -33,6 +33,12 @@ def sharpness_measures(
     missing = set(weights) ^ set(diagonals)
     if missing:
         raise ValueError(f"weights and Hessian diagonals must name the same tensors; unmatched: {sorted(missing)}.")
+    flat = [n for n, w in weights.items() if w.ndim < 2]
+    if flat:
+        raise ValueError(f"normalized sharpness needs weight tensors with ndim >= 2 (rows x columns), but {flat} "
+                         f"are 1-D (biases, normalisation scales: footnote 5 leaves them out); their Hessian "
+                         f"diagonal is fine, but measure only tensors with ndim >= 2 (select_parameters with "
+                         f"the default or parameters='weights').")
     out: dict[str, Tensor] = {}
     for name, w in weights.items():
         h = diagonals[name]

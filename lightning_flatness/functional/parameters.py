@@ -1,4 +1,43 @@
-"""Which parameters the normalized measures count (Tsuzuku et al. 2020, footnote 5)."""
+r"""Which parameters the measures count (Tsuzuku et al. 2020, footnote 5 and Sec. 5.1).
+
+Eq. 17 gives a weight tensor :math:`W` one posterior variance per row and per column,
+:math:`\sigma_{ij} = s_i s'_j`. That structure is the neuron-wise rescaling symmetry of a weight
+that *multiplies* its input: scaling output unit :math:`i` of a ReLU layer by :math:`a_i > 0` and
+the next layer's input column :math:`i` by :math:`1/a_i` leaves the network's function unchanged,
+and the optimal :math:`s_i, s'_j` absorb exactly these factors (Sec. 5.1). Footnote 5 leaves out
+biases: an *added* vector has no input axis, and a variance per entry turns the bound into counting
+parameters.
+
+What that means for the tensors of modern networks (the default selection):
+
+- **Counted** -- Linear and Conv weights (rows = output units, columns = input units / channels);
+  Hugging Face ``Conv1D`` (GPT-2); **word and token-type embedding tables**: a lookup
+  ``E[ids]`` is ``one_hot(ids) @ E``, a linear layer on one-hot inputs whose rows are vocabulary
+  entries and columns hidden units, with the same per-unit rescaling structure as a first layer;
+  a **tied LM head** is the same tensor, counted once under its first name (its Hessian diagonal
+  includes both uses, as it must); any other ``ndim >= 2`` parameter of a module we do not know.
+- **Left out** -- **additive offsets**, which behave like biases (footnote 5): timm's ``pos_embed``
+  and ``cls_token`` (also ``dist_token``, ``reg_token``, ``mask_token``), Hugging Face learned
+  position embeddings (``position_embeddings``, ``wpe``, ``embed_positions``) and relative-position
+  bias tables. A position lookup multiplies a one-hot vector that is *the same for every sample*,
+  so it is a bias indexed by position; its "rows" are positions, not units of any layer, and no
+  rescaling symmetry acts on them. Read as eq. 17 reads an ``ndim >= 3`` tensor (one variance per
+  dim 0 and dim 1 entry, the rest a kernel), timm's ``pos_embed`` ``(1, T, D)`` would get a single
+  "row" variance, one "column" variance per *position* and none per channel, the one axis that
+  is a unit axis; ``cls_token`` ``(1, 1, D)`` a single variance. Measured
+  (``benchmarks/results/bench_zoo_residual.md``): they would add 12% (untrained) and 3% (trained)
+  to the tiny ViT's total, 3-5% on the tiny BERT and GPT-2; and the finite-difference estimator,
+  whose step is relative to a tensor's size, breaks down on ``cls_token`` (initialised at scale
+  1e-6: a trace of 1.9e6 against a true 841, issue 8).
+- **Left out** -- 1-D parameters: biases, normalisation scales and shifts, layer-scale vectors
+  (``gamma``). A layer-scale vector multiplies, but one per channel, i.e. a diagonal matrix: with
+  one variance per entry it is parameter counting again.
+
+Detection of additive offsets is by name, for parameters that are *not* the weight of a
+``Linear``/``Conv``: a name component containing ``pos_embed``, ``position``, ``wpe``,
+``cls_token``, ``dist_token``, ``reg_token``, ``mask_token`` or ``relative_attention_bias``
+(:data:`ADDITIVE_OFFSET_MARKERS`). Linear and Conv weights always count, whatever their name.
+"""
 
 from __future__ import annotations
 
@@ -6,40 +45,78 @@ from typing import Callable, Iterable, Union
 
 from torch import Tensor, nn
 
-__all__ = ["select_parameters", "ParameterSelection"]
+__all__ = ["select_parameters", "ParameterSelection", "ADDITIVE_OFFSET_MARKERS", "is_additive_offset"]
 
-ParameterSelection = Union[None, Iterable[str], Callable[[str, Tensor], bool]]
+ParameterSelection = Union[None, str, Iterable[str], Callable[[str, Tensor], bool]]
+
+#: Substrings of a name component that mark an additive offset (position embeddings, class tokens).
+ADDITIVE_OFFSET_MARKERS = ("pos_embed", "position", "wpe", "cls_token", "dist_token", "reg_token",
+                           "mask_token", "relative_attention_bias")
+
+_MULTIPLYING = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
+_PRESETS = ("weights", "all")
+
+
+def is_additive_offset(model: nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` of ``model`` is an additive offset (position embedding, class
+    token; module docstring): not the weight of a Linear/Conv, and a name component contains one of
+    :data:`ADDITIVE_OFFSET_MARKERS`."""
+    owner_path, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_path) if owner_path else model
+    if isinstance(owner, _MULTIPLYING) and leaf == "weight":
+        return False
+    return any(marker in part.lower() for part in name.split(".") for marker in ADDITIVE_OFFSET_MARKERS)
 
 
 def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -> dict[str, nn.Parameter]:
-    """The weight tensors whose sharpness is measured, keyed by name as in ``model.named_parameters()``.
+    """The tensors whose Hessian diagonal (and sharpness) is measured, keyed as in
+    ``model.named_parameters()``.
 
-    Default: every parameter with ``ndim >= 2`` that requires grad (Linear and Conv weights).
-    Biases, normalisation scales and other 1-D parameters are left out: with one variance per row
-    they reduce to parameter counting (footnote 5). Frozen parameters are skipped. A parameter
-    shared between modules appears once, under its first name (``named_parameters`` deduplicates).
+    Frozen parameters are skipped by the presets and the predicate. A parameter shared between
+    modules (a tied LM head) appears once, under its first name (``named_parameters`` deduplicates).
+    This function does not require ``ndim >= 2``: any parameter has a Hessian diagonal. The
+    normalized measures (eq. 13, 17) need ``ndim >= 2`` and say so (:func:`sharpness_measures`).
 
     Args:
         model: the network.
-        parameters: ``None`` for the default; an iterable of parameter names; or a predicate
-            ``(name, parameter) -> bool`` applied to the default candidates' superset (all
-            parameters requiring grad).
+        parameters: one of
+
+            - ``None`` (default): every parameter with ``ndim >= 2`` that requires grad, except
+              additive offsets (position embeddings, class tokens): the weights that multiply their
+              input, embedding tables included (module docstring: the reasoning);
+            - ``"weights"``: every parameter with ``ndim >= 2`` that requires grad (the default
+              before additive offsets were left out; counts ``pos_embed`` and ``cls_token``);
+            - ``"all"``: every parameter that requires grad, 1-D included (for Hessian diagonals;
+              the normalized measures reject the 1-D ones);
+            - an iterable of parameter names;
+            - a predicate ``(name, parameter) -> bool`` applied to every parameter requiring grad.
 
     Returns:
         Ordered ``{name: parameter}``.
 
     Raises:
-        ValueError: a name is unknown or names a 1-D / frozen parameter, or nothing is selected.
+        ValueError: a name is unknown or names a frozen parameter, an unknown preset, or nothing is
+            selected.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+        >>> list(select_parameters(model)), len(select_parameters(model, "all"))
+        (['0.weight', '2.weight'], 4)
     """
     named = dict(model.named_parameters())
     if parameters is None:
-        chosen = {n: p for n, p in named.items() if p.requires_grad and p.ndim >= 2}
+        chosen = {n: p for n, p in named.items()
+                  if p.requires_grad and p.ndim >= 2 and not is_additive_offset(model, n)}
+    elif isinstance(parameters, str):
+        if parameters not in _PRESETS:
+            raise ValueError(f"`parameters` got the string {parameters!r}; the presets are {_PRESETS} (or None "
+                             f"for the default). To choose one tensor by name wrap it in a list: "
+                             f"parameters=[{parameters!r}].")
+        chosen = {n: p for n, p in named.items() if p.requires_grad and (parameters == "all" or p.ndim >= 2)}
     elif callable(parameters):
         chosen = {n: p for n, p in named.items() if p.requires_grad and parameters(n, p)}
     else:
-        if isinstance(parameters, str):
-            raise TypeError(f"`parameters` must be an iterable of names, got the string {parameters!r}; "
-                            f"wrap it in a list: parameters=[{parameters!r}].")
         chosen = {}
         for name in parameters:
             if name not in named:
@@ -49,11 +126,8 @@ def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -
                 raise ValueError(f"parameter {name!r} of {type(model).__name__} does not require grad; "
                                  f"unfreeze it or leave it out of `parameters`.")
             chosen[name] = named[name]
-    bad = [n for n, p in chosen.items() if p.ndim < 2]
-    if bad:
-        raise ValueError(f"normalized sharpness needs weight tensors with ndim >= 2 (rows x columns), "
-                         f"but {bad} are 1-D (footnote 5 leaves biases out); drop them from `parameters`.")
     if not chosen:
-        raise ValueError(f"found no weight tensors with ndim >= 2 requiring grad in {type(model).__name__}; "
-                         f"pass `parameters=` to choose them.")
+        raise ValueError(f"found no parameters to measure in {type(model).__name__} (the default takes "
+                         f"weight tensors with ndim >= 2 that require grad and are not position embeddings or class "
+                         f"tokens); pass `parameters=` to choose them.")
     return chosen

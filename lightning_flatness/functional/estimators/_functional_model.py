@@ -17,7 +17,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["functional_loss", "probe_chunks", "default_chunk_size", "draw_probes", "accumulation_dtype", "first_line", "rms"]
+from lightning_flatness.functional.model_io import ModelInputs, call_model, map_inputs
+
+__all__ = ["functional_loss", "detached_inputs", "probe_chunks", "default_chunk_size", "draw_probes",
+           "accumulation_dtype", "first_line", "rms"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -27,10 +30,19 @@ _CHUNK_ELEMENTS = 1 << 22
 _MAX_CHUNK = 16  # per probe, 1 thread, batch 128: within 2% of the fastest of 4-64 on MLP, LeNet, ResNet
 
 
+def detached_inputs(inputs: ModelInputs) -> ModelInputs:
+    """``inputs`` (tensor, tuple/list or dict) with every tensor detached; inference tensors are cloned
+    (autograd cannot record operations on them)."""
+    return map_inputs(inputs, lambda t: t.clone() if t.is_inference() else t.detach())
+
+
 def functional_loss(
-    model: nn.Module, loss_fn: LossFn, inputs: Tensor, target: Tensor, params: dict[str, Tensor]
+    model: nn.Module, loss_fn: LossFn, inputs: ModelInputs, target: Tensor, params: dict[str, Tensor]
 ) -> tuple[Callable[[dict[str, Tensor]], Tensor], dict[str, Tensor]]:
-    """``theta -> loss_fn(model(inputs), target)`` as a function of the selected weights only.
+    """``theta -> loss_fn(logits, target)`` as a function of the selected weights only, with the
+    logits from :func:`call_model` (``model(x)``, ``model(*x)`` or ``model(**x)``; tensor, tuple, dict
+    or ``ModelOutput`` outputs). Logits may be ``(N, K)`` or ``(N, T, V)`` (with e.g. a
+    :class:`TokenLoss`): anything ``loss_fn`` reduces to a scalar.
 
     Non-selected parameters enter as detached constants; buffers are cloned at every call, so
     train-mode BatchNorm keeps using batch statistics but its running statistics (in the clones)
@@ -41,7 +53,8 @@ def functional_loss(
     Args:
         model: the network, in whatever train/eval mode the caller left it.
         loss_fn: ``(logits, target) -> scalar`` mean loss.
-        inputs: ``(N, ...)``; detached here.
+        inputs: a ``(N, ...)`` tensor, a tuple of positional or a dict of keyword arguments; every
+            tensor is detached here.
         target: ``(N, ...)``; detached here.
         params: ``{name: parameter}`` as returned by ``select_parameters`` (names from
             ``model.named_parameters()``).
@@ -60,13 +73,14 @@ def functional_loss(
                              f"{type(model).__name__}; build `params` with select_parameters(model).")
     fixed = {n: p.detach() for n, p in named.items() if n not in params}
     buffers = {n: b.detach() for n, b in model.named_buffers()}
-    x = inputs.detach()
-    y = target.detach()
+    x = detached_inputs(inputs)
+    y = target.clone() if target.is_inference() else target.detach()
 
     def loss_of(theta: dict[str, Tensor]) -> Tensor:
         state = {**fixed, **theta, **{n: b.clone() for n, b in buffers.items()}}
         with restore_module_tensors(model):
-            loss = loss_fn(functional_call(model, state, (x,)), y)
+            logits = call_model(lambda *args, **kwargs: functional_call(model, state, args, kwargs), x)
+            loss = loss_fn(logits, y)
         if loss.ndim != 0:
             raise ValueError(f"`loss_fn` must return the mean loss over the batch (a scalar), got shape "
                              f"{tuple(loss.shape)}; use reduction='mean'.")

@@ -44,6 +44,8 @@ from lightning_flatness.functional.estimators._functional_model import (
     mean_over_probes,
     rms,
 )
+from lightning_flatness.functional.model_io import ModelInputs
+from lightning_flatness.functional.twice_differentiable import twice_differentiable
 
 __all__ = ["finite_difference_hessian_diagonal", "finite_difference_steps"]
 
@@ -76,7 +78,7 @@ def finite_difference_steps(params: dict[str, Tensor], relative_step: float = 1e
 def finite_difference_hessian_diagonal(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Tensor,
+    inputs: ModelInputs,
     target: Tensor,
     params: dict[str, nn.Parameter],
     *,
@@ -115,8 +117,10 @@ def finite_difference_hessian_diagonal(
         model: used as it is (train/eval mode respected); its parameters, buffers and ``.grad``
             are never modified.
         loss_fn: ``(logits, target) -> scalar`` mean loss over the batch.
-        inputs: ``(N, ...)`` tensor.
-        target: ``(N, ...)`` tensor.
+        inputs: what the model is called with (:func:`call_model`): a ``(N, ...)`` tensor, a tuple of
+            positional arguments or a dict of keyword arguments (Hugging Face batches).
+        target: ``(N, ...)`` tensor (``(N, T)`` token targets for ``(N, T, V)`` logits with
+            :class:`TokenLoss`).
         params: ``{name: parameter}`` from ``select_parameters(model)``.
         num_probes: number of Gaussian probes (>= 1).
         generator: source of the probes; when given, the global RNG is not touched. The same
@@ -154,7 +158,9 @@ def finite_difference_hessian_diagonal(
         warnings.warn(f"finite_difference_hessian_diagonal: {type(model).__name__} has {dropouts[0]} in train "
                       f"mode, which draws different masks at theta + r*eps and theta - r*eps and ruins the "
                       f"difference; call model.eval() first.", UserWarning, stacklevel=2)
-    with torch.enable_grad():
+    # First derivatives suffice here; the composite execution lets vmap batch the probes through
+    # kernels (fused attention) that have no batching rule or forward-mode derivative.
+    with torch.enable_grad(), twice_differentiable(model):
         loss_of, primals = functional_loss(model, loss_fn, inputs, target, params)
         return mean_over_probes(
             primals, num_probes, chunk_size, "gaussian", generator,

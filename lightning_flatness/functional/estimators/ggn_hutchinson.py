@@ -70,6 +70,7 @@ from torch import Tensor, nn
 from lightning_flatness.functional.estimators._functional_model import restore_module_tensors
 from lightning_flatness.functional.estimators.exact import gauss_newton_diagonal
 from lightning_flatness.functional.estimators.hutchinson import hutchinson_hessian_diagonal
+from lightning_flatness.functional.model_io import ModelInputs
 
 __all__ = ["ggn_hutchinson_hessian_diagonal"]
 
@@ -84,7 +85,7 @@ def _contraction(logits: Tensor, coefficients: Tensor) -> Tensor:
 def ggn_hutchinson_hessian_diagonal(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Tensor,
+    inputs: ModelInputs,
     target: Tensor,
     params: dict[str, nn.Parameter],
     *,
@@ -101,6 +102,10 @@ def ggn_hutchinson_hessian_diagonal(
     ``params``; the other parameters and the buffers are held fixed. This is the ``diag(H)`` that
     eq. 13 and eq. 17 of the paper consume (Algorithm 1 / eq. 61 estimate it by finite differences).
 
+    The residual's Hessian-vector products run under :func:`twice_differentiable` (inside
+    :func:`hutchinson_hessian_diagonal`), so fused attention and hardswish/hardsigmoid are no
+    obstacle; the Gauss-Newton part needs first derivatives only.
+
     Cost: ``method="exact"``'s (``K`` backward passes for ``K`` outputs per sample) plus
     ``num_probes`` Hessian-vector products (about 2 gradient evaluations each) over the tensors
     whose residual diagonal may be nonzero; none when the network is piecewise linear in each
@@ -110,8 +115,10 @@ def ggn_hutchinson_hessian_diagonal(
         model: used as it is (train/eval mode respected; no dropout in train mode); its parameters,
             buffers and ``.grad`` are never modified.
         loss_fn: ``(logits, target) -> scalar``, the mean of per-sample losses over the batch.
-        inputs: ``(N, ...)`` tensor.
-        target: ``(N, ...)`` tensor.
+        inputs: what the model is called with (:func:`call_model`): a ``(N, ...)`` tensor, a tuple of
+            positional arguments or a dict of keyword arguments (Hugging Face batches).
+        target: ``(N, ...)`` tensor (``(N, T)`` token targets for ``(N, T, V)`` logits with
+            :class:`TokenLoss`).
         params: ``{name: parameter}`` from ``select_parameters(model)``.
         num_probes: Rademacher probes of the residual (>= 1; unused when it is zero).
         generator: source of the probes; when given, the global RNG is not touched. The same

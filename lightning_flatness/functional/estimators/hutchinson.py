@@ -38,6 +38,8 @@ from lightning_flatness.functional.estimators._functional_model import (
     functional_loss,
     mean_over_probes,
 )
+from lightning_flatness.functional.model_io import ModelInputs
+from lightning_flatness.functional.twice_differentiable import twice_differentiable
 
 __all__ = ["hutchinson_hessian_diagonal"]
 
@@ -47,7 +49,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 def hutchinson_hessian_diagonal(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Tensor,
+    inputs: ModelInputs,
     target: Tensor,
     params: dict[str, nn.Parameter],
     *,
@@ -74,6 +76,11 @@ def hutchinson_hessian_diagonal(
     Train-mode BatchNorm is handled by ``vmap`` (batch statistics; the running statistics are
     updated only in throw-away clones).
 
+    Twice-differentiable execution: the products run under :func:`twice_differentiable` (SDPA on
+    its math backend, timm ``fused_attn = False``, Hugging Face eager attention, composite
+    hardswish/hardsigmoid), restored on return; the values are those of the fused kernels to float
+    rounding, so torchvision, timm and Hugging Face models need no change.
+
     Fallback: when ``torch.func`` cannot handle the model (an operation without a batching rule
     or forward-mode derivative, an ``autograd.Function`` without ``setup_context``/``jvp``; or
     ``F.mse_loss(reduction="mean")``, whose forward-over-reverse derivative fails with
@@ -93,8 +100,10 @@ def hutchinson_hessian_diagonal(
         model: used as it is (train/eval mode respected); its parameters, buffers and ``.grad``
             are never modified.
         loss_fn: ``(logits, target) -> scalar`` mean loss over the batch.
-        inputs: ``(N, ...)`` tensor.
-        target: ``(N, ...)`` tensor.
+        inputs: what the model is called with (:func:`call_model`): a ``(N, ...)`` tensor, a tuple of
+            positional arguments or a dict of keyword arguments (Hugging Face batches).
+        target: ``(N, ...)`` tensor (``(N, T)`` token targets for ``(N, T, V)`` logits with
+            :class:`TokenLoss`).
         params: ``{name: parameter}`` from ``select_parameters(model)``.
         num_probes: number of Rademacher probes (>= 1).
         generator: source of the probes; when given, the global RNG is not touched (unless the
@@ -126,7 +135,7 @@ def hutchinson_hessian_diagonal(
         >>> error(4096) < 0.05
         True
     """
-    with torch.enable_grad():
+    with torch.enable_grad(), twice_differentiable(model):
         loss_of, primals = functional_loss(model, loss_fn, inputs, target, params)
         return mean_over_probes(
             primals, num_probes, chunk_size, "rademacher", generator,

@@ -1,0 +1,133 @@
+r"""Run a model so that it can be differentiated twice, during a measurement only.
+
+Hessian-vector products (:mod:`.estimators.hutchinson`, the residual of
+:mod:`.estimators.ggn_hutchinson`) differentiate the loss twice: by double backward, or forward-over-
+reverse under :mod:`torch.func`. Several kernels that models use by default have a first derivative
+only:
+
+- fused scaled-dot-product attention (``F.scaled_dot_product_attention`` picks flash / memory-
+  efficient kernels: ``derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is
+  not implemented``), used by timm's ``Attention`` (``fused_attn = True``) and by Hugging Face models
+  (``attn_implementation="sdpa"``);
+- ``hardswish`` and ``hardsigmoid`` (torchvision MobileNetV3): ``derivative for
+  aten::hardsigmoid_backward is not implemented``.
+
+:func:`twice_differentiable` switches all of them to mathematically identical, composite
+executions for the duration of a ``with`` block and restores the model exactly afterwards (also when
+the block raises):
+
+- ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``: SDPA as ``softmax(q k^T / sqrt(d) + mask) v``
+  in plain differentiable ops;
+- every module with a boolean ``fused_attn`` attribute (timm ``Attention``, ``AttentionPool``...):
+  ``fused_attn = False``, timm's explicit ``q @ k.transpose * scale``, softmax, ``@ v`` path;
+- every Hugging Face ``PretrainedConfig`` reachable as a module's ``.config``:
+  ``_attn_implementation = "eager"`` (restored to its previous value);
+- a :class:`torch.overrides.TorchFunctionMode` that evaluates ``F.hardsigmoid(x) =
+  clamp(x / 6 + 1/2, 0, 1)`` and ``F.hardswish(x) = x * clamp(x / 6 + 1/2, 0, 1)`` (the definitions in
+  the PyTorch documentation, same formula as the kernels; in-place variants are evaluated out of
+  place and their result returned, as ``nn.Hardswish`` uses it). ``clamp`` has derivatives of every
+  order (0 beyond the first).
+
+Values equal those of the fused execution to float rounding (tested on every zoo model); derivatives
+agree wherever the functions are differentiable (at ``x = +-3`` the composite picks a one-sided
+derivative, a null set). Cost: the math SDPA path materialises the ``(B, H, T, T)`` attention
+matrix, like eager attention, which is what double differentiation stores anyway.
+
+Other ops in the zoo models (GELU, SiLU, tanh, LayerNorm, BatchNorm, softmax, convolutions,
+embedding lookups) have double-backward formulas in PyTorch already.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["twice_differentiable", "CompositeActivations", "composite_hardsigmoid", "composite_hardswish"]
+
+
+def composite_hardsigmoid(x: torch.Tensor) -> torch.Tensor:
+    """``clamp(x / 6 + 1/2, 0, 1)``: ``hardsigmoid`` in ops with derivatives of every order."""
+    return torch.clamp(x / 6.0 + 0.5, 0.0, 1.0)
+
+
+def composite_hardswish(x: torch.Tensor) -> torch.Tensor:
+    """``x * clamp(x / 6 + 1/2, 0, 1)``: ``hardswish`` in ops with derivatives of every order."""
+    return x * composite_hardsigmoid(x)
+
+
+_COMPOSITES = {F.hardsigmoid: composite_hardsigmoid, F.hardswish: composite_hardswish}
+for _name, _fn in (("hardsigmoid", composite_hardsigmoid), ("hardswish", composite_hardswish)):
+    for _variant in (_name, _name + "_"):  # the kernels behind F.* and nn.*(inplace=True)
+        if hasattr(torch._C._nn, _variant):
+            _COMPOSITES[getattr(torch._C._nn, _variant)] = _fn
+
+
+class CompositeActivations(TorchFunctionMode):
+    """A torch-function mode that evaluates ``hardsigmoid``/``hardswish`` (functional, ``nn`` module or
+    ``torch._C._nn`` call, in-place or not) by their composite, twice-differentiable definitions."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        composite = _COMPOSITES.get(func)
+        if composite is not None:
+            x = args[0] if args else kwargs["input"]
+            return composite(x)
+        return func(*args, **(kwargs or {}))
+
+
+def _hf_configs(model: nn.Module) -> list[Any]:
+    """Distinct Hugging Face configs (objects with ``_attn_implementation``) held by the modules."""
+    found: dict[int, Any] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if hasattr(config, "_attn_implementation") and not isinstance(config, nn.Module):
+            found.setdefault(id(config), config)
+            for key in getattr(config, "sub_configs", {}) or {}:
+                sub = getattr(config, key, None)
+                if sub is not None and hasattr(sub, "_attn_implementation"):
+                    found.setdefault(id(sub), sub)
+    return list(found.values())
+
+
+@contextlib.contextmanager
+def twice_differentiable(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, ``model`` (and any code run there) can be differentiated twice; the model
+    is restored exactly on exit, also on exceptions (module docstring: what is switched and why).
+
+    Args:
+        model: the network. Its ``fused_attn`` flags and Hugging Face ``_attn_implementation`` are
+            changed for the block only; parameters and buffers are never touched.
+
+    Yields:
+        ``model`` itself.
+
+    Example:
+        >>> import torch
+        >>> act = torch.nn.Hardswish()
+        >>> x = torch.tensor([0.5], requires_grad=True)
+        >>> with twice_differentiable(act):
+        ...     (g,) = torch.autograd.grad(act(x).sum(), x, create_graph=True)
+        ...     (h,) = torch.autograd.grad(g.sum(), x)
+        >>> round(float(h), 6)  # d2/dx2 of x (x/6 + 1/2) = 1/3
+        0.333333
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fused = [(m, m.fused_attn) for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+    configs = [(c, c._attn_implementation) for c in _hf_configs(model)]
+    try:
+        for m, _ in fused:
+            m.fused_attn = False
+        for c, _ in configs:
+            c._attn_implementation = "eager"
+        with sdpa_kernel([SDPBackend.MATH]), CompositeActivations():
+            yield model
+    finally:
+        for m, value in fused:
+            m.fused_attn = value
+        for c, value in configs:
+            c._attn_implementation = value

@@ -1,0 +1,29 @@
+"""The zoo residual benchmark's pieces on one tiny model: the brute-force residual share it reports
+is consistent, and batch / per-sample residual probes are unbiased for diag(H) - diag(GGN)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+torch.set_num_threads(1)
+for _module in ("torchvision", "timm", "transformers"):  # the `zoo` extra
+    pytest.importorskip(_module)
+
+from benchmarks.bench_zoo_residual import residual_probes  # noqa: E402
+from tests.zoo_models import tiny_vit  # noqa: E402
+from tests.zoo_oracle import brute_force_ggn_diagonal, brute_force_hessian_diagonal  # noqa: E402
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_residual_probes_are_unbiased_for_the_brute_force_residual_trace(per_sample):
+    model, (x, y) = tiny_vit(n=4, dtype=torch.float64)
+    names = ["blocks.0.attn.qkv.weight", "patch_embed.proj.weight"]
+    residual = {n: h - g for (n, h), g in zip(
+        brute_force_hessian_diagonal(model, F.cross_entropy, x, y, names).items(),
+        brute_force_ggn_diagonal(model, F.cross_entropy, x, y, names).values())}
+    gen = torch.Generator().manual_seed(0)
+    runs = [residual_probes(model, F.cross_entropy, x, y, names, 16, per_sample, gen) for _ in range(6)]
+    for n in names:
+        traces = torch.stack([r[n].sum() for r in runs])
+        se = float(traces.std()) / 6 ** 0.5
+        assert abs(float(traces.mean() - residual[n].sum())) <= 4.5 * se + 1e-9, n

@@ -1,0 +1,219 @@
+"""Tiny random-weight models built by torchvision, timm and Hugging Face ``transformers`` exactly as
+those libraries build them (their own classes and configs, no download), each with a synthetic batch.
+
+Every builder seeds the global RNG, returns ``(model, batch)`` with the model in ``eval()`` mode (no
+dropout; BatchNorm on running statistics) and ``batch = (inputs, target)``, ``inputs`` being what the
+model is called with (a tensor, or a dict of keyword arguments for ``transformers``) and ``target``
+the labels (``(N,)`` class indices, or ``(N, T)`` token ids with ``-100`` on padding for the causal LM,
+whose loss is :class:`TokenLoss` with ``shift=True``).
+
+Two sizes:
+
+- ``TINY`` builders: a few hundred to a few thousand weights, so that a float64 brute-force Hessian
+  diagonal (one Hessian-vector product per weight, :mod:`tests.zoo_oracle`) takes seconds.
+- ``SMALL`` builders: the libraries' standard architectures at their smallest standard depth
+  (torchvision ``ResNet(BasicBlock, [1, 1, 1, 1])``, ``mobilenet_v3_small(width_mult=0.25)``) on
+  small inputs, for "builds and runs" checks.
+
+What each exercises: ResNet (BatchNorm, residual sums, ReLU, max-pool), MobileNetV3 (depthwise conv,
+squeeze-excitation, hardswish, hardsigmoid), ViT (patch conv, LayerNorm, GELU, fused attention,
+``cls_token``, ``pos_embed``), ConvNeXt (depthwise 7x7 conv, channels-last LayerNorm, GELU, layer
+scale), BERT (embedding tables, attention mask, ``token_type_ids``, pooler tanh,
+``SequenceClassifierOutput``) and GPT-2 (``Conv1D``, causal attention, tied LM head, token logits
+``(N, T, V)``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+NUM_CLASSES = 5
+
+
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def _images(n: int, size: int, seed: int, channels: int = 3) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, channels, size, size, generator=g)
+    y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    return x, y
+
+
+def _finish(model: nn.Module, batch: Any, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    model = model.to(dtype).eval()
+    if isinstance(batch[0], Tensor):
+        inputs = batch[0].to(dtype)
+    else:
+        inputs = batch[0]
+    return model, (inputs, batch[1])
+
+
+# ---------------------------------------------------------------- torchvision
+
+def tiny_resnet(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """torchvision ``BasicBlock``s (BatchNorm, residual, strided downsample) in a 4-8 channel stem/stage
+    net: 3x3 conv stem, ``BasicBlock(4, 4)``, ``BasicBlock(4, 8, stride=2, downsample)``, average pool,
+    ``Linear(8, 5)``. torchvision's ``ResNet`` class fixes 64 base channels, too many for brute force."""
+    from torchvision.models.resnet import BasicBlock, conv1x1
+
+    _seed(seed)
+    down = nn.Sequential(conv1x1(4, 8, 2), nn.BatchNorm2d(8))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+        BasicBlock(4, 4), BasicBlock(4, 8, stride=2, downsample=down),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, NUM_CLASSES),
+    )
+    _randomize_batchnorm(model, seed)
+    return _finish(model, _images(n, 6, seed), dtype)
+
+
+def small_resnet(n: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """torchvision ``ResNet(BasicBlock, [1, 1, 1, 1], num_classes=5)`` on 16x16 inputs (4.9M weights)."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    _seed(seed)
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=NUM_CLASSES)
+    return _finish(model, _images(n, 16, seed), dtype)
+
+
+def tiny_mobilenet_v3(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """torchvision ``MobileNetV3`` with a two-block setting (SE + hardswish/hardsigmoid, depthwise
+    convs, one residual block), ``last_channel=16``, on 8x8 inputs."""
+    from torchvision.models.mobilenetv3 import InvertedResidualConfig, MobileNetV3
+
+    _seed(seed)
+    setting = [
+        InvertedResidualConfig(8, 3, 16, 8, True, "HS", 1, 1, 1.0),   # SE, hardswish, residual
+        InvertedResidualConfig(8, 3, 16, 8, True, "RE", 2, 1, 1.0),   # SE, ReLU, stride 2
+    ]
+    model = MobileNetV3(setting, last_channel=16, num_classes=NUM_CLASSES, dropout=0.0)
+    _randomize_batchnorm(model, seed)
+    return _finish(model, _images(n, 8, seed), dtype)
+
+
+def small_mobilenet_v3(n: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """torchvision ``mobilenet_v3_small(width_mult=0.25, num_classes=5)`` on 32x32 inputs."""
+    from torchvision.models import mobilenet_v3_small
+
+    _seed(seed)
+    model = mobilenet_v3_small(width_mult=0.25, num_classes=NUM_CLASSES)
+    _randomize_batchnorm(model, seed)
+    return _finish(model, _images(n, 32, seed), dtype)
+
+
+def _randomize_batchnorm(model: nn.Module, seed: int) -> None:
+    """Give eval-mode BatchNorm non-trivial running statistics and affine parameters (at init they
+    are the identity, which would hide errors in how the estimators treat them)."""
+    g = torch.Generator().manual_seed(seed + 7)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+            with torch.no_grad():
+                m.weight.copy_(0.8 + 0.4 * torch.rand(c, generator=g))
+                m.bias.copy_(0.1 * torch.randn(c, generator=g))
+
+
+# ---------------------------------------------------------------- timm
+
+def tiny_vit(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """timm ``VisionTransformer(img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2,
+    mlp_ratio=2, num_classes=5)``: LayerNorm, GELU, fused attention, ``cls_token``, ``pos_embed``."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    _seed(seed)
+    model = VisionTransformer(img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0,
+                              num_classes=NUM_CLASSES)
+    return _finish(model, _images(n, 8, seed), dtype)
+
+
+def tiny_convnext(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """timm ``ConvNeXt(depths=(1, 1, 1, 1), dims=(4, 4, 8, 8), ls_init_value=0.5)`` on 32x32 inputs (timm
+    always builds four stages, each halving the 8x8 stem output): depthwise 7x7
+    conv, channels-last LayerNorm, GELU MLP, layer scale. ``ls_init_value`` is raised from timm's 1e-6
+    so that the blocks' curvature is not 1e-12 of the rest (a trained ConvNeXt has O(1) scales)."""
+    from timm.models.convnext import ConvNeXt
+
+    _seed(seed)
+    model = ConvNeXt(in_chans=3, num_classes=NUM_CLASSES, depths=(1, 1, 1, 1), dims=(4, 4, 8, 8),
+                     ls_init_value=0.5)
+    return _finish(model, _images(n, 32, seed), dtype)
+
+
+# ---------------------------------------------------------------- transformers
+
+VOCAB, SEQ = 32, 6
+
+
+def _token_batch(n: int, seed: int, pad_last: bool = True) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(1, VOCAB, (n, SEQ), generator=g)
+    mask = torch.ones(n, SEQ, dtype=torch.long)
+    if pad_last:  # every other sequence ends with two padding tokens
+        mask[1::2, -2:] = 0
+        ids[1::2, -2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def tiny_bert(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """``BertForSequenceClassification`` (hidden 8, 1 layer, 2 heads, vocabulary 32, 5 labels) on dict
+    inputs ``input_ids``/``attention_mask``/``token_type_ids``; the target is the ``labels`` tensor."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    _seed(seed)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16, max_position_embeddings=16, type_vocab_size=2,
+                        num_labels=NUM_CLASSES, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertForSequenceClassification(config)
+    inputs = _token_batch(n, seed)
+    inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+    inputs["token_type_ids"][:, SEQ // 2:] = 1
+    labels = torch.randint(0, NUM_CLASSES, (n,), generator=torch.Generator().manual_seed(seed + 2))
+    return _finish(model, (inputs, labels), dtype)
+
+
+def tiny_gpt2(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """``GPT2LMHeadModel`` (8-dim, 1 layer, 2 heads, vocabulary 32, tied LM head) on dict inputs
+    ``input_ids``/``attention_mask``; the target is ``labels = input_ids`` with ``-100`` on padding
+    (score it with ``TokenLoss(base, shift=True)``)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=8, n_layer=1, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=VOCAB - 1,
+                        eos_token_id=VOCAB - 1)
+    model = GPT2LMHeadModel(config)
+    inputs = _token_batch(n, seed)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    return _finish(model, (inputs, labels), dtype)
+
+
+TINY: dict[str, Callable[..., tuple[nn.Module, Any]]] = {
+    "resnet": tiny_resnet,
+    "mobilenet_v3": tiny_mobilenet_v3,
+    "vit": tiny_vit,
+    "convnext": tiny_convnext,
+    "bert": tiny_bert,
+    "gpt2": tiny_gpt2,
+}
+
+SMALL: dict[str, Callable[..., tuple[nn.Module, Any]]] = {
+    "resnet": small_resnet,
+    "mobilenet_v3": small_mobilenet_v3,
+}
+
+#: Models whose target is a token sequence (loss: ``TokenLoss(base, shift=True)``).
+CAUSAL_LM = frozenset({"gpt2"})
+
+
+def zoo_loss(name: str, base: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    """The loss to use with zoo model ``name``: ``base`` itself, or ``TokenLoss(base, shift=True)``."""
+    from lightning_flatness.functional.model_io import TokenLoss
+
+    return TokenLoss(base, shift=True) if name in CAUSAL_LM else base
