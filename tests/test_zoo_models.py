@@ -26,9 +26,6 @@ for _module in ("torchvision", "timm", "transformers"):  # the `zoo` extra
 
 ALL = {**TINY, **{f"small_{k}": v for k, v in SMALL.items()}}
 DICT_INPUTS = {"bert", "gpt2"}
-GGN_DICT = pytest.mark.xfail(
-    strict=True, raises=AttributeError,
-    reason="the Gauss-Newton part (exact.gauss_newton_diagonal, owned elsewhere) takes tensor inputs only")
 
 #: Tensors checked against the brute-force diagonal: each passes through the op the model is about
 #: (attention, hardswish/SE, LayerNorm + GELU, embedding lookups), kept small for the oracle's cost.
@@ -69,11 +66,12 @@ def test_zoo_model_builds_and_runs_every_stochastic_estimator_unchanged(name):
 
 
 @pytest.mark.parametrize("name", sorted(DICT_INPUTS))
-@GGN_DICT
 def test_ggn_hutchinson_on_dict_inputs(name):
     model, (x, y) = TINY[name]()
-    ggn_hutchinson_hessian_diagonal(model, zoo_loss(name, F.cross_entropy), x, y, select_parameters(model),
-                                    num_probes=2)
+    params = select_parameters(model)
+    diag = ggn_hutchinson_hessian_diagonal(model, zoo_loss(name, F.cross_entropy), x, y, params, num_probes=2)
+    assert set(diag) == set(params)
+    assert all(d.shape == params[n].shape and bool(torch.isfinite(d).all()) for n, d in diag.items())
 
 
 def _oracle(name):
