@@ -127,10 +127,15 @@ class SharpnessMonitorBase:
             raise TypeError(f"SharpnessMonitor got loss_fn of type {type(loss_fn).__name__}; pass a callable "
                             f"(logits, target) -> mean loss, or None for normalized_softmax_cross_entropy.")
         selectable = callable(parameters) or isinstance(parameters, Iterable)
-        if parameters is not None and (isinstance(parameters, str) or not selectable):
-            raise TypeError(f"SharpnessMonitor got parameters={parameters!r}; pass None (every weight with "
-                            "ndim >= 2), a list of parameter names, or a predicate (name, parameter) -> "
-                            "bool.")
+        if parameters == "all":
+            raise ValueError("SharpnessMonitor got parameters='all', which includes 1-D tensors (biases, "
+                             "normalization scales): eq. 13 and 17 need weight tensors with rows and columns "
+                             "(footnote 5); pass None or 'weights', a list of names, or a predicate.")
+        if parameters is not None and parameters != "weights" and (isinstance(parameters, str) or not selectable):
+            raise TypeError(f"SharpnessMonitor got parameters={parameters!r}; pass None (the default selection: "
+                            "weights that multiply their input, without position embeddings and class tokens), "
+                            "'weights' (every tensor with ndim >= 2), a list of parameter names, or a predicate "
+                            "(name, parameter) -> bool.")
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
             raise ValueError(f"SharpnessMonitor got lam={lam!r}; the lambda of eq. 17 must be a positive "
                              "finite number (default 0.5).")
@@ -151,7 +156,7 @@ class SharpnessMonitorBase:
         self.num_probes = int(num_probes)
         self.dataloader = dataloader
         self.loss_fn: LossFn = normalized_softmax_cross_entropy if loss_fn is None else loss_fn
-        if parameters is not None and not callable(parameters):
+        if parameters is not None and not callable(parameters) and not isinstance(parameters, str):
             parameters = list(parameters)
         self.parameters = parameters
         self.lam = float(lam)
@@ -377,7 +382,11 @@ class SharpnessMonitorBase:
         if self._choice is not None and self.method == _AUTO and "fallback" not in self._warned:
             message = (f"SharpnessMonitor(method='auto') measures with {self._choice.label}: "
                        f"{self._choice.reason}.")
-            if ESTIMATORS[self._choice.method].stochastic:  # random error and a bias: say it loudly
+            if self._choice.quantity != "hessian":  # not the paper's quantity: say it loudly
+                self._warn_once(trainer, "choice", f"{message} The logged values are normalized sharpness of "
+                                "the Gauss-Newton diagonal, not of the Hessian diagonal (benchmarks/RESULTS.md "
+                                "has the measured difference on the model zoo); history['method'] says so.")
+            elif ESTIMATORS[self._choice.method].stochastic:  # random error and a bias: say it loudly
                 self._warn_once(trainer, "choice", f"{message} It is stochastic: the normalized measures are "
                                 f"biased upwards by its noise, which '{self.prefix}/normalized_half_shift' "
                                 "bounds from below (benchmarks/RESULTS.md has the measured biases).")
@@ -773,9 +782,12 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
             iterated at every evaluation; pass an unsharded loader under DDP).
         loss_fn: ``(logits, target) -> mean loss``; default
             :func:`~lightning_flatness.functional.normalized_softmax_cross_entropy`.
-        parameters: which weights count: ``None`` (every tensor with ``ndim >= 2`` that requires grad;
-            frozen ones are skipped, shared ones counted once), a list of names as in
-            ``pl_module.named_parameters()``, or a predicate ``(name, parameter) -> bool``.
+        parameters: which weights count: ``None`` (the default of
+            :func:`~lightning_flatness.functional.select_parameters`: every tensor with ``ndim >= 2``
+            that requires grad except additive offsets such as position embeddings and class tokens;
+            frozen ones are skipped, shared ones counted once), ``"weights"`` (every ``ndim >= 2``
+            tensor), a list of names as in ``pl_module.named_parameters()``, or a predicate
+            ``(name, parameter) -> bool``.
         lam: the ``lambda`` of eq. 17 (default 0.5).
         num_replicates: replicate groups for the jackknife standard error (default 8; 1 disables it).
         every_n_epochs: measure at the end of every ``n``-th epoch's validation.

@@ -108,14 +108,17 @@ def brute_force_ggn_diagonal(
 
 
 def brute_force_measures(
-    module: nn.Module, inputs: Tensor, target: Tensor, loss_fn: LossFn = normalized_softmax_cross_entropy
+    module: nn.Module, inputs: Tensor, target: Tensor, loss_fn: LossFn = normalized_softmax_cross_entropy,
+    curvature: str = "hessian",
 ) -> dict[str, float]:
-    """All measures (``sharpness_measures``) from the brute-force Hessian diagonal of the float64 loss of
+    """All measures (``sharpness_measures``) from the brute-force Hessian diagonal (or, with
+    ``curvature="gauss_newton"``, the brute-force ``J^T Lambda J`` diagonal) of the float64 loss of
     ``module`` in eval mode, in its selected weights (``select_parameters``)."""
     net = copy.deepcopy(module).double().eval()
     names = list(select_parameters(net))
     weights = {n: p.detach() for n, p in net.named_parameters() if n in names}
-    diagonals = brute_force_hessian_diagonal(net, loss_fn, inputs.double(), target, names)
+    oracle = {"hessian": brute_force_hessian_diagonal, "gauss_newton": brute_force_ggn_diagonal}[curvature]
+    diagonals = oracle(net, loss_fn, inputs.double(), target, names)
     return {k: float(v) for k, v in sharpness_measures(weights, diagonals).items()}
 
 

@@ -349,17 +349,33 @@ class _Tied(MLP):
 
 
 @pytest.mark.parametrize("model_cls", [lambda: MLP(hidden=6, activation="tanh"), _Tied], ids=["tanh", "tied"])
-def test_auto_falls_back_to_ggn_hutchinson_with_a_warning_and_its_trace_is_within_error_bars(model_cls):
-    monitor = SharpnessMonitor(num_samples=128, num_probes=64, dtype="float64")
-    pl.seed_everything(0, verbose=False)  # the model's initialisation too, so the check is deterministic
-    with pytest.warns(UserWarning, match=r"method='auto'\) measures with ggn_hutchinson \(hessian\)"):
+def test_auto_measures_the_gauss_newton_diagonal_of_non_linear_networks_and_says_so(model_cls):
+    monitor = SharpnessMonitor(num_samples=64, dtype="float64")
+    pl.seed_everything(0, verbose=False)
+    with pytest.warns(UserWarning, match=r"method='auto'\) measures with gauss_newton \(gauss-newton\).*not of the "
+                                         r"Hessian diagonal"):
         _, model, dm = _fit(monitor, model=model_cls(), max_epochs=1)
     last = monitor.history[-1]
-    assert last["method"] == "ggn_hutchinson"
+    assert last["method"] == "gauss_newton"
     names = list(select_parameters(model))
     assert sorted(k.split("/", 1)[1] for k in last if k.startswith("normalized/")) == sorted(names)
     if isinstance(model, _Tied):
         assert names == ["net.0.weight", "net.2.weight", "net.6.weight"]  # the shared weight counted once
+    x, y = _subset(monitor, dm.train_set)
+    ggn = brute_force_measures(model, x, y, curvature="gauss_newton")
+    hessian = brute_force_measures(model, x, y)
+    for measure in ("normalized", "matrix_normalized", "hessian_trace"):
+        assert last[measure] == pytest.approx(ggn[measure], rel=1e-9)
+    assert abs(hessian["normalized"] / ggn["normalized"] - 1) > 1e-3  # the two curvatures do differ here
+
+
+@pytest.mark.parametrize("model_cls", [lambda: MLP(hidden=6, activation="tanh"), _Tied], ids=["tanh", "tied"])
+def test_ggn_hutchinson_estimates_the_hessian_with_its_trace_within_error_bars(model_cls):
+    monitor = SharpnessMonitor(method="ggn_hutchinson", num_samples=128, num_probes=64, dtype="float64")
+    pl.seed_everything(0, verbose=False)  # the model's initialisation too, so the check is deterministic
+    _, model, dm = _fit(monitor, model=model_cls(), max_epochs=1)
+    last = monitor.history[-1]
+    assert last["method"] == "ggn_hutchinson"
     ref = brute_force_measures(model, *_subset(monitor, dm.train_set))
     # the trace is linear in the diagonal, so Hutchinson is unbiased for it: within 4 standard errors
     assert abs(last["hessian_trace"] - ref["hessian_trace"]) < 4 * last["hessian_trace_stderr"]

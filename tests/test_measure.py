@@ -49,13 +49,13 @@ def test_measure_sharpness_equals_the_metric_fed_by_hand_and_the_brute_force_hes
     assert result.seconds > 0 and int(result["num_samples"]) == 48
 
 
-def test_choose_method_exact_for_piecewise_linear_and_residual_probes_otherwise():
+def test_choose_method_exact_for_piecewise_linear_and_gauss_newton_otherwise():
     x, y = _data(1)[0]
     relu = choose_method(_mlp(), normalized_softmax_cross_entropy, x, y)
     assert (relu.method, relu.quantity) == ("exact", "hessian")
     assert "piecewise linear" in relu.reason and "3 outputs" in relu.reason
     tanh = choose_method(_mlp(nn.Tanh), normalized_softmax_cross_entropy, x, y)
-    assert (tanh.method, tanh.quantity) == ("ggn_hutchinson", "hessian")
+    assert (tanh.method, tanh.quantity) == ("gauss_newton", "gauss_newton")
     assert "tanh" in tanh.reason
     wide_x, wide_y = _data(1, classes=48)[0]
     many = choose_method(_mlp(classes=48), normalized_softmax_cross_entropy, wide_x, wide_y)

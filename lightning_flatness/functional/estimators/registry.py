@@ -93,3 +93,5 @@ register_estimator(EstimatorSpec(
 register_estimator(EstimatorSpec(
     "gauss_newton_mc", f"{_PKG}.gauss_newton_mc:gauss_newton_mc_diagonal", "gauss_newton", stochastic=True,
     options=("num_mc_samples", "generator")))
+register_estimator(EstimatorSpec(
+    "gauss_newton", f"{_PKG}.gauss_newton:gauss_newton_exact_diagonal", "gauss_newton", stochastic=False))
