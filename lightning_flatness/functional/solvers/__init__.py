@@ -6,6 +6,7 @@ from lightning_flatness.functional.solvers.normalized import (
     normalized_sharpness,
     normalized_sharpness_coefficients,
     solve_normalized_sharpness,
+    solve_normalized_sharpness_batch,
 )
 
 __all__ = [
@@ -15,4 +16,5 @@ __all__ = [
     "normalized_sharpness",
     "normalized_sharpness_coefficients",
     "solve_normalized_sharpness",
+    "solve_normalized_sharpness_batch",
 ]
