@@ -6,13 +6,15 @@ inside one component stay in the infimum (see :mod:`.normalized`); this module f
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 __all__ = ["component_layout"]
 
 
-def component_layout(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+def component_layout(a: Tensor, b: Tensor) -> tuple[Optional[Tensor], Tensor]:
     """Entries inside a component, and the free (non-representative) rows, for a batch of problems.
 
     Args:
@@ -35,6 +37,8 @@ def component_layout(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         # that have an arc of the other kind
         other = torch.where(all_b[:, None, None], pos_a, pos_b)
         rows, cols = other.any(dim=2), other.any(dim=1)
+        if bool(rows.all()) and bool(cols.all()):
+            return None, _free_rows(rows)
         keep = rows[:, :, None] & cols[:, None, :] & (pos_a | pos_b)
         return keep, _free_rows(rows)
     keeps, frees = [], []

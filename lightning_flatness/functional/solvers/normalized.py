@@ -281,7 +281,7 @@ def _check_tolerances(rtol: float, max_iter: int) -> None:
 def _solve(a: Tensor, b: Tensor, rtol: float, max_iter: int, shape: tuple, warm_start: bool
            ) -> list[NormalizedSharpnessSolution]:
     """Solve ``P`` problems with coefficients ``a`` ``(P, m, n)`` and ``b`` ``(P or 1, m, n)``."""
-    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+    if not (math.isfinite(float(a.sum())) and math.isfinite(float(b.sum()))):  # a, b >= 0: no cancellation
         raise ValueError("normalized_sharpness got non-finite weights or Hessian diagonal (NaN/inf, or an "
                          "overflow of W^2 / h summed over the kernel); check the curvature estimate.")
     num = a.shape[0]
@@ -309,16 +309,21 @@ def _solve_reduced(a: Tensor, b: Tensor, rtol: float, max_iter: int, shape: tupl
     """Component reduction, scaling, start point, Newton and the iteration-cap warning (``m <= n``)."""
     num, m, n = a.shape
     keep, free = component_layout(a, b)
-    pos = (a > 0) | (b > 0)
-    attained = ~((pos & ~keep).flatten(1).any(dim=1))
-    rows, cols = keep.any(dim=2), keep.any(dim=1)
-    a = torch.where(keep, a, torch.zeros_like(a))
-    b = torch.where(keep, b, torch.zeros_like(b))
+    if keep is None:  # one component with every row and column: nothing to drop
+        attained = torch.ones(num, dtype=torch.bool, device=a.device)
+        rows = torch.ones(num, m, dtype=torch.bool, device=a.device)
+        cols = torch.ones(num, n, dtype=torch.bool, device=a.device)
+    else:
+        attained = ~((((a > 0) | (b > 0)) & ~keep).flatten(1).any(dim=1))
+        rows, cols = keep.any(dim=2), keep.any(dim=1)
+        a = torch.where(keep, a, torch.zeros_like(a))
+        b = torch.where(keep, b, torch.zeros_like(b))
     one = torch.ones((), dtype=a.dtype, device=a.device)
     scale_a = torch.where(rows.any(dim=1), a.amax(dim=(1, 2)), one)
     scale_b = torch.where(rows.any(dim=1), b.amax(dim=(1, 2)), one)
-    a = a / scale_a[:, None, None]
-    b = b / scale_b[:, None, None]
+    # scaled to maximum 1, contiguous (a transposed view would be copied by every product)
+    a = (a * (1.0 / scale_a)[:, None, None]).contiguous()
+    b = (b * (1.0 / scale_b)[:, None, None]).contiguous()
     shift = 0.5 * torch.log(scale_b / scale_a)  # x of the scaled problem = x - shift
     if start is None:
         x, y = alternating_sweeps(a, b)
