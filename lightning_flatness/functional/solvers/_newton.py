@@ -166,6 +166,9 @@ def newton(a: Tensor, b: Tensor, free: Tensor, x: Tensor, y: Tensor, rtol: float
         slope = (gx * px).sum(1) + (gy * py).sum(1)  # -(Newton decrement^2)
         low = lower[active]
         near = -slope <= _BOUND_FROM * val
+        if it == max_iter:  # the cap: report the best certificate available, at least the separable
+            near = torch.ones_like(near)  # bound sum_ij 2 sqrt(A_ij B_ij) (each term minimised on its own)
+            low = torch.maximum(low, 2.0 * torch.sqrt(a_a * b_a).sum(dim=(1, 2)))
         if bool(near.any()):
             bound = _dual_bound(gamma, r, c, val, gx, gy, px, py, xa, ya)
             low = torch.where(near, torch.maximum(low, bound), low)
