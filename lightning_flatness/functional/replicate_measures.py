@@ -4,10 +4,12 @@ Given ``R`` replicate slots of summed estimates (slot ``r``: ``sum_g n_g diag_g`
 ``N_r = sum_g n_g``), every measure of :func:`~lightning_flatness.functional.sharpness_measures` is
 evaluated on ``P = R' + 3`` means of one shape per weight tensor: the pooled mean ``sum / N``, the
 ``R'`` leave-one-out means ``(sum - slot_r) / (N - N_r)`` of the non-empty slots, and the means of
-their even and odd halves. The ``P`` eq. 17 problems of a tensor are solved as one batched Newton
+their even and odd halves. The means are never materialised: eq. 17's coefficients of all ``P``
+problems come from per-slot kernel sums (linear) plus a clipping correction on the entries where
+some slot is negative; the ``P`` eq. 17 problems of a tensor are solved as one batched Newton
 iteration warm-started from the pooled solution
-(:func:`~lightning_flatness.functional.solvers.solve_normalized_sharpness_batch`); eq. 13 and
-eq. 5 are closed forms, evaluated for all ``P`` at once.
+(:func:`~lightning_flatness.functional.solvers.solve_normalized_sharpness_coefficients`); eq. 13
+and eq. 5 are closed forms, evaluated for all ``P`` at once.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ import torch
 from torch import Tensor
 
 from lightning_flatness.functional.measures import MEASURES
-from lightning_flatness.functional.solvers.normalized import solve_normalized_sharpness_batch
+from lightning_flatness.functional.solvers.normalized import solve_normalized_sharpness_coefficients
 
 __all__ = ["jackknife_standard_error", "replicate_sharpness_measures"]
+
+POOLED_RTOL = 1e-11  # certified relative accuracy of the pooled value (the solver's default)
+REPLICATE_RTOL = 1e-9  # ... of the leave-one-out and half values (their spread is ~1e-2 relative)
 
 
 def jackknife_standard_error(leave_one_out: Tensor) -> Tensor:
@@ -47,43 +52,79 @@ def derived_key(key: str, suffix: str) -> str:
     return f"{measure}_{suffix}{sep}{rest}"
 
 
-def replicate_means(sums: Tensor, counts: Tensor, used: list[int]) -> Tensor:
-    """``(P, numel)`` means: pooled, then (when ``len(used) >= 2``) the leave-one-out means of the
-    ``used`` slots and the means of their even and odd halves.
+def replicate_weights(counts: Tensor, used: list[int]) -> Tensor:
+    """``(P, R)`` non-negative weights ``C`` with ``mean_p = sum_r C_pr slot_r``: the pooled mean, then
+    (when ``len(used) >= 2``) the leave-one-out means of the ``used`` slots and the means of their
+    even and odd halves.
 
     Args:
-        sums: ``(R, numel)`` float64 slot sums.
         counts: ``(R,)`` float64 samples per slot.
         used: the non-empty slots.
     """
-    total, n = sums.sum(dim=0), counts.sum()
-    rows = [(total / n)[None]]
+    n = counts.sum()
+    rows = [torch.full_like(counts, 1.0 / float(n))]
     if len(used) >= 2:
-        idx = torch.tensor(used, device=sums.device)
-        rows.append((total[None] - sums[idx]) / (n - counts[idx])[:, None])
-        for half in (idx[0::2], idx[1::2]):
-            rows.append((sums[half].sum(dim=0) / counts[half].sum())[None])
-    return torch.cat(rows)
+        for r in used:
+            row = torch.full_like(counts, 1.0 / float(n - counts[r]))
+            row[r] = 0.0
+            rows.append(row)
+        for half in (used[0::2], used[1::2]):
+            row = torch.zeros_like(counts)
+            row[half] = 1.0 / float(counts[half].sum())
+            rows.append(row)
+    return torch.stack(rows)
 
 
-def tensor_measures(weight: Tensor, means: Tensor, lam: float) -> dict[str, Tensor]:
-    """The three measures of one weight tensor for ``P`` Hessian diagonals: ``{measure: (P,)}``.
+def replicate_curvature(sums: Tensor, mix: Tensor, shape: torch.Size) -> tuple[Tensor, Tensor]:
+    """Eq. 17's ``A = sum_k max(mean_p, 0)`` ``(P, m, n)`` and the trace ``sum mean_p`` ``(P,)`` of the
+    ``P`` means ``mean_p = sum_r mix_pr sums_r``, without materialising the ``(P, numel)`` means.
 
-    Normalized sharpness (eq. 17) by the batched solver, certified to ``1e-11`` relative;
+    With ``mix >= 0``, ``max(x, 0) = x + max(-x, 0)`` and ``mean_p < 0`` only at entries where some slot
+    is negative: ``A_p`` is the linear kernel sum ``mix @ (kernel sums of the slots)`` plus a correction
+    evaluated on those entries only. Cost: two passes over the ``(R, numel)`` sums, plus ``O(P R)``
+    per entry with a negative slot value (none for exact, non-negative GGN diagonals).
+
+    Args:
+        sums: ``(R, numel)`` float64 slot sums of a tensor of ``shape`` ``(m, n, *kernel)``.
+        mix: ``(P, R)`` non-negative float64 (:func:`replicate_weights`).
+    """
+    num_slots = sums.shape[0]
+    m, n = shape[0], shape[1]
+    kernel = math.prod(shape[2:])
+    by_kernel = sums.view(num_slots, m * n, kernel)
+    slot_kernel_sums = by_kernel.sum(dim=2)  # (R, m n)
+    lin = mix @ slot_kernel_sums  # (P, m n)
+    trace = mix @ slot_kernel_sums.sum(dim=1)
+    negative = (sums.amin(dim=0) < 0).nonzero().squeeze(1)
+    if negative.numel():
+        correction = (-(mix @ sums[:, negative])).clamp_min_(0)  # (P, #negative)
+        lin.index_add_(1, torch.div(negative, kernel, rounding_mode="floor"), correction)
+    return lin.view(-1, m, n), trace
+
+
+def tensor_measures(weight: Tensor, sums: Tensor, mix: Tensor, lam: float) -> dict[str, Tensor]:
+    """The three measures of one weight tensor for the ``P`` means ``mix @ sums``: ``{measure: (P,)}``.
+
+    Normalized sharpness (eq. 17) by the batched solver on the coefficient matrices (problem 0,
+    the pooled mean, cold, certified to ``POOLED_RTOL = 1e-11`` relative; the others warm-started
+    from it, certified to ``REPLICATE_RTOL = 1e-9``);
     matrix-normalized sharpness (eq. 13) ``sqrt(||W||_F^2 sum max(h, 0))`` and the trace (eq. 5)
-    ``sum h`` in closed form. Cost ``O(P numel)`` plus the solver's Newton iterations.
+    ``sum h`` in closed form.
 
     Args:
         weight: ``(m, n, *kernel)`` float64.
-        means: ``(P, numel)`` float64 Hessian diagonals.
+        sums: ``(R, numel)`` float64 slot sums.
+        mix: ``(P, R)`` (:func:`replicate_weights`).
         lam: ``lambda`` of eq. 17.
     """
-    diagonals = means.view(means.shape[0], *weight.shape)
-    sols = solve_normalized_sharpness_batch(weight, diagonals, lam)
+    a, trace = replicate_curvature(sums, mix, weight.shape)
+    b = weight.square().reshape(a.shape[1], a.shape[2], -1).sum(dim=2) / (2.0 * lam)
+    sols = solve_normalized_sharpness_coefficients(a, b, shape=tuple(weight.shape), rtol=POOLED_RTOL,
+                                                   replicate_rtol=REPLICATE_RTOL)
     return {
-        "normalized": torch.stack([s.value for s in sols]).to(means.device),
-        "matrix_normalized": torch.sqrt(weight.square().sum() * means.clamp_min(0).sum(dim=1)),
-        "hessian_trace": means.sum(dim=1),
+        "normalized": torch.stack([s.value for s in sols]).to(sums.device),
+        "matrix_normalized": torch.sqrt(weight.square().sum() * a.sum(dim=(1, 2))),
+        "hessian_trace": trace,
     }
 
 
@@ -115,8 +156,8 @@ def replicate_sharpness_measures(
     """
     counts_f = counts.to(torch.float64)
     used = [int(r) for r in torch.nonzero(counts_f > 0).flatten().tolist()]
-    per_tensor = {name: tensor_measures(weights[name], replicate_means(s, counts_f, used), lam)
-                  for name, s in sums.items()}
+    mix = replicate_weights(counts_f, used)
+    per_tensor = {name: tensor_measures(weights[name], s, mix, lam) for name, s in sums.items()}
     names = list(sums)
     out: dict[str, Tensor] = {}
     series: dict[str, Tensor] = {}  # key -> (P,)

@@ -7,6 +7,7 @@ from lightning_flatness.functional.solvers.normalized import (
     normalized_sharpness_coefficients,
     solve_normalized_sharpness,
     solve_normalized_sharpness_batch,
+    solve_normalized_sharpness_coefficients,
 )
 
 __all__ = [
@@ -17,4 +18,5 @@ __all__ = [
     "normalized_sharpness_coefficients",
     "solve_normalized_sharpness",
     "solve_normalized_sharpness_batch",
+    "solve_normalized_sharpness_coefficients",
 ]

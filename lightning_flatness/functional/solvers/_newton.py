@@ -26,6 +26,7 @@ _SWEEP_TOL = 1e-7  # ... stopping once no log-variance moves by more than this (
 _SWEEP_STALL = 0.5  # ... or once a sweep shrinks the largest move by less than this factor (Newton's turn)
 _MAX_STEP = 8.0  # largest change of any x_i + y_j per Newton step, in nats (a trust region on exp(.))
 _BOUND_FROM = 1e-4  # evaluate the dual bound once the Newton decrement^2 / S is below this
+_POLISH_FROM = 1e-2  # refine the float32 Newton solve in float64 once sum g^2 / diag(H) / S is below this
 _MAX_HALVINGS = 60  # backtracking steps per line search
 _MAX_REFINE = 6  # float64 refinement steps of a float32-factored Newton system
 _REFINE_TOL = 1e-13  # residual (relative to the right-hand side) at which refinement stops
@@ -161,30 +162,39 @@ def newton(a: Tensor, b: Tensor, free: Tensor, x: Tensor, y: Tensor, rtol: float
         gx, gy, r, c = ra - rb, ca - cb, ra + rb, ca + cb
         gamma = ta.add_(tb)
         del tb
-        px, py = _direction(gamma, r, c, gx, gy, fa)
+        tiny = torch.finfo(gamma.dtype).tiny
+        # float64-polish the direction only where the certificate may be evaluated: the Jacobi
+        # estimate of the Newton decrement, sum g^2 / diag(H), is within a factor of it
+        jacobi = (gx * gx / r.clamp_min(tiny)).sum(1) + (gy * gy / c.clamp_min(tiny)).sum(1)
+        polish = (jacobi <= _POLISH_FROM * val) | (it == max_iter)
+        px, py, accurate = _direction(gamma, r, c, gx, gy, fa, polish)
 
         slope = (gx * px).sum(1) + (gy * py).sum(1)  # -(Newton decrement^2)
         low = lower[active]
-        near = -slope <= _BOUND_FROM * val
+        near = (-slope <= _BOUND_FROM * val) & accurate  # (the bound needs max|s| < 1/2; it is tight once lambda^2 << S)
         if it == max_iter:  # the cap: report the best certificate available, at least the separable
-            near = torch.ones_like(near)  # bound sum_ij 2 sqrt(A_ij B_ij) (each term minimised on its own)
+            near = accurate  # bound sum_ij 2 sqrt(A_ij B_ij) (each term minimised on its own)
             low = torch.maximum(low, 2.0 * torch.sqrt(a_a * b_a).sum(dim=(1, 2)))
         if bool(near.any()):
             bound = _dual_bound(gamma, r, c, val, gx, gy, px, py, xa, ya)
             low = torch.where(near, torch.maximum(low, bound), low)
         del gamma
-        done = (val - low <= rtol * low) | (val == 0)
-        # certified: the full Newton step is usually exact to rounding; take it where it helps
+        # where the bound was evaluated, the full Newton step (usually exact to rounding) may already
+        # close the gap: certify the better of the current and the stepped value
+        stepped = torch.full_like(val, math.inf)
+        if bool(near.any()):
+            idx = near.nonzero().squeeze(1)
+            stepped[idx] = _objective(a_a[idx], b_a[idx], xa[idx] + px[idx], ya[idx] + py[idx])
+        take = stepped < val
+        best = torch.minimum(val, stepped)
+        done = (best - low <= rtol * low) | (val == 0)
         if bool(done.any()):
             idx = done.nonzero().squeeze(1)
-            xn, yn = xa[idx] + px[idx], ya[idx] + py[idx]
-            vn = _objective(a_a[idx], b_a[idx], xn, yn)
-            better = vn < val[idx]
-            glob = active[idx]
-            x[glob] = torch.where(better[:, None], xn, xa[idx])
-            y[glob] = torch.where(better[:, None], yn, ya[idx])
-            value[glob] = torch.where(better, vn, val[idx])
-            lower[glob] = torch.minimum(low[idx], value[glob])
+            glob, step = active[idx], take[idx].to(val.dtype)[:, None]
+            x[glob] = xa[idx] + step * px[idx]
+            y[glob] = ya[idx] + step * py[idx]
+            value[glob] = best[idx]
+            lower[glob] = torch.minimum(low[idx], best[idx])
         go = (~done).nonzero().squeeze(1)
         if go.numel() == 0:
             active = active[go]
@@ -217,8 +227,13 @@ def newton(a: Tensor, b: Tensor, free: Tensor, x: Tensor, y: Tensor, rtol: float
     return BatchResult(x, y, value, lower, iterations)
 
 
-def _direction(gamma: Tensor, r: Tensor, c: Tensor, gx: Tensor, gy: Tensor, free: Tensor) -> tuple[Tensor, Tensor]:
-    """Newton direction of ``P`` problems, ``p_x = 0`` on non-free rows.
+def _direction(gamma: Tensor, r: Tensor, c: Tensor, gx: Tensor, gy: Tensor, free: Tensor, polish: Tensor
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """Newton direction of ``P`` problems, ``p_x = 0`` on non-free rows, and whether it is float64-accurate.
+
+    ``polish`` ``(P,)`` selects the problems whose float32 solve is refined to float64 accuracy (those
+    near enough to the optimum for the certificate); the others keep the float32 solve, an
+    inexact Newton direction that the line search still makes a descent step.
 
     Solves ``[[diag(r), G], [G^T, diag(c)]] p = -g``: eliminating ``p_y``,
     ``(diag(r) - G diag(1/c) G^T) p_x = -g_x + G (g_y / c)`` on the free rows (a grounded weighted
@@ -232,21 +247,23 @@ def _direction(gamma: Tensor, r: Tensor, c: Tensor, gx: Tensor, gy: Tensor, free
     sr = torch.where(fr, torch.rsqrt(r.clamp_min(tiny)), torch.zeros_like(r))
     gs = gamma * (sr[:, :, None] * sqrt_inv_c[:, None, :])
     rhs = -gx * sr + torch.bmm(gs, (gy * sqrt_inv_c).unsqueeze(2)).squeeze(2)
-    z = _solve_scaled(gs, rhs, fr)
+    z, accurate = _solve_scaled(gs, rhs, fr, polish)
     px = z * sr
     py = -(gy + torch.bmm(z.unsqueeze(1), gs).squeeze(1) * torch.sqrt(c)) * inv_c
-    return px, py
+    return px, py, accurate
 
 
-def _solve_scaled(gs: Tensor, rhs: Tensor, free: Tensor) -> Tensor:
-    """Solve ``(I - Gs Gs^T) z = rhs`` (rows of ``Gs`` and ``rhs`` zero outside ``free``, where ``z = 0``).
+def _solve_scaled(gs: Tensor, rhs: Tensor, free: Tensor, polish: Tensor) -> tuple[Tensor, Tensor]:
+    """Solve ``(I - Gs Gs^T) z = rhs`` (rows of ``Gs`` and ``rhs`` zero outside ``free``, where ``z = 0``);
+    also return which solutions are float64-accurate.
 
-    Float32 Cholesky with float64 iterative refinement; float64 Cholesky (then least squares)
-    for the problems where that does not reach ``_REFINE_TOL``.
+    Float32 Cholesky; for the ``polish`` problems float64 iterative refinement, and a float64
+    Cholesky (then least squares) where that does not reach ``_REFINE_TOL``; a float64 Cholesky
+    also wherever the float32 one fails.
     """
     num, m, _ = gs.shape
     if m == 0:
-        return rhs.clone()
+        return rhs.clone(), torch.ones_like(polish)
     eye32 = torch.eye(m, dtype=torch.float32, device=gs.device)
     gs32 = gs.to(torch.float32)
     k32 = torch.baddbmm(eye32.expand(num, m, m), gs32, gs32.transpose(1, 2), beta=1.0, alpha=-1.0)
@@ -254,8 +271,9 @@ def _solve_scaled(gs: Tensor, rhs: Tensor, free: Tensor) -> Tensor:
     ok = info == 0
     z = torch.zeros_like(rhs)
     if bool(ok.any()):
-        z, converged = _refine(gs, rhs, chol, ok)
-        ok = ok & converged
+        z, converged = _refine(gs, rhs, chol, ok, ok & polish)
+        ok = ok & (converged | ~polish)
+    accurate = polish.clone()
     if bool((~ok).any()):
         bad = (~ok).nonzero().squeeze(1)
         g = gs[bad]
@@ -267,7 +285,8 @@ def _solve_scaled(gs: Tensor, rhs: Tensor, free: Tensor) -> Tensor:
             fail = (info64 != 0).nonzero().squeeze(1)
             sol[fail] = torch.linalg.lstsq(k[fail], rhs[bad][fail].unsqueeze(2)).solution.squeeze(2)
         z[bad] = sol
-    return z * free
+        accurate[bad] = True
+    return z * free, accurate
 
 
 def _residual(gs: Tensor, rhs: Tensor, z: Tensor) -> Tensor:
@@ -276,17 +295,20 @@ def _residual(gs: Tensor, rhs: Tensor, z: Tensor) -> Tensor:
     return rhs - z + torch.bmm(gz, gs.transpose(1, 2)).squeeze(1)
 
 
-def _refine(gs: Tensor, rhs: Tensor, chol32: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
-    """Mixed-precision iterative refinement with the float32 factor: ``z`` (0 where not ``ok``) and
-    whether each problem reached a residual of ``_REFINE_TOL`` (times ``||rhs||_inf``)."""
+def _refine(gs: Tensor, rhs: Tensor, chol32: Tensor, ok: Tensor, polish: Tensor) -> tuple[Tensor, Tensor]:
+    """The float32 solve (0 where not ``ok``), with mixed-precision iterative refinement for the
+    ``polish`` problems; and whether each reached a residual of ``_REFINE_TOL`` (times ``||rhs||_inf``)."""
     okf = ok.to(rhs.dtype)[:, None]
     z = torch.cholesky_solve((rhs * okf).to(torch.float32).unsqueeze(2), chol32).squeeze(2).to(rhs.dtype)
     z = torch.nan_to_num(z) * okf
     tol = _REFINE_TOL * rhs.abs().amax(dim=1)
+    if not bool(polish.any()):
+        return z, torch.zeros_like(ok)
+    okf = polish.to(rhs.dtype)[:, None]
     for _ in range(_MAX_REFINE):
         res = _residual(gs, rhs, z) * okf
         converged = res.abs().amax(dim=1) <= tol
-        if bool(converged.all()):
+        if bool(converged[polish].all()):
             break
         dz = torch.cholesky_solve(res.to(torch.float32).unsqueeze(2), chol32).squeeze(2).to(rhs.dtype)
         z = z + torch.nan_to_num(dz) * okf

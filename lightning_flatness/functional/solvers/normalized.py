@@ -65,6 +65,7 @@ __all__ = [
     "normalized_sharpness_coefficients",
     "solve_normalized_sharpness",
     "solve_normalized_sharpness_batch",
+    "solve_normalized_sharpness_coefficients",
 ]
 
 
@@ -270,6 +271,47 @@ def solve_normalized_sharpness_batch(
     return _solve(a, b, rtol, max_iter, tuple(weight.shape), warm_start=True)
 
 
+def solve_normalized_sharpness_coefficients(
+    a: Tensor,
+    b: Tensor,
+    *,
+    rtol: float = 1e-11,
+    max_iter: int = 100,
+    warm_start: bool = True,
+    shape: Optional[tuple] = None,
+    replicate_rtol: Optional[float] = None,
+) -> list[NormalizedSharpnessSolution]:
+    r"""Solve eq. 17 from its ``(m, n)`` coefficient matrices, for ``P`` problems at once.
+
+    The batched core of :func:`solve_normalized_sharpness_batch`, for callers that form
+    ``A = sum_k max(h, 0)`` and ``B = sum_k W^2 / (2 lam)`` themselves (e.g. from sums of
+    replicates, without materialising every diagonal). Problem 0 is solved cold and the others
+    warm-started from it (``warm_start=True``) or all cold.
+
+    Args:
+        a: ``(P, m, n)`` non-negative float64.
+        b: ``(P, m, n)`` or ``(m, n)`` (shared) non-negative float64.
+        rtol, max_iter: as for :func:`normalized_sharpness`.
+        warm_start: start problems ``1..P-1`` from problem 0's solution.
+        shape: the weight's shape, for the warning text (default ``(m, n)``).
+        replicate_rtol: certified accuracy of problems ``1..P-1`` (default ``rtol``); e.g. ``1e-9``
+            for jackknife replicates, whose spread is many orders of magnitude larger.
+
+    Returns:
+        ``P`` :class:`NormalizedSharpnessSolution` in float64.
+    """
+    _check_tolerances(rtol, max_iter)
+    if replicate_rtol is not None:
+        _check_tolerances(replicate_rtol, max_iter)
+    if a.ndim != 3 or b.shape[-2:] != a.shape[-2:] or b.ndim not in (2, 3):
+        raise ValueError(f"coefficients must be a (P, m, n) and b (m, n) or (P, m, n); got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}.")
+    b = b if b.ndim == 3 else b[None]
+    return _solve(a.to(torch.float64), b.to(torch.float64), rtol, max_iter,
+                  tuple(a.shape[1:]) if shape is None else tuple(shape), warm_start=warm_start,
+                  replicate_rtol=replicate_rtol)
+
+
 def _check_tolerances(rtol: float, max_iter: int) -> None:
     if not (rtol > 0 and math.isfinite(rtol)):
         raise ValueError(f"rtol must be a positive finite number, got {rtol!r}.")
@@ -278,8 +320,8 @@ def _check_tolerances(rtol: float, max_iter: int) -> None:
                          f"with a warning), got {max_iter!r}.")
 
 
-def _solve(a: Tensor, b: Tensor, rtol: float, max_iter: int, shape: tuple, warm_start: bool
-           ) -> list[NormalizedSharpnessSolution]:
+def _solve(a: Tensor, b: Tensor, rtol: float, max_iter: int, shape: tuple, warm_start: bool,
+           replicate_rtol: Optional[float] = None) -> list[NormalizedSharpnessSolution]:
     """Solve ``P`` problems with coefficients ``a`` ``(P, m, n)`` and ``b`` ``(P or 1, m, n)``."""
     if not (math.isfinite(float(a.sum())) and math.isfinite(float(b.sum()))):  # a, b >= 0: no cancellation
         raise ValueError("normalized_sharpness got non-finite weights or Hessian diagonal (NaN/inf, or an "
@@ -297,11 +339,12 @@ def _solve(a: Tensor, b: Tensor, rtol: float, max_iter: int, shape: tuple, warm_
         sols = _solve_one_row(a, b)
     elif warm_start and num > 1:
         first = _solve_reduced(a[:1], b[:1], rtol, max_iter, shape, None)
-        rest = _solve_reduced(a[1:], b[1:], rtol, max_iter, shape, first[0])
+        rest = _solve_reduced(a[1:], b[1:], rtol if replicate_rtol is None else replicate_rtol, max_iter, shape,
+                              first[0])
         sols = first + rest
     else:
         sols = _solve_reduced(a, b, rtol, max_iter, shape, None)
-    _warn_uncertified(sols, rtol, max_iter, shape)
+    _warn_uncertified(sols, max(rtol, replicate_rtol or rtol), max_iter, shape)
     return [_finish(sol, transposed) for sol in sols]
 
 
