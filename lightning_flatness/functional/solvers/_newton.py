@@ -1,14 +1,15 @@
 r"""Batched damped Newton with a certified duality gap for reduced eq. 17 problems.
 
-All functions work on ``P`` problems of one shape at once (a leading batch dimension), in
-log-space: ``S_p(x, y) = sum_ij e^{la_pij + x_pi + y_pj} + e^{lb_pij - x_pi - y_pj}``, with
-``la = lb = -inf`` outside the problem's components (see :mod:`._components`), ``m <= n``. The
+All functions work on ``P`` problems of one shape at once (a leading batch dimension):
+``S_p(x, y) = sum_ij A_pij e^{x_pi + y_pj} + B_pij e^{-x_pi - y_pj}`` with coefficients scaled to
+maximum 1, zero outside the problem's components (see :mod:`._components`), ``m <= n``. The
 Newton system is eliminated to the ``m`` rows and Jacobi-scaled,
-``(I - Gs Gs^T) z = D^{-1/2} b`` with ``Gs = D_r^{-1/2} G D_c^{-1/2}`` (entries in ``[0, 1]``), factored
-in float32 and refined in float64 (mixed-precision iterative refinement): the factorisation,
-the only ``O(m^2 n)`` step, runs at float32 speed while the direction, and with it the dual
-certificate, keeps float64 accuracy. Problems whose float32 factor is not accurate enough to
-refine (very ill-conditioned coupling) are factored again in float64.
+``(I - Gs Gs^T) z = D^{-1/2} b`` with ``Gs = D_r^{-1/2} G D_c^{-1/2}`` (entries in ``[0, 1]``), and
+factored in float32; near the optimum (where the certificate is evaluated) the solve is refined
+to float64 accuracy (mixed-precision iterative refinement), so the factorisation, the only
+``O(m^2 n)`` step, runs at float32 speed while the certificate keeps float64 accuracy. Problems
+whose float32 factor is not accurate enough to refine (very ill-conditioned coupling) are
+factored again in float64.
 """
 
 from __future__ import annotations

@@ -28,22 +28,34 @@ How it is solved (deterministic, certified):
    are never iterated. Components come from a boolean transitive closure by repeated squaring
    (``O(min(m, n)^2 max(m, n) log d)`` for graph diameter ``d``; skipped when ``W`` or ``h`` has no
    zero channel pair, the usual case).
-2. **Damped Newton** on the reduced problem in log-space, started from closed-form alternating
-   sweeps ``x_i = 1/2 log(sum_j B_ij e^{-y_j} / sum_j A_ij e^{y_j})`` (likewise ``y``; stopped when
-   they stall), which remove gross scale mismatches. The Hessian is ``[[diag(r), G], [G^T,
+2. **Damped Newton** on the reduced problem in log-space (:mod:`._newton`), started cold from at
+   most 30 closed-form alternating sweeps ``x_i = 1/2 log(sum_j B_ij e^{-y_j} / sum_j A_ij e^{y_j})``
+   (likewise ``y``; stopped when they stall: no path runs alternating updates unbounded), or
+   warm from a nearby solution (batched replicate solves). The Hessian is ``[[diag(r), G], [G^T,
    diag(c)]]`` with ``G_ij = A_ij e^{x_i+y_j} + B_ij e^{-x_i-y_j}`` (eq. 49-55); one row per
-   component is held fixed (the gauge) and the diagonal block of the larger side is eliminated,
-   so each step is a Cholesky solve of size ``min(m, n)``. A backtracking line search, with each
-   ``x_i + y_j`` moving at most 8 nats per step, keeps every step a descent step.
-3. **Certificate.** Each Newton step near the optimum also yields a lower bound: with the
-   linearised terms at the Newton point, ``delta_ij^A = A_ij e^{x_i+y_j} (1 + s_ij)`` and
-   ``delta_ij^B = B_ij e^{-x_i-y_j} (1 - s_ij)`` (``s_ij = dx_i + dy_j``) make ``delta^A - delta^B``
-   have zero row and column sums (up to the rounding of the Cholesky solve), so the weighted
-   AM-GM inequality gives ``S(x', y') >= prod_k (c_k / d_k)^{d_k}`` for every ``(x', y')``
-   (``d = delta / sum(delta)``, a feasible point of the dual geometric program). The solver stops
-   when ``upper - lower <= rtol * lower`` and returns the value after that last Newton step, so
-   the result is typically exact to rounding (about ``1e-15`` relative). On random WRN-sized
-   layers this takes a handful of sweeps and one Newton step.
+   component is held fixed (the gauge) and the diagonal block of the larger side is eliminated;
+   the Jacobi-scaled Schur complement of size ``min(m, n)`` is formed and Cholesky-factored in
+   float32, and the direction refined to float64 accuracy (mixed-precision iterative refinement;
+   float64 factorisation where that fails) once the iterate is near the optimum. Terms
+   ``A_ij e^{x_i + y_j}`` are products of vector exponentials (no ``(m, n)`` exponential). A
+   backtracking line search, with each ``x_i + y_j`` moving at most 8 nats per step, keeps every
+   step a descent step. ``P`` problems of one shape iterate together over a leading dimension,
+   each stopping on its own certificate.
+3. **Certificate.** The Newton-linearised terms ``delta_ij^A = A_ij e^{x_i+y_j} (1 + s_ij)``,
+   ``delta_ij^B = B_ij e^{-x_i-y_j} (1 - s_ij)`` (``s_ij = dx_i + dy_j``) have zero row and column sums
+   (up to the rounding of the solve, accounted for), so the weighted AM-GM inequality gives a
+   lower bound ``S(x', y') >= prod_k (c_k / d_k)^{d_k}`` for every ``(x', y')`` (``d = delta / sum
+   delta``, a feasible point of the dual geometric program). Its logarithm needs ``sum d log(1 + s)``,
+   bounded by Taylor's theorem through the Newton decrement ``lambda^2`` and ``max |s|`` (two
+   matrix-vector products; see ``_newton._dual_bound``): near the optimum the bound is
+   ``S - lambda^2 / 2 + O(lambda^3)``. The solver stops when ``upper - lower <= rtol * lower``,
+   with ``upper`` the better of the current value and the value after the full Newton step.
+4. **Bounded time.** At most ``max_iter`` Newton iterations (default 100), each ``O(m n)``
+   float64 passes plus an ``O(m n min(m, n))`` float32 factorisation; at the cap the solver
+   returns the achieved value with its certified gap (against the dual bound or at least the
+   separable bound ``sum_ij 2 sqrt(A_ij B_ij)``) and warns once per call, naming the tensor shape
+   and the gap. On the stress suite (``benchmarks/solver_stress.py``) every case certifies in at
+   most a few iterations.
 """
 
 from __future__ import annotations
@@ -156,18 +168,19 @@ def normalized_sharpness(
     ``2 |w| sqrt(max(h, 0) / (2 lam))``. Not differentiable (inputs are detached).
 
     Cost: ``O(numel)`` to form the coefficients, ``O(m n)`` per alternating sweep (at most 30), and
-    per Newton iteration ``O(m n min(m, n))`` (a Schur complement and its Cholesky factor); on
-    random layers one Newton iteration, at most a few dozen when an optimum lies very far out
-    (nearly decoupled blocks). All 17 weight tensors of a WRN-16-4 (2.7 M weights) take about
-    0.07 s on one CPU core (``benchmarks/bench_solver.py``). Memory: a few ``(m, n)`` float64
-    matrices and one ``(min(m, n), min(m, n))``.
+    per Newton iteration about 20 ``O(m n)`` float64 passes plus ``O(m n min(m, n))`` float32 (the
+    Schur complement) and ``O(min(m, n)^3)`` (its Cholesky factor); typically one Newton
+    iteration, at most ``max_iter``. Timings per input kind, idle and under load:
+    ``benchmarks/results_solver.md``. Memory: a few ``(m, n)`` float64 matrices and one
+    ``(min(m, n), min(m, n))`` float32.
 
     Args:
         weight: ``(m, n, *kernel)`` weight tensor (``ndim >= 2``).
         hessian_diagonal: its Hessian diagonal, same shape, unclipped.
         lam: the PAC-Bayes ``lambda > 0`` (the paper uses 1/2).
         rtol: certified relative accuracy of the value (duality gap over lower bound).
-        max_iter: Newton iterations before giving up with a warning.
+        max_iter: Newton iterations before the solver stops and warns (once, naming the shape and
+            the certified gap); the value returned then is an upper bound within that gap.
 
     Returns:
         0-dim tensor in the floating dtype of the inputs (float64 inputs: ``promote_types``),
