@@ -43,10 +43,42 @@ def component_layout(a: Tensor, b: Tensor) -> tuple[Optional[Tensor], Tensor]:
         return keep, _free_rows(rows)
     keeps, frees = [], []
     for p in range(a.shape[0]):
-        keep, free = _component_mask(pos_a[p], pos_b[p])
+        found = _two_way_component(pos_a[p], pos_b[p])
+        keep, free = found if found is not None else _component_mask(pos_a[p], pos_b[p])
         keeps.append(keep)
         frees.append(free)
     return torch.stack(keeps), torch.stack(frees)
+
+
+def _two_way_component(pos_a: Tensor, pos_b: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    """Fast exact path for one problem, or None when it does not apply.
+
+    A row (column) without an outgoing or without an incoming arc lies on no cycle: it is in no
+    component (dead units, pruned channels). Among the other rows and columns, entries with both
+    ``A > 0`` and ``B > 0`` are 2-cycles; if they connect all of them (checked by label propagation,
+    a few ``O(m n)`` boolean matrix-vector products), those rows and columns form one strongly
+    connected component, and every arc between two of them lies inside it.
+    """
+    rows = pos_a.any(dim=1) & pos_b.any(dim=1)  # out- and in-arcs of row i
+    cols = pos_a.any(dim=0) & pos_b.any(dim=0)
+    if not bool(rows.any()):
+        return None
+    both = (pos_a & pos_b & rows[:, None] & cols[None, :]).to(torch.float32)
+    reached_rows = torch.zeros_like(rows)
+    reached_rows[int(rows.nonzero()[0, 0])] = True
+    reached_cols = torch.zeros_like(cols)
+    for _ in range(64):
+        new_cols = (reached_rows.to(torch.float32) @ both) > 0
+        new_rows = (both @ new_cols.to(torch.float32)) > 0
+        new_rows |= reached_rows
+        if torch.equal(new_rows, reached_rows) and torch.equal(new_cols, reached_cols):
+            break
+        reached_rows, reached_cols = new_rows, new_cols
+    if not (torch.equal(reached_rows, rows) and torch.equal(reached_cols, cols)):
+        return None
+    keep = rows[:, None] & cols[None, :] & (pos_a | pos_b)
+    first = torch.cumsum(rows.to(torch.int32), dim=0) == 1
+    return keep, rows & ~first
 
 
 def _free_rows(rows: Tensor) -> Tensor:

@@ -385,8 +385,8 @@ def _solve_reduced(a: Tensor, b: Tensor, rtol: float, max_iter: int, shape: tupl
     else:
         attained = ~((((a > 0) | (b > 0)) & ~keep).flatten(1).any(dim=1))
         rows, cols = keep.any(dim=2), keep.any(dim=1)
-        a = torch.where(keep, a, torch.zeros_like(a))
-        b = torch.where(keep, b, torch.zeros_like(b))
+        a = a.masked_fill(~keep, 0.0)
+        b = b.masked_fill(~keep, 0.0)
     one = torch.ones((), dtype=a.dtype, device=a.device)
     scale_a = torch.where(rows.any(dim=1), a.amax(dim=(1, 2)), one)
     scale_b = torch.where(rows.any(dim=1), b.amax(dim=(1, 2)), one)
