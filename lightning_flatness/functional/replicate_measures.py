@@ -21,7 +21,10 @@ import torch
 from torch import Tensor
 
 from lightning_flatness.functional.measures import MEASURES
-from lightning_flatness.functional.solvers.normalized import solve_normalized_sharpness_coefficients
+from lightning_flatness.functional.solvers.normalized import (
+    intra_op_threads,
+    solve_normalized_sharpness_coefficients,
+)
 
 __all__ = ["jackknife_standard_error", "replicate_sharpness_measures"]
 
@@ -117,10 +120,11 @@ def tensor_measures(weight: Tensor, sums: Tensor, mix: Tensor, lam: float) -> di
         mix: ``(P, R)`` (:func:`replicate_weights`).
         lam: ``lambda`` of eq. 17.
     """
-    a, trace = replicate_curvature(sums, mix, weight.shape)
-    b = weight.square().reshape(a.shape[1], a.shape[2], -1).sum(dim=2) / (2.0 * lam)
-    sols = solve_normalized_sharpness_coefficients(a, b, shape=tuple(weight.shape), rtol=POOLED_RTOL,
-                                                   replicate_rtol=REPLICATE_RTOL)
+    with intra_op_threads(sums.numel(), sums.device):  # few, memory-bound ops: no thread handoffs
+        a, trace = replicate_curvature(sums, mix, weight.shape)
+        b = weight.square().reshape(a.shape[1], a.shape[2], -1).sum(dim=2) / (2.0 * lam)
+        sols = solve_normalized_sharpness_coefficients(a, b, shape=tuple(weight.shape), rtol=POOLED_RTOL,
+                                                       replicate_rtol=REPLICATE_RTOL)
     return {
         "normalized": torch.stack([s.value for s in sols]).to(sums.device),
         "matrix_normalized": torch.sqrt(weight.square().sum() * a.sum(dim=(1, 2))),

@@ -60,6 +60,7 @@ How it is solved (deterministic, certified):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import NamedTuple, Optional
@@ -229,8 +230,9 @@ def solve_normalized_sharpness(
         (True, True)
     """
     _check_tolerances(rtol, max_iter)
-    a, b = normalized_sharpness_coefficients(weight, hessian_diagonal, lam)
-    return _solve(a[None], b[None], rtol, max_iter, tuple(weight.shape), warm_start=False)[0]
+    with intra_op_threads(weight.numel(), weight.device):
+        a, b = normalized_sharpness_coefficients(weight, hessian_diagonal, lam)
+        return _solve(a[None], b[None], rtol, max_iter, tuple(weight.shape), warm_start=False)[0]
 
 
 def solve_normalized_sharpness_batch(
@@ -277,11 +279,12 @@ def solve_normalized_sharpness_batch(
     if hessian_diagonals.shape[0] == 0:
         return []
     _check_inputs(weight, hessian_diagonals[0], lam)
-    w, h = _float64(weight), _float64(hessian_diagonals)
-    num, m, n = h.shape[0], w.shape[0], w.shape[1]
-    a = h.clamp_min(0).reshape(num, m, n, -1).sum(dim=3)
-    b = (w.square().reshape(m, n, -1).sum(dim=2) / (2.0 * lam))[None]
-    return _solve(a, b, rtol, max_iter, tuple(weight.shape), warm_start=True)
+    with intra_op_threads(hessian_diagonals.numel(), weight.device):
+        w, h = _float64(weight), _float64(hessian_diagonals)
+        num, m, n = h.shape[0], w.shape[0], w.shape[1]
+        a = h.clamp_min(0).reshape(num, m, n, -1).sum(dim=3)
+        b = (w.square().reshape(m, n, -1).sum(dim=2) / (2.0 * lam))[None]
+        return _solve(a, b, rtol, max_iter, tuple(weight.shape), warm_start=True)
 
 
 def solve_normalized_sharpness_coefficients(
@@ -333,9 +336,39 @@ def _check_tolerances(rtol: float, max_iter: int) -> None:
                          f"with a warning), got {max_iter!r}.")
 
 
+_ONE_THREAD_BELOW = 1 << 22  # P m n below which the CPU solve runs on one intra-op thread
+
+
+@contextlib.contextmanager
+def intra_op_threads(work: int, device: torch.device):
+    """One intra-op thread for CPU solves of fewer than ``_ONE_THREAD_BELOW`` entries (restored after;
+    not for concurrent use of torch from several Python threads).
+
+    The solve is a few hundred small ops; with several intra-op threads each op is a thread
+    handoff, and on a busy machine (data-loader workers, other jobs) every handoff waits for a
+    descheduled thread: up to 100x slower than one thread in ``benchmarks/results_solver.md``.
+    Large problems keep the caller's setting (their float32 GEMM gains from threads).
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1 or work >= _ONE_THREAD_BELOW:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _solve(a: Tensor, b: Tensor, rtol: float, max_iter: int, shape: tuple, warm_start: bool,
            replicate_rtol: Optional[float] = None) -> list[NormalizedSharpnessSolution]:
     """Solve ``P`` problems with coefficients ``a`` ``(P, m, n)`` and ``b`` ``(P or 1, m, n)``."""
+    with intra_op_threads(a.numel(), a.device):
+        return _solve_threads_set(a, b, rtol, max_iter, shape, warm_start, replicate_rtol)
+
+
+def _solve_threads_set(a: Tensor, b: Tensor, rtol: float, max_iter: int, shape: tuple, warm_start: bool,
+                       replicate_rtol: Optional[float]) -> list[NormalizedSharpnessSolution]:
     if not (math.isfinite(float(a.sum())) and math.isfinite(float(b.sum()))):  # a, b >= 0: no cancellation
         raise ValueError("normalized_sharpness got non-finite weights or Hessian diagonal (NaN/inf, or an "
                          "overflow of W^2 / h summed over the kernel); check the curvature estimate.")
