@@ -6,8 +6,9 @@ diagonals of a 64-512-512-10 MLP) plus a 4096x4096 log-normal (sigma 3) matrix, 
 with ``solve_normalized_sharpness`` (coefficients, reduction, Newton, certificate) in three
 conditions: one intra-op thread; one thread with two busy processes beside it
 (``python -c "while 1: pass"``, started and stopped by this script); two threads with the two busy
-processes. Reported: wall milliseconds per million weight entries (median of ``--repeats``), the
-slowdown under load, and the certified gap.
+processes. Reported: wall milliseconds per million weight entries (median of ``--repeats``) with
+the process's CPU milliseconds (what an idle machine would take, on a shared one), the slowdown
+under load, and the certified gap.
 
 Part 2 (replicates): ``NormalizedSharpness.compute()`` (pooled + 8 leave-one-out + 2 halves
 eq. 17 problems per tensor, batched and warm-started) against one pooled solve of every tensor,
@@ -50,16 +51,17 @@ def _stop(procs: list[subprocess.Popen]) -> None:
         p.wait()
 
 
-def time_case(w: torch.Tensor, h: torch.Tensor, repeats: int) -> tuple[float, float]:
-    """(median wall seconds, certified relative gap) of one solve."""
+def time_case(w: torch.Tensor, h: torch.Tensor, repeats: int) -> tuple[float, float, float]:
+    """(median wall seconds, median CPU seconds of this process, certified relative gap) of one solve."""
     sol = solve_normalized_sharpness(w, h)  # warm-up
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         sol = solve_normalized_sharpness(w, h)
-        times.append(time.perf_counter() - start)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
     gap = float((sol.value - sol.lower_bound) / sol.lower_bound) if sol.lower_bound > 0 else 0.0
-    return statistics.median(times), gap
+    return statistics.median(wall), statistics.median(cpu), gap
 
 
 def stress(args) -> list[dict]:
@@ -79,9 +81,10 @@ def stress(args) -> list[dict]:
                 reps = 1 if w.numel() > 4e6 else args.repeats
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    seconds, gap = time_case(w, h, reps)
+                    seconds, cpu, gap = time_case(w, h, reps)
                 rows[name][label] = {"ms_per_million": seconds * 1e3 / (w.numel() / 1e6), "ms": seconds * 1e3,
-                                     "gap": gap, "warnings": len(caught)}
+                                     "cpu_ms_per_million": cpu * 1e3 / (w.numel() / 1e6), "gap": gap,
+                                     "warnings": len(caught)}
         finally:
             _stop(procs)
     torch.set_num_threads(args.threads)
@@ -106,13 +109,13 @@ def replicates(args, signed: bool) -> dict:
     solve()
     metric.compute()
     t_pooled, t_compute = [], []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
+    for _ in range(args.repeats):  # CPU time of this process: the machine is shared
+        start = time.process_time()
         solve()
-        t_pooled.append(time.perf_counter() - start)
-        start = time.perf_counter()
+        t_pooled.append(time.process_time() - start)
+        start = time.process_time()
         metric.compute()
-        t_compute.append(time.perf_counter() - start)
+        t_compute.append(time.process_time() - start)
     p, c = statistics.median(t_pooled), statistics.median(t_compute)
     return {"diagonals": "31% negative entries" if signed else "non-negative", "pooled_ms": p * 1e3,
             "compute_ms": c * 1e3, "ratio": c / p, "tensors": len(shapes),
@@ -132,15 +135,19 @@ def main(argv=None) -> dict:
     print(f"Machine: {machine()}; torch {torch.__version__}; load average before the run "
           f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
     rows = stress(args)
-    print("| case | shape | " + " | ".join(f"{c[0]}: ms/M" for c in CONDITIONS) + " | load / idle | 2 thr. load / idle | gap |")
+    print("Wall ms per million weight entries (median); CPU ms of this process in brackets.\n")
+    print("| case | shape | " + " | ".join(f"{c[0]}" for c in CONDITIONS) + " | load / 1 thread | 2 thr. load / 1 thread | gap |")
     print("|---|---|" + "---|" * (len(CONDITIONS) + 3))
     for r in rows:
         t = [r[c[0]]["ms_per_million"] for c in CONDITIONS]
+        cpu = [r[c[0]]["cpu_ms_per_million"] for c in CONDITIONS]
         gaps = max(r[c[0]]["gap"] for c in CONDITIONS)
-        print(f"| {r['case']} | {'x'.join(map(str, r['shape']))} | " + " | ".join(f"{v:.1f}" for v in t)
+        print(f"| {r['case']} | {'x'.join(map(str, r['shape']))} | "
+              + " | ".join(f"{v:.1f} ({u:.1f})" for v, u in zip(t, cpu))
               + f" | {t[1] / t[0]:.2f}x | {t[2] / t[0]:.2f}x | {gaps:.1e} |")
     reps = [replicates(args, signed) for signed in (False, True)]
-    print("\n| WRN-16-4 diagonals | one pooled solve of every tensor | `compute()` (R = 8: 11 problems per tensor) | ratio |")
+    print("\nCPU time, 1 thread, median:\n")
+    print("| WRN-16-4 diagonals | one pooled solve of every tensor | `compute()` (R = 8: 11 problems per tensor) | ratio |")
     print("|---|---|---|---|")
     for r in reps:
         print(f"| {r['diagonals']} | {r['pooled_ms']:.1f} ms | {r['compute_ms']:.1f} ms | {r['ratio']:.2f}x |")

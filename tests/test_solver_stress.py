@@ -111,3 +111,46 @@ def test_float32_factorisation_is_refined_to_float64_accuracy():
     assert abs(float(sol.value) - ref) <= 1e-9 * ref
     assert sol.value <= sol.lower_bound * (1 + 1e-11)
     assert np.isfinite(float(normalized_sharpness(w.float(), h.float())))
+
+
+def test_small_solves_run_on_one_intra_op_thread_and_restore_the_setting():
+    import lightning_flatness.functional.solvers.normalized as normalized_module
+
+    w, h = CASES["lognormal_sigma3_conv"]
+    seen = []
+    original = normalized_module._solve_threads_set
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        normalized_module._solve_threads_set = spy
+        value = normalized_sharpness(w, h)
+        assert torch.get_num_threads() == 2 and seen == [1]
+    finally:
+        normalized_module._solve_threads_set = original
+        torch.set_num_threads(threads)
+    assert torch.equal(value, normalized_sharpness(w, h))
+
+
+def test_replicate_curvature_equals_clipped_kernel_sums_of_explicit_means():
+    from lightning_flatness.functional.replicate_measures import replicate_curvature, replicate_weights
+
+    g = torch.Generator().manual_seed(8)
+    shape = torch.Size((5, 4, 3, 2))
+    sums = torch.randn(6, shape.numel(), generator=g, dtype=F64) + 0.5  # some slots negative
+    sums[:, :7] = sums[:, :7].abs()  # and some entries non-negative in every slot
+    counts = torch.tensor([3.0, 5.0, 0.0, 2.0, 4.0, 1.0], dtype=F64)
+    used = [0, 1, 3, 4, 5]
+    mix = replicate_weights(counts, used)
+    a, trace = replicate_curvature(sums, mix, shape)
+    total, n = sums.sum(0), counts.sum()
+    means = [total / n] + [(total - sums[r]) / (n - counts[r]) for r in used]
+    means += [sums[h].sum(0) / counts[h].sum() for h in ([0, 3, 5], [1, 4])]
+    assert a.shape == (len(means), 5, 4)
+    for p, mean in enumerate(means):
+        torch.testing.assert_close(a[p], mean.clamp_min(0).view(shape).sum(dim=(2, 3)), rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(trace[p], mean.sum(), rtol=1e-13, atol=1e-13)
