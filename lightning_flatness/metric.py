@@ -437,6 +437,18 @@ class NormalizedSharpness(Metric):
                            f"with num_replicates >= 2.", UserWarning)
         return out
 
+    def sync(
+        self,
+        dist_sync_fn: Optional[Any] = None,
+        process_group: Optional[Any] = None,
+        should_sync: bool = True,
+        distributed_available: Optional[Any] = None,
+    ) -> None:
+        """torchmetrics' ``sync``, with this metric's ``dist_sync_fn`` (one ``all_reduce``) as the default
+        also when called directly (``Metric.sync`` itself defaults to an all-gather)."""
+        super().sync(dist_sync_fn=dist_sync_fn or self.dist_sync_fn, process_group=process_group,
+                     should_sync=should_sync, distributed_available=distributed_available)
+
     def merge_state(self, incoming_state: Union[dict[str, Any], Metric]) -> None:
         """Add the state of another ``NormalizedSharpness`` (same ``num_replicates`` and layout) or a dict."""
         if isinstance(incoming_state, NormalizedSharpness):

@@ -72,6 +72,10 @@ def main(rank: int, world_size: int, init_file: str, out_file: str) -> None:
     out["count_after_compute"] = metric.count.clone()
     out["local_count"] = local_count
     out["sync_calls"] = list(calls)
+    calls.clear()
+    metric.sync()  # a direct sync (public API) uses the same single all_reduce
+    metric.unsync()
+    out["direct_sync_calls"] = list(calls)
 
     # a process that never updates (compact default state) joins the same single all_reduce;
     # rank 0 gets the value of its own data, rank 1 has no weights to evaluate

@@ -597,6 +597,7 @@ def test_two_gloo_processes_agree_with_one_process_over_all_data_using_all_reduc
         state_bytes = worker.NUM_REPLICATES * (sum(math.prod(s) for s in worker.SHAPES.values()) + 1) * 8
         assert res[r]["sync_calls"] == [("torch.float64", state_bytes, str(torch.distributed.ReduceOp.SUM))]
         assert res[r]["fixed_sync_calls"] == res[r]["sync_calls"]  # also with a process that never updated
+        assert res[r]["direct_sync_calls"] == res[r]["sync_calls"]  # and for metric.sync() called directly
     only0 = NormalizedSharpness(worker.SHAPES, lam=worker.LAM, num_replicates=worker.NUM_REPLICATES)
     only0.update(worker.rank_updates(0)[0][0], w, worker.rank_updates(0)[0][1])
     with pytest.warns(UserWarning, match="standard errors are NaN"):  # a single group
