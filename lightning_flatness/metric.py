@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import functools
 import numbers
-import zlib
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -20,16 +19,14 @@ from torchmetrics import Metric
 from torchmetrics.utilities import rank_zero_warn
 
 from lightning_flatness.functional.estimators.api import HessianDiagonalEstimate
-from lightning_flatness.functional.measures import sharpness_measures
+from lightning_flatness.functional.replicate_measures import replicate_sharpness_measures
 
-__all__ = ["NormalizedSharpness"]
+__all__ = ["NormalizedSharpness", "all_reduce_sum"]
 
 NumSamples = Union[int, Sequence[int], Tensor]
 Layout = tuple[tuple[str, torch.Size], ...]
 
-_COUNT = "count"
-_SUM_PREFIX = "hessian_sum_"
-_EXTRA_STATE_KEY = "_extra_state"  # torch.nn.Module's key for get_extra_state()
+_STATE = "accumulator"  # the one metric state: (R, F + 1) float64, F = total weight entries, last column = counts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,94 +108,47 @@ def _check_estimates(
     return tuple(layout)
 
 
-def _derived_key(key: str, suffix: str) -> str:
-    """``"normalized"`` -> ``"normalized_<suffix>"``, ``"normalized/fc.weight"`` ->
-    ``"normalized_<suffix>/fc.weight"``."""
-    measure, sep, rest = key.partition("/")
-    return f"{measure}_{suffix}{sep}{rest}"
+def all_reduce_sum(tensor: Tensor, group: Optional[Any] = None, shape: Optional[Sequence[int]] = None
+                   ) -> list[Tensor]:
+    """``dist_sync_fn`` for sum states: one ``all_reduce(SUM)`` of a contiguous copy, returned as ``[sum]``.
 
-
-def _stderr_key(key: str) -> str:
-    return _derived_key(key, "stderr")
-
-
-def _jackknife_standard_error(leave_one_out: Tensor) -> Tensor:
-    """Delete-one jackknife standard error ``sqrt((R-1)/R * sum_r (S_(-r) - mean_r S_(-r))^2)``.
-
-    Args:
-        leave_one_out: ``(R, ...)``, the statistic evaluated with replicate ``r`` left out, ``R >= 2``.
+    torchmetrics calls ``dist_sync_fn(state, group=...)`` per state and reduces the returned list
+    with the state's ``dist_reduce_fx`` (``"sum"`` over one element: the identity), so the sync is a
+    single collective whose memory does not grow with the number of processes (the default,
+    ``gather_all_tensors``, holds one copy per process). ``shape``: broadcast the state to this
+    shape first (a compact default state of a process that never updated).
     """
-    r = leave_one_out.shape[0]
-    deviation = leave_one_out - leave_one_out.mean(dim=0)
-    return torch.sqrt((r - 1) / r * deviation.pow(2).sum(dim=0))
+    full = tensor if shape is None else tensor.expand(*shape)
+    reduced = full.clone(memory_format=torch.contiguous_format)
+    torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.SUM, group=group)
+    return [reduced]
 
 
-def _normalized_sharpness_compute(
-    weights: Mapping[str, Tensor], sums: Mapping[str, Tensor], counts: Tensor, lam: float
-) -> tuple[dict[str, Tensor], int]:
-    """Every measure on the pooled mean, and its jackknife standard error over the replicates.
-
-    Args:
-        weights: ``{name: W}`` float64.
-        sums: ``{name: (R, numel)}`` float64, slot ``r`` holding ``sum_g n_g * diag_g`` of its groups.
-        counts: ``(R,)`` int64 samples per slot.
-        lam: ``lambda`` of eq. 17.
-
-    Returns:
-        The flat dict (see :meth:`NormalizedSharpness.compute`) and the number of non-empty slots
-        used by the jackknife (stderr entries are NaN when it is below 2).
-    """
-    counts_f = counts.to(torch.float64)
-    total = counts_f.sum()
-    totals = {n: s.sum(dim=0) for n, s in sums.items()}
-    pooled = {n: (totals[n] / total).reshape(weights[n].shape) for n in sums}
-    out = sharpness_measures(weights, pooled, lam)
-    used = [int(r) for r in torch.nonzero(counts > 0).flatten().tolist()]
-    if len(used) >= 2:
-        replicates = []
-        for r in used:
-            rest = total - counts_f[r]
-            loo = {n: ((totals[n] - sums[n][r]) / rest).reshape(weights[n].shape) for n in sums}
-            replicates.append(sharpness_measures(weights, loo, lam))
-        stderr = {_stderr_key(k): _jackknife_standard_error(torch.stack([rep[k] for rep in replicates]))
-                  for k in out}
-        halves = [_pooled_measures(weights, sums, counts_f, used[i::2], lam) for i in (0, 1)]
-        shift = {_derived_key(k, "half_shift"): (halves[0][k] + halves[1][k]) / 2 - out[k] for k in out}
-    else:
-        nan = torch.tensor(float("nan"), dtype=torch.float64, device=total.device)
-        stderr = {_stderr_key(k): nan.clone() for k in out}
-        shift = {_derived_key(k, "half_shift"): nan.clone() for k in out}
-    out.update(stderr)
-    out.update(shift)
-    out["num_samples"] = counts.sum()
-    return out, len(used)
-
-
-def _pooled_measures(
-    weights: Mapping[str, Tensor], sums: Mapping[str, Tensor], counts_f: Tensor, slots: list[int], lam: float
-) -> dict[str, Tensor]:
-    """The measures on the pooled mean of the given replicate slots only."""
-    total = counts_f[slots].sum()
-    pooled = {n: (s[slots].sum(dim=0) / total).reshape(weights[n].shape) for n, s in sums.items()}
-    return sharpness_measures(weights, pooled, lam)
-
-
-def _normal_tensors(method: Callable) -> Callable:
-    """Run ``method`` outside inference mode, so the tensors it creates stay updatable in place later
-    (Lightning validates under ``torch.inference_mode``; inference tensors reject in-place updates
-    outside it)."""
-
-    @functools.wraps(method)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        with torch.inference_mode(False):
-            return method(*args, **kwargs)
-
-    return wrapped
-
-
-def _zeros_view(rows: int, cols: int, device: torch.device) -> Tensor:
-    """A ``(rows, cols)`` float64 zero tensor backed by one element (a state's reset default)."""
-    return torch.zeros((), dtype=torch.float64, device=device).expand(rows, cols)
+def _layout_from_shapes(parameter_shapes: Any) -> Layout:
+    """Validate ``parameter_shapes`` (``{name: shape or tensor}``) into a layout."""
+    if parameter_shapes is None:
+        raise TypeError("NormalizedSharpness needs `parameter_shapes`, the {name: shape} of the weight tensors it "
+                        "measures, to lay out its state at construction (every process must agree on it); "
+                        "pass e.g. {n: p.shape for n, p in select_parameters(model).items()}.")
+    if not isinstance(parameter_shapes, Mapping) or not parameter_shapes:
+        raise ValueError(f"`parameter_shapes` must be a non-empty mapping {{name: shape}}, got "
+                         f"{parameter_shapes!r}.")
+    layout = []
+    for name, shape in parameter_shapes.items():
+        if not isinstance(name, str):
+            raise TypeError(f"`parameter_shapes` keys must be parameter names (str), got {name!r}.")
+        if isinstance(shape, Tensor):
+            shape = shape.shape
+        try:
+            size = torch.Size(shape)
+        except TypeError as err:
+            raise TypeError(f"`parameter_shapes[{name!r}]` must be a shape (sequence of ints) or a tensor, got "
+                            f"{shape!r}.") from err
+        if len(size) < 2:
+            raise ValueError(f"`parameter_shapes[{name!r}]` = {tuple(size)}; the normalized measures need "
+                             f"ndim >= 2 (footnote 5 leaves biases out).")
+        layout.append((name, size))
+    return tuple(layout)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,47 +202,49 @@ class NormalizedSharpness(Metric):
     ``"<measure>_half_shift"`` and ``"<measure>_half_shift/<name>"`` (the convergence diagnostic
     above; NaN likewise), and ``"num_samples"`` (int64, total over all updates and processes).
 
-    Parameter names and shapes are fixed by the first update (states for them are added then), or
-    up front by ``parameter_shapes``; every later update must use the same names and shapes, and
-    ``reset()`` zeroes the sums but keeps this layout. Under DDP, pass ``parameter_shapes`` when a
-    process may reach ``compute()`` without any ``update()``: otherwise the layouts differ and every
-    process raises (rather than hang).
+    Parameter names and shapes are fixed at construction by ``parameter_shapes`` (required: the
+    callback and any training loop know them, and every process must lay out the same state);
+    every update must use those names and shapes (in any order), and ``reset()`` zeroes the sums.
 
-    State and cost: states ``hessian_sum_<i>`` (one ``(R, numel)`` float64 sum per weight tensor,
-    in layout order) and ``count`` (``(R,)`` int64), i.e. ``8 R`` bytes per weight entry, plus
-    ``8`` bytes per entry for the float64 copy of the latest weights (the reset defaults are
-    one-element views, not copies). Synchronisation sums the states in place with
-    ``torch.distributed.all_reduce`` (no all-gather: memory does not grow with the number of
-    processes; torchmetrics keeps one local copy to restore after ``compute``); put the metric on
-    the device of your backend (``metric.to(device)``; NCCL needs CUDA tensors). Under DDP, rank
-    ``k`` starts filling slot ``k mod R`` so that single-group updates of different ranks land in
-    different slots. ``update`` costs ``O(G * numel)``; ``compute`` evaluates
-    ``sharpness_measures`` ``R' + 3`` times (pooled, leave-one-out, two halves). All arithmetic is
-    float64 (not available on Apple MPS); ``.to(dtype)`` / ``set_dtype`` leave the states' dtypes alone. States are not in
+    State and cost: one state, ``accumulator``, an ``(R, F + 1)`` float64 tensor (a ``(1, 1)`` zero
+    default until the first update, broadcast on use) added with
+    torchmetrics' public ``add_state(..., dist_reduce_fx="sum")``: columns ``0..F-1`` hold the slot
+    sums of all weight tensors in layout order (``F`` = total weight entries; per-tensor views from
+    :meth:`hessian_sums`) and the last column the sample counts (:attr:`count`; exact in float64
+    up to ``2**53`` samples). That is ``8 R`` bytes per weight entry, plus ``8`` bytes per entry for
+    the float64 copy of the latest weights; updates are out of place. Synchronisation goes through
+    torchmetrics' public ``dist_sync_fn``, set to :func:`all_reduce_sum`: one ``all_reduce(SUM)``
+    per sync, memory flat in the number of processes (no all-gather). Put the metric on the device of your backend
+    (``metric.to(device)``; NCCL needs CUDA tensors). Under DDP, rank ``k`` starts filling slot
+    ``k mod R`` so that single-group updates of different ranks land in different slots.
+    ``update`` costs ``O(G * numel)``; ``compute`` forms ``R' + 3`` means per tensor (pooled,
+    leave-one-out, two halves) and solves their eq. 17 problems as one batched, warm-started Newton
+    iteration. Arithmetic is float64 (not available on Apple MPS). The state is not in
     ``state_dict`` unless ``persistent(True)`` (torchmetrics' default); the layout always is (as
-    extra state), and with persistent states the weight copy too, so a loaded metric can compute.
+    extra state, checked on load), and with a persistent state the weight copy too, so a loaded
+    metric can compute. ``compute_with_cache`` defaults to ``False`` (a loaded or merged state is
+    never shadowed by a cached result); ``dist_sync_on_step=True`` is not supported.
 
     The latest ``weights`` are kept as a detached float64 copy in a plain attribute: neither a
     metric state (they are not summed across processes: DDP keeps them identical on every rank) nor
-    a submodule (``state_dict`` / ``.to()`` never recurse into the trained model); ``.to(device)``
-    moves the copy along.
+    a submodule (``state_dict`` / ``.to()`` never recurse into the trained model); ``compute``
+    moves the copy to the state's device.
 
     Args:
+        parameter_shapes: ``{name: shape}`` (or ``{name: tensor}``) of the measured weight tensors,
+            e.g. ``{n: p.shape for n, p in select_parameters(model).items()}``; required.
         lam: the PAC-Bayes ``lambda`` of eq. 17 (positive; the normalized value scales as
             ``lam ** -0.5``).
         num_replicates: number ``R >= 1`` of replicate slots for the jackknife (``R = 1``: no
             standard error, least memory).
-        parameter_shapes: optional ``{name: shape}`` fixing the layout at construction (e.g.
-            ``{n: p.shape for n, p in select_parameters(model).items()}``); default: from the first
-            update.
-        kwargs: Additional keyword arguments of :class:`torchmetrics.Metric`; ``dist_sync_fn`` is
-            not supported (states are reduced with ``all_reduce``).
+        kwargs: Additional keyword arguments of :class:`torchmetrics.Metric` (not ``dist_sync_fn``:
+            the metric sets it to :func:`all_reduce_sum`; not ``dist_sync_on_step=True``).
 
     Example:
         >>> import torch
         >>> from lightning_flatness.metric import NormalizedSharpness
-        >>> metric = NormalizedSharpness(lam=0.5, num_replicates=4)
         >>> weights = {"fc.weight": torch.tensor([[1.0, -2.0], [0.5, 3.0]])}
+        >>> metric = NormalizedSharpness({"fc.weight": (2, 2)}, lam=0.5, num_replicates=4)
         >>> for batch in range(4):  # one exact Hessian diagonal per batch of 32 samples
         ...     metric.update({"fc.weight": torch.full((2, 2), 0.1 * (batch + 1))}, weights, num_samples=32)
         >>> out = metric.compute()
@@ -309,102 +261,86 @@ class NormalizedSharpness(Metric):
     higher_is_better = False
     full_state_update = False
 
-    count: Tensor
+    accumulator: Tensor
 
     def __init__(
         self,
+        parameter_shapes: Optional[Mapping[str, Union[Sequence[int], Tensor]]] = None,
         lam: float = 0.5,
         num_replicates: int = 8,
-        parameter_shapes: Optional[Mapping[str, Sequence[int]]] = None,
         **kwargs: Any,
     ) -> None:
+        if kwargs.get("dist_sync_on_step"):
+            raise ValueError("NormalizedSharpness does not support dist_sync_on_step=True (each forward would run "
+                             "update twice and the eq. 17 solves on synced states); call compute() when a "
+                             "value is needed.")
         if kwargs.get("dist_sync_fn") is not None:
-            raise ValueError("NormalizedSharpness does not take `dist_sync_fn`: it reduces its states with "
-                             "torch.distributed.all_reduce(SUM) instead of an all-gather; drop the argument.")
-        super().__init__(**kwargs)
+            raise ValueError("NormalizedSharpness synchronises with its own `dist_sync_fn` (all_reduce_sum: one "
+                             "all_reduce, memory flat in the number of processes); drop the argument.")
         if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not (0 < float(lam) < float("inf")):
             raise ValueError(f"`lam` (lambda of eq. 17) must be a positive finite number, got {lam!r}.")
         if (isinstance(num_replicates, bool) or not isinstance(num_replicates, numbers.Integral)
                 or num_replicates < 1):
             raise ValueError(f"`num_replicates` must be a positive int (8 is a good default; 1 disables the "
                              f"standard error), got {num_replicates!r}.")
+        layout = _layout_from_shapes(parameter_shapes)
+        offsets = [0, *torch.tensor([shape.numel() for _, shape in layout]).cumsum(0).tolist()]
+        shape = (int(num_replicates), offsets[-1] + 1)
+        kwargs.setdefault("compute_with_cache", False)  # a loaded or merged state is never shadowed by a cache
+        super().__init__(dist_sync_fn=functools.partial(all_reduce_sum, shape=shape), **kwargs)
         self.lam = float(lam)
         self.num_replicates = int(num_replicates)
-        self._layout: Optional[Layout] = None
+        self._layout: Layout = layout
+        self._offsets = offsets
+        self._shape = shape
         self._weights: Optional[dict[str, Tensor]] = None
         self._slot_offset: Optional[int] = None
-        self._persistent_mode = False
+        self._states_persistent = False
         self._warned_no_stderr = False
-        self.add_state(_COUNT, default=torch.zeros(self.num_replicates, dtype=torch.int64),
-                       dist_reduce_fx="sum")
-        if parameter_shapes is not None:
-            self._set_layout(self._layout_from_shapes(parameter_shapes))
+        # default: one (1, 1) zero, broadcast to (R, F + 1) on use (no idle full-size copy for reset);
+        # updates are out of place and make the state full-size
+        self.add_state(_STATE, default=torch.zeros(1, 1, dtype=torch.float64), dist_reduce_fx="sum")
 
     # -- layout ----------------------------------------------------------------------------------
 
-    @staticmethod
-    def _layout_from_shapes(parameter_shapes: Mapping[str, Sequence[int]]) -> Layout:
-        if not isinstance(parameter_shapes, Mapping) or not parameter_shapes:
-            raise ValueError(f"`parameter_shapes` must be a non-empty mapping {{name: shape}}, got "
-                             f"{parameter_shapes!r}.")
-        layout = []
-        for name, shape in parameter_shapes.items():
-            if not isinstance(name, str):
-                raise TypeError(f"`parameter_shapes` keys must be parameter names (str), got {name!r}.")
-            try:
-                size = torch.Size(shape)
-            except TypeError as err:
-                raise TypeError(f"`parameter_shapes[{name!r}]` must be a shape (sequence of ints), got "
-                                f"{shape!r}.") from err
-            if len(size) < 2:
-                raise ValueError(f"`parameter_shapes[{name!r}]` = {tuple(size)}; the normalized measures "
-                                 f"need ndim >= 2 (footnote 5 leaves biases out).")
-            layout.append((name, size))
-        return tuple(layout)
-
-    def _sum_keys(self) -> list[str]:
-        return [f"{_SUM_PREFIX}{i}" for i in range(len(self._layout or ()))]
-
-    @_normal_tensors
-    def _set_layout(self, layout: Layout) -> None:
-        """Fix the tensor names and shapes and add one ``(R, numel)`` float64 sum state per tensor."""
-        self._layout = layout
-        device = self.count.device
-        for key, (_, shape) in zip(self._sum_keys(), layout):
-            self.add_state(key, default=torch.zeros(self.num_replicates, shape.numel(), dtype=torch.float64,
-                                                    device=device),
-                           dist_reduce_fx="sum", persistent=self._persistent_mode)
-            # the reset default need not hold R * numel zeros: one element, expanded
-            self._defaults[key] = _zeros_view(self.num_replicates, shape.numel(), device)
-
     def _check_layout(self, layout: Layout, source: str) -> None:
-        if self._layout is None:
-            self._set_layout(layout)
-            return
         if layout == self._layout:
             return
-        known = dict(self._layout)
-        new = dict(layout)
+        known, new = dict(self._layout), dict(layout)
         if set(new) != set(known):
-            raise ValueError(f"{source} names {sorted(set(new) - set(known))} not seen before and lacks "
-                             f"{sorted(set(known) - set(new))}; NormalizedSharpness measures a fixed set of "
-                             f"weight tensors, {list(known)}, fixed by its first update or "
-                             f"`parameter_shapes`. Use a new metric for a different set.")
+            raise ValueError(f"{source} names {sorted(set(new) - set(known))} not in `parameter_shapes` and lacks "
+                             f"{sorted(set(known) - set(new))}; NormalizedSharpness measures the fixed set of "
+                             f"weight tensors given at construction, {list(known)}. Use a new metric for a "
+                             f"different set.")
         changed = {n: (tuple(known[n]), tuple(new[n])) for n in new if new[n] != known[n]}
         if changed:
-            raise ValueError(f"{source} changes tensor shapes {{name: (before, now)}}: {changed}; use a new "
-                             f"metric for a different architecture.")
-        # same names and shapes in another order: fine for update (matched by name)
+            raise ValueError(f"{source} changes tensor shapes {{name: (parameter_shapes, now)}}: {changed}; use a "
+                             f"new metric for a different architecture.")
+        # same names and shapes in another order: fine (matched by name)
 
     @property
-    def parameter_shapes(self) -> Optional[dict[str, torch.Size]]:
-        """``{name: shape}`` of the measured weight tensors, or ``None`` before the first update."""
-        return None if self._layout is None else dict(self._layout)
+    def parameter_shapes(self) -> dict[str, torch.Size]:
+        """``{name: shape}`` of the measured weight tensors (fixed at construction)."""
+        return dict(self._layout)
 
     @property
     def weights(self) -> Optional[dict[str, Tensor]]:
         """The float64 copy of the latest weights passed to ``update`` (``None`` before any)."""
         return None if self._weights is None else dict(self._weights)
+
+    def _full_state(self) -> Tensor:
+        """The state as ``(R, F + 1)`` (a broadcast view of the compact default before any update)."""
+        return self.accumulator.expand(*self._shape)
+
+    @property
+    def count(self) -> Tensor:
+        """``(R,)`` int64 samples per replicate slot (a copy; the state is ``accumulator``)."""
+        return self._full_state()[:, -1].round().to(torch.int64)
+
+    def hessian_sums(self) -> dict[str, Tensor]:
+        """``{name: (R, numel)}`` float64 views of the summed estimates, slot ``r`` holding ``sum_g n_g diag_g``."""
+        acc = self._full_state()
+        return {name: acc[:, self._offsets[i]:self._offsets[i + 1]] for i, (name, _) in enumerate(self._layout)}
 
     # -- update / compute ---------------------------------------------------------------------------
 
@@ -435,22 +371,23 @@ class NormalizedSharpness(Metric):
         layout = _check_estimates(diagonals, weights, sizes.numel(), stacked)
         self._check_layout(layout, "this update")
 
-        device = self.count.device
+        acc = self._full_state()
+        if acc.dtype != torch.float64:  # after set_dtype(): the sums were rounded, keep adding in float64
+            acc = acc.to(torch.float64)
+        device = acc.device
         if self._slot_offset is None:
             self._slot_offset = self._initial_slot_offset()
         num_groups = sizes.numel()
-        slots = (self._slot_offset + torch.arange(num_groups)) % self.num_replicates
-        slots = slots.to(device)
-        sizes = sizes.to(device)
-        scale = sizes.to(torch.float64).unsqueeze(1)
-        for key, (name, _) in zip(self._sum_keys(), self._layout):
-            d = diagonals[name].detach().to(device=device, dtype=torch.float64).reshape(num_groups, -1)
-            getattr(self, key).index_add_(0, slots, d * scale)
-        self.count.index_add_(0, slots, sizes)
-        self._slot_offset += num_groups
-        with torch.inference_mode(False):
+        slots = ((self._slot_offset + torch.arange(num_groups)) % self.num_replicates).to(device)
+        scale = sizes.to(device=device, dtype=torch.float64).unsqueeze(1)
+        block = torch.cat([diagonals[name].detach().to(device=device, dtype=torch.float64).reshape(num_groups, -1)
+                           for name, _ in self._layout] + [torch.ones(num_groups, 1, dtype=torch.float64,
+                                                                       device=device)], dim=1)
+        with torch.inference_mode(False):  # normal tensors: Lightning validates under inference_mode
+            self.accumulator = acc.index_add(0, slots, block * scale)  # out of place: the default stays shared
             self._weights = {name: weights[name].detach().to(device=device, dtype=torch.float64, copy=True)
                              for name, _ in self._layout}
+        self._slot_offset += num_groups
 
     def update_from_estimate(self, estimate: HessianDiagonalEstimate, weights: Mapping[str, Tensor]) -> None:
         """``update(estimate.groups, weights, estimate.group_sizes)``: one slot per group of the estimate."""
@@ -459,15 +396,6 @@ class NormalizedSharpness(Metric):
                             f"got {type(estimate).__name__}; use update(diagonals, weights, num_samples) for "
                             f"a dict.")
         self.update(estimate, weights)
-
-    def _forward_full_state_update(self, *args: Any, **kwargs: Any) -> Any:
-        """torchmetrics' full-state ``forward`` (``dist_sync_on_step=True``) runs ``update`` twice, once
-        for the global state and once for the batch value: only the first may advance the slot offset."""
-        before = self._slot_offset
-        value = super()._forward_full_state_update(*args, **kwargs)
-        start = self._initial_slot_offset() if before is None else before
-        self._slot_offset = start + (self._slot_offset - start) // 2
-        return value
 
     def _initial_slot_offset(self) -> int:
         """Rank ``r`` starts at slot ``r mod R``, so single-group updates on different ranks fill different
@@ -479,12 +407,17 @@ class NormalizedSharpness(Metric):
     def compute(self) -> dict[str, Tensor]:
         """Every measure on the pooled Hessian diagonal, its jackknife standard error and the sample count.
 
+        The ``R' + 3`` eq. 17 problems of each tensor (pooled, leave-one-out, two halves) are solved as
+        one batched Newton iteration warm-started from the pooled solution.
+
         Returns:
             Flat ``{key: 0-dim tensor}``: ``"normalized"``, ``"matrix_normalized"``, ``"hessian_trace"``,
-            ``"<measure>/<name>"``, ``"<measure>_stderr"``, ``"<measure>_stderr/<name>"`` (float64) and
+            ``"<measure>/<name>"``, ``"<measure>_stderr"``, ``"<measure>_stderr/<name>"``,
+            ``"<measure>_half_shift"``, ``"<measure>_half_shift/<name>"`` (float64) and
             ``"num_samples"`` (int64).
         """
-        if self._layout is None or int(self.count.sum()) == 0:
+        count = self.count
+        if int(count.sum()) == 0:
             raise RuntimeError(f"{type(self).__name__}.compute() has no samples to pool: call update() "
                                f"(or update_from_estimate()) with Hessian-diagonal estimates first (after "
                                f"reset() too).")
@@ -492,8 +425,10 @@ class NormalizedSharpness(Metric):
             raise RuntimeError(f"{type(self).__name__}.compute() has no weights on this process (it never "
                                f"ran update(), e.g. loaded without persistent states); call update() here "
                                f"first.")
-        sums = {name: getattr(self, key) for key, (name, _) in zip(self._sum_keys(), self._layout)}
-        out, used = _normalized_sharpness_compute(self._weights, sums, self.count, self.lam)
+        device = self.accumulator.device
+        weights = {n: w.to(device) for n, w in self._weights.items()}
+        out, used = replicate_sharpness_measures(weights, self.hessian_sums(), count, self.lam)
+        out["num_samples"] = count.sum()
         if used < 2 and not self._warned_no_stderr:
             self._warned_no_stderr = True
             rank_zero_warn(f"{type(self).__name__}: only {used} of num_replicates={self.num_replicates} "
@@ -502,69 +437,17 @@ class NormalizedSharpness(Metric):
                            f"with num_replicates >= 2.", UserWarning)
         return out
 
-    @_normal_tensors
-    def reset(self) -> None:
-        """Zero the sums and sample counts; the layout, the latest weights and the slot offset stay."""
-        super().reset()
-
-    @_normal_tensors
-    def _copy_state_dict(self) -> dict[str, Union[Tensor, list[Any]]]:
-        return super()._copy_state_dict()
-
-    # -- distributed -------------------------------------------------------------------------------
-
-    def _layout_fingerprint(self) -> int:
-        if self._layout is None:
-            return 0
-        text = repr((self.num_replicates, [(n, tuple(s)) for n, s in self._layout]))
-        return zlib.crc32(text.encode()) + 1
-
-    def _sync_dist(
-        self, dist_sync_fn: Optional[Callable] = None, process_group: Optional[Any] = None
+    def sync(
+        self,
+        dist_sync_fn: Optional[Any] = None,
+        process_group: Optional[Any] = None,
+        should_sync: bool = True,
+        distributed_available: Optional[Any] = None,
     ) -> None:
-        """Sum the states over processes in place with ``all_reduce(SUM)`` (``dist_sync_fn`` is unused).
-
-        ``Metric.sync`` has already cached the local states and ``unsync`` restores them. One small
-        collective first compares the layouts, so that processes with different layouts all raise
-        instead of deadlocking in mismatched collectives.
-        """
-        dist = torch.distributed
-        group = process_group or self.process_group
-        fingerprint = self._layout_fingerprint()
-        check = torch.tensor([fingerprint, -fingerprint], dtype=torch.int64, device=self.count.device)
-        dist.all_reduce(check, op=dist.ReduceOp.MAX, group=group)
-        if int(check[0]) != fingerprint or -int(check[1]) != fingerprint:
-            raise RuntimeError(f"{type(self).__name__} has different parameter layouts on different "
-                               f"processes (this one: {self.parameter_shapes}); every process must update "
-                               f"with the same weight tensors, and a process that may not update must get "
-                               f"`parameter_shapes=` at construction.")
-        works = []
-        for key in [_COUNT, *self._sum_keys()]:
-            state = getattr(self, key)
-            if not state.is_contiguous():
-                state = state.contiguous()
-                setattr(self, key, state)
-            works.append(dist.all_reduce(state, op=dist.ReduceOp.SUM, group=group, async_op=True))
-        for work in works:
-            work.wait()
-
-    @_normal_tensors
-    def _reduce_states(self, incoming_state: dict[str, Any]) -> None:
-        """Add another state (``forward``, ``merge_state``); a state from before the layout was known
-        (all counts zero) contributes zero sums."""
-        incoming = dict(incoming_state)
-        unknown = sorted(set(incoming) - set(self._defaults))
-        if unknown:
-            raise ValueError(f"cannot merge states {unknown} into {type(self).__name__} with layout "
-                             f"{self.parameter_shapes}: the parameter layouts differ.")
-        empty = _COUNT in incoming and int(torch.as_tensor(incoming[_COUNT]).sum()) == 0
-        for key in self._sum_keys():
-            if key not in incoming and empty:
-                incoming[key] = torch.zeros_like(getattr(self, key))
-            if key in incoming and tuple(incoming[key].shape) != tuple(getattr(self, key).shape):
-                raise ValueError(f"cannot merge state {key!r} of shape {tuple(incoming[key].shape)} into "
-                                 f"shape {tuple(getattr(self, key).shape)}: the parameter layouts differ.")
-        super()._reduce_states(incoming)
+        """torchmetrics' ``sync``, with this metric's ``dist_sync_fn`` (one ``all_reduce``) as the default
+        also when called directly (``Metric.sync`` itself defaults to an all-gather)."""
+        super().sync(dist_sync_fn=dist_sync_fn or self.dist_sync_fn, process_group=process_group,
+                     should_sync=should_sync, distributed_available=distributed_available)
 
     def merge_state(self, incoming_state: Union[dict[str, Any], Metric]) -> None:
         """Add the state of another ``NormalizedSharpness`` (same ``num_replicates`` and layout) or a dict."""
@@ -572,52 +455,38 @@ class NormalizedSharpness(Metric):
             if incoming_state.num_replicates != self.num_replicates:
                 raise ValueError(f"cannot merge a metric with num_replicates={incoming_state.num_replicates} "
                                  f"into one with num_replicates={self.num_replicates}.")
-            if incoming_state._layout is not None:
-                if self._layout is None:
-                    self._set_layout(incoming_state._layout)
-                elif incoming_state._layout != self._layout:
-                    raise ValueError(f"cannot merge metrics with different parameter layouts: "
-                                     f"{incoming_state.parameter_shapes} into {self.parameter_shapes}.")
+            if incoming_state._layout != self._layout:
+                raise ValueError(f"cannot merge metrics with different parameter layouts: "
+                                 f"{incoming_state.parameter_shapes} into {self.parameter_shapes}.")
             if self._weights is None and incoming_state._weights is not None:
-                self._weights = {n: w.to(self.count.device, copy=True)
+                self._weights = {n: w.to(self.accumulator.device, copy=True)
                                  for n, w in incoming_state._weights.items()}
+        elif isinstance(incoming_state, Mapping) and _STATE in incoming_state:
+            shape = tuple(torch.as_tensor(incoming_state[_STATE]).shape)
+            if shape not in (self._shape, (1, 1)):
+                raise ValueError(f"cannot merge state {_STATE!r} of shape {shape} into shape "
+                                 f"{self._shape}: the parameter layouts differ.")
         super().merge_state(incoming_state)
 
-    # -- device moves and (de)serialisation ---------------------------------------------------------
-
-    def _apply(self, fn: Callable, exclude_state: Sequence[str] = ()) -> torch.nn.Module:
-        """Move states and the weight copy to a new device; never change their dtypes."""
-        own = [_COUNT, *self._sum_keys()]
-        this = super()._apply(fn, exclude_state=(*exclude_state, *own))
-        device = this._device
-        for key in own:
-            if key in exclude_state:
-                continue
-            setattr(this, key, getattr(this, key).to(device))
-            default = this._defaults[key]
-            this._defaults[key] = _zeros_view(*default.shape, device) if key != _COUNT else default.to(device)
-        if this._weights is not None:
-            this._weights = {n: w.to(device) for n, w in this._weights.items()}
-        return this
+    # -- (de)serialisation ------------------------------------------------------------------------
 
     def persistent(self, mode: bool = False) -> None:
-        """Whether the states (and, with them, the weight copy) go into ``state_dict``; default ``False``."""
+        """Whether the state (and, with it, the weight copy) goes into ``state_dict``; default ``False``."""
         super().persistent(mode)
-        self._persistent_mode = mode
+        self._states_persistent = mode
 
     def get_extra_state(self) -> dict[str, Any]:
-        """Layout and slot offset (always), and the weight copy when the states are persistent."""
+        """Layout and slot offset (always), and the weight copy when the state is persistent."""
         return {
-            "parameter_shapes": None if self._layout is None else [(n, list(s)) for n, s in self._layout],
+            "parameter_shapes": [(n, list(s)) for n, s in self._layout],
             "num_replicates": self.num_replicates,
             "slot_offset": self._slot_offset,
             "weights": ({n: w.detach().clone() for n, w in self._weights.items()}
-                        if self._persistent.get(_COUNT, False) and self._weights is not None else None),
+                        if self._states_persistent and self._weights is not None else None),
         }
 
-    @_normal_tensors
     def set_extra_state(self, state: Any) -> None:
-        """Restore what :meth:`get_extra_state` saved (the layout must match if this metric has one)."""
+        """Restore what :meth:`get_extra_state` saved (the layout and ``num_replicates`` must match)."""
         if not isinstance(state, Mapping):
             raise ValueError(f"{type(self).__name__} cannot read extra state {state!r}.")
         if state.get("num_replicates", self.num_replicates) != self.num_replicates:
@@ -626,45 +495,12 @@ class NormalizedSharpness(Metric):
         shapes = state.get("parameter_shapes")
         if shapes is not None:
             layout = tuple((n, torch.Size(s)) for n, s in shapes)
-            if self._layout is None:
-                self._set_layout(layout)
-            elif layout != self._layout:
+            if layout != self._layout:
                 raise ValueError(f"the state_dict's parameter layout {dict(layout)} differs from this "
-                                 f"metric's {self.parameter_shapes}; load it into a fresh metric.")
+                                 f"metric's {self.parameter_shapes} (a different shape); construct it with the "
+                                 f"same parameter_shapes.")
         self._slot_offset = state.get("slot_offset")
         if state.get("weights") is not None:
-            self._weights = {n: w.detach().to(device=self.count.device, dtype=torch.float64, copy=True)
-                             for n, w in state["weights"].items()}
-
-    @_normal_tensors
-    def _load_from_state_dict(
-        self,
-        state_dict: dict,
-        prefix: str,
-        local_metadata: dict,
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        """Create the layout's states before loading them; copy loaded states (never alias the dict)."""
-        extra = state_dict.get(prefix + _EXTRA_STATE_KEY)
-        if isinstance(extra, Mapping) and extra.get("parameter_shapes") is not None and self._layout is None:
-            self.set_extra_state(extra)
-        dtypes = {_COUNT: torch.int64, **{key: torch.float64 for key in self._sum_keys()}}
-        for key, dtype in dtypes.items():
-            name = prefix + key
-            if name in state_dict:
-                value = torch.as_tensor(state_dict[name])
-                expected = tuple(getattr(self, key).shape)
-                if tuple(value.shape) != expected:
-                    raise ValueError(f"state_dict entry {name!r} has shape {tuple(value.shape)}, expected "
-                                     f"{expected} (num_replicates={self.num_replicates}, layout "
-                                     f"{self.parameter_shapes}).")
-                state_dict[name] = value.to(device=self.count.device, dtype=dtype, copy=True).contiguous()
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        self._computed = None  # a cached result belongs to the old state
-        if int(self.count.sum()) > 0:  # loaded samples count as updated (no "compute before update" warning)
-            self._update_count = max(self._update_count, 1)
+            with torch.inference_mode(False):
+                self._weights = {n: w.detach().to(device=self.accumulator.device, dtype=torch.float64, copy=True)
+                                 for n, w in state["weights"].items()}

@@ -2,7 +2,9 @@
 
 Usage: ``python tests/ddp_metric_worker.py RANK WORLD_SIZE INIT_FILE OUT_FILE``. No Lightning: plain
 ``torch.distributed`` with a file store. The all-gather collectives are replaced by functions that
-raise, so the check proves that the metric synchronises with ``all_reduce`` only.
+raise, and ``all_reduce`` is wrapped to record every call and its bytes, so the check proves that
+one sync is exactly one ``all_reduce`` of the ``(R, F + 1)`` float64 state, whatever torchmetrics'
+``Metric.sync`` does around it (a torchmetrics release that changed the sync fails here).
 """
 
 from __future__ import annotations
@@ -51,38 +53,34 @@ def main(rank: int, world_size: int, init_file: str, out_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     for name in ("all_gather", "all_gather_into_tensor", "all_gather_object", "gather", "gather_object"):
         setattr(dist, name, _forbid(name))
-    calls = {"all_reduce": 0}
+    calls: list[tuple[str, int, str]] = []  # (dtype, bytes, op) of every all_reduce
     real_all_reduce = dist.all_reduce
 
-    def counting_all_reduce(*args, **kwargs):
-        calls["all_reduce"] += 1
-        return real_all_reduce(*args, **kwargs)
+    def counting_all_reduce(tensor, *args, **kwargs):
+        op = kwargs.get("op", args[0] if args else dist.ReduceOp.SUM)
+        calls.append((str(tensor.dtype), tensor.numel() * tensor.element_size(), str(op)))
+        return real_all_reduce(tensor, *args, **kwargs)
 
     dist.all_reduce = counting_all_reduce
 
     out: dict = {}
-    metric = NormalizedSharpness(lam=LAM, num_replicates=NUM_REPLICATES)
+    metric = NormalizedSharpness(SHAPES, lam=LAM, num_replicates=NUM_REPLICATES)
     for diagonals, sizes in rank_updates(rank):
         metric.update(diagonals, weights(), sizes)
     local_count = metric.count.clone()
     out["result"] = metric.compute()
     out["count_after_compute"] = metric.count.clone()
     out["local_count"] = local_count
-    out["all_reduce_calls"] = calls["all_reduce"]
+    out["sync_calls"] = list(calls)
+    calls.clear()
+    metric.sync()  # a direct sync (public API) uses the same single all_reduce
+    metric.unsync()
+    out["direct_sync_calls"] = list(calls)
 
-    # a process that never updated (no layout) must make every process raise, not hang
-    lonely = NormalizedSharpness(lam=LAM, num_replicates=NUM_REPLICATES)
-    if rank == 0:
-        diagonals, sizes = rank_updates(0)[0]
-        lonely.update(diagonals, weights(), sizes)
-    try:
-        lonely.compute()
-        out["layout_error"] = None
-    except RuntimeError as err:
-        out["layout_error"] = str(err)
-
-    # with parameter_shapes the layouts agree: rank 0 gets the value of its own data
-    fixed = NormalizedSharpness(lam=LAM, num_replicates=NUM_REPLICATES, parameter_shapes=SHAPES)
+    # a process that never updates (compact default state) joins the same single all_reduce;
+    # rank 0 gets the value of its own data, rank 1 has no weights to evaluate
+    calls.clear()
+    fixed = NormalizedSharpness(SHAPES, lam=LAM, num_replicates=NUM_REPLICATES)
     if rank == 0:
         diagonals, sizes = rank_updates(0)[0]
         fixed.update(diagonals, weights(), sizes)
@@ -90,6 +88,7 @@ def main(rank: int, world_size: int, init_file: str, out_file: str) -> None:
         out["fixed_result"] = fixed.compute()
     except RuntimeError as err:
         out["fixed_result"] = str(err)
+    out["fixed_sync_calls"] = list(calls)
 
     torch.save(out, out_file)
     dist.barrier()

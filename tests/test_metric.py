@@ -85,7 +85,7 @@ def _stderr_key(key: str) -> str:
 def test_pooled_result_is_sharpness_of_sample_weighted_mean_diagonal():
     w = _weights()
     d1, d2 = _diagonals(None, 1), _diagonals(None, 2)
-    metric = NormalizedSharpness(lam=0.7, num_replicates=4)
+    metric = NormalizedSharpness(SHAPES, lam=0.7, num_replicates=4)
     metric.update(d1, w, num_samples=3)
     metric.update(d2, w, num_samples=13)
     out = metric.compute()
@@ -99,10 +99,10 @@ def test_pooled_result_is_sharpness_of_sample_weighted_mean_diagonal():
 def test_two_single_batches_equal_one_update_with_stacked_groups():
     w = _weights()
     d1, d2 = _diagonals(None, 1), _diagonals(None, 2)
-    separate = NormalizedSharpness(num_replicates=4)
+    separate = NormalizedSharpness(SHAPES, num_replicates=4)
     separate.update(d1, w, 3)
     separate.update(d2, w, torch.tensor(13))
-    stacked = NormalizedSharpness(num_replicates=4)
+    stacked = NormalizedSharpness(SHAPES, num_replicates=4)
     stacked.update({n: torch.stack([d1[n], d2[n]]) for n in SHAPES}, w, [3, 13])
     _assert_dicts_close(separate.compute(), stacked.compute())
 
@@ -112,7 +112,7 @@ def test_update_from_estimate_equals_update_with_groups_and_sizes():
     groups = _diagonals(3, 5)
     sizes = torch.tensor([5, 6, 7])
     estimate = HessianDiagonalEstimate(groups=groups, group_sizes=sizes, method="hutchinson", num_probes=24)
-    a, b, c = (NormalizedSharpness(num_replicates=4) for _ in range(3))
+    a, b, c = (NormalizedSharpness(SHAPES, num_replicates=4) for _ in range(3))
     a.update_from_estimate(estimate, w)
     b.update(estimate, w)
     c.update(groups, w, sizes)
@@ -122,7 +122,7 @@ def test_update_from_estimate_equals_update_with_groups_and_sizes():
 
 def test_groups_fill_replicate_slots_round_robin():
     w = _weights()
-    metric = NormalizedSharpness(num_replicates=4)
+    metric = NormalizedSharpness(SHAPES, num_replicates=4)
     for k in range(5):  # single groups: slots 0, 1, 2, 3, 0
         metric.update(_diagonals(None, k), w, num_samples=10 + k)
     metric.update(_diagonals(3, 9), w, num_samples=[1, 2, 3])  # slots 1, 2, 3
@@ -142,7 +142,7 @@ def test_pooled_exact_group_diagonals_equal_full_batch_exact_diagonal():
     estimate = hessian_diagonal_groups(model, F.cross_entropy, x, y, method="exact", num_groups=4)
     assert estimate.group_sizes.tolist() == [6, 6, 5, 5]
     params = select_parameters(model)
-    metric = NormalizedSharpness(num_replicates=4)
+    metric = NormalizedSharpness(params, num_replicates=4)
     metric.update_from_estimate(estimate, params)
     out = metric.compute()
     full = hessian_diagonal(model, F.cross_entropy, x, y, method="exact")
@@ -159,7 +159,7 @@ def test_pooled_exact_group_diagonals_equal_full_batch_exact_diagonal():
 
 def test_stderr_equals_hand_computed_delete_one_jackknife():
     w = _weights(3)
-    metric = NormalizedSharpness(lam=0.5, num_replicates=3)
+    metric = NormalizedSharpness(SHAPES, lam=0.5, num_replicates=3)
     groups = []
     # update A: 2 groups -> slots 0, 1; B: 1 group -> slot 2; C: 2 groups -> slots 0, 1; D: 1 -> slot 2
     plan = [([4, 9], 0), ([6], 2), ([5, 3], 0), ([8], 2)]
@@ -177,7 +177,7 @@ def test_stderr_equals_hand_computed_delete_one_jackknife():
 
 def test_half_shift_is_mean_of_measures_on_even_and_odd_slots_minus_pooled_value():
     w = _weights(4)
-    metric = NormalizedSharpness(num_replicates=5)
+    metric = NormalizedSharpness(SHAPES, num_replicates=5)
     sizes = [3, 6, 4, 5, 7]
     d = _diagonals(len(sizes), 40)
     metric.update(d, w, sizes)  # slots 0..4
@@ -205,7 +205,7 @@ def test_half_shift_reveals_the_upward_bias_that_probe_noise_gives_normalized_sh
     biases, shifts, stderrs = [], [], []
     for _ in range(20):
         noisy = true_h + torch.randn(8, 30, 20, generator=g, dtype=torch.float64)  # 8 groups, noise >> h
-        metric = NormalizedSharpness(num_replicates=8)
+        metric = NormalizedSharpness(w, num_replicates=8)
         metric.update({"fc.weight": noisy}, w, [10] * 8)
         out = metric.compute()
         biases.append(out["normalized"].item() - truth)
@@ -218,7 +218,7 @@ def test_half_shift_reveals_the_upward_bias_that_probe_noise_gives_normalized_sh
 
 def test_jackknife_uses_only_replicate_slots_that_hold_samples():
     w = _weights(4)
-    metric = NormalizedSharpness(num_replicates=8)
+    metric = NormalizedSharpness(SHAPES, num_replicates=8)
     d = _diagonals(3, 30)
     metric.update(d, w, [2, 5, 4])  # slots 0, 1, 2 of 8
     out = metric.compute()
@@ -230,7 +230,7 @@ def test_jackknife_uses_only_replicate_slots_that_hold_samples():
 
 def test_stderr_is_nan_with_one_warning_when_a_single_slot_holds_samples():
     w = _weights()
-    metric = NormalizedSharpness(num_replicates=1)
+    metric = NormalizedSharpness(SHAPES, num_replicates=1)
     metric.update(_diagonals(None, 1), w, 8)
     with pytest.warns(UserWarning, match="standard errors are NaN"):
         out = metric.compute()
@@ -252,7 +252,7 @@ def noisy_trials():
     weight = torch.randn(shape, generator=gen, dtype=torch.float64)
     rows = []
     for _ in range(num_trials):
-        metric = NormalizedSharpness(num_replicates=num_batches)
+        metric = NormalizedSharpness({"w": shape}, num_replicates=num_batches)
         for _ in range(num_batches):
             estimate = true_diag + noise * torch.randn(shape, generator=gen, dtype=torch.float64)
             metric.update({"w": estimate}, {"w": weight}, num_samples=16)
@@ -287,14 +287,14 @@ def test_normalized_stderr_matches_spread_of_normalized_sharpness_over_trials(no
 
 def test_compute_without_samples_raises_and_reset_clears_samples():
     w = _weights()
-    metric = NormalizedSharpness(num_replicates=4)
+    metric = NormalizedSharpness(SHAPES, num_replicates=4)
     with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="no samples to pool"):
         metric.compute()
     metric.update(_diagonals(2, 1), w, [3, 4])
     first = metric.compute()
     metric.reset()
     assert metric.count.sum().item() == 0
-    assert all(getattr(metric, f"hessian_sum_{i}").abs().sum().item() == 0 for i in range(len(SHAPES)))
+    assert all(s.abs().sum().item() == 0 for s in metric.hessian_sums().values())
     assert metric.parameter_shapes == {n: torch.Size(s) for n, s in SHAPES.items()}
     with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="no samples to pool"):
         metric.compute()
@@ -302,29 +302,36 @@ def test_compute_without_samples_raises_and_reset_clears_samples():
     _assert_dicts_close(metric.compute(), first)
 
 
-def test_reset_default_is_not_a_full_size_copy_of_the_sums():
-    metric = NormalizedSharpness(num_replicates=8, parameter_shapes={"w": (100, 50)})
-    assert metric.hessian_sum_0.shape == (8, 5000)
-    assert metric._defaults["hessian_sum_0"].untyped_storage().nbytes() == 8
+def test_state_is_one_flat_sum_laid_out_at_construction_with_a_one_element_default():
+    metric = NormalizedSharpness(num_replicates=8, parameter_shapes={"w": (100, 50), "v": (3, 4, 2, 2)})
+    assert list(metric.metric_state) == ["accumulator"]
+    assert metric.accumulator.shape == (1, 1) and metric.accumulator.dtype == torch.float64  # compact default
+    assert {n: tuple(s.shape) for n, s in metric.hessian_sums().items()} == {"w": (8, 5000), "v": (8, 48)}
+    assert metric.count.tolist() == [0] * 8
+    metric.update({"w": torch.ones(100, 50), "v": torch.ones(3, 4, 2, 2)},
+                  {"w": torch.ones(100, 50), "v": torch.ones(3, 4, 2, 2)}, 3)
+    assert metric.accumulator.shape == (8, 5049) and metric.count.tolist() == [3] + [0] * 7
+    assert metric.hessian_sums()["v"][0].tolist() == [3.0] * 48
+    metric.reset()
+    assert metric.accumulator.shape == (1, 1) and metric.count.sum().item() == 0
 
 
 def test_state_dict_round_trip_restores_result_and_accumulation():
     w = _weights()
-    metric = NormalizedSharpness(lam=0.3, num_replicates=4)
+    metric = NormalizedSharpness(SHAPES, lam=0.3, num_replicates=4)
     metric.persistent(True)
     metric.update(_diagonals(3, 1), w, [3, 4, 5])
     state = metric.state_dict()
-    assert {"count", "hessian_sum_0", "hessian_sum_1", "_extra_state"} == set(state)
-    restored = NormalizedSharpness(lam=0.3, num_replicates=4)
+    assert {"accumulator", "_extra_state"} == set(state)
+    restored = NormalizedSharpness(SHAPES, lam=0.3, num_replicates=4)
     restored.load_state_dict(state)
     _assert_dicts_close(restored.compute(), metric.compute())
-    state["count"].zero_()  # the restored metric does not alias the dict's tensors
     more = _diagonals(None, 2)
     metric.update(more, w, 6)
     restored.update(more, w, 6)
     _assert_dicts_close(restored.compute(), metric.compute())
     assert restored.count.tolist() == metric.count.tolist()
-    stale = NormalizedSharpness(lam=0.3, num_replicates=4)
+    stale = NormalizedSharpness(SHAPES, lam=0.3, num_replicates=4)
     stale.update(_diagonals(2, 3), w, [2, 2])
     stale.compute()  # cached
     stale.load_state_dict(metric.state_dict())
@@ -332,22 +339,22 @@ def test_state_dict_round_trip_restores_result_and_accumulation():
 
 
 def test_non_persistent_state_dict_keeps_only_the_layout():
-    metric = NormalizedSharpness(num_replicates=4)
+    metric = NormalizedSharpness(SHAPES, num_replicates=4)
     metric.update(_diagonals(None, 1), _weights(), 5)
     state = metric.state_dict()
     assert set(state) == {"_extra_state"}
-    restored = NormalizedSharpness(num_replicates=4)
+    restored = NormalizedSharpness(SHAPES, num_replicates=4)
     restored.load_state_dict(state)
     assert restored.parameter_shapes == metric.parameter_shapes
-    assert restored.count.sum().item() == 0
+    assert restored.count.sum().item() == 0 and restored.weights is None
 
 
 def test_load_state_dict_rejects_other_num_replicates_or_layout():
-    metric = NormalizedSharpness(num_replicates=4)
+    metric = NormalizedSharpness(SHAPES, num_replicates=4)
     metric.persistent(True)
     metric.update(_diagonals(None, 1), _weights(), 5)
     with pytest.raises(ValueError, match="num_replicates"):
-        NormalizedSharpness(num_replicates=3).load_state_dict(metric.state_dict())
+        NormalizedSharpness(SHAPES, num_replicates=3).load_state_dict(metric.state_dict())
     other = NormalizedSharpness(num_replicates=4,
                                 parameter_shapes={"fc1.weight": (6, 4), "fc2.weight": (3, 7)})
     with pytest.raises(ValueError, match="shape"):
@@ -357,10 +364,10 @@ def test_load_state_dict_rejects_other_num_replicates_or_layout():
 def test_forward_returns_batch_value_and_accumulates_globally():
     w = _weights()
     d1, d2 = _diagonals(2, 1), _diagonals(2, 2)
-    metric = NormalizedSharpness(num_replicates=4)
+    metric = NormalizedSharpness(SHAPES, num_replicates=4)
     batch1 = metric(d1, w, [3, 4])
     batch2 = metric(d2, w, [5, 6])
-    only1, only2, both = (NormalizedSharpness(num_replicates=4) for _ in range(3))
+    only1, only2, both = (NormalizedSharpness(SHAPES, num_replicates=4) for _ in range(3))
     only1.update(d1, w, [3, 4])
     only2.update(d2, w, [5, 6])
     both.update(d1, w, [3, 4])
@@ -370,10 +377,9 @@ def test_forward_returns_batch_value_and_accumulates_globally():
     _assert_dicts_close(metric.compute(), both.compute())
 
 
-@pytest.mark.parametrize("dist_sync_on_step", [False, True])
-def test_forward_fills_replicate_slots_round_robin(dist_sync_on_step):
+def test_forward_fills_replicate_slots_round_robin():
     w = _weights()
-    metric = NormalizedSharpness(num_replicates=4, dist_sync_on_step=dist_sync_on_step)
+    metric = NormalizedSharpness(SHAPES, num_replicates=4)
     for k in range(6):  # slots 0, 1, 2, 3, 0, 1
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # single-group batch values have no stderr
@@ -383,7 +389,7 @@ def test_forward_fills_replicate_slots_round_robin(dist_sync_on_step):
 
 def test_merge_state_equals_one_metric_over_all_updates():
     w = _weights()
-    a, b, both = (NormalizedSharpness(num_replicates=4) for _ in range(3))
+    a, b, both = (NormalizedSharpness(SHAPES, num_replicates=4) for _ in range(3))
     a.update(_diagonals(2, 1), w, [3, 4])
     b.update(_diagonals(2, 2), w, [5, 6])
     a.merge_state(b)
@@ -401,7 +407,7 @@ def test_metric_keeps_a_detached_copy_of_the_weights_and_no_submodule():
     from lightning_flatness.functional import select_parameters
 
     params = select_parameters(model)
-    metric = NormalizedSharpness(num_replicates=2)
+    metric = NormalizedSharpness(params, num_replicates=2)
     metric.update({n: torch.rand(2, *p.shape) for n, p in params.items()}, params, [4, 4])
     assert list(metric.children()) == []
     assert list(metric.parameters()) == []
@@ -413,28 +419,27 @@ def test_metric_keeps_a_detached_copy_of_the_weights_and_no_submodule():
     assert all(not w.requires_grad and w.dtype == torch.float64 for w in metric.weights.values())
 
 
-def test_dtype_casts_keep_float64_states_and_device_moves_carry_the_weights():
+def test_dtype_casts_keep_float64_states_and_device_moves_carry_the_state():
     w = _weights()
-    metric = NormalizedSharpness(num_replicates=4)
+    metric = NormalizedSharpness(SHAPES, num_replicates=4)
     metric.update(_diagonals(2, 1), w, [3, 4])
     expected = metric.compute()
-    metric.to(torch.float32)
-    metric.set_dtype(torch.float16)
-    assert metric.hessian_sum_0.dtype == torch.float64 and metric.count.dtype == torch.int64
+    metric.float()
+    assert metric.accumulator.dtype == torch.float64 and metric.count.dtype == torch.int64
+    metric.set_dtype(torch.float16)  # an explicit cast rounds the current sums; updates return to float64
     metric.update(_diagonals(2, 2), w, [5, 6])
+    assert metric.accumulator.dtype == torch.float64
     metric.reset()
     metric.update(_diagonals(2, 1), w, [3, 4])
     _assert_dicts_close(metric.compute(), expected)
     metric.to("meta")
-    assert metric.count.device.type == "meta" and metric.hessian_sum_1.device.type == "meta"
-    assert all(v.device.type == "meta" for v in metric.weights.values())
-    assert metric._defaults["hessian_sum_1"].device.type == "meta"
+    assert metric.accumulator.device.type == "meta"
 
 
 def test_states_made_under_inference_mode_accept_updates_outside_it():
     """Lightning validates under torch.inference_mode; the states must stay updatable afterwards."""
     w = _weights()
-    metric, reference = NormalizedSharpness(num_replicates=4), NormalizedSharpness(num_replicates=4)
+    metric, reference = NormalizedSharpness(SHAPES, num_replicates=4), NormalizedSharpness(SHAPES, num_replicates=4)
     with torch.inference_mode():
         metric.update(_diagonals(2, 1), w, [3, 4])  # creates the sum states
         metric.compute()
@@ -462,11 +467,19 @@ def test_states_made_under_inference_mode_accept_updates_outside_it():
     ({"num_replicates": 0}, "num_replicates"), ({"num_replicates": 2.0}, "num_replicates"),
     ({"num_replicates": True}, "num_replicates"),
     ({"parameter_shapes": {"b": (5,)}}, "ndim >= 2"), ({"parameter_shapes": {}}, "non-empty"),
-    ({"dist_sync_fn": lambda x, group=None: [x]}, "all_reduce"),
+    ({"parameter_shapes": {"w": (2, 3)}, "dist_sync_on_step": True}, "dist_sync_on_step"),
+    ({"parameter_shapes": {"w": (2, 3)}, "dist_sync_fn": lambda x, group=None: [x]}, "all_reduce"),
 ])
 def test_constructor_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         NormalizedSharpness(**kwargs)
+
+
+def test_constructor_without_parameter_shapes_names_the_fix():
+    with pytest.raises(TypeError, match=r"needs `parameter_shapes`.*select_parameters"):
+        NormalizedSharpness(num_replicates=4)
+    metric = NormalizedSharpness({n: torch.zeros(s) for n, s in SHAPES.items()})  # tensors give their shapes
+    assert metric.parameter_shapes == {n: torch.Size(s) for n, s in SHAPES.items()}
 
 
 @pytest.mark.parametrize(("num_samples", "error", "match"), [
@@ -477,14 +490,14 @@ def test_constructor_rejects_bad_arguments(kwargs, match):
     ([3], ValueError, "expected"), (None, TypeError, "required"),
 ])
 def test_update_rejects_bad_num_samples(num_samples, error, match):
-    metric = NormalizedSharpness()
+    metric = NormalizedSharpness(SHAPES)
     with pytest.raises(error, match=match):
         metric.update(_diagonals(2, 1), _weights(), num_samples)
 
 
 def test_update_rejects_mismatched_names_shapes_and_bad_values():
     w = _weights()
-    metric = NormalizedSharpness()
+    metric = NormalizedSharpness(SHAPES)
     with pytest.raises(ValueError, match="same tensors"):
         metric.update(_diagonals(None, 1), {"fc1.weight": w["fc1.weight"]}, 4)
     with pytest.raises(ValueError, match="shape"):
@@ -495,11 +508,11 @@ def test_update_rejects_mismatched_names_shapes_and_bad_values():
     bad["fc2.weight"][0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
         metric.update(bad, w, 4)
-    assert metric.parameter_shapes is None and metric.count.sum().item() == 0  # failed updates change nothing
+    assert metric.count.sum().item() == 0 and metric.weights is None  # failed updates change nothing
 
     metric.update(_diagonals(None, 1), w, 4)
     other = {"fc1.weight": torch.rand(6, 4), "fc3.weight": torch.rand(3, 6)}
-    with pytest.raises(ValueError, match="not seen before"):
+    with pytest.raises(ValueError, match="not in `parameter_shapes`"):
         metric.update(other, other, 4)
     resized = {"fc1.weight": torch.rand(6, 5), "fc2.weight": torch.rand(3, 6)}
     with pytest.raises(ValueError, match="changes tensor shapes"):
@@ -560,7 +573,7 @@ def test_two_gloo_processes_agree_with_one_process_over_all_data_using_all_reduc
     # reference: one process over all data; rank r starts at slot r, groups then go round-robin
     w = worker.weights()
     groups = []
-    single = NormalizedSharpness(lam=worker.LAM, num_replicates=worker.NUM_REPLICATES)
+    single = NormalizedSharpness(worker.SHAPES, lam=worker.LAM, num_replicates=worker.NUM_REPLICATES)
     for rank in range(2):
         slot = rank
         for diagonals, sizes in worker.rank_updates(rank):
@@ -580,9 +593,12 @@ def test_two_gloo_processes_agree_with_one_process_over_all_data_using_all_reduc
             assert out[_stderr_key(key)].item() == pytest.approx(stderr[key], rel=1e-10)
         assert out["num_samples"].item() == sum(sum(s) for u in worker.UPDATE_SIZES.values() for s in u)
         assert torch.equal(res[r]["count_after_compute"], res[r]["local_count"])  # local state restored
-        assert res[r]["all_reduce_calls"] == 1 + 1 + len(worker.SHAPES)  # layout check + count + sums
-        assert "different parameter layouts" in res[r]["layout_error"]
-    only0 = NormalizedSharpness(lam=worker.LAM, num_replicates=worker.NUM_REPLICATES)
+        # one sync = one all_reduce(SUM) of the (R, F + 1) float64 state, whatever torchmetrics does around it
+        state_bytes = worker.NUM_REPLICATES * (sum(math.prod(s) for s in worker.SHAPES.values()) + 1) * 8
+        assert res[r]["sync_calls"] == [("torch.float64", state_bytes, str(torch.distributed.ReduceOp.SUM))]
+        assert res[r]["fixed_sync_calls"] == res[r]["sync_calls"]  # also with a process that never updated
+        assert res[r]["direct_sync_calls"] == res[r]["sync_calls"]  # and for metric.sync() called directly
+    only0 = NormalizedSharpness(worker.SHAPES, lam=worker.LAM, num_replicates=worker.NUM_REPLICATES)
     only0.update(worker.rank_updates(0)[0][0], w, worker.rank_updates(0)[0][1])
     with pytest.warns(UserWarning, match="standard errors are NaN"):  # a single group
         _assert_dicts_close(res[0]["fixed_result"], only0.compute())

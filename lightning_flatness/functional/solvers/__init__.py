@@ -6,6 +6,8 @@ from lightning_flatness.functional.solvers.normalized import (
     normalized_sharpness,
     normalized_sharpness_coefficients,
     solve_normalized_sharpness,
+    solve_normalized_sharpness_batch,
+    solve_normalized_sharpness_coefficients,
 )
 
 __all__ = [
@@ -15,4 +17,6 @@ __all__ = [
     "normalized_sharpness",
     "normalized_sharpness_coefficients",
     "solve_normalized_sharpness",
+    "solve_normalized_sharpness_batch",
+    "solve_normalized_sharpness_coefficients",
 ]

@@ -28,33 +28,48 @@ How it is solved (deterministic, certified):
    are never iterated. Components come from a boolean transitive closure by repeated squaring
    (``O(min(m, n)^2 max(m, n) log d)`` for graph diameter ``d``; skipped when ``W`` or ``h`` has no
    zero channel pair, the usual case).
-2. **Damped Newton** on the reduced problem in log-space, started from closed-form alternating
-   sweeps ``x_i = 1/2 log(sum_j B_ij e^{-y_j} / sum_j A_ij e^{y_j})`` (likewise ``y``; stopped when
-   they stall), which remove gross scale mismatches. The Hessian is ``[[diag(r), G], [G^T,
+2. **Damped Newton** on the reduced problem in log-space (:mod:`._newton`), started cold from at
+   most 30 closed-form alternating sweeps ``x_i = 1/2 log(sum_j B_ij e^{-y_j} / sum_j A_ij e^{y_j})``
+   (likewise ``y``; stopped when they stall: no path runs alternating updates unbounded), or
+   warm from a nearby solution (batched replicate solves). The Hessian is ``[[diag(r), G], [G^T,
    diag(c)]]`` with ``G_ij = A_ij e^{x_i+y_j} + B_ij e^{-x_i-y_j}`` (eq. 49-55); one row per
-   component is held fixed (the gauge) and the diagonal block of the larger side is eliminated,
-   so each step is a Cholesky solve of size ``min(m, n)``. A backtracking line search, with each
-   ``x_i + y_j`` moving at most 8 nats per step, keeps every step a descent step.
-3. **Certificate.** Each Newton step near the optimum also yields a lower bound: with the
-   linearised terms at the Newton point, ``delta_ij^A = A_ij e^{x_i+y_j} (1 + s_ij)`` and
-   ``delta_ij^B = B_ij e^{-x_i-y_j} (1 - s_ij)`` (``s_ij = dx_i + dy_j``) make ``delta^A - delta^B``
-   have zero row and column sums (up to the rounding of the Cholesky solve), so the weighted
-   AM-GM inequality gives ``S(x', y') >= prod_k (c_k / d_k)^{d_k}`` for every ``(x', y')``
-   (``d = delta / sum(delta)``, a feasible point of the dual geometric program). The solver stops
-   when ``upper - lower <= rtol * lower`` and returns the value after that last Newton step, so
-   the result is typically exact to rounding (about ``1e-15`` relative). On random WRN-sized
-   layers this takes a handful of sweeps and one Newton step.
+   component is held fixed (the gauge) and the diagonal block of the larger side is eliminated;
+   the Jacobi-scaled Schur complement of size ``min(m, n)`` is formed and Cholesky-factored in
+   float32, and the direction refined to float64 accuracy (mixed-precision iterative refinement;
+   float64 factorisation where that fails) once the iterate is near the optimum. Terms
+   ``A_ij e^{x_i + y_j}`` are products of vector exponentials (no ``(m, n)`` exponential). A
+   backtracking line search, with each ``x_i + y_j`` moving at most 8 nats per step, keeps every
+   step a descent step. ``P`` problems of one shape iterate together over a leading dimension,
+   each stopping on its own certificate.
+3. **Certificate.** The Newton-linearised terms ``delta_ij^A = A_ij e^{x_i+y_j} (1 + s_ij)``,
+   ``delta_ij^B = B_ij e^{-x_i-y_j} (1 - s_ij)`` (``s_ij = dx_i + dy_j``) have zero row and column sums
+   (up to the rounding of the solve, accounted for), so the weighted AM-GM inequality gives a
+   lower bound ``S(x', y') >= prod_k (c_k / d_k)^{d_k}`` for every ``(x', y')`` (``d = delta / sum
+   delta``, a feasible point of the dual geometric program). Its logarithm needs ``sum d log(1 + s)``,
+   bounded by Taylor's theorem through the Newton decrement ``lambda^2`` and ``max |s|`` (two
+   matrix-vector products; see ``_newton._dual_bound``): near the optimum the bound is
+   ``S - lambda^2 / 2 + O(lambda^3)``. The solver stops when ``upper - lower <= rtol * lower``,
+   with ``upper`` the better of the current value and the value after the full Newton step.
+4. **Bounded time.** At most ``max_iter`` Newton iterations (default 100), each ``O(m n)``
+   float64 passes plus an ``O(m n min(m, n))`` float32 factorisation; at the cap the solver
+   returns the achieved value with its certified gap (against the dual bound or at least the
+   separable bound ``sum_ij 2 sqrt(A_ij B_ij)``) and warns once per call, naming the tensor shape
+   and the gap. On the stress suite (``benchmarks/solver_stress.py``) every case certifies in at
+   most a few iterations.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
+from lightning_flatness.functional.solvers._components import component_layout
+from lightning_flatness.functional.solvers._newton import alternating_sweeps, newton
 from lightning_flatness.functional.solvers.matrix_normalized import _float64, _result_dtype, _to_result
 
 __all__ = [
@@ -62,13 +77,10 @@ __all__ = [
     "normalized_sharpness",
     "normalized_sharpness_coefficients",
     "solve_normalized_sharpness",
+    "solve_normalized_sharpness_batch",
+    "solve_normalized_sharpness_coefficients",
 ]
 
-_MAX_SWEEPS = 30  # closed-form alternating sweeps before Newton, at most
-_SWEEP_TOL = 1e-7  # ... stopping once no log-variance moves by more than this (nats)
-_SWEEP_STALL = 0.5  # ... or once a sweep shrinks the largest move by less than this factor (Newton's turn)
-_MAX_STEP = 8.0  # largest change of any x_i + y_j per Newton step, in nats (a trust region on exp(.))
-_BOUND_FROM = 1e-4  # evaluate the dual bound once the Newton decrement^2 / S is below this
 
 
 class NormalizedSharpnessSolution(NamedTuple):
@@ -157,18 +169,19 @@ def normalized_sharpness(
     ``2 |w| sqrt(max(h, 0) / (2 lam))``. Not differentiable (inputs are detached).
 
     Cost: ``O(numel)`` to form the coefficients, ``O(m n)`` per alternating sweep (at most 30), and
-    per Newton iteration ``O(m n min(m, n))`` (a Schur complement and its Cholesky factor); on
-    random layers one Newton iteration, at most a few dozen when an optimum lies very far out
-    (nearly decoupled blocks). All 17 weight tensors of a WRN-16-4 (2.7 M weights) take about
-    0.07 s on one CPU core (``benchmarks/bench_solver.py``). Memory: a few ``(m, n)`` float64
-    matrices and one ``(min(m, n), min(m, n))``.
+    per Newton iteration about 20 ``O(m n)`` float64 passes plus ``O(m n min(m, n))`` float32 (the
+    Schur complement) and ``O(min(m, n)^3)`` (its Cholesky factor); typically one Newton
+    iteration, at most ``max_iter``. Timings per input kind, idle and under load:
+    ``benchmarks/results_solver.md``. Memory: a few ``(m, n)`` float64 matrices and one
+    ``(min(m, n), min(m, n))`` float32.
 
     Args:
         weight: ``(m, n, *kernel)`` weight tensor (``ndim >= 2``).
         hessian_diagonal: its Hessian diagonal, same shape, unclipped.
         lam: the PAC-Bayes ``lambda > 0`` (the paper uses 1/2).
         rtol: certified relative accuracy of the value (duality gap over lower bound).
-        max_iter: Newton iterations before giving up with a warning.
+        max_iter: Newton iterations before the solver stops and warns (once, naming the shape and
+            the certified gap); the value returned then is an upper bound within that gap.
 
     Returns:
         0-dim tensor in the floating dtype of the inputs (float64 inputs: ``promote_types``),
@@ -216,46 +229,233 @@ def solve_normalized_sharpness(
         >>> bool(sol.value - sol.lower_bound <= 1e-11 * sol.lower_bound), sol.attained
         (True, True)
     """
+    _check_tolerances(rtol, max_iter)
+    with intra_op_threads(weight.numel(), weight.device):
+        a, b = normalized_sharpness_coefficients(weight, hessian_diagonal, lam)
+        return _solve(a[None], b[None], rtol, max_iter, tuple(weight.shape), warm_start=False)[0]
+
+
+def solve_normalized_sharpness_batch(
+    weight: Tensor,
+    hessian_diagonals: Tensor,
+    lam: float = 0.5,
+    *,
+    rtol: float = 1e-11,
+    max_iter: int = 100,
+) -> list[NormalizedSharpnessSolution]:
+    r"""Solve eq. 17 for one weight tensor and ``P`` Hessian diagonals at once (e.g. a pooled estimate
+    and its jackknife replicates), as one batched Newton iteration.
+
+    Problem 0 is solved from the alternating-sweep start; problems ``1..P-1`` start from its
+    solution (a warm start: close diagonals have close optima, so they typically need one or two
+    Newton steps and no sweeps), batched over a leading dimension, each stopping when its own
+    certificate holds. Put the diagonal the others scatter around (the pooled mean) first.
+    Each value is certified to ``rtol`` exactly as by :func:`solve_normalized_sharpness`.
+
+    Cost: forming the ``P`` coefficient matrices, ``O(P numel)``; then per Newton iteration and
+    unfinished problem ``O(m n)`` float64 and ``O(m n min(m, n))`` float32 (see the module docstring).
+
+    Args:
+        weight: ``(m, n, *kernel)`` weight tensor, shared by all problems.
+        hessian_diagonals: ``(P, m, n, *kernel)`` Hessian diagonals, unclipped.
+        lam, rtol, max_iter: as for :func:`normalized_sharpness` (``max_iter`` bounds the iterations
+            of each of the two stages: problem 0, then the batch).
+
+    Returns:
+        ``P`` :class:`NormalizedSharpnessSolution` in float64.
+
+    Example:
+        >>> import torch
+        >>> w = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+        >>> h = torch.rand(3, 6, 4, 3, 3, dtype=torch.float64)
+        >>> sols = solve_normalized_sharpness_batch(w, h)
+        >>> all(torch.isclose(s.value, normalized_sharpness(w, h[p]), rtol=1e-10) for p, s in enumerate(sols))
+        True
+    """
+    _check_tolerances(rtol, max_iter)
+    if hessian_diagonals.ndim != weight.ndim + 1 or hessian_diagonals.shape[1:] != weight.shape:
+        raise ValueError(f"hessian_diagonals has shape {tuple(hessian_diagonals.shape)}; expected (P, "
+                         f"*weight.shape) = (P, {', '.join(map(str, weight.shape))}): one diagonal per problem.")
+    if hessian_diagonals.shape[0] == 0:
+        return []
+    _check_inputs(weight, hessian_diagonals[0], lam)
+    with intra_op_threads(hessian_diagonals.numel(), weight.device):
+        w, h = _float64(weight), _float64(hessian_diagonals)
+        num, m, n = h.shape[0], w.shape[0], w.shape[1]
+        a = h.clamp_min(0).reshape(num, m, n, -1).sum(dim=3)
+        b = (w.square().reshape(m, n, -1).sum(dim=2) / (2.0 * lam))[None]
+        return _solve(a, b, rtol, max_iter, tuple(weight.shape), warm_start=True)
+
+
+def solve_normalized_sharpness_coefficients(
+    a: Tensor,
+    b: Tensor,
+    *,
+    rtol: float = 1e-11,
+    max_iter: int = 100,
+    warm_start: bool = True,
+    shape: Optional[tuple] = None,
+    replicate_rtol: Optional[float] = None,
+) -> list[NormalizedSharpnessSolution]:
+    r"""Solve eq. 17 from its ``(m, n)`` coefficient matrices, for ``P`` problems at once.
+
+    The batched core of :func:`solve_normalized_sharpness_batch`, for callers that form
+    ``A = sum_k max(h, 0)`` and ``B = sum_k W^2 / (2 lam)`` themselves (e.g. from sums of
+    replicates, without materialising every diagonal). Problem 0 is solved cold and the others
+    warm-started from it (``warm_start=True``) or all cold.
+
+    Args:
+        a: ``(P, m, n)`` non-negative float64.
+        b: ``(P, m, n)`` or ``(m, n)`` (shared) non-negative float64.
+        rtol, max_iter: as for :func:`normalized_sharpness`.
+        warm_start: start problems ``1..P-1`` from problem 0's solution.
+        shape: the weight's shape, for the warning text (default ``(m, n)``).
+        replicate_rtol: certified accuracy of problems ``1..P-1`` (default ``rtol``); e.g. ``1e-9``
+            for jackknife replicates, whose spread is many orders of magnitude larger.
+
+    Returns:
+        ``P`` :class:`NormalizedSharpnessSolution` in float64.
+    """
+    _check_tolerances(rtol, max_iter)
+    if replicate_rtol is not None:
+        _check_tolerances(replicate_rtol, max_iter)
+    if a.ndim != 3 or b.shape[-2:] != a.shape[-2:] or b.ndim not in (2, 3):
+        raise ValueError(f"coefficients must be a (P, m, n) and b (m, n) or (P, m, n); got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}.")
+    b = b if b.ndim == 3 else b[None]
+    return _solve(a.to(torch.float64), b.to(torch.float64), rtol, max_iter,
+                  tuple(a.shape[1:]) if shape is None else tuple(shape), warm_start=warm_start,
+                  replicate_rtol=replicate_rtol)
+
+
+def _check_tolerances(rtol: float, max_iter: int) -> None:
     if not (rtol > 0 and math.isfinite(rtol)):
         raise ValueError(f"rtol must be a positive finite number, got {rtol!r}.")
-    a, b = normalized_sharpness_coefficients(weight, hessian_diagonal, lam)
-    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int (Newton iterations before the solver stops "
+                         f"with a warning), got {max_iter!r}.")
+
+
+_ONE_THREAD_BELOW = 1 << 22  # P m n below which the CPU solve runs on one intra-op thread
+
+
+@contextlib.contextmanager
+def intra_op_threads(work: int, device: torch.device):
+    """One intra-op thread for CPU solves of fewer than ``_ONE_THREAD_BELOW`` entries (restored after;
+    not for concurrent use of torch from several Python threads).
+
+    The solve is a few hundred small ops; with several intra-op threads each op is a thread
+    handoff, and on a busy machine (data-loader workers, other jobs) every handoff waits for a
+    descheduled thread: up to 100x slower than one thread in ``benchmarks/results_solver.md``.
+    Large problems keep the caller's setting (their float32 GEMM gains from threads).
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1 or work >= _ONE_THREAD_BELOW:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _solve(a: Tensor, b: Tensor, rtol: float, max_iter: int, shape: tuple, warm_start: bool,
+           replicate_rtol: Optional[float] = None) -> list[NormalizedSharpnessSolution]:
+    """Solve ``P`` problems with coefficients ``a`` ``(P, m, n)`` and ``b`` ``(P or 1, m, n)``."""
+    with intra_op_threads(a.numel(), a.device):
+        return _solve_threads_set(a, b, rtol, max_iter, shape, warm_start, replicate_rtol)
+
+
+def _solve_threads_set(a: Tensor, b: Tensor, rtol: float, max_iter: int, shape: tuple, warm_start: bool,
+                       replicate_rtol: Optional[float]) -> list[NormalizedSharpnessSolution]:
+    if not (math.isfinite(float(a.sum())) and math.isfinite(float(b.sum()))):  # a, b >= 0: no cancellation
         raise ValueError("normalized_sharpness got non-finite weights or Hessian diagonal (NaN/inf, or an "
                          "overflow of W^2 / h summed over the kernel); check the curvature estimate.")
-    transposed = a.shape[0] > a.shape[1]
+    num = a.shape[0]
+    b = b.expand_as(a)
+    transposed = a.shape[1] > a.shape[2]
     if transposed:  # the Newton system is solved on the smaller side
-        a, b = a.T, b.T
-    m, n = a.shape
-    x_out = torch.full((m,), float("nan"), dtype=torch.float64, device=a.device)
-    y_out = torch.full((n,), float("nan"), dtype=torch.float64, device=a.device)
-    zero = torch.zeros((), dtype=torch.float64, device=a.device)
+        a, b = a.transpose(1, 2), b.transpose(1, 2)
+    if a.shape[1] == 0 or a.shape[2] == 0:  # an empty tensor: no terms
+        zero = a.new_zeros(())
+        sols = [NormalizedSharpnessSolution(zero, zero, a.new_full((a.shape[1],), math.nan),
+                                            a.new_full((a.shape[2],), math.nan), 0, True, 0)] * num
+    elif a.shape[1] == 1:
+        sols = _solve_one_row(a, b)
+    elif warm_start and num > 1:
+        first = _solve_reduced(a[:1], b[:1], rtol, max_iter, shape, None)
+        rest = _solve_reduced(a[1:], b[1:], rtol if replicate_rtol is None else replicate_rtol, max_iter, shape,
+                              first[0])
+        sols = first + rest
+    else:
+        sols = _solve_reduced(a, b, rtol, max_iter, shape, None)
+    _warn_uncertified(sols, max(rtol, replicate_rtol or rtol), max_iter, shape)
+    return [_finish(sol, transposed) for sol in sols]
 
-    keep, rep = _component_mask(a > 0, b > 0)
-    # the minimum is attained iff no positive term lies outside the components (none must vanish)
-    attained = not bool((((a > 0) | (b > 0)) & ~keep).any())
-    rows = keep.any(dim=1).nonzero().squeeze(1)
-    cols = keep.any(dim=0).nonzero().squeeze(1)
-    if rows.numel() == 0:
-        return _finish(NormalizedSharpnessSolution(zero, zero, x_out, y_out, 0, attained, 0), transposed)
-    keep = keep[rows][:, cols]
-    a, b, rep = a[rows][:, cols], b[rows][:, cols], rep[rows]
-    a = torch.where(keep, a, torch.zeros_like(a))
-    b = torch.where(keep, b, torch.zeros_like(b))
-    scale_a, scale_b = a.max(), b.max()
-    log_a = torch.log(a) - torch.log(scale_a)  # -inf where a == 0; finite for every positive float64
-    log_b = torch.log(b) - torch.log(scale_b)
-    representative = rep == rows  # one fixed row per component (gauge)
-    free = (~representative).nonzero().squeeze(1)
-    num_components = int(representative.sum())
 
-    x, y, value, lower, iters = _newton(log_a, log_b, free, rtol, max_iter)
+def _warn_uncertified(sols: list[NormalizedSharpnessSolution], rtol: float, max_iter: int, shape: tuple) -> None:
+    """One warning per call when any problem stopped above ``rtol`` (the cap or the rounding floor)."""
+    gaps = [float((s.value - s.lower_bound) / s.lower_bound) if s.lower_bound > 0
+            else (math.inf if s.value > 0 else 0.0) for s in sols]
+    worst = max(range(len(gaps)), key=gaps.__getitem__, default=None)
+    if worst is not None and gaps[worst] > rtol:
+        warnings.warn(f"normalized_sharpness stopped after {sols[worst].iterations} Newton iterations (max_iter="
+                      f"{max_iter}) on a weight tensor of shape {shape} with a certified relative gap of "
+                      f"{gaps[worst]:.2e} > rtol={rtol:.1e} (problem {worst} of {len(sols)}); the value is an "
+                      f"upper bound within that gap. Raise max_iter or rtol.", RuntimeWarning, stacklevel=4)
+
+
+def _solve_reduced(a: Tensor, b: Tensor, rtol: float, max_iter: int, shape: tuple,
+                   start: Optional[NormalizedSharpnessSolution]) -> list[NormalizedSharpnessSolution]:
+    """Component reduction, scaling, start point, Newton and the iteration-cap warning (``m <= n``)."""
+    num, m, n = a.shape
+    keep, free = component_layout(a, b)
+    if keep is None:  # one component with every row and column: nothing to drop
+        attained = torch.ones(num, dtype=torch.bool, device=a.device)
+        rows = torch.ones(num, m, dtype=torch.bool, device=a.device)
+        cols = torch.ones(num, n, dtype=torch.bool, device=a.device)
+    else:
+        attained = ~((((a > 0) | (b > 0)) & ~keep).flatten(1).any(dim=1))
+        rows, cols = keep.any(dim=2), keep.any(dim=1)
+        a = a.masked_fill(~keep, 0.0)
+        b = b.masked_fill(~keep, 0.0)
+    one = torch.ones((), dtype=a.dtype, device=a.device)
+    scale_a = torch.where(rows.any(dim=1), a.amax(dim=(1, 2)), one)
+    scale_b = torch.where(rows.any(dim=1), b.amax(dim=(1, 2)), one)
+    # scaled to maximum 1, contiguous (a transposed view would be copied by every product)
+    a = (a * (1.0 / scale_a)[:, None, None]).contiguous()
+    b = (b * (1.0 / scale_b)[:, None, None]).contiguous()
+    shift = 0.5 * torch.log(scale_b / scale_a)  # x of the scaled problem = x - shift
+    if start is None:
+        x, y = alternating_sweeps(a, b)
+    else:
+        x = (start.row_log_variance[None, :] - shift[:, None]).nan_to_num(0.0)
+        y = start.col_log_variance[None, :].nan_to_num(0.0).expand(num, n).clone()
+    res = newton(a, b, free, x, y, rtol, max_iter)
 
     factor = torch.sqrt(scale_a * scale_b)  # S(A, B) = sqrt(ab) S(A/a, B/b) with x shifted by log(b/a)/2
-    x_out[rows] = x + 0.5 * torch.log(scale_b / scale_a)
-    y_out[cols] = y
-    sol = NormalizedSharpnessSolution(value * factor, lower * factor, x_out, y_out, num_components,
-                                      attained, iters)
-    return _finish(sol, transposed)
+    value, lower = res.value * factor, res.lower * factor
+    nan = torch.tensor(float("nan"), dtype=a.dtype, device=a.device)
+    x_out = torch.where(rows, res.x + shift[:, None], nan)
+    y_out = torch.where(cols, res.y, nan)
+    components = (rows & ~free).sum(dim=1)
+    return [NormalizedSharpnessSolution(value[p], lower[p], x_out[p], y_out[p], int(components[p]),
+                                        bool(attained[p]), res.iterations) for p in range(num)]
+
+
+def _solve_one_row(a: Tensor, b: Tensor) -> list[NormalizedSharpnessSolution]:
+    """``m = 1`` (one row, e.g. a depthwise ``(C, 1, k, k)`` weight transposed): every entry has its own
+    free ``x + y_j``, so the infimum is separable, ``sum_j 2 sqrt(A_j B_j)``, closed form."""
+    both = (a > 0) & (b > 0)
+    value = 2.0 * torch.sqrt(a * b).sum(dim=(1, 2))
+    attained = ~(((a > 0) ^ (b > 0)).flatten(1).any(dim=1))
+    nan = torch.tensor(float("nan"), dtype=a.dtype, device=a.device)
+    has = both.any(dim=2)  # (P, 1)
+    x_out = torch.where(has, torch.zeros_like(has, dtype=a.dtype), nan)
+    y_out = torch.where(both[:, 0], 0.5 * torch.log(b[:, 0] / a[:, 0]), nan)
+    return [NormalizedSharpnessSolution(value[p], value[p], x_out[p], y_out[p], int(has[p].sum()),
+                                        bool(attained[p]), 0) for p in range(a.shape[0])]
 
 
 def _finish(sol: NormalizedSharpnessSolution, transposed: bool) -> NormalizedSharpnessSolution:
@@ -274,193 +474,3 @@ def _check_inputs(weight: Tensor, hessian_diagonal: Tensor, lam: float) -> None:
                          f"{tuple(weight.shape)}; pass the diagonal of this weight tensor.")
     if not (lam > 0 and math.isfinite(lam)):
         raise ValueError(f"lam must be a positive finite number (the paper uses 0.5), got {lam!r}.")
-
-
-def _component_mask(pos_a: Tensor, pos_b: Tensor) -> tuple[Tensor, Tensor]:
-    """Entries inside a strongly connected component of the arc graph, and each row's component.
-
-    Arcs: row i -> column j where ``A_ij > 0``, column j -> row i where ``B_ij > 0``. Returns
-    ``keep`` ``(m, n)`` (row i and column j in the same component) and ``rep`` ``(m,)`` (the smallest
-    row index of row i's component). Boolean matrix products in float32 (counts are thresholded
-    at 0, so rounding cannot matter).
-    """
-    m, n = pos_a.shape
-    arange = torch.arange(m, device=pos_a.device)
-    if bool(pos_b.all()) or bool(pos_a.all()):
-        # every column reaches every row (or vice versa): one component of the rows and columns
-        # that have an arc of the other kind
-        other = pos_a if bool(pos_b.all()) else pos_b
-        keep = other.any(dim=1, keepdim=True) & other.any(dim=0, keepdim=True)
-        first = keep.any(dim=1).nonzero()
-        rep = torch.where(keep.any(dim=1), first[0, 0] if first.numel() else 0, arange)
-        return keep, rep
-    fa, fb = pos_a.to(torch.float32), pos_b.to(torch.float32)
-    reach = (fa @ fb.T > 0) | torch.eye(m, dtype=torch.bool, device=pos_a.device)  # row -> col -> row
-    while True:  # reflexive-transitive closure by squaring: log2(diameter) products
-        r = reach.to(torch.float32)
-        nxt = r @ r > 0
-        if torch.equal(nxt, reach):
-            break
-        reach = nxt
-    r = reach.to(torch.float32)
-    row_to_col = r @ fa > 0  # row i ->* row k -> column j
-    col_to_row = fb.T @ r > 0  # column j -> row k ->* row i
-    keep = row_to_col & col_to_row.T
-    mutual = reach & reach.T
-    rep = mutual.to(torch.float32).argmax(dim=1)  # first row of the component
-    return keep, rep
-
-
-def _alternating_sweeps(log_a: Tensor, log_b: Tensor) -> tuple[Tensor, Tensor]:
-    """Closed-form block minimisation, ``y`` then ``x``, from 0: a cheap start for Newton.
-
-    ``y_j = 1/2 log(sum_i B_ij e^{-x_i} / sum_i A_ij e^{x_i})``, likewise ``x``. Each sweep moves every
-    variable to its exact block optimum, which removes gross scale mismatches that would cost
-    Newton many damped steps, and on well-mixed problems converges linearly and fast. Sums are
-    matrix-vector products with the exponentials shifted by their extreme (no overflow); a sum
-    that underflows switches that sweep to log-sum-exp. Stops after ``_MAX_SWEEPS``, when the
-    largest move is below ``_SWEEP_TOL`` or when sweeps stall (unattained-like slow mixing).
-    """
-    a, b = torch.exp(log_a), torch.exp(log_b)
-    x = torch.zeros(log_a.shape[0], dtype=log_a.dtype, device=log_a.device)
-    y = torch.zeros(log_a.shape[1], dtype=log_a.dtype, device=log_a.device)
-    prev_move = math.inf
-    for _ in range(_MAX_SWEEPS):
-        y_new = _block_minimiser(a.T, b.T, log_a.T, log_b.T, x)
-        x_new = _block_minimiser(a, b, log_a, log_b, y_new)
-        move = float(torch.maximum((x_new - x).abs().max(), (y_new - y).abs().max()))
-        x, y = x_new, y_new
-        if move <= _SWEEP_TOL or move > _SWEEP_STALL * prev_move:
-            break
-        prev_move = move
-    return x, y
-
-
-def _block_minimiser(a: Tensor, b: Tensor, log_a: Tensor, log_b: Tensor, v: Tensor) -> Tensor:
-    """``1/2 log(sum_j B_ij e^{-v_j} / sum_j A_ij e^{v_j})`` for every row i."""
-    hi, lo = v.max(), v.min()
-    sum_a = a @ torch.exp(v - hi)  # = e^{-hi} sum_j A_ij e^{v_j}, terms <= A_ij <= 1
-    sum_b = b @ torch.exp(lo - v)  # = e^{lo} sum_j B_ij e^{-v_j}
-    if bool(torch.minimum(sum_a.min(), sum_b.min()) > 1e-250):
-        return 0.5 * (torch.log(sum_b) - lo - torch.log(sum_a) - hi)
-    return 0.5 * (torch.logsumexp(log_b - v[None, :], 1) - torch.logsumexp(log_a + v[None, :], 1))
-
-
-def _terms(log_a: Tensor, log_b: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    u = x[:, None] + y[None, :]
-    return torch.exp(log_a + u), torch.exp(log_b - u)
-
-
-def _objective(log_a: Tensor, log_b: Tensor, x: Tensor, y: Tensor) -> Tensor:
-    ta, tb = _terms(log_a, log_b, x, y)
-    return ta.sum() + tb.sum()
-
-
-def _newton(log_a: Tensor, log_b: Tensor, free: Tensor, rtol: float, max_iter: int):
-    """Damped Newton with a gauge fix and a duality-gap stop on a reduced (attained) problem.
-
-    Every row and column of ``log_a`` / ``log_b`` has at least one finite entry in each (it lies on
-    a cycle of its component), so the alternating updates and the Schur complement are defined.
-    """
-    m, n = log_a.shape
-    x, y = _alternating_sweeps(log_a, log_b)
-
-    best_value = None
-    it = 0
-    lower = torch.zeros((), dtype=log_a.dtype, device=log_a.device)
-    for it in range(1, max_iter + 1):
-        ta, tb = _terms(log_a, log_b, x, y)
-        value = ta.sum() + tb.sum()
-        d = ta - tb
-        gx, gy = d.sum(dim=1), d.sum(dim=0)
-        gamma = ta + tb
-        tiny = torch.finfo(gamma.dtype).tiny  # guards an underflowed row/column far from the optimum
-        r, c = gamma.sum(dim=1).clamp_min(tiny), gamma.sum(dim=0).clamp_min(tiny)
-        px, py = _newton_direction(gamma, r, c, gx, gy, free)
-
-        decrement = -(gx @ px + gy @ py)  # Newton decrement squared: about twice the suboptimality
-        if bool(decrement <= _BOUND_FROM * value):
-            bound = _dual_bound(ta, tb, value, px, py, x, y)
-            if bound is not None:
-                lower = torch.maximum(lower, bound)
-        if value - lower <= rtol * lower:  # certified; the full Newton step is usually exact to rounding
-            xn, yn = x + px, y + py
-            vn = _objective(log_a, log_b, xn, yn)
-            if bool(vn < value):
-                return xn, yn, vn, torch.minimum(lower, vn), it
-            return x, y, value, torch.minimum(lower, value), it
-
-        # backtracking (Armijo) line search, first step capped to a trust region in log-space
-        slope = gx @ px + gy @ py
-        s_max = float((px.abs().max() if m else 0.0) + (py.abs().max() if n else 0.0))
-        t = min(1.0, _MAX_STEP / s_max) if s_max > 0 else 1.0
-        accepted = False
-        for _ in range(60):
-            xn, yn = x + t * px, y + t * py
-            vn = _objective(log_a, log_b, xn, yn)
-            if bool(vn <= value + 1e-4 * t * slope) or bool(vn <= value * (1 + 4e-16)) and t == 1.0:
-                accepted = True
-                break
-            t *= 0.5
-        if not accepted:  # no decrease representable: at the rounding floor
-            break
-        x, y = xn, yn
-        best_value = vn
-    if best_value is None:
-        best_value = _objective(log_a, log_b, x, y)
-    gap = float((best_value - lower) / lower) if lower > 0 else float("inf")
-    if gap > rtol:
-        warnings.warn(f"normalized_sharpness stopped after {it} Newton iterations with a certified relative "
-                      f"gap of {gap:.2e} > rtol={rtol:.1e}; the value is an upper bound. Increase max_iter "
-                      f"or rtol.",
-                      RuntimeWarning, stacklevel=3)
-    return x, y, best_value, lower, it
-
-
-def _newton_direction(
-    gamma: Tensor, r: Tensor, c: Tensor, gx: Tensor, gy: Tensor, free: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Solve ``[[diag(r), G], [G^T, diag(c)]] p = -g`` with ``p_x`` fixed to 0 on component representatives.
-
-    Eliminating ``p_y``: ``(diag(r_F) - G_F diag(1/c) G_F^T) p_F = -g_F + G_F (g_y / c)``, positive
-    definite (a grounded weighted graph Laplacian); then ``p_y = -(g_y + G_F^T p_F) / c``.
-    """
-    px = torch.zeros_like(r)
-    if free.numel():
-        g_f = gamma[free]
-        g_fc = g_f / c
-        k = torch.diag(r[free]) - g_fc @ g_f.T
-        rhs = -gx[free] + g_fc @ gy
-        chol, info = torch.linalg.cholesky_ex(k)
-        if int(info) == 0:
-            sol = torch.cholesky_solve(rhs[:, None], chol).squeeze(1)
-        else:  # numerically semidefinite (very weak links): least squares is still a descent direction
-            sol = torch.linalg.lstsq(k, rhs[:, None]).solution.squeeze(1)
-        px[free] = sol
-    py = -(gy + gamma.T @ px) / c
-    return px, py
-
-
-def _dual_bound(ta: Tensor, tb: Tensor, value: Tensor, px: Tensor, py: Tensor, x: Tensor, y: Tensor):
-    """Lower bound on ``inf S`` from the Newton-linearised dual point (weighted AM-GM), or None.
-
-    ``delta^A = ta (1 + s)``, ``delta^B = tb (1 - s)`` with ``s_ij = px_i + py_j``; then
-    ``log L = log(value) + log(sum delta / value) - sum dhat^A log1p(s) - sum dhat^B log1p(-s)
-    - (x . rowsum(D) + y . colsum(D))``, ``D = dhat^A - dhat^B`` (zero up to the solve's residual).
-    """
-    s = px[:, None] + py[None, :]
-    pa, pb = ta > 0, tb > 0
-    if bool((pa & (s <= -1)).any()) or bool((pb & (s >= 1)).any()):
-        return None
-    da = ta * (1 + s)
-    db = tb * (1 - s)
-    total = da.sum() + db.sum()
-    if not bool(total > 0):
-        return None
-    da, db = da / total, db / total
-    la = torch.where(pa, torch.log1p(s), torch.zeros_like(s))
-    lb = torch.where(pb, torch.log1p(-s), torch.zeros_like(s))
-    dd = da - db
-    residual = x @ dd.sum(dim=1) + y @ dd.sum(dim=0)
-    log_ratio = torch.log(total / value) - (da * la).sum() - (db * lb).sum() - residual
-    return value * torch.exp(log_ratio)

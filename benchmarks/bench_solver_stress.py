@@ -1,0 +1,160 @@
+"""Benchmark: worst-case time of the eq. 17 solver, under load, and the metric's batched replicate solves.
+
+Part 1 (stress): every case of ``benchmarks/solver_stress.py`` at layer size (512x512 matrices,
+a 256x256x3x3 conv, a depthwise 1024x1x5x5, 64x8192 and 8192x64, Hutchinson and finite-difference
+diagonals of a 64-512-512-10 MLP) plus a 4096x4096 log-normal (sigma 3) matrix, timed end to end
+with ``solve_normalized_sharpness`` (coefficients, reduction, Newton, certificate) in three
+conditions: one intra-op thread; one thread with two busy processes beside it
+(``python -c "while 1: pass"``, started and stopped by this script); two threads with the two busy
+processes. Reported: wall milliseconds per million weight entries (median of ``--repeats``) with
+the process's CPU milliseconds (what an idle machine would take, on a shared one), the slowdown
+under load, and the certified gap.
+
+Part 2 (replicates): ``NormalizedSharpness.compute()`` (pooled + 8 leave-one-out + 2 halves
+eq. 17 problems per tensor, batched and warm-started) against one pooled solve of every tensor,
+on synthetic heavy-tailed curvature with the 17 WRN-16-4 shapes (8 replicate groups, each the
+pooled diagonal times ``1 + 0.5 N(0, 1)``): with non-negative diagonals (as the exact method
+gives) and with 31% negative entries (as stochastic estimators give).
+
+Run ``python -m benchmarks.bench_solver_stress`` from the repository root (a few minutes);
+``--quick`` is a smoke test; ``--json PATH`` writes the raw results.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+
+from benchmarks.bench_solver import machine, make_layer, wrn16_4_shapes
+from benchmarks.common import base_parser, setup, write_json
+from benchmarks.solver_stress import stress_cases
+from lightning_flatness.functional.solvers import solve_normalized_sharpness
+from lightning_flatness.metric import NormalizedSharpness
+
+CONDITIONS = (("1 thread", 1, 0), ("1 thread, 2 busy processes", 1, 2), ("2 threads, 2 busy processes", 2, 2))
+
+
+def _busy(count: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(count)]
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def time_case(w: torch.Tensor, h: torch.Tensor, repeats: int) -> tuple[float, float, float]:
+    """(median wall seconds, median CPU seconds of this process, certified relative gap) of one solve."""
+    sol = solve_normalized_sharpness(w, h)  # warm-up
+    wall, cpu = [], []
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        sol = solve_normalized_sharpness(w, h)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    gap = float((sol.value - sol.lower_bound) / sol.lower_bound) if sol.lower_bound > 0 else 0.0
+    return statistics.median(wall), statistics.median(cpu), gap
+
+
+def stress(args) -> list[dict]:
+    cases = stress_cases("small" if args.quick else "layer", seed=args.seed)
+    if not args.quick:
+        g = torch.Generator().manual_seed(args.seed)
+        big = (4096, 4096)
+        cases["lognormal_sigma3_4096x4096"] = (torch.randn(big, generator=g, dtype=torch.float64) / 64,
+                                               torch.exp(3.0 * torch.randn(big, generator=g, dtype=torch.float64)))
+    rows = {name: {"case": name, "shape": list(w.shape), "numel": w.numel()} for name, (w, h) in cases.items()}
+    for label, threads, busy in CONDITIONS:
+        torch.set_num_threads(threads)
+        procs = _busy(busy)
+        try:
+            time.sleep(0.5 if busy else 0.0)
+            for name, (w, h) in cases.items():
+                reps = 1 if w.numel() > 4e6 else args.repeats
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    seconds, cpu, gap = time_case(w, h, reps)
+                rows[name][label] = {"ms_per_million": seconds * 1e3 / (w.numel() / 1e6), "ms": seconds * 1e3,
+                                     "cpu_ms_per_million": cpu * 1e3 / (w.numel() / 1e6), "gap": gap,
+                                     "warnings": len(caught)}
+        finally:
+            _stop(procs)
+    torch.set_num_threads(args.threads)
+    return list(rows.values())
+
+
+def replicates(args, signed: bool) -> dict:
+    g = torch.Generator().manual_seed(args.seed)
+    shapes = wrn16_4_shapes()[: 4 if args.quick else None]
+    data = [make_layer(s, "channels", g) for s in shapes]
+    names = [f"t{i}" for i in range(len(shapes))]
+    num_replicates = 8
+    weights = {n: w for n, (w, _) in zip(names, data)}
+    groups = {}
+    for n, (_, h) in zip(names, data):
+        h = h if signed else h.abs()
+        groups[n] = h[None] * (1 + 0.5 * torch.randn((num_replicates, *h.shape), generator=g, dtype=torch.float64))
+    metric = NormalizedSharpness({n: w.shape for n, w in weights.items()}, num_replicates=num_replicates)
+    metric.update(groups, weights, [32] * num_replicates)
+    pooled = {n: groups[n].mean(dim=0) for n in names}
+    solve = lambda: [solve_normalized_sharpness(weights[n], pooled[n]) for n in names]  # noqa: E731
+    solve()
+    metric.compute()
+    t_pooled, t_compute = [], []
+    for _ in range(args.repeats):  # CPU time of this process: the machine is shared
+        start = time.process_time()
+        solve()
+        t_pooled.append(time.process_time() - start)
+        start = time.process_time()
+        metric.compute()
+        t_compute.append(time.process_time() - start)
+    p, c = statistics.median(t_pooled), statistics.median(t_compute)
+    return {"diagonals": "31% negative entries" if signed else "non-negative", "pooled_ms": p * 1e3,
+            "compute_ms": c * 1e3, "ratio": c / p, "tensors": len(shapes),
+            "parameters": sum(math.prod(s) for s in shapes)}
+
+
+def main(argv=None) -> dict:
+    p = base_parser(__doc__)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    setup(args)
+    if args.quick:
+        args.repeats = 1
+    cli = " ".join(["python -m benchmarks.bench_solver_stress"] + list(argv if argv is not None else sys.argv[1:]))
+    print("## Solver stress suite and batched replicate solves (issue 9)\n")
+    print(f"Command: `{cli}`  ")
+    print(f"Machine: {machine()}; torch {torch.__version__}; load average before the run "
+          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
+    rows = stress(args)
+    print("Wall ms per million weight entries (median); CPU ms of this process in brackets.\n")
+    print("| case | shape | " + " | ".join(f"{c[0]}" for c in CONDITIONS) + " | load / 1 thread | 2 thr. load / 1 thread | gap |")
+    print("|---|---|" + "---|" * (len(CONDITIONS) + 3))
+    for r in rows:
+        t = [r[c[0]]["ms_per_million"] for c in CONDITIONS]
+        cpu = [r[c[0]]["cpu_ms_per_million"] for c in CONDITIONS]
+        gaps = max(r[c[0]]["gap"] for c in CONDITIONS)
+        print(f"| {r['case']} | {'x'.join(map(str, r['shape']))} | "
+              + " | ".join(f"{v:.1f} ({u:.1f})" for v, u in zip(t, cpu))
+              + f" | {t[1] / t[0]:.2f}x | {t[2] / t[0]:.2f}x | {gaps:.1e} |")
+    reps = [replicates(args, signed) for signed in (False, True)]
+    print("\nCPU time, 1 thread, median:\n")
+    print("| WRN-16-4 diagonals | one pooled solve of every tensor | `compute()` (R = 8: 11 problems per tensor) | ratio |")
+    print("|---|---|---|---|")
+    for r in reps:
+        print(f"| {r['diagonals']} | {r['pooled_ms']:.1f} ms | {r['compute_ms']:.1f} ms | {r['ratio']:.2f}x |")
+    results = {"stress": rows, "replicates": reps}
+    write_json(args.json, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
