@@ -206,7 +206,7 @@ def coverage(
     seconds = []
     for _ in range(seeds):
         chosen = ref.subset(n // GROUP, gen_subset)
-        metric = NormalizedSharpness(lam=lam, num_replicates=groups)
+        metric = NormalizedSharpness(ref.weights, lam=lam, num_replicates=groups)
         start = time.perf_counter()
         if method == "exact":  # identical to running the exact method on these samples in `groups` groups
             diag = {k: g[chosen] for k, g in ref.groups.items()}

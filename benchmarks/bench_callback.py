@@ -205,7 +205,7 @@ def breakdown(name: str, repeats: int) -> dict[str, Any]:
     est = estimate()
 
     def compute():
-        metric = NormalizedSharpness(num_replicates=8)
+        metric = NormalizedSharpness(weights, num_replicates=8)
         metric.update_from_estimate(est, weights)
         return metric.compute()
 

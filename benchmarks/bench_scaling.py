@@ -180,7 +180,7 @@ def ddp_worker(argv: list[str]) -> None:
     if kind == "ours":
         from lightning_flatness.metric import NormalizedSharpness
 
-        metric = NormalizedSharpness(num_replicates=REPLICATES)
+        metric = NormalizedSharpness(weights, num_replicates=REPLICATES)
         metric.update(diagonals, weights, [16] * REPLICATES)
     else:
         metric = _gather_metric_class()({n: w.numel() for n, w in weights.items()}, REPLICATES)

@@ -117,7 +117,7 @@ def measure(model: nn.Module, x: Tensor, y: Tensor, num_groups: int) -> dict[str
     for loss_fn, keys in ((normalized_softmax_cross_entropy, ("normalized", "matrix_normalized")),
                           (F.cross_entropy, ("hessian_trace",))):
         estimate = hessian_diagonal_groups(model, loss_fn, x, y, method="exact", num_groups=num_groups)
-        metric = NormalizedSharpness(num_replicates=num_groups)
+        metric = NormalizedSharpness(weights, num_replicates=num_groups)
         metric.update_from_estimate(estimate, weights)
         values = metric.compute()
         for key in keys:

@@ -169,9 +169,9 @@ def test_metric_states_and_solve_on_cuda_equal_the_cpu_metric():
     weights = {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in shapes.items()}
     groups = {n: torch.rand((4, *s), generator=g, dtype=torch.float64) - 0.1 for n, s in shapes.items()}
     sizes = [3, 4, 5, 6]
-    cpu = NormalizedSharpness(num_replicates=4)
+    cpu = NormalizedSharpness(shapes, num_replicates=4)
     cpu.update(groups, weights, sizes)
-    gpu = NormalizedSharpness(num_replicates=4, parameter_shapes=shapes).cuda()
+    gpu = NormalizedSharpness(shapes, num_replicates=4).cuda()
     gpu.update({n: t.cuda() for n, t in groups.items()}, {n: w.cuda() for n, w in weights.items()}, sizes)
     assert gpu.count.device.type == "cuda"
     expected, got = cpu.compute(), gpu.compute()
