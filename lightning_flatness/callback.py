@@ -582,18 +582,19 @@ class SharpnessMonitorBase:
                  "method": self._resolved_method, "seconds": float(seconds), **values}
         self.history.append(entry)
         value, stderr = values.get("normalized", math.nan), values.get("normalized_stderr", math.nan)
-        stochastic = self._resolved_method != "exact"
-        if stochastic and "relative_error" not in self._warned and math.isfinite(stderr) and value > 0:
+        stochastic = self._resolved_method in ESTIMATORS and ESTIMATORS[self._resolved_method].stochastic
+        if "relative_error" not in self._warned and math.isfinite(stderr) and value > 0:
             self._warned.add("relative_error")
             relative = stderr / value
             advice = ""
             if relative > _RELATIVE_ERROR_ADVICE:
-                advice = " Raise num_probes (or num_samples) for a smaller error."
+                advice = (" Raise num_samples for a smaller error (it falls like 1/sqrt(num_samples))"
+                          + (", and num_probes for probe-based methods." if stochastic else "."))
+            bias = ", random part only: estimator noise also biases it upwards" if stochastic else ""
             self._info(trainer, f"SharpnessMonitor: first {self._resolved_method} measurement normalized = "
-                                f"{value:.4g} +- {stderr:.2g} (relative standard error "
-                                f"{100 * relative:.1f}%, random part only: probe noise also biases it "
-                                "upwards) over "
-                                f"{int(values.get('num_samples', 0))} samples in {seconds:.2f} s.{advice}")
+                                f"{value:.4g} +- {stderr:.2g} (relative standard error {100 * relative:.1f}%"
+                                f"{bias}) over {int(values.get('num_samples', 0))} samples in {seconds:.2f} s."
+                                f"{advice}")
 
         shift = values.get("normalized_half_shift", math.nan)
         if stochastic and math.isfinite(shift) and math.isfinite(stderr) and shift > 2 * stderr:

@@ -603,3 +603,31 @@ def test_two_gloo_processes_agree_with_one_process_over_all_data_using_all_reduc
     with pytest.warns(UserWarning, match="standard errors are NaN"):  # a single group
         _assert_dicts_close(res[0]["fixed_result"], only0.compute())
     assert "no weights on this process" in res[1]["fixed_result"]
+
+
+def test_replicates_with_whole_kernels_clipped_equal_the_measures_of_the_explicit_means():
+    """Regression: depthwise (C, 1, k, k) and conv tensors whose curvature is mostly negative (an eq. 20
+    Gauss-Newton diagonal at initialisation), so that whole kernels clip to exactly 0 in some means. The
+    batched replicate path must equal sharpness_measures on the explicitly formed means (it gave NaN)."""
+    from lightning_flatness.functional import sharpness_measures
+
+    g = torch.Generator().manual_seed(11)
+    shapes = {"dw": (16, 1, 3, 3), "conv": (8, 3, 3, 3), "fc": (5, 16)}
+    weights = {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in shapes.items()}
+    r = 8
+    groups = {n: torch.randn((r, *s), generator=g, dtype=torch.float64) - 0.8 for n, s in shapes.items()}
+    groups["dw"][:, :4] = -torch.rand((r, 4, 1, 3, 3), generator=g, dtype=torch.float64)  # whole kernels < 0
+    sizes = torch.tensor([2] * r)
+    metric = NormalizedSharpness(shapes, num_replicates=r)
+    metric.update(groups, weights, sizes)
+    out = metric.compute()
+    assert all(bool(torch.isfinite(v)) for v in out.values())
+    pooled = {n: d.mean(dim=0) for n, d in groups.items()}
+    loo = [{n: torch.cat([d[:i], d[i + 1:]]).mean(dim=0) for n, d in groups.items()} for i in range(r)]
+    ref = sharpness_measures(weights, pooled, lam=0.5)
+    ref_loo = torch.stack([sharpness_measures(weights, m, lam=0.5)["normalized"] for m in loo])
+    torch.testing.assert_close(out["normalized"], ref["normalized"], rtol=1e-9, atol=0)
+    for n in shapes:
+        torch.testing.assert_close(out[f"normalized/{n}"], ref[f"normalized/{n}"], rtol=1e-9, atol=1e-15)
+    expected_stderr = torch.sqrt((r - 1) / r * (ref_loo - ref_loo.mean()).pow(2).sum())
+    torch.testing.assert_close(out["normalized_stderr"], expected_stderr, rtol=1e-6, atol=1e-12)

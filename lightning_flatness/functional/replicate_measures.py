@@ -82,10 +82,11 @@ def replicate_curvature(sums: Tensor, mix: Tensor, shape: torch.Size) -> tuple[T
     """Eq. 17's ``A = sum_k max(mean_p, 0)`` ``(P, m, n)`` and the trace ``sum mean_p`` ``(P,)`` of the
     ``P`` means ``mean_p = sum_r mix_pr sums_r``, without materialising the ``(P, numel)`` means.
 
-    With ``mix >= 0``, ``max(x, 0) = x + max(-x, 0)`` and ``mean_p < 0`` only at entries where some slot
-    is negative: ``A_p`` is the linear kernel sum ``mix @ (kernel sums of the slots)`` plus a correction
-    evaluated on those entries only. Cost: two passes over the ``(R, numel)`` sums, plus ``O(P R)``
-    per entry with a negative slot value (none for exact, non-negative GGN diagonals).
+    With ``mix >= 0``, ``mean_p < 0`` only at entries where some slot is negative: ``A_p`` is the
+    linear kernel sum ``mix @ (kernel sums of the slots)`` wherever no slot is negative, and the
+    clipped sum of the means, computed directly, on the ``(i, j)`` that hold a negative slot value.
+    Cost: two passes over the ``(R, numel)`` sums, plus ``O(P R kernel)`` per such ``(i, j)`` (none
+    for exact, non-negative GGN diagonals).
 
     Args:
         sums: ``(R, numel)`` float64 slot sums of a tensor of ``shape`` ``(m, n, *kernel)``.
@@ -98,10 +99,13 @@ def replicate_curvature(sums: Tensor, mix: Tensor, shape: torch.Size) -> tuple[T
     slot_kernel_sums = by_kernel.sum(dim=2)  # (R, m n)
     lin = mix @ slot_kernel_sums  # (P, m n)
     trace = mix @ slot_kernel_sums.sum(dim=1)
-    negative = (sums.amin(dim=0) < 0).nonzero().squeeze(1)
-    if negative.numel():
-        correction = (-(mix @ sums[:, negative])).clamp_min_(0)  # (P, #negative)
-        lin.index_add_(1, torch.div(negative, kernel, rounding_mode="floor"), correction)
+    # (i, j) with a negative entry in some slot: their clipped sums are computed from the means directly
+    # (adding max(-x, 0) to the linear sum x would leave rounding residue, e.g. -1e-18 or +1e-18 where the
+    # clipped sum is exactly 0, and an exact zero is what tells the solver an infimum is unattained)
+    touched = (by_kernel.amin(dim=(0, 2)) < 0).nonzero().squeeze(1)  # (T,) indices into m n
+    if touched.numel():
+        means = torch.einsum("pr,rtk->ptk", mix, by_kernel[:, touched])  # (P, T, kernel)
+        lin[:, touched] = means.clamp_min_(0).sum(dim=2)
     return lin.view(-1, m, n), trace
 
 

@@ -1,0 +1,168 @@
+"""Models as users have them, inside a plain LightningModule, with ``SharpnessMonitor()`` at its defaults
+(only the subset is small): torchvision (BatchNorm, residual, SE, hardswish), timm (ViT: LayerNorm, GELU,
+fused attention, class token, position embedding; ConvNeXt: depthwise conv, layer scale) and Hugging Face
+(a BERT classifier on dict batches with ``SequenceClassifierOutput``; a GPT-2 causal LM whose logits are
+``(N, T, V)``). No user code beyond the LightningModule: the batches, outputs, token-level loss and the
+method are handled by the library. Values are checked against float64 brute force of what the logged
+method says it measured (Hessian or Gauss-Newton diagonal)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+for _module in ("torchvision", "timm", "transformers"):  # the `zoo` extra
+    pytest.importorskip(_module)
+
+from zoo_models import TINY  # noqa: E402
+from zoo_oracle import brute_force_ggn_diagonal, brute_force_hessian_diagonal  # noqa: E402
+
+from lightning_flatness import SharpnessMonitor  # noqa: E402
+from lightning_flatness.functional import normalized_softmax_cross_entropy, select_parameters  # noqa: E402
+from lightning_flatness.functional.measures import sharpness_measures  # noqa: E402
+from lightning_flatness.functional.model_io import TokenLoss, select_samples  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class ImageClassifier(pl.LightningModule):
+    """How a torchvision/timm classifier is usually trained with Lightning."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+class HuggingFaceModule(pl.LightningModule):
+    """How the Hugging Face docs train with Lightning: dict batches with ``labels``, the model's own loss."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **batch):
+        return self.model(**batch)
+
+    def training_step(self, batch, batch_idx):
+        return self(**batch).loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self(**batch).loss)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+class _DictDataset(Dataset):
+    def __init__(self, inputs: dict, labels: torch.Tensor) -> None:
+        self.inputs, self.labels = inputs, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {**{k: v[i] for k, v in self.inputs.items()}, "labels": self.labels[i]}
+
+
+class _Data(pl.LightningDataModule):
+    def __init__(self, dataset) -> None:
+        super().__init__()
+        self.dataset = dataset
+
+    def train_dataloader(self):
+        return DataLoader(self.dataset, batch_size=8, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.dataset, batch_size=8)
+
+
+def _module_and_data(name: str):
+    model, (inputs, target) = TINY[name](n=24)
+    model.train()
+    if isinstance(inputs, dict):
+        return HuggingFaceModule(model), _DictDataset(inputs, target), inputs, target
+    return ImageClassifier(model), TensorDataset(inputs, target), inputs, target
+
+
+# what auto measures: exact Hessian where the network is piecewise linear in each weight, else the
+# Gauss-Newton diagonal (sampled for the LM's T * V outputs)
+EXPECTED = {"resnet": ("exact", "hessian"), "mobilenet_v3": ("gauss_newton", "gauss_newton"),
+            "vit": ("gauss_newton", "gauss_newton"), "convnext": ("gauss_newton", "gauss_newton"),
+            "bert": ("gauss_newton", "gauss_newton"), "gpt2": ("gauss_newton_mc", "gauss_newton")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_zoo_model_in_a_plain_lightning_module_is_measured_at_the_defaults(name):
+    module, dataset, inputs, target = _module_and_data(name)
+    monitor = SharpnessMonitor(num_samples=16, dtype="float64")
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu", devices=1,
+                         callbacks=[monitor])
+    trainer.fit(module, _Data(dataset))
+    assert trainer.current_epoch == 2 and len(monitor.history) == 2
+    last = monitor.history[-1]
+    method, quantity = EXPECTED[name]
+    assert last["method"] == method and monitor._choice.quantity == quantity
+    assert all(math.isfinite(h["normalized"]) and h["normalized"] > 0 for h in monitor.history), monitor.history
+    if name != "gpt2":  # the causal LM counts valid tokens: see the next test
+        assert last["num_samples"] == 16
+    names = list(select_parameters(module))
+    assert sorted(k.split("/", 1)[1] for k in last if k.startswith("normalized/")) == sorted(names)
+    assert not any("pos_embed" in n or "cls_token" in n or "position" in n for n in names)  # additive offsets
+    if method == "gauss_newton_mc":
+        assert last["normalized_stderr"] > 0
+        return
+    # deterministic methods: equal to the float64 brute force of the quantity they claim, on the same samples
+    idx = monitor.state_dict()["indices"]
+    x = select_samples(inputs, idx, len(target)) if isinstance(inputs, dict) else inputs[idx]
+    y = target[idx]
+    net = module.double().eval()
+    oracle = brute_force_hessian_diagonal if quantity == "hessian" else brute_force_ggn_diagonal
+    diag = oracle(net, normalized_softmax_cross_entropy, x, y, names)
+    weights = {n: p.detach() for n, p in net.named_parameters() if n in names}
+    ref = sharpness_measures(weights, diag)
+    for measure in ("normalized", "matrix_normalized", "hessian_trace"):
+        assert last[measure] == pytest.approx(float(ref[measure]), rel=1e-7), measure
+
+
+def test_causal_lm_is_scored_per_token_with_the_shift_and_padding_ignored():
+    """The GPT-2 run measures the token-level loss (shifted, -100 ignored): its per-group weights are the
+    valid tokens, so num_samples counts tokens."""
+    module, dataset, inputs, target = _module_and_data("gpt2")
+    monitor = SharpnessMonitor(num_samples=16)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu", devices=1,
+                         callbacks=[monitor])
+    trainer.fit(module, _Data(dataset))
+    assert isinstance(monitor._loss, TokenLoss) and monitor._loss.shift
+    idx = monitor.state_dict()["indices"]
+    valid_tokens = int((target[idx][:, 1:] != -100).sum())
+    assert monitor.history[-1]["num_samples"] == valid_tokens
