@@ -37,11 +37,11 @@ from benchmarks.common import (
     gradient_fn,
     largest_layer,
     markdown_table,
+    run_timed,
     setup,
     time_call,
     trained_model,
     weight_parameters,
-    run_timed,
 )
 
 GROUP = 32  # samples per reference group
@@ -353,7 +353,9 @@ def run(args) -> dict[str, Any]:
         from lightning_flatness.functional import hessian_diagonal_groups
 
         t_exact = time_call(
-            lambda: hessian_diagonal_groups(model, normalized_softmax_cross_entropy, gx, gy, method="exact"),
+            lambda model=model, gx=gx, gy=gy: hessian_diagonal_groups(
+                model, normalized_softmax_cross_entropy, gx, gy, method="exact"
+            ),
             repeats=3,
         )["median"]
         model_res["gradient_seconds"] = t_grad

@@ -39,8 +39,8 @@ from benchmarks.common import (
     markdown_table,
     mnist1d,
     model_inputs,
-    setup,
     run_timed,
+    setup,
 )
 
 CIFAR_STEPS = 390

@@ -1,4 +1,4 @@
-"""Curvature work per process under DDP with 1, 2 and 4 gloo processes on the CPU (counted, not timed).
+r"""Curvature work per process under DDP with 1, 2 and 4 gloo processes on the CPU (counted, not timed).
 
 Runs the fit of ``tests/test_distributed_semantics.py`` (one epoch of the test MLP, an exact and a
 Hutchinson ``SharpnessMonitor`` on the same subset) with ``P`` processes and counts, per rank, the
@@ -7,7 +7,8 @@ samples x probes that went through the estimator. Prints a Markdown table (the o
 
 Usage::
 
-    python benchmarks/bench_distributed.py --num-samples 256 --num-probes 8 --json benchmarks/results/distributed.json
+    python benchmarks/bench_distributed.py --num-samples 256 --num-probes 8 \
+        --json benchmarks/results/distributed.json
 """
 
 from __future__ import annotations

@@ -39,9 +39,9 @@ from benchmarks.common import (
     mnist1d,
     peak_rss_delta_mib,
     run_memory_worker,
+    run_timed,
     setup,
     weight_parameters,
-    run_timed,
 )
 
 METHODS = ("gradient", "exact", "hutchinson", "finite_difference")

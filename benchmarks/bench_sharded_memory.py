@@ -46,7 +46,7 @@ def _rss() -> int:
 class PeakRSS:
     """The largest RSS above the value at entry, sampled by a thread while the block runs."""
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed heap to the system: a clean baseline
         self.base = self.peak = _rss()
         self._stop = threading.Event()
@@ -208,7 +208,8 @@ def main(argv=None) -> dict:
     lines += [
         "",
         f"The eq. 13/17 solves of one whole {WIDTH}x{WIDTH} float64 tensor, alone in a fresh process: "
-        f"{solve['peak_bytes'] / mib:.1f} MiB ({solve['peak_bytes'] / largest:.0f} whole tensors) of workspace, "
+        f"{solve['peak_bytes'] / mib:.1f} MiB "
+        f"({solve['peak_bytes'] / largest:.0f} whole tensors) of workspace, "
         "on every process, sharded or not.",
     ]
     print("\n".join(lines))

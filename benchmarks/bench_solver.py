@@ -47,12 +47,12 @@ from lightning_flatness.functional.solvers import (
 SCENARIOS = {
     "iid": "He-init weights; h = 1e-3 * LogNormal(0, 1.5), 20% of entries exactly 0",
     "channels": "He-init weights with per-output-channel scales (LogNormal(0, 0.5)); "
-                "h = 1e-3 * exp(1.5 rho_i + 1.5 kappa_j + eps_ijk) * N(0.5, 1) (31% negative, clipped)",
+    "h = 1e-3 * exp(1.5 rho_i + 1.5 kappa_j + eps_ijk) * N(0.5, 1) (31% negative, clipped)",
     "dead": "as `channels`, plus 5% dead output channels (h row = 0) and 5% pruned input channels "
-            "(W column = 0): the infimum is not attained",
+    "(W column = 0): the infimum is not attained",
     "blocks": "stress test: as `channels`, with W[I1, J2] = 0 (pruned block) and h[I2, J1] <= 0 "
-              "(clipped block) for random halves I1/I2 of the rows and J1/J2 of the columns: "
-              "two components, unattained",
+    "(clipped block) for random halves I1/I2 of the rows and J1/J2 of the columns: "
+    "two components, unattained",
 }
 
 
@@ -61,8 +61,13 @@ def wrn16_4_shapes() -> list[tuple[int, ...]]:
     shapes: list[tuple[int, ...]] = [(16, 3, 3, 3)]
     cin = 16
     for width in (64, 128, 256):
-        shapes += [(width, cin, 3, 3), (width, width, 3, 3), (width, cin, 1, 1), (width, width, 3, 3),
-                   (width, width, 3, 3)]
+        shapes += [
+            (width, cin, 3, 3),
+            (width, width, 3, 3),
+            (width, cin, 1, 1),
+            (width, width, 3, 3),
+            (width, width, 3, 3),
+        ]
         cin = width
     shapes.append((10, 256))
     return shapes
@@ -95,8 +100,8 @@ def make_layer(shape: tuple[int, ...], scenario: str, g: torch.Generator) -> tup
             w[:, pruned] = 0.0
     if scenario == "blocks":
         rows, cols = torch.randperm(out_c, generator=g), torch.randperm(in_c, generator=g)
-        i1, i2 = rows[: out_c // 2], rows[out_c // 2:]
-        j1, j2 = cols[: in_c // 2], cols[in_c // 2:]
+        i1, i2 = rows[: out_c // 2], rows[out_c // 2 :]
+        j1, j2 = cols[: in_c // 2], cols[in_c // 2 :]
         w[i1[:, None], j2[None, :]] = 0.0
         h[i2[:, None], j1[None, :]] = -h[i2[:, None], j1[None, :]].abs()
     return w, h
@@ -208,9 +213,14 @@ def run_scenario(scenario: str, shapes, args) -> dict:
     gaps = [float((s.value - s.lower_bound) / s.lower_bound) for s in sols if s.value > 0]
     if max(gaps, default=0.0) > 1e-11:
         raise RuntimeError(f"solver's certified gap {max(gaps):.2e} exceeds its rtol 1e-11 on {scenario!r}")
-    row = {"scenario": scenario, "ours_cpu_s": statistics.median(cpu), "ours_wall_s": statistics.median(wall),
-           "newton_iterations_max": max(s.iterations for s in sols),
-           "max_certified_gap": max(gaps, default=0.0), "values": [float(s.value) for s in sols]}
+    row = {
+        "scenario": scenario,
+        "ours_cpu_s": statistics.median(cpu),
+        "ours_wall_s": statistics.median(wall),
+        "newton_iterations_max": max(s.iterations for s in sols),
+        "max_certified_gap": max(gaps, default=0.0),
+        "values": [float(s.value) for s in sols],
+    }
     for name, method in (("gd", gradient_descent), ("alternating", alternating)):
         total, extrapolated, reached, worst = 0.0, False, 0, 0.0
         for (w, h), sol in zip(data, sols):
@@ -225,8 +235,13 @@ def run_scenario(scenario: str, shapes, args) -> dict:
             extrapolated |= extra
             reached += not extra
             worst = max(worst, err)
-        row[name] = {"cpu_s": total, "extrapolated": extrapolated, "tensors_at_target": reached,
-                     "worst_rel_error": worst, "ratio": total / row["ours_cpu_s"]}
+        row[name] = {
+            "cpu_s": total,
+            "extrapolated": extrapolated,
+            "tensors_at_target": reached,
+            "worst_rel_error": worst,
+            "ratio": total / row["ours_cpu_s"],
+        }
     return row
 
 
@@ -245,27 +260,42 @@ def main(argv=None) -> dict:
     print("## Solver: eq. 17 on all WRN-16-4 weight tensors\n")
     cli = " ".join(["python -m benchmarks.bench_solver"] + list(argv if argv is not None else sys.argv[1:]))
     print(f"Command: `{cli}`  ")
-    print(f"Machine: {machine()}; torch {torch.__version__} ({args.threads} thread(s)); Python "
-          f"{platform.python_version()}  ")
-    print(f"{len(shapes)} tensors, {sum(math.prod(s) for s in shapes):,} parameters; target relative "
-          f"accuracy {args.target:g}; baseline cap {args.max_iters} iterations per tensor.\n")
-    print("| scenario | ours: CPU (wall) | Newton its (max) | GD: tensors at target | GD time | "
-          "alternating: at target | alternating time | GD / ours | alternating / ours |")
+    print(
+        f"Machine: {machine()}; torch {torch.__version__} ({args.threads} thread(s)); Python "
+        f"{platform.python_version()}  "
+    )
+    print(
+        f"{len(shapes)} tensors, {sum(math.prod(s) for s in shapes):,} parameters; target relative "
+        f"accuracy {args.target:g}; baseline cap {args.max_iters} iterations per tensor.\n"
+    )
+    print(
+        "| scenario | ours: CPU (wall) | Newton its (max) | GD: tensors at target | GD time | "
+        "alternating: at target | alternating time | GD / ours | alternating / ours |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     rows = []
     for scenario in args.scenarios:
         row = run_scenario(scenario, shapes, args)
         rows.append(row)
-        cells = [scenario, f"{row['ours_cpu_s'] * 1e3:.1f} ms ({row['ours_wall_s'] * 1e3:.1f} ms)",
-                 str(row["newton_iterations_max"])]
+        cells = [
+            scenario,
+            f"{row['ours_cpu_s'] * 1e3:.1f} ms ({row['ours_wall_s'] * 1e3:.1f} ms)",
+            str(row["newton_iterations_max"]),
+        ]
         for name in ("gd", "alternating"):
             r = row[name]
-            cells += [f"{r['tensors_at_target']}/{len(shapes)} (worst {r['worst_rel_error']:.1e})",
-                      fmt_time(r["cpu_s"], r["extrapolated"])]
+            cells += [
+                f"{r['tensors_at_target']}/{len(shapes)} (worst {r['worst_rel_error']:.1e})",
+                fmt_time(r["cpu_s"], r["extrapolated"]),
+            ]
         for name in ("gd", "alternating"):
             r = row[name]
-            cells.append("inf" if math.isinf(r["ratio"]) else (">= " if r["extrapolated"] else "")
-                         + (f"{r['ratio']:,.0f}x" if r["ratio"] >= 100 else f"{r['ratio']:.2g}x"))
+            cells.append(
+                "inf"
+                if math.isinf(r["ratio"])
+                else (">= " if r["extrapolated"] else "")
+                + (f"{r['ratio']:,.0f}x" if r["ratio"] >= 100 else f"{r['ratio']:.2g}x")
+            )
         print("| " + " | ".join(cells) + " |")
     print()
     for k in args.scenarios:

@@ -69,9 +69,13 @@ def stress(args) -> list[dict]:
     if not args.quick:
         g = torch.Generator().manual_seed(args.seed)
         big = (4096, 4096)
-        cases["lognormal_sigma3_4096x4096"] = (torch.randn(big, generator=g, dtype=torch.float64) / 64,
-                                               torch.exp(3.0 * torch.randn(big, generator=g, dtype=torch.float64)))
-    rows = {name: {"case": name, "shape": list(w.shape), "numel": w.numel()} for name, (w, h) in cases.items()}
+        cases["lognormal_sigma3_4096x4096"] = (
+            torch.randn(big, generator=g, dtype=torch.float64) / 64,
+            torch.exp(3.0 * torch.randn(big, generator=g, dtype=torch.float64)),
+        )
+    rows = {
+        name: {"case": name, "shape": list(w.shape), "numel": w.numel()} for name, (w, h) in cases.items()
+    }
     for label, threads, busy in CONDITIONS:
         torch.set_num_threads(threads)
         procs = _busy(busy)
@@ -82,9 +86,13 @@ def stress(args) -> list[dict]:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     seconds, cpu, gap = time_case(w, h, reps)
-                rows[name][label] = {"ms_per_million": seconds * 1e3 / (w.numel() / 1e6), "ms": seconds * 1e3,
-                                     "cpu_ms_per_million": cpu * 1e3 / (w.numel() / 1e6), "gap": gap,
-                                     "warnings": len(caught)}
+                rows[name][label] = {
+                    "ms_per_million": seconds * 1e3 / (w.numel() / 1e6),
+                    "ms": seconds * 1e3,
+                    "cpu_ms_per_million": cpu * 1e3 / (w.numel() / 1e6),
+                    "gap": gap,
+                    "warnings": len(caught),
+                }
         finally:
             _stop(procs)
     torch.set_num_threads(args.threads)
@@ -101,7 +109,9 @@ def replicates(args, signed: bool) -> dict:
     groups = {}
     for n, (_, h) in zip(names, data):
         h = h if signed else h.abs()
-        groups[n] = h[None] * (1 + 0.5 * torch.randn((num_replicates, *h.shape), generator=g, dtype=torch.float64))
+        groups[n] = h[None] * (
+            1 + 0.5 * torch.randn((num_replicates, *h.shape), generator=g, dtype=torch.float64)
+        )
     metric = NormalizedSharpness({n: w.shape for n, w in weights.items()}, num_replicates=num_replicates)
     metric.update(groups, weights, [32] * num_replicates)
     pooled = {n: groups[n].mean(dim=0) for n in names}
@@ -117,9 +127,14 @@ def replicates(args, signed: bool) -> dict:
         metric.compute()
         t_compute.append(time.process_time() - start)
     p, c = statistics.median(t_pooled), statistics.median(t_compute)
-    return {"diagonals": "31% negative entries" if signed else "non-negative", "pooled_ms": p * 1e3,
-            "compute_ms": c * 1e3, "ratio": c / p, "tensors": len(shapes),
-            "parameters": sum(math.prod(s) for s in shapes)}
+    return {
+        "diagonals": "31% negative entries" if signed else "non-negative",
+        "pooled_ms": p * 1e3,
+        "compute_ms": c * 1e3,
+        "ratio": c / p,
+        "tensors": len(shapes),
+        "parameters": sum(math.prod(s) for s in shapes),
+    }
 
 
 def main(argv=None) -> dict:
@@ -129,28 +144,43 @@ def main(argv=None) -> dict:
     setup(args)
     if args.quick:
         args.repeats = 1
-    cli = " ".join(["python -m benchmarks.bench_solver_stress"] + list(argv if argv is not None else sys.argv[1:]))
+    cli = " ".join(
+        ["python -m benchmarks.bench_solver_stress"] + list(argv if argv is not None else sys.argv[1:])
+    )
     print("## Solver stress suite and batched replicate solves (issue 9)\n")
     print(f"Command: `{cli}`  ")
-    print(f"Machine: {machine()}; torch {torch.__version__}; load average before the run "
-          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
+    print(
+        f"Machine: {machine()}; torch {torch.__version__}; load average before the run "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}\n"
+    )
     rows = stress(args)
     print("Wall ms per million weight entries (median); CPU ms of this process in brackets.\n")
-    print("| case | shape | " + " | ".join(f"{c[0]}" for c in CONDITIONS) + " | load / 1 thread | 2 thr. load / 1 thread | gap |")
+    print(
+        "| case | shape | "
+        + " | ".join(f"{c[0]}" for c in CONDITIONS)
+        + " | load / 1 thread | 2 thr. load / 1 thread | gap |"
+    )
     print("|---|---|" + "---|" * (len(CONDITIONS) + 3))
     for r in rows:
         t = [r[c[0]]["ms_per_million"] for c in CONDITIONS]
         cpu = [r[c[0]]["cpu_ms_per_million"] for c in CONDITIONS]
         gaps = max(r[c[0]]["gap"] for c in CONDITIONS)
-        print(f"| {r['case']} | {'x'.join(map(str, r['shape']))} | "
-              + " | ".join(f"{v:.1f} ({u:.1f})" for v, u in zip(t, cpu))
-              + f" | {t[1] / t[0]:.2f}x | {t[2] / t[0]:.2f}x | {gaps:.1e} |")
+        print(
+            f"| {r['case']} | {'x'.join(map(str, r['shape']))} | "
+            + " | ".join(f"{v:.1f} ({u:.1f})" for v, u in zip(t, cpu))
+            + f" | {t[1] / t[0]:.2f}x | {t[2] / t[0]:.2f}x | {gaps:.1e} |"
+        )
     reps = [replicates(args, signed) for signed in (False, True)]
     print("\nCPU time, 1 thread, median:\n")
-    print("| WRN-16-4 diagonals | one pooled solve of every tensor | `compute()` (R = 8: 11 problems per tensor) | ratio |")
+    print(
+        "| WRN-16-4 diagonals | one pooled solve of every tensor "
+        "| `compute()` (R = 8: 11 problems per tensor) | ratio |"
+    )
     print("|---|---|---|---|")
     for r in reps:
-        print(f"| {r['diagonals']} | {r['pooled_ms']:.1f} ms | {r['compute_ms']:.1f} ms | {r['ratio']:.2f}x |")
+        print(
+            f"| {r['diagonals']} | {r['pooled_ms']:.1f} ms | {r['compute_ms']:.1f} ms | {r['ratio']:.2f}x |"
+        )
     results = {"stress": rows, "replicates": reps}
     write_json(args.json, results)
     return results

@@ -83,8 +83,12 @@ def residual_probes(model, loss_fn, x, y, names, num_probes, per_sample, generat
 
         def estimate(inputs, g):
             grad_fn = grad(lambda th: phi(th, inputs, g))
-            probes = {n: torch.randint(0, 2, (num_probes, *p.shape), generator=generator,
-                                       dtype=p.dtype).mul_(2).sub_(1) for n, p in params.items()}
+            probes = {
+                n: torch.randint(0, 2, (num_probes, *p.shape), generator=generator, dtype=p.dtype)
+                .mul_(2)
+                .sub_(1)
+                for n, p in params.items()
+            }
             hv = vmap(lambda v: jvp(grad_fn, (params,), (v,))[1])(probes)
             return {n: (probes[n] * hv[n]).mean(0) for n in params}
 
@@ -93,7 +97,7 @@ def residual_probes(model, loss_fn, x, y, names, num_probes, per_sample, generat
         n_samples = inputs_batch_size(x)
         total = {n: torch.zeros_like(p) for n, p in params.items()}
         for i in range(n_samples):
-            one = estimate(select_samples(x, slice(i, i + 1), n_samples), coef[i:i + 1])
+            one = estimate(select_samples(x, slice(i, i + 1), n_samples), coef[i : i + 1])
             for n in total:
                 total[n] += one[n]
         return total
@@ -123,17 +127,27 @@ def study(name, model, x, y, args, generator) -> dict[str, Any]:
     layers = {}
     for n in every:
         layers[n] = {
-            "trace_H": mh[f"hessian_trace/{n}"], "trace_GGN": mg[f"hessian_trace/{n}"],
-            "normalized_H": mh[f"normalized/{n}"], "normalized_GGN": mg[f"normalized/{n}"],
+            "trace_H": mh[f"hessian_trace/{n}"],
+            "trace_GGN": mg[f"hessian_trace/{n}"],
+            "normalized_H": mh[f"normalized/{n}"],
+            "normalized_GGN": mg[f"normalized/{n}"],
             "additive_offset": n in offsets,
         }
     result = {
         "brute_force_seconds": t_brute,
         "num_weights": sum(weights[n].numel() for n in every),
-        "default": {"normalized_H": md_h["normalized"], "normalized_GGN": md_g["normalized"],
-                    "trace_H": md_h["hessian_trace"], "trace_GGN": md_g["hessian_trace"]},
-        "weights_preset": {"normalized_H": mh["normalized"], "normalized_GGN": mg["normalized"],
-                           "trace_H": mh["hessian_trace"], "trace_GGN": mg["hessian_trace"]},
+        "default": {
+            "normalized_H": md_h["normalized"],
+            "normalized_GGN": md_g["normalized"],
+            "trace_H": md_h["hessian_trace"],
+            "trace_GGN": md_g["hessian_trace"],
+        },
+        "weights_preset": {
+            "normalized_H": mh["normalized"],
+            "normalized_GGN": mg["normalized"],
+            "trace_H": mh["hessian_trace"],
+            "trace_GGN": mg["hessian_trace"],
+        },
         "offsets_normalized_H": sum(mh[f"normalized/{n}"] for n in offsets),
         "layers": layers,
         "probes": {},
@@ -142,7 +156,9 @@ def study(name, model, x, y, args, generator) -> dict[str, Any]:
     # Probe only tensors whose residual diagonal is nonzero, as ggn_hutchinson does (its static analysis
     # finds the tensors downstream of which the network is piecewise linear): R has nonzero off-diagonal
     # blocks even where diag(R) = 0, and probing those would add pure noise.
-    probed = [n for n in default if float((h[n] - g[n]).abs().max()) > 1e-9 * float(h[n].abs().max() + 1e-300)]
+    probed = [
+        n for n in default if float((h[n] - g[n]).abs().max()) > 1e-9 * float(h[n].abs().max() + 1e-300)
+    ]
     result["probed"] = probed
     for per_sample in (False, True):
         for p in args.probes:
@@ -151,11 +167,14 @@ def study(name, model, x, y, args, generator) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 r = residual_probes(model, loss_fn, x, y, probed, p, per_sample, generator) if probed else {}
                 seconds.append(time.perf_counter() - t0)
-                values.append(measures(weights, {n: g[n] + r.get(n, 0.0) for n in default}, default)["normalized"])
+                values.append(
+                    measures(weights, {n: g[n] + r.get(n, 0.0) for n in default}, default)["normalized"]
+                )
             mean, sd = statistics.fmean(values), statistics.stdev(values)
             result["probes"][f"{'per_sample' if per_sample else 'batch'}_P{p}"] = {
-                "bias": (mean - true_ns) / true_ns, "sd": sd / true_ns,
-                "rmse": math.sqrt((mean - true_ns) ** 2 + sd ** 2) / true_ns,
+                "bias": (mean - true_ns) / true_ns,
+                "sd": sd / true_ns,
+                "rmse": math.sqrt((mean - true_ns) ** 2 + sd**2) / true_ns,
                 "seconds": statistics.median(seconds),
             }
     return result
@@ -164,8 +183,15 @@ def study(name, model, x, y, args, generator) -> dict[str, Any]:
 def run(args) -> dict[str, Any]:
     names = args.models or list(TINY)
     generator = torch.Generator().manual_seed(args.seed)
-    out: dict[str, Any] = {"command": args.command, "samples": args.samples, "steps": args.steps,
-                           "lr": args.lr, "replicates": args.replicates, "probes": args.probes, "models": {}}
+    out: dict[str, Any] = {
+        "command": args.command,
+        "samples": args.samples,
+        "steps": args.steps,
+        "lr": args.lr,
+        "replicates": args.replicates,
+        "probes": args.probes,
+        "models": {},
+    }
     for name in names:
         model, (x, y) = TINY[name](n=args.samples, seed=args.seed)
         trained, final_loss = train(model, x, y, name, args.steps, args.lr)
@@ -177,9 +203,12 @@ def run(args) -> dict[str, Any]:
             res["train_loss_ce"] = final_loss if state == "trained" else None
             out["models"][name][state] = res
             d = res["default"]
-            print(f"{name:13s} {state:9s} NS(H)={d['normalized_H']:.4g} NS(GGN)={d['normalized_GGN']:.4g} "
-                  f"trH={d['trace_H']:.4g} trGGN={d['trace_GGN']:.4g} brute {res['brute_force_seconds']:.1f}s "
-                  + " ".join(f"{k}: {v['bias']:+.3f}/{v['sd']:.3f}" for k, v in res["probes"].items()), flush=True)
+            print(
+                f"{name:13s} {state:9s} NS(H)={d['normalized_H']:.4g} NS(GGN)={d['normalized_GGN']:.4g} "
+                f"trH={d['trace_H']:.4g} trGGN={d['trace_GGN']:.4g} brute {res['brute_force_seconds']:.1f}s "
+                + " ".join(f"{k}: {v['bias']:+.3f}/{v['sd']:.3f}" for k, v in res["probes"].items()),
+                flush=True,
+            )
     return out
 
 
@@ -193,9 +222,11 @@ def markdown(results: dict[str, Any]) -> str:
         "# Residual H - GGN on the zoo models, and per-sample vs batch residual probes",
         "",
         f"Command: `{results['command']}`  ",
-        f"Machine: {env.get('cpu', '?')}, {env.get('threads', '?')} thread(s), torch {env.get('torch', '?')}; "
+        f"Machine: {env.get('cpu', '?')}, {env.get('threads', '?')} thread(s), "
+        f"torch {env.get('torch', '?')}; "
         f"total {results.get('seconds', 0):.0f} s.  ",
-        f"Setting: tiny zoo models (tests/zoo_models.py), float64, {results['samples']} samples, measurement loss "
+        f"Setting: tiny zoo models (tests/zoo_models.py), float64, {results['samples']} samples, "
+        f"measurement loss "
         f"normalized softmax cross-entropy (eq. 20-22; token-level for GPT-2), lam = 0.5; 'trained' = "
         f"{results['steps']} full-batch Adam steps (lr {results['lr']}, cross-entropy) on the same samples.",
         "",
@@ -206,7 +237,8 @@ def markdown(results: dict[str, Any]) -> str:
         "normalized sharpness of pos_embed/cls_token/position embeddings as a fraction of the default total "
         "(they are left out of the default selection; the 'weights' preset would add them).",
         "",
-        "| model | state | NS(H) | NS(GGN) | NS share | trace(H) | trace(GGN) | trace share | offsets / NS | CE loss |",
+        "| model | state | NS(H) | NS(GGN) | NS share | trace(H) | trace(GGN) | trace share "
+        "| offsets / NS | CE loss |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, states in results["models"].items():
@@ -214,30 +246,49 @@ def markdown(results: dict[str, Any]) -> str:
             d = r["default"]
             off = r["offsets_normalized_H"] / d["normalized_H"] if r["offsets_normalized_H"] else 0.0
             loss = f"{r['train_loss_ce']:.3f}" if r["train_loss_ce"] is not None else "-"
-            lines.append(f"| {name} | {state} | {d['normalized_H']:.4g} | {d['normalized_GGN']:.4g} | "
-                         f"{_share(d['normalized_H'], d['normalized_GGN'])} | {d['trace_H']:.4g} | {d['trace_GGN']:.4g} "
-                         f"| {_share(d['trace_H'], d['trace_GGN'])} | {off:.1%} | {loss} |")
-    lines += ["", "### Per layer (normalized sharpness, eq. 17)", "",
-              "| model | state | layer | NS(H) | NS(GGN) | share | trace(H) | trace(GGN) |", "|---|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {name} | {state} | {d['normalized_H']:.4g} | {d['normalized_GGN']:.4g} | "
+                f"{_share(d['normalized_H'], d['normalized_GGN'])} | {d['trace_H']:.4g} "
+                f"| {d['trace_GGN']:.4g} "
+                f"| {_share(d['trace_H'], d['trace_GGN'])} | {off:.1%} | {loss} |"
+            )
+    lines += [
+        "",
+        "### Per layer (normalized sharpness, eq. 17)",
+        "",
+        "| model | state | layer | NS(H) | NS(GGN) | share | trace(H) | trace(GGN) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, states in results["models"].items():
         for state, r in states.items():
             for layer, v in r["layers"].items():
                 tag = " (offset)" if v["additive_offset"] else ""
-                lines.append(f"| {name} | {state} | {layer}{tag} | {v['normalized_H']:.4g} | {v['normalized_GGN']:.4g} | "
-                             f"{_share(v['normalized_H'], v['normalized_GGN'])} | {v['trace_H']:.4g} | {v['trace_GGN']:.4g} |")
-    lines += ["", "## 2. Residual probes at equal cost: batch-level vs per-sample",
-              "",
-              f"Normalized sharpness (default selection) of diag(GGN) + probed residual; bias and sd over "
-              f"{results['replicates']} independent runs, relative to the brute-force value; P probes per batch "
-              f"(batch) or per sample (per_sample): equal flops. Seconds: median per run (per-sample runs loop over "
-              f"samples in Python here, so their wall time is not the flop count).",
-              "",
-              "| model | state | estimator | bias | sd | rmse | s/run |", "|---|---|---|---|---|---|---|"]
+                lines.append(
+                    f"| {name} | {state} | {layer}{tag} | {v['normalized_H']:.4g} "
+                    f"| {v['normalized_GGN']:.4g} | "
+                    f"{_share(v['normalized_H'], v['normalized_GGN'])} | {v['trace_H']:.4g} "
+                    f"| {v['trace_GGN']:.4g} |"
+                )
+    lines += [
+        "",
+        "## 2. Residual probes at equal cost: batch-level vs per-sample",
+        "",
+        f"Normalized sharpness (default selection) of diag(GGN) + probed residual; bias and sd over "
+        f"{results['replicates']} independent runs, relative to the brute-force value; P probes per batch "
+        f"(batch) or per sample (per_sample): equal flops. Seconds: median per run "
+        f"(per-sample runs loop over "
+        f"samples in Python here, so their wall time is not the flop count).",
+        "",
+        "| model | state | estimator | bias | sd | rmse | s/run |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, states in results["models"].items():
         for state, r in states.items():
             for key, v in r["probes"].items():
-                lines.append(f"| {name} | {state} | {key} | {v['bias']:+.2%} | {v['sd']:.2%} | {v['rmse']:.2%} | "
-                             f"{v['seconds']:.3f} |")
+                lines.append(
+                    f"| {name} | {state} | {key} | {v['bias']:+.2%} | {v['sd']:.2%} | {v['rmse']:.2%} | "
+                    f"{v['seconds']:.3f} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -251,7 +302,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--replicates", type=int, default=16)
     parser.add_argument("--probes", type=int, nargs="*", default=[4, 16])
-    parser.add_argument("--states", nargs="*", default=["untrained", "trained"], choices=["untrained", "trained"])
+    parser.add_argument(
+        "--states", nargs="*", default=["untrained", "trained"], choices=["untrained", "trained"]
+    )
     args = parser.parse_args()
     if args.quick:
         args.models, args.samples, args.steps, args.replicates, args.probes = ["vit"], 4, 5, 3, [2]

@@ -93,8 +93,11 @@ def environment() -> dict[str, Any]:
     return info
 
 
-def run_timed(run: Callable[[argparse.Namespace], dict[str, Any]], args: argparse.Namespace,
-              plot: Optional[Callable[[dict[str, Any], str], None]] = None) -> dict[str, Any]:
+def run_timed(
+    run: Callable[[argparse.Namespace], dict[str, Any]],
+    args: argparse.Namespace,
+    plot: Optional[Callable[[dict[str, Any], str], None]] = None,
+) -> dict[str, Any]:
     """``run(args)``, its wall time as ``results["seconds"]``, then the JSON (``--json``) and the plot
     (``--plot``, when the script has one): the common tail of every benchmark's ``main``."""
     start = time.perf_counter()
@@ -421,7 +424,7 @@ def run_memory_worker(
     cmd = [python or sys.executable, "-m", module, "--worker", *worker_args]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or ["exit code %d" % proc.returncode])[-1]}
+        return {"error": (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode:d}"])[-1]}
     lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
     if not lines:
         return {"error": "worker printed no JSON"}

@@ -19,10 +19,24 @@ F64 = torch.float64
 
 # (rows, cols) of the matrix cases, the conv case, the depthwise case and the MLP width per size
 SIZES = {
-    "small": {"matrix": (9, 13), "conv": (6, 4, 3, 3), "depthwise": (8, 1, 3, 3), "wide": (3, 40),
-              "skinny": (40, 3), "mlp": (6, 12, 10, 4), "samples": 32},
-    "layer": {"matrix": (512, 512), "conv": (256, 256, 3, 3), "depthwise": (1024, 1, 5, 5),
-              "wide": (64, 8192), "skinny": (8192, 64), "mlp": (64, 512, 512, 10), "samples": 256},
+    "small": {
+        "matrix": (9, 13),
+        "conv": (6, 4, 3, 3),
+        "depthwise": (8, 1, 3, 3),
+        "wide": (3, 40),
+        "skinny": (40, 3),
+        "mlp": (6, 12, 10, 4),
+        "samples": 32,
+    },
+    "layer": {
+        "matrix": (512, 512),
+        "conv": (256, 256, 3, 3),
+        "depthwise": (1024, 1, 5, 5),
+        "wide": (64, 8192),
+        "skinny": (8192, 64),
+        "mlp": (64, 512, 512, 10),
+        "samples": 256,
+    },
 }
 
 
@@ -85,8 +99,9 @@ def estimated_cases(size: str = "small", seed: int = 0) -> dict[str, tuple[torch
     cases = {}
     for method in ("hutchinson", "finite_difference"):
         gen = torch.Generator().manual_seed(seed + 1)
-        est = hessian_diagonal(model, normalized_softmax_cross_entropy, x, y, method=method, num_probes=4,
-                               generator=gen)
+        est = hessian_diagonal(
+            model, normalized_softmax_cross_entropy, x, y, method=method, num_probes=4, generator=gen
+        )
         cases[f"{method}_estimate"] = (weight.clone(), est[name].detach().to(F64))
     return cases
 

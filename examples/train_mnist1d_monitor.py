@@ -93,8 +93,9 @@ class StepTimer(pl.Callback):
     def __init__(self) -> None:
         self.seconds: list[float] = []
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int
+    ) -> None:
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -102,15 +103,22 @@ class StepTimer(pl.Callback):
 
 
 def parse_args(argv: Any = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--max-epochs", type=int, default=60)
-    parser.add_argument("--max-sharpness", type=float, default=250.0,
-                        help="stop once sharpness/normalized exceeds this budget")
-    parser.add_argument("--method", default="auto",
-                        choices=["auto", "exact", "hutchinson", "finite_difference"])
-    parser.add_argument("--num-samples", type=int, default=512, help="training samples the Hessian is taken "
-                                                                     "over")
+    parser.add_argument(
+        "--max-sharpness",
+        type=float,
+        default=250.0,
+        help="stop once sharpness/normalized exceeds this budget",
+    )
+    parser.add_argument(
+        "--method", default="auto", choices=["auto", "exact", "hutchinson", "finite_difference"]
+    )
+    parser.add_argument(
+        "--num-samples", type=int, default=512, help="training samples the Hessian is taken over"
+    )
     parser.add_argument("--num-probes", type=int, default=64, help="stochastic methods only")
     parser.add_argument("--logdir", default="runs")
     parser.add_argument("--threads", type=int, default=1)
@@ -127,12 +135,23 @@ def main(argv: Any = None) -> dict[str, Any]:
     monitor = SharpnessMonitor(method=args.method, num_samples=args.num_samples, num_probes=args.num_probes)
     timer = StepTimer()
     # mode="min": lower is flatter; stop when it exceeds the budget (patience never triggers)
-    stopper = EarlyStopping(monitor="sharpness/normalized", mode="min",
-                            divergence_threshold=args.max_sharpness, patience=args.max_epochs)
+    stopper = EarlyStopping(
+        monitor="sharpness/normalized",
+        mode="min",
+        divergence_threshold=args.max_sharpness,
+        patience=args.max_epochs,
+    )
     logger = TensorBoardLogger(args.logdir, name="mnist1d_mlp")
-    trainer = pl.Trainer(max_epochs=args.max_epochs, accelerator="cpu", devices=1, logger=logger,
-                         callbacks=[monitor, stopper, timer], log_every_n_steps=10,
-                         enable_progress_bar=not args.no_progress_bar, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_epochs=args.max_epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        callbacks=[monitor, stopper, timer],
+        log_every_n_steps=10,
+        enable_progress_bar=not args.no_progress_bar,
+        enable_model_summary=False,
+    )
     trainer.fit(LitClassifier(), MNIST1DDataModule())
     total = time.perf_counter() - start
 
@@ -141,18 +160,30 @@ def main(argv: Any = None) -> dict[str, Any]:
     step = sum(steps) / len(steps)
     measures = [h["seconds"] for h in history[1:]] or [history[0]["seconds"]]  # skip the first (warm-up)
     measure = sum(measures) / len(measures)
-    print(f"\n{len(history)} epochs in {total:.1f} s (stopped early: {trainer.should_stop}); val loss "
-          f"{float(trainer.callback_metrics['val_loss']):.3f}, val acc "
-          f"{float(trainer.callback_metrics['val_acc']):.3f}")
-    print(f"one measurement ({history[-1]['method']}, {int(history[-1]['num_samples'])} samples): "
-          f"{measure:.3f} s = {measure / step:.0f} training steps of {step * 1e3:.1f} ms (batch 128)")
-    print(f"normalized sharpness: first {history[0]['normalized']:.4g}, last {history[-1]['normalized']:.4g} "
-          f"+- {history[-1]['normalized_stderr']:.2g} (jackknife standard error over the 512 samples)")
+    print(
+        f"\n{len(history)} epochs in {total:.1f} s (stopped early: {trainer.should_stop}); val loss "
+        f"{float(trainer.callback_metrics['val_loss']):.3f}, val acc "
+        f"{float(trainer.callback_metrics['val_acc']):.3f}"
+    )
+    print(
+        f"one measurement ({history[-1]['method']}, {int(history[-1]['num_samples'])} samples): "
+        f"{measure:.3f} s = {measure / step:.0f} training steps of {step * 1e3:.1f} ms (batch 128)"
+    )
+    print(
+        f"normalized sharpness: first {history[0]['normalized']:.4g}, last {history[-1]['normalized']:.4g} "
+        f"+- {history[-1]['normalized_stderr']:.2g} (jackknife standard error over the 512 samples)"
+    )
     for key in sorted(k for k in history[-1] if k.startswith("normalized/")):
         print(f"  {key:28s} {history[-1][key]:.4g}")
     print(f"tensorboard --logdir {args.logdir}")
-    return {"history": history, "total_seconds": total, "measure_seconds": measure, "step_seconds": step,
-            "epochs": len(history), "stopped_early": bool(trainer.should_stop)}
+    return {
+        "history": history,
+        "total_seconds": total,
+        "measure_seconds": measure,
+        "step_seconds": step,
+        "epochs": len(history),
+        "stopped_early": bool(trainer.should_stop),
+    }
 
 
 if __name__ == "__main__":

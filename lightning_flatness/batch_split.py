@@ -19,17 +19,21 @@ TARGET_KEYS = ("target", "targets", "y", "label", "labels")
 #: ``model(**inputs)`` with every entry but the target.
 KEYWORD_INPUT_KEYS = ("input_ids", "pixel_values", "inputs_embeds", "input_values", "input_features")
 
-_FIX = ("override `SharpnessMonitor.split_batch(self, batch)` in a subclass so that it returns "
-        "`(inputs, target)` with `model(inputs)` the logits and `target` what `loss_fn` expects")
+_FIX = (
+    "override `SharpnessMonitor.split_batch(self, batch)` in a subclass so that it returns "
+    "`(inputs, target)` with `model(inputs)` the logits and `target` what `loss_fn` expects"
+)
 
 
 def _first_key(batch: Mapping, keys: tuple[str, ...], what: str) -> Any:
     for key in keys:
         if key in batch:
             return batch[key]
-    raise ValueError(f"SharpnessMonitor cannot find the {what} in a dict batch with keys "
-                     f"{sorted(map(str, batch))}: it looks for one of {list(keys)}; rename the key or "
-                     f"{_FIX}.")
+    raise ValueError(
+        f"SharpnessMonitor cannot find the {what} in a dict batch with keys "
+        f"{sorted(map(str, batch))}: it looks for one of {list(keys)}; rename the key or "
+        f"{_FIX}."
+    )
 
 
 def split_batch(batch: Any) -> tuple[Any, Tensor]:
@@ -73,9 +77,11 @@ def split_batch(batch: Any) -> tuple[Any, Tensor]:
     if isinstance(batch, Mapping) and any(k in batch for k in KEYWORD_INPUT_KEYS):
         key = next((k for k in TARGET_KEYS if k in batch), None)
         if key is None:
-            raise ValueError(f"SharpnessMonitor cannot find the target in a dict batch with keys "
-                             f"{sorted(map(str, batch))}: it looks for one of {list(TARGET_KEYS)}; add the "
-                             f"labels to the batch or {_FIX}.")
+            raise ValueError(
+                f"SharpnessMonitor cannot find the target in a dict batch with keys "
+                f"{sorted(map(str, batch))}: it looks for one of {list(TARGET_KEYS)}; add the "
+                f"labels to the batch or {_FIX}."
+            )
         target = batch[key]
         inputs = {k: v for k, v in batch.items() if k != key}
         _check(inputs, target)
@@ -85,27 +91,37 @@ def split_batch(batch: Any) -> tuple[Any, Tensor]:
         target = _first_key(batch, TARGET_KEYS, "target")
     elif isinstance(batch, Sequence) and not isinstance(batch, (str, bytes, Tensor)):
         if len(batch) < 2:
-            raise ValueError("SharpnessMonitor needs batches of (inputs, target), got a "
-                             f"{type(batch).__name__} of length {len(batch)}; {_FIX}.")
+            raise ValueError(
+                "SharpnessMonitor needs batches of (inputs, target), got a "
+                f"{type(batch).__name__} of length {len(batch)}; {_FIX}."
+            )
         inputs, target = batch[0], batch[1]
     else:
-        raise TypeError(f"SharpnessMonitor does not know how to split a batch of type {type(batch).__name__} "
-                        f"into (inputs, target); {_FIX}.")
+        raise TypeError(
+            f"SharpnessMonitor does not know how to split a batch of type {type(batch).__name__} "
+            f"into (inputs, target); {_FIX}."
+        )
     if not isinstance(inputs, Tensor):
-        raise TypeError(f"SharpnessMonitor expected the inputs of a batch to be a tensor, got "
-                        f"{type(inputs).__name__}; {_FIX}.")
+        raise TypeError(
+            f"SharpnessMonitor expected the inputs of a batch to be a tensor, got "
+            f"{type(inputs).__name__}; {_FIX}."
+        )
     _check(inputs, target)
     return inputs, target
 
 
 def _check(inputs: Any, target: Any) -> None:
     if not isinstance(target, Tensor):
-        raise TypeError(f"SharpnessMonitor expected the target of a batch to be a tensor, got "
-                        f"{type(target).__name__}; {_FIX}.")
+        raise TypeError(
+            f"SharpnessMonitor expected the target of a batch to be a tensor, got "
+            f"{type(target).__name__}; {_FIX}."
+        )
     try:
         n = inputs_batch_size(inputs)
     except TypeError as err:
         raise TypeError(f"SharpnessMonitor: {err} ({_FIX})") from None
     if target.ndim == 0 or target.shape[0] != n:
-        raise ValueError("SharpnessMonitor expected inputs and target with the same number of samples along "
-                         f"dim 0, got {n} inputs and a target of shape {tuple(target.shape)}; {_FIX}.")
+        raise ValueError(
+            "SharpnessMonitor expected inputs and target with the same number of samples along "
+            f"dim 0, got {n} inputs and a target of shape {tuple(target.shape)}; {_FIX}."
+        )

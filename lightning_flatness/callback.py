@@ -19,10 +19,11 @@ from collections.abc import Iterable
 from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-import pytorch_lightning as pl
+from lightning_flatness import sharded
 from lightning_flatness.batch_split import split_batch as _default_split_batch
 from lightning_flatness.callback_logging import bar_chart_figure, figure_to_image
 from lightning_flatness.functional import ExactMethodNotApplicable, select_parameters
@@ -42,7 +43,6 @@ from lightning_flatness.logger_media import MediaContext, log_per_layer_media, p
 from lightning_flatness.measure import SharpnessMeasurement, resolve_loss
 from lightning_flatness.memory import PeakMemory
 from lightning_flatness.progress import progress_reporter
-from lightning_flatness import sharded
 from lightning_flatness.sharded import is_sharded
 from lightning_flatness.training_subset import (
     TrainingSubset,
@@ -103,52 +103,84 @@ class SharpnessMonitorBase:
     ) -> None:
         super().__init__()
         if method != _AUTO and method not in ESTIMATORS:
-            raise ValueError(f"SharpnessMonitor got method={method!r}; choose 'auto' (chosen per model by "
-                             "lightning_flatness.functional.estimators.method_choice.choose_method) or one of "
-                             f"{list(ESTIMATORS)}.")
+            raise ValueError(
+                f"SharpnessMonitor got method={method!r}; choose 'auto' (chosen per model by "
+                "lightning_flatness.functional.estimators.method_choice.choose_method) or one of "
+                f"{list(ESTIMATORS)}."
+            )
         if not _is_positive_int(num_samples):
-            raise ValueError(f"SharpnessMonitor got num_samples={num_samples!r}; pass a positive number of "
-                             "training samples to measure on (default 512).")
+            raise ValueError(
+                f"SharpnessMonitor got num_samples={num_samples!r}; pass a positive number of "
+                "training samples to measure on (default 512)."
+            )
         if batch_size is not None and not _is_positive_int(batch_size):
-            raise ValueError(f"SharpnessMonitor got batch_size={batch_size!r}; pass a positive int (samples "
-                             f"per curvature batch) or None for {_DEFAULT_BATCH_SIZE}.")
+            raise ValueError(
+                f"SharpnessMonitor got batch_size={batch_size!r}; pass a positive int (samples "
+                f"per curvature batch) or None for {_DEFAULT_BATCH_SIZE}."
+            )
         if not _is_positive_int(num_replicates):
-            raise ValueError(f"SharpnessMonitor got num_replicates={num_replicates!r}; pass a positive int "
-                             "(>= 2 for standard errors, default 8).")
+            raise ValueError(
+                f"SharpnessMonitor got num_replicates={num_replicates!r}; pass a positive int "
+                "(>= 2 for standard errors, default 8)."
+            )
         if not _is_positive_int(num_probes):
-            raise ValueError(f"SharpnessMonitor got num_probes={num_probes!r}; pass a positive number of "
-                             "Rademacher probes per sample group for the stochastic methods (default 64).")
-        if dataloader is not None and (isinstance(dataloader, (str, bytes))
-                                       or not hasattr(dataloader, "__iter__")):
-            raise TypeError(f"SharpnessMonitor got dataloader of type {type(dataloader).__name__}; pass an "
-                            "iterable of batches (e.g. a torch DataLoader) or None to draw a subset of the "
-                            "training set.")
+            raise ValueError(
+                f"SharpnessMonitor got num_probes={num_probes!r}; pass a positive number of "
+                "Rademacher probes per sample group for the stochastic methods (default 64)."
+            )
+        if dataloader is not None and (
+            isinstance(dataloader, (str, bytes)) or not hasattr(dataloader, "__iter__")
+        ):
+            raise TypeError(
+                f"SharpnessMonitor got dataloader of type {type(dataloader).__name__}; pass an "
+                "iterable of batches (e.g. a torch DataLoader) or None to draw a subset of the "
+                "training set."
+            )
         if loss_fn is not None and not callable(loss_fn):
-            raise TypeError(f"SharpnessMonitor got loss_fn of type {type(loss_fn).__name__}; pass a callable "
-                            f"(logits, target) -> mean loss, or None for normalized_softmax_cross_entropy.")
+            raise TypeError(
+                f"SharpnessMonitor got loss_fn of type {type(loss_fn).__name__}; pass a callable "
+                f"(logits, target) -> mean loss, or None for normalized_softmax_cross_entropy."
+            )
         selectable = callable(parameters) or isinstance(parameters, Iterable)
         if parameters == "all":
-            raise ValueError("SharpnessMonitor got parameters='all', which includes 1-D tensors (biases, "
-                             "normalization scales): eq. 13 and 17 need weight tensors with rows and columns "
-                             "(footnote 5); pass None or 'weights', a list of names, or a predicate.")
-        if parameters is not None and parameters != "weights" and (isinstance(parameters, str) or not selectable):
-            raise TypeError(f"SharpnessMonitor got parameters={parameters!r}; pass None (the default selection: "
-                            "weights that multiply their input, without position embeddings and class tokens), "
-                            "'weights' (every tensor with ndim >= 2), a list of parameter names, or a predicate "
-                            "(name, parameter) -> bool.")
+            raise ValueError(
+                "SharpnessMonitor got parameters='all', which includes 1-D tensors (biases, "
+                "normalization scales): eq. 13 and 17 need weight tensors with rows and columns "
+                "(footnote 5); pass None or 'weights', a list of names, or a predicate."
+            )
+        if (
+            parameters is not None
+            and parameters != "weights"
+            and (isinstance(parameters, str) or not selectable)
+        ):
+            raise TypeError(
+                f"SharpnessMonitor got parameters={parameters!r}; pass None (the default selection: "
+                "weights that multiply their input, without position embeddings and class tokens), "
+                "'weights' (every tensor with ndim >= 2), a list of parameter names, or a predicate "
+                "(name, parameter) -> bool."
+            )
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
-            raise ValueError(f"SharpnessMonitor got lam={lam!r}; the lambda of eq. 17 must be a positive "
-                             "finite number (default 0.5).")
+            raise ValueError(
+                f"SharpnessMonitor got lam={lam!r}; the lambda of eq. 17 must be a positive "
+                "finite number (default 0.5)."
+            )
         if not _is_positive_int(every_n_epochs):
             raise ValueError(f"SharpnessMonitor got every_n_epochs={every_n_epochs!r}; pass a positive int.")
         if seed is not None and not _is_nonnegative_int(seed):
-            raise ValueError(f"SharpnessMonitor got seed={seed!r}; pass a non-negative int, or None for a "
-                             "random seed (kept in the callback's state).")
+            raise ValueError(
+                f"SharpnessMonitor got seed={seed!r}; pass a non-negative int, or None for a "
+                "random seed (kept in the callback's state)."
+            )
         if not isinstance(prefix, str) or not prefix.strip("/") or prefix != prefix.strip("/"):
-            raise ValueError(f"SharpnessMonitor got prefix={prefix!r}; pass a non-empty name without leading "
-                             "or trailing '/', e.g. 'sharpness'.")
-        if isinstance(relative_step, bool) or not isinstance(relative_step, (int, float)) \
-                or not relative_step > 0:
+            raise ValueError(
+                f"SharpnessMonitor got prefix={prefix!r}; pass a non-empty name without leading "
+                "or trailing '/', e.g. 'sharpness'."
+            )
+        if (
+            isinstance(relative_step, bool)
+            or not isinstance(relative_step, (int, float))
+            or not relative_step > 0
+        ):
             raise ValueError(f"SharpnessMonitor got relative_step={relative_step!r}; pass a positive float.")
         self.method = method
         self.num_samples = int(num_samples)
@@ -215,8 +247,13 @@ class SharpnessMonitorBase:
     @property
     def state_key(self) -> str:
         return self._generate_state_key(  # type: ignore[attr-defined]
-            prefix=self.prefix, method=self.method, num_samples=self.num_samples, num_probes=self.num_probes,
-            lam=self.lam, seed=self.seed, dtype=str(self.dtype).removeprefix("torch."),
+            prefix=self.prefix,
+            method=self.method,
+            num_samples=self.num_samples,
+            num_probes=self.num_probes,
+            lam=self.lam,
+            seed=self.seed,
+            dtype=str(self.dtype).removeprefix("torch."),
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -237,8 +274,11 @@ class SharpnessMonitorBase:
         if self.method == _AUTO or state_dict["method"] == self.method:
             self._resolved_method = state_dict["method"]
             if self._resolved_method is not None and self._resolved_method in ESTIMATORS:
-                self._choice = MethodChoice(self._resolved_method, ESTIMATORS[self._resolved_method].quantity,
-                                            "restored from a checkpoint")
+                self._choice = MethodChoice(
+                    self._resolved_method,
+                    ESTIMATORS[self._resolved_method].quantity,
+                    "restored from a checkpoint",
+                )
         self._evaluations = int(state_dict["evaluations"])
         self.history = [dict(entry) for entry in state_dict["history"]]
 
@@ -248,22 +288,33 @@ class SharpnessMonitorBase:
         if stage not in ("fit", "validate"):
             return
         self._subset, self._prepared, self._layouts_written = None, False, set()
-        clash = [cb for cb in trainer.callbacks
-                 if isinstance(cb, SharpnessMonitorBase) and cb is not self and cb.prefix == self.prefix]
+        clash = [
+            cb
+            for cb in trainer.callbacks
+            if isinstance(cb, SharpnessMonitorBase) and cb is not self and cb.prefix == self.prefix
+        ]
         if clash:
-            raise ValueError(f"{len(clash) + 1} SharpnessMonitor callbacks log under the same prefix "
-                             f"{self.prefix!r}; give each its own `prefix=` (e.g. "
-                             "prefix='sharpness_hutchinson').")
+            raise ValueError(
+                f"{len(clash) + 1} SharpnessMonitor callbacks log under the same prefix "
+                f"{self.prefix!r}; give each its own `prefix=` (e.g. "
+                "prefix='sharpness_hutchinson')."
+            )
         if not trainer.loggers:
-            self._warn_once(trainer, "no_logger",
-                            "SharpnessMonitor: the Trainer has no logger, so the values go only to "
-                            f"trainer.callback_metrics['{self.prefix}/normalized'] (and monitor.history); "
-                            "pass e.g. logger=TensorBoardLogger('logs') to the Trainer to record the curves.")
+            self._warn_once(
+                trainer,
+                "no_logger",
+                "SharpnessMonitor: the Trainer has no logger, so the values go only to "
+                f"trainer.callback_metrics['{self.prefix}/normalized'] (and monitor.history); "
+                "pass e.g. logger=TensorBoardLogger('logs') to the Trainer to record the curves.",
+            )
         if stage == "fit" and not self._validation_runs(trainer):
-            self._warn_once(trainer, "no_validation",
-                            "SharpnessMonitor measures at the end of validation, but this fit has no "
-                            "validation loop (no val_dataloader, or limit_val_batches=0), so it will never "
-                            "run; add a validation set (a single batch is enough: limit_val_batches=1).")
+            self._warn_once(
+                trainer,
+                "no_validation",
+                "SharpnessMonitor measures at the end of validation, but this fit has no "
+                "validation loop (no val_dataloader, or limit_val_batches=0), so it will never "
+                "run; add a validation set (a single batch is enough: limit_val_batches=1).",
+            )
         if any(True for _ in pl_module.parameters()):  # else built later (configure_model): check in _prepare
             self._check_parameters(pl_module)
         if self._seed is None:
@@ -309,12 +360,16 @@ class SharpnessMonitorBase:
         if self.dataloader is not None:
             size = len(self.dataloader) if hasattr(self.dataloader, "__len__") else None
             if size == 0:
-                raise ValueError("SharpnessMonitor got an empty `dataloader` (no batches); pass a loader "
-                                 "with at least one batch of training samples.")
+                raise ValueError(
+                    "SharpnessMonitor got an empty `dataloader` (no batches); pass a loader "
+                    "with at least one batch of training samples."
+                )
             if size is not None and size < world:
-                raise ValueError(f"SharpnessMonitor's `dataloader` has {size} batches for {world} processes; "
-                                 "each process measures its share of the batches (batch i on rank i % "
-                                 f"{world}): pass at least {world} batches.")
+                raise ValueError(
+                    f"SharpnessMonitor's `dataloader` has {size} batches for {world} processes; "
+                    "each process measures its share of the batches (batch i on rank i % "
+                    f"{world}): pass at least {world} batches."
+                )
             return
         if self._subset is not None:
             return
@@ -323,19 +378,25 @@ class SharpnessMonitorBase:
         except Exception as err:
             if not final:  # e.g. the LightningModule builds its dataset in its own setup(), which runs later
                 return
-            raise RuntimeError("SharpnessMonitor could not get the training dataloader to draw its subset "
-                               f"from ({type(err).__name__}: {err}); pass the samples explicitly with "
-                               f"`SharpnessMonitor(dataloader=...)`.") from err
+            raise RuntimeError(
+                "SharpnessMonitor could not get the training dataloader to draw its subset "
+                f"from ({type(err).__name__}: {err}); pass the samples explicitly with "
+                f"`SharpnessMonitor(dataloader=...)`."
+            ) from err
         if loader is None:
-            raise ValueError("SharpnessMonitor needs training samples, but the Trainer has no training data "
-                             f"during trainer.{trainer.state.fn}(); define train_dataloader() in the "
-                             "LightningModule or datamodule, or pass `SharpnessMonitor(dataloader=...)`.")
+            raise ValueError(
+                "SharpnessMonitor needs training samples, but the Trainer has no training data "
+                f"during trainer.{trainer.state.fn}(); define train_dataloader() in the "
+                "LightningModule or datamodule, or pass `SharpnessMonitor(dataloader=...)`."
+            )
         self._subset = TrainingSubset(loader)
         if self._indices is None:
             self._choose_subset()
         if min(len(self._indices), self.num_samples) < world:
-            raise ValueError(f"SharpnessMonitor has {len(self._indices)} samples for {world} processes; each "
-                             "process needs at least one: raise num_samples or use a larger training set.")
+            raise ValueError(
+                f"SharpnessMonitor has {len(self._indices)} samples for {world} processes; each "
+                "process needs at least one: raise num_samples or use a larger training set."
+            )
 
     def _choose_subset(self) -> None:
         assert self._subset is not None and self._seed is not None
@@ -348,10 +409,13 @@ class SharpnessMonitorBase:
             self._resolve_data(trainer, final=True)
         self._check_parameters(pl_module)
         if self._subset is not None and self._dataset_size != len(self._subset):
-            self._warn_once(trainer, "resized",
-                            f"SharpnessMonitor: the training set has {len(self._subset)} samples but the "
-                            f"subset in the checkpoint was drawn from {self._dataset_size}; drawing a new "
-                            "subset (the curve's next points are not comparable with the previous ones).")
+            self._warn_once(
+                trainer,
+                "resized",
+                f"SharpnessMonitor: the training set has {len(self._subset)} samples but the "
+                f"subset in the checkpoint was drawn from {self._dataset_size}; drawing a new "
+                "subset (the curve's next points are not comparable with the previous ones).",
+            )
             self._choose_subset()
         if is_sharded(pl_module):  # FSDP2: measured shard by shard (lightning_flatness.sharded), no dry run
             sharded.prepare_in_callback(self, trainer, pl_module)
@@ -361,8 +425,10 @@ class SharpnessMonitorBase:
         with preserved_rng_states(), gradient_enabled(device):
             batch = next(self._rank_batches(trainer, dry_run=True)[0], None)
             if batch is None:
-                raise ValueError("SharpnessMonitor's `dataloader` yielded no batch on rank "
-                                 f"{trainer.global_rank}; pass a loader with at least one batch per process.")
+                raise ValueError(
+                    "SharpnessMonitor's `dataloader` yielded no batch on rank "
+                    f"{trainer.global_rank}; pass a loader with at least one batch per process."
+                )
             network = self.copy_network(pl_module, self.dtype)
             inputs, target = self._split(batch)
             n = inputs_batch_size(inputs)
@@ -378,18 +444,28 @@ class SharpnessMonitorBase:
                     f"SharpnessMonitor cannot measure {type(pl_module).__name__} (dry run on "
                     f"{min(n, _DRY_RUN_SAMPLES)} samples before training): {type(err).__name__}: {err} "
                     "Pass another `method=`, `loss_fn=` or `parameters=`, or override `split_batch` / "
-                    "`copy_network`; training has not started.") from err
+                    "`copy_network`; training has not started."
+                ) from err
         if self._choice is not None and self.method == _AUTO and "fallback" not in self._warned:
-            message = (f"SharpnessMonitor(method='auto') measures with {self._choice.label}: "
-                       f"{self._choice.reason}.")
+            message = (
+                f"SharpnessMonitor(method='auto') measures with {self._choice.label}: {self._choice.reason}."
+            )
             if self._choice.quantity != "hessian":  # not the paper's quantity: say it loudly
-                self._warn_once(trainer, "choice", f"{message} The logged values are normalized sharpness of "
-                                "the Gauss-Newton diagonal, not of the Hessian diagonal (benchmarks/RESULTS.md "
-                                "has the measured difference on the model zoo); history['method'] says so.")
+                self._warn_once(
+                    trainer,
+                    "choice",
+                    f"{message} The logged values are normalized sharpness of "
+                    "the Gauss-Newton diagonal, not of the Hessian diagonal (benchmarks/RESULTS.md "
+                    "has the measured difference on the model zoo); history['method'] says so.",
+                )
             elif ESTIMATORS[self._choice.method].stochastic:  # random error and a bias: say it loudly
-                self._warn_once(trainer, "choice", f"{message} It is stochastic: the normalized measures are "
-                                f"biased upwards by its noise, which '{self.prefix}/normalized_half_shift' "
-                                "bounds from below (benchmarks/RESULTS.md has the measured biases).")
+                self._warn_once(
+                    trainer,
+                    "choice",
+                    f"{message} It is stochastic: the normalized measures are "
+                    f"biased upwards by its noise, which '{self.prefix}/normalized_half_shift' "
+                    "bounds from below (benchmarks/RESULTS.md has the measured biases).",
+                )
             else:
                 self._info_once(trainer, "choice", message)
         self._prepared = True
@@ -398,20 +474,37 @@ class SharpnessMonitorBase:
         return map_inputs(inputs, lambda t: autograd_tensor(t, device, self.dtype))
 
     def _measurement(self, network: nn.Module, generator: Optional[torch.Generator], num_probes: int) -> Any:
-        return SharpnessMeasurement(network, loss_fn=self._loss, method=self.method, parameters=self.parameters,
-                                    lam=self.lam, num_replicates=self.num_replicates, num_probes=num_probes,
-                                    generator=generator, relative_step=self.relative_step, choice=self._choice)
+        return SharpnessMeasurement(
+            network,
+            loss_fn=self._loss,
+            method=self.method,
+            parameters=self.parameters,
+            lam=self.lam,
+            num_replicates=self.num_replicates,
+            num_probes=num_probes,
+            generator=generator,
+            relative_step=self.relative_step,
+            choice=self._choice,
+        )
 
-    def _estimate(self, trainer: Any, pl_module: Any, network: nn.Module, inputs: Any, target: Tensor,
-                  dry_run: bool = False, measurement: Any = None) -> bool:
+    def _estimate(
+        self,
+        trainer: Any,
+        pl_module: Any,
+        network: nn.Module,
+        inputs: Any,
+        target: Tensor,
+        dry_run: bool = False,
+        measurement: Any = None,
+    ) -> bool:
         """Estimate on one batch (one sample group) and pool it into ``measurement``; resolves
         ``method="auto"`` on the dry run (:func:`choose_method`).
 
-        Returns whether the loss and the estimate were finite. If the exact method refuses the model after all (a loss
-        that is not a mean of per-sample losses is found only by the estimator), ``"ggn_hutchinson"``
-        (plain ``"hutchinson"`` when the Gauss-Newton part does not apply either) takes over for the
-        rest of the run, with a warning. Probes come from this evaluation's private generator (a
-        throwaway one in the dry run).
+        Returns whether the loss and the estimate were finite. If the exact method refuses the model
+        after all (a loss that is not a mean of per-sample losses is found only by the estimator),
+        ``"ggn_hutchinson"`` (plain ``"hutchinson"`` when the Gauss-Newton part does not apply
+        either) takes over for the rest of the run, with a warning. Probes come from this
+        evaluation's private generator (a throwaway one in the dry run).
         """
         probes, generator = self.num_probes, None
         if dry_run:
@@ -428,7 +521,9 @@ class SharpnessMonitorBase:
             if not dry_run or self.method != _AUTO or not isinstance(err, ExactMethodNotApplicable):
                 raise
             method = "ggn_hutchinson" if err.gauss_newton_applicable else "hutchinson"
-            self._choice = MethodChoice(method, ESTIMATORS[method].quantity, f"the exact method refused: {err}")
+            self._choice = MethodChoice(
+                method, ESTIMATORS[method].quantity, f"the exact method refused: {err}"
+            )
             self._resolved_method = method
             self._warn_once(trainer, "fallback", self._fallback_message(pl_module, err))
             return self._estimate(trainer, pl_module, network, inputs, target, dry_run)
@@ -438,13 +533,15 @@ class SharpnessMonitorBase:
 
     def _fallback_message(self, pl_module: Any, err: Exception) -> str:
         assert self._choice is not None
-        return (f"SharpnessMonitor(method='auto'): the exact Hessian diagonal does not apply to "
-                f"{type(pl_module).__name__} ({err}) Falling back to {self._choice.label} with "
-                f"num_probes={self.num_probes}. Its Hessian diagonal is unbiased, but normalized and "
-                "matrix-normalized sharpness are nonlinear in it, so probe noise biases them upwards; the "
-                f"logged standard errors ('{self.prefix}/normalized_stderr') cover only the random part, and "
-                f"'{self.prefix}/normalized_half_shift' bounds the bias from below. Measured biases per "
-                "method and probe count: benchmarks/RESULTS.md.")
+        return (
+            f"SharpnessMonitor(method='auto'): the exact Hessian diagonal does not apply to "
+            f"{type(pl_module).__name__} ({err}) Falling back to {self._choice.label} with "
+            f"num_probes={self.num_probes}. Its Hessian diagonal is unbiased, but normalized and "
+            "matrix-normalized sharpness are nonlinear in it, so probe noise biases them upwards; the "
+            f"logged standard errors ('{self.prefix}/normalized_stderr') cover only the random part, and "
+            f"'{self.prefix}/normalized_half_shift' bounds the bias from below. Measured biases per "
+            "method and probe count: benchmarks/RESULTS.md."
+        )
 
     # -- measurement --------------------------------------------------------------------------------
 
@@ -492,10 +589,12 @@ class SharpnessMonitorBase:
         except TypeError:
             n = -1
         if not isinstance(target, Tensor) or target.ndim == 0 or target.shape[0] != n:
-            raise TypeError(f"{type(self).__name__}.split_batch returned {type(inputs).__name__} and "
-                            f"{type(target).__name__} {tuple(getattr(target, 'shape', ()))}; it must return "
-                            "(inputs, target): inputs a tensor, tuple or dict of tensors and target a tensor, "
-                            "with the same number of samples along dim 0.")
+            raise TypeError(
+                f"{type(self).__name__}.split_batch returned {type(inputs).__name__} and "
+                f"{type(target).__name__} {tuple(getattr(target, 'shape', ()))}; it must return "
+                "(inputs, target): inputs a tensor, tuple or dict of tensors and target a tensor, "
+                "with the same number of samples along dim 0."
+            )
         return inputs, target
 
     def _probe_generator(self, device: torch.device, rank: int) -> torch.Generator:
@@ -539,7 +638,9 @@ class SharpnessMonitorBase:
                         inputs, target = self._split(batch)
                         inputs = self._to_device(inputs, device)
                         target = autograd_tensor(target, device, self.dtype)
-                        ok = self._estimate(trainer, pl_module, network, inputs, target, measurement=measurement)
+                        ok = self._estimate(
+                            trainer, pl_module, network, inputs, target, measurement=measurement
+                        )
                     except Exception as err:  # a measurement never stops training: warn and log NaN
                         failure, ok = err, False
                     if not ok:
@@ -557,20 +658,30 @@ class SharpnessMonitorBase:
         self._evaluations += 1
         if values is None:
             if failure is not None:
-                self._warn_once(trainer, "failure",
-                                f"SharpnessMonitor: the measurement failed at epoch {trainer.current_epoch} "
-                                f"({type(failure).__name__}: {failure}); logging NaN for '{self.prefix}/*' and "
-                                "continuing training. Please report it with the model, or pass another `method=`.")
+                self._warn_once(
+                    trainer,
+                    "failure",
+                    f"SharpnessMonitor: the measurement failed at epoch {trainer.current_epoch} "
+                    f"({type(failure).__name__}: {failure}); logging NaN for '{self.prefix}/*' and "
+                    "continuing training. Please report it with the model, or pass another `method=`.",
+                )
             else:
-                self._warn_once(trainer, "nonfinite",
-                                "SharpnessMonitor: the loss or its curvature is NaN or infinite at epoch "
-                                f"{trainer.current_epoch} (weights, inputs or loss_fn produce non-finite "
-                                f"values); logging NaN for '{self.prefix}/*' and continuing. Check the learning "
-                                "rate and the data.")
+                self._warn_once(
+                    trainer,
+                    "nonfinite",
+                    "SharpnessMonitor: the loss or its curvature is NaN or infinite at epoch "
+                    f"{trainer.current_epoch} (weights, inputs or loss_fn produce non-finite "
+                    f"values); logging NaN for '{self.prefix}/*' and continuing. Check the learning "
+                    "rate and the data.",
+                )
             names = list(weights)
-            keys = [*MEASURES, *(f"{m}_stderr" for m in MEASURES), *(f"{m}_half_shift" for m in MEASURES),
-                    *(f"{m}/{n}" for m in MEASURES for n in names),
-                    *(f"{m}_stderr/{n}" for m in MEASURES for n in names)]
+            keys = [
+                *MEASURES,
+                *(f"{m}_stderr" for m in MEASURES),
+                *(f"{m}_half_shift" for m in MEASURES),
+                *(f"{m}/{n}" for m in MEASURES for n in names),
+                *(f"{m}_stderr/{n}" for m in MEASURES for n in names),
+            ]
             values = {k: float("nan") for k in keys}
             values["num_samples"] = 0.0
         return values
@@ -578,8 +689,13 @@ class SharpnessMonitorBase:
     # -- reporting ----------------------------------------------------------------------------------
 
     def _record(self, trainer: Any, values: dict[str, float], seconds: float) -> None:
-        entry = {"epoch": int(trainer.current_epoch), "global_step": int(trainer.global_step),
-                 "method": self._resolved_method, "seconds": float(seconds), **values}
+        entry = {
+            "epoch": int(trainer.current_epoch),
+            "global_step": int(trainer.global_step),
+            "method": self._resolved_method,
+            "seconds": float(seconds),
+            **values,
+        }
         self.history.append(entry)
         value, stderr = values.get("normalized", math.nan), values.get("normalized_stderr", math.nan)
         stochastic = self._resolved_method in ESTIMATORS and ESTIMATORS[self._resolved_method].stochastic
@@ -588,23 +704,30 @@ class SharpnessMonitorBase:
             relative = stderr / value
             advice = ""
             if relative > _RELATIVE_ERROR_ADVICE:
-                advice = (" Raise num_samples for a smaller error (it falls like 1/sqrt(num_samples))"
-                          + (", and num_probes for probe-based methods." if stochastic else "."))
+                advice = " Raise num_samples for a smaller error (it falls like 1/sqrt(num_samples))" + (
+                    ", and num_probes for probe-based methods." if stochastic else "."
+                )
             bias = ", random part only: estimator noise also biases it upwards" if stochastic else ""
-            self._info(trainer, f"SharpnessMonitor: first {self._resolved_method} measurement normalized = "
-                                f"{value:.4g} +- {stderr:.2g} (relative standard error {100 * relative:.1f}%"
-                                f"{bias}) over {int(values.get('num_samples', 0))} samples in {seconds:.2f} s."
-                                f"{advice}")
+            self._info(
+                trainer,
+                f"SharpnessMonitor: first {self._resolved_method} measurement normalized = "
+                f"{value:.4g} +- {stderr:.2g} (relative standard error {100 * relative:.1f}%"
+                f"{bias}) over {int(values.get('num_samples', 0))} samples in {seconds:.2f} s."
+                f"{advice}",
+            )
 
         shift = values.get("normalized_half_shift", math.nan)
         if stochastic and math.isfinite(shift) and math.isfinite(stderr) and shift > 2 * stderr:
-            self._warn_once(trainer, "not_converged",
-                            f"SharpnessMonitor: the {self._resolved_method} estimate of normalized sharpness "
-                            f"has not converged: halving the probes and samples raises it by {shift:.3g} "
-                            f"({100 * shift / value:.0f}% of {value:.4g}), more than twice its standard error "
-                            f"{stderr:.2g}, so probe noise biases it upwards by at least that much (logged as "
-                            f"'{self.prefix}/normalized_half_shift'). Raise num_probes, or use an exact "
-                            "method ('exact' for ReLU-type networks, else 'ggn_hutchinson').")
+            self._warn_once(
+                trainer,
+                "not_converged",
+                f"SharpnessMonitor: the {self._resolved_method} estimate of normalized sharpness "
+                f"has not converged: halving the probes and samples raises it by {shift:.3g} "
+                f"({100 * shift / value:.0f}% of {value:.4g}), more than twice its standard error "
+                f"{stderr:.2g}, so probe noise biases it upwards by at least that much (logged as "
+                f"'{self.prefix}/normalized_half_shift'). Raise num_probes, or use an exact "
+                "method ('exact' for ReLU-type networks, else 'ggn_hutchinson').",
+            )
 
     def _log(self, trainer: Any, pl_module: Any, values: dict[str, float], seconds: float) -> None:
         p = self.prefix
@@ -621,8 +744,9 @@ class SharpnessMonitorBase:
         scalars[f"{p}/peak_memory_mb"] = values["peak_memory_mb"]
         per_layer = {}
         if self.log_per_layer:
-            per_layer = {f"{p}/{k}": v for k, v in values.items()
-                         if "/" in k and k.split("/", 1)[0] in MEASURES}
+            per_layer = {
+                f"{p}/{k}": v for k, v in values.items() if "/" in k and k.split("/", 1)[0] in MEASURES
+            }
         # The values are identical on every process (the metric all-reduces its sums); reduce_fx="max" with
         # sync_dist keeps them bit-exact (a mean would divide a sum); `seconds` becomes the slowest rank's.
         common = dict(on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
@@ -631,25 +755,43 @@ class SharpnessMonitorBase:
         self._log_media(trainer, values)
 
     def _log_media(self, trainer: Any, values: dict[str, float]) -> None:
-        """The per-layer table and bar chart, through each logger's own API (lightning_flatness.logger_media)."""
+        """The per-layer table and bar chart, through each logger's own API
+        (lightning_flatness.logger_media)."""
         if not self.log_per_layer or not trainer.is_global_zero or not trainer.loggers:
             return
         figure = image = None
         if self.log_images:
             per_layer = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("normalized/")}
             errors = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("normalized_stderr/")}
-            figure = bar_chart_figure(per_layer, f"normalized sharpness per layer, epoch {trainer.current_epoch}",
-                                      "normalized sharpness", errors)
+            figure = bar_chart_figure(
+                per_layer,
+                f"normalized sharpness per layer, epoch {trainer.current_epoch}",
+                "normalized sharpness",
+                errors,
+            )
             if figure is None:
-                self._info_once(trainer, "no_matplotlib", "SharpnessMonitor: matplotlib is not installed, so the "
-                                                          "per-layer bar chart image is skipped (pip install "
-                                                          "matplotlib).")
+                self._info_once(
+                    trainer,
+                    "no_matplotlib",
+                    "SharpnessMonitor: matplotlib is not installed, so the "
+                    "per-layer bar chart image is skipped (pip install "
+                    "matplotlib).",
+                )
             else:
                 image = figure_to_image(figure)
-        log_per_layer_media(trainer, MediaContext(
-            prefix=self.prefix, measures=tuple(MEASURES), step=trainer.global_step, epoch=trainer.current_epoch,
-            table=per_layer_table(values, MEASURES), figure=figure, image=image,
-            layouts_written=self._layouts_written))
+        log_per_layer_media(
+            trainer,
+            MediaContext(
+                prefix=self.prefix,
+                measures=tuple(MEASURES),
+                step=trainer.global_step,
+                epoch=trainer.current_epoch,
+                table=per_layer_table(values, MEASURES),
+                figure=figure,
+                image=image,
+                layouts_written=self._layouts_written,
+            ),
+        )
 
     def _warn_once(self, trainer: Any, key: str, message: str) -> None:
         if key in self._warned:

@@ -29,8 +29,9 @@ class ClassificationData(NamedTuple):
     num_classes: int
 
 
-def make_mnist1d(num_samples: int = 5000, *, train_split: float = 0.8, seed: int = 42,
-                 dtype: torch.dtype = torch.float32) -> ClassificationData:
+def make_mnist1d(
+    num_samples: int = 5000, *, train_split: float = 0.8, seed: int = 42, dtype: torch.dtype = torch.float32
+) -> ClassificationData:
     """Generate MNIST-1D offline with the reference generator of the ``mnist1d`` package.
 
     The defaults are the package's (5000 samples, 4000 train / 1000 test, length 40, seed 42), which
@@ -59,8 +60,10 @@ def make_mnist1d(num_samples: int = 5000, *, train_split: float = 0.8, seed: int
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("make_mnist1d needs the `mnist1d` package; install it with "
-                          "`pip install mnist1d` (or the `examples` extra of lightning_flatness).") from err
+        raise ImportError(
+            "make_mnist1d needs the `mnist1d` package; install it with "
+            "`pip install mnist1d` (or the `examples` extra of lightning_flatness)."
+        ) from err
     if not 0.0 < train_split < 1.0:
         raise ValueError(f"`train_split` must lie in (0, 1), got {train_split!r}.")
     if num_samples < 20:

@@ -27,8 +27,14 @@ from torch import Tensor, nn
 
 __all__ = ["preserved_rng_states", "gradient_enabled", "float_copy", "autograd_tensor", "resolve_dtype"]
 
-_DTYPES = {"float32": torch.float32, "32": torch.float32, "float64": torch.float64, "64": torch.float64,
-           "double": torch.float64, "float": torch.float32}
+_DTYPES = {
+    "float32": torch.float32,
+    "32": torch.float32,
+    "float64": torch.float64,
+    "64": torch.float64,
+    "double": torch.float64,
+    "float": torch.float32,
+}
 
 
 def resolve_dtype(dtype: Any) -> torch.dtype:
@@ -42,8 +48,10 @@ def resolve_dtype(dtype: Any) -> torch.dtype:
         return dtype
     if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
         return _DTYPES[dtype.lower().removeprefix("torch.")]
-    raise ValueError(f"`dtype` must be 'float32' or 'float64' (the precision of the curvature computation, "
-                     f"independent of the training precision), got {dtype!r}.")
+    raise ValueError(
+        f"`dtype` must be 'float32' or 'float64' (the precision of the curvature computation, "
+        f"independent of the training precision), got {dtype!r}."
+    )
 
 
 @contextmanager
@@ -126,10 +134,12 @@ def float_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
         with torch.no_grad():
             clone = copy.deepcopy(module, memo)
     except Exception as err:  # deepcopy raises whatever the offending attribute raises
-        raise TypeError(f"SharpnessMonitor could not copy {type(module).__name__} to measure its curvature "
-                        f"on a private copy ({type(err).__name__}: {err}); move non-copyable attributes "
-                        "(open files, locks, generators) out of the module, or override "
-                        f"`SharpnessMonitor.copy_network(self, pl_module, dtype)`.") from err
+        raise TypeError(
+            f"SharpnessMonitor could not copy {type(module).__name__} to measure its curvature "
+            f"on a private copy ({type(err).__name__}: {err}); move non-copyable attributes "
+            "(open files, locks, generators) out of the module, or override "
+            f"`SharpnessMonitor.copy_network(self, pl_module, dtype)`."
+        ) from err
     clone.to(dtype)
     clone.eval()
     for p in clone.parameters():
@@ -144,9 +154,11 @@ def _shared_data_memo(module: nn.Module) -> dict[int, Any]:
     memo: dict[int, Any] = {}
     for sub in module.modules():
         for value in vars(sub).values():
-            is_datamodule = (not isinstance(value, nn.Module)
-                             and callable(getattr(value, "train_dataloader", None))
-                             and callable(getattr(value, "prepare_data", None)))
+            is_datamodule = (
+                not isinstance(value, nn.Module)
+                and callable(getattr(value, "train_dataloader", None))
+                and callable(getattr(value, "prepare_data", None))
+            )
             if isinstance(value, (Dataset, DataLoader)) or is_datamodule:
                 memo[id(value)] = value
     return memo

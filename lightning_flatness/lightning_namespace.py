@@ -12,9 +12,11 @@ from __future__ import annotations
 try:
     from lightning.pytorch import Callback
 except ImportError as err:  # pragma: no cover - depends on the environment
-    raise ImportError("lightning_flatness.lightning_namespace needs the unified `lightning` package "
-                      "(`pip install lightning`); with `pytorch_lightning` use "
-                      "lightning_flatness.SharpnessMonitor.") from err
+    raise ImportError(
+        "lightning_flatness.lightning_namespace needs the unified `lightning` package "
+        "(`pip install lightning`); with `pytorch_lightning` use "
+        "lightning_flatness.SharpnessMonitor."
+    ) from err
 
 from lightning_flatness.callback import SharpnessMonitor as _PytorchLightningSharpnessMonitor
 from lightning_flatness.callback import SharpnessMonitorBase
@@ -23,6 +25,7 @@ __all__ = ["SharpnessMonitor"]
 
 
 class SharpnessMonitor(SharpnessMonitorBase, Callback):
-    __doc__ = _PytorchLightningSharpnessMonitor.__doc__.replace("import torch, pytorch_lightning as pl",
-                                                                 "import torch, lightning.pytorch as pl")
+    __doc__ = _PytorchLightningSharpnessMonitor.__doc__.replace(
+        "import torch, pytorch_lightning as pl", "import torch, lightning.pytorch as pl"
+    )
     _logger_name = "lightning.pytorch.callbacks.sharpness_monitor"

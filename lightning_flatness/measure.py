@@ -129,8 +129,11 @@ class SharpnessMeasurement:
         params = select_parameters(model, parameters)
         self.weights = {n: p.detach() for n, p in params.items()}
         device = next(iter(self.weights.values())).device
-        self.metric = NormalizedSharpness(lam=lam, num_replicates=num_replicates,
-                                          parameter_shapes={n: w.shape for n, w in self.weights.items()}).to(device)
+        self.metric = NormalizedSharpness(
+            lam=lam,
+            num_replicates=num_replicates,
+            parameter_shapes={n: w.shape for n, w in self.weights.items()},
+        ).to(device)
         self.num_batches = 0
         self._loss_resolved = False
 
@@ -150,16 +153,27 @@ class SharpnessMeasurement:
         """The Hessian-diagonal estimate of one batch (one group), without adding it."""
         choice = self.resolve(inputs, target)
         return hessian_diagonal_groups(
-            self.model, self.loss_fn, inputs, target, method=choice.method, num_probes=self.num_probes,
-            num_groups=1, generator=self.generator, parameters=self.parameters, strict=True,
-            relative_step=self.relative_step, num_mc_samples=self.num_mc_samples,
+            self.model,
+            self.loss_fn,
+            inputs,
+            target,
+            method=choice.method,
+            num_probes=self.num_probes,
+            num_groups=1,
+            generator=self.generator,
+            parameters=self.parameters,
+            strict=True,
+            relative_step=self.relative_step,
+            num_mc_samples=self.num_mc_samples,
         )
 
     def loss_is_finite(self, inputs: Any, target: Tensor) -> bool:
         """Whether the logits and the loss of this batch are finite (one forward pass, no gradient)."""
         with torch.no_grad():
             logits = call_model(self.model, inputs)
-            return bool(torch.isfinite(logits).all()) and bool(torch.isfinite(self.loss_fn(logits, target)).all())
+            return bool(torch.isfinite(logits).all()) and bool(
+                torch.isfinite(self.loss_fn(logits, target)).all()
+            )
 
     def add(self, inputs: Any, target: Tensor) -> bool:
         """Estimate on one batch and pool it; ``False`` (nothing pooled) when the loss or the estimate is
@@ -230,8 +244,16 @@ def measure_sharpness(
     """
     start = time.perf_counter()
     measurement = SharpnessMeasurement(
-        model, loss_fn=loss_fn, method=method, parameters=parameters, lam=lam, num_replicates=num_replicates,
-        num_probes=num_probes, num_mc_samples=num_mc_samples, generator=generator, relative_step=relative_step,
+        model,
+        loss_fn=loss_fn,
+        method=method,
+        parameters=parameters,
+        lam=lam,
+        num_replicates=num_replicates,
+        num_probes=num_probes,
+        num_mc_samples=num_mc_samples,
+        generator=generator,
+        relative_step=relative_step,
     )
     skipped = 0
     for batch in batches:
@@ -241,8 +263,12 @@ def measure_sharpness(
         if not measurement.add(inputs, target):
             skipped += 1
     if measurement.num_batches == 0:
-        raise ValueError("measure_sharpness got no batch with a finite curvature estimate "
-                         f"({skipped} non-finite); pass training batches on which the loss is finite.")
+        raise ValueError(
+            "measure_sharpness got no batch with a finite curvature estimate "
+            f"({skipped} non-finite); pass training batches on which the loss is finite."
+        )
     values = measurement.compute()
     assert measurement.choice is not None
-    return SharpnessResult(values, measurement.choice, time.perf_counter() - start, {"skipped_batches": skipped})
+    return SharpnessResult(
+        values, measurement.choice, time.perf_counter() - start, {"skipped_batches": skipped}
+    )

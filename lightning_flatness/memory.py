@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from typing import Optional
 
 import torch
@@ -58,7 +57,7 @@ class PeakMemory:
         while not self._stop.wait(self.interval):
             self._sample()
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._sample()
         self._thread = threading.Thread(target=self._run, name="lightning_flatness-peak-memory", daemon=True)
         self._thread.start()

@@ -26,7 +26,9 @@ __all__ = ["NormalizedSharpness", "all_reduce_sum"]
 NumSamples = Union[int, Sequence[int], Tensor]
 Layout = tuple[tuple[str, torch.Size], ...]
 
-_STATE = "accumulator"  # the one metric state: (R, F + 1) float64, F = total weight entries, last column = counts
+_STATE = (
+    "accumulator"  # the one metric state: (R, F + 1) float64, F = total weight entries, last column = counts
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,23 +44,35 @@ def _group_sizes(num_samples: NumSamples) -> tuple[Tensor, bool]:
         sizes, stacked = torch.tensor([int(num_samples)], dtype=torch.int64), False
     elif isinstance(num_samples, Tensor):
         if num_samples.is_floating_point() or num_samples.is_complex():
-            raise TypeError(f"`num_samples` must hold integers (sample counts), got a {num_samples.dtype} "
-                            f"tensor; pass e.g. torch.tensor([32, 32]) or [32, 32].")
+            raise TypeError(
+                f"`num_samples` must hold integers (sample counts), got a {num_samples.dtype} "
+                f"tensor; pass e.g. torch.tensor([32, 32]) or [32, 32]."
+            )
         if num_samples.ndim > 1:
-            raise ValueError(f"`num_samples` must be an int or 1-D (one count per group), got shape "
-                             f"{tuple(num_samples.shape)}.")
+            raise ValueError(
+                f"`num_samples` must be an int or 1-D (one count per group), got shape "
+                f"{tuple(num_samples.shape)}."
+            )
         stacked = num_samples.ndim == 1
         sizes = num_samples.detach().reshape(-1).to(device="cpu", dtype=torch.int64)
     elif isinstance(num_samples, Sequence) and not isinstance(num_samples, str):
-        bad = [n for n in num_samples if isinstance(n, bool) or not isinstance(n, (numbers.Integral, Tensor))
-               or (isinstance(n, Tensor) and (n.ndim != 0 or n.is_floating_point() or n.dtype == torch.bool))]
+        bad = [
+            n
+            for n in num_samples
+            if isinstance(n, bool)
+            or not isinstance(n, (numbers.Integral, Tensor))
+            or (isinstance(n, Tensor) and (n.ndim != 0 or n.is_floating_point() or n.dtype == torch.bool))
+        ]
         if bad:
-            raise TypeError(f"`num_samples` must be a sequence of ints (one count per group), got "
-                            f"{num_samples!r}.")
+            raise TypeError(
+                f"`num_samples` must be a sequence of ints (one count per group), got {num_samples!r}."
+            )
         sizes, stacked = torch.tensor([int(n) for n in num_samples], dtype=torch.int64), True
     else:
-        raise TypeError(f"`num_samples` must be an int (one estimate) or a sequence/1-D tensor of ints "
-                        f"(one per group), got {type(num_samples).__name__}.")
+        raise TypeError(
+            f"`num_samples` must be an int (one estimate) or a sequence/1-D tensor of ints "
+            f"(one per group), got {type(num_samples).__name__}."
+        )
     if sizes.numel() == 0:
         raise ValueError("`num_samples` is empty: pass one sample count per group (at least one group).")
     if bool((sizes < 1).any()):
@@ -71,45 +85,63 @@ def _check_estimates(
 ) -> Layout:
     """Validate one update; return its layout ``((name, weight shape), ...)`` in ``diagonals`` order."""
     if not isinstance(diagonals, Mapping) or not diagonals:
-        raise TypeError(f"`diagonals` must be a non-empty mapping {{name: Hessian diagonal}}, got "
-                        f"{type(diagonals).__name__}.")
+        raise TypeError(
+            f"`diagonals` must be a non-empty mapping {{name: Hessian diagonal}}, got "
+            f"{type(diagonals).__name__}."
+        )
     if not isinstance(weights, Mapping):
-        raise TypeError(f"`weights` must be a mapping {{name: weight tensor}} (e.g. from "
-                        f"select_parameters), got {type(weights).__name__}.")
+        raise TypeError(
+            f"`weights` must be a mapping {{name: weight tensor}} (e.g. from "
+            f"select_parameters), got {type(weights).__name__}."
+        )
     if set(diagonals) != set(weights):
-        raise ValueError(f"`diagonals` and `weights` must name the same tensors; only in diagonals: "
-                         f"{sorted(set(diagonals) - set(weights))}, only in weights: "
-                         f"{sorted(set(weights) - set(diagonals))}.")
+        raise ValueError(
+            f"`diagonals` and `weights` must name the same tensors; only in diagonals: "
+            f"{sorted(set(diagonals) - set(weights))}, only in weights: "
+            f"{sorted(set(weights) - set(diagonals))}."
+        )
     layout = []
     for name, h in diagonals.items():
         w = weights[name]
         if not isinstance(w, Tensor) or not isinstance(h, Tensor):
-            raise TypeError(f"weight and Hessian diagonal of {name!r} must be tensors, got "
-                            f"{type(w).__name__} and {type(h).__name__}.")
+            raise TypeError(
+                f"weight and Hessian diagonal of {name!r} must be tensors, got "
+                f"{type(w).__name__} and {type(h).__name__}."
+            )
         if not (w.is_floating_point() and h.is_floating_point()):
-            raise TypeError(f"weight and Hessian diagonal of {name!r} must be floating point, got "
-                            f"{w.dtype} and {h.dtype}.")
+            raise TypeError(
+                f"weight and Hessian diagonal of {name!r} must be floating point, got "
+                f"{w.dtype} and {h.dtype}."
+            )
         if w.ndim < 2:
-            raise ValueError(f"weight {name!r} has shape {tuple(w.shape)}; the normalized measures need "
-                             f"ndim >= 2 (rows x columns; footnote 5 leaves biases out). Drop it from the "
-                             f"estimates.")
+            raise ValueError(
+                f"weight {name!r} has shape {tuple(w.shape)}; the normalized measures need "
+                f"ndim >= 2 (rows x columns; footnote 5 leaves biases out). Drop it from the "
+                f"estimates."
+            )
         expected = (num_groups, *w.shape) if stacked else tuple(w.shape)
         if tuple(h.shape) != expected:
-            how = (f"(G, *weight.shape) = {expected} for num_samples with G={num_groups} entries" if stacked
-                   else f"the weight's shape {expected} for an int num_samples (pass one count per group "
-                        f"for a leading group dim)")
+            how = (
+                f"(G, *weight.shape) = {expected} for num_samples with G={num_groups} entries"
+                if stacked
+                else f"the weight's shape {expected} for an int num_samples (pass one count per group "
+                f"for a leading group dim)"
+            )
             raise ValueError(f"Hessian diagonal of {name!r} has shape {tuple(h.shape)}; expected {how}.")
         layout.append((name, torch.Size(w.shape)))
     nonfinite = [n for n, h in diagonals.items() if not bool(torch.isfinite(h).all())]
     if nonfinite:
-        raise ValueError(f"Hessian diagonals of {nonfinite} contain NaN or inf; fix the estimate (e.g. a "
-                         f"smaller finite-difference step, float64) before passing it to "
-                         f"NormalizedSharpness.")
+        raise ValueError(
+            f"Hessian diagonals of {nonfinite} contain NaN or inf; fix the estimate (e.g. a "
+            f"smaller finite-difference step, float64) before passing it to "
+            f"NormalizedSharpness."
+        )
     return tuple(layout)
 
 
-def all_reduce_sum(tensor: Tensor, group: Optional[Any] = None, shape: Optional[Sequence[int]] = None
-                   ) -> list[Tensor]:
+def all_reduce_sum(
+    tensor: Tensor, group: Optional[Any] = None, shape: Optional[Sequence[int]] = None
+) -> list[Tensor]:
     """``dist_sync_fn`` for sum states: one ``all_reduce(SUM)`` of a contiguous copy, returned as ``[sum]``.
 
     torchmetrics calls ``dist_sync_fn(state, group=...)`` per state and reduces the returned list
@@ -127,12 +159,15 @@ def all_reduce_sum(tensor: Tensor, group: Optional[Any] = None, shape: Optional[
 def _layout_from_shapes(parameter_shapes: Any) -> Layout:
     """Validate ``parameter_shapes`` (``{name: shape or tensor}``) into a layout."""
     if parameter_shapes is None:
-        raise TypeError("NormalizedSharpness needs `parameter_shapes`, the {name: shape} of the weight tensors it "
-                        "measures, to lay out its state at construction (every process must agree on it); "
-                        "pass e.g. {n: p.shape for n, p in select_parameters(model).items()}.")
+        raise TypeError(
+            "NormalizedSharpness needs `parameter_shapes`, the {name: shape} of the weight tensors it "
+            "measures, to lay out its state at construction (every process must agree on it); "
+            "pass e.g. {n: p.shape for n, p in select_parameters(model).items()}."
+        )
     if not isinstance(parameter_shapes, Mapping) or not parameter_shapes:
-        raise ValueError(f"`parameter_shapes` must be a non-empty mapping {{name: shape}}, got "
-                         f"{parameter_shapes!r}.")
+        raise ValueError(
+            f"`parameter_shapes` must be a non-empty mapping {{name: shape}}, got {parameter_shapes!r}."
+        )
     layout = []
     for name, shape in parameter_shapes.items():
         if not isinstance(name, str):
@@ -142,11 +177,14 @@ def _layout_from_shapes(parameter_shapes: Any) -> Layout:
         try:
             size = torch.Size(shape)
         except TypeError as err:
-            raise TypeError(f"`parameter_shapes[{name!r}]` must be a shape (sequence of ints) or a tensor, got "
-                            f"{shape!r}.") from err
+            raise TypeError(
+                f"`parameter_shapes[{name!r}]` must be a shape (sequence of ints) or a tensor, got {shape!r}."
+            ) from err
         if len(size) < 2:
-            raise ValueError(f"`parameter_shapes[{name!r}]` = {tuple(size)}; the normalized measures need "
-                             f"ndim >= 2 (footnote 5 leaves biases out).")
+            raise ValueError(
+                f"`parameter_shapes[{name!r}]` = {tuple(size)}; the normalized measures need "
+                f"ndim >= 2 (footnote 5 leaves biases out)."
+            )
         layout.append((name, size))
     return tuple(layout)
 
@@ -214,8 +252,8 @@ class NormalizedSharpness(Metric):
     up to ``2**53`` samples). That is ``8 R`` bytes per weight entry, plus ``8`` bytes per entry for
     the float64 copy of the latest weights; updates are out of place. Synchronisation goes through
     torchmetrics' public ``dist_sync_fn``, set to :func:`all_reduce_sum`: one ``all_reduce(SUM)``
-    per sync, memory flat in the number of processes (no all-gather). Put the metric on the device of your backend
-    (``metric.to(device)``; NCCL needs CUDA tensors). Under DDP, rank ``k`` starts filling slot
+    per sync, memory flat in the number of processes (no all-gather). Put the metric on the device of
+    your backend (``metric.to(device)``; NCCL needs CUDA tensors). Under DDP, rank ``k`` starts filling slot
     ``k mod R`` so that single-group updates of different ranks land in different slots.
     ``update`` costs ``O(G * numel)``; ``compute`` forms ``R' + 3`` means per tensor (pooled,
     leave-one-out, two halves) and solves their eq. 17 problems as one batched, warm-started Newton
@@ -271,22 +309,33 @@ class NormalizedSharpness(Metric):
         **kwargs: Any,
     ) -> None:
         if kwargs.get("dist_sync_on_step"):
-            raise ValueError("NormalizedSharpness does not support dist_sync_on_step=True (each forward would run "
-                             "update twice and the eq. 17 solves on synced states); call compute() when a "
-                             "value is needed.")
+            raise ValueError(
+                "NormalizedSharpness does not support dist_sync_on_step=True (each forward would run "
+                "update twice and the eq. 17 solves on synced states); call compute() when a "
+                "value is needed."
+            )
         if kwargs.get("dist_sync_fn") is not None:
-            raise ValueError("NormalizedSharpness synchronises with its own `dist_sync_fn` (all_reduce_sum: one "
-                             "all_reduce, memory flat in the number of processes); drop the argument.")
+            raise ValueError(
+                "NormalizedSharpness synchronises with its own `dist_sync_fn` (all_reduce_sum: one "
+                "all_reduce, memory flat in the number of processes); drop the argument."
+            )
         if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not (0 < float(lam) < float("inf")):
             raise ValueError(f"`lam` (lambda of eq. 17) must be a positive finite number, got {lam!r}.")
-        if (isinstance(num_replicates, bool) or not isinstance(num_replicates, numbers.Integral)
-                or num_replicates < 1):
-            raise ValueError(f"`num_replicates` must be a positive int (8 is a good default; 1 disables the "
-                             f"standard error), got {num_replicates!r}.")
+        if (
+            isinstance(num_replicates, bool)
+            or not isinstance(num_replicates, numbers.Integral)
+            or num_replicates < 1
+        ):
+            raise ValueError(
+                f"`num_replicates` must be a positive int (8 is a good default; 1 disables the "
+                f"standard error), got {num_replicates!r}."
+            )
         layout = _layout_from_shapes(parameter_shapes)
         offsets = [0, *torch.tensor([shape.numel() for _, shape in layout]).cumsum(0).tolist()]
         shape = (int(num_replicates), offsets[-1] + 1)
-        kwargs.setdefault("compute_with_cache", False)  # a loaded or merged state is never shadowed by a cache
+        kwargs.setdefault(
+            "compute_with_cache", False
+        )  # a loaded or merged state is never shadowed by a cache
         super().__init__(dist_sync_fn=functools.partial(all_reduce_sum, shape=shape), **kwargs)
         self.lam = float(lam)
         self.num_replicates = int(num_replicates)
@@ -308,14 +357,18 @@ class NormalizedSharpness(Metric):
             return
         known, new = dict(self._layout), dict(layout)
         if set(new) != set(known):
-            raise ValueError(f"{source} names {sorted(set(new) - set(known))} not in `parameter_shapes` and lacks "
-                             f"{sorted(set(known) - set(new))}; NormalizedSharpness measures the fixed set of "
-                             f"weight tensors given at construction, {list(known)}. Use a new metric for a "
-                             f"different set.")
+            raise ValueError(
+                f"{source} names {sorted(set(new) - set(known))} not in `parameter_shapes` and lacks "
+                f"{sorted(set(known) - set(new))}; NormalizedSharpness measures the fixed set of "
+                f"weight tensors given at construction, {list(known)}. Use a new metric for a "
+                f"different set."
+            )
         changed = {n: (tuple(known[n]), tuple(new[n])) for n in new if new[n] != known[n]}
         if changed:
-            raise ValueError(f"{source} changes tensor shapes {{name: (parameter_shapes, now)}}: {changed}; use a "
-                             f"new metric for a different architecture.")
+            raise ValueError(
+                f"{source} changes tensor shapes {{name: (parameter_shapes, now)}}: {changed}; use a "
+                f"new metric for a different architecture."
+            )
         # same names and shapes in another order: fine (matched by name)
 
     @property
@@ -338,9 +391,12 @@ class NormalizedSharpness(Metric):
         return self._full_state()[:, -1].round().to(torch.int64)
 
     def hessian_sums(self) -> dict[str, Tensor]:
-        """``{name: (R, numel)}`` float64 views of the summed estimates, slot ``r`` holding ``sum_g n_g diag_g``."""
+        """``{name: (R, numel)}`` float64 views of the summed estimates, slot ``r`` holding
+        ``sum_g n_g diag_g``."""
         acc = self._full_state()
-        return {name: acc[:, self._offsets[i]:self._offsets[i + 1]] for i, (name, _) in enumerate(self._layout)}
+        return {
+            name: acc[:, self._offsets[i] : self._offsets[i + 1]] for i, (name, _) in enumerate(self._layout)
+        }
 
     # -- update / compute ---------------------------------------------------------------------------
 
@@ -361,12 +417,16 @@ class NormalizedSharpness(Metric):
         """
         if isinstance(diagonals, HessianDiagonalEstimate):
             if num_samples is not None:
-                raise ValueError("pass `num_samples` only with a mapping of diagonals; a "
-                                 "HessianDiagonalEstimate carries its own group sizes.")
+                raise ValueError(
+                    "pass `num_samples` only with a mapping of diagonals; a "
+                    "HessianDiagonalEstimate carries its own group sizes."
+                )
             diagonals, num_samples = diagonals.groups, diagonals.group_sizes
         elif num_samples is None:
-            raise TypeError("`num_samples` is required with a mapping of diagonals: the number of samples "
-                            "behind each estimate (an int, or one int per group).")
+            raise TypeError(
+                "`num_samples` is required with a mapping of diagonals: the number of samples "
+                "behind each estimate (an int, or one int per group)."
+            )
         sizes, stacked = _group_sizes(num_samples)
         layout = _check_estimates(diagonals, weights, sizes.numel(), stacked)
         self._check_layout(layout, "this update")
@@ -380,21 +440,32 @@ class NormalizedSharpness(Metric):
         num_groups = sizes.numel()
         slots = ((self._slot_offset + torch.arange(num_groups)) % self.num_replicates).to(device)
         scale = sizes.to(device=device, dtype=torch.float64).unsqueeze(1)
-        block = torch.cat([diagonals[name].detach().to(device=device, dtype=torch.float64).reshape(num_groups, -1)
-                           for name, _ in self._layout] + [torch.ones(num_groups, 1, dtype=torch.float64,
-                                                                       device=device)], dim=1)
+        block = torch.cat(
+            [
+                diagonals[name].detach().to(device=device, dtype=torch.float64).reshape(num_groups, -1)
+                for name, _ in self._layout
+            ]
+            + [torch.ones(num_groups, 1, dtype=torch.float64, device=device)],
+            dim=1,
+        )
         with torch.inference_mode(False):  # normal tensors: Lightning validates under inference_mode
-            self.accumulator = acc.index_add(0, slots, block * scale)  # out of place: the default stays shared
-            self._weights = {name: weights[name].detach().to(device=device, dtype=torch.float64, copy=True)
-                             for name, _ in self._layout}
+            self.accumulator = acc.index_add(
+                0, slots, block * scale
+            )  # out of place: the default stays shared
+            self._weights = {
+                name: weights[name].detach().to(device=device, dtype=torch.float64, copy=True)
+                for name, _ in self._layout
+            }
         self._slot_offset += num_groups
 
     def update_from_estimate(self, estimate: HessianDiagonalEstimate, weights: Mapping[str, Tensor]) -> None:
         """``update(estimate.groups, weights, estimate.group_sizes)``: one slot per group of the estimate."""
         if not isinstance(estimate, HessianDiagonalEstimate):
-            raise TypeError(f"`estimate` must be a HessianDiagonalEstimate (from hessian_diagonal_groups), "
-                            f"got {type(estimate).__name__}; use update(diagonals, weights, num_samples) for "
-                            f"a dict.")
+            raise TypeError(
+                f"`estimate` must be a HessianDiagonalEstimate (from hessian_diagonal_groups), "
+                f"got {type(estimate).__name__}; use update(diagonals, weights, num_samples) for "
+                f"a dict."
+            )
         self.update(estimate, weights)
 
     def _initial_slot_offset(self) -> int:
@@ -418,23 +489,30 @@ class NormalizedSharpness(Metric):
         """
         count = self.count
         if int(count.sum()) == 0:
-            raise RuntimeError(f"{type(self).__name__}.compute() has no samples to pool: call update() "
-                               f"(or update_from_estimate()) with Hessian-diagonal estimates first (after "
-                               f"reset() too).")
+            raise RuntimeError(
+                f"{type(self).__name__}.compute() has no samples to pool: call update() "
+                f"(or update_from_estimate()) with Hessian-diagonal estimates first (after "
+                f"reset() too)."
+            )
         if self._weights is None:
-            raise RuntimeError(f"{type(self).__name__}.compute() has no weights on this process (it never "
-                               f"ran update(), e.g. loaded without persistent states); call update() here "
-                               f"first.")
+            raise RuntimeError(
+                f"{type(self).__name__}.compute() has no weights on this process (it never "
+                f"ran update(), e.g. loaded without persistent states); call update() here "
+                f"first."
+            )
         device = self.accumulator.device
         weights = {n: w.to(device) for n, w in self._weights.items()}
         out, used = replicate_sharpness_measures(weights, self.hessian_sums(), count, self.lam)
         out["num_samples"] = count.sum()
         if used < 2 and not self._warned_no_stderr:
             self._warned_no_stderr = True
-            rank_zero_warn(f"{type(self).__name__}: only {used} of num_replicates={self.num_replicates} "
-                           f"replicate slots hold samples, so the standard errors are NaN. Pass "
-                           f"num_groups >= 2 to hessian_diagonal_groups, or update over several batches, "
-                           f"with num_replicates >= 2.", UserWarning)
+            rank_zero_warn(
+                f"{type(self).__name__}: only {used} of num_replicates={self.num_replicates} "
+                f"replicate slots hold samples, so the standard errors are NaN. Pass "
+                f"num_groups >= 2 to hessian_diagonal_groups, or update over several batches, "
+                f"with num_replicates >= 2.",
+                UserWarning,
+            )
         return out
 
     def sync(
@@ -446,26 +524,37 @@ class NormalizedSharpness(Metric):
     ) -> None:
         """torchmetrics' ``sync``, with this metric's ``dist_sync_fn`` (one ``all_reduce``) as the default
         also when called directly (``Metric.sync`` itself defaults to an all-gather)."""
-        super().sync(dist_sync_fn=dist_sync_fn or self.dist_sync_fn, process_group=process_group,
-                     should_sync=should_sync, distributed_available=distributed_available)
+        super().sync(
+            dist_sync_fn=dist_sync_fn or self.dist_sync_fn,
+            process_group=process_group,
+            should_sync=should_sync,
+            distributed_available=distributed_available,
+        )
 
     def merge_state(self, incoming_state: Union[dict[str, Any], Metric]) -> None:
         """Add the state of another ``NormalizedSharpness`` (same ``num_replicates`` and layout) or a dict."""
         if isinstance(incoming_state, NormalizedSharpness):
             if incoming_state.num_replicates != self.num_replicates:
-                raise ValueError(f"cannot merge a metric with num_replicates={incoming_state.num_replicates} "
-                                 f"into one with num_replicates={self.num_replicates}.")
+                raise ValueError(
+                    f"cannot merge a metric with num_replicates={incoming_state.num_replicates} "
+                    f"into one with num_replicates={self.num_replicates}."
+                )
             if incoming_state._layout != self._layout:
-                raise ValueError(f"cannot merge metrics with different parameter layouts: "
-                                 f"{incoming_state.parameter_shapes} into {self.parameter_shapes}.")
+                raise ValueError(
+                    f"cannot merge metrics with different parameter layouts: "
+                    f"{incoming_state.parameter_shapes} into {self.parameter_shapes}."
+                )
             if self._weights is None and incoming_state._weights is not None:
-                self._weights = {n: w.to(self.accumulator.device, copy=True)
-                                 for n, w in incoming_state._weights.items()}
+                self._weights = {
+                    n: w.to(self.accumulator.device, copy=True) for n, w in incoming_state._weights.items()
+                }
         elif isinstance(incoming_state, Mapping) and _STATE in incoming_state:
             shape = tuple(torch.as_tensor(incoming_state[_STATE]).shape)
             if shape not in (self._shape, (1, 1)):
-                raise ValueError(f"cannot merge state {_STATE!r} of shape {shape} into shape "
-                                 f"{self._shape}: the parameter layouts differ.")
+                raise ValueError(
+                    f"cannot merge state {_STATE!r} of shape {shape} into shape "
+                    f"{self._shape}: the parameter layouts differ."
+                )
         super().merge_state(incoming_state)
 
     # -- (de)serialisation ------------------------------------------------------------------------
@@ -481,8 +570,11 @@ class NormalizedSharpness(Metric):
             "parameter_shapes": [(n, list(s)) for n, s in self._layout],
             "num_replicates": self.num_replicates,
             "slot_offset": self._slot_offset,
-            "weights": ({n: w.detach().clone() for n, w in self._weights.items()}
-                        if self._states_persistent and self._weights is not None else None),
+            "weights": (
+                {n: w.detach().clone() for n, w in self._weights.items()}
+                if self._states_persistent and self._weights is not None
+                else None
+            ),
         }
 
     def set_extra_state(self, state: Any) -> None:
@@ -490,17 +582,23 @@ class NormalizedSharpness(Metric):
         if not isinstance(state, Mapping):
             raise ValueError(f"{type(self).__name__} cannot read extra state {state!r}.")
         if state.get("num_replicates", self.num_replicates) != self.num_replicates:
-            raise ValueError(f"the state_dict has num_replicates={state['num_replicates']}, this metric "
-                             f"{self.num_replicates}; construct it with the same num_replicates.")
+            raise ValueError(
+                f"the state_dict has num_replicates={state['num_replicates']}, this metric "
+                f"{self.num_replicates}; construct it with the same num_replicates."
+            )
         shapes = state.get("parameter_shapes")
         if shapes is not None:
             layout = tuple((n, torch.Size(s)) for n, s in shapes)
             if layout != self._layout:
-                raise ValueError(f"the state_dict's parameter layout {dict(layout)} differs from this "
-                                 f"metric's {self.parameter_shapes} (a different shape); construct it with the "
-                                 f"same parameter_shapes.")
+                raise ValueError(
+                    f"the state_dict's parameter layout {dict(layout)} differs from this "
+                    f"metric's {self.parameter_shapes} (a different shape); construct it with the "
+                    f"same parameter_shapes."
+                )
         self._slot_offset = state.get("slot_offset")
         if state.get("weights") is not None:
             with torch.inference_mode(False):
-                self._weights = {n: w.detach().to(device=self.accumulator.device, dtype=torch.float64, copy=True)
-                                 for n, w in state["weights"].items()}
+                self._weights = {
+                    n: w.detach().to(device=self.accumulator.device, dtype=torch.float64, copy=True)
+                    for n, w in state["weights"].items()
+                }

@@ -14,8 +14,9 @@ def _noop(_: int = 1) -> None:
 
 
 @contextmanager
-def progress_reporter(trainer: Any, total: Optional[int],
-                      description: str) -> Iterator[Callable[[int], None]]:
+def progress_reporter(
+    trainer: Any, total: Optional[int], description: str
+) -> Iterator[Callable[[int], None]]:
     """Yield ``advance(n)``, which moves a progress display by ``n`` steps of ``total``.
 
     Shown only on global rank 0 and only when the Trainer has an enabled progress bar:
@@ -46,8 +47,15 @@ def progress_reporter(trainer: Any, total: Optional[int],
     from tqdm import tqdm
 
     position = 2 * int(getattr(bar_callback, "process_position", 0)) + 2
-    bar = tqdm(total=total, desc=description, position=position, leave=False, dynamic_ncols=True,
-               file=sys.stdout, unit="batch")
+    bar = tqdm(
+        total=total,
+        desc=description,
+        position=position,
+        leave=False,
+        dynamic_ncols=True,
+        file=sys.stdout,
+        unit="batch",
+    )
     try:
         yield bar.update
     finally:

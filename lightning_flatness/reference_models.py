@@ -45,8 +45,13 @@ def mlp(in_features: int = 40, hidden: int = 100, depth: int = 3, num_classes: i
     return nn.Sequential(*layers)
 
 
-def lenet1d(length: int = 40, channels: tuple[int, int] = (6, 16), hidden: tuple[int, int] = (120, 84),
-            kernel_size: int = 5, num_classes: int = 10) -> nn.Sequential:
+def lenet1d(
+    length: int = 40,
+    channels: tuple[int, int] = (6, 16),
+    hidden: tuple[int, int] = (120, 84),
+    kernel_size: int = 5,
+    num_classes: int = 10,
+) -> nn.Sequential:
     """A LeNet-5-style CNN with 1-D convolutions (LeCun et al. 1998) for signals of ``length`` samples.
 
     ``Unflatten -> [Conv1d(k) -> ReLU -> MaxPool1d(2)] x 2 -> Flatten -> Linear -> ReLU -> Linear ->
@@ -74,14 +79,22 @@ def lenet1d(length: int = 40, channels: tuple[int, int] = (6, 16), hidden: tuple
     h1, h2 = hidden
     size = ((length - kernel_size + 1) // 2 - kernel_size + 1) // 2
     if size < 1:
-        raise ValueError(f"inputs of length {length} are too short for two convolutions of size {kernel_size} "
-                         f"with 2x pooling; use a longer input or a smaller `kernel_size`.")
+        raise ValueError(
+            f"inputs of length {length} are too short for two convolutions of size {kernel_size} "
+            f"with 2x pooling; use a longer input or a smaller `kernel_size`."
+        )
     return nn.Sequential(
         nn.Unflatten(1, (1, length)),
-        nn.Conv1d(1, c1, kernel_size), nn.ReLU(), nn.MaxPool1d(2),
-        nn.Conv1d(c1, c2, kernel_size), nn.ReLU(), nn.MaxPool1d(2),
+        nn.Conv1d(1, c1, kernel_size),
+        nn.ReLU(),
+        nn.MaxPool1d(2),
+        nn.Conv1d(c1, c2, kernel_size),
+        nn.ReLU(),
+        nn.MaxPool1d(2),
         nn.Flatten(),
-        nn.Linear(c2 * size, h1), nn.ReLU(),
-        nn.Linear(h1, h2), nn.ReLU(),
+        nn.Linear(c2 * size, h1),
+        nn.ReLU(),
+        nn.Linear(h1, h2),
+        nn.ReLU(),
         nn.Linear(h2, num_classes),
     )

@@ -48,10 +48,25 @@ Scale = Union[float, Sequence[float], Tensor]
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Per-channel positively homogeneous: g(a * x) = a * g(x) for a per-channel a > 0.
 _HOMOGENEOUS = (
-    nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
 )
 
 
@@ -71,8 +86,10 @@ def _leaves(module: nn.Module) -> list[nn.Module]:
 def _layers(model: nn.Module) -> list[_Layer]:
     """The chain's weight layers, each with how the previous layer's units map onto its columns."""
     if not isinstance(model, nn.Sequential):
-        raise TypeError(f"function-preserving rescaling needs an nn.Sequential chain, got {type(model).__name__}; "
-                        f"rescale its Sequential sub-networks, or rewrite the forward pass as an nn.Sequential.")
+        raise TypeError(
+            f"function-preserving rescaling needs an nn.Sequential chain, got {type(model).__name__}; "
+            f"rescale its Sequential sub-networks, or rewrite the forward pass as an nn.Sequential."
+        )
     layers: list[_Layer] = []
     between: list[nn.Module] = []
     for leaf in _leaves(model):
@@ -83,8 +100,10 @@ def _layers(model: nn.Module) -> list[_Layer]:
             units, fan_in = leaf.out_features, leaf.in_features
         else:
             if leaf.groups != 1:
-                raise ValueError(f"{leaf} has groups={leaf.groups}; only groups=1 convolutions can be rescaled "
-                                 f"(grouped and depthwise convolutions are not supported).")
+                raise ValueError(
+                    f"{leaf} has groups={leaf.groups}; only groups=1 convolutions can be rescaled "
+                    f"(grouped and depthwise convolutions are not supported)."
+                )
             units, fan_in = leaf.out_channels, leaf.in_channels
         repeat = 1
         if layers:
@@ -92,16 +111,22 @@ def _layers(model: nn.Module) -> list[_Layer]:
             prev_units = layers[-1].units
             flattened = any(isinstance(m, nn.Flatten) for m in between)
             if isinstance(leaf, nn.Linear) and not isinstance(layers[-1].module, nn.Linear) and not flattened:
-                raise ValueError(f"{leaf} follows the convolution {layers[-1].module} without a Flatten; a Linear "
-                                 f"layer on a feature map mixes positions, not channels, and cannot be rescaled.")
+                raise ValueError(
+                    f"{leaf} follows the convolution {layers[-1].module} without a Flatten; a Linear "
+                    f"layer on a feature map mixes positions, not channels, and cannot be rescaled."
+                )
             if flattened and not isinstance(layers[-1].module, nn.Linear):
                 if not isinstance(leaf, nn.Linear) or fan_in % prev_units:
-                    raise ValueError(f"{leaf} after Flatten of {prev_units} channels: expected a Linear layer "
-                                     f"whose in_features is a multiple of {prev_units}.")
+                    raise ValueError(
+                        f"{leaf} after Flatten of {prev_units} channels: expected a Linear layer "
+                        f"whose in_features is a multiple of {prev_units}."
+                    )
                 repeat = fan_in // prev_units
             elif fan_in != prev_units:
-                raise ValueError(f"{leaf} takes {fan_in} inputs but the previous layer has {prev_units} "
-                                 f"units; the chain must feed each layer straight into the next.")
+                raise ValueError(
+                    f"{leaf} takes {fan_in} inputs but the previous layer has {prev_units} "
+                    f"units; the chain must feed each layer straight into the next."
+                )
         layers.append(_Layer(leaf, units, repeat))
         between = []
     if not layers:
@@ -119,7 +144,8 @@ def _check_between(prev: nn.Module, nxt: nn.Module, between: list[nn.Module]) ->
         raise ValueError(
             f"{m} sits between {prev} and {nxt}; rescaling a layer's outputs through it would change the "
             f"function. Only ReLU, LeakyReLU, pooling, Dropout, Identity and Flatten(1, -1) before a Linear "
-            f"layer may separate two rescaled layers (BatchNorm, Tanh, ... may not).")
+            f"layer may separate two rescaled layers (BatchNorm, Tanh, ... may not)."
+        )
 
 
 def hidden_sizes(model: nn.Module) -> list[int]:
@@ -133,7 +159,9 @@ def hidden_sizes(model: nn.Module) -> list[int]:
         :func:`rescale_rows_columns` must have.
 
     Example:
-        >>> hidden_sizes(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 2)))
+        >>> hidden_sizes(
+        ...     nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 2))
+        ... )
         [8, 5]
     """
     return [layer.units for layer in _layers(model)[:-1]]
@@ -144,8 +172,10 @@ def _as_scale(value: Scale, units: int, index: int) -> Tensor:
     if scale.ndim == 0:
         scale = scale.expand(units)
     if scale.shape != (units,):
-        raise ValueError(f"alphas[{index}] has shape {tuple(scale.shape)}, but hidden layer {index} has "
-                         f"{units} units; pass a scalar or a tensor of shape ({units},).")
+        raise ValueError(
+            f"alphas[{index}] has shape {tuple(scale.shape)}, but hidden layer {index} has "
+            f"{units} units; pass a scalar or a tensor of shape ({units},)."
+        )
     if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
         raise ValueError(f"alphas[{index}] must be finite and > 0 (ReLU is only positively homogeneous).")
     return scale
@@ -190,8 +220,10 @@ def rescale_rows_columns(model: nn.Module, alphas: Sequence[Scale]) -> nn.Module
     layers = _layers(model)
     hidden = layers[:-1]
     if len(alphas) != len(hidden):
-        raise ValueError(f"expected {len(hidden)} alphas (one per hidden layer, sizes {[h.units for h in hidden]}), "
-                         f"got {len(alphas)}.")
+        raise ValueError(
+            f"expected {len(hidden)} alphas (one per hidden layer, sizes {[h.units for h in hidden]}), "
+            f"got {len(alphas)}."
+        )
     scales = [_as_scale(a, layer.units, i) for i, (a, layer) in enumerate(zip(alphas, hidden))]
     rescaled = copy.deepcopy(model)
     new_layers = _layers(rescaled)
@@ -224,7 +256,10 @@ def rescale_layers(model: nn.Module, factors: Sequence[float]) -> nn.Module:
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
         >>> new = rescale_layers(net, [10.0, 0.1])
-        >>> torch.allclose(new[0].weight, 10 * net[0].weight), torch.allclose(new[2].weight, net[2].weight / 10)
+        >>> (
+        ...     torch.allclose(new[0].weight, 10 * net[0].weight),
+        ...     torch.allclose(new[2].weight, net[2].weight / 10),
+        ... )
         (True, True)
     """
     layers = _layers(model)
@@ -235,8 +270,10 @@ def rescale_layers(model: nn.Module, factors: Sequence[float]) -> nn.Module:
         raise ValueError(f"layer scaling factors must be finite and > 0, got {factors}.")
     log_cumulative = torch.tensor(factors, dtype=torch.float64).log().cumsum(0)
     if abs(float(log_cumulative[-1])) > 1e-9:
-        raise ValueError(f"the product of the layer scaling factors is {float(log_cumulative[-1].exp())}, not 1, so "
-                         f"the network's output would be scaled; divide the factors by their geometric mean.")
+        raise ValueError(
+            f"the product of the layer scaling factors is {float(log_cumulative[-1].exp())}, not 1, so "
+            f"the network's output would be scaled; divide the factors by their geometric mean."
+        )
     return rescale_rows_columns(model, list((-log_cumulative[:-1]).exp()))
 
 
@@ -248,8 +285,12 @@ def _log_uniform(n: int, log10_range: tuple[float, float], generator: Optional[t
     return low + (high - low) * u
 
 
-def random_rescale_layers(model: nn.Module, *, generator: Optional[torch.Generator] = None,
-                          log10_range: tuple[float, float] = (-1.0, 1.0)) -> nn.Module:
+def random_rescale_layers(
+    model: nn.Module,
+    *,
+    generator: Optional[torch.Generator] = None,
+    log10_range: tuple[float, float] = (-1.0, 1.0),
+) -> nn.Module:
     """Random Dinh et al. layer scaling: :func:`rescale_layers` with log-uniform factors of product 1.
 
     Draws ``u_l ~ Uniform(log10_range)`` for each weight layer and uses ``10 ** (u_l - mean(u))``.
@@ -273,8 +314,12 @@ def random_rescale_layers(model: nn.Module, *, generator: Optional[torch.Generat
     return rescale_layers(model, (10.0 ** (u - u.mean())).tolist())
 
 
-def random_rescale_rows_columns(model: nn.Module, *, generator: Optional[torch.Generator] = None,
-                                log10_range: tuple[float, float] = (-1.0, 1.0)) -> nn.Module:
+def random_rescale_rows_columns(
+    model: nn.Module,
+    *,
+    generator: Optional[torch.Generator] = None,
+    log10_range: tuple[float, float] = (-1.0, 1.0),
+) -> nn.Module:
     """Random Sec. 5.1 row/column scaling: an independent log-uniform factor for every hidden unit/channel.
 
     Args:
@@ -296,8 +341,12 @@ def random_rescale_rows_columns(model: nn.Module, *, generator: Optional[torch.G
     return rescale_rows_columns(model, alphas)
 
 
-def random_function_preserving_rescaling(model: nn.Module, *, generator: Optional[torch.Generator] = None,
-                                         log10_range: tuple[float, float] = (-1.0, 1.0)) -> nn.Module:
+def random_function_preserving_rescaling(
+    model: nn.Module,
+    *,
+    generator: Optional[torch.Generator] = None,
+    log10_range: tuple[float, float] = (-1.0, 1.0),
+) -> nn.Module:
     """The rescaling attack: random layer scaling, then random row/column scaling of every hidden unit.
 
     Together they move every weight tensor's norm and every row's and column's Hessian diagonal,
@@ -355,7 +404,9 @@ def appendix_a_example(dtype: torch.dtype = torch.float64) -> AppendixAExample:
 
     Example:
         >>> ex = appendix_a_example()
-        >>> torch.allclose(ex.second_step[2].weight, torch.tensor([[50.0, 0.6], [70.0, 0.8]], dtype=torch.float64))
+        >>> torch.allclose(
+        ...     ex.second_step[2].weight, torch.tensor([[50.0, 0.6], [70.0, 0.8]], dtype=torch.float64)
+        ... )
         True
         >>> [round(float(torch.linalg.matrix_norm(m.weight.detach(), ord=2)), 2) for m in ex.second_step[::2]]
         [50.0, 86.03]

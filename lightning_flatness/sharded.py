@@ -51,10 +51,10 @@ and ``2 R + 3`` eq. 17 solves per weight tensor on every rank.
 
 **Assumptions**: every rank calls :meth:`~ShardedSharpnessMeasurement.add` the same number of times
 (each call runs collectives, as FSDP's own forward does; a rank with fewer samples passes empty
-batches, and the ranks agree on the number ``K`` of backward columns before running them); the measured weights are ``nn.Linear``
-weights (and biases) sharded ``Shard(0)`` over a 1-D mesh, each used once per forward; samples do
-not interact (eval mode); ``loss_fn`` is a mean of per-sample losses. Anything else raises a
-``ValueError`` that names it.
+batches, and the ranks agree on the number ``K`` of backward columns before running them); the
+measured weights are ``nn.Linear`` weights (and biases) sharded ``Shard(0)`` over a 1-D mesh, each
+used once per forward; samples do not interact (eval mode); ``loss_fn`` is a mean of per-sample
+losses. Anything else raises a ``ValueError`` that names it.
 """
 
 from __future__ import annotations
@@ -128,7 +128,8 @@ class _Capture:
 
 
 def _weight_contribution(a: Tensor, g: Tensor, signs: Tensor) -> Tensor:
-    """``sum_n sum_k s_nk (g_nk^T a_n)^2``: ``a`` ``(N, *pos, I)``, ``g`` ``(K, N, *pos, O)``, ``signs`` ``(N, K)``."""
+    """``sum_n sum_k s_nk (g_nk^T a_n)^2``: ``a`` ``(N, *pos, I)``, ``g`` ``(K, N, *pos, O)``,
+    ``signs`` ``(N, K)``."""
     k, n = g.shape[:2]
     if a.ndim == 2:  # one position per sample: the square factorises
         s = torch.einsum("nk,kno->no", signs, g * g)
@@ -399,7 +400,7 @@ def measure_sharpness_sharded(
     return measurement.compute()
 
 
-# -- SharpnessMonitor under FSDP2 (Lightning's ModelParallelStrategy, or fully_shard in configure_model) ------
+# -- SharpnessMonitor under FSDP2 (Lightning's ModelParallelStrategy, or fully_shard in configure_model) --
 
 
 def prepare_in_callback(monitor: Any, trainer: Any, pl_module: nn.Module) -> None:

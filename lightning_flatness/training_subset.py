@@ -38,16 +38,22 @@ def training_dataloader(trainer: Any) -> Any:
 
 def _dataset_and_collate(loader: Any) -> tuple[Sequence, Callable[[list], Any]]:
     if not isinstance(loader, DataLoader):
-        raise TypeError("SharpnessMonitor can only draw its subset from a single torch DataLoader, but the "
-                        f"training data is a {type(loader).__name__}; {_FIX}.")
+        raise TypeError(
+            "SharpnessMonitor can only draw its subset from a single torch DataLoader, but the "
+            f"training data is a {type(loader).__name__}; {_FIX}."
+        )
     dataset = loader.dataset
     indexable = hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
     if isinstance(dataset, IterableDataset) or not indexable:
-        raise TypeError("SharpnessMonitor needs an indexable training dataset (with __len__ and __getitem__) "
-                        f"to draw a fixed subset from, got {type(dataset).__name__}; {_FIX}.")
+        raise TypeError(
+            "SharpnessMonitor needs an indexable training dataset (with __len__ and __getitem__) "
+            f"to draw a fixed subset from, got {type(dataset).__name__}; {_FIX}."
+        )
     if loader.batch_size is None and loader.batch_sampler is None:
-        raise TypeError(f"the training DataLoader has automatic batching disabled (batch_size=None), so its "
-                        f"dataset yields whole batches; {_FIX}.")
+        raise TypeError(
+            f"the training DataLoader has automatic batching disabled (batch_size=None), so its "
+            f"dataset yields whole batches; {_FIX}."
+        )
     return dataset, loader.collate_fn
 
 
@@ -97,8 +103,10 @@ class TrainingSubset:
         self.dataset, self.collate_fn = _dataset_and_collate(loader)
         self.batch_size: Optional[int] = loader.batch_size
         if len(self.dataset) == 0:
-            raise ValueError("the training dataset of SharpnessMonitor is empty (length 0); give the Trainer "
-                             f"training data or {_FIX}.")
+            raise ValueError(
+                "the training dataset of SharpnessMonitor is empty (length 0); give the Trainer "
+                f"training data or {_FIX}."
+            )
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -107,6 +115,6 @@ class TrainingSubset:
         """Collated batches of ``indices`` cut into consecutive chunks of ``sizes``."""
         start = 0
         for size in sizes:
-            chunk = indices[start:start + size].tolist()
+            chunk = indices[start : start + size].tolist()
             start += size
             yield self.collate_fn([self.dataset[i] for i in chunk])

@@ -40,8 +40,9 @@ class AugmentedDataset(Dataset):
 
 
 class DataModule(pl.LightningDataModule):
-    def __init__(self, num_samples: int = 256, batch_size: int = 32, shuffle: bool = True,
-                 augment: bool = False) -> None:
+    def __init__(
+        self, num_samples: int = 256, batch_size: int = 32, shuffle: bool = True, augment: bool = False
+    ) -> None:
         super().__init__()
         self.num_samples, self.batch_size = num_samples, batch_size
         self.shuffle, self.augment = shuffle, augment
@@ -62,8 +63,14 @@ class DataModule(pl.LightningDataModule):
 class MLP(pl.LightningModule):
     """``10 -> hidden -> hidden -> 3`` ReLU MLP, optionally with BatchNorm and dropout; SGD with momentum."""
 
-    def __init__(self, hidden: int = 16, batchnorm: bool = False, dropout: float = 0.0, lr: float = 0.1,
-                 activation: str = "relu") -> None:
+    def __init__(
+        self,
+        hidden: int = 16,
+        batchnorm: bool = False,
+        dropout: float = 0.0,
+        lr: float = 0.1,
+        activation: str = "relu",
+    ) -> None:
         super().__init__()
         act = {"relu": nn.ReLU, "tanh": nn.Tanh}[activation]
         layers: list[nn.Module] = [nn.Linear(IN_FEATURES, hidden)]
@@ -108,8 +115,9 @@ class RecordPerRank(pl.Callback):
         record = {
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
-            "logged": {k: float(v) for k, v in trainer.callback_metrics.items()
-                       if k.startswith("sharpness/")},
+            "logged": {
+                k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("sharpness/")
+            },
             "history": monitor.history,
             "indices": monitor.state_dict()["indices"].tolist(),
             "seen": list(getattr(monitor, "seen", [])),

@@ -31,8 +31,10 @@ def rank_updates(rank: int) -> list[tuple[dict[str, torch.Tensor], list[int]]]:
     gen = torch.Generator().manual_seed(100 + rank)
     updates = []
     for sizes in UPDATE_SIZES[rank]:
-        diagonals = {n: torch.rand((len(sizes), *s), generator=gen, dtype=torch.float64) - 0.1
-                     for n, s in SHAPES.items()}
+        diagonals = {
+            n: torch.rand((len(sizes), *s), generator=gen, dtype=torch.float64) - 0.1
+            for n, s in SHAPES.items()
+        }
         updates.append((diagonals, sizes))
     return updates
 

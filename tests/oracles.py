@@ -108,7 +108,10 @@ def brute_force_ggn_diagonal(
 
 
 def brute_force_measures(
-    module: nn.Module, inputs: Tensor, target: Tensor, loss_fn: LossFn = normalized_softmax_cross_entropy,
+    module: nn.Module,
+    inputs: Tensor,
+    target: Tensor,
+    loss_fn: LossFn = normalized_softmax_cross_entropy,
     curvature: str = "hessian",
 ) -> dict[str, float]:
     """All measures (``sharpness_measures``) from the brute-force Hessian diagonal (or, with

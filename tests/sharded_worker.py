@@ -4,7 +4,8 @@ Usage: ``python tests/sharded_worker.py RANK WORLD_SIZE INIT_FILE OUT_FILE DTYPE
 ``torch.distributed`` (gloo) with a file store. Every rank builds the same model and data; rank
 ``r`` measures samples ``r::P`` in 4 batches through :mod:`lightning_flatness.sharded` and saves
 its values (with ``UNEVEN``, the last rank keeps only 2 of its samples, so its last two batches are
-empty: the ranks must still agree on the collectives), the byte counts, the gathered replicate sums and whether the model was left unchanged.
+empty: the ranks must still agree on the collectives), the byte counts, the gathered replicate sums
+and whether the model was left unchanged.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def main(
     uneven: bool = False,
     device: str = "cpu",
 ) -> None:
-    """Shard, measure, save (``device="cuda"``: NCCL, one GPU per rank, as ``benchmarks/gpu/fsdp2_sharded.py``)."""
+    """Shard, measure, save (``device="cuda"``: NCCL, one GPU per rank, as
+    ``benchmarks/gpu/fsdp2_sharded.py``)."""
     torch.set_num_threads(1)
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh

@@ -18,12 +18,16 @@ from tests.zoo_oracle import brute_force_ggn_diagonal, brute_force_hessian_diago
 def test_residual_probes_are_unbiased_for_the_brute_force_residual_trace(per_sample):
     model, (x, y) = tiny_vit(n=4, dtype=torch.float64)
     names = ["blocks.0.attn.qkv.weight", "patch_embed.proj.weight"]
-    residual = {n: h - g for (n, h), g in zip(
-        brute_force_hessian_diagonal(model, F.cross_entropy, x, y, names).items(),
-        brute_force_ggn_diagonal(model, F.cross_entropy, x, y, names).values())}
+    residual = {
+        n: h - g
+        for (n, h), g in zip(
+            brute_force_hessian_diagonal(model, F.cross_entropy, x, y, names).items(),
+            brute_force_ggn_diagonal(model, F.cross_entropy, x, y, names).values(),
+        )
+    }
     gen = torch.Generator().manual_seed(0)
     runs = [residual_probes(model, F.cross_entropy, x, y, names, 16, per_sample, gen) for _ in range(6)]
     for n in names:
         traces = torch.stack([r[n].sum() for r in runs])
-        se = float(traces.std()) / 6 ** 0.5
+        se = float(traces.std()) / 6**0.5
         assert abs(float(traces.mean() - residual[n].sum())) <= 4.5 * se + 1e-9, n

@@ -36,9 +36,17 @@ def _one_thread():
 
 
 def _trainer(tmp_path=None, **kwargs) -> pl.Trainer:
-    defaults = dict(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu", devices=1,
-                    default_root_dir=tmp_path)
+    defaults = dict(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=tmp_path,
+    )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
 
@@ -68,8 +76,13 @@ def test_logged_values_equal_brute_force_hessian_measures_on_the_fixed_training_
     assert [h["epoch"] for h in monitor.history] == [0, 1]
     assert monitor.history[-1]["method"] == "exact" and monitor.history[-1]["num_samples"] == 96
     ref = brute_force_measures(model, *_subset(monitor, dm.train_set))
-    for key in ("normalized", "matrix_normalized", "hessian_trace", "normalized/net.0.weight",
-                "normalized/net.4.weight"):
+    for key in (
+        "normalized",
+        "matrix_normalized",
+        "hessian_trace",
+        "normalized/net.0.weight",
+        "normalized/net.4.weight",
+    ):
         assert monitor.history[-1][key] == pytest.approx(ref[key], rel=1e-9)
         assert float(trainer.callback_metrics[f"sharpness/{key}"]) == pytest.approx(ref[key], rel=1e-9)
     # the subset is fixed: 96 distinct training indices, kept across epochs
@@ -96,8 +109,12 @@ def test_tensorboard_event_files_hold_sharpness_once_per_epoch_per_layer_curves_
     for name in layers:
         for measure in ("normalized", "matrix_normalized", "hessian_trace"):
             assert len(events.Scalars(f"sharpness/{measure}/{name}")) == 3
-    for key in ("sharpness/matrix_normalized", "sharpness/hessian_trace", "sharpness/normalized_stderr",
-                "sharpness/seconds"):
+    for key in (
+        "sharpness/matrix_normalized",
+        "sharpness/hessian_trace",
+        "sharpness/normalized_stderr",
+        "sharpness/seconds",
+    ):
         assert key in scalars
     assert len(events.Images("sharpness/normalized_per_layer")) == 3
     from tensorboard.plugins.custom_scalar import layout_pb2
@@ -118,7 +135,8 @@ def test_csv_logger_gets_the_scalars(tmp_path):
     with open(f"{logger.log_dir}/metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("sharpness/normalized")]
     assert [float(r["sharpness/normalized"]) for r in rows] == pytest.approx(
-        [h["normalized"] for h in monitor.history], rel=1e-6)
+        [h["normalized"] for h in monitor.history], rel=1e-6
+    )
     assert all(r["sharpness/normalized/net.2.weight"] for r in rows)
 
 
@@ -167,8 +185,14 @@ def test_early_stopping_on_sharpness_stops_the_run_in_the_same_epoch():
 
 def test_model_checkpoint_saves_the_least_sharp_epoch(tmp_path):
     monitor = SharpnessMonitor(num_samples=48)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="sharpness/normalized", mode="min", save_top_k=1,
-                                 filename="epoch{epoch}", auto_insert_metric_name=False)
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path,
+        monitor="sharpness/normalized",
+        mode="min",
+        save_top_k=1,
+        filename="epoch{epoch}",
+        auto_insert_metric_name=False,
+    )
     pl.seed_everything(0, verbose=False)
     trainer = _trainer(tmp_path, max_epochs=3, callbacks=[monitor, checkpoint], enable_checkpointing=True)
     trainer.fit(MLP(lr=0.3), DataModule())
@@ -198,12 +222,24 @@ def _train_state(trainer: pl.Trainer, model: nn.Module) -> dict[str, torch.Tenso
     return state
 
 
-@pytest.mark.parametrize("model_kwargs, trainer_kwargs, data_kwargs", [
-    (dict(), dict(), dict()),
-    (dict(batchnorm=True, dropout=0.3), dict(), dict()),
-    (dict(dropout=0.2), dict(accumulate_grad_batches=2, val_check_interval=3), dict()),  # mid-accumulation
-    (dict(batchnorm=True, dropout=0.3), dict(), dict(augment=True)),  # fetching samples draws random numbers
-], ids=["mlp", "batchnorm_dropout", "mid_accumulation", "augmenting_dataset"])
+@pytest.mark.parametrize(
+    "model_kwargs, trainer_kwargs, data_kwargs",
+    [
+        (dict(), dict(), dict()),
+        (dict(batchnorm=True, dropout=0.3), dict(), dict()),
+        (
+            dict(dropout=0.2),
+            dict(accumulate_grad_batches=2, val_check_interval=3),
+            dict(),
+        ),  # mid-accumulation
+        (
+            dict(batchnorm=True, dropout=0.3),
+            dict(),
+            dict(augment=True),
+        ),  # fetching samples draws random numbers
+    ],
+    ids=["mlp", "batchnorm_dropout", "mid_accumulation", "augmenting_dataset"],
+)
 def test_training_is_bit_identical_with_and_without_the_monitor(model_kwargs, trainer_kwargs, data_kwargs):
     runs = {}
     for name, callbacks in [("without", []), ("with", [SharpnessMonitor(num_samples=64)])]:
@@ -240,9 +276,11 @@ class _Snapshot(Callback):
             "grads": {n: None if p.grad is None else p.grad.clone() for n, p in pl_module.named_parameters()},
             "modes": [m.training for m in pl_module.modules()],
             "requires_grad": [p.requires_grad for p in pl_module.parameters()],
-            "torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].copy(),
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state()[1].copy(),
             "python": random.getstate(),
-            "grad_enabled": torch.is_grad_enabled(), "inference": torch.is_inference_mode_enabled(),
+            "grad_enabled": torch.is_grad_enabled(),
+            "inference": torch.is_inference_mode_enabled(),
         }
 
     def on_validation_epoch_end(self, trainer, pl_module):
@@ -284,12 +322,14 @@ def test_monitor_leaves_weights_buffers_grads_modes_and_rng_streams_untouched(me
 @pytest.mark.slow
 def test_resume_from_mid_training_checkpoint_gives_the_same_values_as_an_uninterrupted_run(tmp_path):
     def run(max_epochs, ckpt_path=None, prefix="sharpness"):
-        monitor = SharpnessMonitor(num_samples=64, method="hutchinson", num_probes=4, seed=None,
-                                   prefix=prefix)
+        monitor = SharpnessMonitor(
+            num_samples=64, method="hutchinson", num_probes=4, seed=None, prefix=prefix
+        )
         checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
         pl.seed_everything(0, verbose=False)
-        trainer = _trainer(tmp_path, max_epochs=max_epochs, callbacks=[monitor, checkpoint],
-                           enable_checkpointing=True)
+        trainer = _trainer(
+            tmp_path, max_epochs=max_epochs, callbacks=[monitor, checkpoint], enable_checkpointing=True
+        )
         trainer.fit(MLP(), DataModule(shuffle=False), ckpt_path=ckpt_path)
         return monitor
 
@@ -344,16 +384,20 @@ class _Tied(MLP):
     def __init__(self) -> None:
         super().__init__(hidden=6)
         hidden = nn.Linear(6, 6)
-        self.net = nn.Sequential(nn.Linear(10, 6), nn.ReLU(), hidden, nn.ReLU(), hidden, nn.ReLU(),
-                                 nn.Linear(6, 3))
+        self.net = nn.Sequential(
+            nn.Linear(10, 6), nn.ReLU(), hidden, nn.ReLU(), hidden, nn.ReLU(), nn.Linear(6, 3)
+        )
 
 
 @pytest.mark.parametrize("model_cls", [lambda: MLP(hidden=6, activation="tanh"), _Tied], ids=["tanh", "tied"])
 def test_auto_measures_the_gauss_newton_diagonal_of_non_linear_networks_and_says_so(model_cls):
     monitor = SharpnessMonitor(num_samples=64, dtype="float64")
     pl.seed_everything(0, verbose=False)
-    with pytest.warns(UserWarning, match=r"method='auto'\) measures with gauss_newton \(gauss-newton\).*not of the "
-                                         r"Hessian diagonal"):
+    with pytest.warns(
+        UserWarning,
+        match=r"method='auto'\) measures with gauss_newton \(gauss-newton\).*not of the "
+        r"Hessian diagonal",
+    ):
         _, model, dm = _fit(monitor, model=model_cls(), max_epochs=1)
     last = monitor.history[-1]
     assert last["method"] == "gauss_newton"
@@ -431,25 +475,28 @@ def test_two_monitors_with_different_settings_coexist_and_checkpoint_separately(
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(method="newton"), ValueError, "choose 'auto'"),
-    (dict(num_samples=0), ValueError, "num_samples"),
-    (dict(num_samples=True), ValueError, "num_samples"),
-    (dict(batch_size=-1), ValueError, "batch_size"),
-    (dict(num_probes=0), ValueError, "num_probes"),
-    (dict(num_replicates=0), ValueError, "num_replicates"),
-    (dict(lam=0.0), ValueError, "lam"),
-    (dict(lam=float("nan")), ValueError, "lam"),
-    (dict(every_n_epochs=0), ValueError, "every_n_epochs"),
-    (dict(dtype="float16"), ValueError, "float32"),
-    (dict(seed=-1), ValueError, "seed"),
-    (dict(prefix="sharpness/"), ValueError, "prefix"),
-    (dict(prefix=""), ValueError, "prefix"),
-    (dict(loss_fn="cross_entropy"), TypeError, "callable"),
-    (dict(dataloader=3), TypeError, "iterable"),
-    (dict(parameters="net.0.weight"), TypeError, "list of parameter names"),
-    (dict(relative_step=0), ValueError, "relative_step"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(method="newton"), ValueError, "choose 'auto'"),
+        (dict(num_samples=0), ValueError, "num_samples"),
+        (dict(num_samples=True), ValueError, "num_samples"),
+        (dict(batch_size=-1), ValueError, "batch_size"),
+        (dict(num_probes=0), ValueError, "num_probes"),
+        (dict(num_replicates=0), ValueError, "num_replicates"),
+        (dict(lam=0.0), ValueError, "lam"),
+        (dict(lam=float("nan")), ValueError, "lam"),
+        (dict(every_n_epochs=0), ValueError, "every_n_epochs"),
+        (dict(dtype="float16"), ValueError, "float32"),
+        (dict(seed=-1), ValueError, "seed"),
+        (dict(prefix="sharpness/"), ValueError, "prefix"),
+        (dict(prefix=""), ValueError, "prefix"),
+        (dict(loss_fn="cross_entropy"), TypeError, "callable"),
+        (dict(dataloader=3), TypeError, "iterable"),
+        (dict(parameters="net.0.weight"), TypeError, "list of parameter names"),
+        (dict(relative_step=0), ValueError, "relative_step"),
+    ],
+)
 def test_invalid_arguments_are_rejected_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         SharpnessMonitor(**kwargs)

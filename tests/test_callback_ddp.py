@@ -44,9 +44,16 @@ def test_every_ddp_process_logs_the_single_process_exact_value_over_the_same_sam
     pl.seed_everything(0, verbose=False)
     monitor = CountingMonitor(num_samples=64, batch_size=16, dtype="float64", seed=None)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_fork", max_epochs=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, callbacks=[monitor, RecordPerRank(str(tmp_path))],
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_fork",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[monitor, RecordPerRank(str(tmp_path))],
     )
     trainer.fit(MLP(), DataModule())
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

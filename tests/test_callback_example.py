@@ -34,8 +34,9 @@ def _one_thread():
 
 def test_training_script_stops_on_the_sharpness_budget_and_reports_the_cost(tmp_path):
     example = _load("train_mnist1d_monitor")
-    out = example.main(["--max-epochs", "4", "--max-sharpness", "0.5", "--logdir", str(tmp_path),
-                        "--no-progress-bar"])
+    out = example.main(
+        ["--max-epochs", "4", "--max-sharpness", "0.5", "--logdir", str(tmp_path), "--no-progress-bar"]
+    )
     assert out["stopped_early"] and out["epochs"] == 1  # any network is sharper than 0.5
     first = out["history"][0]
     assert first["method"] == "exact" and first["num_samples"] == 512 and math.isfinite(first["normalized"])
@@ -46,10 +47,17 @@ def test_training_script_stops_on_the_sharpness_budget_and_reports_the_cost(tmp_
 def test_yaml_cli_example_trains_mnist1d_with_the_monitor(tmp_path):
     settings = yaml.safe_load((EXAMPLES / "cli_config.yaml").read_text())
     assert settings["trainer"]["callbacks"][0]["class_path"] == "lightning_flatness.SharpnessMonitor"
-    cli = _load("cli").main(["fit", "--config", str(EXAMPLES / "cli_config.yaml"), "--trainer.max_epochs=2",
-                             f"--trainer.logger.init_args.save_dir={tmp_path}",
-                             "--trainer.enable_progress_bar=false",
-                             "--data.num_samples=1000"])
+    cli = _load("cli").main(
+        [
+            "fit",
+            "--config",
+            str(EXAMPLES / "cli_config.yaml"),
+            "--trainer.max_epochs=2",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+            "--data.num_samples=1000",
+        ]
+    )
     (monitor,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, SharpnessMonitor)]
     assert monitor.num_samples == 512 and len(monitor.history) == 2
     assert monitor.history[-1]["method"] == "exact"

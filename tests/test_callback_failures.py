@@ -9,8 +9,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-
 from callback_models import MLP, DataModule
+
 from lightning_flatness import SharpnessMonitor
 
 
@@ -25,9 +25,17 @@ def _one_thread():
 def _fit(monitor, model=None, max_epochs=3):
     pl.seed_everything(0, verbose=False)
     model = model or MLP()
-    trainer = pl.Trainer(max_epochs=max_epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu", devices=1,
-                         callbacks=[monitor])
+    trainer = pl.Trainer(
+        max_epochs=max_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[monitor],
+    )
     trainer.fit(model, DataModule())
     return trainer, model
 
@@ -56,9 +64,17 @@ def test_estimator_failure_mid_training_logs_nan_warns_once_and_training_goes_on
 
     pl.seed_everything(0, verbose=False)
     model = MLP()
-    trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu", devices=1,
-                         callbacks=[monitor, _Break()])
+    trainer = pl.Trainer(
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[monitor, _Break()],
+    )
     with pytest.warns(UserWarning, match="measurement failed at epoch 1 .*simulated estimator failure"):
         trainer.fit(model, DataModule())
     assert trainer.current_epoch == 3 and model.training_steps == 24  # every epoch trained
@@ -73,7 +89,9 @@ def test_a_model_that_cannot_be_measured_fails_at_fit_start_before_any_training_
 
     model = MLP()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with pytest.raises(RuntimeError, match=r"cannot measure MLP \(dry run .*this loss cannot be differentiated"):
+    with pytest.raises(
+        RuntimeError, match=r"cannot measure MLP \(dry run .*this loss cannot be differentiated"
+    ):
         _fit(SharpnessMonitor(num_samples=32, loss_fn=broken), model=model)
     assert model.training_steps == 0
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())

@@ -63,8 +63,15 @@ def test_lightning_pytorch_trainer_runs_its_namespace_monitor_with_exact_values(
     monitor = LightningSharpnessMonitor(num_samples=64, dtype="float64")
     lp.seed_everything(0, verbose=False)
     model, data = LitMLP(), Data()
-    trainer = lp.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, callbacks=[monitor])
+    trainer = lp.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[monitor],
+    )
     trainer.fit(model, data)
     idx = monitor.state_dict()["indices"]
     ref = brute_force_measures(model, data.train_set.tensors[0][idx], data.train_set.tensors[1][idx])
@@ -77,15 +84,26 @@ def test_lightning_cli_type_checks_callbacks_so_each_namespace_needs_its_own_cla
     from lightning.pytorch.cli import LightningCLI
 
     def config(class_path: str) -> dict:
-        return {"trainer": {"max_epochs": 1, "logger": False, "enable_checkpointing": False,
-                            "enable_progress_bar": False, "enable_model_summary": False,
-                            "default_root_dir": str(tmp_path),
-                            "callbacks": [{"class_path": class_path,
-                                           "init_args": {"num_samples": 32,
-                                                         "loss_fn": "torch.nn.functional.cross_entropy"}}]}}
+        return {
+            "trainer": {
+                "max_epochs": 1,
+                "logger": False,
+                "enable_checkpointing": False,
+                "enable_progress_bar": False,
+                "enable_model_summary": False,
+                "default_root_dir": str(tmp_path),
+                "callbacks": [
+                    {
+                        "class_path": class_path,
+                        "init_args": {"num_samples": 32, "loss_fn": "torch.nn.functional.cross_entropy"},
+                    }
+                ],
+            }
+        }
 
-    cli = LightningCLI(LitMLP, Data, args=config("lightning_flatness.lightning_namespace.SharpnessMonitor"),
-                       run=False)
+    cli = LightningCLI(
+        LitMLP, Data, args=config("lightning_flatness.lightning_namespace.SharpnessMonitor"), run=False
+    )
     (monitor,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, LightningSharpnessMonitor)]
     assert monitor.loss_fn is F.cross_entropy and monitor.num_samples == 32
     cli.trainer.fit(cli.model, cli.datamodule)

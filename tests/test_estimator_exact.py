@@ -97,27 +97,48 @@ def make_case(kind: str):
     g = torch.Generator().manual_seed(1)
     n = 12
     if kind == "mlp":
-        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.ReLU(),
-                              nn.Dropout(0.5), nn.Linear(8, 4))
+        model = nn.Sequential(
+            nn.Linear(6, 8),
+            nn.ReLU(inplace=True),
+            nn.Linear(8, 8),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.Linear(8, 4),
+        )
         x = torch.randn(n, 6, generator=g)
         k = 4
     elif kind == "cnn2d":
         model = nn.Sequential(
-            nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # 12 -> 6 -> 3
-            nn.Conv2d(4, 5, 2, padding="same"), nn.LeakyReLU(0.1),                # even kernel
-            nn.AvgPool2d(2, stride=1), nn.Flatten(), nn.Linear(20, 3))             # 3 -> 2
+            nn.Conv2d(2, 4, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 12 -> 6 -> 3
+            nn.Conv2d(4, 5, 2, padding="same"),
+            nn.LeakyReLU(0.1),  # even kernel
+            nn.AvgPool2d(2, stride=1),
+            nn.Flatten(),
+            nn.Linear(20, 3),
+        )  # 3 -> 2
         x = torch.randn(n, 2, 12, 12, generator=g)
         k = 3
     elif kind == "cnn1d":
         model = nn.Sequential(
-            nn.Conv1d(2, 4, 3, padding=2, dilation=2), nn.ReLU(),
-            nn.Conv1d(4, 4, 3, stride=2, padding=1, groups=2, padding_mode="reflect"), nn.ReLU(),
-            nn.AdaptiveAvgPool1d(2), nn.Flatten(), nn.Linear(8, 3))
+            nn.Conv1d(2, 4, 3, padding=2, dilation=2),
+            nn.ReLU(),
+            nn.Conv1d(4, 4, 3, stride=2, padding=1, groups=2, padding_mode="reflect"),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool1d(2),
+            nn.Flatten(),
+            nn.Linear(8, 3),
+        )
         x = torch.randn(n, 2, 9, generator=g)
         k = 3
     elif kind == "cnn3d":
-        model = nn.Sequential(nn.Conv3d(1, 2, 2, stride=(1, 2, 1), padding=(1, 0, 1)), nn.ReLU(),
-                              nn.Flatten(), nn.Linear(2 * 4 * 2 * 4, 3))
+        model = nn.Sequential(
+            nn.Conv3d(1, 2, 2, stride=(1, 2, 1), padding=(1, 0, 1)),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(2 * 4 * 2 * 4, 3),
+        )
         x = torch.randn(n, 1, 3, 4, 3, generator=g)
         k = 3
     elif kind == "residual":
@@ -141,8 +162,12 @@ def make_case(kind: str):
 def test_exact_diagonal_matches_brute_force_hessian(kind, loss_fn):
     model, x, y = make_case(kind)
     layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    params = {f"{m}.{n}" if m else n: p for m, mod in model.named_modules() if isinstance(mod, layers)
-              for n, p in mod.named_parameters(recurse=False)}  # weights and biases
+    params = {
+        f"{m}.{n}" if m else n: p
+        for m, mod in model.named_modules()
+        if isinstance(mod, layers)
+        for n, p in mod.named_parameters(recurse=False)
+    }  # weights and biases
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="exact_hessian_diagonal")  # the fast path, silently
         diag = exact_hessian_diagonal(model, loss_fn, x, y, params)
@@ -233,11 +258,15 @@ class TrainBatchNormNet(nn.Sequential):
         super().__init__(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
 
 
-@pytest.mark.parametrize("make, train, message", [
-    (TanhMLP, False, r"'tanh' is not piecewise linear.*module '1' \(Tanh\)"),
-    (TrainBatchNormNet, True, r"batch_norm with batch statistics.*module '1' \(BatchNorm1d\)"),
-    (TwiceNet, False, r"'fc.weight' is used 2 times"),
-], ids=["tanh", "train_batchnorm", "weight_used_twice"])
+@pytest.mark.parametrize(
+    "make, train, message",
+    [
+        (TanhMLP, False, r"'tanh' is not piecewise linear.*module '1' \(Tanh\)"),
+        (TrainBatchNormNet, True, r"batch_norm with batch statistics.*module '1' \(BatchNorm1d\)"),
+        (TwiceNet, False, r"'fc.weight' is used 2 times"),
+    ],
+    ids=["tanh", "train_batchnorm", "weight_used_twice"],
+)
 def test_inexact_model_raises_when_strict_and_returns_ggn_with_warning_otherwise(make, train, message):
     torch.manual_seed(0)
     model = make().double().train(train)
@@ -289,13 +318,19 @@ class CustomFunctionNet(nn.Module):
         return self.fc2(SquareFunction.apply(self.fc1(x)))
 
 
-@pytest.mark.parametrize("model, message", [
-    (SoftmaxAttentionNet(), r"'softmax' is not piecewise linear"),
-    (SoftmaxAttentionNet(), r"'mul' multiplies 2 weight-dependent tensors"),
-    (CustomFunctionNet(), r"invisible to torch function modes \(SquareFunctionBackward"),
-    (nn.Sequential(nn.Linear(5, 5), nn.ReLU(), nn.Dropout(0.3), nn.Linear(5, 3)).train(),
-     r"dropout in training mode"),
-], ids=["softmax", "product", "custom_function", "train_dropout"])
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (SoftmaxAttentionNet(), r"'softmax' is not piecewise linear"),
+        (SoftmaxAttentionNet(), r"'mul' multiplies 2 weight-dependent tensors"),
+        (CustomFunctionNet(), r"invisible to torch function modes \(SquareFunctionBackward"),
+        (
+            nn.Sequential(nn.Linear(5, 5), nn.ReLU(), nn.Dropout(0.3), nn.Linear(5, 3)).train(),
+            r"dropout in training mode",
+        ),
+    ],
+    ids=["softmax", "product", "custom_function", "train_dropout"],
+)
 def test_operation_off_the_allowlist_is_named_in_the_error(model, message):
     model = model.double()
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
@@ -306,8 +341,9 @@ def test_operation_off_the_allowlist_is_named_in_the_error(model, message):
 def test_sum_reduced_loss_is_rejected():
     model, x, y = make_case("mlp")
     with pytest.raises(ValueError, match="not the mean of per-sample losses"):
-        exact_hessian_diagonal(model, lambda f, t: F.cross_entropy(f, t, reduction="sum"), x, y,
-                               select_parameters(model))
+        exact_hessian_diagonal(
+            model, lambda f, t: F.cross_entropy(f, t, reduction="sum"), x, y, select_parameters(model)
+        )
 
 
 def test_frozen_tanh_feature_extractor_before_the_selected_weights_is_exact():
@@ -352,15 +388,28 @@ def test_works_under_inference_mode():
 
 
 # ----------------------------------------------------------------------------- the refusal's type
-@pytest.mark.parametrize("make, loss_fn, ggn_applies, hint", [
-    (TanhMLP, F.cross_entropy, True, 'method="ggn_hutchinson"'),
-    (lambda: nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Dropout(0.3), nn.Linear(6, 3)).train(), F.cross_entropy,
-     False, 'method="hutchinson"'),
-    (lambda: nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)),
-     lambda f, t: F.cross_entropy(f, t, reduction="sum"), False, 'method="hutchinson"'),
-], ids=["tanh", "train_dropout", "sum_loss"])
+@pytest.mark.parametrize(
+    "make, loss_fn, ggn_applies, hint",
+    [
+        (TanhMLP, F.cross_entropy, True, 'method="ggn_hutchinson"'),
+        (
+            lambda: nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Dropout(0.3), nn.Linear(6, 3)).train(),
+            F.cross_entropy,
+            False,
+            'method="hutchinson"',
+        ),
+        (
+            lambda: nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)),
+            lambda f, t: F.cross_entropy(f, t, reduction="sum"),
+            False,
+            'method="hutchinson"',
+        ),
+    ],
+    ids=["tanh", "train_dropout", "sum_loss"],
+)
 def test_refusal_is_an_exact_method_not_applicable_value_error_that_says_what_can_take_over(
-        make, loss_fn, ggn_applies, hint):
+    make, loss_fn, ggn_applies, hint
+):
     from lightning_flatness.functional.estimators import ExactMethodNotApplicable
 
     torch.manual_seed(0)

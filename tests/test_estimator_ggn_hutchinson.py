@@ -49,7 +49,9 @@ class Problem:
 
     def estimate(self, num_probes: int, seed: int, fn=ggn_hutchinson_hessian_diagonal, **kw) -> Tensor:
         g = torch.Generator().manual_seed(seed)
-        est = fn(self.model, self.loss_fn, self.x, self.y, self.params, num_probes=num_probes, generator=g, **kw)
+        est = fn(
+            self.model, self.loss_fn, self.x, self.y, self.params, num_probes=num_probes, generator=g, **kw
+        )
         return flat(est, self.names)
 
     def rel_error(self, estimate: Tensor) -> float:
@@ -66,8 +68,9 @@ class Problem:
 
 def mlp(activation: type[nn.Module], seed: int = 0, width: int = 12) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, width), activation(), nn.Linear(width, width), activation(),
-                         nn.Linear(width, 3)).double()
+    return nn.Sequential(
+        nn.Linear(6, width), activation(), nn.Linear(width, width), activation(), nn.Linear(width, 3)
+    ).double()
 
 
 def data(seed: int = 1, n: int = 32) -> tuple[Tensor, Tensor]:
@@ -130,18 +133,25 @@ def quiet(fn, *args, **kwargs):
 
 
 # --------------------------------------------------------------------------- the decomposition
-@pytest.mark.parametrize("problem_name, free", [
-    ("tanh_problem", {"4.weight"}),  # the last layer: only Linear after it
-    ("twice_problem", {"inp.weight", "head.weight"}),  # ReLU and Linear downstream of inp; fc used twice
-    ("train_batchnorm_problem", {"3.weight"}),  # batch statistics make the output nonlinear in 0.weight
-], ids=["tanh", "weight_used_twice", "train_batchnorm"])
+@pytest.mark.parametrize(
+    "problem_name, free",
+    [
+        ("tanh_problem", {"4.weight"}),  # the last layer: only Linear after it
+        ("twice_problem", {"inp.weight", "head.weight"}),  # ReLU and Linear downstream of inp; fc used twice
+        ("train_batchnorm_problem", {"3.weight"}),  # batch statistics make the output nonlinear in 0.weight
+    ],
+    ids=["tanh", "weight_used_twice", "train_batchnorm"],
+)
 def test_gauss_newton_part_is_the_brute_force_ggn_and_the_residual_vanishes_exactly_where_claimed(
-        problem_name, free, request):
+    problem_name, free, request
+):
     p = request.getfixturevalue(problem_name)
     ggn = quiet(gauss_newton_diagonal, p.model, p.loss_fn, p.x, p.y, p.params)
     est = flat(ggn.diagonal, p.names)
     assert float((est - p.ggn.diagonal()).norm() / p.ggn.diagonal().norm()) < 1e-10
-    assert torch.allclose(ggn.logits_grad, torch.func.grad(lambda f: p.loss_fn(f, p.y))(p.model(p.x)), rtol=1e-12)
+    assert torch.allclose(
+        ggn.logits_grad, torch.func.grad(lambda f: p.loss_fn(f, p.y))(p.model(p.x)), rtol=1e-12
+    )
     assert ggn.issues and not ggn.loss_issues and not ggn.random_ops
     assert {n for n, why in ggn.tensor_issues.items() if not why} == free
     scale = float(p.diag.abs().max())
@@ -189,8 +199,10 @@ def test_error_is_far_below_plain_hutchinson_at_equal_probes_near_a_minimum():
     ratio = sum(hutch) / sum(ggn)
     assert ratio > 3.5, (sum(hutch) / 6, sum(ggn) / 6)
     # and the variance formulas predict it
-    predicted = math.sqrt(float(p.probe_variance(p.hessian, p.names).sum())
-                          / float(p.probe_variance(p.residual, ["0.weight", "2.weight"]).sum()))
+    predicted = math.sqrt(
+        float(p.probe_variance(p.hessian, p.names).sum())
+        / float(p.probe_variance(p.residual, ["0.weight", "2.weight"]).sum())
+    )
     assert 0.7 < ratio / predicted < 1.4, (ratio, predicted)
 
 
@@ -225,8 +237,16 @@ def test_model_parameters_buffers_grads_and_mode_are_untouched_under_no_grad():
     model[0].weight.grad = torch.ones_like(model[0].weight)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
-        est = quiet(ggn_hutchinson_hessian_diagonal, model, F.cross_entropy, x, y, select_parameters(model),
-                    num_probes=8, generator=torch.Generator().manual_seed(0))
+        est = quiet(
+            ggn_hutchinson_hessian_diagonal,
+            model,
+            F.cross_entropy,
+            x,
+            y,
+            select_parameters(model),
+            num_probes=8,
+            generator=torch.Generator().manual_seed(0),
+        )
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # incl. running stats
     assert torch.equal(model[0].weight.grad, torch.ones_like(model[0].weight))
@@ -240,8 +260,15 @@ def test_model_parameters_buffers_grads_and_mode_are_untouched_under_no_grad():
 def test_float32_model_gives_float32_close_to_float64(tanh_problem):
     p = tanh_problem
     model32 = mlp(nn.Tanh).float()
-    est = ggn_hutchinson_hessian_diagonal(model32, F.cross_entropy, p.x.float(), p.y, select_parameters(model32),
-                                          num_probes=16, generator=torch.Generator().manual_seed(3))
+    est = ggn_hutchinson_hessian_diagonal(
+        model32,
+        F.cross_entropy,
+        p.x.float(),
+        p.y,
+        select_parameters(model32),
+        num_probes=16,
+        generator=torch.Generator().manual_seed(3),
+    )
     assert all(t.dtype == torch.float32 for t in est.values())
     assert float((flat(est, p.names).double() - p.estimate(16, seed=3)).norm() / p.diag.norm()) < 1e-5
 
@@ -249,12 +276,14 @@ def test_float32_model_gives_float32_close_to_float64(tanh_problem):
 def test_invalid_uses_name_the_fix(tanh_problem):
     p = tanh_problem
     with pytest.raises(ValueError, match="method='hutchinson'"):
-        ggn_hutchinson_hessian_diagonal(p.model, lambda f, t: F.cross_entropy(f, t, reduction="sum"), p.x, p.y,
-                                        p.params, num_probes=4)
+        ggn_hutchinson_hessian_diagonal(
+            p.model, lambda f, t: F.cross_entropy(f, t, reduction="sum"), p.x, p.y, p.params, num_probes=4
+        )
     dropout = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Dropout(0.2), nn.Linear(5, 3)).double().train()
     with pytest.raises(ValueError, match=r"'dropout' in module '2'.*model.eval\(\)"):
-        ggn_hutchinson_hessian_diagonal(dropout, F.cross_entropy, p.x, p.y, select_parameters(dropout),
-                                        num_probes=4)
+        ggn_hutchinson_hessian_diagonal(
+            dropout, F.cross_entropy, p.x, p.y, select_parameters(dropout), num_probes=4
+        )
     with pytest.raises(ValueError, match="num_probes"):
         ggn_hutchinson_hessian_diagonal(p.model, p.loss_fn, p.x, p.y, p.params, num_probes=0)
 
@@ -262,13 +291,22 @@ def test_invalid_uses_name_the_fix(tanh_problem):
 def test_dispatcher_runs_it_per_group_and_the_exact_refusal_points_to_it(tanh_problem):
     p = tanh_problem
     assert "ggn_hutchinson" in METHODS
-    out = hessian_diagonal_groups(p.model, p.loss_fn, p.x, p.y, method="ggn_hutchinson", num_probes=256,
-                                  num_groups=2, generator=torch.Generator().manual_seed(0))
+    out = hessian_diagonal_groups(
+        p.model,
+        p.loss_fn,
+        p.x,
+        p.y,
+        method="ggn_hutchinson",
+        num_probes=256,
+        num_groups=2,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.method == "ggn_hutchinson" and out.num_probes == 256 and out.group_sizes.tolist() == [16, 16]
     g = torch.Generator().manual_seed(0)  # the groups draw their probes in turn from one generator
     for group, part in enumerate((slice(0, 16), slice(16, 32))):
-        alone = ggn_hutchinson_hessian_diagonal(p.model, p.loss_fn, p.x[part], p.y[part], p.params,
-                                                num_probes=128, generator=g)
+        alone = ggn_hutchinson_hessian_diagonal(
+            p.model, p.loss_fn, p.x[part], p.y[part], p.params, num_probes=128, generator=g
+        )
         assert all(torch.equal(out.groups[n][group], alone[n]) for n in p.names)
     halves = [Problem(p.model, p.x[part], p.y[part]) for part in (slice(0, 16), slice(16, 32))]
     variance = sum(0.25 * h.probe_variance(h.residual, ["0.weight", "2.weight"]).sum() / 128 for h in halves)

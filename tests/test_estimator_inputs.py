@@ -43,10 +43,25 @@ def test_tuple_and_dict_inputs_give_the_plain_tensor_estimate(estimator):
         params = {n: p for n, p in model.named_parameters() if n.endswith("weight")}
         with torch.inference_mode():  # inference tensors are cloned, not rejected
             frozen = map_inputs(inputs, torch.clone)
-        assert all(t.is_inference() for t in ([frozen] if isinstance(frozen, torch.Tensor) else
-                                               (frozen.values() if isinstance(frozen, dict) else frozen)))
-        runs.append(estimator(model, F.cross_entropy, frozen, y, params, num_probes=8,
-                              generator=torch.Generator().manual_seed(1)))
+        assert all(
+            t.is_inference()
+            for t in (
+                [frozen]
+                if isinstance(frozen, torch.Tensor)
+                else (frozen.values() if isinstance(frozen, dict) else frozen)
+            )
+        )
+        runs.append(
+            estimator(
+                model,
+                F.cross_entropy,
+                frozen,
+                y,
+                params,
+                num_probes=8,
+                generator=torch.Generator().manual_seed(1),
+            )
+        )
     for other in runs[1:]:
         for n in runs[0]:
             assert torch.allclose(other[n], runs[0][n], rtol=1e-10, atol=1e-12)
@@ -61,9 +76,23 @@ def test_token_logits_with_token_loss_equal_the_flattened_classifier():
     y[1, 3:] = -100
     valid = y != -100
     params = {n: p for n, p in model.named_parameters() if n.endswith("weight")}
-    tokens = hutchinson_hessian_diagonal(model, TokenLoss(F.cross_entropy), x, y, params, num_probes=8,
-                                         generator=torch.Generator().manual_seed(2))
-    rows = hutchinson_hessian_diagonal(model, F.cross_entropy, x[valid], y[valid], params, num_probes=8,
-                                       generator=torch.Generator().manual_seed(2))
+    tokens = hutchinson_hessian_diagonal(
+        model,
+        TokenLoss(F.cross_entropy),
+        x,
+        y,
+        params,
+        num_probes=8,
+        generator=torch.Generator().manual_seed(2),
+    )
+    rows = hutchinson_hessian_diagonal(
+        model,
+        F.cross_entropy,
+        x[valid],
+        y[valid],
+        params,
+        num_probes=8,
+        generator=torch.Generator().manual_seed(2),
+    )
     for n in params:
         assert torch.allclose(tokens[n], rows[n], rtol=1e-10, atol=1e-12)

@@ -25,14 +25,18 @@ from lightning_flatness.functional.parameters import select_parameters
 
 torch.set_num_threads(1)
 
-ESTIMATORS = {"hutchinson": hutchinson_hessian_diagonal, "finite_difference": finite_difference_hessian_diagonal}
+ESTIMATORS = {
+    "hutchinson": hutchinson_hessian_diagonal,
+    "finite_difference": finite_difference_hessian_diagonal,
+}
 
 
 # --------------------------------------------------------------------------- reference and models
 def mlp(activation: type[nn.Module], seed: int = 0, width: int = 12) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, width), activation(), nn.Linear(width, width), activation(),
-                         nn.Linear(width, 3)).double()
+    return nn.Sequential(
+        nn.Linear(6, width), activation(), nn.Linear(width, width), activation(), nn.Linear(width, 3)
+    ).double()
 
 
 def data(seed: int = 1, n: int = 32) -> tuple[Tensor, Tensor]:
@@ -53,8 +57,19 @@ class Problem:
     def estimate(self, method: str, num_probes: int, seed: int, **kw) -> Tensor:
         fn = ESTIMATORS[method]
         g = torch.Generator().manual_seed(seed)
-        return flat(fn(self.model, self.loss_fn, self.x, self.y, self.params, num_probes=num_probes,
-                       generator=g, **kw), self.names)
+        return flat(
+            fn(
+                self.model,
+                self.loss_fn,
+                self.x,
+                self.y,
+                self.params,
+                num_probes=num_probes,
+                generator=g,
+                **kw,
+            ),
+            self.names,
+        )
 
     def rel_error(self, estimate: Tensor) -> float:
         return float((estimate - self.diag).norm() / self.diag.norm())
@@ -119,9 +134,17 @@ def test_finite_difference_is_unbiased_on_smooth_networks(problem_name, request)
     assert abs(z_trace) < 4.5, z_trace
 
 
-@pytest.mark.parametrize("method, problem_name", [("hutchinson", "tanh_problem"), ("hutchinson", "relu_problem"),
-                                                  ("finite_difference", "softplus_problem")])
-def test_error_shrinks_like_inverse_sqrt_probes_as_the_variance_formula_predicts(method, problem_name, request):
+@pytest.mark.parametrize(
+    "method, problem_name",
+    [
+        ("hutchinson", "tanh_problem"),
+        ("hutchinson", "relu_problem"),
+        ("finite_difference", "softplus_problem"),
+    ],
+)
+def test_error_shrinks_like_inverse_sqrt_probes_as_the_variance_formula_predicts(
+    method, problem_name, request
+):
     problem = request.getfixturevalue(problem_name)
     var = problem.probe_variance(method)
     rms_error = {}
@@ -144,10 +167,14 @@ def test_finite_difference_is_worse_than_hutchinson_on_relu_networks_because_of_
     p = Problem(mlp(nn.ReLU, seed=0, width=20), *data(seed=1, n=64))  # 580 weights
     hutch = [p.rel_error(p.estimate("hutchinson", 256, seed=s)) for s in range(4)]
     fd = [p.rel_error(p.estimate("finite_difference", 256, seed=s)) for s in range(4)]
-    fd_tiny = [p.rel_error(p.estimate("finite_difference", 256, seed=s, relative_step=1e-9)) for s in range(4)]
+    fd_tiny = [
+        p.rel_error(p.estimate("finite_difference", 256, seed=s, relative_step=1e-9)) for s in range(4)
+    ]
     mean = lambda v: sum(v) / len(v)  # noqa: E731
     assert mean(fd) > 5 * mean(hutch), (mean(fd), mean(hutch))
-    predicted_fd_tiny = math.sqrt(float(p.probe_variance("finite_difference").sum()) / 256) / float(p.diag.norm())
+    predicted_fd_tiny = math.sqrt(float(p.probe_variance("finite_difference").sum()) / 256) / float(
+        p.diag.norm()
+    )
     assert 0.75 < mean(fd_tiny) / predicted_fd_tiny < 1.3, (mean(fd_tiny), predicted_fd_tiny)
 
 
@@ -155,10 +182,17 @@ def test_estimates_restricted_to_selected_tensors_match_the_full_hessian_diagona
     p = tanh_problem
     name = p.names[1]
     offset = p.params[p.names[0]].numel()
-    sub = p.diag[offset:offset + p.params[name].numel()]
+    sub = p.diag[offset : offset + p.params[name].numel()]
     for method, fn in ESTIMATORS.items():
-        est = fn(p.model, p.loss_fn, p.x, p.y, {name: p.params[name]}, num_probes=2048,
-                 generator=torch.Generator().manual_seed(0))
+        est = fn(
+            p.model,
+            p.loss_fn,
+            p.x,
+            p.y,
+            {name: p.params[name]},
+            num_probes=2048,
+            generator=torch.Generator().manual_seed(0),
+        )
         assert list(est) == [name]
         # The sub-block's probe variance sums only over the selected tensor; 2048 probes: ~5% error.
         assert float((est[name].reshape(-1) - sub).norm() / sub.norm()) < 0.15, method
@@ -205,8 +239,15 @@ def test_model_parameters_buffers_grads_and_mode_are_untouched_under_no_grad(met
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # finite differences fall back to a loop for train-mode BatchNorm
-        est = ESTIMATORS[method](model, F.cross_entropy, x, y, select_parameters(model), num_probes=8,
-                                 generator=torch.Generator().manual_seed(0))
+        est = ESTIMATORS[method](
+            model,
+            F.cross_entropy,
+            x,
+            y,
+            select_parameters(model),
+            num_probes=8,
+            generator=torch.Generator().manual_seed(0),
+        )
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # incl. running stats, num_batches_tracked
     assert torch.equal(model[0].weight.grad, torch.ones_like(model[0].weight))
@@ -223,7 +264,10 @@ def test_train_mode_batchnorm_uses_batch_statistics_and_stays_unbiased(method):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         z, z_trace = z_scores(problem, method, repeats=32, probes_each=16)
-    assert 0.55 < z.abs().mean() < 1.1 and z.abs().max() < 5.0 and abs(z_trace) < 4.5, (z.abs().mean(), z_trace)
+    assert 0.55 < z.abs().mean() < 1.1 and z.abs().max() < 5.0 and abs(z_trace) < 4.5, (
+        z.abs().mean(),
+        z_trace,
+    )
 
 
 def test_result_has_the_parameters_names_shapes_and_dtypes():
@@ -232,7 +276,9 @@ def test_result_has_the_parameters_names_shapes_and_dtypes():
     x, y = torch.randn(4, 2, 6, 6), torch.randint(0, 5, (4,))
     params = select_parameters(model)
     for fn in ESTIMATORS.values():
-        est = fn(model, F.cross_entropy, x, y, params, num_probes=4, generator=torch.Generator().manual_seed(0))
+        est = fn(
+            model, F.cross_entropy, x, y, params, num_probes=4, generator=torch.Generator().manual_seed(0)
+        )
         assert list(est) == list(params)
         assert all(est[n].shape == p.shape and est[n].dtype == torch.float32 for n, p in params.items())
 
@@ -244,10 +290,13 @@ def test_invalid_arguments_name_the_fix(tanh_problem):
     with pytest.raises(ValueError, match="relative_step"):
         finite_difference_hessian_diagonal(p.model, p.loss_fn, p.x, p.y, p.params, relative_step=0.0)
     with pytest.raises(ValueError, match="select_parameters"):
-        hutchinson_hessian_diagonal(p.model, p.loss_fn, p.x, p.y, {"0.weight": torch.zeros(12, 6)}, num_probes=2)
+        hutchinson_hessian_diagonal(
+            p.model, p.loss_fn, p.x, p.y, {"0.weight": torch.zeros(12, 6)}, num_probes=2
+        )
     with pytest.raises(ValueError, match="scalar"):
-        hutchinson_hessian_diagonal(p.model, lambda o, t: F.cross_entropy(o, t, reduction="none"), p.x, p.y,
-                                    p.params, num_probes=2)
+        hutchinson_hessian_diagonal(
+            p.model, lambda o, t: F.cross_entropy(o, t, reduction="none"), p.x, p.y, p.params, num_probes=2
+        )
 
 
 def test_finite_difference_step_is_relative_to_the_rms_entry_of_each_tensor():
@@ -263,12 +312,12 @@ class _CubeNoFunctorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
-        return x ** 3
+        return x**3
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        return grad * 3 * x ** 2
+        return grad * 3 * x**2
 
 
 class _SoftplusOnceDifferentiable(torch.autograd.Function):
@@ -309,12 +358,21 @@ def test_hutchinson_falls_back_to_double_backward_when_vmap_fails_with_the_same_
     g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ref = hutchinson_hessian_diagonal(plain, F.cross_entropy, x, y, select_parameters(plain), num_probes=20,
-                                          generator=g(), chunk_size=8)
+        ref = hutchinson_hessian_diagonal(
+            plain, F.cross_entropy, x, y, select_parameters(plain), num_probes=20, generator=g(), chunk_size=8
+        )
     assert not [w for w in caught if "falling back" in str(w.message)]  # the plain model takes the vmap path
     with pytest.warns(UserWarning, match="falling back to a loop of double-backward"):
-        est = hutchinson_hessian_diagonal(custom, F.cross_entropy, x, y, select_parameters(custom), num_probes=20,
-                                          generator=g(), chunk_size=8)
+        est = hutchinson_hessian_diagonal(
+            custom,
+            F.cross_entropy,
+            x,
+            y,
+            select_parameters(custom),
+            num_probes=20,
+            generator=g(),
+            chunk_size=8,
+        )
     for n in ref:
         assert torch.allclose(est[n], ref[n], rtol=1e-10, atol=1e-13)
 
@@ -323,17 +381,28 @@ def test_finite_difference_works_without_double_backward_and_hutchinson_says_to_
     custom, plain = _twin_models(_SoftplusOnceDifferentiable.apply, F.softplus)
     x, y = data()
     g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
-    ref = finite_difference_hessian_diagonal(plain, F.cross_entropy, x, y, select_parameters(plain),
-                                             num_probes=20, generator=g(), chunk_size=8)
+    ref = finite_difference_hessian_diagonal(
+        plain, F.cross_entropy, x, y, select_parameters(plain), num_probes=20, generator=g(), chunk_size=8
+    )
     with pytest.warns(UserWarning, match="falling back to a loop of gradient evaluations"):
-        est = finite_difference_hessian_diagonal(custom, F.cross_entropy, x, y, select_parameters(custom),
-                                                 num_probes=20, generator=g(), chunk_size=8)
+        est = finite_difference_hessian_diagonal(
+            custom,
+            F.cross_entropy,
+            x,
+            y,
+            select_parameters(custom),
+            num_probes=20,
+            generator=g(),
+            chunk_size=8,
+        )
     for n in ref:
         assert torch.allclose(est[n], ref[n], rtol=1e-9, atol=1e-12)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(RuntimeError, match="method='finite_difference'"):
-            hutchinson_hessian_diagonal(custom, F.cross_entropy, x, y, select_parameters(custom), num_probes=4)
+            hutchinson_hessian_diagonal(
+                custom, F.cross_entropy, x, y, select_parameters(custom), num_probes=4
+            )
 
 
 def test_finite_difference_warns_about_dropout_in_train_mode():
@@ -341,7 +410,9 @@ def test_finite_difference_warns_about_dropout_in_train_mode():
     model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.1), nn.Linear(8, 3)).double().train()
     x, y = data()
     with pytest.warns(UserWarning, match="model.eval"):
-        finite_difference_hessian_diagonal(model, F.cross_entropy, x, y, select_parameters(model), num_probes=2)
+        finite_difference_hessian_diagonal(
+            model, F.cross_entropy, x, y, select_parameters(model), num_probes=2
+        )
 
 
 # --------------------------------------------------------------------------- public dispatcher
@@ -351,8 +422,16 @@ def test_dispatcher_groups_spread_is_consistent_with_their_error(tanh_problem):
     p = tanh_problem
     x, y = data(seed=9, n=64)
     exact = brute_force_hessian(p.model, p.loss_fn, x, y, p.names).diagonal()
-    out = hessian_diagonal_groups(p.model, p.loss_fn, x, y, method="hutchinson", num_probes=512, num_groups=4,
-                                  generator=torch.Generator().manual_seed(0))
+    out = hessian_diagonal_groups(
+        p.model,
+        p.loss_fn,
+        x,
+        y,
+        method="hutchinson",
+        num_probes=512,
+        num_groups=4,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.method == "hutchinson" and out.num_probes == 512 and out.group_sizes.tolist() == [16] * 4
     groups = torch.cat([out.groups[n].reshape(4, -1) for n in p.names], 1)
     mean = flat(out.mean(), p.names)
@@ -360,6 +439,13 @@ def test_dispatcher_groups_spread_is_consistent_with_their_error(tanh_problem):
     # Squared error of the pooled mean vs. the squared standard error the groups report: ratio ~1.
     ratio = float((mean - exact).pow(2).sum() / stderr2.sum())
     assert 0.4 < ratio < 2.5, ratio
-    one = hessian_diagonal(p.model, p.loss_fn, x, y, method="finite_difference", num_probes=8,
-                           generator=torch.Generator().manual_seed(0))
+    one = hessian_diagonal(
+        p.model,
+        p.loss_fn,
+        x,
+        y,
+        method="finite_difference",
+        num_probes=8,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert list(one) == p.names

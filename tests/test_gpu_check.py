@@ -115,7 +115,9 @@ def test_cost_stage_runs_on_the_cpu_in_quick_mode(tmp_path):
     finally:
         torch.set_num_threads(threads)
     entry = results["models"]["vit_small"]
-    assert entry["float32"]["method"] == "gauss_newton"  # GELU, softmax, layer norm: not exact, so auto measures the GGN
+    assert (
+        entry["float32"]["method"] == "gauss_newton"
+    )  # GELU, softmax, layer norm: not exact, so auto measures the GGN
     assert entry["float32"]["train_steps"] == pytest.approx(
         entry["float32"]["seconds"] / entry["train_step_seconds"]
     )

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lightning_flatness.functional import loss_hessian_factors
 from lightning_flatness.functional.loss_hessian_factors import (
     MC_LOSS_COLUMNS,
     autograd_columns,
@@ -15,7 +16,6 @@ from lightning_flatness.functional.loss_hessian_factors import (
     normalized_cross_entropy_logit_hessian,
     sample_loss_hessian_columns,
 )
-from lightning_flatness.functional import loss_hessian_factors
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.model_io import TokenLoss
 
@@ -120,8 +120,9 @@ def test_normalized_cross_entropy_columns_are_unbiased_for_the_autograd_hessian(
     logits, target = 2 * torch.randn(3, k, dtype=torch.float64), torch.randint(0, k, (3,))
     expected = _autograd_per_sample_hessians(normalized_softmax_cross_entropy, logits, target)
     draws = 4000
-    cols, signs = normalized_cross_entropy_columns(logits, target, draws, torch.Generator().manual_seed(3),
-                                                   exact_low_rank=exact_low_rank)
+    cols, signs = normalized_cross_entropy_columns(
+        logits, target, draws, torch.Generator().manual_seed(3), exact_low_rank=exact_low_rank
+    )
     lead = 2 if exact_low_rank else 0  # the rank-2 part B as two fixed columns, + then -
     assert cols.shape == (3, k, 2 * draws + lead)
     assert signs.tolist()[:4] == [1.0, -1.0, 1.0, -1.0]
@@ -152,7 +153,7 @@ def test_exact_low_rank_columns_carry_the_rank_two_part_without_noise():
     logits, target = 3 * torch.randn(4, k, dtype=torch.float64), torch.randint(0, k, (4,))
     cols, signs = normalized_cross_entropy_columns(logits, target, 1, torch.Generator().manual_seed(0))
     lam = normalized_cross_entropy_logit_hessian(logits, target)
-    u = (logits - logits.mean(1, keepdim=True))
+    u = logits - logits.mean(1, keepdim=True)
     s = u.pow(2).mean(1, keepdim=True).sqrt()
     u = u / s
     p = torch.softmax(u, 1)

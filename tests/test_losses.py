@@ -25,8 +25,9 @@ def batch():
 
 def test_matches_literal_equations_20_to_22(batch):
     logits, target = batch
-    torch.testing.assert_close(normalized_softmax_cross_entropy(logits, target), _reference_loss(logits, target),
-                               rtol=1e-13, atol=0)
+    torch.testing.assert_close(
+        normalized_softmax_cross_entropy(logits, target), _reference_loss(logits, target), rtol=1e-13, atol=0
+    )
 
 
 @pytest.mark.parametrize("scale", [1e-3, 0.5, 7.0, 1e4])
@@ -34,8 +35,9 @@ def test_matches_literal_equations_20_to_22(batch):
 def test_invariant_to_positive_scaling_and_shifting_of_logits(batch, scale, shift):
     logits, target = batch
     ref = normalized_softmax_cross_entropy(logits, target)
-    torch.testing.assert_close(normalized_softmax_cross_entropy(scale * logits + shift, target), ref,
-                               rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        normalized_softmax_cross_entropy(scale * logits + shift, target), ref, rtol=1e-10, atol=0
+    )
 
 
 def test_per_sample_scaling_and_shifting_also_leave_loss_unchanged(batch):
@@ -43,8 +45,12 @@ def test_per_sample_scaling_and_shifting_also_leave_loss_unchanged(batch):
     g = torch.Generator().manual_seed(1)
     a = torch.rand(32, 1, generator=g, dtype=torch.float64) * 10 + 0.1
     b = torch.randn(32, 1, generator=g, dtype=torch.float64) * 10
-    torch.testing.assert_close(normalized_softmax_cross_entropy(a * logits + b, target),
-                               normalized_softmax_cross_entropy(logits, target), rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        normalized_softmax_cross_entropy(a * logits + b, target),
+        normalized_softmax_cross_entropy(logits, target),
+        rtol=1e-10,
+        atol=0,
+    )
 
 
 def test_cross_entropy_is_not_scale_invariant(batch):
@@ -66,7 +72,9 @@ def test_equal_logits_give_log_k_and_finite_gradients(dtype):
 def test_normalized_logits_have_zero_mean_unit_variance(batch):
     z = normalize_logits(batch[0])
     torch.testing.assert_close(z.mean(1), torch.zeros(32, dtype=torch.float64), atol=1e-12, rtol=0)
-    torch.testing.assert_close(z.var(1, unbiased=False), torch.ones(32, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        z.var(1, unbiased=False), torch.ones(32, dtype=torch.float64), atol=1e-12, rtol=0
+    )
 
 
 def test_hessian_in_logits_matches_finite_differences_of_gradient():
@@ -77,7 +85,9 @@ def test_hessian_in_logits_matches_finite_differences_of_gradient():
     hess = torch.func.hessian(lambda v: normalized_softmax_cross_entropy(v[None], y))(f)
     grad = torch.func.grad(lambda v: normalized_softmax_cross_entropy(v[None], y))
     eps = 1e-6
-    fd = torch.stack([(grad(f + eps * e) - grad(f - eps * e)) / (2 * eps) for e in torch.eye(4, dtype=torch.float64)])
+    fd = torch.stack(
+        [(grad(f + eps * e) - grad(f - eps * e)) / (2 * eps) for e in torch.eye(4, dtype=torch.float64)]
+    )
     torch.testing.assert_close(hess, fd, rtol=1e-6, atol=1e-8)
 
 

@@ -18,25 +18,34 @@ from lightning_flatness.measure import SharpnessMeasurement, is_causal_lm, measu
 
 def _mlp(activation=nn.ReLU, classes=3, seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 7), activation(), nn.Linear(7, 6), activation(),
-                         nn.Linear(6, classes)).double()
+    return nn.Sequential(
+        nn.Linear(5, 7), activation(), nn.Linear(7, 6), activation(), nn.Linear(6, classes)
+    ).double()
 
 
 def _data(num_batches=4, size=12, classes=3, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 5, generator=g, dtype=torch.float64), torch.randint(0, classes, (size,), generator=g))
-            for _ in range(num_batches)]
+    return [
+        (
+            torch.randn(size, 5, generator=g, dtype=torch.float64),
+            torch.randint(0, classes, (size,), generator=g),
+        )
+        for _ in range(num_batches)
+    ]
 
 
 def test_measure_sharpness_equals_the_metric_fed_by_hand_and_the_brute_force_hessian():
     model, batches = _mlp(), _data()
     result = measure_sharpness(model, batches, num_replicates=4)
     assert result.choice == MethodChoice("exact", "hessian", result.choice.reason)
-    metric = NormalizedSharpness(num_replicates=4, parameter_shapes={n: p.shape for n, p in model.named_parameters()
-                                                                     if p.ndim >= 2})
+    metric = NormalizedSharpness(
+        num_replicates=4, parameter_shapes={n: p.shape for n, p in model.named_parameters() if p.ndim >= 2}
+    )
     weights = {n: p for n, p in model.named_parameters() if p.ndim >= 2}
     for x, y in batches:
-        metric.update_from_estimate(hessian_diagonal_groups(model, normalized_softmax_cross_entropy, x, y), weights)
+        metric.update_from_estimate(
+            hessian_diagonal_groups(model, normalized_softmax_cross_entropy, x, y), weights
+        )
     by_hand = metric.compute()
     assert set(result.values) == set(by_hand)
     for key in by_hand:
@@ -84,7 +93,9 @@ def test_dict_inputs_and_dict_outputs_give_the_same_values_as_plain_tensors():
     batches = _data()
     plain = measure_sharpness(net, batches, num_replicates=4)
     keyword = _KeywordNet(net)
-    dict_batches = [{"features": x, "scale": torch.ones(len(x), 1, dtype=x.dtype), "labels": y} for x, y in batches]
+    dict_batches = [
+        {"features": x, "scale": torch.ones(len(x), 1, dtype=x.dtype), "labels": y} for x, y in batches
+    ]
 
     def split(batch):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -144,8 +155,11 @@ def test_measurement_skips_non_finite_batches_and_reports_them():
         assert measurement.add(x, y)
     assert int(measurement.compute()["num_samples"]) == 48
     with pytest.raises(ValueError, match="no batch with a finite curvature"):
-        measure_sharpness(model, [(torch.randn(4, 5, dtype=torch.float64), torch.zeros(4, dtype=torch.long))],
-                          loss_fn=lambda logits, target: F.cross_entropy(logits, target) * float("inf"))
+        measure_sharpness(
+            model,
+            [(torch.randn(4, 5, dtype=torch.float64), torch.zeros(4, dtype=torch.long))],
+            loss_fn=lambda logits, target: F.cross_entropy(logits, target) * float("inf"),
+        )
 
 
 def test_auto_on_many_classes_samples_the_gauss_newton_part_within_its_error_bars_of_the_hessian():
@@ -155,7 +169,9 @@ def test_auto_on_many_classes_samples_the_gauss_newton_part_within_its_error_bar
     from oracles import brute_force_measures as oracle
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 40)).double()
+    model = nn.Sequential(
+        nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 40)
+    ).double()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(256, 5, generator=g, dtype=torch.float64)
     y = (x @ torch.randn(5, 40, generator=g, dtype=torch.float64)).argmax(1)  # a teacher's labels

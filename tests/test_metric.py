@@ -32,8 +32,9 @@ def _diagonals(num_groups: int | None, seed: int) -> dict[str, torch.Tensor]:
     """Random Hessian diagonals (some entries negative), ``(G, *shape)`` or ``(*shape)``."""
     gen = torch.Generator().manual_seed(seed)
     lead = () if num_groups is None else (num_groups,)
-    return {n: torch.rand((*lead, *s), generator=gen, dtype=torch.float64) * 2 - 0.3
-            for n, s in SHAPES.items()}
+    return {
+        n: torch.rand((*lead, *s), generator=gen, dtype=torch.float64) * 2 - 0.3 for n, s in SHAPES.items()
+    }
 
 
 def _measure_keys(out: dict) -> list[str]:
@@ -43,8 +44,14 @@ def _measure_keys(out: dict) -> list[str]:
 def _assert_dicts_close(actual: dict, expected: dict, rtol: float = 1e-12) -> None:
     assert set(actual) == set(expected)
     for key in expected:
-        torch.testing.assert_close(actual[key].to(torch.float64), expected[key].to(torch.float64), rtol=rtol,
-                                   atol=0.0, equal_nan=True, msg=lambda m, k=key: f"{k}: {m}")
+        torch.testing.assert_close(
+            actual[key].to(torch.float64),
+            expected[key].to(torch.float64),
+            rtol=rtol,
+            atol=0.0,
+            equal_nan=True,
+            msg=lambda m, k=key: f"{k}: {m}",
+        )
 
 
 def _hand_jackknife(weights, groups, num_replicates, lam=0.5):
@@ -186,7 +193,9 @@ def test_half_shift_is_mean_of_measures_on_even_and_odd_slots_minus_pooled_value
     def pooled(slots):
         total = sum(sizes[i] for i in slots)
         mean = {k: sum(sizes[i] * v[i] for i in slots) / total for k, v in d.items()}
-        return sharpness_measures({k: v.double() for k, v in w.items()}, {k: v.double() for k, v in mean.items()})
+        return sharpness_measures(
+            {k: v.double() for k, v in w.items()}, {k: v.double() for k, v in mean.items()}
+        )
 
     full, even, odd = pooled(range(5)), pooled([0, 2, 4]), pooled([1, 3])
     for key in full:
@@ -257,8 +266,12 @@ def noisy_trials():
             estimate = true_diag + noise * torch.randn(shape, generator=gen, dtype=torch.float64)
             metric.update({"w": estimate}, {"w": weight}, num_samples=16)
         out = metric.compute()
-        rows.append([out[k].item() for k in ("hessian_trace", "hessian_trace_stderr", "normalized",
-                                             "normalized_stderr")])
+        rows.append(
+            [
+                out[k].item()
+                for k in ("hessian_trace", "hessian_trace_stderr", "normalized", "normalized_stderr")
+            ]
+        )
     trials = np.array(rows)
     true_trace_std = math.sqrt(shape[0] * shape[1] * noise**2 / num_batches)
     return trials, true_trace_std, true_diag.sum().item()
@@ -308,8 +321,11 @@ def test_state_is_one_flat_sum_laid_out_at_construction_with_a_one_element_defau
     assert metric.accumulator.shape == (1, 1) and metric.accumulator.dtype == torch.float64  # compact default
     assert {n: tuple(s.shape) for n, s in metric.hessian_sums().items()} == {"w": (8, 5000), "v": (8, 48)}
     assert metric.count.tolist() == [0] * 8
-    metric.update({"w": torch.ones(100, 50), "v": torch.ones(3, 4, 2, 2)},
-                  {"w": torch.ones(100, 50), "v": torch.ones(3, 4, 2, 2)}, 3)
+    metric.update(
+        {"w": torch.ones(100, 50), "v": torch.ones(3, 4, 2, 2)},
+        {"w": torch.ones(100, 50), "v": torch.ones(3, 4, 2, 2)},
+        3,
+    )
     assert metric.accumulator.shape == (8, 5049) and metric.count.tolist() == [3] + [0] * 7
     assert metric.hessian_sums()["v"][0].tolist() == [3.0] * 48
     metric.reset()
@@ -355,8 +371,9 @@ def test_load_state_dict_rejects_other_num_replicates_or_layout():
     metric.update(_diagonals(None, 1), _weights(), 5)
     with pytest.raises(ValueError, match="num_replicates"):
         NormalizedSharpness(SHAPES, num_replicates=3).load_state_dict(metric.state_dict())
-    other = NormalizedSharpness(num_replicates=4,
-                                parameter_shapes={"fc1.weight": (6, 4), "fc2.weight": (3, 7)})
+    other = NormalizedSharpness(
+        num_replicates=4, parameter_shapes={"fc1.weight": (6, 4), "fc2.weight": (3, 7)}
+    )
     with pytest.raises(ValueError, match="shape"):
         other.load_state_dict(metric.state_dict())
 
@@ -439,7 +456,10 @@ def test_dtype_casts_keep_float64_states_and_device_moves_carry_the_state():
 def test_states_made_under_inference_mode_accept_updates_outside_it():
     """Lightning validates under torch.inference_mode; the states must stay updatable afterwards."""
     w = _weights()
-    metric, reference = NormalizedSharpness(SHAPES, num_replicates=4), NormalizedSharpness(SHAPES, num_replicates=4)
+    metric, reference = (
+        NormalizedSharpness(SHAPES, num_replicates=4),
+        NormalizedSharpness(SHAPES, num_replicates=4),
+    )
     with torch.inference_mode():
         metric.update(_diagonals(2, 1), w, [3, 4])  # creates the sum states
         metric.compute()
@@ -460,16 +480,24 @@ def test_states_made_under_inference_mode_accept_updates_outside_it():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"lam": 0.0}, "lam"), ({"lam": -1.0}, "lam"), ({"lam": float("inf")}, "lam"),
-    ({"lam": float("nan")}, "lam"),
-    ({"lam": True}, "lam"), ({"lam": "0.5"}, "lam"),
-    ({"num_replicates": 0}, "num_replicates"), ({"num_replicates": 2.0}, "num_replicates"),
-    ({"num_replicates": True}, "num_replicates"),
-    ({"parameter_shapes": {"b": (5,)}}, "ndim >= 2"), ({"parameter_shapes": {}}, "non-empty"),
-    ({"parameter_shapes": {"w": (2, 3)}, "dist_sync_on_step": True}, "dist_sync_on_step"),
-    ({"parameter_shapes": {"w": (2, 3)}, "dist_sync_fn": lambda x, group=None: [x]}, "all_reduce"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"lam": 0.0}, "lam"),
+        ({"lam": -1.0}, "lam"),
+        ({"lam": float("inf")}, "lam"),
+        ({"lam": float("nan")}, "lam"),
+        ({"lam": True}, "lam"),
+        ({"lam": "0.5"}, "lam"),
+        ({"num_replicates": 0}, "num_replicates"),
+        ({"num_replicates": 2.0}, "num_replicates"),
+        ({"num_replicates": True}, "num_replicates"),
+        ({"parameter_shapes": {"b": (5,)}}, "ndim >= 2"),
+        ({"parameter_shapes": {}}, "non-empty"),
+        ({"parameter_shapes": {"w": (2, 3)}, "dist_sync_on_step": True}, "dist_sync_on_step"),
+        ({"parameter_shapes": {"w": (2, 3)}, "dist_sync_fn": lambda x, group=None: [x]}, "all_reduce"),
+    ],
+)
 def test_constructor_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         NormalizedSharpness(**kwargs)
@@ -482,13 +510,22 @@ def test_constructor_without_parameter_shapes_names_the_fix():
     assert metric.parameter_shapes == {n: torch.Size(s) for n, s in SHAPES.items()}
 
 
-@pytest.mark.parametrize(("num_samples", "error", "match"), [
-    (0, ValueError, "at least one sample"), (-3, ValueError, "at least one sample"),
-    ([4, 0], ValueError, "at least one sample"), ([], ValueError, "empty"),
-    (2.5, TypeError, "int"), (True, TypeError, "bool"), (torch.tensor([1.0, 2.0]), TypeError, "integers"),
-    (torch.ones(2, 1, dtype=torch.int64), ValueError, "1-D"), ([1, 2, 3], ValueError, "expected"),
-    ([3], ValueError, "expected"), (None, TypeError, "required"),
-])
+@pytest.mark.parametrize(
+    ("num_samples", "error", "match"),
+    [
+        (0, ValueError, "at least one sample"),
+        (-3, ValueError, "at least one sample"),
+        ([4, 0], ValueError, "at least one sample"),
+        ([], ValueError, "empty"),
+        (2.5, TypeError, "int"),
+        (True, TypeError, "bool"),
+        (torch.tensor([1.0, 2.0]), TypeError, "integers"),
+        (torch.ones(2, 1, dtype=torch.int64), ValueError, "1-D"),
+        ([1, 2, 3], ValueError, "expected"),
+        ([3], ValueError, "expected"),
+        (None, TypeError, "required"),
+    ],
+)
 def test_update_rejects_bad_num_samples(num_samples, error, match):
     metric = NormalizedSharpness(SHAPES)
     with pytest.raises(error, match=match):
@@ -517,8 +554,9 @@ def test_update_rejects_mismatched_names_shapes_and_bad_values():
     resized = {"fc1.weight": torch.rand(6, 5), "fc2.weight": torch.rand(3, 6)}
     with pytest.raises(ValueError, match="changes tensor shapes"):
         metric.update(resized, resized, 4)
-    estimate = HessianDiagonalEstimate(groups=_diagonals(1, 2), group_sizes=torch.tensor([4]), method="exact",
-                                       num_probes=0)
+    estimate = HessianDiagonalEstimate(
+        groups=_diagonals(1, 2), group_sizes=torch.tensor([4]), method="exact", num_probes=0
+    )
     with pytest.raises(ValueError, match="only with a mapping"):
         metric.update(estimate, w, 4)
     with pytest.raises(TypeError, match="HessianDiagonalEstimate"):
@@ -556,9 +594,16 @@ def test_two_gloo_processes_agree_with_one_process_over_all_data_using_all_reduc
     init_file = tmp_path / "store"
     outs = [tmp_path / f"rank{r}.pt" for r in range(2)]
     script = str(Path(worker.__file__))
-    procs = [subprocess.Popen([sys.executable, script, str(r), "2", str(init_file), str(outs[r])],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, str(r), "2", str(init_file), str(outs[r])],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
     logs = []
     for p in procs:
         try:
@@ -587,8 +632,9 @@ def test_two_gloo_processes_agree_with_one_process_over_all_data_using_all_reduc
         out = res[r]["result"]
         assert set(out) == set(expected)
         _assert_dicts_close(out, res[0]["result"], rtol=0.0)  # identical on both ranks
-        _assert_dicts_close({k: out[k] for k in _measure_keys(out)},
-                            {k: expected[k] for k in _measure_keys(expected)})
+        _assert_dicts_close(
+            {k: out[k] for k in _measure_keys(out)}, {k: expected[k] for k in _measure_keys(expected)}
+        )
         for key in values:
             assert out[_stderr_key(key)].item() == pytest.approx(stderr[key], rel=1e-10)
         assert out["num_samples"].item() == sum(sum(s) for u in worker.UPDATE_SIZES.values() for s in u)
@@ -623,7 +669,7 @@ def test_replicates_with_whole_kernels_clipped_equal_the_measures_of_the_explici
     out = metric.compute()
     assert all(bool(torch.isfinite(v)) for v in out.values())
     pooled = {n: d.mean(dim=0) for n, d in groups.items()}
-    loo = [{n: torch.cat([d[:i], d[i + 1:]]).mean(dim=0) for n, d in groups.items()} for i in range(r)]
+    loo = [{n: torch.cat([d[:i], d[i + 1 :]]).mean(dim=0) for n, d in groups.items()} for i in range(r)]
     ref = sharpness_measures(weights, pooled, lam=0.5)
     ref_loo = torch.stack([sharpness_measures(weights, m, lam=0.5)["normalized"] for m in loo])
     torch.testing.assert_close(out["normalized"], ref["normalized"], rtol=1e-9, atol=0)

@@ -89,7 +89,12 @@ class Offsets(nn.Module):
 def test_default_leaves_out_additive_offsets_but_keeps_multiplying_weights():
     model = Offsets()
     assert list(select_parameters(model)) == ["table", "position_proj.weight"]
-    assert list(select_parameters(model, "weights")) == ["pos_embed", "cls_token", "table", "position_proj.weight"]
+    assert list(select_parameters(model, "weights")) == [
+        "pos_embed",
+        "cls_token",
+        "table",
+        "position_proj.weight",
+    ]
 
 
 def test_default_selection_on_timm_and_hugging_face_models():

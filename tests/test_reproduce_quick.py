@@ -1,5 +1,5 @@
-"""The reproduction setup (data, label noise, reference models) and the command examples/reproduce_random_labels.py,
-run end to end in --quick mode."""
+"""The reproduction setup (data, label noise, reference models) and the command
+examples/reproduce_random_labels.py, run end to end in --quick mode."""
 
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ def test_randomize_labels_corrupts_the_requested_fraction_deterministically_and_
         assert 0.85 * ratio * 1000 <= int(changed.sum()) <= ratio * 1000
         chosen[ratio] = changed
     assert not bool(chosen[0.3][~chosen[1.0]].any())  # the noisier set contains the less noisy one
-    assert not torch.equal(randomize_labels(labels, 0.3, 10, seed=6), randomize_labels(labels, 0.3, 10, seed=5))
+    assert not torch.equal(
+        randomize_labels(labels, 0.3, 10, seed=6), randomize_labels(labels, 0.3, 10, seed=5)
+    )
     assert torch.equal(labels, torch.arange(1000) % 10)  # input untouched
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         randomize_labels(labels, 1.5, 10, seed=0)
@@ -64,7 +66,9 @@ def _load_script():
 
 
 @pytest.mark.slow
-def test_quick_reproduction_writes_finite_results_and_normalized_sharpness_survives_the_rescaling_attack(tmp_path):
+def test_quick_reproduction_writes_finite_results_and_normalized_sharpness_survives_the_rescaling_attack(
+    tmp_path,
+):
     script = _load_script()
     threads = torch.get_num_threads()
     try:
@@ -78,7 +82,9 @@ def test_quick_reproduction_writes_finite_results_and_normalized_sharpness_survi
     assert {r["arch"] for r in table} == {"mlp", "lenet1d"}
     measures = ("normalized", "matrix_normalized", "hessian_trace")
     for r in table:
-        for key in ("gap", "train_acc_noisy", "test_acc") + measures + tuple(m + "_rescaled" for m in measures):
+        for key in (
+            ("gap", "train_acc_noisy", "test_acc") + measures + tuple(m + "_rescaled" for m in measures)
+        ):
             assert math.isfinite(float(r[key])), (key, r[key])
         for m in measures:
             assert float(r[m]) > 0 and float(r[m + "_stderr"]) >= 0
@@ -90,7 +96,16 @@ def test_quick_reproduction_writes_finite_results_and_normalized_sharpness_survi
         assert float(r["gap"]) == pytest.approx(float(r["train_acc_noisy"]) - float(r["test_acc"]), abs=1e-12)
 
     report = (tmp_path / "results.md").read_text()
-    for needle in ("Pearson", "Spearman", "Kendall", "Command:", "Machine:", "Runtime:", "| mlp |", "| lenet1d |"):
+    for needle in (
+        "Pearson",
+        "Spearman",
+        "Kendall",
+        "Command:",
+        "Machine:",
+        "Runtime:",
+        "| mlp |",
+        "| lenet1d |",
+    ):
         assert needle in report
     for name in ("scatter_before.png", "scatter_after.png"):
         data = (tmp_path / name).read_bytes()

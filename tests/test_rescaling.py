@@ -1,6 +1,6 @@
 """Function-preserving rescalings (Dinh et al. 2017; Sec. 5.1, Appendix A, Sec. 7.3) and the invariances they
-test: normalized sharpness (eq. 17) survives both, matrix-normalized sharpness (eq. 13) survives layer scaling only,
-the Hessian trace (eq. 5) survives neither."""
+test: normalized sharpness (eq. 17) survives both, matrix-normalized sharpness (eq. 13) survives layer scaling
+only, the Hessian trace (eq. 5) survives neither."""
 
 from __future__ import annotations
 
@@ -42,11 +42,23 @@ def _small_mlp() -> nn.Sequential:
 
 def _conv2d_net() -> nn.Sequential:
     torch.manual_seed(1)
-    return nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1), nn.LeakyReLU(0.1), nn.MaxPool2d(2),
-        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AvgPool2d(2), nn.Dropout(0.5),
-        nn.Flatten(), nn.Linear(4 * 2 * 2, 5), nn.ReLU(), nn.Linear(5, 3),
-    ).to(DT).eval()
+    return (
+        nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.LeakyReLU(0.1),
+            nn.MaxPool2d(2),
+            nn.Conv2d(3, 4, 3),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Dropout(0.5),
+            nn.Flatten(),
+            nn.Linear(4 * 2 * 2, 5),
+            nn.ReLU(),
+            nn.Linear(5, 3),
+        )
+        .to(DT)
+        .eval()
+    )
 
 
 def _lenet1d() -> nn.Sequential:
@@ -68,8 +80,11 @@ def test_random_rescalings_preserve_outputs_to_float64_precision(name, rescale):
     net = make()
     x = torch.randn(*shape, dtype=DT, generator=torch.Generator().manual_seed(3))
     gen = torch.Generator().manual_seed(4)
-    fn = {"layers": random_rescale_layers, "rows_columns": random_rescale_rows_columns,
-          "both": random_function_preserving_rescaling}[rescale]
+    fn = {
+        "layers": random_rescale_layers,
+        "rows_columns": random_rescale_rows_columns,
+        "both": random_function_preserving_rescaling,
+    }[rescale]
     new = fn(net, generator=gen, log10_range=(-2.0, 2.0))
     assert _relative_error(new(x), net(x)) <= 1e-12
     changed = [not torch.allclose(a, b) for a, b in zip(new.parameters(), net.parameters())]
@@ -78,8 +93,11 @@ def test_random_rescalings_preserve_outputs_to_float64_precision(name, rescale):
 
 def test_row_column_scaling_divides_rows_and_multiplies_columns_including_flattened_channel_blocks():
     net = _conv2d_net()
-    alphas = [torch.tensor([2.0, 0.5, 4.0], dtype=DT), torch.tensor([3.0, 0.25, 5.0, 0.1], dtype=DT),
-              torch.linspace(0.5, 2.0, 5, dtype=DT)]
+    alphas = [
+        torch.tensor([2.0, 0.5, 4.0], dtype=DT),
+        torch.tensor([3.0, 0.25, 5.0, 0.1], dtype=DT),
+        torch.linspace(0.5, 2.0, 5, dtype=DT),
+    ]
     new = rescale_rows_columns(net, alphas)
     conv1, conv2, fc1, fc2 = (net[i] for i in (0, 3, 8, 10))
     new1, new2, newf1, newf2 = (new[i] for i in (0, 3, 8, 10))
@@ -88,12 +106,17 @@ def test_row_column_scaling_divides_rows_and_multiplies_columns_including_flatte
     torch.testing.assert_close(new1.weight, conv1.weight / a1[:, None, None, None], rtol=1e-15, atol=0)
     torch.testing.assert_close(new1.bias, conv1.bias / a1, rtol=1e-15, atol=0)
     # eq. 16 for a convolution: input channel j of the next layer multiplied by alpha_j
-    torch.testing.assert_close(new2.weight, conv2.weight * a1[None, :, None, None] / a2[:, None, None, None],
-                               rtol=1e-15, atol=0)
+    torch.testing.assert_close(
+        new2.weight, conv2.weight * a1[None, :, None, None] / a2[:, None, None, None], rtol=1e-15, atol=0
+    )
     # after Flatten of 4 channels x (2 x 2): columns 4c .. 4c + 3 belong to channel c
     for c in range(4):
-        torch.testing.assert_close(newf1.weight[:, 4 * c:4 * c + 4],
-                                   fc1.weight[:, 4 * c:4 * c + 4] * a2[c] / a3[:, None], rtol=1e-15, atol=0)
+        torch.testing.assert_close(
+            newf1.weight[:, 4 * c : 4 * c + 4],
+            fc1.weight[:, 4 * c : 4 * c + 4] * a2[c] / a3[:, None],
+            rtol=1e-15,
+            atol=0,
+        )
     torch.testing.assert_close(newf1.bias, fc1.bias / a3, rtol=1e-15, atol=0)
     # the output layer: columns only, bias untouched
     torch.testing.assert_close(newf2.weight, fc2.weight * a3[None, :], rtol=1e-15, atol=0)
@@ -117,7 +140,7 @@ def test_random_layer_factors_have_product_one_and_follow_the_generator():
     b = random_rescale_layers(net, generator=torch.Generator().manual_seed(7), log10_range=(-1.0, 1.0))
     ratios = [float(a[i].weight[0, 0].detach() / net[i].weight[0, 0].detach()) for i in (0, 2, 4, 6)]
     assert math.prod(ratios) == pytest.approx(1.0, rel=1e-12)
-    assert all(10 ** -2 <= r <= 10 ** 2 for r in ratios) and max(ratios) / min(ratios) > 1.5
+    assert all(10**-2 <= r <= 10**2 for r in ratios) and max(ratios) / min(ratios) > 1.5
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
 
@@ -173,13 +196,17 @@ def test_appendix_a_row_column_scaling_reproduces_eq_38_to_43_and_preserves_the_
     ex = appendix_a_example()
     w = lambda net: (net[0].weight.detach(), net[2].weight.detach())  # noqa: E731
     w1, w2 = w(ex.initial)
-    # eq. 34-35: ||W1||_F = sqrt(30) = 5.477; the printed "||W1||_2 ~ 5.48" is that Frobenius norm, the spectral
-    # norm is 5.465 (for W2 both round to 13.19)
+    # eq. 34-35: ||W1||_F = sqrt(30) = 5.477; the printed "||W1||_2 ~ 5.48" is that Frobenius norm, the
+    # spectral norm is 5.465 (for W2 both round to 13.19)
     assert _norms(w1) == (pytest.approx(5.465, abs=5e-4), pytest.approx(30.0, rel=1e-14))
     assert math.sqrt(_norms(w1)[1]) == pytest.approx(5.48, abs=5e-3)
     assert _norms(w2) == (pytest.approx(13.19, abs=5e-3), pytest.approx(174.0, rel=1e-14))  # eq. 36-37
-    torch.testing.assert_close(w(ex.first_step)[0], torch.tensor([[0.1, 0.2], [3.0, 4.0]], dtype=DT))  # eq. 38
-    torch.testing.assert_close(w(ex.first_step)[1], torch.tensor([[50.0, 6.0], [70.0, 8.0]], dtype=DT))  # eq. 39
+    torch.testing.assert_close(
+        w(ex.first_step)[0], torch.tensor([[0.1, 0.2], [3.0, 4.0]], dtype=DT)
+    )  # eq. 38
+    torch.testing.assert_close(
+        w(ex.first_step)[1], torch.tensor([[50.0, 6.0], [70.0, 8.0]], dtype=DT)
+    )  # eq. 39
     w1, w2 = w(ex.second_step)
     torch.testing.assert_close(w1, torch.tensor([[0.1, 0.2], [30.0, 40.0]], dtype=DT))  # eq. 40
     torch.testing.assert_close(w2, torch.tensor([[50.0, 0.6], [70.0, 0.8]], dtype=DT))  # eq. 41
@@ -302,7 +329,7 @@ def test_hessian_trace_scales_by_inverse_square_layer_factor_under_layer_scaling
     names = list(select_parameters(net))
     for weight_name, factor in zip(names, factors):  # d2L/d(aw)^2 = d2L/dw^2 / a^2
         key = f"hessian_trace/{weight_name}"
-        assert float(after[key]) == pytest.approx(float(base[key]) / factor ** 2, rel=1e-9)
+        assert float(after[key]) == pytest.approx(float(base[key]) / factor**2, rel=1e-9)
     assert abs(float(after["hessian_trace"]) / float(base["hessian_trace"]) - 1) > 0.1
 
 
@@ -322,14 +349,17 @@ def test_hessian_diagonal_rows_scale_by_alpha_squared_and_columns_by_inverse_und
         if i > 0 and h.shape[1] != alphas[i - 1].numel():  # Linear after Flatten: one block per channel
             col = col.repeat_interleave(h.shape[1] // alphas[i - 1].numel())
         predicted = h * row.reshape(-1, 1, *extra) * col.reshape(1, -1, *extra)
-        torch.testing.assert_close(after[weight_name], predicted, rtol=1e-9, atol=1e-12 * float(predicted.abs().max()))
+        torch.testing.assert_close(
+            after[weight_name], predicted, rtol=1e-9, atol=1e-12 * float(predicted.abs().max())
+        )
 
 
 def test_sec_7_3_normalized_and_matrix_normalized_sharpness_agree_for_every_split_of_two_branches():
-    # The measures of a network are summed over its weight tensors (sharpness_measures' totals), so here over
-    # the two branches. W/2 in both branches: each branch has the single network's Hessian diagonal and half its
-    # weights; eq. 17 and eq. 13 are homogeneous of degree 1 in |W|, so the halves add up to the single value.
-    # W and 0: the zero branch contributes 0 (zero weights, zero curvature). The Hessian trace doubles instead.
+    # The measures of a network are summed over its weight tensors (sharpness_measures' totals), so here
+    # over the two branches. W/2 in both branches: each branch has the single network's Hessian diagonal
+    # and half its weights; eq. 17 and eq. 13 are homogeneous of degree 1 in |W|, so the halves add up to
+    # the single value. W and 0: the zero branch contributes 0 (zero weights, zero curvature). The Hessian
+    # trace doubles instead.
     w, halves, moved = _sec_7_3_networks()
     single = nn.Sequential(nn.Linear(6, 4, bias=False), nn.ReLU()).to(DT)
     with torch.no_grad():
@@ -341,5 +371,9 @@ def test_sec_7_3_normalized_and_matrix_normalized_sharpness_agree_for_every_spli
         got = _measures(net, x, y)
         for key in ("normalized", "matrix_normalized"):
             assert float(got[key]) == pytest.approx(float(ref[key]), rel=1e-8), key
-    assert float(_measures(halves, x, y)["hessian_trace"]) == pytest.approx(2 * float(ref["hessian_trace"]), rel=1e-10)
-    assert float(_measures(moved, x, y)["hessian_trace"]) == pytest.approx(float(ref["hessian_trace"]), rel=1e-10)
+    assert float(_measures(halves, x, y)["hessian_trace"]) == pytest.approx(
+        2 * float(ref["hessian_trace"]), rel=1e-10
+    )
+    assert float(_measures(moved, x, y)["hessian_trace"]) == pytest.approx(
+        float(ref["hessian_trace"]), rel=1e-10
+    )

@@ -1,7 +1,8 @@
 """FSDP2 (``fully_shard``) models measured shard by shard (:mod:`lightning_flatness.sharded`), with 2
-and 4 gloo processes (forked: about a second each) on the CPU: the values equal the unsharded model's (exact method, one
-process, same samples), the jackknife equals the metric's on the gathered sums, every rank holds
-``1/P`` of the sums and at most one whole tensor at a time, and the model is left unchanged."""
+and 4 gloo processes (forked: about a second each) on the CPU: the values equal the unsharded model's
+(exact method, one process, same samples), the jackknife equals the metric's on the gathered sums,
+every rank holds ``1/P`` of the sums and at most one whole tensor at a time, and the model is left
+unchanged."""
 
 from __future__ import annotations
 
@@ -76,8 +77,10 @@ def check(records: list[dict], world_size: int, dtype: str, rel: float, uneven: 
     weights = {n: p.detach().double() for n, p in model.named_parameters() if p.ndim >= 2}
     count = records[0]["count"]  # (R,) samples per replicate slot; sums: {name: (R, numel)} sample-weighted
     metric = NormalizedSharpness(weights, lam=0.5, num_replicates=len(count))
-    means = {n: (s / count.unsqueeze(1).to(s.dtype)).reshape(len(count), *weights[n].shape)
-             for n, s in records[0]["sums"].items()}
+    means = {
+        n: (s / count.unsqueeze(1).to(s.dtype)).reshape(len(count), *weights[n].shape)
+        for n, s in records[0]["sums"].items()
+    }
     metric.update(means, weights, count)  # group g -> slot g: the same per-slot sums
     expected = metric.compute()
     assert set(expected) == set(first)

@@ -54,7 +54,10 @@ def test_iteration_cap_returns_a_certified_upper_bound_and_warns_once_naming_sha
     w, h = _hard_problem()
     exact = solve_normalized_sharpness(w, h)
     assert exact.iterations > 2
-    with pytest.warns(RuntimeWarning, match=r"max_iter=2\) on a weight tensor of shape \(6, 6\) with a certified relative gap") as record:
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"max_iter=2\) on a weight tensor of shape \(6, 6\) with a certified relative gap",
+    ) as record:
         capped = solve_normalized_sharpness(w, h, max_iter=2)
     assert len([r for r in record if r.category is RuntimeWarning]) == 1
     assert capped.iterations == 2
@@ -73,8 +76,17 @@ def test_iteration_cap_must_be_a_positive_int():
             solve_normalized_sharpness(w, h, max_iter=bad)
 
 
-@pytest.mark.parametrize("name", ["lognormal_sigma3_conv", "clipped_90pct", "dead_rows_and_columns",
-                                  "hutchinson_estimate", "depthwise", "skinny"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "lognormal_sigma3_conv",
+        "clipped_90pct",
+        "dead_rows_and_columns",
+        "hutchinson_estimate",
+        "depthwise",
+        "skinny",
+    ],
+)
 def test_batched_replicate_solves_equal_separate_solves_and_stay_certified(name):
     """Jackknife-like replicates (the pooled diagonal plus perturbed copies with other zero patterns),
     solved as one batch warm-started from the first, agree with separate cold solves."""
@@ -152,5 +164,7 @@ def test_replicate_curvature_equals_clipped_kernel_sums_of_explicit_means():
     means += [sums[h].sum(0) / counts[h].sum() for h in ([0, 3, 5], [1, 4])]
     assert a.shape == (len(means), 5, 4)
     for p, mean in enumerate(means):
-        torch.testing.assert_close(a[p], mean.clamp_min(0).view(shape).sum(dim=(2, 3)), rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(
+            a[p], mean.clamp_min(0).view(shape).sum(dim=(2, 3)), rtol=1e-13, atol=1e-13
+        )
         torch.testing.assert_close(trace[p], mean.sum(), rtol=1e-13, atol=1e-13)

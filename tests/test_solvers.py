@@ -151,8 +151,20 @@ def _degenerate_case(kind: str, g):
     return w, h
 
 
-@pytest.mark.parametrize("kind", ["zero_rows_h", "zero_cols_h", "zero_rows_w", "zero_cols_w", "mixed_dead",
-                                  "isolated_zeros_h", "isolated_zeros_w", "sparse_both", "rank_one_patterns"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "zero_rows_h",
+        "zero_cols_h",
+        "zero_rows_w",
+        "zero_cols_w",
+        "mixed_dead",
+        "isolated_zeros_h",
+        "isolated_zeros_w",
+        "sparse_both",
+        "rank_one_patterns",
+    ],
+)
 def test_matches_reference_on_degenerate_matrices(kind):
     w, h = _degenerate_case(kind, gen(hash(kind) % 1000))
     ref = reference_infimum(*coefficients_np(w, h))
@@ -211,15 +223,15 @@ def test_block_triangular_pattern_equals_sum_of_diagonal_blocks():
     for k, (p, q) in enumerate(sizes):
         ak = torch.rand(p, q, generator=g, dtype=F64).numpy() + 0.1
         bk = torch.rand(p, q, generator=g, dtype=F64).numpy() + 0.1
-        a[r0[k]:r0[k + 1], c0[k]:c0[k + 1]] = ak
-        b[r0[k]:r0[k + 1], c0[k]:c0[k + 1]] = bk
+        a[r0[k] : r0[k + 1], c0[k] : c0[k + 1]] = ak
+        b[r0[k] : r0[k + 1], c0[k] : c0[k + 1]] = bk
         expected += lbfgs_minimum(np.sqrt(bk), ak)
-        for l in range(len(sizes)):
-            block = 10 * torch.rand(p, sizes[l][1], generator=g, dtype=F64).numpy()
-            if l > k:
-                b[r0[k]:r0[k + 1], c0[l]:c0[l + 1]] = block
-            elif l < k:
-                a[r0[k]:r0[k + 1], c0[l]:c0[l + 1]] = block
+        for j in range(len(sizes)):
+            block = 10 * torch.rand(p, sizes[j][1], generator=g, dtype=F64).numpy()
+            if j > k:
+                b[r0[k] : r0[k + 1], c0[j] : c0[j + 1]] = block
+            elif j < k:
+                a[r0[k] : r0[k + 1], c0[j] : c0[j + 1]] = block
     pr, pc = torch.randperm(m, generator=g).numpy(), torch.randperm(n, generator=g).numpy()
     a, b = a[pr][:, pc], b[pr][:, pc]
     sol = solve_normalized_sharpness(*from_coefficients(a, b))
@@ -243,8 +255,9 @@ def test_weak_coupling_between_blocks_converges_to_the_split_value():
 # closed forms and bounds
 
 
-@pytest.mark.parametrize("w, h, lam",
-                         [(3.0, 2.0, 0.5), (-0.01, 1e4, 2.0), (1e3, 1e-9, 0.1), (2.0, -1.0, 0.5)])
+@pytest.mark.parametrize(
+    "w, h, lam", [(3.0, 2.0, 0.5), (-0.01, 1e4, 2.0), (1e3, 1e-9, 0.1), (2.0, -1.0, 0.5)]
+)
 def test_one_by_one_closed_form(w, h, lam):
     value = normalized_sharpness(torch.tensor([[w]], dtype=F64), torch.tensor([[h]], dtype=F64), lam=lam)
     assert float(value) == pytest.approx(2 * abs(w) * math.sqrt(max(h, 0.0) / (2 * lam)), rel=1e-14, abs=0)
@@ -344,8 +357,11 @@ def test_rows_outside_every_component_get_nan_variances():
 def test_result_has_the_input_dtype(dtype):
     g = gen(1)
     w, h = torch.randn(6, 5, 3, generator=g).to(dtype), torch.rand(6, 5, 3, generator=g).to(dtype)
-    for fn in (lambda: normalized_sharpness(w, h), lambda: matrix_normalized_sharpness(w, h),
-               lambda: hessian_trace(h)):
+    for fn in (
+        lambda: normalized_sharpness(w, h),
+        lambda: matrix_normalized_sharpness(w, h),
+        lambda: hessian_trace(h),
+    ):
         out = fn()
         assert out.dtype == dtype and out.shape == ()
 
@@ -409,8 +425,9 @@ def test_single_variance_optimum_of_eq10_is_sqrt_2_over_lambda_times_eq13():
     w, h = torch.randn(7, 6, generator=g, dtype=F64), torch.rand(7, 6, generator=g, dtype=F64)
     lam = 0.3
     hsum, wsq = float(h.sum()), float((w**2).sum())
-    res = minimize_scalar(lambda t: hsum * math.exp(t) + wsq / (2 * lam) * math.exp(-t), bracket=(-5, 5),
-                          tol=1e-12)
+    res = minimize_scalar(
+        lambda t: hsum * math.exp(t) + wsq / (2 * lam) * math.exp(-t), bracket=(-5, 5), tol=1e-12
+    )
     assert rel(math.sqrt(2 / lam) * matrix_normalized_sharpness(w, h), res.fun) <= 1e-10
 
 

@@ -3,7 +3,6 @@ kernels have none, and the model and global state restored exactly (also on exce
 
 import pytest
 import torch
-
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp
@@ -31,8 +30,11 @@ def _sdpa_flags():
 
 def _switches(model):
     fused = [(n, m.fused_attn) for n, m in model.named_modules() if hasattr(m, "fused_attn")]
-    configs = [(n, m.config._attn_implementation) for n, m in model.named_modules()
-               if hasattr(getattr(m, "config", None), "_attn_implementation")]
+    configs = [
+        (n, m.config._attn_implementation)
+        for n, m in model.named_modules()
+        if hasattr(getattr(m, "config", None), "_attn_implementation")
+    ]
     return fused, configs
 
 
@@ -56,7 +58,10 @@ def test_hessian_vector_products_fail_fused_and_match_gradient_differences_under
     model, (x, y) = TINY[name](dtype=torch.float64)
     loss_fn = zoo_loss(name, F.cross_entropy)
     params = {n: p.detach() for n, p in select_parameters(model).items()}
-    v = {n: torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(1)) for n, p in params.items()}
+    v = {
+        n: torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(1))
+        for n, p in params.items()
+    }
 
     def loss_of(theta):
         return loss_fn(call_model(lambda *a, **k: functional_call(model, theta, a, k), x), y)
@@ -84,7 +89,7 @@ def test_model_and_global_state_are_restored_also_on_exceptions(name):
     assert (_switches(model), _sdpa_flags(), torch._C._len_torch_function_stack()) == before
     with pytest.raises(ZeroDivisionError):
         with twice_differentiable(model):
-            1 / 0
+            _ = 1 / 0
     assert (_switches(model), _sdpa_flags(), torch._C._len_torch_function_stack()) == before
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     fused, configs = inside
@@ -112,8 +117,10 @@ def test_composite_activations_equal_torch_and_have_second_derivatives():
     assert not g.requires_grad  # piecewise-constant first derivative: no second-order graph, d2 = 0
 
 
-@pytest.mark.parametrize("name, module", [("bert", "transformers.models.bert.modeling_bert"),
-                                          ("gpt2", "transformers.models.gpt2.modeling_gpt2")])
+@pytest.mark.parametrize(
+    "name, module",
+    [("bert", "transformers.models.bert.modeling_bert"), ("gpt2", "transformers.models.gpt2.modeling_gpt2")],
+)
 def test_hugging_face_models_run_eager_attention_inside_only(name, module, monkeypatch):
     import importlib
 

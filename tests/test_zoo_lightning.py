@@ -111,9 +111,14 @@ def _module_and_data(name: str):
 
 # what auto measures: exact Hessian where the network is piecewise linear in each weight, else the
 # Gauss-Newton diagonal (sampled for the LM's T * V outputs)
-EXPECTED = {"resnet": ("exact", "hessian"), "mobilenet_v3": ("gauss_newton", "gauss_newton"),
-            "vit": ("gauss_newton", "gauss_newton"), "convnext": ("gauss_newton", "gauss_newton"),
-            "bert": ("gauss_newton", "gauss_newton"), "gpt2": ("gauss_newton_mc", "gauss_newton")}
+EXPECTED = {
+    "resnet": ("exact", "hessian"),
+    "mobilenet_v3": ("gauss_newton", "gauss_newton"),
+    "vit": ("gauss_newton", "gauss_newton"),
+    "convnext": ("gauss_newton", "gauss_newton"),
+    "bert": ("gauss_newton", "gauss_newton"),
+    "gpt2": ("gauss_newton_mc", "gauss_newton"),
+}
 
 
 @pytest.mark.slow
@@ -122,15 +127,25 @@ def test_zoo_model_in_a_plain_lightning_module_is_measured_at_the_defaults(name)
     module, dataset, inputs, target = _module_and_data(name)
     monitor = SharpnessMonitor(num_samples=16, dtype="float64")
     pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu", devices=1,
-                         callbacks=[monitor])
+    trainer = pl.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[monitor],
+    )
     trainer.fit(module, _Data(dataset))
     assert trainer.current_epoch == 2 and len(monitor.history) == 2
     last = monitor.history[-1]
     method, quantity = EXPECTED[name]
     assert last["method"] == method and monitor._choice.quantity == quantity
-    assert all(math.isfinite(h["normalized"]) and h["normalized"] > 0 for h in monitor.history), monitor.history
+    assert all(math.isfinite(h["normalized"]) and h["normalized"] > 0 for h in monitor.history), (
+        monitor.history
+    )
     if name != "gpt2":  # the causal LM counts valid tokens: see the next test
         assert last["num_samples"] == 16
     names = list(select_parameters(module))
@@ -158,9 +173,17 @@ def test_causal_lm_is_scored_per_token_with_the_shift_and_padding_ignored():
     module, dataset, inputs, target = _module_and_data("gpt2")
     monitor = SharpnessMonitor(num_samples=16)
     pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu", devices=1,
-                         callbacks=[monitor])
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[monitor],
+    )
     trainer.fit(module, _Data(dataset))
     assert isinstance(monitor._loss, TokenLoss) and monitor._loss.shift
     idx = monitor.state_dict()["indices"]

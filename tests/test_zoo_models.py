@@ -4,7 +4,6 @@ float64 brute-force Hessian diagonal (tests/zoo_oracle.py), which is itself chec
 
 import pytest
 import torch
-
 import torch.nn.functional as F
 
 from lightning_flatness.functional.estimators.finite_difference import finite_difference_hessian_diagonal
@@ -34,15 +33,20 @@ SUBSETS = {
     "mobilenet_v3": ["features.0.0.weight", "features.1.block.2.fc1.weight"],
     "vit": ["patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "head.weight"],
     "convnext": ["stages.0.blocks.0.conv_dw.weight", "stages.0.blocks.0.mlp.fc1.weight"],
-    "bert": ["bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.attention.self.query.weight",
-             "bert.encoder.layer.0.intermediate.dense.weight", "classifier.weight"],
+    "bert": [
+        "bert.embeddings.word_embeddings.weight",
+        "bert.encoder.layer.0.attention.self.query.weight",
+        "bert.encoder.layer.0.intermediate.dense.weight",
+        "classifier.weight",
+    ],
     "gpt2": ["transformer.wte.weight", "transformer.h.0.attn.c_attn.weight"],
 }
 
 
 def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}, [
-        getattr(m, "fused_attn", None) for m in model.modules()]
+        getattr(m, "fused_attn", None) for m in model.modules()
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(ALL))
@@ -57,7 +61,9 @@ def test_zoo_model_builds_and_runs_every_stochastic_estimator_unchanged(name):
     if name not in DICT_INPUTS:
         estimators.append(ggn_hutchinson_hessian_diagonal)
     for estimator in estimators:
-        est = estimator(model, loss_fn, x, y, params, num_probes=2, generator=torch.Generator().manual_seed(0))
+        est = estimator(
+            model, loss_fn, x, y, params, num_probes=2, generator=torch.Generator().manual_seed(0)
+        )
         assert list(est) == list(params)
         assert all(est[n].shape == p.shape and torch.isfinite(est[n]).all() for n, p in params.items())
     after, flags_after = _state(model)
@@ -87,15 +93,25 @@ def _agrees_in_expectation(estimator, name, replicates=6, num_probes=32):
     and within 4.5 standard errors entry-wise on average over entries (RMS of the z-scores < 2)."""
     model, x, y, loss_fn, truth = _oracle(name)
     params = {n: p for n, p in model.named_parameters() if n in truth}
-    runs = [estimator(model, loss_fn, x, y, params, num_probes=num_probes,
-                      generator=torch.Generator().manual_seed(100 + r)) for r in range(replicates)]
+    runs = [
+        estimator(
+            model,
+            loss_fn,
+            x,
+            y,
+            params,
+            num_probes=num_probes,
+            generator=torch.Generator().manual_seed(100 + r),
+        )
+        for r in range(replicates)
+    ]
     for n, t in truth.items():
         stack = torch.stack([run[n] for run in runs]).double()
         traces = stack.flatten(1).sum(1)
-        se = float(traces.std() / replicates ** 0.5)
+        se = float(traces.std() / replicates**0.5)
         scale = float(t.abs().sum()) + 1e-12
         assert abs(float(traces.mean()) - float(t.sum())) <= 4.5 * se + 1e-9 * scale, (n, traces, t.sum())
-        entry_se = stack.std(0) / replicates ** 0.5
+        entry_se = stack.std(0) / replicates**0.5
         z = (stack.mean(0) - t) / (entry_se + 1e-9 * float(t.abs().max()) + 1e-300)
         assert float(z.pow(2).mean().sqrt()) < 2.0, n
 
@@ -158,9 +174,12 @@ def test_hutchinson_is_the_mean_of_v_times_hv_with_the_dense_hessian(name):
     names = SUBSETS[name]
     params = {n: p for n, p in model.named_parameters() if n in names}
     names = list(params)
-    est = hutchinson_hessian_diagonal(model, loss_fn, x, y, params, num_probes=8, chunk_size=8,
-                                      generator=torch.Generator().manual_seed(3))
-    probes = draw_probes({n: p.detach() for n, p in params.items()}, 8, "rademacher", torch.Generator().manual_seed(3))
+    est = hutchinson_hessian_diagonal(
+        model, loss_fn, x, y, params, num_probes=8, chunk_size=8, generator=torch.Generator().manual_seed(3)
+    )
+    probes = draw_probes(
+        {n: p.detach() for n, p in params.items()}, 8, "rademacher", torch.Generator().manual_seed(3)
+    )
     expected = _probe_sum(brute_force_full_hessian(model, loss_fn, x, y, names), probes, names)
     got = torch.cat([est[n].flatten() for n in names])
     assert torch.allclose(got, expected, rtol=1e-9, atol=1e-11 * float(expected.abs().max()))
@@ -176,19 +195,35 @@ def test_ggn_hutchinson_is_exact_ggn_plus_probes_of_the_dense_residual(name):
     model, (x, y) = TINY[name](dtype=torch.float64)
     params = {n: p for n, p in model.named_parameters() if n in SUBSETS[name]}
     names = list(params)
-    est = ggn_hutchinson_hessian_diagonal(model, F.cross_entropy, x, y, params, num_probes=8, chunk_size=8,
-                                          generator=torch.Generator().manual_seed(3))
+    est = ggn_hutchinson_hessian_diagonal(
+        model,
+        F.cross_entropy,
+        x,
+        y,
+        params,
+        num_probes=8,
+        chunk_size=8,
+        generator=torch.Generator().manual_seed(3),
+    )
     ggn = brute_force_full_ggn(model, F.cross_entropy, x, y, names)
     residual = brute_force_full_hessian(model, F.cross_entropy, x, y, names) - ggn
-    probed = [n for n in names if gauss_newton_diagonal(model, F.cross_entropy, x, y, params, caller="t").tensor_issues[n]]
+    probed = [
+        n
+        for n in names
+        if gauss_newton_diagonal(model, F.cross_entropy, x, y, params, caller="t").tensor_issues[n]
+    ]
     sizes = [params[n].numel() for n in names]
     keep = torch.cat([torch.full((s,), n in probed) for n, s in zip(names, sizes)])
     expected = ggn.diagonal().clone()
     if probed:
-        probes = draw_probes({n: params[n].detach() for n in probed}, 8, "rademacher",
-                             torch.Generator().manual_seed(3))
+        probes = draw_probes(
+            {n: params[n].detach() for n in probed}, 8, "rademacher", torch.Generator().manual_seed(3)
+        )
         expected[keep] += _probe_sum(residual[keep][:, keep], probes, probed)
-    assert torch.allclose(residual.diagonal()[~keep], torch.zeros(int((~keep).sum()), dtype=torch.float64),
-                          atol=1e-10 * float(ggn.diagonal().abs().max()))
+    assert torch.allclose(
+        residual.diagonal()[~keep],
+        torch.zeros(int((~keep).sum()), dtype=torch.float64),
+        atol=1e-10 * float(ggn.diagonal().abs().max()),
+    )
     got = torch.cat([est[n].flatten() for n in names])
     assert torch.allclose(got, expected, rtol=1e-8, atol=1e-10 * float(expected.abs().max()))

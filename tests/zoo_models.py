@@ -55,6 +55,7 @@ def _finish(model: nn.Module, batch: Any, dtype: torch.dtype) -> tuple[nn.Module
 
 # ---------------------------------------------------------------- torchvision
 
+
 def tiny_resnet(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
     """torchvision ``BasicBlock``s (BatchNorm, residual, strided downsample) in a 4-8 channel stem/stage
     net: 3x3 conv stem, ``BasicBlock(4, 4)``, ``BasicBlock(4, 8, stride=2, downsample)``, average pool,
@@ -64,9 +65,14 @@ def tiny_resnet(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
     _seed(seed)
     down = nn.Sequential(conv1x1(4, 8, 2), nn.BatchNorm2d(8))
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-        BasicBlock(4, 4), BasicBlock(4, 8, stride=2, downsample=down),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, NUM_CLASSES),
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        BasicBlock(4, 4),
+        BasicBlock(4, 8, stride=2, downsample=down),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, NUM_CLASSES),
     )
     _randomize_batchnorm(model, seed)
     return _finish(model, _images(n, 6, seed), dtype)
@@ -88,8 +94,8 @@ def tiny_mobilenet_v3(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.floa
 
     _seed(seed)
     setting = [
-        InvertedResidualConfig(8, 3, 16, 8, True, "HS", 1, 1, 1.0),   # SE, hardswish, residual
-        InvertedResidualConfig(8, 3, 16, 8, True, "RE", 2, 1, 1.0),   # SE, ReLU, stride 2
+        InvertedResidualConfig(8, 3, 16, 8, True, "HS", 1, 1, 1.0),  # SE, hardswish, residual
+        InvertedResidualConfig(8, 3, 16, 8, True, "RE", 2, 1, 1.0),  # SE, ReLU, stride 2
     ]
     model = MobileNetV3(setting, last_channel=16, num_classes=NUM_CLASSES, dropout=0.0)
     _randomize_batchnorm(model, seed)
@@ -122,14 +128,16 @@ def _randomize_batchnorm(model: nn.Module, seed: int) -> None:
 
 # ---------------------------------------------------------------- timm
 
+
 def tiny_vit(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
     """timm ``VisionTransformer(img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2,
     mlp_ratio=2, num_classes=5)``: LayerNorm, GELU, fused attention, ``cls_token``, ``pos_embed``."""
     from timm.models.vision_transformer import VisionTransformer
 
     _seed(seed)
-    model = VisionTransformer(img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0,
-                              num_classes=NUM_CLASSES)
+    model = VisionTransformer(
+        img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0, num_classes=NUM_CLASSES
+    )
     return _finish(model, _images(n, 8, seed), dtype)
 
 
@@ -141,8 +149,9 @@ def tiny_convnext(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32)
     from timm.models.convnext import ConvNeXt
 
     _seed(seed)
-    model = ConvNeXt(in_chans=3, num_classes=NUM_CLASSES, depths=(1, 1, 1, 1), dims=(4, 4, 8, 8),
-                     ls_init_value=0.5)
+    model = ConvNeXt(
+        in_chans=3, num_classes=NUM_CLASSES, depths=(1, 1, 1, 1), dims=(4, 4, 8, 8), ls_init_value=0.5
+    )
     return _finish(model, _images(n, 32, seed), dtype)
 
 
@@ -167,13 +176,22 @@ def tiny_bert(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
     from transformers import BertConfig, BertForSequenceClassification
 
     _seed(seed)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=16, max_position_embeddings=16, type_vocab_size=2,
-                        num_labels=NUM_CLASSES, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+        type_vocab_size=2,
+        num_labels=NUM_CLASSES,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     model = BertForSequenceClassification(config)
     inputs = _token_batch(n, seed)
     inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
-    inputs["token_type_ids"][:, SEQ // 2:] = 1
+    inputs["token_type_ids"][:, SEQ // 2 :] = 1
     labels = torch.randint(0, NUM_CLASSES, (n,), generator=torch.Generator().manual_seed(seed + 2))
     return _finish(model, (inputs, labels), dtype)
 
@@ -185,9 +203,18 @@ def tiny_gpt2(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     _seed(seed)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=8, n_layer=1, n_head=2, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=VOCAB - 1,
-                        eos_token_id=VOCAB - 1)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=16,
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=VOCAB - 1,
+        eos_token_id=VOCAB - 1,
+    )
     model = GPT2LMHeadModel(config)
     inputs = _token_batch(n, seed)
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)

@@ -56,8 +56,9 @@ def _float64_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).double().eval()
 
 
-def brute_force_hessian_diagonal(model: nn.Module, loss_fn: LossFn, inputs: Any, target: Tensor,
-                                 names: list[str], chunk: int = 128) -> dict[str, Tensor]:
+def brute_force_hessian_diagonal(
+    model: nn.Module, loss_fn: LossFn, inputs: Any, target: Tensor, names: list[str], chunk: int = 128
+) -> dict[str, Tensor]:
     """``{name: diag H}`` (float64) of ``loss_fn(model(inputs), target)`` in the parameters ``names``."""
     model = _float64_model(model)
     named = dict(model.named_parameters())
@@ -77,16 +78,21 @@ def brute_force_hessian_diagonal(model: nn.Module, loss_fn: LossFn, inputs: Any,
             idx = torch.arange(start, min(total, start + chunk))
             eye = torch.zeros(len(idx), total, dtype=torch.float64)
             eye[torch.arange(len(idx)), idx] = 1.0
-            v = dict(zip(names, (t.reshape(len(idx), *primals[n].shape)
-                                 for n, t in zip(names, eye.split(sizes, dim=1)))))
+            v = dict(
+                zip(
+                    names,
+                    (t.reshape(len(idx), *primals[n].shape) for n, t in zip(names, eye.split(sizes, dim=1))),
+                )
+            )
             hv = batched(v)
             flat = torch.cat([hv[n].reshape(len(idx), -1) for n in names], dim=1)
             diag[idx] = flat[torch.arange(len(idx)), idx]
     return {n: d.reshape(primals[n].shape) for n, d in zip(names, diag.split(sizes))}
 
 
-def brute_force_ggn_diagonal(model: nn.Module, loss_fn: LossFn, inputs: Any, target: Tensor,
-                             names: list[str]) -> dict[str, Tensor]:
+def brute_force_ggn_diagonal(
+    model: nn.Module, loss_fn: LossFn, inputs: Any, target: Tensor, names: list[str]
+) -> dict[str, Tensor]:
     """``{name: diag(J^T Lambda J)}`` (float64): the exact Gauss-Newton diagonal in ``names``."""
     model = _float64_model(model)
     named = dict(model.named_parameters())
@@ -103,8 +109,9 @@ def brute_force_ggn_diagonal(model: nn.Module, loss_fn: LossFn, inputs: Any, tar
     return out
 
 
-def brute_force_full_hessian(model: nn.Module, loss_fn: LossFn, inputs: Any, target: Tensor,
-                             names: list[str]) -> Tensor:
+def brute_force_full_hessian(
+    model: nn.Module, loss_fn: LossFn, inputs: Any, target: Tensor, names: list[str]
+) -> Tensor:
     """The ``(P, P)`` float64 Hessian in the concatenated flattened parameters ``names``."""
     model = _float64_model(model)
     named = dict(model.named_parameters())
@@ -121,9 +128,11 @@ def brute_force_full_hessian(model: nn.Module, loss_fn: LossFn, inputs: Any, tar
         return hessian(loss_flat)(flat0)
 
 
-def brute_force_full_ggn(model: nn.Module, loss_fn: LossFn, inputs: Any, target: Tensor,
-                         names: list[str]) -> Tensor:
-    """The ``(P, P)`` float64 Gauss-Newton matrix ``J^T Lambda J`` in the concatenated parameters ``names``."""
+def brute_force_full_ggn(
+    model: nn.Module, loss_fn: LossFn, inputs: Any, target: Tensor, names: list[str]
+) -> Tensor:
+    """The ``(P, P)`` float64 Gauss-Newton matrix ``J^T Lambda J`` in the concatenated parameters
+    ``names``."""
     model = _float64_model(model)
     named = dict(model.named_parameters())
     primals = {n: named[n].detach() for n in names}

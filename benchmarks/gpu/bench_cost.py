@@ -1,4 +1,4 @@
-"""Cost of one sharpness measurement on a GPU, in units of one training step, float32 vs float64.
+r"""Cost of one sharpness measurement on a GPU, in units of one training step, float32 vs float64.
 
 Models (random weights, no download): a CIFAR-size torchvision ResNet-18 (``num_classes=10``,
 inputs ``(128, 3, 32, 32)``) and a small timm ViT (patch 4 on 32x32 images, width 192, depth 6,
@@ -11,7 +11,8 @@ kernel (the fused ones have no double backward). Times are medians over
 
 Usage::
 
-    python benchmarks/gpu/bench_cost.py --json benchmarks/results/gpu/cost.json > benchmarks/results/gpu/cost.md
+    python benchmarks/gpu/bench_cost.py --json benchmarks/results/gpu/cost.json \
+        > benchmarks/results/gpu/cost.md
 
 ``--device cpu --quick`` runs a tiny version on the CPU (used by the tests to check the code path).
 """
@@ -168,7 +169,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(results: dict[str, Any]) -> str:
     lines = [
-        f"# Cost of one measurement on {results['device']} (torch {results['torch']}, CUDA {results['cuda']})",
+        f"# Cost of one measurement on {results['device']} "
+        f"(torch {results['torch']}, CUDA {results['cuda']})",
         "",
         "| model | params | train step (s) | dtype | method | measurement (s) | in train steps | "
         "normalized | peak GiB |",

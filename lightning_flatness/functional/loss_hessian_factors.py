@@ -293,8 +293,13 @@ def normalized_cross_entropy_columns(
     if exact_low_rank:
         # B exactly: one + and one - column, no noise. Its eigenvalues are about sqrt(K) times the
         # diagonal part's and of both signs, so sampling them adds most of the variance for many classes.
-        low = torch.stack([lam[:, 1].clamp_min(0).sqrt().reshape(n, 1) * vec[:, :, 1],
-                           (-lam[:, 0]).clamp_min(0).sqrt().reshape(n, 1) * vec[:, :, 0]], dim=2)
+        low = torch.stack(
+            [
+                lam[:, 1].clamp_min(0).sqrt().reshape(n, 1) * vec[:, :, 1],
+                (-lam[:, 0]).clamp_min(0).sqrt().reshape(n, 1) * vec[:, :, 0],
+            ],
+            dim=2,
+        )
         pos = ce[:, :, m:] + alpha.clamp_min(0).sqrt().reshape(n, 1, 1) * pxi[:, :, :num_mc_samples] * scale
         neg = (-alpha).clamp_min(0).sqrt().reshape(n, 1, 1) * pxi[:, :, num_mc_samples:] * scale
         draws = torch.stack([pos, neg], dim=3).reshape(n, k, 2 * num_mc_samples)  # interleaved +, -

@@ -37,7 +37,9 @@ def normalize_logits(logits: Tensor) -> Tensor:
     centred = logits - logits.mean(dim=1, keepdim=True)
     var = centred.pow(2).mean(dim=1, keepdim=True)
     scale = logits.detach().abs().amax(dim=1, keepdim=True)
-    degenerate = var.detach().sqrt() <= 16 * torch.finfo(logits.dtype).eps * scale + torch.finfo(logits.dtype).tiny
+    degenerate = (
+        var.detach().sqrt() <= 16 * torch.finfo(logits.dtype).eps * scale + torch.finfo(logits.dtype).tiny
+    )
     # Replace the variance *before* the square root so that no inf/NaN reaches the backward pass.
     safe_std = torch.where(degenerate, torch.ones_like(var), var).sqrt()
     return torch.where(degenerate, torch.zeros_like(centred), centred / safe_std)

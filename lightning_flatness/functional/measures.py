@@ -7,7 +7,11 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from lightning_flatness.functional.solvers import hessian_trace, matrix_normalized_sharpness, normalized_sharpness
+from lightning_flatness.functional.solvers import (
+    hessian_trace,
+    matrix_normalized_sharpness,
+    normalized_sharpness,
+)
 
 __all__ = ["sharpness_measures", "MEASURES"]
 
@@ -32,18 +36,24 @@ def sharpness_measures(
     """
     missing = set(weights) ^ set(diagonals)
     if missing:
-        raise ValueError(f"weights and Hessian diagonals must name the same tensors; unmatched: {sorted(missing)}.")
+        raise ValueError(
+            f"weights and Hessian diagonals must name the same tensors; unmatched: {sorted(missing)}."
+        )
     flat = [n for n, w in weights.items() if w.ndim < 2]
     if flat:
-        raise ValueError(f"normalized sharpness needs weight tensors with ndim >= 2 (rows x columns), but {flat} "
-                         f"are 1-D (biases, normalisation scales: footnote 5 leaves them out); their Hessian "
-                         f"diagonal is fine, but measure only tensors with ndim >= 2 (select_parameters with "
-                         f"the default or parameters='weights').")
+        raise ValueError(
+            f"normalized sharpness needs weight tensors with ndim >= 2 (rows x columns), but {flat} "
+            f"are 1-D (biases, normalisation scales: footnote 5 leaves them out); their Hessian "
+            f"diagonal is fine, but measure only tensors with ndim >= 2 (select_parameters with "
+            f"the default or parameters='weights')."
+        )
     out: dict[str, Tensor] = {}
     for name, w in weights.items():
         h = diagonals[name]
         if h.shape != w.shape:
-            raise ValueError(f"Hessian diagonal of {name!r} has shape {tuple(h.shape)}, weight has {tuple(w.shape)}.")
+            raise ValueError(
+                f"Hessian diagonal of {name!r} has shape {tuple(h.shape)}, weight has {tuple(w.shape)}."
+            )
         out[f"normalized/{name}"] = normalized_sharpness(w, h, lam=lam)
         out[f"matrix_normalized/{name}"] = matrix_normalized_sharpness(w, h)
         out[f"hessian_trace/{name}"] = hessian_trace(h)

@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
@@ -51,7 +50,12 @@ def map_inputs(inputs: Any, fn: Callable[[Tensor], Tensor]) -> Any:
 
 def _tensors(inputs: Any) -> list[Tensor]:
     found: list[Tensor] = []
-    map_inputs(inputs, lambda t: found.append(t) or t)
+
+    def collect(t: Tensor) -> Tensor:
+        found.append(t)
+        return t
+
+    map_inputs(inputs, collect)
     return found
 
 
@@ -60,8 +64,10 @@ def inputs_batch_size(inputs: Any) -> int:
     for t in _tensors(inputs):
         if t.ndim > 0:
             return int(t.shape[0])
-    raise TypeError(f"the model inputs contain no tensor with a batch dimension (got {type(inputs).__name__}); "
-                    "pass a tensor, a tuple of tensors or a dict of tensors with samples along dim 0.")
+    raise TypeError(
+        f"the model inputs contain no tensor with a batch dimension (got {type(inputs).__name__}); "
+        "pass a tensor, a tuple of tensors or a dict of tensors with samples along dim 0."
+    )
 
 
 def select_samples(inputs: Any, index: Union[slice, Tensor], batch_size: Optional[int] = None) -> Any:
@@ -89,12 +95,16 @@ def extract_logits(output: Any) -> Tensor:
     if isinstance(output, Mapping):
         if "logits" in output:
             return extract_logits(output["logits"])
-        raise TypeError(f"the model returned a {type(output).__name__} with keys {sorted(map(str, output))} and "
-                        "no 'logits'; return the logits (a tensor), or a dict/ModelOutput with a 'logits' entry.")
+        raise TypeError(
+            f"the model returned a {type(output).__name__} with keys {sorted(map(str, output))} and "
+            "no 'logits'; return the logits (a tensor), or a dict/ModelOutput with a 'logits' entry."
+        )
     if isinstance(output, (tuple, list)) and output:
         return extract_logits(output[0])
-    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}; return a tensor, a "
-                    "tuple whose first entry is the logits, or a dict/ModelOutput with a 'logits' entry.")
+    raise TypeError(
+        f"cannot find logits in a model output of type {type(output).__name__}; return a tensor, a "
+        "tuple whose first entry is the logits, or a dict/ModelOutput with a 'logits' entry."
+    )
 
 
 def call_model(model: Callable[..., Any], inputs: Any) -> Tensor:
@@ -126,7 +136,9 @@ class TokenLoss(nn.Module):
     Cost: that of ``base`` on ``M`` rows.
     """
 
-    def __init__(self, base: Callable[[Tensor, Tensor], Tensor], shift: bool = False, ignore_index: int = -100):
+    def __init__(
+        self, base: Callable[[Tensor, Tensor], Tensor], shift: bool = False, ignore_index: int = -100
+    ):
         super().__init__()
         self.base = base
         self.shift = bool(shift)
@@ -136,13 +148,17 @@ class TokenLoss(nn.Module):
         """Valid ``(M, K)`` logit rows, their ``(M,)`` targets and ``(M,)`` sample (sequence) indices."""
         if logits.ndim == 3:
             if target.ndim != 2 or target.shape[0] != logits.shape[0]:
-                raise ValueError(f"TokenLoss needs targets (N, T) for logits (N, T, V), got {tuple(target.shape)} "
-                                 f"and {tuple(logits.shape)}.")
+                raise ValueError(
+                    f"TokenLoss needs targets (N, T) for logits (N, T, V), got {tuple(target.shape)} "
+                    f"and {tuple(logits.shape)}."
+                )
             if self.shift:
                 logits, target = logits[:, :-1], target[:, 1:]
             if target.shape[1] != logits.shape[1]:
-                raise ValueError(f"TokenLoss: {logits.shape[1]} positions of logits but {target.shape[1]} of "
-                                 "targets; pass labels aligned with the logits (shift=True shifts by one).")
+                raise ValueError(
+                    f"TokenLoss: {logits.shape[1]} positions of logits but {target.shape[1]} of "
+                    "targets; pass labels aligned with the logits (shift=True shifts by one)."
+                )
             n, t = target.shape
             sample = torch.arange(n, device=logits.device).repeat_interleave(t)
             logits, target = logits.reshape(n * t, -1), target.reshape(n * t)
@@ -169,4 +185,3 @@ class TokenLoss(nn.Module):
     def extra_repr(self) -> str:
         name = getattr(self.base, "__name__", type(self.base).__name__)
         return f"base={name}, shift={self.shift}, ignore_index={self.ignore_index}"
-

@@ -50,8 +50,16 @@ __all__ = ["select_parameters", "ParameterSelection", "ADDITIVE_OFFSET_MARKERS",
 ParameterSelection = Union[None, str, Iterable[str], Callable[[str, Tensor], bool]]
 
 #: Substrings of a name component that mark an additive offset (position embeddings, class tokens).
-ADDITIVE_OFFSET_MARKERS = ("pos_embed", "position", "wpe", "cls_token", "dist_token", "reg_token",
-                           "mask_token", "relative_attention_bias")
+ADDITIVE_OFFSET_MARKERS = (
+    "pos_embed",
+    "position",
+    "wpe",
+    "cls_token",
+    "dist_token",
+    "reg_token",
+    "mask_token",
+    "relative_attention_bias",
+)
 
 _MULTIPLYING = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
 _PRESETS = ("weights", "all")
@@ -106,13 +114,18 @@ def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -
     """
     named = dict(model.named_parameters())
     if parameters is None:
-        chosen = {n: p for n, p in named.items()
-                  if p.requires_grad and p.ndim >= 2 and not is_additive_offset(model, n)}
+        chosen = {
+            n: p
+            for n, p in named.items()
+            if p.requires_grad and p.ndim >= 2 and not is_additive_offset(model, n)
+        }
     elif isinstance(parameters, str):
         if parameters not in _PRESETS:
-            raise ValueError(f"`parameters` got the string {parameters!r}; the presets are {_PRESETS} (or None "
-                             f"for the default). To choose one tensor by name wrap it in a list: "
-                             f"parameters=[{parameters!r}].")
+            raise ValueError(
+                f"`parameters` got the string {parameters!r}; the presets are {_PRESETS} (or None "
+                f"for the default). To choose one tensor by name wrap it in a list: "
+                f"parameters=[{parameters!r}]."
+            )
         chosen = {n: p for n, p in named.items() if p.requires_grad and (parameters == "all" or p.ndim >= 2)}
     elif callable(parameters):
         chosen = {n: p for n, p in named.items() if p.requires_grad and parameters(n, p)}
@@ -120,14 +133,20 @@ def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -
         chosen = {}
         for name in parameters:
             if name not in named:
-                raise ValueError(f"`parameters` names {name!r}, which is not a parameter of "
-                                 f"{type(model).__name__}; choose from {sorted(named)}.")
+                raise ValueError(
+                    f"`parameters` names {name!r}, which is not a parameter of "
+                    f"{type(model).__name__}; choose from {sorted(named)}."
+                )
             if not named[name].requires_grad:
-                raise ValueError(f"parameter {name!r} of {type(model).__name__} does not require grad; "
-                                 f"unfreeze it or leave it out of `parameters`.")
+                raise ValueError(
+                    f"parameter {name!r} of {type(model).__name__} does not require grad; "
+                    f"unfreeze it or leave it out of `parameters`."
+                )
             chosen[name] = named[name]
     if not chosen:
-        raise ValueError(f"found no parameters to measure in {type(model).__name__} (the default takes "
-                         f"weight tensors with ndim >= 2 that require grad and are not position embeddings or class "
-                         f"tokens); pass `parameters=` to choose them.")
+        raise ValueError(
+            f"found no parameters to measure in {type(model).__name__} (the default takes "
+            f"weight tensors with ndim >= 2 that require grad and are not position embeddings or class "
+            f"tokens); pass `parameters=` to choose them."
+        )
     return chosen

@@ -127,8 +127,9 @@ def tensor_measures(weight: Tensor, sums: Tensor, mix: Tensor, lam: float) -> di
     with intra_op_threads(sums.numel(), sums.device):  # few, memory-bound ops: no thread handoffs
         a, trace = replicate_curvature(sums, mix, weight.shape)
         b = weight.square().reshape(a.shape[1], a.shape[2], -1).sum(dim=2) / (2.0 * lam)
-        sols = solve_normalized_sharpness_coefficients(a, b, shape=tuple(weight.shape), rtol=POOLED_RTOL,
-                                                       replicate_rtol=REPLICATE_RTOL)
+        sols = solve_normalized_sharpness_coefficients(
+            a, b, shape=tuple(weight.shape), rtol=POOLED_RTOL, replicate_rtol=REPLICATE_RTOL
+        )
     return {
         "normalized": torch.stack([s.value for s in sols]).to(sums.device),
         "matrix_normalized": torch.sqrt(weight.square().sum() * a.sum(dim=(1, 2))),
@@ -177,7 +178,7 @@ def replicate_sharpness_measures(
         out[key] = values[0]
     for key, values in series.items():
         if len(used) >= 2:
-            loo, halves = values[1:1 + len(used)], values[1 + len(used):]
+            loo, halves = values[1 : 1 + len(used)], values[1 + len(used) :]
             out[derived_key(key, "stderr")] = jackknife_standard_error(loo)
             out[derived_key(key, "half_shift")] = halves.mean() - values[0]
         else:

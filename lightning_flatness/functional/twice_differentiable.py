@@ -117,7 +117,9 @@ def twice_differentiable(model: nn.Module) -> Iterator[nn.Module]:
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    fused = [(m, m.fused_attn) for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+    # modules with a boolean `fused_attn` switch (timm attention); nn.Module does not declare it
+    switchable: list[Any] = [m for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+    fused = [(m, m.fused_attn) for m in switchable]
     configs = [(c, c._attn_implementation) for c in _hf_configs(model)]
     try:
         for m, _ in fused:

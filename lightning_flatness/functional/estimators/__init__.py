@@ -20,5 +20,14 @@ from lightning_flatness.functional.estimators.api import (
 from lightning_flatness.functional.estimators.exact import ExactMethodNotApplicable
 from lightning_flatness.functional.estimators.registry import ESTIMATORS, EstimatorSpec, register_estimator
 
-__all__ = ["ESTIMATORS", "METHODS", "EstimatorSpec", "ExactMethodNotApplicable", "HessianDiagonalEstimate",
-           "estimator_spec", "hessian_diagonal", "hessian_diagonal_groups", "register_estimator"]
+__all__ = [
+    "ESTIMATORS",
+    "METHODS",
+    "EstimatorSpec",
+    "ExactMethodNotApplicable",
+    "HessianDiagonalEstimate",
+    "estimator_spec",
+    "hessian_diagonal",
+    "hessian_diagonal_groups",
+    "register_estimator",
+]

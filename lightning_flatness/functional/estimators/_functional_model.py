@@ -8,9 +8,10 @@ the clones' running statistics, never the model's.
 
 from __future__ import annotations
 
-import math
 import contextlib
+import math
 import warnings
+from collections.abc import Mapping
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -19,8 +20,16 @@ from torch.func import functional_call
 
 from lightning_flatness.functional.model_io import ModelInputs, call_model, map_inputs
 
-__all__ = ["functional_loss", "detached_inputs", "probe_chunks", "default_chunk_size", "draw_probes",
-           "accumulation_dtype", "first_line", "rms"]
+__all__ = [
+    "functional_loss",
+    "detached_inputs",
+    "probe_chunks",
+    "default_chunk_size",
+    "draw_probes",
+    "accumulation_dtype",
+    "first_line",
+    "rms",
+]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -37,7 +46,7 @@ def detached_inputs(inputs: ModelInputs) -> ModelInputs:
 
 
 def functional_loss(
-    model: nn.Module, loss_fn: LossFn, inputs: ModelInputs, target: Tensor, params: dict[str, Tensor]
+    model: nn.Module, loss_fn: LossFn, inputs: ModelInputs, target: Tensor, params: Mapping[str, Tensor]
 ) -> tuple[Callable[[dict[str, Tensor]], Tensor], dict[str, Tensor]]:
     """``theta -> loss_fn(logits, target)`` as a function of the selected weights only, with the
     logits from :func:`call_model` (``model(x)``, ``model(*x)`` or ``model(**x)``; tensor, tuple, dict
@@ -69,8 +78,10 @@ def functional_loss(
     named = dict(model.named_parameters())
     for name, p in params.items():
         if named.get(name) is not p:
-            raise ValueError(f"`params` key {name!r} is not the parameter of that name in "
-                             f"{type(model).__name__}; build `params` with select_parameters(model).")
+            raise ValueError(
+                f"`params` key {name!r} is not the parameter of that name in "
+                f"{type(model).__name__}; build `params` with select_parameters(model)."
+            )
     fixed = {n: p.detach() for n, p in named.items() if n not in params}
     buffers = {n: b.detach() for n, b in model.named_buffers()}
     x = detached_inputs(inputs)
@@ -82,8 +93,10 @@ def functional_loss(
             logits = call_model(lambda *args, **kwargs: functional_call(model, state, args, kwargs), x)
             loss = loss_fn(logits, y)
         if loss.ndim != 0:
-            raise ValueError(f"`loss_fn` must return the mean loss over the batch (a scalar), got shape "
-                             f"{tuple(loss.shape)}; use reduction='mean'.")
+            raise ValueError(
+                f"`loss_fn` must return the mean loss over the batch (a scalar), got shape "
+                f"{tuple(loss.shape)}; use reduction='mean'."
+            )
         return loss
 
     primals = {n: p.detach() for n, p in params.items()}
@@ -161,8 +174,12 @@ def restore_module_tensors(model: nn.Module) -> Iterator[None]:
     submodule is registered under two paths (``nn.Sequential(a, relu, a)``) leaves the values it was
     given in that submodule's slots instead of the original parameters.
     """
-    slots = [(module, kind, name, tensor) for module in model.modules()
-             for kind in ("_parameters", "_buffers") for name, tensor in getattr(module, kind).items()]
+    slots = [
+        (module, kind, name, tensor)
+        for module in model.modules()
+        for kind in ("_parameters", "_buffers")
+        for name, tensor in getattr(module, kind).items()
+    ]
     try:
         yield
     finally:
@@ -207,7 +224,9 @@ def mean_over_probes(
             warnings.warn(
                 f"{caller}: torch.func.vmap could not batch the probes through {type(model).__name__} "
                 f"({first_line(err)}); falling back to {loop_description} (same estimate, slower; pass "
-                f"vectorize=False to skip the attempt).", UserWarning, stacklevel=3,
+                f"vectorize=False to skip the attempt).",
+                UserWarning,
+                stacklevel=3,
             )
             chunk_fn, vectorised = looped_chunk(), False
             estimates = chunk_fn(probes)

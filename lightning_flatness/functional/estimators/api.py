@@ -12,7 +12,13 @@ from lightning_flatness.functional.estimators.registry import ESTIMATORS, Estima
 from lightning_flatness.functional.model_io import TokenLoss, inputs_batch_size, split_samples
 from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
 
-__all__ = ["METHODS", "HessianDiagonalEstimate", "estimator_spec", "hessian_diagonal", "hessian_diagonal_groups"]
+__all__ = [
+    "METHODS",
+    "HessianDiagonalEstimate",
+    "estimator_spec",
+    "hessian_diagonal",
+    "hessian_diagonal_groups",
+]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 #: The built-in methods (see :data:`~.registry.ESTIMATORS` for every registered one).
@@ -48,15 +54,21 @@ def _check_inputs(inputs: Any, target: Tensor, num_groups: int) -> int:
     if not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"`num_groups` must be a positive int, got {num_groups!r}.")
     if not isinstance(target, Tensor):
-        raise TypeError(f"`target` must be a tensor, got {type(target).__name__}; split your batch into "
-                        "(inputs, target) first.")
+        raise TypeError(
+            f"`target` must be a tensor, got {type(target).__name__}; split your batch into "
+            "(inputs, target) first."
+        )
     n = inputs_batch_size(inputs)
     if target.ndim == 0 or target.shape[0] != n:
-        raise ValueError(f"`inputs` has {n} samples but `target` has shape {tuple(target.shape)}; they must "
-                         "match along dim 0.")
+        raise ValueError(
+            f"`inputs` has {n} samples but `target` has shape {tuple(target.shape)}; they must "
+            "match along dim 0."
+        )
     if n < num_groups:
-        raise ValueError(f"cannot split {n} samples into num_groups={num_groups} groups; "
-                         f"pass more samples or fewer groups.")
+        raise ValueError(
+            f"cannot split {n} samples into num_groups={num_groups} groups; "
+            f"pass more samples or fewer groups."
+        )
     return n
 
 
@@ -108,14 +120,26 @@ def hessian_diagonal_groups(
     _check_inputs(inputs, target, num_groups)
     params = select_parameters(model, parameters)
     if spec.splits_probes and (not isinstance(num_probes, int) or num_probes < 1 or num_probes % num_groups):
-        raise ValueError(f"`num_probes` must be a positive multiple of num_groups={num_groups} for "
-                         f"method {method!r}, got {num_probes!r}.")
-    if "num_mc_samples" in spec.options and num_mc_samples is not None and (
-            not isinstance(num_mc_samples, int) or num_mc_samples < 1):
-        raise ValueError(f"`num_mc_samples` must be a positive int for method {method!r}, got {num_mc_samples!r}.")
+        raise ValueError(
+            f"`num_probes` must be a positive multiple of num_groups={num_groups} for "
+            f"method {method!r}, got {num_probes!r}."
+        )
+    if (
+        "num_mc_samples" in spec.options
+        and num_mc_samples is not None
+        and (not isinstance(num_mc_samples, int) or num_mc_samples < 1)
+    ):
+        raise ValueError(
+            f"`num_mc_samples` must be a positive int for method {method!r}, got {num_mc_samples!r}."
+        )
     probes_per_group = num_probes // num_groups if spec.splits_probes else 0
-    available = {"num_probes": probes_per_group, "generator": generator, "strict": strict,
-                 "relative_step": relative_step, "num_mc_samples": num_mc_samples}
+    available = {
+        "num_probes": probes_per_group,
+        "generator": generator,
+        "strict": strict,
+        "relative_step": relative_step,
+        "num_mc_samples": num_mc_samples,
+    }
     options = {k: available[k] for k in spec.options}
     function = spec.load()
     chunks = list(zip(split_samples(inputs, num_groups), torch.tensor_split(target, num_groups)))
@@ -194,7 +218,16 @@ def hessian_diagonal(
         (['0.weight', '2.weight'], torch.Size([8, 4]))
     """
     return hessian_diagonal_groups(
-        model, loss_fn, inputs, target, method=method, num_probes=num_probes, num_groups=1,
-        generator=generator, parameters=parameters, strict=strict, relative_step=relative_step,
+        model,
+        loss_fn,
+        inputs,
+        target,
+        method=method,
+        num_probes=num_probes,
+        num_groups=1,
+        generator=generator,
+        parameters=parameters,
+        strict=strict,
+        relative_step=relative_step,
         num_mc_samples=num_mc_samples,
     ).mean()

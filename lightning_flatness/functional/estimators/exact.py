@@ -95,8 +95,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from collections.abc import Mapping
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -105,11 +105,22 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_flatness.functional.estimators._functional_model import restore_module_tensors
-from lightning_flatness.functional.model_io import (ModelInputs, TokenLoss, extract_logits, inputs_batch_size,
-                                                    map_inputs)
+from lightning_flatness.functional.model_io import (
+    ModelInputs,
+    TokenLoss,
+    extract_logits,
+    inputs_batch_size,
+    map_inputs,
+)
 
-__all__ = ["exact_hessian_diagonal", "ExactMethodNotApplicable", "gauss_newton_diagonal", "GaussNewtonDiagonal",
-           "PIECEWISE_LINEAR_OPS", "MULTILINEAR_OPS"]
+__all__ = [
+    "exact_hessian_diagonal",
+    "ExactMethodNotApplicable",
+    "gauss_newton_diagonal",
+    "GaussNewtonDiagonal",
+    "PIECEWISE_LINEAR_OPS",
+    "MULTILINEAR_OPS",
+]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -133,56 +144,200 @@ class ExactMethodNotApplicable(ValueError):
         self.issues = tuple(issues)
         self.gauss_newton_applicable = bool(gauss_newton_applicable)
 
+
 #: Operations that are piecewise linear jointly in all their tensor arguments, so any number of
 #: arguments may depend on the weights. Selections, reshapes, concatenations and copies move
 #: entries around (linear); sums, means, average pooling, linear interpolation and padding form
 #: fixed linear combinations; ReLU, LeakyReLU, hardtanh, clamp, abs, max / min (elementwise or
 #: reductions, max pooling), sorting and top-k are linear between kinks; floor / round / sign are
 #: piecewise constant. Dropout and batch_norm are listed in :data:`_MODE_DEPENDENT_OPS` instead.
-PIECEWISE_LINEAR_OPS = frozenset({
-    # additive and sign
-    "add", "sub", "rsub", "neg", "negative", "positive", "abs", "absolute",
-    # piecewise-linear activations
-    "relu", "relu6", "leaky_relu", "hardtanh", "hardsigmoid", "threshold",
-    "clamp", "clip", "clamp_min", "clamp_max", "maximum", "minimum", "fmax", "fmin",
-    "floor", "ceil", "round", "trunc", "fix", "sign", "sgn", "nan_to_num",
-    # reductions and selections
-    "max", "min", "amax", "amin", "sum", "mean", "nansum", "cumsum", "diff", "trace",
-    "sort", "msort", "topk", "kthvalue",
-    # pooling and resampling (fixed linear combinations or maxima of the inputs)
-    "max_pool1d", "max_pool2d", "max_pool3d",
-    "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices",
-    "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
-    "adaptive_max_pool1d_with_indices", "adaptive_max_pool2d_with_indices",
-    "adaptive_max_pool3d_with_indices",
-    "avg_pool1d", "avg_pool2d", "avg_pool3d",
-    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
-    "interpolate", "upsample", "upsample_nearest", "upsample_bilinear",
-    "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "unfold", "fold", "pad",
-    # shape, copy and indexing
-    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "ravel", "permute",
-    "transpose", "swapaxes", "swapdims", "t", "T", "mT", "movedim", "moveaxis",
-    "squeeze", "unsqueeze", "contiguous", "expand", "expand_as", "broadcast_to",
-    "repeat", "repeat_interleave", "tile", "narrow", "select", "getitem", "setitem",
-    "split", "split_with_sizes", "chunk", "unbind", "tensor_split",
-    "cat", "concat", "concatenate", "stack", "hstack", "vstack",
-    "flip", "fliplr", "flipud", "roll", "rot90", "diagonal", "diag_embed", "tril", "triu",
-    "clone", "to", "type", "type_as", "float", "double", "detach",
-    "index_select", "gather", "take_along_dim", "masked_fill", "masked_select", "where",
-    "scatter", "scatter_add", "index_add", "index_copy", "index_put", "masked_scatter",
-})
+PIECEWISE_LINEAR_OPS = frozenset(
+    {
+        # additive and sign
+        "add",
+        "sub",
+        "rsub",
+        "neg",
+        "negative",
+        "positive",
+        "abs",
+        "absolute",
+        # piecewise-linear activations
+        "relu",
+        "relu6",
+        "leaky_relu",
+        "hardtanh",
+        "hardsigmoid",
+        "threshold",
+        "clamp",
+        "clip",
+        "clamp_min",
+        "clamp_max",
+        "maximum",
+        "minimum",
+        "fmax",
+        "fmin",
+        "floor",
+        "ceil",
+        "round",
+        "trunc",
+        "fix",
+        "sign",
+        "sgn",
+        "nan_to_num",
+        # reductions and selections
+        "max",
+        "min",
+        "amax",
+        "amin",
+        "sum",
+        "mean",
+        "nansum",
+        "cumsum",
+        "diff",
+        "trace",
+        "sort",
+        "msort",
+        "topk",
+        "kthvalue",
+        # pooling and resampling (fixed linear combinations or maxima of the inputs)
+        "max_pool1d",
+        "max_pool2d",
+        "max_pool3d",
+        "max_pool1d_with_indices",
+        "max_pool2d_with_indices",
+        "max_pool3d_with_indices",
+        "adaptive_max_pool1d",
+        "adaptive_max_pool2d",
+        "adaptive_max_pool3d",
+        "adaptive_max_pool1d_with_indices",
+        "adaptive_max_pool2d_with_indices",
+        "adaptive_max_pool3d_with_indices",
+        "avg_pool1d",
+        "avg_pool2d",
+        "avg_pool3d",
+        "adaptive_avg_pool1d",
+        "adaptive_avg_pool2d",
+        "adaptive_avg_pool3d",
+        "interpolate",
+        "upsample",
+        "upsample_nearest",
+        "upsample_bilinear",
+        "pixel_shuffle",
+        "pixel_unshuffle",
+        "channel_shuffle",
+        "unfold",
+        "fold",
+        "pad",
+        # shape, copy and indexing
+        "view",
+        "view_as",
+        "reshape",
+        "reshape_as",
+        "flatten",
+        "unflatten",
+        "ravel",
+        "permute",
+        "transpose",
+        "swapaxes",
+        "swapdims",
+        "t",
+        "T",
+        "mT",
+        "movedim",
+        "moveaxis",
+        "squeeze",
+        "unsqueeze",
+        "contiguous",
+        "expand",
+        "expand_as",
+        "broadcast_to",
+        "repeat",
+        "repeat_interleave",
+        "tile",
+        "narrow",
+        "select",
+        "getitem",
+        "setitem",
+        "split",
+        "split_with_sizes",
+        "chunk",
+        "unbind",
+        "tensor_split",
+        "cat",
+        "concat",
+        "concatenate",
+        "stack",
+        "hstack",
+        "vstack",
+        "flip",
+        "fliplr",
+        "flipud",
+        "roll",
+        "rot90",
+        "diagonal",
+        "diag_embed",
+        "tril",
+        "triu",
+        "clone",
+        "to",
+        "type",
+        "type_as",
+        "float",
+        "double",
+        "detach",
+        "index_select",
+        "gather",
+        "take_along_dim",
+        "masked_fill",
+        "masked_select",
+        "where",
+        "scatter",
+        "scatter_add",
+        "index_add",
+        "index_copy",
+        "index_put",
+        "masked_scatter",
+    }
+)
 
 #: Operations linear in each tensor argument separately (products): exact only when at most one
 #: of their multiplicative arguments depends on the weights (``x * mask`` is linear in ``x``;
 #: ``x * x`` is quadratic). A selected weight passed as the ``weight`` of ``linear`` / ``conv`` does
 #: not count: it is the one variable of that layer and is checked to be used only once. Additive
 #: arguments (``bias`` of linear / conv, ``input`` of ``addmm``-like ops) are not counted either.
-MULTILINEAR_OPS = frozenset({
-    "mul", "multiply", "matmul", "mm", "bmm", "mv", "dot", "vdot", "inner", "outer", "ger",
-    "einsum", "tensordot", "kron", "linear", "bilinear", "prelu",
-    "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
-    "addmm", "addmv", "baddbmm", "addbmm", "addcmul",
-})
+MULTILINEAR_OPS = frozenset(
+    {
+        "mul",
+        "multiply",
+        "matmul",
+        "mm",
+        "bmm",
+        "mv",
+        "dot",
+        "vdot",
+        "inner",
+        "outer",
+        "ger",
+        "einsum",
+        "tensordot",
+        "kron",
+        "linear",
+        "bilinear",
+        "prelu",
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "conv_transpose1d",
+        "conv_transpose2d",
+        "conv_transpose3d",
+        "addmm",
+        "addmv",
+        "baddbmm",
+        "addbmm",
+        "addcmul",
+    }
+)
 
 # ops with an additive tensor argument: (position, keyword) excluded from the product count
 _ADDITIVE_ARGUMENT = {
@@ -209,33 +364,70 @@ _MODE_DEFAULT = {"batch_norm": False}  # F.dropout defaults to training=True
 _DIVISIONS = {"div": 1, "divide": 1, "true_divide": 1, "rdiv": 0}  # position of the denominator
 
 _DUNDER_ALIASES = {
-    "__add__": "add", "__radd__": "add", "__iadd__": "add",
-    "__sub__": "sub", "__isub__": "sub", "__rsub__": "rsub",
-    "__mul__": "mul", "__rmul__": "mul", "__imul__": "mul",
-    "__truediv__": "div", "__itruediv__": "div", "__div__": "div", "__idiv__": "div",
-    "__rtruediv__": "rdiv", "__rdiv__": "rdiv",
-    "__matmul__": "matmul", "__rmatmul__": "matmul",
-    "__neg__": "neg", "__pos__": "positive", "__abs__": "abs",
-    "__getitem__": "getitem", "__setitem__": "setitem",
-    "__pow__": "pow", "__rpow__": "pow", "__ipow__": "pow",
+    "__add__": "add",
+    "__radd__": "add",
+    "__iadd__": "add",
+    "__sub__": "sub",
+    "__isub__": "sub",
+    "__rsub__": "rsub",
+    "__mul__": "mul",
+    "__rmul__": "mul",
+    "__imul__": "mul",
+    "__truediv__": "div",
+    "__itruediv__": "div",
+    "__div__": "div",
+    "__idiv__": "div",
+    "__rtruediv__": "rdiv",
+    "__rdiv__": "rdiv",
+    "__matmul__": "matmul",
+    "__rmatmul__": "matmul",
+    "__neg__": "neg",
+    "__pos__": "positive",
+    "__abs__": "abs",
+    "__getitem__": "getitem",
+    "__setitem__": "setitem",
+    "__pow__": "pow",
+    "__rpow__": "pow",
+    "__ipow__": "pow",
 }
 
 _LAYER_OPS = {"linear": 0, "conv1d": 1, "conv2d": 2, "conv3d": 3}  # value: number of spatial dims
-_CHUNK_ELEMENTS = 2 ** 18  # bound on per-sample-gradient elements materialised at once (cache-sized)
+_CHUNK_ELEMENTS = 2**18  # bound on per-sample-gradient elements materialised at once (cache-sized)
 _SQUARE_COST = 8  # flops-equivalent of squaring and summing one per-sample-gradient entry (memory-bound)
-_BATCHED_BACKWARD_ELEMENTS = 2 ** 24  # bound on gradient elements of one batched backward (per-sample path)
-_HUTCHINSON_HINT = ('use method="ggn_hutchinson" (the exact Gauss-Newton diagonal plus Hutchinson probes of '
-                    'the remainder: unbiased, low variance) or method="hutchinson" (any twice-differentiable '
-                    'model), or pass strict=False to get the generalized Gauss-Newton diagonal with a warning')
-_HUTCHINSON_ONLY_HINT = ('use method="hutchinson" (any twice-differentiable model; the Gauss-Newton part of '
-                         '"ggn_hutchinson" does not apply here either), or pass strict=False to get the '
-                         'generalized Gauss-Newton diagonal with a warning')
+_BATCHED_BACKWARD_ELEMENTS = 2**24  # bound on gradient elements of one batched backward (per-sample path)
+_HUTCHINSON_HINT = (
+    'use method="ggn_hutchinson" (the exact Gauss-Newton diagonal plus Hutchinson probes of '
+    'the remainder: unbiased, low variance) or method="hutchinson" (any twice-differentiable '
+    "model), or pass strict=False to get the generalized Gauss-Newton diagonal with a warning"
+)
+_HUTCHINSON_ONLY_HINT = (
+    'use method="hutchinson" (any twice-differentiable model; the Gauss-Newton part of '
+    '"ggn_hutchinson" does not apply here either), or pass strict=False to get the '
+    "generalized Gauss-Newton diagonal with a warning"
+)
 # functions that draw random numbers: the model is then not a fixed function of its weights
-_RANDOM_FUNCTIONS = frozenset({
-    "rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm", "bernoulli",
-    "normal", "uniform", "multinomial", "poisson", "exponential", "geometric", "log_normal", "cauchy",
-    "random", "rrelu",
-})
+_RANDOM_FUNCTIONS = frozenset(
+    {
+        "rand",
+        "randn",
+        "randint",
+        "rand_like",
+        "randn_like",
+        "randint_like",
+        "randperm",
+        "bernoulli",
+        "normal",
+        "uniform",
+        "multinomial",
+        "poisson",
+        "exponential",
+        "geometric",
+        "log_normal",
+        "cauchy",
+        "random",
+        "rrelu",
+    }
+)
 
 
 def _op_name(func: Any) -> str:
@@ -338,13 +530,16 @@ class _ForwardRecorder(TorchFunctionMode):
         if not any(t.requires_grad for t in out_tensors):
             return out  # constant w.r.t. the selected weights: nothing to check
         for node in unseen:
-            self.flag(f"a tensor produced by an operation invisible to torch function modes "
-                      f"({type(node).__name__}, e.g. a custom autograd.Function) reaches {name!r}")
+            self.flag(
+                f"a tensor produced by an operation invisible to torch function modes "
+                f"({type(node).__name__}, e.g. a custom autograd.Function) reaches {name!r}"
+            )
         call = self._record_layer_call(name, args, kwargs, out) if name in _LAYER_OPS else None
         for t in dependent:
             param = self.names_by_id.get(id(t))
-            if param is not None and (call is None or t is not self._leaf(call.weight)
-                                      and t is not self._leaf(call.bias)):
+            if param is not None and (
+                call is None or t is not self._leaf(call.weight) and t is not self._leaf(call.bias)
+            ):
                 self.other_uses[param].append(f"{name!r} in {self.where()}")
         self._check_exactness(name, args, kwargs, dependent)
         if call is not None:
@@ -393,11 +588,21 @@ class _ForwardRecorder(TorchFunctionMode):
             position, keys = _MODE_DEPENDENT_OPS[name]
             training = _argument(args, kwargs, position, keys, _MODE_DEFAULT.get(name, True))
             if training:
-                what = ("batch_norm with batch statistics (BatchNorm in training mode or without running "
-                        "stats: a nonlinear function of the weights that couples the samples)"
-                        if name == "batch_norm" else f"{name} in training mode (a random mask)")
+                what = (
+                    "batch_norm with batch statistics (BatchNorm in training mode or without running "
+                    "stats: a nonlinear function of the weights that couples the samples)"
+                    if name == "batch_norm"
+                    else f"{name} in training mode (a random mask)"
+                )
                 self.flag(f"{what}; call model.eval() first")
-            extra = [t for t in dependent if t is not _argument(args, kwargs, 0, ("input",))]
+            # the affine weight and bias may be selected leaves themselves (each enters linearly, once:
+            # y = weight * normalized(input) + bias with running statistics); anything else that depends
+            # on the weights (statistics, or affine parameters computed from weights) is not exact
+            extra = [
+                t
+                for t in dependent
+                if t is not _argument(args, kwargs, 0, ("input",)) and id(t) not in self.names_by_id
+            ]
             if extra:
                 self.flag(f"{name!r} with weight-dependent affine parameters or statistics")
             return
@@ -411,11 +616,13 @@ class _ForwardRecorder(TorchFunctionMode):
             skip = _argument(args, kwargs, additive[0], (additive[1],)) if additive else None
             factors = [t for t in dependent if t is not skip and id(t) not in self.names_by_id]
             if len(factors) > 1:
-                self.flag(f"{name!r} multiplies {len(factors)} weight-dependent tensors (not linear in "
-                          f"each weight)")
+                self.flag(
+                    f"{name!r} multiplies {len(factors)} weight-dependent tensors (not linear in each weight)"
+                )
             return
-        self.flag(f"{name!r} is not piecewise linear (not on the allowlist PIECEWISE_LINEAR_OPS / "
-                  f"MULTILINEAR_OPS)")
+        self.flag(
+            f"{name!r} is not piecewise linear (not on the allowlist PIECEWISE_LINEAR_OPS / MULTILINEAR_OPS)"
+        )
 
 
 def _expand(value: Any, nd: int) -> tuple[int, ...]:
@@ -425,8 +632,9 @@ def _expand(value: Any, nd: int) -> tuple[int, ...]:
     return value * nd if len(value) == 1 else value
 
 
-def _conv_padding(padding: Any, kernel: tuple[int, ...],
-                  dilation: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+def _conv_padding(
+    padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]
+) -> tuple[tuple[int, int], ...]:
     """(left, right) zero padding per spatial dim; ``"same"`` puts the odd element on the right."""
     if isinstance(padding, str):
         if padding == "valid":
@@ -450,7 +658,7 @@ def _unfold(x: Tensor, call: _LayerCall, kernel: tuple[int, ...]) -> Tensor:
         if call.dilation[d] > 1:
             x = x[..., :: call.dilation[d]]
     n, c = x.shape[:2]
-    positions = math.prod(x.shape[2: 2 + nd])
+    positions = math.prod(x.shape[2 : 2 + nd])
     x = x.permute(0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
     return x.reshape(n, call.groups, (c // call.groups) * math.prod(kernel), positions)
 
@@ -467,8 +675,9 @@ def _layer_factors(call: _LayerCall, grad: Tensor, kernel: tuple[int, ...]) -> t
     return a, g.reshape(n, g.shape[1], -1, g.shape[-1])
 
 
-def _accumulate_layer(call: _LayerCall, grad: Tensor, signs: Tensor, diag: dict[str, Tensor],
-                      leaves: dict[str, Tensor]) -> None:
+def _accumulate_layer(
+    call: _LayerCall, grad: Tensor, signs: Tensor, diag: dict[str, Tensor], leaves: dict[str, Tensor]
+) -> None:
     """Add ``sum_{n,k} sign_nk * (per-sample gradient of v_nk^T f_n)^2`` for one layer call, from the
     output gradients ``grad`` ``(K, N, *out)`` of all ``K`` columns and the signs ``(N, K)``."""
     if call.op == "linear" and call.inputs.ndim == 2:
@@ -489,8 +698,8 @@ def _accumulate_layer(call: _LayerCall, grad: Tensor, signs: Tensor, diag: dict[
     weight = leaves[call.weight]
     k = grad.shape[0]
     a, g = _layer_factors(call, grad, tuple(weight.shape[2:]))  # (N, G, I, P), (N, G, K * O, P)
-    positions = a.shape[3]
-    if positions * (positions + 1) // 2 <= k * (positions + _SQUARE_COST):
+    num_positions = a.shape[3]
+    if num_positions * (num_positions + 1) // 2 <= k * (num_positions + _SQUARE_COST):
         diag[call.weight] += _position_pair_contraction(a, g, signs, k).reshape(weight.shape)
         return
     chunk = max(1, _CHUNK_ELEMENTS // (g.shape[1] * g.shape[2] * a.shape[2]))
@@ -534,8 +743,9 @@ def _position_pair_contraction(a: Tensor, g: Tensor, signs: Tensor, k: int) -> T
     return acc
 
 
-def _per_sample_loss_hessians(loss_fn: LossFn, logits: Tensor,
-                              target: Tensor) -> tuple[Tensor, Tensor, list[str]]:
+def _per_sample_loss_hessians(
+    loss_fn: LossFn, logits: Tensor, target: Tensor
+) -> tuple[Tensor, Tensor, list[str]]:
     """``Lambda_n`` as ``(N, D, D)``, the gradient ``dL/df`` (logits' shape, detached) and issues with
     the per-sample-mean assumption.
 
@@ -550,36 +760,57 @@ def _per_sample_loss_hessians(loss_fn: LossFn, logits: Tensor,
     f = logits.detach().requires_grad_(True)
     total = loss_fn(f, target)
     if not isinstance(total, Tensor) or total.numel() != 1:
-        raise ValueError(f"`loss_fn` must return a scalar tensor (the mean loss over the batch), got "
-                         f"{getattr(total, 'shape', type(total).__name__)}; use reduction='mean'.")
+        raise ValueError(
+            f"`loss_fn` must return a scalar tensor (the mean loss over the batch), got "
+            f"{getattr(total, 'shape', type(total).__name__)}; use reduction='mean'."
+        )
     issues = []
     if n >= 2:
         half = n // 2
         with torch.no_grad():
-            parts = (half * loss_fn(logits[:half], target[:half])
-                     + (n - half) * loss_fn(logits[half:], target[half:])) / n
+            parts = (
+                half * loss_fn(logits[:half], target[:half])
+                + (n - half) * loss_fn(logits[half:], target[half:])
+            ) / n
         value = float(total.detach())
         scale = max(abs(value), float(parts.abs()), torch.finfo(logits.dtype).tiny)
         if abs(value - float(parts)) > 1e3 * torch.finfo(logits.dtype).eps * scale:
-            issues.append(f"`loss_fn` is not the mean of per-sample losses (batch value {value:.6g}, "
-                          f"size-weighted mean over its two halves {float(parts):.6g}); use reduction='mean' "
-                          f"and no terms that couple samples")
+            issues.append(
+                f"`loss_fn` is not the mean of per-sample losses (batch value {value:.6g}, "
+                f"size-weighted mean over its two halves {float(parts):.6g}); use reduction='mean' "
+                f"and no terms that couple samples"
+            )
     (grad,) = torch.autograd.grad(total.reshape(()), f, create_graph=True)
     if not grad.requires_grad:  # loss linear in the logits
         return torch.zeros(n, dim, dim, dtype=logits.dtype, device=logits.device), grad.detach(), issues
     basis = torch.eye(dim, dtype=logits.dtype, device=logits.device).reshape(dim, 1, *logits.shape[1:])
     basis = basis.expand(dim, *logits.shape)
     try:
-        (rows,) = torch.autograd.grad(grad, f, basis, retain_graph=True, is_grads_batched=True,
-                                      allow_unused=True, materialize_grads=True)
+        (rows,) = torch.autograd.grad(
+            grad,
+            f,
+            basis,
+            retain_graph=True,
+            is_grads_batched=True,
+            allow_unused=True,
+            materialize_grads=True,
+        )
     except (RuntimeError, NotImplementedError):  # a backward without a vmap rule: loop over j
-        rows = torch.stack([torch.autograd.grad(grad, f, e, retain_graph=True, allow_unused=True,
-                                                materialize_grads=True)[0] for e in basis])
+        rows = torch.stack(
+            [
+                torch.autograd.grad(grad, f, e, retain_graph=True, allow_unused=True, materialize_grads=True)[
+                    0
+                ]
+                for e in basis
+            ]
+        )
     hessians = n * rows.reshape(dim, n, dim).transpose(0, 1)  # [n, j, :] = d^2 l_n / df_nj df_n
     return 0.5 * (hessians + hessians.transpose(1, 2)), grad.detach(), issues
 
 
-def _loss_factors(loss_fn: LossFn, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor, list[str]]:
+def _loss_factors(
+    loss_fn: LossFn, logits: Tensor, target: Tensor
+) -> tuple[Tensor, Tensor, Tensor, list[str]]:
     """``Lambda_n = sum_k sign_nk c_nk c_nk^T`` as factors ``(N, D, K)`` and signs ``(N, K)``, with the
     gradient ``dL/df`` (logits' shape, detached) and issues with the per-sample-mean assumption.
 
@@ -605,8 +836,9 @@ def _loss_factors(loss_fn: LossFn, logits: Tensor, target: Tensor) -> tuple[Tens
     return factors, signs, grad, issues
 
 
-def _token_loss_factors(loss_fn: TokenLoss, logits: Tensor,
-                        target: Tensor) -> tuple[Tensor, Tensor, Tensor, list[str]]:
+def _token_loss_factors(
+    loss_fn: TokenLoss, logits: Tensor, target: Tensor
+) -> tuple[Tensor, Tensor, Tensor, list[str]]:
     """Exact factors for :class:`TokenLoss`: block-diagonal per sequence.
 
     The loss is ``(1/M) sum_t l_t`` over the ``M`` valid tokens, so sequence ``n`` contributes
@@ -643,8 +875,14 @@ def _plain_class_targets(logits: Tensor, target: Tensor) -> bool:
     """``(N, C)`` floating logits, ``(N,)`` integer targets all in ``[0, C)`` (none ignored)."""
     if logits.ndim != 2 or not logits.is_floating_point() or not isinstance(target, Tensor):
         return False
-    if target.ndim != 1 or target.shape[0] != logits.shape[0] or target.is_floating_point() \
-            or target.is_complex() or target.dtype == torch.bool or target.numel() == 0:
+    if (
+        target.ndim != 1
+        or target.shape[0] != logits.shape[0]
+        or target.is_floating_point()
+        or target.is_complex()
+        or target.dtype == torch.bool
+        or target.numel() == 0
+    ):
         return False
     return bool(((target >= 0) & (target < logits.shape[1])).all())
 
@@ -677,8 +915,10 @@ def _fast_path_blockers(recorder: _ForwardRecorder, leaves: dict[str, Tensor], n
         nd = _LAYER_OPS[call.op]
         batched = call.inputs.ndim == nd + 2 if nd else call.inputs.ndim >= 2
         if not batched or call.inputs.shape[0] != n or call.output.shape[0] != n:
-            reasons.append(f"{call.op} in {call.module} does not have the batch (size {n}) along dim 0 "
-                           f"(input shape {tuple(call.inputs.shape)})")
+            reasons.append(
+                f"{call.op} in {call.module} does not have the batch (size {n}) along dim 0 "
+                f"(input shape {tuple(call.inputs.shape)})"
+            )
     return reasons
 
 
@@ -690,8 +930,9 @@ def _interaction_probe(logits: Tensor) -> Tensor:
     return probe
 
 
-def _diagonal_by_layers(recorder: _ForwardRecorder, logits: Tensor, factors: Tensor, signs: Tensor,
-                        leaves: dict[str, Tensor]) -> tuple[Optional[dict[str, Tensor]], list[str]]:
+def _diagonal_by_layers(
+    recorder: _ForwardRecorder, logits: Tensor, factors: Tensor, signs: Tensor, leaves: dict[str, Tensor]
+) -> tuple[Optional[dict[str, Tensor]], list[str]]:
     """The fast path: one backward pass of all ``K`` columns at once (``is_grads_batched``; a loop
     over them if some backward has no vmap rule), then per-layer contractions.
 
@@ -705,17 +946,25 @@ def _diagonal_by_layers(recorder: _ForwardRecorder, logits: Tensor, factors: Ten
     columns = factors.permute(2, 0, 1).reshape(k, *logits.shape)
     if n >= 2 and calls:
         columns = torch.cat([columns, _interaction_probe(logits).unsqueeze(0)])
+    grads: Sequence[Optional[Tensor]]
     try:
-        grads = torch.autograd.grad(logits, outputs, columns, retain_graph=True, allow_unused=True,
-                                    is_grads_batched=True)
+        grads = torch.autograd.grad(
+            logits, outputs, columns, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
     except (RuntimeError, NotImplementedError):  # some backward lacks a vmap rule: loop
-        per_column = [torch.autograd.grad(logits, outputs, v, retain_graph=True, allow_unused=True)
-                      for v in columns]
-        grads = [None if per_column[0][j] is None else torch.stack([p[j] for p in per_column])
-                 for j in range(len(calls))]
+        per_column = [
+            torch.autograd.grad(logits, outputs, v, retain_graph=True, allow_unused=True) for v in columns
+        ]
+        grads = [
+            None if per_column[0][j] is None else torch.stack([p[j] for p in per_column])
+            for j in range(len(calls))
+        ]
     if columns.shape[0] > k:
-        mixing = [f"{c.op} in {c.module}" for c, g in zip(calls, grads)
-                  if g is not None and bool((g[k, 1:] != 0).any())]
+        mixing = [
+            f"{c.op} in {c.module}"
+            for c, g in zip(calls, grads)
+            if g is not None and bool((g[k, 1:] != 0).any())
+        ]
         if mixing:
             return None, mixing
     diag = {name: torch.zeros_like(t) for name, t in leaves.items()}
@@ -725,8 +974,9 @@ def _diagonal_by_layers(recorder: _ForwardRecorder, logits: Tensor, factors: Ten
     return diag, []
 
 
-def _diagonal_per_sample(logits: Tensor, factors: Tensor, signs: Tensor,
-                         leaves: dict[str, Tensor]) -> dict[str, Tensor]:
+def _diagonal_per_sample(
+    logits: Tensor, factors: Tensor, signs: Tensor, leaves: dict[str, Tensor]
+) -> dict[str, Tensor]:
     """One vectorised backward per (sample, k) pair: the GGN diagonal for any graph."""
     n, dim, k = factors.shape
     tol_mask = factors.abs().sum(dim=1) > 0  # (N, K) pairs with a nonzero factor
@@ -736,19 +986,32 @@ def _diagonal_per_sample(logits: Tensor, factors: Tensor, signs: Tensor,
     numel = sum(t.numel() for t in leaves.values()) + logits.numel()
     chunk = max(1, _BATCHED_BACKWARD_ELEMENTS // numel)
     for start in range(0, pairs.shape[0], chunk):
-        idx = pairs[start: start + chunk]
+        idx = pairs[start : start + chunk]
         vectors = torch.zeros(idx.shape[0], n, dim, dtype=logits.dtype, device=logits.device)
         vectors[torch.arange(idx.shape[0]), idx[:, 0]] = factors[idx[:, 0], :, idx[:, 1]]
         vectors = vectors.reshape(idx.shape[0], *logits.shape)
         sign = signs[idx[:, 0], idx[:, 1]]
+        grads: Sequence[Optional[Tensor]]
         try:
-            grads = torch.autograd.grad(logits, [leaves[m] for m in names], vectors, retain_graph=True,
-                                        allow_unused=True, is_grads_batched=True)
+            grads = torch.autograd.grad(
+                logits,
+                [leaves[m] for m in names],
+                vectors,
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
         except (RuntimeError, NotImplementedError):  # some backward lacks a vmap rule: loop
-            per_vector = [torch.autograd.grad(logits, [leaves[m] for m in names], v, retain_graph=True,
-                                              allow_unused=True) for v in vectors]
-            grads = [None if per_vector[0][j] is None else torch.stack([p[j] for p in per_vector])
-                     for j in range(len(names))]
+            per_vector = [
+                torch.autograd.grad(
+                    logits, [leaves[m] for m in names], v, retain_graph=True, allow_unused=True
+                )
+                for v in vectors
+            ]
+            grads = [
+                None if per_vector[0][j] is None else torch.stack([p[j] for p in per_vector])
+                for j in range(len(names))
+            ]
         for name, g in zip(names, grads):
             if g is not None:
                 diag[name] += torch.tensordot(sign, g * g, dims=1)
@@ -770,6 +1033,7 @@ class _ModuleNames:
     def _enter(stack: list[str], label: str) -> Callable[..., None]:
         def hook(*_: Any) -> None:
             stack.append(label)
+
         return hook
 
     @staticmethod
@@ -777,6 +1041,7 @@ class _ModuleNames:
         def hook(*_: Any) -> None:  # returns None: the module's output is left as it is
             if stack and stack[-1] == label:
                 stack.pop()
+
         return hook
 
     def remove(self) -> None:
@@ -855,15 +1120,24 @@ def exact_hessian_diagonal(
         factors, signs, _, loss_issues = _loss_factors(loss_fn, forward.logits.detach(), y)
         issues = forward.issues + loss_issues
         if issues:
-            message = ("exact_hessian_diagonal: the Hessian diagonal of this model is not the Gauss-Newton "
-                       "diagonal, because: " + "; ".join(issues[:8])
-                       + (f"; and {len(issues) - 8} more" if len(issues) > 8 else "") + ".")
+            message = (
+                "exact_hessian_diagonal: the Hessian diagonal of this model is not the Gauss-Newton "
+                "diagonal, because: "
+                + "; ".join(issues[:8])
+                + (f"; and {len(issues) - 8} more" if len(issues) > 8 else "")
+                + "."
+            )
             ggn_applies = not loss_issues and not forward.recorder.random_ops
             if strict:
                 hint = _HUTCHINSON_HINT if ggn_applies else _HUTCHINSON_ONLY_HINT
-                raise ExactMethodNotApplicable(f"{message} To estimate it, {hint}.", tuple(issues), ggn_applies)
-            warnings.warn(f"{message} Returning the generalized Gauss-Newton diagonal instead.",
-                          UserWarning, stacklevel=2)
+                raise ExactMethodNotApplicable(
+                    f"{message} To estimate it, {hint}.", tuple(issues), ggn_applies
+                )
+            warnings.warn(
+                f"{message} Returning the generalized Gauss-Newton diagonal instead.",
+                UserWarning,
+                stacklevel=2,
+            )
         diag = _ggn_diagonal(forward, factors, signs, issues, "exact_hessian_diagonal", stacklevel=3)
     return {name: d.detach().to(params[name].dtype) for name, d in diag.items()}
 
@@ -896,8 +1170,9 @@ def _functional_forward(model: nn.Module, state: dict[str, Tensor], x: ModelInpu
     return torch.func.functional_call(model, state, (x,))
 
 
-def _record_forward(model: nn.Module, x: ModelInputs, params: dict[str, nn.Parameter],
-                    caller: str) -> _RecordedForward:
+def _record_forward(
+    model: nn.Module, x: ModelInputs, params: dict[str, nn.Parameter], caller: str
+) -> _RecordedForward:
     """Run ``model(x)`` with fresh leaves for ``params`` (everything else detached, buffers cloned),
     recording the selected layers' calls and every operation on weight-dependent tensors."""
     leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
@@ -917,24 +1192,31 @@ def _record_forward(model: nn.Module, x: ModelInputs, params: dict[str, nn.Param
         raise ValueError(f"{caller}: {err}") from None
     n = inputs_batch_size(x)
     if logits.ndim == 0 or logits.shape[0] != n:
-        raise ValueError(f"the model output has shape {tuple(logits.shape)} for {n} samples; "
-                         f"{caller} needs the samples along dim 0.")
+        raise ValueError(
+            f"the model output has shape {tuple(logits.shape)} for {n} samples; "
+            f"{caller} needs the samples along dim 0."
+        )
     if not bool(torch.isfinite(logits).all()):
         raise ValueError("the model output contains NaN or inf; the Hessian diagonal is undefined there.")
     issues = list(recorder.issues)
     if logits.requires_grad and not recorder.produced_by_seen_op(logits):
-        issues.append(f"the model output comes from an operation invisible to torch function modes "
-                      f"({type(logits.grad_fn).__name__})")
+        issues.append(
+            f"the model output comes from an operation invisible to torch function modes "
+            f"({type(logits.grad_fn).__name__})"
+        )
     for name in leaves:
         uses = recorder.uses[name] + recorder.other_uses[name]
         if len(uses) > 1:
-            issues.append(f"weight {name!r} is used {len(uses)} times in one forward "
-                          f"({'; '.join(uses[:3])}): the output is not linear in each of its entries")
+            issues.append(
+                f"weight {name!r} is used {len(uses)} times in one forward "
+                f"({'; '.join(uses[:3])}): the output is not linear in each of its entries"
+            )
     return _RecordedForward(recorder, logits, leaves, issues)
 
 
-def _ggn_diagonal(forward: _RecordedForward, factors: Tensor, signs: Tensor, issues: list[str], caller: str,
-                  stacklevel: int) -> dict[str, Tensor]:
+def _ggn_diagonal(
+    forward: _RecordedForward, factors: Tensor, signs: Tensor, issues: list[str], caller: str, stacklevel: int
+) -> dict[str, Tensor]:
     """``diag(J^T Lambda J) / N`` from a recorded forward and the signed factors of the per-sample loss
     Hessians: the per-layer contractions where they apply, else the per-(sample, k) path (warned:
     its cost). The batch-independence probe rides along the per-layer backward pass."""
@@ -948,11 +1230,16 @@ def _ggn_diagonal(forward: _RecordedForward, factors: Tensor, signs: Tensor, iss
         diag, mixing = _diagonal_by_layers(recorder, logits, factors, signs, leaves)
         blockers = [f"samples interact after {layer}" for layer in mixing]
     if blockers:
-        warnings.warn(f"{caller}: per-layer contractions do not apply "
-                      f"({'; '.join(blockers[:3])}); computing the diagonal with up to "
-                      f"{logits.shape[0]} x {factors.shape[2]} backward passes.", UserWarning,
-                      stacklevel=stacklevel)
+        warnings.warn(
+            f"{caller}: per-layer contractions do not apply "
+            f"({'; '.join(blockers[:3])}); computing the diagonal with up to "
+            f"{logits.shape[0]} x {factors.shape[2]} backward passes.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
         return _diagonal_per_sample(logits, factors, signs, leaves)
+    # no blockers left: _diagonal_by_layers ran and found no mixing, so it returned the diagonal
+    assert diag is not None
     return diag
 
 
@@ -1040,8 +1327,9 @@ def gauss_newton_diagonal(
         model_issues = forward.issues
         del forward  # free the graph before the per-tensor forwards
         if not model_issues:  # piecewise linear in each weight: diag(R) = 0 everywhere
-            tensor_issues = {name: [] for name in params}
+            tensor_issues: dict[str, list[str]] = {name: [] for name in params}
         else:
-            tensor_issues = {name: _record_forward(model, x, {name: p}, caller).issues
-                             for name, p in params.items()}
+            tensor_issues = {
+                name: _record_forward(model, x, {name: p}, caller).issues for name, p in params.items()
+            }
     return GaussNewtonDiagonal(diag, issues, loss_issues, random_ops, tensor_issues, logits_grad)

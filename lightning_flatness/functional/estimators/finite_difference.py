@@ -4,7 +4,8 @@ central differences of gradients, with a step per weight tensor scaled by its no
 With :math:`\epsilon \sim \mathcal N(0, I)` and a step :math:`r_W` per weight tensor :math:`W`,
 
 .. math::
-    \hat h = \epsilon \odot \frac{\nabla L(\theta + r \odot \epsilon) - \nabla L(\theta - r \odot \epsilon)}{2 r},
+    \hat h = \epsilon \odot
+        \frac{\nabla L(\theta + r \odot \epsilon) - \nabla L(\theta - r \odot \epsilon)}{2 r},
     \qquad r_W = \texttt{relative\_step} \cdot \frac{\lVert W \rVert_F}{\sqrt{\operatorname{numel}(W)}},
 
 i.e. ``r_W`` is ``relative_step`` times the root-mean-square entry of ``W`` (Appendix C chooses
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from typing import Callable, Optional
 
 import torch
@@ -54,7 +56,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
-def finite_difference_steps(params: dict[str, Tensor], relative_step: float = 1e-3) -> dict[str, float]:
+def finite_difference_steps(params: Mapping[str, Tensor], relative_step: float = 1e-3) -> dict[str, float]:
     """The step ``r_W = relative_step * ||W||_F / sqrt(numel(W))`` of each weight tensor (Appendix C).
 
     A tensor whose entries are all zero gets ``r_W = relative_step`` (its RMS is taken as 1).
@@ -71,7 +73,9 @@ def finite_difference_steps(params: dict[str, Tensor], relative_step: float = 1e
         {'w': 0.003}
     """
     if not isinstance(relative_step, (int, float)) or not math.isfinite(relative_step) or relative_step <= 0:
-        raise ValueError(f"`relative_step` must be a finite number > 0 (default 1e-3), got {relative_step!r}.")
+        raise ValueError(
+            f"`relative_step` must be a finite number > 0 (default 1e-3), got {relative_step!r}."
+        )
     return {n: relative_step * (rms(p) or 1.0) for n, p in params.items()}
 
 
@@ -145,7 +149,9 @@ def finite_difference_hessian_diagonal(
         >>> mse = lambda out, t: (out - t).pow(2).mean()
         >>> def error(num_probes):
         ...     g = torch.Generator().manual_seed(0)
-        ...     est = finite_difference_hessian_diagonal(model, mse, x, y, params, num_probes=num_probes, generator=g)
+        ...     est = finite_difference_hessian_diagonal(
+        ...         model, mse, x, y, params, num_probes=num_probes, generator=g
+        ...     )
         ...     return float((est["weight"][0] - exact).norm() / exact.norm())
         >>> error(4) > error(4096)
         True
@@ -155,17 +161,27 @@ def finite_difference_hessian_diagonal(
     steps = finite_difference_steps(params, relative_step)
     dropouts = [type(m).__name__ for m in model.modules() if isinstance(m, _DROPOUT) and m.training]
     if dropouts:
-        warnings.warn(f"finite_difference_hessian_diagonal: {type(model).__name__} has {dropouts[0]} in train "
-                      f"mode, which draws different masks at theta + r*eps and theta - r*eps and ruins the "
-                      f"difference; call model.eval() first.", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"finite_difference_hessian_diagonal: {type(model).__name__} has {dropouts[0]} in train "
+            f"mode, which draws different masks at theta + r*eps and theta - r*eps and ruins the "
+            f"difference; call model.eval() first.",
+            UserWarning,
+            stacklevel=2,
+        )
     # First derivatives suffice here; the composite execution lets vmap batch the probes through
     # kernels (fused attention) that have no batching rule or forward-mode derivative.
     with torch.enable_grad(), twice_differentiable(model):
         loss_of, primals = functional_loss(model, loss_fn, inputs, target, params)
         return mean_over_probes(
-            primals, num_probes, chunk_size, "gaussian", generator,
+            primals,
+            num_probes,
+            chunk_size,
+            "gaussian",
+            generator,
             _vmapped_chunk(loss_of, primals, steps) if vectorize else None,
-            lambda: _looped_chunk(loss_of, primals, steps), "finite_difference_hessian_diagonal", model,
+            lambda: _looped_chunk(loss_of, primals, steps),
+            "finite_difference_hessian_diagonal",
+            model,
             "a loop of gradient evaluations",
         )
 

@@ -74,7 +74,9 @@ def gauss_newton_exact_diagonal(
         >>> import torch
         >>> import torch.nn.functional as F
         >>> _ = torch.manual_seed(0)
-        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
+        >>> model = torch.nn.Sequential(
+        ...     torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)
+        ... ).double()
         >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
         >>> diag = gauss_newton_exact_diagonal(model, F.cross_entropy, x, y, {"0.weight": model[0].weight})
         >>> def logits(w):
@@ -93,11 +95,16 @@ def gauss_newton_exact_diagonal(
         x, y = _autograd_inputs(inputs, target)
         forward = _record_forward(model, x, params, caller)
         factors, signs, _, loss_issues = _loss_factors(loss_fn, forward.logits.detach(), y)
-        problems = loss_issues + [f"the model draws random numbers ({op})" for op in forward.recorder.random_ops]
+        problems = loss_issues + [
+            f"the model draws random numbers ({op})" for op in forward.recorder.random_ops
+        ]
         if problems:
             raise ExactMethodNotApplicable(
-                f"{caller}: the Gauss-Newton diagonal does not apply: " + "; ".join(problems[:4])
+                f"{caller}: the Gauss-Newton diagonal does not apply: "
+                + "; ".join(problems[:4])
                 + '. Use method="hutchinson" (any twice-differentiable model), or model.eval() for dropout.',
-                tuple(problems), gauss_newton_applicable=False)
+                tuple(problems),
+                gauss_newton_applicable=False,
+            )
         diag = _ggn_diagonal(forward, factors, signs, forward.issues, caller, stacklevel=3)
     return {name: d.detach().to(params[name].dtype) for name, d in diag.items()}

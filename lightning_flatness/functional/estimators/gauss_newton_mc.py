@@ -103,7 +103,8 @@ def gauss_newton_mc_diagonal(
             ``loss_fn`` takes.
         params: ``{name: parameter}`` of ``model`` (see :func:`select_parameters`).
         num_mc_samples: Monte-Carlo draws per sample (the variance falls as ``1/num_mc_samples``);
-            ``None``: the loss's default (:data:`~lightning_flatness.functional.loss_hessian_factors.DEFAULT_MC_SAMPLES`:
+            ``None``: the loss's default
+            (:data:`~lightning_flatness.functional.loss_hessian_factors.DEFAULT_MC_SAMPLES`:
             8 for eq. 20, whose indefinite Hessian makes single draws cancel between samples, else 1).
         generator: a ``torch.Generator`` on the model's device for the draws, or None for the global
             RNG (with a generator the global RNG is untouched).

@@ -139,7 +139,9 @@ def ggn_hutchinson_hessian_diagonal(
         >>> import torch
         >>> import torch.nn.functional as F
         >>> _ = torch.manual_seed(0)
-        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+        >>> model = torch.nn.Sequential(
+        ...     torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+        ... ).double()
         >>> x, y = torch.randn(32, 3, dtype=torch.float64), torch.randint(0, 2, (32,))
         >>> params = {"0.weight": model[0].weight}
         >>> loss = lambda w: F.cross_entropy(torch.func.functional_call(model, {"0.weight": w}, (x,)), y)
@@ -158,18 +160,30 @@ def ggn_hutchinson_hessian_diagonal(
     with torch.enable_grad():
         ggn = gauss_newton_diagonal(model, loss_fn, inputs, target, params, caller=name)
         if ggn.loss_issues:
-            raise ValueError(f"{name}: {ggn.loss_issues[0]}. The Gauss-Newton part needs a mean of per-sample "
-                             f"losses; use method='hutchinson' for any other loss.")
+            raise ValueError(
+                f"{name}: {ggn.loss_issues[0]}. The Gauss-Newton part needs a mean of per-sample "
+                f"losses; use method='hutchinson' for any other loss."
+            )
         if ggn.random_ops:
             draws = "; ".join(ggn.random_ops[:3])
-            raise ValueError(f"{name}: the model draws random numbers in its forward ({draws}), so it is a "
-                             f"different function at every call; call model.eval() first (or use "
-                             f"method='hutchinson', which averages the Hessian over the random draws).")
+            raise ValueError(
+                f"{name}: the model draws random numbers in its forward ({draws}), so it is a "
+                f"different function at every call; call model.eval() first (or use "
+                f"method='hutchinson', which averages the Hessian over the random draws)."
+            )
         noisy = {n: p for n, p in params.items() if ggn.tensor_issues[n]}
         if not noisy:
             return ggn.diagonal
         with restore_module_tensors(model):  # functional_call and shared submodules (see there)
-            residual = hutchinson_hessian_diagonal(model, _contraction, inputs, ggn.logits_grad, noisy,
-                                                   num_probes=num_probes, generator=generator,
-                                                   chunk_size=chunk_size, vectorize=vectorize)
+            residual = hutchinson_hessian_diagonal(
+                model,
+                _contraction,
+                inputs,
+                ggn.logits_grad,
+                noisy,
+                num_probes=num_probes,
+                generator=generator,
+                chunk_size=chunk_size,
+                vectorize=vectorize,
+            )
     return {n: d + residual[n].to(d.dtype) if n in residual else d for n, d in ggn.diagonal.items()}

@@ -26,7 +26,7 @@ Hessian by back-propagating curvature", ICML 2012; the same estimator in curvlin
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +40,9 @@ from lightning_flatness.functional.estimators._functional_model import (
 )
 from lightning_flatness.functional.model_io import ModelInputs
 from lightning_flatness.functional.twice_differentiable import twice_differentiable
+
+if TYPE_CHECKING:
+    from torch.autograd.graph import Node
 
 __all__ = ["hutchinson_hessian_diagonal"]
 
@@ -128,7 +131,9 @@ def hutchinson_hessian_diagonal(
         >>> mse = lambda out, t: (out - t).pow(2).mean()
         >>> def error(num_probes):
         ...     g = torch.Generator().manual_seed(0)
-        ...     est = hutchinson_hessian_diagonal(model, mse, x, y, params, num_probes=num_probes, generator=g)
+        ...     est = hutchinson_hessian_diagonal(
+        ...         model, mse, x, y, params, num_probes=num_probes, generator=g
+        ...     )
         ...     return float((est["weight"][0] - exact).norm() / exact.norm())
         >>> error(4) > error(4096)
         True
@@ -138,9 +143,15 @@ def hutchinson_hessian_diagonal(
     with torch.enable_grad(), twice_differentiable(model):
         loss_of, primals = functional_loss(model, loss_fn, inputs, target, params)
         return mean_over_probes(
-            primals, num_probes, chunk_size, "rademacher", generator,
+            primals,
+            num_probes,
+            chunk_size,
+            "rademacher",
+            generator,
             _vmapped_chunk(loss_of, primals) if vectorize else None,
-            lambda: _looped_chunk(loss_of, primals, model), "hutchinson_hessian_diagonal", model,
+            lambda: _looped_chunk(loss_of, primals, model),
+            "hutchinson_hessian_diagonal",
+            model,
             "a loop of double-backward Hessian-vector products",
         )
 
@@ -152,7 +163,7 @@ def _vmapped_chunk(
     grad_fn = grad(loss_of)
 
     def one_probe(v: dict[str, Tensor]) -> dict[str, Tensor]:
-        _, hv = jvp(grad_fn, (primals,), (v,))
+        _, hv = cast("tuple[Any, Any]", jvp(grad_fn, (primals,), (v,)))  # a pair without has_aux
         return {n: v[n] * hv[n] for n in v}
 
     batched = vmap(one_probe, randomness="different")
@@ -181,8 +192,9 @@ def _looped_chunk(
         sums = {n: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype)) for n, p in primals.items()}
         try:
             if not graph:
-                grads = torch.autograd.grad(loss_of(theta), [theta[n] for n in names], create_graph=True,
-                                            allow_unused=True)
+                grads = torch.autograd.grad(
+                    loss_of(theta), [theta[n] for n in names], create_graph=True, allow_unused=True
+                )
                 # Weights whose gradient does not depend on any selected weight have zero Hessian rows.
                 live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
                 _check_twice_differentiable([grads[i] for i in live])
@@ -190,14 +202,20 @@ def _looped_chunk(
             grads, live = graph
             for k in range(probes[names[0]].shape[0] if live else 0):
                 v = [probes[n][k] for n in names]
-                hv = torch.autograd.grad([grads[i] for i in live], [theta[n] for n in names],
-                                         grad_outputs=[v[i] for i in live], retain_graph=True, allow_unused=True)
+                hv = torch.autograd.grad(
+                    [grads[i] for i in live],
+                    [theta[n] for n in names],
+                    grad_outputs=[v[i] for i in live],
+                    retain_graph=True,
+                    allow_unused=True,
+                )
                 for n, vi, hvi in zip(names, v, hv):
                     if hvi is not None:
                         sums[n] += vi * hvi
         except (RuntimeError, NotImplementedError) as err:
             raise RuntimeError(
-                f"hutchinson_hessian_diagonal needs Hessian-vector products through {type(model).__name__}, but "
+                f"hutchinson_hessian_diagonal needs Hessian-vector products through "
+                f"{type(model).__name__}, but "
                 f"double backward failed ({first_line(err)}); use method='finite_difference', which needs "
                 f"first derivatives only."
             ) from err
@@ -212,13 +230,16 @@ def _check_twice_differentiable(grads: list[Tensor]) -> None:
     Double backward does not fail there by itself: the node hangs off a detached leaf, the engine
     prunes it, and the Hessian-vector products would silently miss every path through it.
     """
-    seen, stack = set(), [g.grad_fn for g in grads if g.grad_fn is not None]
+    seen: set[Node] = set()
+    stack: list[Optional[Node]] = [g.grad_fn for g in grads if g.grad_fn is not None]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
         if node.name() == "torch::autograd::Error":  # the DelayedError that once_differentiable inserts
-            raise RuntimeError("the gradient passes through a function marked @once_differentiable, which "
-                               "has no second derivative")
+            raise RuntimeError(
+                "the gradient passes through a function marked @once_differentiable, which "
+                "has no second derivative"
+            )
         stack.extend(fn for fn, _ in node.next_functions)

@@ -53,7 +53,7 @@ class MethodChoice:
     reason: str
 
     @classmethod
-    def named(cls, method: str) -> "MethodChoice":
+    def named(cls, method: str) -> MethodChoice:
         """The choice of a method named by the user."""
         if method not in ESTIMATORS:
             raise ValueError(f"unknown method {method!r}; choose 'auto' or one of {tuple(ESTIMATORS)}.")
@@ -74,8 +74,9 @@ def outputs_per_sample(model: Any, loss_fn: Callable, inputs: Any) -> int:
     return int(logits[0].numel()) if logits.ndim > 0 else 1
 
 
-def gauss_newton_blockers(model: nn.Module, loss_fn: Callable, inputs: Any, target: Tensor,
-                          params: dict[str, nn.Parameter]) -> list[str]:
+def gauss_newton_blockers(
+    model: nn.Module, loss_fn: Callable, inputs: Any, target: Tensor, params: dict[str, nn.Parameter]
+) -> list[str]:
     """Why the Hessian diagonal of this model differs from its Gauss-Newton diagonal (empty: it does
     not): operations off the exact method's allowlist, weights used twice, train-mode randomness.
 
@@ -116,18 +117,33 @@ def choose_method(
     sampled = d > max_exact_outputs
     try:
         blockers = gauss_newton_blockers(model, loss_fn, few, target[: min(n, 2)], params)
-    except (ValueError, TypeError, RuntimeError) as err:  # a model the recorder cannot run: no exactness claim
+    except (
+        ValueError,
+        TypeError,
+        RuntimeError,
+    ) as err:  # a model the recorder cannot run: no exactness claim
         blockers = [f"the exactness check could not run ({type(err).__name__}: {err})"]
-    cost = (f"{d} outputs per sample: " + ("the Gauss-Newton part is sampled (a few backward columns "
-            f"instead of about {d})" if sampled else f"about {d} backward columns for the Gauss-Newton part"))
+    cost = f"{d} outputs per sample: " + (
+        f"the Gauss-Newton part is sampled (a few backward columns instead of about {d})"
+        if sampled
+        else f"about {d} backward columns for the Gauss-Newton part"
+    )
     if not blockers:
         method = "gauss_newton_mc" if sampled else "exact"
-        return MethodChoice(method, "hessian", "the network is piecewise linear in each weight, so the "
-                            f"Hessian diagonal is its Gauss-Newton diagonal; {cost}")
+        return MethodChoice(
+            method,
+            "hessian",
+            "the network is piecewise linear in each weight, so the "
+            f"Hessian diagonal is its Gauss-Newton diagonal; {cost}",
+        )
     why = "; ".join(blockers[:2])
     method = "gauss_newton_mc" if sampled else "gauss_newton"
-    return MethodChoice(method, "gauss_newton", f"the network is not linear in each weight ({why}), so its "
-                        "Hessian diagonal differs from the Gauss-Newton diagonal; Hutchinson probes of the "
-                        "difference bias the normalized measures more than the difference itself on the model "
-                        f"zoo, so the Gauss-Newton diagonal is measured (method='ggn_hutchinson' adds the "
-                        f"probed residual); {cost}")
+    return MethodChoice(
+        method,
+        "gauss_newton",
+        f"the network is not linear in each weight ({why}), so its "
+        "Hessian diagonal differs from the Gauss-Newton diagonal; Hutchinson probes of the "
+        "difference bias the normalized measures more than the difference itself on the model "
+        f"zoo, so the Gauss-Newton diagonal is measured (method='ggn_hutchinson' adds the "
+        f"probed residual); {cost}",
+    )

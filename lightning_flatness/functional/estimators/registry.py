@@ -49,15 +49,20 @@ class EstimatorSpec:
 
     def __post_init__(self) -> None:
         if self.quantity not in ("hessian", "gauss_newton"):
-            raise ValueError(f"EstimatorSpec {self.name!r}: quantity must be 'hessian' or 'gauss_newton', "
-                             f"got {self.quantity!r}.")
+            raise ValueError(
+                f"EstimatorSpec {self.name!r}: quantity must be 'hessian' or 'gauss_newton', "
+                f"got {self.quantity!r}."
+            )
         unknown = set(self.options) - set(OPTION_NAMES)
         if unknown:
-            raise ValueError(f"EstimatorSpec {self.name!r} names unknown options {sorted(unknown)}; "
-                             f"choose from {OPTION_NAMES}.")
+            raise ValueError(
+                f"EstimatorSpec {self.name!r} names unknown options {sorted(unknown)}; "
+                f"choose from {OPTION_NAMES}."
+            )
         if ":" not in self.target:
-            raise ValueError(f"EstimatorSpec {self.name!r}: target must be 'module.path:function', "
-                             f"got {self.target!r}.")
+            raise ValueError(
+                f"EstimatorSpec {self.name!r}: target must be 'module.path:function', got {self.target!r}."
+            )
 
     def load(self) -> Callable:
         """The estimator function (imported on first use)."""
@@ -72,26 +77,61 @@ ESTIMATORS: dict[str, EstimatorSpec] = {}
 def register_estimator(spec: EstimatorSpec, *, replace: bool = False) -> EstimatorSpec:
     """Add ``spec`` to :data:`ESTIMATORS` (``replace=True`` to override an existing name)."""
     if spec.name in ESTIMATORS and not replace:
-        raise ValueError(f"an estimator named {spec.name!r} is already registered; pass replace=True to "
-                         "override it or choose another name.")
+        raise ValueError(
+            f"an estimator named {spec.name!r} is already registered; pass replace=True to "
+            "override it or choose another name."
+        )
     ESTIMATORS[spec.name] = spec
     return spec
 
 
 _PKG = "lightning_flatness.functional.estimators"
-register_estimator(EstimatorSpec(
-    "exact", f"{_PKG}.exact:exact_hessian_diagonal", "hessian", stochastic=False, options=("strict",)))
-register_estimator(EstimatorSpec(
-    "ggn_hutchinson", f"{_PKG}.ggn_hutchinson:ggn_hutchinson_hessian_diagonal", "hessian", stochastic=True,
-    options=("num_probes", "generator"), splits_probes=True))
-register_estimator(EstimatorSpec(
-    "hutchinson", f"{_PKG}.hutchinson:hutchinson_hessian_diagonal", "hessian", stochastic=True,
-    options=("num_probes", "generator"), splits_probes=True))
-register_estimator(EstimatorSpec(
-    "finite_difference", f"{_PKG}.finite_difference:finite_difference_hessian_diagonal", "hessian",
-    stochastic=True, options=("num_probes", "generator", "relative_step"), splits_probes=True))
-register_estimator(EstimatorSpec(
-    "gauss_newton_mc", f"{_PKG}.gauss_newton_mc:gauss_newton_mc_diagonal", "gauss_newton", stochastic=True,
-    options=("num_mc_samples", "generator")))
-register_estimator(EstimatorSpec(
-    "gauss_newton", f"{_PKG}.gauss_newton:gauss_newton_exact_diagonal", "gauss_newton", stochastic=False))
+register_estimator(
+    EstimatorSpec(
+        "exact", f"{_PKG}.exact:exact_hessian_diagonal", "hessian", stochastic=False, options=("strict",)
+    )
+)
+register_estimator(
+    EstimatorSpec(
+        "ggn_hutchinson",
+        f"{_PKG}.ggn_hutchinson:ggn_hutchinson_hessian_diagonal",
+        "hessian",
+        stochastic=True,
+        options=("num_probes", "generator"),
+        splits_probes=True,
+    )
+)
+register_estimator(
+    EstimatorSpec(
+        "hutchinson",
+        f"{_PKG}.hutchinson:hutchinson_hessian_diagonal",
+        "hessian",
+        stochastic=True,
+        options=("num_probes", "generator"),
+        splits_probes=True,
+    )
+)
+register_estimator(
+    EstimatorSpec(
+        "finite_difference",
+        f"{_PKG}.finite_difference:finite_difference_hessian_diagonal",
+        "hessian",
+        stochastic=True,
+        options=("num_probes", "generator", "relative_step"),
+        splits_probes=True,
+    )
+)
+register_estimator(
+    EstimatorSpec(
+        "gauss_newton_mc",
+        f"{_PKG}.gauss_newton_mc:gauss_newton_mc_diagonal",
+        "gauss_newton",
+        stochastic=True,
+        options=("num_mc_samples", "generator"),
+    )
+)
+register_estimator(
+    EstimatorSpec(
+        "gauss_newton", f"{_PKG}.gauss_newton:gauss_newton_exact_diagonal", "gauss_newton", stochastic=False
+    )
+)

@@ -128,7 +128,9 @@ def _objective(a: Tensor, b: Tensor, x: Tensor, y: Tensor) -> Tensor:
     return (sa + sb).view(-1)
 
 
-def newton(a: Tensor, b: Tensor, free: Tensor, x: Tensor, y: Tensor, rtol: float, max_iter: int) -> BatchResult:
+def newton(
+    a: Tensor, b: Tensor, free: Tensor, x: Tensor, y: Tensor, rtol: float, max_iter: int
+) -> BatchResult:
     """Damped Newton from ``(x, y)`` on ``P`` reduced problems until each is certified or ``max_iter``.
 
     Per iteration and problem: about 20 passes over ``(m, n)`` float64 (terms, gradient, Newton
@@ -172,7 +174,9 @@ def newton(a: Tensor, b: Tensor, free: Tensor, x: Tensor, y: Tensor, rtol: float
 
         slope = (gx * px).sum(1) + (gy * py).sum(1)  # -(Newton decrement^2)
         low = lower[active]
-        near = (-slope <= _BOUND_FROM * val) & accurate  # (the bound needs max|s| < 1/2; it is tight once lambda^2 << S)
+        near = (
+            -slope <= _BOUND_FROM * val
+        ) & accurate  # (the bound needs max|s| < 1/2; it is tight once lambda^2 << S)
         if it == max_iter:  # the cap: report the best certificate available, at least the separable
             near = accurate  # bound sum_ij 2 sqrt(A_ij B_ij) (each term minimised on its own)
             low = torch.maximum(low, 2.0 * torch.sqrt(a_a * b_a).sum(dim=(1, 2)))
@@ -228,8 +232,9 @@ def newton(a: Tensor, b: Tensor, free: Tensor, x: Tensor, y: Tensor, rtol: float
     return BatchResult(x, y, value, lower, iterations)
 
 
-def _direction(gamma: Tensor, r: Tensor, c: Tensor, gx: Tensor, gy: Tensor, free: Tensor, polish: Tensor
-               ) -> tuple[Tensor, Tensor, Tensor]:
+def _direction(
+    gamma: Tensor, r: Tensor, c: Tensor, gx: Tensor, gy: Tensor, free: Tensor, polish: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """Newton direction of ``P`` problems, ``p_x = 0`` on non-free rows, and whether it is float64-accurate.
 
     ``polish`` ``(P,)`` selects the problems whose float32 solve is refined to float64 accuracy (those
@@ -318,8 +323,18 @@ def _refine(gs: Tensor, rhs: Tensor, chol32: Tensor, ok: Tensor, polish: Tensor)
     return z, converged
 
 
-def _dual_bound(gamma: Tensor, r: Tensor, c: Tensor, value: Tensor, gx: Tensor, gy: Tensor,
-                px: Tensor, py: Tensor, x: Tensor, y: Tensor) -> Tensor:
+def _dual_bound(
+    gamma: Tensor,
+    r: Tensor,
+    c: Tensor,
+    value: Tensor,
+    gx: Tensor,
+    gy: Tensor,
+    px: Tensor,
+    py: Tensor,
+    x: Tensor,
+    y: Tensor,
+) -> Tensor:
     """Lower bound on ``inf S`` per problem from the Newton-linearised dual point (weighted AM-GM);
     0 where it does not apply (``max |s| >= 1/2``).
 

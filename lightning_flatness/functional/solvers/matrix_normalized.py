@@ -59,8 +59,10 @@ def matrix_normalized_sharpness(weight: Tensor, hessian_diagonal: Tensor) -> Ten
         tensor(10.)
     """
     if hessian_diagonal.shape != weight.shape:
-        raise ValueError(f"Hessian diagonal has shape {tuple(hessian_diagonal.shape)} but the weight has "
-                         f"{tuple(weight.shape)}; pass the diagonal of this weight tensor.")
+        raise ValueError(
+            f"Hessian diagonal has shape {tuple(hessian_diagonal.shape)} but the weight has "
+            f"{tuple(weight.shape)}; pass the diagonal of this weight tensor."
+        )
     dtype = _result_dtype(weight, hessian_diagonal)
     w, h = _float64(weight), _float64(hessian_diagonal)
     return _to_result(torch.sqrt(w.square().sum() * h.clamp_min(0).sum()), dtype, weight)

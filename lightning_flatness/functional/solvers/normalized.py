@@ -82,7 +82,6 @@ __all__ = [
 ]
 
 
-
 class NormalizedSharpnessSolution(NamedTuple):
     """Result of :func:`solve_normalized_sharpness`: float64, on the input's device (the CPU for MPS).
 
@@ -274,8 +273,10 @@ def solve_normalized_sharpness_batch(
     """
     _check_tolerances(rtol, max_iter)
     if hessian_diagonals.ndim != weight.ndim + 1 or hessian_diagonals.shape[1:] != weight.shape:
-        raise ValueError(f"hessian_diagonals has shape {tuple(hessian_diagonals.shape)}; expected (P, "
-                         f"*weight.shape) = (P, {', '.join(map(str, weight.shape))}): one diagonal per problem.")
+        raise ValueError(
+            f"hessian_diagonals has shape {tuple(hessian_diagonals.shape)}; expected (P, "
+            f"*weight.shape) = (P, {', '.join(map(str, weight.shape))}): one diagonal per problem."
+        )
     if hessian_diagonals.shape[0] == 0:
         return []
     _check_inputs(weight, hessian_diagonals[0], lam)
@@ -320,20 +321,30 @@ def solve_normalized_sharpness_coefficients(
     if replicate_rtol is not None:
         _check_tolerances(replicate_rtol, max_iter)
     if a.ndim != 3 or b.shape[-2:] != a.shape[-2:] or b.ndim not in (2, 3):
-        raise ValueError(f"coefficients must be a (P, m, n) and b (m, n) or (P, m, n); got {tuple(a.shape)} "
-                         f"and {tuple(b.shape)}.")
+        raise ValueError(
+            f"coefficients must be a (P, m, n) and b (m, n) or (P, m, n); got {tuple(a.shape)} "
+            f"and {tuple(b.shape)}."
+        )
     b = b if b.ndim == 3 else b[None]
-    return _solve(a.to(torch.float64), b.to(torch.float64), rtol, max_iter,
-                  tuple(a.shape[1:]) if shape is None else tuple(shape), warm_start=warm_start,
-                  replicate_rtol=replicate_rtol)
+    return _solve(
+        a.to(torch.float64),
+        b.to(torch.float64),
+        rtol,
+        max_iter,
+        tuple(a.shape[1:]) if shape is None else tuple(shape),
+        warm_start=warm_start,
+        replicate_rtol=replicate_rtol,
+    )
 
 
 def _check_tolerances(rtol: float, max_iter: int) -> None:
     if not (rtol > 0 and math.isfinite(rtol)):
         raise ValueError(f"rtol must be a positive finite number, got {rtol!r}.")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int (Newton iterations before the solver stops "
-                         f"with a warning), got {max_iter!r}.")
+        raise ValueError(
+            f"max_iter must be a positive int (Newton iterations before the solver stops "
+            f"with a warning), got {max_iter!r}."
+        )
 
 
 _ONE_THREAD_BELOW = 1 << 22  # P m n below which the CPU solve runs on one intra-op thread
@@ -360,18 +371,34 @@ def intra_op_threads(work: int, device: torch.device):
         torch.set_num_threads(threads)
 
 
-def _solve(a: Tensor, b: Tensor, rtol: float, max_iter: int, shape: tuple, warm_start: bool,
-           replicate_rtol: Optional[float] = None) -> list[NormalizedSharpnessSolution]:
+def _solve(
+    a: Tensor,
+    b: Tensor,
+    rtol: float,
+    max_iter: int,
+    shape: tuple,
+    warm_start: bool,
+    replicate_rtol: Optional[float] = None,
+) -> list[NormalizedSharpnessSolution]:
     """Solve ``P`` problems with coefficients ``a`` ``(P, m, n)`` and ``b`` ``(P or 1, m, n)``."""
     with intra_op_threads(a.numel(), a.device):
         return _solve_threads_set(a, b, rtol, max_iter, shape, warm_start, replicate_rtol)
 
 
-def _solve_threads_set(a: Tensor, b: Tensor, rtol: float, max_iter: int, shape: tuple, warm_start: bool,
-                       replicate_rtol: Optional[float]) -> list[NormalizedSharpnessSolution]:
+def _solve_threads_set(
+    a: Tensor,
+    b: Tensor,
+    rtol: float,
+    max_iter: int,
+    shape: tuple,
+    warm_start: bool,
+    replicate_rtol: Optional[float],
+) -> list[NormalizedSharpnessSolution]:
     if not (math.isfinite(float(a.sum())) and math.isfinite(float(b.sum()))):  # a, b >= 0: no cancellation
-        raise ValueError("normalized_sharpness got non-finite weights or Hessian diagonal (NaN/inf, or an "
-                         "overflow of W^2 / h summed over the kernel); check the curvature estimate.")
+        raise ValueError(
+            "normalized_sharpness got non-finite weights or Hessian diagonal (NaN/inf, or an "
+            "overflow of W^2 / h summed over the kernel); check the curvature estimate."
+        )
     num = a.shape[0]
     b = b.expand_as(a)
     transposed = a.shape[1] > a.shape[2]
@@ -379,14 +406,24 @@ def _solve_threads_set(a: Tensor, b: Tensor, rtol: float, max_iter: int, shape: 
         a, b = a.transpose(1, 2), b.transpose(1, 2)
     if a.shape[1] == 0 or a.shape[2] == 0:  # an empty tensor: no terms
         zero = a.new_zeros(())
-        sols = [NormalizedSharpnessSolution(zero, zero, a.new_full((a.shape[1],), math.nan),
-                                            a.new_full((a.shape[2],), math.nan), 0, True, 0)] * num
+        sols = [
+            NormalizedSharpnessSolution(
+                zero,
+                zero,
+                a.new_full((a.shape[1],), math.nan),
+                a.new_full((a.shape[2],), math.nan),
+                0,
+                True,
+                0,
+            )
+        ] * num
     elif a.shape[1] == 1:
         sols = _solve_one_row(a, b)
     elif warm_start and num > 1:
         first = _solve_reduced(a[:1], b[:1], rtol, max_iter, shape, None)
-        rest = _solve_reduced(a[1:], b[1:], rtol if replicate_rtol is None else replicate_rtol, max_iter, shape,
-                              first[0])
+        rest = _solve_reduced(
+            a[1:], b[1:], rtol if replicate_rtol is None else replicate_rtol, max_iter, shape, first[0]
+        )
         sols = first + rest
     else:
         sols = _solve_reduced(a, b, rtol, max_iter, shape, None)
@@ -394,20 +431,36 @@ def _solve_threads_set(a: Tensor, b: Tensor, rtol: float, max_iter: int, shape: 
     return [_finish(sol, transposed) for sol in sols]
 
 
-def _warn_uncertified(sols: list[NormalizedSharpnessSolution], rtol: float, max_iter: int, shape: tuple) -> None:
+def _warn_uncertified(
+    sols: list[NormalizedSharpnessSolution], rtol: float, max_iter: int, shape: tuple
+) -> None:
     """One warning per call when any problem stopped above ``rtol`` (the cap or the rounding floor)."""
-    gaps = [float((s.value - s.lower_bound) / s.lower_bound) if s.lower_bound > 0
-            else (math.inf if s.value > 0 else 0.0) for s in sols]
+    gaps = [
+        float((s.value - s.lower_bound) / s.lower_bound)
+        if s.lower_bound > 0
+        else (math.inf if s.value > 0 else 0.0)
+        for s in sols
+    ]
     worst = max(range(len(gaps)), key=gaps.__getitem__, default=None)
     if worst is not None and gaps[worst] > rtol:
-        warnings.warn(f"normalized_sharpness stopped after {sols[worst].iterations} Newton iterations (max_iter="
-                      f"{max_iter}) on a weight tensor of shape {shape} with a certified relative gap of "
-                      f"{gaps[worst]:.2e} > rtol={rtol:.1e} (problem {worst} of {len(sols)}); the value is an "
-                      f"upper bound within that gap. Raise max_iter or rtol.", RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"normalized_sharpness stopped after {sols[worst].iterations} Newton iterations (max_iter="
+            f"{max_iter}) on a weight tensor of shape {shape} with a certified relative gap of "
+            f"{gaps[worst]:.2e} > rtol={rtol:.1e} (problem {worst} of {len(sols)}); the value is an "
+            f"upper bound within that gap. Raise max_iter or rtol.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
-def _solve_reduced(a: Tensor, b: Tensor, rtol: float, max_iter: int, shape: tuple,
-                   start: Optional[NormalizedSharpnessSolution]) -> list[NormalizedSharpnessSolution]:
+def _solve_reduced(
+    a: Tensor,
+    b: Tensor,
+    rtol: float,
+    max_iter: int,
+    shape: tuple,
+    start: Optional[NormalizedSharpnessSolution],
+) -> list[NormalizedSharpnessSolution]:
     """Component reduction, scaling, start point, Newton and the iteration-cap warning (``m <= n``)."""
     num, m, n = a.shape
     keep, free = component_layout(a, b)
@@ -440,8 +493,12 @@ def _solve_reduced(a: Tensor, b: Tensor, rtol: float, max_iter: int, shape: tupl
     x_out = torch.where(rows, res.x + shift[:, None], nan)
     y_out = torch.where(cols, res.y, nan)
     components = (rows & ~free).sum(dim=1)
-    return [NormalizedSharpnessSolution(value[p], lower[p], x_out[p], y_out[p], int(components[p]),
-                                        bool(attained[p]), res.iterations) for p in range(num)]
+    return [
+        NormalizedSharpnessSolution(
+            value[p], lower[p], x_out[p], y_out[p], int(components[p]), bool(attained[p]), res.iterations
+        )
+        for p in range(num)
+    ]
 
 
 def _solve_one_row(a: Tensor, b: Tensor) -> list[NormalizedSharpnessSolution]:
@@ -454,8 +511,12 @@ def _solve_one_row(a: Tensor, b: Tensor) -> list[NormalizedSharpnessSolution]:
     has = both.any(dim=2)  # (P, 1)
     x_out = torch.where(has, torch.zeros_like(has, dtype=a.dtype), nan)
     y_out = torch.where(both[:, 0], 0.5 * torch.log(b[:, 0] / a[:, 0]), nan)
-    return [NormalizedSharpnessSolution(value[p], value[p], x_out[p], y_out[p], int(has[p].sum()),
-                                        bool(attained[p]), 0) for p in range(a.shape[0])]
+    return [
+        NormalizedSharpnessSolution(
+            value[p], value[p], x_out[p], y_out[p], int(has[p].sum()), bool(attained[p]), 0
+        )
+        for p in range(a.shape[0])
+    ]
 
 
 def _finish(sol: NormalizedSharpnessSolution, transposed: bool) -> NormalizedSharpnessSolution:
@@ -466,11 +527,15 @@ def _finish(sol: NormalizedSharpnessSolution, transposed: bool) -> NormalizedSha
 
 def _check_inputs(weight: Tensor, hessian_diagonal: Tensor, lam: float) -> None:
     if weight.ndim < 2:
-        raise ValueError(f"normalized sharpness needs a weight tensor with ndim >= 2 (rows x columns), got "
-                         f"shape {tuple(weight.shape)}; biases and other 1-D parameters are left out "
-                         f"(footnote 5), or reshape to (n, 1) for one variance per entry.")
+        raise ValueError(
+            f"normalized sharpness needs a weight tensor with ndim >= 2 (rows x columns), got "
+            f"shape {tuple(weight.shape)}; biases and other 1-D parameters are left out "
+            f"(footnote 5), or reshape to (n, 1) for one variance per entry."
+        )
     if hessian_diagonal.shape != weight.shape:
-        raise ValueError(f"Hessian diagonal has shape {tuple(hessian_diagonal.shape)} but the weight has "
-                         f"{tuple(weight.shape)}; pass the diagonal of this weight tensor.")
+        raise ValueError(
+            f"Hessian diagonal has shape {tuple(hessian_diagonal.shape)} but the weight has "
+            f"{tuple(weight.shape)}; pass the diagonal of this weight tensor."
+        )
     if not (lam > 0 and math.isfinite(lam)):
         raise ValueError(f"lam must be a positive finite number (the paper uses 0.5), got {lam!r}.")
