@@ -40,7 +40,7 @@ Algorithm (BackPACK's ``DiagGGNExact`` [1] with a signed symmetric factorisation
    ``sign(s_nk)``, is summed over samples and ``k``. For a plain Linear layer the square factorises:
    ``sum_n sign_n (g_n^2)(a_n^2)^T``, one matrix product. With few positions ``P`` per sample (small
    feature maps) the square of the sum over positions is expanded into position pairs, again one
-   matrix product and no per-sample gradients (:func:`_position_pair_contraction`).
+   matrix product and no per-sample gradients (:func:`~.layer_rules.contraction.position_pair_contraction`).
 
 **Cost.** One forward pass, one batched backward pass of ``K + 1 <= D + 1`` columns over the batch
 (``D`` = outputs per sample; the extra column is the batch-independence check, below), and per layer
@@ -105,6 +105,12 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_flatness.functional.estimators._functional_model import restore_module_tensors
+from lightning_flatness.functional.estimators.layer_rules import (
+    LAYER_RULES,
+    LayerCall,
+    accumulate_layer,
+    argument,
+)
 from lightning_flatness.functional.model_io import (
     ModelInputs,
     TokenLoss,
@@ -391,9 +397,6 @@ _DUNDER_ALIASES = {
     "__ipow__": "pow",
 }
 
-_LAYER_OPS = {"linear": 0, "conv1d": 1, "conv2d": 2, "conv3d": 3}  # value: number of spatial dims
-_CHUNK_ELEMENTS = 2**18  # bound on per-sample-gradient elements materialised at once (cache-sized)
-_SQUARE_COST = 8  # flops-equivalent of squaring and summing one per-sample-gradient entry (memory-bound)
 _BATCHED_BACKWARD_ELEMENTS = 2**24  # bound on gradient elements of one batched backward (per-sample path)
 _HUTCHINSON_HINT = (
     'use method="ggn_hutchinson" (the exact Gauss-Newton diagonal plus Hutchinson probes of '
@@ -455,27 +458,7 @@ def _tensors(obj: Any) -> Iterator[Tensor]:
             yield from _tensors(item)
 
 
-def _argument(args: tuple, kwargs: dict, position: int, names: tuple[str, ...], default: Any = None) -> Any:
-    for name in names:
-        if name in kwargs:
-            return kwargs[name]
-    return args[position] if len(args) > position else default
-
-
-@dataclass
-class _LayerCall:
-    """One call of ``linear`` / ``convNd`` whose weight or bias is a selected parameter."""
-
-    op: str
-    module: str
-    inputs: Tensor  # detached layer input a
-    output: Tensor  # layer output z, in the graph (the model continues on a clone of it)
-    weight: Optional[str]
-    bias: Optional[str]
-    stride: tuple[int, ...] = ()
-    padding: tuple[tuple[int, int], ...] = ()
-    dilation: tuple[int, ...] = ()
-    groups: int = 1
+_argument = argument  # the argument of a torch function call by position or keyword
 
 
 class _ForwardRecorder(TorchFunctionMode):
@@ -490,7 +473,7 @@ class _ForwardRecorder(TorchFunctionMode):
         self.leaves = leaves
         self.names_by_id = {id(t): n for n, t in leaves.items()}
         self.module_stack: list[str] = []
-        self.calls: list[_LayerCall] = []
+        self.calls: list[LayerCall] = []
         self.uses: dict[str, list[str]] = {n: [] for n in leaves}  # parameter -> ops using it
         self.other_uses: dict[str, list[str]] = {n: [] for n in leaves}
         self.issues: list[str] = []
@@ -534,7 +517,7 @@ class _ForwardRecorder(TorchFunctionMode):
                 f"a tensor produced by an operation invisible to torch function modes "
                 f"({type(node).__name__}, e.g. a custom autograd.Function) reaches {name!r}"
             )
-        call = self._record_layer_call(name, args, kwargs, out) if name in _LAYER_OPS else None
+        call = self._record_layer_call(name, args, kwargs, out) if name in LAYER_RULES else None
         for t in dependent:
             param = self.names_by_id.get(id(t))
             if param is not None and (
@@ -559,7 +542,7 @@ class _ForwardRecorder(TorchFunctionMode):
     def _leaf(self, name: Optional[str]) -> Optional[Tensor]:
         return self.leaves.get(name) if name is not None else None
 
-    def _record_layer_call(self, name, args, kwargs, out) -> Optional[_LayerCall]:
+    def _record_layer_call(self, name, args, kwargs, out) -> Optional[LayerCall]:
         weight = _argument(args, kwargs, 1, ("weight",))
         bias = _argument(args, kwargs, 2, ("bias",))
         weight_name = self.names_by_id.get(id(weight)) if isinstance(weight, Tensor) else None
@@ -567,14 +550,8 @@ class _ForwardRecorder(TorchFunctionMode):
         if weight_name is None and bias_name is None:
             return None
         inputs = _argument(args, kwargs, 0, ("input",))
-        call = _LayerCall(name, self.where(), inputs.detach(), out, weight_name, bias_name)
-        nd = _LAYER_OPS[name]
-        if nd:
-            kernel = tuple(weight.shape[2:])
-            call.stride = _expand(_argument(args, kwargs, 3, ("stride",), 1), nd)
-            call.dilation = _expand(_argument(args, kwargs, 5, ("dilation",), 1), nd)
-            call.padding = _conv_padding(_argument(args, kwargs, 4, ("padding",), 0), kernel, call.dilation)
-            call.groups = int(_argument(args, kwargs, 6, ("groups",), 1))
+        call = LayerCall(name, self.where(), inputs.detach(), out, weight_name, bias_name)
+        LAYER_RULES[name].record(call, args, kwargs, weight)
         for param in (weight_name, bias_name):
             if param is not None:
                 self.uses[param].append(f"{name!r} in {self.where()}")
@@ -623,124 +600,6 @@ class _ForwardRecorder(TorchFunctionMode):
         self.flag(
             f"{name!r} is not piecewise linear (not on the allowlist PIECEWISE_LINEAR_OPS / MULTILINEAR_OPS)"
         )
-
-
-def _expand(value: Any, nd: int) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * nd
-    value = tuple(int(v) for v in value)
-    return value * nd if len(value) == 1 else value
-
-
-def _conv_padding(
-    padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]
-) -> tuple[tuple[int, int], ...]:
-    """(left, right) zero padding per spatial dim; ``"same"`` puts the odd element on the right."""
-    if isinstance(padding, str):
-        if padding == "valid":
-            return tuple((0, 0) for _ in kernel)
-        if padding == "same":
-            total = [d * (k - 1) for k, d in zip(kernel, dilation)]
-            return tuple((t // 2, t - t // 2) for t in total)
-        raise ValueError(f"unknown conv padding {padding!r}; expected an int, a tuple, 'same' or 'valid'.")
-    return tuple((p, p) for p in _expand(padding, len(kernel)))
-
-
-def _unfold(x: Tensor, call: _LayerCall, kernel: tuple[int, ...]) -> Tensor:
-    """im2col for 1, 2 or 3 spatial dims: ``(N, C, *S) -> (N, groups, C/groups * prod(k), L)``."""
-    nd = len(kernel)
-    pads = [p for pair in reversed(call.padding) for p in pair]
-    if any(pads):
-        x = F.pad(x, pads)
-    for d in range(nd):
-        span = call.dilation[d] * (kernel[d] - 1) + 1
-        x = x.unfold(2 + d, span, call.stride[d])
-        if call.dilation[d] > 1:
-            x = x[..., :: call.dilation[d]]
-    n, c = x.shape[:2]
-    positions = math.prod(x.shape[2 : 2 + nd])
-    x = x.permute(0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
-    return x.reshape(n, call.groups, (c // call.groups) * math.prod(kernel), positions)
-
-
-def _layer_factors(call: _LayerCall, grad: Tensor, kernel: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """Inputs as ``(N, G, I, P)`` and output gradients of ``K`` columns as ``(N, G, K * O, P)``."""
-    k, n = grad.shape[:2]
-    if call.op == "linear":
-        a = call.inputs.reshape(n, 1, -1, call.inputs.shape[-1]).transpose(2, 3)
-        g = grad.reshape(k, n, 1, -1, grad.shape[-1]).permute(1, 2, 0, 4, 3)  # (N, 1, K, O, P)
-    else:
-        a = _unfold(call.inputs, call, kernel)
-        g = grad.reshape(k, n, call.groups, grad.shape[2] // call.groups, -1).permute(1, 2, 0, 3, 4)
-    return a, g.reshape(n, g.shape[1], -1, g.shape[-1])
-
-
-def _accumulate_layer(
-    call: _LayerCall, grad: Tensor, signs: Tensor, diag: dict[str, Tensor], leaves: dict[str, Tensor]
-) -> None:
-    """Add ``sum_{n,k} sign_nk * (per-sample gradient of v_nk^T f_n)^2`` for one layer call, from the
-    output gradients ``grad`` ``(K, N, *out)`` of all ``K`` columns and the signs ``(N, K)``."""
-    if call.op == "linear" and call.inputs.ndim == 2:
-        # one position per sample: (g_n a_n^T)^2 = g_n^2 (a_n^2)^T, so the columns are summed first,
-        # S_n = sum_k sign_nk g_nk^2, and contracted once
-        s = torch.einsum("nk,kno->no", signs, grad * grad)
-        if call.weight is not None:
-            diag[call.weight] += s.T @ (call.inputs * call.inputs)
-        if call.bias is not None:
-            diag[call.bias] += s.sum(dim=0)
-        return
-    if call.bias is not None:
-        positions = tuple(range(3, grad.ndim)) if call.op != "linear" else tuple(range(2, grad.ndim - 1))
-        gb = grad.sum(dim=positions)  # (K, N, out) per-sample bias gradients
-        diag[call.bias] += torch.einsum("nk,kno->o", signs, gb * gb)
-    if call.weight is None:
-        return
-    weight = leaves[call.weight]
-    k = grad.shape[0]
-    a, g = _layer_factors(call, grad, tuple(weight.shape[2:]))  # (N, G, I, P), (N, G, K * O, P)
-    num_positions = a.shape[3]
-    if num_positions * (num_positions + 1) // 2 <= k * (num_positions + _SQUARE_COST):
-        diag[call.weight] += _position_pair_contraction(a, g, signs, k).reshape(weight.shape)
-        return
-    chunk = max(1, _CHUNK_ELEMENTS // (g.shape[1] * g.shape[2] * a.shape[2]))
-    acc = torch.zeros(g.shape[1], g.shape[2] // k, a.shape[2], dtype=grad.dtype, device=grad.device)
-    for start in range(0, a.shape[0], chunk):
-        sl = slice(start, start + chunk)
-        gw = torch.matmul(g[sl], a[sl].transpose(-1, -2))  # (n, G, K * O, I) per-sample gradients
-        m, groups = gw.shape[:2]
-        gw = gw.square_().reshape(m, groups, k, -1)  # squares, (n, G, K, O * I)
-        if groups == 1:  # sum over (n, k) weighted by the signs: one matrix-vector product
-            acc += (signs[sl].reshape(1, -1) @ gw.reshape(m * k, -1)).reshape(acc.shape)
-        else:
-            acc += gw.mul_(signs[sl].reshape(m, 1, k, 1)).sum(dim=(0, 2)).reshape(acc.shape)
-    diag[call.weight] += acc.reshape(weight.shape)
-
-
-def _position_pair_contraction(a: Tensor, g: Tensor, signs: Tensor, k: int) -> Tensor:
-    r"""``sum_{n,k} sign_nk (sum_p g_nkp a_np^T)^2`` as ``(G, O, I)`` without per-sample gradients.
-
-    Squaring the sum over the ``P`` positions, ``(sum_p g_p a_p^T)^2 = sum_{p,q} (g_p g_q)(a_p a_q)^T``
-    (entrywise products), so with the ``Z = P (P + 1) / 2`` position pairs ``p <= q`` (off-diagonal ones
-    counted twice) the whole sum is one matrix product over ``(n, pair)``:
-    ``sum_{n,z} [sum_k sign_nk g_nkz] a_nz^T``, ``O(N Z O I)`` flops in BLAS, independent of ``K``.
-    Chosen over per-sample gradients (``O(N K P O I)`` flops plus ``N K O I`` squares, memory-bound)
-    when ``Z <= K (P + _SQUARE_COST)``: small feature maps (late ResNet stages, ``P = 1`` for
-    1x1 maps) and many columns. Samples in chunks of about ``_CHUNK_ELEMENTS`` pair products.
-    """
-    n, groups, _, p = a.shape
-    o = g.shape[2] // k
-    first, second = torch.triu_indices(p, p, device=a.device)
-    weight = torch.where(first == second, 1.0, 2.0).to(a.dtype)
-    gk = g.reshape(n, groups, k, o, p)
-    acc = torch.zeros(groups, o, a.shape[2], dtype=g.dtype, device=g.device)
-    chunk = max(1, _CHUNK_ELEMENTS * 16 // (groups * (a.shape[2] + k * o) * first.numel()))
-    for start in range(0, n, chunk):
-        sl = slice(start, start + chunk)
-        aa = a[sl][..., first] * a[sl][..., second]  # (n, G, I, Z)
-        gg = gk[sl][..., first] * gk[sl][..., second] * weight  # (n, G, K, O, Z)
-        w = torch.einsum("nk,ngkoz->gonz", signs[sl], gg).reshape(groups, o, -1)
-        acc += torch.bmm(w, aa.permute(1, 0, 3, 2).reshape(groups, -1, a.shape[2]))
-    return acc
 
 
 def _per_sample_loss_hessians(
@@ -912,9 +771,7 @@ def _fast_path_blockers(recorder: _ForwardRecorder, leaves: dict[str, Tensor], n
         elif len(recorder.uses[name]) > 1:
             reasons.append(f"{name!r} is used {len(recorder.uses[name])} times")
     for call in recorder.calls:
-        nd = _LAYER_OPS[call.op]
-        batched = call.inputs.ndim == nd + 2 if nd else call.inputs.ndim >= 2
-        if not batched or call.inputs.shape[0] != n or call.output.shape[0] != n:
+        if not LAYER_RULES[call.op].is_batched(call, n):
             reasons.append(
                 f"{call.op} in {call.module} does not have the batch (size {n}) along dim 0 "
                 f"(input shape {tuple(call.inputs.shape)})"
@@ -970,7 +827,7 @@ def _diagonal_by_layers(
     diag = {name: torch.zeros_like(t) for name, t in leaves.items()}
     for call, g in zip(calls, grads):
         if g is not None:
-            _accumulate_layer(call, g[:k], signs, diag, leaves)
+            accumulate_layer(call, g[:k], signs, diag, leaves)
     return diag, []
 
 

@@ -1,0 +1,26 @@
+"""Layer rules of the per-layer Gauss-Newton contractions, one module per layer kind, registered in
+:data:`~.base.LAYER_RULES` (see :mod:`.base`). Built in: ``linear`` (:mod:`.linear`) and
+``conv1d``/``conv2d``/``conv3d`` (:mod:`.conv`)."""
+
+from lightning_flatness.functional.estimators.layer_rules import conv, linear  # noqa: F401  (registers)
+from lightning_flatness.functional.estimators.layer_rules.base import (
+    LAYER_RULES,
+    LayerCall,
+    LayerRule,
+    argument,
+    register_layer_rule,
+)
+from lightning_flatness.functional.estimators.layer_rules.contraction import (
+    accumulate_layer,
+    position_pair_contraction,
+)
+
+__all__ = [
+    "LAYER_RULES",
+    "LayerCall",
+    "LayerRule",
+    "accumulate_layer",
+    "argument",
+    "position_pair_contraction",
+    "register_layer_rule",
+]

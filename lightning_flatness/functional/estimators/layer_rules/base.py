@@ -1,0 +1,84 @@
+"""What a layer rule is: one recorded call of a weight-carrying op and how to contract it.
+
+The exact and Gauss-Newton estimators (:mod:`..exact`) record every call of a registered op whose
+weight or bias is a selected parameter (:class:`LayerCall`), then contract the output gradients of
+``K`` backward columns with the recorded input into ``sum_{n,k} sign_nk (per-sample gradient)^2``
+(:mod:`.contraction`). A rule says, for one op, how to read its arguments and how to lay its
+input and output gradient out as ``(N, G, I, P)`` and ``(N, G, K * O, P)`` (samples, groups,
+inputs/outputs per group, positions), so that the per-sample weight gradient of column ``k`` is
+``sum_p g_p a_p^T``. Adding a layer kind is one module with one :class:`LayerRule` and one
+:func:`register_layer_rule` call (BackPACK's module-extension dicts are the model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from torch import Tensor
+
+__all__ = ["LAYER_RULES", "LayerCall", "LayerRule", "argument", "register_layer_rule"]
+
+
+def argument(args: tuple, kwargs: dict, position: int, names: tuple[str, ...], default: Any = None) -> Any:
+    """The argument at ``position`` of a torch function call, or under one of ``names``, or ``default``."""
+    if len(args) > position:
+        return args[position]
+    for name in names:
+        if name in kwargs:
+            return kwargs[name]
+    return default
+
+
+@dataclass
+class LayerCall:
+    """One call of a registered op whose weight or bias is a selected parameter."""
+
+    op: str
+    module: str
+    inputs: Tensor  # detached layer input a
+    output: Tensor  # layer output z, in the graph (the model continues on a clone of it)
+    weight: Optional[str]
+    bias: Optional[str]
+    stride: tuple[int, ...] = ()
+    padding: tuple[tuple[int, int], ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+
+
+class LayerRule:
+    """How one op's calls are recorded and contracted. Subclasses implement the three methods."""
+
+    #: the torch function's name, as the recorder sees it (e.g. ``"linear"``, ``"conv2d"``)
+    op: str = ""
+
+    def record(self, call: LayerCall, args: tuple, kwargs: dict, weight: Optional[Tensor]) -> None:
+        """Read the op's geometry (stride, padding, ...) from its arguments into ``call``."""
+
+    def is_batched(self, call: LayerCall, n: int) -> bool:
+        """Whether dim 0 of the call's input and output is the batch of ``n`` samples."""
+        raise NotImplementedError
+
+    def bias_position_dims(self, grad: Tensor) -> tuple[int, ...]:
+        """The dims of ``grad`` ``(K, N, *out)`` to sum for the per-sample bias gradient ``(K, N, O)``."""
+        raise NotImplementedError
+
+    def factors(self, call: LayerCall, grad: Tensor, kernel: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """Input as ``(N, G, I, P)`` and output gradients of ``K`` columns as ``(N, G, K * O, P)``."""
+        raise NotImplementedError
+
+    def single_position(self, call: LayerCall) -> bool:
+        """Whether each sample has one position (then ``(g a^T)^2 = g^2 (a^2)^T``: the fast path)."""
+        return False
+
+
+#: ``{op name: rule}``: the ops whose weights the per-layer contractions handle.
+LAYER_RULES: dict[str, LayerRule] = {}
+
+
+def register_layer_rule(rule: LayerRule) -> LayerRule:
+    """Add ``rule`` to :data:`LAYER_RULES` under ``rule.op``."""
+    if not rule.op:
+        raise ValueError(f"{type(rule).__name__} has no `op` name.")
+    LAYER_RULES[rule.op] = rule
+    return rule

@@ -1,0 +1,92 @@
+r"""The per-layer contraction shared by every layer rule:
+``sum_{n,k} sign_nk (per-sample gradient of v_nk^T f_n)^2`` from one recorded call.
+
+With the rule's layout, input ``a`` ``(N, G, I, P)`` and output gradients ``g`` ``(N, G, K * O, P)``
+of ``K`` backward columns, the per-sample weight gradient of column ``k`` is ``sum_p g_nkp a_np^T``.
+Three evaluations, chosen by cost:
+
+- one position per sample (``Linear`` on ``(N, I)``): ``(g a^T)^2 = g^2 (a^2)^T``, so the columns
+  are summed first and contracted in one matrix product;
+- few positions: position pairs (:func:`position_pair_contraction`), no per-sample gradients;
+- else per-sample gradients in chunks of about ``CHUNK_ELEMENTS`` entries.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_flatness.functional.estimators.layer_rules.base import LAYER_RULES, LayerCall
+
+__all__ = ["CHUNK_ELEMENTS", "SQUARE_COST", "accumulate_layer", "position_pair_contraction"]
+
+CHUNK_ELEMENTS = 2**18  # bound on per-sample-gradient elements materialised at once (cache-sized)
+SQUARE_COST = 8  # flops-equivalent of squaring and summing one per-sample-gradient entry (memory-bound)
+
+
+def accumulate_layer(
+    call: LayerCall, grad: Tensor, signs: Tensor, diag: dict[str, Tensor], leaves: dict[str, Tensor]
+) -> None:
+    """Add ``sum_{n,k} sign_nk * (per-sample gradient of v_nk^T f_n)^2`` for one layer call, from the
+    output gradients ``grad`` ``(K, N, *out)`` of all ``K`` columns and the signs ``(N, K)``."""
+    rule = LAYER_RULES[call.op]
+    if rule.single_position(call):
+        # one position per sample: (g_n a_n^T)^2 = g_n^2 (a_n^2)^T, so the columns are summed first,
+        # S_n = sum_k sign_nk g_nk^2, and contracted once
+        s = torch.einsum("nk,kno->no", signs, grad * grad)
+        if call.weight is not None:
+            diag[call.weight] += s.T @ (call.inputs * call.inputs)
+        if call.bias is not None:
+            diag[call.bias] += s.sum(dim=0)
+        return
+    if call.bias is not None:
+        gb = grad.sum(dim=rule.bias_position_dims(grad))  # (K, N, out) per-sample bias gradients
+        diag[call.bias] += torch.einsum("nk,kno->o", signs, gb * gb)
+    if call.weight is None:
+        return
+    weight = leaves[call.weight]
+    k = grad.shape[0]
+    a, g = rule.factors(call, grad, tuple(weight.shape[2:]))  # (N, G, I, P), (N, G, K * O, P)
+    num_positions = a.shape[3]
+    if num_positions * (num_positions + 1) // 2 <= k * (num_positions + SQUARE_COST):
+        diag[call.weight] += position_pair_contraction(a, g, signs, k).reshape(weight.shape)
+        return
+    chunk = max(1, CHUNK_ELEMENTS // (g.shape[1] * g.shape[2] * a.shape[2]))
+    acc = torch.zeros(g.shape[1], g.shape[2] // k, a.shape[2], dtype=grad.dtype, device=grad.device)
+    for start in range(0, a.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        gw = torch.matmul(g[sl], a[sl].transpose(-1, -2))  # (n, G, K * O, I) per-sample gradients
+        m, groups = gw.shape[:2]
+        gw = gw.square_().reshape(m, groups, k, -1)  # squares, (n, G, K, O * I)
+        if groups == 1:  # sum over (n, k) weighted by the signs: one matrix-vector product
+            acc += (signs[sl].reshape(1, -1) @ gw.reshape(m * k, -1)).reshape(acc.shape)
+        else:
+            acc += gw.mul_(signs[sl].reshape(m, 1, k, 1)).sum(dim=(0, 2)).reshape(acc.shape)
+    diag[call.weight] += acc.reshape(weight.shape)
+
+
+def position_pair_contraction(a: Tensor, g: Tensor, signs: Tensor, k: int) -> Tensor:
+    r"""``sum_{n,k} sign_nk (sum_p g_nkp a_np^T)^2`` as ``(G, O, I)`` without per-sample gradients.
+
+    Squaring the sum over the ``P`` positions, ``(sum_p g_p a_p^T)^2 = sum_{p,q} (g_p g_q)(a_p a_q)^T``
+    (entrywise products), so with the ``Z = P (P + 1) / 2`` position pairs ``p <= q`` (off-diagonal ones
+    counted twice) the whole sum is one matrix product over ``(n, pair)``:
+    ``sum_{n,z} [sum_k sign_nk g_nkz] a_nz^T``, ``O(N Z O I)`` flops in BLAS, independent of ``K``.
+    Chosen over per-sample gradients (``O(N K P O I)`` flops plus ``N K O I`` squares, memory-bound)
+    when ``Z <= K (P + SQUARE_COST)``: small feature maps (late ResNet stages, ``P = 1`` for
+    1x1 maps) and many columns. Samples in chunks of about ``CHUNK_ELEMENTS`` pair products.
+    """
+    n, groups, _, p = a.shape
+    o = g.shape[2] // k
+    first, second = torch.triu_indices(p, p, device=a.device)
+    weight = torch.where(first == second, 1.0, 2.0).to(a.dtype)
+    gk = g.reshape(n, groups, k, o, p)
+    acc = torch.zeros(groups, o, a.shape[2], dtype=g.dtype, device=g.device)
+    chunk = max(1, CHUNK_ELEMENTS * 16 // (groups * (a.shape[2] + k * o) * first.numel()))
+    for start in range(0, n, chunk):
+        sl = slice(start, start + chunk)
+        aa = a[sl][..., first] * a[sl][..., second]  # (n, G, I, Z)
+        gg = gk[sl][..., first] * gk[sl][..., second] * weight  # (n, G, K, O, Z)
+        w = torch.einsum("nk,ngkoz->gonz", signs[sl], gg).reshape(groups, o, -1)
+        acc += torch.bmm(w, aa.permute(1, 0, 3, 2).reshape(groups, -1, a.shape[2]))
+    return acc
