@@ -126,3 +126,19 @@ class RecordPerRank(pl.Callback):
             json.dump(record, f)
         if trainer.global_rank == 0:
             torch.save(pl_module.state_dict(), f"{self.directory}/weights.pt")
+
+
+def quiet_trainer(callbacks: list, max_epochs: int = 2, **kwargs) -> pl.Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar, summary or sanity check."""
+    settings = dict(
+        max_epochs=max_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+    )
+    settings.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **settings)

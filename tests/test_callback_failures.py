@@ -9,7 +9,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from callback_models import MLP, DataModule
+from callback_models import MLP, DataModule, quiet_trainer
 
 from lightning_flatness import SharpnessMonitor
 
@@ -25,17 +25,7 @@ def _one_thread():
 def _fit(monitor, model=None, max_epochs=3):
     pl.seed_everything(0, verbose=False)
     model = model or MLP()
-    trainer = pl.Trainer(
-        max_epochs=max_epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-        devices=1,
-        callbacks=[monitor],
-    )
+    trainer = quiet_trainer([monitor], max_epochs=max_epochs)
     trainer.fit(model, DataModule())
     return trainer, model
 
@@ -64,17 +54,7 @@ def test_estimator_failure_mid_training_logs_nan_warns_once_and_training_goes_on
 
     pl.seed_everything(0, verbose=False)
     model = MLP()
-    trainer = pl.Trainer(
-        max_epochs=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-        devices=1,
-        callbacks=[monitor, _Break()],
-    )
+    trainer = quiet_trainer([monitor, _Break()], max_epochs=3)
     with pytest.warns(UserWarning, match="measurement failed at epoch 1 .*simulated estimator failure"):
         trainer.fit(model, DataModule())
     assert trainer.current_epoch == 3 and model.training_steps == 24  # every epoch trained

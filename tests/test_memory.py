@@ -27,23 +27,13 @@ def test_the_callback_logs_the_peak_memory_of_each_measurement():
     import math
 
     import pytorch_lightning as pl
-    from callback_models import MLP, DataModule
+    from callback_models import MLP, DataModule, quiet_trainer
 
     from lightning_flatness import SharpnessMonitor
 
     monitor = SharpnessMonitor(num_samples=32)
     pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-        devices=1,
-        callbacks=[monitor],
-    )
+    trainer = quiet_trainer([monitor], max_epochs=1)
     trainer.fit(MLP(), DataModule())
     peak = monitor.history[-1]["peak_memory_mb"]
     assert math.isfinite(peak) and peak > 10  # at least the interpreter and torch are resident

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 for _module in ("torchvision", "timm", "transformers"):  # the `zoo` extra
     pytest.importorskip(_module)
 
+from callback_models import quiet_trainer  # noqa: E402
 from zoo_models import TINY  # noqa: E402
 from zoo_oracle import brute_force_ggn_diagonal, brute_force_hessian_diagonal  # noqa: E402
 
@@ -127,17 +128,7 @@ def test_zoo_model_in_a_plain_lightning_module_is_measured_at_the_defaults(name)
     module, dataset, inputs, target = _module_and_data(name)
     monitor = SharpnessMonitor(num_samples=16, dtype="float64")
     pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-        devices=1,
-        callbacks=[monitor],
-    )
+    trainer = quiet_trainer([monitor], max_epochs=2)
     trainer.fit(module, _Data(dataset))
     assert trainer.current_epoch == 2 and len(monitor.history) == 2
     last = monitor.history[-1]
@@ -173,17 +164,7 @@ def test_causal_lm_is_scored_per_token_with_the_shift_and_padding_ignored():
     module, dataset, inputs, target = _module_and_data("gpt2")
     monitor = SharpnessMonitor(num_samples=16)
     pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-        devices=1,
-        callbacks=[monitor],
-    )
+    trainer = quiet_trainer([monitor], max_epochs=1)
     trainer.fit(module, _Data(dataset))
     assert isinstance(monitor._loss, TokenLoss) and monitor._loss.shift
     idx = monitor.state_dict()["indices"]
