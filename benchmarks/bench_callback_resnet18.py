@@ -252,14 +252,17 @@ def markdown(results: dict[str, Any]) -> str:
             f"1-minute load averages during the run: {min(r['loadavg_1min']):.2f}-{max(r['loadavg_1min']):.2f}.",
             "",
             "| classes | auto chose | training step (s) | measurement (s, at 512) | of which estimator | of which "
-            "compute() | in steps | % of 390-step epoch | peak memory (MB, RSS) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "compute() | in steps | % of 390-step epoch | s.e. / value | peak RSS of the process (MB) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for k, e in r["per_classes"].items():
             lines.append(f"| {k} | {e['method']} ({e['quantity']}) | {e['step_seconds']:.3f} | "
                          f"{e['measurement_seconds_at_512']:.1f} | {e['estimate_seconds_at_512']:.1f} | "
                          f"{e['compute_seconds']:.2f} | {e['steps_per_measurement_at_512']:.1f} | "
-                         f"{e['epoch_percent_at_512']:.1f}% | {e['peak_memory_mb']:.0f} |")
+                         f"{e['epoch_percent_at_512']:.1f}% | {e['rel_stderr']:.1%} | {e['peak_memory_mb']:.0f} |")
+        lines += ["", "Peak RSS is the process's whole resident set (sampled by PeakMemory, as the callback logs "
+                  "it), which includes both models and keeps growing over repeats as the allocator keeps freed "
+                  "memory; run with MALLOC_MMAP_THRESHOLD_=65536 for a figure that follows the live tensors."]
         if "ratio_seconds" in r:
             lines += ["", f"Ratio 1000 / 10 classes: {r['ratio_seconds']:.2f}x in seconds, "
                       f"{r['ratio_steps']:.2f}x in training steps of each model."]
@@ -280,6 +283,14 @@ def markdown(results: dict[str, Any]) -> str:
                   "", f"All without: {[round(v, 2) for v in m['all_without']]}; all with: "
                   f"{[round(v, 2) for v in m['all_with']]}."]
     return "\n".join(lines) + "\n"
+
+
+def rewrite_markdown(json_path: str) -> None:
+    """Regenerate the markdown beside a results JSON (after changing :func:`markdown`)."""
+    import json
+
+    results = json.loads(Path(json_path).read_text())
+    Path(json_path).with_suffix(".md").write_text(markdown(results))
 
 
 def main(argv=None) -> dict[str, Any]:
