@@ -75,7 +75,7 @@ def make_batch(x: Any, y: torch.Tensor, idx: torch.Tensor) -> Any:
     return {**_take(x, idx), "labels": y[idx]}
 
 
-def reference(name: str, model, x, y) -> dict[str, dict[str, float]]:
+def reference(name: str, model, x, y, hvp_budget: int = 256) -> dict[str, dict[str, float]]:
     """Brute-force float64 measures on the whole pool, from diag(H) and from diag(GGN)."""
     loss_fn = zoo_loss(name, normalized_softmax_cross_entropy)
     net = copy.deepcopy(model).double().eval()
@@ -84,9 +84,9 @@ def reference(name: str, model, x, y) -> dict[str, dict[str, float]]:
     n_pool = y.shape[0]
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
-    # chunk of unit vectors per vmapped HVP call: about 256 sample-HVPs at once (ConvNeXt on a pool of 32
-    # at 1024 of them took 20 GB)
-    h = brute_force_hessian_diagonal(net, loss_fn, x, y, names, chunk=max(2, 256 // n_pool))
+    # chunk of unit vectors per vmapped HVP call: about hvp_budget sample-HVPs at once (ConvNeXt: 256 of
+    # them on a pool of 8 peak at 6 GB; a pool of 32 ran out of 23 GB)
+    h = brute_force_hessian_diagonal(net, loss_fn, x, y, names, chunk=max(1, hvp_budget // n_pool))
     out["hessian_seconds"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     g = brute_force_ggn_diagonal(net, loss_fn, x, y, names)
@@ -170,7 +170,7 @@ def run(args) -> dict[str, Any]:
             else:
                 m, final_loss = model, None
             load0 = os.getloadavg()[0]
-            ref = reference(name, m, x, y)
+            ref = reference(name, m, x, y, args.hvp_budget)
             runs = [one_run(m, x, y, s, args) for s in range(args.seeds)]
             choice = {(r["method"], r["quantity"]) for r in runs}
             assert len(choice) == 1, choice
@@ -256,6 +256,7 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--hvp-budget", type=int, default=256, help="sample-HVPs per vmapped brute-force call")
     parser.add_argument("--lr", type=float, default=0.01)
     args = parser.parse_args(argv)
     if args.quick:
