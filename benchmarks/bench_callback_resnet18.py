@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -76,7 +77,7 @@ def measurement(model, x, y, sizes, measured_batches):
         start, estimates = 0, []
         t_est = time.perf_counter()
         for s in sizes[:measured_batches]:
-            est = m.estimate(x[start:start + s], y[start:start + s])
+            est = m.estimate(x[start : start + s], y[start : start + s])
             m.metric.update(est, m.weights)
             estimates.append(est)
             start += s
@@ -88,8 +89,12 @@ def measurement(model, x, y, sizes, measured_batches):
         t_cmp = time.perf_counter() - t_cmp
     full = measured_batches >= len(sizes)
     return {
-        "seconds": time.perf_counter() - t0, "setup_seconds": t_setup, "estimate_seconds": t_est,
-        "compute_seconds": t_cmp, "method": m.choice.method, "quantity": m.choice.quantity,
+        "seconds": time.perf_counter() - t0,
+        "setup_seconds": t_setup,
+        "estimate_seconds": t_est,
+        "compute_seconds": t_cmp,
+        "method": m.choice.method,
+        "quantity": m.choice.quantity,
         "normalized": float(values["normalized"]),
         "normalized_stderr": float(values["normalized_stderr"]) if full else float("nan"),
         "peak_memory_mb": peak.rss_mb,
@@ -129,10 +134,13 @@ def resnet_cost(args) -> dict[str, Any]:
                 step_times[k].append(time.perf_counter() - t0)
             res = measurement(models[k], *xs[k], sizes, args.batches)
             meas[k].append(res)
-            print(f"repeat {r} K={k}: step {statistics.median(step_times[k][-args.step_repeats:]):.3f}s "
-                  f"measurement {res['seconds']:.1f}s ({res['method']}, estimate {res['estimate_seconds']:.1f}s, "
-                  f"compute {res['compute_seconds']:.2f}s) NS {res['normalized']:.4g} +- {res['normalized_stderr']:.3g} "
-                  f"peak {res['peak_memory_mb']:.0f} MB load {loads[-1]:.2f}", flush=True)
+            print(
+                f"repeat {r} K={k}: step {statistics.median(step_times[k][-args.step_repeats :]):.3f}s "
+                f"measurement {res['seconds']:.1f}s ({res['method']}, estimate {res['estimate_seconds']:.1f}s, "
+                f"compute {res['compute_seconds']:.2f}s) NS {res['normalized']:.4g} +- {res['normalized_stderr']:.3g} "
+                f"peak {res['peak_memory_mb']:.0f} MB load {loads[-1]:.2f}",
+                flush=True,
+            )
     out: dict[str, Any] = {"batches_measured": args.batches, "batch_sizes": sizes, "per_classes": {}}
     scale = len(sizes) / args.batches
     for k in args.classes:
@@ -142,21 +150,31 @@ def resnet_cost(args) -> dict[str, Any]:
         setup_ = statistics.median(r["setup_seconds"] for r in meas[k])
         at512 = setup_ + scale * est + cmp_  # the estimator is a sum of independent per-batch costs
         out["per_classes"][k] = {
-            "method": meas[k][0]["method"], "quantity": meas[k][0]["quantity"], "step_seconds": step,
-            "setup_seconds": setup_, "estimate_seconds_measured": est, "estimate_seconds_at_512": scale * est,
-            "compute_seconds": cmp_, "measurement_seconds_at_512": at512,
+            "method": meas[k][0]["method"],
+            "quantity": meas[k][0]["quantity"],
+            "step_seconds": step,
+            "setup_seconds": setup_,
+            "estimate_seconds_measured": est,
+            "estimate_seconds_at_512": scale * est,
+            "compute_seconds": cmp_,
+            "measurement_seconds_at_512": at512,
             "steps_per_measurement_at_512": at512 / step,
             "epoch_percent_at_512": 100 * at512 / (EPOCH_STEPS * step),
             "rel_stderr": statistics.median(r["normalized_stderr"] / r["normalized"] for r in meas[k]),
-            "peak_memory_mb": max(r["peak_memory_mb"] for r in meas[k]), "runs": meas[k],
+            "peak_memory_mb": max(r["peak_memory_mb"] for r in meas[k]),
+            "runs": meas[k],
             "all_step_seconds": step_times[k],
         }
     if len(args.classes) == 2:
         a, b = sorted(args.classes)
-        out["ratio_seconds"] = (out["per_classes"][b]["measurement_seconds_at_512"]
-                                / out["per_classes"][a]["measurement_seconds_at_512"])
-        out["ratio_steps"] = (out["per_classes"][b]["steps_per_measurement_at_512"]
-                              / out["per_classes"][a]["steps_per_measurement_at_512"])
+        out["ratio_seconds"] = (
+            out["per_classes"][b]["measurement_seconds_at_512"]
+            / out["per_classes"][a]["measurement_seconds_at_512"]
+        )
+        out["ratio_steps"] = (
+            out["per_classes"][b]["steps_per_measurement_at_512"]
+            / out["per_classes"][a]["steps_per_measurement_at_512"]
+        )
     out["loadavg_1min"] = loads
     return out
 
@@ -187,22 +205,39 @@ def lightning_fit(args) -> dict[str, Any]:
             return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
     x, y = data(max(512, args.fit_steps * BATCH), 10, args.seed + 2)
-    train = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True,
-                       generator=torch.Generator().manual_seed(0))
+    train = DataLoader(
+        TensorDataset(x, y), batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
     val = DataLoader(TensorDataset(x[:BATCH], y[:BATCH]), batch_size=BATCH)
     monitor = SharpnessMonitor()
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=args.fit_steps, accelerator="cpu", devices=1,
-                         callbacks=[monitor], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=args.fit_steps,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[monitor],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     trainer.fit(Lit(), train, val)
     seconds = time.perf_counter() - t0
     h = monitor.history[-1]
-    out = {"fit_seconds": seconds, "steps": trainer.global_step, "method": h.get("method"),
-           "measurement_seconds": h["seconds"], "peak_memory_mb": h.get("peak_memory_mb"),
-           "normalized": h["normalized"], "rel_stderr": h["normalized_stderr"] / h["normalized"],
-           "num_samples": h.get("num_samples"), "loadavg_1min": load}
+    out = {
+        "fit_seconds": seconds,
+        "steps": trainer.global_step,
+        "method": h.get("method"),
+        "measurement_seconds": h["seconds"],
+        "peak_memory_mb": h.get("peak_memory_mb"),
+        "normalized": h["normalized"],
+        "rel_stderr": h["normalized_stderr"] / h["normalized"],
+        "num_samples": h.get("num_samples"),
+        "loadavg_1min": load,
+    }
     print(f"Lightning fit: {out}", flush=True)
     return out
 
@@ -214,8 +249,11 @@ def mlp_overhead(args) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as logdir:
         res = compare("mlp", 3, EPOCH_STEPS, args.mlp_repeats, args.seed, logdir)
     res["loadavg_1min"] = [load, os.getloadavg()[0]]
-    print(f"MLP 3x390 steps: without {res['seconds_without']:.2f}s with {res['seconds_with']:.2f}s overhead "
-          f"{res['overhead']:.1%} rel s.e. {res['rel_stderr_last']:.2%}", flush=True)
+    print(
+        f"MLP 3x390 steps: without {res['seconds_without']:.2f}s with {res['seconds_with']:.2f}s overhead "
+        f"{res['overhead']:.1%} rel s.e. {res['rel_stderr_last']:.2%}",
+        flush=True,
+    )
     return res
 
 
@@ -256,32 +294,49 @@ def markdown(results: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for k, e in r["per_classes"].items():
-            lines.append(f"| {k} | {e['method']} ({e['quantity']}) | {e['step_seconds']:.3f} | "
-                         f"{e['measurement_seconds_at_512']:.1f} | {e['estimate_seconds_at_512']:.1f} | "
-                         f"{e['compute_seconds']:.2f} | {e['steps_per_measurement_at_512']:.1f} | "
-                         f"{e['epoch_percent_at_512']:.1f}% | {e['rel_stderr']:.1%} | {e['peak_memory_mb']:.0f} |")
-        lines += ["", "Peak RSS is the process's whole resident set (sampled by PeakMemory, as the callback logs "
-                  "it), which includes both models and keeps growing over repeats as the allocator keeps freed "
-                  "memory; run with MALLOC_MMAP_THRESHOLD_=65536 for a figure that follows the live tensors."]
+            lines.append(
+                f"| {k} | {e['method']} ({e['quantity']}) | {e['step_seconds']:.3f} | "
+                f"{e['measurement_seconds_at_512']:.1f} | {e['estimate_seconds_at_512']:.1f} | "
+                f"{e['compute_seconds']:.2f} | {e['steps_per_measurement_at_512']:.1f} | "
+                f"{e['epoch_percent_at_512']:.1f}% | {e['rel_stderr']:.1%} | {e['peak_memory_mb']:.0f} |"
+            )
+        lines += [
+            "",
+            "Peak RSS is the process's whole resident set (sampled by PeakMemory, as the callback logs "
+            "it), which includes both models and keeps growing over repeats as the allocator keeps freed "
+            "memory; run with MALLOC_MMAP_THRESHOLD_=65536 for a figure that follows the live tensors.",
+        ]
         if "ratio_seconds" in r:
-            lines += ["", f"Ratio 1000 / 10 classes: {r['ratio_seconds']:.2f}x in seconds, "
-                      f"{r['ratio_steps']:.2f}x in training steps of each model."]
+            lines += [
+                "",
+                f"Ratio 1000 / 10 classes: {r['ratio_seconds']:.2f}x in seconds, "
+                f"{r['ratio_steps']:.2f}x in training steps of each model.",
+            ]
     f = results.get("lightning_fit")
     if f:
-        lines += ["", "## Inside Lightning (ResNet-18, 10 classes, SharpnessMonitor() defaults)", "",
-                  f"{f['steps']} training steps + one measurement: fit {f['fit_seconds']:.1f} s; the measurement "
-                  f"({f['method']}, {f['num_samples']:.0f} samples) {f['measurement_seconds']:.1f} s, peak memory "
-                  f"{f['peak_memory_mb']:.0f} MB, s.e./value {f['rel_stderr']:.1%} (load {f['loadavg_1min']:.2f})."]
+        lines += [
+            "",
+            "## Inside Lightning (ResNet-18, 10 classes, SharpnessMonitor() defaults)",
+            "",
+            f"{f['steps']} training steps + one measurement: fit {f['fit_seconds']:.1f} s; the measurement "
+            f"({f['method']}, {f['num_samples']:.0f} samples) {f['measurement_seconds']:.1f} s, peak memory "
+            f"{f['peak_memory_mb']:.0f} MB, s.e./value {f['rel_stderr']:.1%} (load {f['loadavg_1min']:.2f}).",
+        ]
     m = results.get("mlp")
     if m:
-        lines += ["", "## Paper's MLP on MNIST-1D, 3 epochs of 390 steps of batch 128, interleaved", "",
-                  f"without {m['seconds_without']:.2f} s, with SharpnessMonitor() {m['seconds_with']:.2f} s "
-                  f"(medians of {len(m['all_with'])}): overhead **{m['overhead']:.1%}**; one measurement "
-                  f"{m['eval_seconds']:.3f} s = {m['eval_in_steps']:.1f} steps; method {m['method']}; s.e./value "
-                  f"{m['rel_stderr_last']:.1%} (last), {m['rel_stderr_max']:.1%} (max); loads "
-                  f"{m['loadavg_1min'][0]:.2f}-{m['loadavg_1min'][1]:.2f}.",
-                  "", f"All without: {[round(v, 2) for v in m['all_without']]}; all with: "
-                  f"{[round(v, 2) for v in m['all_with']]}."]
+        lines += [
+            "",
+            "## Paper's MLP on MNIST-1D, 3 epochs of 390 steps of batch 128, interleaved",
+            "",
+            f"without {m['seconds_without']:.2f} s, with SharpnessMonitor() {m['seconds_with']:.2f} s "
+            f"(medians of {len(m['all_with'])}): overhead **{m['overhead']:.1%}**; one measurement "
+            f"{m['eval_seconds']:.3f} s = {m['eval_in_steps']:.1f} steps; method {m['method']}; s.e./value "
+            f"{m['rel_stderr_last']:.1%} (last), {m['rel_stderr_max']:.1%} (max); loads "
+            f"{m['loadavg_1min'][0]:.2f}-{m['loadavg_1min'][1]:.2f}.",
+            "",
+            f"All without: {[round(v, 2) for v in m['all_without']]}; all with: "
+            f"{[round(v, 2) for v in m['all_with']]}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -295,7 +350,9 @@ def rewrite_markdown(json_path: str) -> None:
 
 def main(argv=None) -> dict[str, Any]:
     parser = base_parser(__doc__)
-    parser.add_argument("--parts", nargs="*", default=["resnet", "fit", "mlp"], choices=["resnet", "fit", "mlp"])
+    parser.add_argument(
+        "--parts", nargs="*", default=["resnet", "fit", "mlp"], choices=["resnet", "fit", "mlp"]
+    )
     parser.add_argument("--classes", nargs="*", type=int, default=[10, 1000])
     parser.add_argument("--batches", type=int, default=8, help="how many of the 8 batches of 64 to estimate")
     parser.add_argument("--repeats", type=int, default=3)
@@ -305,9 +362,10 @@ def main(argv=None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.quick:
         args.batches, args.repeats, args.step_repeats, args.fit_steps, args.mlp_repeats = 1, 1, 1, 1, 1
-        args.parts = [p for p in args.parts if p != "mlp"]
+        args.parts, args.classes = ["resnet"], [10]  # the fit measures the default 512 samples: not quick
     args.command = "python -m benchmarks.bench_callback_resnet18 " + " ".join(
-        argv if argv is not None else os.sys.argv[1:])
+        argv if argv is not None else sys.argv[1:]
+    )
     setup(args)
     results = run_timed(run, args)
     if args.json:

@@ -34,6 +34,7 @@ import copy
 import math
 import os
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -43,10 +44,10 @@ import torch
 
 from benchmarks.bench_zoo_residual import train
 from benchmarks.common import base_parser, environment, run_timed, setup, write_json
+from lightning_flatness.batch_split import split_batch
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.measures import sharpness_measures
 from lightning_flatness.functional.parameters import select_parameters
-from lightning_flatness.batch_split import split_batch
 from lightning_flatness.functional.replicate_measures import (
     POOLED_RTOL,
     REPLICATE_RTOL,
@@ -111,17 +112,20 @@ def clamped_normalized(m) -> tuple[float, float]:
         w = m.weights[name].to(torch.float64)
         a, _ = replicate_curvature(s.to(torch.float64), mix, w.shape)
         b = w.square().reshape(a.shape[1], a.shape[2], -1).sum(dim=2) / (2.0 * 0.5)
-        sols = solve_normalized_sharpness_coefficients(a.clamp_min(0), b, shape=tuple(w.shape), rtol=POOLED_RTOL,
-                                                       replicate_rtol=REPLICATE_RTOL)
+        sols = solve_normalized_sharpness_coefficients(
+            a.clamp_min(0), b, shape=tuple(w.shape), rtol=POOLED_RTOL, replicate_rtol=REPLICATE_RTOL
+        )
         total = total + torch.stack([x.value for x in sols])
-    return float(total[0]), float(jackknife_standard_error(total[1:1 + len(used)]))
+    return float(total[0]), float(jackknife_standard_error(total[1 : 1 + len(used)]))
 
 
 def one_run(model, x, y, seed: int, args) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(10_000 + seed)
     n_pool = y.shape[0]
-    batches = [make_batch(x, y, torch.randint(0, n_pool, (args.batch_size,), generator=gen))
-               for _ in range(args.batches)]
+    batches = [
+        make_batch(x, y, torch.randint(0, n_pool, (args.batch_size,), generator=gen))
+        for _ in range(args.batches)
+    ]
     mc = torch.Generator().manual_seed(seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -135,10 +139,17 @@ def one_run(model, x, y, seed: int, args) -> dict[str, Any]:
         clamped, clamped_se = clamped_normalized(m)
     solver_warnings = [str(w.message) for w in caught if "normalized_sharpness stopped" in str(w.message)]
     return {
-        "seed": seed, "seconds": seconds, "method": m.choice.method, "quantity": m.choice.quantity,
-        "reason": m.choice.reason, "normalized_clamped": clamped, "normalized_clamped_stderr": clamped_se, "solver_warnings": len(solver_warnings),
+        "seed": seed,
+        "seconds": seconds,
+        "method": m.choice.method,
+        "quantity": m.choice.quantity,
+        "reason": m.choice.reason,
+        "normalized_clamped": clamped,
+        "normalized_clamped_stderr": clamped_se,
+        "solver_warnings": len(solver_warnings),
         "solver_warning_example": solver_warnings[0] if solver_warnings else None,
-        **{k: float(values[k]) for k in KEYS}, **{f"{k}_stderr": float(values[f"{k}_stderr"]) for k in KEYS},
+        **{k: float(values[k]) for k in KEYS},
+        **{f"{k}_stderr": float(values[f"{k}_stderr"]) for k in KEYS},
     }
 
 
@@ -157,9 +168,16 @@ def summarize(runs: list[dict[str, Any]], ref: float, key: str = "normalized") -
 
 def run(args) -> dict[str, Any]:
     names = args.models or list(TINY)
-    out: dict[str, Any] = {"command": args.command, "pool": args.pool, "batches": args.batches,
-                           "batch_size": args.batch_size, "seeds": args.seeds, "steps": args.steps,
-                           "lr": args.lr, "models": {}}
+    out: dict[str, Any] = {
+        "command": args.command,
+        "pool": args.pool,
+        "batches": args.batches,
+        "batch_size": args.batch_size,
+        "seeds": args.seeds,
+        "steps": args.steps,
+        "lr": args.lr,
+        "models": {},
+    }
     for name in names:
         model, (x, y) = TINY[name](n=args.pool, seed=args.seed)
         out["models"][name] = {}
@@ -176,8 +194,13 @@ def run(args) -> dict[str, Any]:
             assert len(choice) == 1, choice
             method, quantity = choice.pop()
             entry = {
-                "method": method, "quantity": quantity, "reason": runs[0]["reason"], "train_loss_ce": final_loss,
-                "reference": ref, "runs": runs, "seconds_median": statistics.median(r["seconds"] for r in runs),
+                "method": method,
+                "quantity": quantity,
+                "reason": runs[0]["reason"],
+                "train_loss_ce": final_loss,
+                "reference": ref,
+                "runs": runs,
+                "seconds_median": statistics.median(r["seconds"] for r in runs),
                 "loadavg_1min": [load0, os.getloadavg()[0]],
                 "seeds_with_solver_warnings": sum(r["solver_warnings"] > 0 for r in runs),
                 "vs_claimed": {k: summarize(runs, ref[quantity][k], k) for k in KEYS},
@@ -186,13 +209,16 @@ def run(args) -> dict[str, Any]:
             }
             out["models"][name][state] = entry
             c, h = entry["vs_claimed"]["normalized"], entry["vs_hessian"]["normalized"]
-            print(f"{name:13s} {state:9s} {method}/{quantity}: NS ref {c['reference']:.4g} (H {h['reference']:.4g}) "
-                  f"bias {c['bias']:+.2%} (vs H {h['bias']:+.2%}) rms {c['rmse']:.2%} se {c['mean_rel_se']:.2%} "
-                  f"cov {c['coverage']:.0%} (vs H {h['coverage']:.0%}) {entry['seconds_median']:.2f}s/meas "
-                  f"| A clamped: bias {entry['clamped_vs_claimed']['bias']:+.2%} se "
-                  f"{entry['clamped_vs_claimed']['mean_rel_se']:.2%} cov {entry['clamped_vs_claimed']['coverage']:.0%} "
-                  f"brute {ref['hessian_seconds']:.0f}s load {load0:.2f} solver-warned seeds "
-                  f"{entry['seeds_with_solver_warnings']}", flush=True)
+            print(
+                f"{name:13s} {state:9s} {method}/{quantity}: NS ref {c['reference']:.4g} (H {h['reference']:.4g}) "
+                f"bias {c['bias']:+.2%} (vs H {h['bias']:+.2%}) rms {c['rmse']:.2%} se {c['mean_rel_se']:.2%} "
+                f"cov {c['coverage']:.0%} (vs H {h['coverage']:.0%}) {entry['seconds_median']:.2f}s/meas "
+                f"| A clamped: bias {entry['clamped_vs_claimed']['bias']:+.2%} se "
+                f"{entry['clamped_vs_claimed']['mean_rel_se']:.2%} cov {entry['clamped_vs_claimed']['coverage']:.0%} "
+                f"brute {ref['hessian_seconds']:.0f}s load {load0:.2f} solver-warned seeds "
+                f"{entry['seeds_with_solver_warnings']}",
+                flush=True,
+            )
             if args.json:  # partial results survive a crash
                 write_json(Path(args.json).with_suffix(".partial.json"), out)
     return out
@@ -232,14 +258,22 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{h['reference']:.4g} | {c['bias']:+.1%} | {h['bias']:+.1%} | {c['rmse']:.1%} | "
                 f"{c['mean_rel_se']:.1%} | {c['coverage']:.0%} | {h['coverage']:.0%} | {e['seconds_median']:.2f} | "
                 f"{e['loadavg_1min'][0]:.1f}-{e['loadavg_1min'][1]:.1f} | {e['seeds_with_solver_warnings']} | "
-                f"{cc['bias']:+.1%} / {cc['mean_rel_se']:.1%} / {cc['coverage']:.0%} |")
-    lines += ["", "Matrix-normalized sharpness (eq. 13) and Hessian trace (eq. 5), against the claimed quantity:",
-              "", "| model | state | eq. 13 bias | eq. 13 coverage | trace bias | trace coverage |", "|---|---|---|---|---|---|"]
+                f"{cc['bias']:+.1%} / {cc['mean_rel_se']:.1%} / {cc['coverage']:.0%} |"
+            )
+    lines += [
+        "",
+        "Matrix-normalized sharpness (eq. 13) and Hessian trace (eq. 5), against the claimed quantity:",
+        "",
+        "| model | state | eq. 13 bias | eq. 13 coverage | trace bias | trace coverage |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, states in results["models"].items():
         for state, e in states.items():
             mn, tr = e["vs_claimed"]["matrix_normalized"], e["vs_claimed"]["hessian_trace"]
-            lines.append(f"| {name} | {state} | {mn['bias']:+.1%} | {mn['coverage']:.0%} | {tr['bias']:+.1%} | "
-                         f"{tr['coverage']:.0%} |")
+            lines.append(
+                f"| {name} | {state} | {mn['bias']:+.1%} | {mn['coverage']:.0%} | {tr['bias']:+.1%} | "
+                f"{tr['coverage']:.0%} |"
+            )
     lines += ["", "Reasons auto gave:", ""]
     for name, states in results["models"].items():
         e = next(iter(states.values()))
@@ -256,12 +290,22 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--hvp-budget", type=int, default=256, help="sample-HVPs per vmapped brute-force call")
+    parser.add_argument(
+        "--hvp-budget", type=int, default=256, help="sample-HVPs per vmapped brute-force call"
+    )
     parser.add_argument("--lr", type=float, default=0.01)
     args = parser.parse_args(argv)
     if args.quick:
-        args.models, args.pool, args.seeds, args.batches, args.batch_size = args.models or ["resnet"], 8, 3, 8, 2
-    args.command = "python -m benchmarks.bench_zoo_auto " + " ".join(argv if argv is not None else os.sys.argv[1:])
+        args.models, args.pool, args.seeds, args.batches, args.batch_size = (
+            args.models or ["resnet"],
+            8,
+            3,
+            8,
+            2,
+        )
+    args.command = "python -m benchmarks.bench_zoo_auto " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     setup(args)
     results = run_timed(run, args)
     if args.json:
