@@ -136,8 +136,10 @@ def resnet_cost(args) -> dict[str, Any]:
             meas[k].append(res)
             print(
                 f"repeat {r} K={k}: step {statistics.median(step_times[k][-args.step_repeats :]):.3f}s "
-                f"measurement {res['seconds']:.1f}s ({res['method']}, estimate {res['estimate_seconds']:.1f}s, "
-                f"compute {res['compute_seconds']:.2f}s) NS {res['normalized']:.4g} +- {res['normalized_stderr']:.3g} "
+                f"measurement {res['seconds']:.1f}s ({res['method']}, "
+                f"estimate {res['estimate_seconds']:.1f}s, "
+                f"compute {res['compute_seconds']:.2f}s) NS {res['normalized']:.4g} "
+                f"+- {res['normalized_stderr']:.3g} "
                 f"peak {res['peak_memory_mb']:.0f} MB load {loads[-1]:.2f}",
                 flush=True,
             )
@@ -284,12 +286,14 @@ def markdown(results: dict[str, Any]) -> str:
     if r:
         lines += [
             f"## ResNet-18, 3x32x32, batch 128 (the callback's batches {r['batch_sizes']}; "
-            f"{r['batches_measured']} of them estimated, time scaled linearly to all of them; compute() on 8 "
-            "slots, the unmeasured ones recycled from the measured batches)",
+            f"{r['batches_measured']} of them estimated, time scaled linearly to all of them; "
+            "compute() on 8 slots, the unmeasured ones recycled from the measured batches)",
             "",
-            f"1-minute load averages during the run: {min(r['loadavg_1min']):.2f}-{max(r['loadavg_1min']):.2f}.",
+            "1-minute load averages during the run: "
+            f"{min(r['loadavg_1min']):.2f}-{max(r['loadavg_1min']):.2f}.",
             "",
-            "| classes | auto chose | training step (s) | measurement (s, at 512) | of which estimator | of which "
+            "| classes | auto chose | training step (s) | measurement (s, at 512) | of which estimator "
+            "| of which "
             "compute() | in steps | % of 390-step epoch | s.e. / value | peak RSS of the process (MB) |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]

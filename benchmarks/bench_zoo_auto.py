@@ -210,11 +210,14 @@ def run(args) -> dict[str, Any]:
             out["models"][name][state] = entry
             c, h = entry["vs_claimed"]["normalized"], entry["vs_hessian"]["normalized"]
             print(
-                f"{name:13s} {state:9s} {method}/{quantity}: NS ref {c['reference']:.4g} (H {h['reference']:.4g}) "
-                f"bias {c['bias']:+.2%} (vs H {h['bias']:+.2%}) rms {c['rmse']:.2%} se {c['mean_rel_se']:.2%} "
+                f"{name:13s} {state:9s} {method}/{quantity}: NS ref {c['reference']:.4g} "
+                f"(H {h['reference']:.4g}) "
+                f"bias {c['bias']:+.2%} (vs H {h['bias']:+.2%}) rms {c['rmse']:.2%} "
+                f"se {c['mean_rel_se']:.2%} "
                 f"cov {c['coverage']:.0%} (vs H {h['coverage']:.0%}) {entry['seconds_median']:.2f}s/meas "
                 f"| A clamped: bias {entry['clamped_vs_claimed']['bias']:+.2%} se "
-                f"{entry['clamped_vs_claimed']['mean_rel_se']:.2%} cov {entry['clamped_vs_claimed']['coverage']:.0%} "
+                f"{entry['clamped_vs_claimed']['mean_rel_se']:.2%} "
+                f"cov {entry['clamped_vs_claimed']['coverage']:.0%} "
                 f"brute {ref['hessian_seconds']:.0f}s load {load0:.2f} solver-warned seeds "
                 f"{entry['seeds_with_solver_warnings']}",
                 flush=True,
@@ -230,22 +233,34 @@ def markdown(results: dict[str, Any]) -> str:
         "# `measure_sharpness` at its defaults on the model zoo, against brute force (issue 8)",
         "",
         f"Command: `{results['command']}`  ",
-        f"Machine: {env.get('cpu', '?')}, nproc {env.get('nproc', '?')}, {env.get('threads', '?')} thread(s), "
+        f"Machine: {env.get('cpu', '?')}, nproc {env.get('nproc', '?')}, "
+        f"{env.get('threads', '?')} thread(s), "
         f"torch {env.get('torch', '?')}; total {results.get('seconds', 0):.0f} s.  ",
-        f"Setting: tiny zoo models (tests/zoo_models.py), pool of {results['pool']} samples = the population; "
-        f"per seed, {results['batches']} batches of {results['batch_size']} drawn with replacement from the pool; "
-        f"{results['seeds']} seeds; `measure_sharpness(model, batches, generator=torch.Generator().manual_seed(seed))`"
+        "Setting: tiny zoo models (tests/zoo_models.py), "
+        f"pool of {results['pool']} samples = the population; "
+        f"per seed, {results['batches']} batches of {results['batch_size']} "
+        "drawn with replacement from the pool; "
+        f"{results['seeds']} seeds; "
+        "`measure_sharpness(model, batches, generator=torch.Generator().manual_seed(seed))`"
         " with every other argument at its default. Reference: float64 brute force over the whole pool. "
-        f"'trained' = {results['steps']} full-batch Adam steps (lr {results['lr']}, cross-entropy) on the pool.",
+        f"'trained' = {results['steps']} full-batch Adam steps (lr {results['lr']}, cross-entropy) "
+        "on the pool.",
         "",
-        "Total normalized sharpness (eq. 17). bias = mean over seeds / reference - 1; RMS = RMS relative error; "
-        "s.e. = mean reported standard error / reference; coverage = fraction of seeds with |value - reference| "
-        "<= 1.96 s.e. 'claimed' is the quantity auto says it measures (Hessian or Gauss-Newton); 'H' is the "
-        "brute-force Hessian. 'A clamped': the same measurements re-solved from their pooled sums with eq. 17's "
-        "coefficient A clamped at 0 (works around the replicate_curvature defect described in RESULTS.md).",
+        "Total normalized sharpness (eq. 17). bias = mean over seeds / reference - 1; "
+        "RMS = RMS relative error; "
+        "s.e. = mean reported standard error / reference; "
+        "coverage = fraction of seeds with |value - reference| "
+        "<= 1.96 s.e. 'claimed' is the quantity auto says it measures (Hessian or Gauss-Newton); "
+        "'H' is the "
+        "brute-force Hessian. 'A clamped': the same measurements re-solved from their pooled sums "
+        "with eq. 17's "
+        "coefficient A clamped at 0 "
+        "(works around the replicate_curvature defect described in RESULTS.md).",
         "",
-        "| model | state | auto chose | ref (claimed) | ref (H) | bias vs claimed | bias vs H | RMS vs claimed "
-        "| s.e. | coverage vs claimed | coverage vs H | s / measurement | load | seeds with solver cap warning "
+        "| model | state | auto chose | ref (claimed) | ref (H) | bias vs claimed | bias vs H "
+        "| RMS vs claimed "
+        "| s.e. | coverage vs claimed | coverage vs H | s / measurement | load "
+        "| seeds with solver cap warning "
         "| A clamped: bias / s.e. / coverage vs claimed |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -254,10 +269,13 @@ def markdown(results: dict[str, Any]) -> str:
             c, h = e["vs_claimed"]["normalized"], e["vs_hessian"]["normalized"]
             cc = e["clamped_vs_claimed"]
             lines.append(
-                f"| {name} | {state} | {e['method']} ({e['quantity'].replace('_', '-')}) | {c['reference']:.4g} | "
+                f"| {name} | {state} | {e['method']} ({e['quantity'].replace('_', '-')}) | "
+                f"{c['reference']:.4g} | "
                 f"{h['reference']:.4g} | {c['bias']:+.1%} | {h['bias']:+.1%} | {c['rmse']:.1%} | "
-                f"{c['mean_rel_se']:.1%} | {c['coverage']:.0%} | {h['coverage']:.0%} | {e['seconds_median']:.2f} | "
-                f"{e['loadavg_1min'][0]:.1f}-{e['loadavg_1min'][1]:.1f} | {e['seeds_with_solver_warnings']} | "
+                f"{c['mean_rel_se']:.1%} | {c['coverage']:.0%} | {h['coverage']:.0%} | "
+                f"{e['seconds_median']:.2f} | "
+                f"{e['loadavg_1min'][0]:.1f}-{e['loadavg_1min'][1]:.1f} | "
+                f"{e['seeds_with_solver_warnings']} | "
                 f"{cc['bias']:+.1%} / {cc['mean_rel_se']:.1%} / {cc['coverage']:.0%} |"
             )
     lines += [

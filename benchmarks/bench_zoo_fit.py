@@ -3,10 +3,11 @@ no user code beyond a plain LightningModule? (issue 8, target 1)
 
 For each model of ``tests/zoo_models.py``: a LightningModule whose ``training_step`` calls the model
 on the batch as a user would (``forward(x)`` calls ``model(x)`` for images; ``forward(**batch)`` calls
-``model(**batch)`` for Hugging Face dicts, whose ``labels`` make the model return its own loss), a DataLoader of ``--samples`` synthetic samples
-(dict batches with ``input_ids``/``attention_mask``/(``token_type_ids``)/``labels`` for BERT and
-GPT-2), AdamW, ``--epochs`` epochs, and ``SharpnessMonitor()`` with no argument. Reported: whether
-the fit finished, the method auto chose, the seconds of the last measurement and its values.
+``model(**batch)`` for Hugging Face dicts, whose ``labels`` make the model return its own loss), a
+DataLoader of ``--samples`` synthetic samples (dict batches with
+``input_ids``/``attention_mask``/(``token_type_ids``)/``labels`` for BERT and GPT-2), AdamW,
+``--epochs`` epochs, and ``SharpnessMonitor()`` with no argument. Reported: whether the fit finished,
+the method auto chose, the seconds of the last measurement and its values.
 
 Run: ``python -m benchmarks.bench_zoo_fit --json benchmarks/results/bench_zoo_fit.json``
 """
@@ -119,10 +120,12 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# SharpnessMonitor() at its defaults in a Lightning fit of each tiny zoo model",
         "",
-        f"Command: `{results['command']}`; {results['samples']} samples, batch 16, {results['epochs']} epochs, "
+        f"Command: `{results['command']}`; {results['samples']} samples, batch 16, "
+        f"{results['epochs']} epochs, "
         f"1 thread; total {results.get('seconds', 0):.0f} s.",
         "",
-        "| model | fit finished | measurements | method (last) | s / measurement | normalized | s.e. / value |",
+        "| model | fit finished | measurements | method (last) | s / measurement | normalized "
+        "| s.e. / value |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results["models"]:
