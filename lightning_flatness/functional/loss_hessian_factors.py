@@ -29,10 +29,11 @@ Variance reduction for the softmax losses: ``exact_classes = m`` takes the ``m``
 of each sample exactly (``m`` more columns) and samples only the tail; :data:`DEFAULT_EXACT_CLASSES`
 holds the measured defaults (2 for cross-entropy, 0 for eq. 20, where it does not help).
 
-Measured and not kept: for eq. 20, the rank-2 part as two separate exact columns instead of merged
-into the sampled ones with random signs gave RMS trace errors 0.052 vs 0.064 (MLP) and 0.100 vs
-0.102 (LeNet) at the same number of columns (4), trained MNIST-1D nets, 48 seeds: within noise of
-each other, so the simpler merged form stays.
+For eq. 20 the rank-2 part of the logit Hessian is taken as two exact columns by default
+(:data:`EXACT_LOW_RANK`) and 8 draws are made per sample (:data:`DEFAULT_MC_SAMPLES`): on trained
+10-class networks merging it into the draws made no difference, but with many classes at
+initialisation the exact part removes much of the noise (measurements: ``benchmarks/RESULTS.md``,
+"Sampling eq. 20's logit Hessian" and ``benchmarks/results/bench_gauss_newton_mc.md``).
 """
 
 from __future__ import annotations
@@ -253,9 +254,8 @@ def normalized_cross_entropy_columns(
     :data:`EXACT_LOW_RANK`) ``B`` is not sampled but taken exactly, as two fixed columns
     ``sqrt(lambda_+) e_+`` (+) and ``sqrt(|lambda_-|) e_-`` (-), and the draws carry only the first two
     terms. ``B``'s eigenvalues are about ``sqrt(K)`` times the diagonal part's and of both signs, so this
-    removes most of the variance when the classes are many: on a 40-class ReLU MLP at initialisation
-    (256 samples, 8 draws) the bias of normalized sharpness fell from +10% to +5% and the trace's RMS
-    error from 30% to 22%. With ``exact_classes = m`` the CE part is split as in
+    removes much of the variance when the classes are many (measured in ``benchmarks/RESULTS.md``,
+    "Sampling eq. 20's logit Hessian"). With ``exact_classes = m`` the CE part is split as in
     :func:`cross_entropy_columns` (``m`` further ``+`` columns ``J_g sqrt(p_c)(e_c - p)``).
 
     Returns:
@@ -428,11 +428,10 @@ MC_LOSS_COLUMNS: dict[Callable[..., Tensor], Callable[..., Columns]] = {
 }
 
 
-#: Default ``exact_classes`` per loss (0 where not listed). Measured in
-#: ``benchmarks/results/bench_gauss_newton_mc.md``: on trained MNIST-1D nets, cross-entropy with the two
-#: most probable classes exact has 3.5-5.6x lower RMS error of the trace than 1 plain draw at about the
-#: same time (the softmax mass sits on few classes); for eq. 20 it does not help (the curvature of the
-#: normalization dominates the noise), so it stays 0 there.
+#: Default ``exact_classes`` per loss (0 where not listed): for cross-entropy the softmax mass sits on
+#: few classes, so taking the two most probable exactly costs little and removes most of the noise; for
+#: eq. 20 the curvature of the normalization dominates the noise and it does not help (measured in
+#: ``benchmarks/results/bench_gauss_newton_mc.md``).
 DEFAULT_EXACT_CLASSES: dict[Callable[..., Tensor], int] = {F.cross_entropy: 2}
 
 
@@ -445,8 +444,9 @@ def default_exact_classes(loss_fn: LossFn) -> int:
 
 #: Default Monte-Carlo draws per sample, per loss (others: 1). Eq. 20's Hessian in the logits is
 #: indefinite (``diag(p)/s^2 + alpha I`` plus a low-rank part, ``alpha`` of either sign per sample), so
-#: single draws of different samples cancel; 8 draws keep the normalized sharpness of an untrained
-#: network within its error bar (``benchmarks/RESULTS.md``), at 16 backward columns whatever K is.
+#: single draws of different samples cancel; 8 draws (16 backward columns whatever K is) were needed to
+#: bring the bias of an untrained network near its error bar (``benchmarks/RESULTS.md``, "Sampling
+#: eq. 20's logit Hessian").
 DEFAULT_MC_SAMPLES: dict[Callable[..., Tensor], int] = {normalized_softmax_cross_entropy: 8}
 
 

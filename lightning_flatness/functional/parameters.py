@@ -24,11 +24,10 @@ What that means for the tensors of modern networks (the default selection):
   rescaling symmetry acts on them. Read as eq. 17 reads an ``ndim >= 3`` tensor (one variance per
   dim 0 and dim 1 entry, the rest a kernel), timm's ``pos_embed`` ``(1, T, D)`` would get a single
   "row" variance, one "column" variance per *position* and none per channel, the one axis that
-  is a unit axis; ``cls_token`` ``(1, 1, D)`` a single variance. Measured
-  (``benchmarks/results/bench_zoo_residual.md``): they would add 12% (untrained) and 3% (trained)
-  to the tiny ViT's total, 3-5% on the tiny BERT and GPT-2; and the finite-difference estimator,
-  whose step is relative to a tensor's size, breaks down on ``cls_token`` (initialised at scale
-  1e-6: a trace of 1.9e6 against a true 841, issue 8).
+  is a unit axis; ``cls_token`` ``(1, 1, D)`` a single variance. Counted, they
+  would add a few percent to the totals of the tiny zoo models (measured:
+  ``benchmarks/results/bench_zoo_residual.md``); and the finite-difference estimator, whose step is
+  relative to a tensor's size, breaks down on ``cls_token`` (initialised at scale 1e-6).
 - **Left out** -- 1-D parameters: biases, normalisation scales and shifts, layer-scale vectors
   (``gamma``). A layer-scale vector multiplies, but one per channel, i.e. a diagonal matrix: with
   one variance per entry it is parameter counting again.

@@ -12,10 +12,10 @@ piecewise linear in each weight (attention, LayerNorm, GELU, tanh, hardswish, ..
 logged as a ``gauss_newton`` quantity. The GGN is positive semi-definite for convex losses in the
 logits (cross-entropy), transforms like the Hessian under function-preserving rescalings (``J``
 scales like the inverse weight), so eq. 13 and 17 computed from it keep their invariance. On the
-model zoo the residual :math:`R` changes normalized sharpness by -42% to +45% (untrained and trained
-tiny models, ``benchmarks/results/bench_zoo_residual.md``), while Hutchinson probes of :math:`R`
-(``method="ggn_hutchinson"``) overstated it by more than that at 16 probes: the probe noise turns
-into upward bias through the clipping and square roots of eq. 17. ``method="auto"`` therefore
+model zoo the residual :math:`R` changes normalized sharpness noticeably, but Hutchinson probes of
+:math:`R` (``method="ggn_hutchinson"``) overstated it by more than that at 16 probes: the probe noise
+turns into upward bias through the clipping and square roots of eq. 17 (measured:
+``benchmarks/results/bench_zoo_residual.md``). ``method="auto"`` therefore
 measures the Gauss-Newton diagonal on such networks, and says so.
 
 **Cost.** One forward pass and one batched backward pass of ``K <= D`` columns (``D`` outputs per

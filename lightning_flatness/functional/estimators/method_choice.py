@@ -16,8 +16,7 @@ unbiased Hessian-diagonal estimate there. For any other network the **Gauss-Newt
 the same ``D`` rule (``"gauss_newton"`` or ``"gauss_newton_mc"``), reported as such: the Hessian
 diagonal would need Hutchinson probes of the residual ``H - GGN`` (``"ggn_hutchinson"``), and on the
 model zoo their noise biased normalized sharpness more than the residual itself changes it
-(``benchmarks/results/bench_zoo_residual.md``): +23% to +725% at 16 probes on untrained tiny
-models, against -42% to +45% for leaving the residual out. Gauss-Newton estimators need first
+(``benchmarks/results/bench_zoo_residual.md``). Gauss-Newton estimators need first
 derivatives only, so they also run through fused attention and ops without a double backward.
 Cost of the choice: one forward pass on two samples.
 """

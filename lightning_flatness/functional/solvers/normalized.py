@@ -357,7 +357,7 @@ def intra_op_threads(work: int, device: torch.device):
 
     The solve is a few hundred small ops; with several intra-op threads each op is a thread
     handoff, and on a busy machine (data-loader workers, other jobs) every handoff waits for a
-    descheduled thread: up to 100x slower than one thread in ``benchmarks/results_solver.md``.
+    descheduled thread, many times slower than one thread (measured: ``benchmarks/results_solver.md``).
     Large problems keep the caller's setting (their float32 GEMM gains from threads).
     """
     threads = torch.get_num_threads()

@@ -78,8 +78,9 @@ def use_position_pairs(positions: int, inputs: int, k: int) -> bool:
     ``Z <= K (P + SQUARE_COST)``), but they materialise ``Z`` products of every input and output entry,
     memory-bound work that costs about ``SQUARE_COST`` flops each: unless ``SQUARE_COST * Z <= I`` (few
     pairs per input entry, i.e. small feature maps and wide layers) that traffic outweighs the
-    per-sample gradients. Measured: 5-6x slower with pairs on the 1-D LeNet and ResNet of
-    the benchmarks, 8-10x faster on a CIFAR-size ResNet-18's late stages (``P <= 16``, ``I >= 1152``).
+    per-sample gradients. Pairs win on the late stages of a CIFAR-size ResNet-18 (few positions, wide
+    inputs) and lose on long 1-D feature maps with few channels; this rule picks the faster path on
+    both (measured: ``benchmarks/RESULTS.md``, "A regression found and fixed").
     """
     pairs = positions * (positions + 1) // 2
     return pairs <= k * (positions + SQUARE_COST) and pairs * SQUARE_COST <= inputs
