@@ -485,6 +485,7 @@ class SharpnessMonitorBase:
             generator=generator,
             relative_step=self.relative_step,
             choice=self._choice,
+            resolve_sequence_loss=False,  # resolved once, in the dry run
         )
 
     def _estimate(
@@ -621,7 +622,6 @@ class SharpnessMonitorBase:
     def _measure_values(self, trainer: Any, pl_module: Any) -> dict[str, float]:
         device = pl_module.device
         batches, total = self._rank_batches(trainer)
-        self._generator = None
         nonfinite = False
         failure: Optional[BaseException] = None
         with preserved_rng_states(), gradient_enabled(device):

@@ -98,6 +98,9 @@ class SharpnessMeasurement:
         generator: source of probes and Monte-Carlo draws (never the global RNG when given).
         relative_step: finite differences only (Appendix C).
         choice: a choice made earlier (e.g. in a dry run); skips ``choose_method``.
+        resolve_sequence_loss: look at the first batch's output to wrap ``loss_fn`` for sequence
+            outputs (:func:`resolve_loss`; one forward pass on two samples). ``False`` when the caller
+            has resolved it already, as the callback does once per run.
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class SharpnessMeasurement:
         generator: Optional[torch.Generator] = None,
         relative_step: float = 1e-3,
         choice: Optional[MethodChoice] = None,
+        resolve_sequence_loss: bool = True,
     ) -> None:
         self.model = model
         self.loss_fn: LossFn = normalized_softmax_cross_entropy if loss_fn is None else loss_fn
@@ -135,7 +139,7 @@ class SharpnessMeasurement:
             parameter_shapes={n: w.shape for n, w in self.weights.items()},
         ).to(device)
         self.num_batches = 0
-        self._loss_resolved = False
+        self._loss_resolved = not resolve_sequence_loss
 
     def resolve(self, inputs: Any, target: Tensor) -> MethodChoice:
         """The estimator for this model and loss (``method="auto"``: decided on this batch, once)."""
