@@ -1,5 +1,6 @@
 """PeakMemory samples the resident set size during a block: a large allocation is seen."""
 
+import mmap
 import sys
 import time
 
@@ -14,10 +15,13 @@ def test_peak_memory_sees_a_temporary_allocation_that_is_freed_inside_the_block(
     with PeakMemory(torch.device("cpu"), interval=0.001) as before:
         pass
     with PeakMemory(torch.device("cpu"), interval=0.001) as peak:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        block.add_(1)
+        # 64 MiB of fresh pages from an anonymous mapping, touched and unmapped: a malloc'ed block could
+        # reuse memory that earlier tests left resident in the allocator (libraries raise glibc's mmap
+        # threshold), and then the resident set would rightly not grow
+        block = mmap.mmap(-1, 64 * 2**20)
+        block.write(b"\1" * len(block))
         time.sleep(0.2)  # many sampling intervals, even on a loaded machine
-        del block
+        block.close()
     assert peak.cuda_mb is None
     assert peak.rss_mb is not None and before.rss_mb is not None
     assert peak.rss_mb - before.rss_mb > 48  # the 64 MiB, freed before the block ended
