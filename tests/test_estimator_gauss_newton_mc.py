@@ -395,3 +395,24 @@ def test_exact_method_takes_dict_inputs_and_token_losses_with_padding():
         torch.testing.assert_close(diag[name], brute, rtol=1e-10, atol=1e-14)
     runs = _repeated_estimates(model, loss_fn, inputs, labels, params, 300, 1)
     assert_unbiased(runs, diag)
+
+
+@pytest.mark.parametrize("method", ["gauss_newton", "gauss_newton_mc"])
+def test_gauss_newton_estimators_refuse_a_model_that_draws_random_numbers(method):
+    """Train-mode dropout makes the network a random function: both Gauss-Newton estimators (one shared
+    pipeline) refuse it and say that the Gauss-Newton part does not apply."""
+    from lightning_flatness.functional import ExactMethodNotApplicable, hessian_diagonal
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 3)).train()
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    with pytest.raises(ExactMethodNotApplicable, match="draws random numbers") as info:
+        hessian_diagonal(
+            model, F.cross_entropy, x, y, method=method, generator=torch.Generator().manual_seed(0)
+        )
+    assert not info.value.gauss_newton_applicable
+    assert set(
+        hessian_diagonal(
+            model.eval(), F.cross_entropy, x, y, method=method, generator=torch.Generator().manual_seed(0)
+        )
+    ) == {"0.weight", "3.weight"}

@@ -45,7 +45,7 @@ from lightning_flatness.functional.estimators.exact import (
 )
 from lightning_flatness.functional.model_io import ModelInputs
 
-__all__ = ["gauss_newton_exact_diagonal"]
+__all__ = ["gauss_newton_exact_diagonal", "gauss_newton_from_columns"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -88,13 +88,42 @@ def gauss_newton_exact_diagonal(
         >>> torch.allclose(diag["0.weight"].flatten(), brute, rtol=1e-12, atol=1e-15)
         True
     """
+
+    def exact_columns(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor, list[str]]:
+        factors, signs, _, loss_issues = _loss_factors(loss_fn, logits, y)
+        return factors, signs, loss_issues
+
+    return gauss_newton_from_columns(
+        model, inputs, target, params, exact_columns, "gauss_newton_exact_diagonal"
+    )
+
+
+ColumnsOf = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor, list[str]]"]
+
+
+def gauss_newton_from_columns(
+    model: nn.Module,
+    inputs: ModelInputs,
+    target: Tensor,
+    params: dict[str, nn.Parameter],
+    columns_of: ColumnsOf,
+    caller: str,
+) -> dict[str, Tensor]:
+    """``sum_{n,k} sign_nk (J_n^T c_nk)^2 / N``: the Gauss-Newton diagonal from the loss-Hessian columns
+    that ``columns_of(logits, target)`` returns (``(N, D, C)`` columns, ``(N, C)`` signs and the reasons
+    the loss does not qualify), shared by the exact and the Monte-Carlo Gauss-Newton estimators.
+
+    One recorded forward pass, one batched backward pass of the ``C`` columns, the per-layer
+    contractions (:mod:`.layer_rules`); raises :class:`~.exact.ExactMethodNotApplicable` (with
+    ``gauss_newton_applicable=False``) when the loss does not qualify or the model draws random numbers
+    (train-mode dropout): the Gauss-Newton matrix of a random function is not what is measured.
+    """
     if not params:
-        raise ValueError("gauss_newton_exact_diagonal got no parameters; pass the weights to differentiate.")
-    caller = "gauss_newton_exact_diagonal"
+        raise ValueError(f"{caller} got no parameters; pass the weights to differentiate.")
     with torch.inference_mode(False), torch.enable_grad():
         x, y = _autograd_inputs(inputs, target)
         forward = _record_forward(model, x, params, caller)
-        factors, signs, _, loss_issues = _loss_factors(loss_fn, forward.logits.detach(), y)
+        columns, signs, loss_issues = columns_of(forward.logits.detach(), y)
         problems = loss_issues + [
             f"the model draws random numbers ({op})" for op in forward.recorder.random_ops
         ]
@@ -106,5 +135,5 @@ def gauss_newton_exact_diagonal(
                 tuple(problems),
                 gauss_newton_applicable=False,
             )
-        diag = _ggn_diagonal(forward, factors, signs, forward.issues, caller, stacklevel=3)
+        diag = _ggn_diagonal(forward, columns, signs, forward.issues, caller, stacklevel=4)
     return {name: d.detach().to(params[name].dtype) for name, d in diag.items()}

@@ -57,11 +57,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from lightning_flatness.functional.estimators.exact import (
-    _autograd_inputs,
-    _ggn_diagonal,
-    _record_forward,
-)
+from lightning_flatness.functional.estimators.gauss_newton import gauss_newton_from_columns
 from lightning_flatness.functional.loss_hessian_factors import (
     default_exact_classes,
     default_mc_samples,
@@ -136,21 +132,18 @@ def gauss_newton_mc_diagonal(
         >>> est["0.weight"].shape  # 3 backward columns (1 draw, 2 exact classes) for 1,000 classes
         torch.Size([5, 3])
     """
-    if not params:
-        raise ValueError("gauss_newton_mc_diagonal got no parameters; pass the weights to differentiate.")
-    caller = "gauss_newton_mc_diagonal"
-    with torch.inference_mode(False), torch.enable_grad():
-        x, y = _autograd_inputs(inputs, target)
-        forward = _record_forward(model, x, params, caller)
-        logits = forward.logits.detach()
-        if exact_classes is None:
-            exact_classes = default_exact_classes(loss_fn)
-        if num_mc_samples is None:
-            num_mc_samples = default_mc_samples(loss_fn)
+    if exact_classes is None:
+        exact_classes = default_exact_classes(loss_fn)
+    if num_mc_samples is None:
+        num_mc_samples = default_mc_samples(loss_fn)
+
+    def sampled_columns(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor, list[str]]:
         columns, signs = sample_loss_hessian_columns(
             loss_fn, logits, y, num_mc_samples, generator, exact_classes=exact_classes
         )
-        columns = columns.to(logits.dtype)
         signs = signs.to(logits.dtype).unsqueeze(0).expand(logits.shape[0], -1)
-        diag = _ggn_diagonal(forward, columns, signs, forward.issues, caller, stacklevel=3)
-    return {name: d.detach().to(params[name].dtype) for name, d in diag.items()}
+        return columns.to(logits.dtype), signs, []
+
+    return gauss_newton_from_columns(
+        model, inputs, target, params, sampled_columns, "gauss_newton_mc_diagonal"
+    )
