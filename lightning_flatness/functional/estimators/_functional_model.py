@@ -36,7 +36,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 # Default bound on ``chunk_size * (number of selected weights)``: the probes of one chunk and their
 # Hessian-vector products are a few tensors of this many entries (plus the activations' tangents).
 _CHUNK_ELEMENTS = 1 << 22
-_MAX_CHUNK = 16  # per probe, 1 thread, batch 128: within 2% of the fastest of 4-64 on MLP, LeNet, ResNet
+_MAX_CHUNK = 16  # the fastest chunk per probe on the benchmark models (benchmarks/RESULTS.md, after item 5)
 
 
 def detached_inputs(inputs: ModelInputs) -> ModelInputs:

@@ -15,11 +15,9 @@ difference is :math:`2 H (r \odot \epsilon) + O(r^3)` (even orders cancel), so
 :math:`\mathbb E[\hat h_i] = \sum_j H_{ij} (r_j / r_i)\, \mathbb E[\epsilon_i \epsilon_j] + O(r^2)
 = H_{ii} + O(r^2)`: unbiased up to :math:`O(r^2)`. On ReLU networks the gradient jumps where a
 unit changes sign between :math:`\theta \pm r\epsilon`; those kinks add a bias and heavy-tailed
-noise that the exact Hessian-vector products of :mod:`.hutchinson` do not have: at 256 probes
-and ``relative_step=1e-3`` we measured a relative L2 error of the diagonal of 70 (Hutchinson:
-0.9) on a 10-20-20-3 ReLU MLP at initialisation and 2.0 (Hutchinson: 0.34) on a trained
-40-32-32-10 one; at ``relative_step=1e-9`` (float64, no kink crossed) it falls to 1.0 on the
-former, the Gaussian-probe value the variance below predicts.
+noise that the exact Hessian-vector products of :mod:`.hutchinson` do not have, whatever the
+probe count; with a step small enough to cross no kink (float64) the error falls to what the
+variance below predicts (measured: ``benchmarks/results/bench_accuracy_fd_study.md``).
 
 Variance of one probe, per entry (Gaussian, quadratic part):
 :math:`\operatorname{Var}[\hat h_i] = 2 H_{ii}^2 + \sum_{j \ne i} H_{ij}^2 (r_j / r_i)^2`, the
@@ -106,8 +104,8 @@ def finite_difference_hessian_diagonal(
     a :class:`UserWarning` names the error and the same probes are evaluated in a loop of
     ``torch.autograd.grad`` calls.
 
-    Cost: ``2 * num_probes`` gradient evaluations (forward + backward; measured 2.0 per probe
-    on an MLP 40-100-100-100-10, batch 128, float32, one CPU thread); memory about
+    Cost: ``2 * num_probes`` gradient evaluations (forward + backward; measured per probe:
+    ``benchmarks/RESULTS.md``, item 2); memory about
     ``2 * chunk_size`` times that of one gradient.
 
     Assumptions: ``r`` is small enough for the curvature to be constant over ``theta +- r eps``

@@ -13,9 +13,9 @@ Variance of one probe, per entry: :math:`\hat h_i = H_{ii} + \sum_{j \ne i} H_{i
 :math:`v_i^2 = 1`, so :math:`\operatorname{Var}[\hat h_i] = \sum_{j \ne i} H_{ij}^2` (the sum runs
 over the selected weights only). The mean of ``num_probes`` probes has this divided by
 ``num_probes``: the error falls like ``1 / sqrt(num_probes)`` and is large per entry when the
-Hessian has heavy off-diagonal rows. Measured relative L2 error of the diagonal at 16 / 256
-probes: 1.3 / 0.34 on a 40-32-32-10 ReLU MLP trained on MNIST-1D (128 samples), 3.5 / 0.87 on a
-6-12-12-3 ReLU MLP at initialisation. Use several groups (:func:`hessian_diagonal_groups`) for an
+Hessian has heavy off-diagonal rows: on small ReLU MLPs the relative error of the whole diagonal is
+still of order one at hundreds of probes (measured errors and costs: ``benchmarks/RESULTS.md``,
+items 1 and 2). Use several groups (:func:`hessian_diagonal_groups`) for an
 error bar.
 
 References: C. Bekas, E. Kokiopoulou, Y. Saad, "An estimator for the diagonal of a matrix",
@@ -72,10 +72,9 @@ def hutchinson_hessian_diagonal(
     probes at once by ``torch.func.vmap`` (no Python loop over probes).
 
     Cost: each probe costs about as much as 2-3 gradient evaluations (one forward and one
-    backward pass, each carrying a tangent), i.e. ``num_probes`` Hessian-vector products (measured
-    1.8 gradient evaluations per probe on an MLP 40-100-100-100-10, batch 128, float32, one CPU
-    thread); memory about ``chunk_size`` times that of one Hessian-vector product. The first
-    forward-mode call in a process also spends 1-3 s while torch loads its JVP decompositions.
+    backward pass, each carrying a tangent), i.e. ``num_probes`` Hessian-vector products (measured gradient
+    evaluations per probe: ``benchmarks/RESULTS.md``, item 2); memory about ``chunk_size`` times that of one Hessian-vector product. The first
+    forward-mode call in a process also spends a few seconds while torch loads its JVP decompositions.
     Train-mode BatchNorm is handled by ``vmap`` (batch statistics; the running statistics are
     updated only in throw-away clones).
 
