@@ -72,9 +72,10 @@ def hutchinson_hessian_diagonal(
     probes at once by ``torch.func.vmap`` (no Python loop over probes).
 
     Cost: each probe costs about as much as 2-3 gradient evaluations (one forward and one
-    backward pass, each carrying a tangent), i.e. ``num_probes`` Hessian-vector products (measured gradient
-    evaluations per probe: ``benchmarks/RESULTS.md``, item 2); memory about ``chunk_size`` times that of one Hessian-vector product. The first
-    forward-mode call in a process also spends a few seconds while torch loads its JVP decompositions.
+    backward pass, each carrying a tangent), i.e. ``num_probes`` Hessian-vector products (measured
+    gradient evaluations per probe: ``benchmarks/RESULTS.md``, item 2); memory about ``chunk_size``
+    times that of one Hessian-vector product. The first forward-mode call in a process also spends a
+    few seconds while torch loads its JVP decompositions.
     Train-mode BatchNorm is handled by ``vmap`` (batch statistics; the running statistics are
     updated only in throw-away clones).
 
