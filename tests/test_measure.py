@@ -139,7 +139,7 @@ def test_sequence_outputs_use_a_shifted_token_loss_for_causal_lms_with_padding_i
     valid = labels[:, 1:] != -100
     expected = normalized_softmax_cross_entropy(logits[:, :-1][valid], labels[:, 1:][valid])
     torch.testing.assert_close(loss(logits, labels), expected, rtol=1e-14, atol=0)
-    assert loss.num_tokens(logits.shape, labels).tolist() == [3, 5, 5]
+    assert loss.num_tokens(labels).tolist() == [3, 5, 5]
     not_causal = nn.Sequential(nn.Identity())
     assert not resolve_loss(F.cross_entropy, not_causal, logits, labels).shift
     assert resolve_loss(F.cross_entropy, not_causal, logits[:, 0], labels[:, 0]) is F.cross_entropy

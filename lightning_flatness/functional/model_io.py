@@ -175,7 +175,7 @@ class TokenLoss(nn.Module):
             raise ValueError("TokenLoss: every target is ignore_index; the batch has no token to score.")
         return self.base(rows, labels)
 
-    def num_tokens(self, logits_shape: torch.Size, target: Tensor) -> Tensor:
+    def num_tokens(self, target: Tensor) -> Tensor:
         """``(N,)`` number of valid tokens of each sample (the weight of a sequence in the mean)."""
         if target.ndim == 2 and self.shift:
             target = target[:, 1:]

@@ -75,7 +75,7 @@ def _check_inputs(inputs: Any, target: Tensor, num_groups: int) -> int:
 def _group_weight(loss_fn: LossFn, target: Tensor) -> int:
     """The weight of a group in the pooled mean: its samples, or its valid tokens for a :class:`TokenLoss`."""
     if isinstance(loss_fn, TokenLoss):
-        return int(loss_fn.num_tokens(target.shape, target).sum())
+        return int(loss_fn.num_tokens(target).sum())
     return int(target.shape[0])
 
 
