@@ -543,15 +543,16 @@ class _ForwardRecorder(TorchFunctionMode):
         return self.leaves.get(name) if name is not None else None
 
     def _record_layer_call(self, name, args, kwargs, out) -> Optional[LayerCall]:
-        weight = _argument(args, kwargs, 1, ("weight",))
-        bias = _argument(args, kwargs, 2, ("bias",))
+        rule = LAYER_RULES[name]
+        weight = _argument(args, kwargs, *rule.weight_argument)
+        bias = _argument(args, kwargs, *rule.bias_argument) if rule.bias_argument else None
         weight_name = self.names_by_id.get(id(weight)) if isinstance(weight, Tensor) else None
         bias_name = self.names_by_id.get(id(bias)) if isinstance(bias, Tensor) else None
         if weight_name is None and bias_name is None:
             return None
         inputs = _argument(args, kwargs, 0, ("input",))
         call = LayerCall(name, self.where(), inputs.detach(), out, weight_name, bias_name)
-        LAYER_RULES[name].record(call, args, kwargs, weight)
+        rule.record(call, args, kwargs, weight)
         for param in (weight_name, bias_name):
             if param is not None:
                 self.uses[param].append(f"{name!r} in {self.where()}")

@@ -44,6 +44,7 @@ class LayerCall:
     padding: tuple[tuple[int, int], ...] = ()
     dilation: tuple[int, ...] = ()
     groups: int = 1
+    samples_interact: bool = False  # set by a rule whose op couples the samples (batch statistics)
 
 
 class LayerRule:
@@ -51,6 +52,9 @@ class LayerRule:
 
     #: the torch function's name, as the recorder sees it (e.g. ``"linear"``, ``"conv2d"``)
     op: str = ""
+    #: where the call passes the weight and the bias: ``(position, keyword names)``; ``None``: no bias
+    weight_argument: tuple[int, tuple[str, ...]] = (1, ("weight",))
+    bias_argument: Optional[tuple[int, tuple[str, ...]]] = (2, ("bias",))
 
     def record(self, call: LayerCall, args: tuple, kwargs: dict, weight: Optional[Tensor]) -> None:
         """Read the op's geometry (stride, padding, ...) from its arguments into ``call``."""

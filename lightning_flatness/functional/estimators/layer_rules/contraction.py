@@ -46,7 +46,8 @@ def accumulate_layer(
             diag[call.bias] += s.sum(dim=0)
         return
     if call.bias is not None:
-        gb = grad.sum(dim=rule.bias_position_dims(grad))  # (K, N, out) per-sample bias gradients
+        dims = rule.bias_position_dims(grad)  # () sums nothing here (sum(dim=()) would sum everything)
+        gb = grad.sum(dim=dims) if dims else grad  # (K, N, out) per-sample bias gradients
         diag[call.bias] += torch.einsum("nk,kno->o", signs, gb * gb)
     if call.weight is None:
         return
