@@ -30,7 +30,7 @@ from lightning_flatness.functional import ExactMethodNotApplicable, select_param
 from lightning_flatness.functional.estimators.method_choice import MethodChoice
 from lightning_flatness.functional.estimators.registry import ESTIMATORS
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
-from lightning_flatness.functional.measures import MEASURES
+from lightning_flatness.functional.measures import MEASURES, TOTALS, tensor_measure_names
 from lightning_flatness.functional.model_io import call_model, inputs_batch_size, map_inputs, select_samples
 from lightning_flatness.isolation import (
     autograd_tensor,
@@ -142,21 +142,16 @@ class SharpnessMonitorBase:
                 f"(logits, target) -> mean loss, or None for normalized_softmax_cross_entropy."
             )
         selectable = callable(parameters) or isinstance(parameters, Iterable)
-        if parameters == "all":
-            raise ValueError(
-                "SharpnessMonitor got parameters='all', which includes 1-D tensors (biases, "
-                "normalization scales): eq. 13 and 17 need weight tensors with rows and columns "
-                "(footnote 5); pass None or 'weights', a list of names, or a predicate."
-            )
         if (
             parameters is not None
-            and parameters != "weights"
+            and parameters not in ("weights", "all")
             and (isinstance(parameters, str) or not selectable)
         ):
             raise TypeError(
                 f"SharpnessMonitor got parameters={parameters!r}; pass None (the default selection: "
-                "weights that multiply their input, without position embeddings and class tokens), "
-                "'weights' (every tensor with ndim >= 2), a list of parameter names, or a predicate "
+                "weights that multiply their input, without position embeddings and class tokens, and "
+                "the biases and normalization parameters beside them), 'weights' (every tensor with "
+                "ndim >= 2), 'all', a list of parameter names, or a predicate "
                 "(name, parameter) -> bool."
             )
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
@@ -674,13 +669,13 @@ class SharpnessMonitorBase:
                     f"values); logging NaN for '{self.prefix}/*' and continuing. Check the learning "
                     "rate and the data.",
                 )
-            names = list(weights)
+            per_tensor = [(m, n) for n, w in weights.items() for m in tensor_measure_names(w.shape)]
             keys = [
-                *MEASURES,
-                *(f"{m}_stderr" for m in MEASURES),
-                *(f"{m}_half_shift" for m in MEASURES),
-                *(f"{m}/{n}" for m in MEASURES for n in names),
-                *(f"{m}_stderr/{n}" for m in MEASURES for n in names),
+                *TOTALS,
+                *(f"{m}_stderr" for m in TOTALS),
+                *(f"{m}_half_shift" for m in TOTALS),
+                *(f"{m}/{n}" for m, n in per_tensor),
+                *(f"{m}_stderr/{n}" for m, n in per_tensor),
             ]
             values = {k: float("nan") for k in keys}
             values["num_samples"] = 0.0
@@ -736,9 +731,9 @@ class SharpnessMonitorBase:
         def tensor(x: float) -> Tensor:
             return torch.tensor(x, dtype=dtype, device=pl_module.device)
 
-        scalars = {f"{p}/{m}": values[m] for m in MEASURES if m != "normalized"}
+        scalars = {f"{p}/{m}": values[m] for m in TOTALS if m != "normalized"}
         if self.num_replicates >= 2:
-            scalars.update({f"{p}/{m}_stderr": values[f"{m}_stderr"] for m in MEASURES})
+            scalars.update({f"{p}/{m}_stderr": values[f"{m}_stderr"] for m in TOTALS})
             scalars[f"{p}/normalized_half_shift"] = values["normalized_half_shift"]
         scalars[f"{p}/seconds"] = seconds
         scalars[f"{p}/peak_memory_mb"] = values["peak_memory_mb"]
@@ -874,8 +869,11 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
 
     - ``<p>/normalized``: normalized sharpness, eq. 17 (the key to monitor; lower is flatter);
     - ``<p>/matrix_normalized``: matrix-normalized sharpness, eq. 13;
-    - ``<p>/hessian_trace``: trace of the Hessian over the measured weights, eq. 5 (not invariant to
+    - ``<p>/hessian_trace``: trace of the Hessian, eq. 5, over every measured parameter: the weights
+      and, by default, the biases and normalization parameters beside them (not invariant to
       rescaling; for comparison);
+    - ``<p>/hessian_trace_weights``: the same trace over the weight tensors (``ndim >= 2``) alone,
+      the tensors the normalized measures count;
     - ``<p>/<measure>_stderr``: jackknife standard errors;
     - ``<p>/normalized_half_shift``: how much the value rises when half of the samples and probes
       are used (a convergence diagnostic: for the stochastic methods a lower bound on the upward
@@ -885,8 +883,9 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
     - ``<p>/peak_memory_mb``: peak memory during the measurement (largest over processes): resident
       set size on CPU, CUDA allocation on a GPU, sampled every 5 ms
       (:class:`~lightning_flatness.memory.PeakMemory`);
-    - ``<p>/<measure>/<parameter name>``: per weight tensor, named after its module path (e.g.
-      ``sharpness/normalized/net.0.weight``).
+    - ``<p>/<measure>/<parameter name>``: per tensor, named after its module path (e.g.
+      ``sharpness/normalized/net.0.weight``); 1-D tensors (biases, normalization scales) have
+      ``hessian_trace`` alone (footnote 5).
 
     Each logger also gets the per-layer values as a table and a per-layer bar chart (with
     matplotlib) through its own API (:mod:`lightning_flatness.logger_media`): TensorBoard (plus a
@@ -925,12 +924,13 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
             iterated at every evaluation; pass an unsharded loader under DDP).
         loss_fn: ``(logits, target) -> mean loss``; default
             :func:`~lightning_flatness.functional.normalized_softmax_cross_entropy`.
-        parameters: which weights count: ``None`` (the default of
+        parameters: which tensors count: ``None`` (the default of
             :func:`~lightning_flatness.functional.select_parameters`: every tensor with ``ndim >= 2``
-            that requires grad except additive offsets such as position embeddings and class tokens;
+            that requires grad except additive offsets such as position embeddings and class tokens,
+            plus the biases and normalization parameters beside them, which enter the trace only;
             frozen ones are skipped, shared ones counted once), ``"weights"`` (every ``ndim >= 2``
-            tensor), a list of names as in ``pl_module.named_parameters()``, or a predicate
-            ``(name, parameter) -> bool``.
+            tensor), ``"all"`` (every parameter that requires grad), a list of names as in
+            ``pl_module.named_parameters()``, or a predicate ``(name, parameter) -> bool``.
         lam: the ``lambda`` of eq. 17 (default 0.5).
         num_replicates: replicate groups for the jackknife standard error (default 8; 1 disables it).
         every_n_epochs: measure at the end of every ``n``-th epoch's validation.

@@ -70,7 +70,7 @@ from torch import Tensor, nn
 from lightning_flatness.batch_split import split_batch as default_split_batch
 from lightning_flatness.functional.estimators.exact import _loss_factors
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
-from lightning_flatness.functional.measures import MEASURES, sharpness_measures
+from lightning_flatness.functional.measures import MEASURES, measure_totals, sharpness_measures
 from lightning_flatness.functional.model_io import call_model, inputs_batch_size
 from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
 
@@ -351,8 +351,10 @@ class ShardedSharpnessMeasurement:
                     )
             del weight
         for values in [out, *loo_values, *half_values]:
-            for measure in MEASURES:
-                values[measure] = torch.stack([values[f"{measure}/{n}"] for n in self.sums]).sum()
+            per_tensor = {
+                n: {m: values[f"{m}/{n}"] for m in MEASURES if f"{m}/{n}" in values} for n in self.sums
+            }
+            values.update(measure_totals(per_tensor))
         keys = list(out)
         nan = torch.tensor(math.nan, dtype=torch.float64, device=self.device)
         for key in keys:

@@ -171,7 +171,7 @@ def test_auto_on_many_classes_samples_the_gauss_newton_part_within_its_error_bar
     """A ReLU network with 40 classes at initialisation, eq. 20 loss (its logit Hessian is indefinite, the
     hard case for sampling): auto picks the Monte-Carlo Gauss-Newton diagonal (== Hessian diagonal here)
     and its default draws keep normalized sharpness unbiased within a few percent."""
-    from oracles import brute_force_hessian_diagonal, brute_force_measures as oracle
+    from oracles import brute_force_measures as oracle
 
     torch.manual_seed(0)
     model = nn.Sequential(

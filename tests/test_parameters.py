@@ -22,7 +22,14 @@ class Tied(nn.Module):
 
 def test_default_selects_weights_and_the_vectors_a_layer_rule_reads():
     model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.BatchNorm1d(2), nn.Flatten(), nn.Linear(4, 3))
-    assert list(select_parameters(model)) == ["0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "3.bias"]
+    assert list(select_parameters(model)) == [
+        "0.weight",
+        "0.bias",
+        "1.weight",
+        "1.bias",
+        "3.weight",
+        "3.bias",
+    ]
 
 
 class LayerScale(nn.Module):

@@ -13,7 +13,14 @@ from lightning_flatness.functional.solvers import (
     normalized_sharpness,
 )
 
-__all__ = ["sharpness_measures", "measure_totals", "tensor_measure_names", "MEASURES", "TOTALS", "WEIGHTS_TRACE"]
+__all__ = [
+    "sharpness_measures",
+    "measure_totals",
+    "tensor_measure_names",
+    "MEASURES",
+    "TOTALS",
+    "WEIGHTS_TRACE",
+]
 
 MEASURES = ("normalized", "matrix_normalized", "hessian_trace")
 #: eq. 5 restricted to the weight tensors the normalized measures count (``ndim >= 2``)

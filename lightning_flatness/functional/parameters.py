@@ -152,7 +152,12 @@ def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -
             n: p
             for n, p in named.items()
             if p.requires_grad
-            and (p.ndim >= 2 and not is_additive_offset(model, n) or p.ndim < 2 and is_rule_read_vector(model, n))
+            and (
+                p.ndim >= 2
+                and not is_additive_offset(model, n)
+                or p.ndim < 2
+                and is_rule_read_vector(model, n)
+            )
         }
     elif isinstance(parameters, str):
         if parameters not in _PRESETS:

@@ -169,7 +169,9 @@ def replicate_sharpness_measures(
     used = [int(r) for r in torch.nonzero(counts_f > 0).flatten().tolist()]
     mix = replicate_weights(counts_f, used)
     per_tensor = {
-        name: tensor_measures(weights[name], s, mix, lam) if weights[name].ndim >= 2 else {"hessian_trace": mix @ s.sum(dim=1)}
+        name: tensor_measures(weights[name], s, mix, lam)
+        if weights[name].ndim >= 2
+        else {"hessian_trace": mix @ s.sum(dim=1)}
         for name, s in sums.items()
     }  # 1-D tensors (biases, normalization scales) enter the trace only (footnote 5; eq. 5 counts them)
     series: dict[str, Tensor] = dict(measure_totals(per_tensor))  # key -> (P,)

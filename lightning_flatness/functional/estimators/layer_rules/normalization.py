@@ -151,8 +151,7 @@ class RMSNormRule(_ChannelAffineRule):
             call.samples_interact = True
             return
         eps = argument(args, kwargs, 3, ("eps",), None)
-        call.inputs = torch.nn.functional.rms_norm(
-call.inputs, _as_tuple(shape), eps=eps)
+        call.inputs = torch.nn.functional.rms_norm(call.inputs, _as_tuple(shape), eps=eps)
 
 
 for _rule in (BatchNormRule(), GroupNormRule(), LayerNormRule(), RMSNormRule()):
