@@ -63,7 +63,7 @@ def check(records: list[dict], world_size: int, dtype: str, rel: float, uneven: 
     first = records[0]["values"]
     assert all(r["values"] == first for r in records)  # bit-identical on every rank
     keys = [k for k in reference if k.split("/")[0] in MEASURES]
-    assert len(keys) == 3 + 3 * 3
+    assert len(keys) == 3 + 3 * 3 + 3  # totals, 3 measures of 3 weights, the trace of 3 biases (eq. 5)
     errors = {key: abs(first[key] - float(reference[key])) / abs(float(reference[key])) for key in keys}
     for measure in MEASURES:
         print(
@@ -74,7 +74,7 @@ def check(records: list[dict], world_size: int, dtype: str, rel: float, uneven: 
         assert errors[key] <= rel, (key, errors[key])
     assert first["num_samples"] == len(measured)
     # the decomposed jackknife and half-shift equal the metric's on the gathered sums
-    weights = {n: p.detach().double() for n, p in model.named_parameters() if p.ndim >= 2}
+    weights = {n: p.detach().double() for n, p in model.named_parameters()}  # the default: biases too
     count = records[0]["count"]  # (R,) samples per replicate slot; sums: {name: (R, numel)} sample-weighted
     metric = NormalizedSharpness(weights, lam=0.5, num_replicates=len(count))
     means = {

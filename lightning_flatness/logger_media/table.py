@@ -48,7 +48,7 @@ def per_layer_table(values: Mapping[str, float], measures: Sequence[str]) -> Per
 
     Returns:
         A :class:`PerLayerTable` with one row per tensor that has any of the measures (in the order of
-        their first appearance) and a column per measure (and ``<measure>_stderr``) that some tensor
+        the measure with the most tensors: parameter order) and a column per measure (and ``<measure>_stderr``) that some tensor
         has; a tensor without a measure (a bias has the trace alone, footnote 5) gets NaN there.
 
     Example:
@@ -60,12 +60,9 @@ def per_layer_table(values: Mapping[str, float], measures: Sequence[str]) -> Per
         >>> t.rows
         [['a.weight', 2.0, 0.5, 4.0], ['a.bias', nan, nan, 1.0]]
     """
-    layers: list[str] = []
-    for m in measures:
-        for key in values:
-            head, sep, layer = key.partition("/")
-            if sep and head == m and layer not in layers:
-                layers.append(layer)
+    per_measure = [[k.split("/", 1)[1] for k in values if k.startswith(f"{m}/")] for m in measures]
+    layers: list[str] = max(per_measure, key=len, default=[])  # the fullest measure's order (the trace's)
+    layers = layers + [layer for found in per_measure for layer in found if layer not in layers]
     columns = ["layer"]
     getters = []
     for m in measures:
