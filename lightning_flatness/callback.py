@@ -345,9 +345,16 @@ class SharpnessMonitorBase:
 
     def _check_parameters(self, pl_module: nn.Module) -> None:
         try:
-            select_parameters(pl_module, self.parameters)
+            chosen = select_parameters(pl_module, self.parameters)
         except (ValueError, TypeError) as err:
             raise type(err)(f"SharpnessMonitor cannot measure {type(pl_module).__name__}: {err}") from err
+        if not any(p.ndim >= 2 for p in chosen.values()):
+            raise ValueError(
+                f"SharpnessMonitor cannot measure {type(pl_module).__name__}: the selected parameters "
+                f"{list(chosen)[:5]} hold no weight tensor with ndim >= 2 (rows x columns), so normalized "
+                "sharpness (eq. 17), the monitored value, would be an empty sum; unfreeze a weight matrix "
+                "or choose the tensors with `parameters=`."
+            )
 
     def _resolve_data(self, trainer: Any, final: bool) -> None:
         "Find the samples to measure on; ``final=False`` (at ``setup``) defers hook errors to ``_prepare``."
