@@ -237,8 +237,8 @@ class NormalizedSharpness(Metric):
     tensors: ``"normalized"``, ``"matrix_normalized"``, ``"hessian_trace"`` (sums over tensors: the
     trace over every tensor, eq. 5), ``"hessian_trace_weights"`` (the trace over the ``ndim >= 2``
     tensors), ``"<measure>/<name>"`` per tensor and measure, ``"<measure>_stderr"`` and
-    ``"<measure>_stderr/<name>"`` (jackknife; NaN with a one-time warning when fewer than 2 slots hold samples),
-    ``"<measure>_half_shift"`` and ``"<measure>_half_shift/<name>"`` (the convergence diagnostic
+    ``"<measure>_stderr/<name>"`` (jackknife; NaN with a one-time warning when fewer than 2 slots
+    hold samples), ``"<measure>_half_shift"`` and ``"<measure>_half_shift/<name>"`` (the convergence diagnostic
     above; NaN likewise), and ``"num_samples"`` (int64, total over all updates and processes).
 
     Parameter names and shapes are fixed at construction by ``parameter_shapes`` (required: the
@@ -485,8 +485,8 @@ class NormalizedSharpness(Metric):
         Returns:
             Flat ``{key: 0-dim tensor}``: ``"normalized"``, ``"matrix_normalized"``, ``"hessian_trace"``,
             ``"hessian_trace_weights"``, ``"<measure>/<name>"``, ``"<measure>_stderr"``,
-            ``"<measure>_stderr/<name>"``, ``"<measure>_half_shift"``, ``"<measure>_half_shift/<name>"`` (float64) and
-            ``"num_samples"`` (int64).
+            ``"<measure>_stderr/<name>"``, ``"<measure>_half_shift"``, ``"<measure>_half_shift/<name>"``
+            (float64) and ``"num_samples"`` (int64).
         """
         count = self.count
         if int(count.sum()) == 0:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import csv
 import glob
 import io
-import math
 import json
+import math
 import os
 import struct
 

@@ -48,8 +48,9 @@ def per_layer_table(values: Mapping[str, float], measures: Sequence[str]) -> Per
 
     Returns:
         A :class:`PerLayerTable` with one row per tensor that has any of the measures (in the order of
-        the measure with the most tensors: parameter order) and a column per measure (and ``<measure>_stderr``) that some tensor
-        has; a tensor without a measure (a bias has the trace alone, footnote 5) gets NaN there.
+        the measure with the most tensors: parameter order) and a column per measure (and
+        ``<measure>_stderr``) that some tensor has; a tensor without a measure (a bias has the trace
+        alone, footnote 5) gets NaN there.
 
     Example:
         >>> values = {"normalized/a.weight": 2.0, "normalized_stderr/a.weight": 0.5,

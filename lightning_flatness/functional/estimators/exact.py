@@ -159,6 +159,8 @@ class ExactMethodNotApplicable(ValueError):
 #: piecewise constant. Dropout and batch_norm are listed in :data:`_MODE_DEPENDENT_OPS` instead.
 PIECEWISE_LINEAR_OPS = frozenset(
     {
+        # a table lookup: linear in the table (the ids are integers)
+        "embedding",
         # additive and sign
         "add",
         "sub",

@@ -36,6 +36,8 @@ def accumulate_layer(
     """Add ``sum_{n,k} sign_nk * (per-sample gradient of v_nk^T f_n)^2`` for one layer call, from the
     output gradients ``grad`` ``(K, N, *out)`` of all ``K`` columns and the signs ``(N, K)``."""
     rule = LAYER_RULES[call.op]
+    if rule.accumulate(call, grad, signs, diag, leaves):
+        return
     if rule.single_position(call):
         # one position per sample: (g_n a_n^T)^2 = g_n^2 (a_n^2)^T, so the columns are summed first,
         # S_n = sum_k sign_nk g_nk^2, and contracted once
