@@ -238,8 +238,8 @@ class NormalizedSharpness(Metric):
     trace over every tensor, eq. 5), ``"hessian_trace_weights"`` (the trace over the ``ndim >= 2``
     tensors), ``"<measure>/<name>"`` per tensor and measure, ``"<measure>_stderr"`` and
     ``"<measure>_stderr/<name>"`` (jackknife; NaN with a one-time warning when fewer than 2 slots
-    hold samples), ``"<measure>_half_shift"`` and ``"<measure>_half_shift/<name>"`` (the convergence diagnostic
-    above; NaN likewise), and ``"num_samples"`` (int64, total over all updates and processes).
+    hold samples), ``"<measure>_half_shift"`` and ``"<measure>_half_shift/<name>"`` (the convergence
+    diagnostic above; NaN likewise), and ``"num_samples"`` (int64, total over all updates and processes).
 
     Parameter names and shapes are fixed at construction by ``parameter_shapes`` (required: the
     callback and any training loop know them, and every process must lay out the same state);
