@@ -74,9 +74,10 @@ from lightning_flatness.functional.estimators.exact import (
 from lightning_flatness.functional.estimators.layer_rules import LAYER_RULES, LayerCall, accumulate_layer
 from lightning_flatness.functional.loss_hessian_factors import (
     default_exact_classes,
+    default_mc_samples,
     sample_loss_hessian_columns,
 )
-from lightning_flatness.functional.model_io import ModelInputs
+from lightning_flatness.functional.model_io import ModelInputs, inputs_batch_size, select_samples
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -96,6 +97,8 @@ DEFAULT_NUM_SKETCHES = 1
 #: Up to this many outputs per sample the exact factors of ``Lambda_n`` are mixed (no class sampling;
 #: ``O(K^3)`` per sample for losses without a closed form); above it the Monte-Carlo columns.
 MAX_EXACT_FACTOR_OUTPUTS = 32
+#: Samples of the batch-independence probe (:func:`samples_interact`).
+INTERACTION_PROBE_SAMPLES = 4
 #: Bound on the per-chunk weight-gradient entries materialised at once.
 CHUNK_GRADIENT_ELEMENTS = 2**22
 
@@ -177,49 +180,54 @@ def chunk_contraction(
     diag[call.weight] += torch.einsum("c,gcx->gx", signs, acc).reshape(diag[call.weight].shape)
 
 
+def samples_interact(
+    model: nn.Module, inputs: ModelInputs, params: dict[str, nn.Parameter], caller: str
+) -> list[str]:
+    """The recorded layers whose outputs for samples ``1..m-1`` depend on sample 0's logits (train-mode
+    BatchNorm, anything mixing the batch), on a batch of the first ``m = INTERACTION_PROBE_SAMPLES``
+    samples: one recorded forward and one backward of ``m`` samples, instead of a probe column in the
+    backward of the whole batch (a full column's cost). A mixing that shows only between samples beyond
+    the first ``m`` is not detected (the exact method's probe, on the whole batch, misses mixing that
+    does not involve sample 0 likewise)."""
+    n = inputs_batch_size(inputs)
+    if n < 2:
+        return []
+    few = select_samples(inputs, slice(0, min(n, INTERACTION_PROBE_SAMPLES)), n)
+    forward = _record_forward(model, few, params, caller)
+    calls = [call for call in forward.recorder.calls if call.output.requires_grad]
+    if not calls or not forward.logits.requires_grad:
+        return []
+    grads = torch.autograd.grad(
+        forward.logits, [call.output for call in calls], _interaction_probe(forward.logits), allow_unused=True
+    )
+    return [
+        f"{call.op} in {call.module}"
+        for call, g in zip(calls, grads)
+        if g is not None and bool((g[1:] != 0).any())
+    ]
+
+
 def _diagonal_by_layers(
     forward: _RecordedForward, columns: Tensor, signs: Tensor, chunk_size: int
-) -> tuple[Optional[dict[str, Tensor]], list[str]]:
-    """One batched backward of the ``C`` columns (and the batch-independence probe) to the recorded
-    layer outputs, then :func:`chunk_contraction` per layer (``chunk_size == 1``: the per-sample
-    contractions of :func:`~.layer_rules.accumulate_layer`, with their position-pair path)."""
+) -> dict[str, Tensor]:
+    """One batched backward of the ``C`` columns to the recorded layer outputs, then
+    :func:`chunk_contraction` per layer (``chunk_size == 1``: the per-sample contractions of
+    :func:`~.layer_rules.accumulate_layer`, with their position-pair path). The samples must not interact
+    (:func:`samples_interact`)."""
     calls, logits, leaves = forward.recorder.calls, forward.logits, forward.leaves
     n, c = logits.shape[0], columns.shape[2]
     vectors = columns.permute(2, 0, 1).reshape(c, *logits.shape)
-    if n >= 2 and calls:
-        vectors = torch.cat([vectors, _interaction_probe(logits).unsqueeze(0)])
-    grads: Sequence[Optional[Tensor]]
-    outputs = [call.output for call in calls]
-    try:
-        grads = torch.autograd.grad(
-            logits, outputs, vectors, retain_graph=True, allow_unused=True, is_grads_batched=True
-        )
-    except (RuntimeError, NotImplementedError):  # some backward lacks a vmap rule: loop
-        per_column = [
-            torch.autograd.grad(logits, outputs, v, retain_graph=True, allow_unused=True) for v in vectors
-        ]
-        grads = [
-            None if per_column[0][j] is None else torch.stack([p[j] for p in per_column])
-            for j in range(len(calls))
-        ]
-    if vectors.shape[0] > c:
-        mixing = [
-            f"{call.op} in {call.module}"
-            for call, g in zip(calls, grads)
-            if g is not None and bool((g[c, 1:] != 0).any())
-        ]
-        if mixing:
-            return None, mixing
+    grads = _batched_backward(logits, [call.output for call in calls], vectors)
     diag = {name: torch.zeros_like(t) for name, t in leaves.items()}
     for call, g in zip(calls, grads):
         if g is None:
             continue
         if chunk_size == 1:
-            accumulate_layer(call, g[:c], signs.unsqueeze(0).expand(n, c), diag, leaves)
+            accumulate_layer(call, g, signs.unsqueeze(0).expand(n, c), diag, leaves)
         else:
             kernel = tuple(leaves[call.weight].shape[2:]) if call.weight is not None else ()
-            chunk_contraction(call, g[:c], signs, chunk_size, diag, kernel)
-    return diag, []
+            chunk_contraction(call, g, signs, chunk_size, diag, kernel)
+    return diag
 
 
 def _diagonal_by_chunks(
@@ -246,7 +254,9 @@ def _diagonal_by_chunks(
         if len(idx) == 1:
             grads: Sequence[Optional[Tensor]] = [
                 None if g is None else g.unsqueeze(0)
-                for g in torch.autograd.grad(logits, targets, vectors[0], retain_graph=True, allow_unused=True)
+                for g in torch.autograd.grad(
+                    logits, targets, vectors[0], retain_graph=True, allow_unused=True
+                )
             ]
         else:
             grads = _batched_backward(logits, targets, vectors)
@@ -314,7 +324,9 @@ def gauss_newton_sketch_diagonal(
         inputs: a tensor, tuple or dict with the samples along dim 0 (:func:`~..model_io.call_model`).
         target: what ``loss_fn`` takes.
         params: ``{name: parameter}`` of ``model`` (:func:`select_parameters`).
-        num_mc_samples: draws of the Monte-Carlo base columns when ``D > max_exact_outputs`` (None: 1).
+        num_mc_samples: draws of the Monte-Carlo base columns when ``D > max_exact_outputs`` (None: the
+            loss's default, 8 for eq. 20; they are mixed into the same 1-2 columns, so more draws cost
+            no backward pass, only ``O(N K)`` per draw).
         generator: for the Rademacher signs and draws, or None for the global RNG.
         chunk_size: samples per sign-mixed chunk ``B`` (None: :data:`DEFAULT_CHUNK_SIZE`).
         num_sketches: independent mixtures ``S`` (None: :data:`DEFAULT_NUM_SKETCHES`).
@@ -354,9 +366,16 @@ def gauss_newton_sketch_diagonal(
         forward = _record_forward(model, x, params, caller)
         logits = forward.logits.detach()
         columns, signs, loss_issues = _base_columns(
-            loss_fn, logits, y, num_mc_samples or 1, generator, max_exact_outputs
+            loss_fn,
+            logits,
+            y,
+            default_mc_samples(loss_fn) if num_mc_samples is None else num_mc_samples,
+            generator,
+            max_exact_outputs,
         )
-        problems = loss_issues + [f"the model draws random numbers ({op})" for op in forward.recorder.random_ops]
+        problems = loss_issues + [
+            f"the model draws random numbers ({op})" for op in forward.recorder.random_ops
+        ]
         if problems:
             raise ExactMethodNotApplicable(
                 f"{caller}: the Gauss-Newton diagonal does not apply: "
@@ -370,13 +389,18 @@ def gauss_newton_sketch_diagonal(
         blockers = _fast_path_blockers(forward.recorder, forward.leaves, logits.shape[0])
         if any("invisible" in issue for issue in forward.issues):
             blockers.append("an operation invisible to the checks")
-        diag = None
         if chunk_size >= logits.shape[0]:  # one chunk: ordinary weight gradients, any graph
-            diag = _diagonal_by_chunks(forward.logits, mixed, mixed_signs, forward.leaves, chunk_size)
-        elif not blockers:
-            diag, mixing = _diagonal_by_layers(forward, mixed, mixed_signs, min(chunk_size, logits.shape[0]))
-            blockers = [f"samples interact after {layer}" for layer in mixing]
-        if diag is None:
+            return _finish(
+                _diagonal_by_chunks(forward.logits, mixed, mixed_signs, forward.leaves, logits.shape[0]),
+                params,
+            )
+        if not blockers:
+            blockers = [
+                f"samples interact after {layer}" for layer in samples_interact(model, x, params, caller)
+            ]
+        if not blockers:
+            diag = _diagonal_by_layers(forward, mixed, mixed_signs, chunk_size)
+        else:
             chunks = -(-logits.shape[0] // chunk_size)
             warnings.warn(
                 f"{caller}: per-layer contractions do not apply ({'; '.join(blockers[:3])}); computing "
@@ -385,4 +409,8 @@ def gauss_newton_sketch_diagonal(
                 stacklevel=2,
             )
             diag = _diagonal_by_chunks(forward.logits, mixed, mixed_signs, forward.leaves, chunk_size)
+    return _finish(diag, params)
+
+
+def _finish(diag: dict[str, Tensor], params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
     return {name: d.detach().to(params[name].dtype) for name, d in diag.items()}

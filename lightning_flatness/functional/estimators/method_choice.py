@@ -10,10 +10,20 @@ diagonal (not only its Gauss-Newton part) whenever that can be afforded, and mus
    outputs). The exact Gauss-Newton diagonal costs about ``D`` backward columns; the Monte-Carlo
    one (:mod:`.gauss_newton_mc`) a few, whatever ``D``.
 
-Then, for a network piecewise linear in each weight: ``"exact"`` when ``D <= max_exact_outputs``
-(zero variance), else the Monte-Carlo Gauss-Newton diagonal ``"gauss_newton_mc"``, which *is* an
-unbiased Hessian-diagonal estimate there. For any other network the **Gauss-Newton** diagonal, by
-the same ``D`` rule (``"gauss_newton"`` or ``"gauss_newton_mc"``), reported as such: the Hessian
+3. **How much work per sample?** The exact method squares about ``D`` per-sample gradients of every
+   selected weight: ``W D`` entries per sample for ``W`` weights, memory-bound. From
+   ``W D >= sketch_min_work`` (:data:`SKETCH_MIN_WORK`) on, the sketched Gauss-Newton diagonal
+   (:mod:`.gauss_newton_sketch`: 1-2 mixed columns per sample, whatever ``D``) replaces both the exact
+   and the Monte-Carlo estimator: on a CIFAR ResNet-18 (``W D = 1.1e8``) it cost a quarter of
+   ``"exact"`` with the same standard error, and its cost did not grow from 10 to 1,000 classes
+   (``benchmarks/results/bench_resnet18_cost.md``). Below it, the exact diagonal costs little and has
+   no estimator noise, which matters most on small models measured on few samples.
+
+Then, for a network piecewise linear in each weight: ``"gauss_newton_sketch"`` for big networks
+(``W D >= sketch_min_work``), else ``"exact"`` when ``D <= max_exact_outputs`` (zero variance), else the
+Monte-Carlo Gauss-Newton diagonal ``"gauss_newton_mc"``; the sampled ones *are* unbiased
+Hessian-diagonal estimates there. For any other network the **Gauss-Newton** diagonal, by the same
+rules (``"gauss_newton_sketch"``, ``"gauss_newton"`` or ``"gauss_newton_mc"``), reported as such: the Hessian
 diagonal would need Hutchinson probes of the residual ``H - GGN`` (``"ggn_hutchinson"``), and on the
 model zoo their noise biased normalized sharpness more than the residual itself changes it
 (``benchmarks/results/bench_zoo_residual.md``). Gauss-Newton estimators need first
@@ -33,13 +43,21 @@ from lightning_flatness.functional.estimators.registry import ESTIMATORS
 from lightning_flatness.functional.model_io import inputs_batch_size, select_samples
 from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
 
-__all__ = ["MAX_EXACT_OUTPUTS", "MethodChoice", "choose_method", "gauss_newton_blockers"]
+__all__ = ["MAX_EXACT_OUTPUTS", "SKETCH_MIN_WORK", "MethodChoice", "choose_method", "gauss_newton_blockers"]
 
 #: Largest number of outputs per sample for which ``"auto"`` pays the exact Gauss-Newton diagonal
 #: (about one backward column per output) rather than sampling it: the Monte-Carlo estimator costs 3
 #: columns for cross-entropy and 16 for eq. 20 by default, and adds variance, so exact is kept while
 #: it costs at most about twice that.
 MAX_EXACT_OUTPUTS = 32
+
+#: Per-sample work of the exact method, ``selected weights x outputs per sample`` (entries of squared
+#: per-sample gradients), from which ``"auto"`` takes the sketched Gauss-Newton diagonal
+#: (``"gauss_newton_sketch"``) instead: ``2**22`` (4.2e6) puts the CIFAR ResNet-18 (1.1e8 at 10 classes)
+#: and WRN-16-4 (2.7e7) on the sketch and the paper's MNIST-1D models (2.5e5 and less) and every tiny
+#: zoo model (below 1e6) on the exact and Monte-Carlo estimators, whose accuracy on them is measured in
+#: ``benchmarks/RESULTS.md``.
+SKETCH_MIN_WORK = 2**22
 
 
 @dataclass(frozen=True)
@@ -97,6 +115,7 @@ def choose_method(
     *,
     parameters: ParameterSelection = None,
     max_exact_outputs: int = MAX_EXACT_OUTPUTS,
+    sketch_min_work: int = SKETCH_MIN_WORK,
 ) -> MethodChoice:
     """Pick the estimator for ``method="auto"`` (module docstring: the rule and its reasoning).
 
@@ -105,6 +124,8 @@ def choose_method(
             ``inputs`` are used.
         parameters: the selection to be measured.
         max_exact_outputs: above this many outputs per sample the Gauss-Newton part is sampled.
+        sketch_min_work: from this many ``selected weights x outputs per sample`` on, the sketched
+            Gauss-Newton diagonal is used (:data:`SKETCH_MIN_WORK`).
 
     Returns:
         :class:`MethodChoice` with the method, what it estimates, and the reason in one sentence.
@@ -113,6 +134,8 @@ def choose_method(
     n = inputs_batch_size(inputs)
     few = select_samples(inputs, slice(0, min(n, 2)), n)
     d = outputs_per_sample(model, loss_fn, few)
+    work = d * sum(p.numel() for p in params.values())
+    sketched = work >= sketch_min_work
     sampled = d > max_exact_outputs
     try:
         blockers = gauss_newton_blockers(model, loss_fn, few, target[: min(n, 2)], params)
@@ -122,13 +145,20 @@ def choose_method(
         RuntimeError,
     ) as err:  # a model the recorder cannot run: no exactness claim
         blockers = [f"the exactness check could not run ({type(err).__name__}: {err})"]
-    cost = f"{d} outputs per sample: " + (
-        f"the Gauss-Newton part is sampled (a few backward columns instead of about {d})"
-        if sampled
-        else f"about {d} backward columns for the Gauss-Newton part"
-    )
+    if sketched:
+        cost = (
+            f"{d} outputs per sample x {work // d} weights = {work:.3g} >= {sketch_min_work:.3g} squared "
+            "per-sample gradient entries per sample for the exact Gauss-Newton part: it is sketched "
+            "(1-2 mixed backward columns per sample)"
+        )
+    else:
+        cost = f"{d} outputs per sample: " + (
+            f"the Gauss-Newton part is sampled (a few backward columns instead of about {d})"
+            if sampled
+            else f"about {d} backward columns for the Gauss-Newton part"
+        )
     if not blockers:
-        method = "gauss_newton_mc" if sampled else "exact"
+        method = "gauss_newton_sketch" if sketched else "gauss_newton_mc" if sampled else "exact"
         return MethodChoice(
             method,
             "hessian",
@@ -136,7 +166,7 @@ def choose_method(
             f"Hessian diagonal is its Gauss-Newton diagonal; {cost}",
         )
     why = "; ".join(blockers[:2])
-    method = "gauss_newton_mc" if sampled else "gauss_newton"
+    method = "gauss_newton_sketch" if sketched else "gauss_newton_mc" if sampled else "gauss_newton"
     return MethodChoice(
         method,
         "gauss_newton",
