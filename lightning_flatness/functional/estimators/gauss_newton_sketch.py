@@ -29,22 +29,31 @@ terms ``n = m, k = l`` survive the expectation, and they sum to
 ``"exact"`` does, with 1-2 columns instead of about ``K``); ``B = N`` is a Hutchinson estimate of the
 batch's Gauss-Newton diagonal in the output space (``2 S`` ordinary backward passes).
 
-**Variance.** The cross terms (``n != m`` or ``k != l``) are the noise: per entry, a chunk's estimate
-has a relative standard deviation of at most :math:`\sqrt 2` (that of a Rademacher Hutchinson probe),
-about :math:`\sqrt 2` when many samples contribute alike; averaged over the ``N/B`` chunks of the
-measurement it falls like :math:`\sqrt{2B/(N S)}`. The noise is independent across chunks and across
-sample groups, so the jackknife of :class:`~lightning_flatness.metric.NormalizedSharpness` covers it.
-With ``B = 1`` and exact factors the only noise is the column mixing of each sample.
+**Variance.** The cross terms (``n != m`` or ``k != l``) are the noise: with exact base columns a
+chunk's estimate of one entry has the variance of a Rademacher Hutchinson probe,
+:math:`2[(\sum_i a_i^2)^2 - \sum_i a_i^4] \le 2 (\sum_i a_i^2)^2` over its ``B K`` terms ``a_i``, so a
+relative standard deviation of at most :math:`\sqrt 2` (Monte-Carlo base columns add their draw noise).
+Averaged over the ``N S / B`` independent chunk estimates of a measurement it falls like
+:math:`\sqrt{2B/(N S)}` or faster. The noise is independent across chunks and sample groups, so the
+jackknife of :class:`~lightning_flatness.metric.NormalizedSharpness` covers it; like every noise it
+biases the nonlinear measures (eq. 17 is concave in ``h``, clipping at zero convex), which is why
+``B = 1`` is the default: on a CIFAR ResNet-18 it kept the normalized sharpness within 2% of
+``"exact"`` on the same samples and left the jackknife s.e. unchanged, while ``B = 8`` and ``B = 64``
+added noise (``benchmarks/results/bench_resnet18_cost.md``).
 
-**Cost.** One recorded forward pass, one batched backward pass of ``2 S`` columns (one for
-cross-entropy, whose ``Lambda`` has no negative part) to the layer outputs, and per layer one weight
-gradient per chunk and column: the flops of ``2 S`` ordinary weight gradients plus ``2 S N / B``
-squares of every weight (instead of ``K N`` for ``"exact"``, a memory-bound pass over all weights per
-sample and column). No double backward. When samples interact inside the model (train-mode
-BatchNorm) or a weight is used outside Linear/Conv, one vectorised backward per chunk and column is
-taken instead (``2 S N / B`` passes). The base columns cost ``O(N K^3)`` for the exact factors
-(``K <= max_exact_outputs``) and ``O(N K)`` for the Monte-Carlo ones (the base columns' own cost,
-:func:`~lightning_flatness.functional.loss_hessian_factors.sample_loss_hessian_columns`).
+**Cost.** One recorded forward pass, one batched backward pass of ``2 S`` columns (``S`` for
+cross-entropy, whose ``Lambda`` has no negative part) to the recorded layer outputs, and per layer the
+contraction of :mod:`.layer_rules` (``B = 1``: per-sample squares or position pairs, about the flops of
+``2 S`` weight gradients) or :func:`chunk_contraction` (one weight gradient per chunk and column,
+``2 S N / B`` squares of every weight, instead of about ``K N`` for ``"exact"``: a memory-bound pass
+over all weights per sample and column). Whether samples interact is checked on the first
+:data:`INTERACTION_PROBE_SAMPLES` samples (:func:`samples_interact`), not with a probe column on the
+whole batch. ``B >= N``: ``2 S`` plain backward passes to the weights, for any graph. When samples
+interact (train-mode BatchNorm) or a weight is used outside Linear/Conv, one backward per chunk and
+column is taken instead (``2 S N / B`` passes, warned). No double backward anywhere. The base columns
+cost ``O(N K^3)`` for the exact factors (``K <= max_exact_outputs``) and ``O(N K)`` per draw for the
+Monte-Carlo ones (:func:`~lightning_flatness.functional.loss_hessian_factors.sample_loss_hessian_columns`),
+which are mixed into the same columns, so more draws cost no backward pass.
 
 **What it measures.** The Gauss-Newton diagonal, equal to the Hessian diagonal only when the network is
 piecewise linear in each weight (see :mod:`.exact`). Defaults (:data:`DEFAULT_CHUNK_SIZE`,
