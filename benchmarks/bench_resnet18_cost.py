@@ -52,13 +52,32 @@ def data(n: int, num_classes: int, seed: int):
     return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, num_classes, (n,), generator=g)
 
 
-def estimate(method: str, model, x, y, generator):
+def estimate(method: str, model, x, y, generator) -> dict:
+    """``{name: (1, *shape)}``: one group's estimate. ``method`` is a registered name, or
+    ``gauss_newton_sketch:B:S`` for the sketch with ``chunk_size=B`` and ``num_sketches=S``."""
     from lightning_flatness.functional.estimators import hessian_diagonal_groups
+    from lightning_flatness.functional.estimators.gauss_newton_sketch import gauss_newton_sketch_diagonal
     from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
+    from lightning_flatness.functional.parameters import select_parameters
 
-    return hessian_diagonal_groups(
-        model, normalized_softmax_cross_entropy, x, y, method=method, num_groups=1, generator=generator
-    )
+    name, *options = method.split(":")
+    if options:
+        chunk_size, num_sketches = (int(o) for o in options)
+        est = gauss_newton_sketch_diagonal(
+            model,
+            normalized_softmax_cross_entropy,
+            x,
+            y,
+            select_parameters(model),
+            generator=generator,
+            chunk_size=chunk_size,
+            num_sketches=num_sketches,
+        )
+        return {n: d.unsqueeze(0) for n, d in est.items()}
+    groups = hessian_diagonal_groups(
+        model, normalized_softmax_cross_entropy, x, y, method=name, num_groups=1, generator=generator
+    ).groups
+    return dict(groups)
 
 
 def auto_method(model, x, y) -> str:
@@ -78,6 +97,7 @@ def cost(args) -> dict[str, Any]:
         xt, yt = data(TRAIN_BATCH, k, args.seed + 1)
         auto = auto_method(net, x, y)
         methods = [m for m in args.methods if not (m == "exact" and k > 32)]
+        methods = list(dict.fromkeys([*methods, auto]))
         times: dict[str, list[float]] = {m: [] for m in ["train_step", *methods]}
         loads = [os.getloadavg()[0]]
         for _ in range(args.repeats):
@@ -148,7 +168,7 @@ def accuracy(args) -> dict[str, Any]:
                 est_s = time.perf_counter() - t
                 metric = NormalizedSharpness({n: w.shape for n, w in weights.items()}, num_replicates=BATCHES)
                 for g in groups:
-                    metric.update(g, weights)
+                    metric.update(g, weights, [BATCH])
                 t = time.perf_counter()
                 r = metric.compute()
                 row = {
@@ -215,7 +235,10 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--parts", nargs="*", default=["cost", "accuracy"], choices=["cost", "accuracy"])
     parser.add_argument("--classes", nargs="*", type=int, default=[10, 1000])
     parser.add_argument(
-        "--methods", nargs="*", default=["exact", "gauss_newton_mc", "gauss_newton_sketch"], help="cost part"
+        "--methods",
+        nargs="*",
+        default=["exact", "gauss_newton_mc", "gauss_newton_sketch"],
+        help="cost part; a registered name or gauss_newton_sketch:B:S (chunk_size B, num_sketches S)",
     )
     parser.add_argument(
         "--accuracy-methods", nargs="*", default=["exact", "gauss_newton_mc", "gauss_newton_sketch"]

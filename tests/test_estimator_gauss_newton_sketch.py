@@ -161,3 +161,7 @@ def test_auto_sketches_big_networks_only():
     smooth = nn.Sequential(nn.Linear(1024, 512), nn.Tanh(), nn.Linear(512, 10))
     choice = choose_method(smooth, normalized_softmax_cross_entropy, x, y)
     assert (choice.method, choice.quantity) == ("gauss_newton_sketch", "gauss_newton")
+    # many outputs: the Monte-Carlo estimator stays (the sketch is not validated there)
+    wide = nn.Sequential(nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 48))
+    choice = choose_method(wide, normalized_softmax_cross_entropy, x, torch.tensor([1, 40]))
+    assert choice.method == "gauss_newton_mc"
