@@ -17,6 +17,9 @@ eq. 20 loss (the callback's default), one thread.
    samples) and of the stochastic estimators over ``--seeds`` seeds of their draws. The difference to
    ``exact`` on the same samples is pure estimator error (noise plus bias); K = 1,000 has no affordable
    exact reference (80 s per sample), so the two unbiased estimators are compared with each other.
+3. **Convergence at 1,000 classes** (``--parts convergence``): one batch of 64, the measures of the
+   default estimators and of sketches with more mixtures and draws (less noise, same expectation): the
+   noise-free value is approached from above, which shows the noise bias of each default.
 
 Run: ``python -W ignore -m benchmarks.bench_resnet18_cost --json benchmarks/results/bench_resnet18_cost.json``
 """
@@ -54,7 +57,8 @@ def data(n: int, num_classes: int, seed: int):
 
 def estimate(method: str, model, x, y, generator) -> dict:
     """``{name: (1, *shape)}``: one group's estimate. ``method`` is a registered name, or
-    ``gauss_newton_sketch:B:S`` for the sketch with ``chunk_size=B`` and ``num_sketches=S``."""
+    ``gauss_newton_sketch:B:S[:D]`` for the sketch with ``chunk_size=B``, ``num_sketches=S`` (and
+    ``num_mc_samples=D``)."""
     from lightning_flatness.functional.estimators import hessian_diagonal_groups
     from lightning_flatness.functional.estimators.gauss_newton_sketch import gauss_newton_sketch_diagonal
     from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
@@ -62,7 +66,7 @@ def estimate(method: str, model, x, y, generator) -> dict:
 
     name, *options = method.split(":")
     if options:
-        chunk_size, num_sketches = (int(o) for o in options)
+        chunk_size, num_sketches, *draws = (int(o) for o in options)
         est = gauss_newton_sketch_diagonal(
             model,
             normalized_softmax_cross_entropy,
@@ -72,6 +76,7 @@ def estimate(method: str, model, x, y, generator) -> dict:
             generator=generator,
             chunk_size=chunk_size,
             num_sketches=num_sketches,
+            num_mc_samples=draws[0] if draws else None,
         )
         return {n: d.unsqueeze(0) for n, d in est.items()}
     groups = hessian_diagonal_groups(
@@ -220,19 +225,56 @@ def accuracy(args) -> dict[str, Any]:
     return out
 
 
+def convergence(args) -> dict[str, Any]:
+    """One batch of 64 at the largest ``--classes``: the measures of each ``--convergence-methods`` spec
+    over ``--seeds`` seeds; sketches with many mixtures and draws approach the noise-free value."""
+    from lightning_flatness.functional.measures import sharpness_measures
+    from lightning_flatness.functional.parameters import select_parameters
+
+    k = max(args.classes)
+    net = resnet18(k).eval()
+    x, y = data(BATCH, k, args.seed)
+    weights = {n: p.detach() for n, p in select_parameters(net).items()}
+    rows = []
+    for method in args.convergence_methods:
+        for seed in range(args.seeds):
+            t = time.perf_counter()
+            est = estimate(method, net, x, y, torch.Generator().manual_seed(seed))
+            seconds = time.perf_counter() - t
+            r = sharpness_measures(weights, {n: d[0] for n, d in est.items()})
+            row = {
+                "method": method,
+                "seed": seed,
+                "seconds": seconds,
+                "normalized": float(r["normalized"]),
+                "hessian_trace": float(r["hessian_trace"]),
+            }
+            rows.append(row)
+            print(
+                f"K={k:5d} one batch of {BATCH}: {method:28s} seed {seed}: normalized "
+                f"{row['normalized']:.5g}, trace {row['hessian_trace']:.5g} ({seconds:.1f} s)",
+                flush=True,
+            )
+    return {"classes": k, "rows": rows}
+
+
 def run(args) -> dict[str, Any]:
     out: dict[str, Any] = {"command": args.command, "loadavg_start": os.getloadavg()}
     if "cost" in args.parts:
         out["cost"] = cost(args)
     if "accuracy" in args.parts:
         out["accuracy"] = accuracy(args)
+    if "convergence" in args.parts:
+        out["convergence"] = convergence(args)
     out["loadavg_end"] = os.getloadavg()
     return out
 
 
 def main(argv=None) -> dict[str, Any]:
     parser = base_parser(__doc__)
-    parser.add_argument("--parts", nargs="*", default=["cost", "accuracy"], choices=["cost", "accuracy"])
+    parser.add_argument(
+        "--parts", nargs="*", default=["cost", "accuracy"], choices=["cost", "accuracy", "convergence"]
+    )
     parser.add_argument("--classes", nargs="*", type=int, default=[10, 1000])
     parser.add_argument(
         "--methods",
@@ -242,6 +284,16 @@ def main(argv=None) -> dict[str, Any]:
     )
     parser.add_argument(
         "--accuracy-methods", nargs="*", default=["exact", "gauss_newton_mc", "gauss_newton_sketch"]
+    )
+    parser.add_argument(
+        "--convergence-methods",
+        nargs="*",
+        default=[
+            "gauss_newton_sketch",
+            "gauss_newton_mc",
+            "gauss_newton_sketch:1:8:16",
+            "gauss_newton_sketch:1:32:64",
+        ],
     )
     parser.add_argument("--batches", type=int, default=2, help="batches of 64 timed per repeat (cost part)")
     parser.add_argument("--repeats", type=int, default=3)
