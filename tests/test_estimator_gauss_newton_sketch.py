@@ -65,11 +65,12 @@ def _max_z(model, loss_fn, x, y, repeats, **kwargs) -> float:
     "chunk_size, max_exact_outputs", [(1, 32), (4, 32), (9, 32), (4, 0)], ids=["B1", "B4", "batch", "B4-mc"]
 )
 def test_unbiased_against_brute_force(loss_fn, chunk_size, max_exact_outputs):
-    # 78 entries, 400 estimates: |z| < 4.5 everywhere (a bias of one s.e. of the mean would show)
+    # 78 entries, 300 estimates: |z| < 5 everywhere (the mutations tried, e.g. a dropped negative part
+    # or Rademacher signs shared across the samples of a chunk, give |z| of 11 to 174)
     model = _conv_net()
     x, y = _data()
-    z = _max_z(model, loss_fn, x, y, 400, chunk_size=chunk_size, max_exact_outputs=max_exact_outputs)
-    assert z < 4.5
+    z = _max_z(model, loss_fn, x, y, 300, chunk_size=chunk_size, max_exact_outputs=max_exact_outputs)
+    assert z < 5.0
 
 
 def test_unbiased_when_samples_interact():
@@ -80,7 +81,7 @@ def test_unbiased_when_samples_interact():
     with pytest.warns(UserWarning, match="per-layer contractions do not apply"):
         params = {n: p for n, p in model.named_parameters() if p.ndim > 1}
         gauss_newton_sketch_diagonal(model, F.cross_entropy, x, y, params, chunk_size=3)
-    assert _max_z(model, F.cross_entropy, x, y, 300, chunk_size=3) < 4.5
+    assert _max_z(model, F.cross_entropy, x, y, 200, chunk_size=3) < 5.0
 
 
 def test_exact_for_a_rank_one_loss_hessian():
