@@ -41,8 +41,8 @@ def _data(n: int = 9, k: int = 6):
 
 
 def _max_z(model, loss_fn, x, y, repeats, **kwargs) -> float:
-    """Largest |mean - brute force| / (sd / sqrt(repeats)) over all entries of all weight tensors."""
-    params = {n: p for n, p in model.named_parameters() if p.ndim > 1}
+    """Largest |mean - brute force| / (sd / sqrt(repeats)) over all entries of all weights and biases."""
+    params = dict(model.named_parameters())
     reference = brute_force_ggn_diagonal(model, loss_fn, x, y, list(params))
     gen = torch.Generator().manual_seed(2)
     with warnings.catch_warnings():
@@ -51,12 +51,19 @@ def _max_z(model, loss_fn, x, y, repeats, **kwargs) -> float:
             gauss_newton_sketch_diagonal(model, loss_fn, x, y, params, generator=gen, **kwargs)
             for _ in range(repeats)
         ]
-    worst = 0.0
+    worst, noisy, total = 0.0, 0, 0
+    scale = max(float(r.abs().max()) for r in reference.values())
     for name in params:
         stack = torch.stack([r[name] for r in runs])
         se = stack.std(dim=0) / repeats**0.5
-        assert bool((se > 0).all()), "an entry without noise: the test would not test anything"
-        worst = max(worst, float(((stack.mean(dim=0) - reference[name]) / se).abs().max()))
+        error = (stack.mean(dim=0) - reference[name]).abs()
+        # entries without curvature (a conv bias before train-mode BatchNorm): rounding only
+        quiet = se <= 1e-9 * scale
+        assert bool((error[quiet] <= 1e-9 * scale).all())
+        noisy, total = noisy + int((~quiet).sum()), total + se.numel()
+        if bool((~quiet).any()):
+            worst = max(worst, float((error[~quiet] / se[~quiet]).max()))
+    assert noisy >= 0.8 * total, "entries without noise: the test would not test them"
     return worst
 
 
@@ -65,8 +72,8 @@ def _max_z(model, loss_fn, x, y, repeats, **kwargs) -> float:
     "chunk_size, max_exact_outputs", [(1, 32), (4, 32), (9, 32), (4, 0)], ids=["B1", "B4", "batch", "B4-mc"]
 )
 def test_unbiased_against_brute_force(loss_fn, chunk_size, max_exact_outputs):
-    # 78 entries, 300 estimates: |z| < 5 everywhere (the mutations tried, e.g. a dropped negative part
-    # or Rademacher signs shared across the samples of a chunk, give |z| of 11 to 174)
+    # 87 entries (weights and biases), 300 estimates: |z| < 5 everywhere (the mutations tried, e.g. a
+    # dropped negative part or Rademacher signs shared across the samples of a chunk, give |z| of 11-174)
     model = _conv_net()
     x, y = _data()
     z = _max_z(model, loss_fn, x, y, 300, chunk_size=chunk_size, max_exact_outputs=max_exact_outputs)

@@ -91,9 +91,11 @@ from lightning_flatness.functional.model_io import ModelInputs, inputs_batch_siz
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_NUM_SKETCHES",
+    "INTERACTION_PROBE_SAMPLES",
     "MAX_EXACT_FACTOR_OUTPUTS",
     "chunk_contraction",
     "gauss_newton_sketch_diagonal",
+    "samples_interact",
     "sketch_columns",
 ]
 
