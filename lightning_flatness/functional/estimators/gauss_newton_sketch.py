@@ -80,7 +80,7 @@ from lightning_flatness.functional.estimators.exact import (
     _record_forward,
     _RecordedForward,
 )
-from lightning_flatness.functional.estimators.layer_rules import LAYER_RULES, LayerCall, accumulate_layer
+from lightning_flatness.functional.estimators.layer_rules import LAYER_RULES, LayerCall, LayerRule, accumulate_layer
 from lightning_flatness.functional.loss_hessian_factors import (
     default_exact_classes,
     default_mc_samples,
@@ -161,6 +161,11 @@ def chunk_contraction(
     zero-padded (zero samples add nothing).
     """
     rule = LAYER_RULES[call.op]
+    if type(rule).accumulate is not LayerRule.accumulate:  # a rule with its own (sparse) contraction
+        raise ValueError(
+            f"gauss_newton_sketch with chunk_size={chunk_size} cannot chunk the {call.op!r} weights of "
+            f"{call.module} (their contraction is per sample); use chunk_size=1 (the default)."
+        )
     c, n = grad.shape[:2]
     m = -(-n // chunk_size)
     pad = m * chunk_size - n
