@@ -80,7 +80,12 @@ from lightning_flatness.functional.estimators.exact import (
     _record_forward,
     _RecordedForward,
 )
-from lightning_flatness.functional.estimators.layer_rules import LAYER_RULES, LayerCall, LayerRule, accumulate_layer
+from lightning_flatness.functional.estimators.layer_rules import (
+    LAYER_RULES,
+    LayerCall,
+    LayerRule,
+    accumulate_layer,
+)
 from lightning_flatness.functional.loss_hessian_factors import (
     default_exact_classes,
     default_mc_samples,
