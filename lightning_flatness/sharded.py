@@ -32,10 +32,19 @@ This module measures through the FSDP module itself:
 2. **Pool** (as :class:`~lightning_flatness.metric.NormalizedSharpness`): batch ``b`` of every rank
    goes to replicate slot ``b mod R``; each rank keeps ``(R, its rows, ...)`` float64 sums and the
    ``(R,)`` sample counts (identical on every rank after the all-reduce).
-3. **Solve** (:meth:`ShardedSharpnessMeasurement.compute`), one weight tensor at a time: the pooled
-   diagonal, the ``R`` leave-one-out diagonals and the two half-pools are each gathered whole
-   (``DTensor.full_tensor``) next to the whole weight, solved (eq. 13, 17 and 5 by
-   :func:`~lightning_flatness.functional.sharpness_measures`) and freed. The totals are sums over
+3. **Solve** (:meth:`ShardedSharpnessMeasurement.compute`), one weight tensor and one diagonal at a
+   time (the pooled one, the ``R`` leave-one-out ones, the two half-pools), **without gathering**:
+   eq. 13 and eq. 5 are sums over entries (an all-reduce of three scalars), and eq. 17 is solved on
+   the rows each rank holds (:mod:`~lightning_flatness.functional.solvers.column_split`): for a
+   tall or square ``(m, n)`` weight (``m >= n``) the transposed shard is a column block of the
+   ``(n, m)`` problem, whose Newton system eliminates exactly those local variables, so every rank
+   works on ``A`` and ``B`` of its rows only and the ranks all-reduce vectors, scalars and the
+   ``n x n`` float32 Schur complement (at most the size of the weight). The pooled diagonal is
+   solved cold (certified to ``1e-11``), the others warm-started from it (``1e-9``, as the metric).
+   Wide weights (``m < n``), weights with fewer rows than ranks, and problems that are not one
+   strongly connected component (dead units, zero weights with clipped curvature: rare) are
+   gathered whole, one at a time, next to the whole weight, and solved as before
+   (:func:`~lightning_flatness.functional.solvers.normalized_sharpness`). The totals are sums over
    tensors, so the jackknife of the total (delete-one over slots) and the half-shift are assembled
    from the per-tensor values; the result has the keys of ``NormalizedSharpness.compute()`` and is
    identical on every rank.
@@ -43,11 +52,15 @@ This module measures through the FSDP module itself:
 **Values** equal those of the unsharded model over the same samples (the tests: 1e-6 relative in
 float32, 1e-9 in float64, with 2 and 4 gloo processes). **Memory per rank**: the FSDP shard, the
 ``R x (its rows)`` float64 sums (``1/P`` of the unsharded metric's), one batch's activations and
-layer-output gradients, and at most two whole tensors at a time (a weight and one diagonal, or a
-layer's contribution ``D``). **Cost per batch**: one forward and one ``K``-column batched backward pass
-through the FSDP module (two all-gathers of the model, module by module), one all-reduce of each
-measured weight's size; per measurement ``R + 3`` gathers of each weight's size
-and ``2 R + 3`` eq. 17 solves per weight tensor on every rank.
+layer-output gradients, and at most two whole tensors at a time (a layer's contribution ``D``
+while estimating; the ``n x n`` Schur complement and its all-reduce while solving a tall weight;
+a weight and one diagonal for a gathered one); the solver's ``(m, n)`` workspace is split ``1/P``
+per rank (measured: ``benchmarks/results/bench_sharded_memory_issue10.md``). **Cost per batch**:
+one forward and one ``K``-column batched backward pass through the FSDP module (two all-gathers of
+the model, module by module), one all-reduce of each measured weight's size; per measurement and
+weight tensor ``R + 3`` eq. 17 solves, each ``1/P`` of the ``O(m n)`` passes per Newton iteration on
+every rank plus the ``O(n^3)`` factor of the Schur complement on every rank, and about 15 small
+all-reduces and one of ``n^2`` float32 per iteration.
 
 **Assumptions**: every rank calls :meth:`~ShardedSharpnessMeasurement.add` the same number of times
 (each call runs collectives, as FSDP's own forward does; a rank with fewer samples passes empty
@@ -73,6 +86,9 @@ from lightning_flatness.functional.losses import normalized_softmax_cross_entrop
 from lightning_flatness.functional.measures import MEASURES, sharpness_measures
 from lightning_flatness.functional.model_io import call_model, inputs_batch_size
 from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
+from lightning_flatness.functional.replicate_measures import POOLED_RTOL, REPLICATE_RTOL
+from lightning_flatness.functional.solvers import NormalizedSharpnessSolution
+from lightning_flatness.functional.solvers.column_split import GroupColumnReduction, solve_split_coefficients
 
 __all__ = ["ShardedSharpnessMeasurement", "is_sharded", "measure_sharpness_sharded"]
 
@@ -337,19 +353,19 @@ class ShardedSharpnessMeasurement:
         loo_values: list[dict[str, Tensor]] = [{} for _ in used]
         half_values: list[dict[str, Tensor]] = [{}, {}]
         for name, sums in self.sums.items():
-            weight = self._whole(name, self.params[name].to_local().detach().to(torch.float64))
+            solver = _TensorSolver(self, name)
             totals = sums.sum(dim=0)
-            out.update(self._tensor_measures(name, weight, totals / total))
+            out.update(solver.measures(totals / total, POOLED_RTOL))
             if len(used) >= 2:
                 for i, r in enumerate(used):
                     loo_values[i].update(
-                        self._tensor_measures(name, weight, (totals - sums[r]) / (total - counts[r]))
+                        solver.measures((totals - sums[r]) / (total - counts[r]), REPLICATE_RTOL)
                     )
                 for i, slots in enumerate(halves):
                     half_values[i].update(
-                        self._tensor_measures(name, weight, sums[slots].sum(dim=0) / counts[slots].sum())
+                        solver.measures(sums[slots].sum(dim=0) / counts[slots].sum(), REPLICATE_RTOL)
                     )
-            del weight
+            del solver, totals
         for values in [out, *loo_values, *half_values]:
             for measure in MEASURES:
                 values[measure] = torch.stack([values[f"{measure}/{n}"] for n in self.sums]).sum()
@@ -368,15 +384,61 @@ class ShardedSharpnessMeasurement:
         out["num_samples"] = self.count.sum()
         return out
 
-    def _tensor_measures(self, name: str, weight: Tensor, local_mean: Tensor) -> dict[str, Tensor]:
-        """The per-tensor measures of ``name`` for the diagonal whose local rows are ``local_mean``
-        (gathered whole here, freed on return)."""
-        values = sharpness_measures({name: weight}, {name: self._whole(name, local_mean)}, self.lam)
-        return {k: v for k, v in values.items() if "/" in k}
-
     def state_bytes(self) -> int:
         """Bytes of this rank's persistent state (the sharded replicate sums and the counts)."""
         return sum(s.numel() * s.element_size() for s in self.sums.values()) + self.count.numel() * 8
+
+
+class _TensorSolver:
+    """The three measures of one sharded weight tensor for diagonals given by their local rows.
+
+    Eq. 13 and eq. 5 from three all-reduced sums; eq. 17 on the local rows (the columns of the
+    transposed problem, :func:`solve_split_coefficients`) when the weight is tall or square and every
+    rank holds a row, else, or when the problem is not one component, on the gathered tensor. The
+    first solution is the warm start of the later ones.
+    """
+
+    def __init__(self, owner: ShardedSharpnessMeasurement, name: str) -> None:
+        self.owner, self.name = owner, name
+        self.weight = owner.params[name].to_local().detach().to(torch.float64)  # (its rows, n, ...)
+        shape = owner.params[name].shape
+        self.shape = tuple(shape)
+        rows = torch.tensor([self.weight.shape[0]], dtype=torch.int64, device=owner.device)
+        dist.all_reduce(rows, op=dist.ReduceOp.MIN, group=owner.group)
+        self.split = len(shape) == 2 and shape[0] >= shape[1] >= 2 and int(rows[0]) >= 1
+        self.comm = GroupColumnReduction(owner.group)
+        self.squared = torch.stack([self.weight.square().sum()])
+        # B of eq. 17, transposed: (n, its rows), columns of the split problem
+        self.b = (self.weight.square() / (2.0 * owner.lam)).T.contiguous() if self.split else None
+        self.start: Optional[NormalizedSharpnessSolution] = None
+
+    def measures(self, local_mean: Tensor, rtol: float) -> dict[str, Tensor]:
+        sums = torch.cat([self.squared, torch.stack([local_mean.clamp_min(0).sum(), local_mean.sum()])])
+        dist.all_reduce(sums, group=self.owner.group)
+        name = self.name
+        values = {
+            f"matrix_normalized/{name}": torch.sqrt(sums[0] * sums[1]),
+            f"hessian_trace/{name}": sums[2],
+        }
+        solution = None
+        if self.split:
+            a = local_mean.clamp_min(0).T.contiguous()
+            solution = solve_split_coefficients(
+                a, self.b, self.comm, rtol=rtol, start=self.start, shape=self.shape
+            )
+            del a
+        if solution is not None:
+            if self.start is None:
+                self.start = solution
+            values[f"normalized/{name}"] = solution.value
+            return values
+        whole = sharpness_measures(  # gathered: the weight and the diagonal whole, one at a time
+            {name: self.owner._whole(name, self.weight)},
+            {name: self.owner._whole(name, local_mean)},
+            self.owner.lam,
+        )
+        values[f"normalized/{name}"] = whole[f"normalized/{name}"]
+        return values
 
 
 def measure_sharpness_sharded(
