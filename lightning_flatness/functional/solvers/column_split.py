@@ -12,11 +12,13 @@ Schur complement ``I - Gs Gs^T`` (a float32 all-reduce of at most one whole tens
 certificate are identical on every process; the Cholesky factor of the Schur complement is
 computed on every process (``O(m^3)``).
 
-**Assumptions.** The problem is one strongly connected component with every row and column (the
-usual case: every ``B_ij > 0``, i.e. no zero weight, or every ``A_ij > 0``, and each row and column
-with an entry of the other kind); otherwise :func:`solve_split_coefficients` returns ``None`` and
-the caller solves the gathered problem (:func:`~.normalized.solve_normalized_sharpness`, which
-reduces it to components). Every process holds at least one column and ``m >= 2``. The replicated
+**Assumptions.** Every ``B_ij > 0`` (no zero weight) or every ``A_ij > 0``: then the rows and
+columns with an entry of the other kind form one strongly connected component and the others none
+(dead ReLU units, whose rows or columns of ``A`` are 0: common), the fast path of
+:mod:`._components`, decided with three small all-reduces. Otherwise (exact zero weights together
+with zero curvature: pruned models) :func:`solve_split_coefficients` returns ``None`` and the caller
+solves the gathered problem (:func:`~.normalized.solve_normalized_sharpness`, which finds the
+components by a transitive closure). Every process holds at least one column and ``m >= 2``. The replicated
 steps (the Cholesky factorisation, vector updates) must give the same bits on every process (the
 same torch build, device type and number of intra-op threads, as ``torchrun`` sets them), since the
 processes take their decisions from them.
@@ -102,9 +104,9 @@ def solve_split_coefficients(
 
     Returns:
         The :class:`~.normalized.NormalizedSharpnessSolution` (``value`` and ``lower_bound`` identical
-        on every process, ``row_log_variance`` ``(m,)``, ``col_log_variance`` this process's ``(n_q,)``),
-        or ``None`` when the problem is not one component with every row and column (solve the
-        gathered problem instead). Raises ``ValueError`` on non-finite coefficients.
+        on every process, ``row_log_variance`` ``(m,)``, ``col_log_variance`` this process's ``(n_q,)``,
+        NaN outside the component), or ``None`` when neither every ``A_ij`` nor every ``B_ij`` is
+        positive (solve the gathered problem instead). Raises ``ValueError`` on non-finite coefficients.
     """
     m, n_local = a.shape
     if m < 2 or n_local < 1:
@@ -125,11 +127,19 @@ def solve_split_coefficients(
     all_a, all_b = bool(every[0]), bool(every[1])
     if not (all_a or all_b):
         return None
-    other = pos_a if all_b else pos_b  # every column reaches every row through the complete kind
-    rows = comm.max(other.any(dim=2).to(torch.float64))
-    cols = comm.min(other.any(dim=1).all().to(torch.float64))
-    if not (bool((rows > 0).all()) and bool(cols > 0)):
+    # every column reaches every row through the complete kind: the rows and columns with an arc of
+    # the other kind form one component, the others (dead units, clipped channels) none
+    other = pos_a if all_b else pos_b
+    rows = comm.max(other.any(dim=2).to(torch.float64)) > 0  # (1, m)
+    cols = other.any(dim=1)  # (1, n_q)
+    if not bool(rows.any()):
         return None
+    keep = rows[:, :, None] & cols[:, None, :]
+    dropped = comm.max(((pos_a | pos_b) & ~keep).any().to(torch.float64).reshape(1))
+    attained = not bool(dropped[0] > 0)
+    if not attained:  # terms outside the component are driven to 0 (see .normalized)
+        a = a.masked_fill(~keep, 0.0)
+        b = b.masked_fill(~keep, 0.0)
     scales = comm.max(torch.stack([a.amax(), b.amax()]))
     scale_a, scale_b = scales[0], scales[1]
     a = a * (1.0 / scale_a)
@@ -138,14 +148,20 @@ def solve_split_coefficients(
     if start is None:
         x, y = alternating_sweeps(a, b, comm)
     else:
-        x = (start.row_log_variance - shift)[None].clone()
-        y = start.col_log_variance[None].clone()
-    free = torch.ones(1, m, dtype=torch.bool, device=a.device)
-    free[0, 0] = False  # the gauge: row 0 held fixed
+        x = (start.row_log_variance - shift)[None].nan_to_num(0.0)
+        y = start.col_log_variance[None].nan_to_num(0.0)
+    free = rows & ~(torch.cumsum(rows.to(torch.int32), dim=1) == 1)  # the gauge: its first row fixed
     res = newton(a, b, free, x, y, rtol, max_iter, comm)
     factor = torch.sqrt(scale_a * scale_b)
+    nan = torch.tensor(math.nan, dtype=a.dtype, device=a.device)
     sol = NormalizedSharpnessSolution(
-        res.value[0] * factor, res.lower[0] * factor, res.x[0] + shift, res.y[0], 1, True, res.iterations
+        res.value[0] * factor,
+        res.lower[0] * factor,
+        torch.where(rows[0], res.x[0] + shift, nan),
+        torch.where(cols[0], res.y[0], nan),
+        1,
+        attained,
+        res.iterations,
     )
     _warn_uncertified([sol], rtol, max_iter, tuple(shape) if shape is not None else (m, math.nan))
     return sol
