@@ -249,6 +249,8 @@ class ShardedSharpnessMeasurement:
         self.num_batches = 0
         #: the largest number of elements held in one whole (unsharded) tensor by this module
         self.largest_whole_tensor = 0
+        #: the tensors whose eq. 17 solve gathered them whole in the last ``compute()`` (module docstring)
+        self.gathered_solves: set[str] = set()
 
     # -- estimate -----------------------------------------------------------------------------------
 
@@ -349,6 +351,7 @@ class ShardedSharpnessMeasurement:
         total = counts.sum()
         used = [int(r) for r in torch.nonzero(self.count > 0).flatten().tolist()]
         halves = [used[0::2], used[1::2]]
+        self.gathered_solves = set()
         out: dict[str, Tensor] = {}
         loo_values: list[dict[str, Tensor]] = [{} for _ in used]
         half_values: list[dict[str, Tensor]] = [{}, {}]
@@ -365,6 +368,8 @@ class ShardedSharpnessMeasurement:
                     half_values[i].update(
                         solver.measures(sums[slots].sum(dim=0) / counts[slots].sum(), REPLICATE_RTOL)
                     )
+            if solver.gathered:
+                self.gathered_solves.add(name)
             del solver, totals
         for values in [out, *loo_values, *half_values]:
             for measure in MEASURES:
@@ -390,39 +395,68 @@ class ShardedSharpnessMeasurement:
 
 
 class _TensorSolver:
-    """The three measures of one sharded weight tensor for diagonals given by their local rows.
+    """The three measures of one sharded weight tensor ``(m, n)`` for diagonals given by their local rows.
 
-    Eq. 13 and eq. 5 from three all-reduced sums; eq. 17 on the local rows (the columns of the
-    transposed problem, :func:`solve_split_coefficients`) when the weight is tall or square and every
-    rank holds a row, else, or when the problem is not one component, on the gathered tensor. The
-    first solution is the warm start of the later ones.
+    Eq. 13 and eq. 5 from three all-reduced sums. Eq. 17 with its larger side split over the ranks
+    (:func:`solve_split_coefficients`): a tall or square weight (``m >= n``) as the transposed rows of
+    each rank (when every rank holds one); a wide one (``m < n``) as blocks of whole columns, which the
+    ranks exchange with one ``all_to_all`` per diagonal (each sends its rows of every block: ``1/P`` of
+    the tensor in, ``1/P`` out); on the gathered tensor otherwise (fewer columns than ranks, 1-D or
+    single-row tensors) or when the problem is not one component. The first solution is the warm
+    start of the later ones. ``gathered`` says whether any solve gathered the tensor.
     """
 
     def __init__(self, owner: ShardedSharpnessMeasurement, name: str) -> None:
         self.owner, self.name = owner, name
-        self.weight = owner.params[name].to_local().detach().to(torch.float64)  # (its rows, n, ...)
-        shape = owner.params[name].shape
-        self.shape = tuple(shape)
-        rows = torch.tensor([self.weight.shape[0]], dtype=torch.int64, device=owner.device)
-        dist.all_reduce(rows, op=dist.ReduceOp.MIN, group=owner.group)
-        self.split = len(shape) == 2 and shape[0] >= shape[1] >= 2 and int(rows[0]) >= 1
-        self.comm = GroupColumnReduction(owner.group)
+        self.group = owner.group
+        self.weight = owner.params[name].to_local().detach().to(torch.float64)  # (its rows, n)
+        self.shape = tuple(owner.params[name].shape)
+        world = dist.get_world_size(self.group)
+        counts = torch.zeros(world, dtype=torch.int64, device=owner.device)
+        counts[dist.get_rank(self.group)] = self.weight.shape[0]
+        dist.all_reduce(counts, group=self.group)
+        self.row_counts = [int(c) for c in counts.tolist()]  # rows of each rank (FSDP2's chunks)
+        m, n = self.shape if len(self.shape) == 2 else (0, 0)
+        self.layout = None
+        if len(self.shape) == 2 and m >= n >= 2 and min(self.row_counts) >= 1:
+            self.layout = "rows"  # this rank's rows, transposed: columns of the (n, m) problem
+        elif len(self.shape) == 2 and 2 <= m < n and n >= world:
+            self.layout = "columns"  # whole columns of the (m, n) problem, exchanged
+            self.column_counts = [len(c) for c in torch.arange(n).tensor_split(world)]
+        self.comm = GroupColumnReduction(self.group)
         self.squared = torch.stack([self.weight.square().sum()])
-        # B of eq. 17, transposed: (n, its rows), columns of the split problem
-        self.b = (self.weight.square() / (2.0 * owner.lam)).T.contiguous() if self.split else None
+        self.b = None if self.layout is None else self._block(self.weight.square() / (2.0 * owner.lam))
         self.start: Optional[NormalizedSharpnessSolution] = None
+        self.gathered = False
+
+    def _block(self, local: Tensor) -> Tensor:
+        """This rank's columns of the split problem, from its rows ``local`` of a weight-shaped tensor."""
+        if self.layout == "rows":
+            return local.T.contiguous()
+        rank = dist.get_rank(self.group)
+        send = torch.cat([part.reshape(-1) for part in local.split(self.column_counts, dim=1)])
+        mine = self.column_counts[rank]
+        received = send.new_empty(self.shape[0] * mine)
+        dist.all_to_all_single(
+            received,
+            send,
+            output_split_sizes=[rows * mine for rows in self.row_counts],
+            input_split_sizes=[local.shape[0] * cols for cols in self.column_counts],
+            group=self.group,
+        )
+        return received.view(self.shape[0], mine)  # ranks' rows in order: the whole columns
 
     def measures(self, local_mean: Tensor, rtol: float) -> dict[str, Tensor]:
         sums = torch.cat([self.squared, torch.stack([local_mean.clamp_min(0).sum(), local_mean.sum()])])
-        dist.all_reduce(sums, group=self.owner.group)
+        dist.all_reduce(sums, group=self.group)
         name = self.name
         values = {
             f"matrix_normalized/{name}": torch.sqrt(sums[0] * sums[1]),
             f"hessian_trace/{name}": sums[2],
         }
         solution = None
-        if self.split:
-            a = local_mean.clamp_min(0).T.contiguous()
+        if self.layout is not None:
+            a = self._block(local_mean.clamp_min(0))
             solution = solve_split_coefficients(
                 a, self.b, self.comm, rtol=rtol, start=self.start, shape=self.shape
             )
@@ -432,6 +466,7 @@ class _TensorSolver:
                 self.start = solution
             values[f"normalized/{name}"] = solution.value
             return values
+        self.gathered = True
         whole = sharpness_measures(  # gathered: the weight and the diagonal whole, one at a time
             {name: self.owner._whole(name, self.weight)},
             {name: self.owner._whole(name, local_mean)},
