@@ -39,8 +39,10 @@ This module measures through the FSDP module itself:
    tall or square ``(m, n)`` weight (``m >= n``) the transposed shard is a column block of the
    ``(n, m)`` problem, whose Newton system eliminates exactly those local variables, so every rank
    works on ``A`` and ``B`` of its rows only and the ranks all-reduce vectors, scalars and the
-   ``n x n`` float32 Schur complement (at most the size of the weight). The pooled diagonal is
-   solved cold (certified to ``1e-11``), the others warm-started from it (``1e-9``, as the metric).
+   ``n x n`` float32 Schur complement (at most the size of the weight). Each problem starts cold
+   (alternating sweeps: on ReLU-MLP diagonals one Newton step then certifies, where a warm start
+   from the pooled solution took 6-9), certified to ``1e-11`` (pooled) and ``1e-9`` (the others, as
+   the metric).
    Wide weights (``m < n``), weights with fewer rows than ranks, and problems that are not one
    strongly connected component (dead units, zero weights with clipped curvature: rare) are
    gathered whole, one at a time, next to the whole weight, and solved as before
@@ -87,7 +89,6 @@ from lightning_flatness.functional.measures import MEASURES, sharpness_measures
 from lightning_flatness.functional.model_io import call_model, inputs_batch_size
 from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
 from lightning_flatness.functional.replicate_measures import POOLED_RTOL, REPLICATE_RTOL
-from lightning_flatness.functional.solvers import NormalizedSharpnessSolution
 from lightning_flatness.functional.solvers.column_split import GroupColumnReduction, solve_split_coefficients
 
 __all__ = ["ShardedSharpnessMeasurement", "is_sharded", "measure_sharpness_sharded"]
@@ -402,8 +403,8 @@ class _TensorSolver:
     each rank (when every rank holds one); a wide one (``m < n``) as blocks of whole columns, which the
     ranks exchange with one ``all_to_all`` per diagonal (each sends its rows of every block: ``1/P`` of
     the tensor in, ``1/P`` out); on the gathered tensor otherwise (fewer columns than ranks, 1-D or
-    single-row tensors) or when the problem is not one component. The first solution is the warm
-    start of the later ones. ``gathered`` says whether any solve gathered the tensor.
+    single-row tensors) or when neither coefficient matrix is positive everywhere. ``gathered`` says
+    whether any solve gathered the tensor.
     """
 
     def __init__(self, owner: ShardedSharpnessMeasurement, name: str) -> None:
@@ -426,7 +427,6 @@ class _TensorSolver:
         self.comm = GroupColumnReduction(self.group)
         self.squared = torch.stack([self.weight.square().sum()])
         self.b = None if self.layout is None else self._block(self.weight.square() / (2.0 * owner.lam))
-        self.start: Optional[NormalizedSharpnessSolution] = None
         self.gathered = False
 
     def _block(self, local: Tensor) -> Tensor:
@@ -457,13 +457,9 @@ class _TensorSolver:
         solution = None
         if self.layout is not None:
             a = self._block(local_mean.clamp_min(0))
-            solution = solve_split_coefficients(
-                a, self.b, self.comm, rtol=rtol, start=self.start, shape=self.shape
-            )
+            solution = solve_split_coefficients(a, self.b, self.comm, rtol=rtol, shape=self.shape)
             del a
         if solution is not None:
-            if self.start is None:
-                self.start = solution
             values[f"normalized/{name}"] = solution.value
             return values
         self.gathered = True
