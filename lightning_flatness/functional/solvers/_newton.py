@@ -332,11 +332,12 @@ def _direction(
 def _gram_complement(gs: Tensor, comm: ColumnReduction) -> Tensor:
     """``I - Gs Gs^T`` ``(P, m, m)`` in the dtype of ``gs``; the product sums over the (split) columns."""
     num, m, _ = gs.shape
-    eye = torch.eye(m, dtype=gs.dtype, device=gs.device)
     if not comm.distributed:
+        eye = torch.eye(m, dtype=gs.dtype, device=gs.device)
         return torch.baddbmm(eye.expand(num, m, m), gs, gs.transpose(1, 2), beta=1.0, alpha=-1.0)
     (gram,) = comm.sum(torch.bmm(gs, gs.transpose(1, 2)))
-    return torch.sub(eye, gram)
+    gram.neg_().diagonal(dim1=1, dim2=2).add_(1.0)  # in place: one m x m buffer
+    return gram
 
 
 def _solve_scaled(

@@ -47,7 +47,7 @@ __all__ = ["GroupColumnReduction", "solve_split_coefficients"]
 
 class GroupColumnReduction(ColumnReduction):
     """Column reductions completed by ``all_reduce`` over a process group (each process holding
-    some of the columns). Counts the collectives (``calls``), the elements reduced (``elements``) and
+    some of the columns; arguments are reduced in place when contiguous). Counts the collectives (``calls``), the elements reduced (``elements``) and
     the largest single reduction (``largest``, in elements)."""
 
     distributed = True
@@ -59,7 +59,7 @@ class GroupColumnReduction(ColumnReduction):
         self.largest = 0
 
     def _reduce(self, tensor: Tensor, op: dist.ReduceOp) -> Tensor:
-        tensor = tensor.contiguous().clone()
+        tensor = tensor.contiguous()  # the solver's partial results are temporaries: reduced in place
         dist.all_reduce(tensor, op=op, group=self.group)
         self.calls += 1
         self.elements += tensor.numel()
