@@ -26,14 +26,15 @@ processes take their decisions from them.
 **Cost per Newton iteration and process**: the ``O(m n / Q)`` float64 passes of :mod:`._newton` on
 its ``n / Q`` columns, ``O(m^2 n / Q)`` float32 for its part of the Schur complement, ``O(m^3)``
 for the factor, and about 15 all-reduces (one of ``m^2`` float32, the others of ``m`` floats or
-fewer). **Memory per process**: ``A``, ``B`` and a few ``(m, n / Q)`` float64 temporaries (``1/Q`` of
+fewer); 4 small all-reduces per alternating sweep of the cold start (measured: about 50 collectives
+for a cold solve of a 1024 x 1024 ReLU-MLP layer that certifies after one Newton step). **Memory per process**: ``A``, ``B`` and a few ``(m, n / Q)`` float64 temporaries (``1/Q`` of
 the whole solve's) plus two ``m x m`` float32 matrices.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -47,8 +48,9 @@ __all__ = ["GroupColumnReduction", "solve_split_coefficients"]
 
 class GroupColumnReduction(ColumnReduction):
     """Column reductions completed by ``all_reduce`` over a process group (each process holding
-    some of the columns; arguments are reduced in place when contiguous). Counts the collectives (``calls``), the elements reduced (``elements``) and
-    the largest single reduction (``largest``, in elements)."""
+    some of the columns; arguments are reduced in place when contiguous). Counts the collectives
+    (``calls``), the elements reduced (``elements``) and the largest single reduction (``largest``,
+    in elements)."""
 
     distributed = True
 
@@ -58,7 +60,7 @@ class GroupColumnReduction(ColumnReduction):
         self.elements = 0
         self.largest = 0
 
-    def _reduce(self, tensor: Tensor, op: dist.ReduceOp) -> Tensor:
+    def _reduce(self, tensor: Tensor, op: Any) -> Tensor:
         tensor = tensor.contiguous()  # the solver's partial results are temporaries: reduced in place
         dist.all_reduce(tensor, op=op, group=self.group)
         self.calls += 1
