@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lightning_flatness.functional.solvers import solve_normalized_sharpness_coefficients
-from lightning_flatness.functional.solvers._newton import LOCAL
+from lightning_flatness.functional.solvers._newton import LOCAL, ColumnReduction
 from lightning_flatness.functional.solvers.column_split import (
     GroupColumnReduction,
     solve_split_coefficients,
@@ -35,11 +35,14 @@ def problems() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     a[a < 0.6] = 0.0  # clipped curvature: 60% zeros, B complete
     a[0] += 0.1  # ... and every column with some curvature (one component)
     out["sparse curvature"] = (a, torch.rand(6, 30, generator=g, dtype=torch.float64))
-    a, b = (
-        torch.rand(5, 16, generator=g, dtype=torch.float64),
-        torch.rand(5, 16, generator=g, dtype=torch.float64),
-    )
-    a[2], b[:, 3] = 0.0, 0.0  # a dead row and a zero weight column: not one component
+    a, b = (torch.rand(6, 12, generator=g, dtype=torch.float64) for _ in range(2))
+    a[1] *= 1e-280  # a row whose sums underflow in the sweeps (their log-sum-exp fallback)
+    out["underflowing row"] = (a, b)
+    a, b = (torch.rand(8, 20, generator=g, dtype=torch.float64) for _ in range(2))
+    a[2], a[:, 3], a[:, 17] = 0.0, 0.0, 0.0  # dead units: a row and two columns without curvature
+    out["dead units"] = (a, b)
+    a, b = (torch.rand(5, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    a[2], b[:, 3] = 0.0, 0.0  # a dead row and a zero weight column: gathered (closure) instead
     out["degenerate"] = (a, b)
     return out
 
@@ -109,10 +112,11 @@ def test_split_columns_give_the_whole_problems_certified_value_on_every_process(
         whole_warm = solve_normalized_sharpness_coefficients(bumped[None], b[None])[0]
         for r in records:  # identical on every process
             assert r[name]["value"] == first["value"] and r[name]["warm"] == first["warm"], name
-            assert torch.equal(r[name]["x"], first["x"]), name
+            assert torch.allclose(r[name]["x"], first["x"], rtol=0, atol=0, equal_nan=True), name
         # both certified: value within rtol of its own lower bound, and of the whole solve
         assert first["lower"] <= first["value"] <= first["lower"] * (1 + 1e-11), name
         assert first["value"] == pytest.approx(float(whole.value), rel=3e-11), name
+        assert whole.num_components == 1, name  # the cases the split solve must not hand back
         assert first["warm_lower"] <= first["warm"] <= first["warm_lower"] * (1 + 1e-9), name
         assert first["warm"] == pytest.approx(float(whole_warm.value), rel=2e-9), name
         # the log-variances (up to the gauge, fixed at row 0 in both) are those of the whole problem
@@ -127,9 +131,17 @@ def test_split_columns_give_the_whole_problems_certified_value_on_every_process(
         assert all(r[name]["largest_reduce"] == a.shape[0] ** 2 for r in records), name
 
 
-def test_without_splitting_the_base_reduction_solves_the_whole_problem():
+class _SplitIntoOne(ColumnReduction):
+    """A 'split' over one process: the distributed code paths (in-place Schur complement, the
+    log-sum-exp over split columns) with every reduction the identity."""
+
+    distributed = True
+
+
+@pytest.mark.parametrize("comm", [LOCAL, _SplitIntoOne()], ids=["local", "split-paths"])
+def test_without_splitting_the_base_reduction_solves_the_whole_problem(comm):
     for name, (a, b) in problems().items():
-        sol = solve_split_coefficients(a, b, LOCAL)
+        sol = solve_split_coefficients(a, b, comm)
         if name == "degenerate":
             assert sol is None
             continue
