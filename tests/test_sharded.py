@@ -1,8 +1,9 @@
 """FSDP2 (``fully_shard``) models measured shard by shard (:mod:`lightning_flatness.sharded`), with 2
 and 4 gloo processes (forked: about a second each) on the CPU: the values equal the unsharded model's
 (exact method, one process, same samples), the jackknife equals the metric's on the gathered sums,
-every rank holds ``1/P`` of the sums and at most one whole tensor at a time, and the model is left
-unchanged."""
+every rank holds ``1/P`` of the sums and at most one whole tensor at a time, eq. 17 is solved on the
+ranks' rows (tall weights) or exchanged column blocks (wide ones) without gathering, except for
+pruned layers, and the model is left unchanged."""
 
 from __future__ import annotations
 
