@@ -34,19 +34,23 @@ This module measures through the FSDP module itself:
    ``(R,)`` sample counts (identical on every rank after the all-reduce).
 3. **Solve** (:meth:`ShardedSharpnessMeasurement.compute`), one weight tensor and one diagonal at a
    time (the pooled one, the ``R`` leave-one-out ones, the two half-pools), **without gathering**:
-   eq. 13 and eq. 5 are sums over entries (an all-reduce of three scalars), and eq. 17 is solved on
-   the rows each rank holds (:mod:`~lightning_flatness.functional.solvers.column_split`): for a
-   tall or square ``(m, n)`` weight (``m >= n``) the transposed shard is a column block of the
-   ``(n, m)`` problem, whose Newton system eliminates exactly those local variables, so every rank
-   works on ``A`` and ``B`` of its rows only and the ranks all-reduce vectors, scalars and the
-   ``n x n`` float32 Schur complement (at most the size of the weight). Each problem starts cold
-   (alternating sweeps: on ReLU-MLP diagonals one Newton step then certifies, where a warm start
-   from the pooled solution took 6-9), certified to ``1e-11`` (pooled) and ``1e-9`` (the others, as
-   the metric).
-   Wide weights (``m < n``), weights with fewer rows than ranks, and problems that are not one
-   strongly connected component (dead units, zero weights with clipped curvature: rare) are
-   gathered whole, one at a time, next to the whole weight, and solved as before
-   (:func:`~lightning_flatness.functional.solvers.normalized_sharpness`). The totals are sums over
+   eq. 13 and eq. 5 are sums over entries (an all-reduce of three scalars), and eq. 17 is solved
+   with the tensor's larger side split over the ranks
+   (:mod:`~lightning_flatness.functional.solvers.column_split`), whose Newton system eliminates
+   exactly those local variables, so every rank works on ``A`` and ``B`` of its part only and the
+   ranks all-reduce vectors, scalars and the ``min(m, n)^2`` float32 Schur complement (at most the
+   size of the weight). A tall or square ``(m, n)`` weight (``m >= n``) is split as each rank's
+   rows, transposed; a wide one as blocks of whole columns, exchanged with one ``all_to_all_single``
+   per diagonal (``1/P`` of the tensor in and out). Each problem starts cold (alternating sweeps:
+   on ReLU-MLP diagonals one Newton step then certifies, where a warm start from the pooled
+   solution took 6-9), certified to ``1e-11`` (pooled) and ``1e-9`` (the others, as the metric).
+   Gathered whole instead, one diagonal at a time next to the whole weight, and solved as before
+   (:func:`~lightning_flatness.functional.sharpness_measures`; the tensors are named in
+   :attr:`ShardedSharpnessMeasurement.gathered_solves`): a tall weight of which some rank holds no
+   row, a wide one with fewer columns than ranks, 1-D or single-row tensors, and problems where
+   neither every weight nor every clipped curvature entry is non-zero (pruned weights together
+   with dead units: their components need a transitive closure; dead units alone stay split).
+   The totals are sums over
    tensors, so the jackknife of the total (delete-one over slots) and the half-shift are assembled
    from the per-tensor values; the result has the keys of ``NormalizedSharpness.compute()`` and is
    identical on every rank.
@@ -55,21 +59,23 @@ This module measures through the FSDP module itself:
 float32, 1e-9 in float64, with 2 and 4 gloo processes). **Memory per rank**: the FSDP shard, the
 ``R x (its rows)`` float64 sums (``1/P`` of the unsharded metric's), one batch's activations and
 layer-output gradients, and at most two whole tensors at a time (a layer's contribution ``D``
-while estimating; the ``n x n`` Schur complement and its all-reduce while solving a tall weight;
+while estimating; the Schur complement, reduced in place, and its Cholesky factor while solving;
 a weight and one diagonal for a gathered one); the solver's ``(m, n)`` workspace is split ``1/P``
 per rank (measured: ``benchmarks/results/bench_sharded_memory_issue10.md``). **Cost per batch**:
 one forward and one ``K``-column batched backward pass through the FSDP module (two all-gathers of
 the model, module by module), one all-reduce of each measured weight's size; per measurement and
 weight tensor ``R + 3`` eq. 17 solves, each ``1/P`` of the ``O(m n)`` passes per Newton iteration on
-every rank plus the ``O(n^3)`` factor of the Schur complement on every rank, and about 15 small
-all-reduces and one of ``n^2`` float32 per iteration.
+every rank plus the ``O(min(m, n)^3)`` factor of the Schur complement on every rank, and about 15
+small all-reduces and one of ``min(m, n)^2`` float32 per iteration.
 
 **Assumptions**: every rank calls :meth:`~ShardedSharpnessMeasurement.add` the same number of times
 (each call runs collectives, as FSDP's own forward does; a rank with fewer samples passes empty
 batches, and the ranks agree on the number ``K`` of backward columns before running them); the
 measured weights are ``nn.Linear`` weights (and biases) sharded ``Shard(0)`` over a 1-D mesh, each
 used once per forward; samples do not interact (eval mode); ``loss_fn`` is a mean of per-sample
-losses. Anything else raises a ``ValueError`` that names it.
+losses. Anything else raises a ``ValueError`` that names it. The ranks run the same torch build with
+the same number of intra-op threads (as launchers set them): the split solve takes its decisions
+from computations replicated on every rank.
 """
 
 from __future__ import annotations
