@@ -27,8 +27,10 @@ processes take their decisions from them.
 its ``n / Q`` columns, ``O(m^2 n / Q)`` float32 for its part of the Schur complement, ``O(m^3)``
 for the factor, and about 15 all-reduces (one of ``m^2`` float32, the others of ``m`` floats or
 fewer); 4 small all-reduces per alternating sweep of the cold start (measured: about 50 collectives
-for a cold solve of a 1024 x 1024 ReLU-MLP layer that certifies after one Newton step). **Memory per process**: ``A``, ``B`` and a few ``(m, n / Q)`` float64 temporaries (``1/Q`` of
-the whole solve's) plus two ``m x m`` float32 matrices.
+for a cold solve of a 1024 x 1024 ReLU-MLP layer that certifies after one Newton step).
+**Memory per process**: ``A``, ``B`` and a few ``(m, n / Q)`` float64 temporaries (``1/Q`` of the
+whole solve's) plus two ``m x m`` float32 matrices (the Schur complement, reduced in place, and its
+Cholesky factor).
 """
 
 from __future__ import annotations
