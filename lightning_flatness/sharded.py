@@ -47,10 +47,10 @@ This module measures through the FSDP module itself:
    Gathered whole instead, one diagonal at a time next to the whole weight, and solved as before
    (:func:`~lightning_flatness.functional.sharpness_measures`; the tensors are named in
    :attr:`ShardedSharpnessMeasurement.gathered_solves`): a tall weight of which some rank holds no
-   row, a wide one with fewer columns than ranks, 1-D or single-row tensors, and problems where
+   row, a wide one with fewer columns than ranks, single-row tensors, and problems where
    neither every weight nor every clipped curvature entry is non-zero (pruned weights together
    with dead units: their components need a transitive closure; dead units alone stay split).
-   The totals are sums over
+   1-D tensors (biases) have the trace alone, from the same all-reduced sums. The totals are sums over
    tensors, so the jackknife of the total (delete-one over slots) and the half-shift are assembled
    from the per-tensor values; the result has the keys of ``NormalizedSharpness.compute()`` and is
    identical on every rank.
@@ -410,8 +410,8 @@ class _TensorSolver:
     (:func:`solve_split_coefficients`): a tall or square weight (``m >= n``) as the transposed rows of
     each rank (when every rank holds one); a wide one (``m < n``) as blocks of whole columns, which the
     ranks exchange with one ``all_to_all`` per diagonal (each sends its rows of every block: ``1/P`` of
-    the tensor in, ``1/P`` out); on the gathered tensor otherwise (fewer columns than ranks, 1-D or
-    single-row tensors) or when neither coefficient matrix is positive everywhere. ``gathered`` says
+    the tensor in, ``1/P`` out); on the gathered tensor otherwise (fewer columns than ranks, single-row
+    tensors; 1-D tensors have the trace alone, from the all-reduced sums) or when neither coefficient matrix is positive everywhere. ``gathered`` says
     whether any solve gathered the tensor.
     """
 
@@ -458,6 +458,8 @@ class _TensorSolver:
         sums = torch.cat([self.squared, torch.stack([local_mean.clamp_min(0).sum(), local_mean.sum()])])
         dist.all_reduce(sums, group=self.group)
         name = self.name
+        if len(self.shape) < 2:  # a bias or normalization scale: the trace alone (footnote 5, eq. 5)
+            return {f"hessian_trace/{name}": sums[2]}
         values = {
             f"matrix_normalized/{name}": torch.sqrt(sums[0] * sums[1]),
             f"hessian_trace/{name}": sums[2],
