@@ -411,8 +411,8 @@ class _TensorSolver:
     each rank (when every rank holds one); a wide one (``m < n``) as blocks of whole columns, which the
     ranks exchange with one ``all_to_all`` per diagonal (each sends its rows of every block: ``1/P`` of
     the tensor in, ``1/P`` out); on the gathered tensor otherwise (fewer columns than ranks, single-row
-    tensors; 1-D tensors have the trace alone, from the all-reduced sums) or when neither coefficient matrix is positive everywhere. ``gathered`` says
-    whether any solve gathered the tensor.
+    tensors) or when neither coefficient matrix is positive everywhere. 1-D tensors have the trace
+    alone, from the all-reduced sums. ``gathered`` says whether any solve gathered the tensor.
     """
 
     def __init__(self, owner: ShardedSharpnessMeasurement, name: str) -> None:
