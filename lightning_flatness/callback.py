@@ -34,8 +34,8 @@ from lightning_flatness.functional.measures import MEASURES
 from lightning_flatness.functional.model_io import call_model, inputs_batch_size, map_inputs, select_samples
 from lightning_flatness.isolation import (
     autograd_tensor,
-    float_copy,
     gradient_enabled,
+    measurement_view,
     preserved_rng_states,
     resolve_dtype,
 )
@@ -235,12 +235,19 @@ class SharpnessMonitorBase:
         """
         return _default_split_batch(batch)
 
-    def copy_network(self, pl_module: nn.Module, dtype: torch.dtype) -> nn.Module:
-        """The network whose curvature is measured: by default a deep copy of ``pl_module`` cast to
-        ``dtype``, in eval mode (see :func:`lightning_flatness.isolation.float_copy`). It is called on
-        the inputs of :meth:`split_batch` and must return the logits. Override it to measure a submodule, e.g.
-        ``return float_copy(pl_module.net, dtype)``; never return the live module."""
-        return float_copy(pl_module, dtype)
+    def measured_network(self, pl_module: nn.Module) -> nn.Module:
+        """The network whose curvature is measured: by default ``pl_module`` itself. It is called on the
+        inputs of :meth:`split_batch` and must return the logits. Override it to measure a submodule,
+        e.g. ``return pl_module.net``.
+
+        It is measured in place, with no copy, through
+        :func:`lightning_flatness.isolation.measurement_view`: eval mode and, where the training
+        dtype differs from ``dtype``, cast copies of just those tensors, both only during the
+        measurement. Its weights, buffers and ``.grad`` are never changed; its forward hooks run. A
+        module whose forward hooks change its state (e.g. ``torch.nn.utils.spectral_norm``) can be
+        measured on a copy instead: ``return copy.deepcopy(pl_module)``.
+        """
+        return pl_module
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -429,22 +436,22 @@ class SharpnessMonitorBase:
                     "SharpnessMonitor's `dataloader` yielded no batch on rank "
                     f"{trainer.global_rank}; pass a loader with at least one batch per process."
                 )
-            network = self.copy_network(pl_module, self.dtype)
             inputs, target = self._split(batch)
             n = inputs_batch_size(inputs)
             inputs = self._to_device(select_samples(inputs, slice(0, _DRY_RUN_SAMPLES), n), device)
             target = autograd_tensor(target[:_DRY_RUN_SAMPLES], device, self.dtype)
             try:
-                with torch.no_grad():
-                    logits = call_model(network, inputs)
-                self._loss = resolve_loss(self.loss_fn, network, logits, target)
-                self._estimate(trainer, pl_module, network, inputs, target, dry_run=True)
+                with measurement_view(self.measured_network(pl_module), self.dtype) as network:
+                    with torch.no_grad():
+                        logits = call_model(network, inputs)
+                    self._loss = resolve_loss(self.loss_fn, network, logits, target)
+                    self._estimate(trainer, pl_module, network, inputs, target, dry_run=True)
             except Exception as err:
                 raise RuntimeError(
                     f"SharpnessMonitor cannot measure {type(pl_module).__name__} (dry run on "
                     f"{min(n, _DRY_RUN_SAMPLES)} samples before training): {type(err).__name__}: {err} "
                     "Pass another `method=`, `loss_fn=` or `parameters=`, or override `split_batch` / "
-                    "`copy_network`; training has not started."
+                    "`measured_network`; training has not started."
                 ) from err
         if self._choice is not None and self.method == _AUTO and "fallback" not in self._warned:
             message = (
@@ -625,28 +632,27 @@ class SharpnessMonitorBase:
         nonfinite = False
         failure: Optional[BaseException] = None
         with preserved_rng_states(), gradient_enabled(device):
-            network = self.copy_network(pl_module, self.dtype)
-            params = select_parameters(network, self.parameters)
-            weights = {n: p.detach() for n, p in params.items()}
-            nonfinite = not all(bool(torch.isfinite(w).all()) for w in weights.values())
-            self._generator = self._probe_generator(device, trainer.global_rank)
-            measurement = self._measurement(network, self._generator, self.num_probes)
-            description = f"Sharpness ({self._resolved_method or 'exact'})"
-            with progress_reporter(trainer, total, description) as advance:
-                for batch in [] if nonfinite else batches:  # non-finite weights: nothing to measure
-                    try:
-                        inputs, target = self._split(batch)
-                        inputs = self._to_device(inputs, device)
-                        target = autograd_tensor(target, device, self.dtype)
-                        ok = self._estimate(
-                            trainer, pl_module, network, inputs, target, measurement=measurement
-                        )
-                    except Exception as err:  # a measurement never stops training: warn and log NaN
-                        failure, ok = err, False
-                    if not ok:
-                        nonfinite = True
-                        break
-                    advance(1)
+            with measurement_view(self.measured_network(pl_module), self.dtype) as network:
+                self._generator = self._probe_generator(device, trainer.global_rank)
+                measurement = self._measurement(network, self._generator, self.num_probes)
+                weights = measurement.weights
+                nonfinite = not all(bool(torch.isfinite(w).all()) for w in weights.values())
+                description = f"Sharpness ({self._resolved_method or 'exact'})"
+                with progress_reporter(trainer, total, description) as advance:
+                    for batch in [] if nonfinite else batches:  # non-finite weights: nothing to measure
+                        try:
+                            inputs, target = self._split(batch)
+                            inputs = self._to_device(inputs, device)
+                            target = autograd_tensor(target, device, self.dtype)
+                            ok = self._estimate(
+                                trainer, pl_module, network, inputs, target, measurement=measurement
+                            )
+                        except Exception as err:  # a measurement never stops training: warn and log NaN
+                            failure, ok = err, False
+                        if not ok:
+                            nonfinite = True
+                            break
+                        advance(1)
             # one collective, so every process takes the same branch below
             any_nonfinite = trainer.strategy.reduce_boolean_decision(nonfinite, all=False)
             values = None
