@@ -39,7 +39,7 @@ from lightning_flatness.isolation import (
     preserved_rng_states,
     resolve_dtype,
 )
-from lightning_flatness.logger_media import MediaContext, log_per_layer_media, per_layer_table
+from lightning_flatness.logger_media import MediaContext, PerLayerTable, log_per_layer_media, per_layer_table
 from lightning_flatness.measure import SharpnessMeasurement, resolve_loss
 from lightning_flatness.memory import PeakMemory
 from lightning_flatness.progress import progress_reporter
@@ -98,6 +98,7 @@ class SharpnessMonitorBase:
         prefix: str = "sharpness",
         log_per_layer: bool = True,
         log_images: bool = True,
+        images_every_n_evaluations: Optional[int] = None,
         prog_bar: bool = True,
         relative_step: float = 1e-3,
     ) -> None:
@@ -164,6 +165,12 @@ class SharpnessMonitorBase:
                 f"SharpnessMonitor got lam={lam!r}; the lambda of eq. 17 must be a positive "
                 "finite number (default 0.5)."
             )
+        if images_every_n_evaluations is not None and not _is_positive_int(images_every_n_evaluations):
+            raise ValueError(
+                f"SharpnessMonitor got images_every_n_evaluations={images_every_n_evaluations!r}; "
+                "pass a positive int (1: a bar chart at every measurement) or None (default: one "
+                "chart, of the last measurement, at the end of training)."
+            )
         if not _is_positive_int(every_n_epochs):
             raise ValueError(f"SharpnessMonitor got every_n_epochs={every_n_epochs!r}; pass a positive int.")
         if seed is not None and not _is_nonnegative_int(seed):
@@ -199,6 +206,9 @@ class SharpnessMonitorBase:
         self.prefix = prefix
         self.log_per_layer = bool(log_per_layer)
         self.log_images = bool(log_images)
+        self.images_every_n_evaluations = (
+            None if images_every_n_evaluations is None else int(images_every_n_evaluations)
+        )
         self.prog_bar = bool(prog_bar)
         self.relative_step = float(relative_step)
         #: One dict per evaluation: ``epoch``, ``global_step``, ``method``, ``seconds`` and every value
@@ -215,6 +225,7 @@ class SharpnessMonitorBase:
         self._prepared = False
         self._warned: set[str] = set()
         self._layouts_written: set[int] = set()
+        self._undrawn_chart: Optional[dict[str, Any]] = None  # the last measurement, if not charted yet
         self._generator: Optional[torch.Generator] = None  # this evaluation's probes
         self._choice: Optional[MethodChoice] = None if method == _AUTO else MethodChoice.named(method)
         self._loss: LossFn = self.loss_fn  # resolved at the dry run (TokenLoss for sequence outputs)
@@ -295,6 +306,7 @@ class SharpnessMonitorBase:
         if stage not in ("fit", "validate"):
             return
         self._subset, self._prepared, self._layouts_written = None, False, set()
+        self._undrawn_chart = None
         clash = [
             cb
             for cb in trainer.callbacks
@@ -344,6 +356,11 @@ class SharpnessMonitorBase:
         values, seconds = self._measure(trainer, pl_module)
         self._record(trainer, values, seconds)
         self._log(trainer, pl_module, values, seconds)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._undrawn_chart is not None:  # the last measurement's bar chart, unless drawn already
+            entry, self._undrawn_chart = self._undrawn_chart, None
+            self._log_chart(trainer, entry, entry["global_step"], entry["epoch"])
 
     # -- preparation --------------------------------------------------------------------------------
 
@@ -761,42 +778,53 @@ class SharpnessMonitorBase:
         self._log_media(trainer, values)
 
     def _log_media(self, trainer: Any, values: dict[str, float]) -> None:
-        """The per-layer table and bar chart, through each logger's own API
-        (lightning_flatness.logger_media)."""
+        """The per-layer table (every measurement) and bar chart (on the schedule of
+        ``images_every_n_evaluations``), through each logger's own API (lightning_flatness.logger_media)."""
         if not self.log_per_layer or not trainer.is_global_zero or not trainer.loggers:
             return
-        figure = image = None
-        if self.log_images:
-            per_layer = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("normalized/")}
-            errors = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("normalized_stderr/")}
-            figure = bar_chart_figure(
-                per_layer,
-                f"normalized sharpness per layer, epoch {trainer.current_epoch}",
-                "normalized sharpness",
-                errors,
+        step, epoch = trainer.global_step, trainer.current_epoch
+        log_per_layer_media(trainer, self._media(per_layer_table(values, MEASURES), step, epoch))
+        if not self.log_images:
+            return
+        every = self.images_every_n_evaluations
+        if trainer.state.fn != "fit" or (every is not None and (self._evaluations - 1) % every == 0):
+            self._undrawn_chart = None
+            self._log_chart(trainer, values, step, epoch)
+        else:  # drawn at the end of training unless another measurement comes first
+            self._undrawn_chart = {**values, "global_step": step, "epoch": epoch}
+
+    def _log_chart(self, trainer: Any, values: dict[str, Any], step: int, epoch: int) -> None:
+        """The per-layer bar chart of normalized sharpness (matplotlib) of one measurement's ``values``."""
+        if not self.log_per_layer or not self.log_images or not trainer.is_global_zero or not trainer.loggers:
+            return
+        per_layer = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("normalized/")}
+        errors = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("normalized_stderr/")}
+        figure = bar_chart_figure(
+            per_layer, f"normalized sharpness per layer, epoch {epoch}", "normalized sharpness", errors
+        )
+        if figure is None:
+            self._info_once(
+                trainer,
+                "no_matplotlib",
+                "SharpnessMonitor: matplotlib is not installed, so the per-layer bar chart image is "
+                "skipped (pip install matplotlib).",
             )
-            if figure is None:
-                self._info_once(
-                    trainer,
-                    "no_matplotlib",
-                    "SharpnessMonitor: matplotlib is not installed, so the "
-                    "per-layer bar chart image is skipped (pip install "
-                    "matplotlib).",
-                )
-            else:
-                image = figure_to_image(figure)
-        log_per_layer_media(
-            trainer,
-            MediaContext(
-                prefix=self.prefix,
-                measures=tuple(MEASURES),
-                step=trainer.global_step,
-                epoch=trainer.current_epoch,
-                table=per_layer_table(values, MEASURES),
-                figure=figure,
-                image=image,
-                layouts_written=self._layouts_written,
-            ),
+            return
+        empty = PerLayerTable(["layer"], [])  # the table went out with the measurement
+        log_per_layer_media(trainer, self._media(empty, step, epoch, figure, figure_to_image(figure)))
+
+    def _media(
+        self, table: PerLayerTable, step: int, epoch: int, figure: Any = None, image: Any = None
+    ) -> MediaContext:
+        return MediaContext(
+            prefix=self.prefix,
+            measures=tuple(MEASURES),
+            step=step,
+            epoch=epoch,
+            table=table,
+            figure=figure,
+            image=image,
+            layouts_written=self._layouts_written,
         )
 
     def _warn_once(self, trainer: Any, key: str, message: str) -> None:
@@ -894,8 +922,9 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
     - ``<p>/<measure>/<parameter name>``: per weight tensor, named after its module path (e.g.
       ``sharpness/normalized/net.0.weight``).
 
-    Each logger also gets the per-layer values as a table and a per-layer bar chart (with
-    matplotlib) through its own API (:mod:`lightning_flatness.logger_media`): TensorBoard (plus a
+    Each logger also gets the per-layer values as a table (at every measurement) and a per-layer bar
+    chart (with matplotlib; by default one, of the last measurement, at the end of training: see
+    ``images_every_n_evaluations``) through its own API (:mod:`lightning_flatness.logger_media`): TensorBoard (plus a
     custom-scalars layout with the per-layer curves of each measure on one chart), W&B, MLflow and
     CSVLogger (files beside ``metrics.csv``). Without a logger the values still reach
     ``trainer.callback_metrics`` and :attr:`history`.
@@ -944,7 +973,14 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
         seed: seed of the subset and the probes; ``None`` draws one (kept in the state).
         prefix: prefix of the logged keys (two monitors need two prefixes).
         log_per_layer: log the per-layer values (scalars, the per-layer table, the TensorBoard layout).
-        log_images: log the per-layer bar chart to every logger.
+        log_images: log the per-layer bar chart of normalized sharpness to every logger.
+        images_every_n_evaluations: when to draw that chart (matplotlib; a chart can cost more than
+            the measurement of a small network, ``benchmarks/results/bench_callback_overhead.md``):
+            ``None`` (default) draws one chart, of the last measurement, at the end of training
+            (``on_train_end``, logged at that measurement's step); ``n`` draws the chart of the
+            1st, ``(n+1)``-th, ... measurement when it is made, and the last one at the end of
+            training if it was not drawn (``1``: every measurement). Under ``trainer.validate()``
+            every measurement is drawn. Scalars and the per-layer table go out at every measurement.
         prog_bar: show ``<p>/normalized`` in the progress bar.
         relative_step: step of ``"finite_difference"`` relative to each tensor's RMS entry.
 

@@ -8,6 +8,7 @@ tensor by ``torch.func.hessian`` (brute force), its diagonal fed to ``sharpness_
 from __future__ import annotations
 
 import math
+import os
 import random
 
 import numpy as np
@@ -116,7 +117,8 @@ def test_tensorboard_event_files_hold_sharpness_once_per_epoch_per_layer_curves_
         "sharpness/seconds",
     ):
         assert key in scalars
-    assert len(events.Images("sharpness/normalized_per_layer")) == 3
+    charts = events.Images("sharpness/normalized_per_layer")  # default: the last measurement, at fit end
+    assert [c.step for c in charts] == [monitor.history[-1]["global_step"]]
     from tensorboard.plugins.custom_scalar import layout_pb2
 
     (config,) = [t for t in events.Tags()["tensors"] if "custom_scalars" in t]
@@ -124,6 +126,39 @@ def test_tensorboard_event_files_hold_sharpness_once_per_epoch_per_layer_curves_
     layout.ParseFromString(events.Tensors(config)[0].tensor_proto.string_val[0])
     charts = {chart.title: list(chart.multiline.tag) for cat in layout.category for chart in cat.chart}
     assert charts["normalized per layer"] == [r"^sharpness/normalized/.+"]
+
+
+@pytest.mark.parametrize(
+    "every, max_epochs, charted",
+    [(None, 4, [3]), (1, 3, [0, 1, 2]), (2, 4, [0, 2, 3]), (3, 4, [0, 3]), (2, 3, [0, 2])],
+)
+def test_bar_charts_follow_images_every_n_evaluations_and_the_last_one_comes_at_fit_end(
+    tmp_path, every, max_epochs, charted
+):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    csv_logger = CSVLogger(tmp_path, name="csv")
+    monitor = SharpnessMonitor(num_samples=32, images_every_n_evaluations=every)
+    _fit(monitor, max_epochs=max_epochs, logger=[logger, csv_logger])
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    steps = [h["global_step"] for h in monitor.history]
+    assert len(steps) == max_epochs
+    charts = events.Images("sharpness/normalized_per_layer")
+    assert [c.step for c in charts] == [steps[i] for i in charted]
+    assert len(events.Tensors("sharpness/per_layer/text_summary")) == max_epochs  # tables: every time
+    pngs = sorted(os.listdir(os.path.join(csv_logger.log_dir, "sharpness_per_layer")))
+    assert pngs == [f"normalized_step={steps[i]:06d}.png" for i in charted]
+    # the chart drawn at fit end shows the last measurement: the same pixels as when drawn right away
+    if every != 1:
+        again = TensorBoardLogger(tmp_path, name="again")
+        monitor = SharpnessMonitor(num_samples=32, images_every_n_evaluations=1)
+        _fit(monitor, max_epochs=max_epochs, logger=again)
+        events_again = EventAccumulator(again.log_dir, size_guidance={"images": 0})
+        events_again.Reload()
+        last = events_again.Images("sharpness/normalized_per_layer")[-1]
+        assert (last.step, last.encoded_image_string) == (charts[-1].step, charts[-1].encoded_image_string)
 
 
 def test_csv_logger_gets_the_scalars(tmp_path):
@@ -487,6 +522,8 @@ def test_two_monitors_with_different_settings_coexist_and_checkpoint_separately(
         (dict(lam=0.0), ValueError, "lam"),
         (dict(lam=float("nan")), ValueError, "lam"),
         (dict(every_n_epochs=0), ValueError, "every_n_epochs"),
+        (dict(images_every_n_evaluations=0), ValueError, "images_every_n_evaluations"),
+        (dict(images_every_n_evaluations=1.5), ValueError, "images_every_n_evaluations"),
         (dict(dtype="float16"), ValueError, "float32"),
         (dict(seed=-1), ValueError, "seed"),
         (dict(prefix="sharpness/"), ValueError, "prefix"),
