@@ -8,8 +8,9 @@ batch 128 (MNIST-1D repeated, Adam, validation on the 1000 test samples every ep
 logger), with or without the monitor: ``benchmarks.bench_callback.fit`` of that tree. The configs
 run in turn, ``--repeats`` rounds, so load changes hit all of them alike; medians are reported.
 
-Overhead = median with / median without - 1 (the "without" runs use the new tree; the library is
-not imported by them except for the warm-up). Also reported per config: the monitor's own
+Overhead = median with / median without - 1, in wall time and in CPU time of the process
+(``time.process_time``: robust to other processes on a shared machine; the fit is single-threaded).
+The "without" runs use the new tree (the monitor is not involved). Also reported per config: the monitor's own
 ``seconds`` per measurement (``history``), the values of ``normalized`` (identical before and
 after: the same computation), and, with ``--memory``, the peak memory of one measurement of a
 wide MLP (40-2048-2048-2048-10, 8.5M weights, 32 MiB) on 64 samples, measuring its first layer only
@@ -57,10 +58,13 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         if spec["kind"] == "memory":
             return _memory_child(spec, logdir)
         bench_callback.fit("mlp", 1, 4, spec["monitor"], 0, logdir)  # warm-up
+        cpu = time.process_time()
         run = bench_callback.fit("mlp", spec["epochs"], spec["steps"], spec["monitor"], 0, logdir)
+        cpu = time.process_time() - cpu
     history = run["history"]
     return {
         "seconds": run["seconds"],
+        "cpu_seconds": cpu,
         "steps": run["steps"],
         "eval_seconds": [h["seconds"] for h in history],
         "normalized": [h["normalized"] for h in history],
@@ -71,7 +75,6 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _memory_child(spec: dict[str, Any], logdir: str) -> dict[str, Any]:
     import pytorch_lightning as pl
-    import torch
     from torch import nn
 
     from benchmarks import bench_callback
@@ -107,7 +110,12 @@ def _memory_child(spec: dict[str, Any], logdir: str) -> dict[str, Any]:
     trainer.fit(module, train, val)
     peak = monitor.history[-1]["peak_memory_mb"]
     weights_mb = sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
-    return {"peak_mb": peak, "before_mb": Probe.rss[-1], "added_mb": peak - Probe.rss[-1], "weights_mb": weights_mb}
+    return {
+        "peak_mb": peak,
+        "before_mb": Probe.rss[-1],
+        "added_mb": peak - Probe.rss[-1],
+        "weights_mb": weights_mb,
+    }
 
 
 def _spawn(spec: dict[str, Any]) -> dict[str, Any]:
@@ -145,16 +153,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     loads = []
     for r in range(args.repeats):
         for label, tree, monitor in configs:
-            spec = {"kind": "time", "tree": tree, "monitor": monitor, "epochs": args.epochs, "steps": args.steps}
+            spec = {
+                "kind": "time",
+                "tree": tree,
+                "monitor": monitor,
+                "epochs": args.epochs,
+                "steps": args.steps,
+            }
             result = _spawn(spec)
             runs[label].append(result)
             loads.append(_load())
             print(f"round {r} {label}: {result['seconds']:.3f} s (load {loads[-1]})", flush=True)
     base = statistics.median(x["seconds"] for x in runs["without monitor"])
+    cpu_base = statistics.median(x["cpu_seconds"] for x in runs["without monitor"])
     rows = []
-    for label, tree, monitor in configs:
+    for label, tree, _ in configs:
         seconds = [x["seconds"] for x in runs[label]]
         median = statistics.median(seconds)
+        cpu = statistics.median(x["cpu_seconds"] for x in runs[label])
         evals = [s for x in runs[label] for s in x["eval_seconds"]]
         n_evals = len(runs[label][0]["eval_seconds"])
         rows.append(
@@ -164,36 +180,52 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "median_s": median,
                 "runs_s": seconds,
                 "overhead": median / base - 1,
+                "cpu_median_s": cpu,
+                "cpu_overhead": cpu / cpu_base - 1,
                 "added_per_eval_s": (median - base) / n_evals if n_evals else 0.0,
                 "measurement_s": statistics.median(evals) if evals else None,
                 "normalized_last": runs[label][0]["normalized"][-1] if n_evals else None,
             }
         )
     results: dict[str, Any] = {"rows": rows, "runs": runs, "loadavg": loads, "args": vars(args)}
-    print(f"\n### MLP, {args.epochs} epochs x {args.steps} steps, medians of {args.repeats} interleaved runs\n")
-    print("| config | median s | overhead | added per evaluation s | one measurement s | normalized (last) |")
-    print("|---|---|---|---|---|---|")
+    print(
+        f"\n### MLP, {args.epochs} epochs x {args.steps} steps, medians of {args.repeats} interleaved runs\n"
+    )
+    print(
+        "| config | wall s | wall overhead | CPU s | CPU overhead | added wall per evaluation s "
+        "| one measurement s | normalized (last) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         meas = "" if row["measurement_s"] is None else f"{row['measurement_s']:.4f}"
         norm = "" if row["normalized_last"] is None else f"{row['normalized_last']:.10g}"
         print(
             f"| {row['config']} | {row['median_s']:.3f} | {100 * row['overhead']:.1f}% | "
+            f"{row['cpu_median_s']:.3f} | {100 * row['cpu_overhead']:.1f}% | "
             f"{row['added_per_eval_s']:.4f} | {meas} | {norm} |"
         )
     if args.memory:
         memory = []
         for r in range(args.memory_repeats):
             for label, tree, monitor in [("before (old tree)", old, {}), ("after", new, {})]:
-                m = _spawn({"kind": "memory", "tree": tree, "monitor": {**(monitor or {}), "log_images": False}})
+                m = _spawn(
+                    {"kind": "memory", "tree": tree, "monitor": {**(monitor or {}), "log_images": False}}
+                )
                 memory.append({"config": label, **m})
                 print(f"memory round {r} {label}: {m}", flush=True)
         results["memory"] = memory
-        print("\n### peak memory of one measurement, wide MLP (8.5M weights), 64 samples, first layer measured (medians)\n")
+        print(
+            "\n### peak memory of one measurement, wide MLP (8.5M weights), 64 samples, first layer "
+            "measured (medians)\n"
+        )
         print("| config | weights MB | RSS before MB | peak MB | added MB |")
         print("|---|---|---|---|---|")
         for label in ("before (old tree)", "after"):
             ms = [m for m in memory if m["config"] == label]
-            med = {k: statistics.median(m[k] for m in ms) for k in ("weights_mb", "before_mb", "peak_mb", "added_mb")}
+            med = {
+                k: statistics.median(m[k] for m in ms)
+                for k in ("weights_mb", "before_mb", "peak_mb", "added_mb")
+            }
             print(
                 f"| {label} | {med['weights_mb']:.1f} | {med['before_mb']:.0f} | {med['peak_mb']:.0f} | "
                 f"{med['added_mb']:.1f} |"
@@ -202,7 +234,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--old", help="source tree of the 'before' version (a git worktree)")
     parser.add_argument("--repeats", type=int, default=5)

@@ -876,8 +876,11 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
     ``i % world_size``) and the metric sums the estimates over processes: every process gets the
     same value, equal to the single-process value over the same samples.
 
-    **How**: on a private deep copy of the network in ``dtype`` (float32 or float64, whatever the
-    training precision), in eval mode (dropout off, BatchNorm with running statistics), with
+    **How**: on the live network, without a copy (:meth:`measured_network`,
+    :func:`~lightning_flatness.isolation.measurement_view`), in eval mode for the duration of the
+    measurement (dropout off, BatchNorm with running statistics) and in ``dtype`` (float32 or
+    float64, whatever the training precision: only the tensors whose dtype differs are cast, into
+    temporary copies), with
     gradients enabled locally (also inside ``trainer.validate()``'s inference mode), through
     :class:`~lightning_flatness.measure.SharpnessMeasurement` (the front door that plain training
     loops use too). Batches may be tensors, tuples or dicts (Hugging Face keyword batches included,
@@ -924,9 +927,9 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
 
     Each logger also gets the per-layer values as a table (at every measurement) and a per-layer bar
     chart (with matplotlib; by default one, of the last measurement, at the end of training: see
-    ``images_every_n_evaluations``) through its own API (:mod:`lightning_flatness.logger_media`): TensorBoard (plus a
-    custom-scalars layout with the per-layer curves of each measure on one chart), W&B, MLflow and
-    CSVLogger (files beside ``metrics.csv``). Without a logger the values still reach
+    ``images_every_n_evaluations``) through its own API (:mod:`lightning_flatness.logger_media`):
+    TensorBoard (plus a custom-scalars layout with the per-layer curves of each measure on one
+    chart), W&B, MLflow and CSVLogger (files beside ``metrics.csv``). Without a logger the values still reach
     ``trainer.callback_metrics`` and :attr:`history`.
 
     **Cost** (``num_samples`` training samples per measurement): ``"exact"``: one forward and about

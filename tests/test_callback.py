@@ -337,6 +337,49 @@ class _Snapshot(Callback):
         self.store["checked"] = self.store.get("checked", 0) + 1
 
 
+class _NetOnly(SharpnessMonitor):
+    def measured_network(self, pl_module):
+        return pl_module.net
+
+
+@pytest.mark.parametrize("precision, dtype", [("32-true", torch.float32), ("bf16-true", torch.float64)])
+def test_the_live_network_is_measured_in_eval_mode_cast_only_when_the_dtype_differs(precision, dtype):
+    seen: list[tuple] = []
+    recording = [False]
+
+    class Switch(Callback):  # on around the monitor's hook only
+        def __init__(self, on: bool) -> None:
+            self.on = on
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            recording[0] = self.on
+
+    def record(module, args):  # what the measured network looks like while the monitor measures
+        if recording[0]:
+            weight = module.weight
+            seen.append((module.training, weight.dtype, weight.data_ptr(), weight.requires_grad))
+
+    pl.seed_everything(0, verbose=False)
+    model, dm = MLP(batchnorm=True, dropout=0.3), DataModule()
+    first = model.net[0]
+    first.register_forward_pre_hook(record)
+    monitor = _NetOnly(num_samples=64, dtype=dtype)
+    callbacks = [Switch(True), monitor, Switch(False)]
+    _trainer(max_epochs=2, precision=precision, callbacks=callbacks).fit(model, dm)
+    live = first.weight
+    assert len(monitor.history) == 2 and seen
+    assert {(training, d, grad) for training, d, _, grad in seen} == {(False, dtype, True)}
+    same_storage = {ptr == live.data_ptr() for *_, ptr, _ in seen}
+    assert same_storage == ({True} if live.dtype == dtype else {False})  # a copy only to change dtype
+    assert all(m.training for m in model.modules()) and live.dtype == (
+        torch.float32 if precision == "32-true" else torch.bfloat16
+    )
+    ref = brute_force_measures(model.net, *_subset(monitor, dm.train_set))
+    assert monitor.history[-1]["normalized"] == pytest.approx(
+        ref["normalized"], rel=1e-9 if dtype == torch.float64 else 1e-4
+    )
+
+
 @pytest.mark.parametrize("method", ["exact", "hutchinson"])
 def test_monitor_leaves_weights_buffers_grads_modes_and_rng_streams_untouched(method):
     store: dict = {}

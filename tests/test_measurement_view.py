@@ -16,7 +16,13 @@ from lightning_flatness.isolation import measurement_view
 def _network(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     net = nn.Sequential(
-        nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.4), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)
+        nn.Linear(6, 8),
+        nn.BatchNorm1d(8),
+        nn.ReLU(),
+        nn.Dropout(0.4),
+        nn.Linear(8, 8),
+        nn.ReLU(),
+        nn.Linear(8, 3),
     )
     with torch.no_grad():  # non-trivial running statistics, so eval mode is visible in the output
         net[1].running_mean.uniform_(-1, 1)
