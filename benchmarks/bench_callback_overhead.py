@@ -54,10 +54,12 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(1)
     from benchmarks import bench_callback
 
+    hooks = _time_monitor_hooks()
     with tempfile.TemporaryDirectory() as logdir:
         if spec["kind"] == "memory":
             return _memory_child(spec, logdir)
         bench_callback.fit("mlp", 1, 4, spec["monitor"], 0, logdir)  # warm-up
+        hooks["cpu"], hooks["wall"] = 0.0, 0.0
         cpu = time.process_time()
         run = bench_callback.fit("mlp", spec["epochs"], spec["steps"], spec["monitor"], 0, logdir)
         cpu = time.process_time() - cpu
@@ -65,12 +67,39 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "seconds": run["seconds"],
         "cpu_seconds": cpu,
+        "hooks_cpu_seconds": hooks["cpu"],
+        "hooks_wall_seconds": hooks["wall"],
         "steps": run["steps"],
         "eval_seconds": [h["seconds"] for h in history],
         "normalized": [h["normalized"] for h in history],
         "peak_memory_mb": [h["peak_memory_mb"] for h in history],
         "tree": spec["tree"],
     }
+
+
+def _time_monitor_hooks() -> dict[str, float]:
+    """Count the CPU and wall time spent inside the monitor's Lightning hooks (all of its work except
+    Lightning's own handling of the values it logs)."""
+    import functools
+
+    from lightning_flatness.callback import SharpnessMonitorBase
+
+    spent = {"cpu": 0.0, "wall": 0.0}
+    for name in ("setup", "on_fit_start", "on_validation_start", "on_validation_epoch_end", "on_train_end"):
+        if name not in vars(SharpnessMonitorBase):
+            continue
+        hook = vars(SharpnessMonitorBase)[name]
+
+        def timed(*args, _hook=hook, **kwargs):
+            cpu, wall = time.process_time(), time.perf_counter()
+            try:
+                return _hook(*args, **kwargs)
+            finally:
+                spent["cpu"] += time.process_time() - cpu
+                spent["wall"] += time.perf_counter() - wall
+
+        setattr(SharpnessMonitorBase, name, functools.wraps(hook)(timed))
+    return spent
 
 
 def _memory_child(spec: dict[str, Any], logdir: str) -> dict[str, Any]:
@@ -163,7 +192,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result = _spawn(spec)
             runs[label].append(result)
             loads.append(_load())
-            print(f"round {r} {label}: {result['seconds']:.3f} s (load {loads[-1]})", flush=True)
+            print(
+                f"round {r} {label}: {result['seconds']:.3f} s, CPU {result['cpu_seconds']:.3f} s, hooks CPU "
+                f"{result['hooks_cpu_seconds']:.3f} s (load {loads[-1]})",
+                flush=True,
+            )
     base = statistics.median(x["seconds"] for x in runs["without monitor"])
     cpu_base = statistics.median(x["cpu_seconds"] for x in runs["without monitor"])
     rows = []
@@ -171,6 +204,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seconds = [x["seconds"] for x in runs[label]]
         median = statistics.median(seconds)
         cpu = statistics.median(x["cpu_seconds"] for x in runs[label])
+        hooks_cpu = statistics.median(x["hooks_cpu_seconds"] for x in runs[label])
+        hooks_wall = statistics.median(x["hooks_wall_seconds"] for x in runs[label])
+        # within one run: the monitor's hooks against the rest of the same fit (robust to load changes
+        # between runs, which hit both alike)
+        within_cpu = statistics.median(
+            x["hooks_cpu_seconds"] / (x["cpu_seconds"] - x["hooks_cpu_seconds"]) for x in runs[label]
+        )
+        within_wall = statistics.median(
+            x["hooks_wall_seconds"] / (x["seconds"] - x["hooks_wall_seconds"]) for x in runs[label]
+        )
         evals = [s for x in runs[label] for s in x["eval_seconds"]]
         n_evals = len(runs[label][0]["eval_seconds"])
         rows.append(
@@ -182,6 +225,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "overhead": median / base - 1,
                 "cpu_median_s": cpu,
                 "cpu_overhead": cpu / cpu_base - 1,
+                "hooks_cpu_s": hooks_cpu,
+                "hooks_cpu_fraction": hooks_cpu / cpu_base,
+                "hooks_wall_fraction": hooks_wall / base,
+                "within_run_cpu": within_cpu,
+                "within_run_wall": within_wall,
                 "added_per_eval_s": (median - base) / n_evals if n_evals else 0.0,
                 "measurement_s": statistics.median(evals) if evals else None,
                 "normalized_last": runs[label][0]["normalized"][-1] if n_evals else None,
@@ -192,16 +240,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"\n### MLP, {args.epochs} epochs x {args.steps} steps, medians of {args.repeats} interleaved runs\n"
     )
     print(
-        "| config | wall s | wall overhead | CPU s | CPU overhead | added wall per evaluation s "
-        "| one measurement s | normalized (last) |"
+        "| config | wall s | wall overhead | CPU s | CPU overhead | monitor hooks CPU s | hooks CPU / "
+        "CPU without | hooks wall / wall without | within run: hooks / rest, CPU | within run: hooks / "
+        "rest, wall | added wall per evaluation s | one measurement s | normalized (last) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         meas = "" if row["measurement_s"] is None else f"{row['measurement_s']:.4f}"
         norm = "" if row["normalized_last"] is None else f"{row['normalized_last']:.10g}"
         print(
             f"| {row['config']} | {row['median_s']:.3f} | {100 * row['overhead']:.1f}% | "
-            f"{row['cpu_median_s']:.3f} | {100 * row['cpu_overhead']:.1f}% | "
+            f"{row['cpu_median_s']:.3f} | {100 * row['cpu_overhead']:.1f}% | {row['hooks_cpu_s']:.3f} | "
+            f"{100 * row['hooks_cpu_fraction']:.1f}% | {100 * row['hooks_wall_fraction']:.1f}% | "
+            f"{100 * row['within_run_cpu']:.1f}% | {100 * row['within_run_wall']:.1f}% | "
             f"{row['added_per_eval_s']:.4f} | {meas} | {norm} |"
         )
     if args.memory:
@@ -267,7 +318,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"\ntotal time {results['seconds']:.1f} s")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
+        args.json.write_text(json.dumps(results, indent=1, default=str))
 
 
 if __name__ == "__main__":
