@@ -124,7 +124,7 @@ def test_tensorboard_csv_wandb_and_mlflow_each_get_scalars_per_layer_table_and_b
         "WandbLogger",
         "MLFlowLogger",
     ]
-    monitor = SharpnessMonitor(num_samples=48, dtype="float64", batch_size=24)
+    monitor = SharpnessMonitor(num_samples=48, dtype="float64", batch_size=24, images_every_n_evaluations=1)
     pl.seed_everything(0, verbose=False)
     model, dm = MLP(), DataModule()
     trainer = pl.Trainer(
