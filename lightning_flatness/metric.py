@@ -344,6 +344,7 @@ class NormalizedSharpness(Metric):
         self._offsets = offsets
         self._shape = shape
         self._weights: Optional[dict[str, Tensor]] = None
+        self._weight_sources: Optional[dict[str, tuple[Tensor, int]]] = None  # what _weights was copied from
         self._slot_offset: Optional[int] = None
         self._states_persistent = False
         self._warned_no_stderr = False
@@ -384,7 +385,8 @@ class NormalizedSharpness(Metric):
 
     def _full_state(self) -> Tensor:
         """The state as ``(R, F + 1)`` (a broadcast view of the compact default before any update)."""
-        return self.accumulator.expand(*self._shape)
+        acc = self.accumulator
+        return acc if acc.shape == self._shape else acc.expand(*self._shape)
 
     @property
     def count(self) -> Tensor:
@@ -449,15 +451,33 @@ class NormalizedSharpness(Metric):
             + [torch.ones(num_groups, 1, dtype=torch.float64, device=device)],
             dim=1,
         )
+        block.mul_(scale)
         with torch.inference_mode(False):  # normal tensors: Lightning validates under inference_mode
-            self.accumulator = acc.index_add(
-                0, slots, block * scale
-            )  # out of place: the default stays shared
-            self._weights = {
-                name: weights[name].detach().to(device=device, dtype=torch.float64, copy=True)
-                for name, _ in self._layout
-            }
+            if self.accumulator is acc and acc._base is None and not acc.is_inference():
+                acc.index_add_(0, slots, block)  # a materialised state of its own: in place, no (R, F+1) copy
+            else:
+                self.accumulator = acc.index_add(0, slots, block)  # out of place: the compact default stays
+            if not self._same_weights(
+                weights
+            ):  # copy unless they are the tensors of the last copy, unchanged
+                self._weights = {
+                    name: weights[name].detach().to(device=device, dtype=torch.float64, copy=True)
+                    for name, _ in self._layout
+                }
+                self._weight_sources = {
+                    name: (weights[name], weights[name]._version) for name, _ in self._layout
+                }
         self._slot_offset += num_groups
+
+    def _same_weights(self, weights: Mapping[str, Tensor]) -> bool:
+        """Whether ``weights`` are the very tensors of the kept copy, not modified since (version counter;
+        the references held keep their ids from being reused)."""
+        sources = self._weight_sources
+        return (
+            self._weights is not None
+            and sources is not None
+            and all(sources[n][0] is weights[n] and sources[n][1] == weights[n]._version for n in sources)
+        )
 
     def update_from_estimate(self, estimate: HessianDiagonalEstimate, weights: Mapping[str, Tensor]) -> None:
         """``update(estimate.groups, weights, estimate.group_sizes)``: one slot per group of the estimate."""
@@ -549,6 +569,7 @@ class NormalizedSharpness(Metric):
                 self._weights = {
                     n: w.to(self.accumulator.device, copy=True) for n, w in incoming_state._weights.items()
                 }
+                self._weight_sources = None
         elif isinstance(incoming_state, Mapping) and _STATE in incoming_state:
             shape = tuple(torch.as_tensor(incoming_state[_STATE]).shape)
             if shape not in (self._shape, (1, 1)):
@@ -603,3 +624,4 @@ class NormalizedSharpness(Metric):
                     n: w.detach().to(device=self.accumulator.device, dtype=torch.float64, copy=True)
                     for n, w in state["weights"].items()
                 }
+            self._weight_sources = None

@@ -706,3 +706,24 @@ def test_saved_cases_of_the_negative_zero_defect_give_finite_replicates(case):
     assert float((values / values[0]).max()) < 1.5 and float((values / values[0]).min()) > 0.6
     pooled = (d["sums"].sum(0) / d["counts"].sum()).reshape(d["W"].shape)
     assert float(values[0]) == pytest.approx(float(normalized_sharpness(d["W"], pooled, 0.5)), rel=1e-9)
+
+
+def test_updates_add_in_place_and_copy_the_weights_only_when_they_change():
+    w = torch.randn(3, 4, dtype=torch.float64)
+    h = torch.rand(3, 4, dtype=torch.float64)
+    metric = NormalizedSharpness({"w": w.shape}, num_replicates=2)
+    metric.update({"w": h}, {"w": w}, 2)
+    metric.update({"w": 3 * h}, {"w": w}, 2)
+    state, kept = metric.accumulator, metric._weights["w"]
+    metric.update({"w": h}, {"w": w}, 4)  # the same unchanged weights: the kept copy serves
+    assert metric.accumulator is state and metric._weights["w"] is kept  # in place, no new copies
+    torch.testing.assert_close(metric.hessian_sums()["w"], torch.stack([2 * h + 4 * h, 6 * h]).reshape(2, -1))
+    w.mul_(2)  # changed in place: its version counter moves, so it is copied again
+    metric.update({"w": h}, {"w": w}, 2)
+    assert torch.equal(metric.weights["w"], w) and metric._weights["w"] is not kept
+    fresh = torch.randn(3, 4, dtype=torch.float64)  # another tensor (even with an equal version): copied
+    metric.update({"w": h}, {"w": fresh}, 2)
+    assert torch.equal(metric.weights["w"], fresh)
+    metric.reset()
+    metric.update({"w": h}, {"w": fresh}, 2)  # after reset: the compact default is replaced, not written
+    torch.testing.assert_close(metric.hessian_sums()["w"].sum(dim=0), 2 * h.reshape(-1))
