@@ -40,7 +40,10 @@ How it is solved (deterministic, certified):
    ``A_ij e^{x_i + y_j}`` are products of vector exponentials (no ``(m, n)`` exponential). A
    backtracking line search, with each ``x_i + y_j`` moving at most 8 nats per step, keeps every
    step a descent step. ``P`` problems of one shape iterate together over a leading dimension,
-   each stopping on its own certificate.
+   each stopping on its own certificate. Warm-started problems that share ``B`` with a solved
+   problem 0 and form one attained component (jackknife replicates) take exact Newton steps from
+   its optimum with no factorisation of their own: conjugate gradients preconditioned by problem
+   0's factorised system (:mod:`._replicate_newton`); the others take the general path.
 3. **Certificate.** The Newton-linearised terms ``delta_ij^A = A_ij e^{x_i+y_j} (1 + s_ij)``,
    ``delta_ij^B = B_ij e^{-x_i-y_j} (1 - s_ij)`` (``s_ij = dx_i + dy_j``) have zero row and column sums
    (up to the rounding of the solve, accounted for), so the weighted AM-GM inequality gives a
@@ -63,13 +66,14 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from lightning_flatness.functional.solvers._components import component_layout
 from lightning_flatness.functional.solvers._newton import alternating_sweeps, newton
+from lightning_flatness.functional.solvers._replicate_newton import replicate_newton
 from lightning_flatness.functional.solvers.matrix_normalized import _float64, _result_dtype, _to_result
 
 __all__ = [
@@ -297,6 +301,7 @@ def solve_normalized_sharpness_coefficients(
     warm_start: bool = True,
     shape: Optional[tuple] = None,
     replicate_rtol: Optional[float] = None,
+    replicate_gap: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> list[NormalizedSharpnessSolution]:
     r"""Solve eq. 17 from its ``(m, n)`` coefficient matrices, for ``P`` problems at once.
 
@@ -313,6 +318,11 @@ def solve_normalized_sharpness_coefficients(
         shape: the weight's shape, for the warning text (default ``(m, n)``).
         replicate_rtol: certified accuracy of problems ``1..P-1`` (default ``rtol``); e.g. ``1e-9``
             for jackknife replicates, whose spread is many orders of magnitude larger.
+        replicate_gap: optional map from the values ``(P-1,)`` of problems ``1..P-1`` after their first
+            Newton step (upper bounds) to absolute gaps ``(P-1,)`` (or a scalar) that also suffice: a
+            problem is done once ``value - lower_bound <= max(replicate_rtol * lower_bound, gap)``
+            (e.g. :func:`~lightning_flatness.functional.replicate_measures.spread_gap`, a fraction of
+            the replicates' spread). Applies where the replicates take the preconditioned path.
 
     Returns:
         ``P`` :class:`NormalizedSharpnessSolution` in float64.
@@ -334,6 +344,7 @@ def solve_normalized_sharpness_coefficients(
         tuple(a.shape[1:]) if shape is None else tuple(shape),
         warm_start=warm_start,
         replicate_rtol=replicate_rtol,
+        replicate_gap=replicate_gap,
     )
 
 
@@ -379,10 +390,11 @@ def _solve(
     shape: tuple,
     warm_start: bool,
     replicate_rtol: Optional[float] = None,
+    replicate_gap: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> list[NormalizedSharpnessSolution]:
     """Solve ``P`` problems with coefficients ``a`` ``(P, m, n)`` and ``b`` ``(P or 1, m, n)``."""
     with intra_op_threads(a.numel(), a.device):
-        return _solve_threads_set(a, b, rtol, max_iter, shape, warm_start, replicate_rtol)
+        return _solve_threads_set(a, b, rtol, max_iter, shape, warm_start, replicate_rtol, replicate_gap)
 
 
 def _solve_threads_set(
@@ -393,6 +405,7 @@ def _solve_threads_set(
     shape: tuple,
     warm_start: bool,
     replicate_rtol: Optional[float],
+    replicate_gap: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> list[NormalizedSharpnessSolution]:
     if not (math.isfinite(float(a.sum())) and math.isfinite(float(b.sum()))):  # a, b >= 0: no cancellation
         raise ValueError(
@@ -400,6 +413,8 @@ def _solve_threads_set(
             "overflow of W^2 / h summed over the kernel); check the curvature estimate."
         )
     num = a.shape[0]
+    shared_b = b.shape[0] == 1
+    allowed: Optional[list[float]] = None
     b = b.expand_as(a)
     transposed = a.shape[1] > a.shape[2]
     if transposed:  # the Newton system is solved on the smaller side
@@ -421,28 +436,106 @@ def _solve_threads_set(
         sols = _solve_one_row(a, b)
     elif warm_start and num > 1:
         first = _solve_reduced(a[:1], b[:1], rtol, max_iter, shape, None)
-        rest = _solve_reduced(
-            a[1:], b[1:], rtol if replicate_rtol is None else replicate_rtol, max_iter, shape, first[0]
+        rest, allowed = _solve_replicates(
+            a[1:],
+            b[1:],
+            a[0],
+            first[0],
+            rtol if replicate_rtol is None else replicate_rtol,
+            replicate_gap,
+            max_iter,
+            shape,
+            shared_b,
         )
         sols = first + rest
+        allowed = [0.0] + allowed
     else:
         sols = _solve_reduced(a, b, rtol, max_iter, shape, None)
-    _warn_uncertified(sols, max(rtol, replicate_rtol or rtol), max_iter, shape)
+    _warn_uncertified(sols, max(rtol, replicate_rtol or rtol), max_iter, shape, allowed)
     return [_finish(sol, transposed) for sol in sols]
 
 
+def _solve_replicates(
+    a: Tensor,
+    b: Tensor,
+    a0: Tensor,
+    pooled: NormalizedSharpnessSolution,
+    rtol: float,
+    gap: Optional[Callable[[Tensor], Tensor]],
+    max_iter: int,
+    shape: tuple,
+    shared_b: bool,
+) -> tuple[list[NormalizedSharpnessSolution], list[float]]:
+    """Problems near the solved ``pooled`` one (``m <= n``): Newton from its optimum with its factorised
+    system as the preconditioner (:mod:`._replicate_newton`) when every problem is one attained
+    component with every row and column and ``B`` is shared; the general warm-started solver for the
+    rest. Also returns the absolute gap each problem was allowed (0: ``rtol`` alone)."""
+    num, m, n = a.shape
+    fast = (
+        shared_b
+        and pooled.attained
+        and pooled.num_components == 1
+        and bool(torch.isfinite(pooled.row_log_variance).all())
+        and bool(torch.isfinite(pooled.col_log_variance).all())
+    )
+    keep, free = component_layout(a, b) if fast else (a, None)
+    if keep is not None or free is None:
+        return _solve_reduced(a, b, rtol, max_iter, shape, pooled), [0.0] * num
+    b0 = b[0]
+    scale_a, scale_b = a0.amax(), b0.amax()
+    shift = 0.5 * torch.log(scale_b / scale_a)
+    factor = torch.sqrt(scale_a * scale_b)
+    scaled_gap = None if gap is None else (lambda v: gap(v * factor) / factor)
+    res, certified, allowed_scaled = replicate_newton(
+        a / scale_a,
+        b[0] / scale_b,
+        a0 / scale_a,
+        free[0],
+        pooled.row_log_variance - shift,
+        pooled.col_log_variance,
+        rtol,
+        max_iter,
+        scaled_gap,
+    )
+    allowed = (allowed_scaled * factor).tolist()
+    value, lower = res.value * factor, res.lower * factor
+    sols: list[Optional[NormalizedSharpnessSolution]] = [
+        NormalizedSharpnessSolution(value[p], lower[p], res.x[p] + shift, res.y[p], 1, True, res.iterations)
+        if bool(certified[p])
+        else None
+        for p in range(num)
+    ]
+    rest = [p for p in range(num) if sols[p] is None]
+    if rest:
+        idx = torch.tensor(rest, device=a.device)
+        for p, sol in zip(rest, _solve_reduced(a[idx], b[idx], rtol, max_iter, shape, pooled)):
+            sols[p] = sol
+            allowed[p] = 0.0
+    return [s for s in sols if s is not None], allowed
+
+
 def _warn_uncertified(
-    sols: list[NormalizedSharpnessSolution], rtol: float, max_iter: int, shape: tuple
+    sols: list[NormalizedSharpnessSolution],
+    rtol: float,
+    max_iter: int,
+    shape: tuple,
+    allowed: Optional[list[float]] = None,
 ) -> None:
-    """One warning per call when any problem stopped above ``rtol`` (the cap or the rounding floor)."""
+    """One warning per call when any problem stopped above ``rtol`` (the cap or the rounding floor) and
+    above its ``allowed`` absolute gap."""
+    allowed = allowed or [0.0] * len(sols)
     gaps = [
         float((s.value - s.lower_bound) / s.lower_bound)
         if s.lower_bound > 0
         else (math.inf if s.value > 0 else 0.0)
         for s in sols
     ]
-    worst = max(range(len(gaps)), key=gaps.__getitem__, default=None)
-    if worst is not None and gaps[worst] > rtol:
+    over = [
+        gaps[p] if gaps[p] > rtol and float(s.value - s.lower_bound) > allowed[p] else 0.0
+        for p, s in enumerate(sols)
+    ]
+    worst = max(range(len(over)), key=over.__getitem__, default=None)
+    if worst is not None and over[worst] > 0:
         warnings.warn(
             f"normalized_sharpness stopped after {sols[worst].iterations} Newton iterations (max_iter="
             f"{max_iter}) on a weight tensor of shape {shape} with a certified relative gap of "

@@ -1,0 +1,106 @@
+"""The metric's replicate solves (Newton from the pooled optimum, pooled factor as CG preconditioner)
+against fully converged cold solves, and the structured replicate curvature against explicit means."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import lightning_flatness.functional.solvers.normalized as normalized_module
+from lightning_flatness.functional.replicate_measures import (
+    jackknife_standard_error,
+    replicate_curvature,
+    replicate_sharpness_measures,
+    replicate_weights,
+    spread_gap,
+)
+from lightning_flatness.functional.solvers import solve_normalized_sharpness_coefficients
+
+F64 = torch.float64
+
+
+def _slots(shape, clipped: bool, seed: int, num_slots: int = 8):
+    """Heavy-tailed (log-normal sigma 2, row and column effects) slot sums and He weights."""
+    g = torch.Generator().manual_seed(seed)
+    m, n = shape[0], shape[1]
+    bshape = (m, n) + (1,) * (len(shape) - 2)
+    w = torch.randn(shape, generator=g, dtype=F64) * math.sqrt(2.0 / math.prod(shape[1:]))
+    effects = 1.5 * torch.randn(m, 1, generator=g, dtype=F64) + torch.randn(1, n, generator=g, dtype=F64)
+    h = torch.exp(effects.view(bshape) + 2.0 * torch.randn(shape, generator=g, dtype=F64))
+    if clipped:  # 30% of the entries negative: clipping in every replicate
+        h = torch.where(torch.rand(shape, generator=g) < 0.3, -h, h)
+    groups = h[None] * (1 + 0.5 * torch.randn((num_slots, *shape), generator=g, dtype=F64))
+    counts = torch.full((num_slots,), 16.0, dtype=F64)
+    return w, (groups * 16.0).reshape(num_slots, -1), counts
+
+
+def _converged_values(w, sums, counts):
+    """Every problem solved cold and certified to 1e-11 (no warm start, no spread tolerance)."""
+    used = list(range(counts.numel()))
+    mix = replicate_weights(counts, used)
+    a, _ = replicate_curvature(sums, mix, w.shape)
+    b = w.square().reshape(a.shape[1], a.shape[2], -1).sum(dim=2)
+    sols = solve_normalized_sharpness_coefficients(a, b, rtol=1e-11, warm_start=False)
+    return torch.stack([s.value for s in sols])
+
+
+@pytest.mark.parametrize("clipped", [False, True])
+@pytest.mark.parametrize("shape", [(24, 40), (40, 12, 3, 3)])
+def test_stderr_and_half_shift_of_the_fast_path_equal_converged_solves(shape, clipped, monkeypatch):
+    certified = []
+    original = normalized_module.replicate_newton
+
+    def counting(*args, **kwargs):
+        out = original(*args, **kwargs)
+        certified.append(int(out[1].sum()))
+        return out
+
+    monkeypatch.setattr(normalized_module, "replicate_newton", counting)
+    w, sums, counts = _slots(shape, clipped, seed=3 + len(shape))
+    out, used = replicate_sharpness_measures({"w": w}, {"w": sums}, counts, 0.5)
+    assert used == 8
+    assert certified == [10]  # every replicate certified by the fast path, none by the general solver
+    ref = _converged_values(w, sums, counts)
+    se = jackknife_standard_error(ref[1:9])
+    shift = ref[9:].mean() - ref[0]
+    assert float(out["normalized"]) == pytest.approx(float(ref[0]), rel=1e-10)
+    # certified: |error of se| <= 1e-6 se (SPREAD_FRACTION) and |error of shift| <= 1e-6 se / sqrt(7)
+    assert abs(float(out["normalized_stderr"] - se)) <= 1e-6 * float(se)
+    assert abs(float(out["normalized_half_shift"] - shift)) <= 1e-6 * float(se) / math.sqrt(7)
+
+
+def test_spread_gap_is_the_fraction_of_the_leave_one_out_standard_deviation():
+    values = torch.tensor([1.0, 2.0, 4.0, 7.0, 100.0], dtype=F64)  # 3 leave-one-out, then halves
+    expected = 1e-3 * torch.tensor([1.0, 2.0, 4.0], dtype=F64).std(unbiased=False)
+    assert float(spread_gap(3, 1e-3)(values)) == pytest.approx(float(expected), rel=1e-15)
+    # the bound it gives on the standard error: shifts within the gap move se by at most fraction * se
+    loo = torch.tensor([3.0, 3.4, 2.9, 3.1, 3.3, 2.7, 3.0, 3.2], dtype=F64)
+    gap = float(spread_gap(8, 1e-2)(loo))
+    g = torch.Generator().manual_seed(0)
+    se = jackknife_standard_error(loo)
+    for _ in range(100):
+        shifted = loo + gap * torch.rand(8, generator=g, dtype=F64)
+        assert abs(float(jackknife_standard_error(shifted) - se)) <= 1e-2 * float(se) * (1 + 1e-12)
+
+
+def test_replicate_curvature_of_a_general_mix_is_the_clipped_kernel_sum_of_its_means():
+    g = torch.Generator().manual_seed(2)
+    shape = torch.Size((4, 3, 2))
+    sums = torch.randn(5, shape.numel(), generator=g, dtype=F64)
+    mix = torch.rand(3, 5, generator=g, dtype=F64)  # not constant on its support: the dense path
+    a, trace = replicate_curvature(sums, mix, shape)
+    means = mix @ sums
+    torch.testing.assert_close(a, means.clamp_min(0).view(3, 4, 3, 2).sum(dim=3), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(trace, means.sum(dim=1), rtol=1e-13, atol=1e-13)
+
+
+def test_replicate_curvature_gives_exact_zeros_where_the_other_slots_are_zero():
+    sums = torch.zeros(4, 6, dtype=F64)
+    sums[1, :3] = torch.tensor([1e300, -5.0, 3.0], dtype=F64)  # only slot 1 holds these entries
+    sums[:, 3:] = torch.tensor([1.0, -1.0, 2.0], dtype=F64)
+    counts = torch.ones(4, dtype=F64)
+    a, _ = replicate_curvature(sums, replicate_weights(counts, [0, 1, 2, 3]), torch.Size((6, 1)))
+    leave_out_1 = 1 + 1  # row 2 of mix: slot 1 left out
+    assert torch.equal(a[leave_out_1, :3, 0], torch.zeros(3, dtype=F64))
