@@ -21,8 +21,9 @@ from lightning_flatness.functional.solvers import solve_normalized_sharpness_coe
 F64 = torch.float64
 
 
-def _slots(shape, clipped: bool, seed: int, num_slots: int = 8):
-    """Heavy-tailed (log-normal sigma 2, row and column effects) slot sums and He weights."""
+def _slots(shape, clipped: bool, seed: int, num_slots: int = 8, dead: bool = False):
+    """Heavy-tailed (log-normal sigma 2, row and column effects) slot sums and He weights; ``dead``:
+    3 rows without curvature and 2 pruned columns (unattained infima, the components drop them)."""
     g = torch.Generator().manual_seed(seed)
     m, n = shape[0], shape[1]
     bshape = (m, n) + (1,) * (len(shape) - 2)
@@ -31,6 +32,9 @@ def _slots(shape, clipped: bool, seed: int, num_slots: int = 8):
     h = torch.exp(effects.view(bshape) + 2.0 * torch.randn(shape, generator=g, dtype=F64))
     if clipped:  # 30% of the entries negative: clipping in every replicate
         h = torch.where(torch.rand(shape, generator=g) < 0.3, -h, h)
+    if dead:
+        h[:3] = 0.0
+        w[:, -2:] = 0.0
     groups = h[None] * (1 + 0.5 * torch.randn((num_slots, *shape), generator=g, dtype=F64))
     counts = torch.full((num_slots,), 16.0, dtype=F64)
     return w, (groups * 16.0).reshape(num_slots, -1), counts
@@ -46,9 +50,9 @@ def _converged_values(w, sums, counts):
     return torch.stack([s.value for s in sols])
 
 
-@pytest.mark.parametrize("clipped", [False, True])
+@pytest.mark.parametrize("clipped,dead", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("shape", [(24, 40), (40, 12, 3, 3)])
-def test_stderr_and_half_shift_of_the_fast_path_equal_converged_solves(shape, clipped, monkeypatch):
+def test_stderr_and_half_shift_of_the_fast_path_equal_converged_solves(shape, clipped, dead, monkeypatch):
     certified = []
     original = normalized_module.replicate_newton
 
@@ -58,7 +62,7 @@ def test_stderr_and_half_shift_of_the_fast_path_equal_converged_solves(shape, cl
         return out
 
     monkeypatch.setattr(normalized_module, "replicate_newton", counting)
-    w, sums, counts = _slots(shape, clipped, seed=3 + len(shape))
+    w, sums, counts = _slots(shape, clipped, seed=3 + len(shape), dead=dead)
     out, used = replicate_sharpness_measures({"w": w}, {"w": sums}, counts, 0.5)
     assert used == 8
     assert certified == [10]  # every replicate certified by the fast path, none by the general solver

@@ -13,8 +13,8 @@ step; the one ``O(m^2 n)`` factorisation is shared by all replicates. Near the p
 Newton converges quadratically: one or two iterations certify a replicate.
 
 Same conventions as :mod:`._newton`: ``P`` problems over a leading dimension, coefficients scaled
-(the replicates with the pooled problem's scales), ``m <= n``, one component with every row and
-column (the caller checks; other problems take the general solver).
+(the replicates with the pooled problem's scales), ``m <= n``, zero outside the components, which
+are the pooled problem's (the caller checks; other problems take the general solver).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def replicate_newton(
         a: ``(P, m, n)`` float64 replicate coefficients, scaled with the pooled problem's scale.
         b: ``(m, n)`` float64, shared, scaled likewise.
         a0: ``(m, n)`` the pooled coefficients (its Newton system at ``(x0, y0)`` preconditions all).
-        free: ``(m,)`` bool, rows whose ``x`` is free (all but the gauge row).
+        free: ``(m,)`` bool, rows whose ``x`` is free (in a component, not its gauge row).
         x0, y0: ``(m,)``, ``(n,)`` the pooled optimum in the scaled problem.
         rtol: a problem is done once ``value - lower <= max(rtol * lower, gap)``.
         max_iter: Newton iterations at most.
@@ -146,11 +146,11 @@ def _pooled_preconditioner(
     ta, tb = _terms(a0[None], b0[None], x0[None], y0[None])
     gamma = (ta + tb)[0]
     r, c = gamma.sum(dim=1), gamma.sum(dim=0)
-    if not bool((c > 0).all()):
-        return None
+    tiny = torch.finfo(r.dtype).tiny
     fr = free & (r > 0)
-    sr = torch.where(fr, torch.rsqrt(r.clamp_min(torch.finfo(r.dtype).tiny)), torch.zeros_like(r))
-    gs = (gamma * (sr[:, None] * torch.rsqrt(c)[None, :])).to(torch.float32)
+    sr = torch.where(fr, torch.rsqrt(r.clamp_min(tiny)), torch.zeros_like(r))
+    sc = torch.where(c > 0, torch.rsqrt(c.clamp_min(tiny)), torch.zeros_like(c))
+    gs = (gamma * (sr[:, None] * sc[None, :])).to(torch.float32)
     k = torch.eye(gs.shape[0], dtype=torch.float32, device=gs.device) - gs @ gs.T
     chol, info = torch.linalg.cholesky_ex(k)
     if int(info) != 0:
@@ -182,7 +182,7 @@ def _direction_pcg(
     ``p_y = -(g_y + G^T p_x) / c``. Cost per CG step: two ``(m, n)`` matrix-vector products per problem.
     """
     mask = free.to(gamma.dtype)
-    inv_c = 1.0 / c  # c > 0: one component with every column
+    inv_c = torch.where(c > 0, 1.0 / c.clamp_min(torch.finfo(c.dtype).tiny), torch.zeros_like(c))
     jac = torch.where(
         free & (r > 0), torch.rsqrt(r.clamp_min(torch.finfo(r.dtype).tiny)), torch.zeros_like(r)
     )

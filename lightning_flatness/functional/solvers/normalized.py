@@ -467,40 +467,57 @@ def _solve_replicates(
     shared_b: bool,
 ) -> tuple[list[NormalizedSharpnessSolution], list[float]]:
     """Problems near the solved ``pooled`` one (``m <= n``): Newton from its optimum with its factorised
-    system as the preconditioner (:mod:`._replicate_newton`) when every problem is one attained
-    component with every row and column and ``B`` is shared; the general warm-started solver for the
-    rest. Also returns the absolute gap each problem was allowed (0: ``rtol`` alone)."""
+    system as the preconditioner (:mod:`._replicate_newton`) when ``B`` is shared and every problem has
+    the pooled problem's components (the usual case, dead units included); the general warm-started
+    solver for the rest. Also returns the absolute gap each problem was allowed (0: ``rtol`` alone)."""
     num, m, n = a.shape
-    fast = (
-        shared_b
-        and pooled.attained
-        and pooled.num_components == 1
-        and bool(torch.isfinite(pooled.row_log_variance).all())
-        and bool(torch.isfinite(pooled.col_log_variance).all())
-    )
-    keep, free = component_layout(a, b) if fast else (a, None)
-    if keep is not None or free is None:
+
+    def general() -> tuple[list[NormalizedSharpnessSolution], list[float]]:
         return _solve_reduced(a, b, rtol, max_iter, shape, pooled), [0.0] * num
+
+    if not shared_b or pooled.num_components == 0:
+        return general()
     b0 = b[0]
+    keep0, free0 = component_layout(a0[None], b0[None])
+    keep, free = component_layout(a, b)
+    if (keep0 is None) != (keep is None) or not torch.equal(free, free0.expand_as(free)):
+        return general()
+    if keep is not None and keep0 is not None:
+        if not torch.equal(keep, keep0.expand_as(keep)):
+            return general()
+        attained = ~((((a > 0) | (b > 0)) & ~keep).flatten(1).any(dim=1))
+        rows, cols = keep0[0].any(dim=1), keep0[0].any(dim=0)
+        a, a0, b0 = a.masked_fill(~keep, 0.0), a0.masked_fill(~keep0[0], 0.0), b0.masked_fill(~keep0[0], 0.0)
+    else:
+        attained = torch.ones(num, dtype=torch.bool, device=a.device)
+        rows = torch.ones(m, dtype=torch.bool, device=a.device)
+        cols = torch.ones(n, dtype=torch.bool, device=a.device)
     scale_a, scale_b = a0.amax(), b0.amax()
+    if not bool(scale_a > 0) or not bool(scale_b > 0):
+        return general()
     shift = 0.5 * torch.log(scale_b / scale_a)
     factor = torch.sqrt(scale_a * scale_b)
     scaled_gap = None if gap is None else (lambda v: gap(v * factor) / factor)
     res, certified, allowed_scaled = replicate_newton(
         a / scale_a,
-        b[0] / scale_b,
+        b0 / scale_b,
         a0 / scale_a,
-        free[0],
-        pooled.row_log_variance - shift,
-        pooled.col_log_variance,
+        free0[0],
+        (pooled.row_log_variance - shift).nan_to_num(0.0),
+        pooled.col_log_variance.nan_to_num(0.0),
         rtol,
         max_iter,
         scaled_gap,
     )
     allowed = (allowed_scaled * factor).tolist()
     value, lower = res.value * factor, res.lower * factor
+    nan = torch.tensor(float("nan"), dtype=a.dtype, device=a.device)
+    x_out = torch.where(rows, res.x + shift, nan)
+    y_out = torch.where(cols, res.y, nan)
     sols: list[Optional[NormalizedSharpnessSolution]] = [
-        NormalizedSharpnessSolution(value[p], lower[p], res.x[p] + shift, res.y[p], 1, True, res.iterations)
+        NormalizedSharpnessSolution(
+            value[p], lower[p], x_out[p], y_out[p], pooled.num_components, bool(attained[p]), res.iterations
+        )
         if bool(certified[p])
         else None
         for p in range(num)
