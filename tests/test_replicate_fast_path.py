@@ -108,3 +108,47 @@ def test_replicate_curvature_gives_exact_zeros_where_the_other_slots_are_zero():
     a, _ = replicate_curvature(sums, replicate_weights(counts, [0, 1, 2, 3]), torch.Size((6, 1)))
     leave_out_1 = 1 + 1  # row 2 of mix: slot 1 left out
     assert torch.equal(a[leave_out_1, :3, 0], torch.zeros(3, dtype=F64))
+
+
+def test_series_dual_bound_lies_between_the_taylor_bound_and_the_exact_dual_value():
+    """At one Newton step from the pooled optimum of a perturbed problem: Taylor bound (second order,
+    _newton) <= fourth-order bound <= AM-GM bound with C summed exactly (log1p) <= inf S."""
+    from lightning_flatness.functional.solvers._newton import _dual_bound, _terms
+    from lightning_flatness.functional.solvers._replicate_newton import (
+        _direction_pcg,
+        _pooled_preconditioner,
+        _series_dual_bound,
+    )
+
+    g = torch.Generator().manual_seed(11)
+    m, n = 12, 20
+    a0 = torch.exp(2.0 * torch.randn(m, n, generator=g, dtype=F64))
+    b = torch.exp(torch.randn(m, n, generator=g, dtype=F64))
+    a0, b = a0 / a0.max(), b / b.max()
+    pooled = solve_normalized_sharpness_coefficients(a0[None], b, rtol=1e-13)[0]
+    x0, y0 = pooled.row_log_variance - 0.5 * math.log(float(b.max() / a0.max())), pooled.col_log_variance
+    a = a0[None] * (1 + 0.3 * torch.rand(4, m, n, generator=g, dtype=F64))  # replicates
+    free = torch.ones(m, dtype=torch.bool)
+    free[0] = False
+    x, y = x0.expand(4, m).clone(), y0.expand(4, n).clone()
+    ta, tb = _terms(a, b.expand(4, m, n), x, y)
+    ra, rb, ca, cb = ta.sum(2), tb.sum(2), ta.sum(1), tb.sum(1)
+    val, gx, gy, r, c, gamma = ra.sum(1) + rb.sum(1), ra - rb, ca - cb, ra + rb, ca + cb, ta + tb
+    px, py, solved = _direction_pcg(gamma, r, c, gx, gy, free, _pooled_preconditioner(a0, b, free, x0, y0))
+    assert bool(solved.all())
+    series = _series_dual_bound(ta, tb, gamma, r, c, val, gx, gy, px, py, x, y)
+    taylor = _dual_bound(gamma, r, c, val, gx, gy, px, py, x, y)
+    s = px[:, :, None] + py[:, None, :]
+    cross = (ta * (1 + s) * torch.log1p(s) + tb * (1 - s) * torch.log1p(-s)).sum(dim=(1, 2))
+    total = val + (gx * px).sum(1) + (gy * py).sum(1)
+    rr = gx + r * px + torch.einsum("pij,pj->pi", gamma, py)
+    rc = gy + torch.einsum("pij,pi->pj", gamma, px) + c * py
+    exact = torch.exp(torch.log(total) - (cross + (x * rr).sum(1) + (y * rc).sum(1)) / total)
+    truth = torch.stack(
+        [s.lower_bound for s in solve_normalized_sharpness_coefficients(a, b, rtol=1e-13, warm_start=False)]
+    )
+    assert bool((taylor > 0).all()) and bool((taylor <= series * (1 + 1e-14)).all())
+    assert bool((series <= exact * (1 + 1e-14)).all())
+    assert bool((exact <= truth * (1 + 1e-13)).all())
+    # and the fourth-order bound is much tighter than the second-order one
+    assert bool(((truth - series) < 0.1 * (truth - taylor)).all())

@@ -4,7 +4,7 @@ The jackknife replicates of a tensor (leave-one-out and half-sample means) have 
 ``A_p`` close to the pooled ``A_0`` (the same ``B``), so their optima lie ``O(1/sqrt(n))`` from the
 pooled optimum ``(x_0, y_0)`` and their Newton systems are close to the pooled one. Starting every
 replicate at ``(x_0, y_0)``, this module takes **exact** Newton steps (the direction solved to float64
-accuracy, so the certificate of :func:`._newton._dual_bound` applies unchanged) without factorising
+accuracy, so the dual point of :func:`._newton._dual_bound` is feasible) without factorising
 any replicate's system: each system is solved by preconditioned conjugate gradients with the
 float32 Cholesky factor of the *pooled* system at ``(x_0, y_0)`` as the preconditioner (flexible,
 Polak-Ribiere form, robust to a float32 preconditioner). Per iteration and problem this costs
@@ -29,7 +29,6 @@ from lightning_flatness.functional.solvers._newton import (
     _MAX_HALVINGS,
     _REFINE_TOL,
     BatchResult,
-    _dual_bound,
     _objective,
     _terms,
 )
@@ -92,11 +91,11 @@ def replicate_newton(
         ra, rb, ca, cb = ta.sum(dim=2), tb.sum(dim=2), ta.sum(dim=1), tb.sum(dim=1)
         val = ra.sum(1) + rb.sum(1)
         gx, gy, r, c = ra - rb, ca - cb, ra + rb, ca + cb
-        gamma = ta.add_(tb)
-        del tb
+        gamma = ta + tb
         px, py, solved = _direction_pcg(gamma, r, c, gx, gy, free, precondition)
-        low = torch.where(solved, _dual_bound(gamma, r, c, val, gx, gy, px, py, xa, ya), lower[active])
-        del gamma
+        bound = _series_dual_bound(ta, tb, gamma, r, c, val, gx, gy, px, py, xa, ya)
+        low = torch.where(solved, torch.maximum(bound, lower[active]), lower[active])
+        del gamma, ta, tb
         stepped = torch.where(solved, _objective(a_a, b_a, xa + px, ya + py), torch.full_like(val, math.inf))
         take = stepped < val
         best = torch.minimum(val, stepped)
@@ -136,6 +135,70 @@ def replicate_newton(
         keep[back[~ok]] = False  # no representable decrease: left to the general solver
         active = glob[keep]
     return BatchResult(x, y, value, lower, iterations), certified, allowed
+
+
+def _row_times(v: Tensor, g: Tensor) -> Tensor:
+    """``v^T G`` per problem: ``(P, m)``, ``(P, m, n)`` -> ``(P, n)``."""
+    return torch.bmm(v.unsqueeze(1), g).squeeze(1)
+
+
+def _times_col(g: Tensor, v: Tensor) -> Tensor:
+    """``G v`` per problem, ``(P, m, n)``, ``(P, n)`` -> ``(P, m)``, as ``v^T G^T``: the batched
+    matrix-vector product with the vector on the left runs several times faster on CPU (measured)."""
+    return torch.bmm(v.unsqueeze(1), g.mT).squeeze(1)
+
+
+def _series_dual_bound(
+    ta: Tensor,
+    tb: Tensor,
+    gamma: Tensor,
+    r: Tensor,
+    c: Tensor,
+    value: Tensor,
+    gx: Tensor,
+    gy: Tensor,
+    px: Tensor,
+    py: Tensor,
+    x: Tensor,
+    y: Tensor,
+) -> Tensor:
+    """Lower bound on ``inf S`` per problem at the Newton-linearised dual point, to fourth order in the
+    step; 0 where it does not apply (``max |s| >= 1/2``).
+
+    The dual point and the AM-GM bound are those of :func:`._newton._dual_bound`,
+    ``S(x', y') >= exp(log T - (C + x . rr + y . rc) / T)`` with ``T = S + g.p``, ``rr``, ``rc`` the row
+    and column residuals of the Newton system and ``C = sum ta phi(s) + tb phi(-s)``,
+    ``phi(s) = (1 + s) log(1 + s)``, ``s_ij = px_i + py_j``. Here ``phi`` is expanded to fourth order,
+    ``phi(s) = s + s^2/2 - s^3/6 + s^4/12 + R``, ``|R| <= |s|^5 / (20 (1 - s_max)^4)`` (Taylor, with
+    ``phi^(5)(s) = -6 / (1 + s)^4``), so ``C <= g.p + sum (ta - tb)(-s^3/6) + gamma (s^2/2 + s^4/12)
+    + s_max^3 / (20 (1 - s_max)^4) sum gamma s^2``. The moments ``sum_ij t_ij (px_i + py_j)^k`` are
+    binomial sums of the bilinear forms ``(px^l)^T t (py^(k-l))``: one batched product of ``t`` with
+    the five powers of ``px`` per term kind. The slack is ``O(s_max^3 lambda^2)`` against
+    ``O(s_max lambda^2)`` for the second-order bound of :mod:`._newton`: one Newton step from the pooled
+    optimum usually certifies a replicate, where that bound needs a second step.
+    """
+    s_max = px.abs().amax(dim=1) + py.abs().amax(dim=1)
+    pow_x = torch.stack([torch.ones_like(px), px, px * px, px**3, px**4], dim=1)  # (P, 5, m)
+    pow_y = torch.stack([torch.ones_like(py), py, py * py, py**3, py**4], dim=1)  # (P, 5, n)
+    ma, mb = torch.bmm(pow_x, ta), torch.bmm(pow_x, tb)  # (P, 5, n): sum_i t_ij px_i^l
+
+    def moment(m: Tensor, k: int) -> Tensor:  # sum_ij t_ij (px_i + py_j)^k
+        return sum(math.comb(k, l) * (m[:, l] * pow_y[:, k - l]).sum(dim=1) for l in range(k + 1))
+
+    d3 = moment(ma, 3) - moment(mb, 3)
+    g2 = moment(ma, 2) + moment(mb, 2)
+    g4 = moment(ma, 4) + moment(mb, 4)
+    lin = (gx * px).sum(1) + (gy * py).sum(1)
+    total = value + lin
+    feasible = (s_max < 0.5) & (total > 0) & (g2 >= 0)
+    total = torch.where(feasible, total, torch.ones_like(total))
+    slack = s_max**3 / (20 * (1 - s_max.clamp(max=0.5)) ** 4)
+    cross = lin - d3 / 6 + g2 / 2 + g4 / 12 + slack * g2
+    rr = gx + r * px + _times_col(gamma, py)
+    rc = gy + ma[:, 1] + mb[:, 1] + c * py
+    residual = (x * rr).sum(1) + (y * rc).sum(1)
+    bound = torch.exp(torch.log(total) - (cross + residual) / total)
+    return torch.where(feasible & torch.isfinite(bound), bound, torch.zeros_like(bound))
 
 
 def _pooled_preconditioner(
@@ -188,10 +251,10 @@ def _direction_pcg(
     )
 
     def matvec(u: Tensor) -> Tensor:
-        gtu = torch.bmm(u.unsqueeze(1), gamma).squeeze(1) * inv_c  # (P, n)
-        return (r * u - torch.bmm(gamma, gtu.unsqueeze(2)).squeeze(2)) * mask
+        gtu = _row_times(u, gamma) * inv_c  # (P, n)
+        return (r * u - _times_col(gamma, gtu)) * mask
 
-    rhs = (-gx + torch.bmm(gamma, (gy * inv_c).unsqueeze(2)).squeeze(2)) * mask
+    rhs = (-gx + _times_col(gamma, gy * inv_c)) * mask
     tol = _REFINE_TOL * (rhs * jac).abs().amax(dim=1)
     u = torch.zeros_like(rhs)
     res = rhs
@@ -217,5 +280,5 @@ def _direction_pcg(
     # the recurrence's residual drifts from the true one: check the true residual
     solved = solved & ((rhs - matvec(u)) * jac).abs().amax(dim=1).le(tol)
     px = u
-    py = -(gy + torch.bmm(px.unsqueeze(1), gamma).squeeze(1)) * inv_c
+    py = -(gy + _row_times(px, gamma)) * inv_c
     return px, py, solved
