@@ -183,7 +183,8 @@ def _series_dual_bound(
     ma, mb = torch.bmm(pow_x, ta), torch.bmm(pow_x, tb)  # (P, 5, n): sum_i t_ij px_i^l
 
     def moment(m: Tensor, k: int) -> Tensor:  # sum_ij t_ij (px_i + py_j)^k
-        return sum(math.comb(k, l) * (m[:, l] * pow_y[:, k - l]).sum(dim=1) for l in range(k + 1))
+        terms = [math.comb(k, j) * (m[:, j] * pow_y[:, k - j]).sum(dim=1) for j in range(k + 1)]
+        return torch.stack(terms).sum(dim=0)
 
     d3 = moment(ma, 3) - moment(mb, 3)
     g2 = moment(ma, 2) + moment(mb, 2)
