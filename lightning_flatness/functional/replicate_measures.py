@@ -7,15 +7,15 @@ evaluated on ``P = R' + 3`` means of one shape per weight tensor: the pooled mea
 their even and odd halves. The ``(P, numel)`` means are never materialised: eq. 17's clipped
 kernel sums of all ``P`` come chunk by chunk from the slot sums (:func:`replicate_curvature`); the
 ``P`` eq. 17 problems of a tensor are solved as one batched Newton iteration warm-started from the
-pooled solution (:func:`~lightning_flatness.functional.solvers.solve_normalized_sharpness_coefficients`),
-the replicates to an accuracy set by their spread (:func:`spread_gap`); eq. 13 and eq. 5 are
-closed forms, evaluated for all ``P`` at once.
+pooled solution (:func:`~lightning_flatness.functional.solvers.solve_normalized_sharpness_coefficients`:
+exact Newton steps preconditioned by the pooled problem's factorised system, no factorisation per
+replicate); eq. 13 and eq. 5 are closed forms, evaluated for all ``P`` at once.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Optional
+from typing import Mapping
 
 import torch
 from torch import Tensor
@@ -26,33 +26,10 @@ from lightning_flatness.functional.solvers.normalized import (
     solve_normalized_sharpness_coefficients,
 )
 
-__all__ = ["jackknife_standard_error", "replicate_sharpness_measures", "spread_gap"]
+__all__ = ["jackknife_standard_error", "replicate_sharpness_measures"]
 
 POOLED_RTOL = 1e-11  # certified relative accuracy of the pooled value (the solver's default)
-REPLICATE_RTOL = 1e-9  # ... of the leave-one-out and half values, or
-SPREAD_FRACTION = 1e-6  # ... this fraction of the leave-one-out spread, if looser (see spread_gap)
-
-
-def spread_gap(num_leave_one_out: int, fraction: Optional[float] = None) -> Callable[[Tensor], Tensor]:
-    """The certified gap that suffices for the replicate problems: ``fraction`` (default
-    ``SPREAD_FRACTION``) times the standard deviation ``sd`` (over ``R``) of the ``R`` leave-one-out values.
-
-    Why it suffices: the jackknife standard error is ``se = sqrt((R-1)/R sum_r d_r^2) = sqrt(R-1) sd``
-    (``d_r`` the deviations from their mean). Values off by ``e_r`` with ``0 <= e_r <= fraction sd`` move it
-    by at most ``sqrt((R-1)/R) ||e - mean(e)|| <= sqrt(R-1) fraction sd = fraction se``, and move the
-    half-sample shift by at most ``fraction sd = fraction se / sqrt(R-1)``. ``sd`` is taken from the
-    values after the first Newton step, accurate to their gap (far below ``sd``).
-
-    Args:
-        num_leave_one_out: ``R``, the leading problems (after the pooled one) that are leave-one-out.
-        fraction: the certified relative accuracy of the standard error.
-    """
-    frac = SPREAD_FRACTION if fraction is None else fraction
-
-    def gap(values: Tensor) -> Tensor:
-        return frac * values[:num_leave_one_out].std(unbiased=False)
-
-    return gap
+REPLICATE_RTOL = 1e-11  # ... of the leave-one-out and half values (see tensor_measures)
 
 
 def jackknife_standard_error(leave_one_out: Tensor) -> Tensor:
@@ -184,11 +161,13 @@ def tensor_measures(weight: Tensor, sums: Tensor, mix: Tensor, lam: float) -> di
     """The three measures of one weight tensor for the ``P`` means ``mix @ sums``: ``{measure: (P,)}``.
 
     Normalized sharpness (eq. 17) by the batched solver on the coefficient matrices (problem 0,
-    the pooled mean, cold, certified to ``POOLED_RTOL = 1e-11`` relative; the others by Newton from
-    its optimum with its factorised system as the preconditioner, each certified to
-    ``REPLICATE_RTOL = 1e-9`` relative or to ``SPREAD_FRACTION = 1e-6`` of the leave-one-out spread,
-    whichever is looser: the standard error and half shift are then certified to ``1e-6`` of the
-    standard error, :func:`spread_gap`);
+    the pooled mean, cold; the others by Newton from its optimum with its factorised system as the
+    conjugate-gradient preconditioner; all certified to ``POOLED_RTOL = REPLICATE_RTOL = 1e-11``
+    relative). The replicates are certified as tightly as the pooled value: a tolerance relative to
+    their spread (e.g. 1e-6 of the leave-one-out standard deviation, which bounds the error of the
+    standard error by 1e-6 of it) saved little (most replicates certify after one Newton step
+    either way; ``benchmarks/results/bench_compute_ratio.md``) and would give up the 1e-10
+    agreement with fully converged solves that the tests check;
     matrix-normalized sharpness (eq. 13) ``sqrt(||W||_F^2 sum max(h, 0))`` and the trace (eq. 5)
     ``sum h`` in closed form.
 
@@ -207,7 +186,6 @@ def tensor_measures(weight: Tensor, sums: Tensor, mix: Tensor, lam: float) -> di
             shape=tuple(weight.shape),
             rtol=POOLED_RTOL,
             replicate_rtol=REPLICATE_RTOL,
-            replicate_gap=spread_gap(a.shape[0] - 3) if a.shape[0] > 3 else None,
         )
     return {
         "normalized": torch.stack([s.value for s in sols]).to(sums.device),

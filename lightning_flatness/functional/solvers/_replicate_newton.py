@@ -47,8 +47,7 @@ def replicate_newton(
     y0: Tensor,
     rtol: float,
     max_iter: int,
-    gap: Optional[Callable[[Tensor], Tensor]] = None,
-) -> tuple[BatchResult, Tensor, Tensor]:
+) -> tuple[BatchResult, Tensor]:
     """Certified Newton from the pooled optimum for ``P`` replicate problems.
 
     Args:
@@ -57,14 +56,11 @@ def replicate_newton(
         a0: ``(m, n)`` the pooled coefficients (its Newton system at ``(x0, y0)`` preconditions all).
         free: ``(m,)`` bool, rows whose ``x`` is free (in a component, not its gauge row).
         x0, y0: ``(m,)``, ``(n,)`` the pooled optimum in the scaled problem.
-        rtol: a problem is done once ``value - lower <= max(rtol * lower, gap)``.
+        rtol: a problem is done once ``value - lower <= rtol * lower``.
         max_iter: Newton iterations at most.
-        gap: maps the values ``(P,)`` after the first iteration (upper bounds) to absolute gaps
-            ``(P,)`` that suffice (e.g. a fraction of their spread); None: ``rtol`` alone.
 
     Returns:
-        The :class:`._newton.BatchResult` of all ``P`` problems, ``(P,)`` bool: certified, and
-        ``(P,)`` the absolute gaps allowed by ``gap`` (0 without). The
+        The :class:`._newton.BatchResult` of all ``P`` problems and ``(P,)`` bool: certified. The
         others (a conjugate-gradient solve that did not reach float64 accuracy, or ``max_iter``)
         keep their last point, value and bound; the caller finishes them with the general solver.
     """
@@ -75,10 +71,9 @@ def replicate_newton(
     value = torch.full((num,), math.inf, dtype=a.dtype, device=a.device)
     lower = a.new_zeros(num)
     certified = torch.zeros(num, dtype=torch.bool, device=a.device)
-    allowed = a.new_zeros(num)
     precondition = _pooled_preconditioner(a0, b[0], free, x0, y0)
     if precondition is None:
-        return BatchResult(x, y, value, lower, 0), certified, allowed
+        return BatchResult(x, y, value, lower, 0), certified
     active = torch.arange(num, device=a.device)
     iterations = 0
     for it in range(1, max_iter + 1):
@@ -99,9 +94,7 @@ def replicate_newton(
         stepped = torch.where(solved, _objective(a_a, b_a, xa + px, ya + py), torch.full_like(val, math.inf))
         take = stepped < val
         best = torch.minimum(val, stepped)
-        if it == 1 and gap is not None:
-            allowed = gap(best).to(a.dtype).expand(num).clone()
-        done = solved & ((best - low <= torch.maximum(rtol * low, allowed[active])) | (val == 0))
+        done = solved & ((best - low <= rtol * low) | (val == 0))
         step = take.to(val.dtype)[:, None]
         glob = active
         # every problem moves to its better point; certified ones stop there
@@ -134,7 +127,7 @@ def replicate_newton(
         value[gb] = _objective(a_a[back], b_a[back], x[gb], y[gb])
         keep[back[~ok]] = False  # no representable decrease: left to the general solver
         active = glob[keep]
-    return BatchResult(x, y, value, lower, iterations), certified, allowed
+    return BatchResult(x, y, value, lower, iterations), certified
 
 
 def _row_times(v: Tensor, g: Tensor) -> Tensor:

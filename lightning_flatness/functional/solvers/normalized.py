@@ -66,7 +66,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -301,7 +301,6 @@ def solve_normalized_sharpness_coefficients(
     warm_start: bool = True,
     shape: Optional[tuple] = None,
     replicate_rtol: Optional[float] = None,
-    replicate_gap: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> list[NormalizedSharpnessSolution]:
     r"""Solve eq. 17 from its ``(m, n)`` coefficient matrices, for ``P`` problems at once.
 
@@ -318,11 +317,6 @@ def solve_normalized_sharpness_coefficients(
         shape: the weight's shape, for the warning text (default ``(m, n)``).
         replicate_rtol: certified accuracy of problems ``1..P-1`` (default ``rtol``); e.g. ``1e-9``
             for jackknife replicates, whose spread is many orders of magnitude larger.
-        replicate_gap: optional map from the values ``(P-1,)`` of problems ``1..P-1`` after their first
-            Newton step (upper bounds) to absolute gaps ``(P-1,)`` (or a scalar) that also suffice: a
-            problem is done once ``value - lower_bound <= max(replicate_rtol * lower_bound, gap)``
-            (e.g. :func:`~lightning_flatness.functional.replicate_measures.spread_gap`, a fraction of
-            the replicates' spread). Applies where the replicates take the preconditioned path.
 
     Returns:
         ``P`` :class:`NormalizedSharpnessSolution` in float64.
@@ -344,7 +338,6 @@ def solve_normalized_sharpness_coefficients(
         tuple(a.shape[1:]) if shape is None else tuple(shape),
         warm_start=warm_start,
         replicate_rtol=replicate_rtol,
-        replicate_gap=replicate_gap,
     )
 
 
@@ -390,11 +383,10 @@ def _solve(
     shape: tuple,
     warm_start: bool,
     replicate_rtol: Optional[float] = None,
-    replicate_gap: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> list[NormalizedSharpnessSolution]:
     """Solve ``P`` problems with coefficients ``a`` ``(P, m, n)`` and ``b`` ``(P or 1, m, n)``."""
     with intra_op_threads(a.numel(), a.device):
-        return _solve_threads_set(a, b, rtol, max_iter, shape, warm_start, replicate_rtol, replicate_gap)
+        return _solve_threads_set(a, b, rtol, max_iter, shape, warm_start, replicate_rtol)
 
 
 def _solve_threads_set(
@@ -405,7 +397,6 @@ def _solve_threads_set(
     shape: tuple,
     warm_start: bool,
     replicate_rtol: Optional[float],
-    replicate_gap: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> list[NormalizedSharpnessSolution]:
     if not (math.isfinite(float(a.sum())) and math.isfinite(float(b.sum()))):  # a, b >= 0: no cancellation
         raise ValueError(
@@ -414,7 +405,6 @@ def _solve_threads_set(
         )
     num = a.shape[0]
     shared_b = b.shape[0] == 1
-    allowed: Optional[list[float]] = None
     b = b.expand_as(a)
     transposed = a.shape[1] > a.shape[2]
     if transposed:  # the Newton system is solved on the smaller side
@@ -436,22 +426,20 @@ def _solve_threads_set(
         sols = _solve_one_row(a, b)
     elif warm_start and num > 1:
         first = _solve_reduced(a[:1], b[:1], rtol, max_iter, shape, None)
-        rest, allowed = _solve_replicates(
+        rest = _solve_replicates(
             a[1:],
             b[1:],
             a[0],
             first[0],
             rtol if replicate_rtol is None else replicate_rtol,
-            replicate_gap,
             max_iter,
             shape,
             shared_b,
         )
         sols = first + rest
-        allowed = [0.0] + allowed
     else:
         sols = _solve_reduced(a, b, rtol, max_iter, shape, None)
-    _warn_uncertified(sols, max(rtol, replicate_rtol or rtol), max_iter, shape, allowed)
+    _warn_uncertified(sols, max(rtol, replicate_rtol or rtol), max_iter, shape)
     return [_finish(sol, transposed) for sol in sols]
 
 
@@ -461,19 +449,18 @@ def _solve_replicates(
     a0: Tensor,
     pooled: NormalizedSharpnessSolution,
     rtol: float,
-    gap: Optional[Callable[[Tensor], Tensor]],
     max_iter: int,
     shape: tuple,
     shared_b: bool,
-) -> tuple[list[NormalizedSharpnessSolution], list[float]]:
+) -> list[NormalizedSharpnessSolution]:
     """Problems near the solved ``pooled`` one (``m <= n``): Newton from its optimum with its factorised
     system as the preconditioner (:mod:`._replicate_newton`) when ``B`` is shared and every problem has
     the pooled problem's components (the usual case, dead units included); the general warm-started
-    solver for the rest. Also returns the absolute gap each problem was allowed (0: ``rtol`` alone)."""
+    solver for the rest."""
     num, m, n = a.shape
 
-    def general() -> tuple[list[NormalizedSharpnessSolution], list[float]]:
-        return _solve_reduced(a, b, rtol, max_iter, shape, pooled), [0.0] * num
+    def general() -> list[NormalizedSharpnessSolution]:
+        return _solve_reduced(a, b, rtol, max_iter, shape, pooled)
 
     if not shared_b or pooled.num_components == 0:
         return general()
@@ -497,8 +484,7 @@ def _solve_replicates(
         return general()
     shift = 0.5 * torch.log(scale_b / scale_a)
     factor = torch.sqrt(scale_a * scale_b)
-    scaled_gap = None if gap is None else (lambda v: gap(v * factor) / factor)
-    res, certified, allowed_scaled = replicate_newton(
+    res, certified = replicate_newton(
         a / scale_a,
         b0 / scale_b,
         a0 / scale_a,
@@ -507,9 +493,7 @@ def _solve_replicates(
         pooled.col_log_variance.nan_to_num(0.0),
         rtol,
         max_iter,
-        scaled_gap,
     )
-    allowed = (allowed_scaled * factor).tolist()
     value, lower = res.value * factor, res.lower * factor
     nan = torch.tensor(float("nan"), dtype=a.dtype, device=a.device)
     x_out = torch.where(rows, res.x + shift, nan)
@@ -527,32 +511,21 @@ def _solve_replicates(
         idx = torch.tensor(rest, device=a.device)
         for p, sol in zip(rest, _solve_reduced(a[idx], b[idx], rtol, max_iter, shape, pooled)):
             sols[p] = sol
-            allowed[p] = 0.0
-    return [s for s in sols if s is not None], allowed
+    return [s for s in sols if s is not None]
 
 
 def _warn_uncertified(
-    sols: list[NormalizedSharpnessSolution],
-    rtol: float,
-    max_iter: int,
-    shape: tuple,
-    allowed: Optional[list[float]] = None,
+    sols: list[NormalizedSharpnessSolution], rtol: float, max_iter: int, shape: tuple
 ) -> None:
-    """One warning per call when any problem stopped above ``rtol`` (the cap or the rounding floor) and
-    above its ``allowed`` absolute gap."""
-    allowed = allowed or [0.0] * len(sols)
+    """One warning per call when any problem stopped above ``rtol`` (the cap or the rounding floor)."""
     gaps = [
         float((s.value - s.lower_bound) / s.lower_bound)
         if s.lower_bound > 0
         else (math.inf if s.value > 0 else 0.0)
         for s in sols
     ]
-    over = [
-        gaps[p] if gaps[p] > rtol and float(s.value - s.lower_bound) > allowed[p] else 0.0
-        for p, s in enumerate(sols)
-    ]
-    worst = max(range(len(over)), key=over.__getitem__, default=None)
-    if worst is not None and over[worst] > 0:
+    worst = max(range(len(gaps)), key=gaps.__getitem__, default=None)
+    if worst is not None and gaps[worst] > rtol:
         warnings.warn(
             f"normalized_sharpness stopped after {sols[worst].iterations} Newton iterations (max_iter="
             f"{max_iter}) on a weight tensor of shape {shape} with a certified relative gap of "
