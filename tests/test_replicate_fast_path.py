@@ -50,7 +50,7 @@ def _converged_values(w, sums, counts):
 
 
 @pytest.mark.parametrize("clipped,dead", [(False, False), (True, False), (True, True)])
-@pytest.mark.parametrize("shape", [(24, 40), (40, 12, 3, 3)])
+@pytest.mark.parametrize("shape", [(64, 80), (96, 48, 3, 3)])  # m n >= _PRECONDITIONED_FROM
 def test_stderr_and_half_shift_of_the_fast_path_equal_converged_solves(shape, clipped, dead, monkeypatch):
     certified = []
     original = normalized_module.replicate_newton

@@ -351,6 +351,10 @@ def _check_tolerances(rtol: float, max_iter: int) -> None:
         )
 
 
+_PRECONDITIONED_FROM = (
+    1 << 12
+)  # m n from which replicates take the pooled-preconditioned Newton (below it, per-op
+# overhead dominates and the general solver's few batched float32 factorisations are cheaper)
 _ONE_THREAD_BELOW = 1 << 22  # P m n below which the CPU solve runs on one intra-op thread
 
 
@@ -462,7 +466,7 @@ def _solve_replicates(
     def general() -> list[NormalizedSharpnessSolution]:
         return _solve_reduced(a, b, rtol, max_iter, shape, pooled)
 
-    if not shared_b or pooled.num_components == 0:
+    if not shared_b or pooled.num_components == 0 or m * n < _PRECONDITIONED_FROM:
         return general()
     b0 = b[0]
     keep0, free0 = component_layout(a0[None], b0[None])
