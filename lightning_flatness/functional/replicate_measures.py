@@ -165,9 +165,8 @@ def tensor_measures(weight: Tensor, sums: Tensor, mix: Tensor, lam: float) -> di
     conjugate-gradient preconditioner; all certified to ``POOLED_RTOL = REPLICATE_RTOL = 1e-11``
     relative). The replicates are certified as tightly as the pooled value: a tolerance relative to
     their spread (e.g. 1e-6 of the leave-one-out standard deviation, which bounds the error of the
-    standard error by 1e-6 of it) saved little (most replicates certify after one Newton step
-    either way; ``benchmarks/results/bench_compute_ratio.md``) and would give up the 1e-10
-    agreement with fully converged solves that the tests check;
+    standard error by 1e-6 of it) saved little (``benchmarks/results/bench_compute_ratio.md``)
+    and would give up the 1e-10 agreement with fully converged solves that the tests check;
     matrix-normalized sharpness (eq. 13) ``sqrt(||W||_F^2 sum max(h, 0))`` and the trace (eq. 5)
     ``sum h`` in closed form.
 

@@ -167,8 +167,9 @@ def _series_dual_bound(
     + s_max^3 / (20 (1 - s_max)^4) sum gamma s^2``. The moments ``sum_ij t_ij (px_i + py_j)^k`` are
     binomial sums of the bilinear forms ``(px^l)^T t (py^(k-l))``: one batched product of ``t`` with
     the five powers of ``px`` per term kind. The slack is ``O(s_max^3 lambda^2)`` against
-    ``O(s_max lambda^2)`` for the second-order bound of :mod:`._newton`: one Newton step from the pooled
-    optimum usually certifies a replicate, where that bound needs a second step.
+    ``O(s_max lambda^2)`` for the second-order bound of :mod:`._newton`, so one Newton step from the
+    pooled optimum certifies a replicate to a tighter tolerance (measured per tolerance:
+    ``benchmarks/results/bench_compute_ratio.md``).
     """
     s_max = px.abs().amax(dim=1) + py.abs().amax(dim=1)
     pow_x = torch.stack([torch.ones_like(px), px, px * px, px**3, px**4], dim=1)  # (P, 5, m)
