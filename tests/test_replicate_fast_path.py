@@ -140,3 +140,15 @@ def test_series_dual_bound_lies_between_the_taylor_bound_and_the_exact_dual_valu
     assert bool((exact <= truth * (1 + 1e-13)).all())
     # and the fourth-order bound is much tighter than the second-order one
     assert bool(((truth - series) < 0.1 * (truth - taylor)).all())
+
+
+@pytest.mark.slow
+def test_bench_compute_ratio_quick_times_the_value_it_reports():
+    """The benchmark's compute() reports the sum of the pooled solves it is timed against."""
+    from benchmarks import bench_compute_ratio
+
+    rows = bench_compute_ratio.main(["--quick", "--cases", "wrn16_4,wrn16_4_signed"])["rows"]
+    assert [r["case"] for r in rows] == ["wrn16_4", "wrn16_4_signed"]
+    for r in rows:
+        assert r["normalized"] == pytest.approx(r["normalized_of_pooled_solves"], rel=1e-10)
+        assert r["normalized_stderr"] > 0 and r["pooled_ms"] > 0 and r["compute_ms"] > 0
