@@ -152,3 +152,21 @@ def test_bench_compute_ratio_quick_times_the_value_it_reports():
     for r in rows:
         assert r["normalized"] == pytest.approx(r["normalized_of_pooled_solves"], rel=1e-10)
         assert r["normalized_stderr"] > 0 and r["pooled_ms"] > 0 and r["compute_ms"] > 0
+
+
+def test_replicates_the_fast_path_leaves_uncertified_are_finished_by_the_general_solver(monkeypatch):
+    """With no CG steps allowed nothing is certified by the preconditioned path: every replicate must then
+    come from the general solver, with the same values and attained flags as a cold solve."""
+    import lightning_flatness.functional.solvers._replicate_newton as replicate_module
+
+    w, sums, counts = _slots((64, 80), clipped=True, seed=9, dead=True)
+    a, _ = replicate_curvature(sums, replicate_weights(counts, list(range(8))), w.shape)
+    b = w.square().reshape(a.shape[1], a.shape[2], -1).sum(dim=2)
+    cold = solve_normalized_sharpness_coefficients(a, b, rtol=1e-11, warm_start=False)
+    monkeypatch.setattr(replicate_module, "_MAX_CG", 0)
+    warm = solve_normalized_sharpness_coefficients(a, b, rtol=1e-11)
+    assert not any(s.attained for s in cold)  # dead rows and pruned columns: unattained infima
+    for s_warm, s_cold in zip(warm, cold):
+        assert float(s_warm.value) == pytest.approx(float(s_cold.value), rel=1e-10)
+        assert s_warm.attained == s_cold.attained and s_warm.num_components == s_cold.num_components
+        assert torch.equal(s_warm.row_log_variance.isnan(), s_cold.row_log_variance.isnan())

@@ -40,10 +40,10 @@ How it is solved (deterministic, certified):
    ``A_ij e^{x_i + y_j}`` are products of vector exponentials (no ``(m, n)`` exponential). A
    backtracking line search, with each ``x_i + y_j`` moving at most 8 nats per step, keeps every
    step a descent step. ``P`` problems of one shape iterate together over a leading dimension,
-   each stopping on its own certificate. Warm-started problems that share ``B`` with a solved
-   problem 0 and form one attained component (jackknife replicates) take exact Newton steps from
-   its optimum with no factorisation of their own: conjugate gradients preconditioned by problem
-   0's factorised system (:mod:`._replicate_newton`); the others take the general path.
+   each stopping on its own certificate. Warm-started problems that share ``B`` and the components
+   of a solved problem 0 (jackknife replicates) take exact Newton steps from its optimum with no
+   factorisation of their own: conjugate gradients preconditioned by problem 0's factorised system
+   (:mod:`._replicate_newton`); the others, and small ones, take the general path.
 3. **Certificate.** The Newton-linearised terms ``delta_ij^A = A_ij e^{x_i+y_j} (1 + s_ij)``,
    ``delta_ij^B = B_ij e^{-x_i-y_j} (1 - s_ij)`` (``s_ij = dx_i + dy_j``) have zero row and column sums
    (up to the rounding of the solve, accounted for), so the weighted AM-GM inequality gives a
@@ -351,10 +351,9 @@ def _check_tolerances(rtol: float, max_iter: int) -> None:
         )
 
 
-_PRECONDITIONED_FROM = (
-    1 << 12
-)  # m n from which replicates take the pooled-preconditioned Newton (below it, per-op
-# overhead dominates and the general solver's few batched float32 factorisations are cheaper)
+# m n from which replicates take the pooled-preconditioned Newton (below it, per-op overhead dominates
+# and the general solver's few batched float32 factorisations are cheaper)
+_PRECONDITIONED_FROM = 1 << 12
 _ONE_THREAD_BELOW = 1 << 22  # P m n below which the CPU solve runs on one intra-op thread
 
 
@@ -463,8 +462,12 @@ def _solve_replicates(
     solver for the rest."""
     num, m, n = a.shape
 
-    def general() -> list[NormalizedSharpnessSolution]:
-        return _solve_reduced(a, b, rtol, max_iter, shape, pooled)
+    a_in = a
+
+    def general(idx: Optional[Tensor] = None) -> list[NormalizedSharpnessSolution]:
+        if idx is None:
+            return _solve_reduced(a_in, b, rtol, max_iter, shape, pooled)
+        return _solve_reduced(a_in[idx], b[idx], rtol, max_iter, shape, pooled)
 
     if not shared_b or pooled.num_components == 0 or m * n < _PRECONDITIONED_FROM:
         return general()
@@ -513,7 +516,7 @@ def _solve_replicates(
     rest = [p for p in range(num) if sols[p] is None]
     if rest:
         idx = torch.tensor(rest, device=a.device)
-        for p, sol in zip(rest, _solve_reduced(a[idx], b[idx], rtol, max_iter, shape, pooled)):
+        for p, sol in zip(rest, general(idx)):
             sols[p] = sol
     return [s for s in sols if s is not None]
 
