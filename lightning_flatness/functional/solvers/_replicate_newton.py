@@ -10,7 +10,11 @@ float32 Cholesky factor of the *pooled* system at ``(x_0, y_0)`` as the precondi
 Polak-Ribiere form, robust to a float32 preconditioner). Per iteration and problem this costs
 ``O(m n)`` float64 passes (about 12 plus two per CG step) and ``O(m^2)`` triangular solves per CG
 step; the one ``O(m^2 n)`` factorisation is shared by all replicates. Near the pooled optimum
-Newton converges quadratically: one or two iterations certify a replicate.
+Newton converges quadratically: one or two iterations certify a replicate, with the dual bound
+evaluated to fourth order in the step (:func:`_series_dual_bound`).
+
+Uses the private helpers ``_terms``, ``_objective``, ``BatchResult``, ``_REFINE_TOL`` and
+``_MAX_HALVINGS`` of :mod:`._newton`.
 
 Same conventions as :mod:`._newton`: ``P`` problems over a leading dimension, coefficients scaled
 (the replicates with the pooled problem's scales), ``m <= n``, zero outside the components, which
