@@ -4,12 +4,12 @@ Given ``R`` replicate slots of summed estimates (slot ``r``: ``sum_g n_g diag_g`
 ``N_r = sum_g n_g``), every measure of :func:`~lightning_flatness.functional.sharpness_measures` is
 evaluated on ``P = R' + 3`` means of one shape per weight tensor: the pooled mean ``sum / N``, the
 ``R'`` leave-one-out means ``(sum - slot_r) / (N - N_r)`` of the non-empty slots, and the means of
-their even and odd halves. The means are never materialised: eq. 17's coefficients of all ``P``
-problems come from per-slot kernel sums (linear) plus a clipping correction on the entries where
-some slot is negative; the ``P`` eq. 17 problems of a tensor are solved as one batched Newton
-iteration warm-started from the pooled solution
-(:func:`~lightning_flatness.functional.solvers.solve_normalized_sharpness_coefficients`); eq. 13
-and eq. 5 are closed forms, evaluated for all ``P`` at once.
+their even and odd halves. The ``(P, numel)`` means are never materialised: eq. 17's clipped
+kernel sums of all ``P`` come chunk by chunk from the slot sums (:func:`replicate_curvature`); the
+``P`` eq. 17 problems of a tensor are solved as one batched Newton iteration warm-started from the
+pooled solution (:func:`~lightning_flatness.functional.solvers.solve_normalized_sharpness_coefficients`:
+exact Newton steps preconditioned by the pooled problem's factorised system, no factorisation per
+replicate); eq. 13 and eq. 5 are closed forms, evaluated for all ``P`` at once.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from lightning_flatness.functional.solvers.normalized import (
 __all__ = ["jackknife_standard_error", "replicate_sharpness_measures"]
 
 POOLED_RTOL = 1e-11  # certified relative accuracy of the pooled value (the solver's default)
-REPLICATE_RTOL = 1e-9  # ... of the leave-one-out and half values (their spread is ~1e-2 relative)
+REPLICATE_RTOL = 1e-11  # ... of the leave-one-out and half values (see tensor_measures)
 
 
 def jackknife_standard_error(leave_one_out: Tensor) -> Tensor:
@@ -78,43 +78,95 @@ def replicate_weights(counts: Tensor, used: list[int]) -> Tensor:
     return torch.stack(rows)
 
 
+_CHUNK = 1 << 15  # entries per slot in one chunk of replicate_curvature (P such rows fit in L2/L3 cache)
+
+
 def replicate_curvature(sums: Tensor, mix: Tensor, shape: torch.Size) -> tuple[Tensor, Tensor]:
     """Eq. 17's ``A = sum_k max(mean_p, 0)`` ``(P, m, n)`` and the trace ``sum mean_p`` ``(P,)`` of the
     ``P`` means ``mean_p = sum_r mix_pr sums_r``, without materialising the ``(P, numel)`` means.
 
-    With ``mix >= 0``, ``mean_p < 0`` only at entries where some slot is negative: ``A_p`` is the
-    linear kernel sum ``mix @ (kernel sums of the slots)`` wherever no slot is negative, and the
-    clipped sum of the means, computed directly, on the ``(i, j)`` that hold a negative slot value.
-    Cost: two passes over the ``(R, numel)`` sums, plus ``O(P R kernel)`` per such ``(i, j)`` (none
-    for exact, non-negative GGN diagonals).
+    Every row of ``mix`` from :func:`replicate_weights` is one constant ``c_p > 0`` on a set of slots, so
+    ``max(mean_p, 0) = c_p max(sum_{r in set} sums_r, 0)``: the sums of each set are formed slot by slot,
+    leave-one-out sets as the sum of all minus one slot (exactly 0 where every other slot is exactly 0,
+    which is what tells the solver an infimum is unattained; elsewhere within ``eps`` times the
+    largest slot of the entry), clipped and summed over the kernel, chunk by chunk (``_CHUNK`` entries
+    per slot, so the ``P`` rows of a chunk stay in cache). Cost: about ``2 R + 2 P`` flops per weight
+    entry and two reads of the ``(R, numel)`` sums. Any other ``mix`` takes the dense product ``mix @ sums``.
 
     Args:
         sums: ``(R, numel)`` float64 slot sums of a tensor of ``shape`` ``(m, n, *kernel)``.
         mix: ``(P, R)`` non-negative float64 (:func:`replicate_weights`).
     """
-    num_slots = sums.shape[0]
     m, n = shape[0], shape[1]
     kernel = math.prod(shape[2:])
-    by_kernel = sums.view(num_slots, m * n, kernel)
-    slot_kernel_sums = by_kernel.sum(dim=2)  # (R, m n)
-    lin = mix @ slot_kernel_sums  # (P, m n)
-    trace = mix @ slot_kernel_sums.sum(dim=1)
-    # (i, j) with a negative entry in some slot: their clipped sums are computed from the means directly
-    # (adding max(-x, 0) to the linear sum x would leave rounding residue, e.g. -1e-18 or +1e-18 where the
-    # clipped sum is exactly 0, and an exact zero is what tells the solver an infimum is unattained)
-    touched = (by_kernel.amin(dim=(0, 2)) < 0).nonzero().squeeze(1)  # (T,) indices into m n
-    if touched.numel():
-        means = torch.einsum("pr,rtk->ptk", mix, by_kernel[:, touched])  # (P, T, kernel)
-        lin[:, touched] = means.clamp_min_(0).sum(dim=2)
-    return lin.view(-1, m, n), trace
+    support = mix > 0
+    coef = mix.amax(dim=1)
+    if not torch.equal(mix, torch.where(support, coef[:, None], torch.zeros_like(mix))):
+        return _dense_curvature(sums, mix, m, n, kernel)
+    used = support.any(dim=0).nonzero().squeeze(1).tolist()
+    position = {slot: k for k, slot in enumerate(used)}
+    num = mix.shape[0]
+    # rows of mix: the pooled mean (every used slot), leave-one-out means, and other sets (the halves)
+    loo_rows, loo_slots, other = [], [], []
+    for p, row in enumerate(support.tolist()):
+        slots = [position[r] for r, on in enumerate(row) if on]
+        if len(slots) == len(used) - 1 and len(used) >= 2:
+            loo_rows.append(p)
+            loo_slots.append(next(k for k in range(len(used)) if k not in slots))
+        else:
+            other.append((p, slots))
+    sub = sums if used == list(range(sums.shape[0])) else sums[used]
+    loo_block = (
+        loo_rows == list(range(loo_rows[0], loo_rows[0] + len(loo_rows)))
+        and loo_slots == list(range(len(used)))
+        if loo_rows
+        else False
+    )
+    a = sums.new_empty(num, m * n)
+    step = max(1, _CHUNK // kernel) * kernel
+    means = sums.new_empty(num, min(step, m * n * kernel))
+    for lo in range(0, m * n * kernel, step):
+        s = sub[:, lo : lo + step]
+        c = s.shape[1]
+        chunk = means[:, :c]
+        total = s.sum(dim=0)
+        if loo_block:  # one op: sum - slot (slots all exactly 0 but one give exactly 0)
+            torch.sub(total, s, out=chunk[loo_rows[0] : loo_rows[0] + len(loo_rows)])
+        else:
+            for p, k in zip(loo_rows, loo_slots):
+                torch.sub(total, s[k], out=chunk[p])
+        for p, slots in other:
+            if len(slots) == len(used):
+                chunk[p] = total
+            else:
+                torch.sum(s[slots], dim=0, out=chunk[p])
+        torch.sum(
+            chunk.clamp_min_(0).view(num, c // kernel, kernel),
+            dim=2,
+            out=a[:, lo // kernel : (lo + c) // kernel],
+        )
+    a *= coef[:, None]
+    slot_totals = sub.sum(dim=1)
+    trace = (support[:, used].to(sums.dtype) @ slot_totals) * coef
+    return a.view(num, m, n), trace
+
+
+def _dense_curvature(sums: Tensor, mix: Tensor, m: int, n: int, kernel: int) -> tuple[Tensor, Tensor]:
+    """:func:`replicate_curvature` for a general ``mix``: the means ``mix @ sums``, clipped, kernel-summed."""
+    means = (mix @ sums).view(-1, m * n, kernel)
+    return means.clamp_min(0).sum(dim=2).view(-1, m, n), means.sum(dim=(1, 2))
 
 
 def tensor_measures(weight: Tensor, sums: Tensor, mix: Tensor, lam: float) -> dict[str, Tensor]:
     """The three measures of one weight tensor for the ``P`` means ``mix @ sums``: ``{measure: (P,)}``.
 
     Normalized sharpness (eq. 17) by the batched solver on the coefficient matrices (problem 0,
-    the pooled mean, cold, certified to ``POOLED_RTOL = 1e-11`` relative; the others warm-started
-    from it, certified to ``REPLICATE_RTOL = 1e-9``);
+    the pooled mean, cold; the others by Newton from its optimum with its factorised system as the
+    conjugate-gradient preconditioner; all certified to ``POOLED_RTOL = REPLICATE_RTOL = 1e-11``
+    relative). The replicates are certified as tightly as the pooled value: a tolerance relative to
+    their spread (e.g. 1e-6 of the leave-one-out standard deviation, which bounds the error of the
+    standard error by 1e-6 of it) saved little (``benchmarks/results/bench_compute_ratio.md``)
+    and would give up the 1e-10 agreement with fully converged solves that the tests check;
     matrix-normalized sharpness (eq. 13) ``sqrt(||W||_F^2 sum max(h, 0))`` and the trace (eq. 5)
     ``sum h`` in closed form.
 
@@ -128,7 +180,11 @@ def tensor_measures(weight: Tensor, sums: Tensor, mix: Tensor, lam: float) -> di
         a, trace = replicate_curvature(sums, mix, weight.shape)
         b = weight.square().reshape(a.shape[1], a.shape[2], -1).sum(dim=2) / (2.0 * lam)
         sols = solve_normalized_sharpness_coefficients(
-            a, b, shape=tuple(weight.shape), rtol=POOLED_RTOL, replicate_rtol=REPLICATE_RTOL
+            a,
+            b,
+            shape=tuple(weight.shape),
+            rtol=POOLED_RTOL,
+            replicate_rtol=REPLICATE_RTOL,
         )
     return {
         "normalized": torch.stack([s.value for s in sols]).to(sums.device),

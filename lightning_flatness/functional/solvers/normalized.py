@@ -40,7 +40,10 @@ How it is solved (deterministic, certified):
    ``A_ij e^{x_i + y_j}`` are products of vector exponentials (no ``(m, n)`` exponential). A
    backtracking line search, with each ``x_i + y_j`` moving at most 8 nats per step, keeps every
    step a descent step. ``P`` problems of one shape iterate together over a leading dimension,
-   each stopping on its own certificate.
+   each stopping on its own certificate. Warm-started problems that share ``B`` and the components
+   of a solved problem 0 (jackknife replicates) take exact Newton steps from its optimum with no
+   factorisation of their own: conjugate gradients preconditioned by problem 0's factorised system
+   (:mod:`._replicate_newton`); the others, and small ones, take the general path.
 3. **Certificate.** The Newton-linearised terms ``delta_ij^A = A_ij e^{x_i+y_j} (1 + s_ij)``,
    ``delta_ij^B = B_ij e^{-x_i-y_j} (1 - s_ij)`` (``s_ij = dx_i + dy_j``) have zero row and column sums
    (up to the rounding of the solve, accounted for), so the weighted AM-GM inequality gives a
@@ -70,6 +73,7 @@ from torch import Tensor
 
 from lightning_flatness.functional.solvers._components import component_layout
 from lightning_flatness.functional.solvers._newton import alternating_sweeps, newton
+from lightning_flatness.functional.solvers._replicate_newton import replicate_newton
 from lightning_flatness.functional.solvers.matrix_normalized import _float64, _result_dtype, _to_result
 
 __all__ = [
@@ -347,6 +351,9 @@ def _check_tolerances(rtol: float, max_iter: int) -> None:
         )
 
 
+# m n from which replicates take the pooled-preconditioned Newton (below it, per-op overhead dominates
+# and the general solver's few batched float32 factorisations are cheaper)
+_PRECONDITIONED_FROM = 1 << 12
 _ONE_THREAD_BELOW = 1 << 22  # P m n below which the CPU solve runs on one intra-op thread
 
 
@@ -400,6 +407,7 @@ def _solve_threads_set(
             "overflow of W^2 / h summed over the kernel); check the curvature estimate."
         )
     num = a.shape[0]
+    shared_b = b.shape[0] == 1
     b = b.expand_as(a)
     transposed = a.shape[1] > a.shape[2]
     if transposed:  # the Newton system is solved on the smaller side
@@ -421,14 +429,96 @@ def _solve_threads_set(
         sols = _solve_one_row(a, b)
     elif warm_start and num > 1:
         first = _solve_reduced(a[:1], b[:1], rtol, max_iter, shape, None)
-        rest = _solve_reduced(
-            a[1:], b[1:], rtol if replicate_rtol is None else replicate_rtol, max_iter, shape, first[0]
+        rest = _solve_replicates(
+            a[1:],
+            b[1:],
+            a[0],
+            first[0],
+            rtol if replicate_rtol is None else replicate_rtol,
+            max_iter,
+            shape,
+            shared_b,
         )
         sols = first + rest
     else:
         sols = _solve_reduced(a, b, rtol, max_iter, shape, None)
     _warn_uncertified(sols, max(rtol, replicate_rtol or rtol), max_iter, shape)
     return [_finish(sol, transposed) for sol in sols]
+
+
+def _solve_replicates(
+    a: Tensor,
+    b: Tensor,
+    a0: Tensor,
+    pooled: NormalizedSharpnessSolution,
+    rtol: float,
+    max_iter: int,
+    shape: tuple,
+    shared_b: bool,
+) -> list[NormalizedSharpnessSolution]:
+    """Problems near the solved ``pooled`` one (``m <= n``): Newton from its optimum with its factorised
+    system as the preconditioner (:mod:`._replicate_newton`) when ``B`` is shared and every problem has
+    the pooled problem's components (the usual case, dead units included); the general warm-started
+    solver for the rest."""
+    num, m, n = a.shape
+
+    a_in = a
+
+    def general(idx: Optional[Tensor] = None) -> list[NormalizedSharpnessSolution]:
+        if idx is None:
+            return _solve_reduced(a_in, b, rtol, max_iter, shape, pooled)
+        return _solve_reduced(a_in[idx], b[idx], rtol, max_iter, shape, pooled)
+
+    if not shared_b or pooled.num_components == 0 or m * n < _PRECONDITIONED_FROM:
+        return general()
+    b0 = b[0]
+    keep0, free0 = component_layout(a0[None], b0[None])
+    keep, free = component_layout(a, b)
+    if (keep0 is None) != (keep is None) or not torch.equal(free, free0.expand_as(free)):
+        return general()
+    if keep is not None and keep0 is not None:
+        if not torch.equal(keep, keep0.expand_as(keep)):
+            return general()
+        attained = ~((((a > 0) | (b > 0)) & ~keep).flatten(1).any(dim=1))
+        rows, cols = keep0[0].any(dim=1), keep0[0].any(dim=0)
+        a, a0, b0 = a.masked_fill(~keep, 0.0), a0.masked_fill(~keep0[0], 0.0), b0.masked_fill(~keep0[0], 0.0)
+    else:
+        attained = torch.ones(num, dtype=torch.bool, device=a.device)
+        rows = torch.ones(m, dtype=torch.bool, device=a.device)
+        cols = torch.ones(n, dtype=torch.bool, device=a.device)
+    scale_a, scale_b = a0.amax(), b0.amax()
+    if not bool(scale_a > 0) or not bool(scale_b > 0):
+        return general()
+    shift = 0.5 * torch.log(scale_b / scale_a)
+    factor = torch.sqrt(scale_a * scale_b)
+    res, certified = replicate_newton(
+        a / scale_a,
+        b0 / scale_b,
+        a0 / scale_a,
+        free0[0],
+        (pooled.row_log_variance - shift).nan_to_num(0.0),
+        pooled.col_log_variance.nan_to_num(0.0),
+        rtol,
+        max_iter,
+    )
+    value, lower = res.value * factor, res.lower * factor
+    nan = torch.tensor(float("nan"), dtype=a.dtype, device=a.device)
+    x_out = torch.where(rows, res.x + shift, nan)
+    y_out = torch.where(cols, res.y, nan)
+    sols: list[Optional[NormalizedSharpnessSolution]] = [
+        NormalizedSharpnessSolution(
+            value[p], lower[p], x_out[p], y_out[p], pooled.num_components, bool(attained[p]), res.iterations
+        )
+        if bool(certified[p])
+        else None
+        for p in range(num)
+    ]
+    rest = [p for p in range(num) if sols[p] is None]
+    if rest:
+        idx = torch.tensor(rest, device=a.device)
+        for p, sol in zip(rest, general(idx)):
+            sols[p] = sol
+    return [s for s in sols if s is not None]
 
 
 def _warn_uncertified(
