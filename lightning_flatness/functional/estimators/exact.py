@@ -675,24 +675,46 @@ def _loss_factors(
 
     For ``loss_fn is F.cross_entropy`` (called with its defaults: mean reduction, no weights, no label
     smoothing) on ``(N, C)`` logits and integer class targets in ``[0, C)``, the factorisation is
-    analytic (BackPACK's [1]): ``Lambda_n = diag(p_n) - p_n p_n^T = S_n S_n^T`` with
-    ``S_n = diag(sqrt(p_n)) - p_n sqrt(p_n)^T`` (``K = C`` columns, all signs ``+1``; ``S S^T`` expands to
-    ``diag(p) - 2 p p^T + p (sum_c p_c) p^T``), and ``dL/df_n = (p_n - e_{y_n}) / N``, computed in float64.
+    analytic, of rank ``C - 1`` (:func:`_cross_entropy_factors`: ``K = C - 1`` columns, all signs
+    ``+1``), and ``dL/df_n = (p_n - e_{y_n}) / N``, computed in float64.
     Any other loss: :func:`_per_sample_loss_hessians` and :func:`_signed_factors`.
     """
     if isinstance(loss_fn, TokenLoss):
         return _token_loss_factors(loss_fn, logits, target)
     if loss_fn is F.cross_entropy and _plain_class_targets(logits, target):
         p = torch.softmax(logits.detach().to(torch.float64), dim=1)
-        root = p.sqrt()
-        factors = torch.diag_embed(root) - p.unsqueeze(2) * root.unsqueeze(1)  # (N, C, C)
-        onehot = F.one_hot(target.long(), logits.shape[1]).to(torch.float64)
-        grad = ((p - onehot) / logits.shape[0]).to(logits.dtype)
-        signs = torch.ones(logits.shape[0], logits.shape[1], dtype=logits.dtype, device=logits.device)
+        factors = _cross_entropy_factors(p)
+        grad = p.scatter_add(1, target.long().unsqueeze(1), p.new_full((p.shape[0], 1), -1.0))
+        grad = (grad / logits.shape[0]).to(logits.dtype)
+        signs = torch.ones(logits.shape[0], factors.shape[2], dtype=logits.dtype, device=logits.device)
         return factors.to(logits.dtype), signs, grad, []
     hessians, grad, issues = _per_sample_loss_hessians(loss_fn, logits, target)
     factors, signs = _signed_factors(hessians)
     return factors, signs, grad, issues
+
+
+def _cross_entropy_factors(p: Tensor) -> Tensor:
+    r"""Exact rank-``(C - 1)`` factors of the softmax cross-entropy Hessians: ``(N, C, C - 1)`` columns
+    ``S_n`` with ``S_n S_n^T = Lambda_n = diag(p_n) - p_n p_n^T``, from the probabilities ``p`` ``(N, C)``.
+
+    With ``q = sqrt(p_n)`` (a unit vector), ``Lambda_n = diag(q) (I - q q^T) diag(q)``. The Householder
+    reflection ``R = I - 2 u u^T / (u^T u)``, ``u = q + e_C``, is symmetric, orthogonal and maps
+    ``e_C`` to ``-q``, so ``I - q q^T = R (I - e_C e_C^T) R = sum_{c < C} R_c R_c^T`` over its first
+    ``C - 1`` columns, and ``S_n = diag(q) R[:, :C-1]``. ``u^T u = 2 + 2 q_C >= 2``: no cancellation
+    for any ``p``. One column fewer than BackPACK's ``diag(q) - p q^T`` [1] (``C`` columns of rank
+    ``C - 1``; the constant shift of the logits is its null direction), so the backward pass carries
+    ``C - 1`` columns. ``C = 1`` (a constant loss): one zero column. Cost ``O(N C^2)``, in ``p``'s dtype.
+    """
+    n, c = p.shape
+    q = p.sqrt()
+    if c == 1:
+        return torch.zeros(n, 1, 1, dtype=p.dtype, device=p.device)
+    u = q.clone()
+    u[:, -1] += 1.0
+    scale = 2.0 / (u * u).sum(dim=1, keepdim=True)  # (N, 1)
+    reflection = -(scale * u).unsqueeze(2) * u[:, : c - 1].unsqueeze(1)  # (N, C, C - 1): -2 u u^T / u^T u
+    reflection[:, : c - 1].diagonal(dim1=1, dim2=2).add_(1.0)
+    return q.unsqueeze(2) * reflection
 
 
 def _token_loss_factors(
