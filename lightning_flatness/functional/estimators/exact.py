@@ -93,18 +93,19 @@ References:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_flatness.functional.estimators._functional_model import restore_module_tensors
 from lightning_flatness.functional.estimators.layer_rules import (
     LAYER_RULES,
     LayerCall,
@@ -433,8 +434,28 @@ _RANDOM_FUNCTIONS = frozenset(
 )
 
 
+_OP_NAMES: dict[Any, str] = {}  # torch function -> canonical name (the recorder sees few distinct ones)
+
+
+#: ops whose random draws depend on their arguments or that always draw (see ``_draws_random_numbers``)
+_MAY_DRAW_RANDOM_NUMBERS = frozenset({*_RANDOM_FUNCTIONS, *_MODE_DEPENDENT_OPS, "rrelu"})
+
+
 def _op_name(func: Any) -> str:
-    """Canonical name of a torch function: ``Tensor.__iadd__`` -> ``add``, ``relu_`` -> ``relu``."""
+    """Canonical name of a torch function: ``Tensor.__iadd__`` -> ``add``, ``relu_`` -> ``relu`` (cached)."""
+    try:
+        return _OP_NAMES[func]
+    except (KeyError, TypeError):  # TypeError: an unhashable callable
+        pass
+    name = _canonical_op_name(func)
+    try:
+        _OP_NAMES[func] = name
+    except TypeError:
+        pass
+    return name
+
+
+def _canonical_op_name(func: Any) -> str:
     name = getattr(func, "__name__", None) or repr(func)
     if name == "__get__":  # property getter such as Tensor.T: the name is the descriptor's
         name = getattr(getattr(func, "__self__", None), "__name__", name)
@@ -456,6 +477,20 @@ def _tensors(obj: Any) -> Iterator[Tensor]:
     elif isinstance(obj, dict):
         for item in obj.values():
             yield from _tensors(item)
+
+
+def _requiring_grad(args: tuple, kwargs: dict) -> list[Tensor]:
+    """The tensors in ``args`` and ``kwargs`` (nested in tuples, lists, dicts) that require grad; flat
+    arguments, the common case, without the generator of :func:`_tensors`."""
+    found = []
+    for group in (args, kwargs.values()):
+        for item in group:
+            if isinstance(item, Tensor):
+                if item.requires_grad:
+                    found.append(item)
+            elif isinstance(item, (tuple, list, dict)):
+                found.extend(t for t in _tensors(item) if t.requires_grad)
+    return found
 
 
 _argument = argument  # the argument of a torch function call by position or keyword
@@ -484,7 +519,7 @@ class _ForwardRecorder(TorchFunctionMode):
     def where(self) -> str:
         return self.module_stack[-1] if self.module_stack else "the model's forward"
 
-    def mark_seen(self, tensors: Iterator[Tensor]) -> None:
+    def mark_seen(self, tensors: Iterable[Tensor]) -> None:
         for t in tensors:
             if t.grad_fn is not None:
                 self._seen_nodes[id(t.grad_fn)] = t.grad_fn
@@ -500,18 +535,23 @@ class _ForwardRecorder(TorchFunctionMode):
     # -- the mode --------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        dependent = [t for t in (*_tensors(args), *_tensors(kwargs)) if t.requires_grad]
+        dependent = _requiring_grad(args, kwargs)
         # producers are checked before the call: an in-place op replaces its input's grad_fn
         unseen = [t.grad_fn for t in dependent if not self.produced_by_seen_op(t)]
         out = func(*args, **kwargs)
         name = _op_name(func)
-        if self._draws_random_numbers(name, args, kwargs):
+        if name in _MAY_DRAW_RANDOM_NUMBERS and self._draws_random_numbers(name, args, kwargs):
             entry = f"{name!r} in {self.where()}"
             if entry not in self.random_ops:
                 self.random_ops.append(entry)
-        out_tensors = list(_tensors(out)) if out is not None else list(_tensors(args[:1]))
-        if not any(t.requires_grad for t in out_tensors):
-            return out  # constant w.r.t. the selected weights: nothing to check
+        if isinstance(out, Tensor):
+            if not out.requires_grad:
+                return out  # constant w.r.t. the selected weights: nothing to check
+            out_tensors = [out]
+        else:
+            out_tensors = list(_tensors(out)) if out is not None else list(_tensors(args[:1]))
+            if not any(t.requires_grad for t in out_tensors):
+                return out
         for node in unseen:
             self.flag(
                 f"a tensor produced by an operation invisible to torch function modes "
@@ -527,7 +567,8 @@ class _ForwardRecorder(TorchFunctionMode):
         self._check_exactness(name, args, kwargs, dependent)
         if call is not None:
             out = out.clone()  # in-place ops downstream (ReLU(inplace=True)) must not change z
-        self.mark_seen(_tensors(out) if out is not None else iter(out_tensors))
+            out_tensors = [out]
+        self.mark_seen(out_tensors)
         return out
 
     @staticmethod
@@ -801,12 +842,12 @@ def _fast_path_blockers(recorder: _ForwardRecorder, leaves: dict[str, Tensor], n
     return reasons
 
 
-def _interaction_probe(logits: Tensor) -> Tensor:
-    """A random output gradient on sample 0 only (zero elsewhere), for the batch-independence check."""
-    generator = torch.Generator(device=logits.device).manual_seed(0)
-    probe = torch.zeros_like(logits)
-    probe[0] = torch.randn(logits.shape[1:], generator=generator, dtype=logits.dtype, device=logits.device)
-    return probe
+@functools.lru_cache(maxsize=32)
+def _probe_values(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The batch-independence probe's output gradient on sample 0 (zero on the others): fixed
+    standard-normal values (seed 0), drawn once per shape (read-only)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    return torch.randn(shape, generator=generator, dtype=dtype, device=device)
 
 
 def _diagonal_by_layers(
@@ -815,16 +856,19 @@ def _diagonal_by_layers(
     """The fast path: one backward pass of all ``K`` columns at once (``is_grads_batched``; a loop
     over them if some backward has no vmap rule), then per-layer contractions.
 
-    The batch-independence probe (:func:`_interaction_probe`) is one more column of the same pass:
+    The batch-independence probe (:func:`_probe_values`) is one more column of the same pass:
     returns ``(None, layers)`` with the layers whose outputs of samples ``1..N-1`` receive gradient
     from sample 0's logits (the contractions do not apply), else ``(diag, [])``.
     """
     calls = recorder.calls
     n, k = logits.shape[0], factors.shape[2]
     outputs = [c.output for c in calls]
-    columns = factors.permute(2, 0, 1).reshape(k, *logits.shape)
-    if n >= 2 and calls:
-        columns = torch.cat([columns, _interaction_probe(logits).unsqueeze(0)])
+    probe = 1 if n >= 2 and calls else 0  # the batch-independence probe as column k
+    columns = logits.new_zeros(k + probe, n, factors.shape[1])
+    columns[:k] = factors.permute(2, 0, 1)
+    if probe:
+        columns[k, 0] = _probe_values(tuple(logits.shape[1:]), logits.dtype, logits.device).reshape(-1)
+    columns = columns.reshape(k + probe, *logits.shape)
     grads: Sequence[Optional[Tensor]]
     try:
         grads = torch.autograd.grad(
@@ -839,17 +883,15 @@ def _diagonal_by_layers(
             for j in range(len(calls))
         ]
     if columns.shape[0] > k:
-        mixing = [
-            f"{c.op} in {c.module}"
-            for c, g in zip(calls, grads)
-            if g is not None and bool((g[k, 1:] != 0).any())
-        ]
-        if mixing:
+        reached = [g[k, 1:].any() for g in grads if g is not None]  # one flag per layer, one sync
+        if reached and bool(torch.stack(reached).any()):
+            mixing = [f"{c.op} in {c.module}" for c, g in zip(calls, grads) if g is not None and bool(g[k, 1:].any())]
             return None, mixing
     diag = {name: torch.zeros_like(t) for name, t in leaves.items()}
+    unit_signs = bool((signs == 1).all())
     for call, g in zip(calls, grads):
         if g is not None:
-            accumulate_layer(call, g[:k], signs, diag, leaves)
+            accumulate_layer(call, g[:k], signs, diag, leaves, unit_signs)
     return diag, []
 
 
@@ -898,30 +940,31 @@ def _diagonal_per_sample(
 
 
 class _ModuleNames:
-    """Forward pre/post hooks that keep the path of the module being run (for messages)."""
+    """Keeps the path of the module being run (for messages), with two global forward hooks
+    (``register_module_forward_pre_hook`` / ``register_module_forward_hook``) that look each module up
+    in a table of ``model``'s modules: two registrations per forward instead of two per module.
+    Modules outside ``model`` are ignored."""
 
     def __init__(self, model: nn.Module, stack: list[str]):
-        self.handles = []
+        labels = {}
         for path, module in model.named_modules():
             kind = type(module).__name__
-            label = f"module {path!r} ({kind})" if path else f"{kind}.forward"
-            self.handles.append(module.register_forward_pre_hook(self._enter(stack, label)))
-            self.handles.append(module.register_forward_hook(self._leave(stack, label), always_call=True))
+            labels[id(module)] = f"module {path!r} ({kind})" if path else f"{kind}.forward"
 
-    @staticmethod
-    def _enter(stack: list[str], label: str) -> Callable[..., None]:
-        def hook(*_: Any) -> None:
-            stack.append(label)
+        def enter(module: nn.Module, *_: Any) -> None:
+            label = labels.get(id(module))
+            if label is not None:
+                stack.append(label)
 
-        return hook
-
-    @staticmethod
-    def _leave(stack: list[str], label: str) -> Callable[..., None]:
-        def hook(*_: Any) -> None:  # returns None: the module's output is left as it is
-            if stack and stack[-1] == label:
+        def leave(module: nn.Module, *_: Any) -> None:  # returns None: the output is left as it is
+            label = labels.get(id(module))
+            if label is not None and stack and stack[-1] == label:
                 stack.pop()
 
-        return hook
+        self.handles = [
+            torch.nn.modules.module.register_module_forward_pre_hook(enter),
+            torch.nn.modules.module.register_module_forward_hook(leave, always_call=True),
+        ]
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -1040,13 +1083,49 @@ def _autograd_inputs(inputs: ModelInputs, target: Tensor) -> tuple[ModelInputs, 
     return x, y
 
 
-def _functional_forward(model: nn.Module, state: dict[str, Tensor], x: ModelInputs) -> Any:
-    """``model`` called with ``state`` on ``x`` as :func:`call_model` would call it (raw output)."""
+@contextlib.contextmanager
+def _module_tensors_swapped(model: nn.Module, leaves: dict[str, Tensor], params: dict[str, Tensor]) -> Iterator[None]:
+    """For the block, every parameter slot of ``model``'s modules holds the leaf of its selected
+    parameter (``leaves[name]`` for ``params[name]``) or a detached alias, and every buffer slot a
+    clone (train-mode BatchNorm updates the clone). Slots are matched by tensor identity, so tied
+    weights and submodules registered under two paths get the same replacement, and the original
+    objects are put back afterwards (what ``torch.func.functional_call`` does, without its per-name
+    lookups; also sidesteps pytorch/pytorch#164759, see :func:`~._functional_model.restore_module_tensors`).
+
+    Raises:
+        ValueError: a tensor of ``params`` is not a parameter of ``model``.
+    """
+    replacement = {id(params[name]): leaf for name, leaf in leaves.items()}
+    slots = []
+    for module in model.modules():
+        for store, fresh in ((module._parameters, Tensor.detach), (module._buffers, Tensor.clone)):
+            for name, tensor in store.items():
+                if tensor is not None:
+                    slots.append((store, name, tensor, fresh))
+    swapped = {}
+    for store, name, tensor, fresh in slots:
+        new = swapped.get(id(tensor))
+        if new is None:
+            new = replacement.get(id(tensor))
+            new = swapped[id(tensor)] = fresh(tensor) if new is None else new
+        store[name] = new
+    try:
+        missing = [name for name in leaves if id(params[name]) not in swapped]
+        if missing:
+            raise ValueError(f"{missing} are not parameters of the model; select them from model.named_parameters().")
+        yield
+    finally:
+        for store, name, tensor, _ in slots:
+            store[name] = tensor
+
+
+def _call(model: nn.Module, x: ModelInputs) -> Any:
+    """``model`` called on ``x`` as :func:`call_model` would call it (raw output)."""
     if isinstance(x, Mapping):
-        return torch.func.functional_call(model, state, (), dict(x))
+        return model(**x)
     if isinstance(x, (tuple, list)):
-        return torch.func.functional_call(model, state, tuple(x))
-    return torch.func.functional_call(model, state, (x,))
+        return model(*x)
+    return model(x)
 
 
 def _record_forward(
@@ -1055,14 +1134,11 @@ def _record_forward(
     """Run ``model(x)`` with fresh leaves for ``params`` (everything else detached, buffers cloned),
     recording the selected layers' calls and every operation on weight-dependent tensors."""
     leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
-    state = {name: p.detach() for name, p in model.named_parameters()}
-    state.update({name: b.clone() for name, b in model.named_buffers()})
-    state.update(leaves)
     recorder = _ForwardRecorder(leaves)
     module_names = _ModuleNames(model, recorder.module_stack)
     try:
-        with restore_module_tensors(model), recorder:
-            output = _functional_forward(model, state, x)
+        with _module_tensors_swapped(model, leaves, params), recorder:
+            output = _call(model, x)
     finally:
         module_names.remove()
     try:

@@ -71,6 +71,13 @@ class LayerRule:
         """Whether each sample has one position (then ``(g a^T)^2 = g^2 (a^2)^T``: the fast path)."""
         return False
 
+    def squared_gradients(
+        self, call: LayerCall, grad: Tensor, signs: Tensor, kernel: tuple[int, ...]
+    ) -> Optional[Tensor]:
+        """``sum_{n,k} sign_nk (per-sample weight gradient)^2`` as ``(G, O / G, I)`` by a rule-specific
+        kernel, or ``None`` to use the generic contractions of :mod:`.contraction` (the default)."""
+        return None
+
 
 #: ``{op name: rule}``: the ops whose weights the per-layer contractions handle.
 LAYER_RULES: dict[str, LayerRule] = {}
