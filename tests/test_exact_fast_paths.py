@@ -146,7 +146,10 @@ def test_unit_sign_shortcut_equals_the_weighted_sum():
         accumulate_layer(call, grad, signs, fast, leaves, unit_signs=True)
         accumulate_layer(call, grad, signs, slow, leaves, unit_signs=False)
         per_sample = torch.einsum("kn...o,n...i->knoi", grad, inputs)  # (K, N, O, I)
-        expected = {"w": (per_sample**2).sum(dim=(0, 1)), "b": (grad.reshape(k, n, -1, 5).sum(2) ** 2).sum((0, 1))}
+        expected = {
+            "w": (per_sample**2).sum(dim=(0, 1)),
+            "b": (grad.reshape(k, n, -1, 5).sum(2) ** 2).sum((0, 1)),
+        }
         for name in leaves:
             torch.testing.assert_close(fast[name], expected[name], rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(slow[name], expected[name], rtol=1e-12, atol=1e-12)

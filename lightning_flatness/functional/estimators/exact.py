@@ -99,7 +99,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -747,15 +747,15 @@ def _cross_entropy_factors(p: Tensor) -> Tensor:
     ``C - 1`` columns. ``C = 1`` (a constant loss): one zero column. Cost ``O(N C^2)``, in ``p``'s dtype.
     """
     n, c = p.shape
-    q = p.sqrt()
     if c == 1:
         return torch.zeros(n, 1, 1, dtype=p.dtype, device=p.device)
-    u = q.clone()
-    u[:, -1] += 1.0
-    scale = 2.0 / (u * u).sum(dim=1, keepdim=True)  # (N, 1)
-    reflection = -(scale * u).unsqueeze(2) * u[:, : c - 1].unsqueeze(1)  # (N, C, C - 1): -2 u u^T / u^T u
-    reflection[:, : c - 1].diagonal(dim1=1, dim2=2).add_(1.0)
-    return q.unsqueeze(2) * reflection
+    q = p.sqrt()
+    # S = diag(q) R[:, :C-1] = [diag(q[:C-1]); 0] - (q * u) (q[:C-1] / (1 + q_C))^T, u^T u = 2 (1 + q_C)
+    head = q[:, : c - 1]
+    qu = torch.cat([head * head, q[:, c - 1 :] * (q[:, c - 1 :] + 1.0)], dim=1)  # q * u, (N, C)
+    factors = torch.diag_embed(head, dim1=1, dim2=2)  # (N, C - 1, C - 1)
+    factors = torch.cat([factors, factors.new_zeros(n, 1, c - 1)], dim=1)
+    return factors.sub_(qu.unsqueeze(2) * (head / (1.0 + q[:, c - 1 :])).unsqueeze(1))
 
 
 def _token_loss_factors(
@@ -885,14 +885,18 @@ def _diagonal_by_layers(
     if columns.shape[0] > k:
         reached = [g[k, 1:].any() for g in grads if g is not None]  # one flag per layer, one sync
         if reached and bool(torch.stack(reached).any()):
-            mixing = [f"{c.op} in {c.module}" for c, g in zip(calls, grads) if g is not None and bool(g[k, 1:].any())]
+            mixing = [
+                f"{c.op} in {c.module}"
+                for c, g in zip(calls, grads)
+                if g is not None and bool(g[k, 1:].any())
+            ]
             return None, mixing
-    diag = {name: torch.zeros_like(t) for name, t in leaves.items()}
+    diag: dict[str, Tensor] = {}  # filled by the first contribution to each tensor
     unit_signs = bool((signs == 1).all())
     for call, g in zip(calls, grads):
         if g is not None:
             accumulate_layer(call, g[:k], signs, diag, leaves, unit_signs)
-    return diag, []
+    return {name: diag[name] if name in diag else torch.zeros_like(t) for name, t in leaves.items()}, []
 
 
 def _diagonal_per_sample(
@@ -1084,39 +1088,46 @@ def _autograd_inputs(inputs: ModelInputs, target: Tensor) -> tuple[ModelInputs, 
 
 
 @contextlib.contextmanager
-def _module_tensors_swapped(model: nn.Module, leaves: dict[str, Tensor], params: dict[str, Tensor]) -> Iterator[None]:
+def _module_tensors_swapped(
+    model: nn.Module, leaves: Mapping[str, Tensor], params: Mapping[str, Tensor]
+) -> Iterator[None]:
     """For the block, every parameter slot of ``model``'s modules holds the leaf of its selected
     parameter (``leaves[name]`` for ``params[name]``) or a detached alias, and every buffer slot a
     clone (train-mode BatchNorm updates the clone). Slots are matched by tensor identity, so tied
     weights and submodules registered under two paths get the same replacement, and the original
-    objects are put back afterwards (what ``torch.func.functional_call`` does, without its per-name
-    lookups; also sidesteps pytorch/pytorch#164759, see :func:`~._functional_model.restore_module_tensors`).
+    objects are put back afterwards: what ``torch.func.functional_call`` does, without its per-name
+    lookups (and without pytorch/pytorch#164759, see
+    :func:`~._functional_model.restore_module_tensors`).
 
     Raises:
         ValueError: a tensor of ``params`` is not a parameter of ``model``.
     """
     replacement = {id(params[name]): leaf for name, leaf in leaves.items()}
-    slots = []
+    slots: list[tuple[dict[str, Any], str, Tensor, bool]] = []  # (store, name, original, is buffer)
     for module in model.modules():
-        for store, fresh in ((module._parameters, Tensor.detach), (module._buffers, Tensor.clone)):
+        for store, is_buffer in ((module._parameters, False), (module._buffers, True)):
             for name, tensor in store.items():
                 if tensor is not None:
-                    slots.append((store, name, tensor, fresh))
-    swapped = {}
-    for store, name, tensor, fresh in slots:
+                    slots.append((cast(dict[str, Any], store), name, tensor, is_buffer))
+    swapped: dict[int, Tensor] = {}
+    for slot, name, tensor, is_buffer in slots:
         new = swapped.get(id(tensor))
         if new is None:
             new = replacement.get(id(tensor))
-            new = swapped[id(tensor)] = fresh(tensor) if new is None else new
-        store[name] = new
+            if new is None:
+                new = tensor.clone() if is_buffer else tensor.detach()
+            swapped[id(tensor)] = new
+        slot[name] = new
     try:
         missing = [name for name in leaves if id(params[name]) not in swapped]
         if missing:
-            raise ValueError(f"{missing} are not parameters of the model; select them from model.named_parameters().")
+            raise ValueError(
+                f"{missing} are not parameters of the model; select them from model.named_parameters()."
+            )
         yield
     finally:
-        for store, name, tensor, _ in slots:
-            store[name] = tensor
+        for slot, name, tensor, _ in slots:
+            slot[name] = tensor
 
 
 def _call(model: nn.Module, x: ModelInputs) -> Any:

@@ -43,7 +43,8 @@ def accumulate_layer(
     unit_signs: Optional[bool] = None,
 ) -> None:
     """Add ``sum_{n,k} sign_nk * (per-sample gradient of v_nk^T f_n)^2`` for one layer call, from the
-    output gradients ``grad`` ``(K, N, *out)`` of all ``K`` columns and the signs ``(N, K)``.
+    output gradients ``grad`` ``(K, N, *out)`` of all ``K`` columns and the signs ``(N, K)``, to
+    ``diag[name]`` (set when ``name`` is not in ``diag`` yet: no zero-filled start needed).
 
     ``unit_signs``: whether every sign is ``+1`` (cross-entropy), so that the weighting is skipped;
     ``None`` checks ``signs``."""
@@ -56,14 +57,14 @@ def accumulate_layer(
         sq = grad * grad
         s = sq.sum(dim=0) if unit_signs else torch.einsum("nk,kno->no", signs, sq)
         if call.weight is not None:
-            diag[call.weight] += s.T @ (call.inputs * call.inputs)
+            _add(diag, call.weight, s.T @ (call.inputs * call.inputs))
         if call.bias is not None:
-            diag[call.bias] += s.sum(dim=0)
+            _add(diag, call.bias, s.sum(dim=0))
         return
     if call.bias is not None:
         gb = grad.sum(dim=rule.bias_position_dims(grad))  # (K, N, out) per-sample bias gradients
         gb = gb * gb
-        diag[call.bias] += gb.sum(dim=(0, 1)) if unit_signs else torch.einsum("nk,kno->o", signs, gb)
+        _add(diag, call.bias, gb.sum(dim=(0, 1)) if unit_signs else torch.einsum("nk,kno->o", signs, gb))
     if call.weight is None:
         return
     weight = leaves[call.weight]
@@ -71,11 +72,11 @@ def accumulate_layer(
     kernel = tuple(weight.shape[2:])
     direct = rule.squared_gradients(call, grad, signs, kernel)
     if direct is not None:
-        diag[call.weight] += direct.reshape(weight.shape)
+        _add(diag, call.weight, direct.reshape(weight.shape))
         return
     a, g = rule.factors(call, grad, kernel)  # (N, G, I, P), (N, G, K * O, P)
     if use_position_pairs(a.shape[3], a.shape[2], k):
-        diag[call.weight] += position_pair_contraction(a, g, signs, k).reshape(weight.shape)
+        _add(diag, call.weight, position_pair_contraction(a, g, signs, k).reshape(weight.shape))
         return
     chunk = max(1, CHUNK_ELEMENTS // (g.shape[1] * g.shape[2] * a.shape[2]))
     acc = torch.zeros(g.shape[1], g.shape[2] // k, a.shape[2], dtype=grad.dtype, device=grad.device)
@@ -88,7 +89,15 @@ def accumulate_layer(
             acc += (signs[sl].reshape(1, -1) @ gw.reshape(m * k, -1)).reshape(acc.shape)
         else:
             acc += gw.mul_(signs[sl].reshape(m, 1, k, 1)).sum(dim=(0, 2)).reshape(acc.shape)
-    diag[call.weight] += acc.reshape(weight.shape)
+    _add(diag, call.weight, acc.reshape(weight.shape))
+
+
+def _add(diag: dict[str, Tensor], name: str, value: Tensor) -> None:
+    """``diag[name] += value``, or ``diag[name] = value`` for the first contribution."""
+    if name in diag:
+        diag[name] += value
+    else:
+        diag[name] = value
 
 
 def use_position_pairs(positions: int, inputs: int, k: int) -> bool:

@@ -81,15 +81,21 @@ def use_grouped_convolution(channels_per_group: int, grad: Tensor) -> bool:
     """Whether :func:`grouped_squared_gradients` replaces im2col for a layer with ``channels_per_group``
     input channels per group: few channels (at most :data:`GROUPED_MAX_CHANNELS`), float32 on CPU.
 
-    Measured per layer, batch 128, 9 columns, one thread (``benchmarks/results/bench_backpack_exact_speed.md``):
-    2.5-3x faster than im2col with 1 input channel (the 1-D LeNet's and ResNet's first convolutions),
+    Measured per layer, batch 128, 9 columns, one thread
+    (``benchmarks/results/bench_backpack_exact_speed.md``): 2.5-3x faster than im2col with 1 input channel (the 1-D LeNet's and ResNet's first convolutions),
     about even at 6-16 and up to 10x slower at 32 and more (the grouped kernel then loses to one
     matrix product per sample). Other dtypes and devices keep im2col (not measured).
     """
-    return channels_per_group <= GROUPED_MAX_CHANNELS and grad.dtype == torch.float32 and grad.device.type == "cpu"
+    return (
+        channels_per_group <= GROUPED_MAX_CHANNELS
+        and grad.dtype == torch.float32
+        and grad.device.type == "cpu"
+    )
 
 
-def grouped_squared_gradients(call: LayerCall, grad: Tensor, signs: Tensor, kernel: tuple[int, ...]) -> Tensor:
+def grouped_squared_gradients(
+    call: LayerCall, grad: Tensor, signs: Tensor, kernel: tuple[int, ...]
+) -> Tensor:
     r"""``sum_{n,k} sign_nk (dW_nk)^2`` as ``(G, O / G, C / G * prod(kernel))`` from one grouped
     convolution backward per chunk of samples.
 
