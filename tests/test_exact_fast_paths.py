@@ -178,3 +178,22 @@ def test_a_parameter_of_another_model_is_refused():
     with pytest.raises(ValueError, match="not parameters of the model"):
         exact_hessian_diagonal(model, F.cross_entropy, x, y, {"0.weight": other.weight})
     assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- layer outputs not copied
+@pytest.mark.parametrize("inplace", [False, True])
+def test_layer_outputs_are_copied_only_when_the_model_changes_them_in_place(inplace):
+    """The forward passes each recorded layer output on as it is; a model that changes one in place
+    (ReLU(inplace=True) right after a Linear layer) gets a second forward with copies, and both give
+    the brute-force diagonal."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=inplace), nn.Linear(6, 3)).double()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (7,), generator=g)
+    params = select_parameters(model, "all")
+    diag = exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
+    assert len(calls) == (2 if inplace else 1)
+    calls.clear()
+    assert_relative_close(diag, brute_hessian_diagonal(model, F.cross_entropy, x, y, list(params)), tol=1e-10)

@@ -142,7 +142,10 @@ def hessian_diagonal_groups(
     }
     options = {k: available[k] for k in spec.options}
     function = spec.load()
-    chunks = list(zip(split_samples(inputs, num_groups), torch.tensor_split(target, num_groups)))
+    if num_groups == 1:  # the whole batch, no split
+        chunks = [(inputs, target)]
+    else:
+        chunks = list(zip(split_samples(inputs, num_groups), torch.tensor_split(target, num_groups)))
     estimates = [function(model, loss_fn, x, y, params, **options) for x, y in chunks]
     if len(estimates) == 1:  # a view, no copy
         groups = {n: estimates[0][n].unsqueeze(0) for n in params}

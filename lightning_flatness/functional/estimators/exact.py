@@ -503,9 +503,12 @@ class _ForwardRecorder(TorchFunctionMode):
     other parameter and the inputs detached.
     """
 
-    def __init__(self, leaves: dict[str, Tensor]):
+    def __init__(self, leaves: dict[str, Tensor], clone_outputs: bool = False):
         super().__init__()
         self.leaves = leaves
+        # give the model a clone of each recorded layer output (else the output itself; then an
+        # in-place change of it, seen by its version counter, calls for a forward with clones)
+        self.clone_outputs = clone_outputs
         self.names_by_id = {id(t): n for n, t in leaves.items()}
         self.module_stack: list[str] = []
         self.calls: list[LayerCall] = []
@@ -566,10 +569,16 @@ class _ForwardRecorder(TorchFunctionMode):
                 self.other_uses[param].append(f"{name!r} in {self.where()}")
         self._check_exactness(name, args, kwargs, dependent)
         if call is not None:
-            out = out.clone()  # in-place ops downstream (ReLU(inplace=True)) must not change z
-            out_tensors = [out]
+            if self.clone_outputs:
+                out = out.clone()  # in-place ops downstream (ReLU(inplace=True)) must not change z
+                out_tensors = [out]
+            call.version = call.output._version
         self.mark_seen(out_tensors)
         return out
+
+    def outputs_changed_in_place(self) -> bool:
+        """Whether the model changed a recorded layer output in place (its version counter moved)."""
+        return any(call.output._version != call.version for call in self.calls)
 
     @staticmethod
     def _draws_random_numbers(name: str, args: tuple, kwargs: dict) -> bool:
@@ -709,26 +718,29 @@ def _per_sample_loss_hessians(
 
 
 def _loss_factors(
-    loss_fn: LossFn, logits: Tensor, target: Tensor
-) -> tuple[Tensor, Tensor, Tensor, list[str]]:
+    loss_fn: LossFn, logits: Tensor, target: Tensor, need_grad: bool = True
+) -> tuple[Tensor, Tensor, Optional[Tensor], list[str]]:
     """``Lambda_n = sum_k sign_nk c_nk c_nk^T`` as factors ``(N, D, K)`` and signs ``(N, K)``, with the
-    gradient ``dL/df`` (logits' shape, detached) and issues with the per-sample-mean assumption.
+    gradient ``dL/df`` (logits' shape, detached; ``None`` for cross-entropy when not ``need_grad``) and
+    issues with the per-sample-mean assumption.
 
     For ``loss_fn is F.cross_entropy`` (called with its defaults: mean reduction, no weights, no label
     smoothing) on ``(N, C)`` logits and integer class targets in ``[0, C)``, the factorisation is
     analytic, of rank ``C - 1`` (:func:`_cross_entropy_factors`: ``K = C - 1`` columns, all signs
-    ``+1``), and ``dL/df_n = (p_n - e_{y_n}) / N``, computed in float64.
+    ``+1``), and ``dL/df_n = (p_n - e_{y_n}) / N``, computed in the logits' dtype (at least float32).
     Any other loss: :func:`_per_sample_loss_hessians` and :func:`_signed_factors`.
     """
     if isinstance(loss_fn, TokenLoss):
-        return _token_loss_factors(loss_fn, logits, target)
+        return _token_loss_factors(loss_fn, logits, target, need_grad)
     if loss_fn is F.cross_entropy and _plain_class_targets(logits, target):
-        p = torch.softmax(logits.detach().to(torch.float64), dim=1)
-        factors = _cross_entropy_factors(p)
-        grad = p.scatter_add(1, target.long().unsqueeze(1), p.new_full((p.shape[0], 1), -1.0))
-        grad = (grad / logits.shape[0]).to(logits.dtype)
+        p = torch.softmax(logits.detach(), dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        factors = _cross_entropy_factors(p).to(logits.dtype)
+        grad = None
+        if need_grad:
+            grad = p.scatter_add(1, target.long().unsqueeze(1), p.new_full((p.shape[0], 1), -1.0))
+            grad = (grad / logits.shape[0]).to(logits.dtype)
         signs = torch.ones(logits.shape[0], factors.shape[2], dtype=logits.dtype, device=logits.device)
-        return factors.to(logits.dtype), signs, grad, []
+        return factors, signs, grad, []
     hessians, grad, issues = _per_sample_loss_hessians(loss_fn, logits, target)
     factors, signs = _signed_factors(hessians)
     return factors, signs, grad, issues
@@ -747,20 +759,21 @@ def _cross_entropy_factors(p: Tensor) -> Tensor:
     ``C - 1`` columns. ``C = 1`` (a constant loss): one zero column. Cost ``O(N C^2)``, in ``p``'s dtype.
     """
     n, c = p.shape
+    factors = p.new_zeros(n, c, max(c - 1, 1))
     if c == 1:
-        return torch.zeros(n, 1, 1, dtype=p.dtype, device=p.device)
+        return factors
     q = p.sqrt()
     # S = diag(q) R[:, :C-1] = [diag(q[:C-1]); 0] - (q * u) (q[:C-1] / (1 + q_C))^T, u^T u = 2 (1 + q_C)
-    head = q[:, : c - 1]
-    qu = torch.cat([head * head, q[:, c - 1 :] * (q[:, c - 1 :] + 1.0)], dim=1)  # q * u, (N, C)
-    factors = torch.diag_embed(head, dim1=1, dim2=2)  # (N, C - 1, C - 1)
-    factors = torch.cat([factors, factors.new_zeros(n, 1, c - 1)], dim=1)
-    return factors.sub_(qu.unsqueeze(2) * (head / (1.0 + q[:, c - 1 :])).unsqueeze(1))
+    head, tail = q[:, : c - 1], q[:, c - 1 :]
+    qu = p.clone()  # q * u = (p_1, ..., p_{C-1}, p_C + q_C)
+    qu[:, c - 1 :] += tail
+    factors[:, : c - 1].diagonal(dim1=1, dim2=2).copy_(head)
+    return factors.baddbmm_(qu.unsqueeze(2), (head / (tail + 1.0)).unsqueeze(1), alpha=-1.0)
 
 
 def _token_loss_factors(
-    loss_fn: TokenLoss, logits: Tensor, target: Tensor
-) -> tuple[Tensor, Tensor, Tensor, list[str]]:
+    loss_fn: TokenLoss, logits: Tensor, target: Tensor, need_grad: bool = True
+) -> tuple[Tensor, Tensor, Optional[Tensor], list[str]]:
     """Exact factors for :class:`TokenLoss`: block-diagonal per sequence.
 
     The loss is ``(1/M) sum_t l_t`` over the ``M`` valid tokens, so sequence ``n`` contributes
@@ -776,7 +789,7 @@ def _token_loss_factors(
     rows, labels, _ = loss_fn.rows(logits.detach(), target)
     if rows.shape[0] == 0:
         raise ValueError("TokenLoss: every target is ignore_index; the batch has no token to score.")
-    row_factors, row_signs, _, issues = _loss_factors(loss_fn.base, rows, labels)  # (M, V, K), (M, K)
+    row_factors, row_signs, _, issues = _loss_factors(loss_fn.base, rows, labels, need_grad=False)
     flat = _token_positions(loss_fn, logits, target)
     positions = logits.shape[1] if logits.ndim == 3 else 1
     v, k = row_factors.shape[1], row_factors.shape[2]
@@ -787,6 +800,8 @@ def _token_loss_factors(
     signs[flat, slot] = row_signs
     factors = factors.reshape(n, positions, v, positions * k).reshape(n, positions * v, positions * k)
     signs = signs.reshape(n, positions, positions * k).sum(dim=1)
+    if not need_grad:
+        return factors, signs, None, issues
     f = logits.detach().requires_grad_(True)
     with torch.enable_grad():
         (grad,) = torch.autograd.grad(loss_fn(f, target), f)
@@ -1043,7 +1058,7 @@ def exact_hessian_diagonal(
     with torch.inference_mode(False), torch.enable_grad():
         x, y = _autograd_inputs(inputs, target)
         forward = _record_forward(model, x, params, "exact_hessian_diagonal")
-        factors, signs, _, loss_issues = _loss_factors(loss_fn, forward.logits.detach(), y)
+        factors, signs, _, loss_issues = _loss_factors(loss_fn, forward.logits.detach(), y, need_grad=False)
         issues = forward.issues + loss_issues
         if issues:
             message = (
@@ -1143,15 +1158,23 @@ def _record_forward(
     model: nn.Module, x: ModelInputs, params: dict[str, nn.Parameter], caller: str
 ) -> _RecordedForward:
     """Run ``model(x)`` with fresh leaves for ``params`` (everything else detached, buffers cloned),
-    recording the selected layers' calls and every operation on weight-dependent tensors."""
+    recording the selected layers' calls and every operation on weight-dependent tensors.
+
+    The recorded layer outputs are passed on to the model as they are (no copy); when the model
+    changes one in place (``nn.ReLU(inplace=True)`` right after a Linear layer), the forward is run
+    again with copies, so that the recorded output stays the layer's.
+    """
     leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
-    recorder = _ForwardRecorder(leaves)
-    module_names = _ModuleNames(model, recorder.module_stack)
-    try:
-        with _module_tensors_swapped(model, leaves, params), recorder:
-            output = _call(model, x)
-    finally:
-        module_names.remove()
+    for clone_outputs in (False, True):  # with clones only if the model changed a layer output in place
+        recorder = _ForwardRecorder(leaves, clone_outputs)
+        module_names = _ModuleNames(model, recorder.module_stack)
+        try:
+            with _module_tensors_swapped(model, leaves, params), recorder:
+                output = _call(model, x)
+        finally:
+            module_names.remove()
+        if clone_outputs or not recorder.outputs_changed_in_place():
+            break
     try:
         logits = extract_logits(output)
     except TypeError as err:
@@ -1298,4 +1321,5 @@ def gauss_newton_diagonal(
             tensor_issues = {
                 name: _record_forward(model, x, {name: p}, caller).issues for name, p in params.items()
             }
+    assert logits_grad is not None  # need_grad=True
     return GaussNewtonDiagonal(diag, issues, loss_issues, random_ops, tensor_issues, logits_grad)

@@ -37,13 +37,14 @@ class LayerCall:
     op: str
     module: str
     inputs: Tensor  # detached layer input a
-    output: Tensor  # layer output z, in the graph (the model continues on a clone of it)
+    output: Tensor  # layer output z, in the graph (unchanged by the model: see exact._record_forward)
     weight: Optional[str]
     bias: Optional[str]
     stride: tuple[int, ...] = ()
     padding: tuple[tuple[int, int], ...] = ()
     dilation: tuple[int, ...] = ()
     groups: int = 1
+    version: int = 0  # the output's version counter when recorded (in-place changes move it)
 
 
 class LayerRule:
