@@ -25,12 +25,14 @@ softmax-cross-entropy, eq. 20); the identity holds regardless.
 Algorithm (BackPACK's ``DiagGGNExact`` [1] with a signed symmetric factorisation of ``Lambda``):
 
 1. one forward pass; every ``linear`` / ``conv{1,2,3}d`` call whose weight or bias is selected is
-   recorded (its input ``a`` and output ``z``);
+   recorded (its input ``a`` and output ``z``, passed on to the model without a copy unless the
+   model changes it in place);
 2. ``Lambda_n`` from ``D`` double-backward passes through the loss only (batched; the Hessian of a
    mean of per-sample losses in the logits is block-diagonal) and its eigendecomposition
    ``Lambda_n = sum_k s_nk u_nk u_nk^T``; for ``F.cross_entropy`` with its defaults the analytic
-   factorisation ``Lambda_n = S_n S_n^T``, ``S_n = diag(sqrt(p_n)) - p_n sqrt(p_n)^T`` (BackPACK's),
-   with no double backward and no eigendecomposition;
+   rank-``(C - 1)`` factorisation ``Lambda_n = S_n S_n^T`` through a Householder reflection
+   (:func:`_cross_entropy_factors`; one column fewer than BackPACK's ``diag(sqrt(p_n)) - p_n
+   sqrt(p_n)^T``), with no double backward and no eigendecomposition;
 3. the columns ``v_n = sqrt(|s_nk| / N) u_nk`` for every eigen-index ``k`` (at most ``D``; directions
    with ``|s| ~ 0`` for every sample, such as the constant shift of cross-entropy, are dropped) are
    propagated from the logits of all samples in one batched backward pass (``is_grads_batched``),
@@ -40,15 +42,18 @@ Algorithm (BackPACK's ``DiagGGNExact`` [1] with a signed symmetric factorisation
    ``sign(s_nk)``, is summed over samples and ``k``. For a plain Linear layer the square factorises:
    ``sum_n sign_n (g_n^2)(a_n^2)^T``, one matrix product. With few positions ``P`` per sample (small
    feature maps) the square of the sum over positions is expanded into position pairs, again one
-   matrix product and no per-sample gradients (:func:`~.layer_rules.contraction.position_pair_contraction`).
+   matrix product and no per-sample gradients (:func:`~.layer_rules.contraction.position_pair_contraction`);
+   convolutions with few input channels get their per-sample gradients from one grouped
+   convolution backward (:func:`~.layer_rules.conv.grouped_squared_gradients`).
 
-**Cost.** One forward pass, one batched backward pass of ``K + 1 <= D + 1`` columns over the batch
-(``D`` = outputs per sample; the extra column is the batch-independence check, below), and per layer
-and ``k`` a
-contraction costing about one weight-gradient computation (``O(N * out * in)`` for Linear,
-``O(N * C_out * C_in * k * L)`` for Conv). Memory: the graph of one forward pass, the stored inputs
-(Conv inputs unfolded: ``prod(kernel_size)`` times larger), the layer-output gradients of all ``K``
-columns at once and per-sample gradients of at most ``2**18`` elements at a time.
+**Cost.** One forward pass (two when the model changes a recorded layer output in place), one
+batched backward pass of ``K + 1 <= D + 1`` columns over the batch (``D`` = outputs per sample,
+``K = C - 1`` for cross-entropy over ``C`` classes; the extra column is the batch-independence
+check, below), and per layer and ``k`` a contraction costing about one weight-gradient computation
+(``O(N * out * in)`` for Linear, ``O(N * C_out * C_in * k * L)`` for Conv). Memory: the graph of one
+forward pass, the stored inputs (Conv inputs unfolded: ``prod(kernel_size)`` times larger), the
+layer-output gradients of all ``K`` columns at once and per-sample gradients of at most ``2**18``
+elements at a time (``2**20`` on the grouped-convolution path).
 
 **Checks: the result is never silently wrong.** During the forward a
 :class:`torch.overrides.TorchFunctionMode` sees every torch function applied to a tensor that

@@ -33,8 +33,9 @@ __all__ = [
     "use_grouped_convolution",
 ]
 
-#: input channels per group up to which :func:`grouped_squared_gradients` is used (float32 on CPU)
-GROUPED_MAX_CHANNELS = 4
+#: input channels per group up to which :func:`grouped_squared_gradients` is used (float32 on CPU;
+#: see :func:`use_grouped_convolution`)
+GROUPED_MAX_CHANNELS = 3
 #: bound on per-sample-gradient elements one grouped convolution backward produces
 GROUPED_CHUNK_ELEMENTS = 2**20
 
@@ -81,10 +82,11 @@ def use_grouped_convolution(channels_per_group: int, grad: Tensor) -> bool:
     """Whether :func:`grouped_squared_gradients` replaces im2col for a layer with ``channels_per_group``
     input channels per group: few channels (at most :data:`GROUPED_MAX_CHANNELS`), float32 on CPU.
 
-    Measured per layer, batch 128, 9 columns, one thread
-    (``benchmarks/results/bench_backpack_exact_speed.md``): 2.5-3x faster than im2col with 1 input channel (the 1-D LeNet's and ResNet's first convolutions),
-    about even at 6-16 and up to 10x slower at 32 and more (the grouped kernel then loses to one
-    matrix product per sample). Other dtypes and devices keep im2col (not measured).
+    Measured per layer (CPU time, batch 128, 9 columns, one thread; the table is in
+    ``benchmarks/results/bench_backpack_exact_speed.md``): 1.6-3.2x faster than im2col with 1-3 input
+    channels (the first convolutions of the 1-D LeNet and ResNet: 3-5 inputs per output, where a
+    matrix product per sample is a poor fit), about even at 6, slower from 4 or 8 channels on
+    (up to 2x at 16). Other dtypes and devices keep im2col (not measured).
     """
     return (
         channels_per_group <= GROUPED_MAX_CHANNELS
