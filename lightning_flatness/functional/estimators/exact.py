@@ -764,16 +764,14 @@ def _cross_entropy_factors(p: Tensor) -> Tensor:
     ``C - 1`` columns. ``C = 1`` (a constant loss): one zero column. Cost ``O(N C^2)``, in ``p``'s dtype.
     """
     n, c = p.shape
-    factors = p.new_zeros(n, c, max(c - 1, 1))
     if c == 1:
-        return factors
+        return p.new_zeros(n, 1, 1)
     q = p.sqrt()
     # S = diag(q) R[:, :C-1] = [diag(q[:C-1]); 0] - (q * u) (q[:C-1] / (1 + q_C))^T, u^T u = 2 (1 + q_C)
     head, tail = q[:, : c - 1], q[:, c - 1 :]
-    qu = p.clone()  # q * u = (p_1, ..., p_{C-1}, p_C + q_C)
-    qu[:, c - 1 :] += tail
-    factors[:, : c - 1].diagonal(dim1=1, dim2=2).copy_(head)
-    return factors.baddbmm_(qu.unsqueeze(2), (head / (tail + 1.0)).unsqueeze(1), alpha=-1.0)
+    qu = torch.cat([p[:, : c - 1], p[:, c - 1 :] + tail], dim=1)  # q * u = (p_1, .., p_{C-1}, p_C + q_C)
+    diagonal = F.pad(torch.diag_embed(head), (0, 0, 0, 1))  # (N, C, C - 1)
+    return diagonal.baddbmm_(qu.unsqueeze(2), (head / (tail + 1.0)).unsqueeze(1), alpha=-1.0)
 
 
 def _token_loss_factors(
@@ -826,7 +824,8 @@ def _plain_class_targets(logits: Tensor, target: Tensor) -> bool:
         or target.numel() == 0
     ):
         return False
-    return bool(((target >= 0) & (target < logits.shape[1])).all())
+    low, high = torch.aminmax(target)
+    return 0 <= int(low) and int(high) < logits.shape[1]
 
 
 def _signed_factors(hessians: Tensor) -> tuple[Tensor, Tensor]:
@@ -1085,7 +1084,12 @@ def exact_hessian_diagonal(
                 stacklevel=2,
             )
         diag = _ggn_diagonal(forward, factors, signs, issues, "exact_hessian_diagonal", stacklevel=3)
-    return {name: d.detach().to(params[name].dtype) for name, d in diag.items()}
+    return {name: _as_result(d, params[name]) for name, d in diag.items()}
+
+
+def _as_result(d: Tensor, param: Tensor) -> Tensor:
+    """``d`` detached, in ``param``'s dtype (no extra op when it is already both)."""
+    return d if d.dtype == param.dtype and not d.requires_grad else d.detach().to(param.dtype)
 
 
 # ----------------------------------------------------------------------------- shared stages
