@@ -197,3 +197,91 @@ def test_layer_outputs_are_copied_only_when_the_model_changes_them_in_place(inpl
     assert len(calls) == (2 if inplace else 1)
     calls.clear()
     assert_relative_close(diag, brute_hessian_diagonal(model, F.cross_entropy, x, y, list(params)), tol=1e-10)
+
+
+# ----------------------------------------------------------------------------- batch independence
+class _FlippedBatch(nn.Module):
+    """Hidden features of sample i feed the head of sample N - 1 - i: the samples interact, with
+    every shape unchanged."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)).flip(0))
+
+
+def _batched_columns(monkeypatch) -> list[int]:
+    """Records how many columns each batched backward pass carries."""
+    counts = []
+    grad = torch.autograd.grad
+
+    def counting(outputs, inputs, grad_outputs=None, **kwargs):
+        if kwargs.get("is_grads_batched") and isinstance(grad_outputs, torch.Tensor):
+            counts.append(grad_outputs.shape[0])
+        return grad(outputs, inputs, grad_outputs, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting)
+    return counts
+
+
+def test_per_sample_operations_prove_batch_independence_and_skip_the_probe(monkeypatch):
+    """Linear, Conv, pooling, eval-mode BatchNorm, ReLU, residual sums, flatten and padding keep the
+    samples apart by construction: the backward pass carries the C - 1 columns only."""
+    counts = _batched_columns(monkeypatch)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(2, 4, 3, padding=1, padding_mode="reflect"),
+        nn.BatchNorm1d(4),
+        nn.ReLU(),
+        nn.MaxPool1d(2),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).double()
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 2, 4, generator=g, dtype=torch.float64), torch.randint(0, 4, (6,), generator=g)
+    params = select_parameters(model)  # the weights (BatchNorm's scale is used outside linear / conv)
+    diag = exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
+    assert counts == [3]  # C - 1 = 3 columns, no probe
+    monkeypatch.undo()
+    assert_relative_close(diag, brute_hessian_diagonal(model, F.cross_entropy, x, y, list(params)), tol=1e-10)
+
+
+def test_interacting_samples_with_unchanged_shapes_are_found_by_the_probe(monkeypatch):
+    """flip along the batch keeps every shape: not provably per-sample, so the probe runs, finds the
+    interaction and the per-sample path gives the exact diagonal."""
+    counts = _batched_columns(monkeypatch)
+    torch.manual_seed(0)
+    model = _FlippedBatch().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+    params = select_parameters(model, "all")
+    with pytest.warns(UserWarning, match="per-layer contractions do not apply"):
+        diag = exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
+    assert counts[0] == 2 + 1  # C - 1 columns and the probe
+    monkeypatch.undo()
+    assert_relative_close(diag, brute_hessian_diagonal(model, F.cross_entropy, x, y, list(params)), tol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "name, args, kwargs, expected",
+    [
+        ("flatten", (torch.zeros(4, 3, 2), 1), {}, True),
+        ("flatten", (torch.zeros(4, 3, 2),), {}, False),  # start_dim 0 merges the samples
+        ("pad", (torch.zeros(4, 3, 2), (1, 1)), {}, True),
+        ("pad", (torch.zeros(4, 3, 2), (1, 1, 0, 0, 1, 1)), {}, False),  # pads the batch dim
+        ("batch_norm", (torch.zeros(4, 3), None, None, None, None, False), {}, True),
+        ("batch_norm", (torch.zeros(4, 3), None, None, None, None, True), {}, False),  # batch statistics
+        ("linear", (torch.zeros(4),), {}, False),  # no batch dim
+        ("conv1d", (torch.zeros(3, 4),), {}, False),  # unbatched (C, L) input
+        ("mean", (torch.zeros(4, 3),), {}, False),  # reductions are never claimed
+    ],
+)
+def test_the_batch_independence_rules_are_conservative(name, args, kwargs, expected):
+    from lightning_flatness.functional.estimators.exact import _keeps_samples_apart
+
+    x = args[0]
+    out = x.flatten(1) if name == "flatten" and len(args) > 1 else x
+    assert _keeps_samples_apart(name, args, kwargs, [x], [out], 4) is expected

@@ -47,9 +47,10 @@ Algorithm (BackPACK's ``DiagGGNExact`` [1] with a signed symmetric factorisation
    convolution backward (:func:`~.layer_rules.conv.grouped_squared_gradients`).
 
 **Cost.** One forward pass (two when the model changes a recorded layer output in place), one
-batched backward pass of ``K + 1 <= D + 1`` columns over the batch (``D`` = outputs per sample,
+batched backward pass of ``K (+ 1) <= D + 1`` columns over the batch (``D`` = outputs per sample,
 ``K = C - 1`` for cross-entropy over ``C`` classes; the extra column is the batch-independence
-check, below), and per layer and ``k`` a contraction costing about one weight-gradient computation
+check, below, where it is needed), and per layer and ``k`` a contraction costing about one
+weight-gradient computation
 (``O(N * out * in)`` for Linear, ``O(N * C_out * C_in * k * L)`` for Conv). Memory: the graph of one
 forward pass, the stored inputs (Conv inputs unfolded: ``prod(kernel_size)`` times larger), the
 layer-output gradients of all ``K`` columns at once and per-sample gradients of at most ``2**18``
@@ -69,9 +70,13 @@ with the reasons, per weight tensor, for ``method="ggn_hutchinson"`` (:mod:`.ggn
 adds an unbiased estimate of the difference. Operations before
 the first selected weight are not restricted (a frozen tanh feature extractor is fine). The loss
 must be the mean of per-sample losses (checked on values: the batch loss against its two halves).
-The per-layer contractions further need samples not to interact after the first selected layer; one
-backward column from sample 0 checks that no other sample's layer outputs receive gradient. When that
-fails (train-mode BatchNorm, a batch mean inside the model, sequence-first layouts) or a weight is
+The per-layer contractions further need samples not to interact after the first selected layer.
+When every operation on weight-dependent tensors provably keeps the samples apart (Linear, Conv,
+pooling, eval-mode BatchNorm, elementwise operations and residual sums, ``flatten`` from dim 1,
+padding of the non-batch dims, all with the batch along dim 0: :func:`_keeps_samples_apart`), that
+holds by construction; otherwise one backward column from sample 0 checks that no other sample's
+layer outputs receive gradient. When that fails (train-mode BatchNorm, a batch mean inside the model,
+sequence-first layouts) or a weight is
 used outside ``linear`` / ``conv``, the per-(sample, k) path is taken instead: ``N * K`` vectorised
 backward passes (with a warning about the cost), still exact for the GGN.
 
@@ -501,6 +506,62 @@ def _requiring_grad(args: tuple, kwargs: dict) -> list[Tensor]:
 _argument = argument  # the argument of a torch function call by position or keyword
 
 
+# Operations that never combine entries of different samples when dim 0 is the batch, for the
+# static batch-independence proof (_keeps_samples_apart): {name: spatial dims} (-1: any shape with
+# the batch first). Linear acts on the last dim; convolutions and pooling on the channels and
+# spatial dims of (N, C, *S) inputs; eval-mode batch_norm per channel.
+_PER_SAMPLE_LAYERS = {
+    "linear": -1,
+    **{f"conv{d}d": d for d in (1, 2, 3)},
+    **{f"{kind}_pool{d}d": d for kind in ("max", "avg", "adaptive_max", "adaptive_avg") for d in (1, 2, 3)},
+    **{f"{kind}_pool{d}d_with_indices": d for kind in ("max", "adaptive_max") for d in (1, 2, 3)},
+    "batch_norm": -1,
+}
+# Elementwise operations (the output entry (n, ...) reads input entries of sample n only, when every
+# weight-dependent argument has the output's number of dims and the batch first).
+_ELEMENTWISE = frozenset(
+    {
+        *("add", "sub", "rsub", "mul", "neg", "negative", "positive", "abs", "absolute"),
+        *("relu", "relu6", "leaky_relu", "hardtanh", "threshold", "clamp", "clip", "clamp_min", "clamp_max"),
+        *("dropout", "dropout1d", "dropout2d", "dropout3d", "clone", "contiguous", "detach"),
+    }
+)
+
+
+def _keeps_samples_apart(
+    name: str, args: tuple, kwargs: dict, dependent: list[Tensor], outputs: list[Tensor], n: int
+) -> bool:
+    """Whether this call provably keeps the ``n`` samples apart: every output entry of sample ``i``
+    depends on weight-dependent input entries of sample ``i`` only (dim 0 is the batch). A sufficient,
+    conservative test (per-sample layers, elementwise ops, ``flatten`` from dim 1, padding of the
+    non-batch dims; eval mode); anything
+    else (reductions, indexing, reshapes, concatenation, ...) returns False and the
+    batch-independence probe of :func:`_diagonal_by_layers` decides instead."""
+    if any(o.ndim == 0 or o.shape[0] != n for o in outputs):
+        return False
+    if any(t.ndim == 0 or t.shape[0] != n for t in dependent):
+        return False
+    if name in _PER_SAMPLE_LAYERS:
+        spatial = _PER_SAMPLE_LAYERS[name]
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, Tensor) or x.ndim < (2 if spatial < 0 else spatial + 2):
+            return False
+        if name == "batch_norm":  # batch statistics couple the samples
+            return not _argument(args, kwargs, 5, ("training",), False)
+        return True
+    if name in _ELEMENTWISE:
+        if name.startswith("dropout") and _argument(args, kwargs, 2, ("training", "train"), True):
+            return False  # a fresh mask: flagged anyway; not claimed here
+        return all(t.ndim == outputs[0].ndim for t in dependent)
+    if name == "flatten":
+        start = _argument(args, kwargs, 1, ("start_dim",), 0)
+        return isinstance(start, int) and start >= 1
+    if name == "pad":  # pads (any mode) only the trailing dims it is given pairs for
+        pads = _argument(args, kwargs, 1, ("pad",), ())
+        return len(dependent) == 1 and len(pads) // 2 <= dependent[0].ndim - 1
+    return False
+
+
 class _ForwardRecorder(TorchFunctionMode):
     """Records the selected layers' calls and every operation on weight-dependent tensors.
 
@@ -508,9 +569,14 @@ class _ForwardRecorder(TorchFunctionMode):
     other parameter and the inputs detached.
     """
 
-    def __init__(self, leaves: dict[str, Tensor], clone_outputs: bool = False):
+    def __init__(self, leaves: dict[str, Tensor], clone_outputs: bool = False, batch_size: int = -1):
         super().__init__()
         self.leaves = leaves
+        # whether every operation on weight-dependent tensors provably keeps the samples (dim 0 of
+        # size batch_size) apart (see _keeps_samples_apart); then the batch-independence probe is
+        # not needed
+        self.batch_size = batch_size
+        self.samples_apart = batch_size >= 1
         # give the model a clone of each recorded layer output (else the output itself; then an
         # in-place change of it, seen by its version counter, calls for a forward with clones)
         self.clone_outputs = clone_outputs
@@ -560,6 +626,15 @@ class _ForwardRecorder(TorchFunctionMode):
             out_tensors = list(_tensors(out)) if out is not None else list(_tensors(args[:1]))
             if not any(t.requires_grad for t in out_tensors):
                 return out
+        if self.samples_apart and not _keeps_samples_apart(
+            name,
+            args,
+            kwargs,
+            [t for t in dependent if id(t) not in self.names_by_id],  # the selected weights are shared
+            out_tensors,
+            self.batch_size,
+        ):
+            self.samples_apart = False
         for node in unseen:
             self.flag(
                 f"a tensor produced by an operation invisible to torch function modes "
@@ -882,7 +957,8 @@ def _diagonal_by_layers(
     calls = recorder.calls
     n, k = logits.shape[0], factors.shape[2]
     outputs = [c.output for c in calls]
-    probe = 1 if n >= 2 and calls else 0  # the batch-independence probe as column k
+    # the batch-independence probe as column k, unless every operation kept the samples apart
+    probe = 1 if n >= 2 and calls and not recorder.samples_apart else 0
     columns = logits.new_zeros(k + probe, n, factors.shape[1])
     columns[:k] = factors.permute(2, 0, 1)
     if probe:
@@ -1009,10 +1085,10 @@ def exact_hessian_diagonal(
     is piecewise linear in each individual weight; this is the ``diag(H)`` of Algorithm 1 / eq. 61
     of the paper without its finite-difference and sampling error.
 
-    Cost: one forward, one batched backward of ``K <= D`` columns (``D`` outputs per sample) plus
-    one for the batch-independence check, and per layer a weight-gradient-sized contraction per
-    column. Zero
-    variance. When samples interact inside the model or a weight is used outside Linear / Conv:
+    Cost: one forward, one batched backward of ``K <= D`` columns (``D`` outputs per sample;
+    ``C - 1`` for cross-entropy) plus one for the batch-independence check where the operations do not
+        prove it, and per layer a weight-gradient-sized contraction per column. Zero variance. When
+    samples interact inside the model or a weight is used outside Linear / Conv:
     ``N * K`` vectorised backward passes instead (warned).
 
     Assumptions: ``loss_fn`` is the mean of per-sample losses (checked on values) or a
@@ -1174,8 +1250,9 @@ def _record_forward(
     again with copies, so that the recorded output stays the layer's.
     """
     leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
+    n = inputs_batch_size(x)
     for clone_outputs in (False, True):  # with clones only if the model changed a layer output in place
-        recorder = _ForwardRecorder(leaves, clone_outputs)
+        recorder = _ForwardRecorder(leaves, clone_outputs, n)
         module_names = _ModuleNames(model, recorder.module_stack)
         try:
             with _module_tensors_swapped(model, leaves, params), recorder:
@@ -1188,7 +1265,6 @@ def _record_forward(
         logits = extract_logits(output)
     except TypeError as err:
         raise ValueError(f"{caller}: {err}") from None
-    n = inputs_batch_size(x)
     if logits.ndim == 0 or logits.shape[0] != n:
         raise ValueError(
             f"the model output has shape {tuple(logits.shape)} for {n} samples; "
