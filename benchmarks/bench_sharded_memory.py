@@ -139,11 +139,14 @@ def _rank(rank: int, world: int, init_file: str, out_file: str) -> None:
     x, y = data()
     own = torch.arange(rank, SAMPLES, world)
     with PeakRSS() as peak:
+        start = time.perf_counter()
         measurement = ShardedSharpnessMeasurement(net, num_replicates=REPLICATES)
         for chunk in own.tensor_split(BATCHES):
             measurement.add(x[chunk], y[chunk])
         estimate_bytes = peak.peak - peak.base
+        middle = time.perf_counter()
         values = measurement.compute()
+        end = time.perf_counter()
     torch.save(
         {
             "peak_bytes": peak.bytes,
@@ -151,6 +154,9 @@ def _rank(rank: int, world: int, init_file: str, out_file: str) -> None:
             "normalized": float(values["normalized"]),
             "state_bytes": measurement.state_bytes(),
             "largest_whole_tensor_bytes": 8 * measurement.largest_whole_tensor,
+            "estimate_seconds": middle - start,
+            "compute_seconds": end - middle,
+            "gathered_solves": sorted(measurement.gathered_solves),
         },
         out_file,
     )
@@ -187,10 +193,10 @@ def main(argv=None) -> dict:
         f"MLP {WIDTH}x{DEPTH}+10, {SAMPLES} samples, {BATCHES} batches, num_replicates={REPLICATES})",
         "",
         "| processes | peak RSS above start, per process (MiB) | peak while estimating (before the solves) "
-        "(MiB) | 1.5 x unsharded / P + one whole float64 tensor (MiB) | replicate sums per process (MiB) "
-        "| normalized |",
-        "|---|---|---|---|---|---|",
-        f"| 1 (unsharded) | {one['peak_bytes'] / mib:.1f} | | | | {one['normalized']:.10g} |",
+        "(MiB) | 1.5 x unsharded / P + one whole float64 tensor (MiB) | met | replicate sums per process "
+        "(MiB) | estimate / compute() seconds (rank 0) | eq. 17 gathered | normalized |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| 1 (unsharded) | {one['peak_bytes'] / mib:.1f} | | | | | | | {one['normalized']:.10g} |",
     ]
     results = {"unsharded": one}
     for world in args.processes:
@@ -200,9 +206,12 @@ def main(argv=None) -> dict:
         peaks = ", ".join(f"{r['peak_bytes'] / mib:.1f}" for r in records)
         states = ", ".join(f"{r['state_bytes'] / mib:.1f}" for r in records)
         estimating = ", ".join(f"{r['estimate_peak_bytes'] / mib:.1f}" for r in records)
+        met = "yes" if all(r["peak_bytes"] <= target for r in records) else "**no**"
+        seconds = f"{records[0]['estimate_seconds']:.1f} / {records[0]['compute_seconds']:.1f}"
+        gathered = ", ".join(records[0]["gathered_solves"]) or "none"
         lines.append(
-            f"| {world} (sharded) | {peaks} | {estimating} | {target / mib:.1f} | {states} | "
-            f"{records[0]['normalized']:.10g} |"
+            f"| {world} (sharded) | {peaks} | {estimating} | {target / mib:.1f} | {met} | {states} | "
+            f"{seconds} | {gathered} | {records[0]['normalized']:.10g} |"
         )
 
     lines += [

@@ -131,7 +131,7 @@ def one_run(model, x, y, seed: int, args) -> dict[str, Any]:
         warnings.simplefilter("always")
         t0 = time.perf_counter()
         # measure_sharpness's own loop, kept open so that the pooled sums can be re-solved below
-        m = SharpnessMeasurement(model, generator=mc)
+        m = SharpnessMeasurement(model, generator=mc, method=args.method)
         for batch in batches:
             m.add(*split_batch(batch))
         values = m.compute()
@@ -312,6 +312,11 @@ def main(argv=None) -> dict[str, Any]:
         "--hvp-budget", type=int, default=256, help="sample-HVPs per vmapped brute-force call"
     )
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument(
+        "--method",
+        default="auto",
+        help="estimator (default auto: what a user gets); e.g. gauss_newton_sketch",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.pool, args.seeds, args.batches, args.batch_size = (

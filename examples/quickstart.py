@@ -104,17 +104,22 @@ def main(argv=None) -> dict[str, torch.Tensor]:
         "groups of samples)"
     )
     print(f"{'':24s}{'normalized (17)':>22s}{'matrix-norm. (13)':>20s}{'Hessian trace (5)':>20s}")
-    names = [k.split("/", 1)[1] for k in result if k.startswith("normalized/")]
-    for name in names:
-        print(
-            f"{name:24s}{result['normalized/' + name].item():22.4f}"
-            f"{result['matrix_normalized/' + name].item():20.4f}"
-            f"{result['hessian_trace/' + name].item():20.4f}"
+    names = [k.split("/", 1)[1] for k in result if k.startswith("hessian_trace/")]
+    for name in names:  # biases have the trace alone (footnote 5)
+        normalized, matrix = (
+            (
+                f"{result['normalized/' + name].item():22.4f}",
+                f"{result['matrix_normalized/' + name].item():20.4f}",
+            )
+            if "normalized/" + name in result
+            else (f"{'-':>22s}", f"{'-':>20s}")
         )
+        print(f"{name:24s}{normalized}{matrix}{result['hessian_trace/' + name].item():20.4f}")
     print(
         f"{'total':24s}{result['normalized'].item():14.4f} ± {result['normalized_stderr'].item():<6.4f}"
         f"{result['matrix_normalized'].item():20.4f}{result['hessian_trace'].item():20.4f}"
     )
+    print(f"{'weights only':24s}{'':42s}{result['hessian_trace_weights'].item():20.4f}")
     return result
 
 

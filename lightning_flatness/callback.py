@@ -30,16 +30,16 @@ from lightning_flatness.functional import ExactMethodNotApplicable, select_param
 from lightning_flatness.functional.estimators.method_choice import MethodChoice
 from lightning_flatness.functional.estimators.registry import ESTIMATORS
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
-from lightning_flatness.functional.measures import MEASURES
+from lightning_flatness.functional.measures import MEASURES, TOTALS, tensor_measure_names
 from lightning_flatness.functional.model_io import call_model, inputs_batch_size, map_inputs, select_samples
 from lightning_flatness.isolation import (
     autograd_tensor,
-    float_copy,
     gradient_enabled,
+    measurement_view,
     preserved_rng_states,
     resolve_dtype,
 )
-from lightning_flatness.logger_media import MediaContext, log_per_layer_media, per_layer_table
+from lightning_flatness.logger_media import MediaContext, PerLayerTable, log_per_layer_media, per_layer_table
 from lightning_flatness.measure import SharpnessMeasurement, resolve_loss
 from lightning_flatness.memory import PeakMemory
 from lightning_flatness.progress import progress_reporter
@@ -98,6 +98,7 @@ class SharpnessMonitorBase:
         prefix: str = "sharpness",
         log_per_layer: bool = True,
         log_images: bool = True,
+        images_every_n_evaluations: Optional[int] = None,
         prog_bar: bool = True,
         relative_step: float = 1e-3,
     ) -> None:
@@ -142,27 +143,28 @@ class SharpnessMonitorBase:
                 f"(logits, target) -> mean loss, or None for normalized_softmax_cross_entropy."
             )
         selectable = callable(parameters) or isinstance(parameters, Iterable)
-        if parameters == "all":
-            raise ValueError(
-                "SharpnessMonitor got parameters='all', which includes 1-D tensors (biases, "
-                "normalization scales): eq. 13 and 17 need weight tensors with rows and columns "
-                "(footnote 5); pass None or 'weights', a list of names, or a predicate."
-            )
         if (
             parameters is not None
-            and parameters != "weights"
+            and parameters not in ("weights", "all")
             and (isinstance(parameters, str) or not selectable)
         ):
             raise TypeError(
                 f"SharpnessMonitor got parameters={parameters!r}; pass None (the default selection: "
-                "weights that multiply their input, without position embeddings and class tokens), "
-                "'weights' (every tensor with ndim >= 2), a list of parameter names, or a predicate "
+                "weights that multiply their input, without position embeddings and class tokens, and "
+                "the biases and normalization parameters beside them), 'weights' (every tensor with "
+                "ndim >= 2), 'all', a list of parameter names, or a predicate "
                 "(name, parameter) -> bool."
             )
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
             raise ValueError(
                 f"SharpnessMonitor got lam={lam!r}; the lambda of eq. 17 must be a positive "
                 "finite number (default 0.5)."
+            )
+        if images_every_n_evaluations is not None and not _is_positive_int(images_every_n_evaluations):
+            raise ValueError(
+                f"SharpnessMonitor got images_every_n_evaluations={images_every_n_evaluations!r}; "
+                "pass a positive int (1: a bar chart at every measurement) or None (default: one "
+                "chart, of the last measurement, at the end of training)."
             )
         if not _is_positive_int(every_n_epochs):
             raise ValueError(f"SharpnessMonitor got every_n_epochs={every_n_epochs!r}; pass a positive int.")
@@ -199,6 +201,9 @@ class SharpnessMonitorBase:
         self.prefix = prefix
         self.log_per_layer = bool(log_per_layer)
         self.log_images = bool(log_images)
+        self.images_every_n_evaluations = (
+            None if images_every_n_evaluations is None else int(images_every_n_evaluations)
+        )
         self.prog_bar = bool(prog_bar)
         self.relative_step = float(relative_step)
         #: One dict per evaluation: ``epoch``, ``global_step``, ``method``, ``seconds`` and every value
@@ -215,6 +220,7 @@ class SharpnessMonitorBase:
         self._prepared = False
         self._warned: set[str] = set()
         self._layouts_written: set[int] = set()
+        self._undrawn_chart: Optional[dict[str, Any]] = None  # the last measurement, if not charted yet
         self._generator: Optional[torch.Generator] = None  # this evaluation's probes
         self._choice: Optional[MethodChoice] = None if method == _AUTO else MethodChoice.named(method)
         self._loss: LossFn = self.loss_fn  # resolved at the dry run (TokenLoss for sequence outputs)
@@ -235,12 +241,19 @@ class SharpnessMonitorBase:
         """
         return _default_split_batch(batch)
 
-    def copy_network(self, pl_module: nn.Module, dtype: torch.dtype) -> nn.Module:
-        """The network whose curvature is measured: by default a deep copy of ``pl_module`` cast to
-        ``dtype``, in eval mode (see :func:`lightning_flatness.isolation.float_copy`). It is called on
-        the inputs of :meth:`split_batch` and must return the logits. Override it to measure a submodule, e.g.
-        ``return float_copy(pl_module.net, dtype)``; never return the live module."""
-        return float_copy(pl_module, dtype)
+    def measured_network(self, pl_module: nn.Module) -> nn.Module:
+        """The network whose curvature is measured: by default ``pl_module`` itself. It is called on the
+        inputs of :meth:`split_batch` and must return the logits. Override it to measure a submodule,
+        e.g. ``return pl_module.net``.
+
+        It is measured in place, with no copy, through
+        :func:`lightning_flatness.isolation.measurement_view`: eval mode and, where the training
+        dtype differs from ``dtype``, cast copies of just those tensors, both only during the
+        measurement. Its weights, buffers and ``.grad`` are never changed; its forward hooks run. A
+        module whose forward hooks change its state (e.g. ``torch.nn.utils.spectral_norm``) can be
+        measured on a copy instead: ``return copy.deepcopy(pl_module)``.
+        """
+        return pl_module
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -288,6 +301,7 @@ class SharpnessMonitorBase:
         if stage not in ("fit", "validate"):
             return
         self._subset, self._prepared, self._layouts_written = None, False, set()
+        self._undrawn_chart = None
         clash = [
             cb
             for cb in trainer.callbacks
@@ -338,6 +352,11 @@ class SharpnessMonitorBase:
         self._record(trainer, values, seconds)
         self._log(trainer, pl_module, values, seconds)
 
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._undrawn_chart is not None:  # the last measurement's bar chart, unless drawn already
+            entry, self._undrawn_chart = self._undrawn_chart, None
+            self._log_chart(trainer, entry, entry["global_step"], entry["epoch"])
+
     # -- preparation --------------------------------------------------------------------------------
 
     @staticmethod
@@ -350,9 +369,16 @@ class SharpnessMonitorBase:
 
     def _check_parameters(self, pl_module: nn.Module) -> None:
         try:
-            select_parameters(pl_module, self.parameters)
+            chosen = select_parameters(pl_module, self.parameters)
         except (ValueError, TypeError) as err:
             raise type(err)(f"SharpnessMonitor cannot measure {type(pl_module).__name__}: {err}") from err
+        if not any(p.ndim >= 2 for p in chosen.values()):
+            raise ValueError(
+                f"SharpnessMonitor cannot measure {type(pl_module).__name__}: the selected parameters "
+                f"{list(chosen)[:5]} hold no weight tensor with ndim >= 2 (rows x columns), so normalized "
+                "sharpness (eq. 17), the monitored value, would be an empty sum; unfreeze a weight matrix "
+                "or choose the tensors with `parameters=`."
+            )
 
     def _resolve_data(self, trainer: Any, final: bool) -> None:
         "Find the samples to measure on; ``final=False`` (at ``setup``) defers hook errors to ``_prepare``."
@@ -429,22 +455,22 @@ class SharpnessMonitorBase:
                     "SharpnessMonitor's `dataloader` yielded no batch on rank "
                     f"{trainer.global_rank}; pass a loader with at least one batch per process."
                 )
-            network = self.copy_network(pl_module, self.dtype)
             inputs, target = self._split(batch)
             n = inputs_batch_size(inputs)
             inputs = self._to_device(select_samples(inputs, slice(0, _DRY_RUN_SAMPLES), n), device)
             target = autograd_tensor(target[:_DRY_RUN_SAMPLES], device, self.dtype)
             try:
-                with torch.no_grad():
-                    logits = call_model(network, inputs)
-                self._loss = resolve_loss(self.loss_fn, network, logits, target)
-                self._estimate(trainer, pl_module, network, inputs, target, dry_run=True)
+                with measurement_view(self.measured_network(pl_module), self.dtype) as network:
+                    with torch.no_grad():
+                        logits = call_model(network, inputs)
+                    self._loss = resolve_loss(self.loss_fn, network, logits, target)
+                    self._estimate(trainer, pl_module, network, inputs, target, dry_run=True)
             except Exception as err:
                 raise RuntimeError(
                     f"SharpnessMonitor cannot measure {type(pl_module).__name__} (dry run on "
                     f"{min(n, _DRY_RUN_SAMPLES)} samples before training): {type(err).__name__}: {err} "
                     "Pass another `method=`, `loss_fn=` or `parameters=`, or override `split_batch` / "
-                    "`copy_network`; training has not started."
+                    "`measured_network`; training has not started."
                 ) from err
         if self._choice is not None and self.method == _AUTO and "fallback" not in self._warned:
             message = (
@@ -625,28 +651,27 @@ class SharpnessMonitorBase:
         nonfinite = False
         failure: Optional[BaseException] = None
         with preserved_rng_states(), gradient_enabled(device):
-            network = self.copy_network(pl_module, self.dtype)
-            params = select_parameters(network, self.parameters)
-            weights = {n: p.detach() for n, p in params.items()}
-            nonfinite = not all(bool(torch.isfinite(w).all()) for w in weights.values())
-            self._generator = self._probe_generator(device, trainer.global_rank)
-            measurement = self._measurement(network, self._generator, self.num_probes)
-            description = f"Sharpness ({self._resolved_method or 'exact'})"
-            with progress_reporter(trainer, total, description) as advance:
-                for batch in [] if nonfinite else batches:  # non-finite weights: nothing to measure
-                    try:
-                        inputs, target = self._split(batch)
-                        inputs = self._to_device(inputs, device)
-                        target = autograd_tensor(target, device, self.dtype)
-                        ok = self._estimate(
-                            trainer, pl_module, network, inputs, target, measurement=measurement
-                        )
-                    except Exception as err:  # a measurement never stops training: warn and log NaN
-                        failure, ok = err, False
-                    if not ok:
-                        nonfinite = True
-                        break
-                    advance(1)
+            with measurement_view(self.measured_network(pl_module), self.dtype) as network:
+                self._generator = self._probe_generator(device, trainer.global_rank)
+                measurement = self._measurement(network, self._generator, self.num_probes)
+                weights = measurement.weights
+                nonfinite = not all(bool(torch.isfinite(w).all()) for w in weights.values())
+                description = f"Sharpness ({self._resolved_method or 'exact'})"
+                with progress_reporter(trainer, total, description) as advance:
+                    for batch in [] if nonfinite else batches:  # non-finite weights: nothing to measure
+                        try:
+                            inputs, target = self._split(batch)
+                            inputs = self._to_device(inputs, device)
+                            target = autograd_tensor(target, device, self.dtype)
+                            ok = self._estimate(
+                                trainer, pl_module, network, inputs, target, measurement=measurement
+                            )
+                        except Exception as err:  # a measurement never stops training: warn and log NaN
+                            failure, ok = err, False
+                        if not ok:
+                            nonfinite = True
+                            break
+                        advance(1)
             # one collective, so every process takes the same branch below
             any_nonfinite = trainer.strategy.reduce_boolean_decision(nonfinite, all=False)
             values = None
@@ -674,13 +699,13 @@ class SharpnessMonitorBase:
                     f"values); logging NaN for '{self.prefix}/*' and continuing. Check the learning "
                     "rate and the data.",
                 )
-            names = list(weights)
+            per_tensor = [(m, n) for n, w in weights.items() for m in tensor_measure_names(w.shape)]
             keys = [
-                *MEASURES,
-                *(f"{m}_stderr" for m in MEASURES),
-                *(f"{m}_half_shift" for m in MEASURES),
-                *(f"{m}/{n}" for m in MEASURES for n in names),
-                *(f"{m}_stderr/{n}" for m in MEASURES for n in names),
+                *TOTALS,
+                *(f"{m}_stderr" for m in TOTALS),
+                *(f"{m}_half_shift" for m in TOTALS),
+                *(f"{m}/{n}" for m, n in per_tensor),
+                *(f"{m}_stderr/{n}" for m, n in per_tensor),
             ]
             values = {k: float("nan") for k in keys}
             values["num_samples"] = 0.0
@@ -736,9 +761,9 @@ class SharpnessMonitorBase:
         def tensor(x: float) -> Tensor:
             return torch.tensor(x, dtype=dtype, device=pl_module.device)
 
-        scalars = {f"{p}/{m}": values[m] for m in MEASURES if m != "normalized"}
+        scalars = {f"{p}/{m}": values[m] for m in TOTALS if m != "normalized"}
         if self.num_replicates >= 2:
-            scalars.update({f"{p}/{m}_stderr": values[f"{m}_stderr"] for m in MEASURES})
+            scalars.update({f"{p}/{m}_stderr": values[f"{m}_stderr"] for m in TOTALS})
             scalars[f"{p}/normalized_half_shift"] = values["normalized_half_shift"]
         scalars[f"{p}/seconds"] = seconds
         scalars[f"{p}/peak_memory_mb"] = values["peak_memory_mb"]
@@ -755,42 +780,53 @@ class SharpnessMonitorBase:
         self._log_media(trainer, values)
 
     def _log_media(self, trainer: Any, values: dict[str, float]) -> None:
-        """The per-layer table and bar chart, through each logger's own API
-        (lightning_flatness.logger_media)."""
+        """The per-layer table (every measurement) and bar chart (on the schedule of
+        ``images_every_n_evaluations``), through each logger's own API (lightning_flatness.logger_media)."""
         if not self.log_per_layer or not trainer.is_global_zero or not trainer.loggers:
             return
-        figure = image = None
-        if self.log_images:
-            per_layer = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("normalized/")}
-            errors = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("normalized_stderr/")}
-            figure = bar_chart_figure(
-                per_layer,
-                f"normalized sharpness per layer, epoch {trainer.current_epoch}",
-                "normalized sharpness",
-                errors,
+        step, epoch = trainer.global_step, trainer.current_epoch
+        log_per_layer_media(trainer, self._media(per_layer_table(values, MEASURES), step, epoch))
+        if not self.log_images:
+            return
+        every = self.images_every_n_evaluations
+        if trainer.state.fn != "fit" or (every is not None and (self._evaluations - 1) % every == 0):
+            self._undrawn_chart = None
+            self._log_chart(trainer, values, step, epoch)
+        else:  # drawn at the end of training unless another measurement comes first
+            self._undrawn_chart = {**values, "global_step": step, "epoch": epoch}
+
+    def _log_chart(self, trainer: Any, values: dict[str, Any], step: int, epoch: int) -> None:
+        """The per-layer bar chart of normalized sharpness (matplotlib) of one measurement's ``values``."""
+        if not self.log_per_layer or not self.log_images or not trainer.is_global_zero or not trainer.loggers:
+            return
+        per_layer = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("normalized/")}
+        errors = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("normalized_stderr/")}
+        figure = bar_chart_figure(
+            per_layer, f"normalized sharpness per layer, epoch {epoch}", "normalized sharpness", errors
+        )
+        if figure is None:
+            self._info_once(
+                trainer,
+                "no_matplotlib",
+                "SharpnessMonitor: matplotlib is not installed, so the per-layer bar chart image is "
+                "skipped (pip install matplotlib).",
             )
-            if figure is None:
-                self._info_once(
-                    trainer,
-                    "no_matplotlib",
-                    "SharpnessMonitor: matplotlib is not installed, so the "
-                    "per-layer bar chart image is skipped (pip install "
-                    "matplotlib).",
-                )
-            else:
-                image = figure_to_image(figure)
-        log_per_layer_media(
-            trainer,
-            MediaContext(
-                prefix=self.prefix,
-                measures=tuple(MEASURES),
-                step=trainer.global_step,
-                epoch=trainer.current_epoch,
-                table=per_layer_table(values, MEASURES),
-                figure=figure,
-                image=image,
-                layouts_written=self._layouts_written,
-            ),
+            return
+        empty = PerLayerTable(["layer"], [])  # the table went out with the measurement
+        log_per_layer_media(trainer, self._media(empty, step, epoch, figure, figure_to_image(figure)))
+
+    def _media(
+        self, table: PerLayerTable, step: int, epoch: int, figure: Any = None, image: Any = None
+    ) -> MediaContext:
+        return MediaContext(
+            prefix=self.prefix,
+            measures=tuple(MEASURES),
+            step=step,
+            epoch=epoch,
+            table=table,
+            figure=figure,
+            image=image,
+            layouts_written=self._layouts_written,
         )
 
     def _warn_once(self, trainer: Any, key: str, message: str) -> None:
@@ -842,8 +878,11 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
     ``i % world_size``) and the metric sums the estimates over processes: every process gets the
     same value, equal to the single-process value over the same samples.
 
-    **How**: on a private deep copy of the network in ``dtype`` (float32 or float64, whatever the
-    training precision), in eval mode (dropout off, BatchNorm with running statistics), with
+    **How**: on the live network, without a copy (:meth:`measured_network`,
+    :func:`~lightning_flatness.isolation.measurement_view`), in eval mode for the duration of the
+    measurement (dropout off, BatchNorm with running statistics) and in ``dtype`` (float32 or
+    float64, whatever the training precision: only the tensors whose dtype differs are cast, into
+    temporary copies), with
     gradients enabled locally (also inside ``trainer.validate()``'s inference mode), through
     :class:`~lightning_flatness.measure.SharpnessMeasurement` (the front door that plain training
     loops use too). Batches may be tensors, tuples or dicts (Hugging Face keyword batches included,
@@ -874,8 +913,11 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
 
     - ``<p>/normalized``: normalized sharpness, eq. 17 (the key to monitor; lower is flatter);
     - ``<p>/matrix_normalized``: matrix-normalized sharpness, eq. 13;
-    - ``<p>/hessian_trace``: trace of the Hessian over the measured weights, eq. 5 (not invariant to
+    - ``<p>/hessian_trace``: trace of the Hessian, eq. 5, over every measured parameter: the weights
+      and, by default, the biases and normalization parameters beside them (not invariant to
       rescaling; for comparison);
+    - ``<p>/hessian_trace_weights``: the same trace over the weight tensors (``ndim >= 2``) alone,
+      the tensors the normalized measures count;
     - ``<p>/<measure>_stderr``: jackknife standard errors;
     - ``<p>/normalized_half_shift``: how much the value rises when half of the samples and probes
       are used (a convergence diagnostic: for the stochastic methods a lower bound on the upward
@@ -885,13 +927,15 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
     - ``<p>/peak_memory_mb``: peak memory during the measurement (largest over processes): resident
       set size on CPU, CUDA allocation on a GPU, sampled every 5 ms
       (:class:`~lightning_flatness.memory.PeakMemory`);
-    - ``<p>/<measure>/<parameter name>``: per weight tensor, named after its module path (e.g.
-      ``sharpness/normalized/net.0.weight``).
+    - ``<p>/<measure>/<parameter name>``: per tensor, named after its module path (e.g.
+      ``sharpness/normalized/net.0.weight``); 1-D tensors (biases, normalization scales) have
+      ``hessian_trace`` alone (footnote 5).
 
-    Each logger also gets the per-layer values as a table and a per-layer bar chart (with
-    matplotlib) through its own API (:mod:`lightning_flatness.logger_media`): TensorBoard (plus a
-    custom-scalars layout with the per-layer curves of each measure on one chart), W&B, MLflow and
-    CSVLogger (files beside ``metrics.csv``). Without a logger the values still reach
+    Each logger also gets the per-layer values as a table (at every measurement) and a per-layer bar
+    chart (with matplotlib; by default one, of the last measurement, at the end of training: see
+    ``images_every_n_evaluations``) through its own API (:mod:`lightning_flatness.logger_media`):
+    TensorBoard (plus a custom-scalars layout with the per-layer curves of each measure on one
+    chart), W&B, MLflow and CSVLogger (files beside ``metrics.csv``). Without a logger the values still reach
     ``trainer.callback_metrics`` and :attr:`history`.
 
     **Cost** (``num_samples`` training samples per measurement): ``"exact"``: one forward and about
@@ -925,12 +969,13 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
             iterated at every evaluation; pass an unsharded loader under DDP).
         loss_fn: ``(logits, target) -> mean loss``; default
             :func:`~lightning_flatness.functional.normalized_softmax_cross_entropy`.
-        parameters: which weights count: ``None`` (the default of
+        parameters: which tensors count: ``None`` (the default of
             :func:`~lightning_flatness.functional.select_parameters`: every tensor with ``ndim >= 2``
-            that requires grad except additive offsets such as position embeddings and class tokens;
+            that requires grad except additive offsets such as position embeddings and class tokens,
+            plus the biases and normalization parameters beside them, which enter the trace only;
             frozen ones are skipped, shared ones counted once), ``"weights"`` (every ``ndim >= 2``
-            tensor), a list of names as in ``pl_module.named_parameters()``, or a predicate
-            ``(name, parameter) -> bool``.
+            tensor), ``"all"`` (every parameter that requires grad), a list of names as in
+            ``pl_module.named_parameters()``, or a predicate ``(name, parameter) -> bool``.
         lam: the ``lambda`` of eq. 17 (default 0.5).
         num_replicates: replicate groups for the jackknife standard error (default 8; 1 disables it).
         every_n_epochs: measure at the end of every ``n``-th epoch's validation.
@@ -938,7 +983,14 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
         seed: seed of the subset and the probes; ``None`` draws one (kept in the state).
         prefix: prefix of the logged keys (two monitors need two prefixes).
         log_per_layer: log the per-layer values (scalars, the per-layer table, the TensorBoard layout).
-        log_images: log the per-layer bar chart to every logger.
+        log_images: log the per-layer bar chart of normalized sharpness to every logger.
+        images_every_n_evaluations: when to draw that chart (matplotlib; a chart can cost more than
+            the measurement of a small network, ``benchmarks/results/bench_callback_overhead.md``):
+            ``None`` (default) draws one chart, of the last measurement, at the end of training
+            (``on_train_end``, logged at that measurement's step); ``n`` draws the chart of the
+            1st, ``(n+1)``-th, ... measurement when it is made, and the last one at the end of
+            training if it was not drawn (``1``: every measurement). Under ``trainer.validate()``
+            every measurement is drawn. Scalars and the per-layer table go out at every measurement.
         prog_bar: show ``<p>/normalized`` in the progress bar.
         relative_step: step of ``"finite_difference"`` relative to each tensor's RMS entry.
 

@@ -1,4 +1,4 @@
-"""Keep a measurement invisible to training: random-number streams, grad mode, a private model copy.
+"""Keep a measurement invisible to training: random-number streams, grad mode, the network's modes and dtype.
 
 ``SharpnessMonitor`` runs in the middle of a training run. Everything it does goes through this
 module so that, afterwards, training continues bit for bit as if it had not run:
@@ -7,16 +7,16 @@ module so that, afterwards, training continues bit for bit as if it had not run:
   Python's ``random``);
 - :func:`gradient_enabled` turns gradients on inside ``no_grad`` / ``inference_mode`` (validation)
   and autocast off (mixed precision);
-- :func:`float_copy` gives a detached float32/float64 copy of the network, in eval mode, so that
-  the live model's weights, buffers, ``.grad``, train/eval modes and autograd hooks (DDP's) are
-  never touched, and curvature is computed in full precision when training runs in 16 bits;
-- :func:`autograd_tensor` moves a data tensor to the copy's device and dtype as a normal
+- :func:`measurement_view` puts the live network in eval mode and, only where the dtype must
+  change (16-bit training), swaps cast copies of its tensors in, restoring both on exit: no deep
+  copy; the live weights, buffers, ``.grad``, train/eval modes and autograd hooks (DDP's) are
+  never changed, and curvature is computed in full precision when training runs in 16 bits;
+- :func:`autograd_tensor` moves a data tensor to the network's device and dtype as a normal
   (non-inference) tensor.
 """
 
 from __future__ import annotations
 
-import copy
 import random
 from contextlib import ExitStack, contextmanager
 from typing import Any, Iterator
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["preserved_rng_states", "gradient_enabled", "float_copy", "autograd_tensor", "resolve_dtype"]
+__all__ = ["preserved_rng_states", "gradient_enabled", "measurement_view", "autograd_tensor", "resolve_dtype"]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -110,58 +110,65 @@ def gradient_enabled(device: torch.device) -> Iterator[None]:
         yield
 
 
-def float_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A deep copy of ``module`` with floating parameters and buffers cast to ``dtype``, in eval mode.
+@contextmanager
+def measurement_view(module: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module]:
+    """``module`` itself, set up for a measurement for the duration of the block, then restored exactly.
 
-    Datasets, data loaders and datamodules held as attributes of (sub)modules are shared with the
-    original rather than copied (``forward`` does not use them, and copying them could cost more
-    than the network); everything else, plain tensor attributes included, is copied.
+    No copy of the network is made. Inside the block:
 
-    Eval mode makes the network a deterministic function of its weights (dropout off; BatchNorm
-    uses its running statistics, an affine map, so the network stays linear in each weight). The
-    copy shares nothing with ``module``: its parameters have no ``.grad`` and none of the
-    original's autograd hooks. Must be called inside :func:`gradient_enabled` when the caller may
-    be in inference mode (so the copied tensors are normal tensors).
+    - every submodule's ``training`` flag is ``False`` (eval mode: dropout off, BatchNorm with its
+      running statistics, an affine map, so the network is a deterministic function of its weights
+      and stays linear in each weight). The flags are set directly, without calling ``train()``
+      overrides, and each is put back as it was (a module the user left in train mode stays so);
+    - floating parameters and buffers whose dtype is not ``dtype`` (16-bit training) are replaced by
+      cast copies (new ``nn.Parameter`` objects with the same ``requires_grad``; a parameter or
+      module registered under several names gets one copy); tensors already in ``dtype`` are the
+      live ones. The original objects go back into their slots on exit, also on error.
 
-    Cost: memory of one copy of the weights and buffers in ``dtype``.
+    The estimators never modify the tensors they are given (they differentiate detached leaves
+    through :func:`torch.func.functional_call` and clone the buffers; ``docs/design.md``), so the
+    live weights, buffers, ``.grad`` and the parameters' autograd hooks (DDP's) are untouched. The
+    module's own forward hooks do run. Must be entered inside :func:`gradient_enabled` when the caller
+    may be in inference mode (so the cast copies are normal tensors).
 
-    Raises:
-        TypeError: the module cannot be deep-copied (e.g. it holds an open file or a lock as an
-            attribute).
+    Cost: no memory when the network is already in ``dtype`` (float32 training measured in float32,
+    mixed precision included); otherwise one ``dtype`` copy of the tensors that change dtype.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)).train()
+        >>> weight = net[0].weight
+        >>> with measurement_view(net, torch.float64) as view:
+        ...     view is net, view.training, view[0].weight.dtype, view[0].weight is weight
+        (True, False, torch.float64, False)
+        >>> net.training, net[0].weight is weight, weight.dtype
+        (True, True, torch.float32)
     """
-    memo = _shared_data_memo(module)
+    modes = [(m, m.training) for m in module.modules()]
+    slots: list[tuple[dict[str, Any], str, Tensor]] = []
+    casts: dict[int, Tensor] = {}
     try:
-        with torch.no_grad():
-            clone = copy.deepcopy(module, memo)
-    except Exception as err:  # deepcopy raises whatever the offending attribute raises
-        raise TypeError(
-            f"SharpnessMonitor could not copy {type(module).__name__} to measure its curvature "
-            f"on a private copy ({type(err).__name__}: {err}); move non-copyable attributes "
-            "(open files, locks, generators) out of the module, or override "
-            f"`SharpnessMonitor.copy_network(self, pl_module, dtype)`."
-        ) from err
-    clone.to(dtype)
-    clone.eval()
-    for p in clone.parameters():
-        p.grad = None
-    return clone
-
-
-def _shared_data_memo(module: nn.Module) -> dict[int, Any]:
-    """A ``deepcopy`` memo mapping data-holding attributes to themselves, so that they are shared."""
-    from torch.utils.data import DataLoader, Dataset
-
-    memo: dict[int, Any] = {}
-    for sub in module.modules():
-        for value in vars(sub).values():
-            is_datamodule = (
-                not isinstance(value, nn.Module)
-                and callable(getattr(value, "train_dataloader", None))
-                and callable(getattr(value, "prepare_data", None))
-            )
-            if isinstance(value, (Dataset, DataLoader)) or is_datamodule:
-                memo[id(value)] = value
-    return memo
+        for m, _ in modes:
+            m.training = False
+        for m in module.modules():
+            for kind in ("_parameters", "_buffers"):
+                entries = getattr(m, kind)
+                for name, tensor in list(entries.items()):
+                    if tensor is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+                        continue
+                    if id(tensor) not in casts:
+                        with torch.no_grad():
+                            cast = tensor.detach().to(dtype)
+                        if isinstance(tensor, nn.Parameter):
+                            cast = nn.Parameter(cast, requires_grad=tensor.requires_grad)
+                        casts[id(tensor)] = cast
+                    slots.append((entries, name, tensor))
+                    entries[name] = casts[id(tensor)]
+        yield module
+    finally:
+        for entries, name, tensor in slots:
+            entries[name] = tensor
+        for m, training in modes:
+            m.training = training
 
 
 def autograd_tensor(tensor: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:

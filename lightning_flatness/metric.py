@@ -113,11 +113,10 @@ def _check_estimates(
                 f"weight and Hessian diagonal of {name!r} must be floating point, got "
                 f"{w.dtype} and {h.dtype}."
             )
-        if w.ndim < 2:
+        if w.ndim < 1:
             raise ValueError(
-                f"weight {name!r} has shape {tuple(w.shape)}; the normalized measures need "
-                f"ndim >= 2 (rows x columns; footnote 5 leaves biases out). Drop it from the "
-                f"estimates."
+                f"weight {name!r} is a scalar; pass parameter tensors (1-D tensors enter the "
+                f"Hessian trace only, ndim >= 2 ones every measure)."
             )
         expected = (num_groups, *w.shape) if stacked else tuple(w.shape)
         if tuple(h.shape) != expected:
@@ -180,10 +179,10 @@ def _layout_from_shapes(parameter_shapes: Any) -> Layout:
             raise TypeError(
                 f"`parameter_shapes[{name!r}]` must be a shape (sequence of ints) or a tensor, got {shape!r}."
             ) from err
-        if len(size) < 2:
+        if len(size) < 1:
             raise ValueError(
-                f"`parameter_shapes[{name!r}]` = {tuple(size)}; the normalized measures need "
-                f"ndim >= 2 (footnote 5 leaves biases out)."
+                f"`parameter_shapes[{name!r}]` = {tuple(size)} is a scalar; pass parameter tensors "
+                f"(1-D tensors enter the Hessian trace only, ndim >= 2 ones every measure)."
             )
         layout.append((name, size))
     return tuple(layout)
@@ -230,15 +229,17 @@ class NormalizedSharpness(Metric):
     - ``diagonals``: ``{name: (*shape)}`` one estimate over ``num_samples`` (int) samples, or
       ``{name: (G, *shape)}`` with ``num_samples`` a length-``G`` sequence / 1-D tensor; or a
       :class:`~lightning_flatness.functional.HessianDiagonalEstimate` (then no ``num_samples``).
-    - ``weights``: ``{name: W}``, the weight tensors the diagonals belong to (``ndim >= 2``).
+    - ``weights``: ``{name: W}``, the parameter tensors the diagonals belong to (``ndim >= 2``:
+      every measure; 1-D, such as biases and normalization scales: the trace alone, footnote 5).
     - ``num_samples``: samples behind each estimate, used as its weight in the pooled mean.
 
     As output of ``compute`` (and ``forward``) the metric returns a flat dict of float64 0-dim
-    tensors: ``"normalized"``, ``"matrix_normalized"``, ``"hessian_trace"`` (sums over tensors),
-    ``"<measure>/<name>"`` per tensor, ``"<measure>_stderr"`` and ``"<measure>_stderr/<name>"``
-    (jackknife; NaN with a one-time warning when fewer than 2 slots hold samples),
-    ``"<measure>_half_shift"`` and ``"<measure>_half_shift/<name>"`` (the convergence diagnostic
-    above; NaN likewise), and ``"num_samples"`` (int64, total over all updates and processes).
+    tensors: ``"normalized"``, ``"matrix_normalized"``, ``"hessian_trace"`` (sums over tensors: the
+    trace over every tensor, eq. 5), ``"hessian_trace_weights"`` (the trace over the ``ndim >= 2``
+    tensors), ``"<measure>/<name>"`` per tensor and measure, ``"<measure>_stderr"`` and
+    ``"<measure>_stderr/<name>"`` (jackknife; NaN with a one-time warning when fewer than 2 slots
+    hold samples), ``"<measure>_half_shift"`` and ``"<measure>_half_shift/<name>"`` (the convergence
+    diagnostic above; NaN likewise), and ``"num_samples"`` (int64, total over all updates and processes).
 
     Parameter names and shapes are fixed at construction by ``parameter_shapes`` (required: the
     callback and any training loop know them, and every process must lay out the same state);
@@ -412,7 +413,7 @@ class NormalizedSharpness(Metric):
             diagonals: ``{name: (*shape)}`` (one estimate; ``num_samples`` an int) or
                 ``{name: (G, *shape)}`` (``G`` independent group estimates; ``num_samples`` a length-``G``
                 sequence or 1-D tensor), or a ``HessianDiagonalEstimate`` (``num_samples`` omitted).
-            weights: ``{name: W}`` with the same names, ``W.shape == shape``, ``ndim >= 2``.
+            weights: ``{name: W}`` with the same names, ``W.shape == shape``, ``ndim >= 1``.
             num_samples: samples behind each estimate (positive ints).
         """
         if isinstance(diagonals, HessianDiagonalEstimate):
@@ -483,9 +484,9 @@ class NormalizedSharpness(Metric):
 
         Returns:
             Flat ``{key: 0-dim tensor}``: ``"normalized"``, ``"matrix_normalized"``, ``"hessian_trace"``,
-            ``"<measure>/<name>"``, ``"<measure>_stderr"``, ``"<measure>_stderr/<name>"``,
-            ``"<measure>_half_shift"``, ``"<measure>_half_shift/<name>"`` (float64) and
-            ``"num_samples"`` (int64).
+            ``"hessian_trace_weights"``, ``"<measure>/<name>"``, ``"<measure>_stderr"``,
+            ``"<measure>_stderr/<name>"``, ``"<measure>_half_shift"``, ``"<measure>_half_shift/<name>"``
+            (float64) and ``"num_samples"`` (int64).
         """
         count = self.count
         if int(count.sum()) == 0:

@@ -32,10 +32,25 @@ This module measures through the FSDP module itself:
 2. **Pool** (as :class:`~lightning_flatness.metric.NormalizedSharpness`): batch ``b`` of every rank
    goes to replicate slot ``b mod R``; each rank keeps ``(R, its rows, ...)`` float64 sums and the
    ``(R,)`` sample counts (identical on every rank after the all-reduce).
-3. **Solve** (:meth:`ShardedSharpnessMeasurement.compute`), one weight tensor at a time: the pooled
-   diagonal, the ``R`` leave-one-out diagonals and the two half-pools are each gathered whole
-   (``DTensor.full_tensor``) next to the whole weight, solved (eq. 13, 17 and 5 by
-   :func:`~lightning_flatness.functional.sharpness_measures`) and freed. The totals are sums over
+3. **Solve** (:meth:`ShardedSharpnessMeasurement.compute`), one weight tensor and one diagonal at a
+   time (the pooled one, the ``R`` leave-one-out ones, the two half-pools), **without gathering**:
+   eq. 13 and eq. 5 are sums over entries (an all-reduce of three scalars), and eq. 17 is solved
+   with the tensor's larger side split over the ranks
+   (:mod:`~lightning_flatness.functional.solvers.column_split`), whose Newton system eliminates
+   exactly those local variables, so every rank works on ``A`` and ``B`` of its part only and the
+   ranks all-reduce vectors, scalars and the ``min(m, n)^2`` float32 Schur complement (at most the
+   size of the weight). A tall or square ``(m, n)`` weight (``m >= n``) is split as each rank's
+   rows, transposed; a wide one as blocks of whole columns, exchanged with one ``all_to_all_single``
+   per diagonal (``1/P`` of the tensor in and out). Each problem starts cold (alternating sweeps:
+   on ReLU-MLP diagonals one Newton step then certifies, where a warm start from the pooled
+   solution took 6-9), certified to ``1e-11`` (pooled) and ``1e-9`` (the others, as the metric).
+   Gathered whole instead, one diagonal at a time next to the whole weight, and solved as before
+   (:func:`~lightning_flatness.functional.sharpness_measures`; the tensors are named in
+   :attr:`ShardedSharpnessMeasurement.gathered_solves`): a tall weight of which some rank holds no
+   row, a wide one with fewer columns than ranks, single-row tensors, and problems where
+   neither every weight nor every clipped curvature entry is non-zero (pruned weights together
+   with dead units: their components need a transitive closure; dead units alone stay split).
+   1-D tensors (biases) have the trace alone, from the same all-reduced sums. The totals are sums over
    tensors, so the jackknife of the total (delete-one over slots) and the half-shift are assembled
    from the per-tensor values; the result has the keys of ``NormalizedSharpness.compute()`` and is
    identical on every rank.
@@ -43,18 +58,24 @@ This module measures through the FSDP module itself:
 **Values** equal those of the unsharded model over the same samples (the tests: 1e-6 relative in
 float32, 1e-9 in float64, with 2 and 4 gloo processes). **Memory per rank**: the FSDP shard, the
 ``R x (its rows)`` float64 sums (``1/P`` of the unsharded metric's), one batch's activations and
-layer-output gradients, and at most two whole tensors at a time (a weight and one diagonal, or a
-layer's contribution ``D``). **Cost per batch**: one forward and one ``K``-column batched backward pass
-through the FSDP module (two all-gathers of the model, module by module), one all-reduce of each
-measured weight's size; per measurement ``R + 3`` gathers of each weight's size
-and ``2 R + 3`` eq. 17 solves per weight tensor on every rank.
+layer-output gradients, and at most two whole tensors at a time (a layer's contribution ``D``
+while estimating; the Schur complement, reduced in place, and its Cholesky factor while solving;
+a weight and one diagonal for a gathered one); the solver's ``(m, n)`` workspace is split ``1/P``
+per rank (measured: ``benchmarks/results/bench_sharded_memory_issue10.md``). **Cost per batch**:
+one forward and one ``K``-column batched backward pass through the FSDP module (two all-gathers of
+the model, module by module), one all-reduce of each measured weight's size; per measurement and
+weight tensor ``R + 3`` eq. 17 solves, each ``1/P`` of the ``O(m n)`` passes per Newton iteration on
+every rank plus the ``O(min(m, n)^3)`` factor of the Schur complement on every rank, and about 15
+small all-reduces and one of ``min(m, n)^2`` float32 per iteration.
 
 **Assumptions**: every rank calls :meth:`~ShardedSharpnessMeasurement.add` the same number of times
 (each call runs collectives, as FSDP's own forward does; a rank with fewer samples passes empty
 batches, and the ranks agree on the number ``K`` of backward columns before running them); the
 measured weights are ``nn.Linear`` weights (and biases) sharded ``Shard(0)`` over a 1-D mesh, each
 used once per forward; samples do not interact (eval mode); ``loss_fn`` is a mean of per-sample
-losses. Anything else raises a ``ValueError`` that names it.
+losses. Anything else raises a ``ValueError`` that names it. The ranks run the same torch build with
+the same number of intra-op threads (as launchers set them): the split solve takes its decisions
+from computations replicated on every rank.
 """
 
 from __future__ import annotations
@@ -70,9 +91,11 @@ from torch import Tensor, nn
 from lightning_flatness.batch_split import split_batch as default_split_batch
 from lightning_flatness.functional.estimators.exact import _loss_factors
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
-from lightning_flatness.functional.measures import MEASURES, sharpness_measures
+from lightning_flatness.functional.measures import MEASURES, measure_totals, sharpness_measures
 from lightning_flatness.functional.model_io import call_model, inputs_batch_size
 from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
+from lightning_flatness.functional.replicate_measures import POOLED_RTOL, REPLICATE_RTOL
+from lightning_flatness.functional.solvers.column_split import GroupColumnReduction, solve_split_coefficients
 
 __all__ = ["ShardedSharpnessMeasurement", "is_sharded", "measure_sharpness_sharded"]
 
@@ -233,6 +256,8 @@ class ShardedSharpnessMeasurement:
         self.num_batches = 0
         #: the largest number of elements held in one whole (unsharded) tensor by this module
         self.largest_whole_tensor = 0
+        #: the tensors whose eq. 17 solve gathered them whole in the last ``compute()`` (module docstring)
+        self.gathered_solves: set[str] = set()
 
     # -- estimate -----------------------------------------------------------------------------------
 
@@ -333,26 +358,31 @@ class ShardedSharpnessMeasurement:
         total = counts.sum()
         used = [int(r) for r in torch.nonzero(self.count > 0).flatten().tolist()]
         halves = [used[0::2], used[1::2]]
+        self.gathered_solves = set()
         out: dict[str, Tensor] = {}
         loo_values: list[dict[str, Tensor]] = [{} for _ in used]
         half_values: list[dict[str, Tensor]] = [{}, {}]
         for name, sums in self.sums.items():
-            weight = self._whole(name, self.params[name].to_local().detach().to(torch.float64))
+            solver = _TensorSolver(self, name)
             totals = sums.sum(dim=0)
-            out.update(self._tensor_measures(name, weight, totals / total))
+            out.update(solver.measures(totals / total, POOLED_RTOL))
             if len(used) >= 2:
                 for i, r in enumerate(used):
                     loo_values[i].update(
-                        self._tensor_measures(name, weight, (totals - sums[r]) / (total - counts[r]))
+                        solver.measures((totals - sums[r]) / (total - counts[r]), REPLICATE_RTOL)
                     )
                 for i, slots in enumerate(halves):
                     half_values[i].update(
-                        self._tensor_measures(name, weight, sums[slots].sum(dim=0) / counts[slots].sum())
+                        solver.measures(sums[slots].sum(dim=0) / counts[slots].sum(), REPLICATE_RTOL)
                     )
-            del weight
+            if solver.gathered:
+                self.gathered_solves.add(name)
+            del solver, totals
         for values in [out, *loo_values, *half_values]:
-            for measure in MEASURES:
-                values[measure] = torch.stack([values[f"{measure}/{n}"] for n in self.sums]).sum()
+            per_tensor = {
+                n: {m: values[f"{m}/{n}"] for m in MEASURES if f"{m}/{n}" in values} for n in self.sums
+            }
+            values.update(measure_totals(per_tensor))
         keys = list(out)
         nan = torch.tensor(math.nan, dtype=torch.float64, device=self.device)
         for key in keys:
@@ -368,15 +398,88 @@ class ShardedSharpnessMeasurement:
         out["num_samples"] = self.count.sum()
         return out
 
-    def _tensor_measures(self, name: str, weight: Tensor, local_mean: Tensor) -> dict[str, Tensor]:
-        """The per-tensor measures of ``name`` for the diagonal whose local rows are ``local_mean``
-        (gathered whole here, freed on return)."""
-        values = sharpness_measures({name: weight}, {name: self._whole(name, local_mean)}, self.lam)
-        return {k: v for k, v in values.items() if "/" in k}
-
     def state_bytes(self) -> int:
         """Bytes of this rank's persistent state (the sharded replicate sums and the counts)."""
         return sum(s.numel() * s.element_size() for s in self.sums.values()) + self.count.numel() * 8
+
+
+class _TensorSolver:
+    """The three measures of one sharded weight tensor ``(m, n)`` for diagonals given by their local rows.
+
+    Eq. 13 and eq. 5 from three all-reduced sums. Eq. 17 with its larger side split over the ranks
+    (:func:`solve_split_coefficients`): a tall or square weight (``m >= n``) as the transposed rows of
+    each rank (when every rank holds one); a wide one (``m < n``) as blocks of whole columns, which the
+    ranks exchange with one ``all_to_all`` per diagonal (each sends its rows of every block: ``1/P`` of
+    the tensor in, ``1/P`` out); on the gathered tensor otherwise (fewer columns than ranks, single-row
+    tensors) or when neither coefficient matrix is positive everywhere. 1-D tensors have the trace
+    alone, from the all-reduced sums. ``gathered`` says whether any solve gathered the tensor.
+    """
+
+    def __init__(self, owner: ShardedSharpnessMeasurement, name: str) -> None:
+        self.owner, self.name = owner, name
+        self.group = owner.group
+        self.weight = owner.params[name].to_local().detach().to(torch.float64)  # (its rows, n)
+        self.shape = tuple(owner.params[name].shape)
+        world = dist.get_world_size(self.group)
+        counts = torch.zeros(world, dtype=torch.int64, device=owner.device)
+        counts[dist.get_rank(self.group)] = self.weight.shape[0]
+        dist.all_reduce(counts, group=self.group)
+        self.row_counts = [int(c) for c in counts.tolist()]  # rows of each rank (FSDP2's chunks)
+        m, n = self.shape if len(self.shape) == 2 else (0, 0)
+        self.layout = None
+        if len(self.shape) == 2 and m >= n >= 2 and min(self.row_counts) >= 1:
+            self.layout = "rows"  # this rank's rows, transposed: columns of the (n, m) problem
+        elif len(self.shape) == 2 and 2 <= m < n and n >= world:
+            self.layout = "columns"  # whole columns of the (m, n) problem, exchanged
+            self.column_counts = [len(c) for c in torch.arange(n).tensor_split(world)]
+        self.comm = GroupColumnReduction(self.group)
+        self.squared = torch.stack([self.weight.square().sum()])
+        self.b = None if self.layout is None else self._block(self.weight.square() / (2.0 * owner.lam))
+        self.gathered = False
+
+    def _block(self, local: Tensor) -> Tensor:
+        """This rank's columns of the split problem, from its rows ``local`` of a weight-shaped tensor."""
+        if self.layout == "rows":
+            return local.T.contiguous()
+        rank = dist.get_rank(self.group)
+        send = torch.cat([part.reshape(-1) for part in local.split(self.column_counts, dim=1)])
+        mine = self.column_counts[rank]
+        received = send.new_empty(self.shape[0] * mine)
+        dist.all_to_all_single(
+            received,
+            send,
+            output_split_sizes=[rows * mine for rows in self.row_counts],
+            input_split_sizes=[local.shape[0] * cols for cols in self.column_counts],
+            group=self.group,
+        )
+        return received.view(self.shape[0], mine)  # ranks' rows in order: the whole columns
+
+    def measures(self, local_mean: Tensor, rtol: float) -> dict[str, Tensor]:
+        sums = torch.cat([self.squared, torch.stack([local_mean.clamp_min(0).sum(), local_mean.sum()])])
+        dist.all_reduce(sums, group=self.group)
+        name = self.name
+        if len(self.shape) < 2:  # a bias or normalization scale: the trace alone (footnote 5, eq. 5)
+            return {f"hessian_trace/{name}": sums[2]}
+        values = {
+            f"matrix_normalized/{name}": torch.sqrt(sums[0] * sums[1]),
+            f"hessian_trace/{name}": sums[2],
+        }
+        solution = None
+        if self.layout is not None:
+            a = self._block(local_mean.clamp_min(0))
+            solution = solve_split_coefficients(a, self.b, self.comm, rtol=rtol, shape=self.shape)
+            del a
+        if solution is not None:
+            values[f"normalized/{name}"] = solution.value
+            return values
+        self.gathered = True
+        whole = sharpness_measures(  # gathered: the weight and the diagonal whole, one at a time
+            {name: self.owner._whole(name, self.weight)},
+            {name: self.owner._whole(name, local_mean)},
+            self.owner.lam,
+        )
+        values[f"normalized/{name}"] = whole[f"normalized/{name}"]
+        return values
 
 
 def measure_sharpness_sharded(

@@ -64,7 +64,7 @@ torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).double()
 x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
 diag = functional.hessian_diagonal(model, functional.normalized_softmax_cross_entropy, x, y, method="exact")
-assert set(diag) == {"0.weight", "2.weight"} and all(bool(torch.isfinite(d).all()) for d in diag.values())
+assert set(diag) == {"0.weight", "0.bias", "2.weight", "2.bias"} and all(bool(torch.isfinite(d).all()) for d in diag.values())
 print(f"lightning_flatness {lightning_flatness.__version__} imported from {where.parent}; exact diagonal OK")
 PY
 echo "== package OK"

@@ -18,15 +18,24 @@ from torch import nn
 NUM_SAMPLES, NUM_BATCHES, NUM_REPLICATES = 48, 4, 4
 
 
-def build_model(dtype: torch.dtype) -> nn.Module:
+def build_model(dtype: torch.dtype, pruned: bool = False) -> nn.Module:
     """A ReLU network with a Linear applied per position (inputs ``(N, 2, 3)``) and row counts 8, 7, 3
-    that do not divide evenly over 2 or 4 ranks (with 4, one rank holds no row of the last layer)."""
+    that do not divide evenly over 2 or 4 ranks (with 4, one rank holds no row of the last layer).
+
+    ``pruned``: unit 0 of the first layer has zero weights and a negative bias (dead: its row of the
+    curvature and of the weight is 0, and so are the second layer's curvature columns 0 and 8), and
+    one weight of the second layer is 0, so that neither eq. 17 coefficient matrix of the first two
+    layers is positive everywhere (the sharded solve gathers them)."""
     torch.manual_seed(0)
-    return (
-        nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Flatten(), nn.Linear(16, 7), nn.ReLU(), nn.Linear(7, 3))
-        .to(dtype)
-        .eval()
+    model = nn.Sequential(
+        nn.Linear(3, 8), nn.ReLU(), nn.Flatten(), nn.Linear(16, 7), nn.ReLU(), nn.Linear(7, 3)
     )
+    if pruned:
+        with torch.no_grad():
+            model[0].weight[0] = 0.0
+            model[0].bias[0] = -1.0
+            model[3].weight[2, 5] = 0.0
+    return model.to(dtype).eval()
 
 
 def data(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +59,7 @@ def main(
     dtype_name: str,
     uneven: bool = False,
     device: str = "cpu",
+    pruned: bool = False,
 ) -> None:
     """Shard, measure, save (``device="cuda"``: NCCL, one GPU per rank, as
     ``benchmarks/gpu/fsdp2_sharded.py``)."""
@@ -67,7 +77,7 @@ def main(
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     mesh = init_device_mesh(device, (world_size,))
-    model = build_model(dtype).to(device)
+    model = build_model(dtype, pruned).to(device)
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh)
@@ -84,6 +94,7 @@ def main(
         "values": {k: float(v) for k, v in values.items()},
         "state_bytes": measurement.state_bytes(),
         "largest_whole_tensor": measurement.largest_whole_tensor,
+        "gathered_solves": measurement.gathered_solves,
         "local_numel": {n: p.to_local().numel() for n, p in measurement.params.items()},
         "sums": {
             n: torch.stack([measurement._whole(n, slot) for slot in s]).flatten(1).cpu()

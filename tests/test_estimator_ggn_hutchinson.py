@@ -34,7 +34,7 @@ class Problem:
 
     def __init__(self, model: nn.Module, x: Tensor, y: Tensor, loss_fn=F.cross_entropy):
         self.model, self.x, self.y, self.loss_fn = model, x, y, loss_fn
-        self.params = select_parameters(model)
+        self.params = select_parameters(model, "weights")
         self.names = list(self.params)
         self.hessian = brute_force_hessian(model, loss_fn, x, y, self.names)
         self.ggn = brute_force_ggn(model, loss_fn, x, y, self.names)
@@ -243,7 +243,7 @@ def test_model_parameters_buffers_grads_and_mode_are_untouched_under_no_grad():
             F.cross_entropy,
             x,
             y,
-            select_parameters(model),
+            select_parameters(model, "weights"),
             num_probes=8,
             generator=torch.Generator().manual_seed(0),
         )
@@ -265,7 +265,7 @@ def test_float32_model_gives_float32_close_to_float64(tanh_problem):
         F.cross_entropy,
         p.x.float(),
         p.y,
-        select_parameters(model32),
+        select_parameters(model32, "weights"),
         num_probes=16,
         generator=torch.Generator().manual_seed(3),
     )
@@ -282,7 +282,7 @@ def test_invalid_uses_name_the_fix(tanh_problem):
     dropout = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Dropout(0.2), nn.Linear(5, 3)).double().train()
     with pytest.raises(ValueError, match=r"'dropout' in module '2'.*model.eval\(\)"):
         ggn_hutchinson_hessian_diagonal(
-            dropout, F.cross_entropy, p.x, p.y, select_parameters(dropout), num_probes=4
+            dropout, F.cross_entropy, p.x, p.y, select_parameters(dropout, "weights"), num_probes=4
         )
     with pytest.raises(ValueError, match="num_probes"):
         ggn_hutchinson_hessian_diagonal(p.model, p.loss_fn, p.x, p.y, p.params, num_probes=0)
@@ -297,6 +297,7 @@ def test_dispatcher_runs_it_per_group_and_the_exact_refusal_points_to_it(tanh_pr
         p.x,
         p.y,
         method="ggn_hutchinson",
+        parameters="weights",
         num_probes=256,
         num_groups=2,
         generator=torch.Generator().manual_seed(0),

@@ -61,3 +61,60 @@ def test_the_choice_takes_pairs_only_for_few_positions_and_wide_inputs():
     assert not contraction.use_position_pairs(positions=36, inputs=5, k=10)  # 1-D LeNet, first conv
     assert not contraction.use_position_pairs(positions=64, inputs=576, k=10)  # ResNet-18, first stage
     assert set(LAYER_RULES) >= {"linear", "conv1d", "conv2d", "conv3d"}
+
+
+class _Bag(nn.Module):
+    """Embedding (with a padding row, ids repeated within a sample) -> mean over positions -> ReLU MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Embedding(7, 4, padding_idx=0)
+        self.head = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+
+    def forward(self, ids):
+        return self.head(self.table(ids).mean(dim=1))
+
+
+def test_embedding_rule_gives_the_exact_diagonal_on_the_per_layer_path():
+    import warnings
+
+    torch.manual_seed(0)
+    model = _Bag().double().eval()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 7, (9, 5), generator=g)
+    ids[0, :3] = 0  # padding positions: no gradient to row 0
+    ids[1] = 4  # one id at every position of a sample: its per-sample gradients sum before squaring
+    y = torch.randint(0, 3, (9,), generator=g)
+    names = list(select_parameters(model, "all"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the per-sample path would announce itself
+        diag = hessian_diagonal(model, F.cross_entropy, ids, y, method="exact", parameters="all")
+    ref = brute_force_hessian_diagonal(model, F.cross_entropy, ids, y, names)
+    for name in names:
+        torch.testing.assert_close(diag[name], ref[name], rtol=1e-10, atol=1e-13)
+    assert float(diag["table.weight"][4].abs().sum()) > 0 and float(diag["table.weight"][0].abs().sum()) == 0
+
+
+def test_bert_word_and_token_type_embeddings_stay_on_the_per_layer_path():
+    import warnings
+
+    pytest.importorskip("transformers")
+    from zoo_models import tiny_bert
+    from zoo_oracle import brute_force_ggn_diagonal
+
+    from lightning_flatness.functional import normalized_softmax_cross_entropy
+
+    model, (inputs, labels) = tiny_bert(n=4, dtype=torch.float64)
+    params = select_parameters(model)
+    assert "bert.embeddings.word_embeddings.weight" in params
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        diag = hessian_diagonal(
+            model, normalized_softmax_cross_entropy, inputs, labels, method="gauss_newton"
+        )
+    names = ["bert.embeddings.word_embeddings.weight", "bert.embeddings.token_type_embeddings.weight"]
+    ref = brute_force_ggn_diagonal(model, normalized_softmax_cross_entropy, inputs, labels, names)
+    for name in names:
+        torch.testing.assert_close(
+            diag[name], ref[name], rtol=1e-9, atol=1e-12 * float(ref[name].abs().max())
+        )

@@ -12,6 +12,7 @@ import csv
 import glob
 import io
 import json
+import math
 import os
 import struct
 
@@ -45,8 +46,14 @@ def _png(data: bytes | str) -> np.ndarray:
     return np.round(np.asarray(image)[..., :3] * 255).astype(np.uint8)
 
 
+def _nan_as_text(rows: list) -> list:
+    """Rows with NaN cells replaced by ``"nan"``, so that lists compare equal cell by cell (NaN != NaN)."""
+    return [[("nan" if isinstance(v, float) and math.isnan(v) else v) for v in row] for row in rows]
+
+
 def _expected_rows(entry: dict, layers: list[str]) -> list[list]:
-    return [[layer, *(entry[f"{c}/{layer}"] for c in COLUMNS[1:])] for layer in layers]
+    """A bias has the trace alone (footnote 5): NaN in the other columns."""
+    return [[layer, *(entry.get(f"{c}/{layer}", math.nan) for c in COLUMNS[1:])] for layer in layers]
 
 
 def _wandb_history(path: str) -> list[dict]:
@@ -117,7 +124,7 @@ def test_tensorboard_csv_wandb_and_mlflow_each_get_scalars_per_layer_table_and_b
         "WandbLogger",
         "MLFlowLogger",
     ]
-    monitor = SharpnessMonitor(num_samples=48, dtype="float64", batch_size=24)
+    monitor = SharpnessMonitor(num_samples=48, dtype="float64", batch_size=24, images_every_n_evaluations=1)
     pl.seed_everything(0, verbose=False)
     model, dm = MLP(), DataModule()
     trainer = pl.Trainer(
@@ -141,8 +148,12 @@ def test_tensorboard_csv_wandb_and_mlflow_each_get_scalars_per_layer_table_and_b
     expected = [_expected_rows(h, layers) for h in history]
     idx = monitor.state_dict()["indices"]
     reference = brute_force_measures(model, dm.train_set.tensors[0][idx], dm.train_set.tensors[1][idx])
+    assert any(layer.endswith(".bias") for layer in layers)  # the default selection's trace-only tensors
     for layer, row in zip(layers, expected[-1]):  # the final model was the one measured last
-        assert row[1] == pytest.approx(reference[f"normalized/{layer}"], rel=1e-9)
+        if layer.endswith(".weight"):
+            assert row[1] == pytest.approx(reference[f"normalized/{layer}"], rel=1e-9)
+        else:
+            assert math.isnan(row[1]) and f"normalized/{layer}" not in reference
         assert row[5] == pytest.approx(reference[f"hessian_trace/{layer}"], rel=1e-9)
     totals = [h["normalized"] for h in history]
     images = {}
@@ -159,7 +170,9 @@ def test_tensorboard_csv_wandb_and_mlflow_each_get_scalars_per_layer_table_and_b
         assert lines[0] == "| " + " | ".join(COLUMNS) + " |"
         parsed = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
         assert [p[0] for p in parsed] == layers
-        assert [[float(v) for v in p[1:]] for p in parsed] == [pytest.approx(r[1:], rel=1e-5) for r in rows]
+        assert [[float(v) for v in p[1:]] for p in parsed] == [
+            pytest.approx(r[1:], rel=1e-5, nan_ok=True) for r in rows
+        ]
     tb_images = events.Images("sharpness/normalized_per_layer")
     assert len(tb_images) == 2
     images["tensorboard"] = _png(tb_images[-1].encoded_image_string)
@@ -174,7 +187,9 @@ def test_tensorboard_csv_wandb_and_mlflow_each_get_scalars_per_layer_table_and_b
     assert list(table[0]) == ["epoch", "step", *COLUMNS]
     assert [int(r["epoch"]) for r in table] == [0] * len(layers) + [1] * len(layers)
     for r, row in zip(table, [row for rows in expected for row in rows]):
-        assert [r["layer"], *(float(r[c]) for c in COLUMNS[1:])] == row  # repr round-trips floats exactly
+        assert _nan_as_text([[r["layer"], *(float(r[c]) for c in COLUMNS[1:])]]) == _nan_as_text(
+            [row]
+        )  # exact
     charts = sorted(glob.glob(os.path.join(log_dir, "sharpness_per_layer", "normalized_step=*.png")))
     assert len(charts) == 2
     images["csv"] = _png(charts[-1])
@@ -190,7 +205,7 @@ def test_tensorboard_csv_wandb_and_mlflow_each_get_scalars_per_layer_table_and_b
         assert entry["_type"] == "table-file"
         with open(os.path.join(files_dir, entry["path"])) as f:
             content = json.load(f)
-        assert content["columns"] == COLUMNS and content["data"] == rows
+        assert content["columns"] == COLUMNS and _nan_as_text(content["data"]) == _nan_as_text(rows)
     wandb_images = [
         h["sharpness/normalized_per_layer"] for h in wandb_history if "sharpness/normalized_per_layer" in h
     ]
@@ -207,7 +222,8 @@ def test_tensorboard_csv_wandb_and_mlflow_each_get_scalars_per_layer_table_and_b
     assert len(tables) == 2
     with open(client.download_artifacts(run_id, tables[-1], str(tmp_path / "download"))) as f:
         table = list(csv.DictReader(f))
-    assert [[r["layer"], *(float(r[c]) for c in COLUMNS[1:])] for r in table] == expected[-1]
+    got = [[r["layer"], *(float(r[c]) for c in COLUMNS[1:])] for r in table]
+    assert _nan_as_text(got) == _nan_as_text(expected[-1])
     charts = sorted(a.path for a in client.list_artifacts(run_id, "sharpness/normalized_per_layer"))
     assert len(charts) == 2
     images["mlflow"] = _png(client.download_artifacts(run_id, charts[-1], str(tmp_path / "download")))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from oracles import brute_force_measures
+from oracles import brute_force_hessian_diagonal, brute_force_measures
 from torch import nn
 
 from lightning_flatness import NormalizedSharpness
@@ -38,10 +38,8 @@ def test_measure_sharpness_equals_the_metric_fed_by_hand_and_the_brute_force_hes
     model, batches = _mlp(), _data()
     result = measure_sharpness(model, batches, num_replicates=4)
     assert result.choice == MethodChoice("exact", "hessian", result.choice.reason)
-    metric = NormalizedSharpness(
-        num_replicates=4, parameter_shapes={n: p.shape for n, p in model.named_parameters() if p.ndim >= 2}
-    )
-    weights = {n: p for n, p in model.named_parameters() if p.ndim >= 2}
+    weights = dict(model.named_parameters())  # the default selection: weights and the biases beside them
+    metric = NormalizedSharpness(num_replicates=4, parameter_shapes={n: p.shape for n, p in weights.items()})
     for x, y in batches:
         metric.update_from_estimate(
             hessian_diagonal_groups(model, normalized_softmax_cross_entropy, x, y), weights
@@ -53,8 +51,15 @@ def test_measure_sharpness_equals_the_metric_fed_by_hand_and_the_brute_force_hes
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
     ref = brute_force_measures(model, x, y)
-    for measure in ("normalized", "matrix_normalized", "hessian_trace"):
+    for measure in ("normalized", "matrix_normalized", "hessian_trace", "hessian_trace_weights"):
         assert float(result[measure]) == pytest.approx(ref[measure], rel=1e-10)
+    diag = brute_force_hessian_diagonal(model, normalized_softmax_cross_entropy, x, y, list(weights))
+    everything = sum(float(d.sum()) for d in diag.values())  # eq. 5: every parameter, biases included
+    only_weights = sum(float(d.sum()) for n, d in diag.items() if d.ndim >= 2)
+    assert float(result["hessian_trace"]) == pytest.approx(everything, rel=1e-10)
+    assert float(result["hessian_trace_weights"]) == pytest.approx(only_weights, rel=1e-10)
+    assert abs(everything - only_weights) > 1e-3 * abs(everything)  # the biases carry curvature here
+    assert "normalized/0.bias" not in result.values and "hessian_trace/0.bias" in result.values
     assert result.seconds > 0 and int(result["num_samples"]) == 48
 
 

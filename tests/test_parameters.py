@@ -1,5 +1,6 @@
 """Which parameters count (footnote 5): weights with ndim >= 2 that multiply their input (not position
-embeddings or class tokens), frozen skipped, shared once; presets "weights" and "all"."""
+embeddings or class tokens) for every measure, and the biases and normalization parameters beside them
+for the trace (eq. 5); frozen skipped, shared once; presets "weights" and "all"."""
 
 import pytest
 import torch
@@ -19,19 +20,44 @@ class Tied(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
-def test_default_selects_weights_with_ndim_at_least_two():
+def test_default_selects_weights_and_the_vectors_a_layer_rule_reads():
     model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.BatchNorm1d(2), nn.Flatten(), nn.Linear(4, 3))
-    assert list(select_parameters(model)) == ["0.weight", "3.weight"]
+    assert list(select_parameters(model)) == [
+        "0.weight",
+        "0.bias",
+        "1.weight",
+        "1.bias",
+        "3.weight",
+        "3.bias",
+    ]
+
+
+class LayerScale(nn.Module):
+    """A per-channel scale used through an elementwise product: no layer rule reads it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.gamma = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.fc(x) * self.gamma
+
+
+def test_default_leaves_out_vectors_no_layer_rule_reads():
+    model = LayerScale()
+    assert list(select_parameters(model)) == ["fc.weight", "fc.bias"]
+    assert list(select_parameters(model, "all")) == ["gamma", "fc.weight", "fc.bias"]
 
 
 def test_frozen_weights_are_skipped():
     model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
     model[0].weight.requires_grad_(False)
-    assert list(select_parameters(model)) == ["2.weight"]
+    assert list(select_parameters(model)) == ["0.bias", "2.weight", "2.bias"]
 
 
 def test_shared_weight_is_counted_once():
-    assert list(select_parameters(Tied())) == ["a.weight"]
+    assert list(select_parameters(Tied())) == ["a.weight", "a.bias", "b.bias"]
 
 
 def test_names_and_predicate_choose_parameters():
@@ -52,17 +78,30 @@ def test_bad_choices_name_the_problem(parameters, message):
 
 def test_model_without_weight_matrices_is_an_error_with_the_fix():
     with pytest.raises(ValueError, match="pass `parameters=`"):
-        select_parameters(nn.BatchNorm1d(3))
+        select_parameters(nn.Dropout())
 
 
-def test_one_dimensional_parameters_are_selectable_but_the_measures_reject_them():
+def test_one_dimensional_parameters_enter_the_trace_only():
     from lightning_flatness.functional.measures import sharpness_measures
 
     model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
     chosen = select_parameters(model, ["0.weight", "0.bias"])
     assert list(chosen) == ["0.weight", "0.bias"]
-    with pytest.raises(ValueError, match=r"\['0.bias'\] are 1-D"):
-        sharpness_measures(chosen, {n: torch.ones_like(p) for n, p in chosen.items()})
+    diag = {"0.weight": torch.full((3, 2), 2.0), "0.bias": torch.tensor([1.0, -4.0, 0.5])}
+    out = sharpness_measures(chosen, diag)
+    assert set(out) == {
+        "normalized",
+        "matrix_normalized",
+        "hessian_trace",
+        "hessian_trace_weights",
+        "normalized/0.weight",
+        "matrix_normalized/0.weight",
+        "hessian_trace/0.weight",
+        "hessian_trace/0.bias",
+    }
+    assert float(out["hessian_trace"]) == 12.0 - 2.5 and float(out["hessian_trace_weights"]) == 12.0
+    w = chosen["0.weight"].detach()
+    assert float(out["matrix_normalized"]) == pytest.approx(float((w.square().sum() * 12.0).sqrt()))
 
 
 def test_presets_weights_and_all():
@@ -88,7 +127,7 @@ class Offsets(nn.Module):
 
 def test_default_leaves_out_additive_offsets_but_keeps_multiplying_weights():
     model = Offsets()
-    assert list(select_parameters(model)) == ["table", "position_proj.weight"]
+    assert list(select_parameters(model)) == ["table", "position_proj.weight", "position_proj.bias"]
     assert list(select_parameters(model, "weights")) == [
         "pos_embed",
         "cls_token",

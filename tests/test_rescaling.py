@@ -326,7 +326,7 @@ def test_hessian_trace_scales_by_inverse_square_layer_factor_under_layer_scaling
     factors = _layer_factors(net)
     base = _measures(net, x, y, F.cross_entropy)
     after = _measures(rescale_layers(net, factors), x, y, F.cross_entropy)
-    names = list(select_parameters(net))
+    names = list(select_parameters(net, "weights"))
     for weight_name, factor in zip(names, factors):  # d2L/d(aw)^2 = d2L/dw^2 / a^2
         key = f"hessian_trace/{weight_name}"
         assert float(after[key]) == pytest.approx(float(base[key]) / factor**2, rel=1e-9)
@@ -340,7 +340,7 @@ def test_hessian_diagonal_rows_scale_by_alpha_squared_and_columns_by_inverse_und
     alphas = _unit_alphas(net)
     base = _diagonals(net, x, y, normalized_softmax_cross_entropy)
     after = _diagonals(rescale_rows_columns(net, alphas), x, y, normalized_softmax_cross_entropy)
-    names = list(select_parameters(net))
+    names = list(select_parameters(net, "weights"))
     for i, weight_name in enumerate(names):
         h = base[weight_name]
         extra = [1] * (h.ndim - 2)

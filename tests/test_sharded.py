@@ -1,8 +1,9 @@
 """FSDP2 (``fully_shard``) models measured shard by shard (:mod:`lightning_flatness.sharded`), with 2
 and 4 gloo processes (forked: about a second each) on the CPU: the values equal the unsharded model's
 (exact method, one process, same samples), the jackknife equals the metric's on the gathered sums,
-every rank holds ``1/P`` of the sums and at most one whole tensor at a time, and the model is left
-unchanged."""
+every rank holds ``1/P`` of the sums and at most one whole tensor at a time, eq. 17 is solved on the
+ranks' rows (tall weights) or exchanged column blocks (wide ones) without gathering, except for
+pruned layers, and the model is left unchanged."""
 
 from __future__ import annotations
 
@@ -25,14 +26,17 @@ import sharded_worker as worker  # noqa: E402
 sys.path.pop(0)
 
 
-def run_workers(tmp_path: Path, world_size: int, dtype: str, uneven: bool = False) -> list[dict]:
+def run_workers(
+    tmp_path: Path, world_size: int, dtype: str, uneven: bool = False, pruned: bool = False
+) -> list[dict]:
     """Fork ``world_size`` workers (the test process has torch and the library imported already: a
     fresh interpreter per rank would spend most of the test importing them)."""
     context = multiprocessing.get_context("fork")
     outs = [tmp_path / f"rank{r}.pt" for r in range(world_size)]
     procs = [
         context.Process(
-            target=worker.main, args=(r, world_size, str(tmp_path / "store"), str(outs[r]), dtype, uneven)
+            target=worker.main,
+            args=(r, world_size, str(tmp_path / "store"), str(outs[r]), dtype, uneven, "cpu", pruned),
         )
         for r in range(world_size)
     ]
@@ -48,10 +52,12 @@ def run_workers(tmp_path: Path, world_size: int, dtype: str, uneven: bool = Fals
     return [torch.load(o, weights_only=False) for o in outs]
 
 
-def check(records: list[dict], world_size: int, dtype: str, rel: float, uneven: bool = False) -> None:
+def check(
+    records: list[dict], world_size: int, dtype: str, rel: float, uneven: bool = False, pruned: bool = False
+) -> None:
     torch.set_num_threads(1)
     dt = getattr(torch, dtype)
-    model = worker.build_model(dt)
+    model = worker.build_model(dt, pruned)
     x, y = worker.data(dt)
     # the unsharded reference: the library's exact method on one process, over the same samples
     measured = torch.cat([worker.own_samples(r, world_size, uneven) for r in range(world_size)])
@@ -60,10 +66,15 @@ def check(records: list[dict], world_size: int, dtype: str, rel: float, uneven: 
         model, [(x[i::4], y[i::4]) for i in range(4)], method="exact", num_replicates=4
     ).values
     assert all(r["sharded"] and r["unchanged"] for r in records)
+    # eq. 17 solved without gathering: the tall (8, 3) weight on each rank's rows, the wide (7, 16) and
+    # (3, 7) ones on exchanged column blocks (with 4 ranks one holds no row of the (3, 7) weight); the
+    # pruned layers gathered (their components need the transitive closure)
+    gathered = {"0.weight", "3.weight"} if pruned else set()
+    assert all(r["gathered_solves"] == gathered for r in records)
     first = records[0]["values"]
     assert all(r["values"] == first for r in records)  # bit-identical on every rank
     keys = [k for k in reference if k.split("/")[0] in MEASURES]
-    assert len(keys) == 3 + 3 * 3
+    assert len(keys) == 3 + 3 * 3 + 3  # totals, 3 measures of 3 weights, the trace of 3 biases (eq. 5)
     errors = {key: abs(first[key] - float(reference[key])) / abs(float(reference[key])) for key in keys}
     for measure in MEASURES:
         print(
@@ -74,7 +85,7 @@ def check(records: list[dict], world_size: int, dtype: str, rel: float, uneven: 
         assert errors[key] <= rel, (key, errors[key])
     assert first["num_samples"] == len(measured)
     # the decomposed jackknife and half-shift equal the metric's on the gathered sums
-    weights = {n: p.detach().double() for n, p in model.named_parameters() if p.ndim >= 2}
+    weights = {n: p.detach().double() for n, p in model.named_parameters()}  # the default: biases too
     count = records[0]["count"]  # (R,) samples per replicate slot; sums: {name: (R, numel)} sample-weighted
     metric = NormalizedSharpness(weights, lam=0.5, num_replicates=len(count))
     means = {
@@ -103,17 +114,22 @@ def check(records: list[dict], world_size: int, dtype: str, rel: float, uneven: 
 # float32: the traces of the last layer cancel (entries of both signs), which turns the 1e-7 rounding of
 # float32 forward/backward passes into 1.5e-6 relative on `hessian_trace/5.weight`; the normalized values
 # agree to 4e-8 (printed by the test)
-@pytest.mark.parametrize("dtype, rel", [("float64", 1e-8), ("float32", 5e-6)])
+@pytest.mark.parametrize("dtype, rel", [("float64", 1e-9), ("float32", 5e-6)])
 def test_two_process_fully_shard_measurement_equals_the_unsharded_model(tmp_path, dtype, rel):
     check(run_workers(tmp_path, 2, dtype), 2, dtype, rel)
 
 
-def test_four_process_fully_shard_measurement_equals_the_unsharded_model(tmp_path):
-    check(run_workers(tmp_path, 4, "float64"), 4, "float64", 1e-8)
+@pytest.mark.parametrize("dtype, rel", [("float64", 1e-9), ("float32", 5e-6)])
+def test_four_process_fully_shard_measurement_equals_the_unsharded_model(tmp_path, dtype, rel):
+    check(run_workers(tmp_path, 4, dtype), 4, dtype, rel)
+
+
+def test_pruned_layers_are_gathered_for_eq17_and_still_equal_the_unsharded_model(tmp_path):
+    check(run_workers(tmp_path, 4, "float64", pruned=True), 4, "float64", 1e-9, pruned=True)
 
 
 def test_ranks_with_fewer_samples_and_empty_batches_still_agree_on_the_collectives(tmp_path):
-    check(run_workers(tmp_path, 2, "float64", uneven=True), 2, "float64", 1e-8, uneven=True)
+    check(run_workers(tmp_path, 2, "float64", uneven=True), 2, "float64", 1e-9, uneven=True)
 
 
 def test_without_a_process_group_it_says_to_initialise_one():

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from oracles import brute_force_hessian_diagonal
+from oracles import brute_force_ggn_diagonal, brute_force_hessian_diagonal
 from torch import nn
 
 from lightning_flatness.functional import (
@@ -44,7 +44,7 @@ def test_exact_whole_diagonal_equals_brute_force_for_every_parameter(batchnorm, 
     x = torch.randn(12, *((2, 4, 4) if conv else (5,)), generator=g, dtype=torch.float64)
     y = torch.randint(0, 4, (12,), generator=g)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the per-sample path for normalization scales is announced
+        warnings.simplefilter("error")  # no per-sample path: the batch_norm layer rule keeps the fast one
         diag = hessian_diagonal(model, loss_fn, x, y, method="exact", parameters="all")
     names = [n for n, p in model.named_parameters()]
     assert list(diag) == names  # every parameter, 1-D included
@@ -59,4 +59,43 @@ def test_batchnorm_scales_in_training_mode_are_refused_by_the_exact_method():
     x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 4, (8,))
     with pytest.raises(ValueError, match="batch statistics"):
         hessian_diagonal(model, F.cross_entropy, x, y, method="exact", parameters="all")
-    assert "1.weight" not in select_parameters(model)  # 1-D: not in the default selection
+    assert "1.weight" in select_parameters(model)  # a normalization scale: in the default selection
+
+
+class _Normalized(nn.Module):
+    """Linear -> normalization -> GELU -> Linear on ``(N, T, C)`` tokens (or ``(N, C, L)`` for group_norm)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.inp, self.out = nn.Linear(3, 6), nn.Linear(6, 4)
+        self.norm = {
+            "layer_norm": nn.LayerNorm(6),
+            "rms_norm": nn.RMSNorm(6),
+            "group_norm": nn.GroupNorm(2, 6),
+        }[kind]
+        for p in self.norm.parameters():
+            p.data.normal_()
+
+    def forward(self, x):
+        z = self.inp(x)  # (N, T, 6)
+        z = self.norm(z.transpose(1, 2)).transpose(1, 2) if self.kind == "group_norm" else self.norm(z)
+        return self.out(F.gelu(z)).mean(dim=1)
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm", "group_norm"])
+def test_gauss_newton_whole_diagonal_of_normalization_layers_on_the_fast_path(kind):
+    torch.manual_seed(0)
+    model = _Normalized(kind).double().eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(10, 5, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (10,), generator=g)
+    names = [n for n, _ in model.named_parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the per-sample path would warn about its cost
+        diag = hessian_diagonal(model, F.cross_entropy, x, y, method="gauss_newton", parameters="all")
+    assert list(diag) == names
+    ref = brute_force_ggn_diagonal(model, F.cross_entropy, x, y, names)
+    for name in names:
+        atol = 1e-12 * float(ref[name].abs().max())
+        torch.testing.assert_close(diag[name], ref[name], rtol=1e-10, atol=atol)

@@ -140,7 +140,10 @@ def test_zoo_model_in_a_plain_lightning_module_is_measured_at_the_defaults(name)
     if name != "gpt2":  # the causal LM counts valid tokens: see the next test
         assert last["num_samples"] == 16
     names = list(select_parameters(module))
-    assert sorted(k.split("/", 1)[1] for k in last if k.startswith("normalized/")) == sorted(names)
+    assert sorted(k.split("/", 1)[1] for k in last if k.startswith("hessian_trace/")) == sorted(names)
+    weight_names = [n for n in names if module.get_parameter(n).ndim >= 2]
+    assert sorted(k.split("/", 1)[1] for k in last if k.startswith("normalized/")) == sorted(weight_names)
+    assert len(weight_names) < len(names)  # biases and normalization parameters: in the trace only
     assert not any("pos_embed" in n or "cls_token" in n or "position" in n for n in names)  # additive offsets
     if method == "gauss_newton_mc":
         assert last["normalized_stderr"] > 0
@@ -154,7 +157,7 @@ def test_zoo_model_in_a_plain_lightning_module_is_measured_at_the_defaults(name)
     diag = oracle(net, normalized_softmax_cross_entropy, x, y, names)
     weights = {n: p.detach() for n, p in net.named_parameters() if n in names}
     ref = sharpness_measures(weights, diag)
-    for measure in ("normalized", "matrix_normalized", "hessian_trace"):
+    for measure in ("normalized", "matrix_normalized", "hessian_trace", "hessian_trace_weights"):
         assert last[measure] == pytest.approx(float(ref[measure]), rel=1e-7), measure
 
 

@@ -28,9 +28,18 @@ What that means for the tensors of modern networks (the default selection):
   would add a few percent to the totals of the tiny zoo models (measured:
   ``benchmarks/results/bench_zoo_residual.md``); and the finite-difference estimator, whose step is
   relative to a tensor's size, breaks down on ``cls_token`` (initialised at scale 1e-6).
-- **Left out** -- 1-D parameters: biases, normalisation scales and shifts, layer-scale vectors
-  (``gamma``). A layer-scale vector multiplies, but one per channel, i.e. a diagonal matrix: with
-  one variance per entry it is parameter counting again.
+- **Trace only** -- 1-D parameters that a layer rule reads
+  (:mod:`~lightning_flatness.functional.estimators.layer_rules`): the biases of Linear and Conv
+  layers and the affine scales and shifts of BatchNorm, LayerNorm, GroupNorm and RMSNorm. The
+  Hessian trace of eq. 5 counts every parameter, so they are selected and enter ``hessian_trace``;
+  the normalized measures (eq. 13, 17) skip every 1-D tensor (footnote 5): an added vector has no
+  input axis, and a per-channel scale is a diagonal matrix, with one variance per entry parameter
+  counting again. Their Gauss-Newton diagonal costs a few elementwise passes (the layer rules keep
+  the per-layer fast path), so the weights-only trace is reported beside it, named
+  ``hessian_trace_weights``.
+- **Left out** -- 1-D parameters that no layer rule reads, e.g. layer-scale vectors (``gamma``,
+  used through an elementwise product): their diagonal would send the estimators to the per-sample
+  path (``N K`` backward passes instead of one). ``parameters="all"`` selects them too, at that cost.
 
 Detection of additive offsets is by name, for parameters that are *not* the weight of a
 ``Linear``/``Conv``: a name component containing ``pos_embed``, ``position``, ``wpe``,
@@ -44,7 +53,13 @@ from typing import Callable, Iterable, Union
 
 from torch import Tensor, nn
 
-__all__ = ["select_parameters", "ParameterSelection", "ADDITIVE_OFFSET_MARKERS", "is_additive_offset"]
+__all__ = [
+    "select_parameters",
+    "ParameterSelection",
+    "ADDITIVE_OFFSET_MARKERS",
+    "is_additive_offset",
+    "is_rule_read_vector",
+]
 
 ParameterSelection = Union[None, str, Iterable[str], Callable[[str, Tensor], bool]]
 
@@ -61,6 +76,15 @@ ADDITIVE_OFFSET_MARKERS = (
 )
 
 _MULTIPLYING = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
+#: modules whose 1-D parameters a layer rule reads (bias of a Linear/Conv, affine of a normalization)
+_RULE_READ_VECTORS = (
+    nn.Linear,
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+)
 _PRESETS = ("weights", "all")
 
 
@@ -73,6 +97,15 @@ def is_additive_offset(model: nn.Module, name: str) -> bool:
     if isinstance(owner, _MULTIPLYING) and leaf == "weight":
         return False
     return any(marker in part.lower() for part in name.split(".") for marker in ADDITIVE_OFFSET_MARKERS)
+
+
+def is_rule_read_vector(model: nn.Module, name: str) -> bool:
+    """Whether 1-D parameter ``name`` is the bias of a ``Linear``/``Conv`` or an affine parameter of a
+    ``BatchNorm``/``LayerNorm``/``GroupNorm``/``RMSNorm`` (subclasses included): a parameter a layer
+    rule reads, so that its Hessian diagonal keeps the estimators' per-layer fast path."""
+    owner_path, _, _ = name.rpartition(".")
+    owner = model.get_submodule(owner_path) if owner_path else model
+    return isinstance(owner, _RULE_READ_VECTORS)
 
 
 def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -> dict[str, nn.Parameter]:
@@ -90,11 +123,13 @@ def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -
 
             - ``None`` (default): every parameter with ``ndim >= 2`` that requires grad, except
               additive offsets (position embeddings, class tokens): the weights that multiply their
-              input, embedding tables included (module docstring: the reasoning);
+              input, embedding tables included; and the 1-D parameters a layer rule reads (biases
+              of Linear/Conv, affine parameters of normalization layers), which enter the Hessian
+              trace (eq. 5) only (module docstring: the reasoning);
             - ``"weights"``: every parameter with ``ndim >= 2`` that requires grad (the default
               before additive offsets were left out; counts ``pos_embed`` and ``cls_token``);
-            - ``"all"``: every parameter that requires grad, 1-D included (for Hessian diagonals;
-              the normalized measures reject the 1-D ones);
+            - ``"all"``: every parameter that requires grad (the normalized measures skip the
+              1-D ones; layer-scale vectors and class tokens cost the per-sample path);
             - an iterable of parameter names;
             - a predicate ``(name, parameter) -> bool`` applied to every parameter requiring grad.
 
@@ -108,7 +143,7 @@ def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -
     Example:
         >>> import torch
         >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
-        >>> list(select_parameters(model)), len(select_parameters(model, "all"))
+        >>> list(select_parameters(model, "weights")), len(select_parameters(model))
         (['0.weight', '2.weight'], 4)
     """
     named = dict(model.named_parameters())
@@ -116,7 +151,13 @@ def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -
         chosen = {
             n: p
             for n, p in named.items()
-            if p.requires_grad and p.ndim >= 2 and not is_additive_offset(model, n)
+            if p.requires_grad
+            and (
+                p.ndim >= 2
+                and not is_additive_offset(model, n)
+                or p.ndim < 2
+                and is_rule_read_vector(model, n)
+            )
         }
     elif isinstance(parameters, str):
         if parameters not in _PRESETS:
@@ -146,6 +187,7 @@ def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -
         raise ValueError(
             f"found no parameters to measure in {type(model).__name__} (the default takes "
             f"weight tensors with ndim >= 2 that require grad and are not position embeddings or class "
-            f"tokens); pass `parameters=` to choose them."
+            f"tokens, and the biases and normalization parameters beside them); pass `parameters=` to "
+            f"choose them."
         )
     return chosen

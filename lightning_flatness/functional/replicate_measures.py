@@ -20,7 +20,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from lightning_flatness.functional.measures import MEASURES
+from lightning_flatness.functional.measures import MEASURES, measure_totals
 from lightning_flatness.functional.solvers.normalized import (
     intra_op_threads,
     solve_normalized_sharpness_coefficients,
@@ -143,13 +143,15 @@ def replicate_sharpness_measures(
     """Every measure on the pooled mean, its jackknife standard error and its half-sample shift.
 
     Args:
-        weights: ``{name: W}`` float64.
+        weights: ``{name: W}`` float64 (1-D tensors enter the trace only).
         sums: ``{name: (R, numel)}`` float64, slot ``r`` holding ``sum_g n_g * diag_g`` of its groups.
         counts: ``(R,)`` samples per slot (any numeric dtype).
         lam: ``lambda`` of eq. 17.
 
     Returns:
-        The flat dict ``{key: 0-dim float64}`` with ``"<measure>"`` (sum over tensors),
+        The flat dict ``{key: 0-dim float64}`` with ``"<measure>"`` (sum over tensors; the trace over
+        every tensor, eq. 5, and ``"hessian_trace_weights"`` over the ``ndim >= 2`` ones; 1-D tensors
+        have the trace alone),
         ``"<measure>/<name>"``, ``"<measure>_stderr"``, ``"<measure>_stderr/<name>"`` (NaN when fewer
         than 2 slots hold samples), ``"<measure>_half_shift"``, ``"<measure>_half_shift/<name>"``
         (mean over the two halves minus the pooled value; NaN likewise), and the number of
@@ -166,14 +168,16 @@ def replicate_sharpness_measures(
     counts_f = counts.to(torch.float64)
     used = [int(r) for r in torch.nonzero(counts_f > 0).flatten().tolist()]
     mix = replicate_weights(counts_f, used)
-    per_tensor = {name: tensor_measures(weights[name], s, mix, lam) for name, s in sums.items()}
-    names = list(sums)
-    out: dict[str, Tensor] = {}
-    series: dict[str, Tensor] = {}  # key -> (P,)
+    per_tensor = {
+        name: tensor_measures(weights[name], s, mix, lam)
+        if weights[name].ndim >= 2
+        else {"hessian_trace": mix @ s.sum(dim=1)}
+        for name, s in sums.items()
+    }  # 1-D tensors (biases, normalization scales) enter the trace only (footnote 5; eq. 5 counts them)
+    series: dict[str, Tensor] = dict(measure_totals(per_tensor))  # key -> (P,)
     for measure in MEASURES:
-        series[measure] = torch.stack([per_tensor[n][measure] for n in names]).sum(dim=0)
-        for n in names:
-            series[f"{measure}/{n}"] = per_tensor[n][measure]
+        series.update({f"{measure}/{n}": v[measure] for n, v in per_tensor.items() if measure in v})
+    out: dict[str, Tensor] = {}
     for key, values in series.items():
         out[key] = values[0]
     for key, values in series.items():

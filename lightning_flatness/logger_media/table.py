@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -46,22 +47,29 @@ def per_layer_table(values: Mapping[str, float], measures: Sequence[str]) -> Per
         measures: the measures to tabulate, e.g. ``("normalized", "matrix_normalized", "hessian_trace")``.
 
     Returns:
-        A :class:`PerLayerTable`; a ``<measure>_stderr`` column appears only when every layer has one.
+        A :class:`PerLayerTable` with one row per tensor that has any of the measures (in the order of
+        the measure with the most tensors: parameter order) and a column per measure (and
+        ``<measure>_stderr``) that some tensor has; a tensor without a measure (a bias has the trace
+        alone, footnote 5) gets NaN there.
 
     Example:
         >>> values = {"normalized/a.weight": 2.0, "normalized_stderr/a.weight": 0.5,
-        ...           "normalized/b.weight": 3.0, "normalized_stderr/b.weight": 0.25}
-        >>> t = per_layer_table(values, ["normalized"])
-        >>> t.columns, t.rows
-        (['layer', 'normalized', 'normalized_stderr'], [['a.weight', 2.0, 0.5], ['b.weight', 3.0, 0.25]])
+        ...           "hessian_trace/a.weight": 4.0, "hessian_trace/a.bias": 1.0}
+        >>> t = per_layer_table(values, ["normalized", "hessian_trace"])
+        >>> t.columns
+        ['layer', 'normalized', 'normalized_stderr', 'hessian_trace']
+        >>> t.rows
+        [['a.weight', 2.0, 0.5, 4.0], ['a.bias', nan, nan, 1.0]]
     """
-    layers = [k.split("/", 1)[1] for k in values if k.startswith(f"{measures[0]}/")] if measures else []
+    per_measure = [[k.split("/", 1)[1] for k in values if k.startswith(f"{m}/")] for m in measures]
+    layers: list[str] = max(per_measure, key=len, default=[])  # the fullest measure's order (the trace's)
+    layers = layers + [layer for found in per_measure for layer in found if layer not in layers]
     columns = ["layer"]
     getters = []
     for m in measures:
         for name in (m, f"{m}_stderr"):
-            if layers and all(f"{name}/{layer}" in values for layer in layers):
+            if any(f"{name}/{layer}" in values for layer in layers):
                 columns.append(name)
                 getters.append(name)
-    rows = [[layer, *(float(values[f"{g}/{layer}"]) for g in getters)] for layer in layers]
+    rows = [[layer, *(float(values.get(f"{g}/{layer}", math.nan)) for g in getters)] for layer in layers]
     return PerLayerTable(columns, rows)

@@ -199,7 +199,8 @@ def hessian_diagonal(
         generator: source of the probes (stochastic methods); the global RNG is never used when
             one is given.
         parameters: which tensors to differentiate (see :func:`select_parameters`); default every
-            weight with ``ndim >= 2`` that requires grad.
+            weight with ``ndim >= 2`` that requires grad (except additive offsets) and the biases and
+            normalization parameters beside them; ``"all"`` for every parameter.
         strict: ``"exact"`` only: raise :class:`ExactMethodNotApplicable` (``True``) or warn
             (``False``, returning the Gauss-Newton diagonal) when the model contains an operation for
             which the result would not be the exact diagonal.
@@ -221,7 +222,7 @@ def hessian_diagonal(
         >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
         >>> diag = hessian_diagonal(model, F.cross_entropy, x, y, method="exact")
         >>> sorted(diag), diag["0.weight"].shape
-        (['0.weight', '2.weight'], torch.Size([8, 4]))
+        (['0.bias', '0.weight', '2.bias', '2.weight'], torch.Size([8, 4]))
     """
     estimate = hessian_diagonal_groups(
         model,

@@ -107,6 +107,7 @@ import contextlib
 import functools
 import math
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, cast
@@ -170,6 +171,8 @@ class ExactMethodNotApplicable(ValueError):
 #: piecewise constant. Dropout and batch_norm are listed in :data:`_MODE_DEPENDENT_OPS` instead.
 PIECEWISE_LINEAR_OPS = frozenset(
     {
+        # a table lookup: linear in the table (the ids are integers)
+        "embedding",
         # additive and sign
         "add",
         "sub",
@@ -673,15 +676,16 @@ class _ForwardRecorder(TorchFunctionMode):
         return self.leaves.get(name) if name is not None else None
 
     def _record_layer_call(self, name, args, kwargs, out) -> Optional[LayerCall]:
-        weight = _argument(args, kwargs, 1, ("weight",))
-        bias = _argument(args, kwargs, 2, ("bias",))
+        rule = LAYER_RULES[name]
+        weight = _argument(args, kwargs, *rule.weight_argument)
+        bias = _argument(args, kwargs, *rule.bias_argument) if rule.bias_argument else None
         weight_name = self.names_by_id.get(id(weight)) if isinstance(weight, Tensor) else None
         bias_name = self.names_by_id.get(id(bias)) if isinstance(bias, Tensor) else None
         if weight_name is None and bias_name is None:
             return None
         inputs = _argument(args, kwargs, 0, ("input",))
         call = LayerCall(name, self.where(), inputs.detach(), out, weight_name, bias_name)
-        LAYER_RULES[name].record(call, args, kwargs, weight)
+        rule.record(call, args, kwargs, weight)
         for param in (weight_name, bias_name):
             if param is not None:
                 self.uses[param].append(f"{name!r} in {self.where()}")
@@ -936,12 +940,33 @@ def _fast_path_blockers(recorder: _ForwardRecorder, leaves: dict[str, Tensor], n
     return reasons
 
 
+def _interaction_probe(logits: Tensor) -> Tensor:
+    """A random output gradient on sample 0 only (zero elsewhere), for the batch-independence check."""
+    probe = torch.zeros_like(logits)
+    probe[0] = _probe_values(tuple(logits.shape[1:]), logits.dtype, logits.device)
+    return probe
+
+
 @functools.lru_cache(maxsize=32)
 def _probe_values(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """The batch-independence probe's output gradient on sample 0 (zero on the others): fixed
     standard-normal values (seed 0), drawn once per shape (read-only)."""
     generator = torch.Generator(device=device).manual_seed(0)
     return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+
+
+class _Diagonal(dict):
+    """``{name: diagonal}`` filled by the contractions: the first contribution is stored as it is
+    (:func:`~.layer_rules.contraction.accumulate_layer`); a rule's own contraction that adds in place
+    (``diag[name] += ...``, ``index_add_``) gets zeros on first access."""
+
+    def __init__(self, leaves: dict[str, Tensor]):
+        super().__init__()
+        self.leaves = leaves
+
+    def __missing__(self, name: str) -> Tensor:
+        value = self[name] = torch.zeros_like(self.leaves[name])
+        return value
 
 
 def _diagonal_by_layers(
@@ -986,7 +1011,7 @@ def _diagonal_by_layers(
                 if g is not None and bool(g[k, 1:].any())
             ]
             return None, mixing
-    diag: dict[str, Tensor] = {}  # filled by the first contribution to each tensor
+    diag = _Diagonal(leaves)  # filled by the first contribution to each tensor
     unit_signs = bool((signs == 1).all())
     for call, g in zip(calls, grads):
         if g is not None:
@@ -1230,6 +1255,26 @@ def _module_tensors_swapped(
             slot[name] = tensor
 
 
+#: models seen changing a recorded layer output in place (Conv -> BatchNorm -> ReLU(inplace=True)):
+#: their next forwards copy the outputs at once instead of running twice. Only a hint: without it
+#: the version check still catches the change.
+_IN_PLACE_MODELS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def _changes_outputs_in_place(model: nn.Module) -> bool:
+    try:
+        return _IN_PLACE_MODELS.get(model, False)
+    except TypeError:  # not weak-referenceable
+        return False
+
+
+def _remember_in_place_changes(model: nn.Module) -> None:
+    try:
+        _IN_PLACE_MODELS[model] = True
+    except TypeError:
+        pass
+
+
 def _call(model: nn.Module, x: ModelInputs) -> Any:
     """``model`` called on ``x`` as :func:`call_model` would call it (raw output)."""
     if isinstance(x, Mapping):
@@ -1251,7 +1296,8 @@ def _record_forward(
     """
     leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
     n = inputs_batch_size(x)
-    for clone_outputs in (False, True):  # with clones only if the model changed a layer output in place
+    copied = _changes_outputs_in_place(model)
+    for clone_outputs in (True,) if copied else (False, True):  # copies if a layer output changes in place
         recorder = _ForwardRecorder(leaves, clone_outputs, n)
         module_names = _ModuleNames(model, recorder.module_stack)
         try:
@@ -1261,6 +1307,8 @@ def _record_forward(
             module_names.remove()
         if clone_outputs or not recorder.outputs_changed_in_place():
             break
+    if clone_outputs and not copied:
+        _remember_in_place_changes(model)
     try:
         logits = extract_logits(output)
     except TypeError as err:

@@ -135,3 +135,12 @@ register_estimator(
         "gauss_newton", f"{_PKG}.gauss_newton:gauss_newton_exact_diagonal", "gauss_newton", stochastic=False
     )
 )
+register_estimator(
+    EstimatorSpec(
+        "gauss_newton_sketch",
+        f"{_PKG}.gauss_newton_sketch:gauss_newton_sketch_diagonal",
+        "gauss_newton",
+        stochastic=True,
+        options=("num_mc_samples", "generator"),
+    )
+)

@@ -10,6 +10,12 @@ to float64 accuracy (mixed-precision iterative refinement), so the factorisation
 ``O(m^2 n)`` step, runs at float32 speed while the certificate keeps float64 accuracy. Problems
 whose float32 factor is not accurate enough to refine (very ill-conditioned coupling) are
 factored again in float64.
+
+**Split columns.** Every function takes ``comm``, a :class:`ColumnReduction`: the ``n`` columns may be
+split across processes (each holding ``A[:, :, its columns]``, ``y[:, its columns]``), and every
+quantity summed or maximised over columns is completed by ``comm`` (an all-reduce), so that all
+processes take identical decisions and hold identical row quantities (``x``, values, bounds); column
+quantities stay local. The default, :data:`LOCAL`, holds all columns and reduces nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["BatchResult", "alternating_sweeps", "newton"]
+__all__ = ["LOCAL", "BatchResult", "ColumnReduction", "alternating_sweeps", "newton"]
 
 _MAX_SWEEPS = 30  # closed-form alternating sweeps before Newton, at most
 _SWEEP_TOL = 1e-7  # ... stopping once no log-variance moves by more than this (nats)
@@ -31,6 +37,38 @@ _POLISH_FROM = 1e-2  # refine the float32 Newton solve in float64 once sum g^2 /
 _MAX_HALVINGS = 60  # backtracking steps per line search
 _MAX_REFINE = 6  # float64 refinement steps of a float32-factored Newton system
 _REFINE_TOL = 1e-13  # residual (relative to the right-hand side) at which refinement stops
+
+
+class ColumnReduction:
+    """Completes reductions over the (possibly split) column dimension: this base class holds every
+    column, so each method returns its argument. A split implementation all-reduces (sum, max, min)
+    over the processes that hold the other columns; inputs are reduced partial results, returned
+    reduced (identical on every process)."""
+
+    distributed = False
+
+    def sum(self, *tensors: Tensor) -> list[Tensor]:
+        """Sums over columns of several partial results (one all-reduce when split)."""
+        return list(tensors)
+
+    def max(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def min(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+
+LOCAL = ColumnReduction()
+
+
+def _logsumexp_columns(z: Tensor, comm: ColumnReduction) -> Tensor:
+    """``log sum_j exp(z_pij)`` over the (split) last dimension."""
+    if not comm.distributed:
+        return torch.logsumexp(z, 2)
+    top = comm.max(z.amax(dim=2))
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    (total,) = comm.sum(torch.exp(z - top[:, :, None]).sum(dim=2))
+    return torch.log(total) + top
 
 
 class BatchResult(NamedTuple):
@@ -44,7 +82,7 @@ class BatchResult(NamedTuple):
     iterations: int
 
 
-def alternating_sweeps(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+def alternating_sweeps(a: Tensor, b: Tensor, comm: ColumnReduction = LOCAL) -> tuple[Tensor, Tensor]:
     """Closed-form block minimisation, ``y`` then ``x``, from 0: a cheap cold start for Newton.
 
     ``y_j = 1/2 log(sum_i B_ij e^{-x_i} / sum_i A_ij e^{x_i})``, likewise ``x``. Removes gross scale
@@ -53,15 +91,16 @@ def alternating_sweeps(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     job: no path runs alternating updates unbounded). Rows and columns without terms stay at 0.
 
     Args:
-        a, b: ``(P, m, n)`` coefficients, maximum 1.
+        a, b: ``(P, m, n)`` coefficients, maximum 1 (``n``: this process's columns).
+        comm: completes sums over columns (module docstring).
     """
     x = a.new_zeros(a.shape[:2])
     y = a.new_zeros(a.shape[0], a.shape[2])
     prev_move = math.inf
     for _ in range(_MAX_SWEEPS):
-        y_new = _block_minimiser(a, b, x, over_rows=True)
-        x_new = _block_minimiser(a, b, y_new, over_rows=False)
-        move = float(torch.maximum((x_new - x).abs().max(), (y_new - y).abs().max()))
+        y_new = _block_minimiser(a, b, x, over_rows=True, comm=comm)
+        x_new = _block_minimiser(a, b, y_new, over_rows=False, comm=comm)
+        move = float(torch.maximum((x_new - x).abs().max(), comm.max((y_new - y).abs().max())))
         x, y = x_new, y_new
         if move <= _SWEEP_TOL or move > _SWEEP_STALL * prev_move:
             break
@@ -69,29 +108,41 @@ def alternating_sweeps(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-def _block_minimiser(a: Tensor, b: Tensor, v: Tensor, over_rows: bool) -> Tensor:
+def _block_minimiser(
+    a: Tensor, b: Tensor, v: Tensor, over_rows: bool, comm: ColumnReduction = LOCAL
+) -> Tensor:
     """Per column (``over_rows``: sums over ``i`` with ``v = x``) or per row (sums over ``j``, ``v = y``):
     ``1/2 log(sum B e^{-v} / sum A e^{v})``, 0 where a sum is empty."""
     hi = v.amax(dim=1, keepdim=True)
     lo = v.amin(dim=1, keepdim=True)
+    if not over_rows:  # v = y: extrema over the (split) columns
+        hi, lo = comm.max(hi), comm.min(lo)
     ea, eb = torch.exp(v - hi), torch.exp(lo - v)  # terms <= A_ij <= 1: no overflow
     if over_rows:
         sum_a = torch.bmm(ea.unsqueeze(1), a).squeeze(1)
         sum_b = torch.bmm(eb.unsqueeze(1), b).squeeze(1)
     else:
-        sum_a = torch.bmm(a, ea.unsqueeze(2)).squeeze(2)
-        sum_b = torch.bmm(b, eb.unsqueeze(2)).squeeze(2)
+        sum_a, sum_b = comm.sum(
+            torch.bmm(a, ea.unsqueeze(2)).squeeze(2), torch.bmm(b, eb.unsqueeze(2)).squeeze(2)
+        )
     has = (sum_a > 0) & (sum_b > 0)
     if bool((torch.where(has, torch.minimum(sum_a, sum_b), sum_a.new_ones(())) > 1e-250).all()):
         out = 0.5 * (torch.log(sum_b) - lo - torch.log(sum_a) - hi)
     else:  # a sum underflowed: log-sum-exp (rare, far from the optimum)
-        dim = 1 if over_rows else 2
-        vv = v[:, :, None] if over_rows else v[:, None, :]
-        out = 0.5 * (torch.logsumexp(torch.log(b) - vv, dim) - torch.logsumexp(torch.log(a) + vv, dim))
+        if over_rows:
+            vv = v[:, :, None]
+            out = 0.5 * (torch.logsumexp(torch.log(b) - vv, 1) - torch.logsumexp(torch.log(a) + vv, 1))
+        else:
+            vv = v[:, None, :]
+            out = 0.5 * (
+                _logsumexp_columns(torch.log(b) - vv, comm) - _logsumexp_columns(torch.log(a) + vv, comm)
+            )
     return torch.where(has, out, torch.zeros_like(out))
 
 
-def _exp_factors(x: Tensor, y: Tensor) -> Optional[tuple[Tensor, Tensor, Tensor, Tensor]]:
+def _exp_factors(
+    x: Tensor, y: Tensor, comm: ColumnReduction = LOCAL
+) -> Optional[tuple[Tensor, Tensor, Tensor, Tensor]]:
     """``(e^x, e^-x, e^y, e^-y)`` after moving the gauge ``(x - c, y + c)`` to centre ``x``, so that
     ``e^{x_i + y_j} = e^{x_i} e^{y_j}`` needs no ``(m, n)`` exponential; None when a factor would leave
     float64's range (then the caller exponentiates entrywise)."""
@@ -99,16 +150,18 @@ def _exp_factors(x: Tensor, y: Tensor) -> Optional[tuple[Tensor, Tensor, Tensor,
         return None
     c = 0.5 * (x.amax(dim=1, keepdim=True) + x.amin(dim=1, keepdim=True))
     xs, ys = x - c, y + c
-    if bool((xs.abs().amax() > 700) | (ys.abs().amax() > 700)):
+    if bool((xs.abs().amax() > 700) | (comm.max(ys.abs().amax()) > 700)):
         return None
     ex, ey = torch.exp(xs), torch.exp(ys)
     return ex, 1.0 / ex, ey, 1.0 / ey
 
 
-def _terms(a: Tensor, b: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+def _terms(
+    a: Tensor, b: Tensor, x: Tensor, y: Tensor, comm: ColumnReduction = LOCAL
+) -> tuple[Tensor, Tensor]:
     """``A_ij e^{x_i + y_j}`` and ``B_ij e^{-x_i - y_j}``, ``(P, m, n)``: outer products of vector
     exponentials (a few multiplications per entry), entrywise exponentials only as a fallback."""
-    f = _exp_factors(x, y)
+    f = _exp_factors(x, y, comm)
     if f is None:
         u = x[:, :, None] + y[:, None, :]
         return a * torch.exp(u), b * torch.exp(-u)
@@ -116,20 +169,27 @@ def _terms(a: Tensor, b: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return a * (ex[:, :, None] * ey[:, None, :]), b * (emx[:, :, None] * emy[:, None, :])
 
 
-def _objective(a: Tensor, b: Tensor, x: Tensor, y: Tensor) -> Tensor:
+def _objective(a: Tensor, b: Tensor, x: Tensor, y: Tensor, comm: ColumnReduction = LOCAL) -> Tensor:
     """``S_p(x, y)`` as bilinear forms ``e^x . A e^y + e^-x . B e^-y``: one pass over ``A`` and ``B``."""
-    f = _exp_factors(x, y)
+    f = _exp_factors(x, y, comm)
     if f is None:
-        ta, tb = _terms(a, b, x, y)
-        return ta.sum(dim=(1, 2)) + tb.sum(dim=(1, 2))
+        ta, tb = _terms(a, b, x, y, comm)
+        return comm.sum(ta.sum(dim=(1, 2)) + tb.sum(dim=(1, 2)))[0]
     ex, emx, ey, emy = f
     sa = torch.bmm(torch.bmm(ex.unsqueeze(1), a), ey.unsqueeze(2))
     sb = torch.bmm(torch.bmm(emx.unsqueeze(1), b), emy.unsqueeze(2))
-    return (sa + sb).view(-1)
+    return comm.sum((sa + sb).view(-1))[0]
 
 
 def newton(
-    a: Tensor, b: Tensor, free: Tensor, x: Tensor, y: Tensor, rtol: float, max_iter: int
+    a: Tensor,
+    b: Tensor,
+    free: Tensor,
+    x: Tensor,
+    y: Tensor,
+    rtol: float,
+    max_iter: int,
+    comm: ColumnReduction = LOCAL,
 ) -> BatchResult:
     """Damped Newton from ``(x, y)`` on ``P`` reduced problems until each is certified or ``max_iter``.
 
@@ -146,11 +206,13 @@ def newton(
         x, y: ``(P, m)``, ``(P, n)`` float64 start points (finite).
         rtol: stop a problem once ``value - lower <= rtol * lower``.
         max_iter: Newton iterations at most.
+        comm: completes sums over columns when they are split across processes (``a``, ``b``, ``y``
+            hold this process's columns; the returned ``y`` too); see the module docstring.
     """
     num = a.shape[0]
     lower = a.new_zeros(num)
     x, y = x.clone(), y.clone()
-    value = _objective(a, b, x, y)
+    value = _objective(a, b, x, y, comm)
     active = torch.arange(num, device=a.device)
     iterations = 0
     for it in range(1, max_iter + 1):
@@ -159,8 +221,9 @@ def newton(
         iterations = it
         a_a, b_a = (a, b) if active.numel() == num else (a[active], b[active])
         xa, ya, fa = x[active], y[active], free[active]
-        ta, tb = _terms(a_a, b_a, xa, ya)
-        ra, rb, ca, cb = ta.sum(dim=2), tb.sum(dim=2), ta.sum(dim=1), tb.sum(dim=1)
+        ta, tb = _terms(a_a, b_a, xa, ya, comm)
+        ra, rb = comm.sum(ta.sum(dim=2), tb.sum(dim=2))
+        ca, cb = ta.sum(dim=1), tb.sum(dim=1)
         val = ra.sum(1) + rb.sum(1)
         gx, gy, r, c = ra - rb, ca - cb, ra + rb, ca + cb
         gamma = ta.add_(tb)
@@ -168,20 +231,20 @@ def newton(
         tiny = torch.finfo(gamma.dtype).tiny
         # float64-polish the direction only where the certificate may be evaluated: the Jacobi
         # estimate of the Newton decrement, sum g^2 / diag(H), is within a factor of it
-        jacobi = (gx * gx / r.clamp_min(tiny)).sum(1) + (gy * gy / c.clamp_min(tiny)).sum(1)
+        jacobi = (gx * gx / r.clamp_min(tiny)).sum(1) + comm.sum((gy * gy / c.clamp_min(tiny)).sum(1))[0]
         polish = (jacobi <= _POLISH_FROM * val) | (it == max_iter)
-        px, py, accurate = _direction(gamma, r, c, gx, gy, fa, polish)
+        px, py, accurate = _direction(gamma, r, c, gx, gy, fa, polish, comm)
 
-        slope = (gx * px).sum(1) + (gy * py).sum(1)  # -(Newton decrement^2)
+        slope = (gx * px).sum(1) + comm.sum((gy * py).sum(1))[0]  # -(Newton decrement^2)
         low = lower[active]
         near = (
             -slope <= _BOUND_FROM * val
         ) & accurate  # (the bound needs max|s| < 1/2; it is tight once lambda^2 << S)
         if it == max_iter:  # the cap: report the best certificate available, at least the separable
             near = accurate  # bound sum_ij 2 sqrt(A_ij B_ij) (each term minimised on its own)
-            low = torch.maximum(low, 2.0 * torch.sqrt(a_a * b_a).sum(dim=(1, 2)))
+            low = torch.maximum(low, 2.0 * comm.sum(torch.sqrt(a_a * b_a).sum(dim=(1, 2)))[0])
         if bool(near.any()):
-            bound = _dual_bound(gamma, r, c, val, gx, gy, px, py, xa, ya)
+            bound = _dual_bound(gamma, r, c, val, gx, gy, px, py, xa, ya, comm)
             low = torch.where(near, torch.maximum(low, bound), low)
         del gamma
         # where the bound was evaluated, the full Newton step (usually exact to rounding) may already
@@ -189,7 +252,7 @@ def newton(
         stepped = torch.full_like(val, math.inf)
         if bool(near.any()):
             idx = near.nonzero().squeeze(1)
-            stepped[idx] = _objective(a_a[idx], b_a[idx], xa[idx] + px[idx], ya[idx] + py[idx])
+            stepped[idx] = _objective(a_a[idx], b_a[idx], xa[idx] + px[idx], ya[idx] + py[idx], comm)
         take = stepped < val
         best = torch.minimum(val, stepped)
         done = (best - low <= rtol * low) | (val == 0)
@@ -208,13 +271,13 @@ def newton(
         px, py, slope, val, low = px[go], py[go], slope[go], val[go], low[go]
         xa, ya = xa[go], ya[go]
         a_g, b_g = (a_a, b_a) if go.numel() == a_a.shape[0] else (a_a[go], b_a[go])
-        s_max = px.abs().amax(1) + py.abs().amax(1)
+        s_max = px.abs().amax(1) + comm.max(py.abs().amax(1))
         t = torch.where(s_max > 0, (_MAX_STEP / s_max).clamp(max=1.0), torch.ones_like(s_max))
         accepted = torch.zeros_like(t, dtype=torch.bool)
         vn = val.clone()
         for _ in range(_MAX_HALVINGS):
             pending = ~accepted
-            trial = _objective(a_g, b_g, xa + t[:, None] * px, ya + t[:, None] * py)
+            trial = _objective(a_g, b_g, xa + t[:, None] * px, ya + t[:, None] * py, comm)
             ok = (trial <= val + 1e-4 * t * slope) | ((trial <= val * (1 + 4e-16)) & (t == 1.0))
             vn = torch.where(pending & ok, trial, vn)
             accepted |= ok
@@ -233,7 +296,14 @@ def newton(
 
 
 def _direction(
-    gamma: Tensor, r: Tensor, c: Tensor, gx: Tensor, gy: Tensor, free: Tensor, polish: Tensor
+    gamma: Tensor,
+    r: Tensor,
+    c: Tensor,
+    gx: Tensor,
+    gy: Tensor,
+    free: Tensor,
+    polish: Tensor,
+    comm: ColumnReduction = LOCAL,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Newton direction of ``P`` problems, ``p_x = 0`` on non-free rows, and whether it is float64-accurate.
 
@@ -252,14 +322,27 @@ def _direction(
     fr = free & (r > 0)
     sr = torch.where(fr, torch.rsqrt(r.clamp_min(tiny)), torch.zeros_like(r))
     gs = gamma * (sr[:, :, None] * sqrt_inv_c[:, None, :])
-    rhs = -gx * sr + torch.bmm(gs, (gy * sqrt_inv_c).unsqueeze(2)).squeeze(2)
-    z, accurate = _solve_scaled(gs, rhs, fr, polish)
+    rhs = -gx * sr + comm.sum(torch.bmm(gs, (gy * sqrt_inv_c).unsqueeze(2)).squeeze(2))[0]
+    z, accurate = _solve_scaled(gs, rhs, fr, polish, comm)
     px = z * sr
     py = -(gy + torch.bmm(z.unsqueeze(1), gs).squeeze(1) * torch.sqrt(c)) * inv_c
     return px, py, accurate
 
 
-def _solve_scaled(gs: Tensor, rhs: Tensor, free: Tensor, polish: Tensor) -> tuple[Tensor, Tensor]:
+def _gram_complement(gs: Tensor, comm: ColumnReduction) -> Tensor:
+    """``I - Gs Gs^T`` ``(P, m, m)`` in the dtype of ``gs``; the product sums over the (split) columns."""
+    num, m, _ = gs.shape
+    if not comm.distributed:
+        eye = torch.eye(m, dtype=gs.dtype, device=gs.device)
+        return torch.baddbmm(eye.expand(num, m, m), gs, gs.transpose(1, 2), beta=1.0, alpha=-1.0)
+    (gram,) = comm.sum(torch.bmm(gs, gs.transpose(1, 2)))
+    gram.neg_().diagonal(dim1=1, dim2=2).add_(1.0)  # in place: one m x m buffer
+    return gram
+
+
+def _solve_scaled(
+    gs: Tensor, rhs: Tensor, free: Tensor, polish: Tensor, comm: ColumnReduction = LOCAL
+) -> tuple[Tensor, Tensor]:
     """Solve ``(I - Gs Gs^T) z = rhs`` (rows of ``Gs`` and ``rhs`` zero outside ``free``, where ``z = 0``);
     also return which solutions are float64-accurate.
 
@@ -270,21 +353,17 @@ def _solve_scaled(gs: Tensor, rhs: Tensor, free: Tensor, polish: Tensor) -> tupl
     num, m, _ = gs.shape
     if m == 0:
         return rhs.clone(), torch.ones_like(polish)
-    eye32 = torch.eye(m, dtype=torch.float32, device=gs.device)
-    gs32 = gs.to(torch.float32)
-    k32 = torch.baddbmm(eye32.expand(num, m, m), gs32, gs32.transpose(1, 2), beta=1.0, alpha=-1.0)
+    k32 = _gram_complement(gs.to(torch.float32), comm)
     chol, info = torch.linalg.cholesky_ex(k32)
     ok = info == 0
     z = torch.zeros_like(rhs)
     if bool(ok.any()):
-        z, converged = _refine(gs, rhs, chol, ok, ok & polish)
+        z, converged = _refine(gs, rhs, chol, ok, ok & polish, comm)
         ok = ok & (converged | ~polish)
     accurate = polish.clone()
     if bool((~ok).any()):
         bad = (~ok).nonzero().squeeze(1)
-        g = gs[bad]
-        eye = torch.eye(m, dtype=gs.dtype, device=gs.device)
-        k = torch.baddbmm(eye.expand(bad.numel(), m, m), g, g.transpose(1, 2), beta=1.0, alpha=-1.0)
+        k = _gram_complement(gs[bad], comm)
         chol64, info64 = torch.linalg.cholesky_ex(k)
         sol = torch.cholesky_solve(rhs[bad].unsqueeze(2), chol64).squeeze(2)
         if bool((info64 != 0).any()):  # numerically semidefinite: least squares is still a descent direction
@@ -295,13 +374,15 @@ def _solve_scaled(gs: Tensor, rhs: Tensor, free: Tensor, polish: Tensor) -> tupl
     return z * free, accurate
 
 
-def _residual(gs: Tensor, rhs: Tensor, z: Tensor) -> Tensor:
+def _residual(gs: Tensor, rhs: Tensor, z: Tensor, comm: ColumnReduction = LOCAL) -> Tensor:
     """``rhs - (I - Gs Gs^T) z`` in float64, ``O(m n)`` per problem."""
     gz = torch.bmm(z.unsqueeze(1), gs)  # (P, 1, n) = z^T Gs
-    return rhs - z + torch.bmm(gz, gs.transpose(1, 2)).squeeze(1)
+    return rhs - z + comm.sum(torch.bmm(gz, gs.transpose(1, 2)).squeeze(1))[0]
 
 
-def _refine(gs: Tensor, rhs: Tensor, chol32: Tensor, ok: Tensor, polish: Tensor) -> tuple[Tensor, Tensor]:
+def _refine(
+    gs: Tensor, rhs: Tensor, chol32: Tensor, ok: Tensor, polish: Tensor, comm: ColumnReduction = LOCAL
+) -> tuple[Tensor, Tensor]:
     """The float32 solve (0 where not ``ok``), with mixed-precision iterative refinement for the
     ``polish`` problems; and whether each reached a residual of ``_REFINE_TOL`` (times ``||rhs||_inf``)."""
     okf = ok.to(rhs.dtype)[:, None]
@@ -312,14 +393,14 @@ def _refine(gs: Tensor, rhs: Tensor, chol32: Tensor, ok: Tensor, polish: Tensor)
         return z, torch.zeros_like(ok)
     okf = polish.to(rhs.dtype)[:, None]
     for _ in range(_MAX_REFINE):
-        res = _residual(gs, rhs, z) * okf
+        res = _residual(gs, rhs, z, comm) * okf
         converged = res.abs().amax(dim=1) <= tol
         if bool(converged[polish].all()):
             break
         dz = torch.cholesky_solve(res.to(torch.float32).unsqueeze(2), chol32).squeeze(2).to(rhs.dtype)
         z = z + torch.nan_to_num(dz) * okf
     else:
-        converged = _residual(gs, rhs, z).abs().amax(dim=1) <= tol
+        converged = _residual(gs, rhs, z, comm).abs().amax(dim=1) <= tol
     return z, converged
 
 
@@ -334,6 +415,7 @@ def _dual_bound(
     py: Tensor,
     x: Tensor,
     y: Tensor,
+    comm: ColumnReduction = LOCAL,
 ) -> Tensor:
     """Lower bound on ``inf S`` per problem from the Newton-linearised dual point (weighted AM-GM);
     0 where it does not apply (``max |s| >= 1/2``).
@@ -350,16 +432,18 @@ def _dual_bound(
     matrix-vector products and no ``(m, n)`` logarithm. Near the optimum it is
     ``S - lambda^2 / 2 + O(lambda^3)``, ``lambda^2 = -g.p`` the Newton decrement squared.
     """
-    s_max = px.abs().amax(dim=1) + py.abs().amax(dim=1)
-    g_py = torch.bmm(gamma, py.unsqueeze(2)).squeeze(2)
+    s_max = px.abs().amax(dim=1) + comm.max(py.abs().amax(dim=1))
+    (g_py,) = comm.sum(torch.bmm(gamma, py.unsqueeze(2)).squeeze(2))
     gt_px = torch.bmm(px.unsqueeze(1), gamma).squeeze(1)
-    quad = (r * px * px).sum(1) + 2 * (px * g_py).sum(1) + (c * py * py).sum(1)
-    lin = (gx * px).sum(1) + (gy * py).sum(1)
+    rc = gy + gt_px + c * py  # column residuals of the Newton system (local columns)
+    col_quad, col_lin, col_residual = comm.sum((c * py * py).sum(1), (gy * py).sum(1), (y * rc).sum(1))
+    quad = (r * px * px).sum(1) + 2 * (px * g_py).sum(1) + col_quad
+    lin = (gx * px).sum(1) + col_lin
     total = value + lin
     feasible = (s_max < 0.5) & (total > 0) & (quad >= 0)
     total = torch.where(feasible, total, torch.ones_like(total))
     cross = lin + (0.5 + s_max / (6 * (1 - s_max).square())) * quad
-    rr, rc = gx + r * px + g_py, gy + gt_px + c * py
-    residual = (x * rr).sum(1) + (y * rc).sum(1)
+    rr = gx + r * px + g_py
+    residual = (x * rr).sum(1) + col_residual
     bound = torch.exp(torch.log(total) - (cross + residual) / total)
     return torch.where(feasible & torch.isfinite(bound), bound, torch.zeros_like(bound))

@@ -1,8 +1,15 @@
 """Layer rules of the per-layer Gauss-Newton contractions, one module per layer kind, registered in
 :data:`~.base.LAYER_RULES` (see :mod:`.base`). Built in: ``linear`` (:mod:`.linear`) and
-``conv1d``/``conv2d``/``conv3d`` (:mod:`.conv`)."""
+``conv1d``/``conv2d``/``conv3d`` (:mod:`.conv`), ``embedding`` tables (:mod:`.embedding`), and the
+affine parameters of ``batch_norm`` (eval
+mode), ``layer_norm``, ``group_norm`` and ``rms_norm`` (:mod:`.normalization`)."""
 
-from lightning_flatness.functional.estimators.layer_rules import conv, linear  # noqa: F401  (registers)
+from lightning_flatness.functional.estimators.layer_rules import (  # noqa: F401  (registers)
+    conv,
+    embedding,
+    linear,
+    normalization,
+)
 from lightning_flatness.functional.estimators.layer_rules.base import (
     LAYER_RULES,
     LayerCall,

@@ -12,7 +12,7 @@ inputs/outputs per group, positions), so that the per-sample weight gradient of 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from torch import Tensor
@@ -44,6 +44,8 @@ class LayerCall:
     padding: tuple[tuple[int, int], ...] = ()
     dilation: tuple[int, ...] = ()
     groups: int = 1
+    samples_interact: bool = False  # set by a rule whose op couples the samples (batch statistics)
+    options: dict[str, Any] = field(default_factory=dict)  # rule-specific settings read at record time
     version: int = 0  # the output's version counter when recorded (in-place changes move it)
 
 
@@ -52,6 +54,9 @@ class LayerRule:
 
     #: the torch function's name, as the recorder sees it (e.g. ``"linear"``, ``"conv2d"``)
     op: str = ""
+    #: where the call passes the weight and the bias: ``(position, keyword names)``; ``None``: no bias
+    weight_argument: tuple[int, tuple[str, ...]] = (1, ("weight",))
+    bias_argument: Optional[tuple[int, tuple[str, ...]]] = (2, ("bias",))
 
     def record(self, call: LayerCall, args: tuple, kwargs: dict, weight: Optional[Tensor]) -> None:
         """Read the op's geometry (stride, padding, ...) from its arguments into ``call``."""
@@ -67,6 +72,13 @@ class LayerRule:
     def factors(self, call: LayerCall, grad: Tensor, kernel: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """Input as ``(N, G, I, P)`` and output gradients of ``K`` columns as ``(N, G, K * O, P)``."""
         raise NotImplementedError
+
+    def accumulate(
+        self, call: LayerCall, grad: Tensor, signs: Tensor, diag: dict[str, Tensor], leaves: dict[str, Tensor]
+    ) -> bool:
+        """A rule's own contraction (e.g. a sparse one), adding to ``diag`` as
+        :func:`~.contraction.accumulate_layer` does; ``False`` (the default): use the shared one."""
+        return False
 
     def single_position(self, call: LayerCall) -> bool:
         """Whether each sample has one position (then ``(g a^T)^2 = g^2 (a^2)^T``: the fast path)."""

@@ -49,6 +49,8 @@ def accumulate_layer(
     ``unit_signs``: whether every sign is ``+1`` (cross-entropy), so that the weighting is skipped;
     ``None`` checks ``signs``."""
     rule = LAYER_RULES[call.op]
+    if rule.accumulate(call, grad, signs, diag, leaves):
+        return
     if unit_signs is None:
         unit_signs = bool((signs == 1).all())
     if rule.single_position(call):
@@ -62,7 +64,8 @@ def accumulate_layer(
             _add(diag, call.bias, s.sum(dim=0))
         return
     if call.bias is not None:
-        gb = grad.sum(dim=rule.bias_position_dims(grad))  # (K, N, out) per-sample bias gradients
+        dims = rule.bias_position_dims(grad)  # () sums nothing here (sum(dim=()) would sum everything)
+        gb = grad.sum(dim=dims) if dims else grad  # (K, N, out) per-sample bias gradients
         gb = gb * gb
         _add(diag, call.bias, gb.sum(dim=(0, 1)) if unit_signs else torch.einsum("nk,kno->o", signs, gb))
     if call.weight is None:

@@ -1,0 +1,437 @@
+r"""Sketched Gauss-Newton diagonal: random-sign mixtures of the loss-Hessian columns, squared per chunk
+of samples. One or two backward columns per sample whatever the number of classes; few squares.
+
+With logits :math:`f_n`, the mean loss :math:`L = \frac1N \sum_n \ell_n(f_n)`, per-sample Jacobians
+:math:`J_n` and :math:`\Lambda_n = \nabla^2_f \ell_n = \sum_k s_{nk} c_{nk} c_{nk}^\top` (signed columns:
+the exact factors of :func:`~.exact._loss_factors` for few outputs, else the Monte-Carlo columns of
+:mod:`~lightning_flatness.functional.loss_hessian_factors`, whose expectation is :math:`\Lambda_n`), the
+Gauss-Newton diagonal is :math:`\mathrm{diag}(G) = \frac1N \sum_n \mathrm{diag}(J_n^\top \Lambda_n J_n)`.
+
+**Sketch.** Split the columns by sign and mix each part with independent Rademacher signs
+:math:`\varepsilon_{nk}` (one draw per sample, column and sketch):
+
+.. math:: v_n^\pm = \sum_{k:\, \pm s_{nk} > 0} \varepsilon_{nk} \sqrt{|s_{nk}|}\, c_{nk}, \qquad
+          \mathbb{E}_\varepsilon[v_n^\pm v_n^{\pm\top}] = \Lambda_n^\pm,
+          \quad \Lambda_n = \Lambda_n^+ - \Lambda_n^-.
+
+Cut the ``N`` samples into chunks :math:`b` of ``chunk_size = B`` samples. For each chunk take **one**
+weight gradient per part, :math:`G_b^\pm = \sum_{n \in b} J_n^\top v_n^\pm` (an ordinary gradient of
+:math:`\sum_{n \in b} v_n^{\pm\top} f_n`), and
+
+.. math:: \hat g = \frac{1}{N S} \sum_{s=1}^{S} \sum_b \big[(G_b^+)^2 - (G_b^-)^2\big], \qquad
+          \mathbb{E}[\hat g] = \mathrm{diag}(G),
+
+because the :math:`\varepsilon` of different samples and columns are independent with mean zero: in
+:math:`(G_b^\pm)^2 = \sum_{n,m \in b} \sum_{k,l} \varepsilon_{nk}\varepsilon_{ml} (\ldots)` only the
+terms ``n = m, k = l`` survive the expectation, and they sum to
+:math:`\sum_{n \in b} \mathrm{diag}(J_n^\top \Lambda_n^\pm J_n)`. Unbiased for any ``B`` and ``S``
+(``S = num_sketches`` independent mixtures). ``B = 1`` squares per-sample gradients (as
+``"exact"`` does, with 1-2 columns instead of about ``K``); ``B = N`` is a Hutchinson estimate of the
+batch's Gauss-Newton diagonal in the output space (``2 S`` ordinary backward passes).
+
+**Variance.** The cross terms (``n != m`` or ``k != l``) are the noise: with exact base columns a
+chunk's estimate of one entry has the variance of a Rademacher Hutchinson probe,
+:math:`2[(\sum_i a_i^2)^2 - \sum_i a_i^4] \le 2 (\sum_i a_i^2)^2` over its ``B K`` terms ``a_i``, so a
+relative standard deviation of at most :math:`\sqrt 2` (Monte-Carlo base columns add their draw noise).
+Averaged over the ``N S / B`` independent chunk estimates of a measurement it falls like
+:math:`\sqrt{2B/(N S)}` or faster. The noise is independent across chunks and sample groups, so the
+jackknife of :class:`~lightning_flatness.metric.NormalizedSharpness` covers it; like every noise it
+biases the nonlinear measures (eq. 17 is concave in ``h``, clipping at zero convex), which is why
+``B = 1`` is the default: on a CIFAR ResNet-18 it kept the normalized sharpness within 2% of
+``"exact"`` on the same samples and left the jackknife s.e. unchanged, while ``B = 8`` and ``B = 64``
+added noise (``benchmarks/results/bench_resnet18_cost.md``).
+
+**Cost.** One recorded forward pass, one batched backward pass of ``2 S`` columns (``S`` for
+cross-entropy, whose ``Lambda`` has no negative part) to the recorded layer outputs, and per layer the
+contraction of :mod:`.layer_rules` (``B = 1``: per-sample squares or position pairs, about the flops of
+``2 S`` weight gradients) or :func:`chunk_contraction` (one weight gradient per chunk and column,
+``2 S N / B`` squares of every weight, instead of about ``K N`` for ``"exact"``: a memory-bound pass
+over all weights per sample and column). Whether samples interact is checked on the first
+:data:`INTERACTION_PROBE_SAMPLES` samples (:func:`samples_interact`), not with a probe column on the
+whole batch. ``B >= N``: ``2 S`` plain backward passes to the weights, for any graph. When samples
+interact (train-mode BatchNorm) or a weight is used outside Linear/Conv, one backward per chunk and
+column is taken instead (``2 S N / B`` passes, warned). No double backward anywhere. The base columns
+cost ``O(N K^3)`` for the exact factors (``K <= max_exact_outputs``) and ``O(N K)`` per draw for the
+Monte-Carlo ones (:func:`~lightning_flatness.functional.loss_hessian_factors.sample_loss_hessian_columns`),
+which are mixed into the same columns, so more draws cost no backward pass.
+
+**What it measures.** The Gauss-Newton diagonal, equal to the Hessian diagonal only when the network is
+piecewise linear in each weight (see :mod:`.exact`). Defaults (:data:`DEFAULT_CHUNK_SIZE`,
+:data:`DEFAULT_NUM_SKETCHES`) come from ``benchmarks/results/bench_resnet18_cost.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_flatness.functional.estimators.exact import (
+    _BATCHED_BACKWARD_ELEMENTS,
+    ExactMethodNotApplicable,
+    _autograd_inputs,
+    _fast_path_blockers,
+    _interaction_probe,
+    _loss_factors,
+    _record_forward,
+    _RecordedForward,
+)
+from lightning_flatness.functional.estimators.layer_rules import (
+    LAYER_RULES,
+    LayerCall,
+    LayerRule,
+    accumulate_layer,
+)
+from lightning_flatness.functional.loss_hessian_factors import (
+    default_exact_classes,
+    default_mc_samples,
+    sample_loss_hessian_columns,
+)
+from lightning_flatness.functional.model_io import ModelInputs, inputs_batch_size, select_samples
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_NUM_SKETCHES",
+    "INTERACTION_PROBE_SAMPLES",
+    "MAX_EXACT_FACTOR_OUTPUTS",
+    "chunk_contraction",
+    "gauss_newton_sketch_diagonal",
+    "samples_interact",
+    "sketch_columns",
+]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+#: Samples per sign-mixed chunk (``B``): each chunk costs one square of every weight per column.
+DEFAULT_CHUNK_SIZE = 1
+#: Independent sketches ``S`` (``2 S`` backward columns for a loss with an indefinite Hessian).
+DEFAULT_NUM_SKETCHES = 1
+#: Up to this many outputs per sample the exact factors of ``Lambda_n`` are mixed (no class sampling;
+#: ``O(K^3)`` per sample for losses without a closed form); above it the Monte-Carlo columns.
+MAX_EXACT_FACTOR_OUTPUTS = 32
+#: Samples of the batch-independence probe (:func:`samples_interact`).
+INTERACTION_PROBE_SAMPLES = 4
+#: Bound on the per-chunk weight-gradient entries materialised at once.
+CHUNK_GRADIENT_ELEMENTS = 2**22
+
+
+def sketch_columns(
+    columns: Tensor, signs: Tensor, num_sketches: int, generator: Optional[torch.Generator]
+) -> tuple[Tensor, Tensor]:
+    r"""Random-sign mixtures :math:`v^\pm_n = \sum_{k: \pm s_{nk} > 0} \varepsilon_{nk} \sqrt{|s_{nk}|}
+    c_{nk} / \sqrt S` of signed columns (module docstring), ``S`` independent ones.
+
+    Args:
+        columns: ``(N, D, C)`` columns with :math:`\mathbb{E}[\sum_k s_{nk} c_{nk} c_{nk}^\top] = \Lambda_n`.
+        signs: ``(N, C)`` or ``(C,)`` signed weights (any real values; usually ``+-1``).
+        num_sketches: ``S >= 1``.
+        generator: for the Rademacher signs, or None for the global RNG.
+
+    Returns:
+        ``(mixed (N, D, C'), signs (C',))`` with ``C' = 2 S`` (``S`` when no sign is negative), so that
+        :math:`\mathbb{E}[\sum_j s'_j v_{nj} v_{nj}^\top] = \mathbb{E}[\sum_k s_{nk} c_{nk} c_{nk}^\top]`.
+    """
+    if not isinstance(num_sketches, int) or num_sketches < 1:
+        raise ValueError(f"`num_sketches` must be a positive int, got {num_sketches!r}.")
+    n, _, c = columns.shape
+    signs = signs.to(columns.dtype).reshape(-1, c).expand(n, c)
+    weight = signs.abs().sqrt()
+    parts = [(1.0, (signs > 0).to(columns.dtype) * weight)]
+    if bool((signs < 0).any()):
+        parts.append((-1.0, (signs < 0).to(columns.dtype) * weight))
+    eps = torch.randint(0, 2, (num_sketches, len(parts), n, c), generator=generator, device=columns.device)
+    eps = eps.to(columns.dtype).mul_(2).sub_(1)
+    mixed, out_signs = [], []
+    for s in range(num_sketches):
+        for j, (sign, mask) in enumerate(parts):
+            mixed.append(torch.einsum("ndc,nc->nd", columns, eps[s, j] * mask) / math.sqrt(num_sketches))
+            out_signs.append(sign)
+    return torch.stack(mixed, dim=2), torch.tensor(out_signs, dtype=columns.dtype, device=columns.device)
+
+
+def chunk_contraction(
+    call: LayerCall, grad: Tensor, signs: Tensor, chunk_size: int, diag: dict[str, Tensor], kernel: tuple
+) -> None:
+    r"""Add :math:`\sum_{b, j} s_j (\sum_{n \in b} \nabla_W (v_{nj}^\top f_n))^2` for one layer call: the
+    weight (and bias) gradient of each chunk of ``chunk_size`` samples and each column ``j``, squared.
+
+    ``grad`` ``(C, N, *out)``: output gradients of the ``C`` columns; ``signs`` ``(C,)``. The layer
+    rule's layout ``a (N, G, I, P)``, ``g (N, G, C O, P)`` is regrouped as ``(N/B, G, I, B P)``, so a
+    chunk's gradient is one matrix product over its samples and positions: ``2 N P C O I / G`` flops
+    in all (one weight gradient per column) and ``C N / B`` squares of the weight. Partial last chunk:
+    zero-padded (zero samples add nothing).
+    """
+    rule = LAYER_RULES[call.op]
+    if type(rule).accumulate is not LayerRule.accumulate:  # a rule with its own (sparse) contraction
+        raise ValueError(
+            f"gauss_newton_sketch with chunk_size={chunk_size} cannot chunk the {call.op!r} weights of "
+            f"{call.module} (their contraction is per sample); use chunk_size=1 (the default)."
+        )
+    c, n = grad.shape[:2]
+    m = -(-n // chunk_size)
+    pad = m * chunk_size - n
+    if call.bias is not None:
+        dims = rule.bias_position_dims(grad)
+        gb = grad.sum(dim=dims) if dims else grad  # (C, N, O); sum(dim=()) would sum everything
+        if pad:
+            gb = torch.cat([gb, gb.new_zeros(c, pad, gb.shape[2])], dim=1)
+        gb = gb.reshape(c, m, chunk_size, -1).sum(dim=2)
+        diag[call.bias] += torch.einsum("c,cmo->o", signs, gb * gb)
+    if call.weight is None:
+        return
+    a, g = rule.factors(call, grad, kernel)  # (N, G, I, P), (N, G, C * O, P)
+    if pad:
+        a = torch.cat([a, a.new_zeros(pad, *a.shape[1:])])
+        g = torch.cat([g, g.new_zeros(pad, *g.shape[1:])])
+    groups, inputs, positions = a.shape[1:]
+    a = a.reshape(m, chunk_size, groups, inputs, positions).permute(0, 2, 1, 4, 3)
+    a = a.reshape(m, groups, chunk_size * positions, inputs)  # (M, G, B P, I)
+    g = g.reshape(m, chunk_size, groups, -1, positions).permute(0, 2, 3, 1, 4)
+    g = g.reshape(m, groups, g.shape[2], chunk_size * positions)  # (M, G, C O, B P)
+    outputs = g.shape[2] // c
+    acc = torch.zeros(groups, c, outputs * inputs, dtype=grad.dtype, device=grad.device)
+    step = max(1, CHUNK_GRADIENT_ELEMENTS // (groups * g.shape[2] * inputs))
+    for start in range(0, m, step):
+        gw = torch.matmul(g[start : start + step], a[start : start + step])  # (m, G, C O, I)
+        acc += gw.square_().reshape(gw.shape[0], groups, c, -1).sum(dim=0)
+    diag[call.weight] += torch.einsum("c,gcx->gx", signs, acc).reshape(diag[call.weight].shape)
+
+
+def samples_interact(
+    model: nn.Module, inputs: ModelInputs, params: dict[str, nn.Parameter], caller: str
+) -> list[str]:
+    """The recorded layers whose outputs for samples ``1..m-1`` depend on sample 0's logits (train-mode
+    BatchNorm, anything mixing the batch), on a batch of the first ``m = INTERACTION_PROBE_SAMPLES``
+    samples: one recorded forward and one backward of ``m`` samples, instead of a probe column in the
+    backward of the whole batch (a full column's cost). A mixing that shows only between samples beyond
+    the first ``m`` is not detected (the exact method's probe, on the whole batch, misses mixing that
+    does not involve sample 0 likewise)."""
+    n = inputs_batch_size(inputs)
+    if n < 2:
+        return []
+    few = select_samples(inputs, slice(0, min(n, INTERACTION_PROBE_SAMPLES)), n)
+    forward = _record_forward(model, few, params, caller)
+    calls = [call for call in forward.recorder.calls if call.output.requires_grad]
+    if not calls or not forward.logits.requires_grad:
+        return []
+    grads = torch.autograd.grad(
+        forward.logits, [call.output for call in calls], _interaction_probe(forward.logits), allow_unused=True
+    )
+    return [
+        f"{call.op} in {call.module}"
+        for call, g in zip(calls, grads)
+        if g is not None and bool((g[1:] != 0).any())
+    ]
+
+
+def _diagonal_by_layers(
+    forward: _RecordedForward, columns: Tensor, signs: Tensor, chunk_size: int
+) -> dict[str, Tensor]:
+    """One batched backward of the ``C`` columns to the recorded layer outputs, then
+    :func:`chunk_contraction` per layer (``chunk_size == 1``: the per-sample contractions of
+    :func:`~.layer_rules.accumulate_layer`, with their position-pair path). The samples must not interact
+    (:func:`samples_interact`)."""
+    calls, logits, leaves = forward.recorder.calls, forward.logits, forward.leaves
+    n, c = logits.shape[0], columns.shape[2]
+    vectors = columns.permute(2, 0, 1).reshape(c, *logits.shape)
+    grads = _batched_backward(logits, [call.output for call in calls], vectors)
+    diag = {name: torch.zeros_like(t) for name, t in leaves.items()}
+    for call, g in zip(calls, grads):
+        if g is None:
+            continue
+        if chunk_size == 1:
+            accumulate_layer(call, g, signs.unsqueeze(0).expand(n, c), diag, leaves)
+        else:
+            kernel = tuple(leaves[call.weight].shape[2:]) if call.weight is not None else ()
+            chunk_contraction(call, g, signs, chunk_size, diag, kernel)
+    return diag
+
+
+def _diagonal_by_chunks(
+    logits: Tensor, columns: Tensor, signs: Tensor, leaves: dict[str, Tensor], chunk_size: int
+) -> dict[str, Tensor]:
+    """Any graph: one backward per (chunk, column) of ``sum_{n in b} v_nj^T f_n`` to the weights,
+    squared (samples may interact: the gradient is still linear in the vector). Whole-batch vectors
+    (one chunk) go through a loop of plain backward passes, which beat a vmapped one (measured ~1.3x on
+    ResNet-18); more take vmapped passes of about ``_BATCHED_BACKWARD_ELEMENTS`` gradient entries."""
+    n, _, c = columns.shape
+    m = -(-n // chunk_size)
+    owner = torch.arange(n, device=logits.device) // chunk_size
+    targets = list(leaves.values())
+    diag = {name: torch.zeros_like(t) for name, t in leaves.items()}
+    numel = sum(t.numel() for t in targets) + logits.numel()
+    per_pass = 1 if m == 1 else max(1, _BATCHED_BACKWARD_ELEMENTS // numel)
+    pairs = [(b, j) for b in range(m) for j in range(c)]
+    for start in range(0, len(pairs), per_pass):
+        idx = pairs[start : start + per_pass]
+        vectors = torch.stack(
+            [columns[:, :, j] * (owner == b).to(columns.dtype).unsqueeze(1) for b, j in idx]
+        ).reshape(len(idx), *logits.shape)
+        weights = torch.stack([signs[j] for _, j in idx])
+        if len(idx) == 1:
+            grads: Sequence[Optional[Tensor]] = [
+                None if g is None else g.unsqueeze(0)
+                for g in torch.autograd.grad(
+                    logits, targets, vectors[0], retain_graph=True, allow_unused=True
+                )
+            ]
+        else:
+            grads = _batched_backward(logits, targets, vectors)
+        for name, g in zip(leaves, grads):
+            if g is not None:
+                diag[name] += torch.tensordot(weights, g * g, dims=1)
+    return diag
+
+
+def _batched_backward(logits: Tensor, targets: list[Tensor], vectors: Tensor) -> Sequence[Optional[Tensor]]:
+    """``autograd.grad`` of ``logits`` to ``targets`` for each of ``vectors``, stacked (vmapped; a loop
+    when some backward has no vmap rule)."""
+    try:
+        return torch.autograd.grad(
+            logits, targets, vectors, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+    except (RuntimeError, NotImplementedError):  # some backward lacks a vmap rule: loop
+        per_vector = [
+            torch.autograd.grad(logits, targets, v, retain_graph=True, allow_unused=True) for v in vectors
+        ]
+        return tuple(
+            None if per_vector[0][j] is None else torch.stack([p[j] for p in per_vector])
+            for j in range(len(targets))
+        )
+
+
+def _base_columns(
+    loss_fn: LossFn,
+    logits: Tensor,
+    target: Tensor,
+    num_mc_samples: int,
+    generator: Optional[torch.Generator],
+    max_exact_outputs: int,
+) -> tuple[Tensor, Tensor, list[str]]:
+    """Signed columns of ``Lambda_n``: the exact factors for ``D <= max_exact_outputs`` outputs per
+    sample, else the Monte-Carlo columns (``num_mc_samples`` draws, the loss's default exact classes)."""
+    if logits[0].numel() <= max_exact_outputs:
+        factors, signs, _, issues = _loss_factors(loss_fn, logits, target)
+        return factors.to(logits.dtype), signs.to(logits.dtype), issues
+    columns, signs = sample_loss_hessian_columns(
+        loss_fn, logits, target, num_mc_samples, generator, exact_classes=default_exact_classes(loss_fn)
+    )
+    return columns.to(logits.dtype), signs.to(logits.dtype), []
+
+
+def gauss_newton_sketch_diagonal(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: ModelInputs,
+    target: Tensor,
+    params: dict[str, nn.Parameter],
+    *,
+    num_mc_samples: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    chunk_size: Optional[int] = None,
+    num_sketches: Optional[int] = None,
+    max_exact_outputs: int = MAX_EXACT_FACTOR_OUTPUTS,
+) -> dict[str, Tensor]:
+    r"""Unbiased sketched estimate of the Gauss-Newton diagonal ``diag(J^T Lambda J) / N`` (module
+    docstring: the estimator, its variance and cost).
+
+    Args:
+        model: the network, used in its current mode and never modified.
+        loss_fn: ``(logits, target) -> scalar``, a mean of per-sample losses.
+        inputs: a tensor, tuple or dict with the samples along dim 0 (:func:`~..model_io.call_model`).
+        target: what ``loss_fn`` takes.
+        params: ``{name: parameter}`` of ``model`` (:func:`select_parameters`).
+        num_mc_samples: draws of the Monte-Carlo base columns when ``D > max_exact_outputs`` (None: the
+            loss's default, 8 for eq. 20; they are mixed into the same 1-2 columns, so more draws cost
+            no backward pass, only ``O(N K)`` per draw).
+        generator: for the Rademacher signs and draws, or None for the global RNG.
+        chunk_size: samples per sign-mixed chunk ``B`` (None: :data:`DEFAULT_CHUNK_SIZE`).
+        num_sketches: independent mixtures ``S`` (None: :data:`DEFAULT_NUM_SKETCHES`).
+        max_exact_outputs: up to this many outputs per sample ``Lambda_n`` is factorised exactly.
+
+    Returns:
+        ``{name: diag}`` with each parameter's shape and dtype (entries may be negative when ``Lambda``
+        is indefinite, as for eq. 20).
+
+    Raises:
+        ValueError: no parameters, bad ``chunk_size``/``num_sketches``, a non-finite output.
+        ExactMethodNotApplicable: (``gauss_newton_applicable=False``) the loss is not a per-sample mean or
+            the model draws random numbers.
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(), torch.nn.Linear(5, 1000))
+        >>> x, y = torch.randn(16, 3), torch.randint(0, 1000, (16,))
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> est = gauss_newton_sketch_diagonal(
+        ...     model, F.cross_entropy, x, y, {"0.weight": model[0].weight}, generator=gen, chunk_size=4
+        ... )
+        >>> est["0.weight"].shape  # one backward column, 4 squares of the weight
+        torch.Size([5, 3])
+    """
+    caller = "gauss_newton_sketch_diagonal"
+    chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+    num_sketches = DEFAULT_NUM_SKETCHES if num_sketches is None else num_sketches
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive int (samples per chunk), got {chunk_size!r}.")
+    if not params:
+        raise ValueError(f"{caller} got no parameters; pass the weights to differentiate.")
+    with torch.inference_mode(False), torch.enable_grad():
+        x, y = _autograd_inputs(inputs, target)
+        forward = _record_forward(model, x, params, caller)
+        logits = forward.logits.detach()
+        columns, signs, loss_issues = _base_columns(
+            loss_fn,
+            logits,
+            y,
+            default_mc_samples(loss_fn) if num_mc_samples is None else num_mc_samples,
+            generator,
+            max_exact_outputs,
+        )
+        problems = loss_issues + [
+            f"the model draws random numbers ({op})" for op in forward.recorder.random_ops
+        ]
+        if problems:
+            raise ExactMethodNotApplicable(
+                f"{caller}: the Gauss-Newton diagonal does not apply: "
+                + "; ".join(problems[:4])
+                + '. Use method="hutchinson" (any twice-differentiable model), or model.eval() for dropout.',
+                tuple(problems),
+                gauss_newton_applicable=False,
+            )
+        mixed, mixed_signs = sketch_columns(columns, signs, num_sketches, generator)
+        mixed = mixed / math.sqrt(logits.shape[0])  # the loss is a mean over samples
+        blockers = _fast_path_blockers(forward.recorder, forward.leaves, logits.shape[0])
+        if any("invisible" in issue for issue in forward.issues):
+            blockers.append("an operation invisible to the checks")
+        if chunk_size >= logits.shape[0]:  # one chunk: ordinary weight gradients, any graph
+            return _finish(
+                _diagonal_by_chunks(forward.logits, mixed, mixed_signs, forward.leaves, logits.shape[0]),
+                params,
+            )
+        if not blockers:
+            blockers = [
+                f"samples interact after {layer}" for layer in samples_interact(model, x, params, caller)
+            ]
+        if not blockers:
+            diag = _diagonal_by_layers(forward, mixed, mixed_signs, chunk_size)
+        else:
+            chunks = -(-logits.shape[0] // chunk_size)
+            warnings.warn(
+                f"{caller}: per-layer contractions do not apply ({'; '.join(blockers[:3])}); computing "
+                f"the diagonal with {chunks} x {mixed.shape[2]} backward passes (chunks x columns).",
+                UserWarning,
+                stacklevel=2,
+            )
+            diag = _diagonal_by_chunks(forward.logits, mixed, mixed_signs, forward.leaves, chunk_size)
+    return _finish(diag, params)
+
+
+def _finish(diag: dict[str, Tensor], params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
+    return {name: d.detach().to(params[name].dtype) for name, d in diag.items()}

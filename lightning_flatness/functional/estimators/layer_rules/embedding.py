@@ -1,0 +1,88 @@
+r"""``embedding`` (``nn.Embedding``, Hugging Face word / token-type embeddings): a table lookup.
+
+``F.embedding(ids, E)`` returns ``E[ids]``: row ``v`` of the table reaches every position ``p`` of a
+sample with ``ids_p = v``. The per-sample gradient of column ``k`` is therefore sparse,
+``G_nk[v] = sum_{p: ids_np = v} g_nkp`` (the output gradients of the positions that looked ``v`` up,
+summed), and the Gauss-Newton diagonal of the table is
+
+.. math:: D[v, c] = \sum_{n,k} s_{nk} \Big(\sum_{p:\, \mathrm{ids}_{np} = v} g_{nkpc}\Big)^2 .
+
+Computed without per-sample gradients of the whole table: the positions are grouped by their
+``(sample, id)`` pair (``torch.unique``), their gradients summed per pair (``index_add``), squared,
+weighted by the signs and added to the pairs' rows. Cost ``O(K N P C)`` for ``N`` samples of ``P``
+positions and ``C`` columns, independent of the vocabulary size; memory ``K U C`` for the ``U <= N P``
+distinct pairs. Positions holding ``padding_idx`` are left out (autograd gives that row no gradient).
+
+A lookup is linear in the table, so the exactness recorder lists ``embedding`` among the piecewise
+linear ops; ``max_norm`` (which renormalises rows in place) and ``scale_grad_by_freq`` (which rescales
+the gradient by batch counts) are not covered by this rule: the per-sample path handles them. A
+table used twice (a tied language-model head) is not on the per-layer path either, as any weight
+used twice.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lightning_flatness.functional.estimators.layer_rules.base import (
+    LayerCall,
+    LayerRule,
+    argument,
+    register_layer_rule,
+)
+
+__all__ = ["EmbeddingRule"]
+
+
+class EmbeddingRule(LayerRule):
+    """``embedding(input ids (N, *positions), weight (V, C), padding_idx, max_norm, norm_type,
+    scale_grad_by_freq, sparse)``."""
+
+    op = "embedding"
+    weight_argument = (1, ("weight",))
+    bias_argument = None
+
+    def record(self, call: LayerCall, args: tuple, kwargs: dict, weight: Optional[Tensor]) -> None:
+        max_norm = argument(args, kwargs, 3, ("max_norm",))
+        by_frequency = bool(argument(args, kwargs, 5, ("scale_grad_by_freq",), False))
+        if max_norm is not None or by_frequency:
+            call.samples_interact = True  # not this rule's layout: the per-sample path handles it
+        padding = argument(args, kwargs, 2, ("padding_idx",))
+        if padding is not None and weight is not None and padding < 0:
+            padding += weight.shape[0]
+        call.options["padding_idx"] = padding
+
+    def is_batched(self, call: LayerCall, n: int) -> bool:
+        return (
+            not call.samples_interact
+            and call.inputs.ndim >= 1
+            and call.inputs.shape[0] == n
+            and call.output.shape[0] == n
+        )
+
+    def accumulate(
+        self, call: LayerCall, grad: Tensor, signs: Tensor, diag: dict[str, Tensor], leaves: dict[str, Tensor]
+    ) -> bool:
+        assert call.weight is not None
+        table = leaves[call.weight]
+        vocab, width = table.shape
+        k, n = grad.shape[:2]
+        ids = call.inputs.reshape(n, -1)  # (N, P)
+        g = grad.reshape(k, n * ids.shape[1], width)  # (K, N P, C)
+        keys = (torch.arange(n, device=ids.device).unsqueeze(1) * vocab + ids).reshape(-1)  # (N P,)
+        if call.options.get("padding_idx") is not None:  # padding positions get no gradient
+            keep = ids.reshape(-1) != call.options["padding_idx"]
+            keys, g = keys[keep], g[:, keep]
+        pairs, slot = torch.unique(keys, return_inverse=True)  # the distinct (sample, id) pairs
+        summed = torch.zeros(k, pairs.numel(), width, dtype=grad.dtype, device=grad.device)
+        summed.index_add_(1, slot, g)  # (K, U, C) per-sample gradients of the rows looked up
+        weights = signs[pairs // vocab].T.to(grad.dtype)  # (K, U) the sign of each pair's sample
+        contribution = torch.einsum("ku,kuc->uc", weights, summed.square_())
+        diag[call.weight].index_add_(0, pairs % vocab, contribution)
+        return True
+
+
+register_layer_rule(EmbeddingRule())
