@@ -84,7 +84,8 @@ def test_hessian_diagonal_through_the_view_equals_the_deep_copy_in_eval_mode_bit
     rng = torch.get_rng_state()
     with measurement_view(net, dtype) as view:
         got = hessian_diagonal(view, normalized_softmax_cross_entropy, x.to(dtype), y)
-    assert got.keys() == reference.keys() == {"0.weight", "4.weight", "6.weight"}
+    weights = {"0.weight", "4.weight", "6.weight"}
+    assert got.keys() == reference.keys() == weights | {"0.bias", "1.weight", "1.bias", "4.bias", "6.bias"}
     for name in got:
         assert got[name].dtype == dtype and torch.equal(got[name], reference[name]), name
     assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())  # running stats untouched
