@@ -142,9 +142,15 @@ def hessian_diagonal_groups(
     }
     options = {k: available[k] for k in spec.options}
     function = spec.load()
-    chunks = list(zip(split_samples(inputs, num_groups), torch.tensor_split(target, num_groups)))
+    if num_groups == 1:  # the whole batch, no split
+        chunks = [(inputs, target)]
+    else:
+        chunks = list(zip(split_samples(inputs, num_groups), torch.tensor_split(target, num_groups)))
     estimates = [function(model, loss_fn, x, y, params, **options) for x, y in chunks]
-    groups = {n: torch.stack([e[n] for e in estimates]) for n in params}
+    if len(estimates) == 1:  # a view, no copy
+        groups = {n: estimates[0][n].unsqueeze(0) for n in params}
+    else:
+        groups = {n: torch.stack([e[n] for e in estimates]) for n in params}
     sizes = torch.tensor([_group_weight(loss_fn, y) for _, y in chunks], dtype=torch.int64)
     return HessianDiagonalEstimate(groups, sizes, method, probes_per_group * num_groups)
 
@@ -218,7 +224,7 @@ def hessian_diagonal(
         >>> sorted(diag), diag["0.weight"].shape
         (['0.bias', '0.weight', '2.bias', '2.weight'], torch.Size([8, 4]))
     """
-    return hessian_diagonal_groups(
+    estimate = hessian_diagonal_groups(
         model,
         loss_fn,
         inputs,
@@ -231,4 +237,5 @@ def hessian_diagonal(
         strict=strict,
         relative_step=relative_step,
         num_mc_samples=num_mc_samples,
-    ).mean()
+    )
+    return {n: g[0] for n, g in estimate.groups.items()}  # one group: its estimate (= .mean(), no copy)

@@ -25,12 +25,14 @@ softmax-cross-entropy, eq. 20); the identity holds regardless.
 Algorithm (BackPACK's ``DiagGGNExact`` [1] with a signed symmetric factorisation of ``Lambda``):
 
 1. one forward pass; every ``linear`` / ``conv{1,2,3}d`` call whose weight or bias is selected is
-   recorded (its input ``a`` and output ``z``);
+   recorded (its input ``a`` and output ``z``, passed on to the model without a copy unless the
+   model changes it in place);
 2. ``Lambda_n`` from ``D`` double-backward passes through the loss only (batched; the Hessian of a
    mean of per-sample losses in the logits is block-diagonal) and its eigendecomposition
    ``Lambda_n = sum_k s_nk u_nk u_nk^T``; for ``F.cross_entropy`` with its defaults the analytic
-   factorisation ``Lambda_n = S_n S_n^T``, ``S_n = diag(sqrt(p_n)) - p_n sqrt(p_n)^T`` (BackPACK's),
-   with no double backward and no eigendecomposition;
+   rank-``(C - 1)`` factorisation ``Lambda_n = S_n S_n^T`` through a Householder reflection
+   (:func:`_cross_entropy_factors`; one column fewer than BackPACK's ``diag(sqrt(p_n)) - p_n
+   sqrt(p_n)^T``), with no double backward and no eigendecomposition;
 3. the columns ``v_n = sqrt(|s_nk| / N) u_nk`` for every eigen-index ``k`` (at most ``D``; directions
    with ``|s| ~ 0`` for every sample, such as the constant shift of cross-entropy, are dropped) are
    propagated from the logits of all samples in one batched backward pass (``is_grads_batched``),
@@ -40,15 +42,19 @@ Algorithm (BackPACK's ``DiagGGNExact`` [1] with a signed symmetric factorisation
    ``sign(s_nk)``, is summed over samples and ``k``. For a plain Linear layer the square factorises:
    ``sum_n sign_n (g_n^2)(a_n^2)^T``, one matrix product. With few positions ``P`` per sample (small
    feature maps) the square of the sum over positions is expanded into position pairs, again one
-   matrix product and no per-sample gradients (:func:`~.layer_rules.contraction.position_pair_contraction`).
+   matrix product and no per-sample gradients (:func:`~.layer_rules.contraction.position_pair_contraction`);
+   convolutions with few input channels get their per-sample gradients from one grouped
+   convolution backward (:func:`~.layer_rules.conv.grouped_squared_gradients`).
 
-**Cost.** One forward pass, one batched backward pass of ``K + 1 <= D + 1`` columns over the batch
-(``D`` = outputs per sample; the extra column is the batch-independence check, below), and per layer
-and ``k`` a
-contraction costing about one weight-gradient computation (``O(N * out * in)`` for Linear,
-``O(N * C_out * C_in * k * L)`` for Conv). Memory: the graph of one forward pass, the stored inputs
-(Conv inputs unfolded: ``prod(kernel_size)`` times larger), the layer-output gradients of all ``K``
-columns at once and per-sample gradients of at most ``2**18`` elements at a time.
+**Cost.** One forward pass (two when the model changes a recorded layer output in place), one
+batched backward pass of ``K (+ 1) <= D + 1`` columns over the batch (``D`` = outputs per sample,
+``K = C - 1`` for cross-entropy over ``C`` classes; the extra column is the batch-independence
+check, below, where it is needed), and per layer and ``k`` a contraction costing about one
+weight-gradient computation
+(``O(N * out * in)`` for Linear, ``O(N * C_out * C_in * k * L)`` for Conv). Memory: the graph of one
+forward pass, the stored inputs (Conv inputs unfolded: ``prod(kernel_size)`` times larger), the
+layer-output gradients of all ``K`` columns at once and per-sample gradients of at most ``2**18``
+elements at a time (``2**20`` on the grouped-convolution path).
 
 **Checks: the result is never silently wrong.** During the forward a
 :class:`torch.overrides.TorchFunctionMode` sees every torch function applied to a tensor that
@@ -64,9 +70,13 @@ with the reasons, per weight tensor, for ``method="ggn_hutchinson"`` (:mod:`.ggn
 adds an unbiased estimate of the difference. Operations before
 the first selected weight are not restricted (a frozen tanh feature extractor is fine). The loss
 must be the mean of per-sample losses (checked on values: the batch loss against its two halves).
-The per-layer contractions further need samples not to interact after the first selected layer; one
-backward column from sample 0 checks that no other sample's layer outputs receive gradient. When that
-fails (train-mode BatchNorm, a batch mean inside the model, sequence-first layouts) or a weight is
+The per-layer contractions further need samples not to interact after the first selected layer.
+When every operation on weight-dependent tensors provably keeps the samples apart (Linear, Conv,
+pooling, eval-mode BatchNorm, elementwise operations and residual sums, ``flatten`` from dim 1,
+padding of the non-batch dims, all with the batch along dim 0: :func:`_keeps_samples_apart`), that
+holds by construction; otherwise one backward column from sample 0 checks that no other sample's
+layer outputs receive gradient. When that fails (train-mode BatchNorm, a batch mean inside the model,
+sequence-first layouts) or a weight is
 used outside ``linear`` / ``conv``, the per-(sample, k) path is taken instead: ``N * K`` vectorised
 backward passes (with a warning about the cost), still exact for the GGN.
 
@@ -93,18 +103,20 @@ References:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_flatness.functional.estimators._functional_model import restore_module_tensors
 from lightning_flatness.functional.estimators.layer_rules import (
     LAYER_RULES,
     LayerCall,
@@ -435,8 +447,28 @@ _RANDOM_FUNCTIONS = frozenset(
 )
 
 
+_OP_NAMES: dict[Any, str] = {}  # torch function -> canonical name (the recorder sees few distinct ones)
+
+
+#: ops whose random draws depend on their arguments or that always draw (see ``_draws_random_numbers``)
+_MAY_DRAW_RANDOM_NUMBERS = frozenset({*_RANDOM_FUNCTIONS, *_MODE_DEPENDENT_OPS, "rrelu"})
+
+
 def _op_name(func: Any) -> str:
-    """Canonical name of a torch function: ``Tensor.__iadd__`` -> ``add``, ``relu_`` -> ``relu``."""
+    """Canonical name of a torch function: ``Tensor.__iadd__`` -> ``add``, ``relu_`` -> ``relu`` (cached)."""
+    try:
+        return _OP_NAMES[func]
+    except (KeyError, TypeError):  # TypeError: an unhashable callable
+        pass
+    name = _canonical_op_name(func)
+    try:
+        _OP_NAMES[func] = name
+    except TypeError:
+        pass
+    return name
+
+
+def _canonical_op_name(func: Any) -> str:
     name = getattr(func, "__name__", None) or repr(func)
     if name == "__get__":  # property getter such as Tensor.T: the name is the descriptor's
         name = getattr(getattr(func, "__self__", None), "__name__", name)
@@ -460,7 +492,77 @@ def _tensors(obj: Any) -> Iterator[Tensor]:
             yield from _tensors(item)
 
 
+def _requiring_grad(args: tuple, kwargs: dict) -> list[Tensor]:
+    """The tensors in ``args`` and ``kwargs`` (nested in tuples, lists, dicts) that require grad; flat
+    arguments, the common case, without the generator of :func:`_tensors`."""
+    found = []
+    for group in (args, kwargs.values()):
+        for item in group:
+            if isinstance(item, Tensor):
+                if item.requires_grad:
+                    found.append(item)
+            elif isinstance(item, (tuple, list, dict)):
+                found.extend(t for t in _tensors(item) if t.requires_grad)
+    return found
+
+
 _argument = argument  # the argument of a torch function call by position or keyword
+
+
+# Operations that never combine entries of different samples when dim 0 is the batch, for the
+# static batch-independence proof (_keeps_samples_apart): {name: spatial dims} (-1: any shape with
+# the batch first). Linear acts on the last dim; convolutions and pooling on the channels and
+# spatial dims of (N, C, *S) inputs; eval-mode batch_norm per channel.
+_PER_SAMPLE_LAYERS = {
+    "linear": -1,
+    **{f"conv{d}d": d for d in (1, 2, 3)},
+    **{f"{kind}_pool{d}d": d for kind in ("max", "avg", "adaptive_max", "adaptive_avg") for d in (1, 2, 3)},
+    **{f"{kind}_pool{d}d_with_indices": d for kind in ("max", "adaptive_max") for d in (1, 2, 3)},
+    "batch_norm": -1,
+}
+# Elementwise operations (the output entry (n, ...) reads input entries of sample n only, when every
+# weight-dependent argument has the output's number of dims and the batch first).
+_ELEMENTWISE = frozenset(
+    {
+        *("add", "sub", "rsub", "mul", "neg", "negative", "positive", "abs", "absolute"),
+        *("relu", "relu6", "leaky_relu", "hardtanh", "threshold", "clamp", "clip", "clamp_min", "clamp_max"),
+        *("dropout", "dropout1d", "dropout2d", "dropout3d", "clone", "contiguous", "detach"),
+    }
+)
+
+
+def _keeps_samples_apart(
+    name: str, args: tuple, kwargs: dict, dependent: list[Tensor], outputs: list[Tensor], n: int
+) -> bool:
+    """Whether this call provably keeps the ``n`` samples apart: every output entry of sample ``i``
+    depends on weight-dependent input entries of sample ``i`` only (dim 0 is the batch). A sufficient,
+    conservative test (per-sample layers, elementwise ops, ``flatten`` from dim 1, padding of the
+    non-batch dims; eval mode); anything
+    else (reductions, indexing, reshapes, concatenation, ...) returns False and the
+    batch-independence probe of :func:`_diagonal_by_layers` decides instead."""
+    if any(o.ndim == 0 or o.shape[0] != n for o in outputs):
+        return False
+    if any(t.ndim == 0 or t.shape[0] != n for t in dependent):
+        return False
+    if name in _PER_SAMPLE_LAYERS:
+        spatial = _PER_SAMPLE_LAYERS[name]
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, Tensor) or x.ndim < (2 if spatial < 0 else spatial + 2):
+            return False
+        if name == "batch_norm":  # batch statistics couple the samples
+            return not _argument(args, kwargs, 5, ("training",), False)
+        return True
+    if name in _ELEMENTWISE:
+        if name.startswith("dropout") and _argument(args, kwargs, 2, ("training", "train"), True):
+            return False  # a fresh mask: flagged anyway; not claimed here
+        return all(t.ndim == outputs[0].ndim for t in dependent)
+    if name == "flatten":
+        start = _argument(args, kwargs, 1, ("start_dim",), 0)
+        return isinstance(start, int) and start >= 1
+    if name == "pad":  # pads (any mode) only the trailing dims it is given pairs for
+        pads = _argument(args, kwargs, 1, ("pad",), ())
+        return len(dependent) == 1 and len(pads) // 2 <= dependent[0].ndim - 1
+    return False
 
 
 class _ForwardRecorder(TorchFunctionMode):
@@ -470,9 +572,17 @@ class _ForwardRecorder(TorchFunctionMode):
     other parameter and the inputs detached.
     """
 
-    def __init__(self, leaves: dict[str, Tensor]):
+    def __init__(self, leaves: dict[str, Tensor], clone_outputs: bool = False, batch_size: int = -1):
         super().__init__()
         self.leaves = leaves
+        # whether every operation on weight-dependent tensors provably keeps the samples (dim 0 of
+        # size batch_size) apart (see _keeps_samples_apart); then the batch-independence probe is
+        # not needed
+        self.batch_size = batch_size
+        self.samples_apart = batch_size >= 1
+        # give the model a clone of each recorded layer output (else the output itself; then an
+        # in-place change of it, seen by its version counter, calls for a forward with clones)
+        self.clone_outputs = clone_outputs
         self.names_by_id = {id(t): n for n, t in leaves.items()}
         self.module_stack: list[str] = []
         self.calls: list[LayerCall] = []
@@ -486,7 +596,7 @@ class _ForwardRecorder(TorchFunctionMode):
     def where(self) -> str:
         return self.module_stack[-1] if self.module_stack else "the model's forward"
 
-    def mark_seen(self, tensors: Iterator[Tensor]) -> None:
+    def mark_seen(self, tensors: Iterable[Tensor]) -> None:
         for t in tensors:
             if t.grad_fn is not None:
                 self._seen_nodes[id(t.grad_fn)] = t.grad_fn
@@ -502,18 +612,32 @@ class _ForwardRecorder(TorchFunctionMode):
     # -- the mode --------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        dependent = [t for t in (*_tensors(args), *_tensors(kwargs)) if t.requires_grad]
+        dependent = _requiring_grad(args, kwargs)
         # producers are checked before the call: an in-place op replaces its input's grad_fn
         unseen = [t.grad_fn for t in dependent if not self.produced_by_seen_op(t)]
         out = func(*args, **kwargs)
         name = _op_name(func)
-        if self._draws_random_numbers(name, args, kwargs):
+        if name in _MAY_DRAW_RANDOM_NUMBERS and self._draws_random_numbers(name, args, kwargs):
             entry = f"{name!r} in {self.where()}"
             if entry not in self.random_ops:
                 self.random_ops.append(entry)
-        out_tensors = list(_tensors(out)) if out is not None else list(_tensors(args[:1]))
-        if not any(t.requires_grad for t in out_tensors):
-            return out  # constant w.r.t. the selected weights: nothing to check
+        if isinstance(out, Tensor):
+            if not out.requires_grad:
+                return out  # constant w.r.t. the selected weights: nothing to check
+            out_tensors = [out]
+        else:
+            out_tensors = list(_tensors(out)) if out is not None else list(_tensors(args[:1]))
+            if not any(t.requires_grad for t in out_tensors):
+                return out
+        if self.samples_apart and not _keeps_samples_apart(
+            name,
+            args,
+            kwargs,
+            [t for t in dependent if id(t) not in self.names_by_id],  # the selected weights are shared
+            out_tensors,
+            self.batch_size,
+        ):
+            self.samples_apart = False
         for node in unseen:
             self.flag(
                 f"a tensor produced by an operation invisible to torch function modes "
@@ -528,9 +652,16 @@ class _ForwardRecorder(TorchFunctionMode):
                 self.other_uses[param].append(f"{name!r} in {self.where()}")
         self._check_exactness(name, args, kwargs, dependent)
         if call is not None:
-            out = out.clone()  # in-place ops downstream (ReLU(inplace=True)) must not change z
-        self.mark_seen(_tensors(out) if out is not None else iter(out_tensors))
+            if self.clone_outputs:
+                out = out.clone()  # in-place ops downstream (ReLU(inplace=True)) must not change z
+                out_tensors = [out]
+            call.version = call.output._version
+        self.mark_seen(out_tensors)
         return out
+
+    def outputs_changed_in_place(self) -> bool:
+        """Whether the model changed a recorded layer output in place (its version counter moved)."""
+        return any(call.output._version != call.version for call in self.calls)
 
     @staticmethod
     def _draws_random_numbers(name: str, args: tuple, kwargs: dict) -> bool:
@@ -671,36 +802,60 @@ def _per_sample_loss_hessians(
 
 
 def _loss_factors(
-    loss_fn: LossFn, logits: Tensor, target: Tensor
-) -> tuple[Tensor, Tensor, Tensor, list[str]]:
+    loss_fn: LossFn, logits: Tensor, target: Tensor, need_grad: bool = True
+) -> tuple[Tensor, Tensor, Optional[Tensor], list[str]]:
     """``Lambda_n = sum_k sign_nk c_nk c_nk^T`` as factors ``(N, D, K)`` and signs ``(N, K)``, with the
-    gradient ``dL/df`` (logits' shape, detached) and issues with the per-sample-mean assumption.
+    gradient ``dL/df`` (logits' shape, detached; ``None`` for cross-entropy when not ``need_grad``) and
+    issues with the per-sample-mean assumption.
 
     For ``loss_fn is F.cross_entropy`` (called with its defaults: mean reduction, no weights, no label
     smoothing) on ``(N, C)`` logits and integer class targets in ``[0, C)``, the factorisation is
-    analytic (BackPACK's [1]): ``Lambda_n = diag(p_n) - p_n p_n^T = S_n S_n^T`` with
-    ``S_n = diag(sqrt(p_n)) - p_n sqrt(p_n)^T`` (``K = C`` columns, all signs ``+1``; ``S S^T`` expands to
-    ``diag(p) - 2 p p^T + p (sum_c p_c) p^T``), and ``dL/df_n = (p_n - e_{y_n}) / N``, computed in float64.
+    analytic, of rank ``C - 1`` (:func:`_cross_entropy_factors`: ``K = C - 1`` columns, all signs
+    ``+1``), and ``dL/df_n = (p_n - e_{y_n}) / N``, computed in the logits' dtype (at least float32).
     Any other loss: :func:`_per_sample_loss_hessians` and :func:`_signed_factors`.
     """
     if isinstance(loss_fn, TokenLoss):
-        return _token_loss_factors(loss_fn, logits, target)
+        return _token_loss_factors(loss_fn, logits, target, need_grad)
     if loss_fn is F.cross_entropy and _plain_class_targets(logits, target):
-        p = torch.softmax(logits.detach().to(torch.float64), dim=1)
-        root = p.sqrt()
-        factors = torch.diag_embed(root) - p.unsqueeze(2) * root.unsqueeze(1)  # (N, C, C)
-        onehot = F.one_hot(target.long(), logits.shape[1]).to(torch.float64)
-        grad = ((p - onehot) / logits.shape[0]).to(logits.dtype)
-        signs = torch.ones(logits.shape[0], logits.shape[1], dtype=logits.dtype, device=logits.device)
-        return factors.to(logits.dtype), signs, grad, []
+        p = torch.softmax(logits.detach(), dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        factors = _cross_entropy_factors(p).to(logits.dtype)
+        grad = None
+        if need_grad:
+            grad = p.scatter_add(1, target.long().unsqueeze(1), p.new_full((p.shape[0], 1), -1.0))
+            grad = (grad / logits.shape[0]).to(logits.dtype)
+        signs = torch.ones(logits.shape[0], factors.shape[2], dtype=logits.dtype, device=logits.device)
+        return factors, signs, grad, []
     hessians, grad, issues = _per_sample_loss_hessians(loss_fn, logits, target)
     factors, signs = _signed_factors(hessians)
     return factors, signs, grad, issues
 
 
+def _cross_entropy_factors(p: Tensor) -> Tensor:
+    r"""Exact rank-``(C - 1)`` factors of the softmax cross-entropy Hessians: ``(N, C, C - 1)`` columns
+    ``S_n`` with ``S_n S_n^T = Lambda_n = diag(p_n) - p_n p_n^T``, from the probabilities ``p`` ``(N, C)``.
+
+    With ``q = sqrt(p_n)`` (a unit vector), ``Lambda_n = diag(q) (I - q q^T) diag(q)``. The Householder
+    reflection ``R = I - 2 u u^T / (u^T u)``, ``u = q + e_C``, is symmetric, orthogonal and maps
+    ``e_C`` to ``-q``, so ``I - q q^T = R (I - e_C e_C^T) R = sum_{c < C} R_c R_c^T`` over its first
+    ``C - 1`` columns, and ``S_n = diag(q) R[:, :C-1]``. ``u^T u = 2 + 2 q_C >= 2``: no cancellation
+    for any ``p``. One column fewer than BackPACK's ``diag(q) - p q^T`` [1] (``C`` columns of rank
+    ``C - 1``; the constant shift of the logits is its null direction), so the backward pass carries
+    ``C - 1`` columns. ``C = 1`` (a constant loss): one zero column. Cost ``O(N C^2)``, in ``p``'s dtype.
+    """
+    n, c = p.shape
+    if c == 1:
+        return p.new_zeros(n, 1, 1)
+    q = p.sqrt()
+    # S = diag(q) R[:, :C-1] = [diag(q[:C-1]); 0] - (q * u) (q[:C-1] / (1 + q_C))^T, u^T u = 2 (1 + q_C)
+    head, tail = q[:, : c - 1], q[:, c - 1 :]
+    qu = torch.cat([p[:, : c - 1], p[:, c - 1 :] + tail], dim=1)  # q * u = (p_1, .., p_{C-1}, p_C + q_C)
+    diagonal = F.pad(torch.diag_embed(head), (0, 0, 0, 1))  # (N, C, C - 1)
+    return diagonal.baddbmm_(qu.unsqueeze(2), (head / (tail + 1.0)).unsqueeze(1), alpha=-1.0)
+
+
 def _token_loss_factors(
-    loss_fn: TokenLoss, logits: Tensor, target: Tensor
-) -> tuple[Tensor, Tensor, Tensor, list[str]]:
+    loss_fn: TokenLoss, logits: Tensor, target: Tensor, need_grad: bool = True
+) -> tuple[Tensor, Tensor, Optional[Tensor], list[str]]:
     """Exact factors for :class:`TokenLoss`: block-diagonal per sequence.
 
     The loss is ``(1/M) sum_t l_t`` over the ``M`` valid tokens, so sequence ``n`` contributes
@@ -716,7 +871,7 @@ def _token_loss_factors(
     rows, labels, _ = loss_fn.rows(logits.detach(), target)
     if rows.shape[0] == 0:
         raise ValueError("TokenLoss: every target is ignore_index; the batch has no token to score.")
-    row_factors, row_signs, _, issues = _loss_factors(loss_fn.base, rows, labels)  # (M, V, K), (M, K)
+    row_factors, row_signs, _, issues = _loss_factors(loss_fn.base, rows, labels, need_grad=False)
     flat = _token_positions(loss_fn, logits, target)
     positions = logits.shape[1] if logits.ndim == 3 else 1
     v, k = row_factors.shape[1], row_factors.shape[2]
@@ -727,6 +882,8 @@ def _token_loss_factors(
     signs[flat, slot] = row_signs
     factors = factors.reshape(n, positions, v, positions * k).reshape(n, positions * v, positions * k)
     signs = signs.reshape(n, positions, positions * k).sum(dim=1)
+    if not need_grad:
+        return factors, signs, None, issues
     f = logits.detach().requires_grad_(True)
     with torch.enable_grad():
         (grad,) = torch.autograd.grad(loss_fn(f, target), f)
@@ -746,7 +903,8 @@ def _plain_class_targets(logits: Tensor, target: Tensor) -> bool:
         or target.numel() == 0
     ):
         return False
-    return bool(((target >= 0) & (target < logits.shape[1])).all())
+    low, high = torch.aminmax(target)
+    return 0 <= int(low) and int(high) < logits.shape[1]
 
 
 def _signed_factors(hessians: Tensor) -> tuple[Tensor, Tensor]:
@@ -784,10 +942,31 @@ def _fast_path_blockers(recorder: _ForwardRecorder, leaves: dict[str, Tensor], n
 
 def _interaction_probe(logits: Tensor) -> Tensor:
     """A random output gradient on sample 0 only (zero elsewhere), for the batch-independence check."""
-    generator = torch.Generator(device=logits.device).manual_seed(0)
     probe = torch.zeros_like(logits)
-    probe[0] = torch.randn(logits.shape[1:], generator=generator, dtype=logits.dtype, device=logits.device)
+    probe[0] = _probe_values(tuple(logits.shape[1:]), logits.dtype, logits.device)
     return probe
+
+
+@functools.lru_cache(maxsize=32)
+def _probe_values(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The batch-independence probe's output gradient on sample 0 (zero on the others): fixed
+    standard-normal values (seed 0), drawn once per shape (read-only)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+
+
+class _Diagonal(dict):
+    """``{name: diagonal}`` filled by the contractions: the first contribution is stored as it is
+    (:func:`~.layer_rules.contraction.accumulate_layer`); a rule's own contraction that adds in place
+    (``diag[name] += ...``, ``index_add_``) gets zeros on first access."""
+
+    def __init__(self, leaves: dict[str, Tensor]):
+        super().__init__()
+        self.leaves = leaves
+
+    def __missing__(self, name: str) -> Tensor:
+        value = self[name] = torch.zeros_like(self.leaves[name])
+        return value
 
 
 def _diagonal_by_layers(
@@ -796,16 +975,20 @@ def _diagonal_by_layers(
     """The fast path: one backward pass of all ``K`` columns at once (``is_grads_batched``; a loop
     over them if some backward has no vmap rule), then per-layer contractions.
 
-    The batch-independence probe (:func:`_interaction_probe`) is one more column of the same pass:
+    The batch-independence probe (:func:`_probe_values`) is one more column of the same pass:
     returns ``(None, layers)`` with the layers whose outputs of samples ``1..N-1`` receive gradient
     from sample 0's logits (the contractions do not apply), else ``(diag, [])``.
     """
     calls = recorder.calls
     n, k = logits.shape[0], factors.shape[2]
     outputs = [c.output for c in calls]
-    columns = factors.permute(2, 0, 1).reshape(k, *logits.shape)
-    if n >= 2 and calls:
-        columns = torch.cat([columns, _interaction_probe(logits).unsqueeze(0)])
+    # the batch-independence probe as column k, unless every operation kept the samples apart
+    probe = 1 if n >= 2 and calls and not recorder.samples_apart else 0
+    columns = logits.new_zeros(k + probe, n, factors.shape[1])
+    columns[:k] = factors.permute(2, 0, 1)
+    if probe:
+        columns[k, 0] = _probe_values(tuple(logits.shape[1:]), logits.dtype, logits.device).reshape(-1)
+    columns = columns.reshape(k + probe, *logits.shape)
     grads: Sequence[Optional[Tensor]]
     try:
         grads = torch.autograd.grad(
@@ -820,18 +1003,20 @@ def _diagonal_by_layers(
             for j in range(len(calls))
         ]
     if columns.shape[0] > k:
-        mixing = [
-            f"{c.op} in {c.module}"
-            for c, g in zip(calls, grads)
-            if g is not None and bool((g[k, 1:] != 0).any())
-        ]
-        if mixing:
+        reached = [g[k, 1:].any() for g in grads if g is not None]  # one flag per layer, one sync
+        if reached and bool(torch.stack(reached).any()):
+            mixing = [
+                f"{c.op} in {c.module}"
+                for c, g in zip(calls, grads)
+                if g is not None and bool(g[k, 1:].any())
+            ]
             return None, mixing
-    diag = {name: torch.zeros_like(t) for name, t in leaves.items()}
+    diag = _Diagonal(leaves)  # filled by the first contribution to each tensor
+    unit_signs = bool((signs == 1).all())
     for call, g in zip(calls, grads):
         if g is not None:
-            accumulate_layer(call, g[:k], signs, diag, leaves)
-    return diag, []
+            accumulate_layer(call, g[:k], signs, diag, leaves, unit_signs)
+    return {name: diag[name] if name in diag else torch.zeros_like(t) for name, t in leaves.items()}, []
 
 
 def _diagonal_per_sample(
@@ -879,30 +1064,31 @@ def _diagonal_per_sample(
 
 
 class _ModuleNames:
-    """Forward pre/post hooks that keep the path of the module being run (for messages)."""
+    """Keeps the path of the module being run (for messages), with two global forward hooks
+    (``register_module_forward_pre_hook`` / ``register_module_forward_hook``) that look each module up
+    in a table of ``model``'s modules: two registrations per forward instead of two per module.
+    Modules outside ``model`` are ignored."""
 
     def __init__(self, model: nn.Module, stack: list[str]):
-        self.handles = []
+        labels = {}
         for path, module in model.named_modules():
             kind = type(module).__name__
-            label = f"module {path!r} ({kind})" if path else f"{kind}.forward"
-            self.handles.append(module.register_forward_pre_hook(self._enter(stack, label)))
-            self.handles.append(module.register_forward_hook(self._leave(stack, label), always_call=True))
+            labels[id(module)] = f"module {path!r} ({kind})" if path else f"{kind}.forward"
 
-    @staticmethod
-    def _enter(stack: list[str], label: str) -> Callable[..., None]:
-        def hook(*_: Any) -> None:
-            stack.append(label)
+        def enter(module: nn.Module, *_: Any) -> None:
+            label = labels.get(id(module))
+            if label is not None:
+                stack.append(label)
 
-        return hook
-
-    @staticmethod
-    def _leave(stack: list[str], label: str) -> Callable[..., None]:
-        def hook(*_: Any) -> None:  # returns None: the module's output is left as it is
-            if stack and stack[-1] == label:
+        def leave(module: nn.Module, *_: Any) -> None:  # returns None: the output is left as it is
+            label = labels.get(id(module))
+            if label is not None and stack and stack[-1] == label:
                 stack.pop()
 
-        return hook
+        self.handles = [
+            torch.nn.modules.module.register_module_forward_pre_hook(enter),
+            torch.nn.modules.module.register_module_forward_hook(leave, always_call=True),
+        ]
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -924,10 +1110,10 @@ def exact_hessian_diagonal(
     is piecewise linear in each individual weight; this is the ``diag(H)`` of Algorithm 1 / eq. 61
     of the paper without its finite-difference and sampling error.
 
-    Cost: one forward, one batched backward of ``K <= D`` columns (``D`` outputs per sample) plus
-    one for the batch-independence check, and per layer a weight-gradient-sized contraction per
-    column. Zero
-    variance. When samples interact inside the model or a weight is used outside Linear / Conv:
+    Cost: one forward, one batched backward of ``K <= D`` columns (``D`` outputs per sample;
+    ``C - 1`` for cross-entropy) plus one for the batch-independence check where the operations do not
+        prove it, and per layer a weight-gradient-sized contraction per column. Zero variance. When
+    samples interact inside the model or a weight is used outside Linear / Conv:
     ``N * K`` vectorised backward passes instead (warned).
 
     Assumptions: ``loss_fn`` is the mean of per-sample losses (checked on values) or a
@@ -977,7 +1163,7 @@ def exact_hessian_diagonal(
     with torch.inference_mode(False), torch.enable_grad():
         x, y = _autograd_inputs(inputs, target)
         forward = _record_forward(model, x, params, "exact_hessian_diagonal")
-        factors, signs, _, loss_issues = _loss_factors(loss_fn, forward.logits.detach(), y)
+        factors, signs, _, loss_issues = _loss_factors(loss_fn, forward.logits.detach(), y, need_grad=False)
         issues = forward.issues + loss_issues
         if issues:
             message = (
@@ -999,7 +1185,12 @@ def exact_hessian_diagonal(
                 stacklevel=2,
             )
         diag = _ggn_diagonal(forward, factors, signs, issues, "exact_hessian_diagonal", stacklevel=3)
-    return {name: d.detach().to(params[name].dtype) for name, d in diag.items()}
+    return {name: _as_result(d, params[name]) for name, d in diag.items()}
+
+
+def _as_result(d: Tensor, param: Tensor) -> Tensor:
+    """``d`` detached, in ``param``'s dtype (no extra op when it is already both)."""
+    return d if d.dtype == param.dtype and not d.requires_grad else d.detach().to(param.dtype)
 
 
 # ----------------------------------------------------------------------------- shared stages
@@ -1021,36 +1212,107 @@ def _autograd_inputs(inputs: ModelInputs, target: Tensor) -> tuple[ModelInputs, 
     return x, y
 
 
-def _functional_forward(model: nn.Module, state: dict[str, Tensor], x: ModelInputs) -> Any:
-    """``model`` called with ``state`` on ``x`` as :func:`call_model` would call it (raw output)."""
+@contextlib.contextmanager
+def _module_tensors_swapped(
+    model: nn.Module, leaves: Mapping[str, Tensor], params: Mapping[str, Tensor]
+) -> Iterator[None]:
+    """For the block, every parameter slot of ``model``'s modules holds the leaf of its selected
+    parameter (``leaves[name]`` for ``params[name]``) or a detached alias, and every buffer slot a
+    clone (train-mode BatchNorm updates the clone). Slots are matched by tensor identity, so tied
+    weights and submodules registered under two paths get the same replacement, and the original
+    objects are put back afterwards: what ``torch.func.functional_call`` does, without its per-name
+    lookups (and without pytorch/pytorch#164759, see
+    :func:`~._functional_model.restore_module_tensors`).
+
+    Raises:
+        ValueError: a tensor of ``params`` is not a parameter of ``model``.
+    """
+    replacement = {id(params[name]): leaf for name, leaf in leaves.items()}
+    slots: list[tuple[dict[str, Any], str, Tensor, bool]] = []  # (store, name, original, is buffer)
+    for module in model.modules():
+        for store, is_buffer in ((module._parameters, False), (module._buffers, True)):
+            for name, tensor in store.items():
+                if tensor is not None:
+                    slots.append((cast(dict[str, Any], store), name, tensor, is_buffer))
+    swapped: dict[int, Tensor] = {}
+    for slot, name, tensor, is_buffer in slots:
+        new = swapped.get(id(tensor))
+        if new is None:
+            new = replacement.get(id(tensor))
+            if new is None:
+                new = tensor.clone() if is_buffer else tensor.detach()
+            swapped[id(tensor)] = new
+        slot[name] = new
+    try:
+        missing = [name for name in leaves if id(params[name]) not in swapped]
+        if missing:
+            raise ValueError(
+                f"{missing} are not parameters of the model; select them from model.named_parameters()."
+            )
+        yield
+    finally:
+        for slot, name, tensor, _ in slots:
+            slot[name] = tensor
+
+
+#: models seen changing a recorded layer output in place (Conv -> BatchNorm -> ReLU(inplace=True)):
+#: their next forwards copy the outputs at once instead of running twice. Only a hint: without it
+#: the version check still catches the change.
+_IN_PLACE_MODELS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def _changes_outputs_in_place(model: nn.Module) -> bool:
+    try:
+        return _IN_PLACE_MODELS.get(model, False)
+    except TypeError:  # not weak-referenceable
+        return False
+
+
+def _remember_in_place_changes(model: nn.Module) -> None:
+    try:
+        _IN_PLACE_MODELS[model] = True
+    except TypeError:
+        pass
+
+
+def _call(model: nn.Module, x: ModelInputs) -> Any:
+    """``model`` called on ``x`` as :func:`call_model` would call it (raw output)."""
     if isinstance(x, Mapping):
-        return torch.func.functional_call(model, state, (), dict(x))
+        return model(**x)
     if isinstance(x, (tuple, list)):
-        return torch.func.functional_call(model, state, tuple(x))
-    return torch.func.functional_call(model, state, (x,))
+        return model(*x)
+    return model(x)
 
 
 def _record_forward(
     model: nn.Module, x: ModelInputs, params: dict[str, nn.Parameter], caller: str
 ) -> _RecordedForward:
     """Run ``model(x)`` with fresh leaves for ``params`` (everything else detached, buffers cloned),
-    recording the selected layers' calls and every operation on weight-dependent tensors."""
+    recording the selected layers' calls and every operation on weight-dependent tensors.
+
+    The recorded layer outputs are passed on to the model as they are (no copy); when the model
+    changes one in place (``nn.ReLU(inplace=True)`` right after a Linear layer), the forward is run
+    again with copies, so that the recorded output stays the layer's.
+    """
     leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
-    state = {name: p.detach() for name, p in model.named_parameters()}
-    state.update({name: b.clone() for name, b in model.named_buffers()})
-    state.update(leaves)
-    recorder = _ForwardRecorder(leaves)
-    module_names = _ModuleNames(model, recorder.module_stack)
-    try:
-        with restore_module_tensors(model), recorder:
-            output = _functional_forward(model, state, x)
-    finally:
-        module_names.remove()
+    n = inputs_batch_size(x)
+    copied = _changes_outputs_in_place(model)
+    for clone_outputs in (True,) if copied else (False, True):  # copies if a layer output changes in place
+        recorder = _ForwardRecorder(leaves, clone_outputs, n)
+        module_names = _ModuleNames(model, recorder.module_stack)
+        try:
+            with _module_tensors_swapped(model, leaves, params), recorder:
+                output = _call(model, x)
+        finally:
+            module_names.remove()
+        if clone_outputs or not recorder.outputs_changed_in_place():
+            break
+    if clone_outputs and not copied:
+        _remember_in_place_changes(model)
     try:
         logits = extract_logits(output)
     except TypeError as err:
         raise ValueError(f"{caller}: {err}") from None
-    n = inputs_batch_size(x)
     if logits.ndim == 0 or logits.shape[0] != n:
         raise ValueError(
             f"the model output has shape {tuple(logits.shape)} for {n} samples; "
@@ -1192,4 +1454,5 @@ def gauss_newton_diagonal(
             tensor_issues = {
                 name: _record_forward(model, x, {name: p}, caller).issues for name, p in params.items()
             }
+    assert logits_grad is not None  # need_grad=True
     return GaussNewtonDiagonal(diag, issues, loss_issues, random_ops, tensor_issues, logits_grad)

@@ -37,7 +37,7 @@ class LayerCall:
     op: str
     module: str
     inputs: Tensor  # detached layer input a
-    output: Tensor  # layer output z, in the graph (the model continues on a clone of it)
+    output: Tensor  # layer output z, in the graph (unchanged by the model: see exact._record_forward)
     weight: Optional[str]
     bias: Optional[str]
     stride: tuple[int, ...] = ()
@@ -46,6 +46,7 @@ class LayerCall:
     groups: int = 1
     samples_interact: bool = False  # set by a rule whose op couples the samples (batch statistics)
     options: dict[str, Any] = field(default_factory=dict)  # rule-specific settings read at record time
+    version: int = 0  # the output's version counter when recorded (in-place changes move it)
 
 
 class LayerRule:
@@ -82,6 +83,13 @@ class LayerRule:
     def single_position(self, call: LayerCall) -> bool:
         """Whether each sample has one position (then ``(g a^T)^2 = g^2 (a^2)^T``: the fast path)."""
         return False
+
+    def squared_gradients(
+        self, call: LayerCall, grad: Tensor, signs: Tensor, kernel: tuple[int, ...]
+    ) -> Optional[Tensor]:
+        """``sum_{n,k} sign_nk (per-sample weight gradient)^2`` as ``(G, O / G, I)`` by a rule-specific
+        kernel, or ``None`` to use the generic contractions of :mod:`.contraction` (the default)."""
+        return None
 
 
 #: ``{op name: rule}``: the ops whose weights the per-layer contractions handle.

@@ -7,11 +7,15 @@ Three evaluations, chosen by cost:
 
 - one position per sample (``Linear`` on ``(N, I)``): ``(g a^T)^2 = g^2 (a^2)^T``, so the columns
   are summed first and contracted in one matrix product;
+- a rule's own kernel where it has one (:meth:`~.base.LayerRule.squared_gradients`: convolutions
+  with few input channels, :func:`~.conv.grouped_squared_gradients`);
 - few positions: position pairs (:func:`position_pair_contraction`), no per-sample gradients;
 - else per-sample gradients in chunks of about ``CHUNK_ELEMENTS`` entries.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -31,33 +35,51 @@ SQUARE_COST = 8  # flops-equivalent of squaring and summing one per-sample-gradi
 
 
 def accumulate_layer(
-    call: LayerCall, grad: Tensor, signs: Tensor, diag: dict[str, Tensor], leaves: dict[str, Tensor]
+    call: LayerCall,
+    grad: Tensor,
+    signs: Tensor,
+    diag: dict[str, Tensor],
+    leaves: dict[str, Tensor],
+    unit_signs: Optional[bool] = None,
 ) -> None:
     """Add ``sum_{n,k} sign_nk * (per-sample gradient of v_nk^T f_n)^2`` for one layer call, from the
-    output gradients ``grad`` ``(K, N, *out)`` of all ``K`` columns and the signs ``(N, K)``."""
+    output gradients ``grad`` ``(K, N, *out)`` of all ``K`` columns and the signs ``(N, K)``, to
+    ``diag[name]`` (set when ``name`` is not in ``diag`` yet: no zero-filled start needed).
+
+    ``unit_signs``: whether every sign is ``+1`` (cross-entropy), so that the weighting is skipped;
+    ``None`` checks ``signs``."""
     rule = LAYER_RULES[call.op]
     if rule.accumulate(call, grad, signs, diag, leaves):
         return
+    if unit_signs is None:
+        unit_signs = bool((signs == 1).all())
     if rule.single_position(call):
         # one position per sample: (g_n a_n^T)^2 = g_n^2 (a_n^2)^T, so the columns are summed first,
         # S_n = sum_k sign_nk g_nk^2, and contracted once
-        s = torch.einsum("nk,kno->no", signs, grad * grad)
+        sq = grad * grad
+        s = sq.sum(dim=0) if unit_signs else torch.einsum("nk,kno->no", signs, sq)
         if call.weight is not None:
-            diag[call.weight] += s.T @ (call.inputs * call.inputs)
+            _add(diag, call.weight, s.T @ (call.inputs * call.inputs))
         if call.bias is not None:
-            diag[call.bias] += s.sum(dim=0)
+            _add(diag, call.bias, s.sum(dim=0))
         return
     if call.bias is not None:
         dims = rule.bias_position_dims(grad)  # () sums nothing here (sum(dim=()) would sum everything)
         gb = grad.sum(dim=dims) if dims else grad  # (K, N, out) per-sample bias gradients
-        diag[call.bias] += torch.einsum("nk,kno->o", signs, gb * gb)
+        gb = gb * gb
+        _add(diag, call.bias, gb.sum(dim=(0, 1)) if unit_signs else torch.einsum("nk,kno->o", signs, gb))
     if call.weight is None:
         return
     weight = leaves[call.weight]
     k = grad.shape[0]
-    a, g = rule.factors(call, grad, tuple(weight.shape[2:]))  # (N, G, I, P), (N, G, K * O, P)
+    kernel = tuple(weight.shape[2:])
+    direct = rule.squared_gradients(call, grad, signs, kernel)
+    if direct is not None:
+        _add(diag, call.weight, direct.reshape(weight.shape))
+        return
+    a, g = rule.factors(call, grad, kernel)  # (N, G, I, P), (N, G, K * O, P)
     if use_position_pairs(a.shape[3], a.shape[2], k):
-        diag[call.weight] += position_pair_contraction(a, g, signs, k).reshape(weight.shape)
+        _add(diag, call.weight, position_pair_contraction(a, g, signs, k).reshape(weight.shape))
         return
     chunk = max(1, CHUNK_ELEMENTS // (g.shape[1] * g.shape[2] * a.shape[2]))
     acc = torch.zeros(g.shape[1], g.shape[2] // k, a.shape[2], dtype=grad.dtype, device=grad.device)
@@ -70,7 +92,15 @@ def accumulate_layer(
             acc += (signs[sl].reshape(1, -1) @ gw.reshape(m * k, -1)).reshape(acc.shape)
         else:
             acc += gw.mul_(signs[sl].reshape(m, 1, k, 1)).sum(dim=(0, 2)).reshape(acc.shape)
-    diag[call.weight] += acc.reshape(weight.shape)
+    _add(diag, call.weight, acc.reshape(weight.shape))
+
+
+def _add(diag: dict[str, Tensor], name: str, value: Tensor) -> None:
+    """``diag[name] += value``, or ``diag[name] = value`` for the first contribution."""
+    if name in diag:
+        diag[name] += value
+    else:
+        diag[name] = value
 
 
 def use_position_pairs(positions: int, inputs: int, k: int) -> bool:
