@@ -1112,14 +1112,14 @@ def exact_hessian_diagonal(
 
     Cost: one forward, one batched backward of ``K <= D`` columns (``D`` outputs per sample;
     ``C - 1`` for cross-entropy) plus one for the batch-independence check where the operations do not
-        prove it, and per layer a weight-gradient-sized contraction per column. Zero variance. When
-    samples interact inside the model or a weight is used outside Linear / Conv:
+    prove it, and per layer a weight-gradient-sized contraction per column. Zero variance. When
+    samples interact inside the model or a weight is used outside a layer rule's op:
     ``N * K`` vectorised backward passes instead (warned).
 
     Assumptions: ``loss_fn`` is the mean of per-sample losses (checked on values) or a
     :class:`TokenLoss` (a mean over valid tokens); the model returns ``(N, ...)`` logits (a tensor, or
-    in a tuple / dict / ``ModelOutput``); each selected weight is the weight or bias of one
-    ``linear`` / ``conv{1,2,3}d`` call and everything downstream of the selected weights is on the
+    in a tuple / dict / ``ModelOutput``); each selected tensor is the weight or bias of one call of a
+    layer rule's op (``linear``, ``conv{1,2,3}d``, ``embedding``, normalization affine parameters) and everything downstream of the selected weights is on the
     allowlist (:data:`PIECEWISE_LINEAR_OPS`, :data:`MULTILINEAR_OPS`, eval-mode batch_norm and
     dropout), checked during the forward.
 
