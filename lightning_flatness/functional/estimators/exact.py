@@ -1119,9 +1119,9 @@ def exact_hessian_diagonal(
     Assumptions: ``loss_fn`` is the mean of per-sample losses (checked on values) or a
     :class:`TokenLoss` (a mean over valid tokens); the model returns ``(N, ...)`` logits (a tensor, or
     in a tuple / dict / ``ModelOutput``); each selected tensor is the weight or bias of one call of a
-    layer rule's op (``linear``, ``conv{1,2,3}d``, ``embedding``, normalization affine parameters) and everything downstream of the selected weights is on the
-    allowlist (:data:`PIECEWISE_LINEAR_OPS`, :data:`MULTILINEAR_OPS`, eval-mode batch_norm and
-    dropout), checked during the forward.
+    layer rule's op (``linear``, ``conv{1,2,3}d``, ``embedding``, normalization affine parameters) and
+    everything downstream of the selected weights is on the allowlist (:data:`PIECEWISE_LINEAR_OPS`,
+    :data:`MULTILINEAR_OPS`, eval-mode batch_norm and dropout), checked during the forward.
 
     Args:
         model: the network, used in its current train/eval mode and never modified (parameters,
