@@ -45,9 +45,24 @@ from lightning_flatness.functional.estimators.exact import (
 )
 from lightning_flatness.functional.model_io import ModelInputs
 
-__all__ = ["gauss_newton_exact_diagonal", "gauss_newton_from_columns"]
+__all__ = ["gauss_newton_exact_diagonal", "gauss_newton_from_columns", "refuse_unless_gauss_newton_applies"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def refuse_unless_gauss_newton_applies(caller: str, loss_issues: list[str], random_ops: list[str]) -> None:
+    """Raise :class:`ExactMethodNotApplicable` (``gauss_newton_applicable=False``) when the loss is not a
+    mean of per-sample losses or the model draws random numbers (train-mode dropout): the Gauss-Newton
+    matrix is then not defined as these estimators use it."""
+    problems = loss_issues + [f"the model draws random numbers ({op})" for op in random_ops]
+    if problems:
+        raise ExactMethodNotApplicable(
+            f"{caller}: the Gauss-Newton diagonal does not apply: "
+            + "; ".join(problems[:4])
+            + '. Use method="hutchinson" (any twice-differentiable model), or model.eval() for dropout.',
+            tuple(problems),
+            gauss_newton_applicable=False,
+        )
 
 
 def gauss_newton_exact_diagonal(
@@ -124,16 +139,6 @@ def gauss_newton_from_columns(
         x, y = _autograd_inputs(inputs, target)
         forward = _record_forward(model, x, params, caller)
         columns, signs, loss_issues = columns_of(forward.logits.detach(), y)
-        problems = loss_issues + [
-            f"the model draws random numbers ({op})" for op in forward.recorder.random_ops
-        ]
-        if problems:
-            raise ExactMethodNotApplicable(
-                f"{caller}: the Gauss-Newton diagonal does not apply: "
-                + "; ".join(problems[:4])
-                + '. Use method="hutchinson" (any twice-differentiable model), or model.eval() for dropout.',
-                tuple(problems),
-                gauss_newton_applicable=False,
-            )
+        refuse_unless_gauss_newton_applies(caller, loss_issues, forward.recorder.random_ops)
         diag = _ggn_diagonal(forward, columns, signs, forward.issues, caller, stacklevel=4)
     return {name: d.detach().to(params[name].dtype) for name, d in diag.items()}

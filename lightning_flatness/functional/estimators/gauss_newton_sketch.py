@@ -72,7 +72,6 @@ from torch import Tensor, nn
 
 from lightning_flatness.functional.estimators.exact import (
     _BATCHED_BACKWARD_ELEMENTS,
-    ExactMethodNotApplicable,
     _autograd_inputs,
     _fast_path_blockers,
     _interaction_probe,
@@ -80,6 +79,7 @@ from lightning_flatness.functional.estimators.exact import (
     _record_forward,
     _RecordedForward,
 )
+from lightning_flatness.functional.estimators.gauss_newton import refuse_unless_gauss_newton_applies
 from lightning_flatness.functional.estimators.layer_rules import (
     LAYER_RULES,
     LayerCall,
@@ -394,17 +394,7 @@ def gauss_newton_sketch_diagonal(
             generator,
             max_exact_outputs,
         )
-        problems = loss_issues + [
-            f"the model draws random numbers ({op})" for op in forward.recorder.random_ops
-        ]
-        if problems:
-            raise ExactMethodNotApplicable(
-                f"{caller}: the Gauss-Newton diagonal does not apply: "
-                + "; ".join(problems[:4])
-                + '. Use method="hutchinson" (any twice-differentiable model), or model.eval() for dropout.',
-                tuple(problems),
-                gauss_newton_applicable=False,
-            )
+        refuse_unless_gauss_newton_applies(caller, loss_issues, forward.recorder.random_ops)
         mixed, mixed_signs = sketch_columns(columns, signs, num_sketches, generator)
         mixed = mixed / math.sqrt(logits.shape[0])  # the loss is a mean over samples
         blockers = _fast_path_blockers(forward.recorder, forward.leaves, logits.shape[0])
