@@ -12,6 +12,7 @@ from torch import nn
 import lightning_flatness.functional.estimators.layer_rules.contraction as contraction
 from lightning_flatness.functional import hessian_diagonal, select_parameters
 from lightning_flatness.functional.estimators.layer_rules import LAYER_RULES, position_pair_contraction
+from lightning_flatness.functional.estimators.layer_rules.contraction import pair_products
 
 
 def test_position_pairs_equal_the_signed_sum_of_squared_per_sample_gradients():
@@ -24,6 +25,15 @@ def test_position_pairs_equal_the_signed_sum_of_squared_per_sample_gradients():
     expected = torch.einsum("nk,ngkoi->goi", signs, per_sample**2)
     torch.testing.assert_close(position_pair_contraction(a, grad, signs, k), expected, rtol=1e-12, atol=1e-12)
 
+
+
+@pytest.mark.parametrize("positions", [1, 2, 5])
+def test_pair_products_are_the_triu_pairs_of_positions(positions):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 2, 7, positions, generator=g, dtype=torch.float64).transpose(-1, -2)  # strided
+    first, second = torch.triu_indices(positions, positions)
+    expected = torch.stack([x[..., p, :] * x[..., q, :] for p, q in zip(first.tolist(), second.tolist())], dim=-2)
+    torch.testing.assert_close(pair_products(x), expected, rtol=0, atol=0)
 
 def _cnn() -> nn.Module:
     torch.manual_seed(0)

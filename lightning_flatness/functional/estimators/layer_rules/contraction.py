@@ -26,6 +26,7 @@ __all__ = [
     "CHUNK_ELEMENTS",
     "SQUARE_COST",
     "accumulate_layer",
+    "pair_products",
     "position_pair_contraction",
     "use_position_pairs",
 ]
@@ -129,18 +130,39 @@ def position_pair_contraction(a: Tensor, g: Tensor, signs: Tensor, k: int) -> Te
     Chosen over per-sample gradients (``O(N K P O I)`` flops plus ``N K O I`` squares, memory-bound)
     when ``Z <= K (P + SQUARE_COST)``: small feature maps (late ResNet stages, ``P = 1`` for
     1x1 maps) and many columns. Samples in chunks of about ``CHUNK_ELEMENTS`` pair products.
+    The pair products are built position-major (:func:`pair_products`), so that the input's
+    ``(n, Z, I)`` block is the matrix product's operand as it is (no gather, no transposed copy).
     """
-    n, groups, _, p = a.shape
+    n, groups, inputs, p = a.shape
     o = g.shape[2] // k
-    first, second = torch.triu_indices(p, p, device=a.device)
-    weight = torch.where(first == second, 1.0, 2.0).to(a.dtype)
-    gk = g.reshape(n, groups, k, o, p)
-    acc = torch.zeros(groups, o, a.shape[2], dtype=g.dtype, device=g.device)
-    chunk = max(1, CHUNK_ELEMENTS * 16 // (groups * (a.shape[2] + k * o) * first.numel()))
+    z = p * (p + 1) // 2
+    first, second = torch.triu_indices(p, p)
+    weight = torch.where(first == second, 1.0, 2.0).to(device=a.device, dtype=a.dtype)
+    at = a.transpose(-1, -2).contiguous()  # (N, G, P, I); a no-op for the rules' position-major inputs
+    gt = g.transpose(-1, -2).contiguous()  # (N, G, P, K * O)
+    acc = torch.zeros(groups, o, inputs, dtype=g.dtype, device=g.device)
+    chunk = max(1, CHUNK_ELEMENTS * 16 // (groups * (inputs + k * o) * z))
     for start in range(0, n, chunk):
         sl = slice(start, start + chunk)
-        aa = a[sl][..., first] * a[sl][..., second]  # (n, G, I, Z)
-        gg = gk[sl][..., first] * gk[sl][..., second] * weight  # (n, G, K, O, Z)
-        w = torch.einsum("nk,ngkoz->gonz", signs[sl], gg).reshape(groups, o, -1)
-        acc += torch.bmm(w, aa.permute(1, 0, 3, 2).reshape(groups, -1, a.shape[2]))
+        aa = pair_products(at[sl])  # (n, G, Z, I)
+        gg = pair_products(gt[sl]).reshape(-1, groups, z, k, o)  # (n, G, Z, K, O)
+        m = aa.shape[0]
+        w = torch.einsum("nk,ngzko->gonz", signs[sl], gg).mul_(weight).reshape(groups, o, m * z)
+        acc += torch.bmm(w, aa.transpose(0, 1).reshape(groups, m * z, inputs))
     return acc
+
+
+def pair_products(x: Tensor) -> Tensor:
+    """``x`` ``(..., P, F)`` -> ``(..., Z, F)``: the entrywise products ``x_p * x_q`` of the
+    ``Z = P (P + 1) / 2`` position pairs ``p <= q``, in the order of ``torch.triu_indices(P, P)``.
+
+    ``P`` broadcast products of contiguous rows (``x_p`` times the rows ``p..P-1``) written in place:
+    ``Z F`` multiplications, several times faster than gathering the pairs along a last dim of
+    size ``P`` (measured on ResNet-18: ``benchmarks/results/bench_contraction_speed.md``)."""
+    p = x.shape[-2]
+    out = x.new_empty(*x.shape[:-2], p * (p + 1) // 2, x.shape[-1])
+    row = 0
+    for i in range(p):
+        torch.mul(x[..., i : i + 1, :], x[..., i:, :], out=out[..., row : row + p - i, :])
+        row += p - i
+    return out
