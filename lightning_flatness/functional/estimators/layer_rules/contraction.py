@@ -20,12 +20,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lightning_flatness.functional.estimators.layer_rules.base import LAYER_RULES, LayerCall
+from lightning_flatness.functional.estimators.layer_rules.base import LAYER_RULES, LayerCall, LayerRule
 
 __all__ = [
     "CHUNK_ELEMENTS",
     "SQUARE_COST",
     "accumulate_layer",
+    "factor_contraction",
     "pair_products",
     "position_pair_contraction",
     "use_position_pairs",
@@ -72,16 +73,26 @@ def accumulate_layer(
     if call.weight is None:
         return
     weight = leaves[call.weight]
-    k = grad.shape[0]
     kernel = tuple(weight.shape[2:])
     direct = rule.squared_gradients(call, grad, signs, kernel)
     if direct is not None:
         _add(diag, call.weight, direct.reshape(weight.shape))
         return
+    _add(diag, call.weight, factor_contraction(rule, call, grad, signs, kernel).reshape(weight.shape))
+
+
+def factor_contraction(
+    rule: LayerRule, call: LayerCall, grad: Tensor, signs: Tensor, kernel: tuple[int, ...]
+) -> Tensor:
+    """``sum_{n,k} sign_nk (sum_p g_nkp a_np^T)^2`` as ``(G, O, I)`` from the rule's factors
+    (:meth:`~.base.LayerRule.factors`): position pairs (:func:`position_pair_contraction`) when
+    :func:`use_position_pairs` says they are cheaper, else per-sample gradients in chunks of about
+    ``CHUNK_ELEMENTS`` entries (``O(N K P O I)`` flops in batched matrix products, then squared and
+    summed with the signs). ``grad`` ``(K, N, *out)``, ``signs`` ``(N, K)``."""
+    k = grad.shape[0]
     a, g = rule.factors(call, grad, kernel)  # (N, G, I, P), (N, G, K * O, P)
     if use_position_pairs(a.shape[3], a.shape[2], k):
-        _add(diag, call.weight, position_pair_contraction(a, g, signs, k).reshape(weight.shape))
-        return
+        return position_pair_contraction(a, g, signs, k)
     chunk = max(1, CHUNK_ELEMENTS // (g.shape[1] * g.shape[2] * a.shape[2]))
     acc = torch.zeros(g.shape[1], g.shape[2] // k, a.shape[2], dtype=grad.dtype, device=grad.device)
     for start in range(0, a.shape[0], chunk):
@@ -93,7 +104,7 @@ def accumulate_layer(
             acc += (signs[sl].reshape(1, -1) @ gw.reshape(m * k, -1)).reshape(acc.shape)
         else:
             acc += gw.mul_(signs[sl].reshape(m, 1, k, 1)).sum(dim=(0, 2)).reshape(acc.shape)
-    _add(diag, call.weight, acc.reshape(weight.shape))
+    return acc
 
 
 def _add(diag: dict[str, Tensor], name: str, value: Tensor) -> None:
