@@ -100,8 +100,8 @@ def factor_contraction(
         gw = torch.matmul(g[sl], a[sl].transpose(-1, -2))  # (n, G, K * O, I) per-sample gradients
         m, groups = gw.shape[:2]
         gw = gw.square_().reshape(m, groups, k, -1)  # squares, (n, G, K, O * I)
-        if groups == 1:  # sum over (n, k) weighted by the signs: one matrix-vector product
-            acc += (signs[sl].reshape(1, -1) @ gw.reshape(m * k, -1)).reshape(acc.shape)
+        if groups == 1:  # sum over (n, k) weighted by the signs: one matrix-vector product, added in place
+            acc.view(1, -1).addmm_(signs[sl].reshape(1, -1), gw.reshape(m * k, -1))
         else:
             acc += gw.mul_(signs[sl].reshape(m, 1, k, 1)).sum(dim=(0, 2)).reshape(acc.shape)
     return acc
