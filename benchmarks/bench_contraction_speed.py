@@ -63,7 +63,12 @@ def _worker(tree: str, method: str, calls: int, threads: int, batch: int) -> dic
 
     def run() -> dict[str, Any]:
         return hessian_diagonal(
-            model, normalized_softmax_cross_entropy, x, y, method=method, generator=torch.Generator().manual_seed(1)
+            model,
+            normalized_softmax_cross_entropy,
+            x,
+            y,
+            method=method,
+            generator=torch.Generator().manual_seed(1),
         )
 
     diag = run()  # warm-up
@@ -83,7 +88,16 @@ def _worker(tree: str, method: str, calls: int, threads: int, batch: int) -> dic
 
 
 def _measure(tree: str, method: str, args: argparse.Namespace) -> dict[str, Any]:
-    command = [sys.executable, "-W", "ignore", "-m", "benchmarks.bench_contraction_speed", "--worker", tree, method]
+    command = [
+        sys.executable,
+        "-W",
+        "ignore",
+        "-m",
+        "benchmarks.bench_contraction_speed",
+        "--worker",
+        tree,
+        method,
+    ]
     command += ["--calls", str(args.calls), "--threads", str(args.threads), "--batch", str(args.batch)]
     out = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -108,7 +122,10 @@ def main(argv: Any = None) -> dict[str, Any]:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as before:
         archive = subprocess.run(
-            ["git", "archive", args.before_rev, "lightning_flatness"], cwd=REPO_ROOT, capture_output=True, check=True
+            ["git", "archive", args.before_rev, "lightning_flatness"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            check=True,
         ).stdout
         subprocess.run(["tar", "-x", "-C", before], input=archive, check=True)
         trees = {"before": before, "after": str(REPO_ROOT)}

@@ -28,14 +28,16 @@ def test_position_pairs_equal_the_signed_sum_of_squared_per_sample_gradients():
     torch.testing.assert_close(position_pair_contraction(a, grad, signs, k), expected, rtol=1e-12, atol=1e-12)
 
 
-
 @pytest.mark.parametrize("positions", [1, 2, 5])
 def test_pair_products_are_the_triu_pairs_of_positions(positions):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, 2, 7, positions, generator=g, dtype=torch.float64).transpose(-1, -2)  # strided
     first, second = torch.triu_indices(positions, positions)
-    expected = torch.stack([x[..., p, :] * x[..., q, :] for p, q in zip(first.tolist(), second.tolist())], dim=-2)
+    expected = torch.stack(
+        [x[..., p, :] * x[..., q, :] for p, q in zip(first.tolist(), second.tolist())], dim=-2
+    )
     torch.testing.assert_close(pair_products(x), expected, rtol=0, atol=0)
+
 
 def _cnn() -> nn.Module:
     torch.manual_seed(0)
@@ -161,7 +163,9 @@ def test_cropped_dead_taps_equal_the_full_contraction(spatial, kernel, stride, p
     for i in range(n):
         for j in range(k):
             wi = w.clone().requires_grad_(True)
-            (gw,) = torch.autograd.grad((conv(x[i : i + 1], wi, None, stride, padding, dilation, groups) * grad[j, i]).sum(), wi)
+            (gw,) = torch.autograd.grad(
+                (conv(x[i : i + 1], wi, None, stride, padding, dilation, groups) * grad[j, i]).sum(), wi
+            )
             expected += signs[i, j] * gw**2
     cropped = cropped_squared_gradients(call, grad, signs, kernel)
     full = contraction.factor_contraction(LAYER_RULES[call.op], call, grad, signs, kernel).reshape(w.shape)
@@ -183,7 +187,8 @@ def test_exact_diagonal_equals_brute_force_with_dead_taps():
         nn.Flatten(), nn.Linear(4, 3),
     ).double().eval()  # fmt: skip
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(5, 2, 2, 2, generator=g, dtype=torch.float64)  # 2x2 -> 1x1 -> 1x1: dead taps in both convs
+    # 2x2 -> 1x1 -> 1x1: taps that read only padding in both convolutions
+    x = torch.randn(5, 2, 2, 2, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (5,), generator=g)
     names = list(select_parameters(model, "all"))
     diag = hessian_diagonal(model, F.cross_entropy, x, y, method="exact", parameters="all")

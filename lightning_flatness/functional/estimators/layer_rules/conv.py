@@ -200,7 +200,9 @@ def cropped_squared_gradients(
     for d, (start, stop) in enumerate(taps):
         left = call.padding[d][0] - start * call.dilation[d]
         # the right padding that gives the same number of outputs with the cropped kernel
-        right = (outputs[d] - 1) * call.stride[d] + call.dilation[d] * (stop - start - 1) + 1 - spatial[d] - left
+        right = (
+            (outputs[d] - 1) * call.stride[d] + call.dilation[d] * (stop - start - 1) + 1 - spatial[d] - left
+        )
         if left < 0 or right < 0 or stop == start:
             return None  # a crop would need negative padding: keep the full kernel
         padding.append((left, right))
@@ -209,7 +211,8 @@ def cropped_squared_gradients(
     part = factor_contraction(LAYER_RULES[call.op], cropped, grad, signs, small)  # (G, O / G, C / G * small)
     groups, per_group_out = part.shape[:2]
     full = part.new_zeros(groups, per_group_out, call.inputs.shape[1] // call.groups, *kernel)
-    full[(..., *(slice(start, stop) for start, stop in taps))] = part.reshape(*full.shape[:3], *small)
+    index: tuple[Any, ...] = (Ellipsis,) + tuple(slice(start, stop) for start, stop in taps)
+    full[index] = part.reshape(*full.shape[:3], *small)
     return full.reshape(groups, per_group_out, -1)
 
 
