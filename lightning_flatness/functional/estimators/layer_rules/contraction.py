@@ -8,7 +8,9 @@ Three evaluations, chosen by cost:
 - one position per sample (``Linear`` on ``(N, I)``): ``(g a^T)^2 = g^2 (a^2)^T``, so the columns
   are summed first and contracted in one matrix product;
 - a rule's own kernel where it has one (:meth:`~.base.LayerRule.squared_gradients`: convolutions
-  with few input channels, :func:`~.conv.grouped_squared_gradients`);
+  with few input channels, :func:`~.conv.grouped_squared_gradients`; convolutions with kernel taps
+  that read only padding, :func:`~.conv.cropped_squared_gradients`, which contract the live taps by
+  :func:`factor_contraction`);
 - few positions: position pairs (:func:`position_pair_contraction`), no per-sample gradients;
 - else per-sample gradients in chunks of about ``CHUNK_ELEMENTS`` entries.
 """
