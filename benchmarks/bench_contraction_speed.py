@@ -99,6 +99,7 @@ def _measure(tree: str, method: str, args: argparse.Namespace) -> dict[str, Any]
         method,
     ]
     command += ["--calls", str(args.calls), "--threads", str(args.threads), "--batch", str(args.batch)]
+    # the worker (run as a module from the repository root) puts the measured tree first on its path
     out = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -112,6 +113,9 @@ def main(argv: Any = None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: one repeat, one call, batch 8, sketch only"
+    )
     parser.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
@@ -119,6 +123,8 @@ def main(argv: Any = None) -> dict[str, Any]:
         print(json.dumps(result))
         return result
 
+    if args.quick:
+        args.repeats, args.calls, args.batch, args.methods = 1, 1, 8, ["gauss_newton_sketch"]
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as before:
         archive = subprocess.run(
