@@ -12,6 +12,9 @@ from torch import nn
 import lightning_flatness.functional.estimators.layer_rules.contraction as contraction
 from lightning_flatness.functional import hessian_diagonal, select_parameters
 from lightning_flatness.functional.estimators.layer_rules import LAYER_RULES, position_pair_contraction
+from lightning_flatness.functional.estimators.layer_rules.base import LayerCall
+from lightning_flatness.functional.estimators.layer_rules.contraction import pair_products
+from lightning_flatness.functional.estimators.layer_rules.conv import cropped_squared_gradients, live_taps
 
 
 def test_position_pairs_equal_the_signed_sum_of_squared_per_sample_gradients():
@@ -23,6 +26,17 @@ def test_position_pairs_equal_the_signed_sum_of_squared_per_sample_gradients():
     per_sample = torch.einsum("ngcp,ngip->ngci", grad, a).reshape(n, groups, k, outputs, inputs)
     expected = torch.einsum("nk,ngkoi->goi", signs, per_sample**2)
     torch.testing.assert_close(position_pair_contraction(a, grad, signs, k), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("positions", [1, 2, 5])
+def test_pair_products_are_the_triu_pairs_of_positions(positions):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 2, 7, positions, generator=g, dtype=torch.float64).transpose(-1, -2)  # strided
+    first, second = torch.triu_indices(positions, positions)
+    expected = torch.stack(
+        [x[..., p, :] * x[..., q, :] for p, q in zip(first.tolist(), second.tolist())], dim=-2
+    )
+    torch.testing.assert_close(pair_products(x), expected, rtol=0, atol=0)
 
 
 def _cnn() -> nn.Module:
@@ -118,3 +132,66 @@ def test_bert_word_and_token_type_embeddings_stay_on_the_per_layer_path():
         torch.testing.assert_close(
             diag[name], ref[name], rtol=1e-9, atol=1e-12 * float(ref[name].abs().max())
         )
+
+
+@pytest.mark.parametrize(
+    "spatial, kernel, stride, padding, dilation, groups",
+    [
+        ((1, 1), (3, 3), 1, 1, 1, 1),  # ResNet-18 layer4 on CIFAR: only the centre tap is live
+        ((2, 2), (3, 3), 2, 1, 1, 2),  # stride 2 onto a 1x1 map: a 2x2 block of taps
+        ((3, 2), (5, 3), 1, 2, 1, 1),  # different live ranges per dim
+        ((2,), (3,), 1, 2, 2, 1),  # dilated 1-D: the crop's left padding is 2 - 1 * 2 = 0
+        ((4, 4), (3, 3), 1, 1, 1, 1),  # every tap live: no crop
+    ],
+)
+def test_cropped_dead_taps_equal_the_full_contraction(spatial, kernel, stride, padding, dilation, groups):
+    nd = len(spatial)
+    conv = getattr(F, f"conv{nd}d")
+    g = torch.Generator().manual_seed(3)
+    n, k, cin, cout = 4, 3, 4, 6
+    x = torch.randn(n, cin, *spatial, generator=g, dtype=torch.float64)
+    w = torch.randn(cout, cin // groups, *kernel, dtype=torch.float64)
+    out = conv(x, w, None, stride, padding, dilation, groups)
+    call = LayerCall(
+        f"conv{nd}d", "m", x, out, "w", None,
+        stride=(stride,) * nd, padding=((padding, padding),) * nd, dilation=(dilation,) * nd, groups=groups,
+    )  # fmt: skip
+    grad = torch.randn(k, *out.shape, generator=g, dtype=torch.float64)
+    signs = torch.randn(n, k, generator=g, dtype=torch.float64).sign()
+    # independent: per-sample weight gradients of <grad_nk, conv(x_n, w)> by autograd, squared, signed
+    expected = torch.zeros_like(w)
+    for i in range(n):
+        for j in range(k):
+            wi = w.clone().requires_grad_(True)
+            (gw,) = torch.autograd.grad(
+                (conv(x[i : i + 1], wi, None, stride, padding, dilation, groups) * grad[j, i]).sum(), wi
+            )
+            expected += signs[i, j] * gw**2
+    cropped = cropped_squared_gradients(call, grad, signs, kernel)
+    full = contraction.factor_contraction(LAYER_RULES[call.op], call, grad, signs, kernel).reshape(w.shape)
+    torch.testing.assert_close(full, expected, rtol=1e-12, atol=1e-12)
+    live = live_taps(call, kernel, spatial, tuple(out.shape[2:]))
+    if all(stop - start == size for (start, stop), size in zip(live, kernel)):
+        assert cropped is None
+        return
+    torch.testing.assert_close(cropped.reshape(w.shape), expected, rtol=1e-12, atol=1e-12)
+    dead = torch.ones(kernel, dtype=torch.bool)
+    dead[tuple(slice(start, stop) for start, stop in live)] = False
+    assert (expected[..., dead] == 0).all() and dead.any()  # the taps left out have zero gradients
+
+
+def test_exact_diagonal_equals_brute_force_with_dead_taps():
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4, 3),
+    ).double().eval()  # fmt: skip
+    g = torch.Generator().manual_seed(5)
+    # 2x2 -> 1x1 -> 1x1: taps that read only padding in both convolutions
+    x = torch.randn(5, 2, 2, 2, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,), generator=g)
+    names = list(select_parameters(model, "all"))
+    diag = hessian_diagonal(model, F.cross_entropy, x, y, method="exact", parameters="all")
+    ref = brute_force_hessian_diagonal(model, F.cross_entropy, x, y, names)
+    for name in names:
+        torch.testing.assert_close(diag[name], ref[name], rtol=1e-10, atol=1e-13)

@@ -8,7 +8,9 @@ Three evaluations, chosen by cost:
 - one position per sample (``Linear`` on ``(N, I)``): ``(g a^T)^2 = g^2 (a^2)^T``, so the columns
   are summed first and contracted in one matrix product;
 - a rule's own kernel where it has one (:meth:`~.base.LayerRule.squared_gradients`: convolutions
-  with few input channels, :func:`~.conv.grouped_squared_gradients`);
+  with few input channels, :func:`~.conv.grouped_squared_gradients`; convolutions with kernel taps
+  that read only padding, :func:`~.conv.cropped_squared_gradients`, which contract the live taps by
+  :func:`factor_contraction`);
 - few positions: position pairs (:func:`position_pair_contraction`), no per-sample gradients;
 - else per-sample gradients in chunks of about ``CHUNK_ELEMENTS`` entries.
 """
@@ -20,12 +22,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lightning_flatness.functional.estimators.layer_rules.base import LAYER_RULES, LayerCall
+from lightning_flatness.functional.estimators.layer_rules.base import LAYER_RULES, LayerCall, LayerRule
 
 __all__ = [
     "CHUNK_ELEMENTS",
     "SQUARE_COST",
     "accumulate_layer",
+    "factor_contraction",
+    "pair_products",
     "position_pair_contraction",
     "use_position_pairs",
 ]
@@ -71,16 +75,26 @@ def accumulate_layer(
     if call.weight is None:
         return
     weight = leaves[call.weight]
-    k = grad.shape[0]
     kernel = tuple(weight.shape[2:])
     direct = rule.squared_gradients(call, grad, signs, kernel)
     if direct is not None:
         _add(diag, call.weight, direct.reshape(weight.shape))
         return
+    _add(diag, call.weight, factor_contraction(rule, call, grad, signs, kernel).reshape(weight.shape))
+
+
+def factor_contraction(
+    rule: LayerRule, call: LayerCall, grad: Tensor, signs: Tensor, kernel: tuple[int, ...]
+) -> Tensor:
+    """``sum_{n,k} sign_nk (sum_p g_nkp a_np^T)^2`` as ``(G, O, I)`` from the rule's factors
+    (:meth:`~.base.LayerRule.factors`): position pairs (:func:`position_pair_contraction`) when
+    :func:`use_position_pairs` says they are cheaper, else per-sample gradients in chunks of about
+    ``CHUNK_ELEMENTS`` entries (``O(N K P O I)`` flops in batched matrix products, then squared and
+    summed with the signs). ``grad`` ``(K, N, *out)``, ``signs`` ``(N, K)``."""
+    k = grad.shape[0]
     a, g = rule.factors(call, grad, kernel)  # (N, G, I, P), (N, G, K * O, P)
     if use_position_pairs(a.shape[3], a.shape[2], k):
-        _add(diag, call.weight, position_pair_contraction(a, g, signs, k).reshape(weight.shape))
-        return
+        return position_pair_contraction(a, g, signs, k)
     chunk = max(1, CHUNK_ELEMENTS // (g.shape[1] * g.shape[2] * a.shape[2]))
     acc = torch.zeros(g.shape[1], g.shape[2] // k, a.shape[2], dtype=grad.dtype, device=grad.device)
     for start in range(0, a.shape[0], chunk):
@@ -88,11 +102,11 @@ def accumulate_layer(
         gw = torch.matmul(g[sl], a[sl].transpose(-1, -2))  # (n, G, K * O, I) per-sample gradients
         m, groups = gw.shape[:2]
         gw = gw.square_().reshape(m, groups, k, -1)  # squares, (n, G, K, O * I)
-        if groups == 1:  # sum over (n, k) weighted by the signs: one matrix-vector product
-            acc += (signs[sl].reshape(1, -1) @ gw.reshape(m * k, -1)).reshape(acc.shape)
+        if groups == 1:  # sum over (n, k) weighted by the signs: one matrix-vector product, added in place
+            acc.view(1, -1).addmm_(signs[sl].reshape(1, -1), gw.reshape(m * k, -1))
         else:
             acc += gw.mul_(signs[sl].reshape(m, 1, k, 1)).sum(dim=(0, 2)).reshape(acc.shape)
-    _add(diag, call.weight, acc.reshape(weight.shape))
+    return acc
 
 
 def _add(diag: dict[str, Tensor], name: str, value: Tensor) -> None:
@@ -129,18 +143,39 @@ def position_pair_contraction(a: Tensor, g: Tensor, signs: Tensor, k: int) -> Te
     Chosen over per-sample gradients (``O(N K P O I)`` flops plus ``N K O I`` squares, memory-bound)
     when ``Z <= K (P + SQUARE_COST)``: small feature maps (late ResNet stages, ``P = 1`` for
     1x1 maps) and many columns. Samples in chunks of about ``CHUNK_ELEMENTS`` pair products.
+    The pair products are built position-major (:func:`pair_products`), so that the input's
+    ``(n, Z, I)`` block is the matrix product's operand as it is (no gather, no transposed copy).
     """
-    n, groups, _, p = a.shape
+    n, groups, inputs, p = a.shape
     o = g.shape[2] // k
-    first, second = torch.triu_indices(p, p, device=a.device)
-    weight = torch.where(first == second, 1.0, 2.0).to(a.dtype)
-    gk = g.reshape(n, groups, k, o, p)
-    acc = torch.zeros(groups, o, a.shape[2], dtype=g.dtype, device=g.device)
-    chunk = max(1, CHUNK_ELEMENTS * 16 // (groups * (a.shape[2] + k * o) * first.numel()))
+    z = p * (p + 1) // 2
+    first, second = torch.triu_indices(p, p)
+    weight = torch.where(first == second, 1.0, 2.0).to(device=a.device, dtype=a.dtype)
+    at = a.transpose(-1, -2).contiguous()  # (N, G, P, I); a no-op for the rules' position-major inputs
+    gt = g.transpose(-1, -2).contiguous()  # (N, G, P, K * O)
+    acc = torch.zeros(groups, o, inputs, dtype=g.dtype, device=g.device)
+    chunk = max(1, CHUNK_ELEMENTS * 16 // (groups * (inputs + k * o) * z))
     for start in range(0, n, chunk):
         sl = slice(start, start + chunk)
-        aa = a[sl][..., first] * a[sl][..., second]  # (n, G, I, Z)
-        gg = gk[sl][..., first] * gk[sl][..., second] * weight  # (n, G, K, O, Z)
-        w = torch.einsum("nk,ngkoz->gonz", signs[sl], gg).reshape(groups, o, -1)
-        acc += torch.bmm(w, aa.permute(1, 0, 3, 2).reshape(groups, -1, a.shape[2]))
+        aa = pair_products(at[sl])  # (n, G, Z, I)
+        gg = pair_products(gt[sl]).reshape(-1, groups, z, k, o)  # (n, G, Z, K, O)
+        m = aa.shape[0]
+        w = torch.einsum("nk,ngzko->gonz", signs[sl], gg).mul_(weight).reshape(groups, o, m * z)
+        acc += torch.bmm(w, aa.transpose(0, 1).reshape(groups, m * z, inputs))
     return acc
+
+
+def pair_products(x: Tensor) -> Tensor:
+    """``x`` ``(..., P, F)`` -> ``(..., Z, F)``: the entrywise products ``x_p * x_q`` of the
+    ``Z = P (P + 1) / 2`` position pairs ``p <= q``, in the order of ``torch.triu_indices(P, P)``.
+
+    ``P`` broadcast products of contiguous rows (``x_p`` times the rows ``p..P-1``) written in place:
+    ``Z F`` multiplications, several times faster than gathering the pairs along a last dim of
+    size ``P`` (measured on ResNet-18: ``benchmarks/results/bench_contraction_speed.md``)."""
+    p = x.shape[-2]
+    out = x.new_empty(*x.shape[:-2], p * (p + 1) // 2, x.shape[-1])
+    row = 0
+    for i in range(p):
+        torch.mul(x[..., i : i + 1, :], x[..., i:, :], out=out[..., row : row + p - i, :])
+        row += p - i
+    return out
