@@ -5,11 +5,11 @@ complement, and hands degenerate problems (zero rows, clipped blocks) back to th
 
 from __future__ import annotations
 
-import multiprocessing
 from pathlib import Path
 
 import pytest
 import torch
+from forked_ranks import fork_ranks
 
 from lightning_flatness.functional.solvers import solve_normalized_sharpness_coefficients
 from lightning_flatness.functional.solvers._newton import LOCAL, ColumnReduction
@@ -80,22 +80,7 @@ def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
 
 
 def run(tmp_path: Path, world: int) -> list[dict]:
-    context = multiprocessing.get_context("fork")
-    outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
-    procs = [
-        context.Process(target=_worker, args=(r, world, str(tmp_path / "store"), str(outs[r])))
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    if any(p.is_alive() for p in procs):
-        for p in procs:
-            p.kill()
-        pytest.fail("column-split worker timed out (deadlock?)")
-    assert [p.exitcode for p in procs] == [0] * world, "a worker failed; its traceback is above"
-    return [torch.load(o, weights_only=False) for o in outs]
+    return fork_ranks(tmp_path, world, _worker, (), "column-split worker")
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -22,6 +22,7 @@ from lightning_flatness.sharded import ShardedSharpnessMeasurement
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import sharded_worker as worker  # noqa: E402
+from forked_ranks import fork_ranks  # noqa: E402
 
 sys.path.pop(0)
 
@@ -29,27 +30,8 @@ sys.path.pop(0)
 def run_workers(
     tmp_path: Path, world_size: int, dtype: str, uneven: bool = False, pruned: bool = False
 ) -> list[dict]:
-    """Fork ``world_size`` workers (the test process has torch and the library imported already: a
-    fresh interpreter per rank would spend most of the test importing them)."""
-    context = multiprocessing.get_context("fork")
-    outs = [tmp_path / f"rank{r}.pt" for r in range(world_size)]
-    procs = [
-        context.Process(
-            target=worker.main,
-            args=(r, world_size, str(tmp_path / "store"), str(outs[r]), dtype, uneven, "cpu", pruned),
-        )
-        for r in range(world_size)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    if any(p.is_alive() for p in procs):
-        for p in procs:
-            p.kill()
-        pytest.fail("sharded worker timed out (deadlock?)")
-    assert [p.exitcode for p in procs] == [0] * world_size, "a worker failed; its traceback is above"
-    return [torch.load(o, weights_only=False) for o in outs]
+    """Fork ``world_size`` sharded workers and collect their records."""
+    return fork_ranks(tmp_path, world_size, worker.main, (dtype, uneven, "cpu", pruned), "sharded worker")
 
 
 def check(
