@@ -35,7 +35,7 @@ What that means for the tensors of modern networks (the default selection):
   the normalized measures (eq. 13, 17) skip every 1-D tensor (footnote 5): an added vector has no
   input axis, and a per-channel scale is a diagonal matrix, with one variance per entry parameter
   counting again. Their Gauss-Newton diagonal costs a few elementwise passes (the layer rules keep
-  the per-layer fast path), so the weights-only trace is reported beside it, named
+  the per-layer fast path). The trace over the weight tensors alone is reported beside it, as
   ``hessian_trace_weights``.
 - **Left out** -- 1-D parameters that no layer rule reads, e.g. layer-scale vectors (``gamma``,
   used through an elementwise product): their diagonal would send the estimators to the per-sample
