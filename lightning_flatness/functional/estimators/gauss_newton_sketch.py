@@ -37,9 +37,9 @@ Averaged over the ``N S / B`` independent chunk estimates of a measurement it fa
 :math:`\sqrt{2B/(N S)}` or faster. The noise is independent across chunks and sample groups, so the
 jackknife of :class:`~lightning_flatness.metric.NormalizedSharpness` covers it; like every noise it
 biases the nonlinear measures (eq. 17 is concave in ``h``, clipping at zero convex), which is why
-``B = 1`` is the default: on a CIFAR ResNet-18 it kept the normalized sharpness within 2% of
+``B = 1`` is the default: on a CIFAR ResNet-18 it kept the normalized sharpness close to
 ``"exact"`` on the same samples and left the jackknife s.e. unchanged, while ``B = 8`` and ``B = 64``
-added noise (``benchmarks/results/bench_resnet18_cost.md``).
+added noise and cost no less (measured: ``benchmarks/results/bench_resnet18_cost.md``).
 
 **Cost.** One recorded forward pass, one batched backward pass of ``2 S`` columns (``S`` for
 cross-entropy, whose ``Lambda`` has no negative part) to the recorded layer outputs, and per layer the

@@ -14,13 +14,13 @@ diagonal (not only its Gauss-Newton part) whenever that can be afforded, and mus
    ``W D >= sketch_min_work`` (:data:`SKETCH_MIN_WORK`) on, and while ``D <= max_exact_outputs``, the
    sketched Gauss-Newton diagonal (:mod:`.gauss_newton_sketch`: the exact factors of each sample's loss
    Hessian mixed into 1-2 columns) replaces the exact one: on a CIFAR ResNet-18 (``W D = 1.1e8``) it
-   cost about a quarter of ``"exact"`` and stayed within 2% of it on the same samples, with the same
-   standard error (``benchmarks/results/bench_resnet18_cost.md``). Below it the exact diagonal costs
-   little and has no estimator noise, which matters most on small models measured on few samples (on
-   the tiny zoo ResNet the sketch's RMS error was 18% against the exact method's 13%). Above
+   costs a fraction of ``"exact"`` at about its accuracy on the same samples. Below it the exact
+   diagonal costs little and has no estimator noise, which matters most on small models measured on
+   few samples (there the sketch's error was larger than the exact method's). Above
    ``max_exact_outputs`` the Monte-Carlo estimator stays: the sketch of its sampled columns agreed with
-   it on the trace but gave a 50% higher normalized sharpness on the 1,000-class ResNet-18 at
-   initialisation, and neither can be checked there against an exact value.
+   it on the trace but read normalized sharpness far higher on the 1,000-class ResNet-18 at
+   initialisation, and neither can be checked there against an exact value. Measured:
+   ``benchmarks/results/bench_resnet18_cost.md`` and ``bench_zoo_sketch_resnet.md``.
 
 Then, for a network piecewise linear in each weight: when ``D <= max_exact_outputs``,
 ``"gauss_newton_sketch"`` for big networks (``W D >= sketch_min_work``) and ``"exact"`` (zero variance)

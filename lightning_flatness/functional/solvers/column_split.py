@@ -26,8 +26,8 @@ processes take their decisions from them.
 **Cost per Newton iteration and process**: the ``O(m n / Q)`` float64 passes of :mod:`._newton` on
 its ``n / Q`` columns, ``O(m^2 n / Q)`` float32 for its part of the Schur complement, ``O(m^3)``
 for the factor, and about 15 all-reduces (one of ``m^2`` float32, the others of ``m`` floats or
-fewer); 4 small all-reduces per alternating sweep of the cold start (measured: about 50 collectives
-for a cold solve of a 1024 x 1024 ReLU-MLP layer that certifies after one Newton step).
+fewer); 4 small all-reduces per alternating sweep of the cold start
+(:class:`GroupColumnReduction` counts them).
 **Memory per process**: ``A``, ``B`` and a few ``(m, n / Q)`` float64 temporaries (``1/Q`` of the
 whole solve's) plus two ``m x m`` float32 matrices (the Schur complement, reduced in place, and its
 Cholesky factor).

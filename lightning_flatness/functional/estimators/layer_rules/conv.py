@@ -91,11 +91,10 @@ def use_grouped_convolution(channels_per_group: int, grad: Tensor) -> bool:
     """Whether :func:`grouped_squared_gradients` replaces im2col for a layer with ``channels_per_group``
     input channels per group: few channels (at most :data:`GROUPED_MAX_CHANNELS`), float32 on CPU.
 
-    Measured per layer (CPU time, batch 128, 9 columns, one thread; the table is in
-    ``benchmarks/results/bench_backpack_exact_speed.md``): 1.6-3.2x faster than im2col with 1-3 input
-    channels (the first convolutions of the 1-D LeNet and ResNet: 3-5 inputs per output, where a
-    matrix product per sample is a poor fit), about even at 6, slower from 4 or 8 channels on
-    (up to 2x at 16). Other dtypes and devices keep im2col (not measured).
+    Faster than im2col with 1-3 input channels (the first convolutions of the 1-D LeNet and ResNet:
+    3-5 inputs per output, where a matrix product per sample is a poor fit), slower from 4 channels
+    on; measured per layer on one CPU thread (``benchmarks/results/bench_backpack_exact_speed.md``).
+    Other dtypes and devices keep im2col (not measured).
     """
     return (
         channels_per_group <= GROUPED_MAX_CHANNELS
