@@ -175,8 +175,7 @@ def chunk_contraction(
     m = -(-n // chunk_size)
     pad = m * chunk_size - n
     if call.bias is not None:
-        dims = rule.bias_position_dims(grad)
-        gb = grad.sum(dim=dims) if dims else grad  # (C, N, O); sum(dim=()) would sum everything
+        gb = rule.bias_gradients(grad)  # (C, N, O)
         if pad:
             gb = torch.cat([gb, gb.new_zeros(c, pad, gb.shape[2])], dim=1)
         gb = gb.reshape(c, m, chunk_size, -1).sum(dim=2)

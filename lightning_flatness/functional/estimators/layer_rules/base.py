@@ -69,6 +69,12 @@ class LayerRule:
         """The dims of ``grad`` ``(K, N, *out)`` to sum for the per-sample bias gradient ``(K, N, O)``."""
         raise NotImplementedError
 
+    def bias_gradients(self, grad: Tensor) -> Tensor:
+        """The per-sample bias gradients ``(K, N, O)`` of output gradients ``grad`` ``(K, N, *out)``: summed
+        over :meth:`bias_position_dims` (none for one position per sample: ``sum(dim=())`` would sum all)."""
+        dims = self.bias_position_dims(grad)
+        return grad.sum(dim=dims) if dims else grad
+
     def factors(self, call: LayerCall, grad: Tensor, kernel: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """Input as ``(N, G, I, P)`` and output gradients of ``K`` columns as ``(N, G, K * O, P)``."""
         raise NotImplementedError

@@ -68,8 +68,7 @@ def accumulate_layer(
             _add(diag, call.bias, s.sum(dim=0))
         return
     if call.bias is not None:
-        dims = rule.bias_position_dims(grad)  # () sums nothing here (sum(dim=()) would sum everything)
-        gb = grad.sum(dim=dims) if dims else grad  # (K, N, out) per-sample bias gradients
+        gb = rule.bias_gradients(grad)  # (K, N, out) per-sample bias gradients
         gb = gb * gb
         _add(diag, call.bias, gb.sum(dim=(0, 1)) if unit_signs else torch.einsum("nk,kno->o", signs, gb))
     if call.weight is None:
