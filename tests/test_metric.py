@@ -727,3 +727,47 @@ def test_updates_add_in_place_and_copy_the_weights_only_when_they_change():
     metric.reset()
     metric.update({"w": h}, {"w": fresh}, 2)  # after reset: the compact default is replaced, not written
     torch.testing.assert_close(metric.hessian_sums()["w"].sum(dim=0), 2 * h.reshape(-1))
+
+
+def test_one_dimensional_tensors_enter_the_trace_and_its_error_bars_only():
+    """A bias beside a weight: ``hessian_trace`` and its jackknife count both, ``hessian_trace_weights`` the
+    weight alone (both against a by-hand delete-one jackknife of the slot means), and the normalized
+    measures equal those of a metric that never saw the bias."""
+    gen = torch.Generator().manual_seed(3)
+    w, b = (
+        torch.randn(3, 4, generator=gen, dtype=torch.float64),
+        torch.randn(3, generator=gen, dtype=torch.float64),
+    )
+    both = NormalizedSharpness({"w": w.shape, "b": b.shape}, num_replicates=4)
+    alone = NormalizedSharpness({"w": w.shape}, num_replicates=4)
+    slot_w, slot_b = [], []
+    for r in range(4):  # one update per slot, 3 samples each
+        hw, hb = (
+            torch.randn(3, 4, generator=gen, dtype=torch.float64),
+            torch.randn(3, generator=gen, dtype=torch.float64),
+        )
+        both.update({"w": hw, "b": hb}, {"w": w, "b": b}, 3)
+        alone.update({"w": hw}, {"w": w}, 3)
+        slot_w.append(float(hw.sum()))
+        slot_b.append(float(hb.sum()))
+    out, ref = both.compute(), alone.compute()
+
+    def jackknife(values):
+        loo = [(sum(values) - v) / 3 for v in values]  # equal slot sizes: means of the other three
+        mean = sum(loo) / 4
+        return math.sqrt(3 / 4 * sum((x - mean) ** 2 for x in loo))
+
+    totals = [a + c for a, c in zip(slot_w, slot_b)]
+    assert float(out["hessian_trace"]) == pytest.approx(sum(totals) / 4, rel=1e-12)
+    assert float(out["hessian_trace_weights"]) == pytest.approx(sum(slot_w) / 4, rel=1e-12)
+    assert float(out["hessian_trace/b"]) == pytest.approx(sum(slot_b) / 4, rel=1e-12)
+    assert float(out["hessian_trace_stderr"]) == pytest.approx(jackknife(totals), rel=1e-10)
+    assert float(out["hessian_trace_weights_stderr"]) == pytest.approx(jackknife(slot_w), rel=1e-10)
+    halves = (slot_w[0] + slot_w[2]) / 2, (slot_w[1] + slot_w[3]) / 2
+    shift = sum(halves) / 2 - sum(slot_w) / 4
+    assert float(out["hessian_trace_weights_half_shift"]) == pytest.approx(
+        shift, abs=1e-12 * abs(sum(slot_w))
+    )
+    for key in ("normalized", "normalized_stderr", "matrix_normalized", "matrix_normalized_stderr"):
+        assert float(out[key]) == pytest.approx(float(ref[key]), rel=1e-12), key
+    assert "normalized/b" not in out and "matrix_normalized/b" not in out
