@@ -741,7 +741,7 @@ def test_one_dimensional_tensors_enter_the_trace_and_its_error_bars_only():
     both = NormalizedSharpness({"w": w.shape, "b": b.shape}, num_replicates=4)
     alone = NormalizedSharpness({"w": w.shape}, num_replicates=4)
     slot_w, slot_b = [], []
-    for r in range(4):  # one update per slot, 3 samples each
+    for _ in range(4):  # one update per slot, 3 samples each
         hw, hb = (
             torch.randn(3, 4, generator=gen, dtype=torch.float64),
             torch.randn(3, generator=gen, dtype=torch.float64),
