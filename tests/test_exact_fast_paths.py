@@ -12,6 +12,7 @@ from oracles import brute_force_hessian_diagonal as brute_hessian_diagonal
 from torch import nn
 
 import lightning_flatness.functional.estimators.layer_rules.conv as conv
+import lightning_flatness.functional.estimators.exact as exact_module
 from lightning_flatness.functional.estimators.exact import _cross_entropy_factors, exact_hessian_diagonal
 from lightning_flatness.functional.estimators.layer_rules import LayerCall, accumulate_layer
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
@@ -213,16 +214,16 @@ class _FlippedBatch(nn.Module):
 
 
 def _batched_columns(monkeypatch) -> list[int]:
-    """Records how many columns each batched backward pass carries."""
+    """Records how many columns each batched backward pass of the per-layer path carries (the
+    folded-batch backward of layer_rules.column_backward or autograd's is_grads_batched)."""
     counts = []
-    grad = torch.autograd.grad
+    column_gradients = exact_module._column_gradients
 
-    def counting(outputs, inputs, grad_outputs=None, **kwargs):
-        if kwargs.get("is_grads_batched") and isinstance(grad_outputs, torch.Tensor):
-            counts.append(grad_outputs.shape[0])
-        return grad(outputs, inputs, grad_outputs, **kwargs)
+    def counting(recorder, logits, outputs, columns):
+        counts.append(columns.shape[0])
+        return column_gradients(recorder, logits, outputs, columns)
 
-    monkeypatch.setattr(torch.autograd, "grad", counting)
+    monkeypatch.setattr(exact_module, "_column_gradients", counting)
     return counts
 
 

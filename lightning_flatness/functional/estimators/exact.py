@@ -123,6 +123,7 @@ from lightning_flatness.functional.estimators.layer_rules import (
     accumulate_layer,
     argument,
 )
+from lightning_flatness.functional.estimators.layer_rules.column_backward import ColumnTape
 from lightning_flatness.functional.model_io import (
     ModelInputs,
     TokenLoss,
@@ -591,6 +592,11 @@ class _ForwardRecorder(TorchFunctionMode):
         self.issues: list[str] = []
         self.random_ops: list[str] = []  # calls that draw random numbers (train-mode dropout, rand, ...)
         self._seen_nodes: dict[int, Any] = {}  # grad_fn nodes of outputs of observed operations
+        # the operations with hand-written backward formulas for the K columns folded into the batch
+        # (layer_rules.column_backward); unusable with cloned outputs (the clones are not on it)
+        self.tape = ColumnTape(set(self.names_by_id))
+        if clone_outputs:
+            self.tape.reject()
 
     # -- bookkeeping -----------------------------------------------------------------------
     def where(self) -> str:
@@ -651,6 +657,7 @@ class _ForwardRecorder(TorchFunctionMode):
             ):
                 self.other_uses[param].append(f"{name!r} in {self.where()}")
         self._check_exactness(name, args, kwargs, dependent)
+        self.tape.record(name, func, args, kwargs, out)
         if call is not None:
             if self.clone_outputs:
                 out = out.clone()  # in-place ops downstream (ReLU(inplace=True)) must not change z
@@ -989,19 +996,7 @@ def _diagonal_by_layers(
     if probe:
         columns[k, 0] = _probe_values(tuple(logits.shape[1:]), logits.dtype, logits.device).reshape(-1)
     columns = columns.reshape(k + probe, *logits.shape)
-    grads: Sequence[Optional[Tensor]]
-    try:
-        grads = torch.autograd.grad(
-            logits, outputs, columns, retain_graph=True, allow_unused=True, is_grads_batched=True
-        )
-    except (RuntimeError, NotImplementedError):  # some backward lacks a vmap rule: loop
-        per_column = [
-            torch.autograd.grad(logits, outputs, v, retain_graph=True, allow_unused=True) for v in columns
-        ]
-        grads = [
-            None if per_column[0][j] is None else torch.stack([p[j] for p in per_column])
-            for j in range(len(calls))
-        ]
+    grads = _column_gradients(recorder, logits, outputs, columns)
     if columns.shape[0] > k:
         reached = [g[k, 1:].any() for g in grads if g is not None]  # one flag per layer, one sync
         if reached and bool(torch.stack(reached).any()):
@@ -1017,6 +1012,30 @@ def _diagonal_by_layers(
         if g is not None:
             accumulate_layer(call, g[:k], signs, diag, leaves, unit_signs)
     return {name: diag[name] if name in diag else torch.zeros_like(t) for name, t in leaves.items()}, []
+
+
+def _column_gradients(
+    recorder: _ForwardRecorder, logits: Tensor, outputs: list[Tensor], columns: Tensor
+) -> Sequence[Optional[Tensor]]:
+    """``(K, *z.shape)`` gradients of the ``K`` output columns at each recorded layer output ``z``
+    (``None`` where ``z`` does not reach the logits): by the folded-batch backward of
+    :class:`~.layer_rules.column_backward.ColumnTape` when every operation has a formula there, else
+    by autograd (``is_grads_batched``; a loop over the columns if some backward has no vmap rule)."""
+    grads = recorder.tape.backward(logits, columns, outputs)
+    if grads is not None:
+        return grads
+    try:
+        return torch.autograd.grad(
+            logits, outputs, columns, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+    except (RuntimeError, NotImplementedError):  # some backward lacks a vmap rule: loop
+        per_column = [
+            torch.autograd.grad(logits, outputs, v, retain_graph=True, allow_unused=True) for v in columns
+        ]
+        return [
+            None if per_column[0][j] is None else torch.stack([p[j] for p in per_column])
+            for j in range(len(outputs))
+        ]
 
 
 def _diagonal_per_sample(

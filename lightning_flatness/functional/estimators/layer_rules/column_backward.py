@@ -1,0 +1,288 @@
+r"""The ``K`` backward columns of the exact method as one backward pass over the folded batch.
+
+The per-layer contractions of :mod:`..exact` need, for every recorded layer output ``z``, the
+gradients ``g_k = J_z^T v_k`` of ``K`` output columns ``v_k`` (``(K, N, D)``). Autograd's
+``is_grads_batched`` vmaps the backward over ``k``; backward formulas without a batching rule
+(convolution and max-pooling backward) then run as a Python loop over the ``K`` columns, and the
+wrapper adds a fixed cost per call. For the operations whose input gradient is linear in the output
+gradient and does not mix samples, the ``K`` columns can instead be folded into the batch dimension
+(``(K N, ...)``) and sent through one hand-written backward formula per operation:
+
+- ``linear``: ``g W`` (one matrix product for all columns);
+- ``conv{1,2,3}d``: the input gradient of the convolution (``aten.convolution_backward`` with only
+  the input gradient requested; stride, symmetric padding, dilation, groups) on ``(K N, O, *P)``;
+- ``relu``: ``g * (out > 0)`` (``threshold_backward``, the output broadcast over ``k``);
+- ``max_pool{1,2,3}d``: a scatter-add of ``g`` to the argmax of each window (indices recomputed
+  from the recorded input, the same ones autograd uses);
+- ``adaptive_avg_pool{1,2,3}d`` to one position, eval-mode ``batch_norm`` and ``dropout``,
+  residual ``add`` of equal shapes, and the reshapes (``flatten``, ``view``, ``reshape``, ...).
+
+:class:`ColumnTape` records these operations during the recorded forward (the exactness recorder
+sees every operation on weight-dependent tensors); any other operation, an in-place one, or an
+argument of an unexpected kind makes the tape unusable and the caller falls back to autograd, so
+the result never depends on this module's coverage. Tensors the backward reads are checked for
+in-place changes (version counters) before it runs.
+
+Cost: the operations' input-gradient kernels once on ``K`` times the batch, with no per-column
+loop and no autograd bookkeeping; the same flops as autograd's batched backward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_flatness.functional.estimators.layer_rules.base import argument
+
+__all__ = ["ColumnTape"]
+
+# backward of one entry: the output gradient (K, *out.shape) -> [(input tensor, its gradient)]
+_Backward = Callable[[Tensor], list[tuple[Tensor, Tensor]]]
+
+def _no_input_gradient(g: Tensor) -> list[tuple[Tensor, Tensor]]:
+    return []
+
+
+_NO_INPUT_GRADIENT: _Backward = _no_input_gradient
+_RESHAPES = frozenset({"flatten", "view", "reshape", "unflatten", "squeeze", "unsqueeze", "contiguous", "clone"})
+_MAX_POOLS = {f"max_pool{d}d": d for d in (1, 2, 3)}
+_ADAPTIVE_AVG_POOLS = {f"adaptive_avg_pool{d}d": d for d in (1, 2, 3)}
+_CONVS = {f"conv{d}d": d for d in (1, 2, 3)}
+_DROPOUTS = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d"})
+
+
+def _holds_tensor(value: Any) -> bool:
+    """Whether ``value`` is a container (tuple, list, dict) with a tensor inside."""
+    if isinstance(value, dict):
+        value = tuple(value.values())
+    if isinstance(value, (tuple, list)):
+        return any(isinstance(v, Tensor) or _holds_tensor(v) for v in value)
+    return False
+
+
+def _tuple(value: Any, nd: int) -> Optional[tuple[int, ...]]:
+    if isinstance(value, int):
+        return (value,) * nd
+    if isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value):
+        value = tuple(value)
+        return value * nd if len(value) == 1 else (value if len(value) == nd else None)
+    return None
+
+
+class ColumnTape:
+    """The recorded forward's operations on weight-dependent tensors, with their backward formulas
+    for output gradients of ``K`` columns (see the module docstring).
+
+    ``leaves``: ``{id: tensor}`` of the selected weights (their gradients are never needed; they
+    may appear as the weight or bias of a layer). ``ok`` turns False for good at the first
+    operation without a rule here.
+    """
+
+    def __init__(self, leaf_ids: set[int]):
+        self.leaf_ids = leaf_ids
+        self.ok = True
+        self.entries: list[tuple[Tensor, _Backward]] = []
+        self.produced: set[int] = set()
+        self.versions: list[tuple[Tensor, int]] = []  # tensors read by the backward, with their version
+
+    def reject(self) -> None:
+        self.ok = False
+        self.entries = []
+        self.versions = []
+
+    def _constant(self, t: Any) -> bool:
+        """``t`` is not a weight-dependent tensor other than a selected leaf (no gradient needed)."""
+        return not isinstance(t, Tensor) or not t.requires_grad or id(t) in self.leaf_ids
+
+    def record(self, name: str, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        """Add one operation whose output requires grad (or reject the tape)."""
+        if not self.ok:
+            return
+        if name == "contiguous" and args and args[0] is out:
+            return  # already contiguous: the same tensor, nothing to record
+        backward = self._rule(name, func, args, kwargs, out)
+        if backward is None:
+            self.reject()
+            return
+        self.entries.append((out, backward))
+        self.produced.add(id(out))
+        self.versions.append((out, out._version))
+
+    def _read(self, t: Tensor) -> None:
+        self.versions.append((t, t._version))
+
+    def _rule(self, name: str, func: Any, args: tuple, kwargs: dict, out: Any) -> Optional[_Backward]:
+        raw = getattr(func, "__name__", "")
+        if not isinstance(out, Tensor) or "out" in kwargs or (raw.endswith("_") and not raw.endswith("__")):
+            return None
+        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)]
+        if any(t is out for t in tensors) or any(_holds_tensor(v) for v in (*args, *kwargs.values())):
+            return None  # in place, or tensors nested in containers (cat, stack, ...)
+        if all(self._constant(t) for t in tensors):
+            return _NO_INPUT_GRADIENT  # only selected weights enter: nothing flows further back
+        if name == "add":
+            return self._add(args, kwargs, out)
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, Tensor) or self._constant(x):
+            return None  # the one input that carries the gradient must be the first
+        if not all(self._constant(t) for t in tensors if t is not x):
+            return None
+        if name == "linear":
+            weight = argument(args, kwargs, 1, ("weight",))
+            if not isinstance(weight, Tensor) or weight.ndim != 2:
+                return None
+            return lambda g: [(x, torch.matmul(g, weight))]
+        if name in _CONVS:
+            return self._conv(_CONVS[name], x, args, kwargs, out)
+        if name == "relu":
+            if argument(args, kwargs, 1, ("inplace",), False):
+                return None
+            self._read(out)
+            return lambda g: [(x, torch.ops.aten.threshold_backward(g, out, 0))]
+        if name in _MAX_POOLS:
+            return self._max_pool(_MAX_POOLS[name], func, x, args, kwargs, out)
+        if name in _ADAPTIVE_AVG_POOLS:
+            nd = _ADAPTIVE_AVG_POOLS[name]
+            if x.ndim != nd + 2 or tuple(out.shape[2:]) != (1,) * nd:
+                return None
+            scale = 1.0 / math.prod(x.shape[2:])
+            return lambda g: [(x, (g * scale).expand(g.shape[0], *x.shape).contiguous())]
+        if name == "batch_norm":
+            return self._batch_norm(x, args, kwargs, out)
+        if name in _DROPOUTS:
+            if argument(args, kwargs, 2, ("training", "train"), True) or argument(args, kwargs, 3, ("inplace",), False):
+                return None
+            return lambda g: [(x, g)]
+        if name in _RESHAPES:
+            if out.numel() != x.numel() or out.dtype != x.dtype:
+                return None
+            return lambda g: [(x, g.reshape(g.shape[0], *x.shape))]
+        return None
+
+    def _add(self, args: tuple, kwargs: dict, out: Tensor) -> Optional[_Backward]:
+        if len(args) > 2 or set(kwargs) - {"other"} or len(args) + len(kwargs) != 2:
+            return None  # alpha, out, ...: not the plain sum
+        terms = [args[0], args[1] if len(args) > 1 else kwargs["other"]]
+        dependent = [t for t in terms if not self._constant(t)]
+        if any(t.shape != out.shape or t.dtype != out.dtype for t in dependent):
+            return None  # a broadcast or a type promotion
+        return lambda g: [(t, g) for t in dependent]
+
+    def _conv(self, nd: int, x: Tensor, args: tuple, kwargs: dict, out: Tensor) -> Optional[_Backward]:
+        weight = argument(args, kwargs, 1, ("weight",))
+        if not isinstance(weight, Tensor) or weight.ndim != nd + 2 or x.ndim != nd + 2:
+            return None
+        stride = _tuple(argument(args, kwargs, 3, ("stride",), 1), nd)
+        dilation = _tuple(argument(args, kwargs, 5, ("dilation",), 1), nd)
+        padding = argument(args, kwargs, 4, ("padding",), 0)
+        groups = argument(args, kwargs, 6, ("groups",), 1)
+        if stride is None or dilation is None or not isinstance(groups, int):
+            return None
+        if padding == "valid":
+            pad: Optional[tuple[int, ...]] = (0,) * nd
+        elif padding == "same":
+            totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+            pad = tuple(t // 2 for t in totals) if all(t % 2 == 0 for t in totals) else None
+        else:
+            pad = _tuple(padding, nd)
+        if pad is None:
+            return None
+        shape = tuple(x.shape)
+
+        def backward(g: Tensor) -> list[tuple[Tensor, Tensor]]:
+            k = g.shape[0]
+            folded = g.reshape(k * shape[0], *g.shape[2:])
+            grad_input = torch.ops.aten.convolution_backward(
+                folded,
+                folded.new_empty(1).expand(k * shape[0], *shape[1:]),  # only its shape is read
+                weight,
+                None,
+                list(stride),
+                list(pad),
+                list(dilation),
+                False,
+                [0] * nd,
+                groups,
+                [True, False, False],
+            )[0]
+            return [(x, grad_input.reshape(k, *shape))]
+
+        return backward
+
+    def _max_pool(self, nd: int, func: Any, x: Tensor, args: tuple, kwargs: dict, out: Tensor) -> Optional[_Backward]:
+        if x.ndim != nd + 2 or argument(args, kwargs, 6, ("return_indices",), False):
+            return None
+        options = {
+            "kernel_size": argument(args, kwargs, 1, ("kernel_size",)),
+            "stride": argument(args, kwargs, 2, ("stride",)),
+            "padding": argument(args, kwargs, 3, ("padding",), 0),
+            "dilation": argument(args, kwargs, 4, ("dilation",), 1),
+            "ceil_mode": argument(args, kwargs, 5, ("ceil_mode",), False),
+        }
+        pool = getattr(F, f"max_pool{nd}d")
+        self._read(x)
+
+        def backward(g: Tensor) -> list[tuple[Tensor, Tensor]]:
+            _, index = pool(x.detach(), return_indices=True, **options)  # the argmax autograd uses
+            k, n, c = g.shape[0], x.shape[0], x.shape[1]
+            grad = g.new_zeros(k, n, c, math.prod(x.shape[2:]))
+            index = index.reshape(1, n, c, -1).expand(k, n, c, -1)
+            grad.scatter_add_(3, index, g.reshape(k, n, c, -1))
+            return [(x, grad.reshape(k, *x.shape))]
+
+        return backward
+
+    def _batch_norm(self, x: Tensor, args: tuple, kwargs: dict, out: Tensor) -> Optional[_Backward]:
+        mean = argument(args, kwargs, 1, ("running_mean",))
+        var = argument(args, kwargs, 2, ("running_var",))
+        weight = argument(args, kwargs, 3, ("weight",))
+        training = argument(args, kwargs, 5, ("training",), False)
+        eps = argument(args, kwargs, 7, ("eps",), 1e-5)
+        if training or not isinstance(mean, Tensor) or not isinstance(var, Tensor) or x.ndim < 2:
+            return None
+        if not isinstance(eps, (int, float)):
+            return None
+        self._read(var)
+        if isinstance(weight, Tensor):
+            self._read(weight)
+
+        def backward(g: Tensor) -> list[tuple[Tensor, Tensor]]:
+            scale = torch.rsqrt(var.detach() + eps)
+            if isinstance(weight, Tensor):
+                scale = scale * weight.detach()
+            return [(x, g * scale.reshape(-1, *([1] * (x.ndim - 2))))]
+
+        return backward
+
+    def backward(self, logits: Tensor, columns: Tensor, wanted: list[Tensor]) -> Optional[list[Optional[Tensor]]]:
+        """Gradients ``(K, *z.shape)`` of the columns ``(K, *logits.shape)`` at each tensor of ``wanted``
+        (``None`` where it does not reach the logits), or ``None`` when the tape cannot be used
+        (an operation without a rule, the logits not produced on the tape, or a tensor the backward
+        reads changed in place since the forward)."""
+        if not self.ok or id(logits) not in self.produced:
+            return None
+        if any(t._version != v for t, v in self.versions):
+            return None
+        with torch.no_grad():
+            return self._backward(logits, columns, wanted)
+
+    def _backward(self, logits: Tensor, columns: Tensor, wanted: list[Tensor]) -> list[Optional[Tensor]]:
+        wanted_ids = {id(t) for t in wanted}
+        found: dict[int, Tensor] = {}
+        grads: dict[int, Tensor] = {id(logits): columns}
+        for out, rule in reversed(self.entries):
+            g = grads.pop(id(out), None)
+            if g is None:
+                continue
+            if id(out) in wanted_ids:
+                found[id(out)] = g
+            for t, gt in rule(g):
+                key = id(t)
+                if key in self.leaf_ids:
+                    continue
+                grads[key] = grads[key] + gt if key in grads else gt
+        return [found.get(id(t)) for t in wanted]
