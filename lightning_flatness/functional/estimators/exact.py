@@ -847,17 +847,22 @@ def _cross_entropy_factors(p: Tensor) -> Tensor:
     ``C - 1`` columns, and ``S_n = diag(q) R[:, :C-1]``. ``u^T u = 2 + 2 q_C >= 2``: no cancellation
     for any ``p``. One column fewer than BackPACK's ``diag(q) - p q^T`` [1] (``C`` columns of rank
     ``C - 1``; the constant shift of the logits is its null direction), so the backward pass carries
-    ``C - 1`` columns. ``C = 1`` (a constant loss): one zero column. Cost ``O(N C^2)``, in ``p``'s dtype.
+    ``C - 1`` columns. ``C = 1`` (a constant loss): one zero column. Cost ``O(N C^2)``, in ``p``'s dtype;
+    the result is a view of a ``(C - 1, N, C)`` tensor (the backward pass takes the columns as they are).
     """
     n, c = p.shape
     if c == 1:
         return p.new_zeros(n, 1, 1)
+    k = c - 1
     q = p.sqrt()
-    # S = diag(q) R[:, :C-1] = [diag(q[:C-1]); 0] - (q * u) (q[:C-1] / (1 + q_C))^T, u^T u = 2 (1 + q_C)
-    head, tail = q[:, : c - 1], q[:, c - 1 :]
-    qu = torch.cat([p[:, : c - 1], p[:, c - 1 :] + tail], dim=1)  # q * u = (p_1, .., p_{C-1}, p_C + q_C)
-    diagonal = F.pad(torch.diag_embed(head), (0, 0, 0, 1))  # (N, C, C - 1)
-    return diagonal.baddbmm_(qu.unsqueeze(2), (head / (tail + 1.0)).unsqueeze(1), alpha=-1.0)
+    # S = diag(q) R[:, :C-1] = [diag(q[:C-1]); 0] - (q * u) (q[:C-1] / (1 + q_C))^T, u^T u = 2 (1 + q_C),
+    # built column-major, (C - 1, N, C): the layout of the backward pass's columns (one view away)
+    qu = p.clone()
+    qu[:, k] += q[:, k]  # q * u = (p_1, .., p_{C-1}, p_C + q_C)
+    coefficients = q[:, :k] / (-1.0 - q[:, k:])  # -q[:C-1] / (1 + q_C), (N, C - 1)
+    columns = torch.mul(coefficients.T.unsqueeze(2), qu, out=p.new_empty(k, n, c))  # contiguous
+    torch.as_strided(columns, (k, n), (n * c + 1, c)).add_(q[:, :k].T)  # entries (j, n, j): + q_nj
+    return columns.permute(1, 2, 0)
 
 
 def _token_loss_factors(
@@ -991,10 +996,12 @@ def _diagonal_by_layers(
     outputs = [c.output for c in calls]
     # the batch-independence probe as column k, unless every operation kept the samples apart
     probe = 1 if n >= 2 and calls and not recorder.samples_apart else 0
-    columns = logits.new_zeros(k + probe, n, factors.shape[1])
-    columns[:k] = factors.permute(2, 0, 1)
     if probe:
+        columns = logits.new_zeros(k + probe, n, factors.shape[1])
+        columns[:k] = factors.permute(2, 0, 1)
         columns[k, 0] = _probe_values(tuple(logits.shape[1:]), logits.dtype, logits.device).reshape(-1)
+    else:
+        columns = factors.permute(2, 0, 1)  # a view where the factors are column-major (cross-entropy)
     columns = columns.reshape(k + probe, *logits.shape)
     grads = _column_gradients(recorder, logits, outputs, columns)
     if columns.shape[0] > k:
