@@ -43,12 +43,15 @@ __all__ = ["ColumnTape"]
 # backward of one entry: the output gradient (K, *out.shape) -> [(input tensor, its gradient)]
 _Backward = Callable[[Tensor], list[tuple[Tensor, Tensor]]]
 
+
 def _no_input_gradient(g: Tensor) -> list[tuple[Tensor, Tensor]]:
     return []
 
 
 _NO_INPUT_GRADIENT: _Backward = _no_input_gradient
-_RESHAPES = frozenset({"flatten", "view", "reshape", "unflatten", "squeeze", "unsqueeze", "contiguous", "clone"})
+_RESHAPES = frozenset(
+    {"flatten", "view", "reshape", "unflatten", "squeeze", "unsqueeze", "contiguous", "clone"}
+)
 _MAX_POOLS = {f"max_pool{d}d": d for d in (1, 2, 3)}
 _ADAPTIVE_AVG_POOLS = {f"adaptive_avg_pool{d}d": d for d in (1, 2, 3)}
 _CONVS = {f"conv{d}d": d for d in (1, 2, 3)}
@@ -102,8 +105,12 @@ class ColumnTape:
         """Add one operation whose output requires grad (or reject the tape)."""
         if not self.ok:
             return
-        if name == "contiguous" and args and args[0] is out:
-            return  # already contiguous: the same tensor, nothing to record
+        if (
+            args
+            and args[0] is out
+            and (name == "contiguous" or name in _DROPOUTS and self._eval_dropout(args, kwargs))
+        ):
+            return  # the input itself (already contiguous, eval-mode dropout): nothing to record
         backward = self._rule(name, func, args, kwargs, out)
         if backward is None:
             self.reject()
@@ -154,14 +161,18 @@ class ColumnTape:
         if name == "batch_norm":
             return self._batch_norm(x, args, kwargs, out)
         if name in _DROPOUTS:
-            if argument(args, kwargs, 2, ("training", "train"), True) or argument(args, kwargs, 3, ("inplace",), False):
-                return None
-            return lambda g: [(x, g)]
+            return (lambda g: [(x, g)]) if self._eval_dropout(args, kwargs) else None
         if name in _RESHAPES:
             if out.numel() != x.numel() or out.dtype != x.dtype:
                 return None
             return lambda g: [(x, g.reshape(g.shape[0], *x.shape))]
         return None
+
+    @staticmethod
+    def _eval_dropout(args: tuple, kwargs: dict) -> bool:
+        """A dropout call in evaluation mode, not in place: the identity."""
+        training = argument(args, kwargs, 2, ("training", "train"), True)
+        return not training and not argument(args, kwargs, 3, ("inplace",), False)
 
     def _add(self, args: tuple, kwargs: dict, out: Tensor) -> Optional[_Backward]:
         if len(args) > 2 or set(kwargs) - {"other"} or len(args) + len(kwargs) != 2:
@@ -213,7 +224,9 @@ class ColumnTape:
 
         return backward
 
-    def _max_pool(self, nd: int, func: Any, x: Tensor, args: tuple, kwargs: dict, out: Tensor) -> Optional[_Backward]:
+    def _max_pool(
+        self, nd: int, func: Any, x: Tensor, args: tuple, kwargs: dict, out: Tensor
+    ) -> Optional[_Backward]:
         if x.ndim != nd + 2 or argument(args, kwargs, 6, ("return_indices",), False):
             return None
         options = {
@@ -258,7 +271,9 @@ class ColumnTape:
 
         return backward
 
-    def backward(self, logits: Tensor, columns: Tensor, wanted: list[Tensor]) -> Optional[list[Optional[Tensor]]]:
+    def backward(
+        self, logits: Tensor, columns: Tensor, wanted: list[Tensor]
+    ) -> Optional[list[Optional[Tensor]]]:
         """Gradients ``(K, *z.shape)`` of the columns ``(K, *logits.shape)`` at each tensor of ``wanted``
         (``None`` where it does not reach the logits), or ``None`` when the tape cannot be used
         (an operation without a rule, the logits not produced on the tape, or a tensor the backward
