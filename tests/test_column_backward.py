@@ -110,8 +110,8 @@ def _spy(monkeypatch) -> list[bool]:
     used: list[bool] = []
     backward = ColumnTape.backward
 
-    def spying(self, logits, columns, wanted):
-        result = backward(self, logits, columns, wanted)
+    def spying(self, logits, columns, wanted, consume=None):
+        result = backward(self, logits, columns, wanted, consume)
         used.append(result is not None)
         return result
 
@@ -179,7 +179,7 @@ def test_operations_without_a_rule_fall_back_to_autograd(inplace, monkeypatch):
     y = torch.randint(0, 3, (6,))
     params = select_parameters(model)
     diag = exact_module.exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
-    assert used == [False]
+    assert used and not any(used)
     assert_relative_close(diag, brute_hessian_diagonal(model, F.cross_entropy, x, y, list(params)), 1e-9)
 
 

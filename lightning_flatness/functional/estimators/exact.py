@@ -1003,6 +1003,17 @@ def _diagonal_by_layers(
     else:
         columns = factors.permute(2, 0, 1)  # a view where the factors are column-major (cross-entropy)
     columns = columns.reshape(k + probe, *logits.shape)
+    diag = _Diagonal(leaves)  # filled by the first contribution to each tensor
+    unit_signs = bool((signs == 1).all())
+    if not probe:  # each layer contracted as soon as the folded-batch backward reaches it
+
+        def consume(i: int, g: Tensor) -> None:
+            accumulate_layer(calls[i], g, signs, diag, leaves, unit_signs)
+
+        if recorder.tape.backward(logits, columns, outputs, consume) is not None:
+            return {
+                name: diag[name] if name in diag else torch.zeros_like(t) for name, t in leaves.items()
+            }, []
     grads = _column_gradients(recorder, logits, outputs, columns)
     if columns.shape[0] > k:
         reached = [g[k, 1:].any() for g in grads if g is not None]  # one flag per layer, one sync
@@ -1013,8 +1024,6 @@ def _diagonal_by_layers(
                 if g is not None and bool(g[k, 1:].any())
             ]
             return None, mixing
-    diag = _Diagonal(leaves)  # filled by the first contribution to each tensor
-    unit_signs = bool((signs == 1).all())
     for call, g in zip(calls, grads):
         if g is not None:
             accumulate_layer(call, g[:k], signs, diag, leaves, unit_signs)

@@ -272,32 +272,51 @@ class ColumnTape:
         return backward
 
     def backward(
-        self, logits: Tensor, columns: Tensor, wanted: list[Tensor]
+        self,
+        logits: Tensor,
+        columns: Tensor,
+        wanted: list[Tensor],
+        consume: Optional[Callable[[int, Tensor], None]] = None,
     ) -> Optional[list[Optional[Tensor]]]:
         """Gradients ``(K, *z.shape)`` of the columns ``(K, *logits.shape)`` at each tensor of ``wanted``
         (``None`` where it does not reach the logits), or ``None`` when the tape cannot be used
         (an operation without a rule, the logits not produced on the tape, or a tensor the backward
-        reads changed in place since the forward)."""
+        reads changed in place since the forward).
+
+        ``consume(i, g)``: called with the gradient of ``wanted[i]`` as soon as it is complete (the
+        last layer first) instead of returning it (its entry is then ``None``), so that each layer
+        is contracted while its gradient is fresh in cache and no more than about two layers'
+        gradients are alive at once."""
         if not self.ok or id(logits) not in self.produced:
             return None
         if any(t._version != v for t, v in self.versions):
             return None
         with torch.no_grad():
-            return self._backward(logits, columns, wanted)
+            return self._backward(logits, columns, wanted, consume)
 
-    def _backward(self, logits: Tensor, columns: Tensor, wanted: list[Tensor]) -> list[Optional[Tensor]]:
-        wanted_ids = {id(t) for t in wanted}
+    def _backward(
+        self,
+        logits: Tensor,
+        columns: Tensor,
+        wanted: list[Tensor],
+        consume: Optional[Callable[[int, Tensor], None]],
+    ) -> list[Optional[Tensor]]:
+        index = {id(t): i for i, t in enumerate(wanted)}
         found: dict[int, Tensor] = {}
         grads: dict[int, Tensor] = {id(logits): columns}
         for out, rule in reversed(self.entries):
             g = grads.pop(id(out), None)
             if g is None:
                 continue
-            if id(out) in wanted_ids:
-                found[id(out)] = g
+            i = index.get(id(out))
+            if i is not None:
+                if consume is None:
+                    found[i] = g
+                else:
+                    consume(i, g)
             for t, gt in rule(g):
                 key = id(t)
                 if key in self.leaf_ids:
                     continue
                 grads[key] = grads[key] + gt if key in grads else gt
-        return [found.get(id(t)) for t in wanted]
+        return [found.get(i) for i in range(len(wanted))]
