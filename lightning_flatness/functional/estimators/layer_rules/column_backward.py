@@ -124,20 +124,25 @@ class ColumnTape:
 
     def _rule(self, name: str, func: Any, args: tuple, kwargs: dict, out: Any) -> Optional[_Backward]:
         raw = getattr(func, "__name__", "")
-        if not isinstance(out, Tensor) or "out" in kwargs or (raw.endswith("_") and not raw.endswith("__")):
+        if not isinstance(out, Tensor) or "out" in kwargs or (raw[-1:] == "_" and raw[-2:] != "__"):
             return None
-        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)]
-        if any(t is out for t in tensors) or any(_holds_tensor(v) for v in (*args, *kwargs.values())):
-            return None  # in place, or tensors nested in containers (cat, stack, ...)
-        if all(self._constant(t) for t in tensors):
+        # the weight-dependent tensors other than the selected weights: the ones that need a gradient
+        dependent = []
+        for v in (*args, *kwargs.values()):
+            if isinstance(v, Tensor):
+                if v is out:
+                    return None  # in place
+                if v.requires_grad and id(v) not in self.leaf_ids:
+                    dependent.append(v)
+            elif isinstance(v, (tuple, list, dict)) and _holds_tensor(v):
+                return None  # tensors nested in containers (cat, stack, ...)
+        if not dependent:
             return _NO_INPUT_GRADIENT  # only selected weights enter: nothing flows further back
         if name == "add":
             return self._add(args, kwargs, out)
         x = args[0] if args else kwargs.get("input")
-        if not isinstance(x, Tensor) or self._constant(x):
+        if len(dependent) > 1 or dependent[0] is not x:
             return None  # the one input that carries the gradient must be the first
-        if not all(self._constant(t) for t in tensors if t is not x):
-            return None
         if name == "linear":
             weight = argument(args, kwargs, 1, ("weight",))
             if not isinstance(weight, Tensor) or weight.ndim != 2:
