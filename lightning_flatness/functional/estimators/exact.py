@@ -35,8 +35,11 @@ Algorithm (BackPACK's ``DiagGGNExact`` [1] with a signed symmetric factorisation
    sqrt(p_n)^T``), with no double backward and no eigendecomposition;
 3. the columns ``v_n = sqrt(|s_nk| / N) u_nk`` for every eigen-index ``k`` (at most ``D``; directions
    with ``|s| ~ 0`` for every sample, such as the constant shift of cross-entropy, are dropped) are
-   propagated from the logits of all samples in one batched backward pass (``is_grads_batched``),
-   giving ``g_nk = dz_n`` for every recorded layer output ``z``;
+   propagated from the logits of all samples in one batched backward pass, giving ``g_nk = dz_n``
+   for every recorded layer output ``z``: the columns folded into the batch, ``(K N, ...)``, through
+   hand-written backward formulas where every operation has one (Linear, Conv, ReLU, pooling,
+   eval-mode BatchNorm, residual sums, reshapes: :mod:`.layer_rules.column_backward`; each layer is
+   then contracted as soon as its gradient is complete), else autograd's ``is_grads_batched``;
 4. per layer, the per-sample gradient of ``v_n^T f_n`` is ``g_n a_n^T`` (Linear; summed over extra
    leading positions) or ``g_n unfold(a_n)^T`` (Conv, per group); its square, weighted by
    ``sign(s_nk)``, is summed over samples and ``k``. For a plain Linear layer the square factorises:
@@ -984,8 +987,9 @@ class _Diagonal(dict):
 def _diagonal_by_layers(
     recorder: _ForwardRecorder, logits: Tensor, factors: Tensor, signs: Tensor, leaves: dict[str, Tensor]
 ) -> tuple[Optional[dict[str, Tensor]], list[str]]:
-    """The fast path: one backward pass of all ``K`` columns at once (``is_grads_batched``; a loop
-    over them if some backward has no vmap rule), then per-layer contractions.
+    """The fast path: one backward pass of all ``K`` columns at once (:func:`_column_gradients`), then
+    per-layer contractions; without a probe column and with the folded-batch backward of
+    :mod:`.layer_rules.column_backward`, each layer is contracted as soon as the pass reaches it.
 
     The batch-independence probe (:func:`_probe_values`) is one more column of the same pass:
     returns ``(None, layers)`` with the layers whose outputs of samples ``1..N-1`` receive gradient
