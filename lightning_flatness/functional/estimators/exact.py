@@ -860,11 +860,12 @@ def _cross_entropy_factors(p: Tensor) -> Tensor:
     q = p.sqrt()
     # S = diag(q) R[:, :C-1] = [diag(q[:C-1]); 0] - (q * u) (q[:C-1] / (1 + q_C))^T, u^T u = 2 (1 + q_C),
     # built column-major, (C - 1, N, C): the layout of the backward pass's columns (one view away)
+    head, tail = q[:, :k], q[:, k:]
     qu = p.clone()
-    qu[:, k] += q[:, k]  # q * u = (p_1, .., p_{C-1}, p_C + q_C)
-    coefficients = q[:, :k] / (-1.0 - q[:, k:])  # -q[:C-1] / (1 + q_C), (N, C - 1)
+    qu[:, k:].add_(tail)  # q * u = (p_1, .., p_{C-1}, p_C + q_C)
+    coefficients = head / (-1.0 - tail)  # -q[:C-1] / (1 + q_C), (N, C - 1)
     columns = torch.mul(coefficients.T.unsqueeze(2), qu, out=p.new_empty(k, n, c))  # contiguous
-    torch.as_strided(columns, (k, n), (n * c + 1, c)).add_(q[:, :k].T)  # entries (j, n, j): + q_nj
+    torch.as_strided(columns, (k, n), (n * c + 1, c)).add_(head.T)  # entries (j, n, j): + q_nj
     return columns.permute(1, 2, 0)
 
 
