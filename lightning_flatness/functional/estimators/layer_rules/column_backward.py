@@ -29,6 +29,7 @@ loop and no autograd bookkeeping; the same flops as autograd's batched backward.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Optional
 
@@ -40,11 +41,12 @@ from lightning_flatness.functional.estimators.layer_rules.base import argument
 
 __all__ = ["ColumnTape"]
 
-# backward of one entry: the output gradient (K, *out.shape) -> [(input tensor, its gradient)]
-_Backward = Callable[[Tensor], list[tuple[Tensor, Tensor]]]
+# backward of one entry: (the output gradient (K, *out.shape), whether the rule may overwrite it) ->
+# [(input tensor, its gradient, whether that gradient is a tensor no one else holds)]
+_Backward = Callable[[Tensor, bool], list[tuple[Tensor, Tensor, bool]]]
 
 
-def _no_input_gradient(g: Tensor) -> list[tuple[Tensor, Tensor]]:
+def _no_input_gradient(g: Tensor, owned: bool) -> list[tuple[Tensor, Tensor, bool]]:
     return []
 
 
@@ -65,6 +67,13 @@ def _holds_tensor(value: Any) -> bool:
     if isinstance(value, (tuple, list)):
         return any(isinstance(v, Tensor) or _holds_tensor(v) for v in value)
     return False
+
+
+def _relu_backward(x: Tensor, out: Tensor, g: Tensor, owned: bool) -> list[tuple[Tensor, Tensor, bool]]:
+    """``g * (out > 0)``, written into ``g`` when no one else holds it."""
+    if owned:
+        return [(x, torch.ops.aten.threshold_backward.grad_input(g, out, 0, grad_input=g), True)]
+    return [(x, torch.ops.aten.threshold_backward(g, out, 0), True)]
 
 
 def _tuple(value: Any, nd: int) -> Optional[tuple[int, ...]]:
@@ -147,14 +156,14 @@ class ColumnTape:
             weight = argument(args, kwargs, 1, ("weight",))
             if not isinstance(weight, Tensor) or weight.ndim != 2:
                 return None
-            return lambda g: [(x, torch.matmul(g, weight))]
+            return lambda g, owned: [(x, torch.matmul(g, weight), True)]
         if name in _CONVS:
             return self._conv(_CONVS[name], x, args, kwargs, out)
         if name == "relu":
             if argument(args, kwargs, 1, ("inplace",), False):
                 return None
             self._read(out)
-            return lambda g: [(x, torch.ops.aten.threshold_backward(g, out, 0))]
+            return functools.partial(_relu_backward, x, out)
         if name in _MAX_POOLS:
             return self._max_pool(_MAX_POOLS[name], func, x, args, kwargs, out)
         if name in _ADAPTIVE_AVG_POOLS:
@@ -162,15 +171,15 @@ class ColumnTape:
             if x.ndim != nd + 2 or tuple(out.shape[2:]) != (1,) * nd:
                 return None
             scale = 1.0 / math.prod(x.shape[2:])
-            return lambda g: [(x, (g * scale).expand(g.shape[0], *x.shape).contiguous())]
+            return lambda g, owned: [(x, (g * scale).expand(g.shape[0], *x.shape).contiguous(), True)]
         if name == "batch_norm":
             return self._batch_norm(x, args, kwargs, out)
         if name in _DROPOUTS:
-            return (lambda g: [(x, g)]) if self._eval_dropout(args, kwargs) else None
+            return (lambda g, owned: [(x, g, owned)]) if self._eval_dropout(args, kwargs) else None
         if name in _RESHAPES:
             if out.numel() != x.numel() or out.dtype != x.dtype:
                 return None
-            return lambda g: [(x, g.reshape(g.shape[0], *x.shape))]
+            return lambda g, owned: [(x, g.reshape(g.shape[0], *x.shape), owned)]
         return None
 
     @staticmethod
@@ -186,7 +195,9 @@ class ColumnTape:
         dependent = [t for t in terms if not self._constant(t)]
         if any(t.shape != out.shape or t.dtype != out.dtype for t in dependent):
             return None  # a broadcast or a type promotion
-        return lambda g: [(t, g) for t in dependent]
+        if len(dependent) == 1:
+            return lambda g, owned: [(dependent[0], g, owned)]
+        return lambda g, owned: [(t, g, False) for t in dependent]  # one gradient, several holders
 
     def _conv(self, nd: int, x: Tensor, args: tuple, kwargs: dict, out: Tensor) -> Optional[_Backward]:
         weight = argument(args, kwargs, 1, ("weight",))
@@ -209,7 +220,7 @@ class ColumnTape:
             return None
         shape = tuple(x.shape)
 
-        def backward(g: Tensor) -> list[tuple[Tensor, Tensor]]:
+        def backward(g: Tensor, owned: bool) -> list[tuple[Tensor, Tensor, bool]]:
             k = g.shape[0]
             folded = g.reshape(k * shape[0], *g.shape[2:])
             grad_input = torch.ops.aten.convolution_backward(
@@ -225,7 +236,7 @@ class ColumnTape:
                 groups,
                 [True, False, False],
             )[0]
-            return [(x, grad_input.reshape(k, *shape))]
+            return [(x, grad_input.reshape(k, *shape), True)]
 
         return backward
 
@@ -244,13 +255,13 @@ class ColumnTape:
         pool = getattr(F, f"max_pool{nd}d")
         self._read(x)
 
-        def backward(g: Tensor) -> list[tuple[Tensor, Tensor]]:
+        def backward(g: Tensor, owned: bool) -> list[tuple[Tensor, Tensor, bool]]:
             _, index = pool(x.detach(), return_indices=True, **options)  # the argmax autograd uses
             k, n, c = g.shape[0], x.shape[0], x.shape[1]
             grad = g.new_zeros(k, n, c, math.prod(x.shape[2:]))
             index = index.reshape(1, n, c, -1).expand(k, n, c, -1)
             grad.scatter_add_(3, index, g.reshape(k, n, c, -1))
-            return [(x, grad.reshape(k, *x.shape))]
+            return [(x, grad.reshape(k, *x.shape), True)]
 
         return backward
 
@@ -268,11 +279,12 @@ class ColumnTape:
         if isinstance(weight, Tensor):
             self._read(weight)
 
-        def backward(g: Tensor) -> list[tuple[Tensor, Tensor]]:
+        def backward(g: Tensor, owned: bool) -> list[tuple[Tensor, Tensor, bool]]:
             scale = torch.rsqrt(var.detach() + eps)
             if isinstance(weight, Tensor):
                 scale = scale * weight.detach()
-            return [(x, g * scale.reshape(-1, *([1] * (x.ndim - 2))))]
+            scale = scale.reshape(-1, *([1] * (x.ndim - 2)))
+            return [(x, g.mul_(scale) if owned else g * scale, True)]
 
         return backward
 
@@ -308,20 +320,24 @@ class ColumnTape:
     ) -> list[Optional[Tensor]]:
         index = {id(t): i for i, t in enumerate(wanted)}
         found: dict[int, Tensor] = {}
-        grads: dict[int, Tensor] = {id(logits): columns}
+        # id -> (gradient so far, whether no one else holds it: then a rule may overwrite it)
+        grads: dict[int, tuple[Tensor, bool]] = {id(logits): (columns, False)}
         for out, rule in reversed(self.entries):
-            g = grads.pop(id(out), None)
-            if g is None:
+            item = grads.pop(id(out), None)
+            if item is None:
                 continue
+            g, owned = item
             i = index.get(id(out))
             if i is not None:
                 if consume is None:
                     found[i] = g
+                    owned = False  # returned to the caller
                 else:
-                    consume(i, g)
-            for t, gt in rule(g):
+                    consume(i, g)  # done with it before the rule runs
+            for t, gt, fresh in rule(g, owned):
                 key = id(t)
                 if key in self.leaf_ids:
                     continue
-                grads[key] = grads[key] + gt if key in grads else gt
+                previous = grads.get(key)
+                grads[key] = (gt, fresh) if previous is None else (previous[0] + gt, True)
         return [found.get(i) for i in range(len(wanted))]
