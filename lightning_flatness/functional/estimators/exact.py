@@ -694,7 +694,8 @@ class _ForwardRecorder(TorchFunctionMode):
         if weight_name is None and bias_name is None:
             return None
         inputs = _argument(args, kwargs, 0, ("input",))
-        call = LayerCall(name, self.where(), inputs.detach(), out, weight_name, bias_name)
+        detached = inputs.detach() if inputs.requires_grad else inputs
+        call = LayerCall(name, self.where(), detached, out, weight_name, bias_name)
         rule.record(call, args, kwargs, weight)
         for param in (weight_name, bias_name):
             if param is not None:
