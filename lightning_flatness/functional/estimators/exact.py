@@ -852,7 +852,8 @@ def _cross_entropy_factors(p: Tensor) -> Tensor:
     for any ``p``. One column fewer than BackPACK's ``diag(q) - p q^T`` [1] (``C`` columns of rank
     ``C - 1``; the constant shift of the logits is its null direction), so the backward pass carries
     ``C - 1`` columns. ``C = 1`` (a constant loss): one zero column. Cost ``O(N C^2)``, in ``p``'s dtype;
-    the result is a view of a ``(C - 1, N, C)`` tensor (the backward pass takes the columns as they are).
+    the result is a view of an ``(N, C - 1, C)`` tensor (the backward pass takes the columns as they are,
+    sample-major).
     """
     n, c = p.shape
     if c == 1:
@@ -860,14 +861,14 @@ def _cross_entropy_factors(p: Tensor) -> Tensor:
     k = c - 1
     q = p.sqrt()
     # S = diag(q) R[:, :C-1] = [diag(q[:C-1]); 0] - (q * u) (q[:C-1] / (1 + q_C))^T, u^T u = 2 (1 + q_C),
-    # built column-major, (C - 1, N, C): the layout of the backward pass's columns (one view away)
+    # built as S^T, (N, C - 1, C): the sample-major layout the backward pass keeps (one view away)
     head, tail = q[:, :k], q[:, k:]
     qu = p.clone()
     qu[:, k:].add_(tail)  # q * u = (p_1, .., p_{C-1}, p_C + q_C)
     coefficients = head / (-1.0 - tail)  # -q[:C-1] / (1 + q_C), (N, C - 1)
-    columns = torch.mul(coefficients.T.unsqueeze(2), qu, out=p.new_empty(k, n, c))  # contiguous
-    torch.as_strided(columns, (k, n), (n * c + 1, c)).add_(head.T)  # entries (j, n, j): + q_nj
-    return columns.permute(1, 2, 0)
+    columns = coefficients.unsqueeze(2) * qu.unsqueeze(1)  # (N, C - 1, C), contiguous
+    torch.as_strided(columns, (n, k), (k * c, c + 1)).add_(head)  # entries (n, j, j): + q_nj
+    return columns.transpose(1, 2)
 
 
 def _token_loss_factors(
@@ -1007,7 +1008,7 @@ def _diagonal_by_layers(
         columns[:k] = factors.permute(2, 0, 1)
         columns[k, 0] = _probe_values(tuple(logits.shape[1:]), logits.dtype, logits.device).reshape(-1)
     else:
-        columns = factors.permute(2, 0, 1)  # a view where the factors are column-major (cross-entropy)
+        columns = factors.permute(2, 0, 1)  # (K, N, D): a view, sample-major for cross-entropy's factors
     columns = columns.reshape(k + probe, *logits.shape)
     diag = _Diagonal(leaves)  # filled by the first contribution to each tensor
     unit_signs = bool((signs == 1).all())

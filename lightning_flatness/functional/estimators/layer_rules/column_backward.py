@@ -69,6 +69,19 @@ def _holds_tensor(value: Any) -> bool:
     return False
 
 
+def _sample_major(g: Tensor) -> bool:
+    """Whether ``g`` ``(K, N, ...)`` is laid out sample-major (its ``(N, K, ...)`` transpose is contiguous
+    and it is not): then the rules fold the columns as ``(N K, ...)``, which keeps that order."""
+    return g.shape[0] > 1 and not g.is_contiguous() and g.transpose(0, 1).is_contiguous()
+
+
+def _linear_backward(x: Tensor, weight: Tensor, g: Tensor, owned: bool) -> list[tuple[Tensor, Tensor, bool]]:
+    """``g W`` in ``g``'s memory order (column-major or sample-major)."""
+    if _sample_major(g):
+        return [(x, torch.matmul(g.transpose(0, 1), weight).transpose(0, 1), True)]
+    return [(x, torch.matmul(g, weight), True)]
+
+
 def _relu_backward(x: Tensor, out: Tensor, g: Tensor, owned: bool) -> list[tuple[Tensor, Tensor, bool]]:
     """``g * (out > 0)``, written into ``g`` when no one else holds it."""
     if owned:
@@ -156,7 +169,7 @@ class ColumnTape:
             weight = argument(args, kwargs, 1, ("weight",))
             if not isinstance(weight, Tensor) or weight.ndim != 2:
                 return None
-            return lambda g, owned: [(x, torch.matmul(g, weight), True)]
+            return functools.partial(_linear_backward, x, weight)
         if name in _CONVS:
             return self._conv(_CONVS[name], x, args, kwargs, out)
         if name == "relu":
@@ -222,7 +235,8 @@ class ColumnTape:
 
         def backward(g: Tensor, owned: bool) -> list[tuple[Tensor, Tensor, bool]]:
             k = g.shape[0]
-            folded = g.reshape(k * shape[0], *g.shape[2:])
+            sample_major = _sample_major(g)  # fold (N, K) when that is the memory order: no copy
+            folded = (g.transpose(0, 1) if sample_major else g).reshape(k * shape[0], *g.shape[2:])
             grad_input = torch.ops.aten.convolution_backward(
                 folded,
                 folded.new_empty(1).expand(k * shape[0], *shape[1:]),  # only its shape is read
@@ -236,6 +250,8 @@ class ColumnTape:
                 groups,
                 [True, False, False],
             )[0]
+            if sample_major:
+                return [(x, grad_input.reshape(shape[0], k, *shape[1:]).transpose(0, 1), True)]
             return [(x, grad_input.reshape(k, *shape), True)]
 
         return backward
@@ -258,7 +274,9 @@ class ColumnTape:
         def backward(g: Tensor, owned: bool) -> list[tuple[Tensor, Tensor, bool]]:
             _, index = pool(x.detach(), return_indices=True, **options)  # the argmax autograd uses
             k, n, c = g.shape[0], x.shape[0], x.shape[1]
-            grad = g.new_zeros(k, n, c, math.prod(x.shape[2:]))
+            # sample-major memory ((N, K) order) for the contractions downstream: their per-sample
+            # layout is then a view (see _sample_major)
+            grad = g.new_zeros(n, k, c, math.prod(x.shape[2:])).transpose(0, 1)
             index = index.reshape(1, n, c, -1).expand(k, n, c, -1)
             grad.scatter_add_(3, index, g.reshape(k, n, c, -1))
             return [(x, grad.reshape(k, *x.shape), True)]
