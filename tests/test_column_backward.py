@@ -222,3 +222,22 @@ def test_broadcast_sums_and_concatenations_are_not_taped():
             tape.record("cat", torch.cat, ([h, h], 1), {}, torch.cat([h, h], 1))
         assert not tape.ok, what
         assert tape.backward(h, torch.ones(1, 5, 4, dtype=torch.float64), [h]) is None
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_max_pool_backward_reads_the_indices_autograd_saved(nd):
+    """The max-pool rule takes the argmax autograd saved in the forward's graph (no second pooling);
+    they equal a fresh ``return_indices=True`` pooling, ties included (ReLU zeros), and an output
+    not produced by max pooling gives ``None`` (the rule then recomputes them)."""
+    from lightning_flatness.functional.estimators.layer_rules.column_backward import _saved_pool_indices
+
+    pool = getattr(F, f"max_pool{nd}d")
+    x = torch.relu(torch.randn(3, 2, *([7] * nd), generator=torch.Generator().manual_seed(nd)))
+    x.requires_grad_(True)
+    options = {"kernel_size": 3, "stride": 2, "padding": 1, "ceil_mode": True}
+    out = pool(x, **options)
+    _, reference = pool(x.detach(), return_indices=True, **options)
+    saved = _saved_pool_indices(out)
+    assert saved is not None and torch.equal(saved, reference)
+    assert _saved_pool_indices(out * 2.0) is None
+    assert _saved_pool_indices(out.detach()) is None

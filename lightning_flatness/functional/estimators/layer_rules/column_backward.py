@@ -69,6 +69,24 @@ def _holds_tensor(value: Any) -> bool:
     return False
 
 
+def _saved_pool_indices(out: Tensor) -> Optional[Tensor]:
+    """The argmax indices autograd saved for the max pooling that produced ``out`` (its
+    ``MaxPool{2,3}DWithIndicesBackward0`` node, behind the ``squeeze`` of a 1-d pooling), shaped like
+    ``out``; ``None`` when they cannot be read (then the caller recomputes them)."""
+    node = out.grad_fn
+    try:
+        if type(node).__name__ == "SqueezeBackward1":  # max_pool1d: 2-d pooling of the unsqueezed input
+            node = node.next_functions[0][0]
+        if "PoolWithIndicesBackward" not in type(node).__name__.replace("2D", "").replace("3D", ""):
+            return None
+        index = node._saved_result1
+    except (AttributeError, IndexError, RuntimeError, TypeError):  # no node, or its graph was freed
+        return None
+    if not isinstance(index, Tensor) or index.numel() != out.numel():
+        return None
+    return index.reshape(out.shape)
+
+
 def _sample_major(g: Tensor) -> bool:
     """Whether ``g`` ``(K, N, ...)`` is laid out sample-major (its ``(N, K, ...)`` transpose is contiguous
     and it is not): then the rules fold the columns as ``(N K, ...)``, which keeps that order."""
@@ -272,7 +290,9 @@ class ColumnTape:
         self._read(x)
 
         def backward(g: Tensor, owned: bool) -> list[tuple[Tensor, Tensor, bool]]:
-            _, index = pool(x.detach(), return_indices=True, **options)  # the argmax autograd uses
+            index = _saved_pool_indices(out)
+            if index is None:
+                _, index = pool(x.detach(), return_indices=True, **options)  # the argmax autograd uses
             k, n, c = g.shape[0], x.shape[0], x.shape[1]
             # sample-major memory ((N, K) order) for the contractions downstream: their per-sample
             # layout is then a view (see _sample_major)
