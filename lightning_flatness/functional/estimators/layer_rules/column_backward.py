@@ -73,7 +73,7 @@ def _saved_pool_indices(out: Tensor) -> Optional[Tensor]:
     """The argmax indices autograd saved for the max pooling that produced ``out`` (its
     ``MaxPool{2,3}DWithIndicesBackward0`` node, behind the ``squeeze`` of a 1-d pooling), shaped like
     ``out``; ``None`` when they cannot be read (then the caller recomputes them)."""
-    node = out.grad_fn
+    node: Any = out.grad_fn
     try:
         if type(node).__name__ == "SqueezeBackward1":  # max_pool1d: 2-d pooling of the unsqueezed input
             node = node.next_functions[0][0]
