@@ -89,6 +89,7 @@ from lightning_flatness.functional.estimators.layer_rules import (
 from lightning_flatness.functional.loss_hessian_factors import (
     default_exact_classes,
     default_mc_samples,
+    loss_hessian_structure,
     sample_loss_hessian_columns,
 )
 from lightning_flatness.functional.model_io import ModelInputs, inputs_batch_size, select_samples
@@ -243,7 +244,7 @@ def _diagonal_by_layers(
         if g is None:
             continue
         if chunk_size == 1:
-            accumulate_layer(call, g, signs.unsqueeze(0).expand(n, c), diag, leaves)
+            accumulate_layer(call, g, signs if signs.ndim == 2 else signs.unsqueeze(0).expand(n, c), diag, leaves)
         else:
             kernel = tuple(leaves[call.weight].shape[2:]) if call.weight is not None else ()
             chunk_contraction(call, g, signs, chunk_size, diag, kernel)
@@ -334,6 +335,7 @@ def gauss_newton_sketch_diagonal(
     chunk_size: Optional[int] = None,
     num_sketches: Optional[int] = None,
     max_exact_outputs: int = MAX_EXACT_FACTOR_OUTPUTS,
+    exact_low_rank: bool = False,
 ) -> dict[str, Tensor]:
     r"""Unbiased sketched estimate of the Gauss-Newton diagonal ``diag(J^T Lambda J) / N`` (module
     docstring: the estimator, its variance and cost).
@@ -385,16 +387,24 @@ def gauss_newton_sketch_diagonal(
         x, y = _autograd_inputs(inputs, target)
         forward = _record_forward(model, x, params, caller)
         logits = forward.logits.detach()
-        columns, signs, loss_issues = _base_columns(
-            loss_fn,
-            logits,
-            y,
-            default_mc_samples(loss_fn) if num_mc_samples is None else num_mc_samples,
-            generator,
-            max_exact_outputs,
+        structure = (
+            loss_hessian_structure(loss_fn, logits, y) if logits[0].numel() > max_exact_outputs else None
         )
-        refuse_unless_gauss_newton_applies(caller, loss_issues, forward.recorder.random_ops)
-        mixed, mixed_signs = sketch_columns(columns, signs, num_sketches, generator)
+        if structure is not None:  # the exact factors, mixed in O(N K): no class sampling
+            refuse_unless_gauss_newton_applies(caller, [], forward.recorder.random_ops)
+            mixed, mixed_signs = structure.sketch(num_sketches, generator)
+            mixed, mixed_signs = mixed.to(logits.dtype), mixed_signs.to(logits.dtype)
+        else:
+            columns, signs, loss_issues = _base_columns(
+                loss_fn,
+                logits,
+                y,
+                default_mc_samples(loss_fn) if num_mc_samples is None else num_mc_samples,
+                generator,
+                max_exact_outputs,
+            )
+            refuse_unless_gauss_newton_applies(caller, loss_issues, forward.recorder.random_ops)
+            mixed, mixed_signs = sketch_columns(columns, signs, num_sketches, generator)
         mixed = mixed / math.sqrt(logits.shape[0])  # the loss is a mean over samples
         blockers = _fast_path_blockers(forward.recorder, forward.leaves, logits.shape[0])
         if any("invisible" in issue for issue in forward.issues):
@@ -409,6 +419,10 @@ def gauss_newton_sketch_diagonal(
                 f"samples interact after {layer}" for layer in samples_interact(model, x, params, caller)
             ]
         if not blockers:
+            if exact_low_rank and structure is not None and chunk_size == 1 and structure.low.shape[2]:
+                mixed, mixed_signs = structure.sketch(num_sketches, generator, separate_low_rank=True)
+                mixed, mixed_signs = mixed.to(logits.dtype), mixed_signs.to(logits.dtype)
+                mixed = mixed / math.sqrt(logits.shape[0])
             diag = _diagonal_by_layers(forward, mixed, mixed_signs, chunk_size)
         else:
             chunks = -(-logits.shape[0] // chunk_size)
