@@ -80,11 +80,6 @@ def estimate(spec: str, model: nn.Module, loss_fn, x: Tensor, y: Tensor, params,
     if name == "sketch":
         sketches = int(opt[0]) if opt else None
         return gauss_newton_sketch_diagonal(model, loss_fn, x, y, params, generator=generator, num_sketches=sketches)
-    if name == "sketch_lr":
-        sketches = int(opt[0]) if opt else None
-        return gauss_newton_sketch_diagonal(
-            model, loss_fn, x, y, params, generator=generator, num_sketches=sketches, exact_low_rank=True
-        )
     if name == "sketch_sampled":
         with sampled_base_columns():
             return gauss_newton_sketch_diagonal(model, loss_fn, x, y, params, generator=generator)

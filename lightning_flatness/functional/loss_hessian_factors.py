@@ -260,9 +260,7 @@ class StructuredLossHessian:
         core = self.apply_t(core.transpose(1, 2)).transpose(1, 2)  # T diag(d) T^T
         return core + torch.einsum("nkr,nr,nlr->nkl", self.low, self.low_signs, self.low)
 
-    def sketch(
-        self, num_sketches: int, generator: torch.Generator | None, *, separate_low_rank: bool = False
-    ) -> tuple[Tensor, Tensor]:
+    def sketch(self, num_sketches: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         r"""Random-sign mixtures of the exact factors: ``S`` sketches, each one ``+`` and (when some part
         is negative) one ``-`` column,
 
@@ -270,22 +268,19 @@ class StructuredLossHessian:
                   + \sum_{j:\, \pm l_j > 0} \varepsilon_j \sqrt{|l_j|}\, q_j\Big], \qquad
                   \mathbb{E}\Big[\sum_{\text{sketches}} v^+ v^{+\top} - v^- v^{-\top}\Big] = \Lambda
 
-        (``xi``, ``eps`` independent Rademacher; ``d^+ = max(d, 0)``, ``d^- = max(-d, 0)``). The same
-        estimator as :func:`~.estimators.gauss_newton_sketch.sketch_columns` applied to the ``K + R``
-        exact columns ``sqrt|d_c| T e_c`` and ``sqrt|l_j| q_j``, without materialising them. With
-        ``separate_low_rank`` the ``R`` exact columns are returned as they are (not mixed; per-sample
-        signs), ahead of the mixtures.
+        (``xi``, ``eps`` independent Rademacher; ``d^+ = max(d, 0)``, ``d^- = max(-d, 0)``): the estimator of
+        :func:`~lightning_flatness.functional.estimators.gauss_newton_sketch.sketch_columns` applied to the
+        ``K + R`` exact columns ``sqrt|d_c| T e_c`` and ``sqrt|l_j| q_j``, without materialising them.
 
         Returns:
-            ``(columns (N, K, C), signs)``: signs ``(C,)``, or ``(N, C)`` with ``separate_low_rank``.
-            Cost ``O(N K (S + R))``.
+            ``(columns (N, K, C), signs (C,))``, ``C = 2 S`` (``S`` when nothing is negative, as for
+            cross-entropy). Cost ``O(N K S)`` (plus ``O(N K R S)``); no class sampling.
         """
         if not isinstance(num_sketches, int) or num_sketches < 1:
             raise ValueError(f"`num_sketches` must be a positive int, got {num_sketches!r}.")
         n, k = self.d.shape
         r = self.low.shape[2]
-        neg = bool((self.d < 0).any()) or (not separate_low_rank and bool((self.low_signs < 0).any()))
-        parts = [1.0, -1.0] if neg else [1.0]
+        parts = [1.0, -1.0] if bool((self.d < 0).any()) or bool((self.low_signs < 0).any()) else [1.0]
         xi = _rademacher((n, k, num_sketches * len(parts)), self.d, generator)
         eps = _rademacher((n, r, num_sketches * len(parts)), self.d, generator)
         cols = []
@@ -294,17 +289,12 @@ class StructuredLossHessian:
                 idx = s * len(parts) + j
                 root = (sign * self.d).clamp_min(0).sqrt()
                 col = self.apply_t((root * xi[:, :, idx]).unsqueeze(2)).squeeze(2)
-                if r and not separate_low_rank:
+                if r:
                     weight = (sign * self.low_signs).clamp_min(0).sqrt() * eps[:, :, idx]  # (N, R)
                     col = col + torch.einsum("nkr,nr->nk", self.low, weight)
                 cols.append(col)
         mixed = torch.stack(cols, dim=2) / math.sqrt(num_sketches)
-        mixed_signs = torch.tensor(parts * num_sketches, dtype=mixed.dtype, device=mixed.device)
-        if not separate_low_rank or r == 0:
-            return mixed, mixed_signs
-        low = self.low * self.low_signs.abs().sqrt().unsqueeze(1)
-        signs = torch.cat([torch.sign(self.low_signs), mixed_signs.expand(n, -1)], dim=1)
-        return torch.cat([low, mixed], dim=2), signs
+        return mixed, torch.tensor(parts * num_sketches, dtype=mixed.dtype, device=mixed.device)
 
 
 def softmax_cross_entropy_structure(logits: Tensor, target: Tensor) -> StructuredLossHessian:
