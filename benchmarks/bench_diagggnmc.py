@@ -34,9 +34,11 @@ logits, not in the raw logits of eq. 20). The script checks (a) and records Back
 from __future__ import annotations
 
 import copy
+import json
 import math
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -107,7 +109,11 @@ class BackpackCandidate:
         self.loss = extend(nn.CrossEntropyLoss())
         self.ext = DiagGGNExact() if mc_samples is None else DiagGGNMC(mc_samples=mc_samples)
         self.attr = "diag_ggn_exact" if mc_samples is None else "diag_ggn_mc"
-        self.named = [(n.replace("_original_module.", ""), p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.named = [
+            (n.replace("_original_module.", ""), p)
+            for n, p in self.model.named_parameters()
+            if p.requires_grad
+        ]
 
     def __call__(self, x: Tensor, y: Tensor, generator: Optional[torch.Generator]) -> Diag:
         from backpack import backpack
@@ -123,7 +129,9 @@ class BackpackCandidate:
         return out
 
 
-def ours(model: nn.Module, params: dict[str, nn.Parameter], method: str, **options: Any) -> Callable[..., Diag]:
+def ours(
+    model: nn.Module, params: dict[str, nn.Parameter], method: str, **options: Any
+) -> Callable[..., Diag]:
     from lightning_flatness.functional.estimators.exact import exact_hessian_diagonal
     from lightning_flatness.functional.estimators.gauss_newton_mc import gauss_newton_mc_diagonal
     from lightning_flatness.functional.estimators.gauss_newton_sketch import gauss_newton_sketch_diagonal
@@ -132,20 +140,28 @@ def ours(model: nn.Module, params: dict[str, nn.Parameter], method: str, **optio
         if method == "exact":
             return exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
         if method == "mc":
-            return gauss_newton_mc_diagonal(model, F.cross_entropy, x, y, params, generator=generator, **options)
-        return gauss_newton_sketch_diagonal(model, F.cross_entropy, x, y, params, generator=generator, **options)
+            return gauss_newton_mc_diagonal(
+                model, F.cross_entropy, x, y, params, generator=generator, **options
+            )
+        return gauss_newton_sketch_diagonal(
+            model, F.cross_entropy, x, y, params, generator=generator, **options
+        )
 
     return fn
 
 
-def candidates(model: nn.Module, params: dict[str, nn.Parameter], classes: int) -> dict[str, Callable[..., Diag]]:
+def candidates(
+    model: nn.Module, params: dict[str, nn.Parameter], classes: int
+) -> dict[str, Callable[..., Diag]]:
     out: dict[str, Callable[..., Diag]] = {"ours exact": ours(model, params, "exact")}
     if classes <= 100:  # K backward columns each: the cross-check is kept to few classes
         out["BackPACK DiagGGNExact"] = BackpackCandidate(model, set(params), None)
     for m in BP_MC:
         out[f"BackPACK MC {m}"] = BackpackCandidate(model, set(params), m)
     for draws, exact in OURS_MC:
-        out[f"ours mc D{draws} m{exact}"] = ours(model, params, "mc", num_mc_samples=draws, exact_classes=exact)
+        out[f"ours mc D{draws} m{exact}"] = ours(
+            model, params, "mc", num_mc_samples=draws, exact_classes=exact
+        )
     for s in OURS_SKETCH:
         out[f"ours sketch S{s}"] = ours(model, params, "sketch", num_sketches=s)
     return out
@@ -223,7 +239,10 @@ def eq20_with_backpack() -> str:
     except Exception as err:  # noqa: BLE001 - recorded, not raised
         return f"{type(err).__name__}: {str(err)[:200]}"
     got = [hasattr(p, "diag_ggn_mc") for p in model.parameters()]
-    return f"no error; diag_ggn_mc set on {sum(got)}/{len(got)} parameters (the GGN in the normalized logits, without M)"
+    return (
+        f"no error; diag_ggn_mc set on {sum(got)}/{len(got)} parameters "
+        "(the GGN in the normalized logits, without M)"
+    )
 
 
 def run(args) -> dict[str, Any]:
@@ -272,7 +291,8 @@ def run(args) -> dict[str, Any]:
             load1 = load_average()
             bp_ns_pts = [(times[f"BackPACK MC {m}"], rms(stats[f"BackPACK MC {m}"]["ns"]), m) for m in BP_MC]
             bp_diag_pts = [
-                (times[f"BackPACK MC {m}"], statistics.mean(stats[f"BackPACK MC {m}"]["diag"]), m) for m in BP_MC
+                (times[f"BackPACK MC {m}"], statistics.mean(stats[f"BackPACK MC {m}"]["diag"]), m)
+                for m in BP_MC
             ]
             for key in fns:
                 row: dict[str, Any] = {
@@ -298,15 +318,27 @@ def run(args) -> dict[str, Any]:
                         bp_diag, bp_m, note = backpack_at_cost(bp_diag_pts, times[key])
                         bp_ns, bp_m_ns, _ = backpack_at_cost(bp_ns_pts, times[key])
                         row.update(
-                            bp_diag_at_cost=bp_diag, bp_mc_diag=bp_m, bp_ns_rms_at_cost=bp_ns, bp_mc_ns=bp_m_ns, note=note
+                            bp_diag_at_cost=bp_diag,
+                            bp_mc_diag=bp_m,
+                            bp_ns_rms_at_cost=bp_ns,
+                            bp_mc_ns=bp_m_ns,
+                            note=note,
                         )
                 elif key.startswith("ours exact"):
                     row.update(diag_rel_l2=0.0, ns_bias=0.0, ns_rms=0.0)
                     bp_diag, bp_m, note = backpack_at_cost(bp_diag_pts, times[key])
                     bp_ns, bp_m_ns, _ = backpack_at_cost(bp_ns_pts, times[key])
-                    row.update(bp_diag_at_cost=bp_diag, bp_mc_diag=bp_m, bp_ns_rms_at_cost=bp_ns, bp_mc_ns=bp_m_ns, note=note)
+                    row.update(
+                        bp_diag_at_cost=bp_diag,
+                        bp_mc_diag=bp_m,
+                        bp_ns_rms_at_cost=bp_ns,
+                        bp_mc_ns=bp_m_ns,
+                        note=note,
+                    )
                 else:
-                    row.update(diag_rel_l2=cross if key.startswith("BackPACK") else 0.0, ns_bias=0.0, ns_rms=0.0)
+                    row.update(
+                        diag_rel_l2=cross if key.startswith("BackPACK") else 0.0, ns_bias=0.0, ns_rms=0.0
+                    )
                 row.update(ref_ns=ref_ns, ref_trace=ref_tr, accuracy=acc, load=f"{load0}-{load1}")
                 rows.append(row)
             print_table([r for r in rows if r["model"] == name and r["state"] == state])
@@ -337,6 +369,47 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print(markdown_table(rows, cols), flush=True)
 
 
+def summarize(rows: list[dict[str, Any]]) -> str:
+    """The comparison at equal cost, per model and state, from the rows of a run: for each of our
+    estimators, BackPACK's lowest error among its ``mc_samples`` settings that cost no more (or its
+    cheapest, flagged, when none does)."""
+    out = []
+    cases = dict.fromkeys((r["model"], r.get("classes", 10), r["state"]) for r in rows)
+    for model, classes, state in cases:
+        case = [r for r in rows if (r["model"], r.get("classes", 10), r["state"]) == (model, classes, state)]
+        bp = [r for r in case if r["estimator"].startswith("BackPACK MC")]
+        diag_pts = [(r["ms"], r["diag_rel_l2"], int(r["estimator"].split()[-1])) for r in bp]
+        ns_pts = [(r["ms"], r["ns_rms"], int(r["estimator"].split()[-1])) for r in bp]
+        table = []
+        for r in case:
+            if r["estimator"].startswith("BackPACK"):
+                continue
+            bd, md, note = backpack_at_cost(diag_pts, r["ms"])
+            bn, mn, _ = backpack_at_cost(ns_pts, r["ms"])
+            table.append(
+                {
+                    "estimator": r["estimator"],
+                    "ms": r["ms"],
+                    "vs_mc1": r["vs_mc1"],
+                    "diag_rel_l2": r["diag_rel_l2"],
+                    "BackPACK diag (mc)": f"{bd:.3g} ({md})",
+                    "eq17_rms": r["ns_rms"],
+                    "BackPACK eq17 rms (mc)": f"{bn:.3g} ({mn})",
+                    "ours lower": "both"
+                    if r["diag_rel_l2"] <= bd and r["ns_rms"] <= bn
+                    else "diag"
+                    if r["diag_rel_l2"] <= bd
+                    else "eq17"
+                    if r["ns_rms"] <= bn
+                    else "no",
+                    "note": note,
+                }
+            )
+        out.append(f"\n#### {model}, {classes} classes, {state}\n")
+        out.append(markdown_table(table, list(table[0])))
+    return "\n".join(out)
+
+
 def main(argv=None) -> dict[str, Any]:
     parser = base_parser(__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["mlp", "lenet", "resnet"])
@@ -347,12 +420,17 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--epochs", type=int, default=5, help="Adam epochs for --states trained")
+    parser.add_argument("--summarize", type=Path, default=None, help="print the equal-cost tables of a JSON")
     args = parser.parse_args(argv)
+    if args.summarize is not None:
+        print(summarize(json.loads(args.summarize.read_text())["rows"]))
+        return {}
     if args.quick:
         args.models, args.states, args.pool, args.seeds, args.repeats = ["mlp"], ["untrained"], 128, 2, 2
     start = time.perf_counter()
     results = run(args)
     results["seconds"] = time.perf_counter() - start
+    print(summarize(results["rows"]))
     write_json(args.json, results)
     print(f"\n{results['seconds']:.0f} s", flush=True)
     return results

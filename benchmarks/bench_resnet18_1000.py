@@ -18,13 +18,14 @@ Options (``spec`` strings):
 - ``mc``: ``gauss_newton_mc`` at its defaults (eq. 20: 8 draws of the sampled columns + 2 exact
   columns of the rank-2 part: 18 backward columns); ``mc:D``: ``D`` draws.
 - ``sketch``: ``gauss_newton_sketch`` at its defaults (above 32 outputs: the exact structured factors of
-  :func:`~lightning_flatness.functional.loss_hessian_factors.loss_hessian_structure`, mixed: 2 columns);
-  ``sketch:S``: ``S`` sketches (``2 S`` columns).
+  :func:`~lightning_flatness.functional.loss_hessian_factors.loss_hessian_structure`, mixed; 4 sketches
+  for eq. 20, 1 for cross-entropy); ``sketch:S``: ``S`` sketches (``2 S`` columns for eq. 20).
 - ``sketch_sampled``: the previous sketch above 32 outputs: Monte-Carlo base columns (8 draws) mixed
   into 2 columns (the structure switched off).
 - ``exact``: ``method="gauss_newton"`` (all ``K`` columns; tiny models only).
 
-    python -W ignore -m benchmarks.bench_resnet18_1000 --parts tiny --json benchmarks/results/bench_resnet18_1000_tiny.json
+    python -W ignore -m benchmarks.bench_resnet18_1000 --parts tiny \
+        --json benchmarks/results/bench_resnet18_1000_tiny.json
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ def sampled_base_columns() -> Iterator[None]:
         gauss_newton_sketch.loss_hessian_structure = saved  # type: ignore[assignment]
 
 
-def estimate(spec: str, model: nn.Module, loss_fn, x: Tensor, y: Tensor, params, generator) -> dict[str, Tensor]:
+def estimate(
+    spec: str, model: nn.Module, loss_fn, x: Tensor, y: Tensor, params, generator
+) -> dict[str, Tensor]:
     from lightning_flatness.functional.estimators.gauss_newton import gauss_newton_exact_diagonal
     from lightning_flatness.functional.estimators.gauss_newton_mc import gauss_newton_mc_diagonal
     from lightning_flatness.functional.estimators.gauss_newton_sketch import gauss_newton_sketch_diagonal
@@ -76,10 +79,14 @@ def estimate(spec: str, model: nn.Module, loss_fn, x: Tensor, y: Tensor, params,
         return gauss_newton_exact_diagonal(model, loss_fn, x, y, params)
     if name == "mc":
         draws = int(opt[0]) if opt else None
-        return gauss_newton_mc_diagonal(model, loss_fn, x, y, params, generator=generator, num_mc_samples=draws)
+        return gauss_newton_mc_diagonal(
+            model, loss_fn, x, y, params, generator=generator, num_mc_samples=draws
+        )
     if name == "sketch":
         sketches = int(opt[0]) if opt else None
-        return gauss_newton_sketch_diagonal(model, loss_fn, x, y, params, generator=generator, num_sketches=sketches)
+        return gauss_newton_sketch_diagonal(
+            model, loss_fn, x, y, params, generator=generator, num_sketches=sketches
+        )
     if name == "sketch_sampled":
         with sampled_base_columns():
             return gauss_newton_sketch_diagonal(model, loss_fn, x, y, params, generator=generator)
@@ -118,7 +125,9 @@ def compare(specs, model, loss_fn, x, y, params, ref, seeds, label) -> list[dict
         diag_err, ns_err, tr_err, secs = [], [], [], []
         for seed in range(seeds):
             est, sec = pooled(spec, model, loss_fn, x, y, params, 1000 + seed)
-            diag_err.append(float((torch.cat([est[n].flatten() for n in names]) - ref_flat).norm() / ref_flat.norm()))
+            diag_err.append(
+                float((torch.cat([est[n].flatten() for n in names]) - ref_flat).norm() / ref_flat.norm())
+            )
             ns, tr = measures(weights, est)
             ns_err.append(ns / ref_ns - 1)
             tr_err.append(tr / ref_tr - 1)
@@ -218,60 +227,69 @@ def resnet(args) -> list[dict[str, Any]]:
     x, y = resnet_data(BATCH * args.resnet_batches, args.resnet_classes, args.seed)
     params = select_parameters(model)
     t = time.perf_counter()
-    ref, _ = pooled(f"sketch:{args.reference_sketches}", model, normalized_softmax_cross_entropy, x, y, params, 7)
+    ref, _ = pooled(
+        f"sketch:{args.reference_sketches}", model, normalized_softmax_cross_entropy, x, y, params, 7
+    )
     label = (
         f"ResNet-18 K={args.resnet_classes}, {len(x)} samples, reference: sketch:{args.reference_sketches} "
         f"({time.perf_counter() - t:.0f} s)"
     )
-    return compare(args.options, model, normalized_softmax_cross_entropy, x, y, params, ref, args.seeds, label)
+    return compare(
+        args.options, model, normalized_softmax_cross_entropy, x, y, params, ref, args.seeds, label
+    )
 
 
 def cost(args) -> dict[str, Any]:
+    """Every (classes, option) and a training step of each model, interleaved round by round, so that
+    the 1,000 / 10 ratios are taken under the same load."""
     from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
     from lightning_flatness.functional.parameters import select_parameters
 
-    out: dict[str, Any] = {}
+    setups = {}
     for k in args.cost_classes:
         torch.manual_seed(args.seed)
         model = resnet18(k)
         x, y = resnet_data(BATCH * args.batches, k, args.seed)
-        params = select_parameters(model)
-        specs = [s for s in args.options if not (s == "exact" and k > 32)]
         train_net = resnet18(k).train()
         opt = torch.optim.SGD(train_net.parameters(), lr=0.01)
         xt, yt = resnet_data(TRAIN_BATCH, k, args.seed + 1)
-
-        def step() -> None:
+        setups[k] = (model, x, y, select_parameters(model), train_net, opt, xt, yt)
+    specs = {k: [s for s in args.options if not (s == "exact" and k > 32)] for k in args.cost_classes}
+    times: dict[str, list[float]] = {}
+    gen = torch.Generator().manual_seed(0)
+    for r in range(args.repeats + 1):
+        for k, (model, x, y, params, train_net, opt, xt, yt) in setups.items():
+            t = time.perf_counter()
             opt.zero_grad()
             F.cross_entropy(train_net(xt), yt).backward()
             opt.step()
-
-        times: dict[str, list[float]] = {s: [] for s in ["train_step", *specs]}
-        gen = torch.Generator().manual_seed(0)
-        for r in range(args.repeats + 1):
-            t = time.perf_counter()
-            step()
             if r:
-                times["train_step"].append(time.perf_counter() - t)
-            for spec in specs:
+                times.setdefault(f"{k}/train_step", []).append(time.perf_counter() - t)
+            for spec in specs[k]:
                 t = time.perf_counter()
                 for b in range(args.batches):
                     sl = slice(b * BATCH, (b + 1) * BATCH)
                     estimate(spec, model, normalized_softmax_cross_entropy, x[sl], y[sl], params, gen)
                 if r:
-                    times[spec].append((time.perf_counter() - t) * BATCHES / args.batches)
-        step_s = statistics.median(times["train_step"])
-        rows = {s: statistics.median(v) for s, v in times.items()}
-        out[str(k)] = {"seconds": rows, "all": times, "load": load_average()}
-        for s, sec in rows.items():
-            print(f"K={k:5d} {s:16s} {sec:7.3f} s = {sec / step_s:6.1f} training steps (load {load_average()})", flush=True)
-    return out
+                    times.setdefault(f"{k}/{spec}", []).append(
+                        (time.perf_counter() - t) * BATCHES / args.batches
+                    )
+        print(f"round {r} done (load {load_average()})", flush=True)
+    med = {key: statistics.median(v) for key, v in times.items()}
+    print("\n| classes | option | seconds (8 batches of 64) | training steps (batch 128) |")
+    print("|---|---|---|---|")
+    for key, sec in med.items():
+        k = key.split("/")[0]
+        print(f"| {k} | {key.split('/', 1)[1]} | {sec:.3f} | {sec / med[f'{k}/train_step']:.1f} |")
+    return {"median_seconds": med, "all": times, "load_end": load_average()}
 
 
 def main(argv=None) -> dict[str, Any]:
     parser = base_parser(__doc__.split("\n")[0])
     parser.add_argument("--parts", nargs="+", default=["tiny"], choices=["tiny", "resnet", "cost"])
-    parser.add_argument("--options", nargs="+", default=["mc", "mc:2", "sketch_sampled", "sketch", "sketch:2", "sketch:4"])
+    parser.add_argument(
+        "--options", nargs="+", default=["mc", "sketch_sampled", "sketch:1", "sketch:2", "sketch:4"]
+    )
     parser.add_argument("--tiny-classes", nargs="+", type=int, default=[1000])
     parser.add_argument("--tiny-models", nargs="+", default=["mlp", "cnn"])
     parser.add_argument("--tiny-losses", nargs="+", default=["eq20", "ce"])
@@ -284,7 +302,10 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results: dict[str, Any] = {"environment": environment(), "args": {k: str(v) for k, v in vars(args).items()}}
+    results: dict[str, Any] = {
+        "environment": environment(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
     start = time.perf_counter()
     if "tiny" in args.parts:
         results["tiny"] = tiny(args)

@@ -27,7 +27,9 @@ def _autograd_hessians(loss_fn, logits, target):
     """``(N, K, K)``: the Hessian of ``loss_fn(z_n[None], y_n[None])`` in ``z_n``, by double backward."""
     return torch.stack(
         [
-            torch.autograd.functional.hessian(lambda z, t=target[n : n + 1]: loss_fn(z.unsqueeze(0), t), logits[n])
+            torch.autograd.functional.hessian(
+                lambda z, t=target[n : n + 1]: loss_fn(z.unsqueeze(0), t), logits[n]
+            )
             for n in range(logits.shape[0])
         ]
     )
@@ -36,7 +38,10 @@ def _autograd_hessians(loss_fn, logits, target):
 @pytest.mark.parametrize("k", [3, 7, 40])
 @pytest.mark.parametrize(
     "loss_fn, structure",
-    [(F.cross_entropy, softmax_cross_entropy_structure), (normalized_softmax_cross_entropy, normalized_cross_entropy_structure)],
+    [
+        (F.cross_entropy, softmax_cross_entropy_structure),
+        (normalized_softmax_cross_entropy, normalized_cross_entropy_structure),
+    ],
     ids=["ce", "eq20"],
 )
 def test_dense_form_is_the_autograd_hessian(k, loss_fn, structure):

@@ -350,7 +350,9 @@ def normalized_cross_entropy_structure(logits: Tensor, target: Tensor) -> Struct
     low = q @ vec
     keep = ok.to(p.dtype)
     a = torch.full_like(p, 1.0 / k)
-    return StructuredLossHessian(d * keep.unsqueeze(1), a, low * keep.reshape(n, 1, 1), lam * keep.unsqueeze(1))
+    return StructuredLossHessian(
+        d * keep.unsqueeze(1), a, low * keep.reshape(n, 1, 1), lam * keep.unsqueeze(1)
+    )
 
 
 #: Closed-form structures of ``Lambda_n`` (:class:`StructuredLossHessian`), keyed by the loss function.

@@ -56,8 +56,9 @@ whole batch. ``B >= N``: ``2 S`` plain backward passes to the weights, for any g
 interact (train-mode BatchNorm) or a weight is used outside Linear/Conv, one backward per chunk and
 column is taken instead (``2 S N / B`` passes, warned). No double backward anywhere. The base columns
 cost ``O(N K^3)`` for the exact factors (``K <= max_exact_outputs``), ``O(N K S)`` for the structured
-ones (any ``K``) and ``O(N K)`` per draw for the Monte-Carlo ones (:func:`~lightning_flatness.functional.loss_hessian_factors.sample_loss_hessian_columns`),
-which are mixed into the same columns, so more draws cost no backward pass.
+ones (any ``K``) and ``O(N K)`` per draw for the Monte-Carlo ones
+(:func:`~lightning_flatness.functional.loss_hessian_factors.sample_loss_hessian_columns`), which are
+mixed into the same columns, so more draws cost no backward pass.
 
 **What it measures.** The Gauss-Newton diagonal, equal to the Hessian diagonal only when the network is
 piecewise linear in each weight (see :mod:`.exact`). Defaults (:data:`DEFAULT_CHUNK_SIZE`,
@@ -328,7 +329,8 @@ def _base_columns(
 ) -> tuple[Tensor, Tensor, list[str]]:
     """Signed columns of ``Lambda_n``: the exact factors for ``D <= max_exact_outputs`` outputs per
     sample, else the Monte-Carlo columns (``num_mc_samples`` draws, the loss's default exact classes;
-    used for losses without a :func:`~lightning_flatness.functional.loss_hessian_factors.loss_hessian_structure`)."""
+    used for losses without a
+    :func:`~lightning_flatness.functional.loss_hessian_factors.loss_hessian_structure`)."""
     if logits[0].numel() <= max_exact_outputs:
         factors, signs, _, issues = _loss_factors(loss_fn, logits, target)
         return factors.to(logits.dtype), signs.to(logits.dtype), issues
