@@ -169,9 +169,14 @@ def tiny_models(k: int) -> dict[str, nn.Module]:
     }
 
 
-def cached_exact(key: str, model, loss_fn, x, y, params) -> tuple[dict[str, Tensor], float]:
+def cached_exact(
+    key: str, model, loss_fn, x, y, params, cache: bool = True
+) -> tuple[dict[str, Tensor], float]:
     """The exact reference, kept in the temporary directory between runs (K backward columns per
-    sample cost minutes at K = 1,000)."""
+    sample cost minutes at K = 1,000); delete ``bench_resnet18_1000_exact_*.pt`` there after changing
+    the exact estimator."""
+    if not cache:
+        return pooled("exact", model, loss_fn, x, y, params, 0)
     import tempfile
     from pathlib import Path
 
@@ -200,7 +205,8 @@ def tiny(args) -> list[dict[str, Any]]:
             losses = {"eq20": normalized_softmax_cross_entropy, "ce": F.cross_entropy}
             for loss_name in args.tiny_losses:
                 loss_fn = losses[loss_name]
-                ref, sec = cached_exact(f"{name}_{k}_{loss_name}_{args.seed}", model, loss_fn, x, y, params)
+                key = f"{name}_{k}_{loss_name}_{args.seed}"
+                ref, sec = cached_exact(key, model, loss_fn, x, y, params, cache=not args.quick)
                 label = f"{name} K={k} {loss_name} (exact {sec:.2f} s)"
                 specs = [s for s in args.options if s != "exact"]
                 rows += compare(specs, model, loss_fn, x, y, params, ref, args.seeds, label)
@@ -301,6 +307,9 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--batches", type=int, default=2, help="batches of 64 timed per repeat (cost)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
+    if args.quick:  # a smoke run: tiny networks with 40 outputs, 2 seeds
+        args.parts, args.tiny_classes, args.tiny_models, args.seeds = ["tiny"], [40], ["mlp"], 2
+        args.options = ["mc", "sketch:1"]
     torch.set_num_threads(args.threads)
     results: dict[str, Any] = {
         "environment": environment(),
