@@ -25,6 +25,12 @@ autograd fallback :func:`autograd_columns` for any other per-sample-mean loss:
 - :func:`token_loss_columns` (:class:`TokenLoss` wrapping any of these): the base columns per valid
   token, stacked per sequence with independent random signs.
 
+Exact structured forms (:class:`StructuredLossHessian`, :data:`LOSS_HESSIAN_STRUCTURES`): for
+cross-entropy and eq. 20, ``Lambda_n`` is a diagonal core behind a rank-one correction plus at most 4
+signed columns, ``O(K)`` numbers per sample, exact at any ``K``; the sketched Gauss-Newton estimator mixes
+them with random signs instead of sampling classes (:func:`loss_hessian_structure`; measured in
+``benchmarks/results/bench_resnet18_1000.md``).
+
 Variance reduction for the softmax losses: ``exact_classes = m`` takes the ``m`` most probable classes
 of each sample exactly (``m`` more columns) and samples only the tail; :data:`DEFAULT_EXACT_CLASSES`
 holds the measured defaults (2 for cross-entropy, 0 for eq. 20, where it does not help).
