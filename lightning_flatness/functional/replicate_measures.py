@@ -178,7 +178,8 @@ def tensor_measures(weight: Tensor, sums: Tensor, mix: Tensor, lam: float) -> di
     """
     with intra_op_threads(sums.numel(), sums.device):  # few, memory-bound ops: no thread handoffs
         a, trace = replicate_curvature(sums, mix, weight.shape)
-        b = weight.square().reshape(a.shape[1], a.shape[2], -1).sum(dim=2) / (2.0 * lam)
+        square = weight.square().reshape(a.shape[1], a.shape[2], -1).sum(dim=2)  # ||W_ij||^2 over the kernel
+        b = square / (2.0 * lam)
         sols = solve_normalized_sharpness_coefficients(
             a,
             b,
@@ -188,7 +189,7 @@ def tensor_measures(weight: Tensor, sums: Tensor, mix: Tensor, lam: float) -> di
         )
     return {
         "normalized": torch.stack([s.value for s in sols]).to(sums.device),
-        "matrix_normalized": torch.sqrt(weight.square().sum() * a.sum(dim=(1, 2))),
+        "matrix_normalized": torch.sqrt(square.sum() * a.sum(dim=(1, 2))),
         "hessian_trace": trace,
     }
 
@@ -233,15 +234,15 @@ def replicate_sharpness_measures(
     series: dict[str, Tensor] = dict(measure_totals(per_tensor))  # key -> (P,)
     for measure in MEASURES:
         series.update({f"{measure}/{n}": v[measure] for n, v in per_tensor.items() if measure in v})
-    out: dict[str, Tensor] = {}
-    for key, values in series.items():
-        out[key] = values[0]
-    for key, values in series.items():
-        if len(used) >= 2:
-            loo, halves = values[1 : 1 + len(used)], values[1 + len(used) :]
-            out[derived_key(key, "stderr")] = jackknife_standard_error(loo)
-            out[derived_key(key, "half_shift")] = halves.mean() - values[0]
-        else:
-            out[derived_key(key, "stderr")] = values.new_tensor(math.nan)
-            out[derived_key(key, "half_shift")] = values.new_tensor(math.nan)
+    keys = list(series)
+    table = torch.stack([series[k] for k in keys])  # (keys, P): every series at once, a few ops in all
+    out: dict[str, Tensor] = dict(zip(keys, table[:, 0].unbind()))
+    if len(used) >= 2:
+        loo, halves = table[:, 1 : 1 + len(used)], table[:, 1 + len(used) :]
+        stderr = jackknife_standard_error(loo.T).unbind()
+        shift = (halves.mean(dim=1) - table[:, 0]).unbind()
+    else:
+        stderr = shift = table.new_full((len(keys),), math.nan).unbind()
+    for k, e, h in zip(keys, stderr, shift):
+        out[derived_key(k, "stderr")], out[derived_key(k, "half_shift")] = e, h
     return out, len(used)
