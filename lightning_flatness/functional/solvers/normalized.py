@@ -41,9 +41,11 @@ How it is solved (deterministic, certified):
    backtracking line search, with each ``x_i + y_j`` moving at most 8 nats per step, keeps every
    step a descent step. ``P`` problems of one shape iterate together over a leading dimension,
    each stopping on its own certificate. Warm-started problems that share ``B`` and the components
-   of a solved problem 0 (jackknife replicates) take exact Newton steps from its optimum with no
-   factorisation of their own: conjugate gradients preconditioned by problem 0's factorised system
-   (:mod:`._replicate_newton`); the others, and small ones, take the general path.
+   of a solved problem 0 (jackknife replicates), or one component inside problem 0's single one (a
+   replicate that loses the units alive only in the slot it leaves out), take exact Newton steps
+   from its optimum, on problem 0's component rows and columns, with no factorisation of their own:
+   conjugate gradients preconditioned by problem 0's factorised system (:mod:`._replicate_newton`);
+   the others, and small ones, take the general path.
 3. **Certificate.** The Newton-linearised terms ``delta_ij^A = A_ij e^{x_i+y_j} (1 + s_ij)``,
    ``delta_ij^B = B_ij e^{-x_i-y_j} (1 - s_ij)`` (``s_ij = dx_i + dy_j``) have zero row and column sums
    (up to the rounding of the solve, accounted for), so the weighted AM-GM inequality gives a
@@ -488,9 +490,9 @@ def _solve_replicates(
         same &= False
     if keep is not None and pooled.num_components == 1:
         # one component on both sides, inside the pooled one: the replicate's own reduced problem
-        part = ((keep0 if keep0 is not None else True) | ~keep).flatten(1).all(dim=1)
-        part &= (keep.any(dim=2) & ~free).sum(dim=1) == 1
-        fast = same | part
+        inside = ((keep0 if keep0 is not None else True) | ~keep).flatten(1).all(dim=1)
+        inside &= (keep.any(dim=2) & ~free).sum(dim=1) == 1
+        fast = same | inside
     else:
         fast = same
     if not bool(fast.any()):
@@ -556,7 +558,13 @@ def _solve_replicates(
     for k, p in enumerate(idx.tolist()):
         if bool(certified[k]):
             sols[p] = NormalizedSharpnessSolution(
-                value[k], lower[k], x_out[k], y_out[k], pooled.num_components, bool(attained[p]), res.iterations
+                value[k],
+                lower[k],
+                x_out[k],
+                y_out[k],
+                pooled.num_components,
+                bool(attained[p]),
+                res.iterations,
             )
     rest = [p for p in range(num) if sols[p] is None]
     if rest:
