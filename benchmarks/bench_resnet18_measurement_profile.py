@@ -60,6 +60,30 @@ def _timers():
     return spent, wrap
 
 
+def _wrap_compute_pieces(spent: dict[str, list[float]], wrap) -> None:
+    """Time the pieces of ``compute()`` (module functions both trees have): the clipped replicate
+    curvature, the pooled (cold) and general warm-started eq. 17 solves, the preconditioned replicate
+    Newton; ``compute()`` minus these is the rest (components, closed forms, jackknife, dict)."""
+    import lightning_flatness.functional.replicate_measures as rm
+    import lightning_flatness.functional.solvers.normalized as nm
+
+    wrap(rm, "replicate_curvature", "curvature")
+    wrap(nm, "replicate_newton", "replicate_newton")
+    solve = nm._solve_reduced
+
+    def solve_reduced(a, b, rtol, max_iter, shape, start):
+        key = "pooled_solve" if start is None else "general_warm_solve"
+        t, c = time.perf_counter(), time.process_time()
+        try:
+            return solve(a, b, rtol, max_iter, shape, start)
+        finally:
+            w = spent.setdefault(key, [0.0, 0.0])
+            w[0] += time.perf_counter() - t
+            w[1] += time.process_time() - c
+
+    nm._solve_reduced = solve_reduced
+
+
 def worker_resnet(step_repeats: int) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
@@ -89,6 +113,7 @@ def worker_resnet(step_repeats: int) -> dict[str, Any]:
         steps.append(time.perf_counter() - t)
         step_cpu.append(time.process_time() - c)
     spent, wrap = _timers()
+    _wrap_compute_pieces(spent, wrap)
     sizes = chunk_sizes(512, BATCH, 8)
     result: dict[str, Any] = {}
     for _run in range(2):  # the first warms up (lazy imports, allocator); the second is reported
@@ -116,6 +141,10 @@ def worker_resnet(step_repeats: int) -> dict[str, Any]:
             "update": spent["update"],
             "add_rest": [spent["add"][k] - spent["estimate"][k] - spent["update"][k] for k in (0, 1)],
             "compute": compute,
+            "compute_pieces": {
+                k: spent.get(k, [0.0, 0.0])
+                for k in ("curvature", "pooled_solve", "general_warm_solve", "replicate_newton")
+            },
             "normalized": float(values["normalized"]),
             "normalized_stderr": float(values["normalized_stderr"]),
             "hessian_trace": float(values["hessian_trace"]),
@@ -145,8 +174,12 @@ def worker_mlp(repeats: int) -> dict[str, Any]:
         loss.backward()
         opt.step()
     model.eval()
+    spent, wrap = _timers()
+    _wrap_compute_pieces(spent, wrap)
     adds, computes, values = [], [], {}
     for r in range(repeats + 3):  # 3 warm-up measurements
+        if r == 3:
+            spent.clear()
         m = SharpnessMeasurement(model, generator=torch.Generator().manual_seed(0))
         c = time.process_time()
         for k in range(8):
@@ -160,6 +193,10 @@ def worker_mlp(repeats: int) -> dict[str, Any]:
     return {
         "add_ms": 1e3 * statistics.median(adds),
         "compute_ms": 1e3 * statistics.median(computes),
+        "compute_pieces_ms": {
+            k: 1e3 * spent.get(k, [0.0, 0.0])[1] / repeats
+            for k in ("curvature", "pooled_solve", "general_warm_solve", "replicate_newton")
+        },
         "normalized": float(values["normalized"]),
         "normalized_stderr": float(values["normalized_stderr"]),
     }
@@ -244,6 +281,16 @@ def main(argv=None) -> dict[str, Any]:
                 f"{med(rows, 'epoch_percent_cpu'):.2f}% | "
                 f"{min(r['load'][0] for r in rows):.1f}-{max(r['load'][1] for r in rows):.1f} |"
             )
+        print(
+            "\n`compute()` pieces, CPU s (medians): curvature | pooled solves | general warm solves | "
+            "replicate Newton | rest"
+        )
+        for name, rows in runs["resnet"].items():
+            pieces = [
+                statistics.median(r["compute_pieces"][k][1] for r in rows) for k in rows[0]["compute_pieces"]
+            ]
+            rest = med(rows, "compute", 1) - sum(pieces)
+            print(f"{name}: " + " | ".join(f"{v:.3f}" for v in pieces) + f" | {rest:.3f}")
         for name, rows in runs["resnet"].items():
             print(
                 f"{name}: normalized {rows[0]['normalized']!r} +- {rows[0]['normalized_stderr']!r}, "
@@ -258,6 +305,16 @@ def main(argv=None) -> dict[str, Any]:
                 f"| {name} | {med(rows, 'add_ms'):.1f} | {med(rows, 'compute_ms'):.1f} | "
                 f"{min(r['load'][0] for r in rows):.1f}-{max(r['load'][1] for r in rows):.1f} |"
             )
+        print(
+            "\n`compute()` pieces, CPU ms per compute (means): "
+            "curvature | pooled | general warm | replicate Newton"
+        )
+        for name, rows in runs["mlp"].items():
+            pieces = [
+                statistics.median(r["compute_pieces_ms"][k] for r in rows)
+                for k in rows[0]["compute_pieces_ms"]
+            ]
+            print(f"{name}: " + " | ".join(f"{v:.2f}" for v in pieces))
         for name, rows in runs["mlp"].items():
             print(f"{name}: normalized {rows[0]['normalized']!r} +- {rows[0]['normalized_stderr']!r}")
     if args.json:
