@@ -139,14 +139,13 @@ def _check_estimates(
 
 
 def all_finite(tensor: Tensor) -> bool:
-    """Whether every entry of ``tensor`` is finite, by one float64 sum (no ``(numel,)`` bool mask): a NaN or
-    an infinity makes the sum non-finite; only then (or for a float64 sum that overflows) are the
-    entries checked one by one, so the answer is exactly ``torch.isfinite(tensor).all()``."""
+    """Whether every entry of ``tensor`` is finite, exactly ``torch.isfinite(tensor).all()``, by one sum in
+    its own dtype (tens of times faster on CPU than the elementwise mask): a NaN or an infinity makes the
+    sum non-finite, so a finite sum proves every entry finite; only a non-finite sum (a non-finite entry,
+    or finite entries whose sum overflows) is settled entry by entry."""
     if not tensor.is_floating_point():
-        return True
-    if tensor.dtype == torch.float64 or not bool(torch.isfinite(tensor.sum(dtype=torch.float64))):
         return bool(torch.isfinite(tensor).all())
-    return True
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def all_reduce_sum(

@@ -90,8 +90,8 @@ def replicate_curvature(sums: Tensor, mix: Tensor, shape: torch.Size) -> tuple[T
     leave-one-out sets as the sum of all minus one slot (exactly 0 where every other slot is exactly 0,
     which is what tells the solver an infimum is unattained; elsewhere within ``eps`` times the
     largest slot of the entry), clipped and summed over the kernel, chunk by chunk (``_CHUNK`` entries
-    per slot, so the ``P`` rows of a chunk stay in cache). Cost: about ``2 R + 2 P`` flops per weight
-    entry and two reads of the ``(R, numel)`` sums. Any other ``mix`` takes the dense product ``mix @ sums``.
+    per slot, so the ``P`` rows of a chunk stay in cache; the slot totals of the trace from the same
+    chunks). Cost: about ``3 R + 2 P`` flops per weight entry and one read of the ``(R, numel)`` sums. Any other ``mix`` takes the dense product ``mix @ sums``.
 
     Args:
         sums: ``(R, numel)`` float64 slot sums of a tensor of ``shape`` ``(m, n, *kernel)``.
@@ -125,11 +125,13 @@ def replicate_curvature(sums: Tensor, mix: Tensor, shape: torch.Size) -> tuple[T
     a = sums.new_empty(num, m * n)
     step = max(1, _CHUNK // kernel) * kernel
     means = sums.new_empty(num, min(step, m * n * kernel))
+    slot_totals = sums.new_zeros(sub.shape[0])  # summed chunk by chunk while the chunk is in cache
     for lo in range(0, m * n * kernel, step):
         s = sub[:, lo : lo + step]
         c = s.shape[1]
         chunk = means[:, :c]
         total = s.sum(dim=0)
+        slot_totals += s.sum(dim=1)
         if loo_block:  # one op: sum - slot (slots all exactly 0 but one give exactly 0)
             torch.sub(total, s, out=chunk[loo_rows[0] : loo_rows[0] + len(loo_rows)])
         else:
@@ -146,7 +148,6 @@ def replicate_curvature(sums: Tensor, mix: Tensor, shape: torch.Size) -> tuple[T
             out=a[:, lo // kernel : (lo + c) // kernel],
         )
     a *= coef[:, None]
-    slot_totals = sub.sum(dim=1)
     trace = (support[:, used].to(sums.dtype) @ slot_totals) * coef
     return a.view(num, m, n), trace
 
