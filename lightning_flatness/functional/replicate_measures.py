@@ -91,7 +91,8 @@ def replicate_curvature(sums: Tensor, mix: Tensor, shape: torch.Size) -> tuple[T
     which is what tells the solver an infimum is unattained; elsewhere within ``eps`` times the
     largest slot of the entry), clipped and summed over the kernel, chunk by chunk (``_CHUNK`` entries
     per slot, so the ``P`` rows of a chunk stay in cache; the slot totals of the trace from the same
-    chunks). Cost: about ``3 R + 2 P`` flops per weight entry and one read of the ``(R, numel)`` sums. Any other ``mix`` takes the dense product ``mix @ sums``.
+    chunks). Cost: about ``3 R + 2 P`` flops per weight entry and one read of the ``(R, numel)`` sums.
+    Any other ``mix`` takes the dense product ``mix @ sums``.
 
     Args:
         sums: ``(R, numel)`` float64 slot sums of a tensor of ``shape`` ``(m, n, *kernel)``.
