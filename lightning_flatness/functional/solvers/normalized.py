@@ -525,7 +525,9 @@ def _solve_replicates(
             return t.index_select(-2, in_rows)
         return t[..., in_rows[:, None], in_cols]
 
-    a_fast = part(a if every else a[idx]).clone()
+    a_fast = part(a if every else a[idx])
+    if a_fast is a:  # neither picked nor compacted: a copy of its own, scaled in place below
+        a_fast = a_fast.clone()
     b_fast = part(b0)[None].expand_as(a_fast)
     if keep is not None:
         outside = ~part(keep if every else keep[idx])
