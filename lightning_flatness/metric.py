@@ -261,7 +261,10 @@ class NormalizedSharpness(Metric):
     sums of all weight tensors in layout order (``F`` = total weight entries; per-tensor views from
     :meth:`hessian_sums`) and the last column the sample counts (:attr:`count`; exact in float64
     up to ``2**53`` samples). That is ``8 R`` bytes per weight entry, plus ``8`` bytes per entry for
-    the float64 copy of the latest weights; updates are out of place. Synchronisation goes through
+    the float64 copy of the latest weights. The first update after construction or ``reset()`` makes
+    the state full-size (one copy of the default; the default itself is never written); later
+    updates add each estimate into its slot's columns in place, converting to float64 on the fly
+    (no float64 copy of the estimate). Synchronisation goes through
     torchmetrics' public ``dist_sync_fn``, set to :func:`all_reduce_sum`: one ``all_reduce(SUM)``
     per sync, memory flat in the number of processes (no all-gather). Put the metric on the device of
     your backend (``metric.to(device)``; NCCL needs CUDA tensors). Under DDP, rank ``k`` starts filling slot
@@ -359,7 +362,7 @@ class NormalizedSharpness(Metric):
         self._states_persistent = False
         self._warned_no_stderr = False
         # default: one (1, 1) zero, broadcast to (R, F + 1) on use (no idle full-size copy for reset);
-        # updates are out of place and make the state full-size
+        # the first update copies it to full size; later updates add in place
         self.add_state(_STATE, default=torch.zeros(1, 1, dtype=torch.float64), dist_reduce_fx="sum")
 
     # -- layout ----------------------------------------------------------------------------------
