@@ -155,7 +155,7 @@ def worker_resnet(step_repeats: int) -> dict[str, Any]:
     return result
 
 
-def worker_mlp(repeats: int) -> dict[str, Any]:
+def worker_mlp(repeats: int, train_steps: int = 300) -> dict[str, Any]:
     import torch
 
     from lightning_flatness.datasets import make_mnist1d
@@ -167,7 +167,7 @@ def worker_mlp(repeats: int) -> dict[str, Any]:
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x, y = data.x_train, data.y_train
-    for _ in range(300):
+    for _ in range(train_steps):
         idx = torch.randint(0, x.shape[0], (BATCH,))
         loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()
@@ -209,7 +209,10 @@ def worker(args: argparse.Namespace) -> None:
     sys.path.insert(0, args.worker)
     os.chdir(args.worker)
     load = os.getloadavg()[0]
-    out = worker_resnet(args.step_repeats) if args.part == "resnet" else worker_mlp(args.mlp_repeats)
+    if args.part == "resnet":
+        out = worker_resnet(args.step_repeats)
+    else:
+        out = worker_mlp(args.mlp_repeats, args.mlp_train_steps)
     out["load"] = [load, os.getloadavg()[0]]
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -217,6 +220,7 @@ def worker(args: argparse.Namespace) -> None:
 def run_worker(tree: str, part: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-W", "ignore", str(Path(__file__).resolve()), "--worker", tree, "--part", part]
     cmd += ["--step-repeats", str(args.step_repeats), "--mlp-repeats", str(args.mlp_repeats)]
+    cmd += ["--mlp-train-steps", str(args.mlp_train_steps)]
     env = {**os.environ, "PYTHONPATH": tree}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -238,10 +242,16 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=3, help="processes per tree and part (interleaved)")
     p.add_argument("--step-repeats", type=int, default=5)
     p.add_argument("--mlp-repeats", type=int, default=15)
+    p.add_argument("--mlp-train-steps", type=int, default=300, help="Adam steps before the MLP is measured")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke test: the MLP part, one process, a few seconds"
+    )
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--part", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.quick:
+        args.parts, args.repeats, args.mlp_repeats, args.mlp_train_steps = ["mlp"], 1, 2, 20
     if args.worker:
         worker(args)
         return {}
