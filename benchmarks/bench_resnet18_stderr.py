@@ -23,6 +23,8 @@ population factor ``sqrt(1 - n / 1797)`` since the subsets come from one pool of
 a 5% standard error needs (``n (s.e. / 5%)^2``, s.e. falling like ``1 / sqrt(n)``); seconds per
 measurement and the same in training steps of batch 128 (timed in the same run).
 
+Needs scikit-learn (``pip install -e ".[bench]"``; the digits ship with it, nothing is downloaded).
+
 Run: ``python -m benchmarks.bench_resnet18_stderr --json benchmarks/results/bench_resnet18_stderr.json``
 (writes ``bench_resnet18_stderr.md`` beside the JSON).
 """
