@@ -110,6 +110,8 @@ def clamped_normalized(m) -> tuple[float, float]:
     total = 0.0
     for name, s in sums.items():
         w = m.weights[name].to(torch.float64)
+        if w.ndim < 2:  # biases and normalisation scales enter eq. 5 only (footnote 5)
+            continue
         a, _ = replicate_curvature(s.to(torch.float64), mix, w.shape)
         b = w.square().reshape(a.shape[1], a.shape[2], -1).sum(dim=2) / (2.0 * 0.5)
         sols = solve_normalized_sharpness_coefficients(

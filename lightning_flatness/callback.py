@@ -42,6 +42,7 @@ from lightning_flatness.isolation import (
 from lightning_flatness.logger_media import MediaContext, PerLayerTable, log_per_layer_media, per_layer_table
 from lightning_flatness.measure import SharpnessMeasurement, resolve_loss
 from lightning_flatness.memory import PeakMemory
+from lightning_flatness.metric import all_finite
 from lightning_flatness.progress import progress_reporter
 from lightning_flatness.sharded import is_sharded
 from lightning_flatness.training_subset import (
@@ -655,7 +656,7 @@ class SharpnessMonitorBase:
                 self._generator = self._probe_generator(device, trainer.global_rank)
                 measurement = self._measurement(network, self._generator, self.num_probes)
                 weights = measurement.weights
-                nonfinite = not all(bool(torch.isfinite(w).all()) for w in weights.values())
+                nonfinite = not all(all_finite(w) for w in weights.values())
                 description = f"Sharpness ({self._resolved_method or 'exact'})"
                 with progress_reporter(trainer, total, description) as advance:
                     for batch in [] if nonfinite else batches:  # non-finite weights: nothing to measure

@@ -26,7 +26,7 @@ from lightning_flatness.functional.estimators.method_choice import MethodChoice,
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.model_io import TokenLoss, call_model, inputs_batch_size, select_samples
 from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
-from lightning_flatness.metric import NormalizedSharpness
+from lightning_flatness.metric import NormalizedSharpness, all_finite
 
 __all__ = ["SharpnessMeasurement", "SharpnessResult", "is_causal_lm", "measure_sharpness", "resolve_loss"]
 
@@ -192,7 +192,7 @@ class SharpnessMeasurement:
             if not finite:
                 return False
             raise
-        if not all(bool(torch.isfinite(g).all()) for g in estimate.groups.values()):
+        if not all(all_finite(g) for g in estimate.groups.values()):
             return False
         self.metric.update(estimate, self.weights)
         self.num_batches += 1

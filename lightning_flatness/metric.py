@@ -21,7 +21,7 @@ from torchmetrics.utilities import rank_zero_warn
 from lightning_flatness.functional.estimators.api import HessianDiagonalEstimate
 from lightning_flatness.functional.replicate_measures import replicate_sharpness_measures
 
-__all__ = ["NormalizedSharpness", "all_reduce_sum"]
+__all__ = ["NormalizedSharpness", "all_finite", "all_reduce_sum"]
 
 NumSamples = Union[int, Sequence[int], Tensor]
 Layout = tuple[tuple[str, torch.Size], ...]
@@ -128,7 +128,7 @@ def _check_estimates(
             )
             raise ValueError(f"Hessian diagonal of {name!r} has shape {tuple(h.shape)}; expected {how}.")
         layout.append((name, torch.Size(w.shape)))
-    nonfinite = [n for n, h in diagonals.items() if not bool(torch.isfinite(h).all())]
+    nonfinite = [n for n, h in diagonals.items() if not all_finite(h)]
     if nonfinite:
         raise ValueError(
             f"Hessian diagonals of {nonfinite} contain NaN or inf; fix the estimate (e.g. a "
@@ -136,6 +136,16 @@ def _check_estimates(
             f"NormalizedSharpness."
         )
     return tuple(layout)
+
+
+def all_finite(tensor: Tensor) -> bool:
+    """Whether every entry of ``tensor`` is finite, exactly ``torch.isfinite(tensor).all()``, by one sum in
+    its own dtype (tens of times faster on CPU than the elementwise mask): a NaN or an infinity makes the
+    sum non-finite, so a finite sum proves every entry finite; only a non-finite sum (a non-finite entry,
+    or finite entries whose sum overflows) is settled entry by entry."""
+    if not tensor.is_floating_point():
+        return bool(torch.isfinite(tensor).all())
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def all_reduce_sum(
@@ -251,7 +261,10 @@ class NormalizedSharpness(Metric):
     sums of all weight tensors in layout order (``F`` = total weight entries; per-tensor views from
     :meth:`hessian_sums`) and the last column the sample counts (:attr:`count`; exact in float64
     up to ``2**53`` samples). That is ``8 R`` bytes per weight entry, plus ``8`` bytes per entry for
-    the float64 copy of the latest weights; updates are out of place. Synchronisation goes through
+    the float64 copy of the latest weights. The first update after construction or ``reset()`` makes
+    the state full-size (one copy of the default; the default itself is never written); later
+    updates add each estimate into its slot's columns in place, converting to float64 on the fly
+    (no float64 copy of the estimate). Synchronisation goes through
     torchmetrics' public ``dist_sync_fn``, set to :func:`all_reduce_sum`: one ``all_reduce(SUM)``
     per sync, memory flat in the number of processes (no all-gather). Put the metric on the device of
     your backend (``metric.to(device)``; NCCL needs CUDA tensors). Under DDP, rank ``k`` starts filling slot
@@ -349,7 +362,7 @@ class NormalizedSharpness(Metric):
         self._states_persistent = False
         self._warned_no_stderr = False
         # default: one (1, 1) zero, broadcast to (R, F + 1) on use (no idle full-size copy for reset);
-        # updates are out of place and make the state full-size
+        # the first update copies it to full size; later updates add in place
         self.add_state(_STATE, default=torch.zeros(1, 1, dtype=torch.float64), dist_reduce_fx="sum")
 
     # -- layout ----------------------------------------------------------------------------------
@@ -441,22 +454,20 @@ class NormalizedSharpness(Metric):
         if self._slot_offset is None:
             self._slot_offset = self._initial_slot_offset()
         num_groups = sizes.numel()
-        slots = ((self._slot_offset + torch.arange(num_groups)) % self.num_replicates).to(device)
-        scale = sizes.to(device=device, dtype=torch.float64).unsqueeze(1)
-        block = torch.cat(
-            [
-                diagonals[name].detach().to(device=device, dtype=torch.float64).reshape(num_groups, -1)
-                for name, _ in self._layout
-            ]
-            + [torch.ones(num_groups, 1, dtype=torch.float64, device=device)],
-            dim=1,
-        )
-        block.mul_(scale)
+        slots = ((self._slot_offset + torch.arange(num_groups)) % self.num_replicates).tolist()
         with torch.inference_mode(False):  # normal tensors: Lightning validates under inference_mode
-            if self.accumulator is acc and acc._base is None and not acc.is_inference():
-                acc.index_add_(0, slots, block)  # a materialised state of its own: in place, no (R, F+1) copy
-            else:
-                self.accumulator = acc.index_add(0, slots, block)  # out of place: the compact default stays
+            if not (self.accumulator is acc and acc._base is None and not acc.is_inference()):
+                # out of place (the compact default, a view or an inference tensor stays as it is): one copy
+                acc = acc.clone(memory_format=torch.contiguous_format)
+            # each group's estimate straight into its slot's columns (float64 on the fly: no block copy)
+            for (name, _), lo, hi in zip(self._layout, self._offsets, self._offsets[1:]):
+                h = diagonals[name].detach().reshape(num_groups, -1)
+                for g, slot in enumerate(slots):
+                    acc[slot, lo:hi].add_(h[g].to(device=device), alpha=float(sizes[g]))
+            for g, slot in enumerate(slots):
+                acc[slot, -1] += float(sizes[g])
+            if self.accumulator is not acc:
+                self.accumulator = acc
             if not self._same_weights(
                 weights
             ):  # copy unless they are the tensors of the last copy, unchanged

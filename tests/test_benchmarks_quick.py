@@ -147,3 +147,20 @@ def test_solver_quick_prints_a_result_row_per_scenario(capsys):
     bench_solver.main(["--quick"])
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and " ms " in ln]
     assert len(rows) >= 1
+
+
+@pytest.mark.slow
+def test_measurement_profile_quick_times_every_piece_of_compute(tmp_path):
+    """The profile's worker (a subprocess importing this tree) reports the MLP measurement and the pieces
+    of compute() it times, each within compute()."""
+    from benchmarks import bench_resnet18_measurement_profile as profile
+
+    out = profile.main(["--quick", "--json", str(tmp_path / "p.json")])
+    (row,) = out["runs"]["mlp"]["after"]
+    assert row["compute_ms"] > 0 and row["add_ms"] > 0
+    assert _finite(row["normalized"], row["normalized_stderr"]) and row["normalized"] > 0
+    pieces = row["compute_pieces_ms"]
+    assert set(pieces) == {"curvature", "pooled_solve", "general_warm_solve", "replicate_newton"}
+    assert pieces["curvature"] > 0 and pieces["pooled_solve"] > 0
+    # nested timers, and the median of 2 computes is their mean: the pieces fit inside compute()
+    assert sum(pieces.values()) <= 1.01 * row["compute_ms"]

@@ -69,11 +69,19 @@ def _max_z(model, loss_fn, x, y, repeats, **kwargs) -> float:
 
 @pytest.mark.parametrize("loss_fn", [F.cross_entropy, normalized_softmax_cross_entropy])
 @pytest.mark.parametrize(
-    "chunk_size, max_exact_outputs", [(1, 32), (4, 32), (9, 32), (4, 0)], ids=["B1", "B4", "batch", "B4-mc"]
+    "chunk_size, max_exact_outputs, structured",
+    [(1, 32, True), (4, 32, True), (9, 32, True), (1, 0, True), (4, 0, True), (4, 0, False)],
+    ids=["B1", "B4", "batch", "B1-structured", "B4-structured", "B4-mc"],
 )
-def test_unbiased_against_brute_force(loss_fn, chunk_size, max_exact_outputs):
+def test_unbiased_against_brute_force(loss_fn, chunk_size, max_exact_outputs, structured, monkeypatch):
     # 87 entries (weights and biases), 300 estimates: |z| < 5 everywhere (the mutations tried, e.g. a
-    # dropped negative part or Rademacher signs shared across the samples of a chunk, give |z| of 11-174)
+    # dropped negative part or Rademacher signs shared across the samples of a chunk, give |z| of 11-174).
+    # Above max_exact_outputs: the structured exact factors of the loss Hessian, or (structure switched
+    # off, as for losses without one) the Monte-Carlo base columns.
+    if not structured:
+        from lightning_flatness.functional.estimators import gauss_newton_sketch
+
+        monkeypatch.setattr(gauss_newton_sketch, "loss_hessian_structure", lambda *a: None)
     model = _conv_net()
     x, y = _data()
     z = _max_z(model, loss_fn, x, y, 300, chunk_size=chunk_size, max_exact_outputs=max_exact_outputs)
@@ -170,7 +178,12 @@ def test_auto_sketches_big_networks_only():
     smooth = nn.Sequential(nn.Linear(1024, 512), nn.Tanh(), nn.Linear(512, 10))
     choice = choose_method(smooth, normalized_softmax_cross_entropy, x, y)
     assert (choice.method, choice.quantity) == ("gauss_newton_sketch", "gauss_newton")
-    # many outputs: the Monte-Carlo estimator stays (the sketch is not validated there)
+    # many outputs: the sketch of the structured loss Hessian for cross-entropy and eq. 20, whatever the
+    # work; the Monte-Carlo estimator for a loss without a structure (MSE)
     wide = nn.Sequential(nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 48))
-    choice = choose_method(wide, normalized_softmax_cross_entropy, x, torch.tensor([1, 40]))
-    assert choice.method == "gauss_newton_mc"
+    for loss_fn in (normalized_softmax_cross_entropy, F.cross_entropy):
+        choice = choose_method(wide, loss_fn, x, torch.tensor([1, 40]))
+        assert choice.method == "gauss_newton_sketch" and "structured" in choice.reason
+    tiny_wide = nn.Sequential(nn.Linear(1024, 2), nn.ReLU(), nn.Linear(2, 48))
+    assert choose_method(tiny_wide, F.cross_entropy, x, torch.tensor([1, 40])).method == "gauss_newton_sketch"
+    assert choose_method(wide, F.mse_loss, x, torch.randn(2, 48)).method == "gauss_newton_mc"

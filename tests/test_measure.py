@@ -73,8 +73,8 @@ def test_choose_method_exact_for_piecewise_linear_and_gauss_newton_otherwise():
     assert "tanh" in tanh.reason
     wide_x, wide_y = _data(1, classes=48)[0]
     many = choose_method(_mlp(classes=48), normalized_softmax_cross_entropy, wide_x, wide_y)
-    assert (many.method, many.quantity) == ("gauss_newton_mc", "hessian")  # GGN == H for a ReLU network
-    assert "48 outputs" in many.reason and "sampled" in many.reason
+    assert (many.method, many.quantity) == ("gauss_newton_sketch", "hessian")  # GGN == H for a ReLU network
+    assert "48 outputs" in many.reason and "structured factors" in many.reason
     assert MethodChoice.named("gauss_newton_mc").quantity == "gauss_newton"
     assert MethodChoice.named("hutchinson").label == "hutchinson (hessian)"
     with pytest.raises(ValueError, match="unknown method 'newton'"):
@@ -169,8 +169,9 @@ def test_measurement_skips_non_finite_batches_and_reports_them():
 
 def test_auto_on_many_classes_samples_the_gauss_newton_part_within_its_error_bars_of_the_hessian():
     """A ReLU network with 40 classes at initialisation, eq. 20 loss (its logit Hessian is indefinite, the
-    hard case for sampling): auto picks the Monte-Carlo Gauss-Newton diagonal (== Hessian diagonal here)
-    and its default draws keep normalized sharpness unbiased within a few percent."""
+    hard case for sampling): auto picks the sketch of the structured loss Hessian (its Gauss-Newton
+    diagonal == Hessian diagonal here) and its default sketches keep normalized sharpness unbiased within a
+    few percent."""
     from oracles import brute_force_measures as oracle
 
     torch.manual_seed(0)
@@ -185,7 +186,7 @@ def test_auto_on_many_classes_samples_the_gauss_newton_part_within_its_error_bar
     errors = []
     for seed in range(4):
         result = measure_sharpness(model, batches, generator=torch.Generator().manual_seed(seed))
-        assert result.choice.method == "gauss_newton_mc" and result.choice.quantity == "hessian"
+        assert result.choice.method == "gauss_newton_sketch" and result.choice.quantity == "hessian"
         for measure in ("normalized", "hessian_trace"):
             error = float(result[measure]) - ref[measure]
             assert abs(error) < 3 * float(result[f"{measure}_stderr"]), (seed, measure, error)

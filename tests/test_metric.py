@@ -771,3 +771,21 @@ def test_one_dimensional_tensors_enter_the_trace_and_its_error_bars_only():
     for key in ("normalized", "normalized_stderr", "matrix_normalized", "matrix_normalized_stderr"):
         assert float(out[key]) == pytest.approx(float(ref[key]), rel=1e-12), key
     assert "normalized/b" not in out and "matrix_normalized/b" not in out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_equals_the_elementwise_check(dtype):
+    from lightning_flatness.metric import all_finite
+
+    big = torch.finfo(dtype).max
+    cases = [
+        torch.ones(5, dtype=dtype),
+        torch.full((4,), big, dtype=dtype),  # finite entries whose sum overflows the dtype (and float64's)
+        torch.tensor([1.0, float("nan")], dtype=dtype),
+        torch.tensor([float("inf"), 1.0], dtype=dtype),
+        torch.tensor([float("inf"), -float("inf")], dtype=dtype),
+        torch.tensor([-float("inf")], dtype=dtype),
+        torch.zeros(0, dtype=dtype),
+    ]
+    for t in cases:
+        assert all_finite(t) == bool(torch.isfinite(t).all()), t

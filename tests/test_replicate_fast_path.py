@@ -170,3 +170,45 @@ def test_replicates_the_fast_path_leaves_uncertified_are_finished_by_the_general
         assert float(s_warm.value) == pytest.approx(float(s_cold.value), rel=1e-10)
         assert s_warm.attained == s_cold.attained and s_warm.num_components == s_cold.num_components
         assert torch.equal(s_warm.row_log_variance.isnan(), s_cold.row_log_variance.isnan())
+
+
+@pytest.mark.parametrize("dead", [False, True])
+@pytest.mark.parametrize("shape", [(64, 80), (96, 48, 3, 3)])
+def test_replicates_that_lose_units_of_one_slot_take_the_fast_path_and_equal_cold_solves(
+    shape, dead, monkeypatch
+):
+    """A row (an output unit) and a column (an input unit) with curvature in one slot only, as a unit
+    alive in one batch: the leave-one-out replicate of that slot loses them (its component is a strict
+    part of the pooled one; the row is the pooled gauge row, the first one with curvature). Every
+    replicate must still be certified by the preconditioned path and equal a cold solve, attained flags
+    and the rows and columns left out (NaN) included. ``dead``: the pooled problem has dead rows and
+    pruned columns too, so the fast path works on its component's rows and columns only."""
+    certified = []
+    original = normalized_module.replicate_newton
+
+    def counting(*args, **kwargs):
+        out = original(*args, **kwargs)
+        certified.append(int(out[1].sum()))
+        return out
+
+    monkeypatch.setattr(normalized_module, "replicate_newton", counting)
+    w, sums, counts = _slots(shape, clipped=True, seed=21, dead=dead)
+    row = 3 if dead else 0  # the first row with curvature: the pooled gauge
+    view = sums.view(8, *shape)
+    view[1:, row] = 0.0  # only in slot 0
+    view[:3, :, 5] = 0.0  # column 5 only in slots 3..7 ...
+    view[4:, :, 5] = 0.0  # ... i.e. slot 3 alone
+    view[3, :, 5] = view[3, :, 5].abs()
+    mix = replicate_weights(counts, list(range(8)))
+    a, _ = replicate_curvature(sums, mix, w.shape)
+    b = w.square().reshape(a.shape[1], a.shape[2], -1).sum(dim=2)
+    assert bool((a[1, row] == 0).all()) and bool((a[4, :, 5] == 0).all())  # the parts really lose them
+    warm = solve_normalized_sharpness_coefficients(a, b, rtol=1e-11)
+    cold = solve_normalized_sharpness_coefficients(a, b, rtol=1e-11, warm_start=False)
+    assert certified == [10]
+    for s_warm, s_cold in zip(warm, cold):
+        assert float(s_warm.value) == pytest.approx(float(s_cold.value), rel=2e-11)
+        assert s_warm.attained == s_cold.attained and s_warm.num_components == s_cold.num_components
+        assert torch.equal(s_warm.row_log_variance.isnan(), s_cold.row_log_variance.isnan())
+        assert torch.equal(s_warm.col_log_variance.isnan(), s_cold.col_log_variance.isnan())
+    assert not warm[1].attained and not warm[4].attained and warm[2].attained == (not dead)

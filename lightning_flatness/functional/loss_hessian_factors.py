@@ -25,6 +25,12 @@ autograd fallback :func:`autograd_columns` for any other per-sample-mean loss:
 - :func:`token_loss_columns` (:class:`TokenLoss` wrapping any of these): the base columns per valid
   token, stacked per sequence with independent random signs.
 
+Exact structured forms (:class:`StructuredLossHessian`, :data:`LOSS_HESSIAN_STRUCTURES`): for
+cross-entropy and eq. 20, ``Lambda_n`` is a diagonal core behind a rank-one correction plus at most 4
+signed columns, ``O(K)`` numbers per sample, exact at any ``K``; the sketched Gauss-Newton estimator mixes
+them with random signs instead of sampling classes (:func:`loss_hessian_structure`; measured in
+``benchmarks/results/bench_resnet18_1000.md``).
+
 Variance reduction for the softmax losses: ``exact_classes = m`` takes the ``m`` most probable classes
 of each sample exactly (``m`` more columns) and samples only the tail; :data:`DEFAULT_EXACT_CLASSES`
 holds the measured defaults (2 for cross-entropy, 0 for eq. 20, where it does not help).
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +57,11 @@ from lightning_flatness.functional.model_io import TokenLoss
 
 __all__ = [
     "DEFAULT_EXACT_CLASSES",
+    "LOSS_HESSIAN_STRUCTURES",
+    "StructuredLossHessian",
+    "loss_hessian_structure",
+    "normalized_cross_entropy_structure",
+    "softmax_cross_entropy_structure",
     "DEFAULT_MC_SAMPLES",
     "MC_LOSS_COLUMNS",
     "autograd_columns",
@@ -218,6 +230,151 @@ def normalized_cross_entropy_logit_hessian(logits: Tensor, target: Tensor) -> Te
     ) / (s.unsqueeze(2) ** 2 * k)
     hess = jg @ lam_u @ jg + m
     return torch.where(ok.reshape(n, 1, 1), hess, torch.zeros_like(hess))
+
+
+@dataclass(frozen=True)
+class StructuredLossHessian:
+    r"""``Lambda_n = T_n diag(d_n) T_n^T + sum_j l_nj q_nj q_nj^T`` per sample: a diagonal core behind the
+    rank-one correction ``T_n = I - a_n 1^T``, plus a few signed exact columns. ``O(K)`` numbers per sample
+    describe a ``K x K`` loss Hessian exactly, so it can be sketched (:meth:`sketch`) at ``O(N K)`` cost
+    whatever ``K``: no class sampling.
+
+    - ``F.cross_entropy``: ``diag(p) - p p^T = (I - p 1^T) diag(p) (I - 1 p^T)``: ``d = p``, ``a = p``, no
+      low-rank part (:func:`softmax_cross_entropy_structure`).
+    - eq. 20: ``Lambda = P diag(p / s^2 + alpha) P + L`` with the centering ``P`` (``a = 1/K``) and ``L``
+      of rank at most 4 (:func:`normalized_cross_entropy_structure`).
+
+    Attributes:
+        d: ``(N, K)`` the diagonal core (any sign).
+        a: ``(N, K)`` the correction vector of ``T_n = I - a_n 1^T``.
+        low: ``(N, K, R)`` the exact columns ``q_nj`` (``R`` may be 0).
+        low_signs: ``(N, R)`` their signed weights ``l_nj``.
+    """
+
+    d: Tensor
+    a: Tensor
+    low: Tensor
+    low_signs: Tensor
+
+    def apply_t(self, v: Tensor) -> Tensor:
+        """``T_n v`` for ``v`` ``(N, K, C)``: ``v - a_n (1^T v)``."""
+        return v - self.a.unsqueeze(2) * v.sum(dim=1, keepdim=True)
+
+    def dense(self) -> Tensor:
+        """``(N, K, K)`` ``Lambda_n`` (for tests and small ``K``; ``O(N K^2)`` memory)."""
+        core = self.apply_t(torch.diag_embed(self.d))  # T diag(d)
+        core = self.apply_t(core.transpose(1, 2)).transpose(1, 2)  # T diag(d) T^T
+        return core + torch.einsum("nkr,nr,nlr->nkl", self.low, self.low_signs, self.low)
+
+    def sketch(self, num_sketches: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        r"""Random-sign mixtures of the exact factors: ``S`` sketches, each one ``+`` and (when some part
+        is negative) one ``-`` column,
+
+        .. math:: v^\pm = \tfrac{1}{\sqrt S}\Big[T\,(\sqrt{d^\pm} \circ \xi^\pm)
+                  + \sum_{j:\, \pm l_j > 0} \varepsilon_j \sqrt{|l_j|}\, q_j\Big], \qquad
+                  \mathbb{E}\Big[\sum_{\text{sketches}} v^+ v^{+\top} - v^- v^{-\top}\Big] = \Lambda
+
+        (``xi``, ``eps`` independent Rademacher; ``d^+ = max(d, 0)``, ``d^- = max(-d, 0)``): the estimator of
+        :func:`~lightning_flatness.functional.estimators.gauss_newton_sketch.sketch_columns` applied to the
+        ``K + R`` exact columns ``sqrt|d_c| T e_c`` and ``sqrt|l_j| q_j``, without materialising them.
+
+        Returns:
+            ``(columns (N, K, C), signs (C,))``, ``C = 2 S`` (``S`` when nothing is negative, as for
+            cross-entropy). Cost ``O(N K S)`` (plus ``O(N K R S)``); no class sampling.
+        """
+        if not isinstance(num_sketches, int) or num_sketches < 1:
+            raise ValueError(f"`num_sketches` must be a positive int, got {num_sketches!r}.")
+        n, k = self.d.shape
+        r = self.low.shape[2]
+        parts = [1.0, -1.0] if bool((self.d < 0).any()) or bool((self.low_signs < 0).any()) else [1.0]
+        xi = _rademacher((n, k, num_sketches * len(parts)), self.d, generator)
+        eps = _rademacher((n, r, num_sketches * len(parts)), self.d, generator)
+        cols = []
+        for s in range(num_sketches):
+            for j, sign in enumerate(parts):
+                idx = s * len(parts) + j
+                root = (sign * self.d).clamp_min(0).sqrt()
+                col = self.apply_t((root * xi[:, :, idx]).unsqueeze(2)).squeeze(2)
+                if r:
+                    weight = (sign * self.low_signs).clamp_min(0).sqrt() * eps[:, :, idx]  # (N, R)
+                    col = col + torch.einsum("nkr,nr->nk", self.low, weight)
+                cols.append(col)
+        mixed = torch.stack(cols, dim=2) / math.sqrt(num_sketches)
+        return mixed, torch.tensor(parts * num_sketches, dtype=mixed.dtype, device=mixed.device)
+
+
+def softmax_cross_entropy_structure(logits: Tensor, target: Tensor) -> StructuredLossHessian:
+    r"""``F.cross_entropy``'s ``Lambda_n = diag(p) - p p^T = (I - p 1^T) diag(p) (I - 1 p^T)`` (uses
+    ``sum_c p_c = 1``), in the form of :class:`StructuredLossHessian`; float64, ``O(N K)``."""
+    _check_class_targets(logits, target, "softmax_cross_entropy_structure")
+    p = torch.softmax(logits.detach().to(torch.float64), dim=1)
+    n = p.shape[0]
+    return StructuredLossHessian(p, p, p.new_zeros(n, p.shape[1], 0), p.new_zeros(n, 0))
+
+
+def normalized_cross_entropy_structure(logits: Tensor, target: Tensor) -> StructuredLossHessian:
+    r"""Eq. 20's per-sample logit Hessian as a diagonal core behind the centering plus rank <= 4, exactly.
+
+    From :func:`normalized_cross_entropy_logit_hessian`, with ``A = P - u u^T / K`` (``J_g = A / s``,
+    ``P u = u``), ``C = diag(p) - p p^T``, ``r = p - e_y`` and ``alpha = -(r.u)/(s^2 K)``:
+    ``A diag(p) A = P diag(p) P - (w u^T + u w^T)/K + (u^T diag(p) u) u u^T / K^2`` with
+    ``w = P (p o u)``, so
+
+    .. math::
+
+        \Lambda = P\,\mathrm{diag}\big(\tfrac{p}{s^2} + \alpha\big) P + \tfrac{1}{s^2}\Big[
+            \tfrac{(u^\top \mathrm{diag}(p)\, u) + 3 (r\cdot u)}{K^2} u u^\top
+            - \tfrac{1}{K}(w u^\top + u w^\top) - \tfrac1K (r u^\top + u r^\top) - (A p)(A p)^\top\Big].
+
+    The core ``p/s^2 + alpha`` nets the softmax curvature against the normalization's ``alpha P`` *per
+    class*, before any sampling (sampled separately, as in :func:`normalized_cross_entropy_columns`,
+    their large ``+`` and ``-`` parts cancel only on average). The bracket lies in
+    ``span{u, w, A p, r}``: a ``4 x 4`` symmetric matrix in that basis, diagonalised through a thin QR
+    (``O(N K)``), gives at most 4 signed exact columns. Degenerate rows (all logits equal) get zeros.
+    """
+    _check_class_targets(logits, target, "normalized_cross_entropy_structure")
+    u, s, ok = _normalization(logits)
+    n, k = u.shape
+    p = torch.softmax(u, dim=1)
+    r = p - F.one_hot(target.long(), k).to(p.dtype)
+    s2 = s.squeeze(1) ** 2
+    ru = (r * u).sum(dim=1)
+    alpha = -ru / (s2 * k)
+    d = p / s2.unsqueeze(1) + alpha.unsqueeze(1)
+    pu = p * u
+    w = pu - pu.mean(dim=1, keepdim=True)
+    ap = (p - p.mean(dim=1, keepdim=True)) - u * (u * p).sum(dim=1, keepdim=True) / k
+    basis = torch.stack([u, w, ap, r], dim=2)  # (N, K, 4)
+    coef = torch.zeros(n, 4, 4, dtype=p.dtype, device=p.device)
+    coef[:, 0, 0] = ((pu * u).sum(dim=1) + 3 * ru) / k**2
+    coef[:, 0, 1] = coef[:, 1, 0] = -1.0 / k
+    coef[:, 0, 3] = coef[:, 3, 0] = -1.0 / k
+    coef[:, 2, 2] = -1.0
+    coef = coef / s2.reshape(n, 1, 1)
+    q, rr = torch.linalg.qr(basis)  # (N, K, 4), (N, 4, 4)
+    lam, vec = torch.linalg.eigh(rr @ coef @ rr.transpose(1, 2))
+    low = q @ vec
+    keep = ok.to(p.dtype)
+    a = torch.full_like(p, 1.0 / k)
+    return StructuredLossHessian(
+        d * keep.unsqueeze(1), a, low * keep.reshape(n, 1, 1), lam * keep.unsqueeze(1)
+    )
+
+
+#: Closed-form structures of ``Lambda_n`` (:class:`StructuredLossHessian`), keyed by the loss function.
+LOSS_HESSIAN_STRUCTURES: dict[Callable[..., Tensor], Callable[[Tensor, Tensor], StructuredLossHessian]] = {
+    F.cross_entropy: softmax_cross_entropy_structure,
+    normalized_softmax_cross_entropy: normalized_cross_entropy_structure,
+}
+
+
+def loss_hessian_structure(loss_fn: LossFn, logits: Tensor, target: Tensor) -> StructuredLossHessian | None:
+    """The exact :class:`StructuredLossHessian` of ``loss_fn`` at ``logits`` when it has a closed form
+    (:data:`LOSS_HESSIAN_STRUCTURES`, ``(N, K)`` logits), else None."""
+    structure = LOSS_HESSIAN_STRUCTURES.get(loss_fn)
+    if structure is None or logits.ndim != 2:
+        return None
+    return structure(logits, target)
 
 
 #: Whether eq. 20's rank-2 part ``B`` is taken exactly (two signed columns) rather than merged into the

@@ -90,8 +90,9 @@ def replicate_curvature(sums: Tensor, mix: Tensor, shape: torch.Size) -> tuple[T
     leave-one-out sets as the sum of all minus one slot (exactly 0 where every other slot is exactly 0,
     which is what tells the solver an infimum is unattained; elsewhere within ``eps`` times the
     largest slot of the entry), clipped and summed over the kernel, chunk by chunk (``_CHUNK`` entries
-    per slot, so the ``P`` rows of a chunk stay in cache). Cost: about ``2 R + 2 P`` flops per weight
-    entry and two reads of the ``(R, numel)`` sums. Any other ``mix`` takes the dense product ``mix @ sums``.
+    per slot, so the ``P`` rows of a chunk stay in cache; the slot totals of the trace from the same
+    chunks). Cost: about ``3 R + 2 P`` flops per weight entry and one read of the ``(R, numel)`` sums.
+    Any other ``mix`` takes the dense product ``mix @ sums``.
 
     Args:
         sums: ``(R, numel)`` float64 slot sums of a tensor of ``shape`` ``(m, n, *kernel)``.
@@ -125,11 +126,13 @@ def replicate_curvature(sums: Tensor, mix: Tensor, shape: torch.Size) -> tuple[T
     a = sums.new_empty(num, m * n)
     step = max(1, _CHUNK // kernel) * kernel
     means = sums.new_empty(num, min(step, m * n * kernel))
+    slot_totals = sums.new_zeros(sub.shape[0])  # summed chunk by chunk while the chunk is in cache
     for lo in range(0, m * n * kernel, step):
         s = sub[:, lo : lo + step]
         c = s.shape[1]
         chunk = means[:, :c]
         total = s.sum(dim=0)
+        slot_totals += s.sum(dim=1)
         if loo_block:  # one op: sum - slot (slots all exactly 0 but one give exactly 0)
             torch.sub(total, s, out=chunk[loo_rows[0] : loo_rows[0] + len(loo_rows)])
         else:
@@ -146,7 +149,6 @@ def replicate_curvature(sums: Tensor, mix: Tensor, shape: torch.Size) -> tuple[T
             out=a[:, lo // kernel : (lo + c) // kernel],
         )
     a *= coef[:, None]
-    slot_totals = sub.sum(dim=1)
     trace = (support[:, used].to(sums.dtype) @ slot_totals) * coef
     return a.view(num, m, n), trace
 
@@ -178,7 +180,8 @@ def tensor_measures(weight: Tensor, sums: Tensor, mix: Tensor, lam: float) -> di
     """
     with intra_op_threads(sums.numel(), sums.device):  # few, memory-bound ops: no thread handoffs
         a, trace = replicate_curvature(sums, mix, weight.shape)
-        b = weight.square().reshape(a.shape[1], a.shape[2], -1).sum(dim=2) / (2.0 * lam)
+        square = weight.square().reshape(a.shape[1], a.shape[2], -1).sum(dim=2)  # ||W_ij||^2 over the kernel
+        b = square / (2.0 * lam)
         sols = solve_normalized_sharpness_coefficients(
             a,
             b,
@@ -188,7 +191,7 @@ def tensor_measures(weight: Tensor, sums: Tensor, mix: Tensor, lam: float) -> di
         )
     return {
         "normalized": torch.stack([s.value for s in sols]).to(sums.device),
-        "matrix_normalized": torch.sqrt(weight.square().sum() * a.sum(dim=(1, 2))),
+        "matrix_normalized": torch.sqrt(square.sum() * a.sum(dim=(1, 2))),
         "hessian_trace": trace,
     }
 
@@ -233,15 +236,15 @@ def replicate_sharpness_measures(
     series: dict[str, Tensor] = dict(measure_totals(per_tensor))  # key -> (P,)
     for measure in MEASURES:
         series.update({f"{measure}/{n}": v[measure] for n, v in per_tensor.items() if measure in v})
-    out: dict[str, Tensor] = {}
-    for key, values in series.items():
-        out[key] = values[0]
-    for key, values in series.items():
-        if len(used) >= 2:
-            loo, halves = values[1 : 1 + len(used)], values[1 + len(used) :]
-            out[derived_key(key, "stderr")] = jackknife_standard_error(loo)
-            out[derived_key(key, "half_shift")] = halves.mean() - values[0]
-        else:
-            out[derived_key(key, "stderr")] = values.new_tensor(math.nan)
-            out[derived_key(key, "half_shift")] = values.new_tensor(math.nan)
+    keys = list(series)
+    table = torch.stack([series[k] for k in keys])  # (keys, P): every series at once, a few ops in all
+    out: dict[str, Tensor] = dict(zip(keys, table[:, 0].unbind()))
+    if len(used) >= 2:
+        loo, halves = table[:, 1 : 1 + len(used)], table[:, 1 + len(used) :]
+        stderr = jackknife_standard_error(loo.T).unbind()
+        shift = (halves.mean(dim=1) - table[:, 0]).unbind()
+    else:
+        stderr = shift = table.new_full((len(keys),), math.nan).unbind()
+    for k, e, h in zip(keys, stderr, shift):
+        out[derived_key(k, "stderr")], out[derived_key(k, "half_shift")] = e, h
     return out, len(used)

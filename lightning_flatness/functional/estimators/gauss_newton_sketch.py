@@ -3,8 +3,12 @@ of samples. One or two backward columns per sample whatever the number of classe
 
 With logits :math:`f_n`, the mean loss :math:`L = \frac1N \sum_n \ell_n(f_n)`, per-sample Jacobians
 :math:`J_n` and :math:`\Lambda_n = \nabla^2_f \ell_n = \sum_k s_{nk} c_{nk} c_{nk}^\top` (signed columns:
-the exact factors of :func:`~.exact._loss_factors` for few outputs, else the Monte-Carlo columns of
-:mod:`~lightning_flatness.functional.loss_hessian_factors`, whose expectation is :math:`\Lambda_n`), the
+the exact factors of :func:`~.exact._loss_factors` for few outputs; above that, for cross-entropy and
+eq. 20, the exact factors of their structured form
+(:class:`~lightning_flatness.functional.loss_hessian_factors.StructuredLossHessian`: a diagonal core
+behind a rank-one correction plus rank <= 4, mixed in ``O(N K)`` without materialising ``K`` columns);
+else the Monte-Carlo columns of :mod:`~lightning_flatness.functional.loss_hessian_factors`, whose
+expectation is :math:`\Lambda_n`), the
 Gauss-Newton diagonal is :math:`\mathrm{diag}(G) = \frac1N \sum_n \mathrm{diag}(J_n^\top \Lambda_n J_n)`.
 
 **Sketch.** Split the columns by sign and mix each part with independent Rademacher signs
@@ -51,9 +55,10 @@ over all weights per sample and column). Whether samples interact is checked on 
 whole batch. ``B >= N``: ``2 S`` plain backward passes to the weights, for any graph. When samples
 interact (train-mode BatchNorm) or a weight is used outside Linear/Conv, one backward per chunk and
 column is taken instead (``2 S N / B`` passes, warned). No double backward anywhere. The base columns
-cost ``O(N K^3)`` for the exact factors (``K <= max_exact_outputs``) and ``O(N K)`` per draw for the
-Monte-Carlo ones (:func:`~lightning_flatness.functional.loss_hessian_factors.sample_loss_hessian_columns`),
-which are mixed into the same columns, so more draws cost no backward pass.
+cost ``O(N K^3)`` for the exact factors (``K <= max_exact_outputs``), ``O(N K S)`` for the structured
+ones (any ``K``) and ``O(N K)`` per draw for the Monte-Carlo ones
+(:func:`~lightning_flatness.functional.loss_hessian_factors.sample_loss_hessian_columns`), which are
+mixed into the same columns, so more draws cost no backward pass.
 
 **What it measures.** The Gauss-Newton diagonal, equal to the Hessian diagonal only when the network is
 piecewise linear in each weight (see :mod:`.exact`). Defaults (:data:`DEFAULT_CHUNK_SIZE`,
@@ -89,13 +94,16 @@ from lightning_flatness.functional.estimators.layer_rules import (
 from lightning_flatness.functional.loss_hessian_factors import (
     default_exact_classes,
     default_mc_samples,
+    loss_hessian_structure,
     sample_loss_hessian_columns,
 )
+from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.model_io import ModelInputs, inputs_batch_size, select_samples
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_NUM_SKETCHES",
+    "DEFAULT_STRUCTURED_SKETCHES",
     "INTERACTION_PROBE_SAMPLES",
     "MAX_EXACT_FACTOR_OUTPUTS",
     "chunk_contraction",
@@ -110,8 +118,16 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 DEFAULT_CHUNK_SIZE = 1
 #: Independent sketches ``S`` (``2 S`` backward columns for a loss with an indefinite Hessian).
 DEFAULT_NUM_SKETCHES = 1
+#: Default ``S`` per loss above ``max_exact_outputs`` outputs, where the structured exact factors are
+#: mixed (others: :data:`DEFAULT_NUM_SKETCHES`). Eq. 20 at many classes: each sample's Gauss-Newton
+#: diagonal has large ``+`` and ``-`` parts whose sum over samples nearly cancels at initialisation, so
+#: the mixing noise is large against the result and eq. 17 turns it into upward bias; 4 sketches (8
+#: backward columns, less than the Monte-Carlo estimator's 18) brought the bias near a few % on tiny
+#: 1,000-class networks (``benchmarks/results/bench_resnet18_1000.md``).
+DEFAULT_STRUCTURED_SKETCHES: dict[Callable[..., Tensor], int] = {normalized_softmax_cross_entropy: 4}
 #: Up to this many outputs per sample the exact factors of ``Lambda_n`` are mixed (no class sampling;
-#: ``O(K^3)`` per sample for losses without a closed form); above it the Monte-Carlo columns.
+#: ``O(K^3)`` per sample for losses without a closed form); above it the structured exact factors
+#: (cross-entropy, eq. 20) or the Monte-Carlo columns (other losses).
 MAX_EXACT_FACTOR_OUTPUTS = 32
 #: Samples of the batch-independence probe (:func:`samples_interact`).
 INTERACTION_PROBE_SAMPLES = 4
@@ -312,7 +328,9 @@ def _base_columns(
     max_exact_outputs: int,
 ) -> tuple[Tensor, Tensor, list[str]]:
     """Signed columns of ``Lambda_n``: the exact factors for ``D <= max_exact_outputs`` outputs per
-    sample, else the Monte-Carlo columns (``num_mc_samples`` draws, the loss's default exact classes)."""
+    sample, else the Monte-Carlo columns (``num_mc_samples`` draws, the loss's default exact classes;
+    used for losses without a
+    :func:`~lightning_flatness.functional.loss_hessian_factors.loss_hessian_structure`)."""
     if logits[0].numel() <= max_exact_outputs:
         factors, signs, _, issues = _loss_factors(loss_fn, logits, target)
         return factors.to(logits.dtype), signs.to(logits.dtype), issues
@@ -344,12 +362,14 @@ def gauss_newton_sketch_diagonal(
         inputs: a tensor, tuple or dict with the samples along dim 0 (:func:`~..model_io.call_model`).
         target: what ``loss_fn`` takes.
         params: ``{name: parameter}`` of ``model`` (:func:`select_parameters`).
-        num_mc_samples: draws of the Monte-Carlo base columns when ``D > max_exact_outputs`` (None: the
-            loss's default, 8 for eq. 20; they are mixed into the same 1-2 columns, so more draws cost
+        num_mc_samples: draws of the Monte-Carlo base columns when ``D > max_exact_outputs`` and the
+            loss has no structured form (cross-entropy and eq. 20 have one and draw nothing; None: the
+            loss's default; they are mixed into the same 1-2 columns, so more draws cost
             no backward pass, only ``O(N K)`` per draw).
         generator: for the Rademacher signs and draws, or None for the global RNG.
         chunk_size: samples per sign-mixed chunk ``B`` (None: :data:`DEFAULT_CHUNK_SIZE`).
-        num_sketches: independent mixtures ``S`` (None: :data:`DEFAULT_NUM_SKETCHES`).
+        num_sketches: independent mixtures ``S`` (None: :data:`DEFAULT_NUM_SKETCHES`, or above
+            ``max_exact_outputs`` the loss's entry in :data:`DEFAULT_STRUCTURED_SKETCHES`).
         max_exact_outputs: up to this many outputs per sample ``Lambda_n`` is factorised exactly.
 
     Returns:
@@ -376,7 +396,6 @@ def gauss_newton_sketch_diagonal(
     """
     caller = "gauss_newton_sketch_diagonal"
     chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
-    num_sketches = DEFAULT_NUM_SKETCHES if num_sketches is None else num_sketches
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"`chunk_size` must be a positive int (samples per chunk), got {chunk_size!r}.")
     if not params:
@@ -385,16 +404,30 @@ def gauss_newton_sketch_diagonal(
         x, y = _autograd_inputs(inputs, target)
         forward = _record_forward(model, x, params, caller)
         logits = forward.logits.detach()
-        columns, signs, loss_issues = _base_columns(
-            loss_fn,
-            logits,
-            y,
-            default_mc_samples(loss_fn) if num_mc_samples is None else num_mc_samples,
-            generator,
-            max_exact_outputs,
+        structure = (
+            loss_hessian_structure(loss_fn, logits, y) if logits[0].numel() > max_exact_outputs else None
         )
-        refuse_unless_gauss_newton_applies(caller, loss_issues, forward.recorder.random_ops)
-        mixed, mixed_signs = sketch_columns(columns, signs, num_sketches, generator)
+        if num_sketches is None:
+            num_sketches = (
+                DEFAULT_STRUCTURED_SKETCHES.get(loss_fn, DEFAULT_NUM_SKETCHES)
+                if structure is not None
+                else DEFAULT_NUM_SKETCHES
+            )
+        if structure is not None:  # the exact factors, mixed in O(N K): no class sampling
+            refuse_unless_gauss_newton_applies(caller, [], forward.recorder.random_ops)
+            mixed, mixed_signs = structure.sketch(num_sketches, generator)
+            mixed, mixed_signs = mixed.to(logits.dtype), mixed_signs.to(logits.dtype)
+        else:
+            columns, signs, loss_issues = _base_columns(
+                loss_fn,
+                logits,
+                y,
+                default_mc_samples(loss_fn) if num_mc_samples is None else num_mc_samples,
+                generator,
+                max_exact_outputs,
+            )
+            refuse_unless_gauss_newton_applies(caller, loss_issues, forward.recorder.random_ops)
+            mixed, mixed_signs = sketch_columns(columns, signs, num_sketches, generator)
         mixed = mixed / math.sqrt(logits.shape[0])  # the loss is a mean over samples
         blockers = _fast_path_blockers(forward.recorder, forward.leaves, logits.shape[0])
         if any("invisible" in issue for issue in forward.issues):

@@ -51,17 +51,22 @@ def replicate_newton(
     y0: Tensor,
     rtol: float,
     max_iter: int,
+    b0: Optional[Tensor] = None,
+    free0: Optional[Tensor] = None,
 ) -> tuple[BatchResult, Tensor]:
     """Certified Newton from the pooled optimum for ``P`` replicate problems.
 
     Args:
         a: ``(P, m, n)`` float64 replicate coefficients, scaled with the pooled problem's scale.
-        b: ``(m, n)`` float64, shared, scaled likewise.
+        b: ``(m, n)`` float64, shared, scaled likewise, or ``(P, m, n)`` (each problem's ``B`` masked to
+            its own components, a part of the pooled ones).
         a0: ``(m, n)`` the pooled coefficients (its Newton system at ``(x0, y0)`` preconditions all).
-        free: ``(m,)`` bool, rows whose ``x`` is free (in a component, not its gauge row).
+        free: ``(m,)`` or ``(P, m)`` bool, rows whose ``x`` is free (in a component, not its gauge
+            row); rows and columns without terms get a zero direction.
         x0, y0: ``(m,)``, ``(n,)`` the pooled optimum in the scaled problem.
         rtol: a problem is done once ``value - lower <= rtol * lower``.
         max_iter: Newton iterations at most.
+        b0, free0: the pooled problem's ``B`` and free rows (default ``b`` and ``free``, shared).
 
     Returns:
         The :class:`._newton.BatchResult` of all ``P`` problems and ``(P,)`` bool: certified. The
@@ -75,7 +80,9 @@ def replicate_newton(
     value = torch.full((num,), math.inf, dtype=a.dtype, device=a.device)
     lower = a.new_zeros(num)
     certified = torch.zeros(num, dtype=torch.bool, device=a.device)
-    precondition = _pooled_preconditioner(a0, b[0], free, x0, y0)
+    precondition = _pooled_preconditioner(
+        a0, b[0] if b0 is None else b0, free if free0 is None else free0, x0, y0
+    )
     if precondition is None:
         return BatchResult(x, y, value, lower, 0), certified
     active = torch.arange(num, device=a.device)
@@ -91,7 +98,8 @@ def replicate_newton(
         val = ra.sum(1) + rb.sum(1)
         gx, gy, r, c = ra - rb, ca - cb, ra + rb, ca + cb
         gamma = ta + tb
-        px, py, solved = _direction_pcg(gamma, r, c, gx, gy, free, precondition)
+        free_a = free if free.ndim == 1 or active.numel() == num else free[active]
+        px, py, solved = _direction_pcg(gamma, r, c, gx, gy, free_a, precondition)
         bound = _series_dual_bound(ta, tb, gamma, r, c, val, gx, gy, px, py, xa, ya)
         low = torch.where(solved, torch.maximum(bound, lower[active]), lower[active])
         del gamma, ta, tb

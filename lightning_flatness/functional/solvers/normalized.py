@@ -41,9 +41,11 @@ How it is solved (deterministic, certified):
    backtracking line search, with each ``x_i + y_j`` moving at most 8 nats per step, keeps every
    step a descent step. ``P`` problems of one shape iterate together over a leading dimension,
    each stopping on its own certificate. Warm-started problems that share ``B`` and the components
-   of a solved problem 0 (jackknife replicates) take exact Newton steps from its optimum with no
-   factorisation of their own: conjugate gradients preconditioned by problem 0's factorised system
-   (:mod:`._replicate_newton`); the others, and small ones, take the general path.
+   of a solved problem 0 (jackknife replicates), or one component inside problem 0's single one (a
+   replicate that loses the units alive only in the slot it leaves out), take exact Newton steps
+   from its optimum, on problem 0's component rows and columns, with no factorisation of their own:
+   conjugate gradients preconditioned by problem 0's factorised system (:mod:`._replicate_newton`);
+   the others, and small ones, take the general path.
 3. **Certificate.** The Newton-linearised terms ``delta_ij^A = A_ij e^{x_i+y_j} (1 + s_ij)``,
    ``delta_ij^B = B_ij e^{-x_i-y_j} (1 - s_ij)`` (``s_ij = dx_i + dy_j``) have zero row and column sums
    (up to the rounding of the solve, accounted for), so the weighted AM-GM inequality gives a
@@ -457,9 +459,16 @@ def _solve_replicates(
     shared_b: bool,
 ) -> list[NormalizedSharpnessSolution]:
     """Problems near the solved ``pooled`` one (``m <= n``): Newton from its optimum with its factorised
-    system as the preconditioner (:mod:`._replicate_newton`) when ``B`` is shared and every problem has
-    the pooled problem's components (the usual case, dead units included); the general warm-started
-    solver for the rest."""
+    system as the preconditioner (:mod:`._replicate_newton`) for every problem that shares ``B`` and
+    whose components are the pooled problem's, or (one component on both sides) a part of it; the
+    general warm-started solver for the rest.
+
+    A part of the pooled component: a replicate loses the rows and columns whose only positive ``A``
+    came from the slot it leaves out (a unit alive in one batch only); its infimum is the one over its
+    own component, with those rows and columns out of it. Their ``B`` terms are dropped (``B``
+    masked per problem), their variables then carry no term (zero rows and columns of the Newton
+    system, held at the pooled value), and the gauge is the problem's own first row: the same
+    problem the general solver reduces to, solved without a factorisation of its own."""
     num, m, n = a.shape
 
     a_in = a
@@ -474,51 +483,110 @@ def _solve_replicates(
     b0 = b[0]
     keep0, free0 = component_layout(a0[None], b0[None])
     keep, free = component_layout(a, b)
-    if (keep0 is None) != (keep is None) or not torch.equal(free, free0.expand_as(free)):
+    same = (free == free0).all(dim=1)
+    if keep is not None:
+        same &= (keep == (True if keep0 is None else keep0)).flatten(1).all(dim=1)
+    elif keep0 is not None:
+        same &= False
+    if keep is not None and pooled.num_components == 1:
+        # one component on both sides, inside the pooled one: the replicate's own reduced problem
+        inside = ((keep0 if keep0 is not None else True) | ~keep).flatten(1).all(dim=1)
+        inside &= (keep.any(dim=2) & ~free).sum(dim=1) == 1
+        fast = same | inside
+    else:
+        fast = same
+    if not bool(fast.any()):
         return general()
-    if keep is not None and keep0 is not None:
-        if not torch.equal(keep, keep0.expand_as(keep)):
-            return general()
+    if keep is not None:
         attained = ~((((a > 0) | (b > 0)) & ~keep).flatten(1).any(dim=1))
-        rows, cols = keep0[0].any(dim=1), keep0[0].any(dim=0)
-        a, a0, b0 = a.masked_fill(~keep, 0.0), a0.masked_fill(~keep0[0], 0.0), b0.masked_fill(~keep0[0], 0.0)
+        rows, cols = keep.any(dim=2), keep.any(dim=1)
     else:
         attained = torch.ones(num, dtype=torch.bool, device=a.device)
-        rows = torch.ones(m, dtype=torch.bool, device=a.device)
-        cols = torch.ones(n, dtype=torch.bool, device=a.device)
+        rows = torch.ones(num, m, dtype=torch.bool, device=a.device)
+        cols = torch.ones(num, n, dtype=torch.bool, device=a.device)
+    if keep0 is not None:
+        a0, b0 = a0.masked_fill(~keep0[0], 0.0), b0.masked_fill(~keep0[0], 0.0)
     scale_a, scale_b = a0.amax(), b0.amax()
     if not bool(scale_a > 0) or not bool(scale_b > 0):
         return general()
     shift = 0.5 * torch.log(scale_b / scale_a)
     factor = torch.sqrt(scale_a * scale_b)
+    idx = fast.nonzero().squeeze(1)
+    every = idx.numel() == num
+    x0, y0 = (pooled.row_log_variance - shift).nan_to_num(0.0), pooled.col_log_variance.nan_to_num(0.0)
+    # only the pooled component's rows and columns (the fast problems have no terms elsewhere), each
+    # problem's coefficients masked to its own components and scaled: one copy per coefficient
+    in_rows, in_cols = _index_or_all(keep0, 1), _index_or_all(keep0, 0)
+
+    def part(t: Tensor) -> Tensor:  # (..., m, n) -> (..., m', n'): the pooled component's rows, columns
+        if in_rows is None:
+            return t if in_cols is None else t.index_select(-1, in_cols)
+        if in_cols is None:
+            return t.index_select(-2, in_rows)
+        return t[..., in_rows[:, None], in_cols]
+
+    a_fast = part(a if every else a[idx])
+    if a_fast is a:  # neither picked nor compacted: a copy of its own, scaled in place below
+        a_fast = a_fast.clone()
+    b_fast = part(b0)[None].expand_as(a_fast)
+    if keep is not None:
+        outside = ~part(keep if every else keep[idx])
+        a_fast.masked_fill_(outside, 0.0)
+        b_fast = b_fast.masked_fill(outside, 0.0)
+    else:
+        b_fast = b_fast.clone()
     res, certified = replicate_newton(
-        a / scale_a,
-        b0 / scale_b,
-        a0 / scale_a,
-        free0[0],
-        (pooled.row_log_variance - shift).nan_to_num(0.0),
-        pooled.col_log_variance.nan_to_num(0.0),
+        a_fast.div_(scale_a),
+        b_fast.div_(scale_b),
+        part(a0) / scale_a,
+        _pick(free if every else free[idx], in_rows),
+        _pick(x0, in_rows),
+        _pick(y0, in_cols),
         rtol,
         max_iter,
+        b0=part(b0) / scale_b,
+        free0=_pick(free0[0], in_rows),
     )
+    del a_fast, b_fast
     value, lower = res.value * factor, res.lower * factor
     nan = torch.tensor(float("nan"), dtype=a.dtype, device=a.device)
-    x_out = torch.where(rows, res.x + shift, nan)
-    y_out = torch.where(cols, res.y, nan)
-    sols: list[Optional[NormalizedSharpnessSolution]] = [
-        NormalizedSharpnessSolution(
-            value[p], lower[p], x_out[p], y_out[p], pooled.num_components, bool(attained[p]), res.iterations
-        )
-        if bool(certified[p])
-        else None
-        for p in range(num)
-    ]
+    x_full = torch.full((idx.numel(), m), math.nan, dtype=a.dtype, device=a.device)
+    y_full = torch.full((idx.numel(), n), math.nan, dtype=a.dtype, device=a.device)
+    x_full[:, slice(None) if in_rows is None else in_rows] = res.x
+    y_full[:, slice(None) if in_cols is None else in_cols] = res.y
+    x_out = torch.where(rows[idx], x_full + shift, nan)
+    y_out = torch.where(cols[idx], y_full, nan)
+    sols: list[Optional[NormalizedSharpnessSolution]] = [None] * num
+    for k, p in enumerate(idx.tolist()):
+        if bool(certified[k]):
+            sols[p] = NormalizedSharpnessSolution(
+                value[k],
+                lower[k],
+                x_out[k],
+                y_out[k],
+                pooled.num_components,
+                bool(attained[p]),
+                res.iterations,
+            )
     rest = [p for p in range(num) if sols[p] is None]
     if rest:
-        idx = torch.tensor(rest, device=a.device)
-        for p, sol in zip(rest, general(idx)):
+        for p, sol in zip(rest, general(torch.tensor(rest, device=a.device))):
             sols[p] = sol
     return [s for s in sols if s is not None]
+
+
+def _index_or_all(keep0: Optional[Tensor], dim: int) -> Optional[Tensor]:
+    """Indices of the rows (``dim=1``) or columns (``dim=0``) of the ``(1, m, n)`` component mask
+    ``keep0`` that lie in a component; None for all of them."""
+    if keep0 is None:
+        return None
+    inside = keep0[0].any(dim=dim)
+    return None if bool(inside.all()) else inside.nonzero().squeeze(1)
+
+
+def _pick(t: Tensor, index: Optional[Tensor]) -> Tensor:
+    """``t[..., index]`` (all of ``t`` for None)."""
+    return t if index is None else t.index_select(-1, index)
 
 
 def _warn_uncertified(
