@@ -14,6 +14,7 @@ from torch import nn
 import lightning_flatness.functional.estimators.layer_rules.conv as conv
 from lightning_flatness.functional.estimators.exact import _cross_entropy_factors, exact_hessian_diagonal
 from lightning_flatness.functional.estimators.layer_rules import LayerCall, accumulate_layer
+from lightning_flatness.functional.estimators.layer_rules.column_backward import ColumnTape
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.parameters import select_parameters
 
@@ -213,15 +214,24 @@ class _FlippedBatch(nn.Module):
 
 
 def _batched_columns(monkeypatch) -> list[int]:
-    """Records how many columns each batched backward pass carries."""
+    """Records how many columns each batched backward pass of the per-layer path carries (the
+    folded-batch backward of layer_rules.column_backward or autograd's is_grads_batched)."""
     counts = []
+    tape_backward = ColumnTape.backward
     grad = torch.autograd.grad
+
+    def counting_tape(self, logits, columns, wanted, consume=None):
+        result = tape_backward(self, logits, columns, wanted, consume)
+        if result is not None:
+            counts.append(columns.shape[0])
+        return result
 
     def counting(outputs, inputs, grad_outputs=None, **kwargs):
         if kwargs.get("is_grads_batched") and isinstance(grad_outputs, torch.Tensor):
             counts.append(grad_outputs.shape[0])
         return grad(outputs, inputs, grad_outputs, **kwargs)
 
+    monkeypatch.setattr(ColumnTape, "backward", counting_tape)
     monkeypatch.setattr(torch.autograd, "grad", counting)
     return counts
 

@@ -35,8 +35,11 @@ Algorithm (BackPACK's ``DiagGGNExact`` [1] with a signed symmetric factorisation
    sqrt(p_n)^T``), with no double backward and no eigendecomposition;
 3. the columns ``v_n = sqrt(|s_nk| / N) u_nk`` for every eigen-index ``k`` (at most ``D``; directions
    with ``|s| ~ 0`` for every sample, such as the constant shift of cross-entropy, are dropped) are
-   propagated from the logits of all samples in one batched backward pass (``is_grads_batched``),
-   giving ``g_nk = dz_n`` for every recorded layer output ``z``;
+   propagated from the logits of all samples in one batched backward pass, giving ``g_nk = dz_n``
+   for every recorded layer output ``z``: the columns folded into the batch, ``(K N, ...)``, through
+   hand-written backward formulas where every operation has one (Linear, Conv, ReLU, pooling,
+   eval-mode BatchNorm, residual sums, reshapes: :mod:`.layer_rules.column_backward`; each layer is
+   then contracted as soon as its gradient is complete), else autograd's ``is_grads_batched``;
 4. per layer, the per-sample gradient of ``v_n^T f_n`` is ``g_n a_n^T`` (Linear; summed over extra
    leading positions) or ``g_n unfold(a_n)^T`` (Conv, per group); its square, weighted by
    ``sign(s_nk)``, is summed over samples and ``k``. For a plain Linear layer the square factorises:
@@ -123,6 +126,7 @@ from lightning_flatness.functional.estimators.layer_rules import (
     accumulate_layer,
     argument,
 )
+from lightning_flatness.functional.estimators.layer_rules.column_backward import ColumnTape
 from lightning_flatness.functional.model_io import (
     ModelInputs,
     TokenLoss,
@@ -591,6 +595,11 @@ class _ForwardRecorder(TorchFunctionMode):
         self.issues: list[str] = []
         self.random_ops: list[str] = []  # calls that draw random numbers (train-mode dropout, rand, ...)
         self._seen_nodes: dict[int, Any] = {}  # grad_fn nodes of outputs of observed operations
+        # the operations with hand-written backward formulas for the K columns folded into the batch
+        # (layer_rules.column_backward); unusable with cloned outputs (the clones are not on it)
+        self.tape = ColumnTape(set(self.names_by_id))
+        if clone_outputs:
+            self.tape.reject()
 
     # -- bookkeeping -----------------------------------------------------------------------
     def where(self) -> str:
@@ -651,6 +660,7 @@ class _ForwardRecorder(TorchFunctionMode):
             ):
                 self.other_uses[param].append(f"{name!r} in {self.where()}")
         self._check_exactness(name, args, kwargs, dependent)
+        self.tape.record(name, func, args, kwargs, out)
         if call is not None:
             if self.clone_outputs:
                 out = out.clone()  # in-place ops downstream (ReLU(inplace=True)) must not change z
@@ -684,7 +694,8 @@ class _ForwardRecorder(TorchFunctionMode):
         if weight_name is None and bias_name is None:
             return None
         inputs = _argument(args, kwargs, 0, ("input",))
-        call = LayerCall(name, self.where(), inputs.detach(), out, weight_name, bias_name)
+        detached = inputs.detach() if inputs.requires_grad else inputs
+        call = LayerCall(name, self.where(), detached, out, weight_name, bias_name)
         rule.record(call, args, kwargs, weight)
         for param in (weight_name, bias_name):
             if param is not None:
@@ -840,17 +851,24 @@ def _cross_entropy_factors(p: Tensor) -> Tensor:
     ``C - 1`` columns, and ``S_n = diag(q) R[:, :C-1]``. ``u^T u = 2 + 2 q_C >= 2``: no cancellation
     for any ``p``. One column fewer than BackPACK's ``diag(q) - p q^T`` [1] (``C`` columns of rank
     ``C - 1``; the constant shift of the logits is its null direction), so the backward pass carries
-    ``C - 1`` columns. ``C = 1`` (a constant loss): one zero column. Cost ``O(N C^2)``, in ``p``'s dtype.
+    ``C - 1`` columns. ``C = 1`` (a constant loss): one zero column. Cost ``O(N C^2)``, in ``p``'s dtype;
+    the result is a view of an ``(N, C - 1, C)`` tensor (the backward pass takes the columns as they are,
+    sample-major).
     """
     n, c = p.shape
     if c == 1:
         return p.new_zeros(n, 1, 1)
+    k = c - 1
     q = p.sqrt()
-    # S = diag(q) R[:, :C-1] = [diag(q[:C-1]); 0] - (q * u) (q[:C-1] / (1 + q_C))^T, u^T u = 2 (1 + q_C)
-    head, tail = q[:, : c - 1], q[:, c - 1 :]
-    qu = torch.cat([p[:, : c - 1], p[:, c - 1 :] + tail], dim=1)  # q * u = (p_1, .., p_{C-1}, p_C + q_C)
-    diagonal = F.pad(torch.diag_embed(head), (0, 0, 0, 1))  # (N, C, C - 1)
-    return diagonal.baddbmm_(qu.unsqueeze(2), (head / (tail + 1.0)).unsqueeze(1), alpha=-1.0)
+    # S = diag(q) R[:, :C-1] = [diag(q[:C-1]); 0] - (q * u) (q[:C-1] / (1 + q_C))^T, u^T u = 2 (1 + q_C),
+    # built as S^T, (N, C - 1, C): the sample-major layout the backward pass keeps (one view away)
+    head, tail = q[:, :k], q[:, k:]
+    qu = p.clone()
+    qu[:, k:].add_(tail)  # q * u = (p_1, .., p_{C-1}, p_C + q_C)
+    coefficients = head / (-1.0 - tail)  # -q[:C-1] / (1 + q_C), (N, C - 1)
+    columns = coefficients.unsqueeze(2) * qu.unsqueeze(1)  # (N, C - 1, C), contiguous
+    torch.as_strided(columns, (n, k), (k * c, c + 1)).add_(head)  # entries (n, j, j): + q_nj
+    return columns.transpose(1, 2)
 
 
 def _token_loss_factors(
@@ -972,8 +990,9 @@ class _Diagonal(dict):
 def _diagonal_by_layers(
     recorder: _ForwardRecorder, logits: Tensor, factors: Tensor, signs: Tensor, leaves: dict[str, Tensor]
 ) -> tuple[Optional[dict[str, Tensor]], list[str]]:
-    """The fast path: one backward pass of all ``K`` columns at once (``is_grads_batched``; a loop
-    over them if some backward has no vmap rule), then per-layer contractions.
+    """The fast path: one backward pass of all ``K`` columns at once (:func:`_column_gradients`), then
+    per-layer contractions; without a probe column and with the folded-batch backward of
+    :mod:`.layer_rules.column_backward`, each layer is contracted as soon as the pass reaches it.
 
     The batch-independence probe (:func:`_probe_values`) is one more column of the same pass:
     returns ``(None, layers)`` with the layers whose outputs of samples ``1..N-1`` receive gradient
@@ -984,24 +1003,25 @@ def _diagonal_by_layers(
     outputs = [c.output for c in calls]
     # the batch-independence probe as column k, unless every operation kept the samples apart
     probe = 1 if n >= 2 and calls and not recorder.samples_apart else 0
-    columns = logits.new_zeros(k + probe, n, factors.shape[1])
-    columns[:k] = factors.permute(2, 0, 1)
     if probe:
+        columns = logits.new_zeros(k + probe, n, factors.shape[1])
+        columns[:k] = factors.permute(2, 0, 1)
         columns[k, 0] = _probe_values(tuple(logits.shape[1:]), logits.dtype, logits.device).reshape(-1)
+    else:
+        columns = factors.permute(2, 0, 1)  # (K, N, D): a view, sample-major for cross-entropy's factors
     columns = columns.reshape(k + probe, *logits.shape)
-    grads: Sequence[Optional[Tensor]]
-    try:
-        grads = torch.autograd.grad(
-            logits, outputs, columns, retain_graph=True, allow_unused=True, is_grads_batched=True
-        )
-    except (RuntimeError, NotImplementedError):  # some backward lacks a vmap rule: loop
-        per_column = [
-            torch.autograd.grad(logits, outputs, v, retain_graph=True, allow_unused=True) for v in columns
-        ]
-        grads = [
-            None if per_column[0][j] is None else torch.stack([p[j] for p in per_column])
-            for j in range(len(calls))
-        ]
+    diag = _Diagonal(leaves)  # filled by the first contribution to each tensor
+    unit_signs = bool((signs == 1).all())
+    if not probe:  # each layer contracted as soon as the folded-batch backward reaches it
+
+        def consume(i: int, g: Tensor) -> None:
+            accumulate_layer(calls[i], g, signs, diag, leaves, unit_signs)
+
+        if recorder.tape.backward(logits, columns, outputs, consume) is not None:
+            return {
+                name: diag[name] if name in diag else torch.zeros_like(t) for name, t in leaves.items()
+            }, []
+    grads = _column_gradients(recorder, logits, outputs, columns)
     if columns.shape[0] > k:
         reached = [g[k, 1:].any() for g in grads if g is not None]  # one flag per layer, one sync
         if reached and bool(torch.stack(reached).any()):
@@ -1011,12 +1031,34 @@ def _diagonal_by_layers(
                 if g is not None and bool(g[k, 1:].any())
             ]
             return None, mixing
-    diag = _Diagonal(leaves)  # filled by the first contribution to each tensor
-    unit_signs = bool((signs == 1).all())
     for call, g in zip(calls, grads):
         if g is not None:
             accumulate_layer(call, g[:k], signs, diag, leaves, unit_signs)
     return {name: diag[name] if name in diag else torch.zeros_like(t) for name, t in leaves.items()}, []
+
+
+def _column_gradients(
+    recorder: _ForwardRecorder, logits: Tensor, outputs: list[Tensor], columns: Tensor
+) -> Sequence[Optional[Tensor]]:
+    """``(K, *z.shape)`` gradients of the ``K`` output columns at each recorded layer output ``z``
+    (``None`` where ``z`` does not reach the logits): by the folded-batch backward of
+    :class:`~.layer_rules.column_backward.ColumnTape` when every operation has a formula there, else
+    by autograd (``is_grads_batched``; a loop over the columns if some backward has no vmap rule)."""
+    grads = recorder.tape.backward(logits, columns, outputs)
+    if grads is not None:
+        return grads
+    try:
+        return torch.autograd.grad(
+            logits, outputs, columns, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+    except (RuntimeError, NotImplementedError):  # some backward lacks a vmap rule: loop
+        per_column = [
+            torch.autograd.grad(logits, outputs, v, retain_graph=True, allow_unused=True) for v in columns
+        ]
+        return [
+            None if per_column[0][j] is None else torch.stack([p[j] for p in per_column])
+            for j in range(len(outputs))
+        ]
 
 
 def _diagonal_per_sample(

@@ -2,7 +2,8 @@
 :data:`~.base.LAYER_RULES` (see :mod:`.base`). Built in: ``linear`` (:mod:`.linear`) and
 ``conv1d``/``conv2d``/``conv3d`` (:mod:`.conv`), ``embedding`` tables (:mod:`.embedding`), and the
 affine parameters of ``batch_norm`` (eval
-mode), ``layer_norm``, ``group_norm`` and ``rms_norm`` (:mod:`.normalization`)."""
+mode), ``layer_norm``, ``group_norm`` and ``rms_norm`` (:mod:`.normalization`). The backward pass that
+feeds them, with the ``K`` columns folded into the batch, is :mod:`.column_backward`."""
 
 from lightning_flatness.functional.estimators.layer_rules import (  # noqa: F401  (registers)
     conv,

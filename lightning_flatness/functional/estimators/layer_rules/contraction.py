@@ -60,8 +60,11 @@ def accumulate_layer(
     if rule.single_position(call):
         # one position per sample: (g_n a_n^T)^2 = g_n^2 (a_n^2)^T, so the columns are summed first,
         # S_n = sum_k sign_nk g_nk^2, and contracted once
-        sq = grad * grad
-        s = sq.sum(dim=0) if unit_signs else torch.einsum("nk,kno->no", signs, sq)
+        s = (
+            torch.linalg.vecdot(grad, grad, dim=0)
+            if unit_signs
+            else torch.einsum("nk,kno->no", signs, grad * grad)
+        )
         if call.weight is not None:
             _add(diag, call.weight, s.T @ (call.inputs * call.inputs))
         if call.bias is not None:

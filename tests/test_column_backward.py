@@ -1,0 +1,243 @@
+"""The folded-batch backward of the exact method's K columns (layer_rules.column_backward) gives what
+autograd gives: per operation kind, the gradients at every recorded layer output equal autograd's
+``is_grads_batched`` gradients, and the diagonal equals the float64 brute-force Hessian diagonal. An
+operation without a rule, an in-place operation or a tensor changed after the forward sends the
+computation back to autograd, with the same result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracles import assert_relative_close
+from oracles import brute_force_hessian_diagonal as brute_hessian_diagonal
+from torch import nn
+
+import lightning_flatness.functional.estimators.exact as exact_module
+from lightning_flatness.functional.estimators.layer_rules.column_backward import ColumnTape
+from lightning_flatness.functional.parameters import select_parameters
+
+torch.set_num_threads(1)
+
+
+class _Residual(nn.Module):
+    """conv -> eval BatchNorm -> ReLU -> conv, plus the block input (a residual sum), then global
+    average pooling, flatten and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 3, 3, padding=1)
+        self.conv = nn.Conv2d(3, 3, 3, padding="same", bias=False)
+        self.norm = nn.BatchNorm2d(3)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(3, 4)
+
+    def forward(self, x):
+        h = self.stem(x)
+        out = self.conv(torch.relu(self.norm(h))) + h
+        return self.head(self.pool(out).flatten(1))
+
+
+class _Reshapes(nn.Module):
+    """view, unsqueeze / squeeze and eval-mode dropout between the layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(8, 3)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x):
+        h = F.relu(self.a(x.view(x.shape[0], -1))).unsqueeze(1)
+        return self.b(self.drop(h).squeeze(1).contiguous())
+
+
+def _models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "mlp": (
+            nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 4)),
+            torch.randn(6, 5, generator=g),
+        ),
+        # stride, padding, dilation, groups; overlapping padded max pooling with ceil_mode
+        "conv1d": (
+            nn.Sequential(
+                nn.Conv1d(2, 4, 3, stride=2, padding=2, dilation=2),
+                nn.ReLU(),
+                nn.MaxPool1d(3, stride=2, padding=1, ceil_mode=True),
+                nn.Conv1d(4, 4, 2, groups=2),
+                nn.ReLU(),
+                nn.Flatten(),
+                nn.LazyLinear(4),
+            ),
+            torch.randn(6, 2, 13, generator=g),
+        ),
+        "conv2d": (
+            nn.Sequential(
+                nn.Conv2d(1, 3, 3, padding="same"),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(3, 2, (2, 3), stride=(1, 2)),
+                nn.Flatten(),
+                nn.LazyLinear(4),
+            ),
+            torch.randn(6, 1, 6, 7, generator=g),
+        ),
+        "residual": (_Residual(), torch.randn(6, 2, 5, 5, generator=g)),
+        "reshapes": (_Reshapes(), torch.randn(6, 2, 3, generator=g)),
+    }
+
+
+def _prepared(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    model, x = _models()[name]
+    model(x)  # materialise lazy layers
+    model = model.double().eval()
+    with torch.no_grad():  # non-trivial running statistics and affine parameters
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    y = torch.randint(
+        0, 4 if name != "reshapes" else 3, (x.shape[0],), generator=torch.Generator().manual_seed(1)
+    )
+    return model, x.double(), y
+
+
+def _spy(monkeypatch) -> list[bool]:
+    """Records whether each backward of the per-layer path went through the tape."""
+    used: list[bool] = []
+    backward = ColumnTape.backward
+
+    def spying(self, logits, columns, wanted, consume=None):
+        result = backward(self, logits, columns, wanted, consume)
+        used.append(result is not None)
+        return result
+
+    monkeypatch.setattr(ColumnTape, "backward", spying)
+    return used
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv1d", "conv2d", "residual", "reshapes"])
+def test_tape_gradients_equal_autograd_batched_gradients(name):
+    """At every recorded layer output, the folded-batch backward of 5 random columns equals autograd's
+    vmapped backward (float64, 1e-12 relative)."""
+    model, x, _ = _prepared(name)
+    params = select_parameters(model)
+    with torch.enable_grad():
+        forward = exact_module._record_forward(model, x, params, "test")
+        outputs = [call.output for call in forward.recorder.calls]
+        columns = torch.randn(
+            5, *forward.logits.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2)
+        )
+        ours = forward.recorder.tape.backward(forward.logits, columns, outputs)
+        reference = torch.autograd.grad(
+            forward.logits, outputs, columns, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+    assert ours is not None, "the tape should cover this model"
+    assert len(ours) == len(reference) == len(forward.recorder.calls) > 0
+    for a, b in zip(ours, reference):
+        assert (a is None) == (b is None)
+        if b is not None:
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv1d", "conv2d", "residual", "reshapes"])
+def test_exact_diagonal_through_the_tape_equals_brute_force(name, monkeypatch):
+    """The whole method (per-layer contractions fed by the tape) against the float64 Hessian diagonal."""
+    used = _spy(monkeypatch)
+    model, x, y = _prepared(name)
+    params = select_parameters(model)
+    diag = exact_module.exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
+    assert used == [True]
+    ref = brute_hessian_diagonal(model, F.cross_entropy, x, y, list(params))
+    assert_relative_close(diag, ref, 1e-9)
+
+
+class _LeakyNet(nn.Module):
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.inplace = inplace
+
+    def forward(self, x):
+        h = self.a(x)
+        h = F.relu(h, inplace=True) if self.inplace else F.leaky_relu(h, 0.1)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("inplace", [True, False], ids=["relu_inplace", "leaky_relu"])
+def test_operations_without_a_rule_fall_back_to_autograd(inplace, monkeypatch):
+    """An in-place ReLU on a recorded output (the forward then copies the outputs) and LeakyReLU (no
+    rule) leave the tape unused; the diagonal is still the brute-force one."""
+    used = _spy(monkeypatch)
+    torch.manual_seed(0)
+    model = _LeakyNet(inplace).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    params = select_parameters(model)
+    diag = exact_module.exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
+    assert used and not any(used)
+    assert_relative_close(diag, brute_hessian_diagonal(model, F.cross_entropy, x, y, list(params)), 1e-9)
+
+
+def test_a_tensor_changed_after_the_forward_disables_the_tape():
+    """The ReLU backward reads the ReLU output; changed in place after the forward (its version
+    counter moved), the tape declines and the caller uses autograd."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    params = select_parameters(model)
+    with torch.enable_grad():
+        forward = exact_module._record_forward(model, x, params, "test")
+        outputs = [call.output for call in forward.recorder.calls]
+        columns = torch.ones(2, *forward.logits.shape, dtype=torch.float64)
+        assert forward.recorder.tape.backward(forward.logits, columns, outputs) is not None
+        relu_output = forward.recorder.tape.entries[1][0]
+        with torch.no_grad():
+            relu_output.mul_(1.0)  # same values, new version
+        assert forward.recorder.tape.backward(forward.logits, columns, outputs) is None
+
+
+def test_broadcast_sums_and_concatenations_are_not_taped():
+    """A broadcast sum of weight-dependent tensors, ``add`` with ``alpha`` and ``torch.cat`` of
+    weight-dependent tensors have no rule here: the tape is rejected (the caller uses autograd)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 4).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    weight, bias = (p.detach().requires_grad_(True) for p in (layer.weight, layer.bias))
+    for what in ("broadcast", "alpha", "cat"):
+        tape = ColumnTape({id(weight), id(bias)})
+        h = F.linear(x, weight, bias)
+        tape.record("linear", F.linear, (x, weight, bias), {}, h)
+        assert tape.ok
+        if what == "broadcast":
+            row = h[:1] * 1.0
+            tape.record("add", torch.add, (h, row), {}, h + row)
+        elif what == "alpha":
+            tape.record("add", torch.add, (h, h), {"alpha": 2.0}, torch.add(h, h, alpha=2.0))
+        else:
+            tape.record("cat", torch.cat, ([h, h], 1), {}, torch.cat([h, h], 1))
+        assert not tape.ok, what
+        assert tape.backward(h, torch.ones(1, 5, 4, dtype=torch.float64), [h]) is None
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_max_pool_backward_reads_the_indices_autograd_saved(nd):
+    """The max-pool rule takes the argmax autograd saved in the forward's graph (no second pooling);
+    they equal a fresh ``return_indices=True`` pooling, ties included (ReLU zeros), and an output
+    not produced by max pooling gives ``None`` (the rule then recomputes them)."""
+    from lightning_flatness.functional.estimators.layer_rules.column_backward import _saved_pool_indices
+
+    pool = getattr(F, f"max_pool{nd}d")
+    x = torch.relu(torch.randn(3, 2, *([7] * nd), generator=torch.Generator().manual_seed(nd)))
+    x.requires_grad_(True)
+    options = {"kernel_size": 3, "stride": 2, "padding": 1, "ceil_mode": True}
+    out = pool(x, **options)
+    _, reference = pool(x.detach(), return_indices=True, **options)
+    saved = _saved_pool_indices(out)
+    assert saved is not None and torch.equal(saved, reference)
+    assert _saved_pool_indices(out * 2.0) is None
+    assert _saved_pool_indices(out.detach()) is None
