@@ -62,7 +62,9 @@ def resnet18() -> torch.nn.Module:
     return torchvision.models.resnet18(num_classes=10)
 
 
-def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, seed: int) -> dict:
+def train(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, seed: int
+) -> dict:
     """``epochs`` epochs of SGD (momentum 0.9, weight decay 5e-4, batch 128) in train mode; returns the
     final training accuracy and loss (eval mode, whole set) and the median seconds of one step."""
     g = torch.Generator().manual_seed(seed)
@@ -179,7 +181,8 @@ def run(args) -> dict[str, Any]:
             table.append(summary)
             print(
                 f"{state:9s} n={n:5d} {summary['method']:20s} value {summary['mean_value']:.4g}  "
-                f"s.e. {100 * summary['mean_relative_stderr']:.1f}%  spread {100 * summary['spread_across_subsets']:.1f}%  "
+                f"s.e. {100 * summary['mean_relative_stderr']:.1f}%  "
+                f"spread {100 * summary['spread_across_subsets']:.1f}%  "
                 f"{summary['seconds']:.1f} s = {summary['steps_per_measurement']:.0f} steps",
                 flush=True,
             )
@@ -192,7 +195,8 @@ def run(args) -> dict[str, Any]:
 def markdown(results: dict[str, Any], command: str) -> str:
     env = results["environment"]
     lines = [
-        "# Sampling error of one default measurement on a ResNet-18 with real labels (`bench_resnet18_stderr.py`)",
+        "# Sampling error of one default measurement on a ResNet-18 with real labels "
+        "(`bench_resnet18_stderr.py`)",
         "",
         f"Command: `{command}`  ",
         f"Machine: {env.get('cpu', '?')} (nproc {env.get('nproc', '?')}), {env.get('threads', 1)} thread(s), "
@@ -200,7 +204,8 @@ def markdown(results: dict[str, Any], command: str) -> str:
         f"{results['load_average_start']:.1f} at the start, {results['load_average_end']:.1f} at the end.  ",
         f"Pool: scikit-learn digits upsampled to 3x32x32, {results['pool']} samples, 10 classes.",
         "",
-        "| state | train accuracy | n | auto chose | value (mean) | reported s.e. | predicted spread | spread across subsets | n for 5% s.e. | s / measurement | training steps |",
+        "| state | train accuracy | n | auto chose | value (mean) | reported s.e. | predicted spread "
+        "| spread across subsets | n for 5% s.e. | s / measurement | training steps |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for state, info in results["states"].items():
@@ -212,7 +217,8 @@ def markdown(results: dict[str, Any], command: str) -> str:
                 f"| {state} | {acc_text} | {row['n']} | `{row['method']}` | {row['mean_value']:.4g} | "
                 f"{100 * row['mean_relative_stderr']:.1f}% | {100 * row['predicted_spread']:.1f}% | "
                 f"{'-' if math.isnan(spread) else f'{100 * spread:.1f}%'} ({row['seeds']} subsets) | "
-                f"{row['samples_for_target']:.0f} | {row['seconds']:.1f} | {row['steps_per_measurement']:.0f} |"
+                f"{row['samples_for_target']:.0f} | {row['seconds']:.1f} | "
+                f"{row['steps_per_measurement']:.0f} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -221,9 +227,13 @@ def main(argv=None) -> dict[str, Any]:
     import sys
 
     parser = base_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--states", nargs="+", default=["untrained", "trained"], choices=["untrained", "trained"])
+    parser.add_argument(
+        "--states", nargs="+", default=["untrained", "trained"], choices=["untrained", "trained"]
+    )
     parser.add_argument("--sizes", nargs="+", type=int, default=[512, 1024, 1797])
-    parser.add_argument("--seeds", type=int, default=4, help="subsets per size (one when n is the whole pool)")
+    parser.add_argument(
+        "--seeds", type=int, default=4, help="subsets per size (one when n is the whole pool)"
+    )
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--lr", type=float, default=0.05)
     args = parser.parse_args(argv)
@@ -236,7 +246,9 @@ def main(argv=None) -> dict[str, Any]:
 
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))
-        command = "python -m benchmarks.bench_resnet18_stderr " + " ".join(sys.argv[1:] if argv is None else argv)
+        command = "python -m benchmarks.bench_resnet18_stderr " + " ".join(
+            sys.argv[1:] if argv is None else argv
+        )
         Path(args.json).with_suffix(".md").write_text(markdown(results, command))
     return results
 
