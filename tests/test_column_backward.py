@@ -241,3 +241,37 @@ def test_max_pool_backward_reads_the_indices_autograd_saved(nd):
     assert saved is not None and torch.equal(saved, reference)
     assert _saved_pool_indices(out * 2.0) is None
     assert _saved_pool_indices(out.detach()) is None
+
+
+class _Doubling(torch.autograd.Function):
+    """``2 x`` as a custom autograd function: invisible to torch function modes."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+def test_a_gradient_path_through_an_invisible_operation_rejects_the_tape():
+    """A custom ``autograd.Function`` between two layers is not on the tape, so a folded backward would
+    stop at its output and give the first layer no gradient; the tape is rejected instead (autograd
+    follows the path), and autograd's gradient at the first layer is not zero."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 5).double(), nn.Linear(5, 3).double()
+    model = nn.Sequential(a, nn.ReLU(), nn.Identity(), b).double()
+    model[2].forward = lambda h: _Doubling.apply(h)  # type: ignore[method-assign]
+    x = torch.randn(6, 4, dtype=torch.float64)
+    params = select_parameters(model)
+    with torch.enable_grad():
+        forward = exact_module._record_forward(model, x, params, "test")
+        outputs = [call.output for call in forward.recorder.calls]
+        columns = torch.ones(2, *forward.logits.shape, dtype=torch.float64)
+        assert not forward.recorder.tape.ok
+        assert forward.recorder.tape.backward(forward.logits, columns, outputs) is None
+        reference = torch.autograd.grad(
+            forward.logits, outputs, columns, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+    assert reference[0] is not None and float(reference[0].abs().sum()) > 0

@@ -647,6 +647,8 @@ class _ForwardRecorder(TorchFunctionMode):
             self.batch_size,
         ):
             self.samples_apart = False
+        if unseen:  # a gradient path the tape cannot see: only autograd follows it
+            self.tape.reject()
         for node in unseen:
             self.flag(
                 f"a tensor produced by an operation invisible to torch function modes "
