@@ -11,6 +11,14 @@ to float64 accuracy (mixed-precision iterative refinement), so the factorisation
 whose float32 factor is not accurate enough to refine (very ill-conditioned coupling) are
 factored again in float64.
 
+**Large problems** (``m >= _CG_FROM``): the ``O(m^2 n)`` factorisation is replaced by Jacobi-preconditioned
+conjugate gradients on the same scaled system, ``O(m n)`` per step (two matrix-vector products
+with ``Gs``): to the refinement tolerance ``_REFINE_TOL`` where the certificate may be evaluated
+(so the dual point is the one of an exact Newton step, as with the factorisation), to a forcing
+term ``_CG_FORCING`` elsewhere (inexact Newton). A system not solved within ``_MAX_CG`` steps takes
+the factorisation, so a Newton step costs at most ``_MAX_CG`` matrix-vector pairs more than before.
+Measured step counts: ``benchmarks/results/solver_stress_4096.md``.
+
 **Split columns.** Every function takes ``comm``, a :class:`ColumnReduction`: the ``n`` columns may be
 split across processes (each holding ``A[:, :, its columns]``, ``y[:, its columns]``), and every
 quantity summed or maximised over columns is completed by ``comm`` (an all-reduce), so that all
@@ -207,7 +215,8 @@ def newton(
 
     Per iteration and problem: about 20 passes over ``(m, n)`` float64 (terms, gradient, Newton
     system, refinement; the certificate and line search are bilinear forms) and ``O(m^2 n)`` float32
-    for the Schur complement plus ``O(m^3)`` for its Cholesky factor. Problems stop individually: the
+    for the Schur complement plus ``O(m^3)`` for its Cholesky factor; from ``m >= cg_from`` instead
+    two float64 passes per conjugate-gradient step (at most ``_MAX_CG``, then the factorisation). Problems stop individually: the
     active set shrinks as problems are certified. A problem stops uncertified only at ``max_iter`` or
     when no descent is representable (the rounding floor); the caller reads its gap from ``value``
     and ``lower``.

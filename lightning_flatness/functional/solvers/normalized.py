@@ -36,7 +36,11 @@ How it is solved (deterministic, certified):
    component is held fixed (the gauge) and the diagonal block of the larger side is eliminated;
    the Jacobi-scaled Schur complement of size ``min(m, n)`` is formed and Cholesky-factored in
    float32, and the direction refined to float64 accuracy (mixed-precision iterative refinement;
-   float64 factorisation where that fails) once the iterate is near the optimum. Terms
+   float64 factorisation where that fails) once the iterate is near the optimum. From
+   ``min(m, n) >= 256`` the Schur system is instead solved by Jacobi-preconditioned conjugate
+   gradients, ``O(m n)`` per step (to float64 accuracy near the optimum, loosely before; the
+   factorisation takes over a system they do not solve within 64 steps), after alternating sweeps
+   stopped at 1e-3 nats. Terms
    ``A_ij e^{x_i + y_j}`` are products of vector exponentials (no ``(m, n)`` exponential). A
    backtracking line search, with each ``x_i + y_j`` moving at most 8 nats per step, keeps every
    step a descent step. ``P`` problems of one shape iterate together over a leading dimension,
@@ -56,7 +60,8 @@ How it is solved (deterministic, certified):
    ``S - lambda^2 / 2 + O(lambda^3)``. The solver stops when ``upper - lower <= rtol * lower``,
    with ``upper`` the better of the current value and the value after the full Newton step.
 4. **Bounded time.** At most ``max_iter`` Newton iterations (default 100), each ``O(m n)``
-   float64 passes plus an ``O(m n min(m, n))`` float32 factorisation; at the cap the solver
+   float64 passes plus an ``O(m n min(m, n))`` float32 factorisation (from ``min(m, n) >= 256``: at
+   most 64 conjugate-gradient steps of two ``O(m n)`` passes each, before that factorisation); at the cap the solver
    returns the achieved value with its certified gap (against the dual bound or at least the
    separable bound ``sum_ij 2 sqrt(A_ij B_ij)``) and warns once per call, naming the tensor shape
    and the gap. On the stress suite (``benchmarks/solver_stress.py``) every case certifies in at
@@ -178,8 +183,9 @@ def normalized_sharpness(
 
     Cost: ``O(numel)`` to form the coefficients, ``O(m n)`` per alternating sweep (at most 30), and
     per Newton iteration about 20 ``O(m n)`` float64 passes plus ``O(m n min(m, n))`` float32 (the
-    Schur complement) and ``O(min(m, n)^3)`` (its Cholesky factor); typically one Newton
-    iteration, at most ``max_iter``. Timings per input kind, idle and under load:
+    Schur complement) and ``O(min(m, n)^3)`` (its Cholesky factor), or from ``min(m, n) >= 256``
+    conjugate-gradient steps of two ``O(m n)`` passes each (about 10-15 on the stress suite);
+    typically one Newton iteration, at most ``max_iter``. Timings per input kind, idle and under load:
     ``benchmarks/results_solver.md``. Memory: a few ``(m, n)`` float64 matrices and one
     ``(min(m, n), min(m, n))`` float32.
 
