@@ -66,7 +66,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 class CountCG:
     """Counts the conjugate-gradient Gram products of the solves run inside the ``with`` block."""
 
-    def __enter__(self) -> "CountCG":
+    def __enter__(self) -> CountCG:
         self.steps, self.inside = 0, False
         self._cg, self._gram = newton_module._conjugate_gradients, newton_module._gram_times
 

@@ -127,7 +127,8 @@ def test_cg_path_iteration_cap_keeps_a_valid_certificate_and_warns(monkeypatch):
 
 
 def _scaled_system(seed: int, num: int = 3, m: int = 12, n: int = 17):
-    """``Gs = D_r^{-1/2} G D_c^{-1/2}`` of random heavy-tailed ``G`` (as in ``_direction``), row 0 the gauge."""
+    """``Gs = D_r^{-1/2} G D_c^{-1/2}`` of random heavy-tailed ``G`` (as in ``_direction``); row 0: the
+    gauge."""
     g = torch.Generator().manual_seed(seed)
     gamma = torch.exp(2.0 * torch.randn(num, m, n, generator=g, dtype=F64))
     r, c = gamma.sum(2), gamma.sum(1)
@@ -171,3 +172,45 @@ def test_unconverged_conjugate_gradients_fall_back_to_the_factorisation(monkeypa
     assert bool(accurate.all())
     exact = _dense_solution(gs, rhs, free)
     torch.testing.assert_close(z, exact, rtol=1e-10, atol=1e-10 * float(exact.abs().max()))
+
+
+def _split_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    import torch.distributed as dist
+
+    from lightning_flatness.functional.solvers.column_split import (
+        GroupColumnReduction,
+        solve_split_coefficients,
+    )
+    from tests.test_column_split import problems
+
+    torch.set_num_threads(1)
+    newton_module._CG_FROM = 2  # this process's copy of the module: the path on every rank
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    results = {}
+    for name, (a, b) in problems().items():
+        cols = torch.arange(a.shape[1]).tensor_split(world)[rank]
+        comm = GroupColumnReduction()
+        sol = solve_split_coefficients(a[:, cols], b[:, cols], comm, shape=(name,))
+        if sol is not None:
+            results[name] = (float(sol.value), float(sol.lower_bound), sol.row_log_variance, comm.largest)
+    torch.save(results, out_file)
+    dist.destroy_process_group()
+
+
+def test_cg_path_with_columns_split_across_processes(tmp_path):
+    """Split columns (2 gloo processes): identical on every process, certified, equal to the whole
+    factorised solve, and no ``m x m`` all-reduce (conjugate gradients reduce ``m``-vectors)."""
+    from forked_ranks import fork_ranks
+
+    from lightning_flatness.functional.solvers import solve_normalized_sharpness_coefficients
+    from tests.test_column_split import problems
+
+    records = fork_ranks(tmp_path, 2, _split_worker, (), "column-split CG worker")
+    assert set(records[0]) == set(problems()) - {"degenerate"}
+    for name, (value, lower, x, largest) in records[0].items():
+        a, b = problems()[name]
+        assert records[1][name][0] == value and torch.equal(records[1][name][2].nan_to_num(), x.nan_to_num())
+        assert lower <= value <= lower * (1 + 1e-11), name
+        whole = solve_normalized_sharpness_coefficients(a[None], b[None])[0]  # m < 256: factorised
+        assert value == pytest.approx(float(whole.value), rel=3e-11), name
+        assert largest <= 2 * a.shape[0] < a.shape[0] ** 2, name  # (row sums of two kinds at once)

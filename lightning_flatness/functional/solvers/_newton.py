@@ -216,10 +216,10 @@ def newton(
     Per iteration and problem: about 20 passes over ``(m, n)`` float64 (terms, gradient, Newton
     system, refinement; the certificate and line search are bilinear forms) and ``O(m^2 n)`` float32
     for the Schur complement plus ``O(m^3)`` for its Cholesky factor; from ``m >= cg_from`` instead
-    two float64 passes per conjugate-gradient step (at most ``_MAX_CG``, then the factorisation). Problems stop individually: the
-    active set shrinks as problems are certified. A problem stops uncertified only at ``max_iter`` or
-    when no descent is representable (the rounding floor); the caller reads its gap from ``value``
-    and ``lower``.
+    two float64 passes per conjugate-gradient step (at most ``_MAX_CG``, then the factorisation).
+    Problems stop individually: the active set shrinks as problems are certified. A problem stops
+    uncertified only at ``max_iter`` or when no descent is representable (the rounding floor); the
+    caller reads its gap from ``value`` and ``lower``.
 
     Args:
         a, b: ``(P, m, n)`` float64 coefficients (0 for absent terms), scaled to maximum 1.
@@ -454,7 +454,9 @@ def _conjugate_gradients(
         q = (d - _gram_times(gs, d, comm)) * mask
         dq = (d * q).sum(1)
         failed |= ~solved & ~(dq > 0)  # numerically semidefinite: the factorisation decides
-        alpha = torch.where(solved | failed, torch.zeros_like(dq), rho / dq.where(dq > 0, torch.ones_like(dq)))
+        alpha = torch.where(
+            solved | failed, torch.zeros_like(dq), rho / dq.where(dq > 0, torch.ones_like(dq))
+        )
         z = z + alpha[:, None] * d
         res = res - alpha[:, None] * q
         solved |= res.abs().amax(dim=1) <= tol

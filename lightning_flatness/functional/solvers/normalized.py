@@ -61,10 +61,10 @@ How it is solved (deterministic, certified):
    with ``upper`` the better of the current value and the value after the full Newton step.
 4. **Bounded time.** At most ``max_iter`` Newton iterations (default 100), each ``O(m n)``
    float64 passes plus an ``O(m n min(m, n))`` float32 factorisation (from ``min(m, n) >= 256``: at
-   most 64 conjugate-gradient steps of two ``O(m n)`` passes each, before that factorisation); at the cap the solver
-   returns the achieved value with its certified gap (against the dual bound or at least the
-   separable bound ``sum_ij 2 sqrt(A_ij B_ij)``) and warns once per call, naming the tensor shape
-   and the gap. On the stress suite (``benchmarks/solver_stress.py``) every case certifies in at
+   most 64 conjugate-gradient steps of two ``O(m n)`` passes each, before that factorisation); at the
+   cap the solver returns the achieved value with its certified gap (against the dual bound or at
+   least the separable bound ``sum_ij 2 sqrt(A_ij B_ij)``) and warns once per call, naming the
+   tensor shape and the gap. On the stress suite (``benchmarks/solver_stress.py``) every case certifies in at
    most a few iterations.
 """
 
