@@ -2,8 +2,9 @@
 
 Part 1 (stress): every case of ``benchmarks/solver_stress.py`` at layer size (512x512 matrices,
 a 256x256x3x3 conv, a depthwise 1024x1x5x5, 64x8192 and 8192x64, Hutchinson and finite-difference
-diagonals of a 64-512-512-10 MLP) plus a 4096x4096 log-normal (sigma 3) matrix, timed end to end
-with ``solve_normalized_sharpness`` (coefficients, reduction, Newton, certificate) in three
+diagonals of a 64-512-512-10 MLP) plus 4096x4096, 2048x2048 and 1024x4096 log-normal (sigma 3)
+matrices, timed end to end with ``solve_normalized_sharpness`` (coefficients, reduction, Newton,
+certificate) in three
 conditions: one intra-op thread; one thread with two busy processes beside it
 (``python -c "while 1: pass"``, started and stopped by this script); two threads with the two busy
 processes. Reported: wall milliseconds per million weight entries (median of ``--repeats``) with
@@ -106,12 +107,12 @@ def time_case(w: torch.Tensor, h: torch.Tensor, repeats: int) -> tuple[float, fl
 def stress(args) -> list[dict]:
     cases = stress_cases("small" if args.quick else "layer", seed=args.seed)
     if not args.quick:
-        g = torch.Generator().manual_seed(args.seed)
-        big = (4096, 4096)
-        cases["lognormal_sigma3_4096x4096"] = (
-            torch.randn(big, generator=g, dtype=torch.float64) / 64,
-            torch.exp(3.0 * torch.randn(big, generator=g, dtype=torch.float64)),
-        )
+        for big in ((4096, 4096), (2048, 2048), (1024, 4096)):  # (the first as in earlier runs)
+            g = torch.Generator().manual_seed(args.seed)
+            cases[f"lognormal_sigma3_{big[0]}x{big[1]}"] = (
+                torch.randn(big, generator=g, dtype=torch.float64) / math.sqrt(big[1]),
+                torch.exp(3.0 * torch.randn(big, generator=g, dtype=torch.float64)),
+            )
     if args.cases:
         parts = args.cases.split(",")
         cases = {name: case for name, case in cases.items() if any(p in name for p in parts)}
