@@ -30,12 +30,17 @@ def component_layout(a: Tensor, b: Tensor) -> tuple[Optional[Tensor], Tensor]:
     repeated squaring, ``O(m^2 n log d)`` for graph diameter ``d``.
     """
     pos_a, pos_b = a > 0, b > 0
-    all_b = pos_b.flatten(1).all(dim=1)
-    all_a = pos_a.flatten(1).all(dim=1)
+    all_b = pos_b.all(dim=2).all(dim=1)  # (no flattening copy of a transposed view)
+    all_a = pos_a.all(dim=2).all(dim=1)
     if bool((all_a | all_b).all()):
         # every column reaches every row (or vice versa): one component of the rows and columns
         # that have an arc of the other kind
-        other = torch.where(all_b[:, None, None], pos_a, pos_b)
+        if bool(all_b.all()):  # (no (P, m, n) selection in the usual cases)
+            other = pos_a
+        elif bool(all_a.all()):
+            other = pos_b
+        else:
+            other = torch.where(all_b[:, None, None], pos_a, pos_b)
         rows, cols = other.any(dim=2), other.any(dim=1)
         if bool(rows.all()) and bool(cols.all()):
             return None, _free_rows(rows)

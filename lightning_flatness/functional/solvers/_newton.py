@@ -11,6 +11,14 @@ to float64 accuracy (mixed-precision iterative refinement), so the factorisation
 whose float32 factor is not accurate enough to refine (very ill-conditioned coupling) are
 factored again in float64.
 
+**Large problems** (``m >= _CG_FROM``): the ``O(m^2 n)`` factorisation is replaced by Jacobi-preconditioned
+conjugate gradients on the same scaled system, ``O(m n)`` per step (two matrix-vector products
+with ``Gs``): to the refinement tolerance ``_REFINE_TOL`` where the certificate may be evaluated
+(so the dual point is the one of an exact Newton step, as with the factorisation), to a forcing
+term ``_CG_FORCING`` elsewhere (inexact Newton). A system not solved within ``_MAX_CG`` steps takes
+the factorisation, so a Newton step costs at most ``_MAX_CG`` matrix-vector pairs more than before.
+Measured step counts: ``benchmarks/results/solver_stress_4096.md``.
+
 **Split columns.** Every function takes ``comm``, a :class:`ColumnReduction`: the ``n`` columns may be
 split across processes (each holding ``A[:, :, its columns]``, ``y[:, its columns]``), and every
 quantity summed or maximised over columns is completed by ``comm`` (an all-reduce), so that all
@@ -30,6 +38,7 @@ __all__ = ["LOCAL", "BatchResult", "ColumnReduction", "alternating_sweeps", "new
 
 _MAX_SWEEPS = 30  # closed-form alternating sweeps before Newton, at most
 _SWEEP_TOL = 1e-7  # ... stopping once no log-variance moves by more than this (nats)
+_CG_SWEEP_TOL = 1e-3  # ... or this, before conjugate-gradient Newton (measured: still one Newton step)
 _SWEEP_STALL = 0.5  # ... or once a sweep shrinks the largest move by less than this factor (Newton's turn)
 _MAX_STEP = 8.0  # largest change of any x_i + y_j per Newton step, in nats (a trust region on exp(.))
 _BOUND_FROM = 1e-4  # evaluate the dual bound once the Newton decrement^2 / S is below this
@@ -37,6 +46,9 @@ _POLISH_FROM = 1e-2  # refine the float32 Newton solve in float64 once sum g^2 /
 _MAX_HALVINGS = 60  # backtracking steps per line search
 _MAX_REFINE = 6  # float64 refinement steps of a float32-factored Newton system
 _REFINE_TOL = 1e-13  # residual (relative to the right-hand side) at which refinement stops
+_CG_FROM = 256  # rows (the smaller side) from which Newton systems are solved by conjugate gradients
+_MAX_CG = 64  # conjugate-gradient steps per Newton system before the factorisation takes over
+_CG_FORCING = 1e-3  # relative residual of the inexact (unpolished) conjugate-gradient Newton directions
 
 
 class ColumnReduction:
@@ -82,18 +94,24 @@ class BatchResult(NamedTuple):
     iterations: int
 
 
-def alternating_sweeps(a: Tensor, b: Tensor, comm: ColumnReduction = LOCAL) -> tuple[Tensor, Tensor]:
+def alternating_sweeps(
+    a: Tensor, b: Tensor, comm: ColumnReduction = LOCAL, cg_from: Optional[int] = None
+) -> tuple[Tensor, Tensor]:
     """Closed-form block minimisation, ``y`` then ``x``, from 0: a cheap cold start for Newton.
 
     ``y_j = 1/2 log(sum_i B_ij e^{-x_i} / sum_i A_ij e^{x_i})``, likewise ``x``. Removes gross scale
     mismatches; at most ``_MAX_SWEEPS`` sweeps (four ``O(m n)`` matrix-vector products each),
     stopping when the largest move is below ``_SWEEP_TOL`` or sweeps stall (slow mixing is Newton's
     job: no path runs alternating updates unbounded). Rows and columns without terms stay at 0.
+    From ``m >= cg_from`` (Newton by conjugate gradients, whose step costs only a few sweeps'
+    worth of passes) the sweeps stop at ``_CG_SWEEP_TOL``.
 
     Args:
         a, b: ``(P, m, n)`` coefficients, maximum 1 (``n``: this process's columns).
         comm: completes sums over columns (module docstring).
+        cg_from: as for :func:`newton` (default ``_CG_FROM``).
     """
+    tol = _CG_SWEEP_TOL if a.shape[1] >= (_CG_FROM if cg_from is None else cg_from) else _SWEEP_TOL
     x = a.new_zeros(a.shape[:2])
     y = a.new_zeros(a.shape[0], a.shape[2])
     prev_move = math.inf
@@ -102,7 +120,7 @@ def alternating_sweeps(a: Tensor, b: Tensor, comm: ColumnReduction = LOCAL) -> t
         x_new = _block_minimiser(a, b, y_new, over_rows=False, comm=comm)
         move = float(torch.maximum((x_new - x).abs().max(), comm.max((y_new - y).abs().max())))
         x, y = x_new, y_new
-        if move <= _SWEEP_TOL or move > _SWEEP_STALL * prev_move:
+        if move <= tol or move > _SWEEP_STALL * prev_move:
             break
         prev_move = move
     return x, y
@@ -166,7 +184,8 @@ def _terms(
         u = x[:, :, None] + y[:, None, :]
         return a * torch.exp(u), b * torch.exp(-u)
     ex, emx, ey, emy = f
-    return a * (ex[:, :, None] * ey[:, None, :]), b * (emx[:, :, None] * emy[:, None, :])
+    # the products in place: a fresh large buffer costs more (page faults) than the arithmetic
+    return (ex[:, :, None] * ey[:, None, :]).mul_(a), (emx[:, :, None] * emy[:, None, :]).mul_(b)
 
 
 def _objective(a: Tensor, b: Tensor, x: Tensor, y: Tensor, comm: ColumnReduction = LOCAL) -> Tensor:
@@ -190,15 +209,17 @@ def newton(
     rtol: float,
     max_iter: int,
     comm: ColumnReduction = LOCAL,
+    cg_from: Optional[int] = None,
 ) -> BatchResult:
     """Damped Newton from ``(x, y)`` on ``P`` reduced problems until each is certified or ``max_iter``.
 
     Per iteration and problem: about 20 passes over ``(m, n)`` float64 (terms, gradient, Newton
     system, refinement; the certificate and line search are bilinear forms) and ``O(m^2 n)`` float32
-    for the Schur complement plus ``O(m^3)`` for its Cholesky factor. Problems stop individually: the
-    active set shrinks as problems are certified. A problem stops uncertified only at ``max_iter`` or
-    when no descent is representable (the rounding floor); the caller reads its gap from ``value``
-    and ``lower``.
+    for the Schur complement plus ``O(m^3)`` for its Cholesky factor; from ``m >= cg_from`` instead
+    two float64 passes per conjugate-gradient step (at most ``_MAX_CG``, then the factorisation).
+    Problems stop individually: the active set shrinks as problems are certified. A problem stops
+    uncertified only at ``max_iter`` or when no descent is representable (the rounding floor); the
+    caller reads its gap from ``value`` and ``lower``.
 
     Args:
         a, b: ``(P, m, n)`` float64 coefficients (0 for absent terms), scaled to maximum 1.
@@ -208,7 +229,10 @@ def newton(
         max_iter: Newton iterations at most.
         comm: completes sums over columns when they are split across processes (``a``, ``b``, ``y``
             hold this process's columns; the returned ``y`` too); see the module docstring.
+        cg_from: ``m`` from which the Newton systems are solved by conjugate gradients (``O(m n)`` per
+            step, :func:`_conjugate_gradients`) rather than factorised; default ``_CG_FROM``.
     """
+    cg_from = _CG_FROM if cg_from is None else cg_from
     num = a.shape[0]
     lower = a.new_zeros(num)
     x, y = x.clone(), y.clone()
@@ -233,7 +257,7 @@ def newton(
         # estimate of the Newton decrement, sum g^2 / diag(H), is within a factor of it
         jacobi = (gx * gx / r.clamp_min(tiny)).sum(1) + comm.sum((gy * gy / c.clamp_min(tiny)).sum(1))[0]
         polish = (jacobi <= _POLISH_FROM * val) | (it == max_iter)
-        px, py, accurate = _direction(gamma, r, c, gx, gy, fa, polish, comm)
+        px, py, accurate = _direction(gamma, r, c, gx, gy, fa, polish, comm, cg_from)
 
         slope = (gx * px).sum(1) + comm.sum((gy * py).sum(1))[0]  # -(Newton decrement^2)
         low = lower[active]
@@ -251,8 +275,11 @@ def newton(
         # close the gap: certify the better of the current and the stepped value
         stepped = torch.full_like(val, math.inf)
         if bool(near.any()):
-            idx = near.nonzero().squeeze(1)
-            stepped[idx] = _objective(a_a[idx], b_a[idx], xa[idx] + px[idx], ya[idx] + py[idx], comm)
+            if bool(near.all()):  # (no (m, n) copies)
+                stepped = _objective(a_a, b_a, xa + px, ya + py, comm)
+            else:
+                idx = near.nonzero().squeeze(1)
+                stepped[idx] = _objective(a_a[idx], b_a[idx], xa[idx] + px[idx], ya[idx] + py[idx], comm)
         take = stepped < val
         best = torch.minimum(val, stepped)
         done = (best - low <= rtol * low) | (val == 0)
@@ -304,6 +331,7 @@ def _direction(
     free: Tensor,
     polish: Tensor,
     comm: ColumnReduction = LOCAL,
+    cg_from: int = _CG_FROM,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Newton direction of ``P`` problems, ``p_x = 0`` on non-free rows, and whether it is float64-accurate.
 
@@ -321,9 +349,9 @@ def _direction(
     sqrt_inv_c = torch.sqrt(inv_c)
     fr = free & (r > 0)
     sr = torch.where(fr, torch.rsqrt(r.clamp_min(tiny)), torch.zeros_like(r))
-    gs = gamma * (sr[:, :, None] * sqrt_inv_c[:, None, :])
+    gs = (sr[:, :, None] * sqrt_inv_c[:, None, :]).mul_(gamma)
     rhs = -gx * sr + comm.sum(torch.bmm(gs, (gy * sqrt_inv_c).unsqueeze(2)).squeeze(2))[0]
-    z, accurate = _solve_scaled(gs, rhs, fr, polish, comm)
+    z, accurate = _solve_scaled(gs, rhs, fr, polish, comm, cg_from)
     px = z * sr
     py = -(gy + torch.bmm(z.unsqueeze(1), gs).squeeze(1) * torch.sqrt(c)) * inv_c
     return px, py, accurate
@@ -341,18 +369,37 @@ def _gram_complement(gs: Tensor, comm: ColumnReduction) -> Tensor:
 
 
 def _solve_scaled(
-    gs: Tensor, rhs: Tensor, free: Tensor, polish: Tensor, comm: ColumnReduction = LOCAL
+    gs: Tensor,
+    rhs: Tensor,
+    free: Tensor,
+    polish: Tensor,
+    comm: ColumnReduction = LOCAL,
+    cg_from: int = _CG_FROM,
 ) -> tuple[Tensor, Tensor]:
     """Solve ``(I - Gs Gs^T) z = rhs`` (rows of ``Gs`` and ``rhs`` zero outside ``free``, where ``z = 0``);
     also return which solutions are float64-accurate.
 
-    Float32 Cholesky; for the ``polish`` problems float64 iterative refinement, and a float64
-    Cholesky (then least squares) where that does not reach ``_REFINE_TOL``; a float64 Cholesky
-    also wherever the float32 one fails.
+    From ``m >= cg_from``: conjugate gradients (:func:`_conjugate_gradients`, ``O(m n)`` per step), to
+    ``_REFINE_TOL`` for the ``polish`` problems and to ``_CG_FORCING`` for the others; the problems it
+    does not solve within ``_MAX_CG`` steps take the factorisation below (so a step costs at most
+    ``_MAX_CG`` matrix-vector pairs more than the factorisation alone). Otherwise a float32
+    Cholesky; for the ``polish`` problems float64 iterative refinement, and a float64 Cholesky (then
+    least squares) where that does not reach ``_REFINE_TOL``; a float64 Cholesky also wherever the
+    float32 one fails.
     """
     num, m, _ = gs.shape
     if m == 0:
         return rhs.clone(), torch.ones_like(polish)
+    if m >= cg_from:
+        z, solved = _conjugate_gradients(gs, rhs, free, polish, comm)
+        if bool(solved.all()):
+            return z * free, polish.clone()
+        bad = (~solved).nonzero().squeeze(1)
+        z_bad, accurate_bad = _solve_scaled(gs[bad], rhs[bad], free[bad], polish[bad], comm, m + 1)
+        z[bad] = z_bad
+        accurate = polish.clone()
+        accurate[bad] = accurate_bad
+        return z * free, accurate
     k32 = _gram_complement(gs.to(torch.float32), comm)
     chol, info = torch.linalg.cholesky_ex(k32)
     ok = info == 0
@@ -374,10 +421,66 @@ def _solve_scaled(
     return z * free, accurate
 
 
+def _conjugate_gradients(
+    gs: Tensor, rhs: Tensor, free: Tensor, polish: Tensor, comm: ColumnReduction = LOCAL
+) -> tuple[Tensor, Tensor]:
+    """Jacobi-preconditioned conjugate gradients on ``(I - Gs Gs^T) z = rhs`` (the scaled Schur system of
+    :func:`_direction`, positive definite on the ``free`` rows), float64, from ``z = 0``; and whether
+    each problem reached its tolerance: ``_REFINE_TOL`` (the true residual, checked at the end) for
+    the ``polish`` problems, ``_CG_FORCING`` for the others (an inexact Newton direction: every CG
+    iterate from 0 is a descent direction), both relative to ``||rhs||_inf``, within ``_MAX_CG`` steps.
+
+    Each step is two ``(m, n)`` matrix-vector products (``Gs^T d``, then ``Gs (Gs^T d)``, summed over
+    the split columns): ``O(m n)`` against ``O(m^2 n)`` for forming the Schur complement. The
+    preconditioner is ``diag(I - Gs Gs^T)^{-1}`` (one more pass). Converges fast when the spectrum of
+    ``Gs Gs^T`` below its gauge eigenvalue 1 is bounded away from 1 (dense, well-mixed coupling).
+    """
+    tiny = torch.finfo(gs.dtype).tiny
+    mask = free.to(gs.dtype)
+    tol = torch.where(polish, _REFINE_TOL, _CG_FORCING) * rhs.abs().amax(dim=1)
+    (row_sq,) = comm.sum(torch.linalg.vector_norm(gs, dim=2).square())
+    diag = 1.0 - row_sq
+    inv_diag = torch.where(free & (diag > 0), 1.0 / diag.clamp_min(tiny), torch.zeros_like(diag))
+    z = torch.zeros_like(rhs)
+    res = rhs * mask
+    solved = res.abs().amax(dim=1) <= tol
+    failed = torch.zeros_like(solved)
+    pre = inv_diag * res
+    d = pre
+    rho = (res * pre).sum(1)
+    for _ in range(_MAX_CG):
+        if bool((solved | failed).all()):
+            break
+        q = (d - _gram_times(gs, d, comm)) * mask
+        dq = (d * q).sum(1)
+        failed |= ~solved & ~(dq > 0)  # numerically semidefinite: the factorisation decides
+        alpha = torch.where(
+            solved | failed, torch.zeros_like(dq), rho / dq.where(dq > 0, torch.ones_like(dq))
+        )
+        z = z + alpha[:, None] * d
+        res = res - alpha[:, None] * q
+        solved |= res.abs().amax(dim=1) <= tol
+        pre = inv_diag * res
+        rho_new = (res * pre).sum(1)
+        beta = rho_new / rho.where(rho != 0, torch.ones_like(rho))
+        d = pre + beta[:, None] * d
+        rho = rho_new
+    # the recurrence's residual drifts from the true one: check the true residual where it matters
+    if bool((solved & polish).any()):
+        true = _residual(gs, rhs, z, comm) * mask
+        solved &= ~polish | (true.abs().amax(dim=1) <= tol)
+    return z, solved & ~failed
+
+
+def _gram_times(gs: Tensor, v: Tensor, comm: ColumnReduction = LOCAL) -> Tensor:
+    """``Gs (Gs^T v)`` ``(P, m)``, the product summed over the (split) columns: two passes over ``Gs``."""
+    gv = torch.bmm(v.unsqueeze(1), gs)  # (P, 1, n) = v^T Gs
+    return comm.sum(torch.bmm(gv, gs.transpose(1, 2)).squeeze(1))[0]
+
+
 def _residual(gs: Tensor, rhs: Tensor, z: Tensor, comm: ColumnReduction = LOCAL) -> Tensor:
     """``rhs - (I - Gs Gs^T) z`` in float64, ``O(m n)`` per problem."""
-    gz = torch.bmm(z.unsqueeze(1), gs)  # (P, 1, n) = z^T Gs
-    return rhs - z + comm.sum(torch.bmm(gz, gs.transpose(1, 2)).squeeze(1))[0]
+    return rhs - z + _gram_times(gs, z, comm)
 
 
 def _refine(

@@ -27,7 +27,9 @@ processes take their decisions from them.
 its ``n / Q`` columns, ``O(m^2 n / Q)`` float32 for its part of the Schur complement, ``O(m^3)``
 for the factor, and about 15 all-reduces (one of ``m^2`` float32, the others of ``m`` floats or
 fewer); 4 small all-reduces per alternating sweep of the cold start
-(:class:`GroupColumnReduction` counts them).
+(:class:`GroupColumnReduction` counts them). From ``m >= 256`` the Schur system is solved by
+conjugate gradients instead (:mod:`._newton`): no ``m^2`` all-reduce and no factor, one all-reduce
+of ``m`` floats per conjugate-gradient step.
 **Memory per process**: ``A``, ``B`` and a few ``(m, n / Q)`` float64 temporaries (``1/Q`` of the
 whole solve's) plus two ``m x m`` float32 matrices (the Schur complement, reduced in place, and its
 Cholesky factor).

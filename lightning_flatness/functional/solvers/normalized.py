@@ -36,7 +36,11 @@ How it is solved (deterministic, certified):
    component is held fixed (the gauge) and the diagonal block of the larger side is eliminated;
    the Jacobi-scaled Schur complement of size ``min(m, n)`` is formed and Cholesky-factored in
    float32, and the direction refined to float64 accuracy (mixed-precision iterative refinement;
-   float64 factorisation where that fails) once the iterate is near the optimum. Terms
+   float64 factorisation where that fails) once the iterate is near the optimum. From
+   ``min(m, n) >= 256`` the Schur system is instead solved by Jacobi-preconditioned conjugate
+   gradients, ``O(m n)`` per step (to float64 accuracy near the optimum, loosely before; the
+   factorisation takes over a system they do not solve within 64 steps), after alternating sweeps
+   stopped at 1e-3 nats. Terms
    ``A_ij e^{x_i + y_j}`` are products of vector exponentials (no ``(m, n)`` exponential). A
    backtracking line search, with each ``x_i + y_j`` moving at most 8 nats per step, keeps every
    step a descent step. ``P`` problems of one shape iterate together over a leading dimension,
@@ -56,10 +60,11 @@ How it is solved (deterministic, certified):
    ``S - lambda^2 / 2 + O(lambda^3)``. The solver stops when ``upper - lower <= rtol * lower``,
    with ``upper`` the better of the current value and the value after the full Newton step.
 4. **Bounded time.** At most ``max_iter`` Newton iterations (default 100), each ``O(m n)``
-   float64 passes plus an ``O(m n min(m, n))`` float32 factorisation; at the cap the solver
-   returns the achieved value with its certified gap (against the dual bound or at least the
-   separable bound ``sum_ij 2 sqrt(A_ij B_ij)``) and warns once per call, naming the tensor shape
-   and the gap. On the stress suite (``benchmarks/solver_stress.py``) every case certifies in at
+   float64 passes plus an ``O(m n min(m, n))`` float32 factorisation (from ``min(m, n) >= 256``: at
+   most 64 conjugate-gradient steps of two ``O(m n)`` passes each, before that factorisation); at the
+   cap the solver returns the achieved value with its certified gap (against the dual bound or at
+   least the separable bound ``sum_ij 2 sqrt(A_ij B_ij)``) and warns once per call, naming the
+   tensor shape and the gap. On the stress suite (``benchmarks/solver_stress.py``) every case certifies in at
    most a few iterations.
 """
 
@@ -140,6 +145,9 @@ def normalized_sharpness_coefficients(
     _check_inputs(weight, hessian_diagonal, lam)
     w, h = _float64(weight), _float64(hessian_diagonal)
     m, n, k = w.shape[0], w.shape[1], math.prod(w.shape[2:])
+    if k == 1:  # a matrix: no kernel sum, and no (m, n) temporaries beyond the results (large ones
+        # cost more to allocate, page by page, than to compute)
+        return h.reshape(m, n).clamp_min(0), w.reshape(m, n).square().div_(2.0 * lam)
     a = h.clamp_min(0).reshape(m, n, k).sum(dim=2)
     b = w.square().reshape(m, n, k).sum(dim=2) / (2.0 * lam)
     return a, b
@@ -175,8 +183,9 @@ def normalized_sharpness(
 
     Cost: ``O(numel)`` to form the coefficients, ``O(m n)`` per alternating sweep (at most 30), and
     per Newton iteration about 20 ``O(m n)`` float64 passes plus ``O(m n min(m, n))`` float32 (the
-    Schur complement) and ``O(min(m, n)^3)`` (its Cholesky factor); typically one Newton
-    iteration, at most ``max_iter``. Timings per input kind, idle and under load:
+    Schur complement) and ``O(min(m, n)^3)`` (its Cholesky factor), or from ``min(m, n) >= 256``
+    conjugate-gradient steps of two ``O(m n)`` passes each (about 10-15 on the stress suite);
+    typically one Newton iteration, at most ``max_iter``. Timings per input kind, idle and under load:
     ``benchmarks/results_solver.md``. Memory: a few ``(m, n)`` float64 matrices and one
     ``(min(m, n), min(m, n))`` float32.
 
@@ -237,7 +246,7 @@ def solve_normalized_sharpness(
     _check_tolerances(rtol, max_iter)
     with intra_op_threads(weight.numel(), weight.device):
         a, b = normalized_sharpness_coefficients(weight, hessian_diagonal, lam)
-        return _solve(a[None], b[None], rtol, max_iter, tuple(weight.shape), warm_start=False)[0]
+        return _solve(a[None], b[None], rtol, max_iter, tuple(weight.shape), warm_start=False, owned=True)[0]
 
 
 def solve_normalized_sharpness_batch(
@@ -388,10 +397,12 @@ def _solve(
     shape: tuple,
     warm_start: bool,
     replicate_rtol: Optional[float] = None,
+    owned: bool = False,
 ) -> list[NormalizedSharpnessSolution]:
-    """Solve ``P`` problems with coefficients ``a`` ``(P, m, n)`` and ``b`` ``(P or 1, m, n)``."""
+    """Solve ``P`` problems with coefficients ``a`` ``(P, m, n)`` and ``b`` ``(P or 1, m, n)`` (``owned``: the
+    caller's own copies, which the solver may overwrite)."""
     with intra_op_threads(a.numel(), a.device):
-        return _solve_threads_set(a, b, rtol, max_iter, shape, warm_start, replicate_rtol)
+        return _solve_threads_set(a, b, rtol, max_iter, shape, warm_start, replicate_rtol, owned)
 
 
 def _solve_threads_set(
@@ -402,6 +413,7 @@ def _solve_threads_set(
     shape: tuple,
     warm_start: bool,
     replicate_rtol: Optional[float],
+    owned: bool = False,
 ) -> list[NormalizedSharpnessSolution]:
     if not (math.isfinite(float(a.sum())) and math.isfinite(float(b.sum()))):  # a, b >= 0: no cancellation
         raise ValueError(
@@ -443,7 +455,7 @@ def _solve_threads_set(
         )
         sols = first + rest
     else:
-        sols = _solve_reduced(a, b, rtol, max_iter, shape, None)
+        sols = _solve_reduced(a, b, rtol, max_iter, shape, None, owned and (not shared_b or num == 1))
     _warn_uncertified(sols, max(rtol, replicate_rtol or rtol), max_iter, shape)
     return [_finish(sol, transposed) for sol in sols]
 
@@ -618,8 +630,10 @@ def _solve_reduced(
     max_iter: int,
     shape: tuple,
     start: Optional[NormalizedSharpnessSolution],
+    owned: bool = False,
 ) -> list[NormalizedSharpnessSolution]:
-    """Component reduction, scaling, start point, Newton and the iteration-cap warning (``m <= n``)."""
+    """Component reduction, scaling, start point, Newton and the iteration-cap warning (``m <= n``);
+    ``owned``: ``a`` and ``b`` are the caller's own copies, scaled in place (no ``(m, n)`` copies)."""
     num, m, n = a.shape
     keep, free = component_layout(a, b)
     if keep is None:  # one component with every row and column: nothing to drop
@@ -631,12 +645,12 @@ def _solve_reduced(
         rows, cols = keep.any(dim=2), keep.any(dim=1)
         a = a.masked_fill(~keep, 0.0)
         b = b.masked_fill(~keep, 0.0)
+        owned = True
     one = torch.ones((), dtype=a.dtype, device=a.device)
     scale_a = torch.where(rows.any(dim=1), a.amax(dim=(1, 2)), one)
     scale_b = torch.where(rows.any(dim=1), b.amax(dim=(1, 2)), one)
     # scaled to maximum 1, contiguous (a transposed view would be copied by every product)
-    a = (a * (1.0 / scale_a)[:, None, None]).contiguous()
-    b = (b * (1.0 / scale_b)[:, None, None]).contiguous()
+    a, b = _scaled(a, 1.0 / scale_a, owned), _scaled(b, 1.0 / scale_b, owned)
     shift = 0.5 * torch.log(scale_b / scale_a)  # x of the scaled problem = x - shift
     if start is None:
         x, y = alternating_sweeps(a, b)
@@ -657,6 +671,14 @@ def _solve_reduced(
         )
         for p in range(num)
     ]
+
+
+def _scaled(t: Tensor, factor: Tensor, in_place: bool) -> Tensor:
+    """``t * factor[:, None, None]``, contiguous, in place when allowed and ``t`` is contiguous, else in
+    one new buffer (a large fresh buffer costs more than the arithmetic: no second copy)."""
+    if in_place and t.is_contiguous():
+        return t.mul_(factor[:, None, None])
+    return torch.mul(t, factor[:, None, None], out=torch.empty(t.shape, dtype=t.dtype, device=t.device))
 
 
 def _solve_one_row(a: Tensor, b: Tensor) -> list[NormalizedSharpnessSolution]:
