@@ -1049,18 +1049,25 @@ def _column_gradients(
     grads = recorder.tape.backward(logits, columns, outputs)
     if grads is not None:
         return grads
+    return _batched_backward(logits, outputs, columns)
+
+
+def _batched_backward(logits: Tensor, targets: list[Tensor], vectors: Tensor) -> Sequence[Optional[Tensor]]:
+    """``autograd.grad`` of ``logits`` to ``targets`` for each of ``vectors`` ``(K, *logits.shape)``, stacked
+    as ``(K, *target.shape)`` (``None`` for a target the logits do not depend on): vmapped
+    (``is_grads_batched``), or a loop over the vectors when some backward has no vmap rule."""
     try:
         return torch.autograd.grad(
-            logits, outputs, columns, retain_graph=True, allow_unused=True, is_grads_batched=True
+            logits, targets, vectors, retain_graph=True, allow_unused=True, is_grads_batched=True
         )
     except (RuntimeError, NotImplementedError):  # some backward lacks a vmap rule: loop
-        per_column = [
-            torch.autograd.grad(logits, outputs, v, retain_graph=True, allow_unused=True) for v in columns
+        per_vector = [
+            torch.autograd.grad(logits, targets, v, retain_graph=True, allow_unused=True) for v in vectors
         ]
-        return [
-            None if per_column[0][j] is None else torch.stack([p[j] for p in per_column])
-            for j in range(len(outputs))
-        ]
+        return tuple(
+            None if per_vector[0][j] is None else torch.stack([p[j] for p in per_vector])
+            for j in range(len(targets))
+        )
 
 
 def _diagonal_per_sample(

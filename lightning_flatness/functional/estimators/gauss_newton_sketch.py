@@ -78,6 +78,7 @@ from torch import Tensor, nn
 from lightning_flatness.functional.estimators.exact import (
     _BATCHED_BACKWARD_ELEMENTS,
     _autograd_inputs,
+    _batched_backward,
     _fast_path_blockers,
     _interaction_probe,
     _loss_factors,
@@ -300,23 +301,6 @@ def _diagonal_by_chunks(
             if g is not None:
                 diag[name] += torch.tensordot(weights, g * g, dims=1)
     return diag
-
-
-def _batched_backward(logits: Tensor, targets: list[Tensor], vectors: Tensor) -> Sequence[Optional[Tensor]]:
-    """``autograd.grad`` of ``logits`` to ``targets`` for each of ``vectors``, stacked (vmapped; a loop
-    when some backward has no vmap rule)."""
-    try:
-        return torch.autograd.grad(
-            logits, targets, vectors, retain_graph=True, allow_unused=True, is_grads_batched=True
-        )
-    except (RuntimeError, NotImplementedError):  # some backward lacks a vmap rule: loop
-        per_vector = [
-            torch.autograd.grad(logits, targets, v, retain_graph=True, allow_unused=True) for v in vectors
-        ]
-        return tuple(
-            None if per_vector[0][j] is None else torch.stack([p[j] for p in per_vector])
-            for j in range(len(targets))
-        )
 
 
 def _base_columns(
