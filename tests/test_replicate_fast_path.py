@@ -49,10 +49,9 @@ def _converged_values(w, sums, counts):
     return torch.stack([s.value for s in sols])
 
 
-@pytest.mark.parametrize("clipped,dead", [(False, False), (True, False), (True, True)])
-@pytest.mark.parametrize("shape", [(64, 80), (96, 48, 3, 3)])  # m n >= _PRECONDITIONED_FROM
-def test_stderr_and_half_shift_of_the_fast_path_equal_converged_solves(shape, clipped, dead, monkeypatch):
-    certified = []
+def _count_certified(monkeypatch) -> list[int]:
+    """A list that receives, per call of the preconditioned replicate path, how many problems it certified."""
+    certified: list[int] = []
     original = normalized_module.replicate_newton
 
     def counting(*args, **kwargs):
@@ -61,6 +60,13 @@ def test_stderr_and_half_shift_of_the_fast_path_equal_converged_solves(shape, cl
         return out
 
     monkeypatch.setattr(normalized_module, "replicate_newton", counting)
+    return certified
+
+
+@pytest.mark.parametrize("clipped,dead", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("shape", [(64, 80), (96, 48, 3, 3)])  # m n >= _PRECONDITIONED_FROM
+def test_stderr_and_half_shift_of_the_fast_path_equal_converged_solves(shape, clipped, dead, monkeypatch):
+    certified = _count_certified(monkeypatch)
     w, sums, counts = _slots(shape, clipped, seed=3 + len(shape), dead=dead)
     out, used = replicate_sharpness_measures({"w": w}, {"w": sums}, counts, 0.5)
     assert used == 8
@@ -183,15 +189,7 @@ def test_replicates_that_lose_units_of_one_slot_take_the_fast_path_and_equal_col
     replicate must still be certified by the preconditioned path and equal a cold solve, attained flags
     and the rows and columns left out (NaN) included. ``dead``: the pooled problem has dead rows and
     pruned columns too, so the fast path works on its component's rows and columns only."""
-    certified = []
-    original = normalized_module.replicate_newton
-
-    def counting(*args, **kwargs):
-        out = original(*args, **kwargs)
-        certified.append(int(out[1].sum()))
-        return out
-
-    monkeypatch.setattr(normalized_module, "replicate_newton", counting)
+    certified = _count_certified(monkeypatch)
     w, sums, counts = _slots(shape, clipped=True, seed=21, dead=dead)
     row = 3 if dead else 0  # the first row with curvature: the pooled gauge
     view = sums.view(8, *shape)
