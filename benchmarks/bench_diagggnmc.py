@@ -218,6 +218,19 @@ def backpack_at_cost(points: list[tuple[float, float, int]], t: float) -> tuple[
     return cheapest[1], cheapest[2], f"BackPACK's cheapest costs {cheapest[0] / t:.2f}x ours"
 
 
+def equal_cost_backpack(diag_points, ns_points, seconds: float) -> dict[str, Any]:
+    """BackPACK's error at our cost ``seconds`` (:func:`backpack_at_cost`): for the diagonal and eq. 17."""
+    bp_diag, bp_m, note = backpack_at_cost(diag_points, seconds)
+    bp_ns, bp_m_ns, _ = backpack_at_cost(ns_points, seconds)
+    return {
+        "bp_diag_at_cost": bp_diag,
+        "bp_mc_diag": bp_m,
+        "bp_ns_rms_at_cost": bp_ns,
+        "bp_mc_ns": bp_m_ns,
+        "note": note,
+    }
+
+
 def eq20_with_backpack() -> str:
     """Whether BackPACK's DiagGGNMC runs when eq. 20's normalization is a module in front of
     ``CrossEntropyLoss`` (the only way to express eq. 20 to BackPACK)."""
@@ -315,26 +328,10 @@ def run(args) -> dict[str, Any]:
                         diag_values=rec["diag"],
                     )
                     if not key.startswith("BackPACK"):
-                        bp_diag, bp_m, note = backpack_at_cost(bp_diag_pts, times[key])
-                        bp_ns, bp_m_ns, _ = backpack_at_cost(bp_ns_pts, times[key])
-                        row.update(
-                            bp_diag_at_cost=bp_diag,
-                            bp_mc_diag=bp_m,
-                            bp_ns_rms_at_cost=bp_ns,
-                            bp_mc_ns=bp_m_ns,
-                            note=note,
-                        )
+                        row.update(equal_cost_backpack(bp_diag_pts, bp_ns_pts, times[key]))
                 elif key.startswith("ours exact"):
                     row.update(diag_rel_l2=0.0, ns_bias=0.0, ns_rms=0.0)
-                    bp_diag, bp_m, note = backpack_at_cost(bp_diag_pts, times[key])
-                    bp_ns, bp_m_ns, _ = backpack_at_cost(bp_ns_pts, times[key])
-                    row.update(
-                        bp_diag_at_cost=bp_diag,
-                        bp_mc_diag=bp_m,
-                        bp_ns_rms_at_cost=bp_ns,
-                        bp_mc_ns=bp_m_ns,
-                        note=note,
-                    )
+                    row.update(equal_cost_backpack(bp_diag_pts, bp_ns_pts, times[key]))
                 else:
                     row.update(
                         diag_rel_l2=cross if key.startswith("BackPACK") else 0.0, ns_bias=0.0, ns_rms=0.0
