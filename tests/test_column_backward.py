@@ -183,17 +183,22 @@ def test_operations_without_a_rule_fall_back_to_autograd(inplace, monkeypatch):
     assert_relative_close(diag, brute_hessian_diagonal(model, F.cross_entropy, x, y, list(params)), 1e-9)
 
 
+def _recorded(model: nn.Module):
+    """The recorded forward of ``model`` on 6 samples of 4 features, its layer outputs and two columns of
+    ones (call under ``torch.enable_grad()``)."""
+    x = torch.randn(6, 4, dtype=torch.float64)
+    forward = exact_module._record_forward(model, x, select_parameters(model), "test")
+    outputs = [call.output for call in forward.recorder.calls]
+    return forward, outputs, torch.ones(2, *forward.logits.shape, dtype=torch.float64)
+
+
 def test_a_tensor_changed_after_the_forward_disables_the_tape():
     """The ReLU backward reads the ReLU output; changed in place after the forward (its version
     counter moved), the tape declines and the caller uses autograd."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).double()
-    x = torch.randn(6, 4, dtype=torch.float64)
-    params = select_parameters(model)
     with torch.enable_grad():
-        forward = exact_module._record_forward(model, x, params, "test")
-        outputs = [call.output for call in forward.recorder.calls]
-        columns = torch.ones(2, *forward.logits.shape, dtype=torch.float64)
+        forward, outputs, columns = _recorded(model)
         assert forward.recorder.tape.backward(forward.logits, columns, outputs) is not None
         relu_output = forward.recorder.tape.entries[1][0]
         with torch.no_grad():
@@ -263,12 +268,8 @@ def test_a_gradient_path_through_an_invisible_operation_rejects_the_tape():
     a, b = nn.Linear(4, 5).double(), nn.Linear(5, 3).double()
     model = nn.Sequential(a, nn.ReLU(), nn.Identity(), b).double()
     model[2].forward = lambda h: _Doubling.apply(h)  # type: ignore[method-assign]
-    x = torch.randn(6, 4, dtype=torch.float64)
-    params = select_parameters(model)
     with torch.enable_grad():
-        forward = exact_module._record_forward(model, x, params, "test")
-        outputs = [call.output for call in forward.recorder.calls]
-        columns = torch.ones(2, *forward.logits.shape, dtype=torch.float64)
+        forward, outputs, columns = _recorded(model)
         assert not forward.recorder.tape.ok
         assert forward.recorder.tape.backward(forward.logits, columns, outputs) is None
         reference = torch.autograd.grad(
