@@ -55,7 +55,8 @@ operations where they all keep the samples apart (Linear, Conv, pooling, eval-mo
 elementwise operations: :func:`~.exact._keeps_samples_apart`, as for ``"exact"``); otherwise it is
 checked on the first :data:`INTERACTION_PROBE_SAMPLES` samples (:func:`samples_interact`: a forward
 and a backward of those samples, 21 ms of the 0.29 s of a batch of 64 on a CIFAR ResNet-18), not
-with a probe column on the whole batch. ``B >= N``: ``2 S`` plain backward passes to the weights, for any graph. When samples
+with a probe column on the whole batch.
+``B >= N``: ``2 S`` plain backward passes to the weights, for any graph. When samples
 interact (train-mode BatchNorm) or a weight is used outside Linear/Conv, one backward per chunk and
 column is taken instead (``2 S N / B`` passes, warned). No double backward anywhere. The base columns
 cost ``O(N K^3)`` for the exact factors (``K <= max_exact_outputs``), ``O(N K S)`` for the structured
@@ -81,7 +82,6 @@ from torch import Tensor, nn
 from lightning_flatness.functional.estimators.exact import (
     _BATCHED_BACKWARD_ELEMENTS,
     _autograd_inputs,
-    _Diagonal,
     _fast_path_blockers,
     _interaction_probe,
     _loss_factors,
@@ -258,11 +258,11 @@ def _diagonal_by_layers(
     n, c = logits.shape[0], columns.shape[2]
     vectors = columns.permute(2, 0, 1).reshape(c, *logits.shape)
     grads = _batched_backward(logits, [call.output for call in calls], vectors)
-    # no zero-filled start: each tensor's first contribution is stored as it is (a zero fill and an
-    # add less per weight, ~10 ms per batch on a CIFAR ResNet-18); unreached ones get zeros at the end
-    diag: dict[str, Tensor] = (
-        _Diagonal(leaves) if chunk_size == 1 else {name: torch.zeros_like(t) for name, t in leaves.items()}
-    )
+    # zero-filled at the start on purpose: storing each first contribution as it is (no fill, no add)
+    # was measured slower on a CIFAR ResNet-18 (10-20 ms more per batch of 64 in page faults: the
+    # results then interleave with the temporaries in the heap, which the allocator hands back to the
+    # kernel and faults in again; benchmarks/results/bench_sketch_copies.md)
+    diag = {name: torch.zeros_like(t) for name, t in leaves.items()}
     for call, g in zip(calls, grads):
         if g is None:
             continue
@@ -271,7 +271,7 @@ def _diagonal_by_layers(
         else:
             kernel = tuple(leaves[call.weight].shape[2:]) if call.weight is not None else ()
             chunk_contraction(call, g, signs, chunk_size, diag, kernel)
-    return {name: diag[name] if name in diag else torch.zeros_like(t) for name, t in leaves.items()}
+    return diag
 
 
 def _diagonal_by_chunks(
