@@ -195,3 +195,43 @@ def test_exact_diagonal_equals_brute_force_with_dead_taps():
     ref = brute_force_hessian_diagonal(model, F.cross_entropy, x, y, names)
     for name in names:
         torch.testing.assert_close(diag[name], ref[name], rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    "spatial, kernel, stride, padding, dilation, groups",
+    [
+        ((2, 2), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),  # ResNet-18 layer3 on CIFAR
+        ((4, 4), (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1), 2),  # stride 2, groups
+        ((3, 4), (2, 3), (1, 2), ((0, 1), (1, 0)), (1, 1), 1),  # asymmetric padding (a cropped kernel)
+        ((5, 5), (3, 2), (1, 1), ((2, 2), (0, 1)), (2, 1), 1),  # dilation, mixed padding
+        ((8, 8), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),  # 64 positions: the strided view
+    ],
+)
+def test_unfold_kernel_and_strided_view_give_the_same_columns(
+    spatial, kernel, stride, padding, dilation, groups, monkeypatch
+):
+    from lightning_flatness.functional.estimators.layer_rules import conv as conv_rule
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 4, *spatial, generator=g, dtype=torch.float64)
+    call = LayerCall(
+        "conv2d", "m", x, x, "w", None, stride=stride, padding=padding, dilation=dilation, groups=groups
+    )
+    monkeypatch.setattr(conv_rule, "UNFOLD_KERNEL_MAX_POSITIONS", 0)
+    view = conv_rule.unfold(x, call, kernel)
+    monkeypatch.setattr(conv_rule, "UNFOLD_KERNEL_MAX_POSITIONS", 10**9)
+    library = conv_rule.unfold(x, call, kernel)
+    assert library.shape == view.shape and torch.equal(library, view)
+    # independent: column p of sample n is the padded input patch the convolution reads at output p
+    xp = F.pad(x, (padding[1][0], padding[1][1], padding[0][0], padding[0][1]))
+    oh, ow = (
+        (xp.shape[2] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1,
+        (xp.shape[3] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1,
+    )
+    assert view.shape[-1] == oh * ow
+    for p in (0, oh * ow - 1):
+        i, j = divmod(p, ow)
+        rows = slice(i * stride[0], i * stride[0] + dilation[0] * (kernel[0] - 1) + 1, dilation[0])
+        cols = slice(j * stride[1], j * stride[1] + dilation[1] * (kernel[1] - 1) + 1, dilation[1])
+        patch = xp[:, :, rows, cols].reshape(3, groups, -1)
+        torch.testing.assert_close(view[..., p], patch, rtol=0, atol=0)
