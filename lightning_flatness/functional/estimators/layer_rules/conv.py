@@ -77,14 +77,19 @@ def unfold(x: Tensor, call: LayerCall, kernel: tuple[int, ...]) -> Tensor:
     """im2col for 1, 2 or 3 spatial dims: ``(N, C, *S) -> (N, groups, C/groups * prod(k), L)``, rows in
     ``(channel, *tap)`` order, columns in output-position order.
 
-    A strided view of the (padded) input copied into that layout, except for 2-D maps of at most
+    A strided view of the (padded) input copied into that layout (no copy at all for an unpadded
+    ``1 x 1`` kernel), except for 2-D kernels of several taps onto 2 to
     :data:`UNFOLD_KERNEL_MAX_POSITIONS` output positions, where the library's im2col kernel
     (``F.unfold``, same layout and values) is faster: the view's copy runs inner loops of one output
     row (2 entries on a 2x2 map). Measured on one CPU thread, batch 64, 3x3 kernels: ``F.unfold``
     0.31x the time on 2x2 maps of 256 channels, 0.77x on 4x4 maps, 1.4-5x on 8x8 and 16x16 maps
     (``benchmarks/results/bench_sketch_copies.md``)."""
     nd = len(kernel)
-    if nd == 2 and _output_positions(x, call, kernel) <= UNFOLD_KERNEL_MAX_POSITIONS:
+    if (
+        nd == 2
+        and math.prod(kernel) > 1
+        and 1 < _output_positions(x, call, kernel) <= UNFOLD_KERNEL_MAX_POSITIONS
+    ):
         (top, bottom), (left, right) = call.padding
         if top == bottom and left == right:
             cols = F.unfold(x, kernel, call.dilation, (top, left), call.stride)
