@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from oracles import brute_force_hessian_diagonal
+from oracles import brute_force_ggn_diagonal, brute_force_hessian_diagonal
 from torch import nn
 
 import lightning_flatness.functional.estimators.layer_rules.contraction as contraction
@@ -235,3 +235,52 @@ def test_unfold_kernel_and_strided_view_give_the_same_columns(
         cols = slice(j * stride[1], j * stride[1] + dilation[1] * (kernel[1] - 1) + 1, dilation[1])
         patch = xp[:, :, rows, cols].reshape(3, groups, -1)
         torch.testing.assert_close(view[..., p], patch, rtol=0, atol=0)
+
+
+class _TwiceOnOnePixel(nn.Module):
+    """One padded 3x3 convolution applied twice to a 1x1 map (8 dead taps; the second call's block is
+    added onto the first call's contribution), between a stride-2 convolution and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+        self.shared = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.down(x))
+        h = torch.relu(self.shared(h))
+        h = torch.relu(self.shared(h))
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("method", ["exact", "gauss_newton_sketch"])
+def test_dead_tap_blocks_add_onto_a_shared_weight(method):
+    torch.manual_seed(7)
+    model = _TwiceOnOnePixel().double().eval()
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(4, 2, 2, 2, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (4,), generator=g)
+    names = list(select_parameters(model, "all"))
+    params = dict(model.named_parameters())
+    ref = brute_force_ggn_diagonal(model, F.cross_entropy, x, y, names)
+    if method == "exact":  # the exact Gauss-Newton diagonal (a shared weight: not the Hessian's)
+        from lightning_flatness.functional.estimators.exact import gauss_newton_diagonal
+
+        diag = gauss_newton_diagonal(model, F.cross_entropy, x, y, params).diagonal
+        for name in names:
+            torch.testing.assert_close(diag[name], ref[name], rtol=1e-10, atol=1e-13)
+        return
+    # the sketch: the mean of many estimates against the brute-force Gauss-Newton diagonal
+    from lightning_flatness.functional.estimators.gauss_newton_sketch import gauss_newton_sketch_diagonal
+
+    gen = torch.Generator().manual_seed(9)
+    runs = [
+        gauss_newton_sketch_diagonal(model, F.cross_entropy, x, y, params, generator=gen) for _ in range(300)
+    ]
+    w = "shared.weight"
+    stack = torch.stack([r[w] for r in runs])
+    se = stack.std(dim=0) / 300**0.5
+    live = se > 0
+    assert live.sum() >= 8 and (stack[:, ~live] == 0).all() and (ref[w][~live] == 0).all()
+    assert ((stack.mean(dim=0) - ref[w])[live].abs() / se[live]).max() < 5.0

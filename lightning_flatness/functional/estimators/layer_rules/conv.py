@@ -36,6 +36,7 @@ __all__ = [
     "UNFOLD_KERNEL_MAX_POSITIONS",
     "ConvRule",
     "conv_padding",
+    "cropped_squared_gradient_block",
     "cropped_squared_gradients",
     "grouped_squared_gradients",
     "live_taps",
@@ -216,17 +217,21 @@ def live_taps(
     return tuple(ranges)
 
 
-def cropped_squared_gradients(
+def cropped_squared_gradient_block(
     call: LayerCall, grad: Tensor, signs: Tensor, kernel: tuple[int, ...]
-) -> Optional[Tensor]:
-    r"""``sum_{n,k} sign_nk (dW_nk)^2`` as ``(G, O / G, C / G * prod(kernel))`` with the taps that read
-    only padding (:func:`live_taps`) left out, or ``None`` when every tap is live.
+) -> Optional[tuple[Tensor, tuple[Any, ...]]]:
+    r"""``sum_{n,k} sign_nk (dW_nk)^2`` at the live taps (:func:`live_taps`) only, as
+    ``(block, index)``: ``block`` ``(G, O / G, C / G, *(stop - start))`` holds the taps ``index`` of the
+    ``(G, O / G, C / G, *kernel)`` layout, every other tap is zero. ``None`` when every tap is live (or
+    a crop would need negative padding).
 
     The live taps ``[start, stop)`` form a convolution of kernel ``stop - start`` whose left padding is
     ``left - start * dilation`` (the same output positions read the same inputs); its contraction
-    (:func:`~.contraction.factor_contraction`) fills those taps, the others are zero, as the full
-    contraction would give them. Cost: that of the cropped kernel, ``prod(stop - start) / prod(kernel)``
-    of the full one (1/9 for a padded 3x3 convolution on a 1x1 map)."""
+    (:func:`~.contraction.factor_contraction`) gives those taps; the others read only padding, so
+    their per-sample gradients are exactly zero, as the full contraction would give them. Cost: that
+    of the cropped kernel, ``prod(stop - start) / prod(kernel)`` of the full one (1/9 for a padded
+    3x3 convolution on a 1x1 map); :func:`~.contraction.accumulate_layer` adds the block into the
+    diagonal in place (no zero tensor of the full kernel, no pass over its dead taps)."""
     spatial = tuple(call.inputs.shape[2:])
     outputs = tuple(grad.shape[3:])
     taps = live_taps(call, kernel, spatial, outputs)
@@ -245,11 +250,23 @@ def cropped_squared_gradients(
     small = tuple(stop - start for start, stop in taps)
     cropped = dataclasses.replace(call, padding=tuple(padding))
     part = factor_contraction(LAYER_RULES[call.op], cropped, grad, signs, small)  # (G, O / G, C / G * small)
-    groups, per_group_out = part.shape[:2]
-    full = part.new_zeros(groups, per_group_out, call.inputs.shape[1] // call.groups, *kernel)
     index: tuple[Any, ...] = (Ellipsis,) + tuple(slice(start, stop) for start, stop in taps)
-    full[index] = part.reshape(*full.shape[:3], *small)
-    return full.reshape(groups, per_group_out, -1)
+    return part.reshape(*part.shape[:2], call.inputs.shape[1] // call.groups, *small), index
+
+
+def cropped_squared_gradients(
+    call: LayerCall, grad: Tensor, signs: Tensor, kernel: tuple[int, ...]
+) -> Optional[Tensor]:
+    r"""``sum_{n,k} sign_nk (dW_nk)^2`` as ``(G, O / G, C / G * prod(kernel))`` with the taps that read
+    only padding left out of the work (:func:`cropped_squared_gradient_block`, placed into zeros), or
+    ``None`` when every tap is live."""
+    block = cropped_squared_gradient_block(call, grad, signs, kernel)
+    if block is None:
+        return None
+    part, index = block
+    full = part.new_zeros(*part.shape[:3], *kernel)
+    full[index] = part
+    return full.reshape(part.shape[0], part.shape[1], -1)
 
 
 class ConvRule(LayerRule):
@@ -290,7 +307,14 @@ class ConvRule(LayerRule):
     ) -> Optional[Tensor]:
         if use_grouped_convolution(call.inputs.shape[1] // call.groups, grad):
             return grouped_squared_gradients(call, grad, signs, kernel)
-        return cropped_squared_gradients(call, grad, signs, kernel)
+        return None  # the crop of dead taps is squared_gradient_block's
+
+    def squared_gradient_block(
+        self, call: LayerCall, grad: Tensor, signs: Tensor, kernel: tuple[int, ...]
+    ) -> Optional[tuple[Tensor, tuple[Any, ...]]]:
+        if use_grouped_convolution(call.inputs.shape[1] // call.groups, grad):
+            return None  # the grouped kernel (squared_gradients) covers every tap at once
+        return cropped_squared_gradient_block(call, grad, signs, kernel)
 
 
 for _nd in (1, 2, 3):
