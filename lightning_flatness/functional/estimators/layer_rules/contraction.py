@@ -79,6 +79,10 @@ def accumulate_layer(
         return
     weight = leaves[call.weight]
     kernel = tuple(weight.shape[2:])
+    direct = rule.squared_gradients(call, grad, signs, kernel)
+    if direct is not None:
+        _add(diag, call.weight, direct.reshape(weight.shape))
+        return
     block = rule.squared_gradient_block(call, grad, signs, kernel)
     if block is not None:
         part, index = block
@@ -91,10 +95,6 @@ def accumulate_layer(
             full = part.new_zeros(*part.shape[:3], *kernel)
             full[index] = part
             target += full.reshape(weight.shape)
-        return
-    direct = rule.squared_gradients(call, grad, signs, kernel)
-    if direct is not None:
-        _add(diag, call.weight, direct.reshape(weight.shape))
         return
     _add(diag, call.weight, factor_contraction(rule, call, grad, signs, kernel).reshape(weight.shape))
 

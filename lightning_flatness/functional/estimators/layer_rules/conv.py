@@ -307,13 +307,11 @@ class ConvRule(LayerRule):
     ) -> Optional[Tensor]:
         if use_grouped_convolution(call.inputs.shape[1] // call.groups, grad):
             return grouped_squared_gradients(call, grad, signs, kernel)
-        return None  # the crop of dead taps is squared_gradient_block's
+        return None  # the crop of dead taps is squared_gradient_block's (tried next)
 
     def squared_gradient_block(
         self, call: LayerCall, grad: Tensor, signs: Tensor, kernel: tuple[int, ...]
     ) -> Optional[tuple[Tensor, tuple[Any, ...]]]:
-        if use_grouped_convolution(call.inputs.shape[1] // call.groups, grad):
-            return None  # the grouped kernel (squared_gradients) covers every tap at once
         return cropped_squared_gradient_block(call, grad, signs, kernel)
 
 
