@@ -187,3 +187,58 @@ def test_auto_sketches_big_networks_only():
     tiny_wide = nn.Sequential(nn.Linear(1024, 2), nn.ReLU(), nn.Linear(2, 48))
     assert choose_method(tiny_wide, F.cross_entropy, x, torch.tensor([1, 40])).method == "gauss_newton_sketch"
     assert choose_method(wide, F.mse_loss, x, torch.randn(2, 48)).method == "gauss_newton_mc"
+
+
+class _Reshaped(nn.Module):
+    """``x.reshape(N, -1)``: keeps the samples apart, but not an operation the static proof knows."""
+
+    def forward(self, x):
+        return x.reshape(x.shape[0], -1)
+
+
+class _BatchCentered(nn.Module):
+    """Subtracts the batch mean: every sample's output depends on every other sample."""
+
+    def forward(self, x):
+        return x - x.mean(dim=0, keepdim=True)
+
+
+def _probe_counting(monkeypatch) -> list[int]:
+    from lightning_flatness.functional.estimators import gauss_newton_sketch
+
+    calls: list[int] = []
+    original = gauss_newton_sketch.samples_interact
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gauss_newton_sketch, "samples_interact", counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "middle, probed, interact",
+    [
+        (nn.Flatten(), False, False),  # every operation provably per sample: no probe
+        (_Reshaped(), True, False),  # not proved: the probe runs and finds no interaction
+        (nn.Sequential(nn.Flatten(), _BatchCentered()), True, True),  # not proved, interaction found
+    ],
+    ids=["proved", "probed-apart", "probed-interacting"],
+)
+def test_interaction_probe_only_where_not_proved(monkeypatch, middle, probed, interact):
+    calls = _probe_counting(monkeypatch)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), middle, nn.Linear(3 * 16, 6)
+    ).double()
+    model.eval()
+    x, y = _data()
+    params = dict(model.named_parameters())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gauss_newton_sketch_diagonal(model, F.cross_entropy, x, y, params, generator=torch.Generator())
+    assert bool(calls) == probed
+    assert any("per-layer contractions do not apply" in str(w.message) for w in caught) == interact
+    if not interact:  # the per-layer path, still unbiased for the brute-force diagonal
+        assert _max_z(model, F.cross_entropy, x, y, 200, chunk_size=1) < 5.0

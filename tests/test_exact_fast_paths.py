@@ -71,9 +71,13 @@ class _Convs(nn.Module):
 @pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
 @pytest.mark.parametrize("dims", [1, 2])
 @pytest.mark.parametrize("loss_fn", [F.cross_entropy, normalized_softmax_cross_entropy], ids=["ce", "eq20"])
-def test_grouped_convolution_path_equals_brute_force(dims, loss_fn, monkeypatch):
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "per-sample-chunks"])
+def test_grouped_convolution_path_equals_brute_force(dims, loss_fn, chunked, monkeypatch):
     """Forced on for every convolution (float64 here; the default takes it for float32 only), with
-    unit signs (cross-entropy) and signed ones (eq. 20's indefinite loss Hessian)."""
+    unit signs (cross-entropy) and signed ones (eq. 20's indefinite loss Hessian), the samples in one
+    chunk or one per chunk."""
+    if chunked:
+        monkeypatch.setattr(conv, "GROUPED_CHUNK_ELEMENTS", 1)
     chosen = []
 
     def always(channels_per_group, grad):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from oracles import brute_force_hessian_diagonal
+from oracles import brute_force_ggn_diagonal, brute_force_hessian_diagonal
 from torch import nn
 
 import lightning_flatness.functional.estimators.layer_rules.contraction as contraction
@@ -195,3 +195,92 @@ def test_exact_diagonal_equals_brute_force_with_dead_taps():
     ref = brute_force_hessian_diagonal(model, F.cross_entropy, x, y, names)
     for name in names:
         torch.testing.assert_close(diag[name], ref[name], rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    "spatial, kernel, stride, padding, dilation, groups",
+    [
+        ((2, 2), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),  # ResNet-18 layer3 on CIFAR
+        ((4, 4), (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1), 2),  # stride 2, groups
+        ((3, 4), (2, 3), (1, 2), ((0, 1), (1, 0)), (1, 1), 1),  # asymmetric padding (a cropped kernel)
+        ((5, 5), (3, 2), (1, 1), ((2, 2), (0, 1)), (2, 1), 1),  # dilation, mixed padding
+        ((8, 8), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),  # 64 positions: the strided view
+    ],
+)
+def test_unfold_kernel_and_strided_view_give_the_same_columns(
+    spatial, kernel, stride, padding, dilation, groups, monkeypatch
+):
+    from lightning_flatness.functional.estimators.layer_rules import conv as conv_rule
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 4, *spatial, generator=g, dtype=torch.float64)
+    call = LayerCall(
+        "conv2d", "m", x, x, "w", None, stride=stride, padding=padding, dilation=dilation, groups=groups
+    )
+    monkeypatch.setattr(conv_rule, "UNFOLD_KERNEL_MAX_POSITIONS", 0)
+    view = conv_rule.unfold(x, call, kernel)
+    monkeypatch.setattr(conv_rule, "UNFOLD_KERNEL_MAX_POSITIONS", 10**9)
+    library = conv_rule.unfold(x, call, kernel)
+    assert library.shape == view.shape and torch.equal(library, view)
+    # independent: column p of sample n is the padded input patch the convolution reads at output p
+    xp = F.pad(x, (padding[1][0], padding[1][1], padding[0][0], padding[0][1]))
+    oh, ow = (
+        (xp.shape[2] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1,
+        (xp.shape[3] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1,
+    )
+    assert view.shape[-1] == oh * ow
+    for p in (0, oh * ow - 1):
+        i, j = divmod(p, ow)
+        rows = slice(i * stride[0], i * stride[0] + dilation[0] * (kernel[0] - 1) + 1, dilation[0])
+        cols = slice(j * stride[1], j * stride[1] + dilation[1] * (kernel[1] - 1) + 1, dilation[1])
+        patch = xp[:, :, rows, cols].reshape(3, groups, -1)
+        torch.testing.assert_close(view[..., p], patch, rtol=0, atol=0)
+
+
+class _TwiceOnOnePixel(nn.Module):
+    """One padded 3x3 convolution applied twice to a 1x1 map (8 dead taps; the second call's block is
+    added onto the first call's contribution), between a stride-2 convolution and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+        self.shared = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.down(x))
+        h = torch.relu(self.shared(h))
+        h = torch.relu(self.shared(h))
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("method", ["exact", "gauss_newton_sketch"])
+def test_dead_tap_blocks_add_onto_a_shared_weight(method):
+    torch.manual_seed(7)
+    model = _TwiceOnOnePixel().double().eval()
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(4, 2, 2, 2, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (4,), generator=g)
+    names = list(select_parameters(model, "all"))
+    params = dict(model.named_parameters())
+    ref = brute_force_ggn_diagonal(model, F.cross_entropy, x, y, names)
+    if method == "exact":  # the exact Gauss-Newton diagonal (a shared weight: not the Hessian's)
+        from lightning_flatness.functional.estimators.exact import gauss_newton_diagonal
+
+        diag = gauss_newton_diagonal(model, F.cross_entropy, x, y, params).diagonal
+        for name in names:
+            torch.testing.assert_close(diag[name], ref[name], rtol=1e-10, atol=1e-13)
+        return
+    # the sketch: the mean of many estimates against the brute-force Gauss-Newton diagonal
+    from lightning_flatness.functional.estimators.gauss_newton_sketch import gauss_newton_sketch_diagonal
+
+    gen = torch.Generator().manual_seed(9)
+    runs = [
+        gauss_newton_sketch_diagonal(model, F.cross_entropy, x, y, params, generator=gen) for _ in range(300)
+    ]
+    w = "shared.weight"
+    stack = torch.stack([r[w] for r in runs])
+    se = stack.std(dim=0) / 300**0.5
+    live = se > 0
+    assert live.sum() >= 8 and (stack[:, ~live] == 0).all() and (ref[w][~live] == 0).all()
+    assert ((stack.mean(dim=0) - ref[w])[live].abs() / se[live]).max() < 5.0

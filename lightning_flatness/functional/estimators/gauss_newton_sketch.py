@@ -50,9 +50,13 @@ cross-entropy, whose ``Lambda`` has no negative part) to the recorded layer outp
 contraction of :mod:`.layer_rules` (``B = 1``: per-sample squares or position pairs, about the flops of
 ``2 S`` weight gradients) or :func:`chunk_contraction` (one weight gradient per chunk and column,
 ``2 S N / B`` squares of every weight, instead of about ``K N`` for ``"exact"``: a memory-bound pass
-over all weights per sample and column). Whether samples interact is checked on the first
-:data:`INTERACTION_PROBE_SAMPLES` samples (:func:`samples_interact`), not with a probe column on the
-whole batch. ``B >= N``: ``2 S`` plain backward passes to the weights, for any graph. When samples
+over all weights per sample and column). Whether samples interact is proved from the recorded
+operations where they all keep the samples apart (Linear, Conv, pooling, eval-mode BatchNorm,
+elementwise operations: :func:`~.exact._keeps_samples_apart`, as for ``"exact"``); otherwise it is
+checked on the first :data:`INTERACTION_PROBE_SAMPLES` samples (:func:`samples_interact`: a forward
+and a backward of those samples, 21 ms of the 0.29 s of a batch of 64 on a CIFAR ResNet-18), not
+with a probe column on the whole batch.
+``B >= N``: ``2 S`` plain backward passes to the weights, for any graph. When samples
 interact (train-mode BatchNorm) or a weight is used outside Linear/Conv, one backward per chunk and
 column is taken instead (``2 S N / B`` passes, warned). No double backward anywhere. The base columns
 cost ``O(N K^3)`` for the exact factors (``K <= max_exact_outputs``), ``O(N K S)`` for the structured
@@ -255,6 +259,10 @@ def _diagonal_by_layers(
     n, c = logits.shape[0], columns.shape[2]
     vectors = columns.permute(2, 0, 1).reshape(c, *logits.shape)
     grads = _batched_backward(logits, [call.output for call in calls], vectors)
+    # zero-filled at the start on purpose: storing each first contribution as it is (no fill, no add)
+    # was measured slower on a CIFAR ResNet-18 (10-20 ms more per batch of 64 in page faults: the
+    # results then interleave with the temporaries in the heap, which the allocator hands back to the
+    # kernel and faults in again; benchmarks/results/bench_sketch_copies.md)
     diag = {name: torch.zeros_like(t) for name, t in leaves.items()}
     for call, g in zip(calls, grads):
         if g is None:
@@ -421,7 +429,9 @@ def gauss_newton_sketch_diagonal(
                 _diagonal_by_chunks(forward.logits, mixed, mixed_signs, forward.leaves, logits.shape[0]),
                 params,
             )
-        if not blockers:
+        if not blockers and not forward.recorder.samples_apart:
+            # the probe only where the recorded operations do not prove the samples apart
+            # (:func:`~.exact._keeps_samples_apart`: Linear, Conv, pooling, eval BatchNorm, elementwise)
             blockers = [
                 f"samples interact after {layer}" for layer in samples_interact(model, x, params, caller)
             ]

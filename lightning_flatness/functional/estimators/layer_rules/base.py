@@ -97,6 +97,14 @@ class LayerRule:
         kernel, or ``None`` to use the generic contractions of :mod:`.contraction` (the default)."""
         return None
 
+    def squared_gradient_block(
+        self, call: LayerCall, grad: Tensor, signs: Tensor, kernel: tuple[int, ...]
+    ) -> Optional[tuple[Tensor, tuple[Any, ...]]]:
+        """The same sum when it is zero outside a block: ``(block, index)`` with ``block`` the entries
+        ``index`` of the weight laid out as ``(G, O / G, I / prod(kernel), *kernel)``, added in place
+        (e.g. the taps of a convolution that read more than padding), or ``None`` (the default)."""
+        return None
+
 
 #: ``{op name: rule}``: the ops whose weights the per-layer contractions handle.
 LAYER_RULES: dict[str, LayerRule] = {}

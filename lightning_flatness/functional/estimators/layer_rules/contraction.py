@@ -8,9 +8,10 @@ Three evaluations, chosen by cost:
 - one position per sample (``Linear`` on ``(N, I)``): ``(g a^T)^2 = g^2 (a^2)^T``, so the columns
   are summed first and contracted in one matrix product;
 - a rule's own kernel where it has one (:meth:`~.base.LayerRule.squared_gradients`: convolutions
-  with few input channels, :func:`~.conv.grouped_squared_gradients`; convolutions with kernel taps
-  that read only padding, :func:`~.conv.cropped_squared_gradients`, which contract the live taps by
-  :func:`factor_contraction`);
+  with few input channels, :func:`~.conv.grouped_squared_gradients`; or a block of entries,
+  :meth:`~.base.LayerRule.squared_gradient_block`: convolutions with kernel taps that read only
+  padding, :func:`~.conv.cropped_squared_gradient_block`, which contracts the live taps by
+  :func:`factor_contraction`, added into the diagonal in place);
 - few positions: position pairs (:func:`position_pair_contraction`), no per-sample gradients;
 - else per-sample gradients in chunks of about ``CHUNK_ELEMENTS`` entries.
 """
@@ -81,6 +82,19 @@ def accumulate_layer(
     direct = rule.squared_gradients(call, grad, signs, kernel)
     if direct is not None:
         _add(diag, call.weight, direct.reshape(weight.shape))
+        return
+    block = rule.squared_gradient_block(call, grad, signs, kernel)
+    if block is not None:
+        part, index = block
+        if call.weight not in diag:
+            diag[call.weight] = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+        target = diag[call.weight]
+        if target.is_contiguous():  # the block is added where it lies, the rest untouched
+            target.view(*part.shape[:3], *kernel)[index] += part
+        else:
+            full = part.new_zeros(*part.shape[:3], *kernel)
+            full[index] = part
+            target += full.reshape(weight.shape)
         return
     _add(diag, call.weight, factor_contraction(rule, call, grad, signs, kernel).reshape(weight.shape))
 
