@@ -29,7 +29,7 @@ quantities stay local. The default, :data:`LOCAL`, holds all columns and reduces
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -421,14 +421,60 @@ def _solve_scaled(
     return z * free, accurate
 
 
+def preconditioned_cg(
+    matvec: Callable[[Tensor], Tensor],
+    rhs: Tensor,
+    precondition: Callable[[Tensor], Tensor],
+    residual_size: Callable[[Tensor], Tensor],
+    tol: Tensor,
+    max_steps: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Preconditioned conjugate gradients on ``P`` systems ``M u = rhs`` at once, from ``u = 0``.
+
+    ``matvec`` applies ``M`` and ``precondition`` an approximation of ``M^{-1}`` to ``(P, m)`` vectors;
+    a system is solved once ``residual_size(residual) <= tol`` (``(P,)``) for the recurrence's
+    residual (callers that need the true residual check it themselves). The flexible (Polak-Ribiere)
+    ``beta = r_new . (z_new - z) / (r . z)`` equals the classical one for a fixed linear preconditioner
+    in exact arithmetic and stays robust for an inexact one. A system whose curvature ``d . M d`` is
+    not positive (numerically semidefinite) is stopped and reported as failed. Cost per step: one
+    ``matvec``, one ``precondition`` and a few ``O(P m)`` vector operations; at most ``max_steps``.
+
+    Returns:
+        ``(u, solved, failed)``: the iterate and two ``(P,)`` bool masks.
+    """
+    u = torch.zeros_like(rhs)
+    res = rhs
+    z = precondition(res)
+    d = z
+    rz = (res * z).sum(1)
+    solved = residual_size(res) <= tol
+    failed = torch.zeros_like(solved)
+    for _ in range(max_steps):
+        if bool((solved | failed).all()):
+            break
+        q = matvec(d)
+        dq = (d * q).sum(1)
+        failed |= ~solved & ~(dq > 0)
+        alpha = torch.where(solved | failed, torch.zeros_like(dq), rz / dq.where(dq > 0, torch.ones_like(dq)))
+        u = u + alpha[:, None] * d
+        res_new = res - alpha[:, None] * q
+        solved |= residual_size(res_new) <= tol
+        z_new = precondition(res_new)
+        beta = (res_new * (z_new - z)).sum(1) / rz.where(rz != 0, torch.ones_like(rz))
+        d = z_new + beta[:, None] * d
+        res, z, rz = res_new, z_new, (res_new * z_new).sum(1)
+    return u, solved, failed
+
+
 def _conjugate_gradients(
     gs: Tensor, rhs: Tensor, free: Tensor, polish: Tensor, comm: ColumnReduction = LOCAL
 ) -> tuple[Tensor, Tensor]:
-    """Jacobi-preconditioned conjugate gradients on ``(I - Gs Gs^T) z = rhs`` (the scaled Schur system of
-    :func:`_direction`, positive definite on the ``free`` rows), float64, from ``z = 0``; and whether
-    each problem reached its tolerance: ``_REFINE_TOL`` (the true residual, checked at the end) for
-    the ``polish`` problems, ``_CG_FORCING`` for the others (an inexact Newton direction: every CG
-    iterate from 0 is a descent direction), both relative to ``||rhs||_inf``, within ``_MAX_CG`` steps.
+    """Jacobi-preconditioned conjugate gradients (:func:`preconditioned_cg`) on ``(I - Gs Gs^T) z = rhs``
+    (the scaled Schur system of :func:`_direction`, positive definite on the ``free`` rows), float64;
+    and whether each problem reached its tolerance: ``_REFINE_TOL`` (the true residual, checked at the
+    end) for the ``polish`` problems, ``_CG_FORCING`` for the others (an inexact Newton direction:
+    every CG iterate from 0 is a descent direction), both relative to ``||rhs||_inf``, within
+    ``_MAX_CG`` steps.
 
     Each step is two ``(m, n)`` matrix-vector products (``Gs^T d``, then ``Gs (Gs^T d)``, summed over
     the split columns): ``O(m n)`` against ``O(m^2 n)`` for forming the Schur complement. The
@@ -441,30 +487,14 @@ def _conjugate_gradients(
     (row_sq,) = comm.sum(torch.linalg.vector_norm(gs, dim=2).square())
     diag = 1.0 - row_sq
     inv_diag = torch.where(free & (diag > 0), 1.0 / diag.clamp_min(tiny), torch.zeros_like(diag))
-    z = torch.zeros_like(rhs)
-    res = rhs * mask
-    solved = res.abs().amax(dim=1) <= tol
-    failed = torch.zeros_like(solved)
-    pre = inv_diag * res
-    d = pre
-    rho = (res * pre).sum(1)
-    for _ in range(_MAX_CG):
-        if bool((solved | failed).all()):
-            break
-        q = (d - _gram_times(gs, d, comm)) * mask
-        dq = (d * q).sum(1)
-        failed |= ~solved & ~(dq > 0)  # numerically semidefinite: the factorisation decides
-        alpha = torch.where(
-            solved | failed, torch.zeros_like(dq), rho / dq.where(dq > 0, torch.ones_like(dq))
-        )
-        z = z + alpha[:, None] * d
-        res = res - alpha[:, None] * q
-        solved |= res.abs().amax(dim=1) <= tol
-        pre = inv_diag * res
-        rho_new = (res * pre).sum(1)
-        beta = rho_new / rho.where(rho != 0, torch.ones_like(rho))
-        d = pre + beta[:, None] * d
-        rho = rho_new
+    z, solved, failed = preconditioned_cg(
+        lambda d: (d - _gram_times(gs, d, comm)) * mask,
+        rhs * mask,
+        lambda res: inv_diag * res,
+        lambda res: res.abs().amax(dim=1),
+        tol,
+        _MAX_CG,
+    )
     # the recurrence's residual drifts from the true one: check the true residual where it matters
     if bool((solved & polish).any()):
         true = _residual(gs, rhs, z, comm) * mask

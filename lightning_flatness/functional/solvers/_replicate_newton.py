@@ -13,8 +13,8 @@ step; the one ``O(m^2 n)`` factorisation is shared by all replicates. Near the p
 Newton converges quadratically: one or two iterations certify a replicate, with the dual bound
 evaluated to fourth order in the step (:func:`_series_dual_bound`).
 
-Uses the private helpers ``_terms``, ``_objective``, ``BatchResult``, ``_REFINE_TOL`` and
-``_MAX_HALVINGS`` of :mod:`._newton`.
+Uses the private helpers ``_terms``, ``_objective``, ``BatchResult``, ``_REFINE_TOL``,
+``_MAX_HALVINGS`` and the conjugate-gradient loop ``preconditioned_cg`` of :mod:`._newton`.
 
 Same conventions as :mod:`._newton`: ``P`` problems over a leading dimension, coefficients scaled
 (the replicates with the pooled problem's scales), ``m <= n``, zero outside the components, which
@@ -35,6 +35,7 @@ from lightning_flatness.functional.solvers._newton import (
     BatchResult,
     _objective,
     _terms,
+    preconditioned_cg,
 )
 
 __all__ = ["replicate_newton"]
@@ -250,8 +251,8 @@ def _direction_pcg(
     right-hand side, as for the factorised solve of :mod:`._newton`).
 
     Eliminating ``p_y``: ``K p_x = -g_x + G (g_y / c)`` with ``K = diag(r) - G diag(1/c) G^T`` on the
-    free rows, solved by flexible preconditioned CG (``precondition``: the pooled ``Ks_0^{-1}`` in the
-    problem's Jacobi scaling);
+    free rows, solved by flexible preconditioned CG (:func:`._newton.preconditioned_cg`;
+    ``precondition``: the pooled ``Ks_0^{-1}`` in the problem's Jacobi scaling);
     ``p_y = -(g_y + G^T p_x) / c``. Cost per CG step: two ``(m, n)`` matrix-vector products per problem.
     """
     mask = free.to(gamma.dtype)
@@ -266,27 +267,14 @@ def _direction_pcg(
 
     rhs = (-gx + _times_col(gamma, gy * inv_c)) * mask
     tol = _REFINE_TOL * (rhs * jac).abs().amax(dim=1)
-    u = torch.zeros_like(rhs)
-    res = rhs
-    z = precondition(res, jac) * mask
-    d = z
-    rz = (res * z).sum(1)
-    solved = (res * jac).abs().amax(dim=1) <= tol
-    for _ in range(_MAX_CG):
-        if bool(solved.all()):
-            break
-        q = matvec(d)
-        dq = (d * q).sum(1)
-        alpha = torch.where(
-            solved | (dq <= 0), torch.zeros_like(dq), rz / dq.where(dq > 0, torch.ones_like(dq))
-        )
-        u = u + alpha[:, None] * d
-        res_new = res - alpha[:, None] * q
-        solved = solved | ((res_new * jac).abs().amax(dim=1) <= tol)
-        z_new = precondition(res_new, jac) * mask
-        beta = (res_new * (z_new - z)).sum(1) / rz.where(rz != 0, torch.ones_like(rz))
-        d = z_new + beta[:, None] * d
-        res, z, rz = res_new, z_new, (res_new * z_new).sum(1)
+    u, solved, _ = preconditioned_cg(
+        matvec,
+        rhs,
+        lambda res: precondition(res, jac) * mask,
+        lambda res: (res * jac).abs().amax(dim=1),
+        tol,
+        _MAX_CG,
+    )
     # the recurrence's residual drifts from the true one: check the true residual
     solved = solved & ((rhs - matvec(u)) * jac).abs().amax(dim=1).le(tol)
     px = u
