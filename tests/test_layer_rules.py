@@ -56,6 +56,15 @@ def _cnn() -> nn.Module:
     )
 
 
+def _assert_exact_equals_brute_force(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """``method="exact"`` over every parameter equals the float64 brute-force Hessian diagonal."""
+    names = list(select_parameters(model, "all"))
+    diag = hessian_diagonal(model, F.cross_entropy, x, y, method="exact", parameters="all")
+    ref = brute_force_hessian_diagonal(model, F.cross_entropy, x, y, names)
+    for name in names:
+        torch.testing.assert_close(diag[name], ref[name], rtol=1e-10, atol=1e-13)
+
+
 @pytest.mark.parametrize("pairs", [True, False], ids=["position_pairs", "per_sample"])
 def test_exact_diagonal_equals_brute_force_on_either_contraction_path(pairs, monkeypatch):
     monkeypatch.setattr(contraction, "use_position_pairs", lambda positions, inputs, k: pairs)
@@ -63,11 +72,7 @@ def test_exact_diagonal_equals_brute_force_on_either_contraction_path(pairs, mon
     g = torch.Generator().manual_seed(1)
     x = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64)
     y = torch.randint(0, 5, (6,), generator=g)
-    names = list(select_parameters(model, "all"))
-    diag = hessian_diagonal(model, F.cross_entropy, x, y, method="exact", parameters="all")
-    ref = brute_force_hessian_diagonal(model, F.cross_entropy, x, y, names)
-    for name in names:
-        torch.testing.assert_close(diag[name], ref[name], rtol=1e-10, atol=1e-13)
+    _assert_exact_equals_brute_force(model, x, y)
 
 
 def test_the_choice_takes_pairs_only_for_few_positions_and_wide_inputs():
@@ -190,11 +195,7 @@ def test_exact_diagonal_equals_brute_force_with_dead_taps():
     # 2x2 -> 1x1 -> 1x1: taps that read only padding in both convolutions
     x = torch.randn(5, 2, 2, 2, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (5,), generator=g)
-    names = list(select_parameters(model, "all"))
-    diag = hessian_diagonal(model, F.cross_entropy, x, y, method="exact", parameters="all")
-    ref = brute_force_hessian_diagonal(model, F.cross_entropy, x, y, names)
-    for name in names:
-        torch.testing.assert_close(diag[name], ref[name], rtol=1e-10, atol=1e-13)
+    _assert_exact_equals_brute_force(model, x, y)
 
 
 @pytest.mark.parametrize(
