@@ -54,7 +54,7 @@ over all weights per sample and column). Whether samples interact is proved from
 operations where they all keep the samples apart (Linear, Conv, pooling, eval-mode BatchNorm,
 elementwise operations: :func:`~.exact._keeps_samples_apart`, as for ``"exact"``); otherwise it is
 checked on the first :data:`INTERACTION_PROBE_SAMPLES` samples (:func:`samples_interact`: a forward
-and a backward of those samples, 21 ms of the 0.29 s of a batch of 64 on a CIFAR ResNet-18), not
+and a backward of those samples; its cost: ``benchmarks/results/bench_sketch_copies.md``), not
 with a probe column on the whole batch.
 ``B >= N``: ``2 S`` plain backward passes to the weights, for any graph. When samples
 interact (train-mode BatchNorm) or a weight is used outside Linear/Conv, one backward per chunk and
@@ -127,8 +127,8 @@ DEFAULT_NUM_SKETCHES = 1
 #: mixed (others: :data:`DEFAULT_NUM_SKETCHES`). Eq. 20 at many classes: each sample's Gauss-Newton
 #: diagonal has large ``+`` and ``-`` parts whose sum over samples nearly cancels at initialisation, so
 #: the mixing noise is large against the result and eq. 17 turns it into upward bias; 4 sketches (8
-#: backward columns, less than the Monte-Carlo estimator's 18) brought the bias near a few % on tiny
-#: 1,000-class networks (``benchmarks/results/bench_resnet18_1000.md``).
+#: backward columns, fewer than the Monte-Carlo estimator's 18) is the smallest count whose bias on tiny
+#: 1,000-class networks was within 5% (``benchmarks/results/bench_resnet18_1000.md``).
 DEFAULT_STRUCTURED_SKETCHES: dict[Callable[..., Tensor], int] = {normalized_softmax_cross_entropy: 4}
 #: Up to this many outputs per sample the exact factors of ``Lambda_n`` are mixed (no class sampling;
 #: ``O(K^3)`` per sample for losses without a closed form); above it the structured exact factors
@@ -260,9 +260,9 @@ def _diagonal_by_layers(
     vectors = columns.permute(2, 0, 1).reshape(c, *logits.shape)
     grads = _batched_backward(logits, [call.output for call in calls], vectors)
     # zero-filled at the start on purpose: storing each first contribution as it is (no fill, no add)
-    # was measured slower on a CIFAR ResNet-18 (10-20 ms more per batch of 64 in page faults: the
-    # results then interleave with the temporaries in the heap, which the allocator hands back to the
-    # kernel and faults in again; benchmarks/results/bench_sketch_copies.md)
+    # was measured slower on a CIFAR ResNet-18 (page faults: the results then interleave with the
+    # temporaries in the heap, which the allocator hands back to the kernel and faults in again;
+    # benchmarks/results/bench_sketch_copies.md)
     diag = {name: torch.zeros_like(t) for name, t in leaves.items()}
     for call, g in zip(calls, grads):
         if g is None:
@@ -280,8 +280,9 @@ def _diagonal_by_chunks(
 ) -> dict[str, Tensor]:
     """Any graph: one backward per (chunk, column) of ``sum_{n in b} v_nj^T f_n`` to the weights,
     squared (samples may interact: the gradient is still linear in the vector). Whole-batch vectors
-    (one chunk) go through a loop of plain backward passes, which beat a vmapped one (measured ~1.3x on
-    ResNet-18); more take vmapped passes of about ``_BATCHED_BACKWARD_ELEMENTS`` gradient entries."""
+    (one chunk) go through a loop of plain backward passes (faster than a vmapped one on ResNet-18
+    when the estimator was written; that timing is not among ``benchmarks/results``); more take
+    vmapped passes of about ``_BATCHED_BACKWARD_ELEMENTS`` gradient entries."""
     n, _, c = columns.shape
     m = -(-n // chunk_size)
     owner = torch.arange(n, device=logits.device) // chunk_size

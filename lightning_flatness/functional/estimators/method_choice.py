@@ -21,8 +21,7 @@ diagonal (not only its Gauss-Newton part) whenever that can be afforded, and mus
    sketch mixes the *exact* factors of the loss Hessian in their structured form
    (:func:`~lightning_flatness.functional.loss_hessian_factors.loss_hessian_structure`, ``O(N K)``), at
    a backward cost independent of ``K``; on tiny 1,000-class networks against the exact Gauss-Newton
-   diagonal it was far closer than the Monte-Carlo estimator (eq. 20: +3% to +5% with its default 4
-   sketches against +40% to +50%; cross-entropy: within 0.2% against -29% to -31%), and cheaper. Other
+   diagonal it was far closer than the Monte-Carlo estimator under both losses, and cheaper. Other
    losses and sequence outputs keep the Monte-Carlo estimator. Measured:
    ``benchmarks/results/bench_resnet18_cost.md``, ``bench_zoo_sketch_resnet.md`` and
    ``bench_resnet18_1000.md``.
