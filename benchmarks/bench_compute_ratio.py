@@ -13,6 +13,12 @@ certified to 1e-11, the value the metric reports). Cases:
   diagonal times ``1 + 0.5 N(0, 1)``: non-negative (``|h|``), and with 31% negative entries (clipped).
 - ``resnet18``: the 21 weight tensors of torchvision's ``resnet18(num_classes=10)`` (random weights),
   heavy-tailed curvature of the same kind.
+- ``resnet18_sketch``: the same network's curvature as the callback measures it at its defaults
+  (512 random images, the Gauss-Newton sketch, 8 batches of 64): units alive in one batch only.
+
+Each case runs ``compute()`` with the default ``jackknife="linearized"`` (leave-one-out values to
+first order at the pooled minimiser) and with ``jackknife="solved"`` (every replicate solved), and
+reports how far the linearized standard error is from the solved one (total, and the worst tensor).
 
 Timing: one intra-op thread; per case, ``--repeats`` interleaved pairs (pooled solves, then
 ``compute()``), process CPU time (the machine is shared), medians; the ratio is of the medians,
@@ -93,9 +99,51 @@ def resnet18_weights(seed: int) -> list[tuple[str, torch.Tensor]]:
     return [(k, p.detach().to(F64)) for k, p in model.named_parameters() if p.ndim >= 2]
 
 
+def resnet18_sketch_case(seed: int, quick: bool) -> tuple[dict, dict]:
+    """torchvision ResNet-18 (10 classes, random weights) on 512 random 3x32x32 images (64 in ``quick``),
+    curvature from what the callback runs at its defaults (``SharpnessMeasurement``: auto picks the
+    Gauss-Newton sketch here), one batch of 64 per replicate slot: the realistic hard case (units alive
+    in one batch only, large sampling noise)."""
+    from benchmarks.bench_callback_resnet18 import data, resnet18
+    from lightning_flatness.measure import SharpnessMeasurement
+
+    torch.manual_seed(seed)
+    model = resnet18(10).float().eval()
+    n, bs = (64, 8) if quick else (512, 64)
+    x, y = data(n, 10, seed)
+    m = SharpnessMeasurement(model, generator=torch.Generator().manual_seed(seed))
+    weights = {k: w.detach().to(F64) for k, w in m.weights.items() if w.ndim >= 2}
+    groups: dict = {k: [] for k in weights}
+    sizes = []
+    for start in range(0, n, bs):
+        est = m.estimate(x[start : start + bs], y[start : start + bs])
+        for k in weights:
+            groups[k].append(est.mean()[k].to(F64))
+        sizes.append(int(est.group_sizes.sum()))
+    return weights, {"groups": {k: torch.stack(v) for k, v in groups.items()}, "num_samples": sizes}
+
+
+def _stderr_agreement(linear: dict, solved: dict) -> dict:
+    """Relative difference of the linearized from the solved standard errors: total and worst tensor."""
+    keys = [k for k in solved if k.startswith("normalized_stderr/") and float(solved[k]) > 0]
+    per_tensor = [abs(float(linear[k]) / float(solved[k]) - 1) for k in keys]
+    return {
+        "stderr_solved": float(solved["normalized_stderr"]),
+        "stderr_linearized": float(linear["normalized_stderr"]),
+        "stderr_rel_diff_total": float(linear["normalized_stderr"]) / float(solved["normalized_stderr"]) - 1,
+        "stderr_rel_diff_worst_tensor": max(per_tensor, default=0.0),
+        "half_shift": float(solved["normalized_half_shift"]),
+    }
+
+
 def time_case(name: str, weights: dict, data: dict, repeats: int) -> dict:
-    metric = NormalizedSharpness({n: w.shape for n, w in weights.items()}, num_replicates=NUM_REPLICATES)
-    metric.update(data["groups"], weights, data["num_samples"])
+    shapes = {n: w.shape for n, w in weights.items()}
+    metrics = {
+        mode: NormalizedSharpness(shapes, num_replicates=NUM_REPLICATES, jackknife=mode)
+        for mode in ("linearized", "solved")
+    }
+    for metric in metrics.values():
+        metric.update(data["groups"], weights, data["num_samples"])
     counts = torch.as_tensor(data["num_samples"], dtype=F64)
     pooled = {
         n: torch.einsum("g,g...->...", counts, g.to(F64)) / counts.sum() for n, g in data["groups"].items()
@@ -105,34 +153,41 @@ def time_case(name: str, weights: dict, data: dict, repeats: int) -> dict:
         return [solve_normalized_sharpness(weights[n], pooled[n]) for n in weights]
 
     pooled_value = float(sum(sol.value for sol in solve()))
-    metric.compute()  # warm-up
-    t_pooled, t_compute = [], []
+    outs = {mode: metric.compute() for mode, metric in metrics.items()}  # warm-up
+    t_pooled: list[float] = []
+    t_compute: dict[str, list[float]] = {mode: [] for mode in metrics}
     for _ in range(repeats):  # interleaved; CPU time of this process (the machine is shared)
         start = time.process_time()
         solve()
         t_pooled.append(time.process_time() - start)
-        start = time.process_time()
-        out = metric.compute()
-        t_compute.append(time.process_time() - start)
-    p, c = statistics.median(t_pooled), statistics.median(t_compute)
+        for mode, metric in metrics.items():
+            start = time.process_time()
+            outs[mode] = metric.compute()
+            t_compute[mode].append(time.process_time() - start)
+    p = statistics.median(t_pooled)
+    c = {mode: statistics.median(t) for mode, t in t_compute.items()}
+    out = outs["linearized"]
     return {
         "case": name,
         "tensors": len(weights),
         "parameters": sum(w.numel() for w in weights.values()),
         "pooled_ms": p * 1e3,
-        "compute_ms": c * 1e3,
-        "ratio": c / p,
+        "compute_ms": c["linearized"] * 1e3,
+        "ratio": c["linearized"] / p,
+        "compute_solved_ms": c["solved"] * 1e3,
+        "ratio_solved": c["solved"] / p,
         "normalized": float(out["normalized"]),
         "normalized_of_pooled_solves": pooled_value,
         "normalized_stderr": float(out["normalized_stderr"]),
         "normalized_half_shift": float(out["normalized_half_shift"]),
+        **_stderr_agreement(out, outs["solved"]),
     }
 
 
 def main(argv=None) -> dict:
     p = base_parser(__doc__)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--cases", default="mlp,wrn16_4,wrn16_4_signed,resnet18")
+    p.add_argument("--cases", default="mlp,wrn16_4,wrn16_4_signed,resnet18,resnet18_sketch")
     args = p.parse_args(argv)
     setup(args)
     if args.quick:
@@ -151,6 +206,7 @@ def main(argv=None) -> dict:
         "mlp": lambda: mlp_case(args.seed, args.quick),
         "wrn16_4": lambda: synthetic_case(wrn, args.seed, signed=False),
         "wrn16_4_signed": lambda: synthetic_case(wrn, args.seed, signed=True),
+        "resnet18_sketch": lambda: resnet18_sketch_case(args.seed, args.quick),
         "resnet18": lambda: synthetic_case(
             [tuple(w.shape) for _, w in resnet18_weights(args.seed)][: 4 if args.quick else None],
             args.seed,
@@ -163,14 +219,25 @@ def main(argv=None) -> dict:
         weights, data = builders[name]()
         rows.append(time_case(name, weights, data, args.repeats))
         r = rows[-1]
-        print(f"{name}: pooled {r['pooled_ms']:.1f} ms, compute {r['compute_ms']:.1f} ms, {r['ratio']:.2f}x")
+        print(
+            f"{name}: pooled {r['pooled_ms']:.1f} ms, compute {r['compute_ms']:.1f} ms ({r['ratio']:.2f}x), "
+            f"solved replicates {r['compute_solved_ms']:.1f} ms ({r['ratio_solved']:.2f}x)"
+        )
     print("\nProcess CPU time, 1 thread, median of interleaved repeats:\n")
-    print("| case | tensors | parameters | one pooled solve | `compute()` (R = 8) | ratio |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| case | tensors | parameters | one pooled solve | `compute()`, linearized jackknife (default) "
+        "| ratio | `compute()`, solved replicates | ratio | s.e. solved / linearized (total, % of value) "
+        "| s.e. difference: total, worst tensor |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        v = r["normalized"]
         print(
             f"| {r['case']} | {r['tensors']} | {r['parameters']:,} | {r['pooled_ms']:.1f} ms "
-            f"| {r['compute_ms']:.1f} ms | {r['ratio']:.2f}x |"
+            f"| {r['compute_ms']:.1f} ms | {r['ratio']:.2f}x | {r['compute_solved_ms']:.1f} ms "
+            f"| {r['ratio_solved']:.2f}x | {100 * r['stderr_solved'] / v:.3f}% / "
+            f"{100 * r['stderr_linearized'] / v:.3f}% | {100 * r['stderr_rel_diff_total']:+.2f}%, "
+            f"{100 * r['stderr_rel_diff_worst_tensor']:.2f}% |"
         )
     results = {"rows": rows, "repeats": args.repeats}
     write_json(args.json, results)

@@ -71,11 +71,11 @@ def _wrap_compute_pieces(spent: dict[str, list[float]], wrap) -> None:
     wrap(nm, "replicate_newton", "replicate_newton")
     solve = nm._solve_reduced
 
-    def solve_reduced(a, b, rtol, max_iter, shape, start):
-        key = "pooled_solve" if start is None else "general_warm_solve"
+    def solve_reduced(a, b, rtol, max_iter, shape, start, *rest):
+        key = "cold_solve" if start is None else "general_warm_solve"
         t, c = time.perf_counter(), time.process_time()
         try:
-            return solve(a, b, rtol, max_iter, shape, start)
+            return solve(a, b, rtol, max_iter, shape, start, *rest)
         finally:
             w = spent.setdefault(key, [0.0, 0.0])
             w[0] += time.perf_counter() - t
@@ -143,7 +143,7 @@ def worker_resnet(step_repeats: int) -> dict[str, Any]:
             "compute": compute,
             "compute_pieces": {
                 k: spent.get(k, [0.0, 0.0])
-                for k in ("curvature", "pooled_solve", "general_warm_solve", "replicate_newton")
+                for k in ("curvature", "cold_solve", "general_warm_solve", "replicate_newton")
             },
             "normalized": float(values["normalized"]),
             "normalized_stderr": float(values["normalized_stderr"]),
@@ -195,7 +195,7 @@ def worker_mlp(repeats: int, train_steps: int = 300) -> dict[str, Any]:
         "compute_ms": 1e3 * statistics.median(computes),
         "compute_pieces_ms": {
             k: 1e3 * spent.get(k, [0.0, 0.0])[1] / repeats
-            for k in ("curvature", "pooled_solve", "general_warm_solve", "replicate_newton")
+            for k in ("curvature", "cold_solve", "general_warm_solve", "replicate_newton")
         },
         "normalized": float(values["normalized"]),
         "normalized_stderr": float(values["normalized_stderr"]),

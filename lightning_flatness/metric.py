@@ -19,7 +19,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import rank_zero_warn
 
 from lightning_flatness.functional.estimators.api import HessianDiagonalEstimate
-from lightning_flatness.functional.replicate_measures import replicate_sharpness_measures
+from lightning_flatness.functional.replicate_measures import JACKKNIFE_MODES, replicate_sharpness_measures
 
 __all__ = ["NormalizedSharpness", "all_finite", "all_reduce_sum"]
 
@@ -270,8 +270,9 @@ class NormalizedSharpness(Metric):
     your backend (``metric.to(device)``; NCCL needs CUDA tensors). Under DDP, rank ``k`` starts filling slot
     ``k mod R`` so that single-group updates of different ranks land in different slots.
     ``update`` costs ``O(G * numel)``; ``compute`` forms ``R' + 3`` means per tensor (pooled,
-    leave-one-out, two halves) and solves their eq. 17 problems as one batched, warm-started Newton
-    iteration. Arithmetic is float64 (not available on Apple MPS). The state is not in
+    leave-one-out, two halves), solves eq. 17 for the pooled mean and the halves as one cold batch
+    (alternating sweeps, then Newton), and takes the leave-one-out values to first order at the pooled
+    minimiser (``jackknife``). Arithmetic is float64 (not available on Apple MPS). The state is not in
     ``state_dict`` unless ``persistent(True)`` (torchmetrics' default); the layout always is (as
     extra state, checked on load), and with a persistent state the weight copy too, so a loaded
     metric can compute. ``compute_with_cache`` defaults to ``False`` (a loaded or merged state is
@@ -289,6 +290,14 @@ class NormalizedSharpness(Metric):
             ``lam ** -0.5``).
         num_replicates: number ``R >= 1`` of replicate slots for the jackknife (``R = 1``: no
             standard error, least memory).
+        jackknife: how the leave-one-out values of eq. 17 are obtained. ``"linearized"`` (default):
+            the infinitesimal jackknife, each replicate's eq. 17 objective at the pooled minimiser
+            (exact to first order in the replicate's deviation by Danskin's theorem, an upper bound
+            of its minimum; replicates where a unit comes alive or dies are solved); how closely
+            its standard error follows the solved one is measured in
+            ``benchmarks/results/linearized_jackknife.md``. ``"solved"``: every replicate solved and certified
+            to 1e-11 relative, several times the cost of the pooled solve. The values of the
+            measures, the half-shifts and the eq. 13 / eq. 5 standard errors are the same in both.
         kwargs: Additional keyword arguments of :class:`torchmetrics.Metric` (not ``dist_sync_fn``:
             the metric sets it to :func:`all_reduce_sum`; not ``dist_sync_on_step=True``).
 
@@ -320,6 +329,7 @@ class NormalizedSharpness(Metric):
         parameter_shapes: Optional[Mapping[str, Union[Sequence[int], Tensor]]] = None,
         lam: float = 0.5,
         num_replicates: int = 8,
+        jackknife: str = "linearized",
         **kwargs: Any,
     ) -> None:
         if kwargs.get("dist_sync_on_step"):
@@ -344,6 +354,12 @@ class NormalizedSharpness(Metric):
                 f"`num_replicates` must be a positive int (8 is a good default; 1 disables the "
                 f"standard error), got {num_replicates!r}."
             )
+        if jackknife not in JACKKNIFE_MODES:
+            raise ValueError(
+                f"`jackknife` must be 'linearized' (leave-one-out values of eq. 17 to first order at "
+                f"the pooled minimiser, the default) or 'solved' (every one solved and certified), "
+                f"got {jackknife!r}."
+            )
         layout = _layout_from_shapes(parameter_shapes)
         offsets = [0, *torch.tensor([shape.numel() for _, shape in layout]).cumsum(0).tolist()]
         shape = (int(num_replicates), offsets[-1] + 1)
@@ -353,6 +369,7 @@ class NormalizedSharpness(Metric):
         super().__init__(dist_sync_fn=functools.partial(all_reduce_sum, shape=shape), **kwargs)
         self.lam = float(lam)
         self.num_replicates = int(num_replicates)
+        self.jackknife = jackknife
         self._layout: Layout = layout
         self._offsets = offsets
         self._shape = shape
@@ -510,8 +527,8 @@ class NormalizedSharpness(Metric):
     def compute(self) -> dict[str, Tensor]:
         """Every measure on the pooled Hessian diagonal, its jackknife standard error and the sample count.
 
-        The ``R' + 3`` eq. 17 problems of each tensor (pooled, leave-one-out, two halves) are solved as
-        one batched Newton iteration warm-started from the pooled solution.
+        Eq. 17 for the pooled mean and the two halves of each tensor is solved as one cold batch; the
+        leave-one-out values follow ``jackknife`` (see the class docstring).
 
         Returns:
             Flat ``{key: 0-dim tensor}``: ``"normalized"``, ``"matrix_normalized"``, ``"hessian_trace"``,
@@ -534,7 +551,9 @@ class NormalizedSharpness(Metric):
             )
         device = self.accumulator.device
         weights = {n: w.to(device) for n, w in self._weights.items()}
-        out, used = replicate_sharpness_measures(weights, self.hessian_sums(), count, self.lam)
+        out, used = replicate_sharpness_measures(
+            weights, self.hessian_sums(), count, self.lam, self.jackknife
+        )
         out["num_samples"] = count.sum()
         if used < 2 and not self._warned_no_stderr:
             self._warned_no_stderr = True

@@ -160,7 +160,7 @@ def test_measurement_profile_quick_times_every_piece_of_compute(tmp_path):
     assert row["compute_ms"] > 0 and row["add_ms"] > 0
     assert _finite(row["normalized"], row["normalized_stderr"]) and row["normalized"] > 0
     pieces = row["compute_pieces_ms"]
-    assert set(pieces) == {"curvature", "pooled_solve", "general_warm_solve", "replicate_newton"}
-    assert pieces["curvature"] > 0 and pieces["pooled_solve"] > 0
+    assert set(pieces) == {"curvature", "cold_solve", "general_warm_solve", "replicate_newton"}
+    assert pieces["curvature"] > 0 and pieces["cold_solve"] > 0
     # nested timers, and the median of 2 computes is their mean: the pieces fit inside compute()
     assert sum(pieces.values()) <= 1.01 * row["compute_ms"]

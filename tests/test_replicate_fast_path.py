@@ -12,7 +12,6 @@ import lightning_flatness.functional.solvers.normalized as normalized_module
 from lightning_flatness.functional.replicate_measures import (
     jackknife_standard_error,
     replicate_curvature,
-    replicate_sharpness_measures,
     replicate_weights,
 )
 from lightning_flatness.functional.solvers import solve_normalized_sharpness_coefficients
@@ -66,14 +65,19 @@ def _count_certified(monkeypatch) -> list[int]:
 @pytest.mark.parametrize("clipped,dead", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("shape", [(64, 80), (96, 48, 3, 3)])  # m n >= _PRECONDITIONED_FROM
 def test_stderr_and_half_shift_of_the_fast_path_equal_converged_solves(shape, clipped, dead, monkeypatch):
+    """The warm-started batch of the solver's API (``warm_start=True``; the metric solves its batches
+    cold, ``replicate_measures._solve``): the jackknife and half shift of its values."""
     certified = _count_certified(monkeypatch)
     w, sums, counts = _slots(shape, clipped, seed=3 + len(shape), dead=dead)
-    out, used = replicate_sharpness_measures({"w": w}, {"w": sums}, counts, 0.5)
-    assert used == 8
+    a, _ = replicate_curvature(sums, replicate_weights(counts, list(range(8))), w.shape)
+    b = w.square().reshape(a.shape[1], a.shape[2], -1).sum(dim=2)
+    warm = torch.stack([s.value for s in solve_normalized_sharpness_coefficients(a, b, rtol=1e-11)])
     assert certified == [10]  # every replicate certified by the fast path, none by the general solver
     ref = _converged_values(w, sums, counts)
     se = jackknife_standard_error(ref[1:9])
     shift = ref[9:].mean() - ref[0]
+    out = {"normalized": warm[0], "normalized_stderr": jackknife_standard_error(warm[1:9])}
+    out["normalized_half_shift"] = warm[9:].mean() - warm[0]
     assert float(out["normalized"]) == pytest.approx(float(ref[0]), rel=1e-10)
     # both sides certified to 1e-11 relative: values within 2e-11 of each other, so the standard error
     # within sqrt((R-1)/R) ||e - mean e|| <= sqrt(R-1) 2e-11 max|value| and the shift within 4e-11 max|value|

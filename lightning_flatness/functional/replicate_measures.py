@@ -5,11 +5,14 @@ Given ``R`` replicate slots of summed estimates (slot ``r``: ``sum_g n_g diag_g`
 evaluated on ``P = R' + 3`` means of one shape per weight tensor: the pooled mean ``sum / N``, the
 ``R'`` leave-one-out means ``(sum - slot_r) / (N - N_r)`` of the non-empty slots, and the means of
 their even and odd halves. The ``(P, numel)`` means are never materialised: eq. 17's clipped
-kernel sums of all ``P`` come chunk by chunk from the slot sums (:func:`replicate_curvature`); the
-``P`` eq. 17 problems of a tensor are solved as one batched Newton iteration warm-started from the
-pooled solution (:func:`~lightning_flatness.functional.solvers.solve_normalized_sharpness_coefficients`:
-exact Newton steps preconditioned by the pooled problem's factorised system, no factorisation per
-replicate); eq. 13 and eq. 5 are closed forms, evaluated for all ``P`` at once.
+kernel sums of all ``P`` come chunk by chunk from the slot sums (:func:`replicate_curvature`). Eq. 17
+is solved for the pooled mean and the halves as one cold batch
+(:func:`~lightning_flatness.functional.solvers.solve_normalized_sharpness_coefficients`: alternating
+sweeps, then Newton, each problem certified); the leave-one-out values are, by default, the
+first-order values at the pooled minimiser
+(:mod:`~lightning_flatness.functional.solvers.linearized_replicates`), solved only where the first
+order does not hold (:func:`tensor_measures`); eq. 13 and eq. 5 are closed forms,
+evaluated for all ``P`` at once.
 """
 
 from __future__ import annotations
@@ -21,15 +24,23 @@ import torch
 from torch import Tensor
 
 from lightning_flatness.functional.measures import MEASURES, measure_totals
+from lightning_flatness.functional.solvers.linearized_replicates import (
+    linearizable,
+    objective_at_minimiser,
+)
 from lightning_flatness.functional.solvers.normalized import (
     intra_op_threads,
     solve_normalized_sharpness_coefficients,
 )
 
-__all__ = ["jackknife_standard_error", "replicate_sharpness_measures"]
+__all__ = ["JACKKNIFE_MODES", "jackknife_standard_error", "replicate_sharpness_measures"]
 
 POOLED_RTOL = 1e-11  # certified relative accuracy of the pooled value (the solver's default)
-REPLICATE_RTOL = 1e-11  # ... of the leave-one-out and half values (see tensor_measures)
+REPLICATE_RTOL = 1e-11  # ... of the solved leave-one-out and half values (see tensor_measures)
+JACKKNIFE_MODES = ("linearized", "solved")
+# largest |half shift| / ((R' - 1) jackknife s.e.) of a tensor whose leave-one-out values stay first-order
+# (above it they are solved): an estimate of the first order's relative error in the standard error
+LINEARIZATION_TOLERANCE = 0.05
 
 
 def jackknife_standard_error(leave_one_out: Tensor) -> Tensor:
@@ -159,45 +170,101 @@ def _dense_curvature(sums: Tensor, mix: Tensor, m: int, n: int, kernel: int) -> 
     return means.clamp_min(0).sum(dim=2).view(-1, m, n), means.sum(dim=(1, 2))
 
 
-def tensor_measures(weight: Tensor, sums: Tensor, mix: Tensor, lam: float) -> dict[str, Tensor]:
+def tensor_measures(
+    weight: Tensor, sums: Tensor, mix: Tensor, lam: float, jackknife: str = "linearized"
+) -> dict[str, Tensor]:
     """The three measures of one weight tensor for the ``P`` means ``mix @ sums``: ``{measure: (P,)}``.
 
-    Normalized sharpness (eq. 17) by the batched solver on the coefficient matrices (problem 0,
-    the pooled mean, cold; the others by Newton from its optimum with its factorised system as the
-    conjugate-gradient preconditioner; all certified to ``POOLED_RTOL = REPLICATE_RTOL = 1e-11``
-    relative). The replicates are certified as tightly as the pooled value: a tolerance relative to
-    their spread (e.g. 1e-6 of the leave-one-out standard deviation, which bounds the error of the
-    standard error by 1e-6 of it) saved little (``benchmarks/results/bench_compute_ratio.md``)
-    and would give up the 1e-10 agreement with fully converged solves that the tests check;
-    matrix-normalized sharpness (eq. 13) ``sqrt(||W||_F^2 sum max(h, 0))`` and the trace (eq. 5)
-    ``sum h`` in closed form.
+    Normalized sharpness (eq. 17): the pooled mean (problem 0) and the two halves (the last two
+    problems) by the batched solver, cold, in one batch, certified to ``POOLED_RTOL = 1e-11``
+    relative. The leave-one-out replicates (problems ``1..P-3``):
+
+    - ``jackknife="linearized"`` (default): the replicate's objective at the pooled minimiser,
+      ``V_0 + sum (A_r - A_0) (sigma_i sigma'_j)^2`` (first order in ``A_r - A_0``, Danskin's
+      theorem; an upper bound of the replicate's minimum;
+      :mod:`~lightning_flatness.functional.solvers.linearized_replicates`), for every replicate with
+      the pooled problem's component layout; the others (a unit alive or dead in one slot only)
+      are solved in the same batch. No Newton step for the linearized ones. The first
+      order misses about half each replicate's squared Newton decrement, whose mean is about
+      ``|half shift| / (R' - 1)`` (a leave-one-out mean deviates ``R' - 1`` times less in variance
+      from the pooled one than a half does); so where ``|half shift| > LINEARIZATION_TOLERANCE
+      (R' - 1) s.e.`` (0.05: a standard error possibly more than about 5% off), the tensor's
+      leave-one-out values are solved instead.
+    - ``jackknife="solved"``: every replicate solved in the batch, certified to ``REPLICATE_RTOL``.
+
+    The halves are always solved: their shift from the pooled value is the second-order (bias)
+    effect that a linearization would miss. Matrix-normalized sharpness (eq. 13)
+    ``sqrt(||W||_F^2 sum max(h, 0))`` and the trace (eq. 5) ``sum h`` in closed form for all ``P``.
 
     Args:
         weight: ``(m, n, *kernel)`` float64.
         sums: ``(R, numel)`` float64 slot sums.
-        mix: ``(P, R)`` (:func:`replicate_weights`).
+        mix: ``(P, R)`` (:func:`replicate_weights`: pooled, leave-one-out, halves).
         lam: ``lambda`` of eq. 17.
+        jackknife: ``"linearized"`` or ``"solved"``.
     """
     with intra_op_threads(sums.numel(), sums.device):  # few, memory-bound ops: no thread handoffs
         a, trace = replicate_curvature(sums, mix, weight.shape)
         square = weight.square().reshape(a.shape[1], a.shape[2], -1).sum(dim=2)  # ||W_ij||^2 over the kernel
         b = square / (2.0 * lam)
-        sols = solve_normalized_sharpness_coefficients(
-            a,
-            b,
-            shape=tuple(weight.shape),
-            rtol=POOLED_RTOL,
-            replicate_rtol=REPLICATE_RTOL,
-        )
+        normalized = _normalized_values(a, b, tuple(weight.shape), jackknife)
     return {
-        "normalized": torch.stack([s.value for s in sols]).to(sums.device),
+        "normalized": normalized.to(sums.device),
         "matrix_normalized": torch.sqrt(square.sum() * a.sum(dim=(1, 2))),
         "hessian_trace": trace,
     }
 
 
+def _normalized_values(a: Tensor, b: Tensor, shape: tuple, jackknife: str) -> Tensor:
+    """Eq. 17 of the ``P`` problems ``(a_p, b)`` (pooled, leave-one-out, halves): ``(P,)`` float64."""
+    num = a.shape[0]
+    loo = slice(1, num - 2)
+    linear = torch.zeros(num, dtype=torch.bool)
+    keep0 = None
+    if jackknife == "linearized" and num > 3:
+        same, keep0 = linearizable(a[loo], b, a[0])
+        linear[loo] = same.cpu()
+    if not bool(linear.any()):
+        return _solved_values(a, b, shape)
+    solved = (~linear).nonzero().squeeze(1).to(a.device)
+    rows = linear.nonzero().squeeze(1).to(a.device)
+    sols = _solve(a[solved], b, shape)
+    values = a.new_empty(num)
+    values[solved] = torch.stack([s.value for s in sols])
+    pooled = sols[0]
+    values[rows] = objective_at_minimiser(
+        a[rows], a[0], pooled.value, pooled.row_log_variance, pooled.col_log_variance, keep0
+    )
+    # the first order's own check: its error in the standard error is about |half shift| / (R' - 1)
+    replicates = num - 3
+    spread = jackknife_standard_error(values[loo])
+    shift = values[num - 2 :].mean() - values[0]
+    if bool(shift.abs() > LINEARIZATION_TOLERANCE * (replicates - 1) * spread):
+        values[loo] = _solved_values(a[loo], b, shape)
+    return values
+
+
+def _solve(a: Tensor, b: Tensor, shape: tuple) -> list:
+    """All problems as one cold batch (alternating sweeps, then Newton), certified to ``POOLED_RTOL``.
+
+    Cold, not warm-started from the pooled optimum: the sweeps bring every mean within one Newton
+    iteration of its optimum, where a start at the pooled optimum needs 2-4 damped Newton iterations for
+    a half or a leave-one-out mean, each a factorisation or conjugate-gradient solve
+    (``benchmarks/results/linearized_jackknife.md``)."""
+    assert POOLED_RTOL == REPLICATE_RTOL  # one tolerance for the batch
+    return solve_normalized_sharpness_coefficients(a, b, shape=shape, rtol=POOLED_RTOL, warm_start=False)
+
+
+def _solved_values(a: Tensor, b: Tensor, shape: tuple) -> Tensor:
+    return torch.stack([s.value for s in _solve(a, b, shape)])
+
+
 def replicate_sharpness_measures(
-    weights: Mapping[str, Tensor], sums: Mapping[str, Tensor], counts: Tensor, lam: float
+    weights: Mapping[str, Tensor],
+    sums: Mapping[str, Tensor],
+    counts: Tensor,
+    lam: float,
+    jackknife: str = "linearized",
 ) -> tuple[dict[str, Tensor], int]:
     """Every measure on the pooled mean, its jackknife standard error and its half-sample shift.
 
@@ -206,6 +273,9 @@ def replicate_sharpness_measures(
         sums: ``{name: (R, numel)}`` float64, slot ``r`` holding ``sum_g n_g * diag_g`` of its groups.
         counts: ``(R,)`` samples per slot (any numeric dtype).
         lam: ``lambda`` of eq. 17.
+        jackknife: how the leave-one-out values of eq. 17 are obtained: ``"linearized"`` (first order
+            at the pooled minimiser where exact to first order, solved elsewhere) or ``"solved"``
+            (every one solved); see :func:`tensor_measures`.
 
     Returns:
         The flat dict ``{key: 0-dim float64}`` with ``"<measure>"`` (sum over tensors; the trace over
@@ -224,11 +294,13 @@ def replicate_sharpness_measures(
         >>> used, round(out["hessian_trace"].item(), 6), round(out["hessian_trace_stderr"].item(), 6)
         (2, 0.6, 0.2)
     """
+    if jackknife not in JACKKNIFE_MODES:
+        raise ValueError(f"jackknife must be one of {JACKKNIFE_MODES}, got {jackknife!r}.")
     counts_f = counts.to(torch.float64)
     used = [int(r) for r in torch.nonzero(counts_f > 0).flatten().tolist()]
     mix = replicate_weights(counts_f, used)
     per_tensor = {
-        name: tensor_measures(weights[name], s, mix, lam)
+        name: tensor_measures(weights[name], s, mix, lam, jackknife)
         if weights[name].ndim >= 2
         else {"hessian_trace": mix @ s.sum(dim=1)}
         for name, s in sums.items()

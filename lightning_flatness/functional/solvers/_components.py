@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["component_layout"]
+__all__ = ["component_layout", "same_layout"]
 
 
 def component_layout(a: Tensor, b: Tensor) -> tuple[Optional[Tensor], Tensor]:
@@ -53,6 +53,18 @@ def component_layout(a: Tensor, b: Tensor) -> tuple[Optional[Tensor], Tensor]:
         keeps.append(keep)
         frees.append(free)
     return torch.stack(keeps), torch.stack(frees)
+
+
+def same_layout(keep: Optional[Tensor], free: Tensor, keep0: Optional[Tensor], free0: Tensor) -> Tensor:
+    """``(P,)`` bool: which of ``P`` problems (layout ``keep``, ``free`` from :func:`component_layout`) have
+    the components of a reference problem (``keep0`` ``(1, m, n)`` or None, ``free0`` ``(1, m)``): the
+    same rows, columns and entries in the same components, the same gauge rows."""
+    same = (free == free0).all(dim=1)
+    if keep is not None:
+        same &= (keep == (True if keep0 is None else keep0)).flatten(1).all(dim=1)
+    elif keep0 is not None:
+        same &= False
+    return same
 
 
 def _two_way_component(pos_a: Tensor, pos_b: Tensor) -> Optional[tuple[Tensor, Tensor]]:

@@ -78,7 +78,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from lightning_flatness.functional.solvers._components import component_layout
+from lightning_flatness.functional.solvers._components import component_layout, same_layout
 from lightning_flatness.functional.solvers._newton import alternating_sweeps, newton
 from lightning_flatness.functional.solvers._replicate_newton import replicate_newton
 from lightning_flatness.functional.solvers.matrix_normalized import _float64, _result_dtype, _to_result
@@ -495,11 +495,7 @@ def _solve_replicates(
     b0 = b[0]
     keep0, free0 = component_layout(a0[None], b0[None])
     keep, free = component_layout(a, b)
-    same = (free == free0).all(dim=1)
-    if keep is not None:
-        same &= (keep == (True if keep0 is None else keep0)).flatten(1).all(dim=1)
-    elif keep0 is not None:
-        same &= False
+    same = same_layout(keep, free, keep0, free0)
     if keep is not None and pooled.num_components == 1:
         # one component on both sides, inside the pooled one: the replicate's own reduced problem
         inside = ((keep0 if keep0 is not None else True) | ~keep).flatten(1).all(dim=1)

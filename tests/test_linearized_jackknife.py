@@ -1,0 +1,214 @@
+"""The infinitesimal jackknife of eq. 17 (``jackknife="linearized"``, the metric's default): each
+leave-one-out value is the replicate's objective at the pooled minimiser. Checked against the direct
+formula, the slope of independently solved minima (Danskin's theorem), fully solved replicates, and
+the fallbacks where the first order does not hold."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_flatness.functional.replicate_measures import (
+    jackknife_standard_error,
+    replicate_curvature,
+    replicate_sharpness_measures,
+    replicate_weights,
+    tensor_measures,
+)
+from lightning_flatness.functional.solvers import solve_normalized_sharpness_coefficients
+from lightning_flatness.functional.solvers.linearized_replicates import (
+    linearizable,
+    objective_at_minimiser,
+)
+
+F64 = torch.float64
+
+
+def _problem(m: int, n: int, seed: int, dead_row: bool = False):
+    """Heavy-tailed ``A`` (log-normal sigma 1.5) and ``B`` of one ``(m, n)`` tensor; ``dead_row``: row 0
+    without curvature (its ``B`` terms are driven to 0: an unattained infimum)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.exp(1.5 * torch.randn(m, n, generator=g, dtype=F64))
+    b = torch.exp(torch.randn(m, n, generator=g, dtype=F64))
+    if dead_row:
+        a[0] = 0.0
+    return a, b, g
+
+
+def _minimum(a: torch.Tensor, b: torch.Tensor):
+    return solve_normalized_sharpness_coefficients(a[None], b, rtol=1e-13, warm_start=False)[0]
+
+
+@pytest.mark.parametrize("dead_row", [False, True])
+def test_objective_at_minimiser_is_the_direct_formula_over_the_component(dead_row):
+    a0, b, g = _problem(7, 5, 0, dead_row)
+    a = a0[None] * torch.exp(0.3 * torch.randn((4, 7, 5), generator=g, dtype=F64))
+    if dead_row:
+        a[:, 0] = 0.0
+    same, keep0 = linearizable(a, b, a0)
+    assert bool(same.all())
+    assert (keep0 is not None) == dead_row
+    sol = _minimum(a0, b)
+    got = objective_at_minimiser(a, a0, sol.value, sol.row_log_variance, sol.col_log_variance, keep0)
+    rows = slice(1, None) if dead_row else slice(None)  # the dead row's terms are not in the infimum
+    s = torch.exp(sol.row_log_variance[rows, None] + sol.col_log_variance[None, :])
+    direct = (a[:, rows] * s + b[rows] / s).sum(dim=(1, 2))
+    torch.testing.assert_close(got, direct, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dead_row", [False, True])
+def test_first_order_slope_is_the_slope_of_independently_solved_minima(dead_row):
+    """Danskin's theorem: d/dt V(A0 + t D) at t = 0 is sum D exp(x*_i + y*_j), by central differences of
+    minima solved cold to 1e-13."""
+    a0, b, g = _problem(9, 6, 1, dead_row)
+    d = a0 * torch.randn(9, 6, generator=g, dtype=F64)
+    if dead_row:
+        d[0] = 0.0
+    sol = _minimum(a0, b)
+    slope = (
+        objective_at_minimiser(
+            (a0 + d)[None],
+            a0,
+            sol.value,
+            sol.row_log_variance,
+            sol.col_log_variance,
+            linearizable((a0 + d)[None], b, a0)[1],
+        )
+        - sol.value
+    )
+    t = 1e-4
+    central = (_minimum(a0 + t * d, b).value - _minimum(a0 - t * d, b).value) / (2 * t)
+    assert float(slope[0]) == pytest.approx(float(central), rel=1e-6)
+
+
+def test_linearized_values_bound_the_solved_ones_from_above_with_a_second_order_gap():
+    a0, b, g = _problem(12, 8, 2)
+    d = a0 * 0.5 * torch.randn(12, 8, generator=g, dtype=F64)
+    sol = _minimum(a0, b)
+    gaps = []
+    for t in (0.2, 0.1, 0.05):
+        a = (a0 + t * d).clamp_min(0)[None]
+        linear = objective_at_minimiser(a, a0, sol.value, sol.row_log_variance, sol.col_log_variance, None)
+        solved = _minimum(a[0], b).value
+        assert float(linear[0]) >= float(solved) * (
+            1 - 1e-12
+        )  # an achieved value of the replicate's objective
+        gaps.append(float(linear[0] - solved))
+    # second order: halving the deviation quarters the gap
+    assert gaps[0] / gaps[1] == pytest.approx(4.0, rel=0.15)
+    assert gaps[1] / gaps[2] == pytest.approx(4.0, rel=0.15)
+
+
+def _slot_sums(shape, seed, noise, num_slots=8):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g, dtype=F64)
+    h = torch.exp(torch.randn(shape, generator=g, dtype=F64))
+    groups = h[None] * (1 + noise * torch.randn((num_slots, *shape), generator=g, dtype=F64))
+    counts = torch.full((num_slots,), 4.0, dtype=F64)
+    return w, (groups * 4.0).reshape(num_slots, -1), counts
+
+
+def _solved(w, sums, counts):
+    """Every mean (pooled, leave-one-out, halves) solved cold and certified to 1e-11."""
+    mix = replicate_weights(counts, list(range(counts.numel())))
+    a, _ = replicate_curvature(sums, mix, w.shape)
+    b = w.square().reshape(a.shape[1], a.shape[2], -1).sum(dim=2)
+    return (
+        a,
+        b,
+        torch.stack([s.value for s in solve_normalized_sharpness_coefficients(a, b, warm_start=False)]),
+    )
+
+
+def test_pooled_value_and_halves_are_solved_and_leave_one_out_values_are_first_order():
+    w, sums, counts = _slot_sums((10, 6), 3, noise=0.3)
+    a, b, solved = _solved(w, sums, counts)
+    mix = replicate_weights(counts, list(range(8)))
+    got = tensor_measures(w, sums, mix, 0.5)["normalized"]
+    torch.testing.assert_close(got[0], solved[0], rtol=1e-10, atol=0)
+    torch.testing.assert_close(got[9:], solved[9:], rtol=1e-10, atol=0)  # the halves
+    sol = _minimum(a[0], b)
+    expected = objective_at_minimiser(
+        a[1:9], a[0], sol.value, sol.row_log_variance, sol.col_log_variance, None
+    )
+    # the first-order value moves with the minimiser by (A_r - A_0) times its error, which the value's
+    # certificate bounds only by its square root: compared to 1e-7
+    torch.testing.assert_close(got[1:9], expected, rtol=1e-7, atol=0)
+    assert bool((got[1:9] >= solved[1:9] * (1 - 1e-10)).all())
+    se_linear, se_solved = jackknife_standard_error(got[1:9]), jackknife_standard_error(solved[1:9])
+    assert float(se_linear) == pytest.approx(float(se_solved), rel=0.05)
+    assert float(se_linear) > 1e-3 * float(solved[0])  # a real spread
+
+
+def test_a_replicate_that_loses_a_unit_is_solved():
+    """Row 0 has curvature in slot 5 only: its leave-one-out replicate has a smaller component, where
+    the minimum is not differentiable, and must be solved."""
+    w, sums, counts = _slot_sums((6, 5), 4, noise=0.2)
+    sums.view(8, 6, 5)[:, 0] = 0.0
+    sums.view(8, 6, 5)[5, 0] = 3.0
+    a, b, solved = _solved(w, sums, counts)
+    same, _ = linearizable(a[1:9], b, a[0])
+    assert same.tolist() == [True] * 5 + [False] + [True] * 2
+    got = tensor_measures(w, sums, replicate_weights(counts, list(range(8))), 0.5)["normalized"]
+    torch.testing.assert_close(got[6], solved[6], rtol=1e-10, atol=0)
+    assert not math.isclose(float(got[1]), float(solved[1]), rel_tol=1e-10)  # the others first order
+
+
+def test_strongly_nonlinear_tensors_fall_back_to_solved_replicates():
+    """Noise as large as the curvature: the half shift says the first order is off (|shift| > 0.05 (R-1)
+    s.e.), so every leave-one-out value is solved and the standard error is the solved jackknife's."""
+    w, sums, counts = _slot_sums((10, 6), 5, noise=3.0)
+    _, _, solved = _solved(w, sums, counts)
+    shift = solved[9:].mean() - solved[0]
+    assert float(shift.abs()) > 0.05 * 7 * float(jackknife_standard_error(solved[1:9]))
+    out, _ = replicate_sharpness_measures({"w": w}, {"w": sums}, counts, 0.5)
+    assert float(out["normalized_stderr"]) == pytest.approx(
+        float(jackknife_standard_error(solved[1:9])), rel=1e-9
+    )
+
+
+def test_linearized_standard_error_follows_the_solved_one_on_an_exact_mlp_diagonal():
+    """Realistic curvature: an MLP on separable data after 200 SGD steps, exact Hessian diagonals of
+    eq. 20 in 8 groups of 32 samples."""
+    from lightning_flatness.functional import hessian_diagonal_groups, normalized_softmax_cross_entropy
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 12, dtype=F64)
+    y = (x[:, :4].argmax(dim=1) + (x[:, 4] > 1).long()) % 4
+    model = torch.nn.Sequential(
+        torch.nn.Linear(12, 32),
+        torch.nn.ReLU(),
+        torch.nn.Linear(32, 24),
+        torch.nn.ReLU(),
+        torch.nn.Linear(24, 4),
+    ).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(200):
+        idx = torch.arange(step * 32, step * 32 + 32) % 512
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    est = hessian_diagonal_groups(
+        model, normalized_softmax_cross_entropy, x[:256], y[:256], method="exact", num_groups=8
+    )
+    weights = {k: p.detach() for k, p in model.named_parameters() if p.ndim >= 2}
+    counts = est.group_sizes.to(F64)
+    sums = {k: (est.groups[k] * counts.view(-1, 1, 1)).reshape(8, -1) for k in weights}
+    outs = {
+        mode: replicate_sharpness_measures(weights, sums, counts, 0.5, jackknife=mode)[0]
+        for mode in ("linearized", "solved")
+    }
+    assert outs["linearized"]["normalized"] == outs["solved"]["normalized"]
+    assert outs["linearized"]["normalized_half_shift"] == outs["solved"]["normalized_half_shift"]
+    for key in ["normalized_stderr", *(f"normalized_stderr/{k}" for k in weights)]:
+        assert float(outs["linearized"][key]) == pytest.approx(float(outs["solved"][key]), rel=0.05), key
+    assert float(outs["solved"]["normalized_stderr"]) > 0.005 * float(outs["solved"]["normalized"])
+
+
+def test_unknown_jackknife_mode_is_rejected():
+    w, sums, counts = _slot_sums((3, 2), 6, noise=0.1)
+    with pytest.raises(ValueError, match="jackknife must be one of"):
+        replicate_sharpness_measures({"w": w}, {"w": sums}, counts, 0.5, jackknife="exact")
