@@ -162,6 +162,16 @@ def test_bench_compute_ratio_quick_times_the_value_it_reports():
     for r in rows:
         assert r["normalized"] == pytest.approx(r["normalized_of_pooled_solves"], rel=1e-10)
         assert r["normalized_stderr"] > 0 and r["pooled_ms"] > 0 and r["compute_ms"] > 0
+        assert r["compute_solved_ms"] > 0 and r["stderr_solved"] > 0
+        assert r["stderr_linearized"] == r["normalized_stderr"]
+
+
+def test_bench_cold_vs_warm_quick_times_every_batch():
+    from benchmarks import bench_cold_vs_warm
+
+    rows = bench_cold_vs_warm.main(["--quick", "--cases", "wrn16_4_signed"])["rows"]
+    keys = {"pooled", "pooled_and_halves_warm", "pooled_and_halves_cold", "all_warm", "all_cold"}
+    assert keys <= set(rows[0]) and all(rows[0][k]["ms"] > 0 for k in keys)
 
 
 def test_replicates_the_fast_path_leaves_uncertified_are_finished_by_the_general_solver(monkeypatch):
