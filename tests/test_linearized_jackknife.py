@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from lightning_flatness.functional import replicate_measures
 from lightning_flatness.functional.replicate_measures import (
     jackknife_standard_error,
     replicate_curvature,
@@ -47,15 +48,20 @@ def test_objective_at_minimiser_is_the_direct_formula_over_the_component(dead_ro
     a = a0[None] * torch.exp(0.3 * torch.randn((4, 7, 5), generator=g, dtype=F64))
     if dead_row:
         a[:, 0] = 0.0
-    same, keep0 = linearizable(a, b, a0)
-    assert bool(same.all())
-    assert (keep0 is not None) == dead_row
+    covered, keep = linearizable(a, b, a0)
+    assert bool(covered.all())
+    assert (keep is not None) == dead_row
     sol = _minimum(a0, b)
-    got = objective_at_minimiser(a, a0, sol.value, sol.row_log_variance, sol.col_log_variance, keep0)
+    got = objective_at_minimiser(a, b, sol.row_log_variance, sol.col_log_variance, keep)
     rows = slice(1, None) if dead_row else slice(None)  # the dead row's terms are not in the infimum
     s = torch.exp(sol.row_log_variance[rows, None] + sol.col_log_variance[None, :])
     direct = (a[:, rows] * s + b[rows] / s).sum(dim=(1, 2))
     torch.testing.assert_close(got, direct, rtol=1e-12, atol=0)
+    # at the pooled coefficients: the pooled minimum
+    at_pooled = objective_at_minimiser(
+        a0[None], b, sol.row_log_variance, sol.col_log_variance, None if keep is None else keep[:1]
+    )
+    torch.testing.assert_close(at_pooled[0], sol.value, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("dead_row", [False, True])
@@ -67,17 +73,12 @@ def test_first_order_slope_is_the_slope_of_independently_solved_minima(dead_row)
     if dead_row:
         d[0] = 0.0
     sol = _minimum(a0, b)
-    slope = (
-        objective_at_minimiser(
-            (a0 + d)[None],
-            a0,
-            sol.value,
-            sol.row_log_variance,
-            sol.col_log_variance,
-            linearizable((a0 + d)[None], b, a0)[1],
-        )
-        - sol.value
-    )
+    keep = linearizable(a0[None], b, a0)[1]  # the pooled component (the slope is linear in D)
+    at = [
+        objective_at_minimiser(c[None], b, sol.row_log_variance, sol.col_log_variance, keep)
+        for c in (a0, a0 + d)
+    ]
+    slope = at[1] - at[0]
     t = 1e-4
     central = (_minimum(a0 + t * d, b).value - _minimum(a0 - t * d, b).value) / (2 * t)
     assert float(slope[0]) == pytest.approx(float(central), rel=1e-6)
@@ -90,7 +91,7 @@ def test_linearized_values_bound_the_solved_ones_from_above_with_a_second_order_
     gaps = []
     for t in (0.2, 0.1, 0.05):
         a = (a0 + t * d).clamp_min(0)[None]
-        linear = objective_at_minimiser(a, a0, sol.value, sol.row_log_variance, sol.col_log_variance, None)
+        linear = objective_at_minimiser(a, b, sol.row_log_variance, sol.col_log_variance, None)
         solved = _minimum(a[0], b).value
         assert float(linear[0]) >= float(solved) * (
             1 - 1e-12
@@ -130,9 +131,7 @@ def test_pooled_value_and_halves_are_solved_and_leave_one_out_values_are_first_o
     torch.testing.assert_close(got[0], solved[0], rtol=1e-10, atol=0)
     torch.testing.assert_close(got[9:], solved[9:], rtol=1e-10, atol=0)  # the halves
     sol = _minimum(a[0], b)
-    expected = objective_at_minimiser(
-        a[1:9], a[0], sol.value, sol.row_log_variance, sol.col_log_variance, None
-    )
+    expected = objective_at_minimiser(a[1:9], b, sol.row_log_variance, sol.col_log_variance, None)
     # the first-order value moves with the minimiser by (A_r - A_0) times its error, which the value's
     # certificate bounds only by its square root: compared to 1e-7
     torch.testing.assert_close(got[1:9], expected, rtol=1e-7, atol=0)
@@ -142,18 +141,42 @@ def test_pooled_value_and_halves_are_solved_and_leave_one_out_values_are_first_o
     assert float(se_linear) > 1e-3 * float(solved[0])  # a real spread
 
 
-def test_a_replicate_that_loses_a_unit_is_solved():
-    """Row 0 has curvature in slot 5 only: its leave-one-out replicate has a smaller component, where
-    the minimum is not differentiable, and must be solved."""
+def test_a_replicate_that_loses_a_unit_takes_its_objective_restricted_to_its_component():
+    """Row 0 has curvature in slot 5 only: its leave-one-out replicate drops the unit (its component is
+    a part of the pooled one). Its first-order value is its objective over its own component at the
+    pooled minimiser: an upper bound of its solved minimum, close to it."""
     w, sums, counts = _slot_sums((6, 5), 4, noise=0.2)
     sums.view(8, 6, 5)[:, 0] = 0.0
     sums.view(8, 6, 5)[5, 0] = 3.0
     a, b, solved = _solved(w, sums, counts)
-    same, _ = linearizable(a[1:9], b, a[0])
-    assert same.tolist() == [True] * 5 + [False] + [True] * 2
+    covered, keep = linearizable(a[1:9], b, a[0])
+    assert bool(covered.all())
+    assert keep is not None and not bool(keep[5, 0].any()) and bool(keep[4, 0].all())
+    got = tensor_measures(w, sums, replicate_weights(counts, list(range(8))), 0.5)["normalized"]
+    sol = _minimum(a[0], b)
+    s = torch.exp(sol.row_log_variance[1:, None] + sol.col_log_variance[None, :])
+    direct = (a[6, 1:] * s + b[1:] / s).sum()  # row 0 (the dropped unit) out
+    assert float(got[6]) == pytest.approx(float(direct), rel=1e-7)
+    assert float(solved[6]) <= float(got[6]) <= float(solved[6]) * 1.01
+
+
+def test_a_replicate_where_a_unit_comes_alive_is_solved(monkeypatch):
+    """Row 0's curvature sums to a negative pooled value (clipped: dead), but leaving out slot 5, its
+    only negative slot, makes it positive: the replicate has a unit the pooled problem lacks, where the
+    minimum has infinite slope. That replicate is solved; the others are first order (with the
+    half-shift check off: a unit dead in one half and alive in the other trips it)."""
+    monkeypatch.setattr(replicate_measures, "LINEARIZATION_TOLERANCE", math.inf)
+    w, sums, counts = _slot_sums((6, 5), 7, noise=0.2)
+    row = sums.view(8, 6, 5)[:, 0]
+    row[:] = 1.0
+    row[5] = -20.0
+    a, b, solved = _solved(w, sums, counts)
+    assert bool((a[0, 0] == 0).all()) and bool((a[6, 0] > 0).all())
+    covered, _ = linearizable(a[1:9], b, a[0])
+    assert covered.tolist() == [True] * 5 + [False] + [True] * 2
     got = tensor_measures(w, sums, replicate_weights(counts, list(range(8))), 0.5)["normalized"]
     torch.testing.assert_close(got[6], solved[6], rtol=1e-10, atol=0)
-    assert not math.isclose(float(got[1]), float(solved[1]), rel_tol=1e-10)  # the others first order
+    assert not math.isclose(float(got[1]), float(solved[1]), rel_tol=1e-10)
 
 
 def test_strongly_nonlinear_tensors_fall_back_to_solved_replicates():

@@ -183,8 +183,9 @@ def tensor_measures(
       ``V_0 + sum (A_r - A_0) (sigma_i sigma'_j)^2`` (first order in ``A_r - A_0``, Danskin's
       theorem; an upper bound of the replicate's minimum;
       :mod:`~lightning_flatness.functional.solvers.linearized_replicates`), for every replicate with
-      the pooled problem's component layout; the others (a unit alive or dead in one slot only)
-      are solved in the same batch. No Newton step for the linearized ones. The first
+      the pooled problem's component layout or one component inside it (units that die without
+      the left-out slot drop out); the others (e.g. a unit that comes alive) are solved in the
+      same batch. No Newton step for the linearized ones. The first
       order misses about half each replicate's squared Newton decrement, whose mean is about
       ``|half shift| / (R' - 1)`` (a leave-one-out mean deviates ``R' - 1`` times less in variance
       from the pooled one than a half does); so where ``|half shift| > LINEARIZATION_TOLERANCE
@@ -220,10 +221,10 @@ def _normalized_values(a: Tensor, b: Tensor, shape: tuple, jackknife: str) -> Te
     num = a.shape[0]
     loo = slice(1, num - 2)
     linear = torch.zeros(num, dtype=torch.bool)
-    keep0 = None
+    keep = None
     if jackknife == "linearized" and num > 3:
-        same, keep0 = linearizable(a[loo], b, a[0])
-        linear[loo] = same.cpu()
+        covered, keep = linearizable(a[loo], b, a[0])
+        linear[loo] = covered.cpu()
     if not bool(linear.any()):
         return _solved_values(a, b, shape)
     solved = (~linear).nonzero().squeeze(1).to(a.device)
@@ -233,7 +234,11 @@ def _normalized_values(a: Tensor, b: Tensor, shape: tuple, jackknife: str) -> Te
     values[solved] = torch.stack([s.value for s in sols])
     pooled = sols[0]
     values[rows] = objective_at_minimiser(
-        a[rows], a[0], pooled.value, pooled.row_log_variance, pooled.col_log_variance, keep0
+        a[rows],
+        b,
+        pooled.row_log_variance,
+        pooled.col_log_variance,
+        None if keep is None else keep[rows - 1],
     )
     # the first order's own check: its error in the standard error is about |half shift| / (R' - 1)
     replicates = num - 3

@@ -25,10 +25,15 @@ infinitesimal jackknife of the jackknife literature (Jaeckel 1972; Efron 1982, c
 delta method with the exact gradient.
 
 This holds where the replicate has the pooled problem's component layout (same rows and columns
-in the same components, same entries inside them). Elsewhere ``V`` is not differentiable along
-the replicate's direction: a unit that comes alive in a replicate adds a term ``2 sqrt(A_ij B_ij)``
-with infinite slope at ``A_ij = 0``, and a unit that dies changes ``A`` by 100% on its row. Such
-replicates are found by :func:`linearizable` and must be solved.
+in the same components, same entries inside them). It extends to a replicate whose single component
+lies inside the pooled one (a unit whose curvature came from the left-out slot only, dead in the
+replicate): its infimum drops that unit's terms (its variance runs off), and the family "the
+unit's terms scaled by ``t``" is smooth down to ``t = 0`` (the unit's optimal variance depends on the
+ratio of its ``B`` and ``A`` terms only), so the replicate's objective restricted to its own component
+and evaluated at the pooled minimiser is again an achieved value, above the minimum by a term second
+order in the change (the dropped terms plus ``A' - A``). A unit that comes alive in a replicate
+(outside the pooled component) is not covered: its term ``2 sqrt(A_ij B_ij)`` has infinite slope at
+``A_ij = 0``. :func:`linearizable` tells the replicates apart; the others must be solved.
 
 Cost: :func:`linearizable` is :func:`~._components.component_layout` of the ``P`` replicates
 (``O(P m n)`` in the usual case); :func:`objective_at_minimiser` one ``(m, n)`` exponential and one
@@ -49,7 +54,10 @@ __all__ = ["linearizable", "objective_at_minimiser"]
 
 
 def linearizable(a: Tensor, b: Tensor, a0: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-    """Which replicate problems ``(a_p, b)`` have the component layout of the pooled ``(a0, b)``.
+    """Which replicate problems ``(a_p, b)`` the first order covers, and their component entries.
+
+    Covered: the component layout of the pooled ``(a0, b)``, or (pooled problem with one component)
+    a single component inside the pooled one.
 
     Args:
         a: ``(P, m, n)`` non-negative float64 replicate coefficients ``A``.
@@ -57,45 +65,48 @@ def linearizable(a: Tensor, b: Tensor, a0: Tensor) -> tuple[Tensor, Optional[Ten
         a0: ``(m, n)`` the pooled ``A``.
 
     Returns:
-        ``(P,)`` bool, and the pooled problem's entries inside a component, ``(m, n)`` bool (None when
-        every entry is: one component with every row and column, the usual case).
+        ``(P,)`` bool, and each replicate's entries inside its component(s), ``(P, m, n)`` bool (None
+        when every entry of every replicate is: one component with every row and column, the usual
+        case).
     """
     transposed = a.shape[1] > a.shape[2]  # closures cost O(m^2 n): the smaller side as rows
     if transposed:
         a, b, a0 = a.transpose(1, 2), b.T, a0.T
     keep0, free0 = component_layout(a0[None], b[None])
     keep, free = component_layout(a, b[None].expand_as(a))
-    same = same_layout(keep, free, keep0, free0)
-    if keep0 is None:
-        return same, None
-    return same, keep0[0].T if transposed else keep0[0]
+    covered = same_layout(keep, free, keep0, free0)
+    pooled_one = int((~free0 & (keep0.any(dim=2) if keep0 is not None else True)).sum()) == 1
+    if keep is not None and pooled_one:
+        inside = ((keep0 if keep0 is not None else True) | ~keep).flatten(1).all(dim=1)
+        inside &= (keep.any(dim=2) & ~free).sum(dim=1) == 1
+        covered |= inside
+    if keep is None:
+        return covered, None
+    return covered, keep.transpose(1, 2) if transposed else keep
 
 
 def objective_at_minimiser(
     a: Tensor,
-    a0: Tensor,
-    value0: Tensor,
+    b: Tensor,
     row_log_variance: Tensor,
     col_log_variance: Tensor,
-    keep0: Optional[Tensor],
+    keep: Optional[Tensor],
 ) -> Tensor:
-    """``S_{a_p}(x*, y*) = V(a0) + sum_{keep0} (a_p - a0) exp(x*_i + y*_j)`` for each replicate ``p``.
+    """``S_{a_p}(x*, y*)`` over each replicate's component entries: ``sum_keep a_p e^(x*+y*) + b e^-(x*+y*)``.
 
     Args:
-        a: ``(P, m, n)`` replicate coefficients ``A`` (each with the layout of ``a0``:
-            :func:`linearizable`).
-        a0: ``(m, n)`` the pooled ``A``.
-        value0: the pooled minimum ``V(a0)``.
+        a: ``(P, m, n)`` replicate coefficients ``A`` (covered by :func:`linearizable`).
+        b: ``(m, n)`` the shared ``B``.
         row_log_variance, col_log_variance: ``(m,)``, ``(n,)`` the pooled minimiser (NaN outside
             every component), as in
             :class:`~lightning_flatness.functional.solvers.NormalizedSharpnessSolution`.
-        keep0: the pooled entries inside a component (:func:`linearizable`), or None for all.
+        keep: ``(P, m, n)`` each replicate's component entries (:func:`linearizable`), or None for all.
 
     Returns:
         ``(P,)`` float64, an upper bound of each replicate's minimum, equal to it to first order.
     """
     x, y = row_log_variance.nan_to_num(0.0), col_log_variance.nan_to_num(0.0)
     variance = torch.exp(x[:, None] + y[None, :])  # (sigma_i sigma'_j)^2 of the pooled minimiser
-    if keep0 is not None:
-        variance = variance.masked_fill(~keep0, 0.0)
-    return value0 + torch.einsum("pmn,mn->p", a - a0, variance)
+    if keep is None:
+        return torch.einsum("pmn,mn->p", a, variance) + (b / variance).sum()
+    return torch.where(keep, a * variance + b / variance, 0.0).sum(dim=(1, 2))
