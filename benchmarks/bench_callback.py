@@ -122,11 +122,11 @@ def fit(
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     trainer.fit(module, train, val)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     history = callbacks[0].history if monitor is not None else []
-    return {"seconds": seconds, "steps": trainer.global_step, "history": history}
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "steps": trainer.global_step, "history": history}
 
 
 def compare(
@@ -143,10 +143,14 @@ def compare(
     monitor = dict(monitor or {})
     fit(name, 1, 4, monitor, seed, logdir)  # warm-up: imports, first-call costs of both code paths
     without, with_, histories = [], [], []
+    cpu_without, cpu_with = [], []
     for _ in range(repeats):
-        without.append(fit(name, epochs, steps, None, seed, logdir)["seconds"])
+        base = fit(name, epochs, steps, None, seed, logdir)
+        without.append(base["seconds"])
+        cpu_without.append(base["cpu_seconds"])
         run = fit(name, epochs, steps, monitor, seed, logdir)
         with_.append(run["seconds"])
+        cpu_with.append(run["cpu_seconds"])
         histories.append(run["history"])
         total_steps = run["steps"]
     t0, t1 = statistics.median(without), statistics.median(with_)
@@ -166,6 +170,11 @@ def compare(
         "seconds_without": t0,
         "seconds_with": t1,
         "overhead": t1 / t0 - 1,
+        # process CPU time (one process, one intra-op thread, no loader workers): less exposed to the
+        # other jobs of a shared machine than wall time
+        "cpu_seconds_without": statistics.median(cpu_without),
+        "cpu_seconds_with": statistics.median(cpu_with),
+        "overhead_cpu": statistics.median(cpu_with) / statistics.median(cpu_without) - 1,
         "eval_seconds": eval_seconds,
         "eval_in_steps": eval_seconds / step_seconds,
         "added_seconds_per_eval": per_eval,
@@ -177,6 +186,8 @@ def compare(
         "rel_stderr_max": max(rel_stderr),
         "all_without": without,
         "all_with": with_,
+        "all_cpu_without": cpu_without,
+        "all_cpu_with": cpu_with,
     }
 
 
