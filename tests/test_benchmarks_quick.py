@@ -164,3 +164,14 @@ def test_measurement_profile_quick_times_every_piece_of_compute(tmp_path):
     assert pieces["curvature"] > 0 and pieces["cold_solve"] > 0
     # nested timers, and the median of 2 computes is their mean: the pieces fit inside compute()
     assert sum(pieces.values()) <= 1.01 * row["compute_ms"]
+
+
+def test_bench_callback_mlp_parts_quick_times_every_configuration():
+    from benchmarks import bench_callback_mlp_parts
+
+    rows = bench_callback_mlp_parts.main(["--quick"])["rows"]
+    assert [r["config"] for r in rows] == list(bench_callback_mlp_parts.CONFIGS)
+    assert rows[0]["overhead_cpu"] == 0.0
+    assert all(r["step_seconds"] > 0 and r["validation_seconds_per_epoch"] > 0 for r in rows)
+    # the measurement runs inside validation: every configuration with the callback spends more there
+    assert all(r["validation_seconds_per_epoch"] > rows[0]["validation_seconds_per_epoch"] for r in rows[1:])

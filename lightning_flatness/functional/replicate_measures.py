@@ -186,7 +186,7 @@ def tensor_measures(
       the pooled problem's component layout or one component inside it (units that die without
       the left-out slot drop out); the others (e.g. a unit that comes alive) are solved in the
       same batch. No Newton step for the linearized ones. The first
-      order misses about half each replicate's squared Newton decrement, whose mean is about
+      order misses about half of each replicate's squared Newton decrement, whose mean is about
       ``|half shift| / (R' - 1)`` (a leave-one-out mean deviates ``R' - 1`` times less in variance
       from the pooled one than a half does); so where ``|half shift| > LINEARIZATION_TOLERANCE
       (R' - 1) s.e.`` (0.05: a standard error possibly more than about 5% off), the tensor's

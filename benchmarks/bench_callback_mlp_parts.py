@@ -1,0 +1,123 @@
+"""Where the callback's overhead on the paper's MLP goes: configurations and training-step time.
+
+Fits the paper's MLP on MNIST-1D (``benchmarks.bench_callback.fit``: 3 epochs of 390 steps of batch
+128, Adam, TensorBoard logger), interleaved over ``--repeats`` rounds, in four configurations: no
+callback, ``SharpnessMonitor()`` at its defaults, with ``log_per_layer=False`` and with
+``log_images=False``. A timing callback added in front records the process CPU time of every
+training step (``on_train_batch_start`` to ``on_train_batch_end``) and of every validation
+(``on_validation_start`` to ``on_validation_end``, which holds the measurement and its logging).
+Reports per configuration the median fit CPU time and overhead, the summed step time, the median
+step after the first epoch, and the validation time per epoch. One intra-op thread.
+
+    python -m benchmarks.bench_callback_mlp_parts --json benchmarks/results/bench_callback_mlp_parts.json
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from benchmarks.bench_callback import _lightning, fit
+from benchmarks.bench_callback_resnet18 import EPOCH_STEPS
+from benchmarks.bench_solver import machine
+from benchmarks.common import base_parser, setup, write_json
+
+CONFIGS: dict[str, Any] = {
+    "no callback": None,
+    "defaults": {},
+    "log_per_layer=False": {"log_per_layer": False},
+    "log_images=False": {"log_images": False},
+}
+
+
+def _timer_class():
+    pl = _lightning()
+
+    class StepTimer(pl.Callback):
+        def __init__(self) -> None:
+            self.steps: list[float] = []
+            self.validations: list[float] = []
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            self._step = time.process_time()
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            self.steps.append(time.process_time() - self._step)
+
+        def on_validation_start(self, *args: Any) -> None:
+            self._validation = time.process_time()
+
+        def on_validation_end(self, *args: Any) -> None:
+            self.validations.append(time.process_time() - self._validation)
+
+    return StepTimer
+
+
+def timed_fit(monitor: Any, epochs: int, steps: int, logdir: str) -> dict[str, float]:
+    """One fit with a StepTimer in front of the trainer's callbacks (patched into ``Trainer.__init__``)."""
+    pl = _lightning()
+    timer = _timer_class()()
+    original = pl.Trainer.__init__
+
+    def init(self, *args: Any, callbacks: Any = None, **kwargs: Any) -> None:
+        original(self, *args, callbacks=[timer, *(callbacks or [])], **kwargs)
+
+    pl.Trainer.__init__ = init
+    try:
+        run = fit("mlp", epochs, steps, monitor, 0, logdir)
+    finally:
+        pl.Trainer.__init__ = original
+    return {
+        "cpu_seconds": run["cpu_seconds"],
+        "step_seconds": sum(timer.steps),
+        "median_step_after_first_epoch": statistics.median(timer.steps[steps:] or timer.steps),
+        "validation_seconds_per_epoch": sum(timer.validations) / max(len(timer.validations), 1),
+    }
+
+
+def main(argv=None) -> dict:
+    p = base_parser(__doc__)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    setup(args)
+    epochs, steps = (2, 20) if args.quick else (3, EPOCH_STEPS)
+    repeats = 1 if args.quick else args.repeats
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in CONFIGS}
+    with tempfile.TemporaryDirectory() as logdir:
+        for monitor in CONFIGS.values():  # warm-up: imports, first calls
+            fit("mlp", 1, 4, monitor, 0, logdir)
+        for _ in range(repeats):
+            for name, monitor in CONFIGS.items():
+                runs[name].append(timed_fit(monitor, epochs, steps, logdir))
+    base = statistics.median(r["cpu_seconds"] for r in runs["no callback"])
+    rows = []
+    for name, rs in runs.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        rows.append({"config": name, **med, "overhead_cpu": med["cpu_seconds"] / base - 1, "runs": rs})
+    given = list(argv if argv is not None else sys.argv[1:])
+    print(f"Command: `python -m benchmarks.bench_callback_mlp_parts {' '.join(given)}`  ")
+    print(f"Machine: {machine()}; torch {torch.__version__}; 1 thread; load {os.getloadavg()[0]:.1f}\n")
+    print(
+        f"| configuration | fit (CPU s, median of {repeats}) | overhead | training steps (s) "
+        "| median step after epoch 1 (ms) | validation per epoch (ms) |"
+    )
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['config']} | {r['cpu_seconds']:.3f} | {r['overhead_cpu']:.1%} | {r['step_seconds']:.3f} "
+            f"| {1e3 * r['median_step_after_first_epoch']:.3f} "
+            f"| {1e3 * r['validation_seconds_per_epoch']:.1f} |"
+        )
+    results = {"rows": rows, "repeats": repeats, "epochs": epochs, "steps": steps}
+    write_json(args.json, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
