@@ -164,8 +164,9 @@ def test_a_replicate_where_a_unit_comes_alive_is_solved(monkeypatch):
     """Row 0's curvature sums to a negative pooled value (clipped: dead), but leaving out slot 5, its
     only negative slot, makes it positive: the replicate has a unit the pooled problem lacks, where the
     minimum has infinite slope. That replicate is solved; the others are first order (with the
-    half-shift check off: a unit dead in one half and alive in the other trips it)."""
+    tensor-level checks off: a unit dead in one half and alive in the other trips them)."""
     monkeypatch.setattr(replicate_measures, "LINEARIZATION_TOLERANCE", math.inf)
+    monkeypatch.setattr(replicate_measures, "LINEARIZATION_MAX_RELATIVE_SPREAD", math.inf)
     w, sums, counts = _slot_sums((6, 5), 7, noise=0.2)
     row = sums.view(8, 6, 5)[:, 0]
     row[:] = 1.0
@@ -235,3 +236,21 @@ def test_unknown_jackknife_mode_is_rejected():
     w, sums, counts = _slot_sums((3, 2), 6, noise=0.1)
     with pytest.raises(ValueError, match="jackknife must be one of"):
         replicate_sharpness_measures({"w": w}, {"w": sums}, counts, 0.5, jackknife="exact")
+
+
+def test_replicates_far_from_the_pooled_mean_are_solved(monkeypatch):
+    """A first-order standard error above 10% of the value (few samples per slot): the tensor's
+    leave-one-out values are solved, whatever the half shift says (that check is off here)."""
+    monkeypatch.setattr(replicate_measures, "LINEARIZATION_TOLERANCE", math.inf)
+    w, sums, counts = _slot_sums((10, 6), 8, noise=0.2)
+    sums *= torch.exp(
+        1.5 * torch.randn(8, 1, generator=torch.Generator().manual_seed(1), dtype=F64)
+    )  # per slot
+    _, _, solved = _solved(w, sums, counts)
+    mix = replicate_weights(counts, list(range(8)))
+    assert float(jackknife_standard_error(solved[1:9])) > 0.1 * float(solved[0])
+    got = tensor_measures(w, sums, mix, 0.5)["normalized"]
+    torch.testing.assert_close(got, solved, rtol=1e-10, atol=0)
+    monkeypatch.setattr(replicate_measures, "LINEARIZATION_MAX_RELATIVE_SPREAD", math.inf)
+    first_order = tensor_measures(w, sums, mix, 0.5)["normalized"]
+    assert bool((first_order[1:9] > solved[1:9] * (1 + 1e-9)).all())  # upper bounds, not solved

@@ -88,7 +88,8 @@ def _hand_jackknife(weights, groups, num_replicates, lam=0.5, linearized=False):
                     weights[n], mean[n].numpy(), sol.row_log_variance, sol.col_log_variance, lam
                 )
         loo.append(rep)
-    if linearized and len(used) >= 2:  # the documented check: |half shift| > 0.05 (R' - 1) s.e. -> solved
+    if linearized and len(used) >= 2:  # the documented checks: |half shift| > 0.05 (R' - 1) s.e. or
+        # s.e. > 0.1 value -> solved
         halves = []
         for half in (used[0::2], used[1::2]):
             mean = {n: torch.from_numpy(sum(sums[r][n] for r in half) / counts[half].sum()) for n in names}
@@ -98,7 +99,7 @@ def _hand_jackknife(weights, groups, num_replicates, lam=0.5, linearized=False):
             linear = np.array([rep[f"normalized_linear/{n}"] for rep in loo])
             spread = math.sqrt((len(used) - 1) / len(used) * np.sum((linear - linear.mean()) ** 2))
             shift = (halves[0][key].item() + halves[1][key].item()) / 2 - values[key]
-            if abs(shift) <= 0.05 * (len(used) - 1) * spread:
+            if abs(shift) <= 0.05 * (len(used) - 1) * spread and spread <= 0.1 * values[key]:
                 for rep in loo:
                     rep[key] = rep[f"normalized_linear/{n}"]
         for rep in loo:
