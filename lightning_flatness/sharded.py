@@ -43,7 +43,8 @@ This module measures through the FSDP module itself:
    rows, transposed; a wide one as blocks of whole columns, exchanged with one ``all_to_all_single``
    per diagonal (``1/P`` of the tensor in and out). Each problem starts cold (alternating sweeps:
    on ReLU-MLP diagonals one Newton step then certifies, where a warm start from the pooled
-   solution took 6-9), certified to ``1e-11`` (pooled) and ``1e-9`` (the others, as the metric).
+   solution took 6-9), certified to ``POOLED_RTOL`` and ``REPLICATE_RTOL`` (both ``1e-11``, as the
+   metric).
    Gathered whole instead, one diagonal at a time next to the whole weight, and solved as before
    (:func:`~lightning_flatness.functional.sharpness_measures`; the tensors are named in
    :attr:`ShardedSharpnessMeasurement.gathered_solves`): a tall weight of which some rank holds no
@@ -53,9 +54,14 @@ This module measures through the FSDP module itself:
    1-D tensors (biases) have the trace alone, from the same all-reduced sums. The totals are sums over
    tensors, so the jackknife of the total (delete-one over slots) and the half-shift are assembled
    from the per-tensor values; the result has the keys of ``NormalizedSharpness.compute()`` and is
-   identical on every rank. Every leave-one-out value is solved: the standard errors are those of
-   ``NormalizedSharpness(jackknife="solved")``, not of the metric's default first-order
-   (``"linearized"``) replicates.
+   identical on every rank. The leave-one-out values of eq. 17 follow ``jackknife`` as in the metric
+   (:func:`~lightning_flatness.functional.replicate_measures.tensor_measures`): by default each
+   replicate's objective at the pooled minimiser, as split sums over the ranks (one all-reduce per
+   replicate) or on the gathered tensor, where the replicate keeps the pooled component or a part of
+   it, and solved otherwise or when the tensor's half shift or relative spread says the first order is
+   off. (One rare case is solved here where the unsharded metric may take the first order: zero
+   weights with everywhere-positive pooled curvature and a replicate that is not; its components
+   would need the transitive closure.)
 
 **Values** equal those of the unsharded model over the same samples (the tests: 1e-6 relative in
 float32, 1e-9 in float64, with 2 and 4 gloo processes). **Memory per rank**: the FSDP shard, the
@@ -66,9 +72,10 @@ a weight and one diagonal for a gathered one); the solver's ``(m, n)`` workspace
 per rank (measured: ``benchmarks/results/bench_sharded_memory_issue10.md``). **Cost per batch**:
 one forward and one ``K``-column batched backward pass through the FSDP module (two all-gathers of
 the model, module by module), one all-reduce of each measured weight's size; per measurement and
-weight tensor ``R + 3`` eq. 17 solves, each ``1/P`` of the ``O(m n)`` passes per Newton iteration on
-every rank plus the ``O(min(m, n)^3)`` factor of the Schur complement on every rank, and about 15
-small all-reduces and one of ``min(m, n)^2`` float32 per iteration.
+weight tensor up to ``R + 3`` eq. 17 solves (3 where every leave-one-out value is first order),
+each ``1/P`` of the ``O(m n)`` passes per Newton iteration on every rank plus the
+``O(min(m, n)^3)`` factor of the Schur complement on every rank, and about 15 small all-reduces
+and one of ``min(m, n)^2`` float32 per iteration; one all-reduce per first-order replicate.
 
 **Assumptions**: every rank calls :meth:`~ShardedSharpnessMeasurement.add` the same number of times
 (each call runs collectives, as FSDP's own forward does; a rank with fewer samples passes empty
@@ -91,13 +98,21 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_flatness.batch_split import split_batch as default_split_batch
+from lightning_flatness.functional import replicate_measures
 from lightning_flatness.functional.estimators.exact import _loss_factors
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
-from lightning_flatness.functional.measures import MEASURES, measure_totals, sharpness_measures
+from lightning_flatness.functional.measures import MEASURES, measure_totals
 from lightning_flatness.functional.model_io import call_model, inputs_batch_size
 from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
-from lightning_flatness.functional.replicate_measures import POOLED_RTOL, REPLICATE_RTOL
+from lightning_flatness.functional.replicate_measures import (
+    JACKKNIFE_MODES,
+    POOLED_RTOL,
+    REPLICATE_RTOL,
+    jackknife_standard_error,
+)
+from lightning_flatness.functional.solvers import solve_normalized_sharpness
 from lightning_flatness.functional.solvers.column_split import GroupColumnReduction, solve_split_coefficients
+from lightning_flatness.functional.solvers.linearized_replicates import linearizable, objective_at_minimiser
 
 __all__ = ["ShardedSharpnessMeasurement", "is_sharded", "measure_sharpness_sharded"]
 
@@ -192,6 +207,8 @@ class ShardedSharpnessMeasurement:
         lam: the ``lambda`` of eq. 17.
         num_replicates: replicate slots of the jackknife (batch ``b`` of every rank goes to slot
             ``b mod num_replicates``).
+        jackknife: ``"linearized"`` (default) or ``"solved"``, as for
+            :class:`~lightning_flatness.metric.NormalizedSharpness`.
 
     Example (run on every rank of the process group; the tests use 2 and 4 gloo processes)::
 
@@ -212,6 +229,7 @@ class ShardedSharpnessMeasurement:
         parameters: ParameterSelection = None,
         lam: float = 0.5,
         num_replicates: int = 8,
+        jackknife: str = "linearized",
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
@@ -221,6 +239,9 @@ class ShardedSharpnessMeasurement:
             )
         if not isinstance(num_replicates, int) or num_replicates < 1:
             raise ValueError(f"num_replicates must be a positive int, got {num_replicates!r}.")
+        if jackknife not in JACKKNIFE_MODES:
+            raise ValueError(f"jackknife must be one of {JACKKNIFE_MODES}, got {jackknife!r}.")
+        self.jackknife = jackknife
         self.model = model
         self.loss_fn: LossFn = normalized_softmax_cross_entropy if loss_fn is None else loss_fn
         self.lam = float(lam)
@@ -260,6 +281,9 @@ class ShardedSharpnessMeasurement:
         self.largest_whole_tensor = 0
         #: the tensors whose eq. 17 solve gathered them whole in the last ``compute()`` (module docstring)
         self.gathered_solves: set[str] = set()
+        #: per weight tensor, how many leave-one-out values of eq. 17 the last ``compute()`` took to first
+        #: order (the others were solved)
+        self.first_order_replicates: dict[str, int] = {}
 
     # -- estimate -----------------------------------------------------------------------------------
 
@@ -361,22 +385,23 @@ class ShardedSharpnessMeasurement:
         used = [int(r) for r in torch.nonzero(self.count > 0).flatten().tolist()]
         halves = [used[0::2], used[1::2]]
         self.gathered_solves = set()
+        self.first_order_replicates = {}
         out: dict[str, Tensor] = {}
         loo_values: list[dict[str, Tensor]] = [{} for _ in used]
         half_values: list[dict[str, Tensor]] = [{}, {}]
         for name, sums in self.sums.items():
             solver = _TensorSolver(self, name)
             totals = sums.sum(dim=0)
-            out.update(solver.measures(totals / total, POOLED_RTOL))
+            out.update(solver.measures(totals / total, POOLED_RTOL, pooled=True))
             if len(used) >= 2:
-                for i, r in enumerate(used):
-                    loo_values[i].update(
-                        solver.measures((totals - sums[r]) / (total - counts[r]), REPLICATE_RTOL)
-                    )
                 for i, slots in enumerate(halves):
                     half_values[i].update(
                         solver.measures(sums[slots].sum(dim=0) / counts[slots].sum(), REPLICATE_RTOL)
                     )
+                means = [(totals - sums[r]) / (total - counts[r]) for r in used]
+                loo = self._leave_one_out(solver, means, out, half_values)
+                for i, values in enumerate(loo):
+                    loo_values[i].update(values)
             if solver.gathered:
                 self.gathered_solves.add(name)
             del solver, totals
@@ -399,6 +424,27 @@ class ShardedSharpnessMeasurement:
                 out[stderr_key], out[shift_key] = nan.clone(), nan.clone()
         out["num_samples"] = self.count.sum()
         return out
+
+    def _leave_one_out(
+        self, solver: _TensorSolver, means: list[Tensor], pooled: dict, halves: list[dict]
+    ) -> list[dict[str, Tensor]]:
+        """The measures of one tensor on its leave-one-out means (this rank's rows): eq. 17 to first
+        order where ``jackknife="linearized"`` allows it (the rules of
+        :func:`~lightning_flatness.functional.replicate_measures.tensor_measures`), solved otherwise.
+        Every decision comes from all-reduced values, so every rank takes the same path."""
+        first = [solver.first_order(m) if self.jackknife == "linearized" else None for m in means]
+        values = [f if f is not None else solver.measures(m, REPLICATE_RTOL) for m, f in zip(means, first)]
+        key = f"normalized/{solver.name}"
+        if key not in pooled or all(f is None for f in first):
+            return values
+        self.first_order_replicates[solver.name] = sum(f is not None for f in first)
+        spread = jackknife_standard_error(torch.stack([v[key] for v in values]))
+        shift = (halves[0][key] + halves[1][key]) / 2 - pooled[key]
+        nonlinear = shift.abs() > replicate_measures.LINEARIZATION_TOLERANCE * (len(means) - 1) * spread
+        if bool(nonlinear | (spread > replicate_measures.LINEARIZATION_MAX_RELATIVE_SPREAD * pooled[key])):
+            values = [solver.measures(m, REPLICATE_RTOL) for m in means]
+            self.first_order_replicates[solver.name] = 0
+        return values
 
     def state_bytes(self) -> int:
         """Bytes of this rank's persistent state (the sharded replicate sums and the counts)."""
@@ -438,6 +484,7 @@ class _TensorSolver:
         self.squared = torch.stack([self.weight.square().sum()])
         self.b = None if self.layout is None else self._block(self.weight.square() / (2.0 * owner.lam))
         self.gathered = False
+        self.pooled: Optional[tuple[str, Any, Any]] = None  # see measures(pooled=True)
 
     def _block(self, local: Tensor) -> Tensor:
         """This rank's columns of the split problem, from its rows ``local`` of a weight-shaped tensor."""
@@ -456,32 +503,91 @@ class _TensorSolver:
         )
         return received.view(self.shape[0], mine)  # ranks' rows in order: the whole columns
 
-    def measures(self, local_mean: Tensor, rtol: float) -> dict[str, Tensor]:
+    def _closed_forms(self, local_mean: Tensor) -> dict[str, Tensor]:
+        """Eq. 13 and eq. 5 from three all-reduced sums (the trace alone for a 1-D tensor)."""
         sums = torch.cat([self.squared, torch.stack([local_mean.clamp_min(0).sum(), local_mean.sum()])])
         dist.all_reduce(sums, group=self.group)
-        name = self.name
         if len(self.shape) < 2:  # a bias or normalization scale: the trace alone (footnote 5, eq. 5)
-            return {f"hessian_trace/{name}": sums[2]}
-        values = {
-            f"matrix_normalized/{name}": torch.sqrt(sums[0] * sums[1]),
-            f"hessian_trace/{name}": sums[2],
+            return {f"hessian_trace/{self.name}": sums[2]}
+        return {
+            f"matrix_normalized/{self.name}": torch.sqrt(sums[0] * sums[1]),
+            f"hessian_trace/{self.name}": sums[2],
         }
+
+    def measures(self, local_mean: Tensor, rtol: float, pooled: bool = False) -> dict[str, Tensor]:
+        """Every measure on one mean (this rank's rows); ``pooled``: keep the eq. 17 solution (and, when
+        gathered, the whole coefficients) for :meth:`first_order`."""
+        values = self._closed_forms(local_mean)
+        if len(self.shape) < 2:
+            return values
+        name = self.name
         solution = None
         if self.layout is not None:
             a = self._block(local_mean.clamp_min(0))
             solution = solve_split_coefficients(a, self.b, self.comm, rtol=rtol, shape=self.shape)
+            if solution is not None and pooled:
+                positive = torch.stack([(a > 0).all(), (self.b > 0).all()]).to(torch.float64)
+                self.pooled = ("split", solution, self.comm.min(positive) > 0)
             del a
         if solution is not None:
             values[f"normalized/{name}"] = solution.value
             return values
         self.gathered = True
-        whole = sharpness_measures(  # gathered: the weight and the diagonal whole, one at a time
-            {name: self.owner._whole(name, self.weight)},
-            {name: self.owner._whole(name, local_mean)},
-            self.owner.lam,
-        )
-        values[f"normalized/{name}"] = whole[f"normalized/{name}"]
+        # gathered: the weight and the diagonal whole, one at a time
+        weight, mean = self.owner._whole(name, self.weight), self.owner._whole(name, local_mean)
+        solution = solve_normalized_sharpness(weight, mean, self.owner.lam, rtol=rtol)
+        if pooled:
+            b = _kernel_clipped(weight.square()) / (2.0 * self.owner.lam)
+            self.pooled = ("gathered", solution, (_kernel_clipped(mean), b))
+        values[f"normalized/{name}"] = solution.value
         return values
+
+    def first_order(self, local_mean: Tensor) -> Optional[dict[str, Tensor]]:
+        """The measures on a leave-one-out mean with eq. 17 to first order at the pooled minimiser
+        (:mod:`~lightning_flatness.functional.solvers.linearized_replicates`), or None where the
+        replicate's components are not the pooled ones or a part of them (then it must be solved)."""
+        values = self._closed_forms(local_mean)
+        if len(self.shape) < 2:
+            return values
+        if self.pooled is None:
+            return None
+        kind, sol, extra = self.pooled
+        if kind == "gathered":
+            a0, b = extra
+            a = _kernel_clipped(self.owner._whole(self.name, local_mean))[None]
+            covered, keep = linearizable(a, b, a0)
+            if not bool(covered[0]):
+                return None
+            value = objective_at_minimiser(a, b, sol.row_log_variance, sol.col_log_variance, keep)[0]
+            values[f"normalized/{self.name}"] = value
+            return values
+        every_a, every_b = bool(extra[0]), bool(extra[1])
+        a = self._block(local_mean.clamp_min(0))
+        positive = a > 0
+        rows0, cols0 = torch.isfinite(sol.row_log_variance), torch.isfinite(sol.col_log_variance)
+        if every_b:  # the component: the rows and columns with a positive A (as solve_split_coefficients)
+            rows = self.comm.max(positive.any(dim=1).to(torch.float64)) > 0
+            cols = positive.any(dim=0)
+            outside = torch.stack([(rows & ~rows0).any() | ~rows.any(), (cols & ~cols0).any()])
+        elif every_a:  # the component is fixed by B: the same layout while every A stays positive
+            rows, cols = rows0, cols0
+            outside = torch.stack([~positive.all(), torch.zeros((), dtype=torch.bool, device=a.device)])
+        else:
+            return None
+        if bool(self.comm.max(outside.to(torch.float64)).any()):  # a unit alive outside the pooled ones
+            return None
+        x, y = sol.row_log_variance.nan_to_num(0.0), sol.col_log_variance.nan_to_num(0.0)
+        variance = torch.exp(x[:, None] + y[None, :])
+        keep = rows[:, None] & cols[None, :]
+        (value,) = self.comm.sum(torch.where(keep, a * variance + self.b / variance, 0.0).sum().reshape(1))
+        values[f"normalized/{self.name}"] = value[0]
+        return values
+
+
+def _kernel_clipped(diagonal: Tensor) -> Tensor:
+    """Eq. 17's ``A = sum_k max(h, 0)`` ``(m, n)`` of a whole ``(m, n, *kernel)`` diagonal (of ``B`` for
+    the squared weight, which is non-negative)."""
+    return diagonal.clamp_min(0).reshape(diagonal.shape[0], diagonal.shape[1], -1).sum(dim=2)
 
 
 def measure_sharpness_sharded(
@@ -493,11 +599,17 @@ def measure_sharpness_sharded(
     lam: float = 0.5,
     num_replicates: int = 8,
     split_batch: Callable[[Any], tuple[Any, Tensor]] = default_split_batch,
+    jackknife: str = "linearized",
 ) -> dict[str, Tensor]:
     """:class:`ShardedSharpnessMeasurement` over this rank's ``batches`` (the same number on every
     rank); returns the values of :meth:`~ShardedSharpnessMeasurement.compute`, identical on every rank."""
     measurement = ShardedSharpnessMeasurement(
-        model, loss_fn=loss_fn, parameters=parameters, lam=lam, num_replicates=num_replicates
+        model,
+        loss_fn=loss_fn,
+        parameters=parameters,
+        lam=lam,
+        num_replicates=num_replicates,
+        jackknife=jackknife,
     )
     for batch in batches:
         inputs, target = split_batch(batch)

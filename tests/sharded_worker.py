@@ -95,6 +95,7 @@ def main(
         "state_bytes": measurement.state_bytes(),
         "largest_whole_tensor": measurement.largest_whole_tensor,
         "gathered_solves": measurement.gathered_solves,
+        "first_order_replicates": measurement.first_order_replicates,
         "local_numel": {n: p.to_local().numel() for n, p in measurement.params.items()},
         "sums": {
             n: torch.stack([measurement._whole(n, slot) for slot in s]).flatten(1).cpu()
