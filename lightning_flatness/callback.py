@@ -32,6 +32,7 @@ from lightning_flatness.functional.estimators.registry import ESTIMATORS
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.measures import MEASURES, TOTALS, tensor_measure_names
 from lightning_flatness.functional.model_io import call_model, inputs_batch_size, map_inputs, select_samples
+from lightning_flatness.functional.replicate_measures import JACKKNIFE_MODES
 from lightning_flatness.isolation import (
     autograd_tensor,
     gradient_enabled,
@@ -93,6 +94,7 @@ class SharpnessMonitorBase:
         parameters: ParameterSelection = None,
         lam: float = 0.5,
         num_replicates: int = 8,
+        jackknife: str = "linearized",
         every_n_epochs: int = 1,
         dtype: Union[str, torch.dtype] = "float32",
         seed: Optional[int] = 0,
@@ -124,6 +126,12 @@ class SharpnessMonitorBase:
             raise ValueError(
                 f"SharpnessMonitor got num_replicates={num_replicates!r}; pass a positive int "
                 "(>= 2 for standard errors, default 8)."
+            )
+        if jackknife not in JACKKNIFE_MODES:
+            raise ValueError(
+                f"SharpnessMonitor got jackknife={jackknife!r}; pass 'linearized' (leave-one-out values "
+                "of eq. 17 to first order at the pooled optimum, the default) or 'solved' (every one "
+                "solved)."
             )
         if not _is_positive_int(num_probes):
             raise ValueError(
@@ -196,6 +204,7 @@ class SharpnessMonitorBase:
         self.parameters = parameters
         self.lam = float(lam)
         self.num_replicates = int(num_replicates)
+        self.jackknife = jackknife
         self.every_n_epochs = int(every_n_epochs)
         self.dtype = resolve_dtype(dtype)
         self.seed = None if seed is None else int(seed)
@@ -508,6 +517,7 @@ class SharpnessMonitorBase:
             parameters=self.parameters,
             lam=self.lam,
             num_replicates=self.num_replicates,
+            jackknife=self.jackknife,
             num_probes=num_probes,
             generator=generator,
             relative_step=self.relative_step,
@@ -979,6 +989,9 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
             ``pl_module.named_parameters()``, or a predicate ``(name, parameter) -> bool``.
         lam: the ``lambda`` of eq. 17 (default 0.5).
         num_replicates: replicate groups for the jackknife standard error (default 8; 1 disables it).
+        jackknife: ``"linearized"`` (default: the leave-one-out values of eq. 17 to first order at the
+            pooled optimum where that holds) or ``"solved"`` (every one solved); see
+            :class:`~lightning_flatness.metric.NormalizedSharpness`.
         every_n_epochs: measure at the end of every ``n``-th epoch's validation.
         dtype: ``"float32"`` (default) or ``"float64"``: precision of the curvature computation.
         seed: seed of the subset and the probes; ``None`` draws one (kept in the state).

@@ -92,6 +92,8 @@ class SharpnessMeasurement:
         parameters: which weight tensors count (:func:`select_parameters`).
         lam: lambda of eq. 17.
         num_replicates: replicate slots of the jackknife.
+        jackknife: ``"linearized"`` (default) or ``"solved"``: how the metric obtains the leave-one-out
+            values of eq. 17 (:class:`~lightning_flatness.metric.NormalizedSharpness`).
         num_probes: probes per batch for probe-based estimators.
         num_mc_samples: Monte-Carlo draws per sample for the Monte-Carlo Gauss-Newton estimator
             (``None``: the loss's default).
@@ -117,6 +119,7 @@ class SharpnessMeasurement:
         generator: Optional[torch.Generator] = None,
         relative_step: float = 1e-3,
         choice: Optional[MethodChoice] = None,
+        jackknife: str = "linearized",
         resolve_sequence_loss: bool = True,
     ) -> None:
         self.model = model
@@ -136,6 +139,7 @@ class SharpnessMeasurement:
         self.metric = NormalizedSharpness(
             lam=lam,
             num_replicates=num_replicates,
+            jackknife=jackknife,
             parameter_shapes={n: w.shape for n, w in self.weights.items()},
         ).to(device)
         self.num_batches = 0
@@ -217,6 +221,7 @@ def measure_sharpness(
     generator: Optional[torch.Generator] = None,
     split_batch: Callable[[Any], tuple[Any, Tensor]] = default_split_batch,
     relative_step: float = 1e-3,
+    jackknife: str = "linearized",
 ) -> SharpnessResult:
     """Normalized sharpness (eq. 17), matrix-normalized sharpness (eq. 13) and Hessian trace (eq. 5)
     of ``model`` on the training samples in ``batches``, with jackknife error bars.
@@ -258,6 +263,7 @@ def measure_sharpness(
         num_mc_samples=num_mc_samples,
         generator=generator,
         relative_step=relative_step,
+        jackknife=jackknife,
     )
     skipped = 0
     for batch in batches:

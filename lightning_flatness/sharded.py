@@ -635,6 +635,7 @@ def prepare_in_callback(monitor: Any, trainer: Any, pl_module: nn.Module) -> Non
         parameters=monitor.parameters,
         lam=monitor.lam,
         num_replicates=monitor.num_replicates,
+        jackknife=monitor.jackknife,
     )  # raises, naming what it cannot measure
     from lightning_flatness.functional.estimators.method_choice import MethodChoice
 
@@ -693,6 +694,7 @@ def measure_in_callback(monitor: Any, trainer: Any, pl_module: nn.Module) -> tup
         parameters=monitor.parameters,
         lam=monitor.lam,
         num_replicates=monitor.num_replicates,
+        jackknife=monitor.jackknife,
     )
     dtype = next(iter(measurement.params.values())).dtype
     try:

@@ -571,6 +571,7 @@ def test_two_monitors_with_different_settings_coexist_and_checkpoint_separately(
         (dict(batch_size=-1), ValueError, "batch_size"),
         (dict(num_probes=0), ValueError, "num_probes"),
         (dict(num_replicates=0), ValueError, "num_replicates"),
+        (dict(jackknife="exact"), ValueError, "jackknife"),
         (dict(lam=0.0), ValueError, "lam"),
         (dict(lam=float("nan")), ValueError, "lam"),
         (dict(every_n_epochs=0), ValueError, "every_n_epochs"),
@@ -589,6 +590,22 @@ def test_two_monitors_with_different_settings_coexist_and_checkpoint_separately(
 def test_invalid_arguments_are_rejected_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         SharpnessMonitor(**kwargs)
+
+
+def test_jackknife_mode_reaches_the_metric(monkeypatch):
+    import lightning_flatness.measure as measure_module
+
+    seen = []
+    original = measure_module.NormalizedSharpness
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("jackknife"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(measure_module, "NormalizedSharpness", recording)
+    monitor = SharpnessMonitor(num_samples=32, jackknife="solved")
+    _fit(monitor, max_epochs=1)
+    assert seen and set(seen) == {"solved"} and len(monitor.history) == 1
 
 
 def test_model_without_weight_matrices_requiring_grad_fails_at_setup_before_training():
