@@ -1,10 +1,12 @@
 """Where the callback's overhead on the paper's MLP goes: configurations and training-step time.
 
 Fits the paper's MLP on MNIST-1D (``benchmarks.bench_callback.fit``: 3 epochs of 390 steps of batch
-128, Adam, TensorBoard logger), interleaved over ``--repeats`` rounds, in four configurations: no
-callback, ``SharpnessMonitor()`` at its defaults, with ``log_per_layer=False`` and with
-``log_images=False``. A timing callback added in front records the process CPU time of every
-training step (``on_train_batch_start`` to ``on_train_batch_end``) and of every validation
+128, Adam, TensorBoard logger), interleaved over ``--repeats`` rounds, in five configurations: no
+callback, an empty ``Callback`` (Lightning's per-step hook dispatch for one more callback),
+``SharpnessMonitor()`` at its defaults, with ``log_per_layer=False`` and with ``log_images=False``.
+A timing callback added in front of them all (so every configuration has at least one callback)
+records the process CPU time of every training step (``on_train_batch_start`` to
+``on_train_batch_end``) and of every validation
 (``on_validation_start`` to ``on_validation_end``, which holds the measurement and its logging).
 Reports per configuration the median fit CPU time and overhead, the summed step time, the median
 step after the first epoch, and the validation time per epoch. One intra-op thread.
@@ -28,8 +30,11 @@ from benchmarks.bench_callback_resnet18 import EPOCH_STEPS
 from benchmarks.bench_solver import machine
 from benchmarks.common import base_parser, setup, write_json
 
+EMPTY = "empty"  # an empty pl.Callback in place of the monitor: Lightning's per-step hook dispatch alone
+
 CONFIGS: dict[str, Any] = {
     "no callback": None,
+    "an empty Callback": EMPTY,
     "defaults": {},
     "log_per_layer=False": {"log_per_layer": False},
     "log_images=False": {"log_images": False},
@@ -65,12 +70,14 @@ def timed_fit(monitor: Any, epochs: int, steps: int, logdir: str) -> dict[str, f
     timer = _timer_class()()
     original = pl.Trainer.__init__
 
+    extra = [pl.Callback()] if monitor == EMPTY else []
+
     def init(self, *args: Any, callbacks: Any = None, **kwargs: Any) -> None:
-        original(self, *args, callbacks=[timer, *(callbacks or [])], **kwargs)
+        original(self, *args, callbacks=[timer, *extra, *(callbacks or [])], **kwargs)
 
     pl.Trainer.__init__ = init
     try:
-        run = fit("mlp", epochs, steps, monitor, 0, logdir)
+        run = fit("mlp", epochs, steps, None if monitor == EMPTY else monitor, 0, logdir)
     finally:
         pl.Trainer.__init__ = original
     return {
@@ -91,7 +98,7 @@ def main(argv=None) -> dict:
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in CONFIGS}
     with tempfile.TemporaryDirectory() as logdir:
         for monitor in CONFIGS.values():  # warm-up: imports, first calls
-            fit("mlp", 1, 4, monitor, 0, logdir)
+            fit("mlp", 1, 4, None if monitor == EMPTY else monitor, 0, logdir)
         for _ in range(repeats):
             for name, monitor in CONFIGS.items():
                 runs[name].append(timed_fit(monitor, epochs, steps, logdir))
