@@ -38,6 +38,15 @@ def _problem(m: int, n: int, seed: int, dead_row: bool = False):
     return a, b, g
 
 
+def _dense(keep, shape):
+    """``linearizable``'s component entries as a ``(P, m, n)`` mask."""
+    if keep is None:
+        return torch.ones(shape, dtype=torch.bool)
+    if isinstance(keep, tuple):
+        return keep[0][:, :, None] & keep[1][:, None, :]
+    return keep
+
+
 def _minimum(a: torch.Tensor, b: torch.Tensor):
     return solve_normalized_sharpness_coefficients(a[None], b, rtol=1e-13, warm_start=False)[0]
 
@@ -59,7 +68,11 @@ def test_objective_at_minimiser_is_the_direct_formula_over_the_component(dead_ro
     torch.testing.assert_close(got, direct, rtol=1e-12, atol=0)
     # at the pooled coefficients: the pooled minimum
     at_pooled = objective_at_minimiser(
-        a0[None], b, sol.row_log_variance, sol.col_log_variance, None if keep is None else keep[:1]
+        a0[None],
+        b,
+        sol.row_log_variance,
+        sol.col_log_variance,
+        None if keep is None else _dense(keep, a.shape)[:1],
     )
     torch.testing.assert_close(at_pooled[0], sol.value, rtol=1e-12, atol=0)
 
@@ -151,7 +164,8 @@ def test_a_replicate_that_loses_a_unit_takes_its_objective_restricted_to_its_com
     a, b, solved = _solved(w, sums, counts)
     covered, keep = linearizable(a[1:9], b, a[0])
     assert bool(covered.all())
-    assert keep is not None and not bool(keep[5, 0].any()) and bool(keep[4, 0].all())
+    mask = _dense(keep, a[1:9].shape)
+    assert keep is not None and not bool(mask[5, 0].any()) and bool(mask[4, 0].all())
     got = tensor_measures(w, sums, replicate_weights(counts, list(range(8))), 0.5)["normalized"]
     sol = _minimum(a[0], b)
     s = torch.exp(sol.row_log_variance[1:, None] + sol.col_log_variance[None, :])
@@ -254,3 +268,38 @@ def test_replicates_far_from_the_pooled_mean_are_solved(monkeypatch):
     monkeypatch.setattr(replicate_measures, "LINEARIZATION_MAX_RELATIVE_SPREAD", math.inf)
     first_order = tensor_measures(w, sums, mix, 0.5)["normalized"]
     assert bool((first_order[1:9] > solved[1:9] * (1 + 1e-9)).all())  # upper bounds, not solved
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_positive_weights_fast_path_equals_the_component_analysis(seed):
+    """With every B positive the component is the rows and columns with a positive A: the fast path's
+    coverage and entries equal those of the general component analysis (transitive closures), on
+    replicates that keep, lose or gain units; and the objective from its row/column factors equals the
+    one from the dense mask."""
+    from lightning_flatness.functional.solvers.linearized_replicates import (
+        _linearizable_components,
+        _linearizable_positive_b,
+    )
+
+    g = torch.Generator().manual_seed(seed)
+    a0 = torch.exp(torch.randn(9, 7, generator=g, dtype=F64))
+    a0[0] = 0.0  # a dead row
+    a0[:, 6] = 0.0  # a dead column
+    b = torch.exp(torch.randn(9, 7, generator=g, dtype=F64))
+    a = a0[None] * torch.exp(0.2 * torch.randn((6, 9, 7), generator=g, dtype=F64))
+    a[1, 3] = 0.0  # loses a row
+    a[2, :, 2] = 0.0  # loses a column
+    a[3, 0, 1] = 1.0  # gains the dead row
+    a[4, 5, 6] = 1.0  # gains the dead column
+    a[5] = 0.0  # loses everything
+    fast, fast_keep = _linearizable_positive_b(a, a0)
+    general, general_keep = _linearizable_components(a, b, a0)
+    assert fast.tolist() == general.tolist() == [True, True, True, False, False, False]
+    covered = fast.nonzero().squeeze(1)
+    torch.testing.assert_close(_dense(fast_keep, a.shape)[covered], _dense(general_keep, a.shape)[covered])
+    sol = _minimum(a0, b)
+    x, y = sol.row_log_variance, sol.col_log_variance
+    pick = tuple(k[covered] for k in fast_keep)
+    from_factors = objective_at_minimiser(a[covered], b, x, y, pick)
+    from_mask = objective_at_minimiser(a[covered], b, x, y, _dense(fast_keep, a.shape)[covered])
+    torch.testing.assert_close(from_factors, from_mask, rtol=1e-13, atol=0)

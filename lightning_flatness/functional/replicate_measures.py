@@ -18,7 +18,7 @@ evaluated for all ``P`` at once.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
@@ -245,7 +245,7 @@ def _normalized_values(a: Tensor, b: Tensor, shape: tuple, jackknife: str) -> Te
         b,
         pooled.row_log_variance,
         pooled.col_log_variance,
-        None if keep is None else keep[rows - 1],
+        _replicates_of(keep, rows - 1),
     )
     # the first order's own check: its error in the standard error is about |half shift| / (R' - 1)
     replicates = num - 3
@@ -255,6 +255,15 @@ def _normalized_values(a: Tensor, b: Tensor, shape: tuple, jackknife: str) -> Te
     if bool(nonlinear | (spread > LINEARIZATION_MAX_RELATIVE_SPREAD * values[0])):
         values[loo] = _solved_values(a[loo], b, shape)
     return values
+
+
+def _replicates_of(keep: Any, index: Tensor) -> Any:
+    """The component entries of the replicates ``index`` (as :func:`linearizable` gives them)."""
+    if keep is None:
+        return None
+    if isinstance(keep, tuple):
+        return tuple(k[index] for k in keep)
+    return keep[index]
 
 
 def _solve(a: Tensor, b: Tensor, shape: tuple) -> list:

@@ -43,7 +43,7 @@ evaluations of ``S_{A'}`` at a point, not certified minima.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Union
 
 import torch
 from torch import Tensor
@@ -53,7 +53,10 @@ from lightning_flatness.functional.solvers._components import component_layout, 
 __all__ = ["linearizable", "objective_at_minimiser"]
 
 
-def linearizable(a: Tensor, b: Tensor, a0: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+Keep = Union[None, Tensor, tuple[Tensor, Tensor]]
+
+
+def linearizable(a: Tensor, b: Tensor, a0: Tensor) -> tuple[Tensor, Keep]:
     """Which replicate problems ``(a_p, b)`` the first order covers, and their component entries.
 
     Covered: the component layout of the pooled ``(a0, b)``, or (pooled problem with one component)
@@ -65,10 +68,33 @@ def linearizable(a: Tensor, b: Tensor, a0: Tensor) -> tuple[Tensor, Optional[Ten
         a0: ``(m, n)`` the pooled ``A``.
 
     Returns:
-        ``(P,)`` bool, and each replicate's entries inside its component(s), ``(P, m, n)`` bool (None
-        when every entry of every replicate is: one component with every row and column, the usual
-        case).
+        ``(P,)`` bool, and each replicate's entries inside its component(s): None when every entry of
+        every replicate is (one component with every row and column); with every ``B`` positive (no
+        zero weight), the rows ``(P, m)`` and columns ``(P, n)`` with a positive ``A``, whose products
+        are the entries (no ``(P, m, n)`` mask); else a ``(P, m, n)`` bool mask.
     """
+    if bool((b > 0).all()):
+        return _linearizable_positive_b(a, a0)
+    return _linearizable_components(a, b, a0)
+
+
+def _linearizable_positive_b(a: Tensor, a0: Tensor) -> tuple[Tensor, Keep]:
+    """:func:`linearizable` with every ``B`` positive: every column reaches every row through ``B``, so
+    each problem's component is its rows and columns with a positive ``A`` (the fast path of
+    :func:`~._components.component_layout`), one per problem. ``O(P m n)`` boolean reductions."""
+    pos, pos0 = a > 0, a0 > 0
+    rows, cols = pos.any(dim=2), pos.any(dim=1)
+    rows0, cols0 = pos0.any(dim=1), pos0.any(dim=0)
+    covered = (rows & ~rows0).any(dim=1).logical_not() & (cols & ~cols0).any(dim=1).logical_not()
+    covered &= rows.any(dim=1)
+    if bool(rows.all()) and bool(cols.all()):
+        return covered, None
+    return covered, (rows, cols)
+
+
+def _linearizable_components(a: Tensor, b: Tensor, a0: Tensor) -> tuple[Tensor, Keep]:
+    """:func:`linearizable` in general: the components of every problem
+    (:func:`~._components.component_layout`)."""
     transposed = a.shape[1] > a.shape[2]  # closures cost O(m^2 n): the smaller side as rows
     if transposed:
         a, b, a0 = a.transpose(1, 2), b.T, a0.T
@@ -90,7 +116,7 @@ def objective_at_minimiser(
     b: Tensor,
     row_log_variance: Tensor,
     col_log_variance: Tensor,
-    keep: Optional[Tensor],
+    keep: Keep,
 ) -> Tensor:
     """``S_{a_p}(x*, y*)`` over each replicate's component entries: ``sum_keep a_p e^(x*+y*) + b e^-(x*+y*)``.
 
@@ -100,7 +126,8 @@ def objective_at_minimiser(
         row_log_variance, col_log_variance: ``(m,)``, ``(n,)`` the pooled minimiser (NaN outside
             every component), as in
             :class:`~lightning_flatness.functional.solvers.NormalizedSharpnessSolution`.
-        keep: ``(P, m, n)`` each replicate's component entries (:func:`linearizable`), or None for all.
+        keep: each replicate's component entries as :func:`linearizable` gives them: None for all, a
+            ``(P, m, n)`` mask, or the rows ``(P, m)`` and columns ``(P, n)`` whose products they are.
 
     Returns:
         ``(P,)`` float64, an upper bound of each replicate's minimum, equal to it to first order.
@@ -109,4 +136,8 @@ def objective_at_minimiser(
     variance = torch.exp(x[:, None] + y[None, :])  # (sigma_i sigma'_j)^2 of the pooled minimiser
     if keep is None:
         return torch.einsum("pmn,mn->p", a, variance) + (b / variance).sum()
+    if isinstance(keep, tuple):  # rows (P, m) x columns (P, n): sum_ij r_i c_j (a_ij s_ij + b_ij / s_ij)
+        rows, cols = (k.to(a.dtype) for k in keep)
+        inner = torch.einsum("pn,pmn->pm", cols, a * variance) + cols @ (b / variance).T
+        return (inner * rows).sum(dim=1)
     return torch.where(keep, a * variance + b / variance, 0.0).sum(dim=(1, 2))
