@@ -46,7 +46,7 @@ This module measures through the FSDP module itself:
    solution took 6-9), certified to ``POOLED_RTOL`` and ``REPLICATE_RTOL`` (both ``1e-11``, as the
    metric).
    Gathered whole instead, one diagonal at a time next to the whole weight, and solved as before
-   (:func:`~lightning_flatness.functional.sharpness_measures`; the tensors are named in
+   (:func:`~lightning_flatness.functional.solvers.solve_normalized_sharpness`; the tensors are named in
    :attr:`ShardedSharpnessMeasurement.gathered_solves`): a tall weight of which some rank holds no
    row, a wide one with fewer columns than ranks, single-row tensors, and problems where
    neither every weight nor every clipped curvature entry is non-zero (pruned weights together
@@ -435,9 +435,11 @@ class ShardedSharpnessMeasurement:
         first = [solver.first_order(m) if self.jackknife == "linearized" else None for m in means]
         values = [f if f is not None else solver.measures(m, REPLICATE_RTOL) for m, f in zip(means, first)]
         key = f"normalized/{solver.name}"
-        if key not in pooled or all(f is None for f in first):
+        if key not in pooled:  # a 1-D tensor: the trace alone
             return values
         self.first_order_replicates[solver.name] = sum(f is not None for f in first)
+        if all(f is None for f in first):
+            return values
         spread = jackknife_standard_error(torch.stack([v[key] for v in values]))
         shift = (halves[0][key] + halves[1][key]) / 2 - pooled[key]
         nonlinear = shift.abs() > replicate_measures.LINEARIZATION_TOLERANCE * (len(means) - 1) * spread
