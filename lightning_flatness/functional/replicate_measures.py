@@ -143,6 +143,7 @@ def replicate_curvature(sums: Tensor, mix: Tensor, shape: torch.Size) -> tuple[T
     step = max(1, _CHUNK // kernel) * kernel
     means = sums.new_empty(num, min(step, m * n * kernel))
     slot_totals = sums.new_zeros(sub.shape[0])  # summed chunk by chunk while the chunk is in cache
+    workspace = (sums.new_ones(kernel), sums.new_empty(num * (step // kernel)))
     for lo in range(0, m * n * kernel, step):
         s = sub[:, lo : lo + step]
         c = s.shape[1]
@@ -158,15 +159,33 @@ def replicate_curvature(sums: Tensor, mix: Tensor, shape: torch.Size) -> tuple[T
             if len(slots) == len(used):
                 chunk[p] = total
             else:
-                torch.sum(s[slots], dim=0, out=chunk[p])
-        torch.sum(
-            chunk.clamp_min_(0).view(num, c // kernel, kernel),
-            dim=2,
-            out=a[:, lo // kernel : (lo + c) // kernel],
-        )
+                torch.sum(s[_as_index(slots)], dim=0, out=chunk[p])
+        _kernel_sum(chunk.clamp_min_(0), kernel, a[:, lo // kernel : (lo + c) // kernel], workspace)
     a *= coef[:, None]
     trace = (support[:, used].to(sums.dtype) @ slot_totals) * coef
     return a.view(num, m, n), trace
+
+
+def _kernel_sum(clipped: Tensor, kernel: int, out: Tensor, workspace: tuple[Tensor, Tensor]) -> None:
+    """``out = clipped.view(P, c // kernel, kernel).sum(2)``; a matrix-vector product with ones where the
+    chunk is contiguous (2x faster than a reduction over a short innermost dimension on the CPU)."""
+    if kernel == 1:
+        out.copy_(clipped)
+    elif clipped.is_contiguous():
+        ones, buffer = workspace
+        flat = buffer[: clipped.numel() // kernel]
+        torch.mv(clipped.view(-1, kernel), ones, out=flat)
+        out.copy_(flat.view(out.shape))
+    else:  # the last, partial chunk
+        torch.sum(clipped.view(clipped.shape[0], -1, kernel), dim=2, out=out)
+
+
+def _as_index(slots: list[int]):
+    """``slots`` as a slice where they are evenly spaced (the halves: a view, not a gathered copy)."""
+    step = slots[1] - slots[0] if len(slots) > 1 else 1
+    if step > 0 and slots == list(range(slots[0], slots[-1] + 1, step)):
+        return slice(slots[0], slots[-1] + 1, step)
+    return slots
 
 
 def _dense_curvature(sums: Tensor, mix: Tensor, m: int, n: int, kernel: int) -> tuple[Tensor, Tensor]:
