@@ -43,8 +43,7 @@ JACKKNIFE_MODES = ("linearized", "solved")
 LINEARIZATION_TOLERANCE = 0.05
 # largest first-order standard error of a tensor, relative to its value, whose leave-one-out values stay
 # first-order: the first order's error grows with the relative size of the replicates' deviations
-# (measured in benchmarks/results/linearized_jackknife.md: within 5.4% at relative s.e. up to 6.6%,
-# up to 2.2x at 15-190%, tiny transformers on 32 samples)
+# (measured: benchmarks/results/linearized_jackknife.md, "Small samples")
 LINEARIZATION_MAX_RELATIVE_SPREAD = 0.1
 
 
@@ -168,7 +167,8 @@ def replicate_curvature(sums: Tensor, mix: Tensor, shape: torch.Size) -> tuple[T
 
 def _kernel_sum(clipped: Tensor, kernel: int, out: Tensor, workspace: tuple[Tensor, Tensor]) -> None:
     """``out = clipped.view(P, c // kernel, kernel).sum(2)``; a matrix-vector product with ones where the
-    chunk is contiguous (2x faster than a reduction over a short innermost dimension on the CPU)."""
+    chunk is contiguous (faster than a reduction over a short innermost dimension on the CPU; measured
+    in ``benchmarks/results/linearized_jackknife.md``)."""
     if kernel == 1:
         out.copy_(clipped)
     elif clipped.is_contiguous():
@@ -288,10 +288,10 @@ def _replicates_of(keep: Any, index: Tensor) -> Any:
 def _solve(a: Tensor, b: Tensor, shape: tuple) -> list:
     """All problems as one cold batch (alternating sweeps, then Newton), certified to ``POOLED_RTOL``.
 
-    Cold, not warm-started from the pooled optimum: the sweeps bring every mean within one Newton
-    iteration of its optimum, where a start at the pooled optimum needs 2-4 damped Newton iterations for
-    a half or a leave-one-out mean, each a factorisation or conjugate-gradient solve
-    (``benchmarks/results/linearized_jackknife.md``)."""
+    Cold, not warm-started from the pooled optimum: the sweeps bring every mean close to its optimum
+    cheaply, where a start at the pooled optimum takes several damped Newton iterations for a half or a
+    leave-one-out mean, each a factorisation or conjugate-gradient solve (measured:
+    ``benchmarks/results/linearized_jackknife.md``, ``benchmarks/bench_cold_vs_warm.py``)."""
     assert POOLED_RTOL == REPLICATE_RTOL  # one tolerance for the batch
     return solve_normalized_sharpness_coefficients(a, b, shape=shape, rtol=POOLED_RTOL, warm_start=False)
 
