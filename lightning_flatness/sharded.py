@@ -41,10 +41,10 @@ This module measures through the FSDP module itself:
    ranks all-reduce vectors, scalars and the ``min(m, n)^2`` float32 Schur complement (at most the
    size of the weight). A tall or square ``(m, n)`` weight (``m >= n``) is split as each rank's
    rows, transposed; a wide one as blocks of whole columns, exchanged with one ``all_to_all_single``
-   per diagonal (``1/P`` of the tensor in and out). Each problem starts cold (alternating sweeps:
-   on ReLU-MLP diagonals one Newton step then certifies, where a warm start from the pooled
-   solution took 6-9), certified to ``POOLED_RTOL`` and ``REPLICATE_RTOL`` (both ``1e-11``, as the
-   metric).
+   per diagonal (``1/P`` of the tensor in and out). Each problem starts cold (alternating sweeps,
+   then Newton: fewer Newton steps than a warm start from the pooled solution, as in the metric;
+   ``benchmarks/results/linearized_jackknife.md``), certified to ``POOLED_RTOL`` and
+   ``REPLICATE_RTOL`` (both ``1e-11``, as the metric).
    Gathered whole instead, one diagonal at a time next to the whole weight, and solved as before
    (:func:`~lightning_flatness.functional.solvers.solve_normalized_sharpness`; the tensors are named in
    :attr:`ShardedSharpnessMeasurement.gathered_solves`): a tall weight of which some rank holds no
