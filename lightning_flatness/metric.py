@@ -293,7 +293,8 @@ class NormalizedSharpness(Metric):
         jackknife: how the leave-one-out values of eq. 17 are obtained. ``"linearized"`` (default):
             the infinitesimal jackknife, each replicate's eq. 17 objective at the pooled minimiser
             (exact to first order in the replicate's deviation by Danskin's theorem, an upper bound
-            of its minimum; replicates where a unit comes alive or dies are solved); how closely
+            of its minimum; a replicate where a unit comes alive is solved, and so are all replicates of
+            a tensor whose half shift or relative spread shows the first order off); how closely
             its standard error follows the solved one is measured in
             ``benchmarks/results/linearized_jackknife.md``. ``"solved"``: every replicate solved and certified
             to 1e-11 relative, several times the cost of the pooled solve. The values of the
