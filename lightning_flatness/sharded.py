@@ -98,7 +98,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_flatness.batch_split import split_batch as default_split_batch
-from lightning_flatness.functional import replicate_measures
 from lightning_flatness.functional.estimators.exact import _loss_factors
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.measures import MEASURES, measure_totals
@@ -108,9 +107,12 @@ from lightning_flatness.functional.replicate_measures import (
     JACKKNIFE_MODES,
     POOLED_RTOL,
     REPLICATE_RTOL,
-    jackknife_standard_error,
+    first_order_is_off,
 )
-from lightning_flatness.functional.solvers import solve_normalized_sharpness
+from lightning_flatness.functional.solvers import (
+    normalized_sharpness_coefficients,
+    solve_normalized_sharpness,
+)
 from lightning_flatness.functional.solvers.column_split import GroupColumnReduction, solve_split_coefficients
 from lightning_flatness.functional.solvers.linearized_replicates import linearizable, objective_at_minimiser
 
@@ -440,11 +442,12 @@ class ShardedSharpnessMeasurement:
         self.first_order_replicates[solver.name] = sum(f is not None for f in first)
         if all(f is None for f in first):
             return values
-        spread = jackknife_standard_error(torch.stack([v[key] for v in values]))
-        shift = (halves[0][key] + halves[1][key]) / 2 - pooled[key]
-        nonlinear = shift.abs() > replicate_measures.LINEARIZATION_TOLERANCE * (len(means) - 1) * spread
-        if bool(nonlinear | (spread > replicate_measures.LINEARIZATION_MAX_RELATIVE_SPREAD * pooled[key])):
-            values = [solver.measures(m, REPLICATE_RTOL) for m in means]
+        loo = torch.stack([v[key] for v in values])
+        if first_order_is_off(loo, torch.stack([h[key] for h in halves]), pooled[key]):
+            values = [
+                v if f is None else solver.measures(m, REPLICATE_RTOL)
+                for m, f, v in zip(means, first, values)
+            ]
             self.first_order_replicates[solver.name] = 0
         return values
 
@@ -539,8 +542,8 @@ class _TensorSolver:
         weight, mean = self.owner._whole(name, self.weight), self.owner._whole(name, local_mean)
         solution = solve_normalized_sharpness(weight, mean, self.owner.lam, rtol=rtol)
         if pooled:
-            b = _kernel_clipped(weight.square()) / (2.0 * self.owner.lam)
-            self.pooled = ("gathered", solution, (_kernel_clipped(mean), b))
+            a0, b = normalized_sharpness_coefficients(weight, mean, self.owner.lam)
+            self.pooled = ("gathered", solution, (weight, a0, b))
         values[f"normalized/{name}"] = solution.value
         return values
 
@@ -555,8 +558,9 @@ class _TensorSolver:
             return None
         kind, sol, extra = self.pooled
         if kind == "gathered":
-            a0, b = extra
-            a = _kernel_clipped(self.owner._whole(self.name, local_mean))[None]
+            weight, a0, b = extra
+            whole = self.owner._whole(self.name, local_mean)
+            a = normalized_sharpness_coefficients(weight, whole, self.owner.lam)[0][None]
             covered, keep = linearizable(a, b, a0)
             if not bool(covered[0]):
                 return None
@@ -578,18 +582,12 @@ class _TensorSolver:
             return None
         if bool(self.comm.max(outside.to(torch.float64)).any()):  # a unit alive outside the pooled ones
             return None
-        x, y = sol.row_log_variance.nan_to_num(0.0), sol.col_log_variance.nan_to_num(0.0)
-        variance = torch.exp(x[:, None] + y[None, :])
-        keep = rows[:, None] & cols[None, :]
-        (value,) = self.comm.sum(torch.where(keep, a * variance + self.b / variance, 0.0).sum().reshape(1))
+        local = objective_at_minimiser(  # this rank's columns; the sum over them completes it
+            a[None], self.b, sol.row_log_variance, sol.col_log_variance, (rows[None], cols[None])
+        )
+        (value,) = self.comm.sum(local)
         values[f"normalized/{self.name}"] = value[0]
         return values
-
-
-def _kernel_clipped(diagonal: Tensor) -> Tensor:
-    """Eq. 17's ``A = sum_k max(h, 0)`` ``(m, n)`` of a whole ``(m, n, *kernel)`` diagonal (of ``B`` for
-    the squared weight, which is non-negative)."""
-    return diagonal.clamp_min(0).reshape(diagonal.shape[0], diagonal.shape[1], -1).sum(dim=2)
 
 
 def measure_sharpness_sharded(

@@ -266,14 +266,26 @@ def _normalized_values(a: Tensor, b: Tensor, shape: tuple, jackknife: str) -> Te
         pooled.col_log_variance,
         _replicates_of(keep, rows - 1),
     )
-    # the first order's own check: its error in the standard error is about |half shift| / (R' - 1)
-    replicates = num - 3
-    spread = jackknife_standard_error(values[loo])
-    shift = values[num - 2 :].mean() - values[0]
-    nonlinear = shift.abs() > LINEARIZATION_TOLERANCE * (replicates - 1) * spread
-    if bool(nonlinear | (spread > LINEARIZATION_MAX_RELATIVE_SPREAD * values[0])):
-        values[loo] = _solved_values(a[loo], b, shape)
+    if first_order_is_off(values[loo], values[num - 2 :], values[0]):
+        values[rows] = _solved_values(a[rows], b, shape)  # the others are solved already
     return values
+
+
+def first_order_is_off(leave_one_out: Tensor, halves: Tensor, pooled: Tensor) -> bool:
+    """The tensor-level checks of first-order leave-one-out values (:func:`tensor_measures`): the half
+    shift above ``LINEARIZATION_TOLERANCE (R' - 1)`` jackknife standard errors (the first order misses
+    about ``|half shift| / (R' - 1)`` per replicate), or the standard error above
+    ``LINEARIZATION_MAX_RELATIVE_SPREAD`` of the pooled value (replicates far from the pooled mean).
+
+    Args:
+        leave_one_out: ``(R',)`` eq. 17 values of the leave-one-out means (first order where covered).
+        halves: ``(2,)`` solved values of the two halves.
+        pooled: the pooled value.
+    """
+    spread = jackknife_standard_error(leave_one_out)
+    shift = halves.mean() - pooled
+    nonlinear = shift.abs() > LINEARIZATION_TOLERANCE * (leave_one_out.shape[0] - 1) * spread
+    return bool(nonlinear | (spread > LINEARIZATION_MAX_RELATIVE_SPREAD * pooled))
 
 
 def _replicates_of(keep: Any, index: Tensor) -> Any:
