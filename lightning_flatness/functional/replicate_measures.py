@@ -181,7 +181,8 @@ def _kernel_sum(clipped: Tensor, kernel: int, out: Tensor, workspace: tuple[Tens
 
 
 def _as_index(slots: list[int]):
-    """``slots`` as a slice where they are evenly spaced (the halves: a view, not a gathered copy)."""
+    """``slots`` as a slice where they are evenly spaced (indexing then gives a view, not a gathered
+    copy: the halves' slots, the leave-one-out rows)."""
     step = slots[1] - slots[0] if len(slots) > 1 else 1
     if step > 0 and slots == list(range(slots[0], slots[-1] + 1, step)):
         return slice(slots[0], slots[-1] + 1, step)
@@ -259,12 +260,14 @@ def _normalized_values(a: Tensor, b: Tensor, shape: tuple, jackknife: str) -> Te
     values = a.new_empty(num)
     values[solved] = torch.stack([s.value for s in sols])
     pooled = sols[0]
+    first = rows.tolist()
+    picked = _as_index(first)  # usually every leave-one-out row: a view, not a copy of (R', m, n)
     values[rows] = objective_at_minimiser(
-        a[rows],
+        a[picked],
         b,
         pooled.row_log_variance,
         pooled.col_log_variance,
-        _replicates_of(keep, rows - 1),
+        _replicates_of(keep, _as_index([r - 1 for r in first])),
     )
     if first_order_is_off(values[loo], values[num - 2 :], values[0]):
         values[rows] = _solved_values(a[rows], b, shape)  # the others are solved already
@@ -288,7 +291,7 @@ def first_order_is_off(leave_one_out: Tensor, halves: Tensor, pooled: Tensor) ->
     return bool(nonlinear | (spread > LINEARIZATION_MAX_RELATIVE_SPREAD * pooled))
 
 
-def _replicates_of(keep: Any, index: Tensor) -> Any:
+def _replicates_of(keep: Any, index: Any) -> Any:
     """The component entries of the replicates ``index`` (as :func:`linearizable` gives them)."""
     if keep is None:
         return None
