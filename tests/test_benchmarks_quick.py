@@ -176,3 +176,11 @@ def test_bench_callback_mlp_parts_quick_times_every_configuration():
     # the measurement runs inside validation: every configuration with the monitor spends more there
     monitors = [r for r in rows if r["config"] not in ("no callback", "an empty Callback")]
     assert all(r["validation_seconds_per_epoch"] > rows[0]["validation_seconds_per_epoch"] for r in monitors)
+
+
+def test_bench_mlp_measurement_quick_times_both_parts_of_one_exact_measurement():
+    from benchmarks import bench_mlp_measurement
+
+    out = bench_mlp_measurement.main(["--quick"])
+    assert out["estimate_ms"] > 0 and out["compute_ms"] > 0 and out["repeats"] == 1
+    assert _finite(out["normalized"]) and out["normalized"] > 0

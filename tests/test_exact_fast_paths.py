@@ -13,6 +13,11 @@ from torch import nn
 
 import lightning_flatness.functional.estimators.layer_rules.conv as conv
 from lightning_flatness.functional.estimators.exact import _cross_entropy_factors, exact_hessian_diagonal
+from lightning_flatness.functional.estimators.loss_factors import (
+    _loss_factors,
+    _normalized_cross_entropy_factors,
+    _per_sample_loss_hessians,
+)
 from lightning_flatness.functional.estimators.layer_rules import LayerCall, accumulate_layer
 from lightning_flatness.functional.estimators.layer_rules.column_backward import ColumnTape
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
@@ -41,6 +46,56 @@ def test_cross_entropy_factors_have_rank_c_minus_1_and_reproduce_the_softmax_hes
 def test_single_class_cross_entropy_has_zero_curvature():
     p = torch.ones(4, 1, dtype=torch.float64)
     assert torch.equal(_cross_entropy_factors(p), torch.zeros(4, 1, 1, dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------- eq. 20 factors
+def _eq20_logits(classes: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    logits = 3 * torch.randn(12, classes, generator=g, dtype=torch.float64)
+    logits[0, 0] = 40.0  # one class far ahead: p almost one-hot
+    logits[1] = 2.5  # all equal: degenerate row, zero curvature and gradient
+    logits[2] *= 1e-3  # small spread: large curvature (1 / s^2)
+    return logits.to(dtype), torch.randint(0, classes, (12,), generator=g)
+
+
+@pytest.mark.parametrize("classes", [2, 3, 10, 33])
+def test_normalized_cross_entropy_factors_reproduce_the_autograd_hessian(classes):
+    """sum_k sign_k c_k c_k^T equals eq. 20's per-sample logit Hessian by double backward (float64),
+    with at most K - 1 columns (the shift direction is exactly null), including a degenerate row."""
+    logits, target = _eq20_logits(classes)
+    factors, signs = _normalized_cross_entropy_factors(logits, target)
+    assert factors.shape[:2] == (12, classes) and factors.shape[2] <= classes - 1
+    rebuilt = torch.einsum("nkc,nc,nlc->nkl", factors, signs, factors)
+    brute, _, issues = _per_sample_loss_hessians(normalized_softmax_cross_entropy, logits, target)
+    assert not issues
+    # relative to each sample's curvature scale, at least 1 / s^2 (K = 2 has zero curvature: the
+    # normalized logits are always +-1, and both sides are rounding of terms of size 1 / s^2)
+    terms = 1 / logits.var(dim=1, unbiased=False).clamp_min(1e-300).reshape(-1, 1, 1)
+    scale = torch.maximum(brute.abs().amax(dim=(1, 2), keepdim=True), terms)
+    assert bool(((rebuilt - brute).abs() <= 1e-12 * scale).all())
+    assert torch.equal(rebuilt[1], torch.zeros_like(rebuilt[1]))
+    assert float((factors.transpose(1, 2) @ torch.ones(classes, dtype=torch.float64)).abs().max()) < 1e-12
+
+
+def test_normalized_cross_entropy_gradient_matches_autograd():
+    logits, target = _eq20_logits(10)
+    _, _, grad, issues = _loss_factors(normalized_softmax_cross_entropy, logits, target)
+    f = logits.clone().requires_grad_(True)
+    (brute,) = torch.autograd.grad(normalized_softmax_cross_entropy(f, target), f)
+    assert not issues
+    torch.testing.assert_close(grad, brute, rtol=1e-12, atol=1e-16)
+
+
+def test_normalized_cross_entropy_factors_keep_the_logits_dtype():
+    """float32 logits: computed in float64, returned in float32, as close to the float64 Hessian as
+    float32 rounding of the factors allows."""
+    logits, target = _eq20_logits(10, torch.float32)
+    factors, signs, grad, _ = _loss_factors(normalized_softmax_cross_entropy, logits, target)
+    assert factors.dtype == signs.dtype == grad.dtype == torch.float32
+    brute, _, _ = _per_sample_loss_hessians(normalized_softmax_cross_entropy, logits.double(), target)
+    rebuilt = torch.einsum("nkc,nc,nlc->nkl", factors.double(), signs.double(), factors.double())
+    scale = brute.abs().amax(dim=(1, 2), keepdim=True)
+    assert bool(((rebuilt - brute).abs() <= 1e-5 * scale).all())
 
 
 # ----------------------------------------------------------------------------- grouped convolutions

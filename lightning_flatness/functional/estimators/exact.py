@@ -27,12 +27,14 @@ Algorithm (BackPACK's ``DiagGGNExact`` [1] with a signed symmetric factorisation
 1. one forward pass; every ``linear`` / ``conv{1,2,3}d`` call whose weight or bias is selected is
    recorded (its input ``a`` and output ``z``, passed on to the model without a copy unless the
    model changes it in place);
-2. ``Lambda_n`` from ``D`` double-backward passes through the loss only (batched; the Hessian of a
-   mean of per-sample losses in the logits is block-diagonal) and its eigendecomposition
-   ``Lambda_n = sum_k s_nk u_nk u_nk^T``; for ``F.cross_entropy`` with its defaults the analytic
-   rank-``(C - 1)`` factorisation ``Lambda_n = S_n S_n^T`` through a Householder reflection
-   (:func:`_cross_entropy_factors`; one column fewer than BackPACK's ``diag(sqrt(p_n)) - p_n
-   sqrt(p_n)^T``), with no double backward and no eigendecomposition;
+2. signed factors of ``Lambda_n`` (:mod:`.loss_factors`): for ``F.cross_entropy`` with its defaults
+   the analytic rank-``(C - 1)`` factorisation ``Lambda_n = S_n S_n^T`` through a Householder
+   reflection (one column fewer than BackPACK's ``diag(sqrt(p_n)) - p_n sqrt(p_n)^T``), with no double
+   backward and no eigendecomposition; for eq. 20 the closed-form ``Lambda_n`` eigendecomposed on the
+   complement of the constant shift (at most ``D - 1`` columns); for any other loss ``Lambda_n`` from
+   ``D`` double-backward passes through the loss only (batched; the Hessian of a mean of per-sample
+   losses in the logits is block-diagonal) and its eigendecomposition
+   ``Lambda_n = sum_k s_nk u_nk u_nk^T``;
 3. the columns ``v_n = sqrt(|s_nk| / N) u_nk`` for every eigen-index ``k`` (at most ``D``; directions
    with ``|s| ~ 0`` for every sample, such as the constant shift of cross-entropy, are dropped) are
    propagated from the logits of all samples in one batched backward pass, giving ``g_nk = dz_n``
@@ -127,6 +129,14 @@ from lightning_flatness.functional.estimators.layer_rules import (
     argument,
 )
 from lightning_flatness.functional.estimators.layer_rules.column_backward import ColumnTape
+from lightning_flatness.functional.estimators.loss_factors import (  # noqa: F401  (re-exported)
+    _cross_entropy_factors,
+    _loss_factors,
+    _per_sample_loss_hessians,
+    _plain_class_targets,
+    _signed_factors,
+    _token_loss_factors,
+)
 from lightning_flatness.functional.model_io import (
     ModelInputs,
     TokenLoss,
@@ -747,200 +757,6 @@ class _ForwardRecorder(TorchFunctionMode):
         self.flag(
             f"{name!r} is not piecewise linear (not on the allowlist PIECEWISE_LINEAR_OPS / MULTILINEAR_OPS)"
         )
-
-
-def _per_sample_loss_hessians(
-    loss_fn: LossFn, logits: Tensor, target: Tensor
-) -> tuple[Tensor, Tensor, list[str]]:
-    """``Lambda_n`` as ``(N, D, D)``, the gradient ``dL/df`` (logits' shape, detached) and issues with
-    the per-sample-mean assumption.
-
-    For ``L = (1/N) sum_n l_n(f_n)`` the Hessian of ``L`` in all logits is block-diagonal with blocks
-    ``Lambda_n / N``, so one double-backward pass per output coordinate ``j`` (all ``D`` batched with
-    ``is_grads_batched``) gives row ``j`` of every block: ``d/df (sum_n dL/df_nj)``. The assumption
-    is checked on values: the batch loss must equal the size-weighted mean of its two halves' losses
-    (a sum-reduced loss fails this).
-    """
-    n = logits.shape[0]
-    dim = logits[0].numel()
-    f = logits.detach().requires_grad_(True)
-    total = loss_fn(f, target)
-    if not isinstance(total, Tensor) or total.numel() != 1:
-        raise ValueError(
-            f"`loss_fn` must return a scalar tensor (the mean loss over the batch), got "
-            f"{getattr(total, 'shape', type(total).__name__)}; use reduction='mean'."
-        )
-    issues = []
-    if n >= 2:
-        half = n // 2
-        with torch.no_grad():
-            parts = (
-                half * loss_fn(logits[:half], target[:half])
-                + (n - half) * loss_fn(logits[half:], target[half:])
-            ) / n
-        value = float(total.detach())
-        scale = max(abs(value), float(parts.abs()), torch.finfo(logits.dtype).tiny)
-        if abs(value - float(parts)) > 1e3 * torch.finfo(logits.dtype).eps * scale:
-            issues.append(
-                f"`loss_fn` is not the mean of per-sample losses (batch value {value:.6g}, "
-                f"size-weighted mean over its two halves {float(parts):.6g}); use reduction='mean' "
-                f"and no terms that couple samples"
-            )
-    (grad,) = torch.autograd.grad(total.reshape(()), f, create_graph=True)
-    if not grad.requires_grad:  # loss linear in the logits
-        return torch.zeros(n, dim, dim, dtype=logits.dtype, device=logits.device), grad.detach(), issues
-    basis = torch.eye(dim, dtype=logits.dtype, device=logits.device).reshape(dim, 1, *logits.shape[1:])
-    basis = basis.expand(dim, *logits.shape)
-    try:
-        (rows,) = torch.autograd.grad(
-            grad,
-            f,
-            basis,
-            retain_graph=True,
-            is_grads_batched=True,
-            allow_unused=True,
-            materialize_grads=True,
-        )
-    except (RuntimeError, NotImplementedError):  # a backward without a vmap rule: loop over j
-        rows = torch.stack(
-            [
-                torch.autograd.grad(grad, f, e, retain_graph=True, allow_unused=True, materialize_grads=True)[
-                    0
-                ]
-                for e in basis
-            ]
-        )
-    hessians = n * rows.reshape(dim, n, dim).transpose(0, 1)  # [n, j, :] = d^2 l_n / df_nj df_n
-    return 0.5 * (hessians + hessians.transpose(1, 2)), grad.detach(), issues
-
-
-def _loss_factors(
-    loss_fn: LossFn, logits: Tensor, target: Tensor, need_grad: bool = True
-) -> tuple[Tensor, Tensor, Optional[Tensor], list[str]]:
-    """``Lambda_n = sum_k sign_nk c_nk c_nk^T`` as factors ``(N, D, K)`` and signs ``(N, K)``, with the
-    gradient ``dL/df`` (logits' shape, detached; ``None`` for cross-entropy when not ``need_grad``) and
-    issues with the per-sample-mean assumption.
-
-    For ``loss_fn is F.cross_entropy`` (called with its defaults: mean reduction, no weights, no label
-    smoothing) on ``(N, C)`` logits and integer class targets in ``[0, C)``, the factorisation is
-    analytic, of rank ``C - 1`` (:func:`_cross_entropy_factors`: ``K = C - 1`` columns, all signs
-    ``+1``), and ``dL/df_n = (p_n - e_{y_n}) / N``, computed in the logits' dtype (at least float32).
-    Any other loss: :func:`_per_sample_loss_hessians` and :func:`_signed_factors`.
-    """
-    if isinstance(loss_fn, TokenLoss):
-        return _token_loss_factors(loss_fn, logits, target, need_grad)
-    if loss_fn is F.cross_entropy and _plain_class_targets(logits, target):
-        p = torch.softmax(logits.detach(), dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))
-        factors = _cross_entropy_factors(p).to(logits.dtype)
-        grad = None
-        if need_grad:
-            grad = p.scatter_add(1, target.long().unsqueeze(1), p.new_full((p.shape[0], 1), -1.0))
-            grad = (grad / logits.shape[0]).to(logits.dtype)
-        signs = torch.ones(logits.shape[0], factors.shape[2], dtype=logits.dtype, device=logits.device)
-        return factors, signs, grad, []
-    hessians, grad, issues = _per_sample_loss_hessians(loss_fn, logits, target)
-    factors, signs = _signed_factors(hessians)
-    return factors, signs, grad, issues
-
-
-def _cross_entropy_factors(p: Tensor) -> Tensor:
-    r"""Exact rank-``(C - 1)`` factors of the softmax cross-entropy Hessians: ``(N, C, C - 1)`` columns
-    ``S_n`` with ``S_n S_n^T = Lambda_n = diag(p_n) - p_n p_n^T``, from the probabilities ``p`` ``(N, C)``.
-
-    With ``q = sqrt(p_n)`` (a unit vector), ``Lambda_n = diag(q) (I - q q^T) diag(q)``. The Householder
-    reflection ``R = I - 2 u u^T / (u^T u)``, ``u = q + e_C``, is symmetric, orthogonal and maps
-    ``e_C`` to ``-q``, so ``I - q q^T = R (I - e_C e_C^T) R = sum_{c < C} R_c R_c^T`` over its first
-    ``C - 1`` columns, and ``S_n = diag(q) R[:, :C-1]``. ``u^T u = 2 + 2 q_C >= 2``: no cancellation
-    for any ``p``. One column fewer than BackPACK's ``diag(q) - p q^T`` [1] (``C`` columns of rank
-    ``C - 1``; the constant shift of the logits is its null direction), so the backward pass carries
-    ``C - 1`` columns. ``C = 1`` (a constant loss): one zero column. Cost ``O(N C^2)``, in ``p``'s dtype;
-    the result is a view of an ``(N, C - 1, C)`` tensor (the backward pass takes the columns as they are,
-    sample-major).
-    """
-    n, c = p.shape
-    if c == 1:
-        return p.new_zeros(n, 1, 1)
-    k = c - 1
-    q = p.sqrt()
-    # S = diag(q) R[:, :C-1] = [diag(q[:C-1]); 0] - (q * u) (q[:C-1] / (1 + q_C))^T, u^T u = 2 (1 + q_C),
-    # built as S^T, (N, C - 1, C): the sample-major layout the backward pass keeps (one view away)
-    head, tail = q[:, :k], q[:, k:]
-    qu = p.clone()
-    qu[:, k:].add_(tail)  # q * u = (p_1, .., p_{C-1}, p_C + q_C)
-    coefficients = head / (-1.0 - tail)  # -q[:C-1] / (1 + q_C), (N, C - 1)
-    columns = coefficients.unsqueeze(2) * qu.unsqueeze(1)  # (N, C - 1, C), contiguous
-    torch.as_strided(columns, (n, k), (k * c, c + 1)).add_(head)  # entries (n, j, j): + q_nj
-    return columns.transpose(1, 2)
-
-
-def _token_loss_factors(
-    loss_fn: TokenLoss, logits: Tensor, target: Tensor, need_grad: bool = True
-) -> tuple[Tensor, Tensor, Optional[Tensor], list[str]]:
-    """Exact factors for :class:`TokenLoss`: block-diagonal per sequence.
-
-    The loss is ``(1/M) sum_t l_t`` over the ``M`` valid tokens, so sequence ``n`` contributes
-    ``Lambda_n = (N/M) sum_{t in n} E_t Lambda_t E_t^T`` in the ``1/N`` convention of
-    :func:`_ggn_diagonal` (``E_t`` places token ``t``'s ``V`` logits among the sequence's ``T V``).
-    The base loss's factors ``(M, V, K)`` of every valid token go to the columns ``t K .. (t + 1) K``
-    of their sequence: ``T K`` columns per sequence (ignored positions: zero columns). Cost: that of
-    the base loss on ``M`` rows, and ``T K`` backward columns.
-    """
-    from lightning_flatness.functional.loss_hessian_factors import _token_positions
-
-    n = logits.shape[0]
-    rows, labels, _ = loss_fn.rows(logits.detach(), target)
-    if rows.shape[0] == 0:
-        raise ValueError("TokenLoss: every target is ignore_index; the batch has no token to score.")
-    row_factors, row_signs, _, issues = _loss_factors(loss_fn.base, rows, labels, need_grad=False)
-    flat = _token_positions(loss_fn, logits, target)
-    positions = logits.shape[1] if logits.ndim == 3 else 1
-    v, k = row_factors.shape[1], row_factors.shape[2]
-    factors = torch.zeros(n * positions, v, positions, k, dtype=logits.dtype, device=logits.device)
-    signs = torch.zeros(n * positions, positions, k, dtype=logits.dtype, device=logits.device)
-    slot = flat % positions
-    factors[flat, :, slot] = row_factors * math.sqrt(n / rows.shape[0])  # indexed shape (M, V, K)
-    signs[flat, slot] = row_signs
-    factors = factors.reshape(n, positions, v, positions * k).reshape(n, positions * v, positions * k)
-    signs = signs.reshape(n, positions, positions * k).sum(dim=1)
-    if not need_grad:
-        return factors, signs, None, issues
-    f = logits.detach().requires_grad_(True)
-    with torch.enable_grad():
-        (grad,) = torch.autograd.grad(loss_fn(f, target), f)
-    return factors, signs, grad.detach(), issues
-
-
-def _plain_class_targets(logits: Tensor, target: Tensor) -> bool:
-    """``(N, C)`` floating logits, ``(N,)`` integer targets all in ``[0, C)`` (none ignored)."""
-    if logits.ndim != 2 or not logits.is_floating_point() or not isinstance(target, Tensor):
-        return False
-    if (
-        target.ndim != 1
-        or target.shape[0] != logits.shape[0]
-        or target.is_floating_point()
-        or target.is_complex()
-        or target.dtype == torch.bool
-        or target.numel() == 0
-    ):
-        return False
-    low, high = torch.aminmax(target)
-    return 0 <= int(low) and int(high) < logits.shape[1]
-
-
-def _signed_factors(hessians: Tensor) -> tuple[Tensor, Tensor]:
-    """``Lambda_n = sum_k sign_nk c_nk c_nk^T``: factors ``(N, D, K)`` and signs ``(N, K)``.
-
-    Eigendecomposition in float64, eigenpairs sorted by ``|s|`` per sample; eigen-indices whose
-    ``|s|`` is below ``D * eps * max|s|`` for every sample (null directions) are dropped.
-    """
-    s, u = torch.linalg.eigh(hessians.to(torch.float64))
-    order = s.abs().argsort(dim=1, descending=True)
-    s = s.gather(1, order)
-    u = u.gather(2, order.unsqueeze(1).expand_as(u))
-    tol = hessians.shape[1] * torch.finfo(hessians.dtype).eps * float(s.abs().max().clamp_min(0))
-    keep = int((s.abs() > tol).any(dim=0).sum())  # columns sorted by |s|: a prefix survives
-    s, u = s[:, :keep], u[:, :, :keep]
-    return (u * s.abs().sqrt().unsqueeze(1)).to(hessians.dtype), torch.sign(s).to(hessians.dtype)
 
 
 def _fast_path_blockers(recorder: _ForwardRecorder, leaves: dict[str, Tensor], n: int) -> list[str]:
