@@ -60,12 +60,14 @@ def data(n: int, num_classes: int, seed: int):
     return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, num_classes, (n,), generator=g)
 
 
-def measurement(model, x, y, sizes, measured_batches):
+def measurement(model, x, y, sizes, measured_batches, state_buffer=None):
     """What the callback does per measurement: float32 eval copy, one SharpnessMeasurement, the batches
     (``sizes``), ``compute()``. With ``measured_batches < len(sizes)`` only the first batches are
     estimated, and the remaining replicate slots are filled with those estimates again (a proxy that
     gives ``compute()`` eight slots of realistic curvature to solve; its standard error is then not
-    meaningful and is not reported)."""
+    meaningful and is not reported). ``state_buffer``: the previous measurement's metric state, reused
+    as the callback does from its second measurement on (None: a fresh one); the result's
+    ``"state_buffer"`` is this measurement's, for the next."""
     from lightning_flatness.measure import SharpnessMeasurement
     from lightning_flatness.memory import PeakMemory
 
@@ -73,6 +75,7 @@ def measurement(model, x, y, sizes, measured_batches):
     with PeakMemory(torch.device("cpu")) as peak:
         net = copy.deepcopy(model).float().eval()
         m = SharpnessMeasurement(net, generator=torch.Generator().manual_seed(0))
+        m.metric.reuse_state(state_buffer)
         t_setup = time.perf_counter() - t0
         start, estimates = 0, []
         t_est = time.perf_counter()
@@ -87,9 +90,12 @@ def measurement(model, x, y, sizes, measured_batches):
         t_cmp = time.perf_counter()
         values = m.compute()
         t_cmp = time.perf_counter() - t_cmp
+    seconds = time.perf_counter() - t0
     full = measured_batches >= len(sizes)
     return {
-        "seconds": time.perf_counter() - t0,
+        "state_buffer": m.metric.release_state(),
+        "reused_state": state_buffer is not None,
+        "seconds": seconds,
         "setup_seconds": t_setup,
         "estimate_seconds": t_est,
         "compute_seconds": t_cmp,
@@ -125,6 +131,10 @@ def resnet_cost(args) -> dict[str, Any]:
     step_times = {k: [] for k in args.classes}
     meas = {k: [] for k in args.classes}
     loads = []
+    buffers: dict[int, Any] = {k: None for k in args.classes}
+    if not args.fresh_state:  # steady state, as from the callback's second measurement on: a warm-up
+        for k in args.classes:  # measurement per K leaves the state buffer that the timed ones reuse
+            buffers[k] = measurement(models[k], *xs[k], sizes, 1)["state_buffer"]
     for r in range(args.repeats):
         for k in args.classes:
             loads.append(os.getloadavg()[0])
@@ -132,7 +142,9 @@ def resnet_cost(args) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 steps[k]()
                 step_times[k].append(time.perf_counter() - t0)
-            res = measurement(models[k], *xs[k], sizes, args.batches)
+            res = measurement(models[k], *xs[k], sizes, args.batches, buffers[k])
+            buffers[k] = None if args.fresh_state else res.pop("state_buffer")
+            res.pop("state_buffer", None)
             meas[k].append(res)
             print(
                 f"repeat {r} K={k}: step {statistics.median(step_times[k][-args.step_repeats :]):.3f}s "
@@ -143,7 +155,12 @@ def resnet_cost(args) -> dict[str, Any]:
                 f"peak {res['peak_memory_mb']:.0f} MB load {loads[-1]:.2f}",
                 flush=True,
             )
-    out: dict[str, Any] = {"batches_measured": args.batches, "batch_sizes": sizes, "per_classes": {}}
+    out: dict[str, Any] = {
+        "batches_measured": args.batches,
+        "batch_sizes": sizes,
+        "state": "fresh" if args.fresh_state else "reused",
+        "per_classes": {},
+    }
     scale = len(sizes) / args.batches
     for k in args.classes:
         step = statistics.median(step_times[k])
@@ -290,6 +307,14 @@ def markdown(results: dict[str, Any]) -> str:
             f"{r['batches_measured']} of them estimated, time scaled linearly to all of them; "
             "compute() on 8 slots, the unmeasured ones recycled from the measured batches)",
             "",
+            "Metric state: "
+            + (
+                "freshly allocated for every measurement (`--fresh-state`, the callback's first measurement)."
+                if r.get("state") == "fresh"
+                else "the previous measurement's buffer reused, as the callback does from its second "
+                "measurement on (one untimed warm-up measurement per class count)."
+            ),
+            "",
             "1-minute load averages during the run: "
             f"{min(r['loadavg_1min']):.2f}-{max(r['loadavg_1min']):.2f}.",
             "",
@@ -362,6 +387,12 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--classes", nargs="*", type=int, default=[10, 1000])
     parser.add_argument("--batches", type=int, default=8, help="how many of the 8 batches of 64 to estimate")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--fresh-state",
+        action="store_true",
+        help="give every measurement a freshly allocated metric state (the callback's first measurement; "
+        "default: the steady state, reusing the previous measurement's buffer as the callback does)",
+    )
     parser.add_argument("--step-repeats", type=int, default=3)
     parser.add_argument("--fit-steps", type=int, default=4)
     parser.add_argument("--mlp-repeats", type=int, default=3)

@@ -231,6 +231,7 @@ class SharpnessMonitorBase:
         self._warned: set[str] = set()
         self._layouts_written: set[int] = set()
         self._undrawn_chart: Optional[dict[str, Any]] = None  # the last measurement, if not charted yet
+        self._state_buffer: Optional[Tensor] = None  # the last metric's state, for the next (CPU only)
         self._generator: Optional[torch.Generator] = None  # this evaluation's probes
         self._choice: Optional[MethodChoice] = None if method == _AUTO else MethodChoice.named(method)
         self._loss: LossFn = self.loss_fn  # resolved at the dry run (TokenLoss for sequence outputs)
@@ -366,6 +367,9 @@ class SharpnessMonitorBase:
         if self._undrawn_chart is not None:  # the last measurement's bar chart, unless drawn already
             entry, self._undrawn_chart = self._undrawn_chart, None
             self._log_chart(trainer, entry, entry["global_step"], entry["epoch"])
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._state_buffer = None  # the kept metric state is freed with the run
 
     # -- preparation --------------------------------------------------------------------------------
 
@@ -665,6 +669,7 @@ class SharpnessMonitorBase:
             with measurement_view(self.measured_network(pl_module), self.dtype) as network:
                 self._generator = self._probe_generator(device, trainer.global_rank)
                 measurement = self._measurement(network, self._generator, self.num_probes)
+                measurement.metric.reuse_state(self._take_state_buffer(measurement.metric))
                 weights = measurement.weights
                 nonfinite = not all(all_finite(w) for w in weights.values())
                 description = f"Sharpness ({self._resolved_method or 'exact'})"
@@ -691,6 +696,7 @@ class SharpnessMonitorBase:
                     values = {k: float(v) for k, v in measurement.compute().items()}
                 except Exception as err:  # e.g. the solver: identical on every rank, so no rank hangs
                     failure = err
+            self._keep_state_buffer(measurement.metric)
         self._evaluations += 1
         if values is None:
             if failure is not None:
@@ -721,6 +727,20 @@ class SharpnessMonitorBase:
             values = {k: float("nan") for k in keys}
             values["num_samples"] = 0.0
         return values
+
+    def _keep_state_buffer(self, metric: Any) -> None:
+        """On the CPU, keep the metric's state buffer for the next measurement
+        (:meth:`NormalizedSharpness.reuse_state`: a fresh one costs page faults at every measurement;
+        CUDA's caching allocator recycles device memory by itself, so nothing is kept there)."""
+        buffer = metric.release_state()
+        self._state_buffer = buffer if buffer is not None and buffer.device.type == "cpu" else None
+
+    def _take_state_buffer(self, metric: Any) -> Optional[Tensor]:
+        """The kept buffer if it fits ``metric``'s state (same layout), else None (and it is dropped)."""
+        buffer, self._state_buffer = self._state_buffer, None
+        if buffer is None or tuple(buffer.shape) != metric.state_shape:
+            return None
+        return buffer
 
     # -- reporting ----------------------------------------------------------------------------------
 

@@ -379,6 +379,7 @@ class NormalizedSharpness(Metric):
         self._slot_offset: Optional[int] = None
         self._states_persistent = False
         self._warned_no_stderr = False
+        self._spare: Optional[Tensor] = None  # a released state buffer, overwritten by the first update
         # default: one (1, 1) zero, broadcast to (R, F + 1) on use (no idle full-size copy for reset);
         # the first update copies it to full size; later updates add in place
         self.add_state(_STATE, default=torch.zeros(1, 1, dtype=torch.float64), dist_reduce_fx="sum")
@@ -403,6 +404,11 @@ class NormalizedSharpness(Metric):
                 f"new metric for a different architecture."
             )
         # same names and shapes in another order: fine (matched by name)
+
+    @property
+    def state_shape(self) -> tuple[int, int]:
+        """``(R, F + 1)``: the shape of the full state (``R`` slots of ``F`` summed entries and a count)."""
+        return (int(self._shape[0]), int(self._shape[1]))
 
     @property
     def parameter_shapes(self) -> dict[str, torch.Size]:
@@ -475,8 +481,13 @@ class NormalizedSharpness(Metric):
         slots = ((self._slot_offset + torch.arange(num_groups)) % self.num_replicates).tolist()
         with torch.inference_mode(False):  # normal tensors: Lightning validates under inference_mode
             if not (self.accumulator is acc and acc._base is None and not acc.is_inference()):
-                # out of place (the compact default, a view or an inference tensor stays as it is): one copy
-                acc = acc.clone(memory_format=torch.contiguous_format)
+                # out of place (the compact default, a view or an inference tensor stays as it is): one
+                # copy, into a buffer handed over by reuse_state() where there is one
+                spare, self._spare = self._spare, None
+                if spare is not None and spare.device == acc.device:
+                    acc = spare.copy_(acc)
+                else:
+                    acc = acc.clone(memory_format=torch.contiguous_format)
             # each group's estimate straight into its slot's columns (float64 on the fly: no block copy)
             for (name, _), lo, hi in zip(self._layout, self._offsets, self._offsets[1:]):
                 h = diagonals[name].detach().reshape(num_groups, -1)
@@ -497,6 +508,53 @@ class NormalizedSharpness(Metric):
                     name: (weights[name], weights[name]._version) for name, _ in self._layout
                 }
         self._slot_offset += num_groups
+
+    def release_state(self) -> Optional[Tensor]:
+        """Reset the metric and hand over its full-size ``(R, F + 1)`` float64 state buffer (``None`` when
+        it has none of its own: before any update, or a view or inference tensor), for
+        :meth:`reuse_state` of a later metric with the same layout. The metric no longer refers to the
+        buffer; the caller owns it (its values are this metric's sums until overwritten)."""
+        acc = self.accumulator
+        own = (
+            acc.shape == self._shape
+            and acc.dtype == torch.float64
+            and acc._base is None
+            and not acc.is_inference()
+            and acc.is_contiguous()
+        )
+        self.reset()
+        self._spare = None
+        return acc if own else None
+
+    def reuse_state(self, buffer: Optional[Tensor]) -> None:
+        """Let the first :meth:`update` after this call write its state into ``buffer`` (from
+        :meth:`release_state` of a metric with the same ``parameter_shapes`` and ``num_replicates``)
+        instead of a freshly allocated one; ``None`` does nothing.
+
+        A fresh state is ``R x (F + 1)`` float64 (715 MB for a ResNet-18 at ``R = 8``); on the CPU each
+        allocation of that size comes from the operating system and is paid again in page faults at its
+        first write, which costs several times a pass over a buffer already mapped (measured in
+        ``benchmarks/results/state_buffer_reuse.md``). The buffer is overwritten, not added to.
+
+        Raises:
+            ValueError: ``buffer`` is not a contiguous float64 tensor of this metric's state shape.
+        """
+        if buffer is None:
+            return
+        if (
+            not isinstance(buffer, Tensor)
+            or tuple(buffer.shape) != self.state_shape
+            or buffer.dtype != torch.float64
+            or not buffer.is_contiguous()
+        ):
+            raise ValueError(
+                f"reuse_state needs a contiguous float64 tensor of shape {self.state_shape} (this metric's "
+                f"state: {self.num_replicates} slots x {self._shape[1] - 1} weights + 1 count), got "
+                f"{type(buffer).__name__} {tuple(getattr(buffer, 'shape', ()))} "
+                f"{getattr(buffer, 'dtype', '')}; pass what release_state() of a metric with the same "
+                "parameter_shapes and num_replicates returned."
+            )
+        self._spare = buffer
 
     def _same_weights(self, weights: Mapping[str, Tensor]) -> bool:
         """Whether ``weights`` are the very tensors of the kept copy, not modified since (version counter;

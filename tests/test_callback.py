@@ -608,6 +608,27 @@ def test_jackknife_mode_reaches_the_metric(monkeypatch):
     assert seen and set(seen) == {"solved"} and len(monitor.history) == 1
 
 
+def test_the_metric_state_buffer_is_reused_between_measurements_and_freed_after_fit(monkeypatch):
+    """On the CPU each measurement after the first writes its metric state into the previous one's buffer
+    (no fresh allocation), the values stay those of the brute force, and the buffer is dropped at the end."""
+    from lightning_flatness.metric import NormalizedSharpness
+
+    given = []
+    original = NormalizedSharpness.reuse_state
+
+    def recording(self, buffer):
+        given.append(None if buffer is None else buffer.data_ptr())
+        return original(self, buffer)
+
+    monkeypatch.setattr(NormalizedSharpness, "reuse_state", recording)
+    monitor = SharpnessMonitor(num_samples=48, dtype="float64", batch_size=16)
+    trainer, model, dm = _fit(monitor, max_epochs=3)
+    assert len(given) == 3 and given[0] is None and given[1] is not None and given[2] == given[1]
+    assert monitor._state_buffer is None  # freed with the run (teardown)
+    ref = brute_force_measures(model, *_subset(monitor, dm.train_set))
+    assert monitor.history[-1]["normalized"] == pytest.approx(ref["normalized"], rel=1e-9)
+
+
 def test_model_without_weight_matrices_requiring_grad_fails_at_setup_before_training():
     model = MLP()
     for layer in (model.net[0], model.net[2], model.net[4]):

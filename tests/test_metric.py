@@ -768,6 +768,45 @@ def test_updates_add_in_place_and_copy_the_weights_only_when_they_change():
     torch.testing.assert_close(metric.hessian_sums()["w"].sum(dim=0), 2 * h.reshape(-1))
 
 
+def test_a_released_state_buffer_is_overwritten_by_the_next_metric_with_identical_results():
+    """release_state() hands over the full-size buffer; a metric given it by reuse_state() writes its
+    state there (no new allocation) and computes exactly what a metric with a fresh state computes."""
+    first = NormalizedSharpness(SHAPES, num_replicates=4)
+    first.update(_diagonals(4, seed=1), _weights(0), [3, 2, 4, 1])
+    first.compute()
+    buffer = first.release_state()
+    assert buffer is not None and tuple(buffer.shape) == first.state_shape == (4, 6 * 4 + 3 * 6 + 1)
+    assert first.accumulator is not buffer and first.accumulator.numel() == 1  # reset to the compact default
+    assert first.release_state() is None  # nothing of its own any more
+
+    reused, fresh = (
+        NormalizedSharpness(SHAPES, num_replicates=4),
+        NormalizedSharpness(SHAPES, num_replicates=4),
+    )
+    reused.reuse_state(buffer)
+    for metric in (reused, fresh):
+        metric.update(_diagonals(4, seed=2), _weights(1), [2, 2, 2, 2])
+        metric.update(_diagonals(2, seed=3), _weights(1), [5, 1])
+    assert reused.accumulator.data_ptr() == buffer.data_ptr()  # written into the handed-over buffer
+    assert torch.equal(reused.accumulator, fresh.accumulator)  # the old sums are gone, not added to
+    got, expected = reused.compute(), fresh.compute()
+    assert set(got) == set(expected)
+    assert all(
+        torch.equal(got[k], expected[k]) or bool(got[k].isnan() & expected[k].isnan()) for k in expected
+    )
+
+
+def test_reuse_state_rejects_a_buffer_of_another_layout():
+    metric = NormalizedSharpness(SHAPES, num_replicates=4)
+    metric.reuse_state(None)  # nothing to reuse: a no-op
+    with pytest.raises(ValueError, match=r"reuse_state needs a contiguous float64 tensor of shape \(4, 43\)"):
+        metric.reuse_state(torch.zeros(8, 43, dtype=torch.float64))
+    with pytest.raises(ValueError, match="same parameter_shapes and num_replicates"):
+        metric.reuse_state(torch.zeros(4, 43, dtype=torch.float32))
+    with pytest.raises(ValueError, match="contiguous float64"):
+        metric.reuse_state(torch.zeros(43, 4, dtype=torch.float64).T)
+
+
 def test_one_dimensional_tensors_enter_the_trace_and_its_error_bars_only():
     """A bias beside a weight: ``hessian_trace`` and its jackknife count both, ``hessian_trace_weights`` the
     weight alone (both against a by-hand delete-one jackknife of the slot means), and the normalized
