@@ -1,8 +1,9 @@
-"""The folded-batch backward of the exact method's K columns (layer_rules.column_backward) gives what
-autograd gives: per operation kind, the gradients at every recorded layer output equal autograd's
+"""The folded-batch backward of the K columns of the exact and sketched methods
+(layer_rules.column_backward) gives what autograd gives: per operation kind (torchvision's in-place
+ReLU and residual sum included), the gradients at every recorded layer output equal autograd's
 ``is_grads_batched`` gradients, and the diagonal equals the float64 brute-force Hessian diagonal. An
-operation without a rule, an in-place operation or a tensor changed after the forward sends the
-computation back to autograd, with the same result."""
+operation without a rule, an in-place operation without one or a tensor changed after the forward
+sends the computation back to autograd, with the same result."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import nn
 
 import lightning_flatness.functional.estimators.exact as exact_module
 from lightning_flatness.functional.estimators.layer_rules.column_backward import ColumnTape
+from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.parameters import select_parameters
 
 torch.set_num_threads(1)
@@ -164,14 +166,14 @@ class _LeakyNet(nn.Module):
 
     def forward(self, x):
         h = self.a(x)
-        h = F.relu(h, inplace=True) if self.inplace else F.leaky_relu(h, 0.1)
+        h = F.leaky_relu(h, 0.1, inplace=True) if self.inplace else F.leaky_relu(h, 0.1)
         return self.b(h)
 
 
-@pytest.mark.parametrize("inplace", [True, False], ids=["relu_inplace", "leaky_relu"])
+@pytest.mark.parametrize("inplace", [True, False], ids=["leaky_relu_inplace", "leaky_relu"])
 def test_operations_without_a_rule_fall_back_to_autograd(inplace, monkeypatch):
-    """An in-place ReLU on a recorded output (the forward then copies the outputs) and LeakyReLU (no
-    rule) leave the tape unused; the diagonal is still the brute-force one."""
+    """LeakyReLU (no rule), in place on a recorded output (the forward then copies the outputs) or not,
+    leaves the tape unused; the diagonal is still the brute-force one."""
     used = _spy(monkeypatch)
     torch.manual_seed(0)
     model = _LeakyNet(inplace).double()
@@ -181,6 +183,184 @@ def test_operations_without_a_rule_fall_back_to_autograd(inplace, monkeypatch):
     diag = exact_module.exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
     assert used and not any(used)
     assert_relative_close(diag, brute_hessian_diagonal(model, F.cross_entropy, x, y, list(params)), 1e-9)
+
+
+class _TorchvisionBlocks(nn.Module):
+    """torchvision's ResNet pattern: a stem conv -> BatchNorm -> ReLU(inplace=True) -> max pooling, then
+    basic blocks ``out = relu_(bn1(conv1(x))); out = bn2(conv2(out)); out += identity; relu_(out)`` (one
+    with a strided 1x1 downsampling of the identity), global pooling and a linear head."""
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.relu = nn.ReLU(inplace=True)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.downsample = None
+            if stride != 1 or cin != cout:
+                self.downsample = nn.Sequential(
+                    nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+                )
+
+        def forward(self, x):
+            identity = x
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            if self.downsample is not None:
+                identity = self.downsample(x)
+            out += identity
+            return self.relu(out)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(3)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = self.Block(3, 3, 1)
+        self.layer2 = self.Block(3, 4, 2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def _torchvision_style() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    model = _TorchvisionBlocks().double().eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5, generator=g)
+                module.running_var.uniform_(0.5, 2.0, generator=g)
+                module.weight.uniform_(0.5, 1.5, generator=g)
+                module.bias.uniform_(-0.5, 0.5, generator=g)
+    x = torch.randn(6, 2, 7, 7, dtype=torch.float64, generator=g)
+    return model, x, torch.randint(0, 5, (6,), generator=g)
+
+
+def test_torchvision_style_in_place_blocks_go_through_the_tape_and_equal_brute_force(monkeypatch):
+    """In-place ReLU on BatchNorm outputs and ``out += identity`` followed by an in-place ReLU (the
+    forward copies the recorded outputs, and the tape takes the copies as identities): the tape is used,
+    its gradients at every recorded output equal autograd's, and the exact diagonal is the float64
+    brute-force one."""
+    model, x, y = _torchvision_style()
+    params = select_parameters(model)
+    with torch.enable_grad():
+        forward = exact_module._record_forward(model, x, params, "test")
+        assert forward.recorder.clone_outputs  # the model changes recorded outputs in place
+        outputs = [call.output for call in forward.recorder.calls]
+        columns = torch.randn(
+            4, *forward.logits.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4)
+        )
+        ours = forward.recorder.tape.backward(forward.logits, columns, outputs)
+        reference = torch.autograd.grad(
+            forward.logits, outputs, columns, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+    assert ours is not None, "the tape should cover torchvision's in-place blocks"
+    for a, b in zip(ours, reference):
+        assert (a is None) == (b is None)
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * float(b.abs().max()))
+    used = _spy(monkeypatch)
+    diag = exact_module.exact_hessian_diagonal(model, normalized_softmax_cross_entropy, x, y, params)
+    assert used == [True]
+    ref = brute_hessian_diagonal(model, normalized_softmax_cross_entropy, x, y, list(params))
+    assert_relative_close(diag, ref, 1e-9)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4])
+def test_the_sketch_goes_through_the_tape_with_the_values_of_autograd(chunk_size, monkeypatch):
+    """gauss_newton_sketch on the torchvision-style blocks: the tape carries its columns (each layer
+    contracted as the pass reaches it) and gives the values of autograd's batched backward for the
+    same random signs."""
+    from lightning_flatness.functional.estimators.gauss_newton_sketch import gauss_newton_sketch_diagonal
+
+    model, x, y = _torchvision_style()
+    params = select_parameters(model)
+
+    def run() -> dict[str, torch.Tensor]:
+        return gauss_newton_sketch_diagonal(
+            model,
+            normalized_softmax_cross_entropy,
+            x,
+            y,
+            params,
+            generator=torch.Generator().manual_seed(5),
+            chunk_size=chunk_size,
+        )
+
+    used = _spy(monkeypatch)
+    taped = run()
+    assert used == [True]
+    monkeypatch.setattr(ColumnTape, "backward", lambda self, *args, **kwargs: None)
+    reference = run()
+    for name in params:
+        torch.testing.assert_close(taped[name], reference[name], rtol=1e-12, atol=1e-14)
+
+
+def test_in_place_relu_after_an_earlier_use_routes_both_gradients():
+    """``h`` feeds a linear layer *before* an in-place ReLU changes it and another one after: the
+    first use's gradient reaches ``h`` unmasked, the second's through the mask (against autograd)."""
+    torch.manual_seed(0)
+    a, b, c = (nn.Linear(4, 4).double() for _ in range(3))
+    weights = [p.detach().requires_grad_(True) for layer in (a, b, c) for p in (layer.weight, layer.bias)]
+    tape = ColumnTape({id(w) for w in weights})
+    x = torch.randn(5, 4, dtype=torch.float64)
+    h = F.linear(x, weights[0], weights[1])
+    tape.record("linear", F.linear, (x, weights[0], weights[1]), {}, h)
+    early = F.linear(h, weights[2], weights[3])
+    tape.record("linear", F.linear, (h, weights[2], weights[3]), {}, early)
+    reference_h = h.clone()  # autograd needs the value before the in-place change
+    out = F.relu(h, inplace=True)
+    assert out is h
+    tape.record("relu", F.relu, (h,), {"inplace": True}, out)
+    late = F.linear(out, weights[4], weights[5])
+    tape.record("linear", F.linear, (out, weights[4], weights[5]), {}, late)
+    total = early + late
+    tape.record("add", torch.add, (early, late), {}, total)
+    columns = torch.randn(3, 5, 4, dtype=torch.float64)
+    delivered: list[tuple[int, torch.Tensor]] = []
+    tape.backward(total, columns, [h], lambda i, g: delivered.append((i, g.clone())))
+    # at h: the gradient of the value before the change, delivered once (by the operation that made h)
+    assert [i for i, _ in delivered] == [0]
+    ours = delivered[0][1]
+    # autograd on an out-of-place copy of the same computation
+    h2 = F.linear(x, weights[0], weights[1])
+    total2 = F.linear(h2, weights[2], weights[3]) + F.linear(F.relu(h2), weights[4], weights[5])
+    (expected,) = torch.autograd.grad(total2, h2, columns, is_grads_batched=True)
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-14)
+    assert torch.equal(reference_h.clamp_min(0), h)
+
+
+def test_in_place_operations_without_a_rule_or_untaped_changes_disable_the_tape():
+    """An in-place multiply has no rule (the tape is rejected); an in-place change of a taped tensor
+    that the tape did not record (under no_grad, after the forward) makes it decline at backward."""
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 4).double()
+    weight, bias = (p.detach().requires_grad_(True) for p in (layer.weight, layer.bias))
+    x = torch.randn(5, 3, dtype=torch.float64)
+    tape = ColumnTape({id(weight), id(bias)})
+    h = F.linear(x, weight, bias)
+    tape.record("linear", F.linear, (x, weight, bias), {}, h)
+    tape.record("mul", torch.Tensor.mul_, (h, 2.0), {}, h.mul_(2.0))
+    assert not tape.ok
+    tape = ColumnTape({id(weight), id(bias)})
+    h = F.linear(x, weight, bias)
+    tape.record("linear", F.linear, (x, weight, bias), {}, h)
+    out = h + 1.0
+    tape.record("add", torch.add, (h, 1.0), {}, out)
+    tape.record("add", torch.Tensor.add_, (out, h), {}, out.add_(h))  # out += h: taped
+    assert tape.ok and tape.backward(out, torch.ones(1, 5, 4, dtype=torch.float64), [h]) is not None
+    with torch.no_grad():
+        out.mul_(1.0)  # not taped
+    assert tape.backward(out, torch.ones(1, 5, 4, dtype=torch.float64), [h]) is None
 
 
 def _recorded(model: nn.Module):

@@ -606,10 +606,8 @@ class _ForwardRecorder(TorchFunctionMode):
         self.random_ops: list[str] = []  # calls that draw random numbers (train-mode dropout, rand, ...)
         self._seen_nodes: dict[int, Any] = {}  # grad_fn nodes of outputs of observed operations
         # the operations with hand-written backward formulas for the K columns folded into the batch
-        # (layer_rules.column_backward); unusable with cloned outputs (the clones are not on it)
+        # (layer_rules.column_backward), with the copies of the layer outputs as identities
         self.tape = ColumnTape(set(self.names_by_id))
-        if clone_outputs:
-            self.tape.reject()
 
     # -- bookkeeping -----------------------------------------------------------------------
     def where(self) -> str:
@@ -675,7 +673,9 @@ class _ForwardRecorder(TorchFunctionMode):
         self.tape.record(name, func, args, kwargs, out)
         if call is not None:
             if self.clone_outputs:
-                out = out.clone()  # in-place ops downstream (ReLU(inplace=True)) must not change z
+                copy = out.clone()  # in-place ops downstream (ReLU(inplace=True)) must not change z
+                self.tape.record_copy(out, copy)
+                out = copy
                 out_tensors = [out]
             call.version = call.output._version
         self.mark_seen(out_tensors)

@@ -251,27 +251,37 @@ def samples_interact(
 def _diagonal_by_layers(
     forward: _RecordedForward, columns: Tensor, signs: Tensor, chunk_size: int
 ) -> dict[str, Tensor]:
-    """One batched backward of the ``C`` columns to the recorded layer outputs, then
-    :func:`chunk_contraction` per layer (``chunk_size == 1``: the per-sample contractions of
-    :func:`~.layer_rules.accumulate_layer`, with their position-pair path). The samples must not interact
-    (:func:`samples_interact`)."""
+    """One backward of the ``C`` columns to the recorded layer outputs, then :func:`chunk_contraction`
+    per layer (``chunk_size == 1``: the per-sample contractions of :func:`~.layer_rules.accumulate_layer`,
+    with their position-pair path). The samples must not interact (:func:`samples_interact`).
+
+    The backward is the folded-batch one of :class:`~.layer_rules.column_backward.ColumnTape` where it
+    covers the model (each layer contracted as soon as the pass reaches it, as in the exact method), else
+    autograd's batched one."""
     calls, logits, leaves = forward.recorder.calls, forward.logits, forward.leaves
     n, c = logits.shape[0], columns.shape[2]
     vectors = columns.permute(2, 0, 1).reshape(c, *logits.shape)
-    grads = _batched_backward(logits, [call.output for call in calls], vectors)
     # zero-filled at the start on purpose: storing each first contribution as it is (no fill, no add)
     # was measured slower on a CIFAR ResNet-18 (page faults: the results then interleave with the
     # temporaries in the heap, which the allocator hands back to the kernel and faults in again;
     # benchmarks/results/bench_sketch_copies.md)
     diag = {name: torch.zeros_like(t) for name, t in leaves.items()}
-    for call, g in zip(calls, grads):
-        if g is None:
-            continue
+    per_sample_signs = signs.unsqueeze(0).expand(n, c)
+
+    def contract(i: int, g: Tensor) -> None:
+        call = calls[i]
         if chunk_size == 1:
-            accumulate_layer(call, g, signs.unsqueeze(0).expand(n, c), diag, leaves)
+            accumulate_layer(call, g, per_sample_signs, diag, leaves)
         else:
             kernel = tuple(leaves[call.weight].shape[2:]) if call.weight is not None else ()
             chunk_contraction(call, g, signs, chunk_size, diag, kernel)
+
+    outputs = [call.output for call in calls]
+    if forward.recorder.tape.backward(logits, vectors, outputs, contract) is not None:
+        return diag
+    for i, g in enumerate(_batched_backward(logits, outputs, vectors)):
+        if g is not None:
+            contract(i, g)
     return diag
 
 

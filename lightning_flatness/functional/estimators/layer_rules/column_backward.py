@@ -18,10 +18,12 @@ gradient and does not mix samples, the ``K`` columns can instead be folded into 
   residual ``add`` of equal shapes, and the reshapes (``flatten``, ``view``, ``reshape``, ...).
 
 :class:`ColumnTape` records these operations during the recorded forward (the exactness recorder
-sees every operation on weight-dependent tensors); any other operation, an in-place one, or an
-argument of an unexpected kind makes the tape unusable and the caller falls back to autograd, so
-the result never depends on this module's coverage. Tensors the backward reads are checked for
-in-place changes (version counters) before it runs.
+sees every operation on weight-dependent tensors), including the two in-place operations of
+torchvision-style blocks (``nn.ReLU(inplace=True)`` and ``out += identity``) and the recorder's copies of
+layer outputs; any other operation, another in-place one, or an argument of an unexpected kind makes
+the tape unusable and the caller falls back to autograd, so the result never depends on this module's
+coverage. Tensors the backward reads are checked for in-place changes (version counters) before it
+runs, and every taped tensor for changes the tape did not record.
 
 Cost: the operations' input-gradient kernels once on ``K`` times the batch, with no per-column
 loop and no autograd bookkeeping; the same flops as autograd's batched backward.
@@ -128,14 +130,23 @@ class ColumnTape:
     def __init__(self, leaf_ids: set[int]):
         self.leaf_ids = leaf_ids
         self.ok = True
-        self.entries: list[tuple[Tensor, _Backward]] = []
+        # (output, its backward, whether the operation changed its input in place)
+        self.entries: list[tuple[Tensor, _Backward, bool]] = []
         self.produced: set[int] = set()
         self.versions: list[tuple[Tensor, int]] = []  # tensors read by the backward, with their version
+        # each taped tensor with its version after the last taped operation that wrote it
+        self.output_versions: dict[int, tuple[Tensor, int]] = {}
 
     def reject(self) -> None:
         self.ok = False
         self.entries = []
         self.versions = []
+        self.output_versions = {}
+
+    def _add_entry(self, out: Tensor, backward: _Backward, in_place: bool) -> None:
+        self.entries.append((out, backward, in_place))
+        self.produced.add(id(out))
+        self.output_versions[id(out)] = (out, out._version)
 
     def _constant(self, t: Any) -> bool:
         """``t`` is not a weight-dependent tensor other than a selected leaf (no gradient needed)."""
@@ -151,16 +162,49 @@ class ColumnTape:
             and (name == "contiguous" or name in _DROPOUTS and self._eval_dropout(args, kwargs))
         ):
             return  # the input itself (already contiguous, eval-mode dropout): nothing to record
-        backward = self._rule(name, func, args, kwargs, out)
+        if args and args[0] is out and isinstance(out, Tensor):  # in place, on its first argument
+            backward = self._in_place_rule(name, args, kwargs, out)
+        else:
+            backward = self._rule(name, func, args, kwargs, out)
         if backward is None:
             self.reject()
             return
-        self.entries.append((out, backward))
-        self.produced.add(id(out))
-        self.versions.append((out, out._version))
+        self._add_entry(out, backward, in_place=args[0] is out if args else False)
+
+    def record_copy(self, source: Tensor, copy: Tensor) -> None:
+        """``copy`` is a copy of the taped ``source`` made outside the torch function mode (the
+        recorder's copies of layer outputs, which the model may then change in place): the identity."""
+        if not self.ok:
+            return
+        if id(source) not in self.produced:
+            self.reject()
+            return
+        self._add_entry(copy, lambda g, owned: [(source, g, owned)], in_place=False)
 
     def _read(self, t: Tensor) -> None:
         self.versions.append((t, t._version))
+
+    def _in_place_rule(self, name: str, args: tuple, kwargs: dict, out: Tensor) -> Optional[_Backward]:
+        """The two in-place operations of torchvision-style blocks on a taped tensor ``out``: ReLU
+        (``nn.ReLU(inplace=True)``, ``relu_``), ``g * (out > 0)`` with the mask read from the result; and
+        ``out += other`` of equal shape and dtype (``add_`` without ``alpha``), ``g`` to both. The
+        gradient stays under ``out`` (the tensor before the change has the same identity), so the entry
+        that produced ``out`` receives the gradient of the value before the change."""
+        if id(out) not in self.produced:
+            return None
+        if name == "relu":
+            self._read(out)  # the mask: the result, which later taped writes must leave unchanged
+            return functools.partial(_relu_backward, out, out)
+        if name == "add":
+            if len(args) != 2 or kwargs:
+                return None  # alpha, out, ...: not the plain sum
+            other = args[1]
+            if self._constant(other):
+                return lambda g, owned: [(out, g, owned)]
+            if other is out or other.shape != out.shape or other.dtype != out.dtype:
+                return None
+            return lambda g, owned: [(out, g, False), (other, g, False)]
+        return None
 
     def _rule(self, name: str, func: Any, args: tuple, kwargs: dict, out: Any) -> Optional[_Backward]:
         raw = getattr(func, "__name__", "")
@@ -344,7 +388,9 @@ class ColumnTape:
         gradients are alive at once."""
         if not self.ok or id(logits) not in self.produced:
             return None
-        if any(t._version != v for t, v in self.versions):
+        if any(t._version != v for t, v in self.versions) or any(
+            t._version != v for t, v in self.output_versions.values()
+        ):
             return None
         with torch.no_grad():
             return self._backward(logits, columns, wanted, consume)
@@ -360,12 +406,12 @@ class ColumnTape:
         found: dict[int, Tensor] = {}
         # id -> (gradient so far, whether no one else holds it: then a rule may overwrite it)
         grads: dict[int, tuple[Tensor, bool]] = {id(logits): (columns, False)}
-        for out, rule in reversed(self.entries):
+        for out, rule, in_place in reversed(self.entries):
             item = grads.pop(id(out), None)
             if item is None:
                 continue
             g, owned = item
-            i = index.get(id(out))
+            i = None if in_place else index.get(id(out))  # delivered by the entry that produced it
             if i is not None:
                 if consume is None:
                     found[i] = g
