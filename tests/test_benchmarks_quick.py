@@ -184,3 +184,12 @@ def test_bench_mlp_measurement_quick_times_both_parts_of_one_exact_measurement()
     out = bench_mlp_measurement.main(["--quick"])
     assert out["estimate_ms"] > 0 and out["compute_ms"] > 0 and out["repeats"] == 1
     assert _finite(out["normalized"]) and out["normalized"] > 0
+
+
+def test_bench_column_tape_quick_gives_equal_sums_in_both_arms():
+    pytest.importorskip("torchvision")
+    from benchmarks import bench_column_tape
+
+    row = bench_column_tape.main(["--quick"])["10"]
+    assert row["tape_seconds"] > 0 and row["autograd_seconds"] > 0
+    assert row["sums"]["tape"] == pytest.approx(row["sums"]["autograd"], rel=1e-5)
