@@ -534,7 +534,7 @@ class NormalizedSharpness(Metric):
         A fresh state is ``R x (F + 1)`` float64 (715 MB for a ResNet-18 at ``R = 8``); on the CPU each
         allocation of that size comes from the operating system and is paid again in page faults at its
         first write, which costs several times a pass over a buffer already mapped (measured in
-        ``benchmarks/results/state_buffer_reuse.md``). The buffer is overwritten, not added to.
+        ``benchmarks/results/measurement_cost_round5.md``). The buffer is overwritten, not added to.
 
         Raises:
             ValueError: ``buffer`` is not a contiguous float64 tensor of this metric's state shape.
