@@ -71,7 +71,9 @@ def test_stderr_and_half_shift_of_the_fast_path_equal_converged_solves(shape, cl
     w, sums, counts = _slots(shape, clipped, seed=3 + len(shape), dead=dead)
     a, _ = replicate_curvature(sums, replicate_weights(counts, list(range(8))), w.shape)
     b = w.square().reshape(a.shape[1], a.shape[2], -1).sum(dim=2)
-    warm = torch.stack([s.value for s in solve_normalized_sharpness_coefficients(a, b, rtol=1e-11)])
+    warm = torch.stack(
+        [s.value for s in solve_normalized_sharpness_coefficients(a, b, rtol=1e-11, warm_start=True)]
+    )
     assert certified == [10]  # every replicate certified by the fast path, none by the general solver
     ref = _converged_values(w, sums, counts)
     se = jackknife_standard_error(ref[1:9])
@@ -184,7 +186,7 @@ def test_replicates_the_fast_path_leaves_uncertified_are_finished_by_the_general
     b = w.square().reshape(a.shape[1], a.shape[2], -1).sum(dim=2)
     cold = solve_normalized_sharpness_coefficients(a, b, rtol=1e-11, warm_start=False)
     monkeypatch.setattr(replicate_module, "_MAX_CG", 0)
-    warm = solve_normalized_sharpness_coefficients(a, b, rtol=1e-11)
+    warm = solve_normalized_sharpness_coefficients(a, b, rtol=1e-11, warm_start=True)
     assert not any(s.attained for s in cold)  # dead rows and pruned columns: unattained infima
     for s_warm, s_cold in zip(warm, cold):
         assert float(s_warm.value) == pytest.approx(float(s_cold.value), rel=1e-10)
@@ -215,7 +217,7 @@ def test_replicates_that_lose_units_of_one_slot_take_the_fast_path_and_equal_col
     a, _ = replicate_curvature(sums, mix, w.shape)
     b = w.square().reshape(a.shape[1], a.shape[2], -1).sum(dim=2)
     assert bool((a[1, row] == 0).all()) and bool((a[4, :, 5] == 0).all())  # the parts really lose them
-    warm = solve_normalized_sharpness_coefficients(a, b, rtol=1e-11)
+    warm = solve_normalized_sharpness_coefficients(a, b, rtol=1e-11, warm_start=True)
     cold = solve_normalized_sharpness_coefficients(a, b, rtol=1e-11, warm_start=False)
     assert certified == [10]
     for s_warm, s_cold in zip(warm, cold):

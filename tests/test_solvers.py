@@ -447,3 +447,22 @@ def test_no_warnings_on_wrn_like_layer():
         warnings.simplefilter("error")
         sol = solve_normalized_sharpness(w, h)
     assert sol.value - sol.lower_bound <= 1e-11 * sol.lower_bound
+
+
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_batch_solves_cold_by_default_or_warm_on_request_with_the_same_certified_values(warm_start):
+    """``solve_normalized_sharpness_batch``: every problem certified to ``rtol`` against its own single
+    solve, whether the replicates start cold (the default) or from problem 0's optimum."""
+    from lightning_flatness.functional.solvers import solve_normalized_sharpness_batch
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(7, 5, 3, generator=g, dtype=torch.float64)
+    h = torch.exp(torch.randn(7, 5, 3, generator=g, dtype=torch.float64)) - 0.3  # some clipped
+    diagonals = torch.stack(
+        [h, *(h * (1 + 0.4 * torch.rand(7, 5, 3, generator=g, dtype=torch.float64)) for _ in range(3))]
+    )
+    sols = solve_normalized_sharpness_batch(w, diagonals, warm_start=warm_start)
+    for p, sol in enumerate(sols):
+        single = solve_normalized_sharpness(w, diagonals[p])
+        assert float(sol.value) == pytest.approx(float(single.value), rel=3e-11)
+        assert float(sol.lower_bound) <= float(sol.value) <= float(sol.lower_bound) * (1 + 1e-11)

@@ -256,15 +256,18 @@ def solve_normalized_sharpness_batch(
     *,
     rtol: float = 1e-11,
     max_iter: int = 100,
+    warm_start: bool = False,
 ) -> list[NormalizedSharpnessSolution]:
     r"""Solve eq. 17 for one weight tensor and ``P`` Hessian diagonals at once (e.g. a pooled estimate
     and its jackknife replicates), as one batched Newton iteration.
 
-    Problem 0 is solved from the alternating-sweep start; problems ``1..P-1`` start from its
-    solution (a warm start: close diagonals have close optima, so they typically need one or two
-    Newton steps and no sweeps), batched over a leading dimension, each stopping when its own
-    certificate holds. Put the diagonal the others scatter around (the pooled mean) first.
-    Each value is certified to ``rtol`` exactly as by :func:`solve_normalized_sharpness`.
+    All problems start from the alternating sweeps, batched over a leading dimension, each stopping
+    when its own certificate holds. With ``warm_start=True`` problem 0 is solved first and problems
+    ``1..P-1`` start from its solution instead (put the diagonal the others scatter around first);
+    that was measured slower (``benchmarks/bench_cold_vs_warm.py``: the sweeps bring each problem
+    closer to its optimum than a neighbour's optimum is, and from a warm start replicates took 2-7
+    damped Newton iterations against 1). Each value is certified to ``rtol`` exactly as by
+    :func:`solve_normalized_sharpness`.
 
     Cost: forming the ``P`` coefficient matrices, ``O(P numel)``; then per Newton iteration and
     unfinished problem ``O(m n)`` float64 and ``O(m n min(m, n))`` float32 (see the module docstring).
@@ -273,7 +276,8 @@ def solve_normalized_sharpness_batch(
         weight: ``(m, n, *kernel)`` weight tensor, shared by all problems.
         hessian_diagonals: ``(P, m, n, *kernel)`` Hessian diagonals, unclipped.
         lam, rtol, max_iter: as for :func:`normalized_sharpness` (``max_iter`` bounds the iterations
-            of each of the two stages: problem 0, then the batch).
+            of each of the two stages when warm-started: problem 0, then the batch).
+        warm_start: start problems ``1..P-1`` from problem 0's solution.
 
     Returns:
         ``P`` :class:`NormalizedSharpnessSolution` in float64.
@@ -300,7 +304,7 @@ def solve_normalized_sharpness_batch(
         num, m, n = h.shape[0], w.shape[0], w.shape[1]
         a = h.clamp_min(0).reshape(num, m, n, -1).sum(dim=3)
         b = (w.square().reshape(m, n, -1).sum(dim=2) / (2.0 * lam))[None]
-        return _solve(a, b, rtol, max_iter, tuple(weight.shape), warm_start=True)
+        return _solve(a, b, rtol, max_iter, tuple(weight.shape), warm_start=warm_start)
 
 
 def solve_normalized_sharpness_coefficients(
@@ -309,7 +313,7 @@ def solve_normalized_sharpness_coefficients(
     *,
     rtol: float = 1e-11,
     max_iter: int = 100,
-    warm_start: bool = True,
+    warm_start: bool = False,
     shape: Optional[tuple] = None,
     replicate_rtol: Optional[float] = None,
 ) -> list[NormalizedSharpnessSolution]:
@@ -317,8 +321,9 @@ def solve_normalized_sharpness_coefficients(
 
     The batched core of :func:`solve_normalized_sharpness_batch`, for callers that form
     ``A = sum_k max(h, 0)`` and ``B = sum_k W^2 / (2 lam)`` themselves (e.g. from sums of
-    replicates, without materialising every diagonal). Problem 0 is solved cold and the others
-    warm-started from it (``warm_start=True``) or all cold.
+    replicates, without materialising every diagonal). All problems are solved cold (the default,
+    measured faster: see :func:`solve_normalized_sharpness_batch`), or problem 0 cold and the others
+    warm-started from it (``warm_start=True``).
 
     Args:
         a: ``(P, m, n)`` non-negative float64.
