@@ -126,24 +126,34 @@ def test_tape_gradients_equal_autograd_batched_gradients(name):
     """At every recorded layer output, the folded-batch backward of 5 random columns equals autograd's
     vmapped backward (float64, 1e-12 relative)."""
     model, x, _ = _prepared(name)
-    params = select_parameters(model)
+    forward = _assert_tape_equals_autograd(model, x, num_columns=5, seed=2)
+    assert len(forward.recorder.calls) > 0
+
+
+def _assert_tape_equals_autograd(model: nn.Module, x: torch.Tensor, num_columns: int, seed: int):
+    """Record ``model`` on ``x``; the tape's gradients of ``num_columns`` random columns at every recorded
+    layer output must equal autograd's vmapped ones (float64, 1e-12 relative). Returns the recording."""
     with torch.enable_grad():
-        forward = exact_module._record_forward(model, x, params, "test")
+        forward = exact_module._record_forward(model, x, select_parameters(model), "test")
         outputs = [call.output for call in forward.recorder.calls]
         columns = torch.randn(
-            5, *forward.logits.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2)
+            num_columns,
+            *forward.logits.shape,
+            dtype=torch.float64,
+            generator=torch.Generator().manual_seed(seed),
         )
         ours = forward.recorder.tape.backward(forward.logits, columns, outputs)
         reference = torch.autograd.grad(
             forward.logits, outputs, columns, retain_graph=True, allow_unused=True, is_grads_batched=True
         )
     assert ours is not None, "the tape should cover this model"
-    assert len(ours) == len(reference) == len(forward.recorder.calls) > 0
+    assert len(ours) == len(reference) == len(forward.recorder.calls)
     for a, b in zip(ours, reference):
         assert (a is None) == (b is None)
         if b is not None:
             assert a.shape == b.shape
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * float(b.abs().max()))
+    return forward
 
 
 @pytest.mark.parametrize("name", ["mlp", "conv1d", "conv2d", "residual", "reshapes"])
@@ -252,22 +262,8 @@ def test_torchvision_style_in_place_blocks_go_through_the_tape_and_equal_brute_f
     brute-force one."""
     model, x, y = _torchvision_style()
     params = select_parameters(model)
-    with torch.enable_grad():
-        forward = exact_module._record_forward(model, x, params, "test")
-        assert forward.recorder.clone_outputs  # the model changes recorded outputs in place
-        outputs = [call.output for call in forward.recorder.calls]
-        columns = torch.randn(
-            4, *forward.logits.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4)
-        )
-        ours = forward.recorder.tape.backward(forward.logits, columns, outputs)
-        reference = torch.autograd.grad(
-            forward.logits, outputs, columns, retain_graph=True, allow_unused=True, is_grads_batched=True
-        )
-    assert ours is not None, "the tape should cover torchvision's in-place blocks"
-    for a, b in zip(ours, reference):
-        assert (a is None) == (b is None)
-        if b is not None:
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * float(b.abs().max()))
+    forward = _assert_tape_equals_autograd(model, x, num_columns=4, seed=4)
+    assert forward.recorder.clone_outputs  # the model changes recorded outputs in place
     used = _spy(monkeypatch)
     diag = exact_module.exact_hessian_diagonal(model, normalized_softmax_cross_entropy, x, y, params)
     assert used == [True]
