@@ -13,13 +13,13 @@ from torch import nn
 
 import lightning_flatness.functional.estimators.layer_rules.conv as conv
 from lightning_flatness.functional.estimators.exact import _cross_entropy_factors, exact_hessian_diagonal
+from lightning_flatness.functional.estimators.layer_rules import LayerCall, accumulate_layer
+from lightning_flatness.functional.estimators.layer_rules.column_backward import ColumnTape
 from lightning_flatness.functional.estimators.loss_factors import (
     _loss_factors,
     _normalized_cross_entropy_factors,
     _per_sample_loss_hessians,
 )
-from lightning_flatness.functional.estimators.layer_rules import LayerCall, accumulate_layer
-from lightning_flatness.functional.estimators.layer_rules.column_backward import ColumnTape
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.parameters import select_parameters
 

@@ -118,7 +118,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
@@ -139,7 +138,6 @@ from lightning_flatness.functional.estimators.loss_factors import (  # noqa: F40
 )
 from lightning_flatness.functional.model_io import (
     ModelInputs,
-    TokenLoss,
     extract_logits,
     inputs_batch_size,
     map_inputs,

@@ -113,7 +113,8 @@ def _loss_factors(
     ``+1``), and ``dL/df_n = (p_n - e_{y_n}) / N``, computed in the logits' dtype (at least float32).
     For eq. 20 (``loss_fn is normalized_softmax_cross_entropy``) on such logits and targets: the closed
     form in float64 (:func:`_normalized_cross_entropy_factors`, at most ``K - 1`` signed columns, and
-    :func:`_normalized_cross_entropy_gradient`), returned in the logits' dtype. Any other loss: :func:`_per_sample_loss_hessians` and :func:`_signed_factors`.
+    :func:`_normalized_cross_entropy_gradient`), returned in the logits' dtype. Any other loss:
+    :func:`_per_sample_loss_hessians` and :func:`_signed_factors`.
     """
     if isinstance(loss_fn, TokenLoss):
         return _token_loss_factors(loss_fn, logits, target, need_grad)
@@ -169,8 +170,9 @@ def _normalized_cross_entropy_factors(logits: Tensor, target: Tensor) -> tuple[T
     r"""Signed factors of eq. 20's per-sample logit Hessians, ``(N, K, K')`` and signs ``(N, K')`` with
     ``K' <= K - 1``, in the logits' dtype, from the closed form (no double backward).
 
-    ``Lambda_n`` (:func:`~lightning_flatness.functional.loss_hessian_factors.normalized_cross_entropy_logit_hessian`,
-    float64) annihilates the constant vector ``1`` (the loss is shift-invariant, eq. 21), so it is
+    ``Lambda_n`` (float64, from
+    :func:`~lightning_flatness.functional.loss_hessian_factors.normalized_cross_entropy_logit_hessian`)
+    annihilates the constant vector ``1`` (the loss is shift-invariant, eq. 21), so it is
     eigendecomposed on ``1^perp``: with the Householder reflection ``R = I - 2 v v^T / (v^T v)``,
     ``v = q + e_K``, ``q = 1 / sqrt(K)`` (symmetric, orthogonal, ``R e_K = -q``), the first ``K - 1``
     columns ``Q`` of ``R`` are an orthonormal basis of ``1^perp`` and ``Lambda_n = Q (Q^T Lambda_n Q)
@@ -196,8 +198,8 @@ def _normalized_cross_entropy_gradient(logits: Tensor, target: Tensor) -> Tensor
     r"""``dL/dz`` of eq. 20 (batch mean) in closed form, ``(N, K)`` in the logits' dtype: per sample
     ``J_g^T (p - e_y) / N = (r - u (u . r) / K) / (s N)`` with ``u`` the normalized logits, ``s`` their
     population standard deviation and ``r = p - e_y`` (``sum r = 0``, so the centering drops out);
-    zero on degenerate rows (all logits equal), as :func:`~lightning_flatness.functional.losses.normalize_logits`
-    defines them."""
+    zero on degenerate rows (all logits equal), as
+    :func:`~lightning_flatness.functional.losses.normalize_logits` defines them."""
     from lightning_flatness.functional.loss_hessian_factors import _normalization
 
     u, s, ok = _normalization(logits)
