@@ -510,10 +510,11 @@ class NormalizedSharpness(Metric):
         self._slot_offset += num_groups
 
     def release_state(self) -> Optional[Tensor]:
-        """Reset the metric and hand over its full-size ``(R, F + 1)`` float64 state buffer (``None`` when
-        it has none of its own: before any update, or a view or inference tensor), for
-        :meth:`reuse_state` of a later metric with the same layout. The metric no longer refers to the
-        buffer; the caller owns it (its values are this metric's sums until overwritten)."""
+        """Reset the metric and hand over its full-size ``(R, F + 1)`` float64 state buffer, for
+        :meth:`reuse_state` of a later metric with the same layout: its own state, or before any update
+        the buffer given to :meth:`reuse_state` (``None`` when there is neither, or the state is a view
+        or an inference tensor). The metric no longer refers to the buffer; the caller owns it (its
+        values are this metric's sums until overwritten)."""
         acc = self.accumulator
         own = (
             acc.shape == self._shape
@@ -522,9 +523,9 @@ class NormalizedSharpness(Metric):
             and not acc.is_inference()
             and acc.is_contiguous()
         )
+        spare, self._spare = self._spare, None
         self.reset()
-        self._spare = None
-        return acc if own else None
+        return acc if own else spare
 
     def reuse_state(self, buffer: Optional[Tensor]) -> None:
         """Let the first :meth:`update` after this call write its state into ``buffer`` (from

@@ -778,6 +778,9 @@ def test_a_released_state_buffer_is_overwritten_by_the_next_metric_with_identica
     assert buffer is not None and tuple(buffer.shape) == first.state_shape == (4, 6 * 4 + 3 * 6 + 1)
     assert first.accumulator is not buffer and first.accumulator.numel() == 1  # reset to the compact default
     assert first.release_state() is None  # nothing of its own any more
+    unused = NormalizedSharpness(SHAPES, num_replicates=4)
+    unused.reuse_state(buffer)
+    assert unused.release_state() is buffer  # no update wrote into it: handed back as it was given
 
     reused, fresh = (
         NormalizedSharpness(SHAPES, num_replicates=4),
