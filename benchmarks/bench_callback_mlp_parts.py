@@ -3,19 +3,23 @@
 Fits the paper's MLP on MNIST-1D (``benchmarks.bench_callback.fit``: 3 epochs of 390 steps of batch
 128, Adam, TensorBoard logger), interleaved over ``--repeats`` rounds, in five configurations: no
 callback, an empty ``Callback`` (Lightning's per-step hook dispatch for one more callback),
-``SharpnessMonitor()`` at its defaults, with ``log_per_layer=False`` and with ``log_images=False``.
+``SharpnessMonitor()`` at its defaults, with ``log_per_layer=False`` and with ``log_images=False``;
+``--configs`` also offers ``num_samples=256`` and ``num_samples=128`` (the cost and the standard error
+of fewer samples per measurement).
 A timing callback added in front of them all (so every configuration has at least one callback)
 records the process CPU time of every training step (``on_train_batch_start`` to
 ``on_train_batch_end``) and of every validation
 (``on_validation_start`` to ``on_validation_end``, which holds the measurement and its logging).
 Reports per configuration the median fit CPU time and overhead, the summed step time, the median
-step after the first epoch, and the validation time per epoch. One intra-op thread.
+step after the first epoch, the validation time per epoch, and the relative standard error of the
+total at the last measurement. One intra-op thread.
 
     python -m benchmarks.bench_callback_mlp_parts --json benchmarks/results/bench_callback_mlp_parts.json
 """
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import sys
@@ -38,6 +42,12 @@ CONFIGS: dict[str, Any] = {
     "defaults": {},
     "log_per_layer=False": {"log_per_layer": False},
     "log_images=False": {"log_images": False},
+}
+#: Further configurations, run when named in ``--configs``: fewer samples per measurement (the cost and
+#: the standard error it buys).
+MORE_CONFIGS: dict[str, Any] = {
+    "num_samples=256": {"num_samples": 256},
+    "num_samples=128": {"num_samples": 128},
 }
 
 
@@ -80,27 +90,40 @@ def timed_fit(monitor: Any, epochs: int, steps: int, logdir: str) -> dict[str, f
         run = fit("mlp", epochs, steps, None if monitor == EMPTY else monitor, 0, logdir)
     finally:
         pl.Trainer.__init__ = original
+    last = run["history"][-1] if run["history"] else {}
     return {
         "cpu_seconds": run["cpu_seconds"],
         "step_seconds": sum(timer.steps),
         "median_step_after_first_epoch": statistics.median(timer.steps[steps:] or timer.steps),
         "validation_seconds_per_epoch": sum(timer.validations) / max(len(timer.validations), 1),
+        # the relative standard error of the total at the last measurement (NaN without a monitor)
+        "rel_stderr": float(last.get("normalized_stderr", math.nan))
+        / float(last.get("normalized", math.nan)),
     }
 
 
 def main(argv=None) -> dict:
     p = base_parser(__doc__)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=list(CONFIGS),
+        choices=[*CONFIGS, *MORE_CONFIGS],
+        help="configurations to run (default: the first five; 'no callback' is always run, as the base)",
+    )
     args = p.parse_args(argv)
     setup(args)
     epochs, steps = (2, 20) if args.quick else (3, EPOCH_STEPS)
     repeats = 1 if args.quick else args.repeats
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in CONFIGS}
+    every = {**CONFIGS, **MORE_CONFIGS}
+    configs = {name: every[name] for name in dict.fromkeys(["no callback", *args.configs])}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
     with tempfile.TemporaryDirectory() as logdir:
-        for monitor in CONFIGS.values():  # warm-up: imports, first calls
+        for monitor in configs.values():  # warm-up: imports, first calls
             fit("mlp", 1, 4, None if monitor == EMPTY else monitor, 0, logdir)
         for _ in range(repeats):
-            for name, monitor in CONFIGS.items():
+            for name, monitor in configs.items():
                 runs[name].append(timed_fit(monitor, epochs, steps, logdir))
     base = statistics.median(r["cpu_seconds"] for r in runs["no callback"])
     rows = []
@@ -112,14 +135,15 @@ def main(argv=None) -> dict:
     print(f"Machine: {machine()}; torch {torch.__version__}; 1 thread; load {os.getloadavg()[0]:.1f}\n")
     print(
         f"| configuration | fit (CPU s, median of {repeats}) | overhead | training steps (s) "
-        "| median step after epoch 1 (ms) | validation per epoch (ms) |"
+        "| median step after epoch 1 (ms) | validation per epoch (ms) | s.e. / value (last measurement) |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
+        se = "" if math.isnan(r["rel_stderr"]) else f"{r['rel_stderr']:.1%}"
         print(
             f"| {r['config']} | {r['cpu_seconds']:.3f} | {r['overhead_cpu']:.1%} | {r['step_seconds']:.3f} "
             f"| {1e3 * r['median_step_after_first_epoch']:.3f} "
-            f"| {1e3 * r['validation_seconds_per_epoch']:.1f} |"
+            f"| {1e3 * r['validation_seconds_per_epoch']:.1f} | {se} |"
         )
     results = {"rows": rows, "repeats": repeats, "epochs": epochs, "steps": steps}
     write_json(args.json, results)
