@@ -196,3 +196,12 @@ def test_bench_column_tape_quick_gives_equal_sums_in_both_arms():
     row = bench_column_tape.main(["--quick"])["10"]
     assert row["tape_seconds"] > 0 and row["autograd_seconds"] > 0
     assert row["sums"]["tape"] == pytest.approx(row["sums"]["autograd"], rel=1e-5)
+
+
+def test_bench_first_order_spread_quick_compares_both_jackknifes_per_tensor():
+    pytest.importorskip("torchvision")
+    from benchmarks import bench_first_order_spread
+
+    out = bench_first_order_spread.main(["--quick", "--models", "resnet"])
+    assert out["rows"] and all(r["rel_se"] > 0 and r["se_ratio"] > 0 for r in out["rows"])
+    assert sum(b["tensors"] for b in out["bands"]) == len(out["rows"])
