@@ -168,7 +168,7 @@ def test_exact_diagonal_through_the_tape_equals_brute_force(name, monkeypatch):
     assert_relative_close(diag, ref, 1e-9)
 
 
-class _LeakyNet(nn.Module):
+class _AbsNet(nn.Module):
     def __init__(self, inplace: bool) -> None:
         super().__init__()
         self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
@@ -176,17 +176,18 @@ class _LeakyNet(nn.Module):
 
     def forward(self, x):
         h = self.a(x)
-        h = F.leaky_relu(h, 0.1, inplace=True) if self.inplace else F.leaky_relu(h, 0.1)
+        h = h.abs_() if self.inplace else torch.abs(h)
         return self.b(h)
 
 
-@pytest.mark.parametrize("inplace", [True, False], ids=["leaky_relu_inplace", "leaky_relu"])
+@pytest.mark.parametrize("inplace", [True, False], ids=["abs_inplace", "abs"])
 def test_operations_without_a_rule_fall_back_to_autograd(inplace, monkeypatch):
-    """LeakyReLU (no rule), in place on a recorded output (the forward then copies the outputs) or not,
-    leaves the tape unused; the diagonal is still the brute-force one."""
+    """``abs`` (piecewise linear, so exact applies, but no rule on the tape), in place on a recorded output
+    (the forward then copies the outputs) or not, leaves the tape unused; the diagonal is still the
+    brute-force one."""
     used = _spy(monkeypatch)
     torch.manual_seed(0)
-    model = _LeakyNet(inplace).double()
+    model = _AbsNet(inplace).double()
     x = torch.randn(6, 4, dtype=torch.float64)
     y = torch.randint(0, 3, (6,))
     params = select_parameters(model)
@@ -357,6 +358,48 @@ def test_in_place_operations_without_a_rule_or_untaped_changes_disable_the_tape(
     with torch.no_grad():
         out.mul_(1.0)  # not taped
     assert tape.backward(out, torch.ones(1, 5, 4, dtype=torch.float64), [h]) is None
+
+
+class _Activations(nn.Module):
+    """LeakyReLU, ReLU6 and hardtanh between linear layers, in place on the layer outputs or not."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.acts = nn.ModuleList(
+            [
+                nn.LeakyReLU(0.2, inplace=inplace),
+                nn.ReLU6(inplace=inplace),
+                nn.Hardtanh(-0.3, 0.4, inplace=inplace),
+            ]
+        )
+
+    def forward(self, x):
+        h = self.acts[0](self.a(x))
+        h = self.acts[1](self.b(h))
+        h = self.acts[2](self.c(h))
+        return self.d(h)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "in_place"])
+def test_leaky_relu_relu6_and_hardtanh_go_through_the_tape(inplace, monkeypatch):
+    """The piecewise-linear activations besides ReLU, in place or not: the tape's gradients equal
+    autograd's and the exact diagonal equals the float64 brute force (some inputs of ReLU6 beyond 6 and
+    some inside, checked)."""
+    torch.manual_seed(0)
+    model = _Activations(inplace).double().eval()
+    x = 2 * torch.randn(16, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,))
+    with torch.no_grad():
+        model.b.weight.mul_(8.0)  # so that some entries pass ReLU6's 6
+        pre = model.b(model.acts[0](model.a(x)).clone())
+        assert bool((pre > 6).any()) and bool(((pre > 0) & (pre < 6)).any())
+    _assert_tape_equals_autograd(model, x, num_columns=3, seed=6)
+    used = _spy(monkeypatch)
+    params = select_parameters(model)
+    diag = exact_module.exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
+    assert used == [True]
+    assert_relative_close(diag, brute_hessian_diagonal(model, F.cross_entropy, x, y, list(params)), 1e-9)
 
 
 def _recorded(model: nn.Module):

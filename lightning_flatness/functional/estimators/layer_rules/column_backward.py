@@ -11,19 +11,20 @@ gradient and does not mix samples, the ``K`` columns can instead be folded into 
 - ``linear``: ``g W`` (one matrix product for all columns);
 - ``conv{1,2,3}d``: the input gradient of the convolution (``aten.convolution_backward`` with only
   the input gradient requested; stride, symmetric padding, dilation, groups) on ``(K N, O, *P)``;
-- ``relu``: ``g * (out > 0)`` (``threshold_backward``, the output broadcast over ``k``);
+- ``relu``: ``g * (out > 0)`` (``threshold_backward``, the output broadcast over ``k``); likewise
+  ``leaky_relu`` (non-negative slope), ``hardtanh`` and ``relu6``, from their outputs;
 - ``max_pool{1,2,3}d``: a scatter-add of ``g`` to the argmax of each window (indices recomputed
   from the recorded input, the same ones autograd uses);
 - ``adaptive_avg_pool{1,2,3}d`` to one position, eval-mode ``batch_norm`` and ``dropout``,
   residual ``add`` of equal shapes, and the reshapes (``flatten``, ``view``, ``reshape``, ...).
 
 :class:`ColumnTape` records these operations during the recorded forward (the exactness recorder
-sees every operation on weight-dependent tensors), including the two in-place operations of
-torchvision-style blocks (``nn.ReLU(inplace=True)`` and ``out += identity``) and the recorder's copies of
-layer outputs; any other operation, another in-place one, or an argument of an unexpected kind makes
-the tape unusable and the caller falls back to autograd, so the result never depends on this module's
-coverage. Tensors the backward reads are checked for in-place changes (version counters) before it
-runs, and every taped tensor for changes the tape did not record.
+sees every operation on weight-dependent tensors), including in-place activations
+(``nn.ReLU(inplace=True)``, ``nn.ReLU6(inplace=True)``, ...), ``out += identity`` of torchvision-style
+blocks and the recorder's copies of layer outputs; any other operation, another in-place one, or an
+argument of an unexpected kind makes the tape unusable and the caller falls back to autograd, so the
+result never depends on this module's coverage. Tensors the backward reads are checked for in-place
+changes (version counters) before it runs, and every taped tensor for changes the tape did not record.
 
 Cost: the operations' input-gradient kernels once on ``K`` times the batch, with no per-column
 loop and no autograd bookkeeping; the same flops as autograd's batched backward.
@@ -60,6 +61,7 @@ _MAX_POOLS = {f"max_pool{d}d": d for d in (1, 2, 3)}
 _ADAPTIVE_AVG_POOLS = {f"adaptive_avg_pool{d}d": d for d in (1, 2, 3)}
 _CONVS = {f"conv{d}d": d for d in (1, 2, 3)}
 _DROPOUTS = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d"})
+_MASKED = frozenset({"leaky_relu", "hardtanh", "relu6"})  # piecewise-linear activations besides ReLU
 
 
 def _holds_tensor(value: Any) -> bool:
@@ -107,6 +109,17 @@ def _relu_backward(x: Tensor, out: Tensor, g: Tensor, owned: bool) -> list[tuple
     if owned:
         return [(x, torch.ops.aten.threshold_backward.grad_input(g, out, 0, grad_input=g), True)]
     return [(x, torch.ops.aten.threshold_backward(g, out, 0), True)]
+
+
+def _masked_backward(
+    x: Tensor, out: Tensor, kind: str, bounds: tuple[float, float], g: Tensor, owned: bool
+) -> list[tuple[Tensor, Tensor, bool]]:
+    """LeakyReLU (``kind="leaky_relu"``, ``bounds[0]`` the slope, at least 0) or hardtanh / ReLU6
+    (``bounds`` the clamp): ``g`` times the derivative, read from the output (equal to the input's
+    where it matters: same sign for a non-negative slope; inside the clamp the values are unchanged)."""
+    if kind == "leaky_relu":
+        return [(x, torch.ops.aten.leaky_relu_backward(g, out, bounds[0], True), True)]
+    return [(x, torch.ops.aten.hardtanh_backward(g, out, bounds[0], bounds[1]), True)]
 
 
 def _tuple(value: Any, nd: int) -> Optional[tuple[int, ...]]:
@@ -185,8 +198,9 @@ class ColumnTape:
         self.versions.append((t, t._version))
 
     def _in_place_rule(self, name: str, args: tuple, kwargs: dict, out: Tensor) -> Optional[_Backward]:
-        """The two in-place operations of torchvision-style blocks on a taped tensor ``out``: ReLU
-        (``nn.ReLU(inplace=True)``, ``relu_``), ``g * (out > 0)`` with the mask read from the result; and
+        """In-place operations of torchvision-style blocks on a taped tensor ``out``: ReLU
+        (``nn.ReLU(inplace=True)``, ``relu_``), ``g * (out > 0)`` with the mask read from the result, and
+        likewise LeakyReLU, hardtanh and ReLU6 (``nn.ReLU6(inplace=True)``); and
         ``out += other`` of equal shape and dtype (``add_`` without ``alpha``), ``g`` to both. The
         gradient stays under ``out`` (the tensor before the change has the same identity), so the entry
         that produced ``out`` receives the gradient of the value before the change."""
@@ -195,6 +209,8 @@ class ColumnTape:
         if name == "relu":
             self._read(out)  # the mask: the result, which later taped writes must leave unchanged
             return functools.partial(_relu_backward, out, out)
+        if name in _MASKED:
+            return self._masked(name, out, args, kwargs, out)
         if name == "add":
             if len(args) != 2 or kwargs:
                 return None  # alpha, out, ...: not the plain sum
@@ -239,6 +255,8 @@ class ColumnTape:
                 return None
             self._read(out)
             return functools.partial(_relu_backward, x, out)
+        if name in _MASKED:
+            return self._masked(name, x, args, kwargs, out)
         if name in _MAX_POOLS:
             return self._max_pool(_MAX_POOLS[name], func, x, args, kwargs, out)
         if name in _ADAPTIVE_AVG_POOLS:
@@ -256,6 +274,28 @@ class ColumnTape:
                 return None
             return lambda g, owned: [(x, g.reshape(g.shape[0], *x.shape), owned)]
         return None
+
+    def _masked(self, name: str, x: Tensor, args: tuple, kwargs: dict, out: Tensor) -> Optional[_Backward]:
+        """LeakyReLU with a non-negative slope, hardtanh and ReLU6, in place or not (their derivative
+        read from ``out``, whose later changes the version check catches)."""
+        if name == "leaky_relu":
+            slope = argument(args, kwargs, 1, ("negative_slope",), 0.01)
+            bounds: tuple[Any, Any] = (slope, 0.0)
+        elif name == "relu6":
+            bounds = (0.0, 6.0)
+        else:
+            bounds = (
+                argument(args, kwargs, 1, ("min_val",), -1.0),
+                argument(args, kwargs, 2, ("max_val",), 1.0),
+            )
+        if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds):
+            return None
+        lo, hi = float(bounds[0]), float(bounds[1])
+        if (name == "leaky_relu" and lo < 0) or (name != "leaky_relu" and not lo < hi):
+            return None
+        self._read(out)
+        kind = "leaky_relu" if name == "leaky_relu" else "hardtanh"
+        return functools.partial(_masked_backward, x, out, kind, (lo, hi))
 
     @staticmethod
     def _eval_dropout(args: tuple, kwargs: dict) -> bool:
