@@ -5,7 +5,8 @@ Fits the paper's MLP on MNIST-1D (``benchmarks.bench_callback.fit``: 3 epochs of
 callback, an empty ``Callback`` (Lightning's per-step hook dispatch for one more callback),
 ``SharpnessMonitor()`` at its defaults, with ``log_per_layer=False`` and with ``log_images=False``;
 ``--configs`` also offers ``num_samples=256`` and ``num_samples=128`` (the cost and the standard error
-of fewer samples per measurement).
+of fewer samples per measurement) and ``every_n_epochs=2`` / ``3`` (a coarser cadence; with
+``--epochs`` a multiple of it).
 A timing callback added in front of them all (so every configuration has at least one callback)
 records the process CPU time of every training step (``on_train_batch_start`` to
 ``on_train_batch_end``) and of every validation
@@ -48,6 +49,8 @@ CONFIGS: dict[str, Any] = {
 MORE_CONFIGS: dict[str, Any] = {
     "num_samples=256": {"num_samples": 256},
     "num_samples=128": {"num_samples": 128},
+    "every_n_epochs=2": {"every_n_epochs": 2},
+    "every_n_epochs=3": {"every_n_epochs": 3},
 }
 
 
@@ -105,6 +108,7 @@ def timed_fit(monitor: Any, epochs: int, steps: int, logdir: str) -> dict[str, f
 def main(argv=None) -> dict:
     p = base_parser(__doc__)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=3, help="epochs of 390 steps per fit")
     p.add_argument(
         "--configs",
         nargs="+",
@@ -114,7 +118,7 @@ def main(argv=None) -> dict:
     )
     args = p.parse_args(argv)
     setup(args)
-    epochs, steps = (2, 20) if args.quick else (3, EPOCH_STEPS)
+    epochs, steps = (2, 20) if args.quick else (args.epochs, EPOCH_STEPS)
     repeats = 1 if args.quick else args.repeats
     every = {**CONFIGS, **MORE_CONFIGS}
     configs = {name: every[name] for name in dict.fromkeys(["no callback", *args.configs])}
