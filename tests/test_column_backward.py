@@ -336,6 +336,28 @@ def test_in_place_relu_after_an_earlier_use_routes_both_gradients():
     assert torch.equal(reference_h.clamp_min(0), h)
 
 
+def test_an_in_place_sum_of_a_tensor_with_itself_doubles_its_gradient():
+    """``h += h`` (the residual rule, in place, with both terms the same tensor): the gradient at ``h``
+    before the change is twice the one after it, as autograd gives on an out-of-place copy."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(3, 4).double(), nn.Linear(4, 2).double()
+    weights = [p.detach().requires_grad_(True) for layer in (a, b) for p in (layer.weight, layer.bias)]
+    tape = ColumnTape({id(w) for w in weights})
+    x = torch.randn(5, 3, dtype=torch.float64)
+    h = F.linear(x, weights[0], weights[1])
+    tape.record("linear", F.linear, (x, weights[0], weights[1]), {}, h)
+    tape.record("add", torch.Tensor.add_, (h, h), {}, h.add_(h))
+    out = F.linear(h, weights[2], weights[3])
+    tape.record("linear", F.linear, (h, weights[2], weights[3]), {}, out)
+    columns = torch.randn(3, 5, 2, dtype=torch.float64)
+    (ours,) = tape.backward(out, columns, [h])
+    h2 = F.linear(x, weights[0], weights[1])
+    (expected,) = torch.autograd.grad(
+        F.linear(h2 + h2, weights[2], weights[3]), h2, columns, is_grads_batched=True
+    )
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-14)
+
+
 def test_in_place_operations_without_a_rule_or_untaped_changes_disable_the_tape():
     """An in-place multiply has no rule (the tape is rejected); an in-place change of a taped tensor
     that the tape did not record (under no_grad, after the forward) makes it decline at backward."""

@@ -61,7 +61,7 @@ _MAX_POOLS = {f"max_pool{d}d": d for d in (1, 2, 3)}
 _ADAPTIVE_AVG_POOLS = {f"adaptive_avg_pool{d}d": d for d in (1, 2, 3)}
 _CONVS = {f"conv{d}d": d for d in (1, 2, 3)}
 _DROPOUTS = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d"})
-_MASKED = frozenset({"leaky_relu", "hardtanh", "relu6"})  # piecewise-linear activations besides ReLU
+_MASKED = frozenset({"relu", "leaky_relu", "hardtanh", "relu6"})  # piecewise-linear activations
 
 
 def _holds_tensor(value: Any) -> bool:
@@ -175,14 +175,15 @@ class ColumnTape:
             and (name == "contiguous" or name in _DROPOUTS and self._eval_dropout(args, kwargs))
         ):
             return  # the input itself (already contiguous, eval-mode dropout): nothing to record
-        if args and args[0] is out and isinstance(out, Tensor):  # in place, on its first argument
+        in_place = bool(args) and args[0] is out and isinstance(out, Tensor)  # on its first argument
+        if in_place:
             backward = self._in_place_rule(name, args, kwargs, out)
         else:
             backward = self._rule(name, func, args, kwargs, out)
         if backward is None:
             self.reject()
             return
-        self._add_entry(out, backward, in_place=args[0] is out if args else False)
+        self._add_entry(out, backward, in_place)
 
     def record_copy(self, source: Tensor, copy: Tensor) -> None:
         """``copy`` is a copy of the taped ``source`` made outside the torch function mode (the
@@ -198,28 +199,18 @@ class ColumnTape:
         self.versions.append((t, t._version))
 
     def _in_place_rule(self, name: str, args: tuple, kwargs: dict, out: Tensor) -> Optional[_Backward]:
-        """In-place operations of torchvision-style blocks on a taped tensor ``out``: ReLU
-        (``nn.ReLU(inplace=True)``, ``relu_``), ``g * (out > 0)`` with the mask read from the result, and
-        likewise LeakyReLU, hardtanh and ReLU6 (``nn.ReLU6(inplace=True)``); and
-        ``out += other`` of equal shape and dtype (``add_`` without ``alpha``), ``g`` to both. The
-        gradient stays under ``out`` (the tensor before the change has the same identity), so the entry
-        that produced ``out`` receives the gradient of the value before the change."""
+        """In-place operations of torchvision-style blocks on a taped tensor ``out``, by the same rules as
+        out of place: the piecewise-linear activations (``nn.ReLU(inplace=True)``, ``relu_``,
+        ``nn.ReLU6(inplace=True)``, ...), whose derivative is read from the result anyway, and
+        ``out += other`` (:meth:`_add`). The gradient stays under ``out`` (the tensor before the change
+        has the same identity), so the entry that produced ``out`` receives the gradient of the value
+        before the change."""
         if id(out) not in self.produced:
             return None
-        if name == "relu":
-            self._read(out)  # the mask: the result, which later taped writes must leave unchanged
-            return functools.partial(_relu_backward, out, out)
         if name in _MASKED:
             return self._masked(name, out, args, kwargs, out)
         if name == "add":
-            if len(args) != 2 or kwargs:
-                return None  # alpha, out, ...: not the plain sum
-            other = args[1]
-            if self._constant(other):
-                return lambda g, owned: [(out, g, owned)]
-            if other is out or other.shape != out.shape or other.dtype != out.dtype:
-                return None
-            return lambda g, owned: [(out, g, False), (other, g, False)]
+            return self._add(args, kwargs, out)
         return None
 
     def _rule(self, name: str, func: Any, args: tuple, kwargs: dict, out: Any) -> Optional[_Backward]:
@@ -250,11 +241,6 @@ class ColumnTape:
             return functools.partial(_linear_backward, x, weight)
         if name in _CONVS:
             return self._conv(_CONVS[name], x, args, kwargs, out)
-        if name == "relu":
-            if argument(args, kwargs, 1, ("inplace",), False):
-                return None
-            self._read(out)
-            return functools.partial(_relu_backward, x, out)
         if name in _MASKED:
             return self._masked(name, x, args, kwargs, out)
         if name in _MAX_POOLS:
@@ -276,8 +262,11 @@ class ColumnTape:
         return None
 
     def _masked(self, name: str, x: Tensor, args: tuple, kwargs: dict, out: Tensor) -> Optional[_Backward]:
-        """LeakyReLU with a non-negative slope, hardtanh and ReLU6, in place or not (their derivative
-        read from ``out``, whose later changes the version check catches)."""
+        """ReLU, LeakyReLU with a non-negative slope, hardtanh and ReLU6, in place or not (their
+        derivative read from ``out``, whose later changes the version check catches)."""
+        if name == "relu":
+            self._read(out)
+            return functools.partial(_relu_backward, x, out)
         if name == "leaky_relu":
             slope = argument(args, kwargs, 1, ("negative_slope",), 0.01)
             bounds: tuple[Any, Any] = (slope, 0.0)
