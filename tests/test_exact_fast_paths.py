@@ -63,7 +63,7 @@ def test_normalized_cross_entropy_factors_reproduce_the_autograd_hessian(classes
     """sum_k sign_k c_k c_k^T equals eq. 20's per-sample logit Hessian by double backward (float64),
     with at most K - 1 columns (the shift direction is exactly null), including a degenerate row."""
     logits, target = _eq20_logits(classes)
-    factors, signs = _normalized_cross_entropy_factors(logits, target)
+    factors, signs, _ = _normalized_cross_entropy_factors(logits, target)
     assert factors.shape[:2] == (12, classes) and factors.shape[2] <= classes - 1
     rebuilt = torch.einsum("nkc,nc,nlc->nkl", factors, signs, factors)
     brute, _, issues = _per_sample_loss_hessians(normalized_softmax_cross_entropy, logits, target)

@@ -214,22 +214,32 @@ def normalized_cross_entropy_logit_hessian(logits: Tensor, target: Tensor) -> Te
         ``(N, K, K)`` float64. Cost ``O(N K^2)`` (for tests and small ``K``).
     """
     _check_class_targets(logits, target, "normalized_cross_entropy_logit_hessian")
+    return _normalized_cross_entropy_hessian_and_gradient(logits, target)[0]
+
+
+def _normalized_cross_entropy_hessian_and_gradient(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    r""":func:`normalized_cross_entropy_logit_hessian` without its argument checks (the caller has made
+    them), and from the same terms each sample's logit gradient ``J_g^T r = (r - u (u . r) / K) / s``
+    (``sum r = 0``, so the centering drops out): ``(N, K, K)`` and ``(N, K)`` float64, zero on degenerate
+    rows (all logits equal: :func:`~lightning_flatness.functional.losses.normalize_logits`)."""
     u, s, ok = _normalization(logits)
     n, k = u.shape
     p = torch.softmax(u, dim=1)
     r = p - F.one_hot(target.long(), k).to(p.dtype)
+    ru = (r * u).sum(dim=1, keepdim=True)
+    grad = torch.where(ok.unsqueeze(1), (r - u * ru / k) / s, torch.zeros_like(r))
     eye = torch.eye(k, dtype=p.dtype, device=p.device)
     proj = eye - 1.0 / k
     jg = (proj - u.unsqueeze(2) * u.unsqueeze(1) / k) / s.unsqueeze(2)
     lam_u = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
-    ru = (r * u).sum(dim=1).reshape(n, 1, 1)
+    ru = ru.reshape(n, 1, 1)
     m = (
         -(r.unsqueeze(2) * u.unsqueeze(1) + u.unsqueeze(2) * r.unsqueeze(1))
         - ru * proj
         + 3 * ru * u.unsqueeze(2) * u.unsqueeze(1) / k
     ) / (s.unsqueeze(2) ** 2 * k)
     hess = jg @ lam_u @ jg + m
-    return torch.where(ok.reshape(n, 1, 1), hess, torch.zeros_like(hess))
+    return torch.where(ok.reshape(n, 1, 1), hess, torch.zeros_like(hess)), grad
 
 
 @dataclass(frozen=True)

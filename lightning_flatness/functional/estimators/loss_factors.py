@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_flatness.functional.loss_hessian_factors import normalized_cross_entropy_logit_hessian
+from lightning_flatness.functional.loss_hessian_factors import _normalized_cross_entropy_hessian_and_gradient
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.model_io import TokenLoss
 
@@ -112,8 +112,8 @@ def _loss_factors(
     analytic, of rank ``C - 1`` (:func:`_cross_entropy_factors`: ``K = C - 1`` columns, all signs
     ``+1``), and ``dL/df_n = (p_n - e_{y_n}) / N``, computed in the logits' dtype (at least float32).
     For eq. 20 (``loss_fn is normalized_softmax_cross_entropy``) on such logits and targets: the closed
-    form in float64 (:func:`_normalized_cross_entropy_factors`, at most ``K - 1`` signed columns, and
-    :func:`_normalized_cross_entropy_gradient`), returned in the logits' dtype. Any other loss:
+    form in float64 (:func:`_normalized_cross_entropy_factors`: at most ``K - 1`` signed columns and the
+    gradient), returned in the logits' dtype. Any other loss:
     :func:`_per_sample_loss_hessians` and :func:`_signed_factors`.
     """
     if isinstance(loss_fn, TokenLoss):
@@ -128,8 +128,7 @@ def _loss_factors(
         signs = torch.ones(logits.shape[0], factors.shape[2], dtype=logits.dtype, device=logits.device)
         return factors, signs, grad, []
     if loss_fn is normalized_softmax_cross_entropy and _plain_class_targets(logits, target):
-        factors, signs = _normalized_cross_entropy_factors(logits, target)
-        grad = _normalized_cross_entropy_gradient(logits, target) if need_grad else None
+        factors, signs, grad = _normalized_cross_entropy_factors(logits, target, need_grad)
         return factors, signs, grad, []
     hessians, grad, issues = _per_sample_loss_hessians(loss_fn, logits, target)
     factors, signs = _signed_factors(hessians)
@@ -166,11 +165,15 @@ def _cross_entropy_factors(p: Tensor) -> Tensor:
     return columns.transpose(1, 2)
 
 
-def _normalized_cross_entropy_factors(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+def _normalized_cross_entropy_factors(
+    logits: Tensor, target: Tensor, need_grad: bool = False
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     r"""Signed factors of eq. 20's per-sample logit Hessians, ``(N, K, K')`` and signs ``(N, K')`` with
-    ``K' <= K - 1``, in the logits' dtype, from the closed form (no double backward).
+    ``K' <= K - 1``, and (``need_grad``) the gradient ``dL/dz`` of the batch mean, ``(N, K)``, all in the
+    logits' dtype, from the closed form (no double backward). ``target``: class indices in ``[0, K)``,
+    checked by the caller (:func:`_plain_class_targets`).
 
-    ``Lambda_n`` (float64, from
+    ``Lambda_n`` (float64, the closed form of
     :func:`~lightning_flatness.functional.loss_hessian_factors.normalized_cross_entropy_logit_hessian`)
     annihilates the constant vector ``1`` (the loss is shift-invariant, eq. 21), so it is
     eigendecomposed on ``1^perp``: with the Householder reflection ``R = I - 2 v v^T / (v^T v)``,
@@ -183,7 +186,7 @@ def _normalized_cross_entropy_factors(logits: Tensor, target: Tensor) -> tuple[T
     ``(K - 1) x (K - 1)`` eigendecomposition), for the exact estimators' ``K`` (up to a few dozen).
     """
     n, k = logits.shape
-    hessians = normalized_cross_entropy_logit_hessian(logits, target)  # (N, K, K) float64
+    hessians, grads = _normalized_cross_entropy_hessian_and_gradient(logits, target)  # float64
     q = hessians.new_full((k,), 1.0 / math.sqrt(k))
     v = q.clone()
     v[-1] += 1.0  # v^T v = 2 + 2 / sqrt(K)
@@ -191,22 +194,8 @@ def _normalized_cross_entropy_factors(logits: Tensor, target: Tensor) -> tuple[T
     basis = basis[:, : k - 1]  # (K, K - 1), orthonormal columns spanning 1^perp
     reduced = basis.T @ hessians @ basis
     factors, signs = _signed_factors(0.5 * (reduced + reduced.transpose(1, 2)), torch.finfo(logits.dtype).eps)
-    return (basis @ factors).to(logits.dtype), signs.to(logits.dtype)
-
-
-def _normalized_cross_entropy_gradient(logits: Tensor, target: Tensor) -> Tensor:
-    r"""``dL/dz`` of eq. 20 (batch mean) in closed form, ``(N, K)`` in the logits' dtype: per sample
-    ``J_g^T (p - e_y) / N = (r - u (u . r) / K) / (s N)`` with ``u`` the normalized logits, ``s`` their
-    population standard deviation and ``r = p - e_y`` (``sum r = 0``, so the centering drops out);
-    zero on degenerate rows (all logits equal), as
-    :func:`~lightning_flatness.functional.losses.normalize_logits` defines them."""
-    from lightning_flatness.functional.loss_hessian_factors import _normalization
-
-    u, s, ok = _normalization(logits)
-    n, k = u.shape
-    r = torch.softmax(u, dim=1) - F.one_hot(target.long(), k).to(u.dtype)
-    grad = (r - u * (u * r).sum(dim=1, keepdim=True) / k) / (s * n)
-    return torch.where(ok.unsqueeze(1), grad, torch.zeros_like(grad)).to(logits.dtype)
+    grad = (grads / n).to(logits.dtype) if need_grad else None
+    return (basis @ factors).to(logits.dtype), signs.to(logits.dtype), grad
 
 
 def _token_loss_factors(
