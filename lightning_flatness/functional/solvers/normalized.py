@@ -264,10 +264,10 @@ def solve_normalized_sharpness_batch(
     All problems start from the alternating sweeps, batched over a leading dimension, each stopping
     when its own certificate holds. With ``warm_start=True`` problem 0 is solved first and problems
     ``1..P-1`` start from its solution instead (put the diagonal the others scatter around first);
-    that was measured slower (``benchmarks/bench_cold_vs_warm.py``: the sweeps bring each problem
-    closer to its optimum than a neighbour's optimum is, and from a warm start replicates took 2-7
-    damped Newton iterations against 1). Each value is certified to ``rtol`` exactly as by
-    :func:`solve_normalized_sharpness`.
+    that was measured slower, with more damped Newton iterations per replicate (the sweeps bring each
+    problem closer to its optimum than a neighbour's optimum is; ``benchmarks/bench_cold_vs_warm.py``,
+    figures in ``benchmarks/results/linearized_jackknife.md``). Each value is certified to ``rtol``
+    exactly as by :func:`solve_normalized_sharpness`.
 
     Cost: forming the ``P`` coefficient matrices, ``O(P numel)``; then per Newton iteration and
     unfinished problem ``O(m n)`` float64 and ``O(m n min(m, n))`` float32 (see the module docstring).

@@ -82,9 +82,8 @@ def unfold(x: Tensor, call: LayerCall, kernel: tuple[int, ...]) -> Tensor:
     ``1 x 1`` kernel), except for 2-D kernels of several taps onto 2 to
     :data:`UNFOLD_KERNEL_MAX_POSITIONS` output positions, where the library's im2col kernel
     (``F.unfold``, same layout and values) is faster: the view's copy runs inner loops of one output
-    row (2 entries on a 2x2 map). Measured on one CPU thread, batch 64, 3x3 kernels: ``F.unfold``
-    0.31x the time on 2x2 maps of 256 channels, 0.77x on 4x4 maps, 1.4-5x on 8x8 and 16x16 maps
-    (``benchmarks/results/bench_sketch_copies.md``)."""
+    row (2 entries on a 2x2 map). ``F.unfold`` was measured faster on small maps and slower on large
+    ones (the figures: ``benchmarks/results/bench_sketch_copies.md``)."""
     nd = len(kernel)
     if (
         nd == 2
