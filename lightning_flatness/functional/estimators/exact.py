@@ -121,6 +121,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_flatness.functional.estimators.node_rules import NODE_RULES, NodeCall
 from lightning_flatness.functional.estimators.layer_rules import (
     LAYER_RULES,
     LayerCall,
@@ -606,6 +607,10 @@ class _ForwardRecorder(TorchFunctionMode):
         # the operations with hand-written backward formulas for the K columns folded into the batch
         # (layer_rules.column_backward), with the copies of the layer outputs as identities
         self.tape = ColumnTape(set(self.names_by_id))
+        # with record_nodes (the sketched Hessian diagonal): every flagged operation that a node rule
+        # covers (its local curvature, node_rules), and the flagged ones that none covers
+        self.nodes: Optional[list[NodeCall]] = None
+        self.uncovered: list[str] = []
 
     # -- bookkeeping -----------------------------------------------------------------------
     def where(self) -> str:
@@ -667,7 +672,8 @@ class _ForwardRecorder(TorchFunctionMode):
                 call is None or t is not self._leaf(call.weight) and t is not self._leaf(call.bias)
             ):
                 self.other_uses[param].append(f"{name!r} in {self.where()}")
-        self._check_exactness(name, args, kwargs, dependent)
+        if self._check_exactness(name, args, kwargs, dependent) and self.nodes is not None:
+            self._record_node(name, func, args, kwargs, dependent, out)
         self.tape.record(name, func, args, kwargs, out)
         if call is not None:
             if self.clone_outputs:
@@ -713,9 +719,25 @@ class _ForwardRecorder(TorchFunctionMode):
         self.calls.append(call)
         return call
 
-    def _check_exactness(self, name: str, args: tuple, kwargs: dict, dependent: list[Tensor]) -> None:
-        if name in PIECEWISE_LINEAR_OPS:
+    def _record_node(self, name: str, func: Any, args: tuple, kwargs: dict, dependent: list[Tensor], out: Any) -> None:
+        """Record a flagged operation for its node rule (:mod:`.node_rules`), or note it as uncovered."""
+        rule = NODE_RULES.get(name)
+        inputs = [t for t in dependent if id(t) not in self.names_by_id]
+        call = None
+        if rule is not None and isinstance(out, Tensor) and inputs:
+            call = NodeCall(name, self.where(), func, args, kwargs, inputs, out, versions=[t._version for t in inputs])
+            call.options["output_version"] = out._version
+        if call is None or not rule.accepts(call):  # type: ignore[union-attr]
+            entry = f"{name!r} in {self.where()}"
+            if entry not in self.uncovered:
+                self.uncovered.append(entry)
             return
+        cast(list, self.nodes).append(call)
+
+    def _check_exactness(self, name: str, args: tuple, kwargs: dict, dependent: list[Tensor]) -> bool:
+        """Flag ``name`` when it makes the network nonlinear in a weight; whether it did."""
+        if name in PIECEWISE_LINEAR_OPS:
+            return False
         if name in _MODE_DEPENDENT_OPS:
             position, keys = _MODE_DEPENDENT_OPS[name]
             training = _argument(args, kwargs, position, keys, _MODE_DEFAULT.get(name, True))
@@ -737,12 +759,13 @@ class _ForwardRecorder(TorchFunctionMode):
             ]
             if extra:
                 self.flag(f"{name!r} with weight-dependent affine parameters or statistics")
-            return
+            return bool(training or extra)
         if name in _DIVISIONS:
             denominator = _argument(args, kwargs, _DIVISIONS[name], ("other",))
             if isinstance(denominator, Tensor) and denominator.requires_grad:
                 self.flag(f"division by a weight-dependent tensor ({name!r})")
-            return
+                return True
+            return False
         if name in MULTILINEAR_OPS:
             additive = _ADDITIVE_ARGUMENT.get(name)
             skip = _argument(args, kwargs, additive[0], (additive[1],)) if additive else None
@@ -751,10 +774,11 @@ class _ForwardRecorder(TorchFunctionMode):
                 self.flag(
                     f"{name!r} multiplies {len(factors)} weight-dependent tensors (not linear in each weight)"
                 )
-            return
+            return len(factors) > 1
         self.flag(
             f"{name!r} is not piecewise linear (not on the allowlist PIECEWISE_LINEAR_OPS / MULTILINEAR_OPS)"
         )
+        return True
 
 
 def _fast_path_blockers(recorder: _ForwardRecorder, leaves: dict[str, Tensor], n: int) -> list[str]:
@@ -866,17 +890,28 @@ def _column_gradients(
     return _batched_backward(logits, outputs, columns)
 
 
-def _batched_backward(logits: Tensor, targets: list[Tensor], vectors: Tensor) -> Sequence[Optional[Tensor]]:
+def _batched_backward(
+    logits: Tensor | Sequence[Tensor], targets: list[Tensor], vectors: Tensor | Sequence[Tensor]
+) -> Sequence[Optional[Tensor]]:
     """``autograd.grad`` of ``logits`` to ``targets`` for each of ``vectors`` ``(K, *logits.shape)``, stacked
     as ``(K, *target.shape)`` (``None`` for a target the logits do not depend on): vmapped
-    (``is_grads_batched``), or a loop over the vectors when some backward has no vmap rule."""
+    (``is_grads_batched``), or a loop over the vectors when some backward has no vmap rule. ``logits``
+    may be several tensors, with one ``(K, *shape)`` stack of vectors each (the backward of the sum)."""
     try:
         return torch.autograd.grad(
             logits, targets, vectors, retain_graph=True, allow_unused=True, is_grads_batched=True
         )
     except (RuntimeError, NotImplementedError):  # some backward lacks a vmap rule: loop
+        count = vectors.shape[0] if isinstance(vectors, Tensor) else vectors[0].shape[0]
         per_vector = [
-            torch.autograd.grad(logits, targets, v, retain_graph=True, allow_unused=True) for v in vectors
+            torch.autograd.grad(
+                logits,
+                targets,
+                vectors[k] if isinstance(vectors, Tensor) else [v[k] for v in vectors],
+                retain_graph=True,
+                allow_unused=True,
+            )
+            for k in range(count)
         ]
         return tuple(
             None if per_vector[0][j] is None else torch.stack([p[j] for p in per_vector])
@@ -1150,10 +1185,12 @@ def _call(model: nn.Module, x: ModelInputs) -> Any:
 
 
 def _record_forward(
-    model: nn.Module, x: ModelInputs, params: dict[str, nn.Parameter], caller: str
+    model: nn.Module, x: ModelInputs, params: dict[str, nn.Parameter], caller: str, record_nodes: bool = False
 ) -> _RecordedForward:
     """Run ``model(x)`` with fresh leaves for ``params`` (everything else detached, buffers cloned),
-    recording the selected layers' calls and every operation on weight-dependent tensors.
+    recording the selected layers' calls and every operation on weight-dependent tensors (with
+    ``record_nodes``, also the nonlinear ones as :class:`~.node_rules.NodeCall` s, in
+    ``recorder.nodes``, and those no node rule covers in ``recorder.uncovered``).
 
     The recorded layer outputs are passed on to the model as they are (no copy); when the model
     changes one in place (``nn.ReLU(inplace=True)`` right after a Linear layer), the forward is run
@@ -1164,6 +1201,8 @@ def _record_forward(
     copied = _changes_outputs_in_place(model)
     for clone_outputs in (True,) if copied else (False, True):  # copies if a layer output changes in place
         recorder = _ForwardRecorder(leaves, clone_outputs, n)
+        if record_nodes:
+            recorder.nodes = []
         module_names = _ModuleNames(model, recorder.module_stack)
         try:
             with _module_tensors_swapped(model, leaves, params), recorder:

@@ -248,8 +248,17 @@ def samples_interact(
     ]
 
 
+#: Columns injected at tensors inside the graph besides the logits: ``(tensors, vectors)``, one
+#: ``(C, *tensor.shape)`` stack of the ``C`` columns per tensor (the node columns of :mod:`.hessian_sketch`).
+Injections = tuple[list[Tensor], list[Tensor]]
+
+
 def _diagonal_by_layers(
-    forward: _RecordedForward, columns: Tensor, signs: Tensor, chunk_size: int
+    forward: _RecordedForward,
+    columns: Tensor,
+    signs: Tensor,
+    chunk_size: int,
+    injections: Optional[Injections] = None,
 ) -> dict[str, Tensor]:
     """One backward of the ``C`` columns to the recorded layer outputs, then :func:`chunk_contraction`
     per layer (``chunk_size == 1``: the per-sample contractions of :func:`~.layer_rules.accumulate_layer`,
@@ -257,7 +266,7 @@ def _diagonal_by_layers(
 
     The backward is the folded-batch one of :class:`~.layer_rules.column_backward.ColumnTape` where it
     covers the model (each layer contracted as soon as the pass reaches it, as in the exact method), else
-    autograd's batched one."""
+    autograd's batched one, which also takes ``injections`` (columns entering at inner tensors)."""
     calls, logits, leaves = forward.recorder.calls, forward.logits, forward.leaves
     n, c = logits.shape[0], columns.shape[2]
     vectors = columns.permute(2, 0, 1).reshape(c, *logits.shape)
@@ -277,45 +286,61 @@ def _diagonal_by_layers(
             chunk_contraction(call, g, signs, chunk_size, diag, kernel)
 
     outputs = [call.output for call in calls]
-    if forward.recorder.tape.backward(logits, vectors, outputs, contract) is not None:
+    if injections is None and forward.recorder.tape.backward(logits, vectors, outputs, contract) is not None:
         return diag
-    for i, g in enumerate(_batched_backward(logits, outputs, vectors)):
+    roots, stacks = [logits], [vectors]
+    if injections is not None:
+        roots, stacks = roots + injections[0], stacks + injections[1]
+    for i, g in enumerate(_batched_backward(roots, outputs, stacks)):
         if g is not None:
             contract(i, g)
     return diag
 
 
 def _diagonal_by_chunks(
-    logits: Tensor, columns: Tensor, signs: Tensor, leaves: dict[str, Tensor], chunk_size: int
+    logits: Tensor,
+    columns: Tensor,
+    signs: Tensor,
+    leaves: dict[str, Tensor],
+    chunk_size: int,
+    injections: Optional[Injections] = None,
 ) -> dict[str, Tensor]:
     """Any graph: one backward per (chunk, column) of ``sum_{n in b} v_nj^T f_n`` to the weights,
     squared (samples may interact: the gradient is still linear in the vector). Whole-batch vectors
     (one chunk) go through a loop of plain backward passes (faster than a vmapped one on ResNet-18
     when the estimator was written; that timing is not among ``benchmarks/results``); more take
-    vmapped passes of about ``_BATCHED_BACKWARD_ELEMENTS`` gradient entries."""
+    vmapped passes of about ``_BATCHED_BACKWARD_ELEMENTS`` gradient entries. ``injections`` (tensors
+    with the batch along dim 0) are masked to each chunk's samples like the logits' columns."""
     n, _, c = columns.shape
     m = -(-n // chunk_size)
     owner = torch.arange(n, device=logits.device) // chunk_size
     targets = list(leaves.values())
     diag = {name: torch.zeros_like(t) for name, t in leaves.items()}
-    numel = sum(t.numel() for t in targets) + logits.numel()
+    inner, stacks = injections if injections is not None else ([], [])
+    numel = sum(t.numel() for t in targets) + logits.numel() + sum(t.numel() for t in inner)
     per_pass = 1 if m == 1 else max(1, _BATCHED_BACKWARD_ELEMENTS // numel)
     pairs = [(b, j) for b in range(m) for j in range(c)]
+
+    def masked(stack: Tensor, idx: list[tuple[int, int]]) -> Tensor:
+        shape = (-1,) + (1,) * (stack.ndim - 2)
+        return torch.stack([stack[j] * (owner == b).to(stack.dtype).reshape(shape) for b, j in idx])
+
     for start in range(0, len(pairs), per_pass):
         idx = pairs[start : start + per_pass]
         vectors = torch.stack(
             [columns[:, :, j] * (owner == b).to(columns.dtype).unsqueeze(1) for b, j in idx]
         ).reshape(len(idx), *logits.shape)
+        roots, grad_outputs = [logits, *inner], [vectors, *(masked(s, idx) for s in stacks)]
         weights = torch.stack([signs[j] for _, j in idx])
         if len(idx) == 1:
             grads: Sequence[Optional[Tensor]] = [
                 None if g is None else g.unsqueeze(0)
                 for g in torch.autograd.grad(
-                    logits, targets, vectors[0], retain_graph=True, allow_unused=True
+                    roots, targets, [v[0] for v in grad_outputs], retain_graph=True, allow_unused=True
                 )
             ]
         else:
-            grads = _batched_backward(logits, targets, vectors)
+            grads = _batched_backward(roots, targets, grad_outputs)
         for name, g in zip(leaves, grads):
             if g is not None:
                 diag[name] += torch.tensordot(weights, g * g, dims=1)

@@ -144,3 +144,12 @@ register_estimator(
         options=("num_mc_samples", "generator"),
     )
 )
+register_estimator(
+    EstimatorSpec(
+        "hessian_sketch",
+        f"{_PKG}.hessian_sketch:hessian_sketch_diagonal",
+        "hessian",
+        stochastic=True,
+        options=("num_mc_samples", "generator"),
+    )
+)

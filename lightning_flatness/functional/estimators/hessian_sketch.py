@@ -1,0 +1,271 @@
+r"""Sketched Hessian diagonal: the Gauss-Newton sketch plus random columns of every nonlinear op's own
+curvature, one backward pass for all of them. Unbiased for ``diag(H)`` of any network built from the
+ops of :mod:`.node_rules`; first derivatives of the network only.
+
+**The identity.** For a loss computed by a graph of operations (second-order adjoints; the "Hessian
+backpropagation" of Dangel, Kunstner and Hennig, 2020):
+
+.. math:: \nabla^2_w L = J_f^\top \Lambda J_f + \sum_{\text{ops } z = \phi(a)} J_a^\top M_a J_a, \qquad
+          M_a = \sum_i \frac{\partial L}{\partial z_i} \nabla^2_a z_i,
+
+with ``f`` the logits, :math:`\Lambda` the loss Hessian in the logits (eq. 20-22's for the default
+loss), ``a`` an op's weight-dependent inputs and :math:`J_a = \partial a / \partial w` through the
+whole network upstream of it. The first term is the Gauss-Newton matrix (:mod:`.gauss_newton_sketch`);
+the sum is the residual that the Gauss-Newton diagonal misses on networks that are not piecewise
+linear in each weight (GELU, LayerNorm, attention's softmax and products, SiLU, hardswish, squeeze-
+excitation gates). Each :math:`M_a` is known in closed form (:mod:`.node_rules`).
+
+**The estimator.** Per sketch, draw for the logits the ``+`` and ``-`` columns of
+:func:`~.gauss_newton_sketch.sketch_columns` and, independently, for each recorded op one ``+`` and one
+``-`` column :math:`c_a^\pm` with :math:`\mathbb{E}[c_a^+ c_a^{+\top} - c_a^- c_a^{-\top}] = M_a`
+(per sample: the op's entries of one sample belong to that sample). One batched backward pass of
+
+.. math:: G_n^\pm = J_{f,n}^\top v_n^\pm + \sum_a J_{a,n}^\top c_{a,n}^\pm
+
+(the gradient of ``<v, f> + sum_a <c_a, a>``: the columns enter the backward where their tensor sits)
+reaches every recorded Linear/Conv/embedding output, and the per-sample squares of the layer rules
+(:mod:`.layer_rules`) give :math:`\hat h = \frac1S \sum_s \sum_n (G_n^+)^2 - (G_n^-)^2`. The columns of
+different ops, samples and sketches are independent with mean zero, so the cross terms vanish in
+expectation and :math:`\mathbb{E}[\hat h] = \mathrm{diag}(H)` exactly (for each weight used once; a
+weight used twice, such as a tied embedding, is refused: the cross term between its two uses is not
+covered). The noise is that of the Gauss-Newton sketch, now also over the ops' columns; it is
+independent across samples, so the jackknife over sample groups covers it.
+
+**Cost.** One recorded forward pass; one backward pass for the adjoints :math:`\partial L/\partial z`
+of the recorded ops; their columns (``O(numel)`` per elementwise op, two matrix products of the op's
+size per product of two activations); one batched backward pass of ``2 S`` columns to the layer
+outputs and the per-sample squares, as for :mod:`.gauss_newton_sketch` (autograd's batched backward:
+the folded-column tape of the exact method does not apply). No double backward through the network:
+it runs through fused kernels' first derivatives, and under
+:func:`~lightning_flatness.functional.twice_differentiable.twice_differentiable` (timm's and Hugging
+Face's attention in explicit ops, so that ``softmax`` and the products are seen).
+
+**Limits (refused with the operation named).** An op on weight-dependent tensors that is neither
+piecewise linear nor covered by a node rule (division by a weight-dependent tensor, fused
+``scaled_dot_product_attention`` called directly, train-mode BatchNorm or dropout); a selected
+weight used twice; an op's input changed in place after the op.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_flatness.functional.estimators.exact import (
+    ExactMethodNotApplicable,
+    _autograd_inputs,
+    _fast_path_blockers,
+    _record_forward,
+    _RecordedForward,
+)
+from lightning_flatness.functional.estimators.gauss_newton_sketch import (
+    DEFAULT_NUM_SKETCHES,
+    DEFAULT_STRUCTURED_SKETCHES,
+    MAX_EXACT_FACTOR_OUTPUTS,
+    _base_columns,
+    _diagonal_by_chunks,
+    _diagonal_by_layers,
+    _finish,
+    samples_interact,
+    sketch_columns,
+)
+from lightning_flatness.functional.estimators.node_rules import NODE_RULES
+from lightning_flatness.functional.loss_hessian_factors import default_mc_samples, loss_hessian_structure
+from lightning_flatness.functional.model_io import ModelInputs
+from lightning_flatness.functional.twice_differentiable import twice_differentiable
+
+__all__ = ["hessian_sketch_blockers", "hessian_sketch_diagonal"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def hessian_sketch_blockers(forward: _RecordedForward) -> list[str]:
+    """Why the sketched Hessian diagonal does not apply to a forward recorded with ``record_nodes``:
+    ops no node rule covers, weights used twice, ops invisible to the recorder, random ops."""
+    recorder = forward.recorder
+    reasons = [f"{entry}: no node rule (node_rules) covers it" for entry in recorder.uncovered]
+    for name in forward.leaves:
+        uses = recorder.uses[name] + recorder.other_uses[name]
+        if len(uses) > 1:
+            reasons.append(f"weight {name!r} is used {len(uses)} times ({'; '.join(uses[:2])})")
+    reasons += [issue for issue in forward.issues if "invisible" in issue]
+    reasons += [f"{op} draws random numbers" for op in recorder.random_ops]
+    return reasons
+
+
+def _paired_columns(mixed: Tensor, signs: Tensor, num_sketches: int) -> tuple[Tensor, Tensor]:
+    """The loss columns as ``2 S`` columns ``(+, -)`` per sketch (a zero ``-`` column where the loss
+    Hessian has no negative part, as for cross-entropy), signs ``[+1, -1] * S``."""
+    if mixed.shape[2] == 2 * num_sketches:
+        return mixed, signs
+    zeros = torch.zeros_like(mixed)
+    paired = torch.stack([mixed, zeros], dim=3).reshape(*mixed.shape[:2], 2 * num_sketches)
+    return paired, torch.tensor([1.0, -1.0] * num_sketches, dtype=mixed.dtype, device=mixed.device)
+
+
+def _node_injections(
+    forward: _RecordedForward,
+    loss: Tensor,
+    num_sketches: int,
+    generator: Optional[torch.Generator],
+    product_pairs: int = 2,
+) -> tuple[list[Tensor], list[Tensor], int]:
+    """The recorded ops' columns: ``(tensors, stacks, pairs)``, one ``(2 S pairs, *tensor.shape)`` stack per
+    distinct input tensor (columns of ops sharing an input added). Column ``2 (pairs s + p)`` is the ``+``
+    column of pair ``p`` in sketch ``s``, the next one its ``-`` column. Pair 0 holds the ops whose ``+``
+    and ``-`` columns are independent (and the loss's columns, added by the caller); ``pairs = 2`` when
+    some op's rule shares its random signs between them (:attr:`~.node_rules.NodeRule.own_pair`: the
+    products, whose own ``+``/``-`` squares then cancel draw by draw, which another op's columns in the
+    same pair would spoil)."""
+    nodes = forward.recorder.nodes or []
+    changed = [f"{node.op!r} in {node.module}" for node in nodes if node.changed_in_place()]
+    if changed:
+        raise ExactMethodNotApplicable(
+            f"hessian_sketch_diagonal: the inputs or outputs of {changed[:3]} were changed in place after "
+            "the operation; its curvature cannot be evaluated. Use method='gauss_newton_sketch'."
+        )
+    outputs = [node.output for node in nodes]
+    adjoints = torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True) if outputs else ()
+    live = [(node, adjoint) for node, adjoint in zip(nodes, adjoints) if adjoint is not None]
+    paired = [node for node, _ in live if NODE_RULES[node.op].own_pair]
+    pairs = 1 + min(len(paired), product_pairs)
+    pair_of = {id(node): 1 + i % (pairs - 1) for i, node in enumerate(paired)}  # round robin, in call order
+    tensors: dict[int, Tensor] = {}
+    stacks: dict[int, Tensor] = {}
+    scale = 1.0 / math.sqrt(num_sketches)
+    for node, adjoint in live:
+        rule = NODE_RULES[node.op]
+        pair = pair_of.get(id(node), 0)
+        for s in range(num_sketches):
+            plus, minus = rule.columns(node, adjoint.detach(), generator)
+            column = 2 * (pairs * s + pair)
+            for tensor, cp, cm in zip(node.inputs, plus, minus):
+                key = id(tensor)
+                if key not in stacks:
+                    tensors[key] = tensor
+                    stacks[key] = tensor.new_zeros(2 * pairs * num_sketches, *tensor.shape)
+                if cp is not None:
+                    stacks[key][column] += scale * cp.to(tensor.dtype)
+                if cm is not None:
+                    stacks[key][column + 1] += scale * cm.to(tensor.dtype)
+    return list(tensors.values()), list(stacks.values()), pairs
+
+
+def _spread_loss_columns(mixed: Tensor, signs: Tensor, num_sketches: int, pairs: int) -> tuple[Tensor, Tensor]:
+    """The loss's ``2 S`` paired columns in pair 0 of ``pairs`` per sketch (zeros in the others)."""
+    if pairs == 1:
+        return mixed, signs
+    n, d, _ = mixed.shape
+    out = mixed.new_zeros(n, d, num_sketches, pairs, 2)
+    out[:, :, :, 0, :] = mixed.reshape(n, d, num_sketches, 2)
+    return out.reshape(n, d, -1), signs.new_tensor([1.0, -1.0] * (num_sketches * pairs))
+
+
+def hessian_sketch_diagonal(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: ModelInputs,
+    target: Tensor,
+    params: dict[str, nn.Parameter],
+    *,
+    num_mc_samples: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    num_sketches: Optional[int] = None,
+    max_exact_outputs: int = MAX_EXACT_FACTOR_OUTPUTS,
+) -> dict[str, Tensor]:
+    r"""Unbiased sketched estimate of the Hessian diagonal of the mean loss (module docstring: the
+    identity, the estimator, its cost and limits).
+
+    Args:
+        model: the network, in its current mode (eval: dropout and BatchNorm statistics fixed), never
+            modified (attention switched to explicit ops for the call only).
+        loss_fn: ``(logits, target) -> scalar``, a mean of per-sample losses.
+        inputs: a tensor, tuple or dict with the samples along dim 0 (:func:`~..model_io.call_model`).
+        target: what ``loss_fn`` takes.
+        params: ``{name: parameter}`` of ``model`` (:func:`select_parameters`).
+        num_mc_samples: draws of the loss's Monte-Carlo columns above ``max_exact_outputs`` outputs
+            for losses without a structured Hessian (None: the loss's default).
+        generator: for every random sign and draw, or None for the global RNG.
+        num_sketches: independent sketches ``S`` (``2 S`` backward columns; None: as
+            :mod:`.gauss_newton_sketch` chooses).
+        max_exact_outputs: up to this many outputs per sample the loss Hessian is factorised exactly.
+
+    Returns:
+        ``{name: diag}`` with each parameter's shape and dtype (entries may be negative).
+
+    Raises:
+        ExactMethodNotApplicable: an op without a node rule, a weight used twice, train-mode
+            randomness (:func:`hessian_sketch_blockers`), or an op's input changed in place.
+        ValueError: no parameters, a non-finite output.
+
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
+        >>> x, y = torch.randn(32, 3), torch.randint(0, 4, (32,))
+        >>> est = hessian_sketch_diagonal(
+        ...     model, torch.nn.functional.cross_entropy, x, y, {"0.weight": model[0].weight},
+        ...     generator=torch.Generator().manual_seed(0),
+        ... )
+        >>> est["0.weight"].shape
+        torch.Size([8, 3])
+    """
+    caller = "hessian_sketch_diagonal"
+    if not params:
+        raise ValueError(f"{caller} got no parameters; pass the weights to differentiate.")
+    with torch.inference_mode(False), torch.enable_grad(), twice_differentiable(model):
+        x, y = _autograd_inputs(inputs, target)
+        forward = _record_forward(model, x, params, caller, record_nodes=True)
+        blockers = hessian_sketch_blockers(forward)
+        if blockers:
+            raise ExactMethodNotApplicable(
+                f"{caller} does not apply: {'; '.join(blockers[:3])}. Use method='gauss_newton_sketch' "
+                "(the Gauss-Newton diagonal) or method='ggn_hutchinson'."
+            )
+        logits = forward.logits.detach()
+        n = logits.shape[0]
+        structure = loss_hessian_structure(loss_fn, logits, y) if logits[0].numel() > max_exact_outputs else None
+        if num_sketches is None:
+            num_sketches = (
+                DEFAULT_STRUCTURED_SKETCHES.get(loss_fn, DEFAULT_NUM_SKETCHES)
+                if structure is not None
+                else DEFAULT_NUM_SKETCHES
+            )
+        if not isinstance(num_sketches, int) or num_sketches < 1:
+            raise ValueError(f"`num_sketches` must be a positive int, got {num_sketches!r}.")
+        if structure is not None:
+            mixed, signs = structure.sketch(num_sketches, generator)
+        else:
+            columns, col_signs, loss_issues = _base_columns(
+                loss_fn,
+                logits,
+                y,
+                default_mc_samples(loss_fn) if num_mc_samples is None else num_mc_samples,
+                generator,
+                max_exact_outputs,
+            )
+            if loss_issues:
+                raise ExactMethodNotApplicable(f"{caller} does not apply: {'; '.join(loss_issues[:3])}.")
+            mixed, signs = sketch_columns(columns, col_signs, num_sketches, generator)
+        mixed, signs = _paired_columns(mixed.to(logits.dtype), signs.to(logits.dtype), num_sketches)
+        mixed = mixed / math.sqrt(n)  # the loss is a mean over samples
+        *injections, pairs = _node_injections(forward, loss_fn(forward.logits, y), num_sketches, generator)
+        mixed, signs = _spread_loss_columns(mixed, signs, num_sketches, pairs)
+        injections = (injections[0], injections[1])
+        batch_first = all(t.ndim > 0 and t.shape[0] == n for t in injections[0])
+        per_layer = batch_first and not _fast_path_blockers(forward.recorder, forward.leaves, n)
+        if per_layer and not forward.recorder.samples_apart:
+            per_layer = not samples_interact(model, x, params, caller)
+        if per_layer:
+            diag = _diagonal_by_layers(forward, mixed, signs, 1, injections)
+        elif batch_first:
+            diag = _diagonal_by_chunks(forward.logits, mixed, signs, forward.leaves, 1, injections)
+        else:
+            raise ExactMethodNotApplicable(
+                f"{caller}: an operation's input does not have the {n} samples along dim 0 "
+                "(a sequence-first layout?); per-sample columns need the batch first."
+            )
+    return _finish(diag, params)

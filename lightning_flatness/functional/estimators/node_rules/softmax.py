@@ -1,0 +1,57 @@
+r"""``p = softmax(a, dim)`` (attention weights) and ``log_softmax``.
+
+With adjoint ``g``, per slice along ``dim`` (Jacobian ``dp_i/da_j = p_i (delta_ij - p_j)``):
+
+.. math:: M = \sum_i g_i \nabla^2 p_i = T\,\mathrm{diag}\big(p \circ (g - g\cdot p)\big)\,T^\top, \qquad
+          T = I - p \mathbf{1}^\top,
+
+because :math:`\nabla^2 p_i = p_i [(e_i - p)(e_i - p)^\top - (\mathrm{diag}\,p - p p^\top)]` and
+:math:`\mathrm{diag}\,p - p p^\top = T \mathrm{diag}(p) T^\top`. For ``log_softmax``,
+:math:`M = -(\sum_i g_i)\, T \mathrm{diag}(p) T^\top`. Columns: ``T (sqrt(max(+-c, 0)) o xi)`` for the
+core ``c``, i.e. ``w - p sum(w)``; ``O(numel)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lightning_flatness.functional.estimators.node_rules.base import (
+    NodeCall,
+    NodeRule,
+    rademacher,
+    register_node_rule,
+    split_signs,
+)
+from lightning_flatness.functional.estimators.layer_rules.base import argument
+
+__all__ = ["SoftmaxRule"]
+
+
+class SoftmaxRule(NodeRule):
+    ops = ("softmax", "log_softmax")
+
+    def accepts(self, call: NodeCall) -> bool:
+        dim = argument(call.args, call.kwargs, 1, ("dim",))
+        return len(call.inputs) == 1 and call.args[0] is call.inputs[0] and isinstance(dim, int)
+
+    def columns(
+        self, call: NodeCall, adjoint: Tensor, generator: Optional[torch.Generator]
+    ) -> tuple[list[Optional[Tensor]], list[Optional[Tensor]]]:
+        dim = argument(call.args, call.kwargs, 1, ("dim",))
+        a = call.inputs[0].detach().to(adjoint.dtype)
+        p = torch.softmax(a, dim=dim)
+        if call.op == "softmax":
+            core = p * (adjoint - (adjoint * p).sum(dim=dim, keepdim=True))
+        else:
+            core = -adjoint.sum(dim=dim, keepdim=True) * p
+        out = []
+        for root in split_signs(core):
+            w = root * rademacher(core, generator)
+            out.append([w - p * w.sum(dim=dim, keepdim=True)])
+        return out[0], out[1]
+
+
+register_node_rule(SoftmaxRule())

@@ -1,0 +1,120 @@
+"""Node rules of the sketched Hessian diagonal: the mean of ``c+ c+^T - c- c-^T`` over many draws equals
+the Hessian of ``<g, op(inputs)>`` in the inputs, computed by ``torch.func.hessian`` (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_flatness.functional.estimators.node_rules import NODE_RULES, NodeCall
+
+F64 = torch.float64
+DRAWS = 4000
+
+
+def _call(op, func, args, kwargs, inputs):
+    out = func(*args, **kwargs)
+    return NodeCall(op, "test", func, args, kwargs, list(inputs), out, versions=[t._version for t in inputs])
+
+
+def _dense_hessian(func, args, kwargs, inputs, adjoint):
+    sizes = [t.numel() for t in inputs]
+    flat = torch.cat([t.detach().reshape(-1) for t in inputs])
+
+    def scalar(vec):
+        parts = [p.view(t.shape) for p, t in zip(torch.split(vec, sizes), inputs)]
+        swap = {id(t): p for t, p in zip(inputs, parts)}
+        new_args = tuple(swap.get(id(a), a) if isinstance(a, torch.Tensor) else a for a in args)
+        return (func(*new_args, **kwargs) * adjoint).sum()
+
+    return torch.func.hessian(scalar)(flat)
+
+
+def _sampled(call, adjoint, draws=DRAWS, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    total, total_sq = 0.0, 0.0
+    for _ in range(draws):
+        plus, minus = NODE_RULES[call.op].columns(call, adjoint, gen)
+        cp = torch.cat([p.reshape(-1) for p in plus])
+        cm = torch.cat([m.reshape(-1) for m in minus])
+        outer = torch.outer(cp, cp) - torch.outer(cm, cm)
+        total = total + outer
+        total_sq = total_sq + outer * outer
+    mean = total / draws
+    se = ((total_sq / draws - mean * mean).clamp_min(0) / draws).sqrt()
+    return mean, se
+
+
+def _merge_duplicates(inputs, mat):
+    """Rows/columns of inputs that are the same tensor, summed (x * x)."""
+    return mat
+
+
+def _check(call, adjoint):
+    dense = _dense_hessian(call.func, call.args, call.kwargs, call.inputs, adjoint)
+    mean, se = _sampled(call, adjoint)
+    scale = float(dense.abs().max())
+    assert scale > 0
+    z = (mean - dense).abs() / (se + 1e-12 * scale)
+    assert float(z.max()) < 6.0, float(z.max())
+    assert float((mean - dense).abs().max()) < 0.1 * scale
+
+
+def _leaf(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(*shape, generator=g, dtype=F64, requires_grad=True)
+    return base * 1.0  # a non-leaf, as inside a network
+
+
+@pytest.mark.parametrize(
+    "op,func,kwargs",
+    [
+        ("gelu", F.gelu, {}),
+        ("gelu", F.gelu, {"approximate": "tanh"}),
+        ("tanh", torch.tanh, {}),
+        ("silu", F.silu, {}),
+        ("sigmoid", torch.sigmoid, {}),
+        ("hardswish", F.hardswish, {}),
+        ("softplus", F.softplus, {}),
+    ],
+)
+def test_elementwise_rules(op, func, kwargs):
+    a = _leaf(3, 4) * 2
+    adjoint = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    _check(_call(op, func, (a,), kwargs, [a]), adjoint)
+
+
+def test_pow_rule():
+    a = _leaf(2, 3)
+    adjoint = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    _check(_call("pow", torch.pow, (a, 3.0), {}, [a]), adjoint)
+
+
+@pytest.mark.parametrize("shapes", [((2, 3), (2, 3)), ((2, 3, 4), (2, 3, 1)), ((4,), (2, 3, 4))])
+def test_elementwise_product_rule(shapes):
+    x, y = _leaf(*shapes[0], seed=0), _leaf(*shapes[1], seed=1)
+    out_shape = torch.broadcast_shapes(x.shape, y.shape)
+    adjoint = torch.randn(out_shape, dtype=F64, generator=torch.Generator().manual_seed(2))
+    _check(_call("mul", torch.mul, (x, y), {}, [x, y]), adjoint)
+
+
+def test_matmul_rule():
+    x, y = _leaf(2, 3, 4, seed=0), _leaf(2, 4, 3, seed=1)
+    adjoint = torch.randn(2, 3, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
+    _check(_call("matmul", torch.matmul, (x, y), {}, [x, y]), adjoint)
+
+
+@pytest.mark.parametrize("op,func", [("softmax", torch.softmax), ("log_softmax", torch.log_softmax)])
+def test_softmax_rules(op, func):
+    a = _leaf(2, 5) * 1.5
+    adjoint = torch.randn(2, 5, dtype=F64, generator=torch.Generator().manual_seed(1))
+    _check(_call(op, func, (a, -1), {}, [a]), adjoint)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_layer_norm_rule(affine):
+    a = _leaf(2, 3, 4) * 2 + 0.5
+    weight = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(3)) if affine else None
+    adjoint = torch.randn(2, 3, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    _check(_call("layer_norm", F.layer_norm, (a, (3, 4), weight, None, 1e-3), {}, [a]), adjoint)
