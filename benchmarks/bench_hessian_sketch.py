@@ -77,7 +77,9 @@ def _reference(fn, net, loss_fn, x, y, names, args, chunked: bool) -> dict:
         idx = slice(start, min(n, start + step))
         xb, yb = select_samples(x, idx, n), y[idx]
         kw = {"chunk": max(1, args.hvp_budget // (idx.stop - idx.start))} if chunked else {}
-        parts.append({k: v.detach() for k, v in fn(net, loss_fn, xb, yb, names, **kw).items()})  # frees the graph
+        parts.append(
+            {k: v.detach() for k, v in fn(net, loss_fn, xb, yb, names, **kw).items()}
+        )  # frees the graph
         weights.append(float((yb[:, 1:] != -100).sum()) if yb.ndim > 1 else float(idx.stop - idx.start))
     total = sum(weights)
     return {k: sum(w / total * p[k] for w, p in zip(weights, parts)) for k in names}
@@ -105,16 +107,31 @@ def study(name: str, model, x, y, args) -> dict[str, Any]:
         "ggn_share": ns_g / ns_h - 1,
         "estimators": {},
     }
-    options = [("gauss_newton_sketch", gauss_newton_sketch_diagonal, 1)] + [
-        (f"hessian_sketch:{s}", hessian_sketch_diagonal, s) for s in args.sketches
+    options = [("gauss_newton_sketch", gauss_newton_sketch_diagonal, 1, {})] + [
+        (f"hessian_sketch:{s}", hessian_sketch_diagonal, s, {}) for s in args.sketches
     ]
-    for label, fn, sketches in options:
+    if args.sketched_loss:
+        options.append(
+            ("hessian_sketch:1 sketched loss", hessian_sketch_diagonal, 1, {"exact_loss_factors": False})
+        )
+    for label, fn, sketches, extra in options:
         values, errors, seconds = [], [], []
         try:
             for r in range(args.repeats):
                 gen = torch.Generator().manual_seed(1000 * r + sketches)
                 t0 = time.perf_counter()
-                est = _estimate(fn, net, loss_fn, x, y, params, args.batch_size, generator=gen, num_sketches=sketches)
+                est = _estimate(
+                    fn,
+                    net,
+                    loss_fn,
+                    x,
+                    y,
+                    params,
+                    args.batch_size,
+                    generator=gen,
+                    num_sketches=sketches,
+                    **extra,
+                )
                 seconds.append(time.perf_counter() - t0)
                 values.append(_normalized(weights, est))
                 errors.append(math.sqrt(sum(float((est[k] - h[k]).pow(2).sum()) for k in names)) / h_norm)
@@ -158,7 +175,10 @@ def run(args) -> dict[str, Any]:
             )
             for label, e in res["estimators"].items():
                 if "refused" not in e:
-                    line += f" | {label} {e['bias']:+.1%} rms {e['rmse']:.1%} L2 {e['diag_rel_l2']:.2f} {e['seconds']:.2f}s"
+                    line += (
+                        f" | {label} {e['bias']:+.1%} rms {e['rmse']:.1%} L2 {e['diag_rel_l2']:.2f}"
+                        f" {e['seconds']:.2f}s"
+                    )
             print(line, flush=True)
     return out
 
@@ -169,10 +189,12 @@ def markdown(results: dict[str, Any]) -> str:
         "# The sketched Hessian diagonal against brute force on the model zoo (issue 8)",
         "",
         f"Command: `{results['command']}`  ",
-        f"Machine: {env.get('cpu', '?')}, nproc {env.get('nproc', '?')}, {env.get('threads', '?')} thread(s), "
+        f"Machine: {env.get('cpu', '?')}, nproc {env.get('nproc', '?')}, "
+        f"{env.get('threads', '?')} thread(s), "
         f"torch {env.get('torch', '?')}; total {results.get('seconds', 0):.0f} s.  ",
         f"Setting: tiny zoo models in float64, a fixed set of {results['samples']} samples "
-        f"({results['convnext_samples']} for ConvNeXt) = the population (no sampling noise), fed in batches of "
+        f"({results['convnext_samples']} for ConvNeXt) = the population (no sampling noise), "
+        "fed in batches of "
         f"{results['batch_size']}; {results['repeats']} independent estimates per estimator; eq. 20 loss; "
         f"'trained' = {results['steps']} full-batch Adam steps. Reference: the brute-force Hessian "
         "diagonal of the mean loss over the set. bias / RMS: of the total normalized sharpness (eq. 17) "
@@ -188,13 +210,15 @@ def markdown(results: dict[str, Any]) -> str:
             for label, e in r["estimators"].items():
                 if "refused" in e:
                     lines.append(
-                        f"| {name} | {state} | {r['samples']} | {r['normalized_H']:.4g} | {r['ggn_share']:+.1%} "
+                        f"| {name} | {state} | {r['samples']} | {r['normalized_H']:.4g} "
+                        f"| {r['ggn_share']:+.1%} "
                         f"| `{label}` | refused | | | |"
                     )
                     continue
                 lines.append(
                     f"| {name} | {state} | {r['samples']} | {r['normalized_H']:.4g} | {r['ggn_share']:+.1%} "
-                    f"| `{label}` | {e['bias']:+.1%} | {e['rmse']:.1%} | {e['diag_rel_l2']:.3f} | {e['seconds']:.2f} |"
+                    f"| `{label}` | {e['bias']:+.1%} | {e['rmse']:.1%} | {e['diag_rel_l2']:.3f} "
+                    f"| {e['seconds']:.2f} |"
                 )
     return "\n".join(lines) + "\n"
 
@@ -202,19 +226,32 @@ def markdown(results: dict[str, Any]) -> str:
 def main(argv=None) -> dict[str, Any]:
     parser = base_parser(__doc__)
     parser.add_argument("--models", nargs="*", default=["vit", "bert", "mobilenet_v3", "convnext", "gpt2"])
-    parser.add_argument("--states", nargs="*", default=["untrained", "trained"], choices=["untrained", "trained"])
+    parser.add_argument(
+        "--states", nargs="*", default=["untrained", "trained"], choices=["untrained", "trained"]
+    )
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--convnext-samples", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sketches", type=int, nargs="*", default=[1, 4])
+    parser.add_argument(
+        "--sketched-loss", action="store_true", help="also hessian_sketch:1 with the loss's factors sketched"
+    )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--hvp-budget", type=int, default=128, help="sample-HVPs per vmapped brute-force call")
+    parser.add_argument(
+        "--hvp-budget", type=int, default=128, help="sample-HVPs per vmapped brute-force call"
+    )
     parser.add_argument("--reference-batch", type=int, default=16, help="samples per brute-force sub-batch")
     args = parser.parse_args(argv)
     if args.quick:
-        args.models, args.samples, args.convnext_samples, args.repeats, args.states = ["vit"], 8, 4, 2, ["untrained"]
+        args.models, args.samples, args.convnext_samples, args.repeats, args.states = (
+            ["vit"],
+            8,
+            4,
+            2,
+            ["untrained"],
+        )
         args.batch_size = 4
     args.command = "python -m benchmarks.bench_hessian_sketch " + " ".join(
         sys.argv[1:] if argv is None else list(argv)

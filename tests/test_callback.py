@@ -473,7 +473,22 @@ class _Tied(MLP):
         )
 
 
-@pytest.mark.parametrize("model_cls", [lambda: MLP(hidden=6, activation="tanh"), _Tied], ids=["tanh", "tied"])
+def test_auto_measures_the_hessian_of_a_tanh_network_with_the_sketched_hessian_diagonal():
+    monitor = SharpnessMonitor(num_samples=256, dtype="float64")
+    pl.seed_everything(0, verbose=False)
+    with pytest.warns(UserWarning, match=r"method='auto'\) measures with hessian_sketch \(hessian\)"):
+        _, model, dm = _fit(monitor, model=MLP(hidden=6, activation="tanh"), max_epochs=1)
+    last = monitor.history[-1]
+    assert last["method"] == "hessian_sketch"
+    x, y = _subset(monitor, dm.train_set)
+    hessian = brute_force_measures(model, x, y)
+    # a wiring check (the estimator's statistics: tests/test_estimator_hessian_sketch.py): on the same
+    # samples, the value is the Hessian's up to the sketch's noise
+    assert last["normalized"] == pytest.approx(hessian["normalized"], rel=0.1)
+    assert last["hessian_trace"] == pytest.approx(hessian["hessian_trace"], rel=0.15)
+
+
+@pytest.mark.parametrize("model_cls", [_Tied], ids=["tied"])
 def test_auto_measures_the_gauss_newton_diagonal_of_non_linear_networks_and_says_so(model_cls):
     monitor = SharpnessMonitor(num_samples=64, dtype="float64")
     pl.seed_everything(0, verbose=False)

@@ -59,8 +59,9 @@ def _problem(loss_fn, seed: int = 0, n: int = 6):
     return model, x, y, params, names, hessian
 
 
+@pytest.mark.parametrize("exact_loss_factors", [None, False], ids=["exact-loss-factors", "sketched-loss"])
 @pytest.mark.parametrize("loss_fn", [normalized_softmax_cross_entropy, F.cross_entropy])
-def test_unbiased_for_the_hessian_diagonal(loss_fn):
+def test_unbiased_for_the_hessian_diagonal(loss_fn, exact_loss_factors):
     model, x, y, params, names, hessian = _problem(loss_fn)
     diag = hessian.diagonal()
     ggn = brute_force_ggn(model, loss_fn, x, y, names).diagonal()
@@ -70,7 +71,14 @@ def test_unbiased_for_the_hessian_diagonal(loss_fn):
         [
             flat(
                 hessian_sketch_diagonal(
-                    model, loss_fn, x, y, params, generator=torch.Generator().manual_seed(r), num_sketches=8
+                    model,
+                    loss_fn,
+                    x,
+                    y,
+                    params,
+                    generator=torch.Generator().manual_seed(r),
+                    num_sketches=8,
+                    exact_loss_factors=exact_loss_factors,
                 ),
                 names,
             )
@@ -86,23 +94,36 @@ def test_unbiased_for_the_hessian_diagonal(loss_fn):
     assert float(z_ggn.abs().max()) > 8.0
 
 
-def test_equals_the_gauss_newton_sketch_on_a_piecewise_linear_network():
+def test_equals_the_gauss_newton_estimators_on_a_piecewise_linear_network():
+    """No op to add: with the loss's exact factors the exact Gauss-Newton (= Hessian) diagonal, with the
+    loss's sketch the Gauss-Newton sketch's value for the same random signs."""
+    from lightning_flatness.functional.estimators.gauss_newton import gauss_newton_exact_diagonal
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 4)).double()
     x, y = torch.randn(9, 5, dtype=F64), torch.randint(0, 4, (9,))
     params = select_parameters(model)
     for loss_fn in (normalized_softmax_cross_entropy, F.cross_entropy):
-        a = hessian_sketch_diagonal(model, loss_fn, x, y, params, generator=torch.Generator().manual_seed(3))
-        b = gauss_newton_sketch_diagonal(model, loss_fn, x, y, params, generator=torch.Generator().manual_seed(3))
+        exact = gauss_newton_exact_diagonal(model, loss_fn, x, y, params)
+        a = hessian_sketch_diagonal(model, loss_fn, x, y, params)  # small: exact loss factors
+        b = hessian_sketch_diagonal(
+            model, loss_fn, x, y, params, generator=torch.Generator().manual_seed(3), exact_loss_factors=False
+        )
+        c = gauss_newton_sketch_diagonal(
+            model, loss_fn, x, y, params, generator=torch.Generator().manual_seed(3)
+        )
         for name in params:
-            torch.testing.assert_close(a[name], b[name], rtol=1e-10, atol=1e-14)
+            torch.testing.assert_close(a[name], exact[name], rtol=1e-10, atol=1e-14)
+            torch.testing.assert_close(b[name], c[name], rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("name", ["vit", "bert", "mobilenet_v3"])
 def test_zoo_models_are_unbiased_for_the_hessian(name):
-    """16 independent estimates of 64 sketches each on 3 samples: per weight tensor, the squared distance
+    """32 independent estimates of 32 sketches each on 3 samples: per weight tensor, the squared distance
     of their mean from the brute-force Hessian diagonal is what their own spread predicts (about 1 when
-    unbiased; below 4 here), while from the Gauss-Newton diagonal it is far larger on some tensor."""
+    unbiased; below 5 here: the noise is heavy-tailed), while from the Gauss-Newton diagonal it is far
+    larger on some tensor. Tensors with no nonlinear op downstream (the head) come out exact (the loss's
+    exact factors on these small models)."""
     from tests.zoo_models import TINY, zoo_loss
     from tests.zoo_oracle import brute_force_ggn_diagonal, brute_force_hessian_diagonal
 
@@ -111,10 +132,10 @@ def test_zoo_models_are_unbiased_for_the_hessian(name):
     params = {k: v for k, v in select_parameters(model).items() if v.ndim >= 2}
     h = brute_force_hessian_diagonal(model, loss_fn, x, y, list(params))
     g = brute_force_ggn_diagonal(model, loss_fn, x, y, list(params))
-    repeats = 16
+    repeats = 32
     runs = [
         hessian_sketch_diagonal(
-            model, loss_fn, x, y, params, generator=torch.Generator().manual_seed(r), num_sketches=64
+            model, loss_fn, x, y, params, generator=torch.Generator().manual_seed(r), num_sketches=32
         )
         for r in range(repeats)
     ]
@@ -122,9 +143,12 @@ def test_zoo_models_are_unbiased_for_the_hessian(name):
     for k in params:
         est = torch.stack([r[k] for r in runs])
         mean, var = est.mean(0), est.var(0) / repeats
+        if float(var.sum()) <= 1e-24 * float(mean.pow(2).sum()):  # no op upstream of it: exact (the head)
+            torch.testing.assert_close(mean, h[k].detach(), rtol=1e-9, atol=1e-12)
+            continue
         ratio_h[k] = float((mean - h[k].detach()).pow(2).sum() / var.sum())
         ratio_g[k] = float((mean - g[k].detach()).pow(2).sum() / var.sum())
-    assert max(ratio_h.values()) < 4.0, ratio_h
+    assert max(ratio_h.values()) < 5.0, ratio_h
     assert max(ratio_g.values()) > 20.0, ratio_g
 
 
@@ -133,7 +157,13 @@ def test_registered_and_reachable_from_the_front_door():
     assert spec.quantity == "hessian" and spec.stochastic
     model, x, y, params, names, hessian = _problem(F.cross_entropy, n=8)
     est = hessian_diagonal_groups(
-        model, F.cross_entropy, x, y, method="hessian_sketch", num_groups=2, generator=torch.Generator().manual_seed(0)
+        model,
+        F.cross_entropy,
+        x,
+        y,
+        method="hessian_sketch",
+        num_groups=2,
+        generator=torch.Generator().manual_seed(0),
     )
     assert est.method == "hessian_sketch"
     assert set(names) <= set(est.groups)

@@ -63,14 +63,28 @@ def test_measure_sharpness_equals_the_metric_fed_by_hand_and_the_brute_force_hes
     assert result.seconds > 0 and int(result["num_samples"]) == 48
 
 
-def test_choose_method_exact_for_piecewise_linear_and_gauss_newton_otherwise():
+class _Divides(nn.Module):
+    """A division by a weight-dependent tensor: no node rule covers it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.a(x) / (2.0 + torch.tanh(self.b(x)))
+
+
+def test_choose_method_exact_for_piecewise_linear_hessian_sketch_or_gauss_newton_otherwise():
     x, y = _data(1)[0]
     relu = choose_method(_mlp(), normalized_softmax_cross_entropy, x, y)
     assert (relu.method, relu.quantity) == ("exact", "hessian")
     assert "piecewise linear" in relu.reason and "3 outputs" in relu.reason
     tanh = choose_method(_mlp(nn.Tanh), normalized_softmax_cross_entropy, x, y)
-    assert (tanh.method, tanh.quantity) == ("gauss_newton", "gauss_newton")
-    assert "tanh" in tanh.reason
+    assert (tanh.method, tanh.quantity) == ("hessian_sketch", "hessian")
+    assert "(tanh)" in tanh.reason
+    divides = choose_method(_Divides().double(), normalized_softmax_cross_entropy, x[:, :4], y)
+    assert (divides.method, divides.quantity) == ("gauss_newton", "gauss_newton")
+    assert "'div'" in divides.reason and "does not apply" in divides.reason
     wide_x, wide_y = _data(1, classes=48)[0]
     many = choose_method(_mlp(classes=48), normalized_softmax_cross_entropy, wide_x, wide_y)
     assert (many.method, many.quantity) == ("gauss_newton_sketch", "hessian")  # GGN == H for a ReLU network

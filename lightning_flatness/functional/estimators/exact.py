@@ -121,7 +121,6 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_flatness.functional.estimators.node_rules import NODE_RULES, NodeCall
 from lightning_flatness.functional.estimators.layer_rules import (
     LAYER_RULES,
     LayerCall,
@@ -137,6 +136,7 @@ from lightning_flatness.functional.estimators.loss_factors import (  # noqa: F40
     _signed_factors,
     _token_loss_factors,
 )
+from lightning_flatness.functional.estimators.node_rules import NODE_RULES, NodeCall
 from lightning_flatness.functional.model_io import (
     ModelInputs,
     extract_logits,
@@ -719,13 +719,17 @@ class _ForwardRecorder(TorchFunctionMode):
         self.calls.append(call)
         return call
 
-    def _record_node(self, name: str, func: Any, args: tuple, kwargs: dict, dependent: list[Tensor], out: Any) -> None:
+    def _record_node(
+        self, name: str, func: Any, args: tuple, kwargs: dict, dependent: list[Tensor], out: Any
+    ) -> None:
         """Record a flagged operation for its node rule (:mod:`.node_rules`), or note it as uncovered."""
         rule = NODE_RULES.get(name)
         inputs = [t for t in dependent if id(t) not in self.names_by_id]
         call = None
         if rule is not None and isinstance(out, Tensor) and inputs:
-            call = NodeCall(name, self.where(), func, args, kwargs, inputs, out, versions=[t._version for t in inputs])
+            call = NodeCall(
+                name, self.where(), func, args, kwargs, inputs, out, versions=[t._version for t in inputs]
+            )
             call.options["output_version"] = out._version
         if call is None or not rule.accepts(call):  # type: ignore[union-attr]
             entry = f"{name!r} in {self.where()}"

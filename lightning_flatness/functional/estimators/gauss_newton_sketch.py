@@ -275,13 +275,13 @@ def _diagonal_by_layers(
     # temporaries in the heap, which the allocator hands back to the kernel and faults in again;
     # benchmarks/results/bench_sketch_copies.md)
     diag = {name: torch.zeros_like(t) for name, t in leaves.items()}
-    per_sample_signs = signs.unsqueeze(0).expand(n, c)
+    per_sample_signs = signs if signs.ndim == 2 else signs.unsqueeze(0).expand(n, c)
 
     def contract(i: int, g: Tensor) -> None:
         call = calls[i]
         if chunk_size == 1:
             accumulate_layer(call, g, per_sample_signs, diag, leaves)
-        else:
+        else:  # (C,) signs: the same for every sample
             kernel = tuple(leaves[call.weight].shape[2:]) if call.weight is not None else ()
             chunk_contraction(call, g, signs, chunk_size, diag, kernel)
 
@@ -310,7 +310,8 @@ def _diagonal_by_chunks(
     (one chunk) go through a loop of plain backward passes (faster than a vmapped one on ResNet-18
     when the estimator was written; that timing is not among ``benchmarks/results``); more take
     vmapped passes of about ``_BATCHED_BACKWARD_ELEMENTS`` gradient entries. ``injections`` (tensors
-    with the batch along dim 0) are masked to each chunk's samples like the logits' columns."""
+    with the batch along dim 0) are masked to each chunk's samples like the logits' columns. ``signs``
+    ``(C,)``, or ``(N, C)`` per sample with ``chunk_size=1``."""
     n, _, c = columns.shape
     m = -(-n // chunk_size)
     owner = torch.arange(n, device=logits.device) // chunk_size
@@ -331,7 +332,8 @@ def _diagonal_by_chunks(
             [columns[:, :, j] * (owner == b).to(columns.dtype).unsqueeze(1) for b, j in idx]
         ).reshape(len(idx), *logits.shape)
         roots, grad_outputs = [logits, *inner], [vectors, *(masked(s, idx) for s in stacks)]
-        weights = torch.stack([signs[j] for _, j in idx])
+        # (N, C) per-sample signs need one sample per chunk
+        weights = torch.stack([signs[b, j] if signs.ndim == 2 else signs[j] for b, j in idx])
         if len(idx) == 1:
             grads: Sequence[Optional[Tensor]] = [
                 None if g is None else g.unsqueeze(0)

@@ -43,7 +43,8 @@ Face's attention in explicit ops, so that ``softmax`` and the products are seen)
 **Limits (refused with the operation named).** An op on weight-dependent tensors that is neither
 piecewise linear nor covered by a node rule (division by a weight-dependent tensor, fused
 ``scaled_dot_product_attention`` called directly, train-mode BatchNorm or dropout); a selected
-weight used twice; an op's input changed in place after the op.
+weight used twice; an op input changed in place after the op, or without the samples along dim 0
+(a sequence-first layout).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from lightning_flatness.functional.estimators.exact import (
     ExactMethodNotApplicable,
     _autograd_inputs,
     _fast_path_blockers,
+    _loss_factors,
     _record_forward,
     _RecordedForward,
 )
@@ -72,21 +74,33 @@ from lightning_flatness.functional.estimators.gauss_newton_sketch import (
     samples_interact,
     sketch_columns,
 )
+from lightning_flatness.functional.estimators.method_choice import SKETCH_MIN_WORK
 from lightning_flatness.functional.estimators.node_rules import NODE_RULES
 from lightning_flatness.functional.loss_hessian_factors import default_mc_samples, loss_hessian_structure
 from lightning_flatness.functional.model_io import ModelInputs
 from lightning_flatness.functional.twice_differentiable import twice_differentiable
 
-__all__ = ["hessian_sketch_blockers", "hessian_sketch_diagonal"]
+__all__ = ["PRODUCT_PAIRS", "hessian_sketch_applies", "hessian_sketch_blockers", "hessian_sketch_diagonal"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+#: Pairs of backward columns per sketch for the products of two weight-dependent tensors, shared in turn
+#: (:func:`_node_injections`); with the loss's pair and the other ops' pair, at most ``2 + PRODUCT_PAIRS``.
+PRODUCT_PAIRS = 2
 
 
 def hessian_sketch_blockers(forward: _RecordedForward) -> list[str]:
     """Why the sketched Hessian diagonal does not apply to a forward recorded with ``record_nodes``:
-    ops no node rule covers, weights used twice, ops invisible to the recorder, random ops."""
+    ops no node rule covers, weights used twice, ops invisible to the recorder, random ops, op inputs
+    without the samples along dim 0."""
     recorder = forward.recorder
+    n = forward.logits.shape[0]
     reasons = [f"{entry}: no node rule (node_rules) covers it" for entry in recorder.uncovered]
+    reasons += [
+        f"{node.op!r} in {node.module} has an input without the {n} samples along dim 0"
+        for node in recorder.nodes or []
+        if any(t.ndim == 0 or t.shape[0] != n for t in node.inputs)
+    ][:1]
     for name in forward.leaves:
         uses = recorder.uses[name] + recorder.other_uses[name]
         if len(uses) > 1:
@@ -94,6 +108,19 @@ def hessian_sketch_blockers(forward: _RecordedForward) -> list[str]:
     reasons += [issue for issue in forward.issues if "invisible" in issue]
     reasons += [f"{op} draws random numbers" for op in recorder.random_ops]
     return reasons
+
+
+def hessian_sketch_applies(
+    model: nn.Module, inputs: ModelInputs, target: Tensor, params: dict[str, nn.Parameter]
+) -> tuple[list[str], list[str]]:
+    """:func:`hessian_sketch_blockers` from one recorded forward pass of ``inputs`` (no backward), and the
+    names of the nonlinear ops its node rules cover (in call order, each once): what ``method="auto"``
+    checks on two samples before choosing ``"hessian_sketch"``."""
+    with torch.inference_mode(False), torch.enable_grad(), twice_differentiable(model):
+        x, _ = _autograd_inputs(inputs, target)
+        forward = _record_forward(model, x, params, "choose_method", record_nodes=True)
+    ops = list(dict.fromkeys(node.op for node in forward.recorder.nodes or []))
+    return hessian_sketch_blockers(forward), ops
 
 
 def _paired_columns(mixed: Tensor, signs: Tensor, num_sketches: int) -> tuple[Tensor, Tensor]:
@@ -111,15 +138,19 @@ def _node_injections(
     loss: Tensor,
     num_sketches: int,
     generator: Optional[torch.Generator],
-    product_pairs: int = 2,
+    product_pairs: int = PRODUCT_PAIRS,
 ) -> tuple[list[Tensor], list[Tensor], int]:
     """The recorded ops' columns: ``(tensors, stacks, pairs)``, one ``(2 S pairs, *tensor.shape)`` stack per
     distinct input tensor (columns of ops sharing an input added). Column ``2 (pairs s + p)`` is the ``+``
-    column of pair ``p`` in sketch ``s``, the next one its ``-`` column. Pair 0 holds the ops whose ``+``
-    and ``-`` columns are independent (and the loss's columns, added by the caller); ``pairs = 2`` when
-    some op's rule shares its random signs between them (:attr:`~.node_rules.NodeRule.own_pair`: the
-    products, whose own ``+``/``-`` squares then cancel draw by draw, which another op's columns in the
-    same pair would spoil)."""
+    column of pair ``p`` in sketch ``s``, the next one its ``-`` column.
+
+    Pair 0 is the loss's (filled by the caller), pair 1 holds the ops whose ``+`` and ``-`` columns are
+    independent, and the products (:attr:`~.node_rules.NodeRule.own_pair`: their ``+``/``-`` columns
+    share their random signs, so that their own squares cancel draw by draw) take the next
+    ``product_pairs`` pairs in turn, in call order (so an attention's ``q k^T`` and ``p v`` fall in
+    different pairs). Columns in one pair meet in the squares: their cross terms are zero-mean noise, and
+    the loss's large columns against the ops' ones were most of it (measured:
+    ``benchmarks/results/bench_hessian_sketch.md``)."""
     nodes = forward.recorder.nodes or []
     changed = [f"{node.op!r} in {node.module}" for node in nodes if node.changed_in_place()]
     if changed:
@@ -130,15 +161,16 @@ def _node_injections(
     outputs = [node.output for node in nodes]
     adjoints = torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True) if outputs else ()
     live = [(node, adjoint) for node, adjoint in zip(nodes, adjoints) if adjoint is not None]
-    paired = [node for node, _ in live if NODE_RULES[node.op].own_pair]
-    pairs = 1 + min(len(paired), product_pairs)
-    pair_of = {id(node): 1 + i % (pairs - 1) for i, node in enumerate(paired)}  # round robin, in call order
+    products = [node for node, _ in live if NODE_RULES[node.op].own_pair]
+    first = 2 if len(products) < len(live) else 1  # pair 1: the ops that are not products
+    pairs = first + min(len(products), product_pairs)
+    pair_of = {id(node): first + i % (pairs - first) for i, node in enumerate(products)}
     tensors: dict[int, Tensor] = {}
     stacks: dict[int, Tensor] = {}
     scale = 1.0 / math.sqrt(num_sketches)
     for node, adjoint in live:
         rule = NODE_RULES[node.op]
-        pair = pair_of.get(id(node), 0)
+        pair = pair_of.get(id(node), 1)
         for s in range(num_sketches):
             plus, minus = rule.columns(node, adjoint.detach(), generator)
             column = 2 * (pairs * s + pair)
@@ -154,7 +186,24 @@ def _node_injections(
     return list(tensors.values()), list(stacks.values()), pairs
 
 
-def _spread_loss_columns(mixed: Tensor, signs: Tensor, num_sketches: int, pairs: int) -> tuple[Tensor, Tensor]:
+def _exact_loss_first(
+    factors: Tensor, factor_signs: Tensor, stacks: list[Tensor], num_sketches: int, pairs: int
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Columns for exact loss factors: the ``K'`` factors ``(N, D, K')`` with their per-sample signs
+    ``(N, K')`` as columns of their own, then the ops' pairs (pair 0 of the node stacks, left empty for
+    the loss, dropped): ``(logit columns (N, D, C), signs (N, C), stacks (C, ...))``."""
+    n, d, k = factors.shape
+    keep = [c for c in range(2 * pairs * num_sketches) if (c // 2) % pairs != 0]
+    columns = torch.cat([factors, factors.new_zeros(n, d, len(keep))], dim=2)
+    pattern = factor_signs.new_tensor([1.0 if c % 2 == 0 else -1.0 for c in keep])
+    signs = torch.cat([factor_signs.reshape(n, k), pattern.expand(n, len(keep))], dim=1)
+    stacks = [torch.cat([st.new_zeros(k, *st.shape[1:]), st[keep]]) for st in stacks]
+    return columns, signs, stacks
+
+
+def _spread_loss_columns(
+    mixed: Tensor, signs: Tensor, num_sketches: int, pairs: int
+) -> tuple[Tensor, Tensor]:
     """The loss's ``2 S`` paired columns in pair 0 of ``pairs`` per sketch (zeros in the others)."""
     if pairs == 1:
         return mixed, signs
@@ -175,6 +224,7 @@ def hessian_sketch_diagonal(
     generator: Optional[torch.Generator] = None,
     num_sketches: Optional[int] = None,
     max_exact_outputs: int = MAX_EXACT_FACTOR_OUTPUTS,
+    exact_loss_factors: Optional[bool] = None,
 ) -> dict[str, Tensor]:
     r"""Unbiased sketched estimate of the Hessian diagonal of the mean loss (module docstring: the
     identity, the estimator, its cost and limits).
@@ -192,6 +242,12 @@ def hessian_sketch_diagonal(
         num_sketches: independent sketches ``S`` (``2 S`` backward columns; None: as
             :mod:`.gauss_newton_sketch` chooses).
         max_exact_outputs: up to this many outputs per sample the loss Hessian is factorised exactly.
+        exact_loss_factors: send the exact factors of each sample's loss Hessian backward as columns
+            of their own (about ``K`` columns: the Gauss-Newton part without noise, as
+            ``method="gauss_newton"`` computes it) instead of mixing them into one pair per sketch.
+            None: where the exact Gauss-Newton diagonal is cheap, as ``method="auto"`` decides it
+            (at most ``max_exact_outputs`` outputs and fewer than
+            :data:`~.method_choice.SKETCH_MIN_WORK` ``outputs x selected weights``).
 
     Returns:
         ``{name: diag}`` with each parameter's shape and dtype (entries may be negative).
@@ -227,7 +283,9 @@ def hessian_sketch_diagonal(
             )
         logits = forward.logits.detach()
         n = logits.shape[0]
-        structure = loss_hessian_structure(loss_fn, logits, y) if logits[0].numel() > max_exact_outputs else None
+        structure = (
+            loss_hessian_structure(loss_fn, logits, y) if logits[0].numel() > max_exact_outputs else None
+        )
         if num_sketches is None:
             num_sketches = (
                 DEFAULT_STRUCTURED_SKETCHES.get(loss_fn, DEFAULT_NUM_SKETCHES)
@@ -236,8 +294,15 @@ def hessian_sketch_diagonal(
             )
         if not isinstance(num_sketches, int) or num_sketches < 1:
             raise ValueError(f"`num_sketches` must be a positive int, got {num_sketches!r}.")
-        if structure is not None:
+        work = logits[0].numel() * sum(p.numel() for p in params.values())
+        if exact_loss_factors is None:
+            exact_loss_factors = logits[0].numel() <= max_exact_outputs and work < SKETCH_MIN_WORK
+        if structure is not None and not exact_loss_factors:
             mixed, signs = structure.sketch(num_sketches, generator)
+        elif exact_loss_factors:
+            mixed, signs, _, loss_issues = _loss_factors(loss_fn, logits, y, need_grad=False)
+            if loss_issues:
+                raise ExactMethodNotApplicable(f"{caller} does not apply: {'; '.join(loss_issues[:3])}.")
         else:
             columns, col_signs, loss_issues = _base_columns(
                 loss_fn,
@@ -250,22 +315,21 @@ def hessian_sketch_diagonal(
             if loss_issues:
                 raise ExactMethodNotApplicable(f"{caller} does not apply: {'; '.join(loss_issues[:3])}.")
             mixed, signs = sketch_columns(columns, col_signs, num_sketches, generator)
-        mixed, signs = _paired_columns(mixed.to(logits.dtype), signs.to(logits.dtype), num_sketches)
-        mixed = mixed / math.sqrt(n)  # the loss is a mean over samples
-        *injections, pairs = _node_injections(forward, loss_fn(forward.logits, y), num_sketches, generator)
-        mixed, signs = _spread_loss_columns(mixed, signs, num_sketches, pairs)
-        injections = (injections[0], injections[1])
-        batch_first = all(t.ndim > 0 and t.shape[0] == n for t in injections[0])
-        per_layer = batch_first and not _fast_path_blockers(forward.recorder, forward.leaves, n)
+        mixed, signs = mixed.to(logits.dtype) / math.sqrt(n), signs.to(logits.dtype)  # the loss is a mean
+        tensors, stacks, pairs = _node_injections(
+            forward, loss_fn(forward.logits, y), num_sketches, generator
+        )
+        if exact_loss_factors:  # the loss's exact columns first (per-sample signs), then the ops' pairs
+            mixed, signs, stacks = _exact_loss_first(mixed, signs, stacks, num_sketches, pairs)
+        else:
+            mixed, signs = _paired_columns(mixed, signs, num_sketches)
+            mixed, signs = _spread_loss_columns(mixed, signs, num_sketches, pairs)
+        injections = (tensors, stacks)
+        per_layer = not _fast_path_blockers(forward.recorder, forward.leaves, n)
         if per_layer and not forward.recorder.samples_apart:
             per_layer = not samples_interact(model, x, params, caller)
         if per_layer:
             diag = _diagonal_by_layers(forward, mixed, signs, 1, injections)
-        elif batch_first:
+        else:  # a weight used outside Linear/Conv/embedding, or samples that interact: per sample
             diag = _diagonal_by_chunks(forward.logits, mixed, signs, forward.leaves, 1, injections)
-        else:
-            raise ExactMethodNotApplicable(
-                f"{caller}: an operation's input does not have the {n} samples along dim 0 "
-                "(a sequence-first layout?); per-sample columns need the batch first."
-            )
     return _finish(diag, params)

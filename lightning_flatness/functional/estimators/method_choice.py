@@ -30,13 +30,22 @@ Then, for a network piecewise linear in each weight: when ``D <= max_exact_outpu
 ``"gauss_newton_sketch"`` for big networks (``W D >= sketch_min_work``) and ``"exact"`` (zero variance)
 for the others; else ``"gauss_newton_sketch"`` for a loss with a structured Hessian and the Monte-Carlo
 Gauss-Newton diagonal ``"gauss_newton_mc"`` for any other. The sampled ones *are*
-unbiased Hessian-diagonal estimates there. For any other network the **Gauss-Newton** diagonal, by the same
-rules (``"gauss_newton_sketch"``, ``"gauss_newton"`` or ``"gauss_newton_mc"``), reported as such: the Hessian
-diagonal would need Hutchinson probes of the residual ``H - GGN`` (``"ggn_hutchinson"``), and on the
-model zoo their noise biased normalized sharpness more than the residual itself changes it
-(``benchmarks/results/bench_zoo_residual.md``). Gauss-Newton estimators need first
-derivatives only, so they also run through fused attention and ops without a double backward.
-Cost of the choice: one forward pass on two samples.
+unbiased Hessian-diagonal estimates there.
+
+5. **Any other network** (GELU, LayerNorm, attention, hardswish, tanh, squeeze-excitation): the
+   sketched Hessian diagonal ``"hessian_sketch"`` (:mod:`.hessian_sketch`) where its node rules cover
+   every nonlinear operation and no selected weight is used twice (checked on a second recorded forward
+   pass of the two samples, with attention in explicit ops): the Gauss-Newton part as above (the loss's
+   exact factors where ``"exact"`` would be chosen, else sketched) plus random columns of each
+   operation's own curvature, unbiased for the Hessian diagonal, first derivatives only. Measured
+   against brute force on the model zoo in ``benchmarks/results/bench_hessian_sketch.md``. Where it
+   does not apply (a tied LM head, a division by a weight-dependent tensor, fused attention called
+   directly), the **Gauss-Newton** diagonal by the rules above (``"gauss_newton_sketch"``,
+   ``"gauss_newton"`` or ``"gauss_newton_mc"``), reported as such: Hutchinson probes of the residual
+   ``H - GGN`` in parameter space (``"ggn_hutchinson"``) biased normalized sharpness more than the
+   residual itself changes it (``benchmarks/results/bench_zoo_residual.md``).
+
+Cost of the choice: one forward pass on two samples (two recorded ones for other networks).
 """
 
 from __future__ import annotations
@@ -188,13 +197,28 @@ def choose_method(
             f"Hessian diagonal is its Gauss-Newton diagonal; {cost}",
         )
     why = "; ".join(blockers[:2])
+    from lightning_flatness.functional.estimators.hessian_sketch import hessian_sketch_applies
+
+    try:
+        sketch_blockers, ops = hessian_sketch_applies(model, few, target[: min(n, 2)], params)
+    except (ValueError, TypeError, RuntimeError) as err:
+        sketch_blockers, ops = [f"its check could not run ({type(err).__name__}: {err})"], []
+    if not sketch_blockers:
+        return MethodChoice(
+            "hessian_sketch",
+            "hessian",
+            f"the network is not linear in each weight ({', '.join(ops)}), so its Hessian diagonal "
+            "differs from the Gauss-Newton diagonal; the sketched Hessian diagonal adds the curvature "
+            "of those operations to the sketched Gauss-Newton part, unbiased for the Hessian diagonal, "
+            "at a few backward columns per sample whatever the number of outputs",
+        )
     method = "gauss_newton_sketch" if sketched else "gauss_newton_mc" if sampled else "gauss_newton"
     return MethodChoice(
         method,
         "gauss_newton",
         f"the network is not linear in each weight ({why}), so its "
-        "Hessian diagonal differs from the Gauss-Newton diagonal; Hutchinson probes of the "
-        "difference bias the normalized measures more than the difference itself on the model "
-        f"zoo, so the Gauss-Newton diagonal is measured (method='ggn_hutchinson' adds the "
-        f"probed residual); {cost}",
+        "Hessian diagonal differs from the Gauss-Newton diagonal, and the sketched Hessian diagonal "
+        f"does not apply ({sketch_blockers[0]}); Hutchinson probes of the difference bias the "
+        "normalized measures more than the difference itself on the model zoo, so the Gauss-Newton "
+        f"diagonal is measured (method='ggn_hutchinson' adds the probed residual); {cost}",
     )

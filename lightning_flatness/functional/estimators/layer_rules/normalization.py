@@ -5,7 +5,8 @@ Each computes ``y = weight * xhat + bias`` with ``xhat`` the normalized input an
 ``bias`` entry per channel ``c``. The output is linear in both, so the per-sample gradient of
 column ``k`` is ``sum_p g_kcp xhat_cp`` for the weight and ``sum_p g_kcp`` for the bias, the sum
 running over the positions ``p`` that share channel ``c`` (spatial positions, tokens). In the
-layout of :mod:`.base` that is a contraction with one group per channel, one input and one output
+layout of :mod:`~lightning_flatness.functional.estimators.layer_rules.base` that is a contraction with
+one group per channel, one input and one output
 per group (``(N, C, 1, P)`` and ``(N, C, K, P)``): a depthwise ``1 x 1`` convolution whose input is
 ``xhat``. The rule records ``xhat`` (recomputed from the call's arguments, detached) in place of
 the raw input, so the Gauss-Newton diagonal of these 1-D parameters costs a few elementwise passes

@@ -69,7 +69,8 @@ class NodeRule:
     #: the op names this rule covers, as the recorder sees them
     ops: tuple[str, ...] = ()
     #: whether the ``+`` and ``-`` columns share their random signs (products: their own squares then
-    #: cancel draw by draw), so that they get a pair of backward columns of their own (:mod:`..hessian_sketch`)
+    #: cancel draw by draw), so that they get a pair of backward columns of their own
+    #: (:mod:`~lightning_flatness.functional.estimators.hessian_sketch`)
     own_pair: bool = False
 
     def accepts(self, call: NodeCall) -> bool:
@@ -92,7 +93,9 @@ def register_node_rule(rule: NodeRule, *, replace: bool = False) -> NodeRule:
     """Register ``rule`` under each of its ``ops`` (``replace=True`` to override)."""
     for op in rule.ops:
         if op in NODE_RULES and not replace:
-            raise ValueError(f"a node rule for {op!r} is already registered; pass replace=True to override it.")
+            raise ValueError(
+                f"a node rule for {op!r} is already registered; pass replace=True to override it."
+            )
         NODE_RULES[op] = rule
     return rule
 

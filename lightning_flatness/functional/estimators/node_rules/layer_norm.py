@@ -3,7 +3,8 @@ r"""``z = layer_norm(a, normalized_shape, weight, bias, eps)``: per normalized s
 
 With adjoint ``g`` and ``r = weight * g`` (the adjoint of ``u``), ``r~ = r - mean r`` and the centering
 ``P = I - 11^T / D``, the derivatives ``du_i/da_j = (P_ij - u_i u_j / D) / s`` give (the same algebra as
-eq. 20's normalization, :func:`~lightning_flatness.functional.loss_hessian_factors.normalized_cross_entropy_logit_hessian`,
+eq. 20's normalization,
+:func:`~lightning_flatness.functional.loss_hessian_factors.normalized_cross_entropy_logit_hessian`,
 with ``eps`` inside ``s``):
 
 .. math:: M = \sum_i r_i \nabla^2 u_i = \alpha P - \frac{1}{D s^2}\big(\tilde r u^\top + u \tilde r^\top\big)
@@ -68,9 +69,9 @@ class LayerNormRule(NodeRule):
             ux = (u.unsqueeze(-1) * x).sum(dim=-2, keepdim=True)
             rx = (rt.unsqueeze(-1) * x).sum(dim=-2, keepdim=True)
             scale = (d * s2).unsqueeze(-1)
-            return -(rt.unsqueeze(-1) * ux + u.unsqueeze(-1) * rx) / scale + 3 * ru.unsqueeze(-1) * u.unsqueeze(
+            return -(rt.unsqueeze(-1) * ux + u.unsqueeze(-1) * rx) / scale + 3 * ru.unsqueeze(
                 -1
-            ) * ux / (d * scale)
+            ) * u.unsqueeze(-1) * ux / (d * scale)
 
         small = basis.transpose(-1, -2) @ low_rank(basis)  # (..., 2, 2)
         lam, vec = torch.linalg.eigh(0.5 * (small + small.transpose(-1, -2)))

@@ -11,7 +11,8 @@ signs ``eps_t`` that are uncorrelated across terms keeps the expectation:
 - elementwise: one Rademacher sign per output entry, then each column summed over the dimensions
   its input was broadcast along; ``O(numel)``;
 - matmul: ``eps_ijl = alpha_il beta_jl`` (products of independent Rademacher matrices are pairwise
-  uncorrelated), so ``c_X = alpha o (sqrt(|G| / 2) @ beta)`` and ``c_Y = beta o ((s sqrt(|G| / 2))^T @ alpha)``
+  uncorrelated), so ``c_X = alpha o (sqrt(|G| / 2) @ beta)`` and
+  ``c_Y = beta o ((s sqrt(|G| / 2))^T @ alpha)``
   (transposed into ``Y``'s layout): two matrix products of the op's own size per column.
 
 The ``+`` and ``-`` columns share their random signs (``c^- = (c_x, -c_y)`` for ``c^+ = (c_x, c_y)``): then
@@ -47,8 +48,10 @@ class ElementwiseProductRule(NodeRule):
     own_pair = True
 
     def accepts(self, call: NodeCall) -> bool:
-        return len(call.inputs) == 2 and len(call.args) >= 2 and all(
-            isinstance(a, Tensor) for a in call.args[:2]
+        return (
+            len(call.inputs) == 2
+            and len(call.args) >= 2
+            and all(isinstance(a, Tensor) for a in call.args[:2])
         )
 
     def columns(
@@ -75,7 +78,8 @@ class MatmulRule(NodeRule):
             and y is call.inputs[1]
             and x.ndim >= 2
             and y.ndim >= 2
-            and call.output.shape == torch.broadcast_shapes(x.shape[:-2], y.shape[:-2]) + (x.shape[-2], y.shape[-1])
+            and call.output.shape
+            == torch.broadcast_shapes(x.shape[:-2], y.shape[:-2]) + (x.shape[-2], y.shape[-1])
         )
 
     def columns(

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from lightning_flatness.functional.estimators.layer_rules.base import argument
 from lightning_flatness.functional.estimators.node_rules.base import (
     NodeCall,
     NodeRule,
@@ -25,7 +26,6 @@ from lightning_flatness.functional.estimators.node_rules.base import (
     register_node_rule,
     split_signs,
 )
-from lightning_flatness.functional.estimators.layer_rules.base import argument
 
 __all__ = ["SoftmaxRule"]
 
@@ -47,7 +47,7 @@ class SoftmaxRule(NodeRule):
             core = p * (adjoint - (adjoint * p).sum(dim=dim, keepdim=True))
         else:
             core = -adjoint.sum(dim=dim, keepdim=True) * p
-        out = []
+        out: list[list[Optional[Tensor]]] = []
         for root in split_signs(core):
             w = root * rademacher(core, generator)
             out.append([w - p * w.sum(dim=dim, keepdim=True)])
