@@ -6,7 +6,7 @@ Model: timm ``VisionTransformer`` as ``vit_tiny`` builds it (embed 192, depth 12
 weights, eval mode for the measurements; one intra-op thread. Per round, interleaved: one training
 step (forward, backward, SGD) of batch ``--train-batch``, then each estimator on one batch of
 ``--batch`` samples with the eq. 20 loss and the default selection (``gauss_newton_sketch``,
-``hessian_sketch`` with 1 and 2 sketches). Reported: median seconds, the ratio to the Gauss-Newton
+``hessian_sketch`` with ``--sketches`` sketches). Reported: median seconds, the ratio to the Gauss-Newton
 sketch, and the cost of a 512-sample measurement (the callback's default) in training steps.
 
 Run: ``python -m benchmarks.bench_hessian_sketch_cost --json
@@ -52,12 +52,14 @@ def run(args) -> dict[str, Any]:
         "gauss_newton_sketch": lambda gen: gauss_newton_sketch_diagonal(
             model, normalized_softmax_cross_entropy, x, y, params, generator=gen
         ),
-        "hessian_sketch:1": lambda gen: hessian_sketch_diagonal(
-            model, normalized_softmax_cross_entropy, x, y, params, generator=gen, num_sketches=1
-        ),
-        "hessian_sketch:2": lambda gen: hessian_sketch_diagonal(
-            model, normalized_softmax_cross_entropy, x, y, params, generator=gen, num_sketches=2
-        ),
+        **{
+            f"hessian_sketch:{s}": (
+                lambda gen, s=s: hessian_sketch_diagonal(
+                    model, normalized_softmax_cross_entropy, x, y, params, generator=gen, num_sketches=s
+                )
+            )
+            for s in args.sketches
+        },
     }
     times: dict[str, list[float]] = {"train_step": [], **{k: [] for k in options}}
     for r in range(args.repeats + 1):  # the first round warms up
@@ -99,6 +101,7 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--train-batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sketches", type=int, nargs="*", default=[1])
     args = parser.parse_args(argv)
     if args.quick:
         args.depth, args.dim, args.heads, args.batch, args.train_batch, args.repeats = 1, 16, 2, 4, 4, 1

@@ -216,3 +216,18 @@ def test_leaves_the_model_unchanged():
     assert fused == [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k])
+
+
+def test_refuses_an_operation_whose_input_does_not_have_the_samples_first():
+    class Transposed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x).t()).t())
+
+    model = Transposed().double()
+    x, y = torch.randn(6, 4, dtype=F64), torch.randint(0, 3, (6,))
+    with pytest.raises(ExactMethodNotApplicable, match="'tanh'.*without the 6 samples along dim 0"):
+        hessian_sketch_diagonal(model, F.cross_entropy, x, y, select_parameters(model))

@@ -731,7 +731,7 @@ class _ForwardRecorder(TorchFunctionMode):
                 name, self.where(), func, args, kwargs, inputs, out, versions=[t._version for t in inputs]
             )
             call.options["output_version"] = out._version
-        if call is None or not rule.accepts(call):  # type: ignore[union-attr]
+        if rule is None or call is None or not rule.accepts(call):
             entry = f"{name!r} in {self.where()}"
             if entry not in self.uncovered:
                 self.uncovered.append(entry)

@@ -28,14 +28,23 @@ reaches every recorded Linear/Conv/embedding output, and the per-sample squares 
 different ops, samples and sketches are independent with mean zero, so the cross terms vanish in
 expectation and :math:`\mathbb{E}[\hat h] = \mathrm{diag}(H)` exactly (for each weight used once; a
 weight used twice, such as a tied embedding, is refused: the cross term between its two uses is not
-covered). The noise is that of the Gauss-Newton sketch, now also over the ops' columns; it is
-independent across samples, so the jackknife over sample groups covers it.
+covered). The noise is independent across samples, so the jackknife over sample groups covers it.
+
+**Pairs of columns.** Columns that share a pair meet in its squares, and their cross terms are
+zero-mean noise. The loss's columns get a pair of their own (against the ops' columns they were most
+of the noise on the zoo models), the ops' columns a second one, and the products of two activations
+(whose ``+`` and ``-`` columns share their random signs, so that their own squares cancel draw by draw)
+:data:`PRODUCT_PAIRS` more, in turn: at most ``2 (2 + PRODUCT_PAIRS) S`` backward columns. On small
+models (where ``method="auto"`` would compute the Gauss-Newton part exactly) the loss's exact factors
+are sent backward as columns of their own instead of its pair: its part then has no noise at all.
+Measured against brute force: ``benchmarks/results/bench_hessian_sketch.md``.
 
 **Cost.** One recorded forward pass; one backward pass for the adjoints :math:`\partial L/\partial z`
 of the recorded ops; their columns (``O(numel)`` per elementwise op, two matrix products of the op's
-size per product of two activations); one batched backward pass of ``2 S`` columns to the layer
+size per product of two activations); one batched backward pass of all columns to the layer
 outputs and the per-sample squares, as for :mod:`.gauss_newton_sketch` (autograd's batched backward:
-the folded-column tape of the exact method does not apply). No double backward through the network:
+the folded-column tape of the exact method does not apply), so about ``2 + PRODUCT_PAIRS`` times the
+Gauss-Newton sketch's cost on a transformer. No double backward through the network:
 it runs through fused kernels' first derivatives, and under
 :func:`~lightning_flatness.functional.twice_differentiable.twice_differentiable` (timm's and Hugging
 Face's attention in explicit ops, so that ``softmax`` and the products are seen).
@@ -86,7 +95,9 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 #: Pairs of backward columns per sketch for the products of two weight-dependent tensors, shared in turn
 #: (:func:`_node_injections`); with the loss's pair and the other ops' pair, at most ``2 + PRODUCT_PAIRS``.
-PRODUCT_PAIRS = 2
+#: One pair of their own took the tiny ViT's eq. 17 bias at 128 samples from +16% (sharing the other ops'
+#: pair) to +9%, a second one to +9% (``benchmarks/results/bench_hessian_sketch.md``).
+PRODUCT_PAIRS = 1
 
 
 def hessian_sketch_blockers(forward: _RecordedForward) -> list[str]:
@@ -147,10 +158,9 @@ def _node_injections(
     Pair 0 is the loss's (filled by the caller), pair 1 holds the ops whose ``+`` and ``-`` columns are
     independent, and the products (:attr:`~.node_rules.NodeRule.own_pair`: their ``+``/``-`` columns
     share their random signs, so that their own squares cancel draw by draw) take the next
-    ``product_pairs`` pairs in turn, in call order (so an attention's ``q k^T`` and ``p v`` fall in
-    different pairs). Columns in one pair meet in the squares: their cross terms are zero-mean noise, and
-    the loss's large columns against the ops' ones were most of it (measured:
-    ``benchmarks/results/bench_hessian_sketch.md``)."""
+    ``product_pairs`` pairs in turn, in call order (0: they share pair 1). Columns in one pair meet in
+    the squares: their cross terms are zero-mean noise, and the loss's large columns against the ops'
+    ones were most of it (measured: ``benchmarks/results/bench_hessian_sketch.md``)."""
     nodes = forward.recorder.nodes or []
     changed = [f"{node.op!r} in {node.module}" for node in nodes if node.changed_in_place()]
     if changed:
@@ -161,7 +171,7 @@ def _node_injections(
     outputs = [node.output for node in nodes]
     adjoints = torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True) if outputs else ()
     live = [(node, adjoint) for node, adjoint in zip(nodes, adjoints) if adjoint is not None]
-    products = [node for node, _ in live if NODE_RULES[node.op].own_pair]
+    products = [node for node, _ in live if NODE_RULES[node.op].own_pair] if product_pairs else []
     first = 2 if len(products) < len(live) else 1  # pair 1: the ops that are not products
     pairs = first + min(len(products), product_pairs)
     pair_of = {id(node): first + i % (pairs - first) for i, node in enumerate(products)}

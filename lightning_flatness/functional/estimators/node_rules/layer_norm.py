@@ -46,11 +46,13 @@ class LayerNormRule(NodeRule):
         shape = argument(call.args, call.kwargs, 1, ("normalized_shape",))
         weight = argument(call.args, call.kwargs, 2, ("weight",))
         eps = argument(call.args, call.kwargs, 4, ("eps",), 1e-5)
-        a = call.inputs[0].detach().to(adjoint.dtype)
+        dtype = torch.promote_types(adjoint.dtype, torch.float64)  # float64: the 2 x 2 eigenproblems
+        a = call.inputs[0].detach().to(dtype)
         d = math.prod(shape)
         lead = a.shape[: a.ndim - len(shape)]
         a = a.reshape(*lead, d)
-        r = adjoint.reshape(*lead, d) if weight is None else (adjoint * weight.detach()).reshape(*lead, d)
+        g = adjoint.to(dtype)
+        r = g.reshape(*lead, d) if weight is None else (g * weight.detach().to(dtype)).reshape(*lead, d)
         c = a - a.mean(dim=-1, keepdim=True)
         s2 = c.pow(2).mean(dim=-1, keepdim=True) + eps
         u = c / s2.sqrt()
@@ -75,15 +77,20 @@ class LayerNormRule(NodeRule):
 
         small = basis.transpose(-1, -2) @ low_rank(basis)  # (..., 2, 2)
         lam, vec = torch.linalg.eigh(0.5 * (small + small.transpose(-1, -2)))
+        # each eigenvector's sign fixed by a fixed linear functional of its coordinates (not by its largest
+        # entry: for r~ orthogonal to u the two have equal size), so that a draw does not depend on how the
+        # eigensolver happened to orient it (float32 and float64 runs then agree draw by draw)
+        orient = vec[..., 0, :] + 0.6180339887 * vec[..., 1, :]  # (..., 2)
+        vec = vec * torch.where(orient < 0, -1.0, 1.0).to(vec.dtype).unsqueeze(-2)
         cols = basis @ vec  # (..., D, 2)
-        out = []
+        out: list[list[Optional[Tensor]]] = []
         for sign in (1.0, -1.0):
             part = (sign * alpha).clamp_min(0).sqrt()
             xi = rademacher(a, generator)
             col = part * (xi - xi.mean(dim=-1, keepdim=True))
             weights = (sign * lam).clamp_min(0).sqrt() * rademacher(lam, generator)  # (..., 2)
             col = col + (cols * weights.unsqueeze(-2)).sum(dim=-1)
-            out.append([col.reshape(call.inputs[0].shape)])
+            out.append([col.reshape(call.inputs[0].shape).to(adjoint.dtype)])
         return out[0], out[1]
 
 
