@@ -205,3 +205,25 @@ def test_bench_first_order_spread_quick_compares_both_jackknifes_per_tensor():
     out = bench_first_order_spread.main(["--quick", "--models", "resnet"])
     assert out["rows"] and all(r["rel_se"] > 0 and r["se_ratio"] > 0 for r in out["rows"])
     assert sum(b["tensors"] for b in out["bands"]) == len(out["rows"])
+
+
+def test_bench_hessian_sketch_quick_compares_estimators_with_the_brute_force_hessian(tmp_path):
+    pytest.importorskip("timm")
+    from benchmarks import bench_hessian_sketch
+
+    out = bench_hessian_sketch.main(["--quick", "--json", str(tmp_path / "hs.json")])
+    row = out["models"]["vit"]["untrained"]
+    assert row["normalized_H"] > 0 and _finite(row["ggn_share"])
+    assert {"gauss_newton_sketch", "hessian_sketch:1", "hessian_sketch:4"} <= set(row["estimators"])
+    assert all(_finite(e["bias"]) and e["seconds"] > 0 for e in row["estimators"].values())
+    assert (tmp_path / "hs.md").read_text().count("| vit | untrained |") == 3
+
+
+def test_bench_hessian_sketch_cost_quick_times_both_sketches_and_a_training_step():
+    pytest.importorskip("timm")
+    from benchmarks import bench_hessian_sketch_cost
+
+    out = bench_hessian_sketch_cost.main(["--quick"])
+    assert set(out["median_seconds"]) == {"train_step", "gauss_newton_sketch", "hessian_sketch:1"}
+    assert out["ratio_to_gauss_newton_sketch"]["gauss_newton_sketch"] == 1.0
+    assert all(v > 0 for v in out["training_steps_per_512_samples"].values())
