@@ -97,6 +97,7 @@ from lightning_flatness.functional.estimators.layer_rules import (
     accumulate_layer,
 )
 from lightning_flatness.functional.loss_hessian_factors import (
+    StructuredLossHessian,
     default_exact_classes,
     default_mc_samples,
     loss_hessian_structure,
@@ -370,6 +371,47 @@ def _base_columns(
     return columns.to(logits.dtype), signs.to(logits.dtype), []
 
 
+def _loss_structure(
+    loss_fn: LossFn, logits: Tensor, target: Tensor, num_sketches: Optional[int], max_exact_outputs: int
+) -> tuple[Optional[StructuredLossHessian], int]:
+    """The loss Hessian's structured exact factors above ``max_exact_outputs`` outputs per sample (None
+    below, or for a loss without them), and the number of sketches (``num_sketches``, or the default:
+    :data:`DEFAULT_STRUCTURED_SKETCHES` with a structure, else :data:`DEFAULT_NUM_SKETCHES`)."""
+    structure = (
+        loss_hessian_structure(loss_fn, logits, target) if logits[0].numel() > max_exact_outputs else None
+    )
+    if num_sketches is None:
+        num_sketches = (
+            DEFAULT_STRUCTURED_SKETCHES.get(loss_fn, DEFAULT_NUM_SKETCHES)
+            if structure is not None
+            else DEFAULT_NUM_SKETCHES
+        )
+    return structure, num_sketches
+
+
+def _mixed_base_columns(
+    loss_fn: LossFn,
+    logits: Tensor,
+    target: Tensor,
+    num_mc_samples: Optional[int],
+    generator: Optional[torch.Generator],
+    max_exact_outputs: int,
+    num_sketches: int,
+) -> tuple[Tensor, Tensor, list[str]]:
+    """:func:`_base_columns` (``num_mc_samples`` None: the loss's default) mixed by :func:`sketch_columns`:
+    ``(columns (N, D, C), signs (C,), the loss's issues with the per-sample-mean assumption)``."""
+    columns, signs, issues = _base_columns(
+        loss_fn,
+        logits,
+        target,
+        default_mc_samples(loss_fn) if num_mc_samples is None else num_mc_samples,
+        generator,
+        max_exact_outputs,
+    )
+    mixed, mixed_signs = sketch_columns(columns, signs, num_sketches, generator)
+    return mixed, mixed_signs, issues
+
+
 def gauss_newton_sketch_diagonal(
     model: nn.Module,
     loss_fn: LossFn,
@@ -434,30 +476,16 @@ def gauss_newton_sketch_diagonal(
         x, y = _autograd_inputs(inputs, target)
         forward = _record_forward(model, x, params, caller)
         logits = forward.logits.detach()
-        structure = (
-            loss_hessian_structure(loss_fn, logits, y) if logits[0].numel() > max_exact_outputs else None
-        )
-        if num_sketches is None:
-            num_sketches = (
-                DEFAULT_STRUCTURED_SKETCHES.get(loss_fn, DEFAULT_NUM_SKETCHES)
-                if structure is not None
-                else DEFAULT_NUM_SKETCHES
-            )
+        structure, num_sketches = _loss_structure(loss_fn, logits, y, num_sketches, max_exact_outputs)
         if structure is not None:  # the exact factors, mixed in O(N K): no class sampling
             refuse_unless_gauss_newton_applies(caller, [], forward.recorder.random_ops)
             mixed, mixed_signs = structure.sketch(num_sketches, generator)
             mixed, mixed_signs = mixed.to(logits.dtype), mixed_signs.to(logits.dtype)
         else:
-            columns, signs, loss_issues = _base_columns(
-                loss_fn,
-                logits,
-                y,
-                default_mc_samples(loss_fn) if num_mc_samples is None else num_mc_samples,
-                generator,
-                max_exact_outputs,
+            mixed, mixed_signs, loss_issues = _mixed_base_columns(
+                loss_fn, logits, y, num_mc_samples, generator, max_exact_outputs, num_sketches
             )
             refuse_unless_gauss_newton_applies(caller, loss_issues, forward.recorder.random_ops)
-            mixed, mixed_signs = sketch_columns(columns, signs, num_sketches, generator)
         mixed = mixed / math.sqrt(logits.shape[0])  # the loss is a mean over samples
         blockers = _fast_path_blockers(forward.recorder, forward.leaves, logits.shape[0])
         if any("invisible" in issue for issue in forward.issues):

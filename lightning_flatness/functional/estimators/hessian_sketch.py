@@ -73,19 +73,16 @@ from lightning_flatness.functional.estimators.exact import (
     _RecordedForward,
 )
 from lightning_flatness.functional.estimators.gauss_newton_sketch import (
-    DEFAULT_NUM_SKETCHES,
-    DEFAULT_STRUCTURED_SKETCHES,
     MAX_EXACT_FACTOR_OUTPUTS,
-    _base_columns,
     _diagonal_by_chunks,
     _diagonal_by_layers,
     _finish,
+    _loss_structure,
+    _mixed_base_columns,
     samples_interact,
-    sketch_columns,
 )
 from lightning_flatness.functional.estimators.method_choice import SKETCH_MIN_WORK
 from lightning_flatness.functional.estimators.node_rules import NODE_RULES
-from lightning_flatness.functional.loss_hessian_factors import default_mc_samples, loss_hessian_structure
 from lightning_flatness.functional.model_io import ModelInputs
 from lightning_flatness.functional.twice_differentiable import twice_differentiable
 
@@ -293,15 +290,7 @@ def hessian_sketch_diagonal(
             )
         logits = forward.logits.detach()
         n = logits.shape[0]
-        structure = (
-            loss_hessian_structure(loss_fn, logits, y) if logits[0].numel() > max_exact_outputs else None
-        )
-        if num_sketches is None:
-            num_sketches = (
-                DEFAULT_STRUCTURED_SKETCHES.get(loss_fn, DEFAULT_NUM_SKETCHES)
-                if structure is not None
-                else DEFAULT_NUM_SKETCHES
-            )
+        structure, num_sketches = _loss_structure(loss_fn, logits, y, num_sketches, max_exact_outputs)
         if not isinstance(num_sketches, int) or num_sketches < 1:
             raise ValueError(f"`num_sketches` must be a positive int, got {num_sketches!r}.")
         work = logits[0].numel() * sum(p.numel() for p in params.values())
@@ -314,17 +303,11 @@ def hessian_sketch_diagonal(
             if loss_issues:
                 raise ExactMethodNotApplicable(f"{caller} does not apply: {'; '.join(loss_issues[:3])}.")
         else:
-            columns, col_signs, loss_issues = _base_columns(
-                loss_fn,
-                logits,
-                y,
-                default_mc_samples(loss_fn) if num_mc_samples is None else num_mc_samples,
-                generator,
-                max_exact_outputs,
+            mixed, signs, loss_issues = _mixed_base_columns(
+                loss_fn, logits, y, num_mc_samples, generator, max_exact_outputs, num_sketches
             )
             if loss_issues:
                 raise ExactMethodNotApplicable(f"{caller} does not apply: {'; '.join(loss_issues[:3])}.")
-            mixed, signs = sketch_columns(columns, col_signs, num_sketches, generator)
         mixed, signs = mixed.to(logits.dtype) / math.sqrt(n), signs.to(logits.dtype)  # the loss is a mean
         tensors, stacks, pairs = _node_injections(
             forward, loss_fn(forward.logits, y), num_sketches, generator
