@@ -231,3 +231,34 @@ def test_refuses_an_operation_whose_input_does_not_have_the_samples_first():
     x, y = torch.randn(6, 4, dtype=F64), torch.randint(0, 3, (6,))
     with pytest.raises(ExactMethodNotApplicable, match="'tanh'.*without the 6 samples along dim 0"):
         hessian_sketch_diagonal(model, F.cross_entropy, x, y, select_parameters(model))
+
+
+def test_an_in_place_activation_is_refused_and_auto_falls_back():
+    from lightning_flatness.functional.estimators.method_choice import choose_method
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.SiLU(inplace=True), nn.Linear(6, 3))
+    model = model.double()
+    x, y = torch.randn(5, 4, dtype=F64), torch.randint(0, 3, (5,))
+    with pytest.raises(ExactMethodNotApplicable, match=r"'silu' in .*\(in place\): no node rule"):
+        hessian_sketch_diagonal(model, F.cross_entropy, x, y, select_parameters(model))
+    choice = choose_method(model, F.cross_entropy, x, y)
+    assert (choice.method, choice.quantity) == ("gauss_newton", "gauss_newton")
+    assert "(in place)" in choice.reason
+
+
+def test_an_operation_whose_input_is_changed_in_place_later_is_refused():
+    class Later(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            h = self.a(x) * 1.0
+            z = torch.tanh(h)
+            h.mul_(2.0)  # after tanh has used it
+            return self.b(z + h)
+
+    model = Later().double()
+    x, y = torch.randn(6, 4, dtype=F64), torch.randint(0, 3, (6,))
+    with pytest.raises(ExactMethodNotApplicable, match="'tanh'.*changed in place later"):
+        hessian_sketch_diagonal(model, F.cross_entropy, x, y, select_parameters(model))

@@ -726,13 +726,14 @@ class _ForwardRecorder(TorchFunctionMode):
         rule = NODE_RULES.get(name)
         inputs = [t for t in dependent if id(t) not in self.names_by_id]
         call = None
-        if rule is not None and isinstance(out, Tensor) and inputs:
+        in_place = any(t is out for t in inputs)  # its input is gone: the curvature cannot be evaluated
+        if rule is not None and isinstance(out, Tensor) and inputs and not in_place:
             call = NodeCall(
                 name, self.where(), func, args, kwargs, inputs, out, versions=[t._version for t in inputs]
             )
             call.options["output_version"] = out._version
         if rule is None or call is None or not rule.accepts(call):
-            entry = f"{name!r} in {self.where()}"
+            entry = f"{name!r} in {self.where()}" + (" (in place)" if in_place else "")
             if entry not in self.uncovered:
                 self.uncovered.append(entry)
             return

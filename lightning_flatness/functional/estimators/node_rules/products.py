@@ -17,8 +17,8 @@ signs ``eps_t`` that are uncorrelated across terms keeps the expectation:
 
 The ``+`` and ``-`` columns share their random signs (``c^- = (c_x, -c_y)`` for ``c^+ = (c_x, c_y)``): then
 ``(G^+)^2 - (G^-)^2 = 4 (J_x^T c_x)(J_y^T c_y)`` exactly for the op's own part of the two gradients, so the
-squares of each side, which only cancel on average with independent draws, cancel draw by draw (on the
-tiny ViT this took the ``qkv`` weight's sketch noise below its residual). A tensor multiplied by itself
+squares of each side, which only cancel on average with independent draws, cancel draw by draw
+(measured: ``benchmarks/results/hessian_sketch.md``, item 2). A tensor multiplied by itself
 (``x * x``) gets both columns added, which gives ``2 G`` as it should.
 """
 
