@@ -923,8 +923,9 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
     dry run on a few samples at fit start, by
     :func:`~lightning_flatness.functional.estimators.method_choice.choose_method`: the zero-variance
     ``"exact"`` method when the network is linear in each weight (ReLU/max-pool/eval-BatchNorm
-    networks) with few outputs, a sampled Gauss-Newton part when the outputs are many, and
-    Hutchinson probes of the residual ``H - GGN`` for other networks; the choice, what it estimates
+    networks) with few outputs, a sketched or sampled Gauss-Newton part when the network is big or the
+    outputs are many, and for other networks the sketched Hessian diagonal (``"hessian_sketch"``) where
+    its operation rules apply, else their Gauss-Newton diagonal; the choice, what it estimates
     (Hessian or Gauss-Newton diagonal) and why are reported once and kept in :attr:`history`
     (``"method"``). Each process cuts its share into at least ``num_replicates`` batches of at most
     ``batch_size`` samples; :class:`NormalizedSharpness` pools the batches (one replicate group
