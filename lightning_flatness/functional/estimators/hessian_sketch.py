@@ -59,6 +59,7 @@ weight used twice; an op input changed in place after the op, or without the sam
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -318,11 +319,19 @@ def hessian_sketch_diagonal(
             mixed, signs = _paired_columns(mixed, signs, num_sketches)
             mixed, signs = _spread_loss_columns(mixed, signs, num_sketches, pairs)
         injections = (tensors, stacks)
-        per_layer = not _fast_path_blockers(forward.recorder, forward.leaves, n)
-        if per_layer and not forward.recorder.samples_apart:
-            per_layer = not samples_interact(model, x, params, caller)
-        if per_layer:
+        blockers = _fast_path_blockers(forward.recorder, forward.leaves, n)
+        if not blockers and not forward.recorder.samples_apart:
+            blockers = [
+                f"samples interact after {layer}" for layer in samples_interact(model, x, params, caller)
+            ]
+        if not blockers:
             diag = _diagonal_by_layers(forward, mixed, signs, 1, injections)
         else:  # a weight used outside Linear/Conv/embedding, or samples that interact: per sample
+            warnings.warn(
+                f"{caller}: per-layer contractions do not apply ({'; '.join(blockers[:3])}); computing "
+                f"the diagonal with {n} x {mixed.shape[2]} backward passes (samples x columns).",
+                UserWarning,
+                stacklevel=2,
+            )
             diag = _diagonal_by_chunks(forward.logits, mixed, signs, forward.leaves, 1, injections)
     return _finish(diag, params)
