@@ -262,3 +262,50 @@ def test_an_operation_whose_input_is_changed_in_place_later_is_refused():
     x, y = torch.randn(6, 4, dtype=F64), torch.randint(0, 3, (6,))
     with pytest.raises(ExactMethodNotApplicable, match="'tanh'.*changed in place later"):
         hessian_sketch_diagonal(model, F.cross_entropy, x, y, select_parameters(model))
+
+
+def test_per_sample_backward_path_is_unbiased_too():
+    """A weight used by a plain matmul (no layer rule): per-sample backward passes, with the ops' columns
+    masked to each sample and the loss's exact factors' per-sample signs."""
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 5)
+            self.w = nn.Parameter(torch.randn(5, 4) / 2)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(torch.tanh(self.a(x)) @ self.w))
+
+    torch.manual_seed(0)
+    model = Plain().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 3, generator=g, dtype=F64), torch.randint(0, 3, (5,), generator=g)
+    params = {k: v for k, v in select_parameters(model).items() if v.ndim >= 2}
+    names = list(params)
+    diag = brute_force_hessian(model, F.cross_entropy, x, y, names).diagonal()
+    with pytest.warns(UserWarning, match="per-layer contractions do not apply"):
+        first = hessian_sketch_diagonal(model, F.cross_entropy, x, y, params, num_sketches=4)
+    assert set(first) == set(names)
+    est = torch.stack(
+        [
+            flat(
+                hessian_sketch_diagonal(
+                    model,
+                    F.cross_entropy,
+                    x,
+                    y,
+                    params,
+                    generator=torch.Generator().manual_seed(r),
+                    num_sketches=4,
+                ),
+                names,
+            )
+            for r in range(40)
+        ]
+    )
+    mean, se = est.mean(0), est.std(0) / math.sqrt(40)
+    exact = se <= 1e-12 * diag.abs().max()
+    torch.testing.assert_close(mean[exact], diag[exact], rtol=1e-9, atol=1e-15)
+    assert float(((mean - diag)[~exact] / se[~exact]).abs().max()) < 5.0
