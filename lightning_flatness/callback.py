@@ -104,6 +104,7 @@ class SharpnessMonitorBase:
         images_every_n_evaluations: Optional[int] = None,
         prog_bar: bool = True,
         relative_step: float = 1e-3,
+        num_sketches: Optional[int] = None,
     ) -> None:
         super().__init__()
         if method != _AUTO and method not in ESTIMATORS:
@@ -137,6 +138,11 @@ class SharpnessMonitorBase:
             raise ValueError(
                 f"SharpnessMonitor got num_probes={num_probes!r}; pass a positive number of "
                 "Rademacher probes per sample group for the stochastic methods (default 64)."
+            )
+        if num_sketches is not None and not _is_positive_int(num_sketches):
+            raise ValueError(
+                f"SharpnessMonitor got num_sketches={num_sketches!r}; pass a positive int (independent "
+                "sketches of 'gauss_newton_sketch' and 'hessian_sketch') or None for their default."
             )
         if dataloader is not None and (
             isinstance(dataloader, (str, bytes)) or not hasattr(dataloader, "__iter__")
@@ -197,6 +203,7 @@ class SharpnessMonitorBase:
         self.num_samples = int(num_samples)
         self.batch_size = None if batch_size is None else int(batch_size)
         self.num_probes = int(num_probes)
+        self.num_sketches = None if num_sketches is None else int(num_sketches)
         self.dataloader = dataloader
         self.loss_fn: LossFn = normalized_softmax_cross_entropy if loss_fn is None else loss_fn
         if parameters is not None and not callable(parameters) and not isinstance(parameters, str):
@@ -523,6 +530,7 @@ class SharpnessMonitorBase:
             num_replicates=self.num_replicates,
             jackknife=self.jackknife,
             num_probes=num_probes,
+            num_sketches=self.num_sketches,
             generator=generator,
             relative_step=self.relative_step,
             choice=self._choice,
@@ -997,6 +1005,10 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
         batch_size: at most this many samples per curvature batch (memory; default 128); each
             process cuts its share into at least ``num_replicates`` batches, one replicate group each.
         num_probes: Rademacher probes per sample for the stochastic methods (default 64).
+        num_sketches: independent sketches of ``"gauss_newton_sketch"`` and ``"hessian_sketch"``
+            (``None``: their default, 1 for up to 32 outputs): the cost grows linearly, the
+            noise-driven bias of the normalized measures falls about like ``1 / num_sketches``
+            (benchmarks/RESULTS.md, round 6).
         dataloader: measure on all batches of this iterable instead of a training subset (it is
             iterated at every evaluation; pass an unsharded loader under DDP).
         loss_fn: ``(logits, target) -> mean loss``; default

@@ -97,6 +97,9 @@ class SharpnessMeasurement:
         num_probes: probes per batch for probe-based estimators.
         num_mc_samples: Monte-Carlo draws per sample for the Monte-Carlo Gauss-Newton estimator
             (``None``: the loss's default).
+        num_sketches: independent sketches of ``"gauss_newton_sketch"`` and ``"hessian_sketch"``
+            (``None``: the estimator's default; benchmarks/RESULTS.md, round 6, measures what a second
+            one buys).
         generator: source of probes and Monte-Carlo draws (never the global RNG when given).
         relative_step: finite differences only (Appendix C).
         choice: a choice made earlier (e.g. in a dry run); skips ``choose_method``.
@@ -119,6 +122,7 @@ class SharpnessMeasurement:
         generator: Optional[torch.Generator] = None,
         relative_step: float = 1e-3,
         choice: Optional[MethodChoice] = None,
+        num_sketches: Optional[int] = None,
         jackknife: str = "linearized",
         resolve_sequence_loss: bool = True,
     ) -> None:
@@ -128,6 +132,7 @@ class SharpnessMeasurement:
         self.parameters = parameters
         self.num_probes = num_probes
         self.num_mc_samples = num_mc_samples
+        self.num_sketches = num_sketches
         self.generator = generator
         self.relative_step = relative_step
         self.choice: Optional[MethodChoice] = choice
@@ -173,6 +178,7 @@ class SharpnessMeasurement:
             strict=True,
             relative_step=self.relative_step,
             num_mc_samples=self.num_mc_samples,
+            num_sketches=self.num_sketches,
         )
 
     def loss_is_finite(self, inputs: Any, target: Tensor) -> bool:
@@ -222,6 +228,7 @@ def measure_sharpness(
     split_batch: Callable[[Any], tuple[Any, Tensor]] = default_split_batch,
     relative_step: float = 1e-3,
     jackknife: str = "linearized",
+    num_sketches: Optional[int] = None,
 ) -> SharpnessResult:
     """Normalized sharpness (eq. 17), matrix-normalized sharpness (eq. 13) and Hessian trace (eq. 5)
     of ``model`` on the training samples in ``batches``, with jackknife error bars.
@@ -264,6 +271,7 @@ def measure_sharpness(
         generator=generator,
         relative_step=relative_step,
         jackknife=jackknife,
+        num_sketches=num_sketches,
     )
     skipped = 0
     for batch in batches:

@@ -309,3 +309,28 @@ def test_per_sample_backward_path_is_unbiased_too():
     exact = se <= 1e-12 * diag.abs().max()
     torch.testing.assert_close(mean[exact], diag[exact], rtol=1e-9, atol=1e-15)
     assert float(((mean - diag)[~exact] / se[~exact]).abs().max()) < 5.0
+
+
+def test_num_sketches_reaches_the_estimator_from_the_front_door_and_the_callback(monkeypatch):
+    import lightning_flatness.functional.estimators.hessian_sketch as module
+    from lightning_flatness import SharpnessMonitor
+    from lightning_flatness.functional import hessian_diagonal
+    from lightning_flatness.measure import measure_sharpness
+
+    seen = []
+    real = module.hessian_sketch_diagonal
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("num_sketches"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "hessian_sketch_diagonal", spy)
+    model, x, y, params, names, hessian = _problem(F.cross_entropy, n=8)
+    hessian_diagonal(model, F.cross_entropy, x, y, method="hessian_sketch", num_sketches=3)
+    measure_sharpness(model, [(x[:4], y[:4]), (x[4:], y[4:])], num_replicates=2, num_sketches=2)
+    assert seen == [3, 2, 2]  # auto chose hessian_sketch for the measurement (tanh, GELU, attention)
+    with pytest.raises(ValueError, match="`num_sketches` must be a positive int"):
+        hessian_diagonal(model, F.cross_entropy, x, y, method="hessian_sketch", num_sketches=0)
+    with pytest.raises(ValueError, match="num_sketches=0"):
+        SharpnessMonitor(num_sketches=0)
+    assert SharpnessMonitor(num_sketches=2).num_sketches == 2

@@ -101,6 +101,7 @@ def hessian_diagonal_groups(
     strict: bool = True,
     relative_step: float = 1e-3,
     num_mc_samples: Optional[int] = None,
+    num_sketches: Optional[int] = None,
 ) -> HessianDiagonalEstimate:
     """Hessian diagonal per group of samples, for error bars that cover probes and data.
 
@@ -132,6 +133,14 @@ def hessian_diagonal_groups(
         raise ValueError(
             f"`num_mc_samples` must be a positive int for method {method!r}, got {num_mc_samples!r}."
         )
+    if (
+        "num_sketches" in spec.options
+        and num_sketches is not None
+        and (not isinstance(num_sketches, int) or isinstance(num_sketches, bool) or num_sketches < 1)
+    ):
+        raise ValueError(
+            f"`num_sketches` must be a positive int for method {method!r}, got {num_sketches!r}."
+        )
     probes_per_group = num_probes // num_groups if spec.splits_probes else 0
     available = {
         "num_probes": probes_per_group,
@@ -139,6 +148,7 @@ def hessian_diagonal_groups(
         "strict": strict,
         "relative_step": relative_step,
         "num_mc_samples": num_mc_samples,
+        "num_sketches": num_sketches,
     }
     options = {k: available[k] for k in spec.options}
     function = spec.load()
@@ -168,6 +178,7 @@ def hessian_diagonal(
     strict: bool = True,
     relative_step: float = 1e-3,
     num_mc_samples: Optional[int] = None,
+    num_sketches: Optional[int] = None,
 ) -> dict[str, Tensor]:
     """Diagonal of the Hessian of ``loss_fn(model(inputs), target)`` (a batch mean) in the weights.
 
@@ -208,6 +219,9 @@ def hessian_diagonal(
             to its root-mean-square entry (Appendix C).
         num_mc_samples: Monte-Carlo Gauss-Newton only: draws per sample (``None``: the loss's
             default, see :mod:`.gauss_newton_mc`).
+        num_sketches: ``"gauss_newton_sketch"`` and ``"hessian_sketch"`` only: independent sketches
+            (``None``: the estimator's default; the cost grows linearly, the noise falls like its
+            square root).
 
     Returns:
         ``{name: diag}`` keyed as in ``model.named_parameters()``, each with the parameter's shape
@@ -237,5 +251,6 @@ def hessian_diagonal(
         strict=strict,
         relative_step=relative_step,
         num_mc_samples=num_mc_samples,
+        num_sketches=num_sketches,
     )
     return {n: g[0] for n, g in estimate.groups.items()}  # one group: its estimate (= .mean(), no copy)

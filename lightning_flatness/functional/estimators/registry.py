@@ -19,7 +19,7 @@ from typing import Callable
 __all__ = ["ESTIMATORS", "EstimatorSpec", "OPTION_NAMES", "register_estimator"]
 
 #: Keyword options that :func:`~.api.hessian_diagonal_groups` can pass on to an estimator function.
-OPTION_NAMES = ("num_probes", "generator", "strict", "relative_step", "num_mc_samples")
+OPTION_NAMES = ("num_probes", "generator", "strict", "relative_step", "num_mc_samples", "num_sketches")
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ register_estimator(
         f"{_PKG}.gauss_newton_sketch:gauss_newton_sketch_diagonal",
         "gauss_newton",
         stochastic=True,
-        options=("num_mc_samples", "generator"),
+        options=("num_mc_samples", "generator", "num_sketches"),
     )
 )
 register_estimator(
@@ -150,6 +150,6 @@ register_estimator(
         f"{_PKG}.hessian_sketch:hessian_sketch_diagonal",
         "hessian",
         stochastic=True,
-        options=("num_mc_samples", "generator"),
+        options=("num_mc_samples", "generator", "num_sketches"),
     )
 )
