@@ -769,7 +769,9 @@ class SharpnessMonitorBase:
             advice = ""
             if relative > _RELATIVE_ERROR_ADVICE:
                 advice = " Raise num_samples for a smaller error (it falls like 1/sqrt(num_samples))" + (
-                    ", and num_probes for probe-based methods." if stochastic else "."
+                    ", and num_probes (num_sketches for the sketched methods) for stochastic methods."
+                    if stochastic
+                    else "."
                 )
             bias = ", random part only: estimator noise also biases it upwards" if stochastic else ""
             self._info(
@@ -789,8 +791,9 @@ class SharpnessMonitorBase:
                 f"has not converged: halving the probes and samples raises it by {shift:.3g} "
                 f"({100 * shift / value:.0f}% of {value:.4g}), more than twice its standard error "
                 f"{stderr:.2g}, so probe noise biases it upwards by at least that much (logged as "
-                f"'{self.prefix}/normalized_half_shift'). Raise num_probes, or use an exact "
-                "method ('exact' for ReLU-type networks, else 'ggn_hutchinson').",
+                f"'{self.prefix}/normalized_half_shift'). Raise num_probes (num_sketches for the "
+                "sketched methods) or num_samples, or use an exact method ('exact' for ReLU-type "
+                "networks, else 'gauss_newton' for the Gauss-Newton diagonal).",
             )
 
     def _log(self, trainer: Any, pl_module: Any, values: dict[str, float], seconds: float) -> None:
