@@ -247,7 +247,7 @@ def hessian_sketch_diagonal(
         num_mc_samples: draws of the loss's Monte-Carlo columns above ``max_exact_outputs`` outputs
             for losses without a structured Hessian (None: the loss's default).
         generator: for every random sign and draw, or None for the global RNG.
-        num_sketches: independent sketches ``S`` (``2 S`` backward columns; None: as
+        num_sketches: independent sketches ``S`` (``2 S`` backward columns per pair; None: as
             :mod:`.gauss_newton_sketch` chooses).
         max_exact_outputs: up to this many outputs per sample the loss Hessian is factorised exactly.
         exact_loss_factors: send the exact factors of each sample's loss Hessian backward as columns

@@ -34,16 +34,24 @@ from lightning_flatness.functional.estimators.node_rules.base import (
 __all__ = ["LayerNormRule"]
 
 
+def _normalized_shape(call: NodeCall) -> tuple[int, ...]:
+    shape = argument(call.args, call.kwargs, 1, ("normalized_shape",))
+    return (int(shape),) if isinstance(shape, int) else tuple(int(d) for d in shape)
+
+
 class LayerNormRule(NodeRule):
     ops = ("layer_norm",)
 
     def accepts(self, call: NodeCall) -> bool:
-        return len(call.inputs) == 1 and call.args[0] is call.inputs[0]
+        shape = _normalized_shape(call)
+        a = call.inputs[0]
+        # normalized over trailing dims only, never over the samples (dim 0)
+        return len(call.inputs) == 1 and call.args[0] is a and len(shape) < a.ndim
 
     def columns(
         self, call: NodeCall, adjoint: Tensor, generator: Optional[torch.Generator]
     ) -> tuple[list[Optional[Tensor]], list[Optional[Tensor]]]:
-        shape = argument(call.args, call.kwargs, 1, ("normalized_shape",))
+        shape = _normalized_shape(call)
         weight = argument(call.args, call.kwargs, 2, ("weight",))
         eps = argument(call.args, call.kwargs, 4, ("eps",), 1e-5)
         dtype = torch.promote_types(adjoint.dtype, torch.float64)  # float64: the 2 x 2 eigenproblems

@@ -35,7 +35,9 @@ class SoftmaxRule(NodeRule):
 
     def accepts(self, call: NodeCall) -> bool:
         dim = argument(call.args, call.kwargs, 1, ("dim",))
-        return len(call.inputs) == 1 and call.args[0] is call.inputs[0] and isinstance(dim, int)
+        a = call.inputs[0]
+        # not along the samples (dim 0): the per-sample columns need a curvature that keeps them apart
+        return len(call.inputs) == 1 and call.args[0] is a and isinstance(dim, int) and dim % a.ndim != 0
 
     def columns(
         self, call: NodeCall, adjoint: Tensor, generator: Optional[torch.Generator]
