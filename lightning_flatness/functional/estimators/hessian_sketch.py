@@ -43,8 +43,9 @@ Measured against brute force: ``benchmarks/results/bench_hessian_sketch.md``.
 of the recorded ops; their columns (``O(numel)`` per elementwise op, two matrix products of the op's
 size per product of two activations); one batched backward pass of all columns to the layer
 outputs and the per-sample squares, as for :mod:`.gauss_newton_sketch` (autograd's batched backward:
-the folded-column tape of the exact method does not apply), so about ``2 + PRODUCT_PAIRS`` times the
-Gauss-Newton sketch's cost on a transformer. No double backward through the network:
+the folded-column tape of the exact method does not apply): ``2 + PRODUCT_PAIRS`` times the Gauss-Newton
+sketch's backward columns on a transformer (its measured cost: ``benchmarks/RESULTS.md``, round 6).
+No double backward through the network:
 it runs through fused kernels' first derivatives, and under
 :func:`~lightning_flatness.functional.twice_differentiable.twice_differentiable` (timm's and Hugging
 Face's attention in explicit ops, so that ``softmax`` and the products are seen).
