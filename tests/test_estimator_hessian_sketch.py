@@ -334,3 +334,43 @@ def test_num_sketches_reaches_the_estimator_from_the_front_door_and_the_callback
     with pytest.raises(ValueError, match="num_sketches=0"):
         SharpnessMonitor(num_sketches=0)
     assert SharpnessMonitor(num_sketches=2).num_sketches == 2
+
+
+def test_a_tensor_multiplied_by_itself_gets_both_columns():
+    """``h * h``: the product rule's two columns land on the same tensor and add up to ``2 G``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), _Square(), nn.Linear(4, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 3, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g)
+    params = {k: v for k, v in select_parameters(model).items() if v.ndim >= 2}
+    names = list(params)
+    diag = brute_force_hessian(model, F.cross_entropy, x, y, names).diagonal()
+    ggn = brute_force_ggn(model, F.cross_entropy, x, y, names).diagonal()
+    est = torch.stack(
+        [
+            flat(
+                hessian_sketch_diagonal(
+                    model,
+                    F.cross_entropy,
+                    x,
+                    y,
+                    params,
+                    generator=torch.Generator().manual_seed(r),
+                    num_sketches=8,
+                ),
+                names,
+            )
+            for r in range(40)
+        ]
+    )
+    # one unit per weight row and one op: every draw is exact (each entry's square of a Rademacher sign)
+    torch.testing.assert_close(
+        est.std(0), torch.zeros_like(diag), rtol=0, atol=1e-12 * float(diag.abs().max())
+    )
+    torch.testing.assert_close(est.mean(0), diag, rtol=1e-9, atol=1e-12)
+    assert float((ggn - diag).abs().max()) > 0.1 * float(diag.abs().max())  # the product's own term matters
+
+
+class _Square(nn.Module):
+    def forward(self, h: Tensor) -> Tensor:
+        return h * h

@@ -46,11 +46,6 @@ def _sampled(call, adjoint, draws=DRAWS, seed=0):
     return mean, se
 
 
-def _merge_duplicates(inputs, mat):
-    """Rows/columns of inputs that are the same tensor, summed (x * x)."""
-    return mat
-
-
 def _check(call, adjoint):
     dense = _dense_hessian(call.func, call.args, call.kwargs, call.inputs, adjoint)
     mean, se = _sampled(call, adjoint)
