@@ -59,6 +59,31 @@ def _problem(loss_fn, seed: int = 0, n: int = 6):
     return model, x, y, params, names, hessian
 
 
+def _estimates(model, loss_fn, x, y, params, names, repeats: int, **options) -> Tensor:
+    """``repeats`` independent estimates (generators seeded ``0 .. repeats - 1``), ``(repeats, P)``."""
+    return torch.stack(
+        [
+            flat(
+                hessian_sketch_diagonal(
+                    model, loss_fn, x, y, params, generator=torch.Generator().manual_seed(r), **options
+                ),
+                names,
+            )
+            for r in range(repeats)
+        ]
+    )
+
+
+def _assert_unbiased(est: Tensor, diag: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Entries without spread (no op upstream: exact) equal ``diag``; the others lie within 5 standard
+    errors of their mean. Returns the mean, the standard errors and the mask of the entries with spread."""
+    mean, se = est.mean(0), est.std(0) / math.sqrt(est.shape[0])
+    live = se > 1e-12 * diag.abs().max()
+    torch.testing.assert_close(mean[~live], diag[~live], rtol=1e-9, atol=1e-15)
+    assert float(((mean - diag)[live] / se[live]).abs().max()) < 5.0
+    return mean, se, live
+
+
 @pytest.mark.parametrize("exact_loss_factors", [None, False], ids=["exact-loss-factors", "sketched-loss"])
 @pytest.mark.parametrize("loss_fn", [normalized_softmax_cross_entropy, F.cross_entropy])
 def test_unbiased_for_the_hessian_diagonal(loss_fn, exact_loss_factors):
@@ -66,31 +91,11 @@ def test_unbiased_for_the_hessian_diagonal(loss_fn, exact_loss_factors):
     diag = hessian.diagonal()
     ggn = brute_force_ggn(model, loss_fn, x, y, names).diagonal()
     assert float((ggn - diag).norm() / diag.norm()) > 0.05  # the residual matters here
-    repeats = 40
-    est = torch.stack(
-        [
-            flat(
-                hessian_sketch_diagonal(
-                    model,
-                    loss_fn,
-                    x,
-                    y,
-                    params,
-                    generator=torch.Generator().manual_seed(r),
-                    num_sketches=8,
-                    exact_loss_factors=exact_loss_factors,
-                ),
-                names,
-            )
-            for r in range(repeats)
-        ]
+    est = _estimates(
+        model, loss_fn, x, y, params, names, 40, num_sketches=8, exact_loss_factors=exact_loss_factors
     )
-    mean, se = est.mean(0), est.std(0) / math.sqrt(repeats)
-    exact = se <= 1e-12 * diag.abs().max()  # the head: one loss column per sign, no mixing noise
-    torch.testing.assert_close(mean[exact], diag[exact], rtol=1e-9, atol=1e-15)
-    z = (mean - diag)[~exact] / se[~exact]
-    assert float(z.abs().max()) < 5.0
-    z_ggn = (mean - ggn)[~exact] / se[~exact]  # the same estimates are far from the Gauss-Newton diagonal
+    mean, se, live = _assert_unbiased(est, diag)
+    z_ggn = (mean - ggn)[live] / se[live]  # the same estimates are far from the Gauss-Newton diagonal
     assert float(z_ggn.abs().max()) > 8.0
 
 
@@ -288,27 +293,7 @@ def test_per_sample_backward_path_is_unbiased_too():
     with pytest.warns(UserWarning, match="per-layer contractions do not apply"):
         first = hessian_sketch_diagonal(model, F.cross_entropy, x, y, params, num_sketches=4)
     assert set(first) == set(names)
-    est = torch.stack(
-        [
-            flat(
-                hessian_sketch_diagonal(
-                    model,
-                    F.cross_entropy,
-                    x,
-                    y,
-                    params,
-                    generator=torch.Generator().manual_seed(r),
-                    num_sketches=4,
-                ),
-                names,
-            )
-            for r in range(40)
-        ]
-    )
-    mean, se = est.mean(0), est.std(0) / math.sqrt(40)
-    exact = se <= 1e-12 * diag.abs().max()
-    torch.testing.assert_close(mean[exact], diag[exact], rtol=1e-9, atol=1e-15)
-    assert float(((mean - diag)[~exact] / se[~exact]).abs().max()) < 5.0
+    _assert_unbiased(_estimates(model, F.cross_entropy, x, y, params, names, 40, num_sketches=4), diag)
 
 
 def test_num_sketches_reaches_the_estimator_from_the_front_door_and_the_callback(monkeypatch):
@@ -346,23 +331,7 @@ def test_a_tensor_multiplied_by_itself_gets_both_columns():
     names = list(params)
     diag = brute_force_hessian(model, F.cross_entropy, x, y, names).diagonal()
     ggn = brute_force_ggn(model, F.cross_entropy, x, y, names).diagonal()
-    est = torch.stack(
-        [
-            flat(
-                hessian_sketch_diagonal(
-                    model,
-                    F.cross_entropy,
-                    x,
-                    y,
-                    params,
-                    generator=torch.Generator().manual_seed(r),
-                    num_sketches=8,
-                ),
-                names,
-            )
-            for r in range(40)
-        ]
-    )
+    est = _estimates(model, F.cross_entropy, x, y, params, names, 4, num_sketches=2)
     # one unit per weight row and one op: every draw is exact (each entry's square of a Rademacher sign)
     torch.testing.assert_close(
         est.std(0), torch.zeros_like(diag), rtol=0, atol=1e-12 * float(diag.abs().max())
