@@ -728,10 +728,7 @@ class _ForwardRecorder(TorchFunctionMode):
         call = None
         in_place = any(t is out for t in inputs)  # its input is gone: the curvature cannot be evaluated
         if rule is not None and isinstance(out, Tensor) and inputs and not in_place:
-            call = NodeCall(
-                name, self.where(), func, args, kwargs, inputs, out, versions=[t._version for t in inputs]
-            )
-            call.options["output_version"] = out._version
+            call = NodeCall(name, self.where(), func, args, kwargs, inputs, out)
         if rule is None or call is None or not rule.accepts(call):
             entry = f"{name!r} in {self.where()}" + (" (in place)" if in_place else "")
             if entry not in self.uncovered:

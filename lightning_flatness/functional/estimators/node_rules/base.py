@@ -30,6 +30,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from lightning_flatness.functional.loss_hessian_factors import _rademacher
+
 __all__ = ["NODE_RULES", "NodeCall", "NodeRule", "rademacher", "register_node_rule"]
 
 
@@ -42,9 +44,9 @@ class NodeCall:
         module: where it was called (for messages).
         func, args, kwargs: the call, to evaluate the op again on detached values.
         inputs: the weight-dependent, non-leaf tensor arguments ``a`` (in the graph), in order.
-        positions: where each of ``inputs`` sits in the flattened ``(args, kwargs)``.
         output: the op's output ``z`` (in the graph).
-        versions: the inputs' version counters when recorded (an in-place change voids the call).
+        versions: the version counters of ``inputs`` and then ``output`` at construction (right after
+            the call): an in-place change of any of them later voids the call.
     """
 
     op: str
@@ -54,13 +56,13 @@ class NodeCall:
     kwargs: dict
     inputs: list[Tensor]
     output: Tensor
-    options: dict[str, Any] = field(default_factory=dict)
-    versions: list[int] = field(default_factory=list)
+    versions: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.versions = [t._version for t in (*self.inputs, self.output)]
 
     def changed_in_place(self) -> bool:
-        return any(t._version != v for t, v in zip(self.inputs, self.versions)) or (
-            self.output._version != self.options.get("output_version", self.output._version)
-        )
+        return any(t._version != v for t, v in zip((*self.inputs, self.output), self.versions))
 
 
 class NodeRule:
@@ -101,9 +103,9 @@ def register_node_rule(rule: NodeRule, *, replace: bool = False) -> NodeRule:
 
 
 def rademacher(like: Tensor, generator: Optional[torch.Generator], shape: Optional[tuple] = None) -> Tensor:
-    """Independent +-1 entries of ``like``'s dtype and device (``shape`` or ``like.shape``)."""
-    shape = tuple(like.shape) if shape is None else shape
-    return torch.randint(0, 2, shape, generator=generator, device=like.device).to(like.dtype).mul_(2).sub_(1)
+    """Independent +-1 entries of ``like``'s dtype and device (``shape`` or ``like.shape``): the draw of
+    the loss columns' sketches (:func:`~lightning_flatness.functional.loss_hessian_factors._rademacher`)."""
+    return _rademacher(tuple(like.shape) if shape is None else shape, like, generator)
 
 
 def split_signs(values: Tensor) -> tuple[Tensor, Tensor]:
