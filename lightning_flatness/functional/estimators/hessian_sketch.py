@@ -139,16 +139,6 @@ def hessian_sketch_applies(
     return hessian_sketch_blockers(forward), ops
 
 
-def _paired_columns(mixed: Tensor, signs: Tensor, num_sketches: int) -> tuple[Tensor, Tensor]:
-    """The loss columns as ``2 S`` columns ``(+, -)`` per sketch (a zero ``-`` column where the loss
-    Hessian has no negative part, as for cross-entropy), signs ``[+1, -1] * S``."""
-    if mixed.shape[2] == 2 * num_sketches:
-        return mixed, signs
-    zeros = torch.zeros_like(mixed)
-    paired = torch.stack([mixed, zeros], dim=3).reshape(*mixed.shape[:2], 2 * num_sketches)
-    return paired, torch.tensor([1.0, -1.0] * num_sketches, dtype=mixed.dtype, device=mixed.device)
-
-
 def _node_injections(
     forward: _RecordedForward,
     loss: Tensor,
@@ -210,15 +200,13 @@ def _exact_loss_first(
     return columns, signs, stacks
 
 
-def _spread_loss_columns(
-    mixed: Tensor, signs: Tensor, num_sketches: int, pairs: int
-) -> tuple[Tensor, Tensor]:
-    """The loss's ``2 S`` paired columns in pair 0 of ``pairs`` per sketch (zeros in the others)."""
-    if pairs == 1:
-        return mixed, signs
+def _loss_pair_columns(mixed: Tensor, signs: Tensor, num_sketches: int, pairs: int) -> tuple[Tensor, Tensor]:
+    """The loss's sketched columns (``(+, -)`` per sketch, or ``+`` only where its Hessian has no negative
+    part, as for cross-entropy) in pair 0 of ``pairs`` per sketch, zeros elsewhere: ``(N, D, 2 S pairs)``
+    columns and signs ``[+1, -1] * (S pairs)``."""
     n, d, _ = mixed.shape
     out = mixed.new_zeros(n, d, num_sketches, pairs, 2)
-    out[:, :, :, 0, :] = mixed.reshape(n, d, num_sketches, 2)
+    out[:, :, :, 0, : mixed.shape[2] // num_sketches] = mixed.reshape(n, d, num_sketches, -1)
     return out.reshape(n, d, -1), signs.new_tensor([1.0, -1.0] * (num_sketches * pairs))
 
 
@@ -317,8 +305,7 @@ def hessian_sketch_diagonal(
         if exact_loss_factors:  # the loss's exact columns first (per-sample signs), then the ops' pairs
             mixed, signs, stacks = _exact_loss_first(mixed, signs, stacks, num_sketches, pairs)
         else:
-            mixed, signs = _paired_columns(mixed, signs, num_sketches)
-            mixed, signs = _spread_loss_columns(mixed, signs, num_sketches, pairs)
+            mixed, signs = _loss_pair_columns(mixed, signs, num_sketches, pairs)
         injections = (tensors, stacks)
         blockers = _fast_path_blockers(forward.recorder, forward.leaves, n)
         if not blockers and not forward.recorder.samples_apart:
