@@ -122,7 +122,7 @@ def test_equals_the_gauss_newton_estimators_on_a_piecewise_linear_network():
             torch.testing.assert_close(b[name], c[name], rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.parametrize("name", ["vit", "bert", "mobilenet_v3"])
+@pytest.mark.parametrize("name", ["vit", "bert", "mobilenet_v3", "efficientnet", "torchvision_vit"])
 def test_zoo_models_are_unbiased_for_the_hessian(name):
     """32 independent estimates of 32 sketches each on 3 samples: per weight tensor, the squared distance
     of their mean from the brute-force Hessian diagonal is what their own spread predicts (about 1 when
@@ -238,14 +238,40 @@ def test_refuses_an_operation_whose_input_does_not_have_the_samples_first():
         hessian_sketch_diagonal(model, F.cross_entropy, x, y, select_parameters(model))
 
 
-def test_an_in_place_activation_is_refused_and_auto_falls_back():
+def test_an_in_place_activation_module_runs_out_of_place_for_the_measurement():
+    """``nn.SiLU(inplace=True)`` (torchvision's and timm's EfficientNets) is switched to out of place for
+    the measurement (``twice_differentiable``) and back afterwards: unbiased for the Hessian."""
     from lightning_flatness.functional.estimators.method_choice import choose_method
 
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.SiLU(inplace=True), nn.Linear(6, 3))
-    model = model.double()
+    torch.manual_seed(0)
+    act = nn.SiLU(inplace=True)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), act, nn.Linear(6, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 4, generator=g, dtype=F64), torch.randint(0, 3, (5,), generator=g)
+    choice = choose_method(model, F.cross_entropy, x, y)
+    assert (choice.method, choice.quantity) == ("hessian_sketch", "hessian"), choice.reason
+    params = {k: v for k, v in select_parameters(model).items() if v.ndim >= 2}
+    names = list(params)
+    diag = brute_force_hessian(model, F.cross_entropy, x, y, names).diagonal()
+    _assert_unbiased(_estimates(model, F.cross_entropy, x, y, params, names, 40, num_sketches=4), diag)
+    assert act.inplace is True
+
+
+def test_an_in_place_call_in_forward_code_is_refused_and_auto_falls_back():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.b(F.silu(self.a(x), inplace=True))  # no module flag to switch
+
+    model = InPlace().double()
     x, y = torch.randn(5, 4, dtype=F64), torch.randint(0, 3, (5,))
     with pytest.raises(ExactMethodNotApplicable, match=r"'silu' in .*\(in place\): no node rule"):
         hessian_sketch_diagonal(model, F.cross_entropy, x, y, select_parameters(model))
+    from lightning_flatness.functional.estimators.method_choice import choose_method
+
     choice = choose_method(model, F.cross_entropy, x, y)
     assert (choice.method, choice.quantity) == ("gauss_newton", "gauss_newton")
     assert "(in place)" in choice.reason

@@ -117,6 +117,8 @@ def _module_and_data(name: str):
 EXPECTED = {
     "resnet": ("exact", "hessian"),
     "mobilenet_v3": ("hessian_sketch", "hessian"),
+    "efficientnet": ("hessian_sketch", "hessian"),  # SiLU(inplace=True): run out of place for the measurement
+    "torchvision_vit": ("hessian_sketch", "hessian"),  # nn.MultiheadAttention, written out
     "vit": ("hessian_sketch", "hessian"),
     "convnext": ("hessian_sketch", "hessian"),
     "bert": ("hessian_sketch", "hessian"),
@@ -146,7 +148,8 @@ def test_zoo_model_in_a_plain_lightning_module_is_measured_at_the_defaults(name)
     weight_names = [n for n in names if module.get_parameter(n).ndim >= 2]
     assert sorted(k.split("/", 1)[1] for k in last if k.startswith("normalized/")) == sorted(weight_names)
     assert len(weight_names) < len(names)  # biases and normalization parameters: in the trace only
-    assert not any("pos_embed" in n or "cls_token" in n or "position" in n for n in names)  # additive offsets
+    offsets = ("pos_embed", "cls_token", "class_token", "position")
+    assert not any(marker in n for n in names for marker in offsets)  # additive offsets
     if method == "gauss_newton_mc":
         assert last["normalized_stderr"] > 0
         return

@@ -31,6 +31,12 @@ DICT_INPUTS = {"bert", "gpt2"}
 SUBSETS = {
     "resnet": ["3.conv1.weight", "7.weight"],
     "mobilenet_v3": ["features.0.0.weight", "features.1.block.2.fc1.weight"],
+    "efficientnet": ["features.0.0.weight", "features.2.0.block.2.fc1.weight"],
+    "torchvision_vit": [
+        "conv_proj.weight",
+        "encoder.layers.encoder_layer_0.self_attention.in_proj_weight",
+        "heads.head.weight",
+    ],
     "vit": ["patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "head.weight"],
     "convnext": ["stages.0.blocks.0.conv_dw.weight", "stages.0.blocks.0.mlp.fc1.weight"],
     "bert": [

@@ -16,7 +16,8 @@ Two sizes:
   small inputs, for "builds and runs" checks.
 
 What each exercises: ResNet (BatchNorm, residual sums, ReLU, max-pool), MobileNetV3 (depthwise conv,
-squeeze-excitation, hardswish, hardsigmoid), ViT (patch conv, LayerNorm, GELU, fused attention,
+squeeze-excitation, hardswish, hardsigmoid), EfficientNet (in-place SiLU, squeeze-excitation with
+sigmoid), torchvision's ViT (``nn.MultiheadAttention``), ViT (patch conv, LayerNorm, GELU, fused attention,
 ``cls_token``, ``pos_embed``), ConvNeXt (depthwise 7x7 conv, channels-last LayerNorm, GELU, layer
 scale), BERT (embedding tables, attention mask, ``token_type_ids``, pooler tanh,
 ``SequenceClassifierOutput``) and GPT-2 (``Conv1D``, causal attention, tied LM head, token logits
@@ -110,6 +111,40 @@ def small_mobilenet_v3(n: int = 4, seed: int = 0, dtype: torch.dtype = torch.flo
     model = mobilenet_v3_small(width_mult=0.25, num_classes=NUM_CLASSES)
     _randomize_batchnorm(model, seed)
     return _finish(model, _images(n, 32, seed), dtype)
+
+
+def tiny_efficientnet(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """torchvision ``EfficientNet`` with a two-block setting (``MBConv``: depthwise conv, squeeze-excitation
+    with SiLU and sigmoid, ``SiLU(inplace=True)`` after every BatchNorm, stochastic depth, one residual
+    block), ``last_channel=16``, on 8x8 inputs."""
+    from torchvision.models.efficientnet import EfficientNet, MBConvConfig
+
+    _seed(seed)
+    setting = [MBConvConfig(1, 3, 1, 8, 8, 1), MBConvConfig(2, 3, 2, 8, 8, 1)]
+    model = EfficientNet(setting, dropout=0.0, last_channel=16, num_classes=NUM_CLASSES)
+    _randomize_batchnorm(model, seed)
+    return _finish(model, _images(n, 8, seed), dtype)
+
+
+def tiny_torchvision_vit(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """torchvision ``VisionTransformer(image_size=8, patch_size=4, num_layers=1, num_heads=2,
+    hidden_dim=8, mlp_dim=16, num_classes=5)``: ``nn.MultiheadAttention`` (one fused
+    ``F.multi_head_attention_forward`` call), LayerNorm, GELU, class token, position embedding."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    _seed(seed)
+    model = VisionTransformer(
+        image_size=8,
+        patch_size=4,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        mlp_dim=16,
+        num_classes=NUM_CLASSES,
+    )
+    with torch.no_grad():  # torchvision zero-initialises the head: random, so that every weight has curvature
+        model.heads.head.weight.normal_(0.0, 0.5)
+    return _finish(model, _images(n, 8, seed), dtype)
 
 
 def _randomize_batchnorm(model: nn.Module, seed: int) -> None:
@@ -224,6 +259,8 @@ def tiny_gpt2(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
 TINY: dict[str, Callable[..., tuple[nn.Module, Any]]] = {
     "resnet": tiny_resnet,
     "mobilenet_v3": tiny_mobilenet_v3,
+    "efficientnet": tiny_efficientnet,
+    "torchvision_vit": tiny_torchvision_vit,
     "vit": tiny_vit,
     "convnext": tiny_convnext,
     "bert": tiny_bert,

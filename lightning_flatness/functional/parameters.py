@@ -17,7 +17,8 @@ What that means for the tensors of modern networks (the default selection):
   a **tied LM head** is the same tensor, counted once under its first name (its Hessian diagonal
   includes both uses, as it must); any other ``ndim >= 2`` parameter of a module we do not know.
 - **Left out** -- **additive offsets**, which behave like biases (footnote 5): timm's ``pos_embed``
-  and ``cls_token`` (also ``dist_token``, ``reg_token``, ``mask_token``), Hugging Face learned
+  and ``cls_token`` (also ``dist_token``, ``reg_token``, ``mask_token``), torchvision's
+  ``class_token`` and ``pos_embedding``, CLIP's ``class_embedding``, Hugging Face learned
   position embeddings (``position_embeddings``, ``wpe``, ``embed_positions``) and relative-position
   bias tables. A position lookup multiplies a one-hot vector that is *the same for every sample*,
   so it is a bias indexed by position; its "rows" are positions, not units of any layer, and no
@@ -43,7 +44,8 @@ What that means for the tensors of modern networks (the default selection):
 
 Detection of additive offsets is by name, for parameters that are *not* the weight of a
 ``Linear``/``Conv``: a name component containing ``pos_embed``, ``position``, ``wpe``,
-``cls_token``, ``dist_token``, ``reg_token``, ``mask_token`` or ``relative_attention_bias``
+``cls_token``, ``class_token``, ``class_embedding``, ``dist_token``, ``reg_token``, ``mask_token`` or
+``relative_attention_bias``
 (:data:`ADDITIVE_OFFSET_MARKERS`). Linear and Conv weights always count, whatever their name.
 """
 
@@ -69,6 +71,8 @@ ADDITIVE_OFFSET_MARKERS = (
     "position",
     "wpe",
     "cls_token",
+    "class_token",
+    "class_embedding",
     "dist_token",
     "reg_token",
     "mask_token",
@@ -79,6 +83,7 @@ _MULTIPLYING = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
 #: modules whose 1-D parameters a layer rule reads (bias of a Linear/Conv, affine of a normalization)
 _RULE_READ_VECTORS = (
     nn.Linear,
+    nn.MultiheadAttention,  # in_proj_bias: a Linear bias in the written-out forward (composite_attention)
     nn.modules.conv._ConvNd,
     nn.modules.batchnorm._BatchNorm,
     nn.LayerNorm,
@@ -100,7 +105,8 @@ def is_additive_offset(model: nn.Module, name: str) -> bool:
 
 
 def is_rule_read_vector(model: nn.Module, name: str) -> bool:
-    """Whether 1-D parameter ``name`` is the bias of a ``Linear``/``Conv`` or an affine parameter of a
+    """Whether 1-D parameter ``name`` is the bias of a ``Linear``/``Conv`` (or the input projection's of an
+    ``nn.MultiheadAttention``) or an affine parameter of a
     ``BatchNorm``/``LayerNorm``/``GroupNorm``/``RMSNorm`` (subclasses included): a parameter a layer
     rule reads, so that its Hessian diagonal keeps the estimators' per-layer fast path."""
     owner_path, _, _ = name.rpartition(".")

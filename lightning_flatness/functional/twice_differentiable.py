@@ -22,13 +22,20 @@ the block raises):
   ``fused_attn = False``, timm's explicit ``q @ k.transpose * scale``, softmax, ``@ v`` path;
 - every Hugging Face ``PretrainedConfig`` reachable as a module's ``.config``:
   ``_attn_implementation = "eager"`` (restored to its previous value);
+- every ``nn.MultiheadAttention`` (torchvision's ``VisionTransformer``, ``nn.TransformerEncoderLayer``):
+  its forward in explicit operations (:mod:`.composite_attention`), so that the recorder of the
+  estimators sees the projections, the softmax and the products instead of one fused call;
+- every module with a boolean ``inplace`` attribute (``nn.ReLU``, ``nn.SiLU``, ``nn.Hardswish``, timm's
+  activation layers): ``inplace = False``, so that an activation does not overwrite the output of the
+  operation before it (torchvision's and timm's EfficientNets use ``SiLU(inplace=True)`` after every
+  BatchNorm; the Hessian sketch needs that output, and double backward may too);
 - a :class:`torch.overrides.TorchFunctionMode` that evaluates ``F.hardsigmoid(x) =
   clamp(x / 6 + 1/2, 0, 1)`` and ``F.hardswish(x) = x * clamp(x / 6 + 1/2, 0, 1)`` (the definitions in
   the PyTorch documentation, same formula as the kernels; in-place variants are evaluated out of
   place and their result returned, as ``nn.Hardswish`` uses it). ``clamp`` has derivatives of every
   order (0 beyond the first).
 
-Values equal those of the fused execution to float rounding (tested on every zoo model); derivatives
+Values equal those of the fused, in-place execution to float rounding (tested on every zoo model); derivatives
 agree wherever the functions are differentiable (at ``x = +-3`` the composite picks a one-sided
 derivative, a null set). Cost: the math SDPA path materialises the ``(B, H, T, T)`` attention
 matrix, like eager attention, which is what double differentiation stores anyway.
@@ -46,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from lightning_flatness.functional.composite_attention import explicit_multi_head_attention
 
 __all__ = ["twice_differentiable", "CompositeActivations", "composite_hardsigmoid", "composite_hardswish"]
 
@@ -99,8 +108,9 @@ def twice_differentiable(model: nn.Module) -> Iterator[nn.Module]:
     is restored exactly on exit, also on exceptions (module docstring: what is switched and why).
 
     Args:
-        model: the network. Its ``fused_attn`` flags and Hugging Face ``_attn_implementation`` are
-            changed for the block only; parameters and buffers are never touched.
+        model: the network. Its ``fused_attn`` and ``inplace`` flags, Hugging Face
+            ``_attn_implementation`` and ``nn.MultiheadAttention`` forwards are changed for the block
+            only; parameters and buffers are never touched.
 
     Yields:
         ``model`` itself.
@@ -120,16 +130,21 @@ def twice_differentiable(model: nn.Module) -> Iterator[nn.Module]:
     # modules with a boolean `fused_attn` switch (timm attention); nn.Module does not declare it
     switchable: list[Any] = [m for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
     fused = [(m, m.fused_attn) for m in switchable]
+    inplace: list[Any] = [m for m in model.modules() if getattr(m, "inplace", None) is True]
     configs = [(c, c._attn_implementation) for c in _hf_configs(model)]
     try:
         for m, _ in fused:
             m.fused_attn = False
+        for m in inplace:
+            m.inplace = False
         for c, _ in configs:
             c._attn_implementation = "eager"
-        with sdpa_kernel([SDPBackend.MATH]), CompositeActivations():
+        with sdpa_kernel([SDPBackend.MATH]), CompositeActivations(), explicit_multi_head_attention(model):
             yield model
     finally:
         for m, value in fused:
             m.fused_attn = value
+        for m in inplace:
+            m.inplace = True
         for c, value in configs:
             c._attn_implementation = value

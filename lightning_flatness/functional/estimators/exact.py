@@ -121,6 +121,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_flatness.functional.composite_attention import explicit_multi_head_attention
 from lightning_flatness.functional.estimators.layer_rules import (
     LAYER_RULES,
     LayerCall,
@@ -1196,7 +1197,10 @@ def _record_forward(
 
     The recorded layer outputs are passed on to the model as they are (no copy); when the model
     changes one in place (``nn.ReLU(inplace=True)`` right after a Linear layer), the forward is run
-    again with copies, so that the recorded output stays the layer's.
+    again with copies, so that the recorded output stays the layer's. ``nn.MultiheadAttention``
+    modules run their forward in explicit operations
+    (:func:`~lightning_flatness.functional.composite_attention.explicit_multi_head_attention`), so that
+    their projections are recorded as Linear layers instead of one opaque call.
     """
     leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
     n = inputs_batch_size(x)
@@ -1207,7 +1211,11 @@ def _record_forward(
             recorder.nodes = []
         module_names = _ModuleNames(model, recorder.module_stack)
         try:
-            with _module_tensors_swapped(model, leaves, params), recorder:
+            with (
+                _module_tensors_swapped(model, leaves, params),
+                explicit_multi_head_attention(model),
+                recorder,
+            ):
                 output = _call(model, x)
         finally:
             module_names.remove()
