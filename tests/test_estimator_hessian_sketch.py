@@ -122,7 +122,7 @@ def test_equals_the_gauss_newton_estimators_on_a_piecewise_linear_network():
             torch.testing.assert_close(b[name], c[name], rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.parametrize("name", ["vit", "bert", "mobilenet_v3", "efficientnet", "torchvision_vit"])
+@pytest.mark.parametrize("name", ["vit", "bert", "mobilenet_v3", "efficientnet", "torchvision_vit", "swin"])
 def test_zoo_models_are_unbiased_for_the_hessian(name):
     """32 independent estimates of 32 sketches each on 3 samples: per weight tensor, the squared distance
     of their mean from the brute-force Hessian diagonal is what their own spread predicts (about 1 when

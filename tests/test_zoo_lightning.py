@@ -119,6 +119,7 @@ EXPECTED = {
     "mobilenet_v3": ("hessian_sketch", "hessian"),
     "efficientnet": ("hessian_sketch", "hessian"),  # SiLU(inplace=True): run out of place for the measurement
     "torchvision_vit": ("hessian_sketch", "hessian"),  # nn.MultiheadAttention, written out
+    "swin": ("hessian_sketch", "hessian"),  # windows of all samples along dim 0
     "vit": ("hessian_sketch", "hessian"),
     "convnext": ("hessian_sketch", "hessian"),
     "bert": ("hessian_sketch", "hessian"),

@@ -32,6 +32,7 @@ SUBSETS = {
     "resnet": ["3.conv1.weight", "7.weight"],
     "mobilenet_v3": ["features.0.0.weight", "features.1.block.2.fc1.weight"],
     "efficientnet": ["features.0.0.weight", "features.2.0.block.2.fc1.weight"],
+    "swin": ["features.1.0.attn.qkv.weight", "features.3.0.mlp.0.weight", "head.weight"],
     "torchvision_vit": [
         "conv_proj.weight",
         "encoder.layers.encoder_layer_0.self_attention.in_proj_weight",
@@ -233,3 +234,51 @@ def test_ggn_hutchinson_is_exact_ggn_plus_probes_of_the_dense_residual(name):
     )
     got = torch.cat([est[n].flatten() for n in names])
     assert torch.allclose(got, expected, rtol=1e-8, atol=1e-10 * float(expected.abs().max()))
+
+
+def test_windowed_attention_rows_are_read_per_sample_on_the_per_layer_path():
+    """Swin's projections see ``(N * windows, tokens, C)``: the per-layer contractions read each sample's
+    windows as more positions of its per-sample gradient (no per-sample backward passes), and the exact
+    Gauss-Newton diagonal equals the brute-force one."""
+    import warnings
+
+    from lightning_flatness.functional import normalized_softmax_cross_entropy
+    from lightning_flatness.functional.estimators.gauss_newton import gauss_newton_exact_diagonal
+    from tests.zoo_oracle import brute_force_ggn_diagonal
+
+    model, (x, y) = TINY["swin"](n=3, dtype=torch.float64)
+    params = {k: v for k, v in select_parameters(model).items() if "attn" in k or "mlp" in k}
+    truth = brute_force_ggn_diagonal(model, normalized_softmax_cross_entropy, x, y, list(params))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the per-sample fallback warns
+        diag = gauss_newton_exact_diagonal(model, normalized_softmax_cross_entropy, x, y, params)
+    for k in params:
+        torch.testing.assert_close(diag[k], truth[k].detach(), rtol=1e-10, atol=1e-14)
+
+
+def test_rows_in_sample_minor_order_are_caught_by_the_probe():
+    """The same shapes with the rows of each sample spread out (``(tokens * N, C)``, sample-minor): the
+    batch-independence probe sees sample 0's rows beyond the first group, the estimator falls back to
+    per-sample backward passes (with a warning), and the values stay exact."""
+    from lightning_flatness.functional.estimators.gauss_newton import gauss_newton_exact_diagonal
+    from tests.zoo_oracle import brute_force_ggn_diagonal
+
+    class SampleMinor(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.head = torch.nn.Linear(3, 4), torch.nn.Linear(4 * 5, 4)
+
+        def forward(self, x):  # x (N, T=5, 3)
+            n, t, _ = x.shape
+            rows = torch.tanh(self.proj(x.transpose(0, 1).reshape(t * n, -1)))  # row r: sample r % n
+            return self.head(rows.reshape(t, n, -1).transpose(0, 1).reshape(n, -1))
+
+    torch.manual_seed(0)
+    model = SampleMinor().double()
+    x, y = torch.randn(3, 5, 3, dtype=torch.float64), torch.tensor([0, 1, 3])
+    params = dict(model.named_parameters())
+    truth = brute_force_ggn_diagonal(model, F.cross_entropy, x, y, list(params))
+    with pytest.warns(UserWarning, match="samples interact|per-layer contractions do not apply"):
+        diag = gauss_newton_exact_diagonal(model, F.cross_entropy, x, y, params)
+    for k in params:
+        torch.testing.assert_close(diag[k], truth[k].detach(), rtol=1e-10, atol=1e-14)

@@ -17,7 +17,8 @@ Two sizes:
 
 What each exercises: ResNet (BatchNorm, residual sums, ReLU, max-pool), MobileNetV3 (depthwise conv,
 squeeze-excitation, hardswish, hardsigmoid), EfficientNet (in-place SiLU, squeeze-excitation with
-sigmoid), torchvision's ViT (``nn.MultiheadAttention``), ViT (patch conv, LayerNorm, GELU, fused attention,
+sigmoid), torchvision's ViT (``nn.MultiheadAttention``), Swin (windowed attention: several rows per
+sample along dim 0), ViT (patch conv, LayerNorm, GELU, fused attention,
 ``cls_token``, ``pos_embed``), ConvNeXt (depthwise 7x7 conv, channels-last LayerNorm, GELU, layer
 scale), BERT (embedding tables, attention mask, ``token_type_ids``, pooler tanh,
 ``SequenceClassifierOutput``) and GPT-2 (``Conv1D``, causal attention, tied LM head, token logits
@@ -147,6 +148,25 @@ def tiny_torchvision_vit(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.f
     return _finish(model, _images(n, 8, seed), dtype)
 
 
+def tiny_swin(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """torchvision ``SwinTransformer(patch_size=[2, 2], embed_dim=8, depths=[1, 1], num_heads=[1, 2],
+    window_size=[2, 2], num_classes=5)`` on 8x8 inputs: windowed attention, whose projections see the
+    windows of all samples along dim 0 (``(N * windows, tokens, C)``), shifted windows, patch merging,
+    relative position bias, LayerNorm, GELU."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    _seed(seed)
+    model = SwinTransformer(
+        patch_size=[2, 2],
+        embed_dim=8,
+        depths=[1, 1],
+        num_heads=[1, 2],
+        window_size=[2, 2],
+        num_classes=NUM_CLASSES,
+    )
+    return _finish(model, _images(n, 8, seed), dtype)
+
+
 def _randomize_batchnorm(model: nn.Module, seed: int) -> None:
     """Give eval-mode BatchNorm non-trivial running statistics and affine parameters (at init they
     are the identity, which would hide errors in how the estimators treat them)."""
@@ -261,6 +281,7 @@ TINY: dict[str, Callable[..., tuple[nn.Module, Any]]] = {
     "mobilenet_v3": tiny_mobilenet_v3,
     "efficientnet": tiny_efficientnet,
     "torchvision_vit": tiny_torchvision_vit,
+    "swin": tiny_swin,
     "vit": tiny_vit,
     "convnext": tiny_convnext,
     "bert": tiny_bert,

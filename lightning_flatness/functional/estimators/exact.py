@@ -801,6 +801,15 @@ def _fast_path_blockers(recorder: _ForwardRecorder, leaves: dict[str, Tensor], n
     return reasons
 
 
+def rows_of_other_samples(t: Tensor, n: int) -> Tensor:
+    """The entries of ``t`` that belong to samples ``1..n-1``, which a probe on sample 0's logits must not
+    reach: ``t[1:]`` when dim 0 is the batch; with ``n k`` rows along dim 0 (``k`` per sample, sample-
+    major, as windowed attention lays them out), the rows from ``k`` on. Rows in any other order put
+    some of sample 0's rows there too, so the probe flags them, as it must (the per-layer contractions
+    read the rows sample-major: :meth:`~.layer_rules.base.LayerRule.regroup`)."""
+    return t.reshape(n, -1)[1:]
+
+
 def _interaction_probe(logits: Tensor) -> Tensor:
     """A random output gradient on sample 0 only (zero elsewhere), for the batch-independence check."""
     probe = torch.zeros_like(logits)
@@ -866,12 +875,13 @@ def _diagonal_by_layers(
             }, []
     grads = _column_gradients(recorder, logits, outputs, columns)
     if columns.shape[0] > k:
-        reached = [g[k, 1:].any() for g in grads if g is not None]  # one flag per layer, one sync
+        # one flag per layer, one sync
+        reached = [rows_of_other_samples(g[k], n).any() for g in grads if g is not None]
         if reached and bool(torch.stack(reached).any()):
             mixing = [
                 f"{c.op} in {c.module}"
                 for c, g in zip(calls, grads)
-                if g is not None and bool(g[k, 1:].any())
+                if g is not None and bool(rows_of_other_samples(g[k], n).any())
             ]
             return None, mixing
     for call, g in zip(calls, grads):

@@ -88,6 +88,7 @@ from lightning_flatness.functional.estimators.exact import (
     _loss_factors,
     _record_forward,
     _RecordedForward,
+    rows_of_other_samples,
 )
 from lightning_flatness.functional.estimators.gauss_newton import refuse_unless_gauss_newton_applies
 from lightning_flatness.functional.estimators.layer_rules import (
@@ -95,6 +96,7 @@ from lightning_flatness.functional.estimators.layer_rules import (
     LayerCall,
     LayerRule,
     accumulate_layer,
+    per_sample_call,
 )
 from lightning_flatness.functional.loss_hessian_factors import (
     StructuredLossHessian,
@@ -223,30 +225,42 @@ def chunk_contraction(
 
 
 def samples_interact(
-    model: nn.Module, inputs: ModelInputs, params: dict[str, nn.Parameter], caller: str
+    model: nn.Module,
+    inputs: ModelInputs,
+    params: dict[str, nn.Parameter],
+    caller: str,
+    record_nodes: bool = False,
 ) -> list[str]:
     """The recorded layers whose outputs for samples ``1..m-1`` depend on sample 0's logits (train-mode
     BatchNorm, anything mixing the batch), on a batch of the first ``m = INTERACTION_PROBE_SAMPLES``
     samples: one recorded forward and one backward of ``m`` samples, instead of a probe column in the
     backward of the whole batch (a full column's cost). A mixing that shows only between samples beyond
     the first ``m`` is not detected (the exact method's probe, on the whole batch, misses mixing that
-    does not involve sample 0 likewise)."""
+    does not involve sample 0 likewise). Rows along dim 0 are read as :func:`~.exact.rows_of_other_samples`
+    reads them (several rows per sample: sample-major). ``record_nodes``: the inputs of the recorded
+    nonlinear ops (:mod:`.hessian_sketch`) are checked too, where their columns enter."""
     n = inputs_batch_size(inputs)
     if n < 2:
         return []
     few = select_samples(inputs, slice(0, min(n, INTERACTION_PROBE_SAMPLES)), n)
-    forward = _record_forward(model, few, params, caller)
-    calls = [call for call in forward.recorder.calls if call.output.requires_grad]
-    if not calls or not forward.logits.requires_grad:
+    forward = _record_forward(model, few, params, caller, record_nodes=record_nodes)
+    m = forward.logits.shape[0]
+    named = [(f"{c.op} in {c.module}", c.output) for c in forward.recorder.calls]
+    named += [
+        (f"{node.op!r} in {node.module}", t) for node in forward.recorder.nodes or [] for t in node.inputs
+    ]
+    named = [(label, t) for label, t in named if t.requires_grad and t.ndim > 0 and t.shape[0] % m == 0]
+    if not named or not forward.logits.requires_grad:
         return []
     grads = torch.autograd.grad(
-        forward.logits, [call.output for call in calls], _interaction_probe(forward.logits), allow_unused=True
+        forward.logits, [t for _, t in named], _interaction_probe(forward.logits), allow_unused=True
     )
-    return [
-        f"{call.op} in {call.module}"
-        for call, g in zip(calls, grads)
-        if g is not None and bool((g[1:] != 0).any())
+    found = [
+        label
+        for (label, _), g in zip(named, grads)
+        if g is not None and bool(rows_of_other_samples(g, m).any())
     ]
+    return list(dict.fromkeys(found))
 
 
 #: Columns injected at tensors inside the graph besides the logits: ``(tensors, vectors)``, one
@@ -284,7 +298,7 @@ def _diagonal_by_layers(
             accumulate_layer(call, g, per_sample_signs, diag, leaves)
         else:  # (C,) signs: the same for every sample
             kernel = tuple(leaves[call.weight].shape[2:]) if call.weight is not None else ()
-            chunk_contraction(call, g, signs, chunk_size, diag, kernel)
+            chunk_contraction(*per_sample_call(call, g, n), signs, chunk_size, diag, kernel)
 
     outputs = [call.output for call in calls]
     if injections is None and forward.recorder.tape.backward(logits, vectors, outputs, contract) is not None:

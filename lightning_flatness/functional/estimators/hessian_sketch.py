@@ -53,8 +53,12 @@ Face's attention in explicit ops, so that ``softmax`` and the products are seen)
 **Limits (refused with the operation named).** An op on weight-dependent tensors that is neither
 piecewise linear nor covered by a node rule (division by a weight-dependent tensor, fused
 ``scaled_dot_product_attention`` called directly, train-mode BatchNorm or dropout); a selected
-weight used twice; an op input changed in place after the op, or without the samples along dim 0
-(a sequence-first layout).
+weight used twice; an op input changed in place after the op (activation *modules* built with
+``inplace=True`` run out of place under :func:`~lightning_flatness.functional.twice_differentiable.
+twice_differentiable`; an in-place call in the model's own code stays in place), or without the samples
+along dim 0 (a sequence-first layout). Inputs with several rows per sample along dim 0, sample-major
+(windowed attention), are taken on the per-layer path once the batch-independence probe has checked
+them (:func:`_grouped_rows_blockers`).
 """
 
 from __future__ import annotations
@@ -102,7 +106,8 @@ PRODUCT_PAIRS = 1
 def hessian_sketch_blockers(forward: _RecordedForward) -> list[str]:
     """Why the sketched Hessian diagonal does not apply to a forward recorded with ``record_nodes``:
     ops no node rule covers, weights used twice, ops invisible to the recorder, random ops, op inputs
-    without the samples along dim 0."""
+    without the samples along dim 0 (``n k`` rows, ``k`` per sample, as windowed attention has them,
+    are checked by the batch-independence probe instead: :func:`_grouped_rows_blockers`)."""
     recorder = forward.recorder
     n = forward.logits.shape[0]
     reasons = [f"{entry}: no node rule (node_rules) covers it" for entry in recorder.uncovered]
@@ -115,7 +120,7 @@ def hessian_sketch_blockers(forward: _RecordedForward) -> list[str]:
     reasons += [
         f"{node.op!r} in {node.module} has an input without the {n} samples along dim 0"
         for node in recorder.nodes or []
-        if any(t.ndim == 0 or t.shape[0] != n for t in node.inputs)
+        if any(t.ndim == 0 or t.shape[0] % n != 0 for t in node.inputs)
     ][:1]
     for name in forward.leaves:
         uses = recorder.uses[name] + recorder.other_uses[name]
@@ -124,6 +129,36 @@ def hessian_sketch_blockers(forward: _RecordedForward) -> list[str]:
     reasons += [issue for issue in forward.issues if "invisible" in issue]
     reasons += [f"{op} draws random numbers" for op in recorder.random_ops]
     return reasons
+
+
+def _grouped_inputs(forward: _RecordedForward) -> list[str]:
+    """The recorded ops and layers with several rows per sample along dim 0 (windowed attention)."""
+    n = forward.logits.shape[0]
+    grouped = [f"{c.op} in {c.module}" for c in forward.recorder.calls if c.inputs.shape[0] != n]
+    grouped += [
+        f"{node.op!r} in {node.module}"
+        for node in forward.recorder.nodes or []
+        if any(t.shape[0] != n for t in node.inputs)
+    ]
+    return grouped
+
+
+def _grouped_rows_blockers(
+    forward: _RecordedForward, model: nn.Module, x: ModelInputs, params: dict[str, nn.Parameter], caller: str
+) -> list[str]:
+    """Where ops or layers hold several rows per sample along dim 0: the per-layer path reads the rows
+    sample-major, which the batch-independence probe checks (:func:`samples_interact`, also on the ops'
+    inputs); rows of one sample must not be shared with another. Empty when no rows are grouped."""
+    grouped = _grouped_inputs(forward)
+    if not grouped:
+        return []
+    blockers = _fast_path_blockers(forward.recorder, forward.leaves, forward.logits.shape[0])
+    if blockers:
+        return [f"{grouped[0]} has several rows per sample along dim 0, which only the per-layer path reads"]
+    mixed = samples_interact(model, x, params, caller, record_nodes=True)
+    return (
+        [f"rows along dim 0 are not grouped by sample (or samples interact) at {mixed[0]}"] if mixed else []
+    )
 
 
 def hessian_sketch_applies(
@@ -135,8 +170,11 @@ def hessian_sketch_applies(
     with torch.inference_mode(False), torch.enable_grad(), twice_differentiable(model):
         x, _ = _autograd_inputs(inputs, target)
         forward = _record_forward(model, x, params, "choose_method", record_nodes=True)
+        blockers = hessian_sketch_blockers(forward)
+        if not blockers:
+            blockers = _grouped_rows_blockers(forward, model, x, params, "choose_method")
     ops = list(dict.fromkeys(node.op for node in forward.recorder.nodes or []))
-    return hessian_sketch_blockers(forward), ops
+    return blockers, ops
 
 
 def _node_injections(
@@ -272,7 +310,9 @@ def hessian_sketch_diagonal(
     with torch.inference_mode(False), torch.enable_grad(), twice_differentiable(model):
         x, y = _autograd_inputs(inputs, target)
         forward = _record_forward(model, x, params, caller, record_nodes=True)
-        blockers = hessian_sketch_blockers(forward)
+        blockers = hessian_sketch_blockers(forward) or _grouped_rows_blockers(
+            forward, model, x, params, caller
+        )
         if blockers:
             raise ExactMethodNotApplicable(
                 f"{caller} does not apply: {'; '.join(blockers[:3])}. Use method='gauss_newton_sketch' "
@@ -308,9 +348,10 @@ def hessian_sketch_diagonal(
             mixed, signs = _loss_pair_columns(mixed, signs, num_sketches, pairs)
         injections = (tensors, stacks)
         blockers = _fast_path_blockers(forward.recorder, forward.leaves, n)
-        if not blockers and not forward.recorder.samples_apart:
-            blockers = [
-                f"samples interact after {layer}" for layer in samples_interact(model, x, params, caller)
+        if not blockers and not forward.recorder.samples_apart and not _grouped_inputs(forward):
+            blockers = [  # (grouped rows: probed above, with the ops' inputs)
+                f"samples interact after {layer}"
+                for layer in samples_interact(model, x, params, caller, record_nodes=True)
             ]
         if not blockers:
             diag = _diagonal_by_layers(forward, mixed, signs, 1, injections)

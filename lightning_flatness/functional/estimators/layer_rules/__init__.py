@@ -20,6 +20,7 @@ from lightning_flatness.functional.estimators.layer_rules.base import (
 )
 from lightning_flatness.functional.estimators.layer_rules.contraction import (
     accumulate_layer,
+    per_sample_call,
     position_pair_contraction,
 )
 
@@ -29,6 +30,7 @@ __all__ = [
     "LayerRule",
     "accumulate_layer",
     "argument",
+    "per_sample_call",
     "position_pair_contraction",
     "register_layer_rule",
 ]

@@ -62,8 +62,18 @@ class LayerRule:
         """Read the op's geometry (stride, padding, ...) from its arguments into ``call``."""
 
     def is_batched(self, call: LayerCall, n: int) -> bool:
-        """Whether dim 0 of the call's input and output is the batch of ``n`` samples."""
+        """Whether dim 0 of the call's input and output is the batch of ``n`` samples (or, for a rule
+        with :meth:`regroup`, ``n`` groups of rows, one group per sample)."""
         raise NotImplementedError
+
+    def regroup(self, call: LayerCall, grad: Tensor, n: int) -> Optional[tuple[LayerCall, Tensor]]:
+        """A call whose dim 0 holds ``n k`` rows, ``k`` per sample in sample-major order (windowed
+        attention's ``(N * windows, tokens, C)``), and its output gradients ``(K, n k, *out)``, as a call
+        with the ``n`` samples along dim 0 and the ``k`` rows among each sample's positions; ``None``
+        (the default): the rule has no such view. Which rows belong to which sample is checked by the
+        estimators' batch-independence probe (:func:`~lightning_flatness.functional.estimators.exact.
+        rows_of_other_samples`), not here."""
+        return None
 
     def bias_position_dims(self, grad: Tensor) -> tuple[int, ...]:
         """The dims of ``grad`` ``(K, N, *out)`` to sum for the per-sample bias gradient ``(K, N, O)``."""

@@ -31,6 +31,7 @@ __all__ = [
     "accumulate_layer",
     "factor_contraction",
     "pair_products",
+    "per_sample_call",
     "position_pair_contraction",
     "use_position_pairs",
 ]
@@ -52,7 +53,9 @@ def accumulate_layer(
     ``diag[name]`` (set when ``name`` is not in ``diag`` yet: no zero-filled start needed).
 
     ``unit_signs``: whether every sign is ``+1`` (cross-entropy), so that the weighting is skipped;
-    ``None`` checks ``signs``."""
+    ``None`` checks ``signs``. A call with several rows per sample along dim 0 is first viewed per sample
+    (:func:`per_sample_call`)."""
+    call, grad = per_sample_call(call, grad, signs.shape[0])
     rule = LAYER_RULES[call.op]
     if rule.accumulate(call, grad, signs, diag, leaves):
         return
@@ -97,6 +100,17 @@ def accumulate_layer(
             target += full.reshape(weight.shape)
         return
     _add(diag, call.weight, factor_contraction(rule, call, grad, signs, kernel).reshape(weight.shape))
+
+
+def per_sample_call(call: LayerCall, grad: Tensor, n: int) -> tuple[LayerCall, Tensor]:
+    """``(call, grad)`` with the ``n`` samples along dim 0: as they are, or by the rule's
+    :meth:`~.base.LayerRule.regroup` when dim 0 holds several rows per sample."""
+    if call.inputs.shape[0] == n:
+        return call, grad
+    regrouped = LAYER_RULES[call.op].regroup(call, grad, n)
+    if regrouped is None:
+        raise ValueError(f"{call.op} in {call.module}: dim 0 of its input is not the batch of {n} samples")
+    return regrouped
 
 
 def factor_contraction(

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import Tensor
 
 from lightning_flatness.functional.estimators.layer_rules.base import (
@@ -15,12 +17,20 @@ __all__ = ["LinearRule"]
 
 
 class LinearRule(LayerRule):
-    """``y = a W^T + b`` with ``a`` of shape ``(N, *positions, I)``."""
+    """``y = a W^T + b`` with ``a`` of shape ``(N, *positions, I)``, or ``(N k, *positions, I)`` with ``k``
+    rows per sample (:meth:`regroup`)."""
 
     op = "linear"
 
     def is_batched(self, call: LayerCall, n: int) -> bool:
-        return call.inputs.ndim >= 2 and call.inputs.shape[0] == n and call.output.shape[0] == n
+        rows = call.inputs.shape[0] if call.inputs.ndim >= 2 else -1
+        return rows > 0 and rows % n == 0 and call.output.shape[0] == rows
+
+    def regroup(self, call: LayerCall, grad: Tensor, n: int) -> tuple[LayerCall, Tensor]:
+        """``(n k, *positions, I)`` rows as ``(n, k * positions, I)``: each sample's ``k`` rows are more
+        positions of one per-sample gradient (a linear map acts on rows alike)."""
+        inputs = call.inputs.reshape(n, -1, call.inputs.shape[-1])
+        return dataclasses.replace(call, inputs=inputs), grad.reshape(grad.shape[0], n, -1, grad.shape[-1])
 
     def bias_position_dims(self, grad: Tensor) -> tuple[int, ...]:
         return tuple(range(2, grad.ndim - 1))
