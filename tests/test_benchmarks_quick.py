@@ -227,3 +227,20 @@ def test_bench_hessian_sketch_cost_quick_times_both_sketches_and_a_training_step
     assert set(out["median_seconds"]) == {"train_step", "gauss_newton_sketch", "hessian_sketch:1"}
     assert out["ratio_to_gauss_newton_sketch"]["gauss_newton_sketch"] == 1.0
     assert all(v > 0 for v in out["training_steps_per_512_samples"].values())
+
+
+@pytest.mark.slow
+def test_reach_quick_measures_the_hessian_on_the_per_layer_path(tmp_path):
+    pytest.importorskip("timm")
+    pytest.importorskip("transformers")
+    from benchmarks import bench_reach
+
+    out = tmp_path / "reach.json"
+    results = bench_reach.main(["--quick", "--json", str(out)])
+    assert set(results["models"]) == set(bench_reach.QUICK)
+    for name, row in json.loads(out.read_text())["models"].items():
+        assert row["status"] == "ok", (name, row)
+        expected = ("hessian_sketch", "hessian", "per-layer")
+        assert (row["method"], row["quantity"], row["path"]) == expected, name
+        assert _finite(row["normalized"]) and row["normalized"] > 0
+    assert "| timm vit_tiny (patch 4) |" in out.with_suffix(".md").read_text()

@@ -253,3 +253,38 @@ def test_interaction_probe_only_where_not_proved(monkeypatch, middle, probed, in
     assert any("per-layer contractions do not apply" in str(w.message) for w in caught) == interact
     if not interact:  # the per-layer path, still unbiased for the brute-force diagonal
         assert _max_z(model, F.cross_entropy, x, y, 200, chunk_size=1) < 5.0
+
+
+def test_a_loss_without_curvature_in_any_sample_gives_zeros_not_an_error():
+    """Eq. 20 on logits that are all equal (torchvision's ViT zero-initialises its head) has no
+    curvature by definition (``normalize_logits``): no factor columns at all. Every estimator returns
+    zeros, as the exact method does."""
+    from lightning_flatness.functional import normalized_softmax_cross_entropy
+    from lightning_flatness.functional.estimators.exact import exact_hessian_diagonal
+    from lightning_flatness.functional.estimators.hessian_sketch import hessian_sketch_diagonal
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5)).double()
+    with torch.no_grad():
+        model[2].weight.zero_()
+        model[2].bias.zero_()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 5, (6,))
+    params = dict(model.named_parameters())
+    estimates = [
+        gauss_newton_sketch_diagonal(model, normalized_softmax_cross_entropy, x, y, params),
+        hessian_sketch_diagonal(
+            model, normalized_softmax_cross_entropy, x, y, params, exact_loss_factors=False
+        ),
+        hessian_sketch_diagonal(
+            model, normalized_softmax_cross_entropy, x, y, params, exact_loss_factors=True
+        ),
+    ]
+    relu = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5)).double()
+    relu.load_state_dict(model.state_dict())
+    estimates.append(
+        exact_hessian_diagonal(relu, normalized_softmax_cross_entropy, x, y, dict(relu.named_parameters()))
+    )
+    for est in estimates:
+        assert set(est) == set(params)
+        for k, v in est.items():
+            assert v.shape == params[k].shape and bool((v == 0).all()), (k, v)

@@ -99,6 +99,44 @@ def test_unbiased_for_the_hessian_diagonal(loss_fn, exact_loss_factors):
     assert float(z_ggn.abs().max()) > 8.0
 
 
+def test_unbiased_through_group_norm_and_rms_norm():
+    """Conv -> GroupNorm (weight-dependent statistics, timm's PoolFormer) -> GELU -> Linear -> RMSNorm ->
+    head: ``auto`` measures the Hessian, and the estimate is unbiased for the brute-force diagonal and far
+    from the Gauss-Newton one."""
+    from lightning_flatness.functional.estimators.method_choice import choose_method
+
+    class Norms(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(2, 4, 3, padding=1)
+            self.group = nn.GroupNorm(2, 4)
+            self.fc = nn.Linear(4 * 5, 6)
+            self.rms = nn.RMSNorm(6, eps=1e-3)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):  # x (N, 2, 5)
+            h = F.gelu(self.group(self.conv(x)))
+            return self.head(self.rms(self.fc(h.flatten(1))))
+
+    torch.manual_seed(0)
+    model = Norms().double().eval()
+    with torch.no_grad():
+        model.group.weight.uniform_(0.5, 1.5)
+        model.rms.weight.uniform_(0.5, 1.5)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 2, 5, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g)
+    choice = choose_method(model, F.cross_entropy, x, y)
+    assert choice.method == "hessian_sketch" and "group_norm" in choice.reason and "rms_norm" in choice.reason
+    params = {k: v for k, v in select_parameters(model).items() if v.ndim >= 2}
+    names = list(params)
+    diag = brute_force_hessian(model, F.cross_entropy, x, y, names).diagonal()
+    ggn = brute_force_ggn(model, F.cross_entropy, x, y, names).diagonal()
+    mean, se, live = _assert_unbiased(
+        _estimates(model, F.cross_entropy, x, y, params, names, 40, num_sketches=8), diag
+    )
+    assert float(((mean - ggn)[live] / se[live]).abs().max()) > 8.0
+
+
 def test_equals_the_gauss_newton_estimators_on_a_piecewise_linear_network():
     """No op to add: with the loss's exact factors the exact Gauss-Newton (= Hessian) diagonal, with the
     loss's sketch the Gauss-Newton sketch's value for the same random signs."""
@@ -293,6 +331,31 @@ def test_an_operation_whose_input_is_changed_in_place_later_is_refused():
     x, y = torch.randn(6, 4, dtype=F64), torch.randint(0, 3, (6,))
     with pytest.raises(ExactMethodNotApplicable, match="'tanh'.*changed in place later"):
         hessian_sketch_diagonal(model, F.cross_entropy, x, y, select_parameters(model))
+
+
+def test_an_operation_whose_output_is_changed_in_place_later_is_measured():
+    """``result += input`` after an activation (torchvision's EfficientNetV2 ``FusedMBConv``): the forward
+    is run again with the op's output copied for the model, so its adjoint is the op's: unbiased."""
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.c(x)
+            z = F.silu(self.a(h))
+            z += h  # in place, on the activation's output
+            return self.b(z)
+
+    torch.manual_seed(0)
+    model = Residual().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 4, generator=g, dtype=F64), torch.randint(0, 3, (5,), generator=g)
+    params = {k: v for k, v in select_parameters(model).items() if v.ndim >= 2}
+    names = list(params)
+    diag = brute_force_hessian(model, F.cross_entropy, x, y, names).diagonal()
+    _assert_unbiased(_estimates(model, F.cross_entropy, x, y, params, names, 40, num_sketches=4), diag)
 
 
 def test_per_sample_backward_path_is_unbiased_too():

@@ -113,3 +113,19 @@ def test_layer_norm_rule(affine):
     weight = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(3)) if affine else None
     adjoint = torch.randn(2, 3, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
     _check(_call("layer_norm", F.layer_norm, (a, (3, 4), weight, None, 1e-3), {}, [a]), adjoint)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_group_norm_rule(affine):
+    a = _leaf(2, 4, 3) * 2 + 0.5  # (N, C, L): 2 groups of 2 channels x 3 positions
+    weight = torch.randn(4, dtype=F64, generator=torch.Generator().manual_seed(3)) if affine else None
+    adjoint = torch.randn(2, 4, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    _check(_call("group_norm", F.group_norm, (a, 2, weight, None, 1e-3), {}, [a]), adjoint)
+
+
+@pytest.mark.parametrize("affine,eps", [(False, 1e-3), (True, None)])
+def test_rms_norm_rule(affine, eps):
+    a = _leaf(2, 3, 4) * 2 + 0.5
+    weight = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(3)) if affine else None
+    adjoint = torch.randn(2, 3, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    _check(_call("rms_norm", F.rms_norm, (a, (3, 4), weight, eps), {}, [a]), adjoint)

@@ -50,6 +50,20 @@ def test_default_leaves_out_vectors_no_layer_rule_reads():
     assert list(select_parameters(model, "all")) == ["gamma", "fc.weight", "fc.bias"]
 
 
+def test_default_leaves_out_vectors_stored_with_unit_dims_but_keeps_thin_weights():
+    """torchvision's ConvNeXt ``layer_scale`` is ``(C, 1, 1)``: a per-channel scale like timm's 1-D
+    ``gamma``, left out; a Linear with one output, a 1x1 convolution with one input channel and an
+    embedding of width 1 keep their weights."""
+    from torchvision.models.convnext import CNBlock
+
+    block = CNBlock(8, layer_scale=0.5, stochastic_depth_prob=0.0)
+    chosen = select_parameters(block)
+    assert "layer_scale" not in chosen and "layer_scale" in select_parameters(block, "all")
+    assert {"block.0.weight", "block.3.weight", "block.5.weight"} <= set(chosen)
+    thin = nn.ModuleDict({"fc": nn.Linear(5, 1), "conv": nn.Conv2d(1, 4, 1), "emb": nn.Embedding(7, 1)})
+    assert {"fc.weight", "conv.weight", "emb.weight"} <= set(select_parameters(thin))
+
+
 def test_frozen_weights_are_skipped():
     model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
     model[0].weight.requires_grad_(False)

@@ -41,6 +41,9 @@ What that means for the tensors of modern networks (the default selection):
 - **Left out** -- 1-D parameters that no layer rule reads, e.g. layer-scale vectors (``gamma``,
   used through an elementwise product): their diagonal would send the estimators to the per-sample
   path (``N K`` backward passes instead of one). ``parameters="all"`` selects them too, at that cost.
+  The same holds for vectors stored with unit dims (at most one dim above 1, and not the weight of a
+  Linear/Conv or an embedding table): torchvision's ConvNeXt ``layer_scale`` ``(C, 1, 1)``, EdgeNeXt's
+  attention ``temperature`` ``(heads, 1, 1)`` (:func:`is_vector_shaped`).
 
 Detection of additive offsets is by name, for parameters that are *not* the weight of a
 ``Linear``/``Conv``: a name component containing ``pos_embed``, ``position``, ``wpe``,
@@ -61,6 +64,7 @@ __all__ = [
     "ADDITIVE_OFFSET_MARKERS",
     "is_additive_offset",
     "is_rule_read_vector",
+    "is_vector_shaped",
 ]
 
 ParameterSelection = Union[None, str, Iterable[str], Callable[[str, Tensor], bool]]
@@ -104,6 +108,18 @@ def is_additive_offset(model: nn.Module, name: str) -> bool:
     return any(marker in part.lower() for part in name.split(".") for marker in ADDITIVE_OFFSET_MARKERS)
 
 
+def is_vector_shaped(model: nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` is a vector stored with unit dims (at most one dim above 1, e.g. a
+    layer scale ``(C, 1, 1)``) and not the weight of a Linear/Conv or an embedding table: a per-channel
+    scale or offset, left out of the default selection like a 1-D one (module docstring)."""
+    param = model.get_parameter(name)
+    if sum(size > 1 for size in param.shape) > 1:
+        return False
+    owner_path, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_path) if owner_path else model
+    return not (isinstance(owner, (*_MULTIPLYING, nn.Embedding)) and leaf == "weight")
+
+
 def is_rule_read_vector(model: nn.Module, name: str) -> bool:
     """Whether 1-D parameter ``name`` is the bias of a ``Linear``/``Conv`` (or the input projection's of an
     ``nn.MultiheadAttention``) or an affine parameter of a
@@ -128,7 +144,8 @@ def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -
         parameters: one of
 
             - ``None`` (default): every parameter with ``ndim >= 2`` that requires grad, except
-              additive offsets (position embeddings, class tokens): the weights that multiply their
+              additive offsets (position embeddings, class tokens) and vectors stored with unit
+              dims (:func:`is_vector_shaped`): the weights that multiply their
               input, embedding tables included; and the 1-D parameters a layer rule reads (biases
               of Linear/Conv, affine parameters of normalization layers), which enter the Hessian
               trace (eq. 5) only (module docstring: the reasoning);
@@ -161,6 +178,7 @@ def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -
             and (
                 p.ndim >= 2
                 and not is_additive_offset(model, n)
+                and not is_vector_shaped(model, n)
                 or p.ndim < 2
                 and is_rule_read_vector(model, n)
             )

@@ -673,22 +673,29 @@ class _ForwardRecorder(TorchFunctionMode):
                 call is None or t is not self._leaf(call.weight) and t is not self._leaf(call.bias)
             ):
                 self.other_uses[param].append(f"{name!r} in {self.where()}")
+        recorded: Optional[NodeCall] = None
         if self._check_exactness(name, args, kwargs, dependent) and self.nodes is not None:
-            self._record_node(name, func, args, kwargs, dependent, out)
+            recorded = self._record_node(name, func, args, kwargs, dependent, out)
         self.tape.record(name, func, args, kwargs, out)
-        if call is not None:
+        if call is not None or recorded is not None:
             if self.clone_outputs:
                 copy = out.clone()  # in-place ops downstream (ReLU(inplace=True)) must not change z
                 self.tape.record_copy(out, copy)
                 out = copy
                 out_tensors = [out]
-            call.version = call.output._version
+            if call is not None:
+                call.version = call.output._version
+            if recorded is not None:  # its output stays the op's, for its adjoint (node_rules)
+                recorded.versions[-1] = recorded.output._version
         self.mark_seen(out_tensors)
         return out
 
     def outputs_changed_in_place(self) -> bool:
-        """Whether the model changed a recorded layer output in place (its version counter moved)."""
-        return any(call.output._version != call.version for call in self.calls)
+        """Whether the model changed a recorded layer output, or a recorded op's output, in place (its
+        version counter moved; e.g. ``result += input`` after an activation)."""
+        return any(call.output._version != call.version for call in self.calls) or any(
+            node.output._version != node.versions[-1] for node in self.nodes or []
+        )
 
     @staticmethod
     def _draws_random_numbers(name: str, args: tuple, kwargs: dict) -> bool:
@@ -722,8 +729,9 @@ class _ForwardRecorder(TorchFunctionMode):
 
     def _record_node(
         self, name: str, func: Any, args: tuple, kwargs: dict, dependent: list[Tensor], out: Any
-    ) -> None:
-        """Record a flagged operation for its node rule (:mod:`.node_rules`), or note it as uncovered."""
+    ) -> Optional[NodeCall]:
+        """Record a flagged operation for its node rule (:mod:`.node_rules`), or note it as uncovered;
+        the recorded call, or None."""
         rule = NODE_RULES.get(name)
         inputs = [t for t in dependent if id(t) not in self.names_by_id]
         call = None
@@ -734,8 +742,9 @@ class _ForwardRecorder(TorchFunctionMode):
             entry = f"{name!r} in {self.where()}" + (" (in place)" if in_place else "")
             if entry not in self.uncovered:
                 self.uncovered.append(entry)
-            return
+            return None
         cast(list, self.nodes).append(call)
+        return call
 
     def _check_exactness(self, name: str, args: tuple, kwargs: dict, dependent: list[Tensor]) -> bool:
         """Flag ``name`` when it makes the network nonlinear in a weight; whether it did."""
@@ -1205,9 +1214,10 @@ def _record_forward(
     ``record_nodes``, also the nonlinear ones as :class:`~.node_rules.NodeCall` s, in
     ``recorder.nodes``, and those no node rule covers in ``recorder.uncovered``).
 
-    The recorded layer outputs are passed on to the model as they are (no copy); when the model
-    changes one in place (``nn.ReLU(inplace=True)`` right after a Linear layer), the forward is run
-    again with copies, so that the recorded output stays the layer's. ``nn.MultiheadAttention``
+    The recorded layer outputs (and recorded ops' outputs) are passed on to the model as they are (no
+    copy); when the model changes one in place (``nn.ReLU(inplace=True)`` right after a Linear layer,
+    ``result += input`` after an activation), the forward is run again with copies, so that the
+    recorded output stays the layer's (the op's). ``nn.MultiheadAttention``
     modules run their forward in explicit operations
     (:func:`~lightning_flatness.functional.composite_attention.explicit_multi_head_attention`), so that
     their projections are recorded as Linear layers instead of one opaque call.

@@ -3,12 +3,16 @@ nonlinear op kind as random signed columns, one module per kind, registered in
 :data:`~.base.NODE_RULES` (see :mod:`~lightning_flatness.functional.estimators.node_rules.base`).
 Built in: unary elementwise activations
 (:mod:`.elementwise`), products of two weight-dependent tensors (:mod:`.products`), ``softmax`` /
-``log_softmax`` (:mod:`.softmax`) and ``layer_norm`` (:mod:`.layer_norm`)."""
+``log_softmax`` (:mod:`.softmax`), ``layer_norm`` (:mod:`.layer_norm`), ``group_norm``
+(:mod:`.group_norm`) and ``rms_norm`` (:mod:`.rms_norm`), the three normalizations sharing
+:mod:`.normalization_curvature`."""
 
 from lightning_flatness.functional.estimators.node_rules import (  # noqa: F401  (registers)
     elementwise,
+    group_norm,
     layer_norm,
     products,
+    rms_norm,
     softmax,
 )
 from lightning_flatness.functional.estimators.node_rules.base import (

@@ -1,0 +1,244 @@
+"""Reach: ``measure_sharpness`` at its defaults (``method="auto"``) on models as torchvision, timm and
+Hugging Face ``transformers`` build them, with random weights and synthetic batches, no user code.
+
+For each model: whether the measurement runs, which method ``auto`` picks and what it measures (the
+Hessian or its Gauss-Newton part), whether the estimator takes the per-layer path or falls back to
+per-sample backward passes (it warns then), and the time of one measurement of ``--samples`` samples
+in batches of 2 (small inputs: this is a reach table, not a cost benchmark; costs are in
+``bench_hessian_sketch_cost.py`` and ``bench_callback_resnet18.py``). Images are 32x32 unless a model
+needs more; texts are 8 tokens from a 64-word vocabulary, causal LMs scored per token.
+
+Run: ``python -m benchmarks.bench_reach --json benchmarks/results/bench_reach.json`` (writes
+``bench_reach.md`` beside the JSON; needs the ``zoo`` extra). ``--quick``: three small models.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from benchmarks.common import base_parser, environment, setup, write_json
+from lightning_flatness.measure import measure_sharpness
+
+Builder = Callable[[], tuple[torch.nn.Module, tuple[str, int]]]
+
+
+def _torchvision(name: str, size: int = 32, **kw: Any) -> Builder:
+    def build():
+        import torchvision
+
+        return torchvision.models.get_model(name, num_classes=10, **kw), ("image", size)
+
+    return build
+
+
+def _timm(name: str, size: int = 32, **kw: Any) -> Builder:
+    def build():
+        import timm
+
+        return timm.create_model(name, num_classes=10, **kw), ("image", size)
+
+    return build
+
+
+def _hf(model_class: str, config_class: str, task: str, **config: Any) -> Builder:
+    def build():
+        import transformers
+
+        cfg = getattr(transformers, config_class)(**config)
+        return getattr(transformers, model_class)(cfg), (task, 32)
+
+    return build
+
+
+_TEXT = dict(num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=64)
+_DECODER = dict(hidden_size=16, num_key_value_heads=1, **_TEXT)
+
+MODELS: dict[str, Builder] = {
+    "torchvision resnet18": _torchvision("resnet18"),
+    "torchvision mobilenet_v2 (0.25)": _torchvision("mobilenet_v2", width_mult=0.25),
+    "torchvision mobilenet_v3_small (0.25)": _torchvision("mobilenet_v3_small", width_mult=0.25),
+    "torchvision efficientnet_b0": _torchvision("efficientnet_b0"),
+    "torchvision efficientnet_v2_s": _torchvision("efficientnet_v2_s"),
+    "torchvision regnet_y_400mf": _torchvision("regnet_y_400mf"),
+    "torchvision shufflenet_v2_x0_5": _torchvision("shufflenet_v2_x0_5"),
+    "torchvision squeezenet1_1": _torchvision("squeezenet1_1"),
+    "torchvision densenet121": _torchvision("densenet121"),
+    "torchvision mnasnet0_5": _torchvision("mnasnet0_5"),
+    "torchvision convnext_tiny": _torchvision("convnext_tiny"),
+    "torchvision swin_t": _torchvision("swin_t"),
+    "torchvision vit_b_16 (224)": _torchvision("vit_b_16", size=224),
+    "timm resnet18": _timm("resnet18"),
+    "timm resnet50d": _timm("resnet50d"),
+    "timm efficientnet_b0": _timm("efficientnet_b0"),
+    "timm mobilenetv3_small_050": _timm("mobilenetv3_small_050"),
+    "timm vit_tiny (patch 4)": _timm("vit_tiny_patch16_224", img_size=32, patch_size=4),
+    "timm deit_tiny (patch 4)": _timm("deit_tiny_patch16_224", img_size=32, patch_size=4),
+    "timm cait_xxs24 (patch 4)": _timm("cait_xxs24_224", img_size=32, patch_size=4),
+    "timm beit_base (2 blocks)": _timm("beit_base_patch16_224", img_size=32, patch_size=8, depth=2),
+    "timm convnext_atto": _timm("convnext_atto"),
+    "timm swin_tiny (window 4)": _timm("swin_tiny_patch4_window7_224", img_size=32, window_size=4),
+    "timm regnety_002": _timm("regnety_002"),
+    "timm ghostnet_100": _timm("ghostnet_100"),
+    "timm rexnet_100": _timm("rexnet_100"),
+    "timm poolformer_s12": _timm("poolformer_s12"),
+    "timm edgenext_xx_small (64)": _timm("edgenext_xx_small", size=64),
+    "timm coatnet_nano (64)": _timm("coatnet_nano_rw_224", size=64, img_size=64),
+    "timm maxvit_nano (64)": _timm("maxvit_nano_rw_256", size=64, img_size=64),
+    "transformers BERT": _hf("BertForSequenceClassification", "BertConfig", "text", hidden_size=16, **_TEXT),
+    "transformers DistilBERT": _hf(
+        "DistilBertForSequenceClassification",
+        "DistilBertConfig",
+        "text",
+        dim=16,
+        n_layers=1,
+        n_heads=2,
+        hidden_dim=32,
+        vocab_size=64,
+    ),
+    "transformers RoBERTa": _hf(
+        "RobertaForSequenceClassification", "RobertaConfig", "text", hidden_size=16, **_TEXT
+    ),
+    "transformers ELECTRA": _hf(
+        "ElectraForSequenceClassification", "ElectraConfig", "text", hidden_size=16, embedding_size=8, **_TEXT
+    ),
+    "transformers DeBERTa-v2": _hf(
+        "DebertaV2ForSequenceClassification", "DebertaV2Config", "text", hidden_size=16, **_TEXT
+    ),
+    "transformers ALBERT (shared layers)": _hf(
+        "AlbertForSequenceClassification",
+        "AlbertConfig",
+        "text",
+        hidden_size=16,
+        embedding_size=8,
+        **{**_TEXT, "num_hidden_layers": 2},
+    ),
+    "transformers GPT-2 (tied head)": _hf(
+        "GPT2LMHeadModel", "GPT2Config", "lm", n_embd=16, n_layer=1, n_head=2, vocab_size=64
+    ),
+    "transformers OPT (tied head)": _hf(
+        "OPTForCausalLM",
+        "OPTConfig",
+        "lm",
+        hidden_size=16,
+        num_hidden_layers=1,
+        ffn_dim=32,
+        num_attention_heads=2,
+        vocab_size=64,
+        word_embed_proj_dim=16,
+    ),
+    "transformers Llama": _hf("LlamaForCausalLM", "LlamaConfig", "lm", **_DECODER),
+    "transformers Llama (tied head)": _hf(
+        "LlamaForCausalLM", "LlamaConfig", "lm", tie_word_embeddings=True, **_DECODER
+    ),
+    "transformers Qwen2": _hf("Qwen2ForCausalLM", "Qwen2Config", "lm", **_DECODER),
+    "transformers Mistral": _hf("MistralForCausalLM", "MistralConfig", "lm", **_DECODER),
+    "transformers Phi": _hf(
+        "PhiForCausalLM", "PhiConfig", "lm", hidden_size=16, **{k: v for k, v in _TEXT.items()}
+    ),
+}
+QUICK = ("torchvision mobilenet_v3_small (0.25)", "timm vit_tiny (patch 4)", "transformers BERT")
+
+
+def _batches(spec: tuple[str, int], samples: int) -> list[Any]:
+    kind, size = spec
+    g = torch.Generator().manual_seed(0)
+    out: list[Any] = []
+    for _ in range(samples // 2):
+        if kind == "image":
+            out.append((torch.randn(2, 3, size, size, generator=g), torch.randint(0, 10, (2,), generator=g)))
+        else:
+            ids = torch.randint(0, 64, (2, 8), generator=g)
+            labels = ids.clone() if kind == "lm" else torch.randint(0, 2, (2,), generator=g)
+            out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return out
+
+
+def measure(name: str, samples: int) -> dict[str, Any]:
+    start = time.perf_counter()
+    try:
+        torch.manual_seed(0)
+        model, spec = MODELS[name]()
+        model = model.eval()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = measure_sharpness(model, _batches(spec, samples), num_replicates=2)
+        fallback = [str(w.message) for w in caught if "per-layer contractions do not apply" in str(w.message)]
+        return {
+            "status": "ok",
+            "method": result.choice.method,
+            "quantity": result.choice.quantity,
+            "path": "per-sample" if fallback else "per-layer",
+            "fallback": fallback[0][:300] if fallback else "",
+            "reason": result.choice.reason,
+            "normalized": float(result.values["normalized"]),
+            "weights": sum(p.numel() for p in model.parameters()),
+            "seconds": time.perf_counter() - start,
+        }
+    except Exception as err:  # a reach table: every failure is a row, not a stop
+        return {
+            "status": "failed",
+            "error": f"{type(err).__name__}: {err}"[:500],
+            "where": traceback.format_exc().strip().splitlines()[-3:],
+            "seconds": time.perf_counter() - start,
+        }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    env = results["environment"]
+    lines = [
+        "# Reach: `measure_sharpness` at its defaults on library models (issue 8)",
+        "",
+        f"Command: `{results['command']}`  ",
+        f"Machine: {env['cpu']} ({env['nproc']} cores), torch {env['torch']}, {env['threads']} thread(s).",
+        "",
+        "| model | weights | runs | `auto` picks | measures | path | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results["models"].items():
+        if r["status"] != "ok":
+            lines.append(f"| {name} | | **failed**: {r['error'][:160]} | | | | {r['seconds']:.1f} |")
+            continue
+        path = r["path"] if r["path"] == "per-layer" else f"per-sample ({r['fallback'][:140]}...)"
+        row = [
+            name,
+            f"{r['weights']:,}",
+            "yes",
+            f"`{r['method']}`",
+            r["quantity"],
+            path,
+            f"{r['seconds']:.1f}",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict[str, Any]:
+    p = base_parser(__doc__)
+    p.add_argument("--samples", type=int, default=4, help="samples per measurement, in batches of 2")
+    p.add_argument("--models", nargs="*", default=None, help="names (default: all, or three with --quick)")
+    args = p.parse_args(argv)
+    setup(args)
+    names = args.models or (list(QUICK) if args.quick else list(MODELS))
+    command = " ".join(
+        ["python -m benchmarks.bench_reach"] + list(argv if argv is not None else sys.argv[1:])
+    )
+    results: dict[str, Any] = {"command": command, "environment": environment(), "models": {}}
+    for name in names:
+        results["models"][name] = r = measure(name, args.samples)
+        summary = f"{r['method']} ({r['quantity']}), {r['path']}" if r["status"] == "ok" else r["error"][:200]
+        print(f"{name}: {summary}, {r['seconds']:.1f} s", flush=True)
+    if args.json is not None:
+        write_json(args.json, results)
+        Path(args.json).with_suffix(".md").write_text(markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
