@@ -129,3 +129,10 @@ def test_rms_norm_rule(affine, eps):
     weight = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(3)) if affine else None
     adjoint = torch.randn(2, 3, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
     _check(_call("rms_norm", F.rms_norm, (a, (3, 4), weight, eps), {}, [a]), adjoint)
+
+
+@pytest.mark.parametrize("dim", [1, -1])
+def test_l2_normalize_rule(dim):
+    a = _leaf(2, 3, 4) * 2 + 0.5
+    adjoint = torch.randn(2, 3, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    _check(_call("normalize", F.normalize, (a,), {"dim": dim}, [a]), adjoint)

@@ -4,12 +4,13 @@ nonlinear op kind as random signed columns, one module per kind, registered in
 Built in: unary elementwise activations
 (:mod:`.elementwise`), products of two weight-dependent tensors (:mod:`.products`), ``softmax`` /
 ``log_softmax`` (:mod:`.softmax`), ``layer_norm`` (:mod:`.layer_norm`), ``group_norm``
-(:mod:`.group_norm`) and ``rms_norm`` (:mod:`.rms_norm`), the three normalizations sharing
-:mod:`.normalization_curvature`."""
+(:mod:`.group_norm`), ``rms_norm`` (:mod:`.rms_norm`) and ``F.normalize`` (:mod:`.l2_normalize`), the
+four normalizations sharing :mod:`.normalization_curvature`."""
 
 from lightning_flatness.functional.estimators.node_rules import (  # noqa: F401  (registers)
     elementwise,
     group_norm,
+    l2_normalize,
     layer_norm,
     products,
     rms_norm,
