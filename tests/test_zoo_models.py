@@ -282,3 +282,38 @@ def test_rows_in_sample_minor_order_are_caught_by_the_probe():
         diag = gauss_newton_exact_diagonal(model, F.cross_entropy, x, y, params)
     for k in params:
         torch.testing.assert_close(diag[k], truth[k].detach(), rtol=1e-10, atol=1e-14)
+
+
+def test_rows_in_sample_major_order_take_the_per_layer_path_of_the_exact_method():
+    """A ReLU network applied to the rows ``(N * T, C)`` of a ``(N, T, C)`` batch (a per-token MLP written
+    with a reshape): the exact method reads each sample's ``T`` rows as positions of one per-sample
+    gradient, without per-sample backward passes, and equals the brute-force Hessian diagonal."""
+    import warnings
+
+    from lightning_flatness.functional.estimators.exact import exact_hessian_diagonal
+    from tests.zoo_oracle import brute_force_hessian_diagonal
+
+    class Rows(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = (
+                torch.nn.Linear(3, 6),
+                torch.nn.Linear(6, 4),
+                torch.nn.Linear(4 * 5, 4),
+            )
+
+        def forward(self, x):  # x (N, T=5, 3)
+            n, t, _ = x.shape
+            rows = self.b(torch.relu(self.a(x.reshape(n * t, -1))))  # row r: sample r // t
+            return self.head(rows.reshape(n, -1))
+
+    torch.manual_seed(0)
+    model = Rows().double()
+    x, y = torch.randn(4, 5, 3, dtype=torch.float64), torch.tensor([0, 1, 3, 2])
+    params = dict(model.named_parameters())
+    truth = brute_force_hessian_diagonal(model, F.cross_entropy, x, y, list(params))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the per-sample fallback warns
+        diag = exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
+    for k in params:
+        torch.testing.assert_close(diag[k], truth[k].detach(), rtol=1e-10, atol=1e-14)
