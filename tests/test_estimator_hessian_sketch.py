@@ -5,6 +5,7 @@ models, and refused where a term is not covered."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -160,13 +161,21 @@ def test_equals_the_gauss_newton_estimators_on_a_piecewise_linear_network():
             torch.testing.assert_close(b[name], c[name], rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.parametrize("name", ["vit", "bert", "mobilenet_v3", "efficientnet", "torchvision_vit", "swin"])
+#: how far (in the ratio below) the Gauss-Newton diagonal must be on some tensor: GPT-2's residual is
+#: smaller against the sketch's noise on 3 samples (its largest ratio is 9, its Hessian ratios below 1.3)
+GGN_CONTRAST = {"gpt2": 8.0}
+
+
+@pytest.mark.parametrize(
+    "name", ["vit", "bert", "mobilenet_v3", "efficientnet", "torchvision_vit", "swin", "gpt2"]
+)
 def test_zoo_models_are_unbiased_for_the_hessian(name):
     """32 independent estimates of 32 sketches each on 3 samples: per weight tensor, the squared distance
     of their mean from the brute-force Hessian diagonal is what their own spread predicts (about 1 when
     unbiased; below 5 here: the noise is heavy-tailed), while from the Gauss-Newton diagonal it is far
     larger on some tensor. Tensors with no nonlinear op downstream (the head) come out exact (the loss's
-    exact factors on these small models)."""
+    exact factors on these small models). GPT-2's tied LM head takes the per-sample path with the tied
+    weight's own columns (:mod:`~lightning_flatness.functional.estimators.node_rules.tied_linear`)."""
     from tests.zoo_models import TINY, zoo_loss
     from tests.zoo_oracle import brute_force_ggn_diagonal, brute_force_hessian_diagonal
 
@@ -192,7 +201,7 @@ def test_zoo_models_are_unbiased_for_the_hessian(name):
         ratio_h[k] = float((mean - h[k].detach()).pow(2).sum() / var.sum())
         ratio_g[k] = float((mean - g[k].detach()).pow(2).sum() / var.sum())
     assert max(ratio_h.values()) < 5.0, ratio_h
-    assert max(ratio_g.values()) > 20.0, ratio_g
+    assert max(ratio_g.values()) > GGN_CONTRAST.get(name, 20.0), ratio_g
 
 
 def test_registered_and_reachable_from_the_front_door():
@@ -212,19 +221,86 @@ def test_registered_and_reachable_from_the_front_door():
     assert set(names) <= set(est.groups)
 
 
-def test_refuses_a_weight_used_twice():
-    class Tied(nn.Module):
+class TiedLM(nn.Module):
+    """Token embedding -> Linear -> tanh -> an LM head tied to the embedding (GPT-2's ``wte``), logits
+    averaged over the positions."""
+
+    def __init__(self, vocabulary: int = 7, d: int = 4):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(vocabulary, d), nn.Linear(d, d)
+        self.head = nn.Linear(d, vocabulary, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: Tensor) -> Tensor:  # (N, T)
+        return self.head(torch.tanh(self.fc(self.emb(ids)))).mean(dim=1)
+
+
+class SharedLayer(nn.Module):
+    """One Linear applied twice (ALBERT's shared layers): its second use reads its own first output."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.w(torch.tanh(self.w(x)))))
+
+
+@pytest.mark.parametrize("kind", ["tied_lm_head", "shared_layer"])
+def test_a_weight_used_twice_is_unbiased_for_the_hessian(kind, monkeypatch):
+    """A tied LM head and a shared layer: ``auto`` measures the Hessian, on the per-sample path with the
+    columns of the tied weight's Linear call as a product of its input and the weight
+    (``node_rules.tied_linear``). The estimate is unbiased for the brute-force diagonal; without those
+    columns the same draws are far off (the curvature that couples the weight's two uses)."""
+    import lightning_flatness.functional.estimators.hessian_sketch as module
+    from lightning_flatness.functional.estimators.method_choice import choose_method
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if kind == "tied_lm_head":
+        model = TiedLM().double()
+        x, y = torch.randint(0, 7, (5, 3), generator=g), torch.randint(0, 7, (5,), generator=g)
+    else:
+        model = SharedLayer().double()
+        x, y = torch.randn(5, 4, generator=g, dtype=F64), torch.randint(0, 3, (5,), generator=g)
+    choice = choose_method(model, F.cross_entropy, x, y)
+    assert (choice.method, choice.quantity) == ("hessian_sketch", "hessian"), choice.reason
+    params = {k: v for k, v in select_parameters(model).items() if v.ndim >= 2}
+    names = list(params)
+    diag = brute_force_hessian(model, F.cross_entropy, x, y, names).diagonal()
+    with pytest.warns(UserWarning, match="per-layer contractions do not apply"):
+        hessian_sketch_diagonal(model, F.cross_entropy, x, y, params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _assert_unbiased(_estimates(model, F.cross_entropy, x, y, params, names, 40, num_sketches=4), diag)
+        monkeypatch.setattr(module, "_tied_products", lambda forward: [])
+        est = _estimates(model, F.cross_entropy, x, y, params, names, 40, num_sketches=4)
+    mean, se = est.mean(0), est.std(0) / math.sqrt(est.shape[0])
+    live = se > 1e-12 * diag.abs().max()
+    assert float(((mean - diag)[live] / se[live]).abs().max()) > 20.0
+
+
+def test_refuses_a_weight_used_twice_by_other_ops_or_too_large(monkeypatch):
+    import lightning_flatness.functional.estimators.hessian_sketch as module
+
+    class Mixed(nn.Module):
         def __init__(self):
             super().__init__()
             self.w = nn.Linear(4, 4, bias=False)
 
         def forward(self, x):
-            return self.w(torch.tanh(self.w(x)))
+            return self.w(torch.tanh(x @ self.w.weight))  # a matmul use: no rule for the pair
 
-    model = Tied().double()
+    model = Mixed().double()
     x, y = torch.randn(5, 4, dtype=F64), torch.randint(0, 4, (5,))
-    with pytest.raises(ExactMethodNotApplicable, match="'w.weight' is used 2 times"):
+    with pytest.raises(ExactMethodNotApplicable, match="'w.weight' is used 2 times.*not only by Linear"):
         hessian_sketch_diagonal(model, F.cross_entropy, x, y, select_parameters(model))
+    monkeypatch.setattr(module, "TIED_COLUMN_ELEMENTS", 100)
+    shared = SharedLayer().double()
+    with pytest.raises(
+        ExactMethodNotApplicable, match="'w.weight' is used 2 times \\(a tied weight\\).*exceed 100"
+    ):
+        hessian_sketch_diagonal(shared, F.cross_entropy, x, y[:5] % 3, select_parameters(shared))
 
 
 def test_refuses_an_operation_without_a_node_rule():

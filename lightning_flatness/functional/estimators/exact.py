@@ -118,6 +118,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
@@ -612,6 +613,9 @@ class _ForwardRecorder(TorchFunctionMode):
         # covers (its local curvature, node_rules), and the flagged ones that none covers
         self.nodes: Optional[list[NodeCall]] = None
         self.uncovered: list[str] = []
+        # with record_nodes: linear calls of a selected weight on a weight-dependent input, as
+        # products (h, W) (node_rules.tied_linear: their curvature matters for a weight used twice)
+        self.weight_products: list[NodeCall] = []
 
     # -- bookkeeping -----------------------------------------------------------------------
     def where(self) -> str:
@@ -721,6 +725,9 @@ class _ForwardRecorder(TorchFunctionMode):
         detached = inputs.detach() if inputs.requires_grad else inputs
         call = LayerCall(name, self.where(), detached, out, weight_name, bias_name)
         rule.record(call, args, kwargs, weight)
+        if self.nodes is not None and name == "linear" and weight_name is not None and inputs.requires_grad:
+            product = NodeCall("linear", self.where(), F.linear, args, kwargs, [inputs, weight], out)
+            self.weight_products.append(product)
         for param in (weight_name, bias_name):
             if param is not None:
                 self.uses[param].append(f"{name!r} in {self.where()}")

@@ -327,7 +327,9 @@ def _diagonal_by_chunks(
     (one chunk) go through a loop of plain backward passes (faster than a vmapped one on ResNet-18
     when the estimator was written; that timing is not among ``benchmarks/results``); more take
     vmapped passes of about ``_BATCHED_BACKWARD_ELEMENTS`` gradient entries. ``injections`` (tensors
-    with the batch along dim 0) are masked to each chunk's samples like the logits' columns. ``signs``
+    with the batch along dim 0) are masked to each chunk's samples like the logits' columns; columns
+    at a weight itself (one of ``leaves``: a tied weight's, ``(C, N, *weight.shape)``, per sample) are
+    summed over the chunk's samples and sent in as that weight's own gradient. ``signs``
     ``(C,)``, or ``(N, C)`` per sample with ``chunk_size=1``."""
     n, _, c = columns.shape
     m = -(-n // chunk_size)
@@ -339,7 +341,11 @@ def _diagonal_by_chunks(
     per_pass = 1 if m == 1 else max(1, _BATCHED_BACKWARD_ELEMENTS // numel)
     pairs = [(b, j) for b in range(m) for j in range(c)]
 
-    def masked(stack: Tensor, idx: list[tuple[int, int]]) -> Tensor:
+    leaf_ids = {id(t) for t in targets}
+
+    def masked(tensor: Tensor, stack: Tensor, idx: list[tuple[int, int]]) -> Tensor:
+        if id(tensor) in leaf_ids:  # per-sample columns at a weight itself (C, N, *weight): the chunk's sum
+            return torch.stack([stack[j][owner == b].sum(dim=0) for b, j in idx])
         shape = (-1,) + (1,) * (stack.ndim - 2)
         return torch.stack([stack[j] * (owner == b).to(stack.dtype).reshape(shape) for b, j in idx])
 
@@ -348,7 +354,7 @@ def _diagonal_by_chunks(
         vectors = torch.stack(
             [columns[:, :, j] * (owner == b).to(columns.dtype).unsqueeze(1) for b, j in idx]
         ).reshape(len(idx), *logits.shape)
-        roots, grad_outputs = [logits, *inner], [vectors, *(masked(s, idx) for s in stacks)]
+        roots, grad_outputs = [logits, *inner], [vectors, *(masked(t, s, idx) for t, s in zip(inner, stacks))]
         # (N, C) per-sample signs need one sample per chunk
         weights = torch.stack([signs[b, j] if signs.ndim == 2 else signs[j] for b, j in idx])
         if len(idx) == 1:

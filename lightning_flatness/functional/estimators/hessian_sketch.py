@@ -26,9 +26,14 @@ excitation gates). Each :math:`M_a` is known in closed form (:mod:`.node_rules`)
 reaches every recorded Linear/Conv/embedding output, and the per-sample squares of the layer rules
 (:mod:`.layer_rules`) give :math:`\hat h = \frac1S \sum_s \sum_n (G_n^+)^2 - (G_n^-)^2`. The columns of
 different ops, samples and sketches are independent with mean zero, so the cross terms vanish in
-expectation and :math:`\mathbb{E}[\hat h] = \mathrm{diag}(H)` exactly (for each weight used once; a
-weight used twice, such as a tied embedding, is refused: the cross term between its two uses is not
-covered). The noise is independent across samples, so the jackknife over sample groups covers it.
+expectation and :math:`\mathbb{E}[\hat h] = \mathrm{diag}(H)` exactly. The noise is independent across
+samples, so the jackknife over sample groups covers it.
+
+**A weight used twice** (a tied LM head, ALBERT's shared layers), by Linear layers and embedding lookups:
+a Linear call of it on an input that depends on it is bilinear in (input, weight), and that curvature
+reaches the weight's own diagonal; it is sampled as a product (:mod:`.node_rules.tied_linear`), with the
+weight's columns per sample (their size is bounded by :data:`TIED_COLUMN_ELEMENTS`), on the per-sample
+backward path (the per-layer contractions need one use per weight).
 
 **Pairs of columns.** Columns that share a pair meet in its squares, and their cross terms are
 zero-mean noise. The loss's columns get a pair of their own (against the ops' columns they were most
@@ -53,10 +58,11 @@ Face's attention in explicit ops, so that ``softmax`` and the products are seen)
 **Limits (refused with the operation named).** An op on weight-dependent tensors that is neither
 piecewise linear nor covered by a node rule (division by a weight-dependent tensor, fused
 ``scaled_dot_product_attention`` called directly, train-mode BatchNorm or dropout); a selected
-weight used twice; an op input changed in place after the op (activation *modules* built with
-``inplace=True`` run out of place under :func:`~lightning_flatness.functional.twice_differentiable.
-twice_differentiable`; an in-place call in the model's own code stays in place), or without the samples
-along dim 0 (a sequence-first layout). Inputs with several rows per sample along dim 0, sample-major
+weight used twice by anything but Linear layers and embedding lookups, or whose per-sample columns
+would exceed :data:`TIED_COLUMN_ELEMENTS`; an op input changed in place after the op (activation
+*modules* built with ``inplace=True`` run out of place under
+:func:`~lightning_flatness.functional.twice_differentiable.twice_differentiable`; an in-place call in
+the model's own code stays in place), or without the samples along dim 0 (a sequence-first layout). Inputs with several rows per sample along dim 0, sample-major
 (windowed attention), are taken on the per-layer path once the batch-independence probe has checked
 them (:func:`_grouped_rows_blockers`).
 """
@@ -88,7 +94,7 @@ from lightning_flatness.functional.estimators.gauss_newton_sketch import (
     samples_interact,
 )
 from lightning_flatness.functional.estimators.method_choice import SKETCH_MIN_WORK
-from lightning_flatness.functional.estimators.node_rules import NODE_RULES
+from lightning_flatness.functional.estimators.node_rules import NODE_RULES, NodeCall
 from lightning_flatness.functional.model_io import ModelInputs
 from lightning_flatness.functional.twice_differentiable import twice_differentiable
 
@@ -101,11 +107,15 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 #: One pair of their own took the tiny ViT's eq. 17 bias at 128 samples from +16% (sharing the other ops'
 #: pair) to +9%, a second one to +9% (``benchmarks/results/bench_hessian_sketch.md``).
 PRODUCT_PAIRS = 1
+#: Bound on the entries of the per-sample columns of a tied weight (``samples x weight entries x backward
+#: columns per sketch``, :mod:`.node_rules.tied_linear`), materialised at once: 2**27 (512 MiB in float32).
+TIED_COLUMN_ELEMENTS = 2**27
 
 
 def hessian_sketch_blockers(forward: _RecordedForward) -> list[str]:
     """Why the sketched Hessian diagonal does not apply to a forward recorded with ``record_nodes``:
-    ops no node rule covers, weights used twice, ops invisible to the recorder, random ops, op inputs
+    ops no node rule covers, weights used twice other than by Linear layers and embedding lookups (or
+    too large for per-sample columns), ops invisible to the recorder, random ops, op inputs
     without the samples along dim 0 (``n k`` rows, ``k`` per sample, as windowed attention has them,
     are checked by the batch-independence probe instead: :func:`_grouped_rows_blockers`)."""
     recorder = forward.recorder
@@ -122,10 +132,21 @@ def hessian_sketch_blockers(forward: _RecordedForward) -> list[str]:
         for node in recorder.nodes or []
         if any(t.ndim == 0 or t.shape[0] % n != 0 for t in node.inputs)
     ][:1]
-    for name in forward.leaves:
+    n_columns = 2 * (2 + PRODUCT_PAIRS)  # per sketch, at most
+    for name, leaf in forward.leaves.items():
         uses = recorder.uses[name] + recorder.other_uses[name]
-        if len(uses) > 1:
-            reasons.append(f"weight {name!r} is used {len(uses)} times ({'; '.join(uses[:2])})")
+        if len(uses) <= 1:
+            continue
+        if recorder.other_uses[name] or not all(u.startswith(("'linear'", "'embedding'")) for u in uses):
+            reasons.append(
+                f"weight {name!r} is used {len(uses)} times ({'; '.join(uses[:2])}), not only by "
+                "Linear layers and embedding lookups"
+            )
+        elif n * leaf.numel() * n_columns > TIED_COLUMN_ELEMENTS:
+            reasons.append(
+                f"weight {name!r} is used {len(uses)} times (a tied weight) and its per-sample columns "
+                f"({n} samples x {leaf.numel()} entries x {n_columns}) exceed {TIED_COLUMN_ELEMENTS} entries"
+            )
     reasons += [issue for issue in forward.issues if "invisible" in issue]
     reasons += [f"{op} draws random numbers" for op in recorder.random_ops]
     return reasons
@@ -193,8 +214,11 @@ def _node_injections(
     share their random signs, so that their own squares cancel draw by draw) take the next
     ``product_pairs`` pairs in turn, in call order (0: they share pair 1). Columns in one pair meet in
     the squares: their cross terms are zero-mean noise, and the loss's large columns against the ops'
-    ones were most of it (measured: ``benchmarks/results/bench_hessian_sketch.md``)."""
-    nodes = forward.recorder.nodes or []  # none changed in place (hessian_sketch_blockers)
+    ones were most of it (measured: ``benchmarks/results/bench_hessian_sketch.md``). A tied weight's
+    linear calls on inputs that depend on it count as products (:func:`_tied_products`); their
+    columns at the weight itself are per sample, ``(2 S pairs, N, *weight.shape)``."""
+    nodes = [*(forward.recorder.nodes or []), *_tied_products(forward)]  # none changed in place (blockers)
+    leaf_ids = {id(leaf) for leaf in forward.leaves.values()}
     outputs = [node.output for node in nodes]
     adjoints = torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True) if outputs else ()
     live = [(node, adjoint) for node, adjoint in zip(nodes, adjoints) if adjoint is not None]
@@ -213,14 +237,29 @@ def _node_injections(
             column = 2 * (pairs * s + pair)
             for tensor, cp, cm in zip(node.inputs, plus, minus):
                 key = id(tensor)
-                if key not in stacks:
+                if key not in stacks:  # a tied weight's columns are per sample: (C, N, *weight.shape)
+                    per_sample = (forward.logits.shape[0],) if key in leaf_ids else ()
                     tensors[key] = tensor
-                    stacks[key] = tensor.new_zeros(2 * pairs * num_sketches, *tensor.shape)
+                    stacks[key] = tensor.new_zeros(2 * pairs * num_sketches, *per_sample, *tensor.shape)
                 if cp is not None:
                     stacks[key][column] += scale * cp.to(tensor.dtype)
                 if cm is not None:
                     stacks[key][column + 1] += scale * cm.to(tensor.dtype)
     return list(tensors.values()), list(stacks.values()), pairs
+
+
+def _tied_products(forward: _RecordedForward) -> list[NodeCall]:
+    """The Linear calls of a selected weight used more than once (a tied LM head) on an input that
+    depends on the selected weights, as products ``(h, W)`` (:mod:`.node_rules.tied_linear`): their
+    curvature reaches the diagonal of the weight's Hessian through its other uses."""
+    recorder = forward.recorder
+    tied = {
+        id(leaf)
+        for name, leaf in forward.leaves.items()
+        if len(recorder.uses[name]) + len(recorder.other_uses[name]) > 1
+    }
+    rule = NODE_RULES["linear"]
+    return [p for p in recorder.weight_products if id(p.inputs[1]) in tied and rule.accepts(p)]
 
 
 def _exact_loss_first(

@@ -5,7 +5,8 @@ Built in: unary elementwise activations
 (:mod:`.elementwise`), products of two weight-dependent tensors (:mod:`.products`), ``softmax`` /
 ``log_softmax`` (:mod:`.softmax`), ``layer_norm`` (:mod:`.layer_norm`), ``group_norm``
 (:mod:`.group_norm`), ``rms_norm`` (:mod:`.rms_norm`) and ``F.normalize`` (:mod:`.l2_normalize`), the
-four normalizations sharing :mod:`.normalization_curvature`."""
+four normalizations sharing :mod:`.normalization_curvature`; and ``linear`` where its weight is used
+twice and its input depends on it (a tied LM head, :mod:`.tied_linear`)."""
 
 from lightning_flatness.functional.estimators.node_rules import (  # noqa: F401  (registers)
     elementwise,
@@ -15,6 +16,7 @@ from lightning_flatness.functional.estimators.node_rules import (  # noqa: F401 
     products,
     rms_norm,
     softmax,
+    tied_linear,
 )
 from lightning_flatness.functional.estimators.node_rules.base import (
     NODE_RULES,
