@@ -62,9 +62,9 @@ weight used twice by anything but Linear layers and embedding lookups, or whose 
 would exceed :data:`TIED_COLUMN_ELEMENTS`; an op input changed in place after the op (activation
 *modules* built with ``inplace=True`` run out of place under
 :func:`~lightning_flatness.functional.twice_differentiable.twice_differentiable`; an in-place call in
-the model's own code stays in place), or without the samples along dim 0 (a sequence-first layout). Inputs with several rows per sample along dim 0, sample-major
-(windowed attention), are taken on the per-layer path once the batch-independence probe has checked
-them (:func:`_grouped_rows_blockers`).
+the model's own code stays in place), or without the samples along dim 0 (a sequence-first layout).
+Inputs with several rows per sample along dim 0, sample-major (windowed attention), are taken on the
+per-layer path once the batch-independence probe has checked them (:func:`_grouped_rows_blockers`).
 """
 
 from __future__ import annotations
