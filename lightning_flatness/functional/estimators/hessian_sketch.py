@@ -33,7 +33,8 @@ samples, so the jackknife over sample groups covers it.
 a Linear call of it on an input that depends on it is bilinear in (input, weight), and that curvature
 reaches the weight's own diagonal; it is sampled as a product (:mod:`.node_rules.tied_linear`), with the
 weight's columns per sample (their size is bounded by :data:`TIED_COLUMN_ELEMENTS`), on the per-sample
-backward path (the per-layer contractions need one use per weight).
+backward path (the per-layer contractions need one use per weight). Those columns are noisy:
+``method="auto"`` keeps the Gauss-Newton diagonal for such networks (:func:`hessian_sketch_applies`).
 
 **Pairs of columns.** Columns that share a pair meet in its squares, and their cross terms are
 zero-mean noise. The loss's columns get a pair of their own (against the ops' columns they were most
@@ -183,15 +184,34 @@ def _grouped_rows_blockers(
 
 
 def hessian_sketch_applies(
-    model: nn.Module, inputs: ModelInputs, target: Tensor, params: dict[str, nn.Parameter]
+    model: nn.Module,
+    inputs: ModelInputs,
+    target: Tensor,
+    params: dict[str, nn.Parameter],
+    shared_weights: bool = False,
 ) -> tuple[list[str], list[str]]:
     """:func:`hessian_sketch_blockers` from one recorded forward pass of ``inputs`` (no backward), and the
     names of the nonlinear ops its node rules cover (in call order, each once): what ``method="auto"``
-    checks on two samples before choosing ``"hessian_sketch"``."""
+    checks on two samples before choosing ``"hessian_sketch"``.
+
+    ``shared_weights=False`` (``auto``): a selected weight used twice blocks it too. The estimator
+    measures such weights (a tied LM head), unbiased, but its per-sample columns of the whole weight are
+    noisy: on the tiny GPT-2 at the callback's 512 samples its normalized sharpness was further from the
+    Hessian's than the Gauss-Newton diagonal's (``benchmarks/RESULTS.md``, round 7), so ``auto`` keeps
+    the Gauss-Newton diagonal there and ``method="hessian_sketch"`` asks for it."""
     with torch.inference_mode(False), torch.enable_grad(), twice_differentiable(model):
         x, _ = _autograd_inputs(inputs, target)
         forward = _record_forward(model, x, params, "choose_method", record_nodes=True)
         blockers = hessian_sketch_blockers(forward)
+        if not blockers and not shared_weights:
+            recorder = forward.recorder
+            blockers = [
+                f"weight {name!r} is used {count} times (a tied weight: method='hessian_sketch' measures its "
+                "Hessian, more noisily than the Gauss-Newton diagonal's gap on the tiny GPT-2, "
+                "benchmarks/RESULTS.md)"
+                for name in forward.leaves
+                if (count := len(recorder.uses[name]) + len(recorder.other_uses[name])) > 1
+            ][:1]
         if not blockers:
             blockers = _grouped_rows_blockers(forward, model, x, params, "choose_method")
     ops = list(dict.fromkeys(node.op for node in forward.recorder.nodes or []))

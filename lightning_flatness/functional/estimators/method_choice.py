@@ -34,15 +34,15 @@ unbiased Hessian-diagonal estimates there.
 
 5. **Any other network** (GELU, LayerNorm, attention, hardswish, tanh, squeeze-excitation): the
    sketched Hessian diagonal ``"hessian_sketch"`` (:mod:`.hessian_sketch`) where its node rules cover
-   every nonlinear operation and every selected weight used twice is used by Linear layers and embedding
-   lookups only (a tied LM head; checked on a second recorded forward
+   every nonlinear operation and no selected weight is used twice (checked on a second recorded forward
    pass of the two samples, with attention in explicit ops): the Gauss-Newton part as above (the loss's
    exact factors where ``"exact"`` would be chosen, else sketched) plus random columns of each
    operation's own curvature, unbiased for the Hessian diagonal, first derivatives only. Measured
    against brute force on the model zoo in ``benchmarks/results/bench_hessian_sketch.md``. Where it
-   does not apply (a weight shared by other operations, a division by a weight-dependent tensor, fused
-   attention called directly), the **Gauss-Newton** diagonal by the rules above (``"gauss_newton_sketch"``,
-   ``"gauss_newton"`` or ``"gauss_newton_mc"``), reported as such: Hutchinson probes of the residual
+   does not apply (a tied LM head, whose Hessian ``"hessian_sketch"`` measures on request but more
+   noisily; a division by a weight-dependent tensor; fused attention called directly), the
+   **Gauss-Newton** diagonal by the rules above (``"gauss_newton_sketch"``, ``"gauss_newton"`` or
+   ``"gauss_newton_mc"``), reported as such: Hutchinson probes of the residual
    ``H - GGN`` in parameter space (``"ggn_hutchinson"``) biased normalized sharpness more than the
    residual itself changes it (``benchmarks/results/bench_zoo_residual.md``).
 
