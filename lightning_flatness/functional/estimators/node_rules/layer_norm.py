@@ -16,7 +16,7 @@ from lightning_flatness.functional.estimators.layer_rules.base import argument
 from lightning_flatness.functional.estimators.node_rules.base import NodeCall, NodeRule, register_node_rule
 from lightning_flatness.functional.estimators.node_rules.normalization_curvature import normalization_columns
 
-__all__ = ["LayerNormRule", "normalized_shape"]
+__all__ = ["LayerNormRule", "normalized_shape", "trailing_normalization_columns"]
 
 
 def normalized_shape(call: NodeCall) -> tuple[int, ...]:
@@ -37,18 +37,32 @@ class LayerNormRule(NodeRule):
     def columns(
         self, call: NodeCall, adjoint: Tensor, generator: Optional[torch.Generator]
     ) -> tuple[list[Optional[Tensor]], list[Optional[Tensor]]]:
-        shape = normalized_shape(call)
         weight = argument(call.args, call.kwargs, 2, ("weight",))
         eps = argument(call.args, call.kwargs, 4, ("eps",), 1e-5)
-        dtype = torch.promote_types(adjoint.dtype, torch.float64)  # float64: the 2 x 2 eigenproblems
-        a = call.inputs[0].detach().to(dtype)
-        d = math.prod(shape)
-        lead = a.shape[: a.ndim - len(shape)]
-        g = adjoint.to(dtype)
-        r = g if weight is None else g * weight.detach().to(dtype)
-        plus, minus = normalization_columns(a.reshape(*lead, d), r.reshape(*lead, d), eps, True, generator)
-        shape_in, out_dtype = call.inputs[0].shape, adjoint.dtype
-        return [plus.reshape(shape_in).to(out_dtype)], [minus.reshape(shape_in).to(out_dtype)]
+        return trailing_normalization_columns(call, adjoint, weight, eps, True, generator)
+
+
+def trailing_normalization_columns(
+    call: NodeCall,
+    adjoint: Tensor,
+    weight: Optional[Tensor],
+    eps: float,
+    centered: bool,
+    generator: Optional[torch.Generator],
+) -> tuple[list[Optional[Tensor]], list[Optional[Tensor]]]:
+    """The columns of a normalization over the trailing ``normalized_shape`` (``layer_norm``, ``rms_norm``)
+    with an elementwise affine ``weight`` (or None): :func:`.normalization_curvature.normalization_columns`
+    on slices of ``D = prod(normalized_shape)`` entries, in float64, back in the input's shape."""
+    shape = normalized_shape(call)
+    dtype = torch.promote_types(adjoint.dtype, torch.float64)  # float64: the 2 x 2 eigenproblems
+    a = call.inputs[0].detach().to(dtype)
+    d = math.prod(shape)
+    lead = a.shape[: a.ndim - len(shape)]
+    g = adjoint.to(dtype)
+    r = g if weight is None else g * weight.detach().to(dtype)
+    plus, minus = normalization_columns(a.reshape(*lead, d), r.reshape(*lead, d), eps, centered, generator)
+    shape_in, out_dtype = call.inputs[0].shape, adjoint.dtype
+    return [plus.reshape(shape_in).to(out_dtype)], [minus.reshape(shape_in).to(out_dtype)]
 
 
 register_node_rule(LayerNormRule())

@@ -6,7 +6,6 @@ r"""``z = rms_norm(a, normalized_shape, weight, eps)`` (``nn.RMSNorm``): per sli
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -14,8 +13,10 @@ from torch import Tensor
 
 from lightning_flatness.functional.estimators.layer_rules.base import argument
 from lightning_flatness.functional.estimators.node_rules.base import NodeCall, NodeRule, register_node_rule
-from lightning_flatness.functional.estimators.node_rules.layer_norm import normalized_shape
-from lightning_flatness.functional.estimators.node_rules.normalization_curvature import normalization_columns
+from lightning_flatness.functional.estimators.node_rules.layer_norm import (
+    normalized_shape,
+    trailing_normalization_columns,
+)
 
 __all__ = ["RMSNormRule"]
 
@@ -30,20 +31,11 @@ class RMSNormRule(NodeRule):
     def columns(
         self, call: NodeCall, adjoint: Tensor, generator: Optional[torch.Generator]
     ) -> tuple[list[Optional[Tensor]], list[Optional[Tensor]]]:
-        shape = normalized_shape(call)
         weight = argument(call.args, call.kwargs, 2, ("weight",))
         eps = argument(call.args, call.kwargs, 3, ("eps",))
         if eps is None:
             eps = torch.finfo(call.inputs[0].dtype).eps
-        dtype = torch.promote_types(adjoint.dtype, torch.float64)
-        a = call.inputs[0].detach().to(dtype)
-        d = math.prod(shape)
-        lead = a.shape[: a.ndim - len(shape)]
-        g = adjoint.to(dtype)
-        r = g if weight is None else g * weight.detach().to(dtype)
-        plus, minus = normalization_columns(a.reshape(*lead, d), r.reshape(*lead, d), eps, False, generator)
-        shape_in, out_dtype = call.inputs[0].shape, adjoint.dtype
-        return [plus.reshape(shape_in).to(out_dtype)], [minus.reshape(shape_in).to(out_dtype)]
+        return trailing_normalization_columns(call, adjoint, weight, eps, False, generator)
 
 
 register_node_rule(RMSNormRule())
