@@ -17,8 +17,9 @@ steps, as ``bench_zoo_residual.py``), in float64, on a fixed set of ``--samples`
    roots, plus, for the Gauss-Newton sketch, the residual it leaves out.
 
 Reported: bias and RMS of eq. 17 relative to the Hessian value, the relative L2 error of the diagonal,
-and seconds per estimate (median). GPT-2 ties its LM head to the token embedding (a weight used twice),
-which ``hessian_sketch`` refuses; it is reported as refused.
+and seconds per estimate (median). GPT-2 ties its LM head to the token embedding (a weight used twice):
+``hessian_sketch`` measures it on per-sample backward passes (``auto`` does not choose it there); an
+estimator that refuses a model is reported as refused.
 
 Run: ``python -m benchmarks.bench_hessian_sketch --json benchmarks/results/bench_hessian_sketch.json``
 (writes ``bench_hessian_sketch.md`` beside the JSON).
