@@ -353,6 +353,33 @@ def test_refuses_an_operation_whose_input_does_not_have_the_samples_first():
         hessian_sketch_diagonal(model, F.cross_entropy, x, y, select_parameters(model))
 
 
+def test_a_layer_with_the_samples_along_dim_1_takes_the_per_sample_path():
+    """A Linear layer applied sequence-first ``(T, N, C)`` (``T`` not a multiple of ``N``), its nonlinear
+    ops batch-first: per-sample backward passes, unbiased for the Hessian."""
+
+    class SequenceFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = nn.Linear(3, 4), nn.Linear(4, 3)
+
+        def forward(self, x):  # x (N, T=5, 3)
+            h = self.a(x.transpose(0, 1)).transpose(0, 1)  # the layer sees (T, N, 3)
+            return self.head(torch.tanh(h).mean(dim=1))
+
+    torch.manual_seed(0)
+    model = SequenceFirst().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 5, 3, generator=g, dtype=F64), torch.randint(0, 3, (4,), generator=g)
+    params = {k: v for k, v in select_parameters(model).items() if v.ndim >= 2}
+    names = list(params)
+    diag = brute_force_hessian(model, F.cross_entropy, x, y, names).diagonal()
+    with pytest.warns(UserWarning, match="per-layer contractions do not apply"):
+        hessian_sketch_diagonal(model, F.cross_entropy, x, y, params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _assert_unbiased(_estimates(model, F.cross_entropy, x, y, params, names, 40, num_sketches=4), diag)
+
+
 def test_an_in_place_activation_module_runs_out_of_place_for_the_measurement():
     """``nn.SiLU(inplace=True)`` (torchvision's and timm's EfficientNets) is switched to out of place for
     the measurement (``twice_differentiable``) and back afterwards: unbiased for the Hessian."""

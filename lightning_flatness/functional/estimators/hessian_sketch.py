@@ -154,29 +154,33 @@ def hessian_sketch_blockers(forward: _RecordedForward) -> list[str]:
 
 
 def _grouped_inputs(forward: _RecordedForward) -> list[str]:
-    """The recorded ops and layers with several rows per sample along dim 0 (windowed attention)."""
+    """The recorded ops with several rows per sample along dim 0 (windowed attention), where their
+    columns enter. (Layers with such rows need no check here: the per-sample path does not read them,
+    and the per-layer path's probe covers them.)"""
     n = forward.logits.shape[0]
-    grouped = [f"{c.op} in {c.module}" for c in forward.recorder.calls if c.inputs.shape[0] != n]
-    grouped += [
+    return [
         f"{node.op!r} in {node.module}"
         for node in forward.recorder.nodes or []
         if any(t.shape[0] != n for t in node.inputs)
     ]
-    return grouped
 
 
 def _grouped_rows_blockers(
     forward: _RecordedForward, model: nn.Module, x: ModelInputs, params: dict[str, nn.Parameter], caller: str
 ) -> list[str]:
-    """Where ops or layers hold several rows per sample along dim 0: the per-layer path reads the rows
-    sample-major, which the batch-independence probe checks (:func:`samples_interact`, also on the ops'
-    inputs); rows of one sample must not be shared with another. Empty when no rows are grouped."""
+    """Where ops hold several rows per sample along dim 0: the per-sample path cannot mask their columns
+    to one sample, and the per-layer path reads the rows sample-major, which the batch-independence
+    probe checks (:func:`samples_interact`, also on the ops' inputs); rows of one sample must not be
+    shared with another. Empty when no op's rows are grouped."""
     grouped = _grouped_inputs(forward)
     if not grouped:
         return []
     blockers = _fast_path_blockers(forward.recorder, forward.leaves, forward.logits.shape[0])
     if blockers:
-        return [f"{grouped[0]} has several rows per sample along dim 0, which only the per-layer path reads"]
+        return [
+            f"{grouped[0]} has several rows per sample along dim 0, which only the per-layer path reads "
+            f"({blockers[0]})"
+        ]
     mixed = samples_interact(model, x, params, caller, record_nodes=True)
     return (
         [f"rows along dim 0 are not grouped by sample (or samples interact) at {mixed[0]}"] if mixed else []
