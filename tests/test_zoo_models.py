@@ -317,3 +317,52 @@ def test_rows_in_sample_major_order_take_the_per_layer_path_of_the_exact_method(
         diag = exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
     for k in params:
         torch.testing.assert_close(diag[k], truth[k].detach(), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("estimator", ["exact", "gauss_newton_sketch", "hessian_sketch"])
+def test_sequence_first_rows_that_are_a_multiple_of_the_batch_are_not_read_as_grouped(estimator):
+    """A Linear layer on ``(T, N, C)`` with ``T = 2 N`` (rows a multiple of the batch by coincidence,
+    but not grouped by sample, and not a multiple of the probe's 4 samples): the probes flag it and the
+    estimators take per-sample backward passes, exact (here deterministic: the loss's exact factors)."""
+    from lightning_flatness.functional.estimators.exact import exact_hessian_diagonal
+    from lightning_flatness.functional.estimators.gauss_newton_sketch import gauss_newton_sketch_diagonal
+    from lightning_flatness.functional.estimators.hessian_sketch import hessian_sketch_diagonal
+    from tests.zoo_oracle import brute_force_hessian_diagonal
+
+    class SequenceFirst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = torch.nn.Linear(3, 4), torch.nn.Linear(4, 3)
+
+        def forward(self, x):  # x (N, T, 3)
+            return self.head(torch.relu(self.a(x.transpose(0, 1))).transpose(0, 1).mean(dim=1))
+
+    torch.manual_seed(0)
+    model = SequenceFirst().double()
+    x, y = torch.randn(5, 10, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0])
+    params = {k: v for k, v in model.named_parameters() if v.ndim >= 2}
+    truth = brute_force_hessian_diagonal(model, F.cross_entropy, x, y, list(params))
+    run = {
+        "exact": lambda: exact_hessian_diagonal(model, F.cross_entropy, x, y, params),
+        "gauss_newton_sketch": lambda: gauss_newton_sketch_diagonal(
+            model, F.cross_entropy, x, y, params, max_exact_outputs=3, num_sketches=1, chunk_size=1
+        ),
+        "hessian_sketch": lambda: hessian_sketch_diagonal(
+            model, F.cross_entropy, x, y, params, exact_loss_factors=True
+        ),
+    }[estimator]
+    with pytest.warns(UserWarning, match="samples interact|per-layer contractions do not apply"):
+        diag = run()
+    if estimator == "gauss_newton_sketch":  # sketched loss columns: unbiased, so the mean of many draws
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            draws = [run() for _ in range(200)]
+        for k in params:
+            est = torch.stack([d[k] for d in draws])
+            se = est.std(0) / len(draws) ** 0.5 + 1e-12
+            assert float(((est.mean(0) - truth[k].detach()) / se).abs().max()) < 5.0, k
+        return
+    for k in params:
+        torch.testing.assert_close(diag[k], truth[k].detach(), rtol=1e-10, atol=1e-14)

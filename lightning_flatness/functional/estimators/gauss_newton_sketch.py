@@ -239,8 +239,10 @@ def samples_interact(
     backward of the whole batch (a full column's cost). A mixing that shows only between samples beyond
     the first ``m`` is not detected (the exact method's probe, on the whole batch, misses mixing that
     does not involve sample 0 likewise). Rows along dim 0 are read as :func:`~.exact.rows_of_other_samples`
-    reads them (several rows per sample: sample-major). ``record_nodes``: the inputs of the recorded
-    nonlinear ops (:mod:`.hessian_sketch`) are checked too, where their columns enter."""
+    reads them (several rows per sample: sample-major); a tensor whose dim 0 is not a multiple of ``m``
+    is flagged too (its rows do not grow with the samples: a sequence-first layout). ``record_nodes``:
+    the inputs of the recorded nonlinear ops (:mod:`.hessian_sketch`) are checked too, where their
+    columns enter."""
     n = inputs_batch_size(inputs)
     if n < 2:
         return []
@@ -251,7 +253,7 @@ def samples_interact(
     named += [
         (f"{node.op!r} in {node.module}", t) for node in forward.recorder.nodes or [] for t in node.inputs
     ]
-    named = [(label, t) for label, t in named if t.requires_grad and t.ndim > 0 and t.shape[0] % m == 0]
+    named = [(label, t) for label, t in named if t.requires_grad and t.ndim > 0]
     if not named or not forward.logits.requires_grad:
         return []
     grads = torch.autograd.grad(
@@ -259,8 +261,10 @@ def samples_interact(
     )
     found = [
         label
-        for (label, _), g in zip(named, grads)
-        if g is not None and bool(rows_of_other_samples(g, m).any())
+        for (label, t), g in zip(named, grads)
+        # rows that do not grow with the samples (a sequence-first layout, a table shared by all samples)
+        # are not grouped by sample: flagged whether or not the probe reaches them
+        if t.shape[0] % m != 0 or g is not None and bool(rows_of_other_samples(g, m).any())
     ]
     return list(dict.fromkeys(found))
 
