@@ -1291,7 +1291,10 @@ def _ggn_diagonal(
     diag = None
     if not blockers:
         diag, mixing = _diagonal_by_layers(recorder, logits, factors, signs, leaves)
-        blockers = [f"samples interact after {layer}" for layer in mixing]
+        blockers = [
+            f"samples interact (or rows along dim 0 are not grouped by sample) after {layer}"
+            for layer in mixing
+        ]
     if blockers:
         warnings.warn(
             f"{caller}: per-layer contractions do not apply "

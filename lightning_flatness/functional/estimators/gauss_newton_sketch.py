@@ -525,7 +525,8 @@ def gauss_newton_sketch_diagonal(
             # the probe only where the recorded operations do not prove the samples apart
             # (:func:`~.exact._keeps_samples_apart`: Linear, Conv, pooling, eval BatchNorm, elementwise)
             blockers = [
-                f"samples interact after {layer}" for layer in samples_interact(model, x, params, caller)
+                f"samples interact (or rows along dim 0 are not grouped by sample) after {layer}"
+                for layer in samples_interact(model, x, params, caller)
             ]
         if not blockers:
             diag = _diagonal_by_layers(forward, mixed, mixed_signs, chunk_size)

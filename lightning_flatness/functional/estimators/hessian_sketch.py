@@ -413,7 +413,7 @@ def hessian_sketch_diagonal(
         blockers = _fast_path_blockers(forward.recorder, forward.leaves, n)
         if not blockers and not forward.recorder.samples_apart and not _grouped_inputs(forward):
             blockers = [  # (grouped rows: probed above, with the ops' inputs)
-                f"samples interact after {layer}"
+                f"samples interact (or rows along dim 0 are not grouped by sample) after {layer}"
                 for layer in samples_interact(model, x, params, caller, record_nodes=True)
             ]
         if not blockers:
