@@ -85,6 +85,21 @@ def _assert_unbiased(est: Tensor, diag: Tensor) -> tuple[Tensor, Tensor, Tensor]
     return mean, se, live
 
 
+def _unbiased_on_the_per_sample_path(model, x, y):
+    """Cross-entropy, the ``ndim >= 2`` weights: the estimator warns that it takes per-sample backward
+    passes, and 40 estimates of 4 sketches are unbiased for the brute-force Hessian diagonal. Returns the
+    ``(params, names, diagonal)`` it used."""
+    params = {k: v for k, v in select_parameters(model).items() if v.ndim >= 2}
+    names = list(params)
+    diag = brute_force_hessian(model, F.cross_entropy, x, y, names).diagonal()
+    with pytest.warns(UserWarning, match="per-layer contractions do not apply"):
+        hessian_sketch_diagonal(model, F.cross_entropy, x, y, params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _assert_unbiased(_estimates(model, F.cross_entropy, x, y, params, names, 40, num_sketches=4), diag)
+    return params, names, diag
+
+
 @pytest.mark.parametrize("exact_loss_factors", [None, False], ids=["exact-loss-factors", "sketched-loss"])
 @pytest.mark.parametrize("loss_fn", [normalized_softmax_cross_entropy, F.cross_entropy])
 def test_unbiased_for_the_hessian_diagonal(loss_fn, exact_loss_factors):
@@ -266,15 +281,10 @@ def test_a_weight_used_twice_is_unbiased_for_the_hessian(kind, monkeypatch):
         x, y = torch.randn(5, 4, generator=g, dtype=F64), torch.randint(0, 3, (5,), generator=g)
     choice = choose_method(model, F.cross_entropy, x, y)
     assert choice.quantity == "gauss_newton" and "a tied weight: method='hessian_sketch'" in choice.reason
-    params = {k: v for k, v in select_parameters(model).items() if v.ndim >= 2}
-    names = list(params)
-    diag = brute_force_hessian(model, F.cross_entropy, x, y, names).diagonal()
-    with pytest.warns(UserWarning, match="per-layer contractions do not apply"):
-        hessian_sketch_diagonal(model, F.cross_entropy, x, y, params)
+    params, names, diag = _unbiased_on_the_per_sample_path(model, x, y)
+    monkeypatch.setattr(module, "_tied_products", lambda forward: [])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _assert_unbiased(_estimates(model, F.cross_entropy, x, y, params, names, 40, num_sketches=4), diag)
-        monkeypatch.setattr(module, "_tied_products", lambda forward: [])
         est = _estimates(model, F.cross_entropy, x, y, params, names, 40, num_sketches=4)
     mean, se = est.mean(0), est.std(0) / math.sqrt(est.shape[0])
     live = se > 1e-12 * diag.abs().max()
@@ -370,14 +380,7 @@ def test_a_layer_with_the_samples_along_dim_1_takes_the_per_sample_path():
     model = SequenceFirst().double()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(4, 5, 3, generator=g, dtype=F64), torch.randint(0, 3, (4,), generator=g)
-    params = {k: v for k, v in select_parameters(model).items() if v.ndim >= 2}
-    names = list(params)
-    diag = brute_force_hessian(model, F.cross_entropy, x, y, names).diagonal()
-    with pytest.warns(UserWarning, match="per-layer contractions do not apply"):
-        hessian_sketch_diagonal(model, F.cross_entropy, x, y, params)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _assert_unbiased(_estimates(model, F.cross_entropy, x, y, params, names, 40, num_sketches=4), diag)
+    _unbiased_on_the_per_sample_path(model, x, y)
 
 
 def test_an_in_place_activation_module_runs_out_of_place_for_the_measurement():
