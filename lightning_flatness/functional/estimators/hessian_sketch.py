@@ -199,10 +199,10 @@ def hessian_sketch_applies(
     checks on two samples before choosing ``"hessian_sketch"``.
 
     ``shared_weights=False`` (``auto``): a selected weight used twice blocks it too. The estimator
-    measures such weights (a tied LM head), unbiased, but its per-sample columns of the whole weight are
-    noisy: on the tiny GPT-2 at the callback's 512 samples its normalized sharpness was further from the
-    Hessian's than the Gauss-Newton diagonal's (``benchmarks/RESULTS.md``, round 7), so ``auto`` keeps
-    the Gauss-Newton diagonal there and ``method="hessian_sketch"`` asks for it."""
+    measures such weights (a tied LM head), unbiased, but the columns of their coupling are noisy: on
+    the tiny GPT-2 at the callback's 512 samples its normalized sharpness was further from the Hessian's
+    than the Gauss-Newton diagonal's (``benchmarks/RESULTS.md``, round 7), so ``auto`` keeps the
+    Gauss-Newton diagonal there and ``method="hessian_sketch"`` asks for it."""
     with torch.inference_mode(False), torch.enable_grad(), twice_differentiable(model):
         x, _ = _autograd_inputs(inputs, target)
         forward = _record_forward(model, x, params, "choose_method", record_nodes=True)
