@@ -8,6 +8,7 @@ declared under the wrong TOML table)."""
 import importlib.util
 import os
 
+import pytest
 import torch
 
 torch.set_num_threads(1)
@@ -19,3 +20,20 @@ if os.environ.get("CI") and any(importlib.util.find_spec(m) is None for m in _ZO
         f"CI runs without the `zoo` extra ({missing} missing): install it with "
         "`bash scripts/setup_env.sh test` (pip install -e '.[test,zoo]')."
     )
+
+
+@pytest.fixture
+def hessian_sketch_calls(monkeypatch):
+    """The ``num_sketches`` argument of every call of ``hessian_sketch_diagonal`` (the real estimator
+    still runs), in call order: for the tests that its option reaches it from every entry point."""
+    import lightning_flatness.functional.estimators.hessian_sketch as module
+
+    seen = []
+    real = module.hessian_sketch_diagonal
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("num_sketches"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "hessian_sketch_diagonal", spy)
+    return seen

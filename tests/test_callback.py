@@ -739,19 +739,12 @@ def test_fit_without_validation_warns_that_the_monitor_never_runs():
     assert monitor.history == []
 
 
-def test_num_sketches_is_passed_to_the_sketched_estimators(monkeypatch):
-    import lightning_flatness.functional.estimators.hessian_sketch as module
-
-    seen = []
-    real = module.hessian_sketch_diagonal
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("num_sketches"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, "hessian_sketch_diagonal", spy)
+def test_num_sketches_is_passed_to_the_sketched_estimators(hessian_sketch_calls):
+    with pytest.raises(ValueError, match="num_sketches=0"):
+        SharpnessMonitor(num_sketches=0)
+    assert SharpnessMonitor(num_sketches=2).num_sketches == 2
     monitor = SharpnessMonitor(num_samples=32, num_sketches=3, dtype="float64")
     pl.seed_everything(0, verbose=False)
     _fit(monitor, model=MLP(hidden=6, activation="tanh"), max_epochs=1)
     assert monitor.history[-1]["method"] == "hessian_sketch"
-    assert seen and set(seen) == {3}
+    assert hessian_sketch_calls and set(hessian_sketch_calls) == {3}
