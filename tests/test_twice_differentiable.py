@@ -35,7 +35,15 @@ def _switches(model):
         for n, m in model.named_modules()
         if hasattr(getattr(m, "config", None), "_attn_implementation")
     ]
-    return fused, configs
+    inplace = [
+        (n, m.inplace) for n, m in model.named_modules() if isinstance(getattr(m, "inplace", None), bool)
+    ]
+    forwards = [
+        (n, "forward" in m.__dict__)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.MultiheadAttention)
+    ]
+    return fused, configs, inplace, forwards
 
 
 @pytest.mark.parametrize("name", sorted(ALL))
@@ -78,7 +86,7 @@ def test_hessian_vector_products_fail_fused_and_match_gradient_differences_under
     assert float((exact - fd).norm() / fd.norm()) < 1e-5  # central difference: O(eps^2) truncation
 
 
-@pytest.mark.parametrize("name", ["vit", "bert", "gpt2", "mobilenet_v3"])
+@pytest.mark.parametrize("name", ["vit", "bert", "gpt2", "mobilenet_v3", "efficientnet", "torchvision_vit"])
 def test_model_and_global_state_are_restored_also_on_exceptions(name):
     model, (x, _) = TINY[name]()
     before = (_switches(model), _sdpa_flags(), torch._C._len_torch_function_stack())
@@ -92,10 +100,16 @@ def test_model_and_global_state_are_restored_also_on_exceptions(name):
             _ = 1 / 0
     assert (_switches(model), _sdpa_flags(), torch._C._len_torch_function_stack()) == before
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    fused, configs = inside
+    fused, configs, inplace, forwards = inside
     assert all(value is False for _, value in fused)
     assert all(value == "eager" for _, value in configs)
-    assert fused or configs or name == "mobilenet_v3"
+    assert all(value is False for _, value in inplace)  # activations out of place inside
+    assert all(installed for _, installed in forwards)  # nn.MultiheadAttention written out inside
+    assert fused or configs or forwards or name in ("mobilenet_v3", "efficientnet")
+    if name == "efficientnet":  # its SiLU(inplace=True) modules were switched, and are in place again
+        assert inplace and all(value is True for _, value in before[0][2])
+    if name == "torchvision_vit":
+        assert forwards and not any(installed for _, installed in before[0][3])
 
 
 def test_composite_activations_equal_torch_and_have_second_derivatives():
