@@ -134,10 +134,8 @@ def hessian_sketch_blockers(forward: _RecordedForward) -> list[str]:
         if any(t.ndim == 0 or t.shape[0] % n != 0 for t in node.inputs)
     ][:1]
     n_columns = 2 * (2 + PRODUCT_PAIRS)  # per sketch, at most
-    for name, leaf in forward.leaves.items():
-        uses = recorder.uses[name] + recorder.other_uses[name]
-        if len(uses) <= 1:
-            continue
+    for name, uses in _shared_weights(forward).items():
+        leaf = forward.leaves[name]
         if recorder.other_uses[name] or not all(u.startswith(("'linear'", "'embedding'")) for u in uses):
             reasons.append(
                 f"weight {name!r} is used {len(uses)} times ({'; '.join(uses[:2])}), not only by "
@@ -208,13 +206,11 @@ def hessian_sketch_applies(
         forward = _record_forward(model, x, params, "choose_method", record_nodes=True)
         blockers = hessian_sketch_blockers(forward)
         if not blockers and not shared_weights:
-            recorder = forward.recorder
             blockers = [
-                f"weight {name!r} is used {count} times (a tied weight: method='hessian_sketch' measures its "
-                "Hessian, more noisily than the Gauss-Newton diagonal's gap on the tiny GPT-2, "
+                f"weight {name!r} is used {len(uses)} times (a tied weight: method='hessian_sketch' measures "
+                "its Hessian, more noisily than the Gauss-Newton diagonal's gap on the tiny GPT-2, "
                 "benchmarks/RESULTS.md)"
-                for name in forward.leaves
-                if (count := len(recorder.uses[name]) + len(recorder.other_uses[name])) > 1
+                for name, uses in _shared_weights(forward).items()
             ][:1]
         if not blockers:
             blockers = _grouped_rows_blockers(forward, model, x, params, "choose_method")
@@ -276,14 +272,16 @@ def _tied_products(forward: _RecordedForward) -> list[NodeCall]:
     """The Linear calls of a selected weight used more than once (a tied LM head) on an input that
     depends on the selected weights, as products ``(h, W)`` (:mod:`.node_rules.tied_linear`): their
     curvature reaches the diagonal of the weight's Hessian through its other uses."""
-    recorder = forward.recorder
-    tied = {
-        id(leaf)
-        for name, leaf in forward.leaves.items()
-        if len(recorder.uses[name]) + len(recorder.other_uses[name]) > 1
-    }
+    tied = {id(forward.leaves[name]) for name in _shared_weights(forward)}
     rule = NODE_RULES["linear"]
-    return [p for p in recorder.weight_products if id(p.inputs[1]) in tied and rule.accepts(p)]
+    return [p for p in forward.recorder.weight_products if id(p.inputs[1]) in tied and rule.accepts(p)]
+
+
+def _shared_weights(forward: _RecordedForward) -> dict[str, list[str]]:
+    """``{name: its uses}`` of the selected weights used more than once (a tied LM head, a shared layer)."""
+    recorder = forward.recorder
+    uses = {name: recorder.uses[name] + recorder.other_uses[name] for name in forward.leaves}
+    return {name: u for name, u in uses.items() if len(u) > 1}
 
 
 def _exact_loss_first(
