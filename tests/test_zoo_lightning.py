@@ -183,3 +183,30 @@ def test_causal_lm_is_scored_per_token_with_the_shift_and_padding_ignored():
     idx = monitor.state_dict()["indices"]
     valid_tokens = int((target[idx][:, 1:] != -100).sum())
     assert monitor.history[-1]["num_samples"] == valid_tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["efficientnet", "torchvision_vit", "swin"])
+def test_training_of_a_zoo_model_is_bit_identical_with_and_without_the_monitor(name):
+    """The measurement switches modules for its duration (activations out of place, nn.MultiheadAttention
+    written out, attention on its math path): the training run, its BatchNorm buffers and optimizer
+    state are bit-identical with and without the monitor, and the switches are back after the fit."""
+    runs = {}
+    for label, callbacks in [("without", []), ("with", [SharpnessMonitor(num_samples=16)])]:
+        pl.seed_everything(0, verbose=False)
+        module, dataset, _, _ = _module_and_data(name)
+        trainer = quiet_trainer(callbacks, max_epochs=2)
+        trainer.fit(module, _Data(dataset))
+        state = {k: v.clone() for k, v in module.state_dict().items()}
+        for i, opt_state in enumerate(trainer.optimizers[0].state_dict()["state"].values()):
+            state.update({f"opt.{i}.{k}": torch.as_tensor(v).clone() for k, v in opt_state.items()})
+        runs[label] = state
+        if callbacks:
+            assert len(callbacks[0].history) == 2 and callbacks[0].history[-1]["method"] == "hessian_sketch"
+        assert not any(
+            "forward" in m.__dict__ for m in module.modules() if isinstance(m, torch.nn.MultiheadAttention)
+        )
+        assert all(m.inplace for m in module.modules() if isinstance(m, torch.nn.SiLU))
+    assert runs["with"].keys() == runs["without"].keys()
+    for key in runs["without"]:
+        assert torch.equal(runs["with"][key], runs["without"][key]), key
