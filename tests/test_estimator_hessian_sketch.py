@@ -85,15 +85,18 @@ def _assert_unbiased(est: Tensor, diag: Tensor) -> tuple[Tensor, Tensor, Tensor]
     return mean, se, live
 
 
-def _unbiased_on_the_per_sample_path(model, x, y):
+def _unbiased_on_the_per_sample_path(model, x, y, per_layer: bool = False):
     """Cross-entropy, the ``ndim >= 2`` weights: the estimator warns that it takes per-sample backward
-    passes, and 40 estimates of 4 sketches are unbiased for the brute-force Hessian diagonal. Returns the
-    ``(params, names, diagonal)`` it used."""
+    passes (``per_layer``: it does not warn, it takes the per-layer path), and 40 estimates of 4 sketches
+    are unbiased for the brute-force Hessian diagonal. Returns the ``(params, names, diagonal)`` it used."""
     params = {k: v for k, v in select_parameters(model).items() if v.ndim >= 2}
     names = list(params)
     diag = brute_force_hessian(model, F.cross_entropy, x, y, names).diagonal()
-    with pytest.warns(UserWarning, match="per-layer contractions do not apply"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         hessian_sketch_diagonal(model, F.cross_entropy, x, y, params)
+    fallback = any("per-layer contractions do not apply" in str(w.message) for w in caught)
+    assert fallback is not per_layer
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _assert_unbiased(_estimates(model, F.cross_entropy, x, y, params, names, 40, num_sketches=4), diag)
@@ -264,10 +267,12 @@ class SharedLayer(nn.Module):
 @pytest.mark.parametrize("kind", ["tied_lm_head", "shared_layer"])
 def test_a_weight_used_twice_is_unbiased_for_the_hessian(kind, monkeypatch):
     """A tied LM head and a shared layer: ``method="hessian_sketch"`` measures the Hessian, on the
-    per-sample path with the columns of the tied weight's Linear call as a product of its input and the
-    weight (``node_rules.tied_linear``). The estimate is unbiased for the brute-force diagonal; without
-    those columns the same draws are far off (the curvature that couples the weight's two uses).
-    ``auto`` keeps the Gauss-Newton diagonal there (those columns are noisy) and says why."""
+    per-layer path (the calls' per-sample gradients summed: ``layer_rules.shared``) with the columns of the
+    tied weight's Linear call as a product of its input and the weight (``node_rules.tied_linear``), which
+    enter at the weight itself. The estimate is unbiased for the brute-force diagonal and equals the
+    per-sample path's draw by draw; without those columns the same draws are far off (the curvature that
+    couples the weight's two uses). ``auto`` keeps the Gauss-Newton diagonal there (those columns are
+    noisy) and says why."""
     import lightning_flatness.functional.estimators.hessian_sketch as module
     from lightning_flatness.functional.estimators.method_choice import choose_method
 
@@ -281,7 +286,13 @@ def test_a_weight_used_twice_is_unbiased_for_the_hessian(kind, monkeypatch):
         x, y = torch.randn(5, 4, generator=g, dtype=F64), torch.randint(0, 3, (5,), generator=g)
     choice = choose_method(model, F.cross_entropy, x, y)
     assert choice.quantity == "gauss_newton" and "a tied weight: method='hessian_sketch'" in choice.reason
-    params, names, diag = _unbiased_on_the_per_sample_path(model, x, y)
+    params, names, diag = _unbiased_on_the_per_sample_path(model, x, y, per_layer=True)
+    per_layer = _estimates(model, F.cross_entropy, x, y, params, names, 3, num_sketches=2)
+    with monkeypatch.context() as patch, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patch.setattr(module, "_fast_path_blockers", lambda *args: ["the per-sample path, forced"])
+        per_sample = _estimates(model, F.cross_entropy, x, y, params, names, 3, num_sketches=2)
+    torch.testing.assert_close(per_layer, per_sample, rtol=1e-10, atol=1e-14 * float(diag.abs().max()))
     monkeypatch.setattr(module, "_tied_products", lambda forward: [])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

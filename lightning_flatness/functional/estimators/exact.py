@@ -126,7 +126,9 @@ from lightning_flatness.functional.composite_attention import explicit_multi_hea
 from lightning_flatness.functional.estimators.layer_rules import (
     LAYER_RULES,
     LayerCall,
+    SharedCalls,
     accumulate_layer,
+    accumulate_shared,
     argument,
 )
 from lightning_flatness.functional.estimators.layer_rules.column_backward import ColumnTape
@@ -721,7 +723,7 @@ class _ForwardRecorder(TorchFunctionMode):
         bias_name = self.names_by_id.get(id(bias)) if isinstance(bias, Tensor) else None
         if weight_name is None and bias_name is None:
             return None
-        inputs = _argument(args, kwargs, 0, ("input",))
+        inputs = _argument(args, kwargs, *rule.input_argument)
         detached = inputs.detach() if inputs.requires_grad else inputs
         call = LayerCall(name, self.where(), detached, out, weight_name, bias_name)
         rule.record(call, args, kwargs, weight)
@@ -801,13 +803,13 @@ class _ForwardRecorder(TorchFunctionMode):
 
 
 def _fast_path_blockers(recorder: _ForwardRecorder, leaves: dict[str, Tensor], n: int) -> list[str]:
-    """Reasons the per-layer contractions do not apply (they need one Linear/Conv use per weight)."""
+    """Reasons the per-layer contractions do not apply: they need every use of a selected weight to be a
+    call of a layer rule's op (a weight used by several such calls is contracted from their summed
+    per-sample gradients: :mod:`.layer_rules.shared`), with the samples along dim 0."""
     reasons = []
     for name in leaves:
         if recorder.other_uses[name]:
             reasons.append(f"{name!r} is used by {recorder.other_uses[name][0]}")
-        elif len(recorder.uses[name]) > 1:
-            reasons.append(f"{name!r} is used {len(recorder.uses[name])} times")
     for call in recorder.calls:
         if not LAYER_RULES[call.op].is_batched(call, n):
             reasons.append(
@@ -880,12 +882,17 @@ def _diagonal_by_layers(
     columns = columns.reshape(k + probe, *logits.shape)
     diag = _Diagonal(leaves)  # filled by the first contribution to each tensor
     unit_signs = bool((signs == 1).all())
+
+    def contract_one(i: int, g: Tensor) -> None:
+        accumulate_layer(calls[i], g, signs, diag, leaves, unit_signs)
+
+    def contract_group(group: list[LayerCall], group_grads: list[Tensor]) -> None:
+        accumulate_shared(group, group_grads, signs, diag, leaves, n)
+
     if not probe:  # each layer contracted as soon as the folded-batch backward reaches it
-
-        def consume(i: int, g: Tensor) -> None:
-            accumulate_layer(calls[i], g, signs, diag, leaves, unit_signs)
-
+        consume = SharedCalls(calls, contract_one, contract_group)
         if recorder.tape.backward(logits, columns, outputs, consume) is not None:
+            consume.finish()
             return {
                 name: diag[name] if name in diag else torch.zeros_like(t) for name, t in leaves.items()
             }, []
@@ -900,9 +907,11 @@ def _diagonal_by_layers(
                 if g is not None and bool(rows_of_other_samples(g[k], n).any())
             ]
             return None, mixing
-    for call, g in zip(calls, grads):
+    consume = SharedCalls(calls, contract_one, contract_group)
+    for i, g in enumerate(grads):
         if g is not None:
-            accumulate_layer(call, g[:k], signs, diag, leaves, unit_signs)
+            consume(i, g[:k])
+    consume.finish()
     return {name: diag[name] if name in diag else torch.zeros_like(t) for name, t in leaves.items()}, []
 
 

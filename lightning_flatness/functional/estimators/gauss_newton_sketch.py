@@ -95,7 +95,9 @@ from lightning_flatness.functional.estimators.layer_rules import (
     LAYER_RULES,
     LayerCall,
     LayerRule,
+    SharedCalls,
     accumulate_layer,
+    accumulate_shared,
     per_sample_call,
 )
 from lightning_flatness.functional.loss_hessian_factors import (
@@ -223,7 +225,8 @@ def chunk_contraction(
     for start in range(0, m, step):
         gw = torch.matmul(g[start : start + step], a[start : start + step])  # (m, G, C O, I)
         acc += gw.square_().reshape(gw.shape[0], groups, c, -1).sum(dim=0)
-    diag[call.weight] += torch.einsum("c,gcx->gx", signs, acc).reshape(diag[call.weight].shape)
+    squares = torch.einsum("c,gcx->gx", signs, acc).reshape(groups, outputs, inputs)
+    diag[call.weight] += rule.as_weight(squares, tuple(diag[call.weight].shape))
 
 
 def samples_interact(
@@ -298,7 +301,7 @@ def _diagonal_by_layers(
     diag = {name: torch.zeros_like(t) for name, t in leaves.items()}
     per_sample_signs = signs if signs.ndim == 2 else signs.unsqueeze(0).expand(n, c)
 
-    def contract(i: int, g: Tensor) -> None:
+    def contract_one(i: int, g: Tensor) -> None:
         call = calls[i]
         if chunk_size == 1:
             accumulate_layer(call, g, per_sample_signs, diag, leaves)
@@ -306,15 +309,29 @@ def _diagonal_by_layers(
             kernel = tuple(leaves[call.weight].shape[2:]) if call.weight is not None else ()
             chunk_contraction(*per_sample_call(call, g, n), signs, chunk_size, diag, kernel)
 
+    # a weight's own columns (a tied weight's products, per sample) add to its per-sample gradients
+    leaf_ids = {id(t): name for name, t in leaves.items()}
+    roots, stacks, leaf_columns = [logits], [vectors], {}
+    for tensor, stack in zip(*(injections or ([], []))):
+        if id(tensor) in leaf_ids:
+            leaf_columns[leaf_ids[id(tensor)]] = stack
+        else:
+            roots.append(tensor)
+            stacks.append(stack)
+
+    def contract_group(group: list[LayerCall], grads: list[Tensor]) -> None:
+        group_signs = per_sample_signs if chunk_size == 1 else signs
+        accumulate_shared(group, grads, group_signs, diag, leaves, n, chunk_size, leaf_columns)
+
+    contract = SharedCalls(calls, contract_one, contract_group)
     outputs = [call.output for call in calls]
-    if injections is None and forward.recorder.tape.backward(logits, vectors, outputs, contract) is not None:
+    if len(roots) == 1 and forward.recorder.tape.backward(logits, vectors, outputs, contract) is not None:
+        contract.finish()
         return diag
-    roots, stacks = [logits], [vectors]
-    if injections is not None:
-        roots, stacks = roots + injections[0], stacks + injections[1]
     for i, g in enumerate(_batched_backward(roots, outputs, stacks)):
         if g is not None:
             contract(i, g)
+    contract.finish()
     return diag
 
 

@@ -32,8 +32,9 @@ samples, so the jackknife over sample groups covers it.
 **A weight used twice** (a tied LM head, ALBERT's shared layers), by Linear layers and embedding lookups:
 a Linear call of it on an input that depends on it is bilinear in (input, weight), and that curvature
 reaches the weight's own diagonal; it is sampled as a product (:mod:`.node_rules.tied_linear`), with the
-weight's columns per sample (their size is bounded by :data:`TIED_COLUMN_ELEMENTS`), on the per-sample
-backward path (the per-layer contractions need one use per weight). Those columns are noisy:
+weight's columns per sample (their size is bounded by :data:`TIED_COLUMN_ELEMENTS`), added to the sum of
+the weight's per-sample gradients from its calls on the per-layer path (:mod:`.layer_rules.shared`), or to
+its per-sample gradients on the per-sample path. Those columns are noisy:
 ``method="auto"`` keeps the Gauss-Newton diagonal for such networks (:func:`hessian_sketch_applies`).
 
 **Pairs of columns.** Columns that share a pair meet in its squares, and their cross terms are

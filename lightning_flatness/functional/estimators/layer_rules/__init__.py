@@ -1,11 +1,14 @@
 """Layer rules of the per-layer Gauss-Newton contractions, one module per layer kind, registered in
-:data:`~.base.LAYER_RULES` (see :mod:`.base`). Built in: ``linear`` (:mod:`.linear`) and
-``conv1d``/``conv2d``/``conv3d`` (:mod:`.conv`), ``embedding`` tables (:mod:`.embedding`), and the
-affine parameters of ``batch_norm`` (eval
-mode), ``layer_norm``, ``group_norm`` and ``rms_norm`` (:mod:`.normalization`). The backward pass that
-feeds them, with the ``K`` columns folded into the batch, is :mod:`.column_backward`."""
+:data:`~.base.LAYER_RULES` (see :mod:`.base`). Built in: ``linear`` (:mod:`.linear`), ``addmm`` (Hugging
+Face's ``Conv1D``, :mod:`.addmm`), ``conv1d``/``conv2d``/``conv3d`` (:mod:`.conv`), ``embedding`` tables
+(:mod:`.embedding`), and the affine parameters of ``batch_norm`` (eval mode), ``layer_norm``,
+``group_norm`` and ``rms_norm`` (:mod:`.normalization`). A weight used by several calls (a tied LM head,
+layers shared across depth) is contracted from the sum of its calls' per-sample gradients
+(:mod:`.shared`). The backward pass that feeds them, with the ``K`` columns folded into the batch, is
+:mod:`.column_backward`."""
 
 from lightning_flatness.functional.estimators.layer_rules import (  # noqa: F401  (registers)
+    addmm,
     conv,
     embedding,
     linear,
@@ -23,14 +26,22 @@ from lightning_flatness.functional.estimators.layer_rules.contraction import (
     per_sample_call,
     position_pair_contraction,
 )
+from lightning_flatness.functional.estimators.layer_rules.shared import (
+    SharedCalls,
+    accumulate_shared,
+    shared_call_groups,
+)
 
 __all__ = [
     "LAYER_RULES",
     "LayerCall",
     "LayerRule",
+    "SharedCalls",
     "accumulate_layer",
+    "accumulate_shared",
     "argument",
     "per_sample_call",
     "position_pair_contraction",
     "register_layer_rule",
+    "shared_call_groups",
 ]

@@ -13,11 +13,12 @@ inputs/outputs per group, positions), so that the per-sample weight gradient of 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+import torch
 from torch import Tensor
 
-__all__ = ["LAYER_RULES", "LayerCall", "LayerRule", "argument", "register_layer_rule"]
+__all__ = ["LAYER_RULES", "LayerCall", "LayerRule", "SampleGradients", "argument", "register_layer_rule"]
 
 
 def argument(args: tuple, kwargs: dict, position: int, names: tuple[str, ...], default: Any = None) -> Any:
@@ -49,11 +50,23 @@ class LayerCall:
     version: int = 0  # the output's version counter when recorded (in-place changes move it)
 
 
+@dataclass
+class SampleGradients:
+    """Per-sample gradients of one recorded call, on demand for a slice of the samples (for a weight used by
+    several calls, :mod:`.shared`): ``weight(samples)`` ``(m, K, *weight.shape)`` and ``bias(samples)``
+    ``(m, K, O)`` for the ``m`` samples of ``samples`` and the ``K`` backward columns."""
+
+    weight: Callable[[slice], Tensor]
+    bias: Callable[[slice], Tensor]
+
+
 class LayerRule:
     """How one op's calls are recorded and contracted. Subclasses implement the three methods."""
 
     #: the torch function's name, as the recorder sees it (e.g. ``"linear"``, ``"conv2d"``)
     op: str = ""
+    #: where the call passes the layer's input: ``(position, keyword names)``
+    input_argument: tuple[int, tuple[str, ...]] = (0, ("input",))
     #: where the call passes the weight and the bias: ``(position, keyword names)``; ``None``: no bias
     weight_argument: tuple[int, tuple[str, ...]] = (1, ("weight",))
     bias_argument: Optional[tuple[int, tuple[str, ...]]] = (2, ("bias",))
@@ -95,6 +108,31 @@ class LayerRule:
         """A rule's own contraction (e.g. a sparse one), adding to ``diag`` as
         :func:`~.contraction.accumulate_layer` does; ``False`` (the default): use the shared one."""
         return False
+
+    def as_weight(self, value: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """``value`` ``(..., G, O / G, I)`` in the rule's layout as ``(..., *shape)``, the weight's own
+        layout (a plain reshape unless the op stores the weight transposed: :mod:`.addmm`)."""
+        return value.reshape(*value.shape[:-3], *shape)
+
+    def sample_gradients(self, call: LayerCall, grad: Tensor, shape: tuple[int, ...]) -> SampleGradients:
+        """The per-sample weight and bias gradients of output gradients ``grad`` ``(K, N, *out)``, for a
+        weight of ``shape``: from :meth:`factors` (``g a^T`` per sample, ``O(K P O I)`` flops and ``K O I``
+        entries per sample) and :meth:`bias_gradients`. A rule with its own contraction (:meth:`accumulate`)
+        overrides it."""
+        k = grad.shape[0]
+        factors = self.factors(call, grad, tuple(shape[2:])) if call.weight is not None else None
+
+        def weight(samples: slice) -> Tensor:
+            assert factors is not None, "the call has no selected weight"
+            a, g = factors[0][samples], factors[1][samples]
+            gw = torch.matmul(g, a.transpose(-1, -2))  # (m, G, K * O, I)
+            m, groups = gw.shape[:2]
+            return self.as_weight(gw.reshape(m, groups, k, -1, gw.shape[-1]).transpose(1, 2), shape)
+
+        def bias(samples: slice) -> Tensor:
+            return self.bias_gradients(grad[:, samples]).transpose(0, 1)
+
+        return SampleGradients(weight, bias)
 
     def single_position(self, call: LayerCall) -> bool:
         """Whether each sample has one position (then ``(g a^T)^2 = g^2 (a^2)^T``: the fast path)."""

@@ -70,7 +70,8 @@ def accumulate_layer(
             else torch.einsum("nk,kno->no", signs, grad * grad)
         )
         if call.weight is not None:
-            _add(diag, call.weight, s.T @ (call.inputs * call.inputs))
+            squares = s.T @ (call.inputs * call.inputs)  # (O, I)
+            _add(diag, call.weight, rule.as_weight(squares.unsqueeze(0), tuple(leaves[call.weight].shape)))
         if call.bias is not None:
             _add(diag, call.bias, s.sum(dim=0))
         return
@@ -84,7 +85,7 @@ def accumulate_layer(
     kernel = tuple(weight.shape[2:])
     direct = rule.squared_gradients(call, grad, signs, kernel)
     if direct is not None:
-        _add(diag, call.weight, direct.reshape(weight.shape))
+        _add(diag, call.weight, rule.as_weight(direct, tuple(weight.shape)))
         return
     block = rule.squared_gradient_block(call, grad, signs, kernel)
     if block is not None:
@@ -99,7 +100,7 @@ def accumulate_layer(
             full[index] = part
             target += full.reshape(weight.shape)
         return
-    _add(diag, call.weight, factor_contraction(rule, call, grad, signs, kernel).reshape(weight.shape))
+    _add(diag, call.weight, rule.as_weight(factor_contraction(rule, call, grad, signs, kernel), weight.shape))
 
 
 def per_sample_call(call: LayerCall, grad: Tensor, n: int) -> tuple[LayerCall, Tensor]:

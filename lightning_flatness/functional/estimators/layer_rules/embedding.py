@@ -16,8 +16,9 @@ distinct pairs. Positions holding ``padding_idx`` are left out (autograd gives t
 A lookup is linear in the table, so the exactness recorder lists ``embedding`` among the piecewise
 linear ops; ``max_norm`` (which renormalises rows in place) and ``scale_grad_by_freq`` (which rescales
 the gradient by batch counts) are not covered by this rule: the per-sample path handles them. A
-table used twice (a tied language-model head) is not on the per-layer path either, as any weight
-used twice.
+table used twice (a tied language-model head) is contracted from dense per-sample gradients summed with
+its other calls' (:meth:`EmbeddingRule.sample_gradients`, :mod:`.shared`): ``V C`` entries per sample
+and column, in chunks of samples.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import Tensor
 from lightning_flatness.functional.estimators.layer_rules.base import (
     LayerCall,
     LayerRule,
+    SampleGradients,
     argument,
     register_layer_rule,
 )
@@ -83,6 +85,32 @@ class EmbeddingRule(LayerRule):
         contribution = torch.einsum("ku,kuc->uc", weights, summed.square_())
         diag[call.weight].index_add_(0, pairs % vocab, contribution)
         return True
+
+    def sample_gradients(self, call: LayerCall, grad: Tensor, shape: tuple[int, ...]) -> SampleGradients:
+        """Dense per-sample gradients of the table, ``(m, K, V, C)`` for ``m`` samples: each position's
+        output gradient added to the row it looked up (padding positions left out). For a tied table
+        (:mod:`.shared`), where they are summed with the other calls' before squaring."""
+        k, n = grad.shape[:2]
+        vocab, width = shape
+        ids = call.inputs.reshape(n, -1)  # (N, P)
+        g = grad.reshape(k, n, ids.shape[1], width)
+        padding = call.options.get("padding_idx")
+
+        def weight(samples: slice) -> Tensor:
+            rows, gs = ids[samples], g[:, samples]  # (m, P), (K, m, P, C)
+            m = rows.shape[0]
+            keys = (torch.arange(m, device=rows.device).unsqueeze(1) * vocab + rows).reshape(-1)
+            values = gs.permute(1, 2, 0, 3).reshape(-1, k, width)  # (m P, K, C)
+            if padding is not None:
+                keep = rows.reshape(-1) != padding
+                keys, values = keys[keep], values[keep]
+            out = grad.new_zeros(m * vocab, k, width).index_add_(0, keys, values)
+            return out.reshape(m, vocab, k, width).transpose(1, 2)
+
+        def bias(samples: slice) -> Tensor:
+            raise ValueError("an embedding lookup has no bias")
+
+        return SampleGradients(weight, bias)
 
 
 register_layer_rule(EmbeddingRule())

@@ -19,6 +19,9 @@ Whether ``diag(GGN)`` is the Hessian diagonal is the exactness recorder's busine
 ``group_norm`` and ``rms_norm`` of a weight-dependent input are not (the normalization is a
 nonlinear function of the earlier weights).
 
+Channels-last layers (``layer_norm``, ``rms_norm``) also take ``(N k, *positions, C)`` rows, ``k`` per
+sample in sample-major order, read per sample as Linear's grouped rows are.
+
 Not covered (``is_batched`` is false, so the per-sample path runs, still exact for the GGN):
 ``batch_norm`` with batch statistics (training mode, or no running statistics: the samples
 interact) and ``layer_norm`` / ``rms_norm`` over more than one trailing dimension.
@@ -26,6 +29,7 @@ interact) and ``layer_norm`` / ``rms_norm`` over more than one trailing dimensio
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -51,12 +55,19 @@ class _ChannelAffineRule(LayerRule):
     channel_last = False
 
     def is_batched(self, call: LayerCall, n: int) -> bool:
-        return (
-            not call.samples_interact
-            and call.inputs.ndim >= 2
-            and call.inputs.shape[0] == n
-            and call.output.shape[0] == n
-        )
+        rows = call.inputs.shape[0] if call.inputs.ndim >= 2 else -1
+        if not self.channel_last:
+            rows = rows if rows == n else -1
+        return not call.samples_interact and rows > 0 and rows % n == 0 and call.output.shape[0] == rows
+
+    def regroup(self, call: LayerCall, grad: Tensor, n: int) -> Optional[tuple[LayerCall, Tensor]]:
+        """Channels last, ``(n k, *positions, C)`` rows (OPT's feed-forward block flattens its tokens to
+        ``(N T, C)``) as ``(n, k * positions, C)``, like :meth:`~.linear.LinearRule.regroup`."""
+        if not self.channel_last:
+            return None
+        c = call.inputs.shape[-1]
+        inputs = call.inputs.reshape(n, -1, c)
+        return dataclasses.replace(call, inputs=inputs), grad.reshape(grad.shape[0], n, -1, c)
 
     def bias_position_dims(self, grad: Tensor) -> tuple[int, ...]:  # grad (K, N, *out)
         return tuple(range(2, grad.ndim - 1)) if self.channel_last else tuple(range(3, grad.ndim))

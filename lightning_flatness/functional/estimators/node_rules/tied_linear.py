@@ -11,8 +11,9 @@ Y`` with ``X = h`` ``(N, P, d)`` (``P`` positions) and ``Y = W^T``: per sample, 
 ``(c_h, -c_W)``.
 
 ``W`` has no sample dim, so its column is **per sample**: ``(N, *W.shape)``, added to each sample's own
-gradient of ``W`` (the per-sample backward path of :mod:`..hessian_sketch`; ``N`` times the weight's
-size per column, which :mod:`..hessian_sketch` bounds). Cost: two batched matrix products of the op's
+gradient of ``W`` (on the per-layer path, to the sum of its calls' per-sample gradients,
+:mod:`..layer_rules.shared`; ``N`` times the weight's size per column, which :mod:`..hessian_sketch`
+bounds). Cost: two batched matrix products of the op's
 size per column.
 """
 

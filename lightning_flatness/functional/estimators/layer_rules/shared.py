@@ -1,0 +1,171 @@
+r"""Weights used by several recorded calls: a tied language-model head (an ``embedding`` lookup and a
+``linear`` call of one table: GPT-2, OPT, tied Llama), layers shared across depth (ALBERT).
+
+The per-sample gradient of such a weight is the sum of its calls' per-sample gradients,
+:math:`G_{nk} = \sum_c G^{(c)}_{nk}`, and the Gauss-Newton diagonal squares the sum,
+
+.. math:: D = \sum_{n,k} s_{nk} \Big(\sum_c G^{(c)}_{nk}\Big)^2 ,
+
+which the per-call contractions of :mod:`.contraction` (a sum of squares) do not give: the cross terms
+:math:`2 G^{(c)}_{nk} G^{(c')}_{nk}` are missing. Here the calls' per-sample gradients
+(:meth:`~.base.LayerRule.sample_gradients`) are summed, squared and weighted, in chunks of samples of
+about :data:`~.contraction.CHUNK_ELEMENTS` entries (at least one sample's ``K`` columns).
+
+With ``chunk_size = B > 1`` (:func:`~..gauss_newton_sketch.gauss_newton_sketch_diagonal`'s sign-mixed
+chunks) the gradient of each chunk of ``B`` samples is squared instead. Columns injected at the weight
+itself (the sketched Hessian's columns of a tied weight's products, ``(K, N, *shape)``,
+:mod:`..node_rules.tied_linear`) are one more term of the sum.
+
+**Cost.** Per sample and column, one per-sample gradient per call: ``O(P O I)`` flops for a Linear call
+with ``P`` positions (what an untied LM head's contraction costs already), ``O(P C)`` plus a
+``V C`` zero fill for an embedding lookup, and ``O(V C)`` for the square; memory one chunk of per-sample
+gradients. The calls of a group wait for each other, so their output gradients are held until the
+backward pass reaches the last one (for a tied LM head: the logits' gradient until the embedding).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_flatness.functional.estimators.layer_rules.base import LAYER_RULES, LayerCall
+from lightning_flatness.functional.estimators.layer_rules.contraction import (
+    CHUNK_ELEMENTS,
+    _add,
+    per_sample_call,
+)
+
+__all__ = ["SharedCalls", "accumulate_shared", "shared_call_groups"]
+
+
+def shared_call_groups(calls: Sequence[LayerCall]) -> list[list[int]]:
+    """The indices of ``calls`` that share a selected parameter (weight or bias) with another call, in
+    groups linked by shared parameters (transitively), each in call order."""
+    parent = list(range(len(calls)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[str, int] = {}
+    shared: set[int] = set()
+    for i, call in enumerate(calls):
+        for name in (call.weight, call.bias):
+            if name is None:
+                continue
+            if name in first:
+                parent[root(i)] = root(first[name])
+                shared.update((i, first[name]))
+            else:
+                first[name] = i
+    groups: dict[int, list[int]] = {}
+    for i in sorted(shared):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
+
+
+class SharedCalls:
+    """Routes the output gradients of recorded calls as a backward pass delivers them (``self(i, g)``):
+    a call that shares no parameter goes to ``contract_one(i, g)`` at once; the calls of a group
+    (:func:`shared_call_groups`) are held and go to ``contract_group(calls, grads)`` together when the last
+    one arrives, or at :meth:`finish` (calls that the logits do not reach deliver nothing)."""
+
+    def __init__(
+        self,
+        calls: Sequence[LayerCall],
+        contract_one: Callable[[int, Tensor], None],
+        contract_group: Callable[[list[LayerCall], list[Tensor]], None],
+    ):
+        self.calls = calls
+        self.contract_one = contract_one
+        self.contract_group = contract_group
+        self.groups = shared_call_groups(calls)
+        self.group_of = {i: j for j, group in enumerate(self.groups) for i in group}
+        self.pending: dict[int, dict[int, Tensor]] = {}
+
+    def __call__(self, i: int, g: Tensor) -> None:
+        j = self.group_of.get(i)
+        if j is None:
+            self.contract_one(i, g)
+            return
+        held = self.pending.setdefault(j, {})
+        held[i] = g
+        if len(held) == len(self.groups[j]):
+            self._flush(j)
+
+    def finish(self) -> None:
+        """Contract the groups some of whose calls received no gradient."""
+        for j in list(self.pending):
+            self._flush(j)
+
+    def _flush(self, j: int) -> None:
+        held = self.pending.pop(j)
+        order = sorted(held)
+        self.contract_group([self.calls[i] for i in order], [held[i] for i in order])
+
+
+def accumulate_shared(
+    calls: Sequence[LayerCall],
+    grads: Sequence[Tensor],
+    signs: Tensor,
+    diag: dict[str, Tensor],
+    leaves: dict[str, Tensor],
+    n: int,
+    chunk_size: int = 1,
+    leaf_columns: Optional[dict[str, Tensor]] = None,
+) -> None:
+    """Add ``sum_{n,k} sign_nk (sum over calls of the per-sample gradient)^2`` to ``diag`` for every
+    parameter of a group of calls (module docstring).
+
+    Args:
+        calls, grads: the group's calls and their output gradients ``(K, N or N k, *out)``.
+        signs: ``(N, K)`` per sample (``chunk_size == 1``), or ``(K,)`` shared by all samples.
+        diag, leaves: as for :func:`~.contraction.accumulate_layer`.
+        n: the number of samples.
+        chunk_size: samples per squared chunk gradient.
+        leaf_columns: ``{name: (K, N, *shape)}`` per-sample columns at a weight itself, added to its
+            per-sample gradients.
+    """
+    k = grads[0].shape[0]
+    parts: dict[str, list[Callable[[slice], Tensor]]] = {}
+    for call, grad in zip(calls, grads):
+        call, grad = per_sample_call(call, grad, n)
+        shape = tuple(leaves[call.weight].shape) if call.weight is not None else ()
+        sample = LAYER_RULES[call.op].sample_gradients(call, grad, shape)
+        if call.weight is not None:
+            parts.setdefault(call.weight, []).append(sample.weight)
+        if call.bias is not None:
+            parts.setdefault(call.bias, []).append(sample.bias)
+    for name, sources in parts.items():
+        column = (leaf_columns or {}).get(name)
+        if column is not None:
+            sources = [*sources, _per_sample_columns(column)]
+        size = leaves[name].numel()
+        step = max(1, CHUNK_ELEMENTS // (k * size) // chunk_size) * chunk_size
+        acc: Optional[Tensor] = None
+        for start in range(0, n, step):
+            samples = slice(start, min(n, start + step))
+            m = samples.stop - start
+            total = sources[0](samples).reshape(m, k, size)
+            for source in sources[1:]:
+                total = total + source(samples).reshape(m, k, size)
+            if chunk_size == 1:
+                term = torch.einsum("mk,mkx->x", signs[samples].to(total.dtype), total.square_())
+            else:
+                pad = -m % chunk_size
+                if pad:
+                    total = torch.cat([total, total.new_zeros(pad, k, size)])
+                total = total.reshape(-1, chunk_size, k, size).sum(dim=1)
+                term = torch.einsum("k,bkx->x", signs.to(total.dtype), total.square_())
+            acc = term if acc is None else acc.add_(term)
+        assert acc is not None
+        _add(diag, name, acc.reshape(leaves[name].shape))
+
+
+def _per_sample_columns(columns: Tensor) -> Callable[[slice], Tensor]:
+    """``(K, N, *shape)`` columns at a weight as a source of per-sample gradients ``(m, K, *shape)``."""
+    return lambda samples: columns[:, samples].transpose(0, 1)
