@@ -244,3 +244,15 @@ def test_reach_quick_measures_the_hessian_on_the_per_layer_path(tmp_path):
         assert (row["method"], row["quantity"], row["path"]) == expected, name
         assert _finite(row["normalized"]) and row["normalized"] > 0
     assert "| timm vit_tiny (patch 4) |" in out.with_suffix(".md").read_text()
+
+
+def test_tied_lm_quick_takes_the_per_layer_path_on_gpt2(tmp_path):
+    pytest.importorskip("transformers")
+    from benchmarks import bench_tied_lm
+
+    out = tmp_path / "tied.json"
+    results = bench_tied_lm.main(["--quick", "--json", str(out)])
+    row = results["models"]["GPT-2 (tied head, Conv1D)"]
+    assert (row["method"], row["quantity"], row["path"]) == ("gauss_newton_mc", "gauss_newton", "per-layer")
+    assert _finite(row["squared_norm"]) and row["squared_norm"] > 0
+    assert "| GPT-2 (tied head, Conv1D) |" in out.with_suffix(".md").read_text()
