@@ -72,9 +72,8 @@ def _llama() -> torch.nn.Module:
 def _albert() -> torch.nn.Module:
     from transformers import AlbertForSequenceClassification
 
-    cfg = _config(
-        "AlbertConfig", hidden_size=WIDTH, embedding_size=32, intermediate_size=4 * WIDTH, num_labels=5, **_COMMON
-    )
+    sizes = dict(hidden_size=WIDTH, embedding_size=32, intermediate_size=4 * WIDTH, num_labels=5)
+    cfg = _config("AlbertConfig", **sizes, **_COMMON)
     return AlbertForSequenceClassification(cfg)
 
 
@@ -134,7 +133,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"Library: {results['library']}  ",
         f"Machine: {env['cpu']} ({env['nproc']} cores), torch {env['torch']}, {env['threads']} thread(s).",
         "",
-        "| model | selected weights | `auto` picks | path | seconds (median) | squared norm of the diagonal |",
+        "| model | selected weights | `auto` picks | path | seconds (median) | squared norm of the diagonal "
+        "|",
         "|---|---|---|---|---|---|",
     ]
     for name, r in results["models"].items():
@@ -153,9 +153,13 @@ def main(argv=None) -> dict[str, Any]:
     args = p.parse_args(argv)
     setup(args)
     names = args.models or (["GPT-2 (tied head, Conv1D)"] if args.quick else list(MODELS))
-    command = " ".join(["python -m benchmarks.bench_tied_lm"] + list(argv if argv is not None else sys.argv[1:]))
-    library = str(Path(lightning_flatness.__file__).resolve().parent.parent)
-    results: dict[str, Any] = {"command": command, "library": library, "environment": environment(), "models": {}}
+    arguments = list(argv if argv is not None else sys.argv[1:])
+    results: dict[str, Any] = {
+        "command": " ".join(["python -m benchmarks.bench_tied_lm", *arguments]),
+        "library": str(Path(lightning_flatness.__file__).resolve().parent.parent),
+        "environment": environment(),
+        "models": {},
+    }
     for name in names:
         samples = 2 if args.quick else args.samples
         results["models"][name] = r = measure(name, samples, 1 if args.quick else args.repeats)

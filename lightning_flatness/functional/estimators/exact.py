@@ -618,6 +618,16 @@ class _ForwardRecorder(TorchFunctionMode):
         # with record_nodes: linear calls of a selected weight on a weight-dependent input, as
         # products (h, W) (node_rules.tied_linear: their curvature matters for a weight used twice)
         self.weight_products: list[NodeCall] = []
+        # functions of the selected weights alone (a transpose, a clone, weight standardization or
+        # normalization): {id: (tensor, the leaves' names)}; a layer call that takes one as its weight or
+        # bias is recorded under a name of its own, {name: (tensor, leaves' names)} in derived_weights, and
+        # its per-sample gradients are pulled back to the leaves (layer_rules.shared)
+        self.derived: dict[int, tuple[Tensor, frozenset[str]]] = {}
+        self.derived_weights: dict[str, tuple[Tensor, tuple[str, ...]]] = {}
+        self._derived_names: dict[int, str] = {}
+        # recorded layer outputs (and the copies given to the model) -> (output, call): a selected bias added
+        # to one right after (``x @ W.T + b``) becomes the call's bias
+        self._call_of_output: dict[int, tuple[Tensor, LayerCall]] = {}
 
     # -- bookkeeping -----------------------------------------------------------------------
     def where(self) -> str:
@@ -641,7 +651,9 @@ class _ForwardRecorder(TorchFunctionMode):
         kwargs = kwargs or {}
         dependent = _requiring_grad(args, kwargs)
         # producers are checked before the call: an in-place op replaces its input's grad_fn
-        unseen = [t.grad_fn for t in dependent if not self.produced_by_seen_op(t)]
+        unseen = [  # (functions of the weights are known by identity: an in-place change is theirs)
+            t.grad_fn for t in dependent if id(t) not in self.derived and not self.produced_by_seen_op(t)
+        ]
         out = func(*args, **kwargs)
         name = _op_name(func)
         if name in _MAY_DRAW_RANDOM_NUMBERS and self._draws_random_numbers(name, args, kwargs):
@@ -656,11 +668,15 @@ class _ForwardRecorder(TorchFunctionMode):
             out_tensors = list(_tensors(out)) if out is not None else list(_tensors(args[:1]))
             if not any(t.requires_grad for t in out_tensors):
                 return out
+        weights_only = all(self._is_weight(t) for t in dependent)
+        if weights_only and not unseen and not self._takes_data(name, args, kwargs):
+            self._derive(name, args, kwargs, dependent, out_tensors)
+            return out
         if self.samples_apart and not _keeps_samples_apart(
             name,
             args,
             kwargs,
-            [t for t in dependent if id(t) not in self.names_by_id],  # the selected weights are shared
+            [t for t in dependent if not self._is_weight(t)],  # the selected weights are shared
             out_tensors,
             self.batch_size,
         ):
@@ -673,12 +689,20 @@ class _ForwardRecorder(TorchFunctionMode):
                 f"({type(node).__name__}, e.g. a custom autograd.Function) reaches {name!r}"
             )
         call = self._record_layer_call(name, args, kwargs, out) if name in LAYER_RULES else None
+        absorbed = self._added_bias(args, kwargs, dependent) if name == "add" else None
         for t in dependent:
+            if t is absorbed:
+                continue
             param = self.names_by_id.get(id(t))
             if param is not None and (
                 call is None or t is not self._leaf(call.weight) and t is not self._leaf(call.bias)
             ):
                 self.other_uses[param].append(f"{name!r} in {self.where()}")
+            elif id(t) in self.derived and (
+                call is None or self._derived_names.get(id(t)) not in (call.weight, call.bias)
+            ):
+                for leaf in sorted(self.derived[id(t)][1]):
+                    self.other_uses[leaf].append(f"{name!r} (on a function of the weight) in {self.where()}")
         recorded: Optional[NodeCall] = None
         if self._check_exactness(name, args, kwargs, dependent) and self.nodes is not None:
             recorded = self._record_node(name, func, args, kwargs, dependent, out)
@@ -691,6 +715,7 @@ class _ForwardRecorder(TorchFunctionMode):
                 out_tensors = [out]
             if call is not None:
                 call.version = call.output._version
+                self._call_of_output[id(out)] = (out, call)
             if recorded is not None:  # its output stays the op's, for its adjoint (node_rules)
                 recorded.versions[-1] = recorded.output._version
         self.mark_seen(out_tensors)
@@ -702,6 +727,105 @@ class _ForwardRecorder(TorchFunctionMode):
         return any(call.output._version != call.version for call in self.calls) or any(
             node.output._version != node.versions[-1] for node in self.nodes or []
         )
+
+    def _added_bias(self, args: tuple, kwargs: dict, dependent: list[Tensor]) -> Optional[Tensor]:
+        """In ``z + b`` (or ``b + z``) with ``z`` a recorded layer output without a bias and ``b`` a 1-D
+        selected weight (or function of one) that the layer's rule takes as its bias (``x @ W.T + b``,
+        Falcon's ``FalconLinear``): ``b``, now the call's bias; else None."""
+        if len(dependent) != 2 or len(args) != 2 or kwargs.get("alpha", 1) != 1:
+            return None
+        z, b = args
+        if not isinstance(z, Tensor) or not isinstance(b, Tensor):
+            return None
+        if self._is_weight(z):
+            z, b = b, z
+        found = self._call_of_output.get(id(z))
+        if found is None or found[0] is not z or not self._is_weight(b) or b.ndim != 1:
+            return None
+        call = found[1]
+        if call.bias is not None or not LAYER_RULES[call.op].accepts_added_bias(call, b):
+            return None
+        bias = call.bias = self._weight_name(b)
+        assert bias is not None  # b is a weight
+        for leaf in self.derived_weights[bias][1] if bias in self.derived_weights else (bias,):
+            self.uses[leaf].append(f"'add' (the bias of {call.op!r}) in {self.where()}")
+        return b
+
+    def _is_weight(self, t: Tensor) -> bool:
+        """A selected weight, or a function of the selected weights alone."""
+        return id(t) in self.names_by_id or id(t) in self.derived
+
+    def _derive(
+        self, name: str, args: tuple, kwargs: dict, dependent: list[Tensor], outputs: list[Tensor]
+    ) -> None:
+        """An op on selected weights only (``W.T``, ``bias.clone()``, weight standardization,
+        ``torch._weight_norm``): its outputs are weights too, functions of the same leaves. Nothing is
+        recorded for the backward columns (they never reach such an op); a nonlinear op makes the Hessian
+        differ from the Gauss-Newton matrix, which is flagged."""
+        sources = frozenset().union(*(self._sources(t) for t in dependent))
+        for t in outputs:
+            if t.requires_grad and id(t) not in self.names_by_id:
+                self.derived[id(t)] = (t, sources)
+                self.tape.leaf_ids.add(id(t))
+        if not self._linear_in_the_weights(name, args, kwargs, dependent):
+            self.flag(
+                f"{name!r} makes a selected weight a nonlinear function of the weights (a reparametrized "
+                "weight: weight standardization or normalization)"
+            )
+            entry = f"{name!r} in {self.where()} (a nonlinear function of the weights alone)"
+            if self.nodes is not None and entry not in self.uncovered:
+                self.uncovered.append(entry)  # no node rule samples a weight's own reparametrization
+        self.mark_seen(outputs)
+
+    def _sources(self, t: Tensor) -> frozenset[str]:
+        """The selected weights that ``t`` (a weight or a function of weights) depends on."""
+        return frozenset({self.names_by_id[id(t)]}) if id(t) in self.names_by_id else self.derived[id(t)][1]
+
+    def _takes_data(self, name: str, args: tuple, kwargs: dict) -> bool:
+        """Whether ``name`` is a layer rule's op whose input is not a weight (``F.linear(x, W)`` with an input
+        that needs no gradient: a layer call, not a function of the weights)."""
+        if name not in LAYER_RULES:
+            return False
+        inputs = _argument(args, kwargs, *LAYER_RULES[name].input_argument)
+        return not (isinstance(inputs, Tensor) and inputs.requires_grad and self._is_weight(inputs))
+
+    def _linear_in_the_weights(self, name: str, args: tuple, kwargs: dict, dependent: list[Tensor]) -> bool:
+        """Whether an op on weights alone keeps the result linear in each individual weight: a linear op
+        (:data:`PIECEWISE_LINEAR_OPS`, zeroing), a division by a constant, or a product whose factors
+        depend on disjoint sets of weights (``B @ A`` of a low-rank update; not ``W @ W.T``)."""
+        if name in PIECEWISE_LINEAR_OPS or name == "zero":
+            return True
+        if name in _DIVISIONS:
+            denominator = _argument(args, kwargs, _DIVISIONS[name], ("other",))
+            return not (isinstance(denominator, Tensor) and denominator.requires_grad)
+        if name in MULTILINEAR_OPS:
+            additive = _ADDITIVE_ARGUMENT.get(name)
+            skip = _argument(args, kwargs, additive[0], (additive[1],)) if additive else None
+            seen: set[str] = set()
+            for t in dependent:
+                if t is not skip:
+                    sources = self._sources(t)
+                    if seen & sources:
+                        return False
+                    seen |= sources
+            return True
+        return False
+
+    def _weight_name(self, t: Any) -> Optional[str]:
+        """The name of a layer call's weight or bias argument ``t``: a selected weight's, the name given to a
+        function of the selected weights (registered in :attr:`derived_weights`), or None."""
+        if not isinstance(t, Tensor):
+            return None
+        name = self.names_by_id.get(id(t))
+        if name is not None or id(t) not in self.derived:
+            return name
+        name = self._derived_names.get(id(t))
+        if name is None:
+            tensor, sources = self.derived[id(t)]
+            name = f"{'+'.join(sorted(sources))} (a function of it, #{len(self.derived_weights)})"
+            self._derived_names[id(t)] = name
+            self.derived_weights[name] = (tensor, tuple(sorted(sources)))
+        return name
 
     @staticmethod
     def _draws_random_numbers(name: str, args: tuple, kwargs: dict) -> bool:
@@ -719,19 +843,24 @@ class _ForwardRecorder(TorchFunctionMode):
         rule = LAYER_RULES[name]
         weight = _argument(args, kwargs, *rule.weight_argument)
         bias = _argument(args, kwargs, *rule.bias_argument) if rule.bias_argument else None
-        weight_name = self.names_by_id.get(id(weight)) if isinstance(weight, Tensor) else None
-        bias_name = self.names_by_id.get(id(bias)) if isinstance(bias, Tensor) else None
+        inputs = _argument(args, kwargs, *rule.input_argument)
+        if not isinstance(inputs, Tensor):
+            return None
+        weight_name, bias_name = self._weight_name(weight), self._weight_name(bias)
         if weight_name is None and bias_name is None:
             return None
-        inputs = _argument(args, kwargs, *rule.input_argument)
         detached = inputs.detach() if inputs.requires_grad else inputs
         call = LayerCall(name, self.where(), detached, out, weight_name, bias_name)
         rule.record(call, args, kwargs, weight)
+        self._call_of_output[id(out)] = (out, call)
         if self.nodes is not None and name == "linear" and weight_name is not None and inputs.requires_grad:
             product = NodeCall("linear", self.where(), F.linear, args, kwargs, [inputs, weight], out)
             self.weight_products.append(product)
         for param in (weight_name, bias_name):
-            if param is not None:
+            if param in self.derived_weights:
+                for leaf in self.derived_weights[param][1]:
+                    self.uses[leaf].append(f"{name!r} (through a function of the weight) in {self.where()}")
+            elif param is not None:
                 self.uses[param].append(f"{name!r} in {self.where()}")
         self.calls.append(call)
         return call
@@ -790,7 +919,7 @@ class _ForwardRecorder(TorchFunctionMode):
         if name in MULTILINEAR_OPS:
             additive = _ADDITIVE_ARGUMENT.get(name)
             skip = _argument(args, kwargs, additive[0], (additive[1],)) if additive else None
-            factors = [t for t in dependent if t is not skip and id(t) not in self.names_by_id]
+            factors = [t for t in dependent if t is not skip and not self._is_weight(t)]
             if len(factors) > 1:
                 self.flag(
                     f"{name!r} multiplies {len(factors)} weight-dependent tensors (not linear in each weight)"
@@ -886,11 +1015,13 @@ def _diagonal_by_layers(
     def contract_one(i: int, g: Tensor) -> None:
         accumulate_layer(calls[i], g, signs, diag, leaves, unit_signs)
 
+    derived = recorder.derived_weights
+
     def contract_group(group: list[LayerCall], group_grads: list[Tensor]) -> None:
-        accumulate_shared(group, group_grads, signs, diag, leaves, n)
+        accumulate_shared(group, group_grads, signs, diag, leaves, n, derived=derived)
 
     if not probe:  # each layer contracted as soon as the folded-batch backward reaches it
-        consume = SharedCalls(calls, contract_one, contract_group)
+        consume = SharedCalls(calls, contract_one, contract_group, derived)
         if recorder.tape.backward(logits, columns, outputs, consume) is not None:
             consume.finish()
             return {
@@ -907,7 +1038,7 @@ def _diagonal_by_layers(
                 if g is not None and bool(rows_of_other_samples(g[k], n).any())
             ]
             return None, mixing
-    consume = SharedCalls(calls, contract_one, contract_group)
+    consume = SharedCalls(calls, contract_one, contract_group, derived)
     for i, g in enumerate(grads):
         if g is not None:
             consume(i, g[:k])

@@ -319,11 +319,13 @@ def _diagonal_by_layers(
             roots.append(tensor)
             stacks.append(stack)
 
+    derived = forward.recorder.derived_weights
+
     def contract_group(group: list[LayerCall], grads: list[Tensor]) -> None:
         group_signs = per_sample_signs if chunk_size == 1 else signs
-        accumulate_shared(group, grads, group_signs, diag, leaves, n, chunk_size, leaf_columns)
+        accumulate_shared(group, grads, group_signs, diag, leaves, n, chunk_size, leaf_columns, derived)
 
-    contract = SharedCalls(calls, contract_one, contract_group)
+    contract = SharedCalls(calls, contract_one, contract_group, derived)
     outputs = [call.output for call in calls]
     if len(roots) == 1 and forward.recorder.tape.backward(logits, vectors, outputs, contract) is not None:
         contract.finish()

@@ -29,7 +29,7 @@ class AddmmRule(LinearRule):
     op = "addmm"
     input_argument = (1, ("mat1",))
     weight_argument = (2, ("mat2",))
-    bias_argument = (0, ("input",))
+    bias_argument: Optional[tuple[int, tuple[str, ...]]] = (0, ("input",))
 
     def record(self, call: LayerCall, args: tuple, kwargs: dict, weight: Optional[Tensor]) -> None:
         bias = args[0] if args else kwargs.get("input")

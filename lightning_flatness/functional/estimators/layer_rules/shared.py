@@ -25,6 +25,7 @@ backward pass reaches the last one (for a tied LM head: the logits' gradient unt
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -37,12 +38,18 @@ from lightning_flatness.functional.estimators.layer_rules.contraction import (
     per_sample_call,
 )
 
-__all__ = ["SharedCalls", "accumulate_shared", "shared_call_groups"]
+__all__ = ["Derived", "SharedCalls", "accumulate_shared", "shared_call_groups"]
+
+#: Functions of the selected weights that layer calls take as their weight or bias (``W.T``, a cloned bias,
+#: a standardized or normalized weight): ``{name: (tensor, names of the weights it is computed from)}``,
+#: as the exactness recorder names them.
+Derived = dict[str, tuple[Tensor, tuple[str, ...]]]
 
 
-def shared_call_groups(calls: Sequence[LayerCall]) -> list[list[int]]:
-    """The indices of ``calls`` that share a selected parameter (weight or bias) with another call, in
-    groups linked by shared parameters (transitively), each in call order."""
+def shared_call_groups(calls: Sequence[LayerCall], derived: Optional[Derived] = None) -> list[list[int]]:
+    """The indices of ``calls`` that share a selected parameter (weight or bias) with another call, or take
+    a function of the selected weights (a name in ``derived``), in groups linked by shared parameters
+    (transitively: a function of a weight links to the weight), each in call order."""
     parent = list(range(len(calls)))
 
     def root(i: int) -> int:
@@ -51,17 +58,21 @@ def shared_call_groups(calls: Sequence[LayerCall]) -> list[list[int]]:
             i = parent[i]
         return i
 
+    derived = derived or {}
     first: dict[str, int] = {}
     shared: set[int] = set()
     for i, call in enumerate(calls):
-        for name in (call.weight, call.bias):
-            if name is None:
+        for param in (call.weight, call.bias):
+            if param is None:
                 continue
-            if name in first:
-                parent[root(i)] = root(first[name])
-                shared.update((i, first[name]))
-            else:
-                first[name] = i
+            if param in derived:
+                shared.add(i)
+            for name in derived[param][1] if param in derived else (param,):
+                if name in first:
+                    parent[root(i)] = root(first[name])
+                    shared.update((i, first[name]))
+                else:
+                    first[name] = i
     groups: dict[int, list[int]] = {}
     for i in sorted(shared):
         groups.setdefault(root(i), []).append(i)
@@ -79,11 +90,12 @@ class SharedCalls:
         calls: Sequence[LayerCall],
         contract_one: Callable[[int, Tensor], None],
         contract_group: Callable[[list[LayerCall], list[Tensor]], None],
+        derived: Optional[Derived] = None,
     ):
         self.calls = calls
         self.contract_one = contract_one
         self.contract_group = contract_group
-        self.groups = shared_call_groups(calls)
+        self.groups = shared_call_groups(calls, derived)
         self.group_of = {i: j for j, group in enumerate(self.groups) for i in group}
         self.pending: dict[int, dict[int, Tensor]] = {}
 
@@ -117,9 +129,10 @@ def accumulate_shared(
     n: int,
     chunk_size: int = 1,
     leaf_columns: Optional[dict[str, Tensor]] = None,
+    derived: Optional[Derived] = None,
 ) -> None:
     """Add ``sum_{n,k} sign_nk (sum over calls of the per-sample gradient)^2`` to ``diag`` for every
-    parameter of a group of calls (module docstring).
+    selected parameter of a group of calls (module docstring).
 
     Args:
         calls, grads: the group's calls and their output gradients ``(K, N or N k, *out)``.
@@ -129,41 +142,81 @@ def accumulate_shared(
         chunk_size: samples per squared chunk gradient.
         leaf_columns: ``{name: (K, N, *shape)}`` per-sample columns at a weight itself, added to its
             per-sample gradients.
+        derived: the functions of the weights that calls take as their weight or bias (:data:`Derived`):
+            their per-sample gradients are pulled back to the weights they are computed from (one batched
+            vector-Jacobian product of the function per chunk of samples and columns).
     """
+    derived = derived or {}
     k = grads[0].shape[0]
     parts: dict[str, list[Callable[[slice], Tensor]]] = {}
     for call, grad in zip(calls, grads):
         call, grad = per_sample_call(call, grad, n)
-        shape = tuple(leaves[call.weight].shape) if call.weight is not None else ()
+        shape = _shape(call.weight, leaves, derived) if call.weight is not None else ()
         sample = LAYER_RULES[call.op].sample_gradients(call, grad, shape)
         if call.weight is not None:
             parts.setdefault(call.weight, []).append(sample.weight)
         if call.bias is not None:
             parts.setdefault(call.bias, []).append(sample.bias)
-    for name, sources in parts.items():
-        column = (leaf_columns or {}).get(name)
-        if column is not None:
-            sources = [*sources, _per_sample_columns(column)]
-        size = leaves[name].numel()
-        step = max(1, CHUNK_ELEMENTS // (k * size) // chunk_size) * chunk_size
-        acc: Optional[Tensor] = None
-        for start in range(0, n, step):
-            samples = slice(start, min(n, start + step))
-            m = samples.stop - start
-            total = sources[0](samples).reshape(m, k, size)
+    for name, column in (leaf_columns or {}).items():
+        if name in parts or any(name in derived[p][1] for p in parts if p in derived):
+            parts.setdefault(name, []).append(_per_sample_columns(column))
+    targets = sorted({s for p in parts for s in (derived[p][1] if p in derived else (p,))})
+    largest = max(math.prod(_shape(p, leaves, derived)) for p in [*parts, *targets])
+    step = max(1, CHUNK_ELEMENTS // (k * largest) // chunk_size) * chunk_size
+    acc: dict[str, Tensor] = {}
+    for start in range(0, n, step):
+        samples = slice(start, min(n, start + step))
+        m = samples.stop - start
+        totals: dict[str, Tensor] = {}
+        for name, sources in parts.items():
+            total = sources[0](samples).reshape(m, k, -1)
             for source in sources[1:]:
-                total = total + source(samples).reshape(m, k, size)
+                total = total + source(samples).reshape(m, k, -1)
+            pulled = _pull_back(derived[name], leaves, total) if name in derived else {name: total}
+            for target, value in pulled.items():
+                totals[target] = totals[target] + value if target in totals else value
+        for name, total in totals.items():
             if chunk_size == 1:
-                term = torch.einsum("mk,mkx->x", signs[samples].to(total.dtype), total.square_())
+                term = torch.einsum("mk,mkx->x", signs[samples].to(total.dtype), total.square())
             else:
                 pad = -m % chunk_size
                 if pad:
-                    total = torch.cat([total, total.new_zeros(pad, k, size)])
-                total = total.reshape(-1, chunk_size, k, size).sum(dim=1)
-                term = torch.einsum("k,bkx->x", signs.to(total.dtype), total.square_())
-            acc = term if acc is None else acc.add_(term)
-        assert acc is not None
-        _add(diag, name, acc.reshape(leaves[name].shape))
+                    total = torch.cat([total, total.new_zeros(pad, *total.shape[1:])])
+                total = total.reshape(-1, chunk_size, *total.shape[1:]).sum(dim=1)
+                term = torch.einsum("k,bkx->x", signs.to(total.dtype), total.square())
+            acc[name] = acc[name].add_(term) if name in acc else term
+    for name, value in acc.items():
+        _add(diag, name, value.reshape(leaves[name].shape))
+
+
+def _shape(name: str, leaves: dict[str, Tensor], derived: Derived) -> tuple[int, ...]:
+    return tuple(derived[name][0].shape if name in derived else leaves[name].shape)
+
+
+def _pull_back(
+    function: tuple[Tensor, tuple[str, ...]], leaves: dict[str, Tensor], total: Tensor
+) -> dict[str, Tensor]:
+    """Per-sample gradients ``(m, K, numel)`` of a function of the weights, as per-sample gradients of the
+    weights it is computed from: ``{name: (m, K, numel)}``, one vector-Jacobian product per row, batched
+    (a loop where the function's backward has no batching rule)."""
+    tensor, names = function
+    m, k = total.shape[:2]
+    vectors = total.reshape(m * k, *tensor.shape)
+    inputs = [leaves[name] for name in names]
+    grads: Sequence[Optional[Tensor]]
+    try:
+        grads = torch.autograd.grad(
+            tensor, inputs, vectors, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+    except (RuntimeError, NotImplementedError):
+        rows = [torch.autograd.grad(tensor, inputs, v, retain_graph=True, allow_unused=True) for v in vectors]
+        grads = [
+            None if rows[0][j] is None else torch.stack([row[j] for row in rows]) for j in range(len(inputs))
+        ]
+    return {
+        name: (g if g is not None else total.new_zeros(m * k, *leaves[name].shape)).reshape(m, k, -1)
+        for name, g in zip(names, grads)
+    }
 
 
 def _per_sample_columns(columns: Tensor) -> Callable[[slice], Tensor]:

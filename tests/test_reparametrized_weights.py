@@ -1,0 +1,206 @@
+"""Layers whose weight or bias is a function of the selected weights alone: a transpose (Falcon's
+``x @ W.T + b``), a cloned bias with entries zeroed (torchvision's Swin V2), a low-rank update ``W0 + B A``,
+weight standardization (timm's ``StdConv2d``, NFNets) and weight normalization (``torch.nn.utils.
+parametrizations.weight_norm``). The per-layer contractions take them: the per-sample gradients of the
+function are pulled back to the weights (``layer_rules.shared``). The Gauss-Newton diagonal equals the
+brute-force one; where the function is linear the exact method still returns the Hessian's diagonal, and
+where it is not that is said."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from zoo_oracle import brute_force_ggn_diagonal, brute_force_hessian_diagonal
+
+import lightning_flatness.functional.estimators.gauss_newton_sketch as gauss_newton_sketch
+from lightning_flatness.functional import select_parameters
+from lightning_flatness.functional.estimators.exact import (
+    ExactMethodNotApplicable,
+    exact_hessian_diagonal,
+    gauss_newton_diagonal,
+)
+from lightning_flatness.functional.estimators.method_choice import choose_method
+
+F64 = torch.float64
+
+
+class StdConv(nn.Conv2d):
+    """timm's ``StdConv2d``: the weight standardized per output channel by ``F.batch_norm``."""
+
+    def forward(self, x):
+        w = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0, eps=1e-6
+        ).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class TransposedLinear(nn.Linear):
+    """Falcon's ``FalconLinear``: ``x @ W.T``, then the bias added."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class ZeroedBias(nn.Linear):
+    """torchvision's ``ShiftedWindowAttentionV2``: the bias cloned and part of it zeroed."""
+
+    def forward(self, x):
+        bias = self.bias.clone()
+        bias[2:4].zero_()
+        return F.linear(x, self.weight, bias)
+
+
+class LowRank(nn.Module):
+    """A frozen weight plus a trained low-rank update ``B A`` (LoRA)."""
+
+    def __init__(self, n_in: int, n_out: int, rank: int = 2):
+        super().__init__()
+        self.base = nn.Linear(n_in, n_out)
+        self.base.weight.requires_grad_(False)
+        self.lora_a = nn.Parameter(torch.randn(rank, n_in) * 0.3)
+        self.lora_b = nn.Parameter(torch.randn(n_out, rank) * 0.3)
+
+    def forward(self, x):
+        return F.linear(x, self.base.weight + self.lora_b @ self.lora_a, self.base.bias)
+
+
+class Linear(nn.Module):
+    """Piecewise linear in each weight: only linear functions of the weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.zb, self.head = TransposedLinear(6, 7), ZeroedBias(7, 5), LowRank(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.zb(torch.relu(self.fc(x)))))
+
+
+class Reparametrized(nn.Module):
+    """Weight standardization and weight normalization before the linear ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = StdConv(2, 4, 3, padding=1)
+        self.wn = nn.utils.parametrizations.weight_norm(nn.Linear(16, 6))
+        self.rest = Linear()
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).mean(dim=2).flatten(1)
+        return self.rest(torch.relu(self.wn(h)))
+
+
+def _data(model: nn.Module):
+    g = torch.Generator().manual_seed(1)
+    shape = (6, 2, 4, 4) if isinstance(model, Reparametrized) else (6, 6)
+    return torch.randn(*shape, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g)
+
+
+def _close(diag, ref, names):
+    for name in names:
+        scale = float(ref[name].detach().abs().max())
+        assert scale > 0, name
+        torch.testing.assert_close(diag[name], ref[name].detach(), rtol=1e-10, atol=1e-13 * scale)
+
+
+def test_linear_functions_of_the_weights_keep_the_exact_hessian_on_the_per_layer_path():
+    torch.manual_seed(0)
+    model = Linear().double()
+    x, y = _data(model)
+    params = select_parameters(model, "all")
+    assert {"head.lora_a", "head.lora_b", "fc.bias", "zb.bias"} <= set(params)
+    assert "head.base.weight" not in params  # frozen
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither the per-sample path nor an inexact model would stay quiet
+        diag = exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
+    _close(diag, brute_force_hessian_diagonal(model, F.cross_entropy, x, y, list(params)), params)
+    assert float(diag["zb.bias"][2:4].abs().max()) == 0  # the zeroed entries have no curvature
+
+
+def test_nonlinear_reparametrizations_are_named_and_their_gauss_newton_diagonal_is_exact():
+    torch.manual_seed(0)
+    model = Reparametrized().double().eval()
+    x, y = _data(model)
+    params = select_parameters(model, "all")
+    assert {"conv.weight", "wn.parametrizations.weight.original1"} <= set(params)
+    with pytest.raises(ExactMethodNotApplicable, match="'batch_norm' makes a selected weight a nonlinear"):
+        exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ggn = gauss_newton_diagonal(model, F.cross_entropy, x, y, params)
+    assert any("'_weight_norm' makes a selected weight" in issue for issue in ggn.issues)
+    assert not any("batch statistics" in issue for issue in ggn.issues)  # not taken for train-mode BN
+    _close(ggn.diagonal, brute_force_ggn_diagonal(model, F.cross_entropy, x, y, list(params)), params)
+    choice = choose_method(model, F.cross_entropy, x, y)  # no node rule samples a reparametrization
+    assert choice.quantity == "gauss_newton" and "nonlinear function of the weights" in choice.reason
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4])
+def test_the_sketch_equals_its_per_sample_path_draw_by_draw(chunk_size, monkeypatch):
+    torch.manual_seed(0)
+    model = Reparametrized().double().eval()
+    x, y = _data(model)
+    params = select_parameters(model, "all")
+
+    def estimate():
+        generator = torch.Generator().manual_seed(5)
+        return gauss_newton_sketch.gauss_newton_sketch_diagonal(
+            model, F.cross_entropy, x, y, params, generator=generator, chunk_size=chunk_size
+        )
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        per_layer = estimate()
+    monkeypatch.setattr(gauss_newton_sketch, "_fast_path_blockers", lambda *args: ["forced"])
+    with pytest.warns(UserWarning, match="per-layer contractions do not apply"):
+        per_sample = estimate()
+    _close(per_layer, per_sample, params)
+
+
+def test_a_weight_multiplied_by_itself_is_not_taken_for_linear():
+    class Squared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.head = nn.Parameter(torch.randn(4, 4) / 2), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(F.linear(x, self.w @ self.w.T)))
+
+    torch.manual_seed(0)
+    model = Squared().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 4, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g)
+    params = select_parameters(model)
+    with pytest.raises(ExactMethodNotApplicable, match="'matmul' makes a selected weight a nonlinear"):
+        exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ggn = gauss_newton_diagonal(model, F.cross_entropy, x, y, params).diagonal
+    _close(ggn, brute_force_ggn_diagonal(model, F.cross_entropy, x, y, list(params)), params)
+
+
+def test_a_head_tied_through_a_transpose_is_one_weight_with_the_embedding():
+    """``h @ E.T`` (a hand-written tied LM head): the transpose's per-sample gradients are pulled back and
+    summed with the lookup's before squaring."""
+
+    class TiedByTranspose(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(7, 4), nn.Linear(4, 4)
+
+        def forward(self, ids):
+            return (torch.tanh(self.fc(self.emb(ids))) @ self.emb.weight.T).mean(dim=1)
+
+    torch.manual_seed(0)
+    model = TiedByTranspose().double()
+    g = torch.Generator().manual_seed(1)
+    ids, y = torch.randint(0, 7, (6, 3), generator=g), torch.randint(0, 7, (6,), generator=g)
+    params = select_parameters(model, "all")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ggn = gauss_newton_diagonal(model, F.cross_entropy, ids, y, params)
+    assert any("'emb.weight' is used 2 times" in issue for issue in ggn.issues)
+    _close(ggn.diagonal, brute_force_ggn_diagonal(model, F.cross_entropy, ids, y, list(params)), params)
