@@ -319,6 +319,43 @@ def test_rows_in_sample_major_order_take_the_per_layer_path_of_the_exact_method(
         torch.testing.assert_close(diag[k], truth[k].detach(), rtol=1e-10, atol=1e-14)
 
 
+def test_normalization_on_flattened_rows_takes_the_per_layer_path():
+    """``BatchNorm1d`` (LeViT) and ``LayerNorm`` (OPT) on the rows ``(N * T, C)`` of a ``(N, T, C)`` batch: their
+    affine parameters are read per sample like Linear's grouped rows, and the Gauss-Newton diagonal equals
+    the brute-force one."""
+    import warnings
+
+    from lightning_flatness.functional.estimators.gauss_newton import gauss_newton_exact_diagonal
+    from tests.zoo_oracle import brute_force_ggn_diagonal
+
+    class Rows(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn, self.b = torch.nn.Linear(3, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 4)
+            self.ln, self.head = torch.nn.LayerNorm(4), torch.nn.Linear(4 * 5, 4)
+
+        def forward(self, x):  # x (N, T=5, 3)
+            n, t, _ = x.shape
+            rows = self.ln(self.b(torch.relu(self.bn(self.a(x.reshape(n * t, -1))))))
+            return self.head(rows.reshape(n, -1))
+
+    torch.manual_seed(0)
+    model = Rows().double().eval()
+    with torch.no_grad():  # non-trivial statistics and affine parameters (identity at init)
+        model.bn.running_mean.normal_(0.0, 0.1)
+        model.bn.running_var.uniform_(0.5, 1.5)
+        model.bn.weight.uniform_(0.8, 1.2)
+        model.bn.bias.normal_(0.0, 0.1)
+    x, y = torch.randn(4, 5, 3, dtype=torch.float64), torch.tensor([0, 1, 3, 2])
+    params = dict(model.named_parameters())
+    truth = brute_force_ggn_diagonal(model, F.cross_entropy, x, y, list(params))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the per-sample fallback warns
+        diag = gauss_newton_exact_diagonal(model, F.cross_entropy, x, y, params)
+    for k in params:
+        torch.testing.assert_close(diag[k], truth[k].detach(), rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.parametrize("estimator", ["exact", "gauss_newton_sketch", "hessian_sketch"])
 def test_sequence_first_rows_that_are_a_multiple_of_the_batch_are_not_read_as_grouped(estimator):
     """A Linear layer on ``(T, N, C)`` with ``T = 2 N`` (rows a multiple of the batch by coincidence,

@@ -19,8 +19,9 @@ Whether ``diag(GGN)`` is the Hessian diagonal is the exactness recorder's busine
 ``group_norm`` and ``rms_norm`` of a weight-dependent input are not (the normalization is a
 nonlinear function of the earlier weights).
 
-Channels-last layers (``layer_norm``, ``rms_norm``) also take ``(N k, *positions, C)`` rows, ``k`` per
-sample in sample-major order, read per sample as Linear's grouped rows are.
+Channels-last layers (``layer_norm``, ``rms_norm``) also take ``(N k, *positions, C)`` rows, and
+``batch_norm`` ``(N k, C)`` rows, ``k`` per sample in sample-major order, read per sample as Linear's
+grouped rows are.
 
 Not covered (``is_batched`` is false, so the per-sample path runs, still exact for the GGN):
 ``batch_norm`` with batch statistics (training mode, or no running statistics: the samples
@@ -56,18 +57,22 @@ class _ChannelAffineRule(LayerRule):
 
     def is_batched(self, call: LayerCall, n: int) -> bool:
         rows = call.inputs.shape[0] if call.inputs.ndim >= 2 else -1
-        if not self.channel_last:
+        if not self.channel_last and call.inputs.ndim > 2:
             rows = rows if rows == n else -1
         return not call.samples_interact and rows > 0 and rows % n == 0 and call.output.shape[0] == rows
 
     def regroup(self, call: LayerCall, grad: Tensor, n: int) -> Optional[tuple[LayerCall, Tensor]]:
-        """Channels last, ``(n k, *positions, C)`` rows (OPT's feed-forward block flattens its tokens to
-        ``(N T, C)``) as ``(n, k * positions, C)``, like :meth:`~.linear.LinearRule.regroup`."""
-        if not self.channel_last:
-            return None
+        """``(n k, *positions, C)`` rows with the channels last (OPT's feed-forward block flattens its
+        tokens to ``(N T, C)``; LeViT's ``BatchNorm1d`` sees ``(N T, C)``) as ``k * positions`` positions of
+        each of the ``n`` samples, like :meth:`~.linear.LinearRule.regroup`."""
         c = call.inputs.shape[-1]
         inputs = call.inputs.reshape(n, -1, c)
-        return dataclasses.replace(call, inputs=inputs), grad.reshape(grad.shape[0], n, -1, c)
+        grad = grad.reshape(grad.shape[0], n, -1, c)
+        if not self.channel_last:  # a 2-D (rows, C) batch_norm input: channels to dim 1
+            if call.inputs.ndim != 2:
+                return None
+            inputs, grad = inputs.transpose(1, 2), grad.transpose(2, 3)
+        return dataclasses.replace(call, inputs=inputs), grad
 
     def bias_position_dims(self, grad: Tensor) -> tuple[int, ...]:  # grad (K, N, *out)
         return tuple(range(2, grad.ndim - 1)) if self.channel_last else tuple(range(3, grad.ndim))
