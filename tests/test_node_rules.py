@@ -136,3 +136,24 @@ def test_l2_normalize_rule(dim):
     a = _leaf(2, 3, 4) * 2 + 0.5
     adjoint = torch.randn(2, 3, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
     _check(_call("normalize", F.normalize, (a,), {"dim": dim}, [a]), adjoint)
+
+
+@pytest.mark.parametrize(
+    "shapes, x_varies",
+    [(((2, 3), (2, 3)), True), (((2, 3, 4), (2, 3, 1)), True), (((2, 3), (2, 3)), False)],
+    ids=["same_shape", "broadcast_denominator", "constant_numerator"],
+)
+def test_division_rule(shapes, x_varies):
+    """``x / y`` with a weight-dependent denominator (EfficientViT's linear-attention normalization)."""
+    x = _leaf(*shapes[0], seed=0) if x_varies else torch.randn(*shapes[0], dtype=F64)
+    y = _leaf(*shapes[1], seed=1).abs() + 0.5
+    out_shape = torch.broadcast_shapes(x.shape, y.shape)
+    adjoint = torch.randn(out_shape, dtype=F64, generator=torch.Generator().manual_seed(2))
+    inputs = [x, y] if x_varies else [y]
+    _check(_call("div", torch.div, (x, y), {}, inputs), adjoint)
+
+
+def test_reversed_division_rule():
+    y = _leaf(2, 3, seed=1).abs() + 0.5
+    adjoint = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
+    _check(_call("rdiv", torch.Tensor.__rtruediv__, (y, 3.0), {}, [y]), adjoint)
