@@ -1,9 +1,8 @@
 """Node rules of the sketched Hessian diagonal (:mod:`..hessian_sketch`): the local curvature of each
 nonlinear op kind as random signed columns, one module per kind, registered in
 :data:`~.base.NODE_RULES` (see :mod:`~lightning_flatness.functional.estimators.node_rules.base`).
-Built in: unary elementwise activations
-(:mod:`.elementwise`), products of two weight-dependent tensors (:mod:`.products`), division by a weight-dependent
-tensor (:mod:`.division`), ``softmax`` /
+Built in: unary elementwise activations (:mod:`.elementwise`), products of two weight-dependent tensors
+(:mod:`.products`), division by a weight-dependent tensor (:mod:`.division`), ``softmax`` /
 ``log_softmax`` (:mod:`.softmax`), ``layer_norm`` (:mod:`.layer_norm`), ``group_norm``
 (:mod:`.group_norm`), ``rms_norm`` (:mod:`.rms_norm`) and ``F.normalize`` (:mod:`.l2_normalize`), the
 four normalizations sharing :mod:`.normalization_curvature`; and ``linear`` where its weight is used

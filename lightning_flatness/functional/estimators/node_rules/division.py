@@ -53,7 +53,8 @@ class DivisionRule(NodeRule):
     ) -> tuple[list[Optional[Tensor]], list[Optional[Tensor]]]:
         x, y = self._operands(call)
         yv = y.detach().to(adjoint.dtype)
-        xv = x.detach().to(adjoint.dtype) if isinstance(x, Tensor) else torch.as_tensor(x, dtype=adjoint.dtype)
+        xv = x.detach() if isinstance(x, Tensor) else torch.as_tensor(x)
+        xv = xv.to(adjoint.dtype)
         d_plus, d_minus = split_signs(_sum_to(2 * adjoint * xv / yv**3, y.shape))
         cy_plus = d_plus * rademacher(d_plus, generator)
         cy_minus = d_minus * rademacher(d_minus, generator)
@@ -68,12 +69,10 @@ class DivisionRule(NodeRule):
             plus, minus = [cx, cy + cy_plus], [cx, -cy + cy_minus]
             if x is y:  # x / x: one input, both columns added
                 return [plus[0] + plus[1]], [minus[0] + minus[1]]
-        # in the order of call.inputs
-        order = [t for t in call.inputs]
         by_id = {id(y): (plus[-1], minus[-1])}
         if x_varies:
             by_id[id(x)] = (plus[0], minus[0])
-        return [by_id[id(t)][0] for t in order], [by_id[id(t)][1] for t in order]
+        return [by_id[id(t)][0] for t in call.inputs], [by_id[id(t)][1] for t in call.inputs]
 
 
 register_node_rule(DivisionRule())
