@@ -320,9 +320,9 @@ def test_rows_in_sample_major_order_take_the_per_layer_path_of_the_exact_method(
 
 
 def test_normalization_on_flattened_rows_takes_the_per_layer_path():
-    """``BatchNorm1d`` (LeViT) and ``LayerNorm`` (OPT) on the rows ``(N * T, C)`` of a ``(N, T, C)`` batch: their
-    affine parameters are read per sample like Linear's grouped rows, and the Gauss-Newton diagonal equals
-    the brute-force one."""
+    """``BatchNorm1d`` (LeViT) and ``LayerNorm`` (OPT) on the rows ``(N * T, C)`` of a ``(N, T, C)`` batch:
+    their affine parameters are read per sample like Linear's grouped rows, and the Gauss-Newton diagonal
+    equals the brute-force one."""
     import warnings
 
     from lightning_flatness.functional.estimators.gauss_newton import gauss_newton_exact_diagonal

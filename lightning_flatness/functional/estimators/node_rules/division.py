@@ -12,7 +12,7 @@ the diagonal part is left. Cost ``O(numel)``. Integer division (``rounding_mode`
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -37,7 +37,7 @@ class DivisionRule(NodeRule):
     own_pair = True
 
     @staticmethod
-    def _operands(call: NodeCall) -> tuple[object, Tensor]:
+    def _operands(call: NodeCall) -> tuple[Any, Any]:
         """``(numerator, denominator)``: ``rdiv`` (``c / y`` as ``y.__rtruediv__(c)``) has them swapped."""
         first, second = call.args[0], call.args[1] if len(call.args) > 1 else call.kwargs.get("other")
         return (second, first) if call.op == "rdiv" else (first, second)
