@@ -16,6 +16,7 @@ from torch import nn
 
 import lightning_flatness.functional.estimators.exact as exact_module
 from lightning_flatness.functional.estimators.layer_rules.column_backward import ColumnTape
+from lightning_flatness.functional.estimators.recorder import _record_forward
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.parameters import select_parameters
 
@@ -134,7 +135,7 @@ def _assert_tape_equals_autograd(model: nn.Module, x: torch.Tensor, num_columns:
     """Record ``model`` on ``x``; the tape's gradients of ``num_columns`` random columns at every recorded
     layer output must equal autograd's vmapped ones (float64, 1e-12 relative). Returns the recording."""
     with torch.enable_grad():
-        forward = exact_module._record_forward(model, x, select_parameters(model), "test")
+        forward = _record_forward(model, x, select_parameters(model), "test")
         outputs = [call.output for call in forward.recorder.calls]
         columns = torch.randn(
             num_columns,
@@ -428,7 +429,7 @@ def _recorded(model: nn.Module):
     """The recorded forward of ``model`` on 6 samples of 4 features, its layer outputs and two columns of
     ones (call under ``torch.enable_grad()``)."""
     x = torch.randn(6, 4, dtype=torch.float64)
-    forward = exact_module._record_forward(model, x, select_parameters(model), "test")
+    forward = _record_forward(model, x, select_parameters(model), "test")
     outputs = [call.output for call in forward.recorder.calls]
     return forward, outputs, torch.ones(2, *forward.logits.shape, dtype=torch.float64)
 

@@ -349,7 +349,7 @@ def test_interacting_samples_with_unchanged_shapes_are_found_by_the_probe(monkey
     ],
 )
 def test_the_batch_independence_rules_are_conservative(name, args, kwargs, expected):
-    from lightning_flatness.functional.estimators.exact import _keeps_samples_apart
+    from lightning_flatness.functional.estimators.op_tables import _keeps_samples_apart
 
     x = args[0]
     out = x.flatten(1) if name == "flatten" and len(args) > 1 else x

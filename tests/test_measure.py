@@ -63,15 +63,15 @@ def test_measure_sharpness_equals_the_metric_fed_by_hand_and_the_brute_force_hes
     assert result.seconds > 0 and int(result["num_samples"]) == 48
 
 
-class _Divides(nn.Module):
-    """A division by a weight-dependent tensor: no node rule covers it."""
+class _Arctan(nn.Module):
+    """An arctangent of a weight-dependent tensor: no node rule covers it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
 
     def forward(self, x):
-        return self.a(x) / (2.0 + torch.tanh(self.b(x)))
+        return self.a(x) * torch.atan(self.b(x))
 
 
 def test_choose_method_exact_for_piecewise_linear_hessian_sketch_or_gauss_newton_otherwise():
@@ -82,9 +82,9 @@ def test_choose_method_exact_for_piecewise_linear_hessian_sketch_or_gauss_newton
     tanh = choose_method(_mlp(nn.Tanh), normalized_softmax_cross_entropy, x, y)
     assert (tanh.method, tanh.quantity) == ("hessian_sketch", "hessian")
     assert "(tanh)" in tanh.reason
-    divides = choose_method(_Divides().double(), normalized_softmax_cross_entropy, x[:, :4], y)
-    assert (divides.method, divides.quantity) == ("gauss_newton", "gauss_newton")
-    assert "'div'" in divides.reason and "does not apply" in divides.reason
+    arctan = choose_method(_Arctan().double(), normalized_softmax_cross_entropy, x[:, :4], y)
+    assert (arctan.method, arctan.quantity) == ("gauss_newton", "gauss_newton")
+    assert "'atan'" in arctan.reason and "does not apply" in arctan.reason
     wide_x, wide_y = _data(1, classes=48)[0]
     many = choose_method(_mlp(classes=48), normalized_softmax_cross_entropy, wide_x, wide_y)
     assert (many.method, many.quantity) == ("gauss_newton_sketch", "hessian")  # GGN == H for a ReLU network

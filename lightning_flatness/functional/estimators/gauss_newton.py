@@ -36,13 +36,9 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from lightning_flatness.functional.estimators.exact import (
-    ExactMethodNotApplicable,
-    _autograd_inputs,
-    _ggn_diagonal,
-    _loss_factors,
-    _record_forward,
-)
+from lightning_flatness.functional.estimators.exact import ExactMethodNotApplicable, _ggn_diagonal
+from lightning_flatness.functional.estimators.loss_factors import _loss_factors
+from lightning_flatness.functional.estimators.recorder import _autograd_inputs, _record_forward
 from lightning_flatness.functional.model_io import ModelInputs
 
 __all__ = ["gauss_newton_exact_diagonal", "gauss_newton_from_columns", "refuse_unless_gauss_newton_applies"]

@@ -81,14 +81,7 @@ from torch import Tensor, nn
 
 from lightning_flatness.functional.estimators.exact import (
     _BATCHED_BACKWARD_ELEMENTS,
-    _autograd_inputs,
     _batched_backward,
-    _fast_path_blockers,
-    _interaction_probe,
-    _loss_factors,
-    _record_forward,
-    _RecordedForward,
-    rows_of_other_samples,
 )
 from lightning_flatness.functional.estimators.gauss_newton import refuse_unless_gauss_newton_applies
 from lightning_flatness.functional.estimators.layer_rules import (
@@ -99,6 +92,15 @@ from lightning_flatness.functional.estimators.layer_rules import (
     accumulate_layer,
     accumulate_shared,
     per_sample_call,
+)
+from lightning_flatness.functional.estimators.loss_factors import _loss_factors
+from lightning_flatness.functional.estimators.recorder import (
+    _autograd_inputs,
+    _fast_path_blockers,
+    _interaction_probe,
+    _record_forward,
+    _RecordedForward,
+    rows_of_other_samples,
 )
 from lightning_flatness.functional.loss_hessian_factors import (
     StructuredLossHessian,

@@ -58,8 +58,8 @@ it runs through fused kernels' first derivatives, and under
 Face's attention in explicit ops, so that ``softmax`` and the products are seen).
 
 **Limits (refused with the operation named).** An op on weight-dependent tensors that is neither
-piecewise linear nor covered by a node rule (division by a weight-dependent tensor, fused
-``scaled_dot_product_attention`` called directly, train-mode BatchNorm or dropout); a selected
+piecewise linear nor covered by a node rule (``atan``, an LSTM, fused ``scaled_dot_product_attention``
+called directly, train-mode BatchNorm or dropout, a nonlinear reparametrization of a weight); a selected
 weight used twice by anything but Linear layers and embedding lookups, or whose per-sample columns
 would exceed :data:`TIED_COLUMN_ELEMENTS`; an op input changed in place after the op (activation
 *modules* built with ``inplace=True`` run out of place under
@@ -78,14 +78,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_flatness.functional.estimators.exact import (
-    ExactMethodNotApplicable,
-    _autograd_inputs,
-    _fast_path_blockers,
-    _loss_factors,
-    _record_forward,
-    _RecordedForward,
-)
+from lightning_flatness.functional.estimators.exact import ExactMethodNotApplicable
 from lightning_flatness.functional.estimators.gauss_newton_sketch import (
     MAX_EXACT_FACTOR_OUTPUTS,
     _diagonal_by_chunks,
@@ -95,8 +88,15 @@ from lightning_flatness.functional.estimators.gauss_newton_sketch import (
     _mixed_base_columns,
     samples_interact,
 )
+from lightning_flatness.functional.estimators.loss_factors import _loss_factors
 from lightning_flatness.functional.estimators.method_choice import SKETCH_MIN_WORK
 from lightning_flatness.functional.estimators.node_rules import NODE_RULES, NodeCall
+from lightning_flatness.functional.estimators.recorder import (
+    _autograd_inputs,
+    _fast_path_blockers,
+    _record_forward,
+    _RecordedForward,
+)
 from lightning_flatness.functional.model_io import ModelInputs
 from lightning_flatness.functional.twice_differentiable import twice_differentiable
 

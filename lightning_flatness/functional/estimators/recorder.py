@@ -1,0 +1,628 @@
+"""The recorded forward pass shared by the exact and sketched estimators: one run of the model under a
+torch function mode (:class:`_ForwardRecorder`) with fresh leaves for the selected weights, which records
+
+- every call of a layer rule's op whose weight or bias is a selected weight, or a function of the selected
+  weights alone (a transpose, a cloned bias, weight standardization), as a
+  :class:`~.layer_rules.base.LayerCall` for the per-layer contractions;
+- every operation on weight-dependent tensors, checked against the tables of :mod:`.op_tables`: the
+  reasons the Hessian diagonal differs from the Gauss-Newton diagonal (``issues``), the weights used
+  outside a layer rule's op (``other_uses``), the random draws, and with ``record_nodes`` the nonlinear
+  operations as :class:`~.node_rules.NodeCall` s for :mod:`.hessian_sketch`;
+- the operations of the folded-column backward pass (:class:`~.layer_rules.column_backward.ColumnTape`).
+
+Also here: the checks that decide between the per-layer path and per-sample backward passes
+(:func:`_fast_path_blockers`, the batch-independence probe's rows: :func:`rows_of_other_samples`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from lightning_flatness.functional.composite_attention import explicit_multi_head_attention
+from lightning_flatness.functional.estimators.layer_rules import LAYER_RULES, LayerCall
+from lightning_flatness.functional.estimators.layer_rules.column_backward import ColumnTape
+from lightning_flatness.functional.estimators.node_rules import NODE_RULES, NodeCall
+from lightning_flatness.functional.estimators.op_tables import (
+    _ADDITIVE_ARGUMENT,
+    _DIVISIONS,
+    _MAY_DRAW_RANDOM_NUMBERS,
+    _MODE_DEFAULT,
+    _MODE_DEPENDENT_OPS,
+    _RANDOM_FUNCTIONS,
+    MULTILINEAR_OPS,
+    PIECEWISE_LINEAR_OPS,
+    _argument,
+    _keeps_samples_apart,
+    _op_name,
+    _requiring_grad,
+    _tensors,
+)
+from lightning_flatness.functional.model_io import ModelInputs, extract_logits, inputs_batch_size, map_inputs
+
+__all__ = ["rows_of_other_samples"]
+
+
+class _ForwardRecorder(TorchFunctionMode):
+    """Records the selected layers' calls and every operation on weight-dependent tensors.
+
+    A tensor depends on the selected weights iff it requires grad: the forward runs with every
+    other parameter and the inputs detached.
+    """
+
+    def __init__(self, leaves: dict[str, Tensor], clone_outputs: bool = False, batch_size: int = -1):
+        super().__init__()
+        self.leaves = leaves
+        # whether every operation on weight-dependent tensors provably keeps the samples (dim 0 of
+        # size batch_size) apart (see _keeps_samples_apart); then the batch-independence probe is
+        # not needed
+        self.batch_size = batch_size
+        self.samples_apart = batch_size >= 1
+        # give the model a clone of each recorded layer output (else the output itself; then an
+        # in-place change of it, seen by its version counter, calls for a forward with clones)
+        self.clone_outputs = clone_outputs
+        self.names_by_id = {id(t): n for n, t in leaves.items()}
+        self.module_stack: list[str] = []
+        self.calls: list[LayerCall] = []
+        self.uses: dict[str, list[str]] = {n: [] for n in leaves}  # parameter -> ops using it
+        self.other_uses: dict[str, list[str]] = {n: [] for n in leaves}
+        self.issues: list[str] = []
+        self.random_ops: list[str] = []  # calls that draw random numbers (train-mode dropout, rand, ...)
+        self._seen_nodes: dict[int, Any] = {}  # grad_fn nodes of outputs of observed operations
+        # the operations with hand-written backward formulas for the K columns folded into the batch
+        # (layer_rules.column_backward), with the copies of the layer outputs as identities
+        self.tape = ColumnTape(set(self.names_by_id))
+        # with record_nodes (the sketched Hessian diagonal): every flagged operation that a node rule
+        # covers (its local curvature, node_rules), and the flagged ones that none covers
+        self.nodes: Optional[list[NodeCall]] = None
+        self.uncovered: list[str] = []
+        # with record_nodes: linear calls of a selected weight on a weight-dependent input, as
+        # products (h, W) (node_rules.tied_linear: their curvature matters for a weight used twice)
+        self.weight_products: list[NodeCall] = []
+        # functions of the selected weights alone (a transpose, a clone, weight standardization or
+        # normalization): {id: (tensor, the leaves' names)}; a layer call that takes one as its weight or
+        # bias is recorded under a name of its own, {name: (tensor, leaves' names)} in derived_weights, and
+        # its per-sample gradients are pulled back to the leaves (layer_rules.shared)
+        self.derived: dict[int, tuple[Tensor, frozenset[str]]] = {}
+        self.derived_weights: dict[str, tuple[Tensor, tuple[str, ...]]] = {}
+        self._derived_names: dict[int, str] = {}
+        # recorded layer outputs (and the copies given to the model) -> (output, call): a selected bias added
+        # to one right after (``x @ W.T + b``) becomes the call's bias
+        self._call_of_output: dict[int, tuple[Tensor, LayerCall]] = {}
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def where(self) -> str:
+        return self.module_stack[-1] if self.module_stack else "the model's forward"
+
+    def mark_seen(self, tensors: Iterable[Tensor]) -> None:
+        for t in tensors:
+            if t.grad_fn is not None:
+                self._seen_nodes[id(t.grad_fn)] = t.grad_fn
+
+    def produced_by_seen_op(self, t: Tensor) -> bool:
+        return t.grad_fn is None or id(t.grad_fn) in self._seen_nodes
+
+    def flag(self, message: str) -> None:
+        entry = f"{message} in {self.where()}"
+        if entry not in self.issues:
+            self.issues.append(entry)
+
+    # -- the mode --------------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        dependent = _requiring_grad(args, kwargs)
+        # producers are checked before the call: an in-place op replaces its input's grad_fn
+        unseen = [  # (functions of the weights are known by identity: an in-place change is theirs)
+            t.grad_fn for t in dependent if id(t) not in self.derived and not self.produced_by_seen_op(t)
+        ]
+        out = func(*args, **kwargs)
+        name = _op_name(func)
+        if name in _MAY_DRAW_RANDOM_NUMBERS and self._draws_random_numbers(name, args, kwargs):
+            entry = f"{name!r} in {self.where()}"
+            if entry not in self.random_ops:
+                self.random_ops.append(entry)
+        if isinstance(out, Tensor):
+            if not out.requires_grad:
+                return out  # constant w.r.t. the selected weights: nothing to check
+            out_tensors = [out]
+        else:
+            out_tensors = list(_tensors(out)) if out is not None else list(_tensors(args[:1]))
+            if not any(t.requires_grad for t in out_tensors):
+                return out
+        weights_only = all(self._is_weight(t) for t in dependent)
+        if weights_only and not unseen and not self._takes_data(name, args, kwargs):
+            self._derive(name, args, kwargs, dependent, out_tensors)
+            return out
+        if self.samples_apart and not _keeps_samples_apart(
+            name,
+            args,
+            kwargs,
+            [t for t in dependent if not self._is_weight(t)],  # the selected weights are shared
+            out_tensors,
+            self.batch_size,
+        ):
+            self.samples_apart = False
+        if unseen:  # a gradient path the tape cannot see: only autograd follows it
+            self.tape.reject()
+        for node in unseen:
+            self.flag(
+                f"a tensor produced by an operation invisible to torch function modes "
+                f"({type(node).__name__}, e.g. a custom autograd.Function) reaches {name!r}"
+            )
+        call = self._record_layer_call(name, args, kwargs, out) if name in LAYER_RULES else None
+        absorbed = self._added_bias(args, kwargs, dependent) if name == "add" else None
+        for t in dependent:
+            if t is absorbed:
+                continue
+            param = self.names_by_id.get(id(t))
+            if param is not None and (
+                call is None or t is not self._leaf(call.weight) and t is not self._leaf(call.bias)
+            ):
+                self.other_uses[param].append(f"{name!r} in {self.where()}")
+            elif id(t) in self.derived and (
+                call is None or self._derived_names.get(id(t)) not in (call.weight, call.bias)
+            ):
+                for leaf in sorted(self.derived[id(t)][1]):
+                    self.other_uses[leaf].append(f"{name!r} (on a function of the weight) in {self.where()}")
+        recorded: Optional[NodeCall] = None
+        if self._check_exactness(name, args, kwargs, dependent) and self.nodes is not None:
+            recorded = self._record_node(name, func, args, kwargs, dependent, out)
+        self.tape.record(name, func, args, kwargs, out)
+        if call is not None or recorded is not None:
+            if self.clone_outputs:
+                copy = out.clone()  # in-place ops downstream (ReLU(inplace=True)) must not change z
+                self.tape.record_copy(out, copy)
+                out = copy
+                out_tensors = [out]
+            if call is not None:
+                call.version = call.output._version
+                self._call_of_output[id(out)] = (out, call)
+            if recorded is not None:  # its output stays the op's, for its adjoint (node_rules)
+                recorded.versions[-1] = recorded.output._version
+        self.mark_seen(out_tensors)
+        return out
+
+    def outputs_changed_in_place(self) -> bool:
+        """Whether the model changed a recorded layer output, or a recorded op's output, in place (its
+        version counter moved; e.g. ``result += input`` after an activation)."""
+        return any(call.output._version != call.version for call in self.calls) or any(
+            node.output._version != node.versions[-1] for node in self.nodes or []
+        )
+
+    def _added_bias(self, args: tuple, kwargs: dict, dependent: list[Tensor]) -> Optional[Tensor]:
+        """In ``z + b`` (or ``b + z``) with ``z`` a recorded layer output without a bias and ``b`` a 1-D
+        selected weight (or function of one) that the layer's rule takes as its bias (``x @ W.T + b``,
+        Falcon's ``FalconLinear``): ``b``, now the call's bias; else None."""
+        if len(dependent) != 2 or len(args) != 2 or kwargs.get("alpha", 1) != 1:
+            return None
+        z, b = args
+        if not isinstance(z, Tensor) or not isinstance(b, Tensor):
+            return None
+        if self._is_weight(z):
+            z, b = b, z
+        found = self._call_of_output.get(id(z))
+        if found is None or found[0] is not z or not self._is_weight(b) or b.ndim != 1:
+            return None
+        call = found[1]
+        if call.bias is not None or not LAYER_RULES[call.op].accepts_added_bias(call, b):
+            return None
+        bias = call.bias = self._weight_name(b)
+        assert bias is not None  # b is a weight
+        for leaf in self.derived_weights[bias][1] if bias in self.derived_weights else (bias,):
+            self.uses[leaf].append(f"'add' (the bias of {call.op!r}) in {self.where()}")
+        return b
+
+    def _is_weight(self, t: Tensor) -> bool:
+        """A selected weight, or a function of the selected weights alone."""
+        return id(t) in self.names_by_id or id(t) in self.derived
+
+    def _derive(
+        self, name: str, args: tuple, kwargs: dict, dependent: list[Tensor], outputs: list[Tensor]
+    ) -> None:
+        """An op on selected weights only (``W.T``, ``bias.clone()``, weight standardization,
+        ``torch._weight_norm``): its outputs are weights too, functions of the same leaves. Nothing is
+        recorded for the backward columns (they never reach such an op); a nonlinear op makes the Hessian
+        differ from the Gauss-Newton matrix, which is flagged."""
+        sources = frozenset().union(*(self._sources(t) for t in dependent))
+        for t in outputs:
+            if t.requires_grad and id(t) not in self.names_by_id:
+                self.derived[id(t)] = (t, sources)
+                self.tape.leaf_ids.add(id(t))
+        if not self._linear_in_the_weights(name, args, kwargs, dependent):
+            self.flag(
+                f"{name!r} makes a selected weight a nonlinear function of the weights (a reparametrized "
+                "weight: weight standardization or normalization)"
+            )
+            entry = f"{name!r} in {self.where()} (a nonlinear function of the weights alone)"
+            if self.nodes is not None and entry not in self.uncovered:
+                self.uncovered.append(entry)  # no node rule samples a weight's own reparametrization
+        self.mark_seen(outputs)
+
+    def _sources(self, t: Tensor) -> frozenset[str]:
+        """The selected weights that ``t`` (a weight or a function of weights) depends on."""
+        return frozenset({self.names_by_id[id(t)]}) if id(t) in self.names_by_id else self.derived[id(t)][1]
+
+    def _takes_data(self, name: str, args: tuple, kwargs: dict) -> bool:
+        """Whether ``name`` is a layer rule's op whose input is not a weight (``F.linear(x, W)`` with an input
+        that needs no gradient: a layer call, not a function of the weights)."""
+        if name not in LAYER_RULES:
+            return False
+        inputs = _argument(args, kwargs, *LAYER_RULES[name].input_argument)
+        return not (isinstance(inputs, Tensor) and inputs.requires_grad and self._is_weight(inputs))
+
+    def _linear_in_the_weights(self, name: str, args: tuple, kwargs: dict, dependent: list[Tensor]) -> bool:
+        """Whether an op on weights alone keeps the result linear in each individual weight: a linear op
+        (:data:`PIECEWISE_LINEAR_OPS`, zeroing), a division by a constant, or a product whose factors
+        depend on disjoint sets of weights (``B @ A`` of a low-rank update; not ``W @ W.T``)."""
+        if name in PIECEWISE_LINEAR_OPS or name == "zero":
+            return True
+        if name in _DIVISIONS:
+            denominator = _argument(args, kwargs, _DIVISIONS[name], ("other",))
+            return not (isinstance(denominator, Tensor) and denominator.requires_grad)
+        if name in MULTILINEAR_OPS:
+            additive = _ADDITIVE_ARGUMENT.get(name)
+            skip = _argument(args, kwargs, additive[0], (additive[1],)) if additive else None
+            seen: set[str] = set()
+            for t in dependent:
+                if t is not skip:
+                    sources = self._sources(t)
+                    if seen & sources:
+                        return False
+                    seen |= sources
+            return True
+        return False
+
+    def _weight_name(self, t: Any) -> Optional[str]:
+        """The name of a layer call's weight or bias argument ``t``: a selected weight's, the name given to a
+        function of the selected weights (registered in :attr:`derived_weights`), or None."""
+        if not isinstance(t, Tensor):
+            return None
+        name = self.names_by_id.get(id(t))
+        if name is not None or id(t) not in self.derived:
+            return name
+        name = self._derived_names.get(id(t))
+        if name is None:
+            tensor, sources = self.derived[id(t)]
+            name = f"{'+'.join(sorted(sources))} (a function of it, #{len(self.derived_weights)})"
+            self._derived_names[id(t)] = name
+            self.derived_weights[name] = (tensor, tuple(sorted(sources)))
+        return name
+
+    @staticmethod
+    def _draws_random_numbers(name: str, args: tuple, kwargs: dict) -> bool:
+        if name in _MODE_DEPENDENT_OPS and name != "batch_norm":
+            position, keys = _MODE_DEPENDENT_OPS[name]
+            return bool(_argument(args, kwargs, position, keys, True))
+        if name == "rrelu":  # random slopes in training mode only
+            return bool(_argument(args, kwargs, 3, ("training",), False))
+        return name in _RANDOM_FUNCTIONS
+
+    def _leaf(self, name: Optional[str]) -> Optional[Tensor]:
+        return self.leaves.get(name) if name is not None else None
+
+    def _record_layer_call(self, name, args, kwargs, out) -> Optional[LayerCall]:
+        rule = LAYER_RULES[name]
+        weight = _argument(args, kwargs, *rule.weight_argument)
+        bias = _argument(args, kwargs, *rule.bias_argument) if rule.bias_argument else None
+        inputs = _argument(args, kwargs, *rule.input_argument)
+        if not isinstance(inputs, Tensor):
+            return None
+        weight_name, bias_name = self._weight_name(weight), self._weight_name(bias)
+        if weight_name is None and bias_name is None:
+            return None
+        detached = inputs.detach() if inputs.requires_grad else inputs
+        call = LayerCall(name, self.where(), detached, out, weight_name, bias_name)
+        rule.record(call, args, kwargs, weight)
+        self._call_of_output[id(out)] = (out, call)
+        if self.nodes is not None and name == "linear" and weight_name is not None and inputs.requires_grad:
+            product = NodeCall("linear", self.where(), F.linear, args, kwargs, [inputs, weight], out)
+            self.weight_products.append(product)
+        for param in (weight_name, bias_name):
+            if param in self.derived_weights:
+                for leaf in self.derived_weights[param][1]:
+                    self.uses[leaf].append(f"{name!r} (through a function of the weight) in {self.where()}")
+            elif param is not None:
+                self.uses[param].append(f"{name!r} in {self.where()}")
+        self.calls.append(call)
+        return call
+
+    def _record_node(
+        self, name: str, func: Any, args: tuple, kwargs: dict, dependent: list[Tensor], out: Any
+    ) -> Optional[NodeCall]:
+        """Record a flagged operation for its node rule (:mod:`.node_rules`), or note it as uncovered;
+        the recorded call, or None."""
+        rule = NODE_RULES.get(name)
+        inputs = [t for t in dependent if id(t) not in self.names_by_id]
+        call = None
+        in_place = any(t is out for t in inputs)  # its input is gone: the curvature cannot be evaluated
+        if rule is not None and isinstance(out, Tensor) and inputs and not in_place:
+            call = NodeCall(name, self.where(), func, args, kwargs, inputs, out)
+        if rule is None or call is None or not rule.accepts(call):
+            entry = f"{name!r} in {self.where()}" + (" (in place)" if in_place else "")
+            if entry not in self.uncovered:
+                self.uncovered.append(entry)
+            return None
+        cast(list, self.nodes).append(call)
+        return call
+
+    def _check_exactness(self, name: str, args: tuple, kwargs: dict, dependent: list[Tensor]) -> bool:
+        """Flag ``name`` when it makes the network nonlinear in a weight; whether it did."""
+        if name in PIECEWISE_LINEAR_OPS:
+            return False
+        if name in _MODE_DEPENDENT_OPS:
+            position, keys = _MODE_DEPENDENT_OPS[name]
+            training = _argument(args, kwargs, position, keys, _MODE_DEFAULT.get(name, True))
+            if training:
+                what = (
+                    "batch_norm with batch statistics (BatchNorm in training mode or without running "
+                    "stats: a nonlinear function of the weights that couples the samples)"
+                    if name == "batch_norm"
+                    else f"{name} in training mode (a random mask)"
+                )
+                self.flag(f"{what}; call model.eval() first")
+            # the affine weight and bias may be selected leaves themselves (each enters linearly, once:
+            # y = weight * normalized(input) + bias with running statistics); anything else that depends
+            # on the weights (statistics, or affine parameters computed from weights) is not exact
+            extra = [
+                t
+                for t in dependent
+                if t is not _argument(args, kwargs, 0, ("input",)) and id(t) not in self.names_by_id
+            ]
+            if extra:
+                self.flag(f"{name!r} with weight-dependent affine parameters or statistics")
+            return bool(training or extra)
+        if name in _DIVISIONS:
+            denominator = _argument(args, kwargs, _DIVISIONS[name], ("other",))
+            if isinstance(denominator, Tensor) and denominator.requires_grad:
+                self.flag(f"division by a weight-dependent tensor ({name!r})")
+                return True
+            return False
+        if name in MULTILINEAR_OPS:
+            additive = _ADDITIVE_ARGUMENT.get(name)
+            skip = _argument(args, kwargs, additive[0], (additive[1],)) if additive else None
+            factors = [t for t in dependent if t is not skip and not self._is_weight(t)]
+            if len(factors) > 1:
+                self.flag(
+                    f"{name!r} multiplies {len(factors)} weight-dependent tensors (not linear in each weight)"
+                )
+            return len(factors) > 1
+        self.flag(
+            f"{name!r} is not piecewise linear (not on the allowlist PIECEWISE_LINEAR_OPS / MULTILINEAR_OPS)"
+        )
+        return True
+
+
+def _fast_path_blockers(recorder: _ForwardRecorder, leaves: dict[str, Tensor], n: int) -> list[str]:
+    """Reasons the per-layer contractions do not apply: they need every use of a selected weight to be a
+    call of a layer rule's op (a weight used by several such calls is contracted from their summed
+    per-sample gradients: :mod:`.layer_rules.shared`), with the samples along dim 0."""
+    reasons = []
+    for name in leaves:
+        if recorder.other_uses[name]:
+            reasons.append(f"{name!r} is used by {recorder.other_uses[name][0]}")
+    for call in recorder.calls:
+        if not LAYER_RULES[call.op].is_batched(call, n):
+            reasons.append(
+                f"{call.op} in {call.module} does not have the batch (size {n}) along dim 0 "
+                f"(input shape {tuple(call.inputs.shape)})"
+            )
+    return reasons
+
+
+def rows_of_other_samples(t: Tensor, n: int) -> Tensor:
+    """The entries of ``t`` that belong to samples ``1..n-1``, which a probe on sample 0's logits must not
+    reach: ``t[1:]`` when dim 0 is the batch; with ``n k`` rows along dim 0 (``k`` per sample, sample-
+    major, as windowed attention lays them out), the rows from ``k`` on. Rows in any other order put
+    some of sample 0's rows there too, so the probe flags them, as it must (the per-layer contractions
+    read the rows sample-major: :meth:`~.layer_rules.base.LayerRule.regroup`)."""
+    return t.reshape(n, -1)[1:]
+
+
+def _interaction_probe(logits: Tensor) -> Tensor:
+    """A random output gradient on sample 0 only (zero elsewhere), for the batch-independence check."""
+    probe = torch.zeros_like(logits)
+    probe[0] = _probe_values(tuple(logits.shape[1:]), logits.dtype, logits.device)
+    return probe
+
+
+@functools.lru_cache(maxsize=32)
+def _probe_values(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The batch-independence probe's output gradient on sample 0 (zero on the others): fixed
+    standard-normal values (seed 0), drawn once per shape (read-only)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+
+
+class _ModuleNames:
+    """Keeps the path of the module being run (for messages), with two global forward hooks
+    (``register_module_forward_pre_hook`` / ``register_module_forward_hook``) that look each module up
+    in a table of ``model``'s modules: two registrations per forward instead of two per module.
+    Modules outside ``model`` are ignored."""
+
+    def __init__(self, model: nn.Module, stack: list[str]):
+        labels = {}
+        for path, module in model.named_modules():
+            kind = type(module).__name__
+            labels[id(module)] = f"module {path!r} ({kind})" if path else f"{kind}.forward"
+
+        def enter(module: nn.Module, *_: Any) -> None:
+            label = labels.get(id(module))
+            if label is not None:
+                stack.append(label)
+
+        def leave(module: nn.Module, *_: Any) -> None:  # returns None: the output is left as it is
+            label = labels.get(id(module))
+            if label is not None and stack and stack[-1] == label:
+                stack.pop()
+
+        self.handles = [
+            torch.nn.modules.module.register_module_forward_pre_hook(enter),
+            torch.nn.modules.module.register_module_forward_hook(leave, always_call=True),
+        ]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@dataclass
+class _RecordedForward:
+    """One forward pass under :class:`_ForwardRecorder` and what it found."""
+
+    recorder: _ForwardRecorder
+    logits: Tensor  # in the graph of `leaves`
+    leaves: dict[str, Tensor]
+    issues: list[str]  # reasons the model is not piecewise linear in each selected weight
+
+
+def _autograd_inputs(inputs: ModelInputs, target: Tensor) -> tuple[ModelInputs, Tensor]:
+    """Inputs (a tensor, tuple or dict of them) and targets usable under autograd (inference tensors
+    are cloned, the rest detached)."""
+    x = map_inputs(inputs, lambda t: t.clone() if t.is_inference() else t.detach())
+    y = target.clone() if target.is_inference() else target
+    return x, y
+
+
+@contextlib.contextmanager
+def _module_tensors_swapped(
+    model: nn.Module, leaves: Mapping[str, Tensor], params: Mapping[str, Tensor]
+) -> Iterator[None]:
+    """For the block, every parameter slot of ``model``'s modules holds the leaf of its selected
+    parameter (``leaves[name]`` for ``params[name]``) or a detached alias, and every buffer slot a
+    clone (train-mode BatchNorm updates the clone). Slots are matched by tensor identity, so tied
+    weights and submodules registered under two paths get the same replacement, and the original
+    objects are put back afterwards: what ``torch.func.functional_call`` does, without its per-name
+    lookups (and without pytorch/pytorch#164759, see
+    :func:`~._functional_model.restore_module_tensors`).
+
+    Raises:
+        ValueError: a tensor of ``params`` is not a parameter of ``model``.
+    """
+    replacement = {id(params[name]): leaf for name, leaf in leaves.items()}
+    slots: list[tuple[dict[str, Any], str, Tensor, bool]] = []  # (store, name, original, is buffer)
+    for module in model.modules():
+        for store, is_buffer in ((module._parameters, False), (module._buffers, True)):
+            for name, tensor in store.items():
+                if tensor is not None:
+                    slots.append((cast(dict[str, Any], store), name, tensor, is_buffer))
+    swapped: dict[int, Tensor] = {}
+    for slot, name, tensor, is_buffer in slots:
+        new = swapped.get(id(tensor))
+        if new is None:
+            new = replacement.get(id(tensor))
+            if new is None:
+                new = tensor.clone() if is_buffer else tensor.detach()
+            swapped[id(tensor)] = new
+        slot[name] = new
+    try:
+        missing = [name for name in leaves if id(params[name]) not in swapped]
+        if missing:
+            raise ValueError(
+                f"{missing} are not parameters of the model; select them from model.named_parameters()."
+            )
+        yield
+    finally:
+        for slot, name, tensor, _ in slots:
+            slot[name] = tensor
+
+
+#: models seen changing a recorded layer output in place (Conv -> BatchNorm -> ReLU(inplace=True)):
+#: their next forwards copy the outputs at once instead of running twice. Only a hint: without it
+#: the version check still catches the change.
+_IN_PLACE_MODELS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def _changes_outputs_in_place(model: nn.Module) -> bool:
+    try:
+        return _IN_PLACE_MODELS.get(model, False)
+    except TypeError:  # not weak-referenceable
+        return False
+
+
+def _remember_in_place_changes(model: nn.Module) -> None:
+    try:
+        _IN_PLACE_MODELS[model] = True
+    except TypeError:
+        pass
+
+
+def _call(model: nn.Module, x: ModelInputs) -> Any:
+    """``model`` called on ``x`` as :func:`call_model` would call it (raw output)."""
+    if isinstance(x, Mapping):
+        return model(**x)
+    if isinstance(x, (tuple, list)):
+        return model(*x)
+    return model(x)
+
+
+def _record_forward(
+    model: nn.Module, x: ModelInputs, params: dict[str, nn.Parameter], caller: str, record_nodes: bool = False
+) -> _RecordedForward:
+    """Run ``model(x)`` with fresh leaves for ``params`` (everything else detached, buffers cloned),
+    recording the selected layers' calls and every operation on weight-dependent tensors (with
+    ``record_nodes``, also the nonlinear ones as :class:`~.node_rules.NodeCall` s, in
+    ``recorder.nodes``, and those no node rule covers in ``recorder.uncovered``).
+
+    The recorded layer outputs (and recorded ops' outputs) are passed on to the model as they are (no
+    copy); when the model changes one in place (``nn.ReLU(inplace=True)`` right after a Linear layer,
+    ``result += input`` after an activation), the forward is run again with copies, so that the
+    recorded output stays the layer's (the op's). ``nn.MultiheadAttention``
+    modules run their forward in explicit operations
+    (:func:`~lightning_flatness.functional.composite_attention.explicit_multi_head_attention`), so that
+    their projections are recorded as Linear layers instead of one opaque call.
+    """
+    leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
+    n = inputs_batch_size(x)
+    copied = _changes_outputs_in_place(model)
+    for clone_outputs in (True,) if copied else (False, True):  # copies if a layer output changes in place
+        recorder = _ForwardRecorder(leaves, clone_outputs, n)
+        if record_nodes:
+            recorder.nodes = []
+        module_names = _ModuleNames(model, recorder.module_stack)
+        try:
+            with (
+                _module_tensors_swapped(model, leaves, params),
+                explicit_multi_head_attention(model),
+                recorder,
+            ):
+                output = _call(model, x)
+        finally:
+            module_names.remove()
+        if clone_outputs or not recorder.outputs_changed_in_place():
+            break
+    if clone_outputs and not copied:
+        _remember_in_place_changes(model)
+    try:
+        logits = extract_logits(output)
+    except TypeError as err:
+        raise ValueError(f"{caller}: {err}") from None
+    if logits.ndim == 0 or logits.shape[0] != n:
+        raise ValueError(
+            f"the model output has shape {tuple(logits.shape)} for {n} samples; "
+            f"{caller} needs the samples along dim 0."
+        )
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("the model output contains NaN or inf; the Hessian diagonal is undefined there.")
+    issues = list(recorder.issues)
+    if logits.requires_grad and not recorder.produced_by_seen_op(logits):
+        issues.append(
+            f"the model output comes from an operation invisible to torch function modes "
+            f"({type(logits.grad_fn).__name__})"
+        )
+    for name in leaves:
+        uses = recorder.uses[name] + recorder.other_uses[name]
+        if len(uses) > 1:
+            issues.append(
+                f"weight {name!r} is used {len(uses)} times in one forward "
+                f"({'; '.join(uses[:3])}): the output is not linear in each of its entries"
+            )
+    return _RecordedForward(recorder, logits, leaves, issues)
