@@ -204,3 +204,77 @@ def test_a_head_tied_through_a_transpose_is_one_weight_with_the_embedding():
         ggn = gauss_newton_diagonal(model, F.cross_entropy, ids, y, params)
     assert any("'emb.weight' is used 2 times" in issue for issue in ggn.issues)
     _close(ggn.diagonal, brute_force_ggn_diagonal(model, F.cross_entropy, ids, y, list(params)), params)
+
+
+class PositionBiases(nn.Module):
+    """A learned position embedding added to the tokens and Swin V2's continuous position bias: a small MLP
+    on a constant grid (a function of its weights alone), squashed and added to the attention logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(3, 4), nn.Linear(4, 3)
+        self.pos_embed = nn.Parameter(torch.randn(1, 5, 4) * 0.3)
+        self.bias_mlp = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 1))
+        self.register_buffer("grid", torch.randn(5, 5, 2, generator=torch.Generator().manual_seed(3)))
+
+    def forward(self, x):  # (N, T=5, 3)
+        h = self.embed(x) + self.pos_embed
+        scores = h @ h.transpose(1, 2) + 4 * torch.sigmoid(self.bias_mlp(self.grid)).squeeze(-1)
+        return self.head((torch.softmax(scores, dim=-1) @ h).mean(dim=1))
+
+
+def test_offsets_broadcast_over_the_samples_take_the_per_layer_path():
+    torch.manual_seed(0)
+    model = PositionBiases().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 5, 3, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g)
+    params = select_parameters(model, "all")
+    assert {"pos_embed", "bias_mlp.0.weight", "bias_mlp.2.weight"} <= set(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ggn = gauss_newton_diagonal(model, F.cross_entropy, x, y, params)
+    assert any("'sigmoid' makes a selected weight a nonlinear" in issue for issue in ggn.issues)
+    _close(ggn.diagonal, brute_force_ggn_diagonal(model, F.cross_entropy, x, y, list(params)), params)
+
+
+def test_a_position_embedding_keeps_a_piecewise_linear_network_exact():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Linear(3, 4), nn.Linear(4 * 5, 3)
+            self.pos_embed = nn.Parameter(torch.randn(5, 4) * 0.3)  # (T, D): broadcast over the samples
+
+        def forward(self, x):
+            return self.head(torch.relu(self.embed(x) + self.pos_embed).flatten(1))
+
+    torch.manual_seed(0)
+    model = Tokens().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 5, 3, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g)
+    params = select_parameters(model, "all")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        diag = exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
+    _close(diag, brute_force_hessian_diagonal(model, F.cross_entropy, x, y, list(params)), params)
+
+
+def test_a_weight_combined_with_the_inputs_outside_a_layer_is_not_taken_for_a_function_of_the_weights():
+    """``einsum(x, W)`` on the raw inputs (no layer rule): the result depends on the data, so it is not a
+    function of the weights (whose layer calls would describe nothing); the per-sample path, exact."""
+
+    class RawEinsum(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.head = nn.Parameter(torch.randn(3, 4) / 2), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(torch.einsum("ni,ij->nj", x, self.w)))
+
+    torch.manual_seed(0)
+    model = RawEinsum().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 3, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g)
+    params = select_parameters(model, "all")
+    with pytest.warns(UserWarning, match="'w' is used by 'einsum'"):
+        diag = exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
+    _close(diag, brute_force_hessian_diagonal(model, F.cross_entropy, x, y, list(params)), params)

@@ -59,9 +59,23 @@ class _ForwardRecorder(TorchFunctionMode):
     other parameter and the inputs detached.
     """
 
-    def __init__(self, leaves: dict[str, Tensor], clone_outputs: bool = False, batch_size: int = -1):
+    def __init__(
+        self,
+        leaves: dict[str, Tensor],
+        clone_outputs: bool = False,
+        batch_size: int = -1,
+        data: Iterable[Tensor] = (),
+    ):
         super().__init__()
         self.leaves = leaves
+        # ids of the tensors computed from the model's inputs (``data``) or from constants with one row per
+        # sample, weight-dependent or not: an op on selected weights and other constants alone is a function
+        # of the weights. An id is dropped when an op produces a new tensor from other arguments (a freed
+        # data tensor's id reused)
+        self.data_ids: set[int] = {id(t) for t in data}
+        # whether the model's output was a function of the weights alone (set by _record_forward): then
+        # the layer calls do not describe it, and the per-layer path does not apply
+        self.output_is_weight_function = False
         # whether every operation on weight-dependent tensors provably keeps the samples (dim 0 of
         # size batch_size) apart (see _keeps_samples_apart); then the batch-independence probe is
         # not needed
@@ -125,6 +139,14 @@ class _ForwardRecorder(TorchFunctionMode):
             t.grad_fn for t in dependent if id(t) not in self.derived and not self.produced_by_seen_op(t)
         ]
         out = func(*args, **kwargs)
+        from_data = _holds_any(args, kwargs, self.data_ids) or self._holds_rows_per_sample(args, kwargs)
+        produced = [out] if isinstance(out, Tensor) else _tensors(out)
+        if from_data:
+            for t in produced:
+                self.data_ids.add(id(t))
+                self.derived.pop(id(t), None)  # a function of the weights changed in place by data
+        elif self.data_ids:  # a new tensor: its id, if a freed data tensor had it, is no longer data
+            self.data_ids.difference_update(id(t) for t in produced)
         name = _op_name(func)
         if name in _MAY_DRAW_RANDOM_NUMBERS and self._draws_random_numbers(name, args, kwargs):
             entry = f"{name!r} in {self.where()}"
@@ -138,8 +160,8 @@ class _ForwardRecorder(TorchFunctionMode):
             out_tensors = list(_tensors(out)) if out is not None else list(_tensors(args[:1]))
             if not any(t.requires_grad for t in out_tensors):
                 return out
-        weights_only = all(self._is_weight(t) for t in dependent)
-        if weights_only and not unseen and not self._takes_data(name, args, kwargs):
+        if not from_data and not unseen and all(self._is_weight(t) for t in dependent):
+            # selected weights and constants only (W.T, a position-bias MLP on a constant grid)
             self._derive(name, args, kwargs, dependent, out_tensors)
             return out
         if self.samples_apart and not _keeps_samples_apart(
@@ -160,6 +182,8 @@ class _ForwardRecorder(TorchFunctionMode):
             )
         call = self._record_layer_call(name, args, kwargs, out) if name in LAYER_RULES else None
         absorbed = self._added_bias(args, kwargs, dependent) if name == "add" else None
+        if name == "add" and absorbed is None and isinstance(out, Tensor):
+            call = self._record_offset(args, kwargs, out)  # x + pos_embed: the offset as a layer call
         for t in dependent:
             if t is absorbed:
                 continue
@@ -221,6 +245,40 @@ class _ForwardRecorder(TorchFunctionMode):
             self.uses[leaf].append(f"'add' (the bias of {call.op!r}) in {self.where()}")
         return b
 
+    def _holds_rows_per_sample(self, args: tuple, kwargs: dict) -> bool:
+        """Whether a constant argument has one row per sample along dim 0 (BERT's default token types, a
+        buffer expanded to the batch): per-sample data, not a constant of a function of the weights."""
+        for group in (args, kwargs.values()):
+            for item in group:
+                if isinstance(item, Tensor) and not item.requires_grad and item.ndim > 0:
+                    if item.shape[0] == self.batch_size:
+                        return True
+        return False
+
+    def _record_offset(self, args: tuple, kwargs: dict, out: Tensor) -> Optional[LayerCall]:
+        """``x + b`` with ``x`` weight-dependent data and ``b`` a selected weight (or a function of the
+        weights) broadcast over the samples (a position embedding, a relative position bias): a call of
+        the ``offset`` rule (:mod:`.layer_rules.offset`), or None."""
+        if len(args) != 2 or kwargs.get("alpha", 1) != 1:
+            return None
+        x, b = args
+        if not isinstance(x, Tensor) or not isinstance(b, Tensor):
+            return None
+        if self._is_weight(x):
+            x, b = b, x
+        if not x.requires_grad or self._is_weight(x) or not self._is_weight(b) or not 0 < b.ndim <= out.ndim:
+            return None
+        padded = (1,) * (out.ndim - b.ndim) + tuple(b.shape)
+        if padded[0] != 1:  # one offset per sample is not a weight shared by the samples
+            return None
+        name = self._weight_name(b)
+        assert name is not None  # b is a weight
+        call = LayerCall("offset", self.where(), out.detach(), out, name, None, options={"padded": padded})
+        for leaf in self.derived_weights[name][1] if name in self.derived_weights else (name,):
+            self.uses[leaf].append(f"'add' (an offset) in {self.where()}")
+        self.calls.append(call)
+        return call
+
     def _is_weight(self, t: Tensor) -> bool:
         """A selected weight, or a function of the selected weights alone."""
         return id(t) in self.names_by_id or id(t) in self.derived
@@ -250,14 +308,6 @@ class _ForwardRecorder(TorchFunctionMode):
     def _sources(self, t: Tensor) -> frozenset[str]:
         """The selected weights that ``t`` (a weight or a function of weights) depends on."""
         return frozenset({self.names_by_id[id(t)]}) if id(t) in self.names_by_id else self.derived[id(t)][1]
-
-    def _takes_data(self, name: str, args: tuple, kwargs: dict) -> bool:
-        """Whether ``name`` is a layer rule's op whose input is not a weight (``F.linear(x, W)`` with an input
-        that needs no gradient: a layer call, not a function of the weights)."""
-        if name not in LAYER_RULES:
-            return False
-        inputs = _argument(args, kwargs, *LAYER_RULES[name].input_argument)
-        return not (isinstance(inputs, Tensor) and inputs.requires_grad and self._is_weight(inputs))
 
     def _linear_in_the_weights(self, name: str, args: tuple, kwargs: dict, dependent: list[Tensor]) -> bool:
         """Whether an op on weights alone keeps the result linear in each individual weight: a linear op
@@ -401,11 +451,25 @@ class _ForwardRecorder(TorchFunctionMode):
         return True
 
 
+def _holds_any(args: tuple, kwargs: dict, ids: set[int]) -> bool:
+    """Whether a tensor in ``args`` or ``kwargs`` (nested in tuples, lists, dicts) has its id in ``ids``."""
+    for group in (args, kwargs.values()):
+        for item in group:
+            if isinstance(item, Tensor):
+                if id(item) in ids:
+                    return True
+            elif isinstance(item, (tuple, list, dict)) and any(id(t) in ids for t in _tensors(item)):
+                return True
+    return False
+
+
 def _fast_path_blockers(recorder: _ForwardRecorder, leaves: dict[str, Tensor], n: int) -> list[str]:
     """Reasons the per-layer contractions do not apply: they need every use of a selected weight to be a
     call of a layer rule's op (a weight used by several such calls is contracted from their summed
     per-sample gradients: :mod:`.layer_rules.shared`), with the samples along dim 0."""
     reasons = []
+    if recorder.output_is_weight_function:
+        reasons.append("the model's output was computed from the selected weights without its inputs")
     for name in leaves:
         if recorder.other_uses[name]:
             reasons.append(f"{name!r} is used by {recorder.other_uses[name][0]}")
@@ -584,7 +648,7 @@ def _record_forward(
     n = inputs_batch_size(x)
     copied = _changes_outputs_in_place(model)
     for clone_outputs in (True,) if copied else (False, True):  # copies if a layer output changes in place
-        recorder = _ForwardRecorder(leaves, clone_outputs, n)
+        recorder = _ForwardRecorder(leaves, clone_outputs, n, data=_tensors(x))
         if record_nodes:
             recorder.nodes = []
         module_names = _ModuleNames(model, recorder.module_stack)
@@ -605,6 +669,7 @@ def _record_forward(
         logits = extract_logits(output)
     except TypeError as err:
         raise ValueError(f"{caller}: {err}") from None
+    recorder.output_is_weight_function = any(id(t) in recorder.derived for t in (logits, logits._base))
     if logits.ndim == 0 or logits.shape[0] != n:
         raise ValueError(
             f"the model output has shape {tuple(logits.shape)} for {n} samples; "

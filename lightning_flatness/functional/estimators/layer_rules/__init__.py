@@ -2,7 +2,8 @@
 :data:`~.base.LAYER_RULES` (see :mod:`.base`). Built in: ``linear`` (:mod:`.linear`), ``addmm`` (Hugging
 Face's ``Conv1D``, :mod:`.addmm`), ``matmul`` by a weight (:mod:`.matmul`), ``conv1d``/``conv2d``/
 ``conv3d`` (:mod:`.conv`), ``embedding`` tables (:mod:`.embedding`), and the affine parameters of
-``batch_norm`` (eval mode), ``layer_norm``, ``group_norm`` and ``rms_norm`` (:mod:`.normalization`). A
+``batch_norm`` (eval mode), ``layer_norm``, ``group_norm`` and ``rms_norm`` (:mod:`.normalization`), and
+offsets added to every sample (a position embedding, a relative position bias: :mod:`.offset`). A
 weight used by several calls (a tied LM head, layers shared across depth), or through a function of
 itself (a transpose, weight standardization or normalization), is contracted from the sum of its calls'
 per-sample gradients, pulled back through the function (:mod:`.shared`). The backward pass that feeds
@@ -15,6 +16,7 @@ from lightning_flatness.functional.estimators.layer_rules import (  # noqa: F401
     linear,
     matmul,
     normalization,
+    offset,
 )
 from lightning_flatness.functional.estimators.layer_rules.base import (
     LAYER_RULES,
