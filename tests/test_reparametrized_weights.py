@@ -126,7 +126,7 @@ def test_nonlinear_reparametrizations_are_named_and_their_gauss_newton_diagonal_
     x, y = _data(model)
     params = select_parameters(model, "all")
     assert {"conv.weight", "wn.parametrizations.weight.original1"} <= set(params)
-    with pytest.raises(ExactMethodNotApplicable, match="'batch_norm' makes a selected weight a nonlinear"):
+    with pytest.raises(ExactMethodNotApplicable, match="'batch_norm' computes a weight nonlinearly"):
         exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -174,7 +174,7 @@ def test_a_weight_multiplied_by_itself_is_not_taken_for_linear():
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(6, 4, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g)
     params = select_parameters(model)
-    with pytest.raises(ExactMethodNotApplicable, match="'matmul' makes a selected weight a nonlinear"):
+    with pytest.raises(ExactMethodNotApplicable, match="'matmul' computes a weight nonlinearly"):
         exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -233,7 +233,7 @@ def test_offsets_broadcast_over_the_samples_take_the_per_layer_path():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ggn = gauss_newton_diagonal(model, F.cross_entropy, x, y, params)
-    assert any("'sigmoid' makes a selected weight a nonlinear" in issue for issue in ggn.issues)
+    assert any("'sigmoid' computes a weight nonlinearly" in issue for issue in ggn.issues)
     _close(ggn.diagonal, brute_force_ggn_diagonal(model, F.cross_entropy, x, y, list(params)), params)
 
 
@@ -278,3 +278,53 @@ def test_a_weight_combined_with_the_inputs_outside_a_layer_is_not_taken_for_a_fu
     with pytest.warns(UserWarning, match="'w' is used by 'einsum'"):
         diag = exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
     _close(diag, brute_force_hessian_diagonal(model, F.cross_entropy, x, y, list(params)), params)
+
+
+def test_a_reparametrized_network_is_measured_in_a_lightning_fit_without_changing_it():
+    """Weight standardization, weight normalization, a transposed weight, a zeroed bias copy and a low-rank
+    update, in a plain LightningModule: ``SharpnessMonitor()`` measures on the per-layer path (no
+    per-sample fallback warned) and the training run is bit-identical with and without it."""
+    import pytorch_lightning as pl
+    from callback_models import quiet_trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_flatness import SharpnessMonitor
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = Reparametrized()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", F.cross_entropy(self.net(x), y))
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(32, 2, 4, 4, generator=g), torch.randint(0, 3, (32,), generator=g))
+    runs = {}
+    for label, callbacks in [("without", []), ("with", [SharpnessMonitor(num_samples=16)])]:
+        pl.seed_everything(0, verbose=False)
+        module = Module()
+        loaders = DataLoader(data, batch_size=8, shuffle=True), DataLoader(data, batch_size=8)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet_trainer(callbacks, max_epochs=2).fit(module, *loaders)
+        assert not any("per-layer contractions do not apply" in str(w.message) for w in caught)
+        runs[label] = {k: v.clone() for k, v in module.state_dict().items()}
+        if callbacks:
+            history = callbacks[0].history
+            assert len(history) == 2 and history[-1]["method"] == "gauss_newton"
+            assert all(h["normalized"] > 0 for h in history)
+    assert runs["with"].keys() == runs["without"].keys()
+    for key in runs["without"]:
+        assert torch.equal(runs["with"][key], runs["without"][key]), key
