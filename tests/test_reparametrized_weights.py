@@ -131,7 +131,7 @@ def test_nonlinear_reparametrizations_are_named_and_their_gauss_newton_diagonal_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ggn = gauss_newton_diagonal(model, F.cross_entropy, x, y, params)
-    assert any("'_weight_norm' makes a selected weight" in issue for issue in ggn.issues)
+    assert any("'_weight_norm' computes a weight nonlinearly" in issue for issue in ggn.issues)
     assert not any("batch statistics" in issue for issue in ggn.issues)  # not taken for train-mode BN
     _close(ggn.diagonal, brute_force_ggn_diagonal(model, F.cross_entropy, x, y, list(params)), params)
     choice = choose_method(model, F.cross_entropy, x, y)  # no node rule samples a reparametrization

@@ -297,8 +297,8 @@ class _ForwardRecorder(TorchFunctionMode):
                 self.tape.leaf_ids.add(id(t))
         if not self._linear_in_the_weights(name, args, kwargs, dependent):
             self.flag(
-                f"{name!r} computes a weight nonlinearly from the selected weights alone (a reparametrization: "
-                "weight standardization or normalization, a position-bias MLP)"
+                f"{name!r} computes a weight nonlinearly from the selected weights alone (a "
+                "reparametrization: weight standardization or normalization, a position-bias MLP)"
             )
             entry = f"{name!r} in {self.where()} (a nonlinear function of the weights alone)"
             if self.nodes is not None and entry not in self.uncovered:
