@@ -97,6 +97,7 @@ MODELS: dict[str, Builder] = {
     "timm nf_resnet26 (weight standardization)": _timm("nf_resnet26"),
     "timm resnetv2_50x1_bit (weight standardization)": _timm("resnetv2_50x1_bit"),
     "torchvision swin_v2_t": _torchvision("swin_v2_t"),
+    "torchvision maxvit_t (224)": _torchvision("maxvit_t", size=224),
     "transformers BERT": _hf("BertForSequenceClassification", "BertConfig", "text", hidden_size=16, **_TEXT),
     "transformers DistilBERT": _hf(
         "DistilBertForSequenceClassification",

@@ -340,6 +340,34 @@ def test_refuses_an_operation_without_a_node_rule():
         hessian_sketch_diagonal(model, F.cross_entropy, x, y, select_parameters(model))
 
 
+def test_unbiased_through_attention_written_with_einsum():
+    """Scores and weighted values as ``einsum`` of two activations (``node_rules.einsum``): on the per-layer
+    path, unbiased for the brute-force Hessian diagonal."""
+
+    class EinsumAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.head = nn.Linear(3, 12), nn.Linear(4, 3)
+
+        def forward(self, x):  # (N, T=4, 3)
+            q, k, v = self.qkv(x).reshape(x.shape[0], 4, 3, 1, 4).unbind(dim=2)  # (N, T, heads=1, 4)
+            scores = torch.einsum("nihd,njhd->nhij", q, k)
+            out = torch.einsum("nhij,njhd->nihd", torch.softmax(scores, dim=-1), v)
+            return self.head(out.mean(dim=(1, 2)))
+
+    torch.manual_seed(0)
+    model = EinsumAttention().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 4, 3, generator=g, dtype=F64), torch.randint(0, 3, (5,), generator=g)
+    params = {k: v for k, v in select_parameters(model).items() if v.ndim >= 2}
+    names = list(params)
+    diag = brute_force_hessian(model, F.cross_entropy, x, y, names).diagonal()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # covered, and on the per-layer path
+        hessian_sketch_diagonal(model, F.cross_entropy, x, y, params)
+    _assert_unbiased(_estimates(model, F.cross_entropy, x, y, params, names, 40, num_sketches=4), diag)
+
+
 def test_refuses_train_mode_dropout():
     model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.Tanh(), nn.Linear(6, 3)).double().train()
     x, y = torch.randn(5, 4, dtype=F64), torch.randint(0, 3, (5,))

@@ -157,3 +157,26 @@ def test_reversed_division_rule():
     y = _leaf(2, 3, seed=1).abs() + 0.5
     adjoint = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
     _check(_call("rdiv", torch.Tensor.__rtruediv__, (y, 3.0), {}, [y]), adjoint)
+
+
+@pytest.mark.parametrize(
+    "equation, shapes",
+    [
+        ("bhid,bhjd->bhij", ((2, 2, 3, 4), (2, 2, 5, 4))),  # attention scores
+        ("bhij,bhjd->bhid", ((2, 2, 3, 5), (2, 2, 5, 4))),  # attention-weighted values
+        ("ik,kj->ij", ((3, 4), (4, 2))),
+    ],
+)
+def test_einsum_rule(equation, shapes):
+    x, y = _leaf(*shapes[0], seed=0), _leaf(*shapes[1], seed=1)
+    out_shape = torch.einsum(equation, x, y).shape
+    adjoint = torch.randn(out_shape, dtype=F64, generator=torch.Generator().manual_seed(2))
+    call = _call("einsum", lambda eq, a, b: torch.einsum(eq, a, b), (equation, x, y), {}, [x, y])
+    _check(call, adjoint)
+
+
+def test_einsum_rule_refuses_patterns_it_does_not_cover():
+    x, y = _leaf(3, 3, seed=0), _leaf(3, 4, seed=1)
+    for equation in ("ii,ij->j", "...k,kj->...j", "ik,kj"):
+        call = _call("einsum", torch.einsum, (equation, x, y), {}, [x, y])
+        assert not NODE_RULES["einsum"].accepts(call), equation
