@@ -13,10 +13,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from sketch_paths import sketch_on_both_paths
 from torch import nn
 from zoo_oracle import brute_force_ggn_diagonal, brute_force_hessian_diagonal
 
-import lightning_flatness.functional.estimators.gauss_newton_sketch as gauss_newton_sketch
 from lightning_flatness.functional import select_parameters
 from lightning_flatness.functional.estimators.exact import (
     ExactMethodNotApplicable,
@@ -144,19 +144,9 @@ def test_the_sketch_equals_its_per_sample_path_draw_by_draw(chunk_size, monkeypa
     model = Reparametrized().double().eval()
     x, y = _data(model)
     params = select_parameters(model, "all")
-
-    def estimate():
-        generator = torch.Generator().manual_seed(5)
-        return gauss_newton_sketch.gauss_newton_sketch_diagonal(
-            model, F.cross_entropy, x, y, params, generator=generator, chunk_size=chunk_size
-        )
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        per_layer = estimate()
-    monkeypatch.setattr(gauss_newton_sketch, "_fast_path_blockers", lambda *args: ["forced"])
-    with pytest.warns(UserWarning, match="per-layer contractions do not apply"):
-        per_sample = estimate()
+    per_layer, per_sample = sketch_on_both_paths(
+        model, F.cross_entropy, x, y, params, chunk_size, monkeypatch
+    )
     _close(per_layer, per_sample, params)
 
 

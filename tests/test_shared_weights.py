@@ -11,10 +11,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from sketch_paths import sketch_on_both_paths
 from torch import nn
 from zoo_oracle import brute_force_ggn_diagonal
 
-import lightning_flatness.functional.estimators.gauss_newton_sketch as gauss_newton_sketch
 from lightning_flatness.functional import select_parameters
 from lightning_flatness.functional.estimators.exact import gauss_newton_diagonal
 from lightning_flatness.functional.estimators.layer_rules import shared_call_groups
@@ -113,19 +113,7 @@ def test_a_scaled_addmm_is_left_to_the_per_sample_path():
 def test_the_sketch_of_shared_weights_equals_its_per_sample_path_draw_by_draw(kind, chunk_size, monkeypatch):
     model, x, y, loss = _problem(kind)
     params = select_parameters(model, "all")
-
-    def estimate():
-        generator = torch.Generator().manual_seed(5)
-        return gauss_newton_sketch.gauss_newton_sketch_diagonal(
-            model, loss, x, y, params, generator=generator, chunk_size=chunk_size
-        )
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        per_layer = estimate()
-    monkeypatch.setattr(gauss_newton_sketch, "_fast_path_blockers", lambda *args: ["forced"])
-    with pytest.warns(UserWarning, match="per-layer contractions do not apply"):
-        per_sample = estimate()
+    per_layer, per_sample = sketch_on_both_paths(model, loss, x, y, params, chunk_size, monkeypatch)
     for name in params:
         scale = float(per_sample[name].abs().max())
         assert scale > 0

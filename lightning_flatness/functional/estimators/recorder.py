@@ -181,7 +181,7 @@ class _ForwardRecorder(TorchFunctionMode):
                 f"({type(node).__name__}, e.g. a custom autograd.Function) reaches {name!r}"
             )
         call = self._record_layer_call(name, args, kwargs, out) if name in LAYER_RULES else None
-        absorbed = self._added_bias(args, kwargs, dependent) if name == "add" else None
+        absorbed = self._added_bias(args, kwargs) if name == "add" else None
         if name == "add" and absorbed is None and isinstance(out, Tensor):
             call = self._record_offset(args, kwargs, out)  # x + pos_embed: the offset as a layer call
         for t in dependent:
@@ -222,19 +222,16 @@ class _ForwardRecorder(TorchFunctionMode):
             node.output._version != node.versions[-1] for node in self.nodes or []
         )
 
-    def _added_bias(self, args: tuple, kwargs: dict, dependent: list[Tensor]) -> Optional[Tensor]:
+    def _added_bias(self, args: tuple, kwargs: dict) -> Optional[Tensor]:
         """In ``z + b`` (or ``b + z``) with ``z`` a recorded layer output without a bias and ``b`` a 1-D
         selected weight (or function of one) that the layer's rule takes as its bias (``x @ W.T + b``,
         Falcon's ``FalconLinear``): ``b``, now the call's bias; else None."""
-        if len(dependent) != 2 or len(args) != 2 or kwargs.get("alpha", 1) != 1:
+        operands = self._data_and_weight(args, kwargs)
+        if operands is None:
             return None
-        z, b = args
-        if not isinstance(z, Tensor) or not isinstance(b, Tensor):
-            return None
-        if self._is_weight(z):
-            z, b = b, z
+        z, b = operands
         found = self._call_of_output.get(id(z))
-        if found is None or found[0] is not z or not self._is_weight(b) or b.ndim != 1:
+        if found is None or found[0] is not z or b.ndim != 1:
             return None
         call = found[1]
         if call.bias is not None or not LAYER_RULES[call.op].accepts_added_bias(call, b):
@@ -244,6 +241,18 @@ class _ForwardRecorder(TorchFunctionMode):
         for leaf in self.derived_weights[bias][1] if bias in self.derived_weights else (bias,):
             self.uses[leaf].append(f"'add' (the bias of {call.op!r}) in {self.where()}")
         return b
+
+    def _data_and_weight(self, args: tuple, kwargs: dict) -> Optional[tuple[Tensor, Tensor]]:
+        """``(x, b)`` of ``add(x, b)`` or ``add(b, x)`` with ``b`` a selected weight (or a function of the
+        weights) and ``x`` not; None for any other ``add`` (``alpha``, two weights, no weight)."""
+        if len(args) != 2 or kwargs.get("alpha", 1) != 1:
+            return None
+        x, b = args
+        if not isinstance(x, Tensor) or not isinstance(b, Tensor):
+            return None
+        if self._is_weight(x):
+            x, b = b, x
+        return (x, b) if self._is_weight(b) and not self._is_weight(x) else None
 
     def _holds_rows_per_sample(self, args: tuple, kwargs: dict) -> bool:
         """Whether a constant argument has one row per sample along dim 0 (BERT's default token types, a
@@ -259,14 +268,11 @@ class _ForwardRecorder(TorchFunctionMode):
         """``x + b`` with ``x`` weight-dependent data and ``b`` a selected weight (or a function of the
         weights) broadcast over the samples (a position embedding, a relative position bias): a call of
         the ``offset`` rule (:mod:`.layer_rules.offset`), or None."""
-        if len(args) != 2 or kwargs.get("alpha", 1) != 1:
+        operands = self._data_and_weight(args, kwargs)
+        if operands is None:
             return None
-        x, b = args
-        if not isinstance(x, Tensor) or not isinstance(b, Tensor):
-            return None
-        if self._is_weight(x):
-            x, b = b, x
-        if not x.requires_grad or self._is_weight(x) or not self._is_weight(b) or not 0 < b.ndim <= out.ndim:
+        x, b = operands
+        if not x.requires_grad or not 0 < b.ndim <= out.ndim:
             return None
         padded = (1,) * (out.ndim - b.ndim) + tuple(b.shape)
         if padded[0] != 1:  # one offset per sample is not a weight shared by the samples
