@@ -3,7 +3,11 @@ torch function mode (:class:`_ForwardRecorder`) with fresh leaves for the select
 
 - every call of a layer rule's op whose weight or bias is a selected weight, or a function of the selected
   weights alone (a transpose, a cloned bias, weight standardization), as a
-  :class:`~.layer_rules.base.LayerCall` for the per-layer contractions;
+  :class:`~.layer_rules.base.LayerCall` for the per-layer contractions, and every selected weight (or
+  function of weights) added to the data and broadcast over the samples (an ``offset`` call: a position
+  embedding, a relative position bias). A tensor is a function of the weights when no tensor computed from
+  the model's inputs (followed by identity, from the inputs on) or with one row per sample enters it; an
+  output computed that way blocks the per-layer path;
 - every operation on weight-dependent tensors, checked against the tables of :mod:`.op_tables`: the
   reasons the Hessian diagonal differs from the Gauss-Newton diagonal (``issues``), the weights used
   outside a layer rule's op (``other_uses``), the random draws, and with ``record_nodes`` the nonlinear

@@ -1,5 +1,6 @@
 r"""Weights used by several recorded calls: a tied language-model head (an ``embedding`` lookup and a
-``linear`` call of one table: GPT-2, OPT, tied Llama), layers shared across depth (ALBERT).
+``linear`` call of one table: GPT-2, OPT, tied Llama), layers shared across depth (ALBERT); and layers
+whose weight is a function of the selected weights.
 
 The per-sample gradient of such a weight is the sum of its calls' per-sample gradients,
 :math:`G_{nk} = \sum_c G^{(c)}_{nk}`, and the Gauss-Newton diagonal squares the sum,
@@ -10,6 +11,13 @@ which the per-call contractions of :mod:`.contraction` (a sum of squares) do not
 :math:`2 G^{(c)}_{nk} G^{(c')}_{nk}` are missing. Here the calls' per-sample gradients
 (:meth:`~.base.LayerRule.sample_gradients`) are summed, squared and weighted, in chunks of samples of
 about :data:`~.contraction.CHUNK_ELEMENTS` entries (at least one sample's ``K`` columns).
+
+**Functions of the weights.** A call whose weight or bias ``V = phi(W)`` is computed from selected
+weights alone (``W.T``, a cloned bias with entries zeroed, ``W0 + B A``, weight standardization or
+normalization: :data:`Derived`, as the recorder names them) contributes ``J_phi^T G^{(c)}_{nk}`` to the
+per-sample gradients of the weights ``phi`` reads: one batched vector-Jacobian product of ``phi`` per chunk
+of samples and columns (autograd through ``phi``'s own small graph), before the sum and the square. Such a
+call is contracted here even when it is the weight's only use.
 
 With ``chunk_size = B > 1`` (:func:`~..gauss_newton_sketch.gauss_newton_sketch_diagonal`'s sign-mixed
 chunks) the gradient of each chunk of ``B`` samples is squared instead. Columns injected at the weight
