@@ -3,8 +3,9 @@ LM head; ALBERT's layers shared across depth) and on GPT-2's ``Conv1D`` layers: 
 ``method="auto"`` picks, on one batch, timed, and whether it took the per-layer path or fell back to
 per-sample backward passes (it warns then).
 
-Small Hugging Face configurations with random weights (no downloads): 64-dim, 2 layers, a 512-token
-vocabulary, 32 tokens per sequence; causal LMs scored per token (``TokenLoss(shift=True)``), ALBERT as a
+Small Hugging Face configurations with random weights (no downloads): by default 64-dim, 2 layers, a
+512-token vocabulary, 32 tokens per sequence (``--width``, ``--vocab``, ``--seq``); causal LMs scored per
+token (``TokenLoss(shift=True)``), ALBERT as a
 sequence classifier. The estimate's values go in the JSON (the squared norm of the diagonal), so that two
 runs of the script on two versions of the library, with the same seeds, can be checked for equal values.
 
@@ -31,8 +32,12 @@ from lightning_flatness.functional import hessian_diagonal, select_parameters
 from lightning_flatness.functional.estimators.method_choice import choose_method
 from lightning_flatness.functional.model_io import TokenLoss
 
-VOCAB, SEQ, WIDTH = 512, 32, 64
-_COMMON = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4)
+#: the models' sizes (``--vocab``, ``--seq``, ``--width`` set them)
+SIZES = {"vocab": 512, "seq": 32, "width": 64}
+
+
+def _common() -> dict[str, int]:
+    return dict(vocab_size=SIZES["vocab"], num_hidden_layers=2, num_attention_heads=4)
 
 
 def _config(config_class: str, **kw: Any) -> Any:
@@ -44,14 +49,22 @@ def _config(config_class: str, **kw: Any) -> Any:
 def _gpt2() -> torch.nn.Module:
     from transformers import GPT2LMHeadModel
 
-    cfg = _config("GPT2Config", vocab_size=VOCAB, n_embd=WIDTH, n_layer=2, n_head=4, n_positions=SEQ)
+    cfg = _config(
+        "GPT2Config",
+        vocab_size=SIZES["vocab"],
+        n_embd=SIZES["width"],
+        n_layer=2,
+        n_head=4,
+        n_positions=SIZES["seq"],
+    )
     return GPT2LMHeadModel(cfg)
 
 
 def _opt() -> torch.nn.Module:
     from transformers import OPTForCausalLM
 
-    cfg = _config("OPTConfig", hidden_size=WIDTH, ffn_dim=4 * WIDTH, word_embed_proj_dim=WIDTH, **_COMMON)
+    width = SIZES["width"]
+    cfg = _config("OPTConfig", hidden_size=width, ffn_dim=4 * width, word_embed_proj_dim=width, **_common())
     return OPTForCausalLM(cfg)
 
 
@@ -60,11 +73,11 @@ def _llama() -> torch.nn.Module:
 
     cfg = _config(
         "LlamaConfig",
-        hidden_size=WIDTH,
-        intermediate_size=4 * WIDTH,
+        hidden_size=SIZES["width"],
+        intermediate_size=4 * SIZES["width"],
         num_key_value_heads=2,
         tie_word_embeddings=True,
-        **_COMMON,
+        **_common(),
     )
     return LlamaForCausalLM(cfg)
 
@@ -72,8 +85,9 @@ def _llama() -> torch.nn.Module:
 def _albert() -> torch.nn.Module:
     from transformers import AlbertForSequenceClassification
 
-    sizes = dict(hidden_size=WIDTH, embedding_size=32, intermediate_size=4 * WIDTH, num_labels=5)
-    cfg = _config("AlbertConfig", **sizes, **_COMMON)
+    width = SIZES["width"]
+    sizes = dict(hidden_size=width, embedding_size=32, intermediate_size=4 * width, num_labels=5)
+    cfg = _config("AlbertConfig", **sizes, **_common())
     return AlbertForSequenceClassification(cfg)
 
 
@@ -87,7 +101,7 @@ MODELS: dict[str, tuple[Callable[[], torch.nn.Module], str]] = {
 
 def _batch(kind: str, samples: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, VOCAB, (samples, SEQ), generator=g)
+    ids = torch.randint(0, SIZES["vocab"], (samples, SIZES["seq"]), generator=g)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     target = ids.clone() if kind == "lm" else torch.randint(0, 5, (samples,), generator=g)
     return inputs, target
@@ -150,7 +164,10 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--samples", type=int, default=16, help="samples in the batch")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--models", nargs="*", default=None, help="names (default: all; --quick: GPT-2)")
+    for size, default in SIZES.items():
+        p.add_argument(f"--{size}", type=int, default=default, help=f"{size} of the models")
     args = p.parse_args(argv)
+    SIZES.update({size: getattr(args, size) for size in SIZES})
     setup(args)
     names = args.models or (["GPT-2 (tied head, Conv1D)"] if args.quick else list(MODELS))
     arguments = list(argv if argv is not None else sys.argv[1:])

@@ -116,21 +116,26 @@ def _softmax_hessian_columns(
     ``num_mc_samples`` draws ``c ~ p`` restricted to the tail gives ``sqrt(q / num_mc_samples)(e_c - p)``
     (unbiased: ``E = sum_{c in tail} p_c (e_c - p)(e_c - p)^T``). ``m = 0``: plain ``y ~ p``.
     """
-    k = p.shape[1]
+    n, k = p.shape
     m = min(int(exact_classes), k)
-    cols = []
+    classes = torch.empty(n, m + num_mc_samples, dtype=torch.long, device=p.device)  # (N, C) the e_c
+    weights = p.new_empty(n, m + num_mc_samples)  # (N, C) the column scales
     tail = p
     if m:
         top = p.topk(m, dim=1).indices  # (N, m)
-        e_top = F.one_hot(top, k).to(p.dtype)  # (N, m, K)
-        cols.append((e_top - p.unsqueeze(1)) * p.gather(1, top).sqrt().unsqueeze(2))
+        classes[:, :m] = top
+        weights[:, :m] = p.gather(1, top).sqrt()
         tail = p.scatter(1, top, 0.0)
     mass = tail.sum(dim=1, keepdim=True)  # (N, 1)
-    safe = torch.where(mass > 0, tail, torch.ones_like(tail))  # multinomial needs a positive row
-    draws = torch.multinomial(safe, num_mc_samples, replacement=True, generator=generator)  # (N, S)
-    e_draw = F.one_hot(draws, k).to(p.dtype)  # (N, S, K)
-    cols.append((e_draw - p.unsqueeze(1)) * (mass / num_mc_samples).sqrt().unsqueeze(2))
-    return torch.cat(cols, dim=1).transpose(1, 2)  # (N, K, C)
+    if not bool((mass > 0).all()):
+        tail = torch.where(mass > 0, tail, torch.ones_like(tail))  # multinomial needs a positive row
+    classes[:, m:] = torch.multinomial(tail, num_mc_samples, replacement=True, generator=generator)
+    weights[:, m:] = (mass / num_mc_samples).sqrt()
+    # w (e_c - p), written once: -w p, then + w at class c (no one-hot tensors, no concatenation; an
+    # LM vocabulary makes every column a dense (N, K) block)
+    cols = torch.mul(p.unsqueeze(1), weights.unsqueeze(2).neg())  # (N, C, K)
+    cols.scatter_add_(2, classes.unsqueeze(2), weights.unsqueeze(2))
+    return cols.transpose(1, 2)  # (N, K, C)
 
 
 def cross_entropy_columns(
@@ -568,11 +573,10 @@ def token_loss_columns(
         loss_fn.base, rows, labels, num_mc_samples, generator, exact_classes=exact_classes
     )
     eps = _rademacher((rows.shape[0], 1, cols.shape[2]), cols, generator)
-    cols = cols * eps * math.sqrt(n / rows.shape[0])
     v = logits.shape[-1]
     positions = logits.shape[1] if logits.ndim == 3 else 1
     out = torch.zeros(n * positions, v, cols.shape[2], dtype=cols.dtype, device=cols.device)
-    out[flat_index] = cols
+    out[flat_index] = cols.mul_(eps.mul_(math.sqrt(n / rows.shape[0])))  # in place: LM-vocabulary sized
     return out.reshape(n, positions * v, cols.shape[2]), signs
 
 

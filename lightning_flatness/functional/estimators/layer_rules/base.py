@@ -58,6 +58,9 @@ class SampleGradients:
 
     weight: Callable[[slice], Tensor]
     bias: Callable[[slice], Tensor]
+    #: ``add_weight(samples, total)``: add the weight gradients into ``total`` ``(m, K, *weight.shape)`` in
+    #: place, for a rule whose per-sample gradients are sparse (an embedding table); None: dense
+    add_weight: Optional[Callable[[slice, Tensor], None]] = None
 
 
 class LayerRule:

@@ -87,30 +87,40 @@ class EmbeddingRule(LayerRule):
         return True
 
     def sample_gradients(self, call: LayerCall, grad: Tensor, shape: tuple[int, ...]) -> SampleGradients:
-        """Dense per-sample gradients of the table, ``(m, K, V, C)`` for ``m`` samples: each position's
-        output gradient added to the row it looked up (padding positions left out). For a tied table
-        (:mod:`.shared`), where they are summed with the other calls' before squaring."""
+        """Per-sample gradients of the table for a tied table (:mod:`.shared`), where they are summed with the
+        other calls' before squaring: each position's output gradient added to the row it looked up
+        (padding positions left out), into the other calls' dense sum in place (``add_weight``, ``O(P C)``
+        per sample and column) or as a dense ``(m, K, V, C)`` block (``weight``)."""
         k, n = grad.shape[:2]
         vocab, width = shape
         ids = call.inputs.reshape(n, -1)  # (N, P)
         g = grad.reshape(k, n, ids.shape[1], width)
         padding = call.options.get("padding_idx")
 
-        def weight(samples: slice) -> Tensor:
+        def add_weight(samples: slice, total: Tensor) -> None:
             rows, gs = ids[samples], g[:, samples]  # (m, P), (K, m, P, C)
             m = rows.shape[0]
-            keys = (torch.arange(m, device=rows.device).unsqueeze(1) * vocab + rows).reshape(-1)
+            sample = torch.arange(m, device=rows.device).unsqueeze(1).expand_as(rows).reshape(-1)
             values = gs.permute(1, 2, 0, 3).reshape(-1, k, width)  # (m P, K, C)
+            flat = rows.reshape(-1)
             if padding is not None:
-                keep = rows.reshape(-1) != padding
-                keys, values = keys[keep], values[keep]
-            out = grad.new_zeros(m * vocab, k, width).index_add_(0, keys, values)
-            return out.reshape(m, vocab, k, width).transpose(1, 2)
+                keep = flat != padding
+                sample, flat, values = sample[keep], flat[keep], values[keep]
+            # total (m, K, V, C) seen as (m, V, K, C): each position's gradient onto its row, in place
+            total.view(m, k, vocab, width).permute(0, 2, 1, 3).index_put_(
+                (sample, flat), values, accumulate=True
+            )
+
+        def weight(samples: slice) -> Tensor:
+            m = len(range(*samples.indices(n)))
+            out = grad.new_zeros(m, k, vocab, width)
+            add_weight(samples, out)
+            return out
 
         def bias(samples: slice) -> Tensor:
             raise ValueError("an embedding lookup has no bias")
 
-        return SampleGradients(weight, bias)
+        return SampleGradients(weight, bias, add_weight)
 
 
 register_layer_rule(EmbeddingRule())

@@ -156,18 +156,24 @@ def accumulate_shared(
     """
     derived = derived or {}
     k = grads[0].shape[0]
+    # per parameter: its dense sources (samples -> (m, K, ...)) and its sparse ones (added in place)
     parts: dict[str, list[Callable[[slice], Tensor]]] = {}
+    sparse: dict[str, list[Callable[[slice, Tensor], None]]] = {}
     for call, grad in zip(calls, grads):
         call, grad = per_sample_call(call, grad, n)
         shape = _shape(call.weight, leaves, derived) if call.weight is not None else ()
         sample = LAYER_RULES[call.op].sample_gradients(call, grad, shape)
-        if call.weight is not None:
+        if call.weight is not None and sample.add_weight is not None:
+            sparse.setdefault(call.weight, []).append(sample.add_weight)
+            parts.setdefault(call.weight, [])
+        elif call.weight is not None:
             parts.setdefault(call.weight, []).append(sample.weight)
         if call.bias is not None:
             parts.setdefault(call.bias, []).append(sample.bias)
     for name, column in (leaf_columns or {}).items():
         if name in parts or any(name in derived[p][1] for p in parts if p in derived):
-            parts.setdefault(name, []).append(_per_sample_columns(column))
+            parts.setdefault(name, [])
+            sparse.setdefault(name, []).append(_add_columns(column))
     targets = sorted({s for p in parts for s in (derived[p][1] if p in derived else (p,))})
     largest = max(math.prod(_shape(p, leaves, derived)) for p in [*parts, *targets])
     step = max(1, CHUNK_ELEMENTS // (k * largest) // chunk_size) * chunk_size
@@ -177,9 +183,8 @@ def accumulate_shared(
         m = samples.stop - start
         totals: dict[str, Tensor] = {}
         for name, sources in parts.items():
-            total = sources[0](samples).reshape(m, k, -1)
-            for source in sources[1:]:
-                total = total + source(samples).reshape(m, k, -1)
+            shape = (m, k, *_shape(name, leaves, derived))
+            total = _summed(sources, sparse.get(name, []), samples, shape, grads[0])
             pulled = _pull_back(derived[name], leaves, total) if name in derived else {name: total}
             for target, value in pulled.items():
                 totals[target] = totals[target] + value if target in totals else value
@@ -195,6 +200,25 @@ def accumulate_shared(
             acc[name] = acc[name].add_(term) if name in acc else term
     for name, value in acc.items():
         _add(diag, name, value.reshape(leaves[name].shape))
+
+
+def _summed(
+    dense: list[Callable[[slice], Tensor]],
+    added: list[Callable[[slice, Tensor], None]],
+    samples: slice,
+    shape: tuple[int, ...],
+    like: Tensor,
+) -> Tensor:
+    """``(m, K, numel)``: the dense sources' per-sample gradients summed (each a new tensor, so the sum may
+    start from the first one), then the ``added`` ones added in place (from zeros when nothing is dense)."""
+    total = dense[0](samples).reshape(shape) if dense else like.new_zeros(shape)
+    for source in dense[1:]:
+        total = total + source(samples).reshape(shape)
+    if added:
+        total = total.contiguous()
+        for add in added:
+            add(samples, total)
+    return total.reshape(shape[0], shape[1], -1)
 
 
 def _shape(name: str, leaves: dict[str, Tensor], derived: Derived) -> tuple[int, ...]:
@@ -227,6 +251,10 @@ def _pull_back(
     }
 
 
-def _per_sample_columns(columns: Tensor) -> Callable[[slice], Tensor]:
-    """``(K, N, *shape)`` columns at a weight as a source of per-sample gradients ``(m, K, *shape)``."""
-    return lambda samples: columns[:, samples].transpose(0, 1)
+def _add_columns(columns: Tensor) -> Callable[[slice, Tensor], None]:
+    """``(K, N, *shape)`` columns at a weight, added to per-sample gradients ``(m, K, *shape)`` in place."""
+
+    def add(samples: slice, total: Tensor) -> None:
+        total += columns[:, samples].transpose(0, 1).reshape(total.shape)
+
+    return add
