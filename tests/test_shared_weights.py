@@ -146,3 +146,29 @@ def test_calls_are_grouped_by_the_parameters_they_share_transitively():
     calls = [_call("a", "x"), _call("b"), _call("c", "x"), _call("c"), _call("d"), _call("b", "y")]
     assert shared_call_groups(calls) == [[0, 2, 3], [1, 5]]
     assert shared_call_groups([_call("a"), _call("b", "c")]) == []
+
+
+def test_chunked_sketch_takes_embeddings_and_offsets_on_the_per_layer_path(monkeypatch):
+    """``chunk_size > 1``: an embedding lookup and an offset added to every sample (rules with a per-sample
+    contraction of their own) are chunked through their per-sample gradients, equal to the per-sample
+    path draw by draw."""
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(7, 4), nn.Linear(4, 3)
+            self.pos_embed = nn.Parameter(torch.randn(3, 4) * 0.3)
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.emb(ids) + self.pos_embed).mean(dim=1))
+
+    torch.manual_seed(0)
+    model = Tokens().double()
+    g = torch.Generator().manual_seed(1)
+    ids, y = torch.randint(0, 7, (8, 3), generator=g), torch.randint(0, 3, (8,), generator=g)
+    params = select_parameters(model, "all")
+    per_layer, per_sample = sketch_on_both_paths(model, F.cross_entropy, ids, y, params, 4, monkeypatch)
+    for name in params:
+        scale = float(per_sample[name].abs().max())
+        assert scale > 0
+        torch.testing.assert_close(per_layer[name], per_sample[name], rtol=1e-10, atol=1e-13 * scale)

@@ -193,14 +193,11 @@ def chunk_contraction(
     rule's layout ``a (N, G, I, P)``, ``g (N, G, C O, P)`` is regrouped as ``(N/B, G, I, B P)``, so a
     chunk's gradient is one matrix product over its samples and positions: ``2 N P C O I / G`` flops
     in all (one weight gradient per column) and ``C N / B`` squares of the weight. Partial last chunk:
-    zero-padded (zero samples add nothing).
+    zero-padded (zero samples add nothing). Rules with a contraction of their own (embedding lookups,
+    offsets) are chunked through their per-sample gradients instead
+    (:func:`~.layer_rules.shared.accumulate_shared`).
     """
     rule = LAYER_RULES[call.op]
-    if type(rule).accumulate is not LayerRule.accumulate:  # a rule with its own (sparse) contraction
-        raise ValueError(
-            f"gauss_newton_sketch with chunk_size={chunk_size} cannot chunk the {call.op!r} weights of "
-            f"{call.module} (their contraction is per sample); use chunk_size=1 (the default)."
-        )
     c, n = grad.shape[:2]
     m = -(-n // chunk_size)
     pad = m * chunk_size - n
@@ -307,6 +304,10 @@ def _diagonal_by_layers(
         call = calls[i]
         if chunk_size == 1:
             accumulate_layer(call, g, per_sample_signs, diag, leaves)
+        elif type(LAYER_RULES[call.op]).accumulate is not LayerRule.accumulate:
+            # a rule with its own per-sample contraction (embedding, offset): its per-sample gradients,
+            # summed per chunk
+            accumulate_shared([call], [g], signs, diag, leaves, n, chunk_size)
         else:  # (C,) signs: the same for every sample
             kernel = tuple(leaves[call.weight].shape[2:]) if call.weight is not None else ()
             chunk_contraction(*per_sample_call(call, g, n), signs, chunk_size, diag, kernel)
