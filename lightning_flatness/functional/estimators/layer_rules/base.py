@@ -54,7 +54,8 @@ class LayerCall:
 class SampleGradients:
     """Per-sample gradients of one recorded call, on demand for a slice of the samples (for a weight used by
     several calls, :mod:`.shared`): ``weight(samples)`` ``(m, K, *weight.shape)`` and ``bias(samples)``
-    ``(m, K, O)`` for the ``m`` samples of ``samples`` and the ``K`` backward columns."""
+    ``(m, K, O)`` for the ``m`` samples of ``samples`` and the ``K`` backward columns. ``weight`` returns a
+    new tensor each time (the caller may add into it in place)."""
 
     weight: Callable[[slice], Tensor]
     bias: Callable[[slice], Tensor]

@@ -76,7 +76,7 @@ class OffsetRule(LayerRule):
         s = self.per_sample(call, grad)
 
         def weight(samples: slice) -> Tensor:
-            return s[:, samples].transpose(0, 1)
+            return s[:, samples].transpose(0, 1).clone()  # a new tensor (the contract of SampleGradients)
 
         def bias(samples: slice) -> Tensor:
             raise ValueError("an offset has no bias")
