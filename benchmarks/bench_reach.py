@@ -14,16 +14,14 @@ Run: ``python -m benchmarks.bench_reach --json benchmarks/results/bench_reach.js
 
 from __future__ import annotations
 
-import sys
 import time
 import traceback
 import warnings
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from benchmarks.common import base_parser, environment, setup, write_json
+from benchmarks.common import base_parser, command_line, environment, setup, write_json_and_markdown
 from lightning_flatness.measure import measure_sharpness
 
 Builder = Callable[[], tuple[torch.nn.Module, tuple[str, int]]]
@@ -267,17 +265,13 @@ def main(argv=None) -> dict[str, Any]:
     args = p.parse_args(argv)
     setup(args)
     names = args.models or (list(QUICK) if args.quick else list(MODELS))
-    command = " ".join(
-        ["python -m benchmarks.bench_reach"] + list(argv if argv is not None else sys.argv[1:])
-    )
+    command = command_line("benchmarks.bench_reach", argv)
     results: dict[str, Any] = {"command": command, "environment": environment(), "models": {}}
     for name in names:
         results["models"][name] = r = measure(name, args.samples)
         summary = f"{r['method']} ({r['quantity']}), {r['path']}" if r["status"] == "ok" else r["error"][:200]
         print(f"{name}: {summary}, {r['seconds']:.1f} s", flush=True)
-    if args.json is not None:
-        write_json(args.json, results)
-        Path(args.json).with_suffix(".md").write_text(markdown(results))
+    write_json_and_markdown(args.json, results, markdown)
     return results
 
 

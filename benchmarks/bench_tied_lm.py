@@ -17,7 +17,6 @@ Run: ``python -m benchmarks.bench_tied_lm --json benchmarks/results/bench_tied_l
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import lightning_flatness
-from benchmarks.common import base_parser, environment, setup, write_json
+from benchmarks.common import base_parser, command_line, environment, setup, write_json_and_markdown
 from lightning_flatness.functional import hessian_diagonal, select_parameters
 from lightning_flatness.functional.estimators.method_choice import choose_method
 from lightning_flatness.functional.model_io import TokenLoss
@@ -170,9 +169,8 @@ def main(argv=None) -> dict[str, Any]:
     SIZES.update({size: getattr(args, size) for size in SIZES})
     setup(args)
     names = args.models or (["GPT-2 (tied head, Conv1D)"] if args.quick else list(MODELS))
-    arguments = list(argv if argv is not None else sys.argv[1:])
     results: dict[str, Any] = {
-        "command": " ".join(["python -m benchmarks.bench_tied_lm", *arguments]),
+        "command": command_line("benchmarks.bench_tied_lm", argv),
         "library": str(Path(lightning_flatness.__file__).resolve().parent.parent),
         "environment": environment(),
         "models": {},
@@ -181,9 +179,7 @@ def main(argv=None) -> dict[str, Any]:
         samples = 2 if args.quick else args.samples
         results["models"][name] = r = measure(name, samples, 1 if args.quick else args.repeats)
         print(f"{name}: {r['method']}, {r['path']}, {r['seconds']:.2f} s", flush=True)
-    if args.json is not None:
-        write_json(args.json, results)
-        Path(args.json).with_suffix(".md").write_text(markdown(results))
+    write_json_and_markdown(args.json, results, markdown)
     return results
 
 

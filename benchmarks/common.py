@@ -121,6 +121,22 @@ def write_json(path: Optional[Path], payload: dict[str, Any]) -> None:
     print(f"\nwrote {path}")
 
 
+def command_line(module: str, argv: Optional[list[str]]) -> str:
+    """The command that ran ``module`` with ``argv`` (``sys.argv[1:]`` when None), for the results."""
+    return " ".join([f"python -m {module}", *(argv if argv is not None else sys.argv[1:])])
+
+
+def write_json_and_markdown(
+    path: Optional[Path], payload: dict[str, Any], markdown: Callable[[dict], str]
+) -> None:
+    """:func:`write_json`, and ``markdown(payload)`` beside it (same name, ``.md``), when ``path`` is
+    given."""
+    if path is None:
+        return
+    write_json(path, payload)
+    Path(path).with_suffix(".md").write_text(markdown(payload))
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, Tensor):
         return obj.tolist()
