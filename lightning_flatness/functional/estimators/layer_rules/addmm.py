@@ -17,7 +17,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from lightning_flatness.functional.estimators.layer_rules.base import LayerCall, register_layer_rule
+from lightning_flatness.functional.estimators.layer_rules.base import LayerCall, argument, register_layer_rule
 from lightning_flatness.functional.estimators.layer_rules.linear import LinearRule
 
 __all__ = ["AddmmRule"]
@@ -32,7 +32,7 @@ class AddmmRule(LinearRule):
     bias_argument: Optional[tuple[int, tuple[str, ...]]] = (0, ("input",))
 
     def record(self, call: LayerCall, args: tuple, kwargs: dict, weight: Optional[Tensor]) -> None:
-        bias = args[0] if args else kwargs.get("input")
+        bias = argument(args, kwargs, 0, ("input",))
         scaled = kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1
         # a scaled product, or a weight that is not the second factor (then its rows meet the samples)
         if scaled or weight is None or weight.ndim != 2 or isinstance(bias, Tensor) and bias.ndim > 1:

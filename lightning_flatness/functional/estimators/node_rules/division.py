@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from lightning_flatness.functional.estimators.layer_rules.base import argument
 from lightning_flatness.functional.estimators.node_rules.base import (
     NodeCall,
     NodeRule,
@@ -39,11 +40,12 @@ class DivisionRule(NodeRule):
     @staticmethod
     def _operands(call: NodeCall) -> tuple[Any, Any]:
         """``(numerator, denominator)``: ``rdiv`` (``c / y`` as ``y.__rtruediv__(c)``) has them swapped."""
-        first, second = call.args[0], call.args[1] if len(call.args) > 1 else call.kwargs.get("other")
+        first = argument(call.args, call.kwargs, 0, ("input",))
+        second = argument(call.args, call.kwargs, 1, ("other",))
         return (second, first) if call.op == "rdiv" else (first, second)
 
     def accepts(self, call: NodeCall) -> bool:
-        if call.kwargs.get("rounding_mode") is not None or len(call.args) + len(call.kwargs) < 2:
+        if call.kwargs.get("rounding_mode") is not None:
             return False
         _, y = self._operands(call)
         return isinstance(y, Tensor) and any(y is t for t in call.inputs)

@@ -34,8 +34,8 @@ from lightning_flatness.functional.estimators.node_rules.base import (
 __all__ = ["EinsumRule"]
 
 
-def _parse(call: NodeCall) -> Optional[tuple[str, str, str]]:
-    """``(A, B, O)`` index strings of a covered two-operand einsum call, or None."""
+def _parse(call: NodeCall) -> Optional[tuple[str, str, str, tuple[Tensor, Tensor]]]:
+    """``(A, B, O, operands)``: the index strings and the two operands of a covered einsum call, or None."""
     if not call.args or not isinstance(call.args[0], str):
         return None
     operands = call.args[1:]
@@ -57,7 +57,7 @@ def _parse(call: NodeCall) -> Optional[tuple[str, str, str]]:
         return None
     if not set(a) <= set(out) | set(b) or not set(b) <= set(out) | set(a):
         return None
-    return a, b, out
+    return a, b, out, (operands[0], operands[1])
 
 
 class EinsumRule(NodeRule):
@@ -65,18 +65,15 @@ class EinsumRule(NodeRule):
     own_pair = True
 
     def accepts(self, call: NodeCall) -> bool:
-        if len(call.inputs) != 2 or _parse(call) is None:
-            return False
-        operands = call.args[1:] if len(call.args) > 2 else tuple(call.args[1])
-        return operands[0] is call.inputs[0] and operands[1] is call.inputs[1]
+        parsed = _parse(call) if len(call.inputs) == 2 else None
+        return parsed is not None and parsed[3][0] is call.inputs[0] and parsed[3][1] is call.inputs[1]
 
     def columns(
         self, call: NodeCall, adjoint: Tensor, generator: Optional[torch.Generator]
     ) -> tuple[list[Optional[Tensor]], list[Optional[Tensor]]]:
         parsed = _parse(call)
         assert parsed is not None
-        a, b, out = parsed
-        x, y = call.inputs
+        a, b, out, (x, y) = parsed
         root = (adjoint.abs() / 2).sqrt()
         signed = torch.where(adjoint < 0, -root, root)
         alpha = rademacher(adjoint, generator, tuple(x.shape))
