@@ -113,9 +113,6 @@ class _ForwardRecorder(TorchFunctionMode):
         self.derived: dict[int, tuple[Tensor, frozenset[str]]] = {}
         self.derived_weights: dict[str, tuple[Tensor, tuple[str, ...]]] = {}
         self._derived_names: dict[int, str] = {}
-        # recorded layer outputs (and the copies given to the model) -> (output, call): a selected bias added
-        # to one right after (``x @ W.T + b``) becomes the call's bias
-        self._call_of_output: dict[int, tuple[Tensor, LayerCall]] = {}
 
     # -- bookkeeping -----------------------------------------------------------------------
     def where(self) -> str:
@@ -185,12 +182,9 @@ class _ForwardRecorder(TorchFunctionMode):
                 f"({type(node).__name__}, e.g. a custom autograd.Function) reaches {name!r}"
             )
         call = self._record_layer_call(name, args, kwargs, out) if name in LAYER_RULES else None
-        absorbed = self._added_bias(args, kwargs) if name == "add" else None
-        if name == "add" and absorbed is None and isinstance(out, Tensor):
-            call = self._record_offset(args, kwargs, out)  # x + pos_embed: the offset as a layer call
+        if name == "add" and isinstance(out, Tensor):
+            call = self._record_offset(args, kwargs, out)  # x + pos_embed, x @ W.T + b: the offset's own call
         for t in dependent:
-            if t is absorbed:
-                continue
             param = self.names_by_id.get(id(t))
             if param is not None and (
                 call is None or t is not self._leaf(call.weight) and t is not self._leaf(call.bias)
@@ -213,7 +207,6 @@ class _ForwardRecorder(TorchFunctionMode):
                 out_tensors = [out]
             if call is not None:
                 call.version = call.output._version
-                self._call_of_output[id(out)] = (out, call)
             if recorded is not None:  # its output stays the op's, for its adjoint (node_rules)
                 recorded.versions[-1] = recorded.output._version
         self.mark_seen(out_tensors)
@@ -225,26 +218,6 @@ class _ForwardRecorder(TorchFunctionMode):
         return any(call.output._version != call.version for call in self.calls) or any(
             node.output._version != node.versions[-1] for node in self.nodes or []
         )
-
-    def _added_bias(self, args: tuple, kwargs: dict) -> Optional[Tensor]:
-        """In ``z + b`` (or ``b + z``) with ``z`` a recorded layer output without a bias and ``b`` a 1-D
-        selected weight (or function of one) that the layer's rule takes as its bias (``x @ W.T + b``,
-        Falcon's ``FalconLinear``): ``b``, now the call's bias; else None."""
-        operands = self._data_and_weight(args, kwargs)
-        if operands is None:
-            return None
-        z, b = operands
-        found = self._call_of_output.get(id(z))
-        if found is None or found[0] is not z or b.ndim != 1:
-            return None
-        call = found[1]
-        if call.bias is not None or not LAYER_RULES[call.op].accepts_added_bias(call, b):
-            return None
-        bias = call.bias = self._weight_name(b)
-        assert bias is not None  # b is a weight
-        for leaf in self.derived_weights[bias][1] if bias in self.derived_weights else (bias,):
-            self.uses[leaf].append(f"'add' (the bias of {call.op!r}) in {self.where()}")
-        return b
 
     def _data_and_weight(self, args: tuple, kwargs: dict) -> Optional[tuple[Tensor, Tensor]]:
         """``(x, b)`` of ``add(x, b)`` or ``add(b, x)`` with ``b`` a selected weight (or a function of the
@@ -382,7 +355,6 @@ class _ForwardRecorder(TorchFunctionMode):
         detached = inputs.detach() if inputs.requires_grad else inputs
         call = LayerCall(name, self.where(), detached, out, weight_name, bias_name)
         rule.record(call, args, kwargs, weight)
-        self._call_of_output[id(out)] = (out, call)
         if self.nodes is not None and name == "linear" and weight_name is not None and inputs.requires_grad:
             product = NodeCall("linear", self.where(), F.linear, args, kwargs, [inputs, weight], out)
             self.weight_products.append(product)

@@ -113,11 +113,6 @@ class LayerRule:
         :func:`~.contraction.accumulate_layer` does; ``False`` (the default): use the shared one."""
         return False
 
-    def accepts_added_bias(self, call: LayerCall, bias: Tensor) -> bool:
-        """Whether ``output + bias`` right after the call is the call's own bias (a layer written as
-        ``x @ W.T + b``); False (the default): ``bias`` stays a use of its own."""
-        return False
-
     def as_weight(self, value: Tensor, shape: tuple[int, ...]) -> Tensor:
         """``value`` ``(..., G, O / G, I)`` in the rule's layout as ``(..., *shape)``, the weight's own
         layout (a plain reshape unless the op stores the weight transposed: :mod:`.addmm`)."""

@@ -32,10 +32,6 @@ class LinearRule(LayerRule):
         inputs = call.inputs.reshape(n, -1, call.inputs.shape[-1])
         return dataclasses.replace(call, inputs=inputs), grad.reshape(grad.shape[0], n, -1, grad.shape[-1])
 
-    def accepts_added_bias(self, call: LayerCall, bias: Tensor) -> bool:
-        """A 1-D bias over the output features, broadcast over the positions."""
-        return bias.ndim == 1 and call.output.ndim >= 1 and call.output.shape[-1] == bias.shape[0]
-
     def bias_position_dims(self, grad: Tensor) -> tuple[int, ...]:
         return tuple(range(2, grad.ndim - 1))
 

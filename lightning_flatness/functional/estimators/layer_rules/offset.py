@@ -1,6 +1,7 @@
 r"""``z = x + b`` with ``b`` a selected weight, or a function of the selected weights, broadcast over the
 samples: a learned position embedding added to the tokens (timm's ``pos_embed`` when selected), a relative
-position bias added to the attention logits (Swin V2's, computed by a small MLP from a constant grid).
+position bias added to the attention logits (Swin V2's, computed by a small MLP from a constant grid), a
+bias added after a product written by hand (Falcon's ``x @ W.T + b``).
 
 Recorded by the exactness recorder for ``add`` (not dispatched by op name). ``b`` aligned to the right of
 ``z`` ``(N, *rest)`` has size 1 along dim 0; the per-sample gradient of column ``k`` is the output
