@@ -273,7 +273,8 @@ def test_a_weight_combined_with_the_inputs_outside_a_layer_is_not_taken_for_a_fu
 def test_a_reparametrized_network_is_measured_in_a_lightning_fit_without_changing_it():
     """Weight standardization, weight normalization, a transposed weight, a zeroed bias copy and a low-rank
     update, in a plain LightningModule: ``SharpnessMonitor()`` measures on the per-layer path (no
-    per-sample fallback warned) and the training run is bit-identical with and without it."""
+    per-sample fallback warned) and the training run (weights, optimizer state, the global RNG) is
+    bit-identical with and without it."""
     import pytorch_lightning as pl
     from callback_models import quiet_trainer
     from torch.utils.data import DataLoader, TensorDataset
@@ -308,9 +309,14 @@ def test_a_reparametrized_network_is_measured_in_a_lightning_fit_without_changin
         loaders = DataLoader(data, batch_size=8, shuffle=True), DataLoader(data, batch_size=8)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            quiet_trainer(callbacks, max_epochs=2).fit(module, *loaders)
+            trainer = quiet_trainer(callbacks, max_epochs=2)
+            trainer.fit(module, *loaders)
         assert not any("per-layer contractions do not apply" in str(w.message) for w in caught)
-        runs[label] = {k: v.clone() for k, v in module.state_dict().items()}
+        state = {k: v.clone() for k, v in module.state_dict().items()}
+        for i, opt_state in enumerate(trainer.optimizers[0].state_dict()["state"].values()):
+            state.update({f"opt.{i}.{k}": torch.as_tensor(v).clone() for k, v in opt_state.items()})
+        state["rng"] = torch.random.get_rng_state()  # the measurement draws from generators of its own
+        runs[label] = state
         if callbacks:
             history = callbacks[0].history
             assert len(history) == 2 and history[-1]["method"] == "gauss_newton"
