@@ -85,7 +85,7 @@ def _assert_unbiased(est: Tensor, diag: Tensor) -> tuple[Tensor, Tensor, Tensor]
     return mean, se, live
 
 
-def _unbiased_on_the_per_sample_path(model, x, y, per_layer: bool = False):
+def _unbiased_on_the_path_it_takes(model, x, y, per_layer: bool = False):
     """Cross-entropy, the ``ndim >= 2`` weights: the estimator warns that it takes per-sample backward
     passes (``per_layer``: it does not warn, it takes the per-layer path), and 40 estimates of 4 sketches
     are unbiased for the brute-force Hessian diagonal. Returns the ``(params, names, diagonal)`` it used."""
@@ -286,7 +286,7 @@ def test_a_weight_used_twice_is_unbiased_for_the_hessian(kind, monkeypatch):
         x, y = torch.randn(5, 4, generator=g, dtype=F64), torch.randint(0, 3, (5,), generator=g)
     choice = choose_method(model, F.cross_entropy, x, y)
     assert choice.quantity == "gauss_newton" and "a tied weight: method='hessian_sketch'" in choice.reason
-    params, names, diag = _unbiased_on_the_per_sample_path(model, x, y, per_layer=True)
+    params, names, diag = _unbiased_on_the_path_it_takes(model, x, y, per_layer=True)
     per_layer = _estimates(model, F.cross_entropy, x, y, params, names, 3, num_sketches=2)
     with monkeypatch.context() as patch, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -359,13 +359,7 @@ def test_unbiased_through_attention_written_with_einsum():
     model = EinsumAttention().double()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(5, 4, 3, generator=g, dtype=F64), torch.randint(0, 3, (5,), generator=g)
-    params = {k: v for k, v in select_parameters(model).items() if v.ndim >= 2}
-    names = list(params)
-    diag = brute_force_hessian(model, F.cross_entropy, x, y, names).diagonal()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # covered, and on the per-layer path
-        hessian_sketch_diagonal(model, F.cross_entropy, x, y, params)
-    _assert_unbiased(_estimates(model, F.cross_entropy, x, y, params, names, 40, num_sketches=4), diag)
+    _unbiased_on_the_path_it_takes(model, x, y, per_layer=True)
 
 
 def test_refuses_train_mode_dropout():
@@ -419,7 +413,7 @@ def test_a_layer_with_the_samples_along_dim_1_takes_the_per_sample_path():
     model = SequenceFirst().double()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(4, 5, 3, generator=g, dtype=F64), torch.randint(0, 3, (4,), generator=g)
-    _unbiased_on_the_per_sample_path(model, x, y)
+    _unbiased_on_the_path_it_takes(model, x, y)
 
 
 def test_an_in_place_activation_module_runs_out_of_place_for_the_measurement():
