@@ -55,12 +55,13 @@ class SampleGradients:
     """Per-sample gradients of one recorded call, on demand for a slice of the samples (for a weight used by
     several calls, :mod:`.shared`): ``weight(samples)`` ``(m, K, *weight.shape)`` and ``bias(samples)``
     ``(m, K, O)`` for the ``m`` samples of ``samples`` and the ``K`` backward columns. ``weight`` returns a
-    new tensor each time (the caller may add into it in place)."""
+    new tensor each time (the caller may add into it in place); a sparse rule gives ``add_weight``
+    instead."""
 
-    weight: Callable[[slice], Tensor]
+    weight: Optional[Callable[[slice], Tensor]]
     bias: Callable[[slice], Tensor]
     #: ``add_weight(samples, total)``: add the weight gradients into ``total`` ``(m, K, *weight.shape)`` in
-    #: place, for a rule whose per-sample gradients are sparse (an embedding table); None: dense
+    #: place, in place of ``weight``, for a rule whose per-sample gradients are sparse (an embedding table)
     add_weight: Optional[Callable[[slice, Tensor], None]] = None
 
 

@@ -16,9 +16,9 @@ distinct pairs. Positions holding ``padding_idx`` are left out (autograd gives t
 A lookup is linear in the table, so the exactness recorder lists ``embedding`` among the piecewise
 linear ops; ``max_norm`` (which renormalises rows in place) and ``scale_grad_by_freq`` (which rescales
 the gradient by batch counts) are not covered by this rule: the per-sample path handles them. A
-table used twice (a tied language-model head) is contracted from dense per-sample gradients summed with
-its other calls' (:meth:`EmbeddingRule.sample_gradients`, :mod:`.shared`): ``V C`` entries per sample
-and column, in chunks of samples.
+table used twice (a tied language-model head) has its looked-up rows added, in place, into the per-sample
+gradients of its other calls (:meth:`EmbeddingRule.sample_gradients`, :mod:`.shared`), which are dense:
+``V C`` entries per sample and column, in chunks of samples.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class EmbeddingRule(LayerRule):
         """Per-sample gradients of the table for a tied table (:mod:`.shared`), where they are summed with the
         other calls' before squaring: each position's output gradient added to the row it looked up
         (padding positions left out), into the other calls' dense sum in place (``add_weight``, ``O(P C)``
-        per sample and column) or as a dense ``(m, K, V, C)`` block (``weight``)."""
+        per sample and column)."""
         k, n = grad.shape[:2]
         vocab, width = shape
         ids = call.inputs.reshape(n, -1)  # (N, P)
@@ -111,16 +111,10 @@ class EmbeddingRule(LayerRule):
                 (sample, flat), values, accumulate=True
             )
 
-        def weight(samples: slice) -> Tensor:
-            m = len(range(*samples.indices(n)))
-            out = grad.new_zeros(m, k, vocab, width)
-            add_weight(samples, out)
-            return out
-
         def bias(samples: slice) -> Tensor:
             raise ValueError("an embedding lookup has no bias")
 
-        return SampleGradients(weight, bias, add_weight)
+        return SampleGradients(None, bias, add_weight)
 
 
 register_layer_rule(EmbeddingRule())

@@ -25,9 +25,9 @@ itself (the sketched Hessian's columns of a tied weight's products, ``(K, N, *sh
 :mod:`..node_rules.tied_linear`) are one more term of the sum.
 
 **Cost.** Per sample and column, one per-sample gradient per call: ``O(P O I)`` flops for a Linear call
-with ``P`` positions (what an untied LM head's contraction costs already), ``O(P C)`` plus a
-``V C`` zero fill for an embedding lookup, and ``O(V C)`` for the square; memory one chunk of per-sample
-gradients. The calls of a group wait for each other, so their output gradients are held until the
+with ``P`` positions (what an untied LM head's contraction costs already), ``O(P C)`` for an embedding
+lookup (added in place into the others' sum; a ``V C`` zero fill only for a table with no dense call),
+and ``O(V C)`` for the square; memory one chunk of per-sample gradients. The calls of a group wait for each other, so their output gradients are held until the
 backward pass reaches the last one (for a tied LM head: the logits' gradient until the embedding).
 """
 
@@ -167,6 +167,7 @@ def accumulate_shared(
             sparse.setdefault(call.weight, []).append(sample.add_weight)
             parts.setdefault(call.weight, [])
         elif call.weight is not None:
+            assert sample.weight is not None  # a dense rule
             parts.setdefault(call.weight, []).append(sample.weight)
         if call.bias is not None:
             parts.setdefault(call.bias, []).append(sample.bias)
