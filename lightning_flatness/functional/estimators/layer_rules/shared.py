@@ -27,8 +27,9 @@ itself (the sketched Hessian's columns of a tied weight's products, ``(K, N, *sh
 **Cost.** Per sample and column, one per-sample gradient per call: ``O(P O I)`` flops for a Linear call
 with ``P`` positions (what an untied LM head's contraction costs already), ``O(P C)`` for an embedding
 lookup (added in place into the others' sum; a ``V C`` zero fill only for a table with no dense call),
-and ``O(V C)`` for the square; memory one chunk of per-sample gradients. The calls of a group wait for each other, so their output gradients are held until the
-backward pass reaches the last one (for a tied LM head: the logits' gradient until the embedding).
+and ``O(V C)`` for the square; memory one chunk of per-sample gradients. The calls of a group wait for
+each other, so their output gradients are held until the backward pass reaches the last one (for a tied
+LM head: the logits' gradient until the embedding).
 """
 
 from __future__ import annotations
