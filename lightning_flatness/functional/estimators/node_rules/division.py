@@ -25,12 +25,9 @@ from lightning_flatness.functional.estimators.node_rules.base import (
     register_node_rule,
     split_signs,
 )
+from lightning_flatness.functional.estimators.node_rules.products import _sum_to, product_columns
 
 __all__ = ["DivisionRule"]
-
-
-def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
-    return t if t.shape == shape else t.sum_to_size(shape)
 
 
 class DivisionRule(NodeRule):
@@ -57,17 +54,14 @@ class DivisionRule(NodeRule):
         yv = y.detach().to(adjoint.dtype)
         xv = x.detach() if isinstance(x, Tensor) else torch.as_tensor(x)
         xv = xv.to(adjoint.dtype)
-        d_plus, d_minus = split_signs(_sum_to(2 * adjoint * xv / yv**3, y.shape))
+        d_plus, d_minus = split_signs(_sum_to(2 * adjoint * xv / yv**3, y.shape))  # the y-y block
         cy_plus = d_plus * rademacher(d_plus, generator)
         cy_minus = d_minus * rademacher(d_minus, generator)
         x_varies = isinstance(x, Tensor) and any(x is t for t in call.inputs)
         if not x_varies:
             plus, minus = [cy_plus], [cy_minus]
         else:
-            b = -adjoint / yv**2
-            mixed = (b.abs() / 2).sqrt() * rademacher(b, generator)
-            cx = _sum_to(mixed, x.shape)
-            cy = _sum_to(torch.where(b < 0, -1.0, 1.0).to(b.dtype) * mixed, y.shape)
+            cx, cy = product_columns(-adjoint / yv**2, x.shape, y.shape, generator)
             plus, minus = [cx, cy + cy_plus], [cx, -cy + cy_minus]
             if x is y:  # x / x: one input, both columns added
                 return [plus[0] + plus[1]], [minus[0] + minus[1]]

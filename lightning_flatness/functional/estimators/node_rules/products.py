@@ -36,11 +36,24 @@ from lightning_flatness.functional.estimators.node_rules.base import (
     register_node_rule,
 )
 
-__all__ = ["ElementwiseProductRule", "MatmulRule"]
+__all__ = ["ElementwiseProductRule", "MatmulRule", "product_columns"]
 
 
 def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
     return t if t.shape == shape else t.sum_to_size(shape)
+
+
+def product_columns(
+    coefficient: Tensor, x_shape: torch.Size, y_shape: torch.Size, generator: Optional[torch.Generator]
+) -> tuple[Tensor, Tensor]:
+    """``(c_x, c_y)`` for the quadratic form ``2 sum_t coefficient_t dx_t dy_t`` of an elementwise product
+    (broadcast to ``coefficient``'s shape): ``sqrt(|coefficient| / 2)`` times one Rademacher sign per term,
+    with ``sign(coefficient)`` on ``y``'s side, each summed to its input's shape. The ``+`` column is
+    ``(c_x, c_y)``, the ``-`` one ``(c_x, -c_y)`` (module docstring)."""
+    root = (coefficient.abs() / 2).sqrt()
+    sign = torch.where(coefficient < 0, -1.0, 1.0).to(coefficient.dtype)
+    mixed = root * rademacher(coefficient, generator)
+    return _sum_to(mixed, x_shape), _sum_to(sign * mixed, y_shape)
 
 
 class ElementwiseProductRule(NodeRule):
@@ -58,10 +71,7 @@ class ElementwiseProductRule(NodeRule):
         self, call: NodeCall, adjoint: Tensor, generator: Optional[torch.Generator]
     ) -> tuple[list[Optional[Tensor]], list[Optional[Tensor]]]:
         x, y = call.inputs
-        root = (adjoint.abs() / 2).sqrt()
-        sign = torch.where(adjoint < 0, -1.0, 1.0).to(adjoint.dtype)
-        mixed = root * rademacher(adjoint, generator)
-        cx, cy = _sum_to(mixed, x.shape), _sum_to(sign * mixed, y.shape)
+        cx, cy = product_columns(adjoint, x.shape, y.shape, generator)
         return [cx, cy], [cx, -cy]
 
 
