@@ -256,3 +256,22 @@ def test_tied_lm_quick_takes_the_per_layer_path_on_gpt2(tmp_path):
     assert (row["method"], row["quantity"], row["path"]) == ("gauss_newton_mc", "gauss_newton", "per-layer")
     assert _finite(row["squared_norm"]) and row["squared_norm"] > 0
     assert "| GPT-2 (tied head, Conv1D) |" in out.with_suffix(".md").read_text()
+
+
+def test_seq_first_quick_measures_pytorch_transformers_like_their_batch_first_twins(tmp_path):
+    from benchmarks import bench_seq_first
+
+    out = tmp_path / "seq_first.json"
+    results = bench_seq_first.main(["--quick", "--json", str(out)])
+    for name, row in results["models"].items():
+        first, twin = row["sequence-first"], row["batch-first"]
+        assert (first["method"], first["quantity"], first["path"]) == (
+            "hessian_sketch",
+            "hessian",
+            "per-layer",
+        )
+        assert (
+            twin["method"] == first["method"] and _finite(first["squared_norm"]) and first["squared_norm"] > 0
+        )
+        assert row["max_difference_relative_to_largest_entry"] < 1e-5
+        assert f"| {name} | sequence-first |" in out.with_suffix(".md").read_text()

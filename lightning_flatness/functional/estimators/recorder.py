@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_flatness.functional.batch_first_transformers import batch_first_transformers
 from lightning_flatness.functional.composite_attention import explicit_multi_head_attention
 from lightning_flatness.functional.estimators.layer_rules import LAYER_RULES, LayerCall
 from lightning_flatness.functional.estimators.layer_rules.column_backward import ColumnTape
@@ -624,7 +625,10 @@ def _record_forward(
     recorded output stays the layer's (the op's). ``nn.MultiheadAttention``
     modules run their forward in explicit operations
     (:func:`~lightning_flatness.functional.composite_attention.explicit_multi_head_attention`), so that
-    their projections are recorded as Linear layers instead of one opaque call.
+    their projections are recorded as Linear layers instead of one opaque call, and PyTorch's
+    sequence-first transformer modules run batch-first between transposes
+    (:func:`~lightning_flatness.functional.batch_first_transformers.batch_first_transformers`), so that
+    their layers see the samples along dim 0.
     """
     leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
     n = inputs_batch_size(x)
@@ -638,6 +642,7 @@ def _record_forward(
             with (
                 _module_tensors_swapped(model, leaves, params),
                 explicit_multi_head_attention(model),
+                batch_first_transformers(model),
                 recorder,
             ):
                 output = _call(model, x)
