@@ -258,18 +258,18 @@ def test_tied_lm_quick_takes_the_per_layer_path_on_gpt2(tmp_path):
     assert "| GPT-2 (tied head, Conv1D) |" in out.with_suffix(".md").read_text()
 
 
-def test_seq_first_quick_measures_pytorch_transformers_like_their_batch_first_twins(tmp_path):
-    from benchmarks import bench_seq_first
+def test_torch_sequence_models_quick_take_the_per_layer_path_like_their_batch_first_twins(tmp_path):
+    from benchmarks import bench_torch_sequence_models
 
-    out = tmp_path / "seq_first.json"
-    results = bench_seq_first.main(["--quick", "--json", str(out)])
+    out = tmp_path / "sequence.json"
+    results = bench_torch_sequence_models.main(["--quick", "--json", str(out)])
+    assert len(results["models"]) == 4
     for name, row in results["models"].items():
         first, twin = row["sequence-first"], row["batch-first"]
-        assert (first["method"], first["quantity"], first["path"]) == (
-            "hessian_sketch",
-            "hessian",
-            "per-layer",
-        )
+        quantity = (
+            "gauss_newton" if "LSTM" in name or "GRU" in name else "hessian"
+        )  # recurrent: a weight per step
+        assert (first["quantity"], first["path"]) == (quantity, "per-layer")
         assert (
             twin["method"] == first["method"] and _finite(first["squared_norm"]) and first["squared_norm"] > 0
         )

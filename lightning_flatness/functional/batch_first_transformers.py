@@ -7,7 +7,7 @@ activations then see rows ordered time-major, with the samples along dim 1. The 
 of the exact, Gauss-Newton and Hessian sketches read the samples along dim 0
 (:mod:`~lightning_flatness.functional.estimators.layer_rules`), so such a model used to fall back to
 per-sample backward passes: ``N`` times the work, and the Gauss-Newton diagonal instead of the
-Hessian's (measured: ``benchmarks/results/bench_seq_first.md``).
+Hessian's (measured: ``benchmarks/results/bench_torch_sequence_models.md``).
 
 :func:`batch_first_transformers` runs each of these modules with ``batch_first=False`` as the same
 module with ``batch_first=True`` between two transposes: its sequence inputs (``src``, ``tgt``,

@@ -34,6 +34,7 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_flatness.functional.batch_first_transformers import batch_first_transformers
 from lightning_flatness.functional.composite_attention import explicit_multi_head_attention
+from lightning_flatness.functional.composite_recurrent import explicit_recurrent_layers
 from lightning_flatness.functional.estimators.layer_rules import LAYER_RULES, LayerCall
 from lightning_flatness.functional.estimators.layer_rules.column_backward import ColumnTape
 from lightning_flatness.functional.estimators.node_rules import NODE_RULES, NodeCall
@@ -628,7 +629,8 @@ def _record_forward(
     their projections are recorded as Linear layers instead of one opaque call, and PyTorch's
     sequence-first transformer modules run batch-first between transposes
     (:func:`~lightning_flatness.functional.batch_first_transformers.batch_first_transformers`), so that
-    their layers see the samples along dim 0.
+    their layers see the samples along dim 0; ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` run in explicit
+    operations (:func:`~lightning_flatness.functional.composite_recurrent.explicit_recurrent_layers`).
     """
     leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
     n = inputs_batch_size(x)
@@ -643,6 +645,7 @@ def _record_forward(
                 _module_tensors_swapped(model, leaves, params),
                 explicit_multi_head_attention(model),
                 batch_first_transformers(model),
+                explicit_recurrent_layers(model),
                 recorder,
             ):
                 output = _call(model, x)

@@ -1,12 +1,14 @@
-"""PyTorch's own transformer modules in their default sequence-first layout (``batch_first=False``): what
-``method="auto"`` measures and what one Hessian-diagonal estimate costs, beside the same weights in a
-batch-first twin.
+"""PyTorch's own sequence modules (``nn.TransformerEncoder``, ``nn.Transformer``, ``nn.LSTM``, ``nn.GRU``),
+in their default sequence-first layout (``batch_first=False``): what ``method="auto"`` measures and what
+one Hessian-diagonal estimate costs, beside the same weights in a batch-first twin.
 
 Models, written as PyTorch's tutorials write them (random weights, no downloads): a token classifier on an
 ``nn.TransformerEncoder`` (embedding, transpose to ``(T, N, E)``, 2 encoder layers, transpose back, mean
-over tokens, linear head) and a sequence-to-sequence ``nn.Transformer`` (1 encoder and 1 decoder layer,
-causal target mask) scored on the mean of its decoder output. Defaults: 64-dim, 4 heads, feed-forward 256,
-a 1,000-token vocabulary, 32 tokens, 4 classes, batches of 64 (``--width``, ``--seq``, ``--samples``).
+over tokens, linear head), a sequence-to-sequence ``nn.Transformer`` (1 encoder and 1 decoder layer,
+causal target mask) scored on the mean of its decoder output, and token classifiers on a one-layer
+``nn.LSTM`` and ``nn.GRU`` (the last time step's output, linear head). Defaults: 64-dim, 4 heads,
+feed-forward 256, a 1,000-token vocabulary, 32 tokens, 4 classes, batches of 64 (``--width``, ``--seq``,
+``--samples``).
 
 Per model and layout: the estimator ``auto`` picks (on a 4-sample batch, as the callback's dry run does),
 then one estimate of that estimator on the batch, timed (median of ``--repeats``), whether it took the
@@ -14,12 +16,14 @@ per-layer path or fell back to per-sample backward passes (it warns then), and t
 for the sequence-first model also the largest relative difference of its estimate from the batch-first
 twin's with the same generator (the two compute one function with one set of draws).
 
-Run: ``python -m benchmarks.bench_seq_first --json benchmarks/results/bench_seq_first.json`` (writes a
-markdown table beside the JSON). To compare with another checkout, run it with ``PYTHONPATH`` there.
+Run: ``python -m benchmarks.bench_torch_sequence_models --json
+benchmarks/results/bench_torch_sequence_models.json`` (writes a markdown table beside the JSON). To
+compare with another checkout, run it with ``PYTHONPATH`` there.
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 import warnings
@@ -81,7 +85,29 @@ class Seq2Seq(nn.Module):
         return self.head(h.mean(dim=1))
 
 
-MODELS = {"nn.TransformerEncoder classifier": EncoderClassifier, "nn.Transformer (encoder-decoder)": Seq2Seq}
+class RecurrentClassifier(nn.Module):
+    """Embedding -> one recurrent layer (``cell``) -> output at the last time step -> head."""
+
+    def __init__(self, batch_first: bool, cell: type = nn.LSTM):
+        super().__init__()
+        width = SIZES["width"]
+        self.batch_first = batch_first
+        self.embed = nn.Embedding(VOCAB, width)
+        self.rnn = cell(width, width, batch_first=batch_first)
+        self.head = nn.Linear(width, CLASSES)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        out, _ = self.rnn(h if self.batch_first else h.transpose(0, 1))
+        return self.head(out[:, -1] if self.batch_first else out[-1])
+
+
+MODELS: dict[str, Any] = {
+    "nn.TransformerEncoder classifier": EncoderClassifier,
+    "nn.Transformer (encoder-decoder)": Seq2Seq,
+    "nn.LSTM classifier": RecurrentClassifier,
+    "nn.GRU classifier": functools.partial(RecurrentClassifier, cell=nn.GRU),
+}
 
 
 def _inputs(name: str, samples: int) -> tuple[Any, torch.Tensor]:
@@ -140,7 +166,8 @@ def measure(name: str, samples: int, repeats: int) -> dict[str, Any]:
 def markdown(results: dict[str, Any]) -> str:
     env = results["environment"]
     lines = [
-        "# PyTorch transformers, sequence-first and batch-first: one estimate at `auto`'s choice (issue 8)",
+        "# PyTorch sequence modules, sequence-first and batch-first: one estimate at `auto`'s choice "
+        "(issue 8)",
         "",
         f"Command: `{results['command']}`  ",
         f"Library: {results['library']}  ",
@@ -176,7 +203,7 @@ def main(argv=None) -> dict[str, Any]:
     SIZES.update({size: getattr(args, size) for size in SIZES})
     setup(args)
     results: dict[str, Any] = {
-        "command": command_line("benchmarks.bench_seq_first", argv),
+        "command": command_line("benchmarks.bench_torch_sequence_models", argv),
         "library": str(Path(lightning_flatness.__file__).resolve().parent.parent),
         "environment": environment(),
         "sizes": dict(SIZES),
