@@ -96,6 +96,20 @@ MODELS: dict[str, Builder] = {
     "timm resnetv2_50x1_bit (weight standardization)": _timm("resnetv2_50x1_bit"),
     "torchvision swin_v2_t": _torchvision("swin_v2_t"),
     "torchvision maxvit_t (224)": _torchvision("maxvit_t", size=224),
+    "torchvision googlenet (64)": _torchvision("googlenet", size=64, aux_logits=False, init_weights=True),
+    "torchvision inception_v3 (75)": _torchvision(
+        "inception_v3", size=75, aux_logits=False, init_weights=True
+    ),
+    "torchvision resnext50_32x4d": _torchvision("resnext50_32x4d"),
+    "torchvision mobilenet_v3_large": _torchvision("mobilenet_v3_large"),
+    "timm mobilevit_xxs (64)": _timm("mobilevit_xxs", size=64),
+    "timm pvt_v2_b0 (64)": _timm("pvt_v2_b0", size=64),
+    "timm crossvit_tiny (240)": _timm("crossvit_tiny_240", size=240),
+    "timm xception41 (64)": _timm("xception41", size=64),
+    "timm dla34": _timm("dla34"),
+    "timm repvgg_a0": _timm("repvgg_a0"),
+    "timm fastvit_t8 (64)": _timm("fastvit_t8", size=64),
+    "timm tnt_s (224)": _timm("tnt_s_patch16_224", size=224),
     "transformers BERT": _hf("BertForSequenceClassification", "BertConfig", "text", hidden_size=16, **_TEXT),
     "transformers DistilBERT": _hf(
         "DistilBertForSequenceClassification",
@@ -176,6 +190,38 @@ MODELS: dict[str, Builder] = {
         intermediate_size=32,
         image_size=32,
         patch_size=8,
+        num_labels=10,
+    ),
+    "transformers BLOOM (tied head)": _hf(
+        "BloomForCausalLM", "BloomConfig", "lm", hidden_size=16, n_layer=1, n_head=2, vocab_size=64
+    ),
+    "transformers GPT-NeoX": _hf("GPTNeoXForCausalLM", "GPTNeoXConfig", "lm", hidden_size=16, **_TEXT),
+    "transformers GPT-J": _hf(
+        "GPTJForCausalLM", "GPTJConfig", "lm", n_embd=16, n_layer=1, n_head=2, rotary_dim=4, vocab_size=64
+    ),
+    "transformers XLM-RoBERTa": _hf(
+        "XLMRobertaForSequenceClassification", "XLMRobertaConfig", "text", hidden_size=16, **_TEXT
+    ),
+    "transformers Qwen3": _hf("Qwen3ForCausalLM", "Qwen3Config", "lm", head_dim=8, **_DECODER),
+    "transformers Mamba": _hf(
+        "MambaForCausalLM",
+        "MambaConfig",
+        "lm",
+        hidden_size=16,
+        num_hidden_layers=1,
+        vocab_size=64,
+        state_size=4,
+    ),
+    "transformers Swin (image)": _hf(
+        "SwinForImageClassification",
+        "SwinConfig",
+        "image",
+        image_size=32,
+        patch_size=4,
+        embed_dim=16,
+        depths=[1, 1],
+        num_heads=[2, 2],
+        window_size=4,
         num_labels=10,
     ),
     "transformers Phi": _hf(

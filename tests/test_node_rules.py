@@ -180,3 +180,26 @@ def test_einsum_rule_refuses_patterns_it_does_not_cover():
     for equation in ("ii,ij->j", "...k,kj->...j", "ik,kj"):
         call = _call("einsum", torch.einsum, (equation, x, y), {}, [x, y])
         assert not NODE_RULES["einsum"].accepts(call), equation
+
+
+def test_baddbmm_rule():
+    """``beta C + alpha X @ Y`` (BLOOM's attention scores with the ALiBi bias): matmul's rule, scaled by
+    ``alpha``; the bias ``C`` enters linearly."""
+    x, y = _leaf(3, 2, 4, seed=0), _leaf(3, 4, 5, seed=1)
+    c = torch.randn(3, 2, 5, dtype=F64, generator=torch.Generator().manual_seed(3))
+    adjoint = torch.randn(3, 2, 5, dtype=F64, generator=torch.Generator().manual_seed(2))
+    call = _call("baddbmm", torch.baddbmm, (c, x, y), {"beta": 1.3, "alpha": 0.7}, [x, y])
+    assert NODE_RULES["baddbmm"].accepts(call)
+    _check(call, adjoint)
+
+
+def test_baddbmm_rule_reads_keyword_operands_and_refuses_a_weight_dependent_bias():
+    x, y = _leaf(3, 2, 4, seed=0), _leaf(3, 4, 5, seed=1)
+    c = _leaf(3, 2, 5, seed=2)
+    method_form = _call(
+        "baddbmm", torch.Tensor.baddbmm, (c.detach(),), {"batch1": x, "batch2": y, "alpha": 0.5}, [x, y]
+    )
+    assert NODE_RULES["baddbmm"].accepts(method_form)
+    plus, minus = NODE_RULES["baddbmm"].columns(method_form, torch.ones(3, 2, 5, dtype=F64), None)
+    assert [p.shape for p in plus] == [x.shape, y.shape] and torch.equal(minus[1], -plus[1])
+    assert not NODE_RULES["baddbmm"].accepts(_call("baddbmm", torch.baddbmm, (c, x, y), {}, [c, x, y]))

@@ -25,6 +25,9 @@ the block raises):
 - every ``nn.MultiheadAttention`` (torchvision's ``VisionTransformer``, ``nn.TransformerEncoderLayer``):
   its forward in explicit operations (:mod:`.composite_attention`), so that the recorder of the
   estimators sees the projections, the softmax and the products instead of one fused call;
+- activation modules that compute a standard activation in a custom autograd Function with a
+  first-order backward (Hugging Face's ``BloomGelu``): that activation's PyTorch op
+  (:mod:`.explicit_activations`);
 - every module with a boolean ``inplace`` attribute (``nn.ReLU``, ``nn.SiLU``, ``nn.Hardswish``, timm's
   activation layers): ``inplace = False``, so that an activation does not overwrite the output of the
   operation before it (torchvision's and timm's EfficientNets use ``SiLU(inplace=True)`` after every
@@ -55,6 +58,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_flatness.functional.composite_attention import explicit_multi_head_attention
+from lightning_flatness.functional.explicit_activations import explicit_activations
 
 __all__ = ["twice_differentiable", "CompositeActivations", "composite_hardsigmoid", "composite_hardswish"]
 
@@ -139,7 +143,12 @@ def twice_differentiable(model: nn.Module) -> Iterator[nn.Module]:
             m.inplace = False
         for c, _ in configs:
             c._attn_implementation = "eager"
-        with sdpa_kernel([SDPBackend.MATH]), CompositeActivations(), explicit_multi_head_attention(model):
+        with (
+            sdpa_kernel([SDPBackend.MATH]),
+            CompositeActivations(),
+            explicit_multi_head_attention(model),
+            explicit_activations(model),
+        ):
             yield model
     finally:
         for m, value in fused:

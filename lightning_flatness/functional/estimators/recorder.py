@@ -53,6 +53,7 @@ from lightning_flatness.functional.estimators.op_tables import (
     _requiring_grad,
     _tensors,
 )
+from lightning_flatness.functional.explicit_activations import explicit_activations
 from lightning_flatness.functional.model_io import ModelInputs, extract_logits, inputs_batch_size, map_inputs
 
 __all__ = ["rows_of_other_samples"]
@@ -630,7 +631,9 @@ def _record_forward(
     sequence-first transformer modules run batch-first between transposes
     (:func:`~lightning_flatness.functional.batch_first_transformers.batch_first_transformers`), so that
     their layers see the samples along dim 0; ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` run in explicit
-    operations (:func:`~lightning_flatness.functional.composite_recurrent.explicit_recurrent_layers`).
+    operations (:func:`~lightning_flatness.functional.composite_recurrent.explicit_recurrent_layers`), and
+    activation modules that hide a standard activation in a custom autograd Function run as that
+    activation (:func:`~lightning_flatness.functional.explicit_activations.explicit_activations`).
     """
     leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
     n = inputs_batch_size(x)
@@ -646,6 +649,7 @@ def _record_forward(
                 explicit_multi_head_attention(model),
                 batch_first_transformers(model),
                 explicit_recurrent_layers(model),
+                explicit_activations(model),
                 recorder,
             ):
                 output = _call(model, x)

@@ -2,14 +2,15 @@
 nonlinear op kind as random signed columns, one module per kind, registered in
 :data:`~.base.NODE_RULES` (see :mod:`~lightning_flatness.functional.estimators.node_rules.base`).
 Built in: unary elementwise activations (:mod:`.elementwise`), products of two weight-dependent tensors
-(:mod:`.products`) and their ``einsum`` (:mod:`.einsum`), division by a weight-dependent tensor
-(:mod:`.division`), ``softmax`` /
+(:mod:`.products`), their ``einsum`` (:mod:`.einsum`) and ``baddbmm`` (:mod:`.baddbmm`), division by a
+weight-dependent tensor (:mod:`.division`), ``softmax`` /
 ``log_softmax`` (:mod:`.softmax`), ``layer_norm`` (:mod:`.layer_norm`), ``group_norm``
 (:mod:`.group_norm`), ``rms_norm`` (:mod:`.rms_norm`) and ``F.normalize`` (:mod:`.l2_normalize`), the
 four normalizations sharing :mod:`.normalization_curvature`; and ``linear`` where its weight is used
 twice and its input depends on it (a tied LM head, :mod:`.tied_linear`)."""
 
 from lightning_flatness.functional.estimators.node_rules import (  # noqa: F401  (registers)
+    baddbmm,
     division,
     einsum,
     elementwise,

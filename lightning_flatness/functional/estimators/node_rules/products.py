@@ -36,7 +36,7 @@ from lightning_flatness.functional.estimators.node_rules.base import (
     register_node_rule,
 )
 
-__all__ = ["ElementwiseProductRule", "MatmulRule", "product_columns"]
+__all__ = ["ElementwiseProductRule", "MatmulRule", "matmul_columns", "product_columns"]
 
 
 def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
@@ -96,16 +96,25 @@ class MatmulRule(NodeRule):
         self, call: NodeCall, adjoint: Tensor, generator: Optional[torch.Generator]
     ) -> tuple[list[Optional[Tensor]], list[Optional[Tensor]]]:
         x, y = call.inputs
-        batch = adjoint.shape[:-2]
-        m, n = adjoint.shape[-2:]
-        k = x.shape[-1]
-        root = (adjoint.abs() / 2).sqrt()  # (..., m, n)
-        signed = torch.where(adjoint < 0, -root, root)
-        alpha = rademacher(adjoint, generator, (*batch, m, k))
-        beta = rademacher(adjoint, generator, (*batch, n, k))
-        cx = _sum_to(alpha * (root @ beta), x.shape)  # (..., m, k): sum_j eps_ijl sqrt(|G_ij| / 2)
-        cy = _sum_to((beta * (signed.transpose(-1, -2) @ alpha)).transpose(-1, -2), y.shape)  # (..., k, n)
+        cx, cy = matmul_columns(adjoint, x.shape, y.shape, generator)
         return [cx, cy], [cx, -cy]
+
+
+def matmul_columns(
+    adjoint: Tensor, x_shape: torch.Size, y_shape: torch.Size, generator: Optional[torch.Generator]
+) -> tuple[Tensor, Tensor]:
+    """``(c_x, c_y)`` of ``Z = X @ Y`` (batched, broadcast) with adjoint ``G`` (module docstring): two matrix
+    products of the op's size; the ``+`` column is ``(c_x, c_y)``, the ``-`` one ``(c_x, -c_y)``."""
+    batch = adjoint.shape[:-2]
+    m, n = adjoint.shape[-2:]
+    k = x_shape[-1]
+    root = (adjoint.abs() / 2).sqrt()  # (..., m, n)
+    signed = torch.where(adjoint < 0, -root, root)
+    alpha = rademacher(adjoint, generator, (*batch, m, k))
+    beta = rademacher(adjoint, generator, (*batch, n, k))
+    cx = _sum_to(alpha * (root @ beta), x_shape)  # (..., m, k): sum_j eps_ijl sqrt(|G_ij| / 2)
+    cy = _sum_to((beta * (signed.transpose(-1, -2) @ alpha)).transpose(-1, -2), y_shape)  # (..., k, n)
+    return cx, cy
 
 
 register_node_rule(ElementwiseProductRule())
