@@ -8,6 +8,7 @@ where it is not that is said."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -134,8 +135,8 @@ def test_nonlinear_reparametrizations_are_named_and_their_gauss_newton_diagonal_
     assert any("'_weight_norm' computes a weight nonlinearly" in issue for issue in ggn.issues)
     assert not any("batch statistics" in issue for issue in ggn.issues)  # not taken for train-mode BN
     _close(ggn.diagonal, brute_force_ggn_diagonal(model, F.cross_entropy, x, y, list(params)), params)
-    choice = choose_method(model, F.cross_entropy, x, y)  # no node rule samples a reparametrization
-    assert choice.quantity == "gauss_newton" and "nonlinear function of the weights" in choice.reason
+    choice = choose_method(model, F.cross_entropy, x, y)  # node_rules.weight_functions covers both
+    assert (choice.method, choice.quantity) == ("hessian_sketch", "hessian")
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4])
@@ -319,8 +320,174 @@ def test_a_reparametrized_network_is_measured_in_a_lightning_fit_without_changin
         runs[label] = state
         if callbacks:
             history = callbacks[0].history
-            assert len(history) == 2 and history[-1]["method"] == "gauss_newton"
+            assert len(history) == 2 and history[-1]["method"] == "hessian_sketch"
             assert all(h["normalized"] > 0 for h in history)
     assert runs["with"].keys() == runs["without"].keys()
     for key in runs["without"]:
         assert torch.equal(runs["with"][key], runs["without"][key]), key
+
+
+class ScaledStdConv(nn.Conv2d):
+    """timm's ``ScaledStdConv2d`` (NFNets): the standardized weight times a per-channel gain, inside
+    ``F.batch_norm``'s affine weight."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, self.out_channels).view(-1, 1, 1, 1))
+
+    def forward(self, x):
+        w = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1),
+            None,
+            None,
+            weight=(self.gain * 0.7).view(-1),
+            training=True,
+            momentum=0.0,
+            eps=1e-4,
+        ).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class Standardized(nn.Module):
+    """Two weight-standardized convolutions (plain and scaled with a gain), GELU, a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = StdConv(2, 4, 3, padding=1), ScaledStdConv(4, 3, 3, padding=1)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.conv2(F.gelu(self.conv1(x)))
+        return self.head(F.gelu(h).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("with_gain", [False, True])
+def test_weight_standardization_curvature_is_exact(with_gain):
+    """The rule's ``diag(M)`` for ``<G, batch_norm(W.reshape(1, C, -1), training=True)>`` equals the diagonal
+    of ``torch.func.hessian`` of that scalar."""
+    from lightning_flatness.functional.estimators.node_rules.weight_functions import WEIGHT_FUNCTION_RULES
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 2, 3, 3, generator=g, dtype=F64)
+    adjoint = torch.randn(1, 4, 18, generator=g, dtype=F64)
+    gamma = torch.linspace(0.5, 2.0, 4, dtype=F64) if with_gain else None
+
+    def scalar(flat):
+        out = F.batch_norm(flat.view(1, 4, 18), None, None, weight=gamma, training=True, eps=1e-4)
+        return (out * adjoint).sum()
+
+    expected = torch.func.hessian(scalar)(w.reshape(-1)).diagonal()
+    args, kwargs = (w.reshape(1, 4, -1), None, None), {"weight": gamma, "training": True, "eps": 1e-4}
+    rule = WEIGHT_FUNCTION_RULES["batch_norm"]
+    assert rule.input_of(args, kwargs) is args[0]
+    got = rule.diagonal(args, kwargs, adjoint)
+    torch.testing.assert_close(
+        got.reshape(-1), expected, rtol=1e-10, atol=1e-12 * float(expected.abs().max())
+    )
+
+
+def test_weight_standardized_networks_get_the_hessian_sketch_unbiased_for_the_hessian():
+    """NFNet-style convolutions: ``auto`` now measures the Hessian (``hessian_sketch``), whose mean over draws
+    equals the brute-force Hessian diagonal, far from the Gauss-Newton one on the standardized weights."""
+    from lightning_flatness.functional.estimators.hessian_sketch import hessian_sketch_diagonal
+
+    torch.manual_seed(0)
+    model = Standardized().double().eval()
+    x, y = _data(Reparametrized())
+    params = {k: v for k, v in select_parameters(model).items() if v.ndim >= 2}
+    assert set(params) == {"conv1.weight", "conv2.weight", "head.weight"}  # the gain (C, 1, 1, 1) is not
+    names = list(params)
+    choice = choose_method(model, F.cross_entropy, x, y)
+    assert (choice.method, choice.quantity) == ("hessian_sketch", "hessian")
+    hessian = brute_force_hessian_diagonal(model, F.cross_entropy, x, y, names)
+    ggn = brute_force_ggn_diagonal(model, F.cross_entropy, x, y, names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a per-sample fallback warns
+        runs = [
+            hessian_sketch_diagonal(
+                model,
+                F.cross_entropy,
+                x,
+                y,
+                params,
+                generator=torch.Generator().manual_seed(s),
+                num_sketches=4,
+            )
+            for s in range(60)
+        ]
+    for name in names:
+        est = torch.stack([r[name].reshape(-1) for r in runs])
+        diag = hessian[name].detach().reshape(-1)
+        mean, se = est.mean(0), est.std(0) / math.sqrt(est.shape[0])
+        live = se > 1e-12 * diag.abs().max()
+        torch.testing.assert_close(mean[~live], diag[~live], rtol=1e-9, atol=1e-15)
+        if bool(live.any()):  # (the head has no operation after it: exact, no spread)
+            assert float(((mean - diag)[live] / se[live]).abs().max()) < 5.0, name
+    for name in ("conv1.weight", "conv2.weight"):
+        gap = (ggn[name] - hessian[name]).norm() / hessian[name].norm()
+        assert float(gap) > 0.2, name  # the Gauss-Newton diagonal misses the standardization's curvature
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_weight_normalization_curvature_is_exact(dim):
+    """``diag(M)`` for ``<G, torch._weight_norm(v, g, dim)>`` in ``v`` equals ``torch.func.hessian``'s."""
+    from lightning_flatness.functional.estimators.node_rules.weight_functions import WEIGHT_FUNCTION_RULES
+
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(4, 3, 2, generator=gen, dtype=F64)
+    shape = () if dim == -1 else [v.shape[i] if i == dim else 1 for i in range(3)]
+    g = torch.randn(shape, generator=gen, dtype=F64)
+    adjoint = torch.randn(4, 3, 2, generator=gen, dtype=F64)
+    reduce = (0, 1, 2) if dim == -1 else tuple(i for i in range(3) if i != dim)
+    torch.testing.assert_close(  # the reference below is torch._weight_norm written out
+        torch._weight_norm(v, g, dim), g * v / v.square().sum(dim=reduce, keepdim=True).sqrt()
+    )
+
+    def scalar(flat):  # (torch._weight_norm has no forward-mode derivative for torch.func.hessian)
+        w = flat.view(4, 3, 2)
+        return (g * w / w.square().sum(dim=reduce, keepdim=True).sqrt() * adjoint).sum()
+
+    expected = torch.func.hessian(scalar)(v.reshape(-1)).diagonal()
+    rule = WEIGHT_FUNCTION_RULES["_weight_norm"]
+    got = rule.diagonal((v, g, dim), {}, adjoint)
+    torch.testing.assert_close(
+        got.reshape(-1), expected, rtol=1e-10, atol=1e-12 * float(expected.abs().max())
+    )
+
+
+def test_weight_normalized_and_standardized_network_is_unbiased_for_the_hessian():
+    """The network of both reparametrizations (weight standardization, ``weight_norm``): ``auto`` measures the
+    Hessian, and the sketch's mean over draws equals the brute-force Hessian diagonal."""
+    from lightning_flatness.functional.estimators.hessian_sketch import hessian_sketch_diagonal
+
+    torch.manual_seed(0)
+    model = Reparametrized().double().eval()
+    for p in model.parameters():
+        p.data.mul_(1.5)
+    x, y = _data(model)
+    params = select_parameters(model, "all")
+    names = list(params)
+    assert choose_method(model, F.cross_entropy, x, y, parameters="all").quantity == "hessian"
+    hessian = brute_force_hessian_diagonal(model, F.cross_entropy, x, y, names)  # (weight_norm written out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runs = [
+            hessian_sketch_diagonal(
+                model,
+                F.cross_entropy,
+                x,
+                y,
+                params,
+                generator=torch.Generator().manual_seed(s),
+                num_sketches=4,
+            )
+            for s in range(60)
+        ]
+    for name in names:
+        est = torch.stack([r[name].reshape(-1) for r in runs])
+        diag = hessian[name].detach().reshape(-1)
+        mean, se = est.mean(0), est.std(0) / math.sqrt(est.shape[0])
+        live = se > 1e-12 * diag.abs().max().clamp_min(1e-300)
+        torch.testing.assert_close(mean[~live], diag[~live], rtol=1e-9, atol=1e-14)
+        if bool(live.any()):
+            assert float(((mean - diag)[live] / se[live]).abs().max()) < 5.0, name

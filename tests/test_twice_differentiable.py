@@ -149,3 +149,38 @@ def test_hugging_face_models_run_eager_attention_inside_only(name, module, monke
     assert len(calls) == 1  # one layer
     call_model(model, x)
     assert len(calls) == 1
+
+
+def test_weight_normalization_gets_second_derivatives_that_match_gradient_differences():
+    """``torch.nn.utils.parametrizations.weight_norm`` (``torch._weight_norm``): under the context,
+    forward-over-reverse and double-backward Hessian-vector products both equal the central difference of
+    exact gradients.
+    (The kernel's own double backward does not, in PyTorch 2.14: ``node_rules.weight_functions`` found it.)"""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.utils.parametrizations.weight_norm(nn.Linear(5, 4)),
+        nn.Tanh(),
+        nn.utils.parametrizations.weight_norm(nn.Linear(4, 3), dim=1),
+    ).double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    v = {
+        n: torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(1))
+        for n, p in params.items()
+    }
+
+    def loss_of(theta):
+        return F.cross_entropy(functional_call(model, theta, (x,)), y)
+
+    eps = 1e-5
+    g_plus = grad(loss_of)({n: p + eps * v[n] for n, p in params.items()})
+    g_minus = grad(loss_of)({n: p - eps * v[n] for n, p in params.items()})
+    fd = torch.cat([((g_plus[n] - g_minus[n]) / (2 * eps)).flatten() for n in params])
+    with twice_differentiable(model):
+        _, hv = jvp(grad(loss_of), (params,), (v,))
+        leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+        grads = torch.autograd.grad(loss_of(leaves), list(leaves.values()), create_graph=True)
+        dot = sum((g * v[n]).sum() for g, n in zip(grads, leaves))
+        hv_double = torch.autograd.grad(dot, list(leaves.values()))
+    for got in (torch.cat([hv[n].flatten() for n in params]), torch.cat([h.flatten() for h in hv_double])):
+        assert float((got - fd).norm() / fd.norm()) < 1e-5

@@ -36,7 +36,11 @@ the block raises):
   clamp(x / 6 + 1/2, 0, 1)`` and ``F.hardswish(x) = x * clamp(x / 6 + 1/2, 0, 1)`` (the definitions in
   the PyTorch documentation, same formula as the kernels; in-place variants are evaluated out of
   place and their result returned, as ``nn.Hardswish`` uses it). ``clamp`` has derivatives of every
-  order (0 beyond the first).
+  order (0 beyond the first);
+- the same mode evaluates ``torch._weight_norm`` (``torch.nn.utils.parametrizations.weight_norm``) as ``v (g
+  / ||v||)`` in plain ops: in PyTorch 2.14 its kernel has no forward-mode derivative, and its double backward
+  disagrees with finite differences of its own gradient, where the written-out formula agrees
+  (``tests/test_twice_differentiable.py``).
 
 Values equal those of the fused, in-place execution to float rounding (tested on every zoo model); derivatives
 agree wherever the functions are differentiable (at ``x = +-3`` the composite picks a one-sided
@@ -60,7 +64,13 @@ from torch.overrides import TorchFunctionMode
 from lightning_flatness.functional.composite_attention import explicit_multi_head_attention
 from lightning_flatness.functional.explicit_activations import explicit_activations
 
-__all__ = ["twice_differentiable", "CompositeActivations", "composite_hardsigmoid", "composite_hardswish"]
+__all__ = [
+    "twice_differentiable",
+    "CompositeActivations",
+    "composite_hardsigmoid",
+    "composite_hardswish",
+    "composite_weight_norm",
+]
 
 
 def composite_hardsigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +83,17 @@ def composite_hardswish(x: torch.Tensor) -> torch.Tensor:
     return x * composite_hardsigmoid(x)
 
 
+def composite_weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``g v / ||v||`` with the norm over every dim but ``dim`` (over all of ``v`` for ``dim=-1``):
+    ``torch._weight_norm`` (``torch.nn.utils.parametrizations.weight_norm``) in plain ops, which have a
+    correct second derivative and a forward-mode one."""
+    dims = tuple(range(v.dim())) if dim == -1 else tuple(d for d in range(v.dim()) if d != dim % v.dim())
+    return v * (g / v.square().sum(dim=dims, keepdim=True).sqrt())
+
+
 _COMPOSITES = {F.hardsigmoid: composite_hardsigmoid, F.hardswish: composite_hardswish}
+#: ops replaced by a composite that takes all of their arguments
+_COMPOSITE_CALLS = {torch._weight_norm: composite_weight_norm}
 for _name, _fn in (("hardsigmoid", composite_hardsigmoid), ("hardswish", composite_hardswish)):
     for _variant in (_name, _name + "_"):  # the kernels behind F.* and nn.*(inplace=True)
         if hasattr(torch._C._nn, _variant):
@@ -82,9 +102,13 @@ for _name, _fn in (("hardsigmoid", composite_hardsigmoid), ("hardswish", composi
 
 class CompositeActivations(TorchFunctionMode):
     """A torch-function mode that evaluates ``hardsigmoid``/``hardswish`` (functional, ``nn`` module or
-    ``torch._C._nn`` call, in-place or not) by their composite, twice-differentiable definitions."""
+    ``torch._C._nn`` call, in-place or not) and ``torch._weight_norm`` by their composite,
+    twice-differentiable definitions."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        whole = _COMPOSITE_CALLS.get(func)
+        if whole is not None:
+            return whole(*args, **(kwargs or {}))
         composite = _COMPOSITES.get(func)
         if composite is not None:
             x = args[0] if args else kwargs["input"]

@@ -58,8 +58,10 @@ it runs through fused kernels' first derivatives, and under
 Face's attention in explicit ops, so that ``softmax`` and the products are seen).
 
 **Limits (refused with the operation named).** An op on weight-dependent tensors that is neither
-piecewise linear nor covered by a node rule (``atan``, an LSTM, fused ``scaled_dot_product_attention``
-called directly, train-mode BatchNorm or dropout, a nonlinear reparametrization of a weight); a selected
+piecewise linear nor covered by a node rule (``atan``, an LSTM's fused kernel, fused
+``scaled_dot_product_attention`` called directly, train-mode BatchNorm or dropout, a nonlinear function of
+weights alone other than weight standardization or normalization, :mod:`.node_rules.weight_functions`,
+whose curvature's diagonal is added exactly); a selected
 weight used twice by anything but Linear layers and embedding lookups, or whose per-sample columns
 would exceed :data:`TIED_COLUMN_ELEMENTS`; an op input changed in place after the op (activation
 *modules* built with ``inplace=True`` run out of place under
@@ -401,9 +403,9 @@ def hessian_sketch_diagonal(
             if loss_issues:
                 raise ExactMethodNotApplicable(f"{caller} does not apply: {'; '.join(loss_issues[:3])}.")
         mixed, signs = mixed.to(logits.dtype) / math.sqrt(n), signs.to(logits.dtype)  # the loss is a mean
-        tensors, stacks, pairs = _node_injections(
-            forward, loss_fn(forward.logits, y), num_sketches, generator
-        )
+        loss = loss_fn(forward.logits, y)
+        tensors, stacks, pairs = _node_injections(forward, loss, num_sketches, generator)
+        own = _weight_function_diagonals(forward, loss)  # exact: before the backward passes free the graph
         if exact_loss_factors:  # the loss's exact columns first (per-sample signs), then the ops' pairs
             mixed, signs, stacks = _exact_loss_first(mixed, signs, stacks, num_sketches, pairs)
         else:
@@ -425,4 +427,21 @@ def hessian_sketch_diagonal(
                 stacklevel=2,
             )
             diag = _diagonal_by_chunks(forward.logits, mixed, signs, forward.leaves, 1, injections)
+        for name, part in own:
+            diag[name] = diag[name] + part.reshape(diag[name].shape).to(diag[name].dtype)
     return _finish(diag, params)
+
+
+def _weight_function_diagonals(forward: _RecordedForward, loss: Tensor) -> list[tuple[str, Tensor]]:
+    """``(weight name, diag(M))`` of each recorded nonlinear function of one selected weight alone (weight
+    standardization, normalization): its own curvature with the mean loss's gradient at its output, exactly
+    (:mod:`.node_rules.weight_functions`; no sampling: the term is not per sample)."""
+    calls = forward.recorder.weight_functions
+    if not calls:
+        return []
+    adjoints = torch.autograd.grad(loss, [c.output for c in calls], retain_graph=True, allow_unused=True)
+    return [
+        (c.weight, c.rule.diagonal(c.args, c.kwargs, adjoint))
+        for c, adjoint in zip(calls, adjoints)
+        if adjoint is not None
+    ]

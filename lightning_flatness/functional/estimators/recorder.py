@@ -38,6 +38,10 @@ from lightning_flatness.functional.composite_recurrent import explicit_recurrent
 from lightning_flatness.functional.estimators.layer_rules import LAYER_RULES, LayerCall
 from lightning_flatness.functional.estimators.layer_rules.column_backward import ColumnTape
 from lightning_flatness.functional.estimators.node_rules import NODE_RULES, NodeCall
+from lightning_flatness.functional.estimators.node_rules.weight_functions import (
+    WeightFunctionRule,
+    covered_input,
+)
 from lightning_flatness.functional.estimators.op_tables import (
     _ADDITIVE_ARGUMENT,
     _DIVISIONS,
@@ -57,6 +61,18 @@ from lightning_flatness.functional.explicit_activations import explicit_activati
 from lightning_flatness.functional.model_io import ModelInputs, extract_logits, inputs_batch_size, map_inputs
 
 __all__ = ["rows_of_other_samples"]
+
+
+@dataclass
+class WeightFunctionCall:
+    """One recorded nonlinear op on a selected weight alone (:mod:`.node_rules.weight_functions`)."""
+
+    op: str
+    rule: WeightFunctionRule
+    args: tuple
+    kwargs: dict
+    output: Tensor
+    weight: str  # the selected weight the op's input holds entry for entry
 
 
 class _ForwardRecorder(TorchFunctionMode):
@@ -116,6 +132,9 @@ class _ForwardRecorder(TorchFunctionMode):
         self.derived: dict[int, tuple[Tensor, frozenset[str]]] = {}
         self.derived_weights: dict[str, tuple[Tensor, tuple[str, ...]]] = {}
         self._derived_names: dict[int, str] = {}
+        # with record_nodes: nonlinear functions of one selected weight alone that a rule of
+        # node_rules.weight_functions covers (weight standardization): their curvature's exact diagonal
+        self.weight_functions: list[WeightFunctionCall] = []
 
     # -- bookkeeping -----------------------------------------------------------------------
     def where(self) -> str:
@@ -286,10 +305,31 @@ class _ForwardRecorder(TorchFunctionMode):
                 f"{name!r} computes a weight nonlinearly from the selected weights alone (a "
                 "reparametrization: weight standardization or normalization, a position-bias MLP)"
             )
-            entry = f"{name!r} in {self.where()} (a nonlinear function of the weights alone)"
-            if self.nodes is not None and entry not in self.uncovered:
-                self.uncovered.append(entry)  # no node rule samples a weight's own reparametrization
+            if self.nodes is not None:
+                self._record_weight_function(name, args, kwargs, outputs)
         self.mark_seen(outputs)
+
+    def _record_weight_function(self, name: str, args: tuple, kwargs: dict, outputs: list[Tensor]) -> None:
+        """A nonlinear op on weights alone, for the sketched Hessian: recorded when a rule of
+        :mod:`.node_rules.weight_functions` covers it and its input is one selected weight entry for entry
+        (the weight or a reshape of it), else noted as uncovered."""
+        covered = covered_input(name, args, kwargs)
+        leaf = self._leaf_of_view(covered[1]) if covered is not None else None
+        if covered is not None and leaf is not None and len(outputs) == 1:
+            self.weight_functions.append(WeightFunctionCall(name, covered[0], args, kwargs, outputs[0], leaf))
+            return
+        entry = f"{name!r} in {self.where()} (a nonlinear function of the weights alone)"
+        if entry not in self.uncovered:
+            self.uncovered.append(entry)
+
+    def _leaf_of_view(self, t: Tensor) -> Optional[str]:
+        """The selected weight whose entries ``t`` holds one for one, in memory order (the weight itself,
+        or a contiguous reshape of it), or None."""
+        base = t if t._base is None else t._base
+        name = self.names_by_id.get(id(base))
+        if name is None or t.numel() != base.numel() or not (t.is_contiguous() and base.is_contiguous()):
+            return None
+        return name if t.data_ptr() == base.data_ptr() else None
 
     def _sources(self, t: Tensor) -> frozenset[str]:
         """The selected weights that ``t`` (a weight or a function of weights) depends on."""

@@ -7,7 +7,9 @@ weight-dependent tensor (:mod:`.division`), ``softmax`` /
 ``log_softmax`` (:mod:`.softmax`), ``layer_norm`` (:mod:`.layer_norm`), ``group_norm``
 (:mod:`.group_norm`), ``rms_norm`` (:mod:`.rms_norm`) and ``F.normalize`` (:mod:`.l2_normalize`), the
 four normalizations sharing :mod:`.normalization_curvature`; and ``linear`` where its weight is used
-twice and its input depends on it (a tied LM head, :mod:`.tied_linear`)."""
+twice and its input depends on it (a tied LM head, :mod:`.tied_linear`). Nonlinear functions of one
+weight alone (weight standardization and normalization) have rules of their own, which give their
+curvature's diagonal exactly (:mod:`.weight_functions`)."""
 
 from lightning_flatness.functional.estimators.node_rules import (  # noqa: F401  (registers)
     baddbmm,
@@ -21,6 +23,7 @@ from lightning_flatness.functional.estimators.node_rules import (  # noqa: F401 
     rms_norm,
     softmax,
     tied_linear,
+    weight_functions,
 )
 from lightning_flatness.functional.estimators.node_rules.base import (
     NODE_RULES,

@@ -20,7 +20,8 @@ adjoint times its affine weight, where it has one).
 The first term is a multiple of a projection (column ``sqrt|alpha| P xi``, or ``sqrt|alpha| xi``, on the
 side of its sign); the rest lies in ``span{u, r~}``: a ``2 x 2`` eigenproblem per slice in an orthonormal
 basis of that span gives two signed exact columns, mixed with random signs. Cost ``O(numel)``, in
-float64.
+float64. The same structure gives ``diag(M)`` exactly (:func:`normalization_diagonal`), for a
+normalization of weights alone (:mod:`.weight_functions`), whose curvature needs no sampling.
 """
 
 from __future__ import annotations
@@ -32,14 +33,12 @@ from torch import Tensor
 
 from lightning_flatness.functional.estimators.node_rules.base import rademacher
 
-__all__ = ["normalization_columns"]
+__all__ = ["normalization_columns", "normalization_diagonal"]
 
 
-def normalization_columns(
-    a: Tensor, r: Tensor, eps: float, centered: bool, generator: Optional[torch.Generator]
-) -> tuple[Tensor, Tensor]:
-    """The ``+`` and ``-`` columns ``(..., D)`` of ``M`` (module docstring) for slices ``a`` ``(..., D)`` with
-    adjoints ``r`` of their normalized values (float64 recommended: the ``2 x 2`` eigenproblems)."""
+def _structure(a: Tensor, r: Tensor, eps: float, centered: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(alpha (..., 1), lam (..., 2), cols (..., D, 2))`` with ``M = alpha P + cols diag(lam) cols^T``
+    (``P = I`` when not centred; module docstring)."""
     d = a.shape[-1]
     c = a - a.mean(dim=-1, keepdim=True) if centered else a
     s2 = c.pow(2).mean(dim=-1, keepdim=True) + eps
@@ -70,7 +69,15 @@ def normalization_columns(
     # eigensolver happened to orient it (float32 and float64 runs then agree draw by draw)
     orient = vec[..., 0, :] + 0.6180339887 * vec[..., 1, :]  # (..., 2)
     vec = vec * torch.where(orient < 0, -1.0, 1.0).to(vec.dtype).unsqueeze(-2)
-    cols = basis @ vec  # (..., D, 2)
+    return alpha, lam, basis @ vec
+
+
+def normalization_columns(
+    a: Tensor, r: Tensor, eps: float, centered: bool, generator: Optional[torch.Generator]
+) -> tuple[Tensor, Tensor]:
+    """The ``+`` and ``-`` columns ``(..., D)`` of ``M`` (module docstring) for slices ``a`` ``(..., D)`` with
+    adjoints ``r`` of their normalized values (float64 recommended: the ``2 x 2`` eigenproblems)."""
+    alpha, lam, cols = _structure(a, r, eps, centered)
     out = []
     for sign in (1.0, -1.0):
         part = (sign * alpha).clamp_min(0).sqrt()
@@ -79,3 +86,11 @@ def normalization_columns(
         weights = (sign * lam).clamp_min(0).sqrt() * rademacher(lam, generator)  # (..., 2)
         out.append(col + (cols * weights.unsqueeze(-2)).sum(dim=-1))
     return out[0], out[1]
+
+
+def normalization_diagonal(a: Tensor, r: Tensor, eps: float, centered: bool) -> Tensor:
+    """The diagonal of ``M`` (module docstring), exactly, ``(..., D)``: ``alpha (1 - 1/D)`` (``alpha`` when
+    not centred) plus ``sum_k lam_k cols_k^2``. ``O(numel)``."""
+    alpha, lam, cols = _structure(a, r, eps, centered)
+    d = a.shape[-1]
+    return alpha * ((1.0 - 1.0 / d) if centered else 1.0) + (cols.square() * lam.unsqueeze(-2)).sum(dim=-1)
