@@ -142,3 +142,58 @@ def quiet_trainer(callbacks: list, max_epochs: int = 2, **kwargs) -> pl.Trainer:
     )
     settings.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **settings)
+
+
+class Wrapped(pl.LightningModule):
+    """A plain LightningModule around any network: cross-entropy, AdamW (lr 1e-2), ``val_loss`` logged."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self.net(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def fit_with_and_without_the_monitor(build_net, data: TensorDataset) -> list[dict]:
+    """Fit ``Wrapped(build_net())`` on ``data`` for 2 epochs (batches of 8, shuffled), once without and once
+    with ``SharpnessMonitor(num_samples=16)``, from the same seed. Asserts that no estimator fell back to
+    per-sample backward passes (it warns then) and that the two runs end bit-identical: weights, optimizer
+    state and the global RNG (the measurement draws from generators of its own). Returns the monitor's
+    history."""
+    import warnings
+
+    from lightning_flatness import SharpnessMonitor
+
+    runs, history = {}, []
+    for label, callbacks in [("without", []), ("with", [SharpnessMonitor(num_samples=16)])]:
+        pl.seed_everything(0, verbose=False)
+        module = Wrapped(build_net())
+        loaders = DataLoader(data, batch_size=8, shuffle=True), DataLoader(data, batch_size=8)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = quiet_trainer(callbacks, max_epochs=2)
+            trainer.fit(module, *loaders)
+        assert not any("per-layer contractions do not apply" in str(w.message) for w in caught)
+        state = {k: v.clone() for k, v in module.state_dict().items()}
+        for i, opt_state in enumerate(trainer.optimizers[0].state_dict()["state"].values()):
+            state.update({f"opt.{i}.{k}": torch.as_tensor(v).clone() for k, v in opt_state.items()})
+        state["rng"] = torch.random.get_rng_state()
+        runs[label] = state
+        if callbacks:
+            history = callbacks[0].history
+    assert runs["with"].keys() == runs["without"].keys()
+    for key in runs["without"]:
+        assert torch.equal(runs["with"][key], runs["without"][key]), key
+    return history

@@ -276,55 +276,14 @@ def test_a_reparametrized_network_is_measured_in_a_lightning_fit_without_changin
     update, in a plain LightningModule: ``SharpnessMonitor()`` measures on the per-layer path (no
     per-sample fallback warned) and the training run (weights, optimizer state, the global RNG) is
     bit-identical with and without it."""
-    import pytorch_lightning as pl
-    from callback_models import quiet_trainer
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from lightning_flatness import SharpnessMonitor
-
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = Reparametrized()
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return F.cross_entropy(self(x), y)
-
-        def validation_step(self, batch, batch_idx):
-            x, y = batch
-            self.log("val_loss", F.cross_entropy(self.net(x), y))
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+    from callback_models import fit_with_and_without_the_monitor
+    from torch.utils.data import TensorDataset
 
     g = torch.Generator().manual_seed(1)
     data = TensorDataset(torch.randn(32, 2, 4, 4, generator=g), torch.randint(0, 3, (32,), generator=g))
-    runs = {}
-    for label, callbacks in [("without", []), ("with", [SharpnessMonitor(num_samples=16)])]:
-        pl.seed_everything(0, verbose=False)
-        module = Module()
-        loaders = DataLoader(data, batch_size=8, shuffle=True), DataLoader(data, batch_size=8)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            trainer = quiet_trainer(callbacks, max_epochs=2)
-            trainer.fit(module, *loaders)
-        assert not any("per-layer contractions do not apply" in str(w.message) for w in caught)
-        state = {k: v.clone() for k, v in module.state_dict().items()}
-        for i, opt_state in enumerate(trainer.optimizers[0].state_dict()["state"].values()):
-            state.update({f"opt.{i}.{k}": torch.as_tensor(v).clone() for k, v in opt_state.items()})
-        state["rng"] = torch.random.get_rng_state()  # the measurement draws from generators of its own
-        runs[label] = state
-        if callbacks:
-            history = callbacks[0].history
-            assert len(history) == 2 and history[-1]["method"] == "hessian_sketch"
-            assert all(h["normalized"] > 0 for h in history)
-    assert runs["with"].keys() == runs["without"].keys()
-    for key in runs["without"]:
-        assert torch.equal(runs["with"][key], runs["without"][key]), key
+    history = fit_with_and_without_the_monitor(Reparametrized, data)
+    assert len(history) == 2 and history[-1]["method"] == "hessian_sketch"
+    assert all(h["normalized"] > 0 for h in history)
 
 
 class ScaledStdConv(nn.Conv2d):
@@ -361,6 +320,36 @@ class Standardized(nn.Module):
         return self.head(F.gelu(h).mean(dim=(2, 3)))
 
 
+def _assert_sketch_unbiased(model, x, y, params, hessian, draws: int = 60) -> None:
+    """``draws`` Hessian sketches (4 sketches each) on the per-layer path (a per-sample fallback would warn):
+    per tensor, entries without spread equal the brute-force ``hessian``, the others' means lie within 5
+    standard errors of it."""
+    from lightning_flatness.functional.estimators.hessian_sketch import hessian_sketch_diagonal
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runs = [
+            hessian_sketch_diagonal(
+                model,
+                F.cross_entropy,
+                x,
+                y,
+                params,
+                generator=torch.Generator().manual_seed(s),
+                num_sketches=4,
+            )
+            for s in range(draws)
+        ]
+    for name in params:
+        est = torch.stack([r[name].reshape(-1) for r in runs])
+        diag = hessian[name].detach().reshape(-1)
+        mean, se = est.mean(0), est.std(0) / math.sqrt(est.shape[0])
+        live = se > 1e-12 * diag.abs().max().clamp_min(1e-300)
+        torch.testing.assert_close(mean[~live], diag[~live], rtol=1e-9, atol=1e-14)
+        if bool(live.any()):  # (a head with no operation after it is exact: no spread)
+            assert float(((mean - diag)[live] / se[live]).abs().max()) < 5.0, name
+
+
 @pytest.mark.parametrize("with_gain", [False, True])
 def test_weight_standardization_curvature_is_exact(with_gain):
     """The rule's ``diag(M)`` for ``<G, batch_norm(W.reshape(1, C, -1), training=True)>`` equals the diagonal
@@ -389,8 +378,6 @@ def test_weight_standardization_curvature_is_exact(with_gain):
 def test_weight_standardized_networks_get_the_hessian_sketch_unbiased_for_the_hessian():
     """NFNet-style convolutions: ``auto`` now measures the Hessian (``hessian_sketch``), whose mean over draws
     equals the brute-force Hessian diagonal, far from the Gauss-Newton one on the standardized weights."""
-    from lightning_flatness.functional.estimators.hessian_sketch import hessian_sketch_diagonal
-
     torch.manual_seed(0)
     model = Standardized().double().eval()
     x, y = _data(Reparametrized())
@@ -401,28 +388,7 @@ def test_weight_standardized_networks_get_the_hessian_sketch_unbiased_for_the_he
     assert (choice.method, choice.quantity) == ("hessian_sketch", "hessian")
     hessian = brute_force_hessian_diagonal(model, F.cross_entropy, x, y, names)
     ggn = brute_force_ggn_diagonal(model, F.cross_entropy, x, y, names)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a per-sample fallback warns
-        runs = [
-            hessian_sketch_diagonal(
-                model,
-                F.cross_entropy,
-                x,
-                y,
-                params,
-                generator=torch.Generator().manual_seed(s),
-                num_sketches=4,
-            )
-            for s in range(60)
-        ]
-    for name in names:
-        est = torch.stack([r[name].reshape(-1) for r in runs])
-        diag = hessian[name].detach().reshape(-1)
-        mean, se = est.mean(0), est.std(0) / math.sqrt(est.shape[0])
-        live = se > 1e-12 * diag.abs().max()
-        torch.testing.assert_close(mean[~live], diag[~live], rtol=1e-9, atol=1e-15)
-        if bool(live.any()):  # (the head has no operation after it: exact, no spread)
-            assert float(((mean - diag)[live] / se[live]).abs().max()) < 5.0, name
+    _assert_sketch_unbiased(model, x, y, params, hessian)
     for name in ("conv1.weight", "conv2.weight"):
         gap = (ggn[name] - hessian[name]).norm() / hessian[name].norm()
         assert float(gap) > 0.2, name  # the Gauss-Newton diagonal misses the standardization's curvature
@@ -458,8 +424,6 @@ def test_weight_normalization_curvature_is_exact(dim):
 def test_weight_normalized_and_standardized_network_is_unbiased_for_the_hessian():
     """The network of both reparametrizations (weight standardization, ``weight_norm``): ``auto`` measures the
     Hessian, and the sketch's mean over draws equals the brute-force Hessian diagonal."""
-    from lightning_flatness.functional.estimators.hessian_sketch import hessian_sketch_diagonal
-
     torch.manual_seed(0)
     model = Reparametrized().double().eval()
     for p in model.parameters():
@@ -469,25 +433,4 @@ def test_weight_normalized_and_standardized_network_is_unbiased_for_the_hessian(
     names = list(params)
     assert choose_method(model, F.cross_entropy, x, y, parameters="all").quantity == "hessian"
     hessian = brute_force_hessian_diagonal(model, F.cross_entropy, x, y, names)  # (weight_norm written out)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        runs = [
-            hessian_sketch_diagonal(
-                model,
-                F.cross_entropy,
-                x,
-                y,
-                params,
-                generator=torch.Generator().manual_seed(s),
-                num_sketches=4,
-            )
-            for s in range(60)
-        ]
-    for name in names:
-        est = torch.stack([r[name].reshape(-1) for r in runs])
-        diag = hessian[name].detach().reshape(-1)
-        mean, se = est.mean(0), est.std(0) / math.sqrt(est.shape[0])
-        live = se > 1e-12 * diag.abs().max().clamp_min(1e-300)
-        torch.testing.assert_close(mean[~live], diag[~live], rtol=1e-9, atol=1e-14)
-        if bool(live.any()):
-            assert float(((mean - diag)[live] / se[live]).abs().max()) < 5.0, name
+    _assert_sketch_unbiased(model, x, y, params, hessian)

@@ -24,10 +24,11 @@ its batch-first call). On exit the modules are restored exactly, also on excepti
 from __future__ import annotations
 
 import contextlib
-import types
 from typing import Any, Iterator
 
 from torch import Tensor, nn
+
+from lightning_flatness.functional.instance_forwards import instance_forwards, replaceable
 
 __all__ = ["SEQUENCE_ARGUMENTS", "batch_first_transformers"]
 
@@ -100,13 +101,8 @@ def batch_first_transformers(model: nn.Module) -> Iterator[nn.Module]:
     for m in model.modules():  # parents come before their children
         if id(m) in inside:
             continue
-        if type(m) in SEQUENCE_ARGUMENTS and "forward" not in m.__dict__ and _sequence_first(m):
+        if type(m) in SEQUENCE_ARGUMENTS and replaceable(m) and _sequence_first(m):
             modules.append(m)
             inside.update(id(c) for c in m.modules())
-    try:
-        for m in modules:
-            m.forward = types.MethodType(_forward, m)
+    with instance_forwards((m, _forward) for m in modules):
         yield model
-    finally:
-        for m in modules:
-            m.__dict__.pop("forward", None)

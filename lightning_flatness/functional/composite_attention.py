@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import types
 from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_flatness.functional.instance_forwards import instance_forwards
 
 __all__ = ["composite_multi_head_attention", "explicit_multi_head_attention", "writes_out"]
 
@@ -184,13 +185,6 @@ def explicit_multi_head_attention(model: nn.Module) -> Iterator[nn.Module]:
         >>> torch.allclose(out, mha(x, x, x, need_weights=False)[0], atol=1e-6)
         True
     """
-    modules = [
-        m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and "forward" not in m.__dict__
-    ]  # a module whose forward was replaced already keeps it
-    try:
-        for m in modules:
-            m.forward = types.MethodType(_forward, m)  # type: ignore[method-assign]
+    attention = (m for m in model.modules() if isinstance(m, nn.MultiheadAttention))
+    with instance_forwards((m, _forward) for m in attention):  # a replaced forward is kept
         yield model
-    finally:
-        for m in modules:
-            m.__dict__.pop("forward", None)

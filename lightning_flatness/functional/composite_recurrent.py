@@ -32,12 +32,13 @@ inputs, ``proj_size > 0``, dropout between layers in training mode.
 from __future__ import annotations
 
 import contextlib
-import types
 from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_flatness.functional.instance_forwards import instance_forwards
 
 __all__ = ["composite_recurrent", "explicit_recurrent_layers", "writes_out"]
 
@@ -135,13 +136,5 @@ def explicit_recurrent_layers(model: nn.Module) -> Iterator[nn.Module]:
         >>> torch.allclose(out, lstm(x)[0], atol=1e-6), h.shape
         (True, torch.Size([1, 2, 4]))
     """
-    modules = [
-        m for m in model.modules() if type(m) in (nn.LSTM, nn.GRU, nn.RNN) and "forward" not in m.__dict__
-    ]
-    try:
-        for m in modules:
-            m.forward = types.MethodType(_forward, m)
+    with instance_forwards((m, _forward) for m in model.modules() if type(m) in (nn.LSTM, nn.GRU, nn.RNN)):
         yield model
-    finally:
-        for m in modules:
-            m.__dict__.pop("forward", None)

@@ -23,11 +23,12 @@ On exit the modules are restored exactly (the instance ``forward`` attribute rem
 from __future__ import annotations
 
 import contextlib
-import types
 from typing import Any, Callable, Iterator
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_flatness.functional.instance_forwards import instance_forwards
 
 __all__ = ["EXPLICIT_ACTIVATIONS", "explicit_activations"]
 
@@ -65,17 +66,10 @@ def explicit_activations(model: nn.Module) -> Iterator[nn.Module]:
         ('TanhBackward0', False)
         >>> del EXPLICIT_ACTIVATIONS[(HiddenTanh.__module__, "HiddenTanh")]
     """
-    found = [
-        (m, fn) for m in model.modules() if (fn := _activation(m)) is not None and "forward" not in m.__dict__
-    ]
 
     def forward(fn: Callable[[Tensor], Tensor]) -> Callable[..., Any]:
         return lambda self, x: fn(x)
 
-    try:
-        for m, fn in found:
-            m.forward = types.MethodType(forward(fn), m)
+    found = [(m, fn) for m in model.modules() if (fn := _activation(m)) is not None]
+    with instance_forwards((m, forward(fn)) for m, fn in found):
         yield model
-    finally:
-        for m, _ in found:
-            m.__dict__.pop("forward", None)
