@@ -319,6 +319,60 @@ def test_rows_in_sample_major_order_take_the_per_layer_path_of_the_exact_method(
         torch.testing.assert_close(diag[k], truth[k].detach(), rtol=1e-10, atol=1e-14)
 
 
+class PatchConv(torch.nn.Module):
+    """TNT's inner stream, small: a ``(N, 2, 4, 4)`` image cut into 4 patches, one convolution over the
+    ``(N * 4, 2, 2, 2)`` patch rows (sample-major), GELU, a head on the pooled patches."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+        self.head = torch.nn.Linear(3 * 4, 4)
+
+    def forward(self, x):
+        n = x.shape[0]
+        patches = x.unfold(2, 2, 2).unfold(3, 2, 2).permute(0, 2, 3, 1, 4, 5).reshape(n * 4, 2, 2, 2)
+        return self.head(F.gelu(self.conv(patches)).mean(dim=(2, 3)).reshape(n, 12))
+
+
+def test_a_convolution_over_patch_rows_takes_the_per_layer_path():
+    """The convolution reads each sample's 4 patch rows as more output positions of one per-sample gradient
+    (``ConvRule.regroup``): the Gauss-Newton diagonal equals the brute-force one and the Hessian sketch is
+    unbiased for the brute-force Hessian, without per-sample backward passes; rows in another order would
+    be caught by the batch-independence probe as above."""
+    import math
+    import warnings
+
+    from lightning_flatness.functional.estimators.exact import gauss_newton_diagonal
+    from lightning_flatness.functional.estimators.hessian_sketch import hessian_sketch_diagonal
+    from tests.zoo_oracle import brute_force_ggn_diagonal, brute_force_hessian_diagonal
+
+    torch.manual_seed(0)
+    model = PatchConv().double().eval()
+    x, y = torch.randn(6, 2, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 3, 2, 1, 0])
+    params = dict(model.named_parameters())
+    names = list(params)
+    ggn_truth = brute_force_ggn_diagonal(model, F.cross_entropy, x, y, names)
+    hessian = brute_force_hessian_diagonal(model, F.cross_entropy, x, y, names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the per-sample fallback warns
+        ggn = gauss_newton_diagonal(model, F.cross_entropy, x, y, params).diagonal
+        runs = [
+            hessian_sketch_diagonal(model, F.cross_entropy, x, y, params, generator=g, num_sketches=4)
+            for g in (torch.Generator().manual_seed(s) for s in range(40))
+        ]
+    for k in names:
+        torch.testing.assert_close(ggn[k], ggn_truth[k].detach(), rtol=1e-10, atol=1e-14)
+        est = torch.stack([r[k].reshape(-1) for r in runs])
+        diag = hessian[k].detach().reshape(-1)
+        mean, se = est.mean(0), est.std(0) / math.sqrt(est.shape[0])
+        live = se > 1e-12 * diag.abs().max()
+        torch.testing.assert_close(mean[~live], diag[~live], rtol=1e-9, atol=1e-14)
+        if bool(live.any()):
+            assert float(((mean - diag)[live] / se[live]).abs().max()) < 5.0, k
+    conv = "conv.weight"
+    assert float((ggn_truth[conv] - hessian[conv]).norm() / hessian[conv].norm()) > 0.05  # GELU's curvature
+
+
 def test_normalization_on_flattened_rows_takes_the_per_layer_path():
     """``BatchNorm1d`` (LeViT) and ``LayerNorm`` (OPT) on the rows ``(N * T, C)`` of a ``(N, T, C)`` batch:
     their affine parameters are read per sample like Linear's grouped rows, and the Gauss-Newton diagonal

@@ -270,7 +270,7 @@ def cropped_squared_gradients(
 
 class ConvRule(LayerRule):
     """``convNd(input (N, C, *S), weight (O, C/groups, *kernel), bias, stride, padding, dilation,
-    groups)``."""
+    groups)``, or ``(N k, C, *S)`` with ``k`` rows per sample (:meth:`regroup`)."""
 
     def __init__(self, spatial_dims: int) -> None:
         self.spatial_dims = spatial_dims
@@ -286,11 +286,18 @@ class ConvRule(LayerRule):
         call.groups = int(argument(args, kwargs, 6, ("groups",), 1))
 
     def is_batched(self, call: LayerCall, n: int) -> bool:
-        return (
-            call.inputs.ndim == self.spatial_dims + 2
-            and call.inputs.shape[0] == n
-            and call.output.shape[0] == n
-        )
+        rows = call.inputs.shape[0] if call.inputs.ndim == self.spatial_dims + 2 else -1
+        return rows > 0 and rows % n == 0 and call.output.shape[0] == rows
+
+    def regroup(self, call: LayerCall, grad: Tensor, n: int) -> tuple[LayerCall, Tensor]:
+        """``(n k, C, *S)`` rows, ``k`` per sample in sample-major order (TNT's inner patches,
+        ``(N * patches, C, h, w)``), as ``n`` samples whose ``k`` rows are more output positions of one
+        per-sample gradient: the output gradients ``(K, n k, O, *S')`` as ``(K, n, O, k * prod(S'))``, and
+        :meth:`factors` lays each sample's im2col columns side by side in the same order."""
+        k = call.inputs.shape[0] // n
+        g = grad.reshape(grad.shape[0], n, k, grad.shape[2], -1).transpose(2, 3)
+        regrouped = dataclasses.replace(call, options={**call.options, "rows_per_sample": k})
+        return regrouped, g.reshape(grad.shape[0], n, grad.shape[2], -1)
 
     def bias_position_dims(self, grad: Tensor) -> tuple[int, ...]:
         return tuple(range(3, grad.ndim))
@@ -298,12 +305,17 @@ class ConvRule(LayerRule):
     def factors(self, call: LayerCall, grad: Tensor, kernel: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         k, n = grad.shape[:2]
         a = unfold(call.inputs, call, kernel)
+        rows = call.options.get("rows_per_sample", 1)
+        if rows > 1:  # (n rows, G, I, L) -> (n, G, I, rows * L): a sample's rows side by side (regroup)
+            a = a.reshape(n, rows, *a.shape[1:]).permute(0, 2, 3, 1, 4).reshape(n, a.shape[1], a.shape[2], -1)
         g = grad.reshape(k, n, call.groups, grad.shape[2] // call.groups, -1).permute(1, 2, 0, 3, 4)
         return a, g.reshape(n, g.shape[1], -1, g.shape[-1])
 
     def squared_gradients(
         self, call: LayerCall, grad: Tensor, signs: Tensor, kernel: tuple[int, ...]
     ) -> Optional[Tensor]:
+        if "rows_per_sample" in call.options:  # (regrouped rows: the generic contraction of factors)
+            return None
         if use_grouped_convolution(call.inputs.shape[1] // call.groups, grad):
             return grouped_squared_gradients(call, grad, signs, kernel)
         return None  # the crop of dead taps is squared_gradient_block's (tried next)
@@ -311,6 +323,8 @@ class ConvRule(LayerRule):
     def squared_gradient_block(
         self, call: LayerCall, grad: Tensor, signs: Tensor, kernel: tuple[int, ...]
     ) -> Optional[tuple[Tensor, tuple[Any, ...]]]:
+        if "rows_per_sample" in call.options:
+            return None
         return cropped_squared_gradient_block(call, grad, signs, kernel)
 
 
