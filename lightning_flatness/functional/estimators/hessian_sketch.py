@@ -59,7 +59,8 @@ Face's attention in explicit ops, so that ``softmax`` and the products are seen)
 
 **Limits (refused with the operation named).** An op on weight-dependent tensors that is neither
 piecewise linear nor covered by a node rule (``atan``, an LSTM's fused kernel, fused
-``scaled_dot_product_attention`` called directly, train-mode BatchNorm or dropout, a nonlinear function of
+``scaled_dot_product_attention`` with dropout (without, it is written out:
+:mod:`~lightning_flatness.functional.explicit_sdpa`), train-mode BatchNorm or dropout, a nonlinear function of
 weights alone other than weight standardization or normalization, :mod:`.node_rules.weight_functions`,
 whose curvature's diagonal is added exactly); a selected
 weight used twice by anything but Linear layers and embedding lookups, or whose per-sample columns

@@ -41,7 +41,7 @@ unbiased Hessian-diagonal estimates there.
    against brute force on the model zoo in ``benchmarks/results/bench_hessian_sketch.md``. Where it
    does not apply (a tied LM head, whose Hessian ``"hessian_sketch"`` measures on request but more
    noisily; a weight reparametrized nonlinearly other than by weight standardization or normalization;
-   fused attention called directly), the
+   fused attention with dropout), the
    **Gauss-Newton** diagonal by the rules above (``"gauss_newton_sketch"``, ``"gauss_newton"`` or
    ``"gauss_newton_mc"``), reported as such: Hutchinson probes of the residual
    ``H - GGN`` in parameter space (``"ggn_hutchinson"``) biased normalized sharpness more than the

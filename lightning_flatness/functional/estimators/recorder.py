@@ -58,6 +58,7 @@ from lightning_flatness.functional.estimators.op_tables import (
     _tensors,
 )
 from lightning_flatness.functional.explicit_activations import explicit_activations
+from lightning_flatness.functional.explicit_sdpa import ExplicitAttention
 from lightning_flatness.functional.model_io import ModelInputs, extract_logits, inputs_batch_size, map_inputs
 
 __all__ = ["rows_of_other_samples"]
@@ -673,7 +674,10 @@ def _record_forward(
     their layers see the samples along dim 0; ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` run in explicit
     operations (:func:`~lightning_flatness.functional.composite_recurrent.explicit_recurrent_layers`), and
     activation modules that hide a standard activation in a custom autograd Function run as that
-    activation (:func:`~lightning_flatness.functional.explicit_activations.explicit_activations`).
+    activation (:func:`~lightning_flatness.functional.explicit_activations.explicit_activations`). With
+    ``record_nodes``, ``F.scaled_dot_product_attention`` called in the model's code runs in explicit
+    operations (:class:`~lightning_flatness.functional.explicit_sdpa.ExplicitAttention`), so that the
+    node rules see its products and softmax.
     """
     leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
     n = inputs_batch_size(x)
@@ -691,6 +695,7 @@ def _record_forward(
                 explicit_recurrent_layers(model),
                 explicit_activations(model),
                 recorder,
+                ExplicitAttention() if record_nodes else contextlib.nullcontext(),  # inside: seen by recorder
             ):
                 output = _call(model, x)
         finally:
