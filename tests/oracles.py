@@ -10,6 +10,7 @@ derivatives of the mean loss, all other parameters and buffers held fixed), at a
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -31,6 +32,7 @@ __all__ = [
     "brute_force_ggn_diagonal",
     "brute_force_measures",
     "assert_relative_close",
+    "assert_unbiased",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -136,3 +138,19 @@ def assert_relative_close(
         assert est.shape == ref.shape and est.dtype == ref.dtype, name
         err = float((est - ref).norm() / ref.norm())
         assert ref.norm() > 0 and err <= tol, f"{name}: relative error {err:.3e}"
+
+
+def assert_unbiased(
+    est: Tensor, diag: Tensor, atol: float = 1e-15, spread_required: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``est`` ``(draws, P)`` independent estimates of the reference ``diag`` ``(P,)``: entries without spread
+    (no random column reaches them: exact) equal ``diag`` (``rtol=1e-9``, ``atol``), the others' means lie
+    within 5 standard errors of it. ``spread_required``: some entry must have spread. Returns the mean, the
+    standard errors and the mask of the entries with spread."""
+    mean, se = est.mean(0), est.std(0) / math.sqrt(est.shape[0])
+    live = se > 1e-12 * diag.abs().max()
+    torch.testing.assert_close(mean[~live], diag[~live], rtol=1e-9, atol=atol)
+    assert bool(live.any()) or not spread_required, "no entry has spread: nothing random was tested"
+    if bool(live.any()):
+        assert float(((mean - diag)[live] / se[live]).abs().max()) < 5.0
+    return mean, se, live

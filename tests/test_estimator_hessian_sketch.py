@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from oracles import brute_force_ggn, brute_force_hessian, flat
+from oracles import assert_unbiased, brute_force_ggn, brute_force_hessian, flat
 from torch import Tensor, nn
 
 from lightning_flatness.functional import hessian_diagonal_groups, normalized_softmax_cross_entropy
@@ -75,16 +75,6 @@ def _estimates(model, loss_fn, x, y, params, names, repeats: int, **options) -> 
     )
 
 
-def _assert_unbiased(est: Tensor, diag: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Entries without spread (no op upstream: exact) equal ``diag``; the others lie within 5 standard
-    errors of their mean. Returns the mean, the standard errors and the mask of the entries with spread."""
-    mean, se = est.mean(0), est.std(0) / math.sqrt(est.shape[0])
-    live = se > 1e-12 * diag.abs().max()
-    torch.testing.assert_close(mean[~live], diag[~live], rtol=1e-9, atol=1e-15)
-    assert float(((mean - diag)[live] / se[live]).abs().max()) < 5.0
-    return mean, se, live
-
-
 def _unbiased_on_the_path_it_takes(model, x, y, per_layer: bool = False):
     """Cross-entropy, the ``ndim >= 2`` weights: the estimator warns that it takes per-sample backward
     passes (``per_layer``: it does not warn, it takes the per-layer path), and 40 estimates of 4 sketches
@@ -99,7 +89,7 @@ def _unbiased_on_the_path_it_takes(model, x, y, per_layer: bool = False):
     assert fallback is not per_layer
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _assert_unbiased(_estimates(model, F.cross_entropy, x, y, params, names, 40, num_sketches=4), diag)
+        assert_unbiased(_estimates(model, F.cross_entropy, x, y, params, names, 40, num_sketches=4), diag)
     return params, names, diag
 
 
@@ -113,7 +103,7 @@ def test_unbiased_for_the_hessian_diagonal(loss_fn, exact_loss_factors):
     est = _estimates(
         model, loss_fn, x, y, params, names, 40, num_sketches=8, exact_loss_factors=exact_loss_factors
     )
-    mean, se, live = _assert_unbiased(est, diag)
+    mean, se, live = assert_unbiased(est, diag)
     z_ggn = (mean - ggn)[live] / se[live]  # the same estimates are far from the Gauss-Newton diagonal
     assert float(z_ggn.abs().max()) > 8.0
 
@@ -150,7 +140,7 @@ def test_unbiased_through_group_norm_and_rms_norm():
     names = list(params)
     diag = brute_force_hessian(model, F.cross_entropy, x, y, names).diagonal()
     ggn = brute_force_ggn(model, F.cross_entropy, x, y, names).diagonal()
-    mean, se, live = _assert_unbiased(
+    mean, se, live = assert_unbiased(
         _estimates(model, F.cross_entropy, x, y, params, names, 40, num_sketches=8), diag
     )
     assert float(((mean - ggn)[live] / se[live]).abs().max()) > 8.0
@@ -431,7 +421,7 @@ def test_an_in_place_activation_module_runs_out_of_place_for_the_measurement():
     params = {k: v for k, v in select_parameters(model).items() if v.ndim >= 2}
     names = list(params)
     diag = brute_force_hessian(model, F.cross_entropy, x, y, names).diagonal()
-    _assert_unbiased(_estimates(model, F.cross_entropy, x, y, params, names, 40, num_sketches=4), diag)
+    assert_unbiased(_estimates(model, F.cross_entropy, x, y, params, names, 40, num_sketches=4), diag)
     assert act.inplace is True
 
 
@@ -495,7 +485,7 @@ def test_an_operation_whose_output_is_changed_in_place_later_is_measured():
     params = {k: v for k, v in select_parameters(model).items() if v.ndim >= 2}
     names = list(params)
     diag = brute_force_hessian(model, F.cross_entropy, x, y, names).diagonal()
-    _assert_unbiased(_estimates(model, F.cross_entropy, x, y, params, names, 40, num_sketches=4), diag)
+    assert_unbiased(_estimates(model, F.cross_entropy, x, y, params, names, 40, num_sketches=4), diag)
 
 
 def test_per_sample_backward_path_is_unbiased_too():
@@ -522,7 +512,7 @@ def test_per_sample_backward_path_is_unbiased_too():
     with pytest.warns(UserWarning, match="per-layer contractions do not apply"):
         first = hessian_sketch_diagonal(model, F.cross_entropy, x, y, params, num_sketches=4)
     assert set(first) == set(names)
-    _assert_unbiased(_estimates(model, F.cross_entropy, x, y, params, names, 40, num_sketches=4), diag)
+    assert_unbiased(_estimates(model, F.cross_entropy, x, y, params, names, 40, num_sketches=4), diag)
 
 
 def test_num_sketches_reaches_the_estimator_from_the_front_door_and_measure_sharpness(hessian_sketch_calls):
