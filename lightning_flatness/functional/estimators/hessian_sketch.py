@@ -222,16 +222,23 @@ def hessian_sketch_applies(
     return blockers, ops
 
 
+def _injected_nodes(forward: _RecordedForward) -> list[NodeCall]:
+    """The recorded ops whose columns are injected: the node calls, then a tied weight's products."""
+    return [*(forward.recorder.nodes or []), *_tied_products(forward)]  # none changed in place (blockers)
+
+
 def _node_injections(
     forward: _RecordedForward,
-    loss: Tensor,
+    nodes: list[NodeCall],
+    adjoints: tuple,
     num_sketches: int,
     generator: Optional[torch.Generator],
     product_pairs: int = PRODUCT_PAIRS,
 ) -> tuple[list[Tensor], list[Tensor], int]:
-    """The recorded ops' columns: ``(tensors, stacks, pairs)``, one ``(2 S pairs, *tensor.shape)`` stack per
-    distinct input tensor (columns of ops sharing an input added). Column ``2 (pairs s + p)`` is the ``+``
-    column of pair ``p`` in sketch ``s``, the next one its ``-`` column.
+    """The columns of ``nodes`` (:func:`_injected_nodes`; ``adjoints``: the mean loss's gradient at each
+    one's output, None where it does not reach the loss): ``(tensors, stacks, pairs)``, one ``(2 S pairs,
+    *tensor.shape)`` stack per distinct input tensor (columns of ops sharing an input added). Column
+    ``2 (pairs s + p)`` is the ``+`` column of pair ``p`` in sketch ``s``, the next one its ``-`` column.
 
     Pair 0 is the loss's (filled by the caller), pair 1 holds the ops whose ``+`` and ``-`` columns are
     independent, and the products (:attr:`~.node_rules.NodeRule.own_pair`: their ``+``/``-`` columns
@@ -241,10 +248,7 @@ def _node_injections(
     ones were most of it (measured: ``benchmarks/results/bench_hessian_sketch.md``). A tied weight's
     linear calls on inputs that depend on it count as products (:func:`_tied_products`); their
     columns at the weight itself are per sample, ``(2 S pairs, N, *weight.shape)``."""
-    nodes = [*(forward.recorder.nodes or []), *_tied_products(forward)]  # none changed in place (blockers)
     leaf_ids = {id(leaf) for leaf in forward.leaves.values()}
-    outputs = [node.output for node in nodes]
-    adjoints = torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True) if outputs else ()
     live = [(node, adjoint) for node, adjoint in zip(nodes, adjoints) if adjoint is not None]
     products = [node for node, _ in live if NODE_RULES[node.op].own_pair] if product_pairs else []
     first = 2 if len(products) < len(live) else 1  # pair 1: the ops that are not products
@@ -404,9 +408,17 @@ def hessian_sketch_diagonal(
             if loss_issues:
                 raise ExactMethodNotApplicable(f"{caller} does not apply: {'; '.join(loss_issues[:3])}.")
         mixed, signs = mixed.to(logits.dtype) / math.sqrt(n), signs.to(logits.dtype)  # the loss is a mean
-        loss = loss_fn(forward.logits, y)
-        tensors, stacks, pairs = _node_injections(forward, loss, num_sketches, generator)
-        own = _weight_function_diagonals(forward, loss)  # exact: before the backward passes free the graph
+        nodes, functions = _injected_nodes(forward), forward.recorder.weight_functions
+        outputs = [n.output for n in nodes] + [c.output for c in functions]
+        adjoints = (  # the mean loss's gradient at every op's output, in one backward pass
+            torch.autograd.grad(loss_fn(forward.logits, y), outputs, retain_graph=True, allow_unused=True)
+            if outputs
+            else ()
+        )
+        tensors, stacks, pairs = _node_injections(
+            forward, nodes, adjoints[: len(nodes)], num_sketches, generator
+        )
+        own = _weight_function_diagonals(functions, adjoints[len(nodes) :])
         if exact_loss_factors:  # the loss's exact columns first (per-sample signs), then the ops' pairs
             mixed, signs, stacks = _exact_loss_first(mixed, signs, stacks, num_sketches, pairs)
         else:
@@ -433,14 +445,10 @@ def hessian_sketch_diagonal(
     return _finish(diag, params)
 
 
-def _weight_function_diagonals(forward: _RecordedForward, loss: Tensor) -> list[tuple[str, Tensor]]:
+def _weight_function_diagonals(calls: list, adjoints: tuple) -> list[tuple[str, Tensor]]:
     """``(weight name, diag(M))`` of each recorded nonlinear function of one selected weight alone (weight
-    standardization, normalization): its own curvature with the mean loss's gradient at its output, exactly
-    (:mod:`.node_rules.weight_functions`; no sampling: the term is not per sample)."""
-    calls = forward.recorder.weight_functions
-    if not calls:
-        return []
-    adjoints = torch.autograd.grad(loss, [c.output for c in calls], retain_graph=True, allow_unused=True)
+    standardization, normalization): its own curvature with the mean loss's gradient ``adjoints`` at its
+    output, exactly (:mod:`.node_rules.weight_functions`; no sampling: the term is not per sample)."""
     return [
         (c.weight, c.rule.diagonal(c.args, c.kwargs, adjoint))
         for c, adjoint in zip(calls, adjoints)
