@@ -272,7 +272,10 @@ class NormalizedSharpness(Metric):
     ``update`` costs ``O(G * numel)``; ``compute`` forms ``R' + 3`` means per tensor (pooled,
     leave-one-out, two halves), solves eq. 17 for the pooled mean and the halves as one cold batch
     (alternating sweeps, then Newton), and takes the leave-one-out values to first order at the pooled
-    minimiser (``jackknife``). Arithmetic is float64 (not available on Apple MPS). The state is not in
+    minimiser (``jackknife``). A large weight (an LM vocabulary, a VGG head:
+    :func:`~lightning_flatness.functional.replicate_measures.streamed`) is streamed instead, with the
+    same values: ``compute`` then holds about one more state's worth of that tensor at its peak, not
+    several. Arithmetic is float64 (not available on Apple MPS). The state is not in
     ``state_dict`` unless ``persistent(True)`` (torchmetrics' default); the layout always is (as
     extra state, checked on load), and with a persistent state the weight copy too, so a loaded
     metric can compute. ``compute_with_cache`` defaults to ``False`` (a loaded or merged state is

@@ -275,3 +275,20 @@ def test_torch_sequence_models_quick_take_the_per_layer_path_like_their_batch_fi
         )
         assert row["max_difference_relative_to_largest_entry"] < 1e-5
         assert f"| {name} | sequence-first |" in out.with_suffix(".md").read_text()
+
+
+def test_compute_large_quick_reports_the_pooled_value_and_bounded_memory(tmp_path):
+    """A case in a fresh process reports ``compute()``'s value equal to one pooled solve's, and a peak
+    memory that is finite; the sweep reports held and streamed values equal to rounding."""
+    from benchmarks import bench_compute_large
+
+    torch.set_num_threads(1)
+    out = bench_compute_large.main(["--quick", "--json", str(tmp_path / "large.json")])
+    (row,) = out["rows"]
+    assert not out["failed"]
+    assert row["normalized"] == pytest.approx(row["pooled_value"], rel=1e-9)
+    assert _finite(row["compute_peak_extra_mib"], row["compute_s"], row["normalized_stderr"])
+    assert (tmp_path / "large.md").exists()
+    sweep = bench_compute_large.main(["--sweep", "--quick"])["sweep"]
+    assert [r["shape"] for r in sweep] == [[100, 100], [256, 256]]
+    assert all(r["max_rel_diff"] < 1e-9 and not r["streamed_by_default"] for r in sweep)

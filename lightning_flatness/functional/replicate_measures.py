@@ -5,14 +5,25 @@ Given ``R`` replicate slots of summed estimates (slot ``r``: ``sum_g n_g diag_g`
 evaluated on ``P = R' + 3`` means of one shape per weight tensor: the pooled mean ``sum / N``, the
 ``R'`` leave-one-out means ``(sum - slot_r) / (N - N_r)`` of the non-empty slots, and the means of
 their even and odd halves. The ``(P, numel)`` means are never materialised: eq. 17's clipped
-kernel sums of all ``P`` come chunk by chunk from the slot sums (:func:`replicate_curvature`). Eq. 17
-is solved for the pooled mean and the halves as one cold batch
+kernel sums of all ``P`` come chunk by chunk from the slot sums
+(:mod:`~lightning_flatness.functional.replicate_curvature`). Eq. 17 is solved for the pooled mean
+and the halves as one cold batch
 (:func:`~lightning_flatness.functional.solvers.solve_normalized_sharpness_coefficients`: alternating
 sweeps, then Newton, each problem certified); the leave-one-out values are, by default, the
 first-order values at the pooled minimiser
 (:mod:`~lightning_flatness.functional.solvers.linearized_replicates`), solved only where the first
 order does not hold (:func:`tensor_measures`); eq. 13 and eq. 5 are closed forms,
 evaluated for all ``P`` at once.
+
+**Large weights** (:func:`streamed`: ``m n >= STREAM_FROM`` coefficients per mean, times the kernel
+size; an LM vocabulary, a VGG head) are streamed with the same values: the pooled mean and the halves
+formed (three ``(m, n)`` matrices) and solved one at a time, then the leave-one-out first-order
+values from a second pass over the slot sums
+(:func:`~lightning_flatness.functional.solvers.linearized_replicates.streamed_first_order`). Held in
+memory, the ``P`` matrices and the batch of three cost about 23 copies of ``(m, n)`` float64,
+several times the metric's state of a linear layer; streamed, about one state's worth. From about
+``256 x 512`` the one-at-a-time solves are also faster than the batch (measured:
+``benchmarks/RESULTS.md``, round 10).
 """
 
 from __future__ import annotations
@@ -24,9 +35,16 @@ import torch
 from torch import Tensor
 
 from lightning_flatness.functional.measures import MEASURES, measure_totals
+from lightning_flatness.functional.replicate_curvature import (
+    _as_index,
+    curvature_chunks,
+    formed_curvature,
+    replicate_curvature,
+)
 from lightning_flatness.functional.solvers.linearized_replicates import (
     linearizable,
     objective_at_minimiser,
+    streamed_first_order,
 )
 from lightning_flatness.functional.solvers.normalized import (
     intra_op_threads,
@@ -45,6 +63,10 @@ LINEARIZATION_TOLERANCE = 0.05
 # first-order: the first order's error grows with the relative size of the replicates' deviations
 # (measured: benchmarks/results/linearized_jackknife.md, "Small samples")
 LINEARIZATION_MAX_RELATIVE_SPREAD = 0.1
+# m n (eq. 17's coefficients per mean) from which a tensor's means are streamed and solved one at a
+# time rather than held and solved together (memory and time: benchmarks/RESULTS.md, round 10)
+STREAM_FROM = 1 << 17
+STREAM_BUDGET = 1 << 28  # bytes of (m, n) coefficient matrices formed in one pass of the streamed path
 
 
 def jackknife_standard_error(leave_one_out: Tensor) -> Tensor:
@@ -93,116 +115,15 @@ def replicate_weights(counts: Tensor, used: list[int]) -> Tensor:
     return torch.stack(rows)
 
 
-_CHUNK = 1 << 15  # entries per slot in one chunk of replicate_curvature (P such rows fit in L2/L3 cache)
-
-
-def replicate_curvature(sums: Tensor, mix: Tensor, shape: torch.Size) -> tuple[Tensor, Tensor]:
-    """Eq. 17's ``A = sum_k max(mean_p, 0)`` ``(P, m, n)`` and the trace ``sum mean_p`` ``(P,)`` of the
-    ``P`` means ``mean_p = sum_r mix_pr sums_r``, without materialising the ``(P, numel)`` means.
-
-    Every row of ``mix`` from :func:`replicate_weights` is one constant ``c_p > 0`` on a set of slots, so
-    ``max(mean_p, 0) = c_p max(sum_{r in set} sums_r, 0)``: the sums of each set are formed slot by slot,
-    leave-one-out sets as the sum of all minus one slot (exactly 0 where every other slot is exactly 0,
-    which is what tells the solver an infimum is unattained; elsewhere within ``eps`` times the
-    largest slot of the entry), clipped and summed over the kernel, chunk by chunk (``_CHUNK`` entries
-    per slot, so the ``P`` rows of a chunk stay in cache; the slot totals of the trace from the same
-    chunks). Cost: about ``3 R + 2 P`` flops per weight entry and one read of the ``(R, numel)`` sums.
-    Any other ``mix`` takes the dense product ``mix @ sums``.
-
-    Args:
-        sums: ``(R, numel)`` float64 slot sums of a tensor of ``shape`` ``(m, n, *kernel)``.
-        mix: ``(P, R)`` non-negative float64 (:func:`replicate_weights`).
-    """
-    m, n = shape[0], shape[1]
-    kernel = math.prod(shape[2:])
-    support = mix > 0
-    coef = mix.amax(dim=1)
-    if not torch.equal(mix, torch.where(support, coef[:, None], torch.zeros_like(mix))):
-        return _dense_curvature(sums, mix, m, n, kernel)
-    used = support.any(dim=0).nonzero().squeeze(1).tolist()
-    position = {slot: k for k, slot in enumerate(used)}
-    num = mix.shape[0]
-    # rows of mix: the pooled mean (every used slot), leave-one-out means, and other sets (the halves)
-    loo_rows, loo_slots, other = [], [], []
-    for p, row in enumerate(support.tolist()):
-        slots = [position[r] for r, on in enumerate(row) if on]
-        if len(slots) == len(used) - 1 and len(used) >= 2:
-            loo_rows.append(p)
-            loo_slots.append(next(k for k in range(len(used)) if k not in slots))
-        else:
-            other.append((p, slots))
-    sub = sums if used == list(range(sums.shape[0])) else sums[used]
-    loo_block = (
-        loo_rows == list(range(loo_rows[0], loo_rows[0] + len(loo_rows)))
-        and loo_slots == list(range(len(used)))
-        if loo_rows
-        else False
-    )
-    a = sums.new_empty(num, m * n)
-    step = max(1, _CHUNK // kernel) * kernel
-    means = sums.new_empty(num, min(step, m * n * kernel))
-    slot_totals = sums.new_zeros(sub.shape[0])  # summed chunk by chunk while the chunk is in cache
-    workspace = (sums.new_ones(kernel), sums.new_empty(num * (step // kernel)))
-    for lo in range(0, m * n * kernel, step):
-        s = sub[:, lo : lo + step]
-        c = s.shape[1]
-        chunk = means[:, :c]
-        total = s.sum(dim=0)
-        slot_totals += s.sum(dim=1)
-        if loo_block:  # one op: sum - slot (slots all exactly 0 but one give exactly 0)
-            torch.sub(total, s, out=chunk[loo_rows[0] : loo_rows[0] + len(loo_rows)])
-        else:
-            for p, k in zip(loo_rows, loo_slots):
-                torch.sub(total, s[k], out=chunk[p])
-        for p, slots in other:
-            if len(slots) == len(used):
-                chunk[p] = total
-            else:
-                torch.sum(s[_as_index(slots)], dim=0, out=chunk[p])
-        _kernel_sum(chunk.clamp_min_(0), kernel, a[:, lo // kernel : (lo + c) // kernel], workspace)
-    a *= coef[:, None]
-    trace = (support[:, used].to(sums.dtype) @ slot_totals) * coef
-    return a.view(num, m, n), trace
-
-
-def _kernel_sum(clipped: Tensor, kernel: int, out: Tensor, workspace: tuple[Tensor, Tensor]) -> None:
-    """``out = clipped.view(P, c // kernel, kernel).sum(2)``; a matrix-vector product with ones where the
-    chunk is contiguous (faster than a reduction over a short innermost dimension on the CPU; measured
-    in ``benchmarks/results/linearized_jackknife.md``)."""
-    if kernel == 1:
-        out.copy_(clipped)
-    elif clipped.is_contiguous():
-        ones, buffer = workspace
-        flat = buffer[: clipped.numel() // kernel]
-        torch.mv(clipped.view(-1, kernel), ones, out=flat)
-        out.copy_(flat.view(out.shape))
-    else:  # the last, partial chunk
-        torch.sum(clipped.view(clipped.shape[0], -1, kernel), dim=2, out=out)
-
-
-def _as_index(slots: list[int]):
-    """``slots`` as a slice where they are evenly spaced (indexing then gives a view, not a gathered
-    copy: the halves' slots, the leave-one-out rows)."""
-    step = slots[1] - slots[0] if len(slots) > 1 else 1
-    if step > 0 and slots == list(range(slots[0], slots[-1] + 1, step)):
-        return slice(slots[0], slots[-1] + 1, step)
-    return slots
-
-
-def _dense_curvature(sums: Tensor, mix: Tensor, m: int, n: int, kernel: int) -> tuple[Tensor, Tensor]:
-    """:func:`replicate_curvature` for a general ``mix``: the means ``mix @ sums``, clipped, kernel-summed."""
-    means = (mix @ sums).view(-1, m * n, kernel)
-    return means.clamp_min(0).sum(dim=2).view(-1, m, n), means.sum(dim=(1, 2))
-
-
 def tensor_measures(
     weight: Tensor, sums: Tensor, mix: Tensor, lam: float, jackknife: str = "linearized"
 ) -> dict[str, Tensor]:
     """The three measures of one weight tensor for the ``P`` means ``mix @ sums``: ``{measure: (P,)}``.
 
     Normalized sharpness (eq. 17): the pooled mean (problem 0) and the two halves (the last two
-    problems) by the batched solver, cold, in one batch, certified to ``POOLED_RTOL = 1e-11``
-    relative. The leave-one-out replicates (problems ``1..P-3``):
+    problems) by the batched solver, cold, in one batch (one at a time for large weights,
+    :func:`streamed`), certified to ``POOLED_RTOL = 1e-11`` relative. The leave-one-out
+    replicates (problems ``1..P-3``):
 
     - ``jackknife="linearized"`` (default): the replicate's objective at the pooled minimiser,
       ``V_0 + sum (A_r - A_0) (sigma_i sigma'_j)^2`` (first order in ``A_r - A_0``, Danskin's
@@ -231,16 +152,93 @@ def tensor_measures(
         lam: ``lambda`` of eq. 17.
         jackknife: ``"linearized"`` or ``"solved"``.
     """
+    shape = tuple(weight.shape)
     with intra_op_threads(sums.numel(), sums.device):  # few, memory-bound ops: no thread handoffs
-        a, trace = replicate_curvature(sums, mix, weight.shape)
-        square = weight.square().reshape(a.shape[1], a.shape[2], -1).sum(dim=2)  # ||W_ij||^2 over the kernel
+        square = weight.square().reshape(shape[0], shape[1], -1).sum(dim=2)  # ||W_ij||^2 over the kernel
         b = square / (2.0 * lam)
-        normalized = _normalized_values(a, b, tuple(weight.shape), jackknife)
+        if streamed(shape):
+            normalized, curvature, trace = _streamed_values(sums, mix, b, shape, jackknife)
+        else:
+            a, trace = replicate_curvature(sums, mix, shape)
+            normalized, curvature = _normalized_values(a, b, shape, jackknife), a.sum(dim=(1, 2))
     return {
         "normalized": normalized.to(sums.device),
-        "matrix_normalized": torch.sqrt(square.sum() * a.sum(dim=(1, 2))),
+        "matrix_normalized": torch.sqrt(square.sum() * curvature),
         "hessian_trace": trace,
     }
+
+
+def streamed(shape: tuple) -> bool:
+    """Whether :func:`tensor_measures` streams a weight of ``shape`` ``(m, n, *kernel)``: from ``m n >=
+    STREAM_FROM * kernel``. The streamed path holds three ``(m, n)`` matrices instead of about 23 and
+    solves one problem at a time, but reads the ``(R, numel)`` slot sums twice: with a kernel the
+    second read costs ``kernel`` times more per coefficient, and the held matrices are already small
+    beside the state (measured: ``benchmarks/RESULTS.md``, round 10)."""
+    return shape[0] * shape[1] >= STREAM_FROM * math.prod(shape[2:])
+
+
+def _streamed_values(
+    sums: Tensor, mix: Tensor, b: Tensor, shape: tuple, jackknife: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`tensor_measures`'s eq. 17 values, ``sum A`` and trace ``(P,)`` of a weight it streams
+    (:func:`streamed`), holding at most three ``(m, n)`` coefficient matrices and solving one problem at a
+    time (not ``P`` matrices and a batch of three: about 23 copies of ``(m, n)`` float64 at the peak).
+
+    The same values as the in-memory path: the pooled mean and the halves are formed in one pass over
+    the slot sums and solved one by one; the first-order leave-one-out values
+    (:func:`~lightning_flatness.functional.solvers.linearized_replicates.streamed_first_order`) come
+    from a second pass at the pooled minimiser; replicates the first order does not cover, or all of
+    them where :func:`first_order_is_off` (and ``jackknife="solved"``, or a zero weight, where the
+    component layout needs whole matrices), are formed one at a time, a pass each, and solved.
+    """
+    num = mix.shape[0]
+    kept = [0] if num < 3 else [0, num - 2, num - 1]  # pooled, halves
+    transpose = shape[0] > shape[1]  # the solver's orientation (fewer rows): no transposed copy per solve
+    b_solved = b.T.contiguous() if transpose else b
+    a, trace = replicate_curvature(sums, mix, shape, rows=kept, transpose=transpose)
+    values, curvature = a.new_empty(num), a.new_empty(num)
+    curvature[kept] = a.sum(dim=(1, 2))
+    sols = [_solve(a[k : k + 1], b_solved, shape)[0] for k in range(len(kept))]
+    values[kept] = torch.stack([s.value for s in sols])
+    loo = list(range(1, num - 2))
+    if not loo:
+        return values, curvature, trace
+    a0 = a[0].clone()
+    del a
+    redo = loo
+    if jackknife == "linearized" and bool((b > 0).all()):
+        x, y = sols[0].row_log_variance, sols[0].col_log_variance
+        covered, first, curvature[loo] = streamed_first_order(
+            curvature_chunks(sums, mix[loo], shape),
+            b,
+            a0.T if transpose else a0,
+            *((y, x) if transpose else (x, y)),
+        )
+        values[loo] = first
+        uncovered = [r for r, c in zip(loo, covered.tolist()) if not c]
+        values[uncovered] = _solved_rows(sums, mix, uncovered, b_solved, shape, transpose)[0]
+        off = first_order_is_off(values[1 : num - 2], values[num - 2 :], values[0])
+        redo = [r for r in loo if r not in uncovered] if off else []
+    values[redo], curvature[redo] = _solved_rows(sums, mix, redo, b_solved, shape, transpose)
+    return values, curvature, trace
+
+
+def _solved_rows(
+    sums: Tensor, mix: Tensor, rows: list[int], b: Tensor, shape: tuple, transpose: bool
+) -> tuple[Tensor, Tensor]:
+    """Eq. 17's certified values and ``sum A`` ``(len(rows),)`` of the means ``rows`` of ``mix``: formed in
+    groups of at most ``STREAM_BUDGET`` bytes of coefficients (a pass over the slot sums per group;
+    ``transpose``: as ``(n, m)``, with ``b`` so), solved one at a time."""
+    values, curvature = sums.new_empty(len(rows)), sums.new_empty(len(rows))
+    group = max(1, STREAM_BUDGET // (8 * shape[0] * shape[1]))
+    for start in range(0, len(rows), group):
+        picked = rows[start : start + group]
+        a, _ = formed_curvature(sums, mix[picked], shape, transpose)
+        values[start : start + len(picked)] = torch.stack(
+            [_solve(a[k : k + 1], b, shape)[0].value for k in range(len(picked))]
+        )
+        curvature[start : start + len(picked)] = a.sum(dim=(1, 2))
+    return values, curvature
 
 
 def _normalized_values(a: Tensor, b: Tensor, shape: tuple, jackknife: str) -> Tensor:

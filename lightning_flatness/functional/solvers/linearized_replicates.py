@@ -43,14 +43,15 @@ evaluations of ``S_{A'}`` at a point, not certified minima.
 
 from __future__ import annotations
 
-from typing import Union
+from collections.abc import Iterable
+from typing import Any, Union
 
 import torch
 from torch import Tensor
 
 from lightning_flatness.functional.solvers._components import component_layout, same_layout
 
-__all__ = ["linearizable", "objective_at_minimiser"]
+__all__ = ["linearizable", "objective_at_minimiser", "streamed_first_order"]
 
 
 Keep = Union[None, Tensor, tuple[Tensor, Tensor]]
@@ -82,8 +83,14 @@ def _linearizable_positive_b(a: Tensor, a0: Tensor) -> tuple[Tensor, Keep]:
     """:func:`linearizable` with every ``B`` positive: every column reaches every row through ``B``, so
     each problem's component is its rows and columns with a positive ``A`` (the fast path of
     :func:`~._components.component_layout`), one per problem. ``O(P m n)`` boolean reductions."""
-    pos, pos0 = a > 0, a0 > 0
-    rows, cols = pos.any(dim=2), pos.any(dim=1)
+    pos = a > 0
+    return _covered_positive_b(pos.any(dim=2), pos.any(dim=1), a0)
+
+
+def _covered_positive_b(rows: Tensor, cols: Tensor, a0: Tensor) -> tuple[Tensor, Keep]:
+    """:func:`_linearizable_positive_b` from each replicate's rows ``(P, m)`` and columns ``(P, n)`` with a
+    positive ``A``: covered where they lie inside the pooled problem's and are not empty."""
+    pos0 = a0 > 0
     rows0, cols0 = pos0.any(dim=1), pos0.any(dim=0)
     covered = (rows & ~rows0).any(dim=1).logical_not() & (cols & ~cols0).any(dim=1).logical_not()
     covered &= rows.any(dim=1)
@@ -137,7 +144,58 @@ def objective_at_minimiser(
     if keep is None:
         return torch.einsum("pmn,mn->p", a, variance) + (b / variance).sum()
     if isinstance(keep, tuple):  # rows (P, m) x columns (P, n): sum_ij r_i c_j (a_ij s_ij + b_ij / s_ij)
-        rows, cols = (k.to(a.dtype) for k in keep)
-        inner = torch.einsum("pn,pmn->pm", cols, a * variance) + cols @ (b / variance).T
-        return (inner * rows).sum(dim=1)
+        rows, cols = keep
+        return (_column_partials(a, b, variance, rows) * cols).sum(dim=1)
     return torch.where(keep, a * variance + b / variance, 0.0).sum(dim=(1, 2))
+
+
+def _column_partials(a: Tensor, b: Tensor, variance: Tensor, rows: Tensor) -> Tensor:
+    """``sum_i rows_pi (a_pij s_ij + b_ij / s_ij)`` ``(P, n)`` over the rows of ``a`` ``(P, m, n)`` (a block
+    of rows: the partial sums add up over blocks), ``s = variance``."""
+    r = rows.to(a.dtype)
+    return torch.einsum("pm,pmn->pn", r, a * variance) + r @ (b / variance)
+
+
+def streamed_first_order(
+    chunks: Iterable[tuple[int, int, Tensor, Any]],
+    b: Tensor,
+    a0: Tensor,
+    row_log_variance: Tensor,
+    col_log_variance: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`linearizable` and :func:`objective_at_minimiser` for replicates whose ``(P, m, n)`` coefficients
+    come as blocks of whole rows and are never held at once (a large weight), with every ``B`` positive.
+
+    Per block ``lo:hi`` it keeps only each replicate's rows with a positive ``A`` there, the columns
+    seen so far and the column partial sums of its objective at the pooled minimiser: ``O(P (m + n))``
+    memory beyond one block. Equal to the in-memory functions on the same coefficients (the same
+    operations, summed by blocks of rows).
+
+    Args:
+        chunks: ``(lo, hi, a_block, ...)`` with ``a_block`` ``(P, hi - lo, n)``, in row order, covering every
+            row (:func:`~lightning_flatness.functional.replicate_curvature.curvature_chunks`).
+        b: ``(m, n)`` the shared ``B``, every entry positive.
+        a0: ``(m, n)`` the pooled ``A``.
+        row_log_variance, col_log_variance: the pooled minimiser (as for :func:`objective_at_minimiser`).
+
+    Returns:
+        ``(P,)`` bool covered (as :func:`linearizable`), ``(P,)`` the objective at the pooled minimiser
+        over each replicate's component (meaningful where covered), ``(P,)`` each replicate's ``sum A``.
+    """
+    x, y = row_log_variance.nan_to_num(0.0), col_log_variance.nan_to_num(0.0)
+    rows: list[Tensor] = []
+    cols = partials = sums = None
+    for lo, hi, a, *_ in chunks:
+        pos = a > 0
+        block_rows, block_cols = pos.any(dim=2), pos.any(dim=1)
+        variance = torch.exp(x[lo:hi, None] + y[None, :])
+        block = _column_partials(a, b[lo:hi], variance, block_rows)
+        block_sums = a.sum(dim=(1, 2))
+        if cols is None:
+            cols, partials, sums = block_cols, block, block_sums
+        else:
+            cols, partials, sums = cols | block_cols, partials + block, sums + block_sums
+        rows.append(block_rows)
+    assert cols is not None and partials is not None and sums is not None, "no rows"
+    covered, _ = _covered_positive_b(torch.cat(rows, dim=1), cols, a0)
+    return covered, (partials * cols.to(partials.dtype)).sum(dim=1), sums

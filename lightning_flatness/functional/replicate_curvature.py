@@ -1,0 +1,180 @@
+r"""Eq. 17's clipped curvature of the pooled and replicate means, from the slot sums, chunk by chunk.
+
+The metric keeps ``R`` replicate slots of summed estimates per weight tensor, ``(R, numel)``. Each of the
+``P`` means it evaluates (pooled, leave-one-out, halves: the rows of ``mix``,
+:func:`~lightning_flatness.functional.replicate_measures.replicate_weights`) enters eq. 17 as
+``A_p = sum_k max(mean_p, 0)``, ``(m, n)``: clipped at zero, then summed over the kernel. The
+``(P, numel)`` means are never materialised: :func:`curvature_chunks` forms them for a few whole rows
+of the weight at a time (a chunk of every slot stays in cache) and yields the rows' ``A_p``;
+:func:`replicate_curvature` collects all rows into ``(P, m, n)``. A caller that cannot hold ``P``
+copies of ``A`` (a large weight: an LM vocabulary, a VGG head) consumes the chunks as they come.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["curvature_chunks", "formed_curvature", "replicate_curvature", "used_slots"]
+
+_CHUNK = 1 << 15  # entries per slot in one chunk (whole rows; P such rows fit in L2/L3 cache)
+
+
+def used_slots(mix: Tensor) -> list[int]:
+    """The slots with a positive weight in any row of ``mix`` ``(P, R)``."""
+    return (mix > 0).any(dim=0).nonzero().squeeze(1).tolist()
+
+
+def curvature_chunks(
+    sums: Tensor, mix: Tensor, shape: Sequence[int], out: Optional[Tensor] = None
+) -> Iterator[tuple[int, int, Tensor, Tensor]]:
+    """For consecutive blocks of whole rows ``lo:hi`` of a weight of ``shape`` ``(m, n, *kernel)``: eq. 17's
+    ``A_p = sum_k max(mean_p, 0)`` of the rows, ``(P, hi - lo, n)``, of the ``P`` means
+    ``mean_p = sum_r mix_pr sums_r``, and the rows' per-slot totals ``(len(used_slots(mix)),)``.
+
+    Every row of ``mix`` from
+    :func:`~lightning_flatness.functional.replicate_measures.replicate_weights` is one constant
+    ``c_p > 0`` on a set of slots, so ``max(mean_p, 0) = c_p max(sum_{r in set} sums_r, 0)``: the sums of
+    each set are formed slot by slot, leave-one-out sets as the sum of all minus one slot (exactly 0
+    where every other slot is exactly 0, which is what tells the solver an infimum is unattained;
+    elsewhere within ``eps`` times the largest slot of the entry). Any other non-negative ``mix``
+    takes the product ``mix @ sums`` per chunk. Cost per chunk: about ``3 R + 2 P`` flops per weight
+    entry and one read of its ``(R, ·)`` slot sums, in cache.
+
+    Args:
+        sums: ``(R, numel)`` float64 slot sums.
+        mix: ``(P, R)`` non-negative float64.
+        shape: the weight's shape ``(m, n, *kernel)``.
+        out: optional ``(P, m * n)`` buffer that receives every chunk's ``A_p`` (the yielded chunks are
+            views of it); without it the chunks share one buffer, overwritten by the next chunk.
+    """
+    m, n = shape[0], shape[1]
+    kernel = math.prod(shape[2:])
+    row = n * kernel
+    support = mix > 0
+    coef = mix.amax(dim=1)
+    structured = torch.equal(mix, torch.where(support, coef[:, None], torch.zeros_like(mix)))
+    used = used_slots(mix)
+    position = {slot: k for k, slot in enumerate(used)}
+    num = mix.shape[0]
+    # rows of mix: leave-one-out means (every used slot but one) and other sets (pooled, halves)
+    loo_rows, loo_slots, other = [], [], []
+    for p, on in enumerate(support.tolist()):
+        slots = [position[r] for r, flag in enumerate(on) if flag]
+        if len(slots) == len(used) - 1 and len(used) >= 2:
+            loo_rows.append(p)
+            loo_slots.append(next(k for k in range(len(used)) if k not in slots))
+        else:
+            other.append((p, slots))
+    every = used == list(range(sums.shape[0]))  # else each chunk's used slots are picked (no whole copy)
+    weights = mix[:, used]
+    loo_block = (
+        loo_rows == list(range(loo_rows[0], loo_rows[0] + len(loo_rows)))
+        and loo_slots == list(range(len(used)))
+        if loo_rows
+        else False
+    )
+    rows_per = max(1, _CHUNK // max(row, 1))
+    means = sums.new_empty(num, min(rows_per, m) * row)
+    workspace = (sums.new_ones(kernel), sums.new_empty(num * min(rows_per, m) * n))
+    buffer = out if out is not None else sums.new_empty(num, min(rows_per, m) * n)
+    for lo in range(0, m, rows_per):
+        hi = min(m, lo + rows_per)
+        s = sums[:, lo * row : hi * row] if every else sums[used, lo * row : hi * row]
+        chunk = means[:, : s.shape[1]]
+        target = out[:, lo * n : hi * n] if out is not None else buffer[:, : (hi - lo) * n]
+        if not structured:
+            torch.mm(weights, s, out=chunk)
+        else:
+            total = s.sum(dim=0)
+            if loo_block:  # one op: sum - slot (slots all exactly 0 but one give exactly 0)
+                torch.sub(total, s, out=chunk[loo_rows[0] : loo_rows[0] + len(loo_rows)])
+            else:
+                for p, k in zip(loo_rows, loo_slots):
+                    torch.sub(total, s[k], out=chunk[p])
+            for p, slots in other:
+                if len(slots) == len(used):
+                    chunk[p] = total
+                else:
+                    torch.sum(s[_as_index(slots)], dim=0, out=chunk[p])
+        _kernel_sum(chunk.clamp_min_(0), kernel, target, workspace)
+        if structured:
+            target *= coef[:, None]
+        yield lo, hi, target.view(num, hi - lo, n), s.sum(dim=1)
+
+
+def replicate_curvature(
+    sums: Tensor,
+    mix: Tensor,
+    shape: Sequence[int],
+    rows: Optional[list[int]] = None,
+    transpose: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Eq. 17's ``A = sum_k max(mean_p, 0)`` ``(P', m, n)`` of the means ``rows`` of ``mix`` (all by
+    default) and the trace ``sum mean_p`` ``(P,)`` of every mean, in one pass over the slot sums
+    (:func:`curvature_chunks`).
+
+    Args:
+        sums: ``(R, numel)`` float64 slot sums of a tensor of ``shape`` ``(m, n, *kernel)``.
+        mix: ``(P, R)`` non-negative float64
+            (:func:`~lightning_flatness.functional.replicate_measures.replicate_weights`).
+        rows: the means whose ``A`` is formed (they must include one over every slot, the pooled
+            mean); the trace covers every row of ``mix``.
+        transpose: ``A`` as ``(P', n, m)`` (:func:`formed_curvature`).
+    """
+    picked = mix if rows is None else mix[rows]
+    used = used_slots(picked)
+    if rows is not None and used != used_slots(mix):
+        raise ValueError("rows must include a mean over every slot (the pooled mean) for the trace.")
+    a, totals = formed_curvature(sums, picked, shape, transpose)
+    support = mix[:, used] > 0
+    coef = mix.amax(dim=1)
+    if torch.equal(mix[:, used], torch.where(support, coef[:, None], torch.zeros_like(mix[:, used]))):
+        trace = (support.to(sums.dtype) @ totals) * coef
+    else:
+        trace = mix[:, used] @ totals
+    return a, trace
+
+
+def formed_curvature(
+    sums: Tensor, mix: Tensor, shape: Sequence[int], transpose: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Eq. 17's ``A`` of every mean of ``mix``, ``(P, m, n)`` (``transpose``: ``(P, n, m)``, contiguous, as
+    the solver takes a weight with more rows than columns), and the per-slot totals of the slots
+    :func:`used_slots` ``(len(used),)``, in one pass over the slot sums."""
+    m, n = shape[0], shape[1]
+    a = sums.new_empty((mix.shape[0], n, m) if transpose else (mix.shape[0], m * n))
+    totals = sums.new_zeros(len(used_slots(mix)))
+    for lo, hi, block, chunk_totals in curvature_chunks(sums, mix, shape, out=None if transpose else a):
+        totals += chunk_totals
+        if transpose:  # while the block is in cache
+            a[:, :, lo:hi].copy_(block.transpose(1, 2))
+    return (a if transpose else a.view(-1, m, n)), totals
+
+
+def _kernel_sum(clipped: Tensor, kernel: int, out: Tensor, workspace: tuple[Tensor, Tensor]) -> None:
+    """``out = clipped.view(P, c // kernel, kernel).sum(2)``; a matrix-vector product with ones where the
+    chunk is contiguous (faster than a reduction over a short innermost dimension on the CPU; measured
+    in ``benchmarks/results/linearized_jackknife.md``)."""
+    if kernel == 1:
+        out.copy_(clipped)
+    elif clipped.is_contiguous():
+        ones, buffer = workspace
+        flat = buffer[: clipped.numel() // kernel]
+        torch.mv(clipped.view(-1, kernel), ones, out=flat)
+        out.copy_(flat.view(out.shape))
+    else:  # the last, partial chunk
+        torch.sum(clipped.view(clipped.shape[0], -1, kernel), dim=2, out=out)
+
+
+def _as_index(slots: list[int]):
+    """``slots`` as a slice where they are evenly spaced (indexing then gives a view, not a gathered
+    copy: the halves' slots, the leave-one-out rows)."""
+    step = slots[1] - slots[0] if len(slots) > 1 else 1
+    if step > 0 and slots == list(range(slots[0], slots[-1] + 1, step)):
+        return slice(slots[0], slots[-1] + 1, step)
+    return slots

@@ -1,0 +1,157 @@
+"""Large weights: ``tensor_measures`` streams the replicate means (two passes over the slot sums, one
+problem solved at a time) instead of holding ``P`` coefficient matrices. Checked against the in-memory
+path on the same slot sums in every branch (first order covered, units that die or come alive in a
+replicate, the tensor-level fallback to solved replicates, ``jackknife="solved"``, zero weights, few
+slots, convolution kernels, many chunks), and against independently solved means."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_flatness.functional import replicate_curvature as curvature_module
+from lightning_flatness.functional import replicate_measures
+from lightning_flatness.functional.replicate_curvature import curvature_chunks, formed_curvature
+from lightning_flatness.functional.replicate_measures import (
+    replicate_curvature,
+    replicate_weights,
+    tensor_measures,
+)
+from lightning_flatness.functional.solvers import solve_normalized_sharpness_coefficients
+
+F64 = torch.float64
+
+
+def _slot_sums(shape, seed: int, noise: float = 0.3, num_slots: int = 8, per_slot: float = 8.0):
+    """Heavy-tailed curvature (log-normal sigma 1.5 with row effects) in ``num_slots`` noisy slots."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g, dtype=F64)
+    bshape = (shape[0],) + (1,) * (len(shape) - 1)
+    h = torch.exp(torch.randn(bshape, generator=g, dtype=F64) + 1.5 * torch.randn(shape, generator=g, dtype=F64))
+    groups = h[None] * (1 + noise * torch.randn((num_slots, *shape), generator=g, dtype=F64))
+    counts = torch.full((num_slots,), per_slot, dtype=F64)
+    return w, (groups * per_slot).reshape(num_slots, -1), counts
+
+
+def _both(monkeypatch, w, sums, counts, jackknife="linearized", used=None):
+    """``tensor_measures`` in memory and streamed, on the same inputs."""
+    mix = replicate_weights(counts, list(range(counts.numel())) if used is None else used)
+    monkeypatch.setattr(replicate_measures, "STREAM_FROM", math.inf)
+    held = tensor_measures(w, sums, mix, 0.5, jackknife)
+    monkeypatch.setattr(replicate_measures, "STREAM_FROM", 0)
+    streamed = tensor_measures(w, sums, mix, 0.5, jackknife)
+    return held, streamed
+
+
+def _assert_same(held, streamed, first_order_rtol=1e-8):
+    """Pooled and halves certified (1e-10); first-order leave-one-out values at the pooled minimiser,
+    which each path certifies on its own (``first_order_rtol``); the closed forms to rounding."""
+    for key in ("matrix_normalized", "hessian_trace"):
+        torch.testing.assert_close(streamed[key], held[key], rtol=1e-13, atol=0)
+    got, want = streamed["normalized"], held["normalized"]
+    torch.testing.assert_close(got[[0, -2, -1]], want[[0, -2, -1]], rtol=1e-10, atol=0)
+    torch.testing.assert_close(got[1:-2], want[1:-2], rtol=first_order_rtol, atol=0)
+
+
+def _solved_means(w, sums, counts):
+    """Every mean solved cold and certified (the reference of the solved paths)."""
+    mix = replicate_weights(counts, list(range(counts.numel())))
+    a, _ = replicate_curvature(sums, mix, w.shape)
+    b = w.square().reshape(a.shape[1], a.shape[2], -1).sum(dim=2)
+    return torch.stack([s.value for s in solve_normalized_sharpness_coefficients(a, b, warm_start=False)])
+
+
+@pytest.mark.parametrize("shape", [(12, 9), (9, 12), (6, 5, 3, 3)])
+def test_streamed_equals_in_memory_where_the_first_order_covers_every_replicate(monkeypatch, shape):
+    w, sums, counts = _slot_sums(shape, 0)
+    monkeypatch.setattr(curvature_module, "_CHUNK", 20)  # many chunks of whole rows, a partial last one
+    held, streamed = _both(monkeypatch, w, sums, counts)
+    _assert_same(held, streamed)
+    solved = _solved_means(w, sums, counts)
+    assert bool((streamed["normalized"][1:-2] >= solved[1:-2] * (1 - 1e-10)).all())  # upper bounds
+
+
+def test_units_that_die_or_come_alive_in_a_replicate(monkeypatch):
+    """Row 0's curvature lives in slot 5 only: it dies when slot 5 is left out (covered: the component
+    shrinks). Row 1 is clipped dead in the pooled mean by slot 2 alone: leaving slot 2 out brings it
+    alive, so that replicate gains a unit and is solved."""
+    monkeypatch.setattr(replicate_measures, "LINEARIZATION_TOLERANCE", math.inf)
+    monkeypatch.setattr(replicate_measures, "LINEARIZATION_MAX_RELATIVE_SPREAD", math.inf)
+    w, sums, counts = _slot_sums((7, 6), 1, noise=0.2)
+    view = sums.view(8, 7, 6)
+    view[:, 0] = 0.0
+    view[5, 0] = 3.0
+    view[:, 1] = 1.0
+    view[2, 1] = -20.0
+    monkeypatch.setattr(curvature_module, "_CHUNK", 12)
+    held, streamed = _both(monkeypatch, w, sums, counts)
+    _assert_same(held, streamed)
+    solved = _solved_means(w, sums, counts)
+    torch.testing.assert_close(streamed["normalized"][3], solved[3], rtol=1e-10, atol=0)  # slot 2 out
+    assert not math.isclose(float(streamed["normalized"][1]), float(solved[1]), rel_tol=1e-10)
+
+
+@pytest.mark.parametrize("jackknife", ["linearized", "solved"])
+def test_solved_replicates_when_the_first_order_is_off_or_requested(monkeypatch, jackknife):
+    """Noise as large as the curvature: the half shift trips the tensor-level check, so every
+    leave-one-out value is solved (as with ``jackknife="solved"``)."""
+    w, sums, counts = _slot_sums((10, 6), 2, noise=3.0)
+    held, streamed = _both(monkeypatch, w, sums, counts, jackknife)
+    solved = _solved_means(w, sums, counts)
+    torch.testing.assert_close(held["normalized"], solved, rtol=1e-10, atol=0)
+    torch.testing.assert_close(streamed["normalized"], solved, rtol=1e-10, atol=0)
+    _assert_same(held, streamed, first_order_rtol=1e-10)
+
+
+def test_zero_weights_take_solved_replicates(monkeypatch):
+    """A pruned column (``B = 0``): the component layout needs whole matrices, so the streamed path
+    solves each leave-one-out mean; the in-memory path linearizes them. Both within the first order's
+    distance of each other, the streamed ones equal to independent solves."""
+    w, sums, counts = _slot_sums((8, 7), 3)
+    w[:, 2] = 0.0
+    held, streamed = _both(monkeypatch, w, sums, counts)
+    solved = _solved_means(w, sums, counts)
+    torch.testing.assert_close(streamed["normalized"], solved, rtol=1e-10, atol=0)
+    _assert_same(held, streamed, first_order_rtol=1e-4)
+
+
+def test_few_and_skipped_slots(monkeypatch):
+    """Three used slots of five (slot 1 and 4 empty), and a single used slot (no replicates)."""
+    w, sums, counts = _slot_sums((9, 8), 4, num_slots=5)
+    counts[[1, 4]] = 0.0
+    sums[[1, 4]] = 0.0
+    held, streamed = _both(monkeypatch, w, sums, counts, used=[0, 2, 3])
+    assert held["normalized"].shape == (6,)
+    _assert_same(held, streamed)
+    counts[[2, 3]] = 0.0
+    sums[[2, 3]] = 0.0
+    held, streamed = _both(monkeypatch, w, sums, counts, used=[0])
+    assert streamed["normalized"].shape == (1,)
+    torch.testing.assert_close(streamed["normalized"], held["normalized"], rtol=1e-10, atol=0)
+
+
+def test_curvature_chunks_cover_every_row_once_and_match_replicate_curvature(monkeypatch):
+    w, sums, counts = _slot_sums((7, 4, 3), 5)
+    mix = replicate_weights(counts, list(range(8)))
+    monkeypatch.setattr(curvature_module, "_CHUNK", 25)  # 2 rows of 12 entries per chunk
+    a, trace = replicate_curvature(sums, mix, w.shape)
+    bounds, blocks = [], []
+    for lo, hi, block, _totals in curvature_chunks(sums, mix, w.shape):
+        bounds.append((lo, hi))
+        blocks.append(block.clone())
+    assert bounds == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    torch.testing.assert_close(torch.cat(blocks, dim=1), a, rtol=0, atol=0)
+    means = (mix @ sums).view(-1, 7, 4, 3)
+    torch.testing.assert_close(a, means.clamp_min(0).sum(dim=3), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(trace, means.sum(dim=(1, 2, 3)), rtol=1e-13, atol=0)
+    transposed, totals = formed_curvature(sums, mix, w.shape, transpose=True)
+    assert transposed.is_contiguous()
+    torch.testing.assert_close(transposed, a.transpose(1, 2), rtol=0, atol=0)
+    torch.testing.assert_close(totals, sums.view(8, -1).sum(dim=1), rtol=1e-13, atol=0)
+    picked, trace_all = replicate_curvature(sums, mix, w.shape, rows=[0, 9, 10])
+    torch.testing.assert_close(picked, a[[0, 9, 10]], rtol=0, atol=0)
+    torch.testing.assert_close(trace_all, trace, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="pooled mean"):
+        replicate_curvature(sums, mix, w.shape, rows=[1])
