@@ -292,3 +292,12 @@ def test_compute_large_quick_reports_the_pooled_value_and_bounded_memory(tmp_pat
     sweep = bench_compute_large.main(["--sweep", "--quick"])["sweep"]
     assert [r["shape"] for r in sweep] == [[100, 100], [256, 256]]
     assert all(r["max_rel_diff"] < 1e-9 and not r["streamed_by_default"] for r in sweep)
+
+
+def test_vgg16_measurement_quick_measures_a_vgg_with_a_small_classifier(tmp_path):
+    from benchmarks import bench_vgg16_measurement
+
+    out = bench_vgg16_measurement.main(["--quick", "--json", str(tmp_path / "vgg.json")])
+    assert out["error"] is None and out["method"] == "gauss_newton_sketch"
+    assert _finite(out["normalized"], out["normalized_stderr"], out["peak_rss_gib"])
+    assert out["largest_weight"] == [512, 512, 3, 3]
