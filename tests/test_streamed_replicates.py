@@ -29,7 +29,9 @@ def _slot_sums(shape, seed: int, noise: float = 0.3, num_slots: int = 8, per_slo
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=g, dtype=F64)
     bshape = (shape[0],) + (1,) * (len(shape) - 1)
-    h = torch.exp(torch.randn(bshape, generator=g, dtype=F64) + 1.5 * torch.randn(shape, generator=g, dtype=F64))
+    h = torch.exp(
+        torch.randn(bshape, generator=g, dtype=F64) + 1.5 * torch.randn(shape, generator=g, dtype=F64)
+    )
     groups = h[None] * (1 + noise * torch.randn((num_slots, *shape), generator=g, dtype=F64))
     counts = torch.full((num_slots,), per_slot, dtype=F64)
     return w, (groups * per_slot).reshape(num_slots, -1), counts

@@ -183,19 +183,19 @@ def streamed_first_order(
         over each replicate's component (meaningful where covered), ``(P,)`` each replicate's ``sum A``.
     """
     x, y = row_log_variance.nan_to_num(0.0), col_log_variance.nan_to_num(0.0)
-    rows: list[Tensor] = []
-    cols = partials = sums = None
+    rows, cols, partials, sums = [], [], [], []
     for lo, hi, a, *_ in chunks:
         pos = a > 0
-        block_rows, block_cols = pos.any(dim=2), pos.any(dim=1)
+        rows.append(pos.any(dim=2))
+        cols.append(pos.any(dim=1))
         variance = torch.exp(x[lo:hi, None] + y[None, :])
-        block = _column_partials(a, b[lo:hi], variance, block_rows)
-        block_sums = a.sum(dim=(1, 2))
-        if cols is None:
-            cols, partials, sums = block_cols, block, block_sums
-        else:
-            cols, partials, sums = cols | block_cols, partials + block, sums + block_sums
-        rows.append(block_rows)
-    assert cols is not None and partials is not None and sums is not None, "no rows"
-    covered, _ = _covered_positive_b(torch.cat(rows, dim=1), cols, a0)
-    return covered, (partials * cols.to(partials.dtype)).sum(dim=1), sums
+        partials.append(_column_partials(a, b[lo:hi], variance, rows[-1]))
+        sums.append(a.sum(dim=(1, 2)))
+        if len(partials) > 1:  # O(P n) kept between blocks
+            cols[:] = [cols[0] | cols[1]]
+            partials[:] = [partials[0] + partials[1]]
+            sums[:] = [sums[0] + sums[1]]
+    if not rows:
+        raise ValueError("streamed_first_order got no rows.")
+    covered, _ = _covered_positive_b(torch.cat(rows, dim=1), cols[0], a0)
+    return covered, (partials[0] * cols[0].to(partials[0].dtype)).sum(dim=1), sums[0]
