@@ -43,7 +43,11 @@ CASES = {
     "gpt2_vocabulary_50257x768": (50257, 768),
     "8192x4096": (8192, 4096),
     "vgg_fc1_4096x25088": (4096, 25088),
+    "vgg_fc2_4096x4096_zeros": (4096, 4096),
 }
+# cases with this suffix get 8 exact zero weights at random entries (as torchvision's float32 normal
+# initialisation of VGG-16's 4096 x 25088 layer has: B = 0 there, the components need checking)
+ZEROS_SUFFIX = "_zeros"
 NUM_SLOTS = 8
 
 
@@ -69,6 +73,8 @@ def run_case(name: str, seed: int) -> dict:
     shape = CASES[name]
     g = torch.Generator().manual_seed(seed)
     w, h = make_layer(shape, "channels", g)
+    if name.endswith(ZEROS_SUFFIX):
+        w.view(-1)[torch.randperm(w.numel(), generator=g)[:8]] = 0.0
     metric = NormalizedSharpness({"w": w.shape}, num_replicates=NUM_SLOTS)
     groups = torch.empty((NUM_SLOTS, *shape), dtype=torch.float64)
     for r in range(NUM_SLOTS):

@@ -107,16 +107,60 @@ def test_solved_replicates_when_the_first_order_is_off_or_requested(monkeypatch,
     _assert_same(held, streamed, first_order_rtol=1e-10)
 
 
-def test_zero_weights_take_solved_replicates(monkeypatch):
-    """A pruned column (``B = 0``): the component layout needs whole matrices, so the streamed path
-    solves each leave-one-out mean; the in-memory path linearizes them. Both within the first order's
-    distance of each other, the streamed ones equal to independent solves."""
+def test_zero_weights_keep_the_first_order_where_the_component_is_unchanged(monkeypatch):
+    """A pruned column (``B = 0``: a dead end, in no component) and an isolated zero weight: every
+    replicate keeps the pooled component, so both paths take the same first-order values."""
     w, sums, counts = _slot_sums((8, 7), 3)
     w[:, 2] = 0.0
+    w[4, 5] = 0.0
+    held, streamed = _both(monkeypatch, w, sums, counts)
+    _assert_same(held, streamed)
+    solved = _solved_means(w, sums, counts)
+    first = streamed["normalized"][1:-2]
+    assert bool((first >= solved[1:-2] * (1 - 1e-10)).all()) and not torch.equal(first, solved[1:-2])
+
+
+@pytest.mark.parametrize("hubs", [True, False])
+def test_zero_weights_and_a_replicate_that_loses_an_arc(monkeypatch, hubs):
+    """Entry (3, 4) lives in slot 6 only: leaving slot 6 out loses that arc of the pooled component.
+    With one zero weight, hub rows and columns (``B`` arcs to and from every pooled unit) keep the
+    replicate connected, so it stays first order (as in memory); with a zero weight in every row there
+    is no hub row, so the streamed path cannot prove the component and solves that replicate."""
+    monkeypatch.setattr(replicate_measures, "LINEARIZATION_TOLERANCE", math.inf)
+    monkeypatch.setattr(replicate_measures, "LINEARIZATION_MAX_RELATIVE_SPREAD", math.inf)
+    w, sums, counts = _slot_sums((8, 9), 6)
+    if hubs:
+        w[0, 0] = 0.0
+    else:
+        w[torch.arange(8), torch.arange(8)] = 0.0
+    view = sums.view(8, 8, 9)
+    view[:, 3, 4] = 0.0
+    view[6, 3, 4] = 2.0
     held, streamed = _both(monkeypatch, w, sums, counts)
     solved = _solved_means(w, sums, counts)
-    torch.testing.assert_close(streamed["normalized"], solved, rtol=1e-10, atol=0)
-    _assert_same(held, streamed, first_order_rtol=1e-4)
+    torch.testing.assert_close(
+        streamed["normalized"][[0, -2, -1]], held["normalized"][[0, -2, -1]], rtol=1e-10, atol=0
+    )
+    assert not math.isclose(float(streamed["normalized"][1]), float(solved[1]), rel_tol=1e-10)  # first order
+    if hubs:
+        torch.testing.assert_close(streamed["normalized"][7], held["normalized"][7], rtol=1e-8, atol=0)
+        assert not math.isclose(float(streamed["normalized"][7]), float(solved[7]), rel_tol=1e-10)
+    else:
+        torch.testing.assert_close(streamed["normalized"][7], solved[7], rtol=1e-10, atol=0)
+
+
+def test_zero_weights_with_a_pooled_problem_of_two_components_solve_every_replicate(monkeypatch):
+    """Zero blocks of ``B`` and clipped blocks of ``A``: the pooled problem has two components, so every
+    leave-one-out mean is solved (equal to independent solves)."""
+    monkeypatch.setattr(replicate_measures, "LINEARIZATION_TOLERANCE", math.inf)
+    monkeypatch.setattr(replicate_measures, "LINEARIZATION_MAX_RELATIVE_SPREAD", math.inf)
+    w, sums, counts = _slot_sums((8, 6), 7)
+    w[:4, 3:] = 0.0
+    w[4:, :3] = 0.0
+    sums.view(8, 8, 6)[:, :4, 3:] = -1.0  # clipped: no arcs between the blocks
+    sums.view(8, 8, 6)[:, 4:, :3] = -1.0
+    held, streamed = _both(monkeypatch, w, sums, counts)
+    torch.testing.assert_close(streamed["normalized"], _solved_means(w, sums, counts), rtol=1e-10, atol=0)
 
 
 def test_few_and_skipped_slots(monkeypatch):
@@ -157,3 +201,42 @@ def test_curvature_chunks_cover_every_row_once_and_match_replicate_curvature(mon
     torch.testing.assert_close(trace_all, trace, rtol=0, atol=0)
     with pytest.raises(ValueError, match="pooled mean"):
         replicate_curvature(sums, mix, w.shape, rows=[1])
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_streamed_coverage_with_zero_weights_implies_the_exact_component_analysis(seed):
+    """Soundness of the streamed test on random sparse problems (zero weights, lost and new ``A`` entries):
+    every replicate it covers has, by the exact analysis (transitive closures), one component with the
+    pooled rows and columns, and its first-order value is its objective over that component at the
+    pooled minimiser. (The in-memory test asks for the same entries too, so it solves a replicate that
+    gains an ``A`` entry where ``B = 0``; the first order holds there as well.)"""
+    from lightning_flatness.functional.solvers._components import component_layout
+    from lightning_flatness.functional.solvers.linearized_replicates import (
+        objective_at_minimiser,
+        streamed_first_order,
+    )
+
+    g = torch.Generator().manual_seed(seed)
+    m, n = 7, 6
+    b = torch.exp(torch.randn(m, n, generator=g, dtype=F64))
+    b *= torch.rand(m, n, generator=g) > 0.2 + 0.05 * (seed % 4)
+    a0 = torch.exp(torch.randn(m, n, generator=g, dtype=F64)) * (torch.rand(m, n, generator=g) > 0.3)
+    a = a0[None] * torch.exp(0.2 * torch.randn((10, m, n), generator=g, dtype=F64))
+    a *= torch.rand((10, m, n), generator=g) > 0.08  # lost entries
+    a += (torch.rand((10, m, n), generator=g) > 0.95) * torch.rand((10, m, n), generator=g, dtype=F64)  # new
+    (sol,) = solve_normalized_sharpness_coefficients(a0[None], b, rtol=1e-13, warm_start=False)
+    blocks = [(lo, min(m, lo + 2), a[:, lo : lo + 2]) for lo in range(0, m, 2)]
+    covered, values, _ = streamed_first_order(
+        blocks, b, a0, sol.row_log_variance, sol.col_log_variance, sol.num_components
+    )
+    keep, free = component_layout(a, b[None].expand_as(a))
+    keep = torch.ones_like(a, dtype=torch.bool) if keep is None else keep
+    rows0, cols0 = torch.isfinite(sol.row_log_variance), torch.isfinite(sol.col_log_variance)
+    for r in covered.nonzero().squeeze(1).tolist():
+        assert int((keep[r].any(dim=1) & ~free[r]).sum()) == 1  # one component
+        assert torch.equal(keep[r].any(dim=1), rows0) and torch.equal(keep[r].any(dim=0), cols0)
+        expected = objective_at_minimiser(
+            a[r : r + 1], b, sol.row_log_variance, sol.col_log_variance, keep[r : r + 1]
+        )
+        torch.testing.assert_close(values[r : r + 1], expected, rtol=1e-12, atol=1e-12)
+    assert int(covered.sum()) > 0 or seed in (3, 6, 10)  # the test is not vacuous

@@ -187,9 +187,9 @@ def _streamed_values(
     The same values as the in-memory path: the pooled mean and the halves are formed in one pass over
     the slot sums and solved one by one; the first-order leave-one-out values
     (:func:`~lightning_flatness.functional.solvers.linearized_replicates.streamed_first_order`) come
-    from a second pass at the pooled minimiser; replicates the first order does not cover, or all of
-    them where :func:`first_order_is_off` (and ``jackknife="solved"``, or a zero weight, where the
-    component layout needs whole matrices), are formed one at a time, a pass each, and solved.
+    from a second pass at the pooled minimiser; replicates the first order does not cover (with a zero
+    weight, a stricter test than in memory: see ``streamed_first_order``), or all of them where
+    :func:`first_order_is_off` or ``jackknife="solved"``, are formed in groups and solved one at a time.
     """
     num = mix.shape[0]
     kept = [0] if num < 3 else [0, num - 2, num - 1]  # pooled, halves
@@ -206,13 +206,14 @@ def _streamed_values(
     a0 = a[0].clone()
     del a
     redo = loo
-    if jackknife == "linearized" and bool((b > 0).all()):
+    if jackknife == "linearized":
         x, y = sols[0].row_log_variance, sols[0].col_log_variance
         covered, first, curvature[loo] = streamed_first_order(
             curvature_chunks(sums, mix[loo], shape),
             b,
             a0.T if transpose else a0,
             *((y, x) if transpose else (x, y)),
+            num_components=sols[0].num_components,
         )
         values[loo] = first
         uncovered = [r for r, c in zip(loo, covered.tolist()) if not c]

@@ -162,40 +162,98 @@ def streamed_first_order(
     a0: Tensor,
     row_log_variance: Tensor,
     col_log_variance: Tensor,
+    num_components: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`linearizable` and :func:`objective_at_minimiser` for replicates whose ``(P, m, n)`` coefficients
-    come as blocks of whole rows and are never held at once (a large weight), with every ``B`` positive.
+    come as blocks of whole rows and are never held at once (a large weight).
 
     Per block ``lo:hi`` it keeps only each replicate's rows with a positive ``A`` there, the columns
     seen so far and the column partial sums of its objective at the pooled minimiser: ``O(P (m + n))``
-    memory beyond one block. Equal to the in-memory functions on the same coefficients (the same
-    operations, summed by blocks of rows).
+    memory beyond one block.
+
+    - Every ``B`` positive: equal to the in-memory functions on the same coefficients (the same
+      operations, summed by blocks of rows).
+    - Some ``B`` zero (a zero weight: pruned, or an exact zero of a large random initialisation), where
+      the components need the whole matrices in general: a replicate is covered when the pooled problem
+      is one component (its rows and columns: those of finite log-variance) and the replicate keeps every
+      arc of it (``A_r > 0`` wherever ``A_0 > 0`` on its rows and columns; ``B`` is shared) and adds none
+      that could enlarge it (its rows and columns with a positive ``A`` and some positive ``B`` are the
+      pooled ones; a row or column without any ``B`` is a dead end). Its component is then the pooled
+      one, with possibly more ``A`` entries inside it, where the minimum is smooth in ``A``: the first
+      order holds, and the objective runs over the pooled rows and columns. This is stricter than the
+      in-memory analysis (e.g. a unit that dies is not covered here), so such replicates are solved,
+      not linearized.
 
     Args:
         chunks: ``(lo, hi, a_block, ...)`` with ``a_block`` ``(P, hi - lo, n)``, in row order, covering every
             row (:func:`~lightning_flatness.functional.replicate_curvature.curvature_chunks`).
-        b: ``(m, n)`` the shared ``B``, every entry positive.
+        b: ``(m, n)`` the shared ``B``.
         a0: ``(m, n)`` the pooled ``A``.
         row_log_variance, col_log_variance: the pooled minimiser (as for :func:`objective_at_minimiser`).
+        num_components: the pooled problem's components (its solution's ``num_components``).
 
     Returns:
         ``(P,)`` bool covered (as :func:`linearizable`), ``(P,)`` the objective at the pooled minimiser
         over each replicate's component (meaningful where covered), ``(P,)`` each replicate's ``sum A``.
     """
+    positive_b = bool((b > 0).all())
     x, y = row_log_variance.nan_to_num(0.0), col_log_variance.nan_to_num(0.0)
-    rows, cols, partials, sums = [], [], [], []
+    rows0, cols0 = torch.isfinite(row_log_variance), torch.isfinite(col_log_variance)
+    if (
+        not positive_b
+    ):  # hubs: rows receiving a B arc from every pooled column, columns sending one to every row
+        hub_rows = (b > 0).logical_or(~cols0[None, :]).all(dim=1) & rows0
+        hub_cols = (b > 0).logical_or(~rows0[:, None]).all(dim=0) & cols0
+    rows, cols, partials, sums, checks = [], [], [], [], []
     for lo, hi, a, *_ in chunks:
         pos = a > 0
         rows.append(pos.any(dim=2))
         cols.append(pos.any(dim=1))
         variance = torch.exp(x[lo:hi, None] + y[None, :])
-        partials.append(_column_partials(a, b[lo:hi], variance, rows[-1]))
+        inside = rows[-1] if positive_b else rows0[lo:hi].expand_as(rows[-1])  # the component's rows
+        partials.append(_column_partials(a, b[lo:hi], variance, inside))
         sums.append(a.sum(dim=(1, 2)))
+        if not positive_b:
+            in_rows, in_cols = rows0[lo:hi, None], cols0[None, :]
+            rows[-1] = torch.stack(
+                [rows[-1], (pos & in_cols).any(dim=2)]
+            )  # any A arc; one into the component
+            cols[-1] = torch.stack([cols[-1], (pos & in_rows).any(dim=1)])
+            lost = ((a0[lo:hi] > 0) & in_rows & in_cols & ~pos).flatten(1).any(dim=1)  # a pooled arc gone
+            hub = (pos & hub_rows[lo:hi, None] & hub_cols[None, :]).flatten(1).any(dim=1)
+            checks.append(torch.stack([lost, hub]))
         if len(partials) > 1:  # O(P n) kept between blocks
             cols[:] = [cols[0] | cols[1]]
             partials[:] = [partials[0] + partials[1]]
             sums[:] = [sums[0] + sums[1]]
+            checks[:] = [checks[0] | checks[1]] if checks else []
     if not rows:
         raise ValueError("streamed_first_order got no rows.")
-    covered, _ = _covered_positive_b(torch.cat(rows, dim=1), cols[0], a0)
-    return covered, (partials[0] * cols[0].to(partials[0].dtype)).sum(dim=1), sums[0]
+    if positive_b:
+        covered, _ = _covered_positive_b(torch.cat(rows, dim=1), cols[0], a0)
+        inside_cols = cols[0]
+    else:
+        covered = _covered_zero_b(torch.cat(rows, dim=-1), cols[0], checks[0], b, rows0, cols0)
+        covered &= num_components == 1
+        inside_cols = cols0.expand_as(cols[0][0])
+    return covered, (partials[0] * inside_cols.to(partials[0].dtype)).sum(dim=1), sums[0]
+
+
+def _covered_zero_b(
+    rows: Tensor, cols: Tensor, checks: Tensor, b: Tensor, rows0: Tensor, cols0: Tensor
+) -> Tensor:
+    """:func:`streamed_first_order`'s test with some ``B`` zero: the replicate's component is the pooled one.
+
+    ``rows`` ``(2, P, m)``: rows with an ``A`` arc, and with one into the pooled columns; ``cols`` likewise
+    ``(2, P, n)``; ``checks`` ``(2, P)``: a pooled arc lost, an ``A`` arc between a hub row and a hub column.
+
+    No row or column outside the pooled component can join (outside it, those with an ``A`` arc have no
+    ``B`` arc), every pooled row and column keeps an ``A`` arc within it, and the component stays strongly
+    connected: either no pooled arc is lost (the pooled paths remain), or a hub column ``j*`` (``B`` arcs
+    to every pooled row) and a hub row ``i*`` (``B`` arcs from every pooled column) with ``A_r[i*, j*] >
+    0`` join every row (``i ->A-> j ->B-> i* ->A-> j* ->B-> i``) and every column (through ``i*``).
+    """
+    rows_b, cols_b = (b > 0).any(dim=1), (b > 0).any(dim=0)
+    covered = ((rows[0] & rows_b) == rows0).all(dim=1) & ((cols[0] & cols_b) == cols0).all(dim=1)
+    covered &= (rows[1] | ~rows0).all(dim=1) & (cols[1] | ~cols0).all(dim=1)
+    return covered & (~checks[0] | checks[1])
