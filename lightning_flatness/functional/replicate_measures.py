@@ -184,12 +184,14 @@ def _streamed_values(
     (:func:`streamed`), holding at most three ``(m, n)`` coefficient matrices and solving one problem at a
     time (not ``P`` matrices and a batch of three: about 23 copies of ``(m, n)`` float64 at the peak).
 
-    The same values as the in-memory path: the pooled mean and the halves are formed in one pass over
-    the slot sums and solved one by one; the first-order leave-one-out values
+    The pooled mean and the halves are formed in one pass over the slot sums and solved one by one; the
+    first-order leave-one-out values
     (:func:`~lightning_flatness.functional.solvers.linearized_replicates.streamed_first_order`) come
-    from a second pass at the pooled minimiser; replicates the first order does not cover (with a zero
-    weight, a stricter test than in memory: see ``streamed_first_order``), or all of them where
-    :func:`first_order_is_off` or ``jackknife="solved"``, are formed in groups and solved one at a time.
+    from a second pass at the pooled minimiser; replicates the first order does not cover, or all of
+    them where :func:`first_order_is_off` or ``jackknife="solved"``, are formed in groups and solved
+    one at a time. The values are the in-memory path's, except that with a zero weight the two tests of
+    coverage differ (``streamed_first_order``): a replicate one of them solves and the other takes to
+    first order differs by the first order's error.
     """
     num = mix.shape[0]
     kept = [0] if num < 3 else [0, num - 2, num - 1]  # pooled, halves

@@ -175,14 +175,12 @@ def streamed_first_order(
       operations, summed by blocks of rows).
     - Some ``B`` zero (a zero weight: pruned, or an exact zero of a large random initialisation), where
       the components need the whole matrices in general: a replicate is covered when the pooled problem
-      is one component (its rows and columns: those of finite log-variance) and the replicate keeps every
-      arc of it (``A_r > 0`` wherever ``A_0 > 0`` on its rows and columns; ``B`` is shared) and adds none
-      that could enlarge it (its rows and columns with a positive ``A`` and some positive ``B`` are the
-      pooled ones; a row or column without any ``B`` is a dead end). Its component is then the pooled
-      one, with possibly more ``A`` entries inside it, where the minimum is smooth in ``A``: the first
-      order holds, and the objective runs over the pooled rows and columns. This is stricter than the
-      in-memory analysis (e.g. a unit that dies is not covered here), so such replicates are solved,
-      not linearized.
+      is one component (its rows and columns: those of finite log-variance) and per-block statistics
+      prove the replicate's component the same rows and columns (:func:`_covered_zero_b`). It may have
+      more ``A`` entries inside it, where the minimum is smooth in ``A``: the first order holds, and the
+      objective runs over the pooled rows and columns. The in-memory analysis differs: it also asks for
+      the same entries (a replicate that gains an ``A`` entry where ``B = 0`` is solved there) and
+      covers units that die (solved here).
 
     Args:
         chunks: ``(lo, hi, a_block, ...)`` with ``a_block`` ``(P, hi - lo, n)``, in row order, covering every
