@@ -240,3 +240,47 @@ def test_streamed_coverage_with_zero_weights_implies_the_exact_component_analysi
         )
         torch.testing.assert_close(values[r : r + 1], expected, rtol=1e-12, atol=1e-12)
     assert int(covered.sum()) > 0 or seed in (3, 6, 10)  # the test is not vacuous
+
+
+def _split(batch, parts: int) -> list:
+    inputs, target = batch
+    n = target.shape[0]
+    step = n // parts
+    if isinstance(inputs, dict):  # Hugging Face batches: the labels in the dict
+        return [
+            {**{k: v[i : i + step] for k, v in inputs.items()}, "labels": target[i : i + step]}
+            for i in range(0, n, step)
+        ]
+    return [(inputs[i : i + step], target[i : i + step]) for i in range(0, n, step)]
+
+
+@pytest.mark.parametrize("checks", [True, False])
+@pytest.mark.parametrize("name", ["resnet", "vit", "gpt2"])
+def test_a_zoo_model_measures_the_same_streamed(monkeypatch, name, checks):
+    """Real curvature (dead units, tokens absent from a batch, a tied embedding): ``measure_sharpness``
+    with every linear weight streamed (``STREAM_FROM = 16``) against every weight held, the same draws.
+    On 16 samples the tensor-level checks send most leave-one-out values to the solver; without them
+    (``checks=False``) the first-order values of both paths are compared."""
+    if not checks:
+        monkeypatch.setattr(replicate_measures, "LINEARIZATION_TOLERANCE", math.inf)
+        monkeypatch.setattr(replicate_measures, "LINEARIZATION_MAX_RELATIVE_SPREAD", math.inf)
+    from lightning_flatness.measure import measure_sharpness
+    from tests.zoo_models import CAUSAL_LM, TINY
+
+    model, batch = TINY[name](n=16, seed=1, dtype=F64)
+    batches = _split(batch, 8)
+    out = {}
+    for mode, threshold in (("held", math.inf), ("streamed", 16)):
+        monkeypatch.setattr(replicate_measures, "STREAM_FROM", threshold)
+        out[mode] = measure_sharpness(model, batches, generator=torch.Generator().manual_seed(0)).values
+    streamed_shapes = [
+        p.shape for p in model.parameters() if p.ndim >= 2 and replicate_measures.streamed(tuple(p.shape))
+    ]
+    assert streamed_shapes  # with STREAM_FROM = 16 still set
+    for key, held in out["held"].items():
+        if key.startswith(("normalized_stderr", "normalized_half_shift")):
+            tol = 1e-6 * float(out["held"]["normalized"])  # first-order values at two certified minimisers
+            assert abs(float(out["streamed"][key]) - float(held)) <= tol, key
+        elif torch.is_tensor(held) and held.dtype.is_floating_point:
+            torch.testing.assert_close(out["streamed"][key], held, rtol=1e-9, atol=1e-12, msg=key)
+    assert name not in CAUSAL_LM or any(s[0] >= 32 for s in streamed_shapes)  # the vocabulary
