@@ -154,18 +154,29 @@ def tensor_measures(
     """
     shape = tuple(weight.shape)
     with intra_op_threads(sums.numel(), sums.device):  # few, memory-bound ops: no thread handoffs
-        square = weight.square().reshape(shape[0], shape[1], -1).sum(dim=2)  # ||W_ij||^2 over the kernel
-        b = square / (2.0 * lam)
+        b, square_total = _weight_coefficients(weight, lam)
         if streamed(shape):
+            if shape[0] > shape[1]:  # B in the solver's orientation once (contiguous transposed), not twice
+                b = b.T.contiguous().T
             normalized, curvature, trace = _streamed_values(sums, mix, b, shape, jackknife)
         else:
             a, trace = replicate_curvature(sums, mix, shape)
             normalized, curvature = _normalized_values(a, b, shape, jackknife), a.sum(dim=(1, 2))
     return {
         "normalized": normalized.to(sums.device),
-        "matrix_normalized": torch.sqrt(square.sum() * curvature),
+        "matrix_normalized": torch.sqrt(square_total * curvature),
         "hessian_trace": trace,
     }
+
+
+def _weight_coefficients(weight: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+    """Eq. 17's ``B = sum_k W^2 / (2 lam)`` ``(m, n)`` and eq. 13's ``||W||_F^2``, in one ``(m, n)`` buffer
+    (plus the squared weight where there is a kernel to sum over)."""
+    m, n = weight.shape[0], weight.shape[1]
+    squared = weight.square()
+    square = squared.reshape(m, n, -1).sum(dim=2) if squared.numel() > m * n else squared.reshape(m, n)
+    total = square.sum()
+    return square.div_(2.0 * lam), total
 
 
 def streamed(shape: tuple) -> bool:
