@@ -197,9 +197,7 @@ def streamed_first_order(
     positive_b = bool((b > 0).all())
     x, y = row_log_variance.nan_to_num(0.0), col_log_variance.nan_to_num(0.0)
     rows0, cols0 = torch.isfinite(row_log_variance), torch.isfinite(col_log_variance)
-    if (
-        not positive_b
-    ):  # hubs: rows receiving a B arc from every pooled column, columns sending one to every row
+    if not positive_b:  # hubs: rows with a B arc from every pooled column, columns with one to every row
         hub_rows = (b > 0).logical_or(~cols0[None, :]).all(dim=1) & rows0
         hub_cols = (b > 0).logical_or(~rows0[:, None]).all(dim=0) & cols0
     rows, cols, partials, sums, checks = [], [], [], [], []
@@ -213,9 +211,8 @@ def streamed_first_order(
         sums.append(a.sum(dim=(1, 2)))
         if not positive_b:
             in_rows, in_cols = rows0[lo:hi, None], cols0[None, :]
-            rows[-1] = torch.stack(
-                [rows[-1], (pos & in_cols).any(dim=2)]
-            )  # any A arc; one into the component
+            # any A arc; an A arc into the component
+            rows[-1] = torch.stack([rows[-1], (pos & in_cols).any(dim=2)])
             cols[-1] = torch.stack([cols[-1], (pos & in_rows).any(dim=1)])
             lost = ((a0[lo:hi] > 0) & in_rows & in_cols & ~pos).flatten(1).any(dim=1)  # a pooled arc gone
             hub = (pos & hub_rows[lo:hi, None] & hub_cols[None, :]).flatten(1).any(dim=1)
