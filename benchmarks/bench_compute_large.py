@@ -141,7 +141,7 @@ def sweep(seed: int, repeats: int, quick: bool) -> list[dict]:
         sums = torch.stack(
             [
                 (h * (1 + 0.5 * torch.randn(shape, generator=g, dtype=torch.float64)) * 32).reshape(-1)
-                for _ in range(8)
+                for _ in range(NUM_SLOTS)
             ]
         )
         times: dict[str, list[float]] = {"held": [], "streamed": []}
