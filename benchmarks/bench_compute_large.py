@@ -7,9 +7,9 @@ about 31% negative entries, clipped) in ``R = 8`` replicate slots, each the diag
 ``1 + 0.5 N(0, 1)``, 32 samples per slot; the metric's state is filled by one ``update``. Reported:
 
 - ``compute()``: process CPU time, one intra-op thread (the first and only call of the process);
-- its peak memory above the resident memory before the call (``VmHWM`` after resetting it through
-  ``/proc/self/clear_refs``; Linux only), also as a multiple of the metric's ``(R, numel)`` float64
-  state;
+- its peak memory above the resident memory before the call
+  (:func:`benchmarks.common.peak_rss_delta_mib`: ``VmHWM`` reset through ``/proc/self/clear_refs``;
+  Linux only), also as a multiple of the metric's ``(R, numel)`` float64 state;
 - one pooled solve (``solve_normalized_sharpness`` of the pooled mean, the value ``compute()`` reports),
   timed after ``compute()`` in the same process, and the ratio (issue 9: ``compute() <= 2x``).
 
@@ -18,24 +18,30 @@ against streamed on the same slot sums, for linear and convolution shapes around
 ``STREAM_FROM`` (interleaved, medians of ``--repeats``, one process): the evidence for the
 threshold and its kernel factor.
 
-Every case runs in a fresh process (``--case NAME`` runs one and prints its JSON row), so that peak
-memory and first-touch page faults are those of one ``compute()``. Run ``python -m
-benchmarks.bench_compute_large`` from the repository root; ``--cases`` picks cases, ``--quick`` is a
+Every case runs in a fresh process (:func:`benchmarks.common.run_memory_worker`: ``--worker CASE SEED``,
+one thread, large buffers returned to the kernel when freed), so that peak memory and first-touch page
+faults are those of one ``compute()``. Run ``python -m benchmarks.bench_compute_large`` from the
+repository root; ``--cases`` picks cases, ``--quick`` is a
 smoke test, ``--json PATH`` writes the raw results (and a ``.md`` table beside it).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 
 import torch
 
 from benchmarks.bench_solver import machine, make_layer
-from benchmarks.common import REPO_ROOT, base_parser, setup, write_json_and_markdown
+from benchmarks.common import (
+    base_parser,
+    command_line,
+    peak_rss_delta_mib,
+    run_memory_worker,
+    setup,
+    write_json_and_markdown,
+)
 
 CASES = {
     "quick_512x256": (512, 256),
@@ -49,19 +55,6 @@ CASES = {
 # initialisation of VGG-16's 4096 x 25088 layer has: B = 0 there, the components need checking)
 ZEROS_SUFFIX = "_zeros"
 NUM_SLOTS = 8
-
-
-def _peak_mib_since_reset() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def run_case(name: str, seed: int) -> dict:
@@ -82,13 +75,15 @@ def run_case(name: str, seed: int) -> dict:
     metric.update({"w": groups}, {"w": w}, [32] * NUM_SLOTS)
     pooled = groups.mean(dim=0)
     del groups, h
-    before = _rss_mib()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    start = time.process_time()
-    out = metric.compute()
-    compute_s = time.process_time() - start
-    peak = _peak_mib_since_reset() - before
+    timed: dict = {}
+
+    def compute() -> None:
+        start = time.process_time()
+        timed["out"] = metric.compute()
+        timed["seconds"] = time.process_time() - start
+
+    peak = peak_rss_delta_mib(compute)
+    out, compute_s = timed["out"], timed["seconds"]
     start = time.process_time()
     solution = solve_normalized_sharpness(w, pooled)
     pooled_s = time.process_time() - start
@@ -210,46 +205,37 @@ def markdown(payload: dict) -> str:
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--worker":  # ``--worker CASE SEED``: one case in this (fresh) process
+        torch.set_num_threads(1)
+        print(json.dumps(run_case(argv[1], int(argv[2]))))
+        return {}
     p = base_parser(__doc__)
     p.add_argument("--cases", default="vgg_fc2_4096x4096,8192x4096,gpt2_vocabulary_50257x768")
-    p.add_argument("--case", default=None, help="run this one case in this process and print its JSON row")
     p.add_argument("--sweep", action="store_true", help="held against streamed tensor_measures, by shape")
     p.add_argument("--repeats", type=int, default=5, help="--sweep: interleaved repeats")
     args = p.parse_args(argv)
     setup(args)
-    command = " ".join(
-        ["python -m benchmarks.bench_compute_large"] + list(argv if argv is not None else sys.argv[1:])
-    )
+    command = command_line("benchmarks.bench_compute_large", argv)
     if args.sweep:
         payload = {"sweep": sweep(args.seed, 1 if args.quick else args.repeats, args.quick)}
         payload.update(command=command, machine=machine())
         print(sweep_markdown(payload))
         write_json_and_markdown(args.json, payload, sweep_markdown)
         return payload
-    if args.case is not None:
-        print(json.dumps(run_case(args.case, args.seed)))
-        return {}
-    names = ["quick_512x256"] if args.quick else args.cases.split(",")
     rows = []
-    for name in names:
-        cmd = [sys.executable, "-W", "ignore", "-m", "benchmarks.bench_compute_large", "--case", name]
-        cmd += ["--seed", str(args.seed), "--threads", str(args.threads)]
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
-        if done.returncode != 0:
-            rows.append({"case": name, "error": done.stderr[-2000:] or f"exit code {done.returncode}"})
-            print(f"{name}: failed ({done.returncode})", flush=True)
+    for name in ["quick_512x256"] if args.quick else args.cases.split(","):
+        r = {"case": name, **run_memory_worker("benchmarks.bench_compute_large", [name, str(args.seed)])}
+        rows.append(r)
+        if "error" in r:
+            print(f"{name}: failed ({r['error']})", flush=True)
             continue
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        r = rows[-1]
         print(
             f"{name}: compute {r['compute_s']:.2f} s, peak +{r['compute_peak_extra_mib']:.0f} MiB "
             f"({r['peak_over_state']:.2f}x state), pooled solve {r['pooled_solve_s']:.2f} s "
             f"({r['ratio']:.2f}x)",
             flush=True,
         )
-    command = " ".join(
-        ["python -m benchmarks.bench_compute_large"] + list(argv if argv is not None else sys.argv[1:])
-    )
     payload = {"rows": [r for r in rows if "error" not in r], "failed": [r for r in rows if "error" in r]}
     payload.update(command=command, machine=machine())
     print(markdown(payload))

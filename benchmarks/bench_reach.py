@@ -21,7 +21,14 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.common import base_parser, command_line, environment, setup, write_json_and_markdown
+from benchmarks.common import (
+    base_parser,
+    command_line,
+    environment,
+    estimator_path,
+    setup,
+    write_json_and_markdown,
+)
 from lightning_flatness.measure import measure_sharpness
 
 Builder = Callable[[], tuple[torch.nn.Module, tuple[str, int]]]
@@ -254,13 +261,11 @@ def measure(name: str, samples: int) -> dict[str, Any]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = measure_sharpness(model, _batches(spec, samples), num_replicates=2)
-        fallback = [str(w.message) for w in caught if "per-layer contractions do not apply" in str(w.message)]
         return {
             "status": "ok",
             "method": result.choice.method,
             "quantity": result.choice.quantity,
-            "path": "per-sample" if fallback else "per-layer",
-            "fallback": fallback[0][:300] if fallback else "",
+            **estimator_path(caught),
             "reason": result.choice.reason,
             "normalized": float(result.values["normalized"]),
             "weights": sum(p.numel() for p in model.parameters()),

@@ -17,8 +17,6 @@ Run: ``python -m benchmarks.bench_tied_lm --json benchmarks/results/bench_tied_l
 from __future__ import annotations
 
 import statistics
-import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,8 +24,15 @@ import torch
 import torch.nn.functional as F
 
 import lightning_flatness
-from benchmarks.common import base_parser, command_line, environment, setup, write_json_and_markdown
-from lightning_flatness.functional import hessian_diagonal, select_parameters
+from benchmarks.common import (
+    base_parser,
+    command_line,
+    environment,
+    setup,
+    timed_estimate,
+    write_json_and_markdown,
+)
+from lightning_flatness.functional import select_parameters
 from lightning_flatness.functional.estimators.method_choice import choose_method
 from lightning_flatness.functional.model_io import TokenLoss
 
@@ -114,26 +119,15 @@ def measure(name: str, samples: int, repeats: int) -> dict[str, Any]:
     loss = TokenLoss(F.cross_entropy, shift=True) if kind == "lm" else F.cross_entropy
     choice = choose_method(model, loss, inputs, target)
     params = select_parameters(model)
-    times, fallback, value = [], [], 0.0
-    for _ in range(repeats):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            start = time.perf_counter()
-            diag = hessian_diagonal(
-                model, loss, inputs, target, method=choice.method, generator=torch.Generator().manual_seed(1)
-            )
-            times.append(time.perf_counter() - start)
-        fallback = [str(w.message) for w in caught if "per-layer contractions do not apply" in str(w.message)]
-        value = float(sum(d.double().square().sum() for d in diag.values()))
+    runs = [timed_estimate(model, loss, inputs, target, choice.method) for _ in range(repeats)]
     return {
         "method": choice.method,
         "quantity": choice.quantity,
         "weights": sum(p.numel() for p in params.values()),
-        "path": "per-sample" if fallback else "per-layer",
-        "fallback": fallback[0][:300] if fallback else "",
-        "seconds": statistics.median(times),
-        "times": times,
-        "squared_norm": value,
+        **runs[-1][2],
+        "seconds": statistics.median(r[1] for r in runs),
+        "times": [r[1] for r in runs],
+        "squared_norm": float(sum(d.double().square().sum() for d in runs[-1][0].values())),
     }
 
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import functools
 import statistics
-import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +33,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_flatness
-from benchmarks.common import base_parser, command_line, environment, setup, write_json_and_markdown
-from lightning_flatness.functional import hessian_diagonal, select_parameters
+from benchmarks.common import (
+    base_parser,
+    command_line,
+    environment,
+    setup,
+    timed_estimate,
+    write_json_and_markdown,
+)
+from lightning_flatness.functional import select_parameters
 from lightning_flatness.functional.estimators.method_choice import choose_method
 
 SIZES = {"width": 64, "seq": 32, "samples": 64}
@@ -119,18 +124,6 @@ def _inputs(name: str, samples: int) -> tuple[Any, torch.Tensor]:
     return tokens, target
 
 
-def _estimate(model: nn.Module, method: str, inputs: Any, target: torch.Tensor) -> tuple[dict, float, list]:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        start = time.perf_counter()
-        diag = hessian_diagonal(
-            model, F.cross_entropy, inputs, target, method=method, generator=torch.Generator().manual_seed(1)
-        )
-        seconds = time.perf_counter() - start
-    fallback = [str(w.message) for w in caught if "per-layer contractions do not apply" in str(w.message)]
-    return diag, seconds, fallback
-
-
 def measure(name: str, samples: int, repeats: int) -> dict[str, Any]:
     torch.manual_seed(0)
     models = {"sequence-first": MODELS[name](batch_first=False).eval()}
@@ -142,14 +135,13 @@ def measure(name: str, samples: int, repeats: int) -> dict[str, Any]:
     diags = {}
     for layout, model in models.items():
         choice = choose_method(model, F.cross_entropy, few, few_target)
-        runs = [_estimate(model, choice.method, inputs, target) for _ in range(repeats)]
+        runs = [timed_estimate(model, F.cross_entropy, inputs, target, choice.method) for _ in range(repeats)]
         diags[layout] = runs[0][0]
         out[layout] = {
             "method": choice.method,
             "quantity": choice.quantity,
             "weights": sum(p.numel() for p in select_parameters(model).values()),
-            "path": "per-sample" if runs[0][2] else "per-layer",
-            "fallback": runs[0][2][0][:300] if runs[0][2] else "",
+            **runs[0][2],
             "seconds": statistics.median(r[1] for r in runs),
             "times": [r[1] for r in runs],
             "squared_norm": float(sum(d.double().square().sum() for d in runs[0][0].values())),

@@ -374,6 +374,38 @@ def interleaved_times(
     }
 
 
+#: What every per-layer estimator warns when it falls back to per-sample backward passes.
+PER_SAMPLE_FALLBACK = "per-layer contractions do not apply"
+
+
+def estimator_path(caught: Iterable[Any]) -> dict[str, str]:
+    """Which path an estimate took, from the warnings recorded around it
+    (``warnings.catch_warnings(record=True)``): ``{"path": "per-layer" or "per-sample", "fallback": the
+    fallback warning's first 300 characters, or ""}``."""
+    fallback = [str(w.message) for w in caught if PER_SAMPLE_FALLBACK in str(w.message)]
+    if not fallback:
+        return {"path": "per-layer", "fallback": ""}
+    return {"path": "per-sample", "fallback": fallback[0][:300]}
+
+
+def timed_estimate(
+    model: nn.Module, loss_fn: Callable[..., Tensor], inputs: Any, target: Tensor, method: str, seed: int = 1
+) -> tuple[dict[str, Tensor], float, dict[str, str]]:
+    """One ``hessian_diagonal`` estimate: the diagonal, its wall time and :func:`estimator_path`."""
+    import warnings
+
+    from lightning_flatness.functional import hessian_diagonal
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        start = time.perf_counter()
+        diag = hessian_diagonal(
+            model, loss_fn, inputs, target, method=method, generator=torch.Generator().manual_seed(seed)
+        )
+        seconds = time.perf_counter() - start
+    return diag, seconds, estimator_path(caught)
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

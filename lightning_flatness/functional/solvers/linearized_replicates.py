@@ -194,12 +194,13 @@ def streamed_first_order(
         ``(P,)`` bool covered (as :func:`linearizable`), ``(P,)`` the objective at the pooled minimiser
         over each replicate's component (meaningful where covered), ``(P,)`` each replicate's ``sum A``.
     """
-    positive_b = bool((b > 0).all())
+    arcs_b = b > 0
+    positive_b = bool(arcs_b.all())
     x, y = row_log_variance.nan_to_num(0.0), col_log_variance.nan_to_num(0.0)
     rows0, cols0 = torch.isfinite(row_log_variance), torch.isfinite(col_log_variance)
     if not positive_b:  # hubs: rows with a B arc from every pooled column, columns with one to every row
-        hub_rows = (b > 0).logical_or(~cols0[None, :]).all(dim=1) & rows0
-        hub_cols = (b > 0).logical_or(~rows0[:, None]).all(dim=0) & cols0
+        hub_rows = (arcs_b | ~cols0[None, :]).all(dim=1) & rows0
+        hub_cols = (arcs_b | ~rows0[:, None]).all(dim=0) & cols0
     rows, cols, partials, sums, checks = [], [], [], [], []
     for lo, hi, a, *_ in chunks:
         pos = a > 0
@@ -228,19 +229,20 @@ def streamed_first_order(
         covered, _ = _covered_positive_b(torch.cat(rows, dim=1), cols[0], a0)
         inside_cols = cols[0]
     else:
-        covered = _covered_zero_b(torch.cat(rows, dim=-1), cols[0], checks[0], b, rows0, cols0)
+        covered = _covered_zero_b(torch.cat(rows, dim=-1), cols[0], checks[0], arcs_b, rows0, cols0)
         covered &= num_components == 1
         inside_cols = cols0.expand_as(cols[0][0])
     return covered, (partials[0] * inside_cols.to(partials[0].dtype)).sum(dim=1), sums[0]
 
 
 def _covered_zero_b(
-    rows: Tensor, cols: Tensor, checks: Tensor, b: Tensor, rows0: Tensor, cols0: Tensor
+    rows: Tensor, cols: Tensor, checks: Tensor, arcs_b: Tensor, rows0: Tensor, cols0: Tensor
 ) -> Tensor:
     """:func:`streamed_first_order`'s test with some ``B`` zero: the replicate's component is the pooled one.
 
     ``rows`` ``(2, P, m)``: rows with an ``A`` arc, and with one into the pooled columns; ``cols`` likewise
-    ``(2, P, n)``; ``checks`` ``(2, P)``: a pooled arc lost, an ``A`` arc between a hub row and a hub column.
+    ``(2, P, n)``; ``checks`` ``(2, P)``: a pooled arc lost, an ``A`` arc between a hub row and a hub column;
+    ``arcs_b`` ``(m, n)``: ``B > 0``.
 
     No row or column outside the pooled component can join (outside it, those with an ``A`` arc have no
     ``B`` arc), every pooled row and column keeps an ``A`` arc within it, and the component stays strongly
@@ -248,7 +250,7 @@ def _covered_zero_b(
     to every pooled row) and a hub row ``i*`` (``B`` arcs from every pooled column) with ``A_r[i*, j*] >
     0`` join every row (``i ->A-> j ->B-> i* ->A-> j* ->B-> i``) and every column (through ``i*``).
     """
-    rows_b, cols_b = (b > 0).any(dim=1), (b > 0).any(dim=0)
+    rows_b, cols_b = arcs_b.any(dim=1), arcs_b.any(dim=0)
     covered = ((rows[0] & rows_b) == rows0).all(dim=1) & ((cols[0] & cols_b) == cols0).all(dim=1)
     covered &= (rows[1] | ~rows0).all(dim=1) & (cols[1] | ~cols0).all(dim=1)
     return covered & (~checks[0] | checks[1])
