@@ -20,10 +20,9 @@ size; an LM vocabulary, a VGG head) are streamed with the same values: the poole
 formed (three ``(m, n)`` matrices) and solved one at a time, then the leave-one-out first-order
 values from a second pass over the slot sums
 (:func:`~lightning_flatness.functional.solvers.linearized_replicates.streamed_first_order`). Held in
-memory, the ``P`` matrices and the batch of three cost about 23 copies of ``(m, n)`` float64,
-several times the metric's state of a linear layer; streamed, about one state's worth. From about
-``256 x 512`` the one-at-a-time solves are also faster than the batch (measured:
-``benchmarks/RESULTS.md``, round 10).
+memory, the ``P`` matrices and the solver's buffers for the batch of three are several times the
+tensor's share of the metric's state; streamed, about one share. Where the one-at-a-time solves are
+also faster than the batch, and so the threshold: ``benchmarks/RESULTS.md``, round 10.
 """
 
 from __future__ import annotations
@@ -181,7 +180,7 @@ def _weight_coefficients(weight: Tensor, lam: float) -> tuple[Tensor, Tensor]:
 
 def streamed(shape: tuple) -> bool:
     """Whether :func:`tensor_measures` streams a weight of ``shape`` ``(m, n, *kernel)``: from ``m n >=
-    STREAM_FROM * kernel``. The streamed path holds three ``(m, n)`` matrices instead of about 23 and
+    STREAM_FROM * kernel``. The streamed path holds three ``(m, n)`` matrices instead of ``P`` and
     solves one problem at a time, but reads the ``(R, numel)`` slot sums twice: with a kernel the
     second read costs ``kernel`` times more per coefficient, and the held matrices are already small
     beside the state (measured: ``benchmarks/RESULTS.md``, round 10)."""
@@ -193,7 +192,7 @@ def _streamed_values(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`tensor_measures`'s eq. 17 values, ``sum A`` and trace ``(P,)`` of a weight it streams
     (:func:`streamed`), holding at most three ``(m, n)`` coefficient matrices and solving one problem at a
-    time (not ``P`` matrices and a batch of three: about 23 copies of ``(m, n)`` float64 at the peak).
+    time (not ``P`` matrices and a batch of three).
 
     The pooled mean and the halves are formed in one pass over the slot sums and solved one by one; the
     first-order leave-one-out values
