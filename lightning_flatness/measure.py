@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from lightning_flatness.batch_split import split_batch as default_split_batch
 from lightning_flatness.functional.estimators import hessian_diagonal_groups
 from lightning_flatness.functional.estimators.method_choice import MethodChoice, choose_method
+from lightning_flatness.functional.loss_forms import loss_for_outputs, standard_loss
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.model_io import TokenLoss, call_model, inputs_batch_size, select_samples
 from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
@@ -46,12 +47,19 @@ def resolve_loss(loss_fn: LossFn, model: nn.Module, logits: Tensor, target: Tens
     """``loss_fn`` as it applies to this model's outputs: wrapped in a
     :class:`~lightning_flatness.functional.model_io.TokenLoss` (mean over non-ignored tokens, ``-100``
     ignored, shifted by one for causal LMs) when the logits are ``(N, T, V)`` and the target ``(N, T)``
-    class indices; unchanged otherwise (or when it already is a ``TokenLoss``)."""
-    if isinstance(loss_fn, TokenLoss) or logits.ndim != 3:
-        return loss_fn
-    if target.ndim == 2 and target.shape[0] == logits.shape[0] and not target.is_floating_point():
-        return TokenLoss(loss_fn, shift=is_causal_lm(model))
-    return loss_fn
+    class indices (unless it already is a ``TokenLoss``); then in its standard form
+    (:func:`~lightning_flatness.functional.loss_forms.loss_for_outputs`: ``nn.CrossEntropyLoss()`` is
+    ``F.cross_entropy``, ``F.nll_loss`` on log-probabilities is ``F.cross_entropy``, and on anything else
+    an error)."""
+    if (
+        not isinstance(loss_fn, TokenLoss)
+        and logits.ndim == 3
+        and target.ndim == 2
+        and target.shape[0] == logits.shape[0]
+        and not target.is_floating_point()
+    ):
+        loss_fn = TokenLoss(loss_fn, shift=is_causal_lm(model))
+    return loss_for_outputs(loss_fn, logits)
 
 
 @dataclass
@@ -104,8 +112,8 @@ class SharpnessMeasurement:
         relative_step: finite differences only (Appendix C).
         choice: a choice made earlier (e.g. in a dry run); skips ``choose_method``.
         resolve_sequence_loss: look at the first batch's output to wrap ``loss_fn`` for sequence
-            outputs (:func:`resolve_loss`; one forward pass on two samples). ``False`` when the caller
-            has resolved it already, as the callback does once per run.
+            outputs and settle ``F.nll_loss`` (:func:`resolve_loss`; one forward pass on two samples).
+            ``False`` when the caller has resolved it already, as the callback does once per run.
     """
 
     def __init__(
@@ -127,7 +135,7 @@ class SharpnessMeasurement:
         resolve_sequence_loss: bool = True,
     ) -> None:
         self.model = model
-        self.loss_fn: LossFn = normalized_softmax_cross_entropy if loss_fn is None else loss_fn
+        self.loss_fn: LossFn = normalized_softmax_cross_entropy if loss_fn is None else standard_loss(loss_fn)
         self.method = method
         self.parameters = parameters
         self.num_probes = num_probes

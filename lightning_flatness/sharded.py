@@ -99,6 +99,7 @@ from torch import Tensor, nn
 
 from lightning_flatness.batch_split import split_batch as default_split_batch
 from lightning_flatness.functional.estimators.exact import _loss_factors
+from lightning_flatness.functional.loss_forms import loss_for_outputs
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.measures import MEASURES, measure_totals
 from lightning_flatness.functional.model_io import call_model, inputs_batch_size
@@ -329,7 +330,7 @@ class ShardedSharpnessMeasurement:
                 f"the forward pass did not call {missing}; measure only the weights the model uses."
             )
         if n > 0:
-            factors, signs, _, issues = _loss_factors(self.loss_fn, logits, target)
+            factors, signs, _, issues = _loss_factors(loss_for_outputs(self.loss_fn, logits), logits, target)
             if issues:
                 raise ValueError("; ".join(issues) + ".")
         else:  # an empty share still takes part in FSDP's collectives

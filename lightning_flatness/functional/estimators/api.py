@@ -9,7 +9,14 @@ import torch
 from torch import Tensor, nn
 
 from lightning_flatness.functional.estimators.registry import ESTIMATORS, EstimatorSpec
-from lightning_flatness.functional.model_io import TokenLoss, inputs_batch_size, split_samples
+from lightning_flatness.functional.loss_forms import loss_for_outputs, needs_outputs, standard_loss
+from lightning_flatness.functional.model_io import (
+    TokenLoss,
+    call_model,
+    inputs_batch_size,
+    select_samples,
+    split_samples,
+)
 from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
 
 __all__ = [
@@ -87,6 +94,17 @@ def estimator_spec(method: str) -> EstimatorSpec:
         raise ValueError(f"unknown method {method!r}; choose one of {tuple(ESTIMATORS)}.") from None
 
 
+def _settled_loss(model: nn.Module, loss_fn: LossFn, inputs: Any) -> LossFn:
+    """``loss_fn`` in the form the estimators know (:mod:`~lightning_flatness.functional.loss_forms`);
+    for ``F.nll_loss``, checked on the outputs of two samples (one extra forward pass without gradient)."""
+    if not needs_outputs(loss_fn):
+        return standard_loss(loss_fn)
+    n = inputs_batch_size(inputs)
+    with torch.no_grad():
+        outputs = call_model(model, select_samples(inputs, slice(0, min(n, 2)), n))
+    return loss_for_outputs(loss_fn, outputs)
+
+
 def hessian_diagonal_groups(
     model: nn.Module,
     loss_fn: LossFn,
@@ -119,6 +137,7 @@ def hessian_diagonal_groups(
     """
     spec = estimator_spec(method)
     _check_inputs(inputs, target, num_groups)
+    loss_fn = _settled_loss(model, loss_fn, inputs)
     params = select_parameters(model, parameters)
     if spec.splits_probes and (not isinstance(num_probes, int) or num_probes < 1 or num_probes % num_groups):
         raise ValueError(

@@ -22,6 +22,7 @@ network and contracts ``sum_k s_nk (J_n^T c_nk)^2``; the number of columns is th
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -74,6 +75,7 @@ def _per_sample_loss_hessians(
             )
     (grad,) = torch.autograd.grad(total.reshape(()), f, create_graph=True)
     if not grad.requires_grad:  # loss linear in the logits
+        _warn_linear_loss()
         return torch.zeros(n, dim, dim, dtype=logits.dtype, device=logits.device), grad.detach(), issues
     basis = torch.eye(dim, dtype=logits.dtype, device=logits.device).reshape(dim, 1, *logits.shape[1:])
     basis = basis.expand(dim, *logits.shape)
@@ -97,7 +99,20 @@ def _per_sample_loss_hessians(
             ]
         )
     hessians = n * rows.reshape(dim, n, dim).transpose(0, 1)  # [n, j, :] = d^2 l_n / df_nj df_n
+    if not hessians.any():
+        _warn_linear_loss()
     return 0.5 * (hessians + hessians.transpose(1, 2)), grad.detach(), issues
+
+
+def _warn_linear_loss() -> None:
+    warnings.warn(
+        "`loss_fn` has zero curvature in the model's outputs on this batch (it is linear in them, as "
+        "nll_loss is on log-probabilities that the model computes): its Gauss-Newton matrix is zero, so a "
+        "Gauss-Newton estimate is zero and a Hessian estimate is the network's own curvature alone. "
+        "Pass `F.nll_loss` or `nn.NLLLoss()` itself (recognised on log-probabilities: "
+        "lightning_flatness.functional.loss_forms), or `F.cross_entropy` on logits.",
+        stacklevel=3,
+    )
 
 
 def _loss_factors(

@@ -59,6 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_flatness.functional.estimators.registry import ESTIMATORS
+from lightning_flatness.functional.loss_forms import standard_loss
 from lightning_flatness.functional.loss_hessian_factors import LOSS_HESSIAN_STRUCTURES
 from lightning_flatness.functional.model_io import inputs_batch_size, select_samples
 from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
@@ -156,6 +157,7 @@ def choose_method(
     Returns:
         :class:`MethodChoice` with the method, what it estimates, and the reason in one sentence.
     """
+    loss_fn = standard_loss(loss_fn)
     params = select_parameters(model, parameters)
     n = inputs_batch_size(inputs)
     few = select_samples(inputs, slice(0, min(n, 2)), n)

@@ -1,0 +1,108 @@
+r"""The forms in which users pass the standard classification losses, reduced to the one the
+estimators know.
+
+The closed-form loss Hessians of :mod:`~lightning_flatness.functional.loss_hessian_factors` and
+:mod:`.estimators.loss_factors` are registered for ``F.cross_entropy``; a loss they do not know takes
+the autograd fallback, whose cost grows with the number of outputs (``O(K)`` backward passes through
+the loss and an ``O(K^3)`` eigendecomposition per sample). Two common forms of the same losses would
+take it needlessly, and one would measure nothing:
+
+- ``nn.CrossEntropyLoss()`` and ``nn.NLLLoss()`` (the module forms, at their default options:
+  no class weights, ``ignore_index=-100``, mean reduction, no label smoothing) are their functional
+  forms (:func:`standard_loss`). Other options keep the module (autograd fallback, exact but slower).
+- ``F.nll_loss`` on log-probabilities ``o = log_softmax(z)`` (PyTorch's MNIST and word-language-model
+  examples end their networks with ``log_softmax``) is *linear* in ``o``: its Hessian in the model's
+  outputs is zero, so every Gauss-Newton diagonal split at the outputs is zero. On log-probabilities
+  ``F.cross_entropy(o, y) = -log_softmax(o)_y = -o_y = F.nll_loss(o, y)`` for *every* weight (the
+  rows of ``o`` stay normalised), so the two losses are the same function of the weights, with the
+  same Hessian; and the Gauss-Newton matrix of ``F.cross_entropy`` at ``o`` is the usual one at the
+  logits ``z``: with ``p = softmax(z) = exp(o)`` and ``J_o = (I - 1 p^T) J_z``,
+  ``J_o^T (diag p - p p^T) J_o = J_z^T (diag p - p p^T) J_z`` because ``(diag p - p p^T) 1 = 0``
+  (:func:`loss_for_outputs`). On outputs that are not log-probabilities ``F.nll_loss`` breaks its own
+  contract and is rejected with an error naming the fix.
+
+Cost: a ``logsumexp`` over the outputs of the batch the check sees (two samples at the front doors).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_flatness.functional.model_io import TokenLoss
+
+__all__ = ["are_log_probabilities", "loss_for_outputs", "needs_outputs", "standard_loss"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+#: Module losses that are their functional form at their default options.
+_FUNCTIONAL_FORMS: dict[type, LossFn] = {nn.CrossEntropyLoss: F.cross_entropy, nn.NLLLoss: F.nll_loss}
+
+
+def _at_defaults(loss: nn.Module) -> bool:
+    return (
+        getattr(loss, "weight", None) is None
+        and getattr(loss, "ignore_index", -100) == -100
+        and getattr(loss, "reduction", "mean") == "mean"
+        and getattr(loss, "label_smoothing", 0.0) == 0.0
+    )
+
+
+def standard_loss(loss_fn: LossFn) -> LossFn:
+    """``loss_fn`` with the module forms ``nn.CrossEntropyLoss()`` / ``nn.NLLLoss()`` at their default
+    options replaced by ``F.cross_entropy`` / ``F.nll_loss`` (inside a
+    :class:`~lightning_flatness.functional.model_io.TokenLoss` too); anything else unchanged. Needs no
+    outputs."""
+    if isinstance(loss_fn, TokenLoss):
+        base = standard_loss(loss_fn.base)
+        return loss_fn if base is loss_fn.base else TokenLoss(base, loss_fn.shift, loss_fn.ignore_index)
+    form = _FUNCTIONAL_FORMS.get(type(loss_fn))
+    return form if form is not None and _at_defaults(loss_fn) else loss_fn  # type: ignore[arg-type]
+
+
+def needs_outputs(loss_fn: LossFn) -> bool:
+    """Whether :func:`loss_for_outputs` must see the model's outputs to settle ``loss_fn`` (it is, or
+    wraps, ``F.nll_loss``)."""
+    loss_fn = standard_loss(loss_fn)
+    return (loss_fn.base if isinstance(loss_fn, TokenLoss) else loss_fn) is F.nll_loss
+
+
+def are_log_probabilities(outputs: Tensor, dim: int) -> bool:
+    """Whether every ``outputs`` slice along ``dim`` is a log-probability vector: ``logsumexp`` within
+    ``max(1e-4, 16 eps)`` of 0 (``eps`` of the outputs' dtype: rounding of a ``log_softmax``)."""
+    if outputs.ndim == 0 or outputs.numel() == 0 or not outputs.is_floating_point():
+        return False
+    tol = max(1e-4, 16 * torch.finfo(outputs.dtype).eps)
+    total = torch.logsumexp(outputs.detach().to(torch.float64), dim)
+    return bool(torch.isfinite(total).all() and total.abs().max() <= tol)
+
+
+def loss_for_outputs(loss_fn: LossFn, outputs: Tensor) -> LossFn:
+    """:func:`standard_loss`, with ``F.nll_loss`` on log-probabilities replaced by ``F.cross_entropy``
+    (the same function of the weights; see the module docstring).
+
+    Args:
+        loss_fn: the loss as given, or a ``TokenLoss`` around it.
+        outputs: the model's outputs on a few samples: ``(N, K, ...)`` with classes along dim 1, or
+            ``(N, T, V)`` with classes along the last dim when ``loss_fn`` is a ``TokenLoss``.
+
+    Raises:
+        ValueError: ``F.nll_loss`` on outputs that are not log-probabilities (it is linear in them,
+            so its Gauss-Newton matrix is zero): the message names the fix.
+    """
+    loss_fn = standard_loss(loss_fn)
+    if not needs_outputs(loss_fn):
+        return loss_fn
+    token = isinstance(loss_fn, TokenLoss)
+    dim = -1 if token else 1
+    if outputs.ndim < 2 or not are_log_probabilities(outputs, dim):
+        raise ValueError(
+            "the loss is `F.nll_loss` (or `nn.NLLLoss`), but the model's outputs are not log-probabilities "
+            f"along dim {dim} (their logsumexp is not 0): nll_loss is then linear in the outputs, so its "
+            "Gauss-Newton matrix is zero and the measures mean nothing. End the model with "
+            "`log_softmax`, or pass `loss_fn=F.cross_entropy` for a model that returns logits."
+        )
+    return TokenLoss(F.cross_entropy, loss_fn.shift, loss_fn.ignore_index) if token else F.cross_entropy

@@ -1,0 +1,175 @@
+"""The standard losses in the forms users pass them: ``nn.CrossEntropyLoss()``, ``nn.NLLLoss()`` and
+``F.nll_loss`` on log-probabilities (PyTorch's MNIST and word-language-model examples), against
+brute-force float64 Hessians and Gauss-Newton matrices."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from callback_models import MLP, DataModule, quiet_trainer
+from oracles import assert_relative_close, brute_force_ggn_diagonal, brute_force_hessian_diagonal
+from torch import nn
+
+from lightning_flatness import SharpnessMonitor
+from lightning_flatness.functional import hessian_diagonal
+from lightning_flatness.functional.estimators.method_choice import choose_method
+from lightning_flatness.functional.loss_forms import loss_for_outputs, needs_outputs, standard_loss
+from lightning_flatness.functional.model_io import TokenLoss
+from lightning_flatness.measure import measure_sharpness
+
+
+class LogSoftmaxNet(nn.Module):
+    """A ReLU MLP whose forward ends in ``log_softmax`` (as PyTorch's MNIST example), or returns the
+    logits."""
+
+    def __init__(self, classes: int = 5, log_probabilities: bool = True) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 7), nn.ReLU(), nn.Linear(7, classes))
+        self.log_probabilities = log_probabilities
+
+    def forward(self, x):
+        z = self.body(x)
+        return F.log_softmax(z, dim=1) if self.log_probabilities else z
+
+
+def _data(n=12, classes=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g)
+
+
+def test_module_forms_at_default_options_are_their_functional_forms():
+    assert standard_loss(nn.CrossEntropyLoss()) is F.cross_entropy
+    assert standard_loss(nn.NLLLoss()) is F.nll_loss
+    token = standard_loss(TokenLoss(nn.CrossEntropyLoss(), shift=True, ignore_index=-7))
+    assert isinstance(token, TokenLoss) and token.base is F.cross_entropy
+    assert token.shift and token.ignore_index == -7
+    for kept in (
+        nn.CrossEntropyLoss(label_smoothing=0.1),
+        nn.CrossEntropyLoss(weight=torch.ones(5)),
+        nn.CrossEntropyLoss(ignore_index=0),
+        nn.NLLLoss(reduction="sum"),
+        nn.MSELoss(),
+        F.mse_loss,
+    ):
+        assert standard_loss(kept) is kept  # other options: the module itself (autograd fallback)
+
+    class Custom(nn.CrossEntropyLoss):  # a subclass may change forward: never replaced
+        pass
+
+    custom = Custom()
+    assert standard_loss(custom) is custom
+    assert needs_outputs(nn.NLLLoss()) and needs_outputs(TokenLoss(F.nll_loss))
+    assert not needs_outputs(nn.CrossEntropyLoss()) and not needs_outputs(lambda o, t: F.nll_loss(o, t))
+
+
+def test_nll_on_log_probabilities_is_cross_entropy_and_on_anything_else_an_error():
+    x, y = _data()
+    net = LogSoftmaxNet().double()
+    out = net(x)
+    assert loss_for_outputs(F.nll_loss, out) is F.cross_entropy
+    assert loss_for_outputs(nn.NLLLoss(), out) is F.cross_entropy
+    assert torch.allclose(F.cross_entropy(out, y), F.nll_loss(out, y), rtol=1e-14, atol=0)
+    # (N, T, V) log-probabilities of a token loss: classes along the last dim
+    seq = torch.log_softmax(torch.randn(2, 3, 4, dtype=torch.float64), dim=-1)
+    token = loss_for_outputs(TokenLoss(F.nll_loss, shift=True), seq)
+    assert isinstance(token, TokenLoss) and token.base is F.cross_entropy and token.shift
+    with pytest.raises(ValueError, match="not log-probabilities along dim 1.*log_softmax"):
+        loss_for_outputs(F.nll_loss, net.body(x))  # raw logits
+    with pytest.raises(ValueError, match="not log-probabilities along dim -1"):
+        loss_for_outputs(TokenLoss(nn.NLLLoss()), torch.randn(2, 3, 4))
+    assert loss_for_outputs(F.mse_loss, out) is F.mse_loss
+
+
+@pytest.mark.parametrize("loss_fn", [F.nll_loss, nn.NLLLoss()], ids=["F.nll_loss", "nn.NLLLoss"])
+def test_gauss_newton_of_nll_on_log_probabilities_is_the_cross_entropy_one_at_the_logits(loss_fn):
+    """Before: ``Lambda = 0`` in the log-probabilities, every Gauss-Newton estimate 0. Now: the brute-force
+    ``J_z^T (diag p - p p^T) J_z`` at the logits ``z``, which on this ReLU net is also the brute-force
+    Hessian diagonal of the nll loss."""
+    x, y = _data()
+    net = LogSoftmaxNet().double()
+    names = [n for n, p in net.named_parameters() if p.ndim >= 2]
+    logits_net = copy.deepcopy(net)
+    logits_net.log_probabilities = False
+    ggn_at_logits = brute_force_ggn_diagonal(logits_net, F.cross_entropy, x, y, names)
+    hessian = brute_force_hessian_diagonal(net, F.nll_loss, x, y, names)
+    assert_relative_close(hessian, ggn_at_logits, tol=1e-12)
+    est = hessian_diagonal(net, loss_fn, x, y, method="gauss_newton", parameters=names)
+    assert_relative_close(est, ggn_at_logits, tol=1e-12)
+    # the sketch mixes the same loss Hessian's structure with random signs: unbiased, so many sketches
+    # come close (one sketch is within about 60% per tensor here)
+    g = torch.Generator().manual_seed(0)
+    est = hessian_diagonal(
+        net, loss_fn, x, y, method="gauss_newton_sketch", parameters=names, num_sketches=400, generator=g
+    )
+    for n in names:
+        err = float((est[n] - ggn_at_logits[n]).norm() / ggn_at_logits[n].norm())
+        assert err < 0.1, (n, err)
+
+
+def test_a_loss_linear_in_the_outputs_warns_that_its_gauss_newton_matrix_is_zero():
+    x, y = _data()
+    net = LogSoftmaxNet().double()
+
+    def wrapped_nll(out, target):  # an opaque wrapper: not recognised
+        return F.nll_loss(out.reshape(-1, out.shape[-1]), target.reshape(-1))
+
+    with pytest.warns(UserWarning, match="zero curvature in the model's outputs"):
+        est = hessian_diagonal(net, wrapped_nll, x, y, method="gauss_newton")
+    assert all(not e.any() for e in est.values())
+
+
+def test_cross_entropy_module_takes_the_closed_form_path_at_many_classes():
+    """``nn.CrossEntropyLoss()`` took the autograd fallback (an O(K^3) eigendecomposition per sample) and
+    ``auto`` chose Monte-Carlo columns; now both are those of ``F.cross_entropy``."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 300))
+    x, y = torch.randn(8, 6), torch.randint(0, 300, (8,))
+    module_choice = choose_method(net, nn.CrossEntropyLoss(), x, y)
+    assert module_choice == choose_method(net, F.cross_entropy, x, y)
+    assert module_choice.method == "gauss_newton_sketch"
+    a = hessian_diagonal(net, nn.CrossEntropyLoss(), x, y, method="gauss_newton")
+    b = hessian_diagonal(net, F.cross_entropy, x, y, method="gauss_newton")
+    for n in a:
+        assert torch.equal(a[n], b[n])
+
+
+def test_measure_sharpness_with_nll_equals_cross_entropy_on_the_logits_model():
+    x, y = _data(n=32)
+    net = LogSoftmaxNet().double()
+    logits_net = copy.deepcopy(net)
+    logits_net.log_probabilities = False
+    batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 32, 8)]
+    nll = measure_sharpness(net, batches, loss_fn=nn.NLLLoss(), method="gauss_newton", num_replicates=4)
+    ce = measure_sharpness(
+        logits_net, batches, loss_fn=F.cross_entropy, method="gauss_newton", num_replicates=4
+    )
+    for key in ("normalized", "matrix_normalized", "hessian_trace", "normalized_stderr"):
+        assert float(ce[key]) > 0
+        assert math.isclose(float(nll[key]), float(ce[key]), rel_tol=1e-10), key
+    with pytest.raises(ValueError, match="not log-probabilities"):
+        measure_sharpness(logits_net, batches, loss_fn=F.nll_loss, num_replicates=4)
+
+
+def test_monitor_with_nll_on_logits_fails_at_fit_start_and_on_log_probabilities_measures():
+    model = MLP()  # returns logits
+    with pytest.raises(RuntimeError, match=r"dry run .*not log-probabilities.*log_softmax"):
+        quiet_trainer([SharpnessMonitor(num_samples=32, loss_fn=F.nll_loss)], max_epochs=1).fit(
+            model, DataModule()
+        )
+    assert model.training_steps == 0
+
+    class LogProbabilityMLP(MLP):
+        def forward(self, x):
+            return F.log_softmax(super().forward(x), dim=1)
+
+    torch.manual_seed(0)
+    monitor = SharpnessMonitor(num_samples=32, loss_fn=nn.NLLLoss())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quiet_trainer([monitor], max_epochs=1).fit(LogProbabilityMLP(), DataModule())
+    assert monitor.history and monitor.history[-1]["normalized"] > 0
