@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_flatness.functional.model_io import compiled_code_eager
+
 __all__ = ["preserved_rng_states", "gradient_enabled", "measurement_view", "autograd_tensor", "resolve_dtype"]
 
 _DTYPES = {
@@ -120,6 +122,9 @@ def measurement_view(module: nn.Module, dtype: torch.dtype) -> Iterator[nn.Modul
       running statistics, an affine map, so the network is a deterministic function of its weights
       and stays linear in each weight). The flags are set directly, without calling ``train()``
       overrides, and each is put back as it was (a module the user left in train mode stays so);
+    - code compiled with ``torch.compile`` runs eagerly
+      (:func:`~lightning_flatness.functional.model_io.compiled_code_eager`: no recompilation, the
+      training run's compile cache untouched);
     - floating parameters and buffers whose dtype is not ``dtype`` (16-bit training) are replaced by
       cast copies (new ``nn.Parameter`` objects with the same ``requires_grad``; a parameter or
       module registered under several names gets one copy); tensors already in ``dtype`` are the
@@ -163,7 +168,8 @@ def measurement_view(module: nn.Module, dtype: torch.dtype) -> Iterator[nn.Modul
                         casts[id(tensor)] = cast
                     slots.append((entries, name, tensor))
                     entries[name] = casts[id(tensor)]
-        yield module
+        with compiled_code_eager():
+            yield module
     finally:
         for entries, name, tensor in slots:
             entries[name] = tensor

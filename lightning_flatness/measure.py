@@ -25,7 +25,13 @@ from lightning_flatness.functional.estimators import hessian_diagonal_groups
 from lightning_flatness.functional.estimators.method_choice import MethodChoice, choose_method
 from lightning_flatness.functional.loss_forms import loss_for_outputs, standard_loss
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
-from lightning_flatness.functional.model_io import TokenLoss, call_model, inputs_batch_size, select_samples
+from lightning_flatness.functional.model_io import (
+    TokenLoss,
+    call_model,
+    compiled_code_eager,
+    inputs_batch_size,
+    select_samples,
+)
 from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
 from lightning_flatness.metric import NormalizedSharpness, all_finite
 
@@ -197,6 +203,7 @@ class SharpnessMeasurement:
                 torch.isfinite(self.loss_fn(logits, target)).all()
             )
 
+    @compiled_code_eager()
     def add(self, inputs: Any, target: Tensor) -> bool:
         """Estimate on one batch and pool it; ``False`` (nothing pooled) when the loss or the estimate is
         NaN or infinite. Other errors of the estimator are raised."""

@@ -13,6 +13,7 @@ from lightning_flatness.functional.loss_forms import loss_for_outputs, needs_out
 from lightning_flatness.functional.model_io import (
     TokenLoss,
     call_model,
+    compiled_code_eager,
     inputs_batch_size,
     select_samples,
     split_samples,
@@ -105,6 +106,7 @@ def _settled_loss(model: nn.Module, loss_fn: LossFn, inputs: Any) -> LossFn:
     return loss_for_outputs(loss_fn, outputs)
 
 
+@compiled_code_eager()
 def hessian_diagonal_groups(
     model: nn.Module,
     loss_fn: LossFn,

@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from lightning_flatness.functional.estimators.registry import ESTIMATORS
 from lightning_flatness.functional.loss_forms import standard_loss
 from lightning_flatness.functional.loss_hessian_factors import LOSS_HESSIAN_STRUCTURES
-from lightning_flatness.functional.model_io import inputs_batch_size, select_samples
+from lightning_flatness.functional.model_io import compiled_code_eager, inputs_batch_size, select_samples
 from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
 
 __all__ = ["MAX_EXACT_OUTPUTS", "SKETCH_MIN_WORK", "MethodChoice", "choose_method", "gauss_newton_blockers"]
@@ -133,6 +133,7 @@ def gauss_newton_blockers(
     return list(forward.issues)
 
 
+@compiled_code_eager()
 def choose_method(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
