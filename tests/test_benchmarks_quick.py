@@ -301,3 +301,24 @@ def test_vgg16_measurement_quick_measures_a_vgg_with_a_small_classifier(tmp_path
     assert out["error"] is None and out["method"] == "gauss_newton_sketch"
     assert _finite(out["normalized"], out["normalized_stderr"], out["peak_rss_gib"])
     assert out["largest_weight"] == [512, 512, 3, 3]
+
+
+def test_loss_forms_quick_measure_nonzero_and_the_compiled_model_compiles_nothing(tmp_path):
+    from benchmarks import bench_loss_forms
+
+    out = tmp_path / "loss_forms.json"
+    results = bench_loss_forms.main(
+        ["--quick", "--repeats", "1", "--compile-backend", "eager", "--json", str(out)]
+    )
+    rows = {(r["model"], r["loss_fn"]): r for r in results["rows"]}
+    assert len(rows) == 7 and all(r["normalized"] > 0 and _finite(r["normalized"]) for r in rows.values())
+    # the module form is the functional one: same method and, with the same weights and seed, the same value
+    a, b = (
+        rows[("MLP, 1000 classes", "F.cross_entropy")],
+        rows[("MLP, 1000 classes", "nn.CrossEntropyLoss()")],
+    )
+    assert a["method"] == b["method"] == "gauss_newton_sketch" and a["normalized"] == b["normalized"]
+    compiled = results["compiled"]
+    assert compiled["graphs_compiled_by_measurements"] == 0
+    assert compiled["normalized"] == compiled["normalized_eager_model"]
+    assert "| word-LM LSTM" in out.with_suffix(".md").read_text()
