@@ -1016,6 +1016,9 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
             iterated at every evaluation; pass an unsharded loader under DDP).
         loss_fn: ``(logits, target) -> mean loss``; default
             :func:`~lightning_flatness.functional.normalized_softmax_cross_entropy`.
+            ``nn.CrossEntropyLoss()`` and ``nn.NLLLoss()`` are read as their functional forms, and
+            ``F.nll_loss`` on a model that ends in ``log_softmax`` as ``F.cross_entropy`` on its
+            log-probabilities (:mod:`~lightning_flatness.functional.loss_forms`).
         parameters: which tensors count: ``None`` (the default of
             :func:`~lightning_flatness.functional.select_parameters`: every tensor with ``ndim >= 2``
             that requires grad except additive offsets such as position embeddings and class tokens,

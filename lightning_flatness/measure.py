@@ -101,7 +101,9 @@ class SharpnessMeasurement:
         model: the network, called on ``inputs`` as
             :func:`~lightning_flatness.functional.model_io.call_model` does.
         loss_fn: ``(logits, target) -> mean loss``; default the normalized-softmax-cross-entropy of
-            eq. 20-22. For ``(N, T, V)`` outputs it is applied per token (:func:`resolve_loss`).
+            eq. 20-22. For ``(N, T, V)`` outputs it is applied per token; ``nn.CrossEntropyLoss()``,
+            ``nn.NLLLoss()`` and ``F.nll_loss`` on log-probabilities take their standard forms
+            (:func:`resolve_loss`).
         method: ``"auto"`` (see :func:`choose_method`) or a registered estimator name.
         parameters: which weight tensors count (:func:`select_parameters`).
         lam: lambda of eq. 17.

@@ -17,10 +17,21 @@ from torch import nn
 
 from lightning_flatness import SharpnessMonitor
 from lightning_flatness.functional import hessian_diagonal
+from lightning_flatness.functional.estimators.exact import gauss_newton_diagonal
 from lightning_flatness.functional.estimators.method_choice import choose_method
-from lightning_flatness.functional.loss_forms import loss_for_outputs, needs_outputs, standard_loss
+from lightning_flatness.functional.loss_forms import (
+    LabelSmoothedCrossEntropy,
+    hessian_twin,
+    loss_for_outputs,
+    needs_outputs,
+    standard_loss,
+)
 from lightning_flatness.functional.model_io import TokenLoss
 from lightning_flatness.measure import measure_sharpness
+
+
+def _smoothed(z, y):
+    return F.cross_entropy(z, y, label_smoothing=0.1)
 
 
 class LogSoftmaxNet(nn.Module):
@@ -49,7 +60,6 @@ def test_module_forms_at_default_options_are_their_functional_forms():
     assert isinstance(token, TokenLoss) and token.base is F.cross_entropy
     assert token.shift and token.ignore_index == -7
     for kept in (
-        nn.CrossEntropyLoss(label_smoothing=0.1),
         nn.CrossEntropyLoss(weight=torch.ones(5)),
         nn.CrossEntropyLoss(ignore_index=0),
         nn.NLLLoss(reduction="sum"),
@@ -173,3 +183,56 @@ def test_monitor_with_nll_on_logits_fails_at_fit_start_and_on_log_probabilities_
         warnings.simplefilter("ignore")
         quiet_trainer([monitor], max_epochs=1).fit(LogProbabilityMLP(), DataModule())
     assert monitor.history and monitor.history[-1]["normalized"] > 0
+
+
+def test_label_smoothing_is_one_form_whose_logit_hessian_is_the_cross_entropy_one():
+    smoothed = standard_loss(nn.CrossEntropyLoss(label_smoothing=0.1))
+    assert smoothed == LabelSmoothedCrossEntropy(0.1) and hessian_twin(smoothed) is F.cross_entropy
+    token = standard_loss(TokenLoss(nn.CrossEntropyLoss(label_smoothing=0.1)))
+    assert isinstance(token, TokenLoss) and token.base == LabelSmoothedCrossEntropy(0.1)
+    timm_loss = pytest.importorskip("timm.loss").LabelSmoothingCrossEntropy(smoothing=0.1)
+    assert standard_loss(timm_loss) == LabelSmoothedCrossEntropy(0.1)
+    z, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 5, (6,))
+    assert torch.allclose(smoothed(z, y), timm_loss(z, y), rtol=1e-14, atol=0)
+    assert torch.equal(smoothed(z, y), nn.CrossEntropyLoss(label_smoothing=0.1)(z, y))
+    with pytest.raises(ValueError, match=r"label smoothing must lie in \[0, 1\]"):
+        LabelSmoothedCrossEntropy(1.5)
+
+
+def test_label_smoothing_against_brute_force_hessian_gauss_newton_and_gradient():
+    """The closed-form factors with smoothing: the Gauss-Newton diagonal (tanh net) and, on a ReLU net, the
+    exact Hessian diagonal equal brute-force float64 ones of ``F.cross_entropy(label_smoothing=0.1)``; the
+    logit gradient is ``(p - q) / N``; the Hessian sketch (which adds the tanh net's residual with that
+    gradient) is unbiased for the brute-force Hessian."""
+    x, y = _data()
+    loss = nn.CrossEntropyLoss(label_smoothing=0.1)
+    torch.manual_seed(0)
+    tanh_net = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 5)).double()
+    names = ["0.weight", "2.weight"]
+    params = {n: p for n, p in tanh_net.named_parameters() if n in names}
+    ggn = gauss_newton_diagonal(tanh_net, loss, x, y, params)
+    assert_relative_close(ggn.diagonal, brute_force_ggn_diagonal(tanh_net, _smoothed, x, y, names), tol=1e-12)
+    logits = tanh_net(x).detach().requires_grad_(True)
+    (expected,) = torch.autograd.grad(_smoothed(logits, y), logits)
+    assert torch.allclose(ggn.logits_grad, expected, rtol=1e-12, atol=1e-15)
+    hessian = brute_force_hessian_diagonal(tanh_net, _smoothed, x, y, names)
+    g = torch.Generator().manual_seed(0)
+    sketch = hessian_diagonal(
+        tanh_net, loss, x, y, method="hessian_sketch", parameters=names, num_sketches=400, generator=g
+    )
+    for n in names:
+        assert float((sketch[n] - hessian[n]).norm() / hessian[n].norm()) < 0.1, n
+    relu_net = LogSoftmaxNet(log_probabilities=False).double()
+    relu_names = [n for n, p in relu_net.named_parameters() if p.ndim >= 2]
+    exact = hessian_diagonal(relu_net, loss, x, y, method="exact", parameters=relu_names)
+    assert_relative_close(
+        exact, brute_force_hessian_diagonal(relu_net, _smoothed, x, y, relu_names), tol=1e-12
+    )
+
+
+def test_label_smoothing_at_many_classes_takes_the_structured_sketch():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 300))
+    x, y = torch.randn(8, 6), torch.randint(0, 300, (8,))
+    choice = choose_method(net, nn.CrossEntropyLoss(label_smoothing=0.1), x, y)
+    assert choice.method == "gauss_newton_sketch"  # was the Monte-Carlo path with autograd columns

@@ -8,8 +8,13 @@ the loss and an ``O(K^3)`` eigendecomposition per sample). Two common forms of t
 take it needlessly, and one would measure nothing:
 
 - ``nn.CrossEntropyLoss()`` and ``nn.NLLLoss()`` (the module forms, at their default options:
-  no class weights, ``ignore_index=-100``, mean reduction, no label smoothing) are their functional
-  forms (:func:`standard_loss`). Other options keep the module (autograd fallback, exact but slower).
+  no class weights, ``ignore_index=-100``, mean reduction) are their functional forms
+  (:func:`standard_loss`). Other options keep the module (autograd fallback, exact but slower).
+- Label smoothing (``nn.CrossEntropyLoss(label_smoothing=eps)``, as torchvision's reference recipes train,
+  and timm's ``LabelSmoothingCrossEntropy(eps)``) is :class:`LabelSmoothedCrossEntropy`: the cross-entropy
+  against the target distribution ``q = (1 - eps) e_y + eps / K``, whose Hessian in the logits,
+  ``(sum_k q_k) (diag p - p p^T) = diag p - p p^T``, does not depend on ``q``. So the closed forms of
+  ``F.cross_entropy`` apply to it (:func:`hessian_twin`), and only its gradient, ``p - q``, differs.
 - ``F.nll_loss`` on log-probabilities ``o = log_softmax(z)`` (PyTorch's MNIST and word-language-model
   examples end their networks with ``log_softmax``) is *linear* in ``o``: its Hessian in the model's
   outputs is zero, so every Gauss-Newton diagonal split at the outputs is zero. On log-probabilities
@@ -34,7 +39,14 @@ from torch import Tensor, nn
 
 from lightning_flatness.functional.model_io import TokenLoss
 
-__all__ = ["are_log_probabilities", "loss_for_outputs", "needs_outputs", "standard_loss"]
+__all__ = [
+    "LabelSmoothedCrossEntropy",
+    "are_log_probabilities",
+    "hessian_twin",
+    "loss_for_outputs",
+    "needs_outputs",
+    "standard_loss",
+]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -42,25 +54,71 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 _FUNCTIONAL_FORMS: dict[type, LossFn] = {nn.CrossEntropyLoss: F.cross_entropy, nn.NLLLoss: F.nll_loss}
 
 
+class LabelSmoothedCrossEntropy:
+    """``F.cross_entropy(logits, target, label_smoothing=smoothing)`` on ``(N, K)`` logits and ``(N,)``
+    class targets: the mean over samples of ``-sum_k q_k log p_k`` with ``q = (1 - smoothing) e_y +
+    smoothing / K``. Its logit Hessian is that of ``F.cross_entropy`` (:func:`hessian_twin`); its gradient
+    in the logits is ``(p - q) / N``.
+
+    Args:
+        smoothing: ``eps`` in ``[0, 1]``.
+    """
+
+    def __init__(self, smoothing: float) -> None:
+        if not 0.0 <= float(smoothing) <= 1.0:
+            raise ValueError(f"label smoothing must lie in [0, 1], got {smoothing!r}.")
+        self.smoothing = float(smoothing)
+
+    def __call__(self, logits: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(logits, target, label_smoothing=self.smoothing)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LabelSmoothedCrossEntropy) and other.smoothing == self.smoothing
+
+    def __hash__(self) -> int:
+        return hash((LabelSmoothedCrossEntropy, self.smoothing))
+
+    def __repr__(self) -> str:
+        return f"LabelSmoothedCrossEntropy({self.smoothing})"
+
+
+def hessian_twin(loss_fn: LossFn) -> LossFn:
+    """The loss whose registered closed forms (loss Hessian structure, Monte-Carlo columns, factors)
+    hold for ``loss_fn``: ``F.cross_entropy`` for a :class:`LabelSmoothedCrossEntropy`, else ``loss_fn``
+    itself. Its gradient is never taken from the twin."""
+    return F.cross_entropy if isinstance(loss_fn, LabelSmoothedCrossEntropy) else loss_fn
+
+
 def _at_defaults(loss: nn.Module) -> bool:
     return (
         getattr(loss, "weight", None) is None
         and getattr(loss, "ignore_index", -100) == -100
         and getattr(loss, "reduction", "mean") == "mean"
-        and getattr(loss, "label_smoothing", 0.0) == 0.0
     )
+
+
+def _timm_label_smoothing(loss_fn: object) -> bool:
+    """timm's ``LabelSmoothingCrossEntropy`` (``timm.loss``): ``(1 - eps) nll + eps mean_k(-log p_k)``."""
+    cls = type(loss_fn)
+    return cls.__name__ == "LabelSmoothingCrossEntropy" and cls.__module__.startswith("timm.")
 
 
 def standard_loss(loss_fn: LossFn) -> LossFn:
     """``loss_fn`` with the module forms ``nn.CrossEntropyLoss()`` / ``nn.NLLLoss()`` at their default
-    options replaced by ``F.cross_entropy`` / ``F.nll_loss`` (inside a
-    :class:`~lightning_flatness.functional.model_io.TokenLoss` too); anything else unchanged. Needs no
-    outputs."""
+    options replaced by ``F.cross_entropy`` / ``F.nll_loss``, and label-smoothed cross-entropies (PyTorch's
+    ``label_smoothing``, timm's ``LabelSmoothingCrossEntropy``) by :class:`LabelSmoothedCrossEntropy`
+    (inside a :class:`~lightning_flatness.functional.model_io.TokenLoss` too); anything else unchanged.
+    Needs no outputs."""
     if isinstance(loss_fn, TokenLoss):
         base = standard_loss(loss_fn.base)
         return loss_fn if base is loss_fn.base else TokenLoss(base, loss_fn.shift, loss_fn.ignore_index)
+    if _timm_label_smoothing(loss_fn):
+        return LabelSmoothedCrossEntropy(loss_fn.smoothing)  # type: ignore[attr-defined]
     form = _FUNCTIONAL_FORMS.get(type(loss_fn))
-    return form if form is not None and _at_defaults(loss_fn) else loss_fn  # type: ignore[arg-type]
+    if form is None or not _at_defaults(loss_fn):  # type: ignore[arg-type]
+        return loss_fn
+    smoothing = float(getattr(loss_fn, "label_smoothing", 0.0))
+    return LabelSmoothedCrossEntropy(smoothing) if smoothing else form
 
 
 def needs_outputs(loss_fn: LossFn) -> bool:

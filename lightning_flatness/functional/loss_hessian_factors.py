@@ -11,7 +11,9 @@ of one backward column per ``k`` (:mod:`~lightning_flatness.functional.estimator
 The signs are per column *slot*, the same for every sample, so that token columns can be stacked into
 one sequence column (:func:`token_loss_columns`).
 
-One function per loss, registered in :data:`MC_LOSS_COLUMNS` (keyed by the loss function), with the
+One function per loss, registered in :data:`MC_LOSS_COLUMNS` (keyed by the loss function; a loss with
+the same logit Hessian as a registered one is looked up as that one,
+:func:`~lightning_flatness.functional.loss_forms.hessian_twin`: label smoothing), with the
 autograd fallback :func:`autograd_columns` for any other per-sample-mean loss:
 
 - :func:`cross_entropy_columns` (``F.cross_entropy``): ``Lambda = diag(p) - p p^T
@@ -52,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_flatness.functional.loss_forms import hessian_twin
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.model_io import TokenLoss
 
@@ -386,7 +389,7 @@ LOSS_HESSIAN_STRUCTURES: dict[Callable[..., Tensor], Callable[[Tensor, Tensor], 
 def loss_hessian_structure(loss_fn: LossFn, logits: Tensor, target: Tensor) -> StructuredLossHessian | None:
     """The exact :class:`StructuredLossHessian` of ``loss_fn`` at ``logits`` when it has a closed form
     (:data:`LOSS_HESSIAN_STRUCTURES`, ``(N, K)`` logits), else None."""
-    structure = LOSS_HESSIAN_STRUCTURES.get(loss_fn)
+    structure = LOSS_HESSIAN_STRUCTURES.get(hessian_twin(loss_fn))
     if structure is None or logits.ndim != 2:
         return None
     return structure(logits, target)
@@ -610,7 +613,7 @@ def default_exact_classes(loss_fn: LossFn) -> int:
     """The default ``exact_classes`` of ``loss_fn`` (:data:`DEFAULT_EXACT_CLASSES`; a
     :class:`TokenLoss` takes its base loss's)."""
     base = loss_fn.base if isinstance(loss_fn, TokenLoss) else loss_fn
-    return DEFAULT_EXACT_CLASSES.get(base, 0)
+    return DEFAULT_EXACT_CLASSES.get(hessian_twin(base), 0)
 
 
 #: Default Monte-Carlo draws per sample, per loss (others: 1). Eq. 20's Hessian in the logits is
@@ -625,7 +628,7 @@ def default_mc_samples(loss_fn: LossFn) -> int:
     """The default ``num_mc_samples`` of ``loss_fn`` (:data:`DEFAULT_MC_SAMPLES`; a :class:`TokenLoss`
     takes its base loss's)."""
     base = loss_fn.base if isinstance(loss_fn, TokenLoss) else loss_fn
-    return DEFAULT_MC_SAMPLES.get(base, 1)
+    return DEFAULT_MC_SAMPLES.get(hessian_twin(base), 1)
 
 
 def sample_loss_hessian_columns(
@@ -662,7 +665,7 @@ def sample_loss_hessian_columns(
         return token_loss_columns(
             loss_fn, logits, target, num_mc_samples, generator, exact_classes=exact_classes
         )
-    sampler = MC_LOSS_COLUMNS.get(loss_fn)
+    sampler = MC_LOSS_COLUMNS.get(hessian_twin(loss_fn))
     if sampler is not None and logits.ndim == 2:
         return sampler(logits, target, num_mc_samples, generator, exact_classes=exact_classes)
     if exact_classes:

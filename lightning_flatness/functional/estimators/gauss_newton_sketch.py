@@ -102,6 +102,7 @@ from lightning_flatness.functional.estimators.recorder import (
     _RecordedForward,
     rows_of_other_samples,
 )
+from lightning_flatness.functional.loss_forms import hessian_twin
 from lightning_flatness.functional.loss_hessian_factors import (
     StructuredLossHessian,
     default_exact_classes,
@@ -430,7 +431,7 @@ def _loss_structure(
     )
     if num_sketches is None:
         num_sketches = (
-            DEFAULT_STRUCTURED_SKETCHES.get(loss_fn, DEFAULT_NUM_SKETCHES)
+            DEFAULT_STRUCTURED_SKETCHES.get(hessian_twin(loss_fn), DEFAULT_NUM_SKETCHES)
             if structure is not None
             else DEFAULT_NUM_SKETCHES
         )

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_flatness.functional.loss_forms import hessian_twin
 from lightning_flatness.functional.loss_hessian_factors import _normalized_cross_entropy_hessian_and_gradient
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.model_io import TokenLoss
@@ -126,6 +127,9 @@ def _loss_factors(
     smoothing) on ``(N, C)`` logits and integer class targets in ``[0, C)``, the factorisation is
     analytic, of rank ``C - 1`` (:func:`_cross_entropy_factors`: ``K = C - 1`` columns, all signs
     ``+1``), and ``dL/df_n = (p_n - e_{y_n}) / N``, computed in the logits' dtype (at least float32).
+    The same factors hold for label smoothing
+    (:class:`~lightning_flatness.functional.loss_forms.LabelSmoothedCrossEntropy`), with
+    ``dL/df_n = (p_n - q_n) / N``, ``q_n = (1 - eps) e_{y_n} + eps / C``.
     For eq. 20 (``loss_fn is normalized_softmax_cross_entropy``) on such logits and targets: the closed
     form in float64 (:func:`_normalized_cross_entropy_factors`: at most ``K - 1`` signed columns and the
     gradient), returned in the logits' dtype. Any other loss:
@@ -133,13 +137,14 @@ def _loss_factors(
     """
     if isinstance(loss_fn, TokenLoss):
         return _token_loss_factors(loss_fn, logits, target, need_grad)
-    if loss_fn is F.cross_entropy and _plain_class_targets(logits, target):
+    if hessian_twin(loss_fn) is F.cross_entropy and _plain_class_targets(logits, target):
         p = torch.softmax(logits.detach(), dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))
         factors = _cross_entropy_factors(p).to(logits.dtype)
         grad = None
-        if need_grad:
-            grad = p.scatter_add(1, target.long().unsqueeze(1), p.new_full((p.shape[0], 1), -1.0))
-            grad = (grad / logits.shape[0]).to(logits.dtype)
+        if need_grad:  # (p - q) / N, q = (1 - eps) e_y + eps / K (eps = 0 without label smoothing)
+            eps = getattr(loss_fn, "smoothing", 0.0)
+            grad = p.scatter_add(1, target.long().unsqueeze(1), p.new_full((p.shape[0], 1), eps - 1.0))
+            grad = ((grad - eps / p.shape[1]) / logits.shape[0]).to(logits.dtype)
         signs = torch.ones(logits.shape[0], factors.shape[2], dtype=logits.dtype, device=logits.device)
         return factors, signs, grad, []
     if loss_fn is normalized_softmax_cross_entropy and _plain_class_targets(logits, target):
