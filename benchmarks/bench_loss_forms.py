@@ -1,7 +1,8 @@
 """One ``measure_sharpness`` at ``method="auto"`` with the training loss passed as users pass it
-(``nn.CrossEntropyLoss()``, ``nn.NLLLoss()``, ``F.nll_loss`` on a model that ends in ``log_softmax``, as
-PyTorch's MNIST and word-language-model examples do), and on a ``torch.compile``'d model: the method
-``auto`` picks, the time, the values, and how many graphs Dynamo compiled for the measurement.
+(``nn.CrossEntropyLoss()``, with label smoothing, ``nn.NLLLoss()``, ``F.nll_loss`` on a model that ends in
+``log_softmax``, as PyTorch's MNIST and word-language-model examples do), and on a ``torch.compile``'d
+model: the method ``auto`` picks, the time, the values, and how many graphs Dynamo compiled for the
+measurement.
 
 Models (random weights, no downloads): the paper's MLP (40-100-100-100) with 10 and 1,000 classes, with
 logits or with ``log_softmax`` outputs; an LSTM language model as PyTorch's word-language-model example
@@ -111,6 +112,13 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[], nn.Module], Any, li
             nn.NLLLoss(),
             mlp1000,
         ),
+        (
+            "MLP, 1000 classes",
+            "nn.CrossEntropyLoss(label_smoothing=0.1)",
+            lambda: PaperMLP(1000, False),
+            nn.CrossEntropyLoss(label_smoothing=0.1),
+            mlp1000,
+        ),
         ("word-LM LSTM, (T, B), log_softmax", "F.nll_loss", WordLSTM, F.nll_loss, _lm_batches(quick)),
     ]
 
@@ -157,6 +165,8 @@ def _compiled_case(quick: bool, repeats: int, backend: str) -> dict[str, Any]:
 def run(args) -> dict[str, Any]:
     rows = []
     for model_name, loss_name, build, loss_fn, batches in _cases(args.quick):
+        if args.only and args.only not in loss_name:
+            continue
         torch.manual_seed(args.seed)  # the same weights for every loss form of a model
         model = build().eval()
         result = _measure(model, loss_fn, batches)
@@ -212,6 +222,7 @@ def _markdown(payload: dict[str, Any]) -> str:
 def main(argv=None) -> dict[str, Any]:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", default="", help="run only the rows whose loss_fn contains this text")
     parser.add_argument(
         "--compile-backend", default="inductor", help="torch.compile backend ('eager' needs no C++ compiler)"
     )
