@@ -154,8 +154,7 @@ def loss_for_outputs(loss_fn: LossFn, outputs: Tensor) -> LossFn:
     loss_fn = standard_loss(loss_fn)
     if not needs_outputs(loss_fn):
         return loss_fn
-    token = isinstance(loss_fn, TokenLoss)
-    dim = -1 if token else 1
+    dim = -1 if isinstance(loss_fn, TokenLoss) else 1
     if outputs.ndim < 2 or not are_log_probabilities(outputs, dim):
         raise ValueError(
             "the loss is `F.nll_loss` (or `nn.NLLLoss`), but the model's outputs are not log-probabilities "
@@ -163,4 +162,6 @@ def loss_for_outputs(loss_fn: LossFn, outputs: Tensor) -> LossFn:
             "Gauss-Newton matrix is zero and the measures mean nothing. End the model with "
             "`log_softmax`, or pass `loss_fn=F.cross_entropy` for a model that returns logits."
         )
-    return TokenLoss(F.cross_entropy, loss_fn.shift, loss_fn.ignore_index) if token else F.cross_entropy
+    if isinstance(loss_fn, TokenLoss):
+        return TokenLoss(F.cross_entropy, loss_fn.shift, loss_fn.ignore_index)
+    return F.cross_entropy
