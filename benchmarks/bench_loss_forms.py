@@ -7,7 +7,9 @@ measurement.
 Models (random weights, no downloads): the paper's MLP (40-100-100-100) with 10 and 1,000 classes, with
 logits or with ``log_softmax`` outputs; an LSTM language model as PyTorch's word-language-model example
 writes it (sequence-first ``(T, B)`` tokens, ``log_softmax`` over a 1,000-token vocabulary, ``(T, B)``
-targets); the 10-class MLP compiled with the default (inductor) backend (``--compile-backend``).
+targets); the same MLP as a 1,000-output regressor (``F.mse_loss``) and multi-label classifier
+(``nn.BCEWithLogitsLoss()``); a convolutional denoiser with ``(N, 3, 16, 16)`` outputs (``nn.MSELoss()``);
+the 10-class MLP compiled with the default (inductor) backend (``--compile-backend``).
 
 Run: ``python -W ignore -m benchmarks.bench_loss_forms --json benchmarks/results/bench_loss_forms.json``.
 To compare with another checkout, run the same script with ``PYTHONPATH`` pointing there.
@@ -75,6 +77,23 @@ def _mlp_batches(classes: int, quick: bool) -> list:
     ]
 
 
+def _dense_net() -> nn.Module:
+    """A convolutional denoiser: ``(N, 3, 16, 16)`` images to ``(N, 3, 16, 16)`` outputs (768 per sample)."""
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 3, 3, padding=1))
+
+
+def _float_batches(inputs: tuple[int, ...], outputs: tuple[int, ...], quick: bool, multilabel: bool) -> list:
+    """Regression targets (standard normal), or multi-label targets (each label on with probability 0.1)."""
+    g = torch.Generator().manual_seed(1)
+    size = 8 if quick else 64
+    batches = []
+    for _ in range(8):
+        x = torch.randn(size, *inputs, generator=g)
+        y = torch.rand(size, *outputs, generator=g)
+        batches.append((x, (y < 0.1).float() if multilabel else torch.randn(size, *outputs, generator=g)))
+    return batches
+
+
 def _lm_batches(quick: bool) -> list:
     g = torch.Generator().manual_seed(1)
     steps, width = (6, 2) if quick else (16, 8)
@@ -120,6 +139,27 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[], nn.Module], Any, li
             mlp1000,
         ),
         ("word-LM LSTM, (T, B), log_softmax", "F.nll_loss", WordLSTM, F.nll_loss, _lm_batches(quick)),
+        (
+            "MLP regression, 1000 outputs",
+            "F.mse_loss",
+            lambda: PaperMLP(1000, False),
+            F.mse_loss,
+            _float_batches((40,), (1000,), quick, multilabel=False),
+        ),
+        (
+            "MLP multi-label, 1000 labels",
+            "nn.BCEWithLogitsLoss()",
+            lambda: PaperMLP(1000, False),
+            nn.BCEWithLogitsLoss(),
+            _float_batches((40,), (1000,), quick, multilabel=True),
+        ),
+        (
+            "conv denoiser, (N, 3, 16, 16) outputs",
+            "nn.MSELoss()",
+            _dense_net,
+            nn.MSELoss(),
+            _float_batches((3, 16, 16), (3, 16, 16), quick, multilabel=False),
+        ),
     ]
 
 
@@ -165,7 +205,7 @@ def _compiled_case(quick: bool, repeats: int, backend: str) -> dict[str, Any]:
 def run(args) -> dict[str, Any]:
     rows = []
     for model_name, loss_name, build, loss_fn, batches in _cases(args.quick):
-        if args.only and args.only not in loss_name:
+        if args.only and not any(text in loss_name for text in args.only):
             continue
         torch.manual_seed(args.seed)  # the same weights for every loss form of a model
         model = build().eval()
@@ -222,7 +262,9 @@ def _markdown(payload: dict[str, Any]) -> str:
 def main(argv=None) -> dict[str, Any]:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", default="", help="run only the rows whose loss_fn contains this text")
+    parser.add_argument(
+        "--only", nargs="*", default=[], help="run only the rows whose loss_fn contains one of these texts"
+    )
     parser.add_argument(
         "--compile-backend", default="inductor", help="torch.compile backend ('eager' needs no C++ compiler)"
     )

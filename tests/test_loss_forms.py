@@ -56,6 +56,8 @@ def _data(n=12, classes=5, seed=0):
 def test_module_forms_at_default_options_are_their_functional_forms():
     assert standard_loss(nn.CrossEntropyLoss()) is F.cross_entropy
     assert standard_loss(nn.NLLLoss()) is F.nll_loss
+    assert standard_loss(nn.MSELoss()) is F.mse_loss
+    assert standard_loss(nn.BCEWithLogitsLoss()) is F.binary_cross_entropy_with_logits
     token = standard_loss(TokenLoss(nn.CrossEntropyLoss(), shift=True, ignore_index=-7))
     assert isinstance(token, TokenLoss) and token.base is F.cross_entropy
     assert token.shift and token.ignore_index == -7
@@ -63,7 +65,9 @@ def test_module_forms_at_default_options_are_their_functional_forms():
         nn.CrossEntropyLoss(weight=torch.ones(5)),
         nn.CrossEntropyLoss(ignore_index=0),
         nn.NLLLoss(reduction="sum"),
-        nn.MSELoss(),
+        nn.MSELoss(reduction="sum"),
+        nn.BCEWithLogitsLoss(pos_weight=torch.ones(5)),
+        nn.L1Loss(),
         F.mse_loss,
     ):
         assert standard_loss(kept) is kept  # other options: the module itself (autograd fallback)

@@ -15,6 +15,7 @@ from lightning_flatness.functional.estimators.gauss_newton_sketch import gauss_n
 from lightning_flatness.functional.loss_hessian_factors import (
     loss_hessian_structure,
     normalized_cross_entropy_structure,
+    sample_loss_hessian_columns,
     softmax_cross_entropy_structure,
 )
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
@@ -65,7 +66,43 @@ def test_degenerate_rows_of_eq20_get_a_zero_hessian():
 
 def test_no_structure_for_other_losses():
     logits, target = torch.randn(3, 5), torch.randn(3, 5)
-    assert loss_hessian_structure(F.mse_loss, logits, target) is None
+    assert loss_hessian_structure(F.smooth_l1_loss, logits, target) is None
+    # the softmax losses need (N, K) logits; the elementwise ones take any shape
+    assert loss_hessian_structure(F.cross_entropy, torch.randn(3, 5, 2), torch.zeros(3, 2).long()) is None
+    assert loss_hessian_structure(F.mse_loss, torch.randn(3, 5, 2), torch.randn(3, 5, 2)) is not None
+
+
+_ELEMENTWISE = [
+    (F.mse_loss, lambda g, shape: torch.randn(shape, generator=g, dtype=torch.float64)),
+    (
+        F.binary_cross_entropy_with_logits,
+        lambda g, shape: torch.rand(shape, generator=g, dtype=torch.float64),
+    ),
+]
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (5, 2, 3, 2)], ids=["flat", "dense"])
+@pytest.mark.parametrize("loss_fn, draw_target", _ELEMENTWISE, ids=["mse", "bce"])
+def test_elementwise_structures_are_the_autograd_hessians(loss_fn, draw_target, shape):
+    """``Lambda_n`` of a mean over output entries: the diagonal the structure states, against the Hessian
+    of the batch loss in all outputs (block ``n`` is ``Lambda_n / N``), for outputs of any shape."""
+    g = torch.Generator().manual_seed(0)
+    logits = 2 * torch.randn(shape, generator=g, dtype=torch.float64)
+    target = draw_target(g, shape)
+    n, d = shape[0], logits[0].numel()
+    full = torch.autograd.functional.hessian(lambda z: loss_fn(z.reshape(shape), target), logits.reshape(-1))
+    blocks = torch.stack([full[i * d : (i + 1) * d, i * d : (i + 1) * d] for i in range(n)]) * n
+    assert float(full.abs().sum() - blocks.abs().sum() / n) < 1e-12  # no coupling between samples
+    st = loss_hessian_structure(loss_fn, logits, target)
+    torch.testing.assert_close(st.dense(), blocks, rtol=1e-12, atol=1e-15)
+    cols, signs = sample_loss_hessian_columns(loss_fn, logits, target, 4000, torch.Generator().manual_seed(1))
+    assert cols.shape == (n, d, 4000) and bool((signs == 1).all())
+    mean = torch.einsum("nkc,nlc->nkl", cols, cols)  # the mean of 4000 one-draw outer products
+    torch.testing.assert_close(
+        mean.diagonal(dim1=1, dim2=2), blocks.diagonal(dim1=1, dim2=2), rtol=1e-12, atol=1e-15
+    )
+    off = mean - torch.diag_embed(mean.diagonal(dim1=1, dim2=2))
+    assert float(off.abs().max()) < 6 * float(blocks.max()) / 4000**0.5  # Rademacher: zero in expectation
 
 
 @pytest.mark.parametrize("loss_fn", [F.cross_entropy, normalized_softmax_cross_entropy], ids=["ce", "eq20"])
@@ -131,3 +168,28 @@ def test_structured_sketch_is_less_noisy_than_sampled_base_columns(monkeypatch):
     monkeypatch.setattr(gauss_newton_sketch, "loss_hessian_structure", lambda *a: None)
     sampled = error()
     assert structured < 0.5 * sampled
+
+
+@pytest.mark.parametrize("loss_fn, draw_target", _ELEMENTWISE, ids=["mse", "bce"])
+def test_elementwise_sketch_of_dense_outputs_is_unbiased_and_chosen_by_auto(loss_fn, draw_target):
+    """A convolutional network with ``(N, 2, 5, 5)`` outputs (50 > 32 per sample): ``auto`` sketches the
+    Gauss-Newton part from the exact diagonal ``Lambda`` (before: sampled autograd columns, an ``O(D^3)``
+    eigendecomposition per sample), and the sketch is unbiased for the brute-force ``diag(J^T Lambda J)``."""
+    from lightning_flatness.functional.estimators.method_choice import choose_method
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3, padding=1)).double()
+    n, repeats = 4, 300
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 1, 5, 5, generator=g, dtype=torch.float64)
+    y = draw_target(g, (n, 2, 5, 5))
+    choice = choose_method(model, loss_fn, x, y)
+    assert choice.method == "gauss_newton_sketch" and "structured factors" in choice.reason
+    params = {k: v for k, v in model.named_parameters() if v.ndim > 1}
+    reference = brute_force_ggn_diagonal(model, loss_fn, x, y, list(params))
+    gen = torch.Generator().manual_seed(2)
+    runs = [gauss_newton_sketch_diagonal(model, loss_fn, x, y, params, generator=gen) for _ in range(repeats)]
+    for name in params:
+        stack = torch.stack([r[name] for r in runs])
+        se = stack.std(dim=0) / repeats**0.5
+        assert float(((stack.mean(dim=0) - reference[name]).abs() / se).max()) < 5.0, name

@@ -7,9 +7,10 @@ the autograd fallback, whose cost grows with the number of outputs (``O(K)`` bac
 the loss and an ``O(K^3)`` eigendecomposition per sample). Two common forms of the same losses would
 take it needlessly, and one would measure nothing:
 
-- ``nn.CrossEntropyLoss()`` and ``nn.NLLLoss()`` (the module forms, at their default options:
-  no class weights, ``ignore_index=-100``, mean reduction) are their functional forms
-  (:func:`standard_loss`). Other options keep the module (autograd fallback, exact but slower).
+- ``nn.CrossEntropyLoss()``, ``nn.NLLLoss()``, ``nn.MSELoss()`` and ``nn.BCEWithLogitsLoss()`` (the module
+  forms, at their default options: no (class or positive) weights, ``ignore_index=-100``, mean reduction)
+  are their functional forms (:func:`standard_loss`). Other options keep the module (autograd fallback,
+  exact but slower).
 - Label smoothing (``nn.CrossEntropyLoss(label_smoothing=eps)``, as torchvision's reference recipes train,
   and timm's ``LabelSmoothingCrossEntropy(eps)``) is :class:`LabelSmoothedCrossEntropy`: the cross-entropy
   against the target distribution ``q = (1 - eps) e_y + eps / K``, whose Hessian in the logits,
@@ -51,7 +52,12 @@ __all__ = [
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 #: Module losses that are their functional form at their default options.
-_FUNCTIONAL_FORMS: dict[type, LossFn] = {nn.CrossEntropyLoss: F.cross_entropy, nn.NLLLoss: F.nll_loss}
+_FUNCTIONAL_FORMS: dict[type, LossFn] = {
+    nn.CrossEntropyLoss: F.cross_entropy,
+    nn.NLLLoss: F.nll_loss,
+    nn.MSELoss: F.mse_loss,
+    nn.BCEWithLogitsLoss: F.binary_cross_entropy_with_logits,
+}
 
 
 class LabelSmoothedCrossEntropy:
@@ -92,6 +98,7 @@ def hessian_twin(loss_fn: LossFn) -> LossFn:
 def _at_defaults(loss: nn.Module) -> bool:
     return (
         getattr(loss, "weight", None) is None
+        and getattr(loss, "pos_weight", None) is None
         and getattr(loss, "ignore_index", -100) == -100
         and getattr(loss, "reduction", "mean") == "mean"
     )

@@ -21,7 +21,10 @@ autograd fallback :func:`autograd_columns` for any other per-sample-mean loss:
 - :func:`normalized_cross_entropy_columns` (eq. 20, :func:`normalized_softmax_cross_entropy`): the
   decomposition of :func:`normalized_cross_entropy_logit_hessian`; two columns per draw (one
   ``+``, one ``-``), ``K``-independent.
-- :func:`autograd_columns` (anything else, e.g. MSE): per-sample ``Lambda_n`` by double backward and an
+- :func:`elementwise_columns` (``F.mse_loss``, ``F.binary_cross_entropy_with_logits``: means over output
+  entries, ``Lambda_n = diag(d_n)`` known exactly): Rademacher columns ``sqrt(d_n) o xi``, for outputs of
+  any shape, ``D``-independent.
+- :func:`autograd_columns` (anything else): per-sample ``Lambda_n`` by double backward and an
   eigendecomposition, two columns per draw; cost ``O(D)`` backward passes through the loss and
   ``O(D^3)`` per sample (``D`` outputs per sample): it grows with ``K``.
 - :func:`token_loss_columns` (:class:`TokenLoss` wrapping any of these): the base columns per valid
@@ -29,7 +32,8 @@ autograd fallback :func:`autograd_columns` for any other per-sample-mean loss:
 
 Exact structured forms (:class:`StructuredLossHessian`, :data:`LOSS_HESSIAN_STRUCTURES`): for
 cross-entropy and eq. 20, ``Lambda_n`` is a diagonal core behind a rank-one correction plus at most 4
-signed columns, ``O(K)`` numbers per sample, exact at any ``K``; the sketched Gauss-Newton estimator mixes
+signed columns, ``O(K)`` numbers per sample, exact at any ``K``; for the elementwise losses (MSE, binary
+cross-entropy with logits) a diagonal; the sketched Gauss-Newton estimator mixes
 them with random signs instead of sampling classes (:func:`loss_hessian_structure`; measured in
 ``benchmarks/results/bench_resnet18_1000.md``).
 
@@ -46,6 +50,7 @@ initialisation the exact part removes much of the noise (measurements: ``benchma
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,7 +66,12 @@ from lightning_flatness.functional.model_io import TokenLoss
 __all__ = [
     "DEFAULT_EXACT_CLASSES",
     "LOSS_HESSIAN_STRUCTURES",
+    "ELEMENTWISE_LOSSES",
     "StructuredLossHessian",
+    "binary_cross_entropy_structure",
+    "elementwise_columns",
+    "has_loss_hessian_structure",
+    "mean_squared_error_structure",
     "loss_hessian_structure",
     "normalized_cross_entropy_structure",
     "softmax_cross_entropy_structure",
@@ -379,20 +389,64 @@ def normalized_cross_entropy_structure(logits: Tensor, target: Tensor) -> Struct
     )
 
 
+def _elementwise_rows(logits: Tensor, target: Tensor, caller: str) -> Tensor:
+    """The outputs as ``(N, D)`` float64 rows, checked against a target of the same shape."""
+    if logits.ndim < 1 or target.shape != logits.shape:
+        raise ValueError(
+            f"{caller} needs a target of the outputs' shape, got {tuple(target.shape)} for outputs "
+            f"{tuple(logits.shape)}."
+        )
+    return logits.detach().reshape(logits.shape[0], -1).to(torch.float64)
+
+
+def _diagonal(d: Tensor) -> StructuredLossHessian:
+    n, k = d.shape
+    return StructuredLossHessian(d, torch.zeros_like(d), d.new_zeros(n, k, 0), d.new_zeros(n, 0))
+
+
+def mean_squared_error_structure(logits: Tensor, target: Tensor) -> StructuredLossHessian:
+    r"""``F.mse_loss`` (mean over all ``N D`` entries: ``l_n = (1/D) sum_j (f_nj - t_nj)^2``): ``Lambda_n =
+    (2/D) I``, a diagonal core with no correction (``a = 0``); outputs of any shape, flattened per sample
+    to ``D`` entries. Float64, ``O(N D)``."""
+    rows = _elementwise_rows(logits, target, "mean_squared_error_structure")
+    return _diagonal(torch.full_like(rows, 2.0 / rows.shape[1]))
+
+
+def binary_cross_entropy_structure(logits: Tensor, target: Tensor) -> StructuredLossHessian:
+    r"""``F.binary_cross_entropy_with_logits`` (mean over all ``N D`` entries, no weights): ``Lambda_n =
+    diag(s (1 - s)) / D`` with ``s = sigmoid(f_n)``, whatever the (soft) targets; outputs of any shape,
+    flattened per sample. Float64, ``O(N D)``."""
+    rows = _elementwise_rows(logits, target, "binary_cross_entropy_structure")
+    s = torch.sigmoid(rows)
+    return _diagonal(s * (1 - s) / rows.shape[1])
+
+
 #: Closed-form structures of ``Lambda_n`` (:class:`StructuredLossHessian`), keyed by the loss function.
 LOSS_HESSIAN_STRUCTURES: dict[Callable[..., Tensor], Callable[[Tensor, Tensor], StructuredLossHessian]] = {
     F.cross_entropy: softmax_cross_entropy_structure,
     normalized_softmax_cross_entropy: normalized_cross_entropy_structure,
+    F.mse_loss: mean_squared_error_structure,
+    F.binary_cross_entropy_with_logits: binary_cross_entropy_structure,
 }
+#: Losses of :data:`LOSS_HESSIAN_STRUCTURES` that are means over output entries, so that their structure
+#: holds for outputs of any shape (flattened per sample); the softmax losses need ``(N, K)`` logits.
+ELEMENTWISE_LOSSES = frozenset({F.mse_loss, F.binary_cross_entropy_with_logits})
+
+
+def has_loss_hessian_structure(loss_fn: LossFn, output_ndim: int) -> bool:
+    """Whether :func:`loss_hessian_structure` gives ``loss_fn``'s structure for outputs of ``output_ndim``
+    dimensions (batch included)."""
+    key = hessian_twin(loss_fn)
+    return key in LOSS_HESSIAN_STRUCTURES and (output_ndim == 2 or key in ELEMENTWISE_LOSSES)
 
 
 def loss_hessian_structure(loss_fn: LossFn, logits: Tensor, target: Tensor) -> StructuredLossHessian | None:
     """The exact :class:`StructuredLossHessian` of ``loss_fn`` at ``logits`` when it has a closed form
-    (:data:`LOSS_HESSIAN_STRUCTURES`, ``(N, K)`` logits), else None."""
-    structure = LOSS_HESSIAN_STRUCTURES.get(hessian_twin(loss_fn))
-    if structure is None or logits.ndim != 2:
+    (:data:`LOSS_HESSIAN_STRUCTURES`; ``(N, K)`` logits, or any shape for :data:`ELEMENTWISE_LOSSES`),
+    else None."""
+    if not has_loss_hessian_structure(loss_fn, logits.ndim):
         return None
-    return structure(logits, target)
+    return LOSS_HESSIAN_STRUCTURES[hessian_twin(loss_fn)](logits, target)
 
 
 #: Whether eq. 20's rank-2 part ``B`` is taken exactly (two signed columns) rather than merged into the
@@ -596,9 +650,34 @@ def _token_positions(loss_fn: TokenLoss, logits: Tensor, target: Tensor) -> Tens
 #: Closed-form column samplers, keyed by the loss function: ``fn(logits, target, num_mc_samples,
 #: generator, *, exact_classes) -> (columns (N, D, C), signs (C,))``. Losses not listed use
 #: :func:`autograd_columns`.
+def elementwise_columns(
+    logits: Tensor,
+    target: Tensor,
+    num_mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+    *,
+    exact_classes: int = 0,
+    loss_fn: LossFn = F.mse_loss,
+) -> Columns:
+    r"""Columns for a loss of :data:`ELEMENTWISE_LOSSES`, whose ``Lambda_n = diag(d_n)`` is known exactly:
+    per draw one Rademacher column ``sqrt(d_n) o xi / sqrt(num_mc_samples)`` (sign ``+``,
+    ``E[c c^T] = diag(d_n)``), i.e. :meth:`StructuredLossHessian.sketch`. ``(N, D, C)`` for outputs of any
+    shape; ``exact_classes`` must be 0 (there are no classes). Cost ``O(N D num_mc_samples)``."""
+    _check_draws(num_mc_samples)
+    if exact_classes:
+        raise ValueError(
+            f"`exact_classes` applies to the softmax losses only; pass exact_classes=0, got {exact_classes}."
+        )
+    return LOSS_HESSIAN_STRUCTURES[loss_fn](logits, target).sketch(num_mc_samples, generator)
+
+
 MC_LOSS_COLUMNS: dict[Callable[..., Tensor], Callable[..., Columns]] = {
     F.cross_entropy: cross_entropy_columns,
     normalized_softmax_cross_entropy: normalized_cross_entropy_columns,
+    F.mse_loss: functools.partial(elementwise_columns, loss_fn=F.mse_loss),
+    F.binary_cross_entropy_with_logits: functools.partial(
+        elementwise_columns, loss_fn=F.binary_cross_entropy_with_logits
+    ),
 }
 
 
@@ -666,7 +745,7 @@ def sample_loss_hessian_columns(
             loss_fn, logits, target, num_mc_samples, generator, exact_classes=exact_classes
         )
     sampler = MC_LOSS_COLUMNS.get(hessian_twin(loss_fn))
-    if sampler is not None and logits.ndim == 2:
+    if sampler is not None and (logits.ndim == 2 or hessian_twin(loss_fn) in ELEMENTWISE_LOSSES):
         return sampler(logits, target, num_mc_samples, generator, exact_classes=exact_classes)
     if exact_classes:
         raise ValueError(

@@ -59,8 +59,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_flatness.functional.estimators.registry import ESTIMATORS
-from lightning_flatness.functional.loss_forms import hessian_twin, standard_loss
-from lightning_flatness.functional.loss_hessian_factors import LOSS_HESSIAN_STRUCTURES
+from lightning_flatness.functional.loss_forms import standard_loss
+from lightning_flatness.functional.loss_hessian_factors import has_loss_hessian_structure
 from lightning_flatness.functional.model_io import compiled_code_eager, inputs_batch_size, select_samples
 from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
 
@@ -165,7 +165,7 @@ def choose_method(
     d, ndim = _outputs(model, few)
     work = d * sum(p.numel() for p in params.values())
     many = d > max_exact_outputs
-    structured = many and ndim == 2 and hessian_twin(loss_fn) in LOSS_HESSIAN_STRUCTURES
+    structured = many and has_loss_hessian_structure(loss_fn, ndim)
     sampled = many and not structured
     sketched = (work >= sketch_min_work and not many) or structured
     try:
