@@ -189,15 +189,16 @@ def test_auto_sketches_big_networks_only():
 
     choice = choose_method(Arctan(), normalized_softmax_cross_entropy, x, y)
     assert (choice.method, choice.quantity) == ("gauss_newton_sketch", "gauss_newton")
-    # many outputs: the sketch of the structured loss Hessian for cross-entropy and eq. 20, whatever the
-    # work; the Monte-Carlo estimator for a loss without a structure (MSE)
+    # many outputs: the sketch of the structured loss Hessian for cross-entropy, eq. 20 and MSE, whatever
+    # the work; the Monte-Carlo estimator for a loss without a structure (Huber)
     wide = nn.Sequential(nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 48))
     for loss_fn in (normalized_softmax_cross_entropy, F.cross_entropy):
         choice = choose_method(wide, loss_fn, x, torch.tensor([1, 40]))
         assert choice.method == "gauss_newton_sketch" and "structured" in choice.reason
     tiny_wide = nn.Sequential(nn.Linear(1024, 2), nn.ReLU(), nn.Linear(2, 48))
     assert choose_method(tiny_wide, F.cross_entropy, x, torch.tensor([1, 40])).method == "gauss_newton_sketch"
-    assert choose_method(wide, F.mse_loss, x, torch.randn(2, 48)).method == "gauss_newton_mc"
+    assert choose_method(wide, F.mse_loss, x, torch.randn(2, 48)).method == "gauss_newton_sketch"
+    assert choose_method(wide, F.huber_loss, x, torch.randn(2, 48)).method == "gauss_newton_mc"
 
 
 class _Reshaped(nn.Module):
