@@ -163,10 +163,12 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[], nn.Module], Any, li
     ]
 
 
-def _measure(model: nn.Module, loss_fn: Any, batches: list) -> Any:
+def _measure(model: nn.Module, loss_fn: Any, batches: list, method: str = "auto") -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return measure_sharpness(model, batches, loss_fn=loss_fn, generator=torch.Generator().manual_seed(2))
+        return measure_sharpness(
+            model, batches, loss_fn=loss_fn, method=method, generator=torch.Generator().manual_seed(2)
+        )
 
 
 def _graphs() -> int:
@@ -225,6 +227,15 @@ def run(args) -> dict[str, Any]:
                 "hessian_trace": float(result["hessian_trace"]),
             }
         )
+        if any(text in loss_name for text in args.exact_reference):  # the exact method, once
+            start = time.perf_counter()
+            exact = _measure(model, loss_fn, batches, method="exact")
+            rows[-1].update(
+                exact_seconds=time.perf_counter() - start,
+                exact_normalized=float(exact["normalized"]),
+                exact_normalized_stderr=float(exact["normalized_stderr"]),
+                exact_hessian_trace=float(exact["hessian_trace"]),
+            )
         print(rows[-1])
     compiled = _compiled_case(args.quick, args.repeats, args.compile_backend)
     print(compiled)
@@ -246,6 +257,13 @@ def _markdown(payload: dict[str, Any]) -> str:
             f"| {r['model']} | `{r['loss_fn']}` | {r['method']} ({r['quantity']}) | {r['seconds']:.3f} | "
             f"{r['normalized']:.4g} | {r['normalized_stderr']:.2g} | {r['hessian_trace']:.4g} |"
         )
+    for r in payload["rows"]:
+        if "exact_normalized" in r:
+            lines.append(
+                f"\n{r['model']}, `{r['loss_fn']}`, with `method='exact'`: {r['exact_seconds']:.1f} s, "
+                f"normalized {r['exact_normalized']:.5g} +- {r['exact_normalized_stderr']:.2g}, "
+                f"Hessian trace {r['exact_hessian_trace']:.5g}"
+            )
     c = payload["compiled"]
     lines += [
         "",
@@ -264,6 +282,12 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--only", nargs="*", default=[], help="run only the rows whose loss_fn contains one of these texts"
+    )
+    parser.add_argument(
+        "--exact-reference",
+        nargs="*",
+        default=[],
+        help="also measure with method='exact' the rows whose loss_fn contains one of these texts",
     )
     parser.add_argument(
         "--compile-backend", default="inductor", help="torch.compile backend ('eager' needs no C++ compiler)"
