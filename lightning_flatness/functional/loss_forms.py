@@ -1,11 +1,11 @@
-r"""The forms in which users pass the standard classification losses, reduced to the one the
-estimators know.
+r"""The forms in which users pass the standard losses, reduced to the one the estimators know.
 
 The closed-form loss Hessians of :mod:`~lightning_flatness.functional.loss_hessian_factors` and
-:mod:`.estimators.loss_factors` are registered for ``F.cross_entropy``; a loss they do not know takes
-the autograd fallback, whose cost grows with the number of outputs (``O(K)`` backward passes through
-the loss and an ``O(K^3)`` eigendecomposition per sample). Two common forms of the same losses would
-take it needlessly, and one would measure nothing:
+:mod:`.estimators.loss_factors` are registered for functions (``F.cross_entropy``, eq. 20,
+``F.mse_loss``, ``F.binary_cross_entropy_with_logits``); a loss they do not know takes the autograd
+fallback, whose cost grows with the number of outputs (``O(K)`` backward passes through the loss and an
+``O(K^3)`` eigendecomposition per sample). Common forms of the same losses would take it needlessly, and
+one would measure nothing:
 
 - ``nn.CrossEntropyLoss()``, ``nn.NLLLoss()``, ``nn.MSELoss()`` and ``nn.BCEWithLogitsLoss()`` (the module
   forms, at their default options: no (class or positive) weights, ``ignore_index=-100``, mean reduction)
@@ -111,11 +111,12 @@ def _timm_label_smoothing(loss_fn: object) -> bool:
 
 
 def standard_loss(loss_fn: LossFn) -> LossFn:
-    """``loss_fn`` with the module forms ``nn.CrossEntropyLoss()`` / ``nn.NLLLoss()`` at their default
-    options replaced by ``F.cross_entropy`` / ``F.nll_loss``, and label-smoothed cross-entropies (PyTorch's
-    ``label_smoothing``, timm's ``LabelSmoothingCrossEntropy``) by :class:`LabelSmoothedCrossEntropy`
-    (inside a :class:`~lightning_flatness.functional.model_io.TokenLoss` too); anything else unchanged.
-    Needs no outputs."""
+    """``loss_fn`` with the module forms at their default options (``nn.CrossEntropyLoss()``,
+    ``nn.NLLLoss()``, ``nn.MSELoss()``, ``nn.BCEWithLogitsLoss()``) replaced by their functional forms,
+    and label-smoothed cross-entropies (PyTorch's ``label_smoothing``, timm's
+    ``LabelSmoothingCrossEntropy``) by :class:`LabelSmoothedCrossEntropy` (inside a
+    :class:`~lightning_flatness.functional.model_io.TokenLoss` too); anything else unchanged. Needs no
+    outputs."""
     if isinstance(loss_fn, TokenLoss):
         base = standard_loss(loss_fn.base)
         return loss_fn if base is loss_fn.base else TokenLoss(base, loss_fn.shift, loss_fn.ignore_index)
