@@ -647,9 +647,6 @@ def _token_positions(loss_fn: TokenLoss, logits: Tensor, target: Tensor) -> Tens
     return rows[:, 0].long()
 
 
-#: Closed-form column samplers, keyed by the loss function: ``fn(logits, target, num_mc_samples,
-#: generator, *, exact_classes) -> (columns (N, D, C), signs (C,))``. Losses not listed use
-#: :func:`autograd_columns`.
 def elementwise_columns(
     logits: Tensor,
     target: Tensor,
@@ -671,6 +668,9 @@ def elementwise_columns(
     return LOSS_HESSIAN_STRUCTURES[loss_fn](logits, target).sketch(num_mc_samples, generator)
 
 
+#: Closed-form column samplers, keyed by the loss function: ``fn(logits, target, num_mc_samples,
+#: generator, *, exact_classes) -> (columns (N, D, C), signs (C,))``. Losses not listed use
+#: :func:`autograd_columns`.
 MC_LOSS_COLUMNS: dict[Callable[..., Tensor], Callable[..., Columns]] = {
     F.cross_entropy: cross_entropy_columns,
     normalized_softmax_cross_entropy: normalized_cross_entropy_columns,
