@@ -1,15 +1,17 @@
 """One ``measure_sharpness`` at ``method="auto"`` with the training loss passed as users pass it
 (``nn.CrossEntropyLoss()``, with label smoothing, ``nn.NLLLoss()``, ``F.nll_loss`` on a model that ends in
-``log_softmax``, as PyTorch's MNIST and word-language-model examples do), and on a ``torch.compile``'d
-model: the method ``auto`` picks, the time, the values, and how many graphs Dynamo compiled for the
-measurement.
+``log_softmax``, as PyTorch's MNIST and word-language-model examples do; mixup targets; regression and
+multi-label losses), and on a ``torch.compile``'d model: the method ``auto`` picks, the time, the values,
+and how many graphs Dynamo compiled for the measurement.
 
 Models (random weights, no downloads): the paper's MLP (40-100-100-100) with 10 and 1,000 classes, with
 logits or with ``log_softmax`` outputs; an LSTM language model as PyTorch's word-language-model example
 writes it (sequence-first ``(T, B)`` tokens, ``log_softmax`` over a 1,000-token vocabulary, ``(T, B)``
-targets); the same MLP as a 1,000-output regressor (``F.mse_loss``) and multi-label classifier
-(``nn.BCEWithLogitsLoss()``); a convolutional denoiser with ``(N, 3, 16, 16)`` outputs (``nn.MSELoss()``);
-the 10-class MLP compiled with the default (inductor) backend (``--compile-backend``).
+targets); the 1,000-class MLP on mixup targets (class probabilities); the same MLP as a 1,000-output
+regressor (``F.mse_loss``) and multi-label classifier (``nn.BCEWithLogitsLoss()``); a convolutional
+denoiser with ``(N, 3, 16, 16)`` outputs (``nn.MSELoss()``); the 10-class MLP compiled with the default
+(inductor) backend (``--compile-backend``). A row that a version of the library cannot measure records
+the error.
 
 Run: ``python -W ignore -m benchmarks.bench_loss_forms --json benchmarks/results/bench_loss_forms.json``.
 To compare with another checkout, run the same script with ``PYTHONPATH`` pointing there.
@@ -94,6 +96,19 @@ def _float_batches(inputs: tuple[int, ...], outputs: tuple[int, ...], quick: boo
     return batches
 
 
+def _mixup_batches(classes: int, quick: bool) -> list:
+    """Inputs and mixup targets ``0.7 e_a + 0.3 e_b`` (class probabilities), as a mixup collate yields."""
+    g = torch.Generator().manual_seed(1)
+    size = 8 if quick else 64
+    batches = []
+    for _ in range(8):
+        a = torch.randint(0, classes, (size,), generator=g)
+        b = torch.randint(0, classes, (size,), generator=g)
+        q = 0.7 * F.one_hot(a, classes).float() + 0.3 * F.one_hot(b, classes).float()
+        batches.append((torch.randn(size, 40, generator=g), q))
+    return batches
+
+
 def _lm_batches(quick: bool) -> list:
     g = torch.Generator().manual_seed(1)
     steps, width = (6, 2) if quick else (16, 8)
@@ -139,6 +154,20 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[], nn.Module], Any, li
             mlp1000,
         ),
         ("word-LM LSTM, (T, B), log_softmax", "F.nll_loss", WordLSTM, F.nll_loss, _lm_batches(quick)),
+        (
+            "MLP, 1000 classes, mixup targets",
+            "default (eq. 20)",
+            lambda: PaperMLP(1000, False),
+            None,
+            _mixup_batches(1000, quick),
+        ),
+        (
+            "MLP, 1000 classes, mixup targets",
+            "nn.CrossEntropyLoss()",
+            lambda: PaperMLP(1000, False),
+            nn.CrossEntropyLoss(),
+            _mixup_batches(1000, quick),
+        ),
         (
             "MLP regression, 1000 outputs",
             "F.mse_loss",
@@ -207,11 +236,18 @@ def _compiled_case(quick: bool, repeats: int, backend: str) -> dict[str, Any]:
 def run(args) -> dict[str, Any]:
     rows = []
     for model_name, loss_name, build, loss_fn, batches in _cases(args.quick):
-        if args.only and not any(text in loss_name for text in args.only):
+        if args.only and not any(text in f"{model_name} {loss_name}" for text in args.only):
             continue
         torch.manual_seed(args.seed)  # the same weights for every loss form of a model
         model = build().eval()
-        result = _measure(model, loss_fn, batches)
+        try:
+            result = _measure(model, loss_fn, batches)
+        except (ValueError, RuntimeError) as err:  # a version of the library that cannot measure it
+            rows.append(
+                {"model": model_name, "loss_fn": loss_name, "error": f"{type(err).__name__}: {err}"[:300]}
+            )
+            print(rows[-1])
+            continue
         timing = time_call(
             lambda m=model, f=loss_fn, b=batches: _measure(m, f, b), repeats=args.repeats, warmup=0
         )
@@ -253,6 +289,9 @@ def _markdown(payload: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in payload["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | `{r['loss_fn']}` | fails: {r['error'][:120]} | | | | |")
+            continue
         lines.append(
             f"| {r['model']} | `{r['loss_fn']}` | {r['method']} ({r['quantity']}) | {r['seconds']:.3f} | "
             f"{r['normalized']:.4g} | {r['normalized_stderr']:.2g} | {r['hessian_trace']:.4g} |"
@@ -281,7 +320,10 @@ def main(argv=None) -> dict[str, Any]:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--only", nargs="*", default=[], help="run only the rows whose loss_fn contains one of these texts"
+        "--only",
+        nargs="*",
+        default=[],
+        help="run only the rows whose model or loss_fn contains one of these texts",
     )
     parser.add_argument(
         "--exact-reference",

@@ -311,7 +311,7 @@ def test_loss_forms_quick_measure_nonzero_and_the_compiled_model_compiles_nothin
         ["--quick", "--repeats", "1", "--compile-backend", "eager", "--json", str(out)]
     )
     rows = {(r["model"], r["loss_fn"]): r for r in results["rows"]}
-    assert len(rows) == 11 and all(r["normalized"] > 0 and _finite(r["normalized"]) for r in rows.values())
+    assert len(rows) == 13 and all(r["normalized"] > 0 and _finite(r["normalized"]) for r in rows.values())
     # the module form is the functional one: same method and, with the same weights and seed, the same value
     a, b = (
         rows[("MLP, 1000 classes", "F.cross_entropy")],

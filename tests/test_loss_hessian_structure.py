@@ -193,3 +193,76 @@ def test_elementwise_sketch_of_dense_outputs_is_unbiased_and_chosen_by_auto(loss
         stack = torch.stack([r[name] for r in runs])
         se = stack.std(dim=0) / repeats**0.5
         assert float(((stack.mean(dim=0) - reference[name]).abs() / se).max()) < 5.0, name
+
+
+def _mixed_targets(g: torch.Generator, n: int, k: int) -> torch.Tensor:
+    """Mixup rows ``0.7 e_a + 0.3 e_b`` and one Dirichlet row: class probabilities summing to 1."""
+    a, b = torch.randint(0, k, (n,), generator=g), torch.randint(0, k, (n,), generator=g)
+    q = 0.7 * F.one_hot(a, k).double() + 0.3 * F.one_hot(b, k).double()
+    q[0] = torch.distributions.Dirichlet(torch.ones(k, dtype=torch.float64)).sample()
+    return q
+
+
+@pytest.mark.parametrize(
+    "loss_fn, structure",
+    [
+        (F.cross_entropy, softmax_cross_entropy_structure),
+        (normalized_softmax_cross_entropy, normalized_cross_entropy_structure),
+    ],
+    ids=["ce", "eq20"],
+)
+def test_probability_targets_take_the_closed_forms(loss_fn, structure):
+    """Mixup/cutmix targets: the structures and eq. 20's closed-form Hessian equal the autograd Hessians
+    (they raised before), and the exact estimator's closed-form factors and gradient equal brute force."""
+    from lightning_flatness.functional.estimators.exact import gauss_newton_diagonal
+    from lightning_flatness.functional.loss_hessian_factors import normalized_cross_entropy_logit_hessian
+    from tests.oracles import assert_relative_close, brute_force_hessian_diagonal
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    k = 7
+    logits = 2 * torch.randn(6, k, generator=g, dtype=torch.float64)
+    target = _mixed_targets(g, 6, k)
+    expected = _autograd_hessians(loss_fn, logits, target)
+    torch.testing.assert_close(structure(logits, target).dense(), expected, rtol=1e-10, atol=1e-12)
+    if loss_fn is normalized_softmax_cross_entropy:
+        torch.testing.assert_close(
+            normalized_cross_entropy_logit_hessian(logits, target), expected, rtol=1e-10, atol=1e-12
+        )
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, k)).double()
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    params = {n: p for n, p in model.named_parameters() if p.ndim == 2}
+    ggn = gauss_newton_diagonal(model, loss_fn, x, target, params)
+    assert not ggn.loss_issues
+    reference = brute_force_hessian_diagonal(model, loss_fn, x, target, list(params))
+    assert_relative_close(ggn.diagonal, reference, tol=1e-10)  # ReLU net: Hessian = Gauss-Newton
+    z = model(x).detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss_fn(z, target), z)
+    torch.testing.assert_close(ggn.logits_grad, grad, rtol=1e-10, atol=1e-14)
+    # label smoothing on top of probability targets: q = (1 - eps) t + eps / K
+    if loss_fn is not F.cross_entropy:
+        return
+    ggn_smoothed = gauss_newton_diagonal(model, nn.CrossEntropyLoss(label_smoothing=0.1), x, target, params)
+    (grad,) = torch.autograd.grad(F.cross_entropy(z, target, label_smoothing=0.1), z)
+    torch.testing.assert_close(ggn_smoothed.logits_grad, grad, rtol=1e-10, atol=1e-14)
+    assert_relative_close(ggn_smoothed.diagonal, reference, tol=1e-10)  # smoothing: the same Hessian
+
+
+def test_rows_that_are_not_probabilities_keep_the_autograd_path():
+    """Soft targets whose rows do not sum to 1 scale the cross-entropy Hessian by the row sum: no closed
+    form, the autograd factors, still exact."""
+    from lightning_flatness.functional.estimators.exact import gauss_newton_diagonal
+    from lightning_flatness.functional.loss_hessian_factors import is_probability_target
+    from tests.oracles import assert_relative_close, brute_force_hessian_diagonal
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    target = 2 * _mixed_targets(g, 6, 5)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 5)).double()
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    assert not is_probability_target(model(x), target)
+    params = {n: p for n, p in model.named_parameters() if p.ndim == 2}
+    ggn = gauss_newton_diagonal(model, F.cross_entropy, x, target, params)
+    assert_relative_close(
+        ggn.diagonal, brute_force_hessian_diagonal(model, F.cross_entropy, x, target, list(params)), tol=1e-10
+    )

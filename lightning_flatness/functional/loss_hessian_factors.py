@@ -30,6 +30,10 @@ autograd fallback :func:`autograd_columns` for any other per-sample-mean loss:
 - :func:`token_loss_columns` (:class:`TokenLoss` wrapping any of these): the base columns per valid
   token, stacked per sequence with independent random signs.
 
+Targets of the softmax losses: class indices, or ``(N, K)`` class probabilities whose rows sum to 1
+(mixup, cutmix: :func:`is_probability_target`); every closed form below holds for them with ``e_y``
+replaced by the target's row (``Lambda`` of cross-entropy does not depend on it at all).
+
 Exact structured forms (:class:`StructuredLossHessian`, :data:`LOSS_HESSIAN_STRUCTURES`): for
 cross-entropy and eq. 20, ``Lambda_n`` is a diagonal core behind a rank-one correction plus at most 4
 signed columns, ``O(K)`` numbers per sample, exact at any ``K``; for the elementwise losses (MSE, binary
@@ -70,6 +74,8 @@ __all__ = [
     "StructuredLossHessian",
     "binary_cross_entropy_structure",
     "elementwise_columns",
+    "is_probability_target",
+    "target_probabilities",
     "has_loss_hessian_structure",
     "mean_squared_error_structure",
     "loss_hessian_structure",
@@ -100,7 +106,27 @@ def _check_draws(num_mc_samples: int) -> None:
         raise ValueError(f"`num_mc_samples` must be a positive int, got {num_mc_samples!r}.")
 
 
+def is_probability_target(logits: Tensor, target: Tensor) -> bool:
+    """Whether ``target`` is ``(N, K)`` class probabilities for ``(N, K)`` logits (mixup, cutmix): floating,
+    non-negative, each row summing to 1 within ``1e-4``. The softmax losses' closed forms hold for them
+    with ``e_y`` replaced by the row; rows that do not sum to 1 would scale the loss Hessian."""
+    if logits.ndim != 2 or not isinstance(target, Tensor) or target.shape != logits.shape:
+        return False
+    if not target.is_floating_point() or target.numel() == 0:
+        return False
+    return bool((target >= 0).all() and ((target.sum(dim=1) - 1).abs() <= 1e-4).all())
+
+
+def target_probabilities(target: Tensor, k: int, dtype: torch.dtype) -> Tensor:
+    """``(N, K)``: the one-hot rows of class indices, or probability targets as they are (``dtype``)."""
+    if target.is_floating_point():
+        return target.to(dtype)
+    return F.one_hot(target.long(), k).to(dtype)
+
+
 def _check_class_targets(logits: Tensor, target: Tensor, caller: str) -> None:
+    if is_probability_target(logits, target):
+        return
     if (
         logits.ndim != 2
         or target.ndim != 1
@@ -108,8 +134,9 @@ def _check_class_targets(logits: Tensor, target: Tensor, caller: str) -> None:
         or target.is_floating_point()
     ):
         raise ValueError(
-            f"{caller} needs (N, K) logits and (N,) integer class targets, got {tuple(logits.shape)} "
-            f"and {tuple(target.shape)} ({target.dtype}); wrap sequence losses in TokenLoss."
+            f"{caller} needs (N, K) logits and (N,) integer class targets or (N, K) class probabilities "
+            f"(rows summing to 1), got {tuple(logits.shape)} and {tuple(target.shape)} ({target.dtype}); "
+            "wrap sequence losses in TokenLoss."
         )
     if target.numel() and bool(((target < 0) | (target >= logits.shape[1])).any()):
         raise ValueError(
@@ -226,7 +253,8 @@ def normalized_cross_entropy_logit_hessian(logits: Tensor, target: Tensor) -> Te
     indefinite. Rows whose logits are all equal (degenerate, :func:`normalize_logits`) get 0.
 
     Args:
-        logits: ``(N, K)``; target: ``(N,)`` class indices.
+        logits: ``(N, K)``; target: ``(N,)`` class indices, or ``(N, K)`` class probabilities (then
+            ``e_y`` is the target's row).
 
     Returns:
         ``(N, K, K)`` float64. Cost ``O(N K^2)`` (for tests and small ``K``).
@@ -243,7 +271,7 @@ def _normalized_cross_entropy_hessian_and_gradient(logits: Tensor, target: Tenso
     u, s, ok = _normalization(logits)
     n, k = u.shape
     p = torch.softmax(u, dim=1)
-    r = p - F.one_hot(target.long(), k).to(p.dtype)
+    r = p - target_probabilities(target, k, p.dtype)
     ru = (r * u).sum(dim=1, keepdim=True)
     grad = torch.where(ok.unsqueeze(1), (r - u * ru / k) / s, torch.zeros_like(r))
     eye = torch.eye(k, dtype=p.dtype, device=p.device)
@@ -364,7 +392,7 @@ def normalized_cross_entropy_structure(logits: Tensor, target: Tensor) -> Struct
     u, s, ok = _normalization(logits)
     n, k = u.shape
     p = torch.softmax(u, dim=1)
-    r = p - F.one_hot(target.long(), k).to(p.dtype)
+    r = p - target_probabilities(target, k, p.dtype)
     s2 = s.squeeze(1) ** 2
     ru = (r * u).sum(dim=1)
     alpha = -ru / (s2 * k)
@@ -501,7 +529,7 @@ def normalized_cross_entropy_columns(
     u, s, ok = _normalization(logits)
     n, k = u.shape
     p = torch.softmax(u, dim=1)
-    r = p - F.one_hot(target.long(), k).to(p.dtype)
+    r = p - target_probabilities(target, k, p.dtype)
     ce = _normalization_jacobian_apply(
         u, s, _softmax_hessian_columns(p, num_mc_samples, exact_classes, generator)
     )

@@ -30,7 +30,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_flatness.functional.loss_forms import hessian_twin
-from lightning_flatness.functional.loss_hessian_factors import _normalized_cross_entropy_hessian_and_gradient
+from lightning_flatness.functional.loss_hessian_factors import (
+    _normalized_cross_entropy_hessian_and_gradient,
+    is_probability_target,
+    target_probabilities,
+)
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.model_io import TokenLoss
 
@@ -141,10 +145,10 @@ def _loss_factors(
         p = torch.softmax(logits.detach(), dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))
         factors = _cross_entropy_factors(p).to(logits.dtype)
         grad = None
-        if need_grad:  # (p - q) / N, q = (1 - eps) e_y + eps / K (eps = 0 without label smoothing)
+        if need_grad:  # (p - q) / N, q = (1 - eps) t + eps / K (t: e_y or the target's row; eps: smoothing)
             eps = getattr(loss_fn, "smoothing", 0.0)
-            grad = p.scatter_add(1, target.long().unsqueeze(1), p.new_full((p.shape[0], 1), eps - 1.0))
-            grad = ((grad - eps / p.shape[1]) / logits.shape[0]).to(logits.dtype)
+            q = (1 - eps) * target_probabilities(target, p.shape[1], p.dtype) + eps / p.shape[1]
+            grad = ((p - q) / logits.shape[0]).to(logits.dtype)
         signs = torch.ones(logits.shape[0], factors.shape[2], dtype=logits.dtype, device=logits.device)
         return factors, signs, grad, []
     if loss_fn is normalized_softmax_cross_entropy and _plain_class_targets(logits, target):
@@ -256,9 +260,13 @@ def _token_loss_factors(
 
 
 def _plain_class_targets(logits: Tensor, target: Tensor) -> bool:
-    """``(N, C)`` floating logits, ``(N,)`` integer targets all in ``[0, C)`` (none ignored)."""
+    """``(N, C)`` floating logits, and ``(N,)`` integer targets all in ``[0, C)`` (none ignored) or
+    ``(N, C)`` class probabilities
+    (:func:`~lightning_flatness.functional.loss_hessian_factors.is_probability_target`)."""
     if logits.ndim != 2 or not logits.is_floating_point() or not isinstance(target, Tensor):
         return False
+    if is_probability_target(logits, target):
+        return True
     if (
         target.ndim != 1
         or target.shape[0] != logits.shape[0]
