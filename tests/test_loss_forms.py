@@ -198,6 +198,11 @@ def test_label_smoothing_is_one_form_whose_logit_hessian_is_the_cross_entropy_on
     assert standard_loss(timm_loss) == LabelSmoothedCrossEntropy(0.1)
     z, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 5, (6,))
     assert torch.allclose(smoothed(z, y), timm_loss(z, y), rtol=1e-14, atol=0)
+    soft = pytest.importorskip("timm.loss").SoftTargetCrossEntropy()
+    assert needs_outputs(soft) and loss_for_outputs(soft, z) is F.cross_entropy
+    assert loss_for_outputs(soft, torch.randn(2, 3, 5)) is soft  # timm's last dim is not dim 1 there
+    q = torch.softmax(torch.randn(6, 5, dtype=torch.float64), dim=1)
+    assert torch.allclose(soft(z, q), F.cross_entropy(z, q), rtol=1e-14, atol=0)
     assert torch.equal(smoothed(z, y), nn.CrossEntropyLoss(label_smoothing=0.1)(z, y))
     with pytest.raises(ValueError, match=r"label smoothing must lie in \[0, 1\]"):
         LabelSmoothedCrossEntropy(1.5)

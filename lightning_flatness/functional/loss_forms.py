@@ -16,6 +16,8 @@ one would measure nothing:
   against the target distribution ``q = (1 - eps) e_y + eps / K``, whose Hessian in the logits,
   ``(sum_k q_k) (diag p - p p^T) = diag p - p p^T``, does not depend on ``q``. So the closed forms of
   ``F.cross_entropy`` apply to it (:func:`hessian_twin`), and only its gradient, ``p - q``, differs.
+- timm's ``SoftTargetCrossEntropy`` (mixup training) on ``(N, K)`` outputs is ``F.cross_entropy`` with
+  probability targets, the same formula (:func:`loss_for_outputs`).
 - ``F.nll_loss`` on log-probabilities ``o = log_softmax(z)`` (PyTorch's MNIST and word-language-model
   examples end their networks with ``log_softmax``) is *linear* in ``o``: its Hessian in the model's
   outputs is zero, so every Gauss-Newton diagonal split at the outputs is zero. On log-probabilities
@@ -104,10 +106,12 @@ def _at_defaults(loss: nn.Module) -> bool:
     )
 
 
-def _timm_label_smoothing(loss_fn: object) -> bool:
-    """timm's ``LabelSmoothingCrossEntropy`` (``timm.loss``): ``(1 - eps) nll + eps mean_k(-log p_k)``."""
+def _timm_loss(loss_fn: object, name: str) -> bool:
+    """Whether ``loss_fn`` is timm's loss class ``name`` (``timm.loss``), recognised without importing timm:
+    ``LabelSmoothingCrossEntropy`` is ``(1 - eps) nll + eps mean_k(-log p_k)``; ``SoftTargetCrossEntropy``
+    is ``mean_n sum_k -t_nk log_softmax(x_n)_k`` over the last dim (mixup training)."""
     cls = type(loss_fn)
-    return cls.__name__ == "LabelSmoothingCrossEntropy" and cls.__module__.startswith("timm.")
+    return cls.__name__ == name and cls.__module__.startswith("timm.")
 
 
 def standard_loss(loss_fn: LossFn) -> LossFn:
@@ -120,7 +124,7 @@ def standard_loss(loss_fn: LossFn) -> LossFn:
     if isinstance(loss_fn, TokenLoss):
         base = standard_loss(loss_fn.base)
         return loss_fn if base is loss_fn.base else TokenLoss(base, loss_fn.shift, loss_fn.ignore_index)
-    if _timm_label_smoothing(loss_fn):
+    if _timm_loss(loss_fn, "LabelSmoothingCrossEntropy"):
         return LabelSmoothedCrossEntropy(loss_fn.smoothing)  # type: ignore[attr-defined]
     form = _FUNCTIONAL_FORMS.get(type(loss_fn))
     if form is None or not _at_defaults(loss_fn):  # type: ignore[arg-type]
@@ -131,8 +135,10 @@ def standard_loss(loss_fn: LossFn) -> LossFn:
 
 def needs_outputs(loss_fn: LossFn) -> bool:
     """Whether :func:`loss_for_outputs` must see the model's outputs to settle ``loss_fn`` (it is, or
-    wraps, ``F.nll_loss``)."""
+    wraps, ``F.nll_loss``; or it is timm's ``SoftTargetCrossEntropy``)."""
     loss_fn = standard_loss(loss_fn)
+    if _timm_loss(loss_fn, "SoftTargetCrossEntropy"):
+        return True
     return (loss_fn.base if isinstance(loss_fn, TokenLoss) else loss_fn) is F.nll_loss
 
 
@@ -147,8 +153,9 @@ def are_log_probabilities(outputs: Tensor, dim: int) -> bool:
 
 
 def loss_for_outputs(loss_fn: LossFn, outputs: Tensor) -> LossFn:
-    """:func:`standard_loss`, with ``F.nll_loss`` on log-probabilities replaced by ``F.cross_entropy``
-    (the same function of the weights; see the module docstring).
+    """:func:`standard_loss`, with ``F.nll_loss`` on log-probabilities, and timm's
+    ``SoftTargetCrossEntropy`` on ``(N, K)`` outputs, replaced by ``F.cross_entropy`` (the same function of
+    the weights; see the module docstring).
 
     Args:
         loss_fn: the loss as given, or a ``TokenLoss`` around it.
@@ -162,6 +169,8 @@ def loss_for_outputs(loss_fn: LossFn, outputs: Tensor) -> LossFn:
     loss_fn = standard_loss(loss_fn)
     if not needs_outputs(loss_fn):
         return loss_fn
+    if _timm_loss(loss_fn, "SoftTargetCrossEntropy"):  # over the last dim: F.cross_entropy's dim 1 if 2-D
+        return F.cross_entropy if outputs.ndim == 2 else loss_fn
     dim = -1 if isinstance(loss_fn, TokenLoss) else 1
     if outputs.ndim < 2 or not are_log_probabilities(outputs, dim):
         raise ValueError(
