@@ -266,3 +266,39 @@ def test_rows_that_are_not_probabilities_keep_the_autograd_path():
     assert_relative_close(
         ggn.diagonal, brute_force_hessian_diagonal(model, F.cross_entropy, x, target, list(params)), tol=1e-10
     )
+
+
+@pytest.mark.parametrize("shape", [(5, 40), (5, 2, 3, 3)], ids=["flat", "dense"])
+@pytest.mark.parametrize("loss_fn, draw_target", _ELEMENTWISE, ids=["mse", "bce"])
+def test_exact_factors_of_elementwise_losses_against_brute_force(loss_fn, draw_target, shape, monkeypatch):
+    """The exact method's closed-form diagonal factors (no eigendecomposition): the Gauss-Newton diagonal
+    and gradient equal brute force; on a ReLU network, the Hessian diagonal too."""
+    from lightning_flatness.functional.estimators import loss_factors
+    from lightning_flatness.functional.estimators.exact import gauss_newton_diagonal
+    from lightning_flatness.functional.estimators.loss_factors import _loss_factors
+    from tests.oracles import assert_relative_close, brute_force_hessian_diagonal
+
+    def no_fallback(*args):
+        raise AssertionError("the autograd fallback was taken")
+
+    monkeypatch.setattr(loss_factors, "_per_sample_loss_hessians", no_fallback)
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    out = int(torch.tensor(shape[1:]).prod())
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, out), nn.Unflatten(1, shape[1:])).double()
+    x = torch.randn(shape[0], 4, generator=g, dtype=torch.float64)
+    y = draw_target(g, shape)
+    factors, signs, _, issues = _loss_factors(loss_fn, model(x).detach(), y)
+    assert factors.shape == (shape[0], out, out) and not issues and bool((signs == 1).all())
+    params = {n: p for n, p in model.named_parameters() if p.ndim == 2}
+    ggn = gauss_newton_diagonal(model, loss_fn, x, y, params)
+    assert_relative_close(
+        ggn.diagonal, brute_force_ggn_diagonal(model, loss_fn, x, y, list(params)), tol=1e-12
+    )
+    assert_relative_close(
+        ggn.diagonal, brute_force_hessian_diagonal(model, loss_fn, x, y, list(params)), tol=1e-12
+    )
+    z = model(x).detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss_fn(z, y), z)
+    torch.testing.assert_close(ggn.logits_grad, grad, rtol=1e-12, atol=1e-15)

@@ -14,6 +14,8 @@ network and contracts ``sum_k s_nk (J_n^T c_nk)^2``; the number of columns is th
   eigendecomposed there: at most ``K - 1`` signed columns (:func:`_normalized_cross_entropy_factors`).
 - :class:`~lightning_flatness.functional.model_io.TokenLoss`: the base loss's factors per valid token,
   placed in their sequence (:func:`_token_loss_factors`).
+- ``F.mse_loss``, ``F.binary_cross_entropy_with_logits``: the known diagonal ``Lambda_n``, ``D`` columns
+  ``sqrt(d_nj) e_j`` (:func:`_elementwise_factors`).
 - Any other per-sample-mean loss: ``Lambda_n`` by double backward (:func:`_per_sample_loss_hessians`)
   and an eigendecomposition (:func:`_signed_factors`); cost ``O(D)`` backward passes through the loss
   and ``O(D^3)`` per sample.
@@ -31,8 +33,10 @@ from torch import Tensor
 
 from lightning_flatness.functional.loss_forms import hessian_twin
 from lightning_flatness.functional.loss_hessian_factors import (
+    ELEMENTWISE_LOSSES,
     _normalized_cross_entropy_hessian_and_gradient,
     is_probability_target,
+    loss_hessian_structure,
     target_probabilities,
 )
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
@@ -136,7 +140,8 @@ def _loss_factors(
     ``dL/df_n = (p_n - q_n) / N``, ``q_n = (1 - eps) e_{y_n} + eps / C``.
     For eq. 20 (``loss_fn is normalized_softmax_cross_entropy``) on such logits and targets: the closed
     form in float64 (:func:`_normalized_cross_entropy_factors`: at most ``K - 1`` signed columns and the
-    gradient), returned in the logits' dtype. Any other loss:
+    gradient), returned in the logits' dtype. For ``F.mse_loss`` and ``F.binary_cross_entropy_with_logits``
+    with a target of the outputs' shape: the diagonal of :func:`_elementwise_factors`. Any other loss:
     :func:`_per_sample_loss_hessians` and :func:`_signed_factors`.
     """
     if isinstance(loss_fn, TokenLoss):
@@ -154,6 +159,9 @@ def _loss_factors(
     if loss_fn is normalized_softmax_cross_entropy and _plain_class_targets(logits, target):
         factors, signs, grad = _normalized_cross_entropy_factors(logits, target, need_grad)
         return factors, signs, grad, []
+    elementwise = any(loss_fn is f for f in ELEMENTWISE_LOSSES)  # identity: a loss need not be hashable
+    if elementwise and isinstance(target, Tensor) and target.shape == logits.shape:
+        return _elementwise_factors(loss_fn, logits, target, need_grad)
     hessians, grad, issues = _per_sample_loss_hessians(loss_fn, logits, target)
     factors, signs = _signed_factors(hessians)
     return factors, signs, grad, issues
@@ -220,6 +228,28 @@ def _normalized_cross_entropy_factors(
     factors, signs = _signed_factors(0.5 * (reduced + reduced.transpose(1, 2)), torch.finfo(logits.dtype).eps)
     grad = (grads / n).to(logits.dtype) if need_grad else None
     return (basis @ factors).to(logits.dtype), signs.to(logits.dtype), grad
+
+
+def _elementwise_factors(
+    loss_fn: LossFn, logits: Tensor, target: Tensor, need_grad: bool
+) -> tuple[Tensor, Tensor, Optional[Tensor], list[str]]:
+    """Exact factors of a loss of
+    :data:`~lightning_flatness.functional.loss_hessian_factors.ELEMENTWISE_LOSSES`, whose ``Lambda_n =
+    diag(d_n)`` is known (``2/D`` for MSE, ``s (1 - s) / D`` for binary cross-entropy with logits): the
+    ``D`` columns ``sqrt(d_nj) e_j``, all of sign ``+``, ``(N, D, D)``, for outputs of any shape (``D`` per
+    sample); the gradient by one backward pass through the loss. No eigendecomposition: ``O(N D^2)``
+    memory for the columns (the exact method's ``D`` backward columns), against ``O(N D^3)`` time for the
+    autograd fallback."""
+    d = loss_hessian_structure(loss_fn, logits, target).d  # type: ignore[union-attr]  # (N, D) float64
+    factors = torch.diag_embed(d.sqrt()).to(logits.dtype)
+    signs = torch.ones(d.shape, dtype=logits.dtype, device=logits.device)
+    grad = None
+    if need_grad:
+        f = logits.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(loss_fn(f, target), f)
+        grad = grad.detach()
+    return factors, signs, grad, []
 
 
 def _token_loss_factors(
