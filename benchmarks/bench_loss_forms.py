@@ -340,7 +340,7 @@ def main(argv=None) -> dict[str, Any]:
     payload = run(args)
     payload.update(
         command=command_line("benchmarks.bench_loss_forms", argv),
-        library=str(Path(lightning_flatness.__file__).parent),
+        library=str(Path(lightning_flatness.__file__).resolve().parent.parent),
         seconds=time.perf_counter() - start,
         environment=environment(),
     )

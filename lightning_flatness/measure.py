@@ -23,14 +23,14 @@ from torch import Tensor, nn
 from lightning_flatness.batch_split import split_batch as default_split_batch
 from lightning_flatness.functional.estimators import hessian_diagonal_groups
 from lightning_flatness.functional.estimators.method_choice import MethodChoice, choose_method
-from lightning_flatness.functional.loss_forms import loss_for_outputs, standard_loss
+from lightning_flatness.functional.loss_forms import loss_for_outputs
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.model_io import (
     TokenLoss,
     call_model,
     compiled_code_eager,
     inputs_batch_size,
-    select_samples,
+    outputs_of_first_samples,
 )
 from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
 from lightning_flatness.metric import NormalizedSharpness, all_finite
@@ -143,7 +143,7 @@ class SharpnessMeasurement:
         resolve_sequence_loss: bool = True,
     ) -> None:
         self.model = model
-        self.loss_fn: LossFn = normalized_softmax_cross_entropy if loss_fn is None else standard_loss(loss_fn)
+        self.loss_fn: LossFn = normalized_softmax_cross_entropy if loss_fn is None else loss_fn
         self.method = method
         self.parameters = parameters
         self.num_probes = num_probes
@@ -169,10 +169,8 @@ class SharpnessMeasurement:
     def resolve(self, inputs: Any, target: Tensor) -> MethodChoice:
         """The estimator for this model and loss (``method="auto"``: decided on this batch, once)."""
         if not self._loss_resolved:
-            n = inputs_batch_size(inputs)
-            with torch.no_grad():
-                logits = call_model(self.model, select_samples(inputs, slice(0, min(n, 2)), n))
-            self.loss_fn = resolve_loss(self.loss_fn, self.model, logits, target[: min(n, 2)])
+            logits = outputs_of_first_samples(self.model, inputs, 2)
+            self.loss_fn = resolve_loss(self.loss_fn, self.model, logits, target[:2])
             self._loss_resolved = True
         if self.choice is None:
             self.choice = choose_method(self.model, self.loss_fn, inputs, target, parameters=self.parameters)

@@ -28,6 +28,7 @@ __all__ = [
     "TokenLoss",
     "call_model",
     "compiled_code_eager",
+    "outputs_of_first_samples",
     "extract_logits",
     "inputs_batch_size",
     "map_inputs",
@@ -119,12 +120,13 @@ def compiled_code_eager() -> Iterator[None]:
     (``torch.compiler.set_stance("force_eager")``).
 
     A measurement runs the forward under the estimators' recorder (a ``TorchFunctionMode``), in eval
-    mode, with and without gradient: compiled, each of those would be traced and compiled anew (seconds
-    per measurement on a small MLP), the recording code traced with it, and the model's compile cache
-    filled towards its recompile limit, past which training itself would run uncompiled. Eager, the
-    measurement is the eager model's, and the training run's compiled code and cache are untouched.
-    Nested blocks cost nothing; without ``torch.compiler.set_stance`` (torch < 2.6) it does nothing.
-    Cost: about 0.1 ms per outermost block.
+    mode, with and without gradient: compiled, each of those would be traced and compiled anew, the
+    recording code traced with it, and the model's compile cache filled towards its recompile limit
+    (past which a frame whose guards fail, e.g. on a new input shape in training, runs uncompiled).
+    Eager, the measurement is the eager model's, and the training run's compiled code and cache are
+    untouched (measured: ``benchmarks/RESULTS.md``, round 11). Nested blocks only check a counter; without
+    ``torch.compiler.set_stance`` (torch < 2.6) it does nothing. Cost: one ``set_stance`` per outermost
+    block.
     """
     global _eager_depth
     set_stance = getattr(torch.compiler, "set_stance", None)
@@ -149,6 +151,14 @@ def call_model(model: Callable[..., Any], inputs: Any) -> Tensor:
     else:
         out = model(inputs)
     return extract_logits(out)
+
+
+def outputs_of_first_samples(model: Callable[..., Any], inputs: Any, count: int = 2) -> Tensor:
+    """The logits of ``model`` on the first ``count`` samples of ``inputs`` (one forward pass without
+    gradient): what the front doors look at to settle the loss and its layout."""
+    n = inputs_batch_size(inputs)
+    with torch.no_grad():
+        return call_model(model, select_samples(inputs, slice(0, min(n, count)), n))
 
 
 class TokenLoss(nn.Module):

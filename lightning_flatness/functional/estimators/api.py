@@ -12,10 +12,9 @@ from lightning_flatness.functional.estimators.registry import ESTIMATORS, Estima
 from lightning_flatness.functional.loss_forms import loss_for_outputs, needs_outputs, standard_loss
 from lightning_flatness.functional.model_io import (
     TokenLoss,
-    call_model,
     compiled_code_eager,
     inputs_batch_size,
-    select_samples,
+    outputs_of_first_samples,
     split_samples,
 )
 from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
@@ -100,10 +99,7 @@ def _settled_loss(model: nn.Module, loss_fn: LossFn, inputs: Any) -> LossFn:
     for ``F.nll_loss``, checked on the outputs of two samples (one extra forward pass without gradient)."""
     if not needs_outputs(loss_fn):
         return standard_loss(loss_fn)
-    n = inputs_batch_size(inputs)
-    with torch.no_grad():
-        outputs = call_model(model, select_samples(inputs, slice(0, min(n, 2)), n))
-    return loss_for_outputs(loss_fn, outputs)
+    return loss_for_outputs(loss_fn, outputs_of_first_samples(model, inputs))
 
 
 @compiled_code_eager()

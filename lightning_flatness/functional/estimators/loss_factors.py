@@ -243,13 +243,15 @@ def _elementwise_factors(
     d = loss_hessian_structure(loss_fn, logits, target).d  # type: ignore[union-attr]  # (N, D) float64
     factors = torch.diag_embed(d.sqrt()).to(logits.dtype)
     signs = torch.ones(d.shape, dtype=logits.dtype, device=logits.device)
-    grad = None
-    if need_grad:
-        f = logits.detach().requires_grad_(True)
-        with torch.enable_grad():
-            (grad,) = torch.autograd.grad(loss_fn(f, target), f)
-        grad = grad.detach()
-    return factors, signs, grad, []
+    return factors, signs, _loss_gradient(loss_fn, logits, target) if need_grad else None, []
+
+
+def _loss_gradient(loss_fn: LossFn, logits: Tensor, target: Tensor) -> Tensor:
+    """``dL/df`` at ``logits`` (their shape, detached): one backward pass through the loss alone."""
+    f = logits.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(loss_fn(f, target), f)
+    return grad.detach()
 
 
 def _token_loss_factors(
@@ -281,12 +283,7 @@ def _token_loss_factors(
     signs[flat, slot] = row_signs
     factors = factors.reshape(n, positions, v, positions * k).reshape(n, positions * v, positions * k)
     signs = signs.reshape(n, positions, positions * k).sum(dim=1)
-    if not need_grad:
-        return factors, signs, None, issues
-    f = logits.detach().requires_grad_(True)
-    with torch.enable_grad():
-        (grad,) = torch.autograd.grad(loss_fn(f, target), f)
-    return factors, signs, grad.detach(), issues
+    return factors, signs, _loss_gradient(loss_fn, logits, target) if need_grad else None, issues
 
 
 def _plain_class_targets(logits: Tensor, target: Tensor) -> bool:
