@@ -203,6 +203,41 @@ def test_curvature_chunks_cover_every_row_once_and_match_replicate_curvature(mon
         replicate_curvature(sums, mix, w.shape, rows=[1])
 
 
+@pytest.mark.parametrize("structured", [True, False])
+def test_non_negative_chunks_sum_the_kernel_first_with_the_clipped_values(monkeypatch, structured):
+    """Chunks whose slot sums are all >= 0 (a Gauss-Newton estimate) are summed over the kernel per slot
+    before the means are formed (nothing to clip); chunks with a negative entry clip each mean first.
+    One tensor with both kinds of chunk, exact zeros where a unit lives in one slot only, and a kernel:
+    every ``A`` against the clipped kernel sums of explicit means."""
+    w, sums, counts = _slot_sums((7, 4, 3), 5)
+    sums = sums.abs()
+    sums.view(8, 7, 4, 3)[:, 5] *= torch.linspace(-1.0, 1.0, 8, dtype=F64)[:, None, None]  # signed rows
+    sums.view(8, 7, 4, 3)[[0, 1, 3, 4, 5, 6, 7], 1, 2] = 0.0  # (1, 2): alive in slot 2 only
+    g = torch.Generator().manual_seed(3)
+    mix = (
+        replicate_weights(counts, list(range(8)))
+        if structured
+        else torch.rand(4, 8, generator=g, dtype=F64)  # any non-negative mix: the product per chunk
+    )
+    monkeypatch.setattr(curvature_module, "_CHUNK", 25)  # 2 rows per chunk: rows 4-5 signed, the rest not
+    seen = []
+    original_kernel_sum = curvature_module._kernel_sum
+
+    def spy(clipped, *args):  # the clipping path: which chunks took it
+        seen.append(clipped.shape[1] // 12)
+        return original_kernel_sum(clipped, *args)
+
+    monkeypatch.setattr(curvature_module, "_kernel_sum", spy)
+    a, trace = replicate_curvature(sums, mix, w.shape)
+    assert seen == [2]  # only the chunk of rows 4-5
+    means = (mix @ sums).view(-1, 7, 4, 3)
+    torch.testing.assert_close(a, means.clamp_min(0).sum(dim=3), rtol=1e-13, atol=0)
+    torch.testing.assert_close(trace, means.sum(dim=(1, 2, 3)), rtol=1e-13, atol=0)
+    if structured:
+        assert bool((a[1:9, 1, 2] == 0).sum() == 1) and float(a[3, 1, 2]) == 0.0  # slot 2 left out: exactly 0
+        assert bool((a[:, 5] >= 0).all())
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_streamed_coverage_with_zero_weights_implies_the_exact_component_analysis(seed):
     """Soundness of the streamed test on random sparse problems (zero weights, lost and new ``A`` entries):

@@ -43,7 +43,11 @@ def curvature_chunks(
     where every other slot is exactly 0, which is what tells the solver an infimum is unattained;
     elsewhere within ``eps`` times the largest slot of the entry). Any other non-negative ``mix``
     takes the product ``mix @ sums`` per chunk. Cost per chunk: about ``3 R + 2 P`` flops per weight
-    entry and one read of its ``(R, ·)`` slot sums, in cache.
+    entry and one read of its ``(R, ·)`` slot sums, in cache. Where a chunk's slot sums are all
+    ``>= 0`` (every Gauss-Newton estimate) nothing is clipped, so the kernel sum commutes with the mix:
+    each slot is summed over the kernel first (one matrix-vector product per slot) and the means are
+    formed ``kernel`` times smaller, with the same exact zeros; a chunk with a negative (or NaN) entry
+    takes the clipping path.
 
     Args:
         sums: ``(R, numel)`` float64 slot sums.
@@ -81,30 +85,46 @@ def curvature_chunks(
     rows_per = max(1, _CHUNK // max(row, 1))
     means = sums.new_empty(num, min(rows_per, m) * row)
     workspace = (sums.new_ones(kernel), sums.new_empty(num * min(rows_per, m) * n))
+    slot_kernel_sums = sums.new_empty(len(used), min(rows_per, m) * n) if kernel > 1 else None
     buffer = out if out is not None else sums.new_empty(num, min(rows_per, m) * n)
+
+    def combine(s: Tensor, chunk: Tensor) -> None:  # chunk = mix @ s, from the slot sums s of the chunk
+        if not structured:
+            torch.mm(weights, s, out=chunk)
+            return
+        total = s.sum(dim=0)
+        if loo_block:  # one op: sum - slot (slots all exactly 0 but one give exactly 0)
+            torch.sub(total, s, out=chunk[loo_rows[0] : loo_rows[0] + len(loo_rows)])
+        else:
+            for p, k in zip(loo_rows, loo_slots):
+                torch.sub(total, s[k], out=chunk[p])
+        for p, slots in other:
+            if len(slots) == len(used):
+                chunk[p] = total
+            else:
+                torch.sum(s[_as_index(slots)], dim=0, out=chunk[p])
+
     for lo in range(0, m, rows_per):
         hi = min(m, lo + rows_per)
         s = sums[:, lo * row : hi * row] if every else sums[used, lo * row : hi * row]
-        chunk = means[:, : s.shape[1]]
         target = out[:, lo * n : hi * n] if out is not None else buffer[:, : (hi - lo) * n]
-        if not structured:
-            torch.mm(weights, s, out=chunk)
+        if slot_kernel_sums is not None and bool(s.amin() >= 0):
+            # no entry to clip (a Gauss-Newton estimate): the kernel sum commutes with the mix, so
+            # each slot is summed over the kernel first and the P means are formed kernel times smaller
+            reduced = slot_kernel_sums[:, : (hi - lo) * n]
+            for k in range(s.shape[0]):  # (a matrix-vector product per slot: faster than one batched)
+                torch.mv(s[k].view(-1, kernel), workspace[0], out=reduced[k])
+            combine(reduced, target)
+            target.clamp_min_(0)  # (rounding of sum - slot: never below 0 for non-negative slots)
+            totals = reduced.sum(dim=1)
         else:
-            total = s.sum(dim=0)
-            if loo_block:  # one op: sum - slot (slots all exactly 0 but one give exactly 0)
-                torch.sub(total, s, out=chunk[loo_rows[0] : loo_rows[0] + len(loo_rows)])
-            else:
-                for p, k in zip(loo_rows, loo_slots):
-                    torch.sub(total, s[k], out=chunk[p])
-            for p, slots in other:
-                if len(slots) == len(used):
-                    chunk[p] = total
-                else:
-                    torch.sum(s[_as_index(slots)], dim=0, out=chunk[p])
-        _kernel_sum(chunk.clamp_min_(0), kernel, target, workspace)
+            chunk = means[:, : s.shape[1]]
+            combine(s, chunk)
+            _kernel_sum(chunk.clamp_min_(0), kernel, target, workspace)
+            totals = s.sum(dim=1)
         if structured:
             target *= coef[:, None]
-        yield lo, hi, target.view(num, hi - lo, n), s.sum(dim=1)
+        yield lo, hi, target.view(num, hi - lo, n), totals
 
 
 def replicate_curvature(
