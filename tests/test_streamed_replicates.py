@@ -238,6 +238,15 @@ def test_non_negative_chunks_sum_the_kernel_first_with_the_clipped_values(monkey
         assert bool((a[:, 5] >= 0).all())
 
 
+def test_the_non_negativity_check_reads_past_the_first_entries():
+    s = torch.rand(2, 200, dtype=F64)
+    assert curvature_module._non_negative(s)
+    s[1, 150] = -1e-300  # after the first 64 entries of the slot
+    assert not curvature_module._non_negative(s)
+    s[1, 150] = math.nan
+    assert not curvature_module._non_negative(s)
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_streamed_coverage_with_zero_weights_implies_the_exact_component_analysis(seed):
     """Soundness of the streamed test on random sparse problems (zero weights, lost and new ``A`` entries):

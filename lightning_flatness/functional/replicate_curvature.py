@@ -44,7 +44,8 @@ def curvature_chunks(
     elsewhere within ``eps`` times the largest slot of the entry). Any other non-negative ``mix``
     takes the product ``mix @ sums`` per chunk. Cost per chunk: about ``3 R + 2 P`` flops per weight
     entry and one read of its ``(R, ·)`` slot sums, in cache. Where a chunk's slot sums are all
-    ``>= 0`` (every Gauss-Newton estimate) nothing is clipped, so the kernel sum commutes with the mix:
+    ``>= 0`` (Gauss-Newton estimates of a loss convex in the outputs: cross-entropy, squared error)
+    nothing is clipped, so the kernel sum commutes with the mix:
     each slot is summed over the kernel first (one matrix-vector product per slot) and the means are
     formed ``kernel`` times smaller, with the same exact zeros; a chunk with a negative (or NaN) entry
     takes the clipping path.
@@ -108,9 +109,9 @@ def curvature_chunks(
         hi = min(m, lo + rows_per)
         s = sums[:, lo * row : hi * row] if every else sums[used, lo * row : hi * row]
         target = out[:, lo * n : hi * n] if out is not None else buffer[:, : (hi - lo) * n]
-        if slot_kernel_sums is not None and bool(s.amin() >= 0):
-            # no entry to clip (a Gauss-Newton estimate): the kernel sum commutes with the mix, so
-            # each slot is summed over the kernel first and the P means are formed kernel times smaller
+        if slot_kernel_sums is not None and _non_negative(s):
+            # nothing to clip (Gauss-Newton estimates of a convex loss): the kernel sum commutes with the
+            # mix, so each slot is summed over the kernel first and the P means are formed kernel times smaller
             reduced = slot_kernel_sums[:, : (hi - lo) * n]
             for k in range(s.shape[0]):  # (a matrix-vector product per slot: faster than one batched)
                 torch.mv(s[k].view(-1, kernel), workspace[0], out=reduced[k])
@@ -174,6 +175,13 @@ def formed_curvature(
         if transpose:  # while the block is in cache
             a[:, :, lo:hi].copy_(block.transpose(1, 2))
     return (a if transpose else a.view(-1, m, n)), totals
+
+
+def _non_negative(s: Tensor) -> bool:
+    """Whether every entry of the ``(R, c)`` slot sums is ``>= 0`` (False with a NaN): the first entries of
+    each slot first, so that signed curvature (a Hessian estimate, eq. 20's Gauss-Newton matrix, whose
+    loss Hessian is indefinite) is usually told apart without a pass over the chunk."""
+    return bool(s[:, :64].amin() >= 0) and bool(s.amin() >= 0)
 
 
 def _kernel_sum(clipped: Tensor, kernel: int, out: Tensor, workspace: tuple[Tensor, Tensor]) -> None:
