@@ -111,7 +111,7 @@ def curvature_chunks(
         target = out[:, lo * n : hi * n] if out is not None else buffer[:, : (hi - lo) * n]
         if slot_kernel_sums is not None and _non_negative(s):
             # nothing to clip (Gauss-Newton estimates of a convex loss): the kernel sum commutes with the
-            # mix, so each slot is summed over the kernel first and the P means are formed kernel times smaller
+            # mix, so each slot is summed over the kernel first and the P means formed kernel times smaller
             reduced = slot_kernel_sums[:, : (hi - lo) * n]
             for k in range(s.shape[0]):  # (a matrix-vector product per slot: faster than one batched)
                 torch.mv(s[k].view(-1, kernel), workspace[0], out=reduced[k])
