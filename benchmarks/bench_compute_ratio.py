@@ -7,14 +7,19 @@ certified to 1e-11, the value the metric reports). Cases:
 
 - ``mlp``: the paper's MLP 40-100-100-100-10 (:func:`lightning_flatness.reference_models.mlp`)
   trained for 300 Adam steps on MNIST-1D, curvature from the exact method, 8 groups of 64 samples
-  (``hessian_diagonal_groups``): realistic curvature, non-negative.
+  (``hessian_diagonal_groups``): realistic curvature, signed (eq. 20's loss Hessian is indefinite, so
+  its Gauss-Newton diagonal has negative entries: more than half of them here).
 - ``wrn16_4`` / ``wrn16_4_signed``: the 17 WRN-16-4 shapes with heavy-tailed synthetic curvature
   (``benchmarks.bench_solver.make_layer``, scenario ``"channels"``), 8 replicates each the pooled
-  diagonal times ``1 + 0.5 N(0, 1)``: non-negative (``|h|``), and with 31% negative entries (clipped).
+  diagonal times ``1 + 0.5 N(0, 1)``: a non-negative pooled diagonal (``|h|``; the factor makes 2.3% of
+  the replicates' entries negative), and one with 31% negative entries (clipped).
 - ``resnet18``: the 21 weight tensors of torchvision's ``resnet18(num_classes=10)`` (random weights),
   heavy-tailed curvature of the same kind.
 - ``resnet18_sketch``: the same network's curvature as the callback measures it at its defaults
   (512 random images, the Gauss-Newton sketch, 8 batches of 64): units alive in one batch only.
+  Signed, as the MLP's.
+- ``resnet18_cross_entropy``: the same with ``loss_fn=F.cross_entropy`` (a convex loss: a
+  non-negative Gauss-Newton diagonal, nothing to clip).
 
 Each case runs ``compute()`` with the default ``jackknife="linearized"`` (leave-one-out values to
 first order at the pooled minimiser) and with ``jackknife="solved"`` (every replicate solved), and
@@ -99,7 +104,7 @@ def resnet18_weights(seed: int) -> list[tuple[str, torch.Tensor]]:
     return [(k, p.detach().to(F64)) for k, p in model.named_parameters() if p.ndim >= 2]
 
 
-def resnet18_sketch_case(seed: int, quick: bool) -> tuple[dict, dict]:
+def resnet18_sketch_case(seed: int, quick: bool, loss_fn=None) -> tuple[dict, dict]:
     """torchvision ResNet-18 (10 classes, random weights) on 512 random 3x32x32 images (64 in ``quick``),
     curvature from what the callback runs at its defaults (``SharpnessMeasurement``: auto picks the
     Gauss-Newton sketch here), one batch of 64 per replicate slot: the realistic hard case (units alive
@@ -111,7 +116,7 @@ def resnet18_sketch_case(seed: int, quick: bool) -> tuple[dict, dict]:
     model = resnet18(10).float().eval()
     n, bs = (64, 8) if quick else (512, 64)
     x, y = data(n, 10, seed)
-    m = SharpnessMeasurement(model, generator=torch.Generator().manual_seed(seed))
+    m = SharpnessMeasurement(model, generator=torch.Generator().manual_seed(seed), loss_fn=loss_fn)
     weights = {k: w.detach().to(F64) for k, w in m.weights.items() if w.ndim >= 2}
     groups: dict = {k: [] for k in weights}
     sizes = []
@@ -187,7 +192,7 @@ def time_case(name: str, weights: dict, data: dict, repeats: int) -> dict:
 def main(argv=None) -> dict:
     p = base_parser(__doc__)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--cases", default="mlp,wrn16_4,wrn16_4_signed,resnet18,resnet18_sketch")
+    p.add_argument("--cases", default="mlp,wrn16_4,wrn16_4_signed,resnet18,resnet18_sketch,resnet18_cross_entropy")
     args = p.parse_args(argv)
     setup(args)
     if args.quick:
@@ -207,6 +212,9 @@ def main(argv=None) -> dict:
         "wrn16_4": lambda: synthetic_case(wrn, args.seed, signed=False),
         "wrn16_4_signed": lambda: synthetic_case(wrn, args.seed, signed=True),
         "resnet18_sketch": lambda: resnet18_sketch_case(args.seed, args.quick),
+        "resnet18_cross_entropy": lambda: resnet18_sketch_case(
+            args.seed, args.quick, torch.nn.functional.cross_entropy
+        ),
         "resnet18": lambda: synthetic_case(
             [tuple(w.shape) for _, w in resnet18_weights(args.seed)][: 4 if args.quick else None],
             args.seed,

@@ -322,3 +322,12 @@ def test_loss_forms_quick_measure_nonzero_and_the_compiled_model_compiles_nothin
     assert compiled["graphs_compiled_by_measurements"] == 0
     assert compiled["normalized"] == compiled["normalized_eager_model"]
     assert "| word-LM LSTM" in out.with_suffix(".md").read_text()
+
+
+def test_replicate_curvature_quick_gives_the_same_values_on_both_paths(tmp_path):
+    from benchmarks import bench_replicate_curvature
+
+    out = bench_replicate_curvature.main(["--quick", "--json", str(tmp_path / "rc.json")])
+    assert [r["slot_sums"] for r in out["rows"]] == ["non-negative", "signed (30% negative)"]
+    assert all(r["same_values"] and r["allowed_ms"] > 0 for r in out["rows"])
+    assert (tmp_path / "rc.md").read_text().count("\n| ") == 3
