@@ -6,7 +6,10 @@ Hessian or its Gauss-Newton part), whether the estimator takes the per-layer pat
 per-sample backward passes (it warns then), and the time of one measurement of ``--samples`` samples
 in batches of 2 (small inputs: this is a reach table, not a cost benchmark; costs are in
 ``bench_hessian_sketch_cost.py`` and ``bench_callback_resnet18.py``). Images are 32x32 unless a model
-needs more; texts are 8 tokens from a 64-word vocabulary, causal LMs scored per token.
+needs more; texts are 8 tokens from a 64-word vocabulary, causal LMs scored per token. Segmentation
+models get per-pixel classes with a void border (255) and their training loss,
+``nn.CrossEntropyLoss(ignore_index=255)``; encoder-decoder models get Hugging Face's training batch
+(``input_ids`` and ``labels`` only); token classifiers per-token labels with padding (``-100``).
 
 Run: ``python -m benchmarks.bench_reach --json benchmarks/results/bench_reach.json`` (writes
 ``bench_reach.md`` beside the JSON; needs the ``zoo`` extra). ``--quick``: three small models.
@@ -34,11 +37,11 @@ from lightning_flatness.measure import measure_sharpness
 Builder = Callable[[], tuple[torch.nn.Module, tuple[str, int]]]
 
 
-def _torchvision(name: str, size: int = 32, **kw: Any) -> Builder:
+def _torchvision(name: str, size: int = 32, task: str = "image", **kw: Any) -> Builder:
     def build():
         import torchvision
 
-        return torchvision.models.get_model(name, num_classes=10, **kw), ("image", size)
+        return torchvision.models.get_model(name, num_classes=10, **kw), (task, size)
 
     return build
 
@@ -231,6 +234,46 @@ MODELS: dict[str, Builder] = {
         window_size=4,
         num_labels=10,
     ),
+    "torchvision lraspp_mobilenet_v3_large (segmentation)": _torchvision(
+        "lraspp_mobilenet_v3_large", task="segmentation", weights_backbone=None
+    ),
+    "torchvision deeplabv3_mobilenet_v3_large (segmentation, aux head)": _torchvision(
+        "deeplabv3_mobilenet_v3_large", task="segmentation", weights_backbone=None, aux_loss=True
+    ),
+    "torchvision fcn_resnet50 (segmentation)": _torchvision(
+        "fcn_resnet50", task="segmentation", weights_backbone=None
+    ),
+    "transformers T5 (encoder-decoder, labels only)": _hf(
+        "T5ForConditionalGeneration",
+        "T5Config",
+        "seq2seq",
+        d_model=16,
+        d_ff=32,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=2,
+        d_kv=8,
+        vocab_size=64,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    ),
+    "transformers BART (encoder-decoder, labels only)": _hf(
+        "BartForConditionalGeneration",
+        "BartConfig",
+        "seq2seq",
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        vocab_size=64,
+        max_position_embeddings=32,
+    ),
+    "transformers BERT token classification": _hf(
+        "BertForTokenClassification", "BertConfig", "tokens", hidden_size=16, num_labels=5, **_TEXT
+    ),
     "transformers Phi": _hf(
         "PhiForCausalLM", "PhiConfig", "lm", hidden_size=16, **{k: v for k, v in _TEXT.items()}
     ),
@@ -245,6 +288,19 @@ def _batches(spec: tuple[str, int], samples: int) -> list[Any]:
     for _ in range(samples // 2):
         if kind == "image":
             out.append((torch.randn(2, 3, size, size, generator=g), torch.randint(0, 10, (2,), generator=g)))
+        elif kind == "segmentation":  # per-pixel classes, a void border (255) as in VOC, the training loss
+            target = torch.randint(0, 10, (2, size, size), generator=g)
+            target[:, :2] = 255
+            out.append((torch.randn(2, 3, size, size, generator=g), target))
+        elif kind == "seq2seq":  # Hugging Face's training batch: the decoder inputs come from the labels
+            labels = torch.randint(3, 64, (2, 6), generator=g)
+            labels[1, -2:] = -100
+            out.append({"input_ids": torch.randint(3, 64, (2, 8), generator=g), "labels": labels})
+        elif kind == "tokens":  # one class per token, the padding of the shorter sequence ignored
+            ids = torch.randint(0, 64, (2, 8), generator=g)
+            labels = torch.randint(0, 5, (2, 8), generator=g)
+            labels[1, -3:] = -100
+            out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
         else:
             ids = torch.randint(0, 64, (2, 8), generator=g)
             labels = ids.clone() if kind == "lm" else torch.randint(0, 2, (2,), generator=g)
@@ -260,7 +316,10 @@ def measure(name: str, samples: int) -> dict[str, Any]:
         model = model.eval()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = measure_sharpness(model, _batches(spec, samples), num_replicates=2)
+            loss = (
+                {"loss_fn": torch.nn.CrossEntropyLoss(ignore_index=255)} if spec[0] == "segmentation" else {}
+            )
+            result = measure_sharpness(model, _batches(spec, samples), num_replicates=2, **loss)
         return {
             "status": "ok",
             "method": result.choice.method,

@@ -31,7 +31,13 @@ from lightning_flatness.functional.estimators.method_choice import MethodChoice
 from lightning_flatness.functional.estimators.registry import ESTIMATORS
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.measures import MEASURES, TOTALS, tensor_measure_names
-from lightning_flatness.functional.model_io import call_model, inputs_batch_size, map_inputs, select_samples
+from lightning_flatness.functional.model_io import (
+    call_model,
+    inputs_batch_size,
+    map_inputs,
+    select_samples,
+    with_decoder_inputs,
+)
 from lightning_flatness.functional.replicate_measures import JACKKNIFE_MODES
 from lightning_flatness.isolation import (
     autograd_tensor,
@@ -483,7 +489,7 @@ class SharpnessMonitorBase:
             try:
                 with measurement_view(self.measured_network(pl_module), self.dtype) as network:
                     with torch.no_grad():
-                        logits = call_model(network, inputs)
+                        logits = call_model(network, with_decoder_inputs(network, inputs, target))
                     self._loss = resolve_loss(self.loss_fn, network, logits, target)
                     self._estimate(trainer, pl_module, network, inputs, target, dry_run=True)
             except Exception as err:

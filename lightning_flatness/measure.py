@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from lightning_flatness.batch_split import split_batch as default_split_batch
 from lightning_flatness.functional.estimators import hessian_diagonal_groups
 from lightning_flatness.functional.estimators.method_choice import MethodChoice, choose_method
-from lightning_flatness.functional.loss_forms import loss_for_outputs
+from lightning_flatness.functional.loss_forms import loss_for_outputs, split_ignore_index
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.model_io import (
     TokenLoss,
@@ -31,11 +31,19 @@ from lightning_flatness.functional.model_io import (
     compiled_code_eager,
     inputs_batch_size,
     outputs_of_first_samples,
+    with_decoder_inputs,
 )
 from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
 from lightning_flatness.metric import NormalizedSharpness, all_finite
 
-__all__ = ["SharpnessMeasurement", "SharpnessResult", "is_causal_lm", "measure_sharpness", "resolve_loss"]
+__all__ = [
+    "SharpnessMeasurement",
+    "SharpnessResult",
+    "is_causal_lm",
+    "measure_sharpness",
+    "position_class_dim",
+    "resolve_loss",
+]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -51,21 +59,38 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 def resolve_loss(loss_fn: LossFn, model: nn.Module, logits: Tensor, target: Tensor) -> LossFn:
     """``loss_fn`` as it applies to this model's outputs: wrapped in a
-    :class:`~lightning_flatness.functional.model_io.TokenLoss` (mean over non-ignored tokens, ``-100``
-    ignored, shifted by one for causal LMs) when the logits are ``(N, T, V)`` and the target ``(N, T)``
-    class indices (unless it already is a ``TokenLoss``); then in its standard form
+    :class:`~lightning_flatness.functional.model_io.TokenLoss` (a mean over the non-ignored tokens or
+    pixels) when the target holds class indices per position: logits ``(N, T, V)`` with targets
+    ``(N, T)`` (sequences; shifted by one for causal LMs), or logits ``(N, K, *positions)`` with targets
+    ``(N, *positions)`` (dense prediction such as semantic segmentation, ``class_dim=1``, as
+    ``F.cross_entropy`` reads them; for 3-D logits only where the sequence reading does not fit). The
+    ignored index is the loss's own (``nn.CrossEntropyLoss(ignore_index=255)``, a ``functools.partial``
+    of ``F.cross_entropy`` with ``ignore_index``), else ``-100``
+    (:func:`~lightning_flatness.functional.loss_forms.split_ignore_index`). Unless it already is a
+    ``TokenLoss``; then in its standard form
     (:func:`~lightning_flatness.functional.loss_forms.loss_for_outputs`: ``nn.CrossEntropyLoss()`` is
     ``F.cross_entropy``, ``F.nll_loss`` on log-probabilities is ``F.cross_entropy``, and on anything else
     an error)."""
-    if (
-        not isinstance(loss_fn, TokenLoss)
-        and logits.ndim == 3
-        and target.ndim == 2
-        and target.shape[0] == logits.shape[0]
-        and not target.is_floating_point()
-    ):
-        loss_fn = TokenLoss(loss_fn, shift=is_causal_lm(model))
+    class_dim = None if isinstance(loss_fn, TokenLoss) else position_class_dim(model, logits, target)
+    if class_dim is not None:
+        base, ignore_index = split_ignore_index(loss_fn)
+        shift = class_dim == -1 and is_causal_lm(model)
+        loss_fn = TokenLoss(base, shift=shift, ignore_index=ignore_index, class_dim=class_dim)
     return loss_for_outputs(loss_fn, logits)
+
+
+def position_class_dim(model: nn.Module, logits: Tensor, target: Tensor) -> Optional[int]:
+    """Where the classes of per-position targets are: ``-1`` for sequence logits ``(N, T, V)`` with
+    targets ``(N, T)`` (any ``T`` for a causal LM, whose labels are shifted), ``1`` for dense logits
+    ``(N, K, *positions)`` with targets ``(N, *positions)``; None when the target is not class indices
+    per position (one class per sample, probabilities, regression targets)."""
+    if target.is_floating_point() or target.ndim < 2 or target.shape[0] != logits.shape[0]:
+        return None
+    if logits.ndim == 3 and target.ndim == 2 and (target.shape[1] == logits.shape[1] or is_causal_lm(model)):
+        return -1
+    if logits.ndim >= 3 and tuple(target.shape[1:]) == tuple(logits.shape[2:]):
+        return 1
+    return -1 if logits.ndim == 3 and target.ndim == 2 else None
 
 
 @dataclass
@@ -168,6 +193,7 @@ class SharpnessMeasurement:
 
     def resolve(self, inputs: Any, target: Tensor) -> MethodChoice:
         """The estimator for this model and loss (``method="auto"``: decided on this batch, once)."""
+        inputs = with_decoder_inputs(self.model, inputs, target)
         if not self._loss_resolved:
             logits = outputs_of_first_samples(self.model, inputs, 2)
             self.loss_fn = resolve_loss(self.loss_fn, self.model, logits, target[:2])
@@ -178,6 +204,7 @@ class SharpnessMeasurement:
 
     def estimate(self, inputs: Any, target: Tensor):
         """The Hessian-diagonal estimate of one batch (one group), without adding it."""
+        inputs = with_decoder_inputs(self.model, inputs, target)
         choice = self.resolve(inputs, target)
         return hessian_diagonal_groups(
             self.model,
@@ -198,7 +225,7 @@ class SharpnessMeasurement:
     def loss_is_finite(self, inputs: Any, target: Tensor) -> bool:
         """Whether the logits and the loss of this batch are finite (one forward pass, no gradient)."""
         with torch.no_grad():
-            logits = call_model(self.model, inputs)
+            logits = call_model(self.model, with_decoder_inputs(self.model, inputs, target))
             return bool(torch.isfinite(logits).all()) and bool(
                 torch.isfinite(self.loss_fn(logits, target)).all()
             )

@@ -34,6 +34,8 @@ Cost: a ``logsumexp`` over the outputs of the batch the check sees (two samples 
 
 from __future__ import annotations
 
+import copy
+import functools
 from typing import Callable
 
 import torch
@@ -48,6 +50,7 @@ __all__ = [
     "hessian_twin",
     "loss_for_outputs",
     "needs_outputs",
+    "split_ignore_index",
     "standard_loss",
 ]
 
@@ -123,7 +126,7 @@ def standard_loss(loss_fn: LossFn) -> LossFn:
     outputs."""
     if isinstance(loss_fn, TokenLoss):
         base = standard_loss(loss_fn.base)
-        return loss_fn if base is loss_fn.base else TokenLoss(base, loss_fn.shift, loss_fn.ignore_index)
+        return loss_fn if base is loss_fn.base else loss_fn.with_base(base)
     if _timm_loss(loss_fn, "LabelSmoothingCrossEntropy"):
         return LabelSmoothedCrossEntropy(loss_fn.smoothing)  # type: ignore[attr-defined]
     form = _FUNCTIONAL_FORMS.get(type(loss_fn))
@@ -131,6 +134,29 @@ def standard_loss(loss_fn: LossFn) -> LossFn:
         return loss_fn
     smoothing = float(getattr(loss_fn, "label_smoothing", 0.0))
     return LabelSmoothedCrossEntropy(smoothing) if smoothing else form
+
+
+def split_ignore_index(loss_fn: LossFn) -> tuple[LossFn, int]:
+    """``(loss, ignore_index)``: a class-index loss that skips the targets equal to some ``ignore_index``
+    (``nn.CrossEntropyLoss(ignore_index=255)`` and ``nn.NLLLoss(...)``, ``functools.partial(F.cross_entropy,
+    ignore_index=255)`` and of ``F.nll_loss``, as semantic segmentation trains) as the same loss at the
+    default ``ignore_index=-100`` and that index, for a
+    :class:`~lightning_flatness.functional.model_io.TokenLoss` to drop those positions (and the loss to
+    keep its closed forms); any other loss as it is, with ``-100``."""
+    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        index = int(loss_fn.ignore_index)
+        if index != -100:
+            loss_fn = copy.copy(loss_fn)
+            loss_fn.ignore_index = -100
+        return loss_fn, index
+    if (
+        isinstance(loss_fn, functools.partial)
+        and loss_fn.func in (F.cross_entropy, F.nll_loss)
+        and not loss_fn.args
+        and set(loss_fn.keywords) == {"ignore_index"}
+    ):
+        return loss_fn.func, int(loss_fn.keywords["ignore_index"])
+    return loss_fn, -100
 
 
 def needs_outputs(loss_fn: LossFn) -> bool:
@@ -160,7 +186,7 @@ def loss_for_outputs(loss_fn: LossFn, outputs: Tensor) -> LossFn:
     Args:
         loss_fn: the loss as given, or a ``TokenLoss`` around it.
         outputs: the model's outputs on a few samples: ``(N, K, ...)`` with classes along dim 1, or
-            ``(N, T, V)`` with classes along the last dim when ``loss_fn`` is a ``TokenLoss``.
+            along ``loss_fn.class_dim`` when it is a ``TokenLoss`` (``(N, T, V)``: the last dim).
 
     Raises:
         ValueError: ``F.nll_loss`` on outputs that are not log-probabilities (it is linear in them,
@@ -171,7 +197,7 @@ def loss_for_outputs(loss_fn: LossFn, outputs: Tensor) -> LossFn:
         return loss_fn
     if _timm_loss(loss_fn, "SoftTargetCrossEntropy"):  # over the last dim: F.cross_entropy's dim 1 if 2-D
         return F.cross_entropy if outputs.ndim == 2 else loss_fn
-    dim = -1 if isinstance(loss_fn, TokenLoss) else 1
+    dim = loss_fn.class_dim if isinstance(loss_fn, TokenLoss) else 1
     if outputs.ndim < 2 or not are_log_probabilities(outputs, dim):
         raise ValueError(
             "the loss is `F.nll_loss` (or `nn.NLLLoss`), but the model's outputs are not log-probabilities "
@@ -180,5 +206,5 @@ def loss_for_outputs(loss_fn: LossFn, outputs: Tensor) -> LossFn:
             "`log_softmax`, or pass `loss_fn=F.cross_entropy` for a model that returns logits."
         )
     if isinstance(loss_fn, TokenLoss):
-        return TokenLoss(F.cross_entropy, loss_fn.shift, loss_fn.ignore_index)
+        return loss_fn.with_base(F.cross_entropy)
     return F.cross_entropy

@@ -138,10 +138,13 @@ def _check_class_targets(logits: Tensor, target: Tensor, caller: str) -> None:
             f"(rows summing to 1), got {tuple(logits.shape)} and {tuple(target.shape)} ({target.dtype}); "
             "wrap sequence losses in TokenLoss."
         )
-    if target.numel() and bool(((target < 0) | (target >= logits.shape[1])).any()):
+    outside = (target < 0) | (target >= logits.shape[1])
+    if target.numel() and bool(outside.any()):
+        value = int(target[outside][0])
         raise ValueError(
-            f"{caller}: class targets must lie in [0, {logits.shape[1]}); ignored entries (-100) "
-            "need TokenLoss(F.cross_entropy), which drops them."
+            f"{caller}: class targets must lie in [0, {logits.shape[1]}), got {value}. Positions to leave "
+            f"out need a TokenLoss that drops them, TokenLoss(loss, ignore_index={value}) (class_dim=1 for "
+            f"(N, K, H, W) outputs), or a loss that names them, nn.CrossEntropyLoss(ignore_index={value})."
         )
 
 
@@ -632,7 +635,8 @@ def token_loss_columns(
     *,
     exact_classes: int = 0,
 ) -> Columns:
-    r"""Columns for :class:`TokenLoss` on ``(N, T, V)`` logits: one sequence is one sample.
+    r"""Columns for :class:`TokenLoss` on ``(N, T, V)`` logits (or dense ``(N, V, *positions)`` ones,
+    ``class_dim=1``): one sequence (image) is one sample.
 
     The loss is ``(1/M) sum_{valid tokens t} l_t`` (``M`` valid tokens in the batch), so the Hessian
     of sequence ``n``'s share, rescaled to the ``1/N`` convention of the estimators, is
@@ -645,7 +649,8 @@ def token_loss_columns(
 
     Returns:
         ``(columns (N, T * V, C), signs (C,))`` for ``(N, T, V)`` logits (``(N, V, C)`` for ``(N, V)``),
-        with ``C`` the base loss's column count.
+        with ``C`` the base loss's column count; rows in the order of ``logits[n].reshape(-1)``
+        (:meth:`TokenLoss.output_layout`).
 
     Cost: the base's, on the ``M`` valid rows; memory ``N T V C`` (dense columns).
     """
@@ -658,19 +663,24 @@ def token_loss_columns(
         loss_fn.base, rows, labels, num_mc_samples, generator, exact_classes=exact_classes
     )
     eps = _rademacher((rows.shape[0], 1, cols.shape[2]), cols, generator)
-    v = logits.shape[-1]
-    positions = logits.shape[1] if logits.ndim == 3 else 1
+    v = rows.shape[1]
+    positions = loss_fn.num_positions(logits)
     out = torch.zeros(n * positions, v, cols.shape[2], dtype=cols.dtype, device=cols.device)
     out[flat_index] = cols.mul_(eps.mul_(math.sqrt(n / rows.shape[0])))  # in place: LM-vocabulary sized
-    return out.reshape(n, positions * v, cols.shape[2]), signs
+    return loss_fn.output_layout(out.view(n, positions, v, cols.shape[2])), signs
 
 
 def _token_positions(loss_fn: TokenLoss, logits: Tensor, target: Tensor) -> Tensor:
-    """For each valid row of ``loss_fn.rows``, its index in the ``(N * T)`` positions of ``logits``."""
+    """For each valid row of ``loss_fn.rows``, its index in the ``(N * P)`` positions of ``logits``
+    (:meth:`TokenLoss.num_positions`)."""
     n = logits.shape[0]
-    positions = logits.shape[1] if logits.ndim == 3 else 1
-    index = torch.arange(n * positions, device=logits.device, dtype=torch.float64)
-    index = index.reshape(n, positions, 1) if logits.ndim == 3 else index.reshape(n, 1)
+    index = torch.arange(n * loss_fn.num_positions(logits), device=logits.device, dtype=torch.float64)
+    if logits.ndim == 2:
+        index = index.reshape(n, 1)
+    elif loss_fn.class_dim == 1:  # one "class" ahead of the positions
+        index = index.reshape(n, 1, *logits.shape[2:])
+    else:
+        index = index.reshape(n, logits.shape[1], 1)
     rows, _, _ = loss_fn.rows(index, target)
     return rows[:, 0].long()
 

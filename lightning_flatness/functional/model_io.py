@@ -17,6 +17,7 @@ A *sample* is index ``i`` along dim 0 of every tensor in ``inputs`` that has the
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
@@ -33,6 +34,7 @@ __all__ = [
     "inputs_batch_size",
     "map_inputs",
     "select_samples",
+    "with_decoder_inputs",
     "split_samples",
 ]
 
@@ -90,17 +92,25 @@ def split_samples(inputs: Any, sections: int) -> list[Any]:
     return out
 
 
+#: Keys of a model's dict output that hold the logits, in order of preference: Hugging Face's
+#: ``ModelOutput`` and dicts (``"logits"``), torchvision's segmentation models (``"out"``, beside an
+#: optional auxiliary head ``"aux"`` that the measurement leaves out, as evaluation does).
+LOGIT_KEYS = ("logits", "out")
+
+
 def extract_logits(output: Any) -> Tensor:
-    """The logits in a model's output: a tensor, ``output["logits"]`` of a dict/``ModelOutput``, or
-    the first entry of a tuple/list."""
+    """The logits in a model's output: a tensor, ``output["logits"]`` (else ``output["out"]``) of a
+    dict/``ModelOutput`` (:data:`LOGIT_KEYS`), or the first entry of a tuple/list."""
     if isinstance(output, Tensor):
         return output
     if isinstance(output, Mapping):
-        if "logits" in output:
-            return extract_logits(output["logits"])
+        for key in LOGIT_KEYS:
+            if key in output:
+                return extract_logits(output[key])
         raise TypeError(
             f"the model returned a {type(output).__name__} with keys {sorted(map(str, output))} and "
-            "no 'logits'; return the logits (a tensor), or a dict/ModelOutput with a 'logits' entry."
+            "none of 'logits' or 'out'; return the logits (a tensor), or a dict/ModelOutput with a "
+            "'logits' entry."
         )
     if isinstance(output, (tuple, list)) and output:
         return extract_logits(output[0])
@@ -153,6 +163,22 @@ def call_model(model: Callable[..., Any], inputs: Any) -> Tensor:
     return extract_logits(out)
 
 
+def with_decoder_inputs(model: nn.Module, inputs: Any, target: Tensor) -> Any:
+    """``inputs`` with the ``decoder_input_ids`` of an encoder-decoder model (Hugging Face T5, BART, ...)
+    when they are missing: such a model is trained as its docs show, ``model(**batch)`` with ``labels``,
+    from which it derives its decoder's inputs (the labels shifted right, ``-100`` as padding). The
+    measurement calls the model without the labels (they are the target), so it derives them the same
+    way, with ``prepare_decoder_input_ids_from_labels`` of the first such module of ``model`` (a
+    LightningModule wrapping it too). Any other model or input structure: ``inputs`` unchanged."""
+    if not isinstance(inputs, Mapping) or "decoder_input_ids" in inputs or "decoder_inputs_embeds" in inputs:
+        return inputs
+    for module in model.modules():
+        prepare = getattr(module, "prepare_decoder_input_ids_from_labels", None)
+        if prepare is not None and getattr(getattr(module, "config", None), "is_encoder_decoder", False):
+            return {**inputs, "decoder_input_ids": prepare(labels=target)}
+    return inputs
+
+
 def outputs_of_first_samples(model: Callable[..., Any], inputs: Any, count: int = 2) -> Tensor:
     """The logits of ``model`` on the first ``count`` samples of ``inputs`` (one forward pass without
     gradient): what the front doors look at to settle the loss and its layout."""
@@ -162,33 +188,85 @@ def outputs_of_first_samples(model: Callable[..., Any], inputs: Any, count: int 
 
 
 class TokenLoss(nn.Module):
-    r"""A classification loss applied per token of sequence outputs, averaged over valid tokens.
+    r"""A classification loss applied per token (or pixel) of sequence or dense outputs, averaged over
+    the valid ones.
 
     For logits ``(N, T, V)`` and targets ``(N, T)`` (class indices, ``ignore_index`` marks padding),
     the loss is ``base(logits[valid], target[valid])`` over the ``M`` valid tokens, i.e. the mean
     per-token loss, as Hugging Face computes it. With ``shift=True`` (causal language models,
     ``labels = input_ids``) position ``t`` predicts token ``t + 1``: logits ``[:, :-1]`` are paired
-    with targets ``[:, 1:]``. For ``(N, K)`` logits it is ``base`` on the non-ignored rows.
+    with targets ``[:, 1:]``. With ``class_dim=1``, dense prediction in PyTorch's layout (semantic
+    segmentation): logits ``(N, K, *positions)`` (e.g. ``(N, K, H, W)``) and targets ``(N, *positions)``,
+    each position's ``K`` logits one row, as ``F.cross_entropy`` reads them. For ``(N, K)`` logits it is
+    ``base`` on the non-ignored rows.
 
     ``base`` must be a mean of per-row losses on ``(M, K)`` logits, e.g. ``F.cross_entropy`` or
     :func:`normalized_softmax_cross_entropy`, so the total is ``(1/M) sum_tokens loss_t``: its
-    Hessian is the token-weighted mean of per-token Hessians, and a sequence is one sample for the
-    error bars.
+    Hessian is the token-weighted mean of per-token Hessians, and a sequence (an image) is one sample
+    for the error bars.
 
     Cost: that of ``base`` on ``M`` rows.
+
+    Args:
+        base: the per-row loss.
+        shift: pair position ``t`` with target ``t + 1`` (causal LMs; ``class_dim=-1`` only).
+        ignore_index: the target value of positions left out.
+        class_dim: where the classes are: ``-1`` (the last dim, ``(N, T, V)``) or ``1`` (``(N, K, ...)``).
     """
 
     def __init__(
-        self, base: Callable[[Tensor, Tensor], Tensor], shift: bool = False, ignore_index: int = -100
+        self,
+        base: Callable[[Tensor, Tensor], Tensor],
+        shift: bool = False,
+        ignore_index: int = -100,
+        class_dim: int = -1,
     ):
         super().__init__()
+        if class_dim not in (-1, 1):
+            raise ValueError(
+                f"TokenLoss: class_dim must be -1 (sequences) or 1 (dense outputs), got {class_dim!r}."
+            )
+        if shift and class_dim == 1:
+            raise ValueError("TokenLoss: shift=True pairs sequence positions; it needs class_dim=-1.")
         self.base = base
         self.shift = bool(shift)
         self.ignore_index = int(ignore_index)
+        self.class_dim = int(class_dim)
+
+    def with_base(self, base: Callable[[Tensor, Tensor], Tensor]) -> TokenLoss:
+        """The same layout (shift, ignored index, class dim) around another per-row loss."""
+        return TokenLoss(base, self.shift, self.ignore_index, self.class_dim)
+
+    def num_positions(self, logits: Tensor) -> int:
+        """Rows per sample of ``logits``: ``T`` for ``(N, T, V)``, ``prod(positions)`` for dense outputs
+        (``class_dim=1``), 1 for ``(N, K)``."""
+        if logits.ndim == 2:
+            return 1
+        return logits.shape[1] if self.class_dim == -1 else math.prod(logits.shape[2:])
+
+    def output_layout(self, per_position: Tensor) -> Tensor:
+        """``(N, P, K, C)`` (per sample, position and class) as ``(N, P K, C)`` in the order of the
+        logits' own flattening ``logits[n].reshape(-1)``: position-major for ``class_dim=-1``,
+        class-major for dense outputs."""
+        n, p, k, c = per_position.shape
+        if self.class_dim == 1:
+            per_position = per_position.transpose(1, 2)
+        return per_position.reshape(n, p * k, c)
 
     def rows(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Valid ``(M, K)`` logit rows, their ``(M,)`` targets and ``(M,)`` sample (sequence) indices."""
-        if logits.ndim == 3:
+        if logits.ndim >= 3 and self.class_dim == 1:
+            n, k = logits.shape[0], logits.shape[1]
+            if tuple(target.shape) != (n, *logits.shape[2:]):
+                raise ValueError(
+                    f"TokenLoss(class_dim=1) needs targets (N, *positions) = {(n, *logits.shape[2:])} for "
+                    f"logits (N, K, *positions) {tuple(logits.shape)}, got {tuple(target.shape)}."
+                )
+            positions = self.num_positions(logits)
+            sample = torch.arange(n, device=logits.device).repeat_interleave(positions)
+            logits = logits.reshape(n, k, positions).transpose(1, 2).reshape(n * positions, k)
+            target = target.reshape(n * positions)
+        elif logits.ndim == 3:
             if target.ndim != 2 or target.shape[0] != logits.shape[0]:
                 raise ValueError(
                     f"TokenLoss needs targets (N, T) for logits (N, T, V), got {tuple(target.shape)} "
@@ -207,7 +285,10 @@ class TokenLoss(nn.Module):
         elif logits.ndim == 2:
             sample = torch.arange(logits.shape[0], device=logits.device)
         else:
-            raise ValueError(f"TokenLoss expects logits (N, K) or (N, T, V), got {tuple(logits.shape)}.")
+            raise ValueError(
+                f"TokenLoss expects logits (N, K), (N, T, V) or, with class_dim=1, (N, K, *positions); "
+                f"got {tuple(logits.shape)}."
+            )
         valid = target != self.ignore_index
         return logits[valid], target[valid], sample[valid]
 
@@ -226,4 +307,5 @@ class TokenLoss(nn.Module):
 
     def extra_repr(self) -> str:
         name = getattr(self.base, "__name__", type(self.base).__name__)
-        return f"base={name}, shift={self.shift}, ignore_index={self.ignore_index}"
+        dense = ", class_dim=1" if self.class_dim == 1 else ""
+        return f"base={name}, shift={self.shift}, ignore_index={self.ignore_index}{dense}"

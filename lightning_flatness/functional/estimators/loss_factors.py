@@ -274,14 +274,14 @@ def _token_loss_factors(
         raise ValueError("TokenLoss: every target is ignore_index; the batch has no token to score.")
     row_factors, row_signs, _, issues = _loss_factors(loss_fn.base, rows, labels, need_grad=False)
     flat = _token_positions(loss_fn, logits, target)
-    positions = logits.shape[1] if logits.ndim == 3 else 1
+    positions = loss_fn.num_positions(logits)
     v, k = row_factors.shape[1], row_factors.shape[2]
     factors = torch.zeros(n * positions, v, positions, k, dtype=logits.dtype, device=logits.device)
     signs = torch.zeros(n * positions, positions, k, dtype=logits.dtype, device=logits.device)
     slot = flat % positions
     factors[flat, :, slot] = row_factors * math.sqrt(n / rows.shape[0])  # indexed shape (M, V, K)
     signs[flat, slot] = row_signs
-    factors = factors.reshape(n, positions, v, positions * k).reshape(n, positions * v, positions * k)
+    factors = loss_fn.output_layout(factors.view(n, positions, v, positions * k))  # rows as the logits'
     signs = signs.reshape(n, positions, positions * k).sum(dim=1)
     return factors, signs, _loss_gradient(loss_fn, logits, target) if need_grad else None, issues
 
