@@ -192,7 +192,9 @@ def time_case(name: str, weights: dict, data: dict, repeats: int) -> dict:
 def main(argv=None) -> dict:
     p = base_parser(__doc__)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--cases", default="mlp,wrn16_4,wrn16_4_signed,resnet18,resnet18_sketch,resnet18_cross_entropy")
+    p.add_argument(
+        "--cases", default="mlp,wrn16_4,wrn16_4_signed,resnet18,resnet18_sketch,resnet18_cross_entropy"
+    )
     args = p.parse_args(argv)
     setup(args)
     if args.quick:

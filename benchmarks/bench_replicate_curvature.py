@@ -18,7 +18,14 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import base_parser, command_line, interleaved_times, setup, write_json_and_markdown
+from benchmarks.common import (
+    base_parser,
+    command_line,
+    environment,
+    interleaved_times,
+    setup,
+    write_json_and_markdown,
+)
 from lightning_flatness.functional import replicate_curvature as curvature_module
 from lightning_flatness.functional.replicate_measures import replicate_weights
 
@@ -86,10 +93,13 @@ def run(args) -> dict:
 
 
 def markdown(results: dict) -> str:
+    env = results.get("environment") or environment()
     lines = [
         "## `replicate_curvature` on ResNet-18's weight shapes: kernel sums first where nothing is clipped",
         "",
-        f"Command: `{results['command']}`; medians of {results['repeats']} interleaved repeats, one thread.",
+        f"Command: `{results['command']}`; medians of {results['repeats']} interleaved repeats, "
+        "one thread.  ",
+        f"Machine: {env.get('cpu', '?')} ({env.get('nproc', '?')} cores), torch {env.get('torch', '?')}.",
         "",
         "| slot sums | tensors | weights | kernel-first path allowed | clipping path forced | ratio "
         "| same values |",
