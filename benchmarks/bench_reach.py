@@ -271,6 +271,26 @@ MODELS: dict[str, Builder] = {
         vocab_size=64,
         max_position_embeddings=32,
     ),
+    "transformers Whisper (encoder-decoder, labels only)": _hf(
+        "WhisperForConditionalGeneration",
+        "WhisperConfig",
+        "seq2seq_audio",
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        vocab_size=64,
+        num_mel_bins=8,
+        max_source_positions=16,
+        max_target_positions=16,
+        decoder_start_token_id=1,
+        pad_token_id=2,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
     "transformers BERT token classification": _hf(
         "BertForTokenClassification", "BertConfig", "tokens", hidden_size=16, num_labels=5, **_TEXT
     ),
@@ -292,10 +312,13 @@ def _batches(spec: tuple[str, int], samples: int) -> list[Any]:
             target = torch.randint(0, 10, (2, size, size), generator=g)
             target[:, :2] = 255
             out.append((torch.randn(2, 3, size, size, generator=g), target))
-        elif kind == "seq2seq":  # Hugging Face's training batch: the decoder inputs come from the labels
+        elif kind.startswith("seq2seq"):  # Hugging Face's training batch: decoder inputs from the labels
             labels = torch.randint(3, 64, (2, 6), generator=g)
             labels[1, -2:] = -100
-            out.append({"input_ids": torch.randint(3, 64, (2, 8), generator=g), "labels": labels})
+            if kind == "seq2seq_audio":  # log-mel features (N, mel bins, frames)
+                out.append({"input_features": torch.randn(2, 8, 32, generator=g), "labels": labels})
+            else:
+                out.append({"input_ids": torch.randint(3, 64, (2, 8), generator=g), "labels": labels})
         elif kind == "tokens":  # one class per token, the padding of the shorter sequence ignored
             ids = torch.randint(0, 64, (2, 8), generator=g)
             labels = torch.randint(0, 5, (2, 8), generator=g)

@@ -72,11 +72,30 @@ def resolve_loss(loss_fn: LossFn, model: nn.Module, logits: Tensor, target: Tens
     ``F.cross_entropy``, ``F.nll_loss`` on log-probabilities is ``F.cross_entropy``, and on anything else
     an error)."""
     class_dim = None if isinstance(loss_fn, TokenLoss) else position_class_dim(model, logits, target)
+    if class_dim is None and logits.ndim >= 4 and _dense_at_another_resolution(logits, target):
+        raise ValueError(
+            f"the logits {tuple(logits.shape)} and the per-pixel targets {tuple(target.shape)} differ in "
+            "resolution (Hugging Face's segmentation models upsample the logits inside their loss); return "
+            "logits at the targets' size from the measured network, e.g. a `forward` (or, for "
+            "SharpnessMonitor, `measured_network`) that applies `F.interpolate(logits, size=target.shape[-2:], "
+            "mode='bilinear', align_corners=False)`, or targets at the logits' size."
+        )
     if class_dim is not None:
         base, ignore_index = split_ignore_index(loss_fn)
         shift = class_dim == -1 and is_causal_lm(model)
         loss_fn = TokenLoss(base, shift=shift, ignore_index=ignore_index, class_dim=class_dim)
     return loss_for_outputs(loss_fn, logits)
+
+
+def _dense_at_another_resolution(logits: Tensor, target: Tensor) -> bool:
+    """Integer targets ``(N, *positions')`` beside logits ``(N, K, *positions)`` with ``positions' !=
+    positions`` (as many position dims)."""
+    return (
+        not target.is_floating_point()
+        and target.ndim == logits.ndim - 1
+        and target.shape[0] == logits.shape[0]
+        and tuple(target.shape[1:]) != tuple(logits.shape[2:])
+    )
 
 
 def position_class_dim(model: nn.Module, logits: Tensor, target: Tensor) -> Optional[int]:

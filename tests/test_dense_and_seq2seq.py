@@ -168,6 +168,14 @@ def test_measure_sharpness_on_a_segmentation_net_with_void_pixels_agrees_with_th
         assert float(exact[f"{key}_stderr"]) < 0.1 * float(exact[key])  # a real comparison
 
 
+def test_dense_targets_at_another_resolution_than_the_logits_name_the_fix():
+    model = TinySegmentation().double()
+    x, _ = _segmentation_batch()
+    logits = extract_logits(model(x))
+    with pytest.raises(ValueError, match="differ in resolution.*F.interpolate"):
+        resolve_loss(F.cross_entropy, model, logits, torch.zeros(3, 8, 10, dtype=torch.long))
+
+
 def _tiny_seq2seq(kind: str):
     transformers = pytest.importorskip("transformers")
     if kind == "t5":
@@ -183,6 +191,25 @@ def _tiny_seq2seq(kind: str):
             pad_token_id=0,
         )
         return transformers.T5ForConditionalGeneration(cfg).eval()
+    if kind == "whisper":  # no prepare_decoder_input_ids_from_labels: the shift of its forward
+        cfg = transformers.WhisperConfig(
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            vocab_size=32,
+            num_mel_bins=8,
+            max_source_positions=16,
+            max_target_positions=16,
+            decoder_start_token_id=1,
+            pad_token_id=2,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        return transformers.WhisperForConditionalGeneration(cfg).eval()
     cfg = transformers.BartConfig(
         d_model=16,
         encoder_layers=1,
@@ -197,21 +224,24 @@ def _tiny_seq2seq(kind: str):
     return transformers.BartForConditionalGeneration(cfg).eval()
 
 
-def _seq2seq_batches(count: int = 4):
+def _seq2seq_batches(count: int = 4, audio: bool = False):
     g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(count):
         labels = torch.randint(3, 32, (2, 5), generator=g)
         labels[1, -2:] = -100  # padding of the shorter target
-        out.append({"input_ids": torch.randint(3, 32, (2, 7), generator=g), "labels": labels})
+        if audio:  # log-mel features (N, mel bins, 2 x source positions)
+            out.append({"input_features": torch.randn(2, 8, 32, generator=g), "labels": labels})
+        else:
+            out.append({"input_ids": torch.randint(3, 32, (2, 7), generator=g), "labels": labels})
     return out
 
 
-@pytest.mark.parametrize("kind", ["t5", "bart"])
+@pytest.mark.parametrize("kind", ["t5", "bart", "whisper"])
 def test_encoder_decoder_models_trained_with_labels_only(kind):
     model = _tiny_seq2seq(kind)
-    batch = _seq2seq_batches(1)[0]
-    inputs = {"input_ids": batch["input_ids"]}
+    batch = _seq2seq_batches(1, audio=kind == "whisper")[0]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
     completed = with_decoder_inputs(model, inputs, batch["labels"])
     logits = extract_logits(model(**completed))
     loss = resolve_loss(normalized_softmax_cross_entropy, model, logits, batch["labels"])
@@ -220,11 +250,15 @@ def test_encoder_decoder_models_trained_with_labels_only(kind):
     ce = resolve_loss(F.cross_entropy, model, logits, batch["labels"])
     torch.testing.assert_close(ce(logits, batch["labels"]), model(**batch).loss, rtol=1e-6, atol=0)
     # labels only, or decoder inputs given: the same measurement
-    batches = _seq2seq_batches()
-    given = [
-        {**b, "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=b["labels"])}
-        for b in batches
-    ]
+    if kind == "whisper":  # the model's own shift (its forward derives the decoder inputs so)
+        from transformers.models.whisper.modeling_whisper import shift_tokens_right
+
+        derive = lambda labels: shift_tokens_right(labels, 2, 1)  # noqa: E731
+    else:
+        derive = lambda labels: model.prepare_decoder_input_ids_from_labels(labels=labels)  # noqa: E731
+    torch.testing.assert_close(completed["decoder_input_ids"], derive(batch["labels"]), rtol=0, atol=0)
+    batches = _seq2seq_batches(audio=kind == "whisper")
+    given = [{**b, "decoder_input_ids": derive(b["labels"])} for b in batches]
     a = measure_sharpness(model, batches, num_replicates=2, generator=torch.Generator().manual_seed(0))
     b = measure_sharpness(model, given, num_replicates=2, generator=torch.Generator().manual_seed(0))
     assert float(a["normalized"]) > 0 and torch.equal(a["normalized"], b["normalized"])

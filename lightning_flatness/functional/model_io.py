@@ -164,18 +164,30 @@ def call_model(model: Callable[..., Any], inputs: Any) -> Tensor:
 
 
 def with_decoder_inputs(model: nn.Module, inputs: Any, target: Tensor) -> Any:
-    """``inputs`` with the ``decoder_input_ids`` of an encoder-decoder model (Hugging Face T5, BART, ...)
-    when they are missing: such a model is trained as its docs show, ``model(**batch)`` with ``labels``,
+    """``inputs`` with the ``decoder_input_ids`` of an encoder-decoder model (Hugging Face T5, BART, Whisper,
+    ...) when they are missing: such a model is trained as its docs show, ``model(**batch)`` with ``labels``,
     from which it derives its decoder's inputs (the labels shifted right, ``-100`` as padding). The
-    measurement calls the model without the labels (they are the target), so it derives them the same
-    way, with ``prepare_decoder_input_ids_from_labels`` of the first such module of ``model`` (a
-    LightningModule wrapping it too). Any other model or input structure: ``inputs`` unchanged."""
+    measurement calls the model without the labels (they are the target), so it derives them the same way,
+    for the first module of ``model`` (a LightningModule wrapping it too) whose config says it is an
+    encoder-decoder: with its ``prepare_decoder_input_ids_from_labels`` where it has one, else as the
+    models without one do in their ``forward`` (Whisper, Speech2Text, Blenderbot): the labels shifted right
+    by one, ``decoder_start_token_id`` first, ``-100`` replaced by ``pad_token_id``. Any other model or
+    input structure: ``inputs`` unchanged."""
     if not isinstance(inputs, Mapping) or "decoder_input_ids" in inputs or "decoder_inputs_embeds" in inputs:
         return inputs
     for module in model.modules():
+        config = getattr(module, "config", None)
+        if not getattr(config, "is_encoder_decoder", False):
+            continue
         prepare = getattr(module, "prepare_decoder_input_ids_from_labels", None)
-        if prepare is not None and getattr(getattr(module, "config", None), "is_encoder_decoder", False):
+        if prepare is not None:
             return {**inputs, "decoder_input_ids": prepare(labels=target)}
+        start, pad = getattr(config, "decoder_start_token_id", None), getattr(config, "pad_token_id", None)
+        if start is None or pad is None:
+            return inputs
+        shifted = target.new_full(target.shape, int(start))
+        shifted[:, 1:] = target[:, :-1]
+        return {**inputs, "decoder_input_ids": shifted.masked_fill_(shifted == -100, int(pad))}
     return inputs
 
 
