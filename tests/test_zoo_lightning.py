@@ -210,3 +210,81 @@ def test_training_of_a_zoo_model_is_bit_identical_with_and_without_the_monitor(n
     assert runs["with"].keys() == runs["without"].keys()
     for key in runs["without"]:
         assert torch.equal(runs["with"][key], runs["without"][key]), key
+
+
+class SegmentationModule(pl.LightningModule):
+    """How torchvision's segmentation reference trains: ``model(x)["out"]``, void pixels (255) ignored."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)  # {"out": (N, K, H, W)}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x)["out"], y, ignore_index=255)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x)["out"], y, ignore_index=255))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.slow
+def test_torchvision_segmentation_model_is_measured_per_pixel_with_its_void_label():
+    import torchvision
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 3, 32, 32, generator=g)
+    y = torch.randint(0, 3, (24, 32, 32), generator=g)
+    y[:, :3] = 255  # a void border
+    model = torchvision.models.segmentation.lraspp_mobilenet_v3_large(num_classes=3, weights_backbone=None)
+    monitor = SharpnessMonitor(num_samples=16, loss_fn=torch.nn.CrossEntropyLoss(ignore_index=255))
+    pl.seed_everything(0, verbose=False)
+    trainer = quiet_trainer([monitor], max_epochs=2)
+    trainer.fit(SegmentationModule(model), _Data(TensorDataset(x, y)))
+    loss = monitor._loss
+    assert isinstance(loss, TokenLoss) and loss.class_dim == 1 and loss.ignore_index == 255
+    assert loss.base is F.cross_entropy  # the closed forms, per pixel
+    assert len(monitor.history) == 2 and all(math.isfinite(h["normalized"]) for h in monitor.history)
+    assert monitor.history[-1]["method"] == "hessian_sketch"  # hardswish: the Hessian, sketched
+    idx = monitor.state_dict()["indices"]
+    assert monitor.history[-1]["num_samples"] == int((y[idx] != 255).sum())  # weighted by scored pixels
+
+
+def test_encoder_decoder_model_trained_with_labels_only_is_measured_at_the_defaults():
+    """T5 as the Hugging Face docs train it (``input_ids`` and ``labels``; the model's own loss): the
+    monitor derives the decoder inputs from the labels and scores the decoder's logits per token."""
+    import transformers
+
+    cfg = transformers.T5Config(
+        d_model=16,
+        d_ff=32,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=2,
+        d_kv=8,
+        vocab_size=32,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
+    g = torch.Generator().manual_seed(0)
+    inputs = {"input_ids": torch.randint(3, 32, (24, 7), generator=g)}
+    labels = torch.randint(3, 32, (24, 5), generator=g)
+    labels[::3, -2:] = -100
+    monitor = SharpnessMonitor(num_samples=16)
+    pl.seed_everything(0, verbose=False)
+    trainer = quiet_trainer([monitor], max_epochs=2)
+    trainer.fit(
+        HuggingFaceModule(transformers.T5ForConditionalGeneration(cfg)), _Data(_DictDataset(inputs, labels))
+    )
+    assert (
+        isinstance(monitor._loss, TokenLoss) and not monitor._loss.shift
+    )  # aligned with the decoder's logits
+    assert len(monitor.history) == 2 and all(h["normalized"] > 0 for h in monitor.history)
+    idx = monitor.state_dict()["indices"]
+    assert monitor.history[-1]["num_samples"] == int((labels[idx] != -100).sum())
