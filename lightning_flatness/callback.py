@@ -47,7 +47,7 @@ from lightning_flatness.isolation import (
     resolve_dtype,
 )
 from lightning_flatness.logger_media import MediaContext, PerLayerTable, log_per_layer_media, per_layer_table
-from lightning_flatness.measure import SharpnessMeasurement, resolve_loss
+from lightning_flatness.measure import SharpnessMeasurement, resolve_loss, zero_sharpness_message
 from lightning_flatness.memory import PeakMemory
 from lightning_flatness.metric import all_finite
 from lightning_flatness.progress import progress_reporter
@@ -710,6 +710,11 @@ class SharpnessMonitorBase:
                     values = {k: float(v) for k, v in measurement.compute().items()}
                 except Exception as err:  # e.g. the solver: identical on every rank, so no rank hangs
                     failure = err
+                zero = None if values is None else zero_sharpness_message(values)
+                if zero is not None:
+                    self._warn_once(
+                        trainer, "zero", f"SharpnessMonitor (epoch {trainer.current_epoch}): {zero}"
+                    )
             self._keep_state_buffer(measurement.metric)
         self._evaluations += 1
         if values is None:

@@ -13,6 +13,7 @@ the metric and the functional core, and the callback uses this module.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -43,6 +44,7 @@ __all__ = [
     "measure_sharpness",
     "position_class_dim",
     "resolve_loss",
+    "zero_sharpness_message",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -75,10 +77,10 @@ def resolve_loss(loss_fn: LossFn, model: nn.Module, logits: Tensor, target: Tens
     if class_dim is None and logits.ndim >= 4 and _dense_at_another_resolution(logits, target):
         raise ValueError(
             f"the logits {tuple(logits.shape)} and the per-pixel targets {tuple(target.shape)} differ in "
-            "resolution (Hugging Face's segmentation models upsample the logits inside their loss); return "
-            "logits at the targets' size from the measured network, e.g. a `forward` (or, for "
-            "SharpnessMonitor, `measured_network`) that applies `F.interpolate(logits, size=target.shape[-2:], "
-            "mode='bilinear', align_corners=False)`, or targets at the logits' size."
+            "resolution (Hugging Face's segmentation models upsample the logits inside their loss); "
+            "return logits at the targets' size from the measured network, e.g. a `forward` (or, for "
+            "SharpnessMonitor, `measured_network`) that applies `F.interpolate(logits, "
+            "size=target.shape[-2:], mode='bilinear', align_corners=False)`, or targets at the logits' size."
         )
     if class_dim is not None:
         base, ignore_index = split_ignore_index(loss_fn)
@@ -274,6 +276,24 @@ class SharpnessMeasurement:
         return self.metric.compute()
 
 
+def zero_sharpness_message(values: dict[str, Any]) -> Optional[str]:
+    """Why a normalized sharpness of exactly 0 is right, when it is (else None). A flat 0 curve looks like
+    a failure, but eq. 17 is 0 for a zero weight and for a tensor without curvature, and a classifier head
+    initialised at zero gives both: the logits are constant in every other weight, and eq. 20's loss has
+    no curvature at constant logits (its standardisation of the logits is constant there)."""
+    if float(values["normalized"]) != 0.0:
+        return None
+    return (
+        "normalized sharpness is 0 in every weight tensor (Hessian trace "
+        f"{float(values['hessian_trace']):.4g}). "
+        "Eq. 17 is 0 for a zero weight and for a tensor without curvature: this is what a classifier "
+        "head initialised at zero gives (timm's Hiera and Sequencer, torchvision's ViT: the logits are "
+        "constant in every other weight, and eq. 20's loss has no curvature at constant logits). The values "
+        "are right; "
+        "they become informative once training has moved the head."
+    )
+
+
 def measure_sharpness(
     model: nn.Module,
     batches: Iterable[Any],
@@ -348,6 +368,9 @@ def measure_sharpness(
         )
     values = measurement.compute()
     assert measurement.choice is not None
+    message = zero_sharpness_message(values)
+    if message is not None:
+        warnings.warn(message, UserWarning, stacklevel=2)
     return SharpnessResult(
         values, measurement.choice, time.perf_counter() - start, {"skipped_batches": skipped}
     )

@@ -708,6 +708,19 @@ def test_nan_loss_logs_nan_warns_and_training_continues():
     assert math.isnan(float(trainer.callback_metrics["sharpness/normalized"]))
 
 
+def test_a_zero_initialised_head_logs_zero_and_warns_once_why():
+    class ZeroHead(MLP):
+        def __init__(self) -> None:
+            super().__init__(lr=0.0)  # the head stays at zero
+            nn.init.zeros_(self.net[-1].weight)
+
+    monitor = SharpnessMonitor(num_samples=32)
+    with pytest.warns(UserWarning, match="0 in every weight tensor") as caught:
+        _fit(monitor, model=ZeroHead(), max_epochs=2)
+    assert [h["normalized"] for h in monitor.history] == [0.0, 0.0]
+    assert sum("0 in every weight tensor" in str(w.message) for w in caught) == 1  # once per fit
+
+
 def test_empty_training_set_or_dataloader_fails_at_setup():
     model = MLP()
     with pytest.raises(ValueError, match="empty"):

@@ -3,6 +3,8 @@ as users have them (dict inputs, ModelOutput-like outputs, sequence outputs)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -206,3 +208,32 @@ def test_auto_on_many_classes_samples_the_gauss_newton_part_within_its_error_bar
             assert abs(error) < 3 * float(result[f"{measure}_stderr"]), (seed, measure, error)
         errors.append(float(result["normalized"]) / ref["normalized"] - 1)
     assert abs(sum(errors) / len(errors)) < 0.05, errors
+
+
+@pytest.mark.parametrize("loss_fn", [None, F.cross_entropy], ids=["eq20", "cross_entropy"])
+def test_a_zero_initialised_head_gives_zero_normalized_sharpness_and_says_why(loss_fn):
+    """A classifier head initialised at zero (timm's Hiera and Sequencer): the logits are constant in every
+    other weight and the head is zero, so eq. 17 is 0 in every tensor. That is the right value, and a
+    warning says so; the trace is the head's curvature (none for eq. 20 at constant logits)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    nn.init.zeros_(model[2].weight)
+    nn.init.zeros_(model[2].bias)
+    batches = [(torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))) for _ in range(4)]
+    with pytest.warns(UserWarning, match="normalized sharpness is 0 in every weight tensor"):
+        result = measure_sharpness(model, batches, num_replicates=4, loss_fn=loss_fn, method="gauss_newton")
+    assert float(result["normalized"]) == 0.0
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    names = ["0.weight", "2.weight"]
+    reference = brute_force_hessian_diagonal(model, loss_fn or normalized_softmax_cross_entropy, x, y, names)
+    assert float(reference["0.weight"].abs().max()) == 0.0  # no curvature behind a zero head
+    trace = float(reference["2.weight"].sum())
+    assert (trace > 0) == (loss_fn is F.cross_entropy)
+    torch.testing.assert_close(result["hessian_trace_weights"], torch.tensor(trace, dtype=torch.float64))
+    model[2].weight.data.normal_()  # a trained head: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert (
+            float(measure_sharpness(model, batches, num_replicates=4, method="gauss_newton")["normalized"])
+            > 0
+        )

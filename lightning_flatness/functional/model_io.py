@@ -34,8 +34,8 @@ __all__ = [
     "inputs_batch_size",
     "map_inputs",
     "select_samples",
-    "with_decoder_inputs",
     "split_samples",
+    "with_decoder_inputs",
 ]
 
 #: What a model is called with: a tensor, a tuple/list of positional arguments or a dict of keyword arguments.
