@@ -55,6 +55,33 @@ def _timm(name: str, size: int = 32, **kw: Any) -> Builder:
     return build
 
 
+def _timm_sized(name: str, size: int = 64) -> Builder:
+    """A timm model at ``size`` pixels: ``img_size=size`` where the model takes it (position tables,
+    windows), else as built."""
+
+    def build():
+        import timm
+
+        try:
+            model = timm.create_model(name, num_classes=10, img_size=size)
+        except TypeError:
+            model = timm.create_model(name, num_classes=10)
+        return model, ("image", size)
+
+    return build
+
+
+#: More timm families (round 12), at 64 pixels.
+TIMM_SWEEP = (
+    "mobilenetv4_conv_small hiera_tiny_224 eva02_tiny_patch14_224 focalnet_tiny_srf hgnetv2_b0 davit_tiny "
+    "twins_svt_small convmixer_768_32 res2net50_26w_4s resnest14d sequencer2d_s volo_d1_224 nest_tiny "
+    "gcvit_xxtiny inception_next_tiny mambaout_femto rdnet_tiny starnet_s050 ghostnetv2_100 repghostnet_050 "
+    "tiny_vit_5m_224 efficientformerv2_s0 vit_relpos_small_patch16_224 cspresnet50 dpn68 hrnet_w18_small "
+    "lcnet_050 mobileone_s0 regnetz_b16 selecsls42b skresnet18 vovnet39a xcit_nano_12_p16_224 convit_tiny "
+    "pit_ti_224 visformer_tiny coat_lite_tiny"
+).split()
+
+
 def _hf(model_class: str, config_class: str, task: str, **config: Any) -> Builder:
     def build():
         import transformers
@@ -298,6 +325,8 @@ MODELS: dict[str, Builder] = {
         "PhiForCausalLM", "PhiConfig", "lm", hidden_size=16, **{k: v for k, v in _TEXT.items()}
     ),
 }
+MODELS.update({f"timm {name} (64)": _timm_sized(name) for name in TIMM_SWEEP})
+MODELS["timm efficientformer_l1 (224)"] = _timm("efficientformer_l1", size=224)  # fixed attention-bias table
 QUICK = ("torchvision mobilenet_v3_small (0.25)", "timm vit_tiny (patch 4)", "transformers BERT")
 
 

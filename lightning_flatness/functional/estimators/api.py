@@ -17,6 +17,7 @@ from lightning_flatness.functional.model_io import (
     outputs_of_first_samples,
     split_samples,
 )
+from lightning_flatness.functional.module_caches import recomputing_caches
 from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
 
 __all__ = [
@@ -103,6 +104,7 @@ def _settled_loss(model: nn.Module, loss_fn: LossFn, inputs: Any) -> LossFn:
 
 
 @compiled_code_eager()
+@recomputing_caches
 def hessian_diagonal_groups(
     model: nn.Module,
     loss_fn: LossFn,

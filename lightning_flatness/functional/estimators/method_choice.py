@@ -62,6 +62,7 @@ from lightning_flatness.functional.estimators.registry import ESTIMATORS
 from lightning_flatness.functional.loss_forms import standard_loss
 from lightning_flatness.functional.loss_hessian_factors import has_loss_hessian_structure
 from lightning_flatness.functional.model_io import compiled_code_eager, inputs_batch_size, select_samples
+from lightning_flatness.functional.module_caches import recomputing_caches
 from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
 
 __all__ = ["MAX_EXACT_OUTPUTS", "SKETCH_MIN_WORK", "MethodChoice", "choose_method", "gauss_newton_blockers"]
@@ -134,6 +135,7 @@ def gauss_newton_blockers(
 
 
 @compiled_code_eager()
+@recomputing_caches
 def choose_method(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
