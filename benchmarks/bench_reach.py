@@ -424,9 +424,21 @@ def main(argv=None) -> dict[str, Any]:
     p = base_parser(__doc__)
     p.add_argument("--samples", type=int, default=4, help="samples per measurement, in batches of 2")
     p.add_argument("--models", nargs="*", default=None, help="names (default: all, or three with --quick)")
+    p.add_argument(
+        "--timm-sweep",
+        action="store_true",
+        help="only the timm families of TIMM_SWEEP, LeViT and EfficientFormer",
+    )
     args = p.parse_args(argv)
     setup(args)
     names = args.models or (list(QUICK) if args.quick else list(MODELS))
+    if args.timm_sweep:
+        names = [
+            n
+            for n in MODELS
+            if n.startswith("timm ")
+            and (n.split()[1] in TIMM_SWEEP or "levit" in n or "efficientformer" in n)
+        ]
     command = command_line("benchmarks.bench_reach", argv)
     results: dict[str, Any] = {"command": command, "environment": environment(), "models": {}}
     for name in names:
