@@ -278,19 +278,18 @@ class SharpnessMeasurement:
 
 def zero_sharpness_message(values: dict[str, Any]) -> Optional[str]:
     """Why a normalized sharpness of exactly 0 is right, when it is (else None). A flat 0 curve looks like
-    a failure, but eq. 17 is 0 for a zero weight and for a tensor without curvature, and a classifier head
-    initialised at zero gives both: the logits are constant in every other weight, and eq. 20's loss has
-    no curvature at constant logits (its standardisation of the logits is constant there)."""
+    a failure, but eq. 17 is 0 for a zero weight and for a tensor without curvature, and constant logits
+    give both: a classifier head initialised at zero (or zero features before it) makes the logits
+    constant in every other weight, and eq. 20's loss has no curvature at constant logits (its
+    standardisation of the logits is constant there)."""
     if float(values["normalized"]) != 0.0:
         return None
     return (
         "normalized sharpness is 0 in every weight tensor (Hessian trace "
-        f"{float(values['hessian_trace']):.4g}). "
-        "Eq. 17 is 0 for a zero weight and for a tensor without curvature: this is what a classifier "
-        "head initialised at zero gives (timm's Hiera and Sequencer, torchvision's ViT: the logits are "
-        "constant in every other weight, and eq. 20's loss has no curvature at constant logits). The values "
-        "are right; "
-        "they become informative once training has moved the head."
+        f"{float(values['hessian_trace']):.4g}). Eq. 17 is 0 for a zero weight and for a tensor without "
+        "curvature, which is what constant logits give: a classifier head initialised at zero (timm's Hiera "
+        "and Sequencer) or zero features before it, and eq. 20's loss has no curvature at constant logits. "
+        "The values are right; they become informative once training has moved those weights."
     )
 
 
