@@ -135,8 +135,8 @@ DEFAULT_NUM_SKETCHES = 1
 #: mixed (others: :data:`DEFAULT_NUM_SKETCHES`). Eq. 20 at many classes: each sample's Gauss-Newton
 #: diagonal has large ``+`` and ``-`` parts whose sum over samples nearly cancels at initialisation, so
 #: the mixing noise is large against the result and eq. 17 turns it into upward bias; 4 sketches (8
-#: backward columns, fewer than the Monte-Carlo estimator's 18) is the smallest count whose bias on tiny
-#: 1,000-class networks was within 5% (``benchmarks/results/bench_resnet18_1000.md``).
+#: backward columns, fewer than the Monte-Carlo estimator's 18) is the smallest count whose measured
+#: bias on tiny 1,000-class networks met the 5% target (``benchmarks/results/bench_resnet18_1000.md``).
 DEFAULT_STRUCTURED_SKETCHES: dict[Callable[..., Tensor], int] = {normalized_softmax_cross_entropy: 4}
 #: Up to this many outputs per sample the exact factors of ``Lambda_n`` are mixed (no class sampling;
 #: ``O(K^3)`` per sample for losses without a closed form); above it the structured exact factors
