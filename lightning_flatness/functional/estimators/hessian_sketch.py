@@ -110,7 +110,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 #: Pairs of backward columns per sketch for the products of two weight-dependent tensors, shared in turn
 #: (:func:`_node_injections`); with the loss's pair and the other ops' pair, at most ``2 + PRODUCT_PAIRS``.
 #: One pair of their own lowered the tiny ViT's eq. 17 bias against sharing the other ops' pair, a second
-#: one did not (the figures: ``benchmarks/results/hessian_sketch.md``, "Pairs").
+#: one little more (the figures: ``benchmarks/results/hessian_sketch.md``, "Pairs").
 PRODUCT_PAIRS = 1
 #: Bound on the entries of the per-sample columns of a tied weight (``samples x weight entries x backward
 #: columns per sketch``, :mod:`.node_rules.tied_linear`), materialised at once: 2**27 (512 MiB in float32).
