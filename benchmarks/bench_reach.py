@@ -318,6 +318,21 @@ MODELS: dict[str, Builder] = {
         bos_token_id=1,
         eos_token_id=2,
     ),
+    "transformers Segformer (semantic segmentation, labels only)": _hf(
+        "SegformerForSemanticSegmentation",
+        "SegformerConfig",
+        "segmentation_hf",
+        num_encoder_blocks=2,
+        depths=[1, 1],
+        sr_ratios=[2, 1],
+        hidden_sizes=[8, 16],
+        patch_sizes=[7, 3],
+        strides=[4, 2],
+        num_attention_heads=[1, 2],
+        mlp_ratios=[2, 2],
+        decoder_hidden_size=16,
+        num_labels=10,
+    ),
     "transformers BERT token classification": _hf(
         "BertForTokenClassification", "BertConfig", "tokens", hidden_size=16, num_labels=5, **_TEXT
     ),
@@ -341,6 +356,10 @@ def _batches(spec: tuple[str, int], samples: int) -> list[Any]:
             target = torch.randint(0, 10, (2, size, size), generator=g)
             target[:, :2] = 255
             out.append((torch.randn(2, 3, size, size, generator=g), target))
+        elif kind == "segmentation_hf":  # Hugging Face's batch: full-resolution labels, a void border
+            labels = torch.randint(0, 10, (2, size, size), generator=g)
+            labels[:, :2] = 255
+            out.append({"pixel_values": torch.randn(2, 3, size, size, generator=g), "labels": labels})
         elif kind.startswith("seq2seq"):  # Hugging Face's training batch: decoder inputs from the labels
             labels = torch.randint(3, 64, (2, 6), generator=g)
             labels[1, -2:] = -100

@@ -44,6 +44,7 @@ __all__ = [
     "measure_sharpness",
     "position_class_dim",
     "resolve_loss",
+    "semantic_segmentation_model",
     "zero_sharpness_message",
 ]
 
@@ -74,19 +75,36 @@ def resolve_loss(loss_fn: LossFn, model: nn.Module, logits: Tensor, target: Tens
     ``F.cross_entropy``, ``F.nll_loss`` on log-probabilities is ``F.cross_entropy``, and on anything else
     an error)."""
     class_dim = None if isinstance(loss_fn, TokenLoss) else position_class_dim(model, logits, target)
+    output_size = None
     if class_dim is None and logits.ndim >= 4 and _dense_at_another_resolution(logits, target):
-        raise ValueError(
-            f"the logits {tuple(logits.shape)} and the per-pixel targets {tuple(target.shape)} differ in "
-            "resolution (Hugging Face's segmentation models upsample the logits inside their loss); "
-            "return logits at the targets' size from the measured network, e.g. a `forward` (or, for "
-            "SharpnessMonitor, `measured_network`) that applies `F.interpolate(logits, "
-            "size=target.shape[-2:], mode='bilinear', align_corners=False)`, or targets at the logits' size."
-        )
+        if semantic_segmentation_model(model) is None:
+            raise ValueError(
+                f"the logits {tuple(logits.shape)} and the per-pixel targets {tuple(target.shape)} differ in "
+                "resolution; return logits at the targets' size from the measured network, e.g. a `forward` "
+                "(or, for SharpnessMonitor, `measured_network`) that applies `F.interpolate(logits, "
+                "size=target.shape[-2:], mode='bilinear', align_corners=False)`, or targets at the logits' "
+                "size (Hugging Face's *ForSemanticSegmentation models are upsampled as their loss does)."
+            )
+        class_dim, output_size = 1, tuple(target.shape[1:])
     if class_dim is not None:
         base, ignore_index = split_ignore_index(loss_fn)
+        segmentation = semantic_segmentation_model(model) if class_dim == 1 else None
+        if ignore_index == -100 and segmentation is not None:  # the void label its own loss skips
+            ignore_index = int(getattr(segmentation.config, "semantic_loss_ignore_index", -100))
         shift = class_dim == -1 and is_causal_lm(model)
-        loss_fn = TokenLoss(base, shift=shift, ignore_index=ignore_index, class_dim=class_dim)
+        loss_fn = TokenLoss(base, shift, ignore_index, class_dim, output_size)
     return loss_for_outputs(loss_fn, logits)
+
+
+def semantic_segmentation_model(model: nn.Module) -> Optional[nn.Module]:
+    """The first Hugging Face semantic-segmentation model in ``model`` (class name ending in
+    ``ForSemanticSegmentation``: Segformer, BEiT, DPT, MobileViT, UperNet, ...), else None. Their loss
+    upsamples the logits bilinearly to the labels (``align_corners=False``) and skips
+    ``config.semantic_loss_ignore_index``; :func:`resolve_loss` reads them so."""
+    for module in model.modules():
+        if type(module).__name__.endswith("ForSemanticSegmentation") and hasattr(module, "config"):
+            return module
+    return None
 
 
 def _dense_at_another_resolution(logits: Tensor, target: Tensor) -> bool:

@@ -172,7 +172,7 @@ def test_dense_targets_at_another_resolution_than_the_logits_name_the_fix():
     model = TinySegmentation().double()
     x, _ = _segmentation_batch()
     logits = extract_logits(model(x))
-    with pytest.raises(ValueError, match="differ in resolution.*F.interpolate"):
+    with pytest.raises(ValueError, match="differ in resolution.*F.interpolate.*ForSemanticSegmentation"):
         resolve_loss(F.cross_entropy, model, logits, torch.zeros(3, 8, 10, dtype=torch.long))
 
 
@@ -263,3 +263,80 @@ def test_encoder_decoder_models_trained_with_labels_only(kind):
     b = measure_sharpness(model, given, num_replicates=2, generator=torch.Generator().manual_seed(0))
     assert float(a["normalized"]) > 0 and torch.equal(a["normalized"], b["normalized"])
     assert with_decoder_inputs(nn.Linear(1, 1), inputs, batch["labels"]) is inputs  # other models: unchanged
+
+
+class _Config:
+    semantic_loss_ignore_index = VOID
+
+
+class TinyForSemanticSegmentation(nn.Module):
+    """Hugging Face's layout: a ReLU conv net whose logits come at half the labels' resolution, read by a
+    loss that upsamples them bilinearly and skips ``config.semantic_loss_ignore_index``."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.config = _Config()
+        self.body = nn.Conv2d(2, 4, 3, padding=1, stride=2)
+        self.head = nn.Conv2d(4, classes, 1)
+
+    def forward(self, x):
+        return {"logits": self.head(torch.relu(self.body(x)))}
+
+    def loss(self, logits, labels):  # Hugging Face's, as SegformerForSemanticSegmentation computes it
+        up = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        return F.cross_entropy(up, labels, ignore_index=VOID)
+
+
+def _upsampled_batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 2, 6, 8, generator=g, dtype=F64)
+    y = torch.randint(0, 3, (3, 6, 8), generator=g)
+    y[0, :2] = VOID
+    return x, y
+
+
+@pytest.mark.parametrize("base", [F.cross_entropy, normalized_softmax_cross_entropy])
+def test_upsampling_token_factors_are_the_hessian_of_the_upsampled_loss_in_the_low_resolution_logits(base):
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 3, 2, 3, generator=g, dtype=F64)
+    y = torch.randint(0, 3, (2, 4, 6), generator=g)
+    y[1, 0] = VOID
+    loss = TokenLoss(base, ignore_index=VOID, class_dim=1, output_size=(4, 6))
+    factors, signs, _, _ = _token_loss_factors(loss, logits, y, need_grad=False)
+    hess = torch.autograd.functional.hessian(lambda z: loss(z.view_as(logits), y), logits.reshape(-1))
+    d = logits[0].numel()
+    assert factors.shape[1] == d
+    for n in range(2):
+        block = hess[n * d : (n + 1) * d, n * d : (n + 1) * d] * 2
+        torch.testing.assert_close((factors[n] * signs[n]) @ factors[n].T, block, rtol=1e-10, atol=1e-12)
+    # unbiased over calls (each call mixes the tokens' columns, eq. 20's exact ones too, with fresh signs)
+    gen, calls = torch.Generator().manual_seed(5), 800
+    total = torch.zeros(2, d, d, dtype=F64)
+    for _ in range(calls):
+        cols, col_signs = token_loss_columns(loss, logits, y, 4, gen)
+        total += torch.einsum("ndc,c,nec->nde", cols, col_signs, cols)
+    for n in range(2):
+        block = hess[n * d : (n + 1) * d, n * d : (n + 1) * d] * 2
+        assert float((total[n] / calls - block).abs().max()) < 0.15 * float(block.abs().max())
+
+
+def test_hugging_face_segmentation_is_measured_as_its_own_loss_reads_it():
+    """Logits at half the labels' resolution: resolve_loss upsamples them as the model's loss does and
+    skips its void label; the measured loss is the model's own, and the exact method equals the
+    brute-force Hessian diagonal of that loss."""
+    model = TinyForSemanticSegmentation().double()
+    x, y = _upsampled_batch()
+    logits = extract_logits(model(x))
+    assert logits.shape[2:] == (3, 4)
+    resolved = resolve_loss(F.cross_entropy, model, logits, y)
+    assert isinstance(resolved, TokenLoss) and resolved.output_size == (6, 8)
+    assert resolved.ignore_index == VOID  # from the model's config
+    torch.testing.assert_close(resolved(logits, y), model.loss(logits, y), rtol=1e-14, atol=0)
+    names = ["body.weight", "head.weight"]
+    estimate = hessian_diagonal_groups(model, resolved, x, y, method="exact", parameters=names).mean()
+    reference = brute_force_hessian_diagonal(
+        model, lambda out, t: model.loss(extract_logits(out), t), x, y, names
+    )
+    assert_relative_close(estimate, reference, tol=1e-10)
+    result = measure_sharpness(model, [_upsampled_batch(s) for s in range(4)], num_replicates=2)
+    assert float(result["normalized"]) > 0 and float(result["normalized_stderr"]) > 0

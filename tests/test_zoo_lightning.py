@@ -288,3 +288,37 @@ def test_encoder_decoder_model_trained_with_labels_only_is_measured_at_the_defau
     assert len(monitor.history) == 2 and all(h["normalized"] > 0 for h in monitor.history)
     idx = monitor.state_dict()["indices"]
     assert monitor.history[-1]["num_samples"] == int((labels[idx] != -100).sum())
+
+
+def test_hugging_face_segformer_trained_with_labels_only_is_measured_at_the_defaults():
+    """Segformer as the Hugging Face docs train it (``pixel_values`` and full-resolution ``labels`` with a
+    void label; the model's own loss upsamples its quarter-resolution logits): the monitor reads the
+    loss the same way, with its default eq. 20, and weights the groups by the scored pixels."""
+    import transformers
+
+    cfg = transformers.SegformerConfig(
+        num_encoder_blocks=2,
+        depths=[1, 1],
+        sr_ratios=[2, 1],
+        hidden_sizes=[8, 16],
+        patch_sizes=[7, 3],
+        strides=[4, 2],
+        num_attention_heads=[1, 2],
+        mlp_ratios=[2, 2],
+        decoder_hidden_size=16,
+        num_labels=3,
+    )
+    g = torch.Generator().manual_seed(0)
+    inputs = {"pixel_values": torch.randn(24, 3, 32, 32, generator=g)}
+    labels = torch.randint(0, 3, (24, 32, 32), generator=g)
+    labels[:, :4] = 255  # config.semantic_loss_ignore_index
+    monitor = SharpnessMonitor(num_samples=16)
+    pl.seed_everything(0, verbose=False)
+    trainer = quiet_trainer([monitor], max_epochs=2)
+    model = transformers.SegformerForSemanticSegmentation(cfg)
+    trainer.fit(HuggingFaceModule(model), _Data(_DictDataset(inputs, labels)))
+    loss = monitor._loss
+    assert isinstance(loss, TokenLoss) and loss.output_size == (32, 32) and loss.ignore_index == 255
+    assert len(monitor.history) == 2 and all(h["normalized"] > 0 for h in monitor.history)
+    idx = monitor.state_dict()["indices"]
+    assert monitor.history[-1]["num_samples"] == int((labels[idx] != 255).sum())

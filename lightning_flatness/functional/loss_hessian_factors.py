@@ -667,7 +667,7 @@ def token_loss_columns(
     positions = loss_fn.num_positions(logits)
     out = torch.zeros(n * positions, v, cols.shape[2], dtype=cols.dtype, device=cols.device)
     out[flat_index] = cols.mul_(eps.mul_(math.sqrt(n / rows.shape[0])))  # in place: LM-vocabulary sized
-    return loss_fn.output_layout(out.view(n, positions, v, cols.shape[2])), signs
+    return loss_fn.output_layout(out.view(n, positions, v, cols.shape[2]), logits), signs
 
 
 def _token_positions(loss_fn: TokenLoss, logits: Tensor, target: Tensor) -> Tensor:
@@ -677,8 +677,8 @@ def _token_positions(loss_fn: TokenLoss, logits: Tensor, target: Tensor) -> Tens
     index = torch.arange(n * loss_fn.num_positions(logits), device=logits.device, dtype=torch.float64)
     if logits.ndim == 2:
         index = index.reshape(n, 1)
-    elif loss_fn.class_dim == 1:  # one "class" ahead of the positions
-        index = index.reshape(n, 1, *logits.shape[2:])
+    elif loss_fn.class_dim == 1:  # one "class" ahead of the (scored) positions
+        index = index.reshape(n, 1, *(loss_fn.output_size or logits.shape[2:]))
     else:
         index = index.reshape(n, logits.shape[1], 1)
     rows, _, _ = loss_fn.rows(index, target)

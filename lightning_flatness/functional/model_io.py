@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
@@ -199,6 +200,10 @@ def outputs_of_first_samples(model: Callable[..., Any], inputs: Any, count: int 
         return call_model(model, select_samples(inputs, slice(0, min(n, count)), n))
 
 
+#: ``F.interpolate`` modes of :class:`TokenLoss`'s upsampling, by the number of position dims.
+_INTERPOLATION = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
 class TokenLoss(nn.Module):
     r"""A classification loss applied per token (or pixel) of sequence or dense outputs, averaged over
     the valid ones.
@@ -224,6 +229,12 @@ class TokenLoss(nn.Module):
         shift: pair position ``t`` with target ``t + 1`` (causal LMs; ``class_dim=-1`` only).
         ignore_index: the target value of positions left out.
         class_dim: where the classes are: ``-1`` (the last dim, ``(N, T, V)``) or ``1`` (``(N, K, ...)``).
+        output_size: dense outputs only: the targets' positions, when the logits come at a lower
+            resolution and the loss upsamples them first, as Hugging Face's semantic-segmentation models
+            do (``F.interpolate``, ``"bilinear"`` for 2-D positions, ``align_corners=False``). A linear map
+            of the logits, so the loss's Hessian in them is ``U^T Lambda U``: its columns are formed at
+            the targets' resolution and pulled back by the adjoint of the upsampling
+            (:meth:`output_layout`).
     """
 
     def __init__(
@@ -232,6 +243,7 @@ class TokenLoss(nn.Module):
         shift: bool = False,
         ignore_index: int = -100,
         class_dim: int = -1,
+        output_size: Optional[Sequence[int]] = None,
     ):
         super().__init__()
         if class_dim not in (-1, 1):
@@ -240,34 +252,68 @@ class TokenLoss(nn.Module):
             )
         if shift and class_dim == 1:
             raise ValueError("TokenLoss: shift=True pairs sequence positions; it needs class_dim=-1.")
+        if output_size is not None and (class_dim != 1 or not 1 <= len(output_size) <= 3):
+            raise ValueError(
+                "TokenLoss: output_size (the targets' 1, 2 or 3 position dims) applies to dense outputs, "
+                f"class_dim=1; got output_size={output_size!r} with class_dim={class_dim}."
+            )
         self.base = base
         self.shift = bool(shift)
         self.ignore_index = int(ignore_index)
         self.class_dim = int(class_dim)
+        self.output_size = None if output_size is None else tuple(int(s) for s in output_size)
 
     def with_base(self, base: Callable[[Tensor, Tensor], Tensor]) -> TokenLoss:
-        """The same layout (shift, ignored index, class dim) around another per-row loss."""
-        return TokenLoss(base, self.shift, self.ignore_index, self.class_dim)
+        """The same layout (shift, ignored index, class dim, output size) around another per-row loss."""
+        return TokenLoss(base, self.shift, self.ignore_index, self.class_dim, self.output_size)
+
+    def _resized(self, logits: Tensor) -> bool:
+        return (
+            self.output_size is not None and logits.ndim >= 3 and tuple(logits.shape[2:]) != self.output_size
+        )
+
+    def scored_logits(self, logits: Tensor) -> Tensor:
+        """The logits the rows are read from: upsampled to :attr:`output_size` where it is set and differs."""
+        if not self._resized(logits):
+            return logits
+        mode = _INTERPOLATION[len(self.output_size)]  # type: ignore[arg-type]
+        return F.interpolate(logits, size=self.output_size, mode=mode, align_corners=False)
 
     def num_positions(self, logits: Tensor) -> int:
         """Rows per sample of ``logits``: ``T`` for ``(N, T, V)``, ``prod(positions)`` for dense outputs
-        (``class_dim=1``), 1 for ``(N, K)``."""
+        (``class_dim=1``; of :attr:`output_size` where set), 1 for ``(N, K)``."""
         if logits.ndim == 2:
             return 1
-        return logits.shape[1] if self.class_dim == -1 else math.prod(logits.shape[2:])
+        if self.class_dim == -1:
+            return logits.shape[1]
+        return math.prod(self.output_size if self.output_size is not None else logits.shape[2:])
 
-    def output_layout(self, per_position: Tensor) -> Tensor:
-        """``(N, P, K, C)`` (per sample, position and class) as ``(N, P K, C)`` in the order of the
+    def output_layout(self, per_position: Tensor, logits: Tensor) -> Tensor:
+        """``(N, P, K, C)`` (per sample, scored position and class) as ``(N, D, C)`` in the order of the
         logits' own flattening ``logits[n].reshape(-1)``: position-major for ``class_dim=-1``,
-        class-major for dense outputs."""
+        class-major for dense outputs, and pulled back through the upsampling where the rows were
+        upsampled (:attr:`output_size`; the adjoint of ``F.interpolate``, by autograd: it is linear)."""
         n, p, k, c = per_position.shape
         if self.class_dim == 1:
             per_position = per_position.transpose(1, 2)
-        return per_position.reshape(n, p * k, c)
+        columns = per_position.reshape(n, p * k, c)
+        if not self._resized(logits):
+            return columns
+        low = tuple(logits.shape[2:])
+        at_targets = columns.reshape(n, k, *self.output_size, c).movedim(-1, 2)  # type: ignore[misc]
+        with torch.inference_mode(False), torch.enable_grad():
+            z = torch.zeros(n, k * c, *low, dtype=columns.dtype, device=columns.device, requires_grad=True)
+            (back,) = torch.autograd.grad(
+                self.scored_logits(z),
+                z,
+                at_targets.reshape(n, k * c, *self.output_size).clone(),  # type: ignore[misc]
+            )
+        return back.reshape(n, k, c, *low).movedim(2, -1).reshape(n, k * math.prod(low), c)
 
     def rows(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Valid ``(M, K)`` logit rows, their ``(M,)`` targets and ``(M,)`` sample (sequence) indices."""
         if logits.ndim >= 3 and self.class_dim == 1:
+            logits = self.scored_logits(logits)
             n, k = logits.shape[0], logits.shape[1]
             if tuple(target.shape) != (n, *logits.shape[2:]):
                 raise ValueError(
@@ -320,4 +366,5 @@ class TokenLoss(nn.Module):
     def extra_repr(self) -> str:
         name = getattr(self.base, "__name__", type(self.base).__name__)
         dense = ", class_dim=1" if self.class_dim == 1 else ""
+        dense += f", output_size={self.output_size}" if self.output_size is not None else ""
         return f"base={name}, shift={self.shift}, ignore_index={self.ignore_index}{dense}"

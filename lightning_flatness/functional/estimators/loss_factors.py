@@ -281,7 +281,7 @@ def _token_loss_factors(
     slot = flat % positions
     factors[flat, :, slot] = row_factors * math.sqrt(n / rows.shape[0])  # indexed shape (M, V, K)
     signs[flat, slot] = row_signs
-    factors = loss_fn.output_layout(factors.view(n, positions, v, positions * k))  # rows as the logits'
+    factors = loss_fn.output_layout(factors.view(n, positions, v, positions * k), logits)  # as the logits'
     signs = signs.reshape(n, positions, positions * k).sum(dim=1)
     return factors, signs, _loss_gradient(loss_fn, logits, target) if need_grad else None, issues
 
