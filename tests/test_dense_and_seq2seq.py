@@ -12,7 +12,9 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from oracles import assert_relative_close, brute_force_hessian_diagonal
 from torch import nn
+from zoo_models import seq2seq_model
 
 from lightning_flatness.functional import hessian_diagonal_groups, normalized_softmax_cross_entropy
 from lightning_flatness.functional.estimators.loss_factors import _token_loss_factors
@@ -20,7 +22,6 @@ from lightning_flatness.functional.loss_forms import split_ignore_index
 from lightning_flatness.functional.loss_hessian_factors import token_loss_columns
 from lightning_flatness.functional.model_io import TokenLoss, extract_logits, with_decoder_inputs
 from lightning_flatness.measure import measure_sharpness, position_class_dim, resolve_loss
-from tests.oracles import assert_relative_close, brute_force_hessian_diagonal
 
 F64 = torch.float64
 VOID = 255
@@ -176,54 +177,6 @@ def test_dense_targets_at_another_resolution_than_the_logits_name_the_fix():
         resolve_loss(F.cross_entropy, model, logits, torch.zeros(3, 8, 10, dtype=torch.long))
 
 
-def _tiny_seq2seq(kind: str):
-    transformers = pytest.importorskip("transformers")
-    if kind == "t5":
-        cfg = transformers.T5Config(
-            d_model=16,
-            d_ff=32,
-            num_layers=1,
-            num_decoder_layers=1,
-            num_heads=2,
-            d_kv=8,
-            vocab_size=32,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-        )
-        return transformers.T5ForConditionalGeneration(cfg).eval()
-    if kind == "whisper":  # no prepare_decoder_input_ids_from_labels: the shift of its forward
-        cfg = transformers.WhisperConfig(
-            d_model=16,
-            encoder_layers=1,
-            decoder_layers=1,
-            encoder_attention_heads=2,
-            decoder_attention_heads=2,
-            encoder_ffn_dim=32,
-            decoder_ffn_dim=32,
-            vocab_size=32,
-            num_mel_bins=8,
-            max_source_positions=16,
-            max_target_positions=16,
-            decoder_start_token_id=1,
-            pad_token_id=2,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-        return transformers.WhisperForConditionalGeneration(cfg).eval()
-    cfg = transformers.BartConfig(
-        d_model=16,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        vocab_size=32,
-        max_position_embeddings=32,
-    )
-    return transformers.BartForConditionalGeneration(cfg).eval()
-
-
 def _seq2seq_batches(count: int = 4, audio: bool = False):
     g = torch.Generator().manual_seed(0)
     out = []
@@ -239,7 +192,8 @@ def _seq2seq_batches(count: int = 4, audio: bool = False):
 
 @pytest.mark.parametrize("kind", ["t5", "bart", "whisper"])
 def test_encoder_decoder_models_trained_with_labels_only(kind):
-    model = _tiny_seq2seq(kind)
+    pytest.importorskip("transformers")
+    model = seq2seq_model(kind)
     batch = _seq2seq_batches(1, audio=kind == "whisper")[0]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     completed = with_decoder_inputs(model, inputs, batch["labels"])

@@ -20,7 +20,7 @@ for _module in ("torchvision", "timm", "transformers"):  # the `zoo` extra
     pytest.importorskip(_module)
 
 from callback_models import quiet_trainer  # noqa: E402
-from zoo_models import TINY  # noqa: E402
+from zoo_models import TINY, segformer_model, seq2seq_model  # noqa: E402
 from zoo_oracle import brute_force_ggn_diagonal, brute_force_hessian_diagonal  # noqa: E402
 
 from lightning_flatness import SharpnessMonitor  # noqa: E402
@@ -259,19 +259,6 @@ def test_torchvision_segmentation_model_is_measured_per_pixel_with_its_void_labe
 def test_encoder_decoder_model_trained_with_labels_only_is_measured_at_the_defaults():
     """T5 as the Hugging Face docs train it (``input_ids`` and ``labels``; the model's own loss): the
     monitor derives the decoder inputs from the labels and scores the decoder's logits per token."""
-    import transformers
-
-    cfg = transformers.T5Config(
-        d_model=16,
-        d_ff=32,
-        num_layers=1,
-        num_decoder_layers=1,
-        num_heads=2,
-        d_kv=8,
-        vocab_size=32,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-    )
     g = torch.Generator().manual_seed(0)
     inputs = {"input_ids": torch.randint(3, 32, (24, 7), generator=g)}
     labels = torch.randint(3, 32, (24, 5), generator=g)
@@ -279,9 +266,7 @@ def test_encoder_decoder_model_trained_with_labels_only_is_measured_at_the_defau
     monitor = SharpnessMonitor(num_samples=16)
     pl.seed_everything(0, verbose=False)
     trainer = quiet_trainer([monitor], max_epochs=2)
-    trainer.fit(
-        HuggingFaceModule(transformers.T5ForConditionalGeneration(cfg)), _Data(_DictDataset(inputs, labels))
-    )
+    trainer.fit(HuggingFaceModule(seq2seq_model("t5")), _Data(_DictDataset(inputs, labels)))
     assert (
         isinstance(monitor._loss, TokenLoss) and not monitor._loss.shift
     )  # aligned with the decoder's logits
@@ -294,20 +279,6 @@ def test_hugging_face_segformer_trained_with_labels_only_is_measured_at_the_defa
     """Segformer as the Hugging Face docs train it (``pixel_values`` and full-resolution ``labels`` with a
     void label; the model's own loss upsamples its quarter-resolution logits): the monitor reads the
     loss the same way, with its default eq. 20, and weights the groups by the scored pixels."""
-    import transformers
-
-    cfg = transformers.SegformerConfig(
-        num_encoder_blocks=2,
-        depths=[1, 1],
-        sr_ratios=[2, 1],
-        hidden_sizes=[8, 16],
-        patch_sizes=[7, 3],
-        strides=[4, 2],
-        num_attention_heads=[1, 2],
-        mlp_ratios=[2, 2],
-        decoder_hidden_size=16,
-        num_labels=3,
-    )
     g = torch.Generator().manual_seed(0)
     inputs = {"pixel_values": torch.randn(24, 3, 32, 32, generator=g)}
     labels = torch.randint(0, 3, (24, 32, 32), generator=g)
@@ -315,8 +286,7 @@ def test_hugging_face_segformer_trained_with_labels_only_is_measured_at_the_defa
     monitor = SharpnessMonitor(num_samples=16)
     pl.seed_everything(0, verbose=False)
     trainer = quiet_trainer([monitor], max_epochs=2)
-    model = transformers.SegformerForSemanticSegmentation(cfg)
-    trainer.fit(HuggingFaceModule(model), _Data(_DictDataset(inputs, labels)))
+    trainer.fit(HuggingFaceModule(segformer_model(3)), _Data(_DictDataset(inputs, labels)))
     loss = monitor._loss
     assert isinstance(loss, TokenLoss) and loss.output_size == (32, 32) and loss.ignore_index == 255
     assert len(monitor.history) == 2 and all(h["normalized"] > 0 for h in monitor.history)

@@ -22,7 +22,8 @@ sample along dim 0), ViT (patch conv, LayerNorm, GELU, fused attention,
 ``cls_token``, ``pos_embed``), ConvNeXt (depthwise 7x7 conv, channels-last LayerNorm, GELU, layer
 scale), BERT (embedding tables, attention mask, ``token_type_ids``, pooler tanh,
 ``SequenceClassifierOutput``) and GPT-2 (``Conv1D``, causal attention, tied LM head, token logits
-``(N, T, V)``).
+``(N, T, V)``). Beyond ``TINY``, :func:`seq2seq_model` (T5, BART, Whisper trained with ``labels`` only)
+and :func:`segformer_model` (low-resolution logits upsampled by the loss) build models for the reach tests.
 """
 
 from __future__ import annotations
@@ -274,6 +275,73 @@ def tiny_gpt2(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
     inputs = _token_batch(n, seed)
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     return _finish(model, (inputs, labels), dtype)
+
+
+def seq2seq_model(kind: str, vocab: int = 32) -> nn.Module:
+    """A tiny Hugging Face encoder-decoder model in eval mode, as trained with ``labels`` only (the model
+    derives its decoder inputs from them): ``"t5"``, ``"bart"`` (both with
+    ``prepare_decoder_input_ids_from_labels``) or ``"whisper"`` (without: its ``forward`` shifts the labels
+    right, ``decoder_start_token_id=1``, ``pad_token_id=2``; inputs ``input_features (N, 8, 32)``)."""
+    import transformers
+
+    if kind == "t5":
+        cfg = transformers.T5Config(
+            d_model=16,
+            d_ff=32,
+            num_layers=1,
+            num_decoder_layers=1,
+            num_heads=2,
+            d_kv=8,
+            vocab_size=vocab,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+        )
+        return transformers.T5ForConditionalGeneration(cfg).eval()
+    layers = dict(
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        vocab_size=vocab,
+    )
+    if kind == "whisper":
+        cfg = transformers.WhisperConfig(
+            **layers,
+            num_mel_bins=8,
+            max_source_positions=16,
+            max_target_positions=16,
+            decoder_start_token_id=1,
+            pad_token_id=2,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        return transformers.WhisperForConditionalGeneration(cfg).eval()
+    return transformers.BartForConditionalGeneration(
+        transformers.BartConfig(**layers, max_position_embeddings=32)
+    ).eval()
+
+
+def segformer_model(classes: int = 3) -> nn.Module:
+    """A tiny Hugging Face ``SegformerForSemanticSegmentation`` (two stages, 8 and 16 channels): logits at a
+    quarter of the input's resolution, upsampled to the labels by its loss, void label 255."""
+    import transformers
+
+    cfg = transformers.SegformerConfig(
+        num_encoder_blocks=2,
+        depths=[1, 1],
+        sr_ratios=[2, 1],
+        hidden_sizes=[8, 16],
+        patch_sizes=[7, 3],
+        strides=[4, 2],
+        num_attention_heads=[1, 2],
+        mlp_ratios=[2, 2],
+        decoder_hidden_size=16,
+        num_labels=classes,
+    )
+    return transformers.SegformerForSemanticSegmentation(cfg).eval()
 
 
 TINY: dict[str, Callable[..., tuple[nn.Module, Any]]] = {
