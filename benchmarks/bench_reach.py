@@ -55,6 +55,17 @@ def _timm(name: str, size: int = 32, **kw: Any) -> Builder:
     return build
 
 
+def _zoo(builder: str, task: str, *args: Any) -> Builder:
+    """A tiny model of ``tests/zoo_models.py`` (the reach tests' own builders)."""
+
+    def build():
+        from tests import zoo_models
+
+        return getattr(zoo_models, builder)(*args), (task, 32)
+
+    return build
+
+
 def _timm_sized(name: str, size: int = 64) -> Builder:
     """A timm model at ``size`` pixels: ``img_size=size`` where the model takes it (position tables,
     windows), else as built."""
@@ -270,68 +281,13 @@ MODELS: dict[str, Builder] = {
     "torchvision fcn_resnet50 (segmentation)": _torchvision(
         "fcn_resnet50", task="segmentation", weights_backbone=None
     ),
-    "transformers T5 (encoder-decoder, labels only)": _hf(
-        "T5ForConditionalGeneration",
-        "T5Config",
-        "seq2seq",
-        d_model=16,
-        d_ff=32,
-        num_layers=1,
-        num_decoder_layers=1,
-        num_heads=2,
-        d_kv=8,
-        vocab_size=64,
-        decoder_start_token_id=0,
-        pad_token_id=0,
+    "transformers T5 (encoder-decoder, labels only)": _zoo("seq2seq_model", "seq2seq", "t5", 64),
+    "transformers BART (encoder-decoder, labels only)": _zoo("seq2seq_model", "seq2seq", "bart", 64),
+    "transformers Whisper (encoder-decoder, labels only)": _zoo(
+        "seq2seq_model", "seq2seq_audio", "whisper", 64
     ),
-    "transformers BART (encoder-decoder, labels only)": _hf(
-        "BartForConditionalGeneration",
-        "BartConfig",
-        "seq2seq",
-        d_model=16,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        vocab_size=64,
-        max_position_embeddings=32,
-    ),
-    "transformers Whisper (encoder-decoder, labels only)": _hf(
-        "WhisperForConditionalGeneration",
-        "WhisperConfig",
-        "seq2seq_audio",
-        d_model=16,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        vocab_size=64,
-        num_mel_bins=8,
-        max_source_positions=16,
-        max_target_positions=16,
-        decoder_start_token_id=1,
-        pad_token_id=2,
-        bos_token_id=1,
-        eos_token_id=2,
-    ),
-    "transformers Segformer (semantic segmentation, labels only)": _hf(
-        "SegformerForSemanticSegmentation",
-        "SegformerConfig",
-        "segmentation_hf",
-        num_encoder_blocks=2,
-        depths=[1, 1],
-        sr_ratios=[2, 1],
-        hidden_sizes=[8, 16],
-        patch_sizes=[7, 3],
-        strides=[4, 2],
-        num_attention_heads=[1, 2],
-        mlp_ratios=[2, 2],
-        decoder_hidden_size=16,
-        num_labels=10,
+    "transformers Segformer (semantic segmentation, labels only)": _zoo(
+        "segformer_model", "segmentation_hf", 10
     ),
     "transformers BERT token classification": _hf(
         "BertForTokenClassification", "BertConfig", "tokens", hidden_size=16, num_labels=5, **_TEXT
