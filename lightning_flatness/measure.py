@@ -66,18 +66,23 @@ def resolve_loss(loss_fn: LossFn, model: nn.Module, logits: Tensor, target: Tens
     pixels) when the target holds class indices per position: logits ``(N, T, V)`` with targets
     ``(N, T)`` (sequences; shifted by one for causal LMs), or logits ``(N, K, *positions)`` with targets
     ``(N, *positions)`` (dense prediction such as semantic segmentation, ``class_dim=1``, as
-    ``F.cross_entropy`` reads them; for 3-D logits only where the sequence reading does not fit). The
+    ``F.cross_entropy`` reads them; for 3-D logits only where the sequence reading does not fit). A
+    Hugging Face semantic-segmentation model (:func:`semantic_segmentation_model`) whose logits come at a
+    lower resolution than its labels is read as its own loss reads it: the logits upsampled to the labels
+    (``TokenLoss(output_size=...)``); any other resolution mismatch is an error naming the fix. The
     ignored index is the loss's own (``nn.CrossEntropyLoss(ignore_index=255)``, a ``functools.partial``
-    of ``F.cross_entropy`` with ``ignore_index``), else ``-100``
-    (:func:`~lightning_flatness.functional.loss_forms.split_ignore_index`). Unless it already is a
-    ``TokenLoss``; then in its standard form
+    of ``F.cross_entropy`` with ``ignore_index``;
+    :func:`~lightning_flatness.functional.loss_forms.split_ignore_index`), else, for such a model, its
+    ``config.semantic_loss_ignore_index``, else ``-100``. Unless it already is a ``TokenLoss``; then in its
+    standard form
     (:func:`~lightning_flatness.functional.loss_forms.loss_for_outputs`: ``nn.CrossEntropyLoss()`` is
     ``F.cross_entropy``, ``F.nll_loss`` on log-probabilities is ``F.cross_entropy``, and on anything else
     an error)."""
     class_dim = None if isinstance(loss_fn, TokenLoss) else position_class_dim(model, logits, target)
     output_size = None
+    segmentation = semantic_segmentation_model(model) if class_dim != -1 else None
     if class_dim is None and logits.ndim >= 4 and _dense_at_another_resolution(logits, target):
-        if semantic_segmentation_model(model) is None:
+        if segmentation is None:
             raise ValueError(
                 f"the logits {tuple(logits.shape)} and the per-pixel targets {tuple(target.shape)} differ in "
                 "resolution; return logits at the targets' size from the measured network, e.g. a `forward` "
@@ -88,8 +93,7 @@ def resolve_loss(loss_fn: LossFn, model: nn.Module, logits: Tensor, target: Tens
         class_dim, output_size = 1, tuple(target.shape[1:])
     if class_dim is not None:
         base, ignore_index = split_ignore_index(loss_fn)
-        segmentation = semantic_segmentation_model(model) if class_dim == 1 else None
-        if ignore_index == -100 and segmentation is not None:  # the void label its own loss skips
+        if ignore_index == -100 and class_dim == 1 and segmentation is not None:  # its own loss's void label
             ignore_index = int(getattr(segmentation.config, "semantic_loss_ignore_index", -100))
         shift = class_dim == -1 and is_causal_lm(model)
         loss_fn = TokenLoss(base, shift, ignore_index, class_dim, output_size)
