@@ -609,7 +609,13 @@ class SharpnessMonitorBase:
         return (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def _batch_size(self) -> int:
-        return self.batch_size or _DEFAULT_BATCH_SIZE
+        """Samples per curvature batch: ``batch_size``, else the default capped at the training
+        DataLoader's batch size (a measurement then holds the activations of no more samples at once than
+        a training step: a language model trained on 8 sequences is not measured on 64)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        training = self._subset.batch_size if self._subset is not None else None
+        return min(_DEFAULT_BATCH_SIZE, training) if training else _DEFAULT_BATCH_SIZE
 
     def _rank_batches(self, trainer: Any, dry_run: bool = False) -> tuple[Iterator[Any], Optional[int]]:
         """This process's batches and their number: its share of the subset (``indices[rank::world]``)
@@ -1016,8 +1022,9 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
             (:data:`~lightning_flatness.functional.estimators.registry.ESTIMATORS`): ``"exact"``,
             ``"ggn_hutchinson"``, ``"hutchinson"``, ``"finite_difference"`` (the paper's Algorithm 1), ...
         num_samples: training samples in the fixed subset (default 512; all if the set is smaller).
-        batch_size: at most this many samples per curvature batch (memory; default 128); each
-            process cuts its share into at least ``num_replicates`` batches, one replicate group each.
+        batch_size: at most this many samples per curvature batch (memory; default 128, or the training
+            DataLoader's batch size where that is smaller); each process cuts its share into at least
+            ``num_replicates`` batches, one replicate group each.
         num_probes: Rademacher probes per sample for the stochastic methods (default 64).
         num_sketches: independent sketches of ``"gauss_newton_sketch"`` and ``"hessian_sketch"``
             (``None``: their default, 1 for up to 32 outputs): the cost grows linearly, the

@@ -31,3 +31,20 @@ def test_residual_probes_are_unbiased_for_the_brute_force_residual_trace(per_sam
         traces = torch.stack([r[n].sum() for r in runs])
         se = float(traces.std()) / 6**0.5
         assert abs(float(traces.mean() - residual[n].sum())) <= 4.5 * se + 1e-9, n
+
+
+def test_lm_vocabulary_quick_runs_each_row_in_its_capped_subprocess(tmp_path):
+    from benchmarks import bench_lm_vocabulary
+
+    out = bench_lm_vocabulary.main(["--quick", "--json", str(tmp_path / "lm.json")])
+    rows = out["rows"]
+    assert [(r["tied"], r["kind"]) for r in rows] == [
+        (True, "training step"),
+        (True, "measurement"),
+        (False, "training step"),
+        (False, "measurement"),
+    ]
+    assert all(r["outcome"] == "ran" and r["peak_mb_above_start"] >= 0 for r in rows)
+    assert [r.get("method") for r in rows[1::2]] == ["gauss_newton_mc", "hessian_sketch"]
+    assert all(r["normalized"] > 0 for r in rows[1::2])
+    assert out["class_draws"]["multinomial_ms"] > 0 and out["class_draws"]["inverse_cdf_ms"] > 0

@@ -86,9 +86,10 @@ def test_a_tiny_bloom_takes_the_per_layer_path():
 
 def test_the_hessian_sketch_of_an_untied_bloom_is_unbiased_and_auto_picks_it():
     """160 estimates (4 sketches each): no entry's mean more than 5 standard errors from the brute-force
-    Hessian diagonal, and each tensor's mean within 25% of it (norm), where the Gauss-Newton diagonal is
+    Hessian diagonal, and each tensor's mean within 35% of it (norm), where the Gauss-Newton diagonal is
     off by more than 100% on every tensor but the LM head. (The estimates are heavy-tailed: with 40 of
-    them the largest of the 1,024 z-scores reached 5.8, with 400 it is 3.4.) The ``baddbmm`` rule's own
+    them the largest of the 1,024 z-scores reached 5.8, with 400 it is 3.4; the worst tensor's norm error
+    of a 160-estimate mean ranged over 0.14-0.27 in 8 independent blocks of seeds.) The ``baddbmm`` rule's own
     columns are checked against ``torch.func.hessian`` in ``test_node_rules.py``; in this one-layer model
     their share of the diagonal is below the noise of 160 estimates."""
     model, x, y = tiny_bloom(tie=False)
@@ -111,6 +112,6 @@ def test_the_hessian_sketch_of_an_untied_bloom_is_unbiased_and_auto_picks_it():
     assert_unbiased(est, diag)
     for k in names:
         mean_k = torch.stack([r[k] for r in runs]).mean(0)
-        assert float((mean_k - hessian[k]).norm() / hessian[k].norm()) < 0.25, k
+        assert float((mean_k - hessian[k]).norm() / hessian[k].norm()) < 0.35, k
         if k != "lm_head.weight":
             assert float((ggn[k] - hessian[k]).norm() / hessian[k].norm()) > 1.0, k

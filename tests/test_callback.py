@@ -644,6 +644,26 @@ def test_the_metric_state_buffer_is_reused_between_measurements_and_freed_after_
     assert monitor.history[-1]["normalized"] == pytest.approx(ref["normalized"], rel=1e-9)
 
 
+@pytest.mark.parametrize("batch_size, largest", [(None, 8), (24, 24)], ids=["default", "explicit"])
+def test_curvature_batches_hold_no_more_samples_than_a_training_step(batch_size, largest, monkeypatch):
+    """By default the measured batches are capped at the training DataLoader's batch size (memory: the
+    activations of a training step); an explicit ``batch_size`` is taken as given. Values unchanged."""
+    sizes = []
+    original = SharpnessMonitor._estimate
+
+    def recording(self, trainer, pl_module, network, inputs, target, *args, **kwargs):
+        if not kwargs.get("dry_run", False) and not (args and args[0]):
+            sizes.append(target.shape[0])
+        return original(self, trainer, pl_module, network, inputs, target, *args, **kwargs)
+
+    monkeypatch.setattr(SharpnessMonitor, "_estimate", recording)
+    monitor = SharpnessMonitor(num_samples=96, num_replicates=2, dtype="float64", batch_size=batch_size)
+    trainer, model, dm = _fit(monitor, max_epochs=1, dm=DataModule(batch_size=8))
+    assert max(sizes) == largest and sum(sizes) == 96
+    ref = brute_force_measures(model, *_subset(monitor, dm.train_set))
+    assert monitor.history[-1]["normalized"] == pytest.approx(ref["normalized"], rel=1e-9)
+
+
 def test_model_without_weight_matrices_requiring_grad_fails_at_setup_before_training():
     model = MLP()
     for layer in (model.net[0], model.net[2], model.net[4]):

@@ -187,9 +187,13 @@ def test_autograd_columns_refuse_a_sum_reduced_loss():
 
 
 @pytest.mark.parametrize("base", [F.cross_entropy, normalized_softmax_cross_entropy])
-def test_token_loss_columns_are_unbiased_for_the_sequence_hessian(base, monkeypatch):
+@pytest.mark.parametrize("chunked", [False, True], ids=["one_chunk", "token_chunks"])
+def test_token_loss_columns_are_unbiased_for_the_sequence_hessian(base, chunked, monkeypatch):
     """Stacked token columns: E[sum_k s_k C C^T] = N * (block of sequence n of the full Hessian of the
-    token-mean loss in all logits), ignored and shifted-out positions included."""
+    token-mean loss in all logits), ignored and shifted-out positions included; formed in one chunk or
+    token by token."""
+    if chunked:
+        monkeypatch.setattr(loss_hessian_factors, "TOKEN_CHUNK_ELEMENTS", 5)
     torch.manual_seed(6)
     n, t, v = 3, 4, 5
     # moderate logits: a class of tiny probability may never be drawn, and then the spread of the draws
@@ -239,3 +243,26 @@ def test_bad_arguments_are_named():
         cross_entropy_columns(logits, torch.tensor([0, 1]), 0)
     with pytest.raises(ValueError, match="TokenLoss"):
         cross_entropy_columns(logits, target, 1)
+
+
+@pytest.mark.parametrize("inverse_cdf", [False, True], ids=["multinomial", "inverse_cdf"])
+def test_class_draws_follow_the_weights_and_skip_zero_classes(inverse_cdf, monkeypatch):
+    """Class draws of the softmax columns (``torch.multinomial`` up to MULTINOMIAL_MAX_CLASSES classes, the
+    inverse CDF above): frequencies within 5 binomial s.e. of the normalized weights, never a class of
+    weight 0, a valid class for a row of zeros (whose columns have zero weight)."""
+    from lightning_flatness.functional.loss_hessian_factors import _draw_classes
+
+    if inverse_cdf:
+        monkeypatch.setattr(loss_hessian_factors, "MULTINOMIAL_MAX_CLASSES", 0)
+    weights = torch.tensor(
+        [[0.0, 0.1, 0.0, 0.6, 0.3], [2.0, 0.0, 1.0, 1.0, 0.0], [0.0] * 5], dtype=torch.float64
+    )
+    draws = 40000
+    classes = _draw_classes(weights, draws, torch.Generator().manual_seed(0))
+    assert classes.shape == (3, draws) and bool(((classes >= 0) & (classes < 5)).all())
+    for row in range(2):
+        p = weights[row] / weights[row].sum()
+        freq = torch.bincount(classes[row], minlength=5).double() / draws
+        assert bool((freq[p == 0] == 0).all())
+        se = (p * (1 - p) / draws).sqrt()
+        assert float(((freq - p).abs() / se.clamp_min(1e-12))[p > 0].max()) < 5.0

@@ -87,9 +87,11 @@ __all__ = [
     "cross_entropy_columns",
     "default_exact_classes",
     "default_mc_samples",
+    "exact_column_count",
     "normalized_cross_entropy_columns",
     "normalized_cross_entropy_logit_hessian",
     "sample_loss_hessian_columns",
+    "TOKEN_CHUNK_ELEMENTS",
     "token_loss_columns",
 ]
 
@@ -98,7 +100,34 @@ Columns = tuple[Tensor, Tensor]  # (N, D, C) columns and (C,) signs
 
 
 def _rademacher(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
-    return torch.randint(0, 2, shape, generator=generator, device=like.device).to(like.dtype).mul_(2).sub_(1)
+    return (
+        torch.randint(0, 2, shape, generator=generator, device=like.device, dtype=like.dtype).mul_(2).sub_(1)
+    )
+
+
+#: Up to this many classes, class draws use ``torch.multinomial`` (:func:`_draw_classes`).
+MULTINOMIAL_MAX_CLASSES = 1024
+
+
+def _draw_classes(weights: Tensor, draws: int, generator: torch.Generator | None) -> Tensor:
+    """``(N, draws)`` class indices drawn with replacement with probabilities proportional to the rows of
+    ``weights`` ``(N, K)`` (non-negative; a row of zeros gets zero-weight columns, whatever its class).
+
+    Up to :data:`MULTINOMIAL_MAX_CLASSES` classes ``torch.multinomial``, the sampler of BackPACK's
+    ``DiagGGNMC`` (the same seed gives the same draws, so the two estimators are compared value for value);
+    above, the inverse of each row's cumulative sum at uniform points, ``O(K + draws log K)`` per row,
+    the same distribution at a fraction of the cost on language-model vocabularies
+    (``benchmarks/RESULTS.md``, round 13)."""
+    if weights.shape[1] <= MULTINOMIAL_MAX_CLASSES:
+        mass = weights.sum(dim=1, keepdim=True)
+        if not bool((mass > 0).all()):  # multinomial needs a positive row
+            weights = torch.where(mass > 0, weights, torch.ones_like(weights))
+        return torch.multinomial(weights, draws, replacement=True, generator=generator)
+    cumulative = weights.cumsum(dim=1)
+    points = torch.rand(
+        weights.shape[0], draws, generator=generator, device=weights.device, dtype=weights.dtype
+    ).mul_(cumulative[:, -1:])
+    return torch.searchsorted(cumulative, points, right=True).clamp_max_(weights.shape[1] - 1)
 
 
 def _check_draws(num_mc_samples: int) -> None:
@@ -169,10 +198,8 @@ def _softmax_hessian_columns(
         classes[:, :m] = top
         weights[:, :m] = p.gather(1, top).sqrt()
         tail = p.scatter(1, top, 0.0)
-    mass = tail.sum(dim=1, keepdim=True)  # (N, 1)
-    if not bool((mass > 0).all()):
-        tail = torch.where(mass > 0, tail, torch.ones_like(tail))  # multinomial needs a positive row
-    classes[:, m:] = torch.multinomial(tail, num_mc_samples, replacement=True, generator=generator)
+    mass = tail.sum(dim=1, keepdim=True)  # (N, 1); a row without tail gets zero-weight draws
+    classes[:, m:] = _draw_classes(tail, num_mc_samples, generator)
     weights[:, m:] = (mass / num_mc_samples).sqrt()
     # w (e_c - p), written once: -w p, then + w at class c (no one-hot tensors, no concatenation; an
     # LM vocabulary makes every column a dense (N, K) block)
@@ -188,6 +215,7 @@ def cross_entropy_columns(
     generator: torch.Generator | None = None,
     *,
     exact_classes: int = 0,
+    draws_only: bool = False,
 ) -> Columns:
     r"""Monte-Carlo columns for ``F.cross_entropy`` (defaults: mean reduction, no weights, no smoothing).
 
@@ -201,6 +229,7 @@ def cross_entropy_columns(
         num_mc_samples: draws per sample (columns scaled by ``1/sqrt(num_mc_samples)``).
         generator: ``torch.Generator`` on the logits' device, or None for the global RNG.
         exact_classes: the most probable classes taken exactly (one column each).
+        draws_only: leave the exact columns out (the draws still sample the tail only).
 
     Returns:
         ``(columns (N, K, exact_classes + num_mc_samples), signs (C,) all +1)``, float64.
@@ -211,6 +240,8 @@ def cross_entropy_columns(
     _check_class_targets(logits, target, "cross_entropy_columns")
     p = torch.softmax(logits.detach().to(torch.float64), dim=1)
     cols = _softmax_hessian_columns(p, num_mc_samples, exact_classes, generator)
+    if draws_only:
+        cols = cols[:, :, cols.shape[2] - num_mc_samples :]
     return cols, torch.ones(cols.shape[2], dtype=torch.float64, device=logits.device)
 
 
@@ -493,6 +524,7 @@ def normalized_cross_entropy_columns(
     *,
     exact_classes: int = 0,
     exact_low_rank: bool | None = None,
+    draws_only: bool = False,
 ) -> Columns:
     r"""Monte-Carlo columns for eq. 20 (:func:`normalized_softmax_cross_entropy`): two per draw.
 
@@ -518,6 +550,9 @@ def normalized_cross_entropy_columns(
     "Sampling eq. 20's logit Hessian"). With ``exact_classes = m`` the CE part is split as in
     :func:`cross_entropy_columns` (``m`` further ``+`` columns ``J_g sqrt(p_c)(e_c - p)``).
 
+    ``draws_only`` leaves the exact columns out (``m`` and those of ``B``; the draws are unchanged: a
+    later group of draws, :func:`~lightning_flatness.functional.estimators.gauss_newton_mc.draw_groups`).
+
     Returns:
         ``(columns (N, K, m [+ 2] + 2 num_mc_samples), signs)``: ``m`` exact ``+`` columns, the two exact
         columns of ``B`` (``exact_low_rank``), then per draw a ``+`` and a ``-`` column; float64.
@@ -540,19 +575,19 @@ def normalized_cross_entropy_columns(
     ru = (r * u).sum(dim=1)
     inv = 1.0 / (s.squeeze(1) ** 2 * k)  # 1 / (s^2 K)
     alpha = -ru * inv
-    # B = Q A Q^T: thin QR Q = U R, eigen of R A R^T (2 x 2), eigenvectors U W
-    q, rr = torch.linalg.qr(torch.stack([r, u], dim=2))  # (N, K, 2), (N, 2, 2)
-    a_mat = torch.zeros(n, 2, 2, dtype=p.dtype, device=p.device)
-    a_mat[:, 0, 1] = a_mat[:, 1, 0] = -inv
-    a_mat[:, 1, 1] = 3 * ru * inv / k
-    lam, w = torch.linalg.eigh(rr @ a_mat @ rr.transpose(1, 2))  # ascending: [negative, positive]
-    vec = q @ w  # (N, K, 2)
     scale = 1.0 / math.sqrt(num_mc_samples)
     xi = _rademacher((n, k, 2 * num_mc_samples), p, generator)
     pxi = xi - xi.mean(dim=1, keepdim=True)
     if exact_low_rank:
+        pos = ce[:, :, m:] + alpha.clamp_min(0).sqrt().reshape(n, 1, 1) * pxi[:, :, :num_mc_samples] * scale
+        neg = (-alpha).clamp_min(0).sqrt().reshape(n, 1, 1) * pxi[:, :, num_mc_samples:] * scale
+        draws = torch.stack([pos, neg], dim=3).reshape(n, k, 2 * num_mc_samples)  # interleaved +, -
+        if draws_only:
+            draws.masked_fill_(~ok.reshape(n, 1, 1), 0.0)
+            return draws, torch.tensor([1.0, -1.0], dtype=p.dtype, device=p.device).repeat(num_mc_samples)
         # B exactly: one + and one - column, no noise. Its eigenvalues are about sqrt(K) times the
         # diagonal part's and of both signs, so sampling them adds most of the variance for many classes.
+        lam, vec = _rank_two_part(r, u, ru, inv, k)
         low = torch.stack(
             [
                 lam[:, 1].clamp_min(0).sqrt().reshape(n, 1) * vec[:, :, 1],
@@ -560,13 +595,12 @@ def normalized_cross_entropy_columns(
             ],
             dim=2,
         )
-        pos = ce[:, :, m:] + alpha.clamp_min(0).sqrt().reshape(n, 1, 1) * pxi[:, :, :num_mc_samples] * scale
-        neg = (-alpha).clamp_min(0).sqrt().reshape(n, 1, 1) * pxi[:, :, num_mc_samples:] * scale
-        draws = torch.stack([pos, neg], dim=3).reshape(n, k, 2 * num_mc_samples)  # interleaved +, -
-        cols = torch.cat([ce[:, :, :m], low, draws], dim=2)
-        cols = torch.where(ok.reshape(n, 1, 1), cols, torch.zeros_like(cols))
+        cols = torch.cat([ce[:, :, :m], low, draws], dim=2).masked_fill_(~ok.reshape(n, 1, 1), 0.0)
         signs = torch.tensor([1.0] * m + [1.0, -1.0] + [1.0, -1.0] * num_mc_samples, dtype=p.dtype)
         return cols, signs.to(p.device)
+    if draws_only:
+        raise ValueError("draws_only needs exact_low_rank: the sampled rank-2 part is in every draw.")
+    lam, vec = _rank_two_part(r, u, ru, inv, k)
     eps = _rademacher((n, 1, 2 * num_mc_samples), p, generator)
     pos = (
         ce[:, :, m:]
@@ -579,12 +613,24 @@ def normalized_cross_entropy_columns(
         :, :, num_mc_samples:
     ] * ((-lam[:, 0]).clamp_min(0).sqrt().reshape(n, 1) * vec[:, :, 0]).unsqueeze(2) * scale
     draws = torch.stack([pos, neg], dim=3).reshape(n, k, 2 * num_mc_samples)  # interleaved +, -
-    cols = torch.cat([ce[:, :, :m], draws], dim=2)
-    cols = torch.where(ok.reshape(n, 1, 1), cols, torch.zeros_like(cols))
+    cols = torch.cat([ce[:, :, :m], draws], dim=2).masked_fill_(~ok.reshape(n, 1, 1), 0.0)
     signs = torch.cat(
         [torch.ones(m, dtype=p.dtype), torch.tensor([1.0, -1.0], dtype=p.dtype).repeat(num_mc_samples)]
     )
     return cols, signs.to(p.device)
+
+
+def _rank_two_part(r: Tensor, u: Tensor, ru: Tensor, inv: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Eq. 20's ``B = Q A Q^T`` (:func:`normalized_cross_entropy_columns`) as eigenpairs: the thin QR
+    ``Q = U R``, the ``2 x 2`` eigenproblem of ``R A R^T``, eigenvectors ``U W``; ``((N, 2), (N, K, 2))``,
+    eigenvalues ascending (negative, then positive)."""
+    n = r.shape[0]
+    q, rr = torch.linalg.qr(torch.stack([r, u], dim=2))  # (N, K, 2), (N, 2, 2)
+    a_mat = torch.zeros(n, 2, 2, dtype=r.dtype, device=r.device)
+    a_mat[:, 0, 1] = a_mat[:, 1, 0] = -inv
+    a_mat[:, 1, 1] = 3 * ru * inv / k
+    lam, w = torch.linalg.eigh(rr @ a_mat @ rr.transpose(1, 2))
+    return lam, q @ w
 
 
 def autograd_columns(
@@ -626,6 +672,10 @@ def autograd_columns(
     return cols, signs
 
 
+#: Base-column entries per chunk of tokens in :func:`token_loss_columns` (bounds their float64 temporaries).
+TOKEN_CHUNK_ELEMENTS = 1 << 21
+
+
 def token_loss_columns(
     loss_fn: TokenLoss,
     logits: Tensor,
@@ -634,6 +684,8 @@ def token_loss_columns(
     generator: torch.Generator | None = None,
     *,
     exact_classes: int = 0,
+    num_sketches: int | None = None,
+    draws_only: bool = False,
 ) -> Columns:
     r"""Columns for :class:`TokenLoss` on ``(N, T, V)`` logits (or dense ``(N, V, *positions)`` ones,
     ``class_dim=1``): one sequence (image) is one sample.
@@ -647,27 +699,61 @@ def token_loss_columns(
     ``E[sum_k s_k C_nk C_nk^T] = Lambda_n`` for any base columns (sampled or exact). Ignored tokens
     (``ignore_index``) and shifted-out positions get zeros.
 
+    With ``num_sketches = S`` the base columns of each token are mixed as
+    :func:`~lightning_flatness.functional.estimators.gauss_newton_sketch.sketch_columns` mixes a sample's
+    (independent signs per token, slot and sketch; they replace ``eps``): the ``2 S`` (``S`` for a convex
+    base loss) sketch columns of each sequence, with the same expectation.
+
+    **Memory.** The tokens are processed in chunks of about :data:`TOKEN_CHUNK_ELEMENTS` base-column
+    entries (at most two columns per draw), written into one output in the logits' dtype: the base
+    columns of all tokens (eq. 20: 18 per token, with their float64 temporaries) are never held at once;
+    the output holds ``C`` (or ``2 S``) columns of the logits' size, stored column by column (the
+    ``(N, D, C)`` result is a view with stride 1 along ``D``, which the backward pass takes as it is).
+
     Returns:
         ``(columns (N, T * V, C), signs (C,))`` for ``(N, T, V)`` logits (``(N, V, C)`` for ``(N, V)``),
-        with ``C`` the base loss's column count; rows in the order of ``logits[n].reshape(-1)``
-        (:meth:`TokenLoss.output_layout`).
+        with ``C`` the base loss's column count (``2 S`` or ``S`` mixed); rows in the order of
+        ``logits[n].reshape(-1)`` (:meth:`TokenLoss.output_layout`), in the logits' dtype.
 
-    Cost: the base's, on the ``M`` valid rows; memory ``N T V C`` (dense columns).
+    Cost: the base's, on the ``M`` valid rows.
     """
     n = logits.shape[0]
     rows, labels, _ = loss_fn.rows(logits.detach(), target)
     if rows.shape[0] == 0:
         raise ValueError("TokenLoss: every target is ignore_index; the batch has no token to score.")
     flat_index = _token_positions(loss_fn, logits, target)  # (M,) index into the (N * T) rows
-    cols, signs = sample_loss_hessian_columns(
-        loss_fn.base, rows, labels, num_mc_samples, generator, exact_classes=exact_classes
-    )
-    eps = _rademacher((rows.shape[0], 1, cols.shape[2]), cols, generator)
-    v = rows.shape[1]
+    m, v = rows.shape
     positions = loss_fn.num_positions(logits)
-    out = torch.zeros(n * positions, v, cols.shape[2], dtype=cols.dtype, device=cols.device)
-    out[flat_index] = cols.mul_(eps.mul_(math.sqrt(n / rows.shape[0])))  # in place: LM-vocabulary sized
-    return loss_fn.output_layout(out.view(n, positions, v, cols.shape[2]), logits), signs
+    scale = math.sqrt(n / m)
+    step = max(
+        1, TOKEN_CHUNK_ELEMENTS // (v * (exact_column_count(loss_fn, exact_classes) + 2 * num_mc_samples))
+    )
+    out: Tensor | None = None
+    signs = rows.new_zeros(0)
+    for lo in range(0, m, step):
+        hi = min(m, lo + step)
+        cols, signs = sample_loss_hessian_columns(
+            loss_fn.base,
+            rows[lo:hi],
+            labels[lo:hi],
+            num_mc_samples,
+            generator,
+            exact_classes=exact_classes,
+            draws_only=draws_only,
+        )
+        if num_sketches is None:
+            cols = cols.mul_(_rademacher((hi - lo, 1, cols.shape[2]), cols, generator))
+        else:
+            from lightning_flatness.functional.estimators.gauss_newton_sketch import sketch_columns
+
+            cols, signs = sketch_columns(cols, signs, num_sketches, generator)
+        if out is None:  # column-major: each column one block of the logits' layout (no copy downstream)
+            out = logits.new_zeros(cols.shape[2], n * positions, v)
+        out[:, flat_index[lo:hi]] = cols.mul_(scale).permute(2, 0, 1).to(out.dtype)
+    assert out is not None
+    c = out.shape[0]
+    per_position = out.view(c, n, positions, v).permute(1, 2, 3, 0)
+    return loss_fn.output_layout(per_position, logits), signs.to(out.dtype)
 
 
 def _token_positions(loss_fn: TokenLoss, logits: Tensor, target: Tensor) -> Tensor:
@@ -693,11 +779,13 @@ def elementwise_columns(
     *,
     exact_classes: int = 0,
     loss_fn: LossFn = F.mse_loss,
+    draws_only: bool = False,
 ) -> Columns:
     r"""Columns for a loss of :data:`ELEMENTWISE_LOSSES`, whose ``Lambda_n = diag(d_n)`` is known exactly:
     per draw one Rademacher column ``sqrt(d_n) o xi / sqrt(num_mc_samples)`` (sign ``+``,
     ``E[c c^T] = diag(d_n)``), i.e. :meth:`StructuredLossHessian.sketch`. ``(N, D, C)`` for outputs of any
-    shape; ``exact_classes`` must be 0 (there are no classes). Cost ``O(N D num_mc_samples)``."""
+    shape; ``exact_classes`` must be 0 (there are no classes; ``draws_only`` changes nothing: every column
+    is a draw). Cost ``O(N D num_mc_samples)``."""
     _check_draws(num_mc_samples)
     if exact_classes:
         raise ValueError(
@@ -707,7 +795,8 @@ def elementwise_columns(
 
 
 #: Closed-form column samplers, keyed by the loss function: ``fn(logits, target, num_mc_samples,
-#: generator, *, exact_classes) -> (columns (N, D, C), signs (C,))``. Losses not listed use
+#: generator, *, exact_classes, draws_only) -> (columns (N, D, C), signs (C,))``, the exact columns
+#: (:func:`exact_column_count`) first, left out with ``draws_only``. Losses not listed use
 #: :func:`autograd_columns`.
 MC_LOSS_COLUMNS: dict[Callable[..., Tensor], Callable[..., Columns]] = {
     F.cross_entropy: cross_entropy_columns,
@@ -733,6 +822,17 @@ def default_exact_classes(loss_fn: LossFn) -> int:
     return DEFAULT_EXACT_CLASSES.get(hessian_twin(base), 0)
 
 
+def exact_column_count(loss_fn: LossFn, exact_classes: int = 0) -> int:
+    """How many columns :func:`sample_loss_hessian_columns` puts before the draws: the exact ones, the
+    same in every call (cross-entropy: ``exact_classes``; eq. 20: those and, with
+    :data:`EXACT_LOW_RANK`, the two of its rank-2 part; other losses: none). A :class:`TokenLoss` has its
+    base loss's layout."""
+    key = hessian_twin(loss_fn.base if isinstance(loss_fn, TokenLoss) else loss_fn)
+    if key is normalized_softmax_cross_entropy:
+        return exact_classes + (2 if EXACT_LOW_RANK else 0)
+    return exact_classes if key is F.cross_entropy else 0
+
+
 #: Default Monte-Carlo draws per sample, per loss (others: 1). Eq. 20's Hessian in the logits is
 #: indefinite (``diag(p)/s^2 + alpha I`` plus a low-rank part, ``alpha`` of either sign per sample), so
 #: single draws of different samples cancel; 8 draws (16 backward columns whatever K is) were needed to
@@ -756,6 +856,7 @@ def sample_loss_hessian_columns(
     generator: torch.Generator | None = None,
     *,
     exact_classes: int = 0,
+    draws_only: bool = False,
 ) -> Columns:
     """Signed columns with ``E[sum_k s_k c_nk c_nk^T] = Lambda_n`` for ``loss_fn`` (registry lookup:
     :class:`TokenLoss`, then :data:`MC_LOSS_COLUMNS`, then :func:`autograd_columns`).
@@ -768,9 +869,12 @@ def sample_loss_hessian_columns(
         generator: ``torch.Generator`` on the logits' device, or None for the global RNG.
         exact_classes: for the softmax losses (and :class:`TokenLoss` of them), the most probable
             classes taken exactly (variance reduction, one more column each); 0 for other losses.
+        draws_only: only the draws, without the exact columns that come first
+            (:func:`exact_column_count`; a later group of draws, with the same expectation of the draws).
 
     Returns:
-        ``(columns (N, D, C), signs (C,))``, float64, ``D = logits[0].numel()``.
+        ``(columns (N, D, C), signs (C,))``, float64 (a :class:`TokenLoss`: the logits' dtype),
+        ``D = logits[0].numel()``.
 
     Raises:
         ValueError: ``exact_classes`` for a loss without a registered closed form.
@@ -780,11 +884,19 @@ def sample_loss_hessian_columns(
         raise ValueError(f"`exact_classes` must be a non-negative int, got {exact_classes!r}.")
     if isinstance(loss_fn, TokenLoss):
         return token_loss_columns(
-            loss_fn, logits, target, num_mc_samples, generator, exact_classes=exact_classes
+            loss_fn,
+            logits,
+            target,
+            num_mc_samples,
+            generator,
+            exact_classes=exact_classes,
+            draws_only=draws_only,
         )
     sampler = MC_LOSS_COLUMNS.get(hessian_twin(loss_fn))
     if sampler is not None and (logits.ndim == 2 or hessian_twin(loss_fn) in ELEMENTWISE_LOSSES):
-        return sampler(logits, target, num_mc_samples, generator, exact_classes=exact_classes)
+        return sampler(
+            logits, target, num_mc_samples, generator, exact_classes=exact_classes, draws_only=draws_only
+        )
     if exact_classes:
         raise ValueError(
             f"`exact_classes` applies to the softmax losses of MC_LOSS_COLUMNS only, not to "

@@ -447,13 +447,23 @@ def _as_result(d: Tensor, param: Tensor) -> Tensor:
 
 
 def _ggn_diagonal(
-    forward: _RecordedForward, factors: Tensor, signs: Tensor, issues: list[str], caller: str, stacklevel: int
+    forward: _RecordedForward,
+    factors: Tensor,
+    signs: Tensor,
+    issues: list[str],
+    caller: str,
+    stacklevel: int,
+    in_place: bool = False,
 ) -> dict[str, Tensor]:
     """``diag(J^T Lambda J) / N`` from a recorded forward and the signed factors of the per-sample loss
     Hessians: the per-layer contractions where they apply, else the per-(sample, k) path (warned:
-    its cost). The batch-independence probe rides along the per-layer backward pass."""
+    its cost). The batch-independence probe rides along the per-layer backward pass. ``in_place``: the
+    factors are the caller's to scale (no copy of them: a language model's columns are vocabulary-sized;
+    factors laid out column-major, ``(N, D, C)`` with stride 1 along ``D``, then reach the backward pass
+    without a copy either)."""
     recorder, logits, leaves = forward.recorder, forward.logits, forward.leaves
-    factors = factors / math.sqrt(logits.shape[0])  # the loss is a mean over samples
+    root = math.sqrt(logits.shape[0])  # the loss is a mean over samples
+    factors = factors.div_(root) if in_place else factors / root
     blockers = _fast_path_blockers(recorder, leaves, logits.shape[0])
     if any("invisible" in issue for issue in issues):  # it may hide a weight use: the safe path
         blockers.append("an operation invisible to the checks")

@@ -31,7 +31,7 @@ grow with ``D``.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -100,16 +100,18 @@ def gauss_newton_exact_diagonal(
         True
     """
 
-    def exact_columns(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor, list[str]]:
+    def exact_columns(logits: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor, list[str]]]:
         factors, signs, _, loss_issues = _loss_factors(loss_fn, logits, y)
-        return factors, signs, loss_issues
+        return [(factors, signs, loss_issues)]
 
     return gauss_newton_from_columns(
         model, inputs, target, params, exact_columns, "gauss_newton_exact_diagonal"
     )
 
 
-ColumnsOf = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor, list[str]]"]
+#: ``(logits, target) ->`` groups of ``(columns (N, D, C), signs (N, C), the loss's issues)``, made one at a
+#: time (a generator bounds the memory of many columns: :mod:`.gauss_newton_mc`); their diagonals add up.
+ColumnsOf = Callable[[Tensor, Tensor], "Iterable[tuple[Tensor, Tensor, list[str]]]"]
 
 
 def gauss_newton_from_columns(
@@ -121,11 +123,12 @@ def gauss_newton_from_columns(
     caller: str,
 ) -> dict[str, Tensor]:
     """``sum_{n,k} sign_nk (J_n^T c_nk)^2 / N``: the Gauss-Newton diagonal from the loss-Hessian columns
-    that ``columns_of(logits, target)`` returns (``(N, D, C)`` columns, ``(N, C)`` signs and the reasons
-    the loss does not qualify), shared by the exact and the Monte-Carlo Gauss-Newton estimators.
+    that ``columns_of(logits, target)`` yields (groups of ``(N, D, C)`` columns, ``(N, C)`` signs and the
+    reasons the loss does not qualify; the groups' diagonals add up), shared by the exact and the
+    Monte-Carlo Gauss-Newton estimators.
 
-    One recorded forward pass, one batched backward pass of the ``C`` columns, the per-layer
-    contractions (:mod:`.layer_rules`); raises :class:`~.exact.ExactMethodNotApplicable` (with
+    One recorded forward pass, one batched backward pass of the ``C`` columns of each group, the
+    per-layer contractions (:mod:`.layer_rules`); raises :class:`~.exact.ExactMethodNotApplicable` (with
     ``gauss_newton_applicable=False``) when the loss does not qualify or the model draws random numbers
     (train-mode dropout): the Gauss-Newton matrix of a random function is not what is measured.
     """
@@ -134,7 +137,10 @@ def gauss_newton_from_columns(
     with torch.inference_mode(False), torch.enable_grad():
         x, y = _autograd_inputs(inputs, target)
         forward = _record_forward(model, x, params, caller)
-        columns, signs, loss_issues = columns_of(forward.logits.detach(), y)
-        refuse_unless_gauss_newton_applies(caller, loss_issues, forward.recorder.random_ops)
-        diag = _ggn_diagonal(forward, columns, signs, forward.issues, caller, stacklevel=4)
+        diag: dict[str, Tensor] = {}
+        for columns, signs, loss_issues in columns_of(forward.logits.detach(), y):
+            refuse_unless_gauss_newton_applies(caller, loss_issues, forward.recorder.random_ops)
+            part = _ggn_diagonal(forward, columns, signs, forward.issues, caller, stacklevel=4, in_place=True)
+            diag = {name: diag[name].add_(d) if name in diag else d for name, d in part.items()}
+            del columns, signs, part  # before the next group is made
     return {name: d.detach().to(params[name].dtype) for name, d in diag.items()}

@@ -52,7 +52,8 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -61,13 +62,17 @@ from lightning_flatness.functional.estimators.gauss_newton import gauss_newton_f
 from lightning_flatness.functional.loss_hessian_factors import (
     default_exact_classes,
     default_mc_samples,
+    exact_column_count,
     sample_loss_hessian_columns,
 )
 from lightning_flatness.functional.model_io import ModelInputs
 
-__all__ = ["gauss_newton_mc_diagonal"]
+__all__ = ["COLUMN_ELEMENTS", "draw_groups", "gauss_newton_mc_diagonal"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+#: Bound on the entries of one group of loss-Hessian columns ``(N, D, C)`` (:func:`draw_groups`): the
+#: backward columns of a group take about this many entries at the logits.
+COLUMN_ELEMENTS = 2**27
 
 
 def gauss_newton_mc_diagonal(
@@ -137,13 +142,47 @@ def gauss_newton_mc_diagonal(
     if num_mc_samples is None:
         num_mc_samples = default_mc_samples(loss_fn)
 
-    def sampled_columns(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor, list[str]]:
-        columns, signs = sample_loss_hessian_columns(
-            loss_fn, logits, y, num_mc_samples, generator, exact_classes=exact_classes
-        )
-        signs = signs.to(logits.dtype).unsqueeze(0).expand(logits.shape[0], -1)
-        return columns.to(logits.dtype), signs, []
+    def sampled_columns(logits: Tensor, y: Tensor) -> Iterator[tuple[Tensor, Tensor, list[str]]]:
+        for columns, signs in draw_groups(loss_fn, logits, y, num_mc_samples, generator, exact_classes):
+            yield (
+                columns.to(logits.dtype),
+                signs.to(logits.dtype).unsqueeze(0).expand(logits.shape[0], -1),
+                [],
+            )
 
     return gauss_newton_from_columns(
         model, inputs, target, params, sampled_columns, "gauss_newton_mc_diagonal"
     )
+
+
+def draw_groups(
+    loss_fn: LossFn,
+    logits: Tensor,
+    target: Tensor,
+    num_mc_samples: int,
+    generator: torch.Generator | None,
+    exact_classes: int,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """The loss-Hessian columns of ``num_mc_samples`` draws
+    (:func:`~lightning_flatness.functional.loss_hessian_factors.sample_loss_hessian_columns`), in groups
+    of draws whose ``(N, D, C)`` columns stay within about :data:`COLUMN_ELEMENTS` entries (one group,
+    the plain call, when all of them do). The exact columns come with the first group only, and each
+    group's draws are rescaled from ``1/sqrt(its draws)`` to ``1/sqrt(num_mc_samples)``, so the groups'
+    Gauss-Newton diagonals add up to the one of all draws at once (the same estimator: the draws are
+    independent). For a language model's ``(N, T, V)`` logits one draw alone is two columns of the
+    logits' size, so the groups bound the memory that the ``C`` backward columns take."""
+    n, d = logits.shape[0], logits[0].numel()
+    exact = exact_column_count(loss_fn, exact_classes)
+    per_group = max(1, (COLUMN_ELEMENTS // max(1, n * d) - exact) // 2)  # at most 2 columns per draw
+    if per_group >= num_mc_samples:
+        yield sample_loss_hessian_columns(
+            loss_fn, logits, target, num_mc_samples, generator, exact_classes=exact_classes
+        )
+        return
+    for start in range(0, num_mc_samples, per_group):
+        draws = min(per_group, num_mc_samples - start)
+        columns, signs = sample_loss_hessian_columns(
+            loss_fn, logits, target, draws, generator, exact_classes=exact_classes, draws_only=start > 0
+        )
+        columns[:, :, exact if start == 0 else 0 :] *= math.sqrt(draws / num_mc_samples)
+        yield columns, signs

@@ -109,9 +109,10 @@ from lightning_flatness.functional.loss_hessian_factors import (
     default_mc_samples,
     loss_hessian_structure,
     sample_loss_hessian_columns,
+    token_loss_columns,
 )
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
-from lightning_flatness.functional.model_io import ModelInputs, inputs_batch_size, select_samples
+from lightning_flatness.functional.model_io import ModelInputs, TokenLoss, inputs_batch_size, select_samples
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -448,15 +449,23 @@ def _mixed_base_columns(
     num_sketches: int,
 ) -> tuple[Tensor, Tensor, list[str]]:
     """:func:`_base_columns` (``num_mc_samples`` None: the loss's default) mixed by :func:`sketch_columns`:
-    ``(columns (N, D, C), signs (C,), the loss's issues with the per-sample-mean assumption)``."""
-    columns, signs, issues = _base_columns(
-        loss_fn,
-        logits,
-        target,
-        default_mc_samples(loss_fn) if num_mc_samples is None else num_mc_samples,
-        generator,
-        max_exact_outputs,
-    )
+    ``(columns (N, D, C), signs (C,), the loss's issues with the per-sample-mean assumption)``. A
+    :class:`TokenLoss`'s Monte-Carlo columns are mixed token chunk by token chunk
+    (:func:`~lightning_flatness.functional.loss_hessian_factors.token_loss_columns`): the base columns of
+    all tokens (an LM vocabulary each) are never held at once."""
+    draws = default_mc_samples(loss_fn) if num_mc_samples is None else num_mc_samples
+    if isinstance(loss_fn, TokenLoss) and logits[0].numel() > max_exact_outputs:
+        mixed, mixed_signs = token_loss_columns(
+            loss_fn,
+            logits,
+            target,
+            draws,
+            generator,
+            exact_classes=default_exact_classes(loss_fn),
+            num_sketches=num_sketches,
+        )
+        return mixed.to(logits.dtype), mixed_signs.to(logits.dtype), []
+    columns, signs, issues = _base_columns(loss_fn, logits, target, draws, generator, max_exact_outputs)
     mixed, mixed_signs = sketch_columns(columns, signs, num_sketches, generator)
     return mixed, mixed_signs, issues
 
@@ -535,7 +544,7 @@ def gauss_newton_sketch_diagonal(
                 loss_fn, logits, y, num_mc_samples, generator, max_exact_outputs, num_sketches
             )
             refuse_unless_gauss_newton_applies(caller, loss_issues, forward.recorder.random_ops)
-        mixed = mixed / math.sqrt(logits.shape[0])  # the loss is a mean over samples
+        mixed = mixed.div_(math.sqrt(logits.shape[0]))  # the loss is a mean over samples (fresh columns)
         blockers = _fast_path_blockers(forward.recorder, forward.leaves, logits.shape[0])
         if any("invisible" in issue for issue in forward.issues):
             blockers.append("an operation invisible to the checks")

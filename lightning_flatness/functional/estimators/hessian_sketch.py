@@ -407,7 +407,8 @@ def hessian_sketch_diagonal(
             )
             if loss_issues:
                 raise ExactMethodNotApplicable(f"{caller} does not apply: {'; '.join(loss_issues[:3])}.")
-        mixed, signs = mixed.to(logits.dtype) / math.sqrt(n), signs.to(logits.dtype)  # the loss is a mean
+        # the loss is a mean; the columns are fresh (scaled in place: vocabulary-sized for a language model)
+        mixed, signs = mixed.to(logits.dtype).div_(math.sqrt(n)), signs.to(logits.dtype)
         nodes, functions = _injected_nodes(forward), forward.recorder.weight_functions
         outputs = [n.output for n in nodes] + [c.output for c in functions]
         adjoints = (  # the mean loss's gradient at every op's output, in one backward pass
