@@ -38,13 +38,7 @@ def test_lm_vocabulary_quick_runs_each_row_in_its_capped_subprocess(tmp_path):
 
     out = bench_lm_vocabulary.main(["--quick", "--json", str(tmp_path / "lm.json")])
     rows = out["rows"]
-    assert [(r["tied"], r["kind"]) for r in rows] == [
-        (True, "training step"),
-        (True, "measurement"),
-        (False, "training step"),
-        (False, "measurement"),
-    ]
+    assert [(r["tied"], r["kind"]) for r in rows] == [(True, "training step"), (True, "measurement")]
     assert all(r["outcome"] == "ran" and r["peak_mb_above_start"] >= 0 for r in rows)
-    assert [r.get("method") for r in rows[1::2]] == ["gauss_newton_mc", "hessian_sketch"]
-    assert all(r["normalized"] > 0 for r in rows[1::2])
+    assert rows[1]["method"] == "gauss_newton_mc" and rows[1]["normalized"] > 0
     assert out["class_draws"]["multinomial_ms"] > 0 and out["class_draws"]["inverse_cdf_ms"] > 0
