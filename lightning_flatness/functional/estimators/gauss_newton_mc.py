@@ -31,9 +31,12 @@ per-layer contractions of :mod:`.exact` (Linear: ``sum_n s (g_n^2)(a_n^2)^T``; C
 per-sample gradients). ``C`` does not depend on ``K``: ``num_mc_samples + 2`` for ``F.cross_entropy``
 (by default its two most probable classes are exact, the tail sampled; ``exact_classes=0``:
 ``num_mc_samples``),
-``2 num_mc_samples`` for eq. 20 (:func:`normalized_softmax_cross_entropy`) and for the autograd
-fallback (any other loss; that fallback's own cost grows with ``K``: see
-:func:`~lightning_flatness.functional.loss_hessian_factors.autograd_columns`). When samples interact
+``2 + 2 num_mc_samples`` for eq. 20 (:func:`normalized_softmax_cross_entropy`; two exact columns of
+its rank-2 part) and ``2 num_mc_samples`` for the autograd fallback (any other loss; that fallback's own
+cost grows with ``K``: see :func:`~lightning_flatness.functional.loss_hessian_factors.autograd_columns`).
+Columns of more than :data:`COLUMN_ELEMENTS` entries in all (a language model's vocabulary at every
+token) go backward in groups of draws, one pass each after the one recorded forward
+(:func:`draw_groups`). When samples interact
 inside the model or a weight is used outside Linear/Conv (timm's ``pos_embed`` / ``cls_token``,
 embedding tables), the per-(sample, column) path is taken: ``N * C`` vectorised backward passes.
 No double backward anywhere: it runs through fused attention (SDPA flash/efficient kernels) and
