@@ -69,7 +69,7 @@ def _tokens(seed: int):
 
 @pytest.mark.parametrize("base", BASES, ids=["ce", "eq20"])
 def test_token_columns_mixed_per_token_have_the_sequence_hessian_as_mean(base, monkeypatch):
-    monkeypatch.setattr(loss_hessian_factors, "TOKEN_CHUNK_ELEMENTS", 2 * 5 * 4)  # two tokens per chunk
+    monkeypatch.setattr(loss_hessian_factors, "TOKEN_CHUNK_ELEMENTS", 2 * 5 * 4)  # eq. 20: 2 tokens a chunk
     logits, target = _tokens(8)
     loss_fn = TokenLoss(base, shift=True)
     per = 1 if base is F.cross_entropy else 2  # a convex loss has no negative part
