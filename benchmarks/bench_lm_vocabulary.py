@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 
-from benchmarks.common import base_parser, setup, write_json
+from benchmarks.common import base_parser, interleaved_times, setup, write_json
 
 VOCABULARY = 50257
 
@@ -97,9 +97,8 @@ def run_one(spec: dict) -> dict:
 
 def class_draw_times(quick: bool, rows: int = 10, repeats: int = 20) -> dict:
     """Median milliseconds of one draw per row from ``rows`` softmax rows over GPT-2's vocabulary:
-    ``torch.multinomial`` against the library's inverse CDF (``_draw_classes``), this process's threads."""
-    import statistics
-
+    ``torch.multinomial`` against the library's inverse CDF (``_draw_classes``), timed round-robin
+    (:func:`~benchmarks.common.interleaved_times`), this process's threads."""
     import torch
 
     from lightning_flatness.functional.loss_hessian_factors import _draw_classes
@@ -107,16 +106,14 @@ def class_draw_times(quick: bool, rows: int = 10, repeats: int = 20) -> dict:
     classes = 512 if quick else VOCABULARY
     p = torch.softmax(torch.randn(rows, classes, dtype=torch.float64), dim=1)
     g = torch.Generator().manual_seed(0)
-    timed: dict[str, list[float]] = {"multinomial_ms": [], "inverse_cdf_ms": []}
-    for _ in range(repeats):  # interleaved
-        for key, draw in (
-            ("multinomial_ms", lambda: torch.multinomial(p, 1, replacement=True, generator=g)),
-            ("inverse_cdf_ms", lambda: _draw_classes(p, 1, g)),
-        ):
-            start = time.perf_counter()
-            draw()
-            timed[key].append((time.perf_counter() - start) * 1e3)
-    return {"rows": rows, "classes": classes, **{k: statistics.median(v) for k, v in timed.items()}}
+    times = interleaved_times(
+        {
+            "multinomial_ms": lambda: torch.multinomial(p, 1, replacement=True, generator=g),
+            "inverse_cdf_ms": lambda: _draw_classes(p, 1, g),
+        },
+        repeats=repeats,
+    )
+    return {"rows": rows, "classes": classes, **{k: t["median"] * 1e3 for k, t in times.items()}}
 
 
 def main(argv=None) -> dict:
