@@ -15,11 +15,7 @@ from torch import nn
 from lightning_flatness.functional import loss_hessian_factors
 from lightning_flatness.functional.estimators import gauss_newton_mc
 from lightning_flatness.functional.estimators.gauss_newton_mc import draw_groups, gauss_newton_mc_diagonal
-from lightning_flatness.functional.loss_hessian_factors import (
-    exact_column_count,
-    sample_loss_hessian_columns,
-    token_loss_columns,
-)
+from lightning_flatness.functional.loss_hessian_factors import sample_loss_hessian_columns, token_loss_columns
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.model_io import TokenLoss
 from tests.oracles import brute_force_ggn_diagonal
@@ -102,26 +98,30 @@ def test_token_columns_never_hold_the_base_columns_of_all_tokens(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "loss_fn, exact_classes",
-    [(normalized_softmax_cross_entropy, 0), (normalized_softmax_cross_entropy, 1), (F.cross_entropy, 2)],
+    "loss_fn, exact_classes, lead",
+    [
+        (normalized_softmax_cross_entropy, 0, 2),  # the rank-2 part's two exact columns
+        (normalized_softmax_cross_entropy, 1, 3),  # and one exact class
+        (F.cross_entropy, 2, 2),  # two exact classes
+    ],
     ids=["eq20", "eq20_exact_class", "ce"],
 )
-def test_draw_groups_are_the_draws_of_one_call(loss_fn, exact_classes, monkeypatch):
+def test_draw_groups_are_the_draws_of_one_call(loss_fn, exact_classes, lead, monkeypatch):
     g = torch.Generator().manual_seed(11)
     logits, target = (
         2 * torch.randn(3, 6, generator=g, dtype=torch.float64),
         torch.randint(0, 6, (3,), generator=g),
     )
     draws = 3000
-    monkeypatch.setattr(gauss_newton_mc, "COLUMN_ELEMENTS", 3 * 6 * 7)  # 2 draws of eq. 20 per group
+    monkeypatch.setattr(gauss_newton_mc, "COLUMN_ELEMENTS", 3 * 6 * 4)  # 2 draws per group
     groups = list(
         draw_groups(loss_fn, logits, target, draws, torch.Generator().manual_seed(12), exact_classes)
     )
-    assert len(groups) > 100
-    lead = exact_column_count(loss_fn, exact_classes)
+    assert len(groups) == draws // 2
     single, _ = sample_loss_hessian_columns(loss_fn, logits, target, draws, None, exact_classes=exact_classes)
-    cols = torch.cat([c for c, _ in groups], dim=2)
-    signs = torch.cat([s for _, s in groups])
+    last, last_signs = groups[-1]  # the exact columns come with the last group, ahead of its draws
+    cols = torch.cat([last[:, :, :lead]] + [c for c, _ in groups[:-1]] + [last[:, :, lead:]], dim=2)
+    signs = torch.cat([last_signs[:lead]] + [s for _, s in groups[:-1]] + [last_signs[lead:]])
     assert cols.shape == single.shape  # the exact columns once, then every draw
     fixed = torch.einsum("ndk,k,nek->nde", cols[:, :, :lead], signs[:lead], cols[:, :, :lead])
     expected = torch.stack(
@@ -152,7 +152,7 @@ def test_monte_carlo_gauss_newton_in_groups_is_unbiased_for_a_token_model(monkey
     loss_fn = TokenLoss(normalized_softmax_cross_entropy, shift=True)
     params = {k: p for k, p in model.named_parameters() if k in ("2.weight", "4.weight")}
     reference = brute_force_ggn_diagonal(model, loss_fn, x, y, list(params))
-    monkeypatch.setattr(gauss_newton_mc, "COLUMN_ELEMENTS", n * t * vocab * 4)  # one draw per group
+    monkeypatch.setattr(gauss_newton_mc, "COLUMN_ELEMENTS", n * t * vocab * 2)  # one draw per group
     calls = []
     real = gauss_newton_mc.sample_loss_hessian_columns
     monkeypatch.setattr(

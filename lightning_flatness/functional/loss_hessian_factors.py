@@ -87,7 +87,6 @@ __all__ = [
     "cross_entropy_columns",
     "default_exact_classes",
     "default_mc_samples",
-    "exact_column_count",
     "normalized_cross_entropy_columns",
     "normalized_cross_entropy_logit_hessian",
     "sample_loss_hessian_columns",
@@ -705,7 +704,8 @@ def token_loss_columns(
     base loss) sketch columns of each sequence, with the same expectation.
 
     **Memory.** The tokens are processed in chunks of about :data:`TOKEN_CHUNK_ELEMENTS` base-column
-    entries (at most two columns per draw), written into one output in the logits' dtype: the base
+    entries (the first token alone, whose columns set the size), written into one output in the logits'
+    dtype: the base
     columns of all tokens (eq. 20: 18 per token, with their float64 temporaries) are never held at once;
     the output holds ``C`` (or ``2 S``) columns of the logits' size, stored column by column (the
     ``(N, D, C)`` result is a view with stride 1 along ``D``, which the backward pass takes as it is).
@@ -725,12 +725,10 @@ def token_loss_columns(
     m, v = rows.shape
     positions = loss_fn.num_positions(logits)
     scale = math.sqrt(n / m)
-    step = max(
-        1, TOKEN_CHUNK_ELEMENTS // (v * (exact_column_count(loss_fn, exact_classes) + 2 * num_mc_samples))
-    )
     out: Tensor | None = None
     signs = rows.new_zeros(0)
-    for lo in range(0, m, step):
+    lo, step = 0, 1  # the first token alone: its columns give the chunk size
+    while lo < m:
         hi = min(m, lo + step)
         cols, signs = sample_loss_hessian_columns(
             loss_fn.base,
@@ -741,6 +739,7 @@ def token_loss_columns(
             exact_classes=exact_classes,
             draws_only=draws_only,
         )
+        step = max(1, TOKEN_CHUNK_ELEMENTS // (v * cols.shape[2]))  # the next chunks: by the base columns
         if num_sketches is None:
             cols = cols.mul_(_rademacher((hi - lo, 1, cols.shape[2]), cols, generator))
         else:
@@ -750,6 +749,7 @@ def token_loss_columns(
         if out is None:  # column-major: each column one block of the logits' layout (no copy downstream)
             out = logits.new_zeros(cols.shape[2], n * positions, v)
         out[:, flat_index[lo:hi]] = cols.mul_(scale).permute(2, 0, 1).to(out.dtype)
+        lo = hi
     assert out is not None
     c = out.shape[0]
     per_position = out.view(c, n, positions, v).permute(1, 2, 3, 0)
@@ -795,8 +795,9 @@ def elementwise_columns(
 
 
 #: Closed-form column samplers, keyed by the loss function: ``fn(logits, target, num_mc_samples,
-#: generator, *, exact_classes, draws_only) -> (columns (N, D, C), signs (C,))``, the exact columns
-#: (:func:`exact_column_count`) first, left out with ``draws_only``. Losses not listed use
+#: generator, *, exact_classes, draws_only) -> (columns (N, D, C), signs (C,))``: the exact columns first,
+#: then the draws, each draw the same number of columns; ``draws_only`` leaves the exact ones out. Losses
+#: not listed use
 #: :func:`autograd_columns`.
 MC_LOSS_COLUMNS: dict[Callable[..., Tensor], Callable[..., Columns]] = {
     F.cross_entropy: cross_entropy_columns,
@@ -820,17 +821,6 @@ def default_exact_classes(loss_fn: LossFn) -> int:
     :class:`TokenLoss` takes its base loss's)."""
     base = loss_fn.base if isinstance(loss_fn, TokenLoss) else loss_fn
     return DEFAULT_EXACT_CLASSES.get(hessian_twin(base), 0)
-
-
-def exact_column_count(loss_fn: LossFn, exact_classes: int = 0) -> int:
-    """How many columns :func:`sample_loss_hessian_columns` puts before the draws: the exact ones, the
-    same in every call (cross-entropy: ``exact_classes``; eq. 20: those and, with
-    :data:`EXACT_LOW_RANK`, the two of its rank-2 part; other losses: none). A :class:`TokenLoss` has its
-    base loss's layout."""
-    key = hessian_twin(loss_fn.base if isinstance(loss_fn, TokenLoss) else loss_fn)
-    if key is normalized_softmax_cross_entropy:
-        return exact_classes + (2 if EXACT_LOW_RANK else 0)
-    return exact_classes if key is F.cross_entropy else 0
 
 
 #: Default Monte-Carlo draws per sample, per loss (others: 1). Eq. 20's Hessian in the logits is
@@ -870,7 +860,7 @@ def sample_loss_hessian_columns(
         exact_classes: for the softmax losses (and :class:`TokenLoss` of them), the most probable
             classes taken exactly (variance reduction, one more column each); 0 for other losses.
         draws_only: only the draws, without the exact columns that come first
-            (:func:`exact_column_count`; a later group of draws, with the same expectation of the draws).
+            (a later group of draws, with the same expectation of the draws).
 
     Returns:
         ``(columns (N, D, C), signs (C,))``, float64 (a :class:`TokenLoss`: the logits' dtype),

@@ -65,7 +65,6 @@ from lightning_flatness.functional.estimators.gauss_newton import gauss_newton_f
 from lightning_flatness.functional.loss_hessian_factors import (
     default_exact_classes,
     default_mc_samples,
-    exact_column_count,
     sample_loss_hessian_columns,
 )
 from lightning_flatness.functional.model_io import ModelInputs
@@ -169,23 +168,28 @@ def draw_groups(
     """The loss-Hessian columns of ``num_mc_samples`` draws
     (:func:`~lightning_flatness.functional.loss_hessian_factors.sample_loss_hessian_columns`), in groups
     of draws whose ``(N, D, C)`` columns stay within about :data:`COLUMN_ELEMENTS` entries (one group,
-    the plain call, when all of them do). The exact columns come with the first group only, and each
-    group's draws are rescaled from ``1/sqrt(its draws)`` to ``1/sqrt(num_mc_samples)``, so the groups'
-    Gauss-Newton diagonals add up to the one of all draws at once (the same estimator: the draws are
-    independent). For a language model's ``(N, T, V)`` logits one draw alone is two columns of the
-    logits' size, so the groups bound the memory that the ``C`` backward columns take."""
+    the plain call, when all of them do). The groups of draws alone (``draws_only``) come first; the last
+    group carries the exact columns too, as many as it has beyond its draws' width (each draw the same
+    number of columns, as a group of draws alone shows). Each group's draws are rescaled from
+    ``1/sqrt(its draws)`` to ``1/sqrt(num_mc_samples)``, so the groups' Gauss-Newton diagonals add up to the
+    one of all draws at once (the same estimator: the draws are independent). For a language model's
+    ``(N, T, V)`` logits one draw alone is two columns of the logits' size, so the groups bound the memory
+    that the ``C`` backward columns take."""
     n, d = logits.shape[0], logits[0].numel()
-    exact = exact_column_count(loss_fn, exact_classes)
-    per_group = max(1, (COLUMN_ELEMENTS // max(1, n * d) - exact) // 2)  # at most 2 columns per draw
+    per_group = max(1, COLUMN_ELEMENTS // max(1, n * d) // 2)  # at most 2 columns per draw
     if per_group >= num_mc_samples:
         yield sample_loss_hessian_columns(
             loss_fn, logits, target, num_mc_samples, generator, exact_classes=exact_classes
         )
         return
-    for start in range(0, num_mc_samples, per_group):
-        draws = min(per_group, num_mc_samples - start)
+    sizes = [min(per_group, num_mc_samples - start) for start in range(0, num_mc_samples, per_group)]
+    width = 0  # columns per draw
+    for i, draws in enumerate(sizes):
+        last = i == len(sizes) - 1
         columns, signs = sample_loss_hessian_columns(
-            loss_fn, logits, target, draws, generator, exact_classes=exact_classes, draws_only=start > 0
+            loss_fn, logits, target, draws, generator, exact_classes=exact_classes, draws_only=not last
         )
-        columns[:, :, exact if start == 0 else 0 :] *= math.sqrt(draws / num_mc_samples)
+        if not last:
+            width = columns.shape[2] // draws
+        columns[:, :, columns.shape[2] - width * draws :] *= math.sqrt(draws / num_mc_samples)
         yield columns, signs
