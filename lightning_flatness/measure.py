@@ -80,8 +80,9 @@ def resolve_loss(loss_fn: LossFn, model: nn.Module, logits: Tensor, target: Tens
     an error)."""
     class_dim = None if isinstance(loss_fn, TokenLoss) else position_class_dim(model, logits, target)
     output_size = None
-    segmentation = semantic_segmentation_model(model) if class_dim != -1 else None
+    segmentation = None  # looked up only where it decides something, and at most once
     if class_dim is None and logits.ndim >= 4 and _dense_at_another_resolution(logits, target):
+        segmentation = semantic_segmentation_model(model)
         if segmentation is None:
             raise ValueError(
                 f"the logits {tuple(logits.shape)} and the per-pixel targets {tuple(target.shape)} differ in "
@@ -93,8 +94,11 @@ def resolve_loss(loss_fn: LossFn, model: nn.Module, logits: Tensor, target: Tens
         class_dim, output_size = 1, tuple(target.shape[1:])
     if class_dim is not None:
         base, ignore_index = split_ignore_index(loss_fn)
-        if ignore_index == -100 and class_dim == 1 and segmentation is not None:  # its own loss's void label
-            ignore_index = int(getattr(segmentation.config, "semantic_loss_ignore_index", -100))
+        if ignore_index == -100 and class_dim == 1:  # a segmentation model's own loss skips its void label
+            if segmentation is None:
+                segmentation = semantic_segmentation_model(model)
+            if segmentation is not None:
+                ignore_index = int(getattr(segmentation.config, "semantic_loss_ignore_index", -100))
         shift = class_dim == -1 and is_causal_lm(model)
         loss_fn = TokenLoss(base, shift, ignore_index, class_dim, output_size)
     return loss_for_outputs(loss_fn, logits)
