@@ -725,8 +725,9 @@ def token_loss_columns(
     m, v = rows.shape
     positions = loss_fn.num_positions(logits)
     scale = math.sqrt(n / m)
+    if num_sketches is not None:
+        from lightning_flatness.functional.estimators.gauss_newton_sketch import sketch_columns
     out: Tensor | None = None
-    signs = rows.new_zeros(0)
     lo, step = 0, 1  # the first token alone: its columns give the chunk size
     while lo < m:
         hi = min(m, lo + step)
@@ -743,8 +744,6 @@ def token_loss_columns(
         if num_sketches is None:
             cols = cols.mul_(_rademacher((hi - lo, 1, cols.shape[2]), cols, generator))
         else:
-            from lightning_flatness.functional.estimators.gauss_newton_sketch import sketch_columns
-
             cols, signs = sketch_columns(cols, signs, num_sketches, generator)
         if out is None:  # column-major: each column one block of the logits' layout (no copy downstream)
             out = logits.new_zeros(cols.shape[2], n * positions, v)
