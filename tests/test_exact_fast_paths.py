@@ -12,6 +12,7 @@ from oracles import brute_force_hessian_diagonal as brute_hessian_diagonal
 from torch import nn
 
 import lightning_flatness.functional.estimators.layer_rules.conv as conv
+import lightning_flatness.functional.estimators.exact as exact
 from lightning_flatness.functional.estimators.exact import _cross_entropy_factors, exact_hessian_diagonal
 from lightning_flatness.functional.estimators.layer_rules import LayerCall, accumulate_layer
 from lightning_flatness.functional.estimators.layer_rules.column_backward import ColumnTape
@@ -318,9 +319,13 @@ def test_per_sample_operations_prove_batch_independence_and_skip_the_probe(monke
     assert_relative_close(diag, brute_hessian_diagonal(model, F.cross_entropy, x, y, list(params)), tol=1e-10)
 
 
-def test_interacting_samples_with_unchanged_shapes_are_found_by_the_probe(monkeypatch):
+@pytest.mark.parametrize("separate", [False, True], ids=["probe_column", "probe_pass"])
+def test_interacting_samples_with_unchanged_shapes_are_found_by_the_probe(separate, monkeypatch):
     """flip along the batch keeps every shape: not provably per-sample, so the probe runs, finds the
-    interaction and the per-sample path gives the exact diagonal."""
+    interaction and the per-sample path gives the exact diagonal; the probe rides with the columns, or
+    (many column entries, ``SEPARATE_PROBE_ELEMENTS``) takes a pass of its own first."""
+    if separate:
+        monkeypatch.setattr(exact, "SEPARATE_PROBE_ELEMENTS", 0)
     counts = _batched_columns(monkeypatch)
     torch.manual_seed(0)
     model = _FlippedBatch().double()
@@ -329,7 +334,34 @@ def test_interacting_samples_with_unchanged_shapes_are_found_by_the_probe(monkey
     params = select_parameters(model, "all")
     with pytest.warns(UserWarning, match="per-layer contractions do not apply"):
         diag = exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
-    assert counts[0] == 2 + 1  # C - 1 columns and the probe
+    assert counts[0] == (1 if separate else 2 + 1)  # the probe alone, or C - 1 columns and the probe
+    monkeypatch.undo()
+    assert_relative_close(diag, brute_hessian_diagonal(model, F.cross_entropy, x, y, list(params)), tol=1e-10)
+
+
+class _FlippedFeatures(nn.Module):
+    """A flip along the features: per-sample, but not provably so (the probe must run, and pass)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)).flip(1))
+
+
+@pytest.mark.parametrize("separate", [False, True], ids=["probe_column", "probe_pass"])
+def test_a_passed_probe_leaves_the_per_layer_diagonal_exact(separate, monkeypatch):
+    if separate:
+        monkeypatch.setattr(exact, "SEPARATE_PROBE_ELEMENTS", 0)
+    counts = _batched_columns(monkeypatch)
+    torch.manual_seed(0)
+    model = _FlippedFeatures().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+    params = select_parameters(model, "all")
+    diag = exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
+    assert counts == ([1, 2] if separate else [2 + 1])  # probe pass, then the C - 1 columns alone
     monkeypatch.undo()
     assert_relative_close(diag, brute_hessian_diagonal(model, F.cross_entropy, x, y, list(params)), tol=1e-10)
 

@@ -146,6 +146,32 @@ def test_normalized_cross_entropy_columns_with_exact_classes_are_unbiased():
     _assert_unbiased(_draw_estimates(cols, signs, draws), expected, _fixed_part(cols, signs, 4))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_normalized_cross_entropy_columns_keep_the_logits_dtype(dtype):
+    """Formed in the logits' dtype (float32 for a float32 model: the backward pass takes them in it)."""
+    logits, target = torch.randn(4, 9, dtype=dtype), torch.randint(0, 9, (4,))
+    cols, signs = normalized_cross_entropy_columns(logits, target, 3, torch.Generator().manual_seed(0))
+    assert cols.dtype == signs.dtype == dtype
+    reference, _ = normalized_cross_entropy_columns(
+        logits.double(), target, 3, torch.Generator().manual_seed(0)
+    )
+    torch.testing.assert_close(cols.double(), reference, rtol=0, atol=1e-5 if dtype == torch.float32 else 0)
+
+
+def test_random_bits_are_fair_independent_and_reproducible():
+    count = 56 * 20_000 + 3  # not a whole number of 56-bit words
+    bits = loss_hessian_factors._random_bits(count, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert bits.shape == (count,) and bits.dtype == torch.bool
+    x = bits.double() * 2 - 1
+    for lag in (1, 7, 8, 55, 56, 57):  # neighbours within a byte, across bytes and across words
+        assert abs(float((x[lag:] * x[:-lag]).mean())) < 5 / count**0.5, lag
+    # each of the 56 bit positions of a word is fair (a constant bit, e.g. a word's top one, has mean -1)
+    per_position = x[: 56 * 20_000].reshape(20_000, 56).mean(dim=0)
+    assert float(per_position.abs().max()) < 5 / 20_000**0.5
+    again = loss_hessian_factors._random_bits(count, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert torch.equal(bits, again)
+
+
 def test_exact_low_rank_columns_carry_the_rank_two_part_without_noise():
     """The two fixed columns reproduce B = Lambda - J_g Cov[p - e_y] J_g - alpha P exactly."""
     torch.manual_seed(9)

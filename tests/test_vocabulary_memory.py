@@ -78,6 +78,21 @@ def test_token_columns_mixed_per_token_have_the_sequence_hessian_as_mean(base, m
     _assert_mean(torch.stack(estimates), _sequence_blocks(loss_fn, logits, target))
 
 
+def test_stacked_eq20_token_columns_with_the_exact_rank_two_part_have_the_sequence_hessian_as_mean():
+    """The Monte-Carlo estimator's own token columns (no sketch): eq. 20's exact rank-2 columns and the
+    draws, whose normalization part shares one random vector between a draw's + and - column (alpha has
+    one sign per token, so one of them carries it), stacked per sequence with random token signs."""
+    logits, target = _tokens(12)
+    loss_fn = TokenLoss(normalized_softmax_cross_entropy, shift=True)
+    gen = torch.Generator().manual_seed(13)
+    estimates = []
+    for _ in range(1500):  # independent calls, one draw each: 2 exact columns and 2 drawn ones
+        cols, signs = token_loss_columns(loss_fn, logits, target, 1, gen)
+        assert cols.shape == (3, 20, 4) and signs.tolist() == [1.0, -1.0, 1.0, -1.0]
+        estimates.append(torch.einsum("ndk,k,nek->nde", cols, signs, cols))
+    _assert_mean(torch.stack(estimates), _sequence_blocks(loss_fn, logits, target))
+
+
 def test_token_columns_never_hold_the_base_columns_of_all_tokens(monkeypatch):
     # two tokens of 5 logits x 4 columns (eq. 20: 2 exact + 2 per draw)
     monkeypatch.setattr(loss_hessian_factors, "TOKEN_CHUNK_ELEMENTS", 40)

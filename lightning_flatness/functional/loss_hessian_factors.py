@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -102,6 +103,21 @@ def _rademacher(shape: tuple[int, ...], like: Tensor, generator: torch.Generator
     return (
         torch.randint(0, 2, shape, generator=generator, device=like.device, dtype=like.dtype).mul_(2).sub_(1)
     )
+
+
+_BIT_MASKS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+#: The bytes of an int64 word below its top one (bits 0-55), in memory order.
+_LOW_BYTES = slice(0, 7) if sys.byteorder == "little" else slice(1, 8)
+
+
+def _random_bits(count: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """``count`` independent fair bits, as a ``bool`` tensor: 56 from each uniform word of
+    ``torch.randint(0, 2**62)`` (exactly uniform in its low 62 bits), where ``torch.randint(0, 2)`` draws a
+    word per bit. For the long random columns of language-model vocabularies."""
+    words = -(-count // 56)
+    raw = torch.randint(0, 1 << 62, (words,), generator=generator, device=device, dtype=torch.int64)
+    low = raw.view(torch.uint8).view(words, 8)[:, _LOW_BYTES]
+    return torch.bitwise_and(low.unsqueeze(2), _BIT_MASKS.to(device)).bool().reshape(-1)[:count]
 
 
 #: Up to this many classes, class draws use ``torch.multinomial`` (:func:`_draw_classes`).
@@ -176,17 +192,13 @@ def _check_class_targets(logits: Tensor, target: Tensor, caller: str) -> None:
         )
 
 
-def _softmax_hessian_columns(
+def _softmax_draws(
     p: Tensor, num_mc_samples: int, exact_classes: int, generator: torch.Generator | None
-) -> Tensor:
-    r"""Columns ``(N, K, m + num_mc_samples)``, all of sign ``+``, with
-    ``E[sum_k c_k c_k^T] = diag(p) - p p^T`` (float64 ``p``).
-
-    ``diag(p) - p p^T = sum_c p_c (e_c - p)(e_c - p)^T``. The ``m = exact_classes`` most probable
-    classes enter exactly (``sqrt(p_c) (e_c - p)``); the tail of mass ``q`` is sampled: each of the
-    ``num_mc_samples`` draws ``c ~ p`` restricted to the tail gives ``sqrt(q / num_mc_samples)(e_c - p)``
-    (unbiased: ``E = sum_{c in tail} p_c (e_c - p)(e_c - p)^T``). ``m = 0``: plain ``y ~ p``.
-    """
+) -> tuple[Tensor, Tensor]:
+    r"""The classes ``c`` and weights ``w`` of :func:`_softmax_hessian_columns`' columns ``w (e_c - p)``:
+    ``(N, m + num_mc_samples)`` each, the ``m = exact_classes`` most probable classes first (weight
+    ``sqrt(p_c)``), then the draws from the tail (weight ``sqrt(q / num_mc_samples)``, ``q`` the tail's
+    mass)."""
     n, k = p.shape
     m = min(int(exact_classes), k)
     classes = torch.empty(n, m + num_mc_samples, dtype=torch.long, device=p.device)  # (N, C) the e_c
@@ -200,6 +212,22 @@ def _softmax_hessian_columns(
     mass = tail.sum(dim=1, keepdim=True)  # (N, 1); a row without tail gets zero-weight draws
     classes[:, m:] = _draw_classes(tail, num_mc_samples, generator)
     weights[:, m:] = (mass / num_mc_samples).sqrt()
+    return classes, weights
+
+
+def _softmax_hessian_columns(
+    p: Tensor, num_mc_samples: int, exact_classes: int, generator: torch.Generator | None
+) -> Tensor:
+    r"""Columns ``(N, K, m + num_mc_samples)``, all of sign ``+``, with
+    ``E[sum_k c_k c_k^T] = diag(p) - p p^T`` (float64 ``p``).
+
+    ``diag(p) - p p^T = sum_c p_c (e_c - p)(e_c - p)^T``. The ``m = exact_classes`` most probable
+    classes enter exactly (``sqrt(p_c) (e_c - p)``); the tail of mass ``q`` is sampled: each of the
+    ``num_mc_samples`` draws ``c ~ p`` restricted to the tail gives ``sqrt(q / num_mc_samples)(e_c - p)``
+    (unbiased: ``E = sum_{c in tail} p_c (e_c - p)(e_c - p)^T``). ``m = 0``: plain ``y ~ p``
+    (:func:`_softmax_draws`).
+    """
+    classes, weights = _softmax_draws(p, num_mc_samples, exact_classes, generator)
     # w (e_c - p), written once: -w p, then + w at class c (no one-hot tensors, no concatenation; an
     # LM vocabulary makes every column a dense (N, K) block)
     cols = torch.mul(p.unsqueeze(1), weights.unsqueeze(2).neg())  # (N, C, K)
@@ -554,7 +582,8 @@ def normalized_cross_entropy_columns(
 
     Returns:
         ``(columns (N, K, m [+ 2] + 2 num_mc_samples), signs)``: ``m`` exact ``+`` columns, the two exact
-        columns of ``B`` (``exact_low_rank``), then per draw a ``+`` and a ``-`` column; float64.
+        columns of ``B`` (``exact_low_rank``), then per draw a ``+`` and a ``-`` column; in the logits'
+        dtype with ``exact_low_rank`` (float32 below it), else float64.
         Degenerate rows (all logits equal) get zero columns.
 
     Cost: ``O(N K (m + num_mc_samples))``; no backward pass.
@@ -566,39 +595,23 @@ def normalized_cross_entropy_columns(
     u, s, ok = _normalization(logits)
     n, k = u.shape
     p = torch.softmax(u, dim=1)
+    inv = 1.0 / (s.squeeze(1) ** 2 * k)  # 1 / (s^2 K)
+    if exact_low_rank:
+        return _normalized_cross_entropy_draws(
+            u, s, ok, p, target, inv, num_mc_samples, exact_classes, generator, draws_only, logits.dtype
+        )
     r = p - target_probabilities(target, k, p.dtype)
+    ru = (r * u).sum(dim=1)
+    alpha = -ru * inv
+    scale = 1.0 / math.sqrt(num_mc_samples)
+    if draws_only:
+        raise ValueError("draws_only needs exact_low_rank: the sampled rank-2 part is in every draw.")
     ce = _normalization_jacobian_apply(
         u, s, _softmax_hessian_columns(p, num_mc_samples, exact_classes, generator)
     )
     m = ce.shape[2] - num_mc_samples
-    ru = (r * u).sum(dim=1)
-    inv = 1.0 / (s.squeeze(1) ** 2 * k)  # 1 / (s^2 K)
-    alpha = -ru * inv
-    scale = 1.0 / math.sqrt(num_mc_samples)
     xi = _rademacher((n, k, 2 * num_mc_samples), p, generator)
     pxi = xi - xi.mean(dim=1, keepdim=True)
-    if exact_low_rank:
-        pos = ce[:, :, m:] + alpha.clamp_min(0).sqrt().reshape(n, 1, 1) * pxi[:, :, :num_mc_samples] * scale
-        neg = (-alpha).clamp_min(0).sqrt().reshape(n, 1, 1) * pxi[:, :, num_mc_samples:] * scale
-        draws = torch.stack([pos, neg], dim=3).reshape(n, k, 2 * num_mc_samples)  # interleaved +, -
-        if draws_only:
-            draws.masked_fill_(~ok.reshape(n, 1, 1), 0.0)
-            return draws, torch.tensor([1.0, -1.0], dtype=p.dtype, device=p.device).repeat(num_mc_samples)
-        # B exactly: one + and one - column, no noise. Its eigenvalues are about sqrt(K) times the
-        # diagonal part's and of both signs, so sampling them adds most of the variance for many classes.
-        lam, vec = _rank_two_part(r, u, ru, inv, k)
-        low = torch.stack(
-            [
-                lam[:, 1].clamp_min(0).sqrt().reshape(n, 1) * vec[:, :, 1],
-                (-lam[:, 0]).clamp_min(0).sqrt().reshape(n, 1) * vec[:, :, 0],
-            ],
-            dim=2,
-        )
-        cols = torch.cat([ce[:, :, :m], low, draws], dim=2).masked_fill_(~ok.reshape(n, 1, 1), 0.0)
-        signs = torch.tensor([1.0] * m + [1.0, -1.0] + [1.0, -1.0] * num_mc_samples, dtype=p.dtype)
-        return cols, signs.to(p.device)
-    if draws_only:
-        raise ValueError("draws_only needs exact_low_rank: the sampled rank-2 part is in every draw.")
     lam, vec = _rank_two_part(r, u, ru, inv, k)
     eps = _rademacher((n, 1, 2 * num_mc_samples), p, generator)
     pos = (
@@ -617,6 +630,77 @@ def normalized_cross_entropy_columns(
         [torch.ones(m, dtype=p.dtype), torch.tensor([1.0, -1.0], dtype=p.dtype).repeat(num_mc_samples)]
     )
     return cols, signs.to(p.device)
+
+
+def _normalized_cross_entropy_draws(
+    u: Tensor,
+    s: Tensor,
+    ok: Tensor,
+    p: Tensor,
+    target: Tensor,
+    inv: Tensor,
+    num_mc_samples: int,
+    exact_classes: int,
+    generator: torch.Generator | None,
+    draws_only: bool,
+    dtype: torch.dtype,
+) -> Columns:
+    r""":func:`normalized_cross_entropy_columns` with ``B`` exact, written once into one ``(N, C, K)`` block.
+
+    Every column is a combination of three vectors per sample, ``p``, ``u`` and ``1``, plus a one-hot and
+    a random part: the softmax column ``w (e_c - p)`` is centred, so ``J_g`` maps it to
+    ``(w/s)(e_c - p - u (u_c - u.p)/K)``; the normalization's part is ``sqrt(alpha_pm) P xi / sqrt(D)``
+    with ``xi = 2 b - 1`` for fair bits ``b``, i.e. ``2 sqrt(alpha_pm) (b - mean(b)) / sqrt(D)``. So the
+    bits are written as they are, scaled per sample, the three vectors added by one batched product
+    (``baddbmm``) and the one-hots scattered: a few passes over the columns and one random bit per entry
+    (:func:`_random_bits`), instead of a float64 temporary per term. Same distribution as the terms
+    formed one by one."""
+    n, k = u.shape
+    m = min(int(exact_classes), k)
+    draws = num_mc_samples
+    up = (u * p).sum(dim=1, keepdim=True)  # u . p
+    if target.is_floating_point():  # class probabilities: r = p - target
+        ru = up.squeeze(1) - (u * target.to(u.dtype)).sum(dim=1)
+    else:  # r = p - e_y, without forming e_y
+        ru = up.squeeze(1) - u.gather(1, target.long().unsqueeze(1)).squeeze(1)
+    alpha = -ru * inv
+    classes, weights = _softmax_draws(p, draws, m, generator)  # (N, m + D): e_c and their sqrt weights
+    lead = 0 if draws_only else m + 2  # exact CE columns, then B's + and - columns
+    if draws_only:
+        classes, weights = classes[:, m:], weights[:, m:]
+    out_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    cols = torch.empty(n, lead + 2 * draws, k, dtype=out_dtype, device=p.device)
+    body = cols[:, lead:].view(n, draws, 2, k)
+    # one xi per draw, in both slots: alpha has one sign per sample, so one of the two roots below is 0
+    body.copy_(_random_bits(n * draws * k, generator, p.device).view(torch.uint8).view(n, draws, 1, k))
+    bit_mean = body[:, :, :1].sum(dim=3).to(p.dtype).div_(k)  # (N, D, 1)
+    root = torch.stack([alpha.clamp_min(0).sqrt(), (-alpha).clamp_min(0).sqrt()], dim=1)  # (N, 2): +, -
+    root = root * (2.0 / math.sqrt(draws))
+    body.mul_(root.reshape(n, 1, 2, 1).to(out_dtype))
+    # the dense terms: per column coefficients of (p, u, 1)
+    exact = 0 if draws_only else m
+    ce_cols = torch.arange(classes.shape[1], device=p.device)
+    ce_slot = torch.where(ce_cols < exact, ce_cols, lead + 2 * (ce_cols - exact))  # exact ones, then each +
+    w = weights / s  # (N, C_ce)
+    g = (u.gather(1, classes) - up) / k
+    coef = p.new_zeros(n, cols.shape[1], 3)  # float64 until written into the columns
+    coef[:, ce_slot, 0] = -w
+    coef[:, ce_slot, 1] = -w * g
+    coef[:, lead:, 2] = -(root.unsqueeze(1) * bit_mean).reshape(n, 2 * draws)
+    basis = torch.stack([p, u, torch.ones_like(p)], dim=1).to(out_dtype)  # (N, 3, K)
+    coef = coef.to(out_dtype)
+    if not draws_only:
+        cols[:, :m].zero_()
+        lam, vec = _rank_two_part(p - target_probabilities(target, k, p.dtype), u, ru, inv, k)
+        cols[:, m] = lam[:, 1].clamp_min(0).sqrt().reshape(n, 1) * vec[:, :, 1]
+        cols[:, m + 1] = (-lam[:, 0]).clamp_min(0).sqrt().reshape(n, 1) * vec[:, :, 0]
+        cols[:, :m].baddbmm_(coef[:, :m], basis)
+    cols[:, lead:].baddbmm_(coef[:, lead:], basis)
+    cols.view(n, -1).scatter_add_(1, ce_slot.unsqueeze(0) * k + classes, w.to(out_dtype))
+    if not bool(ok.all()):
+        cols.masked_fill_(~ok.reshape(n, 1, 1), 0.0)
+    signs = [1.0, -1.0] * draws if draws_only else [1.0] * m + [1.0, -1.0] + [1.0, -1.0] * draws
+    return cols.transpose(1, 2), torch.tensor(signs, dtype=out_dtype, device=p.device)
 
 
 def _rank_two_part(r: Tensor, u: Tensor, ru: Tensor, inv: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -742,12 +826,16 @@ def token_loss_columns(
         )
         step = max(1, TOKEN_CHUNK_ELEMENTS // (v * cols.shape[2]))  # the next chunks: by the base columns
         if num_sketches is None:
-            cols = cols.mul_(_rademacher((hi - lo, 1, cols.shape[2]), cols, generator))
+            cols = cols.mul_(_rademacher((hi - lo, 1, cols.shape[2]), cols, generator).mul_(scale))
         else:
             cols, signs = sketch_columns(cols, signs, num_sketches, generator)
+            cols = cols.mul_(scale)
         if out is None:  # column-major: each column one block of the logits' layout (no copy downstream)
-            out = logits.new_zeros(cols.shape[2], n * positions, v)
-        out[:, flat_index[lo:hi]] = cols.mul_(scale).permute(2, 0, 1).to(out.dtype)
+            out = logits.new_empty(cols.shape[2], n * positions, v)
+            unscored = torch.ones(n * positions, dtype=torch.bool, device=logits.device)
+            unscored[flat_index] = False  # positions without a token to score (ignored, shifted out)
+            out.index_fill_(1, unscored.nonzero().squeeze(1), 0.0)
+        out.index_copy_(1, flat_index[lo:hi], cols.permute(2, 0, 1).to(out.dtype))
         lo = hi
     assert out is not None
     c = out.shape[0]
@@ -862,7 +950,7 @@ def sample_loss_hessian_columns(
             (a later group of draws, with the same expectation of the draws).
 
     Returns:
-        ``(columns (N, D, C), signs (C,))``, float64 (a :class:`TokenLoss`: the logits' dtype),
+        ``(columns (N, D, C), signs (C,))``, float64 (eq. 20 and a :class:`TokenLoss`: the logits' dtype),
         ``D = logits[0].numel()``.
 
     Raises:

@@ -136,6 +136,7 @@ from lightning_flatness.functional.estimators.recorder import (
     _autograd_inputs,
     _fast_path_blockers,
     _ForwardRecorder,
+    _interaction_probe,
     _probe_values,
     _record_forward,
     _RecordedForward,
@@ -176,6 +177,9 @@ class ExactMethodNotApplicable(ValueError):
 
 
 _BATCHED_BACKWARD_ELEMENTS = 2**24  # bound on gradient elements of one batched backward (per-sample path)
+#: From this many column entries on (``N x D x K``: language-model vocabularies), the batch-independence
+#: probe takes a backward pass of its own instead of riding as one more column, which would copy them all.
+SEPARATE_PROBE_ELEMENTS = 2**24
 _HUTCHINSON_HINT = (
     'use method="ggn_hutchinson" (the exact Gauss-Newton diagonal plus Hutchinson probes of '
     'the remainder: unbiased, low variance) or method="hutchinson" (any twice-differentiable '
@@ -218,6 +222,13 @@ def _diagonal_by_layers(
     outputs = [c.output for c in calls]
     # the batch-independence probe as column k, unless every operation kept the samples apart
     probe = 1 if n >= 2 and calls and not recorder.samples_apart else 0
+    if probe and factors.numel() >= SEPARATE_PROBE_ELEMENTS:  # its own pass: no copy of the columns
+        probe_grads = _column_gradients(recorder, logits, outputs, _interaction_probe(logits).unsqueeze(0))
+        mixing = _mixing_layers(calls, probe_grads, 0, n)
+        del probe_grads
+        if mixing:
+            return None, mixing
+        probe = 0
     if probe:
         columns = logits.new_zeros(k + probe, n, factors.shape[1])
         columns[:k] = factors.permute(2, 0, 1)
@@ -245,14 +256,8 @@ def _diagonal_by_layers(
             }, []
     grads = _column_gradients(recorder, logits, outputs, columns)
     if columns.shape[0] > k:
-        # one flag per layer, one sync
-        reached = [rows_of_other_samples(g[k], n).any() for g in grads if g is not None]
-        if reached and bool(torch.stack(reached).any()):
-            mixing = [
-                f"{c.op} in {c.module}"
-                for c, g in zip(calls, grads)
-                if g is not None and bool(rows_of_other_samples(g[k], n).any())
-            ]
+        mixing = _mixing_layers(calls, grads, k, n)
+        if mixing:
             return None, mixing
     consume = SharedCalls(calls, contract_one, contract_group, derived)
     for i, g in enumerate(grads):
@@ -260,6 +265,21 @@ def _diagonal_by_layers(
             consume(i, g[:k])
     consume.finish()
     return {name: diag[name] if name in diag else torch.zeros_like(t) for name, t in leaves.items()}, []
+
+
+def _mixing_layers(
+    calls: Sequence[LayerCall], grads: Sequence[Optional[Tensor]], column: int, n: int
+) -> list[str]:
+    """The layers whose gradients of the probe (column ``column`` of ``grads``, on sample 0's logits)
+    reach samples ``1..n-1``: the samples interact there (one flag per layer, one sync)."""
+    reached = [rows_of_other_samples(g[column], n).any() for g in grads if g is not None]
+    if not reached or not bool(torch.stack(reached).any()):
+        return []
+    return [
+        f"{c.op} in {c.module}"
+        for c, g in zip(calls, grads)
+        if g is not None and bool(rows_of_other_samples(g[column], n).any())
+    ]
 
 
 def _column_gradients(
