@@ -13,8 +13,14 @@ from torch import nn
 
 import lightning_flatness.functional.estimators.layer_rules.conv as conv
 import lightning_flatness.functional.estimators.exact as exact
+import lightning_flatness.functional.estimators.layer_rules.base as layer_rules_base
+import lightning_flatness.functional.estimators.layer_rules.contraction as contraction
 from lightning_flatness.functional.estimators.exact import _cross_entropy_factors, exact_hessian_diagonal
-from lightning_flatness.functional.estimators.layer_rules import LayerCall, accumulate_layer
+from lightning_flatness.functional.estimators.layer_rules import (
+    LayerCall,
+    accumulate_layer,
+    accumulate_shared,
+)
 from lightning_flatness.functional.estimators.layer_rules.column_backward import ColumnTape
 from lightning_flatness.functional.estimators.loss_factors import (
     _loss_factors,
@@ -214,6 +220,50 @@ def test_unit_sign_shortcut_equals_the_weighted_sum():
         for name in leaves:
             torch.testing.assert_close(fast[name], expected[name], rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(slow[name], expected[name], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("op", ["linear", "addmm"])
+@pytest.mark.parametrize("samplewise", [False, True], ids=["one_product", "sample_by_sample"])
+def test_per_sample_gradients_of_a_linear_map_on_positions_equal_their_definition(
+    op, samplewise, monkeypatch
+):
+    """Linear (and addmm, the weight stored transposed) on several positions per sample: the signed sum of
+    squared per-sample gradients, alone (accumulate_layer) and with a second use of the weight summed in
+    before squaring (accumulate_shared: a tied weight), equals ``sum_{n,k} s_nk (sum_p g_nkp a_np^T)^2``,
+    whether the per-sample gradients come from one product over the samples or sample by sample from the
+    output gradients as they lie (``SAMPLEWISE_MIN_ENTRIES``)."""
+    monkeypatch.setattr(layer_rules_base, "SAMPLEWISE_MIN_ENTRIES", 0 if samplewise else 10**9)
+    taken = []
+    real = layer_rules_base.samplewise_gradients
+    monkeypatch.setattr(layer_rules_base, "samplewise_gradients", lambda *a: taken.append(1) or real(*a))
+    monkeypatch.setattr(contraction, "samplewise_gradients", layer_rules_base.samplewise_gradients)
+    g = torch.Generator().manual_seed(0)
+    n, k, p, i, o = 5, 3, 4, 6, 7
+    inputs = [torch.randn(n, p, i, generator=g, dtype=torch.float64) for _ in range(2)]
+    grads = [torch.randn(k, n, p, o, generator=g, dtype=torch.float64) for _ in range(2)]
+    signs = torch.randn(n, k, generator=g, dtype=torch.float64).sign()
+    shape = (o, i) if op == "linear" else (i, o)
+    leaves = {"w": torch.zeros(*shape, dtype=torch.float64)}
+
+    def call(x):
+        rows = x if op == "linear" else x.reshape(n * p, i)  # addmm: (N T, I) rows, regrouped per sample
+        return LayerCall(op, "m", rows, torch.zeros(rows.shape[0], o), "w", None)
+
+    def expected(terms):
+        per_sample = sum(torch.einsum("knpo,npi->knoi", gr, x) for x, gr in terms)
+        value = torch.einsum("nk,knoi->oi", signs, per_sample**2)
+        return value if op == "linear" else value.T
+
+    def flat(gr):
+        return gr if op == "linear" else gr.reshape(k, n * p, o)
+
+    alone: dict = {}
+    accumulate_layer(call(inputs[0]), flat(grads[0]), signs, alone, leaves, unit_signs=False)
+    torch.testing.assert_close(alone["w"], expected([(inputs[0], grads[0])]), rtol=1e-12, atol=1e-12)
+    tied: dict = {}
+    accumulate_shared([call(x) for x in inputs], [flat(gr) for gr in grads], signs, tied, leaves, n)
+    torch.testing.assert_close(tied["w"], expected(list(zip(inputs, grads))), rtol=1e-12, atol=1e-12)
+    assert bool(taken) == samplewise
 
 
 # ----------------------------------------------------------------------------- the forward's swap

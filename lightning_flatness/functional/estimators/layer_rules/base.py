@@ -107,6 +107,13 @@ class LayerRule:
         """Input as ``(N, G, I, P)`` and output gradients of ``K`` columns as ``(N, G, K * O, P)``."""
         raise NotImplementedError
 
+    def positionwise_factors(self, call: LayerCall, grad: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+        """For a rule whose per-sample gradient of column ``k`` is ``g[k, n]^T a[n]`` (one group, no
+        kernel: Linear), the input ``a`` ``(N, P, I)`` and the output gradients ``g`` ``(K, N, P, O)`` as
+        they lie (:func:`samplewise_gradients` reads them without the copy into :meth:`factors`' layout);
+        ``None`` (the default): only :meth:`factors`."""
+        return None
+
     def accumulate(
         self, call: LayerCall, grad: Tensor, signs: Tensor, diag: dict[str, Tensor], leaves: dict[str, Tensor]
     ) -> bool:
@@ -122,9 +129,22 @@ class LayerRule:
     def sample_gradients(self, call: LayerCall, grad: Tensor, shape: tuple[int, ...]) -> SampleGradients:
         """The per-sample weight and bias gradients of output gradients ``grad`` ``(K, N, *out)``, for a
         weight of ``shape``: from :meth:`factors` (``g a^T`` per sample, ``O(K P O I)`` flops and ``K O I``
-        entries per sample) and :meth:`bias_gradients`. A rule with its own contraction (:meth:`accumulate`)
-        overrides it."""
+        entries per sample), or sample by sample from :meth:`positionwise_factors` where
+        :func:`uses_samplewise_gradients` says so; and :meth:`bias_gradients`. A rule with its own
+        contraction (:meth:`accumulate`) overrides it."""
         k = grad.shape[0]
+
+        def bias(samples: slice) -> Tensor:
+            return self.bias_gradients(grad[:, samples]).transpose(0, 1)
+
+        direct = self.positionwise_factors(call, grad) if call.weight is not None else None
+        if direct is not None and uses_samplewise_gradients(direct[1]):
+            a, g = direct
+
+            def samplewise(samples: slice) -> Tensor:
+                return self.as_weight(samplewise_gradients(a, g, samples).unsqueeze(2), shape)
+
+            return SampleGradients(samplewise, bias)
         factors = self.factors(call, grad, tuple(shape[2:])) if call.weight is not None else None
 
         def weight(samples: slice) -> Tensor:
@@ -133,9 +153,6 @@ class LayerRule:
             gw = torch.matmul(g, a.transpose(-1, -2))  # (m, G, K * O, I)
             m, groups = gw.shape[:2]
             return self.as_weight(gw.reshape(m, groups, k, -1, gw.shape[-1]).transpose(1, 2), shape)
-
-        def bias(samples: slice) -> Tensor:
-            return self.bias_gradients(grad[:, samples]).transpose(0, 1)
 
         return SampleGradients(weight, bias)
 
@@ -157,6 +174,35 @@ class LayerRule:
         ``index`` of the weight laid out as ``(G, O / G, I / prod(kernel), *kernel)``, added in place
         (e.g. the taps of a convolution that read more than padding), or ``None`` (the default)."""
         return None
+
+
+#: From this many output-gradient entries per sample (``K x P x O``) on, a rule with
+#: :meth:`LayerRule.positionwise_factors` forms per-sample gradients one sample at a time from the output
+#: gradients as they lie (:func:`samplewise_gradients`); below, the copy into :meth:`LayerRule.factors`'
+#: layout is small and one batched product over the samples costs less than a call per sample.
+SAMPLEWISE_MIN_ENTRIES = 2**16
+
+
+def uses_samplewise_gradients(g: Tensor) -> bool:
+    """Whether output gradients ``g`` ``(K, N, P, O)`` (:meth:`LayerRule.positionwise_factors`) are taken
+    sample by sample: several positions (one needs no transposing copy) and at least
+    :data:`SAMPLEWISE_MIN_ENTRIES` entries per sample."""
+    return g.shape[2] > 1 and g.shape[0] * g.shape[2] * g.shape[3] >= SAMPLEWISE_MIN_ENTRIES
+
+
+def samplewise_gradients(a: Tensor, g: Tensor, samples: slice) -> Tensor:
+    """Per-sample weight gradients ``(m, K, O, I)`` of the ``samples`` from ``a`` ``(N, P, I)`` and ``g``
+    ``(K, N, P, O)``: for each sample one batched product over the ``K`` columns, ``g[:, n]^T a[n]``, which
+    reads each column's ``(P, O)`` block as it lies (a transposed operand for BLAS) and writes straight into
+    the result. The transposing copy of ``g`` into ``(N, K * O, P)`` that a single product over all samples
+    needs costs more than the products on a language-model head (``O`` a vocabulary). ``O(K P O I)`` flops
+    per sample."""
+    k, _, p, o = g.shape
+    rows = range(a.shape[0])[samples]
+    out = g.new_empty(len(rows), k, o, a.shape[2])
+    for j, n in enumerate(rows):
+        torch.bmm(g[:, n].transpose(1, 2), a[n].expand(k, p, a.shape[2]), out=out[j])
+    return out
 
 
 #: ``{op name: rule}``: the ops whose weights the per-layer contractions handle.

@@ -23,7 +23,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lightning_flatness.functional.estimators.layer_rules.base import LAYER_RULES, LayerCall, LayerRule
+from lightning_flatness.functional.estimators.layer_rules.base import (
+    LAYER_RULES,
+    LayerCall,
+    LayerRule,
+    samplewise_gradients,
+    uses_samplewise_gradients,
+)
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -123,6 +129,10 @@ def factor_contraction(
     ``CHUNK_ELEMENTS`` entries (``O(N K P O I)`` flops in batched matrix products, then squared and
     summed with the signs). ``grad`` ``(K, N, *out)``, ``signs`` ``(N, K)``."""
     k = grad.shape[0]
+    direct = rule.positionwise_factors(call, grad)  # (N, P, I), (K, N, P, O)
+    if direct is not None and uses_samplewise_gradients(direct[1]):
+        if not use_position_pairs(direct[0].shape[1], direct[0].shape[2], k):
+            return _samplewise_contraction(*direct, signs)
     a, g = rule.factors(call, grad, kernel)  # (N, G, I, P), (N, G, K * O, P)
     if use_position_pairs(a.shape[3], a.shape[2], k):
         return position_pair_contraction(a, g, signs, k)
@@ -137,6 +147,19 @@ def factor_contraction(
             acc.view(1, -1).addmm_(signs[sl].reshape(1, -1), gw.reshape(m * k, -1))
         else:
             acc += gw.mul_(signs[sl].reshape(m, 1, k, 1)).sum(dim=(0, 2)).reshape(acc.shape)
+    return acc
+
+
+def _samplewise_contraction(a: Tensor, g: Tensor, signs: Tensor) -> Tensor:
+    """:func:`factor_contraction`'s per-sample gradients taken sample by sample from the output gradients
+    as they lie (:func:`~.base.samplewise_gradients`), ``(1, O, I)``."""
+    k, n, _, o = g.shape
+    chunk = max(1, CHUNK_ELEMENTS // (k * o * a.shape[2]))
+    acc = torch.zeros(1, o, a.shape[2], dtype=g.dtype, device=g.device)
+    for start in range(0, n, chunk):
+        sl = slice(start, start + chunk)
+        gw = samplewise_gradients(a, g, sl).square_()  # (m, K, O, I)
+        acc.view(1, -1).addmm_(signs[sl].reshape(1, -1), gw.reshape(gw.shape[0] * k, -1))
     return acc
 
 

@@ -41,6 +41,10 @@ class LinearRule(LayerRule):
         g = grad.reshape(k, n, 1, -1, grad.shape[-1]).permute(1, 2, 0, 4, 3)  # (N, 1, K, O, P)
         return a, g.reshape(n, 1, -1, g.shape[-1])
 
+    def positionwise_factors(self, call: LayerCall, grad: Tensor) -> tuple[Tensor, Tensor]:
+        k, n = grad.shape[:2]
+        return call.inputs.reshape(n, -1, call.inputs.shape[-1]), grad.reshape(k, n, -1, grad.shape[-1])
+
     def single_position(self, call: LayerCall) -> bool:
         return call.inputs.ndim == 2
 
