@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_flatness.functional import loss_hessian_factors
-from lightning_flatness.functional.estimators import gauss_newton_mc
+from lightning_flatness.functional.estimators import exact, gauss_newton_mc
 from lightning_flatness.functional.estimators.gauss_newton_mc import draw_groups, gauss_newton_mc_diagonal
 from lightning_flatness.functional.loss_hessian_factors import sample_loss_hessian_columns, token_loss_columns
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
@@ -180,3 +180,40 @@ def test_monte_carlo_gauss_newton_in_groups_is_unbiased_for_a_token_model(monkey
         stack = torch.stack([r[name] for r in runs])
         se = stack.std(dim=0) / repeats**0.5
         assert float(((stack.mean(dim=0) - reference[name]).abs() / se).max()) < 5.0, name
+
+
+class _FlippedTokenModel(nn.Module):
+    """Per-sample, but not provably so (a flip along the features): the batch-independence probe runs."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(vocab, 4), nn.Linear(4, vocab)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.embed(x)).flip(2))
+
+
+def test_groups_of_draws_share_one_batch_independence_probe(monkeypatch):
+    """The probe runs once per recorded forward, in a pass of its own for large columns, not once per group
+    of draws."""
+    vocab, n, t = 40, 3, 4
+    torch.manual_seed(0)
+    model = _FlippedTokenModel(vocab).double()
+    x = torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(1))
+    loss_fn = TokenLoss(normalized_softmax_cross_entropy, shift=True)
+    params = dict(model.named_parameters())  # the flip acts on the embedding's output: probed
+    monkeypatch.setattr(gauss_newton_mc, "COLUMN_ELEMENTS", n * t * vocab * 2)  # one draw per group
+    monkeypatch.setattr(exact, "SEPARATE_PROBE_ELEMENTS", 0)
+    widths = []
+    real = exact._column_gradients
+    monkeypatch.setattr(
+        exact,
+        "_column_gradients",
+        lambda r, lg, o, columns: widths.append(columns.shape[0]) or real(r, lg, o, columns),
+    )
+    diag = gauss_newton_mc_diagonal(
+        model, loss_fn, x, x.clone(), params, generator=torch.Generator().manual_seed(2)
+    )
+    assert widths.count(1) == 1 and widths[0] == 1  # the probe alone, first, once
+    assert len(widths) == 1 + 8  # then eq. 20's 8 default draws, one group each
+    assert all(bool(torch.isfinite(d).all()) for d in diag.values())

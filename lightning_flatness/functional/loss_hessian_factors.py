@@ -138,9 +138,9 @@ def _draw_classes(weights: Tensor, draws: int, generator: torch.Generator | None
         if not bool((mass > 0).all()):  # multinomial needs a positive row
             weights = torch.where(mass > 0, weights, torch.ones_like(weights))
         return torch.multinomial(weights, draws, replacement=True, generator=generator)
-    cumulative = weights.cumsum(dim=1)
-    points = torch.rand(
-        weights.shape[0], draws, generator=generator, device=weights.device, dtype=weights.dtype
+    cumulative = weights.cumsum(dim=1, dtype=torch.float64)  # float64 whatever the weights' dtype:
+    points = torch.rand(  # a float32 sum over a vocabulary drifts by about a class's width
+        weights.shape[0], draws, generator=generator, device=weights.device, dtype=torch.float64
     ).mul_(cumulative[:, -1:])
     return torch.searchsorted(cumulative, points, right=True).clamp_max_(weights.shape[1] - 1)
 
@@ -272,15 +272,17 @@ def cross_entropy_columns(
     return cols, torch.ones(cols.shape[2], dtype=torch.float64, device=logits.device)
 
 
-def _normalization(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _normalization(logits: Tensor, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor, Tensor]:
     """``u`` (normalized logits), ``s`` (population std, ``(N, 1)``) and the non-degenerate rows ``(N,)``
-    in float64, as :func:`normalize_logits` computes them."""
-    z = logits.detach().to(torch.float64)
+    in ``dtype`` (float64 by default), as :func:`normalize_logits` computes them."""
+    z = logits.detach().to(dtype)
     c = z - z.mean(dim=1, keepdim=True)
     s = c.pow(2).mean(dim=1, keepdim=True).sqrt()
-    scale = logits.detach().abs().amax(dim=1, keepdim=True).to(torch.float64)
+    scale = logits.detach().abs().amax(dim=1, keepdim=True).to(dtype)
     eps = torch.finfo(logits.dtype)
     ok = (s > 16 * eps.eps * scale + eps.tiny).squeeze(1)
+    if bool(ok.all()):
+        return c.div_(s), s, ok
     s = torch.where(ok.unsqueeze(1), s, torch.ones_like(s))
     u = torch.where(ok.unsqueeze(1), c / s, torch.zeros_like(c))
     return u, s, ok
@@ -592,13 +594,15 @@ def normalized_cross_entropy_columns(
     _check_class_targets(logits, target, "normalized_cross_entropy_columns")
     if exact_low_rank is None:
         exact_low_rank = EXACT_LOW_RANK
-    u, s, ok = _normalization(logits)
+    # the columns, and what they are made of, in the logits' dtype (float32 below it); else float64
+    dtype = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
+    u, s, ok = _normalization(logits, dtype if exact_low_rank else torch.float64)
     n, k = u.shape
     p = torch.softmax(u, dim=1)
     inv = 1.0 / (s.squeeze(1) ** 2 * k)  # 1 / (s^2 K)
     if exact_low_rank:
         return _normalized_cross_entropy_draws(
-            u, s, ok, p, target, inv, num_mc_samples, exact_classes, generator, draws_only, logits.dtype
+            u, s, ok, p, target, inv, num_mc_samples, exact_classes, generator, draws_only
         )
     r = p - target_probabilities(target, k, p.dtype)
     ru = (r * u).sum(dim=1)
@@ -643,7 +647,6 @@ def _normalized_cross_entropy_draws(
     exact_classes: int,
     generator: torch.Generator | None,
     draws_only: bool,
-    dtype: torch.dtype,
 ) -> Columns:
     r""":func:`normalized_cross_entropy_columns` with ``B`` exact, written once into one ``(N, C, K)`` block.
 
@@ -668,27 +671,27 @@ def _normalized_cross_entropy_draws(
     lead = 0 if draws_only else m + 2  # exact CE columns, then B's + and - columns
     if draws_only:
         classes, weights = classes[:, m:], weights[:, m:]
-    out_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    cols = torch.empty(n, lead + 2 * draws, k, dtype=out_dtype, device=p.device)
+    cols = torch.empty(n, lead + 2 * draws, k, dtype=p.dtype, device=p.device)
     body = cols[:, lead:].view(n, draws, 2, k)
     # one xi per draw, in both slots: alpha has one sign per sample, so one of the two roots below is 0
     body.copy_(_random_bits(n * draws * k, generator, p.device).view(torch.uint8).view(n, draws, 1, k))
-    bit_mean = body[:, :, :1].sum(dim=3).to(p.dtype).div_(k)  # (N, D, 1)
+    bit_mean = body[:, :, :1].sum(dim=3).div_(k)  # (N, D, 1)
     root = torch.stack([alpha.clamp_min(0).sqrt(), (-alpha).clamp_min(0).sqrt()], dim=1)  # (N, 2): +, -
     root = root * (2.0 / math.sqrt(draws))
-    body.mul_(root.reshape(n, 1, 2, 1).to(out_dtype))
+    body.mul_(root.reshape(n, 1, 2, 1))
     # the dense terms: per column coefficients of (p, u, 1)
     exact = 0 if draws_only else m
     ce_cols = torch.arange(classes.shape[1], device=p.device)
     ce_slot = torch.where(ce_cols < exact, ce_cols, lead + 2 * (ce_cols - exact))  # exact ones, then each +
     w = weights / s  # (N, C_ce)
     g = (u.gather(1, classes) - up) / k
-    coef = p.new_zeros(n, cols.shape[1], 3)  # float64 until written into the columns
+    coef = p.new_zeros(n, cols.shape[1], 3)
     coef[:, ce_slot, 0] = -w
     coef[:, ce_slot, 1] = -w * g
     coef[:, lead:, 2] = -(root.unsqueeze(1) * bit_mean).reshape(n, 2 * draws)
-    basis = torch.stack([p, u, torch.ones_like(p)], dim=1).to(out_dtype)  # (N, 3, K)
-    coef = coef.to(out_dtype)
+    basis = p.new_empty(n, 3, k)  # (p, u, 1)
+    basis[:, 0], basis[:, 1] = p, u
+    basis[:, 2] = 1.0
     if not draws_only:
         cols[:, :m].zero_()
         lam, vec = _rank_two_part(p - target_probabilities(target, k, p.dtype), u, ru, inv, k)
@@ -696,11 +699,11 @@ def _normalized_cross_entropy_draws(
         cols[:, m + 1] = (-lam[:, 0]).clamp_min(0).sqrt().reshape(n, 1) * vec[:, :, 0]
         cols[:, :m].baddbmm_(coef[:, :m], basis)
     cols[:, lead:].baddbmm_(coef[:, lead:], basis)
-    cols.view(n, -1).scatter_add_(1, ce_slot.unsqueeze(0) * k + classes, w.to(out_dtype))
+    cols.view(n, -1).scatter_add_(1, ce_slot.unsqueeze(0) * k + classes, w)
     if not bool(ok.all()):
         cols.masked_fill_(~ok.reshape(n, 1, 1), 0.0)
     signs = [1.0, -1.0] * draws if draws_only else [1.0] * m + [1.0, -1.0] + [1.0, -1.0] * draws
-    return cols.transpose(1, 2), torch.tensor(signs, dtype=out_dtype, device=p.device)
+    return cols.transpose(1, 2), torch.tensor(signs, dtype=p.dtype, device=p.device)
 
 
 def _rank_two_part(r: Tensor, u: Tensor, ru: Tensor, inv: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -213,7 +213,9 @@ def _diagonal_by_layers(
     per-layer contractions; without a probe column and with the folded-batch backward of
     :mod:`.layer_rules.column_backward`, each layer is contracted as soon as the pass reaches it.
 
-    The batch-independence probe (:func:`_probe_values`) is one more column of the same pass:
+    The batch-independence probe (:func:`_probe_values`) is one more column of the same pass (a pass of
+    its own first, from :data:`SEPARATE_PROBE_ELEMENTS` column entries on), once per recorded forward
+    (``recorder.probe_passed``; groups of columns through the same forward share it):
     returns ``(None, layers)`` with the layers whose outputs of samples ``1..N-1`` receive gradient
     from sample 0's logits (the contractions do not apply), else ``(diag, [])``.
     """
@@ -221,13 +223,14 @@ def _diagonal_by_layers(
     n, k = logits.shape[0], factors.shape[2]
     outputs = [c.output for c in calls]
     # the batch-independence probe as column k, unless every operation kept the samples apart
-    probe = 1 if n >= 2 and calls and not recorder.samples_apart else 0
+    probe = 1 if n >= 2 and calls and not (recorder.samples_apart or recorder.probe_passed) else 0
     if probe and factors.numel() >= SEPARATE_PROBE_ELEMENTS:  # its own pass: no copy of the columns
         probe_grads = _column_gradients(recorder, logits, outputs, _interaction_probe(logits).unsqueeze(0))
         mixing = _mixing_layers(calls, probe_grads, 0, n)
         del probe_grads
         if mixing:
             return None, mixing
+        recorder.probe_passed = True
         probe = 0
     if probe:
         columns = logits.new_zeros(k + probe, n, factors.shape[1])
@@ -259,6 +262,7 @@ def _diagonal_by_layers(
         mixing = _mixing_layers(calls, grads, k, n)
         if mixing:
             return None, mixing
+        recorder.probe_passed = True
     consume = SharedCalls(calls, contract_one, contract_group, derived)
     for i, g in enumerate(grads):
         if g is not None:

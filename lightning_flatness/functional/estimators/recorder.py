@@ -105,6 +105,9 @@ class _ForwardRecorder(TorchFunctionMode):
         # not needed
         self.batch_size = batch_size
         self.samples_apart = batch_size >= 1
+        # whether the batch-independence probe has run on this recorded forward and found the samples apart
+        # (later groups of columns through the same forward skip it)
+        self.probe_passed = False
         # give the model a clone of each recorded layer output (else the output itself; then an
         # in-place change of it, seen by its version counter, calls for a forward with clones)
         self.clone_outputs = clone_outputs
