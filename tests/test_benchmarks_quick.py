@@ -331,3 +331,12 @@ def test_replicate_curvature_quick_gives_the_same_values_on_both_paths(tmp_path)
     assert [r["slot_sums"] for r in out["rows"]] == ["non-negative", "signed (30% negative)"]
     assert all(r["same_values"] and r["allowed_ms"] > 0 for r in out["rows"])
     assert (tmp_path / "rc.md").read_text().count("\n| ") == 3
+
+
+def test_linear_sample_gradients_quick_gives_equal_gradients_both_ways(tmp_path):
+    from benchmarks import bench_linear_sample_gradients
+
+    out = bench_linear_sample_gradients.main(["--quick", "--json", str(tmp_path / "linear.json")])
+    assert len(out["rows"]) == 1
+    row = out["rows"][0]
+    assert row["max_abs_difference"] < 1e-4 and row["one_product_ms"] > 0 and row["sample_by_sample_ms"] > 0

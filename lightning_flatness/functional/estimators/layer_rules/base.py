@@ -6,7 +6,9 @@ weight or bias is a selected parameter (:class:`LayerCall`), then contract the o
 (:mod:`.contraction`). A rule says, for one op, how to read its arguments and how to lay its
 input and output gradient out as ``(N, G, I, P)`` and ``(N, G, K * O, P)`` (samples, groups,
 inputs/outputs per group, positions), so that the per-sample weight gradient of column ``k`` is
-``sum_p g_p a_p^T``. Adding a layer kind is one module with one :class:`LayerRule` and one
+``sum_p g_p a_p^T`` (a rule for which that is ``g[k, n]^T a[n]``, Linear, may also give its factors as they
+lie: :meth:`LayerRule.positionwise_factors`, :func:`samplewise_gradients`). Adding a layer kind is one
+module with one :class:`LayerRule` and one
 :func:`register_layer_rule` call (BackPACK's module-extension dicts are the model).
 """
 
@@ -18,7 +20,17 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["LAYER_RULES", "LayerCall", "LayerRule", "SampleGradients", "argument", "register_layer_rule"]
+__all__ = [
+    "LAYER_RULES",
+    "SAMPLEWISE_MIN_ENTRIES",
+    "LayerCall",
+    "LayerRule",
+    "SampleGradients",
+    "argument",
+    "register_layer_rule",
+    "samplewise_gradients",
+    "uses_samplewise_gradients",
+]
 
 
 def argument(args: tuple, kwargs: dict, position: int, names: tuple[str, ...], default: Any = None) -> Any:
