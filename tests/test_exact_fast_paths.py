@@ -11,10 +11,10 @@ from oracles import assert_relative_close
 from oracles import brute_force_hessian_diagonal as brute_hessian_diagonal
 from torch import nn
 
-import lightning_flatness.functional.estimators.layer_rules.conv as conv
 import lightning_flatness.functional.estimators.exact as exact
 import lightning_flatness.functional.estimators.layer_rules.base as layer_rules_base
 import lightning_flatness.functional.estimators.layer_rules.contraction as contraction
+import lightning_flatness.functional.estimators.layer_rules.conv as conv
 from lightning_flatness.functional.estimators.exact import _cross_entropy_factors, exact_hessian_diagonal
 from lightning_flatness.functional.estimators.layer_rules import (
     LayerCall,

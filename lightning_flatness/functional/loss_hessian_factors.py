@@ -805,11 +805,24 @@ def token_loss_columns(
     Cost: the base's, on the ``M`` valid rows.
     """
     n = logits.shape[0]
-    rows, labels, _ = loss_fn.rows(logits.detach(), target)
-    if rows.shape[0] == 0:
+    flat_index, labels = _token_positions(loss_fn, logits, target)  # (M,) index into the (N * T) rows
+    if flat_index.numel() == 0:
         raise ValueError("TokenLoss: every target is ignore_index; the batch has no token to score.")
-    flat_index = _token_positions(loss_fn, logits, target)  # (M,) index into the (N * T) rows
-    m, v = rows.shape
+    if loss_fn.class_dim == 1:  # dense outputs: the rows are the (scored) logits with the classes last
+        rows = loss_fn.rows(logits.detach(), target)[0]
+        v = rows.shape[1]
+
+        def rows_of(lo: int, hi: int) -> Tensor:
+            return rows[lo:hi]
+
+    else:  # (N, V) or (N, T, V): the valid rows of the logits as they lie, a chunk at a time (no copy of all)
+        source = logits.detach().reshape(-1, logits.shape[-1])
+        v = source.shape[1]
+
+        def rows_of(lo: int, hi: int) -> Tensor:
+            return source.index_select(0, flat_index[lo:hi])
+
+    m = flat_index.numel()
     positions = loss_fn.num_positions(logits)
     scale = math.sqrt(n / m)
     if num_sketches is not None:
@@ -820,7 +833,7 @@ def token_loss_columns(
         hi = min(m, lo + step)
         cols, signs = sample_loss_hessian_columns(
             loss_fn.base,
-            rows[lo:hi],
+            rows_of(lo, hi),
             labels[lo:hi],
             num_mc_samples,
             generator,
@@ -846,9 +859,10 @@ def token_loss_columns(
     return loss_fn.output_layout(per_position, logits), signs.to(out.dtype)
 
 
-def _token_positions(loss_fn: TokenLoss, logits: Tensor, target: Tensor) -> Tensor:
+def _token_positions(loss_fn: TokenLoss, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """For each valid row of ``loss_fn.rows``, its index in the ``(N * P)`` positions of ``logits``
-    (:meth:`TokenLoss.num_positions`)."""
+    (:meth:`TokenLoss.num_positions`), and its target: ``((M,), (M,))``, read off the rows of an index
+    tensor (no copy of the logits)."""
     n = logits.shape[0]
     index = torch.arange(n * loss_fn.num_positions(logits), device=logits.device, dtype=torch.float64)
     if logits.ndim == 2:
@@ -857,8 +871,8 @@ def _token_positions(loss_fn: TokenLoss, logits: Tensor, target: Tensor) -> Tens
         index = index.reshape(n, 1, *(loss_fn.output_size or logits.shape[2:]))
     else:
         index = index.reshape(n, logits.shape[1], 1)
-    rows, _, _ = loss_fn.rows(index, target)
-    return rows[:, 0].long()
+    rows, labels, _ = loss_fn.rows(index, target)
+    return rows[:, 0].long(), labels
 
 
 def elementwise_columns(

@@ -273,7 +273,7 @@ def _token_loss_factors(
     if rows.shape[0] == 0:
         raise ValueError("TokenLoss: every target is ignore_index; the batch has no token to score.")
     row_factors, row_signs, _, issues = _loss_factors(loss_fn.base, rows, labels, need_grad=False)
-    flat = _token_positions(loss_fn, logits, target)
+    flat = _token_positions(loss_fn, logits, target)[0]
     positions = loss_fn.num_positions(logits)
     v, k = row_factors.shape[1], row_factors.shape[2]
     factors = torch.zeros(n * positions, v, positions, k, dtype=logits.dtype, device=logits.device)
