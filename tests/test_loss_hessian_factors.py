@@ -3,6 +3,8 @@ equal to the per-sample Hessian of the loss in the logits (statistically, from t
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -170,6 +172,42 @@ def test_random_bits_are_fair_independent_and_reproducible():
     assert float(per_position.abs().max()) < 5 / 20_000**0.5
     again = loss_hessian_factors._random_bits(count, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert torch.equal(bits, again)
+
+
+@pytest.mark.parametrize(
+    "draws, sketches, exact_classes", [(1, 1, 0), (3, 2, 0), (8, 1, 1), (10, 1, 0)], ids=str
+)
+def test_direct_sketches_of_eq20_columns_are_unbiased_for_the_autograd_hessian(
+    draws, sketches, exact_classes
+):
+    """normalized_cross_entropy_sketch: the sketches of the Monte-Carlo columns formed without them (the
+    draws' normalization parts as one binomial vector per sketch: 1 to 8 bits, and two bytes for 10)."""
+    torch.manual_seed(draws)
+    k = 6
+    logits, target = 2 * torch.randn(3, k, dtype=torch.float64), torch.randint(0, k, (3,))
+    expected = _autograd_per_sample_hessians(normalized_softmax_cross_entropy, logits, target)
+    gen = torch.Generator().manual_seed(4)
+    estimates = []
+    for _ in range(3000):
+        cols, signs = loss_hessian_factors.normalized_cross_entropy_sketch(
+            logits, target, draws, sketches, gen, exact_classes=exact_classes
+        )
+        assert cols.shape == (3, k, 2 * sketches) and signs.tolist() == [1.0, -1.0] * sketches
+        estimates.append(torch.einsum("ndc,c,nec->nde", cols, signs, cols))
+    _assert_unbiased(torch.stack(estimates), expected)
+
+
+@pytest.mark.parametrize("trials", [1, 3, 8, 10])
+def test_binomial_counts_have_the_binomial_law(trials):
+    counts = loss_hessian_factors._binomial_counts(200_000, trials, torch.Generator().manual_seed(0), "cpu")
+    x = counts.double()
+    assert int(counts.min()) >= 0 and int(counts.max()) <= trials
+    se = (trials / 4 / 200_000) ** 0.5
+    assert abs(float(x.mean()) - trials / 2) < 5 * se
+    assert abs(float(x.var()) / (trials / 4) - 1) < 0.02  # 5 standard errors of a sample variance
+    frequencies = torch.bincount(counts.long(), minlength=trials + 1).double() / 200_000
+    law = torch.tensor([math.comb(trials, i) / 2**trials for i in range(trials + 1)], dtype=torch.float64)
+    assert float((frequencies - law).abs().max()) < 0.005
 
 
 def test_exact_low_rank_columns_carry_the_rank_two_part_without_noise():

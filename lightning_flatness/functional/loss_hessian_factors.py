@@ -84,12 +84,14 @@ __all__ = [
     "softmax_cross_entropy_structure",
     "DEFAULT_MC_SAMPLES",
     "MC_LOSS_COLUMNS",
+    "MC_LOSS_SKETCHES",
     "autograd_columns",
     "cross_entropy_columns",
     "default_exact_classes",
     "default_mc_samples",
     "normalized_cross_entropy_columns",
     "normalized_cross_entropy_logit_hessian",
+    "normalized_cross_entropy_sketch",
     "sample_loss_hessian_columns",
     "TOKEN_CHUNK_ELEMENTS",
     "token_loss_columns",
@@ -110,14 +112,35 @@ _BIT_MASKS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 _LOW_BYTES = slice(0, 7) if sys.byteorder == "little" else slice(1, 8)
 
 
-def _random_bits(count: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """``count`` independent fair bits, as a ``bool`` tensor: 56 from each uniform word of
-    ``torch.randint(0, 2**62)`` (exactly uniform in its low 62 bits), where ``torch.randint(0, 2)`` draws a
-    word per bit. For the long random columns of language-model vocabularies."""
-    words = -(-count // 56)
+def _random_bytes(count: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """``count`` independent uniform bytes (``uint8``): 7 from each word of ``torch.randint(0, 2**62)``
+    (exactly uniform in its low 62 bits), where ``torch.randint`` draws a word per entry. For the long random
+    columns of language-model vocabularies."""
+    words = -(-count // 7)
     raw = torch.randint(0, 1 << 62, (words,), generator=generator, device=device, dtype=torch.int64)
-    low = raw.view(torch.uint8).view(words, 8)[:, _LOW_BYTES]
-    return torch.bitwise_and(low.unsqueeze(2), _BIT_MASKS.to(device)).bool().reshape(-1)[:count]
+    return raw.view(torch.uint8).view(words, 8)[:, _LOW_BYTES].reshape(-1)[:count]
+
+
+def _random_bits(count: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """``count`` independent fair bits, as a ``bool`` tensor: the 8 bits of each of :func:`_random_bytes`."""
+    low = _random_bytes(-(-count // 8), generator, device)
+    return torch.bitwise_and(low.unsqueeze(1), _BIT_MASKS.to(device)).bool().reshape(-1)[:count]
+
+
+def _binomial_counts(
+    count: int, trials: int, generator: torch.Generator | None, device: torch.device
+) -> Tensor:
+    """``count`` independent draws of ``Binomial(trials, 1/2)`` (``int16``): the set bits among ``trials``
+    random bits each, counted a byte at a time (a population count of :func:`_random_bytes`)."""
+    total = torch.zeros(count, dtype=torch.int16, device=device)
+    for start in range(0, trials, 8):
+        x = _random_bytes(count, generator, device)
+        if trials - start < 8:
+            x = x.bitwise_and_((1 << (trials - start)) - 1)
+        x = x - ((x >> 1) & 0x55)  # population count of each byte, two bits, four, eight at a time
+        x = (x & 0x33) + ((x >> 2) & 0x33)
+        total += (x + (x >> 4)) & 0x0F
+    return total
 
 
 #: Up to this many classes, class draws use ``torch.multinomial`` (:func:`_draw_classes`).
@@ -594,16 +617,14 @@ def normalized_cross_entropy_columns(
     _check_class_targets(logits, target, "normalized_cross_entropy_columns")
     if exact_low_rank is None:
         exact_low_rank = EXACT_LOW_RANK
-    # the columns, and what they are made of, in the logits' dtype (float32 below it); else float64
-    dtype = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
-    u, s, ok = _normalization(logits, dtype if exact_low_rank else torch.float64)
+    if exact_low_rank:
+        return _normalized_cross_entropy_draws(
+            _eq20_terms(logits, target), target, num_mc_samples, exact_classes, generator, draws_only
+        )
+    u, s, ok = _normalization(logits)
     n, k = u.shape
     p = torch.softmax(u, dim=1)
     inv = 1.0 / (s.squeeze(1) ** 2 * k)  # 1 / (s^2 K)
-    if exact_low_rank:
-        return _normalized_cross_entropy_draws(
-            u, s, ok, p, target, inv, num_mc_samples, exact_classes, generator, draws_only
-        )
     r = p - target_probabilities(target, k, p.dtype)
     ru = (r * u).sum(dim=1)
     alpha = -ru * inv
@@ -636,13 +657,69 @@ def normalized_cross_entropy_columns(
     return cols, signs.to(p.device)
 
 
+@dataclass(frozen=True)
+class _Eq20Terms:
+    """Per-sample pieces of eq. 20's logit Hessian (:func:`normalized_cross_entropy_logit_hessian`) in the
+    columns' dtype (the logits', float32 below it): ``u``, ``s``, ``ok`` (:func:`_normalization`), ``p``
+    ``(N, K)`` the softmax of ``u``, ``up = u . p`` ``(N, 1)``, and ``ru = r . u``, ``inv = 1 / (s^2 K)``,
+    ``alpha = -ru inv`` ``(N,)`` (``r = p - e_y``)."""
+
+    u: Tensor
+    s: Tensor
+    ok: Tensor
+    p: Tensor
+    up: Tensor
+    ru: Tensor
+    inv: Tensor
+    alpha: Tensor
+
+
+def _eq20_terms(logits: Tensor, target: Tensor) -> _Eq20Terms:
+    dtype = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
+    u, s, ok = _normalization(logits, dtype)
+    k = u.shape[1]
+    p = torch.softmax(u, dim=1)
+    up = (u * p).sum(dim=1, keepdim=True)
+    if target.is_floating_point():  # class probabilities: r = p - target
+        ru = up.squeeze(1) - (u * target.to(u.dtype)).sum(dim=1)
+    else:  # r = p - e_y, without forming e_y
+        ru = up.squeeze(1) - u.gather(1, target.long().unsqueeze(1)).squeeze(1)
+    inv = 1.0 / (s.squeeze(1) ** 2 * k)
+    return _Eq20Terms(u, s, ok, p, up, ru, inv, -ru * inv)
+
+
+def _rank_two_columns(t: _Eq20Terms, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Eq. 20's rank-2 part ``B`` as its ``+`` and ``-`` column, ``(N, K)`` each (:func:`_rank_two_part`)."""
+    k = t.u.shape[1]
+    lam, vec = _rank_two_part(t.p - target_probabilities(target, k, t.p.dtype), t.u, t.ru, t.inv, k)
+    n = lam.shape[0]
+    return (
+        lam[:, 1].clamp_min(0).sqrt().reshape(n, 1) * vec[:, :, 1],
+        (-lam[:, 0]).clamp_min(0).sqrt().reshape(n, 1) * vec[:, :, 0],
+    )
+
+
+def _softmax_part(t: _Eq20Terms, draws: int, exact_classes: int, generator: torch.Generator | None):
+    """The softmax columns ``w (e_c - p)`` through ``J_g``: ``(w/s)(e_c - p - g u)`` with
+    ``g = (u_c - u . p) / K`` (``e_c - p`` is centred): ``(classes, w / s, g)``, ``(N, m + D)`` each."""
+    classes, weights = _softmax_draws(t.p, draws, exact_classes, generator)
+    return classes, weights / t.s, (t.u.gather(1, classes) - t.up) / t.u.shape[1]
+
+
+def _basis(t: _Eq20Terms, *extra: Tensor) -> Tensor:
+    """``(N, 3 + len(extra), K)``: ``p``, ``u``, ``1`` and ``extra``, the vectors every column combines."""
+    n, k = t.p.shape
+    basis = t.p.new_empty(n, 3 + len(extra), k)
+    basis[:, 0], basis[:, 1] = t.p, t.u
+    basis[:, 2] = 1.0
+    for i, vector in enumerate(extra):
+        basis[:, 3 + i] = vector
+    return basis
+
+
 def _normalized_cross_entropy_draws(
-    u: Tensor,
-    s: Tensor,
-    ok: Tensor,
-    p: Tensor,
+    t: _Eq20Terms,
     target: Tensor,
-    inv: Tensor,
     num_mc_samples: int,
     exact_classes: int,
     generator: torch.Generator | None,
@@ -658,52 +735,104 @@ def _normalized_cross_entropy_draws(
     (``baddbmm``) and the one-hots scattered: a few passes over the columns and one random bit per entry
     (:func:`_random_bits`), instead of a float64 temporary per term. Same distribution as the terms
     formed one by one."""
-    n, k = u.shape
+    n, k = t.u.shape
     m = min(int(exact_classes), k)
     draws = num_mc_samples
-    up = (u * p).sum(dim=1, keepdim=True)  # u . p
-    if target.is_floating_point():  # class probabilities: r = p - target
-        ru = up.squeeze(1) - (u * target.to(u.dtype)).sum(dim=1)
-    else:  # r = p - e_y, without forming e_y
-        ru = up.squeeze(1) - u.gather(1, target.long().unsqueeze(1)).squeeze(1)
-    alpha = -ru * inv
-    classes, weights = _softmax_draws(p, draws, m, generator)  # (N, m + D): e_c and their sqrt weights
+    classes, w, g = _softmax_part(t, draws, m, generator)  # (N, m + D) each
     lead = 0 if draws_only else m + 2  # exact CE columns, then B's + and - columns
     if draws_only:
-        classes, weights = classes[:, m:], weights[:, m:]
-    cols = torch.empty(n, lead + 2 * draws, k, dtype=p.dtype, device=p.device)
+        classes, w, g = classes[:, m:], w[:, m:], g[:, m:]
+    cols = t.p.new_empty(n, lead + 2 * draws, k)
     body = cols[:, lead:].view(n, draws, 2, k)
     # one xi per draw, in both slots: alpha has one sign per sample, so one of the two roots below is 0
-    body.copy_(_random_bits(n * draws * k, generator, p.device).view(torch.uint8).view(n, draws, 1, k))
+    body.copy_(_random_bits(n * draws * k, generator, t.p.device).view(torch.uint8).view(n, draws, 1, k))
     bit_mean = body[:, :, :1].sum(dim=3).div_(k)  # (N, D, 1)
-    root = torch.stack([alpha.clamp_min(0).sqrt(), (-alpha).clamp_min(0).sqrt()], dim=1)  # (N, 2): +, -
+    root = torch.stack([t.alpha.clamp_min(0).sqrt(), (-t.alpha).clamp_min(0).sqrt()], dim=1)  # (N, 2): +, -
     root = root * (2.0 / math.sqrt(draws))
     body.mul_(root.reshape(n, 1, 2, 1))
     # the dense terms: per column coefficients of (p, u, 1)
     exact = 0 if draws_only else m
-    ce_cols = torch.arange(classes.shape[1], device=p.device)
+    ce_cols = torch.arange(classes.shape[1], device=cols.device)
     ce_slot = torch.where(ce_cols < exact, ce_cols, lead + 2 * (ce_cols - exact))  # exact ones, then each +
-    w = weights / s  # (N, C_ce)
-    g = (u.gather(1, classes) - up) / k
-    coef = p.new_zeros(n, cols.shape[1], 3)
+    coef = t.p.new_zeros(n, cols.shape[1], 3)
     coef[:, ce_slot, 0] = -w
     coef[:, ce_slot, 1] = -w * g
     coef[:, lead:, 2] = -(root.unsqueeze(1) * bit_mean).reshape(n, 2 * draws)
-    basis = p.new_empty(n, 3, k)  # (p, u, 1)
-    basis[:, 0], basis[:, 1] = p, u
-    basis[:, 2] = 1.0
+    basis = _basis(t)
     if not draws_only:
         cols[:, :m].zero_()
-        lam, vec = _rank_two_part(p - target_probabilities(target, k, p.dtype), u, ru, inv, k)
-        cols[:, m] = lam[:, 1].clamp_min(0).sqrt().reshape(n, 1) * vec[:, :, 1]
-        cols[:, m + 1] = (-lam[:, 0]).clamp_min(0).sqrt().reshape(n, 1) * vec[:, :, 0]
+        cols[:, m], cols[:, m + 1] = _rank_two_columns(t, target)
         cols[:, :m].baddbmm_(coef[:, :m], basis)
     cols[:, lead:].baddbmm_(coef[:, lead:], basis)
     cols.view(n, -1).scatter_add_(1, ce_slot.unsqueeze(0) * k + classes, w)
-    if not bool(ok.all()):
-        cols.masked_fill_(~ok.reshape(n, 1, 1), 0.0)
+    if not bool(t.ok.all()):
+        cols.masked_fill_(~t.ok.reshape(n, 1, 1), 0.0)
     signs = [1.0, -1.0] * draws if draws_only else [1.0] * m + [1.0, -1.0] + [1.0, -1.0] * draws
-    return cols.transpose(1, 2), torch.tensor(signs, dtype=p.dtype, device=p.device)
+    return cols.transpose(1, 2), torch.tensor(signs, dtype=cols.dtype, device=cols.device)
+
+
+def normalized_cross_entropy_sketch(
+    logits: Tensor,
+    target: Tensor,
+    num_mc_samples: int,
+    num_sketches: int,
+    generator: torch.Generator | None = None,
+    *,
+    exact_classes: int = 0,
+) -> Columns:
+    r"""The sketches of eq. 20's Monte-Carlo columns formed directly: what
+    :func:`~lightning_flatness.functional.estimators.gauss_newton_sketch.sketch_columns` makes of
+    :func:`normalized_cross_entropy_columns` (``B`` exact), without its ``m + 2 + 2 D`` columns.
+
+    Sketch ``s`` mixes the ``+`` columns with independent signs ``eps`` and the ``-`` columns with others:
+
+    .. math::
+
+        v^+ = 	frac{1}{\sqrt S}\Big[\sum_i arepsilon_i 	frac{w_i}{s}(e_{c_i} - p - g_i u)
+              + arepsilon_B \sqrt{\lambda_+}\, e_+ + \sqrt{lpha_+ / D}\; P Z\Big], \qquad
+        v^- = 	frac{1}{\sqrt S}\Big[arepsilon'_B \sqrt{|\lambda_-|}\, e_- + \sqrt{lpha_- / D}\; P Z\Big],
+
+    ``i`` over the ``m`` exact classes and the ``D`` draws. The draws' normalization parts
+    ``sqrt(alpha / D) P xi_j``, mixed, sum to ``sqrt(alpha / D) P Z`` with ``Z = sum_j eps_j xi_j``: per
+    class a sum of ``D`` independent signs, independent of the ``eps`` (``xi`` is), so
+    ``Z = 2 Binomial(D, 1/2) - D``, drawn as bit counts (:func:`_binomial_counts`). ``alpha`` has one sign
+    per sample, so one ``Z`` serves both columns (one of the two roots is 0). The joint law of each sketch
+    is that of the mixed columns; the ``Z`` of different sketches are independent (the mixed columns'
+    share their ``xi``), which leaves each sketch unbiased. ``E[sum_s v^+ v^{+T} - v^- v^{-T}] = Lambda``.
+
+    Returns:
+        ``(columns (N, K, 2 S), signs [+1, -1] * S)`` in the logits' dtype (float32 below it). Cost
+        ``O(N K S)`` and ``D`` random bits per class and sketch, whatever the number of draws' columns.
+    """
+    _check_draws(num_mc_samples)
+    _check_class_targets(logits, target, "normalized_cross_entropy_sketch")
+    if not isinstance(num_sketches, int) or num_sketches < 1:
+        raise ValueError(f"`num_sketches` must be a positive int, got {num_sketches!r}.")
+    t = _eq20_terms(logits, target)
+    n, k = t.u.shape
+    sketches, draws = num_sketches, num_mc_samples
+    cols = t.p.new_empty(n, sketches, 2, k)
+    cols.copy_(_binomial_counts(n * sketches * k, draws, generator, t.p.device).view(n, sketches, 1, k))
+    count_mean = cols[:, :, :1].sum(dim=3).div_(k)  # (N, S, 1)
+    root = torch.stack([t.alpha.clamp_min(0).sqrt(), (-t.alpha).clamp_min(0).sqrt()], dim=1)  # (N, 2): +, -
+    root = root * (2.0 / math.sqrt(draws * sketches))  # Z - mean Z = 2 (count - mean count)
+    cols.mul_(root.reshape(n, 1, 2, 1))
+    classes, w, g = _softmax_part(t, draws, min(int(exact_classes), k), generator)  # (N, C) each
+    eps = _rademacher((n, sketches, classes.shape[1] + 2), t.p, generator).div_(math.sqrt(sketches))
+    signed = eps[:, :, :-2] * w.unsqueeze(1)  # (N, S, C): each softmax column's sign and weight
+    coef = t.p.new_zeros(n, sketches, 2, 5)  # of p, u, 1, e_+, e_-
+    coef[:, :, 0, 0] = -signed.sum(dim=2)
+    coef[:, :, 0, 1] = -(signed * g.unsqueeze(1)).sum(dim=2)
+    coef[:, :, :, 2] = -(root.unsqueeze(1) * count_mean)
+    coef[:, :, 0, 3], coef[:, :, 1, 4] = eps[:, :, -2], eps[:, :, -1]
+    flat = cols.view(n, 2 * sketches, k)
+    flat.baddbmm_(coef.view(n, 2 * sketches, 5), _basis(t, *_rank_two_columns(t, target)))
+    plus_slot = (2 * k * torch.arange(sketches, device=cols.device)).view(1, sketches, 1)
+    cols.view(n, -1).scatter_add_(1, (plus_slot + classes.unsqueeze(1)).reshape(n, -1), signed.reshape(n, -1))
+    if not bool(t.ok.all()):
+        flat.masked_fill_(~t.ok.reshape(n, 1, 1), 0.0)
+    signs = torch.tensor([1.0, -1.0] * sketches, dtype=cols.dtype, device=cols.device)
+    return flat.transpose(1, 2), signs
 
 
 def _rank_two_part(r: Tensor, u: Tensor, ru: Tensor, inv: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -825,27 +954,43 @@ def token_loss_columns(
     m = flat_index.numel()
     positions = loss_fn.num_positions(logits)
     scale = math.sqrt(n / m)
+    direct = None
     if num_sketches is not None:
         from lightning_flatness.functional.estimators.gauss_newton_sketch import sketch_columns
+
+        if EXACT_LOW_RANK and not draws_only:
+            direct = MC_LOSS_SKETCHES.get(hessian_twin(loss_fn.base))
     out: Tensor | None = None
     lo, step = 0, 1  # the first token alone: its columns give the chunk size
     while lo < m:
         hi = min(m, lo + step)
-        cols, signs = sample_loss_hessian_columns(
-            loss_fn.base,
-            rows_of(lo, hi),
-            labels[lo:hi],
-            num_mc_samples,
-            generator,
-            exact_classes=exact_classes,
-            draws_only=draws_only,
-        )
-        step = max(1, TOKEN_CHUNK_ELEMENTS // (v * cols.shape[2]))  # the next chunks: by the base columns
-        if num_sketches is None:
-            cols = cols.mul_(_rademacher((hi - lo, 1, cols.shape[2]), cols, generator).mul_(scale))
-        else:
-            cols, signs = sketch_columns(cols, signs, num_sketches, generator)
+        if direct is not None:  # the sketches themselves, without the base columns
+            cols, signs = direct(
+                rows_of(lo, hi),
+                labels[lo:hi],
+                num_mc_samples,
+                num_sketches,
+                generator,
+                exact_classes=exact_classes,
+            )
+            step = max(1, TOKEN_CHUNK_ELEMENTS // (v * (2 + 2 * num_mc_samples)))
             cols = cols.mul_(scale)
+        else:
+            cols, signs = sample_loss_hessian_columns(
+                loss_fn.base,
+                rows_of(lo, hi),
+                labels[lo:hi],
+                num_mc_samples,
+                generator,
+                exact_classes=exact_classes,
+                draws_only=draws_only,
+            )
+            step = max(1, TOKEN_CHUNK_ELEMENTS // (v * cols.shape[2]))  # the next chunks: by the base columns
+            if num_sketches is None:
+                cols = cols.mul_(_rademacher((hi - lo, 1, cols.shape[2]), cols, generator).mul_(scale))
+            else:
+                cols, signs = sketch_columns(cols, signs, num_sketches, generator)
+                cols = cols.mul_(scale)
         if out is None:  # column-major: each column one block of the logits' layout (no copy downstream)
             out = logits.new_empty(cols.shape[2], n * positions, v)
             unscored = torch.ones(n * positions, dtype=torch.bool, device=logits.device)
@@ -910,6 +1055,15 @@ MC_LOSS_COLUMNS: dict[Callable[..., Tensor], Callable[..., Columns]] = {
     F.binary_cross_entropy_with_logits: functools.partial(
         elementwise_columns, loss_fn=F.binary_cross_entropy_with_logits
     ),
+}
+
+
+#: Closed-form sketches of the Monte-Carlo columns, keyed by the loss function: ``fn(logits, target,
+#: num_mc_samples, num_sketches, generator, *, exact_classes) -> (columns (N, D, 2 S), signs (2 S,))``, the
+#: law of :func:`~lightning_flatness.functional.estimators.gauss_newton_sketch.sketch_columns` applied to the
+#: loss's :data:`MC_LOSS_COLUMNS` without forming them (:func:`token_loss_columns` with ``num_sketches``).
+MC_LOSS_SKETCHES: dict[Callable[..., Tensor], Callable[..., Columns]] = {
+    normalized_softmax_cross_entropy: normalized_cross_entropy_sketch,
 }
 
 
