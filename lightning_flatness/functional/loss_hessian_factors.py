@@ -788,9 +788,9 @@ def normalized_cross_entropy_sketch(
 
     .. math::
 
-        v^+ = 	frac{1}{\sqrt S}\Big[\sum_i arepsilon_i 	frac{w_i}{s}(e_{c_i} - p - g_i u)
-              + arepsilon_B \sqrt{\lambda_+}\, e_+ + \sqrt{lpha_+ / D}\; P Z\Big], \qquad
-        v^- = 	frac{1}{\sqrt S}\Big[arepsilon'_B \sqrt{|\lambda_-|}\, e_- + \sqrt{lpha_- / D}\; P Z\Big],
+        v^+ = \tfrac{1}{\sqrt S}\Big[\sum_i \varepsilon_i \tfrac{w_i}{s}(e_{c_i} - p - g_i u)
+              + \varepsilon_B \sqrt{\lambda_+}\, e_+ + \sqrt{\alpha_+ / D}\; P Z\Big], \qquad
+        v^- = \tfrac{1}{\sqrt S}\Big[\varepsilon'_B \sqrt{|\lambda_-|}\, e_- + \sqrt{\alpha_- / D}\; P Z\Big],
 
     ``i`` over the ``m`` exact classes and the ``D`` draws. The draws' normalization parts
     ``sqrt(alpha / D) P xi_j``, mixed, sum to ``sqrt(alpha / D) P Z`` with ``Z = sum_j eps_j xi_j``: per
