@@ -4,6 +4,8 @@ the sign-free contraction, each against float64 brute force or an explicit formu
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -369,26 +371,6 @@ def test_per_sample_operations_prove_batch_independence_and_skip_the_probe(monke
     assert_relative_close(diag, brute_hessian_diagonal(model, F.cross_entropy, x, y, list(params)), tol=1e-10)
 
 
-@pytest.mark.parametrize("separate", [False, True], ids=["probe_column", "probe_pass"])
-def test_interacting_samples_with_unchanged_shapes_are_found_by_the_probe(separate, monkeypatch):
-    """flip along the batch keeps every shape: not provably per-sample, so the probe runs, finds the
-    interaction and the per-sample path gives the exact diagonal; the probe rides with the columns, or
-    (many column entries, ``SEPARATE_PROBE_ELEMENTS``) takes a pass of its own first."""
-    if separate:
-        monkeypatch.setattr(exact, "SEPARATE_PROBE_ELEMENTS", 0)
-    counts = _batched_columns(monkeypatch)
-    torch.manual_seed(0)
-    model = _FlippedBatch().double()
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
-    params = select_parameters(model, "all")
-    with pytest.warns(UserWarning, match="per-layer contractions do not apply"):
-        diag = exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
-    assert counts[0] == (1 if separate else 2 + 1)  # the probe alone, or C - 1 columns and the probe
-    monkeypatch.undo()
-    assert_relative_close(diag, brute_hessian_diagonal(model, F.cross_entropy, x, y, list(params)), tol=1e-10)
-
-
 class _FlippedFeatures(nn.Module):
     """A flip along the features: per-sample, but not provably so (the probe must run, and pass)."""
 
@@ -401,17 +383,27 @@ class _FlippedFeatures(nn.Module):
 
 
 @pytest.mark.parametrize("separate", [False, True], ids=["probe_column", "probe_pass"])
-def test_a_passed_probe_leaves_the_per_layer_diagonal_exact(separate, monkeypatch):
+@pytest.mark.parametrize("model_cls", [_FlippedBatch, _FlippedFeatures], ids=["samples_mix", "samples_apart"])
+def test_the_probe_finds_interacting_samples_and_the_diagonal_stays_exact(model_cls, separate, monkeypatch):
+    """A flip keeps every shape: not provably per-sample, so the probe runs. Along the batch it finds the
+    interaction and the per-sample path gives the exact diagonal; along the features it passes and the
+    per-layer contractions do. The probe rides with the columns, or (many column entries,
+    ``SEPARATE_PROBE_ELEMENTS``) takes a pass of its own first."""
     if separate:
         monkeypatch.setattr(exact, "SEPARATE_PROBE_ELEMENTS", 0)
     counts = _batched_columns(monkeypatch)
     torch.manual_seed(0)
-    model = _FlippedFeatures().double()
+    model = model_cls().double()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
     params = select_parameters(model, "all")
-    diag = exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
-    assert counts == ([1, 2] if separate else [2 + 1])  # probe pass, then the C - 1 columns alone
+    mixes = model_cls is _FlippedBatch
+    with pytest.warns(UserWarning, match="per-layer contractions do not apply") if mixes else nullcontext():
+        diag = exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
+    if mixes:  # the probe alone, or C - 1 = 2 columns and the probe; then per-sample passes
+        assert counts[0] == (1 if separate else 2 + 1)
+    else:  # the probe's pass, then the 2 columns alone; or both in one pass
+        assert counts == ([1, 2] if separate else [2 + 1])
     monkeypatch.undo()
     assert_relative_close(diag, brute_hessian_diagonal(model, F.cross_entropy, x, y, list(params)), tol=1e-10)
 

@@ -28,7 +28,9 @@ autograd fallback :func:`autograd_columns` for any other per-sample-mean loss:
   eigendecomposition, two columns per draw; cost ``O(D)`` backward passes through the loss and
   ``O(D^3)`` per sample (``D`` outputs per sample): it grows with ``K``.
 - :func:`token_loss_columns` (:class:`TokenLoss` wrapping any of these): the base columns per valid
-  token, stacked per sequence with independent random signs.
+  token, stacked per sequence with independent random signs; for the sketched estimators, their
+  random-sign mixtures, formed directly where :data:`MC_LOSS_SKETCHES` has the loss
+  (:func:`normalized_cross_entropy_sketch`, eq. 20).
 
 Targets of the softmax losses: class indices, or ``(N, K)`` class probabilities whose rows sum to 1
 (mixup, cutmix: :func:`is_probability_target`); every closed form below holds for them with ``e_y``
