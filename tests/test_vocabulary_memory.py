@@ -214,6 +214,13 @@ def test_groups_of_draws_share_one_batch_independence_probe(monkeypatch):
     diag = gauss_newton_mc_diagonal(
         model, loss_fn, x, x.clone(), params, generator=torch.Generator().manual_seed(2)
     )
-    assert widths.count(1) == 1 and widths[0] == 1  # the probe alone, first, once
-    assert len(widths) == 1 + 8  # then eq. 20's 8 default draws, one group each
-    assert all(bool(torch.isfinite(d).all()) for d in diag.values())
+    # the probe alone, first, once; then eq. 20's 8 default draws, one group each (2 columns; the last one
+    # with the 2 exact columns of the rank-2 part)
+    assert widths == [1] + [2] * 7 + [4]
+    monkeypatch.setattr(exact, "SEPARATE_PROBE_ELEMENTS", 2**62)  # the probe as one more column, once
+    riding = gauss_newton_mc_diagonal(
+        model, loss_fn, x, x.clone(), params, generator=torch.Generator().manual_seed(2)
+    )
+    assert widths[9:] == [2 + 1] + [2] * 6 + [4]
+    for name in params:  # the same draws, the same diagonal, wherever the probe ran
+        torch.testing.assert_close(diag[name], riding[name], rtol=1e-12, atol=1e-15)

@@ -677,6 +677,7 @@ class _Eq20Terms:
 
 
 def _eq20_terms(logits: Tensor, target: Tensor) -> _Eq20Terms:
+    """:class:`_Eq20Terms` of ``(N, K)`` logits and their class targets (indices or probabilities)."""
     dtype = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
     u, s, ok = _normalization(logits, dtype)
     k = u.shape[1]
@@ -701,7 +702,9 @@ def _rank_two_columns(t: _Eq20Terms, target: Tensor) -> tuple[Tensor, Tensor]:
     )
 
 
-def _softmax_part(t: _Eq20Terms, draws: int, exact_classes: int, generator: torch.Generator | None):
+def _softmax_part(
+    t: _Eq20Terms, draws: int, exact_classes: int, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor, Tensor]:
     """The softmax columns ``w (e_c - p)`` through ``J_g``: ``(w/s)(e_c - p - g u)`` with
     ``g = (u_c - u . p) / K`` (``e_c - p`` is centred): ``(classes, w / s, g)``, ``(N, m + D)`` each."""
     classes, weights = _softmax_draws(t.p, draws, exact_classes, generator)
@@ -921,10 +924,10 @@ def token_loss_columns(
     (independent signs per token, slot and sketch; they replace ``eps``): the ``2 S`` (``S`` for a convex
     base loss) sketch columns of each sequence, with the same expectation.
 
-    **Memory.** The tokens are processed in chunks of about :data:`TOKEN_CHUNK_ELEMENTS` base-column
-    entries (the first token alone, whose columns set the size), written into one output in the logits'
-    dtype: the base
-    columns of all tokens (eq. 20: 18 per token, with their float64 temporaries) are never held at once;
+    **Memory.** The tokens are processed in chunks of about :data:`TOKEN_CHUNK_ELEMENTS` entries of the
+    columns formed per token (the base columns, or the sketches where :data:`MC_LOSS_SKETCHES` forms them
+    directly; the first token alone, whose columns set the size), written into one output in the logits'
+    dtype: the base columns of all tokens (eq. 20: 18 per token) are never held at once;
     the output holds ``C`` (or ``2 S``) columns of the logits' size, stored column by column (the
     ``(N, D, C)`` result is a view with stride 1 along ``D``, which the backward pass takes as it is).
 
@@ -975,7 +978,7 @@ def token_loss_columns(
                 generator,
                 exact_classes=exact_classes,
             )
-            step = max(1, TOKEN_CHUNK_ELEMENTS // (v * (2 + 2 * num_mc_samples)))
+            formed = cols.shape[2]
             cols = cols.mul_(scale)
         else:
             cols, signs = sample_loss_hessian_columns(
@@ -987,12 +990,15 @@ def token_loss_columns(
                 exact_classes=exact_classes,
                 draws_only=draws_only,
             )
-            step = max(1, TOKEN_CHUNK_ELEMENTS // (v * cols.shape[2]))  # the next chunks: by the base columns
+            formed = cols.shape[2]  # the base columns
             if num_sketches is None:
                 cols = cols.mul_(_rademacher((hi - lo, 1, cols.shape[2]), cols, generator).mul_(scale))
             else:
                 cols, signs = sketch_columns(cols, signs, num_sketches, generator)
                 cols = cols.mul_(scale)
+        step = max(
+            1, TOKEN_CHUNK_ELEMENTS // (v * formed)
+        )  # the next chunks: by the columns formed per token
         if out is None:  # column-major: each column one block of the logits' layout (no copy downstream)
             out = logits.new_empty(cols.shape[2], n * positions, v)
             unscored = torch.ones(n * positions, dtype=torch.bool, device=logits.device)

@@ -207,8 +207,8 @@ def samplewise_gradients(a: Tensor, g: Tensor, samples: slice) -> Tensor:
     ``(K, N, P, O)``: for each sample one batched product over the ``K`` columns, ``g[:, n]^T a[n]``, which
     reads each column's ``(P, O)`` block as it lies (a transposed operand for BLAS) and writes straight into
     the result. The transposing copy of ``g`` into ``(N, K * O, P)`` that a single product over all samples
-    needs costs more than the products on a language-model head (``O`` a vocabulary). ``O(K P O I)`` flops
-    per sample."""
+    needs costs more than the products on a language-model head (``O`` a vocabulary; measured in
+    ``benchmarks/RESULTS.md``, round 14). ``O(K P O I)`` flops per sample."""
     k, _, p, o = g.shape
     rows = range(a.shape[0])[samples]
     out = g.new_empty(len(rows), k, o, a.shape[2])

@@ -13,7 +13,9 @@ Three evaluations, chosen by cost:
   padding, :func:`~.conv.cropped_squared_gradient_block`, which contracts the live taps by
   :func:`factor_contraction`, added into the diagonal in place);
 - few positions: position pairs (:func:`position_pair_contraction`), no per-sample gradients;
-- else per-sample gradients in chunks of about ``CHUNK_ELEMENTS`` entries.
+- else per-sample gradients in chunks of about ``CHUNK_ELEMENTS`` entries: sample by sample from the output
+  gradients as they lie for a rule that gives them so and large output gradients (Linear on many positions,
+  an LM head: :func:`~.base.samplewise_gradients`), else one product over the rule's factors.
 """
 
 from __future__ import annotations
@@ -127,7 +129,8 @@ def factor_contraction(
     (:meth:`~.base.LayerRule.factors`): position pairs (:func:`position_pair_contraction`) when
     :func:`use_position_pairs` says they are cheaper, else per-sample gradients in chunks of about
     ``CHUNK_ELEMENTS`` entries (``O(N K P O I)`` flops in batched matrix products, then squared and
-    summed with the signs). ``grad`` ``(K, N, *out)``, ``signs`` ``(N, K)``."""
+    summed with the signs; sample by sample where :func:`~.base.uses_samplewise_gradients` says so).
+    ``grad`` ``(K, N, *out)``, ``signs`` ``(N, K)``."""
     k = grad.shape[0]
     direct = rule.positionwise_factors(call, grad)  # (N, P, I), (K, N, P, O)
     if direct is not None and uses_samplewise_gradients(direct[1]):
