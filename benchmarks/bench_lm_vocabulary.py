@@ -12,6 +12,10 @@ stopping everything): a training step (AdamW: forward with ``labels``, backward,
 (``measure_sharpness`` on the batch, ``num_replicates=1``, every other default). Reported: the outcome, wall
 seconds, and the peak resident set size above the process's own before the step (sampled every 2 ms).
 
+Also timed in this process: the class draws of 10 rows (``torch.multinomial`` against the inverse CDF), and the
+untied head's token columns (the direct sketches of eq. 20) against the tokens per chunk
+(``TOKEN_SKETCH_CHUNK_ELEMENTS``).
+
 Run from the repository root: ``python -m benchmarks.bench_lm_vocabulary --json PATH`` (the library on
 ``PYTHONPATH`` is the one measured, so a checkout of an earlier commit gives the "before" rows);
 ``--quick`` is a smoke test.
@@ -116,6 +120,42 @@ def class_draw_times(quick: bool, rows: int = 10, repeats: int = 20) -> dict:
     return {"rows": rows, "classes": classes, **{k: t["median"] * 1e3 for k, t in times.items()}}
 
 
+def sketch_chunk_times(quick: bool, repeats: int = 5) -> dict:
+    """Seconds of the untied head's token columns (``token_loss_columns`` with one sketch, eq. 20's 8 draws:
+    the direct sketches) of 8 x 128 random logits (2 x 8 with ``quick``) against the tokens per chunk, set
+    through ``TOKEN_SKETCH_CHUNK_ELEMENTS``; round-robin (:func:`~benchmarks.common.interleaved_times`)."""
+    import torch
+
+    from lightning_flatness.functional import loss_hessian_factors as factors
+    from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
+    from lightning_flatness.functional.model_io import TokenLoss
+
+    n, t, v = (2, 8, 512) if quick else (8, 128, VOCABULARY)
+    logits, target = torch.randn(n, t, v), torch.randint(0, v, (n, t))
+    loss_fn = TokenLoss(normalized_softmax_cross_entropy, shift=True)
+    default = factors.TOKEN_SKETCH_CHUNK_ELEMENTS
+
+    def columns(tokens: int):
+        def run() -> None:
+            factors.TOKEN_SKETCH_CHUNK_ELEMENTS = tokens * v * 2  # one sketch: 2 columns a token
+            try:
+                factors.token_loss_columns(
+                    loss_fn, logits, target, 8, torch.Generator().manual_seed(0), num_sketches=1
+                )
+            finally:
+                factors.TOKEN_SKETCH_CHUNK_ELEMENTS = default
+
+        return run
+
+    chunks = (1, 2, 5, 10, 20)
+    times = interleaved_times({tokens: columns(tokens) for tokens in chunks}, repeats=1 if quick else repeats)
+    return {
+        "logits": [n, t, v],
+        "default_tokens_per_chunk": default // (2 * v),
+        "seconds_by_tokens_per_chunk": {tokens: times[tokens]["median"] for tokens in chunks},
+    }
+
+
 def main(argv=None) -> dict:
     p = base_parser(__doc__)
     p.add_argument("--width", type=int, default=64)
@@ -133,6 +173,11 @@ def main(argv=None) -> dict:
     print(
         f"class draws, {draws['rows']} rows x {draws['classes']} classes: torch.multinomial "
         f"{draws['multinomial_ms']:.2f} ms, inverse CDF {draws['inverse_cdf_ms']:.2f} ms"
+    )
+    chunking = sketch_chunk_times(args.quick)
+    print(
+        "untied head's token columns, tokens per chunk: "
+        + ", ".join(f"{k}: {s:.2f} s" for k, s in chunking["seconds_by_tokens_per_chunk"].items())
     )
     if args.quick:
         args.batch, args.seq, args.memory_gb = 2, 8, 4.0
@@ -168,7 +213,12 @@ def main(argv=None) -> dict:
                 f"peak +{r.get('peak_mb_above_start', float('nan')):.0f} MB {r.get('method', '')}",
                 flush=True,
             )
-    results = {"argv": list(argv if argv is not None else sys.argv[1:]), "rows": rows, "class_draws": draws}
+    results = {
+        "argv": list(argv if argv is not None else sys.argv[1:]),
+        "rows": rows,
+        "class_draws": draws,
+        "sketch_chunks": chunking,
+    }
     if args.json:
         write_json(args.json, results)
     return results

@@ -65,7 +65,10 @@ def _tokens(seed: int):
 
 @pytest.mark.parametrize("base", BASES, ids=["ce", "eq20"])
 def test_token_columns_mixed_per_token_have_the_sequence_hessian_as_mean(base, monkeypatch):
-    monkeypatch.setattr(loss_hessian_factors, "TOKEN_CHUNK_ELEMENTS", 2 * 5 * 4)  # eq. 20: 2 tokens a chunk
+    # several chunks: cross-entropy's base columns (1 a token: one draw) 8 tokens at a time, eq. 20's direct
+    # sketches (2 a token) 2 at a time
+    monkeypatch.setattr(loss_hessian_factors, "TOKEN_CHUNK_ELEMENTS", 2 * 5 * 4)
+    monkeypatch.setattr(loss_hessian_factors, "TOKEN_SKETCH_CHUNK_ELEMENTS", 2 * 5 * 2)
     logits, target = _tokens(8)
     loss_fn = TokenLoss(base, shift=True)
     per = 1 if base is F.cross_entropy else 2  # a convex loss has no negative part

@@ -96,6 +96,7 @@ __all__ = [
     "normalized_cross_entropy_sketch",
     "sample_loss_hessian_columns",
     "TOKEN_CHUNK_ELEMENTS",
+    "TOKEN_SKETCH_CHUNK_ELEMENTS",
     "token_loss_columns",
 ]
 
@@ -894,6 +895,11 @@ def autograd_columns(
 
 #: Base-column entries per chunk of tokens in :func:`token_loss_columns` (bounds their float64 temporaries).
 TOKEN_CHUNK_ELEMENTS = 1 << 21
+#: Sketch-column entries per chunk of tokens where :data:`MC_LOSS_SKETCHES` forms the sketches directly: their
+#: temporaries (the vectors they combine, the random counts) are several columns' worth per token, and chunks
+#: that stay in cache were the fastest (5 tokens of GPT-2's vocabulary at one sketch, against 2 and 20:
+#: ``benchmarks/RESULTS.md``, round 14).
+TOKEN_SKETCH_CHUNK_ELEMENTS = 1 << 19
 
 
 def token_loss_columns(
@@ -925,8 +931,8 @@ def token_loss_columns(
     base loss) sketch columns of each sequence, with the same expectation.
 
     **Memory.** The tokens are processed in chunks of about :data:`TOKEN_CHUNK_ELEMENTS` entries of the
-    columns formed per token (the base columns, or the sketches where :data:`MC_LOSS_SKETCHES` forms them
-    directly; the first token alone, whose columns set the size), written into one output in the logits'
+    base columns (or :data:`TOKEN_SKETCH_CHUNK_ELEMENTS` of the sketches where :data:`MC_LOSS_SKETCHES` forms
+    them directly; the first token alone, whose columns set the size), written into one output in the logits'
     dtype: the base columns of all tokens (eq. 20: 18 per token) are never held at once;
     the output holds ``C`` (or ``2 S``) columns of the logits' size, stored column by column (the
     ``(N, D, C)`` result is a view with stride 1 along ``D``, which the backward pass takes as it is).
@@ -996,9 +1002,8 @@ def token_loss_columns(
             else:
                 cols, signs = sketch_columns(cols, signs, num_sketches, generator)
                 cols = cols.mul_(scale)
-        step = max(
-            1, TOKEN_CHUNK_ELEMENTS // (v * formed)
-        )  # the next chunks: by the columns formed per token
+        budget = TOKEN_CHUNK_ELEMENTS if direct is None else TOKEN_SKETCH_CHUNK_ELEMENTS
+        step = max(1, budget // (v * formed))  # the next chunks: by the columns formed per token
         if out is None:  # column-major: each column one block of the logits' layout (no copy downstream)
             out = logits.new_empty(cols.shape[2], n * positions, v)
             unscored = torch.ones(n * positions, dtype=torch.bool, device=logits.device)
