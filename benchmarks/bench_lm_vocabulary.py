@@ -12,8 +12,8 @@ stopping everything): a training step (AdamW: forward with ``labels``, backward,
 (``measure_sharpness`` on the batch, ``num_replicates=1``, every other default). Reported: the outcome, wall
 seconds, and the peak resident set size above the process's own before the step (sampled every 2 ms).
 
-Also timed in this process: the class draws of 10 rows (``torch.multinomial`` against the inverse CDF), and the
-untied head's token columns (the direct sketches of eq. 20) against the tokens per chunk
+Also timed in this process: the class draws of 10 rows (``torch.multinomial`` against the inverse CDF),
+and the untied head's token columns (the direct sketches of eq. 20) against the tokens per chunk
 (``TOKEN_SKETCH_CHUNK_ELEMENTS``).
 
 Run from the repository root: ``python -m benchmarks.bench_lm_vocabulary --json PATH`` (the library on
