@@ -227,17 +227,3 @@ def test_groups_of_draws_share_one_batch_independence_probe(monkeypatch):
     assert widths[9:] == [2 + 1] + [2] * 6 + [4]
     for name in params:  # the same draws, the same diagonal, wherever the probe ran
         torch.testing.assert_close(diag[name], riding[name], rtol=1e-12, atol=1e-15)
-
-
-@pytest.mark.parametrize("base", BASES, ids=["ce", "eq20"])
-def test_token_loss_gradient_equals_autograd_token_chunk_by_token_chunk(base, monkeypatch):
-    """The logit gradient of a token loss from chunks of detached rows (no graph over all the logits) is the
-    autograd gradient of the whole loss, ignored and shifted-out positions zero."""
-    monkeypatch.setattr(loss_hessian_factors, "TOKEN_CHUNK_ELEMENTS", 2 * 5)  # 2 tokens a chunk
-    logits, target = _tokens(14)
-    loss_fn = TokenLoss(base, shift=True)
-    leaf = logits.clone().requires_grad_(True)
-    (expected,) = torch.autograd.grad(loss_fn(leaf, target), leaf)
-    gradient = loss_hessian_factors.token_loss_gradient(loss_fn, logits, target)
-    torch.testing.assert_close(gradient, expected, rtol=1e-12, atol=1e-15)
-    assert float(gradient[:, -1].abs().max()) == 0.0 and float(gradient[0, 1:].abs().max()) == 0.0

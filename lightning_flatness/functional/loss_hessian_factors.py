@@ -98,7 +98,6 @@ __all__ = [
     "TOKEN_CHUNK_ELEMENTS",
     "TOKEN_SKETCH_CHUNK_ELEMENTS",
     "token_loss_columns",
-    "token_loss_gradient",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -1016,38 +1015,6 @@ def token_loss_columns(
     c = out.shape[0]
     per_position = out.view(c, n, positions, v).permute(1, 2, 3, 0)
     return loss_fn.output_layout(per_position, logits), signs.to(out.dtype)
-
-
-def token_loss_gradient(loss_fn: TokenLoss, logits: Tensor, target: Tensor) -> Tensor:
-    r"""``dL/d logits`` of a :class:`TokenLoss` on ``(N, T, V)`` (or ``(N, V)``) logits, without a graph over
-    all of them: the loss is ``(1/M) sum_t l_t`` over the ``M`` valid tokens, so the base loss's gradient is
-    taken on chunks of :data:`TOKEN_CHUNK_ELEMENTS` logits of detached rows (``base(chunk) * m / M``, the base
-    a mean over its rows) and written at the tokens' positions, zero elsewhere. The autograd graph of the
-    whole loss holds several logits-sized tensors at once (eq. 20: the normalized logits, the softmax, ...),
-    a language model's vocabulary each. Same values as ``autograd.grad(loss_fn(logits, target), logits)``
-    (up to rounding). Dense outputs (``class_dim=1``) are not handled here.
-
-    Returns:
-        ``(N, ...)`` in the logits' shape and dtype.
-    """
-    if loss_fn.class_dim == 1:
-        raise ValueError("token_loss_gradient handles (N, V) and (N, T, V) logits, not class_dim=1.")
-    flat_index, labels = _token_positions(loss_fn, logits, target)
-    m = flat_index.numel()
-    if m == 0:
-        raise ValueError("TokenLoss: every target is ignore_index; the batch has no token to score.")
-    source = logits.detach().reshape(-1, logits.shape[-1])
-    gradient = torch.zeros_like(source)
-    step = max(1, TOKEN_CHUNK_ELEMENTS // source.shape[1])
-    with torch.enable_grad():
-        for lo in range(0, m, step):
-            index = flat_index[lo : lo + step]
-            rows = source.index_select(0, index).requires_grad_(True)
-            (part,) = torch.autograd.grad(
-                loss_fn.base(rows, labels[lo : lo + step]) * (rows.shape[0] / m), rows
-            )
-            gradient.index_copy_(0, index, part)
-    return gradient.reshape(logits.shape)
 
 
 def _token_positions(loss_fn: TokenLoss, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:

@@ -100,8 +100,7 @@ from lightning_flatness.functional.estimators.recorder import (
     _record_forward,
     _RecordedForward,
 )
-from lightning_flatness.functional.loss_hessian_factors import token_loss_gradient
-from lightning_flatness.functional.model_io import ModelInputs, TokenLoss
+from lightning_flatness.functional.model_io import ModelInputs
 from lightning_flatness.functional.twice_differentiable import twice_differentiable
 
 __all__ = ["PRODUCT_PAIRS", "hessian_sketch_applies", "hessian_sketch_blockers", "hessian_sketch_diagonal"]
@@ -413,7 +412,9 @@ def hessian_sketch_diagonal(
         nodes, functions = _injected_nodes(forward), forward.recorder.weight_functions
         outputs = [n.output for n in nodes] + [c.output for c in functions]
         adjoints = (  # the mean loss's gradient at every op's output, in one backward pass
-            _loss_adjoints(loss_fn, forward.logits, y, outputs) if outputs else ()
+            torch.autograd.grad(loss_fn(forward.logits, y), outputs, retain_graph=True, allow_unused=True)
+            if outputs
+            else ()
         )
         tensors, stacks, pairs = _node_injections(
             forward, nodes, adjoints[: len(nodes)], num_sketches, generator
@@ -454,15 +455,3 @@ def _weight_function_diagonals(calls: list, adjoints: tuple) -> list[tuple[str, 
         for c, adjoint in zip(calls, adjoints)
         if adjoint is not None
     ]
-
-
-def _loss_adjoints(loss_fn: Callable, logits: Tensor, target: Tensor, outputs: list[Tensor]) -> tuple:
-    """The mean loss's gradient at each of ``outputs`` (``None`` where it does not reach): one backward pass
-    from the logits. A :class:`~lightning_flatness.functional.model_io.TokenLoss` on sequence logits starts
-    it from its logit gradient taken token chunk by token chunk
-    (:func:`~lightning_flatness.functional.loss_hessian_factors.token_loss_gradient`), without the loss's
-    graph over all the logits (several tensors of the logits' size, a vocabulary each)."""
-    if isinstance(loss_fn, TokenLoss) and loss_fn.class_dim != 1:
-        start = token_loss_gradient(loss_fn, logits, target)
-        return torch.autograd.grad(logits, outputs, start, retain_graph=True, allow_unused=True)
-    return torch.autograd.grad(loss_fn(logits, target), outputs, retain_graph=True, allow_unused=True)
