@@ -712,6 +712,12 @@ def _softmax_part(
     return classes, weights / t.s, (t.u.gather(1, classes) - t.up) / t.u.shape[1]
 
 
+def _alpha_roots(t: _Eq20Terms, scale: float) -> Tensor:
+    """``(N, 2)``: ``scale sqrt(max(alpha, 0))`` and ``scale sqrt(max(-alpha, 0))``, the weights of the
+    normalization's curvature ``alpha P`` in the ``+`` and the ``-`` column (one of them 0 per sample)."""
+    return torch.stack([t.alpha.clamp_min(0).sqrt(), (-t.alpha).clamp_min(0).sqrt()], dim=1).mul_(scale)
+
+
 def _basis(t: _Eq20Terms, *extra: Tensor) -> Tensor:
     """``(N, 3 + len(extra), K)``: ``p``, ``u``, ``1`` and ``extra``, the vectors every column combines."""
     n, k = t.p.shape
@@ -753,8 +759,7 @@ def _normalized_cross_entropy_draws(
     # one xi per draw, in both slots: alpha has one sign per sample, so one of the two roots below is 0
     body.copy_(_random_bits(n * draws * k, generator, t.p.device).view(torch.uint8).view(n, draws, 1, k))
     bit_mean = body[:, :, :1].sum(dim=3).div_(k)  # (N, D, 1)
-    root = torch.stack([t.alpha.clamp_min(0).sqrt(), (-t.alpha).clamp_min(0).sqrt()], dim=1)  # (N, 2): +, -
-    root = root * (2.0 / math.sqrt(draws))
+    root = _alpha_roots(t, 2.0 / math.sqrt(draws))  # xi - mean xi = 2 (b - mean b)
     body.mul_(root.reshape(n, 1, 2, 1))
     # the dense terms: per column coefficients of (p, u, 1)
     exact = 0 if draws_only else m
@@ -820,8 +825,7 @@ def normalized_cross_entropy_sketch(
     cols = t.p.new_empty(n, sketches, 2, k)
     cols.copy_(_binomial_counts(n * sketches * k, draws, generator, t.p.device).view(n, sketches, 1, k))
     count_mean = cols[:, :, :1].sum(dim=3).div_(k)  # (N, S, 1)
-    root = torch.stack([t.alpha.clamp_min(0).sqrt(), (-t.alpha).clamp_min(0).sqrt()], dim=1)  # (N, 2): +, -
-    root = root * (2.0 / math.sqrt(draws * sketches))  # Z - mean Z = 2 (count - mean count)
+    root = _alpha_roots(t, 2.0 / math.sqrt(draws * sketches))  # Z - mean Z = 2 (count - mean count)
     cols.mul_(root.reshape(n, 1, 2, 1))
     classes, w, g = _softmax_part(t, draws, min(int(exact_classes), k), generator)  # (N, C) each
     eps = _rademacher((n, sketches, classes.shape[1] + 2), t.p, generator).div_(math.sqrt(sketches))
