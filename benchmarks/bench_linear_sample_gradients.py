@@ -1,14 +1,15 @@
 """Benchmark: per-sample gradients of a Linear layer on many positions, the two ways the rules form them.
 
-``one product``: the output gradients ``(K, N, P, O)`` copied into ``(N, K * O, P)`` (a transposing copy),
-then one batched product over the samples of each chunk (``LayerRule.factors`` and ``torch.matmul``, as the
-contractions did before round 14). ``sample by sample``: one batched product over the ``K`` columns per
-sample, reading the gradients as they lie (``layer_rules.base.samplewise_gradients``). Both in chunks of
-``CHUNK_ELEMENTS`` per-sample-gradient entries, as :func:`~lightning_flatness.functional.estimators.
-layer_rules.contraction.factor_contraction` takes them; each shape is ``(K columns, N samples, P positions,
-O outputs, I inputs)``: transformer layers of ViT-B size, a tiny one, and a language-model head with the
-vocabulary of GPT-2 (``K = 2``: one group of draws; ``K = 18``: eq. 20's columns of all 8 default draws).
-Medians of interleaved repeats (``benchmarks.common.interleaved_times``).
+The library's own contraction of one Linear call (``layer_rules.contraction.factor_contraction``: per-sample
+gradients in chunks of ``CHUNK_ELEMENTS`` entries, squared and summed with the signs), with
+``layer_rules.base.SAMPLEWISE_MIN_ENTRIES`` set so that it takes either path: ``one product`` (the output
+gradients ``(K, N, P, O)`` copied into ``LinearRule.factors``' ``(N, K * O, P)`` layout, a transposing copy,
+then one batched product over the samples of each chunk: the only path before round 14) or ``sample by
+sample`` (one batched product over the ``K`` columns per sample, reading the gradients as they lie:
+``samplewise_gradients``). Each shape is ``(K columns, N samples, P positions, O outputs, I inputs)``:
+transformer layers of ViT-B size, a tiny one, and a language-model head with the vocabulary of GPT-2
+(``K = 2``: one group of draws; ``K = 18``: eq. 20's columns of all 8 default draws). Medians of
+interleaved repeats (``benchmarks.common.interleaved_times``).
 
 Run from the repository root: ``python -m benchmarks.bench_linear_sample_gradients --json PATH``; ``--quick``
 is a smoke test.
@@ -19,8 +20,9 @@ from __future__ import annotations
 import torch
 
 from benchmarks.common import base_parser, interleaved_times, setup, write_json
-from lightning_flatness.functional.estimators.layer_rules.base import samplewise_gradients
-from lightning_flatness.functional.estimators.layer_rules.contraction import CHUNK_ELEMENTS
+from lightning_flatness.functional.estimators.layer_rules import LAYER_RULES, LayerCall
+from lightning_flatness.functional.estimators.layer_rules import base as rules_base
+from lightning_flatness.functional.estimators.layer_rules.contraction import factor_contraction
 
 SHAPES = {
     "ViT-B qkv (K 2, N 8, P 197, O 2304, I 768)": (2, 8, 197, 2304, 768),
@@ -33,21 +35,25 @@ QUICK = {"tiny (K 2, N 4, P 16, O 64, I 32)": (2, 4, 16, 64, 32)}
 
 
 def _ways(k: int, n: int, p: int, o: int, i: int):
-    grad, a = torch.randn(k, n, p, o), torch.randn(n, p, i)
-    step = max(1, CHUNK_ELEMENTS // (k * o * i))
+    grad, inputs = torch.randn(k, n, p, o), torch.randn(n, p, i)
+    call = LayerCall("linear", "head", inputs, torch.zeros(n, p, o), "weight", None)
+    signs = torch.randn(n, k).sign()
+    rule = LAYER_RULES["linear"]
 
-    def one_product() -> None:
-        g = grad.permute(1, 0, 3, 2).reshape(n, k * o, p)  # the transposing copy of LayerRule.factors
-        for start in range(0, n, step):
-            torch.matmul(g[start : start + step], a[start : start + step])
+    def contraction(min_entries: int):
+        def run() -> torch.Tensor:
+            default = rules_base.SAMPLEWISE_MIN_ENTRIES
+            rules_base.SAMPLEWISE_MIN_ENTRIES = min_entries
+            try:
+                return factor_contraction(rule, call, grad, signs, ())
+            finally:
+                rules_base.SAMPLEWISE_MIN_ENTRIES = default
 
-    def sample_by_sample() -> None:
-        for start in range(0, n, step):
-            samplewise_gradients(a, grad, slice(start, start + step))
+        return run
 
-    reference = torch.matmul(grad.permute(1, 0, 3, 2).reshape(n, k * o, p)[:1], a[:1]).reshape(k, o, i)
-    difference = float((samplewise_gradients(a, grad, slice(0, 1))[0] - reference).abs().max())
-    return {"one product": one_product, "sample by sample": sample_by_sample}, difference
+    ways = {"one product": contraction(2**62), "sample by sample": contraction(0)}
+    difference = float((ways["one product"]() - ways["sample by sample"]()).abs().max())
+    return ways, difference
 
 
 def main(argv: list[str] | None = None) -> dict:
