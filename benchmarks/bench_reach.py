@@ -9,7 +9,9 @@ in batches of 2 (small inputs: this is a reach table, not a cost benchmark; cost
 needs more; texts are 8 tokens from a 64-word vocabulary, causal LMs scored per token. Segmentation
 models get per-pixel classes with a void border (255) and their training loss,
 ``nn.CrossEntropyLoss(ignore_index=255)``; encoder-decoder models get Hugging Face's training batch
-(``input_ids`` and ``labels`` only); token classifiers per-token labels with padding (``-100``).
+(``input_ids`` and ``labels`` only); token classifiers per-token labels with padding (``-100``);
+question-answering models the answer span (``start_positions``, ``end_positions``); multiple-choice
+models 3 candidate texts per sample.
 
 Run: ``python -m benchmarks.bench_reach --json benchmarks/results/bench_reach.json`` (writes
 ``bench_reach.md`` beside the JSON; needs the ``zoo`` extra). ``--quick``: three small models.
@@ -292,6 +294,21 @@ MODELS: dict[str, Builder] = {
     "transformers BERT token classification": _hf(
         "BertForTokenClassification", "BertConfig", "tokens", hidden_size=16, num_labels=5, **_TEXT
     ),
+    **{
+        f"transformers {label} {task}": _hf(f"{prefix}For{head}", f"{prefix}Config", kind, **config)
+        for task, head, kind in [
+            ("question answering", "QuestionAnswering", "span"),
+            ("multiple choice", "MultipleChoice", "choices"),
+        ]
+        for label, prefix, config in [
+            ("BERT", "Bert", dict(hidden_size=16, **_TEXT)),
+            ("RoBERTa", "Roberta", dict(hidden_size=16, **_TEXT)),
+            ("ALBERT", "Albert", dict(hidden_size=16, embedding_size=8, **_TEXT)),
+            ("ELECTRA", "Electra", dict(hidden_size=16, embedding_size=8, **_TEXT)),
+            ("DeBERTa-v2", "DebertaV2", dict(hidden_size=16, **_TEXT)),
+            ("DistilBERT", "DistilBert", dict(dim=16, n_layers=1, n_heads=2, hidden_dim=32, vocab_size=64)),
+        ]
+    },
     "transformers Phi": _hf(
         "PhiForCausalLM", "PhiConfig", "lm", hidden_size=16, **{k: v for k, v in _TEXT.items()}
     ),
@@ -323,6 +340,21 @@ def _batches(spec: tuple[str, int], samples: int) -> list[Any]:
                 out.append({"input_features": torch.randn(2, 8, 32, generator=g), "labels": labels})
             else:
                 out.append({"input_ids": torch.randint(3, 64, (2, 8), generator=g), "labels": labels})
+        elif kind == "span":  # extractive question answering: the answer's start and end positions
+            ids = torch.randint(0, 64, (2, 8), generator=g)
+            start = torch.randint(0, 6, (2,), generator=g)
+            out.append(
+                {
+                    "input_ids": ids,
+                    "attention_mask": torch.ones_like(ids),
+                    "start_positions": start,
+                    "end_positions": start + 2,
+                }
+            )
+        elif kind == "choices":  # multiple choice: 3 candidate texts per sample, one label
+            ids = torch.randint(0, 64, (2, 3, 8), generator=g)
+            labels = torch.randint(0, 3, (2,), generator=g)
+            out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
         elif kind == "tokens":  # one class per token, the padding of the shorter sequence ignored
             ids = torch.randint(0, 64, (2, 8), generator=g)
             labels = torch.randint(0, 5, (2, 8), generator=g)

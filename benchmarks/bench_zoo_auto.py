@@ -1,7 +1,8 @@
 """Is ``measure_sharpness(model, batches)`` at its defaults right on the model zoo? (issue 8, target 2)
 
 For each tiny zoo model (``tests/zoo_models.py``: torchvision ResNet / MobileNetV3, timm ViT /
-ConvNeXt, Hugging Face BERT classifier / GPT-2 LM), a fixed **pool** of ``--pool`` samples is the
+ConvNeXt, Hugging Face BERT classifier / GPT-2 LM; by name, ``bert_qa`` and ``bert_mc``, BERT for
+extractive question answering and for multiple choice), a fixed **pool** of ``--pool`` samples is the
 population. Reference values are computed once on the pool, in float64, by brute force
 (``tests/zoo_oracle.py``, independent of the estimators): the measures (``sharpness_measures``: eq. 17
 normalized sharpness, eq. 13, eq. 5) of the Hessian diagonal (one HVP per weight) and of the exact
@@ -57,8 +58,10 @@ from lightning_flatness.functional.replicate_measures import (
 )
 from lightning_flatness.functional.solvers.normalized import solve_normalized_sharpness_coefficients
 from lightning_flatness.measure import SharpnessMeasurement
-from tests.zoo_models import TINY, zoo_loss
+from tests.zoo_models import QUESTION_ANSWERING, TASK_HEADS, TINY, span_batch, zoo_loss
 from tests.zoo_oracle import brute_force_ggn_diagonal, brute_force_hessian_diagonal
+
+MODELS = {**TINY, **TASK_HEADS}
 
 KEYS = ("normalized", "matrix_normalized", "hessian_trace")
 
@@ -69,10 +72,13 @@ def _take(x: Any, idx: torch.Tensor) -> Any:
     return {k: v[idx] for k, v in x.items()}
 
 
-def make_batch(x: Any, y: torch.Tensor, idx: torch.Tensor) -> Any:
-    """One batch as a DataLoader would yield it: ``(x, y)``, or a Hugging Face dict with ``labels``."""
+def make_batch(x: Any, y: torch.Tensor, idx: torch.Tensor, span: bool = False) -> Any:
+    """One batch as a DataLoader would yield it: ``(x, y)``, or a Hugging Face dict with ``labels`` (with
+    ``start_positions`` and ``end_positions`` for a question-answering model, ``span``)."""
     if isinstance(x, torch.Tensor):
         return (x[idx], y[idx])
+    if span:
+        return span_batch(_take(x, idx), y[idx])
     return {**_take(x, idx), "labels": y[idx]}
 
 
@@ -121,11 +127,11 @@ def clamped_normalized(m) -> tuple[float, float]:
     return float(total[0]), float(jackknife_standard_error(total[1 : 1 + len(used)]))
 
 
-def one_run(model, x, y, seed: int, args) -> dict[str, Any]:
+def one_run(model, x, y, seed: int, args, span: bool = False) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(10_000 + seed)
     n_pool = y.shape[0]
     batches = [
-        make_batch(x, y, torch.randint(0, n_pool, (args.batch_size,), generator=gen))
+        make_batch(x, y, torch.randint(0, n_pool, (args.batch_size,), generator=gen), span)
         for _ in range(args.batches)
     ]
     mc = torch.Generator().manual_seed(seed)
@@ -183,7 +189,7 @@ def summarize(runs: list[dict[str, Any]], ref: float, key: str = "normalized") -
 
 
 def run(args) -> dict[str, Any]:
-    names = args.models or list(TINY)
+    names = args.models or list(TINY)  # and, by name, TASK_HEADS
     out: dict[str, Any] = {
         "command": args.command,
         "pool": args.pool,
@@ -195,7 +201,7 @@ def run(args) -> dict[str, Any]:
         "models": {},
     }
     for name in names:
-        model, (x, y) = TINY[name](n=args.pool, seed=args.seed)
+        model, (x, y) = MODELS[name](n=args.pool, seed=args.seed)
         out["models"][name] = {}
         for state in args.states:
             if state == "trained":
@@ -205,7 +211,7 @@ def run(args) -> dict[str, Any]:
                 m, final_loss = model, None
             load0 = os.getloadavg()[0]
             ref = reference(name, m, x, y, args.hvp_budget)
-            runs = [one_run(m, x, y, s, args) for s in range(args.seeds)]
+            runs = [one_run(m, x, y, s, args, name in QUESTION_ANSWERING) for s in range(args.seeds)]
             choice = {(r["method"], r["quantity"]) for r in runs}
             assert len(choice) == 1, choice
             method, quantity = choice.pop()
@@ -346,7 +352,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main(argv=None) -> dict[str, Any]:
     parser = base_parser(__doc__)
-    parser.add_argument("--models", nargs="*", default=None, choices=list(TINY))
+    parser.add_argument("--models", nargs="*", default=None, choices=list(MODELS))
     parser.add_argument("--states", nargs="*", default=["untrained"], choices=["untrained", "trained"])
     parser.add_argument("--pool", type=int, default=32)
     parser.add_argument("--batches", type=int, default=8)

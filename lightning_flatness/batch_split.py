@@ -5,11 +5,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from lightning_flatness.functional.model_io import inputs_batch_size
 
-__all__ = ["INPUT_KEYS", "KEYWORD_INPUT_KEYS", "TARGET_KEYS", "split_batch"]
+__all__ = [
+    "INPUT_KEYS",
+    "KEYWORD_INPUT_KEYS",
+    "SPAN_TARGET_KEYS",
+    "TARGET_KEYS",
+    "span_target",
+    "split_batch",
+]
 
 #: Keys looked up, in this order, for the inputs of a dict batch.
 INPUT_KEYS = ("inputs", "input", "x", "features", "image", "images", "data")
@@ -18,6 +26,11 @@ TARGET_KEYS = ("target", "targets", "y", "label", "labels")
 #: Keys that mark a dict batch of keyword arguments (Hugging Face): the model is called as
 #: ``model(**inputs)`` with every entry but the target.
 KEYWORD_INPUT_KEYS = ("input_ids", "pixel_values", "inputs_embeds", "input_values", "input_features")
+#: Keys of the answer span of an extractive question-answering batch (Hugging Face
+#: ``*ForQuestionAnswering``), taken as the target where no key of :data:`TARGET_KEYS` is present.
+SPAN_TARGET_KEYS = ("start_positions", "end_positions")
+#: Keyword inputs whose dim 1 is the sequence (the positions a span is read from), in order.
+_SEQUENCE_KEYS = ("input_ids", "inputs_embeds", "attention_mask")
 
 _FIX = (
     "override `SharpnessMonitor.split_batch(self, batch)` in a subclass so that it returns "
@@ -47,7 +60,10 @@ def split_batch(batch: Any) -> tuple[Any, Tensor]:
       :data:`KEYWORD_INPUT_KEYS` (``"input_ids"``, ``"pixel_values"``, ...): keyword arguments.
       The target is the first of :data:`TARGET_KEYS` present (``"labels"`` in Hugging Face) and the
       inputs are every other entry, so the model is called as ``model(**inputs)`` (its
-      ``attention_mask``, ``token_type_ids``, ... included);
+      ``attention_mask``, ``token_type_ids``, ... included). Without such a key, an extractive
+      question-answering batch (``"start_positions"`` and ``"end_positions"``, Hugging Face's
+      ``*ForQuestionAnswering``) has the answer span as its target, ``(N, 2)``
+      (:func:`span_target`);
     - any other dict: the inputs under the first of :data:`INPUT_KEYS` present
       (``"inputs"``, ``"input"``, ``"x"``, ``"features"``, ``"image"``, ``"images"``, ``"data"``) and
       the target under the first of :data:`TARGET_KEYS` present (``"target"``, ``"targets"``,
@@ -76,6 +92,13 @@ def split_batch(batch: Any) -> tuple[Any, Tensor]:
     """
     if isinstance(batch, Mapping) and any(k in batch for k in KEYWORD_INPUT_KEYS):
         key = next((k for k in TARGET_KEYS if k in batch), None)
+        if key is None and all(k in batch for k in SPAN_TARGET_KEYS):
+            inputs = {k: v for k, v in batch.items() if k not in SPAN_TARGET_KEYS}
+            target = span_target(
+                batch[SPAN_TARGET_KEYS[0]], batch[SPAN_TARGET_KEYS[1]], _sequence_length(batch)
+            )
+            _check(inputs, target)
+            return inputs, target
         if key is None:
             raise ValueError(
                 f"SharpnessMonitor cannot find the target in a dict batch with keys "
@@ -125,3 +148,42 @@ def _check(inputs: Any, target: Any) -> None:
             "SharpnessMonitor expected inputs and target with the same number of samples along "
             f"dim 0, got {n} inputs and a target of shape {tuple(target.shape)}; {_FIX}."
         )
+
+
+def span_target(start: Tensor, end: Tensor, length: int) -> Tensor:
+    """The ``(N, 2)`` target of an extractive question-answering batch: the start and end positions of
+    the answer, each a class index over the ``length`` positions of the sequence, read as Hugging Face's
+    ``ForQuestionAnsweringLoss`` reads them: clamped to ``[0, length]``, and ``length`` (a position
+    outside the model's inputs) ignored, here as ``-100``.
+
+    With the span logits stacked as ``(N, 2, length)``
+    (:func:`~lightning_flatness.functional.model_io.extract_logits`), a token-level loss over the two
+    rows of each sample (:class:`~lightning_flatness.functional.model_io.TokenLoss`) is the model's own
+    loss ``(mean start loss + mean end loss) / 2`` whenever as many start as end positions are scored
+    (always where every position lies in the sequence); otherwise the mean over all scored rows.
+
+    Args:
+        start, end: ``(N,)`` (or ``(N, 1)``) integer positions.
+        length: the sequence length of the batch.
+
+    Example:
+        >>> import torch
+        >>> span_target(torch.tensor([0, 3, 9]), torch.tensor([2, -1, 4]), length=5).tolist()
+        [[0, 2], [3, 0], [-100, 4]]
+    """
+    span = torch.stack([start.reshape(start.shape[0]), end.reshape(end.shape[0])], dim=1)
+    span = span.clamp(0, length)
+    return span.masked_fill(span == length, -100)
+
+
+def _sequence_length(batch: Mapping) -> int:
+    """Dim 1 of the first of ``input_ids``, ``inputs_embeds``, ``attention_mask`` in a dict batch."""
+    for key in _SEQUENCE_KEYS:
+        value = batch.get(key)
+        if isinstance(value, Tensor) and value.ndim >= 2:
+            return int(value.shape[1])
+    raise ValueError(
+        f"SharpnessMonitor found an answer span ({', '.join(SPAN_TARGET_KEYS)}) in a dict batch with keys "
+        f"{sorted(map(str, batch))} but no sequence to read it from: it looks for one of "
+        f"{list(_SEQUENCE_KEYS)} with the positions along dim 1; add it to the batch or {_FIX}."
+    )

@@ -258,7 +258,8 @@ class SharpnessMonitorBase:
 
         The default (:func:`lightning_flatness.batch_split.split_batch`) takes the first two entries
         of a tuple/list; for a Hugging Face dict (with ``"input_ids"``, ``"pixel_values"``, ...) the
-        target under ``"labels"`` (or another target key) and every other entry as keyword inputs;
+        target under ``"labels"`` (or another target key; else the answer span of
+        ``"start_positions"`` and ``"end_positions"``) and every other entry as keyword inputs;
         for any other dict the first present of the keys ``"inputs"``, ``"input"``, ``"x"``,
         ``"features"``, ``"image"``, ``"images"``, ``"data"`` (inputs) and ``"target"``,
         ``"targets"``, ``"y"``, ``"label"``, ``"labels"`` (target). Override it for other batches.

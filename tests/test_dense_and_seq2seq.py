@@ -55,7 +55,7 @@ def test_extract_logits_reads_torchvision_segmentation_outputs():
     out, aux = torch.zeros(1, 3, 2, 2), torch.ones(1, 3, 2, 2)
     assert extract_logits({"out": out, "aux": aux}) is out
     assert extract_logits({"logits": aux, "out": out}) is aux  # Hugging Face's key first
-    with pytest.raises(TypeError, match="none of 'logits' or 'out'"):
+    with pytest.raises(TypeError, match="none of 'logits', 'out' or 'start_logits' and 'end_logits'"):
         extract_logits({"pred": out})
 
 

@@ -21,7 +21,8 @@ sigmoid), torchvision's ViT (``nn.MultiheadAttention``), Swin (windowed attentio
 sample along dim 0), ViT (patch conv, LayerNorm, GELU, fused attention,
 ``cls_token``, ``pos_embed``), ConvNeXt (depthwise 7x7 conv, channels-last LayerNorm, GELU, layer
 scale), BERT (embedding tables, attention mask, ``token_type_ids``, pooler tanh,
-``SequenceClassifierOutput``) and GPT-2 (``Conv1D``, causal attention, tied LM head, token logits
+``SequenceClassifierOutput``; outside ``TINY``, :data:`TASK_HEADS`: question answering's span logits and
+targets, multiple choice's rows) and GPT-2 (``Conv1D``, causal attention, tied LM head, token logits
 ``(N, T, V)``). Beyond ``TINY``, :func:`seq2seq_model` (T5, BART, Whisper trained with ``labels`` only)
 and :func:`segformer_model` (low-resolution logits upsampled by the loss) build models for the reach tests.
 """
@@ -252,6 +253,71 @@ def tiny_bert(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
     return _finish(model, (inputs, labels), dtype)
 
 
+def tiny_bert_question_answering(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """``BertForQuestionAnswering`` (the encoder of :func:`tiny_bert`) on dict inputs; the target is the
+    answer span ``(N, 2)`` (start, end; every position inside the sequence), as the measurement reads a
+    batch's ``start_positions`` and ``end_positions`` (:func:`span_batch` builds that batch; loss:
+    ``TokenLoss(base)`` on the ``(N, 2, T)`` span logits). Its output is a ``QuestionAnsweringModelOutput``
+    (``start_logits``, ``end_logits``, each ``(N, T)``)."""
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    _seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+        type_vocab_size=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    model = BertForQuestionAnswering(config)
+    inputs = _token_batch(n, seed)
+    inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+    inputs["token_type_ids"][:, SEQ // 2 :] = 1
+    g = torch.Generator().manual_seed(seed + 2)
+    start = torch.randint(0, SEQ - 2, (n,), generator=g)
+    span = torch.stack([start, start + torch.randint(0, 2, (n,), generator=g)], dim=1)
+    return _finish(model, (inputs, span), dtype)
+
+
+def tiny_bert_multiple_choice(
+    n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32, token_types: bool = False
+):
+    """``BertForMultipleChoice`` (the encoder of :func:`tiny_bert`) on dict inputs ``(N, 3, T)``: 3 candidate
+    texts per sample, one label ``(N,)``; logits ``(N, 3)``. The model runs its encoder on ``(N * 3, T)``
+    rows (several rows per sample along dim 0); without ``token_types`` it expands its own buffer of zero
+    token types to those rows."""
+    from transformers import BertConfig, BertForMultipleChoice
+
+    _seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    model = BertForMultipleChoice(config)
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(1, VOCAB, (n, 3, SEQ), generator=g)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if token_types:
+        inputs["token_type_ids"] = (torch.arange(SEQ) >= SEQ // 2).long().expand_as(ids).contiguous()
+    return _finish(model, (inputs, torch.randint(0, 3, (n,), generator=g)), dtype)
+
+
+def span_batch(inputs: dict[str, Tensor], span: Tensor) -> dict[str, Tensor]:
+    """A question-answering batch as Hugging Face's data collators give it: the inputs and the ``(N, 2)``
+    answer span as ``start_positions`` and ``end_positions``."""
+    return {**inputs, "start_positions": span[:, 0], "end_positions": span[:, 1]}
+
+
 def tiny_gpt2(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
     """``GPT2LMHeadModel`` (8-dim, 1 layer, 2 heads, vocabulary 32, tied LM head) on dict inputs
     ``input_ids``/``attention_mask``; the target is ``labels = input_ids`` with ``-100`` on padding
@@ -361,12 +427,23 @@ SMALL: dict[str, Callable[..., tuple[nn.Module, Any]]] = {
     "mobilenet_v3": small_mobilenet_v3,
 }
 
+#: Task heads beyond ``TINY``'s classifiers and LM: extractive question answering (its batches carry the
+#: span: :func:`span_batch`) and multiple choice.
+TASK_HEADS: dict[str, Callable[..., tuple[nn.Module, Any]]] = {
+    "bert_qa": tiny_bert_question_answering,
+    "bert_mc": tiny_bert_multiple_choice,
+}
+QUESTION_ANSWERING = frozenset({"bert_qa"})
+
 #: Models whose target is a token sequence (loss: ``TokenLoss(base, shift=True)``).
 CAUSAL_LM = frozenset({"gpt2"})
 
 
 def zoo_loss(name: str, base: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
-    """The loss to use with zoo model ``name``: ``base`` itself, or ``TokenLoss(base, shift=True)``."""
+    """The loss to use with zoo model ``name``: ``base`` itself, ``TokenLoss(base, shift=True)`` (causal
+    LMs) or ``TokenLoss(base)`` (the two span rows of a question-answering model)."""
     from lightning_flatness.functional.model_io import TokenLoss
 
+    if name in QUESTION_ANSWERING:
+        return TokenLoss(base)
     return TokenLoss(base, shift=True) if name in CAUSAL_LM else base

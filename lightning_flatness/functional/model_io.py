@@ -97,21 +97,30 @@ def split_samples(inputs: Any, sections: int) -> list[Any]:
 #: ``ModelOutput`` and dicts (``"logits"``), torchvision's segmentation models (``"out"``, beside an
 #: optional auxiliary head ``"aux"`` that the measurement leaves out, as evaluation does).
 LOGIT_KEYS = ("logits", "out")
+#: Keys of the span logits of an extractive question-answering model (Hugging Face's
+#: ``QuestionAnsweringModelOutput``), read where no key of :data:`LOGIT_KEYS` is present.
+SPAN_LOGIT_KEYS = ("start_logits", "end_logits")
 
 
 def extract_logits(output: Any) -> Tensor:
     """The logits in a model's output: a tensor, ``output["logits"]`` (else ``output["out"]``) of a
-    dict/``ModelOutput`` (:data:`LOGIT_KEYS`), or the first entry of a tuple/list."""
+    dict/``ModelOutput`` (:data:`LOGIT_KEYS`), or the first entry of a tuple/list. An extractive
+    question-answering output (``start_logits`` and ``end_logits``, each ``(N, T)``,
+    :data:`SPAN_LOGIT_KEYS`) gives ``(N, 2, T)``: two rows of ``T`` position logits per sample, the
+    layout of a sequence output, scored per row against the ``(N, 2)`` answer span
+    (:func:`lightning_flatness.batch_split.span_target`)."""
     if isinstance(output, Tensor):
         return output
     if isinstance(output, Mapping):
         for key in LOGIT_KEYS:
             if key in output:
                 return extract_logits(output[key])
+        if all(isinstance(output.get(key), Tensor) for key in SPAN_LOGIT_KEYS):
+            return torch.stack([output[key] for key in SPAN_LOGIT_KEYS], dim=1)
         raise TypeError(
             f"the model returned a {type(output).__name__} with keys {sorted(map(str, output))} and "
-            "none of 'logits' or 'out'; return the logits (a tensor), or a dict/ModelOutput with a "
-            "'logits' entry."
+            "none of 'logits', 'out' or 'start_logits' and 'end_logits'; return the logits (a tensor), "
+            "or a dict/ModelOutput with a 'logits' entry."
         )
     if isinstance(output, (tuple, list)) and output:
         return extract_logits(output[0])

@@ -259,11 +259,15 @@ class _ForwardRecorder(TorchFunctionMode):
 
     def _holds_rows_per_sample(self, args: tuple, kwargs: dict) -> bool:
         """Whether a constant argument has one row per sample along dim 0 (BERT's default token types, a
-        buffer expanded to the batch): per-sample data, not a constant of a function of the weights."""
+        buffer expanded to the batch), or a buffer row expanded to several rows per sample (the same in a
+        multiple-choice model, whose rows are ``N * choices``): per-sample data, not a constant of a
+        function of the weights."""
+        n = self.batch_size
         for group in (args, kwargs.values()):
             for item in group:
                 if isinstance(item, Tensor) and not item.requires_grad and item.ndim > 0:
-                    if item.shape[0] == self.batch_size:
+                    rows = item.shape[0]
+                    if rows == n or (rows > n and rows % n == 0 and item.stride(0) == 0):
                         return True
         return False
 
@@ -701,16 +705,16 @@ def _record_forward(
                 ExplicitAttention() if record_nodes else contextlib.nullcontext(),  # inside: seen by recorder
             ):
                 output = _call(model, x)
+                try:  # inside: what assembles the logits (a span model's stack) is recorded too
+                    logits = extract_logits(output)
+                except TypeError as err:
+                    raise ValueError(f"{caller}: {err}") from None
         finally:
             module_names.remove()
         if clone_outputs or not recorder.outputs_changed_in_place():
             break
     if clone_outputs and not copied:
         _remember_in_place_changes(model)
-    try:
-        logits = extract_logits(output)
-    except TypeError as err:
-        raise ValueError(f"{caller}: {err}") from None
     recorder.output_is_weight_function = any(id(t) in recorder.derived for t in (logits, logits._base))
     if logits.ndim == 0 or logits.shape[0] != n:
         raise ValueError(

@@ -9,7 +9,9 @@ summed), and the Gauss-Newton diagonal of the table is
 
 Computed without per-sample gradients of the whole table: the positions are grouped by their
 ``(sample, id)`` pair (``torch.unique``), their gradients summed per pair (``index_add``), squared,
-weighted by the signs and added to the pairs' rows. Cost ``O(K N P C)`` for ``N`` samples of ``P``
+weighted by the signs and added to the pairs' rows. Ids with several rows per sample along dim 0,
+sample-major (a multiple-choice model's ``(N * choices, T)``), are read as more positions of each sample
+(:meth:`EmbeddingRule.regroup`; the batch-independence probe checks the order). Cost ``O(K N P C)`` for ``N`` samples of ``P``
 positions and ``C`` columns, independent of the vocabulary size; memory ``K U C`` for the ``U <= N P``
 distinct pairs. Positions holding ``padding_idx`` are left out (autograd gives that row no gradient).
 
@@ -23,6 +25,7 @@ gradients of its other calls (:meth:`EmbeddingRule.sample_gradients`, :mod:`.sha
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -58,12 +61,15 @@ class EmbeddingRule(LayerRule):
         call.options["padding_idx"] = padding
 
     def is_batched(self, call: LayerCall, n: int) -> bool:
-        return (
-            not call.samples_interact
-            and call.inputs.ndim >= 1
-            and call.inputs.shape[0] == n
-            and call.output.shape[0] == n
-        )
+        rows = call.inputs.shape[0] if call.inputs.ndim >= 1 else -1
+        return not call.samples_interact and rows > 0 and rows % n == 0 and call.output.shape[0] == rows
+
+    def regroup(self, call: LayerCall, grad: Tensor, n: int) -> tuple[LayerCall, Tensor]:
+        """``(n k, *positions)`` ids (a multiple-choice model's ``(N * choices, T)`` tokens) as ``(n, k *
+        positions)``: each sample's ``k`` rows are more positions of its lookup, like
+        :meth:`~.linear.LinearRule.regroup`."""
+        inputs = call.inputs.reshape(n, -1)
+        return dataclasses.replace(call, inputs=inputs), grad.reshape(grad.shape[0], n, -1, grad.shape[-1])
 
     def accumulate(
         self, call: LayerCall, grad: Tensor, signs: Tensor, diag: dict[str, Tensor], leaves: dict[str, Tensor]
