@@ -11,9 +11,10 @@ Computed without per-sample gradients of the whole table: the positions are grou
 ``(sample, id)`` pair (``torch.unique``), their gradients summed per pair (``index_add``), squared,
 weighted by the signs and added to the pairs' rows. Ids with several rows per sample along dim 0,
 sample-major (a multiple-choice model's ``(N * choices, T)``), are read as more positions of each sample
-(:meth:`EmbeddingRule.regroup`; the batch-independence probe checks the order). Cost ``O(K N P C)`` for ``N`` samples of ``P``
-positions and ``C`` columns, independent of the vocabulary size; memory ``K U C`` for the ``U <= N P``
-distinct pairs. Positions holding ``padding_idx`` are left out (autograd gives that row no gradient).
+(:meth:`EmbeddingRule.regroup`; the batch-independence probe checks the order). Cost ``O(K N P C)`` for
+``N`` samples of ``P`` positions and ``C`` columns, independent of the vocabulary size; memory ``K U C``
+for the ``U <= N P`` distinct pairs. Positions holding ``padding_idx`` are left out (autograd gives that
+row no gradient).
 
 A lookup is linear in the table, so the exactness recorder lists ``embedding`` among the piecewise
 linear ops; ``max_norm`` (which renormalises rows in place) and ``scale_grad_by_freq`` (which rescales
