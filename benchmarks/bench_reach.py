@@ -11,7 +11,8 @@ models get per-pixel classes with a void border (255) and their training loss,
 ``nn.CrossEntropyLoss(ignore_index=255)``; encoder-decoder models get Hugging Face's training batch
 (``input_ids`` and ``labels`` only); token classifiers per-token labels with padding (``-100``);
 question-answering models the answer span (``start_positions``, ``end_positions``); multiple-choice
-models 3 candidate texts per sample.
+models 3 candidate texts per sample; regression and multi-label classifiers float labels (the model's
+own loss is measured).
 
 Run: ``python -m benchmarks.bench_reach --json benchmarks/results/bench_reach.json`` (writes
 ``bench_reach.md`` beside the JSON; needs the ``zoo`` extra). ``--quick``: three small models.
@@ -291,6 +292,24 @@ MODELS: dict[str, Builder] = {
     "transformers Segformer (semantic segmentation, labels only)": _zoo(
         "segformer_model", "segmentation_hf", 10
     ),
+    "transformers BERT regression (1 label)": _hf(
+        "BertForSequenceClassification", "BertConfig", "regression", hidden_size=16, num_labels=1, **_TEXT
+    ),
+    "transformers BERT multi-label": _hf(
+        "BertForSequenceClassification", "BertConfig", "multilabel", hidden_size=16, num_labels=5, **_TEXT
+    ),
+    "transformers ViT (image) multi-label": _hf(
+        "ViTForImageClassification",
+        "ViTConfig",
+        "image_multilabel",
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=32,
+        patch_size=8,
+        num_labels=5,
+    ),
     "transformers BERT token classification": _hf(
         "BertForTokenClassification", "BertConfig", "tokens", hidden_size=16, num_labels=5, **_TEXT
     ),
@@ -351,6 +370,15 @@ def _batches(spec: tuple[str, int], samples: int) -> list[Any]:
                     "end_positions": start + 2,
                 }
             )
+        elif kind in ("regression", "multilabel"):  # float labels: one value, or multi-hot over 5 labels
+            ids = torch.randint(0, 64, (2, 8), generator=g)
+            labels = (
+                torch.randn(2, generator=g) if kind == "regression" else torch.rand(2, 5, generator=g).round()
+            )
+            out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+        elif kind == "image_multilabel":
+            labels = torch.rand(2, 5, generator=g).round()
+            out.append({"pixel_values": torch.randn(2, 3, size, size, generator=g), "labels": labels})
         elif kind == "choices":  # multiple choice: 3 candidate texts per sample, one label
             ids = torch.randint(0, 64, (2, 3, 8), generator=g)
             labels = torch.randint(0, 3, (2,), generator=g)

@@ -19,12 +19,19 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_flatness.batch_split import split_batch as default_split_batch
 from lightning_flatness.functional.estimators import hessian_diagonal_groups
 from lightning_flatness.functional.estimators.method_choice import MethodChoice, choose_method
-from lightning_flatness.functional.loss_forms import loss_for_outputs, split_ignore_index
+from lightning_flatness.functional.loss_forms import (
+    hessian_twin,
+    loss_for_outputs,
+    single_output_mse_loss,
+    split_ignore_index,
+)
+from lightning_flatness.functional.loss_hessian_factors import is_probability_target
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.model_io import (
     TokenLoss,
@@ -40,6 +47,8 @@ from lightning_flatness.metric import NormalizedSharpness, all_finite
 __all__ = [
     "SharpnessMeasurement",
     "SharpnessResult",
+    "check_class_targets",
+    "classifier_problem",
     "is_causal_lm",
     "measure_sharpness",
     "position_class_dim",
@@ -52,6 +61,86 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 #: Class-name endings of causal language models (Hugging Face), whose labels are the inputs shifted by one.
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+#: Class-name endings of Hugging Face classifiers whose loss follows ``config.problem_type`` (transformers'
+#: ``ForSequenceClassificationLoss``: cross-entropy, squared error or binary cross-entropy).
+CLASSIFIER_SUFFIXES = (
+    "ForSequenceClassification",
+    "ForImageClassification",
+    "ForVideoClassification",
+    "ForAudioClassification",
+)
+
+
+def classifier_problem(model: nn.Module, target: Tensor) -> Optional[tuple[str, int]]:
+    """``(problem_type, num_labels)`` of the first Hugging Face classifier in ``model`` (class name ending in
+    one of :data:`CLASSIFIER_SUFFIXES`): its ``config.problem_type``, else the type its loss infers, as
+    transformers does: ``"regression"`` for one label, ``"single_label_classification"`` for ``int32`` /
+    ``int64`` labels, else ``"multi_label_classification"``. None for other models."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if type(module).__name__.endswith(CLASSIFIER_SUFFIXES) and hasattr(config, "num_labels"):
+            labels = int(config.num_labels)
+            problem = getattr(config, "problem_type", None)
+            if problem is None:
+                if labels == 1:
+                    problem = "regression"
+                elif target.dtype in (torch.long, torch.int):
+                    problem = "single_label_classification"
+                else:
+                    problem = "multi_label_classification"
+            return str(problem), labels
+    return None
+
+
+def _classifier_loss(loss_fn: LossFn, model: nn.Module, target: Tensor) -> LossFn:
+    """The default loss (eq. 20) where it applies; for a Hugging Face classifier trained for regression or
+    multi-label classification (:func:`classifier_problem`), where eq. 20's class targets do not exist,
+    the model's own loss, with a warning that says so."""
+    if loss_fn is not normalized_softmax_cross_entropy:
+        return loss_fn
+    found = classifier_problem(model, target)
+    if found is None:
+        return loss_fn
+    problem, labels = found
+    own: Optional[LossFn] = None
+    if problem == "regression":
+        own, name = (
+            (single_output_mse_loss, "MSELoss on the squeezed logits")
+            if labels == 1
+            else (F.mse_loss, "MSELoss")
+        )
+    elif problem == "multi_label_classification":
+        own, name = F.binary_cross_entropy_with_logits, "BCEWithLogitsLoss"
+    if own is None:
+        return loss_fn
+    warnings.warn(
+        f"the model is a Hugging Face classifier trained for {problem} (config.problem_type, or inferred "
+        f"from num_labels={labels} and the labels' dtype {target.dtype}, as transformers does): the default "
+        f"loss, eq. 20's normalized softmax cross-entropy, needs one class per sample, so the measurement "
+        f"uses the model's own loss, {name}. Pass `loss_fn=` to measure another.",
+        stacklevel=3,
+    )
+    return own
+
+
+def check_class_targets(loss_fn: LossFn, logits: Tensor, target: Tensor) -> None:
+    """Float targets of a softmax loss (eq. 20, the cross-entropy) on ``(N, K)`` logits must be class
+    probabilities, rows ``>= 0`` summing to 1 (mixup, cutmix); any other float target (regression values,
+    multi-hot labels) would be read as unnormalised class weights and measure a loss that was never
+    trained. Raises ``ValueError`` naming the loss to pass instead."""
+    softmax = loss_fn is normalized_softmax_cross_entropy or hessian_twin(loss_fn) is F.cross_entropy
+    if not softmax or logits.ndim != 2 or not target.is_floating_point():
+        return
+    if is_probability_target(logits, target):
+        return
+    name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+    raise ValueError(
+        f"the loss is a softmax cross-entropy ({name}), which "
+        f"reads float targets as class probabilities ((N, K) rows >= 0 summing to 1), but the targets "
+        f"{tuple(target.shape)} ({target.dtype}) for logits {tuple(logits.shape)} are not. For regression "
+        "targets pass `loss_fn=F.mse_loss` (targets of the logits' shape), for multi-label targets "
+        "`loss_fn=nn.BCEWithLogitsLoss()`, for class indices integer targets."
+    )
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -77,7 +166,10 @@ def resolve_loss(loss_fn: LossFn, model: nn.Module, logits: Tensor, target: Tens
     standard form
     (:func:`~lightning_flatness.functional.loss_forms.loss_for_outputs`: ``nn.CrossEntropyLoss()`` is
     ``F.cross_entropy``, ``F.nll_loss`` on log-probabilities is ``F.cross_entropy``, and on anything else
-    an error)."""
+    an error). The default eq. 20 on a Hugging Face classifier trained for regression or multi-label
+    classification is that model's own loss (:func:`classifier_problem`, with a warning); float targets
+    of a softmax loss that are not class probabilities are an error (:func:`check_class_targets`)."""
+    loss_fn = _classifier_loss(loss_fn, model, target)
     class_dim = None if isinstance(loss_fn, TokenLoss) else position_class_dim(model, logits, target)
     output_size = None
     segmentation = None  # looked up only where it decides something, and at most once
@@ -101,7 +193,9 @@ def resolve_loss(loss_fn: LossFn, model: nn.Module, logits: Tensor, target: Tens
                 ignore_index = int(getattr(segmentation.config, "semantic_loss_ignore_index", -100))
         shift = class_dim == -1 and is_causal_lm(model)
         loss_fn = TokenLoss(base, shift, ignore_index, class_dim, output_size)
-    return loss_for_outputs(loss_fn, logits)
+    loss_fn = loss_for_outputs(loss_fn, logits)
+    check_class_targets(loss_fn, logits, target)
+    return loss_fn
 
 
 def semantic_segmentation_model(model: nn.Module) -> Optional[nn.Module]:

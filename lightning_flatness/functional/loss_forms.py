@@ -50,6 +50,7 @@ __all__ = [
     "hessian_twin",
     "loss_for_outputs",
     "needs_outputs",
+    "single_output_mse_loss",
     "split_ignore_index",
     "standard_loss",
 ]
@@ -208,3 +209,19 @@ def loss_for_outputs(loss_fn: LossFn, outputs: Tensor) -> LossFn:
     if isinstance(loss_fn, TokenLoss):
         return loss_fn.with_base(F.cross_entropy)
     return F.cross_entropy
+
+
+def single_output_mse_loss(outputs: Tensor, target: Tensor) -> Tensor:
+    """The squared error of a single-output regression model, ``(N, 1)`` outputs against ``(N,)`` (or
+    ``(N, 1)``) targets, averaged over the samples: what Hugging Face's classifiers with ``num_labels=1``
+    train with, ``MSELoss()(logits.squeeze(), labels.squeeze())``. (``F.mse_loss`` itself would broadcast
+    ``(N, 1)`` against ``(N,)`` to ``(N, N)``.) One output per sample: its Hessian is taken by autograd at
+    the cost of one column.
+
+    Example:
+        >>> import torch
+        >>> float(single_output_mse_loss(torch.tensor([[1.0], [3.0]]), torch.tensor([0.0, 1.0])))
+        2.5
+    """
+    n = outputs.shape[0]
+    return F.mse_loss(outputs.reshape(n), target.reshape(n).to(outputs.dtype))
