@@ -9,6 +9,7 @@ method says it measured (Hessian or Gauss-Newton diagonal)."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import pytorch_lightning as pl
@@ -20,7 +21,14 @@ for _module in ("torchvision", "timm", "transformers"):  # the `zoo` extra
     pytest.importorskip(_module)
 
 from callback_models import quiet_trainer  # noqa: E402
-from zoo_models import TINY, segformer_model, seq2seq_model, span_batch, tiny_bert_question_answering  # noqa: E402
+from zoo_models import (  # noqa: E402
+    TINY,
+    segformer_model,
+    seq2seq_model,
+    span_batch,
+    tiny_bert_multiple_choice,
+    tiny_bert_question_answering,
+)
 from zoo_oracle import brute_force_ggn_diagonal, brute_force_hessian_diagonal  # noqa: E402
 
 from lightning_flatness import SharpnessMonitor  # noqa: E402
@@ -324,3 +332,36 @@ def test_hugging_face_question_answering_model_is_measured_at_the_defaults():
     )
     trace = sum(float(d.detach().sum()) for d in diag.values())
     assert abs(last["hessian_trace"] - trace) < 4 * last["hessian_trace_stderr"]
+
+
+def test_hugging_face_multiple_choice_model_is_measured_at_the_defaults():
+    """BERT for multiple choice (``input_ids`` ``(N, 3, T)``, the model's own loss): its encoder's
+    ``(N * 3, T)`` rows take the per-layer path (no per-sample fallback warning), and the monitor measures
+    the Hessian with the sketch, one sample per question."""
+    model, (inputs, labels) = tiny_bert_multiple_choice(24)
+    monitor = SharpnessMonitor(num_samples=16)
+    pl.seed_everything(0, verbose=False)
+    trainer = quiet_trainer([monitor], max_epochs=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(HuggingFaceModule(model.train()), _Data(_DictDataset(inputs, labels)))
+    assert not any("per-layer contractions do not apply" in str(w.message) for w in caught)
+    last = monitor.history[-1]
+    assert len(monitor.history) == 2 and last["method"] == "hessian_sketch" and last["num_samples"] == 16
+    assert all(math.isfinite(h["normalized"]) and h["normalized"] > 0 for h in monitor.history)
+
+
+def test_hugging_face_multi_label_classifier_is_measured_with_its_own_loss():
+    """A BERT classifier with float multi-hot labels (transformers trains it with BCEWithLogitsLoss): the
+    monitor, at its defaults, says so and measures that loss, not eq. 20."""
+    model, (inputs, _) = TINY["bert"](24)
+    labels = (
+        torch.rand(24, model.config.num_labels, generator=torch.Generator().manual_seed(3)) > 0.5
+    ).float()
+    monitor = SharpnessMonitor(num_samples=16)
+    pl.seed_everything(0, verbose=False)
+    trainer = quiet_trainer([monitor], max_epochs=1)
+    with pytest.warns(UserWarning, match="trained for multi_label_classification"):
+        trainer.fit(HuggingFaceModule(model.train()), _Data(_DictDataset(inputs, labels)))
+    assert monitor._loss is F.binary_cross_entropy_with_logits
+    assert math.isfinite(monitor.history[-1]["normalized"]) and monitor.history[-1]["normalized"] > 0
