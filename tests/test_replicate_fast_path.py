@@ -110,6 +110,22 @@ def test_replicate_curvature_gives_exact_zeros_where_the_other_slots_are_zero():
     assert torch.equal(a[leave_out_1, :3, 0], torch.zeros(3, dtype=F64))
 
 
+def test_leave_one_out_means_do_not_cancel_against_a_dominant_slot():
+    """A slot far larger than the others (a batch with extreme curvature) must not swamp the means that
+    leave it out: formed as the total minus the slot, they lost every other slot's contribution (1 and
+    2.17 read 0 here); each mean is its own weighted sum of the slots."""
+    sums = torch.tensor([[1e17, 1e17], [3.0, 5.0], [1.0, 7.0], [2.0, 1.0]], dtype=F64)
+    mix = replicate_weights(torch.full((4,), 2.0, dtype=F64), [0, 1, 2, 3])
+    a, trace = replicate_curvature(sums, mix, torch.Size((1, 2)))
+    means = mix @ sums
+    leave_out_0 = 1  # row 1 of mix: slot 0 left out
+    torch.testing.assert_close(
+        a[leave_out_0, 0], torch.tensor([1.0, 13.0 / 6.0], dtype=F64), rtol=1e-15, atol=0
+    )
+    torch.testing.assert_close(a.reshape(len(mix), -1), means.clamp_min(0), rtol=1e-15, atol=0)
+    torch.testing.assert_close(trace[leave_out_0], means[leave_out_0].sum(), rtol=1e-15, atol=0)
+
+
 def test_series_dual_bound_lies_between_the_taylor_bound_and_the_exact_dual_value():
     """At one Newton step from the pooled optimum of a perturbed problem: Taylor bound (second order,
     _newton) <= fourth-order bound <= AM-GM bound with C summed exactly (log1p) <= inf S."""

@@ -21,7 +21,8 @@ from torch import Tensor
 
 __all__ = ["curvature_chunks", "formed_curvature", "replicate_curvature", "used_slots"]
 
-_CHUNK = 1 << 15  # entries per slot in one chunk (whole rows; P such rows fit in L2/L3 cache)
+_CHUNK = 1 << 15  # entries per slot in one chunk (whole rows)
+_CLIPPED_CHUNK = 1 << 13  # ... of the clipping path's means (the P means stay in cache: RESULTS.md, round 15)
 
 
 def used_slots(mix: Tensor) -> list[int]:
@@ -36,14 +37,11 @@ def curvature_chunks(
     ``A_p = sum_k max(mean_p, 0)`` of the rows, ``(P, hi - lo, n)``, of the ``P`` means
     ``mean_p = sum_r mix_pr sums_r``, and the rows' per-slot totals ``(len(used_slots(mix)),)``.
 
-    Every row of ``mix`` from
-    :func:`~lightning_flatness.functional.replicate_measures.replicate_weights` is one constant
-    ``c_p > 0`` on a set of slots, so ``max(mean_p, 0) = c_p max(sum_{r in set} sums_r, 0)``: the sums of
-    each set are formed slot by slot, leave-one-out sets as the sum of all minus one slot (exactly 0
-    where every other slot is exactly 0, which is what tells the solver an infimum is unattained;
-    elsewhere within ``eps`` times the largest slot of the entry). Any other non-negative ``mix``
-    takes the product ``mix @ sums`` per chunk. Cost per chunk: about ``3 R + 2 P`` flops per weight
-    entry and one read of its ``(R, ·)`` slot sums, in cache. Where a chunk's slot sums are all
+    The means are one matrix product ``mix @ sums`` per block of a few rows (``2 P R`` flops per weight
+    entry and one read of its ``(R, ·)`` slot sums, in cache: a few ops per block, faster than forming
+    each set's sum slot by slot, as an earlier version did: ``benchmarks/RESULTS.md``, round 15). A mean
+    whose slots are all exactly 0 is exactly 0 (no cancellation: its weights multiply the slots
+    directly), which is what tells the solver an infimum is unattained. Where a chunk's slot sums are all
     ``>= 0`` (Gauss-Newton estimates of a loss convex in the outputs: cross-entropy, squared error)
     nothing is clipped, so the kernel sum commutes with the mix:
     each slot is summed over the kernel first (one matrix-vector product per slot) and the means are
@@ -60,51 +58,16 @@ def curvature_chunks(
     m, n = shape[0], shape[1]
     kernel = math.prod(shape[2:])
     row = n * kernel
-    support = mix > 0
-    coef = mix.amax(dim=1)
-    structured = torch.equal(mix, torch.where(support, coef[:, None], torch.zeros_like(mix)))
     used = used_slots(mix)
-    position = {slot: k for k, slot in enumerate(used)}
-    num = mix.shape[0]
-    # rows of mix: leave-one-out means (every used slot but one) and other sets (pooled, halves)
-    loo_rows, loo_slots, other = [], [], []
-    for p, on in enumerate(support.tolist()):
-        slots = [position[r] for r, flag in enumerate(on) if flag]
-        if len(slots) == len(used) - 1 and len(used) >= 2:
-            loo_rows.append(p)
-            loo_slots.append(next(k for k in range(len(used)) if k not in slots))
-        else:
-            other.append((p, slots))
     every = used == list(range(sums.shape[0]))  # else each chunk's used slots are picked (no whole copy)
     weights = mix[:, used]
-    loo_block = (
-        loo_rows == list(range(loo_rows[0], loo_rows[0] + len(loo_rows)))
-        and loo_slots == list(range(len(used)))
-        if loo_rows
-        else False
-    )
+    num = mix.shape[0]
     rows_per = max(1, _CHUNK // max(row, 1))
-    means = sums.new_empty(num, min(rows_per, m) * row)
-    workspace = (sums.new_ones(kernel), sums.new_empty(num * min(rows_per, m) * n))
+    clipped_rows = min(rows_per, max(1, _CLIPPED_CHUNK // max(row, 1)))
+    means = sums.new_empty(num, min(clipped_rows, m) * row)
+    workspace = (sums.new_ones(kernel), sums.new_empty(num * min(clipped_rows, m) * n))
     slot_kernel_sums = sums.new_empty(len(used), min(rows_per, m) * n) if kernel > 1 else None
     buffer = out if out is not None else sums.new_empty(num, min(rows_per, m) * n)
-
-    def combine(s: Tensor, chunk: Tensor) -> None:  # chunk = mix @ s, from the slot sums s of the chunk
-        if not structured:
-            torch.mm(weights, s, out=chunk)
-            return
-        total = s.sum(dim=0)
-        if loo_block:  # one op: sum - slot (slots all exactly 0 but one give exactly 0)
-            torch.sub(total, s, out=chunk[loo_rows[0] : loo_rows[0] + len(loo_rows)])
-        else:
-            for p, k in zip(loo_rows, loo_slots):
-                torch.sub(total, s[k], out=chunk[p])
-        for p, slots in other:
-            if len(slots) == len(used):
-                chunk[p] = total
-            else:
-                torch.sum(s[_as_index(slots)], dim=0, out=chunk[p])
-
     for lo in range(0, m, rows_per):
         hi = min(m, lo + rows_per)
         s = sums[:, lo * row : hi * row] if every else sums[used, lo * row : hi * row]
@@ -115,16 +78,15 @@ def curvature_chunks(
             reduced = slot_kernel_sums[:, : (hi - lo) * n]
             for k in range(s.shape[0]):  # (a matrix-vector product per slot: faster than one batched)
                 torch.mv(s[k].view(-1, kernel), workspace[0], out=reduced[k])
-            combine(reduced, target)
-            target.clamp_min_(0)  # (rounding of sum - slot: never below 0 for non-negative slots)
+            torch.mm(weights, reduced, out=target)
             totals = reduced.sum(dim=1)
-        else:
-            chunk = means[:, : s.shape[1]]
-            combine(s, chunk)
-            _kernel_sum(chunk.clamp_min_(0), kernel, target, workspace)
+        else:  # the means of fewer rows at a time, clipped and summed over the kernel while in cache
+            for a in range(0, hi - lo, clipped_rows):
+                b = min(hi - lo, a + clipped_rows)
+                chunk = means[:, : (b - a) * row]
+                torch.mm(weights, s[:, a * row : b * row], out=chunk)
+                _kernel_sum(chunk.clamp_min_(0), kernel, target[:, a * n : b * n], workspace)
             totals = s.sum(dim=1)
-        if structured:
-            target *= coef[:, None]
         yield lo, hi, target.view(num, hi - lo, n), totals
 
 
@@ -152,13 +114,7 @@ def replicate_curvature(
     if rows is not None and used != used_slots(mix):
         raise ValueError("rows must include a mean over every slot (the pooled mean) for the trace.")
     a, totals = formed_curvature(sums, picked, shape, transpose)
-    support = mix[:, used] > 0
-    coef = mix.amax(dim=1)
-    if torch.equal(mix[:, used], torch.where(support, coef[:, None], torch.zeros_like(mix[:, used]))):
-        trace = (support.to(sums.dtype) @ totals) * coef
-    else:
-        trace = mix[:, used] @ totals
-    return a, trace
+    return a, mix[:, used] @ totals
 
 
 def formed_curvature(
