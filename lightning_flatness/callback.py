@@ -491,7 +491,11 @@ class SharpnessMonitorBase:
                 with measurement_view(self.measured_network(pl_module), self.dtype) as network:
                     with torch.no_grad():
                         logits = call_model(network, with_decoder_inputs(network, inputs, target))
-                    self._loss = resolve_loss(self.loss_fn, network, logits, target)
+                    with warnings.catch_warnings(record=True) as said:  # said once, on rank zero
+                        warnings.simplefilter("always")
+                        self._loss = resolve_loss(self.loss_fn, network, logits, target)
+                    for warning in said:
+                        self._warn_once(trainer, f"loss: {warning.message}", str(warning.message))
                     self._estimate(trainer, pl_module, network, inputs, target, dry_run=True)
             except Exception as err:
                 raise RuntimeError(
