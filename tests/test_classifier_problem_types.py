@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
+from zoo_models import bert_head  # noqa: E402
 from zoo_oracle import brute_force_ggn_diagonal  # noqa: E402
 
 from lightning_flatness.functional import normalized_softmax_cross_entropy, select_parameters  # noqa: E402
@@ -30,22 +31,9 @@ def _one_thread():
 
 
 def _classifier(num_labels: int, problem_type=None):
-    from transformers import BertConfig, BertForSequenceClassification
-
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=32,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=16,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=num_labels,
-        problem_type=problem_type,
-    )
-    return BertForSequenceClassification(config).double().eval()
+    model = bert_head("ForSequenceClassification", num_labels=num_labels, problem_type=problem_type)
+    return model.double().eval()
 
 
 def _batches(labels: torch.Tensor, size: int = 2) -> list[dict]:

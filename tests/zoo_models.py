@@ -22,16 +22,19 @@ sample along dim 0), ViT (patch conv, LayerNorm, GELU, fused attention,
 ``cls_token``, ``pos_embed``), ConvNeXt (depthwise 7x7 conv, channels-last LayerNorm, GELU, layer
 scale), BERT (embedding tables, attention mask, ``token_type_ids``, pooler tanh,
 ``SequenceClassifierOutput``; outside ``TINY``, :data:`TASK_HEADS`: question answering's span logits and
-targets, multiple choice's rows) and GPT-2 (``Conv1D``, causal attention, tied LM head, token logits
-``(N, T, V)``). Beyond ``TINY``, :func:`seq2seq_model` (T5, BART, Whisper trained with ``labels`` only)
-and :func:`segformer_model` (low-resolution logits upsampled by the loss) build models for the reach tests.
+targets, multiple choice's rows, regression and multi-label classifiers) and GPT-2 (``Conv1D``, causal
+attention, tied LM head, token logits ``(N, T, V)``). Beyond ``TINY``, :func:`seq2seq_model` (T5, BART,
+Whisper trained with ``labels`` only) and :func:`segformer_model` (low-resolution logits upsampled by the
+loss) build models for the reach tests.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 NUM_CLASSES = 5
@@ -227,13 +230,12 @@ def _token_batch(n: int, seed: int, pad_last: bool = True) -> dict[str, Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def tiny_bert(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """``BertForSequenceClassification`` (hidden 8, 1 layer, 2 heads, vocabulary 32, 5 labels) on dict
-    inputs ``input_ids``/``attention_mask``/``token_type_ids``; the target is the ``labels`` tensor."""
-    from transformers import BertConfig, BertForSequenceClassification
+def bert_head(head: str, **config: Any) -> nn.Module:
+    """A tiny BERT (hidden 8, 1 layer, 2 heads, vocabulary 32, no dropout) with the ``transformers`` head
+    ``Bert<head>``; ``config`` adds to or overrides the configuration."""
+    import transformers
 
-    _seed(seed)
-    config = BertConfig(
+    settings = dict(
         vocab_size=VOCAB,
         hidden_size=8,
         num_hidden_layers=1,
@@ -241,16 +243,44 @@ def tiny_bert(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
         intermediate_size=16,
         max_position_embeddings=16,
         type_vocab_size=2,
-        num_labels=NUM_CLASSES,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    model = BertForSequenceClassification(config)
+    settings.update(config)
+    return getattr(transformers, f"Bert{head}")(transformers.BertConfig(**settings))
+
+
+def _two_segment_batch(n: int, seed: int) -> dict[str, Tensor]:
+    """:func:`_token_batch` with ``token_type_ids`` marking a second segment in the second half."""
     inputs = _token_batch(n, seed)
     inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
     inputs["token_type_ids"][:, SEQ // 2 :] = 1
+    return inputs
+
+
+def tiny_bert(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """``BertForSequenceClassification`` (hidden 8, 1 layer, 2 heads, vocabulary 32, 5 labels) on dict
+    inputs ``input_ids``/``attention_mask``/``token_type_ids``; the target is the ``labels`` tensor."""
+    _seed(seed)
+    model = bert_head("ForSequenceClassification", num_labels=NUM_CLASSES)
     labels = torch.randint(0, NUM_CLASSES, (n,), generator=torch.Generator().manual_seed(seed + 2))
-    return _finish(model, (inputs, labels), dtype)
+    return _finish(model, (_two_segment_batch(n, seed), labels), dtype)
+
+
+def tiny_bert_problem(
+    kind: str, n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32, declared: bool = False
+):
+    """``BertForSequenceClassification`` trained for ``kind``: ``"regression"`` (one label, float targets
+    ``(N,)``) or ``"multi_label_classification"`` (5 labels, float multi-hot targets ``(N, 5)``), the
+    loss transformers takes for such labels (``config.problem_type`` set only where ``declared``)."""
+    _seed(seed)
+    labels = 1 if kind == "regression" else NUM_CLASSES
+    model = bert_head("ForSequenceClassification", num_labels=labels, problem_type=kind if declared else None)
+    g = torch.Generator().manual_seed(seed + 2)
+    target = (
+        torch.randn(n, generator=g) if kind == "regression" else (torch.rand(n, labels, generator=g) > 0.5)
+    )
+    return _finish(model, (_two_segment_batch(n, seed), target.to(dtype)), dtype)
 
 
 def tiny_bert_question_answering(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -259,28 +289,12 @@ def tiny_bert_question_answering(n: int = 8, seed: int = 0, dtype: torch.dtype =
     batch's ``start_positions`` and ``end_positions`` (:func:`span_batch` builds that batch; loss:
     ``TokenLoss(base)`` on the ``(N, 2, T)`` span logits). Its output is a ``QuestionAnsweringModelOutput``
     (``start_logits``, ``end_logits``, each ``(N, T)``)."""
-    from transformers import BertConfig, BertForQuestionAnswering
-
     _seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=16,
-        type_vocab_size=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    model = BertForQuestionAnswering(config)
-    inputs = _token_batch(n, seed)
-    inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
-    inputs["token_type_ids"][:, SEQ // 2 :] = 1
+    model = bert_head("ForQuestionAnswering")
     g = torch.Generator().manual_seed(seed + 2)
     start = torch.randint(0, SEQ - 2, (n,), generator=g)
     span = torch.stack([start, start + torch.randint(0, 2, (n,), generator=g)], dim=1)
-    return _finish(model, (inputs, span), dtype)
+    return _finish(model, (_two_segment_batch(n, seed), span), dtype)
 
 
 def tiny_bert_multiple_choice(
@@ -290,20 +304,8 @@ def tiny_bert_multiple_choice(
     texts per sample, one label ``(N,)``; logits ``(N, 3)``. The model runs its encoder on ``(N * 3, T)``
     rows (several rows per sample along dim 0); without ``token_types`` it expands its own buffer of zero
     token types to those rows."""
-    from transformers import BertConfig, BertForMultipleChoice
-
     _seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=16,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    model = BertForMultipleChoice(config)
+    model = bert_head("ForMultipleChoice")
     g = torch.Generator().manual_seed(seed + 1)
     ids = torch.randint(1, VOCAB, (n, 3, SEQ), generator=g)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -432,8 +434,25 @@ SMALL: dict[str, Callable[..., tuple[nn.Module, Any]]] = {
 TASK_HEADS: dict[str, Callable[..., tuple[nn.Module, Any]]] = {
     "bert_qa": tiny_bert_question_answering,
     "bert_mc": tiny_bert_multiple_choice,
+    "bert_regression": functools.partial(tiny_bert_problem, "regression"),
+    "bert_multilabel": functools.partial(tiny_bert_problem, "multi_label_classification"),
 }
 QUESTION_ANSWERING = frozenset({"bert_qa"})
+
+def single_output_squared_error(outputs: Tensor, target: Tensor) -> Tensor:
+    """:func:`~lightning_flatness.functional.loss_forms.single_output_mse_loss` written out, for the
+    oracles: ``torch.func``'s forward-over-reverse of ``F.mse_loss`` fails in torch 2.14 ("ZeroTensors are
+    immutable")."""
+    n = outputs.shape[0]
+    return (outputs.reshape(n) - target.reshape(n).to(outputs.dtype)).square().mean()
+
+
+#: Heads measured with their own loss whatever the base (``measure.classifier_problem``), as the oracles
+#: and the benchmarks' training take it.
+OWN_LOSS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "bert_regression": single_output_squared_error,
+    "bert_multilabel": F.binary_cross_entropy_with_logits,
+}
 
 #: Models whose target is a token sequence (loss: ``TokenLoss(base, shift=True)``).
 CAUSAL_LM = frozenset({"gpt2"})
@@ -441,9 +460,12 @@ CAUSAL_LM = frozenset({"gpt2"})
 
 def zoo_loss(name: str, base: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
     """The loss to use with zoo model ``name``: ``base`` itself, ``TokenLoss(base, shift=True)`` (causal
-    LMs) or ``TokenLoss(base)`` (the two span rows of a question-answering model)."""
+    LMs), ``TokenLoss(base)`` (the two span rows of a question-answering model) or, for a regression or
+    multi-label head, the model's own loss (:data:`OWN_LOSS`)."""
     from lightning_flatness.functional.model_io import TokenLoss
 
     if name in QUESTION_ANSWERING:
         return TokenLoss(base)
+    if name in OWN_LOSS:  # eq. 20 does not apply: the measurement takes the model's own loss
+        return OWN_LOSS[name]
     return TokenLoss(base, shift=True) if name in CAUSAL_LM else base
