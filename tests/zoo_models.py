@@ -439,6 +439,7 @@ TASK_HEADS: dict[str, Callable[..., tuple[nn.Module, Any]]] = {
 }
 QUESTION_ANSWERING = frozenset({"bert_qa"})
 
+
 def single_output_squared_error(outputs: Tensor, target: Tensor) -> Tensor:
     """:func:`~lightning_flatness.functional.loss_forms.single_output_mse_loss` written out, for the
     oracles: ``torch.func``'s forward-over-reverse of ``F.mse_loss`` fails in torch 2.14 ("ZeroTensors are
