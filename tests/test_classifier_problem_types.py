@@ -22,14 +22,6 @@ from lightning_flatness.functional.model_io import call_model  # noqa: E402
 from lightning_flatness.measure import classifier_problem, measure_sharpness, resolve_loss  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _classifier(num_labels: int, problem_type=None):
     torch.manual_seed(0)
     model = bert_head("ForSequenceClassification", num_labels=num_labels, problem_type=problem_type)

@@ -12,25 +12,17 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
+from expectation import assert_unbiased_traces  # noqa: E402
 from zoo_models import span_batch, tiny_bert_question_answering  # noqa: E402
-from zoo_oracle import brute_force_ggn_diagonal, brute_force_hessian_diagonal  # noqa: E402
+from zoo_oracle import brute_force_ggn_diagonal  # noqa: E402
 
 from lightning_flatness.batch_split import span_target, split_batch  # noqa: E402
 from lightning_flatness.functional import normalized_softmax_cross_entropy, select_parameters  # noqa: E402
-from lightning_flatness.functional.estimators.api import hessian_diagonal_groups  # noqa: E402
 from lightning_flatness.functional.measures import sharpness_measures  # noqa: E402
 from lightning_flatness.functional.model_io import TokenLoss, call_model, extract_logits  # noqa: E402
 from lightning_flatness.measure import measure_sharpness, resolve_loss  # noqa: E402
 
 SEQ = 6
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model_and_batch(n: int = 8, dtype: torch.dtype = torch.float64):
@@ -104,37 +96,14 @@ def test_the_exact_gauss_newton_diagonal_of_a_span_model_equals_brute_force():
 
 
 def test_auto_measures_the_hessian_of_a_span_model_without_bias():
-    """auto takes the sketched Hessian (the stacked span logits are recorded like the model's own ops). Its
-    estimates on one batch, over 8 seeds, agree in expectation with the brute-force Hessian diagonal:
-    per tensor, the mean trace is within 4.5 standard errors of the seeds (t with 7 degrees of
-    freedom: p < 0.3% per tensor)."""
+    """auto takes the sketched Hessian (the stacked span logits are recorded like the model's own ops); its
+    estimates on one batch agree in expectation with the brute-force Hessian diagonal
+    (:func:`expectation.assert_unbiased_traces`)."""
     model, batch = _model_and_batch()
     result = measure_sharpness(model, _batches(batch, 2), num_replicates=4)
     assert (result.choice.method, result.choice.quantity) == ("hessian_sketch", "hessian")
     inputs, target = split_batch(batch)
-    loss = TokenLoss(normalized_softmax_cross_entropy)
     names = [n for n, p in select_parameters(model).items() if p.ndim >= 2]
-    truth = {
-        k: v.detach() for k, v in brute_force_hessian_diagonal(model, loss, inputs, target, names).items()
-    }
-    runs = [
-        hessian_diagonal_groups(
-            model,
-            loss,
-            inputs,
-            target,
-            method="hessian_sketch",
-            parameters=names,
-            generator=torch.Generator().manual_seed(seed),
-        ).groups
-        for seed in range(8)
-    ]
-    noisy = 0
-    for name, true in truth.items():
-        traces = torch.stack([run[name].sum() for run in runs])
-        se = float(traces.std()) / len(runs) ** 0.5
-        assert abs(float(traces.mean()) - float(true.sum())) <= 4.5 * se + 1e-9 * float(true.abs().sum()), (
-            name
-        )
-        noisy += se > 1e-6 * float(true.abs().sum())
-    assert noisy >= 5  # the check has teeth: most tensors' estimates are random
+    assert_unbiased_traces(
+        model, TokenLoss(normalized_softmax_cross_entropy), inputs, target, names, min_random=5
+    )
