@@ -71,37 +71,42 @@ CLASSIFIER_SUFFIXES = (
 )
 
 
-def classifier_problem(model: nn.Module, target: Tensor) -> Optional[tuple[str, int]]:
-    """``(problem_type, num_labels)`` of the first Hugging Face classifier in ``model`` (class name ending in
-    one of :data:`CLASSIFIER_SUFFIXES`): its ``config.problem_type``, else the type its loss infers, as
-    transformers does: ``"regression"`` for one label, ``"single_label_classification"`` for ``int32`` /
-    ``int64`` labels, else ``"multi_label_classification"``. None for other models."""
+def classifier_problem(model: nn.Module, target: Tensor) -> Optional[tuple[str, int, bool]]:
+    """``(problem_type, num_labels, declared)`` of the first Hugging Face classifier in ``model`` (class name
+    ending in one of :data:`CLASSIFIER_SUFFIXES`): its ``config.problem_type`` (``declared``), else the type
+    its loss infers, as transformers does: ``"regression"`` for one label, ``"single_label_classification"``
+    for ``int32`` / ``int64`` labels, else ``"multi_label_classification"``. None for other models."""
     for module in model.modules():
         config = getattr(module, "config", None)
         if type(module).__name__.endswith(CLASSIFIER_SUFFIXES) and hasattr(config, "num_labels"):
             labels = int(config.num_labels)
             problem = getattr(config, "problem_type", None)
-            if problem is None:
-                if labels == 1:
-                    problem = "regression"
-                elif target.dtype in (torch.long, torch.int):
-                    problem = "single_label_classification"
-                else:
-                    problem = "multi_label_classification"
-            return str(problem), labels
+            if problem is not None:
+                return str(problem), labels, True
+            if labels == 1:
+                problem = "regression"
+            elif target.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+            return problem, labels, False
     return None
 
 
-def _classifier_loss(loss_fn: LossFn, model: nn.Module, target: Tensor) -> LossFn:
+def _classifier_loss(loss_fn: LossFn, model: nn.Module, logits: Tensor, target: Tensor) -> LossFn:
     """The default loss (eq. 20) where it applies; for a Hugging Face classifier trained for regression or
     multi-label classification (:func:`classifier_problem`), where eq. 20's class targets do not exist,
-    the model's own loss, with a warning that says so."""
+    the model's own loss, with a warning that says so. Float labels that are class probabilities (a
+    mixup or cutmix collate, trained with a soft-target cross-entropy of the user's) keep eq. 20 unless
+    ``config.problem_type`` declares multi-label classification."""
     if loss_fn is not normalized_softmax_cross_entropy:
         return loss_fn
     found = classifier_problem(model, target)
     if found is None:
         return loss_fn
-    problem, labels = found
+    problem, labels, declared = found
+    if problem == "multi_label_classification" and not declared and is_probability_target(logits, target):
+        return loss_fn
     own: Optional[LossFn] = None
     if problem == "regression":
         own, name = (
@@ -169,7 +174,7 @@ def resolve_loss(loss_fn: LossFn, model: nn.Module, logits: Tensor, target: Tens
     an error). The default eq. 20 on a Hugging Face classifier trained for regression or multi-label
     classification is that model's own loss (:func:`classifier_problem`, with a warning); float targets
     of a softmax loss that are not class probabilities are an error (:func:`check_class_targets`)."""
-    loss_fn = _classifier_loss(loss_fn, model, target)
+    loss_fn = _classifier_loss(loss_fn, model, logits, target)
     class_dim = None if isinstance(loss_fn, TokenLoss) else position_class_dim(model, logits, target)
     output_size = None
     segmentation = None  # looked up only where it decides something, and at most once

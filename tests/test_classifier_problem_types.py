@@ -75,7 +75,7 @@ def test_the_default_loss_is_the_models_own_where_eq_20_does_not_apply(
     model = _classifier(num_labels, declared)
     labels = _labels(kind)
     batch = _batches(labels, 8)[0]
-    assert classifier_problem(model, labels) == (problem, num_labels)
+    assert classifier_problem(model, labels) == (problem, num_labels, declared is not None)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = call_model(model, inputs)
     with pytest.warns(UserWarning, match=f"trained for {problem}"):
@@ -113,7 +113,7 @@ def test_single_output_regression_is_measured_exactly():
 def test_single_label_classifiers_keep_eq_20():
     model = _classifier(4)
     labels = torch.tensor([0, 3, 1, 2])
-    assert classifier_problem(model, labels) == ("single_label_classification", 4)
+    assert classifier_problem(model, labels) == ("single_label_classification", 4, False)
     logits = call_model(model, {k: v for k, v in _batches(labels, 4)[0].items() if k != "labels"})
     assert (
         resolve_loss(normalized_softmax_cross_entropy, model, logits, labels)
@@ -133,3 +133,23 @@ def test_float_targets_that_are_not_class_probabilities_are_an_error_naming_the_
     probabilities = torch.softmax(torch.randn(8, 4), dim=1)  # mixup-like targets stay class probabilities
     result = measure_sharpness(net, [(x[i : i + 2], probabilities[i : i + 2]) for i in range(0, 8, 2)])
     assert float(result["normalized"]) > 0
+
+
+@pytest.mark.parametrize("declared", [False, True])
+def test_class_probabilities_keep_eq_20_unless_multi_label_is_declared(declared):
+    """Float labels that are class probabilities (a mixup collate) on a classifier that does not declare
+    its problem type are still class targets: eq. 20 is kept; declared multi-label takes the model's loss."""
+    model = _classifier(4, "multi_label_classification" if declared else None)
+    labels = torch.softmax(
+        torch.randn(8, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64), 1
+    )
+    logits = call_model(model, {k: v for k, v in _batches(labels, 8)[0].items() if k != "labels"})
+    if declared:
+        with pytest.warns(UserWarning, match="trained for multi_label_classification"):
+            resolved = resolve_loss(normalized_softmax_cross_entropy, model, logits, labels)
+        assert resolved is F.binary_cross_entropy_with_logits
+    else:
+        assert (
+            resolve_loss(normalized_softmax_cross_entropy, model, logits, labels)
+            is normalized_softmax_cross_entropy
+        )
