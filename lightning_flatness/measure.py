@@ -31,7 +31,7 @@ from lightning_flatness.functional.loss_forms import (
     single_output_mse_loss,
     split_ignore_index,
 )
-from lightning_flatness.functional.loss_hessian_factors import is_probability_target
+from lightning_flatness.functional.loss_hessian_factors import ELEMENTWISE_LOSSES, is_probability_target
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.model_io import (
     TokenLoss,
@@ -47,7 +47,7 @@ from lightning_flatness.metric import NormalizedSharpness, all_finite
 __all__ = [
     "SharpnessMeasurement",
     "SharpnessResult",
-    "check_class_targets",
+    "check_targets",
     "classifier_problem",
     "is_causal_lm",
     "measure_sharpness",
@@ -128,23 +128,47 @@ def _classifier_loss(loss_fn: LossFn, model: nn.Module, logits: Tensor, target: 
     return own
 
 
-def check_class_targets(loss_fn: LossFn, logits: Tensor, target: Tensor) -> None:
-    """Float targets of a softmax loss (eq. 20, the cross-entropy) on ``(N, K)`` logits must be class
-    probabilities, rows ``>= 0`` summing to 1 (mixup, cutmix); any other float target (regression values,
-    multi-hot labels) would be read as unnormalised class weights and measure a loss that was never
-    trained. Raises ``ValueError`` naming the loss to pass instead."""
-    softmax = loss_fn is normalized_softmax_cross_entropy or hessian_twin(loss_fn) is F.cross_entropy
-    if not softmax or logits.ndim != 2 or not target.is_floating_point():
-        return
-    if is_probability_target(logits, target):
-        return
+def check_targets(loss_fn: LossFn, logits: Tensor, target: Tensor) -> None:
+    """The targets fit the loss, checked at the dry run where a mismatch would measure a loss that was
+    never trained (or fail later with a message that does not name the fix). Raises ``ValueError``
+    naming the loss or target shape to pass instead:
+
+    - a softmax loss (eq. 20, the cross-entropy) on ``(N, 1)`` logits: a softmax over one class is constant;
+    - float targets of a softmax loss on ``(N, K)`` logits that are not class probabilities, rows ``>= 0``
+      summing to 1 (mixup, cutmix): regression values or multi-hot labels would be read as unnormalised
+      class weights;
+    - an elementwise loss (``F.mse_loss``, ``F.binary_cross_entropy_with_logits``) with targets of another
+      shape than the logits but as many entries (``(N,)`` against ``(N, 1)``): ``F.mse_loss`` broadcasts
+      them to ``(N, N)``, pairing every sample with every target."""
     name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+    if any(hessian_twin(loss_fn) is f for f in ELEMENTWISE_LOSSES):
+        if target.shape != logits.shape and target.numel() == logits.numel():
+            raise ValueError(
+                f"the loss {name} compares outputs {tuple(logits.shape)} with targets {tuple(target.shape)} "
+                "entry by entry; targets of another shape are broadcast against the outputs (F.mse_loss: to "
+                "every pair of samples), which is not the mean of per-sample losses. Pass targets of the "
+                "outputs' shape (`target.view_as(logits)` in `split_batch`), or, for one output per sample "
+                "and (N,) targets, `loss_fn=lightning_flatness.functional.loss_forms.single_output_mse_loss`."
+            )
+        return
+    softmax = loss_fn is normalized_softmax_cross_entropy or hessian_twin(loss_fn) is F.cross_entropy
+    if not softmax or logits.ndim != 2:
+        return
+    if logits.shape[1] == 1:
+        raise ValueError(
+            f"the loss is a softmax cross-entropy ({name}) over classes, but the model has one output per "
+            f"sample (logits {tuple(logits.shape)}), over which a softmax is constant. For a binary "
+            "classifier with one logit pass `loss_fn=nn.BCEWithLogitsLoss()` (float targets of the logits' "
+            "shape), for regression `loss_fn=F.mse_loss`; or return two logits per sample."
+        )
+    if not target.is_floating_point() or is_probability_target(logits, target):
+        return
     raise ValueError(
-        f"the loss is a softmax cross-entropy ({name}), which "
-        f"reads float targets as class probabilities ((N, K) rows >= 0 summing to 1), but the targets "
-        f"{tuple(target.shape)} ({target.dtype}) for logits {tuple(logits.shape)} are not. For regression "
-        "targets pass `loss_fn=F.mse_loss` (targets of the logits' shape), for multi-label targets "
-        "`loss_fn=nn.BCEWithLogitsLoss()`, for class indices integer targets."
+        f"the loss is a softmax cross-entropy ({name}), which reads float targets as class probabilities "
+        f"((N, K) rows >= 0 summing to 1), but the targets {tuple(target.shape)} ({target.dtype}) for logits "
+        f"{tuple(logits.shape)} are not. For regression targets pass `loss_fn=F.mse_loss` (targets of the "
+        "logits' shape), for multi-label targets `loss_fn=nn.BCEWithLogitsLoss()`, for class indices "
+        "integer targets."
     )
 
 
@@ -173,7 +197,8 @@ def resolve_loss(loss_fn: LossFn, model: nn.Module, logits: Tensor, target: Tens
     ``F.cross_entropy``, ``F.nll_loss`` on log-probabilities is ``F.cross_entropy``, and on anything else
     an error). The default eq. 20 on a Hugging Face classifier trained for regression or multi-label
     classification is that model's own loss (:func:`classifier_problem`, with a warning); float targets
-    of a softmax loss that are not class probabilities are an error (:func:`check_class_targets`)."""
+    of a softmax loss that are not class probabilities, and others that do not fit the loss, are an error
+    (:func:`check_targets`)."""
     loss_fn = _classifier_loss(loss_fn, model, logits, target)
     class_dim = None if isinstance(loss_fn, TokenLoss) else position_class_dim(model, logits, target)
     output_size = None
@@ -199,7 +224,7 @@ def resolve_loss(loss_fn: LossFn, model: nn.Module, logits: Tensor, target: Tens
         shift = class_dim == -1 and is_causal_lm(model)
         loss_fn = TokenLoss(base, shift, ignore_index, class_dim, output_size)
     loss_fn = loss_for_outputs(loss_fn, logits)
-    check_class_targets(loss_fn, logits, target)
+    check_targets(loss_fn, logits, target)
     return loss_fn
 
 

@@ -153,3 +153,28 @@ def test_class_probabilities_keep_eq_20_unless_multi_label_is_declared(declared)
             resolve_loss(normalized_softmax_cross_entropy, model, logits, labels)
             is normalized_softmax_cross_entropy
         )
+
+
+def test_targets_that_do_not_fit_the_loss_are_an_error_at_the_dry_run_naming_the_fix():
+    """One output per sample: a softmax over it is constant (eq. 20 by default, int or float targets);
+    ``(N,)`` targets of an elementwise loss on ``(N, 1)`` outputs broadcast (``F.mse_loss``: to
+    ``(N, N)``)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    x = torch.randn(8, 3)
+    for target in (torch.randint(0, 2, (8,)), torch.randint(0, 2, (8,)).float()):
+        with pytest.raises(ValueError, match=r"one output per sample .* `loss_fn=nn\.BCEWithLogitsLoss\(\)`"):
+            measure_sharpness(net, [(x[i : i + 2], target[i : i + 2]) for i in range(0, 8, 2)])
+    values = torch.randn(8)
+    for loss in (F.mse_loss, torch.nn.MSELoss(), F.binary_cross_entropy_with_logits):
+        with pytest.raises(
+            ValueError, match=r"targets of another shape are broadcast .*single_output_mse_loss"
+        ):
+            measure_sharpness(net, [(x[i : i + 2], values[i : i + 2]) for i in range(0, 8, 2)], loss_fn=loss)
+    fitted = measure_sharpness(
+        net, [(x[i : i + 2], values[i : i + 2]) for i in range(0, 8, 2)], loss_fn=single_output_mse_loss
+    )
+    reshaped = measure_sharpness(
+        net, [(x[i : i + 2], values[i : i + 2, None]) for i in range(0, 8, 2)], loss_fn=F.mse_loss
+    )
+    assert float(fitted["normalized"]) == pytest.approx(float(reshaped["normalized"]), rel=1e-9)
