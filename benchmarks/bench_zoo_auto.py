@@ -1,8 +1,9 @@
 """Is ``measure_sharpness(model, batches)`` at its defaults right on the model zoo? (issue 8, target 2)
 
 For each tiny zoo model (``tests/zoo_models.py``: torchvision ResNet / MobileNetV3, timm ViT /
-ConvNeXt, Hugging Face BERT classifier / GPT-2 LM; by name, ``bert_qa`` and ``bert_mc``, BERT for
-extractive question answering and for multiple choice), a fixed **pool** of ``--pool`` samples is the
+ConvNeXt, Hugging Face BERT classifier / GPT-2 LM; by name, the task heads of ``TASK_HEADS``: BERT for
+extractive question answering, multiple choice, regression and multi-label classification, the last two
+with their own loss), a fixed **pool** of ``--pool`` samples is the
 population. Reference values are computed once on the pool, in float64, by brute force
 (``tests/zoo_oracle.py``, independent of the estimators): the measures (``sharpness_measures``: eq. 17
 normalized sharpness, eq. 13, eq. 5) of the Hessian diagonal (one HVP per weight) and of the exact

@@ -27,6 +27,7 @@ from zoo_models import (  # noqa: E402
     seq2seq_model,
     span_batch,
     tiny_bert_multiple_choice,
+    tiny_bert_problem,
     tiny_bert_question_answering,
 )
 from zoo_oracle import brute_force_ggn_diagonal, brute_force_hessian_diagonal  # noqa: E402
@@ -354,10 +355,7 @@ def test_hugging_face_multiple_choice_model_is_measured_at_the_defaults():
 def test_hugging_face_multi_label_classifier_is_measured_with_its_own_loss():
     """A BERT classifier with float multi-hot labels (transformers trains it with BCEWithLogitsLoss): the
     monitor, at its defaults, says so and measures that loss, not eq. 20."""
-    model, (inputs, _) = TINY["bert"](24)
-    labels = (
-        torch.rand(24, model.config.num_labels, generator=torch.Generator().manual_seed(3)) > 0.5
-    ).float()
+    model, (inputs, labels) = tiny_bert_problem("multi_label_classification", 24)
     monitor = SharpnessMonitor(num_samples=16)
     pl.seed_everything(0, verbose=False)
     trainer = quiet_trainer([monitor], max_epochs=1)
