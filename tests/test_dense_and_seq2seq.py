@@ -16,6 +16,7 @@ from oracles import assert_relative_close, brute_force_hessian_diagonal
 from torch import nn
 from zoo_models import seq2seq_model
 
+from lightning_flatness.batch_split import split_batch
 from lightning_flatness.functional import hessian_diagonal_groups, normalized_softmax_cross_entropy
 from lightning_flatness.functional.estimators.loss_factors import _token_loss_factors
 from lightning_flatness.functional.loss_forms import split_ignore_index
@@ -218,6 +219,34 @@ def test_encoder_decoder_models_trained_with_labels_only(kind):
     b = measure_sharpness(model, given, num_replicates=2, generator=torch.Generator().manual_seed(0))
     assert float(a["normalized"]) > 0 and torch.equal(a["normalized"], b["normalized"])
     assert with_decoder_inputs(nn.Linear(1, 1), inputs, batch["labels"]) is inputs  # other models: unchanged
+
+
+@pytest.mark.parametrize("head", ["ForSequenceClassification", "ForQuestionAnswering"])
+def test_encoder_decoder_classifiers_derive_their_decoder_inputs_themselves(head):
+    """BART's classifier and span head build their decoder's inputs from ``input_ids``; their labels are
+    classes or a span, not a sequence to shift: the measurement leaves the inputs alone (deriving them from
+    the labels failed) and measures the model's own loss."""
+    pytest.importorskip("transformers")
+    model = seq2seq_model("bart", head=head)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(4):
+        ids = torch.randint(3, 32, (2, 7), generator=g)
+        ids[:, -1] = model.config.eos_token_id
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if head == "ForSequenceClassification":
+            batch["labels"] = torch.randint(0, 3, (2,), generator=g)
+        else:
+            batch["start_positions"] = torch.randint(0, 3, (2,), generator=g)
+            batch["end_positions"] = batch["start_positions"] + 2
+        batches.append(batch)
+    inputs, target = split_batch(batches[0])
+    assert with_decoder_inputs(model, inputs, target) is inputs
+    logits = extract_logits(model(**inputs))
+    ce = resolve_loss(F.cross_entropy, model, logits, target)
+    torch.testing.assert_close(ce(logits, target), model(**batches[0]).loss, rtol=1e-6, atol=0)
+    result = measure_sharpness(model, batches, num_replicates=2)
+    assert float(result["normalized"]) > 0
 
 
 class _Config:

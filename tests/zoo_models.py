@@ -345,11 +345,13 @@ def tiny_gpt2(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
     return _finish(model, (inputs, labels), dtype)
 
 
-def seq2seq_model(kind: str, vocab: int = 32) -> nn.Module:
+def seq2seq_model(kind: str, vocab: int = 32, head: str = "ForConditionalGeneration") -> nn.Module:
     """A tiny Hugging Face encoder-decoder model in eval mode, as trained with ``labels`` only (the model
     derives its decoder inputs from them): ``"t5"``, ``"bart"`` (both with
     ``prepare_decoder_input_ids_from_labels``) or ``"whisper"`` (without: its ``forward`` shifts the labels
-    right, ``decoder_start_token_id=1``, ``pad_token_id=2``; inputs ``input_features (N, 8, 32)``)."""
+    right, ``decoder_start_token_id=1``, ``pad_token_id=2``; inputs ``input_features (N, 8, 32)``). For
+    ``"bart"``, another ``head`` (``"ForSequenceClassification"``, 3 labels; ``"ForQuestionAnswering"``):
+    a classifier or span head that derives its decoder inputs from ``input_ids``."""
     import transformers
 
     if kind == "t5":
@@ -387,9 +389,8 @@ def seq2seq_model(kind: str, vocab: int = 32) -> nn.Module:
             eos_token_id=2,
         )
         return transformers.WhisperForConditionalGeneration(cfg).eval()
-    return transformers.BartForConditionalGeneration(
-        transformers.BartConfig(**layers, max_position_embeddings=32)
-    ).eval()
+    config = transformers.BartConfig(**layers, max_position_embeddings=32, num_labels=3)
+    return getattr(transformers, f"Bart{head}")(config).eval()
 
 
 def segformer_model(classes: int = 3) -> nn.Module:

@@ -173,6 +173,11 @@ def call_model(model: Callable[..., Any], inputs: Any) -> Tensor:
     return extract_logits(out)
 
 
+#: Class-name endings of Hugging Face encoder-decoder heads that build their decoder's inputs from
+#: ``input_ids`` (their labels are classes or answer spans): :func:`with_decoder_inputs` leaves them alone.
+ENCODER_DECODER_INPUT_HEADS = ("ForSequenceClassification", "ForQuestionAnswering", "ForTokenClassification")
+
+
 def with_decoder_inputs(model: nn.Module, inputs: Any, target: Tensor) -> Any:
     """``inputs`` with the ``decoder_input_ids`` of an encoder-decoder model (Hugging Face T5, BART, Whisper,
     ...) when they are missing: such a model is trained as its docs show, ``model(**batch)`` with ``labels``,
@@ -181,14 +186,19 @@ def with_decoder_inputs(model: nn.Module, inputs: Any, target: Tensor) -> Any:
     for the first module of ``model`` (a LightningModule wrapping it too) whose config says it is an
     encoder-decoder: with its ``prepare_decoder_input_ids_from_labels`` where it has one, else as the
     models without one do in their ``forward`` (Whisper, Speech2Text, Blenderbot): the labels shifted right
-    by one, ``decoder_start_token_id`` first, ``-100`` replaced by ``pad_token_id``. Any other model or
-    input structure: ``inputs`` unchanged."""
+    by one, ``decoder_start_token_id`` first, ``-100`` replaced by ``pad_token_id``. Encoder-decoder
+    classifiers and span heads (class names ending in :data:`ENCODER_DECODER_INPUT_HEADS`: BART's and T5's
+    sequence classification and question answering) derive their decoder's inputs from ``input_ids``
+    themselves, and their labels are classes or spans, not a sequence: their inputs are left as they are,
+    as are those of any other model or input structure, or targets that are not a sequence ``(N, L)``."""
     if not isinstance(inputs, Mapping) or "decoder_input_ids" in inputs or "decoder_inputs_embeds" in inputs:
         return inputs
     for module in model.modules():
         config = getattr(module, "config", None)
         if not getattr(config, "is_encoder_decoder", False):
             continue
+        if type(module).__name__.endswith(ENCODER_DECODER_INPUT_HEADS) or target.ndim != 2:
+            return inputs
         prepare = getattr(module, "prepare_decoder_input_ids_from_labels", None)
         if prepare is not None:
             return {**inputs, "decoder_input_ids": prepare(labels=target)}
