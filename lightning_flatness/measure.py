@@ -30,6 +30,7 @@ from lightning_flatness.functional.loss_forms import (
     loss_for_outputs,
     single_output_mse_loss,
     split_ignore_index,
+    standard_loss,
 )
 from lightning_flatness.functional.loss_hessian_factors import ELEMENTWISE_LOSSES, is_probability_target
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
@@ -201,6 +202,8 @@ def resolve_loss(loss_fn: LossFn, model: nn.Module, logits: Tensor, target: Tens
     (:func:`check_targets`)."""
     loss_fn = _classifier_loss(loss_fn, model, logits, target)
     class_dim = None if isinstance(loss_fn, TokenLoss) else position_class_dim(model, logits, target)
+    if class_dim == -1 and _unaligned_sequences(model, logits, target) and not _reads_rows(loss_fn):
+        class_dim = None  # a loss over whole sequences of the user's own (CTC): used as given
     output_size = None
     segmentation = None  # looked up only where it decides something, and at most once
     if class_dim is None and logits.ndim >= 4 and _dense_at_another_resolution(logits, target):
@@ -226,6 +229,30 @@ def resolve_loss(loss_fn: LossFn, model: nn.Module, logits: Tensor, target: Tens
     loss_fn = loss_for_outputs(loss_fn, logits)
     check_targets(loss_fn, logits, target)
     return loss_fn
+
+
+def _unaligned_sequences(model: nn.Module, logits: Tensor, target: Tensor) -> bool:
+    """Sequence logits ``(N, T, V)`` with integer targets ``(N, L)``, ``L != T``, of a model that is not a
+    causal LM (whose labels are shifted): a CTC model's transcripts, not one class per position."""
+    return (
+        logits.ndim == 3
+        and target.ndim == 2
+        and not target.is_floating_point()
+        and target.shape[1] != logits.shape[1]
+        and not is_causal_lm(model)
+    )
+
+
+def _reads_rows(loss_fn: LossFn) -> bool:
+    """Whether ``loss_fn`` (with its ignored index split off) is a classification loss of one row of logits
+    against one class, which :class:`~lightning_flatness.functional.model_io.TokenLoss` applies per
+    position: eq. 20, the cross-entropy in its forms, ``F.nll_loss``."""
+    base = standard_loss(split_ignore_index(loss_fn)[0])
+    return (
+        base is normalized_softmax_cross_entropy
+        or hessian_twin(base) is F.cross_entropy
+        or base is F.nll_loss
+    )
 
 
 def semantic_segmentation_model(model: nn.Module) -> Optional[nn.Module]:

@@ -247,3 +247,38 @@ def test_label_smoothing_at_many_classes_takes_the_structured_sketch():
     x, y = torch.randn(8, 6), torch.randint(0, 300, (8,))
     choice = choose_method(net, nn.CrossEntropyLoss(label_smoothing=0.1), x, y)
     assert choice.method == "gauss_newton_sketch"  # was the Monte-Carlo path with autograd columns
+
+
+class _PerPositionReLU(nn.Module):
+    """Sequence outputs ``(N, T=5, V=4)`` from ``(N, T, 3)`` inputs: a ReLU network applied per position."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def _first_label_loss(logits, target):
+    """A loss over whole sequences with targets of another length than the outputs (as CTC's transcripts
+    are): the cross-entropy of the position-averaged logits against each sequence's first label."""
+    return F.cross_entropy(logits.mean(dim=1), target[:, 0])
+
+
+def test_a_loss_over_whole_sequences_with_targets_of_another_length_is_used_as_given():
+    """``(N, T, V)`` outputs with ``(N, L)`` targets, ``L != T``, and a loss of the user's own: it is not read
+    per position (a TokenLoss would pair positions with labels), so the measurement is that loss's exact
+    Hessian; the default loss, which would be read per position, is an error naming the fix."""
+    torch.manual_seed(0)
+    net = _PerPositionReLU().double()
+    x = torch.randn(8, 5, 3, dtype=torch.float64)
+    y = torch.randint(0, 4, (8, 2))
+    batches = [(x[i : i + 2], y[i : i + 2]) for i in range(0, 8, 2)]
+    result = measure_sharpness(net, batches, loss_fn=_first_label_loss, method="exact", num_replicates=4)
+    names = [n for n, p in net.named_parameters()]
+    diag = brute_force_hessian_diagonal(net, _first_label_loss, x, y, names)
+    total = sum(float(d.sum()) for d in diag.values())
+    assert float(result["hessian_trace"]) == pytest.approx(total, rel=1e-10)
+    with pytest.raises(ValueError, match=r"5 positions of logits but 2 of targets.*\(CTC"):
+        measure_sharpness(net, batches)

@@ -354,7 +354,9 @@ class TokenLoss(nn.Module):
             if target.shape[1] != logits.shape[1]:
                 raise ValueError(
                     f"TokenLoss: {logits.shape[1]} positions of logits but {target.shape[1]} of "
-                    "targets; pass labels aligned with the logits (shift=True shifts by one)."
+                    "targets; pass labels aligned with the logits (shift=True shifts by one), or, for a "
+                    "loss over whole sequences (CTC: transcripts shorter than the outputs), that loss as "
+                    "`loss_fn`."
                 )
             n, t = target.shape
             sample = torch.arange(n, device=logits.device).repeat_interleave(t)
