@@ -328,3 +328,29 @@ def test_a_zoo_model_measures_the_same_streamed(monkeypatch, name, checks):
         elif torch.is_tensor(held) and held.dtype.is_floating_point:
             torch.testing.assert_close(out["streamed"][key], held, rtol=1e-9, atol=1e-12, msg=key)
     assert name not in CAUSAL_LM or any(s[0] >= 32 for s in streamed_shapes)  # the vocabulary
+
+
+def test_rows_without_curvature_in_any_slot_are_left_out_with_the_same_measures(monkeypatch):
+    """An embedding table whose measured samples looked up few rows: the streamed path solves the curved
+    rows alone (``curved_rows``), and every measure equals the in-memory path's on the whole weight
+    (eq. 13 keeps the whole weight's norm)."""
+    w, sums, counts = _slot_sums((40, 12), seed=7)
+    dead = torch.ones(40, dtype=torch.bool)
+    dead[[2, 5, 6, 19, 33]] = False
+    sums.view(8, 40, 12)[:, dead] = 0.0
+    kept = replicate_measures.curved_rows(sums, (40, 12))
+    assert kept is not None and kept.tolist() == [2, 5, 6, 19, 33]
+    held, streamed = _both(monkeypatch, w, sums, counts)
+    _assert_same(held, streamed)
+    assert bool((held["normalized"] > 0).all())
+
+
+def test_a_weight_without_curvature_measures_zero_without_a_solve(monkeypatch):
+    """A table no input reached (LUKE's entity embeddings on text alone): every measure of every mean is 0,
+    as the in-memory path's solver finds, without forming or solving anything."""
+    w, sums, counts = _slot_sums((30, 10), seed=8)
+    sums.zero_()
+    held, streamed = _both(monkeypatch, w, sums, counts)
+    for key in ("normalized", "matrix_normalized", "hessian_trace"):
+        assert torch.equal(streamed[key], torch.zeros_like(streamed[key]))
+        torch.testing.assert_close(held[key], streamed[key], rtol=0, atol=0)

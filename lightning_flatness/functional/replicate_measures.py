@@ -28,7 +28,7 @@ also faster than the batch, and so the threshold: ``benchmarks/RESULTS.md``, rou
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -66,6 +66,7 @@ LINEARIZATION_MAX_RELATIVE_SPREAD = 0.1
 # time rather than held and solved together (memory and time: benchmarks/RESULTS.md, round 10)
 STREAM_FROM = 1 << 17
 STREAM_BUDGET = 1 << 28  # bytes of (m, n) coefficient matrices formed in one pass of the streamed path
+_FLAG_BUDGET = 1 << 24  # bytes of nonzero flags formed at once by curved_rows
 
 
 def jackknife_standard_error(leave_one_out: Tensor) -> Tensor:
@@ -153,7 +154,19 @@ def tensor_measures(
     """
     shape = tuple(weight.shape)
     with intra_op_threads(sums.numel(), sums.device):  # few, memory-bound ops: no thread handoffs
-        b, square_total = _weight_coefficients(weight, lam)
+        b, square_total = _weight_coefficients(weight, lam)  # ||W||_F^2 of every row (eq. 13)
+        if streamed(shape):
+            alive = curved_rows(sums, shape)
+            if alive is not None:  # rows without curvature in any slot: eq. 5, 13 and 17 have no terms there
+                if alive.numel() == 0:
+                    zero = sums.new_zeros(mix.shape[0])
+                    return {
+                        "normalized": zero,
+                        "matrix_normalized": zero.clone(),
+                        "hessian_trace": zero.clone(),
+                    }
+                sums = sums.view(sums.shape[0], shape[0], -1)[:, alive].reshape(sums.shape[0], -1)
+                b, shape = b[alive], (alive.numel(), *shape[1:])
         if streamed(shape):
             if shape[0] > shape[1]:  # B in the solver's orientation once (contiguous transposed), not twice
                 b = b.T.contiguous().T
@@ -166,6 +179,26 @@ def tensor_measures(
         "matrix_normalized": torch.sqrt(square_total * curvature),
         "hessian_trace": trace,
     }
+
+
+def curved_rows(sums: Tensor, shape: tuple) -> Optional[Tensor]:
+    """The rows (dim 0) of a weight of ``shape`` whose slot sums ``(R, numel)`` are nonzero somewhere, where
+    some are not (else None): an embedding table of which the measured samples looked up few rows, a
+    table no input reached. Exactly: a row without curvature in any mean adds nothing to eq. 17 (its row
+    variance goes to infinity, taking ``W_ij^2 / (sigma_i sigma'_j)^2`` to 0, whatever the column
+    variances), to eq. 13's ``sum max(h, 0)`` or to eq. 5, so the measures of the other rows are those of
+    the whole weight (eq. 13's ``||W||_F^2`` stays the whole weight's). One pass over the slot sums, a few
+    rows at a time (``_FLAG_BUDGET`` bytes of flags)."""
+    num, m = sums.shape[0], shape[0]
+    row = sums.shape[1] // m
+    curved = torch.zeros(m, dtype=torch.bool, device=sums.device)
+    step = max(1, _FLAG_BUDGET // max(1, num * row))
+    for lo in range(0, m, step):
+        hi = min(m, lo + step)
+        curved[lo:hi] = sums[:, lo * row : hi * row].view(num, hi - lo, row).ne(0).any(dim=2).any(dim=0)
+    if bool(curved.all()):
+        return None
+    return curved.nonzero().squeeze(1)
 
 
 def _weight_coefficients(weight: Tensor, lam: float) -> tuple[Tensor, Tensor]:
