@@ -292,6 +292,9 @@ MODELS: dict[str, Builder] = {
     "transformers Segformer (semantic segmentation, labels only)": _zoo(
         "segformer_model", "segmentation_hf", 10
     ),
+    "transformers LUKE (500,000-entity table, text only)": _hf(
+        "LukeForSequenceClassification", "LukeConfig", "text", hidden_size=16, **_TEXT
+    ),
     "transformers BERT regression (1 label)": _hf(
         "BertForSequenceClassification", "BertConfig", "regression", hidden_size=16, num_labels=1, **_TEXT
     ),
