@@ -16,7 +16,8 @@ order does not hold (:func:`tensor_measures`); eq. 13 and eq. 5 are closed forms
 evaluated for all ``P`` at once.
 
 **Large weights** (:func:`streamed`: ``m n >= STREAM_FROM`` coefficients per mean, times the kernel
-size; an LM vocabulary, a VGG head) are streamed with the same values: the pooled mean and the halves
+size; an LM vocabulary, a VGG head) are reduced to their rows with curvature (:func:`curved_rows`: an
+embedding table the samples looked up in few rows) and streamed with the same values: the pooled mean and the halves
 formed (three ``(m, n)`` matrices) and solved one at a time, then the leave-one-out first-order
 values from a second pass over the slot sums
 (:func:`~lightning_flatness.functional.solvers.linearized_replicates.streamed_first_order`). Held in
@@ -140,6 +141,9 @@ def tensor_measures(
       (replicates far from the pooled mean: small samples, noisy estimators), the tensor's
       leave-one-out values are solved instead.
     - ``jackknife="solved"``: every replicate solved in the batch, certified to ``REPLICATE_RTOL``.
+
+    A weight large enough to be streamed (:func:`streamed`) first loses its rows without curvature in any
+    slot (:func:`curved_rows`: they add nothing to any measure; a weight with none measures 0).
 
     The halves are always solved: their shift from the pooled value is the second-order (bias)
     effect that a linearization would miss. Matrix-normalized sharpness (eq. 13)
