@@ -17,8 +17,8 @@ evaluated for all ``P`` at once.
 
 **Large weights** (:func:`streamed`: ``m n >= STREAM_FROM`` coefficients per mean, times the kernel
 size; an LM vocabulary, a VGG head) are reduced to their rows with curvature (:func:`curved_rows`: an
-embedding table the samples looked up in few rows) and streamed with the same values: the pooled mean and the halves
-formed (three ``(m, n)`` matrices) and solved one at a time, then the leave-one-out first-order
+embedding table the samples looked up in few rows) and streamed with the same values: the pooled mean
+and the halves formed (three ``(m, n)`` matrices) and solved one at a time, then the leave-one-out first-order
 values from a second pass over the slot sums
 (:func:`~lightning_flatness.functional.solvers.linearized_replicates.streamed_first_order`). Held in
 memory, the ``P`` matrices and the solver's buffers for the batch of three are several times the
