@@ -67,7 +67,6 @@ LINEARIZATION_MAX_RELATIVE_SPREAD = 0.1
 # time rather than held and solved together (memory and time: benchmarks/RESULTS.md, round 10)
 STREAM_FROM = 1 << 17
 STREAM_BUDGET = 1 << 28  # bytes of (m, n) coefficient matrices formed in one pass of the streamed path
-_FLAG_BUDGET = 1 << 24  # bytes of nonzero flags formed at once by curved_rows
 
 
 def jackknife_standard_error(leave_one_out: Tensor) -> Tensor:
@@ -191,15 +190,10 @@ def curved_rows(sums: Tensor, shape: tuple) -> Optional[Tensor]:
     table no input reached. Exactly: a row without curvature in any mean adds nothing to eq. 17 (its row
     variance goes to infinity, taking ``W_ij^2 / (sigma_i sigma'_j)^2`` to 0, whatever the column
     variances), to eq. 13's ``sum max(h, 0)`` or to eq. 5, so the measures of the other rows are those of
-    the whole weight (eq. 13's ``||W||_F^2`` stays the whole weight's). One pass over the slot sums, a few
-    rows at a time (``_FLAG_BUDGET`` bytes of flags)."""
-    num, m = sums.shape[0], shape[0]
-    row = sums.shape[1] // m
-    curved = torch.zeros(m, dtype=torch.bool, device=sums.device)
-    step = max(1, _FLAG_BUDGET // max(1, num * row))
-    for lo in range(0, m, step):
-        hi = min(m, lo + step)
-        curved[lo:hi] = sums[:, lo * row : hi * row].view(num, hi - lo, row).ne(0).any(dim=2).any(dim=0)
+    the whole weight (eq. 13's ``||W||_F^2`` stays the whole weight's). Two reductions over the slot sums
+    (each row's largest and smallest entry; a NaN counts as curvature), no temporary of their size."""
+    by_row = sums.view(sums.shape[0], shape[0], -1)
+    curved = (by_row.amax(dim=(0, 2)) != 0) | (by_row.amin(dim=(0, 2)) != 0)
     if bool(curved.all()):
         return None
     return curved.nonzero().squeeze(1)
