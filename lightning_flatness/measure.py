@@ -142,7 +142,7 @@ def check_targets(loss_fn: LossFn, logits: Tensor, target: Tensor) -> None:
       shape than the logits but as many entries (``(N,)`` against ``(N, 1)``): ``F.mse_loss`` broadcasts
       them to ``(N, N)``, pairing every sample with every target."""
     name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
-    if any(hessian_twin(loss_fn) is f for f in ELEMENTWISE_LOSSES):
+    if any(loss_fn is f for f in ELEMENTWISE_LOSSES):
         if target.shape != logits.shape and target.numel() == logits.numel():
             raise ValueError(
                 f"the loss {name} compares outputs {tuple(logits.shape)} with targets {tuple(target.shape)} "
@@ -152,8 +152,7 @@ def check_targets(loss_fn: LossFn, logits: Tensor, target: Tensor) -> None:
                 "and (N,) targets, `loss_fn=lightning_flatness.functional.loss_forms.single_output_mse_loss`."
             )
         return
-    softmax = loss_fn is normalized_softmax_cross_entropy or hessian_twin(loss_fn) is F.cross_entropy
-    if not softmax or logits.ndim != 2:
+    if not _softmax_loss(loss_fn) or logits.ndim != 2:
         return
     if logits.shape[1] == 1:
         raise ValueError(
@@ -171,6 +170,11 @@ def check_targets(loss_fn: LossFn, logits: Tensor, target: Tensor) -> None:
         "logits' shape), for multi-label targets `loss_fn=nn.BCEWithLogitsLoss()`, for class indices "
         "integer targets."
     )
+
+
+def _softmax_loss(loss_fn: LossFn) -> bool:
+    """Eq. 20 or the cross-entropy (label smoothing included: :func:`hessian_twin`), in standard form."""
+    return loss_fn is normalized_softmax_cross_entropy or hessian_twin(loss_fn) is F.cross_entropy
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -248,11 +252,7 @@ def _reads_rows(loss_fn: LossFn) -> bool:
     against one class, which :class:`~lightning_flatness.functional.model_io.TokenLoss` applies per
     position: eq. 20, the cross-entropy in its forms, ``F.nll_loss``."""
     base = standard_loss(split_ignore_index(loss_fn)[0])
-    return (
-        base is normalized_softmax_cross_entropy
-        or hessian_twin(base) is F.cross_entropy
-        or base is F.nll_loss
-    )
+    return _softmax_loss(base) or base is F.nll_loss
 
 
 def semantic_segmentation_model(model: nn.Module) -> Optional[nn.Module]:
