@@ -135,6 +135,9 @@ def check_targets(loss_fn: LossFn, logits: Tensor, target: Tensor) -> None:
     naming the loss or target shape to pass instead:
 
     - a softmax loss (eq. 20, the cross-entropy) on ``(N, 1)`` logits: a softmax over one class is constant;
+    - integer targets of a softmax loss on ``(N, K)`` logits that are not one class index per sample,
+      ``(N,)`` (an answer span against the start logits alone, from a question-answering model that
+      returns a tuple);
     - float targets of a softmax loss on ``(N, K)`` logits that are not class probabilities, rows ``>= 0``
       summing to 1 (mixup, cutmix): regression values or multi-hot labels would be read as unnormalised
       class weights;
@@ -161,7 +164,15 @@ def check_targets(loss_fn: LossFn, logits: Tensor, target: Tensor) -> None:
             "classifier with one logit pass `loss_fn=nn.BCEWithLogitsLoss()` (float targets of the logits' "
             "shape), for regression `loss_fn=F.mse_loss`; or return two logits per sample."
         )
-    if not target.is_floating_point() or is_probability_target(logits, target):
+    if not target.is_floating_point():
+        if target.shape != logits.shape[:1]:
+            raise ValueError(
+                f"the loss is a softmax cross-entropy ({name}) over the classes of logits {tuple(logits.shape)}, "
+                f"which takes one class index per sample, (N,), but the targets are {tuple(target.shape)}. "
+                + _INDEX_TARGET_HINT
+            )
+        return
+    if is_probability_target(logits, target):
         return
     raise ValueError(
         f"the loss is a softmax cross-entropy ({name}), which reads float targets as class probabilities "
@@ -170,6 +181,14 @@ def check_targets(loss_fn: LossFn, logits: Tensor, target: Tensor) -> None:
         "logits' shape), for multi-label targets `loss_fn=nn.BCEWithLogitsLoss()`, for class indices "
         "integer targets."
     )
+
+
+_INDEX_TARGET_HINT = (
+    "An answer span (start_positions, end_positions) is scored on the start and end logits together: a "
+    "question-answering model that returns a tuple (return_dict=False) gives only its first entry, so "
+    "return a dict or ModelOutput with 'start_logits' and 'end_logits' (return_dict=True). Otherwise pass "
+    "targets of shape (N,) from `split_batch`, or the loss that fits them as `loss_fn`."
+)
 
 
 def _softmax_loss(loss_fn: LossFn) -> bool:

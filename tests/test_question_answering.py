@@ -82,6 +82,18 @@ def test_the_measured_loss_is_the_models_own_loss():
     assert float(loss(logits, target).detach()) == pytest.approx(float(expected), rel=1e-12)
 
 
+def test_a_span_model_returning_a_tuple_is_an_error_at_the_dry_run_naming_the_fix():
+    """``return_dict=False``: the output is ``(start_logits, end_logits)``, whose first entry alone would be
+    scored against the ``(N, 2)`` span; the dry run names the fix instead of failing in the loss."""
+    model, batch = _model_and_batch()
+    model.config.return_dict = False
+    assert isinstance(model(**split_batch(batch)[0]), tuple)
+    with pytest.raises(ValueError, match=r"targets are \(2, 2\).*return_dict=True"):
+        measure_sharpness(model, _batches(batch, 2))
+    model.config.return_dict = True
+    assert float(measure_sharpness(model, _batches(batch, 2))["normalized"]) > 0
+
+
 def test_the_exact_gauss_newton_diagonal_of_a_span_model_equals_brute_force():
     model, batch = _model_and_batch()
     result = measure_sharpness(model, _batches(batch, 2), method="gauss_newton", num_replicates=4)
