@@ -12,6 +12,7 @@ the metric and the functional core, and the callback uses this module.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Iterable
@@ -42,7 +43,12 @@ from lightning_flatness.functional.model_io import (
     outputs_of_first_samples,
     with_decoder_inputs,
 )
-from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
+from lightning_flatness.functional.parameters import (
+    ParameterSelection,
+    matrix_stacks,
+    select_parameters,
+    split_matrix_stacks,
+)
 from lightning_flatness.metric import NormalizedSharpness, all_finite
 
 __all__ = [
@@ -167,9 +173,9 @@ def check_targets(loss_fn: LossFn, logits: Tensor, target: Tensor) -> None:
     if not target.is_floating_point():
         if target.shape != logits.shape[:1]:
             raise ValueError(
-                f"the loss is a softmax cross-entropy ({name}) over the classes of logits {tuple(logits.shape)}, "
-                f"which takes one class index per sample, (N,), but the targets are {tuple(target.shape)}. "
-                + _INDEX_TARGET_HINT
+                f"the loss is a softmax cross-entropy ({name}) over the classes of logits "
+                f"{tuple(logits.shape)}, which takes one class index per sample, (N,), but the targets are "
+                f"{tuple(target.shape)}. " + _INDEX_TARGET_HINT
             )
         return
     if is_probability_target(logits, target):
@@ -397,7 +403,11 @@ class SharpnessMeasurement:
         if choice is None and method != "auto":
             self.choice = MethodChoice.named(method)
         params = select_parameters(model, parameters)
-        self.weights = {n: p.detach() for n, p in params.items()}
+        #: the parameters that are stacks of expert matrices, ``{name: E}``: measured expert by expert
+        self.stacks = matrix_stacks(model, params)
+        #: the tensors the measures count: the selected parameters, each expert stack split into its experts
+        #: (``"<name>.<e>"``, :func:`~lightning_flatness.functional.parameters.split_matrix_stacks`)
+        self.weights = split_matrix_stacks({n: p.detach() for n, p in params.items()}, self.stacks)
         device = next(iter(self.weights.values())).device
         self.metric = NormalizedSharpness(
             lam=lam,
@@ -463,6 +473,10 @@ class SharpnessMeasurement:
             raise
         if not all(all_finite(g) for g in estimate.groups.values()):
             return False
+        if self.stacks:  # the estimate is the parameters' own; the measures count each expert
+            estimate = dataclasses.replace(
+                estimate, groups=split_matrix_stacks(estimate.groups, self.stacks, dim=1)
+            )
         self.metric.update(estimate, self.weights)
         self.num_batches += 1
         return True

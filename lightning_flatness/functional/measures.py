@@ -64,7 +64,11 @@ def sharpness_measures(
     Args:
         weights: ``{name: W}`` parameter tensors. Tensors with ``ndim >= 2`` get all three measures;
             1-D tensors (biases, normalization scales) enter the trace only (footnote 5 leaves them
-            out of eq. 13 and 17; eq. 5 counts every parameter).
+            out of eq. 13 and 17; eq. 5 counts every parameter). A tensor with ``ndim >= 3`` is read as
+            a convolution's (one variance per dim 0 and dim 1 entry, the rest a kernel); a stack of
+            expert matrices is split into its experts first
+            (:func:`~lightning_flatness.functional.parameters.split_matrix_stacks` on both dicts, as
+            :class:`~lightning_flatness.measure.SharpnessMeasurement` does).
         diagonals: ``{name: diag H}`` with the same names and shapes (unclipped; the normalized
             measures clip negative entries to 0 as Algorithm 1 does, the trace does not).
         lam: the PAC-Bayes ``lambda`` of eq. 17 (the value scales as ``lam ** -0.5``).

@@ -38,6 +38,18 @@ What that means for the tensors of modern networks (the default selection):
   counting again. Their Gauss-Newton diagonal costs a few elementwise passes (the layer rules keep
   the per-layer fast path). The trace over the weight tensors alone is reported beside it, as
   ``hessian_trace_weights``.
+- **Stacks of expert matrices** -- a mixture-of-experts layer stores its experts' weights as one tensor
+  ``(E, O, I)`` (Hugging Face's experts modules: Mixtral, Qwen-MoE, OLMoE, DeepSeek, GPT-OSS, ...), and
+  their biases as ``(E, O)``. Each expert is a weight matrix of its own, with its own neuron-wise
+  rescaling symmetry (scaling expert ``e``'s hidden unit ``i`` and the matching input column of its
+  output projection leaves the network's function unchanged, whatever the other experts do). Read as
+  eq. 17 reads an ``ndim >= 3`` tensor, the stack would get one variance per *expert* and per output
+  unit shared by all experts, with the input units as a kernel: no symmetry of the network acts on
+  those axes, so the value would change under the rescaling of one expert. The measures therefore count
+  each expert as its own tensor, ``"<name>.<e>"`` (:func:`matrix_stacks`, :func:`split_matrix_stacks`):
+  eq. 13 and 17 per expert matrix (summed in the totals, like any weight matrices), and the bias
+  stacks' rows as biases (trace only). The Hessian diagonal is estimated for the whole stack, as the
+  model holds it; only the measures' layout changes.
 - **Left out** -- 1-D parameters that no layer rule reads, e.g. layer-scale vectors (``gamma``,
   used through an elementwise product): their diagonal would send the estimators to the per-sample
   path (``N K`` backward passes instead of one). ``parameters="all"`` selects them too, at that cost.
@@ -54,12 +66,14 @@ Detection of additive offsets is by name, for parameters that are *not* the weig
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Union
+from typing import Callable, Iterable, Mapping, Union
 
 from torch import Tensor, nn
 
 __all__ = [
+    "matrix_stacks",
     "select_parameters",
+    "split_matrix_stacks",
     "ParameterSelection",
     "ADDITIVE_OFFSET_MARKERS",
     "is_additive_offset",
@@ -68,6 +82,8 @@ __all__ = [
 ]
 
 ParameterSelection = Union[None, str, Iterable[str], Callable[[str, Tensor], bool]]
+#: ``{name: E}``: parameters that are stacks of ``E`` independent tensors along dim 0 (:func:`matrix_stacks`)
+MatrixStacks = dict[str, int]
 
 #: Substrings of a name component that mark an additive offset (position embeddings, class tokens).
 ADDITIVE_OFFSET_MARKERS = (
@@ -215,3 +231,72 @@ def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -
             f"choose them."
         )
     return chosen
+
+
+def _is_experts_module(module: nn.Module) -> bool:
+    """A mixture-of-experts container as Hugging Face's ``use_experts_implementation`` decorator builds it:
+    an int ``num_experts`` and the decorator's ``has_gate`` and ``is_transposed`` flags (a router, which
+    has ``num_experts`` too, is a plain Linear-like layer and has neither)."""
+    return (
+        isinstance(getattr(module, "num_experts", None), int)
+        and isinstance(getattr(module, "has_gate", None), bool)
+        and isinstance(getattr(module, "is_transposed", None), bool)
+    )
+
+
+def matrix_stacks(model: nn.Module, names: Iterable[str]) -> MatrixStacks:
+    """The parameters among ``names`` that are stacks of independent expert tensors along dim 0 (module
+    docstring): ``{name: E}`` for each parameter of a mixture-of-experts container (Hugging Face's experts
+    modules) with ``ndim >= 2`` and ``E = num_experts`` rows along dim 0. Empty for other models.
+
+    Example:
+        >>> import torch
+        >>> class Experts(torch.nn.Module):  # the attributes of Hugging Face's experts modules
+        ...     num_experts, has_gate, is_transposed = 4, True, False
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.gate_up_proj = torch.nn.Parameter(torch.zeros(4, 6, 5))
+        >>> model = torch.nn.ModuleDict({"experts": Experts(), "router": torch.nn.Linear(5, 4)})
+        >>> matrix_stacks(model, ["experts.gate_up_proj", "router.weight"])
+        {'experts.gate_up_proj': 4}
+    """
+    stacks: MatrixStacks = {}
+    for name in names:
+        owner_path, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        param = getattr(owner, leaf, None)
+        if (
+            _is_experts_module(owner)
+            and isinstance(param, Tensor)
+            and param.ndim >= 2
+            and param.shape[0] == owner.num_experts
+        ):
+            stacks[name] = int(param.shape[0])
+    return stacks
+
+
+def split_matrix_stacks(
+    tensors: Mapping[str, Tensor], stacks: MatrixStacks, dim: int = 0
+) -> dict[str, Tensor]:
+    """``tensors`` with each stack of :func:`matrix_stacks` replaced by its ``E`` slices along ``dim``, named
+    ``"<name>.<e>"`` (views, no copy; ``dim=1`` for per-group estimates ``(G, E, ...)``), in place of the
+    stack and in its order: what the measures count (module docstring).
+
+    Example:
+        >>> import torch
+        >>> out = split_matrix_stacks({"a": torch.zeros(3), "w": torch.zeros(2, 4, 5)}, {"w": 2})
+        >>> {k: tuple(v.shape) for k, v in out.items()}
+        {'a': (3,), 'w.0': (4, 5), 'w.1': (4, 5)}
+    """
+    out: dict[str, Tensor] = {}
+    for name, t in tensors.items():
+        if name in stacks:
+            if t.shape[dim] != stacks[name]:
+                raise ValueError(
+                    f"{name!r} is a stack of {stacks[name]} expert tensors, but its dim {dim} has size "
+                    f"{t.shape[dim]} (shape {tuple(t.shape)})."
+                )
+            out.update({f"{name}.{e}": part for e, part in enumerate(t.unbind(dim))})
+        else:
+            out[name] = t
+    return out

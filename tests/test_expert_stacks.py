@@ -1,0 +1,184 @@
+"""Mixture-of-experts layers: an experts module's ``(E, O, I)`` weight stack is ``E`` weight matrices, each
+measured on its own (eq. 13, 17), and its ``(E, O)`` bias stack ``E`` biases (trace only). Values against
+independent eq. 17 solves of each expert's slice, and the invariance the layout exists for: rescaling one
+hidden unit of one expert (a function-preserving change) leaves the measured value unchanged, where the
+stack read as one ``ndim >= 3`` tensor (one variance per expert and per output unit) moves."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_flatness.functional import hessian_diagonal_groups, normalized_softmax_cross_entropy
+from lightning_flatness.functional.parameters import matrix_stacks, select_parameters, split_matrix_stacks
+from lightning_flatness.functional.solvers import solve_normalized_sharpness
+from lightning_flatness.measure import measure_sharpness
+
+F64 = torch.float64
+EXPERTS, HIDDEN, WIDTH, CLASSES = 3, 4, 5, 3
+
+
+class DenseExperts(nn.Module):
+    """Experts as Hugging Face stores them (``gate_up_proj`` ``(E, 2I, H)``, ``down_proj`` ``(E, H, I)``, a
+    bias stack ``(E, H)``; the decorator's ``num_experts``, ``has_gate``, ``is_transposed``), mixed by dense
+    routing weights: ``sum_e r_e down_e(silu(gate_e x) * up_e x) + b_e``."""
+
+    num_experts, has_gate, is_transposed = EXPERTS, True, False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(EXPERTS, 2 * WIDTH, HIDDEN) / 2)
+        self.down_proj = nn.Parameter(torch.randn(EXPERTS, HIDDEN, WIDTH) / 2)
+        self.down_proj_bias = nn.Parameter(torch.randn(EXPERTS, HIDDEN) / 4)
+
+    def forward(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(x.shape)
+        for e in range(EXPERTS):
+            gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e], self.down_proj_bias[e])
+            out = out + routing[:, e : e + 1] * y
+        return out
+
+
+class TinyMoE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, HIDDEN)
+        self.router = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.router.num_experts = EXPERTS  # as a Hugging Face router: the attribute alone is not a stack
+        self.experts = DenseExperts()
+        self.head = nn.Linear(HIDDEN, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        return self.head(h + self.experts(h, torch.softmax(self.router(h), dim=-1)))
+
+
+def _model_and_batches(seed: int = 0):
+    torch.manual_seed(seed)
+    model = TinyMoE().to(F64).eval()
+    x, y = torch.randn(16, 6, dtype=F64), torch.randint(0, CLASSES, (16,))
+    return model, [(x[i : i + 4], y[i : i + 4]) for i in range(0, 16, 4)]
+
+
+def _pooled_diagonal(model: nn.Module, batches: list) -> dict[str, torch.Tensor]:
+    """The sample-weighted mean of the exact Gauss-Newton diagonal over the batches, per parameter."""
+    sums: dict[str, torch.Tensor] = {}
+    for x, y in batches:
+        est = hessian_diagonal_groups(model, normalized_softmax_cross_entropy, x, y, method="gauss_newton")
+        for k, v in est.mean().items():
+            sums[k] = sums.get(k, 0) + v * x.shape[0]
+    total = sum(x.shape[0] for x, _ in batches)
+    return {k: v / total for k, v in sums.items()}
+
+
+def test_the_stacks_of_an_experts_module_are_found_and_split_into_views():
+    model, _ = _model_and_batches()
+    params = select_parameters(model)
+    stacks = matrix_stacks(model, params)
+    assert stacks == {
+        "experts.gate_up_proj": EXPERTS,
+        "experts.down_proj": EXPERTS,
+        "experts.down_proj_bias": 3,
+    }
+    split = split_matrix_stacks(dict(params), stacks)
+    assert [k for k in split if k.startswith("experts.down_proj.")] == [
+        f"experts.down_proj.{e}" for e in range(3)
+    ]
+    w = model.experts.gate_up_proj
+    assert split["experts.gate_up_proj.1"].shape == (2 * WIDTH, HIDDEN)
+    assert split["experts.gate_up_proj.1"].data_ptr() == w[1].data_ptr()  # a view, no copy
+    assert "router.weight" in split and "experts.gate_up_proj" not in split
+    with pytest.raises(ValueError, match="stack of 3 expert tensors"):
+        split_matrix_stacks({"experts.down_proj": torch.zeros(2, 4, 5)}, stacks)
+
+
+def test_each_expert_is_measured_as_its_own_weight_matrix():
+    model, batches = _model_and_batches()
+    result = measure_sharpness(model, batches, method="gauss_newton", num_replicates=4)
+    h = _pooled_diagonal(model, batches)
+    total = 0.0
+    for name in ("experts.gate_up_proj", "experts.down_proj"):
+        w = model.get_parameter(name).detach()
+        for e in range(EXPERTS):
+            key = f"{name}.{e}"
+            expected = float(solve_normalized_sharpness(w[e], h[name][e]).value)
+            assert float(result.values[f"normalized/{key}"]) == pytest.approx(expected, rel=1e-9)
+            frob = float(w[e].square().sum() * h[name][e].clamp_min(0).sum())
+            assert float(result.values[f"matrix_normalized/{key}"]) == pytest.approx(
+                math.sqrt(frob), rel=1e-9
+            )
+            total += expected
+    for e in range(EXPERTS):  # the bias rows: biases (footnote 5), in the trace only
+        key = f"experts.down_proj_bias.{e}"
+        assert f"normalized/{key}" not in result.values
+        expected = float(h["experts.down_proj_bias"][e].sum())
+        assert float(result.values[f"hessian_trace/{key}"]) == pytest.approx(expected, rel=1e-9)
+    others = sum(
+        float(v) for k, v in result.values.items() if k.startswith("normalized/") and "/experts." not in k
+    )
+    assert float(result.values["normalized"]) == pytest.approx(total + others, rel=1e-9)
+    assert float(result.values["hessian_trace"]) == pytest.approx(
+        sum(float(v.sum()) for v in h.values()), rel=1e-9
+    )
+
+
+def test_rescaling_one_hidden_unit_of_one_expert_leaves_the_measure_unchanged():
+    """Scale expert 1's up-projection row ``i`` by ``a`` and its down-projection column ``i`` by ``1 / a``:
+    the same function (``silu(gate) * up`` is linear in ``up``). Per expert the optimal variances absorb the
+    factors; read as one ``(E, O, I)`` tensor, the stack shares its row variances between the experts."""
+    model, batches = _model_and_batches()
+    before = measure_sharpness(model, batches, method="gauss_newton", num_replicates=4)
+    whole_before = _whole_stack_value(model, batches)
+    x = batches[0][0]
+    reference = model(x)
+    with torch.no_grad():
+        model.experts.gate_up_proj[1, WIDTH + 2] *= 8.0
+        model.experts.down_proj[1, :, 2] /= 8.0
+    assert torch.allclose(model(x), reference, rtol=1e-12, atol=1e-12)
+    after = measure_sharpness(model, batches, method="gauss_newton", num_replicates=4)
+    assert float(after.values["normalized"]) == pytest.approx(float(before.values["normalized"]), rel=1e-8)
+    whole_after = _whole_stack_value(model, batches)
+    assert abs(whole_after / whole_before - 1) > 0.01  # the layout the split replaces is not invariant
+
+
+def _whole_stack_value(model: nn.Module, batches: list) -> float:
+    """Eq. 17 of the two expert stacks read as ``ndim >= 3`` tensors (one variance per expert and per
+    output unit, the input units a kernel), as the measures read them before."""
+    h = _pooled_diagonal(model, batches)
+    return sum(
+        float(solve_normalized_sharpness(model.get_parameter(n).detach(), h[n]).value)
+        for n in ("experts.gate_up_proj", "experts.down_proj")
+    )
+
+
+def test_a_hugging_face_mixture_of_experts_is_measured_expert_by_expert():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MixtralConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=8,
+        vocab_size=64,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        head_dim=8,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config).eval()
+    assert matrix_stacks(model, select_parameters(model)) == {
+        "model.layers.0.mlp.experts.gate_up_proj": 4,
+        "model.layers.0.mlp.experts.down_proj": 4,
+    }  # the router (``num_experts``, weight (E, H)) is a weight matrix
+    ids = torch.randint(3, 64, (4, 8))
+    batches = [{"input_ids": ids[i : i + 2], "labels": ids[i : i + 2]} for i in (0, 2)]
+    result = measure_sharpness(model, batches, num_replicates=2)
+    experts = [k for k in result.values if k.startswith("normalized/model.layers.0.mlp.experts.")]
+    assert len(experts) == 8 and all(math.isfinite(float(result.values[k])) for k in experts)
+    assert "normalized/model.layers.0.mlp.gate.weight" in result.values
