@@ -738,10 +738,14 @@ class SharpnessMonitorBase:
                     "continuing training. Please report it with the model, or pass another `method=`.",
                 )
             else:
+                overflow = measurement.nonfinite_curvature
                 self._warn_once(
                     trainer,
                     "nonfinite",
-                    "SharpnessMonitor: the loss or its curvature is NaN or infinite at epoch "
+                    f"SharpnessMonitor: at epoch {trainer.current_epoch} {overflow} Logging NaN for "
+                    f"'{self.prefix}/*' and continuing."
+                    if overflow is not None
+                    else "SharpnessMonitor: the loss or its curvature is NaN or infinite at epoch "
                     f"{trainer.current_epoch} (weights, inputs or loss_fn produce non-finite "
                     f"values); logging NaN for '{self.prefix}/*' and continuing. Check the learning "
                     "rate and the data.",

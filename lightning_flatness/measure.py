@@ -416,6 +416,8 @@ class SharpnessMeasurement:
             parameter_shapes={n: w.shape for n, w in self.weights.items()},
         ).to(device)
         self.num_batches = 0
+        #: why a batch's estimate was not finite although its loss was (:meth:`add`), else None
+        self.nonfinite_curvature: Optional[str] = None
         self._loss_resolved = not resolve_sequence_loss
 
     def resolve(self, inputs: Any, target: Tensor) -> MethodChoice:
@@ -472,6 +474,8 @@ class SharpnessMeasurement:
                 return False
             raise
         if not all(all_finite(g) for g in estimate.groups.values()):
+            if self.nonfinite_curvature is None and self.loss_is_finite(inputs, target):
+                self.nonfinite_curvature = curvature_overflow_message(estimate.groups.values())
             return False
         if self.stacks:  # the estimate is the parameters' own; the measures count each expert
             estimate = dataclasses.replace(
@@ -484,6 +488,27 @@ class SharpnessMeasurement:
     def compute(self) -> dict[str, Tensor]:
         """Every measure, its standard error and half-shift, per tensor and in total (see the metric)."""
         return self.metric.compute()
+
+
+def curvature_overflow_message(estimates: Iterable[Tensor]) -> str:
+    """Why a curvature estimate is NaN or infinite where the loss is finite, and the fix: in float32 (or
+    narrower) the likely cause is overflow. Eq. 20 is invariant to the logits' scale, so its Hessian grows
+    like ``1 / scale^2``: a network whose logits are tiny (``1e-23`` for Hugging Face's MobileNetV2 at
+    initialisation on 32x32 images) has bias curvature near ``1e44``, beyond float32's ``3.4e38``."""
+    dtype = next(iter(estimates)).dtype
+    if dtype == torch.float64:
+        return (
+            "the curvature estimate is NaN or infinite in float64 although the loss is finite; please report "
+            "it with the model."
+        )
+    return (
+        f"the curvature estimate is NaN or infinite in {dtype} although the loss is finite: its entries "
+        f"likely exceed {dtype}'s range ({torch.finfo(dtype).max:.1e}). The default loss (eq. 20) is "
+        "invariant to the logits' scale, so its curvature grows like 1 / scale^2 where the logits are tiny "
+        "(a network at initialisation). Measure in float64: SharpnessMonitor(dtype='float64'), or "
+        "measure_sharpness on a float64 copy of the model (copy.deepcopy(model).double(), with float64 "
+        "inputs)."
+    )
 
 
 def zero_sharpness_message(values: dict[str, Any]) -> Optional[str]:
@@ -573,7 +598,18 @@ def measure_sharpness(
     if measurement.num_batches == 0:
         raise ValueError(
             "measure_sharpness got no batch with a finite curvature estimate "
-            f"({skipped} non-finite); pass training batches on which the loss is finite."
+            f"({skipped} non-finite); "
+            + (
+                measurement.nonfinite_curvature
+                if measurement.nonfinite_curvature is not None
+                else "pass training batches on which the loss is finite."
+            )
+        )
+    if skipped and measurement.nonfinite_curvature is not None:
+        warnings.warn(
+            f"measure_sharpness skipped {skipped} batch(es): {measurement.nonfinite_curvature}",
+            UserWarning,
+            stacklevel=2,
         )
     values = measurement.compute()
     assert measurement.choice is not None

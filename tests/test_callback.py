@@ -728,6 +728,27 @@ def test_nan_loss_logs_nan_warns_and_training_continues():
     assert math.isnan(float(trainer.callback_metrics["sharpness/normalized"]))
 
 
+def test_curvature_beyond_float32_warns_to_measure_in_float64_which_measures_it():
+    """Logits of size ``1e-21`` (the head scaled, frozen by ``lr=0``): eq. 20's curvature of the biases is
+    near ``1e42``, beyond float32's range. At the default dtype the measurement logs NaN and the warning
+    names ``dtype='float64'``; with it, the value is finite."""
+
+    class TinyHead(MLP):
+        def __init__(self) -> None:
+            super().__init__(lr=0.0)
+            with torch.no_grad():
+                self.net[-1].weight.mul_(1e-21)
+                self.net[-1].bias.mul_(1e-21)
+
+    monitor = SharpnessMonitor(num_samples=32)
+    with pytest.warns(UserWarning, match=r"although the loss is finite.*dtype='float64'"):
+        _fit(monitor, model=TinyHead(), max_epochs=1)
+    assert math.isnan(monitor.history[-1]["normalized"])
+    wide = SharpnessMonitor(num_samples=32, dtype="float64")
+    _fit(wide, model=TinyHead(), max_epochs=1)
+    assert math.isfinite(wide.history[-1]["normalized"]) and wide.history[-1]["normalized"] > 0
+
+
 def test_a_zero_initialised_head_logs_zero_and_warns_once_why():
     class ZeroHead(MLP):
         def __init__(self) -> None:

@@ -183,6 +183,26 @@ def test_measurement_skips_non_finite_batches_and_reports_them():
         )
 
 
+def test_tiny_logits_overflow_float32_curvature_and_the_error_names_float64():
+    """Eq. 20 is invariant to the logits' scale, so scaling the last layer (weight and bias) by ``1e-21``
+    leaves the normalized sharpness unchanged (its curvature scales by ``1e42``, the weight's square by
+    ``1e-42``), but the biases' curvature, ``~1e42``, exceeds float32's range: the estimate overflows
+    while the loss is finite, and the error says to measure in float64, where the value is the unscaled
+    model's."""
+    model, batches = _mlp(), _data()
+    reference = float(measure_sharpness(model, batches, method="exact", num_replicates=4)["normalized"])
+    with torch.no_grad():
+        model[-1].weight.mul_(1e-21)
+        model[-1].bias.mul_(1e-21)
+    scaled = float(measure_sharpness(model, batches, method="exact", num_replicates=4)["normalized"])
+    assert scaled == pytest.approx(reference, rel=1e-8)
+    tiny = model.float()
+    single = [(x.float(), y) for x, y in batches]
+    assert all(torch.isfinite(normalized_softmax_cross_entropy(tiny(x), y)) for x, y in single)
+    with pytest.raises(ValueError, match=r"in torch\.float32 although the loss is finite.*float64 copy"):
+        measure_sharpness(tiny, single, method="exact", num_replicates=4)
+
+
 def test_auto_on_many_classes_samples_the_gauss_newton_part_within_its_error_bars_of_the_hessian():
     """A ReLU network with 40 classes at initialisation, eq. 20 loss (its logit Hessian is indefinite, the
     hard case for sampling): auto picks the sketch of the structured loss Hessian (its Gauss-Newton
