@@ -29,6 +29,7 @@ from zoo_models import (  # noqa: E402
     tiny_bert_multiple_choice,
     tiny_bert_problem,
     tiny_bert_question_answering,
+    tiny_moe,
 )
 from zoo_oracle import brute_force_ggn_diagonal, brute_force_hessian_diagonal  # noqa: E402
 
@@ -363,3 +364,36 @@ def test_hugging_face_multi_label_classifier_is_measured_with_its_own_loss():
         trainer.fit(HuggingFaceModule(model.train()), _Data(_DictDataset(inputs, labels)))
     assert monitor._loss is F.binary_cross_entropy_with_logits
     assert math.isfinite(monitor.history[-1]["normalized"]) and monitor.history[-1]["normalized"] > 0
+
+
+def test_hugging_face_mixture_of_experts_is_measured_at_the_defaults():
+    """A Qwen2-MoE causal LM as Hugging Face builds it (experts by ``torch._grouped_mm``), trained on its own
+    loss: the monitor measures the sketched Hessian on the per-layer path (no per-sample fallback), each
+    expert as its own weight matrix, and the trace is within 4 standard errors of the float64 brute force
+    on its subset (the oracle runs the experts' ``"eager"`` loop: ``_grouped_mm`` has no float64 kernel)."""
+    model, (inputs, labels) = tiny_moe("qwen2_moe", n=24)
+    model.config._experts_implementation = "grouped_mm"  # the default of a model built by transformers
+    monitor = SharpnessMonitor(num_samples=16)
+    pl.seed_everything(0, verbose=False)
+    trainer = quiet_trainer([monitor], max_epochs=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(HuggingFaceModule(model.train()), _Data(_DictDataset(inputs, labels)))
+    assert not [w for w in caught if "per-layer contractions do not apply" in str(w.message)]
+    last = monitor.history[-1]
+    assert len(monitor.history) == 2 and last["method"] == "hessian_sketch"
+    experts = sorted(k for k in last if k.startswith("normalized/") and ".experts." in k)
+    assert [k.rsplit(".", 2)[-2:] for k in experts] == [
+        [p, str(e)] for p in ("down_proj", "gate_up_proj") for e in range(3)
+    ]
+    assert all(math.isfinite(h["normalized"]) and h["normalized"] > 0 for h in monitor.history)
+    idx = monitor.state_dict()["indices"]
+    x, y = select_samples(inputs, idx, 24), labels[idx]
+    module64 = HuggingFaceModule(model).double().eval()
+    model.config._experts_implementation = "eager"
+    names = list(select_parameters(module64))
+    diag = brute_force_hessian_diagonal(
+        module64, TokenLoss(normalized_softmax_cross_entropy, shift=True), x, y, names
+    )
+    trace = sum(float(d.detach().sum()) for d in diag.values())
+    assert abs(last["hessian_trace"] - trace) < 4 * last["hessian_trace_stderr"]

@@ -345,6 +345,57 @@ def tiny_gpt2(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
     return _finish(model, (inputs, labels), dtype)
 
 
+#: ``tiny_moe`` kinds: Hugging Face causal LMs with an experts module (``use_experts_implementation``)
+MIXTURES_OF_EXPERTS = ("mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss")
+
+
+def tiny_moe(kind: str, n: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A mixture-of-experts causal LM (8-dim, 1 layer, 3 experts, top 2; untied head) on dict inputs, the
+    target ``labels`` as :func:`tiny_gpt2`'s: ``"mixtral"`` (gate and up stacked, no biases; its router
+    renormalizes the top-2 weights in place), ``"qwen3_moe"`` (``norm_topk_prob``: in place too),
+    ``"qwen2_moe"`` (no renormalization, as Qwen1.5-MoE; a shared expert behind a sigmoid gate) or
+    ``"gpt_oss"`` (transposed stacks with bias stacks, its own clamped gate). The experts run HF's ``"eager"``
+    implementation (a loop over the experts): ``torch._grouped_mm``, the default, has no float64 kernel on
+    the CPU, and the loop is the oracle's independent path."""
+    import transformers
+
+    _seed(seed)
+    common = dict(
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=16,
+        tie_word_embeddings=False,
+        intermediate_size=4,
+        num_experts_per_tok=2,
+    )
+    if kind == "mixtral":
+        config = transformers.MixtralConfig(num_local_experts=3, **common)
+        model = transformers.MixtralForCausalLM(config)
+    elif kind == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(
+            num_experts=3, moe_intermediate_size=4, norm_topk_prob=True, **common
+        )
+        model = transformers.Qwen3MoeForCausalLM(config)
+    elif kind == "qwen2_moe":
+        config = transformers.Qwen2MoeConfig(
+            num_experts=3, moe_intermediate_size=4, shared_expert_intermediate_size=4, **common
+        )
+        model = transformers.Qwen2MoeForCausalLM(config)
+    elif kind == "gpt_oss":
+        config = transformers.GptOssConfig(num_local_experts=3, layer_types=["full_attention"], **common)
+        model = transformers.GptOssForCausalLM(config)
+    else:
+        raise ValueError(f"unknown kind {kind!r}; one of {MIXTURES_OF_EXPERTS}")
+    model.config._experts_implementation = "eager"
+    inputs = _token_batch(n, seed)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    return _finish(model, (inputs, labels), dtype)
+
+
 def seq2seq_model(kind: str, vocab: int = 32, head: str = "ForConditionalGeneration") -> nn.Module:
     """A tiny Hugging Face encoder-decoder model in eval mode, as trained with ``labels`` only (the model
     derives its decoder inputs from them): ``"t5"``, ``"bart"`` (both with

@@ -71,6 +71,7 @@ from typing import Callable, Iterable, Mapping, Union
 from torch import Tensor, nn
 
 __all__ = [
+    "is_experts_module",
     "matrix_stacks",
     "select_parameters",
     "split_matrix_stacks",
@@ -233,7 +234,7 @@ def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -
     return chosen
 
 
-def _is_experts_module(module: nn.Module) -> bool:
+def is_experts_module(module: nn.Module) -> bool:
     """A mixture-of-experts container as Hugging Face's ``use_experts_implementation`` decorator builds it:
     an int ``num_experts`` and the decorator's ``has_gate`` and ``is_transposed`` flags (a router, which
     has ``num_experts`` too, is a plain Linear-like layer and has neither)."""
@@ -266,7 +267,7 @@ def matrix_stacks(model: nn.Module, names: Iterable[str]) -> MatrixStacks:
         owner = model.get_submodule(owner_path) if owner_path else model
         param = getattr(owner, leaf, None)
         if (
-            _is_experts_module(owner)
+            is_experts_module(owner)
             and isinstance(param, Tensor)
             and param.ndim >= 2
             and param.shape[0] == owner.num_experts

@@ -35,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 from lightning_flatness.functional.batch_first_transformers import batch_first_transformers
 from lightning_flatness.functional.composite_attention import explicit_multi_head_attention
 from lightning_flatness.functional.composite_recurrent import explicit_recurrent_layers
+from lightning_flatness.functional.dense_experts import dense_experts
 from lightning_flatness.functional.estimators.layer_rules import LAYER_RULES, LayerCall
 from lightning_flatness.functional.estimators.layer_rules.column_backward import ColumnTape
 from lightning_flatness.functional.estimators.node_rules import NODE_RULES, NodeCall
@@ -679,9 +680,11 @@ def _record_forward(
     sequence-first transformer modules run batch-first between transposes
     (:func:`~lightning_flatness.functional.batch_first_transformers.batch_first_transformers`), so that
     their layers see the samples along dim 0; ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` run in explicit
-    operations (:func:`~lightning_flatness.functional.composite_recurrent.explicit_recurrent_layers`), and
+    operations (:func:`~lightning_flatness.functional.composite_recurrent.explicit_recurrent_layers`),
     activation modules that hide a standard activation in a custom autograd Function run as that
-    activation (:func:`~lightning_flatness.functional.explicit_activations.explicit_activations`). With
+    activation (:func:`~lightning_flatness.functional.explicit_activations.explicit_activations`), and
+    mixture-of-experts modules run densely, as two Linear layers over every expert
+    (:func:`~lightning_flatness.functional.dense_experts.dense_experts`). With
     ``record_nodes``, ``F.scaled_dot_product_attention`` called in the model's code runs in explicit
     operations (:class:`~lightning_flatness.functional.explicit_sdpa.ExplicitAttention`), so that the
     node rules see its products and softmax.
@@ -701,6 +704,7 @@ def _record_forward(
                 batch_first_transformers(model),
                 explicit_recurrent_layers(model),
                 explicit_activations(model),
+                dense_experts(model),
                 recorder,
                 ExplicitAttention() if record_nodes else contextlib.nullcontext(),  # inside: seen by recorder
             ):

@@ -1,22 +1,39 @@
-"""Mixture-of-experts layers: an experts module's ``(E, O, I)`` weight stack is ``E`` weight matrices, each
-measured on its own (eq. 13, 17), and its ``(E, O)`` bias stack ``E`` biases (trace only). Values against
-independent eq. 17 solves of each expert's slice, and the invariance the layout exists for: rescaling one
-hidden unit of one expert (a function-preserving change) leaves the measured value unchanged, where the
-stack read as one ``ndim >= 3`` tensor (one variance per expert and per output unit) moves."""
+"""Mixture-of-experts layers.
+
+- The measures: an experts module's ``(E, O, I)`` weight stack is ``E`` weight matrices, each measured on its
+  own (eq. 13, 17), and its ``(E, O)`` bias stack ``E`` biases (trace only). Values against independent eq. 17
+  solves of each expert's slice, and the invariance the layout exists for: rescaling one hidden unit of one
+  expert (a function-preserving change) leaves the measured value unchanged, where the stack read as one
+  ``ndim >= 3`` tensor (one variance per expert and per output unit) moves.
+- The estimators: Hugging Face's experts run densely in the recorded forward
+  (:mod:`lightning_flatness.functional.dense_experts`): the same function as the routed computation, on the
+  per-layer path, with the Gauss-Newton diagonal equal to the float64 brute force and the sketched Hessian
+  unbiased for it (the oracles run Hugging Face's own ``"eager"`` loop over the experts)."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from expectation import assert_unbiased_traces
 from torch import nn
+from zoo_oracle import brute_force_ggn_diagonal
 
 from lightning_flatness.functional import hessian_diagonal_groups, normalized_softmax_cross_entropy
-from lightning_flatness.functional.parameters import matrix_stacks, select_parameters, split_matrix_stacks
+from lightning_flatness.functional.dense_experts import dense_experts
+from lightning_flatness.functional.estimators.method_choice import choose_method
+from lightning_flatness.functional.model_io import call_model
+from lightning_flatness.functional.parameters import (
+    is_experts_module,
+    matrix_stacks,
+    select_parameters,
+    split_matrix_stacks,
+)
 from lightning_flatness.functional.solvers import solve_normalized_sharpness
-from lightning_flatness.measure import measure_sharpness
+from lightning_flatness.measure import measure_sharpness, resolve_loss
 
 F64 = torch.float64
 EXPERTS, HIDDEN, WIDTH, CLASSES = 3, 4, 5, 3
@@ -182,3 +199,73 @@ def test_a_hugging_face_mixture_of_experts_is_measured_expert_by_expert():
     experts = [k for k in result.values if k.startswith("normalized/model.layers.0.mlp.experts.")]
     assert len(experts) == 8 and all(math.isfinite(float(result.values[k])) for k in experts)
     assert "normalized/model.layers.0.mlp.gate.weight" in result.values
+
+
+# ------------------------------------------------------------------ the estimators: dense experts
+
+
+def _moe(kind: str, n: int = 4):
+    pytest.importorskip("transformers")
+    from zoo_models import tiny_moe
+
+    model, (inputs, labels) = tiny_moe(kind, n=n, dtype=F64)
+    loss = resolve_loss(normalized_softmax_cross_entropy, model, call_model(model, inputs), labels)
+    return model, inputs, labels, loss
+
+
+def _per_sample_fallbacks(caught: list) -> list[str]:
+    return [str(w.message) for w in caught if "per-layer contractions do not apply" in str(w.message)]
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss"])
+def test_dense_experts_compute_the_routed_function(kind):
+    """Mixtral (gate and up stacked), Qwen3-MoE, GPT-OSS (transposed stacks, bias stacks, its own gate):
+    random routing of 7 tokens to 2 of 3 experts; restored exactly afterwards."""
+    model, _, _, _ = _moe(kind)
+    experts = next(m for m in model.modules() if is_experts_module(m))
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 8, generator=g, dtype=F64)
+    index = torch.stack([torch.randperm(3, generator=g)[:2] for _ in range(7)])
+    weights = torch.rand(7, 2, generator=g, dtype=F64)
+    routed = experts(hidden, index, weights)
+    with dense_experts(model):
+        dense = experts(hidden, index, weights)
+    assert "forward" not in experts.__dict__
+    torch.testing.assert_close(dense, routed, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "gpt_oss"])
+def test_the_gauss_newton_diagonal_of_a_mixture_of_experts_is_per_layer_and_equals_brute_force(kind):
+    """Router and expert stacks (bias stacks too), the exact Gauss-Newton diagonal: no per-sample fallback,
+    equal to the float64 brute force (to the float32 routing weights these models compute)."""
+    model, inputs, labels, loss = _moe(kind)
+    names = [n for n in select_parameters(model) if ".mlp." in n]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        est = hessian_diagonal_groups(model, loss, inputs, labels, method="gauss_newton", parameters=names)
+    assert not _per_sample_fallbacks(caught)
+    truth = brute_force_ggn_diagonal(model, loss, inputs, labels, names)
+    for n in names:
+        scale = float(truth[n].abs().max())
+        assert scale > 0 and float((est.groups[n][0] - truth[n]).abs().max()) <= 1e-5 * scale, n
+
+
+def test_auto_measures_the_hessian_of_a_qwen_moe_without_bias():
+    """Qwen2-MoE (Qwen1.5-MoE's layout: no renormalization of the top-k weights, a shared expert): every
+    operation of the router (softmax, top-k), the shared expert's gate and the dense experts has a node
+    rule, so ``auto`` takes the sketched Hessian, on the per-layer path; its traces are unbiased for the
+    brute-force Hessian's over 8 seeds. Mixtral's and Qwen3-MoE's routers renormalize in place (no node
+    rule evaluates an op whose input is gone): the Gauss-Newton diagonal, per layer."""
+    model, inputs, labels, loss = _moe("qwen2_moe")
+    assert choose_method(model, loss, inputs, labels).method == "hessian_sketch"
+    names = [n for n in select_parameters(model) if ".mlp." in n]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_unbiased_traces(model, loss, inputs, labels, names, min_random=3)
+    assert not _per_sample_fallbacks(caught)
+    for kind in ("mixtral", "qwen3_moe"):
+        model, inputs, labels, loss = _moe(kind)
+        choice = choose_method(model, loss, inputs, labels)
+        assert (
+            choice.quantity == "gauss_newton" and "'div'" in choice.reason and "(in place)" in choice.reason
+        )

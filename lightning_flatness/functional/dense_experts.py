@@ -1,0 +1,137 @@
+r"""Mixture-of-experts layers in dense operations, for the estimators' recorded forward pass only.
+
+A Hugging Face experts module (the ``use_experts_implementation`` decorator: Mixtral, Qwen-MoE, OLMoE,
+DeepSeek, GPT-OSS, Granite-MoE, ...) holds its ``E`` experts as weight stacks ``gate_up_proj`` and
+``down_proj`` and runs the tokens routed to each expert by ``torch._grouped_mm`` on token rows sorted by
+expert (or a loop of ``F.linear`` on gathered rows). The estimators' recorder has no layer rule for that
+op, and the sorted rows no longer say which sample they came from, so every estimator fell back to one
+backward pass per sample and column (``N`` times the work), and ``auto`` measured the Gauss-Newton
+diagonal.
+
+:func:`dense_experts` computes the same function in two Linear layers the per-layer contractions read
+(:mod:`~lightning_flatness.functional.estimators.layer_rules.linear`), on the tokens as the model passes
+them (``(N T, H)``, sample-major):
+
+.. math:: y_t = \sum_e r_{te}\, D_e\, g(U_e x_t) + \sum_e r_{te}\, b_e
+          = D\, \mathrm{vec}_e\big(r_{te}\, g(U x_t)_e\big) + r_t B,
+
+with the routing weights ``r_te`` of the ``top_k`` experts of token ``t`` (0 for the others: the same
+values, and the same derivatives of every order, as the routed computation, since the top-``k`` choice is
+locally constant), ``U`` the stack ``(E, 2I, H)`` read as one ``(E 2I, H)`` weight (a reshape of the
+parameter, pulled back to it exactly), ``g`` the module's own gate (``_apply_gate``, or its activation),
+``D`` the down stack ``(E, H, I)`` read as ``(H, E I)`` and ``B`` the bias stack ``(E, H)``. Transposed
+stacks (``is_transposed``: GPT-OSS) are read transposed.
+
+Cost: every expert on every token, ``E / top_k`` times the experts' flops and activations of the routed
+forward (4x for Mixtral's 8 experts, top 2), in the recorded forward and the per-layer contractions;
+against one backward pass per sample and column before. Modules it does not write out keep their forward:
+a post-expert normalization (``has_post_expert_norm``), expert parallelism, inputs that are not ``(tokens,
+H)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_flatness.functional.instance_forwards import instance_forwards
+from lightning_flatness.functional.parameters import is_experts_module
+
+__all__ = ["dense_experts", "dense_experts_forward"]
+
+_INDEX_NAMES = ("top_k_index", "router_indices")
+_WEIGHT_NAMES = ("top_k_weights", "routing_weights")
+
+
+def _argument(args: tuple, kwargs: dict, position: int, names: tuple[str, ...]) -> Any:
+    if len(args) > position:
+        return args[position]
+    return next((kwargs[n] for n in names if n in kwargs), None)
+
+
+def _writes_out(module: nn.Module, hidden: Any, index: Any, weights: Any) -> bool:
+    """Whether :func:`dense_experts_forward` covers this module and call (module docstring)."""
+    stacks = ("gate_up_proj" if module.has_gate else "up_proj", "down_proj")
+    return (
+        not getattr(module, "has_post_expert_norm", False)
+        and not getattr(module, "_is_expert_parallel", False)
+        and all(isinstance(getattr(module, name, None), Tensor) for name in stacks)
+        and isinstance(hidden, Tensor)
+        and hidden.ndim == 2
+        and isinstance(index, Tensor)
+        and isinstance(weights, Tensor)
+        and index.shape == weights.shape
+        and index.ndim == 2
+        and index.shape[0] == hidden.shape[0]
+    )
+
+
+def dense_experts_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
+    """The experts module's function on ``hidden_states`` ``(S, H)`` routed by ``top_k_index`` and
+    ``top_k_weights`` ``(S, k)``, as two Linear layers over every expert (module docstring); the class's own
+    forward where it is not covered."""
+    hidden = _argument(args, kwargs, 0, ("hidden_states",))
+    index = _argument(args, kwargs, 1, _INDEX_NAMES)
+    weights = _argument(args, kwargs, 2, _WEIGHT_NAMES)
+    if not _writes_out(self, hidden, index, weights):
+        return type(self).forward(self, *args, **kwargs)
+    return _dense(self, hidden, index, weights)
+
+
+def _dense(experts: Any, hidden: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+    """:func:`dense_experts_forward` on a call it covers (``experts``: the module, read by attribute)."""
+    num, tokens = int(experts.num_experts), hidden.shape[0]
+    choice = F.one_hot(index, num).to(weights.dtype)  # (S, k, E), a constant
+    routing = (weights.unsqueeze(-1) * choice).sum(dim=1)  # (S, E): 0 for the experts not chosen
+    has_bias = bool(getattr(experts, "has_bias", False))
+    up: Tensor = experts.gate_up_proj if experts.has_gate else experts.up_proj  # (E, O, H)
+    if experts.is_transposed:  # stored (E, H, O)
+        up = up.transpose(1, 2)
+    up_bias: Optional[Tensor] = None
+    if has_bias:
+        up_bias = (experts.gate_up_proj_bias if experts.has_gate else experts.up_proj_bias).reshape(-1)
+    projected = F.linear(hidden.to(up.dtype), up.reshape(-1, up.shape[-1]), up_bias).view(tokens, num, -1)
+    inner = experts._apply_gate(projected) if experts.has_gate else experts.act_fn(projected)  # (S, E, I)
+    inner = inner * routing.unsqueeze(-1).to(inner.dtype)
+    down: Tensor = experts.down_proj.transpose(1, 2) if experts.is_transposed else experts.down_proj
+    out = F.linear(inner.reshape(tokens, -1), down.permute(1, 0, 2).reshape(down.shape[1], -1))  # (E, H, I)
+    if has_bias:
+        out = out + routing.to(out.dtype) @ experts.down_proj_bias
+    return out.to(hidden.dtype)
+
+
+@contextlib.contextmanager
+def dense_experts(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every experts module of ``model``
+    (:func:`~lightning_flatness.functional.parameters.is_experts_module`) runs :func:`dense_experts_forward`
+    where it covers the call; restored exactly on exit (:mod:`.instance_forwards`).
+
+    Example:
+        >>> import torch
+        >>> class Experts(torch.nn.Module):  # the attributes of Hugging Face's experts modules
+        ...     num_experts, has_gate, is_transposed, has_bias = 3, False, False, False
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.up_proj = torch.nn.Parameter(torch.randn(3, 4, 2))
+        ...         self.down_proj = torch.nn.Parameter(torch.randn(3, 2, 4))
+        ...         self.act_fn = torch.nn.ReLU()
+        ...     def forward(self, x, index, weights):  # the routed computation
+        ...         out = torch.zeros_like(x)
+        ...         for t in range(x.shape[0]):
+        ...             for j, e in enumerate(index[t].tolist()):
+        ...                 h = self.act_fn(self.up_proj[e] @ x[t])
+        ...                 out[t] = out[t] + weights[t, j] * (self.down_proj[e] @ h)
+        ...         return out
+        >>> experts, x = Experts(), torch.randn(5, 2)
+        >>> index, weights = torch.tensor([[0, 2], [1, 0], [2, 1], [0, 1], [2, 0]]), torch.rand(5, 2)
+        >>> with dense_experts(experts):
+        ...     dense = experts(x, index, weights)
+        >>> torch.allclose(dense, experts(x, index, weights), atol=1e-6)
+        True
+    """
+    with instance_forwards((m, dense_experts_forward) for m in model.modules() if is_experts_module(m)):
+        yield model
