@@ -334,6 +334,40 @@ MODELS: dict[str, Builder] = {
     "transformers Phi": _hf(
         "PhiForCausalLM", "PhiConfig", "lm", hidden_size=16, **{k: v for k, v in _TEXT.items()}
     ),
+    **{  # mixtures of experts: 4 experts, top 2 (the experts run by torch._grouped_mm, as built)
+        f"transformers {label} (mixture of experts)": _hf(
+            f"{prefix}ForCausalLM", f"{prefix}Config", "lm", **config
+        )
+        for label, prefix, config in [
+            ("Mixtral", "Mixtral", dict(num_local_experts=4, intermediate_size=16)),
+            (
+                "Qwen2-MoE",
+                "Qwen2Moe",
+                dict(num_experts=4, moe_intermediate_size=8, shared_expert_intermediate_size=8),
+            ),
+            ("Qwen3-MoE", "Qwen3Moe", dict(num_experts=4, moe_intermediate_size=8, norm_topk_prob=True)),
+            ("OLMoE", "Olmoe", dict(num_experts=4, intermediate_size=16)),
+            ("Granite-MoE", "GraniteMoe", dict(num_local_experts=4, intermediate_size=16)),
+            (
+                "GPT-OSS",
+                "GptOss",
+                dict(num_local_experts=4, intermediate_size=16, layer_types=["full_attention"]),
+            ),
+        ]
+        for config in [
+            dict(
+                hidden_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                head_dim=8,
+                vocab_size=64,
+                num_experts_per_tok=2,
+                tie_word_embeddings=False,
+                **config,
+            )
+        ]
+    },
 }
 MODELS.update({f"timm {name} (64)": _timm_sized(name) for name in TIMM_SWEEP})
 MODELS["timm efficientformer_l1 (224)"] = _timm("efficientformer_l1", size=224)  # fixed attention-bias table

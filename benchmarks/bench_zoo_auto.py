@@ -3,7 +3,8 @@
 For each tiny zoo model (``tests/zoo_models.py``: torchvision ResNet / MobileNetV3, timm ViT /
 ConvNeXt, Hugging Face BERT classifier / GPT-2 LM; by name, the task heads of ``TASK_HEADS``: BERT for
 extractive question answering, multiple choice, regression and multi-label classification, the last two
-with their own loss), a fixed **pool** of ``--pool`` samples is the
+with their own loss; and the mixture-of-experts LMs of ``MIXTURE_OF_EXPERTS_MODELS``, Qwen2-MoE and
+Mixtral, each expert measured as its own weight matrix), a fixed **pool** of ``--pool`` samples is the
 population. Reference values are computed once on the pool, in float64, by brute force
 (``tests/zoo_oracle.py``, independent of the estimators): the measures (``sharpness_measures``: eq. 17
 normalized sharpness, eq. 13, eq. 5) of the Hessian diagonal (one HVP per weight) and of the exact
@@ -49,7 +50,7 @@ from benchmarks.common import base_parser, environment, run_timed, setup, write_
 from lightning_flatness.batch_split import split_batch
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.measures import sharpness_measures
-from lightning_flatness.functional.parameters import select_parameters
+from lightning_flatness.functional.parameters import matrix_stacks, select_parameters, split_matrix_stacks
 from lightning_flatness.functional.replicate_measures import (
     POOLED_RTOL,
     REPLICATE_RTOL,
@@ -59,10 +60,17 @@ from lightning_flatness.functional.replicate_measures import (
 )
 from lightning_flatness.functional.solvers.normalized import solve_normalized_sharpness_coefficients
 from lightning_flatness.measure import SharpnessMeasurement
-from tests.zoo_models import QUESTION_ANSWERING, TASK_HEADS, TINY, span_batch, zoo_loss
+from tests.zoo_models import (
+    MIXTURE_OF_EXPERTS_MODELS,
+    QUESTION_ANSWERING,
+    TASK_HEADS,
+    TINY,
+    span_batch,
+    zoo_loss,
+)
 from tests.zoo_oracle import brute_force_ggn_diagonal, brute_force_hessian_diagonal
 
-MODELS = {**TINY, **TASK_HEADS}
+MODELS = {**TINY, **TASK_HEADS, **MIXTURE_OF_EXPERTS_MODELS}
 
 KEYS = ("normalized", "matrix_normalized", "hessian_trace")
 
@@ -88,7 +96,8 @@ def reference(name: str, model, x, y, hvp_budget: int = 256) -> dict[str, dict[s
     loss_fn = zoo_loss(name, normalized_softmax_cross_entropy)
     net = copy.deepcopy(model).double().eval()
     names = list(select_parameters(net))
-    weights = {n: p.detach() for n, p in net.named_parameters() if n in names}
+    stacks = matrix_stacks(net, names)  # experts measured one by one, as the measurement does
+    weights = split_matrix_stacks({n: p.detach() for n, p in net.named_parameters() if n in names}, stacks)
     n_pool = y.shape[0]
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
@@ -100,7 +109,7 @@ def reference(name: str, model, x, y, hvp_budget: int = 256) -> dict[str, dict[s
     g = brute_force_ggn_diagonal(net, loss_fn, x, y, names)
     out["gauss_newton_seconds"] = time.perf_counter() - t0
     for label, diag in (("hessian", h), ("gauss_newton", g)):
-        m = sharpness_measures(weights, diag)
+        m = sharpness_measures(weights, split_matrix_stacks(diag, stacks))
         out[label] = {k: float(m[k]) for k in KEYS}
     return out
 

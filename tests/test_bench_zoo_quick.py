@@ -42,3 +42,21 @@ def test_lm_vocabulary_quick_runs_each_row_in_its_capped_subprocess(tmp_path):
     assert all(r["outcome"] == "ran" and r["peak_mb_above_start"] >= 0 for r in rows)
     assert rows[1]["method"] == "gauss_newton_mc" and rows[1]["normalized"] > 0
     assert out["class_draws"]["multinomial_ms"] > 0 and out["class_draws"]["inverse_cdf_ms"] > 0
+
+
+def test_bench_moe_quick_measures_a_mixture_of_experts_per_layer():
+    from benchmarks import bench_moe
+
+    (row,) = bench_moe.main(["--quick", "--samples", "8", "--models", "qwen2_moe"])["rows"]
+    assert row["method"] == "hessian_sketch" and not row["per_sample_path"]
+    assert row["normalized"] > 0 and row["tensors"] > 0
+
+
+def test_bench_hf_sweep_quick_measures_each_class_or_says_why_not(tmp_path):
+    from benchmarks import bench_hf_sweep
+
+    out = tmp_path / "sweep.json"
+    only = ["--only", "DistilBertForToken", "AlbertForToken"]
+    rows = bench_hf_sweep.main(["--head", "ForTokenClassification", *only, "--json", str(out)])["rows"]
+    assert rows and all(r["status"] == "ok" and r["path"] == "per-layer" for r in rows.values()), rows
+    assert "DistilBertForTokenClassification" in out.with_suffix(".md").read_text()

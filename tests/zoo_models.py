@@ -507,8 +507,13 @@ OWN_LOSS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "bert_multilabel": F.binary_cross_entropy_with_logits,
 }
 
+#: Mixture-of-experts causal LMs by name (:func:`tiny_moe`), as the benchmarks take them.
+MIXTURE_OF_EXPERTS_MODELS: dict[str, Callable[..., tuple[nn.Module, Any]]] = {
+    kind: functools.partial(tiny_moe, kind) for kind in ("qwen2_moe", "mixtral")
+}
+
 #: Models whose target is a token sequence (loss: ``TokenLoss(base, shift=True)``).
-CAUSAL_LM = frozenset({"gpt2"})
+CAUSAL_LM = frozenset({"gpt2", *MIXTURE_OF_EXPERTS_MODELS})
 
 
 def zoo_loss(name: str, base: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:

@@ -1,0 +1,261 @@
+"""Reach, swept: ``measure_sharpness`` at its defaults on every Hugging Face model class with a given head
+(issue 8).
+
+``bench_reach`` runs a curated list with hand-written tiny configurations. This sweep takes every class of
+``transformers`` whose name ends in ``--head`` (``ForCausalLM``, ``ForMaskedLM``, ``ForTokenClassification``,
+``ForSequenceClassification``, ``ForImageClassification``), builds it from its configuration class's
+defaults shrunk by attribute name (hidden sizes 16, one layer, two heads, a vocabulary of 64, 3 labels,
+32x32 images: :data:`SHRINK`, each attribute set only where the configuration has it as an int), with
+random weights, and measures 4 samples in batches of 2 (random tokens of length 8 or random images, the
+labels the head trains on: the tokens for a causal LM, a few masked positions for a masked LM, a class per
+token or per sample).
+
+A class is **skipped** when the shrunk configuration does not build or the model's own forward fails on the
+batch (a configuration the shrinking broke, not a measurement), and **timed out** after ``--timeout``
+seconds. A failure inside the measurement is a row with its error. Rows: the method ``auto`` chose, the
+quantity (Hessian or Gauss-Newton diagonal) and whether the estimator fell back to per-sample backward
+passes (its warning).
+
+Run from the repository root (needs the ``zoo`` extra), one head per run, e.g.
+``python -m benchmarks.bench_hf_sweep --head ForCausalLM --json benchmarks/results/bench_hf_sweep_clm.json``
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+import traceback
+import warnings
+from typing import Any, Optional
+
+import torch
+
+from benchmarks.common import base_parser, setup, write_json_and_markdown
+
+HEADS = (
+    "ForCausalLM",
+    "ForMaskedLM",
+    "ForTokenClassification",
+    "ForSequenceClassification",
+    "ForImageClassification",
+)
+
+#: configuration attributes set where a configuration has them as ints (the shrunk tiny configuration)
+SHRINK = dict(
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_layers=1,
+    n_layer=1,
+    n_layers=1,
+    num_attention_heads=2,
+    n_head=2,
+    n_heads=2,
+    num_key_value_heads=1,
+    intermediate_size=32,
+    ffn_dim=32,
+    d_model=16,
+    d_ff=32,
+    n_embd=16,
+    vocab_size=64,
+    max_position_embeddings=64,
+    n_positions=64,
+    num_labels=3,
+    image_size=32,
+    patch_size=8,
+    num_channels=3,
+    head_dim=8,
+    embed_dim=16,
+    dim=16,
+    hidden_dim=32,
+    encoder_layers=1,
+    decoder_layers=1,
+    num_experts=4,
+    num_local_experts=4,
+    moe_intermediate_size=16,
+    kv_lora_rank=8,
+    q_lora_rank=8,
+    qk_rope_head_dim=4,
+    qk_nope_head_dim=4,
+    v_head_dim=8,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+#: a class whose shrunk model is larger than this is skipped (an attribute the shrinking does not know)
+MAX_PARAMETERS = 2_000_000
+
+
+class _TimedOut(Exception):
+    pass
+
+
+def _alarm(*_: Any) -> None:
+    raise _TimedOut()
+
+
+def _shrink(config: Any) -> None:
+    """:data:`SHRINK` applied to ``config`` and its sub-configurations (a text or vision tower's)."""
+    for key, value in SHRINK.items():
+        current = getattr(config, key, None)
+        if isinstance(current, int) and not isinstance(current, bool):
+            try:
+                setattr(config, key, value)
+            except Exception:  # a read-only property of the configuration
+                pass
+    if isinstance(getattr(config, "num_experts_per_tok", None), int):
+        config.num_experts_per_tok = min(config.num_experts_per_tok, 2)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:1]
+    for key in list(vars(config)):
+        sub = getattr(config, key, None)
+        if sub is not config and type(sub).__name__.endswith("Config") and hasattr(sub, "to_dict"):
+            _shrink(sub)
+
+
+def build(cls: Any) -> torch.nn.Module:
+    """``cls`` from its configuration class's defaults, shrunk (:data:`SHRINK`), random weights, eval mode;
+    a ``ValueError`` where the shrunk model still has more than :data:`MAX_PARAMETERS` parameters."""
+    config = cls.config_class()
+    _shrink(config)
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    count = sum(p.numel() for p in model.parameters())
+    if count > MAX_PARAMETERS:
+        raise ValueError(f"not shrunk: {count:,} parameters")
+    return model
+
+
+def batches(head: str, g: torch.Generator) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for _ in range(2):
+        if head == "ForImageClassification":
+            batch = {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
+            batch["labels"] = torch.randint(0, 3, (2,), generator=g)
+        else:
+            ids = torch.randint(3, 64, (2, 8), generator=g)
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            if head == "ForCausalLM":
+                batch["labels"] = ids.clone()
+            elif head == "ForMaskedLM":
+                labels = torch.full_like(ids, -100)
+                labels[:, 2] = ids[:, 2]
+                batch["labels"] = labels
+            elif head == "ForTokenClassification":
+                batch["labels"] = torch.randint(0, 3, (2, 8), generator=g)
+            else:
+                batch["labels"] = torch.randint(0, 3, (2,), generator=g)
+        out.append(batch)
+    return out
+
+
+def measure(name: str, head: str, timeout: int) -> dict[str, Any]:
+    import transformers
+
+    from lightning_flatness.measure import measure_sharpness
+
+    start = time.perf_counter()
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(timeout)
+    try:
+        try:
+            model = build(getattr(transformers, name))
+            data = batches(head, torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                model(**{k: v for k, v in data[0].items() if k != "labels"})
+        except _TimedOut:
+            raise
+        except Exception as err:
+            return {"status": "skipped", "why": f"{type(err).__name__}: {err}"[:200]}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = measure_sharpness(model, data, num_replicates=2)
+        per_sample = any("per-layer contractions do not apply" in str(w.message) for w in caught)
+        return {
+            "status": "ok",
+            "method": result.choice.method,
+            "quantity": result.choice.quantity,
+            "path": "per-sample" if per_sample else "per-layer",
+            "normalized": float(result.values["normalized"]),
+            "seconds": time.perf_counter() - start,
+        }
+    except _TimedOut:
+        return {"status": "timed out", "seconds": timeout}
+    except Exception as err:  # a sweep: every failure is a row, not a stop
+        return {
+            "status": "failed",
+            "error": f"{type(err).__name__}: {err}"[:400],
+            "where": traceback.format_exc().strip().splitlines()[-3:],
+        }
+    finally:
+        signal.alarm(0)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    rows = results["rows"]
+    counts = {
+        s: sum(r["status"] == s for r in rows.values()) for s in ("ok", "failed", "timed out", "skipped")
+    }
+    measured = [r for r in rows.values() if r["status"] == "ok"]
+    lines = [
+        f"# Reach, swept: Hugging Face `*{results['head']}` classes at the defaults (issue 8)",
+        "",
+        f"Command: `{results['command']}`  ",
+        f"transformers {results['transformers']}; {len(rows)} classes: {counts['ok']} measured, "
+        f"{counts['failed']} failed in the measurement, {counts['timed out']} timed out, {counts['skipped']} "
+        "skipped (the shrunk configuration or the model's own forward fails).",
+        "",
+        f"Of the measured: {sum(r['quantity'] == 'hessian' for r in measured)} the Hessian, "
+        f"{sum(r['quantity'] != 'hessian' for r in measured)} the Gauss-Newton diagonal; "
+        f"{sum(r['path'] == 'per-sample' for r in measured)} on the per-sample path.",
+        "",
+        "| class | status | `auto` picks | measures | path | seconds | error / why skipped |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        note = (r.get("error") or r.get("why") or "").replace("|", "/")[:160]
+        seconds = f"{r['seconds']:.1f}" if "seconds" in r else ""
+        lines.append(
+            f"| {name} | {r['status']} | {r.get('method', '')} | {r.get('quantity', '')} "
+            f"| {r.get('path', '')} | {seconds} | {note} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    import transformers
+
+    p = base_parser(__doc__)
+    p.add_argument("--head", choices=HEADS, default="ForCausalLM")
+    p.add_argument("--timeout", type=int, default=60, help="seconds per class")
+    p.add_argument("--only", nargs="*", default=None, help="classes whose name contains one of these")
+    args = p.parse_args(argv)
+    setup(args)
+    names = sorted(
+        n
+        for n in dir(transformers)
+        if n.endswith(args.head)
+        and not n.startswith(("TF", "Flax", "Auto"))
+        and isinstance(getattr(transformers, n, None), type)
+    )
+    if args.only:
+        names = [n for n in names if any(o in n for o in args.only)]
+    if args.quick:
+        names = names[:3]
+    command = " ".join(
+        ["python -m benchmarks.bench_hf_sweep"] + list(argv if argv is not None else sys.argv[1:])
+    )
+    rows: dict[str, Any] = {}
+    for name in names:
+        rows[name] = measure(name, args.head, args.timeout)
+        r = rows[name]
+        print(name, r["status"], r.get("method", ""), r.get("path", ""), r.get("error", "")[:200], flush=True)
+    results = {"command": command, "head": args.head, "transformers": transformers.__version__, "rows": rows}
+    write_json_and_markdown(args.json, results, markdown)
+    return results
+
+
+if __name__ == "__main__":
+    main()
