@@ -114,6 +114,23 @@ def test_the_stacks_of_an_experts_module_are_found_and_split_into_views():
         split_matrix_stacks({"experts.down_proj": torch.zeros(2, 4, 5)}, stacks)
 
 
+def test_weight_stacks_of_other_experts_modules_are_found_by_their_num_experts():
+    """Llama 4's and JetMoE's expert layers (``num_experts``, ``(E, ., .)`` weights, not Hugging Face's
+    decorator): their 3-D weights are stacks; a 2-D ``(E, H)`` weight beside ``num_experts`` is a router's."""
+
+    class ParallelExperts(nn.Module):
+        num_experts = 4
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(4, 6, 5))
+            self.router = nn.Parameter(torch.zeros(4, 5))
+            self.other = nn.Parameter(torch.zeros(3, 6, 5))
+
+    model = nn.ModuleDict({"moe": ParallelExperts()})
+    assert matrix_stacks(model, ["moe.weight", "moe.router", "moe.other"]) == {"moe.weight": 4}
+
+
 def test_each_expert_is_measured_as_its_own_weight_matrix():
     model, batches = _model_and_batches()
     result = measure_sharpness(model, batches, method="gauss_newton", num_replicates=4)

@@ -39,10 +39,11 @@ What that means for the tensors of modern networks (the default selection):
   the per-layer fast path). The trace over the weight tensors alone is reported beside it, as
   ``hessian_trace_weights``.
 - **Stacks of expert matrices** -- a mixture-of-experts layer stores its experts' weights as one tensor
-  ``(E, O, I)`` (Hugging Face's experts modules: Mixtral, Qwen-MoE, OLMoE, DeepSeek, GPT-OSS, ...), and
-  their biases as ``(E, O)``. Each expert is a weight matrix of its own, with its own neuron-wise
-  rescaling symmetry (scaling expert ``e``'s hidden unit ``i`` and the matching input column of its
-  output projection leaves the network's function unchanged, whatever the other experts do). Read as
+  ``(E, O, I)`` (Hugging Face's experts modules: Mixtral, Qwen-MoE, OLMoE, DeepSeek, GPT-OSS, ...; Llama 4's
+  and JetMoE's experts; found by the module's ``num_experts``), and their biases as ``(E, O)``. Each
+  expert is a weight matrix of its own, with its own neuron-wise rescaling symmetry (scaling expert
+  ``e``'s hidden unit ``i`` and the matching input column of its output projection leaves the network's
+  function unchanged, whatever the other experts do). Read as
   eq. 17 reads an ``ndim >= 3`` tensor, the stack would get one variance per *expert* and per output
   unit shared by all experts, with the input units as a kernel: no symmetry of the network acts on
   those axes, so the value would change under the rescaling of one expert. The measures therefore count
@@ -247,8 +248,11 @@ def is_experts_module(module: nn.Module) -> bool:
 
 def matrix_stacks(model: nn.Module, names: Iterable[str]) -> MatrixStacks:
     """The parameters among ``names`` that are stacks of independent expert tensors along dim 0 (module
-    docstring): ``{name: E}`` for each parameter of a mixture-of-experts container (Hugging Face's experts
-    modules) with ``ndim >= 2`` and ``E = num_experts`` rows along dim 0. Empty for other models.
+    docstring): ``{name: E}`` for each parameter with ``E = num_experts`` (an int attribute of the module
+    that holds it) rows along dim 0 and either ``ndim >= 3`` (a weight stack: Hugging Face's experts
+    modules, Llama 4's, JetMoE's parallel experts) or ``ndim == 2`` in one of Hugging Face's decorated
+    experts modules (:func:`is_experts_module`: a bias stack; elsewhere an ``(E, H)`` weight is a router's,
+    a Linear layer with one output per expert). Empty for other models.
 
     Example:
         >>> import torch
@@ -266,13 +270,15 @@ def matrix_stacks(model: nn.Module, names: Iterable[str]) -> MatrixStacks:
         owner_path, _, leaf = name.rpartition(".")
         owner = model.get_submodule(owner_path) if owner_path else model
         param = getattr(owner, leaf, None)
+        experts = getattr(owner, "num_experts", None)
         if (
-            is_experts_module(owner)
+            isinstance(experts, int)
             and isinstance(param, Tensor)
             and param.ndim >= 2
-            and param.shape[0] == owner.num_experts
+            and param.shape[0] == experts
+            and (param.ndim >= 3 or is_experts_module(owner))
         ):
-            stacks[name] = int(param.shape[0])
+            stacks[name] = experts
     return stacks
 
 
