@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import warnings
 
@@ -267,22 +269,46 @@ def test_the_gauss_newton_diagonal_of_a_mixture_of_experts_is_per_layer_and_equa
         assert scale > 0 and float((est.groups[n][0] - truth[n]).abs().max()) <= 1e-5 * scale, n
 
 
-def test_auto_measures_the_hessian_of_a_qwen_moe_without_bias():
-    """Qwen2-MoE (Qwen1.5-MoE's layout: no renormalization of the top-k weights, a shared expert): every
-    operation of the router (softmax, top-k), the shared expert's gate and the dense experts has a node
-    rule, so ``auto`` takes the sketched Hessian, on the per-layer path; its traces are unbiased for the
-    brute-force Hessian's over 8 seeds. Mixtral's and Qwen3-MoE's routers renormalize in place (no node
-    rule evaluates an op whose input is gone): the Gauss-Newton diagonal, per layer."""
-    model, inputs, labels, loss = _moe("qwen2_moe")
+@pytest.mark.parametrize("kind", ["qwen2_moe", "qwen3_moe", "mixtral"])
+def test_auto_measures_the_hessian_of_mixtures_of_experts_without_bias(kind):
+    """Qwen2-MoE (Qwen1.5-MoE's layout: a shared expert behind a sigmoid gate), Qwen3-MoE with
+    ``norm_topk_prob`` and Mixtral (their routers renormalize the top-k weights in place, evaluated out of
+    place for the sketch: :mod:`lightning_flatness.functional.out_of_place_division`): every operation of
+    the router and the dense experts has a node rule, so ``auto`` takes the sketched Hessian, on the
+    per-layer path; its traces are unbiased for the brute-force Hessian's over 8 seeds."""
+    model, inputs, labels, loss = _moe(kind)
     assert choose_method(model, loss, inputs, labels).method == "hessian_sketch"
     names = [n for n in select_parameters(model) if ".mlp." in n]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert_unbiased_traces(model, loss, inputs, labels, names, min_random=3)
     assert not _per_sample_fallbacks(caught)
-    for kind in ("mixtral", "qwen3_moe"):
-        model, inputs, labels, loss = _moe(kind)
-        choice = choose_method(model, loss, inputs, labels)
-        assert (
-            choice.quantity == "gauss_newton" and "'div'" in choice.reason and "(in place)" in choice.reason
-        )
+
+
+def test_in_place_division_evaluated_out_of_place_is_the_same_function():
+    """``x /= y`` and ``x.div_(y)`` under :class:`OutOfPlaceDivision`: the same values (a view of ``x`` sees
+    them too), gradient and Hessian-vector product as the in-place division; a division by a constant, or
+    by a tensor that does not require grad, passes through as it is."""
+    from lightning_flatness.functional.out_of_place_division import OutOfPlaceDivision
+
+    def f(w, rewrite, method):
+        x = torch.stack([w[0] * w[1], w[1] + 2.0, w[2].exp()])
+        view = x[1:]
+        with OutOfPlaceDivision() if rewrite else contextlib.nullcontext():
+            if method == "operator":
+                x /= x.sum()
+            else:
+                x.div_(w[:3].square().sum())
+            x /= 2.0  # by a constant: passes through
+        return (x * torch.tensor([1.0, -2.0, 3.0], dtype=F64)).sum() + view.square().sum()
+
+    w0 = torch.tensor([0.3, -1.2, 0.7], dtype=F64)
+    v = torch.tensor([1.0, 0.5, -2.0], dtype=F64)
+    for method in ("operator", "div_"):
+        ref, new = (functools.partial(f, rewrite=r, method=method) for r in (False, True))
+        assert float(new(w0)) == pytest.approx(float(ref(w0)), rel=1e-15)
+        one = torch.tensor(1.0, dtype=F64)
+        vjp = torch.autograd.functional.vjp
+        hvp = torch.autograd.functional.hvp
+        torch.testing.assert_close(vjp(new, w0, one)[1], vjp(ref, w0, one)[1], rtol=1e-13, atol=0)
+        torch.testing.assert_close(hvp(new, w0, v)[1], hvp(ref, w0, v)[1], rtol=1e-13, atol=0)

@@ -154,6 +154,7 @@ PIECEWISE_LINEAR_OPS = frozenset(
         "tril",
         "triu",
         "clone",
+        "copy",  # x.copy_(src): x takes src's values (broadcast, cast); linear in src, x's own discarded
         "to",
         "type",
         "type_as",

@@ -60,6 +60,7 @@ from lightning_flatness.functional.estimators.op_tables import (
 )
 from lightning_flatness.functional.explicit_activations import explicit_activations
 from lightning_flatness.functional.explicit_sdpa import ExplicitAttention
+from lightning_flatness.functional.out_of_place_division import OutOfPlaceDivision
 from lightning_flatness.functional.model_io import ModelInputs, extract_logits, inputs_batch_size, map_inputs
 
 __all__ = ["rows_of_other_samples"]
@@ -707,6 +708,7 @@ def _record_forward(
                 dense_experts(model),
                 recorder,
                 ExplicitAttention() if record_nodes else contextlib.nullcontext(),  # inside: seen by recorder
+                OutOfPlaceDivision() if record_nodes else contextlib.nullcontext(),  # likewise
             ):
                 output = _call(model, x)
                 try:  # inside: what assembles the logits (a span model's stack) is recorded too
