@@ -60,8 +60,8 @@ from lightning_flatness.functional.estimators.op_tables import (
 )
 from lightning_flatness.functional.explicit_activations import explicit_activations
 from lightning_flatness.functional.explicit_sdpa import ExplicitAttention
-from lightning_flatness.functional.out_of_place_division import OutOfPlaceDivision
 from lightning_flatness.functional.model_io import ModelInputs, extract_logits, inputs_batch_size, map_inputs
+from lightning_flatness.functional.out_of_place_division import OutOfPlaceDivision
 
 __all__ = ["rows_of_other_samples"]
 
