@@ -688,7 +688,10 @@ def _record_forward(
     (:func:`~lightning_flatness.functional.dense_experts.dense_experts`). With
     ``record_nodes``, ``F.scaled_dot_product_attention`` called in the model's code runs in explicit
     operations (:class:`~lightning_flatness.functional.explicit_sdpa.ExplicitAttention`), so that the
-    node rules see its products and softmax.
+    node rules see its products and softmax, and an in-place division by a weight-dependent tensor runs
+    out of place and is written back
+    (:class:`~lightning_flatness.functional.out_of_place_division.OutOfPlaceDivision`), so that the
+    division's node rule sees its numerator.
     """
     leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
     n = inputs_batch_size(x)
