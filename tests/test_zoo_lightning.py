@@ -336,11 +336,9 @@ def test_hugging_face_question_answering_model_is_measured_at_the_defaults():
     assert abs(last["hessian_trace"] - trace) < 4 * last["hessian_trace_stderr"]
 
 
-def test_hugging_face_multiple_choice_model_is_measured_at_the_defaults():
-    """BERT for multiple choice (``input_ids`` ``(N, 3, T)``, the model's own loss): its encoder's
-    ``(N * 3, T)`` rows take the per-layer path (no per-sample fallback warning), and the monitor measures
-    the Hessian with the sketch, one sample per question."""
-    model, (inputs, labels) = tiny_bert_multiple_choice(24)
+def _fit_on_the_per_layer_path(model, inputs, labels) -> SharpnessMonitor:
+    """Two epochs of ``model`` as the Hugging Face docs train it, with ``SharpnessMonitor`` at its defaults
+    (16 samples); asserts that no estimator fell back to per-sample backward passes (its warning)."""
     monitor = SharpnessMonitor(num_samples=16)
     pl.seed_everything(0, verbose=False)
     trainer = quiet_trainer([monitor], max_epochs=2)
@@ -348,6 +346,15 @@ def test_hugging_face_multiple_choice_model_is_measured_at_the_defaults():
         warnings.simplefilter("always")
         trainer.fit(HuggingFaceModule(model.train()), _Data(_DictDataset(inputs, labels)))
     assert not any("per-layer contractions do not apply" in str(w.message) for w in caught)
+    return monitor
+
+
+def test_hugging_face_multiple_choice_model_is_measured_at_the_defaults():
+    """BERT for multiple choice (``input_ids`` ``(N, 3, T)``, the model's own loss): its encoder's
+    ``(N * 3, T)`` rows take the per-layer path (no per-sample fallback warning), and the monitor measures
+    the Hessian with the sketch, one sample per question."""
+    model, (inputs, labels) = tiny_bert_multiple_choice(24)
+    monitor = _fit_on_the_per_layer_path(model, inputs, labels)
     last = monitor.history[-1]
     assert len(monitor.history) == 2 and last["method"] == "hessian_sketch" and last["num_samples"] == 16
     assert all(math.isfinite(h["normalized"]) and h["normalized"] > 0 for h in monitor.history)
@@ -373,13 +380,7 @@ def test_hugging_face_mixture_of_experts_is_measured_at_the_defaults():
     on its subset (the oracle runs the experts' ``"eager"`` loop: ``_grouped_mm`` has no float64 kernel)."""
     model, (inputs, labels) = tiny_moe("qwen2_moe", n=24)
     model.config._experts_implementation = "grouped_mm"  # the default of a model built by transformers
-    monitor = SharpnessMonitor(num_samples=16)
-    pl.seed_everything(0, verbose=False)
-    trainer = quiet_trainer([monitor], max_epochs=2)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(HuggingFaceModule(model.train()), _Data(_DictDataset(inputs, labels)))
-    assert not [w for w in caught if "per-layer contractions do not apply" in str(w.message)]
+    monitor = _fit_on_the_per_layer_path(model, inputs, labels)
     last = monitor.history[-1]
     assert len(monitor.history) == 2 and last["method"] == "hessian_sketch"
     experts = sorted(k for k in last if k.startswith("normalized/") and ".experts." in k)
