@@ -27,6 +27,7 @@ from lightning_flatness import sharded
 from lightning_flatness.batch_split import split_batch as _default_split_batch
 from lightning_flatness.callback_logging import bar_chart_figure, figure_to_image
 from lightning_flatness.functional import ExactMethodNotApplicable, select_parameters
+from lightning_flatness.functional.dense_experts import dense_experts
 from lightning_flatness.functional.estimators.method_choice import MethodChoice
 from lightning_flatness.functional.estimators.registry import ESTIMATORS
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
@@ -489,7 +490,7 @@ class SharpnessMonitorBase:
             target = autograd_tensor(target[:_DRY_RUN_SAMPLES], device, self.dtype)
             try:
                 with measurement_view(self.measured_network(pl_module), self.dtype) as network:
-                    with torch.no_grad():
+                    with torch.no_grad(), dense_experts(network):  # any dtype (measure._dense_experts)
                         logits = call_model(network, with_decoder_inputs(network, inputs, target))
                     with warnings.catch_warnings(record=True) as said:  # said once, on rank zero
                         warnings.simplefilter("always")

@@ -13,6 +13,7 @@ the metric and the functional core, and the callback uses this module.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import warnings
 from collections.abc import Iterable
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_flatness.batch_split import split_batch as default_split_batch
+from lightning_flatness.functional.dense_experts import dense_experts
 from lightning_flatness.functional.estimators import hessian_diagonal_groups
 from lightning_flatness.functional.estimators.method_choice import MethodChoice, choose_method
 from lightning_flatness.functional.loss_forms import (
@@ -337,6 +339,20 @@ class SharpnessResult:
         return self.values[key]
 
 
+def _dense_experts(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A :class:`SharpnessMeasurement` method run with the model's mixture-of-experts modules written out
+    densely (:func:`~lightning_flatness.functional.dense_experts.dense_experts`; the same function): every
+    forward pass of a measurement then runs in any dtype, where ``torch._grouped_mm``, their default, has
+    no float64 kernel on the CPU (``SharpnessMonitor(dtype="float64")`` on a model trained in float32)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with dense_experts(self.model):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class SharpnessMeasurement:
     """One measurement, fed one batch at a time: ``add(inputs, target)`` per batch, then ``compute()``.
 
@@ -420,6 +436,7 @@ class SharpnessMeasurement:
         self.nonfinite_curvature: Optional[str] = None
         self._loss_resolved = not resolve_sequence_loss
 
+    @_dense_experts
     def resolve(self, inputs: Any, target: Tensor) -> MethodChoice:
         """The estimator for this model and loss (``method="auto"``: decided on this batch, once)."""
         inputs = with_decoder_inputs(self.model, inputs, target)
@@ -431,6 +448,7 @@ class SharpnessMeasurement:
             self.choice = choose_method(self.model, self.loss_fn, inputs, target, parameters=self.parameters)
         return self.choice
 
+    @_dense_experts
     def estimate(self, inputs: Any, target: Tensor):
         """The Hessian-diagonal estimate of one batch (one group), without adding it."""
         inputs = with_decoder_inputs(self.model, inputs, target)
@@ -451,6 +469,7 @@ class SharpnessMeasurement:
             num_sketches=self.num_sketches,
         )
 
+    @_dense_experts
     def loss_is_finite(self, inputs: Any, target: Tensor) -> bool:
         """Whether the logits and the loss of this batch are finite (one forward pass, no gradient)."""
         with torch.no_grad():

@@ -312,3 +312,19 @@ def test_in_place_division_evaluated_out_of_place_is_the_same_function():
         hvp = torch.autograd.functional.hvp
         torch.testing.assert_close(vjp(new, w0, one)[1], vjp(ref, w0, one)[1], rtol=1e-13, atol=0)
         torch.testing.assert_close(hvp(new, w0, v)[1], hvp(ref, w0, v)[1], rtol=1e-13, atol=0)
+
+
+def test_a_mixture_of_experts_built_with_grouped_mm_is_measured_in_float64():
+    """``torch._grouped_mm``, the experts' default implementation, has no float64 kernel on the CPU, so the
+    model's own forward fails in float64; every forward of a measurement runs the experts densely, so it
+    measures, with the values of the same model on Hugging Face's ``"eager"`` loop."""
+    model, inputs, labels, _ = _moe("qwen2_moe", n=8)
+    batches = [{**{k: v[i : i + 4] for k, v in inputs.items()}, "labels": labels[i : i + 4]} for i in (0, 4)]
+    model.config._experts_implementation = "grouped_mm"
+    with pytest.raises(RuntimeError, match="Double"):
+        model(**batches[0])
+    grouped = measure_sharpness(model, batches, num_replicates=2, generator=torch.Generator().manual_seed(0))
+    model.config._experts_implementation = "eager"
+    eager = measure_sharpness(model, batches, num_replicates=2, generator=torch.Generator().manual_seed(0))
+    assert grouped.choice.method == "hessian_sketch"
+    assert float(grouped["normalized"]) == pytest.approx(float(eager["normalized"]), rel=1e-12)

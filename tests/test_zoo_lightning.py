@@ -398,3 +398,9 @@ def test_hugging_face_mixture_of_experts_is_measured_at_the_defaults():
     )
     trace = sum(float(d.detach().sum()) for d in diag.values())
     assert abs(last["hessian_trace"] - trace) < 4 * last["hessian_trace_stderr"]
+    model.config._experts_implementation = "grouped_mm"  # no float64 kernel: measured densely in float64
+    wide = SharpnessMonitor(num_samples=16, dtype="float64")
+    quiet_trainer([wide], max_epochs=1).fit(
+        HuggingFaceModule(model.float().train()), _Data(_DictDataset(inputs, labels))
+    )
+    assert math.isfinite(wide.history[-1]["normalized"]) and wide.history[-1]["normalized"] > 0
