@@ -238,7 +238,21 @@ class _ForwardRecorder(TorchFunctionMode):
             if recorded is not None:  # its output stays the op's, for its adjoint (node_rules)
                 recorded.versions[-1] = recorded.output._version
         self.mark_seen(out_tensors)
+        self._mark_bases_written_through_views(args, out_tensors)
         return out
+
+    def _mark_bases_written_through_views(self, args: tuple, out_tensors: list[Tensor]) -> None:
+        """An in-place op on a view (``buf[..., :d].copy_(x)``, ``buf[idx] = x``: multi-head latent
+        attention assembles its keys so) gives the view's *base* a new ``grad_fn`` (``CopySlices``) that
+        no op returned: it is this op's, so it is marked seen. The column tape does not follow a base
+        through its views, so it steps aside (autograd's backward is exact there)."""
+        target = args[0] if args and isinstance(args[0], Tensor) else None
+        if target is None or target._base is None or not any(t is target for t in out_tensors):
+            return
+        base = target._base
+        if base.grad_fn is not None and id(base.grad_fn) not in self._seen_nodes:
+            self.mark_seen([base])
+            self.tape.reject()
 
     def outputs_changed_in_place(self) -> bool:
         """Whether the model changed a recorded layer output, or a recorded op's output, in place (its
