@@ -3,12 +3,13 @@
 
 ``bench_reach`` runs a curated list with hand-written tiny configurations. This sweep takes every class of
 ``transformers`` whose name ends in ``--head`` (``ForCausalLM``, ``ForMaskedLM``, ``ForTokenClassification``,
-``ForSequenceClassification``, ``ForImageClassification``), builds it from its configuration class's
-defaults shrunk by attribute name (hidden sizes 16, one layer, two heads, a vocabulary of 64, 3 labels,
-32x32 images: :data:`SHRINK`, each attribute set only where the configuration has it as an int), with
-random weights, and measures 4 samples in batches of 2 (random tokens of length 8 or random images, the
-labels the head trains on: the tokens for a causal LM, a few masked positions for a masked LM, a class per
-token or per sample).
+``ForSequenceClassification``, ``ForImageClassification``, ``ForQuestionAnswering``, ``ForMultipleChoice``),
+builds it from its configuration class's defaults shrunk by attribute name (hidden sizes 16, one layer, two
+heads, a vocabulary of 64, 3 labels, 32x32 images: :data:`SHRINK`, each attribute set only where the
+configuration has it as an int; sub-configurations too), with random weights, and measures 4 samples in
+batches of 2 (random tokens of length 8 or random images, the labels the head trains on: the tokens for a
+causal LM, a few masked positions for a masked LM, a class per token or per sample, an answer span, or one
+of 3 candidate texts).
 
 A class is **skipped** when the shrunk configuration does not build or the model's own forward fails on the
 batch (a configuration the shrinking broke, not a measurement), and **timed out** after ``--timeout``
@@ -39,6 +40,8 @@ HEADS = (
     "ForTokenClassification",
     "ForSequenceClassification",
     "ForImageClassification",
+    "ForQuestionAnswering",
+    "ForMultipleChoice",
 )
 
 #: configuration attributes set where a configuration has them as ints (the shrunk tiny configuration)
@@ -135,7 +138,8 @@ def batches(head: str, g: torch.Generator) -> list[dict[str, torch.Tensor]]:
             batch = {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
             batch["labels"] = torch.randint(0, 3, (2,), generator=g)
         else:
-            ids = torch.randint(3, 64, (2, 8), generator=g)
+            shape = (2, 3, 8) if head == "ForMultipleChoice" else (2, 8)  # 3 candidate texts per sample
+            ids = torch.randint(3, 64, shape, generator=g)
             batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
             if head == "ForCausalLM":
                 batch["labels"] = ids.clone()
@@ -145,6 +149,9 @@ def batches(head: str, g: torch.Generator) -> list[dict[str, torch.Tensor]]:
                 batch["labels"] = labels
             elif head == "ForTokenClassification":
                 batch["labels"] = torch.randint(0, 3, (2, 8), generator=g)
+            elif head == "ForQuestionAnswering":  # the answer span
+                start = torch.randint(0, 6, (2,), generator=g)
+                batch["start_positions"], batch["end_positions"] = start, start + 2
             else:
                 batch["labels"] = torch.randint(0, 3, (2,), generator=g)
         out.append(batch)

@@ -83,3 +83,38 @@ def test_an_embedding_over_sample_minor_rows_is_caught_by_the_probe():
         diag = gauss_newton_exact_diagonal(model, F.cross_entropy, ids, y, params)
     for k in params:
         torch.testing.assert_close(diag[k], truth[k].detach(), rtol=1e-10, atol=1e-14)
+
+
+def test_default_token_types_filled_by_the_model_keep_the_per_layer_path():
+    """RoFormer (like MegatronBERT, MobileBERT, RemBERT, I-BERT) fills its default token types itself,
+    ``torch.zeros(input_shape)`` over the ``(N * 3, T)`` rows, not a buffer expanded to them: rows all
+    alike, so per-sample data (before, their lookup was taken for a function of the weights and every
+    estimator fell back to per-sample backward passes). The exact Gauss-Newton diagonal on the per-layer
+    path equals the float64 brute force."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.RoFormerConfig(
+        vocab_size=32,
+        hidden_size=8,
+        embedding_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    model = transformers.RoFormerForMultipleChoice(config).double().eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 32, (4, 3, 6), generator=g)
+    inputs, labels = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.tensor([0, 2, 1, 2])
+    params = select_parameters(model)
+    assert "roformer.embeddings.token_type_embeddings.weight" in params
+    truth = brute_force_ggn_diagonal(model, normalized_softmax_cross_entropy, inputs, labels, list(params))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the per-sample fallback warns
+        diag = gauss_newton_exact_diagonal(model, normalized_softmax_cross_entropy, inputs, labels, params)
+    scale = max(float(t.detach().abs().max()) for t in truth.values())
+    for name in params:
+        torch.testing.assert_close(diag[name], truth[name].detach(), rtol=1e-9, atol=1e-12 * scale)

@@ -275,15 +275,16 @@ class _ForwardRecorder(TorchFunctionMode):
 
     def _holds_rows_per_sample(self, args: tuple, kwargs: dict) -> bool:
         """Whether a constant argument has one row per sample along dim 0 (BERT's default token types, a
-        buffer expanded to the batch), or a buffer row expanded to several rows per sample (the same in a
-        multiple-choice model, whose rows are ``N * choices``): per-sample data, not a constant of a
-        function of the weights."""
+        buffer expanded to the batch), or several rows per sample that are all alike (a multiple-choice
+        model's ``N * choices`` rows: a buffer row expanded to them, or a fill such as RoFormer's and
+        MegatronBERT's default token types, ``torch.zeros(input_shape)``; alike, no order of the rows can be
+        wrong): per-sample data, not a constant of a function of the weights."""
         n = self.batch_size
         for group in (args, kwargs.values()):
             for item in group:
                 if isinstance(item, Tensor) and not item.requires_grad and item.ndim > 0:
                     rows = item.shape[0]
-                    if rows == n or (rows > n and rows % n == 0 and item.stride(0) == 0):
+                    if rows == n or (rows > n and rows % n == 0 and _rows_alike(item)):
                         return True
         return False
 
@@ -529,6 +530,13 @@ def _fast_path_blockers(recorder: _ForwardRecorder, leaves: dict[str, Tensor], n
                 f"(input shape {tuple(call.inputs.shape)})"
             )
     return reasons
+
+
+def _rows_alike(t: Tensor) -> bool:
+    """Whether every row of ``t`` along dim 0 is the same: an expanded row (stride 0), or a fill."""
+    if t.stride(0) == 0:
+        return True
+    return t.numel() > 0 and bool((t == t.reshape(-1)[0]).all())
 
 
 def rows_of_other_samples(t: Tensor, n: int) -> Tensor:
