@@ -33,14 +33,23 @@ def _bert_multiple_choice(n: int = 4, token_types: bool = False):
 @pytest.mark.parametrize("token_types", [False, True])
 def test_the_gauss_newton_diagonal_takes_the_per_layer_path_and_equals_brute_force(token_types):
     model, inputs, labels = _bert_multiple_choice(token_types=token_types)
+    _assert_per_layer_gauss_newton_equals_brute_force(
+        model, inputs, labels, "bert.embeddings.token_type_embeddings.weight"
+    )
+
+
+def _assert_per_layer_gauss_newton_equals_brute_force(model, inputs, labels, token_types: str) -> None:
+    """The exact Gauss-Newton diagonal of every selected parameter (``token_types``, the token-type table,
+    among them) takes the per-layer path (the per-sample fallback warns) and equals the float64 brute
+    force (the choice head's bias shifts every choice alike: 0 up to rounding)."""
     params = select_parameters(model)
-    assert "bert.embeddings.token_type_embeddings.weight" in params
+    assert token_types in params
     truth = brute_force_ggn_diagonal(model, normalized_softmax_cross_entropy, inputs, labels, list(params))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the per-sample fallback warns
+        warnings.simplefilter("error")
         diag = gauss_newton_exact_diagonal(model, normalized_softmax_cross_entropy, inputs, labels, params)
     scale = max(float(t.detach().abs().max()) for t in truth.values())
-    for name in params:  # (the choice head's bias shifts every choice alike: 0 up to rounding)
+    for name in params:
         torch.testing.assert_close(diag[name], truth[name].detach(), rtol=1e-9, atol=1e-12 * scale)
 
 
@@ -109,12 +118,6 @@ def test_default_token_types_filled_by_the_model_keep_the_per_layer_path():
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, 32, (4, 3, 6), generator=g)
     inputs, labels = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.tensor([0, 2, 1, 2])
-    params = select_parameters(model)
-    assert "roformer.embeddings.token_type_embeddings.weight" in params
-    truth = brute_force_ggn_diagonal(model, normalized_softmax_cross_entropy, inputs, labels, list(params))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the per-sample fallback warns
-        diag = gauss_newton_exact_diagonal(model, normalized_softmax_cross_entropy, inputs, labels, params)
-    scale = max(float(t.detach().abs().max()) for t in truth.values())
-    for name in params:
-        torch.testing.assert_close(diag[name], truth[name].detach(), rtol=1e-9, atol=1e-12 * scale)
+    _assert_per_layer_gauss_newton_equals_brute_force(
+        model, inputs, labels, "roformer.embeddings.token_type_embeddings.weight"
+    )
