@@ -121,3 +121,33 @@ def test_default_token_types_filled_by_the_model_keep_the_per_layer_path():
     _assert_per_layer_gauss_newton_equals_brute_force(
         model, inputs, labels, "roformer.embeddings.token_type_embeddings.weight"
     )
+
+
+def test_a_constant_fill_that_is_not_shaped_like_the_data_stays_a_shared_offset():
+    """The counterpart of the rule above: ids ``torch.zeros(8)`` looked up in a table and added to every
+    sample's 8 positions (rows a multiple of the batch of 4, all alike, but of no data tensor's shape) are an
+    offset shared by the samples, not per-sample data: the per-layer path (the loose rule sent it to the
+    probe, which found the samples interacting, and to per-sample backward passes) and the float64 brute
+    force."""
+    from oracles import brute_force_ggn
+
+    class SharedOffset(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.table = torch.nn.Linear(3, 5), torch.nn.Embedding(2, 5)
+            self.head = torch.nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (N, 8, 3)
+            h = self.inp(x) + self.table(torch.zeros(8, dtype=torch.long, device=x.device))
+            return self.head(torch.relu(h).mean(1))
+
+    torch.manual_seed(0)
+    model = SharedOffset().double()
+    x, y = torch.randn(4, 8, 3, dtype=torch.float64), torch.randint(0, 3, (4,))
+    params = select_parameters(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the per-sample fallback warns
+        diag = gauss_newton_exact_diagonal(model, normalized_softmax_cross_entropy, x, y, params)
+    truth = brute_force_ggn(model, normalized_softmax_cross_entropy, x, y, list(params)).diagonal()
+    got = torch.cat([diag[n].reshape(-1) for n in params])
+    torch.testing.assert_close(got, truth, rtol=1e-9, atol=1e-14)

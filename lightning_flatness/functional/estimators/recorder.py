@@ -99,6 +99,9 @@ class _ForwardRecorder(TorchFunctionMode):
         # of the weights. An id is dropped when an op produces a new tensor from other arguments (a freed
         # data tensor's id reused)
         self.data_ids: set[int] = {id(t) for t in data}
+        #: the shapes of the tensors computed from the data (a constant of one of them, its rows all alike,
+        #: is per-sample data: :meth:`_holds_rows_per_sample`)
+        self.data_shapes: set[tuple[int, ...]] = {tuple(t.shape) for t in data}
         # whether the model's output was a function of the weights alone (set by _record_forward): then
         # the layer calls do not describe it, and the per-layer path does not apply
         self.output_is_weight_function = False
@@ -173,6 +176,7 @@ class _ForwardRecorder(TorchFunctionMode):
         if from_data:
             for t in produced:
                 self.data_ids.add(id(t))
+                self.data_shapes.add(tuple(t.shape))
                 self.derived.pop(id(t), None)  # a function of the weights changed in place by data
         elif self.data_ids:  # a new tensor: its id, if a freed data tensor had it, is no longer data
             self.data_ids.difference_update(id(t) for t in produced)
@@ -276,17 +280,26 @@ class _ForwardRecorder(TorchFunctionMode):
     def _holds_rows_per_sample(self, args: tuple, kwargs: dict) -> bool:
         """Whether a constant argument has one row per sample along dim 0 (BERT's default token types, a
         buffer expanded to the batch), or several rows per sample that are all alike (a multiple-choice
-        model's ``N * choices`` rows: a buffer row expanded to them, or a fill such as RoFormer's and
-        MegatronBERT's default token types, ``torch.zeros(input_shape)``; alike, no order of the rows can be
-        wrong): per-sample data, not a constant of a function of the weights."""
+        model's ``N * choices`` rows): a buffer row expanded to them (stride 0), or a fill such as RoFormer's
+        and MegatronBERT's default token types, ``torch.zeros(input_shape)``, of the shape of a tensor
+        computed from the data (the ``(N * choices, T)`` token ids; alike, no order of the rows can be
+        wrong, and a constant of another shape, a table shared by the samples, is not taken for data):
+        per-sample data, not a constant of a function of the weights."""
         n = self.batch_size
         for group in (args, kwargs.values()):
             for item in group:
                 if isinstance(item, Tensor) and not item.requires_grad and item.ndim > 0:
                     rows = item.shape[0]
-                    if rows == n or (rows > n and rows % n == 0 and _rows_alike(item)):
+                    if rows == n or (rows > n and rows % n == 0 and self._alike_rows_of_data(item)):
                         return True
         return False
+
+    def _alike_rows_of_data(self, t: Tensor) -> bool:
+        """Whether every row of ``t`` along dim 0 is the same: a row expanded to them (stride 0), or a fill
+        of the shape of a tensor computed from the data (one comparison pass, for those only)."""
+        if t.stride(0) == 0:
+            return True
+        return tuple(t.shape) in self.data_shapes and bool((t == t.reshape(-1)[0]).all())
 
     def _record_offset(self, args: tuple, kwargs: dict, out: Tensor) -> Optional[LayerCall]:
         """``x + b`` with ``x`` weight-dependent data and ``b`` a selected weight (or a function of the
@@ -530,13 +543,6 @@ def _fast_path_blockers(recorder: _ForwardRecorder, leaves: dict[str, Tensor], n
                 f"(input shape {tuple(call.inputs.shape)})"
             )
     return reasons
-
-
-def _rows_alike(t: Tensor) -> bool:
-    """Whether every row of ``t`` along dim 0 is the same: an expanded row (stride 0), or a fill."""
-    if t.stride(0) == 0:
-        return True
-    return t.numel() > 0 and bool((t == t.reshape(-1)[0]).all())
 
 
 def rows_of_other_samples(t: Tensor, n: int) -> Tensor:
