@@ -404,3 +404,29 @@ def test_hugging_face_mixture_of_experts_is_measured_at_the_defaults():
         HuggingFaceModule(model.float().train()), _Data(_DictDataset(inputs, labels))
     )
     assert math.isfinite(wide.history[-1]["normalized"]) and wide.history[-1]["normalized"] > 0
+
+
+def test_training_of_a_mixture_of_experts_is_bit_identical_with_and_without_the_monitor():
+    """The measurement runs the experts densely (an instance ``forward`` for its duration) and evaluates the
+    router's in-place division out of place: the training run (weights, optimizer state) is bit-identical
+    with and without the monitor, and the experts run their own forward again after the fit."""
+    from lightning_flatness.functional.parameters import is_experts_module
+
+    runs = {}
+    for label, callbacks in [("without", []), ("with", [SharpnessMonitor(num_samples=16)])]:
+        pl.seed_everything(0, verbose=False)
+        model, (inputs, labels) = tiny_moe("qwen3_moe", n=24)
+        model.config._experts_implementation = "grouped_mm"
+        module = HuggingFaceModule(model.train())
+        trainer = quiet_trainer(callbacks, max_epochs=2)
+        trainer.fit(module, _Data(_DictDataset(inputs, labels)))
+        state = {k: v.clone() for k, v in module.state_dict().items()}
+        for i, opt_state in enumerate(trainer.optimizers[0].state_dict()["state"].values()):
+            state.update({f"opt.{i}.{k}": torch.as_tensor(v).clone() for k, v in opt_state.items()})
+        runs[label] = state
+        if callbacks:
+            assert len(callbacks[0].history) == 2 and callbacks[0].history[-1]["method"] == "hessian_sketch"
+        assert not any("forward" in m.__dict__ for m in module.modules() if is_experts_module(m))
+    assert runs["with"].keys() == runs["without"].keys()
+    for key in runs["without"]:
+        assert torch.equal(runs["with"][key], runs["without"][key]), key
