@@ -253,12 +253,17 @@ def test_dense_experts_compute_the_routed_function(kind):
     torch.testing.assert_close(dense, routed, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "gpt_oss"])
+def _experts_layer_weights(model: nn.Module) -> list[str]:
+    return [n for n in select_parameters(model) if ".mlp." in n or ".feed_forward." in n]
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "gpt_oss", "llama4"])
 def test_the_gauss_newton_diagonal_of_a_mixture_of_experts_is_per_layer_and_equals_brute_force(kind):
-    """Router and expert stacks (bias stacks too), the exact Gauss-Newton diagonal: no per-sample fallback,
-    equal to the float64 brute force (to the float32 routing weights these models compute)."""
+    """Router and expert stacks (bias stacks too; Llama 4's stacks multiplied by ``torch.bmm``), the exact
+    Gauss-Newton diagonal: no per-sample fallback, equal to the float64 brute force of the model's own forward
+    (to the float32 routing weights these models compute)."""
     model, inputs, labels, loss = _moe(kind)
-    names = [n for n in select_parameters(model) if ".mlp." in n]
+    names = _experts_layer_weights(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         est = hessian_diagonal_groups(model, loss, inputs, labels, method="gauss_newton", parameters=names)
@@ -269,16 +274,20 @@ def test_the_gauss_newton_diagonal_of_a_mixture_of_experts_is_per_layer_and_equa
         assert scale > 0 and float((est.groups[n][0] - truth[n]).abs().max()) <= 1e-5 * scale, n
 
 
-@pytest.mark.parametrize("kind", ["qwen2_moe", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("kind", ["qwen2_moe", "qwen3_moe", "mixtral", "llama4"])
 def test_auto_measures_the_hessian_of_mixtures_of_experts_without_bias(kind):
     """Qwen2-MoE (Qwen1.5-MoE's layout: a shared expert behind a sigmoid gate), Qwen3-MoE with
     ``norm_topk_prob`` and Mixtral (their routers renormalize the top-k weights in place, evaluated out of
-    place for the sketch: :mod:`lightning_flatness.functional.out_of_place_division`): every operation of
-    the router and the dense experts has a node rule, so ``auto`` takes the sketched Hessian, on the
-    per-layer path; its traces are unbiased for the brute-force Hessian's over 8 seeds."""
+    place for the sketch: :mod:`lightning_flatness.functional.out_of_place_division`), Llama 4 (its layer
+    written token by token, :func:`~lightning_flatness.functional.dense_experts.llama4_moe_forward`; rotary
+    embeddings in complex numbers): every operation of the router and the dense experts has a node rule, so
+    ``auto`` takes the sketched Hessian, on the per-layer path; its traces are unbiased for the brute-force
+    Hessian's over 8 seeds."""
     model, inputs, labels, loss = _moe(kind)
     assert choose_method(model, loss, inputs, labels).method == "hessian_sketch"
-    names = [n for n in select_parameters(model) if ".mlp." in n]
+    names = _experts_layer_weights(model)
+    if kind == "llama4":  # its attention too: queries and keys rotated as complex numbers
+        names += [n for n in select_parameters(model) if ".self_attn." in n]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert_unbiased_traces(model, loss, inputs, labels, names, min_random=3)

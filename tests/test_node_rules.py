@@ -72,6 +72,7 @@ def _leaf(*shape, seed=0):
         ("sigmoid", torch.sigmoid, {}),
         ("hardswish", F.hardswish, {}),
         ("softplus", F.softplus, {}),
+        ("log_sigmoid", F.logsigmoid, {}),
     ],
 )
 def test_elementwise_rules(op, func, kwargs):
@@ -203,3 +204,15 @@ def test_baddbmm_rule_reads_keyword_operands_and_refuses_a_weight_dependent_bias
     plus, minus = NODE_RULES["baddbmm"].columns(method_form, torch.ones(3, 2, 5, dtype=F64), None)
     assert [p.shape for p in plus] == [x.shape, y.shape] and torch.equal(minus[1], -plus[1])
     assert not NODE_RULES["baddbmm"].accepts(_call("baddbmm", torch.baddbmm, (c, x, y), {}, [c, x, y]))
+
+
+def test_log_sigmoid_is_recorded_under_its_rule():
+    """``F.logsigmoid`` reaches torch function modes as ``log_sigmoid`` (a router's log-probabilities): a
+    network using it takes the sketched Hessian, whose node rule for it is the elementwise one."""
+    from lightning_flatness.functional.estimators.method_choice import choose_method
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LogSigmoid(), torch.nn.Linear(4, 3)).double()
+    x, y = torch.randn(4, 3, dtype=F64), torch.tensor([0, 1, 2, 1])
+    assert "log_sigmoid" in NODE_RULES
+    assert choose_method(model, F.cross_entropy, x, y).method == "hessian_sketch"

@@ -167,3 +167,45 @@ def test_default_selection_on_timm_and_hugging_face_models():
     assert gpt2_model.lm_head.weight is gpt2_model.transformer.wte.weight  # tied: counted once
     assert "transformer.wte.weight" in gpt2 and "lm_head.weight" not in gpt2
     assert "transformer.wpe.weight" not in gpt2 and "transformer.h.0.attn.c_attn.weight" in gpt2
+
+
+def test_register_tokens_are_left_out_like_class_tokens():
+    """DINOv2 with registers (Hugging Face) concatenates ``register_tokens`` ``(1, R, D)`` to every image's
+    tokens, as its class token: an additive offset, left out of the default selection; the model then takes
+    the per-layer path (the concatenated copies of a selected table sent it to per-sample backward passes)."""
+    pytest.importorskip("transformers")
+    import warnings
+
+    import transformers
+
+    from lightning_flatness.measure import measure_sharpness
+
+    config = transformers.Dinov2WithRegistersConfig(
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        image_size=8,
+        patch_size=4,
+        num_register_tokens=2,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    model = transformers.Dinov2WithRegistersForImageClassification(config).eval()
+    selected = select_parameters(model)
+    for offset in ("register_tokens", "cls_token", "position_embeddings", "mask_token"):
+        assert f"dinov2_with_registers.embeddings.{offset}" not in selected, offset
+    assert "dinov2_with_registers.embeddings.patch_embeddings.projection.weight" in selected
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        {
+            "pixel_values": torch.randn(2, 3, 8, 8, generator=g),
+            "labels": torch.randint(0, 3, (2,), generator=g),
+        }
+        for _ in range(2)
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = measure_sharpness(model, batches, num_replicates=2)
+    assert result.choice.method == "hessian_sketch"
+    assert not [w for w in caught if "per-layer contractions do not apply" in str(w.message)]

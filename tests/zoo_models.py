@@ -346,7 +346,7 @@ def tiny_gpt2(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
 
 
 #: ``tiny_moe`` kinds: Hugging Face causal LMs with an experts module (``use_experts_implementation``)
-MIXTURES_OF_EXPERTS = ("mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss")
+MIXTURES_OF_EXPERTS = ("mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "llama4")
 
 
 def tiny_moe(kind: str, n: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -354,9 +354,11 @@ def tiny_moe(kind: str, n: int = 4, seed: int = 0, dtype: torch.dtype = torch.fl
     target ``labels`` as :func:`tiny_gpt2`'s: ``"mixtral"`` (gate and up stacked, no biases; its router
     renormalizes the top-2 weights in place), ``"qwen3_moe"`` (``norm_topk_prob``: in place too),
     ``"qwen2_moe"`` (no renormalization, as Qwen1.5-MoE; a shared expert behind a sigmoid gate) or
-    ``"gpt_oss"`` (transposed stacks with bias stacks, its own clamped gate). The experts run HF's ``"eager"``
-    implementation (a loop over the experts): ``torch._grouped_mm``, the default, has no float64 kernel on
-    the CPU, and the loop is the oracle's independent path."""
+    ``"gpt_oss"`` (transposed stacks with bias stacks, its own clamped gate), or ``"llama4"`` (Llama 4's own
+    layer: every expert on every token by ``torch.bmm``, scaled by sigmoid router scores, a shared expert, top
+    1; rotary embeddings in complex numbers, L2-normalized queries and keys). The decorated experts run HF's
+    ``"eager"`` implementation (a loop over the experts): ``torch._grouped_mm``, the default, has no float64
+    kernel on the CPU, and the loop is the oracle's independent path."""
     import transformers
 
     _seed(seed)
@@ -388,6 +390,12 @@ def tiny_moe(kind: str, n: int = 4, seed: int = 0, dtype: torch.dtype = torch.fl
     elif kind == "gpt_oss":
         config = transformers.GptOssConfig(num_local_experts=3, layer_types=["full_attention"], **common)
         model = transformers.GptOssForCausalLM(config)
+    elif kind == "llama4":
+        common.update(num_experts_per_tok=1, intermediate_size_mlp=4)
+        config = transformers.Llama4TextConfig(
+            num_local_experts=3, layer_types=["full_attention"], no_rope_layers=[1], **common
+        )
+        model = transformers.Llama4ForCausalLM(config)
     else:
         raise ValueError(f"unknown kind {kind!r}; one of {MIXTURES_OF_EXPERTS}")
     model.config._experts_implementation = "eager"

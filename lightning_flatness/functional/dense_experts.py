@@ -27,12 +27,25 @@ forward (4x for Mixtral's 8 experts, top 2), in the recorded forward and the per
 against one backward pass per sample and column before. Modules it does not write out keep their forward:
 a post-expert normalization (``has_post_expert_norm``), expert parallelism, inputs that are not ``(tokens,
 H)``.
+
+**Llama 4** (``Llama4TextMoe``) already runs every expert on every token, but on rows laid out expert by
+expert: ``x`` repeated ``E`` times, ``(E T, H)``, each block scaled by the router's sigmoid scores ``s_te``
+(0 for the experts not chosen), then ``torch.bmm`` with the stacks. The product of the repeated tokens and
+the scores is a product of two weight-dependent tensors whose rows are not grouped by sample, which the
+Hessian sketch's node rules cannot read. :func:`llama4_moe_forward` computes the same function token by
+token, the score moved through the first (linear) projection,
+
+.. math:: y_t = S(x_t) + \sum_e D_e\big(\mathrm{up}_e \odot \phi(\mathrm{gate}_e)\big), \qquad
+          (\mathrm{gate}_e, \mathrm{up}_e) = s_{te}\,(x_t U_e) \;=\; (s_{te} x_t)\, U_e,
+
+with ``U`` ``(E, H, 2I)`` read as one ``(E 2I, H)`` weight and ``D`` ``(E, I, H)`` as ``(H, E I)`` (reshapes
+pulled back exactly) and ``S`` the shared expert: the same cost as the model's own forward.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 import torch.nn.functional as F
@@ -41,7 +54,7 @@ from torch import Tensor, nn
 from lightning_flatness.functional.instance_forwards import instance_forwards
 from lightning_flatness.functional.parameters import is_experts_module
 
-__all__ = ["dense_experts", "dense_experts_forward"]
+__all__ = ["dense_experts", "dense_experts_forward", "is_llama4_moe", "llama4_moe_forward"]
 
 _INDEX_NAMES = ("top_k_index", "router_indices")
 _WEIGHT_NAMES = ("top_k_weights", "routing_weights")
@@ -104,11 +117,44 @@ def _dense(experts: Any, hidden: Tensor, index: Tensor, weights: Tensor) -> Tens
     return out.to(hidden.dtype)
 
 
+def is_llama4_moe(module: nn.Module) -> bool:
+    """Whether ``module`` is Llama 4's mixture-of-experts layer (``Llama4TextMoe``: a router returning sigmoid
+    scores, experts with stacks ``gate_up_proj`` ``(E, H, 2I)`` and ``down_proj`` ``(E, I, H)``, a shared
+    expert), which :func:`llama4_moe_forward` writes out."""
+    experts: Any = getattr(module, "experts", None)
+    return (
+        type(module).__name__ == "Llama4TextMoe"
+        and all(hasattr(module, name) for name in ("router", "shared_expert", "hidden_dim"))
+        and isinstance(getattr(experts, "gate_up_proj", None), Tensor)
+        and isinstance(getattr(experts, "down_proj", None), Tensor)
+        and experts.gate_up_proj.ndim == 3
+        and experts.down_proj.ndim == 3
+    )
+
+
+def llama4_moe_forward(self: Any, hidden_states: Tensor) -> tuple[Tensor, Tensor]:
+    """Llama 4's ``Llama4TextMoe`` on ``hidden_states`` ``(..., H)``, token by token (module docstring):
+    ``(tokens, H)`` and the router logits, as the model's own forward returns them."""
+    hidden = hidden_states.reshape(-1, self.hidden_dim)
+    scores, router_logits = self.router(hidden)  # (T, E), 0 for the experts not chosen
+    experts = self.experts
+    up: Tensor = experts.gate_up_proj  # (E, H, 2I)
+    num, width = up.shape[0], up.shape[2]
+    projected = F.linear(hidden, up.transpose(1, 2).reshape(num * width, -1)).view(-1, num, width)
+    projected = projected * scores.unsqueeze(-1).to(projected.dtype)  # (s x) U = s (x U)
+    gate, value = projected.chunk(2, dim=-1)
+    inner = value * experts.act_fn(gate)  # (T, E, I)
+    down: Tensor = experts.down_proj  # (E, I, H)
+    routed = F.linear(inner.reshape(inner.shape[0], -1), down.reshape(-1, down.shape[2]).T)
+    return self.shared_expert(hidden) + routed, router_logits
+
+
 @contextlib.contextmanager
 def dense_experts(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, every experts module of ``model``
     (:func:`~lightning_flatness.functional.parameters.is_experts_module`) runs :func:`dense_experts_forward`
-    where it covers the call; restored exactly on exit (:mod:`.instance_forwards`).
+    where it covers the call, and every Llama 4 mixture-of-experts layer (:func:`is_llama4_moe`) runs
+    :func:`llama4_moe_forward`; restored exactly on exit (:mod:`.instance_forwards`).
 
     Example:
         >>> import torch
@@ -133,5 +179,12 @@ def dense_experts(model: nn.Module) -> Iterator[nn.Module]:
         >>> torch.allclose(dense, experts(x, index, weights), atol=1e-6)
         True
     """
-    with instance_forwards((m, dense_experts_forward) for m in model.modules() if is_experts_module(m)):
+    rewrites: list[tuple[nn.Module, Callable[..., Any]]] = [
+        (m, llama4_moe_forward) for m in model.modules() if is_llama4_moe(m)
+    ]
+    written = {id(m.experts) for m, _ in rewrites}  # their experts' own forward is not called
+    rewrites += [
+        (m, dense_experts_forward) for m in model.modules() if is_experts_module(m) and id(m) not in written
+    ]
+    with instance_forwards(rewrites):
         yield model

@@ -17,8 +17,8 @@ What that means for the tensors of modern networks (the default selection):
   a **tied LM head** is the same tensor, counted once under its first name (its Hessian diagonal
   includes both uses, as it must); any other ``ndim >= 2`` parameter of a module we do not know.
 - **Left out** -- **additive offsets**, which behave like biases (footnote 5): timm's ``pos_embed``
-  and ``cls_token`` (also ``dist_token``, ``reg_token``, ``mask_token``), torchvision's
-  ``class_token`` and ``pos_embedding``, CLIP's ``class_embedding``, Hugging Face learned
+  and ``cls_token`` (also ``dist_token``, ``reg_token``, ``mask_token``; DINOv2's ``register_tokens``),
+  torchvision's ``class_token`` and ``pos_embedding``, CLIP's ``class_embedding``, Hugging Face learned
   position embeddings (``position_embeddings``, ``wpe``, ``embed_positions``) and relative-position
   bias tables. A position lookup multiplies a one-hot vector that is *the same for every sample*,
   so it is a bias indexed by position; its "rows" are positions, not units of any layer, and no
@@ -60,8 +60,8 @@ What that means for the tensors of modern networks (the default selection):
 
 Detection of additive offsets is by name, for parameters that are *not* the weight of a
 ``Linear``/``Conv``: a name component containing ``pos_embed``, ``position``, ``wpe``,
-``cls_token``, ``class_token``, ``class_embedding``, ``dist_token``, ``reg_token``, ``mask_token`` or
-``relative_attention_bias``
+``cls_token``, ``class_token``, ``class_embedding``, ``dist_token``, ``reg_token``, ``register_token``,
+``mask_token`` or ``relative_attention_bias``
 (:data:`ADDITIVE_OFFSET_MARKERS`). Linear and Conv weights always count, whatever their name.
 """
 
@@ -97,6 +97,7 @@ ADDITIVE_OFFSET_MARKERS = (
     "class_embedding",
     "dist_token",
     "reg_token",
+    "register_token",  # Hugging Face's DINOv2 with registers: (1, registers, D), concatenated to the tokens
     "mask_token",
     "relative_attention_bias",
 )

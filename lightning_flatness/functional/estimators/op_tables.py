@@ -106,6 +106,8 @@ PIECEWISE_LINEAR_OPS = frozenset(
         # shape, copy and indexing
         "view",
         "view_as",
+        "view_as_complex",  # (..., 2) real pairs read as complex numbers, and back: the same entries
+        "view_as_real",
         "reshape",
         "reshape_as",
         "flatten",

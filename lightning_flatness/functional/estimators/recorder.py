@@ -62,6 +62,7 @@ from lightning_flatness.functional.explicit_activations import explicit_activati
 from lightning_flatness.functional.explicit_sdpa import ExplicitAttention
 from lightning_flatness.functional.model_io import ModelInputs, extract_logits, inputs_batch_size, map_inputs
 from lightning_flatness.functional.out_of_place_division import OutOfPlaceDivision
+from lightning_flatness.functional.weight_stack_products import WeightStackProducts
 
 __all__ = ["rows_of_other_samples"]
 
@@ -740,6 +741,7 @@ def _record_forward(
                 recorder,
                 ExplicitAttention() if record_nodes else contextlib.nullcontext(),  # inside: seen by recorder
                 OutOfPlaceDivision() if record_nodes else contextlib.nullcontext(),  # likewise
+                WeightStackProducts(recorder._is_weight),  # likewise
             ):
                 output = _call(model, x)
                 try:  # inside: what assembles the logits (a span model's stack) is recorded too

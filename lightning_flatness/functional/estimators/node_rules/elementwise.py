@@ -35,6 +35,7 @@ UNARY_OPS = (
     "tanh",
     "sigmoid",
     "logsigmoid",
+    "log_sigmoid",  # F.logsigmoid as torch function modes see it
     "hardswish",
     "softplus",
     "elu",

@@ -1,0 +1,100 @@
+r"""Batched products with a stack of weight matrices, as a grouped convolution, for the estimators' recorded
+forward pass only.
+
+Some mixture-of-experts and grouped layers multiply token rows by a stack of ``G`` weight matrices with
+``torch.bmm``: Llama 4's experts (``Llama4TextExperts``: every expert on every token row, scaled by its
+router score, ``bmm(x (E, T, H), gate_up_proj (E, H, 2I))``), Inkling's shared experts, DeepSeek-V4's grouped
+output projection (``bmm`` on a view of the weight). No layer rule reads ``bmm`` (its dim 0 is the group, not
+the samples), so every estimator fell back to one backward pass per sample and column, and ``auto`` measured
+the Gauss-Newton diagonal.
+
+:class:`WeightStackProducts` evaluates ``bmm(x, W)`` with ``x`` ``(G, R, I)`` computed from the data and ``W``
+``(G, I, O)`` a selected weight, or a function of the selected weights alone (as the recorder knows them), as
+the same function in the operations the per-layer contractions read: a 1x1 convolution with ``G`` groups over
+the ``R`` rows,
+
+.. math:: y_{g r} = W_g^\top x_{g r} \quad\Longleftrightarrow\quad
+          \mathrm{conv1d}\big(x^{(R,\, G I,\, 1)},\ W^{\top}{}^{(G O,\, I,\, 1)},\ \mathrm{groups}=G\big),
+
+the rows ``R`` (``N T`` token rows, sample-major) as the convolution's batch, which its layer rule reads per
+sample (:meth:`~lightning_flatness.functional.estimators.layer_rules.conv.ConvRule.regroup`, checked by the
+batch-independence probe), and the weight's transpose and reshape pulled back to it exactly
+(:mod:`~lightning_flatness.functional.estimators.layer_rules.shared`). The same values and derivatives of
+every order (a reordering of the same products); the result is made contiguous, as ``bmm``'s is. Entered
+inside the recorder, like :class:`~lightning_flatness.functional.out_of_place_division.OutOfPlaceDivision`,
+so that the recorder sees the operations it issues. Every other call passes through unchanged. Cost: a copy
+of ``x`` and of the output into the convolution's layout.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["WeightStackProducts", "stack_product_as_convolution"]
+
+_BATCHED_PRODUCTS = (torch.bmm, Tensor.bmm)
+
+
+def stack_product_as_convolution(x: Tensor, weight: Tensor) -> Tensor:
+    """``torch.bmm(x, weight)`` for ``x`` ``(G, R, I)`` and ``weight`` ``(G, I, O)``, as a 1x1 convolution
+    with ``G`` groups over the ``R`` rows (module docstring): ``(G, R, O)``, contiguous.
+
+    Example:
+        >>> import torch
+        >>> x, w = torch.randn(3, 5, 4), torch.randn(3, 4, 2)
+        >>> torch.allclose(stack_product_as_convolution(x, w), torch.bmm(x, w), atol=1e-6)
+        True
+    """
+    groups, rows, inputs = x.shape
+    outputs = weight.shape[2]
+    columns = x.transpose(0, 1).reshape(rows, groups * inputs, 1)
+    kernel = weight.transpose(1, 2).reshape(groups * outputs, inputs, 1)
+    out = F.conv1d(columns, kernel, groups=groups)  # (R, G O, 1)
+    return out.view(rows, groups, outputs).transpose(0, 1).contiguous()
+
+
+class WeightStackProducts(TorchFunctionMode):
+    """Evaluates ``bmm(x, W)`` as :func:`stack_product_as_convolution` where ``is_weight(W)`` and not
+    ``is_weight(x)`` (module docstring); every other call passes through unchanged.
+
+    Args:
+        is_weight: whether a tensor is a selected weight or a function of the selected weights alone (the
+            recorder's own test).
+
+    Example:
+        >>> import torch
+        >>> w = torch.randn(2, 3, 4, requires_grad=True)
+        >>> x = torch.randn(2, 6, 3)
+        >>> with WeightStackProducts(lambda t: t is w):
+        ...     y = torch.bmm(x, w)
+        >>> type(y.grad_fn).__name__, torch.allclose(y, torch.bmm(x, w), atol=1e-6)
+        ('CloneBackward0', True)
+    """
+
+    def __init__(self, is_weight: Callable[[Tensor], bool]) -> None:
+        super().__init__()
+        self.is_weight = is_weight
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _BATCHED_PRODUCTS and len(args) == 2 and not kwargs:
+            x, w = args
+            if (
+                isinstance(x, Tensor)
+                and isinstance(w, Tensor)
+                and x.ndim == 3
+                and w.ndim == 3
+                and x.shape[0] == w.shape[0]
+                and x.shape[2] == w.shape[1]
+                and x.dtype == w.dtype
+                and not x.is_complex()
+                and self.is_weight(w)
+                and not self.is_weight(x)
+            ):
+                return stack_product_as_convolution(x, w)
+        return func(*args, **kwargs)

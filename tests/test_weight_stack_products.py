@@ -1,0 +1,203 @@
+"""Batched products with a stack of weight matrices (``torch.bmm(x, W)``, ``W`` ``(G, I, O)``) on the
+per-layer path (:mod:`lightning_flatness.functional.weight_stack_products`), and Llama 4's mixture-of-experts
+layer written token by token (:func:`lightning_flatness.functional.dense_experts.llama4_moe_forward`).
+
+- The grouped 1x1 convolution is the same function as ``bmm``: values, gradients and Hessian-vector products.
+- Layers as Llama 4's experts, Inkling's shared experts and DeepSeek-V4's grouped output projection build them
+  (a stack on repeated token rows; a view and transpose of a Linear weight): the exact Gauss-Newton diagonal
+  takes no per-sample fallback and equals the float64 brute force, and the sketched Hessian is unbiased for
+  the brute-force Hessian.
+- Llama 4's layer written token by token returns the model's own outputs, and the class forward afterwards."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from expectation import assert_unbiased_traces
+from torch import nn
+from zoo_oracle import brute_force_ggn_diagonal
+
+from lightning_flatness.functional import hessian_diagonal_groups
+from lightning_flatness.functional.dense_experts import dense_experts, is_llama4_moe
+from lightning_flatness.functional.parameters import select_parameters
+from lightning_flatness.functional.weight_stack_products import (
+    WeightStackProducts,
+    stack_product_as_convolution,
+)
+
+F64 = torch.float64
+GROUPS, HIDDEN, WIDTH, CLASSES = 3, 4, 5, 3
+
+
+def test_the_grouped_convolution_is_the_batched_product():
+    """Values, the gradient in both factors and a Hessian-vector product of a function through the product."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(GROUPS, 7, HIDDEN, generator=g, dtype=F64)
+    w = torch.randn(GROUPS, HIDDEN, WIDTH, generator=g, dtype=F64)
+    u = torch.randn(GROUPS, 7, WIDTH, generator=g, dtype=F64)
+
+    def f(product, x, w):
+        return (torch.tanh(product(x, w)) * u).sum()
+
+    ref, new = functools.partial(f, torch.bmm), functools.partial(f, stack_product_as_convolution)
+    assert stack_product_as_convolution(x, w).is_contiguous()
+    torch.testing.assert_close(stack_product_as_convolution(x, w), torch.bmm(x, w), rtol=1e-14, atol=1e-14)
+    vjp, hvp = torch.autograd.functional.vjp, torch.autograd.functional.hvp
+    for got, want in zip(vjp(new, (x, w))[1], vjp(ref, (x, w))[1]):
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-14)
+    v = (torch.randn_like(x), torch.randn_like(w))
+    for got, want in zip(hvp(new, (x, w), v)[1], hvp(ref, (x, w), v)[1]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+
+
+def test_only_a_weight_as_the_right_factor_is_rewritten():
+    """A product of two data tensors (attention scores) and a weight on the left pass through as ``bmm``."""
+    w = torch.randn(GROUPS, HIDDEN, WIDTH, requires_grad=True)
+    x = torch.randn(GROUPS, 6, HIDDEN, requires_grad=True)
+    with WeightStackProducts(lambda t: t is w):
+        kept = torch.bmm(x, x.transpose(1, 2))
+        rewritten = torch.bmm(x, w)
+        left = torch.bmm(w.transpose(1, 2), x.transpose(1, 2))
+    assert type(kept.grad_fn).__name__ == "BmmBackward0"
+    assert type(left.grad_fn).__name__ == "BmmBackward0"
+    assert type(rewritten.grad_fn).__name__ != "BmmBackward0"
+    torch.testing.assert_close(rewritten, torch.bmm(x, w))
+
+
+class StackedExperts(nn.Module):
+    """Llama 4's experts: every expert on every token row, the rows repeated ``G`` times and scaled by softmax
+    router scores, ``bmm`` with the stack ``(G, H, O)`` as stored, summed over the experts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = nn.Linear(HIDDEN, GROUPS, bias=False)
+        self.up = nn.Parameter(torch.randn(GROUPS, HIDDEN, WIDTH) / 2)
+        self.down = nn.Parameter(torch.randn(GROUPS, WIDTH, HIDDEN) / 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, HIDDEN)
+        scores = torch.softmax(self.router(rows), dim=-1)  # (R, G)
+        routed = rows.repeat(GROUPS, 1) * scores.transpose(0, 1).reshape(-1, 1)
+        inner = torch.tanh(torch.bmm(routed.view(GROUPS, -1, HIDDEN), self.up))
+        out = torch.bmm(inner, self.down).sum(dim=0)
+        return out.view(x.shape)
+
+
+class GroupedLinear(nn.Linear):
+    """DeepSeek-V4's grouped projection: ``G`` groups of ``HIDDEN`` inputs, each to ``WIDTH`` outputs, by
+    ``bmm`` on a view and transpose of a Linear weight ``(G WIDTH, HIDDEN)``."""
+
+    def __init__(self) -> None:
+        super().__init__(HIDDEN, GROUPS * WIDTH, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, T, G, HIDDEN) -> (N, T, G, WIDTH)
+        w = self.weight.view(GROUPS, -1, HIDDEN).transpose(1, 2)
+        y = torch.bmm(x.reshape(-1, GROUPS, HIDDEN).transpose(0, 1), w).transpose(0, 1)
+        return y.reshape(*x.shape[:-1], -1)
+
+
+class StackNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(2, HIDDEN)
+        self.experts = StackedExperts()
+        self.grouped = GroupedLinear()
+        self.head = nn.Linear(GROUPS * WIDTH, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, T, 2) -> (N, CLASSES)
+        h = torch.tanh(self.embed(x))
+        h = h + self.experts(h)
+        grouped = self.grouped(h.unsqueeze(2).expand(-1, -1, GROUPS, -1))
+        return self.head(torch.tanh(grouped).flatten(2).mean(dim=1))
+
+
+def _stack_net(n: int = 5):
+    torch.manual_seed(0)
+    model = StackNet().double().eval()
+    g = torch.Generator().manual_seed(1)
+    return model, torch.randn(n, 4, 2, generator=g, dtype=F64), torch.randint(0, CLASSES, (n,), generator=g)
+
+
+def _fallbacks(caught: list) -> list[str]:
+    return [str(w.message) for w in caught if "per-layer contractions do not apply" in str(w.message)]
+
+
+def test_the_gauss_newton_diagonal_of_weight_stacks_is_per_layer_and_equals_brute_force():
+    model, x, y = _stack_net()
+    names = list(select_parameters(model))
+    assert {"experts.up", "experts.down", "grouped.weight"} <= set(names)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        est = hessian_diagonal_groups(model, F.cross_entropy, x, y, method="gauss_newton", parameters=names)
+    assert not _fallbacks(caught)
+    truth = brute_force_ggn_diagonal(model, F.cross_entropy, x, y, names)
+    for n in names:
+        scale = float(truth[n].abs().max())
+        assert scale > 0 and float((est.groups[n][0] - truth[n]).abs().max()) <= 1e-10 * scale, n
+
+
+class SharedStack(nn.Module):
+    """Inkling's shared experts: the token rows expanded to the ``G`` experts, ``bmm`` with the stack, then
+    the activation on token-major rows (where the sketch's node rules read the samples along dim 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack = nn.Parameter(torch.randn(GROUPS, HIDDEN, WIDTH) / 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, T, HIDDEN) -> (N, T, G WIDTH)
+        rows = x.reshape(1, -1, HIDDEN).expand(GROUPS, -1, -1)
+        out = torch.bmm(rows, self.stack).transpose(0, 1)  # (R, G, WIDTH)
+        return torch.tanh(out).reshape(*x.shape[:-1], -1)
+
+
+class TokenMajorStackNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(2, HIDDEN)
+        self.shared = SharedStack()
+        self.grouped = GroupedLinear()
+        self.head = nn.Linear(GROUPS * WIDTH, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, T, 2) -> (N, CLASSES)
+        h = torch.tanh(self.embed(x))
+        shared = self.shared(h).view(*h.shape[:2], GROUPS, WIDTH)[..., :HIDDEN]
+        grouped = self.grouped(shared)
+        return self.head(torch.tanh(grouped).flatten(2).mean(dim=1))
+
+
+def test_the_sketched_hessian_of_weight_stacks_is_per_layer_and_unbiased():
+    """The sketch's node rules need the samples along dim 0 of every nonlinear operation's input: here the
+    products with the stacks are followed by operations on token-major rows (as DeepSeek-V4's grouped
+    projection; Llama 4's layer is written token by token for it, tested in test_mixture_of_experts.py)."""
+    torch.manual_seed(0)
+    model = TokenMajorStackNet().double().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 4, 2, generator=g, dtype=F64), torch.randint(0, CLASSES, (5,), generator=g)
+    names = list(select_parameters(model))
+    assert {"shared.stack", "grouped.weight"} <= set(names)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_unbiased_traces(model, F.cross_entropy, x, y, names)
+    assert not _fallbacks(caught)
+
+
+def test_llama4_moe_written_token_by_token_is_the_models_function():
+    """The layer's output and router logits, float64, on a batch of 4 sequences; the class forward after."""
+    pytest.importorskip("transformers")
+    from zoo_models import tiny_moe
+
+    model, (inputs, _) = tiny_moe("llama4", dtype=F64)
+    layer = next(m for m in model.modules() if is_llama4_moe(m))
+    hidden = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(0), dtype=F64)
+    own, own_logits = layer(hidden)
+    with dense_experts(model):
+        written, logits = layer(hidden)
+        whole = model(**inputs).logits
+    assert "forward" not in layer.__dict__
+    torch.testing.assert_close(written, own, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(logits, own_logits, rtol=0, atol=0)
+    torch.testing.assert_close(whole, model(**inputs).logits, rtol=1e-12, atol=1e-13)
