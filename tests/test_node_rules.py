@@ -108,6 +108,14 @@ def test_softmax_rules(op, func):
     _check(_call(op, func, (a, -1), {}, [a]), adjoint)
 
 
+@pytest.mark.parametrize("dim,keepdim", [(-1, False), (1, True), ((1,), False)])
+def test_logsumexp_rule(dim, keepdim):
+    a = _leaf(2, 5, 3) * 1.5
+    shape = torch.logsumexp(a, dim, keepdim=keepdim).shape
+    adjoint = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(1))
+    _check(_call("logsumexp", torch.logsumexp, (a, dim, keepdim), {}, [a]), adjoint)
+
+
 @pytest.mark.parametrize("affine", [False, True])
 def test_layer_norm_rule(affine):
     a = _leaf(2, 3, 4) * 2 + 0.5

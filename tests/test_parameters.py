@@ -209,3 +209,32 @@ def test_register_tokens_are_left_out_like_class_tokens():
         result = measure_sharpness(model, batches, num_replicates=2)
     assert result.choice.method == "hessian_sketch"
     assert not [w for w in caught if "per-layer contractions do not apply" in str(w.message)]
+
+
+class ScaledHead(nn.Linear):
+    """Dory's LM head: a ``Linear`` with a per-output ``logit_scale`` multiplying its output."""
+
+    def __init__(self):
+        super().__init__(4, 3)
+        self.logit_scale = nn.Parameter(torch.full((3,), 0.5))
+
+    def forward(self, x):
+        return super().forward(x) * self.logit_scale
+
+
+def test_a_vector_a_linear_subclass_adds_is_not_taken_for_its_bias():
+    """Only a Linear's ``bias`` is read by its layer rule; another 1-D parameter of a subclass is used by an
+    elementwise product, so it is left out like a layer scale, and the estimators keep the per-layer path."""
+    import warnings
+
+    from lightning_flatness.functional import hessian_diagonal_groups
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), ScaledHead()).double()
+    assert list(select_parameters(model)) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert "2.logit_scale" in select_parameters(model, "all")
+    x, y = torch.randn(5, 2, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hessian_diagonal_groups(model, torch.nn.functional.cross_entropy, x, y, method="gauss_newton")
+    assert not [w for w in caught if "per-layer contractions do not apply" in str(w.message)]

@@ -143,10 +143,16 @@ def is_rule_read_vector(model: nn.Module, name: str) -> bool:
     """Whether 1-D parameter ``name`` is the bias of a ``Linear``/``Conv`` (or the input projection's of an
     ``nn.MultiheadAttention``) or an affine parameter of a
     ``BatchNorm``/``LayerNorm``/``GroupNorm``/``RMSNorm`` (subclasses included): a parameter a layer
-    rule reads, so that its Hessian diagonal keeps the estimators' per-layer fast path."""
-    owner_path, _, _ = name.rpartition(".")
+    rule reads, so that its Hessian diagonal keeps the estimators' per-layer fast path. Another vector a
+    subclass of these modules adds (Dory's ``DoryLMHead``, a ``Linear`` with a per-token ``logit_scale``
+    multiplying its output) is not read by a rule."""
+    owner_path, _, leaf = name.rpartition(".")
     owner = model.get_submodule(owner_path) if owner_path else model
-    return isinstance(owner, _RULE_READ_VECTORS)
+    if isinstance(owner, nn.MultiheadAttention):
+        return leaf == "in_proj_bias"
+    if isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)):
+        return leaf == "bias"  # not another vector a subclass adds (Dory's per-token logit scale)
+    return isinstance(owner, _RULE_READ_VECTORS) and leaf in ("weight", "bias")
 
 
 def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -> dict[str, nn.Parameter]:
