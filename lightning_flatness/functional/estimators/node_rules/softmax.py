@@ -7,9 +7,9 @@ With adjoint ``g``, per slice along ``dim`` (Jacobian ``dp_i/da_j = p_i (delta_i
 
 because :math:`\nabla^2 p_i = p_i [(e_i - p)(e_i - p)^\top - (\mathrm{diag}\,p - p p^\top)]` and
 :math:`\mathrm{diag}\,p - p p^\top = T \mathrm{diag}(p) T^\top`. For ``log_softmax``,
-:math:`M = -(\sum_i g_i)\, T \mathrm{diag}(p) T^\top`; for ``z = logsumexp(a, dim)`` (``log_softmax_i = a_i - z``),
-:math:`M = g\, T \mathrm{diag}(p) T^\top` with the adjoint ``g`` of ``z``. Columns: ``T (sqrt(max(+-c, 0)) o xi)`` for the
-core ``c``, i.e. ``w - p sum(w)``; ``O(numel)``.
+:math:`M = -(\sum_i g_i)\, T \mathrm{diag}(p) T^\top`; for ``z = logsumexp(a, dim)``
+(``log_softmax_i = a_i - z``), :math:`M = g\, T \mathrm{diag}(p) T^\top` with the adjoint ``g`` of ``z``.
+Columns: ``T (sqrt(max(+-c, 0)) o xi)`` for the core ``c``, i.e. ``w - p sum(w)``; ``O(numel)``.
 """
 
 from __future__ import annotations
