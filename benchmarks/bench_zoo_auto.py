@@ -3,7 +3,7 @@
 For each tiny zoo model (``tests/zoo_models.py``: torchvision ResNet / MobileNetV3, timm ViT /
 ConvNeXt, Hugging Face BERT classifier / GPT-2 LM; by name, the task heads of ``TASK_HEADS``: BERT for
 extractive question answering, multiple choice, regression and multi-label classification, the last two
-with their own loss; and the mixture-of-experts LMs of ``MIXTURE_OF_EXPERTS_MODELS``, Qwen2-MoE and
+with their own loss; and the mixture-of-experts LMs of ``MIXTURE_OF_EXPERTS_MODELS``, Qwen2-MoE, Llama 4 and
 Mixtral, each expert measured as its own weight matrix), a fixed **pool** of ``--pool`` samples is the
 population. Reference values are computed once on the pool, in float64, by brute force
 (``tests/zoo_oracle.py``, independent of the estimators): the measures (``sharpness_measures``: eq. 17

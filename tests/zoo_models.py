@@ -517,7 +517,7 @@ OWN_LOSS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 
 #: Mixture-of-experts causal LMs by name (:func:`tiny_moe`), as the benchmarks take them.
 MIXTURE_OF_EXPERTS_MODELS: dict[str, Callable[..., tuple[nn.Module, Any]]] = {
-    kind: functools.partial(tiny_moe, kind) for kind in ("qwen2_moe", "mixtral")
+    kind: functools.partial(tiny_moe, kind) for kind in ("qwen2_moe", "mixtral", "llama4")
 }
 
 #: Models whose target is a token sequence (loss: ``TokenLoss(base, shift=True)``).
