@@ -1,11 +1,11 @@
 """Replace modules' ``forward`` on the instance for the duration of a ``with`` block; restore them exactly.
 
 The measurement-only rewrites of :mod:`.composite_attention`, :mod:`.composite_recurrent`,
-:mod:`.batch_first_transformers`, :mod:`.explicit_activations` and :mod:`.dense_experts` share this: the
-replacement is an instance attribute (the class is never touched, other instances are unaffected), and on
-exit, also on exceptions, the attribute is removed so that the class's ``forward`` applies again. A module
-whose ``forward`` was already replaced on the instance (by the user, or by another rewrite entered first) is
-left alone.
+:mod:`.batch_first_transformers`, :mod:`.explicit_activations`, :mod:`.dense_experts` and
+:mod:`.rms_norm_modules` share this: the replacement is an instance attribute (the class is never touched,
+other instances are unaffected), and on exit, also on exceptions, the attribute is removed so that the class's
+``forward`` applies again. A module whose ``forward`` was already replaced on the instance (by the user, or by
+another rewrite entered first) is left alone.
 """
 
 from __future__ import annotations

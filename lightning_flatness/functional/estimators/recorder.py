@@ -62,6 +62,7 @@ from lightning_flatness.functional.explicit_activations import explicit_activati
 from lightning_flatness.functional.explicit_sdpa import ExplicitAttention
 from lightning_flatness.functional.model_io import ModelInputs, extract_logits, inputs_batch_size, map_inputs
 from lightning_flatness.functional.out_of_place_division import OutOfPlaceDivision
+from lightning_flatness.functional.rms_norm_modules import rms_norms_as_one_op
 from lightning_flatness.functional.weight_stack_products import WeightStackProducts
 
 __all__ = ["rows_of_other_samples"]
@@ -720,7 +721,9 @@ def _record_forward(
     node rules see its products and softmax, and an in-place division by a weight-dependent tensor runs
     out of place and is written back
     (:class:`~lightning_flatness.functional.out_of_place_division.OutOfPlaceDivision`), so that the
-    division's node rule sees its numerator.
+    division's node rule sees its numerator, and RMS norms written out in elementary operations run as one
+    ``F.rms_norm`` (:func:`~lightning_flatness.functional.rms_norm_modules.rms_norms_as_one_op`), so that
+    the sketch samples the norm's curvature as a whole.
     """
     leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
     n = inputs_batch_size(x)
@@ -738,6 +741,7 @@ def _record_forward(
                 explicit_recurrent_layers(model),
                 explicit_activations(model),
                 dense_experts(model),
+                rms_norms_as_one_op(model) if record_nodes else contextlib.nullcontext(),
                 recorder,
                 ExplicitAttention() if record_nodes else contextlib.nullcontext(),  # inside: seen by recorder
                 OutOfPlaceDivision() if record_nodes else contextlib.nullcontext(),  # likewise
