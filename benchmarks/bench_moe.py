@@ -1,7 +1,8 @@
 """Cost of one measurement of a mixture-of-experts language model at the defaults (issue 8).
 
-Hugging Face's Qwen2-MoE and Mixtral as ``transformers`` builds them (experts by ``torch._grouped_mm``),
-random weights: 64-dim, 2 layers, 8 experts of width 128, top 2, vocabulary 512, 32 tokens per sequence;
+Hugging Face's Qwen2-MoE and Mixtral as ``transformers`` builds them (experts by ``torch._grouped_mm``), and
+Llama 4 (its own layer: every expert on every token by ``torch.bmm``; top 1, a shared expert), random
+weights: 64-dim, 2 layers, 8 experts of width 128, top 2, vocabulary 512, 32 tokens per sequence;
 ``--samples`` sequences in batches of 8, ``measure_sharpness`` at its defaults (``method="auto"``,
 eq. 20 per token), one thread. Reported per model: the method ``auto`` chose, whether the estimator
 fell back to per-sample backward passes (its warning), the seconds of the whole measurement (median of
@@ -24,7 +25,7 @@ import torch
 from benchmarks.bench_solver import machine
 from benchmarks.common import base_parser, setup, write_json
 
-MODELS = ("qwen2_moe", "mixtral")
+MODELS = ("qwen2_moe", "mixtral", "llama4")
 
 
 def build(kind: str) -> torch.nn.Module:
@@ -47,6 +48,16 @@ def build(kind: str) -> torch.nn.Module:
             num_experts=8, moe_intermediate_size=128, shared_expert_intermediate_size=128, **common
         )
         return transformers.Qwen2MoeForCausalLM(config).eval()
+    if kind == "llama4":
+        config = transformers.Llama4TextConfig(
+            num_local_experts=8,
+            intermediate_size=128,
+            intermediate_size_mlp=128,
+            layer_types=["full_attention"] * 2,
+            no_rope_layers=[1, 1],
+            **{**common, "num_experts_per_tok": 1},
+        )
+        return transformers.Llama4ForCausalLM(config).eval()
     config = transformers.MixtralConfig(num_local_experts=8, intermediate_size=128, **common)
     return transformers.MixtralForCausalLM(config).eval()
 
