@@ -345,7 +345,8 @@ def tiny_gpt2(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
     return _finish(model, (inputs, labels), dtype)
 
 
-#: ``tiny_moe`` kinds: Hugging Face causal LMs with an experts module (``use_experts_implementation``)
+#: ``tiny_moe`` kinds: Hugging Face causal LMs with an experts module (``use_experts_implementation``, or
+#: Llama 4's own layer)
 MIXTURES_OF_EXPERTS = ("mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "llama4")
 
 
