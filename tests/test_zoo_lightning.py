@@ -430,3 +430,37 @@ def test_training_of_a_mixture_of_experts_is_bit_identical_with_and_without_the_
     assert runs["with"].keys() == runs["without"].keys()
     for key in runs["without"]:
         assert torch.equal(runs["with"][key], runs["without"][key]), key
+
+
+def test_llama4_is_measured_on_the_per_layer_path_and_its_training_is_bit_identical():
+    """Llama 4 (its own mixture-of-experts layer by ``torch.bmm``, RMS norms and an L2 norm written out,
+    complex rotary embeddings): the monitor at its defaults measures the sketched Hessian with no per-
+    sample fallback, with its layer written token by token and its norms as one op for the measurements
+    only; the training run (weights, optimizer state) is bit-identical with and without it, and every
+    module runs its own forward after the fit."""
+    from lightning_flatness.functional.dense_experts import is_llama4_moe
+    from lightning_flatness.functional.rms_norm_modules import is_rms_norm_candidate
+
+    runs = {}
+    for label, callbacks in [("without", []), ("with", [SharpnessMonitor(num_samples=16)])]:
+        pl.seed_everything(0, verbose=False)
+        model, (inputs, labels) = tiny_moe("llama4", n=24)
+        module = HuggingFaceModule(model.train())
+        trainer = quiet_trainer(callbacks, max_epochs=2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module, _Data(_DictDataset(inputs, labels)))
+        assert not any("per-layer contractions do not apply" in str(w.message) for w in caught)
+        state = {k: v.clone() for k, v in module.state_dict().items()}
+        for i, opt_state in enumerate(trainer.optimizers[0].state_dict()["state"].values()):
+            state.update({f"opt.{i}.{k}": torch.as_tensor(v).clone() for k, v in opt_state.items()})
+        runs[label] = state
+        if callbacks:
+            history = callbacks[0].history
+            assert len(history) == 2 and history[-1]["method"] == "hessian_sketch"
+            assert all(math.isfinite(h["normalized"]) and h["normalized"] > 0 for h in history)
+        rewritten = [m for m in module.modules() if is_llama4_moe(m) or is_rms_norm_candidate(m)]
+        assert len(rewritten) >= 4 and not any("forward" in m.__dict__ for m in rewritten)
+    assert runs["with"].keys() == runs["without"].keys()
+    for key in runs["without"]:
+        assert torch.equal(runs["with"][key], runs["without"][key]), key
