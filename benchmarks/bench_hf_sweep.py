@@ -158,6 +158,11 @@ def batches(head: str, g: torch.Generator) -> list[dict[str, torch.Tensor]]:
     return out
 
 
+def _fallback_reason(message: str) -> str:
+    """What sent an estimator to the per-sample path, from its warning."""
+    return message.partition("do not apply (")[2].split("); computing")[0][:200]
+
+
 def measure(name: str, head: str, timeout: int) -> dict[str, Any]:
     import transformers
 
@@ -179,12 +184,13 @@ def measure(name: str, head: str, timeout: int) -> dict[str, Any]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = measure_sharpness(model, data, num_replicates=2)
-        per_sample = any("per-layer contractions do not apply" in str(w.message) for w in caught)
+        fallbacks = [m for m in map(str, (w.message for w in caught)) if "contractions do not apply" in m]
         return {
             "status": "ok",
             "method": result.choice.method,
             "quantity": result.choice.quantity,
-            "path": "per-sample" if per_sample else "per-layer",
+            "path": "per-sample" if fallbacks else "per-layer",
+            "why": _fallback_reason(fallbacks[0]) if fallbacks else "",
             "normalized": float(result.values["normalized"]),
             "seconds": time.perf_counter() - start,
         }
@@ -218,7 +224,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{sum(r['quantity'] != 'hessian' for r in measured)} the Gauss-Newton diagonal; "
         f"{sum(r['path'] == 'per-sample' for r in measured)} on the per-sample path.",
         "",
-        "| class | status | `auto` picks | measures | path | seconds | error / why skipped |",
+        "| class | status | `auto` picks | measures | path | seconds "
+        "| error / why skipped / why per-sample |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
