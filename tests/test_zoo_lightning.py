@@ -406,6 +406,14 @@ def test_hugging_face_mixture_of_experts_is_measured_at_the_defaults():
     assert math.isfinite(wide.history[-1]["normalized"]) and wide.history[-1]["normalized"] > 0
 
 
+def _training_state(module: torch.nn.Module, trainer: pl.Trainer) -> dict[str, torch.Tensor]:
+    """The weights and the optimizer's state after a fit, copied."""
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    for i, opt_state in enumerate(trainer.optimizers[0].state_dict()["state"].values()):
+        state.update({f"opt.{i}.{k}": torch.as_tensor(v).clone() for k, v in opt_state.items()})
+    return state
+
+
 def test_training_of_a_mixture_of_experts_is_bit_identical_with_and_without_the_monitor():
     """The measurement runs the experts densely (an instance ``forward`` for its duration) and evaluates the
     router's in-place division out of place: the training run (weights, optimizer state) is bit-identical
@@ -420,10 +428,7 @@ def test_training_of_a_mixture_of_experts_is_bit_identical_with_and_without_the_
         module = HuggingFaceModule(model.train())
         trainer = quiet_trainer(callbacks, max_epochs=2)
         trainer.fit(module, _Data(_DictDataset(inputs, labels)))
-        state = {k: v.clone() for k, v in module.state_dict().items()}
-        for i, opt_state in enumerate(trainer.optimizers[0].state_dict()["state"].values()):
-            state.update({f"opt.{i}.{k}": torch.as_tensor(v).clone() for k, v in opt_state.items()})
-        runs[label] = state
+        runs[label] = _training_state(module, trainer)
         if callbacks:
             assert len(callbacks[0].history) == 2 and callbacks[0].history[-1]["method"] == "hessian_sketch"
         assert not any("forward" in m.__dict__ for m in module.modules() if is_experts_module(m))
@@ -451,10 +456,7 @@ def test_llama4_is_measured_on_the_per_layer_path_and_its_training_is_bit_identi
             warnings.simplefilter("always")
             trainer.fit(module, _Data(_DictDataset(inputs, labels)))
         assert not any("per-layer contractions do not apply" in str(w.message) for w in caught)
-        state = {k: v.clone() for k, v in module.state_dict().items()}
-        for i, opt_state in enumerate(trainer.optimizers[0].state_dict()["state"].values()):
-            state.update({f"opt.{i}.{k}": torch.as_tensor(v).clone() for k, v in opt_state.items()})
-        runs[label] = state
+        runs[label] = _training_state(module, trainer)
         if callbacks:
             history = callbacks[0].history
             assert len(history) == 2 and history[-1]["method"] == "hessian_sketch"
