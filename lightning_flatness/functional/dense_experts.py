@@ -180,11 +180,9 @@ def dense_experts(model: nn.Module) -> Iterator[nn.Module]:
         True
     """
     rewrites: list[tuple[nn.Module, Callable[..., Any]]] = [
-        (m, llama4_moe_forward) for m in model.modules() if is_llama4_moe(m)
-    ]
-    written = {id(m.experts) for m, _ in rewrites}  # their experts' own forward is not called
-    rewrites += [
-        (m, dense_experts_forward) for m in model.modules() if is_experts_module(m) and id(m) not in written
+        (m, llama4_moe_forward if is_llama4_moe(m) else dense_experts_forward)
+        for m in model.modules()
+        if is_llama4_moe(m) or is_experts_module(m)
     ]
     with instance_forwards(rewrites):
         yield model

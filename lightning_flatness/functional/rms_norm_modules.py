@@ -5,8 +5,8 @@ norm of queries and keys) compute ``x * torch.rsqrt(x.pow(2).mean(-1, keepdim=Tr
 ``weight`` (or ``1 + weight``). The Hessian sketch then samples the curvature of each piece on its own (the
 square, the reciprocal square root, the product of ``x`` with its own normalizer), with independent random
 signs. On an untrained network those pieces are large (an embedding of scale 0.02 normalized: curvature like
-``1 / scale^2``) and cancel only in their sum, so the sketch's noise buried the curvature: on the tiny Llama 4
-of the tests the normalized sharpness came out 6.2x the Hessian's (``benchmarks/RESULTS.md``, round 17).
+``1 / scale^2``) and cancel only in their sum, so the sketch's noise buried the curvature of untrained
+language models (measured: ``benchmarks/RESULTS.md``, round 17).
 
 :func:`rms_norms_as_one_op` runs each such module as ``F.rms_norm`` (whose node rule,
 :mod:`~lightning_flatness.functional.estimators.node_rules.rms_norm`, samples the norm's curvature as a whole:
@@ -94,13 +94,14 @@ def rms_norm_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     weight = self._parameters.get("weight")
     # the input's precision (at least float32), else float32 where the model's code rounds to it
     computes = dict.fromkeys([torch.promote_types(x.dtype, torch.float32), torch.float32])
+    scales = _SCALES if weight is not None else ("none",)
     for compute in computes:
-        for scale in _SCALES if weight is not None else ("none",):
-            with torch.no_grad():
-                candidate = _scaled(F.rms_norm(x.to(compute), (x.shape[-1],), eps=eps), weight, scale)
-            if _reproduces(candidate, reference):
-                normalized = F.rms_norm(x.to(compute), (x.shape[-1],), eps=eps)
-                return _scaled(normalized, weight, scale).to(reference.dtype)
+        with torch.no_grad():  # the check: no op of it is recorded (its outputs do not require grad)
+            normalized = F.rms_norm(x.to(compute), (x.shape[-1],), eps=eps)
+            form = next((s for s in scales if _reproduces(_scaled(normalized, weight, s), reference)), None)
+        if form is not None:
+            normalized = F.rms_norm(x.to(compute), (x.shape[-1],), eps=eps)  # the op the sketch samples
+            return _scaled(normalized, weight, form).to(reference.dtype)
     return original(self, x)
 
 
