@@ -84,6 +84,39 @@ SHRINK = dict(
     pad_token_id=0,
     bos_token_id=1,
     eos_token_id=2,
+    rotary_dim=4,
+    pooler_hidden_size=16,
+    window_size=2,
+)
+
+#: list- or tuple-valued configuration attributes of hierarchical models (per stage), shrunk entry by entry
+#: where a configuration has them as sequences of ints: blocks per stage to 1, channels per stage divided
+#: by 128 (at least 8; equal entries stay equal, as a stage's input and the previous stage's output must),
+#: heads per stage to 2
+SHRINK_PER_STAGE = dict(
+    depths=lambda v: 1,
+    depth=lambda v: 1,
+    num_block_repeats=lambda v: 1,
+    stage_num_blocks=lambda v: 1,
+    n_attn_blocks=lambda v: 1,
+    hidden_sizes=lambda v: max(8, 8 * (v // 128)),
+    embed_dims=lambda v: max(8, 8 * (v // 128)),
+    embed_dim=lambda v: max(8, 8 * (v // 128)),
+    neck_hidden_sizes=lambda v: max(8, 8 * (v // 128)),
+    base_attn_unit_dims=lambda v: max(8, 8 * (v // 128)),
+    in_channels=lambda v: max(8, 8 * (v // 128)),
+    out_channels=lambda v: max(8, 8 * (v // 128)),
+    stage_in_channels=lambda v: max(8, 8 * (v // 128)),
+    stage_mid_channels=lambda v: max(8, 8 * (v // 128)),
+    stage_out_channels=lambda v: max(8, 8 * (v // 128)),
+    num_heads=lambda v: 2,
+    num_attention_heads=lambda v: 2,
+    image_size=lambda v: 32,
+)
+
+#: width and depth multipliers (floats) of scaled convolutional families (EfficientNet, MobileNet, MobileViT)
+SHRINK_MULTIPLIERS = dict(
+    width_coefficient=0.25, depth_coefficient=0.5, depth_multiplier=0.25, width_multiplier=0.25
 )
 
 
@@ -99,30 +132,58 @@ def _alarm(*_: Any) -> None:
     raise _TimedOut()
 
 
-def _shrink(config: Any) -> None:
-    """:data:`SHRINK` applied to ``config`` and its sub-configurations (a text or vision tower's)."""
+def _set(config: Any, key: str, value: Any) -> None:
+    try:
+        setattr(config, key, value)
+    except Exception:  # a read-only property of the configuration
+        pass
+
+
+def _shrink(config: Any, head: str = "") -> None:
+    """:data:`SHRINK`, :data:`SHRINK_PER_STAGE` and :data:`SHRINK_MULTIPLIERS` applied to ``config`` and its
+    sub-configurations (a text or vision tower's), and what ``head`` needs as its documentation sets it up:
+    two labels (start and end logits) for question answering, a padding token for a sequence classifier
+    (a decoder-only one finds each sequence's last token by it)."""
     for key, value in SHRINK.items():
         current = getattr(config, key, None)
         if isinstance(current, int) and not isinstance(current, bool):
-            try:
-                setattr(config, key, value)
-            except Exception:  # a read-only property of the configuration
-                pass
+            _set(config, key, value)
+    if head == "ForQuestionAnswering" and isinstance(getattr(config, "num_labels", None), int):
+        _set(config, "num_labels", 2)
+    if head == "ForSequenceClassification" and getattr(config, "pad_token_id", 0) is None:
+        _set(config, "pad_token_id", SHRINK["pad_token_id"])
+    for key, rule in SHRINK_PER_STAGE.items():
+        current = getattr(config, key, None)
+        if isinstance(current, (list, tuple)) and current and all(type(v) is int for v in current):
+            _set(config, key, type(current)(rule(v) for v in current))
+    for key, value in SHRINK_MULTIPLIERS.items():
+        if isinstance(getattr(config, key, None), float):
+            _set(config, key, value)
+    if isinstance(getattr(config, "depths", None), (list, tuple)):  # hierarchical: more tokens than a ViT's
+        _set(config, "patch_size", 4)
+        _set(config, "image_size", 64)  # a window of 2 in each of 4 stages
+        if isinstance(getattr(config, "num_stages", None), int):  # num_hidden_layers' alias, shrunk above
+            _set(config, "num_stages", len(config.depths))
+    if isinstance(getattr(config, "qk_rope_head_dim", None), int) and hasattr(config, "head_dim"):
+        _set(config, "head_dim", config.qk_rope_head_dim)  # multi-head latent attention: the rotary part
     if isinstance(getattr(config, "num_experts_per_tok", None), int):
         config.num_experts_per_tok = min(config.num_experts_per_tok, 2)
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = config.layer_types[:1]
+    if isinstance(getattr(config, "layer_types", None), list):  # one layer of each kind (a hybrid's too)
+        config.layer_types = list(dict.fromkeys(config.layer_types))
+        for key in ("num_hidden_layers", "num_layers"):
+            if isinstance(getattr(config, key, None), int):
+                _set(config, key, len(config.layer_types))
     for key in list(vars(config)):
         sub = getattr(config, key, None)
         if sub is not config and type(sub).__name__.endswith("Config") and hasattr(sub, "to_dict"):
-            _shrink(sub)
+            _shrink(sub, head)
 
 
-def build(cls: Any) -> torch.nn.Module:
+def build(cls: Any, head: str = "") -> torch.nn.Module:
     """``cls`` from its configuration class's defaults, shrunk (:data:`SHRINK`), random weights, eval mode;
     a ``ValueError`` where the shrunk model still has more than :data:`MAX_PARAMETERS` parameters."""
     config = cls.config_class()
-    _shrink(config)
+    _shrink(config, head)
     torch.manual_seed(0)
     model = cls(config).eval()
     count = sum(p.numel() for p in model.parameters())
@@ -131,11 +192,11 @@ def build(cls: Any) -> torch.nn.Module:
     return model
 
 
-def batches(head: str, g: torch.Generator) -> list[dict[str, torch.Tensor]]:
+def batches(head: str, g: torch.Generator, image_size: int = 32) -> list[dict[str, torch.Tensor]]:
     out = []
     for _ in range(2):
         if head == "ForImageClassification":
-            batch = {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
+            batch = {"pixel_values": torch.randn(2, 3, image_size, image_size, generator=g)}
             batch["labels"] = torch.randint(0, 3, (2,), generator=g)
         else:
             shape = (2, 3, 8) if head == "ForMultipleChoice" else (2, 8)  # 3 candidate texts per sample
@@ -152,7 +213,8 @@ def batches(head: str, g: torch.Generator) -> list[dict[str, torch.Tensor]]:
             elif head == "ForQuestionAnswering":  # the answer span
                 start = torch.randint(0, 6, (2,), generator=g)
                 batch["start_positions"], batch["end_positions"] = start, start + 2
-            else:
+            else:  # sequences end in the end-of-sequence token as tokenizers write them (BART reads it)
+                ids[..., -1] = SHRINK["eos_token_id"]
                 batch["labels"] = torch.randint(0, 3, (2,), generator=g)
         out.append(batch)
     return out
@@ -173,8 +235,9 @@ def measure(name: str, head: str, timeout: int) -> dict[str, Any]:
     signal.alarm(timeout)
     try:
         try:
-            model = build(getattr(transformers, name))
-            data = batches(head, torch.Generator().manual_seed(0))
+            model = build(getattr(transformers, name), head)
+            size = getattr(model.config, "image_size", 32)
+            data = batches(head, torch.Generator().manual_seed(0), size if isinstance(size, int) else size[0])
             with torch.no_grad():
                 model(**{k: v for k, v in data[0].items() if k != "labels"})
         except _TimedOut:

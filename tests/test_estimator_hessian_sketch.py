@@ -175,7 +175,7 @@ GGN_CONTRAST = {"gpt2": 8.0}
 
 
 @pytest.mark.parametrize(
-    "name", ["vit", "bert", "mobilenet_v3", "efficientnet", "torchvision_vit", "swin", "gpt2"]
+    "name", ["vit", "bert", "mobilenet_v3", "efficientnet", "torchvision_vit", "swin", "gpt2", "convnext_v2"]
 )
 def test_zoo_models_are_unbiased_for_the_hessian(name):
     """32 independent estimates of 32 sketches each on 3 samples: per weight tensor, the squared distance

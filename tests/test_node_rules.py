@@ -148,6 +148,36 @@ def test_l2_normalize_rule(dim):
 
 
 @pytest.mark.parametrize(
+    "op,func,args,kwargs",
+    [
+        ("linalg_vector_norm", torch.linalg.vector_norm, (2,), {"dim": (1, 2), "keepdim": True}),
+        ("linalg_vector_norm", torch.linalg.vector_norm, (), {"dim": -1}),
+        ("norm", torch.norm, (), {"p": 2, "dim": (1, 2), "keepdim": True}),
+        ("norm", torch.norm, (), {"dim": 1}),  # the default "fro" over one dim: the 2-norm
+    ],
+)
+def test_vector_norm_rule(op, func, args, kwargs):
+    """ConvNeXt V2's global response normalization: the 2-norm of each sample's channel over positions."""
+    a = _leaf(2, 3, 4) * 2 + 0.5
+    out_shape = func(a, *args, **kwargs).shape
+    adjoint = torch.randn(out_shape, dtype=F64, generator=torch.Generator().manual_seed(1))
+    _check(_call(op, func, (a, *args), kwargs, [a]), adjoint)
+
+
+def test_vector_norm_rule_refuses_norms_it_does_not_cover():
+    a = _leaf(2, 3, 4)
+    refused = [
+        ("linalg_vector_norm", torch.linalg.vector_norm, (a,), {}),  # over everything: across the samples
+        ("linalg_vector_norm", torch.linalg.vector_norm, (a,), {"dim": (0, 1)}),
+        ("linalg_vector_norm", torch.linalg.vector_norm, (a, 1), {"dim": 1}),  # the 1-norm
+        ("norm", torch.norm, (a,), {"p": "nuc", "dim": (1, 2)}),
+        ("linalg_vector_norm", torch.linalg.vector_norm, (a,), {"dim": 1, "dtype": F64}),
+    ]
+    for op, func, args, kwargs in refused:
+        assert not NODE_RULES[op].accepts(_call(op, func, args, kwargs, [a])), (op, args[1:], kwargs)
+
+
+@pytest.mark.parametrize(
     "shapes, x_varies",
     [(((2, 3), (2, 3)), True), (((2, 3, 4), (2, 3, 1)), True), (((2, 3), (2, 3)), False)],
     ids=["same_shape", "broadcast_denominator", "constant_numerator"],

@@ -27,7 +27,8 @@ ALL = {**TINY, **{f"small_{k}": v for k, v in SMALL.items()}}
 DICT_INPUTS = {"bert", "gpt2"}
 
 #: Tensors checked against the brute-force diagonal: each passes through the op the model is about
-#: (attention, hardswish/SE, LayerNorm + GELU, embedding lookups), kept small for the oracle's cost.
+#: (attention, hardswish/SE, LayerNorm + GELU, the global response normalization, embedding lookups),
+#: kept small for the oracle's cost.
 SUBSETS = {
     "resnet": ["3.conv1.weight", "7.weight"],
     "mobilenet_v3": ["features.0.0.weight", "features.1.block.2.fc1.weight"],
@@ -40,6 +41,7 @@ SUBSETS = {
     ],
     "vit": ["patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "head.weight"],
     "convnext": ["stages.0.blocks.0.conv_dw.weight", "stages.0.blocks.0.mlp.fc1.weight"],
+    "convnext_v2": ["stages.0.blocks.0.mlp.fc1.weight", "stages.1.blocks.0.mlp.fc1.weight"],
     "bert": [
         "bert.embeddings.word_embeddings.weight",
         "bert.encoder.layer.0.attention.self.query.weight",

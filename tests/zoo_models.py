@@ -18,14 +18,14 @@ Two sizes:
 What each exercises: ResNet (BatchNorm, residual sums, ReLU, max-pool), MobileNetV3 (depthwise conv,
 squeeze-excitation, hardswish, hardsigmoid), EfficientNet (in-place SiLU, squeeze-excitation with
 sigmoid), torchvision's ViT (``nn.MultiheadAttention``), Swin (windowed attention: several rows per
-sample along dim 0), ViT (patch conv, LayerNorm, GELU, fused attention,
-``cls_token``, ``pos_embed``), ConvNeXt (depthwise 7x7 conv, channels-last LayerNorm, GELU, layer
-scale), BERT (embedding tables, attention mask, ``token_type_ids``, pooler tanh,
-``SequenceClassifierOutput``; outside ``TINY``, :data:`TASK_HEADS`: question answering's span logits and
-targets, multiple choice's rows, regression and multi-label classifiers) and GPT-2 (``Conv1D``, causal
-attention, tied LM head, token logits ``(N, T, V)``). Beyond ``TINY``, :func:`seq2seq_model` (T5, BART,
-Whisper trained with ``labels`` only) and :func:`segformer_model` (low-resolution logits upsampled by the
-loss) build models for the reach tests.
+sample along dim 0), ViT (patch conv, LayerNorm, GELU, fused attention, ``cls_token``, ``pos_embed``),
+ConvNeXt (depthwise 7x7 conv, channels-last LayerNorm, GELU, layer scale), ConvNeXt V2 (global response
+normalization: a 2-norm over the positions), BERT (embedding tables, attention mask, ``token_type_ids``,
+pooler tanh, ``SequenceClassifierOutput``; outside ``TINY``, :data:`TASK_HEADS`: question answering's
+span logits and targets, multiple choice's rows, regression and multi-label classifiers) and GPT-2
+(``Conv1D``, causal attention, tied LM head, token logits ``(N, T, V)``). Beyond ``TINY``,
+:func:`seq2seq_model` (T5, BART, Whisper trained with ``labels`` only) and :func:`segformer_model`
+(low-resolution logits upsampled by the loss) build models for the reach tests.
 """
 
 from __future__ import annotations
@@ -212,6 +212,31 @@ def tiny_convnext(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32)
     model = ConvNeXt(
         in_chans=3, num_classes=NUM_CLASSES, depths=(1, 1, 1, 1), dims=(4, 4, 8, 8), ls_init_value=0.5
     )
+    return _finish(model, _images(n, 32, seed), dtype)
+
+
+def tiny_convnext_v2(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """timm ConvNeXt V2's block (``use_grn=True``, no layer scale: ``convnextv2_*``) at
+    :func:`tiny_convnext`'s size: the global response normalization (each channel's 2-norm over the
+    positions, divided by its mean over the channels, ``addcmul``) inside the MLP. Its scale and shift
+    are drawn from U(0.5, 1.5) (timm starts them at zero, where the normalization is the identity and has
+    no curvature)."""
+    from timm.models.convnext import ConvNeXt
+
+    _seed(seed)
+    model = ConvNeXt(
+        in_chans=3,
+        num_classes=NUM_CLASSES,
+        depths=(1, 1, 1, 1),
+        dims=(4, 4, 8, 8),
+        ls_init_value=None,
+        use_grn=True,
+        conv_mlp=False,
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".grn." in name:
+                p.uniform_(0.5, 1.5)
     return _finish(model, _images(n, 32, seed), dtype)
 
 
@@ -481,6 +506,7 @@ TINY: dict[str, Callable[..., tuple[nn.Module, Any]]] = {
     "swin": tiny_swin,
     "vit": tiny_vit,
     "convnext": tiny_convnext,
+    "convnext_v2": tiny_convnext_v2,
     "bert": tiny_bert,
     "gpt2": tiny_gpt2,
 }

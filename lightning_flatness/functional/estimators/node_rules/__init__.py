@@ -6,7 +6,8 @@ Built in: unary elementwise activations (:mod:`.elementwise`), products of two w
 weight-dependent tensor (:mod:`.division`), ``softmax`` /
 ``log_softmax`` (:mod:`.softmax`), ``layer_norm`` (:mod:`.layer_norm`), ``group_norm``
 (:mod:`.group_norm`), ``rms_norm`` (:mod:`.rms_norm`) and ``F.normalize`` (:mod:`.l2_normalize`), the
-four normalizations sharing :mod:`.normalization_curvature`; and ``linear`` where its weight is used
+four normalizations sharing :mod:`.normalization_curvature`; the 2-norm over some dims of each sample
+(:mod:`.vector_norm`: ConvNeXt V2's global response normalization); and ``linear`` where its weight is used
 twice and its input depends on it (a tied LM head, :mod:`.tied_linear`). Nonlinear functions of one
 weight alone (weight standardization and normalization) have rules of their own, which give their
 curvature's diagonal exactly (:mod:`.weight_functions`)."""
@@ -23,6 +24,7 @@ from lightning_flatness.functional.estimators.node_rules import (  # noqa: F401 
     rms_norm,
     softmax,
     tied_linear,
+    vector_norm,
     weight_functions,
 )
 from lightning_flatness.functional.estimators.node_rules.base import (
