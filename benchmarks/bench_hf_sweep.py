@@ -166,6 +166,9 @@ def _shrink(config: Any, head: str = "") -> None:
             _set(config, "num_stages", len(config.depths))
     if isinstance(getattr(config, "qk_rope_head_dim", None), int) and hasattr(config, "head_dim"):
         _set(config, "head_dim", config.qk_rope_head_dim)  # multi-head latent attention: the rotary part
+    if isinstance(getattr(config, "kv_lora_rank", None), int) and hasattr(config, "num_key_value_heads"):
+        # multi-head latent attention has a key per head (its eager attention repeats them by the ratio)
+        _set(config, "num_key_value_heads", config.num_attention_heads)
     if isinstance(getattr(config, "num_experts_per_tok", None), int):
         config.num_experts_per_tok = min(config.num_experts_per_tok, 2)
     if isinstance(getattr(config, "layer_types", None), list):  # one layer of each kind (a hybrid's too)
