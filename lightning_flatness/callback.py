@@ -48,7 +48,12 @@ from lightning_flatness.isolation import (
     resolve_dtype,
 )
 from lightning_flatness.logger_media import MediaContext, PerLayerTable, log_per_layer_media, per_layer_table
-from lightning_flatness.measure import SharpnessMeasurement, resolve_loss, zero_sharpness_message
+from lightning_flatness.measure import (
+    SharpnessMeasurement,
+    float64_batches_message,
+    resolve_loss,
+    zero_sharpness_message,
+)
 from lightning_flatness.memory import PeakMemory
 from lightning_flatness.metric import all_finite
 from lightning_flatness.progress import progress_reporter
@@ -714,6 +719,13 @@ class SharpnessMonitorBase:
                             nonfinite = True
                             break
                         advance(1)
+            if measurement.float64_batches:
+                message = float64_batches_message(
+                    measurement.float64_batches, measurement.num_batches, self.dtype
+                )
+                self._warn_once(
+                    trainer, "float64", f"SharpnessMonitor (epoch {trainer.current_epoch}): {message}"
+                )
             # one collective, so every process takes the same branch below
             any_nonfinite = trainer.strategy.reduce_boolean_decision(nonfinite, all=False)
             values = None

@@ -27,7 +27,14 @@ from torch import Tensor, nn
 
 from lightning_flatness.functional.model_io import compiled_code_eager
 
-__all__ = ["preserved_rng_states", "gradient_enabled", "measurement_view", "autograd_tensor", "resolve_dtype"]
+__all__ = [
+    "preserved_rng_states",
+    "gradient_enabled",
+    "measurement_view",
+    "floating_point_in",
+    "autograd_tensor",
+    "resolve_dtype",
+]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -126,9 +133,8 @@ def measurement_view(module: nn.Module, dtype: torch.dtype) -> Iterator[nn.Modul
       (:func:`~lightning_flatness.functional.model_io.compiled_code_eager`: no recompilation, the
       training run's compile cache untouched);
     - floating parameters and buffers whose dtype is not ``dtype`` (16-bit training) are replaced by
-      cast copies (new ``nn.Parameter`` objects with the same ``requires_grad``; a parameter or
-      module registered under several names gets one copy); tensors already in ``dtype`` are the
-      live ones. The original objects go back into their slots on exit, also on error.
+      cast copies (:func:`floating_point_in`); tensors already in ``dtype`` are the live ones. The
+      original objects go back into their slots on exit, also on error.
 
     The estimators never modify the tensors they are given (they differentiate detached leaves
     through :func:`torch.func.functional_call` and clone the buffers; ``docs/design.md``), so the
@@ -149,11 +155,35 @@ def measurement_view(module: nn.Module, dtype: torch.dtype) -> Iterator[nn.Modul
         (True, True, torch.float32)
     """
     modes = [(m, m.training) for m in module.modules()]
-    slots: list[tuple[dict[str, Any], str, Tensor]] = []
-    casts: dict[int, Tensor] = {}
     try:
         for m, _ in modes:
             m.training = False
+        with floating_point_in(module, dtype), compiled_code_eager():
+            yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextmanager
+def floating_point_in(module: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module]:
+    """``module`` with its floating parameters and buffers in ``dtype`` for the duration of the block,
+    then exactly as before: those of another dtype are replaced by cast copies (new ``nn.Parameter``
+    objects with the same ``requires_grad``; a tensor registered under several names gets one copy),
+    those already in ``dtype`` are the live ones, and the original objects go back into their slots on
+    exit, also on error. Cost: one ``dtype`` copy of the tensors that change dtype.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 2)
+        >>> with floating_point_in(net, torch.float64) as view:
+        ...     view.weight.dtype
+        torch.float64
+        >>> net.weight.dtype
+        torch.float32
+    """
+    slots: list[tuple[dict[str, Any], str, Tensor]] = []
+    casts: dict[int, Tensor] = {}
+    try:
         for m in module.modules():
             for kind in ("_parameters", "_buffers"):
                 entries = getattr(m, kind)
@@ -168,13 +198,10 @@ def measurement_view(module: nn.Module, dtype: torch.dtype) -> Iterator[nn.Modul
                         casts[id(tensor)] = cast
                     slots.append((entries, name, tensor))
                     entries[name] = casts[id(tensor)]
-        with compiled_code_eager():
-            yield module
+        yield module
     finally:
         for entries, name, tensor in slots:
             entries[name] = tensor
-        for m, training in modes:
-            m.training = training
 
 
 def autograd_tensor(tensor: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:

@@ -42,6 +42,7 @@ from lightning_flatness.functional.model_io import (
     call_model,
     compiled_code_eager,
     inputs_batch_size,
+    map_inputs,
     outputs_of_first_samples,
     with_decoder_inputs,
 )
@@ -51,6 +52,7 @@ from lightning_flatness.functional.parameters import (
     select_parameters,
     split_matrix_stacks,
 )
+from lightning_flatness.isolation import floating_point_in
 from lightning_flatness.metric import NormalizedSharpness, all_finite
 
 __all__ = [
@@ -328,6 +330,9 @@ class SharpnessResult:
         choice: the estimator used, what its expectation is (``"hessian"`` or ``"gauss_newton"``)
             and why it was chosen.
         seconds: wall time of the whole measurement.
+        extra: ``"skipped_batches"`` (not finite: nothing pooled) and ``"float64_batches"`` (their
+            curvature overflowed the model's dtype; estimated in float64,
+            :meth:`SharpnessMeasurement.add`).
     """
 
     values: dict[str, Tensor]
@@ -434,6 +439,8 @@ class SharpnessMeasurement:
         self.num_batches = 0
         #: why a batch's estimate was not finite although its loss was (:meth:`add`), else None
         self.nonfinite_curvature: Optional[str] = None
+        #: batches whose curvature overflowed the measurement's dtype and were estimated in float64
+        self.float64_batches = 0
         self._loss_resolved = not resolve_sequence_loss
 
     @_dense_experts
@@ -488,7 +495,8 @@ class SharpnessMeasurement:
     @compiled_code_eager()
     def add(self, inputs: Any, target: Tensor) -> bool:
         """Estimate on one batch and pool it; ``False`` (nothing pooled) when the loss or the estimate is
-        NaN or infinite. Other errors of the estimator are raised."""
+        NaN or infinite (an estimate that overflowed a dtype narrower than float64 is first redone in
+        float64: :meth:`_overflow_in_float64`). Other errors of the estimator are raised."""
         try:
             estimate = self.estimate(inputs, target)
         except (ValueError, RuntimeError):
@@ -500,9 +508,10 @@ class SharpnessMeasurement:
                 return False
             raise
         if not all(all_finite(g) for g in estimate.groups.values()):
-            if self.nonfinite_curvature is None and self._finite_loss(inputs, target):
-                self.nonfinite_curvature = curvature_overflow_message(estimate.groups.values())
-            return False
+            retried = self._overflow_in_float64(inputs, target, estimate)
+            if retried is None:
+                return False
+            estimate = retried
         if self.stacks:  # the estimate is the parameters' own; the measures count each expert
             estimate = dataclasses.replace(
                 estimate, groups=split_matrix_stacks(estimate.groups, self.stacks, dim=1)
@@ -511,17 +520,50 @@ class SharpnessMeasurement:
         self.num_batches += 1
         return True
 
+    def _overflow_in_float64(self, inputs: Any, target: Tensor, estimate: Any) -> Optional[Any]:
+        """The batch's estimate again in float64 where ``estimate`` is not finite although the loss is,
+        in a narrower dtype: the curvature overflowed it (:func:`curvature_overflow_message`: eq. 20's
+        curvature grows like ``1 / scale^2`` of the logits, and at initialisation they can be 1e-27). The
+        model's floating tensors and the inputs are cast for this one estimate
+        (:func:`~lightning_flatness.isolation.floating_point_in`: no copy of the model stays, nothing of
+        the model changes), with the same method and the next draws of the generator; a finite result
+        counts in :attr:`float64_batches`. None, with :attr:`nonfinite_curvature` saying why, where the
+        loss is not finite (then nothing is said), the curvature is not finite in float64 either, or the
+        float64 estimate fails (an op without a float64 kernel)."""
+        if self.nonfinite_curvature is not None or not self._finite_loss(inputs, target):
+            return None  # a later batch of a measurement that already failed: no second float64 pass
+        groups = list(estimate.groups.values())
+        failed = ""
+        if groups[0].dtype != torch.float64:
+            try:
+                with floating_point_in(self.model, torch.float64):
+                    retried = self.estimate(map_inputs(inputs, _to_float64), _to_float64(target))
+            except (RuntimeError, ValueError, TypeError, NotImplementedError) as err:
+                failed = f" Estimating it in float64 failed ({type(err).__name__}: {err})."
+            else:
+                if all(all_finite(g) for g in retried.groups.values()):
+                    self.float64_batches += 1
+                    return retried
+                groups = list(retried.groups.values())
+        self.nonfinite_curvature = curvature_overflow_message(groups) + failed
+        return None
+
     def compute(self) -> dict[str, Tensor]:
         """Every measure, its standard error and half-shift, per tensor and in total (see the metric)."""
         return self.metric.compute()
 
 
+def _to_float64(t: Tensor) -> Tensor:
+    return t.double() if t.is_floating_point() else t
+
+
 def curvature_overflow_message(estimates: Iterable[Tensor]) -> str:
-    """Why a curvature estimate is NaN or infinite where the loss is finite, and the fix: in float32 (or
-    narrower) the likely cause is overflow. Eq. 20 is invariant to the logits' scale, so its Hessian grows
-    like ``1 / scale^2``: a network whose logits are tiny (a deep network at initialisation) can have bias
+    """Why a curvature estimate is NaN or infinite where the loss is finite. In float32 (or narrower) the
+    likely cause is overflow: eq. 20 is invariant to the logits' scale, so its Hessian grows like
+    ``1 / scale^2``, and a network whose logits are tiny (a deep network at initialisation) can have
     curvature beyond float32's range (measured on Hugging Face's MobileNetV2: ``benchmarks/RESULTS.md``,
-    round 16)."""
+    round 16). :meth:`SharpnessMeasurement.add` then estimates the batch in float64; this message is for
+    what remains (float64 overflowing too, or failing)."""
     dtype = next(iter(estimates)).dtype
     if dtype == torch.float64:
         return (
@@ -532,9 +574,16 @@ def curvature_overflow_message(estimates: Iterable[Tensor]) -> str:
         f"the curvature estimate is NaN or infinite in {dtype} although the loss is finite: its entries "
         f"likely exceed {dtype}'s range ({torch.finfo(dtype).max:.1e}). The default loss (eq. 20) is "
         "invariant to the logits' scale, so its curvature grows like 1 / scale^2 where the logits are tiny "
-        "(a network at initialisation). Measure in float64: SharpnessMonitor(dtype='float64'), or "
-        "measure_sharpness on a float64 copy of the model (copy.deepcopy(model).double(), with float64 "
-        "inputs)."
+        "(a network at initialisation)."
+    )
+
+
+def float64_batches_message(count: int, total: int, dtype: torch.dtype) -> str:
+    """What :meth:`SharpnessMeasurement.add` did with batches whose curvature overflowed ``dtype``."""
+    return (
+        f"the curvature of {count} of {total} batch(es) overflowed {dtype} although the loss was finite "
+        "(tiny logits: eq. 20's curvature grows like 1 / scale^2 of the logits, as at initialisation); "
+        "they were estimated in float64 instead, at float64's cost. The values are unaffected."
     )
 
 
@@ -632,6 +681,10 @@ def measure_sharpness(
                 else "pass training batches on which the loss is finite."
             )
         )
+    if measurement.float64_batches:
+        dtype = next(iter(measurement.weights.values())).dtype
+        message = float64_batches_message(measurement.float64_batches, measurement.num_batches, dtype)
+        warnings.warn(f"measure_sharpness: {message}", UserWarning, stacklevel=2)
     if skipped and measurement.nonfinite_curvature is not None:
         warnings.warn(
             f"measure_sharpness skipped {skipped} batch(es): {measurement.nonfinite_curvature}",
@@ -644,5 +697,8 @@ def measure_sharpness(
     if message is not None:
         warnings.warn(message, UserWarning, stacklevel=2)
     return SharpnessResult(
-        values, measurement.choice, time.perf_counter() - start, {"skipped_batches": skipped}
+        values,
+        measurement.choice,
+        time.perf_counter() - start,
+        {"skipped_batches": skipped, "float64_batches": measurement.float64_batches},
     )

@@ -183,12 +183,11 @@ def test_measurement_skips_non_finite_batches_and_reports_them():
         )
 
 
-def test_tiny_logits_overflow_float32_curvature_and_the_error_names_float64():
-    """Eq. 20 is invariant to the logits' scale, so scaling the last layer (weight and bias) by ``1e-21``
-    leaves the normalized sharpness unchanged (its curvature scales by ``1e42``, the weight's square by
-    ``1e-42``), but the biases' curvature, ``~1e42``, exceeds float32's range: the estimate overflows
-    while the loss is finite, and the error says to measure in float64, where the value is the unscaled
-    model's."""
+def _tiny_logits():
+    """The MLP with its last layer (weight and bias) scaled by ``1e-21``, in float32, and the batches in
+    float32. Eq. 20 is invariant to the logits' scale, so the normalized sharpness is the unscaled model's
+    (its curvature scales by ``1e42``, the weight's square by ``1e-42``), but the biases' curvature,
+    ``~1e42``, exceeds float32's range while the loss is finite."""
     model, batches = _mlp(), _data()
     reference = float(measure_sharpness(model, batches, method="exact", num_replicates=4)["normalized"])
     with torch.no_grad():
@@ -199,7 +198,39 @@ def test_tiny_logits_overflow_float32_curvature_and_the_error_names_float64():
     tiny = model.float()
     single = [(x.float(), y) for x, y in batches]
     assert all(torch.isfinite(normalized_softmax_cross_entropy(tiny(x), y)) for x, y in single)
-    with pytest.raises(ValueError, match=r"in torch\.float32 although the loss is finite.*float64 copy"):
+    return tiny, single, reference
+
+
+def test_curvature_that_overflows_float32_is_estimated_in_float64_with_a_warning():
+    """Each float32 batch whose curvature overflows is estimated again in float64 (its weights and inputs
+    cast for that estimate): the value is the unscaled model's (to float32's rounding of the weights), a
+    warning says what happened, the result counts the batches, and the model is left in float32."""
+    tiny, single, reference = _tiny_logits()
+    weight = tiny[-1].weight
+    with pytest.warns(UserWarning, match=r"4 of 4 batch\(es\) overflowed torch\.float32.*float64 instead"):
+        result = measure_sharpness(tiny, single, method="exact", num_replicates=4)
+    assert float(result["normalized"]) == pytest.approx(reference, rel=1e-5)
+    assert result.extra == {"skipped_batches": 0, "float64_batches": 4}
+    assert tiny[-1].weight is weight and weight.dtype == torch.float32
+
+
+def test_when_the_float64_estimate_fails_too_the_error_names_both(monkeypatch):
+    """A float64 estimate that fails (an op without a float64 kernel, here simulated) leaves the batch out;
+    with no batch left the error explains the overflow and the failure."""
+    from lightning_flatness import measure
+
+    tiny, single, _ = _tiny_logits()
+    estimate = measure.SharpnessMeasurement.estimate
+
+    def float32_only(self, inputs, target):
+        if inputs.dtype == torch.float64:
+            raise RuntimeError("no float64 kernel")
+        return estimate(self, inputs, target)
+
+    monkeypatch.setattr(measure.SharpnessMeasurement, "estimate", float32_only)
+    with pytest.raises(
+        ValueError, match=r"in torch\.float32 although the loss is finite.*float64 failed.*no float64 kernel"
+    ):
         measure_sharpness(tiny, single, method="exact", num_replicates=4)
 
 
