@@ -595,3 +595,97 @@ def test_features_written_into_slices_of_a_buffer_keep_the_per_layer_path():
     # (entries no random column reaches are exact: equal to the Hessian to 1e-9)
     hessian = brute_force_hessian(twin, loss, x, y, names).diagonal()
     assert_unbiased(torch.stack([flat(d, names) for d in draws]), hessian, spread_required=False)
+
+
+class _ContinuousPositionBias(nn.Module):
+    """Attention with Swin V2's continuous position bias: ``16 sigmoid(MLP(coords))``, an MLP on a constant
+    grid (a function of its weights alone), added to the scores. Its hidden width equals the batch size, so
+    that its (unselected) bias is as long as the batch, which is no per-sample data."""
+
+    def __init__(self, dim: int = 4, tokens: int = 3, heads: int = 2, hidden: int = 6) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.cpb = nn.Sequential(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, heads, bias=False))
+        self.register_buffer("coords", torch.randn(tokens * tokens, 2))
+        self.head = nn.Linear(dim * tokens, 3)
+        self.heads, self.tokens = heads, tokens
+
+    def forward(self, x: Tensor) -> Tensor:  # x (N, T, dim)
+        n, t, _ = x.shape
+        bias = 16 * torch.sigmoid(self.cpb(self.coords)).view(t, t, self.heads).permute(2, 0, 1)
+
+        def split(z: Tensor) -> Tensor:
+            return z.view(n, t, self.heads, -1).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        attention = torch.softmax(q @ k.transpose(-1, -2) + bias.unsqueeze(0), dim=-1)
+        return self.head((attention @ v).transpose(1, 2).reshape(n, -1))
+
+
+def test_a_nonlinear_function_of_the_weights_alone_is_taken_exactly():
+    """Swin V2's position bias: the sigmoid of an MLP on a constant grid. ``auto`` measures the Hessian on
+    the per-layer path, the estimate is unbiased for the brute-force Hessian diagonal, and the MLP's
+    weights are far from their Gauss-Newton diagonal (the sigmoid's own curvature, taken exactly through
+    the MLP: ``hessian_sketch._derived_elementwise_diagonals``)."""
+    from lightning_flatness.functional.estimators.method_choice import choose_method
+
+    torch.manual_seed(0)
+    model = _ContinuousPositionBias().double().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 3, 4, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g)
+    assert choose_method(model, F.cross_entropy, x, y).method == "hessian_sketch"
+    params, names, diag = _unbiased_on_the_path_it_takes(model, x, y, per_layer=True)
+    ggn = brute_force_ggn(model, F.cross_entropy, x, y, names).diagonal()
+    mlp = torch.cat(
+        [torch.full((p.numel(),), k.startswith("cpb."), dtype=torch.bool) for k, p in params.items()]
+    )
+    assert float((ggn - diag)[mlp].norm() / diag[mlp].norm()) > 0.2
+
+
+class _ClassBiasMLP(nn.Module):
+    """Logits ``head(x) + 16 sigmoid(MLP(coords))``: a per-class bias computed by an MLP on a constant grid.
+    Linear in each weight except through the sigmoid of a function of the weights alone."""
+
+    def __init__(self, classes: int = 3, hidden: int = 6) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, classes)
+        self.cpb = nn.Sequential(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, 1, bias=False))
+        self.register_buffer("coords", torch.randn(classes, 2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(x) + 16 * torch.sigmoid(self.cpb(self.coords)).view(1, -1)
+
+
+@pytest.mark.parametrize("rowwise", [True, False], ids=["per-row-jacobians", "graph-backward-per-entry"])
+def test_the_curvature_of_a_function_of_the_weights_alone_is_exact(rowwise, monkeypatch):
+    """Where nothing but the loss and that sigmoid is curved, the sketch with the loss's exact factors is the
+    Hessian diagonal itself (to rounding): the Gauss-Newton part exact, and the sigmoid's term taken exactly
+    through the MLP, which is far from nothing here. Both ways of taking it: the MLP's per-row Jacobians
+    (it is a module called on a constant grid), and one backward pass through the graph per entry."""
+    from lightning_flatness.functional.estimators import hessian_sketch
+
+    taken = []
+    rows = hessian_sketch._rowwise_squared_jacobian
+    monkeypatch.setattr(
+        hessian_sketch,
+        "_rowwise_squared_jacobian",
+        lambda *a: taken.append(1) or rows(*a) if rowwise else None,
+    )
+    torch.manual_seed(0)
+    model = _ClassBiasMLP().double().eval()
+    with torch.no_grad():
+        model.cpb[2].weight.mul_(15.0)  # the sigmoid's inputs near +-1.5, where its curvature is large
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 4, generator=g, dtype=F64)
+    y = torch.zeros(6, dtype=torch.long)  # one class: the mean loss's gradient at the bias is far from 0
+    params = {k: v for k, v in select_parameters(model).items() if v.ndim >= 2}
+    names = list(params)
+    diag = brute_force_hessian(model, F.cross_entropy, x, y, names).diagonal()
+    ggn = brute_force_ggn(model, F.cross_entropy, x, y, names).diagonal()
+    mlp = torch.cat(
+        [torch.full((p.numel(),), k.startswith("cpb."), dtype=torch.bool) for k, p in params.items()]
+    )
+    assert float((diag - ggn)[mlp].norm() / diag[mlp].norm()) > 0.3
+    est = flat(hessian_sketch_diagonal(model, F.cross_entropy, x, y, params), names)
+    torch.testing.assert_close(est, diag, rtol=1e-9, atol=1e-12)
+    assert bool(taken) is rowwise

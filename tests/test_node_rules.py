@@ -147,6 +147,21 @@ def test_l2_normalize_rule(dim):
     _check(_call("normalize", F.normalize, (a,), {"dim": dim}, [a]), adjoint)
 
 
+def test_l2_normalize_rule_with_a_zero_slice():
+    """A zero slice (the keys of a padded window in Swin V2, whose key bias is zero) is in the op's linear
+    region: finite, zero columns there (not 0 / 0), and the others still match the dense Hessian."""
+    a = _leaf(2, 3, 4) * 2 + 0.5
+    mask = torch.ones(2, 3, 1, dtype=F64)
+    mask[1, 2] = 0.0
+    a = a * mask
+    adjoint = torch.randn(2, 3, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    call = _call("normalize", F.normalize, (a,), {"dim": -1}, [a])
+    plus, minus = NODE_RULES["normalize"].columns(call, adjoint, torch.Generator().manual_seed(0))
+    assert all(torch.isfinite(c[0]).all() for c in (plus, minus))
+    assert float(plus[0][1, 2].abs().sum() + minus[0][1, 2].abs().sum()) == 0.0
+    _check(call, adjoint)
+
+
 @pytest.mark.parametrize(
     "op,func,args,kwargs",
     [

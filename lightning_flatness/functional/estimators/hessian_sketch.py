@@ -94,6 +94,7 @@ from lightning_flatness.functional.estimators.gauss_newton_sketch import (
 from lightning_flatness.functional.estimators.loss_factors import _loss_factors
 from lightning_flatness.functional.estimators.method_choice import SKETCH_MIN_WORK
 from lightning_flatness.functional.estimators.node_rules import NODE_RULES, NodeCall
+from lightning_flatness.functional.estimators.node_rules.elementwise import second_derivative
 from lightning_flatness.functional.estimators.recorder import (
     _autograd_inputs,
     _fast_path_blockers,
@@ -410,7 +411,10 @@ def hessian_sketch_diagonal(
         # the loss is a mean; the columns are fresh (scaled in place: vocabulary-sized for a language model)
         mixed, signs = mixed.to(logits.dtype).div_(math.sqrt(n)), signs.to(logits.dtype)
         nodes, functions = _injected_nodes(forward), forward.recorder.weight_functions
-        outputs = [n.output for n in nodes] + [c.output for c in functions]
+        elementwise = forward.recorder.derived_elementwise
+        outputs = (
+            [n.output for n in nodes] + [c.output for c in functions] + [c.node.output for c in elementwise]
+        )
         adjoints = (  # the mean loss's gradient at every op's output, in one backward pass
             torch.autograd.grad(loss_fn(forward.logits, y), outputs, retain_graph=True, allow_unused=True)
             if outputs
@@ -419,7 +423,10 @@ def hessian_sketch_diagonal(
         tensors, stacks, pairs = _node_injections(
             forward, nodes, adjoints[: len(nodes)], num_sketches, generator
         )
-        own = _weight_function_diagonals(functions, adjoints[len(nodes) :])
+        own = _weight_function_diagonals(functions, adjoints[len(nodes) : len(nodes) + len(functions)])
+        own += _derived_elementwise_diagonals(
+            elementwise, adjoints[len(nodes) + len(functions) :], forward.leaves
+        )
         if exact_loss_factors:  # the loss's exact columns first (per-sample signs), then the ops' pairs
             mixed, signs, stacks = _exact_loss_first(mixed, signs, stacks, num_sketches, pairs)
         else:
@@ -444,6 +451,124 @@ def hessian_sketch_diagonal(
         for name, part in own:
             diag[name] = diag[name] + part.reshape(diag[name].shape).to(diag[name].dtype)
     return _finish(diag, params)
+
+
+#: entries of a function of the weights differentiated in one batched backward pass
+#: (:func:`_derived_elementwise_diagonals`)
+_DERIVED_CHUNK = 256
+
+
+def _derived_elementwise_diagonals(
+    calls: list, adjoints: tuple, leaves: dict[str, Tensor]
+) -> list[tuple[str, Tensor]]:
+    r"""``(weight name, diag(J^T D J))`` for each recorded unary elementwise op ``z = phi(t)`` on a function
+    ``t(W)`` of the selected weights alone (:class:`~.recorder.DerivedElementwiseCall`: the sigmoid of Swin
+    V2's position-bias MLP), with ``D = diag(d)``, ``d = g phi''(t)``, ``g`` the mean loss's gradient at
+    ``z`` and ``J`` the Jacobian of ``t`` in the weights it depends on: the op's term of the second-order
+    adjoint identity (:mod:`.node_rules.base`), exactly. ``t`` holds no samples, so the term is not per
+    sample and nothing is sampled. Where ``t = P u`` selects from ``u`` (the call's ``root``), the term is
+    ``J_u^T diag(P^T d) J_u`` (``P^T d``: the backward of the selection), ``sum_j e_j (du_j / dW)^2`` with
+    ``e = P^T d`` (:func:`_weighted_squared_jacobian`). The curvature of ``u``'s own function (another such
+    op) is its own term."""
+    out: list[tuple[str, Tensor]] = []
+    for call, adjoint in zip(calls, adjoints):
+        if adjoint is None:
+            continue
+        t, u = call.node.inputs[0], call.root
+        d = adjoint * second_derivative(call.node).to(adjoint.dtype)
+        if u is not t:
+            (d,) = torch.autograd.grad(t, u, d, retain_graph=True)
+        names = list(call.sources)
+        sums = (
+            None if call.producer is None else _rowwise_squared_jacobian(call.producer, u, d, names, leaves)
+        )
+        if sums is None:
+            sums = _weighted_squared_jacobian(u, d.reshape(-1), [leaves[name] for name in names])
+        out += list(zip(names, sums))
+    return out
+
+
+def _weighted_squared_jacobian(u: Tensor, e: Tensor, targets: list[Tensor]) -> list[Tensor]:
+    """``sum_j e_j (du_j / dw)^2`` for each of ``targets`` from the graph of ``u``: one backward pass per
+    entry with ``e_j != 0``, ``_DERIVED_CHUNK`` at a time (batched one-hot cotangents)."""
+    sums = [torch.zeros_like(w) for w in targets]
+    live = e.nonzero().squeeze(1)
+    for chunk in live.split(_DERIVED_CHUNK):
+        basis = u.new_zeros(chunk.numel(), u.numel())
+        basis[torch.arange(chunk.numel()), chunk] = 1.0
+        grads = torch.autograd.grad(
+            u,
+            targets,
+            basis.view(chunk.numel(), *u.shape),
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+        for total, g in zip(sums, grads):
+            if g is not None:
+                total += torch.tensordot(e[chunk].to(g.dtype), g.square(), dims=1)
+    return sums
+
+
+#: rows of a module's constant input whose per-row Jacobians are formed at once
+#: (:func:`_rowwise_squared_jacobian`)
+_ROW_CHUNK = 64
+
+
+def _rowwise_squared_jacobian(
+    producer: tuple, u: Tensor, e: Tensor, names: list[str], leaves: dict[str, Tensor]
+) -> Optional[list[Tensor]]:
+    """:func:`_weighted_squared_jacobian` for ``u = module(x)``, a module called on a constant, when each
+    row of ``u`` (its last dim at every other index) is the module applied to that row of ``x`` alone
+    (an MLP on a grid of positions; checked on a few rows in another order): per-row Jacobians by
+    ``torch.func`` (``vmap`` of ``jacrev`` over the rows, ``_ROW_CHUNK`` at a time), each one row of the
+    module's work, instead of a backward pass through all rows per entry. None where the rows are not
+    separate (then the caller takes the graph's way)."""
+    module, args, tensors = producer
+    x = args[0]
+    if x.ndim == 0 or u.ndim == 0 or x.shape[:-1] != u.shape[:-1] or len(args) > 1:
+        return None
+    x, rows_shape = x.reshape(-1, x.shape[-1]), (-1, u.shape[-1])  # rows: every position of the last dim
+    if x.shape[0] < 2:
+        return None
+    by_id = {id(leaf): name for name, leaf in leaves.items()}
+    selected = {key: t for key, t in tensors.items() if by_id.get(id(t)) in names}
+    if sorted(by_id[id(t)] for t in selected.values()) != sorted(names):
+        return None  # u depends on selected weights outside the module
+    fixed = {key: t.detach() for key, t in tensors.items() if key not in selected}
+    u = u.reshape(rows_shape)
+
+    def rows_of(params: dict[str, Tensor], rows: Tensor) -> Tensor:
+        return torch.func.functional_call(module, {**fixed, **params}, (rows,))
+
+    with torch.no_grad():
+        detached = {key: t.detach() for key, t in selected.items()}
+        probe = torch.arange(min(4, x.shape[0]) - 1, -1, -1)  # a few rows, reversed
+        try:
+            again = rows_of(detached, x[probe])
+        except Exception:
+            return None
+        if again.shape != u[probe].shape or not torch.allclose(
+            again, u[probe].detach(), rtol=1e-5, atol=1e-6
+        ):
+            return None
+
+    def one_row(params: dict[str, Tensor], row: Tensor) -> Tensor:
+        return rows_of(params, row.unsqueeze(0)).squeeze(0)
+
+    jacobian = torch.func.vmap(torch.func.jacrev(one_row), in_dims=(None, 0))
+    e = e.reshape(u.shape).detach()
+    sums = {key: torch.zeros_like(t) for key, t in selected.items()}
+    for start in range(0, x.shape[0], _ROW_CHUNK):
+        rows = slice(start, start + _ROW_CHUNK)
+        weights = e[rows].reshape(e[rows].shape[0], -1)
+        for key, jac in jacobian(detached, x[rows]).items():
+            flat = jac.reshape(weights.shape[0], weights.shape[1], -1)
+            sums[key] += torch.einsum("ro,rof->f", weights.to(flat.dtype), flat.square()).view(
+                sums[key].shape
+            )
+    name_of = {key: by_id[id(t)] for key, t in selected.items()}
+    return [next(sums[key] for key in sums if name_of[key] == name) for name in names]
 
 
 def _weight_function_diagonals(calls: list, adjoints: tuple) -> list[tuple[str, Tensor]]:

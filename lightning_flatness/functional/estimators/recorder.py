@@ -25,7 +25,7 @@ import functools
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Optional, cast
+from typing import Any, Callable, Iterable, Iterator, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ from lightning_flatness.functional.dense_experts import dense_experts
 from lightning_flatness.functional.estimators.layer_rules import LAYER_RULES, LayerCall
 from lightning_flatness.functional.estimators.layer_rules.column_backward import ColumnTape
 from lightning_flatness.functional.estimators.node_rules import NODE_RULES, NodeCall
+from lightning_flatness.functional.estimators.node_rules.elementwise import UNARY_OPS
 from lightning_flatness.functional.estimators.node_rules.weight_functions import (
     WeightFunctionRule,
     covered_input,
@@ -80,6 +81,43 @@ class WeightFunctionCall:
     weight: str  # the selected weight the op's input holds entry for entry
 
 
+#: most entries of a function of the weights alone (or of the tensor it selects from) whose elementwise
+#: nonlinear op's curvature the sketched Hessian diagonal takes exactly (one backward pass through the
+#: weights' function per entry, batched:
+#: :func:`~lightning_flatness.functional.estimators.hessian_sketch._derived_elementwise_diagonals`)
+DERIVED_ELEMENTWISE_MAX_ENTRIES = 1 << 15
+
+
+#: ops whose every output entry is one entry of their one tensor input, unscaled (views, permutations,
+#: indexing, gathers, expansions, repeats): a chain of them from ``u`` to ``t`` is a selection ``t = P u``
+#: with one 1 per row of ``P`` (:class:`DerivedElementwiseCall`)
+SELECTION_OPS = frozenset(
+    {
+        "view", "reshape", "view_as", "reshape_as", "permute", "transpose", "t", "movedim", "contiguous",
+        "clone", "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "unflatten", "getitem",
+        "index_select", "gather", "select", "narrow", "repeat", "roll", "flip",
+    }
+)  # fmt: skip
+
+
+@dataclass
+class DerivedElementwiseCall:
+    """One recorded unary elementwise nonlinear op (:data:`~.node_rules.elementwise.UNARY_OPS`) on a
+    function of the selected weights alone that no rule of :mod:`.node_rules.weight_functions` covers (the
+    sigmoid of Swin V2's position-bias MLP): ``node.inputs[0]`` is that function ``t``, in the graph;
+    ``sources`` the selected weights it depends on; ``root`` the tensor ``u`` that ``t`` selects from
+    (``t = P u`` by :data:`SELECTION_OPS`: Swin V2's bias table gathered for every pair of positions), or
+    ``t`` itself. With ``P`` a selection, ``P^T D P`` is diagonal for a diagonal ``D``, so the op's term
+    ``J_t^T D J_t`` is ``J_u^T diag(P^T d) J_u``: taken on ``u``'s fewer entries."""
+
+    node: NodeCall
+    sources: tuple[str, ...]
+    root: Tensor
+    #: where ``root`` is the output of a module called on constants (Swin V2's position-bias MLP on its
+    #: grid): ``(module, positional arguments, its parameters and buffers as they were in the call)``
+    producer: Optional[tuple[nn.Module, tuple, dict[str, Tensor]]] = None
+
+
 class _ForwardRecorder(TorchFunctionMode):
     """Records the selected layers' calls and every operation on weight-dependent tensors.
 
@@ -104,6 +142,9 @@ class _ForwardRecorder(TorchFunctionMode):
         #: the shapes of the tensors computed from the data (a constant of one of them, its rows all alike,
         #: is per-sample data: :meth:`_holds_rows_per_sample`)
         self.data_shapes: set[tuple[int, ...]] = {tuple(t.shape) for t in data}
+        #: the ids of the model's own parameters and buffers (as swapped in for the forward): never per-sample
+        #: data, whatever their shape (a bias as long as the batch)
+        self.module_tensor_ids: set[int] = set()
         # whether the model's output was a function of the weights alone (set by _record_forward): then
         # the layer calls do not describe it, and the per-layer path does not apply
         self.output_is_weight_function = False
@@ -146,6 +187,13 @@ class _ForwardRecorder(TorchFunctionMode):
         # with record_nodes: nonlinear functions of one selected weight alone that a rule of
         # node_rules.weight_functions covers (weight standardization): their curvature's exact diagonal
         self.weight_functions: list[WeightFunctionCall] = []
+        # ... and unary elementwise ones on any function of the weights alone (DerivedElementwiseCall)
+        self.derived_elementwise: list[DerivedElementwiseCall] = []
+        # {id of a function of the weights: the tensor it selects from by SELECTION_OPS (kept alive)}
+        self._selected_from: dict[int, Tensor] = {}
+        # {id of a function of the weights alone output by a module called on constants: the
+        # DerivedElementwiseCall's producer}, filled by _ModuleNames' hook
+        self.module_outputs: dict[int, tuple[nn.Module, tuple, dict[str, Tensor]]] = {}
 
     # -- bookkeeping -----------------------------------------------------------------------
     def where(self) -> str:
@@ -197,7 +245,7 @@ class _ForwardRecorder(TorchFunctionMode):
                 return out
         if not from_data and not unseen and all(self._is_weight(t) for t in dependent):
             # selected weights and constants only (W.T, a position-bias MLP on a constant grid)
-            self._derive(name, args, kwargs, dependent, out_tensors)
+            self._derive(name, func, args, kwargs, dependent, out_tensors)
             return out
         if self.samples_apart and not _keeps_samples_apart(
             name,
@@ -286,11 +334,17 @@ class _ForwardRecorder(TorchFunctionMode):
         and MegatronBERT's default token types, ``torch.zeros(input_shape)``, of the shape of a tensor
         computed from the data (the ``(N * choices, T)`` token ids; alike, no order of the rows can be
         wrong, and a constant of another shape, a table shared by the samples, is not taken for data):
-        per-sample data, not a constant of a function of the weights."""
+        per-sample data, not a constant of a function of the weights. The model's own parameters and buffers
+        are not (an unselected bias as long as the batch, in a position-bias MLP)."""
         n = self.batch_size
         for group in (args, kwargs.values()):
             for item in group:
-                if isinstance(item, Tensor) and not item.requires_grad and item.ndim > 0:
+                if (
+                    isinstance(item, Tensor)
+                    and not item.requires_grad
+                    and item.ndim > 0
+                    and id(item) not in self.module_tensor_ids
+                ):
                     rows = item.shape[0]
                     if rows == n or (rows > n and rows % n == 0 and self._alike_rows_of_data(item)):
                         return True
@@ -329,7 +383,7 @@ class _ForwardRecorder(TorchFunctionMode):
         return id(t) in self.names_by_id or id(t) in self.derived
 
     def _derive(
-        self, name: str, args: tuple, kwargs: dict, dependent: list[Tensor], outputs: list[Tensor]
+        self, name: str, func: Any, args: tuple, kwargs: dict, dependent: list[Tensor], outputs: list[Tensor]
     ) -> None:
         """An op on selected weights only (``W.T``, ``bias.clone()``, weight standardization,
         ``torch._weight_norm``): its outputs are weights too, functions of the same leaves. Nothing is
@@ -340,27 +394,67 @@ class _ForwardRecorder(TorchFunctionMode):
             if t.requires_grad and id(t) not in self.names_by_id:
                 self.derived[id(t)] = (t, sources)
                 self.tape.leaf_ids.add(id(t))
+        if (
+            name in SELECTION_OPS
+            and len(dependent) == 1
+            and len(outputs) == 1
+            and args
+            and args[0] is dependent[0]
+        ):
+            self._selected_from[id(outputs[0])] = self._selected_from.get(id(dependent[0]), dependent[0])
         if not self._linear_in_the_weights(name, args, kwargs, dependent):
             self.flag(
                 f"{name!r} computes a weight nonlinearly from the selected weights alone (a "
                 "reparametrization: weight standardization or normalization, a position-bias MLP)"
             )
             if self.nodes is not None:
-                self._record_weight_function(name, args, kwargs, outputs)
+                self._record_weight_function(name, func, args, kwargs, dependent, outputs)
         self.mark_seen(outputs)
 
-    def _record_weight_function(self, name: str, args: tuple, kwargs: dict, outputs: list[Tensor]) -> None:
+    def _record_weight_function(
+        self, name: str, func: Any, args: tuple, kwargs: dict, dependent: list[Tensor], outputs: list[Tensor]
+    ) -> None:
         """A nonlinear op on weights alone, for the sketched Hessian: recorded when a rule of
         :mod:`.node_rules.weight_functions` covers it and its input is one selected weight entry for entry
-        (the weight or a reshape of it), else noted as uncovered."""
+        (the weight or a reshape of it), or when it is a unary elementwise op (its curvature is then taken
+        exactly through the function of the weights that is its input: :class:`DerivedElementwiseCall`,
+        up to :data:`DERIVED_ELEMENTWISE_MAX_ENTRIES` entries), else noted as uncovered."""
         covered = covered_input(name, args, kwargs)
         leaf = self._leaf_of_view(covered[1]) if covered is not None else None
         if covered is not None and leaf is not None and len(outputs) == 1:
             self.weight_functions.append(WeightFunctionCall(name, covered[0], args, kwargs, outputs[0], leaf))
             return
+        if (
+            name in UNARY_OPS
+            and len(dependent) == 1
+            and len(outputs) == 1
+            and isinstance(args[0] if args else None, Tensor)
+            and args[0] is dependent[0]
+            and outputs[0].shape == dependent[0].shape
+        ):
+            root = self._selected_from.get(id(dependent[0]), dependent[0])
+            if root.numel() <= DERIVED_ELEMENTWISE_MAX_ENTRIES:
+                node = NodeCall(name, self.where(), func, args, kwargs, list(dependent), outputs[0])
+                sources = tuple(sorted(self._sources(dependent[0])))
+                producer = self.module_outputs.get(id(root))
+                self.derived_elementwise.append(DerivedElementwiseCall(node, sources, root, producer))
+                return
         entry = f"{name!r} in {self.where()} (a nonlinear function of the weights alone)"
         if entry not in self.uncovered:
             self.uncovered.append(entry)
+
+    def module_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """A module returned ``output``: kept (:attr:`module_outputs`) where it is a function of the weights
+        alone computed from constant positional arguments (a position-bias MLP on its grid)."""
+        if (
+            self.nodes is not None
+            and isinstance(output, Tensor)
+            and id(output) in self.derived
+            and args
+            and all(isinstance(a, Tensor) and not a.requires_grad for a in args)
+        ):
+            tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+            self.module_outputs[id(output)] = (module, args, tensors)
 
     def _leaf_of_view(self, t: Tensor) -> Optional[str]:
         """The selected weight whose entries ``t`` holds one for one, in memory order (the weight itself,
@@ -575,9 +669,14 @@ class _ModuleNames:
     """Keeps the path of the module being run (for messages), with two global forward hooks
     (``register_module_forward_pre_hook`` / ``register_module_forward_hook``) that look each module up
     in a table of ``model``'s modules: two registrations per forward instead of two per module.
-    Modules outside ``model`` are ignored."""
+    Modules outside ``model`` are ignored. ``on_output(module, args, output)`` sees every output of them."""
 
-    def __init__(self, model: nn.Module, stack: list[str]):
+    def __init__(
+        self,
+        model: nn.Module,
+        stack: list[str],
+        on_output: Optional[Callable[[nn.Module, tuple, Any], None]] = None,
+    ):
         labels = {}
         for path, module in model.named_modules():
             kind = type(module).__name__
@@ -588,10 +687,12 @@ class _ModuleNames:
             if label is not None:
                 stack.append(label)
 
-        def leave(module: nn.Module, *_: Any) -> None:  # returns None: the output is left as it is
+        def leave(module: nn.Module, args: tuple, output: Any) -> None:  # None: the output is left as it is
             label = labels.get(id(module))
             if label is not None and stack and stack[-1] == label:
                 stack.pop()
+            if label is not None and on_output is not None:
+                on_output(module, args, output)
 
         self.handles = [
             torch.nn.modules.module.register_module_forward_pre_hook(enter),
@@ -624,14 +725,14 @@ def _autograd_inputs(inputs: ModelInputs, target: Tensor) -> tuple[ModelInputs, 
 @contextlib.contextmanager
 def _module_tensors_swapped(
     model: nn.Module, leaves: Mapping[str, Tensor], params: Mapping[str, Tensor]
-) -> Iterator[None]:
+) -> Iterator[set[int]]:
     """For the block, every parameter slot of ``model``'s modules holds the leaf of its selected
     parameter (``leaves[name]`` for ``params[name]``) or a detached alias, and every buffer slot a
     clone (train-mode BatchNorm updates the clone). Slots are matched by tensor identity, so tied
     weights and submodules registered under two paths get the same replacement, and the original
     objects are put back afterwards: what ``torch.func.functional_call`` does, without its per-name
     lookups (and without pytorch/pytorch#164759, see
-    :func:`~._functional_model.restore_module_tensors`).
+    :func:`~._functional_model.restore_module_tensors`). Yields the ids of the tensors in the slots.
 
     Raises:
         ValueError: a tensor of ``params`` is not a parameter of ``model``.
@@ -658,7 +759,7 @@ def _module_tensors_swapped(
             raise ValueError(
                 f"{missing} are not parameters of the model; select them from model.named_parameters()."
             )
-        yield
+        yield {id(t) for t in swapped.values()}
     finally:
         for slot, name, tensor, _ in slots:
             slot[name] = tensor
@@ -732,10 +833,10 @@ def _record_forward(
         recorder = _ForwardRecorder(leaves, clone_outputs, n, data=_tensors(x))
         if record_nodes:
             recorder.nodes = []
-        module_names = _ModuleNames(model, recorder.module_stack)
+        module_names = _ModuleNames(model, recorder.module_stack, recorder.module_output)
         try:
             with (
-                _module_tensors_swapped(model, leaves, params),
+                _module_tensors_swapped(model, leaves, params) as module_tensors,
                 explicit_multi_head_attention(model),
                 batch_first_transformers(model),
                 explicit_recurrent_layers(model),
@@ -747,6 +848,7 @@ def _record_forward(
                 OutOfPlaceDivision() if record_nodes else contextlib.nullcontext(),  # likewise
                 WeightStackProducts(recorder._is_weight),  # likewise
             ):
+                recorder.module_tensor_ids = module_tensors
                 output = _call(model, x)
                 try:  # inside: what assembles the logits (a span model's stack) is recorded too
                     logits = extract_logits(output)

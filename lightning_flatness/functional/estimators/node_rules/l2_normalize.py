@@ -3,7 +3,7 @@ norm (``max(||a||, eps)``), as cross-covariance attention normalizes its queries
 EdgeNeXt and XCiT). Where ``||a|| > eps``, ``z = u / sqrt(D)`` with ``u = a / sqrt(mean(a^2))``, the RMS
 normalization without ``eps``; so ``M = sum_i g_i grad^2 z_i`` is that of :mod:`.normalization_curvature`
 (not centred) with the adjoint ``r = g / sqrt(D)``. Where ``||a|| <= eps`` the op is linear (``a / eps``):
-no curvature, no columns.
+no curvature, no columns (a zero slice included: the keys of a padded window, whose bias is zero in Swin V2).
 """
 
 from __future__ import annotations
@@ -48,10 +48,15 @@ class L2NormalizeRule(NodeRule):
         a = call.inputs[0].detach().to(dtype).movedim(dim, -1)
         d = a.shape[-1]
         r = adjoint.to(dtype).movedim(dim, -1) / math.sqrt(d)
-        plus, minus = normalization_columns(a, r, 0.0, False, generator)
-        curved = (a.norm(dim=-1, keepdim=True) > eps).to(dtype)
-        return [(plus * curved).movedim(-1, dim).to(adjoint.dtype)], [
-            (minus * curved).movedim(-1, dim).to(adjoint.dtype)
+        curved = a.norm(dim=-1, keepdim=True) > eps
+        # a slice at or below eps (a zero key of a padded window) is linear: its columns are zero, and are
+        # formed from ones there, since the normalization of a zero slice is 0 / 0
+        plus, minus = normalization_columns(
+            torch.where(curved, a, torch.ones_like(a)), r, 0.0, False, generator
+        )
+        zero = torch.zeros((), dtype=plus.dtype)
+        return [torch.where(curved, plus, zero).movedim(-1, dim).to(adjoint.dtype)], [
+            torch.where(curved, minus, zero).movedim(-1, dim).to(adjoint.dtype)
         ]
 
 
