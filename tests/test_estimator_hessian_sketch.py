@@ -689,3 +689,20 @@ def test_the_curvature_of_a_function_of_the_weights_alone_is_exact(rowwise, monk
     est = flat(hessian_sketch_diagonal(model, F.cross_entropy, x, y, params), names)
     torch.testing.assert_close(est, diag, rtol=1e-9, atol=1e-12)
     assert bool(taken) is rowwise
+
+
+def test_torchvision_swin_v2_measures_the_hessian_unbiased():
+    """torchvision's Swin V2 blocks at a tiny size, with padded windows: ``auto`` measures the Hessian (the
+    position-bias MLP's sigmoid taken exactly, the padding's zero keys in ``F.normalize``'s linear region),
+    and the estimates of the attention's and the position-bias MLP's weights are unbiased for the
+    brute-force Hessian's traces."""
+    from expectation import assert_unbiased_traces
+
+    from lightning_flatness.functional.estimators.method_choice import choose_method
+    from tests.zoo_models import tiny_swin_v2
+
+    model, (x, y) = tiny_swin_v2(n=3, dtype=F64)
+    assert choose_method(model, normalized_softmax_cross_entropy, x, y).method == "hessian_sketch"
+    names = [f"features.1.0.attn.{w}" for w in ("qkv.weight", "cpb_mlp.0.weight", "cpb_mlp.2.weight")]
+    names.append("features.3.0.attn.qkv.weight")
+    assert_unbiased_traces(model, normalized_softmax_cross_entropy, x, y, names, seeds=8)

@@ -172,6 +172,27 @@ def tiny_swin(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
     return _finish(model, _images(n, 8, seed), dtype)
 
 
+def tiny_swin_v2(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """:func:`tiny_swin`'s network with torchvision's V2 blocks (``SwinTransformerBlockV2``,
+    ``PatchMergingV2``) on 10x10 inputs: cosine attention (``F.normalize`` of queries and keys, a clamped,
+    exponentiated logit scale; the windows padded, so that the keys of the padding are zero) and the
+    continuous position bias ``16 sigmoid(MLP(grid))``, a function of the MLP's weights alone."""
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+
+    _seed(seed)
+    model = SwinTransformer(
+        patch_size=[2, 2],
+        embed_dim=8,
+        depths=[1, 1],
+        num_heads=[1, 2],
+        window_size=[2, 2],
+        num_classes=NUM_CLASSES,
+        block=SwinTransformerBlockV2,
+        downsample_layer=PatchMergingV2,
+    )
+    return _finish(model, _images(n, 10, seed), dtype)
+
+
 def _randomize_batchnorm(model: nn.Module, seed: int) -> None:
     """Give eval-mode BatchNorm non-trivial running statistics and affine parameters (at init they
     are the identity, which would hide errors in how the estimators treat them)."""
