@@ -401,6 +401,27 @@ MODELS: dict[str, Builder] = {
 }
 MODELS.update({f"timm {name} (64)": _timm_sized(name) for name in TIMM_SWEEP})
 MODELS["timm efficientformer_l1 (224)"] = _timm("efficientformer_l1", size=224)  # fixed attention-bias table
+MODELS["timm convnextv2_atto"] = _timm("convnextv2_atto")  # global response normalization
+MODELS["timm swinv2_tiny (window 4, 64)"] = _timm(
+    "swinv2_tiny_window8_256", size=64, img_size=64, window_size=4
+)  # the position-bias MLP's sigmoid
+MODELS["transformers MobileNetV2 (image; logits near 1e-27 at initialisation)"] = _hf(
+    "MobileNetV2ForImageClassification",
+    "MobileNetV2Config",
+    "image",
+    depth_multiplier=0.35,
+    image_size=32,
+    num_labels=10,
+)
+MODELS["transformers ConvNeXt V2 (image)"] = _hf(
+    "ConvNextV2ForImageClassification",
+    "ConvNextV2Config",
+    "image",
+    hidden_sizes=[8, 16, 24, 32],
+    depths=[1, 1, 1, 1],
+    image_size=32,
+    num_labels=10,
+)
 QUICK = ("torchvision mobilenet_v3_small (0.25)", "timm vit_tiny (patch 4)", "transformers BERT")
 
 
