@@ -6,10 +6,14 @@
 ``ForSequenceClassification``, ``ForImageClassification``, ``ForQuestionAnswering``, ``ForMultipleChoice``),
 builds it from its configuration class's defaults shrunk by attribute name (hidden sizes 16, one layer, two
 heads, a vocabulary of 64, 3 labels, 32x32 images: :data:`SHRINK`, each attribute set only where the
-configuration has it as an int; sub-configurations too), with random weights, and measures 4 samples in
-batches of 2 (random tokens of length 8 or random images, the labels the head trains on: the tokens for a
-causal LM, a few masked positions for a masked LM, a class per token or per sample, an answer span, or one
-of 3 candidate texts).
+configuration has it as an int; per-stage lists of hierarchical vision models, :data:`SHRINK_PER_STAGE`,
+with 64x64 images for their four stages; width and depth multipliers, :data:`SHRINK_MULTIPLIERS`;
+sub-configurations too) and set up as the models' documentation does (two labels for question answering, a
+padding token for a sequence classifier, one layer of each kind of a hybrid, a key head per query head for
+multi-head latent attention), with random weights, and measures 4 samples in batches of 2 (random tokens of
+length 8, ending in the end-of-sequence token for a sequence classifier, or random images; the labels the
+head trains on: the tokens for a causal LM, a few masked positions for a masked LM, a class per token or per
+sample, an answer span, or one of 3 candidate texts).
 
 A class is **skipped** when the shrunk configuration does not build or the model's own forward fails on the
 batch (a configuration the shrinking broke, not a measurement), and **timed out** after ``--timeout``
@@ -164,11 +168,11 @@ def _shrink(config: Any, head: str = "") -> None:
         _set(config, "image_size", 64)  # a window of 2 in each of 4 stages
         if isinstance(getattr(config, "num_stages", None), int):  # num_hidden_layers' alias, shrunk above
             _set(config, "num_stages", len(config.depths))
-    if isinstance(getattr(config, "qk_rope_head_dim", None), int) and hasattr(config, "head_dim"):
-        _set(config, "head_dim", config.qk_rope_head_dim)  # multi-head latent attention: the rotary part
-    if isinstance(getattr(config, "kv_lora_rank", None), int) and hasattr(config, "num_key_value_heads"):
-        # multi-head latent attention has a key per head (its eager attention repeats them by the ratio)
-        _set(config, "num_key_value_heads", config.num_attention_heads)
+    if isinstance(getattr(config, "kv_lora_rank", None), int):  # multi-head latent attention (DeepSeek-V3)
+        if isinstance(getattr(config, "qk_rope_head_dim", None), int) and hasattr(config, "head_dim"):
+            _set(config, "head_dim", config.qk_rope_head_dim)  # the rotary part of a head
+        if hasattr(config, "num_key_value_heads"):  # a key per head, as eager attention assumes
+            _set(config, "num_key_value_heads", config.num_attention_heads)
     if isinstance(getattr(config, "num_experts_per_tok", None), int):
         config.num_experts_per_tok = min(config.num_experts_per_tok, 2)
     if isinstance(getattr(config, "layer_types", None), list):  # one layer of each kind (a hybrid's too)

@@ -1072,7 +1072,9 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
             pooled optimum where that holds) or ``"solved"`` (every one solved); see
             :class:`~lightning_flatness.metric.NormalizedSharpness`.
         every_n_epochs: measure at the end of every ``n``-th epoch's validation.
-        dtype: ``"float32"`` (default) or ``"float64"``: precision of the curvature computation.
+        dtype: ``"float32"`` (default) or ``"float64"``: precision of the curvature computation. A batch
+            whose curvature overflows float32 while its loss is finite (tiny logits at initialisation) is
+            estimated in float64 anyway, with one warning per fit.
         seed: seed of the subset and the probes; ``None`` draws one (kept in the state).
         prefix: prefix of the logged keys (two monitors need two prefixes).
         log_per_layer: log the per-layer values (scalars, the per-layer table, the TensorBoard layout).
