@@ -153,23 +153,27 @@ def tiny_torchvision_vit(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.f
     return _finish(model, _images(n, 8, seed), dtype)
 
 
-def tiny_swin(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """torchvision ``SwinTransformer(patch_size=[2, 2], embed_dim=8, depths=[1, 1], num_heads=[1, 2],
-    window_size=[2, 2], num_classes=5)`` on 8x8 inputs: windowed attention, whose projections see the
-    windows of all samples along dim 0 (``(N * windows, tokens, C)``), shifted windows, patch merging,
-    relative position bias, LayerNorm, GELU."""
+def _tiny_swin_network(**blocks: Any) -> nn.Module:
     from torchvision.models.swin_transformer import SwinTransformer
 
-    _seed(seed)
-    model = SwinTransformer(
+    return SwinTransformer(
         patch_size=[2, 2],
         embed_dim=8,
         depths=[1, 1],
         num_heads=[1, 2],
         window_size=[2, 2],
         num_classes=NUM_CLASSES,
+        **blocks,
     )
-    return _finish(model, _images(n, 8, seed), dtype)
+
+
+def tiny_swin(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """torchvision ``SwinTransformer(patch_size=[2, 2], embed_dim=8, depths=[1, 1], num_heads=[1, 2],
+    window_size=[2, 2], num_classes=5)`` on 8x8 inputs: windowed attention, whose projections see the
+    windows of all samples along dim 0 (``(N * windows, tokens, C)``), shifted windows, patch merging,
+    relative position bias, LayerNorm, GELU."""
+    _seed(seed)
+    return _finish(_tiny_swin_network(), _images(n, 8, seed), dtype)
 
 
 def tiny_swin_v2(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -177,19 +181,10 @@ def tiny_swin_v2(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
     ``PatchMergingV2``) on 10x10 inputs: cosine attention (``F.normalize`` of queries and keys, a clamped,
     exponentiated logit scale; the windows padded, so that the keys of the padding are zero) and the
     continuous position bias ``16 sigmoid(MLP(grid))``, a function of the MLP's weights alone."""
-    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
 
     _seed(seed)
-    model = SwinTransformer(
-        patch_size=[2, 2],
-        embed_dim=8,
-        depths=[1, 1],
-        num_heads=[1, 2],
-        window_size=[2, 2],
-        num_classes=NUM_CLASSES,
-        block=SwinTransformerBlockV2,
-        downsample_layer=PatchMergingV2,
-    )
+    model = _tiny_swin_network(block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2)
     return _finish(model, _images(n, 10, seed), dtype)
 
 
