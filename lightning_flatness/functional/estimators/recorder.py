@@ -189,11 +189,12 @@ class _ForwardRecorder(TorchFunctionMode):
         self.weight_functions: list[WeightFunctionCall] = []
         # ... and unary elementwise ones on any function of the weights alone (DerivedElementwiseCall)
         self.derived_elementwise: list[DerivedElementwiseCall] = []
-        # {id of a function of the weights: the tensor it selects from by SELECTION_OPS (kept alive)}
-        self._selected_from: dict[int, Tensor] = {}
-        # {id of a function of the weights alone output by a module called on constants: the
-        # DerivedElementwiseCall's producer}, filled by _ModuleNames' hook
-        self.module_outputs: dict[int, tuple[nn.Module, tuple, dict[str, Tensor]]] = {}
+        # {id of a function of the weights: (it, the tensor it selects from by SELECTION_OPS)}, both kept
+        # alive (an entry counts only for the tensor itself: ids of freed tensors are reused)
+        self._selected_from: dict[int, tuple[Tensor, Tensor]] = {}
+        # {id of a function of the weights alone output by a module called on constants: (it, the
+        # DerivedElementwiseCall's producer)}, filled by _ModuleNames' hook
+        self.module_outputs: dict[int, tuple[Tensor, tuple[nn.Module, tuple, dict[str, Tensor]]]] = {}
 
     # -- bookkeeping -----------------------------------------------------------------------
     def where(self) -> str:
@@ -401,7 +402,7 @@ class _ForwardRecorder(TorchFunctionMode):
             and args
             and args[0] is dependent[0]
         ):
-            self._selected_from[id(outputs[0])] = self._selected_from.get(id(dependent[0]), dependent[0])
+            self._selected_from[id(outputs[0])] = (outputs[0], self._selection_root(dependent[0]))
         if not self._linear_in_the_weights(name, args, kwargs, dependent):
             self.flag(
                 f"{name!r} computes a weight nonlinearly from the selected weights alone (a "
@@ -432,11 +433,12 @@ class _ForwardRecorder(TorchFunctionMode):
             and args[0] is dependent[0]
             and outputs[0].shape == dependent[0].shape
         ):
-            root = self._selected_from.get(id(dependent[0]), dependent[0])
+            root = self._selection_root(dependent[0])
             if root.numel() <= DERIVED_ELEMENTWISE_MAX_ENTRIES:
                 node = NodeCall(name, self.where(), func, args, kwargs, list(dependent), outputs[0])
                 sources = tuple(sorted(self._sources(dependent[0])))
-                producer = self.module_outputs.get(id(root))
+                made = self.module_outputs.get(id(root))
+                producer = made[1] if made is not None and made[0] is root else None
                 self.derived_elementwise.append(DerivedElementwiseCall(node, sources, root, producer))
                 return
         entry = f"{name!r} in {self.where()} (a nonlinear function of the weights alone)"
@@ -454,7 +456,12 @@ class _ForwardRecorder(TorchFunctionMode):
             and all(isinstance(a, Tensor) and not a.requires_grad for a in args)
         ):
             tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-            self.module_outputs[id(output)] = (module, args, tensors)
+            self.module_outputs[id(output)] = (output, (module, args, tensors))
+
+    def _selection_root(self, t: Tensor) -> Tensor:
+        """The tensor that ``t`` selects from by :data:`SELECTION_OPS` (``t`` itself if none)."""
+        entry = self._selected_from.get(id(t))
+        return entry[1] if entry is not None and entry[0] is t else t
 
     def _leaf_of_view(self, t: Tensor) -> Optional[str]:
         """The selected weight whose entries ``t`` holds one for one, in memory order (the weight itself,
