@@ -622,7 +622,7 @@ class _ContinuousPositionBias(nn.Module):
         return self.head((attention @ v).transpose(1, 2).reshape(n, -1))
 
 
-def test_a_nonlinear_function_of_the_weights_alone_is_taken_exactly():
+def test_a_nonlinear_function_of_the_weights_alone_through_attention_is_unbiased():
     """Swin V2's position bias: the sigmoid of an MLP on a constant grid. ``auto`` measures the Hessian on
     the per-layer path, the estimate is unbiased for the brute-force Hessian diagonal, and the MLP's
     weights are far from their Gauss-Newton diagonal (the sigmoid's own curvature, taken exactly through
