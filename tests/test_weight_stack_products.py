@@ -7,6 +7,9 @@ layer written token by token (:func:`lightning_flatness.functional.dense_experts
   (a stack on repeated token rows; a view and transpose of a Linear weight): the exact Gauss-Newton diagonal
   takes no per-sample fallback and equals the float64 brute force, and the sketched Hessian is unbiased for
   the brute-force Hessian.
+- ``torch.einsum`` of data and a weight (Funnel's relative attention: ``binh,tnh->bnit`` with a projection of
+  position encodings, ``bind,snd->bnis`` with segment embeddings) is the same product, and takes the
+  per-layer path with the exact Gauss-Newton diagonal and the unbiased sketched Hessian.
 - Llama 4's layer written token by token returns the model's own outputs, and the class forward afterwards."""
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from lightning_flatness.functional.dense_experts import dense_experts, is_llama4
 from lightning_flatness.functional.parameters import select_parameters
 from lightning_flatness.functional.weight_stack_products import (
     WeightStackProducts,
+    einsum_as_stack_product,
     stack_product_as_convolution,
 )
 
@@ -66,6 +70,129 @@ def test_only_a_weight_as_the_right_factor_is_rewritten():
     assert type(left.grad_fn).__name__ == "BmmBackward0"
     assert type(rewritten.grad_fn).__name__ != "BmmBackward0"
     torch.testing.assert_close(rewritten, torch.bmm(x, w))
+
+
+@pytest.mark.parametrize(
+    "equation,x_shape,w_shape",
+    [
+        ("binh,tnh->bnit", (2, 5, 3, 4), (6, 3, 4)),  # Funnel: queries and projected position encodings
+        ("bind,snd->bnis", (2, 5, 3, 4), (2, 3, 4)),  # Funnel: segment embeddings
+        ("ibh,hnd->ibnd", (5, 2, 4), (4, 3, 2)),  # XLNet: a head projection (no group)
+        ("bth,ho->bot", (2, 5, 4), (4, 3)),  # a plain projection, output reordered
+    ],
+)
+def test_an_einsum_of_data_and_a_weight_is_the_same_product(equation, x_shape, w_shape):
+    """Values, gradients in both operands and a Hessian-vector product, as :func:`torch.einsum`; under the
+    mode the call is rewritten (both operand forms) only where the weight is the second operand."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*x_shape, generator=g, dtype=F64)
+    w = torch.randn(*w_shape, generator=g, dtype=F64)
+    u = torch.randn(torch.einsum(equation, x, w).shape, generator=g, dtype=F64)
+
+    def f(product, x, w):
+        return (torch.tanh(product(equation, x, w)) * u).sum()
+
+    ref, new = functools.partial(f, torch.einsum), functools.partial(f, einsum_as_stack_product)
+    torch.testing.assert_close(einsum_as_stack_product(equation, x, w), torch.einsum(equation, x, w))
+    vjp, hvp = torch.autograd.functional.vjp, torch.autograd.functional.hvp
+    for got, want in zip(vjp(new, (x, w))[1], vjp(ref, (x, w))[1]):
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-14)
+    v = (torch.randn_like(x), torch.randn_like(w))
+    for got, want in zip(hvp(new, (x, w), v)[1], hvp(ref, (x, w), v)[1]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    leaf, data = w.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    xs, rest = equation.split(",")
+    ws, out = rest.split("->")
+    with WeightStackProducts(lambda t: t is leaf):
+        listed = torch.einsum(equation, [data, leaf])
+        swapped = torch.einsum(f"{ws},{xs}->{out}", leaf, data)  # the weight first: left as it is
+        constant = torch.einsum(equation, x, leaf)  # no gradient: a function of the weight alone
+    assert _convolved(listed) and not _convolved(swapped) and not _convolved(constant)
+    torch.testing.assert_close(listed, torch.einsum(equation, x, w))
+
+
+def _convolved(t: torch.Tensor) -> bool:
+    """Whether a convolution is in ``t``'s autograd graph."""
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "Convolution" in type(node).__name__:
+            return True
+        stack.extend(n for n, _ in node.next_functions)
+    return False
+
+
+@pytest.mark.parametrize(
+    "equation",
+    ["bij,jk->b", "bii,ik->bk", "...j,jk->...k", "bj,jk,kl->bl", "bj,jk"],
+)
+def test_an_einsum_it_cannot_lay_out_as_a_product_is_left_alone(equation):
+    """Indices summed over one operand alone, repeated indices, ellipses, three operands, implicit output."""
+    if equation.count(",") != 1 or "->" not in equation or "..." in equation:
+        assert einsum_as_stack_product(equation, torch.randn(2, 3), torch.randn(3, 4)) is None
+        return
+    x = torch.randn(2, 3, 3) if equation.startswith(("bij", "bii")) else torch.randn(2, 3)
+    assert einsum_as_stack_product(equation, x, torch.randn(3, 4)) is None
+
+
+class FunnelLikeAttention(nn.Module):
+    """Funnel's relative-position attention in miniature: the position encodings projected by a weight alone
+    (``td,dnh->tnh``), then scored against the queries with ``torch.einsum`` (``binh,tnh->bnit``), and the
+    tokens' segment scores against a segment-embedding weight (``bind,snd->bnis``)."""
+
+    def __init__(self, tokens: int = 4, heads: int = 2, head_dim: int = 3) -> None:
+        super().__init__()
+        self.q = nn.Linear(HIDDEN, heads * head_dim)
+        self.r_kernel = nn.Parameter(torch.randn(HIDDEN, heads, head_dim) / 2)
+        self.seg_embed = nn.Parameter(torch.randn(2, heads, head_dim) / 2)
+        self.register_buffer("positions", torch.randn(tokens, HIDDEN))
+        self.heads, self.head_dim = heads, head_dim
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (N, T, HIDDEN) -> (N, heads, T, T + 2)
+        q = self.q(h).view(*h.shape[:2], self.heads, self.head_dim)
+        r = torch.einsum("td,dnh->tnh", self.positions, self.r_kernel)
+        position = torch.einsum("binh,tnh->bnit", q, r)
+        segment = torch.einsum("bind,snd->bnis", q, self.seg_embed)
+        return torch.cat([position, segment], dim=-1)
+
+
+class FunnelLikeNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(2, HIDDEN)
+        self.attention = FunnelLikeAttention()
+        self.head = nn.Linear(2 * 4 * 6, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 4, 2) -> (N, CLASSES)
+        scores = self.attention(torch.tanh(self.embed(x)))
+        return self.head(torch.tanh(scores).flatten(1))
+
+
+@pytest.mark.parametrize("method", ["gauss_newton", "hessian_sketch"])
+def test_einsums_of_data_and_weights_take_the_per_layer_path(method):
+    """Before the einsum's rewrite, ``r_kernel`` and ``seg_embed`` sent every estimator to one backward pass
+    per sample and column. Now no fallback: the exact Gauss-Newton diagonal equals the float64 brute force,
+    and the sketched Hessian is unbiased for the brute-force Hessian."""
+    torch.manual_seed(0)
+    model = FunnelLikeNet().double().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 4, 2, generator=g, dtype=F64), torch.randint(0, CLASSES, (5,), generator=g)
+    names = list(select_parameters(model))
+    assert {"attention.r_kernel", "attention.seg_embed"} <= set(names)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if method == "gauss_newton":
+            est = hessian_diagonal_groups(model, F.cross_entropy, x, y, method=method, parameters=names)
+            truth = brute_force_ggn_diagonal(model, F.cross_entropy, x, y, names)
+            for n in names:
+                scale = float(truth[n].abs().max())
+                assert scale > 0 and float((est.groups[n][0] - truth[n]).abs().max()) <= 1e-10 * scale, n
+        else:
+            assert_unbiased_traces(model, F.cross_entropy, x, y, names)
+    assert not _fallbacks(caught)
 
 
 class StackedExperts(nn.Module):

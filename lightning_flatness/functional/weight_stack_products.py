@@ -28,14 +28,15 @@ of ``x`` and of the output into the convolution's layout.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import math
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["WeightStackProducts", "stack_product_as_convolution"]
+__all__ = ["WeightStackProducts", "einsum_as_stack_product", "stack_product_as_convolution"]
 
 _BATCHED_PRODUCTS = (torch.bmm, Tensor.bmm)
 
@@ -58,13 +59,77 @@ def stack_product_as_convolution(x: Tensor, weight: Tensor) -> Tensor:
     return out.view(rows, groups, outputs).transpose(0, 1).contiguous()
 
 
+def einsum_as_stack_product(equation: str, x: Tensor, weight: Tensor) -> Optional[Tensor]:
+    """``torch.einsum(equation, x, weight)`` as :func:`stack_product_as_convolution`, or None where the
+    equation is not a product of the two: each index of ``weight`` either shared with ``x`` and the output
+    (a group ``G``), shared with ``x`` alone (contracted, ``I``) or in the output alone (``O``); each of ``x``
+    shared with ``weight`` or in the output (a row ``R``); no index repeated in an operand, no ellipsis.
+    ``x`` is laid out ``(G, R, I)`` with its rows in its own order (sample-major where ``x`` has its samples
+    first: Funnel's ``binh,tnh->bnit`` of queries and a projection of position encodings), ``weight``
+    ``(G, I, O)``, and the product is put back in the output's order (a view).
+
+    Example:
+        >>> import torch
+        >>> x, w = torch.randn(2, 5, 3, 4), torch.randn(6, 3, 4)
+        >>> y = einsum_as_stack_product("binh,tnh->bnit", x, w)
+        >>> torch.allclose(y, torch.einsum("binh,tnh->bnit", x, w), atol=1e-6)
+        True
+    """
+    spec = equation.replace(" ", "")
+    if "..." in spec or "->" not in spec or spec.count(",") != 1:
+        return None
+    inputs, out = spec.split("->")
+    xs, ws = inputs.split(",")
+    if len(xs) != x.ndim or len(ws) != weight.ndim or any(len(set(t)) != len(t) for t in (xs, ws, out)):
+        return None
+    if set(out) - set(xs) - set(ws):
+        return None
+    groups = [i for i in ws if i in xs and i in out]
+    contracted = [i for i in ws if i in xs and i not in out]
+    outputs = [i for i in ws if i not in xs]
+    rows = [i for i in xs if i not in ws]
+    if any(i not in out for i in outputs + rows):
+        return None  # an index summed over one operand alone
+    size = dict(zip(xs, x.shape)) | dict(zip(ws, weight.shape))
+    if any(dict(zip(xs, x.shape))[i] != dict(zip(ws, weight.shape))[i] for i in groups + contracted):
+        return None
+
+    def count(indices: list[str]) -> int:
+        return math.prod(size[i] for i in indices)
+
+    a = x.permute([xs.index(i) for i in groups + rows + contracted])
+    a = a.reshape(count(groups), count(rows), count(contracted))
+    b = weight.permute([ws.index(i) for i in groups + contracted + outputs])
+    b = b.reshape(count(groups), count(contracted), count(outputs))
+    product = stack_product_as_convolution(a, b)  # (G, R, O)
+    laid = groups + rows + outputs
+    product = product.view([size[i] for i in laid])
+    return product.permute([laid.index(i) for i in out])
+
+
+def _einsum_operands(func: Any, args: tuple, kwargs: dict) -> Optional[tuple[Any, Any]]:
+    """The two operands of ``torch.einsum(equation, a, b)`` or ``torch.einsum(equation, [a, b])``, or None."""
+    if func is not torch.einsum or kwargs or not args or not isinstance(args[0], str):
+        return None
+    operands = args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    return (operands[0], operands[1]) if len(operands) == 2 else None
+
+
 class WeightStackProducts(TorchFunctionMode):
     """Evaluates ``bmm(x, W)`` as :func:`stack_product_as_convolution` where ``is_weight(W)`` and not
     ``is_weight(x)`` (module docstring); every other call passes through unchanged.
 
+    Also ``torch.einsum(equation, x, W)`` (two operands, either call form) where ``x`` is computed from the
+    data, as :func:`einsum_as_stack_product` lays it out; a constant ``x`` (position encodings) times a
+    weight is a function of the weights alone and stays an ``einsum``.
+
     Args:
         is_weight: whether a tensor is a selected weight or a function of the selected weights alone (the
             recorder's own test).
+        is_data: whether a tensor is computed from the data (the recorder's); by default, whether it
+            requires grad.
 
     Example:
         >>> import torch
@@ -76,9 +141,12 @@ class WeightStackProducts(TorchFunctionMode):
         ('CloneBackward0', True)
     """
 
-    def __init__(self, is_weight: Callable[[Tensor], bool]) -> None:
+    def __init__(
+        self, is_weight: Callable[[Tensor], bool], is_data: Optional[Callable[[Tensor], bool]] = None
+    ) -> None:
         super().__init__()
         self.is_weight = is_weight
+        self.is_data = is_data
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -97,4 +165,19 @@ class WeightStackProducts(TorchFunctionMode):
                 and not self.is_weight(x)
             ):
                 return stack_product_as_convolution(x, w)
+        operands = _einsum_operands(func, args, kwargs)
+        if operands is not None:
+            x, w = operands
+            if (
+                isinstance(x, Tensor)
+                and isinstance(w, Tensor)
+                and x.dtype == w.dtype
+                and x.is_floating_point()
+                and self.is_weight(w)
+                and not self.is_weight(x)
+                and (x.requires_grad if self.is_data is None else self.is_data(x))
+            ):
+                out = einsum_as_stack_product(args[0], x, w)
+                if out is not None:
+                    return out
         return func(*args, **kwargs)

@@ -379,6 +379,10 @@ class _ForwardRecorder(TorchFunctionMode):
         self.calls.append(call)
         return call
 
+    def is_data(self, t: Tensor) -> bool:
+        """Whether ``t`` was computed from the model's inputs (or constants with one row per sample)."""
+        return id(t) in self.data_ids
+
     def _is_weight(self, t: Tensor) -> bool:
         """A selected weight, or a function of the selected weights alone."""
         return id(t) in self.names_by_id or id(t) in self.derived
@@ -853,7 +857,7 @@ def _record_forward(
                 recorder,
                 ExplicitAttention() if record_nodes else contextlib.nullcontext(),  # inside: seen by recorder
                 OutOfPlaceDivision() if record_nodes else contextlib.nullcontext(),  # likewise
-                WeightStackProducts(recorder._is_weight),  # likewise
+                WeightStackProducts(recorder._is_weight, recorder.is_data),  # likewise
             ):
                 recorder.module_tensor_ids = module_tensors
                 output = _call(model, x)
