@@ -489,8 +489,8 @@ def test_an_operation_whose_output_is_changed_in_place_later_is_measured():
 
 
 def test_per_sample_backward_path_is_unbiased_too():
-    """A weight used by an einsum (no layer rule): per-sample backward passes, with the ops' columns
-    masked to each sample and the loss's exact factors' per-sample signs."""
+    """A weight used by a broadcast product with the data (no layer rule): per-sample backward passes, with
+    the ops' columns masked to each sample and the loss's exact factors' per-sample signs."""
 
     class Plain(nn.Module):
         def __init__(self):
@@ -500,7 +500,7 @@ def test_per_sample_backward_path_is_unbiased_too():
             self.head = nn.Linear(4, 3)
 
         def forward(self, x):
-            return self.head(torch.tanh(torch.einsum("nf,fg->ng", torch.tanh(self.a(x)), self.w)))
+            return self.head(torch.tanh((torch.tanh(self.a(x)).unsqueeze(2) * self.w).sum(dim=1)))
 
     torch.manual_seed(0)
     model = Plain().double()

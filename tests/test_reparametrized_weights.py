@@ -250,23 +250,24 @@ def test_a_position_embedding_keeps_a_piecewise_linear_network_exact():
 
 
 def test_a_weight_combined_with_the_inputs_outside_a_layer_is_not_taken_for_a_function_of_the_weights():
-    """``einsum(x, W)`` on the raw inputs (no layer rule): the result depends on the data, so it is not a
-    function of the weights (whose layer calls would describe nothing); the per-sample path, exact."""
+    """``(x[:, :, None] * W).sum(1)`` on the raw inputs (no layer rule): the result depends on the data, so it
+    is not a function of the weights (whose layer calls would describe nothing); the per-sample path, exact.
+    (``einsum(x, W)`` is a layer now: ``tests/test_weight_stack_products.py``.)"""
 
-    class RawEinsum(nn.Module):
+    class RawProduct(nn.Module):
         def __init__(self):
             super().__init__()
             self.w, self.head = nn.Parameter(torch.randn(3, 4) / 2), nn.Linear(4, 3)
 
         def forward(self, x):
-            return self.head(torch.relu(torch.einsum("ni,ij->nj", x, self.w)))
+            return self.head(torch.relu((x.unsqueeze(2) * self.w).sum(dim=1)))
 
     torch.manual_seed(0)
-    model = RawEinsum().double()
+    model = RawProduct().double()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(6, 3, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g)
     params = select_parameters(model, "all")
-    with pytest.warns(UserWarning, match="'w' is used by 'einsum'"):
+    with pytest.warns(UserWarning, match="'w' is used by 'mul'"):
         diag = exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
     _close(diag, brute_force_hessian_diagonal(model, F.cross_entropy, x, y, list(params)), params)
 
