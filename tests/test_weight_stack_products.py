@@ -37,6 +37,16 @@ F64 = torch.float64
 GROUPS, HIDDEN, WIDTH, CLASSES = 3, 4, 5, 3
 
 
+def _same_derivatives(new, ref, x: torch.Tensor, w: torch.Tensor) -> None:
+    """The gradients of two scalar functions of ``(x, w)`` and a Hessian-vector product agree."""
+    vjp, hvp = torch.autograd.functional.vjp, torch.autograd.functional.hvp
+    for got, want in zip(vjp(new, (x, w))[1], vjp(ref, (x, w))[1]):
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-14)
+    v = (torch.randn_like(x), torch.randn_like(w))
+    for got, want in zip(hvp(new, (x, w), v)[1], hvp(ref, (x, w), v)[1]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+
+
 def test_the_grouped_convolution_is_the_batched_product():
     """Values, the gradient in both factors and a Hessian-vector product of a function through the product."""
     g = torch.Generator().manual_seed(0)
@@ -50,12 +60,7 @@ def test_the_grouped_convolution_is_the_batched_product():
     ref, new = functools.partial(f, torch.bmm), functools.partial(f, stack_product_as_convolution)
     assert stack_product_as_convolution(x, w).is_contiguous()
     torch.testing.assert_close(stack_product_as_convolution(x, w), torch.bmm(x, w), rtol=1e-14, atol=1e-14)
-    vjp, hvp = torch.autograd.functional.vjp, torch.autograd.functional.hvp
-    for got, want in zip(vjp(new, (x, w))[1], vjp(ref, (x, w))[1]):
-        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-14)
-    v = (torch.randn_like(x), torch.randn_like(w))
-    for got, want in zip(hvp(new, (x, w), v)[1], hvp(ref, (x, w), v)[1]):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    _same_derivatives(new, ref, x, w)
 
 
 def test_only_a_weight_as_the_right_factor_is_rewritten():
@@ -94,12 +99,7 @@ def test_an_einsum_of_data_and_a_weight_is_the_same_product(equation, x_shape, w
 
     ref, new = functools.partial(f, torch.einsum), functools.partial(f, einsum_as_stack_product)
     torch.testing.assert_close(einsum_as_stack_product(equation, x, w), torch.einsum(equation, x, w))
-    vjp, hvp = torch.autograd.functional.vjp, torch.autograd.functional.hvp
-    for got, want in zip(vjp(new, (x, w))[1], vjp(ref, (x, w))[1]):
-        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-14)
-    v = (torch.randn_like(x), torch.randn_like(w))
-    for got, want in zip(hvp(new, (x, w), v)[1], hvp(ref, (x, w), v)[1]):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    _same_derivatives(new, ref, x, w)
     leaf, data = w.clone().requires_grad_(True), x.clone().requires_grad_(True)
     xs, rest = equation.split(",")
     ws, out = rest.split("->")
@@ -176,23 +176,12 @@ def test_einsums_of_data_and_weights_take_the_per_layer_path(method):
     """Before the einsum's rewrite, ``r_kernel`` and ``seg_embed`` sent every estimator to one backward pass
     per sample and column. Now no fallback: the exact Gauss-Newton diagonal equals the float64 brute force,
     and the sketched Hessian is unbiased for the brute-force Hessian."""
-    torch.manual_seed(0)
-    model = FunnelLikeNet().double().eval()
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(5, 4, 2, generator=g, dtype=F64), torch.randint(0, CLASSES, (5,), generator=g)
-    names = list(select_parameters(model))
+    model, x, y, names = _problem(FunnelLikeNet)
     assert {"attention.r_kernel", "attention.seg_embed"} <= set(names)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        if method == "gauss_newton":
-            est = hessian_diagonal_groups(model, F.cross_entropy, x, y, method=method, parameters=names)
-            truth = brute_force_ggn_diagonal(model, F.cross_entropy, x, y, names)
-            for n in names:
-                scale = float(truth[n].abs().max())
-                assert scale > 0 and float((est.groups[n][0] - truth[n]).abs().max()) <= 1e-10 * scale, n
-        else:
-            assert_unbiased_traces(model, F.cross_entropy, x, y, names)
-    assert not _fallbacks(caught)
+    if method == "gauss_newton":
+        _per_layer_and_equal_to_the_brute_force_ggn(model, x, y, names)
+    else:
+        _per_layer_and_unbiased(model, x, y, names)
 
 
 class StackedExperts(nn.Module):
@@ -242,21 +231,20 @@ class StackNet(nn.Module):
         return self.head(torch.tanh(grouped).flatten(2).mean(dim=1))
 
 
-def _stack_net(n: int = 5):
+def _problem(net: type, n: int = 5):
+    """``net()`` in float64 with a batch of ``n`` sequences of 4 tokens, and its selected parameters."""
     torch.manual_seed(0)
-    model = StackNet().double().eval()
+    model = net().double().eval()
     g = torch.Generator().manual_seed(1)
-    return model, torch.randn(n, 4, 2, generator=g, dtype=F64), torch.randint(0, CLASSES, (n,), generator=g)
+    x, y = torch.randn(n, 4, 2, generator=g, dtype=F64), torch.randint(0, CLASSES, (n,), generator=g)
+    return model, x, y, list(select_parameters(model))
 
 
 def _fallbacks(caught: list) -> list[str]:
     return [str(w.message) for w in caught if "per-layer contractions do not apply" in str(w.message)]
 
 
-def test_the_gauss_newton_diagonal_of_weight_stacks_is_per_layer_and_equals_brute_force():
-    model, x, y = _stack_net()
-    names = list(select_parameters(model))
-    assert {"experts.up", "experts.down", "grouped.weight"} <= set(names)
+def _per_layer_and_equal_to_the_brute_force_ggn(model: nn.Module, x, y, names: list[str]) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         est = hessian_diagonal_groups(model, F.cross_entropy, x, y, method="gauss_newton", parameters=names)
@@ -265,6 +253,19 @@ def test_the_gauss_newton_diagonal_of_weight_stacks_is_per_layer_and_equals_brut
     for n in names:
         scale = float(truth[n].abs().max())
         assert scale > 0 and float((est.groups[n][0] - truth[n]).abs().max()) <= 1e-10 * scale, n
+
+
+def _per_layer_and_unbiased(model: nn.Module, x, y, names: list[str]) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_unbiased_traces(model, F.cross_entropy, x, y, names)
+    assert not _fallbacks(caught)
+
+
+def test_the_gauss_newton_diagonal_of_weight_stacks_is_per_layer_and_equals_brute_force():
+    model, x, y, names = _problem(StackNet)
+    assert {"experts.up", "experts.down", "grouped.weight"} <= set(names)
+    _per_layer_and_equal_to_the_brute_force_ggn(model, x, y, names)
 
 
 class SharedStack(nn.Module):
@@ -300,16 +301,9 @@ def test_the_sketched_hessian_of_weight_stacks_is_per_layer_and_unbiased():
     """The sketch's node rules need the samples along dim 0 of every nonlinear operation's input: here the
     products with the stacks are followed by operations on token-major rows (as DeepSeek-V4's grouped
     projection; Llama 4's layer is written token by token for it, tested in test_mixture_of_experts.py)."""
-    torch.manual_seed(0)
-    model = TokenMajorStackNet().double().eval()
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(5, 4, 2, generator=g, dtype=F64), torch.randint(0, CLASSES, (5,), generator=g)
-    names = list(select_parameters(model))
+    model, x, y, names = _problem(TokenMajorStackNet)
     assert {"shared.stack", "grouped.weight"} <= set(names)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert_unbiased_traces(model, F.cross_entropy, x, y, names)
-    assert not _fallbacks(caught)
+    _per_layer_and_unbiased(model, x, y, names)
 
 
 def test_llama4_moe_written_token_by_token_is_the_models_function():

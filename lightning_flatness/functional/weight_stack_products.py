@@ -24,6 +24,11 @@ every order (a reordering of the same products); the result is made contiguous, 
 inside the recorder, like :class:`~lightning_flatness.functional.out_of_place_division.OutOfPlaceDivision`,
 so that the recorder sees the operations it issues. Every other call passes through unchanged. Cost: a copy
 of ``x`` and of the output into the convolution's layout.
+
+``torch.einsum`` of data and a weight (Funnel's relative attention: queries against position encodings
+projected by a weight, ``binh,tnh->bnit``, and against segment embeddings) is the same kind of product once
+its indices are laid out as groups, rows, contracted and output indices (:func:`einsum_as_stack_product`),
+and runs as the same convolution.
 """
 
 from __future__ import annotations
