@@ -52,7 +52,7 @@ from lightning_flatness.functional.parameters import (
     select_parameters,
     split_matrix_stacks,
 )
-from lightning_flatness.isolation import floating_point_in
+from lightning_flatness.isolation import autograd_tensor, floating_point_in
 from lightning_flatness.metric import NormalizedSharpness, all_finite
 
 __all__ = [
@@ -521,15 +521,16 @@ class SharpnessMeasurement:
         return True
 
     def _overflow_in_float64(self, inputs: Any, target: Tensor, estimate: Any) -> Optional[Any]:
-        """The batch's estimate again in float64 where ``estimate`` is not finite although the loss is,
-        in a narrower dtype: the curvature overflowed it (:func:`curvature_overflow_message`: eq. 20's
-        curvature grows like ``1 / scale^2`` of the logits, and at initialisation they can be 1e-27). The
-        model's floating tensors and the inputs are cast for this one estimate
-        (:func:`~lightning_flatness.isolation.floating_point_in`: no copy of the model stays, nothing of
-        the model changes), with the same method and the next draws of the generator; a finite result
-        counts in :attr:`float64_batches`. None, with :attr:`nonfinite_curvature` saying why, where the
-        loss is not finite (then nothing is said), the curvature is not finite in float64 either, or the
-        float64 estimate fails (an op without a float64 kernel)."""
+        """The batch's estimate again in float64 where ``estimate`` is not finite although the loss is, in a
+        narrower dtype: the curvature overflowed it (:func:`curvature_overflow_message`: eq. 20's
+        curvature grows like ``1 / scale^2`` of the logits, which can be tiny at initialisation:
+        ``benchmarks/RESULTS.md``, round 18). The model's floating tensors and the inputs are cast for
+        this one estimate (:func:`~lightning_flatness.isolation.floating_point_in`: no copy of the
+        model stays, nothing of the model changes), with the same method and the next draws of the
+        generator; a finite result counts in :attr:`float64_batches`. None, with
+        :attr:`nonfinite_curvature` saying why, where the loss is not finite (then nothing is said),
+        the curvature is not finite in float64 either, or the float64 estimate fails (an op without a
+        float64 kernel)."""
         if self.nonfinite_curvature is not None or not self._finite_loss(inputs, target):
             return None  # a later batch of a measurement that already failed: no second float64 pass
         groups = list(estimate.groups.values())
@@ -537,7 +538,7 @@ class SharpnessMeasurement:
         if groups[0].dtype != torch.float64:
             try:
                 with floating_point_in(self.model, torch.float64):
-                    retried = self.estimate(map_inputs(inputs, _to_float64), _to_float64(target))
+                    retried = self.estimate(map_inputs(inputs, _in_float64), _in_float64(target))
             except (RuntimeError, ValueError, TypeError, NotImplementedError) as err:
                 failed = f" Estimating it in float64 failed ({type(err).__name__}: {err})."
             else:
@@ -553,8 +554,8 @@ class SharpnessMeasurement:
         return self.metric.compute()
 
 
-def _to_float64(t: Tensor) -> Tensor:
-    return t.double() if t.is_floating_point() else t
+def _in_float64(t: Tensor) -> Tensor:
+    return autograd_tensor(t, t.device, torch.float64)
 
 
 def curvature_overflow_message(estimates: Iterable[Tensor]) -> str:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lightning_flatness.functional.estimators.layer_rules import argument
 
-__all__ = ["MULTILINEAR_OPS", "PIECEWISE_LINEAR_OPS"]
+__all__ = ["MULTILINEAR_OPS", "PIECEWISE_LINEAR_OPS", "SELECTION_OPS"]
 
 _argument = argument  # the argument of a torch function call by position or keyword
 
@@ -407,3 +407,16 @@ def _keeps_samples_apart(
         pads = _argument(args, kwargs, 1, ("pad",), ())
         return len(dependent) == 1 and len(pads) // 2 <= dependent[0].ndim - 1
     return False
+
+
+#: ops whose every output entry is one entry of their one tensor input, unscaled (views, permutations,
+#: indexing, gathers, expansions, repeats; a subset of :data:`PIECEWISE_LINEAR_OPS`): a chain of them from
+#: ``u`` to ``t`` is a selection ``t = P u`` with one 1 per row of ``P``
+#: (:class:`~lightning_flatness.functional.estimators.recorder.DerivedElementwiseCall`)
+SELECTION_OPS = frozenset(
+    {
+        "view", "reshape", "view_as", "reshape_as", "permute", "transpose", "t", "movedim", "contiguous",
+        "clone", "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "unflatten", "getitem",
+        "index_select", "gather", "select", "narrow", "repeat", "roll", "flip",
+    }
+)  # fmt: skip

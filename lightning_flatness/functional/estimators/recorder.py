@@ -53,6 +53,7 @@ from lightning_flatness.functional.estimators.op_tables import (
     _RANDOM_FUNCTIONS,
     MULTILINEAR_OPS,
     PIECEWISE_LINEAR_OPS,
+    SELECTION_OPS,
     _argument,
     _keeps_samples_apart,
     _op_name,
@@ -86,18 +87,6 @@ class WeightFunctionCall:
 #: weights' function per entry, batched:
 #: :func:`~lightning_flatness.functional.estimators.hessian_sketch._derived_elementwise_diagonals`)
 DERIVED_ELEMENTWISE_MAX_ENTRIES = 1 << 15
-
-
-#: ops whose every output entry is one entry of their one tensor input, unscaled (views, permutations,
-#: indexing, gathers, expansions, repeats): a chain of them from ``u`` to ``t`` is a selection ``t = P u``
-#: with one 1 per row of ``P`` (:class:`DerivedElementwiseCall`)
-SELECTION_OPS = frozenset(
-    {
-        "view", "reshape", "view_as", "reshape_as", "permute", "transpose", "t", "movedim", "contiguous",
-        "clone", "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "unflatten", "getitem",
-        "index_select", "gather", "select", "narrow", "repeat", "roll", "flip",
-    }
-)  # fmt: skip
 
 
 @dataclass
