@@ -166,6 +166,23 @@ class Wrapped(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
 
+def training_state(module: nn.Module, trainer: pl.Trainer) -> dict[str, torch.Tensor]:
+    """What a fit leaves behind, copied: weights and buffers, the optimizer's state and the global RNG (take
+    it right after the fit)."""
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    for i, opt_state in enumerate(trainer.optimizers[0].state_dict()["state"].values()):
+        state.update({f"opt.{i}.{k}": torch.as_tensor(v).clone() for k, v in opt_state.items()})
+    state["rng"] = torch.random.get_rng_state()
+    return state
+
+
+def assert_same_training_state(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    """Two :func:`training_state` s equal bit for bit."""
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
 def fit_with_and_without_the_monitor(build_net, data: TensorDataset) -> list[dict]:
     """Fit ``Wrapped(build_net())`` on ``data`` for 2 epochs (batches of 8, shuffled), once without and once
     with ``SharpnessMonitor(num_samples=16)``, from the same seed. Asserts that no estimator fell back to
@@ -186,14 +203,8 @@ def fit_with_and_without_the_monitor(build_net, data: TensorDataset) -> list[dic
             trainer = quiet_trainer(callbacks, max_epochs=2)
             trainer.fit(module, *loaders)
         assert not any("per-layer contractions do not apply" in str(w.message) for w in caught)
-        state = {k: v.clone() for k, v in module.state_dict().items()}
-        for i, opt_state in enumerate(trainer.optimizers[0].state_dict()["state"].values()):
-            state.update({f"opt.{i}.{k}": torch.as_tensor(v).clone() for k, v in opt_state.items()})
-        state["rng"] = torch.random.get_rng_state()
-        runs[label] = state
+        runs[label] = training_state(module, trainer)
         if callbacks:
             history = callbacks[0].history
-    assert runs["with"].keys() == runs["without"].keys()
-    for key in runs["without"]:
-        assert torch.equal(runs["with"][key], runs["without"][key]), key
+    assert_same_training_state(runs["with"], runs["without"])
     return history

@@ -16,7 +16,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from callback_models import MLP, DataModule, make_dataset
+from callback_models import MLP, DataModule, assert_same_training_state, make_dataset, training_state
 from oracles import brute_force_measures
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -731,7 +731,9 @@ def test_nan_loss_logs_nan_warns_and_training_continues():
 def test_curvature_beyond_float32_is_measured_in_float64_with_one_warning():
     """Logits of size ``1e-21`` (the head scaled, frozen by ``lr=0``): eq. 20's curvature of the biases is
     near ``1e42``, beyond float32's range. At the default dtype every batch is estimated again in float64
-    (one warning per fit says so), and the curve is the one a fit measured in float64 throughout logs."""
+    (one warning per fit says so), the curve is the one a fit measured in float64 throughout logs, and the
+    training run (weights, optimizer state, the global RNG) is the one without the monitor, bit for bit:
+    the float64 estimate casts the live network's tensors for its duration only."""
 
     class TinyHead(MLP):
         def __init__(self) -> None:
@@ -745,8 +747,11 @@ def test_curvature_beyond_float32_is_measured_in_float64_with_one_warning():
     with pytest.warns(
         UserWarning, match=r"overflowed torch\.float32.*estimated in float64 instead"
     ) as caught:
-        _fit(monitor, model=TinyHead(), max_epochs=2)
+        trainer, model, _ = _fit(monitor, model=TinyHead(), max_epochs=2)
+        measured = training_state(model, trainer)
     assert sum("overflowed" in str(w.message) for w in caught) == 1
+    trainer, model, _ = _fit(None, model=TinyHead(), max_epochs=2)
+    assert_same_training_state(measured, training_state(model, trainer))
     wide = SharpnessMonitor(num_samples=32, dtype="float64")
     _fit(wide, model=TinyHead(), max_epochs=2)
     assert len(monitor.history) == len(wide.history) == 2

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 for _module in ("torchvision", "timm", "transformers"):  # the `zoo` extra
     pytest.importorskip(_module)
 
-from callback_models import quiet_trainer  # noqa: E402
+from callback_models import assert_same_training_state, quiet_trainer, training_state  # noqa: E402
 from zoo_models import (  # noqa: E402
     TINY,
     segformer_model,
@@ -234,9 +234,7 @@ def test_training_of_a_zoo_model_is_bit_identical_with_and_without_the_monitor(n
             "forward" in m.__dict__ for m in module.modules() if isinstance(m, torch.nn.MultiheadAttention)
         )
         assert all(m.inplace for m in module.modules() if isinstance(m, torch.nn.SiLU))
-    assert runs["with"].keys() == runs["without"].keys()
-    for key in runs["without"]:
-        assert torch.equal(runs["with"][key], runs["without"][key]), key
+    assert_same_training_state(runs["with"], runs["without"])
 
 
 class SegmentationModule(pl.LightningModule):
@@ -419,17 +417,9 @@ def test_hugging_face_mixture_of_experts_is_measured_at_the_defaults():
     assert math.isfinite(wide.history[-1]["normalized"]) and wide.history[-1]["normalized"] > 0
 
 
-def _training_state(module: torch.nn.Module, trainer: pl.Trainer) -> dict[str, torch.Tensor]:
-    """The weights and the optimizer's state after a fit, copied."""
-    state = {k: v.clone() for k, v in module.state_dict().items()}
-    for i, opt_state in enumerate(trainer.optimizers[0].state_dict()["state"].values()):
-        state.update({f"opt.{i}.{k}": torch.as_tensor(v).clone() for k, v in opt_state.items()})
-    return state
-
-
 def test_training_of_a_mixture_of_experts_is_bit_identical_with_and_without_the_monitor():
     """The measurement runs the experts densely (an instance ``forward`` for its duration) and evaluates the
-    router's in-place division out of place: the training run (weights, optimizer state) is bit-identical
+    router's in-place division out of place: the training run (weights, optimizer state, RNG) is bit-identical
     with and without the monitor, and the experts run their own forward again after the fit."""
     from lightning_flatness.functional.parameters import is_experts_module
 
@@ -441,20 +431,18 @@ def test_training_of_a_mixture_of_experts_is_bit_identical_with_and_without_the_
         module = HuggingFaceModule(model.train())
         trainer = quiet_trainer(callbacks, max_epochs=2)
         trainer.fit(module, _Data(_DictDataset(inputs, labels)))
-        runs[label] = _training_state(module, trainer)
+        runs[label] = training_state(module, trainer)
         if callbacks:
             assert len(callbacks[0].history) == 2 and callbacks[0].history[-1]["method"] == "hessian_sketch"
         assert not any("forward" in m.__dict__ for m in module.modules() if is_experts_module(m))
-    assert runs["with"].keys() == runs["without"].keys()
-    for key in runs["without"]:
-        assert torch.equal(runs["with"][key], runs["without"][key]), key
+    assert_same_training_state(runs["with"], runs["without"])
 
 
 def test_llama4_is_measured_on_the_per_layer_path_and_its_training_is_bit_identical():
     """Llama 4 (its own mixture-of-experts layer by ``torch.bmm``, RMS norms and an L2 norm written out,
     complex rotary embeddings): the monitor at its defaults measures the sketched Hessian with no per-
     sample fallback, with its layer written token by token and its norms as one op for the measurements
-    only; the training run (weights, optimizer state) is bit-identical with and without it, and every
+    only; the training run (weights, optimizer state, RNG) is bit-identical with and without it, and every
     module runs its own forward after the fit."""
     from lightning_flatness.functional.dense_experts import is_llama4_moe
     from lightning_flatness.functional.rms_norm_modules import is_rms_norm_candidate
@@ -469,13 +457,11 @@ def test_llama4_is_measured_on_the_per_layer_path_and_its_training_is_bit_identi
             warnings.simplefilter("always")
             trainer.fit(module, _Data(_DictDataset(inputs, labels)))
         assert not any("per-layer contractions do not apply" in str(w.message) for w in caught)
-        runs[label] = _training_state(module, trainer)
+        runs[label] = training_state(module, trainer)
         if callbacks:
             history = callbacks[0].history
             assert len(history) == 2 and history[-1]["method"] == "hessian_sketch"
             assert all(math.isfinite(h["normalized"]) and h["normalized"] > 0 for h in history)
         rewritten = [m for m in module.modules() if is_llama4_moe(m) or is_rms_norm_candidate(m)]
         assert len(rewritten) >= 4 and not any("forward" in m.__dict__ for m in rewritten)
-    assert runs["with"].keys() == runs["without"].keys()
-    for key in runs["without"]:
-        assert torch.equal(runs["with"][key], runs["without"][key]), key
+    assert_same_training_state(runs["with"], runs["without"])
