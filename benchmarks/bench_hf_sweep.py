@@ -18,8 +18,9 @@ sample, an answer span, or one of 3 candidate texts).
 A class is **skipped** when the shrunk configuration does not build or the model's own forward fails on the
 batch (a configuration the shrinking broke, not a measurement), and **timed out** after ``--timeout``
 seconds. A failure inside the measurement is a row with its error. Rows: the method ``auto`` chose, the
-quantity (Hessian or Gauss-Newton diagonal) and whether the estimator fell back to per-sample backward
-passes (its warning).
+quantity (Hessian or Gauss-Newton diagonal), whether the estimator fell back to per-sample backward
+passes (its warning), and, where ``auto`` measures the Gauss-Newton diagonal of a network that is not linear
+in each weight, what keeps the sketched Hessian diagonal off it (from the choice's reason).
 
 Run from the repository root (needs the ``zoo`` extra), one head per run, e.g.
 ``python -m benchmarks.bench_hf_sweep --head ForCausalLM --json benchmarks/results/bench_hf_sweep_clm.json``
@@ -232,6 +233,12 @@ def _fallback_reason(message: str) -> str:
     return message.partition("do not apply (")[2].split("); computing")[0][:200]
 
 
+def _gauss_newton_reason(reason: str) -> str:
+    """Why ``auto`` measures the Gauss-Newton diagonal of a network that is not linear in each weight: what
+    keeps the sketched Hessian diagonal off it, from the choice's reason."""
+    return reason.partition("sketched Hessian diagonal does not apply (")[2].split("); Hutchinson")[0][:200]
+
+
 def measure(name: str, head: str, timeout: int) -> dict[str, Any]:
     import transformers
 
@@ -261,6 +268,9 @@ def measure(name: str, head: str, timeout: int) -> dict[str, Any]:
             "quantity": result.choice.quantity,
             "path": "per-sample" if fallbacks else "per-layer",
             "why": _fallback_reason(fallbacks[0]) if fallbacks else "",
+            "why_gauss_newton": _gauss_newton_reason(result.choice.reason)
+            if result.choice.quantity != "hessian"
+            else "",
             "normalized": float(result.values["normalized"]),
             "seconds": time.perf_counter() - start,
         }
@@ -295,11 +305,12 @@ def markdown(results: dict[str, Any]) -> str:
         f"{sum(r['path'] == 'per-sample' for r in measured)} on the per-sample path.",
         "",
         "| class | status | `auto` picks | measures | path | seconds "
-        "| error / why skipped / why per-sample |",
+        "| error / why skipped / why per-sample / why the Gauss-Newton diagonal |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
-        note = (r.get("error") or r.get("why") or "").replace("|", "/")[:160]
+        gauss_newton = r.get("why_gauss_newton") and f"Gauss-Newton: {r['why_gauss_newton']}"
+        note = (r.get("error") or r.get("why") or gauss_newton or "").replace("|", "/")[:160]
         seconds = f"{r['seconds']:.1f}" if "seconds" in r else ""
         lines.append(
             f"| {name} | {r['status']} | {r.get('method', '')} | {r.get('quantity', '')} "

@@ -249,6 +249,50 @@ def test_encoder_decoder_classifiers_derive_their_decoder_inputs_themselves(head
     assert float(result["normalized"]) > 0
 
 
+def test_a_bart_classifier_measures_the_hessian_of_its_shared_token_table():
+    """BART's token table is looked up by the encoder and the decoder (``model.shared``), and no Linear call
+    reads it (the classifier has no LM head): ``auto`` takes the sketched Hessian (the Gauss-Newton
+    diagonal before, for a weight used twice), and the table's sketched diagonal is unbiased for the
+    brute-force Hessian diagonal, from which the Gauss-Newton diagonal differs there."""
+    pytest.importorskip("transformers")
+    from oracles import assert_unbiased
+    from zoo_oracle import brute_force_ggn_diagonal, brute_force_hessian_diagonal
+
+    from lightning_flatness.functional import hessian_diagonal
+    from lightning_flatness.functional.estimators.method_choice import choose_method
+
+    torch.manual_seed(0)
+    model = seq2seq_model("bart", head="ForSequenceClassification").double()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 32, (4, 7), generator=g)
+    ids[:, -1] = model.config.eos_token_id
+    inputs, target = {"input_ids": ids}, torch.randint(0, 3, (4,), generator=g)
+    loss = resolve_loss(F.cross_entropy, model, extract_logits(model(**inputs)), target)
+    choice = choose_method(model, loss, inputs, target)
+    assert (choice.method, choice.quantity) == ("hessian_sketch", "hessian"), choice.reason
+    names = ["model.shared.weight"]
+    of_outputs = lambda out, t: loss(extract_logits(out), t)  # noqa: E731
+    reference = (
+        brute_force_hessian_diagonal(model, of_outputs, inputs, target, names)[names[0]].detach().flatten()
+    )
+    ggn = brute_force_ggn_diagonal(model, of_outputs, inputs, target, names)[names[0]].detach().flatten()
+    assert float((ggn - reference).norm() / reference.norm()) > 0.05  # the residual reaches the table
+    draws = [
+        hessian_diagonal(
+            model,
+            loss,
+            inputs,
+            target,
+            method="hessian_sketch",
+            parameters=names,
+            num_sketches=4,
+            generator=torch.Generator().manual_seed(r),
+        )[names[0]].flatten()
+        for r in range(40)
+    ]
+    assert_unbiased(torch.stack(draws), reference)
+
+
 class _Config:
     semantic_loss_ignore_index = VOID
 

@@ -292,6 +292,47 @@ def test_a_weight_used_twice_is_unbiased_for_the_hessian(kind, monkeypatch):
     assert float(((mean - diag)[live] / se[live]).abs().max()) > 20.0
 
 
+class SharedTokenTable(nn.Module):
+    """An encoder-decoder whose token table is looked up by both stacks (BART's and T5's ``shared``): the
+    first half of each row of ids is the source, the second the target; the target's embeddings attend to
+    the encoded source (a softmax of their product), so the curvature of the nonlinear ops couples the
+    table's two lookups, but no Linear call reads the table."""
+
+    def __init__(self, vocabulary: int = 6, d: int = 3, classes: int = 3):
+        super().__init__()
+        self.emb, self.enc, self.head = nn.Embedding(vocabulary, d), nn.Linear(d, d), nn.Linear(d, classes)
+
+    def forward(self, ids: Tensor) -> Tensor:  # (N, 2T)
+        source, target = ids.chunk(2, dim=1)
+        encoded = torch.tanh(self.enc(self.emb(source)))  # (N, T, d)
+        queries = self.emb(target)
+        attended = torch.softmax(queries @ encoded.transpose(1, 2), dim=-1) @ encoded
+        return self.head(torch.tanh(attended + queries)).mean(dim=1)
+
+
+def test_a_table_looked_up_twice_takes_the_hessian_sketch_unbiased(monkeypatch):
+    """A weight used twice by embedding lookups only has no coupling columns of its own (no Linear call
+    reads it): ``auto`` takes the sketched Hessian (the Gauss-Newton diagonal before), on the per-layer
+    path, unbiased for the brute-force Hessian diagonal, whose table entries the Gauss-Newton diagonal
+    misses; the bound on coupling columns does not apply to it."""
+    import lightning_flatness.functional.estimators.hessian_sketch as module
+    from lightning_flatness.functional.estimators.method_choice import choose_method
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    model = SharedTokenTable().double()
+    x, y = torch.randint(0, 6, (6, 4), generator=g), torch.randint(0, 3, (6,), generator=g)
+    choice = choose_method(model, F.cross_entropy, x, y)
+    assert (choice.method, choice.quantity) == ("hessian_sketch", "hessian"), choice.reason
+    params, names, diag = _unbiased_on_the_path_it_takes(model, x, y, per_layer=True)
+    table = slice(0, params["emb.weight"].numel())  # names in selection order: the table first
+    assert names[0] == "emb.weight"
+    ggn = brute_force_ggn(model, F.cross_entropy, x, y, names).diagonal()
+    assert float((ggn - diag)[table].norm() / diag[table].norm()) > 0.05  # the residual reaches the table
+    monkeypatch.setattr(module, "TIED_COLUMN_ELEMENTS", 100)
+    hessian_sketch_diagonal(model, F.cross_entropy, x, y, params)  # no coupling columns: not refused
+
+
 def test_refuses_a_weight_used_twice_by_other_ops_or_too_large(monkeypatch):
     import lightning_flatness.functional.estimators.hessian_sketch as module
 

@@ -35,7 +35,9 @@ reaches the weight's own diagonal; it is sampled as a product (:mod:`.node_rules
 weight's columns per sample (their size is bounded by :data:`TIED_COLUMN_ELEMENTS`), added to the sum of
 the weight's per-sample gradients from its calls on the per-layer path (:mod:`.layer_rules.shared`), or to
 its per-sample gradients on the per-sample path. Those columns are noisy:
-``method="auto"`` keeps the Gauss-Newton diagonal for such networks (:func:`hessian_sketch_applies`).
+``method="auto"`` keeps the Gauss-Newton diagonal for such networks (:func:`hessian_sketch_applies`). A
+weight whose uses are not coupled that way (an encoder-decoder's token table, looked up by the encoder and
+the decoder) needs no columns of its own: ``auto`` takes the sketch there.
 
 **Pairs of columns.** Columns that share a pair meet in its squares, and their cross terms are
 zero-mean noise. The loss's columns get a pair of their own (against the ops' columns they were most
@@ -139,6 +141,7 @@ def hessian_sketch_blockers(forward: _RecordedForward) -> list[str]:
         if any(t.ndim == 0 or t.shape[0] % n != 0 for t in node.inputs)
     ][:1]
     n_columns = 2 * (2 + PRODUCT_PAIRS)  # per sketch, at most
+    coupled = _coupled_weights(forward)
     for name, uses in _shared_weights(forward).items():
         leaf = forward.leaves[name]
         if recorder.other_uses[name] or not all(u.startswith(("'linear'", "'embedding'")) for u in uses):
@@ -146,7 +149,7 @@ def hessian_sketch_blockers(forward: _RecordedForward) -> list[str]:
                 f"weight {name!r} is used {len(uses)} times ({'; '.join(uses[:2])}), not only by "
                 "Linear layers and embedding lookups"
             )
-        elif n * leaf.numel() * n_columns > TIED_COLUMN_ELEMENTS:
+        elif name in coupled and n * leaf.numel() * n_columns > TIED_COLUMN_ELEMENTS:
             reasons.append(
                 f"weight {name!r} is used {len(uses)} times (a tied weight) and its per-sample columns "
                 f"({n} samples x {leaf.numel()} entries x {n_columns}) exceed {TIED_COLUMN_ELEMENTS} entries"
@@ -201,11 +204,14 @@ def hessian_sketch_applies(
     names of the nonlinear ops its node rules cover (in call order, each once): what ``method="auto"``
     checks on two samples before choosing ``"hessian_sketch"``.
 
-    ``shared_weights=False`` (``auto``): a selected weight used twice blocks it too. The estimator
-    measures such weights (a tied LM head), unbiased, but the columns of their coupling are noisy: on
-    the tiny GPT-2 at the callback's 512 samples its normalized sharpness was further from the Hessian's
-    than the Gauss-Newton diagonal's (``benchmarks/RESULTS.md``, round 7), so ``auto`` keeps the
-    Gauss-Newton diagonal there and ``method="hessian_sketch"`` asks for it."""
+    ``shared_weights=False`` (``auto``): a selected weight used twice whose uses are coupled
+    (:func:`_coupled_weights`: a tied LM head, a shared layer) blocks it too. The estimator measures such
+    weights, unbiased, but the columns of their coupling are noisy: on the tiny GPT-2 at the callback's
+    512 samples its normalized sharpness was further from the Hessian's than the Gauss-Newton diagonal's
+    (``benchmarks/RESULTS.md``, round 7), so ``auto`` keeps the Gauss-Newton diagonal there and
+    ``method="hessian_sketch"`` asks for it. A weight used twice without coupling (an encoder-decoder's
+    token table, looked up by both stacks) has no columns of its own: its estimate is the same sum of
+    the loss's and the ops' columns as any weight's, so it blocks nothing."""
     with torch.inference_mode(False), torch.enable_grad(), twice_differentiable(model):
         x, _ = _autograd_inputs(inputs, target)
         forward = _record_forward(model, x, params, "choose_method", record_nodes=True)
@@ -216,6 +222,7 @@ def hessian_sketch_applies(
                 "its Hessian, more noisily than the Gauss-Newton diagonal's gap on the tiny GPT-2, "
                 "benchmarks/RESULTS.md)"
                 for name, uses in _shared_weights(forward).items()
+                if name in _coupled_weights(forward)
             ][:1]
         if not blockers:
             blockers = _grouped_rows_blockers(forward, model, x, params, "choose_method")
@@ -284,6 +291,17 @@ def _tied_products(forward: _RecordedForward) -> list[NodeCall]:
     tied = {id(forward.leaves[name]) for name in _shared_weights(forward)}
     rule = NODE_RULES["linear"]
     return [p for p in forward.recorder.weight_products if id(p.inputs[1]) in tied and rule.accepts(p)]
+
+
+def _coupled_weights(forward: _RecordedForward) -> set[str]:
+    """The selected weights used more than once with a Linear call on an input that depends on the selected
+    weights (:func:`_tied_products`: a tied LM head, ALBERT's shared layers): the curvature that couples
+    their uses reaches their diagonal and is sampled by per-sample columns at the weight itself. A weight
+    whose uses are embedding lookups (an encoder-decoder's shared token table) and Linear calls on inputs
+    that do not depend on the weights has no such term: each use is linear in it, so its Hessian diagonal
+    is what the backward columns of the loss and the ops give, summed over its uses."""
+    names = {id(leaf): name for name, leaf in forward.leaves.items()}
+    return {names[id(p.inputs[1])] for p in _tied_products(forward)}
 
 
 def _shared_weights(forward: _RecordedForward) -> dict[str, list[str]]:

@@ -34,9 +34,10 @@ unbiased Hessian-diagonal estimates there.
 
 5. **Any other network** (GELU, LayerNorm, attention, hardswish, tanh, squeeze-excitation): the
    sketched Hessian diagonal ``"hessian_sketch"`` (:mod:`.hessian_sketch`) where its node rules cover
-   every nonlinear operation and no selected weight is used twice (checked on a second recorded forward
-   pass of the two samples, with attention in explicit ops): the Gauss-Newton part as above (the loss's
-   exact factors where ``"exact"`` would be chosen, else sketched) plus random columns of each
+   every nonlinear operation and no selected weight is used twice with its uses coupled (a tied LM head, a
+   shared layer; an encoder-decoder's token table looked up twice is not) (checked on a second recorded
+   forward pass of the two samples, with attention in explicit ops): the Gauss-Newton part as above (the
+   loss's exact factors where ``"exact"`` would be chosen, else sketched) plus random columns of each
    operation's own curvature, unbiased for the Hessian diagonal, first derivatives only. Measured
    against brute force on the model zoo in ``benchmarks/results/bench_hessian_sketch.md``. Where it
    does not apply (a tied LM head, whose Hessian ``"hessian_sketch"`` measures on request but more
