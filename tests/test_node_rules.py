@@ -259,6 +259,50 @@ def test_baddbmm_rule_reads_keyword_operands_and_refuses_a_weight_dependent_bias
     assert not NODE_RULES["baddbmm"].accepts(_call("baddbmm", torch.baddbmm, (c, x, y), {}, [c, x, y]))
 
 
+@pytest.mark.parametrize(
+    "upper, unit, b_varies, shapes",
+    [
+        (False, True, True, ((2, 4, 4), (2, 4, 3))),  # the gated delta rule's UT transform
+        (True, False, True, ((3, 3), (3, 2))),
+        (False, False, False, ((2, 3, 3), (2, 3, 2))),
+        (False, True, True, ((1, 3, 3), (2, 3, 2))),  # a system broadcast over the batch
+    ],
+    ids=["lower-unit", "upper", "constant-rhs", "broadcast-system"],
+)
+def test_triangular_solve_rule(upper, unit, b_varies, shapes):
+    """``A^{-1} B`` with a weight-dependent system: only the triangle the solve reads has curvature."""
+    a = _leaf(*shapes[0], seed=0) * 0.4 + 2.0 * torch.eye(shapes[0][-1], dtype=F64)
+    b = _leaf(*shapes[1], seed=1) if b_varies else torch.randn(*shapes[1], dtype=F64)
+    kwargs = {"upper": upper, "unitriangular": unit}
+    out_shape = torch.linalg.solve_triangular(a, b, **kwargs).shape
+    adjoint = torch.randn(out_shape, dtype=F64, generator=torch.Generator().manual_seed(2))
+    inputs = [a, b] if b_varies else [a]
+    call = _call("linalg_solve_triangular", torch.linalg.solve_triangular, (a, b), kwargs, inputs)
+    assert NODE_RULES["linalg_solve_triangular"].accepts(call)
+    _check(call, adjoint)
+
+
+def test_triangular_solve_rule_refuses_what_it_does_not_cover():
+    a, b = _leaf(3, 3, seed=0) + 2.0 * torch.eye(3, dtype=F64), _leaf(2, 3, seed=1)
+    right = _call(
+        "linalg_solve_triangular",
+        torch.linalg.solve_triangular,
+        (a, b),
+        {"upper": False, "left": False},
+        [a, b],
+    )
+    assert not NODE_RULES["linalg_solve_triangular"].accepts(right)
+    rule = NODE_RULES["linalg_solve_triangular"]
+    b3 = _leaf(3, 2, seed=1)
+    linear = _call(
+        "linalg_solve_triangular", torch.linalg.solve_triangular, (a.detach(), b3), {"upper": True}, [b3]
+    )
+    assert rule.accepts(linear) and rule.columns(linear, torch.ones(3, 2, dtype=F64), None) == (
+        [None],
+        [None],
+    )
+
+
 def test_log_sigmoid_is_recorded_under_its_rule():
     """``F.logsigmoid`` reaches torch function modes as ``log_sigmoid`` (a router's log-probabilities): a
     network using it takes the sketched Hessian, whose node rule for it is the elementwise one."""

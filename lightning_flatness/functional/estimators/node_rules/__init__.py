@@ -8,8 +8,9 @@ weight-dependent tensor (:mod:`.division`), ``softmax`` /
 (:mod:`.group_norm`), ``rms_norm`` (:mod:`.rms_norm`) and ``F.normalize`` (:mod:`.l2_normalize`), the
 four normalizations sharing :mod:`.normalization_curvature`; the 2-norm over some dims of each sample
 (:mod:`.vector_norm`: ConvNeXt V2's global response normalization); and ``linear`` where its weight is used
-twice and its input depends on it (a tied LM head, :mod:`.tied_linear`). Nonlinear functions of one
-weight alone (weight standardization and normalization) have rules of their own, which give their
+twice and its input depends on it (a tied LM head, :mod:`.tied_linear`); a triangular solve with a
+weight-dependent system (the gated delta rule's UT transform, :mod:`.triangular_solve`). Nonlinear functions
+of one weight alone (weight standardization and normalization) have rules of their own, which give their
 curvature's diagonal exactly (:mod:`.weight_functions`)."""
 
 from lightning_flatness.functional.estimators.node_rules import (  # noqa: F401  (registers)
@@ -24,6 +25,7 @@ from lightning_flatness.functional.estimators.node_rules import (  # noqa: F401 
     rms_norm,
     softmax,
     tied_linear,
+    triangular_solve,
     vector_norm,
     weight_functions,
 )
