@@ -108,6 +108,24 @@ PIECEWISE_LINEAR_OPS = frozenset(
         "view_as",
         "view_as_complex",  # (..., 2) real pairs read as complex numbers, and back: the same entries
         "view_as_real",
+        "real",  # a complex tensor's real or imaginary part
+        "imag",
+        "as_strided",  # a strided view (overlapping windows repeat entries): still a selection
+        # discrete Fourier transforms: fixed linear maps (FNet's token mixing)
+        "fft_fft",
+        "fft_ifft",
+        "fft_fft2",
+        "fft_ifft2",
+        "fft_fftn",
+        "fft_ifftn",
+        "fft_rfft",
+        "fft_irfft",
+        "fft_rfft2",
+        "fft_irfft2",
+        "fft_rfftn",
+        "fft_irfftn",
+        "fft_hfft",
+        "fft_ihfft",
         "reshape",
         "reshape_as",
         "flatten",
