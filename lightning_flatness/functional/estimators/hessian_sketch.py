@@ -295,13 +295,13 @@ def _tied_products(forward: _RecordedForward) -> list[NodeCall]:
 
 def _coupled_weights(forward: _RecordedForward) -> set[str]:
     """The selected weights used more than once with a Linear call on an input that depends on the selected
-    weights (:func:`_tied_products`: a tied LM head, ALBERT's shared layers): the curvature that couples
-    their uses reaches their diagonal and is sampled by per-sample columns at the weight itself. A weight
-    whose uses are embedding lookups (an encoder-decoder's shared token table) and Linear calls on inputs
-    that do not depend on the weights has no such term: each use is linear in it, so its Hessian diagonal
-    is what the backward columns of the loss and the ops give, summed over its uses."""
-    names = {id(leaf): name for name, leaf in forward.leaves.items()}
-    return {names[id(p.inputs[1])] for p in _tied_products(forward)}
+    weights (a tied LM head, ALBERT's shared layers; :func:`_tied_products` are those calls): the curvature
+    that couples their uses reaches their diagonal and is sampled by per-sample columns at the weight
+    itself. A weight whose uses are embedding lookups (an encoder-decoder's shared token table) and Linear
+    calls on inputs that do not depend on the weights has no such term: each use is linear in it, so its
+    Hessian diagonal is what the backward columns of the loss and the ops give, summed over its uses."""
+    shared = {id(forward.leaves[name]): name for name in _shared_weights(forward)}
+    return {shared[id(p.inputs[1])] for p in forward.recorder.weight_products if id(p.inputs[1]) in shared}
 
 
 def _shared_weights(forward: _RecordedForward) -> dict[str, list[str]]:
