@@ -422,6 +422,58 @@ MODELS["transformers ConvNeXt V2 (image)"] = _hf(
     image_size=32,
     num_labels=10,
 )
+_SEQ2SEQ_LAYERS = dict(
+    d_model=16,
+    encoder_layers=1,
+    decoder_layers=1,
+    encoder_attention_heads=2,
+    decoder_attention_heads=2,
+    encoder_ffn_dim=32,
+    decoder_ffn_dim=32,
+    vocab_size=64,
+    max_position_embeddings=32,
+)
+# a token table looked up by the encoder and the decoder, no LM head (round 19)
+MODELS["transformers BART classifier (token table shared by encoder and decoder)"] = _hf(
+    "BartForSequenceClassification", "BartConfig", "text_eos", **_SEQ2SEQ_LAYERS
+)
+MODELS["transformers MT5 classifier (token table shared by encoder and decoder)"] = _hf(
+    "MT5ForSequenceClassification",
+    "MT5Config",
+    "text_eos",
+    d_model=16,
+    d_ff=32,
+    num_layers=1,
+    num_decoder_layers=1,
+    num_heads=2,
+    d_kv=8,
+    vocab_size=64,
+    eos_token_id=2,
+    decoder_start_token_id=0,
+    pad_token_id=0,
+)
+MODELS["transformers Qwen3-Next (gated delta rule)"] = _hf(  # its UT transform's triangular solve
+    "Qwen3NextForCausalLM",
+    "Qwen3NextConfig",
+    "lm",
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    layer_types=["linear_attention", "full_attention"],
+    mlp_only_layers=[0, 1],
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+    linear_conv_kernel_dim=2,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    vocab_size=64,
+)
+MODELS["transformers FNet (Fourier token mixing)"] = _hf(
+    "FNetForSequenceClassification", "FNetConfig", "text", hidden_size=16, **_TEXT
+)
 QUICK = ("torchvision mobilenet_v3_small (0.25)", "timm vit_tiny (patch 4)", "transformers BERT")
 
 
@@ -475,6 +527,11 @@ def _batches(spec: tuple[str, int], samples: int) -> list[Any]:
             ids = torch.randint(0, 64, (2, 8), generator=g)
             labels = torch.randint(0, 5, (2, 8), generator=g)
             labels[1, -3:] = -100
+            out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+        elif kind == "text_eos":  # a sequence classifier that reads the end token (BART, T5): id 2
+            ids = torch.randint(3, 64, (2, 8), generator=g)
+            ids[:, -1] = 2
+            labels = torch.randint(0, 2, (2,), generator=g)
             out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
         else:
             ids = torch.randint(0, 64, (2, 8), generator=g)

@@ -60,3 +60,17 @@ def test_bench_hf_sweep_quick_measures_each_class_or_says_why_not(tmp_path):
     rows = bench_hf_sweep.main(["--head", "ForTokenClassification", *only, "--json", str(out)])["rows"]
     assert rows and all(r["status"] == "ok" and r["path"] == "per-layer" for r in rows.values()), rows
     assert "DistilBertForTokenClassification" in out.with_suffix(".md").read_text()
+
+
+def test_bench_hf_sweep_says_why_it_measures_the_gauss_newton_diagonal(tmp_path):
+    """A masked LM ties its head to the token table: ``auto`` keeps the Gauss-Newton diagonal, and the row
+    says so (what keeps the sketched Hessian off it); a Hessian row has no such note."""
+    from benchmarks import bench_hf_sweep
+
+    out = tmp_path / "sweep.json"
+    rows = bench_hf_sweep.main(["--head", "ForMaskedLM", "--only", "DistilBertForMasked", "--json", str(out)])
+    (row,) = rows["rows"].values()
+    assert row["status"] == "ok" and row["quantity"] == "gauss_newton", row
+    assert "word_embeddings.weight' is used 2 times (a tied weight" in row["why_gauss_newton"], row
+    assert "| Gauss-Newton: weight" in out.with_suffix(".md").read_text()
+    assert bench_hf_sweep._gauss_newton_reason("the network is linear in each weight") == ""
