@@ -6,14 +6,14 @@
 ``ForSequenceClassification``, ``ForImageClassification``, ``ForQuestionAnswering``, ``ForMultipleChoice``),
 builds it from its configuration class's defaults shrunk by attribute name (hidden sizes 16, one layer, two
 heads, a vocabulary of 64, 3 labels, 32x32 images: :data:`SHRINK`, each attribute set only where the
-configuration has it as an int; per-stage lists of hierarchical vision models, :data:`SHRINK_PER_STAGE`,
-with 64x64 images for their four stages; width and depth multipliers, :data:`SHRINK_MULTIPLIERS`;
+configuration has it as an int; per-stage lists of hierarchical vision models, :data:`SHRINK_PER_STAGE`, with
+64x64 images for their four stages; width and depth multipliers, :data:`SHRINK_MULTIPLIERS`;
 sub-configurations too) and set up as the models' documentation does (two labels for question answering, a
 padding token for a sequence classifier, one layer of each kind of a hybrid, a key head per query head for
-multi-head latent attention), with random weights, and measures 4 samples in batches of 2 (random tokens of
-length 8, ending in the end-of-sequence token for a sequence classifier, or random images; the labels the
-head trains on: the tokens for a causal LM, a few masked positions for a masked LM, a class per token or per
-sample, an answer span, or one of 3 candidate texts).
+multi-head latent attention, no generation cache: training), with random weights, and measures 4 samples in
+batches of 2 (random tokens of length 8, ending in the end-of-sequence token for a sequence classifier, or
+random images; the labels the head trains on: the tokens for a causal LM, a few masked positions for a masked
+LM, a class per token or per sample, an answer span, or one of 3 candidate texts).
 
 A class is **skipped** when the shrunk configuration does not build or the model's own forward fails on the
 batch (a configuration the shrinking broke, not a measurement), and **timed out** after ``--timeout``
@@ -174,13 +174,17 @@ def _shrink(config: Any, head: str = "") -> None:
             _set(config, "head_dim", config.qk_rope_head_dim)  # the rotary part of a head
         if hasattr(config, "num_key_value_heads"):  # a key per head, as eager attention assumes
             _set(config, "num_key_value_heads", config.num_attention_heads)
+    if isinstance(getattr(config, "use_cache", None), bool):  # training, as the docs fine-tune: no generation
+        _set(config, "use_cache", False)  # cache (a hybrid's layer of each kind may hold no attention cache)
     if isinstance(getattr(config, "num_experts_per_tok", None), int):
         config.num_experts_per_tok = min(config.num_experts_per_tok, 2)
     if isinstance(getattr(config, "layer_types", None), list):  # one layer of each kind (a hybrid's too)
-        config.layer_types = list(dict.fromkeys(config.layer_types))
-        for key in ("num_hidden_layers", "num_layers"):
-            if isinstance(getattr(config, key, None), int):
-                _set(config, key, len(config.layer_types))
+        kinds = list(dict.fromkeys(config.layer_types))
+        _set(config, "layer_types", kinds)  # a read-only property (Mamba, Jamba): derived from the depth
+        if config.layer_types == kinds:
+            for key in ("num_hidden_layers", "num_layers"):
+                if isinstance(getattr(config, key, None), int):
+                    _set(config, key, len(kinds))
     for key in list(vars(config)):
         sub = getattr(config, key, None)
         if sub is not config and type(sub).__name__.endswith("Config") and hasattr(sub, "to_dict"):
