@@ -211,6 +211,49 @@ def test_register_tokens_are_left_out_like_class_tokens():
     assert not [w for w in caught if "per-layer contractions do not apply" in str(w.message)]
 
 
+def test_prophetnet_ngram_embeddings_are_left_out_like_position_embeddings():
+    """ProphetNet adds one row of ``ngram_embeddings`` per predicting stream to every sample's positions (a
+    bias indexed by stream, the same for every sample): an additive offset, left out of the default
+    selection; the model then takes the per-layer path (the table, indexed and added, sent it to per-sample
+    backward passes)."""
+    pytest.importorskip("transformers")
+    import warnings
+
+    import transformers
+
+    from lightning_flatness.measure import measure_sharpness
+
+    config = transformers.ProphetNetConfig(
+        vocab_size=32,
+        hidden_size=8,
+        encoder_ffn_dim=16,
+        decoder_ffn_dim=16,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        num_encoder_attention_heads=2,
+        num_decoder_attention_heads=2,
+        max_position_embeddings=16,
+        ngram=2,
+        use_cache=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.ProphetNetForCausalLM(config).eval()
+    selected = select_parameters(model)
+    assert "prophetnet.decoder.ngram_embeddings.weight" not in selected
+    assert "prophetnet.decoder.position_embeddings.weight" not in selected
+    assert "lm_head.weight" in selected or "prophetnet.word_embeddings.weight" in selected
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(2):
+        ids = torch.randint(3, 32, (2, 6), generator=g)
+        batches.append({"input_ids": ids, "labels": ids.clone()})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = measure_sharpness(model, batches, num_replicates=2)
+    assert float(result["normalized"]) > 0
+    assert not [w for w in caught if "per-layer contractions do not apply" in str(w.message)]
+
+
 class ScaledHead(nn.Linear):
     """Dory's LM head: a ``Linear`` with a per-output ``logit_scale`` multiplying its output."""
 

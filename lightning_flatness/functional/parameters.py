@@ -61,7 +61,7 @@ What that means for the tensors of modern networks (the default selection):
 Detection of additive offsets is by name, for parameters that are *not* the weight of a
 ``Linear``/``Conv``: a name component containing ``pos_embed``, ``position``, ``wpe``,
 ``cls_token``, ``class_token``, ``class_embedding``, ``dist_token``, ``reg_token``, ``register_token``,
-``mask_token`` or ``relative_attention_bias``
+``mask_token``, ``relative_attention_bias`` or ``ngram_embeddings`` (ProphetNet's predicting streams)
 (:data:`ADDITIVE_OFFSET_MARKERS`). Linear and Conv weights always count, whatever their name.
 """
 
@@ -100,6 +100,7 @@ ADDITIVE_OFFSET_MARKERS = (
     "register_token",  # Hugging Face's DINOv2 with registers: (1, registers, D), concatenated to the tokens
     "mask_token",
     "relative_attention_bias",
+    "ngram_embeddings",  # ProphetNet's: one row per predicting stream, added to every sample's positions
 )
 
 _MULTIPLYING = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
