@@ -422,20 +422,9 @@ MODELS["transformers ConvNeXt V2 (image)"] = _hf(
     image_size=32,
     num_labels=10,
 )
-_SEQ2SEQ_LAYERS = dict(
-    d_model=16,
-    encoder_layers=1,
-    decoder_layers=1,
-    encoder_attention_heads=2,
-    decoder_attention_heads=2,
-    encoder_ffn_dim=32,
-    decoder_ffn_dim=32,
-    vocab_size=64,
-    max_position_embeddings=32,
-)
 # a token table looked up by the encoder and the decoder, no LM head (round 19)
-MODELS["transformers BART classifier (token table shared by encoder and decoder)"] = _hf(
-    "BartForSequenceClassification", "BartConfig", "text_eos", **_SEQ2SEQ_LAYERS
+MODELS["transformers BART classifier (token table shared by encoder and decoder)"] = _zoo(
+    "seq2seq_model", "text_eos", "bart", 64, "ForSequenceClassification"
 )
 MODELS["transformers MT5 classifier (token table shared by encoder and decoder)"] = _hf(
     "MT5ForSequenceClassification",

@@ -33,6 +33,7 @@ __all__ = [
     "brute_force_measures",
     "assert_relative_close",
     "assert_unbiased",
+    "hessian_sketch_draws",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -154,3 +155,31 @@ def assert_unbiased(
     if bool(live.any()):
         assert float(((mean - diag)[live] / se[live]).abs().max()) < 5.0
     return mean, se, live
+
+
+def hessian_sketch_draws(
+    model: nn.Module, loss_fn: LossFn, inputs, target: Tensor, names: Sequence[str], draws: int = 40
+) -> Tensor:
+    """``draws`` independent ``method="hessian_sketch"`` estimates (4 sketches each, generators seeded
+    ``0 .. draws - 1``) of the weights ``names``, flattened in that order: ``(draws, P)``, for
+    :func:`assert_unbiased`."""
+    from lightning_flatness.functional import hessian_diagonal
+
+    return torch.stack(
+        [
+            flat(
+                hessian_diagonal(
+                    model,
+                    loss_fn,
+                    inputs,
+                    target,
+                    method="hessian_sketch",
+                    parameters=list(names),
+                    num_sketches=4,
+                    generator=torch.Generator().manual_seed(r),
+                ),
+                names,
+            )
+            for r in range(draws)
+        ]
+    )

@@ -255,10 +255,9 @@ def test_a_bart_classifier_measures_the_hessian_of_its_shared_token_table():
     diagonal before, for a weight used twice), and the table's sketched diagonal is unbiased for the
     brute-force Hessian diagonal, from which the Gauss-Newton diagonal differs there."""
     pytest.importorskip("transformers")
-    from oracles import assert_unbiased
+    from oracles import assert_unbiased, hessian_sketch_draws
     from zoo_oracle import brute_force_ggn_diagonal, brute_force_hessian_diagonal
 
-    from lightning_flatness.functional import hessian_diagonal
     from lightning_flatness.functional.estimators.method_choice import choose_method
 
     torch.manual_seed(0)
@@ -277,20 +276,7 @@ def test_a_bart_classifier_measures_the_hessian_of_its_shared_token_table():
     )
     ggn = brute_force_ggn_diagonal(model, of_outputs, inputs, target, names)[names[0]].detach().flatten()
     assert float((ggn - reference).norm() / reference.norm()) > 0.05  # the residual reaches the table
-    draws = [
-        hessian_diagonal(
-            model,
-            loss,
-            inputs,
-            target,
-            method="hessian_sketch",
-            parameters=names,
-            num_sketches=4,
-            generator=torch.Generator().manual_seed(r),
-        )[names[0]].flatten()
-        for r in range(40)
-    ]
-    assert_unbiased(torch.stack(draws), reference)
+    assert_unbiased(hessian_sketch_draws(model, loss, inputs, target, names), reference)
 
 
 class _Config:

@@ -12,9 +12,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from oracles import assert_unbiased
+from oracles import assert_unbiased, hessian_sketch_draws
 
-from lightning_flatness.functional import hessian_diagonal
 from lightning_flatness.functional.estimators.method_choice import choose_method
 from lightning_flatness.functional.model_io import extract_logits
 from lightning_flatness.measure import resolve_loss
@@ -69,19 +68,5 @@ def test_the_gated_delta_rule_takes_the_hessian_sketch_unbiased():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # a fallback to per-sample passes warns
         warnings.filterwarnings("ignore", message=".*(causal_conv1d|flash-linear-attention|torch.jit).*")
-        draws = [
-            flat(
-                hessian_diagonal(
-                    model,
-                    loss,
-                    inputs,
-                    ids,
-                    method="hessian_sketch",
-                    parameters=names,
-                    num_sketches=4,
-                    generator=torch.Generator().manual_seed(r),
-                )
-            )
-            for r in range(40)
-        ]
-    assert_unbiased(torch.stack(draws), flat(reference))
+        draws = hessian_sketch_draws(model, loss, inputs, ids, names)
+    assert_unbiased(draws, flat(reference))

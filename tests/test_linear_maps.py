@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from oracles import assert_unbiased, brute_force_hessian, flat
+from oracles import assert_unbiased, brute_force_hessian, flat, hessian_sketch_draws
 from torch import Tensor, nn
 
 from lightning_flatness.functional import hessian_diagonal
@@ -77,23 +77,8 @@ def test_with_smooth_ops_the_sketched_hessian_applies_unbiased(model_cls):
     truth = brute_force_hessian(model, F.cross_entropy, x, y, names).diagonal()
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no fallback to per-sample passes
-        draws = [
-            flat(
-                hessian_diagonal(
-                    model,
-                    F.cross_entropy,
-                    x,
-                    y,
-                    method="hessian_sketch",
-                    parameters=names,
-                    num_sketches=4,
-                    generator=torch.Generator().manual_seed(r),
-                ),
-                names,
-            )
-            for r in range(40)
-        ]
-    assert_unbiased(torch.stack(draws), truth)
+        draws = hessian_sketch_draws(model, F.cross_entropy, x, y, names)
+    assert_unbiased(draws, truth)
 
 
 def test_fnet_measures_the_hessian():
