@@ -250,9 +250,10 @@ def test_a_position_embedding_keeps_a_piecewise_linear_network_exact():
 
 
 def test_a_weight_combined_with_the_inputs_outside_a_layer_is_not_taken_for_a_function_of_the_weights():
-    """``(x[:, :, None] * W).sum(1)`` on the raw inputs (no layer rule): the result depends on the data, so it
-    is not a function of the weights (whose layer calls would describe nothing); the per-sample path, exact.
-    (``einsum(x, W)`` is a layer now: ``tests/test_weight_stack_products.py``.)"""
+    """``(x[:, :, None] * W).sum(1)`` on the raw inputs: the result depends on the data, so it is not a
+    function of the weights (whose layer calls would describe nothing). The product of the data and the
+    weight is a layer now, as ``einsum(x, W)`` is (``tests/test_weight_stack_products.py``): the per-layer
+    path, exact."""
 
     class RawProduct(nn.Module):
         def __init__(self):
@@ -267,7 +268,8 @@ def test_a_weight_combined_with_the_inputs_outside_a_layer_is_not_taken_for_a_fu
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(6, 3, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g)
     params = select_parameters(model, "all")
-    with pytest.warns(UserWarning, match="'w' is used by 'mul'"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a fallback to per-sample passes warns
         diag = exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
     _close(diag, brute_force_hessian_diagonal(model, F.cross_entropy, x, y, list(params)), params)
 

@@ -30,6 +30,8 @@ from lightning_flatness.functional.parameters import select_parameters
 from lightning_flatness.functional.weight_stack_products import (
     WeightStackProducts,
     einsum_as_stack_product,
+    matmul_as_stack_product,
+    product_as_stack_product,
     stack_product_as_convolution,
 )
 
@@ -322,3 +324,142 @@ def test_llama4_moe_written_token_by_token_is_the_models_function():
     torch.testing.assert_close(written, own, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(logits, own_logits, rtol=0, atol=0)
     torch.testing.assert_close(whole, model(**inputs).logits, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    "x_shape,w_shape",
+    [
+        ((2, 3, 5, 1), (3, 1, 4)),  # Mamba's A[None, :, None, :] * dt[..., None]: groups, rows, outputs
+        ((2, 3, 5), (3, 1)),  # a scale per channel
+        ((2, 3, 5), (1, 5)),  # a scale per position, broadcast over channels
+    ],
+)
+def test_a_product_of_data_and_a_weight_is_the_same_product(x_shape, w_shape):
+    """``x * W`` (``W`` broadcast over the samples) as a grouped convolution: values, gradients and a
+    Hessian-vector product; under the mode rewritten in either operand order, not where the weight has the
+    samples' dim or where both factors are data."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*x_shape, generator=g, dtype=F64)
+    w = torch.randn(*w_shape, generator=g, dtype=F64)
+    u = torch.randn(torch.broadcast_shapes(x.shape, w.shape), generator=g, dtype=F64)
+
+    def f(product, x, w):
+        return (torch.tanh(product(x, w)) * u).sum()
+
+    ref, new = functools.partial(f, torch.mul), functools.partial(f, product_as_stack_product)
+    torch.testing.assert_close(product_as_stack_product(x, w), x * w, rtol=1e-14, atol=1e-14)
+    _same_derivatives(new, ref, x, w)
+    leaf, data = w.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with WeightStackProducts(lambda t: t is leaf):
+        right, left, operator = data * leaf, torch.mul(leaf, data), leaf * data
+        both = data * data
+    assert _convolved(right) and _convolved(left) and _convolved(operator) and not _convolved(both)
+    torch.testing.assert_close(right, x * w)
+    assert product_as_stack_product(x, torch.randn(2, *w_shape[1:], dtype=F64)[: x_shape[0]]) is None
+
+
+def test_a_weight_as_the_left_factor_of_matmul_is_the_same_product():
+    """``W @ x`` (Mamba's ``dt_proj.weight @ time_step``) as a grouped convolution; ``x @ W`` keeps its own
+    layer rule (``layer_rules.matmul``) and passes through."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, HIDDEN, 6, generator=g, dtype=F64)
+    w = torch.randn(WIDTH, HIDDEN, generator=g, dtype=F64)
+    u = torch.randn(2, WIDTH, 6, generator=g, dtype=F64)
+
+    def f(product, x, w):
+        return (torch.tanh(product(x, w)) * u).sum()
+
+    ref = functools.partial(f, lambda x, w: w @ x)
+    new = functools.partial(f, lambda x, w: matmul_as_stack_product(x, w, weight_first=True))
+    _same_derivatives(new, ref, x, w)
+    leaf, data = w.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with WeightStackProducts(lambda t: t is leaf):
+        left = leaf @ data
+        right = data.transpose(1, 2) @ leaf.T
+    assert _convolved(left) and not _convolved(right)
+    torch.testing.assert_close(left, w @ x)
+
+
+class SelectiveScanStep(nn.Module):
+    """Mamba's selective state-space step without its scan: time steps ``dt = softplus(W_dt @ x)`` (a weight
+    as matmul's left factor), ``A = -exp(A_log)`` (a function of a weight alone) multiplying them
+    elementwise, ``exp(A dt)`` mixed with the inputs, then a head."""
+
+    def __init__(self, channels: int = 3, states: int = 2, classes: int = 3):
+        super().__init__()
+        self.dt_proj = nn.Linear(channels, channels, bias=False)
+        self.A_log = nn.Parameter(torch.randn(channels, states) * 0.5)
+        self.head = nn.Linear(channels * states, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, T)
+        dt = F.softplus(self.dt_proj.weight @ x)  # (N, C, T)
+        decay = torch.exp(-torch.exp(self.A_log)[None, :, None, :] * dt[..., None])  # (N, C, T, S)
+        state = (decay * x[..., None]).mean(dim=2)  # (N, C, S)
+        return self.head(state.flatten(1))
+
+
+def test_a_selective_scan_step_takes_the_per_layer_path_unbiased():
+    """Both of Mamba's products with a weight on a toy, in float64: no per-sample fallback, and the sketched
+    Hessian diagonal is unbiased for the brute-force one (the exponential of ``A_log`` exactly)."""
+    from oracles import assert_unbiased, brute_force_hessian, hessian_sketch_draws
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    model = SelectiveScanStep().double()
+    x, y = torch.randn(5, 3, 4, generator=g, dtype=F64), torch.randint(0, 3, (5,), generator=g)
+    names = ["dt_proj.weight", "A_log", "head.weight"]
+    truth = brute_force_hessian(model, F.cross_entropy, x, y, names).diagonal()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a fallback to per-sample passes warns
+        draws = hessian_sketch_draws(model, F.cross_entropy, x, y, names)
+    assert_unbiased(draws, truth)
+
+
+def test_mamba_takes_the_per_layer_path(monkeypatch):
+    """Hugging Face's Mamba (its reference PyTorch scan, untied head): ``A = -exp(A_log)`` multiplies the
+    time steps elementwise and ``dt_proj.weight`` multiplies them from the left, which sent every estimator
+    to per-sample backward passes. In float32 both are products the per-layer path reads: no fallback, and
+    draw by draw the per-sample path's estimates. In float64 the model computes ``A`` in float32
+    (``A_log.float()``), a product of two dtypes that is left as it is: the per-sample passes, whose float32
+    columns and float64 gradients are now squared in one dtype (they failed), give the same draws."""
+    transformers = pytest.importorskip("transformers")
+    from oracles import hessian_sketch_draws
+
+    import lightning_flatness.functional.estimators.hessian_sketch as module
+    from lightning_flatness.functional.model_io import extract_logits
+    from lightning_flatness.measure import resolve_loss
+
+    config = transformers.MambaConfig(
+        vocab_size=16,
+        hidden_size=4,
+        state_size=3,
+        num_hidden_layers=1,
+        expand=2,
+        conv_kernel=2,
+        time_step_rank=2,
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
+    ids = torch.randint(0, 16, (3, 5), generator=torch.Generator().manual_seed(1))
+    names = ["backbone.layers.0.mixer.A_log", "backbone.layers.0.mixer.dt_proj.weight"]
+    draws, fallbacks = {}, {}
+    for dtype in (torch.float32, torch.float64):
+        torch.manual_seed(0)
+        model = transformers.MambaForCausalLM(config).to(dtype).eval()
+        loss = resolve_loss(F.cross_entropy, model, extract_logits(model(input_ids=ids)), ids)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            draws[dtype] = hessian_sketch_draws(model, loss, {"input_ids": ids}, ids, names, draws=3)
+        fallbacks[dtype] = any("per-layer contractions do not apply" in str(w.message) for w in caught)
+        if dtype == torch.float32:
+            with monkeypatch.context() as patch, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                patch.setattr(module, "_fast_path_blockers", lambda *args: ["the per-sample path, forced"])
+                forced = hessian_sketch_draws(model, loss, {"input_ids": ids}, ids, names, draws=3)
+            scale = float(forced.abs().max())
+            torch.testing.assert_close(draws[dtype], forced, rtol=1e-3, atol=2e-3 * scale)  # float32 sums
+    assert fallbacks == {torch.float32: False, torch.float64: True}
+    scale = float(draws[torch.float64].abs().max())
+    torch.testing.assert_close(
+        draws[torch.float32].double(), draws[torch.float64], rtol=1e-3, atol=1e-3 * scale
+    )

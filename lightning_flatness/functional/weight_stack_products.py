@@ -28,7 +28,12 @@ of ``x`` and of the output into the convolution's layout.
 ``torch.einsum`` of data and a weight (Funnel's relative attention: queries against position encodings
 projected by a weight, ``binh,tnh->bnit``, and against segment embeddings) is the same kind of product once
 its indices are laid out as groups, rows, contracted and output indices (:func:`einsum_as_stack_product`),
-and runs as the same convolution.
+and runs as the same convolution. So do two more products of data and a weight that no layer rule reads, as
+Mamba's selective scan writes them (:func:`matmul_as_stack_product`, :func:`product_as_stack_product`): a
+2-D weight as ``matmul``'s left factor (``dt_proj.weight @ x``; ``x @ W`` has a layer rule of its own) and an
+elementwise product with a weight broadcast over the samples (``A[None, :, None, :] * dt[..., None]`` with
+``A = -exp(A_log)``, a function of the weight alone: its exponential's curvature is taken exactly by the
+sketched Hessian, as for any elementwise function of the weights). Factors of two dtypes are left as they are.
 """
 
 from __future__ import annotations
@@ -41,9 +46,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["WeightStackProducts", "einsum_as_stack_product", "stack_product_as_convolution"]
+__all__ = [
+    "WeightStackProducts",
+    "einsum_as_stack_product",
+    "matmul_as_stack_product",
+    "product_as_stack_product",
+    "stack_product_as_convolution",
+]
 
 _BATCHED_PRODUCTS = (torch.bmm, Tensor.bmm)
+_MATMULS = (torch.matmul, Tensor.matmul, Tensor.__matmul__)
+_PRODUCTS = (torch.mul, torch.multiply, Tensor.mul, Tensor.multiply, Tensor.__mul__, Tensor.__rmul__)
 
 
 def stack_product_as_convolution(x: Tensor, weight: Tensor) -> Tensor:
@@ -112,6 +125,76 @@ def einsum_as_stack_product(equation: str, x: Tensor, weight: Tensor) -> Optiona
     return product.permute([laid.index(i) for i in out])
 
 
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def matmul_as_stack_product(x: Tensor, weight: Tensor, weight_first: bool) -> Optional[Tensor]:
+    """``torch.matmul(x, weight)`` (``weight_first=False``: ``x`` ``(..., I)``, ``weight`` ``(I, O)``) or
+    ``torch.matmul(weight, x)`` (``weight`` ``(O, I)``, ``x`` ``(..., I, T)``: Mamba's ``dt_proj.weight @
+    x``) for a 2-D weight and ``x`` of at least 2 dims, as :func:`einsum_as_stack_product` of the same
+    product; None for other shapes.
+
+    Example:
+        >>> import torch
+        >>> x, w = torch.randn(2, 3, 5), torch.randn(4, 3)
+        >>> torch.allclose(matmul_as_stack_product(x, w, weight_first=True), w @ x, atol=1e-6)
+        True
+    """
+    if weight.ndim != 2 or x.ndim < 2 or x.ndim > len(_LETTERS) - 2:
+        return None
+    rows = _LETTERS[: x.ndim]
+    if weight_first:  # (O, I) @ (..., I, T): contracted x's second-to-last index
+        if x.shape[-2] != weight.shape[1]:
+            return None
+        xs, ws = rows, "z" + rows[-2]
+        out = rows[:-2] + "z" + rows[-1]
+    else:  # (..., I) @ (I, O)
+        if x.shape[-1] != weight.shape[0]:
+            return None
+        xs, ws = rows, rows[-1] + "z"
+        out = rows[:-1] + "z"
+    return einsum_as_stack_product(f"{xs},{ws}->{out}", x, weight)
+
+
+def product_as_stack_product(x: Tensor, weight: Tensor) -> Optional[Tensor]:
+    """``x * weight`` (broadcast) for ``x`` with the samples along dim 0 and ``weight`` broadcast there, as
+    :func:`einsum_as_stack_product` of the same products: the dims where both are longer than 1 are groups,
+    those where ``x`` alone is are rows, those where ``weight`` alone is are outputs (a grouped 1x1
+    convolution with one input channel per group: Mamba's ``A[None, :, None, :] * dt[..., None]``); None
+    where ``weight`` is not broadcast over dim 0 or the shapes do not broadcast.
+
+    Example:
+        >>> import torch
+        >>> x, w = torch.randn(2, 3, 5, 1), torch.randn(3, 1, 4)
+        >>> torch.allclose(product_as_stack_product(x, w), x * w, atol=1e-6)
+        True
+    """
+    try:
+        shape = torch.broadcast_shapes(x.shape, weight.shape)
+    except RuntimeError:
+        return None
+    if len(shape) > len(_LETTERS) or len(shape) < 2 or len(shape) != x.ndim:
+        return None
+    w_shape = (1,) * (len(shape) - weight.ndim) + tuple(weight.shape)
+    if w_shape[0] != 1:
+        return None
+    xs = ws = out = ""
+    x_keep: list[int] = []
+    w_keep: list[int] = []
+    for d, letter in enumerate(_LETTERS[: len(shape)]):
+        in_x, in_w = x.shape[d] > 1 or w_shape[d] == 1, w_shape[d] > 1
+        out += letter
+        if in_x:
+            xs, x_keep = xs + letter, x_keep + [d]
+        if in_w:
+            ws, w_keep = ws + letter, w_keep + [d]
+    if not ws:
+        return None
+    xv = x.reshape([x.shape[d] for d in x_keep])
+    wv = weight.reshape(w_shape).reshape([w_shape[d] for d in w_keep])
+    return einsum_as_stack_product(f"{xs},{ws}->{out}", xv, wv)
+
+
 def _einsum_operands(func: Any, args: tuple, kwargs: dict) -> Optional[tuple[Any, Any]]:
     """The two operands of ``torch.einsum(equation, a, b)`` or ``torch.einsum(equation, [a, b])``, or None."""
     if func is not torch.einsum or kwargs or not args or not isinstance(args[0], str):
@@ -170,6 +253,17 @@ class WeightStackProducts(TorchFunctionMode):
                 and not self.is_weight(x)
             ):
                 return stack_product_as_convolution(x, w)
+        if func in _MATMULS and len(args) == 2 and not kwargs and self._data_and_weight(args[1], args[0]):
+            # a weight as the left factor (x @ W has a layer rule of its own: layer_rules.matmul)
+            out = matmul_as_stack_product(args[1], args[0], weight_first=True)
+            if out is not None:
+                return out
+        if func in _PRODUCTS and len(args) == 2 and not kwargs:
+            for x, w in (args, args[::-1]):
+                if self._data_and_weight(x, w):
+                    out = product_as_stack_product(x, w)
+                    if out is not None:
+                        return out
         operands = _einsum_operands(func, args, kwargs)
         if operands is not None:
             x, w = operands
@@ -186,3 +280,16 @@ class WeightStackProducts(TorchFunctionMode):
                 if out is not None:
                     return out
         return func(*args, **kwargs)
+
+    def _data_and_weight(self, x: Any, w: Any) -> bool:
+        """Whether ``x`` is computed from the data and ``w`` is a selected weight or a function of the
+        selected weights alone, both floating tensors of one dtype."""
+        return (
+            isinstance(x, Tensor)
+            and isinstance(w, Tensor)
+            and x.dtype == w.dtype
+            and x.is_floating_point()
+            and self.is_weight(w)
+            and not self.is_weight(x)
+            and (x.requires_grad if self.is_data is None else self.is_data(x))
+        )

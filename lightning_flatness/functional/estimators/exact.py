@@ -368,7 +368,7 @@ def _diagonal_per_sample(
             ]
         for name, g in zip(names, grads):
             if g is not None:
-                diag[name] += torch.tensordot(sign, g * g, dims=1)
+                diag[name] += torch.tensordot(sign.to(g.dtype), g * g, dims=1)  # (a model that casts inside)
     return diag
 
 

@@ -396,7 +396,7 @@ def _diagonal_by_chunks(
             grads = _batched_backward(roots, targets, grad_outputs)
         for name, g in zip(leaves, grads):
             if g is not None:
-                diag[name] += torch.tensordot(weights, g * g, dims=1)
+                diag[name] += torch.tensordot(weights.to(g.dtype), g * g, dims=1)  # (a model may cast)
     return diag
 
 
