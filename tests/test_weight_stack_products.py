@@ -370,7 +370,7 @@ def test_a_weight_as_the_left_factor_of_matmul_is_the_same_product():
         return (torch.tanh(product(x, w)) * u).sum()
 
     ref = functools.partial(f, lambda x, w: w @ x)
-    new = functools.partial(f, lambda x, w: matmul_as_stack_product(x, w, weight_first=True))
+    new = functools.partial(f, lambda x, w: matmul_as_stack_product(w, x))
     _same_derivatives(new, ref, x, w)
     leaf, data = w.clone().requires_grad_(True), x.clone().requires_grad_(True)
     with WeightStackProducts(lambda t: t is leaf):

@@ -128,32 +128,21 @@ def einsum_as_stack_product(equation: str, x: Tensor, weight: Tensor) -> Optiona
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-def matmul_as_stack_product(x: Tensor, weight: Tensor, weight_first: bool) -> Optional[Tensor]:
-    """``torch.matmul(x, weight)`` (``weight_first=False``: ``x`` ``(..., I)``, ``weight`` ``(I, O)``) or
-    ``torch.matmul(weight, x)`` (``weight`` ``(O, I)``, ``x`` ``(..., I, T)``: Mamba's ``dt_proj.weight @
-    x``) for a 2-D weight and ``x`` of at least 2 dims, as :func:`einsum_as_stack_product` of the same
-    product; None for other shapes.
+def matmul_as_stack_product(weight: Tensor, x: Tensor) -> Optional[Tensor]:
+    """``torch.matmul(weight, x)`` for a 2-D ``weight`` ``(O, I)`` and ``x`` ``(..., I, T)`` computed from the
+    data (Mamba's ``dt_proj.weight @ x``), as :func:`einsum_as_stack_product` of the same product; None for
+    other shapes. (``x @ W`` has a layer rule of its own: ``layer_rules.matmul``.)
 
     Example:
         >>> import torch
-        >>> x, w = torch.randn(2, 3, 5), torch.randn(4, 3)
-        >>> torch.allclose(matmul_as_stack_product(x, w, weight_first=True), w @ x, atol=1e-6)
+        >>> w, x = torch.randn(4, 3), torch.randn(2, 3, 5)
+        >>> torch.allclose(matmul_as_stack_product(w, x), w @ x, atol=1e-6)
         True
     """
-    if weight.ndim != 2 or x.ndim < 2 or x.ndim > len(_LETTERS) - 2:
+    if weight.ndim != 2 or x.ndim < 2 or x.ndim > len(_LETTERS) - 1 or x.shape[-2] != weight.shape[1]:
         return None
-    rows = _LETTERS[: x.ndim]
-    if weight_first:  # (O, I) @ (..., I, T): contracted x's second-to-last index
-        if x.shape[-2] != weight.shape[1]:
-            return None
-        xs, ws = rows, "z" + rows[-2]
-        out = rows[:-2] + "z" + rows[-1]
-    else:  # (..., I) @ (I, O)
-        if x.shape[-1] != weight.shape[0]:
-            return None
-        xs, ws = rows, rows[-1] + "z"
-        out = rows[:-1] + "z"
-    return einsum_as_stack_product(f"{xs},{ws}->{out}", x, weight)
+    rows = _LETTERS[: x.ndim]  # x's indices; "z" the output's, the weight's rows
+    return einsum_as_stack_product(f"{rows},z{rows[-2]}->{rows[:-2]}z{rows[-1]}", x, weight)
 
 
 def product_as_stack_product(x: Tensor, weight: Tensor) -> Optional[Tensor]:
@@ -254,8 +243,7 @@ class WeightStackProducts(TorchFunctionMode):
             ):
                 return stack_product_as_convolution(x, w)
         if func in _MATMULS and len(args) == 2 and not kwargs and self._data_and_weight(args[1], args[0]):
-            # a weight as the left factor (x @ W has a layer rule of its own: layer_rules.matmul)
-            out = matmul_as_stack_product(args[1], args[0], weight_first=True)
+            out = matmul_as_stack_product(args[0], args[1])  # a weight as the left factor
             if out is not None:
                 return out
         if func in _PRODUCTS and len(args) == 2 and not kwargs:
