@@ -530,8 +530,9 @@ def test_an_operation_whose_output_is_changed_in_place_later_is_measured():
 
 
 def test_per_sample_backward_path_is_unbiased_too():
-    """A weight used by a broadcast product with the data (no layer rule): per-sample backward passes, with
-    the ops' columns masked to each sample and the loss's exact factors' per-sample signs."""
+    """A weight expanded to the batch and multiplied with the data (a copy per sample: no layer rule reads
+    it; broadcast, the product is a layer, ``weight_stack_products``): per-sample backward passes, with the
+    ops' columns masked to each sample and the loss's exact factors' per-sample signs."""
 
     class Plain(nn.Module):
         def __init__(self):
@@ -541,7 +542,8 @@ def test_per_sample_backward_path_is_unbiased_too():
             self.head = nn.Linear(4, 3)
 
         def forward(self, x):
-            return self.head(torch.tanh((torch.tanh(self.a(x)).unsqueeze(2) * self.w).sum(dim=1)))
+            copies = self.w.expand(x.shape[0], -1, -1)
+            return self.head(torch.tanh((torch.tanh(self.a(x)).unsqueeze(2) * copies).sum(dim=1)))
 
     torch.manual_seed(0)
     model = Plain().double()
