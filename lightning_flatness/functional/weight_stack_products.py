@@ -253,20 +253,10 @@ class WeightStackProducts(TorchFunctionMode):
                     if out is not None:
                         return out
         operands = _einsum_operands(func, args, kwargs)
-        if operands is not None:
-            x, w = operands
-            if (
-                isinstance(x, Tensor)
-                and isinstance(w, Tensor)
-                and x.dtype == w.dtype
-                and x.is_floating_point()
-                and self.is_weight(w)
-                and not self.is_weight(x)
-                and (x.requires_grad if self.is_data is None else self.is_data(x))
-            ):
-                out = einsum_as_stack_product(args[0], x, w)
-                if out is not None:
-                    return out
+        if operands is not None and self._data_and_weight(*operands):
+            out = einsum_as_stack_product(args[0], *operands)
+            if out is not None:
+                return out
         return func(*args, **kwargs)
 
     def _data_and_weight(self, x: Any, w: Any) -> bool:
