@@ -421,11 +421,13 @@ def test_mamba_takes_the_per_layer_path(monkeypatch):
     to per-sample backward passes. In float32 both are products the per-layer path reads: no fallback, and
     draw by draw the per-sample path's estimates. In float64 the model computes ``A`` in float32
     (``A_log.float()``), a product of two dtypes that is left as it is: the per-sample passes, whose float32
-    columns and float64 gradients are now squared in one dtype (they failed), give the same draws."""
+    columns and float64 gradients are now squared in one dtype (they failed), give the same draws, and the
+    exact Gauss-Newton diagonal of both paths agrees (the exact method's per-sample passes failed too)."""
     transformers = pytest.importorskip("transformers")
     from oracles import hessian_sketch_draws
 
     import lightning_flatness.functional.estimators.hessian_sketch as module
+    from lightning_flatness.functional import hessian_diagonal
     from lightning_flatness.functional.model_io import extract_logits
     from lightning_flatness.measure import resolve_loss
 
@@ -442,7 +444,7 @@ def test_mamba_takes_the_per_layer_path(monkeypatch):
     )
     ids = torch.randint(0, 16, (3, 5), generator=torch.Generator().manual_seed(1))
     names = ["backbone.layers.0.mixer.A_log", "backbone.layers.0.mixer.dt_proj.weight"]
-    draws, fallbacks = {}, {}
+    draws, fallbacks, gauss_newton = {}, {}, {}
     for dtype in (torch.float32, torch.float64):
         torch.manual_seed(0)
         model = transformers.MambaForCausalLM(config).to(dtype).eval()
@@ -450,6 +452,10 @@ def test_mamba_takes_the_per_layer_path(monkeypatch):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             draws[dtype] = hessian_sketch_draws(model, loss, {"input_ids": ids}, ids, names, draws=3)
+            exact = hessian_diagonal(
+                model, loss, {"input_ids": ids}, ids, method="gauss_newton", parameters=names
+            )
+        gauss_newton[dtype] = torch.cat([exact[n].double().flatten() for n in names])
         fallbacks[dtype] = any("per-layer contractions do not apply" in str(w.message) for w in caught)
         if dtype == torch.float32:
             with monkeypatch.context() as patch, warnings.catch_warnings():
@@ -459,6 +465,11 @@ def test_mamba_takes_the_per_layer_path(monkeypatch):
             scale = float(forced.abs().max())
             torch.testing.assert_close(draws[dtype], forced, rtol=1e-3, atol=2e-3 * scale)  # float32 sums
     assert fallbacks == {torch.float32: False, torch.float64: True}
+    # the exact Gauss-Newton diagonal (no draws): per-layer in float32, per-sample passes in float64
+    scale = float(gauss_newton[torch.float64].abs().max())
+    torch.testing.assert_close(
+        gauss_newton[torch.float32], gauss_newton[torch.float64], rtol=1e-4, atol=1e-5 * scale
+    )
     scale = float(draws[torch.float64].abs().max())
     torch.testing.assert_close(
         draws[torch.float32].double(), draws[torch.float64], rtol=1e-3, atol=1e-3 * scale

@@ -141,8 +141,9 @@ def hessian_sketch_blockers(forward: _RecordedForward) -> list[str]:
         if any(t.ndim == 0 or t.shape[0] % n != 0 for t in node.inputs)
     ][:1]
     n_columns = 2 * (2 + PRODUCT_PAIRS)  # per sketch, at most
-    coupled = _coupled_weights(forward)
-    for name, uses in _shared_weights(forward).items():
+    shared = _shared_weights(forward)
+    coupled = _coupled_weights(forward, shared)
+    for name, uses in shared.items():
         leaf = forward.leaves[name]
         if recorder.other_uses[name] or not all(u.startswith(("'linear'", "'embedding'")) for u in uses):
             reasons.append(
@@ -217,12 +218,14 @@ def hessian_sketch_applies(
         forward = _record_forward(model, x, params, "choose_method", record_nodes=True)
         blockers = hessian_sketch_blockers(forward)
         if not blockers and not shared_weights:
+            shared = _shared_weights(forward)
+            coupled = _coupled_weights(forward, shared)
             blockers = [
                 f"weight {name!r} is used {len(uses)} times (a tied weight: method='hessian_sketch' measures "
                 "its Hessian, more noisily than the Gauss-Newton diagonal's gap on the tiny GPT-2, "
                 "benchmarks/RESULTS.md)"
-                for name, uses in _shared_weights(forward).items()
-                if name in _coupled_weights(forward)
+                for name, uses in shared.items()
+                if name in coupled
             ][:1]
         if not blockers:
             blockers = _grouped_rows_blockers(forward, model, x, params, "choose_method")
@@ -293,15 +296,16 @@ def _tied_products(forward: _RecordedForward) -> list[NodeCall]:
     return [p for p in forward.recorder.weight_products if id(p.inputs[1]) in tied and rule.accepts(p)]
 
 
-def _coupled_weights(forward: _RecordedForward) -> set[str]:
+def _coupled_weights(forward: _RecordedForward, shared: dict[str, list[str]]) -> set[str]:
     """The selected weights used more than once with a Linear call on an input that depends on the selected
     weights (a tied LM head, ALBERT's shared layers; :func:`_tied_products` are those calls): the curvature
     that couples their uses reaches their diagonal and is sampled by per-sample columns at the weight
     itself. A weight whose uses are embedding lookups (an encoder-decoder's shared token table) and Linear
     calls on inputs that do not depend on the weights has no such term: each use is linear in it, so its
-    Hessian diagonal is what the backward columns of the loss and the ops give, summed over its uses."""
-    shared = {id(forward.leaves[name]): name for name in _shared_weights(forward)}
-    return {shared[id(p.inputs[1])] for p in forward.recorder.weight_products if id(p.inputs[1]) in shared}
+    Hessian diagonal is what the backward columns of the loss and the ops give, summed over its uses.
+    ``shared``: :func:`_shared_weights`."""
+    by_id = {id(forward.leaves[name]): name for name in shared}
+    return {by_id[id(p.inputs[1])] for p in forward.recorder.weight_products if id(p.inputs[1]) in by_id}
 
 
 def _shared_weights(forward: _RecordedForward) -> dict[str, list[str]]:
