@@ -104,8 +104,8 @@ def brute_force_ggn_diagonal(
         jac = jacrev(lambda th: logits_of(th).reshape(-1), chunk_size=16)(primals)  # bounded memory
     out = {}
     for n in names:
-        j = jac[n].reshape(z.numel(), -1)  # (NK, P_n)
-        out[n] = ((lam @ j) * j).sum(0).reshape(primals[n].shape)
+        j = jac[n].reshape(z.numel(), -1).double()  # (NK, P_n); float64 where a model casts its logits down
+        out[n] = ((lam.double() @ j) * j).sum(0).reshape(primals[n].shape)
     return out
 
 

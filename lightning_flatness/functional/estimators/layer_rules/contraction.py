@@ -62,8 +62,10 @@ def accumulate_layer(
 
     ``unit_signs``: whether every sign is ``+1`` (cross-entropy), so that the weighting is skipped;
     ``None`` checks ``signs``. A call with several rows per sample along dim 0 is first viewed per sample
-    (:func:`per_sample_call`)."""
+    (:func:`per_sample_call`). The signs take the gradients' dtype: they come in the logits' (a model may cast
+    its logits to float32 while its layers run in float64)."""
     call, grad = per_sample_call(call, grad, signs.shape[0])
+    signs = signs.to(grad.dtype)
     rule = LAYER_RULES[call.op]
     if rule.accumulate(call, grad, signs, diag, leaves):
         return
