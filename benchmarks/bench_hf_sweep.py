@@ -185,10 +185,41 @@ def _shrink(config: Any, head: str = "") -> None:
             for key in ("num_hidden_layers", "num_layers"):
                 if isinstance(getattr(config, key, None), int):
                     _set(config, key, len(kinds))
+    _shrink_ssd_heads(config)  # after the layer kinds (Zamba2's hybrid layers)
     for key in list(vars(config)):
         sub = getattr(config, key, None)
         if sub is not config and type(sub).__name__.endswith("Config") and hasattr(sub, "to_dict"):
             _shrink(sub, head)
+
+
+#: Mamba-2's state-space heads (Mamba2, Bamba, GraniteMoeHybrid, Zamba2): (heads, head width, expansion,
+#: groups, state size) attribute names; the heads must tile the expanded width ``expansion * hidden_size``
+SSD_HEADS = (
+    ("num_heads", "head_dim", "expand", "n_groups", "state_size"),
+    ("mamba_n_heads", "mamba_d_head", "mamba_expand", "mamba_n_groups", "mamba_d_state"),
+    ("n_mamba_heads", "mamba_headdim", "mamba_expand", "mamba_ngroups", "mamba_d_state"),
+)
+
+
+def _shrink_ssd_heads(config: Any) -> None:
+    """Heads of width 8 tiling the shrunk expanded width, one group, a state of 16 (the defaults' 64-1280
+    wide heads do not divide a 32-wide expansion); Zamba2's shared attention block, which reads the hidden
+    state and the embeddings side by side, at twice the hidden size, and its hybrid layers where the
+    shrunk layer kinds put them."""
+    for heads, width, expand, groups, state in SSD_HEADS:
+        if all(
+            isinstance(getattr(config, k, None), int) for k in (heads, width, groups, state)
+        ) and isinstance(getattr(config, expand, None), (int, float)):
+            _set(config, width, 8)
+            _set(config, heads, int(getattr(config, expand) * config.hidden_size) // 8)
+            _set(config, groups, 1)
+            _set(config, state, 16)
+    if isinstance(getattr(config, "attention_hidden_size", None), int) and hasattr(config, "mamba_headdim"):
+        _set(config, "attention_hidden_size", 2 * config.hidden_size)
+        _set(config, "attention_head_dim", 2 * config.hidden_size // config.num_attention_heads)
+        kinds = getattr(config, "layers_block_type", None)
+        if isinstance(kinds, list):
+            _set(config, "hybrid_layer_ids", [i for i, k in enumerate(kinds) if k == "hybrid"])
 
 
 def build(cls: Any, head: str = "") -> torch.nn.Module:

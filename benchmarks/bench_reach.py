@@ -463,6 +463,33 @@ MODELS["transformers Qwen3-Next (gated delta rule)"] = _hf(  # its UT transform'
 MODELS["transformers FNet (Fourier token mixing)"] = _hf(
     "FNetForSequenceClassification", "FNetConfig", "text", hidden_size=16, **_TEXT
 )
+MODELS["transformers Mamba-2 (state-space duality)"] = _hf(  # chunked segment sums, reference PyTorch scan
+    "Mamba2ForCausalLM",
+    "Mamba2Config",
+    "lm",
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_heads=4,  # heads of width 8 tiling the expanded width 2 * 16
+    head_dim=8,
+    n_groups=1,
+    state_size=16,
+    vocab_size=64,
+)
+MODELS["transformers Bamba (Mamba-2 and attention)"] = _hf(
+    "BambaForCausalLM",
+    "BambaConfig",
+    "lm",
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    attn_layer_indices=[1],
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    mamba_n_heads=4,
+    mamba_d_head=8,
+    mamba_d_state=16,
+    vocab_size=64,
+)
 QUICK = ("torchvision mobilenet_v3_small (0.25)", "timm vit_tiny (patch 4)", "transformers BERT")
 
 
