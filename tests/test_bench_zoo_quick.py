@@ -74,3 +74,25 @@ def test_bench_hf_sweep_says_why_it_measures_the_gauss_newton_diagonal(tmp_path)
     assert "word_embeddings.weight' is used 2 times (a tied weight" in row["why_gauss_newton"], row
     assert "| Gauss-Newton: weight" in out.with_suffix(".md").read_text()
     assert bench_hf_sweep._gauss_newton_reason("the network is linear in each weight") == ""
+
+
+def test_bench_hf_sweep_shrinks_mamba2_heads_to_tile_the_expanded_width():
+    """Mamba-2's state-space heads (64-1280 wide at the defaults) tile the shrunk expanded width, so Mamba2,
+    Bamba and Zamba2 (with its shared attention block at twice the hidden size) build and run; measured on
+    the Hessian, per layer."""
+    import transformers
+
+    from benchmarks import bench_hf_sweep
+
+    for name in ("Mamba2ForCausalLM", "BambaForCausalLM", "Zamba2ForSequenceClassification"):
+        cls = getattr(transformers, name)
+        config = cls.config_class()
+        bench_hf_sweep._shrink(config, name[name.index("For") :])
+        heads, width, expand = next(
+            (h, w, e)
+            for h, w, e, _, _ in bench_hf_sweep.SSD_HEADS
+            if hasattr(config, h) and hasattr(config, w)
+        )
+        assert getattr(config, heads) * getattr(config, width) == getattr(config, expand) * config.hidden_size
+    row = bench_hf_sweep.measure("Mamba2ForCausalLM", "ForCausalLM", timeout=60)
+    assert (row["status"], row["quantity"], row["path"]) == ("ok", "hessian", "per-layer"), row
