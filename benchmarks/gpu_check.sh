@@ -71,7 +71,7 @@ stage() {  # name, timeout in seconds, command...
     echo "| $name | $status | $((SECONDS - start)) | [$name.log]($name.log) |" >> "$SUMMARY"
 }
 
-stage pytest_cuda 150 "$PY" -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider
+stage pytest_cuda 150 "$PY" -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider -n 0
 stage ddp_nccl 90 "$PY" benchmarks/gpu/ddp_nccl.py --out "$OUT/ddp"
 stage fsdp_lightning 90 "$PY" benchmarks/gpu/fsdp_lightning.py --out "$OUT/fsdp"
 stage fsdp2_sharded 60 "$PY" benchmarks/gpu/fsdp2_sharded.py --out "$OUT/fsdp2"
