@@ -254,12 +254,39 @@ def test_dense_experts_compute_the_routed_function(kind):
 
 
 def _experts_layer_weights(model: nn.Module) -> list[str]:
-    return [n for n in select_parameters(model) if ".mlp." in n or ".feed_forward." in n]
+    """The feed-forward mixture's weights, and JetMoE's attention experts (router, query, output stacks)."""
+    return [
+        n for n in select_parameters(model) if any(k in n for k in (".mlp.", ".feed_forward.", ".experts."))
+    ]
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "gpt_oss", "llama4"])
+def test_jetmoe_mixtures_written_densely_compute_the_routed_function():
+    """JetMoE's feed-forward mixture and its mixture of attention heads (``map`` projects the queries of each
+    token's top-2 experts, ``reduce`` their outputs), every expert on every token in the recorded forward:
+    the model's values (float64, random inputs), the routing weights computed as its router does; every
+    method restored afterwards."""
+    from lightning_flatness.functional.dense_experts import is_jetmoe_mixture
+
+    model, _, _, _ = _moe("jetmoe")
+    ffn, attention = [m for m in model.modules() if is_jetmoe_mixture(m)]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, generator=g, dtype=F64)
+    slots = torch.randn(2, 5, 2, 8, generator=g, dtype=F64)
+    queries, logits, routing = attention.map(x)
+    routed = (ffn(x), queries, logits, attention.reduce(slots, routing))
+    with dense_experts(model):
+        assert "forward" in vars(ffn) and {"map", "reduce"} <= set(vars(attention))  # written out
+        queries, logits, routing = attention.map(x)
+        dense = (ffn(x), queries, logits, attention.reduce(slots, routing))
+    assert not {"forward", "map", "reduce"} & (set(vars(ffn)) | set(vars(attention)))
+    for a, b in zip(dense, routed):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "gpt_oss", "llama4", "jetmoe"])
 def test_the_gauss_newton_diagonal_of_a_mixture_of_experts_is_per_layer_and_equals_brute_force(kind):
-    """Router and expert stacks (bias stacks too; Llama 4's stacks multiplied by ``torch.bmm``), the exact
+    """Router and expert stacks (bias stacks too; Llama 4's stacks multiplied by ``torch.bmm``; JetMoE's
+    attention experts, on rows sorted by expert in its own forward), the exact
     Gauss-Newton diagonal: no per-sample fallback, equal to the float64 brute force of the model's own forward
     (to the float32 routing weights these models compute)."""
     model, inputs, labels, loss = _moe(kind)
@@ -274,13 +301,14 @@ def test_the_gauss_newton_diagonal_of_a_mixture_of_experts_is_per_layer_and_equa
         assert scale > 0 and float((est.groups[n][0] - truth[n]).abs().max()) <= 1e-5 * scale, n
 
 
-@pytest.mark.parametrize("kind", ["qwen2_moe", "qwen3_moe", "mixtral", "llama4"])
+@pytest.mark.parametrize("kind", ["qwen2_moe", "qwen3_moe", "mixtral", "llama4", "jetmoe"])
 def test_auto_measures_the_hessian_of_mixtures_of_experts_without_bias(kind):
     """Qwen2-MoE (Qwen1.5-MoE's layout: a shared expert behind a sigmoid gate), Qwen3-MoE with
     ``norm_topk_prob`` and Mixtral (their routers renormalize the top-k weights in place, evaluated out of
     place for the sketch: :mod:`lightning_flatness.functional.out_of_place_division`), Llama 4 (its layer
     written token by token, :func:`~lightning_flatness.functional.dense_experts.llama4_moe_forward`; rotary
-    embeddings in complex numbers): every operation of the router and the dense experts has a node rule, so
+    embeddings in complex numbers), JetMoE (both mixtures written out: every expert on every token): every
+    operation of the router and the dense experts has a node rule, so
     ``auto`` takes the sketched Hessian, on the per-layer path; its traces are unbiased for the brute-force
     Hessian's over 8 seeds."""
     model, inputs, labels, loss = _moe(kind)

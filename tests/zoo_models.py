@@ -388,7 +388,7 @@ def tiny_gpt2(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
 
 #: ``tiny_moe`` kinds: Hugging Face causal LMs with an experts module (``use_experts_implementation``, or
 #: Llama 4's own layer)
-MIXTURES_OF_EXPERTS = ("mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "llama4")
+MIXTURES_OF_EXPERTS = ("mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "llama4", "jetmoe")
 
 
 def tiny_moe(kind: str, n: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -398,9 +398,11 @@ def tiny_moe(kind: str, n: int = 4, seed: int = 0, dtype: torch.dtype = torch.fl
     ``"qwen2_moe"`` (no renormalization, as Qwen1.5-MoE; a shared expert behind a sigmoid gate) or
     ``"gpt_oss"`` (transposed stacks with bias stacks, its own clamped gate), or ``"llama4"`` (Llama 4's own
     layer: every expert on every token by ``torch.bmm``, scaled by sigmoid router scores, a shared expert, top
-    1; rotary embeddings in complex numbers, L2-normalized queries and keys). The decorated experts run HF's
-    ``"eager"`` implementation (a loop over the experts): ``torch._grouped_mm``, the default, has no float64
-    kernel on the CPU, and the loop is the oracle's independent path."""
+    1; rotary embeddings in complex numbers, L2-normalized queries and keys), or ``"jetmoe"`` (JetMoE: a
+    mixture of attention heads, whose experts project the queries and the outputs, beside the feed-forward
+    mixture; experts on token rows sorted by expert; its output biases drawn, not zero). The decorated
+    experts run HF's ``"eager"`` implementation (a loop over the experts): ``torch._grouped_mm``, the
+    default, has no float64 kernel on the CPU, and the loop is the oracle's independent path."""
     import transformers
 
     _seed(seed)
@@ -438,6 +440,22 @@ def tiny_moe(kind: str, n: int = 4, seed: int = 0, dtype: torch.dtype = torch.fl
             num_local_experts=3, layer_types=["full_attention"], no_rope_layers=[1], **common
         )
         model = transformers.Llama4ForCausalLM(config)
+    elif kind == "jetmoe":
+        config = transformers.JetMoeConfig(
+            num_local_experts=3,
+            num_key_value_heads=2,
+            kv_channels=4,
+            **{
+                k: v
+                for k, v in common.items()
+                if k not in ("num_attention_heads", "num_key_value_heads", "head_dim")
+            },
+        )
+        model = transformers.JetMoeForCausalLM(config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.normal_(0.0, 0.1)
     else:
         raise ValueError(f"unknown kind {kind!r}; one of {MIXTURES_OF_EXPERTS}")
     model.config._experts_implementation = "eager"

@@ -40,6 +40,16 @@ token, the score moved through the first (linear) projection,
 
 with ``U`` ``(E, H, 2I)`` read as one ``(E 2I, H)`` weight and ``D`` ``(E, I, H)`` as ``(H, E I)`` (reshapes
 pulled back exactly) and ``S`` the shared expert: the same cost as the model's own forward.
+
+**JetMoE** (``JetMoeMoE``, ``JetMoeMoA``) runs its experts (``JetMoeParallelExperts``: a stack ``(E, O, I)``,
+one ``F.linear`` per expert) on token rows sorted by expert and scatters them back with ``index_add``.
+:func:`jetmoe_moe_forward` writes the feed-forward mixture as the decorated experts above (``U`` read as
+``(E 2I, H)``, ``D`` as ``(H, E I)``, routing weights ``r_te`` the softmax of the chosen router logits, 0
+elsewhere). The mixture of attention heads keeps its two methods: :func:`jetmoe_moa_map` projects every token
+with every expert's query weights and keeps, for each of its ``k`` slots, the chosen expert's (a product with
+the constant one-hot choice ``c_tje``), and :func:`jetmoe_moa_reduce` sums the slots' outputs into their
+experts, ``z_te = sum_j r_tj c_tje a_tj``, before one Linear layer ``D`` ``(H, E O)``; ``E`` times the query
+projections' flops, ``E / k`` times the output projections'.
 """
 
 from __future__ import annotations
@@ -48,13 +58,23 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_flatness.functional.instance_forwards import instance_forwards
+from lightning_flatness.functional.instance_forwards import instance_methods, replaceable
 from lightning_flatness.functional.parameters import is_experts_module
 
-__all__ = ["dense_experts", "dense_experts_forward", "is_llama4_moe", "llama4_moe_forward"]
+__all__ = [
+    "dense_experts",
+    "dense_experts_forward",
+    "is_jetmoe_mixture",
+    "is_llama4_moe",
+    "jetmoe_moa_map",
+    "jetmoe_moa_reduce",
+    "jetmoe_moe_forward",
+    "llama4_moe_forward",
+]
 
 _INDEX_NAMES = ("top_k_index", "router_indices")
 _WEIGHT_NAMES = ("top_k_weights", "routing_weights")
@@ -149,12 +169,105 @@ def llama4_moe_forward(self: Any, hidden_states: Tensor) -> tuple[Tensor, Tensor
     return self.shared_expert(hidden) + routed, router_logits
 
 
+def is_jetmoe_mixture(module: nn.Module) -> bool:
+    """Whether ``module`` is one of JetMoE's mixtures (``JetMoeMoE`` or ``JetMoeMoA``: a top-``k`` router with
+    a Linear ``layer``, parallel experts ``input_linear`` and ``output_linear`` holding ``(E, O, I)`` stacks,
+    an output bias), which :func:`jetmoe_moe_forward` or :func:`jetmoe_moa_map` and
+    :func:`jetmoe_moa_reduce` write out."""
+    router: Any = getattr(module, "router", None)
+    stacks = [getattr(getattr(module, n, None), "weight", None) for n in ("input_linear", "output_linear")]
+    return (
+        type(module).__name__ in ("JetMoeMoE", "JetMoeMoA")
+        and isinstance(getattr(router, "layer", None), nn.Linear)
+        and isinstance(getattr(router, "top_k", None), int)
+        and all(isinstance(w, Tensor) and w.ndim == 3 for w in stacks)
+        and isinstance(getattr(module, "bias", None), Tensor)
+    )
+
+
+def _jetmoe_routing(router: Any, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """JetMoE's router (``JetMoeTopKGating``) on ``hidden`` ``(T, H)``: the chosen experts ``(T, k)``, their
+    weights ``(T, k)`` (a softmax over the chosen logits, computed in float32 as the router does) and the
+    router logits ``(T, E)``, as the model's own forward returns them."""
+    logits = router.layer(hidden).float()
+    index = logits.topk(router.top_k, dim=1).indices  # a locally constant choice
+    weights = torch.softmax(logits.gather(1, index), dim=1).type_as(hidden)
+    return index, weights, logits
+
+
+def _as_columns(stack: Tensor) -> Tensor:
+    """An ``(E, O, I)`` expert stack as one ``(O, E I)`` weight (a permuted copy of the parameter that
+    autograd pulls back exactly): the output layer of every expert at once."""
+    return stack.permute(1, 0, 2).reshape(stack.shape[1], -1)
+
+
+def jetmoe_moe_forward(self: Any, layer_input: Tensor) -> Tensor:
+    """JetMoE's feed-forward mixture (``JetMoeMoE``) on ``layer_input`` ``(B, L, H)``, every expert on every
+    token, weighted by its routing weight (0 for the experts not chosen; module docstring): ``(B, L, H)``."""
+    batch, length, width = layer_input.shape
+    hidden = layer_input.reshape(-1, width)
+    index, weights, _ = _jetmoe_routing(self.router, hidden)
+    routing = (weights.unsqueeze(-1) * F.one_hot(index, self.router.num_experts).to(weights.dtype)).sum(dim=1)
+    up: Tensor = self.input_linear.weight  # (E, 2I, H)
+    projected = F.linear(hidden, up.reshape(-1, up.shape[-1])).view(hidden.shape[0], up.shape[0], -1)
+    gate, value = projected.chunk(2, dim=-1)
+    inner = self.activation(gate) * value * routing.unsqueeze(-1)  # (T, E, I)
+    out = F.linear(inner.reshape(hidden.shape[0], -1), _as_columns(self.output_linear.weight))
+    return out.view(batch, length, width) + self.bias
+
+
+def jetmoe_moa_map(self: Any, layer_input: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """JetMoE's mixture of attention heads (``JetMoeMoA.map``) on ``layer_input`` ``(B, L, H)``: each of the
+    ``k`` slots' query projections by its chosen expert ``(B, L, k, O)``, the router logits, and the routing
+    (choices and weights, read by :func:`jetmoe_moa_reduce` only)."""
+    batch, length, width = layer_input.shape
+    hidden = layer_input.reshape(-1, width)
+    index, weights, logits = _jetmoe_routing(self.router, hidden)
+    up: Tensor = self.input_linear.weight  # (E, O, H)
+    every = F.linear(hidden, up.reshape(-1, up.shape[-1])).view(hidden.shape[0], up.shape[0], -1)  # (T, E, O)
+    choice = F.one_hot(index, up.shape[0]).to(every.dtype)  # (T, k, E), a constant
+    slots = (choice.unsqueeze(-1) * every.unsqueeze(1)).sum(dim=2)  # (T, k, O)
+    return slots.view(batch, length, self.top_k, -1), logits, (index, weights)
+
+
+def jetmoe_moa_reduce(self: Any, layer_input: Tensor, topo_info: tuple[Tensor, Tensor]) -> Tensor:
+    """``JetMoeMoA.reduce`` after :func:`jetmoe_moa_map`: the slots' outputs ``(B, L, k, O)`` weighted by
+    their routing weights and summed into their experts' columns, then every expert's output projection at
+    once: ``(B, L, H)``."""
+    batch, length, slots, width = layer_input.shape
+    index, weights = topo_info
+    down: Tensor = self.output_linear.weight  # (E, H, O)
+    choice = F.one_hot(index, down.shape[0]).to(layer_input.dtype)  # (T, k, E)
+    mixed = choice * weights.unsqueeze(-1).to(layer_input.dtype)  # r_tj c_tje
+    per_expert = (mixed.unsqueeze(-1) * layer_input.reshape(-1, slots, 1, width)).sum(dim=1)  # (T, E, O)
+    out = F.linear(per_expert.reshape(per_expert.shape[0], -1), _as_columns(down))
+    return out.view(batch, length, -1) + self.bias
+
+
+def _rewrites(module: nn.Module) -> list[tuple[nn.Module, str, Callable[..., Any]]]:
+    """The methods of ``module`` :func:`dense_experts` replaces (none where it is not a mixture it writes out,
+    or a JetMoE attention mixture of which one of ``map`` and ``reduce`` is replaced already)."""
+    if is_llama4_moe(module):
+        return [(module, "forward", llama4_moe_forward)]
+    if is_experts_module(module):
+        return [(module, "forward", dense_experts_forward)]
+    if not is_jetmoe_mixture(module):
+        return []
+    if type(module).__name__ == "JetMoeMoE":
+        return [(module, "forward", jetmoe_moe_forward)]
+    if replaceable(module, "map") and replaceable(module, "reduce"):  # the two share their routing
+        return [(module, "map", jetmoe_moa_map), (module, "reduce", jetmoe_moa_reduce)]
+    return []
+
+
 @contextlib.contextmanager
 def dense_experts(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, every experts module of ``model``
     (:func:`~lightning_flatness.functional.parameters.is_experts_module`) runs :func:`dense_experts_forward`
-    where it covers the call, and every Llama 4 mixture-of-experts layer (:func:`is_llama4_moe`) runs
-    :func:`llama4_moe_forward`; restored exactly on exit (:mod:`.instance_forwards`).
+    where it covers the call, every Llama 4 mixture-of-experts layer (:func:`is_llama4_moe`) runs
+    :func:`llama4_moe_forward`, and JetMoE's mixtures (:func:`is_jetmoe_mixture`) run
+    :func:`jetmoe_moe_forward` or :func:`jetmoe_moa_map` and :func:`jetmoe_moa_reduce`; restored exactly on
+    exit (:mod:`.instance_forwards`).
 
     Example:
         >>> import torch
@@ -179,10 +292,5 @@ def dense_experts(model: nn.Module) -> Iterator[nn.Module]:
         >>> torch.allclose(dense, experts(x, index, weights), atol=1e-6)
         True
     """
-    rewrites: list[tuple[nn.Module, Callable[..., Any]]] = [
-        (m, llama4_moe_forward if is_llama4_moe(m) else dense_experts_forward)
-        for m in model.modules()
-        if is_llama4_moe(m) or is_experts_module(m)
-    ]
-    with instance_forwards(rewrites):
+    with instance_methods(r for m in model.modules() for r in _rewrites(m)):
         yield model

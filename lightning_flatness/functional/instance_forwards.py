@@ -17,12 +17,12 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["instance_forwards", "replaceable"]
+__all__ = ["instance_forwards", "instance_methods", "replaceable"]
 
 
-def replaceable(module: nn.Module) -> bool:
-    """Whether ``module`` still runs its class's ``forward`` (no instance attribute replaces it)."""
-    return "forward" not in module.__dict__
+def replaceable(module: nn.Module, name: str = "forward") -> bool:
+    """Whether ``module`` still runs its class's method ``name`` (no instance attribute replaces it)."""
+    return name not in module.__dict__
 
 
 @contextlib.contextmanager
@@ -37,11 +37,20 @@ def instance_forwards(replacements: Iterable[tuple[nn.Module, Callable[..., Any]
         >>> inside, layer(torch.ones(1)), "forward" in layer.__dict__
         (tensor([2.]), tensor([1.]), False)
     """
-    installed = [(m, fn) for m, fn in replacements if replaceable(m)]
+    with instance_methods((m, "forward", fn) for m, fn in replacements):
+        yield
+
+
+@contextlib.contextmanager
+def instance_methods(replacements: Iterable[tuple[nn.Module, str, Callable[..., Any]]]) -> Iterator[None]:
+    """:func:`instance_forwards` for any method: within the block, each ``module`` of ``(module, name, fn)``
+    runs ``fn(module, ...)`` for ``module.<name>(...)`` (a module whose callers use other methods than
+    ``forward``: JetMoE's mixture of attention heads, ``map`` and ``reduce``)."""
+    installed = [(m, name, fn) for m, name, fn in replacements if replaceable(m, name)]
     try:
-        for m, fn in installed:
-            m.forward = types.MethodType(fn, m)
+        for m, name, fn in installed:
+            setattr(m, name, types.MethodType(fn, m))
         yield
     finally:
-        for m, _ in installed:
-            m.__dict__.pop("forward", None)
+        for m, name, _ in installed:
+            m.__dict__.pop(name, None)
