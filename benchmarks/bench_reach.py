@@ -490,6 +490,19 @@ MODELS["transformers Bamba (Mamba-2 and attention)"] = _hf(
     mamba_d_state=16,
     vocab_size=64,
 )
+MODELS["transformers JetMoE (mixtures of experts and of attention heads)"] = _hf(
+    "JetMoeForCausalLM",
+    "JetMoeConfig",
+    "lm",
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_key_value_heads=2,
+    kv_channels=8,
+    intermediate_size=32,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    vocab_size=64,
+)
 QUICK = ("torchvision mobilenet_v3_small (0.25)", "timm vit_tiny (patch 4)", "transformers BERT")
 
 
