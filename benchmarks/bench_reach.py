@@ -503,6 +503,11 @@ MODELS["transformers JetMoE (mixtures of experts and of attention heads)"] = _hf
     num_experts_per_tok=2,
     vocab_size=64,
 )
+MODELS["torchvision r3d_18 (video, 3-D convolutions)"] = _torchvision("r3d_18", task="video")
+MODELS["torchvision r2plus1d_18 (video, factorized 3-D convolutions)"] = _torchvision(
+    "r2plus1d_18", task="video"
+)
+MODELS["torchvision swin3d_t (video, 64)"] = _torchvision("swin3d_t", size=64, task="video")
 QUICK = ("torchvision mobilenet_v3_small (0.25)", "timm vit_tiny (patch 4)", "transformers BERT")
 
 
@@ -513,6 +518,9 @@ def _batches(spec: tuple[str, int], samples: int) -> list[Any]:
     for _ in range(samples // 2):
         if kind == "image":
             out.append((torch.randn(2, 3, size, size, generator=g), torch.randint(0, 10, (2,), generator=g)))
+        elif kind == "video":  # (N, channels, 4 frames, size, size)
+            clip = torch.randn(2, 3, 4, size, size, generator=g)
+            out.append((clip, torch.randint(0, 10, (2,), generator=g)))
         elif kind == "segmentation":  # per-pixel classes, a void border (255) as in VOC, the training loss
             target = torch.randint(0, 10, (2, size, size), generator=g)
             target[:, :2] = 255
