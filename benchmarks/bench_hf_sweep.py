@@ -202,16 +202,19 @@ SSD_HEADS = (
 
 
 def _shrink_ssd_heads(config: Any) -> None:
-    """Heads of width 8 tiling the shrunk expanded width, one group, a state of 16 (the defaults' 64-1280
-    wide heads do not divide a 32-wide expansion); Zamba2's shared attention block, which reads the hidden
-    state and the embeddings side by side, at twice the hidden size, and its hybrid layers where the
-    shrunk layer kinds put them."""
+    """Heads of width 8 tiling the shrunk expanded width (FalconH1's own state-space width where it sets
+    one), one group, a state of 16 (the defaults' 64-1280 wide heads do not divide a 32-wide expansion);
+    Zamba2's shared attention block, which reads the hidden state and the embeddings side by side, at twice
+    the hidden size, and its hybrid layers where the shrunk layer kinds put them."""
     for heads, width, expand, groups, state in SSD_HEADS:
         if all(
             isinstance(getattr(config, k, None), int) for k in (heads, width, groups, state)
         ) and isinstance(getattr(config, expand, None), (int, float)):
+            expanded = getattr(config, "mamba_d_ssm", None)  # FalconH1: the state-space width, set apart
+            if not isinstance(expanded, int):
+                expanded = int(getattr(config, expand) * config.hidden_size)
             _set(config, width, 8)
-            _set(config, heads, int(getattr(config, expand) * config.hidden_size) // 8)
+            _set(config, heads, expanded // 8)
             _set(config, groups, 1)
             _set(config, state, 16)
     if isinstance(getattr(config, "attention_hidden_size", None), int) and hasattr(config, "mamba_headdim"):
