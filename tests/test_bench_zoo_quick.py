@@ -79,7 +79,7 @@ def test_bench_hf_sweep_says_why_it_measures_the_gauss_newton_diagonal(tmp_path)
 def test_bench_hf_sweep_shrinks_mamba2_heads_to_tile_the_expanded_width():
     """Mamba-2's state-space heads (64-1280 wide at the defaults) tile the shrunk expanded width, so Mamba2,
     Bamba and Zamba2 (with its shared attention block at twice the hidden size) build and run; measured on
-    the Hessian, per layer."""
+    the Hessian, per layer. FalconH1's tile its own state-space width."""
     import transformers
 
     from benchmarks import bench_hf_sweep
@@ -94,5 +94,8 @@ def test_bench_hf_sweep_shrinks_mamba2_heads_to_tile_the_expanded_width():
             if hasattr(config, h) and hasattr(config, w)
         )
         assert getattr(config, heads) * getattr(config, width) == getattr(config, expand) * config.hidden_size
+    config = transformers.FalconH1Config()  # its state-space width is its own, not the expansion's
+    bench_hf_sweep._shrink(config, "ForCausalLM")
+    assert config.mamba_n_heads * config.mamba_d_head == config.mamba_d_ssm
     row = bench_hf_sweep.measure("Mamba2ForCausalLM", "ForCausalLM", timeout=60)
     assert (row["status"], row["quantity"], row["path"]) == ("ok", "hessian", "per-layer"), row
