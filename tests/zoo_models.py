@@ -387,7 +387,7 @@ def tiny_gpt2(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
 
 
 #: ``tiny_moe`` kinds: Hugging Face causal LMs with an experts module (``use_experts_implementation``, or
-#: Llama 4's own layer)
+#: Llama 4's or JetMoE's own layers)
 MIXTURES_OF_EXPERTS = ("mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "llama4", "jetmoe")
 
 
