@@ -748,7 +748,7 @@ class SharpnessMonitorBase:
                     "failure",
                     f"SharpnessMonitor: the measurement failed at epoch {trainer.current_epoch} "
                     f"({type(failure).__name__}: {failure}); logging NaN for '{self.prefix}/*' and "
-                    "continuing training. Please report it with the model, or pass another `method=`.",
+                    f"continuing training. {self._failure_advice(failure)}",
                 )
             else:
                 overflow = measurement.nonfinite_curvature
@@ -774,6 +774,21 @@ class SharpnessMonitorBase:
             values = {k: float("nan") for k in keys}
             values["num_samples"] = 0.0
         return values
+
+    def _failure_advice(self, failure: BaseException) -> str:
+        """What to do about a failed measurement: a smaller ``batch_size`` where it ran out of memory (the
+        estimators hold a few backward columns of a curvature batch's activations at once, more than a
+        training step of as many samples), else a report or another method."""
+        message = str(failure).lower()
+        if isinstance(failure, torch.OutOfMemoryError) or any(
+            m in message for m in ("out of memory", "can't allocate memory", "cannot allocate memory")
+        ):
+            return (
+                f"It ran out of memory on curvature batches of {self._batch_size()} samples: pass a smaller "
+                "`batch_size=` (samples per curvature batch: the same samples are measured in more, "
+                "smaller batches), or fewer `parameters=`."
+            )
+        return "Please report it with the model, or pass another `method=`."
 
     def _keep_state_buffer(self, metric: Any) -> None:
         """On the CPU, keep the metric's state buffer for the next measurement

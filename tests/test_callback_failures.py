@@ -4,6 +4,7 @@ logged as NaN with a warning later while training goes on."""
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import pytest
 import pytorch_lightning as pl
@@ -31,22 +32,20 @@ def _fit(monitor, model=None, max_epochs=3):
 
 
 class _BreaksAfter:
-    """A loss that works for the first ``calls`` calls, then raises (an estimator failure mid-run)."""
+    """A loss that works for ``calls`` calls, then raises ``error`` (an estimator failure mid-run)."""
 
-    def __init__(self, calls: int) -> None:
+    def __init__(self, calls: int, error: Optional[Exception] = None) -> None:
         self.calls, self.count = calls, 0
+        self.error = error if error is not None else RuntimeError("simulated estimator failure")
 
     def __call__(self, logits, target):
         self.count += 1
         if self.count > self.calls:
-            raise RuntimeError("simulated estimator failure")
+            raise self.error
         return F.cross_entropy(logits, target)
 
 
-def test_estimator_failure_mid_training_logs_nan_warns_once_and_training_goes_on():
-    loss = _BreaksAfter(calls=10**9)  # the dry run and the first measurement work
-    monitor = SharpnessMonitor(num_samples=32, method="exact", loss_fn=loss)
-
+def _fit_breaking_after_epoch_0(loss: _BreaksAfter, monitor: SharpnessMonitor) -> tuple:
     class _Break(pl.Callback):
         def on_train_epoch_end(self, trainer, pl_module):
             if trainer.current_epoch == 0:
@@ -55,8 +54,36 @@ def test_estimator_failure_mid_training_logs_nan_warns_once_and_training_goes_on
     pl.seed_everything(0, verbose=False)
     model = MLP()
     trainer = quiet_trainer([monitor, _Break()], max_epochs=3)
-    with pytest.warns(UserWarning, match="measurement failed at epoch 1 .*simulated estimator failure"):
-        trainer.fit(model, DataModule())
+    trainer.fit(model, DataModule())
+    return trainer, model
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+    ],
+)
+def test_a_measurement_out_of_memory_says_to_pass_a_smaller_batch_size(error):
+    """Out of memory (CUDA's error, or the CPU allocator's): the warning names the curvature batch size and
+    the argument that lowers it, instead of asking for a report; training goes on."""
+    loss = _BreaksAfter(calls=10**9, error=error)
+    monitor = SharpnessMonitor(num_samples=32, method="exact", loss_fn=loss, batch_size=16)
+    with pytest.warns(
+        UserWarning, match="ran out of memory on curvature batches of 16 samples: pass a smaller"
+    ):
+        trainer, model = _fit_breaking_after_epoch_0(loss, monitor)
+    assert trainer.current_epoch == 3 and model.training_steps == 24
+    assert math.isnan(monitor.history[-1]["normalized"])
+
+
+def test_estimator_failure_mid_training_logs_nan_warns_once_and_training_goes_on():
+    loss = _BreaksAfter(calls=10**9)  # the dry run and the first measurement work
+    monitor = SharpnessMonitor(num_samples=32, method="exact", loss_fn=loss)
+    match = "measurement failed at epoch 1 .*simulated estimator failure.* Please report it"
+    with pytest.warns(UserWarning, match=match):
+        trainer, model = _fit_breaking_after_epoch_0(loss, monitor)
     assert trainer.current_epoch == 3 and model.training_steps == 24  # every epoch trained
     assert math.isfinite(monitor.history[0]["normalized"])
     assert all(math.isnan(h["normalized"]) for h in monitor.history[1:])
