@@ -51,6 +51,8 @@ from lightning_flatness.logger_media import MediaContext, PerLayerTable, log_per
 from lightning_flatness.measure import (
     SharpnessMeasurement,
     float64_batches_message,
+    is_out_of_memory,
+    out_of_memory_message,
     resolve_loss,
     zero_sharpness_message,
 )
@@ -251,6 +253,8 @@ class SharpnessMonitorBase:
         self._layouts_written: set[int] = set()
         self._undrawn_chart: Optional[dict[str, Any]] = None  # the last measurement, if not charted yet
         self._state_buffer: Optional[Tensor] = None  # the last metric's state, for the next (CPU only)
+        # the most samples per estimate once an estimate ran out of memory (SharpnessMeasurement)
+        self._memory_batch_size: Optional[int] = None
         self._generator: Optional[torch.Generator] = None  # this evaluation's probes
         self._choice: Optional[MethodChoice] = None if method == _AUTO else MethodChoice.named(method)
         self._loss: LossFn = self.loss_fn  # resolved at the dry run (TokenLoss for sequence outputs)
@@ -332,7 +336,7 @@ class SharpnessMonitorBase:
         if stage not in ("fit", "validate"):
             return
         self._subset, self._prepared, self._layouts_written = None, False, set()
-        self._undrawn_chart = None
+        self._undrawn_chart, self._memory_batch_size = None, None
         clash = [
             cb
             for cb in trainer.callbacks
@@ -700,6 +704,7 @@ class SharpnessMonitorBase:
             with measurement_view(self.measured_network(pl_module), self.dtype) as network:
                 self._generator = self._probe_generator(device, trainer.global_rank)
                 measurement = self._measurement(network, self._generator, self.num_probes)
+                measurement.memory_batch_size = self._memory_batch_size  # an earlier measurement's, if any
                 measurement.metric.reuse_state(self._take_state_buffer(measurement.metric))
                 weights = measurement.weights
                 nonfinite = not all(all_finite(w) for w in weights.values())
@@ -719,6 +724,13 @@ class SharpnessMonitorBase:
                             nonfinite = True
                             break
                         advance(1)
+            if measurement.out_of_memory_at is not None:
+                assert measurement.memory_batch_size is not None
+                self._memory_batch_size = measurement.memory_batch_size
+                message = out_of_memory_message(measurement.out_of_memory_at, measurement.memory_batch_size)
+                self._warn_once(
+                    trainer, "memory", f"SharpnessMonitor (epoch {trainer.current_epoch}): {message}"
+                )
             if measurement.float64_batches:
                 message = float64_batches_message(
                     measurement.float64_batches, measurement.num_batches, self.dtype
@@ -775,18 +787,17 @@ class SharpnessMonitorBase:
             values["num_samples"] = 0.0
         return values
 
-    def _failure_advice(self, failure: BaseException) -> str:
-        """What to do about a failed measurement: a smaller ``batch_size`` where it ran out of memory (the
-        estimators hold a few backward columns of a curvature batch's activations at once, more than a
-        training step of as many samples), else a report or another method."""
-        message = str(failure).lower()
-        if isinstance(failure, torch.OutOfMemoryError) or any(
-            m in message for m in ("out of memory", "can't allocate memory", "cannot allocate memory")
-        ):
+    @staticmethod
+    def _failure_advice(failure: BaseException) -> str:
+        """What to do about a failed measurement: where it ran out of memory although curvature batches are
+        halved down to single samples when their estimates do (:class:`SharpnessMeasurement`), measure less
+        (the metric's state, ``8 num_replicates`` bytes per weight entry, and the estimators' columns grow
+        with the selected weights); else a report or another method."""
+        if is_out_of_memory(failure):
             return (
-                f"It ran out of memory on curvature batches of {self._batch_size()} samples: pass a smaller "
-                "`batch_size=` (samples per curvature batch: the same samples are measured in more, "
-                "smaller batches), or fewer `parameters=`."
+                "It ran out of memory (curvature batches are halved down to single samples where their "
+                "estimates do; the metric's state takes 8 * num_replicates bytes per measured weight entry): "
+                "pass fewer `parameters=` or a smaller `num_replicates`."
             )
         return "Please report it with the model, or pass another `method=`."
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from lightning_flatness.batch_split import split_batch as default_split_batch
 from lightning_flatness.functional.dense_experts import dense_experts
-from lightning_flatness.functional.estimators import hessian_diagonal_groups
+from lightning_flatness.functional.estimators import HessianDiagonalEstimate, hessian_diagonal_groups
 from lightning_flatness.functional.estimators.method_choice import MethodChoice, choose_method
 from lightning_flatness.functional.loss_forms import (
     hessian_twin,
@@ -44,6 +44,7 @@ from lightning_flatness.functional.model_io import (
     inputs_batch_size,
     map_inputs,
     outputs_of_first_samples,
+    select_samples,
     with_decoder_inputs,
 )
 from lightning_flatness.functional.parameters import (
@@ -441,6 +442,11 @@ class SharpnessMeasurement:
         self.nonfinite_curvature: Optional[str] = None
         #: batches whose curvature overflowed the measurement's dtype and were estimated in float64
         self.float64_batches = 0
+        #: once an estimate ran out of memory: the most samples estimated at once (:meth:`add` halves a batch
+        #: that runs out of memory and estimates larger ones in pieces of this size from then on), else None
+        self.memory_batch_size: Optional[int] = None
+        #: the batch size whose estimate first ran out of memory, else None
+        self.out_of_memory_at: Optional[int] = None
         self._loss_resolved = not resolve_sequence_loss
 
     @_dense_experts
@@ -498,7 +504,7 @@ class SharpnessMeasurement:
         NaN or infinite (an estimate that overflowed a dtype narrower than float64 is first redone in
         float64: :meth:`_overflow_in_float64`). Other errors of the estimator are raised."""
         try:
-            estimate = self.estimate(inputs, target)
+            estimate = self._estimate_within_memory(inputs, target)
         except (ValueError, RuntimeError):
             try:
                 finite = self.loss_is_finite(inputs, target)
@@ -519,6 +525,38 @@ class SharpnessMeasurement:
         self.metric.update(estimate, self.weights)
         self.num_batches += 1
         return True
+
+    def _estimate_within_memory(self, inputs: Any, target: Tensor) -> HessianDiagonalEstimate:
+        """:meth:`estimate`, in pieces of at most :attr:`memory_batch_size` samples once an estimate ran out
+        of memory: a batch whose estimate runs out of memory (:func:`is_out_of_memory`) is estimated again
+        in two halves (recursively, down to single samples), and the pieces' estimates are pooled by their
+        sizes (:func:`pooled_estimate`: the same mean over the batch's samples or tokens; a stochastic
+        estimator's draws differ). The estimators hold a few backward columns of a batch's activations at
+        once, more than a training step of as many samples (benchmarks/RESULTS.md, round 20)."""
+        n = inputs_batch_size(inputs)
+        if self.memory_batch_size is not None and n > self.memory_batch_size:
+            return self._estimate_in_pieces(inputs, target, n, self.memory_batch_size)
+        try:
+            return self.estimate(inputs, target)
+        except RuntimeError as err:
+            if n < 2 or not is_out_of_memory(err):
+                raise
+        # outside the handler: the failed attempt's tensors went with the exception's frames
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if self.out_of_memory_at is None:
+            self.out_of_memory_at = n
+        self.memory_batch_size = -(-n // 2)
+        return self._estimate_in_pieces(inputs, target, n, self.memory_batch_size)
+
+    def _estimate_in_pieces(self, inputs: Any, target: Tensor, n: int, size: int) -> HessianDiagonalEstimate:
+        pieces = [
+            self._estimate_within_memory(
+                select_samples(inputs, slice(start, start + size), n), target[start : start + size]
+            )
+            for start in range(0, n, size)
+        ]
+        return pooled_estimate(pieces)
 
     def _overflow_in_float64(self, inputs: Any, target: Tensor, estimate: Any) -> Optional[Any]:
         """The batch's estimate again in float64 where ``estimate`` is not finite although the loss is, in a
@@ -576,6 +614,41 @@ def curvature_overflow_message(estimates: Iterable[Tensor]) -> str:
         f"likely exceed {dtype}'s range ({torch.finfo(dtype).max:.1e}). The default loss (eq. 20) is "
         "invariant to the logits' scale, so its curvature grows like 1 / scale^2 where the logits are tiny "
         "(a network at initialisation)."
+    )
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` says that memory ran out: CUDA's ``torch.OutOfMemoryError``, or the CPU allocator's
+    error (where the kernel refuses the allocation rather than killing the process)."""
+    message = str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError) or any(
+        m in message for m in ("out of memory", "can't allocate memory", "cannot allocate memory")
+    )
+
+
+def pooled_estimate(pieces: list[HessianDiagonalEstimate]) -> HessianDiagonalEstimate:
+    """One-group estimates of disjoint pieces of a batch as one estimate of the whole batch: their diagonals
+    weighted by their sizes (samples, or valid tokens), the sizes and probes summed."""
+    sizes = torch.cat([p.group_sizes for p in pieces])
+    weights = sizes.to(torch.float64) / sizes.sum()
+    groups = {
+        name: sum(w.to(p.groups[name].dtype) * p.groups[name] for w, p in zip(weights, pieces))
+        for name in pieces[0].groups
+    }
+    return dataclasses.replace(
+        pieces[0],
+        groups=groups,
+        group_sizes=sizes.sum().reshape(1),
+        num_probes=sum(p.num_probes for p in pieces),
+    )
+
+
+def out_of_memory_message(first: int, size: int) -> str:
+    """What :meth:`SharpnessMeasurement.add` did after an estimate ran out of memory."""
+    return (
+        f"the curvature estimate of a batch of {first} samples ran out of memory; batches are estimated in "
+        f"pieces of at most {size} sample(s) instead (the same samples; a stochastic estimator's draws "
+        f"differ). Pass `batch_size={size}` or less to skip the failing attempt."
     )
 
 
@@ -682,6 +755,10 @@ def measure_sharpness(
                 else "pass training batches on which the loss is finite."
             )
         )
+    if measurement.memory_batch_size is not None:
+        assert measurement.out_of_memory_at is not None
+        message = out_of_memory_message(measurement.out_of_memory_at, measurement.memory_batch_size)
+        warnings.warn(f"measure_sharpness: {message}", UserWarning, stacklevel=2)
     if measurement.float64_batches:
         dtype = next(iter(measurement.weights.values())).dtype
         message = float64_batches_message(measurement.float64_batches, measurement.num_batches, dtype)

@@ -65,17 +65,45 @@ def _fit_breaking_after_epoch_0(loss: _BreaksAfter, monitor: SharpnessMonitor) -
         RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
     ],
 )
-def test_a_measurement_out_of_memory_says_to_pass_a_smaller_batch_size(error):
-    """Out of memory (CUDA's error, or the CPU allocator's): the warning names the curvature batch size and
-    the argument that lowers it, instead of asking for a report; training goes on."""
+def test_a_measurement_out_of_memory_even_on_single_samples_says_to_measure_less(error):
+    """Out of memory (CUDA's error, or the CPU allocator's) at every size: the batches are halved down to
+    single samples, then the warning says to measure fewer weights or replicates instead of asking for a
+    report; training goes on."""
     loss = _BreaksAfter(calls=10**9, error=error)
     monitor = SharpnessMonitor(num_samples=32, method="exact", loss_fn=loss, batch_size=16)
-    with pytest.warns(
-        UserWarning, match="ran out of memory on curvature batches of 16 samples: pass a smaller"
-    ):
+    with pytest.warns(UserWarning, match="It ran out of memory .* pass fewer `parameters=`"):
         trainer, model = _fit_breaking_after_epoch_0(loss, monitor)
     assert trainer.current_epoch == 3 and model.training_steps == 24
     assert math.isnan(monitor.history[-1]["normalized"])
+
+
+class _OutOfMemoryAbove:
+    """Cross-entropy, raising CUDA's out-of-memory error on more than ``limit`` samples; counts the errors."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.raised = limit, 0
+
+    def __call__(self, logits, target):
+        if logits.shape[0] > self.limit:
+            self.raised += 1
+            raise torch.OutOfMemoryError(f"CUDA out of memory: {logits.shape[0]} samples")
+        return F.cross_entropy(logits, target)
+
+
+def test_curvature_batches_out_of_memory_are_measured_in_pieces_from_then_on():
+    """Curvature batches of 16 samples (128 in 8 batches) run out of memory above 4: the first measurement
+    halves its first batch twice and measures in pieces of 4, the later ones start there (no failing
+    attempt); one warning; every value equal to a monitor measuring in batches of 16 within memory."""
+    loss = _OutOfMemoryAbove(limit=4)
+    monitor = SharpnessMonitor(num_samples=128, method="exact", loss_fn=loss, batch_size=16)
+    with pytest.warns(UserWarning, match="batch of 16 samples ran out of memory; .* pieces of at most 4"):
+        trainer, _ = _fit(monitor)
+    assert loss.raised == 2 and len(monitor.history) == 3
+    within = SharpnessMonitor(num_samples=128, method="exact", loss_fn=F.cross_entropy, batch_size=16)
+    _fit(within)
+    for ours, theirs in zip(monitor.history, within.history):
+        for key in ("normalized", "normalized_stderr", "hessian_trace"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-5), key
 
 
 def test_estimator_failure_mid_training_logs_nan_warns_once_and_training_goes_on():

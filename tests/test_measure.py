@@ -288,3 +288,68 @@ def test_a_zero_initialised_head_gives_zero_normalized_sharpness_and_says_why(lo
             float(measure_sharpness(model, batches, num_replicates=4, method="gauss_newton")["normalized"])
             > 0
         )
+
+
+class _OutOfMemoryAbove:
+    """eq. 20's loss, raising CUDA's out-of-memory error on more than ``limit`` samples (as an estimate whose
+    backward columns do not fit); counts the errors raised."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.raised = limit, 0
+
+    def __call__(self, logits, target):
+        if logits.shape[0] > self.limit:
+            self.raised += 1
+            raise torch.OutOfMemoryError(f"CUDA out of memory: {logits.shape[0]} samples")
+        return normalized_softmax_cross_entropy(logits, target)
+
+
+@pytest.mark.parametrize("method", ["exact", "hessian_sketch"])
+def test_a_batch_whose_estimate_runs_out_of_memory_is_estimated_in_halves_pooled_by_samples(method):
+    """The first batch of 12 fails at 12 and 6 samples and is estimated in pieces of 3; the later batches go
+    to pieces of 3 at once (no failing attempt). The exact pooled values equal those of an unconstrained
+    measurement to rounding (the pieces' estimates pooled by their sizes); the stochastic ones are finite;
+    a warning says what happened and which `batch_size` avoids it."""
+    model, batches = _mlp(), _data(num_batches=4, size=12)
+    loss = _OutOfMemoryAbove(limit=3)
+    with pytest.warns(UserWarning, match="batch of 12 samples ran out of memory; .* pieces of at most 3"):
+        result = measure_sharpness(
+            model, batches, loss_fn=loss, method=method, num_replicates=4, generator=torch.Generator()
+        )
+    assert int(result["num_samples"]) == 48 and loss.raised == 2
+    if method == "hessian_sketch":
+        assert float(result["normalized"]) > 0
+        return
+    reference = measure_sharpness(model, batches, method="exact", num_replicates=4)
+    for key, value in reference.values.items():
+        torch.testing.assert_close(result[key], value, rtol=1e-12, atol=1e-15)
+
+
+def test_an_estimate_out_of_memory_on_one_sample_raises():
+    """Nothing left to halve: the error itself."""
+    model, batches = _mlp(), _data(num_batches=1, size=4)
+    with pytest.raises(torch.OutOfMemoryError):
+        measure_sharpness(model, batches, loss_fn=_OutOfMemoryAbove(limit=0), method="exact")
+
+
+def test_token_batches_out_of_memory_are_pooled_by_their_valid_tokens():
+    """A causal LM whose samples have 2 to 5 valid tokens: pieces of a batch weigh by their tokens, so the
+    pooled values equal those of the unconstrained measurement (the loss sees tokens, not samples: above 9
+    it runs out of memory)."""
+    model = _TinyForCausalLM()
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(2):
+        ids = torch.randint(0, 7, (4, 6), generator=g)
+        labels = ids.clone()
+        labels[0, 3:], labels[1, 5:] = -100, -100
+        batches.append({"input_ids": ids, "labels": labels})
+    loss = _OutOfMemoryAbove(limit=9)
+    with pytest.warns(UserWarning, match="batch of 4 samples ran out of memory"):
+        result = measure_sharpness(model, batches, loss_fn=loss, method="exact", num_replicates=2)
+    reference = measure_sharpness(model, batches, method="exact", num_replicates=2)
+    assert loss.raised > 0 and int(result["num_samples"]) == int(reference["num_samples"]) == 2 * (
+        2 + 4 + 5 + 5
+    )
+    for key, value in reference.values.items():
+        torch.testing.assert_close(result[key], value, rtol=1e-12, atol=1e-15)
