@@ -125,6 +125,19 @@ SHRINK_MULTIPLIERS = dict(
 )
 
 
+#: configuration attributes set where a configuration leaves them None (its model derives nothing from None:
+#: Ministral's and HunYuan's heads, Nemotron's key-value heads); sizes as :data:`SHRINK`'s
+SHRINK_UNSET = dict(head_dim=8, num_key_value_heads=1)
+
+#: per configuration class: what its shrunk configuration must also set (DiffLlama's differential attention
+#: splits the key-value heads in two; SqueezeBert has no projection from its embedding width; X-MOD routes
+#: through a language adapter it must be told)
+SHRINK_CLASS = {
+    "DiffLlamaConfig": dict(num_key_value_heads=2),
+    "SqueezeBertConfig": dict(embedding_size=SHRINK["hidden_size"]),
+    "XmodConfig": dict(default_language="en_XX"),
+}
+
 #: a class whose shrunk model is larger than this is skipped (an attribute the shrinking does not know)
 MAX_PARAMETERS = 2_000_000
 
@@ -153,6 +166,11 @@ def _shrink(config: Any, head: str = "") -> None:
         current = getattr(config, key, None)
         if isinstance(current, int) and not isinstance(current, bool):
             _set(config, key, value)
+    for key, value in SHRINK_UNSET.items():
+        if key in vars(config) and getattr(config, key) is None:
+            _set(config, key, value)
+    for key, value in SHRINK_CLASS.get(type(config).__name__, {}).items():
+        _set(config, key, value)
     if head == "ForQuestionAnswering" and isinstance(getattr(config, "num_labels", None), int):
         _set(config, "num_labels", 2)
     if head == "ForSequenceClassification" and getattr(config, "pad_token_id", 0) is None:

@@ -99,3 +99,20 @@ def test_bench_hf_sweep_shrinks_mamba2_heads_to_tile_the_expanded_width():
     assert config.mamba_n_heads * config.mamba_d_head == config.mamba_d_ssm
     row = bench_hf_sweep.measure("Mamba2ForCausalLM", "ForCausalLM", timeout=60)
     assert (row["status"], row["quantity"], row["path"]) == ("ok", "hessian", "per-layer"), row
+
+
+def test_bench_hf_sweep_sets_sizes_left_unset_and_per_class_needs():
+    """Sizes a configuration leaves None (Ministral's head width, Nemotron's key-value heads) and what a
+    class needs besides (DiffLlama's even key-value heads, SqueezeBert's embedding width, X-MOD's language)
+    are set, so these classes build and run their own forward (they were skipped)."""
+    import transformers
+
+    from benchmarks import bench_hf_sweep
+
+    names = ("MinistralForCausalLM", "NemotronForCausalLM", "DiffLlamaForCausalLM", "SqueezeBertForMaskedLM")
+    for name in (*names, "XmodForMaskedLM"):
+        model = bench_hf_sweep.build(getattr(transformers, name), name[name.index("For") :])
+        (batch,) = bench_hf_sweep.batches("ForMaskedLM", torch.Generator().manual_seed(0))[:1]
+        with torch.no_grad():
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        assert out.logits.shape[:2] == batch["input_ids"].shape, name
