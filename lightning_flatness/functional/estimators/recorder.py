@@ -550,7 +550,16 @@ class _ForwardRecorder(TorchFunctionMode):
         """Record a flagged operation for its node rule (:mod:`.node_rules`), or note it as uncovered;
         the recorded call, or None."""
         rule = NODE_RULES.get(name)
-        inputs = [t for t in dependent if id(t) not in self.names_by_id]
+        # the selected weights are not the node's inputs, nor a normalization's affine weight or bias computed
+        # from them alone (``weight + 1``: Nemotron's layer norm), in which the op is linear
+        affine = {id(a) for a in _normalization_affine(name, args, kwargs)}
+        inputs = [
+            t
+            for t in dependent
+            if id(t) not in self.names_by_id and not (id(t) in self.derived and id(t) in affine)
+        ]
+        if not inputs and affine:  # a normalization of data: linear in its affine weights, no curvature
+            return None
         call = None
         in_place = any(t is out for t in inputs)  # its input is gone: the curvature cannot be evaluated
         if rule is not None and isinstance(out, Tensor) and inputs and not in_place:
@@ -608,6 +617,24 @@ class _ForwardRecorder(TorchFunctionMode):
             f"{name!r} is not piecewise linear (not on the allowlist PIECEWISE_LINEAR_OPS / MULTILINEAR_OPS)"
         )
         return True
+
+
+#: ``op: ((position, name), ...)`` of the affine weight and bias of the normalizations (linear in them)
+NORMALIZATION_AFFINE = {
+    "layer_norm": ((2, "weight"), (3, "bias")),
+    "group_norm": ((2, "weight"), (3, "bias")),
+    "rms_norm": ((2, "weight"),),
+}
+
+
+def _normalization_affine(name: str, args: tuple, kwargs: dict) -> list[Tensor]:
+    """The affine weight and bias passed to the normalization op ``name`` (:data:`NORMALIZATION_AFFINE`)."""
+    found = []
+    for position, key in NORMALIZATION_AFFINE.get(name, ()):
+        value = args[position] if len(args) > position else kwargs.get(key)
+        if isinstance(value, Tensor):
+            found.append(value)
+    return found
 
 
 def _holds_any(args: tuple, kwargs: dict, ids: set[int]) -> bool:
