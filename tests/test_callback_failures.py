@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from callback_models import MLP, DataModule, quiet_trainer
+from out_of_memory import OutOfMemoryAbove
 
 from lightning_flatness import SharpnessMonitor
 
@@ -77,24 +78,11 @@ def test_a_measurement_out_of_memory_even_on_single_samples_says_to_measure_less
     assert math.isnan(monitor.history[-1]["normalized"])
 
 
-class _OutOfMemoryAbove:
-    """Cross-entropy, raising CUDA's out-of-memory error on more than ``limit`` samples; counts the errors."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.raised = limit, 0
-
-    def __call__(self, logits, target):
-        if logits.shape[0] > self.limit:
-            self.raised += 1
-            raise torch.OutOfMemoryError(f"CUDA out of memory: {logits.shape[0]} samples")
-        return F.cross_entropy(logits, target)
-
-
 def test_curvature_batches_out_of_memory_are_measured_in_pieces_from_then_on():
     """Curvature batches of 16 samples (128 in 8 batches) run out of memory above 4: the first measurement
     halves its first batch twice and measures in pieces of 4, the later ones start there (no failing
     attempt); one warning; every value equal to a monitor measuring in batches of 16 within memory."""
-    loss = _OutOfMemoryAbove(limit=4)
+    loss = OutOfMemoryAbove(4, F.cross_entropy)
     monitor = SharpnessMonitor(num_samples=128, method="exact", loss_fn=loss, batch_size=16)
     with pytest.warns(UserWarning, match="batch of 16 samples ran out of memory; .* pieces of at most 4"):
         trainer, _ = _fit(monitor)

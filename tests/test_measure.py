@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from oracles import brute_force_hessian_diagonal, brute_force_measures
+from out_of_memory import OutOfMemoryAbove
 from torch import nn
 
 from lightning_flatness import NormalizedSharpness
@@ -290,20 +291,6 @@ def test_a_zero_initialised_head_gives_zero_normalized_sharpness_and_says_why(lo
         )
 
 
-class _OutOfMemoryAbove:
-    """eq. 20's loss, raising CUDA's out-of-memory error on more than ``limit`` samples (as an estimate whose
-    backward columns do not fit); counts the errors raised."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.raised = limit, 0
-
-    def __call__(self, logits, target):
-        if logits.shape[0] > self.limit:
-            self.raised += 1
-            raise torch.OutOfMemoryError(f"CUDA out of memory: {logits.shape[0]} samples")
-        return normalized_softmax_cross_entropy(logits, target)
-
-
 @pytest.mark.parametrize("method", ["exact", "hessian_sketch"])
 def test_a_batch_whose_estimate_runs_out_of_memory_is_estimated_in_halves_pooled_by_samples(method):
     """The first batch of 12 fails at 12 and 6 samples and is estimated in pieces of 3; the later batches go
@@ -311,7 +298,7 @@ def test_a_batch_whose_estimate_runs_out_of_memory_is_estimated_in_halves_pooled
     measurement to rounding (the pieces' estimates pooled by their sizes); the stochastic ones are finite;
     a warning says what happened and which `batch_size` avoids it."""
     model, batches = _mlp(), _data(num_batches=4, size=12)
-    loss = _OutOfMemoryAbove(limit=3)
+    loss = OutOfMemoryAbove(3, normalized_softmax_cross_entropy)
     with pytest.warns(UserWarning, match="batch of 12 samples ran out of memory; .* pieces of at most 3"):
         result = measure_sharpness(
             model, batches, loss_fn=loss, method=method, num_replicates=4, generator=torch.Generator()
@@ -329,7 +316,9 @@ def test_an_estimate_out_of_memory_on_one_sample_raises():
     """Nothing left to halve: the error itself."""
     model, batches = _mlp(), _data(num_batches=1, size=4)
     with pytest.raises(torch.OutOfMemoryError):
-        measure_sharpness(model, batches, loss_fn=_OutOfMemoryAbove(limit=0), method="exact")
+        measure_sharpness(
+            model, batches, loss_fn=OutOfMemoryAbove(0, normalized_softmax_cross_entropy), method="exact"
+        )
 
 
 def test_token_batches_out_of_memory_are_pooled_by_their_valid_tokens():
@@ -344,7 +333,7 @@ def test_token_batches_out_of_memory_are_pooled_by_their_valid_tokens():
         labels = ids.clone()
         labels[0, 3:], labels[1, 5:] = -100, -100
         batches.append({"input_ids": ids, "labels": labels})
-    loss = _OutOfMemoryAbove(limit=9)
+    loss = OutOfMemoryAbove(9, normalized_softmax_cross_entropy)
     with pytest.warns(UserWarning, match="batch of 4 samples ran out of memory"):
         result = measure_sharpness(model, batches, loss_fn=loss, method="exact", num_replicates=2)
     reference = measure_sharpness(model, batches, method="exact", num_replicates=2)
