@@ -125,8 +125,8 @@ SHRINK_MULTIPLIERS = dict(
 )
 
 
-#: configuration attributes set where a configuration leaves them None (its model derives nothing from None:
-#: Ministral's and HunYuan's heads, Nemotron's key-value heads); sizes as :data:`SHRINK`'s
+#: configuration attributes set where a configuration leaves them None and its model does not derive them
+#: (Ministral's and HunYuan's head width, Nemotron's key-value heads); sizes as :data:`SHRINK`'s
 SHRINK_UNSET = dict(head_dim=8, num_key_value_heads=1)
 
 #: per configuration class: what its shrunk configuration must also set (DiffLlama's differential attention
