@@ -120,12 +120,14 @@ PRODUCT_PAIRS = 1
 TIED_COLUMN_ELEMENTS = 2**27
 
 
-def hessian_sketch_blockers(forward: _RecordedForward) -> list[str]:
+def hessian_sketch_blockers(forward: _RecordedForward, shared_weights: bool = True) -> list[str]:
     """Why the sketched Hessian diagonal does not apply to a forward recorded with ``record_nodes``:
     ops no node rule covers, weights used twice other than by Linear layers and embedding lookups (or
     too large for per-sample columns), ops invisible to the recorder, random ops, op inputs
     without the samples along dim 0 (``n k`` rows, ``k`` per sample, as windowed attention has them,
-    are checked by the batch-independence probe instead: :func:`_grouped_rows_blockers`)."""
+    are checked by the batch-independence probe instead: :func:`_grouped_rows_blockers`). Where there is
+    none of these and ``shared_weights`` is False (``auto``: :func:`hessian_sketch_applies`), a weight used
+    twice with coupled uses (:func:`_coupled_weights`)."""
     recorder = forward.recorder
     n = forward.logits.shape[0]
     reasons = [f"{entry}: no node rule (node_rules) covers it" for entry in recorder.uncovered]
@@ -157,6 +159,14 @@ def hessian_sketch_blockers(forward: _RecordedForward) -> list[str]:
             )
     reasons += [issue for issue in forward.issues if "invisible" in issue]
     reasons += [f"{op} draws random numbers" for op in recorder.random_ops]
+    if not reasons and not shared_weights:
+        reasons = [
+            f"weight {name!r} is used {len(uses)} times (a tied weight: method='hessian_sketch' measures "
+            "its Hessian, more noisily than the Gauss-Newton diagonal's gap on the tiny GPT-2, "
+            "benchmarks/RESULTS.md)"
+            for name, uses in shared.items()
+            if name in coupled
+        ][:1]
     return reasons
 
 
@@ -216,17 +226,7 @@ def hessian_sketch_applies(
     with torch.inference_mode(False), torch.enable_grad(), twice_differentiable(model):
         x, _ = _autograd_inputs(inputs, target)
         forward = _record_forward(model, x, params, "choose_method", record_nodes=True)
-        blockers = hessian_sketch_blockers(forward)
-        if not blockers and not shared_weights:
-            shared = _shared_weights(forward)
-            coupled = _coupled_weights(forward, shared)
-            blockers = [
-                f"weight {name!r} is used {len(uses)} times (a tied weight: method='hessian_sketch' measures "
-                "its Hessian, more noisily than the Gauss-Newton diagonal's gap on the tiny GPT-2, "
-                "benchmarks/RESULTS.md)"
-                for name, uses in shared.items()
-                if name in coupled
-            ][:1]
+        blockers = hessian_sketch_blockers(forward, shared_weights)
         if not blockers:
             blockers = _grouped_rows_blockers(forward, model, x, params, "choose_method")
     ops = list(dict.fromkeys(node.op for node in forward.recorder.nodes or []))
@@ -291,21 +291,27 @@ def _tied_products(forward: _RecordedForward) -> list[NodeCall]:
     """The Linear calls of a selected weight used more than once (a tied LM head) on an input that
     depends on the selected weights, as products ``(h, W)`` (:mod:`.node_rules.tied_linear`): their
     curvature reaches the diagonal of the weight's Hessian through its other uses."""
-    tied = {id(forward.leaves[name]) for name in _shared_weights(forward)}
     rule = NODE_RULES["linear"]
-    return [p for p in forward.recorder.weight_products if id(p.inputs[1]) in tied and rule.accepts(p)]
+    return [p for p in _shared_weight_products(forward, _shared_weights(forward)) if rule.accepts(p)]
+
+
+def _shared_weight_products(forward: _RecordedForward, shared: dict[str, list[str]]) -> list[NodeCall]:
+    """The recorded Linear calls, as products ``(h, W)``, of the weights ``shared``
+    (:func:`_shared_weights`) on inputs that depend on the selected weights."""
+    ids = {id(forward.leaves[name]) for name in shared}
+    return [p for p in forward.recorder.weight_products if id(p.inputs[1]) in ids]
 
 
 def _coupled_weights(forward: _RecordedForward, shared: dict[str, list[str]]) -> set[str]:
     """The selected weights used more than once with a Linear call on an input that depends on the selected
-    weights (a tied LM head, ALBERT's shared layers; :func:`_tied_products` are those calls): the curvature
-    that couples their uses reaches their diagonal and is sampled by per-sample columns at the weight
-    itself. A weight whose uses are embedding lookups (an encoder-decoder's shared token table) and Linear
-    calls on inputs that do not depend on the weights has no such term: each use is linear in it, so its
-    Hessian diagonal is what the backward columns of the loss and the ops give, summed over its uses.
-    ``shared``: :func:`_shared_weights`."""
-    by_id = {id(forward.leaves[name]): name for name in shared}
-    return {by_id[id(p.inputs[1])] for p in forward.recorder.weight_products if id(p.inputs[1]) in by_id}
+    weights (a tied LM head, ALBERT's shared layers: :func:`_shared_weight_products`, whatever the rule of
+    :func:`_tied_products` accepts): the curvature that couples their uses reaches their diagonal and is
+    sampled by per-sample columns at the weight itself. A weight whose uses are embedding lookups (an
+    encoder-decoder's shared token table) and Linear calls on inputs that do not depend on the weights has
+    no such term: each use is linear in it, so its Hessian diagonal is what the backward columns of the
+    loss and the ops give, summed over its uses. ``shared``: :func:`_shared_weights`."""
+    name_of = {id(forward.leaves[name]): name for name in shared}
+    return {name_of[id(p.inputs[1])] for p in _shared_weight_products(forward, shared)}
 
 
 def _shared_weights(forward: _RecordedForward) -> dict[str, list[str]]:
