@@ -619,22 +619,18 @@ class _ForwardRecorder(TorchFunctionMode):
         return True
 
 
-#: ``op: ((position, name), ...)`` of the affine weight and bias of the normalizations (linear in them)
-NORMALIZATION_AFFINE = {
-    "layer_norm": ((2, "weight"), (3, "bias")),
-    "group_norm": ((2, "weight"), (3, "bias")),
-    "rms_norm": ((2, "weight"),),
-}
+#: the normalizations whose output is linear in their affine weight and bias (their layer rules say where
+#: those arguments are: :mod:`.layer_rules.normalization`)
+NORMALIZATIONS = ("layer_norm", "group_norm", "rms_norm")
 
 
 def _normalization_affine(name: str, args: tuple, kwargs: dict) -> list[Tensor]:
-    """The affine weight and bias passed to the normalization op ``name`` (:data:`NORMALIZATION_AFFINE`)."""
-    found = []
-    for position, key in NORMALIZATION_AFFINE.get(name, ()):
-        value = args[position] if len(args) > position else kwargs.get(key)
-        if isinstance(value, Tensor):
-            found.append(value)
-    return found
+    """The affine weight and bias passed to the normalization op ``name`` (:data:`NORMALIZATIONS`)."""
+    if name not in NORMALIZATIONS:
+        return []
+    rule = LAYER_RULES[name]
+    places = [rule.weight_argument] + ([rule.bias_argument] if rule.bias_argument else [])
+    return [t for t in (_argument(args, kwargs, *place) for place in places) if isinstance(t, Tensor)]
 
 
 def _holds_any(args: tuple, kwargs: dict, ids: set[int]) -> bool:
