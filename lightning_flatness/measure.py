@@ -502,7 +502,8 @@ class SharpnessMeasurement:
     def add(self, inputs: Any, target: Tensor) -> bool:
         """Estimate on one batch and pool it; ``False`` (nothing pooled) when the loss or the estimate is
         NaN or infinite (an estimate that overflowed a dtype narrower than float64 is first redone in
-        float64: :meth:`_overflow_in_float64`). Other errors of the estimator are raised."""
+        float64: :meth:`_overflow_in_float64`; one that ran out of memory, in pieces:
+        :meth:`_estimate_within_memory`). Other errors of the estimator are raised."""
         try:
             estimate = self._estimate_within_memory(inputs, target)
         except (ValueError, RuntimeError):
