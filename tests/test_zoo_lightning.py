@@ -143,16 +143,11 @@ EXPECTED = {
 }
 
 
-SAMPLES = 8
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(set(TINY) - {"convnext_v2"}))  # ConvNeXt's run, with one op more: its
 def test_zoo_model_in_a_plain_lightning_module_is_measured_at_the_defaults(name):  # choice is checked below
     module, dataset, inputs, target = _module_and_data(name)
-    # 8 samples: the brute-force Hessian of the oracle below, column by column, dominates (ConvNeXt's 3,413
-    # weights: 8 s on 8 samples, 30 s on 16)
-    monitor = SharpnessMonitor(num_samples=SAMPLES, dtype="float64")
+    monitor = SharpnessMonitor(num_samples=16, dtype="float64")
     pl.seed_everything(0, verbose=False)
     trainer = quiet_trainer([monitor], max_epochs=2)
     trainer.fit(module, _Data(dataset))
@@ -164,7 +159,7 @@ def test_zoo_model_in_a_plain_lightning_module_is_measured_at_the_defaults(name)
         monitor.history
     )
     if name != "gpt2":  # the causal LM counts valid tokens: see the next test
-        assert last["num_samples"] == SAMPLES
+        assert last["num_samples"] == 16
     names = list(select_parameters(module))
     assert sorted(k.split("/", 1)[1] for k in last if k.startswith("hessian_trace/")) == sorted(names)
     weight_names = [n for n in names if module.get_parameter(n).ndim >= 2]
