@@ -4,6 +4,9 @@
 ``bench_reach`` runs a curated list with hand-written tiny configurations. This sweep takes every class of
 ``transformers`` whose name ends in ``--head`` (``ForCausalLM``, ``ForMaskedLM``, ``ForTokenClassification``,
 ``ForSequenceClassification``, ``ForImageClassification``, ``ForQuestionAnswering``, ``ForMultipleChoice``),
+or, for ``--head ForAudioClassification``, the audio classifiers of ``AutoModelForAudioClassification``
+(random clips as their feature extractors give them, :func:`audio_inputs`; the audio attributes
+:data:`SHRINK_AUDIO` and a three-layer feature encoder, :data:`AUDIO_FEATURE_ENCODER`),
 builds it from its configuration class's defaults shrunk by attribute name (hidden sizes 16, one layer, two
 heads, a vocabulary of 64, 3 labels, 32x32 images: :data:`SHRINK`, each attribute set only where the
 configuration has it as an int; per-stage lists of hierarchical vision models, :data:`SHRINK_PER_STAGE`, with
@@ -47,7 +50,12 @@ HEADS = (
     "ForImageClassification",
     "ForQuestionAnswering",
     "ForMultipleChoice",
+    "ForAudioClassification",
 )
+
+#: the audio classifiers (``ForAudioClassification``): ``transformers``' own list for the audio-classification
+#: task (``AutoModelForAudioClassification``), which names most of them ``...ForSequenceClassification``
+AUDIO = "ForAudioClassification"
 
 #: configuration attributes set where a configuration has them as ints (the shrunk tiny configuration)
 SHRINK = dict(
@@ -93,6 +101,28 @@ SHRINK = dict(
     pooler_hidden_size=16,
     window_size=2,
 )
+
+#: configuration attributes of the audio classifiers (``ForAudioClassification`` only), set as :data:`SHRINK`:
+#: the positional convolution of wav2vec 2.0's family (kernel 128 in 16 groups by default), its classifier's
+#: projection, the Conformer's depthwise kernel, Wav2Vec2-BERT's adapter and features, Whisper's mel bins,
+#: frames (2 per position) and encoder, AST's spectrogram (time frames by mel bins)
+SHRINK_AUDIO = dict(
+    num_conv_pos_embeddings=4,
+    num_conv_pos_embedding_groups=2,
+    classifier_proj_size=8,
+    conv_depthwise_kernel_size=3,
+    output_hidden_size=16,
+    feature_projection_input_dim=16,
+    num_mel_bins=16,
+    max_source_positions=8,
+    max_length=26,
+    encoder_attention_heads=2,
+    encoder_ffn_dim=32,
+)
+
+#: the feature encoder of wav2vec 2.0's family (seven 512-channel convolutions, total stride 320 by default):
+#: three of 16 channels, total stride 20, set together where a configuration has all three as sequences
+AUDIO_FEATURE_ENCODER = dict(conv_dim=(16, 16, 16), conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2))
 
 #: list- or tuple-valued configuration attributes of hierarchical models (per stage), shrunk entry by entry
 #: where a configuration has them as sequences of ints: blocks per stage to 1, channels per stage divided
@@ -162,7 +192,7 @@ def _shrink(config: Any, head: str = "") -> None:
     sub-configurations (a text or vision tower's), and what ``head`` needs as its documentation sets it up:
     two labels (start and end logits) for question answering, a padding token for a sequence classifier
     (a decoder-only one finds each sequence's last token by it)."""
-    for key, value in SHRINK.items():
+    for key, value in {**SHRINK, **(SHRINK_AUDIO if head == AUDIO else {})}.items():
         current = getattr(config, key, None)
         if isinstance(current, int) and not isinstance(current, bool):
             _set(config, key, value)
@@ -204,6 +234,12 @@ def _shrink(config: Any, head: str = "") -> None:
                 if isinstance(getattr(config, key, None), int):
                     _set(config, key, len(kinds))
     _shrink_ssd_heads(config)  # after the layer kinds (Zamba2's hybrid layers)
+    if head == AUDIO and all(
+        isinstance(getattr(config, k, None), (list, tuple)) for k in AUDIO_FEATURE_ENCODER
+    ):
+        for key, value in AUDIO_FEATURE_ENCODER.items():
+            _set(config, key, type(getattr(config, key))(value))
+        _set(config, "num_feat_extract_layers", len(AUDIO_FEATURE_ENCODER["conv_dim"]))
     for key in list(vars(config)):
         sub = getattr(config, key, None)
         if sub is not config and type(sub).__name__.endswith("Config") and hasattr(sub, "to_dict"):
@@ -256,10 +292,33 @@ def build(cls: Any, head: str = "") -> torch.nn.Module:
     return model
 
 
-def batches(head: str, g: torch.Generator, image_size: int = 32) -> list[dict[str, torch.Tensor]]:
+def audio_inputs(model: torch.nn.Module, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Two random clips as the model's feature extractor gives them: a waveform of 400 samples
+    (``input_values``, wav2vec 2.0's family), a spectrogram of ``max_length`` frames by ``num_mel_bins``
+    (``input_values``, AST), or features: Whisper's ``num_mel_bins`` by twice ``max_source_positions`` frames,
+    Wav2Vec2-BERT's 8 frames of ``feature_projection_input_dim``."""
+    config, name = model.config, model.main_input_name
+    if name == "input_features" and hasattr(config, "feature_projection_input_dim"):
+        shape: tuple[int, ...] = (2, 8, config.feature_projection_input_dim)
+    elif name == "input_features":
+        shape = (2, config.num_mel_bins, 2 * config.max_source_positions)
+    elif hasattr(config, "num_mel_bins"):
+        shape = (2, config.max_length, config.num_mel_bins)
+    else:
+        shape = (2, 400)
+    return {name: torch.randn(*shape, generator=g)}
+
+
+def batches(
+    head: str, g: torch.Generator, image_size: int = 32, model: Optional[torch.nn.Module] = None
+) -> list[dict[str, torch.Tensor]]:
     out = []
     for _ in range(2):
-        if head == "ForImageClassification":
+        if head == AUDIO:
+            assert model is not None
+            batch = audio_inputs(model, g)
+            batch["labels"] = torch.randint(0, 3, (2,), generator=g)
+        elif head == "ForImageClassification":
             batch = {"pixel_values": torch.randn(2, 3, image_size, image_size, generator=g)}
             batch["labels"] = torch.randint(0, 3, (2,), generator=g)
         else:
@@ -307,7 +366,8 @@ def measure(name: str, head: str, timeout: int) -> dict[str, Any]:
         try:
             model = build(getattr(transformers, name), head)
             size = getattr(model.config, "image_size", 32)
-            data = batches(head, torch.Generator().manual_seed(0), size if isinstance(size, int) else size[0])
+            size = size if isinstance(size, int) else size[0]
+            data = batches(head, torch.Generator().manual_seed(0), size, model)
             with torch.no_grad():
                 model(**{k: v for k, v in data[0].items() if k != "labels"})
         except _TimedOut:
@@ -375,6 +435,13 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def audio_classifiers() -> list[str]:
+    """The class names of ``transformers``' audio-classification task (``AutoModelForAudioClassification``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES
+
+    return list(MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES.values())
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     import transformers
 
@@ -386,8 +453,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     setup(args)
     names = sorted(
         n
-        for n in dir(transformers)
-        if n.endswith(args.head)
+        for n in (audio_classifiers() if args.head == AUDIO else dir(transformers))
+        if (args.head == AUDIO or n.endswith(args.head))
         and not n.startswith(("TF", "Flax", "Auto"))
         and isinstance(getattr(transformers, n, None), type)
     )

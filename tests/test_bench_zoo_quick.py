@@ -116,3 +116,34 @@ def test_bench_hf_sweep_sets_sizes_left_unset_and_per_class_needs():
         with torch.no_grad():
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         assert out.logits.shape[:2] == batch["input_ids"].shape, name
+
+
+def test_bench_hf_sweep_builds_the_audio_classifiers_with_their_own_inputs():
+    """``--head ForAudioClassification`` takes transformers' audio-classification classes (named
+    ``...ForSequenceClassification`` mostly), shrinks their feature encoders (wav2vec 2.0's seven 512-channel
+    convolutions: skipped as not shrunk in the sequence-classification sweep) and feeds each its own input: raw
+    clips, AST's spectrogram, Whisper's or Wav2Vec2-BERT's features. Each builds small and runs its forward; the
+    text sweeps' configurations are left as they were."""
+    import transformers
+
+    from benchmarks import bench_hf_sweep
+
+    names = bench_hf_sweep.audio_classifiers()
+    assert {"Wav2Vec2ForSequenceClassification", "ASTForAudioClassification"} <= set(names)
+    inputs = {}
+    for name in names:
+        model = bench_hf_sweep.build(getattr(transformers, name), bench_hf_sweep.AUDIO)
+        (batch,) = bench_hf_sweep.batches(
+            bench_hf_sweep.AUDIO, torch.Generator().manual_seed(0), model=model
+        )[:1]
+        with torch.no_grad():
+            out = model(**{k: v for k, v in batch.items() if k != "labels"})
+        assert out.logits.shape == (2, 3), name
+        inputs[name] = {k: tuple(v.shape) for k, v in batch.items() if k != "labels"}
+    assert inputs["Wav2Vec2ForSequenceClassification"] == {"input_values": (2, 400)}
+    assert inputs["ASTForAudioClassification"] == {"input_values": (2, 26, 16)}
+    assert inputs["WhisperForAudioClassification"] == {"input_features": (2, 16, 16)}
+    assert inputs["Wav2Vec2BertForSequenceClassification"] == {"input_features": (2, 8, 16)}
+    text = transformers.Wav2Vec2Config()
+    bench_hf_sweep._shrink(text, "ForSequenceClassification")
+    assert len(text.conv_dim) == 7 and text.num_conv_pos_embeddings == 128  # the text sweeps' shrink

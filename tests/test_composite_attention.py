@@ -1,6 +1,8 @@
 """``nn.MultiheadAttention`` written out in explicit operations (``composite_attention``): the same
 function as PyTorch's ``F.multi_head_attention_forward`` for every option it covers, the original
-forward for the others, and the modules restored exactly after a measurement."""
+forward for the others, and the modules restored exactly after a measurement. A model's own call of
+``F.multi_head_attention_forward`` (WavLM: separate projections) written out too, and measured on the
+per-layer path."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_flatness.functional.composite_attention import (
+    ExplicitAttentionCalls,
+    composite_attention_call,
     composite_multi_head_attention,
     explicit_multi_head_attention,
     writes_out,
@@ -186,3 +190,147 @@ def test_a_transformer_encoder_is_recorded_in_explicit_operations_and_measured_a
             model, F.cross_entropy, x, y, params, generator=torch.Generator().manual_seed(0)
         )
     assert set(est) == set(params) and all(torch.isfinite(v).all() for v in est.values())
+
+
+def _call_arguments(separate: bool, masks: str, need_weights: bool) -> dict:
+    """Arguments of ``F.multi_head_attention_forward`` for self-attention on ``(L, B, E)``: the packed
+    projection, or three separate ones with their biases concatenated (as WavLM calls it)."""
+    mha = _module(batch_first=False)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(L, B, E, generator=g, dtype=F64)
+    weights = mha.in_proj_weight.detach().chunk(3)
+    kwargs = dict(
+        query=x,
+        key=x,
+        value=x,
+        embed_dim_to_check=E,
+        num_heads=H,
+        in_proj_weight=torch.empty(0) if separate else mha.in_proj_weight.detach(),
+        in_proj_bias=torch.cat(mha.in_proj_bias.detach().chunk(3)),
+        bias_k=None,
+        bias_v=None,
+        add_zero_attn=False,
+        dropout_p=0.1,
+        out_proj_weight=mha.out_proj.weight.detach(),
+        out_proj_bias=mha.out_proj.bias.detach(),
+        training=False,
+        need_weights=need_weights,
+        **_masks(masks, "self"),
+    )
+    if separate:
+        kwargs.update(use_separate_proj_weight=True, q_proj_weight=weights[0])
+        kwargs.update(k_proj_weight=weights[1], v_proj_weight=weights[2])
+    return kwargs
+
+
+@pytest.mark.parametrize("separate", [True, False], ids=["separate", "packed"])
+@pytest.mark.parametrize("masks", ["none", "float_3d", "bool_padding", "float_both"])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_a_models_own_call_is_written_out_as_the_same_function(separate, masks, need_weights):
+    """``F.multi_head_attention_forward`` called in a model's code (WavLM: separate projections, biases
+    concatenated, a float mask per sample and head), written out: the same outputs and weights."""
+    kwargs = _call_arguments(separate, masks, need_weights)
+    expected = F.multi_head_attention_forward(**kwargs)
+    got = composite_attention_call((), kwargs)
+    with ExplicitAttentionCalls():
+        moded = F.multi_head_attention_forward(**kwargs)
+    for result in (got, moded):
+        torch.testing.assert_close(result[0], expected[0], rtol=1e-13, atol=1e-13)
+        if need_weights:
+            torch.testing.assert_close(result[1], expected[1], rtol=1e-13, atol=1e-13)
+        else:
+            assert result[1] is None and expected[1] is None
+    positional = list(kwargs.values())[:14]  # the same call with its leading arguments by position
+    rest = {k: v for k, v in list(kwargs.items())[14:]}
+    torch.testing.assert_close(composite_attention_call(tuple(positional), rest)[0], expected[0])
+
+
+@pytest.mark.parametrize(
+    "change", [{"bias_k": "k"}, {"add_zero_attn": True}, {"training": True}, {"static_k": "k"}]
+)
+def test_a_call_it_does_not_write_out_runs_the_original(change):
+    kwargs = _call_arguments(True, "none", False)
+    extra = dict(change)
+    for key, value in extra.items():
+        if value == "k":
+            extra[key] = torch.randn(1, 1, E, dtype=F64) if key == "bias_k" else torch.randn(B * H, L, E // H)
+    if "bias_k" in extra:
+        extra["bias_v"] = torch.randn(1, 1, E, dtype=F64)
+    kwargs.update(extra)
+    assert composite_attention_call((), kwargs) is None
+
+
+class FunctionalAttention(nn.Module):
+    """WavLM's attention in miniature: three projections and an output projection as Linear layers, handed to
+    ``F.multi_head_attention_forward`` with ``use_separate_proj_weight=True`` and the biases concatenated,
+    and a float mask per sample and head computed from the hidden states (WavLM's gated position bias, here
+    a gate of the data times a constant relative-position bias)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(E, E), nn.Linear(E, E), nn.Linear(E, E)
+        self.out_proj = nn.Linear(E, E)
+        self.gate = nn.Linear(E, H)
+        self.register_buffer("bias", torch.randn(1, H, L, L))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (N, L, E)
+        n = h.shape[0]
+        gate = torch.sigmoid(self.gate(h)).transpose(1, 2).unsqueeze(-1)  # (N, H, L, 1)
+        mask = (gate * self.bias).reshape(n * H, L, L)
+        x = h.transpose(0, 1)
+        out, _ = F.multi_head_attention_forward(
+            x, x, x, E, H, torch.empty([0]),
+            torch.cat((self.q_proj.bias, self.k_proj.bias, self.v_proj.bias)),
+            None, None, False, 0.0, self.out_proj.weight, self.out_proj.bias, self.training,
+            None, need_weights=True, attn_mask=mask, use_separate_proj_weight=True,
+            q_proj_weight=self.q_proj.weight, k_proj_weight=self.k_proj.weight, v_proj_weight=self.v_proj.weight,
+        )  # fmt: skip
+        return out.transpose(0, 1)
+
+
+class FunctionalAttentionNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, E)
+        self.attention = FunctionalAttention()
+        self.head = nn.Linear(L * E, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, 3) -> (N, 4)
+        h = torch.tanh(self.embed(x))
+        return self.head(torch.tanh(h + self.attention(h)).flatten(1))
+
+
+@pytest.mark.parametrize("method", ["gauss_newton", "hessian_sketch"])
+def test_a_models_own_attention_call_takes_the_per_layer_path(method):
+    """Before the call was written out, its projections' weights were used by one opaque op: every estimator
+    took one backward pass per sample and column, and ``auto`` measured the Gauss-Newton diagonal. Now no
+    fallback: the exact Gauss-Newton diagonal (projections' weights and their concatenated biases) equals the
+    float64 brute force, and ``auto``'s sketched Hessian is unbiased for the brute-force Hessian."""
+    import warnings
+
+    from expectation import assert_unbiased_traces
+    from zoo_oracle import brute_force_ggn_diagonal
+
+    from lightning_flatness.functional import hessian_diagonal_groups
+    from lightning_flatness.functional.estimators.method_choice import choose_method
+    from lightning_flatness.functional.parameters import select_parameters
+
+    torch.manual_seed(0)
+    model = FunctionalAttentionNet().to(F64).eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, L, 3, generator=g, dtype=F64), torch.randint(0, 4, (5,), generator=g)
+    names = list(select_parameters(model, "all"))
+    assert "attention.k_proj.weight" in names and "attention.k_proj.bias" in names
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the per-sample fallback warns
+        if method == "gauss_newton":
+            est = hessian_diagonal_groups(model, F.cross_entropy, x, y, method=method, parameters=names)
+            truth = brute_force_ggn_diagonal(model, F.cross_entropy, x, y, names)
+            # one scale: the key bias has no curvature (softmax ignores a shift of a query's scores)
+            scale = max(float(truth[n].abs().max()) for n in names)
+            assert float(truth["attention.v_proj.bias"].abs().max()) > 1e-3 * scale
+            for n in names:
+                assert float((est.groups[n][0] - truth[n]).abs().max()) <= 1e-10 * scale, n
+        else:
+            assert choose_method(model, F.cross_entropy, x, y).method == "hessian_sketch"
+            assert_unbiased_traces(model, F.cross_entropy, x, y, names)

@@ -10,6 +10,9 @@ layer written token by token (:func:`lightning_flatness.functional.dense_experts
 - ``torch.einsum`` of data and a weight (Funnel's relative attention: ``binh,tnh->bnit`` with a projection of
   position encodings, ``bind,snd->bnis`` with segment embeddings) is the same product, and takes the
   per-layer path with the exact Gauss-Newton diagonal and the unbiased sketched Hessian.
+- A batched weight as ``matmul``'s right factor, broadcast over the samples (the Conformer's relative attention:
+  queries ``(N, H, T, d)`` against position encodings projected by a weight, ``(1, H, d, S)``), is the same
+  product, and takes the per-layer path with the exact Gauss-Newton diagonal and the unbiased sketched Hessian.
 - Llama 4's layer written token by token returns the model's own outputs, and the class forward afterwards."""
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from lightning_flatness.functional.dense_experts import dense_experts, is_llama4
 from lightning_flatness.functional.parameters import select_parameters
 from lightning_flatness.functional.weight_stack_products import (
     WeightStackProducts,
+    batched_matmul_as_stack_product,
     einsum_as_stack_product,
     matmul_as_stack_product,
     product_as_stack_product,
@@ -474,3 +478,82 @@ def test_mamba_takes_the_per_layer_path(monkeypatch):
     torch.testing.assert_close(
         draws[torch.float32].double(), draws[torch.float64], rtol=1e-3, atol=1e-3 * scale
     )
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape",
+    [
+        ((2, 3, 5, 4), (1, 3, 4, 6)),
+        ((2, 3, 5, 4), (3, 4, 6)),
+        ((2, 3, 5, 4), (1, 1, 4, 6)),
+        ((2, 5, 4), (1, 4, 6)),
+    ],
+)
+def test_a_batched_weight_as_the_right_factor_of_matmul_is_the_same_product(x_shape, w_shape):
+    """``x @ W`` with ``W`` of 3 or more dims broadcast over the samples: values, gradients and a Hessian-vector
+    product; a weight not broadcast over the samples, or a 2-D one (a layer rule's), passes through."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*x_shape, generator=g, dtype=F64)
+    w = torch.randn(*w_shape, generator=g, dtype=F64)
+    u = torch.randn(*x_shape[:-1], w_shape[-1], generator=g, dtype=F64)
+
+    def f(product, x, w):
+        return (torch.tanh(product(x, w)) * u).sum()
+
+    ref = functools.partial(f, lambda x, w: x @ w)
+    new = functools.partial(f, batched_matmul_as_stack_product)
+    _same_derivatives(new, ref, x, w)
+    leaf, data = w.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with WeightStackProducts(lambda t: t is leaf):
+        batched = data @ leaf
+        per_sample = data @ leaf.expand(*x_shape[:-2], *w_shape[-2:]) * 1.0  # a function of it, not broadcast
+    assert _convolved(batched) and not _convolved(per_sample)
+    torch.testing.assert_close(batched, x @ w)
+    assert batched_matmul_as_stack_product(x, torch.randn(x_shape[0], *w_shape[-2:], dtype=F64)) is None
+
+
+class RelativeAttentionScores(nn.Module):
+    """The Conformer's relative-position scores in miniature: queries from the data, ``(N, H, T, d)``, against
+    position encodings (a buffer) projected by a Linear layer and laid out ``(1, H, d, S)``, with
+    ``torch.matmul``, then the skew that aligns the relative positions (pad, view, slice)."""
+
+    def __init__(self, tokens: int = 4, heads: int = 2, head_dim: int = 3) -> None:
+        super().__init__()
+        self.q = nn.Linear(HIDDEN, heads * head_dim)
+        self.linear_pos = nn.Linear(HIDDEN, heads * head_dim, bias=False)
+        self.register_buffer("positions", torch.randn(1, 2 * tokens - 1, HIDDEN))
+        self.heads, self.head_dim = heads, head_dim
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (N, T, HIDDEN) -> (N, H, T, T)
+        n, t = h.shape[:2]
+        q = self.q(h).view(n, t, self.heads, self.head_dim).transpose(1, 2)
+        p = self.linear_pos(self.positions).view(1, 2 * t - 1, self.heads, self.head_dim).permute(0, 2, 3, 1)
+        scores = torch.matmul(q, p)  # (N, H, T, 2T - 1)
+        shape = scores.shape
+        scores = F.pad(scores, (1, 0)).view(*shape[:2], shape[3] + 1, shape[2])
+        return scores[..., 1:, :].view(shape)[..., :t]
+
+
+class RelativeAttentionNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(2, HIDDEN)
+        self.attention = RelativeAttentionScores()
+        self.head = nn.Linear(2 * 4 * 4, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 4, 2) -> (N, CLASSES)
+        scores = self.attention(torch.tanh(self.embed(x)))
+        return self.head(torch.tanh(scores).flatten(1))
+
+
+@pytest.mark.parametrize("method", ["gauss_newton", "hessian_sketch"])
+def test_relative_attention_scores_take_the_per_layer_path(method):
+    """Before the rewrite, ``linear_pos`` (a batched right factor of ``matmul``) sent every estimator to one
+    backward pass per sample and column. Now no fallback: the exact Gauss-Newton diagonal equals the float64
+    brute force, and the sketched Hessian is unbiased for the brute-force Hessian."""
+    model, x, y, names = _problem(RelativeAttentionNet)
+    assert "attention.linear_pos.weight" in names
+    if method == "gauss_newton":
+        _per_layer_and_equal_to_the_brute_force_ggn(model, x, y, names)
+    else:
+        _per_layer_and_unbiased(model, x, y, names)

@@ -26,6 +26,7 @@ from zoo_models import (  # noqa: E402
     segformer_model,
     seq2seq_model,
     span_batch,
+    tiny_audio_classifier,
     tiny_bert_multiple_choice,
     tiny_bert_problem,
     tiny_bert_question_answering,
@@ -465,3 +466,32 @@ def test_llama4_is_measured_on_the_per_layer_path_and_its_training_is_bit_identi
         rewritten = [m for m in module.modules() if is_llama4_moe(m) or is_rms_norm_candidate(m)]
         assert len(rewritten) >= 4 and not any("forward" in m.__dict__ for m in rewritten)
     assert_same_training_state(runs["with"], runs["without"])
+
+
+@pytest.mark.slow
+def test_hugging_face_audio_classifier_is_measured_at_the_defaults():
+    """wav2vec 2.0's Conformer (relative attention, a convolution module with GLU) on dict batches of raw
+    clips (``input_values``, ``labels``), trained with its own loss: ``auto`` measures the sketched Hessian
+    on the per-layer path, and the logged Hessian trace is unbiased for the float64 brute force on the same
+    samples (within 4 standard errors) at the last measurement."""
+    model, (inputs, target) = tiny_audio_classifier("Wav2Vec2ConformerForSequenceClassification", n=24)
+    module = HuggingFaceModule(model.train())
+    monitor = SharpnessMonitor(num_samples=16, dtype="float64")
+    pl.seed_everything(0, verbose=False)
+    trainer = quiet_trainer([monitor], max_epochs=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, _Data(_DictDataset(inputs, target)))
+    assert not [w for w in caught if "per-layer contractions do not apply" in str(w.message)]
+    assert trainer.current_epoch == 2 and len(monitor.history) == 2
+    assert (monitor._choice.method, monitor._choice.quantity) == ("hessian_sketch", "hessian")
+    last = monitor.history[-1]
+    assert last["num_samples"] == 16 and math.isfinite(last["normalized"]) and last["normalized"] > 0
+    idx = monitor.state_dict()["indices"]
+    names = list(select_parameters(module))
+    net = module.double().eval()
+    diag = brute_force_hessian_diagonal(
+        net, normalized_softmax_cross_entropy, select_samples(inputs, idx, len(target)), target[idx], names
+    )
+    truth = sum(float(d.sum()) for d in diag.values())
+    assert abs(last["hessian_trace"] - truth) < 4 * last["hessian_trace_stderr"]

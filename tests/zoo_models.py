@@ -532,6 +532,60 @@ def segformer_model(classes: int = 3) -> nn.Module:
     return transformers.SegformerForSemanticSegmentation(cfg).eval()
 
 
+# ---------------------------------------------------------------- transformers: audio classifiers
+
+#: the tiny configuration of the audio classifiers of :func:`tiny_audio_classifier` (each family sets what it has):
+#: a two-layer feature encoder of 4 channels (total stride 10), hidden size 8, one layer, two heads
+AUDIO_TINY = dict(
+    hidden_size=8,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=16,
+    num_labels=3,
+    conv_dim=(4, 4),
+    conv_kernel=(10, 3),
+    conv_stride=(5, 2),
+    num_conv_pos_embeddings=3,
+    num_conv_pos_embedding_groups=2,
+    classifier_proj_size=4,
+    conv_depthwise_kernel_size=3,
+    feature_projection_input_dim=6,
+    output_hidden_size=8,
+    mask_time_prob=0.0,
+    layerdrop=0.0,
+    num_buckets=8,
+    max_bucket_distance=16,
+)
+
+
+def tiny_audio_classifier(name: str, n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """The ``transformers`` audio classifier ``name`` (``Wav2Vec2ForSequenceClassification``, ...) at
+    :data:`AUDIO_TINY`, its random weights scaled up (weights x2, vectors shifted) so that every nonlinearity
+    bends, on dict inputs as its feature extractor gives them: ``input_values``, ``n`` clips of 60 samples, or
+    ``input_features``, ``n`` x 6 frames (Wav2Vec2-BERT); the target is the ``labels`` tensor (3 classes)."""
+    import transformers
+
+    cls = getattr(transformers, name)
+    config = cls.config_class()
+    for key, value in AUDIO_TINY.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    if hasattr(config, "num_feat_extract_layers"):
+        config.num_feat_extract_layers = len(AUDIO_TINY["conv_dim"])
+    _seed(seed)
+    model = cls(config).to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.0) if p.ndim >= 2 else p.add_(0.2 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(seed + 1)
+    if model.main_input_name == "input_features":
+        shape: tuple[int, ...] = (n, 6, config.feature_projection_input_dim)
+    else:
+        shape = (n, 60)
+    inputs = {model.main_input_name: torch.randn(*shape, generator=g).to(dtype)}
+    return model, (inputs, torch.randint(0, 3, (n,), generator=g))
+
+
 TINY: dict[str, Callable[..., tuple[nn.Module, Any]]] = {
     "resnet": tiny_resnet,
     "mobilenet_v3": tiny_mobilenet_v3,

@@ -33,7 +33,10 @@ Mamba's selective scan writes them (:func:`matmul_as_stack_product`, :func:`prod
 2-D weight as ``matmul``'s left factor (``dt_proj.weight @ x``; ``x @ W`` has a layer rule of its own) and an
 elementwise product with a weight broadcast over the samples (``A[None, :, None, :] * dt[..., None]`` with
 ``A = -exp(A_log)``, a function of the weight alone: its exponential's curvature is taken exactly by the
-sketched Hessian, as for any elementwise function of the weights). Factors of two dtypes are left as they are.
+sketched Hessian, as for any elementwise function of the weights); and a batched weight as ``matmul``'s right
+factor, broadcast over the samples (the Conformer's relative attention, ``q @ P`` with ``P`` ``(1, H, d, S)``
+the position encodings projected by a weight: :func:`batched_matmul_as_stack_product`). Factors of two dtypes
+are left as they are.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from torch.overrides import TorchFunctionMode
 __all__ = [
     "WeightStackProducts",
     "einsum_as_stack_product",
+    "batched_matmul_as_stack_product",
     "matmul_as_stack_product",
     "product_as_stack_product",
     "stack_product_as_convolution",
@@ -143,6 +147,38 @@ def matmul_as_stack_product(weight: Tensor, x: Tensor) -> Optional[Tensor]:
         return None
     rows = _LETTERS[: x.ndim]  # x's indices; "z" the output's, the weight's rows
     return einsum_as_stack_product(f"{rows},z{rows[-2]}->{rows[:-2]}z{rows[-1]}", x, weight)
+
+
+def batched_matmul_as_stack_product(x: Tensor, weight: Tensor) -> Optional[Tensor]:
+    """``torch.matmul(x, weight)`` for ``x`` ``(N, ..., T, I)`` computed from the data and a batched ``weight``
+    ``(..., I, O)`` of 3 or more dims broadcast over the samples (its leading dims each 1 or ``x``'s), as
+    :func:`einsum_as_stack_product` of the same products: the weight's leading dims longer than 1 are groups
+    (the Conformer's relative attention: queries ``(N, H, T, d)`` against the position encodings projected by a
+    weight, ``(1, H, d, S)``, one matrix per head); None for other shapes. (A 2-D ``weight`` has a layer
+    rule: ``layer_rules.matmul``.)
+
+    Example:
+        >>> import torch
+        >>> x, w = torch.randn(2, 3, 5, 4), torch.randn(1, 3, 4, 6)
+        >>> torch.allclose(batched_matmul_as_stack_product(x, w), x @ w, atol=1e-6)
+        True
+    """
+    if (
+        weight.ndim < 3
+        or x.ndim < weight.ndim
+        or x.ndim > len(_LETTERS) - 3
+        or x.shape[-1] != weight.shape[-2]
+    ):
+        return None
+    lead = x.ndim - 2
+    w_lead = (1,) * (x.ndim - weight.ndim) + tuple(weight.shape[:-2])
+    if w_lead[0] != 1 or any(w not in (1, n) for w, n in zip(w_lead, x.shape)):
+        return None
+    groups = [d for d in range(lead) if w_lead[d] > 1]
+    letters = _LETTERS[:lead]  # x's leading indices; "x", "y", "z": rows, contracted, outputs
+    ws = "".join(letters[d] for d in groups) + "yz"
+    wv = weight.reshape([w_lead[d] for d in groups] + list(weight.shape[-2:]))
+    return einsum_as_stack_product(f"{letters}xy,{ws}->{letters}xz", x, wv)
 
 
 def product_as_stack_product(x: Tensor, weight: Tensor) -> Optional[Tensor]:
@@ -244,6 +280,10 @@ class WeightStackProducts(TorchFunctionMode):
                 return stack_product_as_convolution(x, w)
         if func in _MATMULS and len(args) == 2 and not kwargs and self._data_and_weight(args[1], args[0]):
             out = matmul_as_stack_product(args[0], args[1])  # a weight as the left factor
+            if out is not None:
+                return out
+        if func in _MATMULS and len(args) == 2 and not kwargs and self._data_and_weight(args[0], args[1]):
+            out = batched_matmul_as_stack_product(args[0], args[1])  # a batched weight as the right factor
             if out is not None:
                 return out
         if func in _PRODUCTS and len(args) == 2 and not kwargs:

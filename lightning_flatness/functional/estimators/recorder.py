@@ -33,7 +33,10 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_flatness.functional.batch_first_transformers import batch_first_transformers
-from lightning_flatness.functional.composite_attention import explicit_multi_head_attention
+from lightning_flatness.functional.composite_attention import (
+    ExplicitAttentionCalls,
+    explicit_multi_head_attention,
+)
 from lightning_flatness.functional.composite_recurrent import explicit_recurrent_layers
 from lightning_flatness.functional.dense_experts import dense_experts
 from lightning_flatness.functional.estimators.layer_rules import LAYER_RULES, LayerCall
@@ -61,6 +64,7 @@ from lightning_flatness.functional.estimators.op_tables import (
     _tensors,
 )
 from lightning_flatness.functional.explicit_activations import explicit_activations
+from lightning_flatness.functional.explicit_glu import ExplicitGlu
 from lightning_flatness.functional.explicit_sdpa import ExplicitAttention
 from lightning_flatness.functional.model_io import ModelInputs, extract_logits, inputs_batch_size, map_inputs
 from lightning_flatness.functional.out_of_place_division import OutOfPlaceDivision
@@ -830,7 +834,9 @@ def _record_forward(
     ``result += input`` after an activation), the forward is run again with copies, so that the
     recorded output stays the layer's (the op's). ``nn.MultiheadAttention``
     modules run their forward in explicit operations
-    (:func:`~lightning_flatness.functional.composite_attention.explicit_multi_head_attention`), so that
+    (:func:`~lightning_flatness.functional.composite_attention.explicit_multi_head_attention`; a model's own
+    call of ``F.multi_head_attention_forward`` too:
+    :class:`~lightning_flatness.functional.composite_attention.ExplicitAttentionCalls`), so that
     their projections are recorded as Linear layers instead of one opaque call, and PyTorch's
     sequence-first transformer modules run batch-first between transposes
     (:func:`~lightning_flatness.functional.batch_first_transformers.batch_first_transformers`), so that
@@ -842,7 +848,8 @@ def _record_forward(
     (:func:`~lightning_flatness.functional.dense_experts.dense_experts`). With
     ``record_nodes``, ``F.scaled_dot_product_attention`` called in the model's code runs in explicit
     operations (:class:`~lightning_flatness.functional.explicit_sdpa.ExplicitAttention`), so that the
-    node rules see its products and softmax, and an in-place division by a weight-dependent tensor runs
+    node rules see its products and softmax, ``F.glu`` runs as a product with a sigmoid
+    (:class:`~lightning_flatness.functional.explicit_glu.ExplicitGlu`), and an in-place division by a weight-dependent tensor runs
     out of place and is written back
     (:class:`~lightning_flatness.functional.out_of_place_division.OutOfPlaceDivision`), so that the
     division's node rule sees its numerator, and RMS norms written out in elementary operations run as one
@@ -867,7 +874,9 @@ def _record_forward(
                 dense_experts(model),
                 rms_norms_as_one_op(model) if record_nodes else contextlib.nullcontext(),
                 recorder,
-                ExplicitAttention() if record_nodes else contextlib.nullcontext(),  # inside: seen by recorder
+                ExplicitAttentionCalls(),  # inside: seen by the recorder
+                ExplicitAttention() if record_nodes else contextlib.nullcontext(),  # likewise
+                ExplicitGlu() if record_nodes else contextlib.nullcontext(),  # likewise
                 OutOfPlaceDivision() if record_nodes else contextlib.nullcontext(),  # likewise
                 WeightStackProducts(recorder._is_weight, recorder.is_data),  # likewise
             ):
