@@ -3,14 +3,14 @@ random clips; the ``zoo`` extra): wav2vec 2.0 (convolutional feature encoder wit
 positional convolution under weight norm, transformer, mean-pooled head), its Conformer variant (relative
 attention: queries against position encodings projected by a weight; a convolution module with GLU),
 Wav2Vec2-BERT (spectrogram features, Conformer layers) and WavLM (its attention calls
-``F.multi_head_attention_forward`` itself, with a gated relative position bias).
+``F.multi_head_attention_forward`` itself, with a gated relative position bias: a function of an embedding
+weight repeated per sample, multiplied by a gate of the data).
 
 ``auto`` measures the Hessian (it measured the Gauss-Newton diagonal of the last three: ``glu`` had no node
-rule, the relative scores' weight and the attention call's projections sent every estimator to per-sample
-passes), the sketched Hessian is unbiased for the brute-force Hessian diagonal of weights across the network,
-from which the Gauss-Newton diagonal differs, and it runs on the per-layer path for these weights. (WavLM's
-relative-position embedding, when selected, still takes per-sample passes: its position bias, a function of
-the embedding repeated per sample, is multiplied by a gate of the data. Not among the checked weights.)"""
+rule; the relative scores' weight, the attention call's projections and the repeated position bias sent every
+estimator to per-sample passes), the sketched Hessian is unbiased for the brute-force Hessian diagonal of
+weights across the network, from which the Gauss-Newton diagonal differs, and it runs on the per-layer
+path."""
 
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ CHECKED = {
         "wavlm.encoder.layers.0.attention.k_proj.weight",
         "wavlm.encoder.layers.0.attention.v_proj.weight",
         "wavlm.encoder.layers.0.attention.gru_rel_pos_linear.weight",
+        "wavlm.encoder.layers.0.attention.rel_attn_embed.weight",
         "projector.weight",
     ),
 }

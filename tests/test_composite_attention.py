@@ -263,20 +263,24 @@ def test_a_call_it_does_not_write_out_runs_the_original(change):
 class FunctionalAttention(nn.Module):
     """WavLM's attention in miniature: three projections and an output projection as Linear layers, handed to
     ``F.multi_head_attention_forward`` with ``use_separate_proj_weight=True`` and the biases concatenated,
-    and a float mask per sample and head computed from the hidden states (WavLM's gated position bias, here
-    a gate of the data times a constant relative-position bias)."""
+    and WavLM's gated position bias as the float mask: a relative-position embedding looked up on a constant
+    grid of buckets (a function of its weight alone), repeated per sample to ``(N H, L, L)`` and multiplied by
+    a gate computed from the hidden states."""
 
     def __init__(self) -> None:
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(E, E), nn.Linear(E, E), nn.Linear(E, E)
         self.out_proj = nn.Linear(E, E)
         self.gate = nn.Linear(E, H)
-        self.register_buffer("bias", torch.randn(1, H, L, L))
+        self.rel_attn_embed = nn.Embedding(2 * L - 1, H)
+        self.register_buffer("buckets", torch.arange(L)[None, :] - torch.arange(L)[:, None] + L - 1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (N, L, E)
         n = h.shape[0]
-        gate = torch.sigmoid(self.gate(h)).transpose(1, 2).unsqueeze(-1)  # (N, H, L, 1)
-        mask = (gate * self.bias).reshape(n * H, L, L)
+        position_bias = self.rel_attn_embed(self.buckets).permute([2, 0, 1])  # (H, L, L)
+        position_bias = position_bias.unsqueeze(0).repeat(n, 1, 1, 1).view(n * H, L, L)
+        gate = torch.sigmoid(self.gate(h)).transpose(1, 2).reshape(n * H, L, 1)
+        mask = gate * position_bias
         x = h.transpose(0, 1)
         out, _ = F.multi_head_attention_forward(
             x, x, x, E, H, torch.empty([0]),
@@ -302,9 +306,10 @@ class FunctionalAttentionNet(nn.Module):
 
 @pytest.mark.parametrize("method", ["gauss_newton", "hessian_sketch"])
 def test_a_models_own_attention_call_takes_the_per_layer_path(method):
-    """Before the call was written out, its projections' weights were used by one opaque op: every estimator
-    took one backward pass per sample and column, and ``auto`` measured the Gauss-Newton diagonal. Now no
-    fallback: the exact Gauss-Newton diagonal (projections' weights and their concatenated biases) equals the
+    """Before the call was written out, its projections' weights were used by one opaque op, and the position
+    embedding by a product with the data that no rule read (its function repeated per sample): every
+    estimator took one backward pass per sample and column, and ``auto`` measured the Gauss-Newton diagonal.
+    Now no fallback (the embedding included): the exact Gauss-Newton diagonal (projections' weights and their concatenated biases) equals the
     float64 brute force, and ``auto``'s sketched Hessian is unbiased for the brute-force Hessian."""
     import warnings
 
@@ -320,7 +325,7 @@ def test_a_models_own_attention_call_takes_the_per_layer_path(method):
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(5, L, 3, generator=g, dtype=F64), torch.randint(0, 4, (5,), generator=g)
     names = list(select_parameters(model, "all"))
-    assert "attention.k_proj.weight" in names and "attention.k_proj.bias" in names
+    assert {"attention.k_proj.weight", "attention.k_proj.bias", "attention.rel_attn_embed.weight"} <= set(names)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # the per-sample fallback warns
         if method == "gauss_newton":

@@ -13,6 +13,9 @@ layer written token by token (:func:`lightning_flatness.functional.dense_experts
 - A batched weight as ``matmul``'s right factor, broadcast over the samples (the Conformer's relative attention:
   queries ``(N, H, T, d)`` against position encodings projected by a weight, ``(1, H, d, S)``), is the same
   product, and takes the per-layer path with the exact Gauss-Newton diagonal and the unbiased sketched Hessian.
+- ``bmm`` or an elementwise product of data with a function of the weights repeated over the samples (WavLM's
+  position bias, SEW-D's position projections) runs per sample with one block: the same function; a stack
+  whose blocks are merely equal (not a repeat) is left alone.
 - Llama 4's layer written token by token returns the model's own outputs, and the class forward afterwards."""
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from lightning_flatness.functional.parameters import select_parameters
 from lightning_flatness.functional.weight_stack_products import (
     WeightStackProducts,
     batched_matmul_as_stack_product,
+    repeated_over_samples,
     einsum_as_stack_product,
     matmul_as_stack_product,
     product_as_stack_product,
@@ -557,3 +561,57 @@ def test_relative_attention_scores_take_the_per_layer_path(method):
         _per_layer_and_equal_to_the_brute_force_ggn(model, x, y, names)
     else:
         _per_layer_and_unbiased(model, x, y, names)
+
+
+def test_a_function_of_the_weights_repeated_over_the_samples_is_found_by_its_repeat():
+    """The block of one sample where the tensor is a repeat by the batch size along dim 0 (through views that
+    merge dim 0 with later dims and transposes of other dims); None for a repeat by another factor, a
+    transpose of dim 0, a view that splits dim 0, or a stack whose
+    blocks are equal without a repeat behind them (Llama 4's experts initialised alike: each expert is its own
+    weight, and reading one block for all would lose the others' gradients)."""
+    u = torch.randn(2, 3, 4, dtype=F64, requires_grad=True)
+    w = u.unsqueeze(0).repeat(5, 1, 1, 1).view(10, 3, 4)
+    assert torch.equal(repeated_over_samples(w, 5), u)
+    assert torch.equal(repeated_over_samples(u.repeat(5, 1, 1).transpose(-1, -2), 5), u.transpose(-1, -2))
+    assert repeated_over_samples(w, 2) is None  # not the batch size's repeat
+    assert repeated_over_samples(u.repeat(5, 1, 1).transpose(0, 1), 5) is None
+    assert repeated_over_samples(u.repeat(5, 1, 1).view(5, 24), 5) is None  # a view that splits dim 0
+    stack = torch.cat([u.detach()] * 5).requires_grad_(True)  # equal blocks, but a leaf
+    assert repeated_over_samples(stack, 5) is None
+    assert repeated_over_samples(u.repeat(5, 1, 1) * 1.0, 5) is None  # an op between: not proved a repeat
+
+
+@pytest.mark.parametrize("product", ["bmm", "mul", "rmul"])
+def test_a_product_with_a_repeated_function_of_the_weights_is_the_same_product(product):
+    """Values, gradients and a Hessian-vector product in both the data and the repeated weight's source, for
+    ``bmm(x, W)`` (SEW-D) and ``x * W`` in either order (WavLM); the product runs as a grouped convolution."""
+    n, k = 3, 2
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(k, 4, 5, generator=g, dtype=F64)
+    x = torch.randn(n * k, 6, 4, generator=g, dtype=F64) if product == "bmm" else None
+    if product != "bmm":
+        u = torch.randn(k, 6, 6, generator=g, dtype=F64)
+        x = torch.randn(n * k, 6, 1, generator=g, dtype=F64)
+    out_shape = torch.bmm(x, u.repeat(n, 1, 1)).shape if product == "bmm" else (n * k, 6, 6)
+    v = torch.randn(out_shape, generator=g, dtype=F64)
+
+    def apply(x, w):
+        return {"bmm": lambda: torch.bmm(x, w), "mul": lambda: x * w, "rmul": lambda: w * x}[product]()
+
+    def f(x, u, mode: bool):
+        w = u.unsqueeze(0).repeat(n, 1, 1, 1).view(n * k, *u.shape[1:])
+        if not mode:
+            return (torch.tanh(apply(x, w)) * v).sum()
+        with WeightStackProducts(lambda t: t is w, batch_size=n):
+            return (torch.tanh(apply(x, w)) * v).sum()
+
+    _same_derivatives(functools.partial(f, mode=True), functools.partial(f, mode=False), x, u)
+    leaf = u.clone().requires_grad_(True)
+    w = leaf.unsqueeze(0).repeat(n, 1, 1, 1).view(n * k, *u.shape[1:])
+    data = x.clone().requires_grad_(True)
+    with WeightStackProducts(lambda t: t is w, batch_size=n):
+        rewritten = apply(data, w)
+    with WeightStackProducts(lambda t: t is w, batch_size=1):  # one sample: nothing repeated
+        plain = apply(data, w)
+    assert _convolved(rewritten) and (product == "bmm" or not _convolved(plain))
+    torch.testing.assert_close(rewritten, apply(x, u.repeat(n, 1, 1)))

@@ -35,8 +35,10 @@ elementwise product with a weight broadcast over the samples (``A[None, :, None,
 ``A = -exp(A_log)``, a function of the weight alone: its exponential's curvature is taken exactly by the
 sketched Hessian, as for any elementwise function of the weights); and a batched weight as ``matmul``'s right
 factor, broadcast over the samples (the Conformer's relative attention, ``q @ P`` with ``P`` ``(1, H, d, S)``
-the position encodings projected by a weight: :func:`batched_matmul_as_stack_product`). Factors of two dtypes
-are left as they are.
+the position encodings projected by a weight: :func:`batched_matmul_as_stack_product`); and ``bmm`` or an
+elementwise product with a function of the weights repeated over the samples (WavLM's gated position bias,
+SEW-D's disentangled attention: :func:`repeated_over_samples`), per sample with one block. Factors of two
+dtypes are left as they are.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ __all__ = [
     "WeightStackProducts",
     "einsum_as_stack_product",
     "batched_matmul_as_stack_product",
+    "repeated_over_samples",
     "matmul_as_stack_product",
     "product_as_stack_product",
     "stack_product_as_convolution",
@@ -220,6 +223,56 @@ def product_as_stack_product(x: Tensor, weight: Tensor) -> Optional[Tensor]:
     return einsum_as_stack_product(f"{xs},{ws}->{out}", xv, wv)
 
 
+#: autograd nodes between a repeat and its use that keep dim 0 where it is (views, reshapes, copies; transposes
+#: of other dims are checked): :func:`repeated_over_samples`
+_SHAPE_NODES = frozenset(
+    {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0", "TransposeBackward0"}
+)
+
+
+def repeated_over_samples(weight: Tensor, n: int) -> Optional[Tensor]:
+    """For ``weight`` ``(n k, ...)``, a function of the weights alone repeated over ``n`` samples sample-major
+    (``u.repeat(n, ...)``, then views that merge dim 0 with the dims after it, transposes of other dims and
+    copies: WavLM's position bias, ``(H, T, T)`` repeated to ``(N H, T, T)``; SEW-D's position projections,
+    ``(H, S, d)`` to ``(N H, S, d)``), the block of one sample, ``(k, ...)``: a view of ``weight``, and the
+    same function of the weights as every other block (each is a copy of ``u``, in the same layout); None
+    where ``weight`` is not such a repeat (no ``repeat`` by ``n`` along dim 0 behind it through such nodes,
+    a view that splits dim 0) or its blocks differ (checked as well).
+
+    Example:
+        >>> import torch
+        >>> u = torch.randn(2, 3, 3, requires_grad=True)
+        >>> w = u.unsqueeze(0).repeat(4, 1, 1, 1).view(8, 3, 3)
+        >>> torch.equal(repeated_over_samples(w, 4), u), repeated_over_samples(w, 2) is None
+        (True, True)
+    """
+    if n < 2 or weight.ndim < 1 or weight.shape[0] % n:
+        return None
+    node, rows = weight.grad_fn, weight.shape[0]  # rows: dim 0 where the walk is
+    while node is not None and type(node).__name__ in _SHAPE_NODES:
+        name = type(node).__name__
+        if name == "TransposeBackward0":  # the dims saved as unsigned: -1 is 2^64 - 1
+            dims = [d - 2**64 if d >= 2**63 else d for d in (node._saved_dim0, node._saved_dim1)]
+            if 0 in (d % weight.ndim for d in dims):
+                return None
+        elif name != "CloneBackward0":  # a view: dim 0 merged with the dims after it, never split
+            before = int(node._saved_self_sym_sizes[0]) if node._saved_self_sym_sizes else 1
+            if before == 0 or rows % before:
+                return None
+            rows = before
+        node = node.next_functions[0][0]
+    if node is None or type(node).__name__ != "RepeatBackward0":
+        return None
+    repeats, sizes = tuple(node._saved_repeats), tuple(node._saved_self_sym_sizes)
+    leading = sizes[0] if len(sizes) == len(repeats) else 1  # more repeats than dims: new leading dims of 1
+    if repeats[:1] != (n,) or rows != n * int(leading):
+        return None
+    blocks = weight.reshape(n, weight.shape[0] // n, *weight.shape[1:])
+    if not torch.equal(blocks, blocks[:1].expand_as(blocks)):
+        return None
+    return blocks[0]
+
+
 def _einsum_operands(func: Any, args: tuple, kwargs: dict) -> Optional[tuple[Any, Any]]:
     """The two operands of ``torch.einsum(equation, a, b)`` or ``torch.einsum(equation, [a, b])``, or None."""
     if func is not torch.einsum or kwargs or not args or not isinstance(args[0], str):
@@ -255,14 +308,22 @@ class WeightStackProducts(TorchFunctionMode):
     """
 
     def __init__(
-        self, is_weight: Callable[[Tensor], bool], is_data: Optional[Callable[[Tensor], bool]] = None
+        self,
+        is_weight: Callable[[Tensor], bool],
+        is_data: Optional[Callable[[Tensor], bool]] = None,
+        batch_size: int = 0,
     ) -> None:
         super().__init__()
         self.is_weight = is_weight
         self.is_data = is_data
+        self.batch_size = batch_size
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if func in _BATCHED_PRODUCTS + _PRODUCTS and len(args) == 2 and not kwargs:
+            out = self._product_with_a_repeat(func, *args)
+            if out is not None:
+                return out
         if func in _BATCHED_PRODUCTS and len(args) == 2 and not kwargs:
             x, w = args
             if (
@@ -298,6 +359,30 @@ class WeightStackProducts(TorchFunctionMode):
             if out is not None:
                 return out
         return func(*args, **kwargs)
+
+    def _product_with_a_repeat(self, func: Any, a: Any, b: Any) -> Optional[Tensor]:
+        """``bmm(x, W)`` or ``x * W`` (either order) where ``W`` is a function of the weights repeated over the
+        samples (:func:`repeated_over_samples`) and ``x`` has the same ``n k`` rows: per sample, the product
+        with the one block, as the grouped product of :func:`einsum_as_stack_product` (the rows of ``x`` in
+        ``n`` blocks of ``k``), back in the ``(n k, ...)`` layout. None otherwise."""
+        n = self.batch_size
+        pairs = ((a, b),) if func in _BATCHED_PRODUCTS else ((a, b), (b, a))
+        for x, w in pairs:
+            if not self._data_and_weight(x, w) or x.ndim != w.ndim or x.shape[0] != w.shape[0]:
+                continue
+            block = repeated_over_samples(w, n)
+            if block is None:
+                continue
+            rows = x.reshape(n, x.shape[0] // n, *x.shape[1:])
+            if func in _BATCHED_PRODUCTS:
+                if x.ndim != 3 or x.shape[2] != w.shape[1]:
+                    return None
+                out = einsum_as_stack_product("bgtc,gco->bgto", rows, block)
+            else:
+                out = product_as_stack_product(rows, block.unsqueeze(0))
+            if out is not None:
+                return out.reshape(x.shape[0], *out.shape[2:])
+        return None
 
     def _data_and_weight(self, x: Any, w: Any) -> bool:
         """Whether ``x`` is computed from the data and ``w`` is a selected weight or a function of the

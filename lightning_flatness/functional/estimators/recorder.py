@@ -878,7 +878,7 @@ def _record_forward(
                 ExplicitAttention() if record_nodes else contextlib.nullcontext(),  # likewise
                 ExplicitGlu() if record_nodes else contextlib.nullcontext(),  # likewise
                 OutOfPlaceDivision() if record_nodes else contextlib.nullcontext(),  # likewise
-                WeightStackProducts(recorder._is_weight, recorder.is_data),  # likewise
+                WeightStackProducts(recorder._is_weight, recorder.is_data, n),  # likewise
             ):
                 recorder.module_tensor_ids = module_tensors
                 output = _call(model, x)
