@@ -436,7 +436,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def audio_classifiers() -> list[str]:
-    """The class names of ``transformers``' audio-classification task (``AutoModelForAudioClassification``)."""
+    """The class names of ``transformers``' audio-classification task
+    (``AutoModelForAudioClassification``)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES
 
     return list(MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES.values())

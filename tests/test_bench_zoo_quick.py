@@ -120,10 +120,10 @@ def test_bench_hf_sweep_sets_sizes_left_unset_and_per_class_needs():
 
 def test_bench_hf_sweep_builds_the_audio_classifiers_with_their_own_inputs():
     """``--head ForAudioClassification`` takes transformers' audio-classification classes (named
-    ``...ForSequenceClassification`` mostly), shrinks their feature encoders (wav2vec 2.0's seven 512-channel
-    convolutions: skipped as not shrunk in the sequence-classification sweep) and feeds each its own input: raw
-    clips, AST's spectrogram, Whisper's or Wav2Vec2-BERT's features. Each builds small and runs its forward; the
-    text sweeps' configurations are left as they were."""
+    ``...ForSequenceClassification`` mostly), shrinks their feature encoders (wav2vec 2.0's seven
+    512-channel convolutions: skipped as not shrunk in the sequence-classification sweep) and feeds each its
+    own input: raw clips, AST's spectrogram, Whisper's or Wav2Vec2-BERT's features. Each builds small and runs
+    its forward; the text sweeps' configurations are left as they were."""
     import transformers
 
     from benchmarks import bench_hf_sweep

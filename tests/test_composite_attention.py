@@ -287,7 +287,8 @@ class FunctionalAttention(nn.Module):
             torch.cat((self.q_proj.bias, self.k_proj.bias, self.v_proj.bias)),
             None, None, False, 0.0, self.out_proj.weight, self.out_proj.bias, self.training,
             None, need_weights=True, attn_mask=mask, use_separate_proj_weight=True,
-            q_proj_weight=self.q_proj.weight, k_proj_weight=self.k_proj.weight, v_proj_weight=self.v_proj.weight,
+            q_proj_weight=self.q_proj.weight, k_proj_weight=self.k_proj.weight,
+            v_proj_weight=self.v_proj.weight,
         )  # fmt: skip
         return out.transpose(0, 1)
 
@@ -309,8 +310,9 @@ def test_a_models_own_attention_call_takes_the_per_layer_path(method):
     """Before the call was written out, its projections' weights were used by one opaque op, and the position
     embedding by a product with the data that no rule read (its function repeated per sample): every
     estimator took one backward pass per sample and column, and ``auto`` measured the Gauss-Newton diagonal.
-    Now no fallback (the embedding included): the exact Gauss-Newton diagonal (projections' weights and their concatenated biases) equals the
-    float64 brute force, and ``auto``'s sketched Hessian is unbiased for the brute-force Hessian."""
+    Now no fallback (the embedding included): the exact Gauss-Newton diagonal (projections' weights and their
+    concatenated biases) equals the float64 brute force, and ``auto``'s sketched Hessian is unbiased for the
+    brute-force Hessian."""
     import warnings
 
     from expectation import assert_unbiased_traces
@@ -325,7 +327,8 @@ def test_a_models_own_attention_call_takes_the_per_layer_path(method):
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(5, L, 3, generator=g, dtype=F64), torch.randint(0, 4, (5,), generator=g)
     names = list(select_parameters(model, "all"))
-    assert {"attention.k_proj.weight", "attention.k_proj.bias", "attention.rel_attn_embed.weight"} <= set(names)
+    expected = {"attention.k_proj.weight", "attention.k_proj.bias", "attention.rel_attn_embed.weight"}
+    assert expected <= set(names)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # the per-sample fallback warns
         if method == "gauss_newton":

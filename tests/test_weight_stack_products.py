@@ -10,9 +10,10 @@ layer written token by token (:func:`lightning_flatness.functional.dense_experts
 - ``torch.einsum`` of data and a weight (Funnel's relative attention: ``binh,tnh->bnit`` with a projection of
   position encodings, ``bind,snd->bnis`` with segment embeddings) is the same product, and takes the
   per-layer path with the exact Gauss-Newton diagonal and the unbiased sketched Hessian.
-- A batched weight as ``matmul``'s right factor, broadcast over the samples (the Conformer's relative attention:
-  queries ``(N, H, T, d)`` against position encodings projected by a weight, ``(1, H, d, S)``), is the same
-  product, and takes the per-layer path with the exact Gauss-Newton diagonal and the unbiased sketched Hessian.
+- A batched weight as ``matmul``'s right factor, broadcast over the samples (the Conformer's relative
+  attention: queries ``(N, H, T, d)`` against position encodings projected by a weight, ``(1, H, d, S)``), is
+  the same product, and takes the per-layer path with the exact Gauss-Newton diagonal and the unbiased
+  sketched Hessian.
 - ``bmm`` or an elementwise product of data with a function of the weights repeated over the samples (WavLM's
   position bias, SEW-D's position projections) runs per sample with one block: the same function; a stack
   whose blocks are merely equal (not a repeat) is left alone.
@@ -36,10 +37,10 @@ from lightning_flatness.functional.parameters import select_parameters
 from lightning_flatness.functional.weight_stack_products import (
     WeightStackProducts,
     batched_matmul_as_stack_product,
-    repeated_over_samples,
     einsum_as_stack_product,
     matmul_as_stack_product,
     product_as_stack_product,
+    repeated_over_samples,
     stack_product_as_convolution,
 )
 
@@ -494,8 +495,9 @@ def test_mamba_takes_the_per_layer_path(monkeypatch):
     ],
 )
 def test_a_batched_weight_as_the_right_factor_of_matmul_is_the_same_product(x_shape, w_shape):
-    """``x @ W`` with ``W`` of 3 or more dims broadcast over the samples: values, gradients and a Hessian-vector
-    product; a weight not broadcast over the samples, or a 2-D one (a layer rule's), passes through."""
+    """``x @ W`` with ``W`` of 3 or more dims broadcast over the samples: values, gradients and a
+    Hessian-vector product; a weight not broadcast over the samples, or a 2-D one (a layer rule's), passes
+    through."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*x_shape, generator=g, dtype=F64)
     w = torch.randn(*w_shape, generator=g, dtype=F64)
@@ -514,6 +516,7 @@ def test_a_batched_weight_as_the_right_factor_of_matmul_is_the_same_product(x_sh
     assert _convolved(batched) and not _convolved(per_sample)
     torch.testing.assert_close(batched, x @ w)
     assert batched_matmul_as_stack_product(x, torch.randn(x_shape[0], *w_shape[-2:], dtype=F64)) is None
+    assert batched_matmul_as_stack_product(x, torch.randn(*w_shape[-2:], dtype=F64)) is None  # a layer rule's
 
 
 class RelativeAttentionScores(nn.Module):

@@ -534,8 +534,8 @@ def segformer_model(classes: int = 3) -> nn.Module:
 
 # ---------------------------------------------------------------- transformers: audio classifiers
 
-#: the tiny configuration of the audio classifiers of :func:`tiny_audio_classifier` (each family sets what it has):
-#: a two-layer feature encoder of 4 channels (total stride 10), hidden size 8, one layer, two heads
+#: the tiny configuration of the audio classifiers of :func:`tiny_audio_classifier` (each family sets what it
+#: has): a two-layer feature encoder of 4 channels (total stride 10), hidden size 8, one layer, two heads
 AUDIO_TINY = dict(
     hidden_size=8,
     num_hidden_layers=1,

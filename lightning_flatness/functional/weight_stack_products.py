@@ -153,12 +153,12 @@ def matmul_as_stack_product(weight: Tensor, x: Tensor) -> Optional[Tensor]:
 
 
 def batched_matmul_as_stack_product(x: Tensor, weight: Tensor) -> Optional[Tensor]:
-    """``torch.matmul(x, weight)`` for ``x`` ``(N, ..., T, I)`` computed from the data and a batched ``weight``
-    ``(..., I, O)`` of 3 or more dims broadcast over the samples (its leading dims each 1 or ``x``'s), as
-    :func:`einsum_as_stack_product` of the same products: the weight's leading dims longer than 1 are groups
-    (the Conformer's relative attention: queries ``(N, H, T, d)`` against the position encodings projected by a
-    weight, ``(1, H, d, S)``, one matrix per head); None for other shapes. (A 2-D ``weight`` has a layer
-    rule: ``layer_rules.matmul``.)
+    """``torch.matmul(x, weight)`` for ``x`` ``(N, ..., T, I)`` computed from the data and a batched
+    ``weight`` ``(..., I, O)`` of 3 or more dims broadcast over the samples (its leading dims each 1 or
+    ``x``'s), as :func:`einsum_as_stack_product` of the same products: the weight's leading dims longer than 1
+    are groups (the Conformer's relative attention: queries ``(N, H, T, d)`` against the position encodings
+    projected by a weight, ``(1, H, d, S)``, one matrix per head); None for other shapes. (A 2-D ``weight``
+    has a layer rule: ``layer_rules.matmul``.)
 
     Example:
         >>> import torch
@@ -223,8 +223,8 @@ def product_as_stack_product(x: Tensor, weight: Tensor) -> Optional[Tensor]:
     return einsum_as_stack_product(f"{xs},{ws}->{out}", xv, wv)
 
 
-#: autograd nodes between a repeat and its use that keep dim 0 where it is (views, reshapes, copies; transposes
-#: of other dims are checked): :func:`repeated_over_samples`
+#: autograd nodes between a repeat and its use that keep dim 0 where it is (views, reshapes, copies;
+#: transposes of other dims are checked): :func:`repeated_over_samples`
 _SHAPE_NODES = frozenset(
     {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0", "TransposeBackward0"}
 )
@@ -252,18 +252,21 @@ def repeated_over_samples(weight: Tensor, n: int) -> Optional[Tensor]:
     while node is not None and type(node).__name__ in _SHAPE_NODES:
         name = type(node).__name__
         if name == "TransposeBackward0":  # the dims saved as unsigned: -1 is 2^64 - 1
-            dims = [d - 2**64 if d >= 2**63 else d for d in (node._saved_dim0, node._saved_dim1)]
+            saved = (node._saved_dim0, node._saved_dim1)  # type: ignore[attr-defined]
+            dims = [d - 2**64 if d >= 2**63 else d for d in saved]
             if 0 in (d % weight.ndim for d in dims):
                 return None
         elif name != "CloneBackward0":  # a view: dim 0 merged with the dims after it, never split
-            before = int(node._saved_self_sym_sizes[0]) if node._saved_self_sym_sizes else 1
+            sizes = tuple(node._saved_self_sym_sizes)  # type: ignore[attr-defined]
+            before = int(sizes[0]) if sizes else 1
             if before == 0 or rows % before:
                 return None
             rows = before
         node = node.next_functions[0][0]
     if node is None or type(node).__name__ != "RepeatBackward0":
         return None
-    repeats, sizes = tuple(node._saved_repeats), tuple(node._saved_self_sym_sizes)
+    repeats = tuple(node._saved_repeats)  # type: ignore[attr-defined]
+    sizes = tuple(node._saved_self_sym_sizes)  # type: ignore[attr-defined]
     leading = sizes[0] if len(sizes) == len(repeats) else 1  # more repeats than dims: new leading dims of 1
     if repeats[:1] != (n,) or rows != n * int(leading):
         return None
@@ -361,10 +364,10 @@ class WeightStackProducts(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _product_with_a_repeat(self, func: Any, a: Any, b: Any) -> Optional[Tensor]:
-        """``bmm(x, W)`` or ``x * W`` (either order) where ``W`` is a function of the weights repeated over the
-        samples (:func:`repeated_over_samples`) and ``x`` has the same ``n k`` rows: per sample, the product
-        with the one block, as the grouped product of :func:`einsum_as_stack_product` (the rows of ``x`` in
-        ``n`` blocks of ``k``), back in the ``(n k, ...)`` layout. None otherwise."""
+        """``bmm(x, W)`` or ``x * W`` (either order) where ``W`` is a function of the weights repeated over
+        the samples (:func:`repeated_over_samples`) and ``x`` has the same ``n k`` rows: per sample, the
+        product with the one block, as the grouped product of :func:`einsum_as_stack_product` (the rows of
+        ``x`` in ``n`` blocks of ``k``), back in the ``(n k, ...)`` layout. None otherwise."""
         n = self.batch_size
         pairs = ((a, b),) if func in _BATCHED_PRODUCTS else ((a, b), (b, a))
         for x, w in pairs:

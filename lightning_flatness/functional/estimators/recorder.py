@@ -849,8 +849,8 @@ def _record_forward(
     ``record_nodes``, ``F.scaled_dot_product_attention`` called in the model's code runs in explicit
     operations (:class:`~lightning_flatness.functional.explicit_sdpa.ExplicitAttention`), so that the
     node rules see its products and softmax, ``F.glu`` runs as a product with a sigmoid
-    (:class:`~lightning_flatness.functional.explicit_glu.ExplicitGlu`), and an in-place division by a weight-dependent tensor runs
-    out of place and is written back
+    (:class:`~lightning_flatness.functional.explicit_glu.ExplicitGlu`), and an in-place division by a
+    weight-dependent tensor runs out of place and is written back
     (:class:`~lightning_flatness.functional.out_of_place_division.OutOfPlaceDivision`), so that the
     division's node rule sees its numerator, and RMS norms written out in elementary operations run as one
     ``F.rms_norm`` (:func:`~lightning_flatness.functional.rms_norm_modules.rms_norms_as_one_op`), so that
