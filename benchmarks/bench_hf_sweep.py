@@ -100,6 +100,8 @@ SHRINK = dict(
     rotary_dim=4,
     pooler_hidden_size=16,
     window_size=2,
+    encoder_attention_heads=2,
+    decoder_attention_heads=2,
 )
 
 #: configuration attributes of the audio classifiers (``ForAudioClassification`` only), set as :data:`SHRINK`:
@@ -116,7 +118,6 @@ SHRINK_AUDIO = dict(
     num_mel_bins=16,
     max_source_positions=8,
     max_length=26,
-    encoder_attention_heads=2,
     encoder_ffn_dim=32,
 )
 
@@ -156,14 +157,29 @@ SHRINK_MULTIPLIERS = dict(
 
 
 #: configuration attributes set where a configuration leaves them None and its model does not derive them
-#: (Ministral's and HunYuan's head width, Nemotron's key-value heads); sizes as :data:`SHRINK`'s
-SHRINK_UNSET = dict(head_dim=8, num_key_value_heads=1)
+#: (Ministral's and HunYuan's head width, Nemotron's key-value heads, DeepSeek-V2's routing: experts per token
+#: and groups); sizes as :data:`SHRINK`'s
+SHRINK_UNSET = dict(head_dim=8, num_key_value_heads=1, num_experts_per_tok=2, n_group=1, topk_group=1)
 
 #: per configuration class: what its shrunk configuration must also set (DiffLlama's differential attention
 #: splits the key-value heads in two; SqueezeBert has no projection from its embedding width; X-MOD routes
-#: through a language adapter it must be told)
+#: through a language adapter it must be told; Bit, DeepSeek-V2, MobileBERT, Reformer and T5 as commented)
 SHRINK_CLASS = {
+    "BitConfig": dict(num_groups=4),  # GroupNorm's groups: 32 do not divide the shrunk stages' 8-64 channels
+    "DeepseekV2Config": dict(n_routed_experts=4),
     "DiffLlamaConfig": dict(num_key_value_heads=2),
+    "MobileBertConfig": dict(embedding_size=16, intra_bottleneck_size=16, true_hidden_size=16),
+    "ReformerConfig": dict(  # axial position embeddings summing to the width and tiling 8 tokens; short chunks
+        axial_pos_shape=(4, 2),
+        axial_pos_embds_dim=(8, 8),
+        attn_layers=("local", "lsh"),
+        local_attn_chunk_length=4,
+        lsh_attn_chunk_length=4,
+        attention_head_size=8,
+        feed_forward_size=32,
+        num_buckets=2,
+    ),
+    "T5Config": dict(decoder_start_token_id=0),  # T5's classifier and span heads decode from it
     "SqueezeBertConfig": dict(embedding_size=SHRINK["hidden_size"]),
     "XmodConfig": dict(default_language="en_XX"),
 }

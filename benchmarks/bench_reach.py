@@ -508,6 +508,56 @@ MODELS["torchvision r2plus1d_18 (video, factorized 3-D convolutions)"] = _torchv
     "r2plus1d_18", task="video"
 )
 MODELS["torchvision swin3d_t (video, 64)"] = _torchvision("swin3d_t", size=64, task="video")
+_AUDIO = dict(  # wav2vec 2.0's family: a three-layer feature encoder (total stride 20), one layer of width 16
+    hidden_size=16,
+    conv_dim=(16, 16, 16),
+    conv_kernel=(10, 3, 3),
+    conv_stride=(5, 2, 2),
+    num_conv_pos_embeddings=4,
+    num_conv_pos_embedding_groups=2,
+    classifier_proj_size=8,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=32,
+)
+MODELS["transformers wav2vec 2.0 (audio classifier)"] = _hf(
+    "Wav2Vec2ForSequenceClassification", "Wav2Vec2Config", "audio", **_AUDIO
+)
+MODELS["transformers HuBERT (audio classifier)"] = _hf(
+    "HubertForSequenceClassification", "HubertConfig", "audio", **_AUDIO
+)
+MODELS["transformers WavLM (audio; its own attention call, gated position bias)"] = _hf(
+    "WavLMForSequenceClassification", "WavLMConfig", "audio", **_AUDIO
+)
+MODELS["transformers wav2vec 2.0 Conformer (audio; relative attention, GLU)"] = _hf(
+    "Wav2Vec2ConformerForSequenceClassification", "Wav2Vec2ConformerConfig", "audio", **_AUDIO,
+    conv_depthwise_kernel_size=3,
+)  # fmt: skip
+MODELS["transformers Wav2Vec2-BERT (audio features; GLU)"] = _hf(
+    "Wav2Vec2BertForSequenceClassification",
+    "Wav2Vec2BertConfig",
+    "audio_features",
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=32,
+    feature_projection_input_dim=16,
+    output_hidden_size=16,
+    conv_depthwise_kernel_size=3,
+    classifier_proj_size=8,
+)
+MODELS["transformers AST (audio spectrogram)"] = _hf(
+    "ASTForAudioClassification",
+    "ASTConfig",
+    "spectrogram",
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=32,
+    patch_size=8,
+    max_length=26,
+    num_mel_bins=16,
+)
 QUICK = ("torchvision mobilenet_v3_small (0.25)", "timm vit_tiny (patch 4)", "transformers BERT")
 
 
@@ -521,6 +571,12 @@ def _batches(spec: tuple[str, int], samples: int) -> list[Any]:
         elif kind == "video":  # (N, channels, 4 frames, size, size)
             clip = torch.randn(2, 3, 4, size, size, generator=g)
             out.append((clip, torch.randint(0, 10, (2,), generator=g)))
+        elif kind in ("audio", "audio_features", "spectrogram"):  # as the feature extractors give them
+            shape = {"audio": (2, 400), "audio_features": (2, 8, 16), "spectrogram": (2, 26, 16)}[kind]
+            key = "input_features" if kind == "audio_features" else "input_values"
+            out.append(
+                {key: torch.randn(*shape, generator=g), "labels": torch.randint(0, 2, (2,), generator=g)}
+            )
         elif kind == "segmentation":  # per-pixel classes, a void border (255) as in VOC, the training loss
             target = torch.randint(0, 10, (2, size, size), generator=g)
             target[:, :2] = 255

@@ -147,3 +147,29 @@ def test_bench_hf_sweep_builds_the_audio_classifiers_with_their_own_inputs():
     text = transformers.Wav2Vec2Config()
     bench_hf_sweep._shrink(text, "ForSequenceClassification")
     assert len(text.conv_dim) == 7 and text.num_conv_pos_embeddings == 128  # the text sweeps' shrink
+
+
+def test_bench_hf_sweep_builds_the_classes_its_per_class_sizes_name():
+    """The encoder's and decoder's head counts (Blenderbot's 32, PLBart's 12, Whisper's 6 do not divide the
+    shrunk width), DeepSeek-V2's routing left unset, and what Bit, MobileBERT, Reformer and T5 need besides
+    (:data:`SHRINK_CLASS`): each class builds small and runs its own forward (they were skipped)."""
+    import transformers
+
+    from benchmarks import bench_hf_sweep
+
+    names = (
+        "BlenderbotForCausalLM",
+        "PLBartForSequenceClassification",
+        "DeepseekV2ForCausalLM",
+        "MobileBertForMaskedLM",
+        "ReformerForSequenceClassification",
+        "T5ForSequenceClassification",
+        "BitForImageClassification",
+    )
+    for name in names:
+        head = name[name.index("For") :]
+        model = bench_hf_sweep.build(getattr(transformers, name), head)
+        (batch,) = bench_hf_sweep.batches(head, torch.Generator().manual_seed(0))[:1]
+        with torch.no_grad():
+            out = model(**{k: v for k, v in batch.items() if k != "labels"})
+        assert out.logits.shape[0] == 2 and bool(torch.isfinite(out.logits).all()), name

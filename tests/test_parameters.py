@@ -70,6 +70,40 @@ def test_frozen_weights_are_skipped():
     assert list(select_parameters(model)) == ["0.bias", "2.weight", "2.bias"]
 
 
+class WithAnEmptyWeight(nn.Module):
+    """MobileBERT's LM head where the embedding is as wide as the hidden state: the extension of the decoder's
+    weight, ``dense.weight``, has 0 rows, and the head multiplies by ``cat([decoder.weight.T, dense.weight])``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 4)
+        self.decoder = nn.Linear(4, 5, bias=False)
+        self.dense = nn.Linear(5, 0, bias=False)  # weight (0, 5)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        return h.matmul(torch.cat([self.decoder.weight.t(), self.dense.weight], dim=0))
+
+
+def test_parameters_without_entries_are_skipped_and_a_named_one_is_refused():
+    """An empty weight has no curvature: the presets and predicates leave it out (before, ``compute()`` failed
+    reshaping its zero entries), and a measurement runs; naming it is an error that says so."""
+    from lightning_flatness.measure import measure_sharpness
+
+    model = WithAnEmptyWeight()
+    assert model.dense.weight.shape == (0, 5)
+    assert list(select_parameters(model)) == ["embed.weight", "embed.bias", "decoder.weight"]
+    assert "dense.weight" not in select_parameters(model, "all")
+    assert "dense.weight" not in select_parameters(model, lambda n, p: True)
+    assert list(select_parameters(model, (n for n in ["decoder.weight"]))) == ["decoder.weight"]  # a generator
+    with pytest.raises(ValueError, match="has no entries"):
+        select_parameters(model, ["dense.weight"])
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(2)]
+    result = measure_sharpness(model, batches, num_replicates=2)
+    assert torch.isfinite(result.values["normalized"]) and float(result.values["normalized"]) > 0
+
+
 def test_shared_weight_is_counted_once():
     assert list(select_parameters(Tied())) == ["a.weight", "a.bias", "b.bias"]
 

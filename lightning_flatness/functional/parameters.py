@@ -160,8 +160,10 @@ def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -
     """The tensors whose Hessian diagonal (and sharpness) is measured, keyed as in
     ``model.named_parameters()``.
 
-    Frozen parameters are skipped by the presets and the predicate. A parameter shared between
-    modules (a tied LM head) appears once, under its first name (``named_parameters`` deduplicates).
+    Frozen parameters, and parameters without entries (a dim of size 0: MobileBERT's LM-head extension where
+    its embedding is as wide as its hidden state), are skipped by the presets and the predicate. A parameter
+    shared between modules (a tied LM head) appears once, under its first name (``named_parameters``
+    deduplicates).
     This function does not require ``ndim >= 2``: any parameter has a Hessian diagonal. The
     normalized measures (eq. 13, 17) need ``ndim >= 2`` and say so (:func:`sharpness_measures`).
 
@@ -179,7 +181,7 @@ def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -
               before additive offsets were left out; counts ``pos_embed`` and ``cls_token``);
             - ``"all"``: every parameter that requires grad (the normalized measures skip the
               1-D ones; layer-scale vectors and class tokens cost the per-sample path);
-            - an iterable of parameter names;
+            - an iterable of parameter names (an empty or frozen one is refused);
             - a predicate ``(name, parameter) -> bool`` applied to every parameter requiring grad.
 
     Returns:
@@ -195,7 +197,9 @@ def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -
         >>> list(select_parameters(model, "weights")), len(select_parameters(model))
         (['0.weight', '2.weight'], 4)
     """
-    named = dict(model.named_parameters())
+    if parameters is not None and not isinstance(parameters, str) and not callable(parameters):
+        parameters = list(parameters)  # names: read twice below
+    named = {n: p for n, p in model.named_parameters() if p.numel() > 0 or _named_explicitly(parameters, n)}
     if parameters is None:
         chosen = {
             n: p
@@ -232,6 +236,11 @@ def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -
                     f"parameter {name!r} of {type(model).__name__} does not require grad; "
                     f"unfreeze it or leave it out of `parameters`."
                 )
+            if named[name].numel() == 0:
+                raise ValueError(
+                    f"parameter {name!r} of {type(model).__name__} has no entries (shape "
+                    f"{tuple(named[name].shape)}): it has no curvature; leave it out of `parameters`."
+                )
             chosen[name] = named[name]
     if not chosen:
         raise ValueError(
@@ -241,6 +250,12 @@ def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -
             f"choose them."
         )
     return chosen
+
+
+def _named_explicitly(parameters: ParameterSelection, name: str) -> bool:
+    """Whether ``parameters``, a list of names, holds ``name`` (an empty tensor named there is refused with a
+    clear error; the presets and predicates skip empty tensors)."""
+    return isinstance(parameters, list) and name in parameters
 
 
 def is_experts_module(module: nn.Module) -> bool:
