@@ -169,7 +169,8 @@ SHRINK_CLASS = {
     "DeepseekV2Config": dict(n_routed_experts=4),
     "DiffLlamaConfig": dict(num_key_value_heads=2),
     "MobileBertConfig": dict(embedding_size=16, intra_bottleneck_size=16, true_hidden_size=16),
-    "ReformerConfig": dict(  # axial position embeddings summing to the width and tiling 8 tokens; short chunks
+    # Reformer: axial position embeddings summing to the width and tiling 8 tokens; short chunks
+    "ReformerConfig": dict(
         axial_pos_shape=(4, 2),
         axial_pos_embds_dim=(8, 8),
         attn_layers=("local", "lsh"),

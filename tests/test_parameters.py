@@ -72,7 +72,8 @@ def test_frozen_weights_are_skipped():
 
 class WithAnEmptyWeight(nn.Module):
     """MobileBERT's LM head where the embedding is as wide as the hidden state: the extension of the decoder's
-    weight, ``dense.weight``, has 0 rows, and the head multiplies by ``cat([decoder.weight.T, dense.weight])``."""
+    weight, ``dense.weight``, has 0 rows, and the head multiplies by
+    ``cat([decoder.weight.T, dense.weight])``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -95,7 +96,8 @@ def test_parameters_without_entries_are_skipped_and_a_named_one_is_refused():
     assert list(select_parameters(model)) == ["embed.weight", "embed.bias", "decoder.weight"]
     assert "dense.weight" not in select_parameters(model, "all")
     assert "dense.weight" not in select_parameters(model, lambda n, p: True)
-    assert list(select_parameters(model, (n for n in ["decoder.weight"]))) == ["decoder.weight"]  # a generator
+    names = (n for n in ["decoder.weight"])  # a generator: read once
+    assert list(select_parameters(model, names)) == ["decoder.weight"]
     with pytest.raises(ValueError, match="has no entries"):
         select_parameters(model, ["dense.weight"])
     g = torch.Generator().manual_seed(0)
