@@ -69,9 +69,27 @@ def _loss(outputs, target):
     return F.cross_entropy(outputs.logits if hasattr(outputs, "logits") else outputs, target)
 
 
-@pytest.mark.parametrize("name", list(CHECKED))
-def test_audio_classifiers_take_the_hessian_sketch_unbiased(name):
+#: the classes measured again on padded clips (``attention_mask``: their feature extractors return one)
+PADDED = (
+    "Wav2Vec2ConformerForSequenceClassification",
+    "Wav2Vec2BertForSequenceClassification",
+    "WavLMForSequenceClassification",
+)
+
+
+@pytest.mark.parametrize(
+    "name, padded", [(n, False) for n in CHECKED] + [(n, True) for n in PADDED], ids=lambda v: str(v)
+)
+def test_audio_classifiers_take_the_hessian_sketch_unbiased(name, padded):
+    """Also on padded clips: the models zero the hidden states at padded frames in place, and the per-layer
+    path holds there too."""
     model, (inputs, y) = tiny_audio_classifier(name, n=4, dtype=F64)
+    if padded:  # the second and fourth clips end early
+        (key,) = inputs
+        mask = torch.ones(inputs[key].shape[:2], dtype=torch.long)
+        mask[1, -mask.shape[1] // 3 :] = 0
+        mask[3, -mask.shape[1] // 2 :] = 0
+        inputs = {**inputs, "attention_mask": mask}
     names = list(CHECKED[name])
     choice = choose_method(model, F.cross_entropy, inputs, y)
     assert (choice.method, choice.quantity) == ("hessian_sketch", "hessian"), choice.reason

@@ -553,12 +553,27 @@ class RelativeAttentionNet(nn.Module):
         return self.head(torch.tanh(scores).flatten(1))
 
 
+class PaddedRelativeAttentionNet(RelativeAttentionNet):
+    """:class:`RelativeAttentionNet` with its embedding's output zeroed in place at a padded position (as
+    wav2vec 2.0's Conformer zeroes the hidden states where ``attention_mask`` pads a clip): a layer output
+    changed in place, so the recorder runs the forward again on copies of the layer outputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h[1:, -1] = 0.0  # the last token of every sample but the first is padding
+        scores = self.attention(torch.tanh(h))
+        return self.head(torch.tanh(scores).flatten(1))
+
+
+@pytest.mark.parametrize("net", [RelativeAttentionNet, PaddedRelativeAttentionNet], ids=["plain", "padded"])
 @pytest.mark.parametrize("method", ["gauss_newton", "hessian_sketch"])
-def test_relative_attention_scores_take_the_per_layer_path(method):
+def test_relative_attention_scores_take_the_per_layer_path(method, net):
     """Before the rewrite, ``linear_pos`` (a batched right factor of ``matmul``) sent every estimator to one
     backward pass per sample and column. Now no fallback: the exact Gauss-Newton diagonal equals the float64
-    brute force, and the sketched Hessian is unbiased for the brute-force Hessian."""
-    model, x, y, names = _problem(RelativeAttentionNet)
+    brute force, and the sketched Hessian is unbiased for the brute-force Hessian. Also where a layer output is
+    changed in place (padding): the copies the recorder hands the model then count as data, as the outputs
+    did (before, the rewrite did not see the queries as data there and the estimators fell back)."""
+    model, x, y, names = _problem(net)
     assert "attention.linear_pos.weight" in names
     if method == "gauss_newton":
         _per_layer_and_equal_to_the_brute_force_ggn(model, x, y, names)

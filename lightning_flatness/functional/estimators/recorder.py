@@ -279,6 +279,8 @@ class _ForwardRecorder(TorchFunctionMode):
             if self.clone_outputs:
                 copy = out.clone()  # in-place ops downstream (ReLU(inplace=True)) must not change z
                 self.tape.record_copy(out, copy)
+                if id(out) in self.data_ids:  # the copy the model goes on with is data as the output was
+                    self.data_ids.add(id(copy))
                 out = copy
                 out_tensors = [out]
             if call is not None:
