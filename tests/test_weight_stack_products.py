@@ -570,9 +570,9 @@ class PaddedRelativeAttentionNet(RelativeAttentionNet):
 def test_relative_attention_scores_take_the_per_layer_path(method, net):
     """Before the rewrite, ``linear_pos`` (a batched right factor of ``matmul``) sent every estimator to one
     backward pass per sample and column. Now no fallback: the exact Gauss-Newton diagonal equals the float64
-    brute force, and the sketched Hessian is unbiased for the brute-force Hessian. Also where a layer output is
-    changed in place (padding): the copies the recorder hands the model then count as data, as the outputs
-    did (before, the rewrite did not see the queries as data there and the estimators fell back)."""
+    brute force, and the sketched Hessian is unbiased for the brute-force Hessian. Also where a layer output
+    is changed in place (padding): the copies the recorder hands the model then count as data, as the
+    outputs did (before, the rewrite did not see the queries as data there and the estimators fell back)."""
     model, x, y, names = _problem(net)
     assert "attention.linear_pos.weight" in names
     if method == "gauss_newton":
