@@ -158,16 +158,19 @@ SHRINK_MULTIPLIERS = dict(
 
 #: configuration attributes set where a configuration leaves them None and its model does not derive them
 #: (Ministral's and HunYuan's head width, Nemotron's key-value heads, DeepSeek-V2's routing: experts per token
-#: and groups); sizes as :data:`SHRINK`'s
-SHRINK_UNSET = dict(head_dim=8, num_key_value_heads=1, num_experts_per_tok=2, n_group=1, topk_group=1)
+#: and groups; ESM's vocabulary); sizes as :data:`SHRINK`'s
+SHRINK_UNSET = dict(
+    head_dim=8, num_key_value_heads=1, num_experts_per_tok=2, n_group=1, topk_group=1, vocab_size=64
+)
 
 #: per configuration class: what its shrunk configuration must also set (DiffLlama's differential attention
 #: splits the key-value heads in two; SqueezeBert has no projection from its embedding width; X-MOD routes
-#: through a language adapter it must be told; Bit, DeepSeek-V2, MobileBERT, Reformer and T5 as commented)
+#: through a language adapter it must be told; Bit, DeepSeek-V2, ESM, MobileBERT, Reformer and T5 as commented)
 SHRINK_CLASS = {
     "BitConfig": dict(num_groups=4),  # GroupNorm's groups: 32 do not divide the shrunk stages' 8-64 channels
     "DeepseekV2Config": dict(n_routed_experts=4),
     "DiffLlamaConfig": dict(num_key_value_heads=2),
+    "EsmConfig": dict(mask_token_id=4, pad_token_id=1),  # ESM-2's token dropout reads the mask token
     "MobileBertConfig": dict(embedding_size=16, intra_bottleneck_size=16, true_hidden_size=16),
     # Reformer: axial position embeddings summing to the width and tiling 8 tokens; short chunks
     "ReformerConfig": dict(
