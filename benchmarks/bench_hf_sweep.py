@@ -165,7 +165,8 @@ SHRINK_UNSET = dict(
 
 #: per configuration class: what its shrunk configuration must also set (DiffLlama's differential attention
 #: splits the key-value heads in two; SqueezeBert has no projection from its embedding width; X-MOD routes
-#: through a language adapter it must be told; Bit, DeepSeek-V2, ESM, MobileBERT, Reformer and T5 as commented)
+#: through a language adapter it must be told; Bit, DeepSeek-V2, ESM, MobileBERT, Reformer and T5 as
+#: commented)
 SHRINK_CLASS = {
     "BitConfig": dict(num_groups=4),  # GroupNorm's groups: 32 do not divide the shrunk stages' 8-64 channels
     "DeepseekV2Config": dict(n_routed_experts=4),

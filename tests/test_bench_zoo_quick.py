@@ -152,8 +152,8 @@ def test_bench_hf_sweep_builds_the_audio_classifiers_with_their_own_inputs():
 def test_bench_hf_sweep_builds_the_classes_its_per_class_sizes_name():
     """The encoder's and decoder's head counts (Blenderbot's 32, PLBart's 12, Whisper's 6 do not divide the
     shrunk width), DeepSeek-V2's routing and ESM's vocabulary left unset, and what Bit, ESM, MobileBERT,
-    Reformer and T5 need besides (:data:`SHRINK_CLASS`): each class builds small and runs its own forward (they
-    were skipped)."""
+    Reformer and T5 need besides (:data:`SHRINK_CLASS`): each class builds small and runs its own forward
+    (they were skipped)."""
     import transformers
 
     from benchmarks import bench_hf_sweep
