@@ -597,6 +597,11 @@ def test_a_function_of_the_weights_repeated_over_the_samples_is_found_by_its_rep
     stack = torch.cat([u.detach()] * 5).requires_grad_(True)  # equal blocks, but a leaf
     assert repeated_over_samples(stack, 5) is None
     assert repeated_over_samples(u.repeat(5, 1, 1) * 1.0, 5) is None  # an op between: not proved a repeat
+    from lightning_flatness.functional.weight_stack_products import _saved
+
+    node = w.grad_fn.next_functions[0][0]  # the repeat behind the view
+    assert _saved(node, "_saved_repeats") == ((5, 1, 1, 1),)
+    assert _saved(node, "_saved_repeats", "_no_such_attribute") is None  # another PyTorch: nothing proved
 
 
 @pytest.mark.parametrize("product", ["bmm", "mul", "rmul"])

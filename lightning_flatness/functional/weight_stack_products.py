@@ -64,6 +64,7 @@ __all__ = [
 _BATCHED_PRODUCTS = (torch.bmm, Tensor.bmm)
 _MATMULS = (torch.matmul, Tensor.matmul, Tensor.__matmul__)
 _PRODUCTS = (torch.mul, torch.multiply, Tensor.mul, Tensor.multiply, Tensor.__mul__, Tensor.__rmul__)
+_ALL_PRODUCTS = _BATCHED_PRODUCTS + _PRODUCTS  # checked on every op of a recorded forward: built once
 
 
 def stack_product_as_convolution(x: Tensor, weight: Tensor) -> Tensor:
@@ -230,6 +231,13 @@ _SHAPE_NODES = frozenset(
 )
 
 
+def _saved(node: Any, *names: str) -> Optional[tuple[Any, ...]]:
+    """The values autograd saved on ``node`` under ``names`` (private attributes of its nodes), or None where
+    one is missing (another PyTorch version): then :func:`repeated_over_samples` proves nothing."""
+    values = tuple(getattr(node, name, None) for name in names)
+    return None if any(v is None for v in values) else values
+
+
 def repeated_over_samples(weight: Tensor, n: int) -> Optional[Tensor]:
     """For ``weight`` ``(n k, ...)``, a function of the weights alone repeated over ``n`` samples sample-major
     (``u.repeat(n, ...)``, then views that merge dim 0 with the dims after it, transposes of other dims and
@@ -252,21 +260,22 @@ def repeated_over_samples(weight: Tensor, n: int) -> Optional[Tensor]:
     while node is not None and type(node).__name__ in _SHAPE_NODES:
         name = type(node).__name__
         if name == "TransposeBackward0":  # the dims saved as unsigned: -1 is 2^64 - 1
-            saved = (node._saved_dim0, node._saved_dim1)  # type: ignore[attr-defined]
-            dims = [d - 2**64 if d >= 2**63 else d for d in saved]
-            if 0 in (d % weight.ndim for d in dims):
+            saved = _saved(node, "_saved_dim0", "_saved_dim1")
+            if saved is None or 0 in ((d - 2**64 if d >= 2**63 else d) % weight.ndim for d in saved):
                 return None
         elif name != "CloneBackward0":  # a view: dim 0 merged with the dims after it, never split
-            sizes = tuple(node._saved_self_sym_sizes)  # type: ignore[attr-defined]
-            before = int(sizes[0]) if sizes else 1
+            (sizes,) = _saved(node, "_saved_self_sym_sizes") or ((),)
+            before = int(sizes[0]) if sizes else 0
             if before == 0 or rows % before:
                 return None
             rows = before
         node = node.next_functions[0][0]
     if node is None or type(node).__name__ != "RepeatBackward0":
         return None
-    repeats = tuple(node._saved_repeats)  # type: ignore[attr-defined]
-    sizes = tuple(node._saved_self_sym_sizes)  # type: ignore[attr-defined]
+    saved = _saved(node, "_saved_repeats", "_saved_self_sym_sizes")
+    if saved is None:
+        return None
+    repeats, sizes = tuple(saved[0]), tuple(saved[1])
     leading = sizes[0] if len(sizes) == len(repeats) else 1  # more repeats than dims: new leading dims of 1
     if repeats[:1] != (n,) or rows != n * int(leading):
         return None
@@ -323,7 +332,7 @@ class WeightStackProducts(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func in _BATCHED_PRODUCTS + _PRODUCTS and len(args) == 2 and not kwargs:
+        if func in _ALL_PRODUCTS and len(args) == 2 and not kwargs:
             out = self._product_with_a_repeat(func, *args)
             if out is not None:
                 return out
