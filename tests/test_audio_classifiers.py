@@ -24,6 +24,7 @@ from zoo_models import tiny_audio_classifier
 from zoo_oracle import brute_force_ggn_diagonal, brute_force_hessian_diagonal
 
 from lightning_flatness.functional.estimators.method_choice import choose_method
+from lightning_flatness.functional.model_io import extract_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -66,7 +67,7 @@ CHECKED = {
 
 
 def _loss(outputs, target):
-    return F.cross_entropy(outputs.logits if hasattr(outputs, "logits") else outputs, target)
+    return F.cross_entropy(extract_logits(outputs), target)
 
 
 #: the classes measured again on padded clips (``attention_mask``: their feature extractors return one)

@@ -468,25 +468,42 @@ def test_llama4_is_measured_on_the_per_layer_path_and_its_training_is_bit_identi
     assert_same_training_state(runs["with"], runs["without"])
 
 
-@pytest.mark.slow
-def test_hugging_face_audio_classifier_is_measured_at_the_defaults():
-    """wav2vec 2.0's Conformer (relative attention, a convolution module with GLU) on dict batches of raw
-    clips (``input_values``, ``labels``), trained with its own loss: ``auto`` measures the sketched Hessian
-    on the per-layer path, and the logged Hessian trace is unbiased for the float64 brute force on the same
-    samples (within 4 standard errors) at the last measurement."""
-    model, (inputs, target) = tiny_audio_classifier("Wav2Vec2ConformerForSequenceClassification", n=24)
-    module = HuggingFaceModule(model.train())
-    monitor = SharpnessMonitor(num_samples=16, dtype="float64")
+def _fit_audio_classifier(callbacks: list) -> tuple[pl.LightningModule, dict, dict, torch.Tensor, list]:
+    """wav2vec 2.0's Conformer fitted for 2 epochs on 24 padded clips (dict batches of ``input_values``,
+    ``attention_mask``, ``labels``: a third of the second clip of every pair is padding), with ``callbacks``:
+    the module, its final training state (weights, buffers, optimizer state), the inputs and targets, and
+    the warnings of the fit."""
     pl.seed_everything(0, verbose=False)
-    trainer = quiet_trainer([monitor], max_epochs=2)
+    model, (inputs, target) = tiny_audio_classifier("Wav2Vec2ConformerForSequenceClassification", n=24)
+    mask = torch.ones(inputs["input_values"].shape, dtype=torch.long)
+    mask[1::2, -20:] = 0
+    inputs = {**inputs, "attention_mask": mask}
+    module = HuggingFaceModule(model.train())
+    trainer = quiet_trainer(callbacks, max_epochs=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(module, _Data(_DictDataset(inputs, target)))
+    assert trainer.current_epoch == 2
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    for i, opt_state in enumerate(trainer.optimizers[0].state_dict()["state"].values()):
+        state.update({f"opt.{i}.{k}": torch.as_tensor(v).clone() for k, v in opt_state.items()})
+    return module, state, inputs, target, caught
+
+
+@pytest.mark.slow
+def test_hugging_face_audio_classifier_is_measured_at_the_defaults():
+    """wav2vec 2.0's Conformer (relative attention, a convolution module with GLU) on dict batches of padded
+    clips, trained with its own loss: ``auto`` measures the sketched Hessian on the per-layer path, the logged
+    Hessian trace is unbiased for the float64 brute force on the same samples (within 4 standard errors) at
+    the last measurement, and the training run is bit-identical with and without the monitor."""
+    monitor = SharpnessMonitor(num_samples=16, dtype="float64")
+    module, state, inputs, target, caught = _fit_audio_classifier([monitor])
     assert not [w for w in caught if "per-layer contractions do not apply" in str(w.message)]
-    assert trainer.current_epoch == 2 and len(monitor.history) == 2
+    assert len(monitor.history) == 2
     assert (monitor._choice.method, monitor._choice.quantity) == ("hessian_sketch", "hessian")
     last = monitor.history[-1]
     assert last["num_samples"] == 16 and math.isfinite(last["normalized"]) and last["normalized"] > 0
+    assert_same_training_state(state, _fit_audio_classifier([])[1])
     idx = monitor.state_dict()["indices"]
     names = list(select_parameters(module))
     net = module.double().eval()
