@@ -86,6 +86,10 @@ def _is_positive_int(value: Any) -> bool:
     return _is_nonnegative_int(value) and value >= 1
 
 
+# the arguments that form SharpnessMonitorBase.state_key
+_STATE_KEY_ARGUMENTS = frozenset({"prefix", "method", "num_samples", "num_probes", "lam", "seed", "dtype"})
+
+
 class SharpnessMonitorBase:
     r"""The logic of :class:`SharpnessMonitor`, independent of the Lightning namespace.
 
@@ -294,15 +298,28 @@ class SharpnessMonitorBase:
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(  # type: ignore[attr-defined]
-            prefix=self.prefix,
-            method=self.method,
-            num_samples=self.num_samples,
-            num_probes=self.num_probes,
-            lam=self.lam,
-            seed=self.seed,
-            dtype=str(self.dtype).removeprefix("torch."),
-        )
+        """The key of this callback's state in a checkpoint, from the arguments that identify it (two
+        monitors with different settings keep separate states). Formed once and kept until one of those
+        arguments is set again: Lightning reads it on every hook call it dispatches, several per training
+        step, for its profiler's label."""
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self._generate_state_key(  # type: ignore[attr-defined]
+                prefix=self.prefix,
+                method=self.method,
+                num_samples=self.num_samples,
+                num_probes=self.num_probes,
+                lam=self.lam,
+                seed=self.seed,
+                dtype=str(self.dtype).removeprefix("torch."),
+            )
+            self.__dict__["_state_key"] = key
+        return key
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _STATE_KEY_ARGUMENTS:
+            self.__dict__.pop("_state_key", None)
+        super().__setattr__(name, value)
 
     def state_dict(self) -> dict[str, Any]:
         return {

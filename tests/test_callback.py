@@ -555,6 +555,37 @@ def test_frozen_weights_are_skipped():
     assert monitor.history[-1]["normalized"] == pytest.approx(ref["normalized"], rel=1e-9)
 
 
+def test_state_key_is_formed_once_and_follows_the_arguments_that_form_it(monkeypatch):
+    """Lightning reads ``state_key`` on every hook it dispatches (several per training step): the key is
+    formed once, is the one Lightning's ``_generate_state_key`` forms from the identifying arguments, and
+    is formed again after one of them is set."""
+    monitor = SharpnessMonitor(num_samples=48, seed=3, dtype="float64")
+    expected = pl.Callback._generate_state_key(
+        monitor,
+        prefix="sharpness",
+        method="auto",
+        num_samples=48,
+        num_probes=monitor.num_probes,
+        lam=monitor.lam,
+        seed=3,
+        dtype="float64",
+    )
+    assert monitor.state_key == expected
+    calls = []
+    original = pl.Callback._generate_state_key
+    monkeypatch.setattr(
+        pl.Callback, "_generate_state_key", lambda self, **kw: calls.append(kw) or original(self, **kw)
+    )
+    for _ in range(3):
+        assert monitor.state_key == expected
+    assert calls == []
+    monitor.num_samples = 64
+    assert monitor.state_key == expected.replace("'num_samples': 48", "'num_samples': 64")
+    monitor.log_images = False  # not part of the key
+    assert monitor.state_key == expected.replace("'num_samples': 48", "'num_samples': 64")
+    assert len(calls) == 1
+
+
 def test_two_monitors_with_different_settings_coexist_and_checkpoint_separately(tmp_path):
     a = SharpnessMonitor(num_samples=48)
     b = SharpnessMonitor(num_samples=32, method="hutchinson", num_probes=8, prefix="sharpness_hutchinson")
