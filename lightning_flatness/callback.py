@@ -52,6 +52,7 @@ from lightning_flatness.measure import (
     SharpnessMeasurement,
     float64_batches_message,
     is_out_of_memory,
+    not_converged_message,
     out_of_memory_message,
     resolve_loss,
     zero_sharpness_message,
@@ -864,18 +865,14 @@ class SharpnessMonitorBase:
                 f"{advice}",
             )
 
-        shift = values.get("normalized_half_shift", math.nan)
-        if stochastic and math.isfinite(shift) and math.isfinite(stderr) and shift > 2 * stderr:
+        unconverged = not_converged_message(values, self._resolved_method or "")
+        if unconverged is not None:
             self._warn_once(
                 trainer,
                 "not_converged",
-                f"SharpnessMonitor: the {self._resolved_method} estimate of normalized sharpness "
-                f"has not converged: halving the probes and samples raises it by {shift:.3g} "
-                f"({100 * shift / value:.0f}% of {value:.4g}), more than twice its standard error "
-                f"{stderr:.2g}, so probe noise biases it upwards by at least that much (logged as "
-                f"'{self.prefix}/normalized_half_shift'). Raise num_probes (num_sketches for the "
-                "sketched methods) or num_samples, or use an exact method ('exact' for ReLU-type "
-                "networks, else 'gauss_newton' for the Gauss-Newton diagonal).",
+                f"SharpnessMonitor: {unconverged} (logged as '{self.prefix}/normalized_half_shift'). Raise "
+                "num_probes (num_sketches for the sketched methods) or num_samples, or use an exact method "
+                "('exact' for ReLU-type networks, else 'gauss_newton' for the Gauss-Newton diagonal).",
             )
 
     def _log(self, trainer: Any, pl_module: Any, values: dict[str, float], seconds: float) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 import warnings
 from collections.abc import Iterable
@@ -28,6 +29,7 @@ from lightning_flatness.batch_split import split_batch as default_split_batch
 from lightning_flatness.functional.dense_experts import dense_experts
 from lightning_flatness.functional.estimators import HessianDiagonalEstimate, hessian_diagonal_groups
 from lightning_flatness.functional.estimators.method_choice import MethodChoice, choose_method
+from lightning_flatness.functional.estimators.registry import ESTIMATORS
 from lightning_flatness.functional.loss_forms import (
     hessian_twin,
     loss_for_outputs,
@@ -679,6 +681,31 @@ def zero_sharpness_message(values: dict[str, Any]) -> Optional[str]:
     )
 
 
+def not_converged_message(values: dict[str, Any], method: str) -> Optional[str]:
+    """Why a stochastic estimate of normalized sharpness has not converged, when its half shift says so
+    (else None, and None for a deterministic method).
+
+    Eq. 17 is nonlinear in the Hessian diagonal, so the noise of a stochastic estimator (probes, sketches,
+    Monte-Carlo columns) biases it upwards, and the jackknife standard error, which sees only the random
+    part, does not cover that bias. The half shift (``normalized_half_shift``: the mean of the two halves'
+    values, each with half of the samples and probes, minus the pooled value) bounds it from below for a
+    bias falling like ``n ** -alpha``, ``0 < alpha <= 1``; above twice the standard error the bias is
+    larger than the error bar claims. Measured biases per method and sample count:
+    ``benchmarks/RESULTS.md``."""
+    if method not in ESTIMATORS or not ESTIMATORS[method].stochastic:
+        return None
+    keys = ("normalized", "normalized_stderr", "normalized_half_shift")
+    value, stderr, shift = (float(values.get(key, math.nan)) for key in keys)
+    if not (math.isfinite(shift) and math.isfinite(stderr) and shift > 2 * stderr):
+        return None
+    share = f" ({100 * shift / value:.0f}% of {value:.4g})" if value > 0 else ""
+    return (
+        f"the {method} estimate of normalized sharpness has not converged: halving the probes and samples "
+        f"raises it by {shift:.3g}{share}, more than twice its standard error {stderr:.2g}, so estimator "
+        "noise biases it upwards by at least that much"
+    )
+
+
 def measure_sharpness(
     model: nn.Module,
     batches: Iterable[Any],
@@ -775,6 +802,15 @@ def measure_sharpness(
     message = zero_sharpness_message(values)
     if message is not None:
         warnings.warn(message, UserWarning, stacklevel=2)
+    message = not_converged_message(values, measurement.choice.method)
+    if message is not None:
+        warnings.warn(
+            f"measure_sharpness: {message} (values['normalized_half_shift']). Pass more samples (batches), "
+            "raise num_probes (num_sketches for the sketched methods), or use an exact method ('exact' for "
+            "ReLU-type networks, else 'gauss_newton' for the Gauss-Newton diagonal).",
+            UserWarning,
+            stacklevel=2,
+        )
     return SharpnessResult(
         values,
         measurement.choice,

@@ -16,7 +16,13 @@ from lightning_flatness import NormalizedSharpness
 from lightning_flatness.functional import hessian_diagonal_groups, normalized_softmax_cross_entropy
 from lightning_flatness.functional.estimators.method_choice import MethodChoice, choose_method
 from lightning_flatness.functional.model_io import TokenLoss, call_model, extract_logits
-from lightning_flatness.measure import SharpnessMeasurement, is_causal_lm, measure_sharpness, resolve_loss
+from lightning_flatness.measure import (
+    SharpnessMeasurement,
+    is_causal_lm,
+    measure_sharpness,
+    not_converged_message,
+    resolve_loss,
+)
 
 
 def _mlp(activation=nn.ReLU, classes=3, seed=0):
@@ -289,6 +295,44 @@ def test_a_zero_initialised_head_gives_zero_normalized_sharpness_and_says_why(lo
             float(measure_sharpness(model, batches, num_replicates=4, method="gauss_newton")["normalized"])
             > 0
         )
+
+
+def test_an_unconverged_stochastic_estimate_is_flagged_by_its_half_shift_as_the_callback_does():
+    """One Hutchinson probe per group on a ReLU MLP: the noise biases normalized sharpness upwards (here 3x)
+    by more than its error bar. measure_sharpness warns (the callback's check, not_converged_message), the
+    half shift is a positive lower bound on the bias against the brute-force Hessian, and the exact method
+    on the same batches raises no such warning."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+    ).double()
+    g = torch.Generator().manual_seed(100)
+    batches = [
+        (torch.randn(16, 10, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g))
+        for _ in range(8)
+    ]
+    generator = torch.Generator().manual_seed(0)
+    with pytest.warns(UserWarning, match="hutchinson estimate of normalized sharpness has not converged"):
+        result = measure_sharpness(
+            model, batches, method="hutchinson", num_probes=1, parameters="weights", generator=generator
+        )
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    bias = float(result["normalized"]) - brute_force_measures(model, x, y)["normalized"]
+    assert bias > 2 * float(result["normalized_stderr"])
+    assert 0 < float(result["normalized_half_shift"]) <= bias
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exact = measure_sharpness(model, batches, method="exact", parameters="weights")
+    assert not_converged_message(exact.values, "exact") is None  # deterministic: never flagged
+    flagged = {**exact.values, "normalized_half_shift": 3 * exact["normalized_stderr"]}
+    assert not_converged_message(flagged, "exact") is None
+    assert "not converged" in not_converged_message(flagged, "hutchinson")
+    assert (
+        not_converged_message(
+            {**flagged, "normalized_half_shift": 2 * exact["normalized_stderr"]}, "hutchinson"
+        )
+        is None
+    )
 
 
 @pytest.mark.parametrize("method", ["exact", "hessian_sketch"])
