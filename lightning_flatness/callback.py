@@ -1044,7 +1044,8 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
     - ``<p>/normalized_half_shift``: how much the value rises when half of the samples and probes
       are used (a convergence diagnostic: for the stochastic methods a lower bound on the upward
       bias that probe noise causes, which the standard error does not include; a warning is given
-      once when it exceeds twice the standard error);
+      once when it exceeds twice the standard error or 5% of the value,
+      :func:`~lightning_flatness.measure.not_converged_message`);
     - ``<p>/seconds``: wall time of the measurement (slowest process);
     - ``<p>/peak_memory_mb``: peak memory during the measurement (largest over processes): resident
       set size on CPU, CUDA allocation on a GPU, sampled every 5 ms
@@ -1075,7 +1076,8 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
     ``"ggn_hutchinson"`` probes only the difference between the Hessian and its Gauss-Newton part
     (computed exactly), which has far less noise near a minimum. The jackknife standard error does
     not include this bias; the logged ``<p>/normalized_half_shift`` bounds it from below (see
-    :class:`NormalizedSharpness`) and a warning says when it exceeds twice the standard error.
+    :class:`NormalizedSharpness`) and a warning says when it exceeds twice the standard error or 5% of
+    the value.
     Measured biases per method and probe count: ``benchmarks/RESULTS.md``. Compare stochastic
     values only at equal settings.
 

@@ -301,7 +301,7 @@ def test_an_unconverged_stochastic_estimate_is_flagged_by_its_half_shift_as_the_
     """One Hutchinson probe per group on a ReLU MLP: the noise biases normalized sharpness upwards (here 3x)
     by more than its error bar. measure_sharpness warns (the callback's check, not_converged_message), the
     half shift is a positive lower bound on the bias against the brute-force Hessian, and the exact method
-    on the same batches raises no such warning."""
+    on the same batches raises no such warning. Then the check's two tests on values given directly."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
@@ -324,15 +324,24 @@ def test_an_unconverged_stochastic_estimate_is_flagged_by_its_half_shift_as_the_
         warnings.simplefilter("error")
         exact = measure_sharpness(model, batches, method="exact", parameters="weights")
     assert not_converged_message(exact.values, "exact") is None  # deterministic: never flagged
-    flagged = {**exact.values, "normalized_half_shift": 3 * exact["normalized_stderr"]}
-    assert not_converged_message(flagged, "exact") is None
-    assert "not converged" in not_converged_message(flagged, "hutchinson")
+    # the two tests of a stochastic estimate: the shift above two standard errors or above 5% of the value
+    values = {"normalized": 10.0, "normalized_stderr": 1.0, "normalized_half_shift": 0.4}
+    assert not_converged_message(values, "hutchinson") is None
+    assert not_converged_message({**values, "normalized_half_shift": 0.6}, "exact") is None  # deterministic
+    relative = not_converged_message({**values, "normalized_half_shift": 0.6}, "hessian_sketch")
+    assert "raises it by 0.6 (6% of 10), more than 5% of it" in relative
+    significant = not_converged_message(
+        {**values, "normalized": 100.0, "normalized_half_shift": 2.5}, "hutchinson"
+    )
+    assert "raises it by 2.5 (2% of 100), more than twice its standard error 1" in significant
     assert (
-        not_converged_message(
-            {**flagged, "normalized_half_shift": 2 * exact["normalized_stderr"]}, "hutchinson"
-        )
+        not_converged_message({**values, "normalized": 100.0, "normalized_half_shift": 2.0}, "hutchinson")
         is None
     )
+    assert (
+        not_converged_message({**values, "normalized_half_shift": -3.0}, "hutchinson") is None
+    )  # falls on halving
+    assert not_converged_message({**values, "normalized_half_shift": float("nan")}, "hutchinson") is None
 
 
 @pytest.mark.parametrize("method", ["exact", "hessian_sketch"])
