@@ -168,11 +168,16 @@ def test_measurement_profile_quick_times_every_piece_of_compute(tmp_path):
 
 def test_bench_callback_mlp_parts_quick_times_every_configuration():
     from benchmarks import bench_callback_mlp_parts
+    from lightning_flatness import SharpnessMonitor
 
-    rows = bench_callback_mlp_parts.main(
-        ["--quick", "--configs", *bench_callback_mlp_parts.CONFIGS, "num_samples=128"]
-    )["rows"]
-    assert [r["config"] for r in rows] == [*bench_callback_mlp_parts.CONFIGS, "num_samples=128"]
+    extra = ["num_samples=128", "defaults, state_key formed at every read"]
+    rows = bench_callback_mlp_parts.main(["--quick", "--configs", *bench_callback_mlp_parts.CONFIGS, *extra])[
+        "rows"
+    ]
+    assert [r["config"] for r in rows] == [*bench_callback_mlp_parts.CONFIGS, *extra]
+    assert "state_key" not in SharpnessMonitor.__dict__  # the old key's stand-in is gone after its fit
+    monitor = SharpnessMonitor(num_samples=48)
+    assert bench_callback_mlp_parts._key_formed_at_every_read(monitor) == monitor.state_key
     assert all(0 < r["rel_stderr"] < 1 for r in rows[2:])  # every monitored fit reports its error
     assert rows[0]["overhead_cpu"] == 0.0
     assert all(r["step_seconds"] > 0 and r["validation_seconds_per_epoch"] > 0 for r in rows)
