@@ -270,6 +270,15 @@ def run(args) -> dict[str, Any]:
     return out
 
 
+def _flagged(entry: dict[str, Any]) -> str:
+    """Seeds whose measurement the convergence check flags (``not_converged_message``: half shift above two
+    standard errors or 5% of the value; never for a deterministic method), of all seeds."""
+    from lightning_flatness.measure import not_converged_message
+
+    runs = entry["runs"]
+    return f"{sum(not_converged_message(r, entry['method']) is not None for r in runs)}/{len(runs)}"
+
+
 def markdown(results: dict[str, Any]) -> str:
     env = results.get("environment", environment())
     lines = [
@@ -298,14 +307,15 @@ def markdown(results: dict[str, Any]) -> str:
         "brute-force Hessian. 'A clamped': the same measurements re-solved from their pooled sums "
         "with eq. 17's "
         "coefficient A clamped at 0 "
-        "(works around the replicate_curvature defect described in RESULTS.md).",
+        "(works around the replicate_curvature defect described in RESULTS.md). 'flagged': seeds whose "
+        "measurement the convergence check flags (`not_converged_message`, as `measure_sharpness` warns).",
         "",
         "| model | state | auto chose | ref (claimed) | ref (H) | bias vs claimed | bias vs H "
         "| RMS vs claimed "
         "| s.e. | coverage vs claimed | coverage vs H | s / measurement | load "
         "| seeds with solver cap warning "
-        "| A clamped: bias / s.e. / coverage vs claimed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| A clamped: bias / s.e. / coverage vs claimed | flagged as not converged |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, states in results["models"].items():
         for state, e in states.items():
@@ -319,7 +329,8 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{e['seconds_median']:.2f} | "
                 f"{e['loadavg_1min'][0]:.1f}-{e['loadavg_1min'][1]:.1f} | "
                 f"{e['seeds_with_solver_warnings']} | "
-                f"{cc['bias']:+.1%} / {cc['mean_rel_se']:.1%} / {cc['coverage']:.0%} |"
+                f"{cc['bias']:+.1%} / {cc['mean_rel_se']:.1%} / {cc['coverage']:.0%} | "
+                f"{_flagged(e)} |"
             )
     lines += [
         "",
