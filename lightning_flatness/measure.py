@@ -747,7 +747,10 @@ def measure_sharpness(
         model: the network, in the mode to be measured (``model.eval()`` for a deterministic
             function; BatchNorm then uses its running statistics). Never modified.
         batches: an iterable of batches (a DataLoader, a list of ``(inputs, target)``); each batch is
-            one replicate group, so pass at least ``num_replicates`` batches for standard errors.
+            one replicate group, so pass at least ``num_replicates`` batches for standard errors. A
+            stochastic estimator (``auto`` on a network that is not piecewise linear) needs hundreds of
+            samples: its noise biases the normalized measures upwards, much more on tens of samples (a
+            warning says when the half shift shows it; ``benchmarks/RESULTS.md``, round 22).
         split_batch: turns a batch into ``(inputs, target)``; the default understands tuples, dicts
             with ``x``/``y``-like keys and Hugging Face dicts (``input_ids``, ..., ``labels``).
         Others: as :class:`SharpnessMeasurement`.
