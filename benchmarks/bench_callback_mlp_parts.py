@@ -61,15 +61,7 @@ MORE_CONFIGS: dict[str, Any] = {
 
 def _key_formed_at_every_read(self: Any) -> str:
     """``SharpnessMonitor.state_key`` before round 22: formed from its seven arguments at every read."""
-    return self._generate_state_key(
-        prefix=self.prefix,
-        method=self.method,
-        num_samples=self.num_samples,
-        num_probes=self.num_probes,
-        lam=self.lam,
-        seed=self.seed,
-        dtype=str(self.dtype).removeprefix("torch."),
-    )
+    return self._formed_state_key()
 
 
 def _timer_class():

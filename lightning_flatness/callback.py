@@ -305,17 +305,20 @@ class SharpnessMonitorBase:
         step, for its profiler's label."""
         key = self.__dict__.get("_state_key")
         if key is None:
-            key = self._generate_state_key(  # type: ignore[attr-defined]
-                prefix=self.prefix,
-                method=self.method,
-                num_samples=self.num_samples,
-                num_probes=self.num_probes,
-                lam=self.lam,
-                seed=self.seed,
-                dtype=str(self.dtype).removeprefix("torch."),
-            )
-            self.__dict__["_state_key"] = key
+            key = self.__dict__["_state_key"] = self._formed_state_key()
         return key
+
+    def _formed_state_key(self) -> str:
+        """The state key formed from the arguments of ``_STATE_KEY_ARGUMENTS`` (Lightning's format)."""
+        return self._generate_state_key(  # type: ignore[attr-defined]
+            prefix=self.prefix,
+            method=self.method,
+            num_samples=self.num_samples,
+            num_probes=self.num_probes,
+            lam=self.lam,
+            seed=self.seed,
+            dtype=str(self.dtype).removeprefix("torch."),
+        )
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _STATE_KEY_ARGUMENTS:
