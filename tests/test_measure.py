@@ -338,9 +338,8 @@ def test_an_unconverged_stochastic_estimate_is_flagged_by_its_half_shift_as_the_
         not_converged_message({**values, "normalized": 100.0, "normalized_half_shift": 2.0}, "hutchinson")
         is None
     )
-    assert (
-        not_converged_message({**values, "normalized_half_shift": -3.0}, "hutchinson") is None
-    )  # falls on halving
+    falls = {**values, "normalized_half_shift": -3.0}  # the value falls on halving: nothing to flag
+    assert not_converged_message(falls, "hutchinson") is None
     assert not_converged_message({**values, "normalized_half_shift": float("nan")}, "hutchinson") is None
 
 

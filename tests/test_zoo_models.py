@@ -2,6 +2,8 @@
 estimators, unchanged afterwards; on the tiny versions their estimates agree in expectation with the
 float64 brute-force Hessian diagonal (tests/zoo_oracle.py), which is itself checked here."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -462,8 +464,6 @@ def test_the_convergence_flag_tells_tens_of_samples_from_hundreds_on_an_untraine
     and at 512 samples 3.6% (benchmarks/RESULTS.md, round 22, against the brute force on the same pool).
     The convergence check (half shift above 2 s.e. or 5% of the value) flags the first and not the second,
     on batches drawn from one pool of 64 samples as that benchmark draws them."""
-    import warnings
-
     from lightning_flatness.measure import measure_sharpness
     from tests.zoo_models import tiny_efficientnet
 
