@@ -460,10 +460,10 @@ def test_sequence_first_rows_that_are_a_multiple_of_the_batch_are_not_read_as_gr
 
 
 def test_the_convergence_flag_tells_tens_of_samples_from_hundreds_on_an_untrained_efficientnet():
-    """``auto`` on an untrained EfficientNet (the sketched Hessian) at 32 samples was 26% high on average
-    and at 512 samples 3.6% (benchmarks/RESULTS.md, round 22, against the brute force on the same pool).
-    The convergence check (half shift above 2 s.e. or 5% of the value) flags the first and not the second,
-    on batches drawn from one pool of 64 samples as that benchmark draws them."""
+    """``auto`` on an untrained EfficientNet (the sketched Hessian), fed batches drawn from a pool of 64
+    samples, was 26% high on average at 32 draws and 3.6% at 512 (benchmarks/RESULTS.md, round 22, against
+    the brute force on the pool). The convergence check (half shift above 2 s.e. or 5% of the value) flags
+    the first and not the second, on batches drawn as that benchmark draws them."""
     from lightning_flatness.measure import measure_sharpness
     from tests.zoo_models import tiny_efficientnet
 
