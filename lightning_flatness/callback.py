@@ -87,8 +87,8 @@ def _is_positive_int(value: Any) -> bool:
     return _is_nonnegative_int(value) and value >= 1
 
 
-# the arguments that form SharpnessMonitorBase.state_key
-_STATE_KEY_ARGUMENTS = frozenset({"prefix", "method", "num_samples", "num_probes", "lam", "seed", "dtype"})
+# the arguments that form SharpnessMonitorBase.state_key, in its order (checkpoints keep states under it)
+_STATE_KEY_ARGUMENTS = ("prefix", "method", "num_samples", "num_probes", "lam", "seed", "dtype")
 
 
 class SharpnessMonitorBase:
@@ -309,16 +309,11 @@ class SharpnessMonitorBase:
         return key
 
     def _formed_state_key(self) -> str:
-        """The state key formed from the arguments of ``_STATE_KEY_ARGUMENTS`` (Lightning's format)."""
-        return self._generate_state_key(  # type: ignore[attr-defined]
-            prefix=self.prefix,
-            method=self.method,
-            num_samples=self.num_samples,
-            num_probes=self.num_probes,
-            lam=self.lam,
-            seed=self.seed,
-            dtype=str(self.dtype).removeprefix("torch."),
-        )
+        """The state key formed from the arguments of ``_STATE_KEY_ARGUMENTS`` (Lightning's format; the dtype
+        by its name without ``torch.``)."""
+        values = {name: getattr(self, name) for name in _STATE_KEY_ARGUMENTS}
+        values["dtype"] = str(values["dtype"]).removeprefix("torch.")
+        return self._generate_state_key(**values)  # type: ignore[attr-defined]
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _STATE_KEY_ARGUMENTS:
