@@ -59,7 +59,7 @@ from lightning_flatness.functional.replicate_measures import (
     replicate_weights,
 )
 from lightning_flatness.functional.solvers.normalized import solve_normalized_sharpness_coefficients
-from lightning_flatness.measure import SharpnessMeasurement
+from lightning_flatness.measure import SharpnessMeasurement, not_converged_message
 from tests.zoo_models import (
     MIXTURE_OF_EXPERTS_MODELS,
     QUESTION_ANSWERING,
@@ -273,8 +273,6 @@ def run(args) -> dict[str, Any]:
 def _flagged(entry: dict[str, Any]) -> str:
     """Seeds whose measurement the convergence check flags (``not_converged_message``: half shift above two
     standard errors or 5% of the value; never for a deterministic method), of all seeds."""
-    from lightning_flatness.measure import not_converged_message
-
     runs = entry["runs"]
     return f"{sum(not_converged_message(r, entry['method']) is not None for r in runs)}/{len(runs)}"
 

@@ -698,8 +698,7 @@ def not_converged_message(values: dict[str, Any], method: str) -> Optional[str]:
     random part is of second order (for a linear statistic the halves average to the pooled value
     exactly), so the shift is flagged where it exceeds ``NOT_CONVERGED_SHIFT = 5%`` of the value as well as
     where it exceeds twice the standard error: on few samples the standard error of a noisy estimate is
-    large too, and the second test alone missed biases of tens of percent (``benchmarks/RESULTS.md``,
-    round 22)."""
+    large too, and the second test alone missed large biases (``benchmarks/RESULTS.md``, round 22)."""
     if method not in ESTIMATORS or not ESTIMATORS[method].stochastic:
         return None
     keys = ("normalized", "normalized_stderr", "normalized_half_shift")
