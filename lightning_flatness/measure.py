@@ -692,13 +692,17 @@ def not_converged_message(values: dict[str, Any], method: str) -> Optional[str]:
 
     Eq. 17 is nonlinear in the Hessian diagonal, so the noise of a stochastic estimator (probes, sketches,
     Monte-Carlo columns) biases it upwards, and the jackknife standard error, which sees only the random
-    part, does not cover that bias. The half shift (``normalized_half_shift``: the mean of the two halves'
-    values, each with half of the samples and probes, minus the pooled value) is a lower bound on it for
-    a bias falling like ``n ** -alpha``, ``0 < alpha <= 1`` (``b(n/2) - b(n) = (2^alpha - 1) b(n)``). Its
-    random part is of second order (for a linear statistic the halves average to the pooled value
-    exactly), so the shift is flagged where it exceeds ``NOT_CONVERGED_SHIFT = 5%`` of the value as well as
-    where it exceeds twice the standard error: on few samples the standard error of a noisy estimate is
-    large too, and the second test alone missed large biases (``benchmarks/RESULTS.md``, round 22)."""
+    part, does not cover that bias. The samples' own fluctuation about the training loss's curvature does
+    the same (a deterministic method has only that part, and is not flagged: its value is exact for the
+    samples measured); the half shift holds both parts, and on untrained networks the samples' part can
+    be most of it (``benchmarks/RESULTS.md``, round 23). The half shift (``normalized_half_shift``: the
+    mean of the two halves' values, each with half of the samples and probes, minus the pooled value) is
+    a lower bound on it for a bias falling like ``n ** -alpha``, ``0 < alpha <= 1``
+    (``b(n/2) - b(n) = (2^alpha - 1) b(n)``). Its random part is of second order (for a linear statistic
+    the halves average to the pooled value exactly), so the shift is flagged where it exceeds
+    ``NOT_CONVERGED_SHIFT = 5%`` of the value as well as where it exceeds twice the standard error: on few
+    samples the standard error of a noisy estimate is large too, and the second test alone missed large
+    biases (``benchmarks/RESULTS.md``, round 22)."""
     if method not in ESTIMATORS or not ESTIMATORS[method].stochastic:
         return None
     keys = ("normalized", "normalized_stderr", "normalized_half_shift")
@@ -717,8 +721,8 @@ def not_converged_message(values: dict[str, Any], method: str) -> Optional[str]:
     )
     return (
         f"the {method} estimate of normalized sharpness has not converged: halving the probes and samples "
-        f"raises it by {shift:.3g}{share}, {than}, so estimator noise biases it upwards, by about that much "
-        "or more"
+        f"raises it by {shift:.3g}{share}, {than}, so noise (the estimator's and the samples') biases it "
+        "upwards, by about that much or more"
     )
 
 

@@ -221,7 +221,13 @@ def test_bench_hessian_sketch_quick_compares_estimators_with_the_brute_force_hes
     assert row["normalized_H"] > 0 and _finite(row["ggn_share"])
     assert {"gauss_newton_sketch", "hessian_sketch:1", "hessian_sketch:4"} <= set(row["estimators"])
     assert all(_finite(e["bias"]) and e["seconds"] > 0 for e in row["estimators"].values())
-    assert (tmp_path / "hs.md").read_text().count("| vit | untrained |") == 3
+    # what the metric reports on the estimators' batches, and on the exact diagonals of the same batches
+    assert all(e["stderr"] > 0 and _finite(e["half_shift"]) for e in row["estimators"].values())
+    assert all(_finite(e["bias_from_clipped_entries"]) for e in row["estimators"].values())
+    assert (
+        row["exact"]["stderr"] > 0 and _finite(row["exact"]["half_shift"]) and 0 <= row["clipped_share"] <= 1
+    )
+    assert (tmp_path / "hs.md").read_text().count("| vit | untrained |") == 4
 
 
 def test_bench_hessian_sketch_cost_quick_times_both_sketches_and_a_training_step():
