@@ -234,10 +234,14 @@ def test_bench_hessian_sketch_cost_quick_times_both_sketches_and_a_training_step
     pytest.importorskip("timm")
     from benchmarks import bench_hessian_sketch_cost
 
-    out = bench_hessian_sketch_cost.main(["--quick"])
-    assert set(out["median_seconds"]) == {"train_step", "gauss_newton_sketch", "hessian_sketch:1"}
+    out = bench_hessian_sketch_cost.main(["--quick", "--sketches", "2", "--one-pass-too"])
+    timed = {"gauss_newton_sketch", "hessian_sketch:2", "hessian_sketch:2 one pass"}
+    assert set(out["median_seconds"]) == {"train_step", *timed}
     assert out["ratio_to_gauss_newton_sketch"]["gauss_newton_sketch"] == 1.0
     assert all(v > 0 for v in out["training_steps_per_512_samples"].values())
+    assert set(out["peak_rss_mib"]) == timed and all(v > 0 for v in out["peak_rss_mib"].values())
+    # the same draws with all columns in one pass: the same diagonal (the quick model is one group anyway)
+    assert 0 <= out["grouped_against_one_pass_relative_difference"]["hessian_sketch:2"] < 1e-5
 
 
 @pytest.mark.slow

@@ -292,6 +292,63 @@ def test_a_weight_used_twice_is_unbiased_for_the_hessian(kind, monkeypatch):
     assert float(((mean - diag)[live] / se[live]).abs().max()) > 20.0
 
 
+@pytest.mark.parametrize(
+    "case", ["sketched-loss", "exact-loss-factors", "tied_lm_head", "gauss_newton_chunks"]
+)
+def test_columns_sent_back_in_groups_equal_one_pass_draw_by_draw(case, monkeypatch):
+    """Autograd's batched backward of the per-layer path holds every layer output's gradient for all columns
+    of a pass, and the ops' columns are allocated per sketch, so the sketches and then the columns go
+    through in groups of about ``BATCHED_COLUMN_ELEMENTS`` entries. Forced to one sketch and one column per
+    pass, the estimate equals the one-pass estimate of the same draws: with the loss's sketched columns
+    (signs per column; three groups of one sketch), with its exact factors (signs per sample; one group),
+    with a tied weight's columns at the weight itself, and for the Gauss-Newton sketch's sample chunks off
+    its column tape."""
+    import lightning_flatness.functional.estimators.gauss_newton_sketch as module
+    from lightning_flatness.functional.estimators.layer_rules.column_backward import ColumnTape
+
+    g = torch.Generator().manual_seed(1)
+    if case == "tied_lm_head":
+        torch.manual_seed(0)
+        model, loss_fn = TiedLM().double(), F.cross_entropy
+        x, y = torch.randint(0, 7, (5, 3), generator=g), torch.randint(0, 7, (5,), generator=g)
+        params = {k: v for k, v in select_parameters(model).items() if v.ndim >= 2}
+    else:
+        loss_fn = F.cross_entropy if case == "gauss_newton_chunks" else normalized_softmax_cross_entropy
+        model, x, y, params, _, _ = _problem(loss_fn)
+    options = {"exact_loss_factors": False} if case == "sketched-loss" else {}
+
+    def estimate() -> dict[str, Tensor]:
+        seed = torch.Generator().manual_seed(3)
+        if case == "gauss_newton_chunks":
+            return gauss_newton_sketch_diagonal(
+                model, F.cross_entropy, x, y, params, chunk_size=2, generator=seed, num_sketches=3
+            )
+        return hessian_sketch_diagonal(
+            model, loss_fn, x, y, params, generator=seed, num_sketches=3, **options
+        )
+
+    passes: list[int] = []
+    batched = module._batched_backward
+
+    def counted(roots, outputs, stacks):
+        passes.append(stacks[0].shape[0])
+        return batched(roots, outputs, stacks)
+
+    monkeypatch.setattr(module, "_batched_backward", counted)
+    if case == "gauss_newton_chunks":  # off the column tape, onto autograd's batched backward
+        monkeypatch.setattr(ColumnTape, "backward", lambda self, *args, **kwargs: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one_pass = estimate()
+        columns = passes[0]
+        assert passes == [columns] and columns > 1
+        monkeypatch.setattr(module, "BATCHED_COLUMN_ELEMENTS", 1)
+        grouped = estimate()
+    assert passes[1:] == [1] * columns
+    for name, value in one_pass.items():
+        torch.testing.assert_close(grouped[name], value, rtol=1e-12, atol=1e-15 * float(value.abs().max()))
+
+
 class SharedTokenTable(nn.Module):
     """An encoder-decoder whose token table is looked up by both stacks (BART's and T5's ``shared``): the
     first half of each row of ids is the source, the second the target; the target's embeddings attend to

@@ -147,6 +147,11 @@ MAX_EXACT_FACTOR_OUTPUTS = 32
 INTERACTION_PROBE_SAMPLES = 4
 #: Bound on the per-chunk weight-gradient entries materialised at once.
 CHUNK_GRADIENT_ELEMENTS = 2**22
+#: Bound on the gradient entries of one batched backward pass of :func:`_diagonal_by_layers` (columns
+#: entering at inner tensors: the Hessian sketch's) and on its columns' stacks: the sketches and then the
+#: columns go through in groups of about this many entries (at least one column). All in one pass, a
+#: ViT-Tiny's memory and time grew faster than its sketches (``benchmarks/RESULTS.md``, round 23).
+BATCHED_COLUMN_ELEMENTS = 2**26
 
 
 def sketch_columns(
@@ -291,7 +296,9 @@ def _diagonal_by_layers(
 
     The backward is the folded-batch one of :class:`~.layer_rules.column_backward.ColumnTape` where it
     covers the model (each layer contracted as soon as the pass reaches it, as in the exact method), else
-    autograd's batched one, which also takes ``injections`` (columns entering at inner tensors)."""
+    autograd's batched one, which also takes ``injections`` (columns entering at inner tensors), over groups
+    of columns of at most :data:`BATCHED_COLUMN_ELEMENTS` layer-output gradient entries (at least one
+    column): it returns every layer's gradient of a group at once, so its memory grows with the group."""
     calls, logits, leaves = forward.recorder.calls, forward.logits, forward.leaves
     n, c = logits.shape[0], columns.shape[2]
     vectors = columns.permute(2, 0, 1).reshape(c, *logits.shape)
@@ -300,19 +307,31 @@ def _diagonal_by_layers(
     # temporaries in the heap, which the allocator hands back to the kernel and faults in again;
     # benchmarks/results/bench_sketch_copies.md)
     diag = {name: torch.zeros_like(t) for name, t in leaves.items()}
-    per_sample_signs = signs if signs.ndim == 2 else signs.unsqueeze(0).expand(n, c)
+    derived = forward.recorder.derived_weights
 
-    def contract_one(i: int, g: Tensor) -> None:
-        call = calls[i]
-        if chunk_size == 1:
-            accumulate_layer(call, g, per_sample_signs, diag, leaves)
-        elif type(LAYER_RULES[call.op]).accumulate is not LayerRule.accumulate:
-            # a rule with its own per-sample contraction (embedding, offset): its per-sample gradients,
-            # summed per chunk
-            accumulate_shared([call], [g], signs, diag, leaves, n, chunk_size)
-        else:  # (C,) signs: the same for every sample
-            kernel = tuple(leaves[call.weight].shape[2:]) if call.weight is not None else ()
-            chunk_contraction(*per_sample_call(call, g, n), signs, chunk_size, diag, kernel)
+    def contraction(columns_signs: Tensor, leaf_columns: dict[str, Tensor]) -> SharedCalls:
+        """The per-layer contractions of a group of columns with their ``(C',)`` or ``(N, C')`` signs."""
+        per_sample_signs = (
+            columns_signs if columns_signs.ndim == 2 else columns_signs.unsqueeze(0).expand(n, -1)
+        )
+
+        def contract_one(i: int, g: Tensor) -> None:
+            call = calls[i]
+            if chunk_size == 1:
+                accumulate_layer(call, g, per_sample_signs, diag, leaves)
+            elif type(LAYER_RULES[call.op]).accumulate is not LayerRule.accumulate:
+                # a rule with its own per-sample contraction (embedding, offset): its per-sample gradients,
+                # summed per chunk
+                accumulate_shared([call], [g], columns_signs, diag, leaves, n, chunk_size)
+            else:  # (C,) signs: the same for every sample
+                kernel = tuple(leaves[call.weight].shape[2:]) if call.weight is not None else ()
+                chunk_contraction(*per_sample_call(call, g, n), columns_signs, chunk_size, diag, kernel)
+
+        def contract_group(group: list[LayerCall], grads: list[Tensor]) -> None:
+            group_signs = per_sample_signs if chunk_size == 1 else columns_signs
+            accumulate_shared(group, grads, group_signs, diag, leaves, n, chunk_size, leaf_columns, derived)
+
+        return SharedCalls(calls, contract_one, contract_group, derived)
 
     # a weight's own columns (a tied weight's products, per sample) add to its per-sample gradients
     leaf_ids = {id(t): name for name, t in leaves.items()}
@@ -324,21 +343,23 @@ def _diagonal_by_layers(
             roots.append(tensor)
             stacks.append(stack)
 
-    derived = forward.recorder.derived_weights
-
-    def contract_group(group: list[LayerCall], grads: list[Tensor]) -> None:
-        group_signs = per_sample_signs if chunk_size == 1 else signs
-        accumulate_shared(group, grads, group_signs, diag, leaves, n, chunk_size, leaf_columns, derived)
-
-    contract = SharedCalls(calls, contract_one, contract_group, derived)
     outputs = [call.output for call in calls]
-    if len(roots) == 1 and forward.recorder.tape.backward(logits, vectors, outputs, contract) is not None:
+    if len(roots) == 1:
+        contract = contraction(signs, leaf_columns)
+        if forward.recorder.tape.backward(logits, vectors, outputs, contract) is not None:
+            contract.finish()
+            return diag
+    # autograd's batched backward holds every layer output's gradient for all columns of a pass at once:
+    # columns in groups of about BATCHED_COLUMN_ELEMENTS such entries (each column's squares are its own)
+    per_column = sum(t.numel() for t in outputs) + sum(t.numel() for t in roots)
+    step = max(1, BATCHED_COLUMN_ELEMENTS // max(1, per_column))
+    for start in range(0, c, step):
+        part = slice(start, min(c, start + step))
+        contract = contraction(signs[..., part], {name: st[part] for name, st in leaf_columns.items()})
+        for i, g in enumerate(_batched_backward(roots, outputs, [st[part] for st in stacks])):
+            if g is not None:
+                contract(i, g)
         contract.finish()
-        return diag
-    for i, g in enumerate(_batched_backward(roots, outputs, stacks)):
-        if g is not None:
-            contract(i, g)
-    contract.finish()
     return diag
 
 

@@ -50,10 +50,15 @@ Measured against brute force: ``benchmarks/results/bench_hessian_sketch.md``.
 
 **Cost.** One recorded forward pass; one backward pass for the adjoints :math:`\partial L/\partial z`
 of the recorded ops; their columns (``O(numel)`` per elementwise op, two matrix products of the op's
-size per product of two activations); one batched backward pass of all columns to the layer
-outputs and the per-sample squares, as for :mod:`.gauss_newton_sketch` (autograd's batched backward:
-the folded-column tape of the exact method does not apply): ``2 + PRODUCT_PAIRS`` times the Gauss-Newton
+size per product of two activations); batched backward passes of the columns to the layer outputs
+and the per-sample squares, as for :mod:`.gauss_newton_sketch` (autograd's batched backward: the
+folded-column tape of the exact method does not apply): ``2 + PRODUCT_PAIRS`` times the Gauss-Newton
 sketch's backward columns on a transformer (its measured cost: ``benchmarks/RESULTS.md``, round 6).
+Memory: the columns' stacks at the ops' inputs and a pass's layer-output gradients, each about
+``2 (2 + PRODUCT_PAIRS)`` times the activations per sketch; on large models the sketches and then the
+columns go through in groups of about
+:data:`~.gauss_newton_sketch.BATCHED_COLUMN_ELEMENTS` entries (:func:`_sketch_groups`), so that memory
+stays near one sketch's and time grows linearly in the sketches (round 23).
 No double backward through the network:
 it runs through fused kernels' first derivatives, and under
 :func:`~lightning_flatness.functional.twice_differentiable.twice_differentiable` (timm's and Hugging
@@ -83,6 +88,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_flatness.functional.estimators import gauss_newton_sketch as sketch_module
 from lightning_flatness.functional.estimators.exact import ExactMethodNotApplicable
 from lightning_flatness.functional.estimators.gauss_newton_sketch import (
     MAX_EXACT_FACTOR_OUTPUTS,
@@ -245,6 +251,7 @@ def _node_injections(
     num_sketches: int,
     generator: Optional[torch.Generator],
     product_pairs: int = PRODUCT_PAIRS,
+    scale: Optional[float] = None,
 ) -> tuple[list[Tensor], list[Tensor], int]:
     """The columns of ``nodes`` (:func:`_injected_nodes`; ``adjoints``: the mean loss's gradient at each
     one's output, None where it does not reach the loss): ``(tensors, stacks, pairs)``, one ``(2 S pairs,
@@ -258,20 +265,18 @@ def _node_injections(
     the squares: their cross terms are zero-mean noise, and the loss's large columns against the ops'
     ones were most of it (measured: ``benchmarks/results/bench_hessian_sketch.md``). A tied weight's
     linear calls on inputs that depend on it count as products (:func:`_tied_products`); their
-    columns at the weight itself are per sample, ``(2 S pairs, N, *weight.shape)``."""
+    columns at the weight itself are per sample, ``(2 S pairs, N, *weight.shape)``. ``scale``: of every
+    column (None: ``1 / sqrt(S)``; a group of the sketches of a larger estimate passes its own)."""
     leaf_ids = {id(leaf) for leaf in forward.leaves.values()}
-    live = [(node, adjoint) for node, adjoint in zip(nodes, adjoints) if adjoint is not None]
-    products = [node for node, _ in live if NODE_RULES[node.op].own_pair] if product_pairs else []
-    first = 2 if len(products) < len(live) else 1  # pair 1: the ops that are not products
-    pairs = first + min(len(products), product_pairs)
-    pair_of = {id(node): first + i % (pairs - first) for i, node in enumerate(products)}
+    live, pair_of, pairs = _pair_layout(nodes, adjoints, product_pairs)
     tensors: dict[int, Tensor] = {}
     stacks: dict[int, Tensor] = {}
-    scale = 1.0 / math.sqrt(num_sketches)
-    for node, adjoint in live:
-        rule = NODE_RULES[node.op]
-        pair = pair_of.get(id(node), 1)
-        for s in range(num_sketches):
+    scale = 1.0 / math.sqrt(num_sketches) if scale is None else scale
+    # sketch by sketch, so that sketches drawn in groups (:func:`_sketch_groups`) are the same draws
+    for s in range(num_sketches):
+        for node, adjoint in live:
+            rule = NODE_RULES[node.op]
+            pair = pair_of.get(id(node), 1)
             plus, minus = rule.columns(node, adjoint.detach(), generator)
             column = 2 * (pairs * s + pair)
             for tensor, cp, cm in zip(node.inputs, plus, minus):
@@ -285,6 +290,33 @@ def _node_injections(
                 if cm is not None:
                     stacks[key][column + 1] += scale * cm.to(tensor.dtype)
     return list(tensors.values()), list(stacks.values()), pairs
+
+
+def _pair_layout(
+    nodes: list[NodeCall], adjoints: tuple, product_pairs: int = PRODUCT_PAIRS
+) -> tuple[list[tuple[NodeCall, Tensor]], dict[int, int], int]:
+    """``(live (node, adjoint) pairs, {id(product node): its pair}, pairs per sketch)`` of
+    :func:`_node_injections` (the other ops take pair 1)."""
+    live = [(node, adjoint) for node, adjoint in zip(nodes, adjoints) if adjoint is not None]
+    products = [node for node, _ in live if NODE_RULES[node.op].own_pair] if product_pairs else []
+    first = 2 if len(products) < len(live) else 1  # pair 1: the ops that are not products
+    pairs = first + min(len(products), product_pairs)
+    return live, {id(node): first + i % (pairs - first) for i, node in enumerate(products)}, pairs
+
+
+def _sketch_groups(
+    forward: _RecordedForward, nodes: list[NodeCall], pairs: int, num_sketches: int
+) -> list[int]:
+    """Sizes of the groups in which the ``num_sketches`` sketches go through: as many per group as keep its
+    columns' stacks at the ops' inputs and its layer-output gradients (autograd's batched backward) within
+    about :data:`~.gauss_newton_sketch.BATCHED_COLUMN_ELEMENTS` entries, at least one. Every column of the
+    ops' stacks is allocated up front, so all sketches at once held memory (and time, in page faults)
+    growing with the sketches (``benchmarks/RESULTS.md``, round 23)."""
+    inputs = {id(t): t.numel() for node in nodes for t in node.inputs}
+    per_column = sum(inputs.values()) + sum(c.output.numel() for c in forward.recorder.calls)
+    per_sketch = 2 * pairs * max(1, per_column + forward.logits.numel())
+    size = max(1, min(num_sketches, sketch_module.BATCHED_COLUMN_ELEMENTS // per_sketch))
+    return [min(size, num_sketches - start) for start in range(0, num_sketches, size)]
 
 
 def _tied_products(forward: _RecordedForward) -> list[NodeCall]:
@@ -448,34 +480,50 @@ def hessian_sketch_diagonal(
             if outputs
             else ()
         )
-        tensors, stacks, pairs = _node_injections(
-            forward, nodes, adjoints[: len(nodes)], num_sketches, generator
-        )
         own = _weight_function_diagonals(functions, adjoints[len(nodes) : len(nodes) + len(functions)])
         own += _derived_elementwise_diagonals(
             elementwise, adjoints[len(nodes) + len(functions) :], forward.leaves
         )
-        if exact_loss_factors:  # the loss's exact columns first (per-sample signs), then the ops' pairs
-            mixed, signs, stacks = _exact_loss_first(mixed, signs, stacks, num_sketches, pairs)
-        else:
-            mixed, signs = _loss_pair_columns(mixed, signs, num_sketches, pairs)
-        injections = (tensors, stacks)
         blockers = _fast_path_blockers(forward.recorder, forward.leaves, n)
         if not blockers and not forward.recorder.samples_apart and not _grouped_inputs(forward):
             blockers = [  # (grouped rows: probed above, with the ops' inputs)
                 f"samples interact (or rows along dim 0 are not grouped by sample) after {layer}"
                 for layer in samples_interact(model, x, params, caller, record_nodes=True)
             ]
-        if not blockers:
-            diag = _diagonal_by_layers(forward, mixed, signs, 1, injections)
-        else:  # a weight used outside Linear/Conv/embedding, or samples that interact: per sample
+        pairs = _pair_layout(nodes, adjoints[: len(nodes)])[2]
+        # the loss's exact factors are columns of their own, sent once: all sketches in one group there
+        groups = [num_sketches] if exact_loss_factors else _sketch_groups(forward, nodes, pairs, num_sketches)
+        if blockers:  # a weight used outside Linear/Conv/embedding, or samples that interact: per sample
+            ops = 2 * (pairs - 1) * num_sketches  # with exact loss factors, pair 0 is the loss's factors
+            count = mixed.shape[2] + ops if exact_loss_factors else 2 * pairs * num_sketches
             warnings.warn(
                 f"{caller}: per-layer contractions do not apply ({'; '.join(blockers[:3])}); computing "
-                f"the diagonal with {n} x {mixed.shape[2]} backward passes (samples x columns).",
+                f"the diagonal with {n} x {count} backward passes (samples x columns).",
                 UserWarning,
                 stacklevel=2,
             )
-            diag = _diagonal_by_chunks(forward.logits, mixed, signs, forward.leaves, 1, injections)
+        diag: Optional[dict[str, Tensor]] = None
+        per_sketch = mixed.shape[2] // num_sketches  # the loss's mixed columns, sketch-major
+        start = 0
+        for size in groups:
+            tensors, stacks, _ = _node_injections(
+                forward, nodes, adjoints[: len(nodes)], size, generator, scale=1.0 / math.sqrt(num_sketches)
+            )
+            if exact_loss_factors:  # the loss's exact columns first (per-sample signs), then the ops' pairs
+                columns, column_signs, stacks = _exact_loss_first(mixed, signs, stacks, size, pairs)
+            else:
+                loss_part = mixed[:, :, start * per_sketch : (start + size) * per_sketch]
+                columns, column_signs = _loss_pair_columns(loss_part, signs, size, pairs)
+            start += size
+            if not blockers:
+                group = _diagonal_by_layers(forward, columns, column_signs, 1, (tensors, stacks))
+            else:
+                group = _diagonal_by_chunks(
+                    forward.logits, columns, column_signs, forward.leaves, 1, (tensors, stacks)
+                )
+            del tensors, stacks, columns
+            diag = group if diag is None else {name: diag[name].add_(value) for name, value in group.items()}
+        assert diag is not None
         for name, part in own:
             diag[name] = diag[name] + part.reshape(diag[name].shape).to(diag[name].dtype)
     return _finish(diag, params)
