@@ -28,6 +28,7 @@ echo "library checksum $BEFORE" >&2
 
 run bench_accuracy "$PY" bench_accuracy --json "$OUT/accuracy.json" --plot benchmarks/accuracy.png
 run bench_backpack "$BACKPACK_PY" bench_backpack --json "$OUT/backpack.json"
+run bench_backpack_warm "$BACKPACK_PY" bench_backpack_warm --json "$OUT/backpack_warm.json"
 run bench_callback "$PY" bench_callback --json "$OUT/callback.json"
 run bench_scaling "$PY" bench_scaling --json "$OUT/scaling.json" --plot benchmarks/scaling.png
 run bench_accuracy_fd_study "$PY" bench_accuracy --fd-study --json "$OUT/fd_study.json"

@@ -109,6 +109,24 @@ def test_backpack_quick_exact_matches_float64_and_skips_missing_backpack(tmp_pat
 
 
 @pytest.mark.slow
+def test_backpack_warm_quick_times_both_and_agrees_with_backpack(tmp_path):
+    from benchmarks import bench_backpack_warm
+
+    out = tmp_path / "warm.json"
+    results = bench_backpack_warm.main(["--quick", "--json", str(out)])
+    res = results["models"]["mlp"]
+    assert res["ms"]["ours_exact"] > 0
+    if results["backpack_skipped"] is None:  # BackPACK importable: the same diagonal, and a ratio
+        assert res["relative_difference"] < 1e-5
+        assert res["backpack_over_ours"] == pytest.approx(
+            res["ms"]["backpack_diag_ggn_exact"] / res["ms"]["ours_exact"]
+        )
+    else:
+        assert set(res["ms"]) == {"ours_exact"}
+    assert "| mlp | 2 |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
 def test_callback_quick_measures_every_epoch_with_the_exact_method():
     from benchmarks import bench_callback
 
