@@ -12,7 +12,7 @@ from torch import nn
 import lightning_flatness.functional.estimators.layer_rules.contraction as contraction
 from lightning_flatness.functional import hessian_diagonal, select_parameters
 from lightning_flatness.functional.estimators.layer_rules import LAYER_RULES, position_pair_contraction
-from lightning_flatness.functional.estimators.layer_rules.base import LayerCall
+from lightning_flatness.functional.estimators.layer_rules.base import LayerCall, sum_trailing_dims
 from lightning_flatness.functional.estimators.layer_rules.contraction import pair_products
 from lightning_flatness.functional.estimators.layer_rules.conv import cropped_squared_gradients, live_taps
 
@@ -26,6 +26,28 @@ def test_position_pairs_equal_the_signed_sum_of_squared_per_sample_gradients():
     per_sample = torch.einsum("ngcp,ngip->ngci", grad, a).reshape(n, groups, k, outputs, inputs)
     expected = torch.einsum("nk,ngkoi->goi", signs, per_sample**2)
     torch.testing.assert_close(position_pair_contraction(a, grad, signs, k), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("memory_order", "dims"),
+    [
+        ((0, 1, 2, 3), (2, 3)),  # column-major (K, N, O, P, Q), the bias of a 2-D convolution
+        ((1, 0, 2, 3), (2, 3)),  # sample-major (N, K, ...)
+        ((1, 0, 2, 3), (-1,)),
+        ((2, 0, 1, 3), (3,)),  # leading dims in any memory order
+        ((0, 1, 2, 3), (1, 3)),  # not trailing: the reduction kernel
+        ((0, 1, 3, 2), (3,)),  # trailing dim not contiguous: the reduction kernel
+    ],
+)
+def test_sum_over_trailing_dims_equals_the_reduction_in_every_layout(memory_order, dims):
+    g = torch.Generator().manual_seed(5)
+    shape = (3, 4, 5, 7)
+    stored = torch.randn([shape[d] for d in memory_order], generator=g, dtype=torch.float64)
+    t = stored.permute(*[memory_order.index(d) for d in range(4)])  # shape (3, 4, 5, 7), strided as stored
+    assert t.shape == shape
+    torch.testing.assert_close(sum_trailing_dims(t, dims), t.sum(dim=dims), rtol=1e-14, atol=1e-14)
+    sliced = t[:, ::2]  # leading dims that do not merge into one row index
+    torch.testing.assert_close(sum_trailing_dims(sliced, dims), sliced.sum(dim=dims), rtol=1e-14, atol=1e-14)
 
 
 @pytest.mark.parametrize("positions", [1, 2, 5])

@@ -14,6 +14,7 @@ module with one :class:`LayerRule` and one
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -29,6 +30,7 @@ __all__ = [
     "argument",
     "register_layer_rule",
     "samplewise_gradients",
+    "sum_trailing_dims",
     "uses_samplewise_gradients",
 ]
 
@@ -41,6 +43,28 @@ def argument(args: tuple, kwargs: dict, position: int, names: tuple[str, ...], d
         if name in kwargs:
             return kwargs[name]
     return default
+
+
+def sum_trailing_dims(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``t.sum(dim=dims)`` for ``dims`` the trailing dims of ``t`` (a per-sample bias gradient: the
+    positions of ``(K, N, O, *P)``), as one matrix-vector product with a vector of ones where the
+    trailing dims are contiguous and the leading ones merge into one row index in memory order
+    (column-major ``(K, N)`` or sample-major ``(N, K)``); else ``t.sum(dim=dims)``.
+
+    Same values up to the order of the float additions. The reduction kernel is slow on rows of few
+    positions (one CPU thread, ``(9, 128, 16, 14)`` float32: 129 against 42 us; ``(9, 128, 512, 4, 4)``
+    2.9 against 1.6 ms) and never faster in the shapes measured (up to ``(9, 128, 64, 32, 32)``)."""
+    lead = t.ndim - len(dims)
+    if lead < 1 or sorted(d % t.ndim for d in dims) != list(range(lead, t.ndim)) or not t.is_floating_point():
+        return t.sum(dim=dims)
+    strides = t.stride()
+    order = sorted(range(lead), key=lambda d: -strides[d])  # the leading dims in memory order
+    rows = t.permute(*order, *range(lead, t.ndim))
+    if not rows.is_contiguous():
+        return t.sum(dim=dims)
+    size = math.prod(t.shape[lead:])
+    sums = torch.mv(rows.reshape(-1, size), t.new_ones(size)).reshape(rows.shape[:lead])
+    return sums.permute(*sorted(range(lead), key=order.__getitem__))
 
 
 @dataclass
@@ -113,7 +137,7 @@ class LayerRule:
         """The per-sample bias gradients ``(K, N, O)`` of output gradients ``grad`` ``(K, N, *out)``: summed
         over :meth:`bias_position_dims` (none for one position per sample: ``sum(dim=())`` would sum all)."""
         dims = self.bias_position_dims(grad)
-        return grad.sum(dim=dims) if dims else grad
+        return sum_trailing_dims(grad, dims) if dims else grad
 
     def factors(self, call: LayerCall, grad: Tensor, kernel: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """Input as ``(N, G, I, P)`` and output gradients of ``K`` columns as ``(N, G, K * O, P)``."""
