@@ -51,9 +51,8 @@ def sum_trailing_dims(t: Tensor, dims: tuple[int, ...]) -> Tensor:
     trailing dims are contiguous and the leading ones merge into one row index in memory order
     (column-major ``(K, N)`` or sample-major ``(N, K)``); else ``t.sum(dim=dims)``.
 
-    Same values up to the order of the float additions. The reduction kernel is slow on rows of few
-    positions (one CPU thread, ``(9, 128, 16, 14)`` float32: 129 against 42 us; ``(9, 128, 512, 4, 4)``
-    2.9 against 1.6 ms) and never faster in the shapes measured (up to ``(9, 128, 64, 32, 32)``)."""
+    Same values up to the order of the float additions. On the CPU the reduction kernel is slow on rows
+    of few positions and was never faster in the shapes measured (``benchmarks/RESULTS.md``, round 24)."""
     lead = t.ndim - len(dims)
     if lead < 1 or sorted(d % t.ndim for d in dims) != list(range(lead, t.ndim)) or not t.is_floating_point():
         return t.sum(dim=dims)
