@@ -48,6 +48,8 @@ def test_sum_over_trailing_dims_equals_the_reduction_in_every_layout(memory_orde
     torch.testing.assert_close(sum_trailing_dims(t, dims), t.sum(dim=dims), rtol=1e-14, atol=1e-14)
     sliced = t[:, ::2]  # leading dims that do not merge into one row index
     torch.testing.assert_close(sum_trailing_dims(sliced, dims), sliced.sum(dim=dims), rtol=1e-14, atol=1e-14)
+    empty = t[:, :, :, :0]  # no positions: zeros, as the reduction gives
+    torch.testing.assert_close(sum_trailing_dims(empty, dims), empty.sum(dim=dims), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("positions", [1, 2, 5])

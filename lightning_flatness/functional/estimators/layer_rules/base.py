@@ -54,7 +54,12 @@ def sum_trailing_dims(t: Tensor, dims: tuple[int, ...]) -> Tensor:
     Same values up to the order of the float additions. On the CPU the reduction kernel is slow on rows
     of few positions and was never faster in the shapes measured (``benchmarks/RESULTS.md``, round 24)."""
     lead = t.ndim - len(dims)
-    if lead < 1 or sorted(d % t.ndim for d in dims) != list(range(lead, t.ndim)) or not t.is_floating_point():
+    if (
+        lead < 1
+        or sorted(d % t.ndim for d in dims) != list(range(lead, t.ndim))
+        or not t.is_floating_point()
+        or t.numel() == 0
+    ):
         return t.sum(dim=dims)
     strides = t.stride()
     order = sorted(range(lead), key=lambda d: -strides[d])  # the leading dims in memory order
