@@ -31,8 +31,8 @@ def test_position_pairs_equal_the_signed_sum_of_squared_per_sample_gradients():
 @pytest.mark.parametrize(
     ("memory_order", "dims"),
     [
-        ((0, 1, 2, 3), (2, 3)),  # column-major (K, N, O, P, Q), the bias of a 2-D convolution
-        ((1, 0, 2, 3), (2, 3)),  # sample-major (N, K, ...)
+        ((0, 1, 2, 3), (2, 3)),  # contiguous, two trailing dims (as a 2-D convolution's positions)
+        ((1, 0, 2, 3), (2, 3)),  # the first two dims swapped in memory (the tape's sample-major (N, K))
         ((1, 0, 2, 3), (-1,)),
         ((2, 0, 1, 3), (3,)),  # leading dims in any memory order
         ((0, 1, 2, 3), (1, 3)),  # not trailing: the reduction kernel
