@@ -244,19 +244,22 @@ def _injected_nodes(forward: _RecordedForward) -> list[NodeCall]:
     return [*(forward.recorder.nodes or []), *_tied_products(forward)]  # none changed in place (blockers)
 
 
+#: ``(live (node, adjoint) pairs, {id(product node): its pair}, pairs per sketch)``: :func:`_pair_layout`
+PairLayout = tuple[list[tuple[NodeCall, Tensor]], dict[int, int], int]
+
+
 def _node_injections(
     forward: _RecordedForward,
-    nodes: list[NodeCall],
-    adjoints: tuple,
+    layout: PairLayout,
     num_sketches: int,
     generator: Optional[torch.Generator],
-    product_pairs: int = PRODUCT_PAIRS,
-    scale: Optional[float] = None,
-) -> tuple[list[Tensor], list[Tensor], int]:
-    """The columns of ``nodes`` (:func:`_injected_nodes`; ``adjoints``: the mean loss's gradient at each
-    one's output, None where it does not reach the loss): ``(tensors, stacks, pairs)``, one ``(2 S pairs,
-    *tensor.shape)`` stack per distinct input tensor (columns of ops sharing an input added). Column
-    ``2 (pairs s + p)`` is the ``+`` column of pair ``p`` in sketch ``s``, the next one its ``-`` column.
+    scale: float,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The columns of the ops of ``layout`` (:func:`_pair_layout` of :func:`_injected_nodes` and the mean
+    loss's gradient at each one's output) for ``num_sketches`` sketches: ``(tensors, stacks)``, one
+    ``(2 S pairs, *tensor.shape)`` stack per distinct input tensor (columns of ops sharing an input
+    added). Column ``2 (pairs s + p)`` is the ``+`` column of pair ``p`` in sketch ``s``, the next one its
+    ``-`` column.
 
     Pair 0 is the loss's (filled by the caller), pair 1 holds the ops whose ``+`` and ``-`` columns are
     independent, and the products (:attr:`~.node_rules.NodeRule.own_pair`: their ``+``/``-`` columns
@@ -266,12 +269,11 @@ def _node_injections(
     ones were most of it (measured: ``benchmarks/results/bench_hessian_sketch.md``). A tied weight's
     linear calls on inputs that depend on it count as products (:func:`_tied_products`); their
     columns at the weight itself are per sample, ``(2 S pairs, N, *weight.shape)``. ``scale``: of every
-    column (None: ``1 / sqrt(S)``; a group of the sketches of a larger estimate passes its own)."""
+    column, ``1 / sqrt(S)`` of the whole estimate (a group of its sketches passes the estimate's)."""
     leaf_ids = {id(leaf) for leaf in forward.leaves.values()}
-    live, pair_of, pairs = _pair_layout(nodes, adjoints, product_pairs)
+    live, pair_of, pairs = layout
     tensors: dict[int, Tensor] = {}
     stacks: dict[int, Tensor] = {}
-    scale = 1.0 / math.sqrt(num_sketches) if scale is None else scale
     # sketch by sketch, so that sketches drawn in groups (:func:`_sketch_groups`) are the same draws
     for s in range(num_sketches):
         for node, adjoint in live:
@@ -289,14 +291,14 @@ def _node_injections(
                     stacks[key][column] += scale * cp.to(tensor.dtype)
                 if cm is not None:
                     stacks[key][column + 1] += scale * cm.to(tensor.dtype)
-    return list(tensors.values()), list(stacks.values()), pairs
+    return list(tensors.values()), list(stacks.values())
 
 
-def _pair_layout(
-    nodes: list[NodeCall], adjoints: tuple, product_pairs: int = PRODUCT_PAIRS
-) -> tuple[list[tuple[NodeCall, Tensor]], dict[int, int], int]:
-    """``(live (node, adjoint) pairs, {id(product node): its pair}, pairs per sketch)`` of
-    :func:`_node_injections` (the other ops take pair 1)."""
+def _pair_layout(nodes: list[NodeCall], adjoints: tuple, product_pairs: int = PRODUCT_PAIRS) -> PairLayout:
+    """Which pair of :func:`_node_injections` each op's columns take (``adjoints``: the mean loss's gradient
+    at each op's output, None where it does not reach the loss: such ops get no columns):
+    ``(live (node, adjoint) pairs, {id(product node): its pair}, pairs per sketch)``; the other ops take
+    pair 1."""
     live = [(node, adjoint) for node, adjoint in zip(nodes, adjoints) if adjoint is not None]
     products = [node for node, _ in live if NODE_RULES[node.op].own_pair] if product_pairs else []
     first = 2 if len(products) < len(live) else 1  # pair 1: the ops that are not products
@@ -490,7 +492,8 @@ def hessian_sketch_diagonal(
                 f"samples interact (or rows along dim 0 are not grouped by sample) after {layer}"
                 for layer in samples_interact(model, x, params, caller, record_nodes=True)
             ]
-        pairs = _pair_layout(nodes, adjoints[: len(nodes)])[2]
+        layout = _pair_layout(nodes, adjoints[: len(nodes)])
+        pairs = layout[2]
         # the loss's exact factors are columns of their own, sent once: all sketches in one group there
         groups = [num_sketches] if exact_loss_factors else _sketch_groups(forward, nodes, pairs, num_sketches)
         if blockers:  # a weight used outside Linear/Conv/embedding, or samples that interact: per sample
@@ -506,8 +509,8 @@ def hessian_sketch_diagonal(
         per_sketch = mixed.shape[2] // num_sketches  # the loss's mixed columns, sketch-major
         start = 0
         for size in groups:
-            tensors, stacks, _ = _node_injections(
-                forward, nodes, adjoints[: len(nodes)], size, generator, scale=1.0 / math.sqrt(num_sketches)
+            tensors, stacks = _node_injections(
+                forward, layout, size, generator, 1.0 / math.sqrt(num_sketches)
             )
             if exact_loss_factors:  # the loss's exact columns first (per-sample signs), then the ops' pairs
                 columns, column_signs, stacks = _exact_loss_first(mixed, signs, stacks, size, pairs)
