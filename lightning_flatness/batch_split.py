@@ -33,8 +33,9 @@ SPAN_TARGET_KEYS = ("start_positions", "end_positions")
 _SEQUENCE_KEYS = ("input_ids", "inputs_embeds", "attention_mask")
 
 _FIX = (
-    "override `SharpnessMonitor.split_batch(self, batch)` in a subclass so that it returns "
-    "`(inputs, target)` with `model(inputs)` the logits and `target` what `loss_fn` expects"
+    "override `SharpnessMonitor.split_batch(self, batch)` in a subclass (for `measure_sharpness`, pass "
+    "`split_batch=`) so that it returns `(inputs, target)` with `model(inputs)` the logits (a dict of "
+    "inputs: `model(**inputs)`) and `target` what `loss_fn` expects"
 )
 
 

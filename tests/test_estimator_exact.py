@@ -357,6 +357,42 @@ def test_frozen_tanh_feature_extractor_before_the_selected_weights_is_exact():
     assert_relative_close(diag, brute_hessian_diagonal(model, F.cross_entropy, x, y, params))
 
 
+@pytest.mark.parametrize(
+    "frozen, flag",
+    [(True, "requires_grad_"), (False, "requires_grad_"), (True, "setter")],
+    ids=["on-a-constant", "on-a-function-of-the-weights", "setter-on-a-constant"],
+)
+def test_requires_grad_set_by_a_forward_hook_leaves_the_method_exact(frozen, flag):
+    """Hugging Face's ``enable_input_require_grads`` (registered by ``gradient_checkpointing_enable``, and
+    by PEFT) calls ``output.requires_grad_(True)`` on the input embeddings' output from a forward hook. It
+    changes no value: the network stays piecewise linear, the diagonal the brute-force Hessian's, whether
+    the tensor depends on the selected weights or is a constant (a frozen first layer). The attribute's
+    setter likewise (torch allows it on a leaf only: here, the constant)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    if frozen:
+        model[0].requires_grad_(False)
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    params = select_parameters(model)
+    reference = brute_hessian_diagonal(model, F.cross_entropy, x, y, params)
+
+    def hook(module, inputs, output):
+        if flag == "setter":
+            output.requires_grad = True
+        else:
+            output.requires_grad_(True)
+
+    handle = model[1].register_forward_hook(hook)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="exact_hessian_diagonal")  # no fallback, no warning
+            diag = exact_hessian_diagonal(model, F.cross_entropy, x, y, params)
+        assert model[1](torch.zeros(2, 6, dtype=torch.float64)).requires_grad  # outside: the hook acts
+    finally:
+        handle.remove()
+    assert_relative_close(diag, reference)
+
+
 # ----------------------------------------------------------------------------- no side effects
 def test_model_parameters_buffers_grads_and_hooks_are_unchanged():
     model, x, y = make_case("residual")

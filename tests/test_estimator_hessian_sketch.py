@@ -212,6 +212,38 @@ def test_zoo_models_are_unbiased_for_the_hessian(name):
     assert max(ratio_g.values()) > GGN_CONTRAST.get(name, 20.0), ratio_g
 
 
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_transformers_activation_checkpointing_leaves_the_choice_and_the_sketch_alone(name):
+    """``gradient_checkpointing_enable()`` on a Hugging Face text model registers a forward hook that sets
+    ``requires_grad`` on the input embeddings' output (``enable_input_require_grads``); in eval mode nothing
+    is checkpointed. `auto` picks what it picks without it (BERT: the sketched Hessian, not the
+    Gauss-Newton diagonal) and the sketch draws the same diagonal, to the last bit."""
+    from lightning_flatness.functional.estimators.method_choice import choose_method
+    from tests.zoo_models import TINY, zoo_loss
+
+    pytest.importorskip("transformers")
+    loss_fn = zoo_loss(name, normalized_softmax_cross_entropy)
+    out = []
+    for checkpointing in (False, True):
+        model, (x, y) = TINY[name](n=3, seed=0, dtype=F64)
+        if checkpointing:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # transformers 5: a deprecated alias
+                model.gradient_checkpointing_enable()
+            model.eval()
+            assert model.get_input_embeddings()._forward_hooks  # the hook is there
+        params = {k: v for k, v in select_parameters(model).items() if v.ndim >= 2}
+        choice = choose_method(model, loss_fn, x, y)
+        diag = hessian_sketch_diagonal(
+            model, loss_fn, x, y, params, generator=torch.Generator().manual_seed(0)
+        )
+        out.append((choice.method, choice.quantity, diag))
+    assert out[0][:2] == out[1][:2]
+    assert out[1][1] == ("hessian" if name == "bert" else out[1][1])
+    for k, d in out[0][2].items():
+        torch.testing.assert_close(out[1][2][k], d, rtol=0, atol=0)
+
+
 def test_registered_and_reachable_from_the_front_door():
     spec = ESTIMATORS["hessian_sketch"]
     assert spec.quantity == "hessian" and spec.stochastic

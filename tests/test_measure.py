@@ -129,6 +129,9 @@ def test_dict_inputs_and_dict_outputs_give_the_same_values_as_plain_tensors():
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         return inputs, batch["labels"]
 
+    pairs = [split(batch) for batch in dict_batches]  # (dict, target): not split by default (positional?)
+    with pytest.raises(TypeError, match=r"got dict; .*for `measure_sharpness`, pass `split_batch=`"):
+        measure_sharpness(keyword, pairs, num_replicates=4)
     result = measure_sharpness(keyword, dict_batches, num_replicates=4, split_batch=split)
     for key in plain.values:
         name = key.replace("/", "/net.", 1) if "/" in key and key.split("/", 1)[1][0].isdigit() else key

@@ -238,6 +238,29 @@ def test_training_of_a_zoo_model_is_bit_identical_with_and_without_the_monitor(n
     assert_same_training_state(runs["with"], runs["without"])
 
 
+@pytest.mark.slow
+def test_bert_trained_with_activation_checkpointing_is_measured_with_the_hessian_and_left_bit_identical():
+    """``gradient_checkpointing_enable()`` (the Hugging Face docs' memory saver) checkpoints the encoder's
+    layers in training and sets ``requires_grad`` on the input embeddings' output from a forward hook. The
+    measurement (eval mode: nothing checkpointed) measures the sketched Hessian as without it; the
+    checkpointed training run is bit-identical with and without the monitor."""
+    runs = {}
+    for label, callbacks in [("without", []), ("with", [SharpnessMonitor(num_samples=16)])]:
+        pl.seed_everything(0, verbose=False)
+        module, dataset, _, _ = _module_and_data("bert")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers 5: a deprecated alias
+            module.model.gradient_checkpointing_enable()
+        trainer = quiet_trainer(callbacks, max_epochs=2)
+        trainer.fit(module, _Data(dataset))
+        runs[label] = {k: v.clone() for k, v in module.state_dict().items()}
+        if callbacks:
+            history = callbacks[0].history
+            assert [h["method"] for h in history] == ["hessian_sketch"] * 2
+            assert all(math.isfinite(h["normalized"]) for h in history)
+    assert_same_training_state(runs["with"], runs["without"])
+
+
 class SegmentationModule(pl.LightningModule):
     """How torchvision's segmentation reference trains: ``model(x)["out"]``, void pixels (255) ignored."""
 

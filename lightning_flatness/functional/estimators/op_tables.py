@@ -319,6 +319,23 @@ _OP_NAMES: dict[Any, str] = {}  # torch function -> canonical name (the recorder
 _MAY_DRAW_RANDOM_NUMBERS = frozenset({*_RANDOM_FUNCTIONS, *_MODE_DEPENDENT_OPS, "rrelu"})
 
 
+def sets_requires_grad(func: Any) -> bool:
+    """Whether ``func`` is ``Tensor.requires_grad_`` or the setter of ``Tensor.requires_grad``: a flag for
+    training's backward, not an operation on values. Hugging Face's ``enable_input_require_grads`` (which
+    ``gradient_checkpointing_enable`` / ``activation_checkpointing_enable`` register on every text model, and
+    PEFT on its adapters) calls ``requires_grad_(True)`` on the input embeddings' output from a forward hook,
+    so that a checkpointed block receives an input that requires grad. In a measurement the flag changes
+    no value and no derivative with respect to the selected weights: on a tensor that depends on them it
+    is already set; on one that does not, setting it would make a constant look like a function of the
+    weights."""
+    if func is Tensor.requires_grad_:
+        return True
+    return (
+        getattr(func, "__name__", None) == "__set__"
+        and getattr(getattr(func, "__self__", None), "__name__", None) == "requires_grad"
+    )
+
+
 def _op_name(func: Any) -> str:
     """Canonical name of a torch function: ``Tensor.__iadd__`` -> ``add``, ``relu_`` -> ``relu`` (cached)."""
     try:

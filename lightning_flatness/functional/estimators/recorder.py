@@ -62,6 +62,7 @@ from lightning_flatness.functional.estimators.op_tables import (
     _op_name,
     _requiring_grad,
     _tensors,
+    sets_requires_grad,
 )
 from lightning_flatness.functional.explicit_activations import explicit_activations
 from lightning_flatness.functional.explicit_glu import ExplicitGlu
@@ -209,6 +210,8 @@ class _ForwardRecorder(TorchFunctionMode):
     # -- the mode --------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if sets_requires_grad(func):  # a flag for training's checkpointed backward: left as it is
+            return args[0] if func is Tensor.requires_grad_ else None
         dependent = _requiring_grad(args, kwargs)
         # producers are checked before the call: an in-place op replaces its input's grad_fn
         unseen = [  # (functions of the weights are known by identity: an in-place change is theirs)
