@@ -138,6 +138,24 @@ def test_dict_inputs_and_dict_outputs_give_the_same_values_as_plain_tensors():
         torch.testing.assert_close(result[name], plain[key], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("compile_", ["script", "trace"])
+def test_a_torchscript_network_measures_the_gauss_newton_diagonal_of_its_eager_network(compile_):
+    """TorchScript runs its operations where torch function modes cannot see them: `auto` says so and
+    measures the Gauss-Newton diagonal by autograd, the eager network's (here its Hessian: ReLU)."""
+    net, batches = _mlp(), _data()
+    eager = measure_sharpness(net, batches, num_replicates=4)
+    assert (eager.choice.method, eager.choice.quantity) == ("exact", "hessian")
+    compiled = torch.jit.script(net) if compile_ == "script" else torch.jit.trace(net, batches[0][0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # per-layer contractions do not apply: autograd
+        result = measure_sharpness(compiled, batches, num_replicates=4)
+    assert (result.choice.method, result.choice.quantity) == ("gauss_newton", "gauss_newton")
+    assert "invisible to torch function modes" in result.choice.reason
+    assert set(result.values) == set(eager.values)
+    for key, value in eager.values.items():
+        torch.testing.assert_close(result[key], value, rtol=1e-10, atol=1e-12)
+
+
 def test_extract_logits_reads_tensors_tuples_dicts_and_names_the_fix():
     t = torch.zeros(2, 3)
     assert extract_logits(t) is t and extract_logits((t, 1)) is t and extract_logits({"logits": t}) is t

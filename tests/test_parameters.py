@@ -64,6 +64,34 @@ def test_default_leaves_out_vectors_stored_with_unit_dims_but_keeps_thin_weights
     assert {"fc.weight", "conv.weight", "emb.weight"} <= set(select_parameters(thin))
 
 
+@pytest.mark.parametrize("compile_", ["script", "trace"])
+def test_a_torchscript_network_selects_what_its_eager_network_selects(compile_):
+    """A scripted module has no ``get_submodule``, and a TorchScript module (scripted or traced) is not an
+    instance of the ``torch.nn`` class it was compiled from: each submodule is read by its
+    ``original_name`` (a Linear's bias and a norm's affine counted, an embedding table kept)."""
+    torch.manual_seed(0)
+    cases = [
+        (
+            nn.Sequential(
+                nn.Conv2d(1, 3, 3),
+                nn.BatchNorm2d(3),
+                nn.ReLU(),
+                nn.Flatten(),
+                nn.Linear(12, 8),
+                nn.LayerNorm(8),
+            ),
+            torch.randn(2, 1, 4, 4),
+        ),
+        (nn.Sequential(nn.Embedding(4, 8), nn.Linear(8, 3)), torch.tensor([[0, 3]])),
+    ]
+    for eager, x in cases:
+        compiled = torch.jit.script(eager) if compile_ == "script" else torch.jit.trace(eager, x)
+        assert list(select_parameters(compiled)) == list(select_parameters(eager))
+    assert list(select_parameters(cases[0][0])) == [
+        f"{i}.{p}" for i in (0, 1, 4, 5) for p in ("weight", "bias")
+    ]
+
+
 def test_frozen_weights_are_skipped():
     model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
     model[0].weight.requires_grad_(False)

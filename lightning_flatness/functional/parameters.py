@@ -69,6 +69,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Mapping, Union
 
+import torch
 from torch import Tensor, nn
 
 __all__ = [
@@ -117,13 +118,42 @@ _RULE_READ_VECTORS = (
 _PRESETS = ("weights", "all")
 
 
+def _submodule(model: nn.Module, path: str) -> nn.Module:
+    """``model.get_submodule(path)`` (``model`` for ``""``), also for a TorchScript module (``torch.jit.script``),
+    which has no ``get_submodule``: its submodules by walking the attributes."""
+    if not path:
+        return model
+    if not isinstance(model, torch.jit.ScriptModule):
+        return model.get_submodule(path)
+    owner = model
+    for part in path.split("."):
+        owner = getattr(owner, part)
+    return owner
+
+
+def _parameter(model: nn.Module, name: str) -> nn.Parameter:
+    """``model.get_parameter(name)``, also for a TorchScript module (see :func:`_submodule`)."""
+    owner_path, _, leaf = name.rpartition(".")
+    return getattr(_submodule(model, owner_path), leaf)
+
+
+def _is(owner: nn.Module, classes: Union[type, tuple[type, ...]]) -> bool:
+    """``isinstance(owner, classes)``, with a TorchScript module (scripted or traced) taken for the
+    ``torch.nn`` module it was compiled from (its ``original_name``: ``"Linear"``, ``"Conv2d"``, ...), so
+    that a compiled network's parameters are selected as the eager network's are."""
+    if isinstance(owner, torch.jit.ScriptModule):
+        eager = getattr(nn, str(getattr(owner, "original_name", "")), None)
+        return isinstance(eager, type) and issubclass(eager, classes)
+    return isinstance(owner, classes)
+
+
 def is_additive_offset(model: nn.Module, name: str) -> bool:
     """Whether parameter ``name`` of ``model`` is an additive offset (position embedding, class
     token; module docstring): not the weight of a Linear/Conv, and a name component contains one of
     :data:`ADDITIVE_OFFSET_MARKERS`."""
     owner_path, _, leaf = name.rpartition(".")
-    owner = model.get_submodule(owner_path) if owner_path else model
-    if isinstance(owner, _MULTIPLYING) and leaf == "weight":
+    owner = _submodule(model, owner_path)
+    if _is(owner, _MULTIPLYING) and leaf == "weight":
         return False
     return any(marker in part.lower() for part in name.split(".") for marker in ADDITIVE_OFFSET_MARKERS)
 
@@ -132,12 +162,12 @@ def is_vector_shaped(model: nn.Module, name: str) -> bool:
     """Whether parameter ``name`` is a vector stored with unit dims (at most one dim above 1, e.g. a
     layer scale ``(C, 1, 1)``) and not the weight of a Linear/Conv or an embedding table: a per-channel
     scale or offset, left out of the default selection like a 1-D one (module docstring)."""
-    param = model.get_parameter(name)
+    param = _parameter(model, name)
     if sum(size > 1 for size in param.shape) > 1:
         return False
     owner_path, _, leaf = name.rpartition(".")
-    owner = model.get_submodule(owner_path) if owner_path else model
-    return not (isinstance(owner, (*_MULTIPLYING, nn.Embedding)) and leaf == "weight")
+    owner = _submodule(model, owner_path)
+    return not (_is(owner, (*_MULTIPLYING, nn.Embedding)) and leaf == "weight")
 
 
 def is_rule_read_vector(model: nn.Module, name: str) -> bool:
@@ -148,12 +178,12 @@ def is_rule_read_vector(model: nn.Module, name: str) -> bool:
     subclass of these modules adds (Dory's ``DoryLMHead``, a ``Linear`` with a per-token ``logit_scale``
     multiplying its output) is not read by a rule."""
     owner_path, _, leaf = name.rpartition(".")
-    owner = model.get_submodule(owner_path) if owner_path else model
-    if isinstance(owner, nn.MultiheadAttention):
+    owner = _submodule(model, owner_path)
+    if _is(owner, nn.MultiheadAttention):
         return leaf == "in_proj_bias"
-    if isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)):
+    if _is(owner, (nn.Linear, nn.modules.conv._ConvNd)):
         return leaf == "bias"  # not another vector a subclass adds (Dory's per-token logit scale)
-    return isinstance(owner, _RULE_READ_VECTORS) and leaf in ("weight", "bias")
+    return _is(owner, _RULE_READ_VECTORS) and leaf in ("weight", "bias")
 
 
 def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -> dict[str, nn.Parameter]:
@@ -291,7 +321,7 @@ def matrix_stacks(model: nn.Module, names: Iterable[str]) -> MatrixStacks:
     stacks: MatrixStacks = {}
     for name in names:
         owner_path, _, leaf = name.rpartition(".")
-        owner = model.get_submodule(owner_path) if owner_path else model
+        owner = _submodule(model, owner_path)
         param = getattr(owner, leaf, None)
         experts = getattr(owner, "num_experts", None)
         if (
