@@ -137,6 +137,12 @@ def test_nonlinear_reparametrizations_are_named_and_their_gauss_newton_diagonal_
     _close(ggn.diagonal, brute_force_ggn_diagonal(model, F.cross_entropy, x, y, list(params)), params)
     choice = choose_method(model, F.cross_entropy, x, y)  # node_rules.weight_functions covers both
     assert (choice.method, choice.quantity) == ("hessian_sketch", "hessian")
+    normed = nn.Sequential(
+        nn.utils.parametrizations.weight_norm(nn.Linear(5, 6)), nn.ReLU(), nn.Linear(6, 3)
+    ).double()  # nonlinear in a weight function only: no op of the forward to name, the reason names it
+    choice = choose_method(normed, F.cross_entropy, torch.randn(4, 5, dtype=F64), torch.tensor([0, 1, 2, 0]))
+    assert (choice.method, choice.quantity) == ("hessian_sketch", "hessian")
+    assert "not linear in each weight ('_weight_norm' computes a weight nonlinearly" in choice.reason
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4])

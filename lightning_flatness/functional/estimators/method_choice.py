@@ -215,7 +215,7 @@ def choose_method(
         return MethodChoice(
             "hessian_sketch",
             "hessian",
-            f"the network is not linear in each weight ({', '.join(ops)}), so its Hessian diagonal "
+            f"the network is not linear in each weight ({', '.join(ops) or why}), so its Hessian diagonal "
             "differs from the Gauss-Newton diagonal; the sketched Hessian diagonal adds the curvature "
             "of those operations to the sketched Gauss-Newton part, unbiased for the Hessian diagonal, "
             "at a few backward columns per sample whatever the number of outputs",
