@@ -119,8 +119,8 @@ _PRESETS = ("weights", "all")
 
 
 def _submodule(model: nn.Module, path: str) -> nn.Module:
-    """``model.get_submodule(path)`` (``model`` for ``""``), also for a TorchScript module (``torch.jit.script``),
-    which has no ``get_submodule``: its submodules by walking the attributes."""
+    """``model.get_submodule(path)`` (``model`` for ``""``), also for a TorchScript module
+    (``torch.jit.script``), which has no ``get_submodule``: its submodules by walking the attributes."""
     if not path:
         return model
     if not isinstance(model, torch.jit.ScriptModule):
