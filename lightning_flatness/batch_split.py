@@ -56,7 +56,9 @@ def split_batch(batch: Any) -> tuple[Any, Tensor]:
     Understood out of the box:
 
     - a tuple or list ``(inputs, target, *rest)``: the first two entries (extra entries such as
-      sample indices are ignored);
+      sample indices are ignored); ``inputs`` a tensor, or a dict or tuple of tensors, which the model
+      takes as keyword or positional arguments, or whole where its signature says so
+      (:func:`~lightning_flatness.functional.model_io.arguments_for`);
     - a dict (any ``Mapping``, e.g. a Hugging Face ``BatchEncoding``) with one of
       :data:`KEYWORD_INPUT_KEYS` (``"input_ids"``, ``"pixel_values"``, ...): keyword arguments.
       The target is the first of :data:`TARGET_KEYS` present (``"labels"`` in Hugging Face) and the
@@ -125,10 +127,10 @@ def split_batch(batch: Any) -> tuple[Any, Tensor]:
             f"SharpnessMonitor does not know how to split a batch of type {type(batch).__name__} "
             f"into (inputs, target); {_FIX}."
         )
-    if not isinstance(inputs, Tensor):
+    if not isinstance(inputs, (Tensor, Mapping, tuple, list)):
         raise TypeError(
-            f"SharpnessMonitor expected the inputs of a batch to be a tensor, got "
-            f"{type(inputs).__name__}; {_FIX}."
+            f"SharpnessMonitor expected the inputs of a batch to be a tensor, a dict or a tuple of tensors, "
+            f"got {type(inputs).__name__}; {_FIX}."
         )
     _check(inputs, target)
     return inputs, target

@@ -33,6 +33,7 @@ from lightning_flatness.functional.estimators.registry import ESTIMATORS
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.measures import MEASURES, TOTALS, tensor_measure_names
 from lightning_flatness.functional.model_io import (
+    arguments_for,
     call_model,
     inputs_batch_size,
     map_inputs,
@@ -516,7 +517,9 @@ class SharpnessMonitorBase:
             try:
                 with measurement_view(self.measured_network(pl_module), self.dtype) as network:
                     with torch.no_grad(), dense_experts(network):  # any dtype (measure._dense_experts)
-                        logits = call_model(network, with_decoder_inputs(network, inputs, target))
+                        logits = call_model(
+                            network, with_decoder_inputs(network, arguments_for(network, inputs), target)
+                        )
                     with warnings.catch_warnings(record=True) as said:  # said once, on rank zero
                         warnings.simplefilter("always")
                         self._loss = resolve_loss(self.loss_fn, network, logits, target)

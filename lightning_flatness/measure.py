@@ -41,6 +41,7 @@ from lightning_flatness.functional.loss_hessian_factors import ELEMENTWISE_LOSSE
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.model_io import (
     TokenLoss,
+    arguments_for,
     call_model,
     compiled_code_eager,
     inputs_batch_size,
@@ -454,7 +455,7 @@ class SharpnessMeasurement:
     @_dense_experts
     def resolve(self, inputs: Any, target: Tensor) -> MethodChoice:
         """The estimator for this model and loss (``method="auto"``: decided on this batch, once)."""
-        inputs = with_decoder_inputs(self.model, inputs, target)
+        inputs = with_decoder_inputs(self.model, arguments_for(self.model, inputs), target)
         if not self._loss_resolved:
             logits = outputs_of_first_samples(self.model, inputs, 2)
             self.loss_fn = resolve_loss(self.loss_fn, self.model, logits, target[:2])
@@ -466,7 +467,7 @@ class SharpnessMeasurement:
     @_dense_experts
     def estimate(self, inputs: Any, target: Tensor):
         """The Hessian-diagonal estimate of one batch (one group), without adding it."""
-        inputs = with_decoder_inputs(self.model, inputs, target)
+        inputs = with_decoder_inputs(self.model, arguments_for(self.model, inputs), target)
         choice = self.resolve(inputs, target)
         return hessian_diagonal_groups(
             self.model,
@@ -488,7 +489,9 @@ class SharpnessMeasurement:
     def loss_is_finite(self, inputs: Any, target: Tensor) -> bool:
         """Whether the logits and the loss of this batch are finite (one forward pass, no gradient)."""
         with torch.no_grad():
-            logits = call_model(self.model, with_decoder_inputs(self.model, inputs, target))
+            logits = call_model(
+                self.model, with_decoder_inputs(self.model, arguments_for(self.model, inputs), target)
+            )
             return bool(torch.isfinite(logits).all()) and bool(
                 torch.isfinite(self.loss_fn(logits, target)).all()
             )

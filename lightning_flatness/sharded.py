@@ -102,7 +102,7 @@ from lightning_flatness.functional.estimators.exact import _loss_factors
 from lightning_flatness.functional.loss_forms import loss_for_outputs
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
 from lightning_flatness.functional.measures import MEASURES, measure_totals
-from lightning_flatness.functional.model_io import call_model, inputs_batch_size
+from lightning_flatness.functional.model_io import arguments_for, call_model, inputs_batch_size
 from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
 from lightning_flatness.functional.replicate_measures import (
     JACKKNIFE_MODES,
@@ -321,7 +321,7 @@ class ShardedSharpnessMeasurement:
         capture = _Capture(self.modules)
         try:
             with torch.enable_grad():
-                logits = call_model(self.model, inputs)
+                logits = call_model(self.model, arguments_for(self.model, inputs))
         finally:
             capture.remove()
         missing = sorted(set(self.modules) - set(capture.records))

@@ -747,6 +747,42 @@ def test_unsplittable_batches_fail_before_training_naming_the_hook_and_dict_batc
     assert custom.history[-1]["num_samples"] == 32
 
 
+class _PairData(DataModule):
+    """``(inputs, target)`` batches whose inputs are a dict (a tokenizer's encoding beside the labels)."""
+
+    def train_dataloader(self):
+        x, y = self.train_set.tensors
+        return DataLoader([({"features": a}, b) for a, b in zip(x, y)], batch_size=32, shuffle=True)
+
+    def val_dataloader(self):
+        x, y = self.val_set.tensors
+        return DataLoader([({"features": a}, b) for a, b in zip(x, y)], batch_size=32)
+
+
+class _WholeDictMLP(MLP):
+    """Takes the dict of a batch whole: ``forward(self, inputs)``, ``self(inputs)``."""
+
+    def forward(self, inputs):  # type: ignore[override]
+        return self.net(inputs["features"])
+
+    def training_step(self, batch, batch_idx):
+        inputs, y = batch
+        self.training_steps += 1
+        return F.cross_entropy(self(inputs), y)
+
+    def validation_step(self, batch, batch_idx):
+        inputs, y = batch
+        self.log("val_loss", F.cross_entropy(self(inputs), y))
+
+
+def test_batches_of_a_dict_and_a_target_are_measured_as_the_forward_takes_the_dict():
+    monitor = SharpnessMonitor(num_samples=32, dtype="float64")
+    _, model, dm = _fit(monitor, model=_WholeDictMLP(), dm=_PairData(), max_epochs=1)
+    assert model.training_steps > 0 and monitor.history[-1]["method"] == "exact"
+    ref = brute_force_measures(model.net, *_subset(monitor, dm.train_set))
+    assert monitor.history[-1]["normalized"] == pytest.approx(ref["normalized"], rel=1e-9)
+
+
 def test_nan_loss_logs_nan_warns_and_training_continues():
     def nan_loss(logits, target):
         return F.cross_entropy(logits, target) * float("nan")

@@ -129,10 +129,63 @@ def test_dict_inputs_and_dict_outputs_give_the_same_values_as_plain_tensors():
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         return inputs, batch["labels"]
 
-    pairs = [split(batch) for batch in dict_batches]  # (dict, target): not split by default (positional?)
-    with pytest.raises(TypeError, match=r"got dict; .*for `measure_sharpness`, pass `split_batch=`"):
-        measure_sharpness(keyword, pairs, num_replicates=4)
     result = measure_sharpness(keyword, dict_batches, num_replicates=4, split_batch=split)
+    pairs = measure_sharpness(keyword, [split(b) for b in dict_batches], num_replicates=4)  # (dict, target)
+    for key in plain.values:
+        name = key.replace("/", "/net.", 1) if "/" in key and key.split("/", 1)[1][0].isdigit() else key
+        torch.testing.assert_close(result[name], plain[key], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(pairs[name], plain[key], rtol=1e-12, atol=1e-14)
+    with pytest.raises(TypeError, match=r"got str; .*for `measure_sharpness`, pass `split_batch=`"):
+        measure_sharpness(keyword, [("features", y) for _, y in batches], num_replicates=4)
+
+
+class _WholeDict(nn.Module):
+    """Takes a dict batch whole, ``forward(self, batch)`` (a LightningModule written so)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, batch):
+        return self.net(batch["features"] * batch["scale"])
+
+
+class _TwoParts(nn.Module):
+    """The features in two parts, as two positional arguments."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, a, b):
+        return self.net(torch.cat([a, b], dim=1))
+
+
+class _PartsWhole(_TwoParts):
+    """The features in two parts, as one sequence of views, ``forward(self, parts)``."""
+
+    def forward(self, parts):  # type: ignore[override]
+        return self.net(torch.cat(list(parts), dim=1))
+
+
+@pytest.mark.parametrize(
+    "kind", ["dict taken whole", "tuple as arguments", "tuple taken whole", "list taken whole"]
+)
+def test_dict_and_tuple_inputs_are_passed_as_the_forward_signature_takes_them(kind):
+    """``(inputs, target)`` batches whose inputs are a dict or a tuple/list: keyword or positional arguments
+    where ``forward`` takes them so, else one argument (``model_io.arguments_for``): the plain values."""
+    net = _mlp()
+    batches = _data()
+    plain = measure_sharpness(net, batches, num_replicates=4)
+    if kind == "dict taken whole":
+        model = _WholeDict(net)
+        pairs = [({"features": x, "scale": torch.ones(len(x), 1, dtype=x.dtype)}, y) for x, y in batches]
+    else:
+        model = _TwoParts(net) if kind == "tuple as arguments" else _PartsWhole(net)
+        sequence = list if kind == "list taken whole" else tuple
+        pairs = [(sequence([x[:, :2], x[:, 2:]]), y) for x, y in batches]
+    result = measure_sharpness(model, pairs, num_replicates=4)
+    assert (result.choice.method, result.choice.quantity) == ("exact", "hessian")
     for key in plain.values:
         name = key.replace("/", "/net.", 1) if "/" in key and key.split("/", 1)[1][0].isdigit() else key
         torch.testing.assert_close(result[name], plain[key], rtol=1e-12, atol=1e-14)

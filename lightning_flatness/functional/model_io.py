@@ -17,6 +17,7 @@ A *sample* is index ``i`` along dim 0 of every tensor in ``inputs`` that has the
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Optional, Union
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 __all__ = [
     "ModelInputs",
     "TokenLoss",
+    "arguments_for",
     "call_model",
     "compiled_code_eager",
     "extract_logits",
@@ -159,6 +161,51 @@ def compiled_code_eager() -> Iterator[None]:
             yield
     finally:
         _eager_depth -= 1
+
+
+def arguments_for(model: Callable[..., Any], inputs: Any) -> Any:
+    """``inputs`` as :func:`call_model` should pass them to ``model``: unchanged, except that a dict or a
+    tuple/list that ``model``'s signature does not take as keyword or positional arguments, but does take
+    as one positional argument, is wrapped into a 1-tuple (then ``model(inputs)``).
+
+    A batch ``(inputs, target)`` whose inputs are a dict (a tokenizer's ``BatchEncoding`` beside the labels)
+    is called ``model(**inputs)`` by a Hugging Face model, but a LightningModule may take it whole,
+    ``forward(self, inputs)``; likewise a list of views, ``forward(self, views)``. The signature tells them
+    apart (``forward``'s, bound: no call, no guess); a signature that takes anything (``*args, **kwargs``:
+    a compiled or wrapped module) or none keeps the default reading.
+
+    Example:
+        >>> import torch
+        >>> class Whole(torch.nn.Module):
+        ...     def forward(self, batch):
+        ...         return batch["x"] * 2
+        >>> inputs = {"x": torch.ones(2, 1), "mask": torch.ones(2, 1)}
+        >>> arguments = arguments_for(Whole(), inputs)
+        >>> arguments == (inputs,), call_model(Whole(), arguments).shape
+        (True, torch.Size([2, 1]))
+        >>> pair = (torch.ones(2, 1), torch.ones(2, 1))
+        >>> arguments_for(torch.nn.Bilinear(1, 1, 1), pair) is pair  # forward(input1, input2): positional
+        True
+    """
+    if not isinstance(inputs, (Mapping, tuple, list)):
+        return inputs
+    try:
+        signature = inspect.signature(getattr(model, "forward", model))
+    except (TypeError, ValueError):  # a builtin or an object without a signature
+        return inputs
+    try:
+        if isinstance(inputs, Mapping):
+            signature.bind(**inputs)
+        else:
+            signature.bind(*inputs)
+        return inputs
+    except TypeError:
+        pass
+    try:
+        signature.bind(inputs)
+    except TypeError:  # neither: the call raises the model's own error
+        return inputs
+    return (inputs,)
 
 
 def call_model(model: Callable[..., Any], inputs: Any) -> Tensor:
