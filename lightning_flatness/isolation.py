@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_flatness.functional.model_io import compiled_code_eager
+from lightning_flatness.functional.model_io import compiled_code_eager, model_autocast_disabled
 
 __all__ = [
     "preserved_rng_states",
@@ -132,6 +132,8 @@ def measurement_view(module: nn.Module, dtype: torch.dtype) -> Iterator[nn.Modul
     - code compiled with ``torch.compile`` runs eagerly
       (:func:`~lightning_flatness.functional.model_io.compiled_code_eager`: no recompilation, the
       training run's compile cache untouched);
+    - ``torch.autocast`` contexts that the model's own ``forward`` enters are entered disabled
+      (:func:`~lightning_flatness.functional.model_io.model_autocast_disabled`: full precision, as below);
     - floating parameters and buffers whose dtype is not ``dtype`` (16-bit training) are replaced by
       cast copies (:func:`floating_point_in`); tensors already in ``dtype`` are the live ones. The
       original objects go back into their slots on exit, also on error.
@@ -158,7 +160,7 @@ def measurement_view(module: nn.Module, dtype: torch.dtype) -> Iterator[nn.Modul
     try:
         for m, _ in modes:
             m.training = False
-        with floating_point_in(module, dtype), compiled_code_eager():
+        with floating_point_in(module, dtype), compiled_code_eager(), model_autocast_disabled():
             yield module
     finally:
         for m, training in modes:

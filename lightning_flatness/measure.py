@@ -46,6 +46,7 @@ from lightning_flatness.functional.model_io import (
     compiled_code_eager,
     inputs_batch_size,
     map_inputs,
+    model_autocast_disabled,
     outputs_of_first_samples,
     select_samples,
     with_decoder_inputs,
@@ -453,6 +454,7 @@ class SharpnessMeasurement:
         self._loss_resolved = not resolve_sequence_loss
 
     @_dense_experts
+    @model_autocast_disabled()
     def resolve(self, inputs: Any, target: Tensor) -> MethodChoice:
         """The estimator for this model and loss (``method="auto"``: decided on this batch, once)."""
         inputs = with_decoder_inputs(self.model, arguments_for(self.model, inputs), target)
@@ -486,6 +488,7 @@ class SharpnessMeasurement:
         )
 
     @_dense_experts
+    @model_autocast_disabled()
     def loss_is_finite(self, inputs: Any, target: Tensor) -> bool:
         """Whether the logits and the loss of this batch are finite (one forward pass, no gradient)."""
         with torch.no_grad():
@@ -504,6 +507,7 @@ class SharpnessMeasurement:
             return False
 
     @compiled_code_eager()
+    @model_autocast_disabled()
     def add(self, inputs: Any, target: Tensor) -> bool:
         """Estimate on one batch and pool it; ``False`` (nothing pooled) when the loss or the estimate is
         NaN or infinite (an estimate that overflowed a dtype narrower than float64 is first redone in

@@ -35,6 +35,7 @@ __all__ = [
     "extract_logits",
     "inputs_batch_size",
     "map_inputs",
+    "model_autocast_disabled",
     "outputs_of_first_samples",
     "select_samples",
     "split_samples",
@@ -161,6 +162,44 @@ def compiled_code_eager() -> Iterator[None]:
             yield
     finally:
         _eager_depth -= 1
+
+
+_autocast_depth = 0
+
+
+@contextlib.contextmanager
+def model_autocast_disabled() -> Iterator[None]:
+    """Inside the block, ``torch.autocast`` contexts that the model's own code enters (``with
+    torch.autocast("cuda", dtype=torch.bfloat16):`` in a ``forward``; ``torch.cuda.amp.autocast`` and
+    ``torch.cpu.amp.autocast`` too) are entered disabled, so the measurement computes the network in the
+    dtype of its tensors, as it does for a network trained in 16-bit mixed precision (whose autocast the
+    training loop enters, outside the measurement). With the model's autocast, its layers would return
+    16-bit outputs from float32 weights: the per-layer contractions would mix dtypes, and the curvature would
+    carry 16-bit rounding.
+
+    ``autocast``'s constructor is wrapped for the block (its ``enabled`` set to False) and restored on exit,
+    also on error; an autocast object made before the block (a decorator applied at import) keeps its
+    setting. Nested blocks only check a counter. Cost: none per operation.
+    """
+    global _autocast_depth
+    if _autocast_depth:
+        yield
+        return
+    cls = torch.amp.autocast_mode.autocast
+    original = cls.__init__
+
+    def disabled(
+        self: Any, device_type: str, dtype: Any = None, enabled: bool = True, cache_enabled: Any = None
+    ):
+        original(self, device_type, dtype=dtype, enabled=False, cache_enabled=cache_enabled)
+
+    _autocast_depth += 1
+    cls.__init__ = disabled  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        cls.__init__ = original  # type: ignore[method-assign]
+        _autocast_depth -= 1
 
 
 def arguments_for(model: Callable[..., Any], inputs: Any) -> Any:

@@ -14,6 +14,7 @@ from lightning_flatness.functional.model_io import (
     TokenLoss,
     compiled_code_eager,
     inputs_batch_size,
+    model_autocast_disabled,
     outputs_of_first_samples,
     split_samples,
 )
@@ -104,6 +105,7 @@ def _settled_loss(model: nn.Module, loss_fn: LossFn, inputs: Any) -> LossFn:
 
 
 @compiled_code_eager()
+@model_autocast_disabled()
 @recomputing_caches
 def hessian_diagonal_groups(
     model: nn.Module,

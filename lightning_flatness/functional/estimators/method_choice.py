@@ -62,7 +62,12 @@ from torch import Tensor, nn
 from lightning_flatness.functional.estimators.registry import ESTIMATORS
 from lightning_flatness.functional.loss_forms import standard_loss
 from lightning_flatness.functional.loss_hessian_factors import has_loss_hessian_structure
-from lightning_flatness.functional.model_io import compiled_code_eager, inputs_batch_size, select_samples
+from lightning_flatness.functional.model_io import (
+    compiled_code_eager,
+    inputs_batch_size,
+    model_autocast_disabled,
+    select_samples,
+)
 from lightning_flatness.functional.module_caches import recomputing_caches
 from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
 
@@ -136,6 +141,7 @@ def gauss_newton_blockers(
 
 
 @compiled_code_eager()
+@model_autocast_disabled()
 @recomputing_caches
 def choose_method(
     model: nn.Module,
