@@ -852,10 +852,14 @@ class SharpnessMonitorBase:
             relative = stderr / value
             advice = ""
             if relative > _RELATIVE_ERROR_ADVICE:
-                advice = " Raise num_samples for a smaller error (it falls like 1/sqrt(num_samples))" + (
-                    ", and num_probes (num_sketches for the sketched methods) for stochastic methods."
-                    if stochastic
-                    else "."
+                advice = (
+                    " Raise num_samples for a smaller error (it falls like 1/sqrt(num_samples))"
+                    + self._samples_for_target(relative, int(values.get("num_samples", 0)), seconds)
+                    + (
+                        "; and num_probes (num_sketches for the sketched methods) for stochastic methods."
+                        if stochastic
+                        else "."
+                    )
                 )
             bias = ", random part only: estimator noise also biases it upwards" if stochastic else ""
             self._info(
@@ -957,6 +961,23 @@ class SharpnessMonitorBase:
         self._warned.add(key)
         if trainer.is_global_zero:
             warnings.warn(message, UserWarning, stacklevel=3)
+
+    def _samples_for_target(self, relative: float, num_samples: int, seconds: float) -> str:
+        """How many samples would bring a relative standard error ``relative`` measured on ``num_samples``
+        down to ``_RELATIVE_ERROR_ADVICE`` (``n (relative / target)^2``), and at about what time per
+        measurement (proportional: the curvature dominates on large models); or that the training set is
+        too small for it."""
+        if num_samples <= 0:
+            return ""
+        needed = math.ceil(num_samples * (relative / _RELATIVE_ERROR_ADVICE) ** 2)
+        target = f"{100 * _RELATIVE_ERROR_ADVICE:.0f}%"
+        if self._dataset_size is not None and needed > self._dataset_size:
+            return (
+                f": {target} would take about {needed} samples, more than the {self._dataset_size} of the "
+                "training set"
+            )
+        scaled = seconds * needed / num_samples
+        return f": about {needed} would bring it to {target}, at about {scaled:.2g} s per measurement"
 
     def _info(self, trainer: Any, message: str) -> None:
         if trainer.is_global_zero:

@@ -7,6 +7,7 @@ tensor by ``torch.func.hessian`` (brute force), its diagonal fed to ``sharpness_
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -781,6 +782,28 @@ def test_batches_of_a_dict_and_a_target_are_measured_as_the_forward_takes_the_di
     assert model.training_steps > 0 and monitor.history[-1]["method"] == "exact"
     ref = brute_force_measures(model.net, *_subset(monitor, dm.train_set))
     assert monitor.history[-1]["normalized"] == pytest.approx(ref["normalized"], rel=1e-9)
+
+
+@pytest.mark.parametrize("num_samples, dataset", [(32, 256), (16, 48)])
+def test_first_measurement_says_how_many_samples_bring_the_error_to_five_percent(
+    num_samples, dataset, caplog
+):
+    """The first measurement's relative standard error and, above 5%, the samples that would bring it there:
+    ``n (relative / 0.05)^2`` from the logged values, or that the training set is too small for it."""
+    monitor = SharpnessMonitor(num_samples=num_samples, dtype="float64")
+    with caplog.at_level(logging.INFO, logger=SharpnessMonitor._logger_name):
+        _fit(monitor, dm=DataModule(num_samples=dataset), max_epochs=1)
+    first = monitor.history[0]
+    relative = first["normalized_stderr"] / first["normalized"]
+    assert relative > 0.05  # few samples: the advice is given
+    needed = math.ceil(num_samples * (relative / 0.05) ** 2)
+    said = [r.getMessage() for r in caplog.records if "relative standard error" in r.getMessage()]
+    assert len(said) == 1 and f"{100 * relative:.1f}%" in said[0]
+    if dataset == 256:
+        assert needed <= dataset and f"about {needed} would bring it to 5%, at about" in said[0]
+    else:
+        assert needed > dataset
+        assert f"5% would take about {needed} samples, more than the {dataset} of the training set" in said[0]
 
 
 def test_nan_loss_logs_nan_warns_and_training_continues():
