@@ -290,7 +290,9 @@ class SharpnessMonitorBase:
         It is measured in place, with no copy, through
         :func:`lightning_flatness.isolation.measurement_view`: eval mode and, where the training
         dtype differs from ``dtype``, cast copies of just those tensors, both only during the
-        measurement. Its weights, buffers and ``.grad`` are never changed; its forward hooks run. A
+        measurement. Its weights, buffers and ``.grad`` are never changed; its forward hooks run, its
+        backward hooks are suspended while the estimators differentiate it
+        (:mod:`~lightning_flatness.functional.backward_hooks`). A
         module whose forward hooks change its state (e.g. ``torch.nn.utils.spectral_norm``) can be
         measured on a copy instead: ``return copy.deepcopy(pl_module)``.
         """

@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_flatness.functional.backward_hooks import suspending_backward_hooks
 from lightning_flatness.functional.estimators.registry import ESTIMATORS, EstimatorSpec
 from lightning_flatness.functional.loss_forms import loss_for_outputs, needs_outputs, standard_loss
 from lightning_flatness.functional.model_io import (
@@ -107,6 +108,7 @@ def _settled_loss(model: nn.Module, loss_fn: LossFn, inputs: Any) -> LossFn:
 @compiled_code_eager()
 @model_autocast_disabled()
 @recomputing_caches
+@suspending_backward_hooks
 def hessian_diagonal_groups(
     model: nn.Module,
     loss_fn: LossFn,

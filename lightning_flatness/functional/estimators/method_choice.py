@@ -59,6 +59,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from lightning_flatness.functional.backward_hooks import suspending_backward_hooks
 from lightning_flatness.functional.estimators.registry import ESTIMATORS
 from lightning_flatness.functional.loss_forms import standard_loss
 from lightning_flatness.functional.loss_hessian_factors import has_loss_hessian_structure
@@ -143,6 +144,7 @@ def gauss_newton_blockers(
 @compiled_code_eager()
 @model_autocast_disabled()
 @recomputing_caches
+@suspending_backward_hooks
 def choose_method(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],

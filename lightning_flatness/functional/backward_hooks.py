@@ -1,0 +1,89 @@
+"""Module backward hooks suspended while a measurement differentiates the model.
+
+A module backward hook (``register_full_backward_hook``, ``register_full_backward_pre_hook``, the older
+``register_backward_hook``, and their global versions in ``torch.nn.modules.module``) is called by every
+backward pass through the module, the estimators' included: it would receive the measurement's columns
+(per-sample Gauss-Newton columns, probes) as if they were training gradients, and a library that keeps
+state from them (per-sample gradient accumulators such as Opacus', gradient statistics, saliency maps)
+would have that state changed by a measurement. A hook that changes the gradient (a clip, a reversal)
+changes what the estimators compute, which is the Hessian of the loss, not of the hooks. And PyTorch runs
+a module with such hooks through a custom autograd ``Function``, which the recorder cannot see, so the
+per-layer fast paths stepped aside.
+
+:func:`backward_hooks_suspended` takes every such hook out of the model's modules (and the global ones)
+for the duration of a block and puts them back in their order on exit, also on error; the handles the
+user holds stay valid. Forward hooks are not touched: they are part of the function being measured.
+:func:`suspending_backward_hooks` is the same as a decorator for functions whose first argument is the
+model (the estimators' front door, ``choose_method``). Cost: one walk over the modules per call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Any, Callable, TypeVar
+
+import torch
+from torch import nn
+
+__all__ = ["backward_hooks_suspended", "suspending_backward_hooks"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _taken(hooks: dict) -> list:
+    """``hooks``' entries, in order, removed from it (the dict object stays: handles refer to it)."""
+    items = list(hooks.items())
+    hooks.clear()
+    return items
+
+
+def _put_back(hooks: dict, items: list) -> None:
+    """``items`` back into ``hooks`` in their order, before any hook added meanwhile."""
+    added = list(hooks.items())
+    hooks.clear()
+    hooks.update(items)
+    hooks.update(added)
+
+
+@contextlib.contextmanager
+def backward_hooks_suspended(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, no module backward hook of ``model`` (nor a global one) runs (module docstring).
+
+    Example:
+        >>> import torch
+        >>> layer = torch.nn.Linear(2, 1)
+        >>> calls = []
+        >>> handle = layer.register_full_backward_hook(lambda module, grad_in, grad_out: calls.append(1))
+        >>> with backward_hooks_suspended(layer):
+        ...     layer(torch.ones(1, 2)).sum().backward()
+        >>> layer(torch.ones(1, 2)).sum().backward()
+        >>> len(calls), len(layer._backward_hooks)
+        (1, 1)
+    """
+    globals_ = torch.nn.modules.module
+    suspended: list[tuple[dict, list]] = []
+    try:
+        for hooks in (globals_._global_backward_hooks, globals_._global_backward_pre_hooks):
+            if hooks:
+                suspended.append((hooks, _taken(hooks)))
+        for module in model.modules():
+            for hooks in (module._backward_hooks, module._backward_pre_hooks):
+                if hooks:
+                    suspended.append((hooks, _taken(hooks)))
+        yield model
+    finally:
+        for hooks, items in reversed(suspended):
+            _put_back(hooks, items)
+
+
+def suspending_backward_hooks(function: F) -> F:
+    """``function(model, ...)`` run inside :func:`backward_hooks_suspended` of its first argument."""
+
+    @functools.wraps(function)
+    def wrapper(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with backward_hooks_suspended(model):
+            return function(model, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,128 @@
+"""Module backward hooks during a measurement: suspended (they would take the estimators' columns for
+gradients, and a custom autograd Function would hide the layers from the recorder), put back after."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from callback_models import MLP, DataModule, quiet_trainer
+from torch import nn
+
+from lightning_flatness import SharpnessMonitor
+from lightning_flatness.functional.backward_hooks import backward_hooks_suspended
+from lightning_flatness.functional.estimators.registry import ESTIMATORS
+from lightning_flatness.measure import measure_sharpness
+
+
+def _backward(module: nn.Module) -> None:
+    module(torch.ones(3, 4)).sum().backward()
+
+
+def test_every_kind_of_backward_hook_is_suspended_and_put_back_in_order():
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    calls: list[str] = []
+    handles = [
+        net[0].register_full_backward_hook(lambda m, gi, go: calls.append("full")),
+        net[0].register_full_backward_hook(lambda m, gi, go: calls.append("full, second")),
+        net[2].register_full_backward_pre_hook(lambda m, go: calls.append("pre")),
+        nn.modules.module.register_module_full_backward_hook(lambda m, gi, go: calls.append("global")),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        legacy = nn.Sequential(nn.Linear(4, 2))
+        handles.append(legacy[0].register_backward_hook(lambda m, gi, go: calls.append("legacy")))
+    try:
+        with backward_hooks_suspended(net), backward_hooks_suspended(legacy):
+            with backward_hooks_suspended(net):  # nested: nothing more to take
+                _backward(net)
+            _backward(net)
+            _backward(legacy)
+        assert calls == []
+        _backward(net)
+        assert calls.count("global") >= 2 and "pre" in calls
+        assert calls.index("full") < calls.index("full, second")  # the order is kept
+        calls.clear()
+        _backward(legacy)
+        assert "legacy" in calls
+        with pytest.raises(RuntimeError, match="inside"):
+            with backward_hooks_suspended(net):
+                raise RuntimeError("inside")
+        calls.clear()
+        handles[0].remove()  # the user's handles still work
+        _backward(net)
+        assert "full" not in calls and "full, second" in calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _ScaledGradients(nn.Module):
+    """A ReLU MLP whose middle layer has a backward hook that halves its input gradient and counts calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        self.calls = 0
+        self.net[2].register_full_backward_hook(self._halve)
+
+    def _halve(self, module, grad_input, grad_output):
+        self.calls += 1
+        return tuple(None if g is None else 0.5 * g for g in grad_input)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("method", ["auto", *ESTIMATORS])
+def test_estimators_measure_the_loss_not_the_hooks_and_leave_them_alone(method):
+    """The hook changes training's gradients, not the loss: every estimator measures the hook-free network
+    (the same draws), `auto` picks what it picks without the hook (exact), and the hook is never called."""
+    model = _ScaledGradients()
+    plain = _ScaledGradients()
+    plain.net[2]._backward_hooks.clear()
+    data = [(torch.randn(16, 5), torch.randint(0, 3, (16,))) for _ in range(4)]
+
+    def measured(m):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            g = torch.Generator().manual_seed(0)
+            return measure_sharpness(m, data, method=method, num_replicates=4, generator=g)
+
+    hooked, reference = measured(model), measured(plain)
+    assert hooked.choice == reference.choice
+    for key in ("normalized", "matrix_normalized", "hessian_trace", "normalized_stderr"):
+        assert float(hooked[key]) == float(reference[key])
+    assert model.calls == 0
+    F.cross_entropy(model(data[0][0]), data[0][1]).backward()
+    assert model.calls == 1  # still registered
+
+
+class _HookedMLP(MLP):
+    """The test MLP with a backward hook on its middle layer that counts the backward passes through it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backward_calls = 0
+        self.net[2].register_full_backward_hook(self._count)
+
+    def _count(self, module, grad_input, grad_output):
+        self.backward_calls += 1
+
+
+def test_a_fit_calls_a_backward_hook_for_its_training_steps_only():
+    counts = {}
+    for label, callbacks in [("without", []), ("with", [SharpnessMonitor(num_samples=32)])]:
+        pl.seed_everything(0, verbose=False)
+        model = _HookedMLP()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quiet_trainer(callbacks, max_epochs=2).fit(model, DataModule())
+        counts[label] = (model.backward_calls, model.training_steps)
+        if callbacks:
+            assert [h["method"] for h in callbacks[0].history] == ["exact", "exact"]
+    assert counts["with"] == counts["without"] and counts["with"][0] == counts["with"][1] == 16
