@@ -60,9 +60,11 @@ def main(
     uneven: bool = False,
     device: str = "cpu",
     pruned: bool = False,
+    hooked: bool = False,
 ) -> None:
     """Shard, measure, save (``device="cuda"``: NCCL, one GPU per rank, as
-    ``benchmarks/gpu/fsdp2_sharded.py``)."""
+    ``benchmarks/gpu/fsdp2_sharded.py``). ``hooked``: a module backward hook on the middle layer that
+    halves its input gradient and counts its calls (a measurement must neither call it nor feel it)."""
     torch.set_num_threads(1)
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -78,6 +80,11 @@ def main(
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     mesh = init_device_mesh(device, (world_size,))
     model = build_model(dtype, pruned).to(device)
+    hook_calls = []
+    if hooked:
+        model[3].register_full_backward_hook(
+            lambda module, grad_in, grad_out: hook_calls.append(1) or tuple(0.5 * g for g in grad_in)
+        )
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh)
@@ -102,6 +109,7 @@ def main(
             for n, s in measurement.sums.items()
         },
         "count": measurement.count.cpu(),
+        "hook_calls": len(hook_calls),
         "unchanged": all(
             torch.equal(before[n], p.to_local()) and p.grad is None for n, p in model.named_parameters()
         ),

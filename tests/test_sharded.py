@@ -29,10 +29,16 @@ sys.path.pop(0)
 
 
 def run_workers(
-    tmp_path: Path, world_size: int, dtype: str, uneven: bool = False, pruned: bool = False
+    tmp_path: Path,
+    world_size: int,
+    dtype: str,
+    uneven: bool = False,
+    pruned: bool = False,
+    hooked: bool = False,
 ) -> list[dict]:
     """Fork ``world_size`` sharded workers and collect their records."""
-    return fork_ranks(tmp_path, world_size, worker.main, (dtype, uneven, "cpu", pruned), "sharded worker")
+    args = (dtype, uneven, "cpu", pruned, hooked)
+    return fork_ranks(tmp_path, world_size, worker.main, args, "sharded worker")
 
 
 def check(
@@ -49,6 +55,7 @@ def check(
         model, [(x[i::4], y[i::4]) for i in range(4)], method="exact", num_replicates=4
     ).values
     assert all(r["sharded"] and r["unchanged"] for r in records)
+    assert all(r["hook_calls"] == 0 for r in records)  # a backward hook is not the measurement's
     # eq. 17 solved without gathering: the tall (8, 3) weight on each rank's rows, the wide (7, 16) and
     # (3, 7) ones on exchanged column blocks (with 4 ranks one holds no row of the (3, 7) weight); the
     # pruned layers gathered (their components need the transitive closure)
@@ -112,6 +119,10 @@ def test_four_process_fully_shard_measurement_equals_the_unsharded_model(tmp_pat
 
 def test_pruned_layers_are_gathered_for_eq17_and_still_equal_the_unsharded_model(tmp_path):
     check(run_workers(tmp_path, 4, "float64", pruned=True), 4, "float64", 1e-9, pruned=True)
+
+
+def test_a_module_backward_hook_is_suspended_and_the_values_are_the_unhooked_models(tmp_path):
+    check(run_workers(tmp_path, 2, "float64", hooked=True), 2, "float64", 1e-9)
 
 
 def test_ranks_with_fewer_samples_and_empty_batches_still_agree_on_the_collectives(tmp_path):
