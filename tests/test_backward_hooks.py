@@ -10,12 +10,12 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from callback_models import MLP, DataModule, quiet_trainer
+from paired_measurements import KEYS, measured_alike
 from torch import nn
 
 from lightning_flatness import SharpnessMonitor
 from lightning_flatness.functional.backward_hooks import backward_hooks_suspended
 from lightning_flatness.functional.estimators.registry import ESTIMATORS
-from lightning_flatness.measure import measure_sharpness
 
 
 def _backward(module: nn.Module) -> None:
@@ -87,15 +87,9 @@ def test_estimators_measure_the_loss_not_the_hooks_and_leave_them_alone(method):
     plain.net[2]._backward_hooks.clear()
     data = [(torch.randn(16, 5), torch.randint(0, 3, (16,))) for _ in range(4)]
 
-    def measured(m):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            g = torch.Generator().manual_seed(0)
-            return measure_sharpness(m, data, method=method, num_replicates=4, generator=g)
-
-    hooked, reference = measured(model), measured(plain)
+    hooked, reference = measured_alike([model, plain], data, method)
     assert hooked.choice == reference.choice
-    for key in ("normalized", "matrix_normalized", "hessian_trace", "normalized_stderr"):
+    for key in KEYS:
         assert float(hooked[key]) == float(reference[key])
     assert model.calls == 0
     F.cross_entropy(model(data[0][0]), data[0][1]).backward()

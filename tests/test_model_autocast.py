@@ -11,12 +11,12 @@ import pytorch_lightning as pl
 import torch
 from callback_models import MLP, DataModule, assert_same_training_state, quiet_trainer, training_state
 from oracles import brute_force_measures
+from paired_measurements import KEYS, measured_alike
 from torch import nn
 
 from lightning_flatness import SharpnessMonitor
 from lightning_flatness.functional.estimators.registry import ESTIMATORS
 from lightning_flatness.functional.model_io import model_autocast_disabled
-from lightning_flatness.measure import measure_sharpness
 
 
 class _Autocast(nn.Module):
@@ -62,15 +62,9 @@ def test_every_estimator_measures_the_full_precision_network(method):
     model = _Autocast(net)
     assert model(data[0][0]).dtype == torch.float32 and net(data[0][0]).dtype == torch.float32
 
-    def measured(m):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            g = torch.Generator().manual_seed(0)
-            return measure_sharpness(m, data, method=method, num_replicates=4, generator=g)
-
-    plain, autocast = measured(net), measured(model)
+    plain, autocast = measured_alike([net, model], data, method)
     assert autocast.choice == plain.choice
-    for key in ("normalized", "matrix_normalized", "hessian_trace", "normalized_stderr"):
+    for key in KEYS:
         assert float(autocast[key]) == pytest.approx(float(plain[key]), rel=1e-6)  # same draws, float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert net(data[0][0]).dtype == torch.bfloat16  # autocast works again after the measurement
