@@ -27,6 +27,7 @@ from lightning_flatness import sharded
 from lightning_flatness.batch_split import split_batch as _default_split_batch
 from lightning_flatness.callback_logging import bar_chart_figure, figure_to_image
 from lightning_flatness.functional import ExactMethodNotApplicable, select_parameters
+from lightning_flatness.functional.backward_hooks import TensorHooksLeftOut
 from lightning_flatness.functional.dense_experts import dense_experts
 from lightning_flatness.functional.estimators.method_choice import MethodChoice
 from lightning_flatness.functional.estimators.registry import ESTIMATORS
@@ -518,7 +519,8 @@ class SharpnessMonitorBase:
             target = autograd_tensor(target[:_DRY_RUN_SAMPLES], device, self.dtype)
             try:
                 with measurement_view(self.measured_network(pl_module), self.dtype) as network:
-                    with torch.no_grad(), dense_experts(network):  # any dtype (measure._dense_experts)
+                    # any dtype (measure._dense_experts); a forward's tensor hooks left out (backward_hooks)
+                    with torch.no_grad(), dense_experts(network), TensorHooksLeftOut():
                         logits = call_model(
                             network, with_decoder_inputs(network, arguments_for(network, inputs), target)
                         )

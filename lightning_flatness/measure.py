@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_flatness.batch_split import split_batch as default_split_batch
+from lightning_flatness.functional.backward_hooks import TensorHooksLeftOut
 from lightning_flatness.functional.dense_experts import dense_experts
 from lightning_flatness.functional.estimators import HessianDiagonalEstimate, hessian_diagonal_groups
 from lightning_flatness.functional.estimators.method_choice import MethodChoice, choose_method
@@ -491,7 +492,7 @@ class SharpnessMeasurement:
     @model_autocast_disabled()
     def loss_is_finite(self, inputs: Any, target: Tensor) -> bool:
         """Whether the logits and the loss of this batch are finite (one forward pass, no gradient)."""
-        with torch.no_grad():
+        with torch.no_grad(), TensorHooksLeftOut():
             logits = call_model(
                 self.model, with_decoder_inputs(self.model, arguments_for(self.model, inputs), target)
             )

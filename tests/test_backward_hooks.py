@@ -120,3 +120,69 @@ def test_a_fit_calls_a_backward_hook_for_its_training_steps_only():
         if callbacks:
             assert [h["method"] for h in callbacks[0].history] == ["exact", "exact"]
     assert counts["with"] == counts["without"] and counts["with"][0] == counts["with"][1] == 16
+
+
+class _SavesGradients(nn.Module):
+    """A ReLU MLP whose forward asks for its hidden layer's gradient (a saliency map): ``retain_grad`` and
+    a tensor hook that records the gradient, unconditionally (torch refuses both without gradient)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        self.saved: list[torch.Tensor] = []
+
+    def forward(self, x):
+        h = self.net[:2](x)
+        h.retain_grad()
+        h.register_hook(self.saved.append)
+        return self.net[2:](h)
+
+
+@pytest.mark.parametrize("method", ["auto", "exact", "hessian_sketch", "gauss_newton_mc"])
+def test_tensor_hooks_a_forward_registers_are_left_out(method):
+    """``retain_grad`` and ``register_hook`` in ``forward``: the gradient-free forwards of the measurement no
+    longer fail on them, the recorded ones leave them out (the exact method applies: ReLU), the values are
+    the plain network's and no gradient of the measurement is recorded."""
+    model = _SavesGradients()
+    data = [(torch.randn(16, 5), torch.randint(0, 3, (16,))) for _ in range(4)]
+    hooked, reference = measured_alike([model, model.net], data, method)
+    assert hooked.choice == reference.choice
+    assert method != "auto" or hooked.choice.method == "exact"
+    for key in KEYS:
+        assert float(hooked[key]) == float(reference[key])
+    assert model.saved == []
+    F.cross_entropy(model(data[0][0]), data[0][1]).backward()
+    assert len(model.saved) == 1  # training's backward still records
+
+
+class _GuardedSaliencyMLP(MLP):
+    """The test MLP keeping and counting its hidden gradient in training, as saliency code guards it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.saved = 0
+
+    def _count(self, grad):
+        self.saved += 1
+
+    def forward(self, x):
+        h = self.net[:2](x)
+        if h.requires_grad:
+            h.retain_grad()
+            h.register_hook(self._count)
+        return self.net[2:](h)
+
+
+def test_a_fit_records_tensor_hook_gradients_of_its_training_steps_only():
+    counts = {}
+    for label, callbacks in [("without", []), ("with", [SharpnessMonitor(num_samples=32)])]:
+        pl.seed_everything(0, verbose=False)
+        model = _GuardedSaliencyMLP()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quiet_trainer(callbacks, max_epochs=2).fit(model, DataModule())
+        counts[label] = (model.saved, model.training_steps)
+        if callbacks:
+            assert [h["method"] for h in callbacks[0].history] == ["exact", "exact"]
+    assert counts["with"] == counts["without"] == (16, 16)

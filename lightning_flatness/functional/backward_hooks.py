@@ -13,6 +13,9 @@ per-layer fast paths stepped aside.
 :func:`backward_hooks_suspended` takes every such hook out of the model's modules (and the global ones)
 for the duration of a block and puts them back in their order on exit, also on error; the handles the
 user holds stay valid. Forward hooks are not touched: they are part of the function being measured.
+Tensor hooks that a ``forward`` registers on its intermediate tensors (``register_hook``, ``retain_grad``)
+are left out likewise: by the recorder in the recorded forwards, by :class:`TensorHooksLeftOut` in the
+forwards without gradient (where torch refuses them).
 :func:`suspending_backward_hooks` is the same as a decorator for functions whose first argument is the
 model (the estimators' front door, ``choose_method``). Cost: one walk over the modules per call.
 """
@@ -25,9 +28,19 @@ from collections.abc import Iterator
 from typing import Any, Callable, TypeVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["backward_hooks_suspended", "suspending_backward_hooks"]
+__all__ = [
+    "TensorHooksLeftOut",
+    "backward_hooks_suspended",
+    "left_out_tensor_hook",
+    "registers_tensor_hook",
+    "suspending_backward_hooks",
+]
+
+#: the tensor methods by which a forward asks for gradients of an intermediate tensor in training's backward
+_TENSOR_HOOK_METHODS = (Tensor.register_hook, Tensor.retain_grad, Tensor.register_post_accumulate_grad_hook)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -76,6 +89,47 @@ def backward_hooks_suspended(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for hooks, items in reversed(suspended):
             _put_back(hooks, items)
+
+
+def registers_tensor_hook(func: Any) -> bool:
+    """Whether ``func`` is ``Tensor.register_hook``, ``Tensor.retain_grad`` or
+    ``Tensor.register_post_accumulate_grad_hook``: a forward's request for the gradient of an intermediate
+    tensor in training's backward (a saliency map, gradient statistics). A measurement leaves it out, as
+    it suspends module backward hooks; in a forward without gradient torch would refuse it outright."""
+    return any(func is method for method in _TENSOR_HOOK_METHODS)
+
+
+class _NoHandle:
+    """What a left-out ``register_hook`` returns: a handle whose ``remove()`` has nothing to remove."""
+
+    def remove(self) -> None:
+        return None
+
+
+def left_out_tensor_hook(func: Any) -> Any:
+    """What a left-out :func:`registers_tensor_hook` call returns: None for ``retain_grad``, else a handle."""
+    return None if func is Tensor.retain_grad else _NoHandle()
+
+
+class TensorHooksLeftOut(TorchFunctionMode):
+    """Within the block, :func:`registers_tensor_hook` calls do nothing (every other operation runs as it is):
+    for the measurement's forward passes without gradient, where torch would refuse them on a tensor that
+    does not require grad. (The recorded forwards leave them out in the recorder's own mode.)
+
+    Example:
+        >>> import torch
+        >>> with torch.no_grad(), TensorHooksLeftOut():
+        ...     x = torch.ones(2) * 2
+        ...     x.retain_grad()  # refused outside the block: x does not require grad
+        ...     x.register_hook(lambda g: g).remove()
+        >>> x
+        tensor([2., 2.])
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        if registers_tensor_hook(func):
+            return left_out_tensor_hook(func)
+        return func(*args, **(kwargs or {}))
 
 
 def suspending_backward_hooks(function: F) -> F:

@@ -59,7 +59,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from lightning_flatness.functional.backward_hooks import suspending_backward_hooks
+from lightning_flatness.functional.backward_hooks import TensorHooksLeftOut, suspending_backward_hooks
 from lightning_flatness.functional.estimators.registry import ESTIMATORS
 from lightning_flatness.functional.loss_forms import standard_loss
 from lightning_flatness.functional.loss_hessian_factors import has_loss_hessian_structure
@@ -120,7 +120,7 @@ def _outputs(model: Any, inputs: Any) -> tuple[int, int]:
     """``(D, logits.ndim)`` of ``model`` on ``inputs`` (one forward pass, no gradient)."""
     from lightning_flatness.functional.model_io import call_model
 
-    with torch.no_grad():
+    with torch.no_grad(), TensorHooksLeftOut():
         logits = call_model(model, inputs)
     return (int(logits[0].numel()) if logits.ndim > 0 else 1), logits.ndim
 

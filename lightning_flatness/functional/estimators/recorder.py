@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_flatness.functional.backward_hooks import left_out_tensor_hook, registers_tensor_hook
 from lightning_flatness.functional.batch_first_transformers import batch_first_transformers
 from lightning_flatness.functional.composite_attention import (
     ExplicitAttentionCalls,
@@ -212,6 +213,8 @@ class _ForwardRecorder(TorchFunctionMode):
         kwargs = kwargs or {}
         if sets_requires_grad(func):  # a flag for training's checkpointed backward: left as it is
             return args[0] if func is Tensor.requires_grad_ else None
+        if registers_tensor_hook(func):  # training's hooks are not the measurement's (backward_hooks)
+            return left_out_tensor_hook(func)
         dependent = _requiring_grad(args, kwargs)
         # producers are checked before the call: an in-place op replaces its input's grad_fn
         unseen = [  # (functions of the weights are known by identity: an in-place change is theirs)
