@@ -139,7 +139,7 @@ class _SavesGradients(nn.Module):
         return self.net[2:](h)
 
 
-@pytest.mark.parametrize("method", ["auto", "exact", "hessian_sketch", "gauss_newton_mc"])
+@pytest.mark.parametrize("method", ["auto", *ESTIMATORS])
 def test_tensor_hooks_a_forward_registers_are_left_out(method):
     """``retain_grad`` and ``register_hook`` in ``forward``: the gradient-free forwards of the measurement no
     longer fail on them, the recorded ones leave them out (the exact method applies: ReLU), the values are

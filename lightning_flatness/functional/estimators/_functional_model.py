@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lightning_flatness.functional.backward_hooks import TensorHooksLeftOut
 from lightning_flatness.functional.model_io import ModelInputs, call_model, map_inputs
 
 __all__ = [
@@ -89,7 +90,7 @@ def functional_loss(
 
     def loss_of(theta: dict[str, Tensor]) -> Tensor:
         state = {**fixed, **theta, **{n: b.clone() for n, b in buffers.items()}}
-        with restore_module_tensors(model):
+        with restore_module_tensors(model), TensorHooksLeftOut():  # a forward's tensor hooks: not ours
             logits = call_model(lambda *args, **kwargs: functional_call(model, state, args, kwargs), x)
             loss = loss_fn(logits, y)
         if loss.ndim != 0:
