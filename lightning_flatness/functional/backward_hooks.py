@@ -118,8 +118,7 @@ class TensorHooksLeftOut(TorchFunctionMode):
     for the measurement's forward passes without gradient, where torch would refuse them on a tensor that
     does not require grad, and for those of the autograd-only estimators (``functional_loss``), whose
     backward passes would call them. (The recorded forwards leave them out in the recorder's own mode.)
-    Cost: one Python call per operation of those forwards (about 1-2% of a Hutchinson estimate of the
-    paper's MLP).
+    Cost: one Python call per operation of those forwards (measured: ``benchmarks/RESULTS.md``, round 25).
 
     Example:
         >>> import torch
