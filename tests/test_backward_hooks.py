@@ -108,18 +108,25 @@ class _HookedMLP(MLP):
         self.backward_calls += 1
 
 
-def test_a_fit_calls_a_backward_hook_for_its_training_steps_only():
+def _hook_calls_with_and_without_the_monitor(build, calls: str) -> dict[str, tuple[int, int]]:
+    """``(hook calls, training steps)`` of a 2-epoch fit of ``build()`` without and with the monitor (which
+    must measure the exact Hessian: the hooks hide nothing from it)."""
     counts = {}
     for label, callbacks in [("without", []), ("with", [SharpnessMonitor(num_samples=32)])]:
         pl.seed_everything(0, verbose=False)
-        model = _HookedMLP()
+        model = build()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quiet_trainer(callbacks, max_epochs=2).fit(model, DataModule())
-        counts[label] = (model.backward_calls, model.training_steps)
+        counts[label] = (getattr(model, calls), model.training_steps)
         if callbacks:
             assert [h["method"] for h in callbacks[0].history] == ["exact", "exact"]
-    assert counts["with"] == counts["without"] and counts["with"][0] == counts["with"][1] == 16
+    return counts
+
+
+def test_a_fit_calls_a_backward_hook_for_its_training_steps_only():
+    counts = _hook_calls_with_and_without_the_monitor(_HookedMLP, "backward_calls")
+    assert counts["with"] == counts["without"] == (16, 16)
 
 
 class _SavesGradients(nn.Module):
@@ -175,14 +182,5 @@ class _GuardedSaliencyMLP(MLP):
 
 
 def test_a_fit_records_tensor_hook_gradients_of_its_training_steps_only():
-    counts = {}
-    for label, callbacks in [("without", []), ("with", [SharpnessMonitor(num_samples=32)])]:
-        pl.seed_everything(0, verbose=False)
-        model = _GuardedSaliencyMLP()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quiet_trainer(callbacks, max_epochs=2).fit(model, DataModule())
-        counts[label] = (model.saved, model.training_steps)
-        if callbacks:
-            assert [h["method"] for h in callbacks[0].history] == ["exact", "exact"]
+    counts = _hook_calls_with_and_without_the_monitor(_GuardedSaliencyMLP, "saved")
     assert counts["with"] == counts["without"] == (16, 16)
