@@ -12,7 +12,9 @@ per-layer fast paths stepped aside.
 
 :func:`backward_hooks_suspended` takes every such hook out of the model's modules (and the global ones)
 for the duration of a block and puts them back in their order on exit, also on error; the handles the
-user holds stay valid. Forward hooks are not touched: they are part of the function being measured.
+user holds stay valid. The global hooks are process-wide: another Python thread's backward passes during
+the block run without them too (a training loop runs the measurement between its steps, on its own
+thread). Forward hooks are not touched: they are part of the function being measured.
 Tensor hooks that a ``forward`` registers on its intermediate tensors (``register_hook``, ``retain_grad``)
 are left out likewise: by the recorder in the recorded forwards, by :class:`TensorHooksLeftOut` in the
 forwards without gradient (where torch refuses them) and in those of the estimators that differentiate by

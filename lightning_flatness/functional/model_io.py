@@ -179,7 +179,9 @@ def model_autocast_disabled() -> Iterator[None]:
 
     ``autocast``'s constructor is wrapped for the block (its ``enabled`` set to False) and restored on exit,
     also on error; an autocast object made before the block (a decorator applied at import) keeps its
-    setting. Nested blocks only check a counter. Cost: none per operation.
+    setting. The wrapper is process-wide: an autocast that another Python thread makes during the block is
+    disabled too (a training loop runs the measurement between its steps, on its own thread). Nested
+    blocks only check a counter. Cost: none per operation.
     """
     global _autocast_depth
     if _autocast_depth:
