@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_flatness.functional.backward_hooks import TensorHooksLeftOut
+
 __all__ = [
     "ModelInputs",
     "TokenLoss",
@@ -302,8 +304,6 @@ def with_decoder_inputs(model: nn.Module, inputs: Any, target: Tensor) -> Any:
 def outputs_of_first_samples(model: Callable[..., Any], inputs: Any, count: int = 2) -> Tensor:
     """The logits of ``model`` on the first ``count`` samples of ``inputs`` (one forward pass without
     gradient): what the front doors look at to settle the loss and its layout."""
-    from lightning_flatness.functional.backward_hooks import TensorHooksLeftOut
-
     n = inputs_batch_size(inputs)
     with torch.no_grad(), TensorHooksLeftOut():
         return call_model(model, select_samples(inputs, slice(0, min(n, count)), n))
