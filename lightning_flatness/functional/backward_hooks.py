@@ -44,7 +44,9 @@ __all__ = [
 ]
 
 #: the tensor methods by which a forward asks for gradients of an intermediate tensor in training's backward
-_TENSOR_HOOK_METHODS = (Tensor.register_hook, Tensor.retain_grad, Tensor.register_post_accumulate_grad_hook)
+_TENSOR_HOOK_METHODS = frozenset(
+    {Tensor.register_hook, Tensor.retain_grad, Tensor.register_post_accumulate_grad_hook}
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -100,7 +102,10 @@ def registers_tensor_hook(func: Any) -> bool:
     ``Tensor.register_post_accumulate_grad_hook``: a forward's request for the gradient of an intermediate
     tensor in training's backward (a saliency map, gradient statistics). A measurement leaves it out, as
     it suspends module backward hooks; in a forward without gradient torch would refuse it outright."""
-    return any(func is method for method in _TENSOR_HOOK_METHODS)
+    try:
+        return func in _TENSOR_HOOK_METHODS
+    except TypeError:  # an unhashable callable
+        return False
 
 
 class _NoHandle:
