@@ -27,7 +27,6 @@ from lightning_flatness import sharded
 from lightning_flatness.batch_split import split_batch as _default_split_batch
 from lightning_flatness.callback_logging import bar_chart_figure, figure_to_image
 from lightning_flatness.functional import ExactMethodNotApplicable, select_parameters
-from lightning_flatness.functional.backward_hooks import TensorHooksLeftOut
 from lightning_flatness.functional.dense_experts import dense_experts
 from lightning_flatness.functional.estimators.method_choice import MethodChoice
 from lightning_flatness.functional.estimators.registry import ESTIMATORS
@@ -35,8 +34,8 @@ from lightning_flatness.functional.losses import normalized_softmax_cross_entrop
 from lightning_flatness.functional.measures import MEASURES, TOTALS, tensor_measure_names
 from lightning_flatness.functional.model_io import (
     arguments_for,
-    call_model,
     inputs_batch_size,
+    logits_without_gradient,
     map_inputs,
     select_samples,
     with_decoder_inputs,
@@ -519,9 +518,8 @@ class SharpnessMonitorBase:
             target = autograd_tensor(target[:_DRY_RUN_SAMPLES], device, self.dtype)
             try:
                 with measurement_view(self.measured_network(pl_module), self.dtype) as network:
-                    # any dtype (measure._dense_experts); a forward's tensor hooks left out (backward_hooks)
-                    with torch.no_grad(), dense_experts(network), TensorHooksLeftOut():
-                        logits = call_model(
+                    with dense_experts(network):  # any dtype (measure._measuring)
+                        logits = logits_without_gradient(
                             network, with_decoder_inputs(network, arguments_for(network, inputs), target)
                         )
                     with warnings.catch_warnings(record=True) as said:  # said once, on rank zero

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_flatness.functional.model_io import compiled_code_eager, model_autocast_disabled
+from lightning_flatness.functional.measurement_context import measurement_context
 
 __all__ = [
     "preserved_rng_states",
@@ -129,11 +129,11 @@ def measurement_view(module: nn.Module, dtype: torch.dtype) -> Iterator[nn.Modul
       running statistics, an affine map, so the network is a deterministic function of its weights
       and stays linear in each weight). The flags are set directly, without calling ``train()``
       overrides, and each is put back as it was (a module the user left in train mode stays so);
-    - code compiled with ``torch.compile`` runs eagerly
-      (:func:`~lightning_flatness.functional.model_io.compiled_code_eager`: no recompilation, the
-      training run's compile cache untouched);
-    - ``torch.autocast`` contexts that the model's own ``forward`` enters are entered disabled
-      (:func:`~lightning_flatness.functional.model_io.model_autocast_disabled`: full precision, as below);
+    - what holds whenever a measurement runs the model
+      (:func:`~lightning_flatness.functional.measurement_context.measurement_context`): compiled code runs
+      eagerly (no recompilation, the training run's compile cache untouched), the model's own
+      ``torch.autocast`` contexts run disabled (full precision, as below), eval-mode caches derived from the
+      parameters miss, and module backward hooks are suspended;
     - floating parameters and buffers whose dtype is not ``dtype`` (16-bit training) are replaced by
       cast copies (:func:`floating_point_in`); tensors already in ``dtype`` are the live ones. The
       original objects go back into their slots on exit, also on error.
@@ -160,7 +160,7 @@ def measurement_view(module: nn.Module, dtype: torch.dtype) -> Iterator[nn.Modul
     try:
         for m, _ in modes:
             m.training = False
-        with floating_point_in(module, dtype), compiled_code_eager(), model_autocast_disabled():
+        with floating_point_in(module, dtype), measurement_context(module):
             yield module
     finally:
         for m, training in modes:

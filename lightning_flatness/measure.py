@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_flatness.batch_split import split_batch as default_split_batch
-from lightning_flatness.functional.backward_hooks import TensorHooksLeftOut
 from lightning_flatness.functional.dense_experts import dense_experts
 from lightning_flatness.functional.estimators import HessianDiagonalEstimate, hessian_diagonal_groups
 from lightning_flatness.functional.estimators.method_choice import MethodChoice, choose_method
@@ -40,14 +39,13 @@ from lightning_flatness.functional.loss_forms import (
 )
 from lightning_flatness.functional.loss_hessian_factors import ELEMENTWISE_LOSSES, is_probability_target
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
+from lightning_flatness.functional.measurement_context import measurement_context
 from lightning_flatness.functional.model_io import (
     TokenLoss,
     arguments_for,
-    call_model,
-    compiled_code_eager,
     inputs_batch_size,
+    logits_without_gradient,
     map_inputs,
-    model_autocast_disabled,
     outputs_of_first_samples,
     select_samples,
     with_decoder_inputs,
@@ -350,15 +348,17 @@ class SharpnessResult:
         return self.values[key]
 
 
-def _dense_experts(method: Callable[..., Any]) -> Callable[..., Any]:
-    """A :class:`SharpnessMeasurement` method run with the model's mixture-of-experts modules written out
-    densely (:func:`~lightning_flatness.functional.dense_experts.dense_experts`; the same function): every
-    forward pass of a measurement then runs in any dtype, where ``torch._grouped_mm``, their default, has
-    no float64 kernel on the CPU (``SharpnessMonitor(dtype="float64")`` on a model trained in float32)."""
+def _measuring(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A :class:`SharpnessMeasurement` method run as a measurement runs the model
+    (:func:`~lightning_flatness.functional.measurement_context.measurement_context`), with its
+    mixture-of-experts modules written out densely
+    (:func:`~lightning_flatness.functional.dense_experts.dense_experts`; the same function): every forward
+    pass of a measurement then runs in any dtype, where ``torch._grouped_mm``, their default, has no float64
+    kernel on the CPU (``SharpnessMonitor(dtype="float64")`` on a model trained in float32)."""
 
     @functools.wraps(method)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with dense_experts(self.model):
+        with measurement_context(self.model), dense_experts(self.model):
             return method(self, *args, **kwargs)
 
     return wrapper
@@ -454,8 +454,7 @@ class SharpnessMeasurement:
         self.out_of_memory_at: Optional[int] = None
         self._loss_resolved = not resolve_sequence_loss
 
-    @_dense_experts
-    @model_autocast_disabled()
+    @_measuring
     def resolve(self, inputs: Any, target: Tensor) -> MethodChoice:
         """The estimator for this model and loss (``method="auto"``: decided on this batch, once)."""
         inputs = with_decoder_inputs(self.model, arguments_for(self.model, inputs), target)
@@ -467,7 +466,7 @@ class SharpnessMeasurement:
             self.choice = choose_method(self.model, self.loss_fn, inputs, target, parameters=self.parameters)
         return self.choice
 
-    @_dense_experts
+    @_measuring
     def estimate(self, inputs: Any, target: Tensor):
         """The Hessian-diagonal estimate of one batch (one group), without adding it."""
         inputs = with_decoder_inputs(self.model, arguments_for(self.model, inputs), target)
@@ -488,14 +487,12 @@ class SharpnessMeasurement:
             num_sketches=self.num_sketches,
         )
 
-    @_dense_experts
-    @model_autocast_disabled()
+    @_measuring
     def loss_is_finite(self, inputs: Any, target: Tensor) -> bool:
         """Whether the logits and the loss of this batch are finite (one forward pass, no gradient)."""
-        with torch.no_grad(), TensorHooksLeftOut():
-            logits = call_model(
-                self.model, with_decoder_inputs(self.model, arguments_for(self.model, inputs), target)
-            )
+        inputs = with_decoder_inputs(self.model, arguments_for(self.model, inputs), target)
+        logits = logits_without_gradient(self.model, inputs)
+        with torch.no_grad():
             return bool(torch.isfinite(logits).all()) and bool(
                 torch.isfinite(self.loss_fn(logits, target)).all()
             )
@@ -507,8 +504,7 @@ class SharpnessMeasurement:
         except Exception:
             return False
 
-    @compiled_code_eager()
-    @model_autocast_disabled()
+    @_measuring
     def add(self, inputs: Any, target: Tensor) -> bool:
         """Estimate on one batch and pool it; ``False`` (nothing pooled) when the loss or the estimate is
         NaN or infinite (an estimate that overflowed a dtype narrower than float64 is first redone in

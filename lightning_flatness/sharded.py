@@ -98,10 +98,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_flatness.batch_split import split_batch as default_split_batch
-from lightning_flatness.functional.backward_hooks import backward_hooks_suspended
 from lightning_flatness.functional.estimators.exact import _loss_factors
 from lightning_flatness.functional.loss_forms import loss_for_outputs
 from lightning_flatness.functional.losses import normalized_softmax_cross_entropy
+from lightning_flatness.functional.measurement_context import measurement_context
 from lightning_flatness.functional.measures import MEASURES, measure_totals
 from lightning_flatness.functional.model_io import arguments_for, call_model, inputs_batch_size
 from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
@@ -318,7 +318,7 @@ class ShardedSharpnessMeasurement:
     def add(self, inputs: Any, target: Tensor) -> None:
         """Estimate the Gauss-Newton diagonal of this rank's batch, sum it over ranks into the rows of
         each rank, slot ``num_batches mod R``. A collective: every rank calls it the same number of times."""
-        with backward_hooks_suspended(self.model):  # the user's module backward hooks: not for our columns
+        with measurement_context(self.model):  # e.g. the user's module backward hooks: not for our columns
             self._add(inputs, target)
 
     def _add(self, inputs: Any, target: Tensor) -> None:

@@ -20,14 +20,13 @@ are left out likewise: by the recorder in the recorded forwards, by :class:`Tens
 forwards without gradient (where torch refuses them) and in those of the estimators that differentiate by
 autograd alone (Hutchinson, finite differences). Not in the sharded FSDP2 measurement, whose forward
 registers FSDP's own tensor hooks.
-:func:`suspending_backward_hooks` is the same as a decorator for functions whose first argument is the
-model (the estimators' front door, ``choose_method``). Cost: one walk over the modules per call.
+A measurement enters it with the rest of what holds while it runs
+(:mod:`~lightning_flatness.functional.measurement_context`). Cost: one walk over the modules per call.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator
 from typing import Any, Callable, TypeVar
 
@@ -40,7 +39,6 @@ __all__ = [
     "backward_hooks_suspended",
     "left_out_tensor_hook",
     "registers_tensor_hook",
-    "suspending_backward_hooks",
 ]
 
 #: the tensor methods by which a forward asks for gradients of an intermediate tensor in training's backward
@@ -141,14 +139,3 @@ class TensorHooksLeftOut(TorchFunctionMode):
         if registers_tensor_hook(func):
             return left_out_tensor_hook(func)
         return func(*args, **(kwargs or {}))
-
-
-def suspending_backward_hooks(function: F) -> F:
-    """``function(model, ...)`` run inside :func:`backward_hooks_suspended` of its first argument."""
-
-    @functools.wraps(function)
-    def wrapper(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        with backward_hooks_suspended(model):
-            return function(model, *args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]

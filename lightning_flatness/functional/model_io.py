@@ -36,6 +36,7 @@ __all__ = [
     "compiled_code_eager",
     "extract_logits",
     "inputs_batch_size",
+    "logits_without_gradient",
     "map_inputs",
     "model_autocast_disabled",
     "outputs_of_first_samples",
@@ -301,12 +302,21 @@ def with_decoder_inputs(model: nn.Module, inputs: Any, target: Tensor) -> Any:
     return inputs
 
 
+def logits_without_gradient(model: Callable[..., Any], inputs: Any) -> Tensor:
+    """:func:`call_model` without gradient (the measurement's looks at the outputs: their layout, whether
+    they are finite), with the tensor hooks a ``forward`` registers left out
+    (:class:`~lightning_flatness.functional.backward_hooks.TensorHooksLeftOut`: torch refuses them on a
+    tensor that does not require grad)."""
+    with torch.no_grad(), TensorHooksLeftOut():
+        return call_model(model, inputs)
+
+
 def outputs_of_first_samples(model: Callable[..., Any], inputs: Any, count: int = 2) -> Tensor:
     """The logits of ``model`` on the first ``count`` samples of ``inputs`` (one forward pass without
-    gradient): what the front doors look at to settle the loss and its layout."""
+    gradient, :func:`logits_without_gradient`): what the front doors look at to settle the loss and its
+    layout."""
     n = inputs_batch_size(inputs)
-    with torch.no_grad(), TensorHooksLeftOut():
-        return call_model(model, select_samples(inputs, slice(0, min(n, count)), n))
+    return logits_without_gradient(model, select_samples(inputs, slice(0, min(n, count)), n))
 
 
 #: ``F.interpolate`` modes of :class:`TokenLoss`'s upsampling, by the number of position dims.

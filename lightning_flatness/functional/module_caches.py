@@ -12,8 +12,8 @@ sketch aside.
 :func:`recomputed_caches` replaces every such cache (:data:`CACHE_ATTRIBUTES`) for the duration of a block
 by a dict that never reports an entry, so the model gathers its biases from the parameter it is given at
 every call, as it does in training mode. The values are the same (the same gather); the original caches
-and their contents go back afterwards, also on error. :func:`recomputing_caches` is the same as a
-decorator for functions whose first argument is the model (the estimators' front door, ``choose_method``).
+and their contents go back afterwards, also on error. A measurement enters it with the rest of what holds
+while it runs (:mod:`~lightning_flatness.functional.measurement_context`).
 
 Cost: one gather of the bias table per attention call, as in training.
 """
@@ -21,12 +21,11 @@ Cost: one gather of the bias table per attention call, as in training.
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Any, Callable, Iterator, TypeVar
 
 from torch import nn
 
-__all__ = ["CACHE_ATTRIBUTES", "recomputed_caches", "recomputing_caches"]
+__all__ = ["CACHE_ATTRIBUTES", "recomputed_caches"]
 
 #: Names of the dict attributes that hold a module's tensors derived from its parameters in eval mode.
 CACHE_ATTRIBUTES = ("attention_bias_cache",)
@@ -77,14 +76,3 @@ def recomputed_caches(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, name, cache in reversed(swapped):
             module.__dict__[name] = cache
-
-
-def recomputing_caches(function: F) -> F:
-    """``function(model, ...)`` run inside :func:`recomputed_caches` of its first argument."""
-
-    @functools.wraps(function)
-    def wrapper(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        with recomputed_caches(model):
-            return function(model, *args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]

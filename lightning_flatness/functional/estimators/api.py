@@ -8,18 +8,15 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_flatness.functional.backward_hooks import suspending_backward_hooks
 from lightning_flatness.functional.estimators.registry import ESTIMATORS, EstimatorSpec
 from lightning_flatness.functional.loss_forms import loss_for_outputs, needs_outputs, standard_loss
+from lightning_flatness.functional.measurement_context import in_measurement_context
 from lightning_flatness.functional.model_io import (
     TokenLoss,
-    compiled_code_eager,
     inputs_batch_size,
-    model_autocast_disabled,
     outputs_of_first_samples,
     split_samples,
 )
-from lightning_flatness.functional.module_caches import recomputing_caches
 from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
 
 __all__ = [
@@ -105,10 +102,7 @@ def _settled_loss(model: nn.Module, loss_fn: LossFn, inputs: Any) -> LossFn:
     return loss_for_outputs(loss_fn, outputs_of_first_samples(model, inputs))
 
 
-@compiled_code_eager()
-@model_autocast_disabled()
-@recomputing_caches
-@suspending_backward_hooks
+@in_measurement_context
 def hessian_diagonal_groups(
     model: nn.Module,
     loss_fn: LossFn,

@@ -59,17 +59,15 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from lightning_flatness.functional.backward_hooks import TensorHooksLeftOut, suspending_backward_hooks
 from lightning_flatness.functional.estimators.registry import ESTIMATORS
 from lightning_flatness.functional.loss_forms import standard_loss
 from lightning_flatness.functional.loss_hessian_factors import has_loss_hessian_structure
+from lightning_flatness.functional.measurement_context import in_measurement_context
 from lightning_flatness.functional.model_io import (
-    compiled_code_eager,
     inputs_batch_size,
-    model_autocast_disabled,
+    logits_without_gradient,
     select_samples,
 )
-from lightning_flatness.functional.module_caches import recomputing_caches
 from lightning_flatness.functional.parameters import ParameterSelection, select_parameters
 
 __all__ = ["MAX_EXACT_OUTPUTS", "SKETCH_MIN_WORK", "MethodChoice", "choose_method", "gauss_newton_blockers"]
@@ -118,10 +116,7 @@ def outputs_per_sample(model: Any, loss_fn: Callable, inputs: Any) -> int:
 
 def _outputs(model: Any, inputs: Any) -> tuple[int, int]:
     """``(D, logits.ndim)`` of ``model`` on ``inputs`` (one forward pass, no gradient)."""
-    from lightning_flatness.functional.model_io import call_model
-
-    with torch.no_grad(), TensorHooksLeftOut():
-        logits = call_model(model, inputs)
+    logits = logits_without_gradient(model, inputs)
     return (int(logits[0].numel()) if logits.ndim > 0 else 1), logits.ndim
 
 
@@ -141,10 +136,7 @@ def gauss_newton_blockers(
     return list(forward.issues)
 
 
-@compiled_code_eager()
-@model_autocast_disabled()
-@recomputing_caches
-@suspending_backward_hooks
+@in_measurement_context
 def choose_method(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
