@@ -454,10 +454,20 @@ class SharpnessMeasurement:
         self.out_of_memory_at: Optional[int] = None
         self._loss_resolved = not resolve_sequence_loss
 
+    def _model_inputs(self, inputs: Any, target: Tensor) -> Any:
+        """``inputs`` as the model is called with them: arranged for its signature
+        (:func:`~lightning_flatness.functional.model_io.arguments_for`), with an encoder-decoder's decoder
+        inputs derived from the labels
+        (:func:`~lightning_flatness.functional.model_io.with_decoder_inputs`)."""
+        return with_decoder_inputs(self.model, arguments_for(self.model, inputs), target)
+
     @_measuring
     def resolve(self, inputs: Any, target: Tensor) -> MethodChoice:
         """The estimator for this model and loss (``method="auto"``: decided on this batch, once)."""
-        inputs = with_decoder_inputs(self.model, arguments_for(self.model, inputs), target)
+        return self._resolve(self._model_inputs(inputs, target), target)
+
+    def _resolve(self, inputs: Any, target: Tensor) -> MethodChoice:
+        """:meth:`resolve` on inputs already arranged (:meth:`_model_inputs`)."""
         if not self._loss_resolved:
             logits = outputs_of_first_samples(self.model, inputs, 2)
             self.loss_fn = resolve_loss(self.loss_fn, self.model, logits, target[:2])
@@ -469,8 +479,8 @@ class SharpnessMeasurement:
     @_measuring
     def estimate(self, inputs: Any, target: Tensor):
         """The Hessian-diagonal estimate of one batch (one group), without adding it."""
-        inputs = with_decoder_inputs(self.model, arguments_for(self.model, inputs), target)
-        choice = self.resolve(inputs, target)
+        inputs = self._model_inputs(inputs, target)
+        choice = self._resolve(inputs, target)
         return hessian_diagonal_groups(
             self.model,
             self.loss_fn,
@@ -490,8 +500,7 @@ class SharpnessMeasurement:
     @_measuring
     def loss_is_finite(self, inputs: Any, target: Tensor) -> bool:
         """Whether the logits and the loss of this batch are finite (one forward pass, no gradient)."""
-        inputs = with_decoder_inputs(self.model, arguments_for(self.model, inputs), target)
-        logits = logits_without_gradient(self.model, inputs)
+        logits = logits_without_gradient(self.model, self._model_inputs(inputs, target))
         with torch.no_grad():
             return bool(torch.isfinite(logits).all()) and bool(
                 torch.isfinite(self.loss_fn(logits, target)).all()
