@@ -40,6 +40,7 @@ from lightning_flatness.functional.model_io import (
     select_samples,
     with_decoder_inputs,
 )
+from lightning_flatness.functional.parameters import uninitialized_parameters
 from lightning_flatness.functional.replicate_measures import JACKKNIFE_MODES
 from lightning_flatness.isolation import (
     autograd_tensor,
@@ -78,6 +79,15 @@ _AUTO = "auto"
 _DEFAULT_BATCH_SIZE = 128
 _DRY_RUN_SAMPLES = 4
 _RELATIVE_ERROR_ADVICE = 0.05
+
+
+def _is_weight_averaging(callback: Any) -> bool:
+    """Whether ``callback`` is Lightning's ``WeightAveraging`` or a subclass (``EMAWeightAveraging``), in
+    either namespace (``pytorch_lightning`` or ``lightning.pytorch``)."""
+    return any(
+        c.__name__ == "WeightAveraging" and c.__module__.endswith("callbacks.weight_averaging")
+        for c in type(callback).__mro__
+    )
 
 
 def _is_nonnegative_int(value: Any) -> bool:
@@ -356,6 +366,7 @@ class SharpnessMonitorBase:
             return
         self._subset, self._prepared, self._layouts_written = None, False, set()
         self._undrawn_chart, self._memory_batch_size = None, None
+        self._measured_names: Optional[list[str]] = None  # the tensors of the last measurement
         clash = [
             cb
             for cb in trainer.callbacks
@@ -383,15 +394,33 @@ class SharpnessMonitorBase:
                 "validation loop (no val_dataloader, or limit_val_batches=0), so it will never "
                 "run; add a validation set (a single batch is enough: limit_val_batches=1).",
             )
-        if any(True for _ in pl_module.parameters()):  # else built later (configure_model): check in _prepare
-            self._check_parameters(pl_module)
+        if stage == "fit":
+            self._say_which_weights_with_averaging(trainer)
+        if any(True for _ in pl_module.parameters()) and not uninitialized_parameters(pl_module):
+            self._check_parameters(pl_module)  # else built later (configure_model, lazy modules): in _prepare
         if self._seed is None:
             self._seed = int(trainer.strategy.broadcast(secrets.randbits(62), src=0))
         with preserved_rng_states():  # a train_dataloader() hook may draw random numbers
             self._resolve_data(trainer, final=False)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if uninitialized_parameters(pl_module):  # lazy modules: created by the first forward
+            self._info_once(
+                trainer,
+                "lazy",
+                "SharpnessMonitor: the model's lazy modules create their parameters in its first forward, "
+                "so the checks and the dry run wait for the end of the first training step.",
+            )
+            return
         self._prepare(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._prepared and not uninitialized_parameters(
+            pl_module
+        ):  # after lazy modules' first forward
+            self._prepare(trainer, pl_module)
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         if not self._prepared and trainer.state.fn == "validate":
@@ -415,6 +444,28 @@ class SharpnessMonitorBase:
         self._state_buffer = None  # the kept metric state is freed with the run
 
     # -- preparation --------------------------------------------------------------------------------
+
+    def _say_which_weights_with_averaging(self, trainer: Any) -> None:
+        """Lightning's ``WeightAveraging`` (EMA) swaps the averaged weights in at the start of validation and
+        back in its ``on_validation_epoch_end``, so which weights this callback's ``on_validation_epoch_end``
+        measures follows the order of ``Trainer(callbacks=...)``: say which, and how to get the other."""
+        averaging = [cb for cb in trainer.callbacks if _is_weight_averaging(cb)]
+        if not averaging:
+            return
+        name = type(averaging[0]).__name__
+        first = trainer.callbacks.index(self) < trainer.callbacks.index(averaging[0])
+        if first:
+            measured = f"the averaged weights that validation uses ({name} has swapped them in)"
+            other = f"after {name} to measure the weights training updates"
+        else:
+            measured = f"the weights training updates ({name} has swapped the averaged ones out again)"
+            other = f"before {name} to measure the averaged weights that validation uses"
+        self._warn_once(
+            trainer,
+            "weight_averaging",
+            f"SharpnessMonitor comes {'before' if first else 'after'} {name} in the Trainer's callbacks, so "
+            f"it measures {measured}; put it {other}.",
+        )
 
     @staticmethod
     def _validation_runs(trainer: Any) -> bool:
@@ -529,11 +580,20 @@ class SharpnessMonitorBase:
                         self._warn_once(trainer, f"loss: {warning.message}", str(warning.message))
                     self._estimate(trainer, pl_module, network, inputs, target, dry_run=True)
             except Exception as err:
+                steps = trainer.global_step
+                when, after = (
+                    ("before training", "training has not started")
+                    if steps == 0
+                    else (
+                        f"after training step {steps}, which created the lazy modules' parameters",
+                        "training stops here",
+                    )
+                )
                 raise RuntimeError(
                     f"SharpnessMonitor cannot measure {type(pl_module).__name__} (dry run on "
-                    f"{min(n, _DRY_RUN_SAMPLES)} samples before training): {type(err).__name__}: {err} "
+                    f"{min(n, _DRY_RUN_SAMPLES)} samples {when}): {type(err).__name__}: {err} "
                     "Pass another `method=`, `loss_fn=` or `parameters=`, or override `split_batch` / "
-                    "`measured_network`; training has not started."
+                    f"`measured_network`; {after}."
                 ) from err
         if self._choice is not None and self.method == _AUTO and "fallback" not in self._warned:
             message = (
@@ -728,6 +788,7 @@ class SharpnessMonitorBase:
                 measurement.memory_batch_size = self._memory_batch_size  # an earlier measurement's, if any
                 measurement.metric.reuse_state(self._take_state_buffer(measurement.metric))
                 weights = measurement.weights
+                self._say_if_the_selection_changed(trainer, list(weights))
                 nonfinite = not all(all_finite(w) for w in weights.values())
                 description = f"Sharpness ({self._resolved_method or 'exact'})"
                 with progress_reporter(trainer, total, description) as advance:
@@ -807,6 +868,26 @@ class SharpnessMonitorBase:
             values = {k: float("nan") for k in keys}
             values["num_samples"] = 0.0
         return values
+
+    def _say_if_the_selection_changed(self, trainer: Any, names: list[str]) -> None:
+        """Warn (once per new selection) when the measured tensors differ from the last measurement's: the
+        default selection follows ``requires_grad``, so unfreezing a backbone (``BackboneFinetuning``) adds
+        its tensors, and the totals step where it happens."""
+        previous, self._measured_names = self._measured_names, names
+        if previous is None or previous == names:
+            return
+        added = [n for n in names if n not in previous]
+        removed = [n for n in previous if n not in names]
+        self._warn_once(
+            trainer,
+            f"selection {names}",
+            f"SharpnessMonitor (epoch {trainer.current_epoch}): the measured tensors changed since the last "
+            f"measurement (added {len(added)}: {added[:5]}; removed {len(removed)}: {removed[:5]}), as when "
+            "layers are unfrozen or frozen: the default selection measures the parameters that require grad. "
+            f"The totals ('{self.prefix}/normalized', ...) step here; the per-tensor curves are unaffected. "
+            "For totals of one composition throughout, pass `parameters=` with the tensors trained all "
+            "along.",
+        )
 
     @staticmethod
     def _failure_advice(failure: BaseException) -> str:

@@ -12,7 +12,14 @@ For the duration of a block, and put back exactly on exit (also on error):
   tables they differentiate);
 - module backward hooks are suspended
   (:func:`~lightning_flatness.functional.backward_hooks.backward_hooks_suspended`: they would see the
-  estimators' columns as gradients).
+  estimators' columns as gradients);
+- embedding tables with ``max_norm`` hold their renormalised rows and do not renormalise
+  (:func:`~lightning_flatness.functional.embedding_renorm.renormalised_tables`: their ``forward`` would
+  change the live table).
+
+On a normal exit it checks that no parameter was changed in place meanwhile (a ``forward`` that writes
+to its weights, e.g. ``F.embedding(..., max_norm=)`` called directly): a measurement must leave the
+weights as it found them, so such a change raises :class:`ParametersChangedInPlace` naming the tensors.
 
 The estimators' front door (``hessian_diagonal_groups``), ``choose_method``, ``SharpnessMeasurement`` and the
 callback's ``measurement_view`` enter it; a nested block for the same model enters nothing more.
@@ -25,18 +32,45 @@ import functools
 from collections.abc import Iterator
 from typing import Any, Callable, TypeVar
 
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_flatness.functional.backward_hooks import backward_hooks_suspended
+from lightning_flatness.functional.embedding_renorm import renormalised_tables
 from lightning_flatness.functional.model_io import compiled_code_eager, model_autocast_disabled
 from lightning_flatness.functional.module_caches import recomputed_caches
 
-__all__ = ["in_measurement_context", "measurement_context"]
+__all__ = ["ParametersChangedInPlace", "in_measurement_context", "measurement_context"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 _ENTERED: set[int] = set()  # ids of the models inside a measurement context (nested blocks enter nothing)
+
+
+class ParametersChangedInPlace(RuntimeError):
+    """The model changed some of its parameters in place while a measurement ran it."""
+
+
+def _versions(model: nn.Module) -> dict[str, tuple[Tensor, int]]:
+    """``{name: (parameter, its version counter)}`` for the plain-tensor parameters of ``model``."""
+    return {
+        name: (p, p._version)
+        for name, p in model.named_parameters()
+        if type(p) is nn.Parameter or type(p) is Tensor
+    }
+
+
+def _check_unchanged(versions: dict[str, tuple[Tensor, int]]) -> None:
+    changed = [name for name, (p, version) in versions.items() if p._version != version]
+    if changed:
+        raise ParametersChangedInPlace(
+            f"the model changed {len(changed)} of its parameters in place while the measurement ran its "
+            f"forward: {changed[:5]}. A measurement must leave the weights as it found them, so it stops "
+            "here; the values of these tensors have changed. Typical cause: a forward that writes to its "
+            "weights (F.embedding(..., max_norm=) called directly: use nn.Embedding(max_norm=), which the "
+            "measurement handles; a clamp_ or renorm_ of a weight). Move the change out of forward (e.g. "
+            "into on_before_optimizer_step / on_train_batch_end), or measure the model without it."
+        )
 
 
 @contextlib.contextmanager
@@ -53,8 +87,11 @@ def measurement_context(model: nn.Module) -> Iterator[nn.Module]:
             model_autocast_disabled(),
             recomputed_caches(model),
             backward_hooks_suspended(model),
+            renormalised_tables(model),
         ):
+            versions = _versions(model)
             yield model
+            _check_unchanged(versions)
     finally:
         _ENTERED.discard(id(model))
 

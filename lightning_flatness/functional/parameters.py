@@ -71,6 +71,7 @@ from typing import Callable, Iterable, Mapping, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 __all__ = [
     "is_experts_module",
@@ -82,6 +83,7 @@ __all__ = [
     "is_additive_offset",
     "is_rule_read_vector",
     "is_vector_shaped",
+    "uninitialized_parameters",
 ]
 
 ParameterSelection = Union[None, str, Iterable[str], Callable[[str, Tensor], bool]]
@@ -186,6 +188,13 @@ def is_rule_read_vector(model: nn.Module, name: str) -> bool:
     return _is(owner, _RULE_READ_VECTORS) and leaf in ("weight", "bias")
 
 
+def uninitialized_parameters(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers of ``model`` that lazy modules (``nn.LazyLinear``, ...) have not
+    created yet (``torch.nn.parameter.is_lazy``): their first forward creates them."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [name for name, t in tensors if is_lazy(t)]
+
+
 def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -> dict[str, nn.Parameter]:
     """The tensors whose Hessian diagonal (and sharpness) is measured, keyed as in
     ``model.named_parameters()``.
@@ -229,7 +238,19 @@ def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -
     """
     if parameters is not None and not isinstance(parameters, str) and not callable(parameters):
         parameters = list(parameters)  # names: read twice below
-    named = {n: p for n, p in model.named_parameters() if p.numel() > 0 or _named_explicitly(parameters, n)}
+    try:
+        named = {
+            n: p for n, p in model.named_parameters() if p.numel() > 0 or _named_explicitly(parameters, n)
+        }
+    except ValueError:  # UninitializedParameter.numel()
+        lazy = uninitialized_parameters(model)
+        if not lazy:
+            raise
+        raise ValueError(
+            f"the model's lazy modules have not created their parameters yet ({lazy[:5]}, "
+            f"{len(lazy)} in all): a lazy module creates them in its first forward; run the model on a "
+            "batch once before measuring it."
+        ) from None
     if parameters is None:
         chosen = {
             n: p

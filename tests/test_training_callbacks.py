@@ -1,0 +1,103 @@
+"""The monitor beside Lightning's callbacks that change what is trained: ``WeightAveraging`` (EMA)
+swaps averaged weights in for validation, so which weights the monitor measures follows the callbacks' order,
+and the monitor says which; ``BackboneFinetuning`` unfreezes a backbone, which adds tensors to the default
+selection, and the monitor says so."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from callback_models import Wrapped, quiet_trainer
+from pytorch_lightning.callbacks import BackboneFinetuning
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_flatness import SharpnessMonitor
+
+WeightAveraging = pytest.importorskip("pytorch_lightning.callbacks").WeightAveraging
+
+
+def _data() -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(64, 5, generator=g), torch.randint(0, 3, (64,), generator=g))
+
+
+def _fit(order: str) -> tuple[list[float], list[str]]:
+    data = _data()
+    pl.seed_everything(0, verbose=False)
+    monitor = SharpnessMonitor(num_samples=32)
+    callbacks = {
+        "monitor first": [monitor, WeightAveraging()],
+        "averaging first": [WeightAveraging(), monitor],
+        "no averaging": [monitor],
+    }[order]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(callbacks, max_epochs=3).fit(
+            Wrapped(nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))),
+            DataLoader(data, batch_size=8, shuffle=True),
+            DataLoader(data, batch_size=8),
+        )
+    said = [str(w.message) for w in caught if "WeightAveraging in the Trainer's callbacks" in str(w.message)]
+    return [entry["normalized"] for entry in monitor.history], said
+
+
+def test_the_monitor_says_which_weights_it_measures_beside_weight_averaging():
+    plain, said_plain = _fit("no averaging")
+    after, said_after = _fit("averaging first")
+    before, said_before = _fit("monitor first")
+    assert said_plain == []
+    assert len(said_after) == 1 and "after WeightAveraging" in said_after[0]
+    assert "measures the weights training updates" in said_after[0]
+    assert len(said_before) == 1 and "measures the averaged weights that validation uses" in said_before[0]
+    # WeightAveraging leaves the training weights alone until the fit ends: measured after it, the curve is
+    # the one without it, bit for bit; measured before it, the curve is of other weights (the averages)
+    assert after == plain
+    assert len(before) == 3 and before[0] != plain[0] and before[1:] != plain[1:]
+
+
+class Finetuned(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(5, 16), nn.ReLU())
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+def test_unfreezing_a_backbone_adds_its_tensors_and_the_monitor_says_the_totals_step():
+    pl.seed_everything(0, verbose=False)
+    monitor = SharpnessMonitor(num_samples=32)
+    data = _data()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer([BackboneFinetuning(unfreeze_backbone_at_epoch=2), monitor], max_epochs=4).fit(
+            Finetuned(), DataLoader(data, batch_size=8, shuffle=True), DataLoader(data, batch_size=8)
+        )
+    said = [str(w.message) for w in caught if "the measured tensors changed" in str(w.message)]
+    assert (
+        len(said) == 1
+        and "(epoch 2)" in said[0]
+        and "added 2: ['backbone.0.weight', 'backbone.0.bias']" in said[0]
+    )
+    tensors = [
+        sorted(k.split("/", 1)[1] for k in entry if k.startswith("normalized/")) for entry in monitor.history
+    ]
+    assert tensors == [["head.weight"]] * 2 + [["backbone.0.weight", "head.weight"]] * 2
+    for entry in monitor.history:  # the total is the sum of the measured tensors' values
+        parts = [v for k, v in entry.items() if k.startswith("normalized/")]
+        assert entry["normalized"] == pytest.approx(sum(parts), rel=1e-12)
