@@ -34,6 +34,8 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_flatness.functional.module_walk import modules_of
+
 __all__ = [
     "TensorHooksLeftOut",
     "backward_hooks_suspended",
@@ -85,7 +87,7 @@ def backward_hooks_suspended(model: nn.Module) -> Iterator[nn.Module]:
         for hooks in (globals_._global_backward_hooks, globals_._global_backward_pre_hooks):
             if hooks:
                 suspended.append((hooks, _taken(hooks)))
-        for module in model.modules():
+        for module in modules_of(model):
             for hooks in (module._backward_hooks, module._backward_pre_hooks):
                 if hooks:
                     suspended.append((hooks, _taken(hooks)))

@@ -29,6 +29,7 @@ from typing import Any, Iterator
 from torch import Tensor, nn
 
 from lightning_flatness.functional.instance_forwards import instance_forwards, replaceable
+from lightning_flatness.functional.module_walk import modules_of
 
 __all__ = ["SEQUENCE_ARGUMENTS", "batch_first_transformers"]
 
@@ -98,7 +99,7 @@ def batch_first_transformers(model: nn.Module) -> Iterator[nn.Module]:
     """
     modules: list[nn.Module] = []
     inside: set[int] = set()
-    for m in model.modules():  # parents come before their children
+    for m in modules_of(model):  # parents come before their children
         if id(m) in inside:
             continue
         if type(m) in SEQUENCE_ARGUMENTS and replaceable(m) and _sequence_first(m):

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_flatness.functional.instance_forwards import instance_forwards
+from lightning_flatness.functional.module_walk import modules_of
 
 __all__ = [
     "ExplicitAttentionCalls",
@@ -317,6 +318,6 @@ def explicit_multi_head_attention(model: nn.Module) -> Iterator[nn.Module]:
         >>> torch.allclose(out, mha(x, x, x, need_weights=False)[0], atol=1e-6)
         True
     """
-    attention = (m for m in model.modules() if isinstance(m, nn.MultiheadAttention))
+    attention = (m for m in modules_of(model) if isinstance(m, nn.MultiheadAttention))
     with instance_forwards((m, _forward) for m in attention):  # a replaced forward is kept
         yield model

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_flatness.functional.instance_forwards import instance_forwards
+from lightning_flatness.functional.module_walk import modules_of
 
 __all__ = ["composite_recurrent", "explicit_recurrent_layers", "writes_out"]
 
@@ -136,5 +137,5 @@ def explicit_recurrent_layers(model: nn.Module) -> Iterator[nn.Module]:
         >>> torch.allclose(out, lstm(x)[0], atol=1e-6), h.shape
         (True, torch.Size([1, 2, 4]))
     """
-    with instance_forwards((m, _forward) for m in model.modules() if type(m) in (nn.LSTM, nn.GRU, nn.RNN)):
+    with instance_forwards((m, _forward) for m in modules_of(model) if type(m) in (nn.LSTM, nn.GRU, nn.RNN)):
         yield model

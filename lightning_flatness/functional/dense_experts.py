@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_flatness.functional.instance_forwards import instance_methods, replaceable
+from lightning_flatness.functional.module_walk import modules_of
 from lightning_flatness.functional.parameters import is_experts_module
 
 __all__ = [
@@ -141,10 +142,11 @@ def is_llama4_moe(module: nn.Module) -> bool:
     """Whether ``module`` is Llama 4's mixture-of-experts layer (``Llama4TextMoe``: a router returning sigmoid
     scores, experts with stacks ``gate_up_proj`` ``(E, H, 2I)`` and ``down_proj`` ``(E, I, H)``, a shared
     expert), which :func:`llama4_moe_forward` writes out."""
+    if type(module).__name__ != "Llama4TextMoe":  # first: the lookups below fail on every other module
+        return False
     experts: Any = getattr(module, "experts", None)
     return (
-        type(module).__name__ == "Llama4TextMoe"
-        and all(hasattr(module, name) for name in ("router", "shared_expert", "hidden_dim"))
+        all(hasattr(module, name) for name in ("router", "shared_expert", "hidden_dim"))
         and isinstance(getattr(experts, "gate_up_proj", None), Tensor)
         and isinstance(getattr(experts, "down_proj", None), Tensor)
         and experts.gate_up_proj.ndim == 3
@@ -174,11 +176,12 @@ def is_jetmoe_mixture(module: nn.Module) -> bool:
     a Linear ``layer``, parallel experts ``input_linear`` and ``output_linear`` holding ``(E, O, I)`` stacks,
     an output bias), which :func:`jetmoe_moe_forward` or :func:`jetmoe_moa_map` and
     :func:`jetmoe_moa_reduce` write out."""
+    if type(module).__name__ not in ("JetMoeMoE", "JetMoeMoA"):  # first: the lookups below fail elsewhere
+        return False
     router: Any = getattr(module, "router", None)
     stacks = [getattr(getattr(module, n, None), "weight", None) for n in ("input_linear", "output_linear")]
     return (
-        type(module).__name__ in ("JetMoeMoE", "JetMoeMoA")
-        and isinstance(getattr(router, "layer", None), nn.Linear)
+        isinstance(getattr(router, "layer", None), nn.Linear)
         and isinstance(getattr(router, "top_k", None), int)
         and all(isinstance(w, Tensor) and w.ndim == 3 for w in stacks)
         and isinstance(getattr(module, "bias", None), Tensor)
@@ -292,5 +295,5 @@ def dense_experts(model: nn.Module) -> Iterator[nn.Module]:
         >>> torch.allclose(dense, experts(x, index, weights), atol=1e-6)
         True
     """
-    with instance_methods(r for m in model.modules() for r in _rewrites(m)):
+    with instance_methods(r for m in modules_of(model) for r in _rewrites(m)):
         yield model

@@ -33,6 +33,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from lightning_flatness.functional.module_walk import modules_of
+
 __all__ = ["renormalised_tables"]
 
 
@@ -54,7 +56,7 @@ def renormalised_tables(model: nn.Module) -> Iterator[nn.Module]:
     """
     held: list[tuple[nn.Embedding | nn.EmbeddingBag, float, Tensor]] = []
     try:
-        for module in model.modules():
+        for module in modules_of(model):
             if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or module.max_norm is None:
                 continue
             table = module.weight.detach()

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_flatness.functional.instance_forwards import instance_forwards
+from lightning_flatness.functional.module_walk import modules_of
 
 __all__ = ["EXPLICIT_ACTIVATIONS", "explicit_activations"]
 
@@ -69,6 +70,6 @@ def explicit_activations(model: nn.Module) -> Iterator[nn.Module]:
     def forward(fn: Callable[[Tensor], Tensor]) -> Callable[..., Any]:
         return lambda self, x: fn(x)
 
-    found = [(m, fn) for m in model.modules() if (fn := _activation(m)) is not None]
+    found = [(m, fn) for m in modules_of(model) if (fn := _activation(m)) is not None]
     with instance_forwards((m, forward(fn)) for m, fn in found):
         yield model

@@ -38,6 +38,7 @@ from lightning_flatness.functional.backward_hooks import backward_hooks_suspende
 from lightning_flatness.functional.embedding_renorm import renormalised_tables
 from lightning_flatness.functional.model_io import compiled_code_eager, model_autocast_disabled
 from lightning_flatness.functional.module_caches import recomputed_caches
+from lightning_flatness.functional.module_walk import walked_once
 
 __all__ = ["ParametersChangedInPlace", "in_measurement_context", "measurement_context"]
 
@@ -51,26 +52,29 @@ class ParametersChangedInPlace(RuntimeError):
     """The model changed some of its parameters in place while a measurement ran it."""
 
 
-def _versions(model: nn.Module) -> dict[str, tuple[Tensor, int]]:
-    """``{name: (parameter, its version counter)}`` for the plain-tensor parameters of ``model``."""
-    return {
-        name: (p, p._version)
-        for name, p in model.named_parameters()
+def _versions(modules: list[nn.Module]) -> list[tuple[Tensor, int]]:
+    """``(parameter, its version counter)`` for the plain-tensor parameters of ``modules``."""
+    return [
+        (p, p._version)
+        for m in modules
+        for p in m._parameters.values()
         if type(p) is nn.Parameter or type(p) is Tensor
-    }
+    ]
 
 
-def _check_unchanged(versions: dict[str, tuple[Tensor, int]]) -> None:
-    changed = [name for name, (p, version) in versions.items() if p._version != version]
-    if changed:
-        raise ParametersChangedInPlace(
-            f"the model changed {len(changed)} of its parameters in place while the measurement ran its "
-            f"forward: {changed[:5]}. A measurement must leave the weights as it found them, so it stops "
-            "here; the values of these tensors have changed. Typical cause: a forward that writes to its "
-            "weights (F.embedding(..., max_norm=) called directly: use nn.Embedding(max_norm=), which the "
-            "measurement handles; a clamp_ or renorm_ of a weight). Move the change out of forward (e.g. "
-            "into on_before_optimizer_step / on_train_batch_end), or measure the model without it."
-        )
+def _check_unchanged(model: nn.Module, versions: list[tuple[Tensor, int]]) -> None:
+    if all(p._version == version for p, version in versions):
+        return
+    changed_ids = {id(p) for p, version in versions if p._version != version}
+    changed = [name for name, p in model.named_parameters() if id(p) in changed_ids]
+    raise ParametersChangedInPlace(
+        f"the model changed {len(changed)} of its parameters in place while the measurement ran its "
+        f"forward: {changed[:5]}. A measurement must leave the weights as it found them, so it stops "
+        "here; the values of these tensors have changed. Typical cause: a forward that writes to its "
+        "weights (F.embedding(..., max_norm=) called directly: use nn.Embedding(max_norm=), which the "
+        "measurement handles; a clamp_ or renorm_ of a weight). Move the change out of forward (e.g. "
+        "into on_before_optimizer_step / on_train_batch_end), or measure the model without it."
+    )
 
 
 @contextlib.contextmanager
@@ -83,15 +87,16 @@ def measurement_context(model: nn.Module) -> Iterator[nn.Module]:
     _ENTERED.add(id(model))
     try:
         with (
+            walked_once(model) as modules,
             compiled_code_eager(),
             model_autocast_disabled(),
             recomputed_caches(model),
             backward_hooks_suspended(model),
             renormalised_tables(model),
         ):
-            versions = _versions(model)
+            versions = _versions(modules)
             yield model
-            _check_unchanged(versions)
+            _check_unchanged(model, versions)
     finally:
         _ENTERED.discard(id(model))
 

@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from torch import nn
 
+from lightning_flatness.functional.module_walk import modules_of
+
 __all__ = ["CACHE_ATTRIBUTES", "recomputed_caches"]
 
 #: Names of the dict attributes that hold a module's tensors derived from its parameters in eval mode.
@@ -66,7 +68,7 @@ def recomputed_caches(model: nn.Module) -> Iterator[nn.Module]:
     """
     swapped: list[tuple[nn.Module, str, dict]] = []
     try:
-        for module in model.modules():
+        for module in modules_of(model):
             for name in CACHE_ATTRIBUTES:
                 cache = module.__dict__.get(name)
                 if isinstance(cache, dict) and not isinstance(cache, _NeverHit):

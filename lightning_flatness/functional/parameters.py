@@ -67,7 +67,7 @@ Detection of additive offsets is by name, for parameters that are *not* the weig
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping, Union
+from typing import Callable, Iterable, Iterator, Mapping, Union
 
 import torch
 from torch import Tensor, nn
@@ -154,7 +154,10 @@ def is_additive_offset(model: nn.Module, name: str) -> bool:
     token; module docstring): not the weight of a Linear/Conv, and a name component contains one of
     :data:`ADDITIVE_OFFSET_MARKERS`."""
     owner_path, _, leaf = name.rpartition(".")
-    owner = _submodule(model, owner_path)
+    return _is_additive_offset(_submodule(model, owner_path), name, leaf)
+
+
+def _is_additive_offset(owner: nn.Module, name: str, leaf: str) -> bool:
     if _is(owner, _MULTIPLYING) and leaf == "weight":
         return False
     return any(marker in part.lower() for part in name.split(".") for marker in ADDITIVE_OFFSET_MARKERS)
@@ -164,11 +167,13 @@ def is_vector_shaped(model: nn.Module, name: str) -> bool:
     """Whether parameter ``name`` is a vector stored with unit dims (at most one dim above 1, e.g. a
     layer scale ``(C, 1, 1)``) and not the weight of a Linear/Conv or an embedding table: a per-channel
     scale or offset, left out of the default selection like a 1-D one (module docstring)."""
-    param = _parameter(model, name)
+    owner_path, _, leaf = name.rpartition(".")
+    return _is_vector_shaped(_submodule(model, owner_path), leaf, _parameter(model, name))
+
+
+def _is_vector_shaped(owner: nn.Module, leaf: str, param: Tensor) -> bool:
     if sum(size > 1 for size in param.shape) > 1:
         return False
-    owner_path, _, leaf = name.rpartition(".")
-    owner = _submodule(model, owner_path)
     return not (_is(owner, (*_MULTIPLYING, nn.Embedding)) and leaf == "weight")
 
 
@@ -180,12 +185,35 @@ def is_rule_read_vector(model: nn.Module, name: str) -> bool:
     subclass of these modules adds (Dory's ``DoryLMHead``, a ``Linear`` with a per-token ``logit_scale``
     multiplying its output) is not read by a rule."""
     owner_path, _, leaf = name.rpartition(".")
-    owner = _submodule(model, owner_path)
+    return _is_rule_read_vector(_submodule(model, owner_path), leaf)
+
+
+def _is_rule_read_vector(owner: nn.Module, leaf: str) -> bool:
     if _is(owner, nn.MultiheadAttention):
         return leaf == "in_proj_bias"
     if _is(owner, (nn.Linear, nn.modules.conv._ConvNd)):
         return leaf == "bias"  # not another vector a subclass adds (Dory's per-token logit scale)
     return _is(owner, _RULE_READ_VECTORS) and leaf in ("weight", "bias")
+
+
+def _named_parameters_with_owners(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Tensor]]:
+    """``(name, owning module, attribute, parameter)`` in the order and with the deduplication of
+    ``model.named_parameters()``, in one walk of the modules (no lookup of each owner by its path)."""
+    if isinstance(model, torch.jit.ScriptModule) or type(model).named_parameters is not _NAMED_PARAMETERS:
+        for name, p in model.named_parameters():  # a wrapper's own naming (FSDP1), TorchScript's modules
+            owner_path, _, leaf = name.rpartition(".")
+            yield name, _submodule(model, owner_path), leaf, p
+        return
+    seen: set[Tensor] = set()
+    for path, module in model.named_modules():
+        for leaf, p in module._parameters.items():
+            if p is None or p in seen:
+                continue
+            seen.add(p)
+            yield (f"{path}.{leaf}" if path else leaf), module, leaf, p
+
+
+_NAMED_PARAMETERS = nn.Module.named_parameters
 
 
 def uninitialized_parameters(model: nn.Module) -> list[str]:
@@ -239,9 +267,11 @@ def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -
     if parameters is not None and not isinstance(parameters, str) and not callable(parameters):
         parameters = list(parameters)  # names: read twice below
     try:
-        named = {
-            n: p for n, p in model.named_parameters() if p.numel() > 0 or _named_explicitly(parameters, n)
-        }
+        owned = [
+            (n, owner, leaf, p)
+            for n, owner, leaf, p in _named_parameters_with_owners(model)
+            if p.numel() > 0 or _named_explicitly(parameters, n)
+        ]
     except ValueError:  # UninitializedParameter.numel()
         lazy = uninitialized_parameters(model)
         if not lazy:
@@ -251,17 +281,18 @@ def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -
             f"{len(lazy)} in all): a lazy module creates them in its first forward; run the model on a "
             "batch once before measuring it."
         ) from None
+    named = {n: p for n, _, _, p in owned}
     if parameters is None:
         chosen = {
             n: p
-            for n, p in named.items()
+            for n, owner, leaf, p in owned
             if p.requires_grad
             and (
                 p.ndim >= 2
-                and not is_additive_offset(model, n)
-                and not is_vector_shaped(model, n)
+                and not _is_additive_offset(owner, n, leaf)
+                and not _is_vector_shaped(owner, leaf, p)
                 or p.ndim < 2
-                and is_rule_read_vector(model, n)
+                and _is_rule_read_vector(owner, leaf)
             )
         }
     elif isinstance(parameters, str):
@@ -314,10 +345,21 @@ def is_experts_module(module: nn.Module) -> bool:
     an int ``num_experts`` and the decorator's ``has_gate`` and ``is_transposed`` flags (a router, which
     has ``num_experts`` too, is a plain Linear-like layer and has neither)."""
     return (
-        isinstance(getattr(module, "num_experts", None), int)
-        and isinstance(getattr(module, "has_gate", None), bool)
-        and isinstance(getattr(module, "is_transposed", None), bool)
+        isinstance(_plain_attribute(module, "num_experts"), int)
+        and isinstance(_plain_attribute(module, "has_gate"), bool)
+        and isinstance(_plain_attribute(module, "is_transposed"), bool)
     )
+
+
+def _plain_attribute(module: nn.Module, name: str) -> object:
+    """``getattr(module, name, None)`` for an attribute that is neither a parameter, a buffer nor a submodule
+    (an int, a flag): read from the instance or its class, without ``nn.Module.__getattr__``'s failed lookups
+    (an exception per module without it, in a walk over every module of a network)."""
+    value = module.__dict__.get(name, _MISSING)
+    return getattr(type(module), name, None) if value is _MISSING else value
+
+
+_MISSING = object()
 
 
 def matrix_stacks(model: nn.Module, names: Iterable[str]) -> MatrixStacks:

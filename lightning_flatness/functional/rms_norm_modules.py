@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_flatness.functional.instance_forwards import instance_forwards
+from lightning_flatness.functional.module_walk import modules_of
 
 __all__ = ["EPS_ATTRIBUTES", "is_rms_norm_candidate", "rms_norm_forward", "rms_norms_as_one_op"]
 
@@ -124,5 +125,5 @@ def rms_norms_as_one_op(model: nn.Module) -> Iterator[nn.Module]:
         >>> torch.allclose(y, norm(x), atol=1e-6), "forward" in norm.__dict__
         (True, False)
     """
-    with instance_forwards((m, rms_norm_forward) for m in model.modules() if is_rms_norm_candidate(m)):
+    with instance_forwards((m, rms_norm_forward) for m in modules_of(model) if is_rms_norm_candidate(m)):
         yield model

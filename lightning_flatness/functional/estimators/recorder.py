@@ -69,6 +69,7 @@ from lightning_flatness.functional.explicit_activations import explicit_activati
 from lightning_flatness.functional.explicit_glu import ExplicitGlu
 from lightning_flatness.functional.explicit_sdpa import ExplicitAttention
 from lightning_flatness.functional.model_io import ModelInputs, extract_logits, inputs_batch_size, map_inputs
+from lightning_flatness.functional.module_walk import modules_of
 from lightning_flatness.functional.out_of_place_division import OutOfPlaceDivision
 from lightning_flatness.functional.rms_norm_modules import rms_norms_as_one_op
 from lightning_flatness.functional.weight_stack_products import WeightStackProducts
@@ -774,7 +775,7 @@ def _module_tensors_swapped(
     """
     replacement = {id(params[name]): leaf for name, leaf in leaves.items()}
     slots: list[tuple[dict[str, Any], str, Tensor, bool]] = []  # (store, name, original, is buffer)
-    for module in model.modules():
+    for module in modules_of(model):
         for store, is_buffer in ((module._parameters, False), (module._buffers, True)):
             for name, tensor in store.items():
                 if tensor is not None:
