@@ -48,6 +48,7 @@ from lightning_flatness.isolation import (
     measurement_view,
     preserved_rng_states,
     resolve_dtype,
+    seed_global_streams,
 )
 from lightning_flatness.logger_media import MediaContext, PerLayerTable, log_per_layer_media, per_layer_table
 from lightning_flatness.measure import (
@@ -722,6 +723,8 @@ class SharpnessMonitorBase:
             loader = self.dataloader
 
             def own_batches() -> Iterator[Any]:
+                assert self._seed is not None
+                seed_global_streams(self._seed)  # the loader's shuffling, workers' seeds, augmentations
                 for i, batch in enumerate(loader):
                     if i % world == rank:
                         yield batch
@@ -738,7 +741,7 @@ class SharpnessMonitorBase:
         if one:
             share = share[: _DRY_RUN_SAMPLES if dry_run else size]
         sizes = [len(share)] if dry_run else chunk_sizes(len(share), size, self.num_replicates)
-        return self._subset.batches(share, sizes), len(sizes)
+        return self._subset.batches(share, sizes, seed=self._seed), len(sizes)
 
     def _split(self, batch: Any) -> tuple[Any, Tensor]:
         inputs, target = self.split_batch(batch)

@@ -4,7 +4,8 @@
 module so that, afterwards, training continues bit for bit as if it had not run:
 
 - :func:`preserved_rng_states` restores every global random stream (torch CPU, CUDA, MPS, NumPy,
-  Python's ``random``);
+  Python's ``random``); inside it, :func:`seed_global_streams` seeds the ones a dataset's augmentations
+  draw from, so that the measured samples get the same draws at every measurement;
 - :func:`gradient_enabled` turns gradients on inside ``no_grad`` / ``inference_mode`` (validation)
   and autocast off (mixed precision);
 - :func:`measurement_view` puts the live network in eval mode and, only where the dtype must
@@ -29,6 +30,7 @@ from lightning_flatness.functional.measurement_context import measurement_contex
 
 __all__ = [
     "preserved_rng_states",
+    "seed_global_streams",
     "gradient_enabled",
     "measurement_view",
     "floating_point_in",
@@ -99,6 +101,17 @@ def preserved_rng_states() -> Iterator[None]:
             torch.mps.set_rng_state(mps)
         np.random.set_state(np_state)
         random.setstate(py_state)
+
+
+def seed_global_streams(seed: int) -> None:
+    """Seed torch's CPU generator, NumPy's legacy global ``RandomState`` and Python's ``random`` with ``seed``
+    (reduced to 32 bits, NumPy's range): the streams a dataset's ``__getitem__`` augmentations draw from
+    (torchvision's and timm's transforms: torch; albumentations: NumPy and ``random``). Call it only inside
+    :func:`preserved_rng_states`, which puts the training run's streams back. About 10 us."""
+    seed = int(seed) % 2**32
+    torch.default_generator.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 @contextmanager

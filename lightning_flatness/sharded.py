@@ -671,7 +671,7 @@ def _rank_batches(monitor: Any, trainer: Any) -> Iterator[tuple[Any, Tensor]]:
     count = len(chunk_sizes(largest, size, monitor.num_replicates))
     for chunk in share.tensor_split(count):
         if len(chunk):
-            yield monitor._split(next(monitor._subset.batches(chunk, [len(chunk)])))
+            yield monitor._split(next(monitor._subset.batches(chunk, [len(chunk)], seed=monitor._seed)))
         else:  # an empty batch of the same structure: this rank still joins the collectives
             inputs, target = monitor._split(next(monitor._subset.batches(indices[:1], [1])))
             yield select_samples(inputs, slice(0, 0), 1), target[:0]

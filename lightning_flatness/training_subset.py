@@ -4,7 +4,11 @@ The Trainer's own training loader is never iterated: under DDP its sampler reshu
 epoch, creating an iterator draws from the global RNG, and with persistent workers a new iterator
 resets the training iterator. Instead, the dataset and collate function are read off the training
 ``DataLoader`` object and samples are fetched by index, ``collate_fn([dataset[i] for i in chunk])``,
-with no sampler, no workers and no random numbers.
+with no sampler, no workers and no random numbers of the training run's. A dataset whose ``__getitem__``
+draws random numbers (augmentations: random crops, flips) gets the same draws at every measurement: each
+chunk's fetch starts from the global streams seeded from the monitor's seed and the chunk's first index
+(:func:`~lightning_flatness.isolation.seed_global_streams`), so the measured inputs are fixed, one draw of
+the augmented distribution, and a curve moves with the weights only.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
+
+from lightning_flatness.isolation import seed_global_streams
 
 __all__ = ["TrainingSubset", "training_dataloader", "choose_indices", "chunk_sizes"]
 
@@ -111,10 +117,17 @@ class TrainingSubset:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def batches(self, indices: Tensor, sizes: Sequence[int]) -> Iterator[Any]:
-        """Collated batches of ``indices`` cut into consecutive chunks of ``sizes``."""
+    def batches(self, indices: Tensor, sizes: Sequence[int], seed: Optional[int] = None) -> Iterator[Any]:
+        """Collated batches of ``indices`` cut into consecutive chunks of ``sizes``; with ``seed``, each chunk
+        fetched from the global random streams seeded with ``seed`` and its first index (module docstring;
+        the caller holds :func:`~lightning_flatness.isolation.preserved_rng_states`)."""
         start = 0
         for size in sizes:
             chunk = indices[start : start + size].tolist()
             start += size
+            if seed is not None and chunk:
+                seed_global_streams(seed * _SEED_STRIDE + chunk[0])
             yield self.collate_fn([self.dataset[i] for i in chunk])
+
+
+_SEED_STRIDE = 1_000_003  # a prime above any dataset index one would measure: distinct seeds per chunk

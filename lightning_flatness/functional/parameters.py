@@ -196,7 +196,7 @@ def _is_rule_read_vector(owner: nn.Module, leaf: str) -> bool:
     return _is(owner, _RULE_READ_VECTORS) and leaf in ("weight", "bias")
 
 
-def _named_parameters_with_owners(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Tensor]]:
+def _named_parameters_with_owners(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Parameter]]:
     """``(name, owning module, attribute, parameter)`` in the order and with the deduplication of
     ``model.named_parameters()``, in one walk of the modules (no lookup of each owner by its path)."""
     if isinstance(model, torch.jit.ScriptModule) or type(model).named_parameters is not _NAMED_PARAMETERS:
