@@ -82,6 +82,26 @@ _DRY_RUN_SAMPLES = 4
 _RELATIVE_ERROR_ADVICE = 0.05
 
 
+def defines_forward(module: nn.Module) -> bool:
+    """Whether ``module``'s class defines ``forward`` (not ``nn.Module``'s or ``LightningModule``'s stubs)."""
+    name = getattr(type(module).forward, "__qualname__", "")
+    return name not in ("Module._forward_unimplemented", "LightningModule.forward")
+
+
+def network_without_forward(pl_module: nn.Module) -> Optional[tuple[str, nn.Module]]:
+    """``(name, child)`` where ``pl_module`` defines no ``forward`` and exactly one of its children holds
+    every parameter that requires grad (``self.model`` of a module whose ``training_step`` calls
+    ``self.model(x)``); else None."""
+    if defines_forward(pl_module) or any(p.requires_grad for p in pl_module.parameters(recurse=False)):
+        return None
+    trained = [
+        (name, child)
+        for name, child in pl_module.named_children()
+        if any(p.requires_grad for p in child.parameters())
+    ]
+    return trained[0] if len(trained) == 1 else None
+
+
 def _is_weight_averaging(callback: Any) -> bool:
     """Whether ``callback`` is Lightning's ``WeightAveraging`` or a subclass (``EMAWeightAveraging``), in
     either namespace (``pytorch_lightning`` or ``lightning.pytorch``)."""
@@ -306,8 +326,13 @@ class SharpnessMonitorBase:
         (:mod:`~lightning_flatness.functional.backward_hooks`). A
         module whose forward hooks change its state (e.g. ``torch.nn.utils.spectral_norm``) can be
         measured on a copy instead: ``return copy.deepcopy(pl_module)``.
+
+        A LightningModule that defines no ``forward`` (its ``training_step`` calls ``self.model(x)``) is
+        measured through the one child module that holds all its trained parameters, if there is one
+        (:func:`network_without_forward`; said once at the dry run).
         """
-        return pl_module
+        child = network_without_forward(pl_module)
+        return pl_module if child is None else child[1]
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -557,6 +582,16 @@ class SharpnessMonitorBase:
             self._prepared = True
             return
         device = pl_module.device
+        child = network_without_forward(pl_module)
+        if child is not None and type(self).measured_network is SharpnessMonitorBase.measured_network:
+            self._info_once(
+                trainer,
+                "no_forward",
+                f"SharpnessMonitor: {type(pl_module).__name__} defines no forward, so it measures its "
+                f"submodule '{child[0]}' ({type(child[1]).__name__}), which holds all the trained "
+                "parameters; the logged names are relative to it. Override `measured_network` to measure "
+                "another network.",
+            )
         with preserved_rng_states(), gradient_enabled(device):
             batch = next(self._rank_batches(trainer, dry_run=True)[0], None)
             if batch is None:
@@ -590,6 +625,14 @@ class SharpnessMonitorBase:
                         "training stops here",
                     )
                 )
+                if not defines_forward(self.measured_network(pl_module)):
+                    raise RuntimeError(
+                        f"SharpnessMonitor cannot measure {type(pl_module).__name__}: it defines no forward, "
+                        "and no single child module holds all its trained parameters, so the monitor does "
+                        "not know which network maps the inputs to the logits. Define forward(self, x) on "
+                        "the LightningModule, or override `SharpnessMonitor.measured_network` to return that "
+                        f"network; {after}."
+                    ) from err
                 raise RuntimeError(
                     f"SharpnessMonitor cannot measure {type(pl_module).__name__} (dry run on "
                     f"{min(n, _DRY_RUN_SAMPLES)} samples {when}): {type(err).__name__}: {err} "

@@ -101,3 +101,57 @@ def test_unfreezing_a_backbone_adds_its_tensors_and_the_monitor_says_the_totals_
     for entry in monitor.history:  # the total is the sum of the measured tensors' values
         parts = [v for k, v in entry.items() if k.startswith("normalized/")]
         assert entry["normalized"] == pytest.approx(sum(parts), rel=1e-12)
+
+
+class WithoutForward(pl.LightningModule):
+    """The Lightning pattern without ``forward``: ``training_step`` calls ``self.model`` (and, with
+    ``second``, another trained module the monitor cannot choose between)."""
+
+    def __init__(self, second: bool = False) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
+        self.criterion = nn.CrossEntropyLoss()  # a child without parameters: not a candidate
+        if second:
+            self.projector = nn.Linear(3, 3)
+
+    def training_step(self, batch, batch_idx):
+        return self.criterion(self.model(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class WithForward(WithoutForward):
+    def forward(self, x):
+        return self.model(x)
+
+
+def test_a_module_without_forward_is_measured_through_its_trained_child():
+    data, histories = _data(), {}
+    for cls in (WithoutForward, WithForward):
+        pl.seed_everything(0, verbose=False)
+        monitor = SharpnessMonitor(num_samples=16)
+        quiet_trainer([monitor], max_epochs=2).fit(
+            cls(), DataLoader(data, batch_size=8), DataLoader(data, batch_size=8)
+        )
+        histories[cls.__name__] = monitor.history
+    ours, reference = histories["WithoutForward"], histories["WithForward"]
+    assert [e["normalized"] for e in ours] == [e["normalized"] for e in reference] and ours[0][
+        "normalized"
+    ] > 0
+    assert "normalized/0.weight" in ours[0] and "normalized/model.0.weight" in reference[0]
+
+
+def test_a_module_without_forward_and_two_trained_children_is_refused_with_the_fix():
+    data = _data()
+    trainer = quiet_trainer([SharpnessMonitor(num_samples=16)], max_epochs=1)
+    with pytest.raises(
+        RuntimeError, match="defines no forward.*override `SharpnessMonitor.measured_network`"
+    ):
+        trainer.fit(
+            WithoutForward(second=True), DataLoader(data, batch_size=8), DataLoader(data, batch_size=8)
+        )
+    assert trainer.global_step == 0
