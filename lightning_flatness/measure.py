@@ -430,6 +430,7 @@ class SharpnessMeasurement:
         if choice is None and method != "auto":
             self.choice = MethodChoice.named(method)
         params = select_parameters(model, parameters)
+        _warn_if_batch_statistics(model)
         #: the parameters that are stacks of expert matrices, ``{name: E}``: measured expert by expert
         self.stacks = matrix_stacks(model, params)
         #: the tensors the measures count: the selected parameters, each expert stack split into its experts
@@ -737,6 +738,27 @@ def not_converged_message(values: dict[str, Any], method: str) -> Optional[str]:
         f"raises it by {shift:.3g}{share}, {than}, so noise (the estimator's and the samples') biases it "
         "upwards, by about that much or more"
     )
+
+
+def _warn_if_batch_statistics(model: nn.Module) -> None:
+    """Warn when a BatchNorm of ``model`` is in training mode: it normalises with each batch's statistics."""
+    names = sorted(
+        {
+            type(m).__name__
+            for m in model.modules()
+            if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm)
+        }
+    )
+    if names:
+        warnings.warn(
+            f"the model is measured in training mode, where its {', '.join(names)} normalises with the "
+            "statistics of each batch: the samples of a batch interact (per-sample passes, slower), the "
+            "values depend on how the samples are batched, and the network is not the one that predicts. "
+            "Its running statistics are left as they were. Call model.eval() first to measure the network "
+            "as it predicts (SharpnessMonitor does).",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def measure_sharpness(

@@ -15,7 +15,9 @@ For the duration of a block, and put back exactly on exit (also on error):
   estimators' columns as gradients);
 - embedding tables with ``max_norm`` hold their renormalised rows and do not renormalise
   (:func:`~lightning_flatness.functional.embedding_renorm.renormalised_tables`: their ``forward`` would
-  change the live table).
+  change the live table);
+- the buffers of modules in training mode (BatchNorm's running statistics) go back to their values on
+  exit (:func:`~lightning_flatness.functional.train_mode_buffers.train_mode_buffers_restored`).
 
 On a normal exit it checks that no parameter was changed in place meanwhile (a ``forward`` that writes
 to its weights, e.g. ``F.embedding(..., max_norm=)`` called directly): a measurement must leave the
@@ -39,6 +41,7 @@ from lightning_flatness.functional.embedding_renorm import renormalised_tables
 from lightning_flatness.functional.model_io import compiled_code_eager, model_autocast_disabled
 from lightning_flatness.functional.module_caches import recomputed_caches
 from lightning_flatness.functional.module_walk import walked_once
+from lightning_flatness.functional.train_mode_buffers import train_mode_buffers_restored
 
 __all__ = ["ParametersChangedInPlace", "in_measurement_context", "measurement_context"]
 
@@ -93,6 +96,7 @@ def measurement_context(model: nn.Module) -> Iterator[nn.Module]:
             recomputed_caches(model),
             backward_hooks_suspended(model),
             renormalised_tables(model),
+            train_mode_buffers_restored(model),
         ):
             versions = _versions(modules)
             yield model
