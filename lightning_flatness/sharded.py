@@ -636,7 +636,7 @@ def prepare_in_callback(monitor: Any, trainer: Any, pl_module: nn.Module) -> Non
             "diagonal of lightning_flatness.sharded only; pass method='auto' or 'exact'."
         )
     ShardedSharpnessMeasurement(
-        pl_module,
+        monitor.measured_network(pl_module),
         loss_fn=monitor.loss_fn,
         parameters=monitor.parameters,
         lam=monitor.lam,
@@ -692,10 +692,11 @@ def measure_in_callback(monitor: Any, trainer: Any, pl_module: nn.Module) -> tup
             "SharpnessMonitor(dataloader=...) is not supported for sharded (FSDP2) models, whose "
             "ranks must measure the same number of batches; let it draw its subset of the training set."
         )
-    device = next(iter(pl_module.parameters())).device
+    network = monitor.measured_network(pl_module)
+    device = next(iter(network.parameters())).device
     modes = {m: m.training for m in pl_module.modules()}
     measurement = ShardedSharpnessMeasurement(
-        pl_module,
+        network,
         loss_fn=monitor._loss,
         parameters=monitor.parameters,
         lam=monitor.lam,

@@ -201,9 +201,10 @@ def test_refuses_convolutions_unsharded_weights_and_weights_used_twice_naming_th
     assert "ran twice" in messages["twice"]
 
 
-def _callback_rank(rank: int, world_size: int, init_file: str, out_file: str) -> None:
+def _callback_rank(rank: int, world_size: int, init_file: str, out_file: str, child: bool = False) -> None:
     """One gloo rank: ``SharpnessMonitor`` measuring a LightningModule whose network is ``fully_shard``-ed,
-    driven by a stand-in trainer (Lightning's FSDP strategies refuse a CPU accelerator)."""
+    driven by a stand-in trainer (Lightning's FSDP strategies refuse a CPU accelerator); ``child``: a monitor
+    whose ``measured_network`` is the module's ``net``."""
     from types import SimpleNamespace
 
     import torch.distributed as dist
@@ -230,7 +231,14 @@ def _callback_rank(rank: int, world_size: int, init_file: str, out_file: str) ->
 
     module, untouched = sharded_mlp(), sharded_mlp()
     dataset = make_dataset(64)
-    monitor = SharpnessMonitor(num_samples=30, batch_size=4, num_replicates=4, seed=5, log_images=False)
+
+    class ChildMonitor(SharpnessMonitor):
+        def measured_network(self, pl_module):
+            return pl_module.net
+
+    monitor = (ChildMonitor if child else SharpnessMonitor)(
+        num_samples=30, batch_size=4, num_replicates=4, seed=5, log_images=False
+    )
     monitor._subset = TrainingSubset(DataLoader(dataset, batch_size=8))
     monitor._indices = choose_indices(len(dataset), 30, seed=5)
     trainer = SimpleNamespace(
@@ -260,6 +268,34 @@ def _callback_rank(rank: int, world_size: int, init_file: str, out_file: str) ->
         out_file,
     )
     dist.destroy_process_group()
+
+
+def test_a_sharded_measurement_measures_the_monitors_measured_network(tmp_path):
+    context = multiprocessing.get_context("fork")
+    procs = [
+        context.Process(
+            target=_callback_rank, args=(r, 2, str(tmp_path / "store"), str(tmp_path / f"{r}.pt"), True)
+        )
+        for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * 2
+    values = torch.load(tmp_path / "0.pt", weights_only=False)["values"]
+    # names relative to the measured network (module.net), not to the LightningModule
+    assert "normalized/2.weight" in values and not any(k.startswith("normalized/net.") for k in values)
+    from callback_models import MLP, make_dataset
+    from oracles import brute_force_measures
+
+    torch.manual_seed(0)
+    model = MLP(hidden=9)
+    dataset = make_dataset(64)
+    idx = torch.load(tmp_path / "0.pt", weights_only=False)["indices"]
+    reference = brute_force_measures(model, dataset.tensors[0][idx], dataset.tensors[1][idx])
+    assert values["normalized"] == pytest.approx(reference["normalized"], rel=1e-5)
+    assert values["normalized/2.weight"] == pytest.approx(reference["normalized/net.2.weight"], rel=1e-5)
 
 
 def test_sharpness_monitor_routes_a_fully_shard_module_to_the_sharded_measurement(tmp_path):
