@@ -16,6 +16,9 @@ For the duration of a block, and put back exactly on exit (also on error):
 - embedding tables with ``max_norm`` hold their renormalised rows and do not renormalise
   (:func:`~lightning_flatness.functional.embedding_renorm.renormalised_tables`: their ``forward`` would
   change the live table);
+- reentrant activation checkpointing (``torch.utils.checkpoint(..., use_reentrant=True)``) runs its
+  function directly (:func:`~lightning_flatness.functional.reentrant_checkpoint.checkpoints_run_directly`:
+  the estimators' ``torch.autograd.grad`` cannot pass it);
 - the buffers of modules in training mode (BatchNorm's running statistics) go back to their values on
   exit (:func:`~lightning_flatness.functional.train_mode_buffers.train_mode_buffers_restored`).
 
@@ -41,6 +44,7 @@ from lightning_flatness.functional.embedding_renorm import renormalised_tables
 from lightning_flatness.functional.model_io import compiled_code_eager, model_autocast_disabled
 from lightning_flatness.functional.module_caches import recomputed_caches
 from lightning_flatness.functional.module_walk import walked_once
+from lightning_flatness.functional.reentrant_checkpoint import checkpoints_run_directly
 from lightning_flatness.functional.train_mode_buffers import train_mode_buffers_restored
 
 __all__ = ["ParametersChangedInPlace", "in_measurement_context", "measurement_context"]
@@ -93,6 +97,7 @@ def measurement_context(model: nn.Module) -> Iterator[nn.Module]:
             walked_once(model) as modules,
             compiled_code_eager(),
             model_autocast_disabled(),
+            checkpoints_run_directly(),
             recomputed_caches(model),
             backward_hooks_suspended(model),
             renormalised_tables(model),
