@@ -1,11 +1,11 @@
 """Reentrant activation checkpointing run as plain calls during a measurement.
 
-``torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=True)`` (the default before PyTorch 2.4, and
-what older code, DeepSpeed and ``checkpoint_sequential`` callers still pass) runs ``fn`` under ``no_grad``
-inside a custom autograd Function and recomputes it in that Function's backward, with ``backward()`` on its
-own. That breaks every estimator of a measurement: ``torch.autograd.grad`` through such a Function raises
-("incompatible with .grad()"), and where no input of ``fn`` requires grad (a checkpointed first block),
-its weights get no gradient at all: a curvature of exactly 0, measured without an error.
+``torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=True)`` (what an unset ``use_reentrant`` still
+means, with a warning, and what older code, DeepSpeed and ``checkpoint_sequential`` callers pass) runs ``fn``
+under ``no_grad`` inside a custom autograd Function and recomputes it in that Function's backward, with
+``backward()`` on its own. That breaks every estimator of a measurement: ``torch.autograd.grad`` through such
+a Function raises ("incompatible with .grad()"), and where no input of ``fn`` requires grad (a checkpointed
+first block), its weights get no gradient at all: a curvature of exactly 0, measured without an error.
 
 :func:`checkpoints_run_directly` makes ``CheckpointFunction.apply(fn, preserve_rng_state, *args)`` return
 ``fn(*args)`` for the duration of a block: the same values (the network is in eval mode, where
