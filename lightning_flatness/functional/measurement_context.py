@@ -19,8 +19,9 @@ For the duration of a block, and put back exactly on exit (also on error):
 - reentrant activation checkpointing (``torch.utils.checkpoint(..., use_reentrant=True)``) runs its
   function directly (:func:`~lightning_flatness.functional.reentrant_checkpoint.checkpoints_run_directly`:
   the estimators' ``torch.autograd.grad`` cannot pass it);
-- the buffers of modules in training mode (BatchNorm's running statistics) go back to their values on
-  exit (:func:`~lightning_flatness.functional.train_mode_buffers.train_mode_buffers_restored`).
+- the buffers the model's forward updates (BatchNorm's running statistics in training mode,
+  quantization observers in any mode) go back to their values on exit, and fake-quantization observers
+  are paused (:func:`~lightning_flatness.functional.buffer_snapshot.buffers_restored`).
 
 On a normal exit it checks that no parameter was changed in place meanwhile (a ``forward`` that writes
 to its weights, e.g. ``F.embedding(..., max_norm=)`` called directly): a measurement must leave the
@@ -40,12 +41,12 @@ from typing import Any, Callable, TypeVar
 from torch import Tensor, nn
 
 from lightning_flatness.functional.backward_hooks import backward_hooks_suspended
+from lightning_flatness.functional.buffer_snapshot import buffers_restored
 from lightning_flatness.functional.embedding_renorm import renormalised_tables
 from lightning_flatness.functional.model_io import compiled_code_eager, model_autocast_disabled
 from lightning_flatness.functional.module_caches import recomputed_caches
 from lightning_flatness.functional.module_walk import walked_once
 from lightning_flatness.functional.reentrant_checkpoint import checkpoints_run_directly
-from lightning_flatness.functional.train_mode_buffers import train_mode_buffers_restored
 
 __all__ = ["ParametersChangedInPlace", "in_measurement_context", "measurement_context"]
 
@@ -101,7 +102,7 @@ def measurement_context(model: nn.Module) -> Iterator[nn.Module]:
             recomputed_caches(model),
             backward_hooks_suspended(model),
             renormalised_tables(model),
-            train_mode_buffers_restored(model),
+            buffers_restored(model),
         ):
             versions = _versions(modules)
             yield model
