@@ -1,7 +1,7 @@
-"""The monitor beside Lightning's callbacks that change what is trained: ``WeightAveraging`` (EMA)
-swaps averaged weights in for validation, so which weights the monitor measures follows the callbacks' order,
-and the monitor says which; ``BackboneFinetuning`` unfreezes a backbone, which adds tensors to the default
-selection, and the monitor says so."""
+"""The monitor as Lightning users set up training: callbacks that change what is trained (``WeightAveraging``
+swaps averaged weights in for validation, so which weights are measured follows the callbacks' order, and the
+monitor says which; ``BackboneFinetuning`` adds tensors to the default selection, and the monitor says so), a
+LightningModule without ``forward``, and dict batches with columns ``forward`` does not take."""
 
 from __future__ import annotations
 
@@ -155,3 +155,59 @@ def test_a_module_without_forward_and_two_trained_children_is_refused_with_the_f
             WithoutForward(second=True), DataLoader(data, batch_size=8), DataLoader(data, batch_size=8)
         )
     assert trainer.global_step == 0
+
+
+class Columns(torch.utils.data.Dataset):
+    """Dict samples as a tokenized dataset gives them: token ids, a mask, the label, and, with ``extra``,
+    columns ``forward`` does not take (an index, the raw text)."""
+
+    def __init__(self, extra: bool) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids, self.labels = (
+            torch.randint(0, 20, (64, 5), generator=g),
+            torch.randint(0, 3, (64,), generator=g),
+        )
+        self.extra = extra
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> dict:
+        sample = {"input_ids": self.ids[i], "attention_mask": torch.ones(5), "labels": self.labels[i]}
+        if self.extra:
+            sample.update(idx=i, text=f"sample {i}")
+        return sample
+
+
+class TokenClassifier(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(20, 4), nn.Linear(4, 3)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids) * attention_mask[..., None]
+        return self.fc(torch.relu(h.mean(dim=1)))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_dict_batches_with_columns_forward_does_not_take_are_measured_without_them():
+    histories = []
+    for extra in (False, True):
+        pl.seed_everything(0, verbose=False)
+        monitor = SharpnessMonitor(num_samples=32)
+        data = Columns(extra)
+        quiet_trainer([monitor], max_epochs=2).fit(
+            TokenClassifier(), DataLoader(data, batch_size=8, shuffle=True), DataLoader(data, batch_size=8)
+        )
+        histories.append(monitor.history)
+    plain, extra = histories
+    assert [e["method"] for e in extra] == ["exact", "exact"]
+    assert [e["normalized"] for e in extra] == [e["normalized"] for e in plain] and plain[0]["normalized"] > 0

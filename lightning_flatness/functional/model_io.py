@@ -216,7 +216,9 @@ def arguments_for(model: Callable[..., Any], inputs: Any) -> Any:
     is called ``model(**inputs)`` by a Hugging Face model, but a LightningModule may take it whole,
     ``forward(self, inputs)``; likewise a list of views, ``forward(self, views)``. The signature tells them
     apart (``forward``'s, bound: no call, no guess); a signature that takes anything (``*args, **kwargs``:
-    a compiled or wrapped module) or none keeps the default reading.
+    a compiled or wrapped module) or none keeps the default reading. A dict with columns that ``forward``
+    does not name (a dataset's ``idx``, raw ``text`` beside the token ids) is passed as the keyword
+    arguments it does name, when those bind (as Hugging Face's ``Trainer`` removes unused columns).
 
     Example:
         >>> import torch
@@ -227,6 +229,11 @@ def arguments_for(model: Callable[..., Any], inputs: Any) -> Any:
         >>> arguments = arguments_for(Whole(), inputs)
         >>> arguments == (inputs,), call_model(Whole(), arguments).shape
         (True, torch.Size([2, 1]))
+        >>> class Named(torch.nn.Module):
+        ...     def forward(self, input_ids, attention_mask=None):
+        ...         return input_ids * attention_mask
+        >>> sorted(arguments_for(Named(), {"input_ids": 1, "attention_mask": 2, "idx": 3, "text": "a"}))
+        ['attention_mask', 'input_ids']
         >>> pair = (torch.ones(2, 1), torch.ones(2, 1))
         >>> arguments_for(torch.nn.Bilinear(1, 1, 1), pair) is pair  # forward(input1, input2): positional
         True
@@ -245,6 +252,14 @@ def arguments_for(model: Callable[..., Any], inputs: Any) -> Any:
         return inputs
     except TypeError:
         pass
+    if isinstance(inputs, Mapping):  # columns forward does not name (an index, raw text): left out
+        taken = {k: v for k, v in inputs.items() if k in signature.parameters}
+        try:
+            if taken:
+                signature.bind(**taken)
+                return taken
+        except TypeError:
+            pass
     try:
         signature.bind(inputs)
     except TypeError:  # neither: the call raises the model's own error
