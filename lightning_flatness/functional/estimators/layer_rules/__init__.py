@@ -1,17 +1,19 @@
 """Layer rules of the per-layer Gauss-Newton contractions, one module per layer kind, registered in
 :data:`~.base.LAYER_RULES` (see :mod:`.base`). Built in: ``linear`` (:mod:`.linear`), ``addmm`` (Hugging
-Face's ``Conv1D``, :mod:`.addmm`), ``matmul`` by a weight (:mod:`.matmul`), ``conv1d``/``conv2d``/
-``conv3d`` (:mod:`.conv`), ``embedding`` tables (:mod:`.embedding`), and the affine parameters of
+Face's ``Conv1D``, :mod:`.addmm`), ``matmul`` by a weight (:mod:`.matmul`),
+``conv1d``/``conv2d``/``conv3d`` (:mod:`.conv`), ``conv_transpose1d``/``2d``/``3d``
+(:mod:`.conv_transpose`), ``embedding`` tables (:mod:`.embedding`), and the affine parameters of
 ``batch_norm`` (eval mode), ``layer_norm``, ``group_norm`` and ``rms_norm`` (:mod:`.normalization`), and
-offsets added to every sample (a position embedding, a relative position bias: :mod:`.offset`). A
-weight used by several calls (a tied LM head, layers shared across depth), or through a function of
-itself (a transpose, weight standardization or normalization), is contracted from the sum of its calls'
-per-sample gradients, pulled back through the function (:mod:`.shared`). The backward pass that feeds
-them, with the ``K`` columns folded into the batch, is :mod:`.column_backward`."""
+offsets added to every sample (a position embedding, a relative position bias: :mod:`.offset`). A weight
+used by several calls (a tied LM head, layers shared across depth), or through a function of itself (a
+transpose, weight standardization or normalization), is contracted from the sum of its calls' per-sample
+gradients, pulled back through the function (:mod:`.shared`). The backward pass that feeds them, with the
+``K`` columns folded into the batch, is :mod:`.column_backward`."""
 
 from lightning_flatness.functional.estimators.layer_rules import (  # noqa: F401  (registers)
     addmm,
     conv,
+    conv_transpose,
     embedding,
     linear,
     matmul,
