@@ -289,6 +289,7 @@ class SharpnessMonitorBase:
         self._warned: set[str] = set()
         self._layouts_written: set[int] = set()
         self._undrawn_chart: Optional[dict[str, Any]] = None  # the last measurement, if not charted yet
+        self._measured_names: Optional[list[str]] = None  # the tensors of the last measurement
         self._state_buffer: Optional[Tensor] = None  # the last metric's state, for the next (CPU only)
         # the most samples per estimate once an estimate ran out of memory (SharpnessMeasurement)
         self._memory_batch_size: Optional[int] = None
@@ -392,7 +393,7 @@ class SharpnessMonitorBase:
             return
         self._subset, self._prepared, self._layouts_written = None, False, set()
         self._undrawn_chart, self._memory_batch_size = None, None
-        self._measured_names: Optional[list[str]] = None  # the tensors of the last measurement
+        self._measured_names = None
         clash = [
             cb
             for cb in trainer.callbacks
@@ -443,10 +444,9 @@ class SharpnessMonitorBase:
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._prepared and not uninitialized_parameters(
-            pl_module
-        ):  # after lazy modules' first forward
-            self._prepare(trainer, pl_module)
+        if self._prepared or uninitialized_parameters(pl_module):
+            return
+        self._prepare(trainer, pl_module)  # deferred by on_fit_start: the lazy modules' first forward has run
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         if not self._prepared and trainer.state.fn == "validate":
