@@ -270,20 +270,27 @@ def _callback_rank(rank: int, world_size: int, init_file: str, out_file: str, ch
     dist.destroy_process_group()
 
 
-def test_a_sharded_measurement_measures_the_monitors_measured_network(tmp_path):
+def _callback_records(tmp_path, world_size: int, child: bool = False) -> list[dict]:
+    """The records of :func:`_callback_rank` on ``world_size`` forked gloo ranks (each rank exits 0)."""
     context = multiprocessing.get_context("fork")
     procs = [
         context.Process(
-            target=_callback_rank, args=(r, 2, str(tmp_path / "store"), str(tmp_path / f"{r}.pt"), True)
+            target=_callback_rank,
+            args=(r, world_size, str(tmp_path / "store"), str(tmp_path / f"{r}.pt"), child),
         )
-        for r in range(2)
+        for r in range(world_size)
     ]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0] * 2
-    values = torch.load(tmp_path / "0.pt", weights_only=False)["values"]
+    assert [p.exitcode for p in procs] == [0] * world_size
+    return [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def test_a_sharded_measurement_measures_the_monitors_measured_network(tmp_path):
+    records = _callback_records(tmp_path, 2, child=True)
+    values = records[0]["values"]
     # names relative to the measured network (module.net), not to the LightningModule
     assert "normalized/2.weight" in values and not any(k.startswith("normalized/net.") for k in values)
     from callback_models import MLP, make_dataset
@@ -292,7 +299,7 @@ def test_a_sharded_measurement_measures_the_monitors_measured_network(tmp_path):
     torch.manual_seed(0)
     model = MLP(hidden=9)
     dataset = make_dataset(64)
-    idx = torch.load(tmp_path / "0.pt", weights_only=False)["indices"]
+    idx = records[0]["indices"]
     reference = brute_force_measures(model, dataset.tensors[0][idx], dataset.tensors[1][idx])
     assert values["normalized"] == pytest.approx(reference["normalized"], rel=1e-5)
     assert values["normalized/2.weight"] == pytest.approx(reference["normalized/net.2.weight"], rel=1e-5)
@@ -302,19 +309,7 @@ def test_sharpness_monitor_routes_a_fully_shard_module_to_the_sharded_measuremen
     from callback_models import MLP, make_dataset
     from oracles import brute_force_measures
 
-    context = multiprocessing.get_context("fork")
-    procs = [
-        context.Process(
-            target=_callback_rank, args=(r, 4, str(tmp_path / "store"), str(tmp_path / f"{r}.pt"))
-        )
-        for r in range(4)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0] * 4
-    records = [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(4)]
+    records = _callback_records(tmp_path, 4)
     assert all(r["values"] == records[0]["values"] for r in records)
     assert all(r["training"] for r in records)  # train mode restored after the eval-mode measurement
     assert all(r["same_gradients"] for r in records)
