@@ -2,10 +2,16 @@
 embeddings or class tokens) for every measure, and the biases and normalization parameters beside them
 for the trace (eq. 5); frozen skipped, shared once; presets "weights" and "all"."""
 
+import warnings
+
 import pytest
 import torch
+import torch.nn.functional as F
+import torch.nn.utils.prune as prune
+from oracles import brute_force_hessian_diagonal
 from torch import nn
 
+from lightning_flatness.functional import hessian_diagonal
 from lightning_flatness.functional.parameters import select_parameters
 
 
@@ -345,3 +351,31 @@ def test_a_vector_a_linear_subclass_adds_is_not_taken_for_its_bias():
         warnings.simplefilter("always")
         hessian_diagonal_groups(model, torch.nn.functional.cross_entropy, x, y, method="gauss_newton")
     assert not [w for w in caught if "per-layer contractions do not apply" in str(w.message)]
+
+
+def test_pruned_weights_and_biases_stay_selected_and_are_measured_exactly():
+    """``torch.nn.utils.prune`` (and Lightning's ``ModelPruning``, which prunes biases too) renames a pruned
+    ``weight`` / ``bias`` to ``weight_orig`` / ``bias_orig`` beside a mask buffer: the default selection keeps
+    them in their roles (the bias fell out of it), and the exact diagonal in them is the brute-force
+    Hessian's of the masked network times the mask."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+    prune.l1_unstructured(net[0], "weight", 0.3)
+    prune.l1_unstructured(net[0], "bias", 0.3)
+    assert list(select_parameters(net)) == ["0.weight_orig", "0.bias_orig", "2.weight", "2.bias"]
+    x, y = torch.randn(32, 5, dtype=torch.float64), torch.randint(0, 3, (32,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the per-layer path, no fall-back
+        ours = hessian_diagonal(net, F.cross_entropy, x, y, method="exact")
+    masked = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+    with torch.no_grad():
+        masked[0].weight.copy_(net[0].weight_orig * net[0].weight_mask)
+        masked[0].bias.copy_(net[0].bias_orig * net[0].bias_mask)
+        masked[2].load_state_dict(net[2].state_dict())
+    truth = brute_force_hessian_diagonal(masked, F.cross_entropy, x, y, ["0.weight", "0.bias"])
+    torch.testing.assert_close(
+        ours["0.weight_orig"], truth["0.weight"] * net[0].weight_mask, rtol=1e-10, atol=1e-15
+    )
+    torch.testing.assert_close(
+        ours["0.bias_orig"], truth["0.bias"] * net[0].bias_mask, rtol=1e-10, atol=1e-15
+    )

@@ -154,7 +154,16 @@ def is_additive_offset(model: nn.Module, name: str) -> bool:
     token; module docstring): not the weight of a Linear/Conv, and a name component contains one of
     :data:`ADDITIVE_OFFSET_MARKERS`."""
     owner_path, _, leaf = name.rpartition(".")
-    return _is_additive_offset(_submodule(model, owner_path), name, leaf)
+    owner = _submodule(model, owner_path)
+    return _is_additive_offset(owner, name, _unpruned(owner, leaf))
+
+
+def _unpruned(owner: nn.Module, leaf: str) -> str:
+    """The attribute a parameter of ``torch.nn.utils.prune`` stands for: ``weight_orig`` beside the buffer
+    ``weight_mask`` (a pruned ``weight``, Lightning's ``ModelPruning`` prunes biases too) -> ``weight``;
+    any other name as it is. The layer rules read the masked tensor, a function of the parameter."""
+    base = leaf.removesuffix("_orig")
+    return base if base != leaf and f"{base}_mask" in getattr(owner, "_buffers", {}) else leaf
 
 
 def _is_additive_offset(owner: nn.Module, name: str, leaf: str) -> bool:
@@ -168,7 +177,8 @@ def is_vector_shaped(model: nn.Module, name: str) -> bool:
     layer scale ``(C, 1, 1)``) and not the weight of a Linear/Conv or an embedding table: a per-channel
     scale or offset, left out of the default selection like a 1-D one (module docstring)."""
     owner_path, _, leaf = name.rpartition(".")
-    return _is_vector_shaped(_submodule(model, owner_path), leaf, _parameter(model, name))
+    owner = _submodule(model, owner_path)
+    return _is_vector_shaped(owner, _unpruned(owner, leaf), _parameter(model, name))
 
 
 def _is_vector_shaped(owner: nn.Module, leaf: str, param: Tensor) -> bool:
@@ -185,7 +195,8 @@ def is_rule_read_vector(model: nn.Module, name: str) -> bool:
     subclass of these modules adds (Dory's ``DoryLMHead``, a ``Linear`` with a per-token ``logit_scale``
     multiplying its output) is not read by a rule."""
     owner_path, _, leaf = name.rpartition(".")
-    return _is_rule_read_vector(_submodule(model, owner_path), leaf)
+    owner = _submodule(model, owner_path)
+    return _is_rule_read_vector(owner, _unpruned(owner, leaf))
 
 
 def _is_rule_read_vector(owner: nn.Module, leaf: str) -> bool:
@@ -289,10 +300,10 @@ def select_parameters(model: nn.Module, parameters: ParameterSelection = None) -
             if p.requires_grad
             and (
                 p.ndim >= 2
-                and not _is_additive_offset(owner, n, leaf)
-                and not _is_vector_shaped(owner, leaf, p)
+                and not _is_additive_offset(owner, n, _unpruned(owner, leaf))
+                and not _is_vector_shaped(owner, _unpruned(owner, leaf), p)
                 or p.ndim < 2
-                and _is_rule_read_vector(owner, leaf)
+                and _is_rule_read_vector(owner, _unpruned(owner, leaf))
             )
         }
     elif isinstance(parameters, str):
