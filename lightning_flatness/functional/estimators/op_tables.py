@@ -226,6 +226,8 @@ MULTILINEAR_OPS = frozenset(
         "conv_transpose1d",
         "conv_transpose2d",
         "conv_transpose3d",
+        # bags of table rows: linear in the table, times per_sample_weights (max mode: piecewise linear)
+        "embedding_bag",
         "addmm",
         "addmv",
         "baddbmm",

@@ -125,3 +125,67 @@ class EmbeddingRule(LayerRule):
 
 
 register_layer_rule(EmbeddingRule())
+
+
+class EmbeddingBagRule(EmbeddingRule):
+    r"""``embedding_bag(ids (N, L), table (V, C), offsets=None, max_norm, norm_type, scale_grad_by_freq,
+    mode, sparse, per_sample_weights, include_last_offset, padding_idx)`` (``nn.EmbeddingBag`` on bags of
+    equal length, one per sample): ``out_n = sum_p c_np E[ids_np]`` with ``c_np = 1`` (``"sum"``),
+    ``per_sample_weights[n, p]`` (``"sum"`` with weights) or ``1 / (non-padding entries of bag n)``
+    (``"mean"``), padding entries 0. So the per-sample gradient of column ``k`` is the embedding rule's with
+    the output gradient of each position ``c_np g_nk``: the output gradients are spread over the bag's
+    positions and the embedding rule contracts them (``O(K N L C)``). Bags given by ``offsets`` (1-D ids),
+    ``mode="max"``, ``max_norm`` and ``scale_grad_by_freq`` are not this layout: the per-sample path handles
+    them where it can."""
+
+    op = "embedding_bag"
+
+    def record(self, call: LayerCall, args: tuple, kwargs: dict, weight: Optional[Tensor]) -> None:
+        offsets = argument(args, kwargs, 2, ("offsets",))
+        max_norm = argument(args, kwargs, 3, ("max_norm",))
+        by_frequency = bool(argument(args, kwargs, 5, ("scale_grad_by_freq",), False))
+        mode = argument(args, kwargs, 6, ("mode",), "mean")
+        per_sample = argument(args, kwargs, 8, ("per_sample_weights",))
+        padding = argument(args, kwargs, 10, ("padding_idx",))
+        if padding is not None and weight is not None and padding < 0:
+            padding += weight.shape[0]
+        call.options["padding_idx"] = padding
+        if (
+            offsets is not None
+            or call.inputs.ndim != 2
+            or mode not in ("sum", "mean")
+            or max_norm is not None
+        ):
+            call.samples_interact = True
+        if by_frequency or (per_sample is not None and per_sample.requires_grad):
+            call.samples_interact = True
+        ids, dtype = call.inputs, torch.float32 if weight is None else weight.dtype
+        if per_sample is not None:
+            scale = per_sample.detach().to(dtype)
+        else:
+            scale = torch.ones(ids.shape, dtype=dtype, device=ids.device)
+        if padding is not None:
+            scale = scale * (ids != padding)
+        if mode == "mean":
+            scale = scale / scale.sum(dim=1, keepdim=True).clamp_min(1)
+        call.options["bag_scale"] = scale  # (N, L): c_np
+
+    def _spread(self, call: LayerCall, grad: Tensor) -> Tensor:
+        """``(K, N, C)`` output gradients as ``(K, N, L, C)``: ``c_np g_nk`` at each position of the bag."""
+        scale = call.options["bag_scale"].to(grad.dtype)
+        return grad.unsqueeze(2) * scale[None, :, :, None]
+
+    def accumulate(
+        self, call: LayerCall, grad: Tensor, signs: Tensor, diag: dict[str, Tensor], leaves: dict[str, Tensor]
+    ) -> bool:
+        return super().accumulate(call, self._spread(call, grad), signs, diag, leaves)
+
+    def sample_gradients(self, call: LayerCall, grad: Tensor, shape: tuple[int, ...]) -> SampleGradients:
+        return super().sample_gradients(call, self._spread(call, grad), shape)
+
+    def is_batched(self, call: LayerCall, n: int) -> bool:
+        """One bag per sample (never several rows per sample: the embedding rule's regrouping is not used)."""
+        return not call.samples_interact and call.inputs.shape[0] == n and call.output.shape[0] == n
+
+
+register_layer_rule(EmbeddingBagRule())

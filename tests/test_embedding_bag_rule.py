@@ -1,0 +1,80 @@
+"""The ``embedding_bag`` layer rule (``nn.EmbeddingBag`` on bags of equal length, one per sample) against the
+brute-force Hessian: sum, mean, per-sample weights, padding; the exact method, without per-sample passes."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracles import brute_force_hessian_diagonal
+from torch import nn
+
+from lightning_flatness.functional import hessian_diagonal
+from lightning_flatness.functional.estimators.method_choice import choose_method
+
+CASES = {
+    "mean": dict(mode="mean"),
+    "sum": dict(mode="sum"),
+    "mean with padding": dict(mode="mean", padding_idx=0),
+    "sum with per-sample weights": dict(mode="sum", weighted=True),
+}
+
+
+class BagClassifier(nn.Module):
+    """The text classifier of PyTorch's tutorial on equal-length bags: ``EmbeddingBag`` -> ReLU MLP."""
+
+    def __init__(self, mode: str, padding_idx: int | None = None, weighted: bool = False) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(12, 4, mode=mode, padding_idx=padding_idx)
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.weighted = weighted
+
+    def forward(self, ids):
+        weights = (1.0 + ids.to(self.fc1.weight.dtype)) / 12.0 if self.weighted else None
+        return self.fc2(torch.relu(self.fc1(self.bag(ids, per_sample_weights=weights))))
+
+
+class LookupTwin(nn.Module):
+    """The same network with the bag written as ``nn.Embedding`` and an explicit weighted sum (autograd's
+    double backward has no ``embedding_bag``): padding entries weigh 0, a mean divides by the bag's other
+    entries. Checked against the bag's own forward before it serves as the reference."""
+
+    def __init__(self, bagged: BagClassifier) -> None:
+        super().__init__()
+        self.bag = nn.Embedding(12, 4)
+        self.fc1, self.fc2 = bagged.fc1, bagged.fc2
+        self.bag.weight = bagged.bag.weight
+        self.mode, self.padding, self.weighted = bagged.bag.mode, bagged.bag.padding_idx, bagged.weighted
+
+    def forward(self, ids):
+        c = torch.ones(ids.shape, dtype=self.fc1.weight.dtype)
+        if self.weighted:
+            c = (1.0 + ids.to(c.dtype)) / 12.0
+        if self.padding is not None:
+            c = c * (ids != self.padding)
+        if self.mode == "mean":
+            c = c / c.sum(dim=1, keepdim=True)
+        pooled = (self.bag(ids) * c.unsqueeze(-1)).sum(dim=1)
+        return self.fc2(torch.relu(self.fc1(pooled)))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_exact_diagonal_of_a_bag_equals_the_brute_force_hessian(case):
+    torch.manual_seed(0)
+    net = BagClassifier(**CASES[case]).double()
+    g = torch.Generator().manual_seed(1)
+    ids, y = torch.randint(0, 12, (10, 5), generator=g), torch.randint(0, 3, (10,), generator=g)
+    ids[0, :2] = 0  # padding entries where padding_idx=0
+    names = ["bag.weight", "fc1.weight"]
+    assert choose_method(net, F.cross_entropy, ids, y, parameters=names).method == "exact"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the per-layer path
+        ours = hessian_diagonal(net, F.cross_entropy, ids, y, method="exact", parameters=names)
+    twin = LookupTwin(net)
+    torch.testing.assert_close(twin(ids), net(ids), rtol=1e-12, atol=1e-14)
+    truth = brute_force_hessian_diagonal(twin, F.cross_entropy, ids, y, names)
+    for name in names:
+        torch.testing.assert_close(ours[name], truth[name], rtol=1e-10, atol=1e-15)
+    assert float(truth["bag.weight"].abs().sum()) > 0
