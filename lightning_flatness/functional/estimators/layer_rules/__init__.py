@@ -2,7 +2,7 @@
 :data:`~.base.LAYER_RULES` (see :mod:`.base`). Built in: ``linear`` (:mod:`.linear`), ``addmm`` (Hugging
 Face's ``Conv1D``, :mod:`.addmm`), ``matmul`` by a weight (:mod:`.matmul`),
 ``conv1d``/``conv2d``/``conv3d`` (:mod:`.conv`), ``conv_transpose1d``/``2d``/``3d``
-(:mod:`.conv_transpose`), ``embedding`` tables (:mod:`.embedding`), and the affine parameters of
+(:mod:`.conv_transpose`), ``embedding`` tables and bags (:mod:`.embedding`), and the affine parameters of
 ``batch_norm`` (eval mode), ``layer_norm``, ``group_norm`` and ``rms_norm`` (:mod:`.normalization`), and
 offsets added to every sample (a position embedding, a relative position bias: :mod:`.offset`). A weight
 used by several calls (a tied LM head, layers shared across depth), or through a function of itself (a

@@ -1,4 +1,6 @@
-r"""``embedding`` (``nn.Embedding``, Hugging Face word / token-type embeddings): a table lookup.
+r"""``embedding`` (``nn.Embedding``, Hugging Face word / token-type embeddings): a table lookup; and
+``embedding_bag`` on bags of equal length (:class:`EmbeddingBagRule`: each bag's output gradient spread over
+its entries, then the same contraction).
 
 ``F.embedding(ids, E)`` returns ``E[ids]``: row ``v`` of the table reaches every position ``p`` of a
 sample with ``ids_p = v``. The per-sample gradient of column ``k`` is therefore sparse,
@@ -40,7 +42,7 @@ from lightning_flatness.functional.estimators.layer_rules.base import (
     register_layer_rule,
 )
 
-__all__ = ["EmbeddingRule"]
+__all__ = ["EmbeddingBagRule", "EmbeddingRule"]
 
 
 class EmbeddingRule(LayerRule):
