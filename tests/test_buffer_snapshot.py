@@ -121,3 +121,32 @@ def test_quantization_aware_training_is_bit_identical_with_and_without_the_monit
     x, y = _data()
     history = fit_with_and_without_the_monitor(_qat, TensorDataset(x, y))
     assert len(history) == 2 and all(e["normalized"] > 0 for e in history)
+
+
+class CachedScale(nn.Module):
+    """Creates a buffer in its first forward: under ``inference_mode`` when that is a validation step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+        self.register_buffer("scale", None, persistent=False)
+
+    def forward(self, x):
+        if self.scale is None:
+            self.scale = torch.full((3,), 2.0)
+        return self.fc(x) * self.scale
+
+
+def test_a_buffer_made_under_inference_mode_is_left_alone():
+    torch.manual_seed(0)
+    net = CachedScale().eval()
+    with torch.inference_mode():
+        net(torch.zeros(1, 5))
+    assert net.scale.is_inference()  # a copy back into it would raise outside inference_mode
+    x, y = _data(16)
+    value = measure_sharpness(net, [(x[:8], y[:8]), (x[8:], y[8:])], num_replicates=2)["normalized"]
+    plain = CachedScale().eval()
+    plain.load_state_dict(net.state_dict())
+    plain.scale = torch.full((3,), 2.0)
+    expected = measure_sharpness(plain, [(x[:8], y[:8]), (x[8:], y[8:])], num_replicates=2)["normalized"]
+    assert float(value) == pytest.approx(float(expected), rel=1e-12) and float(value) > 0

@@ -49,11 +49,13 @@ def buffers_restored(model: nn.Module) -> Iterator[nn.Module]:
         (1, 0, [0.0, 0.0])
     """
     modules = modules_of(model)
+    # a buffer made under inference_mode (by a validation step) cannot change in place outside it: neither
+    # by the measurement's forwards nor by a copy back, so it is left out
     saved: list[tuple[Tensor, Tensor]] = [
         (buffer, buffer.detach().clone())
         for module in modules
         for buffer in module._buffers.values()
-        if buffer is not None
+        if buffer is not None and not buffer.is_inference()
     ]
     try:
         for module in modules:

@@ -66,7 +66,7 @@ def _versions(modules: list[nn.Module]) -> list[tuple[Tensor, int]]:
         (p, p._version)
         for m in modules
         for p in m._parameters.values()
-        if type(p) is nn.Parameter or type(p) is Tensor
+        if (type(p) is nn.Parameter or type(p) is Tensor) and not p.is_inference()  # (no version counter)
     ]
 
 
