@@ -40,6 +40,7 @@ __all__ = [
     "cropped_squared_gradients",
     "grouped_squared_gradients",
     "live_taps",
+    "record_geometry",
     "unfold",
     "use_grouped_convolution",
 ]
@@ -72,6 +73,20 @@ def conv_padding(
             return tuple((t // 2, t - t // 2) for t in total)
         raise ValueError(f"unknown conv padding {padding!r}; expected an int, a tuple, 'same' or 'valid'.")
     return tuple((p, p) for p in _expand(padding, len(kernel)))
+
+
+def record_geometry(
+    call: LayerCall, args: tuple, kwargs: dict, weight: Optional[Tensor], nd: int, dilation_position: int
+) -> None:
+    """Stride, padding, dilation and groups of a (transposed) convolution call into ``call``: stride,
+    padding and groups at positions 3, 4 and 6 of both ``convNd`` and ``conv_transposeNd``, dilation at
+    ``dilation_position`` (5 and 7: the transposed one has ``output_padding`` at 5)."""
+    assert weight is not None  # (transposed) convolutions always have a weight
+    kernel = tuple(weight.shape[2:])
+    call.stride = _expand(argument(args, kwargs, 3, ("stride",), 1), nd)
+    call.dilation = _expand(argument(args, kwargs, dilation_position, ("dilation",), 1), nd)
+    call.padding = conv_padding(argument(args, kwargs, 4, ("padding",), 0), kernel, call.dilation)
+    call.groups = int(argument(args, kwargs, 6, ("groups",), 1))
 
 
 def unfold(x: Tensor, call: LayerCall, kernel: tuple[int, ...]) -> Tensor:
@@ -277,13 +292,7 @@ class ConvRule(LayerRule):
         self.op = f"conv{spatial_dims}d"
 
     def record(self, call: LayerCall, args: tuple, kwargs: dict, weight: Optional[Tensor]) -> None:
-        nd = self.spatial_dims
-        assert weight is not None  # convolutions always have a weight
-        kernel = tuple(weight.shape[2:])
-        call.stride = _expand(argument(args, kwargs, 3, ("stride",), 1), nd)
-        call.dilation = _expand(argument(args, kwargs, 5, ("dilation",), 1), nd)
-        call.padding = conv_padding(argument(args, kwargs, 4, ("padding",), 0), kernel, call.dilation)
-        call.groups = int(argument(args, kwargs, 6, ("groups",), 1))
+        record_geometry(call, args, kwargs, weight, self.spatial_dims, dilation_position=5)
 
     def is_batched(self, call: LayerCall, n: int) -> bool:
         rows = call.inputs.shape[0] if call.inputs.ndim == self.spatial_dims + 2 else -1

@@ -26,10 +26,9 @@ from torch import Tensor
 from lightning_flatness.functional.estimators.layer_rules.base import (
     LayerCall,
     LayerRule,
-    argument,
     register_layer_rule,
 )
-from lightning_flatness.functional.estimators.layer_rules.conv import _expand, conv_padding, unfold
+from lightning_flatness.functional.estimators.layer_rules.conv import record_geometry, unfold
 
 __all__ = ["ConvTransposeRule"]
 
@@ -43,13 +42,7 @@ class ConvTransposeRule(LayerRule):
         self.op = f"conv_transpose{spatial_dims}d"
 
     def record(self, call: LayerCall, args: tuple, kwargs: dict, weight: Optional[Tensor]) -> None:
-        nd = self.spatial_dims
-        assert weight is not None  # transposed convolutions always have a weight
-        kernel = tuple(weight.shape[2:])
-        call.stride = _expand(argument(args, kwargs, 3, ("stride",), 1), nd)
-        call.dilation = _expand(argument(args, kwargs, 7, ("dilation",), 1), nd)
-        call.padding = conv_padding(argument(args, kwargs, 4, ("padding",), 0), kernel, call.dilation)
-        call.groups = int(argument(args, kwargs, 6, ("groups",), 1))
+        record_geometry(call, args, kwargs, weight, self.spatial_dims, dilation_position=7)
 
     def is_batched(self, call: LayerCall, n: int) -> bool:
         rows = call.inputs.shape[0] if call.inputs.ndim == self.spatial_dims + 2 else -1
