@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_flatness.functional import hessian_diagonal, select_parameters
-from lightning_flatness.functional.module_walk import modules_of, walked_once
+from lightning_flatness.functional.module_walk import modules_of, walked_once, walking
 
 
 class Counting(nn.Sequential):
@@ -35,12 +35,14 @@ def test_an_exact_call_walks_the_modules_once_and_gives_the_same_diagonal():
 
 def test_the_walk_is_the_one_taken_on_entry_and_only_for_its_model():
     net = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU()))
+    assert not walking(net)
     with walked_once(net) as walk:
+        assert walking(net) and not walking(net[1])
         assert modules_of(net) is walk and walk == list(net.modules())
         with walked_once(net) as inner:
             assert inner is walk
         assert modules_of(net[1]) == list(net[1].modules()) and modules_of(net[1]) is not walk
-    assert modules_of(net) is not walk  # a fresh walk outside
+    assert modules_of(net) is not walk and not walking(net)  # a fresh walk outside
 
 
 def test_the_default_selection_follows_named_parameters_order_and_sharing():

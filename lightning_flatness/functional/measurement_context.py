@@ -45,15 +45,12 @@ from lightning_flatness.functional.buffer_snapshot import buffers_restored
 from lightning_flatness.functional.embedding_renorm import renormalised_tables
 from lightning_flatness.functional.model_io import compiled_code_eager, model_autocast_disabled
 from lightning_flatness.functional.module_caches import recomputed_caches
-from lightning_flatness.functional.module_walk import walked_once
+from lightning_flatness.functional.module_walk import walked_once, walking
 from lightning_flatness.functional.reentrant_checkpoint import checkpoints_run_directly
 
 __all__ = ["ParametersChangedInPlace", "in_measurement_context", "measurement_context"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-_ENTERED: set[int] = set()  # ids of the models inside a measurement context (nested blocks enter nothing)
 
 
 class ParametersChangedInPlace(RuntimeError):
@@ -89,26 +86,22 @@ def _check_unchanged(model: nn.Module, versions: list[tuple[Tensor, int]]) -> No
 def measurement_context(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, ``model`` is run as a measurement runs it (module docstring). A block nested in one
     for the same model (``SharpnessMeasurement.add`` -> ``hessian_diagonal_groups``) enters nothing more."""
-    if id(model) in _ENTERED:
+    if walking(model):  # inside a measurement of this model already: its walk is open
         yield model
         return
-    _ENTERED.add(id(model))
-    try:
-        with (
-            walked_once(model) as modules,
-            compiled_code_eager(),
-            model_autocast_disabled(),
-            checkpoints_run_directly(),
-            recomputed_caches(model),
-            backward_hooks_suspended(model),
-            renormalised_tables(model),
-            buffers_restored(model),
-        ):
-            versions = _versions(modules)
-            yield model
-            _check_unchanged(model, versions)
-    finally:
-        _ENTERED.discard(id(model))
+    with (
+        walked_once(model) as modules,
+        compiled_code_eager(),
+        model_autocast_disabled(),
+        checkpoints_run_directly(),
+        recomputed_caches(model),
+        backward_hooks_suspended(model),
+        renormalised_tables(model),
+        buffers_restored(model),
+    ):
+        versions = _versions(modules)
+        yield model
+        _check_unchanged(model, versions)
 
 
 def in_measurement_context(function: F) -> F:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-__all__ = ["modules_of", "walked_once"]
+__all__ = ["modules_of", "walked_once", "walking"]
 
 _WALKS: dict[int, list[nn.Module]] = {}  # id(model) -> its modules, inside walked_once(model)
 
@@ -26,6 +26,11 @@ def modules_of(model: nn.Module) -> list[nn.Module]:
     """``list(model.modules())``: the walk taken by the enclosing :func:`walked_once` block, if any."""
     walk = _WALKS.get(id(model))
     return list(model.modules()) if walk is None else walk
+
+
+def walking(model: nn.Module) -> bool:
+    """Whether a :func:`walked_once` block for ``model`` is open (a measurement of it is under way)."""
+    return id(model) in _WALKS
 
 
 @contextlib.contextmanager
