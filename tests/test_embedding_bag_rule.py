@@ -78,3 +78,28 @@ def test_the_exact_diagonal_of_a_bag_equals_the_brute_force_hessian(case):
     for name in names:
         torch.testing.assert_close(ours[name], truth[name], rtol=1e-10, atol=1e-15)
     assert float(truth["bag.weight"].abs().sum()) > 0
+
+
+def test_a_max_bag_takes_the_per_sample_path_and_equals_the_brute_force_hessian():
+    """``mode="max"`` (each output entry from one bag entry) is not the rule's layout: per-sample passes,
+    still equal to the brute-force Hessian of the twin written with ``amax`` over the looked-up rows."""
+    torch.manual_seed(0)
+    net = BagClassifier(mode="max").double()
+    g = torch.Generator().manual_seed(1)
+    ids, y = torch.randint(0, 12, (6, 5), generator=g), torch.randint(0, 3, (6,), generator=g)
+
+    class MaxTwin(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bag, self.fc1, self.fc2 = nn.Embedding(12, 4), net.fc1, net.fc2
+            self.bag.weight = net.bag.weight
+
+        def forward(self, ids):
+            return self.fc2(torch.relu(self.fc1(self.bag(ids).amax(dim=1))))
+
+    twin = MaxTwin()
+    torch.testing.assert_close(twin(ids), net(ids), rtol=1e-12, atol=1e-14)
+    with pytest.warns(UserWarning, match="per-layer contractions do not apply"):
+        ours = hessian_diagonal(net, F.cross_entropy, ids, y, method="exact", parameters=["bag.weight"])
+    truth = brute_force_hessian_diagonal(twin, F.cross_entropy, ids, y, ["bag.weight"])
+    torch.testing.assert_close(ours["bag.weight"], truth["bag.weight"], rtol=1e-10, atol=1e-15)

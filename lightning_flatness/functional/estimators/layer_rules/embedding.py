@@ -157,10 +157,11 @@ class EmbeddingBagRule(EmbeddingRule):
             or call.inputs.ndim != 2
             or mode not in ("sum", "mean")
             or max_norm is not None
+            or by_frequency
+            or (per_sample is not None and per_sample.requires_grad)
         ):
-            call.samples_interact = True
-        if by_frequency or (per_sample is not None and per_sample.requires_grad):
-            call.samples_interact = True
+            call.samples_interact = True  # not this rule's layout: the per-sample path handles it
+            return
         ids, dtype = call.inputs, torch.float32 if weight is None else weight.dtype
         if per_sample is not None:
             scale = per_sample.detach().to(dtype)
