@@ -66,7 +66,6 @@ from lightning_flatness.progress import progress_reporter
 from lightning_flatness.sharded import is_sharded
 from lightning_flatness.training_subset import (
     TrainingSubset,
-    choose_indices,
     chunk_sizes,
     training_dataloader,
 )
@@ -560,19 +559,19 @@ class SharpnessMonitorBase:
 
     def _choose_subset(self) -> None:
         assert self._subset is not None and self._seed is not None
-        self._dataset_size = len(self._subset)
-        self._indices = choose_indices(self._dataset_size, self.num_samples, self._seed)
+        self._dataset_size = self._subset.population.size
+        self._indices = self._subset.population.choose(self.num_samples, self._seed)
 
     def _prepare(self, trainer: Any, pl_module: Any) -> None:
         """Checks before the first measurement: data, parameters, batch splitting, and the method."""
         with preserved_rng_states():
             self._resolve_data(trainer, final=True)
         self._check_parameters(pl_module)
-        if self._subset is not None and self._dataset_size != len(self._subset):
+        if self._subset is not None and self._dataset_size != self._subset.population.size:
             self._warn_once(
                 trainer,
                 "resized",
-                f"SharpnessMonitor: the training set has {len(self._subset)} samples but the "
+                f"SharpnessMonitor: the training set has {self._subset.population.size} samples but the "
                 f"subset in the checkpoint was drawn from {self._dataset_size}; drawing a new "
                 "subset (the curve's next points are not comparable with the previous ones).",
             )
@@ -581,6 +580,18 @@ class SharpnessMonitorBase:
             sharded.prepare_in_callback(self, trainer, pl_module)
             self._prepared = True
             return
+        population = self._subset.population if self._subset is not None else None
+        if population is not None and (population.indices is not None or population.weights is not None):
+            self._info_once(
+                trainer, "population", f"SharpnessMonitor draws its subset from {population.describe()}."
+            )
+        elif population is not None and not population.known:
+            self._info_once(
+                trainer,
+                "population",
+                f"SharpnessMonitor draws its subset from {population.describe()}; if it restricts or weights "
+                "the training samples, pass the samples to measure with `SharpnessMonitor(dataloader=...)`.",
+            )
         device = pl_module.device
         child = network_without_forward(pl_module)
         if child is not None and type(self).measured_network is SharpnessMonitorBase.measured_network:
@@ -594,6 +605,8 @@ class SharpnessMonitorBase:
             )
         with preserved_rng_states(), gradient_enabled(device):
             batch = next(self._rank_batches(trainer, dry_run=True)[0], None)
+            if self._subset is not None and self._subset.notice is not None:
+                self._info_once(trainer, "workers", self._subset.notice)
             if batch is None:
                 raise ValueError(
                     "SharpnessMonitor's `dataloader` yielded no batch on rank "
@@ -1145,7 +1158,11 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
     training samples drawn once with the callback's own seeded generator (their indices are kept in
     the callback's state, so every point of the curve uses the same samples), fetched by index from
     the training ``DataLoader``'s dataset with its ``collate_fn`` (the training loader itself is
-    never iterated). Or on every batch of ``dataloader`` when given. Under DDP each process takes its
+    never iterated). They are drawn from the samples the loader's sampler draws: the indices of a
+    ``SubsetRandomSampler`` (a train split of one dataset), by the weights of a ``WeightedRandomSampler``
+    (:func:`~lightning_flatness.training_subset.training_population`); a dataset that only the loader's
+    workers can read (a ``worker_init_fn`` opens it) is fetched by such workers. Or on every batch of
+    ``dataloader`` when given. Under DDP each process takes its
     share (``indices[rank::world_size]``, or batch ``i`` of ``dataloader`` on rank
     ``i % world_size``) and the metric sums the estimates over processes: every process gets the
     same value, equal to the single-process value over the same samples.

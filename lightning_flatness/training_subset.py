@@ -9,19 +9,52 @@ draws random numbers (augmentations: random crops, flips) gets the same draws at
 chunk's fetch starts from the global streams seeded from the monitor's seed and the chunk's first index
 (:func:`~lightning_flatness.isolation.seed_global_streams`), so the measured inputs are fixed, one draw of
 the augmented distribution, and a curve moves with the weights only.
+
+**Which samples.** The training loss averages over the samples the training loader's *sampler* draws, which
+need not be the whole dataset: a ``SubsetRandomSampler`` (or a plain list of indices) trains on part of it
+(a train/validation split of one dataset), a ``WeightedRandomSampler`` reweights it (class balancing).
+:func:`training_population` reads these (also inside the ``DistributedSamplerWrapper`` Lightning puts around
+them under DDP) and the subset is drawn from that population: uniformly without replacement from the
+sampler's indices, or by the sampler's weights (with replacement where the sampler draws so, so that the
+subset is an i.i.d. draw of the training distribution). Another sampler is not read: the subset is then
+drawn from the whole dataset, and the monitor says so once.
+
+**Datasets that only work in the loader's workers** (a file handle or a per-worker resource opened by
+``worker_init_fn``): where fetching in the main process raises on the first measurement and the training
+loader has workers, the chunks are fetched by a loader with the same workers, ``worker_init_fn`` and
+multiprocessing context (started per measurement, seeded from the monitor's seed: the draws of
+augmentations are fixed per worker rather than per chunk); where that fails too, or the loader has no
+workers, a :class:`SubsetFetchError` names the problem and the fix.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import (
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
 
 from lightning_flatness.isolation import seed_global_streams
 
-__all__ = ["TrainingSubset", "training_dataloader", "choose_indices", "chunk_sizes"]
+__all__ = [
+    "Population",
+    "SubsetFetchError",
+    "TrainingSubset",
+    "training_dataloader",
+    "training_population",
+    "choose_indices",
+    "chunk_sizes",
+]
 
 _FIX = "pass the samples to measure on explicitly with `SharpnessMonitor(dataloader=...)`"
 
@@ -94,15 +127,138 @@ def chunk_sizes(total: int, batch_size: int, min_chunks: int) -> list[int]:
     return [total // count + (1 if i < total % count else 0) for i in range(count)]
 
 
+class SubsetFetchError(RuntimeError):
+    """The monitor could not fetch its training samples by index (raised at the dry run, before training)."""
+
+
+@dataclass(frozen=True)
+class Population:
+    """The samples the training loader draws from, and how: the distribution the training loss averages over.
+
+    Attributes:
+        size: how many dataset indices it has (``len(dataset)`` for the whole dataset).
+        indices: ``(size,)`` int64 dataset indices, or None for ``0 .. size - 1``.
+        weights: ``(size,)`` float64 sampling weights of those indices, or None (uniform).
+        replacement: the weighted draw is with replacement (as ``WeightedRandomSampler``'s default).
+        sampler: the class name of the sampler read (or of the one not read).
+        known: whether the sampler was read; otherwise the population is the whole dataset by default.
+    """
+
+    size: int
+    indices: Optional[Tensor] = None
+    weights: Optional[Tensor] = None
+    replacement: bool = False
+    sampler: str = "SequentialSampler"
+    known: bool = True
+
+    def choose(self, num_samples: int, seed: int) -> Tensor:
+        """``num_samples`` dataset indices drawn from the population with a private generator seeded with
+        ``seed``: uniformly without replacement (all of them when there are fewer; the same draw as
+        :func:`choose_indices` for the whole dataset), or by the weights (with replacement where
+        ``replacement``: repeats are then part of the i.i.d. draw; without it, at most the indices of positive
+        weight)."""
+        if self.weights is None:
+            picked = choose_indices(self.size, num_samples, seed)
+        else:
+            generator = torch.Generator().manual_seed(int(seed))
+            count = num_samples if self.replacement else min(num_samples, int((self.weights > 0).sum()))
+            picked = torch.multinomial(self.weights, count, replacement=self.replacement, generator=generator)
+        return picked if self.indices is None else self.indices[picked]
+
+    def describe(self) -> str:
+        """Where the subset comes from, for a message: e.g. ``"the 800 indices of the training loader's
+        SubsetRandomSampler"``."""
+        if not self.known:
+            return (
+                f"the whole training dataset ({self.size} samples), uniformly: the training loader's sampler "
+                f"{self.sampler} is not one it reads (SubsetRandomSampler, WeightedRandomSampler, a list of "
+                "indices)"
+            )
+        if self.weights is not None:
+            how = "with replacement" if self.replacement else "without replacement"
+            return f"the {self.size} weighted indices of the training loader's {self.sampler} ({how})"
+        if self.indices is not None:
+            return f"the {self.size} indices of the training loader's {self.sampler}"
+        return f"the whole training dataset ({self.size} samples)"
+
+
+_WHOLE_DATASET = (SequentialSampler, RandomSampler, DistributedSampler)
+
+
+def training_population(loader: DataLoader) -> Population:
+    """The :class:`Population` of ``loader``'s sampler (module docstring), for an indexable dataset.
+
+    Reads ``SubsetRandomSampler`` and plain sequences of indices (their indices), ``WeightedRandomSampler``
+    (its weights and replacement), and the whole dataset for ``SequentialSampler``, ``RandomSampler`` and
+    ``DistributedSampler``; sees through Lightning's ``DistributedSamplerWrapper`` and a custom batch
+    sampler's ``sampler``. Anything else: the whole dataset, ``known=False``.
+
+    Raises:
+        ValueError: the sampler's indices or weights do not fit the dataset, or select nothing.
+    """
+    size = len(loader.dataset)  # type: ignore[arg-type]
+    sampler = _index_sampler(loader)
+    name = type(sampler if sampler is not None else loader.batch_sampler).__name__
+    if isinstance(sampler, WeightedRandomSampler):
+        weights = torch.as_tensor(sampler.weights, dtype=torch.float64).flatten()
+        if weights.numel() > size or not bool((weights >= 0).all()) or not bool((weights > 0).any()):
+            raise ValueError(
+                f"the training loader's WeightedRandomSampler has {weights.numel()} weights for a dataset of "
+                f"{size} samples (non-negative, some positive, at most one per sample are needed to draw "
+                f"the monitor's subset from them); {_FIX}."
+            )
+        return Population(
+            weights.numel(), weights=weights, replacement=bool(sampler.replacement), sampler=name
+        )
+    indices = _sampler_indices(sampler)
+    if indices is not None:
+        if indices.numel() == 0 or int(indices.min()) < 0 or int(indices.max()) >= size:
+            raise ValueError(
+                f"the training loader's {name} selects {indices.numel()} indices, not all in [0, {size}) "
+                f"(the dataset's length); {_FIX}."
+            )
+        return Population(indices.numel(), indices=indices, sampler=name)
+    return Population(size, sampler=name, known=isinstance(sampler, _WHOLE_DATASET))
+
+
+def _index_sampler(loader: DataLoader) -> Any:
+    """The sampler that yields ``loader``'s sample indices: its batch sampler's ``sampler``
+    (``loader.sampler`` under the default one; None for a custom batch sampler without one); Lightning's
+    ``DistributedSamplerWrapper`` (DDP) replaced by the sampler it wraps."""
+    batch_sampler = loader.batch_sampler
+    sampler = loader.sampler if batch_sampler is None else getattr(batch_sampler, "sampler", None)
+    wrapped = getattr(getattr(sampler, "dataset", None), "_sampler", None)  # DistributedSamplerWrapper
+    if isinstance(sampler, DistributedSampler) and wrapped is not None:
+        return wrapped
+    return sampler
+
+
+def _sampler_indices(sampler: Any) -> Optional[Tensor]:
+    """The indices of a ``SubsetRandomSampler`` or of a plain sequence used as sampler (a list, range, tuple
+    or 1-D integer tensor of indices), as int64; None for any other sampler."""
+    if isinstance(sampler, SubsetRandomSampler):
+        source: Any = sampler.indices
+    elif isinstance(sampler, (list, tuple, range)) or (
+        isinstance(sampler, Tensor) and sampler.ndim == 1 and not sampler.is_floating_point()
+    ):
+        source = sampler
+    else:
+        return None
+    if isinstance(source, Tensor):
+        return source.detach().to("cpu", torch.int64).flatten()
+    return torch.as_tensor(list(source), dtype=torch.int64).flatten()
+
+
 class TrainingSubset:
     """Fixed training samples, fetched by index and collated in chunks.
 
     Args:
-        loader: the training ``DataLoader`` whose ``dataset`` and ``collate_fn`` are used.
+        loader: the training ``DataLoader`` whose ``dataset``, ``collate_fn`` and sampler (the population,
+            :func:`training_population`) are used, and whose workers fetch where the main process cannot.
 
     Raises:
         TypeError: ``loader`` is not a ``DataLoader`` over an indexable dataset.
-        ValueError: the dataset is empty.
+        ValueError: the dataset is empty, or its sampler selects nothing.
     """
 
     def __init__(self, loader: Any) -> None:
@@ -113,6 +269,18 @@ class TrainingSubset:
                 "the training dataset of SharpnessMonitor is empty (length 0); give the Trainer "
                 f"training data or {_FIX}."
             )
+        self.population = training_population(loader)
+        self._workers = {
+            "num_workers": loader.num_workers,
+            "worker_init_fn": loader.worker_init_fn,
+            "multiprocessing_context": loader.multiprocessing_context,
+            "timeout": loader.timeout,
+        }
+        if loader.num_workers > 0:
+            self._workers["prefetch_factor"] = loader.prefetch_factor
+        self.in_workers = False  # the first fetch decides (module docstring)
+        self._fetched = False
+        self.notice: Optional[str] = None  # why the chunks are fetched by workers, for the caller to say once
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -120,14 +288,73 @@ class TrainingSubset:
     def batches(self, indices: Tensor, sizes: Sequence[int], seed: Optional[int] = None) -> Iterator[Any]:
         """Collated batches of ``indices`` cut into consecutive chunks of ``sizes``; with ``seed``, each chunk
         fetched from the global random streams seeded with ``seed`` and its first index (module docstring;
-        the caller holds :func:`~lightning_flatness.isolation.preserved_rng_states`)."""
-        start = 0
+        the caller holds :func:`~lightning_flatness.isolation.preserved_rng_states`), or by the loader's
+        workers where the main process cannot fetch (decided on the first fetch)."""
+        chunks, start = [], 0
         for size in sizes:
-            chunk = indices[start : start + size].tolist()
+            chunks.append(indices[start : start + size].tolist())
             start += size
-            if seed is not None and chunk:
+        chunks = [c for c in chunks if c]
+        if self.in_workers:
+            yield from self._worker_batches(chunks, seed)
+            return
+        for k, chunk in enumerate(chunks):
+            if seed is not None:
                 seed_global_streams(seed * _SEED_STRIDE + chunk[0])
-            yield self.collate_fn([self.dataset[i] for i in chunk])
+            if self._fetched:
+                yield self.collate_fn([self.dataset[i] for i in chunk])
+                continue
+            try:
+                batch = self.collate_fn([self.dataset[i] for i in chunk])
+            except Exception as err:
+                self._fetched = True
+                yield from self._fetch_in_workers(chunks[k:], seed, err)
+                return
+            self._fetched = True
+            yield batch
+
+    def _fetch_in_workers(
+        self, chunks: list[list[int]], seed: Optional[int], err: Exception
+    ) -> Iterator[Any]:
+        """The first fetch raised ``err`` in the main process: the chunks from the loader's workers, or a
+        :class:`SubsetFetchError`."""
+        failed = (
+            f"SharpnessMonitor fetches its training samples by index in the main process, "
+            f"collate_fn([dataset[i] for i in chunk]), and {type(self.dataset).__name__}[{chunks[0][0]}] "
+            f"raised {type(err).__name__}: {err}"
+        )
+        if self._workers["num_workers"] == 0:
+            raise SubsetFetchError(
+                f"{failed}. Make the dataset indexable outside a DataLoader, or {_FIX}."
+            ) from err
+        workers = self._workers["num_workers"]
+        batches = self._worker_batches(chunks, seed)
+        try:
+            first = next(batches)
+        except Exception as worker_err:
+            raise SubsetFetchError(
+                f"{failed}; fetched by {workers} workers of the training loader's settings (worker_init_fn, "
+                f"multiprocessing context) it raised {type(worker_err).__name__}: {worker_err}. "
+                f"{_FIX[0].upper() + _FIX[1:]}."
+            ) from worker_err
+        self.in_workers = True
+        self.notice = (
+            f"{failed}; it fetches them with the training loader's workers instead (up to {workers} started "
+            "per measurement, with its worker_init_fn), seeded from the monitor's seed."
+        )
+        yield first
+        yield from batches
+
+    def _worker_batches(self, chunks: list[list[int]], seed: Optional[int]) -> Iterator[Any]:
+        """The chunks collated by a loader with the training loader's workers, in order: the batch sampler
+        is the list of chunks, the worker seeds come from a private generator seeded with ``seed``."""
+        settings = dict(self._workers)
+        settings["num_workers"] = min(settings["num_workers"], len(chunks))
+        generator = torch.Generator().manual_seed(0 if seed is None else int(seed) % 2**63)
+        loader = DataLoader(
+            self.dataset, batch_sampler=chunks, collate_fn=self.collate_fn, generator=generator, **settings
+        )
+        yield from loader
 
 
 _SEED_STRIDE = 1_000_003  # a prime above any dataset index one would measure: distinct seeds per chunk
