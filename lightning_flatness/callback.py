@@ -325,7 +325,9 @@ class SharpnessMonitorBase:
         backward hooks are suspended while the estimators differentiate it
         (:mod:`~lightning_flatness.functional.backward_hooks`). A
         module whose forward hooks change its state (e.g. ``torch.nn.utils.spectral_norm``) can be
-        measured on a copy instead: ``return copy.deepcopy(pl_module)``.
+        measured on a copy instead: ``return copy.deepcopy(pl_module)``. The dry run warns when the
+        network's output does not depend on some of the trained tensors it measures (a head that
+        ``training_step`` applies after ``forward``: the output measured is then not the trained logits).
 
         A LightningModule that defines no ``forward`` (its ``training_step`` calls ``self.model(x)``) is
         measured through the one child module that holds all its trained parameters, if there is one
@@ -628,6 +630,7 @@ class SharpnessMonitorBase:
                     for warning in said:
                         self._warn_once(trainer, f"loss: {warning.message}", str(warning.message))
                     self._estimate(trainer, pl_module, network, inputs, target, dry_run=True)
+                    unreached = self._measurement(network, None, 1).unreached_parameters(inputs, target)
             except Exception as err:
                 steps = trainer.global_step
                 when, after = (
@@ -652,6 +655,8 @@ class SharpnessMonitorBase:
                     "Pass another `method=`, `loss_fn=` or `parameters=`, or override `split_batch` / "
                     f"`measured_network`; {after}."
                 ) from err
+        if unreached:
+            self._warn_once(trainer, "unreached", self._unreached_message(pl_module, unreached))
         if self._choice is not None and self.method == _AUTO and "fallback" not in self._warned:
             message = (
                 f"SharpnessMonitor(method='auto') measures with {self._choice.label}: {self._choice.reason}."
@@ -675,6 +680,17 @@ class SharpnessMonitorBase:
             else:
                 self._info_once(trainer, "choice", message)
         self._prepared = True
+
+    def _unreached_message(self, pl_module: Any, names: list[str]) -> str:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        return (
+            f"SharpnessMonitor: the measured network's output does not depend on {len(names)} of the trained "
+            f"parameters it measures ({shown}): their curvature is 0 in every measure. If training_step "
+            f"applies them after {type(pl_module).__name__}'s forward (a classifier head called outside "
+            "forward), the monitor scores forward's output as the logits, which is not the function "
+            "training scores: make forward return the logits, or override `measured_network`. If they act "
+            "only in training mode (an auxiliary head), leave them out with `parameters=`."
+        )
 
     def _to_device(self, inputs: Any, device: torch.device) -> Any:
         return map_inputs(inputs, lambda t: autograd_tensor(t, device, self.dtype))

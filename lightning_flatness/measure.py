@@ -43,6 +43,7 @@ from lightning_flatness.functional.measurement_context import measurement_contex
 from lightning_flatness.functional.model_io import (
     TokenLoss,
     arguments_for,
+    call_model,
     inputs_batch_size,
     logits_without_gradient,
     map_inputs,
@@ -497,6 +498,20 @@ class SharpnessMeasurement:
             num_mc_samples=self.num_mc_samples,
             num_sketches=self.num_sketches,
         )
+
+    @_measuring
+    def unreached_parameters(self, inputs: Any, target: Tensor) -> list[str]:
+        """The selected parameters that the model's output does not depend on: autograd finds no path from
+        the logits to them (one forward and one backward pass on ``inputs``), so their curvature is 0 in
+        every measure. A trained parameter among them is applied outside the measured network (a head that
+        ``training_step`` calls after ``forward``) or only in training mode (an auxiliary head)."""
+        params = select_parameters(self.model, self.parameters)
+        with torch.enable_grad():
+            logits = call_model(self.model, self._model_inputs(inputs, target))
+        if not logits.requires_grad:
+            return list(params)
+        grads = torch.autograd.grad(logits.sum(), list(params.values()), allow_unused=True)
+        return [name for name, grad in zip(params, grads) if grad is None]
 
     @_measuring
     def loss_is_finite(self, inputs: Any, target: Tensor) -> bool:

@@ -211,3 +211,60 @@ def test_dict_batches_with_columns_forward_does_not_take_are_measured_without_th
     plain, extra = histories
     assert [e["method"] for e in extra] == ["exact", "exact"]
     assert [e["normalized"] for e in extra] == [e["normalized"] for e in plain] and plain[0]["normalized"] > 0
+
+
+class HeadOutsideForward(pl.LightningModule):
+    """``forward`` returns features and ``training_step`` applies the head (``"outside"``); or the head inside
+    ``forward`` (``"inside"``); or an auxiliary head that only training mode uses (``"auxiliary"``)."""
+
+    def __init__(self, layout: str) -> None:
+        super().__init__()
+        self.layout = layout
+        self.backbone = nn.Sequential(nn.Linear(5, 16), nn.ReLU())
+        self.head = nn.Linear(16, 3)
+        if layout == "auxiliary":
+            self.aux = nn.Linear(16, 3)
+
+    def forward(self, x):
+        features = self.backbone(x)
+        if self.layout == "outside":
+            return features
+        logits = self.head(features)
+        return logits + self.aux(features) if self.layout == "auxiliary" and self.training else logits
+
+    def training_step(self, batch, batch_idx):
+        out = self(batch[0])
+        return F.cross_entropy(self.head(out) if self.layout == "outside" else out, batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize(
+    "layout, parameters, unreached",
+    [
+        ("outside", None, ["head.weight", "head.bias"]),
+        ("inside", None, []),
+        ("auxiliary", None, ["aux.weight", "aux.bias"]),
+        ("auxiliary", ["backbone.0.weight", "head.weight"], []),
+    ],
+)
+def test_trained_parameters_the_measured_output_does_not_depend_on_are_named(layout, parameters, unreached):
+    data = _data()
+    pl.seed_everything(0, verbose=False)
+    monitor = SharpnessMonitor(num_samples=16, parameters=parameters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer([monitor], max_epochs=1).fit(
+            HeadOutsideForward(layout), DataLoader(data, batch_size=8), DataLoader(data, batch_size=8)
+        )
+    said = [str(w.message) for w in caught if "does not depend on" in str(w.message)]
+    if not unreached:
+        assert said == []
+        return
+    assert len(said) == 1 and f"({', '.join(unreached)})" in said[0] and "`measured_network`" in said[0]
+    for name in unreached:  # what the message says: their curvature is 0 in every measure
+        assert monitor.history[0][f"hessian_trace/{name}"] == 0.0
