@@ -31,6 +31,7 @@ from lightning_flatness.functional.estimators import HessianDiagonalEstimate, he
 from lightning_flatness.functional.estimators.method_choice import MethodChoice, choose_method
 from lightning_flatness.functional.estimators.registry import ESTIMATORS
 from lightning_flatness.functional.loss_forms import (
+    are_probabilities,
     hessian_twin,
     loss_for_outputs,
     single_output_mse_loss,
@@ -172,6 +173,15 @@ def check_targets(loss_fn: LossFn, logits: Tensor, target: Tensor) -> None:
         return
     if not _softmax_loss(loss_fn) or logits.ndim != 2:
         return
+    if are_probabilities(logits, 1):
+        raise ValueError(
+            f"the loss is a softmax cross-entropy ({name}) over logits, but the model's outputs "
+            f"{tuple(logits.shape)} are probabilities (every row in [0, 1], summing to 1: a softmax inside "
+            "the network); scored as logits they measure a loss that was never trained. Return the logits "
+            "(or log-probabilities) from the measured network (its forward; for SharpnessMonitor also "
+            "`measured_network`), or pass `loss_fn=lambda p, y: normalized_softmax_cross_entropy(p.log(), "
+            "y)` (eq. 20 of the log-probabilities is eq. 20 of the logits: it ignores the shift)."
+        )
     if logits.shape[1] == 1:
         raise ValueError(
             f"the loss is a softmax cross-entropy ({name}) over classes, but the model has one output per "

@@ -282,3 +282,33 @@ def test_a_loss_over_whole_sequences_with_targets_of_another_length_is_used_as_g
     assert float(result["hessian_trace"]) == pytest.approx(total, rel=1e-10)
     with pytest.raises(ValueError, match=r"5 positions of logits but 2 of targets.*\(CTC"):
         measure_sharpness(net, batches)
+
+
+class SoftmaxNet(LogSoftmaxNet):
+    """The same MLP ending in ``softmax``: it returns probabilities."""
+
+    def forward(self, x):
+        return torch.softmax(self.body(x), dim=1)
+
+
+def test_probability_outputs_are_refused_by_the_softmax_losses_and_the_named_fix_measures_the_logits():
+    x, y = _data()
+    torch.manual_seed(0)
+    net = SoftmaxNet().double().eval()
+    for loss_fn in (None, F.cross_entropy):
+        with pytest.raises(ValueError, match=r"outputs \(2, 5\) are probabilities.*p\.log\(\)"):
+            measure_sharpness(net, [(x, y)], loss_fn=loss_fn, num_replicates=1)
+    # the fix the message names is eq. 20 of the logits: the same function of the weights, the same Hessian
+    from lightning_flatness.functional.losses import normalized_softmax_cross_entropy as eq20
+
+    def on_log(p, t):
+        return eq20(p.log(), t)
+
+    logits_net = LogSoftmaxNet(log_probabilities=False).double().eval()
+    logits_net.load_state_dict(net.state_dict())  # the same weights, returning the logits
+    names = ["body.0.weight", "body.2.weight"]
+    ours = brute_force_hessian_diagonal(net, on_log, x, y, names)
+    theirs = brute_force_hessian_diagonal(logits_net, eq20, x, y, names)
+    assert_relative_close(ours, theirs, 1e-10)
+    out = measure_sharpness(net, [(x[:6], y[:6]), (x[6:], y[6:])], loss_fn=on_log, num_replicates=2)
+    assert math.isfinite(float(out["normalized"])) and float(out["normalized"]) > 0

@@ -47,6 +47,7 @@ from lightning_flatness.functional.model_io import TokenLoss
 __all__ = [
     "LabelSmoothedCrossEntropy",
     "are_log_probabilities",
+    "are_probabilities",
     "hessian_twin",
     "loss_for_outputs",
     "needs_outputs",
@@ -177,6 +178,17 @@ def are_log_probabilities(outputs: Tensor, dim: int) -> bool:
     tol = max(1e-4, 16 * torch.finfo(outputs.dtype).eps)
     total = torch.logsumexp(outputs.detach().to(torch.float64), dim)
     return bool(torch.isfinite(total).all() and total.abs().max() <= tol)
+
+
+def are_probabilities(outputs: Tensor, dim: int) -> bool:
+    """Whether every ``outputs`` slice along ``dim`` (of at least 2 entries) is a probability vector:
+    entries in ``[0, 1]`` summing to 1 within ``max(1e-4, 16 eps)`` (a ``softmax``'s rounding)."""
+    if outputs.ndim == 0 or outputs.numel() == 0 or not outputs.is_floating_point() or outputs.shape[dim] < 2:
+        return False
+    tol = max(1e-4, 16 * torch.finfo(outputs.dtype).eps)
+    o = outputs.detach().to(torch.float64)
+    inside = bool(((o >= 0) & (o <= 1)).all())
+    return inside and bool((o.sum(dim) - 1).abs().max() <= tol)
 
 
 def loss_for_outputs(loss_fn: LossFn, outputs: Tensor) -> LossFn:
