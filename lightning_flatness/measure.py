@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_flatness.batch_split import split_batch as default_split_batch
+from lightning_flatness.functional.backward_hooks import TensorHooksLeftOut
 from lightning_flatness.functional.dense_experts import dense_experts
 from lightning_flatness.functional.estimators import HessianDiagonalEstimate, hessian_diagonal_groups
 from lightning_flatness.functional.estimators.method_choice import MethodChoice, choose_method
@@ -516,11 +517,11 @@ class SharpnessMeasurement:
         every measure. A trained parameter among them is applied outside the measured network (a head that
         ``training_step`` calls after ``forward``) or only in training mode (an auxiliary head)."""
         params = select_parameters(self.model, self.parameters)
-        with torch.enable_grad():
+        with torch.enable_grad(), TensorHooksLeftOut():  # the forward's tensor hooks see no measurement
             logits = call_model(self.model, self._model_inputs(inputs, target))
-        if not logits.requires_grad:
-            return list(params)
-        grads = torch.autograd.grad(logits.sum(), list(params.values()), allow_unused=True)
+            if not logits.requires_grad:
+                return list(params)
+            grads = torch.autograd.grad(logits.sum(), list(params.values()), allow_unused=True)
         return [name for name, grad in zip(params, grads) if grad is None]
 
     @_measuring
