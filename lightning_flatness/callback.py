@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lightning_flatness import sharded
 from lightning_flatness.batch_split import split_batch as _default_split_batch
+from lightning_flatness.batch_transfer import as_training_step_gets_it
 from lightning_flatness.callback_logging import bar_chart_figure, figure_to_image
 from lightning_flatness.functional import ExactMethodNotApplicable, select_parameters
 from lightning_flatness.functional.dense_experts import dense_experts
@@ -614,7 +615,7 @@ class SharpnessMonitorBase:
                     "SharpnessMonitor's `dataloader` yielded no batch on rank "
                     f"{trainer.global_rank}; pass a loader with at least one batch per process."
                 )
-            inputs, target = self._split(batch)
+            inputs, target = self._split(as_training_step_gets_it(trainer, pl_module, batch, device))
             n = inputs_batch_size(inputs)
             inputs = self._to_device(select_samples(inputs, slice(0, _DRY_RUN_SAMPLES), n), device)
             target = autograd_tensor(target[:_DRY_RUN_SAMPLES], device, self.dtype)
@@ -869,7 +870,9 @@ class SharpnessMonitorBase:
                 with progress_reporter(trainer, total, description) as advance:
                     for batch in [] if nonfinite else batches:  # non-finite weights: nothing to measure
                         try:
-                            inputs, target = self._split(batch)
+                            inputs, target = self._split(
+                                as_training_step_gets_it(trainer, pl_module, batch, device)
+                            )
                             inputs = self._to_device(inputs, device)
                             target = autograd_tensor(target, device, self.dtype)
                             ok = self._estimate(
@@ -1178,7 +1181,9 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
     ``SubsetRandomSampler`` (a train split of one dataset), by the weights of a ``WeightedRandomSampler``
     (:func:`~lightning_flatness.training_subset.training_population`); a dataset that only the loader's
     workers can read (a ``worker_init_fn`` opens it) is fetched by such workers. Or on every batch of
-    ``dataloader`` when given. Under DDP each process takes its
+    ``dataloader`` when given. Either way each batch goes through the batch-transfer hooks the
+    LightningModule or the datamodule overrides, as ``training_step`` gets it
+    (:mod:`~lightning_flatness.batch_transfer`). Under DDP each process takes its
     share (``indices[rank::world_size]``, or batch ``i`` of ``dataloader`` on rank
     ``i % world_size``) and the metric sums the estimates over processes: every process gets the
     same value, equal to the single-process value over the same samples.

@@ -655,9 +655,11 @@ def prepare_in_callback(monitor: Any, trainer: Any, pl_module: nn.Module) -> Non
     monitor._loss = monitor.loss_fn
 
 
-def _rank_batches(monitor: Any, trainer: Any) -> Iterator[tuple[Any, Tensor]]:
+def _rank_batches(monitor: Any, trainer: Any, pl_module: nn.Module) -> Iterator[tuple[Any, Tensor]]:
     """This rank's share of the subset (``indices[global_rank::world_size]``) as ``(inputs, target)``, in as
-    many batches as every other rank (so some may be empty)."""
+    many batches as every other rank (so some may be empty), through ``pl_module``'s batch-transfer hooks
+    (:func:`~lightning_flatness.batch_transfer.as_training_step_gets_it`)."""
+    from lightning_flatness.batch_transfer import as_training_step_gets_it
     from lightning_flatness.functional.model_io import select_samples
     from lightning_flatness.training_subset import chunk_sizes
 
@@ -669,11 +671,16 @@ def _rank_batches(monitor: Any, trainer: Any) -> Iterator[tuple[Any, Tensor]]:
     if trainer.fast_dev_run:
         share, largest = share[:size], min(largest, size)
     count = len(chunk_sizes(largest, size, monitor.num_replicates))
+    device = next(iter(pl_module.parameters())).device
+
+    def split(batch: Any) -> Any:  # as training_step gets it: through the batch-transfer hooks
+        return monitor._split(as_training_step_gets_it(trainer, pl_module, batch, device))
+
     for chunk in share.tensor_split(count):
         if len(chunk):
-            yield monitor._split(next(monitor._subset.batches(chunk, [len(chunk)], seed=monitor._seed)))
+            yield split(next(monitor._subset.batches(chunk, [len(chunk)], seed=monitor._seed)))
         else:  # an empty batch of the same structure: this rank still joins the collectives
-            inputs, target = monitor._split(next(monitor._subset.batches(indices[:1], [1])))
+            inputs, target = split(next(monitor._subset.batches(indices[:1], [1])))
             yield select_samples(inputs, slice(0, 0), 1), target[:0]
 
 
@@ -707,7 +714,7 @@ def measure_in_callback(monitor: Any, trainer: Any, pl_module: nn.Module) -> tup
     try:
         with preserved_rng_states(), gradient_enabled(device):
             pl_module.eval()
-            for inputs, target in _rank_batches(monitor, trainer):
+            for inputs, target in _rank_batches(monitor, trainer, pl_module):
                 measurement.add(_to_device(inputs, device, dtype), autograd_tensor(target, device, dtype))
             values = {k: float(v) for k, v in measurement.compute().items()}
     finally:
