@@ -21,7 +21,10 @@ For the duration of a block, and put back exactly on exit (also on error):
   the estimators' ``torch.autograd.grad`` cannot pass it);
 - the buffers the model's forward updates (BatchNorm's running statistics in training mode,
   quantization observers in any mode) go back to their values on exit, and fake-quantization observers
-  are paused (:func:`~lightning_flatness.functional.buffer_snapshot.buffers_restored`).
+  are paused (:func:`~lightning_flatness.functional.buffer_snapshot.buffers_restored`);
+- the plain attributes the model's forward rebinds (a stateful recurrent network's carried hidden state,
+  kept features, call counters) go back to their objects on exit, and attributes it creates are removed
+  (:func:`~lightning_flatness.functional.module_attributes.attributes_restored`).
 
 On a normal exit it checks that no parameter was changed in place meanwhile (a ``forward`` that writes
 to its weights, e.g. ``F.embedding(..., max_norm=)`` called directly): a measurement must leave the
@@ -44,6 +47,7 @@ from lightning_flatness.functional.backward_hooks import backward_hooks_suspende
 from lightning_flatness.functional.buffer_snapshot import buffers_restored
 from lightning_flatness.functional.embedding_renorm import renormalised_tables
 from lightning_flatness.functional.model_io import compiled_code_eager, model_autocast_disabled
+from lightning_flatness.functional.module_attributes import attributes_restored
 from lightning_flatness.functional.module_caches import recomputed_caches
 from lightning_flatness.functional.module_walk import walked_once, walking
 from lightning_flatness.functional.reentrant_checkpoint import checkpoints_run_directly
@@ -98,6 +102,7 @@ def measurement_context(model: nn.Module) -> Iterator[nn.Module]:
         backward_hooks_suspended(model),
         renormalised_tables(model),
         buffers_restored(model),
+        attributes_restored(model),
     ):
         versions = _versions(modules)
         yield model
