@@ -75,12 +75,22 @@ def test_measure_sharpness_leaves_the_attributes_as_it_found_them():
     assert module.calls == 1 and module.hidden is hidden and module.features is features
 
 
-def test_attributes_created_inside_are_removed_and_rebound_ones_restored():
+def test_rebound_tensor_state_is_restored_and_other_modules_and_new_attributes_are_left_alone():
     module = Stateful()
+    lazy = nn.Linear(4, 4)
+    lazy.installed = False  # a lazy set-up flag (its hooks, made in place, would not be rolled back)
+
+    def set_up(mod, args):
+        mod.installed = True
+
+    lazy.register_forward_pre_hook(set_up)
+    both = nn.ModuleDict({"stateful": module, "lazy": lazy})
     before = dict(module.__dict__)
-    with attributes_restored(module):
+    with attributes_restored(both):
         module(torch.randn(2, 6, 4))
-        assert module.calls == 1 and "features" in module.__dict__
-    assert module.calls == 0 and module.hidden is None and "features" not in module.__dict__
-    assert module.__dict__.keys() == before.keys()
+        lazy(torch.randn(2, 4))
+        assert module.calls == 1 and module.hidden is not None
+    assert module.calls == 0 and module.hidden is None  # the rebound state, the counter with it
+    assert "features" in module.__dict__  # created meanwhile: stays
     assert all(module.__dict__[k] is v for k, v in before.items())
+    assert lazy.installed  # rebound no tensor: left alone

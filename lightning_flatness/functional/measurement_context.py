@@ -22,8 +22,8 @@ For the duration of a block, and put back exactly on exit (also on error):
 - the buffers the model's forward updates (BatchNorm's running statistics in training mode,
   quantization observers in any mode) go back to their values on exit, and fake-quantization observers
   are paused (:func:`~lightning_flatness.functional.buffer_snapshot.buffers_restored`);
-- the plain attributes the model's forward rebinds (a stateful recurrent network's carried hidden state,
-  kept features, call counters) go back to their objects on exit, and attributes it creates are removed
+- the plain attributes that carry tensor state from call to call (a stateful recurrent network's hidden
+  state, kept features), and the attributes rebound beside them, go back to their objects on exit
   (:func:`~lightning_flatness.functional.module_attributes.attributes_restored`).
 
 On a normal exit it checks that no parameter was changed in place meanwhile (a ``forward`` that writes
