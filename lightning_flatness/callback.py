@@ -368,6 +368,9 @@ class SharpnessMonitorBase:
             "indices": None if self._indices is None else self._indices.clone(),
             "dataset_size": self._dataset_size,
             "method": self._resolved_method,
+            # what the method measures on this network (a Gauss-Newton estimator measures the Hessian of a
+            # piecewise-linear one): not derivable from the method's name alone
+            "quantity": None if self._choice is None else self._choice.quantity,
             "evaluations": self._evaluations,
             "history": [dict(entry) for entry in self.history],
         }
@@ -379,12 +382,11 @@ class SharpnessMonitorBase:
         self._dataset_size = state_dict["dataset_size"]
         if self.method == _AUTO or state_dict["method"] == self.method:
             self._resolved_method = state_dict["method"]
-            if self._resolved_method is not None and self._resolved_method in ESTIMATORS:
-                self._choice = MethodChoice(
-                    self._resolved_method,
-                    ESTIMATORS[self._resolved_method].quantity,
-                    "restored from a checkpoint",
-                )
+            quantity = state_dict.get("quantity")  # absent from checkpoints of earlier versions
+            if self._resolved_method in ESTIMATORS and quantity is not None:
+                self._choice = MethodChoice(self._resolved_method, quantity, "restored from a checkpoint")
+            elif self.method == _AUTO:  # the dry run chooses again (and states what it measures)
+                self._choice = None
         self._evaluations = int(state_dict["evaluations"])
         self.history = [dict(entry) for entry in state_dict["history"]]
 

@@ -431,6 +431,24 @@ def test_resume_from_mid_training_checkpoint_gives_the_same_values_as_an_uninter
     assert fresh.history[0]["normalized"] != full.history[2]["normalized"]
 
 
+def test_a_resumed_choice_keeps_what_it_measures():
+    """A Gauss-Newton estimator chosen for a piecewise-linear network measures its Hessian: a resumed monitor
+    says so too (it used to read the quantity off the method's name, and warned "not of the Hessian");
+    a checkpoint without the quantity (earlier versions) lets the dry run choose again."""
+    from lightning_flatness.functional.estimators.method_choice import MethodChoice
+
+    monitor = SharpnessMonitor(num_samples=16)
+    monitor._seed, monitor._resolved_method = 3, "gauss_newton_sketch"
+    monitor._choice = MethodChoice("gauss_newton_sketch", "hessian", "the network is piecewise linear")
+    state = monitor.state_dict()
+    resumed = SharpnessMonitor(num_samples=16)
+    resumed.load_state_dict(state)
+    assert resumed._choice is not None and resumed._choice.label == "gauss_newton_sketch (hessian)"
+    older = SharpnessMonitor(num_samples=16)
+    older.load_state_dict({k: v for k, v in state.items() if k != "quantity"})
+    assert older._choice is None and older._resolved_method == "gauss_newton_sketch"
+
+
 # ---------------------------------------------------------------------------------------------------
 # validate, inference mode, precision
 # ---------------------------------------------------------------------------------------------------
