@@ -68,6 +68,7 @@ from lightning_flatness.sharded import is_sharded
 from lightning_flatness.training_subset import (
     TrainingSubset,
     chunk_sizes,
+    limited_population,
     training_dataloader,
 )
 
@@ -554,6 +555,12 @@ class SharpnessMonitorBase:
                 "LightningModule or datamodule, or pass `SharpnessMonitor(dataloader=...)`."
             )
         self._subset = TrainingSubset(loader)
+        self._subset.population = limited_population(
+            self._subset.population,
+            loader,
+            getattr(trainer, "limit_train_batches", 1.0),
+            getattr(trainer, "overfit_batches", 0),
+        )
         if self._indices is None:
             self._choose_subset()
         if min(len(self._indices), self.num_samples) < world:
@@ -586,7 +593,9 @@ class SharpnessMonitorBase:
             self._prepared = True
             return
         population = self._subset.population if self._subset is not None else None
-        if population is not None and (population.indices is not None or population.weights is not None):
+        if population is not None and (
+            population.indices is not None or population.weights is not None or population.limited_by
+        ):
             self._info_once(
                 trainer, "population", f"SharpnessMonitor draws its subset from {population.describe()}."
             )

@@ -17,7 +17,9 @@ need not be the whole dataset: a ``SubsetRandomSampler`` (or a plain list of ind
 them under DDP) and the subset is drawn from that population: uniformly without replacement from the
 sampler's indices, or by the sampler's weights (with replacement where the sampler draws so, so that the
 subset is an i.i.d. draw of the training distribution). Another sampler is not read: the subset is then
-drawn from the whole dataset, and the monitor says so once.
+drawn from the whole dataset, and the monitor says so once. A Trainer that limits the batches per epoch
+(``overfit_batches``; ``limit_train_batches`` with a sampler of fixed order) trains on the first batches
+only, and the subset is drawn from those (:func:`limited_population`).
 
 **Datasets that only work in the loader's workers** (a file handle or a per-worker resource opened by
 ``worker_init_fn``): where fetching in the main process raises on the first measurement and the training
@@ -54,6 +56,7 @@ __all__ = [
     "training_population",
     "choose_indices",
     "chunk_sizes",
+    "limited_population",
 ]
 
 _FIX = "pass the samples to measure on explicitly with `SharpnessMonitor(dataloader=...)`"
@@ -150,6 +153,11 @@ class Population:
     replacement: bool = False
     sampler: str = "SequentialSampler"
     known: bool = True
+    #: the sampler yields its indices in the same order every epoch (``SequentialSampler``, a list of
+    #: indices), so that a limit on the batches per epoch trains on the first ones only
+    ordered: bool = False
+    #: where a limit on the batches per epoch restricted the population: why, for :meth:`describe`
+    limited_by: str = ""
 
     def choose(self, num_samples: int, seed: int) -> Tensor:
         """``num_samples`` dataset indices drawn from the population with a private generator seeded with
@@ -168,6 +176,8 @@ class Population:
     def describe(self) -> str:
         """Where the subset comes from, for a message: e.g. ``"the 800 indices of the training loader's
         SubsetRandomSampler"``."""
+        if self.limited_by:
+            return f"the first {self.size} samples the training loader yields ({self.limited_by})"
         if not self.known:
             return (
                 f"the whole training dataset ({self.size} samples), uniformly: the training loader's sampler "
@@ -217,8 +227,42 @@ def training_population(loader: DataLoader) -> Population:
                 f"the training loader's {name} selects {indices.numel()} indices, not all in [0, {size}) "
                 f"(the dataset's length); {_FIX}."
             )
-        return Population(indices.numel(), indices=indices, sampler=name)
-    return Population(size, sampler=name, known=isinstance(sampler, _WHOLE_DATASET))
+        ordered = not isinstance(sampler, SubsetRandomSampler)
+        return Population(indices.numel(), indices=indices, sampler=name, ordered=ordered)
+    ordered = isinstance(sampler, SequentialSampler)
+    return Population(size, sampler=name, known=isinstance(sampler, _WHOLE_DATASET), ordered=ordered)
+
+
+def limited_population(
+    population: Population, loader: DataLoader, limit_batches: float, overfit_batches: float
+) -> Population:
+    """``population`` as a Trainer that limits the batches per epoch trains on it. With ``overfit_batches``
+    Lightning replaces the sampler by a ``SequentialSampler`` over the dataset and trains on the first
+    batches only; with ``limit_train_batches`` below the whole loader, a sampler of fixed order
+    (:attr:`Population.ordered`) also gives the first batches only, every epoch (a shuffling one gives other
+    batches each epoch: the whole population). An int limit is a number of batches, a float a fraction of
+    the loader's (rounded down, as Lightning does). Unchanged where nothing is limited."""
+    overfit = overfit_batches > 0
+    limit = overfit_batches if overfit else limit_batches
+    if not overfit and not population.ordered:
+        return population
+    total = len(loader)
+    batches = int(limit) if isinstance(limit, int) else int(total * float(limit))
+    if batches >= total or batches < 1 or loader.batch_size is None:
+        return population
+    count = batches * loader.batch_size
+    setting = f"overfit_batches={overfit_batches}" if overfit else f"limit_train_batches={limit_batches}"
+    why = f"the {batches} batches of {loader.batch_size} that {setting} trains on"
+    if overfit:  # sequential over the dataset, whatever the sampler was
+        return Population(
+            min(count, len(loader.dataset)), sampler="SequentialSampler", ordered=True, limited_by=why
+        )  # type: ignore[arg-type]
+    if population.indices is None:
+        return Population(
+            min(count, population.size), sampler=population.sampler, ordered=True, limited_by=why
+        )
+    kept = population.indices[:count]
+    return Population(kept.numel(), indices=kept, sampler=population.sampler, ordered=True, limited_by=why)
 
 
 def _index_sampler(loader: DataLoader) -> Any:

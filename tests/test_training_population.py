@@ -190,3 +190,28 @@ def test_workers_that_fail_too_are_named_in_the_error():
     )  # no worker_init_fn
     with pytest.raises(SubsetFetchError, match="fetched by 1 workers.*raised TypeError"):
         next(subset.batches(torch.arange(8), [8], seed=0))
+
+
+@pytest.mark.parametrize(
+    "settings, shuffle, first",
+    [
+        ({"overfit_batches": 2}, True, 16),  # Lightning trains on the first 2 batches, shuffling turned off
+        ({"limit_train_batches": 3}, False, 24),  # a sequential loader: the first 3 batches every epoch
+        ({"limit_train_batches": 0.25}, False, 24),  # 12 batches of 8: a quarter is 3
+        ({"limit_train_batches": 3}, True, None),  # shuffled: other batches every epoch, the whole set
+    ],
+)
+def test_a_trainer_that_limits_the_batches_is_measured_on_the_ones_it_trains_on(settings, shuffle, first):
+    data = _poisoned([] if first is None else list(range(first, 96)))
+    pl.seed_everything(0, verbose=False)
+    monitor = SharpnessMonitor(num_samples=12, num_replicates=2)
+    module = Wrapped(nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)))
+    trainer = quiet_trainer([monitor], max_epochs=1, **settings)
+    val = DataLoader(_data(16), batch_size=8)
+    trainer.fit(module, DataLoader(data, batch_size=8, shuffle=shuffle), val)
+    drawn = monitor._indices.tolist()
+    assert len(drawn) == 12 and monitor.history and monitor.history[-1]["normalized"] > 0
+    if first is None:
+        assert max(drawn) >= 24 and monitor._subset.population.size == 96
+    else:
+        assert max(drawn) < first and monitor._subset.population.size == first
