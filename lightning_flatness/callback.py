@@ -124,6 +124,29 @@ def _is_positive_int(value: Any) -> bool:
 _STATE_KEY_ARGUMENTS = ("prefix", "method", "num_samples", "num_probes", "lam", "seed", "dtype")
 
 
+def _integer_inputs_hint(inputs: Any, err: BaseException) -> str:
+    """Where the dry run failed on a dtype and the inputs hold small integer tensors (images as ``uint8``, not
+    the ``int64`` ids of a token model): the likely cause, a conversion that ``training_step`` makes, and
+    where the monitor would see it."""
+    if isinstance(inputs, dict):
+        tensors = list(inputs.values())
+    elif isinstance(inputs, (tuple, list)):
+        tensors = list(inputs)
+    else:
+        tensors = [inputs]
+    small = [
+        t for t in tensors if isinstance(t, Tensor) and t.dtype in (torch.uint8, torch.int8, torch.int16)
+    ]
+    if not small or "type" not in str(err):
+        return ""
+    return (
+        f"The inputs include an integer tensor ({str(small[0].dtype).removeprefix('torch.')} "
+        f"{tuple(small[0].shape)}) that the network does not take as it is: if `training_step` converts it "
+        "(e.g. `x.float() / 255`), make that conversion in the LightningModule's `on_after_batch_transfer` "
+        "(the monitor's batches go through the batch-transfer hooks) or in `split_batch`. "
+    )
+
+
 class SharpnessMonitorBase:
     r"""The logic of :class:`SharpnessMonitor`, independent of the Lightning namespace.
 
@@ -664,6 +687,7 @@ class SharpnessMonitorBase:
                 raise RuntimeError(
                     f"SharpnessMonitor cannot measure {type(pl_module).__name__} (dry run on "
                     f"{min(n, _DRY_RUN_SAMPLES)} samples {when}): {type(err).__name__}: {err} "
+                    f"{_integer_inputs_hint(inputs, err)}"
                     "Pass another `method=`, `loss_fn=` or `parameters=`, or override `split_batch` / "
                     f"`measured_network`; {after}."
                 ) from err

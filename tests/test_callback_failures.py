@@ -118,3 +118,39 @@ def test_a_model_that_cannot_be_measured_fails_at_fit_start_before_any_training_
         _fit(SharpnessMonitor(num_samples=32, loss_fn=broken), model=model)
     assert model.training_steps == 0
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+class _ConvertsInTrainingStep(pl.LightningModule):
+    """Images stored as uint8, converted in ``training_step`` (the network never sees them as they are)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 3)
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0].float() / 255), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_integer_images_converted_in_training_step_fail_the_dry_run_with_where_to_convert_them():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(32, 3, 8, 8, generator=g) * 255).to(torch.uint8)
+    data = TensorDataset(images, torch.randint(0, 3, (32,), generator=g))
+    trainer = quiet_trainer([SharpnessMonitor(num_samples=16)], max_epochs=1)
+    with pytest.raises(
+        RuntimeError, match=r"integer tensor \(uint8 \(4, 3, 8, 8\)\).*`on_after_batch_transfer`"
+    ):
+        trainer.fit(_ConvertsInTrainingStep(), DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+    assert trainer.global_step == 0
