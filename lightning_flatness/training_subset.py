@@ -279,7 +279,8 @@ def _index_sampler(loader: DataLoader) -> Any:
 
 def _sampler_indices(sampler: Any) -> Optional[Tensor]:
     """The indices of a ``SubsetRandomSampler`` or of a plain sequence used as sampler (a list, range, tuple
-    or 1-D integer tensor of indices), as int64; None for any other sampler."""
+    or 1-D integer tensor of indices), as int64; None for any other sampler, or for keys that are not
+    integers (a dataset indexed by names)."""
     if isinstance(sampler, SubsetRandomSampler):
         source: Any = sampler.indices
     elif isinstance(sampler, (list, tuple, range)) or (
@@ -290,7 +291,13 @@ def _sampler_indices(sampler: Any) -> Optional[Tensor]:
         return None
     if isinstance(source, Tensor):
         return source.detach().to("cpu", torch.int64).flatten()
-    return torch.as_tensor(list(source), dtype=torch.int64).flatten()
+    values = list(source)
+    if not all(
+        isinstance(v, int) or (isinstance(v, Tensor) and v.numel() == 1 and not v.is_floating_point())
+        for v in values
+    ):
+        return None  # keys of another kind (a dataset indexed by names): not read
+    return torch.as_tensor([int(v) for v in values], dtype=torch.int64)
 
 
 class TrainingSubset:

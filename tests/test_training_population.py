@@ -69,6 +69,8 @@ def test_the_population_is_what_the_sampler_draws_from():
     batches = BatchSampler(SubsetRandomSampler([8, 9]), batch_size=2, drop_last=False)
     assert training_population(DataLoader(data, batch_sampler=batches)).indices.tolist() == [8, 9]
 
+    named = training_population(DataLoader(data, batch_size=4, sampler=["a", "b"]))  # keys, not indices
+    assert named.indices is None and not named.known
     other = training_population(DataLoader(data, batch_size=4, sampler=_Every(20)))
     assert other.size == 20 and other.indices is None and not other.known
     assert "_Every is not one it reads" in other.describe()
