@@ -1319,7 +1319,8 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
             noise-driven bias of the normalized measures falls about like ``1 / num_sketches``
             (benchmarks/RESULTS.md, round 6).
         dataloader: measure on all batches of this iterable instead of a training subset (it is
-            iterated at every evaluation; pass an unsharded loader under DDP).
+            iterated at every evaluation; pass an unsharded loader under DDP). Its batches go through the
+            batch-transfer hooks the LightningModule or datamodule overrides, as the training batches do.
         loss_fn: ``(logits, target) -> mean loss``; default
             :func:`~lightning_flatness.functional.normalized_softmax_cross_entropy`.
             ``nn.CrossEntropyLoss()`` and ``nn.NLLLoss()`` are read as their functional forms, and
