@@ -346,6 +346,8 @@ class TrainingSubset:
             chunks.append(indices[start : start + size].tolist())
             start += size
         chunks = [c for c in chunks if c]
+        if not chunks:
+            return
         if self.in_workers:
             yield from self._worker_batches(chunks, seed)
             return

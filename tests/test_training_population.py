@@ -179,6 +179,7 @@ def test_a_dataset_that_only_works_in_the_loaders_workers_is_fetched_by_such_wor
     keys = ["normalized", "normalized_stderr", "hessian_trace"]
     assert [[e[k] for k in keys] for e in ours.history] == [[e[k] for k in keys] for e in plain.history]
     assert ours._subset is not None and ours._subset.in_workers and not plain._subset.in_workers
+    assert list(ours._subset.batches(torch.zeros(0, dtype=torch.long), [], seed=0)) == []  # an empty share
 
 
 def test_a_dataset_the_main_process_cannot_read_without_workers_is_refused_with_the_fix():
