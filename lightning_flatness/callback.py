@@ -364,6 +364,15 @@ class SharpnessMonitorBase:
     # -- state ------------------------------------------------------------------------------------
 
     @property
+    def subset_indices(self) -> Optional[Tensor]:
+        """The dataset indices of the training samples the monitor measures (a copy): drawn once at the first
+        fit from the samples the training loader draws (:mod:`~lightning_flatness.training_subset`) and kept
+        in checkpoints, so that the same samples can be measured elsewhere (e.g. with
+        :func:`~lightning_flatness.measure.measure_sharpness` on ``dataset[i]``); None before the first fit
+        and with ``dataloader=``. A sampler with replacement may draw an index more than once."""
+        return None if self._indices is None else self._indices.clone()
+
+    @property
     def state_key(self) -> str:
         """The key of this callback's state in a checkpoint, from the arguments that identify it (two
         monitors with different settings keep separate states). Formed once and kept until one of those
@@ -1209,8 +1218,9 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
 
     **On what**: the Hessian of the training loss ``L_S`` (``loss_fn``, by default the
     normalized-softmax-cross-entropy of eq. 20-22) of ``pl_module(inputs)``, on ``num_samples``
-    training samples drawn once with the callback's own seeded generator (their indices are kept in
-    the callback's state, so every point of the curve uses the same samples), fetched by index from
+    training samples drawn once with the callback's own seeded generator (their indices,
+    :attr:`subset_indices`, are kept in the callback's state, so every point of the curve uses the same
+    samples), fetched by index from
     the training ``DataLoader``'s dataset with its ``collate_fn`` (the training loader itself is
     never iterated). They are drawn from the samples the loader's sampler draws: the indices of a
     ``SubsetRandomSampler`` (a train split of one dataset), by the weights of a ``WeightedRandomSampler``

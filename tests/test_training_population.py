@@ -134,7 +134,11 @@ def test_the_monitor_measures_the_samples_training_draws_and_leaves_training_bit
         runs[label] = training_state(module, trainer)
         monitor = callbacks[0] if callbacks else monitor
     assert_same_training_state(runs["with"], runs["without"])
-    assert monitor is not None and set(monitor._indices.tolist()) <= set(train)
+    assert monitor is not None and set(monitor.subset_indices.tolist()) <= set(train)
+    assert (
+        torch.equal(monitor.subset_indices, monitor._indices)
+        and monitor.subset_indices is not monitor._indices
+    )
     assert len(monitor.history) == 2
     assert all(
         torch.isfinite(torch.tensor(entry["normalized"])) and entry["normalized"] > 0
@@ -212,7 +216,7 @@ def test_a_trainer_that_limits_the_batches_is_measured_on_the_ones_it_trains_on(
     trainer = quiet_trainer([monitor], max_epochs=1, **settings)
     val = DataLoader(_data(16), batch_size=8)
     trainer.fit(module, DataLoader(data, batch_size=8, shuffle=shuffle), val)
-    drawn = monitor._indices.tolist()
+    drawn = monitor.subset_indices.tolist()
     assert len(drawn) == 12 and monitor.history and monitor.history[-1]["normalized"] > 0
     if first is None:
         assert max(drawn) >= 24 and monitor._subset.population.size == 96
