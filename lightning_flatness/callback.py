@@ -27,6 +27,7 @@ from lightning_flatness import sharded
 from lightning_flatness.batch_split import split_batch as _default_split_batch
 from lightning_flatness.batch_transfer import as_training_step_gets_it
 from lightning_flatness.callback_logging import bar_chart_figure, figure_to_image
+from lightning_flatness.input_check import FirstCallInputs, InputSummary, input_differences, summarize
 from lightning_flatness.functional import ExactMethodNotApplicable, select_parameters
 from lightning_flatness.functional.dense_experts import dense_experts
 from lightning_flatness.functional.estimators.method_choice import MethodChoice
@@ -320,6 +321,10 @@ class SharpnessMonitorBase:
         self._generator: Optional[torch.Generator] = None  # this evaluation's probes
         self._choice: Optional[MethodChoice] = None if method == _AUTO else MethodChoice.named(method)
         self._loss: LossFn = self.loss_fn  # resolved at the dry run (TokenLoss for sequence outputs)
+        # the network's inputs in the first training step and in the dry run (lightning_flatness.input_check)
+        self._training_inputs: Optional[FirstCallInputs] = None
+        self._measured_inputs: Optional[dict[str, InputSummary]] = None
+        self._inputs_compared = False
 
     # -- public hooks for subclasses ----------------------------------------------------------------
 
@@ -430,6 +435,7 @@ class SharpnessMonitorBase:
             return
         self._subset, self._prepared, self._layouts_written = None, False, set()
         self._undrawn_chart, self._memory_batch_size = None, None
+        self._training_inputs, self._measured_inputs, self._inputs_compared = None, None, False
         self._measured_names = None
         clash = [
             cb
@@ -478,12 +484,44 @@ class SharpnessMonitorBase:
             return
         self._prepare(trainer, pl_module)
 
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self._inputs_compared or self._training_inputs is not None or self.dataloader is not None:
+            return
+        network = self.measured_network(pl_module)
+        compiled = getattr(pl_module, "_compiler_ctx", None) or getattr(network, "_compiled_call_impl", None)
+        if compiled:  # a hook would make the compiled code recompile: no comparison
+            self._inputs_compared = True
+            return
+        self._training_inputs = FirstCallInputs(network)  # removes itself after the first call
+
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._prepared or uninitialized_parameters(pl_module):
+        if not self._prepared and not uninitialized_parameters(pl_module):
+            self._prepare(trainer, pl_module)  # deferred by on_fit_start: the lazy modules' first forward ran
+        if not self._inputs_compared and self._training_inputs is not None:
+            self._compare_inputs(trainer)
+
+    def _compare_inputs(self, trainer: Any) -> None:
+        """Say once when the network's inputs in the first training step differ in scale or kind from the
+        monitor's (:mod:`~lightning_flatness.input_check`): a transform that ``training_step`` applies."""
+        assert self._training_inputs is not None
+        self._training_inputs.remove()
+        training, self._inputs_compared = self._training_inputs.summary, True
+        if training is None or self._measured_inputs is None:
             return
-        self._prepare(trainer, pl_module)  # deferred by on_fit_start: the lazy modules' first forward has run
+        found = input_differences(training, self._measured_inputs)
+        if found:
+            self._warn_once(
+                trainer,
+                "inputs",
+                "SharpnessMonitor: the network's inputs differ between training and the monitor's batches: "
+                + "; ".join(found)
+                + ". A transform that training_step applies to the batch before calling the network (a "
+                "scaling, a normalisation) does not reach the monitor's samples, so the network would be "
+                "measured on inputs it is not trained on: move it into on_after_batch_transfer (the monitor "
+                "applies the batch-transfer hooks) or into the dataset, or override `split_batch`.",
+            )
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         if not self._prepared and trainer.state.fn == "validate":
@@ -662,6 +700,7 @@ class SharpnessMonitorBase:
             n = inputs_batch_size(inputs)
             inputs = self._to_device(select_samples(inputs, slice(0, _DRY_RUN_SAMPLES), n), device)
             target = autograd_tensor(target[:_DRY_RUN_SAMPLES], device, self.dtype)
+            self._measured_inputs = summarize(inputs)
             try:
                 with measurement_view(self.measured_network(pl_module), self.dtype) as network:
                     with dense_experts(network):  # any dtype (measure._measuring)

@@ -118,3 +118,61 @@ def test_training_is_bit_identical_with_a_hook_that_draws_random_numbers():
     _, with_monitor = _fit("module hook", still=False)
     _, without = _fit("module hook", monitor=False, still=False)
     assert_same_training_state(with_monitor, without)
+
+
+class NormalisesInTrainingStep(Still):
+    """Normalises (``"normalise"``) or jitters by a few percent (``"jitter"``) in ``training_step``, before
+    calling the network."""
+
+    def __init__(self, net: nn.Module, transform: str) -> None:
+        super().__init__(net)
+        self.transform = transform
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        x = _normalise((x, y))[0] if self.transform == "normalise" else x * (1 + 0.05 * torch.randn_like(x))
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+
+@pytest.mark.parametrize("transform", ["normalise", "jitter"])
+def test_a_transform_in_training_step_that_the_monitor_cannot_see_is_named(transform):
+    import warnings
+
+    pl.seed_everything(0, verbose=False)
+    monitor = SharpnessMonitor(num_samples=16, num_replicates=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer([monitor], max_epochs=1).fit(
+            NormalisesInTrainingStep(_net(), transform),
+            DataLoader(_raw(), batch_size=8),
+            DataLoader(_raw(), batch_size=8),
+        )
+    said = [str(w.message) for w in caught if "differ between training" in str(w.message)]
+    if transform == "jitter":  # an augmentation of a few percent is not a transform the monitor misses
+        assert said == []
+        return
+    assert len(said) == 1 and "'input' has mean" in said[0] and "on_after_batch_transfer" in said[0]
+    assert monitor._training_inputs is not None and monitor._training_inputs.summary["input"].std < 2.0
+
+
+def test_inputs_transformed_in_the_hooks_are_not_named():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit("module hook")
+        _fit("datamodule hook")
+    assert not [w for w in caught if "differ between training" in str(w.message)]
+
+
+def test_input_differences_name_scale_offset_and_kind():
+    from lightning_flatness.input_check import InputSummary, input_differences, summarize
+
+    images = torch.rand(4, 3, 8, 8)
+    assert input_differences(summarize(images), summarize(images * 1.1)) == []  # an augmentation's change
+    assert input_differences(summarize(images), summarize(images * 255)) != []  # a scaling
+    assert input_differences(summarize(images), summarize(images + 3.0)) != []  # an offset
+    ids = {"input_ids": torch.randint(0, 9, (4, 5)), "pixel_values": images}
+    assert input_differences(summarize(ids), summarize(ids)) == []
+    kinds = input_differences({"input": InputSummary(False)}, summarize(images))
+    assert kinds == ["'input' is integer in training_step's call and floating point in the monitor's batch"]
