@@ -27,7 +27,6 @@ from lightning_flatness import sharded
 from lightning_flatness.batch_split import split_batch as _default_split_batch
 from lightning_flatness.batch_transfer import as_training_step_gets_it
 from lightning_flatness.callback_logging import bar_chart_figure, figure_to_image
-from lightning_flatness.input_check import FirstCallInputs, InputSummary, input_differences, summarize
 from lightning_flatness.functional import ExactMethodNotApplicable, select_parameters
 from lightning_flatness.functional.dense_experts import dense_experts
 from lightning_flatness.functional.estimators.method_choice import MethodChoice
@@ -44,6 +43,7 @@ from lightning_flatness.functional.model_io import (
 )
 from lightning_flatness.functional.parameters import uninitialized_parameters
 from lightning_flatness.functional.replicate_measures import JACKKNIFE_MODES
+from lightning_flatness.input_check import FirstCallInputs, InputSummary, input_differences, summarize
 from lightning_flatness.isolation import (
     autograd_tensor,
     gradient_enabled,
