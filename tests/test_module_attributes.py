@@ -94,3 +94,31 @@ def test_rebound_tensor_state_is_restored_and_other_modules_and_new_attributes_a
     assert "features" in module.__dict__  # created meanwhile: stays
     assert all(module.__dict__[k] is v for k, v in before.items())
     assert lazy.installed  # rebound no tensor: left alone
+
+
+def test_a_torchmetrics_metric_a_forward_updates_keeps_training_counts():
+    """A model that updates a torchmetrics metric in its forward: the measurement's forwards used to add
+    their batches to the metric's counts (true positives 4 -> 40); the metric states are attributes it
+    rebinds, so they go back."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+            self.accuracy = MulticlassAccuracy(3)
+
+        def forward(self, x):
+            out = self.net(x)
+            self.accuracy.update(out.argmax(1), torch.zeros(len(x), dtype=torch.long))
+            return out
+
+    torch.manual_seed(0)
+    model = Counting().eval()
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    model(x[:4])
+    before = {k: v.clone() for k, v in model.accuracy.metric_state.items()}
+    measure_sharpness(model, [(x[:16], y[:16]), (x[16:], y[16:])], num_replicates=2)
+    after = model.accuracy.metric_state
+    assert int(before["tp"].sum() + before["fn"].sum()) == 4  # the one training-like call
+    assert all(torch.equal(before[k], after[k]) for k in before)
