@@ -766,6 +766,25 @@ def not_converged_message(values: dict[str, Any], method: str) -> Optional[str]:
     )
 
 
+def _warn_if_unreached(measurement: SharpnessMeasurement, inputs: Any, target: Tensor) -> None:
+    """Warn when the logits do not depend on some measured tensors
+    (:meth:`SharpnessMeasurement.unreached_parameters`, on two samples); nothing where that check fails (the
+    measurement itself then raises with its own message)."""
+    try:
+        names = measurement.unreached_parameters(inputs, target)
+    except Exception:
+        return
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        warnings.warn(
+            f"measure_sharpness: the logits do not depend on {len(names)} of the measured tensors ({shown}): "
+            "their curvature is 0 in every measure. If the model's output is not the logits the training "
+            "loss scores (features returned first in a tuple, a head applied outside the model), pass the "
+            "network that returns the logits; otherwise leave these tensors out with `parameters=`.",
+            stacklevel=3,
+        )
+
+
 def _warn_if_batch_statistics(model: nn.Module) -> None:
     """Warn when a BatchNorm of ``model`` is in training mode: it normalises with each batch's statistics."""
     names = sorted(
@@ -850,11 +869,15 @@ def measure_sharpness(
         jackknife=jackknife,
         num_sketches=num_sketches,
     )
-    skipped = 0
+    skipped, checked = 0, False
     for batch in batches:
         inputs, target = split_batch(batch)
-        if inputs_batch_size(inputs) == 0:
+        n = inputs_batch_size(inputs)
+        if n == 0:
             continue
+        if not checked:  # a head applied outside the model, features first in a tuple: said once
+            checked = True
+            _warn_if_unreached(measurement, select_samples(inputs, slice(0, 2), n), target[:2])
         if not measurement.add(inputs, target):
             skipped += 1
     if measurement.num_batches == 0:

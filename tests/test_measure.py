@@ -215,6 +215,49 @@ def test_extract_logits_reads_tensors_tuples_dicts_and_names_the_fix():
     with pytest.raises(TypeError, match="'logits' entry"):
         extract_logits({"scores": t})
     assert call_model(lambda a, b: a + b, (t, t)).shape == (2, 3)
+    # a dataclass's attribute, a namedtuple's named field wherever it lies (torchvision's InceptionOutputs)
+    from collections import namedtuple
+    from dataclasses import dataclass
+
+    @dataclass
+    class Output:
+        features: torch.Tensor
+        logits: torch.Tensor
+
+    features = torch.ones(2, 8)
+    assert extract_logits(Output(features, t)) is t
+    assert extract_logits(namedtuple("Outputs", ["features", "logits"])(features, t)) is t
+    assert extract_logits(namedtuple("Pair", ["a", "b"])(t, features)) is t  # no named field: the first
+    with pytest.raises(TypeError, match="'logits' attribute"):
+        extract_logits(object())
+
+
+class _FeaturesFirst(nn.Module):
+    """Returns ``(features, logits)``: the first entry is not the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, 8), nn.ReLU())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        features = self.body(x)
+        return features, self.head(features)
+
+
+def test_measure_sharpness_names_the_tensors_the_logits_do_not_depend_on():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    batches = [(x[:16], y[:16]), (x[16:], y[16:])]
+    with pytest.warns(
+        UserWarning, match=r"do not depend on 2 of the measured tensors \(head.weight, head.bias\)"
+    ):
+        measure_sharpness(_FeaturesFirst().eval(), batches, num_replicates=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same network returning its logits: nothing to say
+        measure_sharpness(
+            nn.Sequential(_FeaturesFirst().body, _FeaturesFirst().head).eval(), batches, num_replicates=2
+        )
 
 
 class _TinyForCausalLM(nn.Module):

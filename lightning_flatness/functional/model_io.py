@@ -110,7 +110,8 @@ SPAN_LOGIT_KEYS = ("start_logits", "end_logits")
 
 def extract_logits(output: Any) -> Tensor:
     """The logits in a model's output: a tensor, ``output["logits"]`` (else ``output["out"]``) of a
-    dict/``ModelOutput`` (:data:`LOGIT_KEYS`), or the first entry of a tuple/list. An extractive
+    dict/``ModelOutput`` (:data:`LOGIT_KEYS`), the ``logits`` (``out``) attribute of a dataclass or field of a
+    namedtuple (wherever it lies), or the first entry of a tuple/list. An extractive
     question-answering output (``start_logits`` and ``end_logits``, each ``(N, T)``,
     :data:`SPAN_LOGIT_KEYS`) gives ``(N, 2, T)``: two rows of ``T`` position logits per sample, the
     layout of a sequence output, scored per row against the ``(N, 2)`` answer span
@@ -128,11 +129,18 @@ def extract_logits(output: Any) -> Tensor:
             "none of 'logits', 'out' or 'start_logits' and 'end_logits'; return the logits (a tensor), "
             "or a dict/ModelOutput with a 'logits' entry."
         )
+    for key in LOGIT_KEYS:  # a named field (a namedtuple's, wherever it lies), a dataclass's attribute
+        value = getattr(output, key, None)
+        if isinstance(value, Tensor) and (
+            not isinstance(output, tuple) or key in getattr(output, "_fields", ())
+        ):
+            return value
     if isinstance(output, (tuple, list)) and output:
         return extract_logits(output[0])
     raise TypeError(
         f"cannot find logits in a model output of type {type(output).__name__}; return a tensor, a "
-        "tuple whose first entry is the logits, or a dict/ModelOutput with a 'logits' entry."
+        "tuple whose first entry is the logits, a dict/ModelOutput with a 'logits' entry, or an object "
+        "with a 'logits' attribute."
     )
 
 
