@@ -22,6 +22,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from lightning_flatness import sharded
 from lightning_flatness.batch_split import split_batch as _default_split_batch
@@ -325,6 +326,7 @@ class SharpnessMonitorBase:
         self._training_inputs: Optional[FirstCallInputs] = None
         self._measured_inputs: Optional[dict[str, InputSummary]] = None
         self._inputs_compared = False
+        self._training_dataset: Any = None  # the training loader's dataset at the fit's first measurement
 
     # -- public hooks for subclasses ----------------------------------------------------------------
 
@@ -436,6 +438,7 @@ class SharpnessMonitorBase:
         self._subset, self._prepared, self._layouts_written = None, False, set()
         self._undrawn_chart, self._memory_batch_size = None, None
         self._training_inputs, self._measured_inputs, self._inputs_compared = None, None, False
+        self._training_dataset = None
         self._measured_names = None
         clash = [
             cb
@@ -532,9 +535,32 @@ class SharpnessMonitorBase:
             return
         if not self._prepared:
             self._prepare(trainer, pl_module)
+        self._say_if_the_training_set_changed(trainer)
         values, seconds = self._measure(trainer, pl_module)
         self._record(trainer, values, seconds)
         self._log(trainer, pl_module, values, seconds)
+
+    def _say_if_the_training_set_changed(self, trainer: Any) -> None:
+        """Once, when the training loader reads another dataset object than at the fit's first measurement
+        (``reload_dataloaders_every_n_epochs`` with a new dataset: a curriculum, progressive resizing): the
+        monitor keeps its samples, so that the curve stays comparable. (The first measurement sets the
+        reference: a ``train_dataloader()`` hook that builds its dataset at every call gives the monitor's
+        subset another object than the trainer's from the start.)"""
+        loader = getattr(trainer, "train_dataloader", None) if trainer.state.fn == "fit" else None
+        if self._subset is None or not isinstance(loader, DataLoader):
+            return
+        if self._training_dataset is None:
+            self._training_dataset = loader.dataset
+        elif loader.dataset is not self._training_dataset:
+            self._warn_once(
+                trainer,
+                "dataset_changed",
+                "SharpnessMonitor: the training loader now reads another dataset "
+                f"({type(loader.dataset).__name__}) than at the fit's first measurement (reloaded data "
+                "loaders); the monitor keeps measuring the samples it drew then, so that the curve stays "
+                "comparable. To measure the new samples (a curriculum, images at a new resolution), pass "
+                "them with `SharpnessMonitor(dataloader=...)`.",
+            )
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self._undrawn_chart is not None:  # the last measurement's bar chart, unless drawn already

@@ -222,3 +222,39 @@ def test_a_trainer_that_limits_the_batches_is_measured_on_the_ones_it_trains_on(
         assert max(drawn) >= 24 and monitor._subset.population.size == 96
     else:
         assert max(drawn) < first and monitor._subset.population.size == first
+
+
+class _BuildsItsData(Wrapped):
+    """Builds a new dataset object at every ``train_dataloader()`` call (the tutorials' pattern); with
+    ``grow``, a larger one each time (a curriculum)."""
+
+    def __init__(self, grow: bool) -> None:
+        super().__init__(nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)))
+        self.grow, self.calls = grow, 0
+
+    def train_dataloader(self):
+        self.calls += 1
+        return DataLoader(_data(32 + (16 * self.calls if self.grow else 0)), batch_size=8, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(_data(16), batch_size=8)
+
+
+@pytest.mark.parametrize("reload", [0, 1])
+def test_a_training_set_reloaded_with_other_samples_is_said_once_and_the_subset_kept(reload):
+    import warnings
+
+    pl.seed_everything(0, verbose=False)
+    monitor = SharpnessMonitor(num_samples=16, num_replicates=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer([monitor], max_epochs=3, reload_dataloaders_every_n_epochs=reload).fit(
+            _BuildsItsData(grow=True)
+        )
+    said = [str(w.message) for w in caught if "reads another dataset" in str(w.message)]
+    assert len(monitor.history) == 3
+    if reload:
+        assert len(said) == 1 and "keeps measuring the samples it drew then" in said[0]
+        assert monitor._subset.population.size == 48  # the first dataset's
+    else:  # a new object at every call, but no reload during the fit: nothing to say
+        assert said == []
