@@ -36,6 +36,7 @@ from lightning_flatness.functional.losses import normalized_softmax_cross_entrop
 from lightning_flatness.functional.measures import MEASURES, TOTALS, tensor_measure_names
 from lightning_flatness.functional.model_io import (
     arguments_for,
+    input_tensors,
     inputs_batch_size,
     logits_without_gradient,
     map_inputs,
@@ -58,9 +59,11 @@ from lightning_flatness.measure import (
     SharpnessMeasurement,
     float64_batches_message,
     is_out_of_memory,
+    listed,
     not_converged_message,
     out_of_memory_message,
     resolve_loss,
+    unreached_parameters,
     zero_sharpness_message,
 )
 from lightning_flatness.memory import PeakMemory
@@ -130,15 +133,7 @@ def _integer_inputs_hint(inputs: Any, err: BaseException) -> str:
     """Where the dry run failed on a dtype and the inputs hold small integer tensors (images as ``uint8``, not
     the ``int64`` ids of a token model): the likely cause, a conversion that ``training_step`` makes, and
     where the monitor would see it."""
-    if isinstance(inputs, dict):
-        tensors = list(inputs.values())
-    elif isinstance(inputs, (tuple, list)):
-        tensors = list(inputs)
-    else:
-        tensors = [inputs]
-    small = [
-        t for t in tensors if isinstance(t, Tensor) and t.dtype in (torch.uint8, torch.int8, torch.int16)
-    ]
+    small = [t for t in input_tensors(inputs) if t.dtype in (torch.uint8, torch.int8, torch.int16)]
     if not small or "type" not in str(err):
         return ""
     return (
@@ -690,17 +685,21 @@ class SharpnessMonitorBase:
             return
         population = self._subset.population if self._subset is not None else None
         if population is not None and (
-            population.indices is not None or population.weights is not None or population.limited_by
+            population.indices is not None
+            or population.weights is not None
+            or population.limited_by
+            or not population.known
         ):
-            self._info_once(
-                trainer, "population", f"SharpnessMonitor draws its subset from {population.describe()}."
+            advice = (
+                ""
+                if population.known
+                else "; if it restricts or weights the training samples, pass the samples to measure with "
+                "`SharpnessMonitor(dataloader=...)`"
             )
-        elif population is not None and not population.known:
             self._info_once(
                 trainer,
                 "population",
-                f"SharpnessMonitor draws its subset from {population.describe()}; if it restricts or weights "
-                "the training samples, pass the samples to measure with `SharpnessMonitor(dataloader=...)`.",
+                f"SharpnessMonitor draws its subset from {population.describe()}{advice}.",
             )
         device = pl_module.device
         child = network_without_forward(pl_module)
@@ -739,7 +738,7 @@ class SharpnessMonitorBase:
                     for warning in said:
                         self._warn_once(trainer, f"loss: {warning.message}", str(warning.message))
                     self._estimate(trainer, pl_module, network, inputs, target, dry_run=True)
-                    unreached = self._measurement(network, None, 1).unreached_parameters(inputs, target)
+                    unreached = unreached_parameters(network, inputs, target, self.parameters)
             except Exception as err:
                 steps = trainer.global_step
                 when, after = (
@@ -792,14 +791,13 @@ class SharpnessMonitorBase:
         self._prepared = True
 
     def _unreached_message(self, pl_module: Any, names: list[str]) -> str:
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         return (
             f"SharpnessMonitor: the measured network's output does not depend on {len(names)} of the trained "
-            f"parameters it measures ({shown}): their curvature is 0 in every measure. If training_step "
-            f"applies them after {type(pl_module).__name__}'s forward (a classifier head called outside "
-            "forward), the monitor scores forward's output as the logits, which is not the function "
-            "training scores: make forward return the logits, or override `measured_network`. If they act "
-            "only in training mode (an auxiliary head), leave them out with `parameters=`."
+            f"parameters it measures ({listed(names)}): their curvature is 0 in every measure. If "
+            f"training_step applies them after {type(pl_module).__name__}'s forward (a classifier head "
+            "called outside forward), the monitor scores forward's output as the logits, which is not the "
+            "function training scores: make forward return the logits, or override `measured_network`. If "
+            "they act only in training mode (an auxiliary head), leave them out with `parameters=`."
         )
 
     def _to_device(self, inputs: Any, device: torch.device) -> Any:

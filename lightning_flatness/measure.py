@@ -68,10 +68,12 @@ __all__ = [
     "check_targets",
     "classifier_problem",
     "is_causal_lm",
+    "listed",
     "measure_sharpness",
     "position_class_dim",
     "resolve_loss",
     "semantic_segmentation_model",
+    "unreached_parameters",
     "zero_sharpness_message",
 ]
 
@@ -511,20 +513,6 @@ class SharpnessMeasurement:
         )
 
     @_measuring
-    def unreached_parameters(self, inputs: Any, target: Tensor) -> list[str]:
-        """The selected parameters that the model's output does not depend on: autograd finds no path from
-        the logits to them (one forward and one backward pass on ``inputs``), so their curvature is 0 in
-        every measure. A trained parameter among them is applied outside the measured network (a head that
-        ``training_step`` calls after ``forward``) or only in training mode (an auxiliary head)."""
-        params = select_parameters(self.model, self.parameters)
-        with torch.enable_grad(), TensorHooksLeftOut():  # the forward's tensor hooks see no measurement
-            logits = call_model(self.model, self._model_inputs(inputs, target))
-            if not logits.requires_grad:
-                return list(params)
-            grads = torch.autograd.grad(logits.sum(), list(params.values()), allow_unused=True)
-        return [name for name, grad in zip(params, grads) if grad is None]
-
-    @_measuring
     def loss_is_finite(self, inputs: Any, target: Tensor) -> bool:
         """Whether the logits and the loss of this batch are finite (one forward pass, no gradient)."""
         logits = logits_without_gradient(self.model, self._model_inputs(inputs, target))
@@ -766,18 +754,45 @@ def not_converged_message(values: dict[str, Any], method: str) -> Optional[str]:
     )
 
 
-def _warn_if_unreached(measurement: SharpnessMeasurement, inputs: Any, target: Tensor) -> None:
-    """Warn when the logits do not depend on some measured tensors
-    (:meth:`SharpnessMeasurement.unreached_parameters`, on two samples); nothing where that check fails (the
-    measurement itself then raises with its own message)."""
+def unreached_parameters(
+    model: nn.Module, inputs: Any, target: Tensor, parameters: ParameterSelection = None
+) -> list[str]:
+    """The selected parameters (:func:`select_parameters`) that ``model``'s logits do not depend on: autograd
+    finds no path from them to the logits, so their curvature is 0 in every measure. A trained parameter among
+    them is applied outside the measured network (a head that ``training_step`` calls after ``forward``, a
+    tuple output whose first entry is not the logits) or only in training mode (an auxiliary head).
+
+    One forward and one backward pass on ``inputs`` (arranged as :class:`SharpnessMeasurement` arranges them),
+    run as a measurement runs the model (``measurement_context``), with the forward's tensor hooks left out.
+    """
+    params = select_parameters(model, parameters)
+    arranged = with_decoder_inputs(model, arguments_for(model, inputs), target)
+    with measurement_context(model), dense_experts(model), torch.enable_grad(), TensorHooksLeftOut():
+        logits = call_model(model, arranged)
+        if not logits.requires_grad:
+            return list(params)
+        grads = torch.autograd.grad(logits.sum(), list(params.values()), allow_unused=True)
+    return [name for name, grad in zip(params, grads) if grad is None]
+
+
+def listed(names: list[str], first: int = 5) -> str:
+    """``names`` for a message: the first ``first``, comma-separated, and how many more."""
+    more = len(names) - first
+    return ", ".join(names[:first]) + (f" and {more} more" if more > 0 else "")
+
+
+def _warn_if_unreached(model: nn.Module, inputs: Any, target: Tensor, parameters: ParameterSelection) -> None:
+    """Warn when the logits do not depend on some measured tensors (:func:`unreached_parameters`, on the
+    samples given); nothing where that check fails (the measurement itself then raises with its own
+    message)."""
     try:
-        names = measurement.unreached_parameters(inputs, target)
+        names = unreached_parameters(model, inputs, target, parameters)
     except Exception:
         return
     if names:
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         warnings.warn(
-            f"measure_sharpness: the logits do not depend on {len(names)} of the measured tensors ({shown}): "
+            f"measure_sharpness: the logits do not depend on {len(names)} of the measured tensors "
+            f"({listed(names)}): "
             "their curvature is 0 in every measure. If the model's output is not the logits the training "
             "loss scores (features returned first in a tuple, a head applied outside the model), pass the "
             "network that returns the logits; otherwise leave these tensors out with `parameters=`.",
@@ -877,7 +892,7 @@ def measure_sharpness(
             continue
         if not checked:  # a head applied outside the model, features first in a tuple: said once
             checked = True
-            _warn_if_unreached(measurement, select_samples(inputs, slice(0, 2), n), target[:2])
+            _warn_if_unreached(model, select_samples(inputs, slice(0, 2), n), target[:2], parameters)
         if not measurement.add(inputs, target):
             skipped += 1
     if measurement.num_batches == 0:

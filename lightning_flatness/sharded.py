@@ -655,10 +655,12 @@ def prepare_in_callback(monitor: Any, trainer: Any, pl_module: nn.Module) -> Non
     monitor._loss = monitor.loss_fn
 
 
-def _rank_batches(monitor: Any, trainer: Any, pl_module: nn.Module) -> Iterator[tuple[Any, Tensor]]:
+def _rank_batches(
+    monitor: Any, trainer: Any, pl_module: nn.Module, device: torch.device
+) -> Iterator[tuple[Any, Tensor]]:
     """This rank's share of the subset (``indices[global_rank::world_size]``) as ``(inputs, target)``, in as
     many batches as every other rank (so some may be empty), through ``pl_module``'s batch-transfer hooks
-    (:func:`~lightning_flatness.batch_transfer.as_training_step_gets_it`)."""
+    (:func:`~lightning_flatness.batch_transfer.as_training_step_gets_it`) onto ``device``."""
     from lightning_flatness.batch_transfer import as_training_step_gets_it
     from lightning_flatness.functional.model_io import select_samples
     from lightning_flatness.training_subset import chunk_sizes
@@ -671,7 +673,6 @@ def _rank_batches(monitor: Any, trainer: Any, pl_module: nn.Module) -> Iterator[
     if trainer.fast_dev_run:
         share, largest = share[:size], min(largest, size)
     count = len(chunk_sizes(largest, size, monitor.num_replicates))
-    device = next(iter(pl_module.parameters())).device
 
     def split(batch: Any) -> Any:  # as training_step gets it: through the batch-transfer hooks
         return monitor._split(as_training_step_gets_it(trainer, pl_module, batch, device))
@@ -714,7 +715,7 @@ def measure_in_callback(monitor: Any, trainer: Any, pl_module: nn.Module) -> tup
     try:
         with preserved_rng_states(), gradient_enabled(device):
             pl_module.eval()
-            for inputs, target in _rank_batches(monitor, trainer, pl_module):
+            for inputs, target in _rank_batches(monitor, trainer, pl_module, device):
                 measurement.add(_to_device(inputs, device, dtype), autograd_tensor(target, device, dtype))
             values = {k: float(v) for k, v in measurement.compute().items()}
     finally:

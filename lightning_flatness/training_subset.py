@@ -254,9 +254,8 @@ def limited_population(
     setting = f"overfit_batches={overfit_batches}" if overfit else f"limit_train_batches={limit_batches}"
     why = f"the {batches} batches of {loader.batch_size} that {setting} trains on"
     if overfit:  # sequential over the dataset, whatever the sampler was
-        return Population(
-            min(count, len(loader.dataset)), sampler="SequentialSampler", ordered=True, limited_by=why
-        )  # type: ignore[arg-type]
+        size = min(count, len(loader.dataset))  # type: ignore[arg-type]
+        return Population(size, sampler="SequentialSampler", ordered=True, limited_by=why)
     if population.indices is None:
         return Population(
             min(count, population.size), sampler=population.sampler, ordered=True, limited_by=why
@@ -354,12 +353,11 @@ class TrainingSubset:
         for k, chunk in enumerate(chunks):
             if seed is not None:
                 seed_global_streams(seed * _SEED_STRIDE + chunk[0])
-            if self._fetched:
-                yield self.collate_fn([self.dataset[i] for i in chunk])
-                continue
             try:
                 batch = self.collate_fn([self.dataset[i] for i in chunk])
             except Exception as err:
+                if self._fetched:  # the main process could fetch before: the dataset's own failure
+                    raise
                 self._fetched = True
                 yield from self._fetch_in_workers(chunks[k:], seed, err)
                 return

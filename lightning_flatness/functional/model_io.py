@@ -35,6 +35,7 @@ __all__ = [
     "call_model",
     "compiled_code_eager",
     "extract_logits",
+    "input_tensors",
     "inputs_batch_size",
     "logits_without_gradient",
     "map_inputs",
@@ -60,7 +61,8 @@ def map_inputs(inputs: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     return inputs
 
 
-def _tensors(inputs: Any) -> list[Tensor]:
+def input_tensors(inputs: Any) -> list[Tensor]:
+    """Every tensor in ``inputs`` (tensor, tuple/list or dict, nested), in dict order, then position."""
     found: list[Tensor] = []
 
     def collect(t: Tensor) -> Tensor:
@@ -73,7 +75,7 @@ def _tensors(inputs: Any) -> list[Tensor]:
 
 def inputs_batch_size(inputs: Any) -> int:
     """The number of samples: dim 0 of the first tensor in ``inputs`` (dict order, then position)."""
-    for t in _tensors(inputs):
+    for t in input_tensors(inputs):
         if t.ndim > 0:
             return int(t.shape[0])
     raise TypeError(
