@@ -157,9 +157,9 @@ def test_a_transform_in_training_step_that_the_monitor_cannot_see_is_named(trans
     x = _raw().tensors[0].to(torch.float64)
     trained, measured = (x[:8] - SHIFT) / SCALE, x[monitor.subset_indices[:4]]
     assert (
-        f"'input' has mean {float(trained.mean()):.3g} and standard deviation {float(trained.std()):.3g} in "
-        f"training_step's call, {float(measured.mean()):.3g} and {float(measured.std()):.3g} in the monitor's "
-        "batch"
+        f"'input' has mean {float(trained.mean()):.3g} and standard deviation {float(trained.std()):.3g} "
+        f"in training_step's call, {float(measured.mean()):.3g} and {float(measured.std()):.3g} in the "
+        "monitor's batch"
     ) in said[0]
 
 
