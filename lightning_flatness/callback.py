@@ -1,5 +1,6 @@
 """``SharpnessMonitor``: normalized sharpness (Tsuzuku et al. 2020, eq. 17) of the training loss,
-measured at the end of every validation and logged for TensorBoard, early stopping and checkpointing.
+measured at the end of every validation (of every training epoch in a fit without validation) and logged for
+TensorBoard, early stopping and checkpointing.
 
 The callback only orchestrates: the curvature comes from
 :func:`lightning_flatness.functional.hessian_diagonal_groups`, the measures and their error bars from
@@ -86,6 +87,14 @@ _AUTO = "auto"
 _DEFAULT_BATCH_SIZE = 128
 _DRY_RUN_SAMPLES = 4
 _RELATIVE_ERROR_ADVICE = 0.05
+
+
+def _nth(n: int) -> str:
+    """``"2nd "`` for ``every_n_epochs=2``, ``""`` for 1 (the words of a message)."""
+    if n == 1:
+        return ""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix} "
 
 
 def defines_forward(module: nn.Module) -> bool:
@@ -455,14 +464,8 @@ class SharpnessMonitorBase:
                 "pass e.g. logger=TensorBoardLogger('logs') to the Trainer to record the curves.",
             )
         if stage == "fit" and not self._validation_runs(trainer):
-            self._warn_once(
-                trainer,
-                "no_validation",
-                "SharpnessMonitor measures at the end of validation, but this fit has no "
-                "validation loop (no val_dataloader, or limit_val_batches=0), so it will never "
-                "run; add a validation set (a single batch is enough: limit_val_batches=1).",
-            )
-        if stage == "fit":
+            self._say_measured_at_training_epoch_end(trainer)
+        elif stage == "fit":
             self._say_which_weights_with_averaging(trainer)
         if any(True for _ in pl_module.parameters()) and not uninitialized_parameters(pl_module):
             self._check_parameters(pl_module)  # else built later (configure_model, lazy modules): in _prepare
@@ -526,8 +529,28 @@ class SharpnessMonitorBase:
             self._prepare(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if not self._should_run(trainer):
-            return
+        if self._should_run(trainer):
+            self._measure_and_log(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        """The measurement of a fit without a validation loop (:meth:`_validation_runs`), in the same place
+        of the epoch as validation's: Lightning calls ``EarlyStopping`` and ``ModelCheckpoint`` after the
+        other callbacks' ``on_train_epoch_end``, so they see the values of the epoch whatever the order of
+        ``Trainer(callbacks=...)``."""
+        if not self._validation_runs(trainer) and self._should_run(trainer):
+            self._say_measured_at_training_epoch_end(trainer)  # (an empty validation loader shows only now)
+            self._measure_and_log(trainer, pl_module)
+
+    def _say_measured_at_training_epoch_end(self, trainer: Any) -> None:
+        self._info_once(
+            trainer,
+            "no_validation",
+            "SharpnessMonitor: this fit has no validation loop (no val_dataloader or validation_step, "
+            "limit_val_batches=0, or an empty validation loader), so it measures at the end of every "
+            f"{_nth(self.every_n_epochs)}training epoch instead of at the end of validation.",
+        )
+
+    def _measure_and_log(self, trainer: Any, pl_module: Any) -> None:
         if not self._prepared:
             self._prepare(trainer, pl_module)
         self._say_if_the_training_set_changed(trainer)
@@ -591,11 +614,14 @@ class SharpnessMonitorBase:
 
     @staticmethod
     def _validation_runs(trainer: Any) -> bool:
-        if trainer.limit_val_batches == 0:
+        """Whether the fit runs a validation loop, where the monitor measures: Lightning runs none without a
+        ``val_dataloader``, without ``validation_step`` or with ``limit_val_batches=0``
+        (``trainer.enable_validation``), nor when the validation loader, once loaded, has no batches."""
+        if trainer.limit_val_batches == 0 or getattr(trainer, "enable_validation", True) is False:
             return False
         val_loop = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "val_loop", None)
-        source = getattr(val_loop, "_data_source", None)
-        return source is None or getattr(source, "instance", None) is None or source.is_defined()
+        loaded = getattr(val_loop, "_combined_loader", None) is not None
+        return not (loaded and bool(getattr(val_loop, "skip", False)))
 
     def _check_parameters(self, pl_module: nn.Module) -> None:
         try:
@@ -1277,7 +1303,10 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
 
     **When**: in ``on_validation_epoch_end``, so ``EarlyStopping`` / ``ModelCheckpoint`` see the value
     in the same epoch; every ``every_n_epochs`` epochs (and at every ``trainer.validate()``); never
-    during the sanity check; on one batch under ``fast_dev_run``.
+    during the sanity check; on one batch under ``fast_dev_run``. A fit without a validation loop (no
+    ``val_dataloader`` or ``validation_step``, ``limit_val_batches=0``) is measured in
+    ``on_train_epoch_end`` instead, which Lightning calls before ``EarlyStopping``'s and
+    ``ModelCheckpoint``'s: they see the value in the same epoch too.
 
     **On what**: the Hessian of the training loss ``L_S`` (``loss_fn``, by default the
     normalized-softmax-cross-entropy of eq. 20-22) of ``pl_module(inputs)``, on ``num_samples``
@@ -1411,7 +1440,8 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
         jackknife: ``"linearized"`` (default: the leave-one-out values of eq. 17 to first order at the
             pooled optimum where that holds) or ``"solved"`` (every one solved); see
             :class:`~lightning_flatness.metric.NormalizedSharpness`.
-        every_n_epochs: measure at the end of every ``n``-th epoch's validation.
+        every_n_epochs: measure at the end of every ``n``-th epoch's validation (in a fit without a
+            validation loop, at the end of every ``n``-th training epoch).
         dtype: ``"float32"`` (default) or ``"float64"``: precision of the curvature computation. A batch
             whose curvature overflows float32 while its loss is finite (tiny logits at initialisation) is
             estimated in float64 anyway, with one warning per fit.

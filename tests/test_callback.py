@@ -905,13 +905,6 @@ class _ValOnlyData(pl.LightningDataModule):
         return DataLoader(self.val_set, batch_size=16)
 
 
-def test_fit_without_validation_warns_that_the_monitor_never_runs():
-    monitor = SharpnessMonitor(num_samples=32)
-    with pytest.warns(UserWarning, match="no validation loop"):
-        _fit(monitor, max_epochs=1, limit_val_batches=0)
-    assert monitor.history == []
-
-
 def test_num_sketches_is_passed_to_the_sketched_estimators(hessian_sketch_calls):
     with pytest.raises(ValueError, match="num_sketches=0"):
         SharpnessMonitor(num_sketches=0)
