@@ -1461,7 +1461,10 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
 
     Attributes:
         history: one dict per measurement (``epoch``, ``global_step``, ``method``, ``seconds`` and all
-            values), saved in checkpoints.
+            values), saved in checkpoints. Kept by the processes that run the fit: a fit that Lightning
+            launches in new processes (``strategy="ddp_spawn"``, ``"ddp_fork"``, ``"ddp_notebook"``) leaves
+            the launching process's monitor without it, since Lightning sends back only
+            ``trainer.callback_metrics`` (the last values); the logger keeps the curves.
 
     Raises:
         ValueError, TypeError: invalid arguments (at construction); no measurable weights, no or empty
