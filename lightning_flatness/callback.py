@@ -444,6 +444,10 @@ class SharpnessMonitorBase:
         self._training_inputs, self._measured_inputs, self._inputs_compared = None, None, False
         self._training_dataset = None
         self._measured_names = None
+        if stage == "fit" and self.method == _AUTO:
+            # chosen again by the dry run: this fit may train another network than the last one this monitor
+            # watched (a sweep reusing it); a resumed fit gets the checkpoint's choice back (load_state_dict)
+            self._choice, self._resolved_method = None, None
         clash = [
             cb
             for cb in trainer.callbacks
