@@ -444,10 +444,13 @@ class SharpnessMonitorBase:
         self._training_inputs, self._measured_inputs, self._inputs_compared = None, None, False
         self._training_dataset = None
         self._measured_names = None
-        if stage == "fit" and self.method == _AUTO:
-            # chosen again by the dry run: this fit may train another network than the last one this monitor
-            # watched (a sweep reusing it); a resumed fit gets the checkpoint's choice back (load_state_dict)
-            self._choice, self._resolved_method = None, None
+        # this fit may train another network than the last one this monitor watched (a sweep reusing it):
+        # its messages are said for it, and `auto` chooses again in the dry run (a resumed fit gets the
+        # checkpoint's choice back: load_state_dict comes after setup)
+        if stage == "fit":
+            self._warned = set()
+            if self.method == _AUTO:
+                self._choice, self._resolved_method = None, None
         clash = [
             cb
             for cb in trainer.callbacks

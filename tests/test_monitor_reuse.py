@@ -43,6 +43,7 @@ def test_a_reused_monitor_chooses_the_method_again_for_each_fit():
     # choice (the exact method refused, then the Gauss-Newton diagonal by Hutchinson probes)
     assert reused.history[-1]["method"] == fresh.history[-1]["method"] == "hessian_sketch"
     assert not any("refused" in message for message in said)
+    assert any("measures with hessian_sketch" in message for message in said)  # the choice is said per fit
     _fit(reused, "relu")
     assert reused.history[-1]["method"] == "exact"
     assert [h["epoch"] for h in reused.history] == [0, 0, 0]  # the history of every fit, in order
