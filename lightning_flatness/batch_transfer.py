@@ -8,14 +8,18 @@ function, :mod:`~lightning_flatness.training_subset`), so without these hooks it
 network on inputs training never sees. :func:`as_training_step_gets_it` applies the overridden ones, in
 Lightning's order, with ``dataloader_idx=0``; where none is overridden the batch is returned as it is.
 
-The monitor measures at the end of validation, so a hook that augments only ``if self.trainer.training``
-(Lightning's documented pattern) does not augment the measured batches, as it does not augment validation
-batches; its other transforms apply. Called right after a batch is fetched, within the monitor's seeded
-random streams, so random draws in a hook are fixed per chunk like those of the dataset.
+The hooks run as in validation, where the monitor measures: with ``trainer.training`` False (the trainer's
+stage is set to validating for the calls where it was training: the dry run at fit start, a fit without
+validation measured at the end of its training epochs), so a hook that augments only ``if
+self.trainer.training`` (Lightning's documented pattern) does not augment the measured batches, as it does
+not augment validation batches; its other transforms apply. Called right after a batch is fetched, within
+the monitor's seeded random streams, so random draws in a hook are fixed per chunk like those of the dataset.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
@@ -55,9 +59,26 @@ def as_training_step_gets_it(trainer: Any, pl_module: Any, batch: Any, device: t
     before, transfer, after = (hook_owner(trainer, pl_module, name) for name in BATCH_HOOKS)
     if before is None and transfer is None and after is None:
         return batch
-    if before is not None:
-        batch = before.on_before_batch_transfer(batch, 0)
-    batch = (transfer if transfer is not None else pl_module).transfer_batch_to_device(batch, device, 0)
-    if after is not None:
-        batch = after.on_after_batch_transfer(batch, 0)
+    with _validating(trainer):
+        if before is not None:
+            batch = before.on_before_batch_transfer(batch, 0)
+        batch = (transfer if transfer is not None else pl_module).transfer_batch_to_device(batch, device, 0)
+        if after is not None:
+            batch = after.on_after_batch_transfer(batch, 0)
     return batch
+
+
+@contextmanager
+def _validating(trainer: Any) -> Iterator[None]:
+    """The trainer's stage set to validating where it is training (Lightning's ``RunningStage``, either
+    namespace), put back on exit: what a hook sees of the trainer in validation."""
+    state = getattr(trainer, "state", None)
+    stage = getattr(state, "stage", None)
+    if getattr(stage, "value", None) != "train":
+        yield
+        return
+    state.stage = type(stage).VALIDATING
+    try:
+        yield
+    finally:
+        state.stage = stage

@@ -72,10 +72,10 @@ class StillAfterTransfer(AfterTransfer, Still):
     pass
 
 
-def _fit(kind: str, monitor: bool = True, still: bool = True):
+def _fit(kind: str, monitor: bool = True, still: bool = True, validation: bool = True):
     pl.seed_everything(0, verbose=False)
     callbacks = [SharpnessMonitor(num_samples=32, num_replicates=2)] if monitor else []
-    trainer = quiet_trainer(callbacks, max_epochs=2)
+    trainer = quiet_trainer(callbacks, max_epochs=2, **({} if validation else {"limit_val_batches": 0}))
     wrapped = Still if still else Wrapped
     if kind == "module hook":
         module = (StillAfterTransfer if still else AfterTransfer)(_net())
@@ -103,10 +103,13 @@ def test_the_hooks_are_found_where_lightning_finds_them():
     assert as_training_step_gets_it(trainer, Wrapped(_net()), batch, torch.device("cpu")) is batch  # no hook
 
 
+@pytest.mark.parametrize("validation", [True, False], ids=["at validation", "at the training epoch's end"])
 @pytest.mark.parametrize("kind", ["module hook", "datamodule hook"])
-def test_batches_normalised_in_the_transfer_hooks_are_measured_as_training_step_gets_them(kind):
-    ours, _ = _fit(kind)
-    reference, _ = _fit("normalised dataset")
+def test_batches_normalised_in_the_transfer_hooks_are_measured_as_training_step_gets_them(kind, validation):
+    """Measured at the end of validation, or of the training epoch in a fit without validation: either way the
+    hooks run as in validation (``trainer.training`` False), so the jitter of training stays out."""
+    ours, _ = _fit(kind, validation=validation)
+    reference, _ = _fit("normalised dataset", validation=validation)
     keys = ["normalized", "normalized_stderr", "hessian_trace"]
     assert len(ours) == 2 and ours[0]["normalized"] > 0
     for mine, theirs in zip(ours, reference):  # one network (lr 0); no training jitter in the measurement
@@ -114,9 +117,10 @@ def test_batches_normalised_in_the_transfer_hooks_are_measured_as_training_step_
             assert mine[key] == pytest.approx(theirs[key], rel=1e-6), key
 
 
-def test_training_is_bit_identical_with_a_hook_that_draws_random_numbers():
-    _, with_monitor = _fit("module hook", still=False)
-    _, without = _fit("module hook", monitor=False, still=False)
+@pytest.mark.parametrize("validation", [True, False], ids=["at validation", "at the training epoch's end"])
+def test_training_is_bit_identical_with_a_hook_that_draws_random_numbers(validation):
+    _, with_monitor = _fit("module hook", still=False, validation=validation)
+    _, without = _fit("module hook", monitor=False, still=False, validation=validation)
     assert_same_training_state(with_monitor, without)
 
 
