@@ -166,12 +166,17 @@ def check_targets(loss_fn: LossFn, logits: Tensor, target: Tensor) -> None:
     name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
     if any(loss_fn is f for f in ELEMENTWISE_LOSSES):
         if target.shape != logits.shape and target.numel() == logits.numel():
+            single = (
+                "single_output_bce_with_logits_loss"
+                if loss_fn is F.binary_cross_entropy_with_logits
+                else "single_output_mse_loss"
+            )
             raise ValueError(
                 f"the loss {name} compares outputs {tuple(logits.shape)} with targets {tuple(target.shape)} "
                 "entry by entry; targets of another shape are broadcast against the outputs (F.mse_loss: to "
                 "every pair of samples), which is not the mean of per-sample losses. Pass targets of the "
                 "outputs' shape (`target.view_as(logits)` in `split_batch`), or, for one output per sample "
-                "and (N,) targets, `loss_fn=lightning_flatness.functional.loss_forms.single_output_mse_loss`."
+                f"and (N,) targets, `loss_fn=lightning_flatness.functional.loss_forms.{single}`."
             )
         return
     if not _softmax_loss(loss_fn) or logits.ndim != 2:
@@ -190,7 +195,9 @@ def check_targets(loss_fn: LossFn, logits: Tensor, target: Tensor) -> None:
             f"the loss is a softmax cross-entropy ({name}) over classes, but the model has one output per "
             f"sample (logits {tuple(logits.shape)}), over which a softmax is constant. For a binary "
             "classifier with one logit pass `loss_fn=nn.BCEWithLogitsLoss()` (float targets of the logits' "
-            "shape), for regression `loss_fn=F.mse_loss`; or return two logits per sample."
+            "shape) or, for (N,) targets (a training_step that squeezes the logits), "
+            "`loss_fn=lightning_flatness.functional.loss_forms.single_output_bce_with_logits_loss`; for "
+            "regression `loss_fn=F.mse_loss` (or `single_output_mse_loss`); or return two logits per sample."
         )
     if not target.is_floating_point():
         if target.shape != logits.shape[:1]:

@@ -166,10 +166,12 @@ def test_targets_that_do_not_fit_the_loss_are_an_error_at_the_dry_run_naming_the
         with pytest.raises(ValueError, match=r"one output per sample .* `loss_fn=nn\.BCEWithLogitsLoss\(\)`"):
             measure_sharpness(net, [(x[i : i + 2], target[i : i + 2]) for i in range(0, 8, 2)])
     values = torch.randn(8)
-    for loss in (F.mse_loss, torch.nn.MSELoss(), F.binary_cross_entropy_with_logits):
-        with pytest.raises(
-            ValueError, match=r"targets of another shape are broadcast .*single_output_mse_loss"
-        ):
+    for loss, named in [
+        (F.mse_loss, "single_output_mse_loss"),
+        (torch.nn.MSELoss(), "single_output_mse_loss"),
+        (F.binary_cross_entropy_with_logits, "single_output_bce_with_logits_loss"),
+    ]:
+        with pytest.raises(ValueError, match=rf"targets of another shape are broadcast .*{named}"):
             measure_sharpness(net, [(x[i : i + 2], values[i : i + 2]) for i in range(0, 8, 2)], loss_fn=loss)
     fitted = measure_sharpness(
         net, [(x[i : i + 2], values[i : i + 2]) for i in range(0, 8, 2)], loss_fn=single_output_mse_loss

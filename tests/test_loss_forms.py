@@ -12,7 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from callback_models import MLP, DataModule, quiet_trainer
-from oracles import assert_relative_close, brute_force_ggn_diagonal, brute_force_hessian_diagonal
+from oracles import (
+    assert_relative_close,
+    brute_force_ggn_diagonal,
+    brute_force_hessian_diagonal,
+    brute_force_measures,
+)
 from torch import nn
 
 from lightning_flatness import SharpnessMonitor
@@ -24,6 +29,7 @@ from lightning_flatness.functional.loss_forms import (
     hessian_twin,
     loss_for_outputs,
     needs_outputs,
+    single_output_bce_with_logits_loss,
     standard_loss,
 )
 from lightning_flatness.functional.model_io import TokenLoss
@@ -312,3 +318,36 @@ def test_probability_outputs_are_refused_by_the_softmax_losses_and_the_named_fix
     assert_relative_close(ours, theirs, 1e-10)
     out = measure_sharpness(net, [(x[:6], y[:6]), (x[6:], y[6:])], loss_fn=on_log, num_replicates=2)
     assert math.isfinite(float(out["normalized"])) and float(out["normalized"]) > 0
+
+
+def test_a_one_logit_binary_classifier_with_squeezed_targets_has_its_loss_and_the_errors_name_it():
+    """``(N, 1)`` logits trained with ``F.binary_cross_entropy_with_logits(logits.squeeze(-1), y)``: the
+    default loss and the plain BCE on ``(N,)`` targets are refused, each error naming
+    ``single_output_bce_with_logits_loss`` (the MSE's names ``single_output_mse_loss``); that loss measures
+    the brute-force Hessian of the squeezed training loss, as the plain BCE does on targets of the logits'
+    shape."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1)).double()
+    x = torch.randn(16, 3, dtype=torch.float64)
+    y = (x[:, 0] > 0).double()
+    batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 16, 4)]
+    with pytest.raises(ValueError, match=r"one output per sample .*single_output_bce_with_logits_loss"):
+        measure_sharpness(net, batches)
+    for loss, named in [
+        (F.binary_cross_entropy_with_logits, "single_output_bce_with_logits_loss"),
+        (nn.BCEWithLogitsLoss(), "single_output_bce_with_logits_loss"),
+        (F.mse_loss, "single_output_mse_loss"),
+    ]:
+        with pytest.raises(ValueError, match=rf"targets of another shape are broadcast .*{named}"):
+            measure_sharpness(net, batches, loss_fn=loss)
+    squeezed = measure_sharpness(net, batches, loss_fn=single_output_bce_with_logits_loss)
+    assert squeezed.choice.method == "exact"
+    as_logits = measure_sharpness(
+        net, [(a, b[:, None]) for a, b in batches], loss_fn=F.binary_cross_entropy_with_logits
+    )
+    reference = brute_force_measures(
+        net, x, y, loss_fn=lambda z, t: F.binary_cross_entropy_with_logits(z.squeeze(-1), t)
+    )
+    for key in ("normalized", "hessian_trace", "normalized/0.weight"):
+        assert float(squeezed.values[key]) == pytest.approx(reference[key], rel=1e-10), key
+        assert float(as_logits.values[key]) == pytest.approx(reference[key], rel=1e-10), key

@@ -51,6 +51,7 @@ __all__ = [
     "hessian_twin",
     "loss_for_outputs",
     "needs_outputs",
+    "single_output_bce_with_logits_loss",
     "single_output_mse_loss",
     "split_ignore_index",
     "standard_loss",
@@ -221,6 +222,23 @@ def loss_for_outputs(loss_fn: LossFn, outputs: Tensor) -> LossFn:
     if isinstance(loss_fn, TokenLoss):
         return loss_fn.with_base(F.cross_entropy)
     return F.cross_entropy
+
+
+def single_output_bce_with_logits_loss(outputs: Tensor, target: Tensor) -> Tensor:
+    """The binary cross-entropy of a binary classifier with one logit per sample, ``(N, 1)`` logits against
+    ``(N,)`` (or ``(N, 1)``) targets in ``[0, 1]``, averaged over the samples: what a ``training_step`` that
+    computes ``F.binary_cross_entropy_with_logits(logits.squeeze(-1), y)`` trains. (With the targets
+    ``(N,)``, ``F.binary_cross_entropy_with_logits`` itself would broadcast them against ``(N, 1)`` logits to
+    ``(N, N)``.) One output per sample: its Hessian is taken by autograd at the cost of one column.
+
+    Example:
+        >>> import torch
+        >>> loss = single_output_bce_with_logits_loss(torch.tensor([[0.0], [0.0]]), torch.tensor([0.0, 1.0]))
+        >>> round(float(loss), 4)  # log 2
+        0.6931
+    """
+    n = outputs.shape[0]
+    return F.binary_cross_entropy_with_logits(outputs.reshape(n), target.reshape(n).to(outputs.dtype))
 
 
 def single_output_mse_loss(outputs: Tensor, target: Tensor) -> Tensor:
