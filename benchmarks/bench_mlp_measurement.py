@@ -1,10 +1,12 @@
 """One default measurement of the paper's MLP outside Lightning, split into estimator and ``compute()``.
 
 The MLP of ``common.py`` (40-100-100-100-10, random weights, seed 0), float32 in eval mode, on the first
-512 MNIST-1D training samples in the callback's 8 batches of 64: :class:`SharpnessMeasurement` at its
-defaults (``method="auto"`` -> exact, eq. 20 loss, 8 replicate slots), ``add`` per batch, then
-``compute()``. Medians over ``--repeats`` after 3 warm-up measurements, one thread. Meant for
-before/after pairs: run it on two trees back to back (``PYTHONPATH=<tree>``) and compare.
+512 MNIST-1D training samples in the callback's 8 replicate groups of 64: :class:`SharpnessMeasurement` at
+its defaults (``method="auto"`` -> exact, eq. 20 loss, 8 replicate slots), fed as the callback feeds it
+since round 28, 4 batches of 128 with 2 groups each (``add_groups``: the exact method takes both groups in
+one pass), or with ``--one-group-per-batch`` as before, 8 batches of 64 (``add``); then ``compute()``.
+Medians over ``--repeats`` after 3 warm-up measurements, one thread. Meant for before/after pairs: run it
+on two trees back to back (``PYTHONPATH=<tree>``) and compare.
 
     python -m benchmarks.bench_mlp_measurement --repeats 15 --json out.json
 """
@@ -23,29 +25,36 @@ from benchmarks.common import base_parser, build_model, mnist1d, setup, write_js
 SAMPLES, BATCH = 512, 64
 
 
-def measure_once(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
+def measure_once(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, grouped: bool = True
+) -> tuple[float, float, float]:
     """(estimator seconds, compute() seconds, normalized sharpness) of one measurement."""
     from lightning_flatness.measure import SharpnessMeasurement
 
     m = SharpnessMeasurement(model, generator=torch.Generator().manual_seed(0))
     t = time.perf_counter()
-    for lo in range(0, SAMPLES, BATCH):
-        m.add(x[lo : lo + BATCH], y[lo : lo + BATCH])
+    if grouped:
+        for lo in range(0, SAMPLES, 2 * BATCH):
+            m.add_groups(x[lo : lo + 2 * BATCH], y[lo : lo + 2 * BATCH], 2)
+    else:
+        for lo in range(0, SAMPLES, BATCH):
+            m.add(x[lo : lo + BATCH], y[lo : lo + BATCH])
     estimate = time.perf_counter() - t
     t = time.perf_counter()
     values = m.compute()
     return estimate, time.perf_counter() - t, float(values["normalized"])
 
 
-def run(repeats: int) -> dict[str, Any]:
+def run(repeats: int, grouped: bool = True) -> dict[str, Any]:
     torch.manual_seed(0)
     model = build_model("mlp").float().eval()
     data = mnist1d()
     x, y = data.x_train[:SAMPLES].float(), data.y_train[:SAMPLES]
     for _ in range(3):
-        measure_once(model, x, y)
-    runs = [measure_once(model, x, y) for _ in range(repeats)]
+        measure_once(model, x, y, grouped)
+    runs = [measure_once(model, x, y, grouped) for _ in range(repeats)]
     return {
+        "grouped": grouped,
         "estimate_ms": 1000 * statistics.median(r[0] for r in runs),
         "compute_ms": 1000 * statistics.median(r[1] for r in runs),
         "normalized": runs[0][2],
@@ -56,9 +65,12 @@ def run(repeats: int) -> dict[str, Any]:
 def main(argv: Any = None) -> dict[str, Any]:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument(
+        "--one-group-per-batch", action="store_true", help="8 batches of 64 (add), as before round 28"
+    )
     args = parser.parse_args(argv)
     setup(args)
-    out = run(1 if args.quick else args.repeats)
+    out = run(1 if args.quick else args.repeats, grouped=not args.one_group_per_batch)
     print(
         f"estimator {out['estimate_ms']:.1f} ms, compute() {out['compute_ms']:.1f} ms, "
         f"normalized {out['normalized']:.10g}",

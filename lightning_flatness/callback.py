@@ -75,6 +75,7 @@ from lightning_flatness.training_subset import (
     TrainingSubset,
     chunk_sizes,
     limited_population,
+    merged_chunks,
     training_dataloader,
 )
 
@@ -862,9 +863,10 @@ class SharpnessMonitorBase:
         target: Tensor,
         dry_run: bool = False,
         measurement: Any = None,
+        groups: int = 1,
     ) -> bool:
-        """Estimate on one batch (one sample group) and pool it into ``measurement``; resolves
-        ``method="auto"`` on the dry run (:func:`choose_method`).
+        """Estimate on one batch (``groups`` replicate groups, :meth:`_rank_batches`) and pool it into
+        ``measurement``; resolves ``method="auto"`` on the dry run (:func:`choose_method`).
 
         Returns whether the loss and the estimate were finite. If the exact method refuses the model
         after all (a loss that is not a mean of per-sample losses is found only by the estimator),
@@ -882,7 +884,11 @@ class SharpnessMonitorBase:
         if measurement is None:
             measurement = self._measurement(network, generator, probes)
         try:
-            ok = measurement.add(inputs, target)
+            ok = (
+                measurement.add(inputs, target)
+                if groups == 1
+                else measurement.add_groups(inputs, target, groups)
+            )
         except (ValueError, RuntimeError) as err:
             if not dry_run or self.method != _AUTO or not isinstance(err, ExactMethodNotApplicable):
                 raise
@@ -927,9 +933,18 @@ class SharpnessMonitorBase:
         training = self._subset.batch_size if self._subset is not None else None
         return min(_DEFAULT_BATCH_SIZE, training) if training else _DEFAULT_BATCH_SIZE
 
-    def _rank_batches(self, trainer: Any, dry_run: bool = False) -> tuple[Iterator[Any], Optional[int]]:
+    def _rank_batches(
+        self, trainer: Any, dry_run: bool = False, groups: bool = False
+    ) -> tuple[Iterator[Any], Optional[int]]:
         """This process's batches and their number: its share of the subset (``indices[rank::world]``)
-        or of the user's loader (batch ``i`` on rank ``i % world``); one batch under ``fast_dev_run``."""
+        or of the user's loader (batch ``i`` on rank ``i % world``); one batch under ``fast_dev_run``.
+
+        ``groups``: ``(batch, replicate groups)`` pairs. The subset is cut into (at least ``num_replicates``)
+        chunks of at most the batch size, one replicate group each; where the method estimates several
+        groups in one pass (:attr:`~lightning_flatness.functional.estimators.registry.EstimatorSpec.
+        groups_target`: the exact method), consecutive chunks are fetched as one batch of at most the batch
+        size (512 samples: 4 batches of 2 groups of 64, not 8 batches of 64), so the estimator's fixed cost
+        is paid per batch, not per group; each group keeps its samples and its slot."""
         rank, world = trainer.global_rank, trainer.world_size
         one = dry_run or bool(trainer.fast_dev_run)
         if self.dataloader is not None:
@@ -947,14 +962,22 @@ class SharpnessMonitorBase:
             total = None
             if hasattr(loader, "__len__"):
                 total = 1 if one else len(range(rank, len(loader), world))
-            return own_batches(), total
+            return ((b, 1) for b in own_batches()) if groups else own_batches(), total
         assert self._subset is not None and self._indices is not None
         share = self._indices[rank::world]
         size = self._batch_size()
         if one:
             share = share[: _DRY_RUN_SAMPLES if dry_run else size]
         sizes = [len(share)] if dry_run else chunk_sizes(len(share), size, self.num_replicates)
-        return self._subset.batches(share, sizes, seed=self._seed), len(sizes)
+        if not groups:
+            return self._subset.batches(share, sizes, seed=self._seed), len(sizes)
+        method = ESTIMATORS.get(self._resolved_method or "")
+        counts = (
+            merged_chunks(sizes, size) if method is not None and method.groups_target else [1] * len(sizes)
+        )
+        starts = [sum(counts[:b]) for b in range(len(counts))]
+        merged = [sum(sizes[s : s + c]) for s, c in zip(starts, counts)]
+        return zip(self._subset.batches(share, merged, seed=self._seed), counts), len(merged)
 
     def _split(self, batch: Any) -> tuple[Any, Tensor]:
         inputs, target = self.split_batch(batch)
@@ -994,7 +1017,7 @@ class SharpnessMonitorBase:
 
     def _measure_values(self, trainer: Any, pl_module: Any) -> dict[str, float]:
         device = pl_module.device
-        batches, total = self._rank_batches(trainer)
+        batches, total = self._rank_batches(trainer, groups=True)
         nonfinite = False
         failure: Optional[BaseException] = None
         with preserved_rng_states(), gradient_enabled(device):
@@ -1008,7 +1031,9 @@ class SharpnessMonitorBase:
                 nonfinite = not all(all_finite(w) for w in weights.values())
                 description = f"Sharpness ({self._resolved_method or 'exact'})"
                 with progress_reporter(trainer, total, description) as advance:
-                    for batch in [] if nonfinite else batches:  # non-finite weights: nothing to measure
+                    for batch, groups in (
+                        [] if nonfinite else batches
+                    ):  # non-finite weights: nothing to measure
                         try:
                             inputs, target = self._split(
                                 as_training_step_gets_it(trainer, pl_module, batch, device)
@@ -1016,7 +1041,13 @@ class SharpnessMonitorBase:
                             inputs = self._to_device(inputs, device)
                             target = autograd_tensor(target, device, self.dtype)
                             ok = self._estimate(
-                                trainer, pl_module, network, inputs, target, measurement=measurement
+                                trainer,
+                                pl_module,
+                                network,
+                                inputs,
+                                target,
+                                measurement=measurement,
+                                groups=groups,
                             )
                         except Exception as err:  # a measurement never stops training: warn and log NaN
                             failure, ok = err, False

@@ -29,6 +29,7 @@ from lightning_flatness.batch_split import split_batch as default_split_batch
 from lightning_flatness.functional.backward_hooks import TensorHooksLeftOut
 from lightning_flatness.functional.dense_experts import dense_experts
 from lightning_flatness.functional.estimators import HessianDiagonalEstimate, hessian_diagonal_groups
+from lightning_flatness.functional.estimators.api import group_bounds
 from lightning_flatness.functional.estimators.method_choice import MethodChoice, choose_method
 from lightning_flatness.functional.estimators.registry import ESTIMATORS
 from lightning_flatness.functional.loss_forms import (
@@ -475,6 +476,9 @@ class SharpnessMeasurement:
         #: the batch size whose estimate first ran out of memory, else None
         self.out_of_memory_at: Optional[int] = None
         self._loss_resolved = not resolve_sequence_loss
+        # whether batches of several groups are estimated in one pass (None: not tried yet; False: the
+        # method has no such pass or it did not apply to this model, so groups go one by one: add_groups)
+        self._one_pass: Optional[bool] = None
 
     def _model_inputs(self, inputs: Any, target: Tensor) -> Any:
         """``inputs`` as the model is called with them: arranged for its signature
@@ -499,8 +503,9 @@ class SharpnessMeasurement:
         return self.choice
 
     @_measuring
-    def estimate(self, inputs: Any, target: Tensor):
-        """The Hessian-diagonal estimate of one batch (one group), without adding it."""
+    def estimate(self, inputs: Any, target: Tensor, num_groups: int = 1):
+        """The Hessian-diagonal estimate of one batch (one group; with ``num_groups``, that many contiguous
+        groups from one pass where the method has one, else the method's own split), without adding it."""
         inputs = self._model_inputs(inputs, target)
         choice = self._resolve(inputs, target)
         return hessian_diagonal_groups(
@@ -510,7 +515,7 @@ class SharpnessMeasurement:
             target,
             method=choice.method,
             num_probes=self.num_probes,
-            num_groups=1,
+            num_groups=num_groups,
             generator=self.generator,
             parameters=self.parameters,
             strict=True,
@@ -556,13 +561,55 @@ class SharpnessMeasurement:
             if retried is None:
                 return False
             estimate = retried
-        if self.stacks:  # the estimate is the parameters' own; the measures count each expert
-            estimate = dataclasses.replace(
-                estimate, groups=split_matrix_stacks(estimate.groups, self.stacks, dim=1)
-            )
-        self.metric.update(estimate, self.weights)
+        # the estimate is the parameters' own; the measures count each expert
+        self.metric.update(self._per_expert(estimate), self.weights)
         self.num_batches += 1
         return True
+
+    def add_groups(self, inputs: Any, target: Tensor, num_groups: int) -> bool:
+        """:meth:`add` of a batch that holds ``num_groups`` replicate groups, contiguous as
+        ``torch.tensor_split`` cuts it, each pooled into its own slot: in one pass over the batch where the
+        method has one and it applies (the exact method, :mod:`~lightning_flatness.functional.estimators.
+        exact_groups`: one forward, one loss factorisation and one backward pass for all groups), else
+        group by group, as :meth:`add` of each group would (also where the one-pass estimate fails, runs
+        out of memory or is not finite: the groups then get :meth:`add`'s float64 and memory fallbacks).
+        ``False`` as soon as a group's loss or estimate is not finite (the groups before it pooled)."""
+        n = inputs_batch_size(inputs)
+        if num_groups > 1 and self._one_pass is not False and self.memory_batch_size is None:
+            estimate = self._one_pass_estimate(inputs, target, num_groups)
+            if estimate is not None:
+                self.metric.update(self._per_expert(estimate), self.weights)
+                self.num_batches += num_groups
+                return True
+        for part in group_bounds(n, num_groups):
+            if not self.add(select_samples(inputs, slice(*part), n), target[part[0] : part[1]]):
+                return False
+        return True
+
+    def _one_pass_estimate(self, inputs: Any, target: Tensor, num_groups: int) -> Optional[Any]:
+        """The groups' estimate from one pass, None where there is none (remembered for the next batches
+        when the method or the model has none) or it failed or is not finite (then :meth:`add_groups` goes
+        group by group, where each failure is handled or raised as :meth:`add` does)."""
+        try:
+            self._resolve(self._model_inputs(inputs, target), target)
+            if self._one_pass is None and ESTIMATORS[self.choice.method].groups_target is None:
+                self._one_pass = False
+                return None
+            estimate = self.estimate(inputs, target, num_groups)
+        except (ValueError, RuntimeError):  # (out of memory, a refusal): group by group from now on
+            self._one_pass = False
+            return None
+        if not estimate.one_pass:  # the model has no one-pass groups: not tried again for it
+            self._one_pass = False
+            return None
+        self._one_pass = True
+        return estimate if all(all_finite(g) for g in estimate.groups.values()) else None
+
+    def _per_expert(self, estimate: Any) -> Any:
+        """``estimate`` with stacks of expert matrices split into one tensor per expert, as the weights."""
+        if not self.stacks:
+            return estimate
+        return dataclasses.replace(estimate, groups=split_matrix_stacks(estimate.groups, self.stacks, dim=1))
 
     def _estimate_within_memory(self, inputs: Any, target: Tensor) -> HessianDiagonalEstimate:
         """:meth:`estimate`, in pieces of at most :attr:`memory_batch_size` samples once an estimate ran out

@@ -114,6 +114,27 @@ def choose_indices(num_items: int, num_samples: int, seed: int) -> Tensor:
     return torch.randperm(num_items, generator=generator)[:num_samples]
 
 
+def merged_chunks(sizes: Sequence[int], batch_size: int) -> list[int]:
+    """How many consecutive chunks of ``sizes`` go into each batch of at most ``batch_size`` samples (greedy;
+    a chunk larger than ``batch_size`` is a batch of its own): the replicate groups of each batch when an
+    estimator takes several groups in one pass.
+
+    Example:
+        >>> merged_chunks([64] * 8, 128), merged_chunks([32] * 8, 128), merged_chunks([125] * 8, 128)
+        ([2, 2, 2, 2], [4, 4], [1, 1, 1, 1, 1, 1, 1, 1])
+    """
+    counts: list[int] = []
+    held = 0
+    for size in sizes:
+        if counts and held + size <= batch_size:
+            counts[-1] += 1
+            held += size
+        else:
+            counts.append(1)
+            held = size
+    return counts
+
+
 def chunk_sizes(total: int, batch_size: int, min_chunks: int) -> list[int]:
     """Cut ``total`` samples into near-equal chunks of at most ``batch_size``, and at least
     ``min_chunks`` of them (fewer only when ``total < min_chunks``: then one sample each).

@@ -23,6 +23,7 @@ __all__ = [
     "METHODS",
     "HessianDiagonalEstimate",
     "estimator_spec",
+    "group_bounds",
     "hessian_diagonal",
     "hessian_diagonal_groups",
 ]
@@ -43,12 +44,15 @@ class HessianDiagonalEstimate:
             of valid tokens when the loss is a :class:`~lightning_flatness.functional.model_io.TokenLoss`.
         method: the method that produced it.
         num_probes: probes used in total over all groups (0 for ``"exact"``).
+        one_pass: whether the groups came from one pass over the batch (the estimator's
+            :attr:`~.registry.EstimatorSpec.groups_target`) rather than one estimate per group.
     """
 
     groups: dict[str, Tensor]
     group_sizes: Tensor
     method: str
     num_probes: int
+    one_pass: bool = False
 
     def mean(self) -> dict[str, Tensor]:
         """Sample-weighted mean over groups: the estimate for the mean loss over all samples."""
@@ -86,6 +90,19 @@ def _group_weight(loss_fn: LossFn, target: Tensor) -> int:
     return int(target.shape[0])
 
 
+def group_bounds(n: int, num_groups: int) -> list[tuple[int, int]]:
+    """The ``(start, stop)`` sample ranges of the ``num_groups`` contiguous groups that ``torch.tensor_split``
+    cuts ``n`` samples into (the groups of :func:`hessian_diagonal_groups`).
+
+    Example:
+        >>> group_bounds(10, 3)
+        [(0, 4), (4, 7), (7, 10)]
+    """
+    sizes = [n // num_groups + (1 if g < n % num_groups else 0) for g in range(num_groups)]
+    starts = [sum(sizes[:g]) for g in range(num_groups)]
+    return [(start, start + size) for start, size in zip(starts, sizes)]
+
+
 def estimator_spec(method: str) -> EstimatorSpec:
     """The registered :class:`EstimatorSpec` of ``method`` (a clear error for unknown names)."""
     try:
@@ -118,6 +135,7 @@ def hessian_diagonal_groups(
     relative_step: float = 1e-3,
     num_mc_samples: Optional[int] = None,
     num_sketches: Optional[int] = None,
+    one_pass: bool = True,
 ) -> HessianDiagonalEstimate:
     """Hessian diagonal per group of samples, for error bars that cover probes and data.
 
@@ -131,7 +149,10 @@ def hessian_diagonal_groups(
 
     Args and cost: as :func:`hessian_diagonal`; ``num_probes`` must be divisible by ``num_groups``
     for the probe-based methods. Their cost is that of ``num_probes / num_groups`` probes over the
-    whole batch, since each probe only visits its group's samples.
+    whole batch, since each probe only visits its group's samples. With ``one_pass`` (default) an
+    estimator that has a one-pass function for several groups (``EstimatorSpec.groups_target``: the exact
+    method, :mod:`.exact_groups`) estimates them in one pass over the batch where it applies, at about the
+    cost of one estimate of the batch; ``one_pass=False`` estimates group by group.
     """
     spec = estimator_spec(method)
     _check_inputs(inputs, target, num_groups)
@@ -168,6 +189,13 @@ def hessian_diagonal_groups(
         "num_sketches": num_sketches,
     }
     options = {k: available[k] for k in spec.options}
+    grouped = spec.load_groups() if num_groups > 1 and one_pass else None
+    if grouped is not None:  # the groups from one pass over the batch, where the estimator has one
+        diagonals = grouped(model, loss_fn, inputs, target, params, num_groups)
+        if diagonals is not None:
+            parts = torch.tensor_split(target, num_groups)
+            sizes = torch.tensor([_group_weight(loss_fn, y) for y in parts], dtype=torch.int64)
+            return HessianDiagonalEstimate(diagonals, sizes, method, 0, one_pass=True)
     function = spec.load()
     if num_groups == 1:  # the whole batch, no split
         chunks = [(inputs, target)]

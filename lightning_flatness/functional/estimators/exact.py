@@ -108,11 +108,12 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -207,11 +208,22 @@ class _Diagonal(dict):
 
 
 def _diagonal_by_layers(
-    recorder: _ForwardRecorder, logits: Tensor, factors: Tensor, signs: Tensor, leaves: dict[str, Tensor]
-) -> tuple[Optional[dict[str, Tensor]], list[str]]:
+    recorder: _ForwardRecorder,
+    logits: Tensor,
+    factors: Tensor,
+    signs: Tensor,
+    leaves: dict[str, Tensor],
+    bounds: Optional[Sequence[tuple[int, int]]] = None,
+) -> tuple[Any, list[str]]:
     """The fast path: one backward pass of all ``K`` columns at once (:func:`_column_gradients`), then
     per-layer contractions; without a probe column and with the folded-batch backward of
     :mod:`.layer_rules.column_backward`, each layer is contracted as soon as the pass reaches it.
+
+    ``bounds``: ``[(start, stop), ...]`` sample ranges contracted each into a diagonal of its own (a list of
+    them is returned), from the same forward and backward pass: for calls with one row per sample whose
+    rules contract a slice of the samples from slices of the inputs and output gradients
+    (:attr:`~.layer_rules.base.LayerRule.sliceable`) and no weight shared between calls (the caller checks;
+    :mod:`.exact_groups`).
 
     The batch-independence probe (:func:`_probe_values`) is one more column of the same pass (a pass of
     its own first, from :data:`SEPARATE_PROBE_ELEMENTS` column entries on), once per recorded forward
@@ -240,23 +252,34 @@ def _diagonal_by_layers(
         columns = factors.permute(2, 0, 1)  # (K, N, D): a view, sample-major for cross-entropy's factors
     columns = columns.reshape(k + probe, *logits.shape)
     diag = _Diagonal(leaves)  # filled by the first contribution to each tensor
+    diags = [diag] if bounds is None else [_Diagonal(leaves) for _ in bounds]
     unit_signs = bool((signs == 1).all())
 
     def contract_one(i: int, g: Tensor) -> None:
-        accumulate_layer(calls[i], g, signs, diag, leaves, unit_signs)
+        if bounds is None:
+            accumulate_layer(calls[i], g, signs, diag, leaves, unit_signs)
+            return
+        for (lo, hi), part in zip(bounds, diags):  # each group's samples: rows lo..hi of inputs and gradients
+            sliced = dataclasses.replace(calls[i], inputs=calls[i].inputs[lo:hi])
+            accumulate_layer(sliced, g[:, lo:hi], signs[lo:hi], part, leaves, unit_signs)
 
     derived = recorder.derived_weights
 
     def contract_group(group: list[LayerCall], group_grads: list[Tensor]) -> None:
+        assert bounds is None, "groups of samples with shared weights: the caller estimates them one by one"
         accumulate_shared(group, group_grads, signs, diag, leaves, n, derived=derived)
+
+    def result() -> Any:
+        full = [
+            {name: d[name] if name in d else torch.zeros_like(t) for name, t in leaves.items()} for d in diags
+        ]
+        return full[0] if bounds is None else full
 
     if not probe:  # each layer contracted as soon as the folded-batch backward reaches it
         consume = SharedCalls(calls, contract_one, contract_group, derived)
         if recorder.tape.backward(logits, columns, outputs, consume) is not None:
             consume.finish()
-            return {
-                name: diag[name] if name in diag else torch.zeros_like(t) for name, t in leaves.items()
-            }, []
+            return result(), []
     grads = _column_gradients(recorder, logits, outputs, columns)
     if columns.shape[0] > k:
         mixing = _mixing_layers(calls, grads, k, n)
@@ -268,7 +291,7 @@ def _diagonal_by_layers(
         if g is not None:
             consume(i, g[:k])
     consume.finish()
-    return {name: diag[name] if name in diag else torch.zeros_like(t) for name, t in leaves.items()}, []
+    return result(), []
 
 
 def _mixing_layers(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 __all__ = ["ESTIMATORS", "EstimatorSpec", "OPTION_NAMES", "register_estimator"]
 
@@ -38,6 +38,10 @@ class EstimatorSpec:
         options: the names in :data:`OPTION_NAMES` that the function accepts.
         splits_probes: whether ``num_probes`` counts probes over all sample groups (divided among
             them, so it must be a multiple of the number of groups).
+        groups_target: optionally, ``"module.path:function"`` estimating several contiguous sample groups
+            of one batch in one pass, ``fn(model, loss_fn, inputs, target, params, num_groups) ->
+            {name: (G, *shape)}``, or ``None`` where it does not apply (then the groups go one by one to
+            ``target``); equal, up to rounding, to ``target`` on each group.
     """
 
     name: str
@@ -46,6 +50,7 @@ class EstimatorSpec:
     stochastic: bool
     options: tuple[str, ...] = ()
     splits_probes: bool = False
+    groups_target: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.quantity not in ("hessian", "gauss_newton"):
@@ -59,15 +64,24 @@ class EstimatorSpec:
                 f"EstimatorSpec {self.name!r} names unknown options {sorted(unknown)}; "
                 f"choose from {OPTION_NAMES}."
             )
-        if ":" not in self.target:
-            raise ValueError(
-                f"EstimatorSpec {self.name!r}: target must be 'module.path:function', got {self.target!r}."
-            )
+        for target in (self.target, self.groups_target):
+            if target is not None and ":" not in target:
+                raise ValueError(
+                    f"EstimatorSpec {self.name!r}: targets must be 'module.path:function', got {target!r}."
+                )
 
     def load(self) -> Callable:
         """The estimator function (imported on first use)."""
-        module, function = self.target.split(":")
-        return getattr(importlib.import_module(module), function)
+        return _imported(self.target)
+
+    def load_groups(self) -> Optional[Callable]:
+        """The function of ``groups_target`` (imported on first use), or None."""
+        return None if self.groups_target is None else _imported(self.groups_target)
+
+
+def _imported(target: str) -> Callable:
+    module, function = target.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 #: ``{method name: spec}``, in the order the methods are documented.
@@ -88,7 +102,12 @@ def register_estimator(spec: EstimatorSpec, *, replace: bool = False) -> Estimat
 _PKG = "lightning_flatness.functional.estimators"
 register_estimator(
     EstimatorSpec(
-        "exact", f"{_PKG}.exact:exact_hessian_diagonal", "hessian", stochastic=False, options=("strict",)
+        "exact",
+        f"{_PKG}.exact:exact_hessian_diagonal",
+        "hessian",
+        stochastic=False,
+        options=("strict",),
+        groups_target=f"{_PKG}.exact_groups:exact_hessian_diagonal_groups",
     )
 )
 register_estimator(

@@ -115,6 +115,11 @@ class LayerRule:
     #: where the call passes the weight and the bias: ``(position, keyword names)``; ``None``: no bias
     weight_argument: tuple[int, tuple[str, ...]] = (1, ("weight",))
     bias_argument: Optional[tuple[int, tuple[str, ...]]] = (2, ("bias",))
+    #: whether the contraction of a call reads nothing per sample but its ``inputs`` and the output
+    #: gradients, so that a slice of a batch's samples (a call recorded with one row per sample) is contracted
+    #: from slices of both: several sample groups from one pass (:mod:`..exact_groups`). Off by default (a
+    #: rule with per-sample tensors in ``options`` or a contraction of its own: embeddings, offsets).
+    sliceable: bool = False
 
     def record(self, call: LayerCall, args: tuple, kwargs: dict, weight: Optional[Tensor]) -> None:
         """Read the op's geometry (stride, padding, ...) from its arguments into ``call``."""

@@ -287,6 +287,8 @@ class ConvRule(LayerRule):
     """``convNd(input (N, C, *S), weight (O, C/groups, *kernel), bias, stride, padding, dilation,
     groups)``, or ``(N k, C, *S)`` with ``k`` rows per sample (:meth:`regroup`)."""
 
+    sliceable = True
+
     def __init__(self, spatial_dims: int) -> None:
         self.spatial_dims = spatial_dims
         self.op = f"conv{spatial_dims}d"

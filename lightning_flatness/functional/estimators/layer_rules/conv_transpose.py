@@ -37,6 +37,8 @@ class ConvTransposeRule(LayerRule):
     """``conv_transposeNd(input (N, C, *S), weight (C, O/groups, *kernel), bias, stride, padding,
     output_padding, groups, dilation)``."""
 
+    sliceable = True
+
     def __init__(self, spatial_dims: int) -> None:
         self.spatial_dims = spatial_dims
         self.op = f"conv_transpose{spatial_dims}d"

@@ -21,6 +21,7 @@ class LinearRule(LayerRule):
     rows per sample (:meth:`regroup`)."""
 
     op = "linear"
+    sliceable = True
 
     def is_batched(self, call: LayerCall, n: int) -> bool:
         rows = call.inputs.shape[0] if call.inputs.ndim >= 2 else -1

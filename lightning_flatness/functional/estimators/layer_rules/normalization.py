@@ -53,6 +53,8 @@ class _ChannelAffineRule(LayerRule):
     rather than dim 1 (``batch_norm``, ``group_norm``: ``(N, C, *spatial)``).
     """
 
+    sliceable = True
+
     channel_last = False
 
     def is_batched(self, call: LayerCall, n: int) -> bool:
