@@ -1,4 +1,5 @@
-"""PeakMemory samples the resident set size during a block: a large allocation is seen."""
+"""PeakMemory samples the resident set size during a block: a large allocation is seen; a block that sets a
+new peak of the process gets it exactly from the high-water mark."""
 
 import mmap
 import sys
@@ -42,3 +43,41 @@ def test_the_callback_logs_the_peak_memory_of_each_measurement():
     peak = monitor.history[-1]["peak_memory_mb"]
     assert math.isfinite(peak) and peak > 10  # at least the interpreter and torch are resident
     assert float(trainer.callback_metrics["sharpness/peak_memory_mb"]) == peak
+
+
+_NEW_PEAK = """
+import mmap, sys
+import torch
+from lightning_flatness.memory import PeakMemory, _rss_bytes, _rss_high_water_bytes
+
+def touched(size):
+    block = mmap.mmap(-1, size)
+    block.write(b"\\1" * size)
+    block.close()
+
+extra = 64 * 2**20
+touched(_rss_high_water_bytes() - _rss_bytes() + 2 * extra)  # an earlier peak of the process
+with PeakMemory(torch.device("cpu"), interval=10.0) as below:  # no sample inside the block
+    start = _rss_bytes()
+    touched(extra)  # below the earlier peak: not a new high-water mark
+with PeakMemory(torch.device("cpu"), interval=10.0) as above:
+    start = _rss_bytes()
+    touched(_rss_high_water_bytes() - start + extra)  # a new peak, 64 MiB above the last
+    expected = _rss_high_water_bytes()
+print(below.rss_mb * 2**20 - start, above.rss_mb * 2**20 - expected)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM of /proc/self/status is Linux only")
+def test_a_block_that_sets_a_new_peak_of_the_process_gets_it_exactly_without_a_sample():
+    """Interval of 10 s: no sample inside the blocks, only the high-water mark (``VmHWM``). A block whose
+    allocation stays below an earlier peak of the process is a lower bound (its start and end); a block that
+    sets a new peak gets that peak, however short. In a process of its own, whose earlier peaks are known."""
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-c", _NEW_PEAK], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.split()
+    below, above = float(out[0]), float(out[1])
+    assert below < 16 * 2**20  # the 64 MiB inside the block were not seen (resolution of the sampling)
+    assert above == 0.0  # the new high-water mark, to the byte
