@@ -134,6 +134,9 @@ def test_pooled_result_is_sharpness_of_sample_weighted_mean_diagonal():
     assert out["num_samples"].item() == 16
     assert all(v.dtype == torch.float64 and v.ndim == 0 for k, v in out.items() if k != "num_samples")
     assert {k for k in out if "_stderr" in k} == {_stderr_key(k) for k in expected}
+    # solved in inference mode, returned as normal tensors: usable in place and under autograd
+    assert not any(v.is_inference() for v in out.values())
+    out["normalized"].add_(0.0)
 
 
 def test_two_single_batches_equal_one_update_with_stacked_groups():
