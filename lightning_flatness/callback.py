@@ -1030,10 +1030,9 @@ class SharpnessMonitorBase:
                 self._say_if_the_selection_changed(trainer, list(weights))
                 nonfinite = not all(all_finite(w) for w in weights.values())
                 description = f"Sharpness ({self._resolved_method or 'exact'})"
+                todo = [] if nonfinite else batches  # non-finite weights: nothing to measure
                 with progress_reporter(trainer, total, description) as advance:
-                    for batch, groups in (
-                        [] if nonfinite else batches
-                    ):  # non-finite weights: nothing to measure
+                    for batch, groups in todo:
                         try:
                             inputs, target = self._split(
                                 as_training_step_gets_it(trainer, pl_module, batch, device)

@@ -9,10 +9,9 @@ daemon thread reads the resident set size (``/proc/self/statm``) and the CUDA al
 every ``interval`` seconds while the block runs; peaks shorter than the interval can be missed, so that
 value is a lower bound accurate to that resolution.
 
-Each sample takes the interpreter's lock from the measuring thread: at the former 5 ms interval, about
-0.2 ms of process time per sample on the paper's MLP (1.8 ms per 45-ms measurement; 0.4 ms at 20 ms), hence
-the default of 25 ms, where the high-water marks give the new peaks exactly (benchmarks/RESULTS.md, round
-28).
+Each sample takes the interpreter's lock from the measuring thread, which costs process time on a short
+measurement (measured: benchmarks/RESULTS.md, round 28), hence the default of 25 ms: the high-water marks
+give the new peaks exactly whatever the interval.
 """
 
 from __future__ import annotations
@@ -98,9 +97,8 @@ class PeakMemory:
             self._thread.join()
         self._sample()
         (rss_before, cuda_before), (rss_after, cuda_after) = self._marks, self._high_water()
-        if (
-            rss_before is not None and rss_after is not None and rss_after > rss_before
-        ):  # a new peak: this one
+        # a new high-water mark was set inside the block: it is the block's peak
+        if rss_before is not None and rss_after is not None and rss_after > rss_before:
             self.rss_mb = max(self.rss_mb or 0.0, rss_after / 2**20)
         if cuda_before is not None and cuda_after is not None and cuda_after > cuda_before:
             self.cuda_mb = max(self.cuda_mb or 0.0, cuda_after / 2**20)

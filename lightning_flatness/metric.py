@@ -615,8 +615,8 @@ class NormalizedSharpness(Metric):
         device = self.accumulator.device
         weights = {n: w.to(device) for n, w in self._weights.items()}
         # the solves are thousands of small operations: in inference mode each skips autograd's view and
-        # version bookkeeping (-10% of compute() on the paper's MLP, benchmarks/RESULTS.md, round 28); the
-        # values are then copied out as normal tensors (a few dozen scalars), usable anywhere
+        # version bookkeeping (measured: benchmarks/RESULTS.md, round 28); the values are then copied out
+        # as normal tensors (a few dozen scalars), usable anywhere
         with torch.inference_mode():
             inferred, used = replicate_sharpness_measures(
                 weights, self.hessian_sums(), count, self.lam, self.jackknife

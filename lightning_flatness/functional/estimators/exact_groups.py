@@ -3,9 +3,8 @@ r"""Exact Hessian diagonals of several sample groups of one batch, from one pass
 A measurement's jackknife needs one Hessian-diagonal estimate per replicate group of samples. Estimated
 group by group, each call of :func:`~.exact.exact_hessian_diagonal` pays its fixed cost: a recorded forward
 (a torch function mode on every operation), the loss Hessian's factors (eq. 20's closed form and its
-eigendecomposition), the folded-column backward pass and the metric update, a few milliseconds that are
-most of a call on a small network (the paper's MLP: 2.0 of 3.0 ms for 64 samples, 3.9 ms for 128; one
-thread, benchmarks/RESULTS.md, round 28). Here the batch holding ``G`` contiguous groups (as
+eigendecomposition), the folded-column backward pass and the metric update, most of a call on a small
+network (measured: benchmarks/RESULTS.md, round 28). Here the batch holding ``G`` contiguous groups (as
 ``torch.tensor_split`` cuts it) goes through one forward, one factorisation and one backward pass, and only
 the per-layer contractions are taken group by group, each from the rows of its samples:
 
