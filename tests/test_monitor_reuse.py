@@ -6,21 +6,12 @@ from __future__ import annotations
 
 import warnings
 
-import pytest
 import pytorch_lightning as pl
 import torch
 from callback_models import MLP, DataModule, quiet_trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_flatness.callback import SharpnessMonitor
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _fit(monitor: SharpnessMonitor, activation: str) -> list[str]:

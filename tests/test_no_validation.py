@@ -23,14 +23,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_flatness.callback import SharpnessMonitor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TrainOnlyData(DataModule):
     """The test data module without ``val_dataloader``."""
 
