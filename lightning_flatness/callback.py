@@ -324,6 +324,9 @@ class SharpnessMonitorBase:
         self._state_buffer: Optional[Tensor] = None  # the last metric's state, for the next (CPU only)
         # the most samples per estimate once an estimate ran out of memory (SharpnessMeasurement)
         self._memory_batch_size: Optional[int] = None
+        # False once a measurement found that its batches' groups cannot be estimated in one pass (the model,
+        # or memory): later measurements fetch one group per batch (SharpnessMeasurement.one_pass_groups)
+        self._one_pass_groups: Optional[bool] = None
         self._generator: Optional[torch.Generator] = None  # this evaluation's probes
         self._choice: Optional[MethodChoice] = None if method == _AUTO else MethodChoice.named(method)
         self._loss: LossFn = self.loss_fn  # resolved at the dry run (TokenLoss for sequence outputs)
@@ -441,7 +444,7 @@ class SharpnessMonitorBase:
         if stage not in ("fit", "validate"):
             return
         self._subset, self._prepared, self._layouts_written = None, False, set()
-        self._undrawn_chart, self._memory_batch_size = None, None
+        self._undrawn_chart, self._memory_batch_size, self._one_pass_groups = None, None, None
         self._training_inputs, self._measured_inputs, self._inputs_compared = None, None, False
         self._training_dataset = None
         self._measured_names = None
@@ -944,7 +947,8 @@ class SharpnessMonitorBase:
         groups in one pass (:attr:`~lightning_flatness.functional.estimators.registry.EstimatorSpec.
         groups_target`: the exact method), consecutive chunks are fetched as one batch of at most the batch
         size (512 samples: 4 batches of 2 groups of 64, not 8 batches of 64), so the estimator's fixed cost
-        is paid per batch, not per group; each group keeps its samples and its slot."""
+        is paid per batch, not per group; each group keeps its samples and its slot. Once a measurement
+        found that the model's groups cannot be estimated in one pass, one group per batch again."""
         rank, world = trainer.global_rank, trainer.world_size
         one = dry_run or bool(trainer.fast_dev_run)
         if self.dataloader is not None:
@@ -972,9 +976,10 @@ class SharpnessMonitorBase:
         if not groups:
             return self._subset.batches(share, sizes, seed=self._seed), len(sizes)
         method = ESTIMATORS.get(self._resolved_method or "")
-        counts = (
-            merged_chunks(sizes, size) if method is not None and method.groups_target else [1] * len(sizes)
+        one_pass = (
+            method is not None and method.groups_target is not None and self._one_pass_groups is not False
         )
+        counts = merged_chunks(sizes, size) if one_pass else [1] * len(sizes)
         starts = [sum(counts[:b]) for b in range(len(counts))]
         merged = [sum(sizes[s : s + c]) for s, c in zip(starts, counts)]
         return zip(self._subset.batches(share, merged, seed=self._seed), counts), len(merged)
@@ -1025,6 +1030,7 @@ class SharpnessMonitorBase:
                 self._generator = self._probe_generator(device, trainer.global_rank)
                 measurement = self._measurement(network, self._generator, self.num_probes)
                 measurement.memory_batch_size = self._memory_batch_size  # an earlier measurement's, if any
+                measurement.one_pass_groups = self._one_pass_groups
                 measurement.metric.reuse_state(self._take_state_buffer(measurement.metric))
                 weights = measurement.weights
                 self._say_if_the_selection_changed(trainer, list(weights))
@@ -1054,6 +1060,8 @@ class SharpnessMonitorBase:
                             nonfinite = True
                             break
                         advance(1)
+            if measurement.one_pass_groups is False:
+                self._one_pass_groups = False
             if measurement.out_of_memory_at is not None:
                 assert measurement.memory_batch_size is not None
                 self._memory_batch_size = measurement.memory_batch_size

@@ -476,9 +476,10 @@ class SharpnessMeasurement:
         #: the batch size whose estimate first ran out of memory, else None
         self.out_of_memory_at: Optional[int] = None
         self._loss_resolved = not resolve_sequence_loss
-        # whether batches of several groups are estimated in one pass (None: not tried yet; False: the
-        # method has no such pass or it did not apply to this model, so groups go one by one: add_groups)
-        self._one_pass: Optional[bool] = None
+        #: whether :meth:`add_groups` estimates a batch's groups in one pass: None until tried, False once the
+        #: method has no such pass or it did not apply to this model (or failed: out of memory), then the
+        #: groups go one by one (a caller may carry it from an earlier measurement, as the callback does)
+        self.one_pass_groups: Optional[bool] = None
 
     def _model_inputs(self, inputs: Any, target: Tensor) -> Any:
         """``inputs`` as the model is called with them: arranged for its signature
@@ -575,7 +576,7 @@ class SharpnessMeasurement:
         out of memory or is not finite: the groups then get :meth:`add`'s float64 and memory fallbacks).
         ``False`` as soon as a group's loss or estimate is not finite (the groups before it pooled)."""
         n = inputs_batch_size(inputs)
-        if num_groups > 1 and self._one_pass is not False and self.memory_batch_size is None:
+        if num_groups > 1 and self.one_pass_groups is not False and self.memory_batch_size is None:
             estimate = self._one_pass_estimate(inputs, target, num_groups)
             if estimate is not None:
                 self.metric.update(self._per_expert(estimate), self.weights)
@@ -592,17 +593,17 @@ class SharpnessMeasurement:
         group by group, where each failure is handled or raised as :meth:`add` does)."""
         try:
             self._resolve(self._model_inputs(inputs, target), target)
-            if self._one_pass is None and ESTIMATORS[self.choice.method].groups_target is None:
-                self._one_pass = False
+            if self.one_pass_groups is None and ESTIMATORS[self.choice.method].groups_target is None:
+                self.one_pass_groups = False
                 return None
             estimate = self.estimate(inputs, target, num_groups)
         except (ValueError, RuntimeError):  # (out of memory, a refusal): group by group from now on
-            self._one_pass = False
+            self.one_pass_groups = False
             return None
         if not estimate.one_pass:  # the model has no one-pass groups: not tried again for it
-            self._one_pass = False
+            self.one_pass_groups = False
             return None
-        self._one_pass = True
+        self.one_pass_groups = True
         return estimate if all(all_finite(g) for g in estimate.groups.values()) else None
 
     def _per_expert(self, estimate: Any) -> Any:

@@ -154,7 +154,7 @@ def test_add_groups_pools_each_group_into_the_slot_a_batch_of_its_own_takes(buil
         assert grouped.add_groups(x[lo : lo + 16], y[lo : lo + 16], 4)
     for lo in range(0, 32, 4):
         assert apart.add(x[lo : lo + 4], y[lo : lo + 4])
-    assert grouped._one_pass is (build is _mlp) and grouped.num_batches == apart.num_batches == 8
+    assert grouped.one_pass_groups is (build is _mlp) and grouped.num_batches == apart.num_batches == 8
     ours, theirs = grouped.compute(), apart.compute()
     for key in ("normalized", "normalized_stderr", "hessian_trace", "matrix_normalized_stderr"):
         assert float(ours[key]) == pytest.approx(float(theirs[key]), rel=1e-10), key
@@ -201,3 +201,33 @@ def test_the_monitor_fetches_merged_batches_and_logs_what_one_group_per_batch_gi
     assert passes == [[4, 4], []]
     for key in ("normalized", "normalized_stderr", "hessian_trace", "normalized/net.0.weight"):
         assert histories[0][key] == pytest.approx(histories[1][key], rel=1e-10), key
+
+
+def test_once_a_model_has_no_one_pass_the_monitor_fetches_one_group_per_batch():
+    """An embedding network (its rule is not sliceable): the first measurement's merged batches go group by
+    group, and the next measurements fetch one group per batch again (no forward wasted on trying)."""
+    from callback_models import Wrapped
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(0, 20, (128, 3), generator=g), torch.randint(0, 4, (128,), generator=g)
+    monitor = SharpnessMonitor(num_samples=64, batch_size=32)
+    per_fit: list[int] = []
+    original = SharpnessMeasurement.add_groups
+
+    def counting(self, inputs, target, num_groups):
+        per_fit.append(num_groups)
+        return original(self, inputs, target, num_groups)
+
+    SharpnessMeasurement.add_groups = counting
+    try:
+        pl.seed_everything(0, verbose=False)
+        data = DataLoader(TensorDataset(ids, labels), batch_size=32, shuffle=True)
+        quiet_trainer([monitor], max_epochs=2).fit(
+            Wrapped(_Embedded()), data, DataLoader(TensorDataset(ids, labels))
+        )
+    finally:
+        SharpnessMeasurement.add_groups = original
+    assert [h["method"] for h in monitor.history] == ["exact", "exact"]
+    assert per_fit == [4, 4]  # the first measurement only; the second took 8 batches of 8 through add
+    assert monitor._one_pass_groups is False
