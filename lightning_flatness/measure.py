@@ -588,9 +588,10 @@ class SharpnessMeasurement:
         return True
 
     def _one_pass_estimate(self, inputs: Any, target: Tensor, num_groups: int) -> Optional[Any]:
-        """The groups' estimate from one pass, None where there is none (remembered for the next batches
-        when the method or the model has none) or it failed or is not finite (then :meth:`add_groups` goes
-        group by group, where each failure is handled or raised as :meth:`add` does)."""
+        """The groups' estimate from one call: from one pass, or, where the model has none (remembered for
+        the next batches), from the method's own group-by-group estimates in that call; None where the method
+        has no one-pass function, or the call failed or is not finite (then :meth:`add_groups` goes group by
+        group, where each failure is handled or raised as :meth:`add` does)."""
         try:
             self._resolve(self._model_inputs(inputs, target), target)
             if self.one_pass_groups is None and ESTIMATORS[self.choice.method].groups_target is None:
@@ -600,10 +601,7 @@ class SharpnessMeasurement:
         except (ValueError, RuntimeError):  # (out of memory, a refusal): group by group from now on
             self.one_pass_groups = False
             return None
-        if not estimate.one_pass:  # the model has no one-pass groups: not tried again for it
-            self.one_pass_groups = False
-            return None
-        self.one_pass_groups = True
+        self.one_pass_groups = bool(estimate.one_pass)
         return estimate if all(all_finite(g) for g in estimate.groups.values()) else None
 
     def _per_expert(self, estimate: Any) -> Any:

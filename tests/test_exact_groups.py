@@ -231,3 +231,22 @@ def test_once_a_model_has_no_one_pass_the_monitor_fetches_one_group_per_batch():
     assert [h["method"] for h in monitor.history] == ["exact", "exact"]
     assert per_fit == [4, 4]  # the first measurement only; the second took 8 batches of 8 through add
     assert monitor._one_pass_groups is False
+
+
+def test_a_pass_beyond_the_column_budget_goes_group_by_group(monkeypatch):
+    """Above ``ONE_PASS_COLUMN_ELEMENTS`` entries of backward columns the groups go one by one (the larger pass
+    runs slower there); the estimate is the same, from the same call."""
+    import lightning_flatness.functional.estimators.exact_groups as exact_groups
+
+    torch.manual_seed(0)
+    net = _mlp().double().eval()
+    x, y = _data((6,))
+    within = hessian_diagonal_groups(net, F.cross_entropy, x, y, method="exact", num_groups=3)
+    columns = 3 * 13 * (10 + 10 + 4)  # K = 3 columns (4 classes), 13 samples, the three layers' outputs
+    monkeypatch.setattr(exact_groups, "ONE_PASS_COLUMN_ELEMENTS", columns - 1)
+    beyond = hessian_diagonal_groups(net, F.cross_entropy, x, y, method="exact", num_groups=3)
+    monkeypatch.setattr(exact_groups, "ONE_PASS_COLUMN_ELEMENTS", columns)
+    at = hessian_diagonal_groups(net, F.cross_entropy, x, y, method="exact", num_groups=3)
+    assert within.one_pass and at.one_pass and not beyond.one_pass
+    for n in within.groups:
+        torch.testing.assert_close(beyond.groups[n], within.groups[n], rtol=1e-12, atol=1e-14)

@@ -16,7 +16,10 @@ the per-layer contractions are taken group by group, each from the rows of its s
 the same sums as :func:`~.exact.exact_hessian_diagonal` of each group alone (up to the rounding of batched
 products of another size), so the identity ``diag(H) = diag(J^T Lambda J) / N`` and its checks carry over.
 
-It applies where the per-layer path of the exact method applies without a shared weight and every recorded
+It applies where the pass is small (at most :data:`ONE_PASS_COLUMN_ELEMENTS` entries of backward columns at
+the recorded layer outputs: above, a call's fixed cost is small beside its per-sample work, and the larger
+pass runs slower than the groups one by one, measured in benchmarks/RESULTS.md, round 28), where the
+per-layer path of the exact method applies without a shared weight, and where every recorded
 call has one row per sample whose rule contracts a slice of the samples from slices of its inputs and output
 gradients (:attr:`~.layer_rules.base.LayerRule.sliceable`: Linear, convolutions, normalization affines);
 the loss is a mean over samples (not a :class:`~lightning_flatness.functional.model_io.TokenLoss`, whose
@@ -46,9 +49,13 @@ from lightning_flatness.functional.estimators.recorder import (
 )
 from lightning_flatness.functional.model_io import ModelInputs, TokenLoss
 
-__all__ = ["exact_hessian_diagonal_groups"]
+__all__ = ["ONE_PASS_COLUMN_ELEMENTS", "exact_hessian_diagonal_groups"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+#: Entries of the ``K`` backward columns at the recorded layer outputs of the whole batch (``K N`` times a
+#: sample's output entries) up to which the groups go in one pass (module docstring).
+ONE_PASS_COLUMN_ELEMENTS = 2**22
 
 
 def exact_hessian_diagonal_groups(
@@ -77,10 +84,14 @@ def exact_hessian_diagonal_groups(
         recorder, logits, leaves = forward.recorder, forward.logits, forward.leaves
         if forward.issues or logits.shape[0] != n:
             return None
-        factors, signs, _, loss_issues = _loss_factors(loss_fn, logits.detach(), y, need_grad=False)
         calls = recorder.calls
+        outputs = sum(c.output.numel() for c in calls)  # a column's entries at the recorded layer outputs
+        if outputs > ONE_PASS_COLUMN_ELEMENTS:  # (at least one column: no factorisation needed to know)
+            return None
+        factors, signs, _, loss_issues = _loss_factors(loss_fn, logits.detach(), y, need_grad=False)
         if (
-            loss_issues
+            factors.shape[2] * outputs > ONE_PASS_COLUMN_ELEMENTS
+            or loss_issues
             or _fast_path_blockers(recorder, leaves, n)
             or not all(
                 LAYER_RULES[c.op].sliceable and c.inputs.shape[0] == n and c.output.shape[0] == n
