@@ -234,8 +234,8 @@ def test_once_a_model_has_no_one_pass_the_monitor_fetches_one_group_per_batch():
 
 
 def test_a_pass_beyond_the_column_budget_goes_group_by_group(monkeypatch):
-    """Above ``ONE_PASS_COLUMN_ELEMENTS`` entries of backward columns the groups go one by one (the larger pass
-    runs slower there); the estimate is the same, from the same call."""
+    """Above ``ONE_PASS_COLUMN_ELEMENTS`` entries of backward columns the groups go one by one (the larger
+    pass runs slower there); the estimate is the same, from the same call."""
     import lightning_flatness.functional.estimators.exact_groups as exact_groups
 
     torch.manual_seed(0)
