@@ -41,6 +41,7 @@ from lightning_flatness.functional.model_io import (
     inputs_batch_size,
     logits_without_gradient,
     map_inputs,
+    samples_along_dim0,
     select_samples,
     with_decoder_inputs,
 )
@@ -760,6 +761,8 @@ class SharpnessMonitorBase:
                 )
             inputs, target = self._split(as_training_step_gets_it(trainer, pl_module, batch, device))
             n = inputs_batch_size(inputs)
+            if not samples_along_dim0(inputs, len(target)):  # (1-D token lists with offsets): a batch cannot
+                self._one_pass_groups = False  # be cut into groups, so each is fetched as a batch of its own
             inputs = self._to_device(select_samples(inputs, slice(0, _DRY_RUN_SAMPLES), n), device)
             target = autograd_tensor(target[:_DRY_RUN_SAMPLES], device, self.dtype)
             self._measured_inputs = summarize(inputs)

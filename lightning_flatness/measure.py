@@ -47,10 +47,12 @@ from lightning_flatness.functional.model_io import (
     TokenLoss,
     arguments_for,
     call_model,
+    input_tensors,
     inputs_batch_size,
     logits_without_gradient,
     map_inputs,
     outputs_of_first_samples,
+    samples_along_dim0,
     select_samples,
     with_decoder_inputs,
 )
@@ -574,8 +576,21 @@ class SharpnessMeasurement:
         exact_groups`: one forward, one loss factorisation and one backward pass for all groups), else
         group by group, as :meth:`add` of each group would (also where the one-pass estimate fails, runs
         out of memory or is not finite: the groups then get :meth:`add`'s float64 and memory fallbacks).
-        ``False`` as soon as a group's loss or estimate is not finite (the groups before it pooled)."""
-        n = inputs_batch_size(inputs)
+        ``False`` as soon as a group's loss or estimate is not finite (the groups before it pooled).
+
+        Raises:
+            ValueError: some input tensor does not hold the batch's samples along dim 0 (the 1-D token
+                list of ``nn.EmbeddingBag`` with ``offsets``): the batch cannot be cut into groups; add each
+                group with :meth:`add`.
+        """
+        n = int(target.shape[0])
+        if not samples_along_dim0(inputs, n):
+            shapes = [tuple(t.shape) for t in input_tensors(inputs)]
+            raise ValueError(
+                f"add_groups cuts a batch into groups of samples along dim 0, but its input tensors {shapes} "
+                f"do not all hold the {n} samples of the target there (a 1-D token list with offsets, a "
+                "constant beside the batch); pass each group as a batch of its own to add()."
+            )
         if num_groups > 1 and self.one_pass_groups is not False and self.memory_batch_size is None:
             estimate = self._one_pass_estimate(inputs, target, num_groups)
             if estimate is not None:

@@ -250,3 +250,24 @@ def test_a_pass_beyond_the_column_budget_goes_group_by_group(monkeypatch):
     assert within.one_pass and at.one_pass and not beyond.one_pass
     for n in within.groups:
         torch.testing.assert_close(beyond.groups[n], within.groups[n], rtol=1e-12, atol=1e-14)
+
+
+def test_add_groups_refuses_inputs_that_do_not_hold_the_samples_along_dim_0():
+    """``nn.EmbeddingBag``'s 1-D token list beside its offsets cannot be cut into groups of samples: cutting
+    it by rows would give the groups other tokens (or all the rest of them) without an error. Refused with
+    the fix; the monitor's dry run sees the same layout and keeps one group per batch."""
+
+    class Bags(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bag, self.head = nn.EmbeddingBag(20, 5), nn.Linear(5, 4)
+
+        def forward(self, text, offsets):
+            return self.head(torch.relu(self.bag(text, offsets)))
+
+    g = torch.Generator().manual_seed(0)
+    text, offsets = torch.randint(0, 20, (24,), generator=g), torch.tensor([0, 4, 9, 13, 17, 20])
+    measurement = SharpnessMeasurement(Bags().double())
+    with pytest.raises(ValueError, match=r"do not all hold the 6 samples .* to add\(\)"):
+        measurement.add_groups((text, offsets), torch.randint(0, 4, (6,), generator=g), 2)
+    assert measurement.num_batches == 0

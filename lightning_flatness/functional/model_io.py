@@ -41,6 +41,7 @@ __all__ = [
     "map_inputs",
     "model_autocast_disabled",
     "outputs_of_first_samples",
+    "samples_along_dim0",
     "select_samples",
     "split_samples",
     "with_decoder_inputs",
@@ -82,6 +83,19 @@ def inputs_batch_size(inputs: Any) -> int:
         f"the model inputs contain no tensor with a batch dimension (got {type(inputs).__name__}); "
         "pass a tensor, a tuple of tensors or a dict of tensors with samples along dim 0."
     )
+
+
+def samples_along_dim0(inputs: Any, n: int) -> bool:
+    """Whether every tensor of ``inputs`` with a dim holds ``n`` samples along dim 0: the layout in which a
+    batch can be cut into groups of samples. Not so for ``nn.EmbeddingBag``'s 1-D token list beside its
+    ``offsets``, or a constant passed beside the batch.
+
+    Example:
+        >>> import torch
+        >>> samples_along_dim0((torch.zeros(4, 3), torch.zeros(4)), 4), samples_along_dim0(torch.zeros(9), 4)
+        (True, False)
+    """
+    return all(t.shape[0] == n for t in input_tensors(inputs) if t.ndim > 0)
 
 
 def select_samples(inputs: Any, index: Union[slice, Tensor], batch_size: Optional[int] = None) -> Any:
