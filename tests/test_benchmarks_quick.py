@@ -199,9 +199,12 @@ def test_bench_callback_mlp_parts_quick_times_every_configuration():
     assert all(0 < r["rel_stderr"] < 1 for r in rows[2:])  # every monitored fit reports its error
     assert rows[0]["overhead_cpu"] == 0.0
     assert all(r["step_seconds"] > 0 and r["validation_seconds_per_epoch"] > 0 for r in rows)
-    # the measurement runs inside validation: every configuration with the monitor spends more there
+    # the measurement runs inside validation: every configuration with the monitor spends more there than
+    # the fits without it (the smaller of the two: one run each, and a first fit in a loaded worker process
+    # once took 163 ms a validation against 5.5 ms for the next)
     monitors = [r for r in rows if r["config"] not in ("no callback", "an empty Callback")]
-    assert all(r["validation_seconds_per_epoch"] > rows[0]["validation_seconds_per_epoch"] for r in monitors)
+    without = min(r["validation_seconds_per_epoch"] for r in rows[:2])
+    assert all(r["validation_seconds_per_epoch"] > without for r in monitors)
 
 
 def test_bench_mlp_measurement_quick_times_both_parts_of_one_exact_measurement():
