@@ -8,10 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_flatness.functional.model_io import inputs_batch_size
+from lightning_flatness.functional.model_io import input_tensors, inputs_batch_size
 
 __all__ = [
     "INPUT_KEYS",
+    "batch_layout_hint",
     "KEYWORD_INPUT_KEYS",
     "SPAN_TARGET_KEYS",
     "TARGET_KEYS",
@@ -136,6 +137,22 @@ def split_batch(batch: Any) -> tuple[Any, Tensor]:
     return inputs, target
 
 
+def batch_layout_hint(inputs: Any, n: int) -> str:
+    """For a batch whose input tensors hold its ``n`` samples along dim 0 in some tensors and not in others
+    (``nn.EmbeddingBag``'s 1-D token list beside its ``offsets``): that the measurement cuts batches into
+    samples by rows, and what to pass instead; ``""`` for any other layout."""
+    rows = [t.shape[0] for t in input_tensors(inputs) if t.ndim > 0]
+    if n not in rows or all(r == n for r in rows):  # the layout of a token list beside per-sample offsets
+        return ""
+    shapes = [tuple(t.shape) for t in input_tensors(inputs)]
+    return (
+        f"the input tensors {shapes} do not all hold the batch's {n} samples along dim 0 (a 1-D token list "
+        "beside its offsets, as `nn.EmbeddingBag(text, offsets)` takes them), and the measurement cuts "
+        "batches into samples by rows: pass the bags as `(N, L)` ids padded with the table's `padding_idx` "
+        "(`nn.EmbeddingBag` takes them without offsets), in the collate function or in `split_batch`. "
+    )
+
+
 def _check(inputs: Any, target: Any) -> None:
     if not isinstance(target, Tensor):
         raise TypeError(
@@ -147,9 +164,10 @@ def _check(inputs: Any, target: Any) -> None:
     except TypeError as err:
         raise TypeError(f"SharpnessMonitor: {err} ({_FIX})") from None
     if target.ndim == 0 or target.shape[0] != n:
+        layout = batch_layout_hint(inputs, int(target.shape[0])) if target.ndim else ""
         raise ValueError(
             "SharpnessMonitor expected inputs and target with the same number of samples along "
-            f"dim 0, got {n} inputs and a target of shape {tuple(target.shape)}; {_FIX}."
+            f"dim 0, got {n} inputs and a target of shape {tuple(target.shape)}; " + (layout or f"{_FIX}.")
         )
 
 

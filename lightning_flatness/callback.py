@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_flatness import sharded
+from lightning_flatness.batch_split import batch_layout_hint
 from lightning_flatness.batch_split import split_batch as _default_split_batch
 from lightning_flatness.batch_transfer import as_training_step_gets_it
 from lightning_flatness.callback_logging import bar_chart_figure, figure_to_image
@@ -41,7 +42,6 @@ from lightning_flatness.functional.model_io import (
     inputs_batch_size,
     logits_without_gradient,
     map_inputs,
-    samples_along_dim0,
     select_samples,
     with_decoder_inputs,
 )
@@ -761,8 +761,9 @@ class SharpnessMonitorBase:
                 )
             inputs, target = self._split(as_training_step_gets_it(trainer, pl_module, batch, device))
             n = inputs_batch_size(inputs)
-            if not samples_along_dim0(inputs, len(target)):  # (1-D token lists with offsets): a batch cannot
-                self._one_pass_groups = False  # be cut into groups, so each is fetched as a batch of its own
+            layout_hint = batch_layout_hint(inputs, len(target))
+            if layout_hint:  # (1-D token lists with offsets): a batch cannot be cut into groups
+                self._one_pass_groups = False
             inputs = self._to_device(select_samples(inputs, slice(0, _DRY_RUN_SAMPLES), n), device)
             target = autograd_tensor(target[:_DRY_RUN_SAMPLES], device, self.dtype)
             self._measured_inputs = summarize(inputs)
@@ -800,7 +801,7 @@ class SharpnessMonitorBase:
                 raise RuntimeError(
                     f"SharpnessMonitor cannot measure {type(pl_module).__name__} (dry run on "
                     f"{min(n, _DRY_RUN_SAMPLES)} samples {when}): {type(err).__name__}: {err} "
-                    f"{_integer_inputs_hint(inputs, err)}"
+                    f"{_integer_inputs_hint(inputs, err)}{layout_hint[:1].upper()}{layout_hint[1:]}"
                     "Pass another `method=`, `loss_fn=` or `parameters=`, or override `split_batch` / "
                     f"`measured_network`; {after}."
                 ) from err

@@ -103,3 +103,54 @@ def test_a_max_bag_takes_the_per_sample_path_and_equals_the_brute_force_hessian(
         ours = hessian_diagonal(net, F.cross_entropy, ids, y, method="exact", parameters=["bag.weight"])
     truth = brute_force_hessian_diagonal(twin, F.cross_entropy, ids, y, ["bag.weight"])
     torch.testing.assert_close(ours["bag.weight"], truth["bag.weight"], rtol=1e-10, atol=1e-15)
+
+
+class _TutorialTextClassifier(nn.Module):
+    """PyTorch's text-classification tutorial model: bags of token ids given as one 1-D list and offsets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding, self.fc = nn.EmbeddingBag(50, 8), nn.Linear(8, 4)
+
+    def forward(self, text, offsets):
+        return self.fc(self.embedding(text, offsets))
+
+
+def test_the_monitor_names_the_fix_for_bags_given_as_a_token_list_with_offsets():
+    """The tutorial's collate function concatenates each batch's token ids into one 1-D tensor beside the
+    bags' offsets: not the samples along dim 0, which the measurement cuts batches by. The fit stops at its
+    start, before any training step, with an error naming the layout and the ``(N, L)`` ids that work (it
+    used to say only that the inputs and the target differ in length, and to override ``split_batch``)."""
+    from callback_models import Wrapped, quiet_trainer
+    from torch.utils.data import DataLoader
+
+    from lightning_flatness import SharpnessMonitor
+
+    g = torch.Generator().manual_seed(0)
+    samples = [
+        (int(torch.randint(0, 4, (), generator=g)), torch.randint(0, 50, (3 + i % 4,), generator=g))
+        for i in range(32)
+    ]
+
+    def collate(batch):
+        labels = torch.tensor([label for label, _ in batch])
+        offsets = torch.tensor([0] + [len(t) for _, t in batch[:-1]]).cumsum(0)
+        return (torch.cat([t for _, t in batch]), offsets), labels
+
+    class Lit(Wrapped):
+        def forward(self, inputs):
+            return self.net(*inputs)
+
+        def training_step(self, batch, batch_idx):
+            inputs, y = batch
+            return F.cross_entropy(self(inputs), y)
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+    module = Lit(_TutorialTextClassifier())
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    loader = DataLoader(samples, batch_size=8, collate_fn=collate)
+    with pytest.raises(ValueError, match=r"do not all hold the batch's 4 samples along dim 0 .*padding_idx"):
+        quiet_trainer([SharpnessMonitor(num_samples=16)], max_epochs=1).fit(module, loader, loader)
+    assert all(torch.equal(before[n], p) for n, p in module.named_parameters())
