@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_flatness.functional.model_io import input_tensors, inputs_batch_size
+from lightning_flatness.functional.model_io import input_tensors, inputs_batch_size, samples_along_dim0
 
 __all__ = [
     "INPUT_KEYS",
@@ -141,9 +141,8 @@ def batch_layout_hint(inputs: Any, n: int) -> str:
     """For a batch whose input tensors hold its ``n`` samples along dim 0 in some tensors and not in others
     (``nn.EmbeddingBag``'s 1-D token list beside its ``offsets``): that the measurement cuts batches into
     samples by rows, and what to pass instead; ``""`` for any other layout."""
-    rows = [t.shape[0] for t in input_tensors(inputs) if t.ndim > 0]
-    if n not in rows or all(r == n for r in rows):  # the layout of a token list beside per-sample offsets
-        return ""
+    if samples_along_dim0(inputs, n) or all(t.ndim == 0 or t.shape[0] != n for t in input_tensors(inputs)):
+        return ""  # (some tensors with the samples along dim 0, others not: a token list beside its offsets)
     shapes = [tuple(t.shape) for t in input_tensors(inputs)]
     return (
         f"the input tensors {shapes} do not all hold the batch's {n} samples along dim 0 (a 1-D token list "

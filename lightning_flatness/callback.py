@@ -42,6 +42,7 @@ from lightning_flatness.functional.model_io import (
     inputs_batch_size,
     logits_without_gradient,
     map_inputs,
+    samples_along_dim0,
     select_samples,
     with_decoder_inputs,
 )
@@ -761,9 +762,9 @@ class SharpnessMonitorBase:
                 )
             inputs, target = self._split(as_training_step_gets_it(trainer, pl_module, batch, device))
             n = inputs_batch_size(inputs)
-            layout_hint = batch_layout_hint(inputs, len(target))
-            if layout_hint:  # (1-D token lists with offsets): a batch cannot be cut into groups
-                self._one_pass_groups = False
+            if not samples_along_dim0(inputs, len(target)):  # (a token list with offsets): a batch cannot be
+                self._one_pass_groups = False  # cut into groups, so each is fetched as a batch of its own
+            layout_hint = batch_layout_hint(inputs, len(target))  # (for the error below, of the whole batch)
             inputs = self._to_device(select_samples(inputs, slice(0, _DRY_RUN_SAMPLES), n), device)
             target = autograd_tensor(target[:_DRY_RUN_SAMPLES], device, self.dtype)
             self._measured_inputs = summarize(inputs)

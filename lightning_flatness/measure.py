@@ -29,7 +29,6 @@ from lightning_flatness.batch_split import split_batch as default_split_batch
 from lightning_flatness.functional.backward_hooks import TensorHooksLeftOut
 from lightning_flatness.functional.dense_experts import dense_experts
 from lightning_flatness.functional.estimators import HessianDiagonalEstimate, hessian_diagonal_groups
-from lightning_flatness.functional.estimators.api import group_bounds
 from lightning_flatness.functional.estimators.method_choice import MethodChoice, choose_method
 from lightning_flatness.functional.estimators.registry import ESTIMATORS
 from lightning_flatness.functional.loss_forms import (
@@ -47,6 +46,7 @@ from lightning_flatness.functional.model_io import (
     TokenLoss,
     arguments_for,
     call_model,
+    group_bounds,
     input_tensors,
     inputs_batch_size,
     logits_without_gradient,
@@ -608,10 +608,11 @@ class SharpnessMeasurement:
         has no one-pass function, or the call failed or is not finite (then :meth:`add_groups` goes group by
         group, where each failure is handled or raised as :meth:`add` does)."""
         try:
-            self._resolve(self._model_inputs(inputs, target), target)
-            if self.one_pass_groups is None and ESTIMATORS[self.choice.method].groups_target is None:
-                self.one_pass_groups = False
-                return None
+            if self.one_pass_groups is None:  # the first batch: has the method a one-pass function at all?
+                self._resolve(self._model_inputs(inputs, target), target)
+                if ESTIMATORS[self.choice.method].groups_target is None:
+                    self.one_pass_groups = False
+                    return None
             estimate = self.estimate(inputs, target, num_groups)
         except (ValueError, RuntimeError):  # (out of memory, a refusal): group by group from now on
             self.one_pass_groups = False

@@ -16,9 +16,9 @@ from torch import nn
 
 from lightning_flatness import SharpnessMonitor
 from lightning_flatness.functional import normalized_softmax_cross_entropy, select_parameters
-from lightning_flatness.functional.estimators.api import group_bounds, hessian_diagonal_groups
+from lightning_flatness.functional.estimators.api import hessian_diagonal_groups
 from lightning_flatness.functional.estimators.exact_groups import exact_hessian_diagonal_groups
-from lightning_flatness.functional.model_io import TokenLoss
+from lightning_flatness.functional.model_io import TokenLoss, group_bounds
 from lightning_flatness.measure import SharpnessMeasurement
 from lightning_flatness.training_subset import merged_chunks
 
@@ -161,6 +161,11 @@ def test_add_groups_pools_each_group_into_the_slot_a_batch_of_its_own_takes(buil
 
 
 def test_merged_chunks_keep_the_groups_that_tensor_split_cuts():
+    for n in range(1, 40):  # group_bounds is torch.tensor_split's cut
+        for g in range(1, min(n, 9) + 1):
+            assert [hi - lo for lo, hi in group_bounds(n, g)] == [
+                len(p) for p in torch.arange(n).tensor_split(g)
+            ]
     for sizes, batch in [
         ([64] * 8, 128),
         ([13] * 5 + [12] * 3, 40),

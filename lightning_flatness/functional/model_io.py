@@ -38,6 +38,7 @@ __all__ = [
     "input_tensors",
     "inputs_batch_size",
     "logits_without_gradient",
+    "group_bounds",
     "map_inputs",
     "model_autocast_disabled",
     "outputs_of_first_samples",
@@ -104,15 +105,24 @@ def select_samples(inputs: Any, index: Union[slice, Tensor], batch_size: Optiona
     return map_inputs(inputs, lambda t: t[index] if t.ndim > 0 and t.shape[0] == n else t)
 
 
+def group_bounds(n: int, num_groups: int) -> list[tuple[int, int]]:
+    """The ``(start, stop)`` sample ranges of the ``num_groups`` contiguous groups that ``torch.tensor_split``
+    cuts ``n`` samples into: the groups of :func:`split_samples` and of the estimators'
+    ``hessian_diagonal_groups``.
+
+    Example:
+        >>> group_bounds(10, 3)
+        [(0, 4), (4, 7), (7, 10)]
+    """
+    sizes = [n // num_groups + (1 if g < n % num_groups else 0) for g in range(num_groups)]
+    starts = [sum(sizes[:g]) for g in range(num_groups)]
+    return [(start, start + size) for start, size in zip(starts, sizes)]
+
+
 def split_samples(inputs: Any, sections: int) -> list[Any]:
     """``inputs`` cut into ``sections`` contiguous groups of samples (as ``torch.tensor_split``)."""
     n = inputs_batch_size(inputs)
-    bounds = [len(c) for c in torch.tensor_split(torch.arange(n), sections)]
-    out, start = [], 0
-    for size in bounds:
-        out.append(select_samples(inputs, slice(start, start + size), n))
-        start += size
-    return out
+    return [select_samples(inputs, slice(lo, hi), n) for lo, hi in group_bounds(n, sections)]
 
 
 #: Keys of a model's dict output that hold the logits, in order of preference: Hugging Face's

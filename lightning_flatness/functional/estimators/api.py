@@ -13,6 +13,7 @@ from lightning_flatness.functional.loss_forms import loss_for_outputs, needs_out
 from lightning_flatness.functional.measurement_context import in_measurement_context
 from lightning_flatness.functional.model_io import (
     TokenLoss,
+    group_bounds,
     inputs_batch_size,
     outputs_of_first_samples,
     split_samples,
@@ -88,19 +89,6 @@ def _group_weight(loss_fn: LossFn, target: Tensor) -> int:
     if isinstance(loss_fn, TokenLoss):
         return int(loss_fn.num_tokens(target).sum())
     return int(target.shape[0])
-
-
-def group_bounds(n: int, num_groups: int) -> list[tuple[int, int]]:
-    """The ``(start, stop)`` sample ranges of the ``num_groups`` contiguous groups that ``torch.tensor_split``
-    cuts ``n`` samples into (the groups of :func:`hessian_diagonal_groups`).
-
-    Example:
-        >>> group_bounds(10, 3)
-        [(0, 4), (4, 7), (7, 10)]
-    """
-    sizes = [n // num_groups + (1 if g < n % num_groups else 0) for g in range(num_groups)]
-    starts = [sum(sizes[:g]) for g in range(num_groups)]
-    return [(start, start + size) for start, size in zip(starts, sizes)]
 
 
 def estimator_spec(method: str) -> EstimatorSpec:

@@ -38,7 +38,6 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_flatness.functional.estimators.api import group_bounds
 from lightning_flatness.functional.estimators.exact import _diagonal_by_layers
 from lightning_flatness.functional.estimators.layer_rules import LAYER_RULES, shared_call_groups
 from lightning_flatness.functional.estimators.loss_factors import _loss_factors
@@ -47,7 +46,7 @@ from lightning_flatness.functional.estimators.recorder import (
     _fast_path_blockers,
     _record_forward,
 )
-from lightning_flatness.functional.model_io import ModelInputs, TokenLoss
+from lightning_flatness.functional.model_io import ModelInputs, TokenLoss, group_bounds
 
 __all__ = ["ONE_PASS_COLUMN_ELEMENTS", "exact_hessian_diagonal_groups"]
 
