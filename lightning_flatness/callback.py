@@ -329,6 +329,9 @@ class SharpnessMonitorBase:
         # False once a measurement found that its batches' groups cannot be estimated in one pass (the model,
         # or memory): later measurements fetch one group per batch (SharpnessMeasurement.one_pass_groups)
         self._one_pass_groups: Optional[bool] = None
+        # the most samples one pass takes for this model (SharpnessMeasurement.one_pass_samples), once a
+        # measurement found it: with the default batch_size, later measurements fetch batches that large
+        self._one_pass_samples: Optional[int] = None
         self._generator: Optional[torch.Generator] = None  # this evaluation's probes
         self._choice: Optional[MethodChoice] = None if method == _AUTO else MethodChoice.named(method)
         self._loss: LossFn = self.loss_fn  # resolved at the dry run (TokenLoss for sequence outputs)
@@ -447,6 +450,7 @@ class SharpnessMonitorBase:
             return
         self._subset, self._prepared, self._layouts_written = None, False, set()
         self._undrawn_chart, self._memory_batch_size, self._one_pass_groups = None, None, None
+        self._one_pass_samples = None
         self._training_inputs, self._measured_inputs, self._inputs_compared = None, None, False
         self._training_dataset = None
         self._measured_names = None
@@ -952,8 +956,12 @@ class SharpnessMonitorBase:
         groups in one pass (:attr:`~lightning_flatness.functional.estimators.registry.EstimatorSpec.
         groups_target`: the exact method), consecutive chunks are fetched as one batch of at most the batch
         size (512 samples: 4 batches of 2 groups of 64, not 8 batches of 64), so the estimator's fixed cost
-        is paid per batch, not per group; each group keeps its samples and its slot. Once a measurement
-        found that the model's groups cannot be estimated in one pass, one group per batch again."""
+        is paid per batch, not per group; each group keeps its samples and its slot. With the default
+        ``batch_size``, once a measurement found how many samples one pass of this model takes (its own bound
+        on its backward columns, :attr:`~lightning_flatness.functional.estimators.registry.OnePassGroups.
+        max_samples`), later ones fetch batches of up to that many (the paper's MLP: its 512 samples in one
+        batch of 8 groups). Once a measurement found that the model's groups cannot be estimated in one pass,
+        one group per batch again."""
         rank, world = trainer.global_rank, trainer.world_size
         one = dry_run or bool(trainer.fast_dev_run)
         if self.dataloader is not None:
@@ -984,7 +992,10 @@ class SharpnessMonitorBase:
         one_pass = (
             method is not None and method.groups_target is not None and self._one_pass_groups is not False
         )
-        counts = merged_chunks(sizes, size) if one_pass else [1] * len(sizes)
+        merge = size
+        if one_pass and self.batch_size is None and self._one_pass_samples is not None:
+            merge = max(size, self._one_pass_samples)  # as many as one pass takes (the pass's own bound)
+        counts = merged_chunks(sizes, merge) if one_pass else [1] * len(sizes)
         starts = [sum(counts[:b]) for b in range(len(counts))]
         merged = [sum(sizes[s : s + c]) for s, c in zip(starts, counts)]
         return zip(self._subset.batches(share, merged, seed=self._seed), counts), len(merged)
@@ -1067,6 +1078,8 @@ class SharpnessMonitorBase:
                         advance(1)
             if measurement.one_pass_groups is False:
                 self._one_pass_groups = False
+            elif measurement.one_pass_samples is not None:
+                self._one_pass_samples = measurement.one_pass_samples
             if measurement.out_of_memory_at is not None:
                 assert measurement.memory_batch_size is not None
                 self._memory_batch_size = measurement.memory_batch_size
@@ -1464,7 +1477,10 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
         num_samples: training samples in the fixed subset (default 512; all if the set is smaller).
         batch_size: at most this many samples per curvature batch (memory; default 128, or the training
             DataLoader's batch size where that is smaller); each process cuts its share into at least
-            ``num_replicates`` batches, one replicate group each.
+            ``num_replicates`` batches, one replicate group each. By default, where the exact method takes
+            several groups in one pass, a batch holds as many groups as that pass takes within its own
+            bound on its backward columns (``exact_groups.ONE_PASS_COLUMN_ELEMENTS`` entries: tens of MB),
+            learnt from the first measurement; a given ``batch_size`` is kept.
         num_probes: Rademacher probes per sample for the stochastic methods (default 64).
         num_sketches: independent sketches of ``"gauss_newton_sketch"`` and ``"hessian_sketch"``
             (``None``: their default, 1 for up to 32 outputs): the cost grows linearly, the

@@ -482,6 +482,10 @@ class SharpnessMeasurement:
         #: method has no such pass or it did not apply to this model (or failed: out of memory), then the
         #: groups go one by one (a caller may carry it from an earlier measurement, as the callback does)
         self.one_pass_groups: Optional[bool] = None
+        #: the most samples of this model that one pass of :meth:`add_groups` takes (the smallest any batch
+        #: reported, :attr:`~lightning_flatness.functional.estimators.registry.OnePassGroups.max_samples`):
+        #: a caller may fetch batches of up to that many samples; None until a batch went in one pass
+        self.one_pass_samples: Optional[int] = None
 
     def _model_inputs(self, inputs: Any, target: Tensor) -> Any:
         """``inputs`` as the model is called with them: arranged for its signature
@@ -618,6 +622,9 @@ class SharpnessMeasurement:
             self.one_pass_groups = False
             return None
         self.one_pass_groups = bool(estimate.one_pass)
+        if estimate.one_pass_samples is not None:
+            known = self.one_pass_samples
+            self.one_pass_samples = min(estimate.one_pass_samples, known or estimate.one_pass_samples)
         return estimate if all(all_finite(g) for g in estimate.groups.values()) else None
 
     def _per_expert(self, estimate: Any) -> Any:

@@ -63,8 +63,20 @@ def test_each_group_of_one_pass_is_the_brute_force_hessian_of_its_own_mean_loss(
     net = build().double().eval()
     x, y = _data(shape)
     params = select_parameters(net)
-    groups = exact_hessian_diagonal_groups(net, loss_fn, x, y, dict(params), 3)
-    assert groups is not None and set(groups) == set(params)
+    passed = exact_hessian_diagonal_groups(net, loss_fn, x, y, dict(params), 3)
+    assert passed is not None and set(passed.groups) == set(params)
+    groups = passed.groups
+    # the pass's bound: 2^22 column entries, a column per logit, at the outputs of the layers with weights
+    entries = []
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: entries.append(out[0].numel()))
+        for m in net.modules()
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d))
+    ]
+    net(x)
+    for h in hooks:
+        h.remove()
+    assert passed.max_samples == 2**22 // (sum(entries) * 4)
     for g, (lo, hi) in enumerate(group_bounds(13, 3)):  # 5, 4, 4 samples
         brute = brute_force_hessian_diagonal(net, loss_fn, x[lo:hi], y[lo:hi], list(params))
         for n in params:
@@ -72,6 +84,7 @@ def test_each_group_of_one_pass_is_the_brute_force_hessian_of_its_own_mean_loss(
             assert float((groups[n][g] - brute[n]).abs().max()) <= 1e-12 * float(scale), (n, g)
     estimate = hessian_diagonal_groups(net, loss_fn, x, y, method="exact", num_groups=3)
     assert estimate.one_pass and estimate.group_sizes.tolist() == [5, 4, 4]
+    assert estimate.one_pass_samples == passed.max_samples
     apart = hessian_diagonal_groups(net, loss_fn, x, y, method="exact", num_groups=3, one_pass=False)
     assert not apart.one_pass
     for n in params:
@@ -206,6 +219,40 @@ def test_the_monitor_fetches_merged_batches_and_logs_what_one_group_per_batch_gi
     assert passes == [[4, 4], []]
     for key in ("normalized", "normalized_stderr", "hessian_trace", "normalized/net.0.weight"):
         assert histories[0][key] == pytest.approx(histories[1][key], rel=1e-10), key
+
+
+def test_with_the_default_batch_size_later_measurements_fetch_as_many_groups_as_one_pass_takes():
+    """Training batches of 32: the first measurement of 64 samples fetches 2 batches of 4 groups of 8; it
+    finds that one pass of this MLP takes far more samples (its column bound), so the second fetches all 8
+    groups in one batch. The values equal those of one group per batch (``batch_size=8``) at every
+    measurement."""
+    histories, passes = [], []
+    for batch_size in (None, 8):
+        monitor = SharpnessMonitor(num_samples=64, batch_size=batch_size, dtype="float64")
+        seen: list[int] = []
+        original = SharpnessMeasurement.add_groups
+
+        def counting(self, inputs, target, num_groups, _seen=seen, _original=original):
+            _seen.append(num_groups)
+            return _original(self, inputs, target, num_groups)
+
+        SharpnessMeasurement.add_groups = counting
+        try:
+            pl.seed_everything(0, verbose=False)
+            quiet_trainer([monitor], max_epochs=2).fit(MLP(), DataModule())
+        finally:
+            SharpnessMeasurement.add_groups = original
+        histories.append(monitor.history)
+        passes.append(seen)
+        if batch_size is None:
+            assert monitor._one_pass_samples == 2**22 // (
+                (16 + 16 + 3) * 3
+            )  # the MLP's layer outputs, 3 classes
+    assert passes == [[4, 4, 8], []]
+    assert len(histories[0]) == len(histories[1]) == 2
+    for ours, theirs in zip(*histories):
+        for key in ("normalized", "normalized_stderr", "hessian_trace", "normalized/net.0.weight"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-10), key
 
 
 def test_once_a_model_has_no_one_pass_the_monitor_fetches_one_group_per_batch():

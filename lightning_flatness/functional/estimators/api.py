@@ -47,6 +47,8 @@ class HessianDiagonalEstimate:
         num_probes: probes used in total over all groups (0 for ``"exact"``).
         one_pass: whether the groups came from one pass over the batch (the estimator's
             :attr:`~.registry.EstimatorSpec.groups_target`) rather than one estimate per group.
+        one_pass_samples: with ``one_pass``, the most samples of this model that one pass takes
+            (:attr:`~.registry.OnePassGroups.max_samples`); else None.
     """
 
     groups: dict[str, Tensor]
@@ -54,6 +56,7 @@ class HessianDiagonalEstimate:
     method: str
     num_probes: int
     one_pass: bool = False
+    one_pass_samples: Optional[int] = None
 
     def mean(self) -> dict[str, Tensor]:
         """Sample-weighted mean over groups: the estimate for the mean loss over all samples."""
@@ -179,11 +182,13 @@ def hessian_diagonal_groups(
     options = {k: available[k] for k in spec.options}
     grouped = spec.load_groups() if num_groups > 1 and one_pass else None
     if grouped is not None:  # the groups from one pass over the batch, where the estimator has one
-        diagonals = grouped(model, loss_fn, inputs, target, params, num_groups)
-        if diagonals is not None:
+        passed = grouped(model, loss_fn, inputs, target, params, num_groups)
+        if passed is not None:
             parts = torch.tensor_split(target, num_groups)
             sizes = torch.tensor([_group_weight(loss_fn, y) for y in parts], dtype=torch.int64)
-            return HessianDiagonalEstimate(diagonals, sizes, method, 0, one_pass=True)
+            return HessianDiagonalEstimate(
+                passed.groups, sizes, method, 0, one_pass=True, one_pass_samples=passed.max_samples
+            )
     function = spec.load()
     if num_groups == 1:  # the whole batch, no split
         chunks = [(inputs, target)]

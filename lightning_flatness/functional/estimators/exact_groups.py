@@ -46,9 +46,10 @@ from lightning_flatness.functional.estimators.recorder import (
     _fast_path_blockers,
     _record_forward,
 )
+from lightning_flatness.functional.estimators.registry import OnePassGroups
 from lightning_flatness.functional.model_io import ModelInputs, TokenLoss, group_bounds
 
-__all__ = ["ONE_PASS_COLUMN_ELEMENTS", "exact_hessian_diagonal_groups"]
+__all__ = ["ONE_PASS_COLUMN_ELEMENTS", "exact_hessian_diagonal_groups", "max_samples"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -64,11 +65,12 @@ def exact_hessian_diagonal_groups(
     target: Tensor,
     params: dict[str, nn.Parameter],
     num_groups: int,
-) -> Optional[dict[str, Tensor]]:
+) -> Optional[OnePassGroups]:
     """``{name: (G, *shape)}``: the exact Hessian diagonal of each of ``num_groups`` contiguous sample groups
     of the batch (``torch.tensor_split`` along dim 0), each the mean over its own samples, from one pass
-    (module docstring); ``None`` where that does not apply, for the caller to estimate the groups one by one
-    (then :func:`~.exact.exact_hessian_diagonal` raises or warns as it must).
+    (module docstring), with the most samples one pass of this model takes (:func:`max_samples`); ``None``
+    where that does not apply, for the caller to estimate the groups one by one (then
+    :func:`~.exact.exact_hessian_diagonal` raises or warns as it must).
 
     Args:
         model, loss_fn, inputs, target, params: as for :func:`~.exact.exact_hessian_diagonal`.
@@ -104,9 +106,23 @@ def exact_hessian_diagonal_groups(
         if mixing:
             return None
     # each group's sum over its samples was taken with the batch's 1 / n: its own mean is n / n_g of it
-    return {
+    groups = {
         name: torch.stack([d[name] * (n / (hi - lo)) for d, (lo, hi) in zip(diags, bounds)])
         .detach()
         .to(param.dtype)
         for name, param in params.items()
     }
+    return OnePassGroups(groups, max_samples(outputs // n, logits[0].numel()))
+
+
+def max_samples(output_entries: int, outputs_per_sample: int) -> int:
+    """The most samples whose backward columns stay within :data:`ONE_PASS_COLUMN_ELEMENTS`: a sample has at
+    most one column per output entry (``outputs_per_sample``; eq. 20 drops its null direction, so the count
+    bounds the columns of every batch of this model) of ``output_entries`` entries at the recorded layer
+    outputs. At least 1.
+
+    Example:
+        >>> max_samples(310, 10)  # the paper's MLP: 100 + 100 + 100 + 10 layer outputs a sample, 10 classes
+        1353
+    """
+    return max(1, ONE_PASS_COLUMN_ELEMENTS // max(1, output_entries * outputs_per_sample))

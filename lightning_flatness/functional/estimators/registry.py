@@ -14,12 +14,25 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
-__all__ = ["ESTIMATORS", "EstimatorSpec", "OPTION_NAMES", "register_estimator"]
+__all__ = ["ESTIMATORS", "EstimatorSpec", "OPTION_NAMES", "OnePassGroups", "register_estimator"]
 
 #: Keyword options that :func:`~.api.hessian_diagonal_groups` can pass on to an estimator function.
 OPTION_NAMES = ("num_probes", "generator", "strict", "relative_step", "num_mc_samples", "num_sketches")
+
+
+class OnePassGroups(NamedTuple):
+    """What an :attr:`EstimatorSpec.groups_target` function returns where its one pass applies.
+
+    Attributes:
+        groups: ``{name: (G, *shape)}``, each group's estimate of the Hessian diagonal of its mean loss.
+        max_samples: the most samples of this model (and loss) that one pass takes: the pass's own bound on
+            its size (memory and speed), from which a caller may fetch larger batches than this one.
+    """
+
+    groups: dict[str, Any]
+    max_samples: int
 
 
 @dataclass(frozen=True)
@@ -39,8 +52,8 @@ class EstimatorSpec:
         splits_probes: whether ``num_probes`` counts probes over all sample groups (divided among
             them, so it must be a multiple of the number of groups).
         groups_target: optionally, ``"module.path:function"`` estimating several contiguous sample groups
-            of one batch in one pass, ``fn(model, loss_fn, inputs, target, params, num_groups) ->
-            {name: (G, *shape)}``, or ``None`` where it does not apply (then the groups go one by one to
+            of one batch in one pass, ``fn(model, loss_fn, inputs, target, params, num_groups) ->``
+            :class:`OnePassGroups`, or ``None`` where it does not apply (then the groups go one by one to
             ``target``); equal, up to rounding, to ``target`` on each group.
     """
 
