@@ -303,3 +303,80 @@ def test_positive_weights_fast_path_equals_the_component_analysis(seed):
     from_factors = objective_at_minimiser(a[covered], b, x, y, pick)
     from_mask = objective_at_minimiser(a[covered], b, x, y, _dense(fast_keep, a.shape)[covered])
     torch.testing.assert_close(from_factors, from_mask, rtol=1e-13, atol=0)
+
+
+def test_weights_of_one_shape_solved_together_give_each_its_own_values(monkeypatch):
+    """``replicate_sharpness_measures`` hands the weights of one shape to the solver together (one batch for
+    the pooled means and halves of all of them, one for the leave-one-out means solved), with the values
+    each weight gets alone: a quiet tensor (first order), a noisy one (every leave-one-out solved), one
+    of another shape and a convolution of the same ``(m, n)`` but another kernel (not batched)."""
+    tensors = {
+        "quiet": _slot_sums((10, 6), 3, noise=0.3),
+        "noisy": _slot_sums((10, 6), 5, noise=3.0),
+        "other": _slot_sums((6, 9), 4, noise=0.3),
+        "quiet2": _slot_sums((10, 6), 6, noise=0.3),
+        "conv": _slot_sums((10, 6, 3), 7, noise=0.3),
+    }
+    counts = tensors["quiet"][2]
+    mix = replicate_weights(counts, list(range(8)))
+    alone = {name: tensor_measures(w, sums, mix, 0.5) for name, (w, sums, _) in tensors.items()}
+    batches: list[int] = []
+    solve = replicate_measures._solve
+
+    def counted(a, b, shape):
+        batches.append(a.shape[0])
+        return solve(a, b, shape)
+
+    monkeypatch.setattr(replicate_measures, "_solve", counted)
+    out, _ = replicate_sharpness_measures(
+        {n: t[0] for n, t in tensors.items()}, {n: t[1] for n, t in tensors.items()}, counts, 0.5
+    )
+    # (10, 6): the 3 tensors' pooled means and halves together, then the noisy one's 8 leave-one-out means
+    # (the first order is off there); (6, 9) and the convolution alone
+    assert sorted(batches) == sorted([3 + 3 + 3, 8, 3, 3])
+    for name, values in alone.items():
+        for measure, series in values.items():
+            assert float(out[f"{measure}/{name}"]) == pytest.approx(float(series[0]), rel=1e-10), (
+                name,
+                measure,
+            )
+        own = jackknife_standard_error(values["normalized"][1:9])
+        assert float(out[f"normalized_stderr/{name}"]) == pytest.approx(float(own), rel=1e-8), name
+
+
+def test_weights_of_one_shape_go_together_within_the_batch_budget(monkeypatch):
+    weights = {n: torch.zeros(4, 5, dtype=F64) for n in ("a", "b", "c")}
+    weights.update({"bias": torch.zeros(4, dtype=F64), "d": torch.zeros(5, 4, dtype=F64)})
+    sums = {n: torch.zeros(8, w.numel(), dtype=F64) for n, w in weights.items()}
+    assert replicate_measures._batches_of_one_shape(weights, sums, 11) == [["a", "b", "c"], ["d"]]
+    monkeypatch.setattr(replicate_measures, "BATCH_BYTES", 2 * 8 * 11 * 20)  # two (11, 4, 5) float64 at once
+    assert replicate_measures._batches_of_one_shape(weights, sums, 11) == [["a", "b"], ["c"], ["d"]]
+    # a shape whose pooled means and halves of two weights exceed one call's entries: each alone
+    large = {n: torch.zeros(110, 100, dtype=F64) for n in ("e", "f")}  # 2 * 3 * 11,000 > 2^16
+    large_sums = {n: torch.zeros(8, 11000, dtype=F64) for n in large}
+    assert replicate_measures._batches_of_one_shape(large, large_sums, 11) == [["e"], ["f"]]
+
+
+def test_weights_of_one_shape_are_solved_together_only_within_the_entries_of_one_call(monkeypatch):
+    """Beyond ``SOLVE_TOGETHER_ENTRIES`` coefficients a larger batch is slower than its parts: three quiet
+    ``(10, 6)`` weights with room for two in a call go as 2 + 1, with the values of one call for all."""
+    tensors = {f"w{k}": _slot_sums((10, 6), 10 + k, noise=0.3) for k in range(3)}
+    counts = tensors["w0"][2]
+    args = ({n: t[0] for n, t in tensors.items()}, {n: t[1] for n, t in tensors.items()}, counts, 0.5)
+    together, _ = replicate_sharpness_measures(*args)
+    batches: list[int] = []
+    solve = replicate_measures._solve
+
+    def counted(a, b, shape):
+        batches.append(a.shape[0])
+        return solve(a, b, shape)
+
+    monkeypatch.setattr(replicate_measures, "_solve", counted)
+    monkeypatch.setattr(replicate_measures, "SOLVE_TOGETHER_ENTRIES", 2 * 3 * 60)
+    out, _ = replicate_sharpness_measures(*args)
+    assert batches == [6, 3]
+    for key, value in together.items():
+        # the first-order spread moves with the pooled minimiser, whose error the certificate bounds only by
+        # the value's square root (as above): 1e-7 there
+        rel = 1e-7 if "_stderr" in key or "_half_shift" in key else 1e-10
+        assert float(out[key]) == pytest.approx(float(value), rel=rel, abs=1e-300), key

@@ -29,7 +29,7 @@ also faster than the batch, and so the threshold: ``benchmarks/RESULTS.md``, rou
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -67,6 +67,12 @@ LINEARIZATION_MAX_RELATIVE_SPREAD = 0.1
 # time rather than held and solved together (memory and time: benchmarks/RESULTS.md, round 10)
 STREAM_FROM = 1 << 17
 STREAM_BUDGET = 1 << 28  # bytes of (m, n) coefficient matrices formed in one pass of the streamed path
+# bytes of the P (m, n) coefficient matrices of the weights of one shape held together (tensors_measures)
+BATCH_BYTES = 1 << 25
+# coefficients (P m n, all problems) up to which the problems of several weights of one shape are solved in
+# one call: there a solve costs about its operations' overhead, beyond it passes over the coefficients
+# (a larger batch is slower than its parts: benchmarks/RESULTS.md, round 29)
+SOLVE_TOGETHER_ENTRIES = 1 << 16
 
 
 def jackknife_standard_error(leave_one_out: Tensor) -> Tensor:
@@ -155,30 +161,64 @@ def tensor_measures(
         lam: ``lambda`` of eq. 17.
         jackknife: ``"linearized"`` or ``"solved"``.
     """
-    shape = tuple(weight.shape)
-    with intra_op_threads(sums.numel(), sums.device):  # few, memory-bound ops: no thread handoffs
-        b, square_total = _weight_coefficients(weight, lam)  # ||W||_F^2 of every row (eq. 13)
-        if streamed(shape):
-            alive = curved_rows(sums, shape)
-            if alive is not None:  # rows without curvature in any slot: eq. 5, 13 and 17 have no terms there
-                if alive.numel() == 0:
-                    zero = sums.new_zeros(mix.shape[0])
-                    return {
-                        "normalized": zero,
-                        "matrix_normalized": zero.clone(),
-                        "hessian_trace": zero.clone(),
-                    }
-                sums = sums.view(sums.shape[0], shape[0], -1)[:, alive].reshape(sums.shape[0], -1)
-                b, shape = b[alive], (alive.numel(), *shape[1:])
-        if streamed(shape):
-            if shape[0] > shape[1]:  # B in the solver's orientation once (contiguous transposed), not twice
-                b = b.T.contiguous().T
-            normalized, curvature, trace = _streamed_values(sums, mix, b, shape, jackknife)
-        else:
-            a, trace = replicate_curvature(sums, mix, shape)
-            normalized, curvature = _normalized_values(a, b, shape, jackknife), a.sum(dim=(1, 2))
+    return tensors_measures([weight], [sums], mix, lam, jackknife)[0]
+
+
+def tensors_measures(
+    weights: Sequence[Tensor], sums: Sequence[Tensor], mix: Tensor, lam: float, jackknife: str = "linearized"
+) -> list[dict[str, Tensor]]:
+    """:func:`tensor_measures` of several weight tensors (each with its slot sums), with the same values:
+    eq. 17's problems of those held in memory go to the solver together where their shapes are equal (the
+    pooled means and halves in one call, the leave-one-out means solved in another), not tensor by tensor,
+    as long as a call's coefficients stay within ``SOLVE_TOGETHER_ENTRIES``. A solve of a small tensor is
+    hundreds of operations, each mostly per-call overhead (the paper's MLP, two ``100 x 100`` layers; a
+    ResNet's first blocks), so a batch of several costs little more than one; beyond that bound a batch
+    makes passes over more coefficients than the cache holds and is slower than its parts (measured:
+    ``benchmarks/RESULTS.md``, round 29). The caller bounds the memory: every weight's
+    ``(P, m, n)`` coefficients are held at once (:func:`replicate_sharpness_measures`: at most
+    ``BATCH_BYTES``)."""
+    out: list[Optional[dict[str, Tensor]]] = [None] * len(weights)
+    held: dict[tuple, list[tuple[int, Tensor, Tensor, Tensor, Tensor]]] = {}
+    with intra_op_threads(sum(s.numel() for s in sums), sums[0].device):  # few, memory-bound ops: no handoffs
+        for i, (weight, slot_sums) in enumerate(zip(weights, sums)):
+            shape = tuple(weight.shape)
+            b, square_total = _weight_coefficients(weight, lam)  # ||W||_F^2 of every row (eq. 13)
+            if streamed(shape):
+                alive = curved_rows(slot_sums, shape)
+                if alive is not None:  # rows without curvature in any slot: eq. 5, 13, 17 have no terms there
+                    if alive.numel() == 0:
+                        zero = slot_sums.new_zeros(mix.shape[0])
+                        out[i] = {
+                            "normalized": zero,
+                            "matrix_normalized": zero.clone(),
+                            "hessian_trace": zero.clone(),
+                        }
+                        continue
+                    rows = slot_sums.view(slot_sums.shape[0], shape[0], -1)[:, alive]
+                    slot_sums = rows.reshape(slot_sums.shape[0], -1)
+                    b, shape = b[alive], (alive.numel(), *shape[1:])
+            if streamed(shape):
+                if (
+                    shape[0] > shape[1]
+                ):  # B in the solver's orientation once (contiguous transposed), not twice
+                    b = b.T.contiguous().T
+                normalized, curvature, trace = _streamed_values(slot_sums, mix, b, shape, jackknife)
+                out[i] = _measures(normalized.to(slot_sums.device), square_total, curvature, trace)
+            else:
+                a, trace = replicate_curvature(slot_sums, mix, shape)
+                held.setdefault(shape, []).append((i, a, b, square_total, trace))
+        for shape, tensors in held.items():
+            values = _normalized_values_of([(a, b) for _, a, b, _, _ in tensors], shape, jackknife)
+            for (i, a, _, square_total, trace), normalized in zip(tensors, values):
+                out[i] = _measures(normalized.to(a.device), square_total, a.sum(dim=(1, 2)), trace)
+    return [o for o in out if o is not None]
+
+
+def _measures(
+    normalized: Tensor, square_total: Tensor, curvature: Tensor, trace: Tensor
+) -> dict[str, Tensor]:
     return {
-        "normalized": normalized.to(sums.device),
+        "normalized": normalized,
         "matrix_normalized": torch.sqrt(square_total * curvature),
         "hessian_trace": trace,
     }
@@ -285,35 +325,76 @@ def _solved_rows(
     return values, curvature
 
 
-def _normalized_values(a: Tensor, b: Tensor, shape: tuple, jackknife: str) -> Tensor:
-    """Eq. 17 of the ``P`` problems ``(a_p, b)`` (pooled, leave-one-out, halves): ``(P,)`` float64."""
-    num = a.shape[0]
-    loo = slice(1, num - 2)
-    linear = torch.zeros(num, dtype=torch.bool)
-    keep = None
-    if jackknife == "linearized" and num > 3:
-        covered, keep = linearizable(a[loo], b, a[0])
-        linear[loo] = covered.cpu()
-    if not bool(linear.any()):
-        return _solved_values(a, b, shape)
-    solved = (~linear).nonzero().squeeze(1).to(a.device)
-    rows = linear.nonzero().squeeze(1).to(a.device)
-    sols = _solve(a[solved], b, shape)
-    values = a.new_empty(num)
-    values[solved] = torch.stack([s.value for s in sols])
-    pooled = sols[0]
-    first = rows.tolist()
-    picked = _as_index(first)  # usually every leave-one-out row: a view, not a copy of (R', m, n)
-    values[rows] = objective_at_minimiser(
-        a[picked],
-        b,
-        pooled.row_log_variance,
-        pooled.col_log_variance,
-        _replicates_of(keep, _as_index([r - 1 for r in first])),
-    )
-    if first_order_is_off(values[loo], values[num - 2 :], values[0]):
-        values[rows] = _solved_values(a[rows], b, shape)  # the others are solved already
+def _normalized_values_of(
+    problems: list[tuple[Tensor, Tensor]], shape: tuple, jackknife: str
+) -> list[Tensor]:
+    """Eq. 17 of the ``P`` problems ``(a_p, b)`` (pooled, leave-one-out, halves) of each ``(a, b)`` of
+    ``problems`` (weights of one ``shape``): ``(P,)`` float64 each. Solved: the pooled mean, the halves and
+    the leave-one-out means the first order does not cover (all of them where it is off, or with
+    ``jackknife="solved"``), the problems of the weights together per stage (:func:`_solve_together`)."""
+    plans = []
+    for a, b in problems:
+        num = a.shape[0]
+        linear = torch.zeros(num, dtype=torch.bool)
+        keep = None
+        if jackknife == "linearized" and num > 3:
+            covered, keep = linearizable(a[slice(1, num - 2)], b, a[0])
+            linear[1 : num - 2] = covered.cpu()
+        plans.append((linear, keep))
+    solved = [(~linear).nonzero().squeeze(1).to(a.device) for (a, _), (linear, _) in zip(problems, plans)]
+    picked = [a if rows.numel() == a.shape[0] else a[rows] for (a, _), rows in zip(problems, solved)]
+    sols = _solve_together([(a, b) for a, (_, b) in zip(picked, problems)], shape)  # (all rows: no copy)
+    values, redo = [], []
+    for (a, b), (linear, keep), rows, found in zip(problems, plans, solved, sols):
+        num = a.shape[0]
+        v = a.new_empty(num)
+        v[rows] = torch.stack([s.value for s in found])
+        values.append(v)
+        if not bool(linear.any()):
+            continue
+        first = linear.nonzero().squeeze(1).tolist()
+        picked = _as_index(first)  # usually every leave-one-out row: a view, not a copy of (R', m, n)
+        index = torch.tensor(first, device=a.device)
+        v[index] = objective_at_minimiser(
+            a[picked],
+            b,
+            found[0].row_log_variance,  # the pooled mean's minimiser (problem 0 is always solved)
+            found[0].col_log_variance,
+            _replicates_of(keep, _as_index([r - 1 for r in first])),
+        )
+        if first_order_is_off(v[1 : num - 2], v[num - 2 :], v[0]):
+            redo.append((len(values) - 1, index))  # the others are solved already
+    if redo:
+        again = _solve_together([(problems[t][0][index], problems[t][1]) for t, index in redo], shape)
+        for (t, index), found in zip(redo, again):
+            values[t][index] = torch.stack([s.value for s in found])
     return values
+
+
+def _solve_together(problems: list[tuple[Tensor, Tensor]], shape: tuple) -> list[list]:
+    """:func:`_solve` of each ``(a, b)`` (``(P_t, m, n)``, ``(m, n)``, of weights of one ``shape``), consecutive ones
+    in one call while their coefficients total at most ``SOLVE_TOGETHER_ENTRIES`` (stacked along the batch,
+    each its own ``B``; the solutions split back): where a solve is per-call overhead, not passes over
+    its coefficients."""
+    out: list[list] = []
+    start = 0
+    while start < len(problems):
+        stop, entries = start + 1, problems[start][0].numel()
+        while stop < len(problems) and entries + problems[stop][0].numel() <= SOLVE_TOGETHER_ENTRIES:
+            entries += problems[stop][0].numel()
+            stop += 1
+        part = problems[start:stop]
+        if len(part) == 1:
+            out.append(_solve(*part[0], shape))
+        else:
+            a = torch.cat([a for a, _ in part])
+            b = torch.cat([b.expand(a_t.shape[0], *b.shape) for a_t, b in part])
+            sols = _solve(a, b, shape)
+            for a_t, _ in part:
+                out.append(sols[: a_t.shape[0]])
+                sols = sols[a_t.shape[0] :]
+        start = stop
+    return out
 
 
 def first_order_is_off(leave_one_out: Tensor, halves: Tensor, pooled: Tensor) -> bool:
@@ -353,8 +434,31 @@ def _solve(a: Tensor, b: Tensor, shape: tuple) -> list:
     return solve_normalized_sharpness_coefficients(a, b, shape=shape, rtol=POOLED_RTOL, warm_start=False)
 
 
-def _solved_values(a: Tensor, b: Tensor, shape: tuple) -> Tensor:
-    return torch.stack([s.value for s in _solve(a, b, shape)])
+def _batches_of_one_shape(weights: Mapping[str, Tensor], sums: Mapping[str, Tensor], num_means: int) -> list:
+    """The ``ndim >= 2`` weights of ``sums`` in lists of one shape for :func:`tensors_measures`, in order of
+    first appearance: weights of a shape whose pooled means and halves of two fit one call
+    (``SOLVE_TOGETHER_ENTRIES``) together while their ``num_means`` coefficient matrices hold at most
+    ``BATCH_BYTES`` (a model's dozens of equal blocks are solved a few at a time, not all held at once);
+    others alone, each formed just before its solve (while in cache)."""
+    batches: list[list[str]] = []
+    open_batch: dict[tuple, tuple[list[str], int]] = {}
+    for name in sums:
+        shape = tuple(weights[name].shape)
+        if len(shape) < 2:
+            continue
+        size = 8 * num_means * shape[0] * shape[1]
+        if streamed(shape) or 2 * 3 * shape[0] * shape[1] > SOLVE_TOGETHER_ENTRIES:
+            batches.append([name])
+            continue
+        current = open_batch.get(shape)
+        if current is not None and current[1] + size <= BATCH_BYTES:
+            current[0].append(name)
+            open_batch[shape] = (current[0], current[1] + size)
+        else:
+            batch = [name]
+            batches.append(batch)
+            open_batch[shape] = (batch, size)
+    return batches
 
 
 def replicate_sharpness_measures(
@@ -397,10 +501,12 @@ def replicate_sharpness_measures(
     counts_f = counts.to(torch.float64)
     used = [int(r) for r in torch.nonzero(counts_f > 0).flatten().tolist()]
     mix = replicate_weights(counts_f, used)
+    measured: dict[str, dict[str, Tensor]] = {}
+    for names in _batches_of_one_shape(weights, sums, mix.shape[0]):
+        found = tensors_measures([weights[n] for n in names], [sums[n] for n in names], mix, lam, jackknife)
+        measured.update(zip(names, found))
     per_tensor = {
-        name: tensor_measures(weights[name], s, mix, lam, jackknife)
-        if weights[name].ndim >= 2
-        else {"hessian_trace": mix @ s.sum(dim=1)}
+        name: measured[name] if weights[name].ndim >= 2 else {"hessian_trace": mix @ s.sum(dim=1)}
         for name, s in sums.items()
     }  # 1-D tensors (biases, normalization scales) enter the trace only (footnote 5; eq. 5 counts them)
     series: dict[str, Tensor] = dict(measure_totals(per_tensor))  # key -> (P,)
