@@ -372,10 +372,10 @@ def _normalized_values_of(
 
 
 def _solve_together(problems: list[tuple[Tensor, Tensor]], shape: tuple) -> list[list]:
-    """:func:`_solve` of each ``(a, b)`` (``(P_t, m, n)``, ``(m, n)``, of weights of one ``shape``), consecutive ones
-    in one call while their coefficients total at most ``SOLVE_TOGETHER_ENTRIES`` (stacked along the batch,
-    each its own ``B``; the solutions split back): where a solve is per-call overhead, not passes over
-    its coefficients."""
+    """:func:`_solve` of each ``(a, b)`` (``(P_t, m, n)`` and ``(m, n)``, weights of one ``shape``),
+    consecutive ones in one call while their coefficients total at most ``SOLVE_TOGETHER_ENTRIES``
+    (stacked along the batch, each its own ``B``; the solutions split back): where a solve is per-call
+    overhead, not passes over its coefficients."""
     out: list[list] = []
     start = 0
     while start < len(problems):
