@@ -3,12 +3,15 @@
 The MLP of ``common.py`` (40-100-100-100-10, random weights, seed 0), float32 in eval mode, on the first
 512 MNIST-1D training samples in the callback's 8 replicate groups of 64: :class:`SharpnessMeasurement` at
 its defaults (``method="auto"`` -> exact, eq. 20 loss, 8 replicate slots), fed as the callback feeds it
-since round 28, 4 batches of 128 with 2 groups each (``add_groups``: the exact method takes both groups in
-one pass), or with ``--one-group-per-batch`` as before, 8 batches of 64 (``add``); then ``compute()``.
+from its second measurement on since round 29, all 8 groups in one batch of 512 (``add_groups``: the
+exact method takes them in one pass), with ``--samples-per-batch 128`` as in round 28 and in a fit's first
+measurement (4 batches of 2 groups), or with ``--one-group-per-batch`` as before round 28, 8 batches of 64
+(``add``); then ``compute()``.
 Medians over ``--repeats`` after 3 warm-up measurements, one thread. Meant for before/after pairs: run it
 on two trees back to back (``PYTHONPATH=<tree>``) and compare.
 
     python -m benchmarks.bench_mlp_measurement --repeats 15 --json out.json
+    python -m benchmarks.bench_mlp_measurement --repeats 15 --samples-per-batch 128   # round 28's batches
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ SAMPLES, BATCH = 512, 64
 
 
 def measure_once(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, grouped: bool = True
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, grouped: bool = True, per_batch: int = SAMPLES
 ) -> tuple[float, float, float]:
     """(estimator seconds, compute() seconds, normalized sharpness) of one measurement."""
     from lightning_flatness.measure import SharpnessMeasurement
@@ -34,8 +37,8 @@ def measure_once(
     m = SharpnessMeasurement(model, generator=torch.Generator().manual_seed(0))
     t = time.perf_counter()
     if grouped:
-        for lo in range(0, SAMPLES, 2 * BATCH):
-            m.add_groups(x[lo : lo + 2 * BATCH], y[lo : lo + 2 * BATCH], 2)
+        for lo in range(0, SAMPLES, per_batch):
+            m.add_groups(x[lo : lo + per_batch], y[lo : lo + per_batch], per_batch // BATCH)
     else:
         for lo in range(0, SAMPLES, BATCH):
             m.add(x[lo : lo + BATCH], y[lo : lo + BATCH])
@@ -45,16 +48,17 @@ def measure_once(
     return estimate, time.perf_counter() - t, float(values["normalized"])
 
 
-def run(repeats: int, grouped: bool = True) -> dict[str, Any]:
+def run(repeats: int, grouped: bool = True, per_batch: int = SAMPLES) -> dict[str, Any]:
     torch.manual_seed(0)
     model = build_model("mlp").float().eval()
     data = mnist1d()
     x, y = data.x_train[:SAMPLES].float(), data.y_train[:SAMPLES]
     for _ in range(3):
-        measure_once(model, x, y, grouped)
-    runs = [measure_once(model, x, y, grouped) for _ in range(repeats)]
+        measure_once(model, x, y, grouped, per_batch)
+    runs = [measure_once(model, x, y, grouped, per_batch) for _ in range(repeats)]
     return {
         "grouped": grouped,
+        "samples_per_batch": per_batch if grouped else BATCH,
         "estimate_ms": 1000 * statistics.median(r[0] for r in runs),
         "compute_ms": 1000 * statistics.median(r[1] for r in runs),
         "normalized": runs[0][2],
@@ -68,9 +72,20 @@ def main(argv: Any = None) -> dict[str, Any]:
     parser.add_argument(
         "--one-group-per-batch", action="store_true", help="8 batches of 64 (add), as before round 28"
     )
+    parser.add_argument(
+        "--samples-per-batch",
+        type=int,
+        default=SAMPLES,
+        choices=[128, 256, SAMPLES],
+        help="samples (groups of 64) per add_groups batch: 512 as the callback's from its second measurement",
+    )
     args = parser.parse_args(argv)
     setup(args)
-    out = run(1 if args.quick else args.repeats, grouped=not args.one_group_per_batch)
+    out = run(
+        1 if args.quick else args.repeats,
+        grouped=not args.one_group_per_batch,
+        per_batch=args.samples_per_batch,
+    )
     print(
         f"estimator {out['estimate_ms']:.1f} ms, compute() {out['compute_ms']:.1f} ms, "
         f"normalized {out['normalized']:.10g}",

@@ -213,6 +213,10 @@ def test_bench_mlp_measurement_quick_times_both_parts_of_one_exact_measurement()
     out = bench_mlp_measurement.main(["--quick"])
     assert out["estimate_ms"] > 0 and out["compute_ms"] > 0 and out["repeats"] == 1
     assert _finite(out["normalized"]) and out["normalized"] > 0
+    assert out["samples_per_batch"] == 512
+    smaller = bench_mlp_measurement.main(["--quick", "--samples-per-batch", "128"])  # the same groups
+    assert smaller["samples_per_batch"] == 128
+    assert smaller["normalized"] == pytest.approx(out["normalized"], rel=1e-6)
 
 
 def test_bench_column_tape_quick_gives_equal_sums_in_both_arms():
