@@ -1,6 +1,7 @@
 """One default measurement of the paper's MLP outside Lightning, split into estimator and ``compute()``.
 
-The MLP of ``common.py`` (40-100-100-100-10, random weights, seed 0), float32 in eval mode, on the first
+The MLP of ``common.py`` (40-100-100-100-10, random weights, seed 0; ``--model lenet``: the 1-D LeNet, on
+``(N, 1, 40)``), float32 in eval mode, on the first
 512 MNIST-1D training samples in the callback's 8 replicate groups of 64: :class:`SharpnessMeasurement` at
 its defaults (``method="auto"`` -> exact, eq. 20 loss, 8 replicate slots), fed as the callback feeds it
 from its second measurement on since round 29, all 8 groups in one batch of 512 (``add_groups``: the
@@ -12,6 +13,7 @@ on two trees back to back (``PYTHONPATH=<tree>``) and compare.
 
     python -m benchmarks.bench_mlp_measurement --repeats 15 --json out.json
     python -m benchmarks.bench_mlp_measurement --repeats 15 --samples-per-batch 128   # round 28's batches
+    python -m benchmarks.bench_mlp_measurement --repeats 15 --model lenet
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import base_parser, build_model, mnist1d, setup, write_json
+from benchmarks.common import base_parser, build_model, mnist1d, model_inputs, setup, write_json
 
 SAMPLES, BATCH = 512, 64
 
@@ -48,15 +50,16 @@ def measure_once(
     return estimate, time.perf_counter() - t, float(values["normalized"])
 
 
-def run(repeats: int, grouped: bool = True, per_batch: int = SAMPLES) -> dict[str, Any]:
+def run(repeats: int, grouped: bool = True, per_batch: int = SAMPLES, name: str = "mlp") -> dict[str, Any]:
     torch.manual_seed(0)
-    model = build_model("mlp").float().eval()
+    model = build_model(name).float().eval()
     data = mnist1d()
-    x, y = data.x_train[:SAMPLES].float(), data.y_train[:SAMPLES]
+    x, y = model_inputs(name, data.x_train[:SAMPLES].float()), data.y_train[:SAMPLES]
     for _ in range(3):
         measure_once(model, x, y, grouped, per_batch)
     runs = [measure_once(model, x, y, grouped, per_batch) for _ in range(repeats)]
     return {
+        "model": name,
         "grouped": grouped,
         "samples_per_batch": per_batch if grouped else BATCH,
         "estimate_ms": 1000 * statistics.median(r[0] for r in runs),
@@ -79,12 +82,14 @@ def main(argv: Any = None) -> dict[str, Any]:
         choices=[128, 256, SAMPLES],
         help="samples (groups of 64) per add_groups batch: 512 as the callback's from its second measurement",
     )
+    parser.add_argument("--model", default="mlp", choices=["mlp", "lenet"])
     args = parser.parse_args(argv)
     setup(args)
     out = run(
         1 if args.quick else args.repeats,
         grouped=not args.one_group_per_batch,
         per_batch=args.samples_per_batch,
+        name=args.model,
     )
     print(
         f"estimator {out['estimate_ms']:.1f} ms, compute() {out['compute_ms']:.1f} ms, "

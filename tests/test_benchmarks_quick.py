@@ -217,6 +217,8 @@ def test_bench_mlp_measurement_quick_times_both_parts_of_one_exact_measurement()
     smaller = bench_mlp_measurement.main(["--quick", "--samples-per-batch", "128"])  # the same groups
     assert smaller["samples_per_batch"] == 128
     assert smaller["normalized"] == pytest.approx(out["normalized"], rel=1e-6)
+    lenet = bench_mlp_measurement.main(["--quick", "--model", "lenet"])
+    assert lenet["model"] == "lenet" and _finite(lenet["normalized"]) and lenet["normalized"] > 0
 
 
 def test_bench_column_tape_quick_gives_equal_sums_in_both_arms():
