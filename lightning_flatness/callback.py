@@ -958,10 +958,10 @@ class SharpnessMonitorBase:
         size (512 samples: 4 batches of 2 groups of 64, not 8 batches of 64), so the estimator's fixed cost
         is paid per batch, not per group; each group keeps its samples and its slot. With the default
         ``batch_size``, once a measurement found how many samples one pass of this model takes (its own bound
-        on its backward columns, :attr:`~lightning_flatness.functional.estimators.registry.OnePassGroups.
-        max_samples`), later ones fetch batches of up to that many (the paper's MLP: its 512 samples in one
-        batch of 8 groups). Once a measurement found that the model's groups cannot be estimated in one pass,
-        one group per batch again."""
+        on its backward columns and the layer inputs it holds, :attr:`~lightning_flatness.functional.
+        estimators.registry.OnePassGroups.max_samples`), later ones fetch batches of up to that many (the
+        paper's MLP: its 512 samples in one batch of 8 groups). Once a measurement found that the model's
+        groups cannot be estimated in one pass, one group per batch again."""
         rank, world = trainer.global_rank, trainer.world_size
         one = dry_run or bool(trainer.fast_dev_run)
         if self.dataloader is not None:
@@ -1479,8 +1479,9 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
             DataLoader's batch size where that is smaller); each process cuts its share into at least
             ``num_replicates`` batches, one replicate group each. By default, where the exact method takes
             several groups in one pass, a batch holds as many groups as that pass takes within its own
-            bound on its backward columns (``exact_groups.ONE_PASS_COLUMN_ELEMENTS`` entries: tens of MB),
-            learnt from the first measurement; a given ``batch_size`` is kept.
+            bound on its backward columns and the layer inputs it holds (``exact_groups.
+            ONE_PASS_COLUMN_ELEMENTS`` entries: tens of MB), learnt from the first measurement; a given
+            ``batch_size`` is kept.
         num_probes: Rademacher probes per sample for the stochastic methods (default 64).
         num_sketches: independent sketches of ``"gauss_newton_sketch"`` and ``"hessian_sketch"``
             (``None``: their default, 1 for up to 32 outputs): the cost grows linearly, the

@@ -66,17 +66,23 @@ def test_each_group_of_one_pass_is_the_brute_force_hessian_of_its_own_mean_loss(
     passed = exact_hessian_diagonal_groups(net, loss_fn, x, y, dict(params), 3)
     assert passed is not None and set(passed.groups) == set(params)
     groups = passed.groups
-    # the pass's bound: 2^22 column entries, a column per logit, at the outputs of the layers with weights
-    entries = []
+    # the pass's bound: 2^22 entries of a sample's columns (one per logit) at the outputs of the layers with
+    # weights, and of those layers' inputs
+    outputs, inputs = [], []
+
+    def count(_m, args, out):
+        outputs.append(out[0].numel())
+        inputs.append(args[0][0].numel())
+
     hooks = [
-        m.register_forward_hook(lambda _m, _i, out: entries.append(out[0].numel()))
+        m.register_forward_hook(count)
         for m in net.modules()
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d))
     ]
     net(x)
     for h in hooks:
         h.remove()
-    assert passed.max_samples == 2**22 // (sum(entries) * 4)
+    assert passed.max_samples == 2**22 // (sum(outputs) * 4 + sum(inputs))
     for g, (lo, hi) in enumerate(group_bounds(13, 3)):  # 5, 4, 4 samples
         brute = brute_force_hessian_diagonal(net, loss_fn, x[lo:hi], y[lo:hi], list(params))
         for n in params:
@@ -245,9 +251,8 @@ def test_with_the_default_batch_size_later_measurements_fetch_as_many_groups_as_
         histories.append(monitor.history)
         passes.append(seen)
         if batch_size is None:
-            assert monitor._one_pass_samples == 2**22 // (
-                (16 + 16 + 3) * 3
-            )  # the MLP's layer outputs, 3 classes
+            # the MLP's layer outputs a sample, a column for each of its 3 classes, and its layer inputs
+            assert monitor._one_pass_samples == 2**22 // ((16 + 16 + 3) * 3 + 10 + 16 + 16)
     assert passes == [[4, 4, 8], []]
     assert len(histories[0]) == len(histories[1]) == 2
     for ours, theirs in zip(*histories):

@@ -112,17 +112,20 @@ def exact_hessian_diagonal_groups(
         .to(param.dtype)
         for name, param in params.items()
     }
-    return OnePassGroups(groups, max_samples(outputs // n, logits[0].numel()))
+    held = sum(c.inputs.numel() for c in calls)  # the layer inputs the contractions read, held with them
+    return OnePassGroups(groups, max_samples(outputs // n, logits[0].numel(), held // n))
 
 
-def max_samples(output_entries: int, outputs_per_sample: int) -> int:
-    """The most samples whose backward columns stay within :data:`ONE_PASS_COLUMN_ELEMENTS`: a sample has at
-    most one column per output entry (``outputs_per_sample``; eq. 20 drops its null direction, so the count
-    bounds the columns of every batch of this model) of ``output_entries`` entries at the recorded layer
-    outputs. At least 1.
+def max_samples(output_entries: int, outputs_per_sample: int, input_entries: int = 0) -> int:
+    """The most samples whose backward columns and recorded layer inputs stay within
+    :data:`ONE_PASS_COLUMN_ELEMENTS` entries: a sample has at most one column per output entry
+    (``outputs_per_sample``; eq. 20 drops its null direction, so the count bounds the columns of every batch
+    of this model) of ``output_entries`` entries at the recorded layer outputs, and ``input_entries`` at their
+    inputs (a wide input, an image flattened into a Linear, counts there). At least 1.
 
     Example:
-        >>> max_samples(310, 10)  # the paper's MLP: 100 + 100 + 100 + 10 layer outputs a sample, 10 classes
-        1353
+        >>> max_samples(310, 10, 340)  # the paper's MLP: 100 + 100 + 100 + 10 outputs, 40 + 3 x 100 inputs
+        1219
     """
-    return max(1, ONE_PASS_COLUMN_ELEMENTS // max(1, output_entries * outputs_per_sample))
+    per_sample = output_entries * outputs_per_sample + input_entries
+    return max(1, ONE_PASS_COLUMN_ELEMENTS // max(1, per_sample))
