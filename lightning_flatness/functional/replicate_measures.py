@@ -9,7 +9,8 @@ kernel sums of all ``P`` come chunk by chunk from the slot sums
 (:mod:`~lightning_flatness.functional.replicate_curvature`). Eq. 17 is solved for the pooled mean
 and the halves as one cold batch
 (:func:`~lightning_flatness.functional.solvers.solve_normalized_sharpness_coefficients`: alternating
-sweeps, then Newton, each problem certified); the leave-one-out values are, by default, the
+sweeps, then Newton, each problem certified), together with those of small weights of the same shape
+(:func:`tensors_measures`); the leave-one-out values are, by default, the
 first-order values at the pooled minimiser
 (:mod:`~lightning_flatness.functional.solvers.linearized_replicates`), solved only where the first
 order does not hold (:func:`tensor_measures`); eq. 13 and eq. 5 are closed forms,
@@ -198,9 +199,8 @@ def tensors_measures(
                     slot_sums = rows.reshape(slot_sums.shape[0], -1)
                     b, shape = b[alive], (alive.numel(), *shape[1:])
             if streamed(shape):
-                if (
-                    shape[0] > shape[1]
-                ):  # B in the solver's orientation once (contiguous transposed), not twice
+                # B in the solver's orientation once (contiguous transposed), not twice
+                if shape[0] > shape[1]:
                     b = b.T.contiguous().T
                 normalized, curvature, trace = _streamed_values(slot_sums, mix, b, shape, jackknife)
                 out[i] = _measures(normalized.to(slot_sums.device), square_total, curvature, trace)
@@ -342,8 +342,8 @@ def _normalized_values_of(
             linear[1 : num - 2] = covered.cpu()
         plans.append((linear, keep))
     solved = [(~linear).nonzero().squeeze(1).to(a.device) for (a, _), (linear, _) in zip(problems, plans)]
-    picked = [a if rows.numel() == a.shape[0] else a[rows] for (a, _), rows in zip(problems, solved)]
-    sols = _solve_together([(a, b) for a, (_, b) in zip(picked, problems)], shape)  # (all rows: no copy)
+    solved_a = [a if rows.numel() == a.shape[0] else a[rows] for (a, _), rows in zip(problems, solved)]
+    sols = _solve_together([(a, b) for a, (_, b) in zip(solved_a, problems)], shape)  # (all rows: no copy)
     values, redo = [], []
     for (a, b), (linear, keep), rows, found in zip(problems, plans, solved, sols):
         num = a.shape[0]
