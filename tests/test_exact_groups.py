@@ -229,7 +229,7 @@ def test_the_monitor_fetches_merged_batches_and_logs_what_one_group_per_batch_gi
 
 def test_with_the_default_batch_size_later_measurements_fetch_as_many_groups_as_one_pass_takes():
     """Training batches of 32: the first measurement of 64 samples fetches 2 batches of 4 groups of 8; it
-    finds that one pass of this MLP takes far more samples (its column bound), so the second fetches all 8
+    finds that one pass of this MLP takes far more samples (its own bound), so the second fetches all 8
     groups in one batch. The values equal those of one group per batch (``batch_size=8``) at every
     measurement."""
     histories, passes = [], []
