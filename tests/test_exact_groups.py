@@ -201,27 +201,33 @@ def test_merged_chunks_keep_the_groups_that_tensor_split_cuts():
             start += c
 
 
+def _fit_counting_groups(monitor: SharpnessMonitor, max_epochs: int, *fit_args) -> list[int]:
+    """Fit with ``monitor`` (``fit_args``: the module and data, default the test MLP and its data); the groups
+    of every ``add_groups`` call (a batch for one pass)."""
+    seen: list[int] = []
+    original = SharpnessMeasurement.add_groups
+
+    def counting(self, inputs, target, num_groups):
+        seen.append(num_groups)
+        return original(self, inputs, target, num_groups)
+
+    SharpnessMeasurement.add_groups = counting
+    try:
+        pl.seed_everything(0, verbose=False)
+        quiet_trainer([monitor], max_epochs=max_epochs).fit(*(fit_args or (MLP(), DataModule())))
+    finally:
+        SharpnessMeasurement.add_groups = original
+    return seen
+
+
 def test_the_monitor_fetches_merged_batches_and_logs_what_one_group_per_batch_gives():
     """512 samples would go in 8 batches of 64; with ``batch_size=32`` here 64 samples are 8 groups of 8 in
     2 batches of 4 groups (one pass each); ``batch_size=8`` keeps one group per batch. Same values."""
     histories, passes = [], []
     for batch_size in (32, 8):
         monitor = SharpnessMonitor(num_samples=64, batch_size=batch_size, dtype="float64")
-        seen: list[int] = []
-        original = SharpnessMeasurement.add_groups
-
-        def counting(self, inputs, target, num_groups, _seen=seen, _original=original):
-            _seen.append(num_groups)
-            return _original(self, inputs, target, num_groups)
-
-        SharpnessMeasurement.add_groups = counting
-        try:
-            pl.seed_everything(0, verbose=False)
-            quiet_trainer([monitor], max_epochs=1).fit(MLP(), DataModule())
-        finally:
-            SharpnessMeasurement.add_groups = original
+        passes.append(_fit_counting_groups(monitor, max_epochs=1))
         histories.append(monitor.history[-1])
-        passes.append(seen)
     assert passes == [[4, 4], []]
     for key in ("normalized", "normalized_stderr", "hessian_trace", "normalized/net.0.weight"):
         assert histories[0][key] == pytest.approx(histories[1][key], rel=1e-10), key
@@ -235,21 +241,8 @@ def test_with_the_default_batch_size_later_measurements_fetch_as_many_groups_as_
     histories, passes = [], []
     for batch_size in (None, 8):
         monitor = SharpnessMonitor(num_samples=64, batch_size=batch_size, dtype="float64")
-        seen: list[int] = []
-        original = SharpnessMeasurement.add_groups
-
-        def counting(self, inputs, target, num_groups, _seen=seen, _original=original):
-            _seen.append(num_groups)
-            return _original(self, inputs, target, num_groups)
-
-        SharpnessMeasurement.add_groups = counting
-        try:
-            pl.seed_everything(0, verbose=False)
-            quiet_trainer([monitor], max_epochs=2).fit(MLP(), DataModule())
-        finally:
-            SharpnessMeasurement.add_groups = original
+        passes.append(_fit_counting_groups(monitor, max_epochs=2))
         histories.append(monitor.history)
-        passes.append(seen)
         if batch_size is None:
             # the MLP's layer outputs a sample, a column for each of its 3 classes, and its layer inputs
             assert monitor._one_pass_samples == 2**22 // ((16 + 16 + 3) * 3 + 10 + 16 + 16)
@@ -269,22 +262,10 @@ def test_once_a_model_has_no_one_pass_the_monitor_fetches_one_group_per_batch():
     g = torch.Generator().manual_seed(0)
     ids, labels = torch.randint(0, 20, (128, 3), generator=g), torch.randint(0, 4, (128,), generator=g)
     monitor = SharpnessMonitor(num_samples=64, batch_size=32)
-    per_fit: list[int] = []
-    original = SharpnessMeasurement.add_groups
-
-    def counting(self, inputs, target, num_groups):
-        per_fit.append(num_groups)
-        return original(self, inputs, target, num_groups)
-
-    SharpnessMeasurement.add_groups = counting
-    try:
-        pl.seed_everything(0, verbose=False)
-        data = DataLoader(TensorDataset(ids, labels), batch_size=32, shuffle=True)
-        quiet_trainer([monitor], max_epochs=2).fit(
-            Wrapped(_Embedded()), data, DataLoader(TensorDataset(ids, labels))
-        )
-    finally:
-        SharpnessMeasurement.add_groups = original
+    data = DataLoader(TensorDataset(ids, labels), batch_size=32, shuffle=True)
+    per_fit = _fit_counting_groups(
+        monitor, 2, Wrapped(_Embedded()), data, DataLoader(TensorDataset(ids, labels))
+    )
     assert [h["method"] for h in monitor.history] == ["exact", "exact"]
     assert per_fit == [4, 4]  # the first measurement only; the second took 8 batches of 8 through add
     assert monitor._one_pass_groups is False

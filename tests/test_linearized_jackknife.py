@@ -305,6 +305,19 @@ def test_positive_weights_fast_path_equals_the_component_analysis(seed):
     torch.testing.assert_close(from_factors, from_mask, rtol=1e-13, atol=0)
 
 
+def _count_solves(monkeypatch) -> list[int]:
+    """The number of problems of every call of the solver by ``replicate_measures`` from here on."""
+    batches: list[int] = []
+    solve = replicate_measures._solve
+
+    def counted(a, b, shape):
+        batches.append(a.shape[0])
+        return solve(a, b, shape)
+
+    monkeypatch.setattr(replicate_measures, "_solve", counted)
+    return batches
+
+
 def test_weights_of_one_shape_solved_together_give_each_its_own_values(monkeypatch):
     """``replicate_sharpness_measures`` hands the weights of one shape to the solver together (one batch for
     the pooled means and halves of all of them, one for the leave-one-out means solved), with the values
@@ -320,14 +333,7 @@ def test_weights_of_one_shape_solved_together_give_each_its_own_values(monkeypat
     counts = tensors["quiet"][2]
     mix = replicate_weights(counts, list(range(8)))
     alone = {name: tensor_measures(w, sums, mix, 0.5) for name, (w, sums, _) in tensors.items()}
-    batches: list[int] = []
-    solve = replicate_measures._solve
-
-    def counted(a, b, shape):
-        batches.append(a.shape[0])
-        return solve(a, b, shape)
-
-    monkeypatch.setattr(replicate_measures, "_solve", counted)
+    batches = _count_solves(monkeypatch)
     out, _ = replicate_sharpness_measures(
         {n: t[0] for n, t in tensors.items()}, {n: t[1] for n, t in tensors.items()}, counts, 0.5
     )
@@ -364,14 +370,7 @@ def test_weights_of_one_shape_are_solved_together_only_within_the_entries_of_one
     counts = tensors["w0"][2]
     args = ({n: t[0] for n, t in tensors.items()}, {n: t[1] for n, t in tensors.items()}, counts, 0.5)
     together, _ = replicate_sharpness_measures(*args)
-    batches: list[int] = []
-    solve = replicate_measures._solve
-
-    def counted(a, b, shape):
-        batches.append(a.shape[0])
-        return solve(a, b, shape)
-
-    monkeypatch.setattr(replicate_measures, "_solve", counted)
+    batches = _count_solves(monkeypatch)
     monkeypatch.setattr(replicate_measures, "SOLVE_TOGETHER_ENTRIES", 2 * 3 * 60)
     out, _ = replicate_sharpness_measures(*args)
     assert batches == [6, 3]
