@@ -124,8 +124,8 @@ def timed_fit(monitor: Any, epochs: int, steps: int, logdir: str) -> dict[str, f
         "step_seconds": sum(timer.steps),
         "median_step_after_first_epoch": statistics.median(timer.steps[steps:] or timer.steps),
         "validation_seconds_per_epoch": sum(timer.validations) / max(len(timer.validations), 1),
-        # the steady state: the first measurement of a fit is dearer (the exact method's one pass learns there
-        # how many samples it takes; the curvature of the first epoch is the noisiest to solve)
+        # the steady state: the first measurement of a fit is dearer (the curvature of the first epoch is the
+        # noisiest to solve)
         "median_validation_after_first_epoch": statistics.median(timer.validations[1:] or timer.validations),
         # the relative standard error of the total at the last measurement (NaN without a monitor)
         "rel_stderr": float(last.get("normalized_stderr", math.nan))

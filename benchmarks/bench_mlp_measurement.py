@@ -4,10 +4,9 @@ The MLP of ``common.py`` (40-100-100-100-10, random weights, seed 0; ``--model l
 ``(N, 1, 40)``), float32 in eval mode, on the first
 512 MNIST-1D training samples in the callback's 8 replicate groups of 64: :class:`SharpnessMeasurement` at
 its defaults (``method="auto"`` -> exact, eq. 20 loss, 8 replicate slots), fed as the callback feeds it
-from its second measurement on since round 29, all 8 groups in one batch of 512 (``add_groups``: the
-exact method takes them in one pass), with ``--samples-per-batch 128`` as in round 28 and in a fit's first
-measurement (4 batches of 2 groups), or with ``--one-group-per-batch`` as before round 28, 8 batches of 64
-(``add``); then ``compute()``.
+since round 29, all 8 groups in one batch of 512 (``add_groups``: the exact method takes them in one
+pass), with ``--samples-per-batch 128`` as in round 28 (4 batches of 2 groups), or with
+``--one-group-per-batch`` as before round 28, 8 batches of 64 (``add``); then ``compute()``.
 Medians over ``--repeats`` after 3 warm-up measurements, one thread. Meant for before/after pairs: run it
 on two trees back to back (``PYTHONPATH=<tree>``) and compare.
 
@@ -80,7 +79,7 @@ def main(argv: Any = None) -> dict[str, Any]:
         type=int,
         default=SAMPLES,
         choices=[128, 256, SAMPLES],
-        help="samples (groups of 64) per add_groups batch: 512 as the callback's from its second measurement",
+        help="samples (groups of 64) per add_groups batch: 512 as the callback's since round 29",
     )
     parser.add_argument("--model", default="mlp", choices=["mlp", "lenet"])
     args = parser.parse_args(argv)

@@ -329,8 +329,8 @@ class SharpnessMonitorBase:
         # False once a measurement found that its batches' groups cannot be estimated in one pass (the model,
         # or memory): later measurements fetch one group per batch (SharpnessMeasurement.one_pass_groups)
         self._one_pass_groups: Optional[bool] = None
-        # the most samples one pass takes for this model (SharpnessMeasurement.one_pass_samples), once a
-        # measurement found it: with the default batch_size, later measurements fetch batches that large
+        # the most samples one pass takes for this model (SharpnessMeasurement.one_pass_samples), once the dry
+        # run (or a measurement) found it: with the default batch_size, measurements fetch batches that large
         self._one_pass_samples: Optional[int] = None
         self._generator: Optional[torch.Generator] = None  # this evaluation's probes
         self._choice: Optional[MethodChoice] = None if method == _AUTO else MethodChoice.named(method)
@@ -784,6 +784,7 @@ class SharpnessMonitorBase:
                     for warning in said:
                         self._warn_once(trainer, f"loss: {warning.message}", str(warning.message))
                     self._estimate(trainer, pl_module, network, inputs, target, dry_run=True)
+                    self._learn_one_pass(network, inputs, target)
                     unreached = unreached_parameters(network, inputs, target, self.parameters)
             except Exception as err:
                 steps = trainer.global_step
@@ -915,6 +916,33 @@ class SharpnessMonitorBase:
         self._resolved_method = measurement.choice.method
         return ok
 
+    def _learn_one_pass(self, network: nn.Module, inputs: Any, target: Tensor) -> None:
+        """The dry run's samples once more, in 2 replicate groups, where the method estimates groups in one
+        pass (:attr:`~lightning_flatness.functional.estimators.registry.EstimatorSpec.groups_target`): how
+        many samples that pass takes (:meth:`_rank_batches`), or that this model has none, is then known
+        before the first measurement, which fetches its batches accordingly (also where the training batches
+        are no larger than a replicate group, so that no measurement would ever merge two groups to find
+        out). An optimisation only: any failure here leaves the batches as they were (the dry run itself
+        succeeded)."""
+        method = ESTIMATORS.get(self._resolved_method or "")
+        if method is None or method.groups_target is None or self._one_pass_groups is False:
+            return
+        if target.ndim == 0 or target.shape[0] < 2:
+            return
+        try:
+            probe = self._measurement(network, torch.Generator(device=target.device).manual_seed(0), 1)
+            probe.add_groups(inputs, target, 2)
+        except Exception:  # (group by group the same as the dry run's estimate; nothing to learn)
+            return
+        self._remember_one_pass(probe)
+
+    def _remember_one_pass(self, measurement: Any) -> None:
+        """Carry what ``measurement`` found about the one pass to the next measurements."""
+        if measurement.one_pass_groups is False:
+            self._one_pass_groups = False
+        elif measurement.one_pass_samples is not None:
+            self._one_pass_samples = measurement.one_pass_samples
+
     def _fallback_message(self, pl_module: Any, err: Exception) -> str:
         assert self._choice is not None
         return (
@@ -957,11 +985,11 @@ class SharpnessMonitorBase:
         groups_target`: the exact method), consecutive chunks are fetched as one batch of at most the batch
         size (512 samples: 4 batches of 2 groups of 64, not 8 batches of 64), so the estimator's fixed cost
         is paid per batch, not per group; each group keeps its samples and its slot. With the default
-        ``batch_size``, once a measurement found how many samples one pass of this model takes (its own bound
-        on its backward columns and the layer inputs it holds, :attr:`~lightning_flatness.functional.
-        estimators.registry.OnePassGroups.max_samples`), later ones fetch batches of up to that many (the
-        paper's MLP: its 512 samples in one batch of 8 groups). Once a measurement found that the model's
-        groups cannot be estimated in one pass, one group per batch again."""
+        ``batch_size``, once the dry run (:meth:`_learn_one_pass`) or a measurement found how many samples one
+        pass of this model takes (its own bound on its backward columns and the layer inputs it holds,
+        :attr:`~lightning_flatness.functional.estimators.registry.OnePassGroups.max_samples`), batches of up
+        to that many (the paper's MLP: its 512 samples in one batch of 8 groups). Once the dry run or a
+        measurement found that the model's groups cannot be estimated in one pass, one group per batch."""
         rank, world = trainer.global_rank, trainer.world_size
         one = dry_run or bool(trainer.fast_dev_run)
         if self.dataloader is not None:
@@ -1076,10 +1104,7 @@ class SharpnessMonitorBase:
                             nonfinite = True
                             break
                         advance(1)
-            if measurement.one_pass_groups is False:
-                self._one_pass_groups = False
-            elif measurement.one_pass_samples is not None:
-                self._one_pass_samples = measurement.one_pass_samples
+            self._remember_one_pass(measurement)
             if measurement.out_of_memory_at is not None:
                 assert measurement.memory_batch_size is not None
                 self._memory_batch_size = measurement.memory_batch_size
@@ -1480,7 +1505,7 @@ class SharpnessMonitor(SharpnessMonitorBase, pl.Callback):
             ``num_replicates`` batches, one replicate group each. By default, where the exact method takes
             several groups in one pass, a batch holds as many groups as that pass takes within its own
             bound on its backward columns and the layer inputs it holds (``exact_groups.
-            ONE_PASS_COLUMN_ELEMENTS`` entries: tens of MB), learnt from the first measurement; a given
+            ONE_PASS_COLUMN_ELEMENTS`` entries: tens of MB), learnt in the dry run at fit start; a given
             ``batch_size`` is kept.
         num_probes: Rademacher probes per sample for the stochastic methods (default 64).
         num_sketches: independent sketches of ``"gauss_newton_sketch"`` and ``"hessian_sketch"``

@@ -694,10 +694,20 @@ def test_the_metric_state_buffer_is_reused_between_measurements_and_freed_after_
     assert monitor.history[-1]["normalized"] == pytest.approx(ref["normalized"], rel=1e-9)
 
 
-@pytest.mark.parametrize("batch_size, largest", [(None, 8), (24, 24)], ids=["default", "explicit"])
-def test_curvature_batches_hold_no_more_samples_than_a_training_step(batch_size, largest, monkeypatch):
+@pytest.mark.parametrize(
+    "batch_size, one_pass, largest",
+    [(None, False, 8), (24, False, 24), (None, True, 96), (24, True, 24)],
+    ids=["default", "explicit", "default, one pass", "explicit, one pass"],
+)
+def test_curvature_batches_hold_no_more_samples_than_a_training_step(
+    batch_size, one_pass, largest, monkeypatch
+):
     """By default the measured batches are capped at the training DataLoader's batch size (memory: the
-    activations of a training step); an explicit ``batch_size`` is taken as given. Values unchanged."""
+    activations of a training step), unless the exact method's one pass, found at the dry run, bounds its
+    own memory (``OnePassGroups.max_samples``: far more than 96 samples of this MLP); an explicit
+    ``batch_size`` is taken as given. Values unchanged."""
+    if not one_pass:
+        monkeypatch.setattr(SharpnessMonitor, "_learn_one_pass", lambda *args: None)
     sizes = []
     original = SharpnessMonitor._estimate
 

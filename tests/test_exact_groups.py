@@ -6,6 +6,8 @@ them into the slots separate batches would take, and the callback fetches merged
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -201,9 +203,9 @@ def test_merged_chunks_keep_the_groups_that_tensor_split_cuts():
             start += c
 
 
-def _fit_counting_groups(monitor: SharpnessMonitor, max_epochs: int, *fit_args) -> list[int]:
-    """Fit with ``monitor`` (``fit_args``: the module and data, default the test MLP and its data); the groups
-    of every ``add_groups`` call (a batch for one pass)."""
+def _fit_counting_groups(monitor: SharpnessMonitor, max_epochs: int, make: Any = None) -> list[int]:
+    """Fit with ``monitor`` (``make()``: the module and data, built after seeding; default the test MLP and
+    its data); the groups of every ``add_groups`` call (a batch for one pass)."""
     seen: list[int] = []
     original = SharpnessMeasurement.add_groups
 
@@ -214,7 +216,7 @@ def _fit_counting_groups(monitor: SharpnessMonitor, max_epochs: int, *fit_args) 
     SharpnessMeasurement.add_groups = counting
     try:
         pl.seed_everything(0, verbose=False)
-        quiet_trainer([monitor], max_epochs=max_epochs).fit(*(fit_args or (MLP(), DataModule())))
+        quiet_trainer([monitor], max_epochs=max_epochs).fit(*(make() if make else (MLP(), DataModule())))
     finally:
         SharpnessMeasurement.add_groups = original
     return seen
@@ -228,47 +230,58 @@ def test_the_monitor_fetches_merged_batches_and_logs_what_one_group_per_batch_gi
         monitor = SharpnessMonitor(num_samples=64, batch_size=batch_size, dtype="float64")
         passes.append(_fit_counting_groups(monitor, max_epochs=1))
         histories.append(monitor.history[-1])
-    assert passes == [[4, 4], []]
+    assert passes == [[2, 4, 4], [2]]  # (2: the dry run's samples in two groups, :meth:`_learn_one_pass`)
     for key in ("normalized", "normalized_stderr", "hessian_trace", "normalized/net.0.weight"):
         assert histories[0][key] == pytest.approx(histories[1][key], rel=1e-10), key
 
 
-def test_with_the_default_batch_size_later_measurements_fetch_as_many_groups_as_one_pass_takes():
-    """Training batches of 32: the first measurement of 64 samples fetches 2 batches of 4 groups of 8; it
-    finds that one pass of this MLP takes far more samples (its own bound), so the second fetches all 8
-    groups in one batch. The values equal those of one group per batch (``batch_size=8``) at every
-    measurement."""
+def test_with_the_default_batch_size_every_measurement_fetches_as_many_groups_as_one_pass_takes():
+    """Training batches of 8, 64 samples: replicate groups of 8 as large as a training batch, so no
+    measurement would merge two groups. The dry run finds, on its samples in two groups, that one pass of
+    this MLP takes far more samples (its own bound), so every measurement fetches all 8 groups in one batch.
+    The values equal those of one group per batch (``batch_size=8``) at every measurement."""
     histories, passes = [], []
     for batch_size in (None, 8):
         monitor = SharpnessMonitor(num_samples=64, batch_size=batch_size, dtype="float64")
-        passes.append(_fit_counting_groups(monitor, max_epochs=2))
+        passes.append(_fit_counting_groups(monitor, 2, lambda: (MLP(), DataModule(batch_size=8))))
         histories.append(monitor.history)
         if batch_size is None:
             # the MLP's layer outputs a sample, a column for each of its 3 classes, and its layer inputs
             assert monitor._one_pass_samples == 2**22 // ((16 + 16 + 3) * 3 + 10 + 16 + 16)
-    assert passes == [[4, 4, 8], []]
+    assert passes == [[2, 8, 8], [2]]
     assert len(histories[0]) == len(histories[1]) == 2
     for ours, theirs in zip(*histories):
         for key in ("normalized", "normalized_stderr", "hessian_trace", "normalized/net.0.weight"):
             assert ours[key] == pytest.approx(theirs[key], rel=1e-10), key
 
 
-def test_once_a_model_has_no_one_pass_the_monitor_fetches_one_group_per_batch():
-    """An embedding network (its rule is not sliceable): the first measurement's merged batches go group by
-    group, and the next measurements fetch one group per batch again (no forward wasted on trying)."""
+def test_once_a_model_has_no_one_pass_the_monitor_fetches_one_group_per_batch(monkeypatch):
+    """An embedding network (its rule is not sliceable): the dry run finds that it has no one pass, so every
+    measurement fetches one group per batch (no forward wasted on trying). Where a measurement is the first
+    to find out (the dry run's check skipped here), its merged batches go group by group, and the next
+    measurements fetch one group per batch again."""
     from callback_models import Wrapped
     from torch.utils.data import DataLoader, TensorDataset
 
     g = torch.Generator().manual_seed(0)
     ids, labels = torch.randint(0, 20, (128, 3), generator=g), torch.randint(0, 4, (128,), generator=g)
-    monitor = SharpnessMonitor(num_samples=64, batch_size=32)
-    data = DataLoader(TensorDataset(ids, labels), batch_size=32, shuffle=True)
-    per_fit = _fit_counting_groups(
-        monitor, 2, Wrapped(_Embedded()), data, DataLoader(TensorDataset(ids, labels))
-    )
-    assert [h["method"] for h in monitor.history] == ["exact", "exact"]
-    assert per_fit == [4, 4]  # the first measurement only; the second took 8 batches of 8 through add
-    assert monitor._one_pass_groups is False
+    for check_at_dry_run in (True, False):
+        if not check_at_dry_run:
+            monkeypatch.setattr(SharpnessMonitor, "_learn_one_pass", lambda *args: None)
+        monitor = SharpnessMonitor(num_samples=64, batch_size=32)
+        per_fit = _fit_counting_groups(
+            monitor,
+            2,
+            lambda: (
+                Wrapped(_Embedded()),
+                DataLoader(TensorDataset(ids, labels), batch_size=32, shuffle=True),
+                DataLoader(TensorDataset(ids, labels)),
+            ),
+        )
+        assert [h["method"] for h in monitor.history] == ["exact", "exact"]
+        # the dry run's two groups; else the first measurement's two batches, the second's 8 through add
+        assert per_fit == ([2] if check_at_dry_run else [4, 4])
+        assert monitor._one_pass_groups is False
 
 
 def test_a_pass_beyond_the_column_budget_goes_group_by_group(monkeypatch):
