@@ -924,10 +924,7 @@ class SharpnessMonitorBase:
         are no larger than a replicate group, so that no measurement would ever merge two groups to find
         out). An optimisation only: any failure here leaves the batches as they were (the dry run itself
         succeeded)."""
-        method = ESTIMATORS.get(self._resolved_method or "")
-        if method is None or method.groups_target is None or self._one_pass_groups is False:
-            return
-        if target.ndim == 0 or target.shape[0] < 2:
+        if not self._groups_may_pass_at_once() or target.ndim == 0 or target.shape[0] < 2:
             return
         try:
             probe = self._measurement(network, torch.Generator(device=target.device).manual_seed(0), 1)
@@ -935,6 +932,12 @@ class SharpnessMonitorBase:
         except Exception:  # (group by group the same as the dry run's estimate; nothing to learn)
             return
         self._remember_one_pass(probe)
+
+    def _groups_may_pass_at_once(self) -> bool:
+        """Whether the resolved method estimates several replicate groups in one pass and this model was not
+        found without one."""
+        method = ESTIMATORS.get(self._resolved_method or "")
+        return method is not None and method.groups_target is not None and self._one_pass_groups is not False
 
     def _remember_one_pass(self, measurement: Any) -> None:
         """Carry what ``measurement`` found about the one pass to the next measurements."""
@@ -1016,10 +1019,7 @@ class SharpnessMonitorBase:
         sizes = [len(share)] if dry_run else chunk_sizes(len(share), size, self.num_replicates)
         if not groups:
             return self._subset.batches(share, sizes, seed=self._seed), len(sizes)
-        method = ESTIMATORS.get(self._resolved_method or "")
-        one_pass = (
-            method is not None and method.groups_target is not None and self._one_pass_groups is not False
-        )
+        one_pass = self._groups_may_pass_at_once()
         merge = size
         if one_pass and self.batch_size is None and self._one_pass_samples is not None:
             merge = max(size, self._one_pass_samples)  # as many as one pass takes (the pass's own bound)

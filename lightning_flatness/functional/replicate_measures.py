@@ -211,7 +211,9 @@ def tensors_measures(
             values = _normalized_values_of([(a, b) for _, a, b, _, _ in tensors], shape, jackknife)
             for (i, a, _, square_total, trace), normalized in zip(tensors, values):
                 out[i] = _measures(normalized.to(a.device), square_total, a.sum(dim=(1, 2)), trace)
-    return [o for o in out if o is not None]
+    done = [o for o in out if o is not None]
+    assert len(done) == len(out), "every weight is measured, streamed or held"
+    return done
 
 
 def _measures(
@@ -352,9 +354,9 @@ def _normalized_values_of(
         values.append(v)
         if not bool(linear.any()):
             continue
-        first = linear.nonzero().squeeze(1).tolist()
+        index = linear.nonzero().squeeze(1).to(a.device)
+        first = index.tolist()
         picked = _as_index(first)  # usually every leave-one-out row: a view, not a copy of (R', m, n)
-        index = torch.tensor(first, device=a.device)
         v[index] = objective_at_minimiser(
             a[picked],
             b,

@@ -13,7 +13,6 @@ from lightning_flatness.functional.loss_forms import loss_for_outputs, needs_out
 from lightning_flatness.functional.measurement_context import in_measurement_context
 from lightning_flatness.functional.model_io import (
     TokenLoss,
-    group_bounds,
     inputs_batch_size,
     outputs_of_first_samples,
     split_samples,
@@ -24,7 +23,6 @@ __all__ = [
     "METHODS",
     "HessianDiagonalEstimate",
     "estimator_spec",
-    "group_bounds",
     "hessian_diagonal",
     "hessian_diagonal_groups",
 ]
