@@ -54,7 +54,8 @@ __all__ = ["ONE_PASS_COLUMN_ELEMENTS", "exact_hessian_diagonal_groups", "max_sam
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 #: Entries of the ``K`` backward columns at the recorded layer outputs of the whole batch (``K N`` times a
-#: sample's output entries) up to which the groups go in one pass (module docstring).
+#: sample's output entries) up to which the groups go in one pass (module docstring); :func:`max_samples`
+#: bounds a batch by it with the recorded layer inputs counted too.
 ONE_PASS_COLUMN_ELEMENTS = 2**22
 
 
